@@ -1,0 +1,47 @@
+"""Fixtures for launcher tests: tiny real-tokenizer teachers on disk, a shared data cache."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_models import save_tiny_teacher
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer():
+    """The SmolLM2 tokenizer (from the de-quantised default teacher, cached after the first run)."""
+    from transformers import AutoTokenizer
+
+    from cald_scale.conversion.teacher import TeacherConfig, load_teacher
+
+    _, tokenizer, source = load_teacher(TeacherConfig())
+    return AutoTokenizer.from_pretrained(source)
+
+
+@pytest.fixture(scope="session")
+def teacher_dirs(tmp_path_factory, real_tokenizer):
+    root = tmp_path_factory.mktemp("teachers")
+    return {family: save_tiny_teacher(root / family, family, real_tokenizer, layers=3) for family in ("llama", "gpt_neox")}
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data_cache")
+
+
+def tiny_overrides(teacher_dir, run_dir, data_cache, **extra) -> list[str]:
+    base = {
+        "teacher.name_or_path": str(teacher_dir),
+        "data.seq_len": 64,
+        "data.max_train_tokens": 30000,
+        "data.max_eval_tokens": 3000,
+        "data.cache_dir": str(data_cache),
+        "train.micro_batch_size": 2,
+        "train.max_steps": 6,
+        "train.warmup_steps": 1,
+        "train.lr": 3e-3,
+        "eval.max_sequences": 8,
+        "output.save_every": 2,
+        "output.run_dir": str(run_dir),
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

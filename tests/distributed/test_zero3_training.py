@@ -1,0 +1,122 @@
+"""The real deepspeed launcher, 2 CPU ranks, ZeRO-3 teacher + student engines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from launcher import REPO, deepspeed_command, launcher_env, metrics, run
+
+pytestmark = pytest.mark.distributed
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def test_llama_mamba2_kill_and_resume_continues_the_trajectory(tmp_path, teacher_dirs, data_cache):
+    env = launcher_env(tmp_path)
+    # Reference: an uninterrupted run.
+    ref_dir = tmp_path / "ref"
+    _ok(run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], ref_dir, data_cache)), env))
+    reference = metrics(ref_dir)
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+    report = json.loads((ref_dir / "report.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 6
+    assert report["ppl_student_after"] < report["ppl_student_before"]
+    assert (ref_dir / "wandb").is_dir() and (ref_dir / "report.md").is_file()
+
+    # Interrupted: SIGKILL the whole job once step 3 is logged (checkpoint of step 2 complete).
+    run_dir = tmp_path / "killed"
+    cmd = deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"debug.sleep_per_step": 2.0}))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and 3 not in metrics(run_dir) and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, "the job ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 6 not in metrics(run_dir) and not (run_dir / "report.json").exists()
+
+    # The same command again resumes from the last complete checkpoint and finishes.
+    resumed = run(cmd, env)
+    _ok(resumed)
+    assert "resuming run at step" in resumed.stdout + resumed.stderr
+    after = metrics(run_dir)
+    assert sorted(after) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        for key in ("loss", "ce", "layer"):
+            assert after[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+    # A corrupt newest checkpoint is skipped in favour of the previous complete one.
+    ckpts = sorted((ref_dir / "checkpoints").glob("step_*"))
+    assert [p.name for p in ckpts] == ["step_00000004", "step_00000006"]
+    victim = max((p for p in ckpts[-1].rglob("*.pt")), key=lambda p: p.stat().st_size)
+    with open(victim, "r+b") as handle:
+        handle.seek(victim.stat().st_size // 2)
+        handle.write(b"\x00corrupt\x00" * 64)
+    longer = run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], ref_dir, data_cache, **{"train.max_steps": 8})), env)
+    _ok(longer)
+    log = longer.stdout + longer.stderr
+    assert "fails its checksum" in log and "resuming run at step 4" in log
+    assert json.loads((ref_dir / "report.json").read_text())["steps"] == 8
+    assert metrics(ref_dir)[5]["loss"] == pytest.approx(reference[5]["loss"], rel=1e-5)
+
+
+def test_gpt_neox_mamba_distills_and_exports(tmp_path, teacher_dirs, data_cache):
+    env = launcher_env(tmp_path)
+    run_dir = tmp_path / "neox"
+    _ok(run(deepspeed_command(tiny_overrides(teacher_dirs["gpt_neox"], run_dir, data_cache, **{"student.conversion.mixer": "mamba", "train.max_steps": 8})), env))
+    history = metrics(run_dir)
+    first, last = history[1]["layer"], history[8]["layer"]
+    assert last < 0.7 * first, f"layer loss did not fall: {first} -> {last}"
+    from transformers import AutoModelForCausalLM
+
+    import cald_scale  # noqa: F401  (registers the student classes)
+
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "student")
+    assert student.config.teacher_family == "gpt_neox" and student.config.mixer == "mamba"
+    ids = torch.randint(0, 1000, (1, 16))
+    assert torch.isfinite(student(ids).logits).all()
+
+
+def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, teacher_dirs, data_cache):
+    env = launcher_env(tmp_path)
+    run_dir = tmp_path / "nan"
+    overrides = tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"train.max_steps": 4, "debug.nan_at_micro_steps": "[1]"})
+    _ok(run(deepspeed_command(overrides), env))
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["nan_skipped"] == 1 and report["steps"] == 4
+
+    run_dir = tmp_path / "nan_stop"
+    overrides = tiny_overrides(
+        teacher_dirs["llama"], run_dir, data_cache,
+        **{"train.max_steps": 6, "debug.nan_at_micro_steps": "[3,4,5]", "train.max_consecutive_nan": 3},
+    )
+    failed = run(deepspeed_command(overrides), env)
+    assert failed.returncode != 0
+    assert "3 non-finite losses in a row" in failed.stdout + failed.stderr
+    assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_00000002"]
+
+
+@pytest.mark.slow
+def test_real_smollm2_teacher_converts_and_trains(tmp_path, data_cache):
+    """The real 135M teacher (de-quantised GGUF) -> Mamba2 student, a few steps on short sequences."""
+    env = launcher_env(tmp_path)
+    run_dir = tmp_path / "smollm2"
+    overrides = [
+        "data.seq_len=32", "data.max_train_tokens=20000", "data.max_eval_tokens=2000", f"data.cache_dir={data_cache}",
+        "train.micro_batch_size=1", "train.max_steps=3", "train.warmup_steps=1",
+        "eval.max_sequences=4", "eval.micro_batch_size=2", "output.save_every=3", f"output.run_dir={run_dir}",
+    ]
+    _ok(run(deepspeed_command(overrides), env, timeout=1200))
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["steps"] == 3 and report["world_size"] == 2
+    assert report["ppl_teacher"] < 100 < report["ppl_student_before"]  # a real LM vs a freshly converted one
+    assert report["ppl_student_after"] < report["ppl_student_before"]

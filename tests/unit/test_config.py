@@ -1,0 +1,74 @@
+"""Run config: strict keys, overrides, shipped recipes and ds_configs agree."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cald_scale.config import RunConfig, load_run_config
+from cald_scale.configuration import ConfigError, from_dict, to_dict
+from cald_scale.engines.zero3 import load_ds_config, resolve_ds_config, teacher_ds_config
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
+
+
+def test_default_is_the_embedded_job():
+    cfg = load_run_config()
+    assert cfg.teacher.name_or_path == "smollm2-135m-instruct"
+    assert cfg.student.conversion.mixer == "mamba2"
+    assert (cfg.loss.a_ce, cfg.loss.a_layer, cfg.loss.a_kl) == (1.0, 15.0, 0.0)
+
+
+def test_unknown_key_names_the_key_and_lists_valid_ones():
+    with pytest.raises(ConfigError, match=r"train\.max_stpes") as err:
+        load_run_config(overrides=["train.max_stpes=3"])
+    assert "max_steps" in str(err.value)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        from_dict(RunConfig, {"trian": {}})
+
+
+def test_bad_values_are_rejected():
+    with pytest.raises(ConfigError, match="not one of"):
+        load_run_config(overrides=["student.conversion.mixer=transformer"])
+    with pytest.raises(ConfigError, match="integer"):
+        load_run_config(overrides=["train.max_steps=ten"])
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        load_run_config(overrides=["train.max_steps=3", "train.warmup_steps=5"])
+    with pytest.raises(FileNotFoundError, match="recipe"):
+        load_run_config("no/such/recipe.yaml")
+
+
+def test_overrides_and_round_trip():
+    cfg = load_run_config(overrides=["train.max_steps=7", "student.conversion.mamba2.chunk_size=32", "loss.a_kl=0.5"])
+    assert cfg.train.max_steps == 7 and cfg.student.conversion.mamba2.chunk_size == 32 and cfg.loss.a_kl == 0.5
+    assert from_dict(RunConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("ds_path", DS_CONFIGS, ids=lambda p: p.name)
+def test_shipped_recipes_fit_shipped_ds_configs(recipe, ds_path):
+    cfg = load_run_config(recipe)
+    resolved = resolve_ds_config(load_ds_config(ds_path), cfg.train, world_size=2)
+    assert resolved["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2
+    assert resolved["scheduler"]["params"]["total_num_steps"] == cfg.train.max_steps
+    assert resolved["optimizer"]["params"]["lr"] == cfg.train.lr
+    teacher = teacher_ds_config(resolved)
+    assert "optimizer" not in teacher and teacher["zero_optimization"]["stage"] == 3
+
+
+def test_ds_config_contradiction_and_stage(tmp_path):
+    cfg = load_run_config()
+    ds = load_ds_config(REPO / "ds_configs" / "zero3.json")
+    ds["gradient_accumulation_steps"] = 8
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        resolve_ds_config(ds, cfg.train, world_size=1)
+    bad = tmp_path / "z2.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="stage must be 3"):
+        load_ds_config(bad)
+    with pytest.raises(FileNotFoundError):
+        load_ds_config(tmp_path / "missing.json")

@@ -1,0 +1,70 @@
+"""Teacher sources: local folder, GGUF, hub id, and the errors for each kind of bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from tiny_models import tiny_teacher
+
+from cald_scale.conversion import teacher as teacher_mod
+from cald_scale.conversion.teacher import TeacherConfig, load_teacher, resolve_teacher_source
+
+
+def test_missing_teacher_path_is_named(tmp_path):
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(FileNotFoundError, match="no_such_model"):
+        load_teacher(TeacherConfig(name_or_path=str(missing)))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_teacher(TeacherConfig(name_or_path="./relative/missing"))
+
+
+def test_folder_without_config_is_rejected(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_teacher(TeacherConfig(name_or_path=str(tmp_path)))
+
+
+def test_gguf_without_gguf_package_says_how_to_install(tmp_path, monkeypatch):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(teacher_mod.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+    monkeypatch.setenv("CALD_SCALE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ImportError, match="pip install gguf"):
+        load_teacher(TeacherConfig(name_or_path=str(fake)))
+
+
+def test_hub_id_offline_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_teacher_source(TeacherConfig(name_or_path="EleutherAI/pythia-1b"))[0] == "hub"
+    with pytest.raises(OSError, match="local HF folder or a .gguf"):
+        load_teacher(TeacherConfig(name_or_path="EleutherAI/pythia-1b"))
+
+
+def test_local_folder_loads_frozen(tmp_path):
+    model = tiny_teacher("llama")
+    model.save_pretrained(tmp_path)
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<eos>": 1}, unk_token="a")), eos_token="<eos>")
+    tok.save_pretrained(tmp_path)
+    loaded, tokenizer, source = load_teacher(TeacherConfig(name_or_path=str(tmp_path)))
+    assert source == str(tmp_path) and tokenizer.pad_token == "<eos>"
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    ids = torch.randint(0, 256, (1, 8))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.slow
+def test_builtin_smollm2_teacher_is_real():
+    """The default teacher: de-quantised once into the cache, then a real LM (low perplexity on English)."""
+    model, tokenizer, source = load_teacher(TeacherConfig())
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    text = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome."
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss
+    assert torch.exp(loss).item() < 30
