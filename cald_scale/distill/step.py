@@ -51,9 +51,15 @@ def cald_forward(
     *,
     stage_size: int = 1,
     schedule: Schedule = "streamed",
-    on_stage_end: Callable[[int], None] | None = None,
+    on_boundary: Callable[[str, int], None] | None = None,
 ) -> LossParts:
-    """Loss parts for one micro-batch; ``teacher=None`` trains unguided (CE only)."""
+    """Loss parts for one micro-batch; ``teacher=None`` trains unguided (CE only).
+
+    ``on_boundary(event, stage)`` is called after each teacher stage ("teacher") and after
+    each student stage once its teacher activations are released ("stage"); memory
+    accounting hooks in there.
+    """
+    boundary = on_boundary or (lambda event, stage: None)
     if teacher is not None and teacher.num_layers != student.num_layers:
         raise ValueError(f"teacher has {teacher.num_layers} blocks but student has {student.num_layers}: stages cannot align")
     use_teacher = teacher is not None and (cfg.a_layer > 0 or cfg.a_kl > 0)
@@ -74,20 +80,19 @@ def cald_forward(
                 with torch.no_grad():
                     for t_h in teacher.blocks_iter(t_h, t_ctx, stage):
                         t_outs.append(t_h if stage[len(t_outs)] in wanted or stage[len(t_outs)] == stage[-1] else None)
+                boundary("teacher", k)
             for j, i in enumerate(stage):
                 s_h = student.block(i, s_h, s_ctx)
                 if i in wanted:
                     layer_terms.append(layer_loss(s_h, t_outs[j]))
             # NOTE: release this stage's teacher activations before the next stage runs.
             del t_outs
-            if on_stage_end is not None:
-                on_stage_end(k)
+            boundary("stage", k)
     elif schedule == "naive":
         with torch.no_grad():
             t_all = list(teacher.blocks_iter(t_h, t_ctx, range(teacher.num_layers)))
             t_h = t_all[-1]
-        if on_stage_end is not None:
-            on_stage_end(-1)
+        boundary("teacher", -1)
         for i, s_h in enumerate(student.blocks_iter(s_h, s_ctx, range(student.num_layers))):
             if i in wanted:
                 layer_terms.append(layer_loss(s_h, t_all[i]))
