@@ -42,7 +42,7 @@ class TrainConfig:
     """Sequences per rank per micro-step."""
     grad_accum: int = 1
     """Micro-steps per optimizer step."""
-    max_steps: int = 60
+    max_steps: int = 50
     """Optimizer steps of the whole run."""
     lr: float = 1e-3
     """Peak learning rate of the mixers."""
@@ -93,7 +93,7 @@ class OutputConfig:
 
     run_dir: str = "runs/default"
     """Everything of the run lives here; rerunning the same command resumes from it."""
-    save_every: int = 20
+    save_every: int = 25
     """Checkpoint every N optimizer steps (and at the end)."""
     keep_last: int = 2
     """Complete checkpoints kept (older ones are deleted only after a newer one is complete)."""

@@ -1,0 +1,200 @@
+"""Mamba (v1, selective scan) token mixer with the parameter names of mamba_ssm's Mamba.
+
+Legend: b = batch, l = sequence length, d = d_inner channels, n = state size, r = dt_rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cald_scale.mixers._common import KernelResolver, init_dt_bias_, padding_mask
+from cald_scale.mixers.config import MambaConfig
+from cald_scale.mixers.ops import _cuda
+from cald_scale.mixers.ops.conv import causal_conv1d, causal_conv1d_update
+from cald_scale.mixers.ops.selective_scan import selective_scan_cpu, selective_scan_ref, selective_state_update
+
+__all__ = ["MambaMixer", "MambaState"]
+
+
+@dataclass
+class MambaState:
+    """Decoding state of one MambaMixer."""
+
+    conv_state: torch.Tensor
+    """(b, d, d_conv): the last d_conv inputs of the convolution, oldest first."""
+    ssm_state: torch.Tensor
+    """(b, d, n): the SSM state."""
+
+
+class _Ops(NamedTuple):
+    conv: Callable
+    conv_update: Callable
+    scan: Callable
+    step: Callable
+
+
+def _ops(kernel: str) -> _Ops:
+    if kernel == "cuda":
+        return _Ops(_cuda.causal_conv1d, _cuda.causal_conv1d_update, _cuda.selective_scan, _cuda.selective_state_update)
+    scan = selective_scan_ref if kernel == "ref" else selective_scan_cpu
+    return _Ops(causal_conv1d, causal_conv1d_update, scan, selective_state_update)
+
+
+class MambaMixer(nn.Module):
+    """Mamba mixer: (b, l, hidden) -> (b, l, hidden), linear in l.
+
+    Kernels: "ref" is the sequential autograd loop, "chunked" the fast pure-PyTorch scan
+    (``selective_scan_cpu``; there is no chunking in Mamba v1, the name is shared with Mamba2),
+    "cuda" mamba_ssm's selective_scan_fn.
+    """
+
+    def __init__(self, config: MambaConfig, hidden_size: int, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.hidden_size = hidden_size
+        self.layer_idx = layer_idx
+        self.d_inner = config.expand * hidden_size
+        self.d_state = config.d_state
+        self.dt_rank = config.resolved_dt_rank(hidden_size)
+        self._kernel = KernelResolver(config.kernel)
+
+        self.in_proj = nn.Linear(hidden_size, 2 * self.d_inner, bias=config.proj_bias)
+        self.conv1d = nn.Conv1d(
+            self.d_inner,
+            self.d_inner,
+            kernel_size=config.d_conv,
+            groups=self.d_inner,
+            padding=config.d_conv - 1,
+            bias=config.conv_bias,
+        )
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, hidden_size, bias=config.proj_bias)
+        for param in (self.A_log, self.D):
+            param._no_weight_decay = True
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """mamba_ssm's Mamba init: S4D-real A = -(1..n), dt log-uniform in [dt_min, dt_max], D = 1."""
+        cfg = self.config
+        for module in (self.in_proj, self.conv1d, self.x_proj, self.out_proj):
+            module.reset_parameters()
+        std = cfg.dt_scale * self.dt_rank**-0.5
+        self.dt_proj.weight.uniform_(-std, std)
+        init_dt_bias_(self.dt_proj.bias, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+        self.A_log.copy_(A.log().expand(self.d_inner, -1))
+        self.D.fill_(1.0)
+
+    def kernel(self, device: torch.device) -> str:
+        """The resolved scan implementation on ``device``."""
+        return self._kernel(device)
+
+    def _ssm_params(self, x: torch.Tensor):
+        """x (..., d) -> dt (..., d) before bias/softplus, B and C (..., n)."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt, self.dt_proj.weight), B, C
+
+    def _mix(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, return_state: bool):
+        seqlen = hidden_states.shape[1]
+        ops = _ops(self.kernel(hidden_states.device))
+        mask = padding_mask(attention_mask, hidden_states)
+        if mask is not None:
+            hidden_states = hidden_states * mask
+
+        # 1. Input projection into the SSM input x and the gate z, channels first: (b, d, l).
+        x_in, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
+
+        # 2. Causal depthwise convolution + SiLU; padded positions zeroed after it.
+        x = ops.conv(x_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+        if mask is not None:
+            x = x * mask.transpose(1, 2)
+
+        # 3. Input-dependent dt, B, C, then the selective scan (softplus(dt + bias) inside it).
+        dt, B, C = self._ssm_params(x.transpose(1, 2))
+        result = ops.scan(
+            x,
+            dt.transpose(1, 2),
+            -torch.exp(self.A_log.float()),
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            self.D.float(),
+            z=z,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+            return_last_state=return_state,
+        )
+        y, last_state = result if return_state else (result, None)
+
+        # 4. Output projection.
+        out = self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))
+        if not return_state:
+            return out
+        width = self.config.d_conv
+        conv_state = F.pad(x_in, (width - seqlen, 0)) if seqlen < width else x_in[..., -width:]
+        return out, MambaState(conv_state.contiguous(), last_state)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mix a whole sequence.
+
+        Args:
+            hidden_states: (b, l, hidden).
+            attention_mask: optional (b, l) of 1 (token) / 0 (padding); padded positions feed
+                nothing into the state.
+
+        Returns:
+            (b, l, hidden).
+        """
+        return self._mix(hidden_states, attention_mask, return_state=False)
+
+    def prefill(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MambaState]:
+        """:meth:`forward`, also returning the decoding state after the last token."""
+        return self._mix(hidden_states, attention_mask, return_state=True)
+
+    def allocate_state(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> MambaState:
+        """A zero decoding state (the state before the first token)."""
+        dtype = dtype or self.in_proj.weight.dtype
+        device = device or self.in_proj.weight.device
+        return MambaState(
+            conv_state=torch.zeros(batch_size, self.d_inner, self.config.d_conv, device=device, dtype=dtype),
+            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=dtype),
+        )
+
+    def step(self, hidden_states: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
+        """One decoding step: (b, 1, hidden) or (b, hidden) -> same shape, and the new state."""
+        squeeze = hidden_states.dim() == 3
+        if squeeze and hidden_states.shape[1] != 1:
+            raise ValueError(f"step takes one token, got sequence length {hidden_states.shape[1]}")
+        h_t = hidden_states[:, 0] if squeeze else hidden_states
+        ops = _ops(self.kernel(h_t.device))
+
+        x, z = self.in_proj(h_t).chunk(2, dim=-1)
+        x, conv_state = ops.conv_update(x, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+        dt, B, C = self._ssm_params(x)
+        y, ssm_state = ops.step(
+            state.ssm_state,
+            x,
+            dt,
+            -torch.exp(self.A_log.float()),
+            B,
+            C,
+            self.D.float(),
+            z_t=z,
+            dt_bias=self.dt_proj.bias.float(),
+            dt_softplus=True,
+        )
+        out = self.out_proj(y.to(h_t.dtype))
+        return (out.unsqueeze(1) if squeeze else out), MambaState(conv_state, ssm_state)

@@ -1,0 +1,56 @@
+"""Resolve the requested scan implementation ("auto", "ref", "chunked", "cuda") once, loudly.
+
+Callers keep the resolved name and pick ops with it; nothing is rebound globally.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, get_args
+
+import torch
+
+from cald_scale.mixers.ops import _cuda
+
+__all__ = ["Kernel", "resolve_kernel"]
+
+Kernel = Literal["auto", "ref", "chunked", "cuda"]
+logger = logging.getLogger("cald_scale.mixers")
+
+# (requested, device type) pairs whose fallback was already logged.
+_LOGGED_FALLBACKS: set[tuple[str, str]] = set()
+
+
+def resolve_kernel(requested: Kernel, device: torch.device | str) -> Literal["ref", "chunked", "cuda"]:
+    """The implementation to run on ``device``.
+
+    "ref" and "chunked" are returned as they are (both are pure PyTorch and run anywhere).
+    "cuda" needs a CUDA device and the mamba_ssm + causal_conv1d kernels, else RuntimeError.
+    "auto" gives "cuda" when that works, else "chunked", logging the reason once per
+    (requested, device type).
+    """
+    if requested not in get_args(Kernel):
+        raise ValueError(f"kernel must be one of {get_args(Kernel)}, got {requested!r}")
+    device = torch.device(device)
+    if requested in ("ref", "chunked"):
+        return requested
+    available, reason = _cuda.kernels_available()
+    if device.type != "cuda":
+        reason = f"device is {device.type}, the mamba_ssm/causal_conv1d kernels need CUDA"
+        available = False
+    if available:
+        return "cuda"
+    if requested == "cuda":
+        raise RuntimeError(
+            f"kernel='cuda' requested but {reason}; install the kernels with "
+            f"`{_cuda.INSTALL_HINT}` (mamba-ssm, causal-conv1d) on a CUDA machine, or use kernel='chunked'."
+        )
+    key = (requested, device.type)
+    if key not in _LOGGED_FALLBACKS:
+        _LOGGED_FALLBACKS.add(key)
+        logger.warning(
+            "Mixer kernel 'auto' falls back to the pure-PyTorch 'chunked' path: %s. For the CUDA kernels: `%s`.",
+            reason,
+            _cuda.INSTALL_HINT,
+        )
+    return "chunked"
