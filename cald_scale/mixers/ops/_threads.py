@@ -1,4 +1,8 @@
-"""Scoped intra-op thread counts for ops made of many small steps."""
+"""Scoped intra-op thread counts for ops made of many small steps.
+
+NOTE: torch's intra-op thread count is process-wide; these scopes assume the ops run from one
+Python thread at a time (as in training and in the tests).
+"""
 
 from __future__ import annotations
 

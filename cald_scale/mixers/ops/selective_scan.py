@@ -43,7 +43,8 @@ def selective_scan_ref(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sequential selective scan, one step at a time with plain autograd (the test oracle).
 
-    Returns out (b, d, l) in the dtype of u, and the last state (b, d, n) in fp32 if asked.
+    Returns out (b, d, l) in the dtype of u, and the last state (b, d, n) in the compute dtype
+    (fp32, or fp64 for fp64 inputs) if asked.
     """
     out_dtype, f32 = u.dtype, _compute_dtype(u)
     u, delta, A, B, C = u.to(f32), delta.to(f32), A.to(f32), B.to(f32), C.to(f32)
@@ -114,7 +115,8 @@ class _SelectiveScanCPU(torch.autograd.Function):
     one addcmul per step. Saved for backward: the inputs, the state entering each block
     ((l / _BLOCK, b, n, d)) and the pre-gate output, never the per-step (l, b, n, d) tensors,
     which backward rebuilds block by block. Nothing is divided by a decay, so any decay
-    strength is stable in fp32.
+    strength is stable in fp32. Forward and backward run on one intra-op thread (see
+    ``_threads.one_thread``).
     """
 
     @staticmethod
