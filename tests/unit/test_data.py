@@ -146,7 +146,6 @@ def test_builtin_corpora_are_real_text(shakespeare_docs, wiki_leads):
 
 def test_shakespeare_roundtrip(shakespeare, tokenizer, shakespeare_docs):
     cfg, corpus = shakespeare
-    eos = tokenizer.eos_token_id
 
     # 1. Every stored document decodes to one whole work; train / eval are disjoint.
     train = _decode_docs(tokenizer, corpus.train_prefix)

@@ -74,3 +74,18 @@ def test_make_stages():
     assert make_stages(5, 2) == [range(0, 2), range(2, 4), range(4, 5)]
     with pytest.raises(ValueError, match="stage_size"):
         make_stages(4, 0)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    teacher = tiny_teacher("llama", layers=3)
+    student = convert_teacher(teacher, ConversionConfig()).train()
+    ids = torch.randint(0, 256, (2, 24))
+    grads = []
+    for checkpointing in (False, True):
+        parts = cald_forward(LayerwiseModel(teacher), LayerwiseModel(student, activation_checkpointing=checkpointing), ids, LossConfig())
+        parts.total.backward()
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+        student.zero_grad(set_to_none=True)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
