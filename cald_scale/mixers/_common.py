@@ -5,10 +5,44 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from cald_scale.mixers.ops.dispatch import Kernel, resolve_kernel
 
-__all__ = ["KernelResolver", "init_dt_bias_", "padding_mask"]
+__all__ = ["KernelResolver", "SequenceMixer", "init_dt_bias_", "last_conv_inputs", "padding_mask"]
+
+
+class SequenceMixer(nn.Module):
+    """The contract every mixer keeps: whole-sequence ``forward``, ``prefill`` (forward plus
+    the decoding state after the last token) and a one-token ``step``; subclasses implement
+    ``_mix``, ``allocate_state`` and ``step``."""
+
+    def _mix(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, return_state: bool):
+        raise NotImplementedError
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mix a whole sequence.
+
+        Args:
+            hidden_states: (b, l, hidden).
+            attention_mask: optional (b, l) of 1 (token) / 0 (padding); padded positions feed
+                nothing into the state.
+
+        Returns:
+            (b, l, hidden).
+        """
+        return self._mix(hidden_states, attention_mask, return_state=False)
+
+    def prefill(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """:meth:`forward`, also returning the decoding state after the last token."""
+        return self._mix(hidden_states, attention_mask, return_state=True)
+
+
+def last_conv_inputs(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The last ``width`` convolution inputs of x (b, d, l), left-padded with zeros: a conv state."""
+    seqlen = x.shape[-1]
+    return (F.pad(x, (width - seqlen, 0)) if seqlen < width else x[..., -width:]).contiguous()
 
 
 class KernelResolver:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cald_scale.mixers._common import KernelResolver, init_dt_bias_, padding_mask
+from cald_scale.mixers._common import KernelResolver, SequenceMixer, init_dt_bias_, last_conv_inputs, padding_mask
 from cald_scale.mixers.config import MambaConfig
 from cald_scale.mixers.ops import _cuda
 from cald_scale.mixers.ops.conv import causal_conv1d, causal_conv1d_update
@@ -46,7 +46,7 @@ def _ops(kernel: str) -> _Ops:
     return _Ops(causal_conv1d, causal_conv1d_update, scan, selective_state_update)
 
 
-class MambaMixer(nn.Module):
+class MambaMixer(SequenceMixer):
     """Mamba mixer: (b, l, hidden) -> (b, l, hidden), linear in l.
 
     Kernels: "ref" is the sequential autograd loop, "chunked" the fast pure-PyTorch scan
@@ -105,7 +105,6 @@ class MambaMixer(nn.Module):
         return F.linear(dt, self.dt_proj.weight), B, C
 
     def _mix(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, return_state: bool):
-        seqlen = hidden_states.shape[1]
         ops = _ops(self.kernel(hidden_states.device))
         mask = padding_mask(attention_mask, hidden_states)
         if mask is not None:
@@ -139,28 +138,7 @@ class MambaMixer(nn.Module):
         out = self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))
         if not return_state:
             return out
-        width = self.config.d_conv
-        conv_state = F.pad(x_in, (width - seqlen, 0)) if seqlen < width else x_in[..., -width:]
-        return out, MambaState(conv_state.contiguous(), last_state)
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Mix a whole sequence.
-
-        Args:
-            hidden_states: (b, l, hidden).
-            attention_mask: optional (b, l) of 1 (token) / 0 (padding); padded positions feed
-                nothing into the state.
-
-        Returns:
-            (b, l, hidden).
-        """
-        return self._mix(hidden_states, attention_mask, return_state=False)
-
-    def prefill(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, MambaState]:
-        """:meth:`forward`, also returning the decoding state after the last token."""
-        return self._mix(hidden_states, attention_mask, return_state=True)
+        return out, MambaState(last_conv_inputs(x_in, self.config.d_conv), last_state)
 
     def allocate_state(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None

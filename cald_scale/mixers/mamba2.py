@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cald_scale.mixers._common import KernelResolver, init_dt_bias_, padding_mask
+from cald_scale.mixers._common import KernelResolver, SequenceMixer, init_dt_bias_, last_conv_inputs, padding_mask
 from cald_scale.mixers.config import Mamba2Config
 from cald_scale.mixers.ops import _cuda
 from cald_scale.mixers.ops._threads import one_thread
@@ -98,7 +98,7 @@ class GatedRMSNorm(nn.Module):
             return _GatedRMSNormFn.apply(y, z, self.weight, self.group_size, self.eps)
 
 
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(SequenceMixer):
     """Mamba2 mixer: (b, l, hidden) -> (b, l, hidden), linear in l.
 
     The parameters are those of transformers' BambaMixer (in_proj, conv1d, dt_bias, A_log, D,
@@ -203,28 +203,7 @@ class Mamba2Mixer(nn.Module):
         out = self.out_proj(self.norm(y.flatten(-2).to(hidden_states.dtype), z.contiguous()))
         if not return_state:
             return out
-        width = self.config.d_conv
-        conv_state = F.pad(xBC_in, (width - seqlen, 0)) if seqlen < width else xBC_in[..., -width:]
-        return out, Mamba2State(conv_state.contiguous(), final_state)
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Mix a whole sequence.
-
-        Args:
-            hidden_states: (b, l, hidden).
-            attention_mask: optional (b, l) of 1 (token) / 0 (padding); padded positions feed
-                nothing into the state.
-
-        Returns:
-            (b, l, hidden).
-        """
-        return self._mix(hidden_states, attention_mask, return_state=False)
-
-    def prefill(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, Mamba2State]:
-        """:meth:`forward`, also returning the decoding state after the last token."""
-        return self._mix(hidden_states, attention_mask, return_state=True)
+        return out, Mamba2State(last_conv_inputs(xBC_in, self.config.d_conv), final_state)
 
     def allocate_state(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
