@@ -38,8 +38,12 @@ class StudentConfig:
 class TrainConfig:
     """Optimisation and schedule (filled into the DeepSpeed config's "auto" fields)."""
 
-    micro_batch_size: int = 4
-    """Sequences per rank per micro-step."""
+    global_batch_size: int | None = 4
+    """Sequences per optimizer step over all ranks; the micro-batch per rank is derived from
+    it (global / (ranks x grad_accum)), so the same job does the same work on any number of
+    ranks. Set it to null to give micro_batch_size instead."""
+    micro_batch_size: int | None = None
+    """Sequences per rank per micro-step (when given, global_batch_size must agree or be null)."""
     grad_accum: int = 1
     """Micro-steps per optimizer step."""
     max_steps: int = 50
@@ -65,7 +69,12 @@ class TrainConfig:
     """Stop with an error after this many non-finite losses in a row (each is skipped and counted)."""
 
     def __post_init__(self):
-        for name in ("micro_batch_size", "grad_accum", "max_steps", "stage_size", "max_consecutive_nan"):
+        if self.global_batch_size is None and self.micro_batch_size is None:
+            raise ValueError("set train.global_batch_size or train.micro_batch_size")
+        for name in ("global_batch_size", "micro_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("grad_accum", "max_steps", "stage_size", "max_consecutive_nan"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -74,6 +83,26 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.warmup_steps >= self.max_steps:
             raise ValueError(f"train.warmup_steps must be in [0, max_steps), got {self.warmup_steps}")
+
+
+    def micro_batch(self, world_size: int) -> int:
+        """Sequences per rank per micro-step on ``world_size`` ranks."""
+        if self.global_batch_size is None:
+            return self.micro_batch_size
+        per_micro_step = world_size * self.grad_accum
+        if self.micro_batch_size is not None:
+            if self.micro_batch_size * per_micro_step != self.global_batch_size:
+                raise ValueError(
+                    f"train.micro_batch_size={self.micro_batch_size} x {world_size} ranks x grad_accum={self.grad_accum} "
+                    f"!= train.global_batch_size={self.global_batch_size}; set one of them to null"
+                )
+            return self.micro_batch_size
+        if self.global_batch_size % per_micro_step:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} does not split over {world_size} ranks x "
+                f"grad_accum={self.grad_accum}; choose a multiple of {per_micro_step}"
+            )
+        return self.global_batch_size // per_micro_step
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -144,7 +144,8 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     )
 
     # 4. The step loop: one optimizer step = grad_accum finite micro-batches.
-    batches = ShardedBatches(len(train_set), cfg.train.micro_batch_size, env.rank, env.world_size, cfg.train.seed, grad_accum=cfg.train.grad_accum)
+    micro_batch = cfg.train.micro_batch(env.world_size)
+    batches = ShardedBatches(len(train_set), micro_batch, env.rank, env.world_size, cfg.train.seed, grad_accum=cfg.train.grad_accum)
     metrics = MetricsLogger(
         run_dir,
         enabled=env.is_main,
@@ -155,7 +156,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         start_step=step,
         progress_bar=cfg.output.progress_bar,
     )
-    tokens_per_micro = cfg.train.micro_batch_size * cfg.data.seq_len * env.world_size
+    tokens_per_micro = micro_batch * cfg.data.seq_len * env.world_size
     consecutive_nan = 0
     last_saved = step
     try:

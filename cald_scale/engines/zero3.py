@@ -53,9 +53,10 @@ def bf16_available() -> bool:
 def resolve_ds_config(ds_config: dict, train, world_size: int) -> dict:
     """Fill the "auto" fields from ``train`` (a TrainConfig)."""
     cfg = copy.deepcopy(ds_config)
-    _fill(cfg, "train_micro_batch_size_per_gpu", train.micro_batch_size, "")
+    micro = train.micro_batch(world_size)
+    _fill(cfg, "train_micro_batch_size_per_gpu", micro, "")
     _fill(cfg, "gradient_accumulation_steps", train.grad_accum, "")
-    _fill(cfg, "train_batch_size", train.micro_batch_size * train.grad_accum * world_size, "")
+    _fill(cfg, "train_batch_size", micro * train.grad_accum * world_size, "")
     _fill(cfg, "gradient_clipping", train.grad_clip, "")
     for section in ("bf16", "fp16"):
         node = cfg.setdefault(section, {"enabled": False})

@@ -35,7 +35,7 @@ def tiny_overrides(teacher_dir, run_dir, data_cache, **extra) -> list[str]:
         "data.max_train_tokens": 30000,
         "data.max_eval_tokens": 3000,
         "data.cache_dir": str(data_cache),
-        "train.micro_batch_size": 2,
+        "train.global_batch_size": 4,
         "train.max_steps": 6,
         "train.warmup_steps": 1,
         "train.lr": 3e-3,

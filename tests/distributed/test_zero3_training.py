@@ -112,7 +112,7 @@ def test_real_smollm2_teacher_converts_and_trains(tmp_path, data_cache):
     run_dir = tmp_path / "smollm2"
     overrides = [
         "data.seq_len=32", "data.max_train_tokens=20000", "data.max_eval_tokens=2000", f"data.cache_dir={data_cache}",
-        "train.micro_batch_size=1", "train.max_steps=3", "train.warmup_steps=1",
+        "train.global_batch_size=2", "train.max_steps=3", "train.warmup_steps=1",
         "eval.max_sequences=4", "eval.micro_batch_size=2", "output.save_every=3", f"output.run_dir={run_dir}",
     ]
     _ok(run(deepspeed_command(overrides), env, timeout=1200))

@@ -53,7 +53,7 @@ def test_overrides_and_round_trip():
 def test_shipped_recipes_fit_shipped_ds_configs(recipe, ds_path):
     cfg = load_run_config(recipe)
     resolved = resolve_ds_config(load_ds_config(ds_path), cfg.train, world_size=2)
-    assert resolved["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2
+    assert resolved["train_batch_size"] == cfg.train.micro_batch(2) * cfg.train.grad_accum * 2
     assert resolved["scheduler"]["params"]["total_num_steps"] == cfg.train.max_steps
     assert resolved["optimizer"]["params"]["lr"] == cfg.train.lr
     teacher = teacher_ds_config(resolved)
@@ -72,3 +72,15 @@ def test_ds_config_contradiction_and_stage(tmp_path):
         load_ds_config(bad)
     with pytest.raises(FileNotFoundError):
         load_ds_config(tmp_path / "missing.json")
+
+
+def test_global_batch_splits_over_ranks():
+    cfg = load_run_config()
+    assert [cfg.train.micro_batch(w) for w in (1, 2, 4)] == [4, 2, 1]
+    with pytest.raises(ValueError, match="does not split"):
+        cfg.train.micro_batch(3)
+    explicit = load_run_config(overrides=["train.global_batch_size=null", "train.micro_batch_size=3"]).train
+    assert explicit.micro_batch(5) == 3
+    both = load_run_config(overrides=["train.micro_batch_size=3"]).train
+    with pytest.raises(ValueError, match="set one of them to null"):
+        both.micro_batch(1)
