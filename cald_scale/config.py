@@ -49,7 +49,7 @@ class TrainConfig:
     max_steps: int = 50
     """Optimizer steps of the whole run."""
     lr: float = 1e-3
-    """Peak learning rate of the mixers."""
+    """Peak learning rate of the mixers (on the default job 1e-3 beat 3e-3 under ZeRO-3: ppl 201 vs 324)."""
     copied_lr_scale: float = 0.1
     """LR multiplier of the weights copied from the teacher (they start trained)."""
     min_lr_ratio: float = 0.1
