@@ -229,6 +229,18 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "_", os.path.splitext(base)[0]).strip("._")[:40] or "corpus"
 
 
+def _split_settings(cfg: DataConfig) -> dict[str, Any]:
+    """The data settings that decide which tokens land in which split (cache key and meta)."""
+    return {
+        "text_field": cfg.text_field,
+        "append_eos": cfg.append_eos,
+        "eval_fraction": cfg.eval_fraction,
+        "seed": cfg.seed,
+        "max_train_tokens": cfg.max_train_tokens,
+        "max_eval_tokens": cfg.max_eval_tokens,
+    }
+
+
 def cache_key(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, source: CorpusSource | None = None
 ) -> str:
@@ -240,12 +252,7 @@ def cache_key(
         "format": FORMAT_VERSION,
         "corpus": source.identity(),
         "tokenizer": _tokenizer_identity(tokenizer),
-        "text_field": cfg.text_field,
-        "append_eos": cfg.append_eos,
-        "eval_fraction": cfg.eval_fraction,
-        "seed": cfg.seed,
-        "max_train_tokens": cfg.max_train_tokens,
-        "max_eval_tokens": cfg.max_eval_tokens,
+        **_split_settings(cfg),
     }
     return f"{_slug(source.name)}-{_sha(json.dumps(identity, sort_keys=True))[:16]}"
 
@@ -367,12 +374,7 @@ def _write_splits(
         "vocab_size": vocab_size,
         "dtype": np.dtype(dtype).name,
         "tokenizer": str(tokenizer.name_or_path),
-        "text_field": cfg.text_field,
-        "append_eos": cfg.append_eos,
-        "eval_fraction": cfg.eval_fraction,
-        "seed": cfg.seed,
-        "max_train_tokens": cfg.max_train_tokens,
-        "max_eval_tokens": cfg.max_eval_tokens,
+        **_split_settings(cfg),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
