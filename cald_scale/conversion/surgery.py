@@ -43,14 +43,10 @@ def convert_teacher(
     # Copy every non-attention tensor; the backbone has the teacher's exact key layout.
     teacher_state = teacher.state_dict()
     result = student.backbone.load_state_dict(teacher_state, strict=False)
-    attention_names = {
-        f"{name}." for name, module in teacher.named_modules() if any(module is adapter.attention(l) for l in adapter.layers(teacher))
-    }
-    mixer_names = {
-        f"{name}." for name, module in student.backbone.named_modules() if any(module is adapter.attention(l) for l in adapter.layers(student.backbone))
-    }
-    bad_unexpected = [k for k in result.unexpected_keys if not any(k.startswith(p) for p in attention_names)]
-    bad_missing = [k for k in result.missing_keys if not any(k.startswith(p) for p in mixer_names)]
+    attention_names = _attention_prefixes(teacher, adapter)
+    mixer_names = _attention_prefixes(student.backbone, adapter)
+    bad_unexpected = [k for k in result.unexpected_keys if not k.startswith(attention_names)]
+    bad_missing = [k for k in result.missing_keys if not k.startswith(mixer_names)]
     if bad_unexpected or bad_missing:
         raise RuntimeError(
             f"teacher/student mismatch while copying weights: teacher tensors with no student slot "
@@ -67,6 +63,12 @@ def convert_teacher(
         resolved.attention_init,
     )
     return student
+
+
+def _attention_prefixes(model, adapter) -> tuple[str, ...]:
+    """State-dict key prefixes of the attention slots (``model.layers.3.self_attn.``)."""
+    slots = {id(adapter.attention(layer)) for layer in adapter.layers(model)}
+    return tuple(f"{name}." for name, module in model.named_modules() if id(module) in slots)
 
 
 @torch.no_grad()

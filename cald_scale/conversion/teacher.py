@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["TeacherConfig", "load_teacher", "resolve_teacher_source", "cache_root", "BUILTIN_TEACHERS"]
 
@@ -180,13 +180,3 @@ def load_teacher(cfg: TeacherConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
         tokenizer.pad_token = tokenizer.eos_token
     return teacher, tokenizer, source
 
-
-def teacher_config_only(cfg: TeacherConfig):
-    """The teacher's HF config without loading weights (for validation and dry runs)."""
-    kind, location, _ = resolve_teacher_source(cfg)
-    if kind == "gguf":
-        target = _gguf_cache_folder(Path(location), cfg.cache_dir)
-        if (target / "config.json").is_file():
-            return AutoConfig.from_pretrained(target)
-        return None
-    return AutoConfig.from_pretrained(str(location), local_files_only=kind != "hub")

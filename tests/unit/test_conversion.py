@@ -89,3 +89,10 @@ def test_unknown_family_lists_supported():
     for family in ("llama", "mistral", "qwen2", "gpt_neox"):
         assert family in str(err.value)
     assert set(FAMILIES) <= set(supported_families())
+
+
+def test_teacher_tensor_without_student_slot_is_a_clear_error():
+    teacher = tiny_teacher("llama")
+    teacher.model.layers[0].mlp.extra_scale = torch.nn.Parameter(torch.ones(4))  # not in the config's architecture
+    with pytest.raises(RuntimeError, match="teacher/student mismatch.*extra_scale"):
+        convert_teacher(teacher, ConversionConfig())
