@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,16 @@ from torch import nn
 
 from cald_scale.mixers.ops.dispatch import Kernel, resolve_kernel
 
-__all__ = ["KernelResolver", "SequenceMixer", "init_dt_bias_", "last_conv_inputs", "padding_mask"]
+__all__ = ["KernelResolver", "MixerOps", "SequenceMixer", "init_dt_bias_", "last_conv_inputs", "padding_mask"]
+
+
+class MixerOps(NamedTuple):
+    """The ops one resolved kernel gives a mixer: conv, conv step, scan, scan step."""
+
+    conv: Callable
+    conv_update: Callable
+    scan: Callable
+    step: Callable
 
 
 class SequenceMixer(nn.Module):

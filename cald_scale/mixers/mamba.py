@@ -5,15 +5,13 @@ Legend: b = batch, l = sequence length, d = d_inner channels, n = state size, r 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cald_scale.mixers._common import KernelResolver, SequenceMixer, init_dt_bias_, last_conv_inputs, padding_mask
+from cald_scale.mixers._common import KernelResolver, MixerOps, SequenceMixer, init_dt_bias_, last_conv_inputs, padding_mask
 from cald_scale.mixers.config import MambaConfig
 from cald_scale.mixers.ops import _cuda
 from cald_scale.mixers.ops.conv import causal_conv1d, causal_conv1d_update
@@ -32,18 +30,11 @@ class MambaState:
     """(b, d, n): the SSM state."""
 
 
-class _Ops(NamedTuple):
-    conv: Callable
-    conv_update: Callable
-    scan: Callable
-    step: Callable
-
-
-def _ops(kernel: str) -> _Ops:
+def _ops(kernel: str) -> MixerOps:
     if kernel == "cuda":
-        return _Ops(_cuda.causal_conv1d, _cuda.causal_conv1d_update, _cuda.selective_scan, _cuda.selective_state_update)
+        return MixerOps(_cuda.causal_conv1d, _cuda.causal_conv1d_update, _cuda.selective_scan, _cuda.selective_state_update)
     scan = selective_scan_ref if kernel == "ref" else selective_scan_cpu
-    return _Ops(causal_conv1d, causal_conv1d_update, scan, selective_state_update)
+    return MixerOps(causal_conv1d, causal_conv1d_update, scan, selective_state_update)
 
 
 class MambaMixer(SequenceMixer):

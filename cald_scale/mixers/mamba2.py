@@ -6,15 +6,13 @@ Legend: b = batch, l = sequence length, h = heads, p = head dim, g = groups, n =
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cald_scale.mixers._common import KernelResolver, SequenceMixer, init_dt_bias_, last_conv_inputs, padding_mask
+from cald_scale.mixers._common import KernelResolver, MixerOps, SequenceMixer, init_dt_bias_, last_conv_inputs, padding_mask
 from cald_scale.mixers.config import Mamba2Config
 from cald_scale.mixers.ops import _cuda
 from cald_scale.mixers.ops._threads import one_thread
@@ -34,17 +32,10 @@ class Mamba2State:
     """(b, h, p, n): the SSM state."""
 
 
-class _Ops(NamedTuple):
-    conv: Callable
-    conv_update: Callable
-    scan: Callable
-    step: Callable
-
-
-def _ops(kernel: str) -> _Ops:
+def _ops(kernel: str) -> MixerOps:
     if kernel == "cuda":
-        return _Ops(_cuda.causal_conv1d, _cuda.causal_conv1d_update, _cuda.ssd_chunked, _cuda.ssd_step)
-    return _Ops(causal_conv1d, causal_conv1d_update, ssd_ref if kernel == "ref" else ssd_chunked, ssd_step)
+        return MixerOps(_cuda.causal_conv1d, _cuda.causal_conv1d_update, _cuda.ssd_chunked, _cuda.ssd_step)
+    return MixerOps(causal_conv1d, causal_conv1d_update, ssd_ref if kernel == "ref" else ssd_chunked, ssd_step)
 
 
 class _GatedRMSNormFn(torch.autograd.Function):
