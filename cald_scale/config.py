@@ -30,6 +30,9 @@ class StudentConfig:
     """Mixer choice and geometry, attention-informed init."""
     trainable: Literal["all", "mixers"] = "all"
     """Train every weight, or only the new mixers (copied weights frozen)."""
+    share_frozen_weights: bool = True
+    """With trainable=mixers, the student uses the teacher's own tensors for its frozen copied
+    weights (one copy in memory, not two)."""
     activation_checkpointing: bool = False
     """Recompute student blocks in backward instead of keeping their activations."""
 
@@ -62,8 +65,10 @@ class TrainConfig:
     """Global gradient-norm clip."""
     stage_size: int = 1
     """Blocks per aligned teacher/student stage (teacher activations alive at once)."""
-    schedule: Literal["streamed", "naive"] = "streamed"
-    """Streamed stage-by-stage (default) or naive whole-teacher-first (reference)."""
+    schedule: Literal["streamed", "naive", "teacher_forced"] = "streamed"
+    """streamed: stage by stage, end to end (default); naive: whole teacher first (the
+    reference); teacher_forced: each student block learns on the teacher's input to it,
+    layer loss only, back-propagated stage by stage (see distill/step.py)."""
     seed: int = 0
     max_consecutive_nan: int = 3
     """Stop with an error after this many non-finite losses in a row (each is skipped and counted)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -19,27 +18,20 @@ import torch
 
 from .config import RunConfig
 from .configuration import to_dict
-from .conversion.surgery import convert_teacher
-from .conversion.teacher import load_teacher
+from .conversion.teacher import open_teacher
 from .data import PackedSequences, ShardedBatches, build_indexed_dataset, check_vocab
-from .distill.stages import LayerwiseModel
-from .distill.step import cald_forward
+from .distill.step import LossParts, cald_forward, teacher_forced_step
 from .engines.checkpoint import load_latest_checkpoint, save_checkpoint
 from .engines.distributed import DistEnv, all_true, barrier, init_distributed
-from .engines.zero3 import (
-    build_student_engine,
-    build_teacher_engine,
-    load_ds_config,
-    param_groups,
-    resolve_ds_config,
-    teacher_ds_config,
-)
+from .engines.models import DistillationModels, build_models
+from .engines.zero3 import begin_step, load_ds_config, resolve_ds_config
 from .eval.perplexity import eval_indices, perplexity
 from .eval.report import write_report
 from .export.hf import export_student
+from .fileio import atomic_write_text
 from .metrics import MetricsLogger, peak_memory_bytes
 
-__all__ = ["train", "NonFiniteLossError"]
+__all__ = ["train", "train_step", "NonFiniteLossError"]
 
 logger = logging.getLogger("cald_scale.train")
 
@@ -68,10 +60,7 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, env: DistEnv) -> None:
                 )
     barrier()
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / ".config.json.tmp"
-        tmp.write_text(json.dumps(current, indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(current, indent=2))
     barrier()
 
 
@@ -82,11 +71,34 @@ def _baseline(run_dir: Path, env: DistEnv, compute) -> dict:
         return json.loads(path.read_text())
     values = compute()
     if env.is_main:
-        tmp = run_dir / ".baseline.json.tmp"
-        tmp.write_text(json.dumps(values, indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(values, indent=2))
     barrier()
     return values
+
+
+def train_step(models: DistillationModels, input_ids: torch.Tensor, cfg: RunConfig, *, poison: bool = False) -> tuple[LossParts, bool]:
+    """Forward and backward of one micro-batch on every rank; returns (loss parts, finite).
+
+    A non-finite end-to-end loss is not back-propagated (the caller skips the micro-batch).
+    In the teacher-forced schedule each stage is back-propagated as it is computed, and a
+    non-finite stage alone is skipped. ``poison`` makes the loss NaN (fault-injection tests).
+    """
+    engine = models.student_engine
+    agree = lambda flag: all_true(flag, engine.device)  # noqa: E731 - every rank must take the same branch
+    begin_step(models.teacher_engine, engine)
+    if cfg.train.schedule == "teacher_forced":
+        parts = teacher_forced_step(
+            models.teacher, models.student, input_ids, cfg.loss,
+            backward=engine.backward, stage_size=cfg.train.stage_size, all_agree=agree,
+        )
+        return parts, agree(bool(torch.isfinite(parts.total)))
+    parts = cald_forward(models.teacher, models.student, input_ids, cfg.loss, stage_size=cfg.train.stage_size, schedule=cfg.train.schedule)
+    if poison:
+        parts.total = parts.total * float("nan")
+    if not agree(bool(torch.isfinite(parts.total))):
+        return parts, False
+    engine.backward(parts.total)
+    return parts, True
 
 
 def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
@@ -99,38 +111,31 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     _check_run_dir(run_dir, cfg, env)
     started = time.time()
 
-    # 1. Teacher, data, student.
-    teacher, tokenizer, teacher_source = load_teacher(cfg.teacher)
+    # 1. Teacher source (config, tokenizer, lazy weights) and data.
+    source, tokenizer = open_teacher(cfg.teacher)
     corpus = build_indexed_dataset(cfg.data, tokenizer, is_rank0=env.is_main)
-    check_vocab(corpus, teacher.config.vocab_size, teacher_source)
+    check_vocab(corpus, source.config.vocab_size, str(source))
     train_set = PackedSequences(corpus, "train", cfg.data.seq_len)
     eval_set = PackedSequences(corpus, "eval", cfg.data.seq_len)
     _seed_everything(cfg.train.seed)
-    student = convert_teacher(teacher, cfg.student.conversion, teacher_source)
-    if cfg.student.trainable == "mixers":
-        mixer_params = {id(p) for m in student.mixers() for p in m.parameters()}
-        for p in student.parameters():
-            p.requires_grad_(id(p) in mixer_params)
 
-    # 2. Engines: the student trains, the teacher only runs forward; both ZeRO-3 partitioned.
-    groups = param_groups(student, cfg.train.lr, cfg.train.copied_lr_scale, cfg.train.weight_decay)
-    student_engine = build_student_engine(student, ds_config, groups)
-    teacher_engine = build_teacher_engine(teacher, teacher_ds_config(ds_config))
-    student_lw = LayerwiseModel(student_engine.module, activation_checkpointing=cfg.student.activation_checkpointing)
-    teacher_lw = LayerwiseModel(teacher_engine.module)
+    # 2. Teacher and student, built partitioned, in their ZeRO-3 engines (the student trains).
+    models = build_models(cfg, ds_config, source)
+    student_engine = models.student_engine
     device = student_engine.device
 
     # 3. Resume, or evaluate the starting point of a fresh run.
     state = load_latest_checkpoint(student_engine, ckpt_dir) or {}
     indices = eval_indices(len(eval_set), cfg.eval.max_sequences, env.rank, env.world_size)
 
-    def evaluate(model: LayerwiseModel) -> dict:
-        return perplexity(model, eval_set, indices, cfg.eval.micro_batch_size, device)
+    def evaluate(model) -> dict:
+        engines = (models.teacher_engine, student_engine)
+        return perplexity(model, eval_set, indices, cfg.eval.micro_batch_size, device, before_batch=lambda: begin_step(*engines))
 
     baseline = _baseline(
         run_dir,
         env,
-        lambda: {"teacher": evaluate(teacher_lw), "student_before": evaluate(student_lw), "eval_sequences": len(indices) * env.world_size},
+        lambda: {"teacher": evaluate(models.teacher), "student_before": evaluate(models.student), "eval_sequences": len(indices) * env.world_size},
     )
     cursor = int(state.get("micro_cursor", 0))
     tokens_seen = int(state.get("tokens_seen", 0))
@@ -167,11 +172,9 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
             done = 0
             while done < cfg.train.grad_accum:
                 ids = torch.stack([train_set[i]["input_ids"] for i in batches.indices(cursor // cfg.train.grad_accum, cursor % cfg.train.grad_accum)]).to(device)
-                parts = cald_forward(teacher_lw, student_lw, ids, cfg.loss, stage_size=cfg.train.stage_size, schedule=cfg.train.schedule)
-                if cursor in cfg.debug.nan_at_micro_steps:
-                    parts.total = parts.total * float("nan")
+                parts, finite = train_step(models, ids, cfg, poison=cursor in cfg.debug.nan_at_micro_steps)
                 cursor += 1
-                if not all_true(bool(torch.isfinite(parts.total).item()), device):
+                if not finite:
                     nan_skipped += 1
                     consecutive_nan += 1
                     logger.warning("non-finite loss at step %d (micro-batch %d): skipped (%d in a row, %d in all)", step, cursor - 1, consecutive_nan, nan_skipped)
@@ -181,9 +184,10 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
                             f"{cfg.train.max_consecutive_nan}); stopped. The last complete checkpoint (step {last_saved}) "
                             f"in {ckpt_dir} is intact; lower train.lr or check the data, then rerun to resume."
                         )
-                    continue
-                consecutive_nan = 0
-                student_engine.backward(parts.total)
+                    if cfg.train.schedule != "teacher_forced":
+                        continue  # nothing was back-propagated: draw the next micro-batch
+                else:
+                    consecutive_nan = 0
                 student_engine.step()
                 done += 1
                 tokens_seen += tokens_per_micro
@@ -208,18 +212,18 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
             if step % cfg.output.log_every == 0 or step == cfg.train.max_steps:
                 metrics.log(step, record)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
-                metrics.log(step, {"eval_student_ppl": evaluate(student_lw)["ppl"]})
+                metrics.log(step, {"eval_student_ppl": evaluate(models.student)["ppl"]})
             if step % cfg.output.save_every == 0 or step == cfg.train.max_steps:
                 state = {"micro_cursor": cursor, "tokens_seen": tokens_seen, "nan_skipped": nan_skipped, "train_seconds": train_seconds}
-                save_checkpoint(student_engine, ckpt_dir, step, state, cfg.output.keep_last)
+                save_checkpoint(student_engine, ckpt_dir, step, state, cfg.output.keep_last, exclude_frozen=models.shares_frozen_weights)
                 last_saved = step
 
         # 5. End point: evaluate, export the student in HF format, report.
-        after = evaluate(student_lw)
+        after = evaluate(models.student)
         export_dir = export_student(student_engine, tokenizer, run_dir / "student", is_main=env.is_main)
         report = {
             "teacher": cfg.teacher.name_or_path,
-            "teacher_source": teacher_source,
+            "teacher_source": str(source),
             "mixer": cfg.student.conversion.mixer,
             "world_size": env.world_size,
             "steps": step,

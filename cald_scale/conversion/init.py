@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import AttentionWeights, FamilyAdapter
+from ..mixers import Mamba2Mixer
+from .registry import AttentionWeights
 
-__all__ = ["init_mixers_from_attention"]
+__all__ = ["init_mixer_from_attention"]
 
 
 def _repeat_heads(weight: torch.Tensor, kv_heads: int, heads: int) -> torch.Tensor:
@@ -53,10 +54,10 @@ def _init_mamba(mixer: nn.Module, attn: AttentionWeights, heads: int, kv_heads: 
     mixer.out_proj.weight.copy_(attn.o.repeat(1, tiles) / tiles)
 
 
-def init_mixers_from_attention(student: nn.Module, teacher: nn.Module, adapter: FamilyAdapter) -> None:
+def init_mixer_from_attention(mixer: nn.Module, attn: AttentionWeights, teacher_config) -> None:
+    """Overwrite a fresh (plain, unpartitioned) mixer's projections from one teacher attention block."""
     from .modeling import teacher_geometry
 
-    _, heads, kv_heads, _ = teacher_geometry(teacher.config)
-    init = _init_mamba2 if student.config.mixer == "mamba2" else _init_mamba
-    for t_layer, mixer in zip(adapter.layers(teacher), student.mixers()):
-        init(mixer, adapter.read_attention(adapter.attention(t_layer), teacher.config), heads, kv_heads)
+    _, heads, kv_heads, _ = teacher_geometry(teacher_config)
+    init = _init_mamba2 if isinstance(mixer, Mamba2Mixer) else _init_mamba
+    init(mixer, attn, heads, kv_heads)

@@ -152,6 +152,10 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
     def mixers(self) -> list[nn.Module]:
         return [self.adapter.attention(layer).mixer for layer in self.adapter.layers(self.backbone)]
 
+    def mixer_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the new mixers (everything else is copied from the teacher)."""
+        return [p for m in self.mixers() for p in m.parameters()]
+
     def _init_weights(self, module: nn.Module) -> None:
         if hasattr(module, "reset_parameters") and any(module is m for m in self.mixers()):
             module.reset_parameters()

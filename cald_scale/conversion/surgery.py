@@ -1,8 +1,12 @@
 """Teacher -> student surgery: one generic mechanism for every registered family.
 
-The student is built from the teacher's own config with attention replaced by mixers;
-every other tensor (embeddings, MLPs, norms, head) is copied exactly, and the copy is
-checked: the only keys allowed to differ are the attention's (gone) and the mixers' (new).
+The student is built from the teacher's own config with attention replaced by mixers,
+then filled tensor by tensor: every non-attention tensor (embeddings, MLPs, norms, head)
+is read from the teacher's weights and copied exactly, and each mixer is initialised on
+its own (seeded by run seed and layer index, optionally from that layer's Q/K/V/O). The
+copy is checked: the only keys allowed to differ are the attention's (gone) and the
+mixers' (new). Everything goes through a ``Placement``, so the same code builds a plain
+student or a ZeRO-3 partitioned one layer by layer, and both get identical weights.
 """
 
 from __future__ import annotations
@@ -10,70 +14,164 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import PreTrainedModel
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.initialization import no_init_weights
 
 from ..configuration import to_dict
-from .init import init_mixers_from_attention
+from ..mixers import build_mixer
+from .init import init_mixer_from_attention
 from .modeling import CaldStudentConfig, CaldStudentForCausalLM, ConversionConfig
-from .registry import get_adapter
+from .placement import PLAIN, Placement
+from .registry import FamilyAdapter, get_adapter
+from .weights import RenamedReader, StateDictReader, TensorTree, WeightReader, WeightsMismatchError, load_weights
 
-__all__ = ["convert_teacher"]
+__all__ = ["build_student", "convert_teacher", "share_copied_weights", "student_config", "attention_prefixes"]
 
 logger = logging.getLogger("cald_scale.conversion")
+
+
+def student_config(teacher_config: PretrainedConfig, conversion: ConversionConfig, teacher_name_or_path: str | None = None) -> CaldStudentConfig:
+    """The student's HF config: the teacher's config, the family and the resolved mixer geometry."""
+    get_adapter(teacher_config.model_type)  # an unsupported family fails here, before any weight is read
+    data = teacher_config.to_dict()
+    data.pop("quantization_config", None)
+    return CaldStudentConfig(
+        teacher_config=data,
+        conversion=to_dict(conversion.resolved(teacher_config)),
+        teacher_name_or_path=teacher_name_or_path,
+    )
+
+
+def attention_prefixes(model: nn.Module, adapter: FamilyAdapter) -> tuple[str, ...]:
+    """State-dict key prefixes of the attention slots, in layer order (``model.layers.3.self_attn.``)."""
+    slots = {id(adapter.attention(layer)): i for i, layer in enumerate(adapter.layers(model))}
+    found = sorted((slots[id(m)], f"{name}.") for name, m in model.named_modules() if id(m) in slots)
+    return tuple(prefix for _, prefix in found)
+
+
+def _fresh_mixer(config: CaldStudentConfig, layer_idx: int, seed: int) -> nn.Module:
+    """Layer ``layer_idx``'s mixer as a plain module, drawn from its own RNG stream.
+
+    NOTE: one stream per (seed, layer) makes the initialisation independent of how the
+    student is built (whole or partitioned, on any number of ranks).
+    """
+    conversion = config.conversion_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + layer_idx)
+        return build_mixer(conversion.mixer, conversion.mixer_config(), config.hidden_size, layer_idx)
+
+
+def _init_mixers(student: CaldStudentForCausalLM, weights: WeightReader, seed: int, placement: Placement) -> None:
+    """Initialise every mixer, one layer at a time (optionally from that layer's teacher attention)."""
+    conversion = student.config.conversion_config()
+    teacher_config = student.config.teacher_hf_config()
+    prefixes = attention_prefixes(student.backbone, student.adapter)
+    renamed = RenamedReader(weights, student.backbone) if conversion.attention_init else None
+    for idx, mixer in enumerate(student.mixers()):
+        fresh = _fresh_mixer(student.config, idx, seed)
+        if conversion.attention_init:
+            attn = student.adapter.read_attention(TensorTree(renamed, prefixes[idx]), teacher_config)
+            init_mixer_from_attention(fresh, attn, teacher_config)
+        targets = mixer.state_dict(keep_vars=True)
+        for name, value in fresh.state_dict().items():
+            placement.assign(targets[name], value)
+
+
+def build_student(
+    teacher_config: PretrainedConfig,
+    weights: WeightReader,
+    conversion: ConversionConfig,
+    *,
+    seed: int = 0,
+    placement: Placement = PLAIN,
+    teacher_name_or_path: str | None = None,
+    share_with: PreTrainedModel | None = None,
+) -> CaldStudentForCausalLM:
+    """Build the linear-time student of the teacher whose config and weights are given.
+
+    ``share_with``: a teacher model whose tensors the student uses instead of copies for
+    every non-attention weight (only for frozen copied weights: one copy in memory).
+    """
+    config = student_config(teacher_config, conversion, teacher_name_or_path)
+    adapter = get_adapter(teacher_config.model_type)
+    # NOTE: no random init: every tensor is written below (copied, or a seeded fresh mixer).
+    with placement.construct(), no_init_weights():
+        student = CaldStudentForCausalLM(config)
+    student.backbone.tie_weights()  # no_init_weights also skips tying
+    mixer_keys = attention_prefixes(student.backbone, adapter)
+    if share_with is not None:
+        share_copied_weights(student, share_with)
+    else:
+        # Copy every non-attention tensor; the backbone has the teacher's exact key layout.
+        try:
+            load_weights(
+                student.backbone,
+                weights,
+                placement.assign,
+                shape_of=placement.shape_of,
+                skip_missing=mixer_keys,
+                skip_unexpected=mixer_keys,  # the same slots hold attention in the teacher
+            )
+        except WeightsMismatchError as err:
+            raise WeightsMismatchError(f"teacher/student mismatch while copying weights: {err}") from err
+    _init_mixers(student, weights, seed, placement)
+    logger.info(
+        "converted %s (%d layers) -> %s student (%s placement%s), attention_init=%s",
+        teacher_config.model_type,
+        len(mixer_keys),
+        config.mixer,
+        placement.name,
+        ", copied weights shared with the teacher" if share_with is not None else "",
+        config.conversion_config().attention_init,
+    )
+    return student
+
+
+def share_copied_weights(student: CaldStudentForCausalLM, teacher: PreTrainedModel) -> None:
+    """Make the student's non-mixer parameters the teacher's own parameter objects (one copy of each)."""
+    mixers = {id(m) for m in student.mixers()}
+    inside_mixer = set()
+    for mixer in student.mixers():
+        inside_mixer.update(id(m) for m in mixer.modules())
+    teacher_modules = dict(teacher.named_modules())
+    for name, module in student.backbone.named_modules():
+        if id(module) in inside_mixer or id(module) in mixers:
+            continue
+        for pname, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            source = teacher_modules.get(name)
+            if source is None or getattr(source, pname, None) is None:
+                raise RuntimeError(f"teacher/student mismatch: the teacher has no parameter {name}.{pname} to share")
+            shared = source._parameters[pname]
+            if tuple(getattr(shared, "ds_shape", shared.shape)) != tuple(getattr(param, "ds_shape", param.shape)):
+                raise RuntimeError(f"teacher/student mismatch: {name}.{pname} has different shapes")
+            module._parameters[pname] = shared
 
 
 def convert_teacher(
     teacher: PreTrainedModel,
     conversion: ConversionConfig,
     teacher_name_or_path: str | None = None,
+    *,
+    seed: int = 0,
 ) -> CaldStudentForCausalLM:
-    """Build the linear-time student of ``teacher`` (which is left untouched)."""
-    adapter = get_adapter(teacher.config.model_type)
-    teacher_config = teacher.config.to_dict()
-    teacher_config.pop("quantization_config", None)
-    resolved = conversion.resolved(teacher.config)
-    config = CaldStudentConfig(
-        teacher_config=teacher_config,
-        conversion=to_dict(resolved),
+    """Build the student of an in-memory plain ``teacher`` (which is left untouched)."""
+    student = build_student(
+        teacher.config,
+        StateDictReader(teacher.state_dict()),
+        conversion,
+        seed=seed,
         teacher_name_or_path=teacher_name_or_path,
     )
-    dtype = next(teacher.parameters()).dtype
-    student = CaldStudentForCausalLM(config).to(dtype)
-
-    # Copy every non-attention tensor; the backbone has the teacher's exact key layout.
-    teacher_state = teacher.state_dict()
-    result = student.backbone.load_state_dict(teacher_state, strict=False)
-    attention_names = _attention_prefixes(teacher, adapter)
-    mixer_names = _attention_prefixes(student.backbone, adapter)
-    bad_unexpected = [k for k in result.unexpected_keys if not k.startswith(attention_names)]
-    bad_missing = [k for k in result.missing_keys if not k.startswith(mixer_names)]
-    if bad_unexpected or bad_missing:
-        raise RuntimeError(
-            f"teacher/student mismatch while copying weights: teacher tensors with no student slot "
-            f"{bad_unexpected[:8]}, student tensors with no teacher source {bad_missing[:8]}"
-        )
-    if resolved.attention_init:
-        init_mixers_from_attention(student, teacher, adapter)
-    logger.info(
-        "converted %s (%d layers) -> %s student; %d teacher tensors copied, attention_init=%s",
-        teacher.config.model_type,
-        len(adapter.layers(teacher)),
-        resolved.mixer,
-        len(teacher_state) - len(result.unexpected_keys),
-        resolved.attention_init,
-    )
-    return student
-
-
-def _attention_prefixes(model, adapter) -> tuple[str, ...]:
-    """State-dict key prefixes of the attention slots (``model.layers.3.self_attn.``)."""
-    slots = {id(adapter.attention(layer)) for layer in adapter.layers(model)}
-    return tuple(f"{name}." for name, module in model.named_modules() if id(module) in slots)
+    return student.to(next(teacher.parameters()).dtype)
 
 
 @torch.no_grad()
 def copied_tensors_match(teacher: PreTrainedModel, student: CaldStudentForCausalLM) -> bool:
     """True when every tensor the student shares with the teacher is bitwise equal."""
     student_state = student.backbone.state_dict()
-    shared = [k for k in teacher.state_dict() if k in student_state]
-    return bool(shared) and all(torch.equal(teacher.state_dict()[k], student_state[k]) for k in shared)
+    teacher_state = teacher.state_dict()
+    shared = [k for k in teacher_state if k in student_state]
+    return bool(shared) and all(torch.equal(teacher_state[k], student_state[k]) for k in shared)

@@ -1,29 +1,35 @@
-"""Load a pretrained causal-LM teacher: built-in offline asset, local HF folder, GGUF file or hub id.
+"""Where a pretrained causal-LM teacher comes from: built-in offline asset, local HF folder, GGUF file or hub id.
 
-GGUF teachers are de-quantised once into a plain fp32 HF checkpoint in the cache
+Every kind resolves to a ``TeacherSource``: a local HF folder with its config, its
+tokenizer and a lazy reader over its weights. Models are then built from the config
+and filled tensor by tensor (``conversion/build.py``), so nothing here loads a model
+whole. GGUF teachers are de-quantised once into a plain fp32 HF folder in the cache
 (transformers refuses ``save_pretrained`` on a GGUF-loaded model), written atomically
-under a file lock so concurrent ranks and runs convert it exactly once.
+under a file lock so concurrent ranks and runs convert it exactly once; hub ids are
+downloaded once into the HF cache (config, tokenizer, safetensors only).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["TeacherConfig", "load_teacher", "resolve_teacher_source", "cache_root", "BUILTIN_TEACHERS"]
+from ..fileio import atomic_dir, file_lock
+from transformers.initialization import no_init_weights
+
+from .placement import PLAIN, Placement
+from .weights import WeightReader, WeightsMismatchError, load_weights, open_weights
+
+__all__ = ["TeacherConfig", "TeacherSource", "open_teacher", "build_teacher", "load_teacher", "resolve_teacher_source", "cache_root", "BUILTIN_TEACHERS", "DTYPES"]
 
 logger = logging.getLogger("cald_scale.teacher")
 
@@ -36,7 +42,7 @@ BUILTIN_TEACHERS: dict[str, tuple[str, str, str]] = {
     ),
 }
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -62,17 +68,6 @@ class TeacherConfig:
 def cache_root(cache_dir: str | None = None) -> Path:
     root = cache_dir or os.environ.get("CALD_SCALE_CACHE") or os.path.join(Path.home(), ".cache", "cald_scale")
     return Path(root).expanduser()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -127,7 +122,11 @@ def _gguf_cache_folder(gguf_path: Path, cache_dir: str | None) -> Path:
 
 
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
-    """De-quantise a GGUF checkpoint into a plain fp32 HF folder, atomically."""
+    """De-quantise a GGUF checkpoint into a plain fp32 HF folder, atomically.
+
+    NOTE: this one-off preparation loads the GGUF model whole in one process (transformers
+    has no lazy GGUF reader); every run after it reads the cached folder tensor by tensor.
+    """
     _require_gguf()
     logger.info("converting GGUF teacher %s -> %s (once)", gguf_path, target)
     folder, filename = str(gguf_path.parent), gguf_path.name
@@ -139,44 +138,88 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     # NOTE: save_pretrained refuses GGUF-quantised models; rebuild a plain model and move the tensors.
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    del loaded
+    with atomic_dir(target) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "cald_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_teacher(cfg: TeacherConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """Returns (teacher in eval mode with grads off, its tokenizer, the folder/id it came from)."""
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+
+
+def _download_hub(repo_id: str) -> Path:
+    """The hub repo's config, tokenizer and safetensors in the local HF cache (downloaded once)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+    except Exception as err:  # noqa: BLE001 - offline, unknown repo, network: one clear message
+        raise OSError(
+            f"could not load teacher {repo_id!r} from the model hub ({err.__class__.__name__}: {err}); "
+            "offline machines need a local HF folder or a .gguf file for teacher.name_or_path"
+        ) from err
+
+
+@dataclasses.dataclass
+class TeacherSource:
+    """A teacher resolved to a local HF folder: its config and a lazy reader over its weights."""
+
+    name: str
+    """What the user asked for (teacher.name_or_path)."""
+    kind: str
+    """"builtin", "gguf", "folder" or "hub"."""
+    folder: Path
+    """The local HF folder the weights are read from (the GGUF cache or the HF hub cache for those kinds)."""
+    config: PretrainedConfig
+    """The teacher's HF config, with the compute dtype and attention kernel asked for."""
+    dtype: torch.dtype
+
+    def weights(self) -> WeightReader:
+        return open_weights(self.folder)
+
+    def __str__(self) -> str:
+        return str(self.folder)
+
+
+def open_teacher(cfg: TeacherConfig) -> tuple[TeacherSource, PreTrainedTokenizerBase]:
+    """Resolve ``cfg`` to a local folder (converting or downloading once) and load its config and tokenizer."""
     kind, location, _ = resolve_teacher_source(cfg)
     if kind == "gguf":
         target = _gguf_cache_folder(Path(location), cfg.cache_dir)
-        with _file_lock(target.parent / f".{target.name}.lock"):
+        with file_lock(target.parent / f".{target.name}.lock"):
             if not (target / "config.json").is_file():
                 _convert_gguf(Path(location), target)
-        location = target
-    source = str(location)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=kind != "hub")
-        teacher = AutoModelForCausalLM.from_pretrained(
-            source,
-            dtype=_DTYPES[cfg.dtype],
-            attn_implementation=cfg.attn_implementation,
-            local_files_only=kind != "hub",
-        )
-    except OSError as err:
-        if kind == "hub":
-            raise OSError(
-                f"could not load teacher {source!r} from the model hub ({err.__class__.__name__}); "
-                "offline machines need a local HF folder or a .gguf file for teacher.name_or_path"
-            ) from err
-        raise
-    teacher.eval().requires_grad_(False)
+        folder = target
+        kind = "builtin" if cfg.name_or_path in BUILTIN_TEACHERS else kind
+    elif kind == "hub":
+        folder = _download_hub(str(location))
+    else:
+        folder = Path(location)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._attn_implementation = cfg.attn_implementation
+    config.dtype = DTYPES[cfg.dtype]
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return teacher, tokenizer, source
+    return TeacherSource(name=cfg.name_or_path, kind=kind, folder=folder, config=config, dtype=DTYPES[cfg.dtype]), tokenizer
 
+
+def build_teacher(source: TeacherSource, placement: Placement = PLAIN) -> PreTrainedModel:
+    """The teacher model, built from its config and filled tensor by tensor (eval mode, grads off)."""
+    with placement.construct(), no_init_weights():  # every tensor is read from the checkpoint
+        model = AutoModelForCausalLM.from_config(source.config, dtype=source.dtype)
+    model.tie_weights()  # no_init_weights also skips tying
+    try:
+        load_weights(model, source.weights(), placement.assign, shape_of=placement.shape_of)
+    except WeightsMismatchError as err:
+        raise WeightsMismatchError(f"teacher {source.name!r} ({source.folder}): {err}") from err
+    return model.eval().requires_grad_(False)
+
+
+def load_teacher(cfg: TeacherConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, TeacherSource]:
+    """A plain (unpartitioned) teacher, its tokenizer and its source: for evaluation, tests and tools."""
+    source, tokenizer = open_teacher(cfg)
+    return build_teacher(source), tokenizer, source

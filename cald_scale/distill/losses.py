@@ -1,13 +1,24 @@
-"""The CALD objective: a_ce * task CE + a_layer * mean layer MSE(LN(s), LN(t)) + a_kl * T^2 KL(t || s)."""
+"""The CALD objective: a_ce * task CE + a_layer * mean layer MSE(LN(s), LN(t)) + a_kl * T^2 KL(t || s).
+
+Memory is part of the contract here. ``layer_loss`` keeps exactly one tensor per
+distilled layer until backward (its gradient, in the student's dtype), whatever the
+teacher's dtype; ``lm_head_losses`` never materialises logits for more than
+``head_chunk_tokens`` tokens at a time (a 150k vocabulary makes whole logits the largest
+activation of a step).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["LossConfig", "layer_loss", "lm_cross_entropy", "logit_kl", "distilled_layers"]
+_LOGITS_PER_CHUNK = 1 << 26
+
+__all__ = ["LossConfig", "layer_loss", "layer_loss_reference", "lm_cross_entropy", "lm_head_losses", "logit_kl", "distilled_layers"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -26,6 +37,14 @@ class LossConfig:
     """Number of leading blocks left out of the layer loss (the embedding output is never in it)."""
     skip_last: bool = True
     """Leave the last block out of the layer loss (paper default)."""
+    head_chunk_tokens: int | None = None
+    """CE and KL are computed over this many tokens at a time: one chunk's logits live at
+    once and are recomputed in backward. null: as many tokens as keep a chunk's logits
+    under 64M values (256 MB in fp32), e.g. 1365 tokens for a 49k vocabulary, 441 for 152k."""
+
+    def chunk_tokens(self, vocab_size: int) -> int:
+        """Tokens per CE/KL chunk for a given vocabulary."""
+        return self.head_chunk_tokens or max(1, _LOGITS_PER_CHUNK // vocab_size)
 
     def __post_init__(self):
         for name in ("a_ce", "a_layer", "a_kl"):
@@ -35,6 +54,8 @@ class LossConfig:
             raise ValueError(f"loss.kl_temperature must be > 0, got {self.kl_temperature}")
         if self.skip_first < 0:
             raise ValueError("loss.skip_first must be >= 0")
+        if self.head_chunk_tokens is not None and self.head_chunk_tokens < 1:
+            raise ValueError(f"loss.head_chunk_tokens must be >= 1 or null (automatic), got {self.head_chunk_tokens}")
         if self.a_ce == self.a_layer == self.a_kl == 0:
             raise ValueError("all loss weights are zero: nothing to train")
 
@@ -48,19 +69,113 @@ def distilled_layers(num_layers: int, cfg: LossConfig) -> list[int]:
     return layers
 
 
+_LN_EPS = 1e-5
+
+
+class _LayerMSE(torch.autograd.Function):
+    """MSE(LN(s), LN(t)) whose backward needs one saved tensor: d loss / d s, in s's dtype.
+
+    Autograd's own graph would keep LN(t) in fp32 (and LN(s)'s statistics) per layer until
+    backward; the gradient is computed here in fp32 while the teacher state is at hand,
+    and only it is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, student_h: torch.Tensor, teacher_h: torch.Tensor) -> torch.Tensor:
+        dim = (student_h.shape[-1],)
+        compute = torch.promote_types(student_h.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        s = student_h.to(compute)
+        ln_s = F.layer_norm(s, dim, eps=_LN_EPS)
+        diff = F.layer_norm(teacher_h.to(compute), dim, eps=_LN_EPS).neg_().add_(ln_s)  # ln_s - ln_t
+        # NOTE: not F.mse_loss: on CPU its scalar result is a view of a full-size buffer,
+        # which would keep one hidden state alive per layer for as long as the loss lives.
+        loss = diff.square().mean()
+        if ctx.needs_input_grad[0]:
+            # d loss / d ln_s = 2 (ln_s - ln_t) / N; through the parameter-free layer norm:
+            # d ln_s / d s applied to g = rstd * (g - mean(g) - ln_s * mean(g * ln_s)).
+            g = diff.mul_(2.0 / ln_s.numel())
+            rstd = torch.rsqrt(s.var(-1, unbiased=False, keepdim=True).add_(_LN_EPS))
+            proj = (g * ln_s).mean(-1, keepdim=True)
+            grad = g.sub_(g.mean(-1, keepdim=True)).sub_(ln_s.mul_(proj)).mul_(rstd)
+            ctx.save_for_backward(grad.to(student_h.dtype))
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None
+
+
 def layer_loss(student_h: torch.Tensor, teacher_h: torch.Tensor) -> torch.Tensor:
-    """MSE between parameter-free layer-normed hidden states (fp32 for stability)."""
+    """MSE between parameter-free layer-normed hidden states (computed in fp32)."""
+    return _LayerMSE.apply(student_h, teacher_h)
+
+
+def layer_loss_reference(student_h: torch.Tensor, teacher_h: torch.Tensor) -> torch.Tensor:
+    """The same loss through autograd (the test oracle; keeps fp32 LN(t) and LN(s) until backward)."""
     dim = (student_h.shape[-1],)
-    return F.mse_loss(F.layer_norm(student_h.float(), dim), F.layer_norm(teacher_h.float(), dim))
+    return F.mse_loss(F.layer_norm(student_h.float(), dim, eps=_LN_EPS), F.layer_norm(teacher_h.float(), dim, eps=_LN_EPS))
 
 
-def lm_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+def lm_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token CE over a packed batch (labels are the inputs shifted by one)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction=reduction)
 
 
 def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * KL(softmax(t/T) || softmax(s/T)), mean over tokens."""
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1).flatten(0, 1)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1).flatten(0, 1)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1).flatten(0, -2)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1).flatten(0, -2)
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def lm_head_losses(
+    student_h: torch.Tensor,
+    input_ids: torch.Tensor,
+    student_head: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    want_ce: bool,
+    teacher_h: torch.Tensor | None = None,
+    teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Next-token CE and logit KL from final hidden states, over chunks of tokens.
+
+    ``*_head`` map hidden states (n, hidden) to logits (n, vocab) (final norm + LM head).
+    Each chunk's logits are recomputed in backward instead of kept, so at most one
+    chunk's logits are alive. CE is the mean over the b * (l - 1) predicted tokens, KL the
+    mean over all b * l positions (as ``lm_cross_entropy`` and ``logit_kl``).
+    """
+    want_kl = teacher_h is not None
+    batch, seqlen = input_ids.shape
+    s = student_h.flatten(0, 1)
+    t = teacher_h.flatten(0, 1) if want_kl else None
+    # Position p predicts token p + 1; the last position of each sequence predicts nothing.
+    labels = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()
+    size = chunk_tokens or s.shape[0]
+
+    def chunk_losses(s_c, t_c, labels_c):
+        logits = student_head(s_c).float()
+        ce = F.cross_entropy(logits, labels_c, reduction="sum") if want_ce else logits.new_zeros(())
+        kl = logits.new_zeros(())
+        if want_kl:
+            with torch.no_grad():
+                t_logp = F.log_softmax(teacher_head(t_c).float() / temperature, dim=-1)
+            kl = F.kl_div(F.log_softmax(logits / temperature, dim=-1), t_logp, log_target=True, reduction="sum")
+        return ce, kl
+
+    ce_sum = kl_sum = 0.0
+    for start in range(0, s.shape[0], size):
+        piece = slice(start, start + size)
+        args = (s[piece], t[piece] if want_kl else None, labels[piece])
+        if size < s.shape[0] and torch.is_grad_enabled():
+            ce_c, kl_c = checkpoint(chunk_losses, *args, use_reentrant=False)
+        else:
+            ce_c, kl_c = chunk_losses(*args)
+        ce_sum = ce_sum + ce_c
+        kl_sum = kl_sum + kl_c
+    ce = ce_sum / (batch * (seqlen - 1)) if want_ce else None
+    kl = kl_sum / (batch * seqlen) * temperature**2 if want_kl else None
+    return ce, kl

@@ -48,20 +48,37 @@ class LayerwiseModel:
     def num_layers(self) -> int:
         return len(self.blocks)
 
-    def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    @property
+    def vocab_size(self) -> int:
+        return self.lm.config.vocab_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.get_input_embeddings().weight.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding output (the input of block 0)."""
         with self._scope():
             hidden = self.lm.get_input_embeddings()(input_ids)
             if self.adapter.embed_dropout_attr:
                 hidden = getattr(self.base, self.adapter.embed_dropout_attr)(hidden)
+        return hidden
+
+    def context(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> dict:
+        """Block inputs besides the hidden state (positions, rotary embeddings, mask).
+
+        ``hidden`` only lends its dtype and device. Teacher and student share one family
+        config, so one context serves both when their dtypes agree.
+        """
+        with self._scope():
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-            ctx = {
+            return {
                 "position_ids": position_ids,
                 "position_embeddings": self.base.rotary_emb(hidden, position_ids=position_ids),
                 "attention_mask": create_causal_mask(
                     config=self.base.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids
                 ),
             }
-        return hidden, ctx
 
     def block(self, index: int, hidden: torch.Tensor, ctx: dict) -> torch.Tensor:
         layer = self.blocks[index]
@@ -86,7 +103,8 @@ class LayerwiseModel:
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Plain full forward through the same pieces (evaluation)."""
-        hidden, ctx = self.embed(input_ids)
+        hidden = self.embed(input_ids)
+        ctx = self.context(hidden, input_ids)
         for i in range(self.num_layers):
             hidden = self.block(i, hidden, ctx)
         return self.head(hidden)

@@ -1,10 +1,18 @@
-"""One CALD forward: teacher and student side by side, stage-aligned and streamed.
+"""One CALD step: teacher and student side by side, stage-aligned and streamed.
 
-Streamed schedule (default): teacher stage k runs under no_grad, its block outputs feed
-the layer losses of student stage k at once, and they are released before stage k+1, so
-at most ``stage_size`` teacher hidden states are alive. The naive schedule (whole
-teacher first, every hidden state kept) is kept as the reference: both give identical
-losses and gradients (tests/unit/test_streaming.py).
+Three schedules of the same loss:
+
+- ``streamed`` (default, end to end): teacher stage k runs under no_grad, its block
+  outputs feed the layer losses of student stage k at once and are released before
+  stage k+1. What stays until backward is inherent: one tensor per distilled layer (the
+  layer loss's gradient, in the student's dtype) plus the teacher state that stage k+1
+  starts from.
+- ``naive`` (the reference): the whole teacher first, every hidden state kept; identical
+  losses and gradients (tests/unit/test_streaming.py), about 2L hidden states of memory.
+- ``teacher_forced``: student block i takes the teacher's h_{i-1} as its input and learns
+  on its own (loss = layer loss, no backward across blocks); each stage is
+  back-propagated as soon as its loss exists, so at most two teacher hidden states are
+  alive whatever the depth. CE and KL do not apply (no student path end to end).
 """
 
 from __future__ import annotations
@@ -14,12 +22,12 @@ from typing import Callable, Literal
 
 import torch
 
-from .losses import LossConfig, distilled_layers, layer_loss, lm_cross_entropy, logit_kl
+from .losses import LossConfig, distilled_layers, layer_loss, lm_head_losses
 from .stages import LayerwiseModel, make_stages
 
-__all__ = ["LossParts", "cald_forward"]
+__all__ = ["LossParts", "Schedule", "cald_forward", "teacher_forced_step"]
 
-Schedule = Literal["streamed", "naive"]
+Schedule = Literal["streamed", "naive", "teacher_forced"]
 
 
 @dataclasses.dataclass
@@ -67,11 +75,13 @@ def cald_forward(
     stages = make_stages(student.num_layers, stage_size)
     layer_terms: list[torch.Tensor] = []
 
-    s_h, s_ctx = student.embed(input_ids)
+    s_h = student.embed(input_ids)
+    s_ctx = student.context(s_h, input_ids)
     t_h = t_ctx = None
     if use_teacher:
         with torch.no_grad():
-            t_h, t_ctx = teacher.embed(input_ids)
+            t_h = teacher.embed(input_ids)
+            t_ctx = s_ctx if teacher.dtype == student.dtype else teacher.context(t_h, input_ids)
 
     if schedule == "streamed" or not use_teacher:
         for k, stage in enumerate(stages):
@@ -96,17 +106,80 @@ def cald_forward(
         for i, s_h in enumerate(student.blocks_iter(s_h, s_ctx, range(student.num_layers))):
             if i in wanted:
                 layer_terms.append(layer_loss(s_h, t_all[i]))
+        boundary("student", -1)
         del t_all
     else:
-        raise ValueError(f"unknown schedule {schedule!r}; use 'streamed' or 'naive'")
+        raise ValueError(f"unknown schedule {schedule!r} for cald_forward; use 'streamed' or 'naive' (teacher_forced_step for 'teacher_forced')")
 
     ce = kl = None
-    if cfg.a_ce > 0 or cfg.a_kl > 0:
-        s_logits = student.head(s_h)
-        if cfg.a_ce > 0:
-            ce = lm_cross_entropy(s_logits, input_ids)
-        if cfg.a_kl > 0 and use_teacher:
-            with torch.no_grad():
-                t_logits = teacher.head(t_h)
-            kl = logit_kl(s_logits, t_logits, cfg.kl_temperature)
+    want_kl = cfg.a_kl > 0 and use_teacher
+    if cfg.a_ce > 0 or want_kl:
+        ce, kl = lm_head_losses(
+            s_h,
+            input_ids,
+            student.head,
+            want_ce=cfg.a_ce > 0,
+            teacher_h=t_h if want_kl else None,
+            teacher_head=teacher.head if want_kl else None,
+            temperature=cfg.kl_temperature,
+            chunk_tokens=cfg.chunk_tokens(student.vocab_size),
+        )
+    boundary("head", len(stages))
     return _combine(cfg, ce, layer_terms, kl, input_ids.device)
+
+
+def teacher_forced_step(
+    teacher: LayerwiseModel,
+    student: LayerwiseModel,
+    input_ids: torch.Tensor,
+    cfg: LossConfig,
+    *,
+    backward: Callable[[torch.Tensor], None],
+    stage_size: int = 1,
+    on_boundary: Callable[[str, int], None] | None = None,
+    all_agree: Callable[[bool], bool] = lambda flag: flag,
+) -> LossParts:
+    """Teacher-forced layer alignment: each student stage runs on the teacher's input to that
+    stage and is back-propagated (``backward(stage_loss)``) before the next stage runs.
+
+    Stage losses are weighted so that their gradients sum to those of
+    ``a_layer * mean(layer losses)``. A stage whose loss is not finite is not
+    back-propagated (the blocks are independent, so the others still learn); the returned
+    total is then non-finite too. ``all_agree(flag)`` makes every rank take the same
+    branch (True only if ``flag`` holds on all ranks). The returned tensors are detached.
+    """
+    boundary = on_boundary or (lambda event, stage: None)
+    if teacher.num_layers != student.num_layers:
+        raise ValueError(f"teacher has {teacher.num_layers} blocks but student has {student.num_layers}: stages cannot align")
+    if cfg.a_layer <= 0:
+        raise ValueError("the teacher_forced schedule trains on the layer loss alone: loss.a_layer must be > 0")
+    wanted = set(distilled_layers(student.num_layers, cfg))
+    weight = cfg.a_layer / len(wanted)
+    layer_terms: list[torch.Tensor] = []
+    with torch.no_grad():
+        t_h = teacher.embed(input_ids)
+    s_ctx = student.context(t_h.to(student.dtype), input_ids)  # the student's own embedding is not used
+    t_ctx = s_ctx if teacher.dtype == student.dtype else teacher.context(t_h, input_ids)
+    for k, stage in enumerate(make_stages(student.num_layers, stage_size)):
+        t_in = t_h
+        with torch.no_grad():
+            t_outs = list(teacher.blocks_iter(t_in, t_ctx, stage))
+        boundary("teacher", k)
+        terms = []
+        s_h = t_in
+        for j, i in enumerate(stage):
+            s_h = student.block(i, s_h, s_ctx)
+            if i in wanted:
+                terms.append(layer_loss(s_h, t_outs[j]))
+        if terms:
+            stage_loss = weight * torch.stack(terms).sum()
+            if all_agree(bool(torch.isfinite(stage_loss))):
+                backward(stage_loss)
+            layer_terms.extend(t.detach() for t in terms)
+        t_h = t_outs[-1]
+        # NOTE: this stage's graph (and the teacher input it saved) is gone after backward.
+        del t_outs, terms, s_h, t_in
+        boundary("stage", k)
+    zero = torch.zeros((), device=input_ids.device)
+    layer = torch.stack(layer_terms).mean()
+    return LossParts(total=cfg.a_layer * layer, ce=zero, layer=layer, kl=zero, per_layer=[t.item() for t in layer_terms])

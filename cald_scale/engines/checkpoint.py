@@ -11,28 +11,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import zlib
 from pathlib import Path
 
-import torch.distributed as dist
+from ..fileio import atomic_write_text
+from .distributed import barrier, rank
 
 __all__ = ["save_checkpoint", "load_latest_checkpoint", "complete_tags", "MANIFEST"]
 
 logger = logging.getLogger("cald_scale.checkpoint")
 MANIFEST = "cald_manifest.json"
 _TAG = re.compile(r"^step_(\d+)$")
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _crc32(path: Path) -> int:
@@ -49,9 +40,7 @@ def _files(folder: Path) -> list[Path]:
 
 def _write_manifest(folder: Path, step: int) -> None:
     entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "crc32": _crc32(p)} for p in _files(folder)}
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"step": step, "files": entries}, indent=1))
-    os.replace(tmp, folder / MANIFEST)
+    atomic_write_text(folder / MANIFEST, json.dumps({"step": step, "files": entries}, indent=1))
 
 
 def verify_tag(folder: Path) -> str | None:
@@ -93,16 +82,19 @@ def complete_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return out
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int) -> Path:
-    """Save on all ranks, then mark complete and prune old complete tags (rank 0)."""
+def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, *, exclude_frozen: bool = False) -> Path:
+    """Save on all ranks, then mark complete and prune old complete tags (rank 0).
+
+    ``exclude_frozen`` leaves frozen parameters out (they are rebuilt from the teacher).
+    """
     ckpt_dir = Path(ckpt_dir)
     tag = f"step_{step:08d}"
-    if _rank() == 0 and (ckpt_dir / tag).exists():
+    if rank() == 0 and (ckpt_dir / tag).exists():
         shutil.rmtree(ckpt_dir / tag)  # a stale partial save of this same step
-    _barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True, exclude_frozen_parameters=exclude_frozen)
+    barrier()
+    if rank() == 0:
         _write_manifest(ckpt_dir / tag, step)
         complete = [(s, p) for s, p in _tags(ckpt_dir) if (p / MANIFEST).is_file()]
         for _, old in complete[keep_last:]:
@@ -111,7 +103,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_
         for s, p in _tags(ckpt_dir):
             if s < step and not (p / MANIFEST).is_file():
                 shutil.rmtree(p, ignore_errors=True)
-    _barrier()
+    barrier()
     return ckpt_dir / tag
 
 

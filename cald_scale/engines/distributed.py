@@ -10,7 +10,7 @@ import subprocess
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "barrier", "all_true"]
+__all__ = ["DistEnv", "init_distributed", "barrier", "rank", "all_true"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,11 @@ def init_distributed() -> DistEnv:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def all_true(flag: bool, device: torch.device) -> bool:

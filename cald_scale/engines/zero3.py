@@ -1,9 +1,11 @@
 """DeepSpeed ZeRO-3 engines: a training engine for the student, an inference-only one for the teacher.
 
-The shipped ds_configs hold DeepSpeed's own settings (ZeRO stage, offload, buckets) and
-mark training hyper-parameters "auto"; those are filled from the run config here, so a
-value lives in exactly one place. An explicit ds_config value that contradicts the run
-config is an error, not a silent winner.
+The shipped ds_configs hold DeepSpeed's own settings (ZeRO stage, offload) and mark
+training hyper-parameters "auto"; those are filled from the run config here, so a value
+lives in exactly one place. An explicit ds_config value that contradicts the run config
+is an error, not a silent winner. ZeRO-3's buffer and prefetch sizes marked "auto" are
+sized from one decoder block (DeepSpeed's defaults assume billions of elements: a 200 MB
+gradient bucket and up to 1e9 gathered parameters kept alive whatever the model).
 """
 
 from __future__ import annotations
@@ -19,7 +21,17 @@ from torch import nn
 
 from ..configuration import ConfigError
 
-__all__ = ["load_ds_config", "resolve_ds_config", "teacher_ds_config", "build_student_engine", "build_teacher_engine", "param_groups", "register_mixer_params"]
+__all__ = [
+    "load_ds_config",
+    "resolve_ds_config",
+    "size_zero_buffers",
+    "teacher_ds_config",
+    "build_student_engine",
+    "build_teacher_engine",
+    "param_groups",
+    "register_mixer_params",
+    "begin_step",
+]
 
 logger = logging.getLogger("cald_scale.engines")
 
@@ -84,6 +96,30 @@ def resolve_ds_config(ds_config: dict, train, world_size: int) -> dict:
         _fill(params, "cos_min_ratio", train.min_lr_ratio, "scheduler.params.")
         params.setdefault("warmup_min_ratio", 0.0)
         params.setdefault("warmup_type", "linear")
+    zero = cfg["zero_optimization"]
+    if zero.get("overlap_comm") == "auto":
+        # NOTE: overlap needs a side stream; on CPU (gloo) there is none to overlap with.
+        zero["overlap_comm"] = torch.cuda.is_available()
+    return cfg
+
+
+_SIZED_BY_BLOCK = {
+    # key: blocks' worth of elements
+    "stage3_prefetch_bucket_size": 1,  # gather stage k+1 while stage k computes
+    "stage3_max_live_parameters": 3,  # the stage running, the one prefetched, and slack
+    "stage3_max_reuse_distance": 1,  # keep a parameter gathered only if reused within a block
+    "reduce_bucket_size": 1,  # gradient bucket: one block's gradients
+}
+
+
+def size_zero_buffers(ds_config: dict, block_numel: int, stage_size: int = 1) -> dict:
+    """Fill ZeRO-3's "auto" buffer and prefetch sizes from one decoder block's parameter count."""
+    cfg = copy.deepcopy(ds_config)
+    zero = cfg["zero_optimization"]
+    for key, blocks in _SIZED_BY_BLOCK.items():
+        if zero.get(key) == "auto":
+            scale = stage_size if key != "stage3_max_reuse_distance" else 1
+            zero[key] = int(max(blocks * scale * block_numel, 1_000_000))
     leftover = _find_auto(cfg)
     if leftover:
         raise ConfigError(f"ds_config fields {leftover} are \"auto\" but nothing fills them")
@@ -105,13 +141,22 @@ def teacher_ds_config(student_cfg: dict) -> dict:
 
 
 def param_groups(student: nn.Module, lr: float, copied_lr_scale: float, weight_decay: float) -> list[dict]:
-    """Mixers at the peak LR, copied teacher weights at a scaled LR; frozen weights left out."""
-    mixer_ids = {id(p) for m in student.mixers() for p in m.parameters()}
-    mixers = [p for p in student.parameters() if p.requires_grad and id(p) in mixer_ids]
-    copied = [p for p in student.parameters() if p.requires_grad and id(p) not in mixer_ids]
-    groups = [{"params": mixers, "lr": lr, "weight_decay": weight_decay, "name": "mixers"}]
-    if copied:
-        groups.append({"params": copied, "lr": lr * copied_lr_scale, "weight_decay": weight_decay, "name": "copied"})
+    """Mixers at the peak LR, copied teacher weights at a scaled LR; frozen weights left out.
+
+    Parameters marked ``_no_weight_decay`` (Mamba's A_log, D, dt_bias) get no weight decay.
+    """
+    mixer_ids = {id(p) for p in student.mixer_parameters()}
+    groups = []
+    for name, scale, is_mixer in (("mixers", 1.0, True), ("copied", copied_lr_scale, False)):
+        params = [p for p in student.parameters() if p.requires_grad and (id(p) in mixer_ids) == is_mixer]
+        decay = [p for p in params if not getattr(p, "_no_weight_decay", False)]
+        no_decay = [p for p in params if getattr(p, "_no_weight_decay", False)]
+        if decay:
+            groups.append({"params": decay, "lr": lr * scale, "weight_decay": weight_decay, "name": name})
+        if no_decay:
+            groups.append({"params": no_decay, "lr": lr * scale, "weight_decay": 0.0, "name": f"{name}_no_decay"})
+    if not groups:
+        raise ValueError("the student has no trainable parameter")
     return groups
 
 
@@ -132,9 +177,15 @@ def register_mixer_params(model: nn.Module) -> None:
                 deepspeed.zero.register_external_parameter(mixer, param)
 
 
-def build_student_engine(student: nn.Module, ds_config: dict, groups: list[dict]):
+def build_student_engine(student: nn.Module, ds_config: dict, groups: list[dict], *, shares_weights_with=None):
+    """The student's training engine. ``shares_weights_with``: the teacher engine whose
+    parameters the student uses for its frozen copied weights."""
     import deepspeed
 
+    if shares_weights_with is not None:
+        # NOTE: both engines gather the shared parameters; one in-flight registry lets
+        # either engine wait on a gather (prefetch) that the other one started.
+        student.ds_inflight_param_registry = shares_weights_with.module.ds_inflight_param_registry
     engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=groups, config=ds_config)
     if engine.zero_optimization_partition_weights():
         register_mixer_params(engine.module)
@@ -148,3 +199,28 @@ def build_teacher_engine(teacher: nn.Module, ds_config: dict):
     engine, _, _, _ = deepspeed.initialize(model=teacher, config=ds_config)
     engine.eval()
     return engine
+
+
+def _param_coordinator(engine):
+    """The ZeRO-3 coordinator that gathers, prefetches and releases an engine's parameters."""
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+
+    offload = engine.optimizer if isinstance(engine.optimizer, DeepSpeedZeRoOffload) else getattr(engine.optimizer, "parameter_offload", None)
+    return offload.get_param_coordinator() if offload is not None else None
+
+
+def begin_step(*engines) -> None:
+    """Mark the start of a forward(+backward) pass for ZeRO-3's parameter trace and prefetch.
+
+    DeepSpeed records the order in which submodules gather their parameters during one
+    pass and, once that order repeats, prefetches the next ones while the current one
+    computes. It marks pass boundaries in a hook on the root module's forward, which the
+    stage-by-stage schedule never calls (it calls blocks one by one), so the trace would
+    stay invalid and every gather would be synchronous. Calling this before each pass
+    does what that hook does.
+    """
+    for engine in engines:
+        if engine is not None and engine.zero_optimization_partition_weights():
+            coordinator = _param_coordinator(engine)
+            if coordinator is not None:
+                coordinator.reset_step()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-
+from ..distill.losses import lm_cross_entropy
 from ..distill.stages import LayerwiseModel
 
 __all__ = ["eval_indices", "perplexity"]
@@ -25,15 +25,23 @@ def eval_indices(num_sequences: int, max_sequences: int, rank: int, world_size: 
 
 
 @torch.no_grad()
-def perplexity(model: LayerwiseModel, dataset, indices: list[int], micro_batch_size: int, device: torch.device) -> dict:
-    """Token-level perplexity over ``indices`` (summed over all ranks)."""
+def perplexity(
+    model: LayerwiseModel,
+    dataset,
+    indices: list[int],
+    micro_batch_size: int,
+    device: torch.device,
+    *,
+    before_batch: Callable[[], None] | None = None,
+) -> dict:
+    """Token-level perplexity over ``indices`` (summed over all ranks); ``before_batch`` runs before each forward."""
     nll = torch.zeros((), dtype=torch.float64, device=device)
     tokens = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, len(indices), micro_batch_size):
         batch = torch.stack([dataset[i]["input_ids"] for i in indices[start : start + micro_batch_size]]).to(device)
-        logits = model.logits(batch)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-        nll += loss.double()
+        if before_batch is not None:
+            before_batch()
+        nll += lm_cross_entropy(model.logits(batch), batch, reduction="sum").double()
         tokens += batch[:, 1:].numel()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(nll)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_write_text
+
 __all__ = ["write_report"]
 
 
@@ -33,10 +35,7 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
         "hardware": _hardware(),
         "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__},
     }
-    json_path = Path(run_dir) / "report.json"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, json_path)
+    json_path = atomic_write_text(Path(run_dir) / "report.json", json.dumps(report, indent=2, default=str))
 
     mem = report.get("memory", {})
     rows = [
@@ -58,7 +57,6 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
     rows += [("hardware", report["hardware"]), ("versions", ", ".join(f"{k} {v}" for k, v in report["versions"].items()))]
     lines = ["# CALD run report", "", "| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
     lines += ["", f"Student (HF format): `{report['student_dir']}`", ""]
-    md_path = Path(run_dir) / "report.md"
-    md_path.write_text("\n".join(lines))
+    md_path = atomic_write_text(Path(run_dir) / "report.md", "\n".join(lines))
     print("\n".join(lines), flush=True)
     return json_path, md_path

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..engines.distributed import barrier
+from ..fileio import atomic_dir
 
 __all__ = ["export_student"]
 
@@ -21,15 +19,8 @@ def export_student(engine, tokenizer, target: Path, *, is_main: bool) -> Path:
     else:
         state_dict = engine.module.state_dict()
     if is_main:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_dir(target, replace=True) as tmp:
             engine.module.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     return target

@@ -37,6 +37,25 @@ def _ops(kernel: str) -> MixerOps:
     return MixerOps(causal_conv1d, causal_conv1d_update, scan, selective_state_update)
 
 
+class TimeStepProjection(nn.Linear):
+    """mamba_ssm's ``dt_proj``: a Linear with its own init (uniform weight, bias such that
+    softplus(bias) is log-uniform in [dt_min, dt_max])."""
+
+    def __init__(self, dt_rank: int, d_inner: int, config: MambaConfig) -> None:
+        super().__init__(dt_rank, d_inner, bias=True)
+        self.config = config
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        config = getattr(self, "config", None)
+        if config is None:  # called by nn.Linear.__init__, before the config is set
+            return
+        std = config.dt_scale * self.in_features**-0.5
+        self.weight.uniform_(-std, std)
+        init_dt_bias_(self.bias, config.dt_min, config.dt_max, config.dt_init_floor)
+
+
 class MambaMixer(SequenceMixer):
     """Mamba mixer: (b, l, hidden) -> (b, l, hidden), linear in l.
 
@@ -65,23 +84,26 @@ class MambaMixer(SequenceMixer):
             bias=config.conv_bias,
         )
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.dt_proj = TimeStepProjection(self.dt_rank, self.d_inner, config)
         self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state))
         self.D = nn.Parameter(torch.empty(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, hidden_size, bias=config.proj_bias)
         for param in (self.A_log, self.D):
             param._no_weight_decay = True
-        self.reset_parameters()
+        # NOTE: children initialise themselves in their own constructors (dt_proj included);
+        # only this module's own parameters are set here (so building under
+        # deepspeed.zero.Init, which partitions each child as soon as it is built, works too).
+        self._reset_own_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """mamba_ssm's Mamba init: S4D-real A = -(1..n), dt log-uniform in [dt_min, dt_max], D = 1."""
-        cfg = self.config
-        for module in (self.in_proj, self.conv1d, self.x_proj, self.out_proj):
+        for module in (self.in_proj, self.conv1d, self.x_proj, self.dt_proj, self.out_proj):
             module.reset_parameters()
-        std = cfg.dt_scale * self.dt_rank**-0.5
-        self.dt_proj.weight.uniform_(-std, std)
-        init_dt_bias_(self.dt_proj.bias, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
+        self._reset_own_parameters()
+
+    @torch.no_grad()
+    def _reset_own_parameters(self) -> None:
         A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
         self.A_log.copy_(A.log().expand(self.d_inner, -1))
         self.D.fill_(1.0)

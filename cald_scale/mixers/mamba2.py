@@ -130,16 +130,23 @@ class Mamba2Mixer(SequenceMixer):
         self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=config.proj_bias)
         for param in (self.dt_bias, self.A_log, self.D):
             param._no_weight_decay = True
-        self.reset_parameters()
+        # NOTE: children initialise themselves in their own constructors; only this module's
+        # own parameters are set here (so building under deepspeed.zero.Init, which
+        # partitions each child as soon as it is built, works too).
+        self._reset_own_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """mamba_ssm's Mamba2 init: dt log-uniform in [dt_min, dt_max], -A uniform in A_init_range, D = 1."""
-        cfg = self.config
         self.in_proj.reset_parameters()
         self.conv1d.reset_parameters()
         self.out_proj.reset_parameters()
         self.norm.weight.fill_(1.0)
+        self._reset_own_parameters()
+
+    @torch.no_grad()
+    def _reset_own_parameters(self) -> None:
+        cfg = self.config
         init_dt_bias_(self.dt_bias, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
         self.A_log.copy_(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(*cfg.A_init_range).log())
         self.D.fill_(1.0)

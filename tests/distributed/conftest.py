@@ -14,7 +14,7 @@ def real_tokenizer():
     from cald_scale.conversion.teacher import TeacherConfig, load_teacher
 
     _, tokenizer, source = load_teacher(TeacherConfig())
-    return AutoTokenizer.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(source.folder)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 
 from cald_scale.config import RunConfig, load_run_config
 from cald_scale.configuration import ConfigError, from_dict, to_dict
-from cald_scale.engines.zero3 import load_ds_config, resolve_ds_config, teacher_ds_config
+from cald_scale.engines.zero3 import load_ds_config, resolve_ds_config, size_zero_buffers, teacher_ds_config
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -58,6 +58,21 @@ def test_shipped_recipes_fit_shipped_ds_configs(recipe, ds_path):
     assert resolved["optimizer"]["params"]["lr"] == cfg.train.lr
     teacher = teacher_ds_config(resolved)
     assert "optimizer" not in teacher and teacher["zero_optimization"]["stage"] == 3
+    sized = size_zero_buffers(resolved, block_numel=5_000_000, stage_size=2)
+    zero = sized["zero_optimization"]
+    assert zero["stage3_prefetch_bucket_size"] == 10_000_000 and zero["stage3_max_reuse_distance"] == 5_000_000
+    assert zero["stage3_max_live_parameters"] == 30_000_000 and zero["overlap_comm"] is False  # no CUDA here
+
+
+def test_explicit_zero_buffer_sizes_are_kept():
+    cfg = load_run_config()
+    ds = load_ds_config(REPO / "ds_configs" / "zero3.json")
+    ds["zero_optimization"]["reduce_bucket_size"] = 123
+    sized = size_zero_buffers(resolve_ds_config(ds, cfg.train, world_size=1), block_numel=10_000_000)
+    assert sized["zero_optimization"]["reduce_bucket_size"] == 123
+    ds["zero_optimization"]["stage3_bogus"] = "auto"
+    with pytest.raises(ConfigError, match="stage3_bogus"):
+        size_zero_buffers(resolve_ds_config(ds, cfg.train, world_size=1), block_numel=1)
 
 
 def test_ds_config_contradiction_and_stage(tmp_path):

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cald_scale.distill.losses import LossConfig, distilled_layers, layer_loss, lm_cross_entropy, logit_kl
+from cald_scale.distill.losses import (
+    LossConfig,
+    distilled_layers,
+    layer_loss,
+    layer_loss_reference,
+    lm_cross_entropy,
+    lm_head_losses,
+    logit_kl,
+)
 
 
 def test_layer_loss_is_mse_of_parameter_free_layernorm():
@@ -44,3 +52,54 @@ def test_distilled_layers_and_validation():
         LossConfig(a_layer=-1)
     with pytest.raises(ValueError, match="zero"):
         LossConfig(a_ce=0, a_layer=0, a_kl=0)
+
+
+def test_layer_loss_gradient_equals_autograd():
+    s = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 7, 16, dtype=torch.float64)
+    torch.autograd.gradcheck(lambda x: layer_loss(x, t), (s,))
+    (g_ref,) = torch.autograd.grad(layer_loss_reference(s, t), s)
+    (g,) = torch.autograd.grad(layer_loss(s, t), s)
+    torch.testing.assert_close(g, g_ref)
+    # fp32 value equals the reference definition.
+    s32, t32 = s.detach().float(), t.float()
+    torch.testing.assert_close(layer_loss(s32, t32), layer_loss_reference(s32, t32))
+
+
+def test_layer_loss_keeps_one_tensor_in_the_student_dtype():
+    s = torch.randn(2, 5, 8, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(2, 5, 8, dtype=torch.float32)  # a teacher in another dtype
+    loss = layer_loss(s, t)
+    saved = loss.grad_fn.saved_tensors
+    assert len(saved) == 1 and saved[0].dtype == torch.bfloat16 and saved[0].shape == s.shape
+    (g,) = torch.autograd.grad(loss, s)
+    (g_ref,) = torch.autograd.grad(layer_loss_reference(s, t), s)
+    torch.testing.assert_close(g.float(), g_ref.float(), rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [None, 7, 64])
+def test_chunked_head_losses_equal_whole_logits(chunk):
+    torch.manual_seed(0)
+    batch, seqlen, hidden, vocab = 2, 12, 16, 50
+    s_head, t_head = torch.nn.Linear(hidden, vocab), torch.nn.Linear(hidden, vocab)
+    s_h = torch.randn(batch, seqlen, hidden, requires_grad=True)
+    t_h = torch.randn(batch, seqlen, hidden)
+    ids = torch.randint(0, vocab, (batch, seqlen))
+    ce_ref = lm_cross_entropy(s_head(s_h), ids)
+    kl_ref = logit_kl(s_head(s_h), t_head(t_h), 2.0)
+    g_ref = torch.autograd.grad(ce_ref + 0.5 * kl_ref, [s_h, s_head.weight])
+    ce, kl = lm_head_losses(s_h, ids, s_head, want_ce=True, teacher_h=t_h, teacher_head=t_head, temperature=2.0, chunk_tokens=chunk)
+    torch.testing.assert_close(ce, ce_ref)
+    torch.testing.assert_close(kl, kl_ref)
+    g = torch.autograd.grad(ce + 0.5 * kl, [s_h, s_head.weight])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+    assert t_head.weight.grad is None
+
+
+def test_head_chunk_size_follows_the_vocabulary():
+    assert LossConfig().chunk_tokens(49152) == 1365
+    assert LossConfig().chunk_tokens(151936) == 441
+    assert LossConfig(head_chunk_tokens=100).chunk_tokens(151936) == 100
+    with pytest.raises(ValueError, match="head_chunk_tokens"):
+        LossConfig(head_chunk_tokens=0)

@@ -52,7 +52,7 @@ def test_local_folder_loads_frozen(tmp_path):
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<eos>": 1}, unk_token="a")), eos_token="<eos>")
     tok.save_pretrained(tmp_path)
     loaded, tokenizer, source = load_teacher(TeacherConfig(name_or_path=str(tmp_path)))
-    assert source == str(tmp_path) and tokenizer.pad_token == "<eos>"
+    assert source.folder == tmp_path and source.kind == "folder" and tokenizer.pad_token == "<eos>"
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
     ids = torch.randint(0, 256, (1, 8))
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)

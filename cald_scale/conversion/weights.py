@@ -1,0 +1,271 @@
+"""Pretrained weights read lazily, one tensor at a time, and written into any module.
+
+A checkpoint is never loaded whole: ``WeightReader.get`` reads one tensor (safetensors are
+memory-mapped; ``.bin`` files are opened with ``mmap=True``), and ``load_weights`` hands
+each tensor to an ``assign`` function that writes it into the matching parameter. With a
+plain module ``assign`` copies; under ZeRO-3 it keeps only this rank's partition (see
+``engines/partitioned.py``). Peak memory is therefore one tensor, not one model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Protocol
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Assign",
+    "WeightReader",
+    "SafetensorsReader",
+    "TorchBinReader",
+    "StateDictReader",
+    "open_weights",
+    "load_weights",
+    "copy_assign",
+    "WeightsMismatchError",
+    "TensorTree",
+    "RenamedReader",
+]
+
+Assign = Callable[[torch.Tensor, torch.Tensor], None]
+"""``assign(param_or_buffer, full_value)``: write a full-size value into a (possibly partitioned) tensor."""
+
+
+class WeightsMismatchError(RuntimeError):
+    """A checkpoint and a model disagree about which tensors exist or their shapes."""
+
+
+class WeightReader(Protocol):
+    """Read-only, lazy access to the tensors of a checkpoint by name."""
+
+    def keys(self) -> list[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+class StateDictReader:
+    """A reader over tensors already in memory (a plain module's ``state_dict()``)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self._tensors = dict(tensors)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+class SafetensorsReader:
+    """One or several ``*.safetensors`` files (with or without ``model.safetensors.index.json``)."""
+
+    def __init__(self, files: Iterable[Path]):
+        from safetensors import safe_open
+
+        self._handles = {}
+        self._where: dict[str, str] = {}
+        for path in sorted(Path(f) for f in files):
+            handle = safe_open(str(path), framework="pt")
+            self._handles[str(path)] = handle
+            for key in handle.keys():
+                self._where[key] = str(path)
+        if not self._where:
+            raise FileNotFoundError(f"no tensors in {[str(f) for f in files]}")
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._handles[self._where[key]].get_tensor(key)
+
+
+class TorchBinReader:
+    """``pytorch_model*.bin`` files, memory-mapped so that only the tensors read are paged in."""
+
+    def __init__(self, files: Iterable[Path]):
+        self._tensors: dict[str, torch.Tensor] = {}
+        for path in sorted(Path(f) for f in files):
+            self._tensors.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+class RenamedReader:
+    """A reader whose keys are a model's own names: transformers' checkpoint renamings applied.
+
+    transformers 5 renames some checkpoint keys at load time (GPT-NeoX's ``embed_out`` is
+    ``lm_head``; a checkpoint saved from the base model lacks the ``model.`` prefix). The
+    same renamings are applied here, lazily. Transforms that fuse several checkpoint
+    tensors into one (``WeightConverter``, e.g. stacked MoE experts) need the whole group
+    at once and are refused, naming the keys.
+    """
+
+    def __init__(self, reader: WeightReader, model: nn.Module):
+        self._reader = reader
+        self._to_checkpoint: dict[str, str] = {}
+        renamings, converters = _transforms_for(model)
+        model_keys = dict.fromkeys(model.state_dict(keep_vars=True))
+        prefix = getattr(model, "base_model_prefix", None) or None
+        fused = []
+        for key in reader.keys():
+            if renamings or converters or prefix:
+                from transformers.core_model_loading import rename_source_key
+
+                new, converter = rename_source_key(key, renamings, converters, prefix, model_keys)
+            else:
+                new, converter = key, None
+            if converter is not None:
+                fused.append(key)
+            self._to_checkpoint[new] = key
+        if fused:
+            raise WeightsMismatchError(
+                f"{type(model).__name__} loads {fused[:4]} ({len(fused)} in all) by fusing several checkpoint tensors; "
+                "tensor-by-tensor loading supports renamed tensors only"
+            )
+
+    def keys(self) -> list[str]:
+        return list(self._to_checkpoint)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._reader.shape(self._to_checkpoint[key])
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._reader.get(self._to_checkpoint[key])
+
+
+def _transforms_for(model: nn.Module) -> tuple[list, list]:
+    """transformers' (renamings, fusing converters) for ``model``; none for plain modules."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:  # an older transformers without weight conversions
+        return [], []
+    if not isinstance(model, PreTrainedModel):
+        return [], []
+    transforms = get_model_conversion_mapping(model)
+    return [t for t in transforms if not isinstance(t, WeightConverter)], [t for t in transforms if isinstance(t, WeightConverter)]
+
+
+def open_weights(folder: str | Path) -> WeightReader:
+    """The weights of a HF model folder: safetensors (single or sharded) first, then .bin."""
+    folder = Path(folder)
+    for index_name, reader in (("model.safetensors.index.json", SafetensorsReader), ("pytorch_model.bin.index.json", TorchBinReader)):
+        index = folder / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} lists shards that are missing: {missing[:4]}")
+            return reader(folder / s for s in shards)
+    if files := sorted(folder.glob("*.safetensors")):
+        return SafetensorsReader(files)
+    if files := sorted(folder.glob("pytorch_model*.bin")):
+        return TorchBinReader(files)
+    raise FileNotFoundError(f"{folder} holds no weights (*.safetensors or pytorch_model*.bin)")
+
+
+@torch.no_grad()
+def copy_assign(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``assign`` for plain (unpartitioned) modules."""
+    target.copy_(value)
+
+
+def _matches(patterns: Iterable[str] | None, key: str) -> bool:
+    return any(re.search(p, key) for p in patterns or ())
+
+
+def load_weights(
+    model: nn.Module,
+    reader: WeightReader,
+    assign: Assign = copy_assign,
+    *,
+    shape_of: Callable[[torch.Tensor], tuple[int, ...]] = lambda t: tuple(t.shape),
+    skip_missing: tuple[str, ...] = (),
+    skip_unexpected: tuple[str, ...] = (),
+) -> list[str]:
+    """Write every tensor of ``model``'s state dict that ``reader`` holds, one at a time.
+
+    A model tensor the checkpoint lacks, or a checkpoint tensor the model has no slot for,
+    is an error (raised before anything is written), except for keys that start with one
+    of ``skip_missing`` / ``skip_unexpected`` or match the model's own HF ignore patterns
+    (``_keys_to_ignore_on_load_*``). A tensor shared under several names (tied embeddings)
+    is written once, from whichever of its names the checkpoint holds. ``shape_of`` gives a
+    tensor's full shape (a ZeRO-3 partition reports it as ``ds_shape``). Checkpoint keys are
+    renamed as transformers renames them (``RenamedReader``). Returns the model keys written.
+    """
+    reader = RenamedReader(reader, model)
+    names_of: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(tensor), []).append(name)
+        tensors[id(tensor)] = tensor
+    all_names = {n for names in names_of.values() for n in names}
+    ignore_missing = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
+    ignore_unexpected = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+
+    available = set(reader.keys())
+    plan: list[tuple[str, torch.Tensor]] = []
+    missing, wrong_shape = [], []
+    for tid, names in names_of.items():
+        source = next((n for n in names if n in available), None)
+        if source is None:
+            if not any(n.startswith(skip_missing) or _matches(ignore_missing, n) for n in names):
+                missing.append(names[0])
+            continue
+        full_shape = tuple(shape_of(tensors[tid]))
+        if tuple(reader.shape(source)) != full_shape:
+            wrong_shape.append(f"{source}: checkpoint {tuple(reader.shape(source))} vs model {full_shape}")
+        plan.append((source, tensors[tid]))
+    unexpected = [k for k in available if k not in all_names and not k.startswith(skip_unexpected) and not _matches(ignore_unexpected, k)]
+    if missing or unexpected or wrong_shape:
+        raise WeightsMismatchError(
+            f"checkpoint does not fit the model: missing {sorted(missing)[:8]} ({len(missing)} in all), "
+            f"unexpected {sorted(unexpected)[:8]} ({len(unexpected)} in all), wrong shapes {wrong_shape[:4]}"
+        )
+    for source, target in plan:
+        assign(target, reader.get(source))
+    return [source for source, _ in plan]
+
+
+class TensorTree:
+    """Attribute access to a checkpoint's tensors under a key prefix, shaped like the module that owns them.
+
+    ``TensorTree(reader, "model.layers.3.self_attn.").q_proj.weight`` reads one tensor,
+    so a family adapter's ``read_attention`` works on a checkpoint as on a module; a name
+    with no tensor under it is ``None`` (an absent bias).
+    """
+
+    def __init__(self, reader: WeightReader, prefix: str):
+        self._reader = reader
+        self._prefix = prefix
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        key = self._prefix + name
+        keys = self._reader.keys()
+        if key in keys:
+            return self._reader.get(key)
+        if any(k.startswith(key + ".") for k in keys):
+            return TensorTree(self._reader, key + ".")
+        return None

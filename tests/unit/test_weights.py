@@ -1,0 +1,104 @@
+"""Lazy, tensor-by-tensor weight loading: safetensors (single, sharded), .bin, renamed keys, mismatches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import FAMILY_CONFIGS, tiny_teacher
+
+from cald_scale.conversion.modeling import ConversionConfig
+from cald_scale.conversion.surgery import build_student, convert_teacher
+from cald_scale.conversion.teacher import TeacherConfig, build_teacher, open_teacher
+from cald_scale.conversion.weights import StateDictReader, TensorTree, WeightsMismatchError, load_weights, open_weights
+
+
+def _save_with_tokenizer(model, folder, **kwargs):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    model.save_pretrained(folder, **kwargs)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<eos>": 1}, unk_token="a")), eos_token="<eos>")
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_teacher_built_from_a_folder_equals_the_saved_model(tmp_path, family):
+    model = tiny_teacher(family)
+    _save_with_tokenizer(model, tmp_path)
+    source, _ = open_teacher(TeacherConfig(name_or_path=str(tmp_path)))
+    loaded = build_teacher(source)
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    if model.config.tie_word_embeddings:
+        assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+
+
+def test_sharded_safetensors_and_bin_read_the_same_tensors(tmp_path):
+    model = tiny_teacher("llama")
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    reader = open_weights(sharded)
+    state = model.state_dict()
+    for key in reader.keys():
+        assert torch.equal(reader.get(key), state[key]) and reader.shape(key) == tuple(state[key].shape)
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    torch.save({k: v.clone() for k, v in state.items()}, binary / "pytorch_model.bin")
+    assert torch.equal(open_weights(binary).get("model.norm.weight"), state["model.norm.weight"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no weights"):
+        open_weights(tmp_path / "empty")
+
+
+def test_gpt_neox_checkpoint_names_are_renamed_like_transformers_does(tmp_path):
+    model = tiny_teacher("gpt_neox")
+    model.save_pretrained(tmp_path)
+    assert "embed_out.weight" in open_weights(tmp_path).keys()  # the legacy name on disk
+    fresh = tiny_teacher("gpt_neox", seed=1)
+    load_weights(fresh, open_weights(tmp_path))
+    assert torch.equal(fresh.get_output_embeddings().weight, model.get_output_embeddings().weight)
+
+
+def test_mismatches_are_named_before_anything_is_written():
+    model = tiny_teacher("llama")
+    before = model.model.norm.weight.clone()
+    state = {k: v + 1 for k, v in model.state_dict().items()}
+    state.pop("model.layers.0.mlp.up_proj.weight")
+    state["model.layers.0.mlp.extra.weight"] = torch.zeros(2)
+    state["model.norm.weight"] = torch.zeros(5)
+    with pytest.raises(WeightsMismatchError) as err:
+        load_weights(model, StateDictReader(state))
+    message = str(err.value)
+    assert "model.layers.0.mlp.up_proj.weight" in message and "mlp.extra.weight" in message and "model.norm.weight" in message
+    assert torch.equal(model.model.norm.weight, before)
+
+
+def test_tensor_tree_reads_attention_like_a_module():
+    model = tiny_teacher("llama")
+    tree = TensorTree(StateDictReader(model.state_dict()), "model.layers.1.self_attn.")
+    assert torch.equal(tree.q_proj.weight, model.model.layers[1].self_attn.q_proj.weight)
+    assert tree.q_proj.bias is None and tree.nothing is None
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba"])
+def test_student_from_a_checkpoint_equals_the_in_memory_conversion(tmp_path, mixer):
+    """Reading the teacher's files tensor by tensor gives the same student as converting the loaded teacher."""
+    teacher = tiny_teacher("llama")
+    teacher.save_pretrained(tmp_path)
+    conversion = ConversionConfig(mixer=mixer, attention_init=mixer == "mamba2")
+    from_files = build_student(teacher.config, open_weights(tmp_path), conversion, seed=3)
+    in_memory = convert_teacher(teacher, conversion, seed=3)
+    a, b = from_files.state_dict(), in_memory.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # Mixers are seeded per layer: another seed, other mixers; the same copied weights.
+    other = convert_teacher(teacher, conversion, seed=4)
+    assert not torch.equal(other.mixers()[0].in_proj.weight, in_memory.mixers()[0].in_proj.weight)
+    assert torch.equal(other.backbone.model.layers[0].mlp.up_proj.weight, in_memory.backbone.model.layers[0].mlp.up_proj.weight)
