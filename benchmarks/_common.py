@@ -25,6 +25,91 @@ SMOLLM2_GEOMETRY = dict(
 )
 
 
+# Real model geometries (random weights: memory and speed depend only on shapes).
+GEOMETRIES: dict[str, dict] = {
+    "SmolLM2-135M": dict(model_type="llama", **SMOLLM2_GEOMETRY),
+    "Qwen2.5-0.5B": dict(
+        model_type="qwen2",
+        hidden_size=896,
+        intermediate_size=4864,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        num_hidden_layers=24,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
+    "Llama-3.2-1B": dict(
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        num_hidden_layers=16,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def write_random_teacher(geometry: str, folder: Path, *, shard_bytes: int = 1 << 30, seed: int = 0) -> Path:
+    """A HF folder (config, small tokenizer, sharded bf16 safetensors) with random weights of a real geometry.
+
+    Written tensor by tensor from a meta-device model, so even a billion-parameter
+    checkpoint needs one shard of memory, not one model. Reused when already complete.
+    """
+    import json
+
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    params = dict(GEOMETRIES[geometry])
+    config = AutoConfig.for_model(params.pop("model_type"), **params)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    files: list[str] = []
+
+    def flush() -> None:
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shard, tmp / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        files.append(name)
+        shard.clear()
+
+    seen = set()
+    for name, tensor in meta.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:  # the tied head
+            continue
+        seen.add(id(tensor))
+        value = torch.ones(tensor.shape) if tensor.dim() == 1 else torch.randn(tensor.shape, generator=gen) * 0.02
+        shard[name] = value.to(torch.bfloat16)
+        if sum(v.numel() * 2 for v in shard.values()) >= shard_bytes:
+            flush()
+    if shard:
+        flush()
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(tmp)
+    vocab = {f"t{i}": i for i in range(255)} | {"<eos>": 255}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), eos_token="<eos>")
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
 def llama_teacher(num_layers: int, seed: int = 0):
     """A randomly initialised Llama of SmolLM2-135M geometry (speed and memory depend only on shapes)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -58,7 +58,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr * min_lr_ratio."""
     warmup_steps: int = 5
-    """Linear warmup steps."""
+    """Linear warmup steps (at least 1)."""
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -86,8 +86,8 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0 or self.warmup_steps >= self.max_steps:
-            raise ValueError(f"train.warmup_steps must be in [0, max_steps), got {self.warmup_steps}")
+        if self.warmup_steps < 1 or self.warmup_steps >= self.max_steps:
+            raise ValueError(f"train.warmup_steps must be in [1, max_steps) (DeepSpeed's WarmupCosineLR needs >= 1), got {self.warmup_steps}")
 
 
     def micro_batch(self, world_size: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 from typing import Any, Literal
 
 import torch
@@ -135,6 +136,10 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
         self.backbone = AutoModelForCausalLM.from_config(teacher_config)
         conversion = config.conversion_config()
         for idx, layer in enumerate(self.adapter.layers(self.backbone)):
+            self.adapter.set_attention(layer, None)
+            # NOTE: a replaced attention may sit in a reference cycle (hooks that capture its
+            # parameters do that); collect it now, so at most one is alive while mixers are built.
+            gc.collect()
             mixer = build_mixer(conversion.mixer, conversion.mixer_config(), teacher_config.hidden_size, idx)
             self.adapter.set_attention(layer, MixerAsAttention(mixer))
         self.post_init()

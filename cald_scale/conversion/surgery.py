@@ -11,6 +11,7 @@ student or a ZeRO-3 partitioned one layer by layer, and both get identical weigh
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
@@ -99,9 +100,11 @@ def build_student(
     with placement.construct(), no_init_weights():
         student = CaldStudentForCausalLM(config)
     student.backbone.tie_weights()  # no_init_weights also skips tying
+    gc.collect()  # the untied head's tensor, if any (partitioned tensors sit in reference cycles)
     mixer_keys = attention_prefixes(student.backbone, adapter)
     if share_with is not None:
         share_copied_weights(student, share_with)
+        gc.collect()  # the student's own copies, now replaced
     else:
         # Copy every non-attention tensor; the backbone has the teacher's exact key layout.
         try:

@@ -12,6 +12,7 @@ downloaded once into the HF cache (config, tokenizer, safetensors only).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import importlib.util
 import json
@@ -212,6 +213,7 @@ def build_teacher(source: TeacherSource, placement: Placement = PLAIN) -> PreTra
     with placement.construct(), no_init_weights():  # every tensor is read from the checkpoint
         model = AutoModelForCausalLM.from_config(source.config, dtype=source.dtype)
     model.tie_weights()  # no_init_weights also skips tying
+    gc.collect()  # the untied head's tensor, if any (partitioned tensors sit in reference cycles)
     try:
         load_weights(model, source.weights(), placement.assign, shape_of=placement.shape_of)
     except WeightsMismatchError as err:

@@ -65,30 +65,65 @@ class StateDictReader:
         return self._tensors[key]
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
 class SafetensorsReader:
-    """One or several ``*.safetensors`` files (with or without ``model.safetensors.index.json``)."""
+    """One or several ``*.safetensors`` files, read one tensor at a time with plain file reads.
+
+    NOTE: not ``safetensors.safe_open``: it memory-maps each file, and every page a read
+    touches stays mapped and counted in the process's resident memory until the file is
+    closed, so reading a whole checkpoint through it looks (to RSS and to a cgroup limit)
+    like holding the whole checkpoint. The format is a JSON header then raw bytes; here each
+    tensor is read into its own buffer and nothing stays mapped.
+    """
 
     def __init__(self, files: Iterable[Path]):
-        from safetensors import safe_open
-
-        self._handles = {}
-        self._where: dict[str, str] = {}
+        self._entries: dict[str, tuple[str, int, int, torch.dtype, tuple[int, ...]]] = {}
         for path in sorted(Path(f) for f in files):
-            handle = safe_open(str(path), framework="pt")
-            self._handles[str(path)] = handle
-            for key in handle.keys():
-                self._where[key] = str(path)
-        if not self._where:
+            with open(path, "rb") as handle:
+                header_len = int.from_bytes(handle.read(8), "little")
+                try:
+                    header = json.loads(handle.read(header_len))
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    raise WeightsMismatchError(f"{path} is not a safetensors file (unreadable header: {err})") from err
+            for key, meta in header.items():
+                if key == "__metadata__":
+                    continue
+                if meta["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise WeightsMismatchError(f"{path}: tensor {key} has unsupported dtype {meta['dtype']}")
+                begin, end = meta["data_offsets"]
+                self._entries[key] = (str(path), 8 + header_len + begin, end - begin, _SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]))
+        if not self._entries:
             raise FileNotFoundError(f"no tensors in {[str(f) for f in files]}")
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
+        return self._entries[key][4]
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handles[self._where[key]].get_tensor(key)
+        path, offset, nbytes, dtype, shape = self._entries[key]
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            if handle.readinto(memoryview(buffer.numpy())) != nbytes:
+                raise WeightsMismatchError(f"{path} is truncated: tensor {key} needs {nbytes} bytes at offset {offset}")
+        return buffer.view(dtype).reshape(shape)
 
 
 class TorchBinReader:

@@ -42,6 +42,12 @@ def test_bad_values_are_rejected():
         load_run_config("no/such/recipe.yaml")
 
 
+def test_exponent_without_a_dot_is_a_number():
+    assert load_run_config(overrides=["train.lr=3e-4"]).train.lr == 3e-4
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_run_config(overrides=["train.lr=fast"])
+
+
 def test_overrides_and_round_trip():
     cfg = load_run_config(overrides=["train.max_steps=7", "student.conversion.mamba2.chunk_size=32", "loss.a_kl=0.5"])
     assert cfg.train.max_steps == 7 and cfg.student.conversion.mamba2.chunk_size == 32 and cfg.loss.a_kl == 0.5

@@ -102,3 +102,24 @@ def test_student_from_a_checkpoint_equals_the_in_memory_conversion(tmp_path, mix
     other = convert_teacher(teacher, conversion, seed=4)
     assert not torch.equal(other.mixers()[0].in_proj.weight, in_memory.mixers()[0].in_proj.weight)
     assert torch.equal(other.backbone.model.layers[0].mlp.up_proj.weight, in_memory.backbone.model.layers[0].mlp.up_proj.weight)
+
+
+def test_safetensors_reader_matches_the_library_and_names_truncation(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(2, 2, 2)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    reader = open_weights(tmp_path)
+    expected = load_file(tmp_path / "model.safetensors")
+    for key in tensors:
+        got = reader.get(key)
+        assert got.dtype == expected[key].dtype and torch.equal(got, expected[key]) and reader.shape(key) == tuple(expected[key].shape)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-10])
+    truncated = open_weights(tmp_path)
+    with pytest.raises(WeightsMismatchError, match="truncated"):
+        for key in tensors:
+            truncated.get(key)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(WeightsMismatchError, match="not a safetensors file"):
+        open_weights(tmp_path)

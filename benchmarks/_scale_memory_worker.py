@@ -1,0 +1,130 @@
+"""One scale_memory measurement, run by the deepspeed launcher on every rank (see scale_memory.py).
+
+Builds teacher and student exactly as the training job does (partitioned, in their ZeRO-3
+engines), trains a few steps on random tokens and writes, per rank: resident memory
+before building, after building and at its peak; the parameter counts the accounting
+needs; and the activations of one step, measured by live-tensor accounting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cald_scale.config import load_run_config  # noqa: E402
+from cald_scale.conversion.teacher import open_teacher  # noqa: E402
+from cald_scale.engines.distributed import init_distributed  # noqa: E402
+from cald_scale.engines.models import build_models  # noqa: E402
+from cald_scale.engines.zero3 import load_ds_config, resolve_ds_config  # noqa: E402
+from cald_scale.eval.memory import LiveTensorLedger  # noqa: E402
+from cald_scale.train import train_step  # noqa: E402
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def rss_bytes() -> int:
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def numel(p) -> int:
+    return math.prod(getattr(p, "ds_shape", p.shape))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--trainable", choices=["all", "mixers"], default="all")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--global_batch", type=int, default=4)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=None)
+    args = parser.parse_args()
+
+    env = init_distributed()
+    torch.manual_seed(0)
+    rss_start = rss_bytes()
+    cfg = load_run_config(
+        overrides=[
+            f"teacher.name_or_path={args.teacher}",
+            f"student.trainable={args.trainable}",
+            f"train.global_batch_size={args.global_batch}",
+            f"train.max_steps={args.steps + 1}",
+            "train.warmup_steps=1",
+            f"data.seq_len={args.seq_len}",
+        ]
+    )
+    ds_config = resolve_ds_config(load_ds_config(REPO / "ds_configs" / "zero3.json"), cfg.train, env.world_size)
+    source, _ = open_teacher(cfg.teacher)
+    t0 = time.time()
+    models = build_models(cfg, ds_config, source)
+    build_seconds = time.time() - t0
+    rss_built, peak_built = rss_bytes(), peak_rss_bytes()
+
+    student, teacher = models.student_engine.module, models.teacher_engine.module
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    trainable = sum(numel(p) for p in student.parameters() if p.requires_grad)
+    student_frozen_own = sum(numel(p) for p in student.parameters() if not p.requires_grad and id(p) not in teacher_ids)
+    teacher_params = sum(numel(p) for p in teacher.parameters())
+
+    micro = cfg.train.micro_batch(env.world_size)
+    gen = torch.Generator().manual_seed(env.rank)
+    step_seconds, activations = [], None
+    for step in range(args.steps):
+        ids = torch.randint(0, source.config.vocab_size, (micro, args.seq_len), generator=gen)
+        t0 = time.time()
+        if step == 0:
+            ledger = LiveTensorLedger(track_everything=True)
+            with ledger.watch():
+                parts, _ = train_step(models, ids, cfg)
+            activations = ledger.peak_bytes
+        else:
+            parts, _ = train_step(models, ids, cfg)
+        models.student_engine.step()
+        step_seconds.append(time.time() - t0)
+
+    result = {
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "trainable": args.trainable,
+        "tokens_per_rank_step": micro * args.seq_len,
+        "rss_start_bytes": rss_start,
+        "rss_built_bytes": rss_built,
+        "peak_rss_built_bytes": peak_built,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "activation_bytes": activations,
+        "params": {"student_trainable": trainable, "student_frozen_own": student_frozen_own, "teacher": teacher_params},
+        "shares_frozen_weights": models.shares_frozen_weights,
+        "dtype": str(next(student.parameters()).dtype),
+        "build_seconds": build_seconds,
+        "step_seconds": step_seconds,
+        "last_loss": parts.total.item(),
+        "omp_threads": torch.get_num_threads(),
+        "pid": os.getpid(),
+    }
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"rank{env.rank}.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

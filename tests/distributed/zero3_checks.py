@@ -1,0 +1,181 @@
+"""ZeRO-3 checks run under the real deepspeed launcher (2 CPU ranks); each rank writes <out>/<check>_rank<r>.json.
+
+    deepspeed --num_gpus 2 tests/distributed/zero3_checks.py --check NAME --teacher DIR --out DIR
+
+Checks:
+  streamed_vs_naive  the streamed and the naive schedule give the same losses and gradients
+  construction       building teacher and student never holds a whole model on a rank
+  shared_frozen      frozen copied weights are the teacher's tensors, and stay so through training
+  prefetch           the parameter trace completes and the next block is gathered ahead of its forward
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from cald_scale.config import load_run_config
+from cald_scale.conversion.teacher import build_teacher, open_teacher
+from cald_scale.engines.distributed import init_distributed
+from cald_scale.engines.models import build_models
+from cald_scale.engines.zero3 import begin_step, load_ds_config, resolve_ds_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _setup(teacher_dir: str, overrides: list[str]):
+    env = init_distributed()
+    cfg = load_run_config(overrides=[f"teacher.name_or_path={teacher_dir}", "train.global_batch_size=4", "train.max_steps=10", "train.warmup_steps=1", *overrides])
+    ds_config = resolve_ds_config(load_ds_config(REPO / "ds_configs" / "zero3.json"), cfg.train, env.world_size)
+    source, _ = open_teacher(cfg.teacher)
+    return env, cfg, ds_config, source
+
+
+def _batch(vocab: int, env, seqlen: int = 32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, vocab, (env.world_size * 2, seqlen), generator=gen)
+    return ids[env.rank * 2 : (env.rank + 1) * 2]
+
+
+def check_streamed_vs_naive(args) -> dict:
+    from deepspeed.utils import safe_get_full_grad
+
+    from cald_scale.distill.step import cald_forward
+
+    env, cfg, ds_config, source = _setup(args.teacher, ["loss.a_kl=0.5", "loss.head_chunk_tokens=24"])
+    out = {}
+    for schedule in ("naive", "streamed"):
+        models = build_models(cfg, ds_config, source)
+        ids = _batch(source.config.vocab_size, env)
+        begin_step(models.teacher_engine, models.student_engine)
+        parts = cald_forward(models.teacher, models.student, ids, cfg.loss, schedule=schedule)
+        models.student_engine.backward(parts.total)
+        grads = {n: safe_get_full_grad(p) for n, p in models.student_engine.module.named_parameters() if p.requires_grad}
+        out[schedule] = {"losses": parts.as_floats(), "per_layer": parts.per_layer, "grads": {n: g.tolist() for n, g in grads.items() if g is not None}}
+    return out
+
+
+def check_construction(args) -> dict:
+    from cald_scale.conversion.surgery import build_student
+    from cald_scale.engines.partitioned import placement_for
+    from cald_scale.eval.memory import LiveTensorLedger
+
+    env, cfg, ds_config, source = _setup(args.teacher, [])
+    placement = placement_for(ds_config)
+    ledger = LiveTensorLedger(track_everything=True)
+    with ledger.watch():
+        teacher = build_teacher(source, placement)
+        student = build_student(source.config, source.weights(), cfg.student.conversion, placement=placement)
+    full = lambda model: sum(math.prod(p.ds_shape) * p.element_size() for p in model.parameters())  # noqa: E731
+    local = lambda model: sum(p.ds_tensor.numel() * p.element_size() for p in model.parameters())  # noqa: E731
+    largest = max(math.prod(p.ds_shape) * p.element_size() for m in (teacher, student) for p in m.parameters())
+    block = max(sum(math.prod(p.ds_shape) * p.element_size() for p in layer.parameters()) for m in (teacher, student.backbone) for layer in m.model.layers)
+    # The same models built whole, for the values.
+    plain_teacher = build_teacher(source)
+    with __import__("deepspeed").zero.GatheredParameters(list(teacher.parameters())):
+        teacher_equal = all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), plain_teacher.state_dict().values()))
+    return {
+        "peak_live_bytes": ledger.peak_bytes,
+        "full_teacher_bytes": full(teacher),
+        "full_student_bytes": full(student),
+        "local_teacher_bytes": local(teacher),
+        "local_student_bytes": local(student),
+        "largest_tensor_bytes": largest,
+        "largest_block_bytes": block,
+        "all_partitioned": all(hasattr(p, "ds_id") for m in (teacher, student) for p in m.parameters()),
+        "teacher_equals_plain_load": teacher_equal,
+    }
+
+
+def check_shared_frozen(args) -> dict:
+    import deepspeed
+
+    env, cfg, ds_config, source = _setup(args.teacher, ["student.trainable=mixers", "train.lr=1e-2"])
+    models = build_models(cfg, ds_config, source)
+    student, teacher = models.student_engine.module, models.teacher_engine.module
+    mixer_ids = {id(p) for p in student.mixer_parameters()}
+    copied = [(n, p) for n, p in student.backbone.named_parameters() if id(p) not in mixer_ids]
+    teacher_params = dict(teacher.named_parameters())
+    same_object = all(p is teacher_params[n] for n, p in copied)
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    shared_storages = sum(1 for n, p in copied if id(p) in teacher_ids)
+    plain = build_teacher(source)  # the checkpoint's values
+    with deepspeed.zero.GatheredParameters(list(student.mixer_parameters())):
+        mixers_before = [p.detach().clone() for p in student.mixer_parameters()]
+    from cald_scale.train import train_step
+
+    for step in range(3):
+        ids = _batch(source.config.vocab_size, env)
+        parts, finite = train_step(models, ids, cfg)
+        models.student_engine.step()
+    with deepspeed.zero.GatheredParameters([p for _, p in copied]):
+        copied_unchanged = all(torch.equal(p, plain.get_parameter(n)) for n, p in copied)
+    with deepspeed.zero.GatheredParameters(list(student.mixer_parameters())):
+        mixers_changed = any(not torch.equal(a, b) for a, b in zip(mixers_before, student.mixer_parameters()))
+    return {
+        "copied": len(copied),
+        "same_object": same_object,
+        "shared": shared_storages,
+        "copied_unchanged_after_training": copied_unchanged,
+        "mixers_changed": mixers_changed,
+        "loss": parts.total.item(),
+    }
+
+
+def check_prefetch(args) -> dict:
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from cald_scale.engines.zero3 import _param_coordinator
+    from cald_scale.train import train_step
+
+    env, cfg, ds_config, source = _setup(args.teacher, [])
+    # NOTE: in so small a model most tensors fall under the persistence threshold (never partitioned).
+    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 64
+    models = build_models(cfg, ds_config, source)
+    seen: list[float] = []
+
+    def record(block, inputs):
+        params = [p for p in block.parameters() if not p.ds_persist]
+        seen.append(sum(p.ds_status != ZeroParamStatus.NOT_AVAILABLE for p in params) / len(params))
+
+    # Registered first on each block, so it runs before any DeepSpeed gather inside the block.
+    hooks = [block.register_forward_pre_hook(record, prepend=True) for block in models.student.blocks]
+    statuses = []
+    for step in range(4):
+        seen.clear()
+        ids = _batch(source.config.vocab_size, env)
+        train_step(models, ids, cfg)
+        models.student_engine.step()
+        statuses.append(list(seen))
+    for h in hooks:
+        h.remove()
+    return {
+        "student_trace_complete": _param_coordinator(models.student_engine).is_complete_trace(),
+        "teacher_trace_complete": _param_coordinator(models.teacher_engine).is_complete_trace(),
+        "gathered_ahead_per_step": statuses,
+    }
+
+
+CHECKS = {"streamed_vs_naive": check_streamed_vs_naive, "construction": check_construction, "shared_frozen": check_shared_frozen, "prefetch": check_prefetch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--check", choices=sorted(CHECKS), required=True)
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=None)
+    args = parser.parse_args()
+    result = CHECKS[args.check](args)
+    rank = int(os.environ.get("RANK", "0"))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"{args.check}_rank{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
