@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 from cald_scale.config import load_run_config  # noqa: E402
 from cald_scale.conversion.teacher import open_teacher  # noqa: E402
 from cald_scale.engines.distributed import init_distributed  # noqa: E402
+from cald_scale.engines.host_memory import configure_host_allocator  # noqa: E402
 from cald_scale.engines.models import build_models  # noqa: E402
 from cald_scale.engines.zero3 import load_ds_config, resolve_ds_config  # noqa: E402
 from cald_scale.eval.memory import LiveTensorLedger  # noqa: E402
@@ -63,7 +64,6 @@ def main() -> None:
 
     env = init_distributed()
     torch.manual_seed(0)
-    rss_start = rss_bytes()
     cfg = load_run_config(
         overrides=[
             f"teacher.name_or_path={args.teacher}",
@@ -74,6 +74,8 @@ def main() -> None:
             f"data.seq_len={args.seq_len}",
         ]
     )
+    allocator = configure_host_allocator(cfg.train.malloc_mmap_threshold)
+    rss_start = rss_bytes()
     ds_config = resolve_ds_config(load_ds_config(REPO / "ds_configs" / "zero3.json"), cfg.train, env.world_size)
     source, _ = open_teacher(cfg.teacher)
     t0 = time.time()
@@ -120,6 +122,7 @@ def main() -> None:
         "step_seconds": step_seconds,
         "last_loss": parts.total.item(),
         "omp_threads": torch.get_num_threads(),
+        "allocator": allocator,
         "pid": os.getpid(),
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,10 @@ a few steps at 4 x 256 tokens (global). Beside each measurement the accounting p
              + (16 B x trainable + 4 B x frozen student-own + 4 B x teacher) / ranks
              + activations of one step (live-tensor accounting, measured)
 
-16 B per trainable fp32 parameter is ZeRO-3 with AdamW in fp32: the parameter partition,
-which DeepSpeed >= 0.18 uses as the fp32 master itself, its gradient partition (4 B) and
-Adam's two moments (8 B). With student.trainable=mixers the copied weights are the
-teacher's own tensors and counted once.
+16 B per trainable fp32 parameter is ZeRO-3 with AdamW in fp32: the parameter partition (4 B),
+which is also its own fp32 master (engines/zero3.share_fp32_master; DeepSpeed alone keeps a
+second copy: 20 B), its gradient partition (4 B) and Adam's two moments (8 B). With
+student.trainable=mixers the copied weights are the teacher's own tensors and counted once.
 
 Targets: every measurement within 1.3x of its prediction; Qwen2.5-0.5B trains everything on
 1 rank within 18 GB; the per-rank peak at 2 ranks <= 0.6x the 1-rank peak; Llama-3.2-1B with

@@ -5,7 +5,11 @@ Importing the package registers the converted-student classes with transformers'
 classes, so ``AutoModelForCausalLM.from_pretrained(run_dir / "student")`` works.
 """
 
-from .conversion.modeling import CaldStudentConfig, CaldStudentForCausalLM, ConversionConfig
+from .conversion.modeling import (
+    CaldStudentConfig,
+    CaldStudentForCausalLM,
+    ConversionConfig,
+)
 from .conversion.surgery import convert_teacher
 
 __all__ = ["CaldStudentConfig", "CaldStudentForCausalLM", "ConversionConfig", "convert_teacher"]

@@ -70,6 +70,11 @@ class TrainConfig:
     reference); teacher_forced: each student block learns on the teacher's input to it,
     layer loss only, back-propagated stage by stage (see distill/step.py)."""
     seed: int = 0
+    malloc_mmap_threshold: int | None = 1 << 20
+    """glibc: allocations of at least this many bytes are mmap-ed and returned to the OS when
+    freed (glibc's adaptive default kept ~2.3 GB of freed activations resident on the
+    default job); null keeps glibc's default. Ignored when jemalloc/tcmalloc is preloaded
+    (faster, and as lean: see cald_scale/engines/host_memory.py)."""
     max_consecutive_nan: int = 3
     """Stop with an error after this many non-finite losses in a row (each is skipped and counted)."""
 

@@ -23,6 +23,7 @@ from .data import PackedSequences, ShardedBatches, build_indexed_dataset, check_
 from .distill.step import LossParts, cald_forward, teacher_forced_step
 from .engines.checkpoint import load_latest_checkpoint, save_checkpoint
 from .engines.distributed import DistEnv, all_true, barrier, init_distributed
+from .engines.host_memory import configure_host_allocator
 from .engines.models import DistillationModels, build_models
 from .engines.zero3 import begin_step, load_ds_config, resolve_ds_config
 from .eval.perplexity import eval_indices, perplexity
@@ -105,6 +106,8 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     env = init_distributed()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("cald_scale").setLevel(logging.INFO if env.is_main else logging.WARNING)
+    allocator = configure_host_allocator(cfg.train.malloc_mmap_threshold)
+    logger.info("host allocator: %s", allocator)
     run_dir = Path(cfg.output.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     ds_config = resolve_ds_config(load_ds_config(ds_config_path), cfg.train, env.world_size)

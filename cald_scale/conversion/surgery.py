@@ -25,7 +25,14 @@ from .init import init_mixer_from_attention
 from .modeling import CaldStudentConfig, CaldStudentForCausalLM, ConversionConfig
 from .placement import PLAIN, Placement
 from .registry import FamilyAdapter, get_adapter
-from .weights import RenamedReader, StateDictReader, TensorTree, WeightReader, WeightsMismatchError, load_weights
+from .weights import (
+    RenamedReader,
+    StateDictReader,
+    TensorTree,
+    WeightReader,
+    WeightsMismatchError,
+    load_weights,
+)
 
 __all__ = ["build_student", "convert_teacher", "share_copied_weights", "student_config", "attention_prefixes"]
 

@@ -19,7 +19,13 @@ from ..conversion.surgery import build_student
 from ..conversion.teacher import TeacherSource, build_teacher
 from ..distill.stages import LayerwiseModel
 from .partitioned import full_shape, placement_for
-from .zero3 import build_student_engine, build_teacher_engine, param_groups, size_zero_buffers, teacher_ds_config
+from .zero3 import (
+    build_student_engine,
+    build_teacher_engine,
+    param_groups,
+    size_zero_buffers,
+    teacher_ds_config,
+)
 
 __all__ = ["DistillationModels", "build_models", "block_numel"]
 

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+
 from ..distill.losses import lm_cross_entropy
 from ..distill.stages import LayerwiseModel
 

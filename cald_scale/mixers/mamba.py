@@ -11,11 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cald_scale.mixers._common import KernelResolver, MixerOps, SequenceMixer, init_dt_bias_, last_conv_inputs, padding_mask
+from cald_scale.mixers._common import (
+    KernelResolver,
+    MixerOps,
+    SequenceMixer,
+    init_dt_bias_,
+    last_conv_inputs,
+    padding_mask,
+)
 from cald_scale.mixers.config import MambaConfig
 from cald_scale.mixers.ops import _cuda
 from cald_scale.mixers.ops.conv import causal_conv1d, causal_conv1d_update
-from cald_scale.mixers.ops.selective_scan import selective_scan_cpu, selective_scan_ref, selective_state_update
+from cald_scale.mixers.ops.selective_scan import (
+    selective_scan_cpu,
+    selective_scan_ref,
+    selective_state_update,
+)
 
 __all__ = ["MambaMixer", "MambaState"]
 

@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cald_scale.mixers._common import KernelResolver, MixerOps, SequenceMixer, init_dt_bias_, last_conv_inputs, padding_mask
+from cald_scale.mixers._common import (
+    KernelResolver,
+    MixerOps,
+    SequenceMixer,
+    init_dt_bias_,
+    last_conv_inputs,
+    padding_mask,
+)
 from cald_scale.mixers.config import Mamba2Config
 from cald_scale.mixers.ops import _cuda
 from cald_scale.mixers.ops._threads import one_thread

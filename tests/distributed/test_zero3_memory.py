@@ -75,3 +75,11 @@ def test_zero3_trace_completes_and_blocks_are_prefetched(small_vocab_teacher, tm
         assert len(first) == 8 and max(first) == 0.0
         # With it, every block after the first finds its parameters gathered (or in flight) ahead of its forward.
         assert min(last[1:]) > 0.5, last
+
+
+def test_fp32_parameters_as_their_own_master_train_identically(small_vocab_teacher, tmp_path):
+    for rank in _check("fp32_master", small_vocab_teacher, tmp_path):
+        two, one = rank["two_copies"], rank["aliased"]
+        assert one["aliased"] and not two["aliased"]
+        assert one["losses"] == two["losses"] and one["losses"][-1] < one["losses"][0]
+        assert one["checksum"] == two["checksum"]

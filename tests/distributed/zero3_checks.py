@@ -7,6 +7,7 @@ Checks:
   construction       building teacher and student never holds a whole model on a rank
   shared_frozen      frozen copied weights are the teacher's tensors, and stay so through training
   prefetch           the parameter trace completes and the next block is gathered ahead of its forward
+  fp32_master        fp32 parameters serving as their own master copy train exactly as with two copies
 """
 
 from __future__ import annotations
@@ -161,7 +162,35 @@ def check_prefetch(args) -> dict:
     }
 
 
-CHECKS = {"streamed_vs_naive": check_streamed_vs_naive, "construction": check_construction, "shared_frozen": check_shared_frozen, "prefetch": check_prefetch}
+def check_fp32_master(args) -> dict:
+    """Training with the fp32 master aliased to the parameters equals DeepSpeed's two-copy path."""
+    import deepspeed
+
+    from cald_scale.engines import zero3
+    from cald_scale.train import train_step
+
+    env, cfg, ds_config, source = _setup(args.teacher, ["train.lr=1e-2"])
+    out = {}
+    original = zero3.share_fp32_master
+    for mode in ("two_copies", "aliased"):
+        zero3.share_fp32_master = original if mode == "aliased" else (lambda optimizer: 0)
+        torch.manual_seed(0)
+        models = build_models(cfg, ds_config, source)
+        opt = models.student_engine.optimizer
+        aliased = all(a.data_ptr() == b.data_ptr() for a, b in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat))
+        losses = []
+        for step in range(4):
+            parts, _ = train_step(models, _batch(source.config.vocab_size, env), cfg)
+            models.student_engine.step()
+            losses.append(parts.total.item())
+        params = list(models.student_engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            checksum = float(sum(p.double().sum() for p in params))
+        out[mode] = {"aliased": aliased, "losses": losses, "checksum": checksum}
+    return out
+
+
+CHECKS = {"streamed_vs_naive": check_streamed_vs_naive, "construction": check_construction, "shared_frozen": check_shared_frozen, "prefetch": check_prefetch, "fp32_master": check_fp32_master}
 
 
 def main() -> None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from cald_scale.engines.checkpoint import MANIFEST, _write_manifest, complete_tags, verify_tag
+from cald_scale.engines.checkpoint import (
+    MANIFEST,
+    _write_manifest,
+    complete_tags,
+    verify_tag,
+)
 
 
 def _tag(root, step, *, complete=True, payload=b"weights"):

@@ -9,7 +9,12 @@ import pytest
 
 from cald_scale.config import RunConfig, load_run_config
 from cald_scale.configuration import ConfigError, from_dict, to_dict
-from cald_scale.engines.zero3 import load_ds_config, resolve_ds_config, size_zero_buffers, teacher_ds_config
+from cald_scale.engines.zero3 import (
+    load_ds_config,
+    resolve_ds_config,
+    size_zero_buffers,
+    teacher_ds_config,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

@@ -7,7 +7,11 @@ import torch
 from tiny_models import FAMILY_CONFIGS, tiny_teacher
 from transformers import AutoModelForCausalLM
 
-from cald_scale.conversion.modeling import CaldStudentForCausalLM, ConversionConfig, MixerAsAttention
+from cald_scale.conversion.modeling import (
+    CaldStudentForCausalLM,
+    ConversionConfig,
+    MixerAsAttention,
+)
 from cald_scale.conversion.registry import get_adapter, supported_families
 from cald_scale.conversion.surgery import convert_teacher, copied_tensors_match
 from cald_scale.distill.stages import LayerwiseModel

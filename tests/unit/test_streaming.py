@@ -8,9 +8,8 @@ from tiny_models import tiny_teacher
 
 from cald_scale.conversion.modeling import ConversionConfig
 from cald_scale.conversion.surgery import convert_teacher
-from cald_scale.distill.losses import LossConfig
+from cald_scale.distill.losses import LossConfig, layer_loss
 from cald_scale.distill.stages import LayerwiseModel, make_stages
-from cald_scale.distill.losses import layer_loss
 from cald_scale.distill.step import cald_forward, teacher_forced_step
 from cald_scale.eval.memory import LiveTensorLedger
 

@@ -9,7 +9,11 @@ import torch
 from tiny_models import tiny_teacher
 
 from cald_scale.conversion import teacher as teacher_mod
-from cald_scale.conversion.teacher import TeacherConfig, load_teacher, resolve_teacher_source
+from cald_scale.conversion.teacher import (
+    TeacherConfig,
+    load_teacher,
+    resolve_teacher_source,
+)
 
 
 def test_missing_teacher_path_is_named(tmp_path):
@@ -46,8 +50,8 @@ def test_hub_id_offline_gives_a_clear_error(monkeypatch):
 def test_local_folder_loads_frozen(tmp_path):
     model = tiny_teacher("llama")
     model.save_pretrained(tmp_path)
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<eos>": 1}, unk_token="a")), eos_token="<eos>")
     tok.save_pretrained(tmp_path)

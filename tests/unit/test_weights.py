@@ -11,7 +11,13 @@ from tiny_models import FAMILY_CONFIGS, tiny_teacher
 from cald_scale.conversion.modeling import ConversionConfig
 from cald_scale.conversion.surgery import build_student, convert_teacher
 from cald_scale.conversion.teacher import TeacherConfig, build_teacher, open_teacher
-from cald_scale.conversion.weights import StateDictReader, TensorTree, WeightsMismatchError, load_weights, open_weights
+from cald_scale.conversion.weights import (
+    StateDictReader,
+    TensorTree,
+    WeightsMismatchError,
+    load_weights,
+    open_weights,
+)
 
 
 def _save_with_tokenizer(model, folder, **kwargs):

@@ -6,7 +6,11 @@ Every op has a sequential ``_ref`` twin with the same signature (the test oracle
 
 from cald_scale.mixers.ops.conv import causal_conv1d, causal_conv1d_update
 from cald_scale.mixers.ops.dispatch import Kernel, resolve_kernel
-from cald_scale.mixers.ops.selective_scan import selective_scan_cpu, selective_scan_ref, selective_state_update
+from cald_scale.mixers.ops.selective_scan import (
+    selective_scan_cpu,
+    selective_scan_ref,
+    selective_state_update,
+)
 from cald_scale.mixers.ops.ssd import ssd_chunked, ssd_ref, ssd_step
 
 __all__ = [

@@ -34,7 +34,9 @@ def _load() -> tuple[dict | None, str | None]:
         return None, f"package causal-conv1d is not importable ({err})"
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update as state_update
+        from mamba_ssm.ops.triton.selective_state_update import (
+            selective_state_update as state_update,
+        )
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except ImportError as err:
         return None, f"package mamba-ssm is not importable ({err})"
