@@ -95,7 +95,7 @@ def main() -> None:
     for step in range(args.steps):
         ids = torch.randint(0, source.config.vocab_size, (micro, args.seq_len), generator=gen)
         t0 = time.time()
-        if step == 0:
+        if step == args.steps - 1:  # steady state: trace complete, prefetch on
             ledger = LiveTensorLedger(track_everything=True)
             with ledger.watch():
                 parts, _ = train_step(models, ids, cfg)

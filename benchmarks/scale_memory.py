@@ -9,7 +9,8 @@ a few steps at 4 x 256 tokens (global). Beside each measurement the accounting p
 
     per rank = process baseline (imports, measured before building)
              + (16 B x trainable + 4 B x frozen student-own + 4 B x teacher) / ranks
-             + activations of one step (live-tensor accounting, measured)
+             + activations of one step (live-tensor accounting of every tensor its forward
+               creates, gathered and prefetched parameters included; measured on the last step)
 
 16 B per trainable fp32 parameter is ZeRO-3 with AdamW in fp32: the parameter partition (4 B),
 which is also its own fp32 master (engines/zero3.share_fp32_master; DeepSpeed alone keeps a

@@ -128,7 +128,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     device = student_engine.device
 
     # 3. Resume, or evaluate the starting point of a fresh run.
-    state = load_latest_checkpoint(student_engine, ckpt_dir) or {}
+    state = load_latest_checkpoint(student_engine, ckpt_dir, frozen_excluded=models.shares_frozen_weights) or {}
     indices = eval_indices(len(eval_set), cfg.eval.max_sequences, env.rank, env.world_size)
 
     def evaluate(model) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..fileio import atomic_write_text
 from .distributed import barrier, rank
 
-__all__ = ["save_checkpoint", "load_latest_checkpoint", "complete_tags", "MANIFEST"]
+__all__ = ["save_checkpoint", "load_latest_checkpoint", "complete_tags", "CheckpointLoadError", "MANIFEST"]
 
 logger = logging.getLogger("cald_scale.checkpoint")
 MANIFEST = "cald_manifest.json"
@@ -107,17 +107,35 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_
     return ckpt_dir / tag
 
 
-def load_latest_checkpoint(engine, ckpt_dir: Path) -> dict | None:
-    """Load the newest complete checkpoint; returns its client state, or None for a fresh run."""
+class CheckpointLoadError(RuntimeError):
+    """Complete checkpoints exist but none of them loads: never silently start over."""
+
+
+def load_latest_checkpoint(engine, ckpt_dir: Path, *, frozen_excluded: bool = False) -> dict | None:
+    """Load the newest complete checkpoint; returns its client state, or None for a fresh run.
+
+    A corrupt or unloadable tag is skipped for the previous one. When complete tags exist
+    but none loads, this raises instead of letting the job restart from scratch over them.
+    ``frozen_excluded``: the checkpoints were saved without frozen parameters (they come
+    from the teacher), so the module state is loaded non-strictly.
+    """
+    failures = []
     for step, path in complete_tags(Path(ckpt_dir)):
         try:
-            load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=path.name)
+            load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=path.name, load_module_strict=not frozen_excluded)
         except Exception as err:  # noqa: BLE001 - any failure means "try the previous one"
             logger.warning("checkpoint %s could not be loaded (%s: %s); trying an older one", path, type(err).__name__, err)
+            failures.append(f"{path.name}: {type(err).__name__}: {str(err)[:300]}")
             continue
         if load_path is None:
             logger.warning("checkpoint %s could not be loaded; trying an older one", path)
+            failures.append(f"{path.name}: DeepSpeed found nothing to load")
             continue
         logger.info("resumed from %s (step %d)", path, step)
         return client_state or {}
+    if failures:
+        raise CheckpointLoadError(
+            f"{ckpt_dir} holds complete checkpoints but none loads ({'; '.join(failures)}); refusing to start over. "
+            "Fix the cause (a changed model or config?) or move the checkpoints away to start a new run."
+        )
     return None

@@ -64,7 +64,28 @@ def init_distributed() -> DistEnv:
         device = torch.device("cpu")
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cpu":
+            _unlink_shm_buffers()
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def _unlink_shm_buffers() -> None:
+    """Remove the names of DeepSpeed's CPU shared-memory allreduce buffers once every rank has mapped them.
+
+    NOTE: DeepSpeed's shm comm op creates one 69 MB /dev/shm file per rank and never
+    unlinks it, so every CPU run left ranks x 69 MB of RAM-backed files behind (5.9 GB after
+    a day of tests here). Every rank maps all the buffers during init_distributed; after a
+    barrier the names are not needed, and the memory is freed when the last rank exits.
+    """
+    import glob
+
+    barrier()
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{dist.get_rank()}"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def barrier() -> None:

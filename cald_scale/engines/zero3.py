@@ -114,7 +114,7 @@ def resolve_ds_config(ds_config: dict, train, world_size: int) -> dict:
 _SIZED_BY_BLOCK = {
     # key: blocks' worth of elements
     "stage3_prefetch_bucket_size": 1,  # gather stage k+1 while stage k computes
-    "stage3_max_live_parameters": 3,  # the stage running, the one prefetched, and slack
+    "stage3_max_live_parameters": 2,  # the stage running and the one prefetched
     "stage3_max_reuse_distance": 1,  # keep a parameter gathered only if reused within a block
     "reduce_bucket_size": 1,  # gradient bucket: one block's gradients
 }

@@ -120,3 +120,51 @@ def test_real_smollm2_teacher_converts_and_trains(tmp_path, data_cache):
     assert report["steps"] == 3 and report["world_size"] == 2
     assert report["ppl_teacher"] < 100 < report["ppl_student_before"]  # a real LM vs a freshly converted one
     assert report["ppl_student_after"] < report["ppl_student_before"]
+
+
+def test_frozen_copies_shared_with_the_teacher_checkpoint_and_resume(tmp_path, teacher_dirs, data_cache):
+    """trainable=mixers: the copied weights are the teacher's, left out of checkpoints, and a resumed run continues exactly."""
+    import shutil
+
+    env = launcher_env(tmp_path)
+    run_dir = tmp_path / "mixers"
+    cmd = deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"student.trainable": "mixers"}))
+    _ok(run(cmd, env))
+    reference = metrics(run_dir)
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+    # Frozen weights are not in the checkpoint: far smaller than the tiny teacher's 49k x 64 embedding (12.6 MB).
+    ckpt = run_dir / "checkpoints" / "step_00000006"
+    model_states = sum(p.stat().st_size for p in ckpt.rglob("*model_states.pt"))
+    assert model_states < 2e6, model_states
+    # Lose the last checkpoint: the same command resumes from step 4 and repeats steps 5-6 exactly.
+    shutil.rmtree(ckpt)
+    resumed = run(cmd, env)
+    _ok(resumed)
+    assert "resuming run at step 4" in resumed.stdout + resumed.stderr
+    after = metrics(run_dir)
+    for step in (5, 6):
+        for key in ("loss", "ce", "layer"):
+            assert after[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+    # Complete (manifested) checkpoints that DeepSpeed cannot load stop the job: it never starts over on top of them.
+    from cald_scale.engines.checkpoint import _write_manifest
+
+    tags = sorted((run_dir / "checkpoints").glob("step_*"))
+    for tag in tags:
+        for states in tag.rglob("*model_states.pt"):
+            states.write_bytes(b"not a torch file")
+        _write_manifest(tag, int(tag.name.split("_")[1]))
+    refused = run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"student.trainable": "mixers", "train.max_steps": 8})), env)
+    assert refused.returncode != 0 and "refusing to start over" in refused.stdout + refused.stderr
+    assert sorted((run_dir / "checkpoints").glob("step_*")) == tags
+
+
+def test_teacher_forced_schedule_trains_each_block_on_its_own(tmp_path, teacher_dirs, data_cache):
+    env = launcher_env(tmp_path)
+    run_dir = tmp_path / "forced"
+    overrides = tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"train.schedule": "teacher_forced", "train.max_steps": 8, "train.lr": 1e-2, "loss.skip_last": "false"})
+    _ok(run(deepspeed_command(overrides), env))
+    history = metrics(run_dir)
+    assert sorted(history) == list(range(1, 9))
+    assert history[1]["ce"] == 0.0 and len(history[1]["layer_losses"]) == 3
+    assert history[8]["layer"] < 0.75 * history[1]["layer"], (history[1]["layer"], history[8]["layer"])

@@ -7,6 +7,7 @@ Checks:
   construction       building teacher and student never holds a whole model on a rank
   shared_frozen      frozen copied weights are the teacher's tensors, and stay so through training
   prefetch           the parameter trace completes and the next block is gathered ahead of its forward
+  chunked_head_frozen  chunked CE/KL equal whole logits with a frozen, teacher-shared head
   fp32_master        fp32 parameters serving as their own master copy train exactly as with two copies
 """
 
@@ -96,7 +97,7 @@ def check_construction(args) -> dict:
 def check_shared_frozen(args) -> dict:
     import deepspeed
 
-    env, cfg, ds_config, source = _setup(args.teacher, ["student.trainable=mixers", "train.lr=1e-2"])
+    env, cfg, ds_config, source = _setup(args.teacher, ["student.trainable=mixers", "train.lr=1e-2", "loss.head_chunk_tokens=16"])
     models = build_models(cfg, ds_config, source)
     student, teacher = models.student_engine.module, models.teacher_engine.module
     mixer_ids = {id(p) for p in student.mixer_parameters()}
@@ -190,7 +191,25 @@ def check_fp32_master(args) -> dict:
     return out
 
 
-CHECKS = {"streamed_vs_naive": check_streamed_vs_naive, "construction": check_construction, "shared_frozen": check_shared_frozen, "prefetch": check_prefetch, "fp32_master": check_fp32_master}
+def check_chunked_head_frozen(args) -> dict:
+    """CE/KL over token chunks (recomputed in backward) give the whole-logits gradients, also with a frozen shared head."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from cald_scale.distill.step import cald_forward
+
+    out = {}
+    for chunk in ("null", "16"):
+        env, cfg, ds_config, source = _setup(args.teacher, ["student.trainable=mixers", "loss.a_kl=0.5", f"loss.head_chunk_tokens={chunk}"])
+        models = build_models(cfg, ds_config, source)
+        begin_step(models.teacher_engine, models.student_engine)
+        parts = cald_forward(models.teacher, models.student, _batch(source.config.vocab_size, env), cfg.loss)
+        models.student_engine.backward(parts.total)
+        grads = {n: safe_get_full_grad(p) for n, p in models.student_engine.module.named_parameters() if p.requires_grad}
+        out[chunk] = {"losses": parts.as_floats(), "grads": {n: g.tolist() for n, g in grads.items() if g is not None}}
+    return out
+
+
+CHECKS = {"streamed_vs_naive": check_streamed_vs_naive, "construction": check_construction, "shared_frozen": check_shared_frozen, "prefetch": check_prefetch, "fp32_master": check_fp32_master, "chunked_head_frozen": check_chunked_head_frozen}
 
 
 def main() -> None:

@@ -50,3 +50,4 @@ def test_newest_complete_first(tmp_path):
     (tmp_path / "not_a_tag").mkdir()
     assert [step for step, _ in complete_tags(tmp_path)] == [10, 5, 1]
     assert complete_tags(tmp_path / "missing") == []
+
