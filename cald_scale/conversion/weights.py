@@ -126,22 +126,14 @@ class SafetensorsReader:
         return buffer.view(dtype).reshape(shape)
 
 
-class TorchBinReader:
+class TorchBinReader(StateDictReader):
     """``pytorch_model*.bin`` files, memory-mapped so that only the tensors read are paged in."""
 
     def __init__(self, files: Iterable[Path]):
-        self._tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, torch.Tensor] = {}
         for path in sorted(Path(f) for f in files):
-            self._tensors.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._tensors[key].shape)
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
+            tensors.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+        super().__init__(tensors)
 
 
 class RenamedReader:

@@ -111,23 +111,32 @@ def resolve_ds_config(ds_config: dict, train, world_size: int) -> dict:
     return cfg
 
 
-_SIZED_BY_BLOCK = {
-    # key: blocks' worth of elements
-    "stage3_prefetch_bucket_size": 1,  # gather stage k+1 while stage k computes
-    "stage3_max_live_parameters": 2,  # the stage running and the one prefetched
-    "stage3_max_reuse_distance": 1,  # keep a parameter gathered only if reused within a block
-    "reduce_bucket_size": 1,  # gradient bucket: one block's gradients
-}
+def _sized_by_block(prefetch: bool) -> dict[str, int]:
+    """Blocks' worth of elements for each "auto" ZeRO-3 size."""
+    return {
+        # Gather stage k+1 while stage k computes. NOTE: off on CPU, where ranks share the
+        # cores and gloo, so nothing overlaps; and a prefetch coalesces parameters into one
+        # buffer that stays alive until all of them are released, which at Llama-3.2-1B held
+        # a second 1 GB copy of the embedding (benchmarks/results/scale_memory.json).
+        "stage3_prefetch_bucket_size": 1 if prefetch else 0,
+        "stage3_max_live_parameters": 2 if prefetch else 1,  # the stage running (and the one prefetched)
+        "stage3_max_reuse_distance": 1,  # keep a parameter gathered only if reused within a block
+        "reduce_bucket_size": 1,  # gradient bucket: one block's gradients
+    }
 
 
-def size_zero_buffers(ds_config: dict, block_numel: int, stage_size: int = 1) -> dict:
-    """Fill ZeRO-3's "auto" buffer and prefetch sizes from one decoder block's parameter count."""
+def size_zero_buffers(ds_config: dict, block_numel: int, stage_size: int = 1, *, prefetch: bool | None = None) -> dict:
+    """Fill ZeRO-3's "auto" buffer and prefetch sizes from one decoder block's parameter count.
+
+    ``prefetch`` defaults to whether an accelerator is present.
+    """
     cfg = copy.deepcopy(ds_config)
     zero = cfg["zero_optimization"]
-    for key, blocks in _SIZED_BY_BLOCK.items():
+    prefetch = torch.cuda.is_available() if prefetch is None else prefetch
+    for key, blocks in _sized_by_block(prefetch).items():
         if zero.get(key) == "auto":
             scale = stage_size if key != "stage3_max_reuse_distance" else 1
-            zero[key] = int(max(blocks * scale * block_numel, 1_000_000))
+            zero[key] = int(max(blocks * scale * block_numel, 1_000_000)) if blocks else 0
     leftover = _find_auto(cfg)
     if leftover:
         raise ConfigError(f"ds_config fields {leftover} are \"auto\" but nothing fills them")

@@ -138,6 +138,9 @@ def check_prefetch(args) -> dict:
     env, cfg, ds_config, source = _setup(args.teacher, [])
     # NOTE: in so small a model most tensors fall under the persistence threshold (never partitioned).
     ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 64
+    # As on a GPU (on CPU "auto" turns prefetch off): about one block ahead.
+    ds_config["zero_optimization"]["stage3_prefetch_bucket_size"] = 50_000
+    ds_config["zero_optimization"]["stage3_max_live_parameters"] = 1_000_000
     models = build_models(cfg, ds_config, source)
     seen: list[float] = []
 

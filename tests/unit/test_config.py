@@ -69,10 +69,12 @@ def test_shipped_recipes_fit_shipped_ds_configs(recipe, ds_path):
     assert resolved["optimizer"]["params"]["lr"] == cfg.train.lr
     teacher = teacher_ds_config(resolved)
     assert "optimizer" not in teacher and teacher["zero_optimization"]["stage"] == 3
-    sized = size_zero_buffers(resolved, block_numel=5_000_000, stage_size=2)
+    sized = size_zero_buffers(resolved, block_numel=5_000_000, stage_size=2, prefetch=True)
     zero = sized["zero_optimization"]
     assert zero["stage3_prefetch_bucket_size"] == 10_000_000 and zero["stage3_max_reuse_distance"] == 5_000_000
     assert zero["stage3_max_live_parameters"] == 20_000_000 and zero["overlap_comm"] is False  # no CUDA here
+    on_cpu = size_zero_buffers(resolved, block_numel=5_000_000)["zero_optimization"]  # no accelerator: no prefetch
+    assert on_cpu["stage3_prefetch_bucket_size"] == 0 and on_cpu["stage3_max_live_parameters"] == 5_000_000
 
 
 def test_explicit_zero_buffer_sizes_are_kept():
