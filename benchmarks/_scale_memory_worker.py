@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 from cald_scale.config import load_run_config  # noqa: E402
 from cald_scale.conversion.teacher import open_teacher  # noqa: E402
 from cald_scale.engines.distributed import init_distributed  # noqa: E402
-from cald_scale.engines.host_memory import configure_host_allocator  # noqa: E402
+from cald_scale.engines.host_memory import configure_host_allocator, return_free_memory  # noqa: E402
 from cald_scale.engines.models import build_models  # noqa: E402
 from cald_scale.engines.zero3 import load_ds_config, resolve_ds_config  # noqa: E402
 from cald_scale.eval.memory import LiveTensorLedger  # noqa: E402
@@ -103,6 +103,7 @@ def main() -> None:
         else:
             parts, _ = train_step(models, ids, cfg)
         models.student_engine.step()
+        return_free_memory()
         step_seconds.append(time.time() - t0)
 
     result = {

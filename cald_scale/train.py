@@ -23,7 +23,7 @@ from .data import PackedSequences, ShardedBatches, build_indexed_dataset, check_
 from .distill.step import LossParts, cald_forward, teacher_forced_step
 from .engines.checkpoint import load_latest_checkpoint, save_checkpoint
 from .engines.distributed import DistEnv, all_true, barrier, init_distributed
-from .engines.host_memory import configure_host_allocator
+from .engines.host_memory import configure_host_allocator, return_free_memory
 from .engines.models import DistillationModels, build_models
 from .engines.zero3 import begin_step, load_ds_config, resolve_ds_config
 from .eval.perplexity import eval_indices, perplexity
@@ -198,6 +198,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
                     sums[key] += value / cfg.train.grad_accum
                 per_layer = parts.per_layer
             step = student_engine.global_steps
+            return_free_memory()
             elapsed = time.time() - t0
             train_seconds += elapsed
             if cfg.debug.sleep_per_step:

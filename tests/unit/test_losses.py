@@ -98,8 +98,8 @@ def test_chunked_head_losses_equal_whole_logits(chunk):
 
 
 def test_head_chunk_size_follows_the_vocabulary():
-    assert LossConfig().chunk_tokens(49152) == 1365
-    assert LossConfig().chunk_tokens(151936) == 441
+    assert LossConfig().chunk_tokens(49152) == 682
+    assert LossConfig().chunk_tokens(151936) == 220
     assert LossConfig(head_chunk_tokens=100).chunk_tokens(151936) == 100
     with pytest.raises(ValueError, match="head_chunk_tokens"):
         LossConfig(head_chunk_tokens=0)
