@@ -54,10 +54,11 @@ def measure(teacher, student, ids, schedule: str, stage_size: int) -> tuple[dict
     return {"held_bytes": ledger.peak_held_bytes, "worst_boundary": worst[0], "peak_bytes_incl_transients": ledger.peak_bytes, "loss": parts.total.item()}, grads
 
 
-def run(layers: int, batch: int, seqlen: int, dtype: torch.dtype) -> dict:
+def run(layers: int, batch: int, seqlen: int, dtype: torch.dtype, device: torch.device) -> dict:
     teacher = llama_teacher(layers).to(dtype)
-    student = convert_teacher(teacher, ConversionConfig(mixer="mamba2")).train()
-    ids = torch.randint(0, teacher.config.vocab_size, (batch, seqlen), generator=torch.Generator().manual_seed(0))
+    student = convert_teacher(teacher, ConversionConfig(mixer="mamba2")).train().to(device)
+    teacher = teacher.to(device)
+    ids = torch.randint(0, teacher.config.vocab_size, (batch, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
     hidden = batch * seqlen * teacher.config.hidden_size * dtype.itemsize
     distilled = layers - 1
     scalars = 8 * layers
@@ -96,10 +97,12 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     layers, batch, seqlen = (12, 2, 128) if args.quick else (30, 4, 256)
-    runs = {"float32": run(layers, batch, seqlen, torch.float32), "bfloat16": run(layers, batch, seqlen, torch.bfloat16)}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runs = {"float32": run(layers, batch, seqlen, torch.float32, device), "bfloat16": run(layers, batch, seqlen, torch.bfloat16, device)}
     result = {
         "benchmark": "streaming_memory",
         "machine": machine(),
+        "device": str(device),
         "shapes": {"layers": layers, "batch": batch, "seq_len": seqlen, "hidden": 576},
         "runs": runs,
         "pass": all(t["pass"] for r in runs.values() for t in r["targets"].values()),
