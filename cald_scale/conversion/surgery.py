@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 
 import torch
 from torch import nn
@@ -67,7 +68,13 @@ def _fresh_mixer(config: CaldStudentConfig, layer_idx: int, seed: int) -> nn.Mod
     conversion = config.conversion_config()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1_000_003 + layer_idx)
-        return build_mixer(conversion.mixer, conversion.mixer_config(), config.hidden_size, layer_idx)
+        mixer = build_mixer(conversion.mixer, conversion.mixer_config(), config.hidden_size, layer_idx)
+    # mamba_ssm's rescale_prenorm_residual: a residual branch's output projection is scaled
+    # by 1/sqrt(branches * layers), two branches per block here (mixer and MLP). Without it
+    # the fresh mixers flood the teacher's residual stream (SmolLM2: CE 13.4 -> 10.7 at init).
+    with torch.no_grad():
+        mixer.out_proj.weight.div_(math.sqrt(2 * config.num_hidden_layers))
+    return mixer
 
 
 def _init_mixers(student: CaldStudentForCausalLM, weights: WeightReader, seed: int, placement: Placement) -> None:
