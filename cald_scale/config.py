@@ -92,7 +92,10 @@ class TrainConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 1 or self.warmup_steps >= self.max_steps:
-            raise ValueError(f"train.warmup_steps must be in [1, max_steps) (DeepSpeed's WarmupCosineLR needs >= 1), got {self.warmup_steps}")
+            raise ValueError(
+                f"train.warmup_steps={self.warmup_steps} must be in [1, max_steps={self.max_steps}) "
+                "(DeepSpeed's WarmupCosineLR needs >= 1); set train.warmup_steps too"
+            )
 
 
     def micro_batch(self, world_size: int) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cald_scale.config import load_run_config
+from cald_scale.config import ConfigError, load_run_config
 from cald_scale.train import train
 
 
@@ -20,7 +20,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=10")
     args = parser.parse_args(argv)
-    cfg = load_run_config(args.recipe, args.overrides)
+    try:
+        cfg = load_run_config(args.recipe, args.overrides)
+    except ConfigError as err:  # one line that names the key, not a traceback
+        parser.exit(2, f"config error: {err}\n")
     if args.print_config:
         import yaml
 

@@ -112,3 +112,18 @@ def test_global_batch_splits_over_ranks():
     both = load_run_config(overrides=["train.micro_batch_size=3"]).train
     with pytest.raises(ValueError, match="set one of them to null"):
         both.micro_batch(1)
+
+
+def test_launcher_reports_a_config_error_in_one_line(capsys):
+    """`launch/train.py train.max_steps=2` (shorter than the default warmup) ends with one line, no traceback."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_train", Path(__file__).parents[2] / "launch" / "train.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main(["train.max_steps=2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("config error:") and "train.warmup_steps=5" in err and "max_steps=2" in err
+    assert "\n" not in err and "Traceback" not in err
