@@ -89,11 +89,15 @@ def main() -> None:
     student_frozen_own = sum(numel(p) for p in student.parameters() if not p.requires_grad and id(p) not in teacher_ids)
     teacher_params = sum(numel(p) for p in teacher.parameters())
 
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     micro = cfg.train.micro_batch(env.world_size)
     gen = torch.Generator().manual_seed(env.rank)
     step_seconds, activations = [], None
     for step in range(args.steps):
         ids = torch.randint(0, source.config.vocab_size, (micro, args.seq_len), generator=gen)
+        ids = ids.to(models.student_engine.device)
         t0 = time.time()
         if step == args.steps - 1:  # steady state: trace complete, prefetch on
             ledger = LiveTensorLedger(track_everything=True)
@@ -122,6 +126,10 @@ def main() -> None:
         "build_seconds": build_seconds,
         "step_seconds": step_seconds,
         "last_loss": parts.total.item(),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        # Device memory (CUDA only): the peak of live tensors and of the caching allocator's pool.
+        "device_peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "device_peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
         "omp_threads": torch.get_num_threads(),
         "allocator": allocator,
         "pid": os.getpid(),

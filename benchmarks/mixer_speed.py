@@ -27,10 +27,15 @@ TARGETS = {"mamba2": 1.5, "mamba": 3.0}
 
 
 def fwd_bwd_seconds(model: nn.Module, input_ids: torch.Tensor) -> float:
+    cuda = input_ids.is_cuda
+    if cuda:
+        torch.cuda.synchronize()  # time the kernels, not their launch
     start = time.perf_counter()
     loss = model(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -41,7 +46,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
 
     args.out = args.out or Path(__file__).resolve().parent / "results" / ("mixer_speed_quick.json" if args.quick else "mixer_speed.json")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -52,8 +61,8 @@ def main() -> None:
     # The students are what the conversion builds by default (teacher-matched Mamba2, Mamba expand 2).
     students = {kind: convert_teacher(teacher, ConversionConfig(mixer=kind)).train() for kind in TARGETS}
     configs = {kind: student.config.conversion_config().mixer_config() for kind, student in students.items()}
-    models = {"teacher": teacher} | students
-    input_ids = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seqlen))
+    models = {name: model.to(device=device, dtype=dtype) for name, model in ({"teacher": teacher} | students).items()}
+    input_ids = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seqlen), device=device)
 
     # NOTE: models take turns in every round, so load from other processes hits all alike;
     # the load average is recorded because shared cores still distort the numbers.
@@ -71,7 +80,8 @@ def main() -> None:
         "benchmark": "mixer_speed",
         "machine": machine(),
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
-        "shapes": {"batch": args.batch, "seqlen": args.seqlen, "dtype": "float32", **SMOLLM2_GEOMETRY, "num_hidden_layers": layers},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "shapes": {"batch": args.batch, "seqlen": args.seqlen, "dtype": str(dtype).removeprefix("torch."), **SMOLLM2_GEOMETRY, "num_hidden_layers": layers},
         "mixer_configs": {kind: dataclasses.asdict(cfg) for kind, cfg in configs.items()},
         "repeats": repeats,
         "teacher_s": teacher_s,
@@ -99,7 +109,7 @@ def main() -> None:
         "",
         f"Hardware: {result['machine']['cpu_count']} cores ({result['machine']['cpu']}), {result['machine'].get('gpu', 'no GPU')}; "
         f"torch {result['machine']['torch']}, transformers {result['machine']['transformers']}.",
-        f"Forward + backward, batch {args.batch} x {args.seqlen} tokens, fp32, {layers} layers, median of {repeats}.",
+        f"Forward + backward on {result['device']}, batch {args.batch} x {args.seqlen} tokens, {result['shapes']['dtype']}, {layers} layers, median of {repeats}.",
         f"Load average (1 min) before / after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f} "
         "(other processes on the same cores slow everything, unevenly).",
         "",

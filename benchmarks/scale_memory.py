@@ -1,4 +1,4 @@
-"""Peak host memory per rank of the ZeRO-3 streamed distillation step at real geometries, against its accounting.
+"""Peak host memory per rank (and device memory, on CUDA) of the ZeRO-3 streamed distillation step at real geometries, against its accounting.
 
     python benchmarks/scale_memory.py [--quick] [--out FILE]
 
@@ -126,6 +126,13 @@ def markdown(result: dict) -> str:
         "| geometry | trainable | ranks | rank | baseline | model states | activations | predicted | measured peak | measured / predicted | s/step |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    devices = [
+        f"| {c['geometry']} | {c['trainable']} | {c['ranks']} | {r['rank']} | {r['device']} | "
+        f"{r['device_peak_allocated_bytes'] / GB:.2f} | {r['device_peak_reserved_bytes'] / GB:.2f} |"
+        for c in result["cases"]
+        for r in c.get("per_rank", [])
+        if r.get("device_peak_allocated_bytes") is not None
+    ]
     for c in result["cases"]:
         if "per_rank" not in c:
             lines.append(f"| {c['geometry']} | {c['trainable']} | {c['ranks']} | - | failed (rc {c['returncode']}) | | | | | | |")
@@ -137,6 +144,9 @@ def markdown(result: dict) -> str:
                 f"{p['activation_bytes'] / GB:.2f} | {p['total_bytes'] / GB:.2f} | {r['peak_rss_bytes'] / GB:.2f} | {r['measured_over_predicted']:.2f} | "
                 f"{sum(r['step_seconds'][1:]) / max(1, len(r['step_seconds']) - 1):.1f} |"
             )
+    if devices:
+        lines += ["", "Peak device memory per rank (GB):", "", "| geometry | trainable | ranks | rank | device | allocated | reserved |", "|---|---|---|---|---|---|---|"]
+        lines += devices
     lines += ["", "| target | value | pass |", "|---|---|---|"]
     for name, t in result["targets"].items():
         value = t["value"] if not isinstance(t["value"], list) else ", ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in t["value"])

@@ -43,6 +43,9 @@ class LayerwiseModel:
         self.activation_checkpointing = activation_checkpointing
         # Optional context entered around every computation (memory accounting in benchmarks).
         self._scope = scope or contextlib.nullcontext
+        # Set by the engines for a frozen ZeRO-3 head: its rows, gathered a piece at a time
+        # (the CE then never holds the whole head; see losses.vocab_streamed_cross_entropy).
+        self.head_pieces: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -100,6 +103,17 @@ class LayerwiseModel:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         with self._scope():
             return self.lm.get_output_embeddings()(self.adapter.final_norm(self.lm)(hidden))
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The last hidden state as the head sees it: ``head(h) == final_norm(h) @ head_weight.T``."""
+        with self._scope():
+            return self.adapter.final_norm(self.lm)(hidden)
+
+    @property
+    def head_weight(self) -> torch.Tensor | None:
+        """The LM head's weight when the head is a plain bias-free linear map (else None)."""
+        head = self.lm.get_output_embeddings()
+        return head.weight if isinstance(head, nn.Linear) and head.bias is None else None
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Plain full forward through the same pieces (evaluation)."""

@@ -22,7 +22,13 @@ from typing import Callable, Literal
 
 import torch
 
-from .losses import LossConfig, distilled_layers, layer_loss, lm_head_losses
+from .losses import (
+    LossConfig,
+    distilled_layers,
+    layer_loss,
+    lm_head_losses,
+    vocab_streamed_cross_entropy,
+)
 from .stages import LayerwiseModel, make_stages
 
 __all__ = ["LossParts", "Schedule", "cald_forward", "teacher_forced_step"]
@@ -113,7 +119,9 @@ def cald_forward(
 
     ce = kl = None
     want_kl = cfg.a_kl > 0 and use_teacher
-    if cfg.a_ce > 0 or want_kl:
+    if cfg.a_ce > 0 and not want_kl and student.head_pieces is not None:
+        ce = vocab_streamed_cross_entropy(student.final_norm(s_h), input_ids, student.head_pieces)
+    elif cfg.a_ce > 0 or want_kl:
         ce, kl = lm_head_losses(
             s_h,
             input_ids,

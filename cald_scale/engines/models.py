@@ -18,7 +18,7 @@ from ..config import RunConfig
 from ..conversion.surgery import build_student
 from ..conversion.teacher import TeacherSource, build_teacher
 from ..distill.stages import LayerwiseModel
-from .partitioned import full_shape, placement_for
+from .partitioned import frozen_row_pieces, full_shape, placement_for
 from .zero3 import (
     build_student_engine,
     build_teacher_engine,
@@ -73,10 +73,13 @@ def build_models(cfg: RunConfig, ds_config: dict, source: TeacherSource) -> Dist
     teacher_engine = build_teacher_engine(teacher, teacher_ds_config(sized))
     groups = param_groups(student, cfg.train.lr, cfg.train.copied_lr_scale, cfg.train.weight_decay)
     student_engine = build_student_engine(student, sized, groups, shares_weights_with=teacher_engine if share else None)
+    student_lw = LayerwiseModel(student_engine.module, activation_checkpointing=cfg.student.activation_checkpointing)
+    head = student_lw.head_weight
+    student_lw.head_pieces = frozen_row_pieces(head) if head is not None else None
     return DistillationModels(
         teacher_engine=teacher_engine,
         student_engine=student_engine,
         teacher=LayerwiseModel(teacher_engine.module),
-        student=LayerwiseModel(student_engine.module, activation_checkpointing=cfg.student.activation_checkpointing),
+        student=student_lw,
         shares_frozen_weights=share,
     )

@@ -97,3 +97,13 @@ def test_chunked_head_losses_with_a_frozen_shared_head(small_vocab_teacher, tmp_
         assert whole["grads"].keys() == chunked["grads"].keys() and all(".mixer." in n for n in whole["grads"])
         for name in whole["grads"]:
             torch.testing.assert_close(torch.tensor(chunked["grads"][name]), torch.tensor(whole["grads"][name]), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_frozen_head_streamed_by_vocabulary_pieces_matches_the_gathered_head(small_vocab_teacher, tmp_path):
+    for rank in _check("vocab_streamed_head", small_vocab_teacher, tmp_path):
+        streamed, gathered = rank["True"], rank["False"]
+        for key in ("loss", "ce", "layer"):
+            assert streamed["losses"][key] == pytest.approx(gathered["losses"][key], rel=1e-5)
+        assert streamed["grads"].keys() == gathered["grads"].keys() and all(".mixer." in n for n in streamed["grads"])
+        for name in streamed["grads"]:
+            torch.testing.assert_close(torch.tensor(streamed["grads"][name]), torch.tensor(gathered["grads"][name]), rtol=1e-4, atol=1e-6, msg=name)

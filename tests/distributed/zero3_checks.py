@@ -212,7 +212,40 @@ def check_chunked_head_frozen(args) -> dict:
     return out
 
 
-CHECKS = {"streamed_vs_naive": check_streamed_vs_naive, "construction": check_construction, "shared_frozen": check_shared_frozen, "prefetch": check_prefetch, "fp32_master": check_fp32_master, "chunked_head_frozen": check_chunked_head_frozen}
+def check_vocab_streamed_head(args) -> dict:
+    """A frozen head read a piece of rows at a time gives the gathered head's CE and gradients."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from cald_scale.distill.step import cald_forward
+    from cald_scale.engines.partitioned import frozen_row_pieces
+
+    out = {}
+    for streamed in (True, False):
+        env, cfg, ds_config, source = _setup(args.teacher, ["student.trainable=mixers", "loss.head_chunk_tokens=null"])
+        models = build_models(cfg, ds_config, source)
+        head = models.student.head_weight
+        assert models.student.head_pieces is not None, "a frozen ZeRO-3 head should be streamed"
+        if streamed:  # pieces of 10 rows per rank: 13 all-gathers per walk, the last one short
+            models.student.head_pieces = frozen_row_pieces(head, piece_bytes=10 * 2 * head.ds_shape[1] * 4)
+        else:
+            models.student.head_pieces = None  # the gathered-head path, for reference
+        begin_step(models.teacher_engine, models.student_engine)
+        parts = cald_forward(models.teacher, models.student, _batch(source.config.vocab_size, env), cfg.loss)
+        models.student_engine.backward(parts.total)
+        grads = {n: safe_get_full_grad(p) for n, p in models.student_engine.module.named_parameters() if p.requires_grad}
+        out[str(streamed)] = {"losses": parts.as_floats(), "grads": {n: g.tolist() for n, g in grads.items() if g is not None}}
+    return out
+
+
+CHECKS = {
+    "streamed_vs_naive": check_streamed_vs_naive,
+    "construction": check_construction,
+    "shared_frozen": check_shared_frozen,
+    "prefetch": check_prefetch,
+    "fp32_master": check_fp32_master,
+    "chunked_head_frozen": check_chunked_head_frozen,
+    "vocab_streamed_head": check_vocab_streamed_head,
+}
 
 
 def main() -> None:

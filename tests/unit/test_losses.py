@@ -98,8 +98,37 @@ def test_chunked_head_losses_equal_whole_logits(chunk):
 
 
 def test_head_chunk_size_follows_the_vocabulary():
-    assert LossConfig().chunk_tokens(49152) == 682
-    assert LossConfig().chunk_tokens(151936) == 220
+    assert LossConfig().chunk_tokens(49152) == 341
+    assert LossConfig().chunk_tokens(151936) == 110
     assert LossConfig(head_chunk_tokens=100).chunk_tokens(151936) == 100
     with pytest.raises(ValueError, match="head_chunk_tokens"):
         LossConfig(head_chunk_tokens=0)
+
+
+def test_vocab_streamed_cross_entropy_equals_the_whole_head():
+    """Row pieces in any order (as ranks' partitions arrive) give the whole head's CE and gradients."""
+    from cald_scale.distill.losses import vocab_streamed_cross_entropy
+
+    torch.manual_seed(0)
+    vocab, hidden, batch, seqlen = 101, 16, 2, 7
+    weight = torch.randn(vocab, hidden, dtype=torch.float64)
+    h = torch.randn(batch, seqlen, hidden, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, vocab, (batch, seqlen))
+    order = torch.randperm(vocab)
+    walks = []
+
+    def pieces():
+        walks.append(1)
+        for start in range(0, vocab, 13):  # the last piece is short
+            rows = order[start : start + 13]
+            yield rows, weight[rows]
+
+    ce = vocab_streamed_cross_entropy(h, ids, pieces)
+    logits = h @ weight.T
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(ce, reference)
+    grad, = torch.autograd.grad(ce, h)
+    grad_ref, = torch.autograd.grad(reference, h)
+    torch.testing.assert_close(grad, grad_ref)
+    assert len(walks) == 2  # one walk in forward, one in backward
+    assert torch.autograd.gradcheck(lambda x: vocab_streamed_cross_entropy(x, ids, pieces), (h,))
