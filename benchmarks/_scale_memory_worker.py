@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from cald_scale.engines.host_memory import configure_host_allocator, return_free
 from cald_scale.engines.models import build_models  # noqa: E402
 from cald_scale.engines.zero3 import load_ds_config, resolve_ds_config  # noqa: E402
 from cald_scale.eval.memory import LiveTensorLedger  # noqa: E402
+from cald_scale.metrics import peak_memory_bytes  # noqa: E402
 from cald_scale.train import train_step  # noqa: E402
 
 
@@ -41,10 +41,6 @@ def _status_kb(field: str) -> int:
 
 def rss_bytes() -> int:
     return _status_kb("VmRSS") * 1024
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def numel(p) -> int:
@@ -81,7 +77,7 @@ def main() -> None:
     t0 = time.time()
     models = build_models(cfg, ds_config, source)
     build_seconds = time.time() - t0
-    rss_built, peak_built = rss_bytes(), peak_rss_bytes()
+    rss_built, peak_built = rss_bytes(), peak_memory_bytes()["cpu_max_rss_bytes"]
 
     student, teacher = models.student_engine.module, models.teacher_engine.module
     teacher_ids = {id(p) for p in teacher.parameters()}
@@ -110,6 +106,7 @@ def main() -> None:
         return_free_memory()
         step_seconds.append(time.time() - t0)
 
+    peaks = peak_memory_bytes()
     result = {
         "rank": env.rank,
         "world_size": env.world_size,
@@ -118,7 +115,7 @@ def main() -> None:
         "rss_start_bytes": rss_start,
         "rss_built_bytes": rss_built,
         "peak_rss_built_bytes": peak_built,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peaks["cpu_max_rss_bytes"],
         "activation_bytes": activations,
         "params": {"student_trainable": trainable, "student_frozen_own": student_frozen_own, "teacher": teacher_params},
         "shares_frozen_weights": models.shares_frozen_weights,
@@ -128,7 +125,7 @@ def main() -> None:
         "last_loss": parts.total.item(),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         # Device memory (CUDA only): the peak of live tensors and of the caching allocator's pool.
-        "device_peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "device_peak_allocated_bytes": peaks.get("gpu_max_allocated_bytes"),
         "device_peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
         "omp_threads": torch.get_num_threads(),
         "allocator": allocator,

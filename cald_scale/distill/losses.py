@@ -18,6 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 _LOGITS_PER_CHUNK = 1 << 24
 
+# A frozen LM head as pieces of rows: each call walks them once, yielding (row ids, rows).
+RowPieces = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
 __all__ = [
     "LossConfig",
     "layer_loss",
@@ -191,9 +194,6 @@ def lm_head_losses(
     ce = ce_sum / (batch * (seqlen - 1)) if want_ce else None
     kl = kl_sum / (batch * seqlen) * temperature**2 if want_kl else None
     return ce, kl
-
-
-RowPieces = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
 class _VocabStreamedCE(torch.autograd.Function):

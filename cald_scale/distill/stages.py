@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.masking_utils import create_causal_mask
 
 from ..conversion.registry import FamilyAdapter, get_adapter
+from .losses import RowPieces
 
 __all__ = ["LayerwiseModel", "make_stages"]
 
@@ -45,7 +46,7 @@ class LayerwiseModel:
         self._scope = scope or contextlib.nullcontext
         # Set by the engines for a frozen ZeRO-3 head: its rows, gathered a piece at a time
         # (the CE then never holds the whole head; see losses.vocab_streamed_cross_entropy).
-        self.head_pieces: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self.head_pieces: RowPieces | None = None
 
     @property
     def num_layers(self) -> int:

@@ -10,11 +10,12 @@ layout is DeepSpeed's by construction. Every rank reads the same full tensor fro
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from ..conversion.placement import PLAIN, Placement
+from ..distill.losses import RowPieces
 
 __all__ = [
     "zero3_placement",
@@ -97,8 +98,6 @@ def placement_for(ds_config: dict | None) -> Placement:
     return PLAIN
 
 
-RowPieces = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
-
 
 def frozen_row_pieces(weight: torch.Tensor, *, piece_bytes: int = 32 << 20) -> RowPieces | None:
     """Rows of a frozen ZeRO-3 matrix (an LM head), gathered a piece at a time.
@@ -152,4 +151,3 @@ def frozen_row_pieces(weight: torch.Tensor, *, piece_bytes: int = 32 << 20) -> R
             yield ids, block
 
     return pieces
-
