@@ -18,8 +18,9 @@ from .conversion.modeling import ConversionConfig
 from .conversion.teacher import TeacherConfig
 from .data.config import DataConfig
 from .distill.losses import LossConfig
+from .distill.phases import PhaseConfig, PhasePlan, plan_phases
 
-__all__ = ["RunConfig", "StudentConfig", "TrainConfig", "EvalConfig", "OutputConfig", "DebugConfig", "load_run_config"]
+__all__ = ["RunConfig", "StudentConfig", "TrainConfig", "EvalConfig", "OutputConfig", "DebugConfig", "PhaseConfig", "load_run_config", "default_phases"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -49,32 +50,35 @@ class TrainConfig:
     """Sequences per rank per micro-step (when given, global_batch_size must agree or be null)."""
     grad_accum: int = 1
     """Micro-steps per optimizer step."""
-    max_steps: int = 50
-    """Optimizer steps of the whole run."""
+    max_steps: int | None = 50
+    """Optimizer steps of the whole run, shared out among the phases (null: the sum of the phases' own lengths)."""
     lr: float = 1e-3
-    """Peak learning rate of the mixers (on the default job 1e-3 beat 3e-3 under ZeRO-3: ppl 201 vs 324)."""
+    """Peak learning rate of the mixers, for phases that set none (on the one-phase end-to-end job
+    1e-3 beat 3e-3 under ZeRO-3: ppl 201 vs 324)."""
     copied_lr_scale: float = 0.1
     """LR multiplier of the weights copied from the teacher (they start trained)."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr * min_lr_ratio."""
     warmup_steps: int = 5
-    """Linear warmup steps (at least 1)."""
+    """Linear warmup steps at the start of each phase (clamped to half of a shorter phase)."""
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     """Global gradient-norm clip."""
     stage_size: int = 1
     """Blocks per aligned teacher/student stage (teacher activations alive at once)."""
-    schedule: Literal["streamed", "naive", "teacher_forced"] = "streamed"
-    """streamed: stage by stage, end to end (default); naive: whole teacher first (the
-    reference); teacher_forced: each student block learns on the teacher's input to it,
-    layer loss only, back-propagated stage by stage (see distill/step.py)."""
+    schedule: Literal["streamed", "naive"] = "streamed"
+    """How end-to-end phases run: streamed, stage by stage (default); naive, the whole
+    teacher first (the reference). Teacher-forced phases are a phase mode (phases[].mode)."""
     seed: int = 0
-    malloc_mmap_threshold: int | None = 1 << 20
+    malloc_mmap_threshold: int | None = 16 << 20
     """glibc: allocations of at least this many bytes are mmap-ed and returned to the OS when
-    freed (glibc's adaptive default kept ~2.3 GB of freed activations resident on the
-    default job); null keeps glibc's default. Ignored when jemalloc/tcmalloc is preloaded
-    (faster, and as lean: see cald_scale/engines/host_memory.py)."""
+    freed; null keeps glibc's adaptive default. 16 MB (the default) keeps activations of a
+    few MB on the fast heap: on the default job (1 rank) a teacher-forced step took 10.7 s
+    and an end-to-end one 14.6 s at 7.15 GB peak, against 17.0 s / 18.8 s at 5.90 GB with
+    1 MB. Use 1 MB (1048576) when host memory, not time, is what limits a large model
+    (benchmarks/scale_memory.py measures with it). Ignored when jemalloc/tcmalloc is
+    preloaded (see cald_scale/engines/host_memory.py)."""
     max_consecutive_nan: int = 3
     """Stop with an error after this many non-finite losses in a row (each is skipped and counted)."""
 
@@ -84,19 +88,17 @@ class TrainConfig:
         for name in ("global_batch_size", "micro_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("grad_accum", "max_steps", "stage_size", "max_consecutive_nan"):
+        for name in ("grad_accum", "stage_size", "max_consecutive_nan"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 1 or self.warmup_steps >= self.max_steps:
-            raise ValueError(
-                f"train.warmup_steps={self.warmup_steps} must be in [1, max_steps={self.max_steps}) "
-                "(DeepSpeed's WarmupCosineLR needs >= 1); set train.warmup_steps too"
-            )
-
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
 
     def micro_batch(self, world_size: int) -> int:
         """Sequences per rank per micro-step on ``world_size`` ranks."""
@@ -127,6 +129,10 @@ class EvalConfig:
     every: int = 0
     """Also evaluate the student every N steps (0: only before and after)."""
     micro_batch_size: int = 4
+    other_corpora: list[str] = dataclasses.field(default_factory=lambda: ["wiki"])
+    """Held-out sets from other domains that the run never trains on (any value data.corpus
+    accepts), scored like the corpus's own held-out split: the default trains on Shakespeare
+    and is also scored on Wikipedia leads."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -144,6 +150,10 @@ class OutputConfig:
     """wandb mode; offline needs no account (sync later with `wandb sync`)."""
     wandb_project: str = "cald_scale"
     progress_bar: bool = True
+    export_teacher_every: int = 0
+    """In trajectory-guided phases, save the teacher as a HF folder every N steps under
+    run_dir/teacher_waypoints/ (0: never): the teacher's checkpoints along its own
+    fine-tuning, i.e. the waypoints of a waypoint-guided run."""
 
     def __post_init__(self):
         if self.save_every < 1 or self.keep_last < 1:
@@ -160,6 +170,19 @@ class DebugConfig:
     """Seconds slept after each optimizer step (gives kill tests a window)."""
 
 
+def default_phases() -> list[PhaseConfig]:
+    """The default recipe: teacher-forced alignment of the new mixers, then end to end.
+
+    Each block's mixer first learns alone to reproduce its attention block's output from
+    the teacher's own input (cheap: no backward across blocks, no LM head), then the whole
+    student trains end to end with the CALD loss (see benchmarks/recovery.py).
+    """
+    return [
+        PhaseConfig(name="align", fraction=0.7, mode="teacher_forced", trainable="mixers", lr=5e-3),
+        PhaseConfig(name="end_to_end", mode="end_to_end"),
+    ]
+
+
 @dataclasses.dataclass(kw_only=True)
 class RunConfig:
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
@@ -170,6 +193,22 @@ class RunConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
     debug: DebugConfig = dataclasses.field(default_factory=DebugConfig)
+    phases: list[PhaseConfig] = dataclasses.field(default_factory=default_phases)
+    """The run as an ordered list of phases (distill/phases.py); the paper's guidance modes
+    are recipes of phases (recipes/guidance/)."""
+
+    def __post_init__(self):
+        self.plan(world_size=1)  # phase errors surface when the config is loaded
+
+    def tokens_per_step(self, world_size: int) -> int:
+        sequences = self.train.global_batch_size or self.train.micro_batch_size * self.train.grad_accum * world_size
+        return sequences * self.data.seq_len
+
+    def plan(self, world_size: int) -> PhasePlan:
+        """The phases resolved to concrete step ranges."""
+        return plan_phases(
+            self.phases, self.train, self.loss, tokens_per_step=self.tokens_per_step(world_size), student_trainable=self.student.trainable
+        )
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -186,5 +225,9 @@ def load_run_config(recipe: str | Path | None = None, overrides: list[str] | Non
         if not isinstance(loaded, dict):
             raise ConfigError(f"recipe {path} must hold a mapping, got {type(loaded).__name__}")
         data = loaded
-    data = apply_overrides(data, list(overrides or []))
+    overrides = list(overrides or [])
+    if "phases" not in data and any(o.startswith("phases.") for o in overrides):
+        # NOTE: "phases.0.lr=..." edits the default phases, so they must be spelled out first.
+        data["phases"] = to_dict(default_phases())
+    data = apply_overrides(data, overrides)
     return from_dict(RunConfig, data)

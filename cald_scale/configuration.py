@@ -151,10 +151,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for text in overrides:
         path, value = parse_override(text)
         node = data
-        for part in path[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a section")
-            node = nxt
-        node[path[-1]] = value
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            if isinstance(node, list):  # "phases.1.lr=...": a list item by index
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {text!r}: {part!r} is not an index of a {len(node)}-item list")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {path[depth - 1]!r} is not a section")
+            if last:
+                node[part] = value
+            else:
+                node = node[part] if isinstance(node, list) else node.setdefault(part, {})
     return data

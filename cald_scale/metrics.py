@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger", "peak_memory_bytes"]
+__all__ = ["MetricsLogger", "peak_memory_bytes", "current_rss_bytes"]
 
 logger = logging.getLogger("cald_scale.metrics")
 
@@ -24,6 +24,12 @@ def peak_memory_bytes() -> dict[str, int]:
     if torch.cuda.is_available():
         out["gpu_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
     return out
+
+
+def current_rss_bytes() -> int:
+    """Resident memory of this process now (not the peak)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class MetricsLogger:

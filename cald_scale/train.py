@@ -1,14 +1,16 @@
-"""The CALD training job: teacher -> converted student, distilled under two ZeRO-3 engines.
+"""The CALD training job: teacher -> converted student, distilled under ZeRO-3 engines, phase by phase.
 
-Read top to bottom: set up, build, evaluate the starting point, the flat step loop,
-evaluate the end point, export and report. Rerunning the same command resumes.
+Read top to bottom: set up, build, evaluate the starting point, the flat step loop
+(``train_step`` is one optimizer step, ``forward_backward`` one micro-batch), evaluate
+the end point, export and report. Which teacher guides each step is ``distill/guidance.py``;
+what trains and at what LR is the phase's (``distill/phases.py``). Rerunning the same
+command resumes where the last complete checkpoint stopped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -19,20 +21,24 @@ import torch
 from .config import RunConfig
 from .configuration import to_dict
 from .conversion.teacher import open_teacher
-from .data import PackedSequences, ShardedBatches, build_indexed_dataset, check_vocab
+from .data import PackedSequences, ShardedBatches, build_indexed_dataset, check_vocab, held_out_sequences
+from .distill.guidance import Guide
+from .distill.phases import Phase
+from .distill.stages import LayerwiseModel
 from .distill.step import LossParts, cald_forward, teacher_forced_step
 from .engines.checkpoint import load_latest_checkpoint, save_checkpoint
 from .engines.distributed import DistEnv, all_true, barrier, init_distributed
 from .engines.host_memory import configure_host_allocator, return_free_memory
-from .engines.models import DistillationModels, build_models
+from .engines.models import DistillationModels, build_models, set_trainable
+from .engines.teacher import check_teacher_checkpoint
 from .engines.zero3 import begin_step, load_ds_config, resolve_ds_config
 from .eval.perplexity import eval_indices, perplexity
 from .eval.report import write_report
-from .export.hf import export_student
+from .export.hf import export_model
 from .fileio import atomic_write_text
 from .metrics import MetricsLogger, peak_memory_bytes
 
-__all__ = ["train", "train_step", "NonFiniteLossError"]
+__all__ = ["train", "train_step", "forward_backward", "apply_phase", "NonFiniteLossError"]
 
 logger = logging.getLogger("cald_scale.train")
 
@@ -65,9 +71,8 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, env: DistEnv) -> None:
     barrier()
 
 
-def _baseline(run_dir: Path, env: DistEnv, compute) -> dict:
-    """Starting-point evaluations, computed once per run and reused on resume."""
-    path = run_dir / "baseline.json"
+def _once(path: Path, env: DistEnv, compute) -> dict:
+    """A value computed once per run (on every rank) and reused on resume."""
     if path.is_file():
         return json.loads(path.read_text())
     values = compute()
@@ -77,23 +82,44 @@ def _baseline(run_dir: Path, env: DistEnv, compute) -> dict:
     return values
 
 
-def train_step(models: DistillationModels, input_ids: torch.Tensor, cfg: RunConfig, *, poison: bool = False) -> tuple[LossParts, bool]:
+# -- one phase's settings ------------------------------------------------------------------
+def apply_phase(models: DistillationModels, phase: Phase, base_trainable: str) -> None:
+    """Set what trains in ``phase``: the mixers always; the copied weights when the phase trains
+    everything; in a teacher-forced phase only the blocks (embedding and head are unused)."""
+    if base_trainable == "all":  # else the copied weights are frozen (or the teacher's own) for the whole run
+        only_blocks = models.student.blocks if phase.mode == "teacher_forced" else None
+        set_trainable(models.student_engine.module, copied=phase.trainable == "all", only_blocks=only_blocks)
+    models.refresh_head_pieces()
+
+
+def set_phase_lr(engine, phase: Phase, step: int) -> None:
+    """LR of every parameter group at optimizer step ``step + 1`` (the phases own the schedule)."""
+    factor = phase.lr_factor(step)
+    for group in engine.optimizer.param_groups:
+        copied = group.get("name", "").startswith("copied")
+        scale = (phase.copied_lr_scale if phase.trainable == "all" else 0.0) if copied else 1.0
+        group["lr"] = phase.lr * scale * factor
+
+
+# -- the step ------------------------------------------------------------------------------
+def forward_backward(
+    models: DistillationModels, teacher: LayerwiseModel | None, phase: Phase, input_ids: torch.Tensor, cfg: RunConfig, *, poison: bool = False
+) -> tuple[LossParts, bool]:
     """Forward and backward of one micro-batch on every rank; returns (loss parts, finite).
 
     A non-finite end-to-end loss is not back-propagated (the caller skips the micro-batch).
-    In the teacher-forced schedule each stage is back-propagated as it is computed, and a
+    In a teacher-forced phase each stage is back-propagated as it is computed, and a
     non-finite stage alone is skipped. ``poison`` makes the loss NaN (fault-injection tests).
     """
     engine = models.student_engine
     agree = lambda flag: all_true(flag, engine.device)  # noqa: E731 - every rank must take the same branch
-    begin_step(models.teacher_engine, engine)
-    if cfg.train.schedule == "teacher_forced":
+    begin_step(models.teacher_engine if teacher is not None else None, engine)
+    if phase.mode == "teacher_forced":
         parts = teacher_forced_step(
-            models.teacher, models.student, input_ids, cfg.loss,
-            backward=engine.backward, stage_size=cfg.train.stage_size, all_agree=agree,
+            teacher, models.student, input_ids, phase.loss, backward=engine.backward, stage_size=cfg.train.stage_size, all_agree=agree,
         )
         return parts, agree(bool(torch.isfinite(parts.total)))
-    parts = cald_forward(models.teacher, models.student, input_ids, cfg.loss, stage_size=cfg.train.stage_size, schedule=cfg.train.schedule)
+    parts = cald_forward(teacher, models.student, input_ids, phase.loss, stage_size=cfg.train.stage_size, schedule=cfg.train.schedule)
     if poison:
         parts.total = parts.total * float("nan")
     if not agree(bool(torch.isfinite(parts.total))):
@@ -102,6 +128,66 @@ def train_step(models: DistillationModels, input_ids: torch.Tensor, cfg: RunConf
     return parts, True
 
 
+class _StepState:
+    """What a checkpoint carries besides the engines: the data cursor and the counters."""
+
+    def __init__(self, saved: dict):
+        self.cursor = int(saved.get("micro_cursor", 0))
+        self.tokens_seen = int(saved.get("tokens_seen", 0))
+        self.nan_skipped = int(saved.get("nan_skipped", 0))
+        self.train_seconds = float(saved.get("train_seconds", 0.0))
+        self.consecutive_nan = 0
+
+    def as_dict(self) -> dict:
+        return {"micro_cursor": self.cursor, "tokens_seen": self.tokens_seen, "nan_skipped": self.nan_skipped, "train_seconds": self.train_seconds}
+
+
+def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state: _StepState, cfg: RunConfig, *, tokens_per_micro: int, last_saved: int) -> dict:
+    """One optimizer step = grad_accum finite micro-batches (non-finite ones are skipped and
+    counted); returns the step's mean loss parts and the trajectory teacher's CE if it learned."""
+    engine = models.student_engine
+    teacher = guide.enter(step)
+    set_phase_lr(engine, phase, step)
+    sums: dict[str, float] = {}
+    per_layer, teacher_ce = None, []
+    done = 0
+    while done < cfg.train.grad_accum:
+        ids = next_batch(state.cursor)
+        parts, finite = forward_backward(models, teacher, phase, ids, cfg, poison=state.cursor in cfg.debug.nan_at_micro_steps)
+        state.cursor += 1
+        if not finite:
+            state.nan_skipped += 1
+            state.consecutive_nan += 1
+            logger.warning("non-finite loss at step %d (micro-batch %d): skipped (%d in a row, %d in all)", step, state.cursor - 1, state.consecutive_nan, state.nan_skipped)
+            if state.consecutive_nan >= cfg.train.max_consecutive_nan:
+                raise NonFiniteLossError(
+                    f"{state.consecutive_nan} non-finite losses in a row at step {step} (train.max_consecutive_nan="
+                    f"{cfg.train.max_consecutive_nan}); stopped. The last complete checkpoint (step {last_saved}) "
+                    f"in {Path(cfg.output.run_dir) / 'checkpoints'} is intact; lower the LR or check the data, then rerun to resume."
+                )
+            if phase.mode != "teacher_forced":
+                continue  # nothing was back-propagated: draw the next micro-batch
+        else:
+            state.consecutive_nan = 0
+        engine.step()
+        ce = guide.after_micro_batch(phase, step, ids)
+        if ce is not None:
+            teacher_ce.append(ce)
+        done += 1
+        state.tokens_seen += tokens_per_micro
+        for key, value in parts.as_floats().items():
+            sums[key] = sums.get(key, 0.0) + value / cfg.train.grad_accum
+        per_layer = parts.per_layer
+    guide.after_step(phase, step)
+    record = dict(sums)
+    if per_layer:
+        record["layer_losses"] = per_layer
+    if teacher_ce:
+        record["teacher_ce"] = sum(teacher_ce) / len(teacher_ce)
+    return record
+
+
+# -- the job -------------------------------------------------------------------------------
 def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     env = init_distributed()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
@@ -111,144 +197,176 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     run_dir = Path(cfg.output.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     ds_config = resolve_ds_config(load_ds_config(ds_config_path), cfg.train, env.world_size)
+    plan = cfg.plan(env.world_size)
     _check_run_dir(run_dir, cfg, env)
     started = time.time()
+    for phase in plan.phases:
+        logger.info("%s", phase.describe())
 
-    # 1. Teacher source (config, tokenizer, lazy weights) and data.
+    # 1. Teacher source (config, tokenizer, lazy weights) and data; held-out sets.
     source, tokenizer = open_teacher(cfg.teacher)
+    for waypoint in plan.waypoints:  # a missing or foreign waypoint fails now, not mid-run
+        check_teacher_checkpoint(waypoint, source.config)
     corpus = build_indexed_dataset(cfg.data, tokenizer, is_rank0=env.is_main)
     check_vocab(corpus, source.config.vocab_size, str(source))
     train_set = PackedSequences(corpus, "train", cfg.data.seq_len)
-    eval_set = PackedSequences(corpus, "eval", cfg.data.seq_len)
+    eval_sets = {"heldout": PackedSequences(corpus, "eval", cfg.data.seq_len)}
+    max_eval_tokens = (cfg.eval.max_sequences + 1) * cfg.data.seq_len
+    for name in cfg.eval.other_corpora:
+        eval_sets[name] = held_out_sequences(name, tokenizer, cfg.data, max_tokens=max_eval_tokens, is_rank0=env.is_main)
     _seed_everything(cfg.train.seed)
 
-    # 2. Teacher and student, built partitioned, in their ZeRO-3 engines (the student trains).
-    models = build_models(cfg, ds_config, source)
+    # 2. Teacher (when a phase needs one) and student, built partitioned, in their ZeRO-3 engines.
+    models = build_models(cfg, ds_config, source, plan)
     student_engine = models.student_engine
     device = student_engine.device
+    guide = Guide(plan, models.managed_teacher, base_weights=str(source.folder), shared_param_ids=models.shared_param_ids)
 
     # 3. Resume, or evaluate the starting point of a fresh run.
-    state = load_latest_checkpoint(student_engine, ckpt_dir, frozen_excluded=models.shares_frozen_weights) or {}
-    indices = eval_indices(len(eval_set), cfg.eval.max_sequences, env.rank, env.world_size)
+    saved = load_latest_checkpoint(student_engine, ckpt_dir, frozen_excluded=models.shares_frozen_weights, also_load=guide.restore) or {}
+    indices = {name: eval_indices(len(ds), cfg.eval.max_sequences, env.rank, env.world_size) for name, ds in eval_sets.items()}
 
-    def evaluate(model) -> dict:
+    def evaluate(model: LayerwiseModel) -> dict:
         engines = (models.teacher_engine, student_engine)
-        return perplexity(model, eval_set, indices, cfg.eval.micro_batch_size, device, before_batch=lambda: begin_step(*engines))
+        return {
+            name: perplexity(model, ds, indices[name], cfg.eval.micro_batch_size, device, before_batch=lambda: begin_step(*engines))
+            for name, ds in eval_sets.items()
+        }
 
-    baseline = _baseline(
-        run_dir,
+    baseline = _once(
+        run_dir / "baseline.json",
         env,
-        lambda: {"teacher": evaluate(models.teacher), "student_before": evaluate(models.student), "eval_sequences": len(indices) * env.world_size},
+        lambda: {"teacher": evaluate(models.teacher) if models.teacher is not None else None, "student_before": evaluate(models.student)},
     )
-    cursor = int(state.get("micro_cursor", 0))
-    tokens_seen = int(state.get("tokens_seen", 0))
-    nan_skipped = int(state.get("nan_skipped", 0))
-    train_seconds = float(state.get("train_seconds", 0.0))
+    state = _StepState(saved)
     step = student_engine.global_steps
     logger.info(
-        "%s run at step %d/%d on %d rank(s); teacher ppl %.2f, converted student ppl %.2f",
-        "resuming" if state else "starting", step, cfg.train.max_steps, env.world_size,
-        baseline["teacher"]["ppl"], baseline["student_before"]["ppl"],
+        "%s run at step %d/%d on %d rank(s); held-out ppl: teacher %s, converted student %.2f",
+        "resuming" if saved else "starting", step, plan.total_steps, env.world_size,
+        f"{baseline['teacher']['heldout']['ppl']:.2f}" if baseline["teacher"] else "n/a (unguided)", baseline["student_before"]["heldout"]["ppl"],
     )
 
-    # 4. The step loop: one optimizer step = grad_accum finite micro-batches.
+    # 4. The step loop.
     micro_batch = cfg.train.micro_batch(env.world_size)
     batches = ShardedBatches(len(train_set), micro_batch, env.rank, env.world_size, cfg.train.seed, grad_accum=cfg.train.grad_accum)
+
+    def next_batch(cursor: int) -> torch.Tensor:
+        return torch.stack([train_set[i]["input_ids"] for i in batches.indices(cursor // cfg.train.grad_accum, cursor % cfg.train.grad_accum)]).to(device)
+
     metrics = MetricsLogger(
-        run_dir,
-        enabled=env.is_main,
-        wandb_mode=cfg.output.wandb,
-        project=cfg.output.wandb_project,
-        config=cfg.to_dict(),
-        total_steps=cfg.train.max_steps,
-        start_step=step,
-        progress_bar=cfg.output.progress_bar,
+        run_dir, enabled=env.is_main, wandb_mode=cfg.output.wandb, project=cfg.output.wandb_project, config=cfg.to_dict(),
+        total_steps=plan.total_steps, start_step=step, progress_bar=cfg.output.progress_bar,
     )
     tokens_per_micro = micro_batch * cfg.data.seq_len * env.world_size
-    consecutive_nan = 0
     last_saved = step
+    current = None
     try:
-        while step < cfg.train.max_steps:
+        while step < plan.total_steps:
+            phase = plan.at(step)
+            if phase is not current:
+                apply_phase(models, phase, cfg.student.trainable)
+                current = phase
+                logger.info("entering %s", phase.describe())
             t0 = time.time()
-            sums = {"loss": 0.0, "ce": 0.0, "layer": 0.0, "kl": 0.0}
-            per_layer = None
-            done = 0
-            while done < cfg.train.grad_accum:
-                ids = torch.stack([train_set[i]["input_ids"] for i in batches.indices(cursor // cfg.train.grad_accum, cursor % cfg.train.grad_accum)]).to(device)
-                parts, finite = train_step(models, ids, cfg, poison=cursor in cfg.debug.nan_at_micro_steps)
-                cursor += 1
-                if not finite:
-                    nan_skipped += 1
-                    consecutive_nan += 1
-                    logger.warning("non-finite loss at step %d (micro-batch %d): skipped (%d in a row, %d in all)", step, cursor - 1, consecutive_nan, nan_skipped)
-                    if consecutive_nan >= cfg.train.max_consecutive_nan:
-                        raise NonFiniteLossError(
-                            f"{consecutive_nan} non-finite losses in a row at step {step} (train.max_consecutive_nan="
-                            f"{cfg.train.max_consecutive_nan}); stopped. The last complete checkpoint (step {last_saved}) "
-                            f"in {ckpt_dir} is intact; lower train.lr or check the data, then rerun to resume."
-                        )
-                    if cfg.train.schedule != "teacher_forced":
-                        continue  # nothing was back-propagated: draw the next micro-batch
-                else:
-                    consecutive_nan = 0
-                student_engine.step()
-                done += 1
-                tokens_seen += tokens_per_micro
-                for key, value in parts.as_floats().items():
-                    sums[key] += value / cfg.train.grad_accum
-                per_layer = parts.per_layer
+            record = train_step(models, guide, phase, step, next_batch, state, cfg, tokens_per_micro=tokens_per_micro, last_saved=last_saved)
             step = student_engine.global_steps
             return_free_memory()
             elapsed = time.time() - t0
-            train_seconds += elapsed
+            state.train_seconds += elapsed
             if cfg.debug.sleep_per_step:
                 time.sleep(cfg.debug.sleep_per_step)
-            record = {
-                **sums,
-                "lr": student_engine.get_lr()[0],
-                "grad_norm": float(student_engine.get_global_grad_norm() or 0.0),
-                "tokens": tokens_seen,
-                "tokens_per_s": cfg.train.grad_accum * tokens_per_micro / max(elapsed, 1e-9),
-                "nan_skipped": nan_skipped,
-            }
-            if per_layer is not None:
-                record["layer_losses"] = per_layer
-            if step % cfg.output.log_every == 0 or step == cfg.train.max_steps:
+            record.update(
+                phase=phase.index,
+                phase_name=phase.name,
+                lr=student_engine.get_lr()[0],
+                lr_groups={g.get("name", str(i)): g["lr"] for i, g in enumerate(student_engine.optimizer.param_groups)},
+                grad_norm=float(student_engine.get_global_grad_norm() or 0.0),
+                tokens=state.tokens_seen,
+                tokens_per_s=cfg.train.grad_accum * tokens_per_micro / max(elapsed, 1e-9),
+                nan_skipped=state.nan_skipped,
+            )
+            if guide.release_stats is not None and guide.release_stats.get("step") == step - 1:
+                record["teacher_release"] = _gathered_release_stats(guide.release_stats, device)
+            if step % cfg.output.log_every == 0 or step == plan.total_steps:
                 metrics.log(step, record)
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
-                metrics.log(step, {"eval_student_ppl": evaluate(models.student)["ppl"]})
-            if step % cfg.output.save_every == 0 or step == cfg.train.max_steps:
-                state = {"micro_cursor": cursor, "tokens_seen": tokens_seen, "nan_skipped": nan_skipped, "train_seconds": train_seconds}
-                save_checkpoint(student_engine, ckpt_dir, step, state, cfg.output.keep_last, exclude_frozen=models.shares_frozen_weights)
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < plan.total_steps:
+                scores = evaluate(models.student)
+                metrics.log(step, {"tokens": state.tokens_seen, **{f"eval/{name}/ppl": s["ppl"] for name, s in scores.items()}})
+            if phase.guidance == "trajectory" and cfg.output.export_teacher_every and step % cfg.output.export_teacher_every == 0:
+                # The trajectory teacher's checkpoints: the waypoints of a later waypoint-guided run.
+                export_model(models.teacher_engine, tokenizer, run_dir / "teacher_waypoints" / f"step_{step:08d}", is_main=env.is_main)
+            if step % cfg.output.save_every == 0 or step == plan.total_steps:
+                save_checkpoint(
+                    student_engine, ckpt_dir, step, {**state.as_dict(), "guide": guide.state()}, cfg.output.keep_last,
+                    exclude_frozen=models.shares_frozen_weights, also_save=guide.save,
+                )
                 last_saved = step
 
         # 5. End point: evaluate, export the student in HF format, report.
         after = evaluate(models.student)
-        export_dir = export_student(student_engine, tokenizer, run_dir / "student", is_main=env.is_main)
-        report = {
-            "teacher": cfg.teacher.name_or_path,
-            "teacher_source": str(source),
-            "mixer": cfg.student.conversion.mixer,
-            "world_size": env.world_size,
-            "steps": step,
-            "tokens_seen": tokens_seen,
-            "train_seconds": train_seconds,
-            "train_tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
-            "nan_skipped": nan_skipped,
-            "ppl_teacher": baseline["teacher"]["ppl"],
-            "ppl_student_before": baseline["student_before"]["ppl"],
-            "ppl_student_after": after["ppl"],
-            "ppl_improvement_x": baseline["student_before"]["ppl"] / after["ppl"] if after["ppl"] > 0 else math.inf,
-            "eval_tokens": after["tokens"],
-            "wall_seconds_this_session": time.time() - started,
-            "memory": peak_memory_bytes(),
-            "student_dir": str(export_dir),
-            "config": to_dict(cfg),
-        }
+        # A trajectory teacher has moved: score where it ended (its drift is part of the result).
+        teacher_after = evaluate(models.teacher) if plan.trains_teacher and models.teacher is not None else None
+        export_dir = export_model(student_engine, tokenizer, run_dir / "student", is_main=env.is_main)
+        report = _report(cfg, source, plan, env, step, state, baseline, after, teacher_after, time.time() - started, export_dir, guide)
         if env.is_main:
             write_report(run_dir, report)
+            metrics.log(step, {"tokens": state.tokens_seen, **{f"eval/{name}/ppl": s["ppl"] for name, s in after.items()}})
             metrics.summary({k: v for k, v in report.items() if isinstance(v, (int, float))})
         barrier()
         return report
     finally:
         metrics.close()
+
+
+def _gathered_release_stats(stats: dict, device: torch.device) -> dict:
+    """The teacher release as every rank saw it (logged by rank 0)."""
+    import torch.distributed as dist
+
+    keys = ("freed_partition_bytes", "teacher_params_alive", "rss_before", "rss_after")
+    mine = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        rows = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, mine)
+    else:
+        rows = [mine]
+    return {k: [int(r[i].item()) for r in rows] for i, k in enumerate(keys)}
+
+
+def _report(cfg, source, plan, env, step, state, baseline, after, teacher_after, wall_seconds, export_dir, guide) -> dict:
+    teacher = baseline["teacher"] or {}
+    before = baseline["student_before"]
+    sets = {
+        name: {
+            "teacher": teacher.get(name, {}).get("ppl"),
+            "student_before": before[name]["ppl"],
+            "student_after": after[name]["ppl"],
+            "tokens": after[name]["tokens"],
+            **({"teacher_after": teacher_after[name]["ppl"]} if teacher_after else {}),
+        }
+        for name in after
+    }
+    own = sets["heldout"]
+    return {
+        "teacher": cfg.teacher.name_or_path,
+        "teacher_source": str(source),
+        "mixer": cfg.student.conversion.mixer,
+        "phases": [p.describe() for p in plan.phases],
+        "world_size": env.world_size,
+        "steps": step,
+        "tokens_seen": state.tokens_seen,
+        "train_seconds": state.train_seconds,
+        "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
+        "nan_skipped": state.nan_skipped,
+        "ppl_teacher": own["teacher"],
+        "ppl_student_before": own["student_before"],
+        "ppl_student_after": own["student_after"],
+        "ppl_improvement_x": own["student_before"] / own["student_after"] if own["student_after"] > 0 else float("inf"),
+        "ppl_vs_teacher_x": own["student_after"] / own["teacher"] if own["teacher"] else None,
+        "eval_sets": sets,
+        "eval_tokens": own["tokens"],
+        "teacher_release": guide.release_stats,
+        "wall_seconds_this_session": wall_seconds,
+        "memory": peak_memory_bytes(),
+        "student_dir": str(export_dir),
+        "config": to_dict(cfg),
+    }

@@ -1,6 +1,7 @@
 """Entry point: `deepspeed launch/train.py --ds_config ds_configs/zero3.json [--recipe R.yaml] [key.path=value ...]`.
 
-With no recipe the embedded default runs: SmolLM2-135M -> Mamba2 on Shakespeare.
+With no recipe the embedded default runs: SmolLM2-135M -> Mamba2 on Shakespeare, teacher-forced
+alignment of the mixers first, then end-to-end CALD (recipes/align_then_e2e.yaml spells it out).
 """
 
 from __future__ import annotations
@@ -9,7 +10,12 @@ import argparse
 import sys
 
 from cald_scale.config import ConfigError, load_run_config
-from cald_scale.train import train
+from cald_scale.conversion.weights import WeightsMismatchError
+from cald_scale.engines.checkpoint import CheckpointLoadError
+from cald_scale.train import NonFiniteLossError, train
+
+# Errors that mean "fix the input", not "a bug": reported without a traceback.
+USER_ERRORS = (ConfigError, FileNotFoundError, WeightsMismatchError, CheckpointLoadError, NonFiniteLossError)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--print_config", action="store_true", help="print the resolved run config and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=10")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
     try:
         cfg = load_run_config(args.recipe, args.overrides)
     except ConfigError as err:  # one line that names the key, not a traceback
@@ -29,7 +35,10 @@ def main(argv: list[str] | None = None) -> None:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return
-    train(cfg, args.ds_config)
+    try:
+        train(cfg, args.ds_config)
+    except USER_ERRORS as err:  # bad input: one line that names it (the run folder is left intact)
+        parser.exit(1, f"error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Tiny teachers built from configs: one per supported family, random but seeded weights."""
+"""Tiny teachers built from configs: one per supported family, random but seeded weights;
+a small byte-level BPE tokenizer trained on the spot (no hub)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,24 @@ def save_tiny_teacher(folder: Path, family: str, tokenizer, layers: int = 3, see
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+EOS = "<|endoftext|>"
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts`, with EOS as its eos token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)

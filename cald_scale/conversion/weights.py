@@ -229,6 +229,7 @@ def load_weights(
     shape_of: Callable[[torch.Tensor], tuple[int, ...]] = lambda t: tuple(t.shape),
     skip_missing: tuple[str, ...] = (),
     skip_unexpected: tuple[str, ...] = (),
+    check_only: bool = False,
 ) -> list[str]:
     """Write every tensor of ``model``'s state dict that ``reader`` holds, one at a time.
 
@@ -238,7 +239,8 @@ def load_weights(
     (``_keys_to_ignore_on_load_*``). A tensor shared under several names (tied embeddings)
     is written once, from whichever of its names the checkpoint holds. ``shape_of`` gives a
     tensor's full shape (a ZeRO-3 partition reports it as ``ds_shape``). Checkpoint keys are
-    renamed as transformers renames them (``RenamedReader``). Returns the model keys written.
+    renamed as transformers renames them (``RenamedReader``). Returns the model keys written
+    (``check_only``: the keys that would be written; only names and shapes are read).
     """
     reader = RenamedReader(reader, model)
     names_of: dict[int, list[str]] = {}
@@ -269,8 +271,9 @@ def load_weights(
             f"checkpoint does not fit the model: missing {sorted(missing)[:8]} ({len(missing)} in all), "
             f"unexpected {sorted(unexpected)[:8]} ({len(unexpected)} in all), wrong shapes {wrong_shape[:4]}"
         )
-    for source, target in plan:
-        assign(target, reader.get(source))
+    if not check_only:
+        for source, target in plan:
+            assign(target, reader.get(source))
     return [source for source, _ in plan]
 
 

@@ -2,6 +2,7 @@
 # fixed-length sequences -> deterministic per-rank batches.
 from cald_scale.data.config import DataConfig
 from cald_scale.data.corpora import BUILTIN_CORPORA, iter_documents
+from cald_scale.data.heldout import held_out_sequences
 from cald_scale.data.indexed import IndexedCorpus, build_indexed_dataset, cache_key
 from cald_scale.data.packing import PackedSequences, check_vocab
 from cald_scale.data.sampler import ShardedBatches, eval_batches
@@ -16,5 +17,6 @@ __all__ = [
     "cache_key",
     "check_vocab",
     "eval_batches",
+    "held_out_sequences",
     "iter_documents",
 ]

@@ -18,9 +18,16 @@ class DataConfig:
     corpus: str = "shakespeare"
     """What to read. One of: a built-in corpus name ("shakespeare", "wiki"); a path, glob
     or comma-separated list of local .txt / .json / .jsonl / .parquet files (loaded with
-    `datasets`; a .txt file is one document); a megatron indexed-dataset prefix whose
-    .bin and .idx exist (used as is, no tokenisation); or a Hugging Face hub dataset id
-    ("org/name", or "hf:<id>[:<config>]"; needs network access)."""
+    `datasets`; a .txt file is cut into documents, see txt_document_chars); a megatron
+    indexed-dataset prefix whose .bin and .idx exist (used as is, no tokenisation); or a
+    Hugging Face hub dataset id ("org/name", or "hf:<id>[:<config>]"; needs network
+    access)."""
+
+    txt_document_chars: int | None = 16384
+    """A local .txt file is split into documents of consecutive paragraphs (blank-line
+    separated) of about this many characters, never splitting a paragraph (a paragraph
+    longer than this is its own document), so one big file still has documents to hold
+    out. null: one document per file. The built-in corpora keep their own documents."""
 
     text_field: str = "text"
     """Column holding the document text in .json / .jsonl / .parquet / hub datasets
@@ -32,6 +39,12 @@ class DataConfig:
     eval_fraction: float = 0.05
     """Fraction of DOCUMENTS held out for evaluation (chosen by a seeded shuffle; for an
     existing indexed dataset, its last documents). 0 disables the eval split."""
+
+    eval_corpus: str | None = None
+    """Held-out text scored instead of the corpus's own held-out documents; any value
+    data.corpus accepts. When set, the whole of data.corpus trains (no documents held
+    out, eval_fraction unused) and the eval split is a seeded document shuffle of
+    eval_corpus, capped by max_eval_tokens. Each corpus is cached under its own key."""
 
     max_train_tokens: int | None = None
     """Cap on the train split's tokens (None: no cap). For quick runs: tokenisation stops
@@ -64,7 +77,13 @@ class DataConfig:
             raise ValueError(f"data.eval_fraction must be a float, got {self.eval_fraction!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
-        for name in ("max_train_tokens", "max_eval_tokens"):
+        if self.eval_corpus is not None and (
+            not isinstance(self.eval_corpus, str) or not self.eval_corpus.strip()
+        ):
+            raise ValueError(
+                f"data.eval_corpus must be None or a non-empty string, got {self.eval_corpus!r}"
+            )
+        for name in ("txt_document_chars", "max_train_tokens", "max_eval_tokens"):
             value = getattr(self, name)
             if value is None:
                 continue

@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -27,6 +28,7 @@ __all__ = [
     "iter_documents",
     "load_documents",
     "resolve_corpus",
+    "split_paragraphs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ FILE_BUILDERS: dict[str, str] = {
 }
 """Accepted local file suffixes -> the `datasets` builder that reads them."""
 
+_BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -280,15 +283,49 @@ class Documents:
             yield self.take(order[start : start + batch_size])
 
 
+def split_paragraphs(text: str, max_chars: int) -> list[str]:
+    """`text` cut at blank lines into documents of consecutive paragraphs, each at most
+    `max_chars` characters unless a single paragraph is longer (it is then a document of
+    its own). A text that fits is returned whole; the blank lines between two documents
+    are dropped, those inside a document kept."""
+    if len(text) <= max_chars:
+        return [text]
+    cuts = [0, *(i for blank in _BLANK_LINES.finditer(text) for i in blank.span()), len(text)]
+    paragraphs = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if b > a]
+    docs: list[str] = []
+    first, last = paragraphs[0]
+    for a, b in paragraphs[1:]:
+        if b - first > max_chars:
+            docs.append(text[first:last])
+            first = a
+        last = b
+    docs.append(text[first:last])
+    return docs
+
+
+def _split_txt_rows(batch: dict[str, list[str]], max_chars: int) -> dict[str, list[str]]:
+    return {"text": [doc for text in batch["text"] for doc in split_paragraphs(text, max_chars)]}
+
+
 def _load_hf(source: CorpusSource, cfg: DataConfig):
     import datasets
 
     cache = os.path.join(cfg.cache_dir, "hf_datasets")
     if source.kind == "files":
         kwargs = {"sample_by": "document"} if source.builder == "text" else {}
-        return datasets.load_dataset(
+        ds = datasets.load_dataset(
             source.builder, data_files=list(source.paths), split="train", cache_dir=cache, **kwargs
         )
+        if source.builder == "text" and cfg.txt_document_chars is not None:
+            # One row per file -> one row per group of paragraphs (cached by `datasets`).
+            ds = ds.map(
+                partial(_split_txt_rows, max_chars=cfg.txt_document_chars),
+                batched=True,
+                batch_size=1,
+                remove_columns=ds.column_names,
+                desc="splitting .txt files into documents",
+            )
+        return ds
     try:
         return datasets.load_dataset(
             source.hub_id, source.hub_config, split="train", cache_dir=cache

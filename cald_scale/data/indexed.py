@@ -12,7 +12,7 @@ import socket
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -24,7 +24,7 @@ from cald_scale.data.corpora import CorpusSource, load_documents, resolve_corpus
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["IndexedCorpus", "TokenStream", "build_indexed_dataset", "cache_key"]
+__all__ = ["IndexedCorpus", "TokenStream", "build_indexed_dataset", "cache_key", "held_out_corpus"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class IndexedCorpus:
     Each split is the token stream of sequences [first, last) of a megatron indexed dataset
     (documents concatenated, eos-separated when built here), cut to `num_*_tokens`.
     A cache built here has separate train / eval prefixes covering all their sequences;
-    a user prefix serves both splits, eval being its last documents.
+    a user prefix serves both splits, eval being its last documents; with data.eval_corpus
+    the eval split lives in that corpus's own cache or prefix.
     """
 
     name: str
@@ -87,6 +88,11 @@ class IndexedCorpus:
     tokenizer_name: str | None
     meta_path: str | None
     """The cache's meta.json (None for a user prefix)."""
+    eval_fraction: float | None = None
+    """data.eval_fraction that held the eval documents out of `name`; None when the eval
+    split is a whole other corpus (`eval_name`). For messages."""
+    eval_name: str | None = None
+    """The corpus the eval split comes from when it is not `name` (data.eval_corpus)."""
 
     def split(self, split: Split) -> tuple[str, tuple[int, int], int]:
         """(prefix, [first, last) sequences, number of tokens) of `split`."""
@@ -229,9 +235,9 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "_", os.path.splitext(base)[0]).strip("._")[:40] or "corpus"
 
 
-def _split_settings(cfg: DataConfig) -> dict[str, Any]:
+def _split_settings(cfg: DataConfig, source: CorpusSource) -> dict[str, Any]:
     """The data settings that decide which tokens land in which split (cache key and meta)."""
-    return {
+    settings = {
         "text_field": cfg.text_field,
         "append_eos": cfg.append_eos,
         "eval_fraction": cfg.eval_fraction,
@@ -239,6 +245,17 @@ def _split_settings(cfg: DataConfig) -> dict[str, Any]:
         "max_train_tokens": cfg.max_train_tokens,
         "max_eval_tokens": cfg.max_eval_tokens,
     }
+    # NOTE: only where it cuts documents, so the keys of every other corpus stay as they were.
+    if source.builder == "text":
+        settings["txt_document_chars"] = cfg.txt_document_chars
+    return settings
+
+
+def _whole_corpus(cfg: DataConfig) -> DataConfig:
+    """With data.eval_corpus, data.corpus is tokenised whole into its train split."""
+    if cfg.eval_corpus is None:
+        return cfg
+    return replace(cfg, eval_corpus=None, eval_fraction=0.0, max_eval_tokens=None)
 
 
 def cache_key(
@@ -246,13 +263,17 @@ def cache_key(
 ) -> str:
     """Folder name of the tokenised `cfg.corpus`: a readable slug plus a hash of everything
     the tokens depend on (corpus identity, tokenizer identity, text_field, append_eos,
-    eval_fraction, seed, token caps). seq_len is left out: packing happens at read time."""
+    eval_fraction, seed, token caps, txt_document_chars for .txt files). seq_len is left
+    out: packing happens at read time. With data.eval_corpus this is the folder of
+    data.corpus tokenised whole; the eval corpus has its own (see `held_out_corpus`), so
+    changing it never re-tokenises the training text."""
+    cfg = _whole_corpus(cfg)
     source = source or resolve_corpus(cfg.corpus)
     identity = {
         "format": FORMAT_VERSION,
         "corpus": source.identity(),
         "tokenizer": _tokenizer_identity(tokenizer),
-        **_split_settings(cfg),
+        **_split_settings(cfg, source),
     }
     return f"{_slug(source.name)}-{_sha(json.dumps(identity, sort_keys=True))[:16]}"
 
@@ -326,7 +347,11 @@ def _write_splits(
     order = np.random.default_rng(cfg.seed).permutation(len(docs))
     num_eval = _num_eval_docs(len(docs), cfg.eval_fraction)
     if cfg.eval_fraction > 0 and num_eval == 0:
-        logger.warning("corpus %r has %d document(s): no eval split", source.name, len(docs))
+        logger.warning(
+            "corpus %r has %d document(s): data.eval_fraction=%g holds out none, so it has no "
+            "eval split (see data.txt_document_chars and data.eval_corpus)",
+            source.name, len(docs), cfg.eval_fraction,
+        )
     orders = {"eval": order[:num_eval], "train": order[num_eval:]}
     caps = {"eval": cfg.max_eval_tokens, "train": cfg.max_train_tokens}
 
@@ -374,7 +399,7 @@ def _write_splits(
         "vocab_size": vocab_size,
         "dtype": np.dtype(dtype).name,
         "tokenizer": str(tokenizer.name_or_path),
-        **_split_settings(cfg),
+        **_split_settings(cfg, source),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -446,6 +471,7 @@ def _open_cache(folder: str, name: str) -> IndexedCorpus:
         vocab_size=meta["vocab_size"],
         tokenizer_name=meta["tokenizer"],
         meta_path=meta_path,
+        eval_fraction=meta["eval_fraction"],
     )
 
 
@@ -481,6 +507,7 @@ def _open_user_prefix(
         vocab_size=None,  # NOTE: a user prefix does not record its tokenizer
         tokenizer_name=None,
         meta_path=None,
+        eval_fraction=cfg.eval_fraction,
     )
 
 
@@ -497,8 +524,73 @@ def build_indexed_dataset(
     barrier, otherwise ranks != 0 poll for the finished cache (up to `wait_timeout_s`).
     A megatron prefix (PREFIX.bin + PREFIX.idx) is opened as is on every rank, with no
     tokenisation and no copy; `tokenizer` is then unused and may be None (call
-    `check_vocab` against the model).
+    `check_vocab` against the model). With `cfg.eval_corpus`, the train split is all of
+    `cfg.corpus` and the eval split is `held_out_corpus(cfg, cfg.eval_corpus, ...)`.
     """
+    if cfg.eval_corpus is not None:
+        train = _build_or_open(_whole_corpus(cfg), tokenizer, is_rank0, wait_timeout_s)
+        held_out = held_out_corpus(
+            cfg, cfg.eval_corpus, tokenizer,
+            max_tokens=cfg.max_eval_tokens, is_rank0=is_rank0, wait_timeout_s=wait_timeout_s,
+        )
+        maxima = [m for m in (train.max_token_id, held_out.max_token_id) if m is not None]
+        return replace(
+            train,
+            eval_prefix=held_out.eval_prefix,
+            eval_sequences=held_out.eval_sequences,
+            num_eval_tokens=held_out.num_eval_tokens,
+            num_eval_docs=held_out.num_eval_docs,
+            max_token_id=max(maxima, default=None),
+            max_token_id_exact=train.max_token_id_exact and held_out.max_token_id_exact,
+            vocab_size=train.vocab_size or held_out.vocab_size,
+            tokenizer_name=train.tokenizer_name or held_out.tokenizer_name,
+            eval_fraction=None,
+            eval_name=held_out.name,
+        )
+    return _build_or_open(cfg, tokenizer, is_rank0, wait_timeout_s)
+
+
+def held_out_corpus(
+    cfg: DataConfig,
+    corpus: str,
+    tokenizer: PreTrainedTokenizerBase | None,
+    *,
+    max_tokens: int | None,
+    is_rank0: bool,
+    wait_timeout_s: float = 4 * 3600.0,
+) -> IndexedCorpus:
+    """All of `corpus` as an eval split (and no train split): a seeded shuffle of its
+    documents (a prefix: its own order) cut to `max_tokens`, tokenised under `cfg`'s other
+    settings. It is cached like any corpus, as the train split of a build that holds
+    nothing out, so tokenisation stops near `max_tokens`."""
+    whole = _build_or_open(
+        replace(
+            cfg, corpus=corpus, eval_corpus=None, eval_fraction=0.0,
+            max_train_tokens=max_tokens, max_eval_tokens=None,
+        ),
+        tokenizer, is_rank0, wait_timeout_s,
+    )
+    first = whole.train_sequences[0]
+    return replace(
+        whole,
+        train_sequences=(first, first),
+        num_train_tokens=0,
+        num_train_docs=0,
+        eval_prefix=whole.train_prefix,
+        eval_sequences=whole.train_sequences,
+        num_eval_tokens=whole.num_train_tokens,
+        num_eval_docs=whole.num_train_docs,
+        eval_fraction=None,
+    )
+
+
+def _build_or_open(
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase | None,
+    is_rank0: bool,
+    wait_timeout_s: float,
+) -> IndexedCorpus:
+    """One corpus (cfg.eval_corpus unused): a user prefix opened, or text tokenised once."""
     source = resolve_corpus(cfg.corpus)
     if source.kind == "indexed":
         return _open_user_prefix(cfg, source, tokenizer)

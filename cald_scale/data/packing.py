@@ -38,9 +38,10 @@ class PackedSequences(torch.utils.data.Dataset):
     ):
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        if isinstance(prefix_or_corpus, IndexedCorpus):
-            name = prefix_or_corpus.name
-            prefix, sequences, num_tokens = prefix_or_corpus.split(split)
+        corpus = prefix_or_corpus if isinstance(prefix_or_corpus, IndexedCorpus) else None
+        if corpus is not None:
+            name = corpus.eval_name if split == "eval" and corpus.eval_name else corpus.name
+            prefix, sequences, num_tokens = corpus.split(split)
         else:
             name, prefix, sequences, num_tokens = prefix_or_corpus, prefix_or_corpus, None, None
         self.name = name
@@ -50,10 +51,7 @@ class PackedSequences(torch.utils.data.Dataset):
         self._stream = TokenStream(prefix, sequences, num_tokens)
         self.num_tokens = self._stream.num_tokens
         if self.num_tokens < seq_len:
-            raise ValueError(
-                f"corpus {name}: {split} split has {self.num_tokens} tokens, fewer than one "
-                f"sequence of seq_len={seq_len}; use a larger corpus or a smaller data.seq_len"
-            )
+            raise ValueError(_too_short(corpus, name, split, self.num_tokens, seq_len))
         self.num_sequences = self.num_tokens // seq_len
 
     def __len__(self) -> int:
@@ -76,6 +74,43 @@ class PackedSequences(torch.utils.data.Dataset):
                 )
         input_ids = torch.from_numpy(tokens.astype(np.int64))
         return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _too_short(
+    corpus: IndexedCorpus | None, name: str, split: str, num_tokens: int, seq_len: int
+) -> str:
+    """Why `split` holds fewer than seq_len tokens, and what to change."""
+    short = (
+        f"corpus {name}: {split} split has {num_tokens} tokens, fewer than one sequence of "
+        f"seq_len={seq_len}"
+    )
+    if corpus is None:
+        return f"{short}; use a larger corpus or a smaller data.seq_len"
+    if split == "train":
+        docs = _plural(corpus.num_train_docs, "document")
+        return f"{short} ({docs}); use a larger corpus or a smaller data.seq_len"
+    if corpus.eval_fraction is None:  # a whole other corpus (data.eval_corpus) is held out
+        docs = _plural(corpus.num_eval_docs, "document")
+        return f"{short} ({docs}); hold out a larger corpus or use a smaller data.seq_len"
+    num_docs = corpus.num_train_docs + corpus.num_eval_docs
+    fraction = f"data.eval_fraction={corpus.eval_fraction:g}"
+    if corpus.num_eval_docs == 0 and corpus.eval_fraction > 0:
+        return (
+            f"corpus {name} has {_plural(num_docs, 'document')}; {fraction} holds out 0 of them "
+            "(the train split keeps at least one): split the text into more documents "
+            "(data.txt_document_chars for .txt files) or set data.eval_corpus"
+        )
+    if corpus.num_eval_docs == 0:
+        return f"{short}: {fraction} holds out no documents; raise it or set data.eval_corpus"
+    held = _plural(corpus.num_eval_docs, "held-out document")
+    return (
+        f"{short} ({held}: {fraction} of {num_docs}); raise data.eval_fraction, set "
+        "data.eval_corpus or use a smaller data.seq_len"
+    )
 
 
 def check_vocab(

@@ -38,23 +38,28 @@ Schedule = Literal["streamed", "naive", "teacher_forced"]
 
 @dataclasses.dataclass
 class LossParts:
+    """The weighted total and its named, unweighted parts ("ce", "layer", "kl"; a task adds its own)."""
+
     total: torch.Tensor
-    ce: torch.Tensor
-    layer: torch.Tensor
-    kl: torch.Tensor
+    terms: dict[str, torch.Tensor]
     per_layer: list[float]
 
     def as_floats(self) -> dict[str, float]:
-        return {"loss": self.total.item(), "ce": self.ce.item(), "layer": self.layer.item(), "kl": self.kl.item()}
+        return {"loss": self.total.item(), **{name: value.item() for name, value in self.terms.items()}}
 
 
 def _combine(cfg: LossConfig, ce, layer_terms: list[torch.Tensor], kl, device) -> LossParts:
-    zero = torch.zeros((), device=device)
-    layer = torch.stack(layer_terms).mean() if layer_terms else zero
-    ce = ce if ce is not None else zero
-    kl = kl if kl is not None else zero
-    total = cfg.a_ce * ce + cfg.a_layer * layer + cfg.a_kl * kl
-    return LossParts(total=total, ce=ce, layer=layer, kl=kl, per_layer=[t.item() for t in layer_terms])
+    """``a_ce * ce + a_layer * mean(layer terms) + a_kl * kl``; parts that do not apply are left out."""
+    terms, total = {}, torch.zeros((), device=device)
+    for name, weight, value in (
+        ("ce", cfg.a_ce, ce),
+        ("layer", cfg.a_layer, torch.stack(layer_terms).mean() if layer_terms else None),
+        ("kl", cfg.a_kl, kl),
+    ):
+        if value is not None:
+            terms[name] = value
+            total = total + weight * value
+    return LossParts(total=total, terms=terms, per_layer=[t.item() for t in layer_terms])
 
 
 def cald_forward(
@@ -188,6 +193,5 @@ def teacher_forced_step(
         # NOTE: this stage's graph (and the teacher input it saved) is gone after backward.
         del t_outs, terms, s_h, t_in
         boundary("stage", k)
-    zero = torch.zeros((), device=input_ids.device)
     layer = torch.stack(layer_terms).mean()
-    return LossParts(total=cfg.a_layer * layer, ce=zero, layer=layer, kl=zero, per_layer=[t.item() for t in layer_terms])
+    return LossParts(total=cfg.a_layer * layer, terms={"layer": layer}, per_layer=[t.item() for t in layer_terms])

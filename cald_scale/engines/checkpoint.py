@@ -15,6 +15,7 @@ import re
 import shutil
 import zlib
 from pathlib import Path
+from typing import Callable
 
 from ..fileio import atomic_write_text
 from .distributed import barrier, rank
@@ -82,10 +83,14 @@ def complete_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return out
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, *, exclude_frozen: bool = False) -> Path:
+def save_checkpoint(
+    engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, *, exclude_frozen: bool = False, also_save: Callable[[Path], None] | None = None
+) -> Path:
     """Save on all ranks, then mark complete and prune old complete tags (rank 0).
 
     ``exclude_frozen`` leaves frozen parameters out (they are rebuilt from the teacher).
+    ``also_save(tag_dir)`` writes more state into the same tag (a trajectory teacher's
+    engine) before the manifest makes the tag complete.
     """
     ckpt_dir = Path(ckpt_dir)
     tag = f"step_{step:08d}"
@@ -93,6 +98,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_
         shutil.rmtree(ckpt_dir / tag)  # a stale partial save of this same step
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True, exclude_frozen_parameters=exclude_frozen)
+    if also_save is not None:
+        also_save(ckpt_dir / tag)
     barrier()
     if rank() == 0:
         _write_manifest(ckpt_dir / tag, step)
@@ -111,18 +118,21 @@ class CheckpointLoadError(RuntimeError):
     """Complete checkpoints exist but none of them loads: never silently start over."""
 
 
-def load_latest_checkpoint(engine, ckpt_dir: Path, *, frozen_excluded: bool = False) -> dict | None:
+def load_latest_checkpoint(engine, ckpt_dir: Path, *, frozen_excluded: bool = False, also_load: Callable[[Path, dict], None] | None = None) -> dict | None:
     """Load the newest complete checkpoint; returns its client state, or None for a fresh run.
 
     A corrupt or unloadable tag is skipped for the previous one. When complete tags exist
     but none loads, this raises instead of letting the job restart from scratch over them.
     ``frozen_excluded``: the checkpoints were saved without frozen parameters (they come
-    from the teacher), so the module state is loaded non-strictly.
+    from the teacher), so the module state is loaded non-strictly. ``also_load(tag_dir,
+    client_state)`` restores what ``also_save`` wrote (a failure there also falls back).
     """
     failures = []
     for step, path in complete_tags(Path(ckpt_dir)):
         try:
             load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=path.name, load_module_strict=not frozen_excluded)
+            if load_path is not None and also_load is not None:
+                also_load(path, client_state or {})
         except Exception as err:  # noqa: BLE001 - any failure means "try the previous one"
             logger.warning("checkpoint %s could not be loaded (%s: %s); trying an older one", path, type(err).__name__, err)
             failures.append(f"{path.name}: {type(err).__name__}: {str(err)[:300]}")

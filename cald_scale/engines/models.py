@@ -17,29 +17,63 @@ from torch import nn
 from ..config import RunConfig
 from ..conversion.surgery import build_student
 from ..conversion.teacher import TeacherSource, build_teacher
+from ..distill.phases import PhasePlan
 from ..distill.stages import LayerwiseModel
 from .partitioned import frozen_row_pieces, full_shape, placement_for
+from .teacher import ManagedTeacher, check_teacher_checkpoint
 from .zero3 import (
-    build_student_engine,
     build_teacher_engine,
+    build_training_engine,
     param_groups,
     size_zero_buffers,
     teacher_ds_config,
 )
 
-__all__ = ["DistillationModels", "build_models", "block_numel"]
+__all__ = ["DistillationModels", "build_models", "block_numel", "set_trainable"]
 
 logger = logging.getLogger("cald_scale.engines")
 
 
 @dataclasses.dataclass
 class DistillationModels:
-    teacher_engine: object
     student_engine: object
-    teacher: LayerwiseModel
     student: LayerwiseModel
     shares_frozen_weights: bool
     """The student's frozen copied weights are the teacher's own tensors."""
+    managed_teacher: ManagedTeacher | None = None
+    """The teacher engine as guidance drives it (swapped, trained, released); None for an
+    unguided run, where no teacher is built."""
+
+    @property
+    def teacher_engine(self):
+        return self.managed_teacher.engine if self.managed_teacher is not None else None
+
+    @property
+    def teacher(self) -> LayerwiseModel | None:
+        """The teacher, block by block (None once released, or in an unguided run)."""
+        return self.managed_teacher.layerwise if self.managed_teacher is not None else None
+
+    @property
+    def shared_param_ids(self) -> set[int]:
+        if not self.shares_frozen_weights:
+            return set()
+        return {id(p) for p in self.student_engine.module.parameters() if not p.requires_grad}
+
+    def refresh_head_pieces(self) -> None:
+        """A frozen student head is read by pieces of rows; call after changing what trains."""
+        head = self.student.head_weight
+        self.student.head_pieces = frozen_row_pieces(head) if head is not None else None
+
+
+def set_trainable(student: nn.Module, *, copied: bool, only_blocks: nn.ModuleList | None = None) -> None:
+    """The new mixers always train; the weights copied from the teacher only when ``copied``.
+    ``only_blocks``: nothing outside these blocks trains (a teacher-forced phase never uses
+    the student's embedding or head)."""
+    mixer_ids = {id(p) for p in student.mixer_parameters()}
+    inside = {id(p) for p in only_blocks.parameters()} if only_blocks is not None else None
+    for p in student.parameters():
+        trains = id(p) in mixer_ids or copied
+        p.requires_grad_(trains and (inside is None or id(p) in inside))
 
 
 def block_numel(model: nn.Module, blocks: nn.ModuleList) -> int:
@@ -49,11 +83,23 @@ def block_numel(model: nn.Module, blocks: nn.ModuleList) -> int:
     return max(sum(math.prod(full_shape(p)) for p in block.parameters()) for block in blocks)
 
 
-def build_models(cfg: RunConfig, ds_config: dict, source: TeacherSource) -> DistillationModels:
+def build_models(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan: PhasePlan | None = None) -> DistillationModels:
+    """Teacher (when any phase needs one) and student, partitioned, in their ZeRO-3 engines.
+
+    The teacher gets a training engine when a phase fine-tunes it (trajectory guidance).
+    The student shares the teacher's tensors for its frozen weights only when the teacher
+    never changes (no trajectory, no waypoints). Every waypoint is checked against the
+    teacher before anything trains.
+    """
+    plan = plan or cfg.plan(world_size=1)
     placement = placement_for(ds_config)
-    teacher = build_teacher(source, placement)
+    teacher = build_teacher(source, placement) if plan.uses_teacher else None
+    for waypoint in plan.waypoints:
+        check_teacher_checkpoint(waypoint, source.config, teacher, placement)
     frozen_copies = cfg.student.trainable == "mixers"
-    share = frozen_copies and cfg.student.share_frozen_weights
+    share = frozen_copies and cfg.student.share_frozen_weights and teacher is not None and not (plan.trains_teacher or plan.swaps_teacher)
+    if frozen_copies and cfg.student.share_frozen_weights and not share and teacher is not None:
+        logger.info("the teacher changes during the run (trajectory or waypoints): the student keeps its own frozen copies")
     student = build_student(
         source.config,
         source.weights(),
@@ -64,22 +110,32 @@ def build_models(cfg: RunConfig, ds_config: dict, source: TeacherSource) -> Dist
         share_with=teacher if share else None,
     )
     if frozen_copies:
-        mixer_ids = {id(p) for p in student.mixer_parameters()}
-        for p in student.parameters():
-            p.requires_grad_(id(p) in mixer_ids)
+        set_trainable(student, copied=False)
 
-    teacher_lw, student_lw = LayerwiseModel(teacher), LayerwiseModel(student)
-    sized = size_zero_buffers(ds_config, max(block_numel(teacher, teacher_lw.blocks), block_numel(student, student_lw.blocks)), cfg.train.stage_size)
-    teacher_engine = build_teacher_engine(teacher, teacher_ds_config(sized))
+    student_lw = LayerwiseModel(student)
+    numel = block_numel(student, student_lw.blocks)
+    if teacher is not None:
+        numel = max(numel, block_numel(teacher, LayerwiseModel(teacher).blocks))
+    sized = size_zero_buffers(ds_config, numel, cfg.train.stage_size)
+    teacher_engine = managed = None
+    if teacher is not None:
+        if plan.trains_teacher:
+            teacher.requires_grad_(True)
+            trajectory = next(p.trajectory for p in plan.phases if p.guidance == "trajectory")
+            groups = [{"params": list(teacher.parameters()), "lr": trajectory.lr, "weight_decay": trajectory.weight_decay, "name": "teacher"}]
+            teacher_engine = build_training_engine(teacher, sized, groups)
+        else:
+            teacher_engine = build_teacher_engine(teacher, teacher_ds_config(sized))
+        managed = ManagedTeacher(
+            teacher_engine, LayerwiseModel(teacher_engine.module), placement, str(source.folder), chunk_tokens=cfg.loss.chunk_tokens(source.config.vocab_size)
+        )
     groups = param_groups(student, cfg.train.lr, cfg.train.copied_lr_scale, cfg.train.weight_decay)
-    student_engine = build_student_engine(student, sized, groups, shares_weights_with=teacher_engine if share else None)
-    student_lw = LayerwiseModel(student_engine.module, activation_checkpointing=cfg.student.activation_checkpointing)
-    head = student_lw.head_weight
-    student_lw.head_pieces = frozen_row_pieces(head) if head is not None else None
-    return DistillationModels(
-        teacher_engine=teacher_engine,
+    student_engine = build_training_engine(student, sized, groups, shares_weights_with=teacher_engine if share else None)
+    models = DistillationModels(
         student_engine=student_engine,
-        teacher=LayerwiseModel(teacher_engine.module),
-        student=student_lw,
+        student=LayerwiseModel(student_engine.module, activation_checkpointing=cfg.student.activation_checkpointing),
         shares_frozen_weights=share,
+        managed_teacher=managed,
     )
+    models.refresh_head_pieces()
+    return models

@@ -54,9 +54,18 @@ def assign_partitioned(target: torch.Tensor, value: torch.Tensor) -> None:
     else:
         target.data = value.to(device=device, dtype=dtype).reshape(target.ds_shape)
         target.ds_status = ZeroParamStatus.AVAILABLE
+    # NOTE: has_been_updated makes DeepSpeed copy this rank's slice of .data into its partition.
     if not getattr(target, "ds_persist", False):
-        # NOTE: has_been_updated makes DeepSpeed copy this rank's slice of .data into its partition.
         target.partition(has_been_updated=True)
+    else:
+        # A persistent parameter (small, kept gathered by an engine) must have its partition
+        # updated too: DeepSpeed re-gathers it from the partition after the first traced pass,
+        # which otherwise brought back the old values (a waypoint loaded before the teacher's
+        # first forward was silently undone at its second).
+        target.ds_persist = False
+        target.partition(has_been_updated=True)
+        target.ds_persist = True
+        target.all_gather()
 
 
 def gather_partitioned(params: Sequence[torch.Tensor]):

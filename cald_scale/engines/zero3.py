@@ -26,7 +26,7 @@ __all__ = [
     "resolve_ds_config",
     "size_zero_buffers",
     "teacher_ds_config",
-    "build_student_engine",
+    "build_training_engine",
     "build_teacher_engine",
     "param_groups",
     "register_mixer_params",
@@ -94,16 +94,10 @@ def resolve_ds_config(ds_config: dict, train, world_size: int) -> dict:
                 params["fused"] = True
             else:
                 del params["fused"]
-    scheduler = cfg.get("scheduler")
-    if scheduler is not None:
-        if scheduler.get("type") != "WarmupCosineLR":
-            raise ConfigError(f"ds_config scheduler.type {scheduler.get('type')!r}: only WarmupCosineLR is wired to the run config")
-        params = scheduler.setdefault("params", {})
-        _fill(params, "total_num_steps", train.max_steps, "scheduler.params.")
-        _fill(params, "warmup_num_steps", train.warmup_steps, "scheduler.params.")
-        _fill(params, "cos_min_ratio", train.min_lr_ratio, "scheduler.params.")
-        params.setdefault("warmup_min_ratio", 0.0)
-        params.setdefault("warmup_type", "linear")
+    if cfg.get("scheduler") is not None:
+        # NOTE: the run's phases own the LR schedule (each phase warms up and decays on its
+        # own); a DeepSpeed scheduler would overwrite it at every step.
+        raise ConfigError("ds_config has a scheduler section: the LR schedule is declared per phase in the run config (phases[].lr, train.warmup_steps); remove it")
     zero = cfg["zero_optimization"]
     if zero.get("overlap_comm") == "auto":
         # NOTE: overlap needs a side stream; on CPU (gloo) there is none to overlap with.
@@ -194,16 +188,16 @@ def register_mixer_params(model: nn.Module) -> None:
                 deepspeed.zero.register_external_parameter(mixer, param)
 
 
-def build_student_engine(student: nn.Module, ds_config: dict, groups: list[dict], *, shares_weights_with=None):
-    """The student's training engine. ``shares_weights_with``: the teacher engine whose
-    parameters the student uses for its frozen copied weights."""
+def build_training_engine(model: nn.Module, ds_config: dict, groups: list[dict], *, shares_weights_with=None):
+    """A training engine (the student's; a trajectory teacher's). ``shares_weights_with``:
+    the teacher engine whose parameters the student uses for its frozen copied weights."""
     import deepspeed
 
     if shares_weights_with is not None:
         # NOTE: both engines gather the shared parameters; one in-flight registry lets
         # either engine wait on a gather (prefetch) that the other one started.
-        student.ds_inflight_param_registry = shares_weights_with.module.ds_inflight_param_registry
-    engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=groups, config=ds_config)
+        model.ds_inflight_param_registry = shares_weights_with.module.ds_inflight_param_registry
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     if engine.zero_optimization_partition_weights():
         register_mixer_params(engine.module)
         share_fp32_master(engine.optimizer)

@@ -17,10 +17,14 @@ __all__ = ["eval_indices", "perplexity"]
 def eval_indices(num_sequences: int, max_sequences: int, rank: int, world_size: int) -> list[int]:
     """Equal-sized shards: under ZeRO-3 every rank must run the same number of forwards."""
     per_rank = min(num_sequences, max_sequences) // world_size
+    if per_rank == 0 and max_sequences < world_size:
+        raise ValueError(
+            f"eval.max_sequences={max_sequences} is fewer than one sequence per rank ({world_size} ranks)"
+        )
     if per_rank == 0:
         raise ValueError(
             f"eval split has {num_sequences} sequences, fewer than one per rank ({world_size} ranks); "
-            "raise data.eval_fraction or lower data.seq_len"
+            "hold out more text (data.eval_fraction, data.eval_corpus) or lower data.seq_len"
         )
     return list(range(rank * per_rank, (rank + 1) * per_rank))
 

@@ -1,4 +1,5 @@
-"""Export the trained student as a plain HF folder (``from_pretrained`` after ``import cald_scale``)."""
+"""Export a ZeRO-3 engine's model as a plain HF folder: the trained student (``from_pretrained``
+after ``import cald_scale``), or a trajectory teacher's checkpoint (a waypoint for later runs)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from pathlib import Path
 from ..engines.distributed import barrier
 from ..fileio import atomic_dir
 
-__all__ = ["export_student"]
+__all__ = ["export_model"]
 
 
-def export_student(engine, tokenizer, target: Path, *, is_main: bool) -> Path:
+def export_model(engine, tokenizer, target: Path, *, is_main: bool) -> Path:
     """Gather the ZeRO-3 partitions layer by layer onto rank 0 and save atomically."""
     target = Path(target)
     if engine.zero_optimization_partition_weights():

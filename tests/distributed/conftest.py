@@ -40,8 +40,11 @@ def tiny_overrides(teacher_dir, run_dir, data_cache, **extra) -> list[str]:
         "train.warmup_steps": 1,
         "train.lr": 3e-3,
         "eval.max_sequences": 8,
+        "eval.other_corpora": "[]",
         "output.save_every": 2,
         "output.run_dir": str(run_dir),
+        # One end-to-end target-guided phase unless a test asks for others (tests/distributed/test_guidance.py).
+        "phases": "[{name: target, guidance: target}]",
     }
     base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return [f"{k}={v}" for k, v in base.items() if v is not None]  # None: the run config's own default

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _setup(teacher_dir: str, overrides: list[str]):
     env = init_distributed()
-    cfg = load_run_config(overrides=[f"teacher.name_or_path={teacher_dir}", "train.global_batch_size=4", "train.max_steps=10", "train.warmup_steps=1", *overrides])
+    cfg = load_run_config(overrides=[f"teacher.name_or_path={teacher_dir}", "train.global_batch_size=4", "train.max_steps=10", "train.warmup_steps=1", "phases=[{name: target, guidance: target}]", *overrides])
     ds_config = resolve_ds_config(load_ds_config(REPO / "ds_configs" / "zero3.json"), cfg.train, env.world_size)
     source, _ = open_teacher(cfg.teacher)
     return env, cfg, ds_config, source
@@ -109,11 +109,11 @@ def check_shared_frozen(args) -> dict:
     plain = build_teacher(source)  # the checkpoint's values
     with deepspeed.zero.GatheredParameters(list(student.mixer_parameters())):
         mixers_before = [p.detach().clone() for p in student.mixer_parameters()]
-    from cald_scale.train import train_step
+    from cald_scale.train import forward_backward
 
     for step in range(3):
         ids = _batch(source.config.vocab_size, env)
-        parts, finite = train_step(models, ids, cfg)
+        parts, finite = forward_backward(models, models.teacher, cfg.plan(env.world_size).phases[0], ids, cfg)
         models.student_engine.step()
     with deepspeed.zero.GatheredParameters([p for _, p in copied]):
         copied_unchanged = all(torch.equal(p, plain.get_parameter(n)) for n, p in copied)
@@ -133,7 +133,7 @@ def check_prefetch(args) -> dict:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     from cald_scale.engines.zero3 import _param_coordinator
-    from cald_scale.train import train_step
+    from cald_scale.train import forward_backward
 
     env, cfg, ds_config, source = _setup(args.teacher, [])
     # NOTE: in so small a model most tensors fall under the persistence threshold (never partitioned).
@@ -154,7 +154,7 @@ def check_prefetch(args) -> dict:
     for step in range(4):
         seen.clear()
         ids = _batch(source.config.vocab_size, env)
-        train_step(models, ids, cfg)
+        forward_backward(models, models.teacher, cfg.plan(env.world_size).phases[0], ids, cfg)
         models.student_engine.step()
         statuses.append(list(seen))
     for h in hooks:
@@ -171,7 +171,7 @@ def check_fp32_master(args) -> dict:
     import deepspeed
 
     from cald_scale.engines import zero3
-    from cald_scale.train import train_step
+    from cald_scale.train import forward_backward
 
     env, cfg, ds_config, source = _setup(args.teacher, ["train.lr=1e-2"])
     out = {}
@@ -184,7 +184,7 @@ def check_fp32_master(args) -> dict:
         aliased = all(a.data_ptr() == b.data_ptr() for a, b in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat))
         losses = []
         for step in range(4):
-            parts, _ = train_step(models, _batch(source.config.vocab_size, env), cfg)
+            parts, _ = forward_backward(models, models.teacher, cfg.plan(env.world_size).phases[0], _batch(source.config.vocab_size, env), cfg)
             models.student_engine.step()
             losses.append(parts.total.item())
         params = list(models.student_engine.module.parameters())

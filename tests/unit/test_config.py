@@ -17,7 +17,7 @@ from cald_scale.engines.zero3 import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
 
@@ -41,8 +41,8 @@ def test_bad_values_are_rejected():
         load_run_config(overrides=["student.conversion.mixer=transformer"])
     with pytest.raises(ConfigError, match="integer"):
         load_run_config(overrides=["train.max_steps=ten"])
-    with pytest.raises(ConfigError, match="warmup_steps"):
-        load_run_config(overrides=["train.max_steps=3", "train.warmup_steps=5"])
+    with pytest.raises(ConfigError, match="only one phase may take the rest"):
+        load_run_config(overrides=["phases=[{name: a}, {name: b}]"])
     with pytest.raises(FileNotFoundError, match="recipe"):
         load_run_config("no/such/recipe.yaml")
 
@@ -65,7 +65,8 @@ def test_shipped_recipes_fit_shipped_ds_configs(recipe, ds_path):
     cfg = load_run_config(recipe)
     resolved = resolve_ds_config(load_ds_config(ds_path), cfg.train, world_size=2)
     assert resolved["train_batch_size"] == cfg.train.micro_batch(2) * cfg.train.grad_accum * 2
-    assert resolved["scheduler"]["params"]["total_num_steps"] == cfg.train.max_steps
+    assert "scheduler" not in resolved  # the phases own the LR schedule
+    assert cfg.plan(world_size=2).total_steps >= 1
     assert resolved["optimizer"]["params"]["lr"] == cfg.train.lr
     teacher = teacher_ds_config(resolved)
     assert "optimizer" not in teacher and teacher["zero_optimization"]["stage"] == 3
@@ -114,16 +115,28 @@ def test_global_batch_splits_over_ranks():
         both.micro_batch(1)
 
 
-def test_launcher_reports_a_config_error_in_one_line(capsys):
-    """`launch/train.py train.max_steps=2` (shorter than the default warmup) ends with one line, no traceback."""
+def _launch_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("launch_train", Path(__file__).parents[2] / "launch" / "train.py")
     launch = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(launch)
+    return launch
+
+
+def test_launcher_reports_a_config_error_in_one_line(capsys):
+    """A bad phase list ends with one line that names the problem, no traceback."""
     with pytest.raises(SystemExit) as exit_info:
-        launch.main(["train.max_steps=2"])
+        _launch_module().main(["train.max_steps=3", "phases=[{name: a, steps: 2}, {name: b, steps: 2}]"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("config error:") and "train.warmup_steps=5" in err and "max_steps=2" in err
+    assert err.startswith("config error:") and "phases add up to 4 steps but train.max_steps=3" in err
     assert "\n" not in err and "Traceback" not in err
+
+
+def test_a_run_shorter_than_the_warmup_clamps_it(capsys):
+    """`train.max_steps=2` alone used to fail on the default warmup of 5: each phase clamps it."""
+    _launch_module().main(["train.max_steps=2", "--print_config"])
+    cfg = load_run_config(overrides=["train.max_steps=2"])
+    assert [(p.steps, p.warmup_steps) for p in cfg.plan(world_size=1).phases] == [(1, 0), (1, 0)]
+    assert "phases:" in capsys.readouterr().out

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tiny_models import EOS, train_tokenizer
 
 from cald_scale.data import (
     BUILTIN_CORPORA,
@@ -24,29 +25,12 @@ from cald_scale.data import (
     cache_key,
     check_vocab,
     eval_batches,
+    held_out_sequences,
     iter_documents,
 )
 from cald_scale.data import indexed as indexed_module
-from cald_scale.data.corpora import resolve_corpus
+from cald_scale.data.corpora import resolve_corpus, split_paragraphs
 
-EOS = "<|endoftext|>"
-
-
-def _train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
 
 
 def _megatron():
@@ -75,12 +59,12 @@ def shakespeare_docs() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer(shakespeare_docs):
-    return _train_tokenizer(shakespeare_docs[:6], vocab_size=1000)
+    return train_tokenizer(shakespeare_docs[:6], vocab_size=1000)
 
 
 @pytest.fixture(scope="session")
 def other_tokenizer(shakespeare_docs):
-    return _train_tokenizer(shakespeare_docs[:6], vocab_size=700)
+    return train_tokenizer(shakespeare_docs[:6], vocab_size=700)
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +90,19 @@ def _write_jsonl(path, docs: list[str], field: str = "text") -> str:
     return str(path)
 
 
+def _write_novel(path, num_chars: int = 200_000, seed: int = 0) -> str:
+    """One big .txt file of blank-line separated paragraphs (40-1500 characters each)."""
+    rng = np.random.default_rng(seed)
+    words = "the king and queen of a far country rode to war, but love was near".split()
+    paragraphs, size = [], 0
+    while size < num_chars:
+        count = int(rng.integers(8, 250))
+        paragraphs.append(" ".join(rng.choice(words, count)).capitalize() + ".")
+        size += len(paragraphs[-1]) + 2
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return str(path)
+
+
 # ---------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------
@@ -124,6 +121,8 @@ def _write_jsonl(path, docs: list[str], field: str = "text") -> str:
         ("cache_dir", ""),
         ("seed", -1),
         ("append_eos", "yes"),
+        ("txt_document_chars", 0),
+        ("eval_corpus", " "),
     ],
 )
 def test_config_rejects_bad_values(field, value):
@@ -363,6 +362,128 @@ def test_local_parquet(tmp_path, tokenizer, wiki_leads):
 
 
 # ---------------------------------------------------------------------------------------
+# One big .txt file, an explicit eval corpus, held-out text of another corpus
+# ---------------------------------------------------------------------------------------
+
+
+def test_split_paragraphs_keeps_paragraphs_whole():
+    text = "aa\n\nbb\n \n\ncc\n\n" + "d" * 9 + "\n\ne"
+    assert split_paragraphs(text, 6) == ["aa\n\nbb", "cc", "d" * 9, "e"]
+    assert split_paragraphs("\n\naa\n\nbb\n", 4) == ["aa", "bb\n"]
+    assert split_paragraphs("fits\n\nwhole\n", 100) == ["fits\n\nwhole\n"]
+
+
+def _encoded_texts(monkeypatch) -> list[str]:
+    """Every text tokenised from now on (the list grows as the cache is built)."""
+    texts: list[str] = []
+    real_encode = indexed_module._encode
+    monkeypatch.setattr(
+        indexed_module, "_encode", lambda tok, batch: texts.extend(batch) or real_encode(tok, batch)
+    )
+    return texts
+
+
+def test_one_big_txt_file_is_many_documents(tmp_path, tokenizer):
+    path = _write_novel(tmp_path / "novel.txt")
+    with open(path) as f:
+        text = f.read()
+    cfg = DataConfig(corpus=path, cache_dir=str(tmp_path / "cache"), seq_len=256)
+    corpus = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+
+    # 1. Documents of whole paragraphs, about txt_document_chars long; a run-sized split works.
+    expected = split_paragraphs(text, cfg.txt_document_chars)
+    assert len(expected) >= 12 and "\n\n".join(expected) == text
+    assert all(len(doc) <= cfg.txt_document_chars for doc in expected)
+    stored = _decode_docs(tokenizer, corpus.train_prefix) + _decode_docs(tokenizer, corpus.eval_prefix)
+    assert sorted(stored) == sorted(expected)
+    assert corpus.num_eval_docs == round(len(expected) * cfg.eval_fraction) >= 1
+    assert len(PackedSequences(corpus, "eval", cfg.seq_len)) >= 1
+    assert len(PackedSequences(corpus, "train", cfg.seq_len)) >= 100
+
+    # 2. null: one document per file, and the error names the cause.
+    whole = build_indexed_dataset(
+        dataclasses.replace(cfg, txt_document_chars=None), tokenizer, is_rank0=True
+    )
+    assert (whole.num_train_docs, whole.num_eval_docs) == (1, 0)
+    with pytest.raises(
+        ValueError,
+        match=r"corpus .*novel.txt has 1 document; data.eval_fraction=0.05 holds out 0 of them"
+        r".*data.txt_document_chars.*data.eval_corpus",
+    ):
+        PackedSequences(whole, "eval", cfg.seq_len)
+
+    # 3. The cut enters the key of .txt corpora only (built-in keys stay as they were).
+    keys = {cache_key(dataclasses.replace(cfg, txt_document_chars=n), tokenizer) for n in (16384, 8192, None)}
+    assert len(keys) == 3
+    builtin = DataConfig(corpus="shakespeare")
+    assert cache_key(builtin, tokenizer) == cache_key(
+        dataclasses.replace(builtin, txt_document_chars=None), tokenizer
+    )
+
+
+def test_eval_corpus_is_scored_instead(tmp_path, tokenizer, wiki_leads, monkeypatch):
+    path = _write_novel(tmp_path / "novel.txt", 60_000)
+    with open(path) as f:
+        num_docs = len(split_paragraphs(f.read(), 16384))
+    leads = _write_jsonl(tmp_path / "leads.jsonl", wiki_leads[:50])
+    cfg = DataConfig(
+        corpus=path, eval_corpus=leads, cache_dir=str(tmp_path / "cache"), seq_len=64,
+        max_eval_tokens=1000,
+    )
+    corpus = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+
+    # 1. All of the corpus trains; the eval split is the eval corpus, cut at max_eval_tokens.
+    assert (corpus.num_train_docs, corpus.num_eval_tokens) == (num_docs, 1000)
+    held_out = PackedSequences(corpus, "eval", cfg.seq_len)
+    assert held_out.name == leads and len(held_out) == 1000 // 64
+    first = tokenizer.decode(held_out[0]["input_ids"].tolist()).split(EOS)[0]
+    assert any(lead.startswith(first) for lead in wiki_leads[:50])
+    assert os.path.basename(os.path.dirname(corpus.meta_path)) == cache_key(cfg, tokenizer)
+    assert cache_key(cfg, tokenizer) == cache_key(
+        dataclasses.replace(cfg, eval_corpus=None, eval_fraction=0.0, max_eval_tokens=None), tokenizer
+    )
+
+    # 2. Another eval corpus tokenises only itself: the training text keeps its cache.
+    encoded = _encoded_texts(monkeypatch)
+    other_leads = _write_jsonl(tmp_path / "other.jsonl", wiki_leads[50:100])
+    other = build_indexed_dataset(dataclasses.replace(cfg, eval_corpus=other_leads), tokenizer, is_rank0=True)
+    assert other.train_prefix == corpus.train_prefix and other.eval_prefix != corpus.eval_prefix
+    assert encoded and set(encoded) <= set(wiki_leads[50:100])
+
+    # 3. Too little held-out text names the eval corpus.
+    with pytest.raises(ValueError, match=r"leads.jsonl: eval split has 1000 tokens.*seq_len=4096"
+                       r" \(\d+ documents\); hold out a larger corpus"):
+        PackedSequences(corpus, "eval", 4096)
+
+
+def test_held_out_sequences_of_any_corpus(tmp_path, tokenizer, monkeypatch):
+    path = _write_novel(tmp_path / "novel.txt", 60_000)
+    cfg = DataConfig(corpus=path, cache_dir=str(tmp_path / "cache"), seq_len=64)
+
+    # 1. Another corpus: a seeded shuffle of its documents, tokenised only near the cap.
+    encoded = _encoded_texts(monkeypatch)
+    wiki = held_out_sequences("wiki", tokenizer, cfg, max_tokens=2000, is_rank0=True)
+    assert (wiki.num_tokens, len(wiki), wiki[0]["input_ids"].shape) == (2000, 2000 // 64, (64,))
+    assert 1 <= len(encoded) < 100  # of 10,033 leads
+    encoded.clear()
+    again = held_out_sequences("wiki", tokenizer, cfg, max_tokens=2000, is_rank0=True)
+    assert encoded == [] and torch.equal(again[5]["input_ids"], wiki[5]["input_ids"])  # cached
+
+    # 2. The run's own corpus (however spelled): its own eval split, capped at read time.
+    own = held_out_sequences(f" {path}", tokenizer, cfg, max_tokens=64 * 2, is_rank0=True)
+    eval_split = PackedSequences(build_indexed_dataset(cfg, tokenizer, is_rank0=True), "eval", 64)
+    assert len(own) == 2 and torch.equal(own[1]["input_ids"], eval_split[1]["input_ids"])
+
+    # 3. A megatron prefix needs no tokenizer; an unknown name is an error.
+    prefix = str(tmp_path / "tokens")
+    _write_prefix(prefix, [[np.arange(100) + 10 * i] for i in range(5)])
+    tokens = held_out_sequences(prefix, None, cfg, max_tokens=300, is_rank0=True)
+    assert len(tokens) == 300 // 64 and tokens[1]["input_ids"][0] == 64
+    with pytest.raises(ValueError, match="unknown corpus 'wikk'"):
+        held_out_sequences("wikk", tokenizer, cfg, max_tokens=100, is_rank0=True)
+
+
+# ---------------------------------------------------------------------------------------
 # An existing megatron prefix (e.g. the Pythia pre-shuffled Pile) is used as is
 # ---------------------------------------------------------------------------------------
 
@@ -441,12 +562,17 @@ def test_corpus_shorter_than_one_sequence(tmp_path, tokenizer):
     corpus = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
     message = (
         rf"corpus .*tiny.jsonl: train split has {corpus.num_train_tokens} tokens, fewer than one "
-        r"sequence of seq_len=4096; use a larger corpus or a smaller data.seq_len"
+        r"sequence of seq_len=4096 \(2 documents\); use a larger corpus or a smaller data.seq_len"
     )
     with pytest.raises(ValueError, match=message):
         PackedSequences(corpus, "train", cfg.seq_len)
-    with pytest.raises(ValueError, match="eval split has 0 tokens"):
+    with pytest.raises(ValueError, match="eval split has 0 tokens.*eval_fraction=0 holds out no"):
         PackedSequences(corpus, "eval", cfg.seq_len)
+    # documents exist in both splits, but the held-out one is too short
+    held = build_indexed_dataset(dataclasses.replace(cfg, eval_fraction=0.5), tokenizer, is_rank0=True)
+    with pytest.raises(ValueError, match=r"eval split has \d+ tokens.*1 held-out document: "
+                       r"data.eval_fraction=0.5 of 2\); raise data.eval_fraction"):
+        PackedSequences(held, "eval", cfg.seq_len)
 
 
 def test_unknown_corpus_name_lists_builtins(tokenizer, tmp_path):

@@ -1,0 +1,78 @@
+"""Benchmarks made of whole training runs: launch ``launch/train.py``, reuse finished runs, read their curves.
+
+A run is a name, the recipe/overrides that define it, and a run folder under
+``benchmarks/runs/<benchmark>/`` (git-ignored). A folder whose report.json exists is a
+finished run and is reused as long as its config is the same, so a long benchmark can be
+stopped and rerun, and extended recipe by recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "benchmarks" / "runs"
+
+
+@dataclasses.dataclass
+class Run:
+    name: str
+    overrides: list[str]
+    recipe: str | None = None
+    seed: int = 0
+
+    def folder(self, benchmark: str) -> Path:
+        return RUNS / benchmark / f"{self.name}_seed{self.seed}"
+
+
+def launch(run: Run, benchmark: str, *, ranks: int = 1, log_every_tokens: int | None = None) -> dict:
+    """Run (or reuse) one training run; returns its curve (see ``curve``)."""
+    folder = run.folder(benchmark)
+    args = [*run.overrides, f"train.seed={run.seed}", f"output.run_dir={folder}", "output.progress_bar=false"]
+    if (folder / "report.json").is_file():
+        print(f"[{benchmark}] reusing {folder}", flush=True)
+        return curve(folder)
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    cmd = [launcher, "--num_gpus", str(ranks), "launch/train.py", "--ds_config", "ds_configs/zero3.json"]
+    if run.recipe:
+        cmd += ["--recipe", run.recipe]
+    cmd += args
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true"}
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    print(f"[{benchmark}] {run.name} seed {run.seed}: {' '.join(cmd[4:])}", flush=True)
+    with open(folder / "launch.log", "a") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run {run.name} (seed {run.seed}) failed with exit code {proc.returncode}; see {folder / 'launch.log'}")
+    print(f"[{benchmark}] {run.name} seed {run.seed} done in {time.time() - started:.0f} s", flush=True)
+    return curve(folder)
+
+
+def curve(folder: Path) -> dict:
+    """Held-out perplexity against training tokens for every eval set, plus the teacher's and the run's totals."""
+    report = json.loads((folder / "report.json").read_text())
+    baseline = json.loads((folder / "baseline.json").read_text())
+    points: dict[str, list[tuple[int, float]]] = {name: [(0, s["ppl"])] for name, s in baseline["student_before"].items()}
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for key, value in record.items():
+            if key.startswith("eval/") and key.endswith("/ppl"):
+                name = key.split("/")[1]
+                points.setdefault(name, [])
+                # a resumed run may log a step twice: keep the last value per token count
+                points[name] = [p for p in points[name] if p[0] != record["tokens"]] + [(record["tokens"], value)]
+    return {
+        "folder": str(folder.relative_to(REPO)),
+        "tokens": report["tokens_seen"],
+        "train_seconds": report["train_seconds"],
+        "teacher": {name: s["teacher"] for name, s in report["eval_sets"].items()},
+        "final": {name: s["student_after"] for name, s in report["eval_sets"].items()},
+        "curve": {name: sorted(p) for name, p in points.items()},
+    }

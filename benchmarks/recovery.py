@@ -1,0 +1,157 @@
+"""Conversion quality per token: held-out perplexity against training tokens, recipe by recipe.
+
+Every recipe converts the same teacher (SmolLM2-135M-Instruct -> Mamba2) and trains on the
+same token budget (the default job's 50 steps x 4 x 256 = 51,200 tokens); each is scored
+on two held-out sets: the training corpus's own held-out documents (Shakespeare works the
+run never trains on) and text from another domain (Wikipedia leads). Recipes:
+
+- target:     one end-to-end CALD phase with the frozen teacher (the job before phases);
+- hybrid:     target guided for 40% of the steps, then CE alone (teacher released);
+- align_e2e:  teacher-forced alignment of the mixers for 70% of the steps, then end to end
+              (the default job);
+- each of them with attention-informed mixer init (+attn_init) and with logit KL (+kl).
+
+Where two recipes end within 10% of each other on the corpus's own held-out set, both
+are run again with a second seed. Writes benchmarks/results/recovery{,_quick}.{json,md,png}.
+
+    python benchmarks/recovery.py            # full: 9 runs of 51k tokens, ~3 h on 2 CPU cores
+    python benchmarks/recovery.py --quick    # 3 recipes, 6 steps of short sequences, ~10 min
+    python benchmarks/recovery.py --recipes align_e2e align_e2e+attn_init   # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, machine, write_result  # noqa: E402
+from _runs import Run, launch  # noqa: E402
+
+PHASES = {
+    "target": "[{name: target, guidance: target}]",
+    "hybrid": "[{name: target, fraction: 0.4, guidance: target}, {name: task_only, guidance: none}]",
+    "align_e2e": None,  # the default phases
+}
+VARIANTS = {"": [], "+attn_init": ["student.conversion.attention_init=true"], "+kl": ["loss.a_kl=1.0"]}
+DEFAULT_RECIPE = "align_e2e"
+TARGETS = {"heldout": 2.0, "wiki": 3.0}  # student / teacher perplexity, default recipe, full budget
+
+
+def recipes() -> dict[str, list[str]]:
+    out = {}
+    for (base, phases), (suffix, extra) in itertools.product(PHASES.items(), VARIANTS.items()):
+        out[base + suffix] = ([f"phases={phases}"] if phases else []) + extra
+    return out
+
+
+def budget(quick: bool) -> list[str]:
+    if quick:
+        return ["train.max_steps=6", "data.seq_len=128", "eval.every=3", "eval.max_sequences=8"]
+    return ["train.max_steps=50", "eval.every=10"]
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(TARGETS)
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], sets):
+        teacher = None
+        for label, runs in results["runs"].items():
+            run = runs[0]
+            if name not in run["curve"]:
+                continue
+            tokens, ppl = zip(*run["curve"][name])
+            ax.plot(tokens, ppl, marker="o", ms=3, label=label, lw=2.5 if label == DEFAULT_RECIPE else 1.2)
+            teacher = run["teacher"].get(name) or teacher
+        if teacher:
+            ax.axhline(teacher, color="black", ls="--", lw=1, label=f"teacher ({teacher:.1f})")
+            ax.axhline(TARGETS[name] * teacher, color="grey", ls=":", lw=1, label=f"target {TARGETS[name]:g}x teacher")
+        ax.set_yscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("held-out perplexity")
+        ax.set_title({"heldout": "own held-out split (Shakespeare)", "wiki": "other domain (Wikipedia leads)"}.get(name, name))
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle("SmolLM2-135M -> Mamba2: perplexity vs tokens (seed 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"# Conversion quality per token ({results['machine']['date'][:10]}, {results['budget_tokens']:,} tokens per run)",
+        "",
+        "| recipe | seeds | own held-out ppl | x teacher | other-domain ppl | x teacher | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, runs in sorted(results["runs"].items(), key=lambda kv: kv[1][0]["final"]["heldout"]):
+        own = [r["final"]["heldout"] for r in runs]
+        other = [r["final"].get("wiki") for r in runs]
+        t_own, t_other = runs[0]["teacher"]["heldout"], runs[0]["teacher"].get("wiki")
+        fmt = lambda xs: " / ".join(f"{x:.1f}" for x in xs if x is not None)  # noqa: E731
+        lines.append(
+            f"| {label} | {len(runs)} | {fmt(own)} | {sum(own) / len(own) / t_own:.2f} | {fmt(other)} | "
+            f"{(sum(other) / len(other) / t_other) if t_other and all(other) else float('nan'):.2f} | {runs[0]['train_seconds']:.0f} |"
+        )
+    lines += ["", "| target | value | pass |", "|---|---|---|"]
+    lines += [f"| {k}: {t['what']} | {t['value']} | {t['pass']} |" for k, t in results["targets"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 3 recipes, 6 short steps")
+    parser.add_argument("--recipes", nargs="*", default=None, help=f"subset of {list(recipes())}")
+    parser.add_argument("--no_second_seed", action="store_true", help="skip the second-seed reruns of close pairs")
+    args = parser.parse_args(argv)
+    every = recipes()
+    chosen = args.recipes or (list(PHASES) if args.quick else list(every))
+    unknown = [r for r in chosen if r not in every]
+    if unknown:
+        parser.error(f"unknown recipes {unknown}; choose from {list(every)}")
+    name = "recovery_quick" if args.quick else "recovery"
+    extra = budget(args.quick)
+
+    runs = {label: [launch(Run(label, every[label] + extra), name)] for label in chosen}
+    if not args.no_second_seed:
+        finals = {label: r[0]["final"]["heldout"] for label, r in runs.items()}
+        close = {a for a, b in itertools.permutations(finals, 2) if abs(finals[a] - finals[b]) <= 0.1 * min(finals[a], finals[b])}
+        for label in sorted(close):
+            runs[label].append(launch(Run(label, every[label] + extra, seed=1), name))
+
+    results = {
+        "benchmark": name,
+        "machine": machine(),
+        "teacher": "smollm2-135m-instruct",
+        "budget_tokens": runs[chosen[0]][0]["tokens"],
+        "budget": extra,
+        "runs": runs,
+        "targets": {},
+    }
+    if DEFAULT_RECIPE in runs:
+        best = min(runs, key=lambda label: sum(r["final"]["heldout"] for r in runs[label]) / len(runs[label]))
+        results["targets"]["default_is_best"] = {"what": "the default recipe has the lowest own held-out ppl", "value": best, "pass": best == DEFAULT_RECIPE}
+        default = runs[DEFAULT_RECIPE][0]
+        for set_name, limit in TARGETS.items():
+            if set_name in default["final"] and default["teacher"].get(set_name):
+                ratio = default["final"][set_name] / default["teacher"][set_name]
+                results["targets"][f"default_{set_name}_within_{limit:g}x_teacher"] = {
+                    "what": f"default recipe's {set_name} ppl <= {limit:g}x the teacher's (full budget)",
+                    "value": round(ratio, 3),
+                    "pass": ratio <= limit,
+                }
+    write_result(name, results)
+    (RESULTS / f"{name}.md").write_text(markdown(results))
+    plot(results, RESULTS / f"{name}.png")
+    print(f"wrote {RESULTS / name}.{{json,md,png}}")
+
+
+if __name__ == "__main__":
+    main()

