@@ -7,9 +7,10 @@ run never trains on) and text from another domain (Wikipedia leads). Recipes:
 
 - target:     one end-to-end CALD phase with the frozen teacher (the job before phases);
 - hybrid:     target guided for 40% of the steps, then CE alone (teacher released);
-- align_e2e:  teacher-forced alignment of the mixers for 70% of the steps, then end to end
-              (the default job);
-- each of them with attention-informed mixer init (+attn_init) and with logit KL (+kl).
+- align_e2e:  teacher-forced alignment of the mixers for 70% of the steps, then end to end;
+- each of them with attention-informed mixer init (+attn_init), with logit KL (+kl), and
+  with attention init and only the mixers training (+attn_init+mixers_only);
+  align_e2e+attn_init is the default job.
 
 Where two recipes end within 10% of each other on the corpus's own held-out set, both
 are run again with a second seed. Writes benchmarks/results/recovery{,_quick}.{json,md,png}.
@@ -35,8 +36,15 @@ PHASES = {
     "hybrid": "[{name: target, fraction: 0.4, guidance: target}, {name: task_only, guidance: none}]",
     "align_e2e": None,  # the default phases
 }
-VARIANTS = {"": [], "+attn_init": ["student.conversion.attention_init=true"], "+kl": ["loss.a_kl=1.0"]}
-DEFAULT_RECIPE = "align_e2e"
+# Base recipes start fresh mixers (the paper); +attn_init maps Q/K/V/O onto C/B/x/out_proj.
+VARIANTS = {
+    "": ["student.conversion.attention_init=false"],
+    "+attn_init": ["student.conversion.attention_init=true"],
+    "+kl": ["student.conversion.attention_init=false", "loss.a_kl=1.0"],
+    # Only the mixers ever train: the copied MLPs, norms and embeddings stay the teacher's.
+    "+attn_init+mixers_only": ["student.conversion.attention_init=true", "student.trainable=mixers"],
+}
+DEFAULT_RECIPE = "align_e2e+attn_init"
 TARGETS = {"heldout": 2.0, "wiki": 3.0}  # student / teacher perplexity, default recipe, full budget
 
 
@@ -112,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no_second_seed", action="store_true", help="skip the second-seed reruns of close pairs")
     args = parser.parse_args(argv)
     every = recipes()
-    chosen = args.recipes or (list(PHASES) if args.quick else list(every))
+    chosen = args.recipes or ([p + "+attn_init" for p in PHASES] if args.quick else list(every))
     unknown = [r for r in chosen if r not in every]
     if unknown:
         parser.error(f"unknown recipes {unknown}; choose from {list(every)}")

@@ -72,9 +72,10 @@ class MetricsLogger:
             self._wandb.log(metrics, step=step)
         if self._bar is not None:
             self._bar.n = step
-            self._bar.set_postfix(
-                {k: f"{metrics[k]:.4g}" for k in ("loss", "ce", "layer", "kl", "tokens_per_s") if k in metrics}, refresh=True
-            )
+            shown = {k: f"{metrics[k]:.4g}" for k in ("loss", "ce", "layer", "kl", "tokens_per_s") if k in metrics}
+            if "phase_name" in metrics:
+                shown = {"phase": metrics["phase_name"], **shown}
+            self._bar.set_postfix(shown, refresh=True)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self._wandb is not None:

@@ -44,8 +44,10 @@ class ConversionConfig:
     match_teacher_geometry: bool = True
     """Mamba2: heads, head_dim, d_state = head_dim and one group per head taken from the
     teacher attention, so Q/K/V/O map one-to-one onto C/B/x/out_proj."""
-    attention_init: bool = False
-    """Initialise mixer projections from the teacher's Q/K/V/O ("Mamba in the Llama")."""
+    attention_init: bool = True
+    """Initialise mixer projections from the teacher's Q/K/V/O ("Mamba in the Llama"); false:
+    fresh mixers as in the paper. On the default job it halved held-out perplexity at every
+    point of the run (benchmarks/results/recovery.md)."""
 
     def resolved(self, teacher_config: PretrainedConfig) -> "ConversionConfig":
         """A copy with every geometry field made concrete for this teacher."""

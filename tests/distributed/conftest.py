@@ -45,6 +45,7 @@ def tiny_overrides(teacher_dir, run_dir, data_cache, **extra) -> list[str]:
         "output.run_dir": str(run_dir),
         # One end-to-end target-guided phase unless a test asks for others (tests/distributed/test_guidance.py).
         "phases": "[{name: target, guidance: target}]",
+        "student.trainable": "all",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items() if v is not None]  # None: the run config's own default

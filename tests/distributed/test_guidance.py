@@ -31,7 +31,10 @@ def _ok(proc) -> None:
 
 
 def _overrides(teacher_dirs, run_dir, data_cache, phases: str, **extra) -> list[str]:
-    return tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, phases=phases, **{"output.save_every": 1, "output.keep_last": STEPS, **extra})
+    # student.trainable: the run config's default (mixers): with a frozen target the copied
+    # weights are the teacher's own tensors, which must outlive the hybrid release.
+    extra = {"output.save_every": 1, "output.keep_last": STEPS, "student.trainable": None, **extra}
+    return tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, phases=phases, **extra)
 
 
 def _killed_copy(reference, target, k: int):
@@ -127,18 +130,28 @@ def test_bad_waypoints_fail_before_training_naming_the_checkpoint(tmp_path, teac
 def test_unguided_builds_no_teacher_and_align_then_end_to_end_trains_mixers_first(tmp_path, teacher_dirs, data_cache):
     env = launcher_env(tmp_path)
     unguided = tmp_path / "unguided"
-    proc = run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], unguided, data_cache, phases="[{name: unguided, guidance: none}]", **{"train.max_steps": 3})), env)
+    overrides = tiny_overrides(teacher_dirs["llama"], unguided, data_cache, phases="[{name: unguided, guidance: none}]", **{"train.max_steps": 3})
+    proc = run(deepspeed_command(overrides), env)
     _ok(proc)
     report = json.loads((unguided / "report.json").read_text())
     assert report["ppl_teacher"] is None and "n/a (unguided)" in proc.stdout + proc.stderr
     assert all(set(r) >= {"ce"} and "layer" not in r for r in metrics(unguided).values())
 
-    # The default recipe: teacher-forced alignment with the copied weights frozen, then end to end.
-    default = tmp_path / "default"
-    _ok(run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], default, data_cache, phases=None, **{"train.max_steps": 4, "train.lr": 1e-3})), env))
-    history = metrics(default)
+    # Align with the copied weights frozen, then end to end with everything training.
+    staged = tmp_path / "staged"
+    overrides = tiny_overrides(teacher_dirs["llama"], staged, data_cache, phases=None, **{"train.max_steps": 4, "train.lr": 1e-3, "student.trainable": "all"})
+    _ok(run(deepspeed_command(overrides), env))
+    history = metrics(staged)
     assert [history[s]["phase_name"] for s in (1, 2, 3, 4)] == ["align", "align", "align", "end_to_end"]
     align, e2e = history[2]["lr_groups"], history[4]["lr_groups"]
     assert align["copied"] == 0.0 and align["mixers"] > 0
     assert e2e["copied"] == pytest.approx(0.1 * e2e["mixers"])
     assert "ce" not in history[1] and "ce" in history[4]
+    # The default job as shipped: only the mixers ever train, the copied weights are the teacher's.
+    default = tmp_path / "default"
+    _ok(run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], default, data_cache, phases=None, **{"train.max_steps": 4, "student.trainable": None})), env))
+    history = metrics(default)
+    assert [history[s]["phase_name"] for s in (1, 2, 3, 4)] == ["align", "align", "align", "end_to_end"]
+    assert set(history[4]["lr_groups"]) <= {"mixers", "mixers_no_decay"}
+    report = json.loads((default / "report.json").read_text())
+    assert report["ppl_student_after"] < report["ppl_student_before"]

@@ -76,8 +76,8 @@ def test_attention_init_maps_qkvo(family):
     assert torch.equal(w[2 * width : 3 * width], k_rep)
     assert torch.equal(w[3 * width : 4 * width], attn.q)
     assert torch.equal(mixer.out_proj.weight, attn.o)
-    # Without the flag the mixer is a fresh init.
-    fresh = convert_teacher(teacher, ConversionConfig(mixer="mamba2")).mixers()[0]
+    # With the flag off the mixer is a fresh init.
+    fresh = convert_teacher(teacher, ConversionConfig(mixer="mamba2", attention_init=False)).mixers()[0]
     assert not torch.equal(fresh.in_proj.weight[3 * width : 4 * width], attn.q)
 
 

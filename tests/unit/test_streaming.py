@@ -127,9 +127,11 @@ def test_loss_weights_and_skips():
     lw_t, lw_s = LayerwiseModel(teacher), LayerwiseModel(student)
     parts = cald_forward(lw_t, lw_s, ids, LossConfig(skip_first=1, skip_last=False))
     assert len(parts.per_layer) == 3
-    torch.testing.assert_close(parts.total, parts.ce + 15.0 * parts.layer)
+    torch.testing.assert_close(parts.total, parts.terms["ce"] + 15.0 * parts.terms["layer"])
+    assert set(parts.as_floats()) == {"loss", "ce", "layer"}  # a KL weight of 0 leaves the part out
     unguided = cald_forward(None, lw_s, ids, LossConfig(a_layer=0.0))
-    assert unguided.per_layer == [] and unguided.layer.item() == 0.0
+    assert unguided.per_layer == [] and set(unguided.terms) == {"ce"}
+    torch.testing.assert_close(unguided.total, unguided.terms["ce"])
     with pytest.raises(ValueError, match="blocks"):
         cald_forward(LayerwiseModel(tiny_teacher("llama", layers=3)), lw_s, ids, LossConfig())
 
