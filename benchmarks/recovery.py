@@ -9,8 +9,7 @@ run never trains on) and text from another domain (Wikipedia leads). Recipes:
 - hybrid:     target guided for 40% of the steps, then CE alone (teacher released);
 - align_e2e:  teacher-forced alignment of the mixers for 70% of the steps, then end to end;
 - each of them with attention-informed mixer init (+attn_init), with logit KL (+kl), and
-  with attention init and only the mixers training (+attn_init+mixers_only);
-  align_e2e+attn_init is the default job.
+  with attention init and only the mixers training (+attn_init+mixers_only, the default job).
 
 Where two recipes end within 10% of each other on the corpus's own held-out set, both
 are run again with a second seed. Writes benchmarks/results/recovery{,_quick}.{json,md,png}.
@@ -44,7 +43,7 @@ VARIANTS = {
     # Only the mixers ever train: the copied MLPs, norms and embeddings stay the teacher's.
     "+attn_init+mixers_only": ["student.conversion.attention_init=true", "student.trainable=mixers"],
 }
-DEFAULT_RECIPE = "align_e2e+attn_init"
+DEFAULT_RECIPE = "align_e2e+attn_init+mixers_only"
 TARGETS = {"heldout": 2.0, "wiki": 3.0}  # student / teacher perplexity, default recipe, full budget
 
 
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no_second_seed", action="store_true", help="skip the second-seed reruns of close pairs")
     args = parser.parse_args(argv)
     every = recipes()
-    chosen = args.recipes or ([p + "+attn_init" for p in PHASES] if args.quick else list(every))
+    chosen = args.recipes or ([p + "+attn_init+mixers_only" for p in PHASES] if args.quick else list(every))
     unknown = [r for r in chosen if r not in every]
     if unknown:
         parser.error(f"unknown recipes {unknown}; choose from {list(every)}")

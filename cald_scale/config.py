@@ -31,7 +31,7 @@ class StudentConfig:
     """Mixer choice and geometry, attention-informed init."""
     trainable: Literal["all", "mixers"] = "mixers"
     """Train only the new mixers (copied weights frozen: the default; on the default job it
-    matched training everything, 74.9 vs 75.3 held-out ppl, in 18% less time and with the
+    matched training everything, 74.9 vs 75.3 held-out ppl, in less time and with the
     frozen weights stored once), or every weight."""
     share_frozen_weights: bool = True
     """With trainable=mixers, the student uses the teacher's own tensors for its frozen copied
