@@ -39,20 +39,29 @@ def launch(run: Run, benchmark: str, *, ranks: int = 1, log_every_tokens: int | 
         print(f"[{benchmark}] reusing {folder}", flush=True)
         return curve(folder)
     launcher = str(Path(sys.executable).parent / "deepspeed")
-    cmd = [launcher, "--num_gpus", str(ranks), "launch/train.py", "--ds_config", "ds_configs/zero3.json"]
+    # A port of our own: two benchmarks (or a test run) may launch side by side.
+    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "launch/train.py", "--ds_config", "ds_configs/zero3.json"]
     if run.recipe:
         cmd += ["--recipe", run.recipe]
     cmd += args
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true"}
     folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    print(f"[{benchmark}] {run.name} seed {run.seed}: {' '.join(cmd[4:])}", flush=True)
+    print(f"[{benchmark}] {run.name} seed {run.seed}: {' '.join(cmd[6:])}", flush=True)
     with open(folder / "launch.log", "a") as log:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"run {run.name} (seed {run.seed}) failed with exit code {proc.returncode}; see {folder / 'launch.log'}")
     print(f"[{benchmark}] {run.name} seed {run.seed} done in {time.time() - started:.0f} s", flush=True)
     return curve(folder)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def curve(folder: Path) -> dict:
