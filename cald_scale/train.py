@@ -178,7 +178,6 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
         for key, value in parts.as_floats().items():
             sums[key] = sums.get(key, 0.0) + value / cfg.train.grad_accum
         per_layer = parts.per_layer
-    guide.after_step(phase, step)
     record = dict(sums)
     if per_layer:
         record["layer_losses"] = per_layer

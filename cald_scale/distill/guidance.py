@@ -41,7 +41,6 @@ class Guide:
         self.base_weights = base_weights
         self._shared = set(shared_param_ids)
         self.release_stats: dict | None = None
-        self.teacher_updates = 0
 
     # -- per step ------------------------------------------------------------------------
     def enter(self, step: int) -> LayerwiseModel | None:
@@ -69,10 +68,6 @@ class Guide:
             return None
         return self.teacher.train_step(input_ids)
 
-    def after_step(self, phase: Phase, step: int) -> None:
-        if self.updates_teacher(phase, step):
-            self.teacher_updates += 1
-
     def release(self, step: int) -> dict:
         """Destroy the teacher engine (the hybrid switch); its memory goes back to the OS."""
         self.release_stats = {"step": step, **self.teacher.release(keep=self._shared)}
@@ -90,14 +85,12 @@ class Guide:
         return self.teacher is not None and self.plan.trains_teacher
 
     def state(self) -> dict:
-        return {"teacher_updates": self.teacher_updates, "teacher_saved": self._saves_teacher}
+        return {"teacher_saved": self._saves_teacher}
 
     def save(self, tag_dir: Path) -> None:
         if self._saves_teacher:
             self.teacher.save(tag_dir)
 
     def restore(self, tag_dir: Path, client_state: dict) -> None:
-        guide = client_state.get("guide", {})
-        self.teacher_updates = int(guide.get("teacher_updates", 0))
-        if guide.get("teacher_saved") and self.teacher is not None:
+        if client_state.get("guide", {}).get("teacher_saved") and self.teacher is not None:
             self.teacher.resume(tag_dir)

@@ -55,9 +55,11 @@ class DistillationModels:
 
     @property
     def shared_param_ids(self) -> set[int]:
-        if not self.shares_frozen_weights:
+        """The tensors student and teacher both hold (the student's frozen copies, when shared)."""
+        if not self.shares_frozen_weights or self.teacher_engine is None:
             return set()
-        return {id(p) for p in self.student_engine.module.parameters() if not p.requires_grad}
+        teacher = {id(p) for p in self.teacher_engine.module.parameters()}
+        return {id(p) for p in self.student_engine.module.parameters() if id(p) in teacher}
 
     def refresh_head_pieces(self) -> None:
         """A frozen student head is read by pieces of rows; call after changing what trains."""

@@ -93,10 +93,6 @@ class ManagedTeacher:
         """Folder of the weights now in the engine (the base teacher's, or a waypoint's)."""
         self._chunk_tokens = chunk_tokens
 
-    @property
-    def trains(self) -> bool:
-        return self.engine.optimizer is not None and any(p.requires_grad for p in self.engine.module.parameters())
-
     def load(self, folder: str | Path) -> None:
         """Swap in the weights of ``folder`` (same architecture), partition by partition."""
         folder = str(folder)
