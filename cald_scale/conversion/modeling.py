@@ -21,9 +21,11 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 
 from ..configuration import from_dict, to_dict
+from ..generation.cache import StudentCache
 from ..mixers import build_mixer
 from ..mixers.config import Mamba2Config, MambaConfig
 from .registry import get_adapter
@@ -44,6 +46,9 @@ class ConversionConfig:
     match_teacher_geometry: bool = True
     """Mamba2: heads, head_dim, d_state = head_dim and one group per head taken from the
     teacher attention, so Q/K/V/O map one-to-one onto C/B/x/out_proj."""
+    attention_layers: list[int] = dataclasses.field(default_factory=list)
+    """Layers that keep the teacher's attention (a hybrid; the rest get mixers), e.g. every
+    other layer for MambaInLlama's 50% hybrid. Empty: every layer is converted."""
     attention_init: bool = True
     """Initialise mixer projections from the teacher's Q/K/V/O ("Mamba in the Llama"); false:
     fresh mixers as in the paper. On the default job it halved held-out perplexity at every
@@ -52,6 +57,16 @@ class ConversionConfig:
     def resolved(self, teacher_config: PretrainedConfig) -> "ConversionConfig":
         """A copy with every geometry field made concrete for this teacher."""
         out = copy.deepcopy(self)
+        layers = teacher_config.num_hidden_layers
+        bad = [i for i in self.attention_layers if not isinstance(i, int) or not 0 <= i < layers]
+        if bad or len(set(self.attention_layers)) != len(self.attention_layers):
+            raise ValueError(
+                f"student.conversion.attention_layers must be distinct layer indices in [0, {layers}), "
+                f"got {self.attention_layers}"
+            )
+        if len(self.attention_layers) == layers:
+            raise ValueError("student.conversion.attention_layers keeps every layer's attention: nothing to convert")
+        out.attention_layers = sorted(self.attention_layers)
         if self.mixer == "mamba2" and self.match_teacher_geometry:
             hidden, heads, _, head_dim = teacher_geometry(teacher_config)
             if (heads * head_dim) % hidden != 0:
@@ -83,16 +98,50 @@ def teacher_geometry(config: PretrainedConfig) -> tuple[int, int, int, int]:
 
 
 class MixerAsAttention(nn.Module):
-    """Sits where the teacher's attention sat: same call, returns ``(output, None)``."""
+    """Sits where the teacher's attention sat: same call, returns ``(output, None)``.
+
+    Without a cache it mixes the whole sequence. With a ``StudentCache`` the first call
+    (the prompt) runs ``prefill`` and stores the layer's conv and SSM state; later calls
+    run one ``step`` per token from that state, so a new token costs the same at any
+    context length.
+    """
 
     def __init__(self, mixer: nn.Module):
         super().__init__()
         self.mixer = mixer
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        # NOTE: the decoder passes its 4D causal mask; mixers are causal by construction and
-        # packed LM batches carry no padding, so the mask is not needed here.
-        return self.mixer(hidden_states), None
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *args: Any,
+        cache: Cache | None = None,
+        layer_past: Cache | None = None,
+        mixer_padding_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        # NOTE: the decoder passes its 4D causal mask, which mixers (causal by construction) do
+        # not need; ``mixer_padding_mask`` is the 2D one (left padding in batched generation)
+        # so that padded positions feed nothing into the state. gpt_neox calls the cache
+        # ``layer_past``.
+        cache = cache if cache is not None else layer_past
+        if cache is None:
+            return self.mixer(hidden_states, mixer_padding_mask), None
+        idx = self.mixer.layer_idx
+        state = None
+        if cache.has_previous_state(idx):
+            state = self.mixer.state_class(cache.get_conv_state(idx), cache.get_recurrent_state(idx))
+        if state is None:
+            out, state = self.mixer.prefill(hidden_states, mixer_padding_mask)
+        else:
+            # Continuing from a state: one step per token (a chunk after the prompt is rare).
+            outs = []
+            for t in range(hidden_states.shape[1]):
+                out_t, state = self.mixer.step(hidden_states[:, t : t + 1], state)
+                outs.append(out_t)
+            out = torch.cat(outs, dim=1)
+        cache.update_conv_state(state.conv_state, idx)
+        cache.update_recurrent_state(state.ssm_state, idx)
+        return out, None
 
 
 class CaldStudentConfig(PretrainedConfig):
@@ -120,6 +169,17 @@ class CaldStudentConfig(PretrainedConfig):
     def mixer(self) -> str:
         return self.conversion["mixer"]
 
+    @property
+    def attention_layers(self) -> list[int]:
+        """Layers that kept the teacher's attention (empty unless a hybrid)."""
+        return list(self.conversion.get("attention_layers", []))
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Per layer: ``linear_attention`` (a mixer) or ``full_attention`` (kept attention)."""
+        kept = set(self.attention_layers)
+        return ["full_attention" if i in kept else "linear_attention" for i in range(self.num_hidden_layers)]
+
     def conversion_config(self) -> ConversionConfig:
         return from_dict(ConversionConfig, self.conversion, "conversion")
 
@@ -142,7 +202,10 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
         self.adapter = get_adapter(teacher_config.model_type)
         self.backbone = AutoModelForCausalLM.from_config(teacher_config)
         conversion = config.conversion_config()
+        kept = set(conversion.attention_layers)
         for idx, layer in enumerate(self.adapter.layers(self.backbone)):
+            if idx in kept:
+                continue  # a hybrid keeps the teacher's attention here
             self.adapter.set_attention(layer, None)
             # NOTE: a replaced attention may sit in a reference cycle (hooks that capture its
             # parameters do that); collect it now, so at most one is alive while mixers are built.
@@ -162,7 +225,9 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
         return self.backbone.get_output_embeddings()
 
     def mixers(self) -> list[nn.Module]:
-        return [self.adapter.attention(layer).mixer for layer in self.adapter.layers(self.backbone)]
+        """The mixers, in layer order (a hybrid's attention layers have none)."""
+        slots = (self.adapter.attention(layer) for layer in self.adapter.layers(self.backbone))
+        return [slot.mixer for slot in slots if isinstance(slot, MixerAsAttention)]
 
     def mixer_parameters(self) -> list[nn.Parameter]:
         """The parameters of the new mixers (everything else is copied from the teacher)."""
@@ -174,9 +239,43 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
             return
         self.backbone._init_weights(module)
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        kwargs.setdefault("use_cache", False)
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+    def forward(self, input_ids=None, attention_mask=None, labels=None, cache=None, use_cache=None, **kwargs):
+        legacy = kwargs.pop("past_key_values", None)  # the pre-5.x name of ``cache``
+        cache = cache if cache is not None else legacy
+        if use_cache and cache is None:
+            cache = self.new_cache()
+        if cache is not None and not isinstance(cache, StudentCache):
+            raise TypeError(f"the student generates with a StudentCache (model.new_cache()), got {type(cache).__name__}")
+        if attention_mask is not None and attention_mask.dim() == 2:
+            kwargs["mixer_padding_mask"] = attention_mask[:, -self._new_tokens(input_ids, kwargs) :]
+        out = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, cache=cache, use_cache=bool(cache), **kwargs
+        )
+        if cache is not None:
+            cache.advance(self._new_tokens(input_ids, kwargs))
+        return out
+
+    @staticmethod
+    def _new_tokens(input_ids, kwargs) -> int:
+        return (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+
+    # --- generation ----------------------------------------------------------------------
+    def new_cache(self) -> StudentCache:
+        """An empty cache for this layout: conv + SSM state per mixer, KV per kept attention."""
+        return StudentCache(self.config.layer_types)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # NOTE: generate() would build a DynamicCache from the config; the student's layout is
+        # mixers (and maybe kept attention), so it gets its own cache.
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            if generation_config.cache_implementation not in (None, "dynamic"):
+                raise ValueError(
+                    f"cache_implementation={generation_config.cache_implementation!r} is not supported by the "
+                    "student: its mixers keep a constant-size recurrent state"
+                )
+            model_kwargs["cache"] = self.new_cache()
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
 
 AutoConfig.register(CaldStudentConfig.model_type, CaldStudentConfig)

@@ -93,7 +93,8 @@ def _init_mixers(student: CaldStudentForCausalLM, weights: WeightReader, seed: i
     prefixes = attention_prefixes(student.backbone, student.adapter)
     renamed = RenamedReader(weights, student.backbone) if conversion.attention_init else None
     std = getattr(teacher_config, "initializer_range", 0.02)
-    for idx, mixer in enumerate(student.mixers()):
+    for mixer in student.mixers():
+        idx = mixer.layer_idx
         fresh = _fresh_mixer(student.config, idx, seed, std)
         if conversion.attention_init:
             attn = student.adapter.read_attention(TensorTree(renamed, prefixes[idx]), teacher_config)
@@ -125,7 +126,8 @@ def build_student(
         student = CaldStudentForCausalLM(config)
     student.backbone.tie_weights()  # no_init_weights also skips tying
     gc.collect()  # the untied head's tensor, if any (partitioned tensors sit in reference cycles)
-    mixer_keys = attention_prefixes(student.backbone, adapter)
+    kept = set(config.attention_layers)  # a hybrid's attention is copied like everything else
+    mixer_keys = tuple(p for i, p in enumerate(attention_prefixes(student.backbone, adapter)) if i not in kept)
     if share_with is not None:
         share_copied_weights(student, share_with)
         gc.collect()  # the student's own copies, now replaced
@@ -144,9 +146,10 @@ def build_student(
             raise WeightsMismatchError(f"teacher/student mismatch while copying weights: {err}") from err
     _init_mixers(student, weights, seed, placement)
     logger.info(
-        "converted %s (%d layers) -> %s student (%s placement%s), attention_init=%s",
+        "converted %s (%d of %d layers) -> %s student (%s placement%s), attention_init=%s",
         teacher_config.model_type,
         len(mixer_keys),
+        teacher_config.num_hidden_layers,
         config.mixer,
         placement.name,
         ", copied weights shared with the teacher" if share_with is not None else "",

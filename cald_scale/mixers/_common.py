@@ -27,7 +27,10 @@ class MixerOps(NamedTuple):
 class SequenceMixer(nn.Module):
     """The contract every mixer keeps: whole-sequence ``forward``, ``prefill`` (forward plus
     the decoding state after the last token) and a one-token ``step``; subclasses implement
-    ``_mix``, ``allocate_state`` and ``step``."""
+    ``_mix``, ``allocate_state`` and ``step``, and name their state dataclass (fields
+    ``conv_state`` and ``ssm_state``) as ``state_class``."""
+
+    state_class: type
 
     def _mix(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, return_state: bool):
         raise NotImplementedError

@@ -75,6 +75,8 @@ class MambaMixer(SequenceMixer):
     "cuda" mamba_ssm's selective_scan_fn.
     """
 
+    state_class = MambaState
+
     def __init__(self, config: MambaConfig, hidden_size: int, layer_idx: int = 0) -> None:
         super().__init__()
         self.config = config

@@ -103,6 +103,8 @@ class Mamba2Mixer(SequenceMixer):
     norm.weight, out_proj), so a trained mixer exports to BambaForCausalLM as it is.
     """
 
+    state_class = Mamba2State
+
     def __init__(self, config: Mamba2Config, hidden_size: int, layer_idx: int = 0, activation: str = "silu") -> None:
         super().__init__()
         if activation not in ("silu", "swish"):

@@ -1,0 +1,6 @@
+"""The converted model in use: a recurrent-state cache for generation (KV only for the layers
+that keep attention) and the ``cald-scale generate`` command."""
+
+from .cache import StudentCache
+
+__all__ = ["StudentCache"]

@@ -1,0 +1,64 @@
+"""``StudentCache``: what a converted student carries from one token to the next.
+
+A mixer layer keeps a convolution state and an SSM state whose size does not depend on the
+context length; a layer that kept the teacher's attention (a hybrid) keeps its KV cache.
+Both are transformers cache layers, so ``generate`` (greedy, sampling, beams, left-padded
+batches) drives the cache as it drives any other.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer, LinearAttentionLayer
+
+__all__ = ["StudentCache", "state_bytes"]
+
+
+class StudentCache(DynamicCache):
+    """Per layer: ``LinearAttentionLayer`` (conv + SSM state) for a mixer, ``DynamicLayer`` (KV)
+    for kept attention. Also counts the tokens it has seen, which a cache of mixers alone
+    cannot read off any tensor (positions and mask sizes need it)."""
+
+    def __init__(self, layer_types: list[str]):
+        layers = [LinearAttentionLayer() if kind == "linear_attention" else DynamicLayer() for kind in layer_types]
+        # NOTE: DynamicCache.__init__ would build the layers from a config; ours come from the
+        # student's layout, so the base Cache constructor is called directly.
+        super(DynamicCache, self).__init__(layers=layers)
+        self.tokens_seen = 0
+
+    @property
+    def has_attention(self) -> bool:
+        return any(isinstance(layer, CacheLayerMixin) for layer in self.layers)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if not self.has_attention:
+            return self.tokens_seen
+        return super().get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        if not self.has_attention:
+            # No layer reads the mask; give the sizes a full cache would have.
+            return self.tokens_seen + query_length, 0
+        return super().get_mask_sizes(query_length, layer_idx)
+
+    def advance(self, num_tokens: int) -> None:
+        """Record that a forward pass consumed ``num_tokens`` more positions."""
+        self.tokens_seen += num_tokens
+
+    def reset(self) -> None:
+        super().reset()
+        self.tokens_seen = 0
+
+
+def state_bytes(cache: DynamicCache) -> dict[str, int]:
+    """Bytes a cache holds: ``recurrent`` (conv + SSM states) and ``kv`` (attention keys and values)."""
+    recurrent = kv = 0
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionLayer):
+            for states in (layer.conv_states, layer.recurrent_states):
+                recurrent += sum(t.numel() * t.element_size() for t in states.values() if isinstance(t, torch.Tensor))
+        if isinstance(layer, CacheLayerMixin):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    kv += t.numel() * t.element_size()
+    return {"recurrent": recurrent, "kv": kv}

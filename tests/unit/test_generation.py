@@ -1,0 +1,129 @@
+"""Generation with the recurrent-state cache, and hybrid layouts (layers that keep attention)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_teacher
+from transformers import AutoModelForCausalLM
+
+from cald_scale.conversion.modeling import ConversionConfig, MixerAsAttention
+from cald_scale.conversion.registry import get_adapter
+from cald_scale.conversion.surgery import convert_teacher
+from cald_scale.generation import StudentCache
+from cald_scale.generation.cache import state_bytes
+
+LAYOUTS = [
+    pytest.param("llama", "mamba2", [], id="llama-mamba2"),
+    pytest.param("llama", "mamba", [], id="llama-mamba"),
+    pytest.param("llama", "mamba2", [1], id="llama-mamba2-hybrid"),
+    pytest.param("gpt_neox", "mamba", [0], id="gpt_neox-mamba-hybrid"),
+]
+GREEDY = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+
+
+def _student(family: str, mixer: str, attention_layers: list[int], layers: int = 3):
+    teacher = tiny_teacher(family, layers=layers)
+    return convert_teacher(teacher, ConversionConfig(mixer=mixer, attention_layers=attention_layers)).eval()
+
+
+def _left_padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (3, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # row 0: a 5-token prompt, left-padded
+    mask[2, :1] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family,mixer,attention_layers", LAYOUTS)
+def test_cached_generation_equals_recompute(family, mixer, attention_layers):
+    student = _student(family, mixer, attention_layers)
+    ids, mask = _left_padded_batch()
+    cached = student.generate(ids, attention_mask=mask, use_cache=True, **GREEDY)
+    recomputed = student.generate(ids, attention_mask=mask, use_cache=False, **GREEDY)
+    assert torch.equal(cached, recomputed)
+    # A left-padded row generates what the same prompt alone generates.
+    alone = student.generate(ids[:1, 4:], attention_mask=mask[:1, 4:], use_cache=True, **GREEDY)
+    assert torch.equal(cached[0, 4:], alone[0])
+
+
+@pytest.mark.parametrize("family,mixer,attention_layers", LAYOUTS)
+def test_step_logits_equal_full_forward(family, mixer, attention_layers):
+    student = _student(family, mixer, attention_layers)
+    ids = torch.randint(3, 256, (2, 16))
+    with torch.no_grad():
+        full = student(ids).logits
+        cache = student.new_cache()
+        prefix = student(ids[:, :10], cache=cache, use_cache=True).logits
+        steps = [student(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(10, 16)]
+    torch.testing.assert_close(torch.cat([prefix, *steps], dim=1), full, rtol=1e-4, atol=1e-4)
+    assert cache.get_seq_length() == 16
+
+
+def test_sampling_with_a_seed_matches_recompute():
+    student = _student("llama", "mamba2", [])
+    ids, mask = _left_padded_batch(1)
+    outs = []
+    for use_cache in (True, False):
+        torch.manual_seed(7)
+        outs.append(student.generate(ids, attention_mask=mask, use_cache=use_cache, do_sample=True, top_k=20,
+                                     temperature=0.9, max_new_tokens=10, pad_token_id=0))
+    assert torch.equal(*outs)
+
+
+def test_decoding_runs_one_token_per_mixer_call_and_state_is_constant():
+    student = _student("llama", "mamba2", [1])
+    mixer_layer = student.mixers()[0]
+    prefills, steps = [], []
+    orig_prefill, orig_step = mixer_layer.prefill, mixer_layer.step
+    mixer_layer.prefill = lambda h, *a: (prefills.append(h.shape[1]), orig_prefill(h, *a))[1]
+    mixer_layer.step = lambda h, *a: (steps.append(h.shape[1]), orig_step(h, *a))[1]
+    student.generate(torch.randint(3, 256, (1, 11)), use_cache=True, **GREEDY)
+    # The prompt goes through the mixer once (prefill); every later token is one step.
+    assert prefills == [11] and steps == [1] * (GREEDY["max_new_tokens"] - 1)
+
+    sizes = {}
+    for context in (8, 64):
+        cache = student.new_cache()
+        with torch.no_grad():
+            student(torch.randint(3, 256, (2, context)), cache=cache, use_cache=True)
+        sizes[context] = state_bytes(cache)
+    assert sizes[8]["recurrent"] == sizes[64]["recurrent"] > 0
+    assert sizes[64]["kv"] == 8 * sizes[8]["kv"] > 0  # the kept attention layer's KV grows
+
+
+def test_hybrid_keeps_the_teachers_attention_and_round_trips(tmp_path):
+    teacher = tiny_teacher("llama", layers=4)
+    student = convert_teacher(teacher, ConversionConfig(mixer="mamba2", attention_layers=[1, 3]))
+    adapter = get_adapter("llama")
+    kinds = [type(adapter.attention(layer)) for layer in adapter.layers(student.backbone)]
+    assert kinds[0] is MixerAsAttention and kinds[2] is MixerAsAttention
+    assert kinds[1] is type(adapter.attention(adapter.layers(teacher)[1])) and kinds[3] is kinds[1]
+    assert [m.layer_idx for m in student.mixers()] == [0, 2]
+    assert student.config.layer_types == ["linear_attention", "full_attention"] * 2
+    teacher_state, student_state = teacher.state_dict(), student.backbone.state_dict()
+    kept = [k for k in teacher_state if ".layers.1.self_attn." in k or ".layers.3.self_attn." in k]
+    assert kept and all(torch.equal(teacher_state[k], student_state[k]) for k in kept)
+    student.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.attention_layers == [1, 3]
+    ids = torch.randint(3, 256, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, student(ids).logits)
+
+
+@pytest.mark.parametrize("bad", [[3], [-1], [0, 0], [0, 1, 2]])
+def test_bad_attention_layers_are_refused(bad):
+    with pytest.raises(ValueError, match="attention_layers"):
+        convert_teacher(tiny_teacher("llama", layers=3), ConversionConfig(attention_layers=bad))
+
+
+def test_student_refuses_a_foreign_cache():
+    from transformers import DynamicCache
+
+    student = _student("llama", "mamba2", [])
+    with pytest.raises(TypeError, match="StudentCache"):
+        student(torch.randint(3, 256, (1, 4)), cache=DynamicCache(), use_cache=True)
+    assert isinstance(student.new_cache(), StudentCache)
