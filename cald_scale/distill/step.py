@@ -186,7 +186,8 @@ def teacher_forced_step(
                 terms.append(layer_loss(s_h, t_outs[j]))
         if terms:
             stage_loss = weight * torch.stack(terms).sum()
-            if all_agree(bool(torch.isfinite(stage_loss))):
+            # NOTE: a hybrid's kept attention layer with frozen weights has nothing to learn.
+            if stage_loss.requires_grad and all_agree(bool(torch.isfinite(stage_loss))):
                 backward(stage_loss)
             layer_terms.extend(t.detach() for t in terms)
         t_h = t_outs[-1]

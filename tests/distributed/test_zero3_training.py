@@ -169,3 +169,32 @@ def test_teacher_forced_schedule_trains_each_block_on_its_own(tmp_path, teacher_
     assert sorted(history) == list(range(1, 9))
     assert "ce" not in history[1] and len(history[1]["layer_losses"]) == 3
     assert history[8]["layer"] < 0.75 * history[1]["layer"], (history[1]["layer"], history[8]["layer"])
+
+
+def test_hybrid_layout_aligns_trains_exports_and_generates(tmp_path, teacher_dirs, data_cache):
+    """MambaInLlama-style hybrid: layer 1 keeps the teacher's attention (frozen with the
+    mixers-only default) through teacher-forced alignment, end-to-end training and export."""
+    env = launcher_env(tmp_path)
+    run_dir = tmp_path / "hybrid"
+    overrides = tiny_overrides(
+        teacher_dirs["llama"], run_dir, data_cache,
+        **{"student.conversion.attention_layers": "[1]", "student.trainable": "mixers", "phases": None,
+           "train.max_steps": 8, "train.lr": 1e-2},
+    )
+    _ok(run(deepspeed_command(overrides), env))
+    history = metrics(run_dir)
+    assert history[8]["phase_name"] == "end_to_end" and history[1]["phase_name"] == "align"
+    assert len(history[1]["layer_losses"]) >= 2
+    from transformers import AutoModelForCausalLM
+
+    import cald_scale  # noqa: F401  (registers the student classes)
+
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "student").eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dirs["llama"])
+    assert student.config.attention_layers == [1] and [m.layer_idx for m in student.mixers()] == [0, 2]
+    kept = {k: v for k, v in teacher.state_dict().items() if ".layers.1.self_attn." in k}
+    student_state = student.backbone.state_dict()
+    assert kept and all(torch.equal(v, student_state[k]) for k, v in kept.items())
+    ids = torch.randint(3, 1000, (2, 10))
+    greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(student.generate(ids, use_cache=True, **greedy), student.generate(ids, use_cache=False, **greedy))
