@@ -14,6 +14,8 @@ __all__ = ["COMMANDS", "main"]
 
 COMMANDS: dict[str, str] = {
     "evaluate": "cald_scale.evaluate",
+    "generate": "cald_scale.generate",
+    "export": "cald_scale.export.command",
 }
 """Subcommand -> the module implementing it."""
 

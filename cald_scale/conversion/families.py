@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import AttentionWeights, FamilyAdapter, register_family
+from .registry import AttentionWeights, BambaLayout, FamilyAdapter, register_family
 
 
 def _read_separate_qkvo(attn: nn.Module, config) -> AttentionWeights:
@@ -35,6 +35,22 @@ def _read_gpt_neox(attn: nn.Module, config) -> AttentionWeights:
     return AttentionWeights(q=q, k=k, v=v, o=attn.dense.weight, q_bias=qb, k_bias=kb, v_bias=vb, o_bias=attn.dense.bias)
 
 
+# Llama-shaped blocks -> Bamba: the mixer sits where attention sat, the MLP is Bamba's
+# feed_forward behind pre_ff_layernorm, the final norm is final_layernorm.
+_LLAMA_TO_BAMBA = (
+    (r"^model\.norm\.", "model.final_layernorm."),
+    (r"\.self_attn\.mixer\.", ".mamba."),
+    (r"\.post_attention_layernorm\.", ".pre_ff_layernorm."),
+    (r"\.mlp\.", ".feed_forward."),
+)
+
+_BAMBA = {
+    "llama": BambaLayout(_LLAMA_TO_BAMBA, attention_bias=lambda c: bool(getattr(c, "attention_bias", False))),
+    "mistral": BambaLayout(_LLAMA_TO_BAMBA, attention_bias=lambda c: False),
+    # Qwen2 has q/k/v biases and a bias-free o_proj.
+    "qwen2": BambaLayout(_LLAMA_TO_BAMBA, attention_bias=lambda c: True, zero_filled=(".self_attn.o_proj.bias",)),
+}
+
 for _model_type in ("llama", "mistral", "qwen2"):
     register_family(
         FamilyAdapter(
@@ -42,6 +58,7 @@ for _model_type in ("llama", "mistral", "qwen2"):
             attention_attr="self_attn",
             final_norm_attr="norm",
             read_attention=_read_separate_qkvo,
+            bamba=_BAMBA[_model_type],
         )
     )
 
@@ -52,5 +69,6 @@ register_family(
         final_norm_attr="final_layer_norm",
         read_attention=_read_gpt_neox,
         embed_dropout_attr="emb_dropout",
+        bamba_refusal="gpt_neox blocks (LayerNorm, attention and MLP side by side on one residual) have no Bamba equivalent",
     )
 )

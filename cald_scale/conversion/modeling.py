@@ -45,7 +45,8 @@ class ConversionConfig:
     """Mamba (selective SSM) settings."""
     match_teacher_geometry: bool = True
     """Mamba2: heads, head_dim, d_state = head_dim and one group per head taken from the
-    teacher attention, so Q/K/V/O map one-to-one onto C/B/x/out_proj."""
+    teacher attention, so Q/K/V/O map one-to-one onto C/B/x/out_proj; the gated norm's
+    epsilon is the teacher's rms_norm_eps."""
     attention_layers: list[int] = dataclasses.field(default_factory=list)
     """Layers that keep the teacher's attention (a hybrid; the rest get mixers), e.g. every
     other layer for MambaInLlama's 50% hybrid. Empty: every layer is converted."""
@@ -81,6 +82,8 @@ class ConversionConfig:
                 expand=heads * head_dim // hidden,
                 d_state=head_dim,
                 n_groups=heads,
+                # Bamba's convention (native export): the gated norm uses the teacher's epsilon.
+                norm_eps=getattr(teacher_config, "rms_norm_eps", self.mamba2.norm_eps),
             )
         return out
 

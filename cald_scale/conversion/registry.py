@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["AttentionWeights", "FamilyAdapter", "register_family", "get_adapter", "supported_families"]
+__all__ = ["AttentionWeights", "BambaLayout", "FamilyAdapter", "register_family", "get_adapter", "supported_families"]
 
 
 @dataclass
@@ -35,6 +35,23 @@ class AttentionWeights:
 
 
 @dataclass(frozen=True)
+class BambaLayout:
+    """How a family's decoder maps onto transformers' ``BambaForCausalLM`` (native export).
+
+    Bamba's block is a pre-norm Llama block whose token mixer is a Mamba2 mixer or a Llama
+    attention, so a family of that shape exports by renaming keys.
+    """
+
+    key_renames: tuple[tuple[str, str], ...]
+    """(regex, replacement) pairs applied in order to each student backbone key."""
+    attention_bias: Callable[[object], bool]
+    """Bamba's ``attention_bias`` (one flag for q/k/v/o) for a teacher config."""
+    zero_filled: tuple[str, ...] = ()
+    """Suffixes of Bamba parameters the family does not have but that equal zero (qwen2's
+    o_proj has no bias; with attention_bias Bamba gives it one, so it is exported as zeros)."""
+
+
+@dataclass(frozen=True)
 class FamilyAdapter:
     """What a model family looks like; everything else comes from the HF PreTrainedModel API."""
 
@@ -47,6 +64,10 @@ class FamilyAdapter:
     """Reads Q/K/V/O from one attention module (given the model config)."""
     embed_dropout_attr: str | None = None
     """Optional dropout applied to embeddings on the base model (gpt_neox ``emb_dropout``)."""
+    bamba: BambaLayout | None = None
+    """The native Bamba export of this family's students; None: Bamba cannot express it."""
+    bamba_refusal: str = ""
+    """Why a family without ``bamba`` cannot export to Bamba (shown to the user)."""
 
     # --- accessors used by conversion and streaming -------------------------------------
     @staticmethod

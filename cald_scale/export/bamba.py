@@ -1,0 +1,159 @@
+"""Native export: a Llama-family student with Mamba2 mixers as a transformers ``BambaForCausalLM``.
+
+Bamba's block is the teacher's block with a Mamba2 mixer (parameters named as ours) in the
+attention slot, so the export is a key rename given by the family adapter
+(``FamilyAdapter.bamba``) and a config translation. The folder loads with stock
+transformers, no ``import cald_scale``:
+
+    AutoModelForCausalLM.from_pretrained(folder)   # -> BambaForCausalLM
+
+Layouts Bamba cannot express (gpt_neox blocks, Mamba-1 mixers) are refused here; their
+students load through the Auto classes after ``import cald_scale`` (README "Export").
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, BambaConfig, BambaForCausalLM
+from transformers.initialization import no_init_weights
+
+from ..conversion.modeling import CaldStudentForCausalLM, teacher_geometry
+from ..fileio import atomic_dir
+
+__all__ = ["BambaExportError", "bamba_config", "bamba_state_dict", "export_bamba"]
+
+
+class BambaExportError(ValueError):
+    """The student's layout has no Bamba equivalent (the message says why)."""
+
+
+_AUTO_ROUTE = "export it as a cald_scale student instead (save_pretrained; load with `import cald_scale` + AutoModelForCausalLM)"
+
+
+def _check_exportable(student: CaldStudentForCausalLM) -> None:
+    config, adapter = student.config, student.adapter
+    if adapter.bamba is None:
+        raise BambaExportError(f"cannot export to Bamba: {adapter.bamba_refusal}; {_AUTO_ROUTE}")
+    if config.mixer != "mamba2":
+        raise BambaExportError(f"cannot export to Bamba: its mixer is Mamba2, this student has {config.mixer!r} mixers; {_AUTO_ROUTE}")
+    teacher = config.teacher_hf_config()
+    mixer = config.conversion_config().mamba2
+    reasons = []
+    if getattr(teacher, "hidden_act", "silu") not in ("silu", "swish"):
+        reasons.append(f"Bamba's convolution uses the MLP activation, which is {teacher.hidden_act!r}, not silu")
+    if abs(mixer.norm_eps - teacher.rms_norm_eps) > 0:
+        reasons.append(f"Bamba's gated norm uses rms_norm_eps ({teacher.rms_norm_eps}), the mixers use norm_eps {mixer.norm_eps}")
+    window = getattr(teacher, "sliding_window", None)
+    if config.attention_layers and window is not None and window < teacher.max_position_embeddings:
+        reasons.append(f"its kept attention uses a sliding window ({window}), which Bamba's attention does not")
+    if reasons:
+        raise BambaExportError("cannot export to Bamba: " + "; ".join(reasons) + f"; {_AUTO_ROUTE}")
+
+
+def bamba_config(student: CaldStudentForCausalLM) -> BambaConfig:
+    """The BambaConfig with the student's geometry, layout and the teacher's vocabulary and RoPE."""
+    _check_exportable(student)
+    teacher = student.config.teacher_hf_config()
+    mixer = student.config.conversion_config().mamba2
+    hidden, heads, kv_heads, head_dim = teacher_geometry(teacher)
+    attention_layers = student.config.attention_layers
+    rope = dict(getattr(teacher, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0})
+    # NOTE: Bamba defaults to rotating half of each head; the teacher rotates all of it.
+    rope["partial_rotary_factor"] = 1.0
+    return BambaConfig(
+        vocab_size=teacher.vocab_size,
+        tie_word_embeddings=bool(getattr(teacher, "tie_word_embeddings", False)),
+        hidden_size=hidden,
+        intermediate_size=teacher.intermediate_size,
+        num_hidden_layers=teacher.num_hidden_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_act=teacher.hidden_act,
+        rms_norm_eps=teacher.rms_norm_eps,
+        max_position_embeddings=teacher.max_position_embeddings,
+        attention_bias=student.adapter.bamba.attention_bias(teacher),
+        mlp_bias=bool(getattr(teacher, "mlp_bias", False)),
+        rope_parameters=rope,
+        attn_layer_indices=attention_layers,
+        mamba_n_heads=mixer.resolved_num_heads(hidden),
+        mamba_d_head=mixer.head_dim,
+        mamba_n_groups=mixer.n_groups,
+        mamba_d_state=mixer.d_state,
+        mamba_d_conv=mixer.d_conv,
+        mamba_expand=mixer.expand,
+        mamba_chunk_size=mixer.chunk_size,
+        mamba_conv_bias=mixer.conv_bias,
+        mamba_proj_bias=mixer.proj_bias,
+        time_step_limit=mixer.time_step_limit,
+        pad_token_id=teacher.pad_token_id,
+        bos_token_id=teacher.bos_token_id,
+        eos_token_id=teacher.eos_token_id,
+        # NOTE: transformers' Bamba cannot build its cache without an attention layer (its mask
+        # needs one); without any, the export runs uncached by default, correct but slower.
+        use_cache=bool(attention_layers),
+    )
+
+
+def bamba_state_dict(student: CaldStudentForCausalLM, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The student's backbone tensors under Bamba's names (``state_dict``: the backbone's, if
+    already gathered, e.g. from ZeRO-3 partitions)."""
+    _check_exportable(student)
+    layout = student.adapter.bamba
+    rules = [(re.compile(pattern), replacement) for pattern, replacement in layout.key_renames]
+    out = {}
+    for key, value in (state_dict if state_dict is not None else student.backbone.state_dict()).items():
+        for pattern, replacement in rules:
+            key = pattern.sub(replacement, key)
+        out[key] = value
+    return out
+
+
+@torch.no_grad()
+def to_bamba(student: CaldStudentForCausalLM) -> BambaForCausalLM:
+    """The student as a BambaForCausalLM in memory (same tensors, Bamba's names)."""
+    config = bamba_config(student)
+    tensors = bamba_state_dict(student)
+    dtype = next(student.parameters()).dtype
+    # NOTE: no random init (every parameter is assigned below); buffers such as RoPE's
+    # inverse frequencies are computed as usual.
+    with no_init_weights():
+        model = BambaForCausalLM(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    for key in list(missing):
+        if key.endswith(student.adapter.bamba.zero_filled) or (key == "lm_head.weight" and config.tie_word_embeddings):
+            missing.remove(key)
+            if key != "lm_head.weight":
+                tensors[key] = torch.zeros(expected[key].shape, dtype=dtype)
+    if missing or unexpected:
+        raise BambaExportError(
+            f"the student's tensors do not map onto Bamba's: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for key, value in tensors.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise BambaExportError(f"{key}: the student has shape {tuple(value.shape)}, Bamba expects {tuple(expected[key].shape)}")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    return model.to(dtype).eval()
+
+
+def export_bamba(student: CaldStudentForCausalLM | str | Path, target: str | Path, tokenizer=None) -> Path:
+    """Write ``student`` (a model, or an exported student folder) as a Bamba folder: config,
+    safetensors, tokenizer. Atomic: ``target`` appears complete or not at all."""
+    if not isinstance(student, CaldStudentForCausalLM):
+        folder = Path(student)
+        if tokenizer is None and (folder / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        student = CaldStudentForCausalLM.from_pretrained(folder)
+    model = to_bamba(student)
+    target = Path(target)
+    with atomic_dir(target, replace=True) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return target

@@ -1,0 +1,31 @@
+"""How long a context a model can take: a student of mixers alone has no positions and no
+limit; anything with attention is refused beyond the positions it was trained on."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedModel
+
+__all__ = ["check_context", "max_context"]
+
+
+def max_context(model: PreTrainedModel) -> int | None:
+    """The longest context ``model`` takes: None when no layer is attention (mixers only), else
+    its ``max_position_embeddings``."""
+    config = model.config
+    layer_types = getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None)
+    if layer_types is not None and all(kind == "linear_attention" for kind in layer_types):
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None and hasattr(config, "teacher_hf_config"):
+        limit = config.teacher_hf_config().max_position_embeddings
+    return limit
+
+
+def check_context(model: PreTrainedModel, tokens: int, name: str = "the model") -> None:
+    """Refuse (ValueError) a context of ``tokens`` positions that ``model`` was not trained for."""
+    limit = max_context(model)
+    if limit is not None and tokens > limit:
+        raise ValueError(
+            f"a context of {tokens} tokens exceeds {name}'s max_position_embeddings ({limit}): its attention "
+            "was trained on at most that many positions; a converted student with mixers only has no such limit"
+        )

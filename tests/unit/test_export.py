@@ -1,0 +1,87 @@
+"""Native Bamba export: stock transformers loads it (no cald_scale), same logits, same generations."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny_models import tiny_teacher, train_tokenizer
+
+from cald_scale.conversion.modeling import ConversionConfig
+from cald_scale.conversion.surgery import convert_teacher
+from cald_scale.export.bamba import BambaExportError, export_bamba
+
+# Runs in a fresh interpreter: only transformers, never cald_scale.
+_STOCK_LOADER = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+cases = json.loads(sys.argv[1])
+out = {}
+for name, case in cases.items():
+    model = AutoModelForCausalLM.from_pretrained(case["folder"]).eval()
+    ids = torch.tensor(case["ids"])
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+    generated = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out[name] = {"class": type(model).__name__, "logits": logits.tolist(), "generated": generated.tolist(),
+                 "use_cache": model.config.use_cache, "attn_layer_indices": model.config.attn_layer_indices}
+assert not any(m.startswith("cald_scale") for m in sys.modules), "cald_scale was imported"
+print(json.dumps(out))
+"""
+
+CASES = {
+    "llama-all-mamba2": ("llama", []),
+    "llama-hybrid": ("llama", [1]),
+    "qwen2-hybrid": ("qwen2", [0, 2]),
+}
+
+
+def test_bamba_export_loads_in_stock_transformers_with_equal_logits(tmp_path):
+    students, cases = {}, {}
+    for name, (family, kept) in CASES.items():
+        student = convert_teacher(tiny_teacher(family, layers=3), ConversionConfig(attention_layers=kept)).eval()
+        export_bamba(student, tmp_path / name)
+        ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(len(name)))
+        students[name] = (student, ids)
+        cases[name] = {"folder": str(tmp_path / name), "ids": ids.tolist()}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", _STOCK_LOADER, json.dumps(cases)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, (student, ids) in students.items():
+        got = loaded[name]
+        assert got["class"] == "BambaForCausalLM"
+        assert got["attn_layer_indices"] == CASES[name][1]
+        with torch.no_grad():
+            expected = student(ids).logits
+        torch.testing.assert_close(torch.tensor(got["logits"]), expected, rtol=1e-4, atol=1e-5)
+        ours = student.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, use_cache=True)
+        assert torch.equal(torch.tensor(got["generated"]), ours)
+        # Bamba in transformers cannot build its cache without an attention layer: uncached then.
+        assert got["use_cache"] == bool(CASES[name][1])
+
+
+def test_bamba_export_refuses_what_bamba_cannot_express(tmp_path):
+    neox = convert_teacher(tiny_teacher("gpt_neox"), ConversionConfig(mixer="mamba2"))
+    with pytest.raises(BambaExportError, match="gpt_neox blocks .* no Bamba equivalent.*import cald_scale"):
+        export_bamba(neox, tmp_path / "neox")
+    mamba1 = convert_teacher(tiny_teacher("llama"), ConversionConfig(mixer="mamba"))
+    with pytest.raises(BambaExportError, match="Mamba2.*'mamba'"):
+        export_bamba(mamba1, tmp_path / "mamba1")
+    assert not (tmp_path / "neox").exists() and not (tmp_path / "mamba1").exists()
+
+
+def test_export_from_a_student_folder_keeps_the_tokenizer(tmp_path):
+    tokenizer = train_tokenizer(["to be or not to be, that is the question"] * 4, vocab_size=300)
+    student = convert_teacher(tiny_teacher("llama", vocab=len(tokenizer)), ConversionConfig(attention_layers=[0]))
+    student.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    export_bamba(tmp_path / "student", tmp_path / "bamba")
+    config = json.loads((tmp_path / "bamba" / "config.json").read_text())
+    assert config["model_type"] == "bamba" and config["attn_layer_indices"] == [0]
+    assert (tmp_path / "bamba" / "tokenizer.json").is_file() and (tmp_path / "bamba" / "model.safetensors").is_file()

@@ -1,0 +1,74 @@
+"""`cald-scale generate` / `cald-scale export`, and the context limit of models with attention."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models import save_tiny_teacher, tiny_teacher, train_tokenizer
+
+from cald_scale.cli import main
+from cald_scale.conversion.modeling import ConversionConfig
+from cald_scale.conversion.surgery import convert_teacher
+from cald_scale.generation.context import check_context, max_context
+
+TEXT = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer"] * 4
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    tokenizer = train_tokenizer(TEXT, vocab_size=300)
+    teacher_dir = save_tiny_teacher(root / "teacher", "llama", tokenizer)
+    out = {"teacher": teacher_dir}
+    for name, family, kept in (("student", "llama", []), ("hybrid", "llama", [1]), ("neox", "gpt_neox", [])):
+        teacher = tiny_teacher(family, vocab=len(tokenizer))
+        student = convert_teacher(teacher, ConversionConfig(attention_layers=kept), teacher_name_or_path=str(teacher_dir))
+        student.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def test_generate_student_and_teacher_side_by_side(folders, tmp_path):
+    out = tmp_path / "gen.json"
+    argv = ["generate", str(folders["student"]), "--prompt", "To be", "--prompt", "Whether 'tis nobler in",
+            "--max_new_tokens", "6", "--teacher", "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [r["model"] for r in rows] == ["the student"] * 2 + ["the teacher"] * 2
+    assert all(r["new_tokens"] == 6 for r in rows)
+    student, teacher = rows[0]["cache_bytes"], rows[2]["cache_bytes"]
+    assert student["kv"] == 0 and student["recurrent"] > 0  # mixers only: a state, no KV
+    assert teacher["kv"] > 0 and teacher["recurrent"] == 0
+
+
+def test_context_beyond_the_teachers_positions_is_refused_for_attention_only(folders, capsys):
+    import cald_scale  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(folders["student"])
+    hybrid = AutoModelForCausalLM.from_pretrained(folders["hybrid"])
+    teacher = AutoModelForCausalLM.from_pretrained(folders["teacher"])
+    assert max_context(student) is None and max_context(teacher) == max_context(hybrid) == 512
+    check_context(student, 100_000)
+    with pytest.raises(ValueError, match="exceeds the teacher's max_position_embeddings \\(512\\)"):
+        check_context(teacher, 513, "the teacher")
+    # Through the command: the student generates past 512 positions, the teacher is refused.
+    argv = ["generate", str(folders["student"]), "--prompt", "To be", "--max_new_tokens", "520"]
+    assert main(argv) == 0
+    assert main(argv + ["--teacher"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("cald-scale")]
+    assert len(errors) == 1 and "max_position_embeddings (512)" in errors[0] and "Traceback" not in err
+
+
+def test_export_command_writes_bamba_and_refuses_gpt_neox(folders, tmp_path, capsys):
+    assert main(["export", str(folders["hybrid"]), "--bamba", str(tmp_path / "bamba")]) == 0
+    config = json.loads((tmp_path / "bamba" / "config.json").read_text())
+    assert config["model_type"] == "bamba" and config["attn_layer_indices"] == [1]
+    assert main(["export", str(folders["neox"]), "--bamba", str(tmp_path / "neox")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("cald-scale")]
+    assert len(errors) == 1 and "gpt_neox" in errors[0] and "Traceback" not in err
+    assert not (tmp_path / "neox").exists()
