@@ -1,14 +1,20 @@
-"""Teacher and student perplexity on the same held-out tokens of any corpus.
+"""Teacher and student perplexity on the same held-out tokens of any corpus, or side by
+side on lm-eval-harness tasks.
 
   cald-scale evaluate runs/default                          # the run's own eval split
   cald-scale evaluate runs/default --corpus wiki --corpus notes.txt --json ppl.json
   python -m cald_scale.evaluate runs/default/student --teacher smollm2-135m-instruct
+  cald-scale evaluate runs/default --tasks hellaswag,arc_easy --limit 200 --json tasks.json
+  cald-scale evaluate runs/default --tasks my_tasks/quiz.yaml --num_fewshot 5
 
 PATH is a run folder (its config.json is the run config; student/ the exported student)
 or an exported student folder (its config names the teacher; --teacher overrides). A
 corpus is anything data.corpus accepts: a built-in name, local text files, or a megatron
-.bin/.idx prefix; text is tokenised once with the teacher's tokenizer and cached. Single
-process, plain PyTorch.
+.bin/.idx prefix; text is tokenised once with the teacher's tokenizer and cached. A task
+(--tasks) is an lm-eval task, group or tag name, a task YAML file or a folder of them; its
+data must be readable by `datasets` (HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1 keep it off
+the network). Both models see the teacher's tokenizer and the same prompts. Single process,
+plain PyTorch.
 """
 
 from __future__ import annotations
@@ -28,10 +34,11 @@ from .conversion.modeling import CaldStudentConfig
 from .conversion.teacher import DTYPES, TeacherConfig, load_teacher
 from .data import DataConfig, PackedSequences, held_out_sequences
 from .distill.stages import LayerwiseModel
+from .eval import harness
 from .eval.perplexity import eval_indices, perplexity
 from .fileio import atomic_write_text
 
-__all__ = ["EvalTarget", "add_arguments", "evaluate", "format_table", "main", "resolve_target", "run"]
+__all__ = ["EvalTarget", "add_arguments", "evaluate", "evaluate_tasks", "format_table", "main", "resolve_target", "run"]
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -92,6 +99,12 @@ def resolve_target(path: str | Path, *, teacher: str | None = None, no_teacher: 
     return dataclasses.replace(target, teacher=None) if no_teacher else target
 
 
+def _load_student(target: EvalTarget) -> PreTrainedModel:
+    """The exported student, in its teacher's compute dtype (float32 alone)."""
+    dtype = DTYPES[target.teacher.dtype] if target.teacher is not None else torch.float32
+    return AutoModelForCausalLM.from_pretrained(target.student_dir, dtype=dtype)
+
+
 def _score(
     model: PreTrainedModel,
     held_out: dict[str, PackedSequences],
@@ -140,9 +153,7 @@ def evaluate(
     if teacher is not None:
         teacher_scores = _score(teacher, held_out, max_sequences, batch_size, device)
     del teacher
-    dtype = DTYPES[target.teacher.dtype] if target.teacher is not None else torch.float32
-    student = AutoModelForCausalLM.from_pretrained(target.student_dir, dtype=dtype)
-    student_scores = _score(student, held_out, max_sequences, batch_size, device)
+    student_scores = _score(_load_student(target), held_out, max_sequences, batch_size, device)
 
     rows = []
     for name in corpora:
@@ -156,6 +167,36 @@ def evaluate(
             "ratio": s["ppl"] / t["ppl"] if t else None,
         })
     return rows
+
+
+def evaluate_tasks(
+    target: EvalTarget,
+    tasks: list[str] | harness.TaskSelection,
+    *,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, dict]:
+    """lm-eval's results for the teacher (when the target has one) and the student on the
+    same tasks and prompts: the teacher's tokenizer and context length serve both.
+    {"teacher": ..., "student": ...}."""
+    device = torch.device(device)
+    selection = tasks if isinstance(tasks, harness.TaskSelection) else harness.select_tasks(tasks)
+    options = dict(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size or target.micro_batch_size)
+    results = {}
+    # NOTE: one model in memory at a time, as for perplexity.
+    if target.teacher is not None:
+        teacher, tokenizer, _ = load_teacher(target.teacher)
+        # NOTE: the student's config names no positions; without the teacher's length a long
+        # prompt would be cut differently for the two.
+        options["max_length"] = harness.context_length(teacher, tokenizer)
+        results["teacher"] = harness.run_tasks(teacher.to(device), tokenizer, selection, **options)
+        del teacher
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(target.student_dir)
+    results["student"] = harness.run_tasks(_load_student(target).to(device), tokenizer, selection, **options)
+    return results
 
 
 def format_table(rows: list[dict]) -> str:
@@ -179,28 +220,93 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _limit(text: str) -> int | float:
+    """Docs per task: a count, or below 1 a fraction of the task's docs."""
+    value = float(text)
+    if value <= 0 or (value >= 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(f"must be a whole number of docs or a fraction in (0, 1), got {text}")
+    return int(value) if value >= 1 else value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("path", help="a run folder (runs/NAME) or an exported student folder")
     add("--corpus", action="append", help="held-out text to score (repeatable): a built-in corpus, "
         "text files or a megatron prefix; default: the run's own eval split")
-    add("--max_sequences", type=_positive_int, default=32, help="sequences scored per corpus (default 32)")
+    add("--max_sequences", type=_positive_int, help="sequences scored per corpus (default 32)")
     add("--seq_len", type=_positive_int, help="tokens per sequence (default: the run's data.seq_len, else 256)")
-    add("--batch_size", type=_positive_int,
-        help="sequences per forward (default: the run's eval.micro_batch_size, else 4)")
+    add("--tasks", action="append", metavar="TASK", help="run lm-eval-harness tasks instead of perplexity "
+        "(repeatable or a comma list): task, group or tag names, task YAML files or folders of them")
+    add("--limit", type=_limit, help="with --tasks: docs per task (below 1: a fraction of them; default all)")
+    add("--num_fewshot", type=_non_negative_int, help="with --tasks: few-shot examples (default: each task's own)")
+    add("--batch_size", type=_positive_int, help="sequences (lm-eval requests with --tasks) per forward "
+        "(default: the run's eval.micro_batch_size, else 4)")
     add("--teacher", help="teacher name_or_path, overriding the run's or the student's")
     add("--no_teacher", action="store_true", help="score the student alone")
     add("--device", help="torch device (default: cuda when available, else cpu)")
     add("--json", metavar="OUT", help="also write the results to this JSON file")
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Perplexity options with --tasks, or task options without it, are a mistake, not ignored."""
+    if args.tasks:
+        given = [f"--{name}" for name in ("corpus", "max_sequences", "seq_len") if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} score perplexity and do not apply to --tasks")
+    else:
+        given = [f"--{name}" for name in ("limit", "num_fewshot") if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to lm-eval tasks: name them with --tasks")
+
+
+def _jsonable(value):
+    """numpy scalars and the like in lm-eval's results, as JSON."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def _run_tasks(args: argparse.Namespace, target: EvalTarget, device: str) -> int:
+    selection = harness.select_tasks(args.tasks)  # NOTE: before any model loads: task errors come first
+    results = evaluate_tasks(
+        target, selection, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=device
+    )
+    rows = harness.metric_rows(results)
+    print(harness.format_table(rows, models=list(results)))
+    if args.json:
+        from lm_eval import __version__ as lm_eval_version
+
+        keep = ("results", "groups", "n-samples", "versions", "n-shot", "higher_is_better")
+        out = {
+            "student": str(target.student_dir),
+            "teacher": target.teacher.name_or_path if target.teacher else None,
+            "tasks": list(selection.names),
+            "limit": args.limit,
+            "num_fewshot": args.num_fewshot,
+            "lm_eval": lm_eval_version,
+            "results": rows,
+            "raw": {model: {key: raw[key] for key in keep if key in raw} for model, raw in results.items()},
+        }
+        atomic_write_text(Path(args.json), json.dumps(out, indent=2, default=_jsonable))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("cald_scale").setLevel(logging.INFO)
+    _check_options(args)
     target = resolve_target(args.path, teacher=args.teacher, no_teacher=args.no_teacher)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tasks:
+        return _run_tasks(args, target, device)
+    max_sequences = args.max_sequences or 32
     rows = evaluate(
-        target, args.corpus, max_sequences=args.max_sequences, seq_len=args.seq_len,
+        target, args.corpus, max_sequences=max_sequences, seq_len=args.seq_len,
         batch_size=args.batch_size, device=device,
     )
     print(format_table(rows))
