@@ -156,6 +156,10 @@ class OutputConfig:
     """In trajectory-guided phases, save the teacher as a HF folder every N steps under
     run_dir/teacher_waypoints/ (0: never): the teacher's checkpoints along its own
     fine-tuning, i.e. the waypoints of a waypoint-guided run."""
+    export_bamba: bool = False
+    """Also export the trained student as a native transformers Bamba folder (run_dir/bamba/,
+    loads without cald_scale). Checked before training: a layout Bamba cannot express
+    (gpt_neox, Mamba-1 mixers) stops the run at once."""
 
     def __post_init__(self):
         if self.save_every < 1 or self.keep_last < 1:

@@ -34,6 +34,7 @@ from .engines.teacher import check_teacher_checkpoint
 from .engines.zero3 import begin_step, load_ds_config, resolve_ds_config
 from .eval.perplexity import eval_indices, perplexity
 from .eval.report import write_report
+from .export.bamba import check_exportable, export_bamba
 from .export.hf import export_model
 from .fileio import atomic_write_text
 from .metrics import MetricsLogger, peak_memory_bytes
@@ -218,6 +219,8 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     # 2. Teacher (when a phase needs one) and student, built partitioned, in their ZeRO-3 engines.
     models = build_models(cfg, ds_config, source, plan)
     student_engine = models.student_engine
+    if cfg.output.export_bamba:
+        check_exportable(student_engine.module)  # before any training, not after it
     device = student_engine.device
     guide = Guide(plan, models.managed_teacher, base_weights=str(source.folder), shared_param_ids=models.shared_param_ids)
 
@@ -306,6 +309,8 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         # A trajectory teacher has moved: score where it ended (its drift is part of the result).
         teacher_after = evaluate(models.teacher) if plan.trains_teacher and models.teacher is not None else None
         export_dir = export_model(student_engine, tokenizer, run_dir / "student", is_main=env.is_main)
+        if cfg.output.export_bamba and env.is_main:
+            export_bamba(export_dir, run_dir / "bamba")
         report = _report(cfg, source, plan, env, step, state, baseline, after, teacher_after, time.time() - started, export_dir, guide)
         if env.is_main:
             write_report(run_dir, report)

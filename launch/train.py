@@ -11,11 +11,12 @@ import sys
 
 from cald_scale.config import ConfigError, load_run_config
 from cald_scale.conversion.weights import WeightsMismatchError
+from cald_scale.export.bamba import BambaExportError
 from cald_scale.engines.checkpoint import CheckpointLoadError
 from cald_scale.train import NonFiniteLossError, train
 
 # Errors that mean "fix the input", not "a bug": reported without a traceback.
-USER_ERRORS = (ConfigError, FileNotFoundError, WeightsMismatchError, CheckpointLoadError, NonFiniteLossError)
+USER_ERRORS = (ConfigError, FileNotFoundError, WeightsMismatchError, CheckpointLoadError, NonFiniteLossError, BambaExportError)
 
 
 def main(argv: list[str] | None = None) -> None:

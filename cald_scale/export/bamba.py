@@ -23,7 +23,7 @@ from transformers.initialization import no_init_weights
 from ..conversion.modeling import CaldStudentForCausalLM, teacher_geometry
 from ..fileio import atomic_dir
 
-__all__ = ["BambaExportError", "bamba_config", "bamba_state_dict", "export_bamba"]
+__all__ = ["BambaExportError", "bamba_config", "bamba_state_dict", "check_exportable", "export_bamba", "to_bamba"]
 
 
 class BambaExportError(ValueError):
@@ -33,7 +33,9 @@ class BambaExportError(ValueError):
 _AUTO_ROUTE = "export it as a cald_scale student instead (save_pretrained; load with `import cald_scale` + AutoModelForCausalLM)"
 
 
-def _check_exportable(student: CaldStudentForCausalLM) -> None:
+def check_exportable(student: CaldStudentForCausalLM) -> None:
+    """Raise BambaExportError naming every reason Bamba cannot express this student (reads
+    only its config, so it works on a ZeRO-3 partitioned student before training)."""
     config, adapter = student.config, student.adapter
     if adapter.bamba is None:
         raise BambaExportError(f"cannot export to Bamba: {adapter.bamba_refusal}; {_AUTO_ROUTE}")
@@ -55,7 +57,7 @@ def _check_exportable(student: CaldStudentForCausalLM) -> None:
 
 def bamba_config(student: CaldStudentForCausalLM) -> BambaConfig:
     """The BambaConfig with the student's geometry, layout and the teacher's vocabulary and RoPE."""
-    _check_exportable(student)
+    check_exportable(student)
     teacher = student.config.teacher_hf_config()
     mixer = student.config.conversion_config().mamba2
     hidden, heads, kv_heads, head_dim = teacher_geometry(teacher)
@@ -101,7 +103,7 @@ def bamba_config(student: CaldStudentForCausalLM) -> BambaConfig:
 def bamba_state_dict(student: CaldStudentForCausalLM, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The student's backbone tensors under Bamba's names (``state_dict``: the backbone's, if
     already gathered, e.g. from ZeRO-3 partitions)."""
-    _check_exportable(student)
+    check_exportable(student)
     layout = student.adapter.bamba
     rules = [(re.compile(pattern), replacement) for pattern, replacement in layout.key_renames]
     out = {}

@@ -179,7 +179,7 @@ def test_hybrid_layout_aligns_trains_exports_and_generates(tmp_path, teacher_dir
     overrides = tiny_overrides(
         teacher_dirs["llama"], run_dir, data_cache,
         **{"student.conversion.attention_layers": "[1]", "student.trainable": "mixers", "phases": None,
-           "train.max_steps": 8, "train.lr": 1e-2},
+           "train.max_steps": 8, "train.lr": 1e-2, "output.export_bamba": "true"},
     )
     _ok(run(deepspeed_command(overrides), env))
     history = metrics(run_dir)
@@ -198,3 +198,16 @@ def test_hybrid_layout_aligns_trains_exports_and_generates(tmp_path, teacher_dir
     ids = torch.randint(3, 1000, (2, 10))
     greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(student.generate(ids, use_cache=True, **greedy), student.generate(ids, use_cache=False, **greedy))
+    bamba = AutoModelForCausalLM.from_pretrained(run_dir / "bamba").eval()
+    assert type(bamba).__name__ == "BambaForCausalLM" and bamba.config.attn_layer_indices == [1]
+    with torch.no_grad():
+        torch.testing.assert_close(bamba(ids).logits, student(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_bamba_export_of_a_layout_bamba_cannot_express_stops_before_training(tmp_path, teacher_dirs, data_cache):
+    env = launcher_env(tmp_path)
+    run_dir = tmp_path / "neox_bamba"
+    proc = run(deepspeed_command(tiny_overrides(teacher_dirs["gpt_neox"], run_dir, data_cache, **{"output.export_bamba": "true"})), env)
+    assert proc.returncode != 0
+    assert "cannot export to Bamba: gpt_neox blocks" in proc.stdout + proc.stderr
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
