@@ -113,20 +113,26 @@ class MixerAsAttention(nn.Module):
         super().__init__()
         self.mixer = mixer
 
+    # What the decoder hands an attention module that a mixer does not need: the causal
+    # mask (mixers are causal by construction; padding comes as ``mixer_padding_mask``) and
+    # positions (mixers have none). Anything else is refused rather than silently dropped.
+    _UNNEEDED = frozenset({"attention_mask", "position_ids", "position_embeddings", "use_cache", "cache_position"})
+
     def forward(
         self,
         hidden_states: torch.Tensor,
-        *args: Any,
         cache: Cache | None = None,
         layer_past: Cache | None = None,
         mixer_padding_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        # NOTE: the decoder passes its 4D causal mask, which mixers (causal by construction) do
-        # not need; ``mixer_padding_mask`` is the 2D one (left padding in batched generation)
-        # so that padded positions feed nothing into the state. gpt_neox calls the cache
-        # ``layer_past``.
-        cache = cache if cache is not None else layer_past
+        unexpected = sorted(k for k, v in kwargs.items() if k not in self._UNNEEDED and v is not None and v is not False)
+        if unexpected:
+            raise TypeError(
+                f"a mixer layer cannot honour {unexpected} (e.g. packed-sequence boundaries or attention "
+                "weights): it has no attention to apply them to"
+            )
+        cache = cache if cache is not None else layer_past  # gpt_neox calls the cache ``layer_past``
         if cache is None:
             return self.mixer(hidden_states, mixer_padding_mask), None
         idx = self.mixer.layer_idx

@@ -127,3 +127,13 @@ def test_student_refuses_a_foreign_cache():
     with pytest.raises(TypeError, match="StudentCache"):
         student(torch.randint(3, 256, (1, 4)), cache=DynamicCache(), use_cache=True)
     assert isinstance(student.new_cache(), StudentCache)
+
+
+def test_a_mixer_layer_refuses_inputs_it_cannot_honour():
+    student = _student("llama", "mamba2", [])
+    layer = student.adapter.attention(student.adapter.layers(student.backbone)[0])
+    h = torch.randn(1, 4, student.config.hidden_size)
+    with pytest.raises(TypeError, match="cu_seq_lens_q"):
+        layer(h, cu_seq_lens_q=torch.tensor([0, 2, 4]))
+    out, _ = layer(h, attention_mask=torch.ones(1, 1, 4, 4), position_ids=torch.arange(4)[None], use_cache=False)
+    assert out.shape == h.shape
