@@ -1,24 +1,167 @@
 #!/usr/bin/env bash
-# The one prepared script for a lent GPU (see README "Benchmarks"): kernel-path parity
-# against the CPU/reference paths, then GPU throughput and memory, all written under $OUT
-# (the device tool's output folder) or benchmarks/results/gpu.
+# The one prepared script for a lent GPU (README "Benchmarks"): environment, carried kernel
+# wheels, kernel-path parity against a float64 oracle, then GPU speed of the mixers, of
+# inference and of training, every result under $OUT with the device named in it.
 #
-#   bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh            # through the device tool: carry ["gpu_wheels"], timeout_s 540
 #
-# mamba-ssm / causal-conv1d are used when importable (carry them as wheels); without them
-# the CUDA runs exercise the pure-PyTorch chunked paths on the GPU, and the parity tests
-# marked `gpu` report what they skipped.
+# Time: the whole script stays under 8 minutes. Each step runs under `timeout` with its own
+# cap, cut to what is left of GPU_CHECK_BUDGET_S (default 440 s); a step that fails or
+# times out is recorded and the next one runs (set -uo pipefail, no -e).
+#
+# Wheels: gpu_wheels/ at the repo root (GPU_WHEELS overrides), made on a CPU machine by
+# launch/build_gpu_wheels.sh; the folder ignores itself in git, so the device tool's `carry`
+# must name it. Every *.whl there is installed with --no-deps --no-index into a scratch
+# folder put first on PYTHONPATH. Without wheels the CUDA runs use the pure-PyTorch paths
+# on the GPU, and kernel_parity.json says what it skipped and why. GPU_CHECK_BUILD=1 also
+# compiles causal-conv1d for sm_90 from the sdist carried in gpu_wheels/src (a few minutes,
+# taken from the later steps' time).
+#
+# Outputs in $OUT (at most 8 files come back from it): gpu_check.log (every step's output
+# in order, then a status table), kernel_parity.json, mixer_speed_gpu.json,
+# inference_speed_gpu_{smollm2,llama1b}.json, train_speed_gpu_{smollm2,llama1b}.json, and
+# gpu_check_all.tar.gz (each step's log and the other files the steps wrote: reports, plots).
+# Without $OUT (run by hand) they go to benchmarks/results/gpu_check_<UTC time>/.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT_DIR=${OUT:-benchmarks/results/gpu}
-mkdir -p "$OUT_DIR"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+cd "$(dirname "$0")/.." || exit 1
+REPO=$PWD
+OUT=${OUT:-$REPO/benchmarks/results/gpu_check_$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT  # logs and results are packed into $OUT after every step
+SITE=$WORK/site
+LOG=$OUT/gpu_check.log
+BUDGET=${GPU_CHECK_BUDGET_S:-440}
+WHEELS=${GPU_WHEELS:-$REPO/gpu_wheels}
 PY=${PYTHON:-python3}
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
-  $PY -c "from cald_scale.mixers.ops._cuda import kernels_available; print('mamba kernels:', kernels_available())"
-} 2>&1 | tee "$OUT_DIR/gpu_env.txt"
-$PY -m pytest tests/unit/test_mixer_ops.py tests/unit/test_mixers.py -q -rs 2>&1 | tee "$OUT_DIR/gpu_parity.txt"
-$PY benchmarks/mixer_speed.py --out "$OUT_DIR/mixer_speed_gpu.json" 2>&1 | tail -40
-$PY benchmarks/streaming_memory.py --out "$OUT_DIR/streaming_memory_gpu.json" 2>&1 | tail -40
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline
+# NOTE: mamba_ssm's Triton SSD kernels autotune per shape and dtype (many configs compiled on
+# first use); cached on disk, the tuning of one step serves the later ones.
+export TRITON_CACHE_AUTOTUNING=1
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+export CALD_SCALE_CACHE=$WORK/cache  # random teachers written by train_speed.py stay out of $HOME
+export PY WHEELS WORK SITE  # read by the step functions, which run in child shells
+START=$SECONDS
+STATUS=()
+
+say() { echo "$*" | tee -a "$LOG"; }
+
+pack() {  # everything the steps wrote, for the record (a tarball is one of the 8 files)
+  tar -czf "$OUT/gpu_check_all.tar.gz.tmp" -C "$WORK" --exclude=./site --exclude=./cache --exclude=./built . 2>/dev/null \
+    && mv "$OUT/gpu_check_all.tar.gz.tmp" "$OUT/gpu_check_all.tar.gz"
+}
+
+# step NAME CAP_S RESULT CMD...: run CMD under timeout, its output to $WORK/NAME.log and the
+# combined log; RESULT (a file name written in $WORK, or -) is copied into $OUT afterwards.
+step() {
+  local name=$1 cap=$2 result=$3
+  shift 3
+  local left=$((BUDGET - (SECONDS - START)))
+  local limit=$((cap < left ? cap : left))
+  if ((limit < 20)); then
+    say "== $name: skipped, $left s of the budget left"
+    STATUS+=("$(printf '%-26s skipped (budget spent)' "$name")")
+    return
+  fi
+  say "== $name (timeout ${limit}s, $(date -u +%H:%M:%S)): $*"
+  if declare -F "$1" >/dev/null; then  # a function of this script: `timeout` runs programs only
+    set -- bash -c "$(declare -f "$1"); $1"
+  fi
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$WORK/$name.log" >>"$LOG"
+  local rc=$?
+  local took=$((SECONDS - t0)) note=""
+  ((rc == 124 || rc == 137)) && note=" TIMED OUT"
+  if [ "$result" != "-" ]; then
+    if [ -s "$WORK/$result" ]; then cp "$WORK/$result" "$OUT/$result"; else note="$note, no $result"; fi
+  fi
+  tail -n 12 "$WORK/$name.log"
+  STATUS+=("$(printf '%-26s rc=%-3s %4ss%s' "$name" "$rc" "$took" "$note")")
+  pack
+}
+
+env_info() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  nvidia-smi
+  nvcc --version | tail -n 2
+  "$PY" - <<'EOF'
+import importlib.metadata as md, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| cudnn", torch.backends.cudnn.version())
+print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA DEVICE",
+      "| capability", torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None)
+for pkg in ("triton", "transformers", "accelerate", "einops", "deepspeed", "mamba_ssm", "causal_conv1d", "flash_attn"):
+    try:
+        print(f"  {pkg:14s} {md.version(pkg)}")
+    except md.PackageNotFoundError:
+        print(f"  {pkg:14s} not installed")
+EOF
+  echo "wheels in $WHEELS:"
+  ls -la "$WHEELS" 2>/dev/null || echo "  (none: carry gpu_wheels, made by launch/build_gpu_wheels.sh)"
+}
+
+install_wheels() {
+  shopt -s nullglob
+  local wheels=("$WHEELS"/*.whl "$WORK"/built/*.whl)
+  shopt -u nullglob
+  if ((${#wheels[@]} == 0)); then
+    echo "no wheels to install"
+    return 0
+  fi
+  local pip=("$PY" -m pip install -q --no-deps --no-index --no-compile --no-cache-dir --upgrade --target "$SITE")
+  "${pip[@]}" "${wheels[@]}" && return 0
+  # NOTE: one wheel pip refuses (another Python, platform) fails the whole batch: then one by one.
+  local failed=0 wheel
+  for wheel in "${wheels[@]}"; do
+    "${pip[@]}" "$wheel" || { echo "NOT INSTALLED: $wheel"; failed=1; }
+  done
+  return $failed
+}
+
+kernel_info() {
+  "$PY" - <<'EOF'
+import json
+from cald_scale.mixers.ops import _cuda
+from cald_scale.mixers.ops.dispatch import resolve_kernel
+print(json.dumps({g: {"importable": ok, "reason": why} for g, (ok, why) in _cuda.kernel_groups().items()}, indent=1))
+for kind in ("mamba2", "mamba"):
+    print(kind, "kernels importable:", _cuda.kernels_available(kind))
+try:
+    print("mixer kernel='cuda' resolves to", resolve_kernel("cuda", "cuda"))
+except RuntimeError as err:
+    print("mixer kernel='cuda' unavailable:", err)
+EOF
+}
+
+say "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), repo $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'), budget ${BUDGET}s, out $OUT"
+step env 25 - env_info
+step install_wheels 45 - install_wheels
+if [ -d "$SITE" ]; then
+  export PYTHONPATH=$SITE:$PYTHONPATH PATH=$SITE/bin:$PATH
+fi
+if [ "${GPU_CHECK_BUILD:-0}" = "1" ]; then
+  step build_causal_conv1d 240 - bash launch/build_gpu_wheels.sh --compile --out "$WORK/built"
+  step install_built 30 - install_wheels
+fi
+step kernels 25 - kernel_info
+step kernel_parity 130 kernel_parity.json \
+  "$PY" benchmarks/kernel_parity.py --device cuda --shapes smollm2,small --dtypes bfloat16,float32 \
+  --time-budget 100 --out "$WORK/kernel_parity.json"
+step mixer_speed 80 mixer_speed_gpu.json \
+  "$PY" benchmarks/mixer_speed.py --device cuda --dtype bfloat16 --repeats 3 --no-report --out "$WORK/mixer_speed_gpu.json"
+for geometry in SmolLM2-135M Llama-3.2-1B; do
+  tag=$([ "$geometry" = SmolLM2-135M ] && echo smollm2 || echo llama1b)
+  step "inference_speed_$tag" 50 "inference_speed_gpu_$tag.json" \
+    "$PY" benchmarks/inference_speed.py --device cuda --dtype bfloat16 --geometry "$geometry" --out "$WORK/inference_speed_gpu_$tag.json"
+done
+for geometry in SmolLM2-135M Llama-3.2-1B; do
+  tag=$([ "$geometry" = SmolLM2-135M ] && echo smollm2 || echo llama1b)
+  step "train_speed_$tag" 50 "train_speed_gpu_$tag.json" \
+    "$PY" benchmarks/train_speed.py --device cuda --dtype bfloat16 --geometry "$geometry" --out "$WORK/train_speed_gpu_$tag.json"
+done
+
+say ""
+say "gpu_check done in $((SECONDS - START)) s (budget ${BUDGET}s); results in $OUT:"
+for line in "${STATUS[@]}"; do say "  $line"; done
+pack
+ls -la "$OUT" | tee -a "$LOG"

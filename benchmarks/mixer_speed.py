@@ -1,7 +1,14 @@
 """Forward + backward time of a Llama teacher vs. the same model with every attention replaced
 by a linear-time mixer (Mamba2, Mamba), on the machine at hand. Writes JSON and a Markdown report.
 
-    python benchmarks/mixer_speed.py [--quick] [--out benchmarks/results/mixer_speed.json]
+    python benchmarks/mixer_speed.py [--quick] [--layers N] [--device cuda] [--dtype bfloat16]
+                                     [--out benchmarks/results/mixer_speed.json] [--no-report]
+
+Every model and input lives on ``--device`` (default: cuda if available, else cpu) in
+``--dtype`` (default: bfloat16 on CUDA, float32 on CPU); each timing synchronises the device
+before and after. The JSON names the device and, per mixer, the kernel its layers resolved
+to on it ("cuda" = mamba_ssm / causal_conv1d, "chunked" = pure PyTorch), and on CUDA the
+peak memory of each model's step.
 """
 
 from __future__ import annotations
@@ -22,40 +29,64 @@ from _common import SMOLLM2_GEOMETRY, llama_teacher, machine, write_result  # no
 
 from cald_scale.conversion.modeling import ConversionConfig  # noqa: E402
 from cald_scale.conversion.surgery import convert_teacher  # noqa: E402
+from cald_scale.mixers._common import SequenceMixer  # noqa: E402
+from cald_scale.mixers.ops import _cuda  # noqa: E402
 
 TARGETS = {"mamba2": 1.5, "mamba": 3.0}
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def fwd_bwd_seconds(model: nn.Module, input_ids: torch.Tensor) -> float:
-    cuda = input_ids.is_cuda
-    if cuda:
-        torch.cuda.synchronize()  # time the kernels, not their launch
+    """One forward + backward, timed from a synchronised device to a synchronised device."""
+    _sync(input_ids.device)  # time the kernels, not their launch
     start = time.perf_counter()
     loss = model(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
-    if cuda:
-        torch.cuda.synchronize()
+    _sync(input_ids.device)
     return time.perf_counter() - start
+
+
+def resolved_kernels(model: nn.Module, device: torch.device) -> list[str]:
+    """The distinct kernels the model's mixers run on ``device`` (resolving logs any fallback)."""
+    return sorted({m.kernel(device) for m in model.modules() if isinstance(m, SequenceMixer)})
+
+
+def _where(model: nn.Module) -> str:
+    """Device and dtype of every parameter, e.g. "cuda:0 torch.bfloat16" (several joined by ", ")."""
+    return ", ".join(sorted({f"{p.device} {p.dtype}" for p in model.parameters()}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="6 layers, fewer repeats (< 2 min on 2 cores)")
+    parser.add_argument("--layers", type=int, default=None, help="layers (default: 6 with --quick, else 30)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/mixer_speed[_quick].json")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="default: bfloat16 on CUDA, float32 on CPU",
+    )
+    parser.add_argument("--no-report", action="store_true", help="write the JSON only, no dated Markdown report")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
 
     args.out = args.out or Path(__file__).resolve().parent / "results" / ("mixer_speed_quick.json" if args.quick else "mixer_speed.json")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     torch.manual_seed(0)
-    layers = 6 if args.quick else SMOLLM2_GEOMETRY["num_hidden_layers"]
+    layers = args.layers or (6 if args.quick else SMOLLM2_GEOMETRY["num_hidden_layers"])
     repeats = args.repeats or (3 if args.quick else 5)
     teacher = llama_teacher(layers).train()
     # The students are what the conversion builds by default (teacher-matched Mamba2, Mamba expand 2).
@@ -63,15 +94,27 @@ def main() -> None:
     configs = {kind: student.config.conversion_config().mixer_config() for kind, student in students.items()}
     models = {name: model.to(device=device, dtype=dtype) for name, model in ({"teacher": teacher} | students).items()}
     input_ids = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seqlen), device=device)
+    placement = {name: _where(model) for name, model in models.items()}
+    for name, model in models.items():  # NOTE: a model left behind would time the wrong device
+        if any(p.device != input_ids.device for p in model.parameters()):
+            raise RuntimeError(f"{name} parameters are on {placement[name]}, not all on {input_ids.device}")
+    kernels = {kind: resolved_kernels(models[kind], device) for kind in students}
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {dtype}; "
+          f"mixer kernels {kernels}; kernel groups {_cuda.kernel_groups()}", flush=True)
 
     # NOTE: models take turns in every round, so load from other processes hits all alike;
     # the load average is recorded because shared cores still distort the numbers.
     load_before = os.getloadavg()
     times: dict[str, list[float]] = {name: [] for name in models}
+    peak_gb: dict[str, float] = {}
     for round_idx in range(repeats + 1):
         for name, model in models.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             seconds = fwd_bwd_seconds(model, input_ids)
-            if round_idx > 0:  # round 0 is warm-up
+            if device.type == "cuda":
+                peak_gb[name] = max(peak_gb.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
+            if round_idx > 0:  # round 0 is warm-up (and Triton's autotuning)
                 times[name].append(seconds)
             print(f"round {round_idx} {name:8s} {seconds:.3f} s", flush=True)
 
@@ -81,6 +124,11 @@ def main() -> None:
         "machine": machine(),
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device_type": device.type,
+        "parameters_on": placement,
+        "mixer_kernels": kernels,
+        "kernel_groups": {g: {"importable": ok, "reason": why} for g, (ok, why) in _cuda.kernel_groups().items()},
+        "peak_memory_gb": peak_gb or None,
         "shapes": {"batch": args.batch, "seqlen": args.seqlen, "dtype": str(dtype).removeprefix("torch."), **SMOLLM2_GEOMETRY, "num_hidden_layers": layers},
         "mixer_configs": {kind: dataclasses.asdict(cfg) for kind, cfg in configs.items()},
         "repeats": repeats,
@@ -103,6 +151,8 @@ def main() -> None:
     result["teacher_all_s"] = times["teacher"]
 
     write_result(args.out.stem, result, str(args.out))
+    if args.no_report:
+        return
     date = result["machine"]["date"]
     lines = [
         f"# Mixer speed ({date})",
@@ -119,7 +169,8 @@ def main() -> None:
     ]
     for kind, row in result["mixers"].items():
         lines.append(
-            f"| {kind} | {row['student_s']:.3f} | {row['ratio']:.2f} | <= {TARGETS[kind]} | {result['pass'][kind]} |"
+            f"| {kind} ({'/'.join(kernels[kind])} kernel) | {row['student_s']:.3f} | {row['ratio']:.2f} "
+            f"| <= {TARGETS[kind]} | {result['pass'][kind]} |"
         )
     report = args.out.with_name(f"{args.out.stem}_{date[:10]}.md")
     report.write_text("\n".join(lines) + "\n")

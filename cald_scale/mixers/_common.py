@@ -62,13 +62,14 @@ def last_conv_inputs(x: torch.Tensor, width: int) -> torch.Tensor:
 class KernelResolver:
     """Resolves a requested kernel once per device type and remembers the answer."""
 
-    def __init__(self, requested: Kernel) -> None:
+    def __init__(self, requested: Kernel, kind: str | None = None) -> None:
         self.requested = requested
+        self.kind = kind
         self._resolved: dict[str, str] = {}
 
     def __call__(self, device: torch.device) -> str:
         if device.type not in self._resolved:
-            self._resolved[device.type] = resolve_kernel(self.requested, device)
+            self._resolved[device.type] = resolve_kernel(self.requested, device, self.kind)
         return self._resolved[device.type]
 
 

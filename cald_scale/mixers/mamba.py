@@ -85,7 +85,7 @@ class MambaMixer(SequenceMixer):
         self.d_inner = config.expand * hidden_size
         self.d_state = config.d_state
         self.dt_rank = config.resolved_dt_rank(hidden_size)
-        self._kernel = KernelResolver(config.kernel)
+        self._kernel = KernelResolver(config.kernel, "mamba")
 
         self.in_proj = nn.Linear(hidden_size, 2 * self.d_inner, bias=config.proj_bias)
         self.conv1d = nn.Conv1d(

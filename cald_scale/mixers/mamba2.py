@@ -119,7 +119,7 @@ class Mamba2Mixer(SequenceMixer):
         self.d_state = config.d_state
         self.intermediate_size = config.expand * hidden_size
         self.conv_dim = self.intermediate_size + 2 * self.n_groups * self.d_state
-        self._kernel = KernelResolver(config.kernel)
+        self._kernel = KernelResolver(config.kernel, "mamba2")
 
         self.in_proj = nn.Linear(
             hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, bias=config.proj_bias

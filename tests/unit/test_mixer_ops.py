@@ -309,3 +309,18 @@ def test_cuda_kernels_match_chunked():
     args = (s["x"], s["dt"], s["A"], s["B"], s["C"], s["D"], s["initial_state"])
     for a, b in zip(_cuda.ssd_step(*args), ssd_step(*args)):
         assert_close(a, b, rtol=1e-3)
+
+
+def test_dispatch_asks_only_for_the_kernels_its_mixer_uses(monkeypatch):
+    """Mamba2 runs on causal-conv1d + mamba_ssm's Triton SSD; the compiled selective scan
+    (which a no-compile mamba-ssm install lacks) is Mamba-1's alone."""
+    from cald_scale.mixers.ops import _cuda, dispatch
+
+    groups = {"causal_conv1d": (True, None), "mamba_triton": (True, None), "selective_scan": (False, "no selective_scan_cuda")}
+    monkeypatch.setattr(_cuda, "kernel_groups", lambda: groups)
+    monkeypatch.setattr(dispatch, "_LOGGED_FALLBACKS", set())
+    cuda = torch.device("cuda")  # a device descriptor: nothing runs on it here
+    assert resolve_kernel("auto", cuda, "mamba2") == "cuda"
+    assert resolve_kernel("auto", cuda, "mamba") == "chunked"
+    with pytest.raises(RuntimeError, match="selective_scan_cuda"):
+        resolve_kernel("cuda", cuda, "mamba")

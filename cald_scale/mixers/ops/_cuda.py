@@ -1,17 +1,34 @@
 """CUDA kernels from mamba_ssm and causal_conv1d behind the signatures of our ops.
 
-Imports are guarded: this module always imports; ``kernels_available()`` says whether the
-kernels do, and each wrapper raises a RuntimeError with the install command when they do not.
-The kernels update decoding states in place; the wrappers work on a copy so that, like the
-pure-PyTorch ops, they leave their inputs alone and return the new state.
+The kernels come in three groups that import independently:
+
+- ``causal_conv1d``: ``causal_conv1d_fn`` / ``causal_conv1d_update`` (package causal-conv1d,
+  compiled CUDA);
+- ``mamba_triton``: mamba_ssm's Triton kernels, ``mamba_chunk_scan_combined`` (SSD) and
+  ``selective_state_update`` (no compiled code: a ``MAMBA_SKIP_CUDA_BUILD=TRUE`` install has them);
+- ``selective_scan``: mamba_ssm's compiled Mamba-1 scan ``selective_scan_fn`` (extension
+  ``selective_scan_cuda``).
+
+Mamba2 needs the first two, Mamba all three (``MIXER_GROUPS``). Imports are guarded: this
+module always imports; ``kernels_available()`` says whether the kernels do, ``kernel_groups()``
+which group is missing and why, and each wrapper raises a RuntimeError with the install command
+when its kernel is missing. The kernels update decoding states in place; the wrappers work on a
+copy so that, like the pure-PyTorch ops, they leave their inputs alone and return the new state.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.machinery
+import importlib.util
+import sys
+import types
 
 __all__ = [
     "INSTALL_HINT",
+    "MIXER_GROUPS",
+    "kernel_groups",
     "kernels_available",
     "causal_conv1d",
     "causal_conv1d_update",
@@ -23,61 +40,135 @@ __all__ = [
 
 INSTALL_HINT = "pip install mamba-ssm causal-conv1d"
 
+MIXER_GROUPS: dict[str, tuple[str, ...]] = {
+    "mamba2": ("causal_conv1d", "mamba_triton"),
+    "mamba": ("causal_conv1d", "mamba_triton", "selective_scan"),
+}
+"""The kernel groups each mixer's "cuda" path calls."""
+
+_ALL_GROUPS = ("causal_conv1d", "mamba_triton", "selective_scan")
+
+
+def _import_mamba_triton_module(name: str) -> types.ModuleType:
+    """Import ``mamba_ssm.<...>`` even when the package root cannot be imported.
+
+    NOTE: ``mamba_ssm/__init__.py`` imports the compiled Mamba-1 extension ``selective_scan_cuda``
+    (and the modules built on it), which a ``MAMBA_SKIP_CUDA_BUILD=TRUE`` install lacks, so a plain
+    import of the Triton SSD modules fails there although they need no compiled code. Then the
+    package is registered as a bare namespace (its ``__path__`` only, ``__init__`` not run) and the
+    Triton modules are imported from it. ``from mamba_ssm import Mamba`` keeps failing as it would.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        root_error = err
+    if isinstance(sys.modules.get("mamba_ssm"), types.ModuleType) and hasattr(sys.modules["mamba_ssm"], "__path__"):
+        raise root_error  # the root imported, so the failure is the module's own
+    spec = importlib.util.find_spec("mamba_ssm")
+    if spec is None or not spec.submodule_search_locations:
+        raise root_error
+    package = types.ModuleType("mamba_ssm")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = importlib.machinery.ModuleSpec("mamba_ssm", None, is_package=True)
+    package.__spec__.submodule_search_locations = package.__path__
+    package.__file__ = spec.origin
+    sys.modules["mamba_ssm"] = package
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise ImportError(f"{err} (and the package root failed: {root_error})") from err
+
+
+def _load_causal_conv1d() -> dict:
+    from causal_conv1d import causal_conv1d_fn
+    from causal_conv1d import causal_conv1d_update as conv_update
+
+    return {"causal_conv1d_fn": causal_conv1d_fn, "causal_conv1d_update": conv_update}
+
+
+def _load_mamba_triton() -> dict:
+    ssd = _import_mamba_triton_module("mamba_ssm.ops.triton.ssd_combined")
+    update = _import_mamba_triton_module("mamba_ssm.ops.triton.selective_state_update")
+    return {
+        "mamba_chunk_scan_combined": ssd.mamba_chunk_scan_combined,
+        "selective_state_update": update.selective_state_update,
+    }
+
+
+def _load_selective_scan() -> dict:
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return {"selective_scan_fn": selective_scan_fn}
+
+
+_LOADERS = {
+    "causal_conv1d": (_load_causal_conv1d, "causal-conv1d"),
+    "mamba_triton": (_load_mamba_triton, "mamba-ssm (its Triton kernels)"),
+    "selective_scan": (_load_selective_scan, "mamba-ssm (its compiled selective_scan_cuda)"),
+}
+
 
 @functools.lru_cache(maxsize=1)
-def _load() -> tuple[dict | None, str | None]:
-    """Import the kernels once: (functions by name, None) or (None, why not)."""
-    try:
-        from causal_conv1d import causal_conv1d_fn
-        from causal_conv1d import causal_conv1d_update as conv_update
-    except ImportError as err:
-        return None, f"package causal-conv1d is not importable ({err})"
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        from mamba_ssm.ops.triton.selective_state_update import (
-            selective_state_update as state_update,
-        )
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except ImportError as err:
-        return None, f"package mamba-ssm is not importable ({err})"
-    fns = {
-        "causal_conv1d_fn": causal_conv1d_fn,
-        "causal_conv1d_update": conv_update,
-        "selective_scan_fn": selective_scan_fn,
-        "selective_state_update": state_update,
-        "mamba_chunk_scan_combined": mamba_chunk_scan_combined,
-    }
-    return fns, None
+def _load() -> dict[str, tuple[dict | None, str | None]]:
+    """Import each kernel group once: {group: (functions by name, None) or (None, why not)}."""
+    groups: dict[str, tuple[dict | None, str | None]] = {}
+    for group, (loader, package) in _LOADERS.items():
+        try:
+            groups[group] = loader(), None
+        except Exception as err:  # noqa: BLE001 - a broken install (ImportError, OSError from a .so) reads the same
+            groups[group] = None, f"{package} is not importable ({type(err).__name__}: {err})"
+    return groups
 
 
-def kernels_available() -> tuple[bool, str | None]:
-    """(True, None) if mamba_ssm and causal_conv1d import, else (False, the reason)."""
-    fns, reason = _load()
-    return fns is not None, reason
+def kernel_groups() -> dict[str, tuple[bool, str | None]]:
+    """{group: (True, None) or (False, the reason)} for "causal_conv1d", "mamba_triton", "selective_scan"."""
+    return {group: (fns is not None, reason) for group, (fns, reason) in _load().items()}
 
 
-def _fn(name: str):
-    fns, reason = _load()
+def kernels_available(kind: str | None = None) -> tuple[bool, str | None]:
+    """(True, None) if the kernels of mixer ``kind`` ("mamba2", "mamba"; None: both) import, else (False, why not)."""
+    if kind is not None and kind not in MIXER_GROUPS:
+        raise ValueError(f"kind must be one of {sorted(MIXER_GROUPS)} or None, got {kind!r}")
+    needed = MIXER_GROUPS[kind] if kind is not None else _ALL_GROUPS
+    reasons = [reason for group, (ok, reason) in kernel_groups().items() if group in needed and not ok]
+    return (not reasons), ("; ".join(reasons) or None)
+
+
+def _fn(group: str, name: str):
+    fns, reason = _load()[group]
     if fns is None:
-        raise RuntimeError(f"CUDA mixer kernels unavailable: {reason}. Install with `{INSTALL_HINT}`.")
+        raise RuntimeError(f"CUDA mixer kernel {name} unavailable: {reason}. Install with `{INSTALL_HINT}`.")
     return fns[name]
+
+
+def _conv_input(x):
+    """x (b, d, l) in a layout causal_conv1d takes: length-contiguous, or channels-last with d and
+    the batch and length strides multiples of 8 (a (b, l, d) slice of a wider projection is not)."""
+    if x.stride(2) == 1:
+        return x
+    if x.stride(1) == 1 and x.shape[1] % 8 == 0:
+        if x.stride(0) % 8 == 0 and x.stride(2) % 8 == 0:
+            return x
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x.contiguous()
 
 
 def causal_conv1d(x, weight, bias=None, activation=None):
     """See ops.conv.causal_conv1d."""
-    return _fn("causal_conv1d_fn")(x, weight, bias, activation=activation)
+    return _fn("causal_conv1d", "causal_conv1d_fn")(_conv_input(x), weight, bias, activation=activation)
 
 
 def causal_conv1d_update(x_t, conv_state, weight, bias=None, activation=None):
     """See ops.conv.causal_conv1d_update."""
-    new_state = conv_state.clone()
-    y = _fn("causal_conv1d_update")(x_t, new_state, weight, bias, activation=activation)
-    return y, new_state
+    # NOTE: the kernel wants the state in the dtype of x_t; the new state keeps the dtype it came in.
+    new_state = conv_state.to(x_t.dtype, copy=True)
+    y = _fn("causal_conv1d", "causal_conv1d_update")(x_t, new_state, weight, bias, activation=activation)
+    return y, new_state.to(conv_state.dtype)
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, *, chunk_size=64, initial_state=None, return_final_state=False):
-    """See ops.ssd.ssd_chunked."""
-    return _fn("mamba_chunk_scan_combined")(
+    """See ops.ssd.ssd_chunked. The final state comes back in the dtype of C (the pure-PyTorch path: fp32)."""
+    return _fn("mamba_triton", "mamba_chunk_scan_combined")(
         x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state, return_final_states=return_final_state
     )
 
@@ -86,8 +177,11 @@ def ssd_step(x_t, dt_t, A, B_t, C_t, D, state):
     """See ops.ssd.ssd_step."""
     nheads, headdim, dstate = state.shape[1:]
     new_state = state.clone()
-    # NOTE: zero strides over head_dim let the kernel treat dt, A and D as per-head scalars.
-    y = _fn("selective_state_update")(
+    # NOTE: zero strides over head_dim let the kernel treat dt, A and D as per-head scalars. The
+    # kernel takes that path only if dt_bias has a zero stride too, and it reads dt_bias.stride()
+    # without checking for None (AttributeError), so a zero bias is passed.
+    dt_bias = dt_t.new_zeros(nheads)[:, None].expand(nheads, headdim)
+    y = _fn("mamba_triton", "selective_state_update")(
         new_state,
         x_t,
         dt_t[..., None].expand(-1, -1, headdim),
@@ -95,13 +189,14 @@ def ssd_step(x_t, dt_t, A, B_t, C_t, D, state):
         B_t,
         C_t,
         D=None if D is None else D[:, None].expand(nheads, headdim),
+        dt_bias=dt_bias,
     )
     return y, new_state
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
-    """See ops.selective_scan.selective_scan_ref."""
-    return _fn("selective_scan_fn")(
+    """See ops.selective_scan.selective_scan_ref. NOTE: mamba_ssm's backward ignores the gradient of the last state."""
+    return _fn("selective_scan", "selective_scan_fn")(
         u,
         delta,
         A,
@@ -118,7 +213,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 def selective_state_update(state, x_t, dt_t, A, B_t, C_t, D=None, z_t=None, dt_bias=None, dt_softplus=False):
     """See ops.selective_scan.selective_state_update."""
     new_state = state.clone()
-    y = _fn("selective_state_update")(
+    y = _fn("mamba_triton", "selective_state_update")(
         new_state, x_t, dt_t, A, B_t, C_t, D=D, z=z_t, dt_bias=dt_bias, dt_softplus=dt_softplus
     )
     return y, new_state

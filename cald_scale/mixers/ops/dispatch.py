@@ -17,12 +17,15 @@ __all__ = ["Kernel", "resolve_kernel"]
 Kernel = Literal["auto", "ref", "chunked", "cuda"]
 logger = logging.getLogger("cald_scale.mixers")
 
-# (requested, device type) pairs whose fallback was already logged.
-_LOGGED_FALLBACKS: set[tuple[str, str]] = set()
+# (requested, device type, mixer kind) whose fallback was already logged.
+_LOGGED_FALLBACKS: set[tuple[str, str, str | None]] = set()
 
 
-def resolve_kernel(requested: Kernel, device: torch.device | str) -> Literal["ref", "chunked", "cuda"]:
-    """The implementation to run on ``device``.
+def resolve_kernel(
+    requested: Kernel, device: torch.device | str, kind: str | None = None
+) -> Literal["ref", "chunked", "cuda"]:
+    """The implementation to run on ``device`` for mixer ``kind`` ("mamba2" needs only the
+    causal-conv1d and Triton SSD kernels, "mamba" the selective scan; None: all of them).
 
     "ref" and "chunked" are returned as they are (both are pure PyTorch and run anywhere).
     "cuda" needs a CUDA device and the mamba_ssm + causal_conv1d kernels, else RuntimeError.
@@ -34,7 +37,7 @@ def resolve_kernel(requested: Kernel, device: torch.device | str) -> Literal["re
     device = torch.device(device)
     if requested in ("ref", "chunked"):
         return requested
-    available, reason = _cuda.kernels_available()
+    available, reason = _cuda.kernels_available(kind)
     if device.type != "cuda":
         reason = f"device is {device.type}, the mamba_ssm/causal_conv1d kernels need CUDA"
         available = False
@@ -45,7 +48,7 @@ def resolve_kernel(requested: Kernel, device: torch.device | str) -> Literal["re
             f"kernel='cuda' requested but {reason}; install the kernels with "
             f"`{_cuda.INSTALL_HINT}` (mamba-ssm, causal-conv1d) on a CUDA machine, or use kernel='chunked'."
         )
-    key = (requested, device.type)
+    key = (requested, device.type, kind)
     if key not in _LOGGED_FALLBACKS:
         _LOGGED_FALLBACKS.add(key)
         logger.warning(
