@@ -61,7 +61,8 @@ def _leaves(inputs):
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("seqlen,chunk_size", [(16, 4), (23, 4), (23, 7), (16, 16), (9, 32)])
+# (301, 4): 76 chunks, past _SCAN_CHUNKS_FROM, so the chunk states come from the sequential scan.
+@pytest.mark.parametrize("seqlen,chunk_size", [(16, 4), (23, 4), (23, 7), (16, 16), (9, 32), (301, 4)])
 def test_ssd_chunked_matches_ref(seqlen, chunk_size, groups):
     inputs = ssd_inputs(seqlen=seqlen, groups=groups)
     ref_in, chk_in = _leaves(inputs), _leaves(inputs)
