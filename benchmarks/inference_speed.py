@@ -1,0 +1,379 @@
+"""Inference speed of a converted student against its teacher, same weight geometry, one run.
+
+    python benchmarks/inference_speed.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
+                                         [--geometry SmolLM2-135M|Llama-3.2-1B] [--out FILE]
+
+For each context length (512, 2k, 8k, 32k by default):
+- prefill: seconds to run the whole prompt (batch 1) and build the cache;
+- decode: new tokens/s from a cache already holding that context, at batch 1 and a larger
+  batch. The cache's contents are random: a decode step's cost depends only on its sizes,
+  and building a 32k KV cache for 8 sequences by prefill would cost the teacher an hour here;
+- memory per sequence: the teacher's KV cache against the student's recurrent state.
+A configuration that would not fit in memory is recorded as "out of memory" (with the
+bytes it needed) instead of run. With --device cuda the decode at 16k is also measured
+over the largest batch each model fits ("best batch").
+
+Random weights (speed depends only on shapes); the teacher's position limit is raised to
+the longest context measured (RoPE is evaluated, not trained, here). Writes JSON with
+targets and pass flags, a PNG (log-log time vs context) and the README table between
+its markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import GEOMETRIES, RESULTS, machine, write_result  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa: E402
+
+from cald_scale.conversion.modeling import ConversionConfig  # noqa: E402
+from cald_scale.conversion.surgery import convert_teacher  # noqa: E402
+from cald_scale.generation.cache import state_bytes  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+README = Path(__file__).resolve().parent.parent / "README.md"
+MARKERS = ("<!-- inference_speed:begin -->", "<!-- inference_speed:end -->")
+
+# What the issue asks of the CPU run (SmolLM2-135M geometry, fp32) and of a GPU run.
+CPU_TARGETS = {"decode_x_at_32k_batch1": 3.0, "decode_x_at_32k_batch8": 10.0, "prefill_x_at_32k": 3.0}
+GPU_TARGETS = {"decode_x_at_16k_best_batch": 5.0}
+
+
+# --- models ----------------------------------------------------------------------------
+def build_pair(geometry: str, max_context: int, dtype: torch.dtype, device: torch.device):
+    """A random teacher of ``geometry`` and its all-Mamba2 student, both in eval mode."""
+    spec = dict(GEOMETRIES[geometry])
+    spec["max_position_embeddings"] = max(spec.get("max_position_embeddings", 0), max_context)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    attn = "sdpa"
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            attn = "flash_attention_2"
+        except ImportError:
+            pass
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(config).eval()
+    # NOTE: fresh mixers (no attention init): only the shapes matter here.
+    student = convert_teacher(teacher, ConversionConfig(attention_init=False)).eval()
+    return teacher.to(device, dtype), student.to(device, dtype), attn
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: torch.device, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# --- caches of a given length, without prefill ---------------------------------------------
+def teacher_cache(teacher, batch: int, context: int) -> DynamicCache:
+    """A KV cache holding ``context`` positions per sequence (random keys and values)."""
+    cfg = teacher.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cache = DynamicCache(config=cfg)
+    p = next(teacher.parameters())
+    for layer in range(cfg.num_hidden_layers):
+        shape = (batch, cfg.num_key_value_heads, context, head_dim)
+        cache.update(torch.randn(shape, dtype=p.dtype, device=p.device), torch.randn(shape, dtype=p.dtype, device=p.device), layer)
+    return cache
+
+
+def student_cache(student, batch: int, context: int):
+    """The student's cache after ``context`` positions (random conv and SSM states)."""
+    cache = student.new_cache()
+    p = next(student.parameters())
+    for mixer in student.mixers():
+        state = mixer.allocate_state(batch, device=p.device, dtype=p.dtype)
+        cache.update_conv_state(torch.randn_like(state.conv_state), mixer.layer_idx)
+        cache.update_recurrent_state(torch.randn_like(state.ssm_state) * 0.1, mixer.layer_idx)
+    cache.advance(context)
+    return cache
+
+
+def kv_bytes_per_sequence(teacher, context: int) -> int:
+    cfg = teacher.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * next(teacher.parameters()).element_size()
+
+
+# --- measurements --------------------------------------------------------------------------
+@torch.no_grad()
+def prefill_seconds(model, context: int, device: torch.device, repeats: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
+    # NOTE: logits of the last position only; a 32k x vocab logits tensor is 6 GB in fp32.
+    run = lambda: model(ids, use_cache=True, logits_to_keep=1)  # noqa: E731
+    run() if context <= 2048 else None  # warm-up where it is cheap
+    return statistics.median(_timed(run, device, repeats))
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model, cache, batch: int, context: int, device: torch.device, steps: int) -> float:
+    token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    position = [context]
+
+    def step():
+        pos = torch.full((batch, 1), position[0], device=device)
+        model(token, cache=cache, use_cache=True, position_ids=pos, logits_to_keep=1)
+        position[0] += 1
+
+    step()  # warm-up
+    times = _timed(step, device, steps)
+    return batch / statistics.median(times)
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def measure_context(out: dict, name: str, model, make_cache, context: int, batches, device, args, kv_per_seq) -> None:
+    """Prefill (batch 1) and decode (every batch) of one model at one context, into ``out``."""
+    need = kv_per_seq(context)
+    if need * 1.3 > available_bytes(device):
+        out["oom"].append({"what": "prefill", "context": context, "batch": 1, "needs_bytes": need})
+    else:
+        try:
+            out["prefill_s"][str(context)] = prefill_seconds(model, context, device, args.prefill_repeats)
+        except torch.OutOfMemoryError:
+            out["oom"].append({"what": "prefill", "context": context, "batch": 1})
+    for batch in batches:
+        if kv_per_seq(context) * batch * 1.3 > available_bytes(device):
+            out["oom"].append({"what": "decode", "context": context, "batch": batch, "needs_bytes": kv_per_seq(context) * batch})
+            continue
+        cache = None
+        try:
+            cache = make_cache(batch, context)
+            if batch == batches[0]:
+                out["state_bytes_per_seq"][str(context)] = {k: v // batch for k, v in state_bytes(cache).items()}
+            out["decode_tok_s"][str(batch)][str(context)] = decode_tokens_per_s(model, cache, batch, context, device, args.decode_steps)
+        except torch.OutOfMemoryError:
+            out["oom"].append({"what": "decode", "context": context, "batch": batch})
+        finally:
+            del cache
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print(f"[{name}] context {context}: prefill {out['prefill_s'].get(str(context))} s, decode "
+          f"{ {b: out['decode_tok_s'][str(b)].get(str(context)) for b in batches} } tok/s", flush=True)
+
+
+def best_batch_decode(model, make_cache, context: int, device: torch.device, steps: int, kv_per_seq) -> dict:
+    """Decode tokens/s at ``context`` over doubling batches until memory runs out."""
+    best = {"batch": 0, "tok_s": 0.0}
+    batch = 1
+    while batch <= 4096:
+        if kv_per_seq(context) * batch * 1.3 > available_bytes(device):
+            break
+        try:
+            cache = make_cache(batch, context)
+            tok_s = decode_tokens_per_s(model, cache, batch, context, device, steps)
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            cache = None
+            gc.collect()
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+        if tok_s > best["tok_s"]:
+            best = {"batch": batch, "tok_s": tok_s}
+        batch *= 2
+    return best
+
+
+# --- report --------------------------------------------------------------------------------
+def ratios(teacher: dict, student: dict, contexts, batches) -> dict:
+    r = {"prefill_x": {}, "decode_x": {str(b): {} for b in batches}}
+    for c in map(str, contexts):
+        if c in teacher["prefill_s"] and c in student["prefill_s"]:
+            r["prefill_x"][c] = teacher["prefill_s"][c] / student["prefill_s"][c]
+        for b in map(str, batches):
+            t, s = teacher["decode_tok_s"][b].get(c), student["decode_tok_s"][b].get(c)
+            if t and s:
+                r["decode_x"][b][c] = s / t
+    return r
+
+
+def check_targets(result: dict, batches) -> dict:
+    r, checks = result["ratios"], {}
+    big = str(batches[-1])
+    if result["device"] == "cpu":
+        values = {
+            "decode_x_at_32k_batch1": r["decode_x"]["1"].get("32768"),
+            f"decode_x_at_32k_batch{big}": r["decode_x"][big].get("32768"),
+            "prefill_x_at_32k": r["prefill_x"].get("32768"),
+        }
+        targets = {"decode_x_at_32k_batch1": CPU_TARGETS["decode_x_at_32k_batch1"],
+                   f"decode_x_at_32k_batch{big}": CPU_TARGETS["decode_x_at_32k_batch8"],
+                   "prefill_x_at_32k": CPU_TARGETS["prefill_x_at_32k"]}
+        for key, target in targets.items():
+            checks[key] = {"target": f">= {target}", "value": values[key], "pass": values[key] is not None and values[key] >= target}
+    else:
+        best = result.get("best_batch_16k")
+        value = best["student"]["tok_s"] / best["teacher"]["tok_s"] if best and best["teacher"]["tok_s"] else None
+        target = GPU_TARGETS["decode_x_at_16k_best_batch"]
+        checks["decode_x_at_16k_best_batch"] = {"target": f">= {target}", "value": value, "pass": value is not None and value >= target}
+    states = result["student"]["state_bytes_per_seq"]
+    sizes = {v["recurrent"] + v["kv"] for v in states.values()}
+    checks["student_state_constant"] = {"target": "same bytes at every context", "value": sorted(sizes), "pass": len(sizes) == 1}
+    return checks
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, style in (("teacher", "o-"), ("student", "s-")):
+        data = result[name]
+        xs = sorted(int(c) for c in data["prefill_s"])
+        axes[0].plot(xs, [data["prefill_s"][str(x)] for x in xs], style, label=name)
+        for batch, per_ctx in data["decode_tok_s"].items():
+            xs = sorted(int(c) for c in per_ctx)
+            axes[1].plot(xs, [1000 * int(batch) / per_ctx[str(x)] for x in xs], style, label=f"{name}, batch {batch}")
+        xs = sorted(int(c) for c in data["state_bytes_per_seq"])
+        axes[2].plot(xs, [sum(data["state_bytes_per_seq"][str(x)].values()) / 2**20 for x in xs], style, label=name)
+    titles = ("prefill, batch 1 (s)", "decode step (ms, whole batch)", "cache per sequence (MiB)")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['geometry']} teacher vs Mamba2 student, {result['dtype']}, {result['device_name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(result: dict) -> str:
+    batches = list(result["student"]["decode_tok_s"])
+    lines = [
+        f"{result['geometry']} geometry, {result['dtype']}, {result['device_name']} "
+        f"({result['machine'].get('cpu_count')} CPU cores, {result['machine']['torch_threads']} torch threads); "
+        f"`benchmarks/results/{Path(result['json']).name}`",
+        "",
+        "| context | prefill teacher (s) | prefill student (s) | prefill x | "
+        + " | ".join(f"decode b{b} teacher / student (tok/s) | x" for b in batches)
+        + " | KV per seq (MiB) | state per seq (MiB) |",
+        "|---" * (6 + 2 * len(batches)) + "|",
+    ]
+    fmt = lambda v, spec=".2f": format(v, spec) if v is not None else "OOM"  # noqa: E731
+    for c in result["contexts"]:
+        c = str(c)
+        t, s, r = result["teacher"], result["student"], result["ratios"]
+        cells = [c, fmt(t["prefill_s"].get(c)), fmt(s["prefill_s"].get(c)), fmt(r["prefill_x"].get(c), ".1f")]
+        for b in batches:
+            cells.append(f"{fmt(t['decode_tok_s'][b].get(c), '.1f')} / {fmt(s['decode_tok_s'][b].get(c), '.1f')}")
+            cells.append(fmt(r["decode_x"][b].get(c), ".1f"))
+        kv = t["state_bytes_per_seq"].get(c, {}).get("kv")
+        cells.append(fmt(kv / 2**20 if kv is not None else kv, ".1f"))
+        state = s["state_bytes_per_seq"].get(c)
+        cells.append(fmt(sum(state.values()) / 2**20 if state else None, ".2f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Targets: " + "; ".join(f"{k} {v['target']}: {v['value'] if not isinstance(v['value'], float) else round(v['value'], 2)} "
+                                          f"({'pass' if v['pass'] else 'FAIL'})" for k, v in result["targets"].items()))
+    return "\n".join(lines)
+
+
+def update_readme(table: str) -> None:
+    text = README.read_text()
+    begin, end = MARKERS
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        README.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="contexts 512 and 2k, batch 1 and 4 (about a minute on CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="SmolLM2-135M")
+    parser.add_argument("--contexts", default=None, help="comma-separated (default 512,2048,8192,32768)")
+    parser.add_argument("--batches", default=None, help="comma-separated decode batch sizes (default 1,8)")
+    parser.add_argument("--decode_steps", type=int, default=None)
+    parser.add_argument("--prefill_repeats", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    contexts = [int(c) for c in (args.contexts or ("512,2048" if args.quick else "512,2048,8192,32768")).split(",")]
+    batches = [int(b) for b in (args.batches or ("1,4" if args.quick else "1,8")).split(",")]
+    args.decode_steps = args.decode_steps or (4 if args.quick else 8)
+    dtype = DTYPES[args.dtype]
+
+    teacher, student, attn = build_pair(args.geometry, max(contexts), dtype, device)
+    kv_per_seq = lambda context: kv_bytes_per_sequence(teacher, context)  # noqa: E731
+    state_per_seq = lambda context: 0  # noqa: E731  (constant and small)
+    result = {
+        "benchmark": "inference_speed",
+        "geometry": args.geometry,
+        "dtype": args.dtype,
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "teacher_attention": attn,
+        "student_kernel": student.mixers()[0].kernel(device),
+        "contexts": contexts,
+        "decode_cache": "random contents of the stated length (decode cost depends only on sizes)",
+        "quick": args.quick,
+        "machine": machine(),
+    }
+    models = {
+        "teacher": (teacher, lambda b, c: teacher_cache(teacher, b, c), kv_per_seq),
+        "student": (student, lambda b, c: student_cache(student, b, c), state_per_seq),
+    }
+    for name in models:
+        result[name] = {"prefill_s": {}, "decode_tok_s": {str(b): {} for b in batches}, "state_bytes_per_seq": {}, "oom": []}
+    # NOTE: teacher and student take turns at each context, so both see the same machine.
+    for context in contexts:
+        for name, (model, make_cache, need) in models.items():
+            measure_context(result[name], name, model, make_cache, context, batches, device, args, need)
+    result["ratios"] = ratios(result["teacher"], result["student"], contexts, batches)
+    if device.type == "cuda":
+        result["best_batch_16k"] = {
+            "teacher": best_batch_decode(teacher, lambda b, c: teacher_cache(teacher, b, c), 16384, device, 4, kv_per_seq),
+            "student": best_batch_decode(student, lambda b, c: student_cache(student, b, c), 16384, device, 4, state_per_seq),
+        }
+    result["targets"] = check_targets(result, batches)
+    tag = "_quick" if args.quick else ""
+    default_name = "inference_speed" if (device.type, args.geometry) == ("cpu", "SmolLM2-135M") else f"inference_speed_{device.type}_{args.geometry}"
+    out = Path(args.out) if args.out else RESULTS / f"{default_name}{tag}.json"
+    result["json"] = str(out)
+    write_result(out.stem, result, str(out))
+    plot(result, out.with_suffix(".png"))
+    table = markdown(result)
+    out.with_suffix(".md").write_text(table + "\n")
+    if not args.quick and not args.out:
+        update_readme(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
