@@ -144,3 +144,13 @@ def write_result(name: str, result: dict, out: str | None = None) -> Path:
     path.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return path
+
+
+def truncated_geometry(geometry: str, num_layers: int) -> str:
+    """The name of ``geometry`` cut to its first ``num_layers`` blocks, registered in GEOMETRIES
+    (quick runs: same widths and vocabulary, fewer blocks; ``write_random_teacher`` takes the name)."""
+    if num_layers >= GEOMETRIES[geometry]["num_hidden_layers"]:
+        return geometry
+    name = f"{geometry}-{num_layers}L"
+    GEOMETRIES.setdefault(name, {**GEOMETRIES[geometry], "num_hidden_layers": num_layers})
+    return name

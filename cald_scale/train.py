@@ -272,7 +272,8 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
             t0 = time.time()
             record = train_step(models, guide, phase, step, next_batch, state, cfg, tokens_per_micro=tokens_per_micro, last_saved=last_saved)
             step = student_engine.global_steps
-            return_free_memory()
+            if cfg.train.trim_heap_every and step % cfg.train.trim_heap_every == 0:
+                return_free_memory()
             elapsed = time.time() - t0
             state.train_seconds += elapsed
             if cfg.debug.sleep_per_step:

@@ -197,46 +197,62 @@ def lm_head_losses(
 
 
 class _VocabStreamedCE(torch.autograd.Function):
-    """Summed next-token CE against a frozen head seen one piece of rows at a time.
+    """Summed next-token CE against a frozen head seen one piece of rows at a time, in one walk.
 
-    Forward keeps a running log-sum-exp over the pieces; backward walks the pieces again,
-    so neither the whole head nor whole logits are ever held (saved: the hidden states and
-    one log-sum-exp per token).
+    The head is frozen, so the only gradient is the hidden states', and it is linear in
+    the incoming scalar gradient: d CE / d h = softmax(h W^T) W - W[label] per token. One
+    walk over the pieces computes it beside the loss with an online softmax (a running
+    max m and sum s per token; sum_v exp(l_v - m) W_v is rescaled whenever m grows), so
+    neither the whole head nor whole logits are ever held, and backward only scales the
+    saved gradient (in the hidden states' dtype, as ``_LayerMSE`` keeps its own). NOTE:
+    walking the pieces again in backward (the previous design) recomputed every logit: one
+    more head-sized matmul, and under ZeRO-3 a second all-gather of the head, per step. For
+    512 tokens at a 49k vocabulary on one CPU thread, forward + backward took 1.4-1.5 s
+    that way and take 0.87 s now, as much as plain CE over whole logits.
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, labels: torch.Tensor, pieces: RowPieces) -> torch.Tensor:
         h = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
-        lse = h.new_full((h.shape[0],), float("-inf"))
-        target = h.new_zeros(h.shape[0])
+        n = h.shape[0]
+        m = h.new_full((n,), float("-inf"))  # running max logit
+        s = h.new_zeros(n)  # running sum of exp(logit - m)
+        target = h.new_zeros(n)
+        want_grad = ctx.needs_input_grad[0]  # False under no_grad (evaluation)
+        weighted = torch.zeros_like(h) if want_grad else None  # running sum of exp(logit - m) * row
+        label_rows = torch.zeros_like(h) if want_grad else None  # the head row of each token's label
         for ids, rows in pieces():
-            logits = h @ rows.to(h.dtype).T
-            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
-            target += torch.where(labels[:, None] == ids[None, :], logits, 0.0).sum(-1)
+            rows = rows.to(h.dtype)
+            logits = h @ rows.T
+            token, col = (labels[:, None] == ids[None, :]).nonzero(as_tuple=True)
+            target[token] = logits[token, col]
+            m_new = torch.maximum(m, logits.amax(-1))
+            rescale = (m - m_new).exp_()
+            p = logits.sub_(m_new[:, None]).exp_()
+            s.mul_(rescale).add_(p.sum(-1))
+            if want_grad:
+                label_rows[token] = rows[col]
+                weighted.mul_(rescale[:, None]).addmm_(p, rows)
+            m = m_new
         valid = labels != -100
-        ctx.save_for_backward(hidden, labels, lse)
-        ctx.pieces = pieces
-        return torch.where(valid, lse - target, 0.0).sum()
+        if want_grad:  # d (sum of CE) / d h; only valid tokens count
+            grad = weighted.div_(s[:, None]).sub_(label_rows).mul_(valid[:, None].to(h.dtype))
+            del label_rows
+            ctx.save_for_backward(grad.to(hidden.dtype))
+        return torch.where(valid, m + s.log() - target, 0.0).sum()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        hidden, labels, lse = ctx.saved_tensors
-        h = hidden.to(lse.dtype)
-        scale = (labels != -100).to(h.dtype) * grad_out.to(h.dtype)
-        grad = torch.zeros_like(h)
-        for ids, rows in ctx.pieces():
-            rows = rows.to(h.dtype)
-            p = (h @ rows.T).sub_(lse[:, None]).exp_()  # softmax over the whole vocabulary, this piece
-            p.sub_((labels[:, None] == ids[None, :]).to(h.dtype)).mul_(scale[:, None])
-            grad.addmm_(p, rows)
-        return grad.to(hidden.dtype), None, None
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None
 
 
 def vocab_streamed_cross_entropy(hidden: torch.Tensor, input_ids: torch.Tensor, pieces: RowPieces) -> torch.Tensor:
     """Next-token CE (mean over the b * (l - 1) predicted tokens) of normed final hidden
     states (b, l, hidden) against a frozen LM head given as row pieces (``pieces()`` yields
-    ``(row ids, rows)`` covering the vocabulary once; it is walked in forward and again in
-    backward, so under ZeRO-3 both walks are collective)."""
+    ``(row ids, rows)`` covering the vocabulary once; it is walked once, in forward, so
+    under ZeRO-3 that walk is collective)."""
     batch, seqlen = input_ids.shape
     labels = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()
     return _VocabStreamedCE.apply(hidden.flatten(0, 1), labels, pieces) / (batch * (seqlen - 1))

@@ -130,5 +130,5 @@ def test_vocab_streamed_cross_entropy_equals_the_whole_head():
     grad, = torch.autograd.grad(ce, h)
     grad_ref, = torch.autograd.grad(reference, h)
     torch.testing.assert_close(grad, grad_ref)
-    assert len(walks) == 2  # one walk in forward, one in backward
+    assert len(walks) == 1  # one walk, in forward (backward scales the gradient it computed)
     assert torch.autograd.gradcheck(lambda x: vocab_streamed_cross_entropy(x, ids, pieces), (h,))

@@ -1,0 +1,620 @@
+"""What conversion costs per training step: the distillation step against the work it cannot avoid, and against the teacher's own fine-tuning.
+
+    python benchmarks/train_speed.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
+        [--geometry SmolLM2-135M|Llama-3.2-1B] [--batch B] [--seq_len L] [--steps N] [--out PATH]
+
+Four items on the same batch (batch x seq_len random tokens), with random weights of a real
+geometry:
+
+- teacher_forward: the plain HF teacher, forward under no_grad (no LM head: the default loss
+  reads no teacher logits, loss.a_kl=0);
+- student_forward_backward: the plain converted student, training what the run trains (the
+  mixers by default): HF forward with next-token CE, backward. Its optimizer step (plain
+  torch AdamW) is timed apart and is not part of the sum below;
+- distill_step: the trainer's own step (cald_scale.train.train_step, one end-to-end phase
+  with the frozen target teacher) on teacher and student built by build_models in their
+  ZeRO-3 engines: streamed layer losses + CE, backward, optimizer step, and the loop's
+  per-step malloc_trim (cald_scale.engines.host_memory.return_free_memory);
+- teacher_finetune_step: the teacher alone in a ZeRO-3 training engine (every weight
+  trains): HF forward with next-token CE, backward, optimizer step, the usual fine-tuning.
+
+Each item lives in its own process (its own peak memory, no DeepSpeed state shared). The
+processes are built one after another, then step in turn (one step of each item, then the
+next round), so a machine that gets busier or quieter mid-run slows every item alike; all
+four are resident together. On CPU each item uses one torch thread unless --threads says
+otherwise (see main()). Per item: median seconds per step over --steps timed steps after
+warmup (also the fastest step, and CPU time), tokens/s, and peak memory over its steps: on
+CUDA torch.cuda.max_memory_allocated (live tensors, model states included); on CPU the
+process's resident high-water mark (VmHWM, reset after building), which includes the
+process baseline (imports) and allocator slack, so that baseline and the resident memory
+after building are reported beside it.
+
+Target: distill_step <= 1.1 x (teacher_forward + student_forward_backward): ZeRO-3,
+streaming, the losses and the optimizer step add at most 10%. distill_step /
+teacher_finetune_step is reported without a target. When the target is missed (or with
+--profile), the JSON also gets where the time goes: a few more rounds with the distillation
+step skipping the trainer's per-step malloc_trim, and one distillation step profiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import GEOMETRIES, machine, truncated_geometry, write_random_teacher, write_result  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ITEMS = ("teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step")
+TARGET_RATIO = 1.1
+QUICK_LAYERS = 8  # --quick: the geometry's widths and vocabulary, fewer blocks
+ABLATION_ROUNDS = 3  # rounds whose distillation step skips the per-step malloc_trim, when profiling (the first refaults)
+MARK = "@@train_speed "  # prefixes the workers' replies (libraries print to stdout too)
+
+
+# -- memory of this process ----------------------------------------------------------------
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so the peak covers only what follows."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- the items: each builder returns (step, untimed follow-up or None) ------------------------
+def _run_config(args):
+    from cald_scale.config import load_run_config
+
+    return load_run_config(
+        overrides=[
+            f"teacher.name_or_path={args.teacher}",
+            f"teacher.dtype={args.dtype}",
+            f"student.trainable={args.trainable}",
+            f"train.global_batch_size={args.batch}",
+            f"data.seq_len={args.seq_len}",
+            f"train.max_steps={args.warmup + args.steps + 2 + ABLATION_ROUNDS}",  # the teacher stays needed through every step run
+            "train.warmup_steps=1",
+            "phases=[{name: target, guidance: target}]",  # the end-to-end CALD step, frozen target teacher
+        ]
+    )
+
+
+def _ds_config(cfg, world_size: int) -> dict:
+    """The shipped ZeRO-3 config, resolved as the trainer does, with bf16 following --dtype (not "auto")."""
+    from cald_scale.engines.zero3 import load_ds_config, resolve_ds_config
+
+    raw = load_ds_config(REPO / "ds_configs" / "zero3.json")
+    raw["bf16"] = {"enabled": cfg.teacher.dtype == "bfloat16"}
+    return resolve_ds_config(raw, cfg.train, world_size)
+
+
+def build_teacher_forward(cfg, source, ids):
+    from cald_scale.conversion.teacher import build_teacher
+
+    teacher = build_teacher(source).to(ids.device)
+    # NOTE: the distillation step reads the teacher's hidden states only, unless a KL term needs its logits.
+    forward = teacher if cfg.loss.a_kl > 0 else teacher.base_model
+
+    def step() -> dict:
+        with torch.no_grad():
+            forward(input_ids=ids, use_cache=False)
+        return {}
+
+    return step, None
+
+
+def build_student_forward_backward(cfg, source, ids):
+    from cald_scale.conversion.surgery import build_student
+    from cald_scale.engines.models import set_trainable
+
+    student = build_student(source.config, source.weights(), cfg.student.conversion, seed=cfg.train.seed)
+    student = student.to(device=ids.device, dtype=source.dtype).train()
+    set_trainable(student, copied=cfg.student.trainable == "all")
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.train.lr, betas=cfg.train.betas, fused=True)
+
+    def step() -> dict:
+        student.zero_grad(set_to_none=True)
+        student(input_ids=ids, labels=ids).loss.backward()
+        return {}
+
+    def optimizer_step() -> dict:
+        _sync(ids.device)
+        t0 = time.perf_counter()
+        optimizer.step()
+        _sync(ids.device)
+        return {"optimizer_step_s": time.perf_counter() - t0}
+
+    return step, optimizer_step
+
+
+def build_distill_step(cfg, source, ids):
+    from cald_scale.distill.guidance import Guide
+    from cald_scale.engines.distributed import init_distributed
+    from cald_scale.engines.host_memory import return_free_memory
+    from cald_scale.engines.models import build_models
+    from cald_scale.train import _StepState, apply_phase, train_step
+
+    env = init_distributed()
+    models = build_models(cfg, _ds_config(cfg, env.world_size), source)
+    plan = cfg.plan(env.world_size)
+    phase = plan.phases[0]
+    apply_phase(models, phase, cfg.student.trainable)
+    guide = Guide(plan, models.managed_teacher, base_weights=str(source.folder), shared_param_ids=models.shared_param_ids)
+    state = _StepState({})
+    engine = models.student_engine
+
+    def step(trim: bool = True) -> dict:
+        # As the trainer's loop does it: one optimizer step, then (train.trim_heap_every) free
+        # heap pages go back to the OS.
+        record = train_step(models, guide, phase, engine.global_steps, lambda cursor: ids, state, cfg, tokens_per_micro=ids.numel(), last_saved=0)
+        every = cfg.train.trim_heap_every
+        if trim and every and engine.global_steps % every == 0:
+            return_free_memory()
+        return {"loss": record["loss"]}
+
+    return step, None
+
+
+def build_teacher_finetune_step(cfg, source, ids):
+    from cald_scale.conversion.teacher import build_teacher
+    from cald_scale.distill.stages import LayerwiseModel
+    from cald_scale.engines.distributed import init_distributed
+    from cald_scale.engines.models import block_numel
+    from cald_scale.engines.partitioned import placement_for
+    from cald_scale.engines.zero3 import build_training_engine, size_zero_buffers
+
+    env = init_distributed()
+    ds_config = _ds_config(cfg, env.world_size)
+    teacher = build_teacher(source, placement_for(ds_config)).train().requires_grad_(True)
+    sized = size_zero_buffers(ds_config, block_numel(teacher, LayerwiseModel(teacher).blocks), cfg.train.stage_size)
+    groups = [{"params": list(teacher.parameters()), "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "name": "teacher"}]
+    engine = build_training_engine(teacher, sized, groups)
+
+    def step() -> dict:
+        loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
+        engine.backward(loss)
+        engine.step()
+        return {"loss": loss.item()}
+
+    return step, None
+
+
+BUILDERS = {
+    "teacher_forward": build_teacher_forward,
+    "student_forward_backward": build_student_forward_backward,
+    "distill_step": build_distill_step,
+    "teacher_finetune_step": build_teacher_finetune_step,
+}
+
+
+# -- where one step's time goes -------------------------------------------------------------
+# (file name ending, function) -> region of the distillation step; cumulative times, so
+# nested regions (gather hooks inside forward, say) overlap their parents.
+REGIONS = {
+    ("stages.py", "blocks_iter"): "teacher blocks, forward (no grad)",
+    ("stages.py", "block"): "teacher + student blocks, forward",
+    ("losses.py", "layer_loss"): "layer losses (forward, gradient included)",
+    ("losses.py", "vocab_streamed_cross_entropy"): "CE against the streamed frozen head (forward, gradient included)",
+    ("losses.py", "lm_head_losses"): "CE/KL over token chunks (forward)",
+    ("step.py", "cald_forward"): "forward, all of it",
+    ("engine.py", "backward"): "backward (engine.backward, gradient reduction included)",
+    ("stage3.py", "reduce_ready_partitions_and_remove_grads"): "  of which ZeRO-3 gradient reduction into partitions",
+    ("engine.py", "step"): "optimizer step (engine.step)",
+    ("partitioned_param_coordinator.py", "fetch_sub_module"): "ZeRO-3 parameter gathers (hooks)",
+    ("partitioned_param_coordinator.py", "release_sub_module"): "ZeRO-3 parameter releases (hooks)",
+    ("partitioned.py", "pieces"): "frozen head pieces (gathers)",
+    ("host_memory.py", "return_free_memory"): "return_free_memory (malloc_trim)",
+}
+
+
+def profile_step(step, device: torch.device, top: int = 15) -> dict:
+    """One step under cProfile (named regions, cumulative) and one under torch.profiler (operators by self time)."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    profiler = cProfile.Profile()
+    t0 = time.perf_counter()
+    profiler.runcall(step)
+    _sync(device)
+    wall = time.perf_counter() - t0
+    regions: dict[str, float] = {}
+    for (filename, _, name), (_, _, _, cumulative, _) in pstats.Stats(profiler).stats.items():
+        label = next((v for (f, n), v in REGIONS.items() if filename.endswith(f) and name == n), None)
+        if label:
+            regions[label] = regions.get(label, 0.0) + cumulative
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    return {
+        "step_wall_s_under_cprofile": wall,
+        "regions_s": dict(sorted(regions.items(), key=lambda kv: -kv[1])),
+        "regions_note": "cumulative seconds under cProfile (inflated by it; compare shares, not absolutes); nested regions overlap",
+        "torch_ops_by_self_time": [{"op": e.key, "self_s": getattr(e, key) / 1e6, "calls": e.count} for e in events],
+    }
+
+
+# -- worker: one item, stepping on command ------------------------------------------------
+def _reply(message: dict) -> None:
+    print(MARK + json.dumps(message), flush=True)
+
+
+def serve_item(args) -> None:
+    """Build one item, then answer "step", "step notrim", "memory" and "profile" commands read from stdin until it closes."""
+    from cald_scale.conversion.teacher import open_teacher
+    from cald_scale.engines.host_memory import configure_host_allocator
+
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")  # one process per item, one device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = _run_config(args)
+    allocator = configure_host_allocator(cfg.train.malloc_mmap_threshold)  # the trainer's allocator, for every item
+    source, _ = open_teacher(cfg.teacher)
+    ids = torch.randint(0, source.config.vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    rss_baseline = _status_bytes("VmRSS")
+    t0 = time.perf_counter()
+    step, follow_up = BUILDERS[args.item](cfg, source, ids)
+    build_seconds = time.perf_counter() - t0
+    _sync(device)
+    memory = {"rss_baseline_bytes": rss_baseline, "rss_built_bytes": _status_bytes("VmRSS")}
+    memory["peak_rss_covers"] = "its steps only (VmHWM reset after building)" if _reset_peak_rss() else "the whole process (VmHWM could not be reset)"
+    if device.type == "cuda":
+        memory["cuda_allocated_built_bytes"] = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    _reply({"ready": True, "build_seconds": build_seconds})
+
+    for command in sys.stdin:
+        command = command.strip()
+        if command in ("step", "step notrim"):
+            options = {"trim": False} if command == "step notrim" else {}  # only the distillation step trims
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = step(**options)
+            _sync(device)
+            out.update(s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, load=os.getloadavg()[0])
+            out.update(follow_up() if follow_up else {})
+            _reply(out)
+        elif command == "memory":  # before any profiling, which has its own overheads
+            memory["peak_rss_bytes"] = _status_bytes("VmHWM")
+            memory["peak_rss_above_baseline_bytes"] = memory["peak_rss_bytes"] - rss_baseline
+            if device.type == "cuda":
+                memory["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+            _reply({"memory": memory, "build_seconds": build_seconds, "allocator": allocator, "torch_threads": torch.get_num_threads()})
+        elif command == "profile":
+            _reply(profile_step(step, device))
+
+
+# -- parent: start the workers, step them in turn --------------------------------------------
+class WorkerFailed(RuntimeError):
+    pass
+
+
+class Worker:
+    """One item's process; ``call`` sends a command and returns its reply."""
+
+    def __init__(self, item: str, args, teacher: Path, log_dir: Path):
+        self.item = item
+        self.log = log_dir / f"{item}.log"
+        cmd = [
+            sys.executable, __file__, "--item", item, "--teacher", str(teacher), "--device", args.device, "--dtype", args.dtype,
+            "--batch", str(args.batch), "--seq_len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--trainable", args.trainable,
+        ] + (["--threads", str(args.threads)] if args.threads else [])
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        self.proc.wait()
+        raise WorkerFailed(f"{self.item} exited ({self.proc.returncode}): {self.log.read_text()[-3000:]}")
+
+    def call(self, command: str) -> dict:
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it has exited: read() says why
+        return self.read()
+
+    def close(self) -> None:
+        """End of stdin ends the worker; one that does not end soon is killed."""
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _item_result(steps: list[dict], memory: dict, tokens: int) -> dict:
+    seconds = [s["s"] for s in steps]
+    median = statistics.median(seconds)
+    result = {
+        "median_s": median,
+        "min_s": min(seconds),
+        "tokens_per_s": tokens / median,
+        "step_seconds": seconds,
+        # NOTE: on a shared CPU, wall time also counts cores taken by other processes; the CPU
+        # time of this process (all threads) is less sensitive to that (but counts spinning threads).
+        "median_cpu_s": statistics.median(s["cpu_s"] for s in steps),
+        "cpu_seconds": [s["cpu_s"] for s in steps],
+        "load_average_1min": [s["load"] for s in steps],
+        **memory,
+    }
+    if "optimizer_step_s" in steps[0]:
+        result["median_optimizer_step_s"] = statistics.median(s["optimizer_step_s"] for s in steps)  # not in median_s
+    if "loss" in steps[0]:
+        result["last_loss"] = steps[-1]["loss"]
+    return result
+
+
+def run_items(args, teacher: Path, log_dir: Path, profile: bool) -> tuple[dict, dict | None]:
+    """Every item's measurements (or its error), and the distillation step's profile when asked for."""
+    workers, results, profiled = {}, {}, None
+    try:
+        for item in ITEMS:  # built one after another: build peaks do not add up
+            print(f"[train_speed] building {item} ...", flush=True)
+            worker = Worker(item, args, teacher, log_dir)
+            try:
+                worker.read()  # built
+                workers[item] = worker
+            except WorkerFailed as err:
+                results[item] = {"error": str(err)}
+        steps = _rounds(workers, results, args.warmup + args.steps, "timed")
+        steps = {item: replies[args.warmup:] for item, replies in steps.items()}
+        for item, worker in workers.items():
+            results[item] = _item_result(steps[item], worker.call("memory"), args.batch * args.seq_len)
+        if "distill_step" in workers and (profile or _misses_target(steps)):
+            # The same rounds again, the distillation step without the trainer's per-step
+            # malloc_trim (what refaulting the pages it returned costs), then one step profiled.
+            failed = {}  # the measurements above stand whatever happens here
+            no_trim = _rounds(workers, failed, ABLATION_ROUNDS, "no malloc_trim", notrim="distill_step")["distill_step"]
+            seconds = [r["s"] for r in no_trim]
+            try:
+                if "distill_step" in failed:
+                    raise WorkerFailed(failed["distill_step"]["error"])
+                print("[train_speed] profiling one distill step ...", flush=True)
+                profiled = workers["distill_step"].call("profile")
+                profiled["steps_without_malloc_trim"] = {"median_s": statistics.median(seconds), "step_seconds": seconds}
+            except WorkerFailed as err:
+                profiled = {"error": str(err)}
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return {item: results[item] for item in ITEMS}, profiled
+
+
+def _rounds(workers: dict[str, Worker], results: dict, rounds: int, label: str, notrim: str | None = None) -> dict[str, list[dict]]:
+    """``rounds`` rounds of one step of each item in turn; a worker that fails is dropped (its error kept)."""
+    replies = {item: [] for item in workers}
+    for i in range(rounds):
+        for item, worker in list(workers.items()):
+            try:
+                reply = worker.call("step notrim" if item == notrim else "step")
+            except WorkerFailed as err:
+                results[item] = {"error": str(err)}
+                del workers[item]
+                continue
+            print(f"[train_speed] {label} round {i + 1}: {item} {reply['s']:.3f} s", flush=True)
+            replies[item].append(reply)
+    return replies
+
+
+def _misses_target(steps: dict[str, list[dict]]) -> bool:
+    if not all(steps.get(item) for item in ("teacher_forward", "student_forward_backward", "distill_step")):
+        return False
+    median = {item: statistics.median(s["s"] for s in steps[item]) for item in steps}
+    return median["distill_step"] > TARGET_RATIO * (median["teacher_forward"] + median["student_forward_backward"])
+
+
+def _peak(item: dict) -> int:
+    memory = item["memory"]
+    return memory.get("cuda_peak_allocated_bytes", memory["peak_rss_bytes"])
+
+
+def summarize(items: dict[str, dict]) -> dict:
+    """The ratios and their targets."""
+    target = f"distill_step <= {TARGET_RATIO} x (teacher_forward + student_forward_backward), median s/step"
+    failed = [name for name, r in items.items() if "error" in r]
+    if failed:
+        return {"targets": {"distill_over_unavoidable": {"target": target, "value": None, "pass": False, "error": f"{failed} failed"}}}
+
+    def over_unavoidable(key: str) -> float:
+        return items["distill_step"][key] / (items["teacher_forward"][key] + items["student_forward_backward"][key])
+
+    ratio = over_unavoidable("median_s")
+    return {
+        "unavoidable_s": items["teacher_forward"]["median_s"] + items["student_forward_backward"]["median_s"],
+        "ratios": {
+            "distill_over_unavoidable": ratio,
+            # The same ratio from each item's fastest step and from CPU time (less sensitive to a busy machine).
+            "distill_over_unavoidable_min_s": over_unavoidable("min_s"),
+            "distill_over_unavoidable_cpu_s": over_unavoidable("median_cpu_s"),
+            "distill_over_teacher_finetune": items["distill_step"]["median_s"] / items["teacher_finetune_step"]["median_s"],
+            "peak_memory_distill_over_teacher_finetune": _peak(items["distill_step"]) / _peak(items["teacher_finetune_step"]),
+        },
+        "targets": {"distill_over_unavoidable": {"target": target, "value": ratio, "pass": ratio <= TARGET_RATIO}},
+    }
+
+
+def _noise(items: dict[str, dict], threads: int | None) -> str:
+    """What says other processes took this run's cores: uneven steps, or (one thread) wall time beyond CPU time."""
+    signs = []
+    for name, r in items.items():
+        if "error" in r:
+            continue
+        spread = max(r["step_seconds"]) / min(r["step_seconds"])
+        if spread > 1.25:
+            signs.append(f"{name}: slowest step {spread:.2f}x the fastest")
+        if threads == 1 and r["median_s"] > 1.15 * r["median_cpu_s"]:
+            signs.append(f"{name}: wall {r['median_s'] / r['median_cpu_s']:.2f}x CPU time")
+    return "; ".join(signs)
+
+
+def _default_name(args) -> str:
+    parts = ["train_speed"]
+    parts += [args.device] if args.device != "cpu" else []
+    parts += [args.geometry] if args.geometry != "SmolLM2-135M" else []
+    parts += [args.dtype] if args.dtype != "float32" else []
+    parts += ["quick"] if args.quick else []
+    return "_".join(parts)
+
+
+def markdown(result: dict) -> str:
+    """A short report generated from the JSON."""
+    gb = 1e9
+    s, m = result["shapes"], result["machine"]
+    cpu = result["device"] == "cpu"
+    lines = [
+        f"# train_speed ({m['date'][:10]})",
+        "",
+        f"{s['geometry']} ({s['layers']} layers), {result['dtype']}, batch {s['batch']} x {s['seq_len']} tokens, student trains "
+        f"{s['student_trainable']}, {result['device']} (torch threads per item: {s['torch_threads']}); median of {s['steps']} steps after {s['warmup']} warmup, the items stepping in turn. "
+        f"{m.get('gpu', m['cpu'])}, {m['cpu_count']} CPUs, torch {m['torch']}, transformers {m['transformers']}.",
+        "",
+        "| item | s/step (median) | s/step (min) | tokens/s | peak memory (GB) |" + (" above process baseline (GB) |" if cpu else ""),
+        "|---|---:|---:|---:|---:|" + ("---:|" if cpu else ""),
+    ]
+    for name, r in result["items"].items():
+        if "error" in r:
+            lines.append(f"| {name} | failed | | | |" + (" |" if cpu else ""))
+            continue
+        above = f" {r['memory']['peak_rss_above_baseline_bytes'] / gb:.2f} |" if cpu else ""
+        lines.append(f"| {name} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['tokens_per_s']:.0f} | {_peak(r) / gb:.2f} |{above}")
+    lines += ["", "| ratio | value | target | pass |", "|---|---:|---|---|"]
+    for name, value in result.get("ratios", {}).items():
+        t = result["targets"].get(name)
+        lines.append(f"| {name} | {value:.3f} | {t['target'] if t else ''} | {t['pass'] if t else ''} |")
+    for name, t in result["targets"].items():
+        if name not in result.get("ratios", {}):
+            lines.append(f"| {name} | n/a ({t.get('error', '')}) | {t['target']} | {t['pass']} |")
+    student = result["items"]["student_forward_backward"]
+    if "median_optimizer_step_s" in student:
+        lines += ["", f"The plain student's optimizer step (torch AdamW, fused), timed apart and not in the sum: {student['median_optimizer_step_s']:.3f} s."]
+    lines += ["", f"Memory: {result['memory_measure']}."]
+    if "regions_s" in result.get("distill_profile", {}):
+        lines += ["", "Where one distillation step's time goes (cProfile, cumulative s; nested regions overlap):", ""]
+        lines += [f"- {name.strip()}: {sec:.2f}" for name, sec in result["distill_profile"]["regions_s"].items()]
+        no_trim = result["distill_profile"].get("steps_without_malloc_trim")
+        if no_trim:
+            lines += ["", f"Without the trainer's per-step malloc_trim (same rounds) the distillation step takes {no_trim['median_s']:.3f} s (median)."]
+    for key in ("warning", "note"):
+        if result.get(key):
+            lines += ["", f"{key.capitalize()}: {result[key]}"]
+    return "\n".join(lines) + "\n"
+
+
+def assemble(args, geometry: str, items: dict, profiled: dict | None, load_before: float) -> dict:
+    """The result file's content: shapes, machine, items, ratios and targets, profile, warnings."""
+    summary = summarize(items)
+    if profiled and "ratios" in summary and "steps_without_malloc_trim" in profiled:
+        no_trim = profiled["steps_without_malloc_trim"]["median_s"]
+        summary["ratios"]["distill_without_malloc_trim_over_unavoidable"] = no_trim / summary["unavoidable_s"]
+    result = {
+        "benchmark": "train_speed",
+        "machine": machine(),
+        "device": args.device,
+        "dtype": args.dtype,
+        "shapes": {
+            "geometry": args.geometry, "layers": GEOMETRIES[geometry]["num_hidden_layers"], "batch": args.batch, "seq_len": args.seq_len,
+            "tokens_per_step": args.batch * args.seq_len, "steps": args.steps, "warmup": args.warmup, "student_trainable": args.trainable,
+            "torch_threads": items["teacher_forward"].get("torch_threads", args.threads),
+        },
+        "memory_measure": (
+            "torch.cuda.max_memory_allocated over the item's steps (model states included)" if args.device == "cuda" else
+            "the item's process resident high-water mark (VmHWM) over its steps, reset after building; it includes the process "
+            "baseline (imports: memory.rss_baseline_bytes) and allocator slack"
+        ),
+        "load_average_before_run": load_before,
+        "items": items,
+        **summary,
+        "pass": all(t["pass"] for t in summary["targets"].values()),
+    }
+    if profiled:
+        result["distill_profile"] = profiled
+    noisy = _noise(items, args.threads)
+    if noisy:
+        result["warning"] = f"timings disturbed by other processes ({noisy}); rerun on a quieter machine before trusting the ratios"
+    if args.quick:
+        result["note"] = f"--quick: {QUICK_LAYERS} of {GEOMETRIES[args.geometry]['num_hidden_layers']} layers and short sequences; not the headline numbers."
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_LAYERS} layers of the geometry, batch 1 x 256 (not the headline)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--geometry", choices=list(GEOMETRIES), default="SmolLM2-135M")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step")
+    parser.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default 512; --quick 256)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per item (default 4; --quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 on cuda, else 1)")
+    parser.add_argument("--trainable", choices=["mixers", "all"], default="mixers", help="what the student trains (the run config's default: mixers)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per item (default: 1 on cpu, torch's own on cuda)")
+    parser.add_argument("--profile", action="store_true", help="profile one distillation step even when the target is met")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--cache", default=os.environ.get("CALD_SCALE_CACHE", str(Path.home() / ".cache" / "cald_scale")) + "/bench_teachers")
+    parser.add_argument("--item", choices=ITEMS, default=None, help=argparse.SUPPRESS)  # worker mode
+    parser.add_argument("--teacher", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.seq_len = args.seq_len or (256 if args.quick else 512)
+    args.steps = args.steps or (3 if args.quick else 4)
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.device == "cuda" else 1)
+    # NOTE: one thread per item on CPU: where other processes hold cores, OpenMP threads that
+    # outnumber the free ones wait at every barrier, which slowed some items 15x at random here.
+    args.threads = args.threads or (1 if args.device == "cpu" else None)
+    if args.item:
+        serve_item(args)
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.dtype == "bfloat16" and args.device != "cuda":
+        parser.error("--dtype bfloat16: the ZeRO-3 engines train in bf16 only on a bf16-capable accelerator (use --device cuda)")
+
+    geometry = truncated_geometry(args.geometry, QUICK_LAYERS) if args.quick else args.geometry
+    teacher = write_random_teacher(geometry, Path(args.cache) / geometry)
+    load_before = os.getloadavg()[0]  # before this run's workers start
+    with tempfile.TemporaryDirectory() as logs:
+        items, profiled = run_items(args, teacher, Path(logs), args.profile)
+    result = assemble(args, geometry, items, profiled, load_before)
+    path = write_result(_default_name(args), result, args.out)
+    path.with_suffix(".md").write_text(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
