@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import os
 import platform
 import sys
 import time
@@ -46,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import machine  # noqa: E402
 
+from cald_scale.fileio import atomic_write_text  # noqa: E402
 from cald_scale.mixers import Mamba2Config, MambaConfig, build_mixer  # noqa: E402
 from cald_scale.mixers.ops import _cuda, conv, selective_scan, ssd  # noqa: E402
 
@@ -420,10 +420,7 @@ class Report:
 
     def write(self) -> None:
         self.data["summary"] = self.summary()
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.with_name(self.out.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        os.replace(tmp, self.out)
+        atomic_write_text(self.out, json.dumps(self.data, indent=1, default=str))
 
 
 def mixer_level(
