@@ -325,3 +325,24 @@ def test_dispatch_asks_only_for_the_kernels_its_mixer_uses(monkeypatch):
     assert resolve_kernel("auto", cuda, "mamba") == "chunked"
     with pytest.raises(RuntimeError, match="selective_scan_cuda"):
         resolve_kernel("cuda", cuda, "mamba")
+
+
+def test_long_inference_runs_in_segments_with_the_same_result(monkeypatch):
+    """Without autograd, a sequence longer than two segments is scanned segment by segment,
+    each from the state the last one ended in; outputs and final state equal the one-pass scan."""
+    from cald_scale.mixers.ops import ssd as ssd_module
+
+    inputs = ssd_inputs(seqlen=150, groups=2)
+    whole = ssd_chunked(**inputs, chunk_size=8, return_final_state=True)
+    monkeypatch.setattr(ssd_module, "_SEGMENT_TOKENS", 32)
+    calls = []
+    original = ssd_module._SSDChunked.apply
+    monkeypatch.setattr(ssd_module._SSDChunked, "apply", lambda *a: (calls.append(a[0].shape[1]), original(*a))[1])
+    with torch.no_grad():
+        segmented = ssd_chunked(**inputs, chunk_size=8, return_final_state=True)
+    assert calls == [32, 32, 32, 32, 22]
+    assert_close(segmented[0], whole[0], name="y")
+    assert_close(segmented[1], whole[1], name="final_state")
+    calls.clear()
+    ssd_chunked(**_leaves(inputs), chunk_size=8)  # with autograd: one pass
+    assert calls == [150]
