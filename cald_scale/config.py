@@ -88,8 +88,16 @@ class TrainConfig:
     benchmarks/train_speed.py); it lowers only the resident memory between steps."""
     max_consecutive_nan: int = 3
     """Stop with an error after this many non-finite losses in a row (each is skipped and counted)."""
+    preemption_signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM")
+    """Signals that stop the run at the next step boundary with a complete checkpoint and exit
+    code 75 (SLURM's warning signal and SIGTERM; launch/slurm/ requeues on that code)."""
 
     def __post_init__(self):
+        import signal
+
+        for name in self.preemption_signals:
+            if not isinstance(getattr(signal, str(name), None), signal.Signals):
+                raise ValueError(f"train.preemption_signals: {name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)")
         if self.trim_heap_every < 0:
             raise ValueError(f"train.trim_heap_every must be >= 0, got {self.trim_heap_every}")
         if self.global_batch_size is None and self.micro_batch_size is None:

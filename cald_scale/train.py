@@ -29,6 +29,7 @@ from .distill.step import LossParts, cald_forward, teacher_forced_step
 from .engines.checkpoint import load_latest_checkpoint, save_checkpoint
 from .engines.distributed import DistEnv, all_true, barrier, init_distributed
 from .engines.host_memory import configure_host_allocator, return_free_memory
+from .engines.preemption import Preempted, PreemptionWatch
 from .engines.models import DistillationModels, build_models, set_trainable
 from .engines.teacher import check_teacher_checkpoint
 from .engines.zero3 import begin_step, load_ds_config, resolve_ds_config
@@ -39,7 +40,7 @@ from .export.hf import export_model
 from .fileio import atomic_write_text
 from .metrics import MetricsLogger, peak_memory_bytes
 
-__all__ = ["train", "train_step", "forward_backward", "apply_phase", "NonFiniteLossError"]
+__all__ = ["train", "train_step", "forward_backward", "apply_phase", "NonFiniteLossError", "Preempted"]
 
 logger = logging.getLogger("cald_scale.train")
 
@@ -262,6 +263,14 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     tokens_per_micro = micro_batch * cfg.data.seq_len * env.world_size
     last_saved = step
     current = None
+
+    def save(at: int) -> None:
+        save_checkpoint(
+            student_engine, ckpt_dir, at, {**state.as_dict(), "guide": guide.state()}, cfg.output.keep_last,
+            exclude_frozen=models.shares_frozen_weights, also_save=guide.save,
+        )
+
+    watch = PreemptionWatch(tuple(cfg.train.preemption_signals)).__enter__()
     try:
         while step < plan.total_steps:
             phase = plan.at(step)
@@ -299,11 +308,16 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
                 # The trajectory teacher's checkpoints: the waypoints of a later waypoint-guided run.
                 export_model(models.teacher_engine, tokenizer, run_dir / "teacher_waypoints" / f"step_{step:08d}", is_main=env.is_main)
             if step % cfg.output.save_every == 0 or step == plan.total_steps:
-                save_checkpoint(
-                    student_engine, ckpt_dir, step, {**state.as_dict(), "guide": guide.state()}, cfg.output.keep_last,
-                    exclude_frozen=models.shares_frozen_weights, also_save=guide.save,
-                )
+                save(step)
                 last_saved = step
+            if step < plan.total_steps and (signal_name := watch.requested(device)):
+                # Preempted (SLURM's warning signal, SIGTERM): a complete checkpoint at this step, then out.
+                if last_saved != step:
+                    save(step)
+                    last_saved = step
+                if env.is_main:
+                    atomic_write_text(run_dir / "preempted.json", json.dumps({"step": step, "signal": signal_name}))
+                raise Preempted(step, signal_name)
 
         # 5. End point: evaluate, export the student in HF format, report.
         after = evaluate(models.student)
@@ -320,6 +334,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         barrier()
         return report
     finally:
+        watch.__exit__()
         metrics.close()
 
 

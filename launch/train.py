@@ -13,6 +13,7 @@ from cald_scale.config import ConfigError, load_run_config
 from cald_scale.conversion.weights import WeightsMismatchError
 from cald_scale.export.bamba import BambaExportError
 from cald_scale.engines.checkpoint import CheckpointLoadError
+from cald_scale.engines.preemption import PREEMPTED_EXIT_CODE, Preempted
 from cald_scale.train import NonFiniteLossError, train
 
 # Errors that mean "fix the input", not "a bug": reported without a traceback.
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg, args.ds_config)
     except USER_ERRORS as err:  # bad input: one line that names it (the run folder is left intact)
         parser.exit(1, f"error: {err}\n")
+    except Preempted as stop:  # a complete checkpoint is saved: the batch script requeues on this code
+        parser.exit(PREEMPTED_EXIT_CODE, f"preempted: {stop}\n")
 
 
 if __name__ == "__main__":

@@ -1,32 +1,56 @@
-"""Crash-safe DeepSpeed checkpoints: a checkpoint counts only once its manifest is written.
+"""Durable DeepSpeed checkpoints: a tag counts only once every rank has sealed its part.
 
-DeepSpeed writes a tag folder file by file; a job killed half-way leaves a partial
-folder (and may already point ``latest`` at it). We write a manifest (file sizes and
-CRC32s) after every rank has finished, atomically, and resume from the newest tag whose
-manifest matches its files, falling back to older ones; partial or corrupt tags are
-skipped with a warning and never deleted before a newer complete one exists.
+DeepSpeed writes a tag folder file by file; a job killed half-way leaves a partial folder
+(and may already point ``latest`` at it), and a file that is written but not fsynced can
+be lost or truncated by a node crash even after a clean exit. So a save goes:
+
+1. every rank: DeepSpeed writes its shards, we write the rank's RNG states;
+2. every rank: fsync the files it owns and the tag's folders, then write its completion
+   marker ``cald_done_rank_NNNNN.json`` (sizes and CRC32s of its files), itself fsynced;
+3. rank 0, after all markers: the tag manifest (``cald_manifest.json``, fsynced, and the
+   checkpoints folder fsynced), and only then are older tags deleted.
+
+On resume, each rank verifies a share of the markers (their files' sizes and checksums),
+the ranks agree on the newest tag complete everywhere, and corrupt or partial tags are
+skipped for older ones, never deleted before a newer complete one exists. A rank checks
+the markers it wrote itself when the world size is unchanged, so node-local checkpoint
+storage works; resuming on a different world size needs storage every rank can read.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import random
 import re
 import shutil
 import zlib
 from pathlib import Path
 from typing import Callable
 
-from ..fileio import atomic_write_text
-from .distributed import barrier, rank
+import numpy as np
+import torch
 
-__all__ = ["save_checkpoint", "load_latest_checkpoint", "complete_tags", "CheckpointLoadError", "MANIFEST"]
+from .distributed import barrier, rank, world_size
+
+__all__ = [
+    "save_checkpoint", "load_latest_checkpoint", "complete_tags", "verify_tag", "seal_rank", "tag_world_size",
+    "CheckpointLoadError", "MANIFEST",
+]
 
 logger = logging.getLogger("cald_scale.checkpoint")
 MANIFEST = "cald_manifest.json"
+FORMAT = 2
 _TAG = re.compile(r"^step_(\d+)$")
+_MARKER = "cald_done_rank_{:05d}.json"
+_RNG = "cald_rng_rank_{:05d}.pt"
+# Which rank wrote a file: DeepSpeed's per-rank shards and our RNG files name their rank;
+# the rest (rank 0's model states, `latest`, the helper script) are rank 0's.
+_OWNER = re.compile(r"(?:zero_pp_rank|cald_rng_rank)_0*(\d+)_?")
 
 
+# -- files ---------------------------------------------------------------------------------
 def _crc32(path: Path) -> int:
     crc = 0
     with open(path, "rb") as handle:
@@ -35,32 +59,109 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def _write_manifest(folder: Path, step: int) -> None:
-    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "crc32": _crc32(p)} for p in _files(folder)}
-    atomic_write_text(folder / MANIFEST, json.dumps({"step": step, "files": entries}, indent=1))
-
-
-def verify_tag(folder: Path) -> str | None:
-    """None when the tag is complete and intact, else the reason it is not."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return "no manifest (half-written: the job stopped while saving)"
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        entries = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as err:
-        return f"unreadable manifest ({err})"
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the folder's entries (new names, renames) durable."""
+    _fsync_file(path)
+
+
+def _durable_write_text(path: Path, text: str) -> None:
+    """Write, fsync, rename over ``path``, fsync the folder: after return it survives a crash."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _owner(relative: str) -> int:
+    match = _OWNER.search(Path(relative).name)
+    return int(match.group(1)) if match else 0
+
+
+def _is_ours(name: str) -> bool:
+    return name == MANIFEST or name.startswith("cald_done_rank_") or name.startswith(".")
+
+
+def _owned_files(folder: Path, me: int) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and not _is_ours(p.name) and _owner(str(p.relative_to(folder))) == me
+    )
+
+
+# -- sealing -------------------------------------------------------------------------------
+def seal_rank(folder: Path, step: int, me: int, world: int) -> None:
+    """Fsync this rank's files and the tag's folders, then write its completion marker."""
+    entries = {}
+    for path in _owned_files(folder, me):
+        _fsync_file(path)
+        entries[str(path.relative_to(folder))] = {"size": path.stat().st_size, "crc32": _crc32(path)}
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        _fsync_dir(sub)
+    _fsync_dir(folder)
+    _durable_write_text(folder / _MARKER.format(me), json.dumps({"step": step, "rank": me, "world_size": world, "files": entries}, indent=1))
+
+
+def _write_manifest(folder: Path, step: int, world: int) -> None:
+    _durable_write_text(folder / MANIFEST, json.dumps({"format": FORMAT, "step": step, "world_size": world}, indent=1))
+    _fsync_dir(folder.parent)
+
+
+def _check_files(folder: Path, entries: dict) -> str | None:
     for name, meta in entries.items():
         path = folder / name
         if not path.is_file():
             return f"missing file {name}"
         if path.stat().st_size != meta["size"]:
-            return f"{name} has {path.stat().st_size} bytes, manifest says {meta['size']}"
+            return f"{name} has {path.stat().st_size} bytes, its marker says {meta['size']}"
         if _crc32(path) != meta["crc32"]:
             return f"{name} fails its checksum (corrupt)"
+    return None
+
+
+def tag_world_size(folder: Path) -> int | None:
+    """The number of ranks that saved the tag (None without a readable manifest)."""
+    try:
+        return int(json.loads((folder / MANIFEST).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def verify_tag(folder: Path, me: int = 0, world: int = 1) -> str | None:
+    """None when this rank's share of the tag is complete and intact, else the reason it is not.
+
+    Rank ``me`` of ``world`` checks the markers i with i % world == me (one rank alone
+    checks them all); the manifest, written last, must exist for every rank.
+    """
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (half-written: the job stopped while saving)"
+    try:
+        content = json.loads(manifest.read_text())
+        if "files" in content:  # format 1 (one manifest by rank 0, no markers): still resumable
+            return _check_files(folder, content["files"]) if me == 0 else None
+        saved_world = int(content["world_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        return f"unreadable manifest ({err})"
+    for i in range(me, saved_world, world):
+        marker = folder / _MARKER.format(i)
+        if not marker.is_file():
+            return f"rank {i}'s completion marker is missing (it never finished sealing its part)"
+        try:
+            entries = json.loads(marker.read_text())["files"]
+        except (json.JSONDecodeError, KeyError) as err:
+            return f"unreadable marker of rank {i} ({err})"
+        if (reason := _check_files(folder, entries)) is not None:
+            return reason
     return None
 
 
@@ -72,37 +173,78 @@ def _tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 
 def complete_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """Complete tags, newest first (verifies checksums)."""
-    out = []
-    for step, path in _tags(ckpt_dir):
-        reason = verify_tag(path)
+    """Tags complete on every rank, newest first (collective when distributed: every rank calls it)."""
+    me, world = rank(), world_size()
+    local = []
+    for step, path in _tags(Path(ckpt_dir)):
+        reason = verify_tag(path, me, world)
         if reason is None:
-            out.append((step, path))
+            local.append(step)
         else:
             logger.warning("ignoring checkpoint %s: %s", path, reason)
-    return out
+    steps = set(local)
+    if world > 1:
+        import torch.distributed as dist
+
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, local)
+        for other in everyone:
+            steps &= set(other)
+    return [(step, path) for step, path in _tags(Path(ckpt_dir)) if step in steps]
 
 
+# -- RNG -----------------------------------------------------------------------------------
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(folder: Path, me: int) -> None:
+    """This rank's RNG states; on a different world size, rank 0's for ranks it never had."""
+    path = folder / _RNG.format(me)
+    if not path.is_file():
+        path = folder / _RNG.format(0)
+    if not path.is_file():
+        logger.warning("checkpoint %s holds no RNG states; random streams restart from the seed", folder)
+        return
+    state = torch.load(path, weights_only=False)  # our own file: python and numpy states are not tensors
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- save / load ---------------------------------------------------------------------------
 def save_checkpoint(
     engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, *, exclude_frozen: bool = False, also_save: Callable[[Path], None] | None = None
 ) -> Path:
-    """Save on all ranks, then mark complete and prune old complete tags (rank 0).
+    """Save on all ranks, seal every rank's part durably, then mark complete and prune old tags.
 
     ``exclude_frozen`` leaves frozen parameters out (they are rebuilt from the teacher).
     ``also_save(tag_dir)`` writes more state into the same tag (a trajectory teacher's
-    engine) before the manifest makes the tag complete.
+    engine) before the tag is sealed.
     """
     ckpt_dir = Path(ckpt_dir)
     tag = f"step_{step:08d}"
-    if rank() == 0 and (ckpt_dir / tag).exists():
-        shutil.rmtree(ckpt_dir / tag)  # a stale partial save of this same step
+    folder = ckpt_dir / tag
+    me, world = rank(), world_size()
+    if me == 0 and folder.exists():
+        shutil.rmtree(folder)  # a stale partial save of this same step
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True, exclude_frozen_parameters=exclude_frozen)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / _MARKER.format(me)).unlink(missing_ok=True)  # node-local storage: each node's own stale marker
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, "world_size": world}, save_latest=True, exclude_frozen_parameters=exclude_frozen)
+    torch.save(_rng_state(), folder / _RNG.format(me))
     if also_save is not None:
-        also_save(ckpt_dir / tag)
+        also_save(folder)
+    barrier()  # every rank's files exist before any rank seals (rank 0 owns shared files)
+    seal_rank(folder, step, me, world)
     barrier()
-    if rank() == 0:
-        _write_manifest(ckpt_dir / tag, step)
+    if me == 0:
+        _write_manifest(folder, step, world)
         complete = [(s, p) for s, p in _tags(ckpt_dir) if (p / MANIFEST).is_file()]
         for _, old in complete[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
@@ -111,14 +253,16 @@ def save_checkpoint(
             if s < step and not (p / MANIFEST).is_file():
                 shutil.rmtree(p, ignore_errors=True)
     barrier()
-    return ckpt_dir / tag
+    return folder
 
 
 class CheckpointLoadError(RuntimeError):
     """Complete checkpoints exist but none of them loads: never silently start over."""
 
 
-def load_latest_checkpoint(engine, ckpt_dir: Path, *, frozen_excluded: bool = False, also_load: Callable[[Path, dict], None] | None = None) -> dict | None:
+def load_latest_checkpoint(
+    engine, ckpt_dir: Path, *, frozen_excluded: bool = False, also_load: Callable[[Path, dict], None] | None = None, tags: list[tuple[int, Path]] | None = None
+) -> dict | None:
     """Load the newest complete checkpoint; returns its client state, or None for a fresh run.
 
     A corrupt or unloadable tag is skipped for the previous one. When complete tags exist
@@ -126,9 +270,11 @@ def load_latest_checkpoint(engine, ckpt_dir: Path, *, frozen_excluded: bool = Fa
     ``frozen_excluded``: the checkpoints were saved without frozen parameters (they come
     from the teacher), so the module state is loaded non-strictly. ``also_load(tag_dir,
     client_state)`` restores what ``also_save`` wrote (a failure there also falls back).
+    ``tags``: the candidates (default: ``complete_tags(ckpt_dir)``, a collective).
+    The loaded tag's RNG states are restored.
     """
     failures = []
-    for step, path in complete_tags(Path(ckpt_dir)):
+    for step, path in complete_tags(Path(ckpt_dir)) if tags is None else tags:
         try:
             load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=path.name, load_module_strict=not frozen_excluded)
             if load_path is not None and also_load is not None:
@@ -141,6 +287,7 @@ def load_latest_checkpoint(engine, ckpt_dir: Path, *, frozen_excluded: bool = Fa
             logger.warning("checkpoint %s could not be loaded; trying an older one", path)
             failures.append(f"{path.name}: DeepSpeed found nothing to load")
             continue
+        _restore_rng(path, rank())
         logger.info("resumed from %s (step %d)", path, step)
         return client_state or {}
     if failures:

@@ -10,7 +10,7 @@ import subprocess
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "barrier", "rank", "all_true"]
+__all__ = ["DistEnv", "init_distributed", "barrier", "rank", "world_size", "all_true"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +96,11 @@ def barrier() -> None:
 def rank() -> int:
     """This process's rank (0 without a process group)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of ranks (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def all_true(flag: bool, device: torch.device) -> bool:

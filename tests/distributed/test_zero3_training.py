@@ -20,13 +20,23 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-def test_llama_mamba2_kill_and_resume_continues_the_trajectory(tmp_path, teacher_dirs, data_cache):
-    env = launcher_env(tmp_path)
-    # Reference: an uninterrupted run.
-    ref_dir = tmp_path / "ref"
-    _ok(run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], ref_dir, data_cache)), env))
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, teacher_dirs, data_cache):
+    """An uninterrupted tiny llama -> mamba2 run of 6 steps on 2 ranks: (run folder, metrics per step)."""
+    ref_dir = tmp_path_factory.mktemp("reference") / "ref"
+    _ok(run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], ref_dir, data_cache)), launcher_env(ref_dir.parent)))
     reference = metrics(ref_dir)
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+    return ref_dir, reference
+
+
+def test_llama_mamba2_kill_and_resume_continues_the_trajectory(tmp_path, teacher_dirs, data_cache, reference_run):
+    import shutil
+
+    env = launcher_env(tmp_path)
+    ref_dir = tmp_path / "ref"
+    shutil.copytree(reference_run[0], ref_dir)  # this test extends the reference run below
+    reference = reference_run[1]
     report = json.loads((ref_dir / "report.json").read_text())
     assert report["world_size"] == 2 and report["steps"] == 6
     assert report["ppl_student_after"] < report["ppl_student_before"]
@@ -67,6 +77,40 @@ def test_llama_mamba2_kill_and_resume_continues_the_trajectory(tmp_path, teacher
     assert "fails its checksum" in log and "resuming run at step 4" in log
     assert json.loads((ref_dir / "report.json").read_text())["steps"] == 8
     assert metrics(ref_dir)[5]["loss"] == pytest.approx(reference[5]["loss"], rel=1e-5)
+
+
+def test_preemption_signal_on_one_rank_saves_at_that_step_and_resumes_exactly(tmp_path, teacher_dirs, data_cache, reference_run):
+    """SIGUSR1 to one rank: every rank stops after the same step, a complete checkpoint of that
+    step is saved (not the last periodic one), the job exits 75, and rerunning continues exactly."""
+    import psutil
+
+    from cald_scale.engines.checkpoint import complete_tags
+
+    env = launcher_env(tmp_path)
+    run_dir = tmp_path / "preempted"
+    cmd = deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"debug.sleep_per_step": 2.0, "output.save_every": 4}))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and 1 not in metrics(run_dir) and proc.poll() is None:
+        time.sleep(0.2)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())]
+    assert len(ranks) == 1 and proc.poll() is None, "the job ended before the signal"
+    ranks[0].send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 75, out[-4000:]
+    stopped = json.loads((run_dir / "preempted.json").read_text())
+    assert stopped["signal"] == "SIGUSR1" and 1 <= stopped["step"] < 4  # before the first periodic save
+    assert [s for s, _ in complete_tags(run_dir / "checkpoints")] == [stopped["step"]]
+    assert sorted(metrics(run_dir)) == list(range(1, stopped["step"] + 1))
+
+    resumed = run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"output.save_every": 4})), env)
+    _ok(resumed)
+    assert f"resuming run at step {stopped['step']}" in resumed.stdout + resumed.stderr
+    after, reference = metrics(run_dir), reference_run[1]
+    assert sorted(after) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        for key in ("loss", "ce", "layer"):
+            assert after[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
 
 
 def test_gpt_neox_mamba_distills_and_exports(tmp_path, teacher_dirs, data_cache):
@@ -148,13 +192,16 @@ def test_frozen_copies_shared_with_the_teacher_checkpoint_and_resume(tmp_path, t
             assert after[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
 
     # Complete (manifested) checkpoints that DeepSpeed cannot load stop the job: it never starts over on top of them.
-    from cald_scale.engines.checkpoint import _write_manifest
+    from cald_scale.engines.checkpoint import _write_manifest, seal_rank
 
     tags = sorted((run_dir / "checkpoints").glob("step_*"))
     for tag in tags:
         for states in tag.rglob("*model_states.pt"):
             states.write_bytes(b"not a torch file")
-        _write_manifest(tag, int(tag.name.split("_")[1]))
+        step = int(tag.name.split("_")[1])
+        for r in range(2):  # sealed again over the broken files: complete, but not loadable
+            seal_rank(tag, step, r, 2)
+        _write_manifest(tag, step, 2)
     refused = run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"student.trainable": "mixers", "train.max_steps": 8})), env)
     assert refused.returncode != 0 and "refusing to start over" in refused.stdout + refused.stderr
     assert sorted((run_dir / "checkpoints").glob("step_*")) == tags
