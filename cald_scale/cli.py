@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "cald_scale.evaluate",
     "generate": "cald_scale.generate",
     "export": "cald_scale.export.command",
+    "prepare-data": "cald_scale.prepare_data",
 }
 """Subcommand -> the module implementing it."""
 

@@ -21,7 +21,8 @@ import torch
 from .config import RunConfig
 from .configuration import to_dict
 from .conversion.teacher import open_teacher
-from .data import PackedSequences, ShardedBatches, build_indexed_dataset, check_vocab, held_out_sequences
+from .data import ShardedBatches
+from .data.run_sets import open_run_datasets
 from .distill.guidance import Guide
 from .distill.phases import Phase
 from .distill.stages import LayerwiseModel
@@ -208,13 +209,11 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     source, tokenizer = open_teacher(cfg.teacher)
     for waypoint in plan.waypoints:  # a missing or foreign waypoint fails now, not mid-run
         check_teacher_checkpoint(waypoint, source.config)
-    corpus = build_indexed_dataset(cfg.data, tokenizer, is_rank0=env.is_main)
-    check_vocab(corpus, source.config.vocab_size, str(source))
-    train_set = PackedSequences(corpus, "train", cfg.data.seq_len)
-    eval_sets = {"heldout": PackedSequences(corpus, "eval", cfg.data.seq_len)}
-    max_eval_tokens = (cfg.eval.max_sequences + 1) * cfg.data.seq_len
-    for name in cfg.eval.other_corpora:
-        eval_sets[name] = held_out_sequences(name, tokenizer, cfg.data, max_tokens=max_eval_tokens, is_rank0=env.is_main)
+    datasets = open_run_datasets(  # rank 0 tokenises (or `cald-scale prepare-data` did); the others wait outside any collective
+        cfg.data, tokenizer, other_corpora=cfg.eval.other_corpora, max_eval_sequences=cfg.eval.max_sequences,
+        vocab_size=source.config.vocab_size, model_name=str(source), is_rank0=env.is_main,
+    )
+    train_set, eval_sets = datasets.train, datasets.evals
     _seed_everything(cfg.train.seed)
 
     # 2. Teacher (when a phase needs one) and student, built partitioned, in their ZeRO-3 engines.

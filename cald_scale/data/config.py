@@ -63,6 +63,10 @@ class DataConfig:
     """Append the tokenizer's eos token after every document, so packed sequences that
     span a document boundary see the separator."""
 
+    wait_timeout_s: float = 4 * 3600.0
+    """How long ranks other than 0 wait for rank 0 to tokenise the corpus (they poll the file
+    system, outside any collective). For a large corpus run `cald-scale prepare-data` first."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.corpus, str) or not self.corpus.strip():
             raise ValueError(f"data.corpus must be a non-empty string, got {self.corpus!r}")
@@ -93,5 +97,7 @@ class DataConfig:
             raise ValueError(f"data.cache_dir must be a non-empty path, got {self.cache_dir!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"data.seed must be an int >= 0, got {self.seed!r}")
+        if isinstance(self.wait_timeout_s, bool) or not isinstance(self.wait_timeout_s, (int, float)) or self.wait_timeout_s <= 0:
+            raise ValueError(f"data.wait_timeout_s must be a number of seconds > 0, got {self.wait_timeout_s!r}")
         if not isinstance(self.append_eos, bool):
             raise ValueError(f"data.append_eos must be a bool, got {self.append_eos!r}")

@@ -8,8 +8,6 @@ import logging
 import os
 import re
 import shutil
-import socket
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -20,6 +18,7 @@ import numpy as np
 
 from cald_scale.data.config import DataConfig
 from cald_scale.data.corpora import CorpusSource, load_documents, resolve_corpus
+from cald_scale.fileio import file_lock
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -35,8 +34,11 @@ Split = Literal["train", "eval"]
 
 _SPLITS: tuple[Split, ...] = ("eval", "train")  # NOTE: eval first, so caps stop early
 _META = "meta.json"
-_TMP = ".tmp-"
+_PARTIAL = ".partial-"
+_FAILED = ".failed-"
 _DOCS_PER_BATCH = 128
+_PART_DOCS = 4096
+"""Documents per part of a build: the unit a killed build resumes from."""
 _MAX_ID_WINDOWS = 64
 _MAX_ID_WINDOW_TOKENS = 16384
 
@@ -303,35 +305,90 @@ def _is_complete(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, _META))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _write_json(path: str, content: dict[str, Any]) -> None:
+    """Write, fsync and rename into place: a reader sees all of it or nothing."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(content, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
-def _clean_stale_temps(cache_dir: str, key: str) -> None:
-    """Remove half-built temp folders of `key` left by dead processes on this host; temp
-    folders of other hosts or live processes are left alone (and never read)."""
-    host = socket.gethostname()
-    head = f"{_TMP}{key}."
-    for name in os.listdir(cache_dir):
-        if not name.startswith(head):
-            continue
-        owner_host, _, rest = name[len(head) :].rpartition("@")
-        pid = rest.split(".", 1)[0]
-        if owner_host == host and pid.isdigit() and not _pid_alive(int(pid)):
-            logger.warning("removing a half-built data cache left by a dead process: %s", name)
-            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+class _Parts:
+    """The finished parts of one split of a build in progress: `parts/<split>-NNNNN.{bin,idx,json}`.
+
+    A part is the tokens of documents [i * _PART_DOCS, (i + 1) * _PART_DOCS) of the split's
+    order; its json (with the sizes of its .bin/.idx) is written last, so a part without a
+    json, or whose files do not match it, was cut short and is tokenised again.
+    """
+
+    def __init__(self, folder: str, split: Split):
+        self.root = os.path.join(folder, "parts")
+        self.split = split
+        os.makedirs(self.root, exist_ok=True)
+
+    def prefix(self, index: int) -> str:
+        return os.path.join(self.root, f"{self.split}-{index:05d}")
+
+    def done(self, index: int) -> dict[str, Any] | None:
+        prefix = self.prefix(index)
+        try:
+            with open(prefix + ".json") as f:
+                meta = json.load(f)
+            sizes = [os.path.getsize(prefix + ".bin"), os.path.getsize(prefix + ".idx")]
+        except (OSError, ValueError):
+            return None
+        return meta if sizes == [meta["bin_bytes"], meta["idx_bytes"]] else None
+
+    def finish(self, index: int, meta: dict[str, Any]) -> None:
+        prefix = self.prefix(index)
+        for ext in (".bin", ".idx"):
+            with open(prefix + ext, "rb") as f:
+                os.fsync(f.fileno())
+        sizes = {"bin_bytes": os.path.getsize(prefix + ".bin"), "idx_bytes": os.path.getsize(prefix + ".idx")}
+        _write_json(prefix + ".json", {**meta, **sizes})
+
+
+def _write_part(
+    indexed_dataset, parts: _Parts, index: int, texts_of, order: np.ndarray, cap: int | None,
+    tokens_before: int, tokenizer: PreTrainedTokenizerBase, dtype, eos: int | None,
+) -> dict[str, Any]:
+    """Tokenise part `index` of a split (documents `order`, one per sequence) up to the cap."""
+    prefix = parts.prefix(index)
+    builder = indexed_dataset.IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    num_tokens, num_docs, max_id, start, batch = 0, 0, -1, 0, 1
+    while start < len(order) and (cap is None or tokens_before + num_tokens < cap):
+        # NOTE: batches grow 1, 2, 4, ... so a small cap tokenises little more than it keeps.
+        texts = texts_of(order[start : start + batch])
+        start, batch = start + batch, min(2 * batch, _DOCS_PER_BATCH)
+        for ids in _encode(tokenizer, texts):
+            if not ids or (cap is not None and tokens_before + num_tokens >= cap):
+                continue
+            if eos is not None:
+                ids.append(eos)
+            if cap is not None:
+                ids = ids[: cap - tokens_before - num_tokens]
+            array = np.asarray(ids, dtype=np.int64)
+            max_id = max(max_id, int(array.max()))
+            builder.add_document(array, [len(array)])
+            num_tokens += len(array)
+            num_docs += 1
+    builder.finalize(prefix + ".idx")
+    meta = {"tokens": num_tokens, "docs": num_docs, "max_id": max_id}
+    parts.finish(index, meta)
+    return meta
 
 
 def _write_splits(
     cfg: DataConfig, source: CorpusSource, tokenizer: PreTrainedTokenizerBase, folder: str
 ) -> dict[str, Any]:
-    """Tokenise the documents into folder/{train,eval}.{bin,idx}; return meta.json's content."""
+    """Tokenise the documents into folder/{train,eval}.{bin,idx}; return meta.json's content.
+
+    Work goes part by part (`_PART_DOCS` documents each, eval first), so a build that was
+    killed resumes from its last finished part; the parts are then concatenated with
+    megatron's IndexedDatasetBuilder.add_index.
+    """
     indexed_dataset = _megatron_indexed()
     vocab_size = len(tokenizer)
     dtype = indexed_dataset.DType.optimal_dtype(vocab_size)
@@ -355,32 +412,37 @@ def _write_splits(
     orders = {"eval": order[:num_eval], "train": order[num_eval:]}
     caps = {"eval": cfg.max_eval_tokens, "train": cfg.max_train_tokens}
 
-    # 2. Tokenise each split in batches until its cap, one document per sequence.
+    # 2. Tokenise each split part by part until its cap, one document per sequence.
     meta: dict[str, Any] = {}
     max_id = -1
-    t0 = time.perf_counter()
+    t0 = logged = time.perf_counter()
     for split in _SPLITS:
-        prefix = os.path.join(folder, split)
-        builder = indexed_dataset.IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
-        split_order, cap = orders[split], caps[split]
-        num_tokens, num_docs, start, batch = 0, 0, 0, 1
-        while start < len(split_order) and (cap is None or num_tokens < cap):
-            # NOTE: batches grow 1, 2, 4, ... so a small cap tokenises little more than it keeps.
-            texts = docs.take(split_order[start : start + batch])
-            start, batch = start + batch, min(2 * batch, _DOCS_PER_BATCH)
-            for ids in _encode(tokenizer, texts):
-                if not ids or (cap is not None and num_tokens >= cap):
-                    continue
-                if cfg.append_eos:
-                    ids.append(eos)
-                if cap is not None:
-                    ids = ids[: cap - num_tokens]
-                array = np.asarray(ids, dtype=np.int64)
-                max_id = max(max_id, int(array.max()))
-                builder.add_document(array, [len(array)])
-                num_tokens += len(array)
-                num_docs += 1
-        builder.finalize(prefix + ".idx")
+        parts, split_order, cap = _Parts(folder, split), orders[split], caps[split]
+        num_tokens, num_docs, index, resumed = 0, 0, 0, 0
+        while index * _PART_DOCS < len(split_order) and (cap is None or num_tokens < cap):
+            part = parts.done(index)
+            if part is not None:
+                resumed += 1
+            else:
+                chunk = split_order[index * _PART_DOCS : (index + 1) * _PART_DOCS]
+                part = _write_part(
+                    indexed_dataset, parts, index, docs.take, chunk, cap, num_tokens, tokenizer, dtype,
+                    eos if cfg.append_eos else None,
+                )
+                if time.perf_counter() - logged > 30:  # progress of a long build, twice a minute
+                    logged = time.perf_counter()
+                    logger.info(
+                        "tokenised %s part %d of %d (%d tokens so far, %.0f s)", split, index + 1,
+                        -(-len(split_order) // _PART_DOCS), num_tokens + part["tokens"], logged - t0,
+                    )
+            num_tokens, num_docs, max_id = num_tokens + part["tokens"], num_docs + part["docs"], max(max_id, part["max_id"])
+            index += 1
+        if resumed:
+            logger.info("resumed the %s split from %d finished part(s)", split, resumed)
+        builder = indexed_dataset.IndexedDatasetBuilder(os.path.join(folder, split + ".bin"), dtype=dtype)
+        for i in range(index):
+            builder.add_index(parts.prefix(i))
+        builder.finalize(os.path.join(folder, split + ".idx"))
         meta[f"num_{split}_tokens"] = num_tokens
         meta[f"num_{split}_docs"] = num_docs
     if max_id < 0:
@@ -411,45 +473,68 @@ def _build(
     folder: str,
     key: str,
 ) -> None:
-    """Build into a temp folder beside `folder`, write meta.json last, then rename."""
+    """Build in `.partial-<key>` beside `folder` (resuming what a killed build finished),
+    write meta.json last, then rename. One builder at a time per key (a file lock: a
+    second process waits, then finds the cache complete)."""
     os.makedirs(cfg.cache_dir, exist_ok=True)
-    _clean_stale_temps(cfg.cache_dir, key)
-    tmp = tempfile.mkdtemp(
-        prefix=f"{_TMP}{key}.{socket.gethostname()}@{os.getpid()}.", dir=cfg.cache_dir
-    )
-    try:
-        # NOTE: mkdtemp makes the folder private (0700); the cache is shared by all ranks
-        # and users of the cache_dir, like any other file they write there.
-        os.chmod(tmp, 0o755)
-        meta = _write_splits(cfg, source, tokenizer, tmp)
-        meta["key"] = key
-        with open(os.path.join(tmp, _META), "w") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.isdir(folder) and not _is_complete(folder):
-            logger.warning("replacing an incomplete data cache (no %s): %s", _META, folder)
-            shutil.rmtree(folder)
+    partial = os.path.join(cfg.cache_dir, f"{_PARTIAL}{key}")
+    with file_lock(partial + ".lock"):
+        if _is_complete(folder):
+            return
         try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not _is_complete(folder):
-                raise
-            # Another process finished the same cache first: keep theirs.
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            os.makedirs(partial, exist_ok=True)
+            meta = _write_splits(cfg, source, tokenizer, partial)
+            meta["key"] = key
+            shutil.rmtree(os.path.join(partial, "parts"))
+            _write_json(os.path.join(partial, _META), meta)
+            if os.path.isdir(folder):
+                logger.warning("replacing an incomplete data cache (no %s): %s", _META, folder)
+                shutil.rmtree(folder)
+            os.rename(partial, folder)
+        except BaseException as err:
+            _write_failure(cfg.cache_dir, key, err)
+            raise
 
 
-def _wait_for(folder: str, timeout_s: float) -> None:
+def _failure_path(cache_dir: str, key: str) -> str:
+    return os.path.join(cache_dir, f"{_FAILED}{key}")
+
+
+def _job_token() -> str:
+    """The same on every rank of one job, different for the next job (a stale failure note is ignored)."""
+    return ":".join(os.environ.get(name, "") for name in ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"))
+
+
+def _write_failure(cache_dir: str, key: str, err: BaseException) -> None:
+    """Tell the ranks waiting for this cache that rank 0 gave up (they stop instead of waiting)."""
+    try:
+        _write_json(_failure_path(cache_dir, key), {"job": _job_token(), "error": f"{type(err).__name__}: {err}"})
+    except OSError:
+        pass
+
+
+def _failure_of_this_job(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            note = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return note.get("error") if note.get("job") == _job_token() else None
+
+
+def _wait_for(folder: str, failure: str, timeout_s: float, poll_s: float = 1.0) -> None:
+    """Poll the file system for the finished cache: no collective is open while rank 0
+    tokenises, however long that takes (a barrier would hit the NCCL/gloo timeout)."""
     deadline = time.monotonic() + timeout_s
     while not _is_complete(folder):
+        if (error := _failure_of_this_job(failure)) is not None:
+            raise RuntimeError(f"rank 0 could not build the data cache {folder}: {error}")
         if time.monotonic() > deadline:
             raise TimeoutError(
-                f"waited {timeout_s:.0f} s for rank 0 to build the data cache {folder}"
+                f"waited {timeout_s:.0f} s for rank 0 to build the data cache {folder} "
+                "(data.wait_timeout_s; prepare it beforehand with `cald-scale prepare-data`)"
             )
-        time.sleep(1.0)
+        time.sleep(poll_s)
 
 
 def _open_cache(folder: str, name: str) -> IndexedCorpus:
@@ -516,12 +601,13 @@ def build_indexed_dataset(
     tokenizer: PreTrainedTokenizerBase | None,
     *,
     is_rank0: bool,
-    wait_timeout_s: float = 4 * 3600.0,
+    wait_timeout_s: float | None = None,
 ) -> IndexedCorpus:
     """Tokenise `cfg.corpus` once into `cfg.cache_dir/<key>/{train,eval}` and open it.
 
-    Only rank 0 tokenises; with torch.distributed initialised every rank then meets at a
-    barrier, otherwise ranks != 0 poll for the finished cache (up to `wait_timeout_s`).
+    Only rank 0 tokenises (resuming a build that was killed); the other ranks poll the file
+    system for the finished cache (up to `wait_timeout_s`, default data.wait_timeout_s),
+    outside any collective, and stop when rank 0 reports a failure.
     A megatron prefix (PREFIX.bin + PREFIX.idx) is opened as is on every rank, with no
     tokenisation and no copy; `tokenizer` is then unused and may be None (call
     `check_vocab` against the model). With `cfg.eval_corpus`, the train split is all of
@@ -557,7 +643,7 @@ def held_out_corpus(
     *,
     max_tokens: int | None,
     is_rank0: bool,
-    wait_timeout_s: float = 4 * 3600.0,
+    wait_timeout_s: float | None = None,
 ) -> IndexedCorpus:
     """All of `corpus` as an eval split (and no train split): a seeded shuffle of its
     documents (a prefix: its own order) cut to `max_tokens`, tokenised under `cfg`'s other
@@ -588,7 +674,7 @@ def _build_or_open(
     cfg: DataConfig,
     tokenizer: PreTrainedTokenizerBase | None,
     is_rank0: bool,
-    wait_timeout_s: float,
+    wait_timeout_s: float | None,
 ) -> IndexedCorpus:
     """One corpus (cfg.eval_corpus unused): a user prefix opened, or text tokenised once."""
     source = resolve_corpus(cfg.corpus)
@@ -596,8 +682,6 @@ def _build_or_open(
         return _open_user_prefix(cfg, source, tokenizer)
     if tokenizer is None:
         raise ValueError(f"corpus {cfg.corpus!r} is text: build_indexed_dataset needs a tokenizer")
-
-    import torch.distributed as dist
 
     key = cache_key(cfg, tokenizer, source)
     folder = os.path.join(cfg.cache_dir, key)
@@ -607,8 +691,6 @@ def _build_or_open(
         else:
             logger.info("tokenising corpus %r into %s", cfg.corpus, folder)
             _build(cfg, source, tokenizer, folder, key)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    elif not is_rank0:
-        _wait_for(folder, wait_timeout_s)
+    else:
+        _wait_for(folder, _failure_path(cfg.cache_dir, key), cfg.wait_timeout_s if wait_timeout_s is None else wait_timeout_s)
     return _open_cache(folder, source.name)

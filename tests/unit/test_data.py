@@ -6,9 +6,6 @@ import dataclasses
 import json
 import os
 import pickle
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -262,52 +259,70 @@ def test_changed_tokenizer_builds_a_new_cache(shakespeare, other_tokenizer):
     assert other.vocab_size == 700 and other.max_token_id < 700
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
+def test_a_killed_build_resumes_from_its_finished_parts(tmp_path, tokenizer, wiki_leads, monkeypatch):
+    """Tokenisation is killed mid-way; the rerun tokenises only the unfinished parts and the
+    cache equals a build that never stopped."""
+    monkeypatch.setattr(indexed_module, "_PART_DOCS", 8)
+    cfg = DataConfig(corpus=_write_jsonl(tmp_path / "leads.jsonl", wiki_leads[:60]), cache_dir=str(tmp_path / "cache"), eval_fraction=0.1)
+    encode, encoded = indexed_module._encode, []
+
+    def killed_after_40_documents(tok, texts):
+        if sum(encoded) + len(texts) > 40:
+            raise KeyboardInterrupt("killed")
+        encoded.append(len(texts))
+        return encode(tok, texts)
+
+    monkeypatch.setattr(indexed_module, "_encode", killed_after_40_documents)
+    with pytest.raises(KeyboardInterrupt):
+        build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    partial = os.path.join(cfg.cache_dir, ".partial-" + cache_key(cfg, tokenizer))
+    assert len([n for n in os.listdir(os.path.join(partial, "parts")) if n.endswith(".json")]) == 5  # eval (6 docs) + 4 train parts of 8
+
+    encoded.clear()
+    monkeypatch.setattr(indexed_module, "_encode", lambda tok, texts: encoded.append(len(texts)) or encode(tok, texts))
+    resumed = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    assert sum(encoded) == 60 - 6 - 32  # only the documents of the unfinished parts
+    assert not os.path.exists(partial)
+    whole = build_indexed_dataset(dataclasses.replace(cfg, cache_dir=str(tmp_path / "fresh")), tokenizer, is_rank0=True)
+    for split in ("train", "eval"):
+        assert [d.tolist() for d in _docs_of(getattr(resumed, f"{split}_prefix"))] == [d.tolist() for d in _docs_of(getattr(whole, f"{split}_prefix"))]
+    assert (resumed.num_train_tokens, resumed.num_eval_docs) == (whole.num_train_tokens, whole.num_eval_docs)
 
 
-def test_leftover_temp_folders_are_never_used(tmp_path, tokenizer, wiki_leads):
-    cfg = DataConfig(
-        corpus=_write_jsonl(tmp_path / "leads.jsonl", wiki_leads[:30]),
-        cache_dir=str(tmp_path / "cache"),
-        eval_fraction=0.1,
-    )
+def test_unfinished_or_garbage_parts_are_never_used(tmp_path, tokenizer, wiki_leads, monkeypatch):
+    monkeypatch.setattr(indexed_module, "_PART_DOCS", 8)
+    cfg = DataConfig(corpus=_write_jsonl(tmp_path / "leads.jsonl", wiki_leads[:30]), cache_dir=str(tmp_path / "cache"), eval_fraction=0.1)
     key = cache_key(cfg, tokenizer)
-    os.makedirs(cfg.cache_dir)
-    dead = os.path.join(cfg.cache_dir, f".tmp-{key}.{socket.gethostname()}@{_dead_pid()}.x1")
-    foreign = os.path.join(cfg.cache_dir, f".tmp-{key}.other-host@1.x2")
-    for folder in (dead, foreign):
-        os.makedirs(folder)
-        with open(os.path.join(folder, "train.bin"), "wb") as f:
-            f.write(b"garbage")
-        with open(os.path.join(folder, "meta.json"), "w") as f:
-            f.write('{"num_train_tokens": 1}')
+    parts = os.path.join(cfg.cache_dir, ".partial-" + key, "parts")
+    os.makedirs(parts)
+    for name, content in (("train-00000.bin", b"garbage"), ("train-00000.idx", b"garbage"), ("train-00001.bin", b"cut short")):
+        with open(os.path.join(parts, name), "wb") as f:
+            f.write(content)
+    with open(os.path.join(parts, "train-00000.json"), "w") as f:  # sizes that do not match its files
+        json.dump({"tokens": 5, "docs": 1, "max_id": 3, "bin_bytes": 99, "idx_bytes": 99}, f)
     # a final folder without meta.json (never produced by a build, but possible by hand)
     os.makedirs(os.path.join(cfg.cache_dir, key))
-
     corpus = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
     assert corpus.meta_path == os.path.join(cfg.cache_dir, key, "meta.json")
-    assert corpus.num_train_docs + corpus.num_eval_docs == 30
     decoded = _decode_docs(tokenizer, corpus.train_prefix) + _decode_docs(tokenizer, corpus.eval_prefix)
     assert sorted(decoded) == sorted(wiki_leads[:30])
-    assert not os.path.exists(dead)  # left by a dead process on this host: cleaned
-    assert os.path.exists(foreign)  # maybe still being built elsewhere: left alone
 
 
-def test_failed_build_leaves_nothing_behind(tmp_path, tokenizer, monkeypatch):
-    cfg = DataConfig(
-        corpus=_write_jsonl(tmp_path / "d.jsonl", ["some text"] * 4), cache_dir=str(tmp_path / "c")
-    )
+def test_waiting_ranks_stop_on_rank0_failure_of_this_job_only(tmp_path, tokenizer, monkeypatch):
+    cfg = DataConfig(corpus=_write_jsonl(tmp_path / "d.jsonl", ["some text"] * 4), cache_dir=str(tmp_path / "c"))
+    monkeypatch.setenv("MASTER_PORT", "1111")
 
     def boom(tok, texts):
-        raise RuntimeError("interrupted")
+        raise RuntimeError("tokenizer exploded")
 
     monkeypatch.setattr(indexed_module, "_encode", boom)
-    with pytest.raises(RuntimeError, match="interrupted"):
+    with pytest.raises(RuntimeError, match="exploded"):
         build_indexed_dataset(cfg, tokenizer, is_rank0=True)
-    assert [n for n in os.listdir(cfg.cache_dir) if n != "hf_datasets"] == []
+    with pytest.raises(RuntimeError, match="rank 0 could not build the data cache .*tokenizer exploded"):
+        build_indexed_dataset(cfg, tokenizer, is_rank0=False, wait_timeout_s=5)
+    monkeypatch.setenv("MASTER_PORT", "2222")  # the next job: the old note is not about it
+    with pytest.raises(TimeoutError, match="prepare-data"):
+        build_indexed_dataset(cfg, tokenizer, is_rank0=False, wait_timeout_s=1.5)
 
 
 # ---------------------------------------------------------------------------------------

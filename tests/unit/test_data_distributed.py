@@ -1,5 +1,5 @@
-# Two CPU ranks (gloo): only rank 0 tokenises; rank 1 meets it at the barrier and opens
-# the same cache.
+# Two CPU ranks (gloo): only rank 0 tokenises; rank 1 waits for it outside any collective
+# (tokenising takes longer than the process group's timeout here) and opens the same cache.
 from __future__ import annotations
 
 import dataclasses
@@ -20,15 +20,27 @@ def _worker(rank: int, world_size: int, init_file: str, tokenizer_dir: str, cfg:
 
     from cald_scale.data import build_indexed_dataset
 
+    import time
+    from datetime import timedelta
+
+    # A collective that waits longer than 3 s fails: rank 1 must not wait inside one.
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=3)
     )
     try:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
         calls = []
         encode = indexed._encode
-        indexed._encode = lambda tok, texts: calls.append(len(texts)) or encode(tok, texts)
+
+        def slow_encode(tok, texts):
+            if not calls:
+                time.sleep(6)  # a corpus that takes longer to tokenise than the collective timeout
+            calls.append(len(texts))
+            return encode(tok, texts)
+
+        indexed._encode = slow_encode
         corpus = build_indexed_dataset(DataConfig(**cfg), tokenizer, is_rank0=rank == 0)
+        dist.barrier()  # the group is still healthy
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump({"encoded": sum(calls), "corpus": dataclasses.asdict(corpus)}, f)
     finally:
