@@ -26,6 +26,7 @@ class Run:
     overrides: list[str]
     recipe: str | None = None
     seed: int = 0
+    ds_config: str = "ds_configs/zero3.json"
 
     def folder(self, benchmark: str) -> Path:
         return RUNS / benchmark / f"{self.name}_seed{self.seed}"
@@ -40,7 +41,7 @@ def launch(run: Run, benchmark: str, *, ranks: int = 1, log_every_tokens: int | 
         return curve(folder)
     launcher = str(Path(sys.executable).parent / "deepspeed")
     # A port of our own: two benchmarks (or a test run) may launch side by side.
-    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "launch/train.py", "--ds_config", "ds_configs/zero3.json"]
+    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "launch/train.py", "--ds_config", run.ds_config]
     if run.recipe:
         cmd += ["--recipe", run.recipe]
     cmd += args

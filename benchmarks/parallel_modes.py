@@ -1,0 +1,317 @@
+"""Parallel modes side by side: ZeRO-3 streamed, pipeline, and the teacher-forced phase, on the same model and ranks.
+
+    python benchmarks/parallel_modes.py [--quick] [--ranks 2] [--layers 4,8] [--steps N] [--seq_len L] [--fresh]
+
+Every mode is a real training run (``deepspeed launch/train.py``, 2 CPU ranks by default)
+of the same random-weight teacher (SmolLM2-135M widths, cut to a few blocks) into a Mamba2
+student on the same data, global batch and steps:
+
+- ``zero3_streamed``: both models partitioned by ZeRO-3 over every rank, end-to-end CALD
+  streamed stage by stage (the default mode);
+- ``zero3_teacher_forced``: the same engines, the teacher-forced phase (every block learns
+  on the teacher's input, no backward across blocks);
+- ``pipeline``: ds_configs/pipeline.json, one stage per rank (stage k holds teacher and
+  student blocks [a_k, b_k)), end-to-end CALD; ZeRO-1 across replicas;
+- ``pipeline_teacher_forced``: the pipeline with the teacher-forced phase.
+
+Each mode runs at two depths, so the per-layer cost (seconds per step and resident bytes
+per rank per added block) is the slope between them. Per run: training tokens/s (median
+over the steps after the first, from metrics.jsonl) and the peak resident memory of every
+rank (the report's memory_per_rank; it covers the whole process, building included).
+
+The JSON (benchmarks/results/parallel_modes[_quick].json) and the Markdown beside it carry
+the measurements, the per-layer costs, and an analysis of how each mode's cost grows with
+layers and ranks, projected on paper to 8 and 64 GPUs from those measured per-layer costs
+and the model's exact byte counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import GEOMETRIES, RESULTS, machine, truncated_geometry, write_random_teacher, write_result  # noqa: E402
+from _runs import RUNS, Run, launch  # noqa: E402
+
+BENCHMARK = "parallel_modes"
+GEOMETRY = "SmolLM2-135M"
+E2E = "[{name: e2e, guidance: target, mode: end_to_end}]"
+FORCED = "[{name: forced, guidance: target, mode: teacher_forced}]"
+MODES: dict[str, dict] = {
+    "zero3_streamed": {"ds_config": "ds_configs/zero3.json", "phases": E2E, "pipeline": False},
+    "zero3_teacher_forced": {"ds_config": "ds_configs/zero3.json", "phases": FORCED, "pipeline": False},
+    "pipeline": {"ds_config": "ds_configs/pipeline.json", "phases": E2E, "pipeline": True},
+    "pipeline_teacher_forced": {"ds_config": "ds_configs/pipeline.json", "phases": FORCED, "pipeline": True},
+}
+GIB = 1 << 30
+
+
+def _run(mode: str, layers: int, args, teacher: Path) -> dict:
+    spec = MODES[mode]
+    overrides = [
+        f"teacher.name_or_path={teacher}",
+        "teacher.dtype=float32",
+        "student.conversion.mixer=mamba2",
+        "student.trainable=mixers",
+        f"data.seq_len={args.seq_len}",
+        "data.max_train_tokens=200000",
+        "data.max_eval_tokens=20000",
+        f"train.global_batch_size={args.global_batch}",
+        f"train.max_steps={args.steps}",
+        "train.warmup_steps=1",
+        "eval.max_sequences=2",
+        "eval.other_corpora=[]",
+        f"output.save_every={args.steps}",
+        "output.log_every=1",
+        f"phases={spec['phases']}",
+    ]
+    if spec["pipeline"]:
+        overrides.append(f"train.pipeline_stages={args.ranks}")
+    run = Run(name=f"{mode}_{layers}L{'_quick' if args.quick else ''}", overrides=overrides, ds_config=spec["ds_config"])
+    launch(run, BENCHMARK, ranks=args.ranks)
+    folder = run.folder(BENCHMARK)
+    report = json.loads((folder / "report.json").read_text())
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > 1]
+    rss = [m["cpu_max_rss_bytes"] for m in report.get("memory_per_rank", [report["memory"]])]
+    return {
+        "folder": str(folder),
+        "layers": layers,
+        "tokens_per_s": statistics.median(speeds),
+        "seconds_per_step": args.global_batch * args.seq_len / statistics.median(speeds),
+        "peak_rss_per_rank_bytes": rss,
+        "final_loss": records[-1].get("loss") if records else None,
+    }
+
+
+def _slope(a: dict, b: dict, key) -> float:
+    return (key(b) - key(a)) / (b["layers"] - a["layers"])
+
+
+def _layer_bytes(geometry: dict, mixer_params_per_layer: int) -> dict:
+    """Exact parameter bytes (fp32 master, bf16 on GPU) of one teacher block and one student block."""
+    h, i = geometry["hidden_size"], geometry["intermediate_size"]
+    heads, kv = geometry["num_attention_heads"], geometry["num_key_value_heads"]
+    head_dim = h // heads
+    attention = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h
+    mlp = 3 * h * i
+    return {"teacher_block_params": attention + mlp + 2 * h, "student_mixer_params": mixer_params_per_layer, "mlp_params": mlp + 2 * h}
+
+
+def _projection(per_layer: dict, geometry: dict, args) -> dict:
+    """Each mode's step time and memory per rank on W GPUs, from the measured per-layer costs.
+
+    Assumptions (stated in the output): weak scaling, the same per-rank micro-batch as
+    measured; compute per block per sequence scales as measured (its absolute value on a
+    GPU differs, the ratios between modes do not); bf16 weights; links of 300 GB/s inside a
+    node of 8 GPUs and 50 GB/s per GPU between nodes.
+    """
+    hidden, seq = geometry["hidden_size"], args.seq_len
+    layers = geometry["num_hidden_layers"]
+    block = per_layer["bytes"]
+    teacher_bytes = 2 * block["teacher_block_params"]  # bf16
+    student_bytes = 2 * (block["student_mixer_params"] + block["mlp_params"])
+    trainable_bytes = 2 * block["student_mixer_params"]
+    out = {}
+    for gpus in (8, 64):
+        bandwidth = 300e9 if gpus <= 8 else 50e9
+        micro = max(1, args.global_batch // args.ranks)  # sequences per rank per micro-step, as measured
+        activation = 2 * micro * seq * hidden  # one hidden state, bf16
+        # ZeRO-3: every rank runs every block; per block it gathers the teacher block, the student block
+        # twice (forward, backward) and reduce-scatters the trainable gradients: (W-1)/W of each.
+        zero3_comm = layers * (gpus - 1) / gpus * (teacher_bytes + 2 * student_bytes + trainable_bytes)
+        zero3_compute = layers * per_layer["zero3_streamed_s"]
+        # Pipeline over S = min(W, layers) stages: a stage runs layers/S blocks per micro-batch; m micro-batches
+        # per step fill it, the bubble adds (S-1) micro-batch slots; per boundary it sends (teacher, student,
+        # loss) forward and the student's gradient back (teacher-forced: the loss only).
+        stages = min(gpus, layers)
+        m = 4 * stages  # micro-batches per step, a usual choice to keep the bubble small
+        per_micro = layers / stages * per_layer["pipeline_s"]
+        pipe_step = (m + stages - 1) * per_micro
+        pipe_comm = m * 3 * activation
+        forced_micro = layers / stages * per_layer["pipeline_teacher_forced_s"]
+        out[f"{gpus}_gpus"] = {
+            "zero3_streamed": {
+                "seconds_per_micro_step": zero3_compute,
+                "comm_bytes_per_rank_per_micro_step": zero3_comm,
+                "comm_seconds": zero3_comm / bandwidth,
+                "comm_hidden_by_prefetch": zero3_comm / bandwidth < zero3_compute,
+                "param_bytes_per_rank": layers * (teacher_bytes + student_bytes) / gpus,
+            },
+            "pipeline": {
+                "stages": stages,
+                "micro_batches_per_step": m,
+                "bubble_fraction": (stages - 1) / (m + stages - 1),
+                "seconds_per_micro_step_equivalent": pipe_step / m,
+                "comm_bytes_per_boundary_per_step": pipe_comm,
+                "param_bytes_per_rank": layers / stages * (teacher_bytes + student_bytes),
+            },
+            "pipeline_teacher_forced": {
+                "bubble_fraction": (stages - 1) / (m + stages - 1),
+                "seconds_per_micro_step_equivalent": (m + stages - 1) * forced_micro / m,
+                "comm_bytes_per_boundary_per_step": m * (activation + 4),
+            },
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CI-sized: 2 and 4 blocks, 3 steps, seq_len 64")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--layers", default=None, help="two depths, e.g. 4,8 (default 4,8; --quick 2,4)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seq_len", type=int, default=None)
+    parser.add_argument("--global_batch", type=int, default=4)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--fresh", action="store_true", help="delete this benchmark's earlier runs first")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    depths = [int(x) for x in (args.layers or ("2,4" if args.quick else "4,8")).split(",")]
+    args.steps = args.steps or (3 if args.quick else 8)
+    args.seq_len = args.seq_len or (64 if args.quick else 256)
+    modes = args.modes.split(",")
+    if args.fresh:
+        shutil.rmtree(RUNS / BENCHMARK, ignore_errors=True)
+
+    runs: dict[str, list[dict]] = {}
+    teachers = {}
+    for layers in depths:
+        name = truncated_geometry(GEOMETRY, layers)
+        teachers[layers] = _with_smollm2_tokenizer(write_random_teacher(name, RUNS / BENCHMARK / "teachers" / name))
+    for mode in modes:
+        runs[mode] = [_run(mode, layers, args, teachers[layers]) for layers in depths]
+
+    geometry = GEOMETRIES[GEOMETRY]
+    from cald_scale.mixers.config import Mamba2Config  # noqa: F401 - the student's mixer geometry
+
+    per_layer = {}
+    for mode, (a, b) in runs.items():
+        per_layer[f"{mode}_s"] = _slope(a, b, lambda r: r["seconds_per_step"])
+        per_layer[f"{mode}_rss_bytes_max_rank"] = _slope(a, b, lambda r: max(r["peak_rss_per_rank_bytes"]))
+    per_layer["bytes"] = _layer_bytes(geometry, _mixer_params(teachers[depths[0]]))
+    result = {
+        "benchmark": BENCHMARK,
+        "machine": machine(),
+        "shapes": {"geometry": GEOMETRY, "depths": depths, "ranks": args.ranks, "global_batch": args.global_batch, "seq_len": args.seq_len, "steps": args.steps},
+        "runs": runs,
+        "per_layer": per_layer,
+        "ratios": _ratios(runs),
+    }
+    if all(f"{m}_s" in per_layer for m in ("zero3_streamed", "pipeline", "pipeline_teacher_forced")):
+        result["projection"] = _projection(per_layer, geometry, args)
+    result["targets"] = {
+        "all_modes_ran": {"target": "every mode trains at both depths on the same model", "value": sorted(runs), "pass": set(runs) == set(MODES)},
+    }
+    result["pass"] = all(t["pass"] for t in result["targets"].values())
+    out = Path(args.out) if args.out else RESULTS / f"{BENCHMARK}{'_quick' if args.quick else ''}.json"
+    write_result(BENCHMARK, result, str(out))
+    out.with_suffix(".md").write_text(_markdown(result))
+
+
+def _with_smollm2_tokenizer(folder: Path) -> Path:
+    """Random weights of SmolLM2's geometry, with SmolLM2's own tokenizer (same vocabulary), so the
+    runs read real text as the default job does."""
+    if not (folder / "tokenizer_config.json").read_text().count("smollm2_tokenizer"):
+        from cald_scale.conversion.teacher import TeacherConfig, open_teacher
+
+        _, tokenizer = open_teacher(TeacherConfig())
+        tokenizer.save_pretrained(folder)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "smollm2_tokenizer": True}, indent=2))
+    return folder
+
+
+def _mixer_params(teacher: Path) -> int:
+    """Parameters of one Mamba2 mixer converted from this teacher (the student's trainable block part)."""
+    from cald_scale.conversion.modeling import ConversionConfig
+    from cald_scale.conversion.surgery import convert_teacher
+    from cald_scale.conversion.teacher import TeacherConfig, load_teacher
+
+    teacher_model, _, _ = load_teacher(TeacherConfig(name_or_path=str(teacher), dtype="float32"))
+    student = convert_teacher(teacher_model, ConversionConfig(mixer="mamba2", match_teacher_geometry=True), teacher_name_or_path=str(teacher))
+    mixers = student.mixers()
+    return sum(p.numel() for p in mixers[0].parameters())
+
+
+def _ratios(runs: dict) -> dict:
+    out = {}
+    base = runs.get("zero3_streamed")
+    for mode, rows in runs.items():
+        if base is None or mode == "zero3_streamed":
+            continue
+        deepest, ref = rows[-1], base[-1]
+        out[f"{mode}_tokens_per_s_over_zero3"] = deepest["tokens_per_s"] / ref["tokens_per_s"]
+        out[f"{mode}_peak_rss_max_rank_over_zero3"] = max(deepest["peak_rss_per_rank_bytes"]) / max(ref["peak_rss_per_rank_bytes"])
+    return out
+
+
+def _markdown(result: dict) -> str:
+    shapes = result["shapes"]
+    lines = [
+        f"# Parallel modes ({shapes['ranks']} CPU ranks, {shapes['geometry']} widths, seq_len {shapes['seq_len']}, global batch {shapes['global_batch']})",
+        "",
+        "| mode | blocks | tokens/s | s/step | peak RSS per rank (GiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, rows in result["runs"].items():
+        for r in rows:
+            rss = ", ".join(f"{b / GIB:.2f}" for b in r["peak_rss_per_rank_bytes"])
+            lines.append(f"| {mode} | {r['layers']} | {r['tokens_per_s']:.1f} | {r['seconds_per_step']:.2f} | {rss} |")
+    lines += ["", "Per added block (slope between the two depths):", ""]
+    for key, value in result["per_layer"].items():
+        if key.endswith("_s"):
+            lines.append(f"- {key[:-2]}: {value:.3f} s per step")
+        elif key.endswith("_bytes_max_rank"):
+            lines.append(f"- {key.replace('_rss_bytes_max_rank', '')}: {value / (1 << 20):.0f} MiB resident on the fullest rank")
+    if result["ratios"]:
+        lines += ["", "Ratios at the deeper model, against ZeRO-3 streamed:", ""]
+        lines += [f"- {k}: {v:.2f}" for k, v in result["ratios"].items()]
+    if "projection" in result:
+        lines += ["", "## Projection to 8 and 64 GPUs (on paper, from the measured per-block costs)", ""]
+        for gpus, modes in result["projection"].items():
+            z, p = modes["zero3_streamed"], modes["pipeline"]
+            lines.append(
+                f"- **{gpus.replace('_', ' ')}**: ZeRO-3 gathers {z['comm_bytes_per_rank_per_micro_step'] / GIB:.2f} GiB per rank per micro-step "
+                f"({'hidden behind' if z['comm_hidden_by_prefetch'] else 'longer than'} the compute at the assumed bandwidth) and holds "
+                f"{z['param_bytes_per_rank'] / GIB:.3f} GiB of parameters per rank; the pipeline runs {p['stages']} stages with "
+                f"{p['micro_batches_per_step']} micro-batches, a bubble of {p['bubble_fraction']:.0%}, sends "
+                f"{p['comm_bytes_per_boundary_per_step'] / GIB:.3f} GiB per stage boundary per step and holds "
+                f"{p['param_bytes_per_rank'] / GIB:.3f} GiB of parameters per rank."
+            )
+    lines += ["", ANALYSIS]
+    return "\n".join(lines) + "\n"
+
+
+ANALYSIS = """## How each mode's cost grows
+
+- **ZeRO-3 streamed.** Every rank runs every block on its share of the batch, so compute per
+  rank is flat in ranks (weak scaling) and linear in blocks. Parameters, gradients and
+  optimizer states are split W ways, so memory per rank falls as 1/W, but every block's
+  teacher and student weights are all-gathered for each use: communication per rank per
+  micro-step is about L x (teacher + 2 x student + trainable gradient) bytes x (W-1)/W,
+  independent of the batch. It is hidden while one block's compute outlasts the gather of
+  the next (prefetch); with small per-rank batches or slow inter-node links it is not, and
+  that is where the pipeline wins.
+- **Pipeline.** A stage holds only its L/S blocks, whole: memory per rank falls as 1/S with
+  no gathers at all; what crosses the wire is three hidden states per micro-batch per stage
+  boundary (teacher, student, running loss) and one gradient back. The price is the bubble,
+  (S-1)/(m+S-1) of the step for m micro-batches, and stage balance: a stage is as slow as
+  its slowest block plus the first stage's embedding and the last stage's head.
+- **Teacher-forced phase.** Each student block learns from the teacher's input, so no
+  gradient crosses blocks: in ZeRO-3 mode the backward of each stage runs as soon as it is
+  computed (activation memory of one stage), and in pipeline mode only the scalar loss
+  travels backward, so the backward pass costs no stage-to-stage traffic.
+- **On CPU with gloo** (this measurement) communication is a memory copy and the ranks
+  share two cores: the tokens/s ratios show compute and framework overheads, not network
+  costs; the projection adds those from the byte counts above.
+"""
+
+
+if __name__ == "__main__":
+    main()
