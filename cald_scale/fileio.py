@@ -10,17 +10,36 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_write_text", "atomic_dir", "file_lock"]
+__all__ = ["atomic_write_text", "fsync_path", "atomic_dir", "file_lock"]
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temp file beside ``path``, then rename it over ``path``."""
+def atomic_write_text(path: str | Path, text: str, *, durable: bool = False) -> Path:
+    """Write ``text`` to a temp file beside ``path``, then rename it over ``path``.
+
+    ``durable``: also fsync the file before the rename and the folder after it, so the new
+    content survives a node crash once this returns (not only a killed process).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
+    if durable:
+        fsync_path(path.parent)
     return path
+
+
+def fsync_path(path: str | Path) -> None:
+    """fsync a file's content, or a folder's entries (new names and renames)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import numpy as np
 
 from cald_scale.data.config import DataConfig
 from cald_scale.data.corpora import CorpusSource, load_documents, resolve_corpus
-from cald_scale.fileio import file_lock
+from cald_scale.fileio import atomic_write_text, file_lock, fsync_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -306,13 +306,8 @@ def _is_complete(folder: str) -> bool:
 
 
 def _write_json(path: str, content: dict[str, Any]) -> None:
-    """Write, fsync and rename into place: a reader sees all of it or nothing."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(content, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A reader sees all of it or nothing, and it survives a crash."""
+    atomic_write_text(path, json.dumps(content, indent=2), durable=True)
 
 
 class _Parts:
@@ -344,8 +339,7 @@ class _Parts:
     def finish(self, index: int, meta: dict[str, Any]) -> None:
         prefix = self.prefix(index)
         for ext in (".bin", ".idx"):
-            with open(prefix + ext, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_path(prefix + ext)
         sizes = {"bin_bytes": os.path.getsize(prefix + ".bin"), "idx_bytes": os.path.getsize(prefix + ".idx")}
         _write_json(prefix + ".json", {**meta, **sizes})
 

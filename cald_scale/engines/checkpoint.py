@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..fileio import atomic_write_text, fsync_path
 from .distributed import barrier, rank, world_size
 
 __all__ = [
@@ -59,30 +60,6 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the folder's entries (new names, renames) durable."""
-    _fsync_file(path)
-
-
-def _durable_write_text(path: Path, text: str) -> None:
-    """Write, fsync, rename over ``path``, fsync the folder: after return it survives a crash."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _owner(relative: str) -> int:
     match = _OWNER.search(Path(relative).name)
     return int(match.group(1)) if match else 0
@@ -103,17 +80,18 @@ def seal_rank(folder: Path, step: int, me: int, world: int) -> None:
     """Fsync this rank's files and the tag's folders, then write its completion marker."""
     entries = {}
     for path in _owned_files(folder, me):
-        _fsync_file(path)
+        fsync_path(path)
         entries[str(path.relative_to(folder))] = {"size": path.stat().st_size, "crc32": _crc32(path)}
     for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
-        _fsync_dir(sub)
-    _fsync_dir(folder)
-    _durable_write_text(folder / _MARKER.format(me), json.dumps({"step": step, "rank": me, "world_size": world, "files": entries}, indent=1))
+        fsync_path(sub)
+    fsync_path(folder)
+    marker = {"step": step, "rank": me, "world_size": world, "files": entries}
+    atomic_write_text(folder / _MARKER.format(me), json.dumps(marker, indent=1), durable=True)
 
 
 def _write_manifest(folder: Path, step: int, world: int) -> None:
-    _durable_write_text(folder / MANIFEST, json.dumps({"format": FORMAT, "step": step, "world_size": world}, indent=1))
-    _fsync_dir(folder.parent)
+    atomic_write_text(folder / MANIFEST, json.dumps({"format": FORMAT, "step": step, "world_size": world}, indent=1), durable=True)
+    fsync_path(folder.parent)
 
 
 def _check_files(folder: Path, entries: dict) -> str | None:

@@ -61,7 +61,7 @@ def test_a_tag_whose_fsync_failed_is_never_sealed(tmp_path, monkeypatch):
     def failing_fsync(path):
         raise OSError(5, "Input/output error", str(path))
 
-    monkeypatch.setattr(checkpoint, "_fsync_file", failing_fsync)
+    monkeypatch.setattr(checkpoint, "fsync_path", failing_fsync)
     with pytest.raises(OSError, match="Input/output"):
         _tag(tmp_path, 5)
     folder = tmp_path / "step_00000005"
