@@ -26,12 +26,14 @@ from cald_scale.data import (
     iter_documents,
 )
 from cald_scale.data import indexed as indexed_module
+from cald_scale.data import tokenise
+from cald_scale.data.megatron import megatron_indexed
 from cald_scale.data.corpora import resolve_corpus, split_paragraphs
 
 
 
 def _megatron():
-    return indexed_module._megatron_indexed()
+    return megatron_indexed()
 
 
 def _docs_of(prefix: str) -> list[np.ndarray]:
@@ -212,9 +214,9 @@ def test_cache_is_reused_without_tokenising(shakespeare, tokenizer, monkeypatch)
     cfg, corpus = shakespeare
     mtime = os.stat(corpus.meta_path).st_mtime_ns
     calls = []
-    real_encode = indexed_module._encode
+    real_encode = tokenise._encode
     monkeypatch.setattr(
-        indexed_module, "_encode", lambda tok, texts: calls.append(1) or real_encode(tok, texts)
+        tokenise, "_encode", lambda tok, texts: calls.append(1) or real_encode(tok, texts)
     )
     again = build_indexed_dataset(dataclasses.replace(cfg, seq_len=512), tokenizer, is_rank0=True)
     assert calls == []
@@ -262,9 +264,9 @@ def test_changed_tokenizer_builds_a_new_cache(shakespeare, other_tokenizer):
 def test_a_killed_build_resumes_from_its_finished_parts(tmp_path, tokenizer, wiki_leads, monkeypatch):
     """Tokenisation is killed mid-way; the rerun tokenises only the unfinished parts and the
     cache equals a build that never stopped."""
-    monkeypatch.setattr(indexed_module, "_PART_DOCS", 8)
+    monkeypatch.setattr(tokenise, "_PART_DOCS", 8)
     cfg = DataConfig(corpus=_write_jsonl(tmp_path / "leads.jsonl", wiki_leads[:60]), cache_dir=str(tmp_path / "cache"), eval_fraction=0.1)
-    encode, encoded = indexed_module._encode, []
+    encode, encoded = tokenise._encode, []
 
     def killed_after_40_documents(tok, texts):
         if sum(encoded) + len(texts) > 40:
@@ -272,14 +274,14 @@ def test_a_killed_build_resumes_from_its_finished_parts(tmp_path, tokenizer, wik
         encoded.append(len(texts))
         return encode(tok, texts)
 
-    monkeypatch.setattr(indexed_module, "_encode", killed_after_40_documents)
+    monkeypatch.setattr(tokenise, "_encode", killed_after_40_documents)
     with pytest.raises(KeyboardInterrupt):
         build_indexed_dataset(cfg, tokenizer, is_rank0=True)
     partial = os.path.join(cfg.cache_dir, ".partial-" + cache_key(cfg, tokenizer))
     assert len([n for n in os.listdir(os.path.join(partial, "parts")) if n.endswith(".json")]) == 5  # eval (6 docs) + 4 train parts of 8
 
     encoded.clear()
-    monkeypatch.setattr(indexed_module, "_encode", lambda tok, texts: encoded.append(len(texts)) or encode(tok, texts))
+    monkeypatch.setattr(tokenise, "_encode", lambda tok, texts: encoded.append(len(texts)) or encode(tok, texts))
     resumed = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
     assert sum(encoded) == 60 - 6 - 32  # only the documents of the unfinished parts
     assert not os.path.exists(partial)
@@ -290,7 +292,7 @@ def test_a_killed_build_resumes_from_its_finished_parts(tmp_path, tokenizer, wik
 
 
 def test_unfinished_or_garbage_parts_are_never_used(tmp_path, tokenizer, wiki_leads, monkeypatch):
-    monkeypatch.setattr(indexed_module, "_PART_DOCS", 8)
+    monkeypatch.setattr(tokenise, "_PART_DOCS", 8)
     cfg = DataConfig(corpus=_write_jsonl(tmp_path / "leads.jsonl", wiki_leads[:30]), cache_dir=str(tmp_path / "cache"), eval_fraction=0.1)
     key = cache_key(cfg, tokenizer)
     parts = os.path.join(cfg.cache_dir, ".partial-" + key, "parts")
@@ -315,7 +317,7 @@ def test_waiting_ranks_stop_on_rank0_failure_of_this_job_only(tmp_path, tokenize
     def boom(tok, texts):
         raise RuntimeError("tokenizer exploded")
 
-    monkeypatch.setattr(indexed_module, "_encode", boom)
+    monkeypatch.setattr(tokenise, "_encode", boom)
     with pytest.raises(RuntimeError, match="exploded"):
         build_indexed_dataset(cfg, tokenizer, is_rank0=True)
     with pytest.raises(RuntimeError, match="rank 0 could not build the data cache .*tokenizer exploded"):
@@ -391,9 +393,9 @@ def test_split_paragraphs_keeps_paragraphs_whole():
 def _encoded_texts(monkeypatch) -> list[str]:
     """Every text tokenised from now on (the list grows as the cache is built)."""
     texts: list[str] = []
-    real_encode = indexed_module._encode
+    real_encode = tokenise._encode
     monkeypatch.setattr(
-        indexed_module, "_encode", lambda tok, batch: texts.extend(batch) or real_encode(tok, batch)
+        tokenise, "_encode", lambda tok, batch: texts.extend(batch) or real_encode(tok, batch)
     )
     return texts
 

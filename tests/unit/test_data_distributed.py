@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from cald_scale.data import DataConfig, indexed, iter_documents
+from cald_scale.data import DataConfig, iter_documents, tokenise
+from cald_scale.data.megatron import megatron_indexed
 
 EOS = "<|endoftext|>"
 
@@ -30,7 +31,7 @@ def _worker(rank: int, world_size: int, init_file: str, tokenizer_dir: str, cfg:
     try:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
         calls = []
-        encode = indexed._encode
+        encode = tokenise._encode
 
         def slow_encode(tok, texts):
             if not calls:
@@ -38,7 +39,7 @@ def _worker(rank: int, world_size: int, init_file: str, tokenizer_dir: str, cfg:
             calls.append(len(texts))
             return encode(tok, texts)
 
-        indexed._encode = slow_encode
+        tokenise._encode = slow_encode
         corpus = build_indexed_dataset(DataConfig(**cfg), tokenizer, is_rank0=rank == 0)
         dist.barrier()  # the group is still healthy
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -80,7 +81,7 @@ def test_only_rank0_tokenises(tmp_path):
 
     # NOTE: fork, after importing what the ranks need here: a fresh interpreter spends
     # ~8 s importing megatron.core, and tests share 2 cores.
-    indexed._megatron_indexed()
+    megatron_indexed()
     ctx = multiprocessing.get_context("fork")
     procs = [
         ctx.Process(

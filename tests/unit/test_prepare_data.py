@@ -10,7 +10,7 @@ from tiny_models import save_tiny_teacher, train_tokenizer
 from cald_scale.cli import main
 from cald_scale.config import load_run_config
 from cald_scale.conversion.teacher import open_teacher
-from cald_scale.data import BUILTIN_CORPORA, indexed
+from cald_scale.data import BUILTIN_CORPORA, tokenise
 from cald_scale.data.run_sets import open_run_datasets
 
 
@@ -31,8 +31,8 @@ def setup(tmp_path_factory):
 
 def test_prepare_data_builds_what_the_job_reads_and_resumes_when_killed(setup, capsys, monkeypatch):
     root, overrides = setup
-    monkeypatch.setattr(indexed, "_PART_DOCS", 4)
-    encode, calls = indexed._encode, []
+    monkeypatch.setattr(tokenise, "_PART_DOCS", 4)
+    encode, calls = tokenise._encode, []
 
     def killed_mid_way(tok, texts):
         if len(calls) == 6:
@@ -40,13 +40,13 @@ def test_prepare_data_builds_what_the_job_reads_and_resumes_when_killed(setup, c
         calls.append(len(texts))
         return encode(tok, texts)
 
-    monkeypatch.setattr(indexed, "_encode", killed_mid_way)
+    monkeypatch.setattr(tokenise, "_encode", killed_mid_way)
     with pytest.raises(KeyboardInterrupt):
         main(["prepare-data", *overrides])
     assert list((root / "cache").glob(".partial-*/parts/*.json"))  # finished parts survive the kill
 
     calls.clear()
-    monkeypatch.setattr(indexed, "_encode", lambda tok, texts: calls.append(len(texts)) or encode(tok, texts))
+    monkeypatch.setattr(tokenise, "_encode", lambda tok, texts: calls.append(len(texts)) or encode(tok, texts))
     assert main(["prepare-data", *overrides, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert set(summary["sets"]) == {"train", "heldout", "wiki"} and summary["sets"]["train"]["sequences"] > 0
