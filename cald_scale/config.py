@@ -88,6 +88,11 @@ class TrainConfig:
     benchmarks/train_speed.py); it lowers only the resident memory between steps."""
     max_consecutive_nan: int = 3
     """Stop with an error after this many non-finite losses in a row (each is skipped and counted)."""
+    pipeline_stages: int = 0
+    """Pipeline mode (engines/pipeline.py, with ds_configs/pipeline.json): a DeepSpeed
+    PipelineModule of this many stages, stage k holding teacher and student blocks
+    [a_k, b_k); data parallel across the world_size / pipeline_stages replicas, ZeRO-1.
+    0: the ZeRO-3 mode (every rank holds a partition of every block)."""
     preemption_signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM")
     """Signals that stop the run at the next step boundary with a complete checkpoint and exit
     code 75 (SLURM's warning signal and SIGTERM; launch/slurm/ requeues on that code)."""
@@ -98,6 +103,8 @@ class TrainConfig:
         for name in self.preemption_signals:
             if not isinstance(getattr(signal, str(name), None), signal.Signals):
                 raise ValueError(f"train.preemption_signals: {name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)")
+        if self.pipeline_stages < 0:
+            raise ValueError(f"train.pipeline_stages must be >= 0 (0: ZeRO-3 mode), got {self.pipeline_stages}")
         if self.trim_heap_every < 0:
             raise ValueError(f"train.trim_heap_every must be >= 0, got {self.trim_heap_every}")
         if self.global_batch_size is None and self.micro_batch_size is None:
@@ -116,6 +123,14 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Model replicas on ``world_size`` ranks: every rank in ZeRO-3 mode, one per pipeline otherwise."""
+        if not self.pipeline_stages:
+            return world_size
+        if world_size % self.pipeline_stages:
+            raise ValueError(f"train.pipeline_stages={self.pipeline_stages} does not divide the {world_size} ranks")
+        return world_size // self.pipeline_stages
 
     def micro_batch(self, world_size: int) -> int:
         """Sequences per rank per micro-step on ``world_size`` ranks."""

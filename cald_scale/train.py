@@ -198,8 +198,14 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     logger.info("host allocator: %s", allocator)
     run_dir = Path(cfg.output.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    ds_config = resolve_ds_config(load_ds_config(ds_config_path), cfg.train, env.world_size)
-    plan = cfg.plan(env.world_size)
+    pipelined = cfg.train.pipeline_stages > 0
+    if pipelined:  # NOTE: imported only when used (DeepSpeed's pipeline engine)
+        from .engines.pipeline import PipelineGuide, build_pipeline, load_pipeline_ds_config, pipeline_train_step
+
+        ds_config = load_pipeline_ds_config(ds_config_path, cfg.train, env.world_size)
+    else:
+        ds_config = resolve_ds_config(load_ds_config(ds_config_path), cfg.train, env.world_size)
+    plan = cfg.plan(cfg.train.data_parallel_size(env.world_size))
     _check_run_dir(run_dir, cfg, env)
     started = time.time()
     for phase in plan.phases:
@@ -216,19 +222,30 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     train_set, eval_sets = datasets.train, datasets.evals
     _seed_everything(cfg.train.seed)
 
-    # 2. Teacher (when a phase needs one) and student, built partitioned, in their ZeRO-3 engines.
-    models = build_models(cfg, ds_config, source, plan)
+    # 2. Teacher (when a phase needs one) and student, built partitioned, in their ZeRO-3 engines
+    #    (pipeline mode: stage k builds blocks [a_k, b_k) of both, in one PipelineEngine).
+    if pipelined:
+        models = build_pipeline(cfg, ds_config, source, plan)
+        guide = PipelineGuide(plan, models)
+    else:
+        models = build_models(cfg, ds_config, source, plan)
+        guide = Guide(plan, models.managed_teacher, base_weights=str(source.folder), shared_param_ids=models.shared_param_ids)
     student_engine = models.student_engine
     if cfg.output.export_bamba:
-        check_exportable(student_engine.module)  # before any training, not after it
+        check_exportable(models.student_model if pipelined else student_engine.module)  # before any training, not after it
     device = student_engine.device
-    guide = Guide(plan, models.managed_teacher, base_weights=str(source.folder), shared_param_ids=models.shared_param_ids)
+    # Data is sharded over model replicas: every rank under ZeRO-3, every pipeline otherwise.
+    replica, replicas = (models.data_parallel_rank, models.data_parallel_size) if pipelined else (env.rank, env.world_size)
 
     # 3. Resume, or evaluate the starting point of a fresh run.
     saved = load_latest_checkpoint(student_engine, ckpt_dir, frozen_excluded=models.shares_frozen_weights, also_load=guide.restore) or {}
-    indices = {name: eval_indices(len(ds), cfg.eval.max_sequences, env.rank, env.world_size) for name, ds in eval_sets.items()}
+    indices = {name: eval_indices(len(ds), cfg.eval.max_sequences, replica, replicas) for name, ds in eval_sets.items()}
 
-    def evaluate(model: LayerwiseModel) -> dict:
+    def evaluate(which: str) -> dict:
+        """Held-out perplexity of the "student" or the "teacher" on every eval set."""
+        if pipelined:
+            return models.perplexity(which, eval_sets, indices, cfg.eval.micro_batch_size)
+        model = models.teacher if which == "teacher" else models.student
         engines = (models.teacher_engine, student_engine)
         return {
             name: perplexity(model, ds, indices[name], cfg.eval.micro_batch_size, device, before_batch=lambda: begin_step(*engines))
@@ -238,7 +255,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     baseline = _once(
         run_dir / "baseline.json",
         env,
-        lambda: {"teacher": evaluate(models.teacher) if models.teacher is not None else None, "student_before": evaluate(models.student)},
+        lambda: {"teacher": evaluate("teacher") if plan.uses_teacher else None, "student_before": evaluate("student")},
     )
     state = _StepState(saved)
     step = student_engine.global_steps
@@ -249,8 +266,8 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     )
 
     # 4. The step loop.
-    micro_batch = cfg.train.micro_batch(env.world_size)
-    batches = ShardedBatches(len(train_set), micro_batch, env.rank, env.world_size, cfg.train.seed, grad_accum=cfg.train.grad_accum)
+    micro_batch = cfg.train.micro_batch(replicas)
+    batches = ShardedBatches(len(train_set), micro_batch, replica, replicas, cfg.train.seed, grad_accum=cfg.train.grad_accum)
 
     def next_batch(cursor: int) -> torch.Tensor:
         return torch.stack([train_set[i]["input_ids"] for i in batches.indices(cursor // cfg.train.grad_accum, cursor % cfg.train.grad_accum)]).to(device)
@@ -259,7 +276,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         run_dir, enabled=env.is_main, wandb_mode=cfg.output.wandb, project=cfg.output.wandb_project, config=cfg.to_dict(),
         total_steps=plan.total_steps, start_step=step, progress_bar=cfg.output.progress_bar,
     )
-    tokens_per_micro = micro_batch * cfg.data.seq_len * env.world_size
+    tokens_per_micro = micro_batch * cfg.data.seq_len * replicas
     last_saved = step
     current = None
 
@@ -274,11 +291,15 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         while step < plan.total_steps:
             phase = plan.at(step)
             if phase is not current:
-                apply_phase(models, phase, cfg.student.trainable)
+                if pipelined:
+                    models.apply_phase(phase, cfg.student.trainable)
+                else:
+                    apply_phase(models, phase, cfg.student.trainable)
                 current = phase
                 logger.info("entering %s", phase.describe())
             t0 = time.time()
-            record = train_step(models, guide, phase, step, next_batch, state, cfg, tokens_per_micro=tokens_per_micro, last_saved=last_saved)
+            step_fn = pipeline_train_step if pipelined else train_step
+            record = step_fn(models, guide, phase, step, next_batch, state, cfg, tokens_per_micro=tokens_per_micro, last_saved=last_saved)
             step = student_engine.global_steps
             if cfg.train.trim_heap_every and step % cfg.train.trim_heap_every == 0:
                 return_free_memory()
@@ -301,7 +322,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
             if step % cfg.output.log_every == 0 or step == plan.total_steps:
                 metrics.log(step, record)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < plan.total_steps:
-                scores = evaluate(models.student)
+                scores = evaluate("student")
                 metrics.log(step, {"tokens": state.tokens_seen, **{f"eval/{name}/ppl": s["ppl"] for name, s in scores.items()}})
             if phase.guidance == "trajectory" and cfg.output.export_teacher_every and step % cfg.output.export_teacher_every == 0:
                 # The trajectory teacher's checkpoints: the waypoints of a later waypoint-guided run.
@@ -319,10 +340,13 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
                 raise Preempted(step, signal_name)
 
         # 5. End point: evaluate, export the student in HF format, report.
-        after = evaluate(models.student)
+        after = evaluate("student")
         # A trajectory teacher has moved: score where it ended (its drift is part of the result).
-        teacher_after = evaluate(models.teacher) if plan.trains_teacher and models.teacher is not None else None
-        export_dir = export_model(student_engine, tokenizer, run_dir / "student", is_main=env.is_main)
+        teacher_after = evaluate("teacher") if plan.trains_teacher and models.teacher is not None else None
+        if pipelined:  # every stage writes its own shard
+            export_dir = models.export(tokenizer, run_dir / "student", is_main=env.is_main)
+        else:
+            export_dir = export_model(student_engine, tokenizer, run_dir / "student", is_main=env.is_main)
         if cfg.output.export_bamba and env.is_main:
             export_bamba(export_dir, run_dir / "bamba")
         report = _report(cfg, source, plan, env, step, state, baseline, after, teacher_after, time.time() - started, export_dir, guide)
@@ -349,6 +373,17 @@ def _gathered_release_stats(stats: dict, device: torch.device) -> dict:
     else:
         rows = [mine]
     return {k: [int(r[i].item()) for r in rows] for i, k in enumerate(keys)}
+
+
+def _gathered(value):
+    """``value`` from every rank, in rank order (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def _report(cfg, source, plan, env, step, state, baseline, after, teacher_after, wall_seconds, export_dir, guide) -> dict:
@@ -386,6 +421,7 @@ def _report(cfg, source, plan, env, step, state, baseline, after, teacher_after,
         "teacher_release": guide.release_stats,
         "wall_seconds_this_session": wall_seconds,
         "memory": peak_memory_bytes(),
+        "memory_per_rank": _gathered(peak_memory_bytes()),
         "student_dir": str(export_dir),
         "config": to_dict(cfg),
     }

@@ -45,6 +45,8 @@ def load_ds_config(path: str | Path) -> dict:
     except json.JSONDecodeError as err:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
     stage = config.get("zero_optimization", {}).get("stage")
+    if "pipeline" in config:
+        raise ConfigError(f"DeepSpeed config {path} is a pipeline config: set train.pipeline_stages to the number of stages to run pipeline mode")
     if stage != 3:
         raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 3 (got {stage}); teacher and student are ZeRO-3 engines")
     return config

@@ -1,0 +1,725 @@
+"""Pipeline mode: a DeepSpeed PipelineModule whose stage k holds teacher and student blocks [a_k, b_k).
+
+Build. Every rank lays out teacher and student on the meta device (no memory) and allocates
+only its own stage: blocks [a_k, b_k) of both models, plus the embeddings on the first stage
+and the final norm and LM head on the last, each tensor read from the teacher's checkpoint
+(mixers get the ZeRO-3 mode's seeded initialisation), so no rank reads or holds a whole
+model. With frozen copied weights the student's copies are the teacher's own tensors. The
+teacher's pieces are not registered in the module: frozen, in no optimizer, in no checkpoint.
+
+Run. What a stage hands the next (floating-point tensors first):
+
+  end_to_end      (student_h, layer_losses, teacher_h bits, input_ids)
+  teacher_forced  (layer_losses, teacher_h bits, input_ids): each student block takes the
+                  teacher's hidden state, so student_h does not travel and no hidden-state
+                  gradient crosses a stage; only the L-vector of layer losses carries its own
+  eval_*          (hidden, input_ids): one model's held-out perplexity
+
+Each layer loss is computed on the stage that owns the layer (``distill.losses.layer_loss``)
+into ``layer_losses``; the last stage adds CE (and KL) and weighs the parts with the phase's
+loss config as the ZeRO-3 mode does (``distill.step``). Only the student path is
+back-propagated. NOTE: DeepSpeed's PipelineEngine expects a gradient for every
+floating-point tensor it passes between stages, so the teacher's hidden state travels as an
+integer view of its bits.
+
+Data parallel runs across the world_size / pipeline_stages replicas with ZeRO-1 (the
+PipelineEngine refuses ZeRO-2 and -3). Selected by ``train.pipeline_stages`` and a
+pipeline ds_config (ds_configs/pipeline.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import math
+import os
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.initialization import no_init_weights
+
+from ..config import RunConfig
+from ..configuration import ConfigError
+from ..conversion.init import init_mixer_from_attention
+from ..conversion.modeling import CaldStudentForCausalLM, MixerAsAttention
+from ..conversion.surgery import _fresh_mixer, attention_prefixes, share_copied_weights, student_config
+from ..conversion.teacher import TeacherSource
+from ..conversion.weights import RenamedReader, SafetensorsReader, TensorTree, WeightReader, WeightsMismatchError
+from ..distill.losses import LossConfig, RowPieces, distilled_layers, layer_loss, lm_cross_entropy, lm_head_losses, vocab_streamed_cross_entropy
+from ..distill.phases import Phase, PhasePlan
+from ..distill.stages import LayerwiseModel, make_stages
+from ..distill.step import _combine
+from ..fileio import atomic_dir
+from ..metrics import current_rss_bytes
+from ..train import NonFiniteLossError, set_phase_lr
+from .distributed import barrier
+from .host_memory import return_free_memory
+from .models import block_numel, set_trainable
+from .zero3 import param_groups, resolve_ds_config, size_zero_buffers
+
+__all__ = [
+    "load_pipeline_ds_config",
+    "stage_bounds",
+    "build_pipeline",
+    "pipeline_train_step",
+    "PipelineModels",
+    "PipelineGuide",
+    "CaldPipeline",
+    "CaldStage",
+]
+
+logger = logging.getLogger("cald_scale.engines")
+
+
+# -- config --------------------------------------------------------------------------------
+def load_pipeline_ds_config(path: str | Path, train, world_size: int) -> dict:
+    """A pipeline ds_config with its "auto" fields filled from ``train`` (a TrainConfig)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+    if "pipeline" not in config:
+        raise ConfigError(f"pipeline mode (train.pipeline_stages={train.pipeline_stages}) needs a ds_config with a pipeline section, e.g. ds_configs/pipeline.json; {path} has none")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1):
+        raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 0 or 1 in pipeline mode (got {stage}); DeepSpeed's PipelineEngine refuses ZeRO-2 and -3")
+    config.setdefault("zero_optimization", {"stage": stage})
+    stages = config["pipeline"].get("stages", "auto")
+    if stages not in ("auto", train.pipeline_stages):
+        raise ConfigError(f"ds_config pipeline.stages={stages!r} contradicts train.pipeline_stages={train.pipeline_stages}; set it to \"auto\"")
+    config["pipeline"]["stages"] = train.pipeline_stages
+    try:
+        dp = train.data_parallel_size(world_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return resolve_ds_config(config, train, dp)
+
+
+def stage_bounds(num_layers: int, num_stages: int, partition: str | list[int] = "uniform") -> list[int]:
+    """Block boundaries [0 = a_0, a_1, ..., a_S = L]: stage k holds blocks [a_k, a_{k+1}).
+
+    "uniform" gives every stage L // S blocks, the later stages one more when S does not
+    divide L; a list gives the boundaries themselves."""
+    if num_stages > num_layers:
+        raise ConfigError(f"train.pipeline_stages={num_stages} exceeds the teacher's {num_layers} blocks: every stage needs at least one block")
+    if partition == "uniform":
+        return [k * num_layers // num_stages for k in range(num_stages + 1)]
+    bounds = list(partition) if isinstance(partition, (list, tuple)) else []
+    if len(bounds) != num_stages + 1 or bounds[0] != 0 or bounds[-1] != num_layers or any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise ConfigError(
+            f"ds_config pipeline.partition={partition!r}: use \"uniform\" or {num_stages + 1} increasing block boundaries from 0 to {num_layers}"
+        )
+    return bounds
+
+
+def _check_supported(cfg: RunConfig, plan: PhasePlan, tied: bool) -> None:
+    """Refuse, naming why, what pipeline mode cannot run (``tied``: the student's head is its embedding)."""
+    for phase in plan.phases:
+        if phase.guidance in ("trajectory", "waypoint"):
+            raise ConfigError(
+                f"phase {phase.name!r}: guidance {phase.guidance} needs a teacher engine of its own (it trains or swaps the teacher), "
+                "but pipeline mode keeps the frozen teacher's blocks inside the stages; use the ZeRO-3 mode (train.pipeline_stages=0)"
+            )
+        if tied and cfg.train.pipeline_stages > 1 and phase.trainable == "all" and phase.mode == "end_to_end":
+            raise ConfigError(
+                f"phase {phase.name!r} trains the student's tied input/output embedding, which pipeline mode holds as two copies "
+                "(first and last stage) that would drift apart; use student.trainable=mixers or the ZeRO-3 mode"
+            )
+
+
+# -- what travels between stages ------------------------------------------------------------
+Kind = Literal["end_to_end", "teacher_forced", "eval_student", "eval_teacher"]
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mode:
+    """What the stages compute and pass on (the same on every rank)."""
+
+    kind: Kind
+    loss: LossConfig | None = None
+    """The phase's loss weights (training kinds)."""
+    use_teacher: bool = False
+    wanted: tuple[int, ...] = ()
+    """The distilled layers (their losses travel in ``layer_losses``)."""
+
+    @property
+    def carries_student(self) -> bool:
+        return self.kind in ("end_to_end", "eval_student")
+
+    @property
+    def carries_teacher(self) -> bool:
+        return self.use_teacher or self.kind in ("teacher_forced", "eval_teacher")
+
+    def loss_names(self) -> list[str]:
+        """The parts the last stage reports, in a fixed order (every stage must agree on it)."""
+        if self.kind.startswith("eval"):
+            return []
+        names = ["ce"] if self.loss.a_ce > 0 else []
+        names += ["layer"] if self.wanted else []
+        names += ["kl"] if self.loss.a_kl > 0 and self.use_teacher else []
+        return names + [f"layer_{i}" for i in self.wanted] + ["nonfinite"]
+
+
+def _training_mode(phase: Phase, num_layers: int, has_teacher: bool) -> _Mode:
+    loss = phase.loss
+    use_teacher = has_teacher and phase.uses_teacher and (loss.a_layer > 0 or loss.a_kl > 0)
+    wanted = tuple(distilled_layers(num_layers, loss)) if use_teacher and loss.a_layer > 0 else ()
+    return _Mode(phase.mode, loss, use_teacher, wanted)
+
+
+def _bits(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden.contiguous().view(_BITS[hidden.element_size()])
+
+
+def _with_loss(losses: torch.Tensor, layer: int, value: torch.Tensor) -> torch.Tensor:
+    """``losses`` with entry ``layer`` set to ``value``, out of place (the gradient flows to ``value``)."""
+    out = losses.clone()
+    out[layer] = value
+    return out
+
+
+def _row_pieces(weight: torch.Tensor, piece_bytes: int = 32 << 20) -> RowPieces:
+    """A frozen, whole LM head read a slice of rows at a time (as the ZeRO-3 mode reads its partitions)."""
+    rows = max(1, piece_bytes // (weight.shape[1] * weight.element_size()))
+
+    def pieces() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, weight.shape[0], rows):
+            ids = torch.arange(start, min(start + rows, weight.shape[0]), device=weight.device)
+            yield ids, weight[start : start + len(ids)]
+
+    return pieces
+
+
+# -- one stage's pieces ---------------------------------------------------------------------
+def _materialize(model: nn.Module, paths: list[str], reader: WeightReader, device, *, skip: tuple[str, ...] = ()) -> None:
+    """Allocate the submodules at ``paths`` on ``device`` and fill each tensor from the checkpoint
+    (a tied tensor from whichever of its names the checkpoint holds); names under ``skip`` are
+    left to the caller."""
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(tensor), []).append(name)
+    aliases = {name: names for names in names_of.values() for name in names}
+    available = set(reader.keys())
+    for path in paths:
+        module = model.get_submodule(path)
+        persistent = module.state_dict(keep_vars=True)
+        transient = [n for n, _ in module.named_buffers() if n not in persistent]
+        if transient:
+            raise WeightsMismatchError(f"{path} holds buffers that no checkpoint stores ({transient}); a pipeline stage cannot rebuild them")
+        module.to_empty(device=device)
+        for rel, tensor in module.state_dict(keep_vars=True).items():
+            name = f"{path}.{rel}"
+            if name.startswith(skip):
+                continue
+            source = next((n for n in aliases[name] if n in available), None)
+            if source is None:
+                raise WeightsMismatchError(f"the teacher's checkpoint holds no tensor for {name}")
+            value = reader.get(source)
+            if tuple(value.shape) != tuple(tensor.shape):
+                raise WeightsMismatchError(f"{source}: checkpoint {tuple(value.shape)} vs model {tuple(tensor.shape)}")
+            with torch.no_grad():
+                tensor.copy_(value)
+    # Tied tensors allocated in two owned modules (embedding and head on a one-stage pipeline) are one again.
+    for names in (n for n in names_of.values() if len(n) > 1):
+        real = [n for n in names if not model.get_parameter(n).is_meta]
+        for name in real[1:]:
+            module_path, _, attr = name.rpartition(".")
+            model.get_submodule(module_path)._parameters[attr] = model.get_parameter(real[0])
+
+
+def _rebuild_rotary(model: nn.Module, device) -> None:
+    """Rotary tables are computed at construction, never stored: compute them for real."""
+    base = model.base_model if hasattr(model, "base_model") else model
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is not None:
+        base.rotary_emb = type(rotary)(config=base.config).to(device)
+
+
+def _init_stage_mixers(student: CaldStudentForCausalLM, weights: WeightReader, seed: int, layers: range) -> None:
+    """The ZeRO-3 mode's mixer initialisation (``conversion.surgery``), for this stage's layers only."""
+    conversion = student.config.conversion_config()
+    teacher_config = student.config.teacher_hf_config()
+    prefixes = attention_prefixes(student.backbone, student.adapter)
+    renamed = RenamedReader(weights, student.backbone) if conversion.attention_init else None
+    std = getattr(teacher_config, "initializer_range", 0.02)
+    for mixer in student.mixers():
+        if mixer.layer_idx not in layers:
+            continue
+        fresh = _fresh_mixer(student.config, mixer.layer_idx, seed, std)
+        if conversion.attention_init:
+            attn = student.adapter.read_attention(TensorTree(renamed, prefixes[mixer.layer_idx]), teacher_config)
+            init_mixer_from_attention(fresh, attn, teacher_config)
+        mixer.load_state_dict(fresh.state_dict())
+
+
+@dataclasses.dataclass
+class _StagePieces:
+    student: CaldStudentForCausalLM
+    """The whole student laid out; only this stage's pieces are allocated (the rest is meta)."""
+    teacher: nn.Module | None
+    owned: dict[str, nn.Module]
+    """This stage's student pieces by their path in the student's backbone (the teacher's are at the same paths)."""
+
+
+class StageFactory:
+    """Builds one stage's pieces; DeepSpeed calls it (through ``LayerSpec``) only on that stage's ranks."""
+
+    def __init__(self, cfg: RunConfig, source: TeacherSource, bounds: list[int], *, with_teacher: bool, share: bool, dtype: torch.dtype, device):
+        self.cfg, self.source, self.bounds = cfg, source, bounds
+        self.with_teacher, self.share, self.dtype, self.device = with_teacher, share, dtype, device
+
+    def __repr__(self) -> str:  # DeepSpeed prints the layer specs
+        return f"StageFactory(bounds={self.bounds})"
+
+    def build(self, k: int) -> _StagePieces:
+        layers = range(self.bounds[k], self.bounds[k + 1])
+        config = self.source.config
+        with torch.device("meta"), no_init_weights():
+            student = CaldStudentForCausalLM(student_config(config, self.cfg.student.conversion, self.source.name))
+            teacher = AutoModelForCausalLM.from_config(config, dtype=self.dtype) if self.with_teacher else None
+        student.backbone.tie_weights()  # no_init_weights also skips tying
+        lm, adapter = student.backbone, student.adapter
+        pieces = [adapter.layers(lm)[i] for i in layers]
+        if k == 0:
+            pieces.insert(0, lm.get_input_embeddings())
+        if k == len(self.bounds) - 2:
+            pieces += [adapter.final_norm(lm), lm.get_output_embeddings()]
+        path_of = {id(m): name for name, m in lm.named_modules()}
+        paths = [path_of[id(m)] for m in pieces]
+        weights = self.source.weights()
+        if teacher is not None:
+            teacher.tie_weights()
+            _materialize(teacher, paths, RenamedReader(weights, teacher), self.device)
+            _rebuild_rotary(teacher, self.device)
+            teacher.eval().requires_grad_(False)
+        mixers = [m for m in student.mixers() if m.layer_idx in layers]
+        if self.share and teacher is not None:
+            share_copied_weights(student, teacher)  # owned pieces get the teacher's tensors, the rest stays meta
+            for mixer in mixers:
+                mixer.to_empty(device=self.device)
+        else:
+            skip = tuple(p for i, p in enumerate(attention_prefixes(lm, adapter)) if i in layers and i not in set(student.config.attention_layers))
+            _materialize(lm, paths, RenamedReader(weights, lm), self.device, skip=skip)
+        _init_stage_mixers(student, weights, self.cfg.train.seed, layers)
+        _rebuild_rotary(lm, self.device)
+        gc.collect()
+        return _StagePieces(student=student, teacher=teacher, owned={p: lm.get_submodule(p) for p in paths})
+
+
+# -- one stage's compute --------------------------------------------------------------------
+class CaldStage(nn.Module):
+    """Pipeline stage k: the student's pieces (trained, checkpointed) and the teacher's (frozen,
+    outside the module tree), run block by block through ``LayerwiseModel`` as in ZeRO-3 mode."""
+
+    def __init__(self, factory: StageFactory, index: int):
+        super().__init__()
+        built = factory.build(index)
+        self.index = index
+        self.layers = range(factory.bounds[index], factory.bounds[index + 1])
+        self.is_first, self.is_last = index == 0, index == len(factory.bounds) - 2
+        self.num_layers = factory.bounds[-1]
+        self.stage_size = factory.cfg.train.stage_size
+        # NOTE: module paths hold dots, which module names may not.
+        self.owned = nn.ModuleDict({path.replace(".", "/"): module for path, module in built.owned.items()})
+        # NOTE: the whole (mostly meta) student is reached only through this LayerwiseModel, which
+        # is no nn.Module: registering it would put every meta tensor into the stage.
+        self.student = LayerwiseModel(built.student, activation_checkpointing=factory.cfg.student.activation_checkpointing)
+        # A LayerwiseModel is no nn.Module: the teacher is in no optimizer, state dict or checkpoint.
+        self.teacher = LayerwiseModel(built.teacher) if built.teacher is not None else None
+        self.teacher_dtype = factory.dtype
+        self.mode = _Mode("eval_student")
+        self.poisoned: frozenset[int] = frozenset()
+        self._micro = 0
+        self._parts: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @property
+    def student_model(self) -> CaldStudentForCausalLM:
+        return self.student.model
+
+    # -- what trains --------------------------------------------------------------------------
+    def blocks(self) -> nn.ModuleList:
+        return nn.ModuleList(self.student.blocks[i] for i in self.layers)
+
+    def mixer_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.owned.modules() if isinstance(m, MixerAsAttention) for p in m.mixer.parameters()]
+
+    def named_student_tensors(self, *, keep_vars: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """This stage's student tensors under their names in the student's HF state dict."""
+        for path, module in self.owned.items():
+            for rel, tensor in module.state_dict(keep_vars=keep_vars).items():
+                yield f"backbone.{path.replace('/', '.')}.{rel}", tensor
+
+    def release_teacher(self) -> tuple[int, int]:
+        """Drop the teacher's pieces; returns (bytes freed, teacher tensors the student still holds)."""
+        if self.teacher is None:
+            return 0, 0
+        mine = {id(p) for p in self.parameters()}
+        tensors = [t for t in self.teacher.model.state_dict(keep_vars=True).values() if not t.is_meta]
+        kept = sum(1 for t in tensors if id(t) in mine)
+        freed = sum(t.numel() * t.element_size() for t in tensors if id(t) not in mine)
+        self.teacher = None
+        return freed, kept
+
+    def begin_batch(self, poisoned: set[int]) -> None:
+        """Before ``train_batch``: micro-batches (0-based) whose loss is made NaN (fault-injection tests)."""
+        self.poisoned, self._micro = frozenset(poisoned), 0
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x):
+        mode = self.mode
+        if self.is_first:
+            ids = x
+            s_h = t_h = losses = None
+            if mode.carries_student:
+                s_h = self.student.embed(ids)
+            if mode.carries_teacher:
+                with torch.no_grad():
+                    t_h = self.teacher.embed(ids)
+            if mode.wanted:
+                # NOTE: a leaf that requires grad, so the engine can back-propagate it even when
+                # this stage distils no layer.
+                losses = torch.zeros(self.num_layers, dtype=torch.float32, device=ids.device, requires_grad=True)
+        else:
+            s_h, losses, t_h, ids = self._unpack(x)
+        if mode.kind.startswith("eval"):
+            return self._evaluate(s_h if mode.kind == "eval_student" else t_h, ids)
+        s_h, losses, t_h = self._distill(s_h, losses, t_h, ids)
+        if self.is_last:
+            return self._loss(s_h, losses, t_h, ids)
+        for t in (s_h, losses):
+            if t is not None and not t.requires_grad:
+                t.requires_grad_()  # every float the engine passes must carry a gradient back
+        return tuple(t for t in (s_h, losses, _bits(t_h) if t_h is not None else None, ids) if t is not None)
+
+    def _unpack(self, x: tuple) -> tuple:
+        mode, items = self.mode, list(x)
+        s_h = items.pop(0) if mode.carries_student else None
+        losses = items.pop(0) if mode.wanted else None
+        t_h = items.pop(0).view(self.teacher_dtype) if mode.carries_teacher else None
+        (ids,) = items
+        return s_h, losses, t_h, ids
+
+    def _student_dtype(self) -> torch.dtype:
+        return next(self.owned.parameters()).dtype
+
+    def _distill(self, s_h, losses, t_h, ids):
+        """This stage's blocks: teacher sub-stage, then the student's, each distilled layer's loss into ``losses``."""
+        mode = self.mode
+        forced = mode.kind == "teacher_forced"
+        dtype = self._student_dtype()
+        s_ctx = self.student.context(t_h.to(dtype) if forced else s_h, ids)
+        t_ctx = None
+        if t_h is not None:
+            t_ctx = s_ctx if self.teacher_dtype == dtype else self.teacher.context(t_h, ids)
+        wanted = set(mode.wanted)
+        a = self.layers.start
+        for sub in (range(a + r.start, a + r.stop) for r in make_stages(len(self.layers), self.stage_size)):
+            t_outs: list[torch.Tensor | None] = []
+            if t_h is not None:
+                with torch.no_grad():
+                    for i, out in zip(sub, self.teacher.blocks_iter(t_h, t_ctx, sub)):
+                        t_outs.append(out if i in wanted or i == sub[-1] else None)
+            if forced:
+                s_h = t_h  # the teacher's input to this sub-stage
+            for j, i in enumerate(sub):
+                s_h = self.student.block(i, s_h, s_ctx)
+                if i in wanted:
+                    losses = _with_loss(losses, i, layer_loss(s_h, t_outs[j]))
+            if t_outs:
+                t_h = t_outs[-1]
+            del t_outs  # NOTE: this sub-stage's teacher activations go before the next runs
+        return (None if forced else s_h), losses, t_h
+
+    def _loss(self, s_h, losses, t_h, ids) -> torch.Tensor:
+        """The last stage: CE (and KL) and the phase-weighted total; the parts are kept for reporting."""
+        mode = self.mode
+        cfg = mode.loss
+        terms = [losses[i] for i in mode.wanted]
+        ce = kl = None
+        if mode.kind == "end_to_end":
+            want_kl = cfg.a_kl > 0 and mode.use_teacher
+            head = self.student.head_weight
+            pieces = _row_pieces(head) if head is not None and not head.requires_grad else None
+            if cfg.a_ce > 0 and not want_kl and pieces is not None:
+                ce = vocab_streamed_cross_entropy(self.student.final_norm(s_h), ids, pieces)
+            elif cfg.a_ce > 0 or want_kl:
+                ce, kl = lm_head_losses(
+                    s_h, ids, self.student.head, want_ce=cfg.a_ce > 0,
+                    teacher_h=t_h if want_kl else None, teacher_head=self.teacher.head if want_kl else None,
+                    temperature=cfg.kl_temperature, chunk_tokens=cfg.chunk_tokens(self.student.vocab_size),
+                )
+        parts = _combine(cfg, ce, terms, kl, ids.device)
+        total = parts.total
+        if self._micro in self.poisoned:  # a NaN loss over finite activations
+            total = total + torch.full_like(total, float("nan"))
+        self._micro += 1
+        finite = torch.isfinite(total)
+        values = {**parts.terms, **{f"layer_{i}": t for i, t in zip(mode.wanted, terms)}}
+        zero = total.new_zeros(())
+        self._parts = OrderedDict((n, values[n].detach().float() if finite else zero) for n in mode.loss_names()[:-1])
+        self._parts["nonfinite"] = (~finite).float()
+        # NOTE: a micro-batch cannot be dropped from a pipeline schedule: a non-finite loss is
+        # masked so it adds no gradient. Non-finite activations still give non-finite gradients,
+        # and then ZeRO's overflow check skips the whole optimizer step.
+        return torch.where(finite, total, zero)
+
+    def _evaluate(self, hidden: torch.Tensor, ids: torch.Tensor):
+        """Held-out scoring of one model: blocks, then (last stage) the summed next-token NLL."""
+        model = self.student if self.mode.kind == "eval_student" else self.teacher
+        ctx = model.context(hidden, ids)
+        for i in self.layers:
+            hidden = model.block(i, hidden, ctx)
+        if not self.is_last:
+            return (hidden, ids) if self.mode.kind == "eval_student" else (_bits(hidden), ids)
+        return lm_cross_entropy(model.head(hidden), ids, reduction="sum").double()
+
+
+class CaldPipeline(PipelineModule):
+    """The PipelineModule of stage-aligned teacher + student blocks: one layer per stage."""
+
+    @property
+    def stage(self) -> CaldStage:
+        return self.forward_funcs[0]
+
+    def mixer_parameters(self) -> list[nn.Parameter]:
+        return self.stage.mixer_parameters()
+
+    def get_additional_losses(self):
+        """The loss parts of the current micro-batch (the last stage's; zeros elsewhere, same names)."""
+        stage = self.stage
+        names = stage.mode.loss_names()
+        if not names:
+            return None
+        if stage.is_last:
+            return OrderedDict(stage._parts)
+        return OrderedDict((n, torch.zeros(())) for n in names)
+
+
+# -- the engine and the run ----------------------------------------------------------------
+@dataclasses.dataclass
+class PipelineModels:
+    """The pipeline engine and what train() needs of it (the ZeRO-3 mode's ``DistillationModels``)."""
+
+    student_engine: object
+    """DeepSpeed's PipelineEngine."""
+    module: CaldPipeline
+    bounds: list[int]
+    shares_frozen_weights: bool
+    """The student's frozen copied weights never change: checkpoints leave them out (they are rebuilt)."""
+
+    @property
+    def stage(self) -> CaldStage:
+        return self.module.stage
+
+    @property
+    def student_model(self) -> CaldStudentForCausalLM:
+        """The student's HF model (this stage's pieces allocated, the rest meta): config and layout."""
+        return self.stage.student_model
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.student_engine.grid.data_parallel_id
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.student_engine.grid.data_parallel_size
+
+    def set_mode(self, mode: _Mode) -> None:
+        if mode != self.stage.mode:
+            self.stage.mode = mode
+            # NOTE: what travels changed; the engine reuses its receive buffers by position
+            # whatever their dtype, so they must be dropped.
+            self.student_engine.reset_activation_shape()
+
+    def apply_phase(self, phase: Phase, base_trainable: str) -> None:
+        """``train.apply_phase`` for the pipeline: what trains, and what the stages compute and pass."""
+        if base_trainable == "all":
+            set_trainable(self.module, copied=phase.trainable == "all", only_blocks=self.stage.blocks() if phase.mode == "teacher_forced" else None)
+        self.set_mode(_training_mode(phase, self.bounds[-1], self.stage.teacher is not None))
+
+    def perplexity(self, which: Literal["student", "teacher"], datasets: dict, indices: dict, micro_batch_size: int) -> dict:
+        """Held-out perplexity of each dataset through the pipeline (``eval.perplexity``'s result)."""
+        previous = self.stage.mode
+        self.set_mode(_Mode(f"eval_{which}"))
+        try:
+            return {name: self._perplexity(ds, indices[name], micro_batch_size) for name, ds in datasets.items()}
+        finally:
+            self.set_mode(previous)
+
+    def _perplexity(self, dataset, indices: list[int], micro_batch_size: int) -> dict:
+        import torch.distributed as dist
+
+        engine = self.student_engine
+        batches = [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
+
+        def data():
+            for batch in batches:
+                ids = torch.stack([dataset[i]["input_ids"] for i in batch]).to(engine.device)
+                yield ids, ids
+
+        out = engine.eval_batch(data(), compute_loss=True, reduce_output="avg", bcast_loss=False, num_micro_batches=len(batches))
+        # The engine averaged the NLL sums over micro-batches and replicas: scale back to the total.
+        nll = out.double() * len(batches) * self.data_parallel_size if engine.is_last_stage() else torch.zeros((), dtype=torch.float64, device=engine.device)
+        dist.broadcast(nll, src=engine.grid.stage_to_global(engine.num_stages - 1), group=engine.grid.get_pipe_parallel_group())
+        # Packed sequences all have the same length: every one predicts len - 1 tokens.
+        tokens = self.data_parallel_size * len(indices) * (len(dataset[indices[0]]["input_ids"]) - 1)
+        mean = nll.item() / tokens
+        return {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "tokens": tokens}
+
+    def export(self, tokenizer, target: Path, *, is_main: bool) -> Path:
+        """The student as a HF folder: every stage writes its own safetensors shard; rank 0 adds
+        the index, the config and the tokenizer. No rank holds the whole student."""
+        from safetensors.torch import save_file
+
+        target = Path(target)
+        engine, stage = self.student_engine, self.stage
+        shards = target.parent / f".{target.name}.shards"
+        if is_main:
+            shutil.rmtree(shards, ignore_errors=True)
+            shards.mkdir(parents=True)
+        barrier()
+        if self.data_parallel_rank == 0:
+            student = stage.student_model
+            head = next(f"{n}.weight" for n, m in student.named_modules() if m is student.get_output_embeddings())
+            tensors = {
+                name: t.detach().to("cpu").contiguous().clone()
+                for name, t in stage.named_student_tensors()
+                if not (student.config.tie_word_embeddings and name == head)  # a tied head is the embedding
+            }
+            save_file(tensors, str(shards / f"model-{stage.index + 1:05d}-of-{engine.num_stages:05d}.safetensors"), metadata={"format": "pt"})
+        barrier()
+        if is_main:
+            with atomic_dir(target, replace=True) as tmp:
+                weight_map, total = {}, 0
+                for shard in sorted(shards.glob("*.safetensors")):
+                    os.replace(shard, tmp / shard.name)
+                    weight_map.update(dict.fromkeys(SafetensorsReader([tmp / shard.name]).keys(), shard.name))
+                    total += (tmp / shard.name).stat().st_size
+                (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+                stage.student_model.config.save_pretrained(tmp)
+                if stage.student_model.can_generate():
+                    stage.student_model.generation_config.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+            shutil.rmtree(shards, ignore_errors=True)
+        barrier()
+        return target
+
+
+class PipelineGuide:
+    """Guidance in pipeline mode: the frozen target teacher lives in the stages and is released on
+    every stage once no later step needs it (the hybrid switch). Same surface as ``distill.guidance.Guide``."""
+
+    def __init__(self, plan: PhasePlan, models: PipelineModels):
+        self.plan, self.models = plan, models
+        self.release_stats: dict | None = None
+
+    def enter(self, step: int) -> None:
+        if self.models.stage.teacher is not None and not self.plan.teacher_needed_from(step):
+            rss_before = current_rss_bytes()
+            freed, kept = self.models.stage.release_teacher()
+            gc.collect()
+            return_free_memory()
+            self.release_stats = {"step": step, "freed_partition_bytes": freed, "teacher_params_alive": kept, "rss_before": rss_before, "rss_after": current_rss_bytes()}
+            logger.info("teacher released before step %d: %.1f MB freed on this stage", step + 1, freed / 1e6)
+
+    def state(self) -> dict:
+        return {"teacher_saved": False}
+
+    def save(self, tag_dir: Path) -> None:
+        pass
+
+    def restore(self, tag_dir: Path, client_state: dict) -> None:
+        pass
+
+
+def build_pipeline(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan: PhasePlan) -> PipelineModels:
+    """The PipelineModule of ``train.pipeline_stages`` stages in its PipelineEngine (ZeRO-1)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    config = source.config
+    _check_supported(cfg, plan, tied=bool(getattr(config, "tie_word_embeddings", False)))
+    num_stages = cfg.train.pipeline_stages
+    bounds = stage_bounds(config.num_hidden_layers, num_stages, ds_config["pipeline"].get("partition", "uniform"))
+    frozen_copies = cfg.student.trainable == "mixers"
+    if ds_config.get("bf16", {}).get("enabled"):
+        dtype = torch.bfloat16
+    elif ds_config.get("fp16", {}).get("enabled"):
+        dtype = torch.float16
+    else:
+        dtype = source.dtype
+    factory = StageFactory(
+        cfg, source, bounds, with_teacher=plan.uses_teacher, share=frozen_copies and cfg.student.share_frozen_weights,
+        dtype=dtype, device=torch.device(get_accelerator().current_device_name()),
+    )
+    # NOTE: dynamic_shape: the evaluation's last micro-batch may be short, and what travels changes with the phase.
+    module = CaldPipeline([LayerSpec(CaldStage, factory, k) for k in range(num_stages)], num_stages=num_stages, partition_method="uniform", dynamic_shape=True)
+    if frozen_copies:
+        set_trainable(module, copied=False)
+    sized = size_zero_buffers(ds_config, block_numel(module, module.stage.blocks()))
+    groups = param_groups(module, cfg.train.lr, cfg.train.copied_lr_scale, cfg.train.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, config=sized)
+    logger.info("pipeline of %d stages x %d replicas: blocks %s", num_stages, engine.grid.data_parallel_size, [f"[{a}, {b})" for a, b in zip(bounds, bounds[1:])])
+    return PipelineModels(student_engine=engine, module=module, bounds=bounds, shares_frozen_weights=frozen_copies)
+
+
+def pipeline_train_step(models: PipelineModels, guide: PipelineGuide, phase: Phase, step: int, next_batch, state, cfg: RunConfig, *, tokens_per_micro: int, last_saved: int) -> dict:
+    """``train.train_step`` in pipeline mode: one ``engine.train_batch`` over grad_accum micro-batches.
+
+    Unlike ZeRO-3 mode, a non-finite micro-batch cannot be replaced by another: its loss is
+    masked (no gradient) and the step runs on the rest; if its gradients are non-finite all
+    the same, DeepSpeed skips the whole step (logged).
+    """
+    engine = models.student_engine
+    guide.enter(step)
+    set_phase_lr(engine, phase, step)
+    accum = cfg.train.grad_accum
+    start = state.cursor
+    models.stage.begin_batch({j for j in range(accum) if start + j in cfg.debug.nan_at_micro_steps})
+
+    def micro_batches():  # pulled only by the first stage (inputs) and the last (labels)
+        for j in range(accum):
+            ids = next_batch(start + j)
+            yield ids, ids
+
+    loss = float(engine.train_batch(micro_batches()))
+    state.cursor += accum
+    parts = {name: float(value) for name, value in (engine.agg_additional_losses or {}).items()}
+    micro_total = accum * models.data_parallel_size
+    bad = int(round(parts.pop("nonfinite", 0.0) * micro_total))
+    good = micro_total - bad
+    scale = micro_total / good if good else 0.0  # masked micro-batches averaged in as zeros
+    state.tokens_seen += tokens_per_micro * accum * good // micro_total
+    if bad:
+        state.nan_skipped += bad
+        state.consecutive_nan = state.consecutive_nan + bad if not good else bad
+        logger.warning("non-finite loss in %d of %d micro-batches at step %d: masked (%d in all)", bad, micro_total, step, state.nan_skipped)
+        if state.consecutive_nan >= cfg.train.max_consecutive_nan:
+            raise NonFiniteLossError(
+                f"{state.consecutive_nan} non-finite losses in a row at step {step} (train.max_consecutive_nan="
+                f"{cfg.train.max_consecutive_nan}); stopped. The last complete checkpoint (step {last_saved}) "
+                f"in {Path(cfg.output.run_dir) / 'checkpoints'} is intact; lower the LR or check the data, then rerun to resume."
+            )
+    else:
+        state.consecutive_nan = 0
+    if not engine.was_step_applied():
+        logger.warning("step %d: DeepSpeed skipped the optimizer step (non-finite gradients)", step)
+    wanted = models.stage.mode.wanted
+    scale = scale or float("nan")  # no finite micro-batch: no loss to report
+    per_layer = [parts.pop(f"layer_{i}") * scale for i in wanted]
+    record = {"loss": loss * scale, **{name: value * scale for name, value in parts.items()}}
+    if per_layer:
+        record["layer_losses"] = per_layer
+    return record

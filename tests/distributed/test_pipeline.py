@@ -1,0 +1,255 @@
+"""Pipeline mode under the real deepspeed launcher: 2 CPU ranks = 2 stages x 1 replica.
+
+Run as a script on every rank (``--out DIR --teachers JSON``), it builds the ZeRO-3 mode
+and the pipeline mode on the same tiny teacher, gives both the same batch and saves each
+one's losses and gradients to <out>/rank<r>.pt; the tests compare them. Whole runs of
+both modes through ``launch/train.py`` (phases, checkpoints, resume, export) are compared
+too, and the pipeline config and its refusals are checked without a launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+# name -> (teacher family, overrides): every loss path of both modes.
+CASES = {
+    # Frozen copies shared with the teacher; CE over the frozen head read by rows, layer loss across the stage boundary.
+    "e2e_mixers": ("llama", []),
+    # CE and KL over token chunks (recomputed in backward), teacher head on the last stage.
+    "e2e_kl": ("llama", ["loss.a_kl=0.5", "loss.head_chunk_tokens=24"]),
+    # Each student block on the teacher's input: only the layer losses travel back.
+    "teacher_forced": ("llama", ["phases=[{name: tf, mode: teacher_forced}]", "loss.skip_last=false"]),
+    # Every weight trains (an untied head): embedding grads on stage 0, head grads on stage 1.
+    "e2e_all_neox": ("gpt_neox", ["student.trainable=all", "student.conversion.mixer=mamba"]),
+}
+
+
+# -- the script, on every rank --------------------------------------------------------------
+def _setup(teacher: str, overrides: list[str], stages: int):
+    from cald_scale.config import load_run_config
+    from cald_scale.conversion.teacher import open_teacher
+    from cald_scale.engines.distributed import init_distributed
+
+    env = init_distributed()
+    cfg = load_run_config(overrides=[
+        f"teacher.name_or_path={teacher}", "train.global_batch_size=4", "train.max_steps=4", "train.warmup_steps=0",
+        "phases=[{name: target, guidance: target}]", "student.trainable=mixers", *overrides, f"train.pipeline_stages={stages}",
+    ])
+    source, _ = open_teacher(cfg.teacher)
+    ids = torch.randint(0, source.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1234))  # the same whole batch on every rank
+    return env, cfg, source, ids
+
+
+def _zero3(teacher: str, overrides: list[str]) -> dict:
+    """ZeRO-3 mode: both ranks run the whole batch, so the averaged gradient is the batch's."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from cald_scale.engines.models import build_models
+    from cald_scale.engines.zero3 import load_ds_config, resolve_ds_config
+    from cald_scale.train import apply_phase, forward_backward
+
+    env, cfg, source, ids = _setup(teacher, overrides, stages=0)
+    ds_config = resolve_ds_config(load_ds_config(REPO / "ds_configs" / "zero3.json"), cfg.train, env.world_size)
+    models = build_models(cfg, ds_config, source)
+    phase = cfg.plan(env.world_size).phases[0]
+    apply_phase(models, phase, cfg.student.trainable)
+    parts, _ = forward_backward(models, models.teacher, phase, ids, cfg)
+    zero3 = {
+        "losses": parts.as_floats(),
+        "per_layer": parts.per_layer,
+        "grads": {n: safe_get_full_grad(p).clone() for n, p in models.student_engine.module.named_parameters() if p.requires_grad},
+    }
+    models.student_engine.step()
+    zero3["grad_norm"] = float(models.student_engine.get_global_grad_norm())
+    return zero3
+
+
+def _pipeline(teacher: str, overrides: list[str]) -> dict:
+    """Pipeline mode: one replica of 2 stages, one micro-batch of the same 4 sequences."""
+    from cald_scale.engines.pipeline import PipelineGuide, build_pipeline, load_pipeline_ds_config, pipeline_train_step
+    from cald_scale.train import _StepState
+
+    env, cfg, source, ids = _setup(teacher, overrides, stages=2)
+    ds_config = load_pipeline_ds_config(REPO / "ds_configs" / "pipeline.json", cfg.train, env.world_size)
+    plan = cfg.plan(cfg.train.data_parallel_size(env.world_size))
+    pipe = build_pipeline(cfg, ds_config, source, plan)
+    pipe.apply_phase(plan.phases[0], cfg.student.trainable)
+    grads: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(grad):  # a stage may back-propagate its outputs one by one: sum the pieces
+            grads[name] = grads[name] + grad if name in grads else grad.detach().clone()
+
+        return hook
+
+    for name, param in pipe.stage.named_student_tensors(keep_vars=True):
+        if param.requires_grad:
+            param.register_hook(keep(name))
+    record = pipeline_train_step(pipe, PipelineGuide(plan, pipe), plan.phases[0], 0, lambda cursor: ids, _StepState({}), cfg, tokens_per_micro=ids.numel(), last_saved=0)
+    return {"record": record, "grads": grads, "grad_norm": float(pipe.student_engine.get_global_grad_norm()), "stage": pipe.stage.index, "bounds": pipe.bounds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--teachers", required=True, help="JSON: family -> teacher folder")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=None)
+    args = parser.parse_args()
+    teachers = json.loads(args.teachers)
+    # NOTE: every ZeRO-3 engine first: a PipelineEngine leaves its grid as DeepSpeed's global
+    # model-parallel unit, which engines built after it in the same process then misread.
+    zero3 = {name: _zero3(teachers[family], overrides) for name, (family, overrides) in CASES.items()}
+    results = {name: {"zero3": zero3[name], "pipeline": _pipeline(teachers[family], overrides)} for name, (family, overrides) in CASES.items()}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    torch.save(results, Path(args.out) / f"rank{os.environ.get('RANK', '0')}.pt")
+
+
+# -- the tests ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, teacher_dirs) -> list[dict]:
+    from launcher import free_port, launcher_env, run
+
+    out = tmp_path_factory.mktemp("pipeline_vs_zero3")
+    teachers = json.dumps({family: str(path) for family, path in teacher_dirs.items()})
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), __file__, "--teachers", teachers, "--out", str(out)]
+    proc = run(cmd, launcher_env(out), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pipeline_losses_and_gradients_equal_zero3(compared, case):
+    ranks = [r[case] for r in compared]
+    assert [r["pipeline"]["stage"] for r in ranks] == [0, 1] and ranks[0]["pipeline"]["bounds"] == [0, 1, 3]
+    zero3 = ranks[0]["zero3"]
+    # Losses: the total and every part, per distilled layer too (reported identically on both stages).
+    for rank in ranks:
+        record = rank["pipeline"]["record"]
+        assert set(record) - {"layer_losses"} == set(zero3["losses"]), (record, zero3["losses"])
+        for key, value in zero3["losses"].items():
+            assert record[key] == pytest.approx(value, rel=1e-6), key
+        assert record["layer_losses"] == pytest.approx(zero3["per_layer"], rel=1e-6)
+        assert rank["pipeline"]["grad_norm"] == pytest.approx(zero3["grad_norm"], rel=1e-5)  # clipping sees all stages
+    # Gradients: each stage holds its own blocks' trainable tensors, together exactly ZeRO-3's.
+    stage0, stage1 = (set(r["pipeline"]["grads"]) for r in ranks)
+    assert not stage0 & stage1 and stage0 | stage1 == set(zero3["grads"]), (stage0 ^ set(zero3["grads"]), stage1)
+    assert all(".layers.0." in n or "embed" in n for n in stage0) and not any(".layers.0." in n for n in stage1)
+    for rank in ranks:
+        for name, grad in rank["pipeline"]["grads"].items():
+            expected = zero3["grads"][name]
+            assert expected.abs().max() > 0, name
+            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()), msg=name)
+
+
+def _ok(proc) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+@pytest.mark.distributed
+def test_pipeline_run_trains_as_zero3_resumes_and_exports(tmp_path, teacher_dirs, data_cache):
+    """The default recipe (teacher-forced alignment, then end to end) through launch/train.py in both modes."""
+    from conftest import tiny_overrides
+    from launcher import deepspeed_command, launcher_env, metrics, run
+
+    from cald_scale.conversion.weights import open_weights
+
+    env = launcher_env(tmp_path)
+    recipe = {"student.trainable": "mixers", "phases": None}
+    zero3_dir, pipe_dir = tmp_path / "zero3", tmp_path / "pipeline"
+    _ok(run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], zero3_dir, data_cache, **recipe)), env))
+    cmd = deepspeed_command(tiny_overrides(teacher_dirs["llama"], pipe_dir, data_cache, **recipe, **{"train.pipeline_stages": 2}), ds_config="ds_configs/pipeline.json")
+    _ok(run(cmd, env))
+    zero3, reference = metrics(zero3_dir), metrics(pipe_dir)
+    assert [reference[s]["phase_name"] for s in range(1, 7)] == ["align"] * 4 + ["end_to_end"] * 2
+    assert "ce" not in reference[4] and "ce" in reference[5] and len(reference[1]["layer_losses"]) == 2
+    # The same data, updates and clipping: every step's global gradient norm, and the models' perplexities.
+    for step in range(1, 7):
+        assert reference[step]["grad_norm"] == pytest.approx(zero3[step]["grad_norm"], rel=1e-4), step
+    ours, theirs = (json.loads((d / "report.json").read_text()) for d in (pipe_dir, zero3_dir))
+    assert ours["world_size"] == 2 and ours["steps"] == 6 and ours["tokens_seen"] == theirs["tokens_seen"]
+    assert ours["ppl_teacher"] == pytest.approx(theirs["ppl_teacher"], rel=1e-6)
+    assert ours["ppl_student_before"] == pytest.approx(theirs["ppl_student_before"], rel=1e-6)
+    assert ours["ppl_student_after"] == pytest.approx(theirs["ppl_student_after"], rel=1e-4)
+    assert ours["ppl_student_after"] < ours["ppl_student_before"]
+    # The exported student: one shard per stage, the same tensors as the ZeRO-3 export (from_pretrained loads it).
+    assert sorted(p.name for p in (pipe_dir / "student").glob("*.safetensors")) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    exported, expected = open_weights(pipe_dir / "student"), open_weights(zero3_dir / "student")
+    assert sorted(exported.keys()) == sorted(expected.keys())
+    for key in expected.keys():
+        torch.testing.assert_close(exported.get(key), expected.get(key), rtol=1e-4, atol=1e-5, msg=key)
+    from transformers import AutoModelForCausalLM
+
+    import cald_scale  # noqa: F401  (registers the student classes)
+
+    student = AutoModelForCausalLM.from_pretrained(pipe_dir / "student")
+    assert torch.isfinite(student(torch.randint(0, 1000, (1, 16))).logits).all()
+
+    # Frozen copies stay out of checkpoints; losing the last one, the same command resumes at step 4 and repeats steps 5-6.
+    shutil.rmtree(pipe_dir / "checkpoints" / "step_00000006")
+    resumed = run(cmd, env)
+    _ok(resumed)
+    assert "resuming run at step 4" in resumed.stdout + resumed.stderr
+    after = metrics(pipe_dir)
+    for step in (5, 6):
+        for key in ("loss", "ce", "layer", "grad_norm"):
+            assert after[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+
+# -- without a launcher -----------------------------------------------------------------------
+def test_shipped_recipes_fit_the_pipeline_ds_config():
+    from cald_scale.config import load_run_config
+    from cald_scale.engines.pipeline import load_pipeline_ds_config
+
+    for recipe in sorted((REPO / "recipes").rglob("*.yaml")):
+        cfg = load_run_config(recipe, ["train.pipeline_stages=2"])
+        resolved = load_pipeline_ds_config(REPO / "ds_configs" / "pipeline.json", cfg.train, world_size=4)
+        assert resolved["pipeline"]["stages"] == 2 and resolved["zero_optimization"]["stage"] == 1
+        # 4 ranks = 2 replicas of a 2-stage pipeline: the global batch splits over the replicas only.
+        assert resolved["train_batch_size"] == cfg.train.micro_batch(2) * cfg.train.grad_accum * 2, recipe.name
+
+
+def test_pipeline_config_errors_name_the_problem(tmp_path):
+    from cald_scale.config import load_run_config
+    from cald_scale.configuration import ConfigError
+    from cald_scale.engines.pipeline import _check_supported, load_pipeline_ds_config, stage_bounds
+
+    cfg = load_run_config(overrides=["train.pipeline_stages=2"])
+    with pytest.raises(ConfigError, match="needs a ds_config with a pipeline section"):
+        load_pipeline_ds_config(REPO / "ds_configs" / "zero3.json", cfg.train, world_size=2)
+    with pytest.raises(ConfigError, match="does not divide the 3 ranks"):
+        load_pipeline_ds_config(REPO / "ds_configs" / "pipeline.json", cfg.train, world_size=3)
+    bad = tmp_path / "pipe_z3.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}, "pipeline": {}}))
+    with pytest.raises(ConfigError, match="refuses ZeRO-2 and -3"):
+        load_pipeline_ds_config(bad, cfg.train, world_size=2)
+    with pytest.raises(ValueError, match="pipeline_stages must be >= 0"):
+        load_run_config(overrides=["train.pipeline_stages=-1"])
+
+    assert stage_bounds(3, 2) == [0, 1, 3] and stage_bounds(8, 4) == [0, 2, 4, 6, 8] and stage_bounds(5, 2, [0, 3, 5]) == [0, 3, 5]
+    with pytest.raises(ConfigError, match="exceeds the teacher's 3 blocks"):
+        stage_bounds(3, 4)
+    with pytest.raises(ConfigError, match="increasing block boundaries"):
+        stage_bounds(5, 2, [0, 5, 5])
+
+    trajectory = load_run_config(overrides=["train.pipeline_stages=2", "phases=[{name: t, guidance: trajectory}]"])
+    with pytest.raises(ConfigError, match="guidance trajectory needs a teacher engine of its own"):
+        _check_supported(trajectory, trajectory.plan(1), tied=False)
+    tied_all = load_run_config(overrides=["train.pipeline_stages=2", "student.trainable=all", "phases=[{name: e, trainable: all}]"])
+    with pytest.raises(ConfigError, match="tied input/output embedding"):
+        _check_supported(tied_all, tied_all.plan(1), tied=True)
+    _check_supported(tied_all, tied_all.plan(1), tied=False)  # an untied head trains in pipeline mode
+
+
+if __name__ == "__main__":
+    main()
