@@ -24,7 +24,8 @@ from .conversion.teacher import open_teacher
 from .data import ShardedBatches
 from .data.run_sets import open_run_datasets
 from .distill.guidance import Guide
-from .distill.phases import Phase
+from .distill.phases import Phase, set_phase_lr
+from .distill.progress import NonFiniteLossError, StepState
 from .distill.stages import LayerwiseModel
 from .distill.step import LossParts, cald_forward, teacher_forced_step
 from .engines.checkpoint import load_latest_checkpoint, save_checkpoint
@@ -44,10 +45,6 @@ from .metrics import MetricsLogger, peak_memory_bytes
 __all__ = ["train", "train_step", "forward_backward", "apply_phase", "NonFiniteLossError", "Preempted"]
 
 logger = logging.getLogger("cald_scale.train")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many non-finite losses in a row."""
 
 
 def _seed_everything(seed: int) -> None:
@@ -95,15 +92,6 @@ def apply_phase(models: DistillationModels, phase: Phase, base_trainable: str) -
     models.refresh_head_pieces()
 
 
-def set_phase_lr(engine, phase: Phase, step: int) -> None:
-    """LR of every parameter group at optimizer step ``step + 1`` (the phases own the schedule)."""
-    factor = phase.lr_factor(step)
-    for group in engine.optimizer.param_groups:
-        copied = group.get("name", "").startswith("copied")
-        scale = (phase.copied_lr_scale if phase.trainable == "all" else 0.0) if copied else 1.0
-        group["lr"] = phase.lr * scale * factor
-
-
 # -- the step ------------------------------------------------------------------------------
 def forward_backward(
     models: DistillationModels, teacher: LayerwiseModel | None, phase: Phase, input_ids: torch.Tensor, cfg: RunConfig, *, poison: bool = False
@@ -131,21 +119,7 @@ def forward_backward(
     return parts, True
 
 
-class _StepState:
-    """What a checkpoint carries besides the engines: the data cursor and the counters."""
-
-    def __init__(self, saved: dict):
-        self.cursor = int(saved.get("micro_cursor", 0))
-        self.tokens_seen = int(saved.get("tokens_seen", 0))
-        self.nan_skipped = int(saved.get("nan_skipped", 0))
-        self.train_seconds = float(saved.get("train_seconds", 0.0))
-        self.consecutive_nan = 0
-
-    def as_dict(self) -> dict:
-        return {"micro_cursor": self.cursor, "tokens_seen": self.tokens_seen, "nan_skipped": self.nan_skipped, "train_seconds": self.train_seconds}
-
-
-def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state: _StepState, cfg: RunConfig, *, tokens_per_micro: int, last_saved: int) -> dict:
+def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state: StepState, cfg: RunConfig, *, tokens_per_micro: int, last_saved: int) -> dict:
     """One optimizer step = grad_accum finite micro-batches (non-finite ones are skipped and
     counted); returns the step's mean loss parts and the trajectory teacher's CE if it learned."""
     engine = models.student_engine
@@ -159,19 +133,12 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
         parts, finite = forward_backward(models, teacher, phase, ids, cfg, poison=state.cursor in cfg.debug.nan_at_micro_steps)
         state.cursor += 1
         if not finite:
-            state.nan_skipped += 1
-            state.consecutive_nan += 1
-            logger.warning("non-finite loss at step %d (micro-batch %d): skipped (%d in a row, %d in all)", step, state.cursor - 1, state.consecutive_nan, state.nan_skipped)
-            if state.consecutive_nan >= cfg.train.max_consecutive_nan:
-                raise NonFiniteLossError(
-                    f"{state.consecutive_nan} non-finite losses in a row at step {step} (train.max_consecutive_nan="
-                    f"{cfg.train.max_consecutive_nan}); stopped. The last complete checkpoint (step {last_saved}) "
-                    f"in {Path(cfg.output.run_dir) / 'checkpoints'} is intact; lower the LR or check the data, then rerun to resume."
-                )
+            logger.warning("non-finite loss at step %d (micro-batch %d): skipped (%d in a row, %d in all)", step, state.cursor - 1, state.consecutive_nan + 1, state.nan_skipped + 1)
+            state.nonfinite(1, step=step, max_consecutive=cfg.train.max_consecutive_nan, last_saved=last_saved, ckpt_dir=Path(cfg.output.run_dir) / "checkpoints")
             if phase.mode != "teacher_forced":
                 continue  # nothing was back-propagated: draw the next micro-batch
         else:
-            state.consecutive_nan = 0
+            state.finite()
         engine.step()
         ce = guide.after_micro_batch(phase, step, ids)
         if ce is not None:
@@ -257,7 +224,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         env,
         lambda: {"teacher": evaluate("teacher") if plan.uses_teacher else None, "student_before": evaluate("student")},
     )
-    state = _StepState(saved)
+    state = StepState(saved)
     step = student_engine.global_steps
     logger.info(
         "%s run at step %d/%d on %d rank(s); held-out ppl: teacher %s, converted student %.2f",

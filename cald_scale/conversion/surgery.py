@@ -35,7 +35,7 @@ from .weights import (
     load_weights,
 )
 
-__all__ = ["build_student", "convert_teacher", "share_copied_weights", "student_config", "attention_prefixes"]
+__all__ = ["build_student", "convert_teacher", "share_copied_weights", "student_config", "attention_prefixes", "fresh_mixer"]
 
 logger = logging.getLogger("cald_scale.conversion")
 
@@ -59,7 +59,7 @@ def attention_prefixes(model: nn.Module, adapter: FamilyAdapter) -> tuple[str, .
     return tuple(prefix for _, prefix in found)
 
 
-def _fresh_mixer(config: CaldStudentConfig, layer_idx: int, seed: int, std: float) -> nn.Module:
+def fresh_mixer(config: CaldStudentConfig, layer_idx: int, seed: int, std: float) -> nn.Module:
     """Layer ``layer_idx``'s mixer as a plain module, drawn from its own RNG stream.
 
     The SSM's own parameters keep the mamba_ssm init (A, D, dt); every projection and
@@ -95,7 +95,7 @@ def _init_mixers(student: CaldStudentForCausalLM, weights: WeightReader, seed: i
     std = getattr(teacher_config, "initializer_range", 0.02)
     for mixer in student.mixers():
         idx = mixer.layer_idx
-        fresh = _fresh_mixer(student.config, idx, seed, std)
+        fresh = fresh_mixer(student.config, idx, seed, std)
         if conversion.attention_init:
             attn = student.adapter.read_attention(TensorTree(renamed, prefixes[idx]), teacher_config)
             init_mixer_from_attention(fresh, attn, teacher_config)

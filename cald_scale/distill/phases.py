@@ -27,7 +27,7 @@ from typing import Literal
 
 from .losses import LossConfig
 
-__all__ = ["PhaseConfig", "TrajectoryConfig", "Phase", "PhasePlan", "plan_phases", "Guidance", "Mode"]
+__all__ = ["PhaseConfig", "TrajectoryConfig", "Phase", "PhasePlan", "plan_phases", "set_phase_lr", "Guidance", "Mode"]
 
 Guidance = Literal["none", "target", "trajectory", "waypoint"]
 Mode = Literal["end_to_end", "teacher_forced"]
@@ -268,3 +268,14 @@ def plan_phases(phases: list[PhaseConfig], train, loss: LossConfig, *, tokens_pe
         )
         start += steps
     return PhasePlan(tuple(resolved))
+
+
+def set_phase_lr(engine, phase: Phase, step: int) -> None:
+    """LR of every parameter group of ``engine``'s optimizer at optimizer step ``step + 1``: the
+    phases own the schedule; the copied weights train at copied_lr_scale only when the phase
+    trains everything."""
+    factor = phase.lr_factor(step)
+    for group in engine.optimizer.param_groups:
+        copied = group.get("name", "").startswith("copied")
+        scale = (phase.copied_lr_scale if phase.trainable == "all" else 0.0) if copied else 1.0
+        group["lr"] = phase.lr * scale * factor

@@ -31,7 +31,7 @@ from .losses import (
 )
 from .stages import LayerwiseModel, make_stages
 
-__all__ = ["LossParts", "Schedule", "cald_forward", "teacher_forced_step"]
+__all__ = ["LossParts", "Schedule", "cald_forward", "teacher_forced_step", "combine_loss_parts"]
 
 Schedule = Literal["streamed", "naive", "teacher_forced"]
 
@@ -48,7 +48,7 @@ class LossParts:
         return {"loss": self.total.item(), **{name: value.item() for name, value in self.terms.items()}}
 
 
-def _combine(cfg: LossConfig, ce, layer_terms: list[torch.Tensor], kl, device) -> LossParts:
+def combine_loss_parts(cfg: LossConfig, ce, layer_terms: list[torch.Tensor], kl, device) -> LossParts:
     """``a_ce * ce + a_layer * mean(layer terms) + a_kl * kl``; parts that do not apply are left out."""
     terms, total = {}, torch.zeros((), device=device)
     for name, weight, value in (
@@ -138,7 +138,7 @@ def cald_forward(
             chunk_tokens=cfg.chunk_tokens(student.vocab_size),
         )
     boundary("head", len(stages))
-    return _combine(cfg, ce, layer_terms, kl, input_ids.device)
+    return combine_loss_parts(cfg, ce, layer_terms, kl, input_ids.device)
 
 
 def teacher_forced_step(

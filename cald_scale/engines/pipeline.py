@@ -50,16 +50,15 @@ from ..config import RunConfig
 from ..configuration import ConfigError
 from ..conversion.init import init_mixer_from_attention
 from ..conversion.modeling import CaldStudentForCausalLM, MixerAsAttention
-from ..conversion.surgery import _fresh_mixer, attention_prefixes, share_copied_weights, student_config
+from ..conversion.surgery import fresh_mixer, attention_prefixes, share_copied_weights, student_config
 from ..conversion.teacher import TeacherSource
 from ..conversion.weights import RenamedReader, SafetensorsReader, TensorTree, WeightReader, WeightsMismatchError
 from ..distill.losses import LossConfig, RowPieces, distilled_layers, layer_loss, lm_cross_entropy, lm_head_losses, vocab_streamed_cross_entropy
-from ..distill.phases import Phase, PhasePlan
+from ..distill.phases import Phase, PhasePlan, set_phase_lr
 from ..distill.stages import LayerwiseModel, make_stages
-from ..distill.step import _combine
+from ..distill.step import combine_loss_parts
 from ..fileio import atomic_dir
 from ..metrics import current_rss_bytes
-from ..train import NonFiniteLossError, set_phase_lr
 from .distributed import barrier
 from .host_memory import return_free_memory
 from .models import block_numel, set_trainable
@@ -257,7 +256,7 @@ def _init_stage_mixers(student: CaldStudentForCausalLM, weights: WeightReader, s
     for mixer in student.mixers():
         if mixer.layer_idx not in layers:
             continue
-        fresh = _fresh_mixer(student.config, mixer.layer_idx, seed, std)
+        fresh = fresh_mixer(student.config, mixer.layer_idx, seed, std)
         if conversion.attention_init:
             attn = student.adapter.read_attention(TensorTree(renamed, prefixes[mixer.layer_idx]), teacher_config)
             init_mixer_from_attention(fresh, attn, teacher_config)
@@ -460,7 +459,7 @@ class CaldStage(nn.Module):
                     teacher_h=t_h if want_kl else None, teacher_head=self.teacher.head if want_kl else None,
                     temperature=cfg.kl_temperature, chunk_tokens=cfg.chunk_tokens(self.student.vocab_size),
                 )
-        parts = _combine(cfg, ce, terms, kl, ids.device)
+        parts = combine_loss_parts(cfg, ce, terms, kl, ids.device)
         total = parts.total
         if self._micro in self.poisoned:  # a NaN loss over finite activations
             total = total + torch.full_like(total, float("nan"))
@@ -703,17 +702,10 @@ def pipeline_train_step(models: PipelineModels, guide: PipelineGuide, phase: Pha
     scale = micro_total / good if good else 0.0  # masked micro-batches averaged in as zeros
     state.tokens_seen += tokens_per_micro * accum * good // micro_total
     if bad:
-        state.nan_skipped += bad
-        state.consecutive_nan = state.consecutive_nan + bad if not good else bad
-        logger.warning("non-finite loss in %d of %d micro-batches at step %d: masked (%d in all)", bad, micro_total, step, state.nan_skipped)
-        if state.consecutive_nan >= cfg.train.max_consecutive_nan:
-            raise NonFiniteLossError(
-                f"{state.consecutive_nan} non-finite losses in a row at step {step} (train.max_consecutive_nan="
-                f"{cfg.train.max_consecutive_nan}); stopped. The last complete checkpoint (step {last_saved}) "
-                f"in {Path(cfg.output.run_dir) / 'checkpoints'} is intact; lower the LR or check the data, then rerun to resume."
-            )
+        logger.warning("non-finite loss in %d of %d micro-batches at step %d: masked (%d in all)", bad, micro_total, step, state.nan_skipped + bad)
+        state.nonfinite(bad, step=step, max_consecutive=cfg.train.max_consecutive_nan, last_saved=last_saved, ckpt_dir=Path(cfg.output.run_dir) / "checkpoints", streak_broken=good > 0)
     else:
-        state.consecutive_nan = 0
+        state.finite()
     if not engine.was_step_applied():
         logger.warning("step %d: DeepSpeed skipped the optimizer step (non-finite gradients)", step)
     wanted = models.stage.mode.wanted

@@ -1,0 +1,41 @@
+"""Where a run stands between optimizer steps: the data cursor and the counters a checkpoint carries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["StepState", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+class StepState:
+    """The data cursor (micro-batches consumed on each rank), tokens seen, skipped
+    non-finite micro-batches and training seconds; ``as_dict`` goes into every checkpoint."""
+
+    def __init__(self, saved: dict):
+        self.cursor = int(saved.get("micro_cursor", 0))
+        self.tokens_seen = int(saved.get("tokens_seen", 0))
+        self.nan_skipped = int(saved.get("nan_skipped", 0))
+        self.train_seconds = float(saved.get("train_seconds", 0.0))
+        self.consecutive_nan = 0
+
+    def as_dict(self) -> dict:
+        return {"micro_cursor": self.cursor, "tokens_seen": self.tokens_seen, "nan_skipped": self.nan_skipped, "train_seconds": self.train_seconds}
+
+    def finite(self) -> None:
+        self.consecutive_nan = 0
+
+    def nonfinite(self, count: int, *, step: int, max_consecutive: int, last_saved: int, ckpt_dir: Path, streak_broken: bool = False) -> None:
+        """Count ``count`` skipped micro-batches; stop the run once ``max_consecutive`` came in a row.
+        ``streak_broken``: finite micro-batches came between these and the earlier ones."""
+        self.nan_skipped += count
+        self.consecutive_nan = count if streak_broken else self.consecutive_nan + count
+        if self.consecutive_nan >= max_consecutive:
+            raise NonFiniteLossError(
+                f"{self.consecutive_nan} non-finite losses in a row at step {step} (train.max_consecutive_nan="
+                f"{max_consecutive}); stopped. The last complete checkpoint (step {last_saved}) in {ckpt_dir} is intact; "
+                "lower the LR or check the data, then rerun to resume."
+            )
