@@ -159,6 +159,8 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
 # -- the job -------------------------------------------------------------------------------
 def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     env = init_distributed()
+    # From here on a preemption signal is recorded, not fatal: the run stops at the first step boundary with a checkpoint.
+    watch = PreemptionWatch(tuple(cfg.train.preemption_signals)).__enter__()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("cald_scale").setLevel(logging.INFO if env.is_main else logging.WARNING)
     allocator = configure_host_allocator(cfg.train.malloc_mmap_threshold)
@@ -253,7 +255,6 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
             exclude_frozen=models.shares_frozen_weights, also_save=guide.save,
         )
 
-    watch = PreemptionWatch(tuple(cfg.train.preemption_signals)).__enter__()
     try:
         while step < plan.total_steps:
             phase = plan.at(step)

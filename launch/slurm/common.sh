@@ -1,0 +1,124 @@
+# Shared by the batch scripts in launch/slurm/ (sourced, not run): the training command,
+# the run folder's logs, signal forwarding and the requeue on preemption.
+#
+# Overrides: the script's arguments (`sbatch train_srun.sbatch train.max_steps=100 ...`).
+# Knobs (environment, exported by sbatch): RECIPE (YAML recipe; the embedded default when
+# unset), OVERRIDES (more overrides, split on spaces), DS_CONFIG (default ds_configs/zero3.json),
+# VENV (default .venv), DRY_RUN=1 (print the command, start nothing).
+#
+# Preemption: SLURM's warning signal (`--signal=B:USR1@120` reaches the batch shell only) or
+# a SIGTERM to the batch shell is forwarded to the ranks; they finish the current optimizer
+# step, save a complete checkpoint and exit with PREEMPTED_EXIT_CODE (75,
+# cald_scale/engines/preemption.py). The batch shell then runs `scontrol requeue`: the job
+# goes back to the queue under the same id and its next start resumes from that checkpoint.
+
+CALD_PREEMPTED_EXIT_CODE=75
+
+_cald_log() { echo "[cald $(date '+%F %T')] $*"; }
+
+# Resolve the run ("$@": key.path=value overrides), then send everything after this point to <run_dir>/logs/.
+# Sets CALD_PYTHON, CALD_TRAIN_ARGS (array), CALD_RUN_DIR, CALD_LOG.
+cald_prepare() {
+    # Take the warning signal from the start: a signal before the launch requeues at once.
+    CALD_SIGNALLED=
+    CALD_PID=
+    trap '_cald_on_signal USR1' USR1
+    trap '_cald_on_signal TERM' TERM
+    if [ ! -f launch/train.py ]; then
+        echo "error: $PWD is not the cald_scale repository (no launch/train.py); submit from its root or set CALD_REPO" >&2
+        exit 2
+    fi
+    CALD_PYTHON=${VENV:-.venv}/bin/python
+    CALD_TRAIN_ARGS=(launch/train.py --ds_config "${DS_CONFIG:-ds_configs/zero3.json}")
+    if [ -n "${RECIPE:-}" ]; then CALD_TRAIN_ARGS+=(--recipe "$RECIPE"); fi
+    # shellcheck disable=SC2206  # OVERRIDES is a word list by design
+    CALD_TRAIN_ARGS+=(${OVERRIDES:-} "$@")
+    # `#SBATCH --output` cannot know the run folder: ask the config for it.
+    CALD_RUN_DIR=$("$CALD_PYTHON" "${CALD_TRAIN_ARGS[@]}" --print_config |
+        "$CALD_PYTHON" -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["output"]["run_dir"])') ||
+        { echo "error: could not resolve the run config (see the message above)" >&2; exit 2; }
+    # Stated explicitly so the ranks of this run can be told apart by their command line.
+    CALD_TRAIN_ARGS+=("output.run_dir=$CALD_RUN_DIR")
+    if [ "${DRY_RUN:-0}" = "1" ]; then return; fi
+    mkdir -p "$CALD_RUN_DIR/logs"
+    CALD_LOG=$CALD_RUN_DIR/logs/${SLURM_JOB_NAME:-cald}-${SLURM_JOB_ID:-local}.${SLURM_RESTART_COUNT:-0}.log
+    echo "cald: job log -> $CALD_LOG"
+    exec >>"$CALD_LOG" 2>&1
+    _cald_log "job ${SLURM_JOB_ID:-?} start ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-$(hostname)} (${SLURM_NTASKS:-?} tasks); run dir $CALD_RUN_DIR"
+}
+
+# The first node of the allocation: the rendezvous host of rank 0.
+cald_master_addr() {
+    cald_hostnames | head -n 1
+}
+
+# The allocation's hosts, one a line (this host outside SLURM, e.g. for DRY_RUN).
+cald_hostnames() {
+    if [ -n "${SLURM_JOB_NODELIST:-}" ]; then scontrol show hostnames "$SLURM_JOB_NODELIST"; else hostname; fi
+}
+
+# Per-job port, stable across a requeue of the same job.
+cald_master_port() {
+    echo "${MASTER_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}"
+}
+
+# Signal this run's ranks on this node: processes of this user whose arguments hold
+# `--local_rank=N` (set by the deepspeed launcher) and this run's output.run_dir.
+cald_signal_local_ranks() {  # $1: signal name, $2: run dir
+    local cmdline pid
+    for cmdline in /proc/[0-9]*/cmdline; do
+        [ -O "$cmdline" ] || continue
+        pid=${cmdline#/proc/}
+        pid=${pid%/cmdline}
+        if tr '\0' '\n' <"$cmdline" 2>/dev/null | grep -qxF -- "output.run_dir=$2" &&
+            tr '\0' '\n' <"$cmdline" 2>/dev/null | grep -q -- '^--local_rank=[0-9]'; then
+            kill -s "$1" "$pid" 2>/dev/null || true
+        fi
+    done
+}
+
+_cald_on_signal() {  # $1: signal name
+    _cald_log "batch shell got SIG$1: the ranks finish this step, save a checkpoint and stop"
+    CALD_SIGNALLED=$1
+    if [ -n "${CALD_PID:-}" ]; then "$CALD_FORWARD" "$1"; fi
+}
+
+_cald_requeue() {  # $1: why
+    # The requeue ends this job step; the batch shell must not fall to the signals it brings.
+    trap '' USR1 TERM
+    if [ -z "${SLURM_JOB_ID:-}" ]; then _cald_log "$1: not a SLURM job, rerun to resume"; exit "$CALD_PREEMPTED_EXIT_CODE"; fi
+    _cald_log "$1: requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+}
+
+# Run the ranks ("$@") in the background so the batch shell can take signals while they
+# train; CALD_FORWARD (a function taking a signal name) passes a signal on to them.
+cald_run() {
+    if [ "${DRY_RUN:-0}" = "1" ]; then printf '%q ' "$@"; echo; exit 0; fi
+    # Signalled before the launch: nothing trained yet, the job just goes back to the queue.
+    if [ -n "$CALD_SIGNALLED" ]; then _cald_requeue "SIG$CALD_SIGNALLED before the launch"; fi
+    _cald_log "launch: $*"
+    local launched
+    launched=$(date +%s)
+    "$@" &
+    CALD_PID=$!
+    if [ -n "$CALD_SIGNALLED" ]; then "$CALD_FORWARD" "$CALD_SIGNALLED"; fi  # landed during the launch itself
+    # A trapped signal interrupts `wait`; wait again while the ranks run. Bash keeps the
+    # exit status of a reaped child, so the last `wait` returns the ranks' own code.
+    while kill -0 "$CALD_PID" 2>/dev/null; do wait "$CALD_PID" || true; done
+    local rc=0
+    wait "$CALD_PID" || rc=$?
+    CALD_PID=
+    trap '' USR1 TERM  # the ranks are gone: nothing left to forward, and the shell must reach its exit
+    if [ "$rc" = "$CALD_PREEMPTED_EXIT_CODE" ]; then
+        _cald_requeue "the ranks saved a checkpoint and stopped (exit $rc)"
+    fi
+    # Rank 0 writes preempted.json once the checkpoint is complete on every rank: a rank that
+    # then failed to exit cleanly (killed by the launcher, hung in teardown) loses nothing.
+    if [ "$rc" != 0 ] && [ -f "$CALD_RUN_DIR/preempted.json" ] && [ "$(stat -c %Y "$CALD_RUN_DIR/preempted.json")" -ge "$launched" ]; then
+        _cald_requeue "the ranks exited with $rc after a complete preemption checkpoint ($(cat "$CALD_RUN_DIR/preempted.json"))"
+    fi
+    _cald_log "ranks exited with $rc"
+    exit "$rc"
+}

@@ -1,0 +1,97 @@
+"""The project's batch scripts on a real single-node SLURM cluster: 2 tasks x 1 CPU, tiny models."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny_overrides
+from launcher import REPO, launcher_env
+
+pytestmark = pytest.mark.distributed
+
+JOB_NAME = "cald-test"
+# The scripts ask for GPU nodes; the test node has 2 CPUs and no GPUs.
+NODE_OPTIONS = ("--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0")
+
+
+def _submit(cluster, script: str, tmp_path: Path, overrides: list[str]) -> int:
+    env = launcher_env(tmp_path)
+    env.update(SLURM_CONF=str(cluster.conf), VENV=str(Path(sys.executable).parent.parent))
+    options = (f"--job-name={JOB_NAME}", f"--output={tmp_path}/slurm-%j.out", *NODE_OPTIONS)
+    # Submitted from the repository root: the batch script finds the code through SLURM_SUBMIT_DIR.
+    return cluster.sbatch(REPO / "launch" / "slurm" / script, *options, args=overrides, env=env, cwd=REPO)
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    """Every training step record in metrics.jsonl, in file order, repeats kept."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [r["step"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def _explain(cluster, tmp_path: Path, run_dir: Path, job_id: int, info: dict) -> str:
+    parts = [f"job {job_id}: {info}"]
+    for path in [*sorted(tmp_path.glob(f"slurm-{job_id}.out")), *sorted((run_dir / "logs").glob("*.log"))]:
+        parts.append(f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}")
+    return "\n".join(parts + [cluster.log_tail(1500)])
+
+
+@pytest.mark.parametrize("script", ["train_srun.sbatch", "train_deepspeed.sbatch"])
+def test_batch_script_trains_a_tiny_run(slurm_cluster, tmp_path, teacher_dirs, data_cache, script):
+    run_dir = tmp_path / "run"
+    job_id = _submit(slurm_cluster, script, tmp_path, tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"train.max_steps": 4}))
+    info = slurm_cluster.wait(job_id, timeout=600)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _explain(slurm_cluster, tmp_path, run_dir, job_id, info)
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["steps"] == 4 and report["world_size"] == 2
+    assert _logged_steps(run_dir) == [1, 2, 3, 4]
+    # The job's own log lands in the run folder; SLURM's output file only points at it.
+    log = (run_dir / "logs" / f"{JOB_NAME}-{job_id}.0.log").read_text()
+    assert "launch: " in log and "ranks exited with 0" in log and "starting run at step 0" in log
+    assert f"cald: job log -> {run_dir}/logs/" in (tmp_path / f"slurm-{job_id}.out").read_text()
+
+
+# (script, signal to the batch shell, the signal the ranks see): srun turns a TERM into SIGKILLs
+# of its tasks, so that script passes TERM on as USR1; the deepspeed one signals the ranks itself.
+@pytest.mark.parametrize(
+    "script, sent, seen", [("train_srun.sbatch", "USR1", "SIGUSR1"), ("train_deepspeed.sbatch", "TERM", "SIGTERM")],
+)
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, teacher_dirs, data_cache, script, sent, seen):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(
+        teacher_dirs["llama"], run_dir, data_cache,
+        # Slow steps so the signal lands mid-run; no periodic checkpoint: the one to resume from
+        # is the preemption's own.
+        **{"train.max_steps": 8, "output.save_every": 100, "output.log_every": 1, "debug.sleep_per_step": 2.0},
+    )
+    job_id = _submit(slurm_cluster, script, tmp_path, overrides)
+    deadline = time.time() + 420
+    while len(_logged_steps(run_dir)) < 2:
+        info = slurm_cluster.job(job_id)
+        assert info["JobState"] in ("PENDING", "RUNNING") and time.time() < deadline, _explain(slurm_cluster, tmp_path, run_dir, job_id, info)
+        time.sleep(0.5)
+    # What `#SBATCH --signal=B:USR1@120` does before the time limit: a signal to the batch shell only.
+    slurm_cluster.signal_batch(job_id, sent)
+
+    info = slurm_cluster.wait(job_id, timeout=420)
+    explain = _explain(slurm_cluster, tmp_path, run_dir, job_id, info)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", explain
+    assert info["Restarts"] == "1", explain
+    preempted = json.loads((run_dir / "preempted.json").read_text())
+    stop = preempted["step"]
+    assert preempted["signal"] == seen and 2 <= stop < 8, preempted
+
+    # No lost and no repeated steps across the requeue; the second start resumed at the stop.
+    assert _logged_steps(run_dir) == list(range(1, 9)), explain
+    assert json.loads((run_dir / "report.json").read_text())["steps"] == 8
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [f"step_{stop:08d}", "step_00000008"]
+    first = (run_dir / "logs" / f"{JOB_NAME}-{job_id}.0.log").read_text()
+    second = (run_dir / "logs" / f"{JOB_NAME}-{job_id}.1.log").read_text()
+    assert f"batch shell got SIG{sent}" in first and f"requeueing job {job_id}" in first, first[-3000:]
+    assert f"resuming run at step {stop}" in second and "ranks exited with 0" in second, second[-3000:]
