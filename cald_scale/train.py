@@ -28,11 +28,12 @@ from .distill.phases import Phase, set_phase_lr
 from .distill.progress import NonFiniteLossError, StepState
 from .distill.stages import LayerwiseModel
 from .distill.step import LossParts, cald_forward, teacher_forced_step
-from .engines.checkpoint import load_latest_checkpoint, save_checkpoint
-from .engines.distributed import DistEnv, all_true, barrier, init_distributed
+from .engines.checkpoint import complete_tags, load_latest_checkpoint, save_checkpoint
+from .engines.distributed import DistEnv, all_true, barrier, init_distributed, mean_over_ranks
 from .engines.host_memory import configure_host_allocator, return_free_memory
 from .engines.preemption import Preempted, PreemptionWatch
 from .engines.models import DistillationModels, build_models, set_trainable
+from .engines.reshard import plan_resume
 from .engines.teacher import check_teacher_checkpoint
 from .engines.zero3 import begin_step, load_ds_config, resolve_ds_config
 from .eval.perplexity import eval_indices, perplexity
@@ -148,11 +149,11 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
         for key, value in parts.as_floats().items():
             sums[key] = sums.get(key, 0.0) + value / cfg.train.grad_accum
         per_layer = parts.per_layer
-    record = dict(sums)
+    if teacher_ce:
+        sums["teacher_ce"] = sum(teacher_ce) / len(teacher_ce)
+    record = mean_over_ranks(sums, engine.device)  # over the whole global batch, on any number of ranks
     if per_layer:
         record["layer_losses"] = per_layer
-    if teacher_ce:
-        record["teacher_ce"] = sum(teacher_ce) / len(teacher_ce)
     return record
 
 
@@ -174,6 +175,11 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         ds_config = load_pipeline_ds_config(ds_config_path, cfg.train, env.world_size)
     else:
         ds_config = resolve_ds_config(load_ds_config(ds_config_path), cfg.train, env.world_size)
+    # Before the engines: a ZeRO-3 checkpoint saved on another number of ranks loads through DeepSpeed's universal format.
+    tags = complete_tags(ckpt_dir)
+    resume = None if pipelined else plan_resume(tags, env.world_size, global_batch=ds_config["train_batch_size"])
+    if resume is not None:
+        ds_config = resume.ds_config(ds_config)
     plan = cfg.plan(cfg.train.data_parallel_size(env.world_size))
     _check_run_dir(run_dir, cfg, env)
     started = time.time()
@@ -207,7 +213,12 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     replica, replicas = (models.data_parallel_rank, models.data_parallel_size) if pipelined else (env.rank, env.world_size)
 
     # 3. Resume, or evaluate the starting point of a fresh run.
-    saved = load_latest_checkpoint(student_engine, ckpt_dir, frozen_excluded=models.shares_frozen_weights, also_load=guide.restore) or {}
+    saved = load_latest_checkpoint(
+        student_engine, ckpt_dir, frozen_excluded=models.shares_frozen_weights, also_load=guide.restore, tags=tags,
+        source=resume.source if resume is not None else None,
+    ) or {}
+    if resume is not None:
+        saved = resume.finish(student_engine, saved, micro_batch=cfg.train.micro_batch(env.world_size), grad_accum=cfg.train.grad_accum, teacher_engine=models.teacher_engine)
     indices = {name: eval_indices(len(ds), cfg.eval.max_sequences, replica, replicas) for name, ds in eval_sets.items()}
 
     def evaluate(which: str) -> dict:

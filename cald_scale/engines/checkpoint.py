@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -239,7 +238,8 @@ class CheckpointLoadError(RuntimeError):
 
 
 def load_latest_checkpoint(
-    engine, ckpt_dir: Path, *, frozen_excluded: bool = False, also_load: Callable[[Path, dict], None] | None = None, tags: list[tuple[int, Path]] | None = None
+    engine, ckpt_dir: Path, *, frozen_excluded: bool = False, also_load: Callable[[Path, dict], None] | None = None, tags: list[tuple[int, Path]] | None = None,
+    source: Callable[[Path], Path] | None = None,
 ) -> dict | None:
     """Load the newest complete checkpoint; returns its client state, or None for a fresh run.
 
@@ -249,14 +249,16 @@ def load_latest_checkpoint(
     from the teacher), so the module state is loaded non-strictly. ``also_load(tag_dir,
     client_state)`` restores what ``also_save`` wrote (a failure there also falls back).
     ``tags``: the candidates (default: ``complete_tags(ckpt_dir)``, a collective).
-    The loaded tag's RNG states are restored.
+    The loaded tag's RNG states are restored. ``source(tag_dir)``: the folder DeepSpeed loads
+    for a tag (the tag itself, or its universal copy on a new world size: engines/reshard.py).
     """
     failures = []
     for step, path in complete_tags(Path(ckpt_dir)) if tags is None else tags:
         try:
-            load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=path.name, load_module_strict=not frozen_excluded)
+            folder = source(path) if source is not None else path
+            load_path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=not frozen_excluded)
             if load_path is not None and also_load is not None:
-                also_load(path, client_state or {})
+                also_load(folder, client_state or {})
         except Exception as err:  # noqa: BLE001 - any failure means "try the previous one"
             logger.warning("checkpoint %s could not be loaded (%s: %s); trying an older one", path, type(err).__name__, err)
             failures.append(f"{path.name}: {type(err).__name__}: {str(err)[:300]}")

@@ -10,7 +10,7 @@ import subprocess
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "barrier", "rank", "world_size", "all_true"]
+__all__ = ["DistEnv", "init_distributed", "barrier", "rank", "world_size", "all_true", "mean_over_ranks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,3 +110,14 @@ def all_true(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each value averaged over the ranks (all pass the same keys): per-rank means of equal
+    slices become the mean over the whole global batch."""
+    if world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    total = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return {k: v / dist.get_world_size() for k, v in zip(keys, total.tolist())}

@@ -259,7 +259,13 @@ def begin_step(*engines) -> None:
     does what that hook does.
     """
     for engine in engines:
-        if engine is not None and engine.zero_optimization_partition_weights():
+        if engine is None:
+            continue
+        if hasattr(engine.optimizer, "clear_backward_seen_flag"):
+            # NOTE: engine.forward also advances ZeRO's micro-step counter here (copy, or add to, the
+            # gradient partitions); without it each micro-batch's gradient overwrote the previous one's.
+            engine.optimizer.clear_backward_seen_flag()
+        if engine.zero_optimization_partition_weights():
             coordinator = _param_coordinator(engine)
             if coordinator is not None:
                 coordinator.reset_step()

@@ -1,0 +1,276 @@
+"""Resume a ZeRO-3 checkpoint on a different number of ranks (64 -> 32, 2 -> 1) through DeepSpeed's universal format.
+
+A ZeRO-3 tag holds one optimizer shard per rank, cut for the world size it was saved
+with; an engine on another world size cannot load it. DeepSpeed's ``ds_to_universal``
+rewrites a tag as one file per parameter and state (fp32 weights, Adam moments), which
+an engine of any size loads when its config says ``"checkpoint": {"load_universal": true}``
+(read when the engine is built, so it must be decided before ``build_models``).
+
+The flow (``plan_resume`` -> ``ResumePlan``):
+1. Before the engines exist: read the world size the newest complete tag was saved with
+   from DeepSpeed's own shard files, and add the ds_config entry when it differs.
+2. When a tag is loaded: ``source(tag)`` converts it once, on rank 0, into ``<tag>/universal/``
+   (a temp folder renamed into place, so the folder is complete or absent); the other ranks
+   poll the filesystem for it (a conversion of a large model outlasts collective timeouts).
+   The copy lives inside its tag, so pruning a tag removes it, and a second resume reuses it.
+   Sub-checkpoints saved inside the tag (a trajectory teacher's ``teacher/``) are converted
+   beside it, into ``<tag>/universal/teacher/``.
+3. After the load: ``finish`` repairs what DeepSpeed's universal loader gets wrong (below)
+   and remaps the data cursor to the new micro-batch layout.
+
+NOTE (DeepSpeed 0.19 ZeRO-3 universal load, ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``):
+every optimizer param group receives the hyper-parameters of group 0 (name, weight decay,
+...), and every sub-group receives the *same* Adam ``step`` tensor object, which torch's
+AdamW then increments in place once per sub-group per step (wrong bias correction from the
+first step on). ``repair_universal_optimizer`` restores each group's own hyper-parameters
+from the converted folder and gives every sub-group its own step counter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..configuration import ConfigError
+from ..fileio import atomic_dir, atomic_write_text, fsync_path
+from .distributed import barrier, rank
+
+__all__ = [
+    "ResumePlan", "plan_resume", "saved_world_size", "saved_ds_config", "universal_copy", "remap_cursor", "repair_universal_optimizer", "UNIVERSAL",
+]
+
+logger = logging.getLogger("cald_scale.reshard")
+
+UNIVERSAL = "universal"
+"""The converted copy of a tag: ``<tag>/universal/``."""
+_DONE = "cald_universal.json"  # written last inside the copy: its presence means "complete"
+_FAILED = ".universal.failed"  # rank 0's error, for the ranks that wait on it
+_SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+
+
+# -- reading a tag ----------------------------------------------------------------------------
+def saved_world_size(folder: Path) -> int | None:
+    """The data-parallel world size a ZeRO checkpoint folder was saved with (its count of
+    optimizer shards), or None when the folder holds no ZeRO optimizer shard."""
+    dp_ranks = {int(m.group(1)) for p in Path(folder).iterdir() if (m := _SHARD.match(p.name))}
+    if not dp_ranks:
+        return None
+    if dp_ranks != set(range(max(dp_ranks) + 1)):
+        raise RuntimeError(f"{folder} lacks the optimizer shards of ranks {sorted(set(range(max(dp_ranks) + 1)) - dp_ranks)}")
+    return len(dp_ranks)
+
+
+def saved_ds_config(folder: Path) -> dict:
+    """The DeepSpeed config a checkpoint folder was saved with (DeepSpeed's own record in rank 0's model states)."""
+    files = sorted(Path(folder).glob("*zero_pp_rank_0_mp_rank_00_model_states.pt")) or sorted(Path(folder).glob("mp_rank_00_model_states.pt"))
+    if not files:
+        return {}
+    try:  # mmap: the file may hold rank 0's share of the frozen weights; only the config is read
+        return torch.load(files[0], map_location="cpu", mmap=True, weights_only=False).get("ds_config") or {}
+    except Exception as err:  # noqa: BLE001 - unreadable: the loader reports it and falls back to an older tag
+        logger.warning("cannot read the DeepSpeed config saved in %s (%s: %s)", files[0], type(err).__name__, err)
+        return {}
+
+
+# -- conversion ------------------------------------------------------------------------------
+def _workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores // 2))
+
+
+def _convert(source: Path, output: Path) -> None:
+    """DeepSpeed's own converter, in a child process (its memory goes back to the OS when it ends)."""
+    workers = str(_workers())
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source), "--output_folder", str(output),
+        "--num_extract_workers", workers, "--num_merge_workers", workers,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()][-3:]
+        raise RuntimeError(f"ds_to_universal failed on {source} (exit {proc.returncode}): {' | '.join(last)}")
+    # The converter points a "latest_universal" file in the output's parent at the temp name; we load by explicit tag.
+    (output.parent / "latest_universal").unlink(missing_ok=True)
+
+
+def _convert_tag(tag: Path, output: Path) -> dict:
+    """Convert ``tag`` and every ZeRO checkpoint saved inside it (e.g. ``teacher/``) into ``output``."""
+    started = time.time()
+    world = saved_world_size(tag)
+    if world is None:
+        raise RuntimeError(f"{tag} holds no ZeRO optimizer shard: nothing to convert")
+    _convert(tag, output)
+    nested = sorted(p.name for p in tag.iterdir() if p.is_dir() and p.name != UNIVERSAL and not p.name.startswith(".") and saved_world_size(p))
+    for name in nested:
+        _convert(tag / name, output / name)
+    return {"source": tag.name, "source_world_size": world, "nested": nested, "seconds": round(time.time() - started, 2)}
+
+
+def universal_copy(tag: Path, *, poll_seconds: float = 1.0, timeout_seconds: float = 6 * 3600) -> Path:
+    """``<tag>/universal/``, converting it first if needed: rank 0 converts while the
+    other ranks poll the filesystem for its completion marker (or rank 0's failure)."""
+    tag = Path(tag)
+    target = tag / UNIVERSAL
+    failed = tag / _FAILED
+    if (target / _DONE).is_file():
+        return target
+    if rank() == 0:
+        # Leftovers of an interrupted attempt: cleared before the others start to wait.
+        failed.unlink(missing_ok=True)
+        for stale in tag.glob(f".{UNIVERSAL}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if target.exists():
+            shutil.rmtree(target)  # renamed into place but no marker: never complete
+    barrier()  # short; the conversion itself runs outside any collective
+    if rank() == 0:
+        logger.info("converting %s to DeepSpeed's universal format (saved on %s ranks)", tag, saved_world_size(tag))
+        try:
+            with atomic_dir(target) as tmp:
+                info = _convert_tag(tag, tmp)
+                for path in sorted(tmp.rglob("*"), reverse=True):  # durable before the rename makes it visible
+                    fsync_path(path)
+                atomic_write_text(tmp / _DONE, json.dumps(info, indent=1), durable=True)
+        except Exception as err:
+            atomic_write_text(failed, f"{type(err).__name__}: {err}")
+            raise
+        logger.info("universal copy of %s ready in %.1f s", tag.name, info["seconds"])
+        return target
+    deadline = time.time() + timeout_seconds
+    while not (target / _DONE).is_file():
+        if failed.is_file():
+            raise RuntimeError(f"rank 0 could not convert {tag} to the universal format: {failed.read_text()}")
+        if time.time() > deadline:
+            raise TimeoutError(f"rank 0 did not finish converting {tag} within {timeout_seconds:.0f} s")
+        time.sleep(poll_seconds)
+    return target
+
+
+# -- after the load --------------------------------------------------------------------------
+def repair_universal_optimizer(engine, folder: Path) -> None:
+    """Undo the two flaws of DeepSpeed's ZeRO-3 universal load (module docstring): give each
+    param group back its own hyper-parameters and each sub-group its own Adam step counter."""
+    zero = engine.optimizer
+    base = getattr(zero, "optimizer", None)
+    if base is None or not hasattr(zero, "fp32_partitioned_groups_flat"):
+        return
+    saved = torch.load(Path(folder) / "zero" / "optimizer_state.pt", map_location="cpu", mmap=True, weights_only=False)
+    saved_groups = saved["optimizer_state_dict"]["param_groups"]
+    if len(saved_groups) != len(base.param_groups):
+        raise RuntimeError(f"{folder} has {len(saved_groups)} optimizer param groups, the engine {len(base.param_groups)}: a different model or trainable set")
+    for group, saved_group in zip(base.param_groups, saved_groups):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    seen: set[int] = set()
+    for flat in zero.fp32_partitioned_groups_flat:
+        state = base.state.get(flat, {})
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(state["step"]))
+
+
+def _check_global_batch(saved: int, current: int, world_size: int) -> None:
+    """The data order is a function of the optimizer step for one global batch size (data/sampler.py)."""
+    if saved != current:
+        raise ConfigError(
+            f"the checkpoint was trained with a global batch of {saved} sequences, this run on {world_size} rank(s) uses {current}; "
+            f"set train.global_batch_size={saved} (and train.micro_batch_size=null) to continue its data order"
+        )
+
+
+def remap_cursor(saved: dict, *, micro_batch: int, grad_accum: int, world_size: int) -> dict:
+    """The client state with ``micro_cursor`` in units of this run's micro-step.
+
+    One micro-step reads ``micro_batch x world_size`` consecutive samples of the step-indexed
+    data order (``data/sampler.py``), so the cursor is a position in that order; its unit
+    changes with the world size (and grad_accum) even when the global batch does not. The
+    layout it was saved with is DeepSpeed's own record (``ds_config`` in the checkpoint).
+    """
+    old = saved.get("ds_config") or {}
+    if "micro_cursor" not in saved or "train_batch_size" not in old:
+        return dict(saved)
+    old_global, old_accum = int(old["train_batch_size"]), int(old["gradient_accumulation_steps"])
+    _check_global_batch(old_global, micro_batch * grad_accum * world_size, world_size)
+    old_unit, new_unit = old_global // old_accum, micro_batch * world_size
+    samples = int(saved["micro_cursor"]) * old_unit
+    cursor = math.ceil(samples / new_unit)
+    if cursor * new_unit != samples:
+        # Only after skipped (non-finite) micro-batches: never read a sample twice.
+        logger.warning("data cursor at sample %d falls inside a micro-step of %d: skipping %d samples", samples, new_unit, cursor * new_unit - samples)
+    if old_unit != new_unit:
+        logger.info("data cursor remapped: %d micro-steps of %d samples -> %d of %d", saved["micro_cursor"], old_unit, cursor, new_unit)
+    return {**saved, "micro_cursor": cursor}
+
+
+# -- the plan --------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ResumePlan:
+    """What a resume on ``world_size`` ranks must change, decided before the engines exist."""
+
+    world_size: int
+    tag: Path | None
+    """The newest complete tag (None: a fresh run)."""
+    saved_world_size: int | None
+    universal: bool
+    """Load through DeepSpeed's universal format (the newest tag was saved on another world size)."""
+    loaded: list[Path] = dataclasses.field(default_factory=list)
+    """The folders handed to DeepSpeed, in order (the last one loaded)."""
+
+    def ds_config(self, ds_config: dict) -> dict:
+        """``ds_config`` with ``"checkpoint": {"load_universal": true}`` when the load is universal."""
+        if not self.universal:
+            return ds_config
+        offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+        if offload == "nvme":
+            raise ConfigError(
+                f"{self.tag} was saved on {self.saved_world_size} ranks and this run has {self.world_size}: DeepSpeed cannot "
+                "reshard an NVMe-offloaded optimizer; resume on the same number of ranks or use a config without NVMe optimizer offload"
+            )
+        return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+    def source(self, tag: Path) -> Path:
+        """The folder to load for ``tag``: the tag itself, or its universal copy (converted on first use)."""
+        folder = universal_copy(tag) if self.universal else Path(tag)
+        if not self.universal and (saved := saved_world_size(folder)) not in (None, self.world_size):
+            raise RuntimeError(f"{tag.name} was saved on {saved} ranks but this run (built for {self.world_size}-rank tags) cannot reshard it")
+        self.loaded.append(folder)
+        return folder
+
+    def finish(self, engine, saved: dict, *, micro_batch: int, grad_accum: int, teacher_engine=None) -> dict:
+        """After the load: repair the optimizers of a universal load (the student's, and a
+        trajectory teacher's saved in ``teacher/``); the client state with its data cursor in
+        this run's micro-step unit."""
+        if saved and self.universal and self.loaded:
+            folder = self.loaded[-1]
+            repair_universal_optimizer(engine, folder)
+            if teacher_engine is not None and (folder / "teacher" / "zero").is_dir():
+                repair_universal_optimizer(teacher_engine, folder / "teacher")
+        return remap_cursor(saved, micro_batch=micro_batch, grad_accum=grad_accum, world_size=self.world_size)
+
+
+def plan_resume(tags: Sequence[tuple[int, Path]], world_size: int, *, global_batch: int | None = None) -> ResumePlan:
+    """Decide whether this run loads through the universal format: the newest of the complete
+    ``tags`` (``checkpoint.complete_tags``, newest first) was saved on another world size.
+    Call before the engines are built (the decision is part of their ds_config). With
+    ``global_batch`` a checkpoint of another global batch size is refused now, before any
+    engine is built or tag converted."""
+    tag = Path(tags[0][1]) if tags else None
+    saved = saved_world_size(tag) if tag is not None else None
+    universal = saved is not None and saved != world_size
+    if saved is not None and global_batch is not None and "train_batch_size" in (old := saved_ds_config(tag)):
+        _check_global_batch(int(old["train_batch_size"]), global_batch, world_size)
+    if universal:
+        logger.info("%s was saved on %d ranks; resuming on %d through DeepSpeed's universal checkpoint", tag, saved, world_size)
+    return ResumePlan(world_size=world_size, tag=tag, saved_world_size=saved, universal=universal)
