@@ -103,60 +103,76 @@ def _layer_bytes(geometry: dict, mixer_params_per_layer: int) -> dict:
     return {"teacher_block_params": attention + mlp + 2 * h, "student_mixer_params": mixer_params_per_layer, "mlp_params": mlp + 2 * h}
 
 
-def _projection(per_layer: dict, geometry: dict, args) -> dict:
-    """Each mode's step time and memory per rank on W GPUs, from the measured per-layer costs.
+# Assumptions of the projection (stated in the output): H100-class GPUs in nodes of 8.
+PROJECTION = {
+    "tokens_per_gpu_micro_step": 8 * 2048,
+    "achieved_flops_per_s": 400e12,  # bf16, ~40% of an H100's dense peak
+    "intra_node_bytes_per_s": 300e9,  # NVLink, per GPU
+    "inter_node_bytes_per_s": 50e9,  # 400 Gb/s InfiniBand per GPU
+    "gpus_per_node": 8,
+    "bytes_per_value": 2,  # bf16 weights and activations
+}
 
-    Assumptions (stated in the output): weak scaling, the same per-rank micro-batch as
-    measured; compute per block per sequence scales as measured (its absolute value on a
-    GPU differs, the ratios between modes do not); bf16 weights; links of 300 GB/s inside a
-    node of 8 GPUs and 50 GB/s per GPU between nodes.
+
+def _projection(per_layer: dict, mixer_over_attention: float) -> dict:
+    """Tokens/s per GPU and memory per GPU of each mode on 8 and 64 GPUs, from per-block FLOPs and bytes.
+
+    Per block and micro-step (T tokens per GPU): the teacher block forward (2 P_t T FLOPs), the
+    student block forward and backward (2 P_s T + 2 P_s T for activation gradients + 2 P_mix T
+    for the mixer's weight gradients). ZeRO-3 gathers every block's teacher and student
+    weights (the student's twice, forward and backward) and reduce-scatters the mixer's
+    gradients, (W-1)/W of each, per micro-step; the gather of block i+1 overlaps block i's
+    compute (prefetch), so a block costs max(compute, communication). The pipeline (S = min(W, L)
+    stages, W/S replicas, m = 4S micro-batches per step) sends two hidden states forward and one
+    gradient back per boundary and micro-batch, and idles (S-1)/(m+S-1) of the step (the bubble).
+    The CPU timings above do not transfer to GPUs (two shared cores, gloo); the byte counts do.
     """
-    hidden, seq = geometry["hidden_size"], args.seq_len
-    layers = geometry["num_hidden_layers"]
-    block = per_layer["bytes"]
-    teacher_bytes = 2 * block["teacher_block_params"]  # bf16
-    student_bytes = 2 * (block["student_mixer_params"] + block["mlp_params"])
-    trainable_bytes = 2 * block["student_mixer_params"]
-    out = {}
-    for gpus in (8, 64):
-        bandwidth = 300e9 if gpus <= 8 else 50e9
-        micro = max(1, args.global_batch // args.ranks)  # sequences per rank per micro-step, as measured
-        activation = 2 * micro * seq * hidden  # one hidden state, bf16
-        # ZeRO-3: every rank runs every block; per block it gathers the teacher block, the student block
-        # twice (forward, backward) and reduce-scatters the trainable gradients: (W-1)/W of each.
-        zero3_comm = layers * (gpus - 1) / gpus * (teacher_bytes + 2 * student_bytes + trainable_bytes)
-        zero3_compute = layers * per_layer["zero3_streamed_s"]
-        # Pipeline over S = min(W, layers) stages: a stage runs layers/S blocks per micro-batch; m micro-batches
-        # per step fill it, the bubble adds (S-1) micro-batch slots; per boundary it sends (teacher, student,
-        # loss) forward and the student's gradient back (teacher-forced: the loss only).
-        stages = min(gpus, layers)
-        m = 4 * stages  # micro-batches per step, a usual choice to keep the bubble small
-        per_micro = layers / stages * per_layer["pipeline_s"]
-        pipe_step = (m + stages - 1) * per_micro
-        pipe_comm = m * 3 * activation
-        forced_micro = layers / stages * per_layer["pipeline_teacher_forced_s"]
-        out[f"{gpus}_gpus"] = {
-            "zero3_streamed": {
-                "seconds_per_micro_step": zero3_compute,
-                "comm_bytes_per_rank_per_micro_step": zero3_comm,
-                "comm_seconds": zero3_comm / bandwidth,
-                "comm_hidden_by_prefetch": zero3_comm / bandwidth < zero3_compute,
-                "param_bytes_per_rank": layers * (teacher_bytes + student_bytes) / gpus,
-            },
-            "pipeline": {
-                "stages": stages,
-                "micro_batches_per_step": m,
-                "bubble_fraction": (stages - 1) / (m + stages - 1),
-                "seconds_per_micro_step_equivalent": pipe_step / m,
-                "comm_bytes_per_boundary_per_step": pipe_comm,
-                "param_bytes_per_rank": layers / stages * (teacher_bytes + student_bytes),
-            },
-            "pipeline_teacher_forced": {
-                "bubble_fraction": (stages - 1) / (m + stages - 1),
-                "seconds_per_micro_step_equivalent": (m + stages - 1) * forced_micro / m,
-                "comm_bytes_per_boundary_per_step": m * (activation + 4),
-            },
-        }
+    a = PROJECTION
+    tokens, flops_rate, width = a["tokens_per_gpu_micro_step"], a["achieved_flops_per_s"], a["bytes_per_value"]
+    out: dict = {"assumptions": a}
+    for name in ("SmolLM2-135M", "Llama-3.2-1B"):
+        geometry = GEOMETRIES[name]
+        layers, hidden = geometry["num_hidden_layers"], geometry["hidden_size"]
+        block = _layer_bytes(geometry, 0)
+        attention = block["teacher_block_params"] - block["mlp_params"]
+        p_mix = int(attention * mixer_over_attention)
+        p_t, p_s = block["teacher_block_params"], p_mix + block["mlp_params"]
+        compute = (2 * p_t + 4 * p_s + 2 * p_mix) * tokens / flops_rate
+        rows = {}
+        for gpus in (8, 64):
+            bandwidth = a["intra_node_bytes_per_s"] if gpus <= a["gpus_per_node"] else a["inter_node_bytes_per_s"]
+            gather = (gpus - 1) / gpus * width * (p_t + 2 * p_s + p_mix)
+            zero3_block = max(compute, gather / bandwidth)
+            stages = min(gpus, layers)
+            micro = 4 * stages
+            boundary = 3 * width * tokens * hidden / bandwidth
+            stage_time = max(layers / stages * compute, boundary)
+            bubble = (stages - 1) / (micro + stages - 1)
+            rows[f"{gpus}_gpus"] = {
+                "zero3_streamed": {
+                    "tokens_per_s_per_gpu": tokens / (layers * zero3_block),
+                    "comm_bytes_per_gpu_per_micro_step": layers * gather,
+                    "communication_bound": gather / bandwidth > compute,
+                    # Below this many tokens per GPU per micro-step the gathers outlast the compute.
+                    "comm_bound_below_tokens_per_gpu": tokens * (gather / bandwidth) / compute,
+                    "weight_bytes_per_gpu": layers * width * (p_t + p_s) / gpus,
+                },
+                "pipeline": {
+                    "stages": stages,
+                    "replicas": gpus // stages,
+                    "micro_batches_per_step": micro,
+                    "bubble_fraction": bubble,
+                    "tokens_per_s_per_gpu": tokens * (1 - bubble) / (layers * compute) if stage_time == layers / stages * compute else tokens * (1 - bubble) / (stages * stage_time),
+                    "comm_bytes_per_boundary_per_micro_step": 3 * width * tokens * hidden,
+                    "weight_bytes_per_gpu": layers / stages * width * (p_t + p_s),
+                },
+                "pipeline_teacher_forced": {
+                    "bubble_fraction": bubble,
+                    "comm_bytes_per_boundary_per_micro_step": width * tokens * hidden + 4 * layers,
+                    "backward_waits_for_next_stage": False,
+                },
+            }
+        out[name] = {"layers": layers, "flops_per_block_per_micro_step": compute * flops_rate, "block_compute_s": compute, **rows}
     return out
 
 
@@ -188,8 +204,6 @@ def main() -> None:
         runs[mode] = [_run(mode, layers, args, teachers[layers]) for layers in depths]
 
     geometry = GEOMETRIES[GEOMETRY]
-    from cald_scale.mixers.config import Mamba2Config  # noqa: F401 - the student's mixer geometry
-
     per_layer = {}
     for mode, (a, b) in runs.items():
         per_layer[f"{mode}_s"] = _slope(a, b, lambda r: r["seconds_per_step"])
@@ -203,8 +217,8 @@ def main() -> None:
         "per_layer": per_layer,
         "ratios": _ratios(runs),
     }
-    if all(f"{m}_s" in per_layer for m in ("zero3_streamed", "pipeline", "pipeline_teacher_forced")):
-        result["projection"] = _projection(per_layer, geometry, args)
+    block = per_layer["bytes"]
+    result["projection"] = _projection(per_layer, block["student_mixer_params"] / (block["teacher_block_params"] - block["mlp_params"]))
     result["targets"] = {
         "all_modes_ran": {"target": "every mode trains at both depths on the same model", "value": sorted(runs), "pass": set(runs) == set(MODES)},
     }
@@ -273,17 +287,19 @@ def _markdown(result: dict) -> str:
         lines += ["", "Ratios at the deeper model, against ZeRO-3 streamed:", ""]
         lines += [f"- {k}: {v:.2f}" for k, v in result["ratios"].items()]
     if "projection" in result:
-        lines += ["", "## Projection to 8 and 64 GPUs (on paper, from the measured per-block costs)", ""]
-        for gpus, modes in result["projection"].items():
-            z, p = modes["zero3_streamed"], modes["pipeline"]
-            lines.append(
-                f"- **{gpus.replace('_', ' ')}**: ZeRO-3 gathers {z['comm_bytes_per_rank_per_micro_step'] / GIB:.2f} GiB per rank per micro-step "
-                f"({'hidden behind' if z['comm_hidden_by_prefetch'] else 'longer than'} the compute at the assumed bandwidth) and holds "
-                f"{z['param_bytes_per_rank'] / GIB:.3f} GiB of parameters per rank; the pipeline runs {p['stages']} stages with "
-                f"{p['micro_batches_per_step']} micro-batches, a bubble of {p['bubble_fraction']:.0%}, sends "
-                f"{p['comm_bytes_per_boundary_per_step'] / GIB:.3f} GiB per stage boundary per step and holds "
-                f"{p['param_bytes_per_rank'] / GIB:.3f} GiB of parameters per rank."
-            )
+        lines += ["", "## Projection to 8 and 64 GPUs (on paper: per-block FLOPs and bytes, the assumptions below)", ""]
+        lines.append("Assumptions: " + ", ".join(f"{k} = {v:g}" for k, v in result["projection"]["assumptions"].items()) + ".")
+        lines += ["", "| model | GPUs | ZeRO-3 tokens/s/GPU | ZeRO-3 comm-bound below (tokens/GPU/micro-step) | pipeline stages x replicas | bubble | pipeline tokens/s/GPU | weights/GPU ZeRO-3 vs pipeline (MiB) |", "|---|---|---|---|---|---|---|---|"]
+        for name, proj in result["projection"].items():
+            if name == "assumptions":
+                continue
+            for gpus in ("8_gpus", "64_gpus"):
+                z, p = proj[gpus]["zero3_streamed"], proj[gpus]["pipeline"]
+                lines.append(
+                    f"| {name} | {gpus.split('_')[0]} | {z['tokens_per_s_per_gpu']:,.0f} | {z['comm_bound_below_tokens_per_gpu']:,.0f} | "
+                    f"{p['stages']} x {p['replicas']} | {p['bubble_fraction']:.0%} | {p['tokens_per_s_per_gpu']:,.0f} | "
+                    f"{z['weight_bytes_per_gpu'] / (1 << 20):.0f} vs {p['weight_bytes_per_gpu'] / (1 << 20):.0f} |"
+                )
     lines += ["", ANALYSIS]
     return "\n".join(lines) + "\n"
 
@@ -303,6 +319,11 @@ ANALYSIS = """## How each mode's cost grows
   boundary (teacher, student, running loss) and one gradient back. The price is the bubble,
   (S-1)/(m+S-1) of the step for m micro-batches, and stage balance: a stage is as slow as
   its slowest block plus the first stage's embedding and the last stage's head.
+- **Which to pick.** With large per-GPU micro-batches ZeRO-3 streamed keeps every GPU busy
+  (no bubble) and its gathers hide behind the compute; below the crossover in the table
+  (small micro-batches, long sequences cut short, slow inter-node links) it waits on the
+  network, and the pipeline's few hidden states per boundary cost far less. The pipeline
+  also needs no gather buffer at all, at the price of whole blocks per stage.
 - **Teacher-forced phase.** Each student block learns from the teacher's input, so no
   gradient crosses blocks: in ZeRO-3 mode the backward of each stage runs as soon as it is
   computed (activation memory of one stage), and in pipeline mode only the scalar loss
