@@ -195,6 +195,15 @@ def test_pipeline_run_trains_as_zero3_resumes_and_exports(tmp_path, teacher_dirs
     student = AutoModelForCausalLM.from_pretrained(pipe_dir / "student")
     assert torch.isfinite(student(torch.randint(0, 1000, (1, 16))).logits).all()
 
+    # Data parallel across pipeline replicas (ZeRO-1): 1 stage x 2 replicas trains as the other two.
+    replicas_dir = tmp_path / "replicas"
+    _ok(run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], replicas_dir, data_cache, **recipe, **{"train.pipeline_stages": 1}), ds_config="ds_configs/pipeline.json"), env))
+    replicated = metrics(replicas_dir)
+    for step in range(1, 7):
+        for key in ("loss", "layer", "grad_norm"):
+            assert replicated[step][key] == pytest.approx(zero3[step][key], rel=1e-4), (step, key)
+    assert json.loads((replicas_dir / "report.json").read_text())["ppl_student_after"] == pytest.approx(theirs["ppl_student_after"], rel=1e-4)
+
     # Frozen copies stay out of checkpoints; losing the last one, the same command resumes at step 4 and repeats steps 5-6.
     shutil.rmtree(pipe_dir / "checkpoints" / "step_00000006")
     resumed = run(cmd, env)
