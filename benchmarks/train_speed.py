@@ -157,13 +157,13 @@ def build_distill_step(cfg, source, ids):
     from cald_scale.engines.host_memory import return_free_memory
     from cald_scale.engines.models import build_models
     from cald_scale.distill.progress import StepState
-    from cald_scale.train import apply_phase, train_step
+    from cald_scale.train import train_step
 
     env = init_distributed()
     models = build_models(cfg, _ds_config(cfg, env.world_size), source)
     plan = cfg.plan(env.world_size)
     phase = plan.phases[0]
-    apply_phase(models, phase, cfg.student.trainable)
+    models.apply_phase(phase, cfg.student.trainable)
     guide = Guide(plan, models.managed_teacher, base_weights=str(source.folder), shared_param_ids=models.shared_param_ids)
     state = StepState({})
     engine = models.student_engine

@@ -32,18 +32,18 @@ from .engines.checkpoint import complete_tags, load_latest_checkpoint, save_chec
 from .engines.distributed import DistEnv, all_true, barrier, init_distributed, mean_over_ranks
 from .engines.host_memory import configure_host_allocator, return_free_memory
 from .engines.preemption import Preempted, PreemptionWatch
-from .engines.models import DistillationModels, build_models, set_trainable
+from .engines.models import DistillationModels, build_models
 from .engines.reshard import plan_resume
 from .engines.teacher import check_teacher_checkpoint
 from .engines.zero3 import begin_step, load_ds_config, resolve_ds_config
-from .eval.perplexity import eval_indices, perplexity
+from .eval.perplexity import eval_indices
 from .eval.report import write_report
 from .export.bamba import check_exportable, export_bamba
 from .export.hf import export_model
 from .fileio import atomic_write_text
 from .metrics import MetricsLogger, peak_memory_bytes
 
-__all__ = ["train", "train_step", "forward_backward", "apply_phase", "NonFiniteLossError", "Preempted"]
+__all__ = ["train", "train_step", "forward_backward", "NonFiniteLossError", "Preempted"]
 
 logger = logging.getLogger("cald_scale.train")
 
@@ -81,16 +81,6 @@ def _once(path: Path, env: DistEnv, compute) -> dict:
         atomic_write_text(path, json.dumps(values, indent=2))
     barrier()
     return values
-
-
-# -- one phase's settings ------------------------------------------------------------------
-def apply_phase(models: DistillationModels, phase: Phase, base_trainable: str) -> None:
-    """Set what trains in ``phase``: the mixers always; the copied weights when the phase trains
-    everything; in a teacher-forced phase only the blocks (embedding and head are unused)."""
-    if base_trainable == "all":  # else the copied weights are frozen (or the teacher's own) for the whole run
-        only_blocks = models.student.blocks if phase.mode == "teacher_forced" else None
-        set_trainable(models.student_engine.module, copied=phase.trainable == "all", only_blocks=only_blocks)
-    models.refresh_head_pieces()
 
 
 # -- the step ------------------------------------------------------------------------------
@@ -199,18 +189,20 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
 
     # 2. Teacher (when a phase needs one) and student, built partitioned, in their ZeRO-3 engines
     #    (pipeline mode: stage k builds blocks [a_k, b_k) of both, in one PipelineEngine).
+    #    Both modes answer the same calls (apply_phase, perplexity, export) and have a step function.
     if pipelined:
         models = build_pipeline(cfg, ds_config, source, plan)
-        guide = PipelineGuide(plan, models)
+        guide, step_fn = PipelineGuide(plan, models), pipeline_train_step
     else:
         models = build_models(cfg, ds_config, source, plan)
         guide = Guide(plan, models.managed_teacher, base_weights=str(source.folder), shared_param_ids=models.shared_param_ids)
+        step_fn = train_step
     student_engine = models.student_engine
     if cfg.output.export_bamba:
-        check_exportable(models.student_model if pipelined else student_engine.module)  # before any training, not after it
+        check_exportable(models.student_model)  # before any training, not after it
     device = student_engine.device
     # Data is sharded over model replicas: every rank under ZeRO-3, every pipeline otherwise.
-    replica, replicas = (models.data_parallel_rank, models.data_parallel_size) if pipelined else (env.rank, env.world_size)
+    replica, replicas = models.data_parallel_rank, models.data_parallel_size
 
     # 3. Resume, or evaluate the starting point of a fresh run.
     saved = load_latest_checkpoint(
@@ -223,14 +215,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
 
     def evaluate(which: str) -> dict:
         """Held-out perplexity of the "student" or the "teacher" on every eval set."""
-        if pipelined:
-            return models.perplexity(which, eval_sets, indices, cfg.eval.micro_batch_size)
-        model = models.teacher if which == "teacher" else models.student
-        engines = (models.teacher_engine, student_engine)
-        return {
-            name: perplexity(model, ds, indices[name], cfg.eval.micro_batch_size, device, before_batch=lambda: begin_step(*engines))
-            for name, ds in eval_sets.items()
-        }
+        return models.perplexity(which, eval_sets, indices, cfg.eval.micro_batch_size)
 
     baseline = _once(
         run_dir / "baseline.json",
@@ -270,14 +255,10 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         while step < plan.total_steps:
             phase = plan.at(step)
             if phase is not current:
-                if pipelined:
-                    models.apply_phase(phase, cfg.student.trainable)
-                else:
-                    apply_phase(models, phase, cfg.student.trainable)
+                models.apply_phase(phase, cfg.student.trainable)
                 current = phase
                 logger.info("entering %s", phase.describe())
             t0 = time.time()
-            step_fn = pipeline_train_step if pipelined else train_step
             record = step_fn(models, guide, phase, step, next_batch, state, cfg, tokens_per_micro=tokens_per_micro, last_saved=last_saved)
             step = student_engine.global_steps
             if cfg.train.trim_heap_every and step % cfg.train.trim_heap_every == 0:
@@ -322,10 +303,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         after = evaluate("student")
         # A trajectory teacher has moved: score where it ended (its drift is part of the result).
         teacher_after = evaluate("teacher") if plan.trains_teacher and models.teacher is not None else None
-        if pipelined:  # every stage writes its own shard
-            export_dir = models.export(tokenizer, run_dir / "student", is_main=env.is_main)
-        else:
-            export_dir = export_model(student_engine, tokenizer, run_dir / "student", is_main=env.is_main)
+        export_dir = models.export(tokenizer, run_dir / "student", is_main=env.is_main)  # pipeline: every stage its own shard
         if cfg.output.export_bamba and env.is_main:
             export_bamba(export_dir, run_dir / "bamba")
         report = _report(cfg, source, plan, env, step, state, baseline, after, teacher_after, time.time() - started, export_dir, guide)

@@ -11,17 +11,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
+from typing import Literal
 
 from torch import nn
 
 from ..config import RunConfig
 from ..conversion.surgery import build_student
 from ..conversion.teacher import TeacherSource, build_teacher
-from ..distill.phases import PhasePlan
+from ..distill.phases import Phase, PhasePlan
 from ..distill.stages import LayerwiseModel
+from ..eval.perplexity import perplexity
+from ..export.hf import export_model
+from .distributed import rank, world_size
 from .partitioned import frozen_row_pieces, full_shape, placement_for
 from .teacher import ManagedTeacher, check_teacher_checkpoint
 from .zero3 import (
+    begin_step,
     build_teacher_engine,
     build_training_engine,
     param_groups,
@@ -65,6 +71,41 @@ class DistillationModels:
         """A frozen student head is read by pieces of rows; call after changing what trains."""
         head = self.student.head_weight
         self.student.head_pieces = frozen_row_pieces(head) if head is not None else None
+
+    # -- what train() asks of either mode (engines/pipeline.py's PipelineModels answers the same) --
+    @property
+    def student_model(self) -> nn.Module:
+        return self.student_engine.module
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """Every rank is a data-parallel replica under ZeRO-3."""
+        return rank()
+
+    @property
+    def data_parallel_size(self) -> int:
+        return world_size()
+
+    def apply_phase(self, phase: Phase, base_trainable: str) -> None:
+        """Set what trains in ``phase``: the mixers always; the copied weights when the phase trains
+        everything; in a teacher-forced phase only the blocks (embedding and head are unused)."""
+        if base_trainable == "all":  # else the copied weights are frozen (or the teacher's own) for the whole run
+            only_blocks = self.student.blocks if phase.mode == "teacher_forced" else None
+            set_trainable(self.student_engine.module, copied=phase.trainable == "all", only_blocks=only_blocks)
+        self.refresh_head_pieces()
+
+    def perplexity(self, which: Literal["student", "teacher"], datasets: dict, indices: dict, micro_batch_size: int) -> dict:
+        """Held-out perplexity of the student or the teacher on each dataset (this rank's ``indices``)."""
+        model = self.teacher if which == "teacher" else self.student
+        engines = (self.teacher_engine, self.student_engine)
+        return {
+            name: perplexity(model, ds, indices[name], micro_batch_size, self.student_engine.device, before_batch=lambda: begin_step(*engines))
+            for name, ds in datasets.items()
+        }
+
+    def export(self, tokenizer, target: Path, *, is_main: bool) -> Path:
+        """The student as a HF folder (gathered from its partitions)."""
+        return export_model(self.student_engine, tokenizer, target, is_main=is_main)
 
 
 def set_trainable(student: nn.Module, *, copied: bool, only_blocks: nn.ModuleList | None = None) -> None:

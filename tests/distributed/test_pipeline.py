@@ -56,13 +56,13 @@ def _zero3(teacher: str, overrides: list[str]) -> dict:
 
     from cald_scale.engines.models import build_models
     from cald_scale.engines.zero3 import load_ds_config, resolve_ds_config
-    from cald_scale.train import apply_phase, forward_backward
+    from cald_scale.train import forward_backward
 
     env, cfg, source, ids = _setup(teacher, overrides, stages=0)
     ds_config = resolve_ds_config(load_ds_config(REPO / "ds_configs" / "zero3.json"), cfg.train, env.world_size)
     models = build_models(cfg, ds_config, source)
     phase = cfg.plan(env.world_size).phases[0]
-    apply_phase(models, phase, cfg.student.trainable)
+    models.apply_phase(phase, cfg.student.trainable)
     parts, _ = forward_backward(models, models.teacher, phase, ids, cfg)
     zero3 = {
         "losses": parts.as_floats(),
@@ -77,7 +77,7 @@ def _zero3(teacher: str, overrides: list[str]) -> dict:
 def _pipeline(teacher: str, overrides: list[str]) -> dict:
     """Pipeline mode: one replica of 2 stages, one micro-batch of the same 4 sequences."""
     from cald_scale.engines.pipeline import PipelineGuide, build_pipeline, load_pipeline_ds_config, pipeline_train_step
-    from cald_scale.train import _StepState
+    from cald_scale.distill.progress import StepState
 
     env, cfg, source, ids = _setup(teacher, overrides, stages=2)
     ds_config = load_pipeline_ds_config(REPO / "ds_configs" / "pipeline.json", cfg.train, env.world_size)
@@ -95,7 +95,7 @@ def _pipeline(teacher: str, overrides: list[str]) -> dict:
     for name, param in pipe.stage.named_student_tensors(keep_vars=True):
         if param.requires_grad:
             param.register_hook(keep(name))
-    record = pipeline_train_step(pipe, PipelineGuide(plan, pipe), plan.phases[0], 0, lambda cursor: ids, _StepState({}), cfg, tokens_per_micro=ids.numel(), last_saved=0)
+    record = pipeline_train_step(pipe, PipelineGuide(plan, pipe), plan.phases[0], 0, lambda cursor: ids, StepState({}), cfg, tokens_per_micro=ids.numel(), last_saved=0)
     return {"record": record, "grads": grads, "grad_norm": float(pipe.student_engine.get_global_grad_norm()), "stage": pipe.stage.index, "bounds": pipe.bounds}
 
 
