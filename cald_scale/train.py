@@ -248,7 +248,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     def save(at: int) -> None:
         save_checkpoint(
             student_engine, ckpt_dir, at, {**state.as_dict(), "guide": guide.state()}, cfg.output.keep_last,
-            exclude_frozen=models.shares_frozen_weights, also_save=guide.save,
+            exclude_frozen=models.shares_frozen_weights, also_save=guide.save, owner=models.checkpoint_owner,
         )
 
     try:

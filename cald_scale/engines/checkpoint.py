@@ -68,17 +68,24 @@ def _is_ours(name: str) -> bool:
     return name == MANIFEST or name.startswith("cald_done_rank_") or name.startswith(".")
 
 
-def _owned_files(folder: Path, me: int) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*") if p.is_file() and not _is_ours(p.name) and _owner(str(p.relative_to(folder))) == me
-    )
+Owner = Callable[[str], "int | None"]
+"""Which rank wrote a checkpoint file (its path inside the tag), when the default rule does not
+know (pipeline mode's per-stage files); None falls back to the default rule."""
+
+
+def _owned_files(folder: Path, me: int, owner: Owner | None = None) -> list[Path]:
+    def rank_of(relative: str) -> int:
+        mapped = owner(relative) if owner is not None else None
+        return _owner(relative) if mapped is None else mapped
+
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not _is_ours(p.name) and rank_of(str(p.relative_to(folder))) == me)
 
 
 # -- sealing -------------------------------------------------------------------------------
-def seal_rank(folder: Path, step: int, me: int, world: int) -> None:
+def seal_rank(folder: Path, step: int, me: int, world: int, owner: Owner | None = None) -> None:
     """Fsync this rank's files and the tag's folders, then write its completion marker."""
     entries = {}
-    for path in _owned_files(folder, me):
+    for path in _owned_files(folder, me, owner):
         fsync_path(path)
         entries[str(path.relative_to(folder))] = {"size": path.stat().st_size, "crc32": _crc32(path)}
     for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
@@ -196,9 +203,13 @@ def _restore_rng(folder: Path, me: int) -> None:
 
 # -- save / load ---------------------------------------------------------------------------
 def save_checkpoint(
-    engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, *, exclude_frozen: bool = False, also_save: Callable[[Path], None] | None = None
+    engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, *, exclude_frozen: bool = False,
+    also_save: Callable[[Path], None] | None = None, owner: Owner | None = None,
 ) -> Path:
     """Save on all ranks, seal every rank's part durably, then mark complete and prune old tags.
+
+    ``owner`` maps a file to the rank that wrote it where DeepSpeed's names alone do not say
+    (pipeline mode), so each rank seals exactly its own files (node-local storage works).
 
     ``exclude_frozen`` leaves frozen parameters out (they are rebuilt from the teacher).
     ``also_save(tag_dir)`` writes more state into the same tag (a trajectory teacher's
@@ -218,7 +229,7 @@ def save_checkpoint(
     if also_save is not None:
         also_save(folder)
     barrier()  # every rank's files exist before any rank seals (rank 0 owns shared files)
-    seal_rank(folder, step, me, world)
+    seal_rank(folder, step, me, world, owner)
     barrier()
     if me == 0:
         _write_manifest(folder, step, world)

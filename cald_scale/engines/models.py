@@ -86,6 +86,9 @@ class DistillationModels:
     def data_parallel_size(self) -> int:
         return world_size()
 
+    checkpoint_owner = None
+    """DeepSpeed's ZeRO-3 file names say which rank wrote them (engines/checkpoint.py)."""
+
     def apply_phase(self, phase: Phase, base_trainable: str) -> None:
         """Set what trains in ``phase``: the mixers always; the copied weights when the phase trains
         everything; in a teacher-forced phase only the blocks (embedding and head are unused)."""

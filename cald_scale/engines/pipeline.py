@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from collections import OrderedDict
 from pathlib import Path
@@ -507,6 +508,7 @@ class CaldPipeline(PipelineModule):
 
 
 # -- the engine and the run ----------------------------------------------------------------
+_STAGE_FILE = re.compile(r"^(?:layer_(?P<layer>\d+)-model_states|(?:.*zero_pp_rank_(?P<dp>\d+)_)?mp_rank_(?P<stage>\d+)_(?:model|optim)_states)\.pt$")
 @dataclasses.dataclass
 class PipelineModels:
     """The pipeline engine and what train() needs of it (the ZeRO-3 mode's ``DistillationModels``)."""
@@ -521,6 +523,16 @@ class PipelineModels:
     @property
     def stage(self) -> CaldStage:
         return self.module.stage
+
+    def checkpoint_owner(self, relative: str) -> int | None:
+        """The rank that wrote a checkpoint file: DeepSpeed names the pipeline's files by stage
+        (``layer_SS-``, ``mp_rank_SS_``; one layer per stage here) and data-parallel rank
+        (``zero_pp_rank_D_``); None for the rest (the default rule)."""
+        name = Path(relative).name
+        if match := _STAGE_FILE.match(name):
+            stage, data = int(match.group("layer") or match.group("stage")), int(match.group("dp") or 0)
+            return self.module._topo.get_rank(pipe=stage, data=data)
+        return None
 
     @property
     def student_model(self) -> CaldStudentForCausalLM:
