@@ -192,7 +192,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     #    Both modes answer the same calls (apply_phase, perplexity, export) and have a step function.
     if pipelined:
         models = build_pipeline(cfg, ds_config, source, plan)
-        guide, step_fn = PipelineGuide(plan, models), pipeline_train_step
+        guide, step_fn = PipelineGuide(plan, models, base_weights=str(source.folder)), pipeline_train_step
     else:
         models = build_models(cfg, ds_config, source, plan)
         guide = Guide(plan, models.managed_teacher, base_weights=str(source.folder), shared_param_ids=models.shared_param_ids)

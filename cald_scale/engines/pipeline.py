@@ -53,7 +53,7 @@ from ..conversion.init import init_mixer_from_attention
 from ..conversion.modeling import CaldStudentForCausalLM, MixerAsAttention
 from ..conversion.surgery import fresh_mixer, attention_prefixes, share_copied_weights, student_config
 from ..conversion.teacher import TeacherSource
-from ..conversion.weights import RenamedReader, SafetensorsReader, TensorTree, WeightReader, WeightsMismatchError
+from ..conversion.weights import RenamedReader, SafetensorsReader, TensorTree, WeightReader, WeightsMismatchError, open_weights
 from ..distill.losses import LossConfig, RowPieces, distilled_layers, layer_loss, lm_cross_entropy, lm_head_losses, vocab_streamed_cross_entropy
 from ..distill.phases import Phase, PhasePlan, set_phase_lr
 from ..distill.stages import LayerwiseModel, make_stages
@@ -126,10 +126,10 @@ def stage_bounds(num_layers: int, num_stages: int, partition: str | list[int] = 
 def _check_supported(cfg: RunConfig, plan: PhasePlan, tied: bool) -> None:
     """Refuse, naming why, what pipeline mode cannot run (``tied``: the student's head is its embedding)."""
     for phase in plan.phases:
-        if phase.guidance in ("trajectory", "waypoint"):
+        if phase.guidance == "trajectory":
             raise ConfigError(
-                f"phase {phase.name!r}: guidance {phase.guidance} needs a teacher engine of its own (it trains or swaps the teacher), "
-                "but pipeline mode keeps the frozen teacher's blocks inside the stages; use the ZeRO-3 mode (train.pipeline_stages=0)"
+                f"phase {phase.name!r}: trajectory guidance trains the teacher in a training engine of its own, "
+                "but pipeline mode keeps the teacher's blocks frozen inside the stages; use the ZeRO-3 mode (train.pipeline_stages=0)"
             )
         if tied and cfg.train.pipeline_stages > 1 and phase.trainable == "all" and phase.mode == "end_to_end":
             raise ConfigError(
@@ -203,15 +203,11 @@ def _row_pieces(weight: torch.Tensor, piece_bytes: int = 32 << 20) -> RowPieces:
 
 
 # -- one stage's pieces ---------------------------------------------------------------------
-def _materialize(model: nn.Module, paths: list[str], reader: WeightReader, device, *, skip: tuple[str, ...] = ()) -> None:
+def _materialize(model: nn.Module, paths: list[str], reader: WeightReader, device, *, skip: tuple[str, ...] = ()) -> dict[str, list[str]]:
     """Allocate the submodules at ``paths`` on ``device`` and fill each tensor from the checkpoint
     (a tied tensor from whichever of its names the checkpoint holds); names under ``skip`` are
     left to the caller."""
-    names_of: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        names_of.setdefault(id(tensor), []).append(name)
-    aliases = {name: names for names in names_of.values() for name in names}
-    available = set(reader.keys())
+    aliases = _aliases(model)
     for path in paths:
         module = model.get_submodule(path)
         persistent = module.state_dict(keep_vars=True)
@@ -219,6 +215,30 @@ def _materialize(model: nn.Module, paths: list[str], reader: WeightReader, devic
         if transient:
             raise WeightsMismatchError(f"{path} holds buffers that no checkpoint stores ({transient}); a pipeline stage cannot rebuild them")
         module.to_empty(device=device)
+    _fill(model, paths, reader, aliases, skip=skip)
+    # Tied tensors allocated in two owned modules (embedding and head on a one-stage pipeline) are one again.
+    for names in {tuple(n) for n in aliases.values() if len(n) > 1}:
+        real = [n for n in names if not model.get_parameter(n).is_meta]
+        for name in real[1:]:
+            module_path, _, attr = name.rpartition(".")
+            model.get_submodule(module_path)._parameters[attr] = model.get_parameter(real[0])
+    return aliases  # as laid out (allocating a tied tensor in one stage unties it from the meta copy)
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Every state-dict name -> all the names of its tensor (tied weights have several)."""
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(tensor), []).append(name)
+    return {name: names for names in names_of.values() for name in names}
+
+
+def _fill(model: nn.Module, paths: list[str], reader: WeightReader, aliases: dict[str, list[str]] | None = None, *, skip: tuple[str, ...] = ()) -> None:
+    """Copy every (allocated) tensor under ``paths`` from the checkpoint, in place."""
+    aliases = aliases or _aliases(model)
+    available = set(reader.keys())
+    for path in paths:
+        module = model.get_submodule(path)
         for rel, tensor in module.state_dict(keep_vars=True).items():
             name = f"{path}.{rel}"
             if name.startswith(skip):
@@ -231,12 +251,6 @@ def _materialize(model: nn.Module, paths: list[str], reader: WeightReader, devic
                 raise WeightsMismatchError(f"{source}: checkpoint {tuple(value.shape)} vs model {tuple(tensor.shape)}")
             with torch.no_grad():
                 tensor.copy_(value)
-    # Tied tensors allocated in two owned modules (embedding and head on a one-stage pipeline) are one again.
-    for names in (n for n in names_of.values() if len(n) > 1):
-        real = [n for n in names if not model.get_parameter(n).is_meta]
-        for name in real[1:]:
-            module_path, _, attr = name.rpartition(".")
-            model.get_submodule(module_path)._parameters[attr] = model.get_parameter(real[0])
 
 
 def _rebuild_rotary(model: nn.Module, device) -> None:
@@ -269,6 +283,8 @@ class _StagePieces:
     student: CaldStudentForCausalLM
     """The whole student laid out; only this stage's pieces are allocated (the rest is meta)."""
     teacher: nn.Module | None
+    teacher_aliases: dict[str, list[str]]
+    """Every teacher tensor name -> all its names as the model ties them (a waypoint may store either)."""
     owned: dict[str, nn.Module]
     """This stage's student pieces by their path in the student's backbone (the teacher's are at the same paths)."""
 
@@ -301,7 +317,7 @@ class StageFactory:
         weights = self.source.weights()
         if teacher is not None:
             teacher.tie_weights()
-            _materialize(teacher, paths, RenamedReader(weights, teacher), self.device)
+            teacher_aliases = _materialize(teacher, paths, RenamedReader(weights, teacher), self.device)
             _rebuild_rotary(teacher, self.device)
             teacher.eval().requires_grad_(False)
         mixers = [m for m in student.mixers() if m.layer_idx in layers]
@@ -315,7 +331,7 @@ class StageFactory:
         _init_stage_mixers(student, weights, self.cfg.train.seed, layers)
         _rebuild_rotary(lm, self.device)
         gc.collect()
-        return _StagePieces(student=student, teacher=teacher, owned={p: lm.get_submodule(p) for p in paths})
+        return _StagePieces(student=student, teacher=teacher, teacher_aliases=teacher_aliases if teacher is not None else {}, owned={p: lm.get_submodule(p) for p in paths})
 
 
 # -- one stage's compute --------------------------------------------------------------------
@@ -333,6 +349,7 @@ class CaldStage(nn.Module):
         self.stage_size = factory.cfg.train.stage_size
         # NOTE: module paths hold dots, which module names may not.
         self.owned = nn.ModuleDict({path.replace(".", "/"): module for path, module in built.owned.items()})
+        self.paths, self.teacher_aliases = list(built.owned), built.teacher_aliases
         # NOTE: the whole (mostly meta) student is reached only through this LayerwiseModel, which
         # is no nn.Module: registering it would put every meta tensor into the stage.
         self.student = LayerwiseModel(built.student, activation_checkpointing=factory.cfg.student.activation_checkpointing)
@@ -360,6 +377,12 @@ class CaldStage(nn.Module):
         for path, module in self.owned.items():
             for rel, tensor in module.state_dict(keep_vars=keep_vars).items():
                 yield f"backbone.{path.replace('/', '.')}.{rel}", tensor
+
+    def load_teacher(self, folder: str | Path) -> None:
+        """Swap this stage's teacher pieces for those of another checkpoint of the same teacher
+        (a waypoint), read tensor by tensor: no rank reads more than its own stage."""
+        teacher = self.teacher.model
+        _fill(teacher, self.paths, RenamedReader(open_weights(folder), teacher), self.teacher_aliases)
 
     def release_teacher(self) -> tuple[int, int]:
         """Drop the teacher's pieces; returns (bytes freed, teacher tensors the student still holds)."""
@@ -629,14 +652,21 @@ class PipelineModels:
 
 
 class PipelineGuide:
-    """Guidance in pipeline mode: the frozen target teacher lives in the stages and is released on
-    every stage once no later step needs it (the hybrid switch). Same surface as ``distill.guidance.Guide``."""
+    """Guidance in pipeline mode: the teacher lives in the stages; each stage swaps in its own
+    pieces of the waypoint a step needs, and releases them once no later step needs a teacher
+    (the hybrid switch). Same surface as ``distill.guidance.Guide``."""
 
-    def __init__(self, plan: PhasePlan, models: PipelineModels):
+    def __init__(self, plan: PhasePlan, models: PipelineModels, *, base_weights: str):
         self.plan, self.models = plan, models
+        self.base_weights = self.loaded = base_weights
         self.release_stats: dict | None = None
 
     def enter(self, step: int) -> None:
+        phase = self.plan.at(step)
+        if phase.guidance == "waypoint":
+            self._load(str(phase.waypoint_at(step)))
+        elif phase.uses_teacher and self.loaded != self.base_weights:
+            self._load(self.base_weights)  # a target phase after waypoints: the pretrained teacher again
         if self.models.stage.teacher is not None and not self.plan.teacher_needed_from(step):
             rss_before = current_rss_bytes()
             freed, kept = self.models.stage.release_teacher()
@@ -644,6 +674,12 @@ class PipelineGuide:
             return_free_memory()
             self.release_stats = {"step": step, "freed_partition_bytes": freed, "teacher_params_alive": kept, "rss_before": rss_before, "rss_after": current_rss_bytes()}
             logger.info("teacher released before step %d: %.1f MB freed on this stage", step + 1, freed / 1e6)
+
+    def _load(self, folder: str) -> None:
+        if folder != self.loaded:
+            self.models.stage.load_teacher(folder)
+            self.loaded = folder
+            logger.info("teacher weights now from %s", folder)
 
     def state(self) -> dict:
         return {"teacher_saved": False}
@@ -672,7 +708,7 @@ def build_pipeline(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan:
     else:
         dtype = source.dtype
     factory = StageFactory(
-        cfg, source, bounds, with_teacher=plan.uses_teacher, share=frozen_copies and cfg.student.share_frozen_weights,
+        cfg, source, bounds, with_teacher=plan.uses_teacher, share=frozen_copies and cfg.student.share_frozen_weights and not plan.swaps_teacher,
         dtype=dtype, device=torch.device(get_accelerator().current_device_name()),
     )
     # NOTE: dynamic_shape: the evaluation's last micro-batch may be short, and what travels changes with the phase.

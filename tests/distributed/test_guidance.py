@@ -111,6 +111,17 @@ def test_trajectory_teacher_learns_and_resumes_mid_phase_then_guides_as_waypoint
     # Killed while saving step 4 (resumes from 3, the waypoint switch): the second waypoint is loaded again.
     _resume_and_compare(wp_ref, tmp_path, 3, env, wp_cmd, ("loss", "ce", "layer"))
 
+    # Pipeline mode (2 stages): every stage swaps in its own pieces of each waypoint; the same trajectory.
+    wp_pipe = tmp_path / "waypoint_pipeline"
+    proc = run(deepspeed_command(wp_cmd(wp_pipe) + ["train.pipeline_stages=2"], ds_config="ds_configs/pipeline.json"), env)
+    _ok(proc)
+    log = proc.stdout + proc.stderr
+    assert log.index(f"teacher weights now from {waypoints[0]}") < log.index(f"teacher weights now from {waypoints[1]}")
+    piped, zero3 = metrics(wp_pipe), metrics(wp_ref)
+    for step in range(1, STEPS + 1):
+        for key in ("loss", "ce", "layer", "grad_norm"):
+            assert piped[step][key] == pytest.approx(zero3[step][key], rel=1e-4), (step, key)
+
 
 def test_bad_waypoints_fail_before_training_naming_the_checkpoint(tmp_path, teacher_dirs, data_cache, real_tokenizer):
     env = launcher_env(tmp_path)

@@ -256,7 +256,7 @@ def test_pipeline_config_errors_name_the_problem(tmp_path):
         stage_bounds(5, 2, [0, 5, 5])
 
     trajectory = load_run_config(overrides=["train.pipeline_stages=2", "phases=[{name: t, guidance: trajectory}]"])
-    with pytest.raises(ConfigError, match="guidance trajectory needs a teacher engine of its own"):
+    with pytest.raises(ConfigError, match="trajectory guidance trains the teacher in a training engine of its own"):
         _check_supported(trajectory, trajectory.plan(1), tied=False)
     tied_all = load_run_config(overrides=["train.pipeline_stages=2", "student.trainable=all", "phases=[{name: e, trainable: all}]"])
     with pytest.raises(ConfigError, match="tied input/output embedding"):
