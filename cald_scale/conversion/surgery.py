@@ -11,6 +11,8 @@ student or a ZeRO-3 partitioned one layer by layer, and both get identical weigh
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import gc
 import logging
 
@@ -35,7 +37,7 @@ from .weights import (
     load_weights,
 )
 
-__all__ = ["build_student", "convert_teacher", "share_copied_weights", "student_config", "attention_prefixes", "fresh_mixer"]
+__all__ = ["build_student", "convert_teacher", "share_copied_weights", "student_config", "attention_prefixes", "fresh_mixer", "initial_mixers"]
 
 logger = logging.getLogger("cald_scale.conversion")
 
@@ -86,8 +88,9 @@ def fresh_mixer(config: CaldStudentConfig, layer_idx: int, seed: int, std: float
     return mixer
 
 
-def _init_mixers(student: CaldStudentForCausalLM, weights: WeightReader, seed: int, placement: Placement) -> None:
-    """Initialise every mixer, one layer at a time (optionally from that layer's teacher attention)."""
+def initial_mixers(student: CaldStudentForCausalLM, weights: WeightReader, seed: int, layers: range | None = None) -> Iterator[tuple[nn.Module, nn.Module]]:
+    """(the student's mixer, its initial weights as a fresh mixer), one layer at a time (only
+    ``layers`` when given): seeded per layer, optionally from that layer's teacher attention."""
     conversion = student.config.conversion_config()
     teacher_config = student.config.teacher_hf_config()
     prefixes = attention_prefixes(student.backbone, student.adapter)
@@ -95,10 +98,18 @@ def _init_mixers(student: CaldStudentForCausalLM, weights: WeightReader, seed: i
     std = getattr(teacher_config, "initializer_range", 0.02)
     for mixer in student.mixers():
         idx = mixer.layer_idx
+        if layers is not None and idx not in layers:
+            continue
         fresh = fresh_mixer(student.config, idx, seed, std)
         if conversion.attention_init:
             attn = student.adapter.read_attention(TensorTree(renamed, prefixes[idx]), teacher_config)
             init_mixer_from_attention(fresh, attn, teacher_config)
+        yield mixer, fresh
+
+
+def _init_mixers(student: CaldStudentForCausalLM, weights: WeightReader, seed: int, placement: Placement) -> None:
+    """Initialise every mixer, one layer at a time, into its (possibly partitioned) parameters."""
+    for mixer, fresh in initial_mixers(student, weights, seed):
         targets = mixer.state_dict(keep_vars=True)
         for name, value in fresh.state_dict().items():
             placement.assign(targets[name], value)

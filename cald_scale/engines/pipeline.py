@@ -49,11 +49,10 @@ from transformers.initialization import no_init_weights
 
 from ..config import RunConfig
 from ..configuration import ConfigError
-from ..conversion.init import init_mixer_from_attention
 from ..conversion.modeling import CaldStudentForCausalLM, MixerAsAttention
-from ..conversion.surgery import fresh_mixer, attention_prefixes, share_copied_weights, student_config
+from ..conversion.surgery import attention_prefixes, initial_mixers, share_copied_weights, student_config
 from ..conversion.teacher import TeacherSource
-from ..conversion.weights import RenamedReader, SafetensorsReader, TensorTree, WeightReader, WeightsMismatchError, open_weights
+from ..conversion.weights import RenamedReader, SafetensorsReader, WeightReader, WeightsMismatchError, open_weights
 from ..distill.losses import LossConfig, RowPieces, distilled_layers, layer_loss, lm_cross_entropy, lm_head_losses, vocab_streamed_cross_entropy
 from ..distill.phases import Phase, PhasePlan, set_phase_lr
 from ..distill.stages import LayerwiseModel, make_stages
@@ -63,7 +62,7 @@ from ..metrics import current_rss_bytes
 from .distributed import barrier
 from .host_memory import return_free_memory
 from .models import block_numel, set_trainable
-from .zero3 import param_groups, resolve_ds_config, size_zero_buffers
+from .zero3 import param_groups, read_ds_config, resolve_ds_config, size_zero_buffers
 
 __all__ = [
     "load_pipeline_ds_config",
@@ -83,12 +82,7 @@ logger = logging.getLogger("cald_scale.engines")
 def load_pipeline_ds_config(path: str | Path, train, world_size: int) -> dict:
     """A pipeline ds_config with its "auto" fields filled from ``train`` (a TrainConfig)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} does not exist")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+    config = read_ds_config(path)
     if "pipeline" not in config:
         raise ConfigError(f"pipeline mode (train.pipeline_stages={train.pipeline_stages}) needs a ds_config with a pipeline section, e.g. ds_configs/pipeline.json; {path} has none")
     stage = config.get("zero_optimization", {}).get("stage", 0)
@@ -261,23 +255,6 @@ def _rebuild_rotary(model: nn.Module, device) -> None:
         base.rotary_emb = type(rotary)(config=base.config).to(device)
 
 
-def _init_stage_mixers(student: CaldStudentForCausalLM, weights: WeightReader, seed: int, layers: range) -> None:
-    """The ZeRO-3 mode's mixer initialisation (``conversion.surgery``), for this stage's layers only."""
-    conversion = student.config.conversion_config()
-    teacher_config = student.config.teacher_hf_config()
-    prefixes = attention_prefixes(student.backbone, student.adapter)
-    renamed = RenamedReader(weights, student.backbone) if conversion.attention_init else None
-    std = getattr(teacher_config, "initializer_range", 0.02)
-    for mixer in student.mixers():
-        if mixer.layer_idx not in layers:
-            continue
-        fresh = fresh_mixer(student.config, mixer.layer_idx, seed, std)
-        if conversion.attention_init:
-            attn = student.adapter.read_attention(TensorTree(renamed, prefixes[mixer.layer_idx]), teacher_config)
-            init_mixer_from_attention(fresh, attn, teacher_config)
-        mixer.load_state_dict(fresh.state_dict())
-
-
 @dataclasses.dataclass
 class _StagePieces:
     student: CaldStudentForCausalLM
@@ -328,7 +305,8 @@ class StageFactory:
         else:
             skip = tuple(p for i, p in enumerate(attention_prefixes(lm, adapter)) if i in layers and i not in set(student.config.attention_layers))
             _materialize(lm, paths, RenamedReader(weights, lm), self.device, skip=skip)
-        _init_stage_mixers(student, weights, self.cfg.train.seed, layers)
+        for mixer, fresh in initial_mixers(student, weights, self.cfg.train.seed, layers):  # as the ZeRO-3 mode does, this stage only
+            mixer.load_state_dict(fresh.state_dict())
         _rebuild_rotary(lm, self.device)
         gc.collect()
         return _StagePieces(student=student, teacher=teacher, teacher_aliases=teacher_aliases if teacher is not None else {}, owned={p: lm.get_submodule(p) for p in paths})

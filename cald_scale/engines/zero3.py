@@ -36,14 +36,20 @@ __all__ = [
 logger = logging.getLogger("cald_scale.engines")
 
 
-def load_ds_config(path: str | Path) -> dict:
+def read_ds_config(path: str | Path) -> dict:
+    """A DeepSpeed JSON config, or an error that names the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config {path} does not exist")
     try:
-        config = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+
+
+def load_ds_config(path: str | Path) -> dict:
+    """A ZeRO-3 ds_config (the ZeRO-3 mode's)."""
+    config = read_ds_config(path)
     stage = config.get("zero_optimization", {}).get("stage")
     if "pipeline" in config:
         raise ConfigError(f"DeepSpeed config {path} is a pipeline config: set train.pipeline_stages to the number of stages to run pipeline mode")
