@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -266,3 +267,29 @@ def test_pipeline_config_errors_name_the_problem(tmp_path):
 
 if __name__ == "__main__":
     main()
+
+
+@pytest.mark.distributed
+def test_pipeline_nan_losses_are_masked_counted_then_stop_the_run(tmp_path, teacher_dirs, data_cache):
+    """Pipeline mode cannot redraw a micro-batch inside its schedule: a non-finite one is masked
+    (no gradient) and counted; three in a row stop the run in one line, checkpoints intact."""
+    from conftest import tiny_overrides
+    from launcher import deepspeed_command, launcher_env, metrics, run
+
+    env = launcher_env(tmp_path)
+    pipe = {"train.pipeline_stages": 2, "student.trainable": "mixers", "train.grad_accum": 2, "train.global_batch_size": 4}
+    run_dir = tmp_path / "nan"
+    _ok(run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **pipe, **{"train.max_steps": 4, "debug.nan_at_micro_steps": "[2]"}), ds_config="ds_configs/pipeline.json"), env))
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["nan_skipped"] == 1 and report["steps"] == 4
+    history = metrics(run_dir)
+    assert all(math.isfinite(history[s]["loss"]) for s in range(1, 5))  # step 2 reports its finite micro-batch
+
+    # One micro-batch per step: steps 4, 5 and 6 are wholly non-finite; the third stops the run (the masked
+    # step 4 still stepped the optimizer, on zero gradients, and its checkpoint is kept).
+    run_dir = tmp_path / "nan_stop"
+    overrides = tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{**pipe, "train.grad_accum": 1}, **{"train.max_steps": 8, "debug.nan_at_micro_steps": "[3,4,5]", "train.max_consecutive_nan": 3})
+    failed = run(deepspeed_command(overrides, ds_config="ds_configs/pipeline.json"), env)
+    assert failed.returncode != 0 and "3 non-finite losses in a row at step 5" in failed.stdout + failed.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert not (run_dir / "report.json").exists()
