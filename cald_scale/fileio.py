@@ -7,10 +7,11 @@ import fcntl
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-__all__ = ["atomic_write_text", "fsync_path", "atomic_dir", "file_lock"]
+__all__ = ["atomic_write_text", "fsync_path", "atomic_dir", "file_lock", "wait_for_file"]
 
 
 def atomic_write_text(path: str | Path, text: str, *, durable: bool = False) -> Path:
@@ -72,3 +73,17 @@ def file_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def wait_for_file(path: str | Path, *, failure: Callable[[], str | None], what: str, timeout_s: float, poll_s: float = 1.0, hint: str = "") -> None:
+    """Wait for rank 0 to ``what`` (e.g. "build the data cache X"), until ``path`` exists: the
+    file system is polled, outside any collective, so no NCCL/gloo timeout applies however
+    long it takes. Raises RuntimeError as soon as ``failure()`` returns rank 0's error, and
+    TimeoutError after ``timeout_s`` (its message ends with ``hint``)."""
+    deadline = time.monotonic() + timeout_s
+    while not Path(path).exists():
+        if (error := failure()) is not None:
+            raise RuntimeError(f"rank 0 could not {what}: {error}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for rank 0 to {what}{hint}")
+        time.sleep(poll_s)

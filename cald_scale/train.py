@@ -29,7 +29,7 @@ from .distill.progress import NonFiniteLossError, StepState
 from .distill.stages import LayerwiseModel
 from .distill.step import LossParts, cald_forward, teacher_forced_step
 from .engines.checkpoint import complete_tags, load_latest_checkpoint, save_checkpoint
-from .engines.distributed import DistEnv, all_true, barrier, init_distributed, mean_over_ranks
+from .engines.distributed import DistEnv, all_true, barrier, gather_objects, init_distributed, mean_over_ranks
 from .engines.host_memory import configure_host_allocator, return_free_memory
 from .engines.preemption import Preempted, PreemptionWatch
 from .engines.models import DistillationModels, build_models
@@ -278,7 +278,8 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
                 nan_skipped=state.nan_skipped,
             )
             if guide.release_stats is not None and guide.release_stats.get("step") == step - 1:
-                record["teacher_release"] = _gathered_release_stats(guide.release_stats, device)
+                rows = gather_objects(guide.release_stats)  # the teacher release as every rank saw it
+                record["teacher_release"] = {k: [int(r[k]) for r in rows] for k in ("freed_partition_bytes", "teacher_params_alive", "rss_before", "rss_after")}
             if step % cfg.output.log_every == 0 or step == plan.total_steps:
                 metrics.log(step, record)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < plan.total_steps:
@@ -318,31 +319,6 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         metrics.close()
 
 
-def _gathered_release_stats(stats: dict, device: torch.device) -> dict:
-    """The teacher release as every rank saw it (logged by rank 0)."""
-    import torch.distributed as dist
-
-    keys = ("freed_partition_bytes", "teacher_params_alive", "rss_before", "rss_after")
-    mine = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        rows = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-        dist.all_gather(rows, mine)
-    else:
-        rows = [mine]
-    return {k: [int(r[i].item()) for r in rows] for i, k in enumerate(keys)}
-
-
-def _gathered(value):
-    """``value`` from every rank, in rank order (a collective: every rank calls it)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
 def _report(cfg, source, plan, env, step, state, baseline, after, teacher_after, wall_seconds, export_dir, guide) -> dict:
     teacher = baseline["teacher"] or {}
     before = baseline["student_before"]
@@ -378,7 +354,7 @@ def _report(cfg, source, plan, env, step, state, baseline, after, teacher_after,
         "teacher_release": guide.release_stats,
         "wall_seconds_this_session": wall_seconds,
         "memory": peak_memory_bytes(),
-        "memory_per_rank": _gathered(peak_memory_bytes()),
+        "memory_per_rank": gather_objects(peak_memory_bytes()),
         "student_dir": str(export_dir),
         "config": to_dict(cfg),
     }

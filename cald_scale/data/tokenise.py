@@ -19,7 +19,7 @@ import numpy as np
 from cald_scale.data.config import DataConfig
 from cald_scale.data.corpora import CorpusSource, load_documents, resolve_corpus
 from cald_scale.data.megatron import megatron_indexed
-from cald_scale.fileio import atomic_write_text, file_lock, fsync_path
+from cald_scale.fileio import atomic_write_text, file_lock, fsync_path, wait_for_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -356,16 +356,10 @@ def _failure_of_this_job(path: str) -> str | None:
 
 
 def wait_for_cache(cache_dir: str, key: str, timeout_s: float, poll_s: float = 1.0) -> None:
-    """Poll the file system for the finished cache `key`: no collective is open while rank 0
-    tokenises, however long that takes (a barrier would hit the NCCL/gloo timeout)."""
+    """Wait for rank 0 to finish the cache `key` (see fileio.wait_for_file: no collective is
+    open while it tokenises, however long that takes)."""
     folder, failure = os.path.join(cache_dir, key), _failure_path(cache_dir, key)
-    deadline = time.monotonic() + timeout_s
-    while not is_complete(folder):
-        if (error := _failure_of_this_job(failure)) is not None:
-            raise RuntimeError(f"rank 0 could not build the data cache {folder}: {error}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"waited {timeout_s:.0f} s for rank 0 to build the data cache {folder} "
-                "(data.wait_timeout_s; prepare it beforehand with `cald-scale prepare-data`)"
-            )
-        time.sleep(poll_s)
+    wait_for_file(
+        os.path.join(folder, META), failure=lambda: _failure_of_this_job(failure), what=f"build the data cache {folder}",
+        timeout_s=timeout_s, poll_s=poll_s, hint=" (data.wait_timeout_s; prepare it beforehand with `cald-scale prepare-data`)",
+    )

@@ -50,10 +50,7 @@ class Guide:
             self.release(step)
         if not phase.uses_teacher:
             return None
-        if phase.guidance == "waypoint":
-            self.teacher.load(phase.waypoint_at(step))
-        elif self.teacher.loaded != self.base_weights and self.teacher.loaded in self.plan.waypoints:
-            self.teacher.load(self.base_weights)  # a target phase after waypoints: the pretrained teacher again
+        self.teacher.load(self.plan.teacher_weights_at(step, self.base_weights))  # a no-op unless it changes
         if phase.guidance == "trajectory":
             self.teacher.set_lr(phase.trajectory.lr, phase.trajectory.weight_decay)
         return self.teacher.layerwise

@@ -180,6 +180,12 @@ class PhasePlan:
                 return phase
         return self.phases[-1]
 
+    def teacher_weights_at(self, step: int, base: str) -> str:
+        """The checkpoint the teacher holds during optimizer step ``step + 1``: the waypoint of a
+        waypoint phase, else ``base`` (the pretrained teacher, or a trajectory teacher trained in place)."""
+        phase = self.at(step)
+        return str(phase.waypoint_at(step)) if phase.guidance == "waypoint" else base
+
     def teacher_needed_from(self, step: int) -> bool:
         """Whether any step from ``step`` on (0-based) still needs a teacher."""
         return any(p.uses_teacher and p.end > step for p in self.phases)

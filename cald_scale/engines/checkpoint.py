@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_write_text, fsync_path
-from .distributed import barrier, rank, world_size
+from .distributed import barrier, gather_objects, rank, world_size
 
 __all__ = [
     "save_checkpoint", "load_latest_checkpoint", "complete_tags", "verify_tag", "seal_rank", "tag_world_size",
@@ -167,13 +167,8 @@ def complete_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
         else:
             logger.warning("ignoring checkpoint %s: %s", path, reason)
     steps = set(local)
-    if world > 1:
-        import torch.distributed as dist
-
-        everyone: list = [None] * world
-        dist.all_gather_object(everyone, local)
-        for other in everyone:
-            steps &= set(other)
+    for other in gather_objects(local):
+        steps &= set(other)
     return [(step, path) for step, path in _tags(Path(ckpt_dir)) if step in steps]
 
 

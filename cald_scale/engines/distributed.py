@@ -10,7 +10,7 @@ import subprocess
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "barrier", "rank", "world_size", "all_true", "mean_over_ranks"]
+__all__ = ["DistEnv", "init_distributed", "barrier", "rank", "world_size", "all_true", "mean_over_ranks", "gather_objects"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,3 +121,12 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     total = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return {k: v / dist.get_world_size() for k, v in zip(keys, total.tolist())}
+
+
+def gather_objects(value) -> list:
+    """``value`` from every rank, in rank order (a collective: every rank calls it)."""
+    if world_size() == 1:
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out

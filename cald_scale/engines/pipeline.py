@@ -640,11 +640,8 @@ class PipelineGuide:
         self.release_stats: dict | None = None
 
     def enter(self, step: int) -> None:
-        phase = self.plan.at(step)
-        if phase.guidance == "waypoint":
-            self._load(str(phase.waypoint_at(step)))
-        elif phase.uses_teacher and self.loaded != self.base_weights:
-            self._load(self.base_weights)  # a target phase after waypoints: the pretrained teacher again
+        if self.plan.at(step).uses_teacher:
+            self._load(self.plan.teacher_weights_at(step, self.base_weights))
         if self.models.stage.teacher is not None and not self.plan.teacher_needed_from(step):
             rss_before = current_rss_bytes()
             freed, kept = self.models.stage.release_teacher()

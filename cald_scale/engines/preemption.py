@@ -15,6 +15,8 @@ from types import FrameType
 
 import torch
 
+from .distributed import gather_objects
+
 __all__ = ["PREEMPTED_EXIT_CODE", "PreemptionWatch", "Preempted"]
 
 logger = logging.getLogger("cald_scale.preemption")
@@ -67,6 +69,5 @@ class PreemptionWatch:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if not flag.item():
             return None
-        names: list = [None] * dist.get_world_size()
-        dist.all_gather_object(names, self.received)  # only once: which signal, for the record
+        names = gather_objects(self.received)  # only once: which signal, for the record
         return next(name for name in names if name is not None)

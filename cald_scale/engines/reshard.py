@@ -44,7 +44,7 @@ from typing import Sequence
 import torch
 
 from ..configuration import ConfigError
-from ..fileio import atomic_dir, atomic_write_text, fsync_path
+from ..fileio import atomic_dir, atomic_write_text, fsync_path, wait_for_file
 from .distributed import barrier, rank
 
 __all__ = [
@@ -147,13 +147,10 @@ def universal_copy(tag: Path, *, poll_seconds: float = 1.0, timeout_seconds: flo
             raise
         logger.info("universal copy of %s ready in %.1f s", tag.name, info["seconds"])
         return target
-    deadline = time.time() + timeout_seconds
-    while not (target / _DONE).is_file():
-        if failed.is_file():
-            raise RuntimeError(f"rank 0 could not convert {tag} to the universal format: {failed.read_text()}")
-        if time.time() > deadline:
-            raise TimeoutError(f"rank 0 did not finish converting {tag} within {timeout_seconds:.0f} s")
-        time.sleep(poll_seconds)
+    wait_for_file(
+        target / _DONE, failure=lambda: failed.read_text() if failed.is_file() else None,
+        what=f"convert {tag} to the universal format", timeout_s=timeout_seconds, poll_s=poll_seconds,
+    )
     return target
 
 
