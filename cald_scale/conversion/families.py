@@ -1,13 +1,23 @@
-"""Built-in family adapters: llama, mistral, qwen2 (separate q/k/v/o) and gpt_neox (fused QKV)."""
+"""Attention readers for the common projection layouts, and the hand-written family adapters.
+
+Most families are discovered (``discovery.py``) and read with one of the readers here.
+Hand-written adapters remain for the exceptions: llama, mistral and qwen2 carry their
+Bamba export layouts, and gpt_neox fuses QKV per head, which discovery cannot tell
+apart from a plain fused ``[q | k | v]`` by names and shapes alone.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
+from .modeling import teacher_geometry
 from .registry import AttentionWeights, BambaLayout, FamilyAdapter, register_family
 
+__all__ = ["read_separate_qkvo", "read_fused_qkv", "read_query_key_value"]
 
-def _read_separate_qkvo(attn: nn.Module, config) -> AttentionWeights:
+
+def read_separate_qkvo(attn: nn.Module, config) -> AttentionWeights:
+    """``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` (Llama and most decoders)."""
     return AttentionWeights(
         q=attn.q_proj.weight,
         k=attn.k_proj.weight,
@@ -17,6 +27,29 @@ def _read_separate_qkvo(attn: nn.Module, config) -> AttentionWeights:
         k_bias=attn.k_proj.bias,
         v_bias=attn.v_proj.bias,
         o_bias=attn.o_proj.bias,
+    )
+
+
+def read_fused_qkv(attn: nn.Module, config) -> AttentionWeights:
+    """One ``qkv_proj`` whose rows are ``[q | k | v]`` (all heads of each in turn), and ``o_proj`` (Phi-3)."""
+    _, heads, kv_heads, head_dim = teacher_geometry(config)
+    sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    q, k, v = attn.qkv_proj.weight.split(sizes)
+    bias = attn.qkv_proj.bias
+    qb, kb, vb = bias.split(sizes) if bias is not None else (None, None, None)
+    return AttentionWeights(q=q, k=k, v=v, o=attn.o_proj.weight, q_bias=qb, k_bias=kb, v_bias=vb, o_bias=attn.o_proj.bias)
+
+
+def read_query_key_value(attn: nn.Module, config) -> AttentionWeights:
+    """BERT's ``query``, ``key`` and ``value``; O is ``attention.output.dense``, outside the slot (o=None)."""
+    return AttentionWeights(
+        q=attn.query.weight,
+        k=attn.key.weight,
+        v=attn.value.weight,
+        o=None,
+        q_bias=attn.query.bias,
+        k_bias=attn.key.bias,
+        v_bias=attn.value.bias,
     )
 
 
@@ -57,7 +90,7 @@ for _model_type in ("llama", "mistral", "qwen2"):
             model_type=_model_type,
             attention_attr="self_attn",
             final_norm_attr="norm",
-            read_attention=_read_separate_qkvo,
+            read_attention=read_separate_qkvo,
             bamba=_BAMBA[_model_type],
         )
     )

@@ -2,6 +2,8 @@
 
 Linear attention reads y_t = sum_s (q_t . k_s) v_s; an SSM reads y_t = sum_s C_t (decay) B_s x_s.
 So C <- Q, B <- K, x <- V and out_proj <- O; grouped KV heads are repeated to all heads.
+Linformer keeps softmax attention, so it takes Q/K/V (and O) as they are. A family that keeps
+O outside the attention slot (BERT) gives no O: the mixer's out_proj then starts as the identity.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..mixers import Mamba2Mixer
+from ..mixers import BiMamba2Mixer, LinformerSelfAttention, Mamba2Mixer, MambaMixer
 from .registry import AttentionWeights
 
 __all__ = ["init_mixer_from_attention"]
@@ -19,6 +21,23 @@ def _repeat_heads(weight: torch.Tensor, kv_heads: int, heads: int) -> torch.Tens
     """(kv_heads*head_dim, in) -> (heads*head_dim, in), each KV head repeated for its query group."""
     head_dim = weight.shape[0] // kv_heads
     return weight.view(kv_heads, head_dim, -1).repeat_interleave(heads // kv_heads, dim=0).reshape(heads * head_dim, -1)
+
+
+def _repeat_bias(bias: torch.Tensor | None, kv_heads: int, heads: int) -> torch.Tensor | None:
+    """_repeat_heads for a bias (kv_heads*head_dim,); None stays None."""
+    return None if bias is None else _repeat_heads(bias, kv_heads, heads).squeeze(-1)
+
+
+def _output_weight(attn: AttentionWeights, out_features: int, in_features: int) -> torch.Tensor:
+    """The teacher's O, or the identity when the family keeps O outside the slot."""
+    if attn.o is not None:
+        return attn.o
+    if out_features != in_features:
+        raise ValueError(
+            f"the teacher keeps its output projection outside the attention slot, so out_proj starts as "
+            f"the identity, which needs a square out_proj; got ({out_features}, {in_features})"
+        )
+    return torch.eye(out_features)
 
 
 @torch.no_grad()
@@ -38,7 +57,14 @@ def _init_mamba2(mixer: nn.Module, attn: AttentionWeights, heads: int, kv_heads:
     w[x_rows].copy_(_repeat_heads(attn.v, kv_heads, heads))
     w[b_rows].copy_(_repeat_heads(attn.k, kv_heads, heads))
     w[c_rows].copy_(attn.q)
-    mixer.out_proj.weight.copy_(attn.o)
+    mixer.out_proj.weight.copy_(_output_weight(attn, *mixer.out_proj.weight.shape))
+
+
+@torch.no_grad()
+def _init_bimamba2(mixer: nn.Module, attn: AttentionWeights, heads: int, kv_heads: int) -> None:
+    # Both scan directions read the same attention: each starts as the Mamba2 init.
+    _init_mamba2(mixer.fwd, attn, heads, kv_heads)
+    _init_mamba2(mixer.bwd, attn, heads, kv_heads)
 
 
 @torch.no_grad()
@@ -51,7 +77,40 @@ def _init_mamba(mixer: nn.Module, attn: AttentionWeights, heads: int, kv_heads: 
         raise ValueError(f"attention_init for mamba needs d_inner ({d_inner}) to be a multiple of {v.shape[0]}")
     tiles = d_inner // v.shape[0]
     mixer.in_proj.weight[:d_inner].copy_(v.repeat(tiles, 1))
-    mixer.out_proj.weight.copy_(attn.o.repeat(1, tiles) / tiles)
+    o = _output_weight(attn, mixer.out_proj.weight.shape[0], v.shape[0])
+    mixer.out_proj.weight.copy_(o.repeat(1, tiles) / tiles)
+
+
+@torch.no_grad()
+def _init_linformer(mixer: nn.Module, attn: AttentionWeights, heads: int, kv_heads: int) -> None:
+    # Same softmax attention, so Q/K/V (and O) carry over exactly; E and F stay random.
+    width = mixer.num_heads * mixer.head_dim
+    if not (mixer.num_heads == heads and attn.q.shape[0] == width):
+        raise ValueError(
+            f"attention_init for linformer needs the teacher's heads ({heads}) and width ({attn.q.shape[0]}); "
+            f"the mixer has {mixer.num_heads} heads of {mixer.head_dim}"
+        )
+
+    projections = [
+        (mixer.q_proj, attn.q, attn.q_bias),
+        (mixer.k_proj, _repeat_heads(attn.k, kv_heads, heads), _repeat_bias(attn.k_bias, kv_heads, heads)),
+        (mixer.v_proj, _repeat_heads(attn.v, kv_heads, heads), _repeat_bias(attn.v_bias, kv_heads, heads)),
+    ]
+    if mixer.o_proj is not None:
+        projections.append((mixer.o_proj, _output_weight(attn, *mixer.o_proj.weight.shape), attn.o_bias))
+    for linear, weight, bias in projections:
+        linear.weight.copy_(weight)
+        if linear.bias is not None:
+            # A teacher without this bias acts as one of zeros.
+            linear.bias.copy_(bias if bias is not None else torch.zeros_like(linear.bias))
+
+
+_INITS = {
+    Mamba2Mixer: _init_mamba2,
+    MambaMixer: _init_mamba,
+    BiMamba2Mixer: _init_bimamba2,
+    LinformerSelfAttention: _init_linformer,
+}
 
 
 def init_mixer_from_attention(mixer: nn.Module, attn: AttentionWeights, teacher_config) -> None:
@@ -59,5 +118,7 @@ def init_mixer_from_attention(mixer: nn.Module, attn: AttentionWeights, teacher_
     from .modeling import teacher_geometry
 
     _, heads, kv_heads, _ = teacher_geometry(teacher_config)
-    init = _init_mamba2 if isinstance(mixer, Mamba2Mixer) else _init_mamba
+    init = next((fn for cls, fn in _INITS.items() if isinstance(mixer, cls)), None)
+    if init is None:
+        raise TypeError(f"no attention-informed init for {type(mixer).__name__}; known: {[c.__name__ for c in _INITS]}")
     init(mixer, attn, heads, kv_heads)

@@ -1,17 +1,22 @@
 """Model-family adapters: where a family keeps its blocks, attention and head.
 
 Conversion, streaming and initialisation are generic; a family contributes only the
-few facts that differ between HF modeling files (attribute names, fused QKV layouts).
-Adapters are found by the HF ``config.model_type``.
+few facts that differ between HF modeling files (attribute paths, fused QKV layouts).
+Adapters are found by the HF ``config.model_type``: a hand-written one when the family
+registered it (``families.py``: the exceptions, and the families with a Bamba export),
+otherwise one discovered from the family's own modeling code (``discovery.py``) and
+cached per model type.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import reduce
 from typing import Callable
 
 import torch
 from torch import nn
+from transformers import AutoConfig, PretrainedConfig
 
 __all__ = ["AttentionWeights", "BambaLayout", "FamilyAdapter", "register_family", "get_adapter", "supported_families"]
 
@@ -21,13 +26,16 @@ class AttentionWeights:
     """A teacher attention block's projections, in ``nn.Linear`` layout (out, in).
 
     q: (num_heads * head_dim, hidden); k, v: (num_kv_heads * head_dim, hidden);
-    o: (hidden, num_heads * head_dim). Biases may be None.
+    o: (hidden, num_heads * head_dim), or None when the family keeps its output projection
+    outside the attention slot (BERT's ``attention.output.dense``): the mixer then stands for
+    the attention's context and its own output projection starts as the identity.
+    Biases may be None.
     """
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    o: torch.Tensor
+    o: torch.Tensor | None
     q_bias: torch.Tensor | None = None
     k_bias: torch.Tensor | None = None
     v_bias: torch.Tensor | None = None
@@ -51,17 +59,28 @@ class BambaLayout:
     o_proj has no bias; with attention_bias Bamba gives it one, so it is exported as zeros)."""
 
 
+def _resolve(root: nn.Module, path: str) -> nn.Module | None:
+    """``root.a.b`` for the dotted ``path`` "a.b" (a slot emptied with None reads None)."""
+    return reduce(getattr, path.split("."), root)
+
+
 @dataclass(frozen=True)
 class FamilyAdapter:
     """What a model family looks like; everything else comes from the HF PreTrainedModel API."""
 
     model_type: str
     attention_attr: str
-    """Name of the attention module inside a decoder layer (``self_attn``, ``attention``)."""
-    final_norm_attr: str
-    """Name of the final norm on the base model (``norm``, ``final_layer_norm``)."""
+    """Dotted path of the attention slot inside a block (``self_attn``, ``attention``,
+    BERT's ``attention.self``): the module that a mixer replaces."""
+    final_norm_attr: str | None
+    """Dotted path of the final norm on the base model (``norm``, ``final_layer_norm``);
+    None for post-LN encoders, whose last block ends in its own norm."""
     read_attention: Callable[[nn.Module, object], AttentionWeights]
-    """Reads Q/K/V/O from one attention module (given the model config)."""
+    """Reads Q/K/V/O from one attention slot (given the model config). ``o`` is None when
+    the output projection sits outside the slot (BERT's ``attention.output.dense``) and is
+    therefore kept, copied like any other weight."""
+    layers_attr: str = "layers"
+    """Dotted path of the ``nn.ModuleList`` of blocks on the base model (BERT: ``encoder.layer``)."""
     embed_dropout_attr: str | None = None
     """Optional dropout applied to embeddings on the base model (gpt_neox ``emb_dropout``)."""
     bamba: BambaLayout | None = None
@@ -75,19 +94,21 @@ class FamilyAdapter:
         return model.base_model if hasattr(model, "base_model") else model
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
-        return self.base(model).layers
+        return _resolve(self.base(model), self.layers_attr)
 
-    def final_norm(self, model: nn.Module) -> nn.Module:
-        return getattr(self.base(model), self.final_norm_attr)
+    def final_norm(self, model: nn.Module) -> nn.Module | None:
+        return _resolve(self.base(model), self.final_norm_attr) if self.final_norm_attr else None
 
     def attention(self, layer: nn.Module) -> nn.Module:
-        return getattr(layer, self.attention_attr)
+        return _resolve(layer, self.attention_attr)
 
-    def set_attention(self, layer: nn.Module, module: nn.Module) -> None:
-        setattr(layer, self.attention_attr, module)
+    def set_attention(self, layer: nn.Module, module: nn.Module | None) -> None:
+        parent, _, name = self.attention_attr.rpartition(".")
+        setattr(_resolve(layer, parent) if parent else layer, name, module)
 
 
 _REGISTRY: dict[str, FamilyAdapter] = {}
+_DISCOVERED: dict[str, FamilyAdapter] = {}
 
 
 def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
@@ -95,19 +116,42 @@ def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
     return adapter
 
 
-def supported_families() -> list[str]:
+def supported_families() -> str:
+    """Which families convert: the hand-written adapters, and the rule for every other family."""
     from . import families  # noqa: F401  (registers the built-in families)
+    from .discovery import DISCOVERABLE
 
-    return sorted(_REGISTRY)
+    found = f"; discovered so far: {', '.join(sorted(_DISCOVERED))}" if _DISCOVERED else ""
+    return (
+        f"hand-written adapters for {', '.join(sorted(_REGISTRY))}; any other family is discovered from its "
+        f"modeling code when its blocks hold one attention module with {DISCOVERABLE}{found}"
+    )
 
 
-def get_adapter(model_type: str) -> FamilyAdapter:
+def get_adapter(config_or_model_type: PretrainedConfig | str) -> FamilyAdapter:
+    """The adapter of a family: hand-written, or discovered once per model type.
+
+    Give the teacher's config where there is one: discovery then inspects exactly the
+    architecture that will be converted (on the meta device, so no memory and no weights).
+    A family that cannot be converted raises one ValueError naming what is missing.
+    """
     from . import families  # noqa: F401
+    from .discovery import discover_adapter
 
-    if model_type not in _REGISTRY:
-        raise ValueError(
-            f"model family {model_type!r} is not supported for conversion; supported families: "
-            f"{supported_families()}. A new family needs a small FamilyAdapter in "
-            "cald_scale/conversion/families.py."
-        )
-    return _REGISTRY[model_type]
+    if isinstance(config_or_model_type, str):
+        model_type, config = config_or_model_type, None
+    else:
+        model_type, config = config_or_model_type.model_type, config_or_model_type
+    if model_type in _REGISTRY:
+        return _REGISTRY[model_type]
+    if model_type not in _DISCOVERED:
+        if config is None:
+            try:
+                config = AutoConfig.for_model(model_type)
+            except ValueError as err:
+                raise ValueError(
+                    f"model family {model_type!r} is not supported for conversion: transformers has no config for it "
+                    f"({supported_families()})"
+                ) from err
+        _DISCOVERED[model_type] = discover_adapter(config, handwritten=sorted(_REGISTRY))
+    return _DISCOVERED[model_type]

@@ -25,11 +25,19 @@ class MixerOps(NamedTuple):
 
 
 class SequenceMixer(nn.Module):
-    """The contract every mixer keeps: whole-sequence ``forward``, ``prefill`` (forward plus
-    the decoding state after the last token) and a one-token ``step``; subclasses implement
-    ``_mix``, ``allocate_state`` and ``step``, and name their state dataclass (fields
-    ``conv_state`` and ``ssm_state``) as ``state_class``."""
+    """The contract every mixer keeps: ``forward`` mixes a whole (b, l, hidden) sequence under
+    an optional (b, l) padding mask; subclasses implement ``_mix``.
 
+    Causal mixers (``causal = True``: Mamba, Mamba2) can also decode: ``prefill`` (forward
+    plus the decoding state after the last token) and a one-token ``step``; they implement
+    ``allocate_state`` and ``step`` and name their state dataclass (fields ``conv_state`` and
+    ``ssm_state``) as ``state_class``. Bidirectional mixers (``causal = False``: Linformer,
+    BiMamba2, for encoders) let every token see the whole sequence, so they have no decoding
+    state; the causal LM path must refuse them.
+    """
+
+    causal: bool = True
+    """Whether token t's output depends on tokens <= t only (what generation needs)."""
     state_class: type
 
     def _mix(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, return_state: bool):
@@ -41,16 +49,29 @@ class SequenceMixer(nn.Module):
         Args:
             hidden_states: (b, l, hidden).
             attention_mask: optional (b, l) of 1 (token) / 0 (padding); padded positions feed
-                nothing into the state.
+                nothing into any real token's output.
 
         Returns:
-            (b, l, hidden).
+            (b, l, out_width): out_width is hidden for the Mamba mixers.
         """
         return self._mix(hidden_states, attention_mask, return_state=False)
 
     def prefill(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """:meth:`forward`, also returning the decoding state after the last token."""
+        """:meth:`forward`, also returning the decoding state after the last token (causal mixers)."""
+        self._require_causal("prefill")
         return self._mix(hidden_states, attention_mask, return_state=True)
+
+    def step(self, hidden_states: torch.Tensor, state):
+        """One decoding step from ``state`` (causal mixers implement it)."""
+        self._require_causal("step")
+        raise NotImplementedError
+
+    def _require_causal(self, what: str) -> None:
+        if not self.causal:
+            raise TypeError(
+                f"{type(self).__name__} is bidirectional (causal = False): it has no decoding state, "
+                f"so no {what}; use it in encoders only"
+            )
 
 
 def last_conv_inputs(x: torch.Tensor, width: int) -> torch.Tensor:

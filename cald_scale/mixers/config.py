@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import get_args
+from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from cald_scale.mixers.ops.dispatch import Kernel as KernelChoice
 
-__all__ = ["KernelChoice", "Mamba2Config", "MambaConfig"]
+__all__ = ["BiMamba2Config", "KernelChoice", "LinformerConfig", "LinformerSharing", "Mamba2Config", "MambaConfig"]
 
 
 def _positive(name: str, value: float) -> None:
@@ -140,3 +140,68 @@ class MambaConfig:
     def resolved_dt_rank(self, hidden_size: int) -> int:
         """dt_rank for a given hidden size."""
         return self.dt_rank if self.dt_rank is not None else math.ceil(hidden_size / 16)
+
+
+@dataclass(kw_only=True)
+class BiMamba2Config:
+    """Bidirectional Mamba2 mixer (encoders): one Mamba2 per scan direction, outputs merged."""
+
+    mamba2: Mamba2Config = field(default_factory=Mamba2Config)
+    """Settings of each direction's Mamba2Mixer (both directions share them, not their weights)."""
+    merge: Literal["add", "mean"] = "add"
+    """How the two directions' outputs combine: their sum, or their mean."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mamba2, dict):  # asdict() output handed back as it is
+            self.mamba2 = Mamba2Config(**self.mamba2)
+        if not isinstance(self.mamba2, Mamba2Config):
+            raise ValueError(f"mamba2 must be a Mamba2Config, got {type(self.mamba2).__name__}")
+        if self.merge not in ("add", "mean"):
+            raise ValueError(f"merge must be 'add' or 'mean', got {self.merge!r}")
+
+
+LinformerSharing = Literal["none", "kv", "layer"]
+
+
+@dataclass(kw_only=True)
+class LinformerConfig:
+    """Linformer self-attention (encoders): the teacher's Q/K/V plus learnt length projections
+    E (keys) and F (values) that shrink the l keys and values to k."""
+
+    num_heads: int | None = None
+    """Number of attention heads; None means hidden_size // head_dim."""
+    head_dim: int = 64
+    """Channels per head; the output width is num_heads * head_dim (the teacher's context width)."""
+    k: int = 256
+    """Number of projected positions (columns of E and F)."""
+    max_positions: int = 512
+    """Longest sequence (in real tokens) the length projections cover (rows of E and F)."""
+    sharing: LinformerSharing = "none"
+    """none: E and F per layer; kv: E = F per layer; layer: one E = F shared by all layers."""
+    output_proj: bool = False
+    """Whether the mixer has its own output projection o_proj. False for families that keep
+    the O projection outside the attention slot (BERT's ``attention.output.dense``)."""
+    proj_bias: bool = True
+    """Whether q_proj, k_proj, v_proj (and o_proj) have biases (BERT's do)."""
+    dropout: float = 0.0
+    """Dropout on the attention probabilities while training."""
+
+    def __post_init__(self) -> None:
+        for name in ("head_dim", "k", "max_positions"):
+            _positive(name, getattr(self, name))
+        if self.num_heads is not None:
+            _positive("num_heads", self.num_heads)
+        if self.sharing not in get_args(LinformerSharing):
+            raise ValueError(f"sharing must be one of {get_args(LinformerSharing)}, got {self.sharing!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    def resolved_num_heads(self, hidden_size: int) -> int:
+        """num_heads for a given hidden size; raises ValueError if the geometry does not fit."""
+        if self.num_heads is not None:
+            return self.num_heads
+        if hidden_size % self.head_dim:
+            raise ValueError(
+                f"num_heads is None, so head_dim ({self.head_dim}) must divide hidden_size ({hidden_size})"
+            )
+        return hidden_size // self.head_dim

@@ -94,7 +94,7 @@ def test_build_mixer_checks_kind_and_config():
     assert isinstance(make("mamba2"), Mamba2Mixer)
     assert isinstance(make("mamba"), MambaMixer)
     with pytest.raises(ValueError, match="mamba"):
-        build_mixer("linformer", MambaConfig(), HIDDEN, 0)  # type: ignore[arg-type]
+        build_mixer("retnet", MambaConfig(), HIDDEN, 0)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Mamba2Config"):
         build_mixer("mamba2", MambaConfig(), HIDDEN, 0)
 

@@ -1,0 +1,188 @@
+"""Discover a family's adapter from its own modeling code, on a meta-device skeleton.
+
+A family with no hand-written adapter converts when its layout is unambiguous:
+
+1. the blocks: the single ``nn.ModuleList`` of ``num_hidden_layers`` modules under the base model;
+2. the attention slot: the one module of a block whose children are the projections of a
+   known layout (``PROJECTION_LAYOUTS``), at the same path in every block, with the
+   shapes the config's head geometry gives;
+3. the final norm: the norm module on the base model after the blocks (none: a post-LN encoder);
+4. the embedding dropout: a dropout on the base model before the blocks (if any).
+
+The skeleton is built on the meta device, so discovery reads no weights and allocates no
+memory; anything else is refused here, before any weight is read, in one line naming
+what is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
+from transformers.initialization import no_init_weights
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+
+from .families import read_fused_qkv, read_query_key_value, read_separate_qkvo
+from .modeling import teacher_geometry
+from .registry import AttentionWeights, FamilyAdapter
+
+__all__ = ["ProjectionLayout", "PROJECTION_LAYOUTS", "DISCOVERABLE", "discover_adapter"]
+
+
+@dataclass(frozen=True)
+class ProjectionLayout:
+    """Child names that mark a module as an attention slot, and how to read its Q/K/V/O."""
+
+    children: tuple[str, ...]
+    read: Callable[[nn.Module, object], AttentionWeights]
+
+    def matches(self, module: nn.Module) -> bool:
+        return set(self.children) <= {name for name, _ in module.named_children()}
+
+
+PROJECTION_LAYOUTS = (
+    ProjectionLayout(("q_proj", "k_proj", "v_proj", "o_proj"), read_separate_qkvo),
+    ProjectionLayout(("qkv_proj", "o_proj"), read_fused_qkv),
+    ProjectionLayout(("query", "key", "value"), read_query_key_value),
+)
+DISCOVERABLE = "q_proj/k_proj/v_proj/o_proj, a fused qkv_proj [q | k | v] with o_proj, or query/key/value (BERT)"
+
+
+class _Refusal(ValueError):
+    """What makes a family unconvertible (turned into the one-line error of ``discover_adapter``)."""
+
+
+def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> FamilyAdapter:
+    """The adapter of ``config``'s family, read off a meta-device model built from it."""
+    model_type = config.model_type
+    try:
+        base = FamilyAdapter.base(_skeleton(config))
+        layers_attr = _find_layers(base, config)
+        layers = base.get_submodule(layers_attr)
+        attention_attr, layout = _find_attention(layers)
+        _check_geometry(layout, layers[0].get_submodule(attention_attr), config, attention_attr)
+        final_norm_attr = _find_final_norm(base, layers_attr)
+        embed_dropout_attr = _find_embed_dropout(base, layers_attr)
+    except _Refusal as err:
+        raise ValueError(
+            f"cannot convert model type {model_type!r}: {err}. A family with another layout needs a hand-written "
+            f"FamilyAdapter in cald_scale/conversion/families.py (hand-written: {', '.join(handwritten)})"
+        ) from None
+    return FamilyAdapter(
+        model_type=model_type,
+        attention_attr=attention_attr,
+        final_norm_attr=final_norm_attr,
+        read_attention=layout.read,
+        layers_attr=layers_attr,
+        embed_dropout_attr=embed_dropout_attr,
+        bamba_refusal=f"{model_type} has no Bamba layout (only the hand-written llama, mistral and qwen2 adapters have one)",
+    )
+
+
+def _skeleton(config: PretrainedConfig) -> nn.Module:
+    """The family's model on the meta device: its module tree, without memory or weights."""
+    # NOTE: an encoder (it has a masked-LM head class; BERT also lists a causal one) is built
+    # bare: its causal-LM class warns and is not what the encoder track converts.
+    encoder = type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)
+    auto = AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and not encoder else AutoModel
+    with torch.device("meta"), no_init_weights():
+        return auto.from_config(copy.deepcopy(config))  # NOTE: a copy: from_config may set fields on it
+
+
+def _describe(module: nn.Module) -> str:
+    """``a, b (b1, b2), c``: a module's children and grandchildren, for error messages."""
+    parts = []
+    for name, child in module.named_children():
+        grand = [n for n, _ in child.named_children()]
+        parts.append(f"{name} ({', '.join(grand)})" if grand else name)
+    return f"[{', '.join(parts)}]"
+
+
+def _find_layers(base: nn.Module, config: PretrainedConfig) -> str:
+    """Path of the single outermost ``nn.ModuleList`` holding ``num_hidden_layers`` blocks."""
+    num = getattr(config, "num_hidden_layers", None)
+    lists = [name for name, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) and (num is None or len(m) == num)]
+    # A list inside another (an MoE's experts inside a block) is not the block list.
+    outer = [name for name in lists if not any(name.startswith(other + ".") for other in lists)]
+    if len(outer) != 1:
+        what = "no" if not outer else f"several ({', '.join(outer)})"
+        raise _Refusal(f"{what} nn.ModuleList of its {num} blocks found under {type(base).__name__}; found children {_describe(base)}")
+    return outer[0]
+
+
+def _slots(layer: nn.Module) -> list[tuple[str, ProjectionLayout]]:
+    """(path, layout) of every module in ``layer`` whose children are attention projections."""
+    found = []
+    for name, module in layer.named_modules():
+        layout = next((lay for lay in PROJECTION_LAYOUTS if lay.matches(module)), None)
+        if layout is not None and name:
+            found.append((name, layout))
+    return found
+
+
+def _find_attention(layers: nn.ModuleList) -> tuple[str, ProjectionLayout]:
+    """The one attention slot of block 0, checked to sit at the same path in every block."""
+    first = _slots(layers[0])
+    if not first:
+        raise _Refusal(
+            f"no attention module with q/k/v projections found in layer 0; "
+            f"found children {_describe(layers[0])}; recognised layouts: {DISCOVERABLE}"
+        )
+    if len(first) > 1:
+        raise _Refusal(f"several attention modules in layer 0 ({', '.join(name for name, _ in first)}): which one a mixer replaces is ambiguous")
+    for i, layer in enumerate(layers):
+        if _slots(layer) != first:
+            found = ", ".join(name for name, _ in _slots(layer)) or "none"
+            raise _Refusal(f"layer {i} has attention at [{found}] but layer 0 at [{first[0][0]}] (a hybrid or mixed-block family)")
+    return first[0]
+
+
+def _check_geometry(layout: ProjectionLayout, slot: nn.Module, config: PretrainedConfig, path: str) -> None:
+    """Q/K/V/O read off the slot with the shapes the config's head geometry gives (mixer
+    initialisation relies on them; a fused projection is split by them)."""
+    hidden, heads, kv_heads, head_dim = teacher_geometry(config)
+    try:
+        attn = layout.read(slot, config)
+    except RuntimeError as err:  # a fused projection that does not split into [q | k | v]
+        raise _Refusal(f"the projections of {path} do not split by the config's heads ({heads} query, {kv_heads} kv, head_dim {head_dim}): {err}") from None
+    expected = {"q": (heads * head_dim, hidden), "k": (kv_heads * head_dim, hidden), "v": (kv_heads * head_dim, hidden), "o": (hidden, heads * head_dim)}
+    wrong = [
+        f"{name} {tuple(tensor.shape)} != {shape}"
+        for name, shape in expected.items()
+        if (tensor := getattr(attn, name)) is not None and tuple(tensor.shape) != shape
+    ]
+    if wrong:
+        raise _Refusal(f"the projections of {path} do not match the config's heads ({heads} query, {kv_heads} kv, head_dim {head_dim}): {', '.join(wrong)}")
+
+
+def _after_and_before(base: nn.Module, layers_attr: str) -> tuple[list[str], list[str]]:
+    """Paths of the modules registered after / before the block list, on each module along its path."""
+    after, before = [], []
+    module, prefix = base, ""
+    for part in layers_attr.split("."):
+        names = [name for name, _ in module.named_children()]
+        at = names.index(part)
+        after += [prefix + name for name in names[at + 1 :]]
+        before += [prefix + name for name in names[:at]]
+        module, prefix = getattr(module, part), f"{prefix}{part}."
+    return after, before
+
+
+def _find_final_norm(base: nn.Module, layers_attr: str) -> str | None:
+    after, _ = _after_and_before(base, layers_attr)
+    norms = [path for path in after if "norm" in type(base.get_submodule(path)).__name__.lower()]
+    if len(norms) > 1:
+        raise _Refusal(f"several norms after the blocks ({', '.join(norms)}): which is the final norm is ambiguous")
+    return norms[0] if norms else None  # none: a post-LN encoder
+
+
+def _find_embed_dropout(base: nn.Module, layers_attr: str) -> str | None:
+    _, before = _after_and_before(base, layers_attr)
+    dropouts = [path for path in before if isinstance(base.get_submodule(path), nn.Dropout)]
+    if len(dropouts) > 1:
+        raise _Refusal(f"several dropouts before the blocks ({', '.join(dropouts)}): which one applies to the embeddings is ambiguous")
+    return dropouts[0] if dropouts else None

@@ -1,0 +1,210 @@
+"""Conversion is generic over model families: adapters discovered from the modeling code.
+
+Every family is a tiny random model built from its config (no hub). The contract per
+decoder family: running it block by block equals its own forward (also past a sliding
+window), conversion copies every non-attention tensor bitwise, the student runs; an
+unconvertible layout is refused before any weight is read.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from cald_scale.conversion.families import read_fused_qkv
+from cald_scale.conversion.modeling import ConversionConfig, MixerAsAttention
+from cald_scale.conversion.registry import get_adapter, supported_families
+from cald_scale.conversion.surgery import attention_prefixes, build_student, convert_teacher
+from cald_scale.conversion.weights import StateDictReader, TensorTree
+from cald_scale.distill.stages import LayerwiseModel
+
+WINDOW = 8
+SEQ = 3 * WINDOW  # longer than every sliding window below
+
+_COMMON = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+
+# model_type -> extra config fields. Layer types: llama, qwen3, olmo2, phi3 full; mistral all
+# sliding; qwen2 full then sliding (max_window_layers); gemma2 and olmo3 alternate (layer_types).
+DECODERS = {
+    "llama": {},
+    "qwen3": {"head_dim": 16},  # q_norm / k_norm per head inside attention
+    "olmo2": {},  # q_norm / k_norm over the full width inside attention
+    "phi3": {},  # fused qkv_proj, fused gate_up_proj
+    "mistral": {"sliding_window": WINDOW},
+    "qwen2": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 2},
+    "gemma2": {"head_dim": 16, "sliding_window": WINDOW},  # soft-capped attention and logits, eager only
+    "olmo3": {"sliding_window": WINDOW},  # rotary embeddings per layer type
+}
+SLIDING = ("mistral", "qwen2", "gemma2", "olmo3")
+
+
+def tiny(model_type: str, seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **_COMMON, **DECODERS[model_type])
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def ids(vocab: int = _COMMON["vocab_size"]) -> torch.Tensor:
+    return torch.randint(3, vocab, (2, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("model_type", sorted(DECODERS))
+def test_layerwise_equals_forward_past_the_window(model_type):
+    model = tiny(model_type)
+    lw = LayerwiseModel(model)
+    assert lw.adapter is get_adapter(model.config)
+    with torch.no_grad():
+        expected = model(ids()).logits
+        torch.testing.assert_close(lw.logits(ids()), expected, rtol=1e-5, atol=1e-5)
+        if model_type in SLIDING:
+            assert "sliding_attention" in lw.layer_types and SEQ > model.config.sliding_window
+            lw.layer_types = ["full_attention"] * lw.num_layers  # what one full causal mask computes
+            assert not torch.allclose(lw.logits(ids()), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "gemma2"])
+def test_hybrid_student_layerwise_equals_forward(model_type):
+    # The kept attention layers (gemma2: one sliding, one full) get their own masks too.
+    student = convert_teacher(tiny(model_type), ConversionConfig(attention_layers=[0, 1]))
+    with torch.no_grad():
+        torch.testing.assert_close(LayerwiseModel(student).logits(ids()), student(ids()).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(DECODERS))
+def test_conversion_copies_every_non_attention_tensor(model_type):
+    teacher = tiny(model_type)
+    adapter = get_adapter(teacher.config)
+    student = convert_teacher(teacher, ConversionConfig())
+    slots = attention_prefixes(teacher, adapter)
+    assert len(slots) == teacher.config.num_hidden_layers
+
+    t_state, s_state = teacher.state_dict(), student.backbone.state_dict()
+    copied = [k for k in t_state if not k.startswith(slots)]
+    for key in copied:
+        assert torch.equal(t_state[key], s_state[key]), key
+    # Nothing else survives: the student adds only mixers in the attention slots.
+    assert {k for k in s_state if not k.startswith(slots)} == set(copied)
+    assert all(".mixer." in k for k in s_state if k.startswith(slots))
+    assert all(isinstance(adapter.attention(layer), MixerAsAttention) for layer in adapter.layers(student.backbone))
+    if model_type in ("qwen3", "olmo2"):  # q/k norms are attention weights: dropped with it
+        assert any(".self_attn.q_norm." in k for k in t_state) and not any("q_norm" in k for k in s_state)
+
+    with torch.no_grad():
+        logits = student(ids()).logits
+    assert logits.shape == (2, SEQ, teacher.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_fused_qkv_is_read_as_q_k_v_rows():
+    teacher = tiny("phi3")
+    adapter = get_adapter(teacher.config)
+    assert adapter.read_attention is read_fused_qkv
+    attn = adapter.attention(adapter.layers(teacher)[1])
+    weights = adapter.read_attention(attn, teacher.config)
+    q_rows, kv_rows = 4 * 16, 2 * 16
+    fused = attn.qkv_proj.weight
+    assert torch.equal(weights.q, fused[:q_rows])
+    assert torch.equal(weights.k, fused[q_rows : q_rows + kv_rows])
+    assert torch.equal(weights.v, fused[q_rows + kv_rows :])
+    assert torch.equal(weights.o, attn.o_proj.weight)
+    # The same from a checkpoint, one tensor at a time.
+    prefix = attention_prefixes(teacher, adapter)[1]
+    from_file = adapter.read_attention(TensorTree(StateDictReader(teacher.state_dict()), prefix), teacher.config)
+    assert torch.equal(from_file.k, weights.k)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_encoder_adapter_reads_qkv_and_leaves_o_outside(model_type):
+    torch.manual_seed(0)
+    common = {k: v for k, v in _COMMON.items() if k != "num_key_value_heads"}
+    config = AutoConfig.for_model(model_type, **common, is_decoder=True)
+    model = AutoModelForCausalLM.from_config(config)
+    adapter = get_adapter(config)
+    assert (adapter.layers_attr, adapter.attention_attr, adapter.final_norm_attr) == ("encoder.layer", "attention.self", None)
+    base = getattr(model, model_type)
+    assert adapter.layers(model) is base.encoder.layer and adapter.final_norm(model) is None
+    state = StateDictReader(model.state_dict())
+    for i, layer in enumerate(adapter.layers(model)):
+        slot = adapter.attention(layer)
+        assert slot is layer.attention.self
+        for read in (adapter.read_attention(slot, config), adapter.read_attention(TensorTree(state, f"{model_type}.encoder.layer.{i}.attention.self."), config)):
+            for name in ("query", "key", "value"):
+                tensor = getattr(slot, name)
+                assert torch.equal(getattr(read, name[0]), tensor.weight) and torch.equal(getattr(read, f"{name[0]}_bias"), tensor.bias)
+            assert read.o is None and read.o_bias is None  # O stays in attention.output.dense
+    assert attention_prefixes(model, adapter)[1] == f"{model_type}.encoder.layer.1.attention.self."
+
+
+# -- refusals ---------------------------------------------------------------------------------
+class _NoQKVConfig(PretrainedConfig):
+    model_type = "cald_test_no_qkv"
+
+    def __init__(self, vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, **kwargs):
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
+        super().__init__(**kwargs)
+
+
+class _NoQKVBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.token_mix = nn.Linear(config.hidden_size, config.hidden_size)  # no q/k/v anywhere
+        self.mlp = nn.Sequential(nn.Linear(config.hidden_size, 32), nn.Linear(32, config.hidden_size))
+
+
+class _NoQKVForCausalLM(PreTrainedModel):
+    config_class = _NoQKVConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(_NoQKVBlock(config) for _ in range(config.num_hidden_layers))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+
+AutoConfig.register(_NoQKVConfig.model_type, _NoQKVConfig, exist_ok=True)
+AutoModelForCausalLM.register(_NoQKVConfig, _NoQKVForCausalLM, exist_ok=True)
+
+
+class _UnreadableWeights:
+    """A checkpoint that fails the test if conversion touches it."""
+
+    def keys(self):
+        raise AssertionError("weights were read before the family was refused")
+
+    shape = get = keys
+
+
+def test_unconvertible_layout_is_refused_before_weights_are_read():
+    with pytest.raises(ValueError) as err:
+        build_student(_NoQKVConfig(), _UnreadableWeights(), ConversionConfig())
+    message = str(err.value)
+    assert "\n" not in message
+    assert "'cald_test_no_qkv'" in message
+    assert "no attention module with q/k/v projections found in layer 0; found children [token_mix, mlp (0, 1)]" in message
+    assert "hand-written: gpt_neox, llama, mistral, qwen2" in message
+
+
+def test_real_families_with_other_layouts_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"'gpt2': no attention module .* found children \[ln_1, attn \(c_attn, c_proj"):
+        get_adapter("gpt2")
+    with pytest.raises(ValueError, match=r"'t5': several \(encoder.block, decoder.block\) nn.ModuleList"):
+        get_adapter("t5")
+    with pytest.raises(ValueError, match="'no_such_family'.*transformers has no config"):
+        get_adapter("no_such_family")
+
+
+def test_supported_families_names_adapters_and_discovery():
+    get_adapter(tiny("qwen3").config)
+    text = supported_families()
+    assert "hand-written adapters for gpt_neox, llama, mistral, qwen2" in text
+    assert "any other family is discovered" in text and "qwen3" in text
+    assert get_adapter("qwen3") is get_adapter(tiny("qwen3").config)  # cached per model type
+    assert get_adapter("llama").bamba is not None and get_adapter("qwen3").bamba is None
