@@ -32,13 +32,18 @@ class Run:
         return RUNS / benchmark / f"{self.name}_seed{self.seed}"
 
 
-def launch(run: Run, benchmark: str, *, ranks: int = 1, log_every_tokens: int | None = None) -> dict:
-    """Run (or reuse) one training run; returns its curve (see ``curve``)."""
+def launch(run: Run, benchmark: str, *, ranks: int = 1) -> dict:
+    """Run (or reuse) one causal-LM training run; returns its curve (see ``curve``)."""
+    return curve(launch_run(run, benchmark, ranks=ranks))
+
+
+def launch_run(run: Run, benchmark: str, *, ranks: int = 1) -> Path:
+    """Run (or reuse) one training run of any task; returns its finished run folder."""
     folder = run.folder(benchmark)
     args = [*run.overrides, f"train.seed={run.seed}", f"output.run_dir={folder}", "output.progress_bar=false"]
     if (folder / "report.json").is_file():
         print(f"[{benchmark}] reusing {folder}", flush=True)
-        return curve(folder)
+        return folder
     launcher = str(Path(sys.executable).parent / "deepspeed")
     # A port of our own: two benchmarks (or a test run) may launch side by side.
     cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "launch/train.py", "--ds_config", run.ds_config]
@@ -54,7 +59,7 @@ def launch(run: Run, benchmark: str, *, ranks: int = 1, log_every_tokens: int | 
     if proc.returncode != 0:
         raise RuntimeError(f"run {run.name} (seed {run.seed}) failed with exit code {proc.returncode}; see {folder / 'launch.log'}")
     print(f"[{benchmark}] {run.name} seed {run.seed} done in {time.time() - started:.0f} s", flush=True)
-    return curve(folder)
+    return folder
 
 
 def _free_port() -> int:

@@ -1,10 +1,13 @@
 """cald_scale: Cross-Architecture Layerwise Distillation of pretrained Transformers into
-linear-time students (Mamba, Mamba2) at scale on DeepSpeed ZeRO-3.
+linear-time students (Mamba, Mamba2; Linformer and bidirectional Mamba2 for encoders) at
+scale on DeepSpeed ZeRO-3.
 
 Importing the package registers the converted-student classes with transformers' Auto
-classes, so ``AutoModelForCausalLM.from_pretrained(run_dir / "student")`` works.
+classes, so ``AutoModelForCausalLM.from_pretrained(run_dir / "student")`` (and
+``AutoModelForSequenceClassification`` for the encoder track) works.
 """
 
+from .conversion.classifier import CaldClassifierConfig, CaldEncoderForSequenceClassification
 from .conversion.modeling import (
     CaldStudentConfig,
     CaldStudentForCausalLM,
@@ -12,5 +15,12 @@ from .conversion.modeling import (
 )
 from .conversion.surgery import convert_teacher
 
-__all__ = ["CaldStudentConfig", "CaldStudentForCausalLM", "ConversionConfig", "convert_teacher"]
+__all__ = [
+    "CaldClassifierConfig",
+    "CaldEncoderForSequenceClassification",
+    "CaldStudentConfig",
+    "CaldStudentForCausalLM",
+    "ConversionConfig",
+    "convert_teacher",
+]
 __version__ = "0.1.0"

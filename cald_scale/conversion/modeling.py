@@ -26,27 +26,36 @@ from transformers.generation import GenerationMixin
 
 from ..configuration import from_dict, to_dict
 from ..generation.cache import StudentCache
-from ..mixers import build_mixer
-from ..mixers.config import Mamba2Config, MambaConfig
+from ..mixers import MIXER_KINDS, LengthProjection, build_mixer
+from ..mixers.config import BiMamba2Config, LinformerConfig, Mamba2Config, MambaConfig
 from .registry import get_adapter
 
-__all__ = ["ConversionConfig", "CaldStudentConfig", "CaldStudentForCausalLM", "MixerAsAttention", "teacher_geometry"]
+__all__ = ["ConversionConfig", "CaldStudentConfig", "CaldStudentForCausalLM", "MixerAsAttention", "replace_attention", "teacher_geometry"]
 
 
 @dataclasses.dataclass(kw_only=True)
 class ConversionConfig:
     """How a teacher becomes a student."""
 
-    mixer: Literal["mamba2", "mamba"] = "mamba2"
-    """Which linear-time mixer replaces self-attention."""
+    mixer: Literal["mamba2", "mamba", "linformer", "bimamba2", "none"] = "mamba2"
+    """Which linear-time mixer replaces self-attention. Causal LMs take mamba2 or mamba;
+    encoders take the bidirectional linformer or bimamba2. ``none`` converts nothing: the
+    "student" is the teacher itself, fine-tuned by the same trainer (the encoder track's
+    "Std." run, which makes the target teacher and the waypoints)."""
     mamba2: Mamba2Config = dataclasses.field(default_factory=Mamba2Config)
     """Mamba2 settings (geometry fields are overwritten when ``match_teacher_geometry``)."""
     mamba: MambaConfig = dataclasses.field(default_factory=MambaConfig)
     """Mamba (selective SSM) settings."""
+    linformer: LinformerConfig = dataclasses.field(default_factory=LinformerConfig)
+    """Linformer settings (heads, head_dim and max_positions follow the teacher when
+    ``match_teacher_geometry``; k and the sharing mode are the user's)."""
+    bimamba2: BiMamba2Config = dataclasses.field(default_factory=BiMamba2Config)
+    """Bidirectional Mamba2 settings (each direction's geometry as for mamba2)."""
     match_teacher_geometry: bool = True
-    """Mamba2: heads, head_dim, d_state = head_dim and one group per head taken from the
-    teacher attention, so Q/K/V/O map one-to-one onto C/B/x/out_proj; the gated norm's
-    epsilon is the teacher's rms_norm_eps."""
+    """Mamba2 and BiMamba2: heads, head_dim, d_state = head_dim and one group per head taken
+    from the teacher attention, so Q/K/V/O map one-to-one onto C/B/x/out_proj; the gated
+    norm's epsilon is the teacher's rms_norm_eps. Linformer: the teacher's heads, head_dim
+    and position table length."""
     attention_layers: list[int] = dataclasses.field(default_factory=list)
     """Layers that keep the teacher's attention (a hybrid; the rest get mixers), e.g. every
     other layer for MambaInLlama's 50% hybrid. Empty: every layer is converted."""
@@ -54,6 +63,16 @@ class ConversionConfig:
     """Initialise mixer projections from the teacher's Q/K/V/O ("Mamba in the Llama"); false:
     fresh mixers as in the paper. On the default job it halved held-out perplexity at every
     point of the run (benchmarks/results/recovery.md)."""
+
+    @property
+    def converts(self) -> bool:
+        """False for ``mixer: none`` (the teacher trained as it is)."""
+        return self.mixer != "none"
+
+    @property
+    def causal(self) -> bool:
+        """Whether the mixer sees only the past (decoders can use only such mixers)."""
+        return not self.converts or MIXER_KINDS[self.mixer][1].causal
 
     def resolved(self, teacher_config: PretrainedConfig) -> "ConversionConfig":
         """A copy with every geometry field made concrete for this teacher."""
@@ -65,30 +84,49 @@ class ConversionConfig:
                 f"student.conversion.attention_layers must be distinct layer indices in [0, {layers}), "
                 f"got {self.attention_layers}"
             )
+        if not self.converts:
+            if self.attention_layers:
+                raise ValueError("student.conversion.mixer=none converts no layer: student.conversion.attention_layers must be empty")
+            return out
         if len(self.attention_layers) == layers:
             raise ValueError("student.conversion.attention_layers keeps every layer's attention: nothing to convert")
         out.attention_layers = sorted(self.attention_layers)
-        if self.mixer == "mamba2" and self.match_teacher_geometry:
-            hidden, heads, _, head_dim = teacher_geometry(teacher_config)
-            if (heads * head_dim) % hidden != 0:
-                raise ValueError(
-                    f"teacher attention width {heads}x{head_dim} is not a multiple of hidden size {hidden}; "
-                    "set student.conversion.match_teacher_geometry=false and give mamba2 geometry explicitly"
-                )
-            out.mamba2 = dataclasses.replace(
-                self.mamba2,
-                num_heads=heads,
-                head_dim=head_dim,
-                expand=heads * head_dim // hidden,
-                d_state=head_dim,
-                n_groups=heads,
-                # Bamba's convention (native export): the gated norm uses the teacher's epsilon.
-                norm_eps=getattr(teacher_config, "rms_norm_eps", self.mamba2.norm_eps),
-            )
+        if not self.match_teacher_geometry:
+            return out
+        if self.mixer == "mamba2":
+            out.mamba2 = _matched_mamba2(self.mamba2, teacher_config)
+        elif self.mixer == "bimamba2":
+            out.bimamba2 = dataclasses.replace(self.bimamba2, mamba2=_matched_mamba2(self.bimamba2.mamba2, teacher_config))
+        elif self.mixer == "linformer":
+            _, heads, kv_heads, head_dim = teacher_geometry(teacher_config)
+            positions = getattr(teacher_config, "max_position_embeddings", None) or self.linformer.max_positions
+            out.linformer = dataclasses.replace(self.linformer, num_heads=heads, head_dim=head_dim, max_positions=positions)
         return out
 
-    def mixer_config(self) -> Mamba2Config | MambaConfig:
-        return self.mamba2 if self.mixer == "mamba2" else self.mamba
+    def mixer_config(self) -> Mamba2Config | MambaConfig | LinformerConfig | BiMamba2Config:
+        if not self.converts:
+            raise ValueError("student.conversion.mixer=none has no mixer")
+        return getattr(self, self.mixer)
+
+
+def _matched_mamba2(cfg: Mamba2Config, teacher_config: PretrainedConfig) -> Mamba2Config:
+    """``cfg`` with the teacher attention's geometry (heads, head_dim, d_state = head_dim, a group per head)."""
+    hidden, heads, _, head_dim = teacher_geometry(teacher_config)
+    if (heads * head_dim) % hidden != 0:
+        raise ValueError(
+            f"teacher attention width {heads}x{head_dim} is not a multiple of hidden size {hidden}; "
+            "set student.conversion.match_teacher_geometry=false and give mamba2 geometry explicitly"
+        )
+    return dataclasses.replace(
+        cfg,
+        num_heads=heads,
+        head_dim=head_dim,
+        expand=heads * head_dim // hidden,
+        d_state=head_dim,
+        n_groups=heads,
+        # Bamba's convention (native export): the gated norm uses the teacher's epsilon.
+        norm_eps=getattr(teacher_config, "rms_norm_eps", cfg.norm_eps),
+    )
 
 
 def teacher_geometry(config: PretrainedConfig) -> tuple[int, int, int, int]:
@@ -116,7 +154,7 @@ class MixerAsAttention(nn.Module):
     # What the decoder hands an attention module that a mixer does not need: the causal
     # mask (mixers are causal by construction; padding comes as ``mixer_padding_mask``) and
     # positions (mixers have none). Anything else is refused rather than silently dropped.
-    _UNNEEDED = frozenset({"attention_mask", "position_ids", "position_embeddings", "use_cache", "cache_position"})
+    _UNNEEDED = frozenset({"attention_mask", "position_ids", "position_embeddings", "use_cache", "cache_position", "output_hidden_states"})
 
     def forward(
         self,
@@ -151,6 +189,30 @@ class MixerAsAttention(nn.Module):
         cache.update_conv_state(state.conv_state, idx)
         cache.update_recurrent_state(state.ssm_state, idx)
         return out, None
+
+
+def replace_attention(model: nn.Module, adapter, conversion: "ConversionConfig", teacher_config: PretrainedConfig) -> list[nn.Module]:
+    """Put a mixer (wrapped in ``MixerAsAttention``) into every attention slot of ``model``
+    except a hybrid's kept layers; returns the mixers in layer order."""
+    if not conversion.converts:
+        return []
+    kept = set(conversion.attention_layers)
+    mixer_config = conversion.mixer_config()
+    # A Linformer with sharing "layer": one length projection, the same module in every layer.
+    shared = LengthProjection.for_config(mixer_config) if conversion.mixer == "linformer" and mixer_config.sharing == "layer" else None
+    mixers = []
+    for idx, layer in enumerate(adapter.layers(model)):
+        if idx in kept:
+            continue  # a hybrid keeps the teacher's attention here
+        adapter.set_attention(layer, None)
+        # NOTE: a replaced attention may sit in a reference cycle (hooks that capture its
+        # parameters do that); collect it now, so at most one is alive while mixers are built.
+        gc.collect()
+        extra = {"shared_projection": shared} if shared is not None else {}
+        mixer = build_mixer(conversion.mixer, mixer_config, teacher_config.hidden_size, idx, **extra)
+        adapter.set_attention(layer, MixerAsAttention(mixer))
+        mixers.append(mixer)
+    return mixers
 
 
 class CaldStudentConfig(PretrainedConfig):
@@ -208,19 +270,9 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: CaldStudentConfig):
         super().__init__(config)
         teacher_config = config.teacher_hf_config()
-        self.adapter = get_adapter(teacher_config.model_type)
+        self.adapter = get_adapter(teacher_config)
         self.backbone = AutoModelForCausalLM.from_config(teacher_config)
-        conversion = config.conversion_config()
-        kept = set(conversion.attention_layers)
-        for idx, layer in enumerate(self.adapter.layers(self.backbone)):
-            if idx in kept:
-                continue  # a hybrid keeps the teacher's attention here
-            self.adapter.set_attention(layer, None)
-            # NOTE: a replaced attention may sit in a reference cycle (hooks that capture its
-            # parameters do that); collect it now, so at most one is alive while mixers are built.
-            gc.collect()
-            mixer = build_mixer(conversion.mixer, conversion.mixer_config(), teacher_config.hidden_size, idx)
-            self.adapter.set_attention(layer, MixerAsAttention(mixer))
+        replace_attention(self.backbone, self.adapter, config.conversion_config(), teacher_config)
         self.post_init()
 
     # The HF API everything else (streaming, generation, resizing) goes through.

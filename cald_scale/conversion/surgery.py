@@ -25,6 +25,7 @@ from ..configuration import to_dict
 from ..mixers import build_mixer
 from ..mixers.mamba import TimeStepProjection
 from .init import init_mixer_from_attention
+from .classifier import CaldClassifierConfig, CaldEncoderForSequenceClassification
 from .modeling import CaldStudentConfig, CaldStudentForCausalLM, ConversionConfig
 from .placement import PLAIN, Placement
 from .registry import FamilyAdapter, get_adapter
@@ -42,9 +43,25 @@ __all__ = ["build_student", "convert_teacher", "share_copied_weights", "student_
 logger = logging.getLogger("cald_scale.conversion")
 
 
-def student_config(teacher_config: PretrainedConfig, conversion: ConversionConfig, teacher_name_or_path: str | None = None) -> CaldStudentConfig:
-    """The student's HF config: the teacher's config, the family and the resolved mixer geometry."""
-    get_adapter(teacher_config.model_type)  # an unsupported family fails here, before any weight is read
+def student_config(teacher_config: PretrainedConfig, conversion: ConversionConfig, teacher_name_or_path: str | None = None) -> CaldStudentConfig | CaldClassifierConfig:
+    """The student's HF config: the teacher's config, the family and the resolved mixer geometry.
+
+    A causal LM teacher gives a ``CaldStudentConfig``; an encoder classifier teacher (its own
+    class, ``conversion=None``) gives the same classifier config with the conversion set.
+    """
+    if isinstance(teacher_config, CaldClassifierConfig):
+        get_adapter(teacher_config.teacher_hf_config())  # fails before any weight is read
+        return teacher_config.as_student(conversion, teacher_name_or_path)
+    # An unconvertible family fails here, before any weight is read; a discovered adapter is
+    # cached now, so its meta-device skeleton is never built under a partitioned construct().
+    get_adapter(teacher_config)
+    if not conversion.converts:
+        raise ValueError("student.conversion.mixer=none (the teacher fine-tuned as it is) is the classification task's Std. run; a causal LM converts with mamba2 or mamba")
+    if not conversion.causal:
+        raise ValueError(
+            f"student.conversion.mixer={conversion.mixer!r} is bidirectional: it can replace an encoder's attention, "
+            "not a causal LM's (use mamba2 or mamba)"
+        )
     data = teacher_config.to_dict()
     data.pop("quantization_config", None)
     return CaldStudentConfig(
@@ -131,14 +148,15 @@ def build_student(
     every non-attention weight (only for frozen copied weights: one copy in memory).
     """
     config = student_config(teacher_config, conversion, teacher_name_or_path)
-    adapter = get_adapter(teacher_config.model_type)
+    student_class = CaldEncoderForSequenceClassification if isinstance(config, CaldClassifierConfig) else CaldStudentForCausalLM
     # NOTE: no random init: every tensor is written below (copied, or a seeded fresh mixer).
     with placement.construct(), no_init_weights():
-        student = CaldStudentForCausalLM(config)
+        student = student_class(config)
+    adapter = student.adapter
     student.backbone.tie_weights()  # no_init_weights also skips tying
     gc.collect()  # the untied head's tensor, if any (partitioned tensors sit in reference cycles)
     kept = set(config.attention_layers)  # a hybrid's attention is copied like everything else
-    mixer_keys = tuple(p for i, p in enumerate(attention_prefixes(student.backbone, adapter)) if i not in kept)
+    mixer_keys = tuple(p for i, p in enumerate(attention_prefixes(student.backbone, adapter)) if i not in kept) if student.mixers() else ()
     if share_with is not None:
         share_copied_weights(student, share_with)
         gc.collect()  # the student's own copies, now replaced
@@ -158,7 +176,7 @@ def build_student(
     _init_mixers(student, weights, seed, placement)
     logger.info(
         "converted %s (%d of %d layers) -> %s student (%s placement%s), attention_init=%s",
-        teacher_config.model_type,
+        adapter.model_type,
         len(mixer_keys),
         teacher_config.num_hidden_layers,
         config.mixer,

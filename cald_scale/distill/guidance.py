@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from .phases import Phase, PhasePlan
 from .stages import LayerwiseModel
 
@@ -59,11 +57,11 @@ class Guide:
         """Whether the trajectory teacher learns during optimizer step ``step + 1``."""
         return phase.guidance == "trajectory" and (step - phase.start) % phase.trajectory.update_every == phase.trajectory.update_every - 1
 
-    def after_micro_batch(self, phase: Phase, step: int, input_ids: torch.Tensor) -> float | None:
-        """Trajectory guidance: the teacher's own CE step on the batch the student just used."""
+    def after_micro_batch(self, phase: Phase, step: int, batch: dict) -> float | None:
+        """Trajectory guidance: the teacher's own task-loss step on the batch the student just used."""
         if not self.updates_teacher(phase, step):
             return None
-        return self.teacher.train_step(input_ids)
+        return self.teacher.train_step(batch)
 
     def release(self, step: int) -> dict:
         """Destroy the teacher engine (the hybrid switch); its memory goes back to the OS."""

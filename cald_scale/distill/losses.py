@@ -93,19 +93,24 @@ class _LayerMSE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_h: torch.Tensor, teacher_h: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         dim = (student_h.shape[-1],)
         compute = torch.promote_types(student_h.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
         s = student_h.to(compute)
         ln_s = F.layer_norm(s, dim, eps=_LN_EPS)
         diff = F.layer_norm(teacher_h.to(compute), dim, eps=_LN_EPS).neg_().add_(ln_s)  # ln_s - ln_t
+        count = ln_s.numel()
+        if mask is not None:  # padded batch: the mean over real tokens only
+            keep = mask.to(compute).unsqueeze(-1)
+            diff.mul_(keep)
+            count = keep.sum().clamp(min=1.0).item() * dim[0]
         # NOTE: not F.mse_loss: on CPU its scalar result is a view of a full-size buffer,
         # which would keep one hidden state alive per layer for as long as the loss lives.
-        loss = diff.square().mean()
+        loss = diff.square().sum() / count
         if ctx.needs_input_grad[0]:
             # d loss / d ln_s = 2 (ln_s - ln_t) / N; through the parameter-free layer norm:
             # d ln_s / d s applied to g = rstd * (g - mean(g) - ln_s * mean(g * ln_s)).
-            g = diff.mul_(2.0 / ln_s.numel())
+            g = diff.mul_(2.0 / count)
             rstd = torch.rsqrt(s.var(-1, unbiased=False, keepdim=True).add_(_LN_EPS))
             proj = (g * ln_s).mean(-1, keepdim=True)
             grad = g.sub_(g.mean(-1, keepdim=True)).sub_(ln_s.mul_(proj)).mul_(rstd)
@@ -116,18 +121,23 @@ class _LayerMSE(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None
+        return grad * grad_out.to(grad.dtype), None, None
 
 
-def layer_loss(student_h: torch.Tensor, teacher_h: torch.Tensor) -> torch.Tensor:
-    """MSE between parameter-free layer-normed hidden states (computed in fp32)."""
-    return _LayerMSE.apply(student_h, teacher_h)
+def layer_loss(student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE between parameter-free layer-normed hidden states (computed in fp32); with a (b, l)
+    0/1 ``mask`` (a padded batch) the mean runs over real tokens only."""
+    return _LayerMSE.apply(student_h, teacher_h, mask)
 
 
-def layer_loss_reference(student_h: torch.Tensor, teacher_h: torch.Tensor) -> torch.Tensor:
+def layer_loss_reference(student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The same loss through autograd (the test oracle; keeps fp32 LN(t) and LN(s) until backward)."""
     dim = (student_h.shape[-1],)
-    return F.mse_loss(F.layer_norm(student_h.float(), dim, eps=_LN_EPS), F.layer_norm(teacher_h.float(), dim, eps=_LN_EPS))
+    ln_s, ln_t = F.layer_norm(student_h.float(), dim, eps=_LN_EPS), F.layer_norm(teacher_h.float(), dim, eps=_LN_EPS)
+    if mask is None:
+        return F.mse_loss(ln_s, ln_t)
+    keep = mask.bool()
+    return F.mse_loss(ln_s[keep], ln_t[keep])
 
 
 def lm_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -3,22 +3,31 @@
 Calling the wrapped submodules one by one, outside the engine's own forward, is what
 lets teacher stage k feed student stage k: under ZeRO-3 each submodule's pre-forward
 hook gathers its partitioned parameters on demand, so nothing else is needed.
+
+Each block gets the inputs its attention type needs, as the family's own forward gives
+them: a sliding-window layer its sliding-window mask (and, where the family's rotary
+embedding differs by layer type, its own position embeddings).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers.masking_utils import create_causal_mask
+from transformers import PretrainedConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..conversion.registry import FamilyAdapter, get_adapter
-from .losses import RowPieces
+from .losses import LossConfig, RowPieces, lm_head_losses, vocab_streamed_cross_entropy
 
-__all__ = ["LayerwiseModel", "make_stages"]
+__all__ = ["LayerwiseModel", "PerLayerType", "attention_types", "layerwise", "make_stages"]
+
+# The causal mask of each attention type (the names transformers uses in ``config.layer_types``).
+_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 def make_stages(num_layers: int, stage_size: int) -> list[range]:
@@ -26,6 +35,27 @@ def make_stages(num_layers: int, stage_size: int) -> list[range]:
     if stage_size < 1:
         raise ValueError(f"train.stage_size must be >= 1, got {stage_size}")
     return [range(a, min(a + stage_size, num_layers)) for a in range(0, num_layers, stage_size)]
+
+
+def attention_types(config: PretrainedConfig, num_layers: int) -> list[str]:
+    """Per layer, its attention type, as the family's own forward picks its mask.
+
+    Families that mix types list them in ``config.layer_types`` (Gemma2, Qwen2 with
+    ``use_sliding_window``); the others give every layer one mask: sliding-window when
+    ``config.sliding_window`` is set (Mistral, Phi-3), else full causal.
+    """
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        single = "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+        types = [single] * num_layers
+    unknown = sorted(set(types) - set(_MASKS))
+    if unknown:
+        raise ValueError(f"{config.model_type} layers of type {unknown} cannot be run block by block (known types: {sorted(_MASKS)})")
+    return list(types[:num_layers])
+
+
+class PerLayerType(dict):
+    """A block input that differs by attention type: attention type -> value (see ``LayerwiseModel.block``)."""
 
 
 class LayerwiseModel:
@@ -38,9 +68,12 @@ class LayerwiseModel:
     def __init__(self, model: nn.Module, *, activation_checkpointing: bool = False, scope: Callable[[], contextlib.AbstractContextManager] | None = None):
         self.model = model
         self.lm = getattr(model, "backbone", model)
-        self.adapter: FamilyAdapter = get_adapter(self.lm.config.model_type)
+        self.adapter: FamilyAdapter = get_adapter(self.lm.config)
         self.base = self.adapter.base(self.lm)
         self.blocks = self.adapter.layers(self.lm)
+        self.layer_types = attention_types(self.lm.config, len(self.blocks))
+        # NOTE: families whose rotary embedding differs by layer type (Olmo3, Gemma3) take it as an argument.
+        self._rotary_by_type = "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters
         self.activation_checkpointing = activation_checkpointing
         # Optional context entered around every computation (memory accounting in benchmarks).
         self._scope = scope or contextlib.nullcontext
@@ -69,23 +102,30 @@ class LayerwiseModel:
         return hidden
 
     def context(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> dict:
-        """Block inputs besides the hidden state (positions, rotary embeddings, mask).
+        """Block inputs besides the hidden state (positions, rotary embeddings, masks).
 
-        ``hidden`` only lends its dtype and device. Teacher and student share one family
-        config, so one context serves both when their dtypes agree.
+        Built once per batch, one mask per attention type present (``PerLayerType``);
+        ``block`` hands each layer those of its type. ``hidden`` only lends its dtype and
+        device. Teacher and student share one family config, so one context serves both
+        when their dtypes agree.
         """
         with self._scope():
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-            return {
-                "position_ids": position_ids,
-                "position_embeddings": self.base.rotary_emb(hidden, position_ids=position_ids),
-                "attention_mask": create_causal_mask(
-                    config=self.base.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids
-                ),
-            }
+            types = sorted(set(self.layer_types))
+            masks = PerLayerType(
+                (kind, _MASKS[kind](config=self.base.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids))
+                for kind in types
+            )
+            if self._rotary_by_type:
+                rotary = PerLayerType((kind, self.base.rotary_emb(hidden, position_ids, kind)) for kind in types)
+            else:
+                rotary = self.base.rotary_emb(hidden, position_ids=position_ids)
+            return {"position_ids": position_ids, "position_embeddings": rotary, "attention_mask": masks}
 
     def block(self, index: int, hidden: torch.Tensor, ctx: dict) -> torch.Tensor:
         layer = self.blocks[index]
+        # Inputs that differ by attention type: this layer's own.
+        ctx = {k: v[self.layer_types[index]] if isinstance(v, PerLayerType) else v for k, v in ctx.items()}
         with self._scope():
             if self.activation_checkpointing and torch.is_grad_enabled():
                 return checkpoint(self._call_block, layer, hidden, ctx, use_reentrant=False)
@@ -103,18 +143,64 @@ class LayerwiseModel:
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         with self._scope():
-            return self.lm.get_output_embeddings()(self.adapter.final_norm(self.lm)(hidden))
+            logits = self.lm.get_output_embeddings()(self._final_norm(hidden))
+            cap = self._logit_softcap
+            # As Gemma2ForCausalLM.forward does it (same operations, same rounding).
+            return torch.tanh(logits / cap) * cap if cap is not None else logits
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The last hidden state as the head sees it: ``head(h) == final_norm(h) @ head_weight.T``."""
         with self._scope():
-            return self.adapter.final_norm(self.lm)(hidden)
+            return self._final_norm(hidden)
+
+    def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        norm = self.adapter.final_norm(self.lm)
+        return norm(hidden) if norm is not None else hidden  # none: a post-LN family
+
+    @property
+    def _logit_softcap(self) -> float | None:
+        return getattr(self.lm.config, "final_logit_softcapping", None)
 
     @property
     def head_weight(self) -> torch.Tensor | None:
-        """The LM head's weight when the head is a plain bias-free linear map (else None)."""
+        """The LM head's weight when the head is a plain bias-free linear map (else None;
+        soft-capped logits (Gemma2) are not a linear map of the final norm's output)."""
         head = self.lm.get_output_embeddings()
-        return head.weight if isinstance(head, nn.Linear) and head.bias is None else None
+        plain = isinstance(head, nn.Linear) and head.bias is None and self._logit_softcap is None
+        return head.weight if plain else None
+
+    def head_losses(self, hidden: torch.Tensor, batch: dict, cfg: LossConfig, *, teacher: "LayerwiseModel | None" = None, teacher_h: torch.Tensor | None = None):
+        """(next-token CE or None, KL to the teacher's logits or None) from the last block's output.
+
+        The logits are never materialised for more than a chunk of tokens at a time; a frozen
+        ZeRO-3 head is read piece by piece when no KL needs whole logit rows.
+        """
+        input_ids = batch["input_ids"]
+        want_kl = cfg.a_kl > 0 and teacher is not None and teacher_h is not None
+        if cfg.a_ce > 0 and not want_kl and self.head_pieces is not None:
+            return vocab_streamed_cross_entropy(self.final_norm(hidden), input_ids, self.head_pieces), None
+        if not (cfg.a_ce > 0 or want_kl):
+            return None, None
+        return lm_head_losses(
+            hidden,
+            input_ids,
+            self.head,
+            want_ce=cfg.a_ce > 0,
+            teacher_h=teacher_h if want_kl else None,
+            teacher_head=teacher.head if want_kl else None,
+            temperature=cfg.kl_temperature,
+            chunk_tokens=cfg.chunk_tokens(self.vocab_size),
+        )
+
+    def task_loss(self, batch: dict, *, chunk_tokens: int | None = None) -> torch.Tensor:
+        """The model's own task loss (next-token CE) through the same pieces: a teacher fine-tuning."""
+        input_ids = batch["input_ids"]
+        hidden = self.embed(input_ids)
+        ctx = self.context(hidden, input_ids)
+        for i in range(self.num_layers):
+            hidden = self.block(i, hidden, ctx)
+        ce, _ = lm_head_losses(hidden, input_ids, self.head, want_ce=True, chunk_tokens=chunk_tokens or LossConfig().chunk_tokens(self.vocab_size))
+        return ce
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Plain full forward through the same pieces (evaluation)."""
@@ -123,3 +209,13 @@ class LayerwiseModel:
         for i in range(self.num_layers):
             hidden = self.block(i, hidden, ctx)
         return self.head(hidden)
+
+
+def layerwise(model: nn.Module, **kwargs) -> LayerwiseModel:
+    """The block-by-block view that fits ``model``: an encoder classifier's (``EncoderLayerwise``)
+    or a causal LM's."""
+    from ..conversion.classifier import CaldEncoderForSequenceClassification
+    from .encoder_stages import EncoderLayerwise  # NOTE: imported here: it builds on this module
+
+    view = EncoderLayerwise if isinstance(model, CaldEncoderForSequenceClassification) else LayerwiseModel
+    return view(model, **kwargs)

@@ -22,16 +22,10 @@ from typing import Callable, Literal
 
 import torch
 
-from .losses import (
-    LossConfig,
-    distilled_layers,
-    layer_loss,
-    lm_head_losses,
-    vocab_streamed_cross_entropy,
-)
+from .losses import LossConfig, distilled_layers, layer_loss
 from .stages import LayerwiseModel, make_stages
 
-__all__ = ["LossParts", "Schedule", "cald_forward", "teacher_forced_step", "combine_loss_parts"]
+__all__ = ["LossParts", "Schedule", "as_batch", "cald_forward", "teacher_forced_step", "combine_loss_parts"]
 
 Schedule = Literal["streamed", "naive", "teacher_forced"]
 
@@ -46,6 +40,22 @@ class LossParts:
 
     def as_floats(self) -> dict[str, float]:
         return {"loss": self.total.item(), **{name: value.item() for name, value in self.terms.items()}}
+
+
+def as_batch(batch: dict | torch.Tensor) -> dict:
+    """A micro-batch as a dict: ``input_ids``, plus ``attention_mask`` and ``labels`` for padded
+    tasks (a bare tensor is a packed LM batch of ``input_ids``)."""
+    return {"input_ids": batch} if isinstance(batch, torch.Tensor) else batch
+
+
+def _mask_kwargs(batch: dict) -> dict:
+    """What a padded batch adds to ``context()``: its attention mask (packed LM batches have none)."""
+    return {"attention_mask": batch["attention_mask"]} if batch.get("attention_mask") is not None else {}
+
+
+def _segment_kwargs(batch: dict) -> dict:
+    """What a sentence-pair batch adds to ``embed()``: its segment ids."""
+    return {"token_type_ids": batch["token_type_ids"]} if batch.get("token_type_ids") is not None else {}
 
 
 def combine_loss_parts(cfg: LossConfig, ce, layer_terms: list[torch.Tensor], kl, device) -> LossParts:
@@ -65,20 +75,22 @@ def combine_loss_parts(cfg: LossConfig, ce, layer_terms: list[torch.Tensor], kl,
 def cald_forward(
     teacher: LayerwiseModel | None,
     student: LayerwiseModel,
-    input_ids: torch.Tensor,
+    batch: dict | torch.Tensor,
     cfg: LossConfig,
     *,
     stage_size: int = 1,
     schedule: Schedule = "streamed",
     on_boundary: Callable[[str, int], None] | None = None,
 ) -> LossParts:
-    """Loss parts for one micro-batch; ``teacher=None`` trains unguided (CE only).
+    """Loss parts for one micro-batch; ``teacher=None`` trains unguided (task loss only).
 
     ``on_boundary(event, stage)`` is called after each teacher stage ("teacher") and after
     each student stage once its teacher activations are released ("stage"); memory
     accounting hooks in there.
     """
     boundary = on_boundary or (lambda event, stage: None)
+    batch = as_batch(batch)
+    input_ids, mask, masked = batch["input_ids"], batch.get("attention_mask"), _mask_kwargs(batch)
     if teacher is not None and teacher.num_layers != student.num_layers:
         raise ValueError(f"teacher has {teacher.num_layers} blocks but student has {student.num_layers}: stages cannot align")
     use_teacher = teacher is not None and (cfg.a_layer > 0 or cfg.a_kl > 0)
@@ -86,13 +98,13 @@ def cald_forward(
     stages = make_stages(student.num_layers, stage_size)
     layer_terms: list[torch.Tensor] = []
 
-    s_h = student.embed(input_ids)
-    s_ctx = student.context(s_h, input_ids)
+    s_h = student.embed(input_ids, **_segment_kwargs(batch))
+    s_ctx = student.context(s_h, input_ids, **masked)
     t_h = t_ctx = None
     if use_teacher:
         with torch.no_grad():
-            t_h = teacher.embed(input_ids)
-            t_ctx = s_ctx if teacher.dtype == student.dtype else teacher.context(t_h, input_ids)
+            t_h = teacher.embed(input_ids, **_segment_kwargs(batch))
+            t_ctx = s_ctx if teacher.dtype == student.dtype else teacher.context(t_h, input_ids, **masked)
 
     if schedule == "streamed" or not use_teacher:
         for k, stage in enumerate(stages):
@@ -105,7 +117,7 @@ def cald_forward(
             for j, i in enumerate(stage):
                 s_h = student.block(i, s_h, s_ctx)
                 if i in wanted:
-                    layer_terms.append(layer_loss(s_h, t_outs[j]))
+                    layer_terms.append(layer_loss(s_h, t_outs[j], mask))
             # NOTE: release this stage's teacher activations before the next stage runs.
             del t_outs
             boundary("stage", k)
@@ -116,27 +128,14 @@ def cald_forward(
         boundary("teacher", -1)
         for i, s_h in enumerate(student.blocks_iter(s_h, s_ctx, range(student.num_layers))):
             if i in wanted:
-                layer_terms.append(layer_loss(s_h, t_all[i]))
+                layer_terms.append(layer_loss(s_h, t_all[i], mask))
         boundary("student", -1)
         del t_all
     else:
         raise ValueError(f"unknown schedule {schedule!r} for cald_forward; use 'streamed' or 'naive' (teacher_forced_step for 'teacher_forced')")
 
-    ce = kl = None
-    want_kl = cfg.a_kl > 0 and use_teacher
-    if cfg.a_ce > 0 and not want_kl and student.head_pieces is not None:
-        ce = vocab_streamed_cross_entropy(student.final_norm(s_h), input_ids, student.head_pieces)
-    elif cfg.a_ce > 0 or want_kl:
-        ce, kl = lm_head_losses(
-            s_h,
-            input_ids,
-            student.head,
-            want_ce=cfg.a_ce > 0,
-            teacher_h=t_h if want_kl else None,
-            teacher_head=teacher.head if want_kl else None,
-            temperature=cfg.kl_temperature,
-            chunk_tokens=cfg.chunk_tokens(student.vocab_size),
-        )
+    # The task's head losses: next-token CE and logit KL (LM), class CE and KL (classification).
+    ce, kl = student.head_losses(s_h, batch, cfg, teacher=teacher if use_teacher else None, teacher_h=t_h)
     boundary("head", len(stages))
     return combine_loss_parts(cfg, ce, layer_terms, kl, input_ids.device)
 
@@ -144,7 +143,7 @@ def cald_forward(
 def teacher_forced_step(
     teacher: LayerwiseModel,
     student: LayerwiseModel,
-    input_ids: torch.Tensor,
+    batch: dict | torch.Tensor,
     cfg: LossConfig,
     *,
     backward: Callable[[torch.Tensor], None],
@@ -162,6 +161,8 @@ def teacher_forced_step(
     branch (True only if ``flag`` holds on all ranks). The returned tensors are detached.
     """
     boundary = on_boundary or (lambda event, stage: None)
+    batch = as_batch(batch)
+    input_ids, mask, masked = batch["input_ids"], batch.get("attention_mask"), _mask_kwargs(batch)
     if teacher.num_layers != student.num_layers:
         raise ValueError(f"teacher has {teacher.num_layers} blocks but student has {student.num_layers}: stages cannot align")
     if cfg.a_layer <= 0:
@@ -170,9 +171,9 @@ def teacher_forced_step(
     weight = cfg.a_layer / len(wanted)
     layer_terms: list[torch.Tensor] = []
     with torch.no_grad():
-        t_h = teacher.embed(input_ids)
-    s_ctx = student.context(t_h.to(student.dtype), input_ids)  # the student's own embedding is not used
-    t_ctx = s_ctx if teacher.dtype == student.dtype else teacher.context(t_h, input_ids)
+        t_h = teacher.embed(input_ids, **_segment_kwargs(batch))
+    s_ctx = student.context(t_h.to(student.dtype), input_ids, **masked)  # the student's own embedding is not used
+    t_ctx = s_ctx if teacher.dtype == student.dtype else teacher.context(t_h, input_ids, **masked)
     for k, stage in enumerate(make_stages(student.num_layers, stage_size)):
         t_in = t_h
         with torch.no_grad():
@@ -183,7 +184,7 @@ def teacher_forced_step(
         for j, i in enumerate(stage):
             s_h = student.block(i, s_h, s_ctx)
             if i in wanted:
-                terms.append(layer_loss(s_h, t_outs[j]))
+                terms.append(layer_loss(s_h, t_outs[j], mask))
         if terms:
             stage_loss = weight * torch.stack(terms).sum()
             # NOTE: a hybrid's kept attention layer with frozen weights has nothing to learn.

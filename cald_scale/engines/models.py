@@ -20,7 +20,7 @@ from ..config import RunConfig
 from ..conversion.surgery import build_student
 from ..conversion.teacher import TeacherSource, build_teacher
 from ..distill.phases import Phase, PhasePlan
-from ..distill.stages import LayerwiseModel
+from ..distill.stages import LayerwiseModel, layerwise
 from ..eval.perplexity import perplexity
 from ..export.hf import export_model
 from .distributed import rank, world_size
@@ -158,10 +158,10 @@ def build_models(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan: P
     if frozen_copies:
         set_trainable(student, copied=False)
 
-    student_lw = LayerwiseModel(student)
+    student_lw = layerwise(student)
     numel = block_numel(student, student_lw.blocks)
     if teacher is not None:
-        numel = max(numel, block_numel(teacher, LayerwiseModel(teacher).blocks))
+        numel = max(numel, block_numel(teacher, layerwise(teacher).blocks))
     sized = size_zero_buffers(ds_config, numel, cfg.train.stage_size)
     teacher_engine = managed = None
     if teacher is not None:
@@ -173,13 +173,13 @@ def build_models(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan: P
         else:
             teacher_engine = build_teacher_engine(teacher, teacher_ds_config(sized))
         managed = ManagedTeacher(
-            teacher_engine, LayerwiseModel(teacher_engine.module), placement, str(source.folder), chunk_tokens=cfg.loss.chunk_tokens(source.config.vocab_size)
+            teacher_engine, layerwise(teacher_engine.module), placement, str(source.folder), chunk_tokens=cfg.loss.chunk_tokens(source.config.vocab_size)
         )
     groups = param_groups(student, cfg.train.lr, cfg.train.copied_lr_scale, cfg.train.weight_decay)
     student_engine = build_training_engine(student, sized, groups, shares_weights_with=teacher_engine if share else None)
     models = DistillationModels(
         student_engine=student_engine,
-        student=LayerwiseModel(student_engine.module, activation_checkpointing=cfg.student.activation_checkpointing),
+        student=layerwise(student_engine.module, activation_checkpointing=cfg.student.activation_checkpointing),
         shares_frozen_weights=share,
         managed_teacher=managed,
     )

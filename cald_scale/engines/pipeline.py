@@ -713,7 +713,7 @@ def pipeline_train_step(models: PipelineModels, guide: PipelineGuide, phase: Pha
 
     def micro_batches():  # pulled only by the first stage (inputs) and the last (labels)
         for j in range(accum):
-            ids = next_batch(start + j)
+            ids = next_batch(start + j)["input_ids"]
             yield ids, ids
 
     loss = float(engine.train_batch(micro_batches()))

@@ -23,7 +23,6 @@ from transformers import AutoConfig
 
 from ..conversion.placement import Placement
 from ..conversion.weights import WeightsMismatchError, load_weights, open_weights
-from ..distill.losses import lm_head_losses
 from ..distill.stages import LayerwiseModel
 from ..metrics import current_rss_bytes
 from .host_memory import return_free_memory
@@ -107,19 +106,14 @@ class ManagedTeacher:
             group["lr"] = lr
             group["weight_decay"] = weight_decay
 
-    def train_step(self, input_ids: torch.Tensor) -> float:
-        """Forward and backward of the teacher's own next-token CE on one micro-batch, then
-        ``engine.step()`` (DeepSpeed applies the update at the accumulation boundary)."""
+    def train_step(self, batch: dict) -> float:
+        """Forward and backward of the teacher's own task loss (next-token or class CE) on one
+        micro-batch, then ``engine.step()`` (DeepSpeed applies the update at the accumulation boundary)."""
         begin_step(self.engine)
-        lw = self.layerwise
-        hidden = lw.embed(input_ids)
-        ctx = lw.context(hidden, input_ids)
-        for i in range(lw.num_layers):
-            hidden = lw.block(i, hidden, ctx)
-        ce, _ = lm_head_losses(hidden, input_ids, lw.head, want_ce=True, chunk_tokens=self._chunk_tokens)
-        self.engine.backward(ce)
+        loss = self.layerwise.task_loss(batch, chunk_tokens=self._chunk_tokens)
+        self.engine.backward(loss)
         self.engine.step()
-        return ce.item()
+        return loss.item()
 
     def release(self, keep: set[int] = frozenset()) -> dict:
         """Destroy the engine and free the teacher's parameters on this rank.

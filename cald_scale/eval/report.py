@@ -41,10 +41,7 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
     rows = [
         ("teacher", f"{report['teacher']} ({report['teacher_source']})"),
         ("student mixer", report["mixer"]),
-        ("held-out ppl: teacher", report["ppl_teacher"]),
-        ("held-out ppl: converted student, before training", report["ppl_student_before"]),
-        ("held-out ppl: student, after training", report["ppl_student_after"]),
-        ("improvement (before / after)", f"{report['ppl_improvement_x']:.1f}x"),
+        *(tuple(row) for row in report.get("headline", ())),  # the task's scores
         ("optimizer steps", report["steps"]),
         ("tokens seen", report["tokens_seen"]),
         ("training tokens/s", report["train_tokens_per_s"]),

@@ -53,3 +53,44 @@ def metrics(run_dir: Path) -> dict[int, dict]:
             if "loss" in record:
                 out[record["step"]] = record
     return out
+
+
+def killed_copy(reference: Path, target: Path, k: int) -> None:
+    """``reference``'s run folder as a job killed while saving step k + 1 would have left it:
+    complete checkpoints up to k, a half-written tag k + 1, metrics up to k + 1, no report."""
+    import shutil
+
+    shutil.copytree(reference, target)
+    for tag in (target / "checkpoints").glob("step_*"):
+        step = int(tag.name.split("_")[1])
+        if step > k + 1:
+            shutil.rmtree(tag)
+        elif step == k + 1:  # half-written: no manifest, a file cut short
+            (tag / "cald_manifest.json").unlink()
+            victim = max(tag.rglob("*.pt"), key=lambda p: p.stat().st_size)
+            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    (target / "checkpoints" / "latest").write_text(f"step_{k + 1:08d}")
+    lines = [line for line in (target / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= k + 1]
+    (target / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    for path in ("report.json", "report.md", "student"):
+        shutil.rmtree(target / path, ignore_errors=True) if (target / path).is_dir() else (target / path).unlink(missing_ok=True)
+
+
+def resume_and_compare(reference: Path, tmp_path: Path, k: int, env: dict, cmd_for, keys, *, steps: int) -> dict[int, dict]:
+    """Rerun ``cmd_for(folder)`` on a copy of ``reference`` killed while saving step k + 1: it must
+    resume at step k and log the reference's values of ``keys`` for every later step."""
+    import pytest
+
+    resumed_dir = tmp_path / f"{reference.name}_resumed_from_{k}"
+    killed_copy(reference, resumed_dir, k)
+    proc = run(deepspeed_command(cmd_for(resumed_dir)), env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert f"resuming run at step {k}/{steps}" in proc.stdout + proc.stderr
+    expected, got = metrics(reference), metrics(resumed_dir)
+    for step in range(k + 1, steps + 1):
+        assert got[step]["phase_name"] == expected[step]["phase_name"]
+        present = [key for key in keys if key in expected[step]]
+        assert present and all(key in got[step] for key in present), (step, present)
+        for key in present:
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-6), (step, key)
+    return got

@@ -8,11 +8,10 @@ rerun the same command; the real SIGKILL path itself is tests/distributed/test_z
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from conftest import tiny_overrides
-from launcher import deepspeed_command, launcher_env, metrics, run
+from launcher import deepspeed_command, launcher_env, metrics, resume_and_compare, run
 from tiny_models import save_tiny_teacher
 
 pytestmark = pytest.mark.distributed
@@ -37,38 +36,8 @@ def _overrides(teacher_dirs, run_dir, data_cache, phases: str, **extra) -> list[
     return tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, phases=phases, **extra)
 
 
-def _killed_copy(reference, target, k: int):
-    """``reference``'s folder as a job killed while saving step k + 1 would have left it."""
-    shutil.copytree(reference, target)
-    for tag in (target / "checkpoints").glob("step_*"):
-        step = int(tag.name.split("_")[1])
-        if step > k + 1:
-            shutil.rmtree(tag)
-        elif step == k + 1:  # half-written: no manifest, a file cut short
-            (tag / "cald_manifest.json").unlink()
-            victim = max(tag.rglob("*.pt"), key=lambda p: p.stat().st_size)
-            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
-    (target / "checkpoints" / "latest").write_text(f"step_{k + 1:08d}")
-    lines = [line for line in (target / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= k + 1]
-    (target / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    for path in ("report.json", "report.md", "student"):
-        shutil.rmtree(target / path, ignore_errors=True) if (target / path).is_dir() else (target / path).unlink(missing_ok=True)
-
-
 def _resume_and_compare(reference, tmp_path, k, env, cmd_for, keys):
-    resumed_dir = tmp_path / f"{reference.name}_resumed_from_{k}"
-    _killed_copy(reference, resumed_dir, k)
-    proc = run(deepspeed_command(cmd_for(resumed_dir)), env)
-    _ok(proc)
-    assert f"resuming run at step {k}/{STEPS}" in proc.stdout + proc.stderr
-    expected, got = metrics(reference), metrics(resumed_dir)
-    for step in range(k + 1, STEPS + 1):
-        assert got[step]["phase_name"] == expected[step]["phase_name"]
-        present = [key for key in keys if key in expected[step]]
-        assert present and all(key in got[step] for key in present), (step, present)
-        for key in present:
-            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-6), (step, key)
-    return got
+    return resume_and_compare(reference, tmp_path, k, env, cmd_for, keys, steps=STEPS)
 
 
 def test_hybrid_releases_the_teacher_at_the_switch_and_resumes_across_it(tmp_path, teacher_dirs, data_cache):

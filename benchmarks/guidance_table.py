@@ -1,0 +1,245 @@
+"""The paper's guidance table for the encoder track: all-MiniLM-L6-v2 -> Linformer and BiMamba2
+on real classification data, under every guidance mode, several seeds per cell.
+
+For each task (Wikipedia topic, 12 classes; Twitter sentiment, 3 classes) and seed:
+
+1. the "Std." run fine-tunes the teacher (pretrained encoder + new mean-pooled head, no
+   conversion) and exports its checkpoints along the way: the target teacher and the waypoints;
+2. each student (Linformer k=256, BiMamba2) is converted and trained jointly on the task
+   under unguided, target, trajectory, waypoint and hybrid guidance, on the same budget.
+   Target, waypoint and hybrid follow that seed's Std. run; trajectory starts from the
+   pretrained encoder and fine-tunes it alongside.
+
+It also measures the teacher's hidden-state drift (mean cosine distance per layer between
+the pretrained and the fine-tuned teacher on validation inputs) and the forward speed of
+teacher and students at 4k tokens (benchmarks/encoder_speed.py). Finished runs are reused
+(benchmarks/runs/guidance_<task>/), so the table can be built over several sessions.
+Writes benchmarks/results/guidance_<task>{,_quick}.{json,md}.
+
+    python benchmarks/guidance_table.py                       # both tasks, 3 seeds (hours on 2 CPU cores)
+    python benchmarks/guidance_table.py --tasks wiki_topic --seeds 0
+    python benchmarks/guidance_table.py --quick               # CI-sized: wiki_topic, 1 seed, a few steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, machine, write_result  # noqa: E402
+from _runs import REPO, Run, launch_run  # noqa: E402
+
+MODES = ("unguided", "target", "trajectory", "waypoint", "hybrid")
+STUDENTS = {"linformer": ["student.conversion.mixer=linformer", "student.conversion.linformer.k=256"], "bimamba2": ["student.conversion.mixer=bimamba2"]}
+TEACHER = "all-minilm-l6-v2"
+
+
+def budget(quick: bool) -> dict:
+    """Examples, steps and batch of every run of one table."""
+    if quick:
+        return {"examples": 128, "steps": 6, "batch": 16, "max_length": 64, "eval_batch": 128}
+    return {"examples": 2048, "steps": 128, "batch": 32, "max_length": 128, "eval_batch": 64}
+
+
+def common(task: str, b: dict) -> list[str]:
+    return [
+        "task.kind=classification",
+        f"classification.dataset={task}",
+        f"classification.max_length={b['max_length']}",
+        f"classification.max_train_examples={b['examples']}",
+        f"train.global_batch_size={b['batch']}",
+        f"train.max_steps={b['steps']}",
+        f"train.warmup_steps={max(1, b['steps'] // 20)}",
+        f"eval.micro_batch_size={b['eval_batch']}",
+        f"output.save_every={b['steps']}",
+        "output.wandb=disabled",
+    ]
+
+
+def std_run(task: str, b: dict, seed: int) -> Run:
+    """The teacher fine-tuned with no conversion; its exports are the target and the waypoints."""
+    return Run(
+        "std",
+        [
+            *common(task, b),
+            f"teacher.name_or_path={TEACHER}",
+            "student.conversion.mixer=none",
+            "student.trainable=all",
+            "train.lr=1.0e-4",
+            "train.copied_lr_scale=1.0",
+            "train.weight_decay=0.01",
+            f"output.export_student_every={max(1, b['steps'] // 3)}",
+            "loss.a_layer=0",
+            "phases=[{name: finetune, guidance: none}]",
+        ],
+        seed=seed,
+    )
+
+
+def student_run(task: str, b: dict, seed: int, student: str, mode: str, std_folder: Path) -> Run:
+    waypoints = sorted((std_folder / "student_waypoints").glob("step_*"))
+    phases = {
+        "unguided": "[{name: unguided, guidance: none}]",
+        "target": "[{name: target, guidance: target}]",
+        "trajectory": "[{name: trajectory, guidance: trajectory, trajectory: {lr: 1.0e-4, update_every: 1}}]",
+        "waypoint": "[{name: waypoints, guidance: waypoint, waypoints: [" + ", ".join(str(p) for p in waypoints) + "]}]",
+        "hybrid": "[{name: target, fraction: 0.4, guidance: target}, {name: task_only, guidance: none}]",
+    }[mode]
+    # Trajectory starts from the pretrained encoder (same seeded head); the others from this seed's Std. run.
+    teacher = TEACHER if mode == "trajectory" else str(std_folder / "student")
+    return Run(
+        f"{student}_{mode}",
+        [
+            *common(task, b),
+            *STUDENTS[student],
+            f"teacher.name_or_path={teacher}",
+            "student.trainable=all",
+            "train.lr=5.0e-4",
+            "train.copied_lr_scale=0.2",
+            "train.weight_decay=0.01",
+            f"phases={phases}",
+        ],
+        seed=seed,
+    )
+
+
+def scores(folder: Path) -> dict:
+    """Test and validation accuracy / macro-F1 of a finished classification run, and its cost."""
+    report = json.loads((folder / "report.json").read_text())
+    sets = report["eval_sets"]
+    return {
+        "folder": str(folder.relative_to(REPO)),
+        "test_accuracy": sets["test"]["student_after"]["accuracy"],
+        "test_macro_f1": sets["test"]["student_after"]["macro_f1"],
+        "validation_accuracy": sets["validation"]["student_after"]["accuracy"],
+        "teacher_test_accuracy": (sets["test"]["teacher"] or {}).get("accuracy"),
+        "tokens": report["tokens_seen"],
+        "train_seconds": report["train_seconds"],
+        "wall_seconds": report["wall_seconds_this_session"],
+    }
+
+
+def drift(std_folder: Path, task: str, b: dict, seed: int) -> dict:
+    """Hidden-state drift of the fine-tuned teacher from the pretrained one on validation inputs."""
+    from cald_scale.config import load_run_config
+    from cald_scale.conversion.teacher import build_teacher, classifier_teacher, open_teacher, TeacherConfig
+    from cald_scale.data.classification_batches import eval_batches_by_length
+    from cald_scale.distill.stages import layerwise
+    from cald_scale.eval.drift import hidden_state_drift
+    from cald_scale.tasks.classification import ClassificationTask
+
+    cfg = load_run_config(overrides=[*common(task, b), f"teacher.name_or_path={std_folder / 'student'}", f"train.seed={seed}"])
+    task_data = ClassificationTask(cfg, is_main=True)
+    task_data.open_data()
+    tuned = layerwise(build_teacher(task_data.source))
+    base, _ = open_teacher(TeacherConfig(name_or_path=TEACHER))
+    pretrained = layerwise(build_teacher(classifier_teacher(base, task_data.data.label_names, seed=seed)))
+    split = task_data.splits["validation"]
+    batches = [split.batch(e.indices) for e in eval_batches_by_length(split.lengths, 64, 0, 1)[:8]]
+    return hidden_state_drift(pretrained, tuned, batches)
+
+
+def summarise(values: list[float]) -> dict:
+    return {"values": values, "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: dict | None) -> dict:
+    b = budget(quick)
+    benchmark = f"guidance_{task}" + ("_quick" if quick else "")
+    std = {seed: scores(launch_run(std_run(task, b, seed), benchmark)) for seed in seeds}
+    cells: dict[str, dict[str, list[dict]]] = {s: {m: [] for m in MODES} for s in students}
+    for seed in seeds:  # every cell's first seed before any second one: a partial table is still a table
+        std_folder = REPO / std[seed]["folder"]
+        for student in students:
+            for mode in MODES:
+                cells[student][mode].append(scores(launch_run(student_run(task, b, seed, student, mode, std_folder), benchmark)))
+    drifts = {seed: drift(REPO / std[seed]["folder"], task, b, seed) for seed in seeds}
+    teacher = summarise([r["test_accuracy"] for r in std.values()])
+    rows = {
+        student: {mode: {**summarise([r["test_accuracy"] for r in runs]), "macro_f1": summarise([r["test_macro_f1"] for r in runs]),
+                         "tokens": statistics.mean(r["tokens"] for r in runs), "train_seconds": statistics.mean(r["train_seconds"] for r in runs)}
+                  for mode, runs in by_mode.items()}
+        for student, by_mode in cells.items()
+    }
+    guided = [(s, m) for s in students for m in MODES if m != "unguided"]
+    best = max(guided, key=lambda sm: rows[sm[0]][sm[1]]["mean"])
+    beats = {f"{s}/{m}": rows[s][m]["mean"] - rows[s]["unguided"]["mean"] > max(rows[s][m]["std"], rows[s]["unguided"]["std"]) for s, m in guided}
+    result = {
+        "benchmark": benchmark,
+        "machine": machine(),
+        "task": task,
+        "budget": b,
+        "seeds": seeds,
+        "teacher": {**teacher, "runs": std},
+        "table": rows,
+        "runs": cells,
+        "drift": {"per_seed": drifts, "mean": statistics.mean(d["mean"] for d in drifts.values())},
+        "speed": speed,
+        "targets": {
+            "best_guided_within_2_points": {
+                "what": "the best guided student's mean test accuracy is within 2 points of the fine-tuned teacher's",
+                "value": {"best": f"{best[0]}/{best[1]}", "student": round(rows[best[0]][best[1]]["mean"], 4), "teacher": round(teacher["mean"], 4)},
+                "pass": teacher["mean"] - rows[best[0]][best[1]]["mean"] <= 0.02,
+            },
+            "guided_beats_unguided_by_more_than_std": {"what": "each guided mode beats unguided by more than the seed std", "value": beats, "pass": all(beats.values())},
+            "three_seeds_per_cell": {"what": "at least 3 seeds per cell", "value": len(seeds), "pass": len(seeds) >= 3},
+            **(speed or {}).get("targets", {}),
+        },
+    }
+    write_result(benchmark, result)
+    (RESULTS / f"{benchmark}.md").write_text("\n".join(markdown(result)) + "\n")
+    return result
+
+
+def markdown(result: dict) -> list[str]:
+    b, teacher = result["budget"], result["teacher"]
+    pm = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"  # noqa: E731
+    lines = [
+        f"# Guidance table, {result['task']} ({result['machine']['date'][:10]}): all-MiniLM-L6-v2 -> Linformer / BiMamba2",
+        "",
+        f"Test accuracy (%), mean ± std over seeds {result['seeds']}; every run: {b['examples']} training examples, "
+        f"{b['steps']} steps of {b['batch']}, max {b['max_length']} tokens. Fine-tuned teacher (Std.): **{pm(teacher)}**.",
+        "",
+        "| student | " + " | ".join(MODES) + " | tokens / run | train s / run |",
+        "|---|" + "---|" * (len(MODES) + 2),
+    ]
+    for student, row in result["table"].items():
+        lines.append(f"| {student} | " + " | ".join(pm(row[m]) for m in MODES) + f" | {row['target']['tokens']:,.0f} | {row['target']['train_seconds']:.0f} |")
+    d = result["drift"]
+    lines += ["", f"Teacher hidden-state drift (mean cosine distance, pretrained vs fine-tuned, validation inputs): {d['mean']:.4f}; "
+              f"per layer (seed {result['seeds'][0]}): " + ", ".join(f"{x:.4f}" for x in d["per_seed"][result["seeds"][0]]["per_layer"])]
+    if result.get("speed"):
+        from encoder_speed import markdown as speed_markdown
+
+        lines += ["", *speed_markdown(result["speed"])[:-2 - len(result["speed"]["targets"])]]
+    lines += ["", "| target | value | pass |", "|---|---|---|"]
+    lines += [f"| {t['what']} | {t['value']} | {t['pass']} |" for t in result["targets"].values()]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tasks", nargs="*", default=None, help="default: wiki_topic tweet_sentiment (quick: wiki_topic)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="default: 0 1 2 (quick: 0)")
+    parser.add_argument("--students", nargs="*", default=list(STUDENTS), choices=list(STUDENTS))
+    parser.add_argument("--no-speed", action="store_true", help="skip the 4k-token forward speed measurement")
+    args = parser.parse_args(argv)
+    tasks = args.tasks or (["wiki_topic"] if args.quick else ["wiki_topic", "tweet_sentiment"])
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    speed = None
+    if not args.no_speed:
+        from encoder_speed import measure
+
+        speed = measure((512, 4096), repeats=1) if args.quick else measure()
+    for task in tasks:
+        result = table(task, seeds, args.quick, args.students, speed)
+        print("\n".join(markdown(result)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

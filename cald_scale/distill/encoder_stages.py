@@ -1,0 +1,97 @@
+"""Run an encoder classifier piece by piece: embed -> block i -> pooled head.
+
+The encoder track's counterpart of ``LayerwiseModel`` (stages.py), with the same calls,
+so ``cald_forward`` and ``teacher_forced_step`` run it unchanged. What differs from a
+causal LM: batches are padded (every call takes the batch's ``attention_mask``), the
+attention is bidirectional, and the head is pooling + a linear classifier whose task
+loss is class cross-entropy (and whose KL is over class logits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
+
+from ..conversion.classifier import pool
+from .losses import LossConfig, logit_kl
+from .stages import LayerwiseModel
+
+__all__ = ["EncoderLayerwise"]
+
+
+class EncoderLayerwise(LayerwiseModel):
+    """Block-by-block view of a ``CaldEncoderForSequenceClassification`` (teacher or student)."""
+
+    def __init__(self, model: nn.Module, *, activation_checkpointing: bool = False, scope: Callable[[], contextlib.AbstractContextManager] | None = None):
+        self.model = model
+        self.lm = model  # the module whose keys teacher and student share
+        self.adapter = model.adapter
+        self.base = model.encoder
+        self.blocks = self.adapter.layers(model)
+        self.activation_checkpointing = activation_checkpointing
+        self._scope = scope or contextlib.nullcontext
+        self.head_pieces = None  # the class head is small: never streamed
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.num_labels
+
+    @property
+    def head_weight(self) -> None:
+        return None
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The embedding output; ``token_type_ids`` marks a sentence pair's second segment."""
+        with self._scope():
+            return self.base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+
+    def context(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+        """The bidirectional attention mask (attention blocks) and the padding mask (mixers; attention
+        ignores it, so teacher and student share one context)."""
+        with self._scope():
+            ctx = {"attention_mask": create_bidirectional_mask(config=self.base.config, inputs_embeds=hidden, attention_mask=attention_mask)}
+            if attention_mask is not None:
+                ctx["mixer_padding_mask"] = attention_mask
+            return ctx
+
+    def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits (b, num_labels)."""
+        with self._scope():
+            pooled = pool(hidden, attention_mask, self.model.config.pooling)
+            return self.model.classifier(self.model.dropout(pooled))
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden  # post-LN blocks: the last block's output is what the head reads
+
+    def head_losses(self, hidden: torch.Tensor, batch: dict, cfg: LossConfig, *, teacher: "EncoderLayerwise | None" = None, teacher_h: torch.Tensor | None = None):
+        """(class CE against ``batch["labels"]`` or None, KL to the teacher's class logits or None)."""
+        mask = batch.get("attention_mask")
+        want_kl = cfg.a_kl > 0 and teacher is not None and teacher_h is not None
+        if not (cfg.a_ce > 0 or want_kl):
+            return None, None
+        logits = self.head(hidden, mask).float()
+        ce = F.cross_entropy(logits, batch["labels"]) if cfg.a_ce > 0 else None
+        kl = None
+        if want_kl:
+            with torch.no_grad():
+                t_logits = teacher.head(teacher_h, mask).float()
+            kl = logit_kl(logits, t_logits, cfg.kl_temperature)
+        return ce, kl
+
+    def task_loss(self, batch: dict, *, chunk_tokens: int | None = None) -> torch.Tensor:
+        """Class CE through the same pieces (the trajectory teacher's own fine-tuning)."""
+        logits = self.logits(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
+        return F.cross_entropy(logits.float(), batch["labels"])
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Plain full forward through the same pieces (evaluation)."""
+        hidden = self.embed(input_ids, token_type_ids)
+        ctx = self.context(hidden, input_ids, attention_mask)
+        for i in range(self.num_layers):
+            hidden = self.block(i, hidden, ctx)
+        return self.head(hidden, attention_mask)

@@ -1,0 +1,32 @@
+"""Tasks: what the teacher and student are trained to do, and how a run is scored.
+
+The trainer (``train.py``) is the same for every task; a task brings the rest:
+
+- ``source`` and ``tokenizer``: where the teacher comes from (for classification, the
+  pretrained encoder gets a task head sized by the task's labels);
+- ``open_data()``: its datasets (rank 0 builds caches, the others wait outside collectives);
+- ``train_batches(micro_batch, replica, replicas, device)``: ``next_batch(cursor)``, a pure
+  function of the micro-batch counter, so a resumed run sees the batches it would have seen;
+  a batch is a dict of tensors (``input_ids``, and for padded tasks ``attention_mask``, ``labels``);
+- ``evaluator(models, replica, replicas)``: ``evaluate("student" | "teacher")`` -> scores per set;
+- ``headline`` / ``step_metrics`` / ``summary``: the log line, the metrics row and the report part.
+
+How the model runs block by block and what its head computes (LM cross-entropy, class
+cross-entropy, and the KL to the teacher) belongs to the model's layerwise view
+(``distill/stages.py``, ``distill/encoder_stages.py``), so the distillation step needs no task.
+"""
+
+from __future__ import annotations
+
+from .lm import LanguageModelingTask
+
+__all__ = ["LanguageModelingTask", "open_task"]
+
+
+def open_task(cfg, *, is_main: bool):
+    """The task of run config ``cfg`` (``cfg.task.kind``), with its teacher source resolved."""
+    if cfg.task.kind == "classification":
+        from .classification import ClassificationTask
+
+        return ClassificationTask(cfg, is_main=is_main)
+    return LanguageModelingTask(cfg, is_main=is_main)

@@ -1,0 +1,156 @@
+"""The sequence classification task: an encoder teacher with a pooled head, scored by accuracy and macro-F1.
+
+The teacher is a pretrained encoder (BERT, RoBERTa; the built-in all-MiniLM-L6-v2) that
+gets a new head sized by the task's labels, or a classifier this trainer fine-tuned before
+(a "Std." run's export: the target teacher, and the waypoints). Batches are padded and
+length-bucketed; evaluation walks the validation and test splits once, every rank through
+the same number of forwards, and sums confusion matrices over ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..conversion.registry import get_adapter
+from ..conversion.teacher import classifier_teacher, open_teacher
+from ..data.classification import load_classification_data
+from ..data.classification_batches import IGNORE_INDEX, BucketedBatches, eval_batches_by_length, tokenize_splits
+from ..engines.zero3 import begin_step
+from ..eval.classification import confusion_matrix, metrics_from_confusion
+
+__all__ = ["ClassificationTask", "evaluate_classifier"]
+
+logger = logging.getLogger("cald_scale.tasks")
+
+EVAL_SPLITS = ("validation", "test")
+
+
+class ClassificationTask:
+    """What the trainer asks of a task, for sequence classification (see ``tasks/__init__.py``)."""
+
+    name = "classification"
+
+    def __init__(self, cfg, *, is_main: bool):
+        self.cfg = cfg
+        base, self.tokenizer = open_teacher(cfg.teacher)
+        # Every rank reads the same cached splits (one builds them under a file lock).
+        self.data = load_classification_data(cfg.classification)
+        self.source = classifier_teacher(base, self.data.label_names, pooling=cfg.task.pooling, seed=cfg.train.seed)
+        get_adapter(self.source.config.teacher_hf_config())  # an unconvertible family fails now, before any weight is read
+        if is_main:
+            counts = {name: len(split) for name, split in self.data.splits.items()}
+            logger.info("classification data %s: %d labels, splits %s, skipped %s", self.data.name, self.data.num_labels, counts, self.data.stats or "none")
+        self.splits = None
+
+    def open_data(self) -> None:
+        self.splits = tokenize_splits(self.data, self.tokenizer, self.cfg.classification.max_length)
+        missing = [name for name in EVAL_SPLITS if name not in self.splits or len(self.splits[name]) == 0]
+        if missing:
+            raise ValueError(f"classification data {self.data.name!r} has no {' and no '.join(missing)} split: set classification.validation_fraction / test_fraction or give the files")
+
+    def tokens_per_micro_batch(self, micro_batch: int) -> int:
+        return 0  # padded batches: the trainer counts each batch's real tokens
+
+    def train_batches(self, micro_batch: int, replica: int, replicas: int, device: torch.device) -> Callable[[int], dict]:
+        """``next_batch(cursor)``: this replica's length-bucketed micro-batch number ``cursor``."""
+        train = self.splits["train"]
+        grad_accum = self.cfg.train.grad_accum
+        sampler = BucketedBatches(train.lengths, micro_batch, replica, replicas, self.cfg.train.seed, grad_accum=grad_accum)
+
+        def next_batch(cursor: int) -> dict:
+            batch = train.batch(sampler.indices(cursor // grad_accum, cursor % grad_accum))
+            return {name: value.to(device) for name, value in batch.items()}
+
+        return next_batch
+
+    def evaluator(self, models, replica: int, replicas: int) -> Callable[[str], dict]:
+        """``evaluate(which)``: accuracy, macro-F1 and CE of the "student" or "teacher" on validation and test."""
+        micro = self.cfg.eval.micro_batch_size
+        plans = {name: eval_batches_by_length(self.splits[name].lengths, micro, replica, replicas) for name in EVAL_SPLITS}
+        device = models.student_engine.device
+
+        def evaluate(which: str) -> dict:
+            view = models.teacher if which == "teacher" else models.student
+            engines = (models.teacher_engine, models.student_engine)
+            return {
+                name: evaluate_classifier(view, self.splits[name], plans[name], device, before_batch=lambda: begin_step(*engines))
+                for name in EVAL_SPLITS
+            }
+
+        return evaluate
+
+    @staticmethod
+    def headline(scores: dict) -> str:
+        v = scores["validation"]
+        return f"validation accuracy {v['accuracy']:.4f}, macro-F1 {v['macro_f1']:.4f}"
+
+    @staticmethod
+    def step_metrics(scores: dict) -> dict:
+        return {f"eval/{name}/{key}": s[key] for name, s in scores.items() for key in ("accuracy", "macro_f1", "loss")}
+
+    def summary(self, teacher: dict | None, before: dict, after: dict, teacher_after: dict | None) -> dict:
+        """The report's task part: both splits side by side, and the test-set headline."""
+        sets = {
+            name: {
+                "teacher": (teacher or {}).get(name),
+                "student_before": before[name],
+                "student_after": after[name],
+                **({"teacher_after": teacher_after[name]} if teacher_after else {}),
+            }
+            for name in after
+        }
+        test = sets["test"]
+        acc = lambda s: s["accuracy"] if s else None  # noqa: E731
+        f1 = lambda s: s["macro_f1"] if s else None  # noqa: E731
+        return {
+            "labels": self.data.label_names,
+            "data_stats": self.data.stats,
+            "accuracy_teacher": acc(test["teacher"]),
+            "accuracy_student_before": acc(test["student_before"]),
+            "accuracy_student_after": acc(test["student_after"]),
+            "macro_f1_teacher": f1(test["teacher"]),
+            "macro_f1_student_after": f1(test["student_after"]),
+            "eval_sets": sets,
+            "headline": [
+                ("test accuracy: teacher", acc(test["teacher"])),
+                ("test accuracy: converted student, before training", acc(test["student_before"])),
+                ("test accuracy: student, after training", acc(test["student_after"])),
+                ("test macro-F1: teacher / student", f"{_fmt(f1(test['teacher']))} / {_fmt(f1(test['student_after']))}"),
+                ("validation accuracy: student, after training", acc(sets["validation"]["student_after"])),
+            ],
+        }
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+@torch.no_grad()
+def evaluate_classifier(view, split, batches, device: torch.device, *, before_batch: Callable[[], None] | None = None) -> dict:
+    """Accuracy, macro-F1 and mean CE of a classifier's layerwise ``view`` on this rank's
+    ``batches`` of ``split``, summed over all ranks (dropout off while scoring)."""
+    model = view.model
+    was_training = model.training
+    model.eval()
+    try:
+        matrix = torch.zeros(view.vocab_size, view.vocab_size, dtype=torch.long, device=device)
+        loss = torch.zeros(2, dtype=torch.float64, device=device)  # summed CE, examples
+        for b in batches:
+            batch = {k: v.to(device) for k, v in split.batch(b.indices, b.num_valid).items()}
+            if before_batch is not None:
+                before_batch()
+            logits = view.logits(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).float()
+            matrix += confusion_matrix(logits, batch["labels"], view.vocab_size)
+            loss[0] += F.cross_entropy(logits, batch["labels"], ignore_index=IGNORE_INDEX, reduction="sum").double()
+            loss[1] += (batch["labels"] != IGNORE_INDEX).sum()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(matrix)
+            dist.all_reduce(loss)
+    finally:
+        model.train(was_training)
+    return {**metrics_from_confusion(matrix.cpu()), "loss": (loss[0] / loss[1].clamp(min=1)).item()}

@@ -1,0 +1,96 @@
+"""The causal LM task: next-token prediction on a corpus, scored by held-out perplexity."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..conversion.registry import get_adapter
+from ..conversion.teacher import open_teacher
+from ..data import ShardedBatches
+from ..data.run_sets import open_run_datasets
+from ..eval.perplexity import eval_indices
+
+__all__ = ["LanguageModelingTask"]
+
+
+class LanguageModelingTask:
+    """What the trainer asks of a task, for causal LMs (see ``tasks/__init__.py``)."""
+
+    name = "causal_lm"
+
+    def __init__(self, cfg, *, is_main: bool):
+        self.cfg = cfg
+        self.source, self.tokenizer = open_teacher(cfg.teacher)
+        get_adapter(self.source.config)  # an unconvertible family fails now, before any weight is read
+        self._is_main = is_main
+        self.train_set = self.eval_sets = None
+
+    def open_data(self) -> None:
+        """Rank 0 tokenises (or `cald-scale prepare-data` did); the others wait outside any collective."""
+        cfg = self.cfg
+        datasets = open_run_datasets(
+            cfg.data, self.tokenizer, other_corpora=cfg.eval.other_corpora, max_eval_sequences=cfg.eval.max_sequences,
+            vocab_size=self.source.config.vocab_size, model_name=str(self.source), is_rank0=self._is_main,
+        )
+        self.train_set, self.eval_sets = datasets.train, datasets.evals
+
+    def tokens_per_micro_batch(self, micro_batch: int) -> int:
+        return micro_batch * self.cfg.data.seq_len
+
+    def train_batches(self, micro_batch: int, replica: int, replicas: int, device: torch.device) -> Callable[[int], dict]:
+        """``next_batch(cursor)``: this replica's micro-batch number ``cursor`` (a pure function of it)."""
+        grad_accum = self.cfg.train.grad_accum
+        batches = ShardedBatches(len(self.train_set), micro_batch, replica, replicas, self.cfg.train.seed, grad_accum=grad_accum)
+
+        def next_batch(cursor: int) -> dict:
+            rows = batches.indices(cursor // grad_accum, cursor % grad_accum)
+            return {"input_ids": torch.stack([self.train_set[i]["input_ids"] for i in rows]).to(device)}
+
+        return next_batch
+
+    def evaluator(self, models, replica: int, replicas: int) -> Callable[[str], dict]:
+        """``evaluate(which)``: held-out perplexity of the "student" or "teacher" on every eval set."""
+        indices = {name: eval_indices(len(ds), self.cfg.eval.max_sequences, replica, replicas) for name, ds in self.eval_sets.items()}
+        return lambda which: models.perplexity(which, self.eval_sets, indices, self.cfg.eval.micro_batch_size)
+
+    @staticmethod
+    def headline(scores: dict) -> str:
+        return f"held-out ppl {scores['heldout']['ppl']:.2f}"
+
+    @staticmethod
+    def step_metrics(scores: dict) -> dict:
+        return {f"eval/{name}/ppl": s["ppl"] for name, s in scores.items()}
+
+    @staticmethod
+    def summary(teacher: dict | None, before: dict, after: dict, teacher_after: dict | None) -> dict:
+        """The report's task part: every eval set side by side, and the held-out headline."""
+        teacher = teacher or {}
+        sets = {
+            name: {
+                "teacher": teacher.get(name, {}).get("ppl"),
+                "student_before": before[name]["ppl"],
+                "student_after": after[name]["ppl"],
+                "tokens": after[name]["tokens"],
+                **({"teacher_after": teacher_after[name]["ppl"]} if teacher_after else {}),
+            }
+            for name in after
+        }
+        own = sets["heldout"]
+        return {
+            "ppl_teacher": own["teacher"],
+            "ppl_student_before": own["student_before"],
+            "ppl_student_after": own["student_after"],
+            "ppl_improvement_x": own["student_before"] / own["student_after"] if own["student_after"] > 0 else float("inf"),
+            "ppl_vs_teacher_x": own["student_after"] / own["teacher"] if own["teacher"] else None,
+            "eval_sets": sets,
+            "eval_tokens": own["tokens"],
+            "headline": [
+                ("held-out ppl: teacher", own["teacher"]),
+                ("held-out ppl: converted student, before training", own["student_before"]),
+                ("held-out ppl: student, after training", own["student_after"]),
+                ("improvement (before / after)", f"{own['student_before'] / own['student_after']:.1f}x" if own["student_after"] > 0 else "inf"),
+                *((f"{name} ppl: teacher / student", f"{s['teacher']} / {s['student_after']:.4g}") for name, s in sets.items() if name != "heldout"),
+            ],
+        }

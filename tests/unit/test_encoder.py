@@ -1,0 +1,175 @@
+"""The encoder track's models: the teacher classifier over a pretrained encoder, its converted
+students (Linformer, BiMamba2, a hybrid), the block-by-block view the trainer runs, and the
+padding contract, on the real all-MiniLM-L6-v2 and on a tiny RoBERTa built here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import save_tiny_encoder
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from cald_scale.conversion.modeling import ConversionConfig
+from cald_scale.conversion.surgery import build_student, student_config
+from cald_scale.conversion.teacher import TeacherConfig, build_teacher, classifier_teacher, open_teacher
+from cald_scale.distill.losses import LossConfig, layer_loss, layer_loss_reference
+from cald_scale.distill.stages import layerwise
+from cald_scale.distill.step import cald_forward, teacher_forced_step
+from cald_scale.mixers.config import BiMamba2Config, LinformerConfig
+
+LABELS = ["arts", "history", "science"]
+TEXTS = [
+    "The Renaissance began in Florence in the fourteenth century.",
+    "Photosynthesis turns light into chemical energy.",
+    "Rome fell.",
+    "A sonnet has fourteen lines and a fixed rhyme scheme, often ending in a couplet.",
+]
+
+STUDENTS = {
+    "linformer": ConversionConfig(mixer="linformer", linformer=LinformerConfig(k=16)),
+    "linformer_kv": ConversionConfig(mixer="linformer", linformer=LinformerConfig(k=16, sharing="kv")),
+    "linformer_layer": ConversionConfig(mixer="linformer", linformer=LinformerConfig(k=16, sharing="layer")),
+    "bimamba2": ConversionConfig(mixer="bimamba2", bimamba2=BiMamba2Config()),
+    "bimamba2_hybrid": ConversionConfig(mixer="bimamba2", attention_layers=[1]),
+}
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """The real teacher: all-MiniLM-L6-v2 with a new 3-class head, and its tokenizer."""
+    source, tokenizer = open_teacher(TeacherConfig(name_or_path="all-minilm-l6-v2"))
+    source = classifier_teacher(source, LABELS, seed=0)
+    return source, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta(tmp_path_factory, minilm):
+    folder = save_tiny_encoder(tmp_path_factory.mktemp("roberta"), "roberta", minilm[1])
+    source, tokenizer = open_teacher(TeacherConfig(name_or_path=str(folder)))
+    return classifier_teacher(source, LABELS, pooling="cls", seed=0), tokenizer
+
+
+def _batch(tokenizer, texts=TEXTS):
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor([0, 2, 1, 0][: len(texts)])}
+
+
+def _copied_keys_match(teacher, student) -> tuple[int, list[str]]:
+    """(tensors copied bitwise, teacher tensors outside attention slots that differ or are missing)."""
+    t, s = teacher.state_dict(), student.state_dict()
+    slots = [f"{name}." for name, m in teacher.named_modules() if name.endswith("attention.self")]
+    kept = [f"encoder.encoder.layer.{i}.attention.self." for i in student.config.attention_layers]
+    converted = [p for p in slots if p not in kept]
+    outside = [k for k in t if not k.startswith(tuple(converted))]
+    bad = [k for k in outside if k not in s or not torch.equal(t[k], s[k])]
+    return len(outside) - len(bad), bad
+
+
+def test_the_teacher_is_the_pretrained_encoder_with_a_seeded_new_head(minilm):
+    source, tokenizer = minilm
+    teacher = build_teacher(source)
+    again = build_teacher(source)
+    assert torch.equal(teacher.classifier.weight, again.classifier.weight)  # every rank draws the same head
+    assert teacher.classifier.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    plain = AutoModelForSequenceClassification.from_config(teacher.config)  # nothing but the classes' registration
+    assert type(plain).__name__ == "CaldEncoderForSequenceClassification"
+    from transformers import AutoModel
+
+    bert = AutoModel.from_pretrained(source.folder)
+    assert torch.equal(teacher.encoder.encoder.layer[3].attention.self.query.weight, bert.encoder.layer[3].attention.self.query.weight)
+    assert teacher.config.id2label == dict(enumerate(LABELS))
+
+
+@pytest.mark.parametrize("name", sorted(STUDENTS))
+def test_conversion_copies_every_non_attention_weight_and_the_view_equals_the_model(minilm, name):
+    source, tokenizer = minilm
+    teacher = build_teacher(source)
+    student = build_student(source.config, source.weights(), STUDENTS[name], seed=0).eval()
+    copied, bad = _copied_keys_match(teacher, student)
+    assert not bad and copied > 60
+    batch = _batch(tokenizer)
+    view = layerwise(student)
+    assert type(view).__name__ == "EncoderLayerwise"
+    full = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(view.logits(batch["input_ids"], batch["attention_mask"]), full, atol=1e-5, rtol=1e-5)
+    # Attention-informed init: the Linformer keeps the teacher's Q/K/V exactly.
+    if name.startswith("linformer"):
+        mixer = student.encoder.encoder.layer[2].attention.self.mixer
+        assert torch.equal(mixer.q_proj.weight, teacher.encoder.encoder.layer[2].attention.self.query.weight)
+        assert torch.equal(mixer.v_proj.bias, teacher.encoder.encoder.layer[2].attention.self.value.bias)
+
+
+@pytest.mark.parametrize("name", ["linformer", "linformer_layer", "bimamba2", "bimamba2_hybrid"])
+def test_padded_batches_score_every_sequence_as_if_alone(minilm, name):
+    source, tokenizer = minilm
+    student = build_student(source.config, source.weights(), STUDENTS[name], seed=1).eval()
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        together = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        for i, text in enumerate(TEXTS):
+            alone = student(**{k: v for k, v in tokenizer([text], return_tensors="pt").items() if k != "token_type_ids"}, output_hidden_states=True)
+            n = int(batch["attention_mask"][i].sum())
+            torch.testing.assert_close(together.logits[i], alone.logits[0], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(together.hidden_states[-1][i, :n], alone.hidden_states[-1][0], atol=2e-5, rtol=1e-4)
+
+
+def test_a_roberta_teacher_converts_and_its_students_save_and_reload(tiny_roberta, tmp_path):
+    source, tokenizer = tiny_roberta
+    teacher = build_teacher(source)
+    for name in ("linformer_layer", "bimamba2"):
+        student = build_student(source.config, source.weights(), STUDENTS[name], seed=0).eval()
+        copied, bad = _copied_keys_match(teacher, student)
+        assert not bad and copied > 20
+        student.save_pretrained(tmp_path / name)
+        reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / name).eval()
+        batch = _batch(tokenizer)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        torch.testing.assert_close(reloaded(**inputs).logits, student(**inputs).logits)
+    # The one length projection of sharing="layer" is saved once and shared again after loading.
+    layers = reloaded_layers = AutoModelForSequenceClassification.from_pretrained(tmp_path / "linformer_layer").encoder.encoder.layer
+    assert layers[0].attention.self.mixer.E is reloaded_layers[2].attention.self.mixer.E
+
+
+def test_distillation_step_runs_on_padded_batches_with_class_losses(minilm):
+    source, tokenizer = minilm
+    teacher = layerwise(build_teacher(source))
+    student_model = build_student(source.config, source.weights(), STUDENTS["bimamba2"], seed=0)
+    student = layerwise(student_model)
+    batch = _batch(tokenizer)
+    parts = cald_forward(teacher, student, batch, LossConfig(a_ce=1.0, a_layer=15.0, a_kl=1.0))
+    assert set(parts.terms) == {"ce", "layer", "kl"} and len(parts.per_layer) == 5
+    parts.total.backward()
+    assert all(p.grad is not None for p in student_model.mixer_parameters())
+    student_model.zero_grad()
+    tf = teacher_forced_step(teacher, student, batch, LossConfig(), backward=lambda loss: loss.backward())
+    assert set(tf.terms) == {"layer"} and tf.total.item() > 0
+
+
+def test_the_layer_loss_of_a_padded_batch_ignores_pads():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    loss = layer_loss(s, t, mask)
+    torch.testing.assert_close(loss, layer_loss_reference(s, t, mask))
+    loss.backward()
+    assert torch.all(s.grad[0, 3:] == 0)
+    moved = t.clone()
+    moved[0, 3:] += 100.0
+    torch.testing.assert_close(layer_loss(s.detach(), moved, mask), loss.detach())
+    ref = s.detach().clone().requires_grad_(True)
+    layer_loss_reference(ref, t, mask).backward()
+    torch.testing.assert_close(s.grad, ref.grad)
+
+
+def test_mismatches_are_refused_before_any_weight_is_read(minilm, tiny_roberta, tmp_path):
+    source, _ = minilm
+    with pytest.raises(ValueError, match=r"fine-tuned for labels \['a', 'b'\], but the task has labels"):
+        built = build_teacher(classifier_teacher(open_teacher(TeacherConfig(name_or_path="all-minilm-l6-v2"))[0], ["a", "b"], seed=0))
+        built.save_pretrained(tmp_path / "two_labels")
+        AutoTokenizer.from_pretrained(source.folder).save_pretrained(tmp_path / "two_labels")
+        classifier_teacher(open_teacher(TeacherConfig(name_or_path=str(tmp_path / "two_labels")))[0], LABELS)
+    llm, _ = open_teacher(TeacherConfig())  # the SmolLM2 causal LM
+    with pytest.raises(ValueError, match="sequence classification takes an encoder"):
+        classifier_teacher(llm, LABELS)
+    with pytest.raises(ValueError, match="is bidirectional: it can replace an encoder's attention, not a causal LM's"):
+        student_config(llm.config, ConversionConfig(mixer="linformer"))
