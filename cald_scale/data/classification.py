@@ -121,6 +121,10 @@ class ClassificationDataConfig:
     """Cap on train examples for quick runs (None: all), taken per class in proportion to
     its size (largest remainder), so the subset stays stratified."""
 
+    max_eval_examples: int | None = None
+    """Cap on validation and on test examples (None: all, the default: results quote whole
+    splits), stratified like `max_train_examples`; for CI-sized checks only."""
+
     cache_dir: str = ".cache/cald_scale/classification"
     """Folder holding the cached splits (one JSON file per key) and `datasets`' own cache."""
 
@@ -157,9 +161,10 @@ class ClassificationDataConfig:
             raise ValueError(f"classification.seed must be an int >= 0, got {self.seed!r}")
         if self.unknown_labels not in ("error", "skip"):
             raise ValueError(f"classification.unknown_labels must be 'error' or 'skip', got {self.unknown_labels!r}")
-        value = self.max_train_examples
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"classification.max_train_examples must be null or an int >= 1, got {value!r}")
+        for name in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"classification.{name} must be null or an int >= 1, got {value!r}")
         if not isinstance(self.cache_dir, str) or not self.cache_dir:
             raise ValueError(f"classification.cache_dir must be a non-empty path, got {self.cache_dir!r}")
 
@@ -389,24 +394,24 @@ def _build(cfg: ClassificationDataConfig, sources: dict[str, Source], key: str) 
     return {"format": FORMAT_VERSION, "key": key, "name": name, "labels": labels, "stats": stats, "splits": content}
 
 
-def _cap_train(train: ClassificationSplit, num_labels: int, cap: int) -> ClassificationSplit:
-    """At most `cap` train examples, per class in proportion (largest remainder; ties to the
+def _cap_split(split: ClassificationSplit, num_labels: int, cap: int) -> ClassificationSplit:
+    """At most `cap` examples, per class in proportion (largest remainder; ties to the
     lower label id), each class's first ones in the stored (hash) order."""
-    counts = train.class_counts(num_labels)
-    if cap >= len(train):
-        return train
-    exact = counts * cap / len(train)
+    counts = split.class_counts(num_labels)
+    if cap >= len(split):
+        return split
+    exact = counts * cap / len(split)
     quota = np.floor(exact).astype(np.int64)
     remainder_order = sorted(range(num_labels), key=lambda c: (-(exact[c] - quota[c]), c))
     for c in remainder_order[: cap - int(quota.sum())]:
         quota[c] += 1
     taken = np.zeros(num_labels, dtype=np.int64)
     keep = []
-    for i, label in enumerate(train.labels):
+    for i, label in enumerate(split.labels):
         if taken[label] < quota[label]:
             taken[label] += 1
             keep.append(i)
-    return train.subset(keep)
+    return split.subset(keep)
 
 
 def load_classification_data(cfg: ClassificationDataConfig) -> ClassificationData:
@@ -437,8 +442,14 @@ def load_classification_data(cfg: ClassificationDataConfig) -> ClassificationDat
     stats = dict(content["stats"])
     labels = content["labels"]
     if cfg.max_train_examples is not None:
-        capped = _cap_train(splits["train"], len(labels), cfg.max_train_examples)
+        capped = _cap_split(splits["train"], len(labels), cfg.max_train_examples)
         stats["train_skipped_max_train_examples"] = len(splits["train"]) - len(capped)
         stats["num_train"] = len(capped)
         splits["train"] = capped
+    if cfg.max_eval_examples is not None:
+        for name in ("validation", "test"):
+            if name in splits:
+                capped = _cap_split(splits[name], len(labels), cfg.max_eval_examples)
+                stats[f"{name}_skipped_max_eval_examples"] = len(splits[name]) - len(capped)
+                splits[name] = capped
     return ClassificationData(name=content["name"], labels=labels, splits=splits, stats=stats, key=key)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cald_scale.data.classification import ClassificationData, ClassificationSplit
+from cald_scale.data.sampler import ShardedBatches
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -165,7 +166,7 @@ def collate_classification(examples: Sequence[Mapping[str, Any]], pad_token_id: 
 # ---------------------------------------------------------------------------------------
 
 
-class BucketedBatches:
+class BucketedBatches(ShardedBatches):
     """Deterministic, resumable training batches of similar-length examples.
 
     Epoch e (steps [e * steps_per_epoch, (e + 1) * steps_per_epoch)):
@@ -175,9 +176,8 @@ class BucketedBatches:
          (stable), so a global batch holds neighbours in length;
       3. cut into global batches and shuffle their order with the same generator, so
          lengths do not rise and fall with the step.
-    Within a global batch, micro step m of rank r reads the slice at
-    (m * world_size + r) * micro_batch_size (the layout of `ShardedBatches`): every rank
-    reads micro_batch_size examples per micro step, the ranks of one micro step read
+    Within a global batch the ranks and micro steps read `ShardedBatches`' slices: every
+    rank reads micro_batch_size examples per micro step, the ranks of one micro step read
     neighbouring lengths (similar compute), and nothing is read twice in an epoch.
     """
 
@@ -192,37 +192,16 @@ class BucketedBatches:
         grad_accum: int = 1,
         mega_batch_size: int = 50,
     ):
-        if micro_batch_size < 1 or grad_accum < 1 or world_size < 1 or mega_batch_size < 1:
-            raise ValueError(
-                f"micro_batch_size ({micro_batch_size}), grad_accum ({grad_accum}), world_size "
-                f"({world_size}) and mega_batch_size ({mega_batch_size}) must be >= 1"
-            )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if mega_batch_size < 1:
+            raise ValueError(f"mega_batch_size must be >= 1, got {mega_batch_size}")
         self.lengths = np.asarray(lengths, dtype=np.int64)
-        self.micro_batch_size = micro_batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.grad_accum = grad_accum
         self.mega_batch_size = mega_batch_size
-        self.global_batch_size = micro_batch_size * grad_accum * world_size
-        if len(self.lengths) < self.global_batch_size:
-            raise ValueError(
-                f"the train split has {len(self.lengths)} examples, fewer than one global batch of "
-                f"{self.global_batch_size} (micro_batch_size {micro_batch_size} x grad_accum "
-                f"{grad_accum} x world_size {world_size})"
-            )
-        self.steps_per_epoch = len(self.lengths) // self.global_batch_size
-        self._epoch: int | None = None
-        self._batches: np.ndarray | None = None
+        super().__init__(
+            len(self.lengths), micro_batch_size, rank, world_size, seed, grad_accum=grad_accum,
+            what="training examples", remedy="use more data (classification.max_train_examples) or a smaller batch",
+        )
 
-    def epoch(self, step: int) -> int:
-        """The pass over the data that optimizer step `step` belongs to."""
-        return step // self.steps_per_epoch
-
-    def _epoch_batches(self, epoch: int) -> np.ndarray:
-        """(steps_per_epoch, global_batch_size) example indices of `epoch`, in step order."""
+    def _permutation(self, epoch: int) -> np.ndarray:
         if self._epoch != epoch:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(len(self.lengths))[: self.steps_per_epoch * self.global_batch_size]
@@ -231,18 +210,8 @@ class BucketedBatches:
                 chunk = order[start : start + mega]
                 order[start : start + mega] = chunk[np.argsort(self.lengths[chunk], kind="stable")]
             batches = order.reshape(self.steps_per_epoch, self.global_batch_size)
-            self._epoch, self._batches = epoch, batches[rng.permutation(self.steps_per_epoch)]
-        return self._batches
-
-    def indices(self, step: int, micro_step: int) -> list[int]:
-        """This rank's example indices for optimizer step `step`, micro step `micro_step`."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        if not 0 <= micro_step < self.grad_accum:
-            raise ValueError(f"micro_step {micro_step} is outside grad_accum {self.grad_accum}")
-        batch = self._epoch_batches(self.epoch(step))[step % self.steps_per_epoch]
-        start = (micro_step * self.world_size + self.rank) * self.micro_batch_size
-        return batch[start : start + self.micro_batch_size].tolist()
+            self._epoch, self._order = epoch, batches[rng.permutation(self.steps_per_epoch)].reshape(-1)
+        return self._order
 
 
 # ---------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ class ShardedBatches:
         *,
         grad_accum: int = 1,
         shuffle: bool = True,
+        what: str = "sequences",
+        remedy: str = "use a larger corpus, a smaller batch or a smaller data.seq_len",
     ):
         if micro_batch_size < 1 or grad_accum < 1 or world_size < 1:
             raise ValueError(
@@ -49,10 +51,9 @@ class ShardedBatches:
         self.global_batch_size = micro_batch_size * grad_accum * world_size
         if dataset_len < self.global_batch_size:
             raise ValueError(
-                f"the dataset has {dataset_len} sequences, fewer than one global batch of "
+                f"the dataset has {dataset_len} {what}, fewer than one global batch of "
                 f"{self.global_batch_size} (micro_batch_size {micro_batch_size} x grad_accum "
-                f"{grad_accum} x world_size {world_size}); use a larger corpus, a smaller "
-                "batch or a smaller data.seq_len"
+                f"{grad_accum} x world_size {world_size}); {remedy}"
             )
         self.steps_per_epoch = dataset_len // self.global_batch_size
         self._epoch: int | None = None
@@ -63,6 +64,7 @@ class ShardedBatches:
         return step // self.steps_per_epoch
 
     def _permutation(self, epoch: int) -> np.ndarray:
+        """The sample order of ``epoch``: global batch b is its slice [b * global_batch_size, ...)."""
         if self._epoch != epoch:
             dtype = np.int32 if self.dataset_len < 2**31 else np.int64
             order = np.arange(self.dataset_len, dtype=dtype)

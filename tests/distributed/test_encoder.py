@@ -88,7 +88,7 @@ def test_the_std_run_fine_tunes_the_teacher_and_exports_it_with_waypoints(std_ru
     "mode,mixer,phases",
     [
         ("unguided", "linformer", "[{name: unguided, guidance: none}]"),
-        ("target", "linformer", "[{name: target, guidance: target}]"),
+        ("target", "linformer_layer", "[{name: target, guidance: target}]"),
         ("hybrid", "bimamba2", "[{name: target, steps: 2, guidance: target}, {name: task_only, guidance: none}]"),
         ("trajectory", "bimamba2", "[{name: trajectory, guidance: trajectory, trajectory: {lr: 1.0e-3, update_every: 1}}]"),
         ("waypoint", "linformer", None),
@@ -104,7 +104,10 @@ def test_every_guidance_mode_converts_the_fine_tuned_teacher(std_run, encoder_di
         waypoints = [std_dir / "student_waypoints" / f"step_{s:08d}" for s in (2, 4)]
         phases = "[{name: waypoints, guidance: waypoint, waypoints: [" + ", ".join(map(str, waypoints)) + "]}]"
     run_dir = root / mode
-    overrides = _overrides(teacher, run_dir, root / "data", phases, **{"student.conversion.mixer": mixer, "loss.a_kl": 1.0})
+    # linformer_layer: one length projection shared by every layer, partitioned once by ZeRO-3 and exported once.
+    sharing = {"student.conversion.linformer.sharing": "layer"} if mixer == "linformer_layer" else {}
+    mixer = mixer.removesuffix("_layer")
+    overrides = _overrides(teacher, run_dir, root / "data", phases, **{"student.conversion.mixer": mixer, "loss.a_kl": 1.0, **sharing})
     proc = run(deepspeed_command(overrides), env)
     _ok(proc)
     report = json.loads((run_dir / "report.json").read_text())
@@ -120,6 +123,11 @@ def test_every_guidance_mode_converts_the_fine_tuned_teacher(std_run, encoder_di
         assert report["accuracy_teacher"] is not None
     if mode == "hybrid":
         assert history[3]["teacher_release"]["teacher_params_alive"] == [0, 0]
+    if sharing:
+        from transformers import AutoModelForSequenceClassification
+
+        exported = AutoModelForSequenceClassification.from_pretrained(run_dir / "student").encoder.encoder.layer
+        assert exported[0].attention.self.mixer.E is exported[2].attention.self.mixer.E
     if mode == "trajectory":
         assert "teacher_ce" in history[STEPS] and "teacher_after" in report["eval_sets"]["test"]
     if mode == "waypoint":

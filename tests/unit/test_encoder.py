@@ -173,3 +173,22 @@ def test_mismatches_are_refused_before_any_weight_is_read(minilm, tiny_roberta, 
         classifier_teacher(llm, LABELS)
     with pytest.raises(ValueError, match="is bidirectional: it can replace an encoder's attention, not a causal LM's"):
         student_config(llm.config, ConversionConfig(mixer="linformer"))
+
+
+def test_hidden_state_drift_is_zero_for_the_same_model_and_grows_with_the_change(minilm):
+    from cald_scale.eval.drift import hidden_state_drift
+
+    source, tokenizer = minilm
+    teacher = layerwise(build_teacher(source))
+    batch = _batch(tokenizer)
+    same = hidden_state_drift(teacher, layerwise(build_teacher(source)), [batch])
+    assert same["mean"] == pytest.approx(0.0, abs=1e-6) and same["tokens"] == int(batch["attention_mask"].sum())
+    drifts = []
+    for scale in (0.01, 0.05):
+        moved = build_teacher(source)
+        with torch.no_grad():
+            moved.encoder.encoder.layer[3].output.dense.weight.add_(scale * torch.randn_like(moved.encoder.encoder.layer[3].output.dense.weight, generator=torch.Generator().manual_seed(0)))
+        drifts.append(hidden_state_drift(teacher, layerwise(moved), [batch]))
+    # Blocks before the changed one do not move; it and the blocks after it do, more for a larger change.
+    assert all(d["per_layer"][i] == pytest.approx(0.0, abs=1e-6) for d in drifts for i in range(3))
+    assert 0 < drifts[0]["per_layer"][3] < drifts[1]["per_layer"][3] and drifts[1]["mean"] > drifts[0]["mean"]
