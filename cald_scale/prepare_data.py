@@ -5,7 +5,8 @@
 Takes the same recipe and overrides as `launch/train.py`, so it builds exactly the caches
 the job reads: data.corpus (train and held-out splits), data.eval_corpus and every
 eval.other_corpora set, tokenised with the teacher's tokenizer (a built-in GGUF teacher is
-converted once on the way). Work is saved part by part: killed, the same command resumes
+converted once on the way); for the classification task, the fixed splits of
+`classification`. Work is saved part by part: killed, the same command resumes
 from the last finished part. Run it once (one process, e.g. a CPU job on the cluster)
 before a multi-node run; the job then finds the caches complete and starts at once.
 """
@@ -38,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         raise ValueError(f"config error: {err}") from None
     started = time.time()
+    if cfg.task.kind == "classification":
+        return _prepare_classification(cfg, args, started)
     source, tokenizer = open_teacher(cfg.teacher)
     sets = open_run_datasets(
         cfg.data, tokenizer, other_corpora=cfg.eval.other_corpora, max_eval_sequences=cfg.eval.max_sequences,
@@ -57,4 +60,26 @@ def run(args: argparse.Namespace) -> int:
         for name, entry in summary["sets"].items():
             print(f"{name:>10}: {entry['tokens']:>12,} tokens = {entry['sequences']:>9,} sequences of {cfg.data.seq_len} ({entry['corpus']})")
         print(f"ready in {summary['seconds']} s; the job reads these caches as they are")
+    return 0
+
+
+def _prepare_classification(cfg, args: argparse.Namespace, started: float) -> int:
+    """The classification task's split cache (``classification.cache_dir``), built once."""
+    from .tasks.classification import ClassificationTask
+
+    task = ClassificationTask(cfg, is_main=True)
+    task.open_data()
+    summary = {
+        "dataset": task.data.name,
+        "labels": task.data.label_names,
+        "splits": {name: len(split) for name, split in task.splits.items()},
+        "skipped": task.data.stats,
+        "seconds": round(time.time() - started, 1),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for name, count in summary["splits"].items():
+            print(f"{name:>10}: {count:>9,} examples, {len(summary['labels'])} labels ({summary['dataset']})")
+        print(f"ready in {summary['seconds']} s; the job reads this split cache as it is")
     return 0

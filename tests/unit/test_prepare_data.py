@@ -70,3 +70,22 @@ def test_prepare_data_config_errors_are_one_line(setup, capsys):
     assert main(["prepare-data", *overrides, "data.no_such_key=1"]) == 2
     err = capsys.readouterr().err
     assert "no_such_key" in err and "Traceback" not in err
+
+
+def test_prepare_data_builds_the_classification_splits_the_job_reads(tmp_path, capsys):
+    from cald_scale.data.classification import load_classification_data
+
+    rows = ["text,label"] + [f"example number {i} about {'cats' if i % 2 else 'dogs'},{'cat' if i % 2 else 'dog'}" for i in range(60)]
+    (tmp_path / "pets.csv").write_text("\n".join(rows) + "\n")
+    overrides = [
+        "task.kind=classification", "teacher.name_or_path=all-minilm-l6-v2", f"classification.dataset={tmp_path / 'pets.csv'}",
+        "classification.text_column=text", "classification.label_column=label", f"classification.cache_dir={tmp_path / 'cache'}",
+    ]
+    assert main(["prepare-data", "--json", *overrides]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["labels"] == ["cat", "dog"] and sum(summary["splits"].values()) == 60
+    cached = list((tmp_path / "cache").glob("*.json"))
+    assert len(cached) == 1
+    # The job's own loader finds exactly that cache.
+    data = load_classification_data(load_run_config(overrides=overrides).classification)
+    assert data.key == cached[0].stem and {k: len(v) for k, v in data.splits.items()} == summary["splits"]
