@@ -72,6 +72,11 @@ def resolve_target(path: str | Path, *, teacher: str | None = None, no_teacher: 
     the teacher's name_or_path, `no_teacher` leaves it out."""
     folder = Path(path).expanduser()
     config = _read_config(folder)
+    if config.get("model_type") == "cald_classifier" or config.get("task", {}).get("kind") == "classification":
+        raise ValueError(
+            f"{folder} is a sequence classifier: `cald-scale evaluate` scores causal LMs (perplexity, lm-eval); "
+            "a classification run's report.json holds its teacher and student accuracy and macro-F1 on validation and test"
+        )
     if config.get("model_type") == CaldStudentConfig.model_type:
         named = teacher or config.get("teacher_name_or_path")
         if not named and not no_teacher:

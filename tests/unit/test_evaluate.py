@@ -105,3 +105,11 @@ def test_errors_are_one_line_with_status_2(models, tmp_path, capsys):
         assert main(["evaluate", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("cald-scale evaluate: error:") and message in err[0]
+
+
+def test_a_classifier_is_refused_in_one_line(tmp_path):
+    from cald_scale.evaluate import resolve_target
+
+    (tmp_path / "config.json").write_text('{"model_type": "cald_classifier"}')
+    with pytest.raises(ValueError, match="is a sequence classifier: `cald-scale evaluate` scores causal LMs"):
+        resolve_target(tmp_path)
