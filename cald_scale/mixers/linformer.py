@@ -35,6 +35,8 @@ class LengthProjection(nn.Module):
 
     def __init__(self, max_positions: int, k: int) -> None:
         super().__init__()
+        # NOTE: kept as ints: under ZeRO-3 the weight is a partition whose shape says nothing.
+        self.max_positions, self.k = max_positions, k
         self.weight = nn.Parameter(torch.empty(max_positions, k))
         self.reset_parameters()
 
@@ -47,14 +49,6 @@ class LengthProjection(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=1.0)
-
-    @property
-    def max_positions(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def k(self) -> int:
-        return self.weight.shape[1]
 
     def rows(self, attention_mask: torch.Tensor | None, seqlen: int, dtype: torch.dtype) -> torch.Tensor:
         """The scaled rows that project one batch's l positions: (1, l, r) unpadded, else (b, l, r).
