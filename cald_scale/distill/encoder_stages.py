@@ -9,15 +9,13 @@ loss is class cross-entropy (and whose KL is over class logits).
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
 from ..conversion.classifier import pool
+from ..conversion.registry import FamilyAdapter
 from .losses import LossConfig, logit_kl
 from .stages import LayerwiseModel
 
@@ -27,15 +25,10 @@ __all__ = ["EncoderLayerwise"]
 class EncoderLayerwise(LayerwiseModel):
     """Block-by-block view of a ``CaldEncoderForSequenceClassification`` (teacher or student)."""
 
-    def __init__(self, model: nn.Module, *, activation_checkpointing: bool = False, scope: Callable[[], contextlib.AbstractContextManager] | None = None):
-        self.model = model
-        self.lm = model  # the module whose keys teacher and student share
-        self.adapter = model.adapter
-        self.base = model.encoder
-        self.blocks = self.adapter.layers(model)
-        self.activation_checkpointing = activation_checkpointing
-        self._scope = scope or contextlib.nullcontext
-        self.head_pieces = None  # the class head is small: never streamed
+    @staticmethod
+    def _parts(model: nn.Module) -> tuple[nn.Module, FamilyAdapter, nn.Module]:
+        # Teacher and student are the same class: their keys are shared from the top.
+        return model, model.adapter, model.encoder
 
     @property
     def vocab_size(self) -> int:

@@ -67,19 +67,26 @@ class LayerwiseModel:
 
     def __init__(self, model: nn.Module, *, activation_checkpointing: bool = False, scope: Callable[[], contextlib.AbstractContextManager] | None = None):
         self.model = model
-        self.lm = getattr(model, "backbone", model)
-        self.adapter: FamilyAdapter = get_adapter(self.lm.config)
-        self.base = self.adapter.base(self.lm)
+        self.lm, self.adapter, self.base = self._parts(model)
         self.blocks = self.adapter.layers(self.lm)
         self.layer_types = attention_types(self.lm.config, len(self.blocks))
         # NOTE: families whose rotary embedding differs by layer type (Olmo3, Gemma3) take it as an argument.
-        self._rotary_by_type = "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters
+        rotary = getattr(self.base, "rotary_emb", None)
+        self._rotary_by_type = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
         self.activation_checkpointing = activation_checkpointing
         # Optional context entered around every computation (memory accounting in benchmarks).
         self._scope = scope or contextlib.nullcontext
         # Set by the engines for a frozen ZeRO-3 head: its rows, gathered a piece at a time
         # (the CE then never holds the whole head; see losses.vocab_streamed_cross_entropy).
         self.head_pieces: RowPieces | None = None
+
+    @staticmethod
+    def _parts(model: nn.Module) -> tuple[nn.Module, FamilyAdapter, nn.Module]:
+        """(the module whose keys teacher and student share, its family adapter, the family's
+        base model); for a converted student the family's own model is its ``backbone``."""
+        lm = getattr(model, "backbone", model)
+        adapter = get_adapter(lm.config)
+        return lm, adapter, adapter.base(lm)
 
     @property
     def num_layers(self) -> int:
