@@ -18,6 +18,7 @@ Writes benchmarks/results/guidance_<task>{,_quick}.{json,md}.
 
     python benchmarks/guidance_table.py                       # both tasks, 3 seeds (hours on 2 CPU cores)
     python benchmarks/guidance_table.py --tasks wiki_topic --seeds 0
+    python benchmarks/guidance_table.py --tasks wiki_topic --students linformer --saved-speed
     python benchmarks/guidance_table.py --quick               # CI-sized: wiki_topic, 1 seed, a few steps
 """
 
@@ -217,6 +218,8 @@ def markdown(result: dict) -> list[str]:
         from encoder_speed import markdown as speed_markdown
 
         lines += ["", *speed_markdown(result["speed"])[:-2 - len(result["speed"]["targets"])]]
+        if "machine" in result["speed"]:  # --saved-speed
+            lines += [f"(from benchmarks/results/encoder_speed.json, measured {result['speed']['machine']['date'][:10]})"]
     lines += ["", "| target | value | pass |", "|---|---|---|"]
     lines += [f"| {t['what']} | {t['value']} | {t['pass']} |" for t in result["targets"].values()]
     return lines
@@ -228,12 +231,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="*", default=None, help="default: wiki_topic tweet_sentiment (quick: wiki_topic)")
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="default: 0 1 2 (quick: 0)")
     parser.add_argument("--students", nargs="*", default=list(STUDENTS), choices=list(STUDENTS))
-    parser.add_argument("--no-speed", action="store_true", help="skip the 4k-token forward speed measurement")
+    speed_source = parser.add_mutually_exclusive_group()
+    speed_source.add_argument("--no-speed", action="store_true", help="skip the 4k-token forward speed measurement")
+    speed_source.add_argument("--saved-speed", action="store_true", help="take it from benchmarks/results/encoder_speed.json (python benchmarks/encoder_speed.py)")
     args = parser.parse_args(argv)
     tasks = args.tasks or (["wiki_topic"] if args.quick else ["wiki_topic", "tweet_sentiment"])
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     speed = None
-    if not args.no_speed:
+    if args.saved_speed:
+        saved = RESULTS / "encoder_speed.json"
+        if not saved.is_file():
+            parser.error(f"--saved-speed: {saved} does not exist; run python benchmarks/encoder_speed.py first")
+        speed = json.loads(saved.read_text())
+    elif not args.no_speed:
         from encoder_speed import measure
 
         speed = measure((512, 4096), repeats=1) if args.quick else measure()
