@@ -42,6 +42,7 @@ def launch_run(run: Run, benchmark: str, *, ranks: int = 1) -> Path:
     folder = run.folder(benchmark)
     args = [*run.overrides, f"train.seed={run.seed}", f"output.run_dir={folder}", "output.progress_bar=false"]
     if (folder / "report.json").is_file():
+        _check_same_config(folder, run.recipe, args)
         print(f"[{benchmark}] reusing {folder}", flush=True)
         return folder
     launcher = str(Path(sys.executable).parent / "deepspeed")
@@ -60,6 +61,23 @@ def launch_run(run: Run, benchmark: str, *, ranks: int = 1) -> Path:
         raise RuntimeError(f"run {run.name} (seed {run.seed}) failed with exit code {proc.returncode}; see {folder / 'launch.log'}")
     print(f"[{benchmark}] {run.name} seed {run.seed} done in {time.time() - started:.0f} s", flush=True)
     return folder
+
+
+def _check_same_config(folder: Path, recipe: str | None, args: list[str]) -> None:
+    """A finished run is reused only if it ran the config this benchmark asks for now."""
+    from cald_scale.config import load_run_config
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    saved = flat(json.loads((folder / "config.json").read_text()))
+    wanted = flat(load_run_config(REPO / recipe if recipe else None, args).to_dict())
+    differ = [f"{k}: ran {saved.get(k)!r}, wanted {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    if differ:
+        raise RuntimeError(f"{folder} holds a finished run of another config ({'; '.join(differ[:5])}); move it away to rerun it")
 
 
 def _free_port() -> int:

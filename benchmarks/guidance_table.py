@@ -5,7 +5,8 @@ For each task (Wikipedia topic, 12 classes; Twitter sentiment, 3 classes) and se
 
 1. the "Std." run fine-tunes the teacher (pretrained encoder + new mean-pooled head, no
    conversion) and exports its checkpoints along the way: the target teacher and the waypoints;
-2. each student (Linformer k=256, BiMamba2) is converted and trained jointly on the task
+2. each student (Linformer k=256, BiMamba2) is converted from the *pretrained* encoder
+   (``student.init_from``, as the paper's reference code does) and trained jointly on the task
    under unguided, target, trajectory, waypoint and hybrid guidance, on the same budget.
    Target, waypoint and hybrid follow that seed's Std. run; trajectory starts from the
    pretrained encoder and fine-tunes it alongside.
@@ -91,7 +92,9 @@ def student_run(task: str, b: dict, seed: int, student: str, mode: str, std_fold
         "waypoint": "[{name: waypoints, guidance: waypoint, waypoints: [" + ", ".join(str(p) for p in waypoints) + "]}]",
         "hybrid": "[{name: target, fraction: 0.4, guidance: target}, {name: task_only, guidance: none}]",
     }[mode]
-    # Trajectory starts from the pretrained encoder (same seeded head); the others from this seed's Std. run.
+    # As in the paper's reference code, every student is converted from the pretrained encoder (with
+    # the seeded head of this seed's Std. run); the teacher that guides it is this seed's fine-tuned
+    # one, or for trajectory guidance the pretrained encoder, fine-tuned alongside.
     teacher = TEACHER if mode == "trajectory" else str(std_folder / "student")
     return Run(
         f"{student}_{mode}",
@@ -99,6 +102,7 @@ def student_run(task: str, b: dict, seed: int, student: str, mode: str, std_fold
             *common(task, b),
             *STUDENTS[student],
             f"teacher.name_or_path={teacher}",
+            *([f"student.init_from={TEACHER}"] if teacher != TEACHER else []),
             "student.trainable=all",
             "train.lr=5.0e-4",
             "train.copied_lr_scale=0.2",

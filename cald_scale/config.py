@@ -39,6 +39,12 @@ class StudentConfig:
     weights (one copy in memory, not two)."""
     activation_checkpointing: bool = False
     """Recompute student blocks in backward instead of keeping their activations."""
+    init_from: str | None = None
+    """Where the student's copied weights (and its attention-informed mixer init) come from:
+    a model of the teacher's family and geometry (a built-in name, local HF folder or hub id;
+    for classification a pretrained encoder, which gets the seeded new head). null: the
+    teacher itself. The paper's encoder runs convert the *pretrained* encoder while a
+    fine-tuned teacher guides it (target, waypoint, hybrid): set this to the pretrained one."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -264,6 +270,8 @@ class RunConfig:
                 raise ValueError("classification batches are padded to their longest example: give phase lengths in steps or fractions, not tokens")
             if self.train.pipeline_stages:
                 raise ValueError("pipeline mode (train.pipeline_stages) runs causal LMs; classification runs under ZeRO-3 (train.pipeline_stages=0)")
+        if self.student.init_from and self.train.pipeline_stages:
+            raise ValueError("student.init_from is not supported in pipeline mode (train.pipeline_stages): each stage converts the teacher's own blocks")
         self.plan(world_size=1)  # phase errors surface when the config is loaded
 
     def tokens_per_step(self, world_size: int) -> int:

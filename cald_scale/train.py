@@ -195,7 +195,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         models = build_pipeline(cfg, ds_config, source, plan)
         guide, step_fn = PipelineGuide(plan, models, base_weights=str(source.folder)), pipeline_train_step
     else:
-        models = build_models(cfg, ds_config, source, plan)
+        models = build_models(cfg, ds_config, source, plan, student_source=task.student_source)
         guide = Guide(plan, models.managed_teacher, base_weights=str(source.folder), shared_param_ids=models.shared_param_ids)
         step_fn = train_step
     student_engine = models.student_engine

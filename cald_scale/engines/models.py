@@ -129,8 +129,13 @@ def block_numel(model: nn.Module, blocks: nn.ModuleList) -> int:
     return max(sum(math.prod(full_shape(p)) for p in block.parameters()) for block in blocks)
 
 
-def build_models(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan: PhasePlan | None = None) -> DistillationModels:
+def build_models(
+    cfg: RunConfig, ds_config: dict, source: TeacherSource, plan: PhasePlan | None = None, *, student_source: TeacherSource | None = None
+) -> DistillationModels:
     """Teacher (when any phase needs one) and student, partitioned, in their ZeRO-3 engines.
+
+    The student is converted from ``student_source`` (``student.init_from``) when given, else
+    from the teacher's ``source``.
 
     The teacher gets a training engine when a phase fine-tunes it (trajectory guidance).
     The student shares the teacher's tensors for its frozen weights only when the teacher
@@ -143,16 +148,21 @@ def build_models(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan: P
     for waypoint in plan.waypoints:
         check_teacher_checkpoint(waypoint, source.config, teacher, placement)
     frozen_copies = cfg.student.trainable == "mixers"
-    share = frozen_copies and cfg.student.share_frozen_weights and teacher is not None and not (plan.trains_teacher or plan.swaps_teacher)
+    origin = student_source or source
+    teacher_fixed = not (plan.trains_teacher or plan.swaps_teacher)
+    share = frozen_copies and cfg.student.share_frozen_weights and teacher is not None and teacher_fixed and origin is source
     if frozen_copies and cfg.student.share_frozen_weights and not share and teacher is not None:
-        logger.info("the teacher changes during the run (trajectory or waypoints): the student keeps its own frozen copies")
+        why = "the teacher changes during the run (trajectory or waypoints)" if not teacher_fixed else f"the student is converted from {origin.name} (student.init_from)"
+        logger.info("%s: the student keeps its own frozen copies", why)
+    if origin is not source:
+        logger.info("student converted from %s (student.init_from); teacher: %s", origin.name, source.name)
     student = build_student(
-        source.config,
-        source.weights(),
+        origin.config,
+        origin.weights(),
         cfg.student.conversion,
         seed=cfg.train.seed,
         placement=placement,
-        teacher_name_or_path=source.name,
+        teacher_name_or_path=origin.name,
         share_with=teacher if share else None,
     )
     if frozen_copies:

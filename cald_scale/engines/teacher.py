@@ -29,12 +29,24 @@ from .host_memory import return_free_memory
 from .partitioned import is_partitioned
 from .zero3 import begin_step
 
-__all__ = ["ManagedTeacher", "check_teacher_checkpoint", "GEOMETRY_KEYS"]
+__all__ = ["ManagedTeacher", "check_teacher_checkpoint", "geometry_mismatch", "GEOMETRY_KEYS"]
 
 logger = logging.getLogger("cald_scale.engines")
 
 # Config fields that must agree for a checkpoint to fit the teacher's architecture.
 GEOMETRY_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")
+
+
+def geometry_mismatch(theirs, ours) -> list[str]:
+    """The geometry keys on which two model configs differ, as "key: theirs vs ours" (empty: they match)."""
+    theirs, ours = _geometry(theirs), _geometry(ours)
+    return [f"{k}: {theirs[k]} vs {ours[k]}" for k in theirs if theirs[k] != ours[k]]
+
+
+def _geometry(config) -> dict:
+    # A cald model's (classifier, student) block geometry lives in its family's own config.
+    family = (config.teacher_hf_config() if hasattr(config, "teacher_hf_config") else config).to_dict()
+    return {**{k: family.get(k) for k in GEOMETRY_KEYS}, "num_labels": config.num_labels}
 
 
 def check_teacher_checkpoint(folder: str | Path, config, model: torch.nn.Module | None = None, placement: Placement | None = None) -> None:
@@ -47,9 +59,7 @@ def check_teacher_checkpoint(folder: str | Path, config, model: torch.nn.Module 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"teacher checkpoint {folder} does not exist or has no config.json")
-    theirs = AutoConfig.from_pretrained(folder, local_files_only=True).to_dict()
-    ours = config.to_dict()
-    differ = [f"{k}: {theirs.get(k)} vs {ours.get(k)}" for k in GEOMETRY_KEYS if theirs.get(k) != ours.get(k)]
+    differ = geometry_mismatch(AutoConfig.from_pretrained(folder, local_files_only=True), config)
     if differ:
         raise WeightsMismatchError(f"teacher checkpoint {folder} does not match the teacher ({'; '.join(differ)})")
     if model is None:

@@ -4,6 +4,8 @@ The trainer (``train.py``) is the same for every task; a task brings the rest:
 
 - ``source`` and ``tokenizer``: where the teacher comes from (for classification, the
   pretrained encoder gets a task head sized by the task's labels);
+- ``student_source``: where the student is converted from when that is not the teacher
+  (``student.init_from``; else None);
 - ``open_data()``: its datasets (rank 0 builds caches, the others wait outside collectives);
 - ``train_batches(micro_batch, replica, replicas, device)``: ``next_batch(cursor)``, a pure
   function of the micro-batch counter, so a resumed run sees the batches it would have seen;
@@ -19,8 +21,9 @@ cross-entropy, and the KL to the teacher) belongs to the model's layerwise view
 from __future__ import annotations
 
 from .lm import LanguageModelingTask
+from .student_source import student_init_source
 
-__all__ = ["LanguageModelingTask", "open_task"]
+__all__ = ["LanguageModelingTask", "open_task", "student_init_source"]
 
 
 def open_task(cfg, *, is_main: bool):

@@ -11,6 +11,7 @@ from ..conversion.teacher import open_teacher
 from ..data import ShardedBatches
 from ..data.run_sets import open_run_datasets
 from ..eval.perplexity import eval_indices
+from .student_source import student_init_source
 
 __all__ = ["LanguageModelingTask"]
 
@@ -24,6 +25,7 @@ class LanguageModelingTask:
         self.cfg = cfg
         self.source, self.tokenizer = open_teacher(cfg.teacher)
         get_adapter(self.source.config)  # an unconvertible family fails now, before any weight is read
+        self.student_source = student_init_source(cfg, self.source)
         self._is_main = is_main
         self.train_set = self.eval_sets = None
 

@@ -95,11 +95,13 @@ def test_the_std_run_fine_tunes_the_teacher_and_exports_it_with_waypoints(std_ru
         ("aligned", "bimamba2", "[{name: align, steps: 2, mode: teacher_forced, trainable: mixers, lr: 5.0e-3}, {name: end_to_end}]"),
     ],
 )
-def test_every_guidance_mode_converts_the_fine_tuned_teacher(std_run, encoder_dir, mode, mixer, phases):
+def test_every_guidance_mode_converts_the_pretrained_encoder_under_its_teacher(std_run, encoder_dir, mode, mixer, phases):
     std_dir, root = std_run
     env = launcher_env(root)
-    # Trajectory guidance starts from the pretrained encoder (it fine-tunes alongside); the others from the Std. run's export.
+    # Every student is converted from the pretrained encoder, as in the paper; the teacher is the Std.
+    # run's export, or for trajectory guidance the pretrained encoder, fine-tuned alongside.
     teacher = encoder_dir if mode == "trajectory" else std_dir / "student"
+    init_from = None if mode == "trajectory" else encoder_dir
     if mode == "waypoint":
         waypoints = [std_dir / "student_waypoints" / f"step_{s:08d}" for s in (2, 4)]
         phases = "[{name: waypoints, guidance: waypoint, waypoints: [" + ", ".join(map(str, waypoints)) + "]}]"
@@ -107,9 +109,13 @@ def test_every_guidance_mode_converts_the_fine_tuned_teacher(std_run, encoder_di
     # linformer_layer: one length projection shared by every layer, partitioned once by ZeRO-3 and exported once.
     sharing = {"student.conversion.linformer.sharing": "layer"} if mixer == "linformer_layer" else {}
     mixer = mixer.removesuffix("_layer")
-    overrides = _overrides(teacher, run_dir, root / "data", phases, **{"student.conversion.mixer": mixer, "loss.a_kl": 1.0, **sharing})
+    overrides = _overrides(
+        teacher, run_dir, root / "data", phases, **{"student.conversion.mixer": mixer, "student.init_from": init_from, "loss.a_kl": 1.0, **sharing}
+    )
     proc = run(deepspeed_command(overrides), env)
     _ok(proc)
+    if init_from is not None:
+        assert f"student converted from {encoder_dir} (student.init_from); teacher: {teacher}" in proc.stdout + proc.stderr
     report = json.loads((run_dir / "report.json").read_text())
     history = metrics(run_dir)
     assert report["mixer"] == mixer and len(history) == STEPS

@@ -192,3 +192,32 @@ def test_hidden_state_drift_is_zero_for_the_same_model_and_grows_with_the_change
     # Blocks before the changed one do not move; it and the blocks after it do, more for a larger change.
     assert all(d["per_layer"][i] == pytest.approx(0.0, abs=1e-6) for d in drifts for i in range(3))
     assert 0 < drifts[0]["per_layer"][3] < drifts[1]["per_layer"][3] and drifts[1]["mean"] > drifts[0]["mean"]
+
+
+def test_student_init_from_converts_another_checkpoint_while_the_teacher_guides(minilm, tmp_path):
+    """The paper's encoder runs: the student starts from the pretrained encoder while a fine-tuned
+    one (here: another tiny BERT of the same geometry) is the teacher; a foreign geometry is refused."""
+    from cald_scale.config import load_run_config
+    from cald_scale.conversion.weights import WeightsMismatchError
+    from cald_scale.tasks import open_task
+
+    tokenizer = minilm[1]
+    tuned = save_tiny_encoder(tmp_path / "tuned", "bert", tokenizer, seed=0)
+    pretrained = save_tiny_encoder(tmp_path / "pretrained", "bert", tokenizer, seed=1)
+    common = ["task.kind=classification", "classification.dataset=wiki_topic", "classification.max_train_examples=64",
+              f"classification.cache_dir={tmp_path / 'data'}", "student.conversion.mixer=linformer", "student.conversion.linformer.k=16"]
+    task = open_task(load_run_config(overrides=[*common, f"teacher.name_or_path={tuned}", f"student.init_from={pretrained}"]), is_main=True)
+    assert task.source.name == str(tuned) and task.student_source.name == str(pretrained)
+    teacher_w, init_w = task.source.weights(), task.student_source.weights()
+    key = "encoder.encoder.layer.0.intermediate.dense.weight"
+    assert not torch.equal(teacher_w.get(key), init_w.get(key))
+    # Both got the same seeded new head: the task's labels, the run's seed.
+    assert torch.equal(teacher_w.get("classifier.weight"), init_w.get("classifier.weight"))
+
+    student = build_student(task.student_source.config, init_w, STUDENTS["linformer"])
+    assert torch.equal(student.state_dict()[key], init_w.get(key))
+    assert open_task(load_run_config(overrides=[*common, f"teacher.name_or_path={tuned}"]), is_main=True).student_source is None
+
+    shallow = save_tiny_encoder(tmp_path / "shallow", "bert", tokenizer, layers=2)
+    with pytest.raises(WeightsMismatchError, match=r"student.init_from .*shallow.* does not match the teacher .*num_hidden_layers: 2 vs 3"):
+        open_task(load_run_config(overrides=[*common, f"teacher.name_or_path={tuned}", f"student.init_from={shallow}"]), is_main=True)
