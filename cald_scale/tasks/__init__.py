@@ -21,9 +21,8 @@ cross-entropy, and the KL to the teacher) belongs to the model's layerwise view
 from __future__ import annotations
 
 from .lm import LanguageModelingTask
-from .student_source import student_init_source
 
-__all__ = ["LanguageModelingTask", "open_task", "student_init_source"]
+__all__ = ["LanguageModelingTask", "open_task"]
 
 
 def open_task(cfg, *, is_main: bool):

@@ -21,8 +21,8 @@ from ..conversion.teacher import classifier_teacher, open_teacher
 from ..data.classification import load_classification_data
 from ..data.classification_batches import IGNORE_INDEX, BucketedBatches, eval_batches_by_length, tokenize_splits
 from ..engines.zero3 import begin_step
-from .student_source import student_init_source
 from ..eval.classification import confusion_matrix, metrics_from_confusion
+from .student_source import student_init_source
 
 __all__ = ["ClassificationTask", "evaluate_classifier"]
 
@@ -41,12 +41,13 @@ class ClassificationTask:
         base, self.tokenizer = open_teacher(cfg.teacher)
         # Every rank reads the same cached splits (one builds them under a file lock).
         self.data = load_classification_data(cfg.classification)
-        self.source = classifier_teacher(base, self.data.label_names, pooling=cfg.task.pooling, seed=cfg.train.seed)
+        def for_task(source):  # the task's head on an encoder: the teacher's, and student.init_from's
+            return classifier_teacher(source, self.data.label_names, pooling=cfg.task.pooling, seed=cfg.train.seed)
+
+        self.source = for_task(base)
         get_adapter(self.source.config.teacher_hf_config())  # an unconvertible family fails now, before any weight is read
         # The paper converts the pretrained encoder (same seeded head) while the fine-tuned one guides.
-        self.student_source = student_init_source(
-            cfg, self.source, lambda s: classifier_teacher(s, self.data.label_names, pooling=cfg.task.pooling, seed=cfg.train.seed)
-        )
+        self.student_source = student_init_source(cfg, self.source, for_task)
         if is_main:
             counts = {name: len(split) for name, split in self.data.splits.items()}
             logger.info("classification data %s: %d labels, splits %s, skipped %s", self.data.name, self.data.num_labels, counts, self.data.stats or "none")
