@@ -17,12 +17,17 @@ are run again with a second seed. Writes benchmarks/results/recovery{,_quick}.{j
     python benchmarks/recovery.py            # full: 9 runs of 51k tokens, ~3 h on 2 CPU cores
     python benchmarks/recovery.py --quick    # 3 recipes, 6 steps of short sequences, ~10 min
     python benchmarks/recovery.py --recipes align_e2e align_e2e+attn_init   # a subset
+
+A subset extends the table: the runs of the other recipes already in the results file are
+kept when they ran on the same budget (each run names its folder and date), so the matrix
+can be filled in over several sittings.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -60,6 +65,25 @@ def budget(quick: bool) -> list[str]:
     return ["train.max_steps=50", "eval.every=10"]
 
 
+def dated(run: dict) -> dict:
+    return {**run, "date": machine()["date"][:10]}
+
+
+def previous_runs(path: Path, budget: list[str], keep: set[str]) -> dict[str, list[dict]]:
+    """The runs of `keep` recipes in an earlier results file, if it ran on the same budget."""
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    if earlier.get("budget") != budget:
+        print(f"not keeping the runs in {path}: another budget ({earlier.get('budget')})", flush=True)
+        return {}
+    date = earlier["machine"]["date"][:10]
+    kept = {label: [{"date": date, **r} for r in rs] for label, rs in earlier["runs"].items() if label in keep}
+    if kept:
+        print(f"keeping earlier runs from {path.name}: {sorted(kept)}", flush=True)
+    return kept
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -95,8 +119,8 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Conversion quality per token ({results['machine']['date'][:10]}, {results['budget_tokens']:,} tokens per run)",
         "",
-        "| recipe | seeds | own held-out ppl | x teacher | other-domain ppl | x teacher | train s |",
-        "|---|---|---|---|---|---|---|",
+        "| recipe | seeds | own held-out ppl | x teacher | other-domain ppl | x teacher | train s | measured |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, runs in sorted(results["runs"].items(), key=lambda kv: kv[1][0]["final"]["heldout"]):
         own = [r["final"]["heldout"] for r in runs]
@@ -105,7 +129,7 @@ def markdown(results: dict) -> str:
         fmt = lambda xs: " / ".join(f"{x:.1f}" for x in xs if x is not None)  # noqa: E731
         lines.append(
             f"| {label} | {len(runs)} | {fmt(own)} | {sum(own) / len(own) / t_own:.2f} | {fmt(other)} | "
-            f"{(sum(other) / len(other) / t_other) if t_other and all(other) else float('nan'):.2f} | {runs[0]['train_seconds']:.0f} |"
+            f"{(sum(other) / len(other) / t_other) if t_other and all(other) else float('nan'):.2f} | {runs[0]['train_seconds']:.0f} | {runs[0].get('date', results['machine']['date'][:10])} |"
         )
     lines += ["", "| target | value | pass |", "|---|---|---|"]
     lines += [f"| {k}: {t['what']} | {t['value']} | {t['pass']} |" for k, t in results["targets"].items()]
@@ -126,18 +150,20 @@ def main(argv: list[str] | None = None) -> None:
     name = "recovery_quick" if args.quick else "recovery"
     extra = budget(args.quick)
 
-    runs = {label: [launch(Run(label, every[label] + extra), name)] for label in chosen}
+    runs = previous_runs(RESULTS / f"{name}.json", extra, keep=set(every) - set(chosen))
+    runs.update({label: [dated(launch(Run(label, every[label] + extra), name))] for label in chosen})
     if not args.no_second_seed:
         finals = {label: r[0]["final"]["heldout"] for label, r in runs.items()}
         close = {a for a, b in itertools.permutations(finals, 2) if abs(finals[a] - finals[b]) <= 0.1 * min(finals[a], finals[b])}
-        for label in sorted(close):
-            runs[label].append(launch(Run(label, every[label] + extra, seed=1), name))
+        for label in sorted(close & set(chosen)):
+            runs[label].append(dated(launch(Run(label, every[label] + extra, seed=1), name)))
 
     results = {
         "benchmark": name,
         "machine": machine(),
         "teacher": "smollm2-135m-instruct",
         "budget_tokens": runs[chosen[0]][0]["tokens"],
+        "measured_now": chosen,
         "budget": extra,
         "runs": runs,
         "targets": {},

@@ -13,7 +13,7 @@ from typing import Literal
 
 import yaml
 
-from .configuration import ConfigError, apply_overrides, from_dict, to_dict
+from .config_loader import ConfigError, apply_overrides, from_dict, to_dict
 from .conversion.modeling import ConversionConfig
 from .conversion.teacher import TeacherConfig
 from .data.classification import ClassificationDataConfig

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .configuration import from_dict
+from .config_loader import from_dict
 from .conversion.modeling import CaldStudentConfig
 from .conversion.teacher import DTYPES, TeacherConfig, load_teacher
 from .data import DataConfig, PackedSequences, held_out_sequences

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .config import RunConfig
-from .configuration import to_dict
+from .config_loader import to_dict
 from .distill.guidance import Guide
 from .distill.phases import Phase, set_phase_lr
 from .distill.progress import NonFiniteLossError, StepState

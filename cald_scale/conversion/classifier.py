@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from ..configuration import from_dict
+from ..config_loader import from_dict
 from .modeling import ConversionConfig, replace_attention
 from .registry import get_adapter
 from .weights import StateDictReader, WeightReader
@@ -94,7 +94,7 @@ class CaldClassifierConfig(PretrainedConfig):
 
     def as_student(self, conversion: ConversionConfig, teacher_name_or_path: str | None = None) -> "CaldClassifierConfig":
         """This (teacher) config with ``conversion`` applied: the student's config."""
-        from ..configuration import to_dict
+        from ..config_loader import to_dict
 
         out = copy.deepcopy(self)
         out.conversion = to_dict(conversion.resolved(self.teacher_hf_config()))

@@ -24,7 +24,7 @@ from transformers import (
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 
-from ..configuration import from_dict, to_dict
+from ..config_loader import from_dict, to_dict
 from ..generation.cache import StudentCache
 from ..mixers import MIXER_KINDS, LengthProjection, build_mixer
 from ..mixers.config import BiMamba2Config, LinformerConfig, Mamba2Config, MambaConfig

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from ..configuration import to_dict
+from ..config_loader import to_dict
 from ..mixers import build_mixer
 from ..mixers.mamba import TimeStepProjection
 from .init import init_mixer_from_attention

@@ -48,7 +48,7 @@ from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from ..config import RunConfig
-from ..configuration import ConfigError
+from ..config_loader import ConfigError
 from ..conversion.modeling import CaldStudentForCausalLM, MixerAsAttention
 from ..conversion.surgery import attention_prefixes, initial_mixers, share_copied_weights, student_config
 from ..conversion.teacher import TeacherSource

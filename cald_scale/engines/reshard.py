@@ -43,7 +43,7 @@ from typing import Sequence
 
 import torch
 
-from ..configuration import ConfigError
+from ..config_loader import ConfigError
 from ..fileio import atomic_dir, atomic_write_text, fsync_path, wait_for_file
 from .distributed import barrier, rank
 

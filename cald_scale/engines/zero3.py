@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..configuration import ConfigError
+from ..config_loader import ConfigError
 
 __all__ = [
     "load_ds_config",

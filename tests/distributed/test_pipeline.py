@@ -225,7 +225,7 @@ def test_shipped_recipes_fit_the_pipeline_ds_config():
     from cald_scale.config import load_run_config
     from cald_scale.engines.pipeline import load_pipeline_ds_config
 
-    from cald_scale.configuration import ConfigError
+    from cald_scale.config_loader import ConfigError
 
     for recipe in sorted((REPO / "recipes").rglob("*.yaml")):
         if load_run_config(recipe).task.kind == "classification":  # ZeRO-3 only, refused in one line
@@ -241,7 +241,7 @@ def test_shipped_recipes_fit_the_pipeline_ds_config():
 
 def test_pipeline_config_errors_name_the_problem(tmp_path):
     from cald_scale.config import load_run_config
-    from cald_scale.configuration import ConfigError
+    from cald_scale.config_loader import ConfigError
     from cald_scale.engines.pipeline import _check_supported, load_pipeline_ds_config, stage_bounds
 
     cfg = load_run_config(overrides=["train.pipeline_stages=2"])

@@ -16,7 +16,7 @@ import pytest
 from conftest import tiny_overrides
 from launcher import deepspeed_command, launcher_env, metrics, run
 
-from cald_scale.configuration import ConfigError
+from cald_scale.config_loader import ConfigError
 from cald_scale.engines.reshard import UNIVERSAL, remap_cursor, saved_world_size, universal_copy
 
 pytestmark = pytest.mark.distributed

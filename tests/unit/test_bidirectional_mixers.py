@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from cald_scale.configuration import from_dict
+from cald_scale.config_loader import from_dict
 from cald_scale.conversion.init import init_mixer_from_attention
 from cald_scale.conversion.registry import AttentionWeights
 from cald_scale.mixers import (

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cald_scale.configuration import ConfigError, from_dict
+from cald_scale.config_loader import ConfigError, from_dict
 from cald_scale.data import (
     IGNORE_INDEX,
     BucketedBatches,

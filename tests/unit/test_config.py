@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cald_scale.config import RunConfig, load_run_config
-from cald_scale.configuration import ConfigError, from_dict, to_dict
+from cald_scale.config_loader import ConfigError, from_dict, to_dict
 from cald_scale.engines.zero3 import (
     load_ds_config,
     resolve_ds_config,

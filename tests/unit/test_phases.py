@@ -7,7 +7,7 @@ import math
 import pytest
 
 from cald_scale.config import load_run_config
-from cald_scale.configuration import ConfigError
+from cald_scale.config_loader import ConfigError
 from cald_scale.distill.guidance import Guide
 
 
