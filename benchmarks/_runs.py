@@ -9,6 +9,7 @@ stopped and rerun, and extended recipe by recipe.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import subprocess
@@ -41,8 +42,10 @@ def launch_run(run: Run, benchmark: str, *, ranks: int = 1) -> Path:
     """Run (or reuse) one training run of any task; returns its finished run folder."""
     folder = run.folder(benchmark)
     args = [*run.overrides, f"train.seed={run.seed}", f"output.run_dir={folder}", "output.progress_bar=false"]
-    if (folder / "report.json").is_file():
+    if (folder / "config.json").is_file():
+        # NOTE: an unfinished folder too: the job would resume it under whatever config it is given.
         _check_same_config(folder, run.recipe, args)
+    if (folder / "report.json").is_file():
         print(f"[{benchmark}] reusing {folder}", flush=True)
         return folder
     launcher = str(Path(sys.executable).parent / "deepspeed")
@@ -64,20 +67,13 @@ def launch_run(run: Run, benchmark: str, *, ranks: int = 1) -> Path:
 
 
 def _check_same_config(folder: Path, recipe: str | None, args: list[str]) -> None:
-    """A finished run is reused only if it ran the config this benchmark asks for now."""
-    from cald_scale.config import load_run_config
+    """A run folder (finished or not) is reused only for the config this benchmark asks for now."""
+    from cald_scale.config import config_differences, load_run_config
 
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    saved = flat(json.loads((folder / "config.json").read_text()))
-    wanted = flat(load_run_config(REPO / recipe if recipe else None, args).to_dict())
-    differ = [f"{k}: ran {saved.get(k)!r}, wanted {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    wanted = load_run_config(REPO / recipe if recipe else None, args)
+    differ = config_differences(json.loads((folder / "config.json").read_text()), wanted, ignore=("output.run_dir", "output.progress_bar"))
     if differ:
-        raise RuntimeError(f"{folder} holds a finished run of another config ({'; '.join(differ[:5])}); move it away to rerun it")
+        raise RuntimeError(f"{folder} holds a run of another config ({'; '.join(differ[:5])}); move it away to rerun it")
 
 
 def _free_port() -> int:
@@ -101,8 +97,10 @@ def curve(folder: Path) -> dict:
                 points.setdefault(name, [])
                 # a resumed run may log a step twice: keep the last value per token count
                 points[name] = [p for p in points[name] if p[0] != record["tokens"]] + [(record["tokens"], value)]
+    finished = datetime.datetime.fromtimestamp((folder / "report.json").stat().st_mtime, datetime.timezone.utc)
     return {
         "folder": str(folder.relative_to(REPO)),
+        "date": finished.date().isoformat(),
         "tokens": report["tokens_seen"],
         "train_seconds": report["train_seconds"],
         "teacher": {name: s["teacher"] for name, s in report["eval_sets"].items()},

@@ -21,7 +21,7 @@ from .data.config import DataConfig
 from .distill.losses import LossConfig
 from .distill.phases import PhaseConfig, PhasePlan, plan_phases
 
-__all__ = ["RunConfig", "StudentConfig", "TrainConfig", "EvalConfig", "OutputConfig", "DebugConfig", "PhaseConfig", "load_run_config", "default_phases"]
+__all__ = ["RunConfig", "StudentConfig", "TrainConfig", "EvalConfig", "OutputConfig", "DebugConfig", "PhaseConfig", "load_run_config", "default_phases", "config_differences"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -307,3 +307,31 @@ def load_run_config(recipe: str | Path | None = None, overrides: list[str] | Non
         data["phases"] = to_dict(default_phases())
     data = apply_overrides(data, overrides)
     return from_dict(RunConfig, data)
+
+
+def config_differences(saved: dict, wanted: RunConfig, *, sections: tuple[str, ...] | None = None, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The keys where a run folder's saved ``config.json`` and ``wanted`` differ, as
+    "key: saved X, wanted Y", within ``sections`` (all when None), leaving out ``ignore``.
+
+    The saved side is loaded through the current dataclasses first, so a field added since
+    the run was written compares as its default rather than as missing.
+    """
+    try:
+        saved = from_dict(RunConfig, saved).to_dict()
+    except (ConfigError, ValueError, TypeError) as err:
+        return [f"the saved config no longer loads ({err})"]
+    ours, theirs = _flat(saved), _flat(wanted.to_dict())
+
+    def kept(key: str) -> bool:
+        in_sections = sections is None or key.split(".", 1)[0] in sections
+        return in_sections and not any(key == i or key.startswith(i + ".") for i in ignore)
+
+    keys = sorted(k for k in set(ours) | set(theirs) if kept(k))
+    return [f"{k}: saved {ours.get(k)!r}, wanted {theirs.get(k)!r}" for k in keys if ours.get(k) != theirs.get(k)]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import RunConfig
+from .config import RunConfig, config_differences
 from .config_loader import to_dict
 from .distill.guidance import Guide
 from .distill.phases import Phase, set_phase_lr
@@ -56,13 +56,12 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, env: DistEnv) -> None:
     path = run_dir / "config.json"
     current = cfg.to_dict()
     if path.is_file():
-        previous = json.loads(path.read_text())
-        for section in ("teacher", "student"):
-            if previous.get(section) != current.get(section):
-                raise ValueError(
-                    f"{run_dir} holds a run with a different {section} config ({previous.get(section)} vs "
-                    f"{current.get(section)}); use a new output.run_dir or delete the old one"
-                )
+        differ = config_differences(json.loads(path.read_text()), cfg, sections=("teacher", "student"))
+        if differ:
+            raise ValueError(
+                f"{run_dir} holds a run of another teacher or student ({'; '.join(differ[:4])}); "
+                "use a new output.run_dir or delete the old one"
+            )
     barrier()
     if env.is_main:
         atomic_write_text(path, json.dumps(current, indent=2))

@@ -162,7 +162,7 @@ def build_models(
         cfg.student.conversion,
         seed=cfg.train.seed,
         placement=placement,
-        teacher_name_or_path=origin.name,
+        teacher_name_or_path=source.name,  # the teacher that guided it (init_from is in the run config)
         share_with=teacher if share else None,
     )
     if frozen_copies:

@@ -40,13 +40,18 @@ GEOMETRY_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attentio
 def geometry_mismatch(theirs, ours) -> list[str]:
     """The geometry keys on which two model configs differ, as "key: theirs vs ours" (empty: they match)."""
     theirs, ours = _geometry(theirs), _geometry(ours)
-    return [f"{k}: {theirs[k]} vs {ours[k]}" for k in theirs if theirs[k] != ours[k]]
+    keys = [*theirs, *(k for k in ours if k not in theirs)]
+    return [f"{k}: {theirs.get(k)} vs {ours.get(k)}" for k in keys if theirs.get(k) != ours.get(k)]
 
 
 def _geometry(config) -> dict:
     # A cald model's (classifier, student) block geometry lives in its family's own config.
     family = (config.teacher_hf_config() if hasattr(config, "teacher_hf_config") else config).to_dict()
-    return {**{k: family.get(k) for k in GEOMETRY_KEYS}, "num_labels": config.num_labels}
+    geometry = {k: family.get(k) for k in GEOMETRY_KEYS}
+    # NOTE: only a classifier's head counts: every HF config carries a num_labels, an LM's is noise.
+    if hasattr(config, "pooling") or any("ForSequenceClassification" in a for a in getattr(config, "architectures", None) or []):
+        geometry.update(num_labels=config.num_labels, pooling=getattr(config, "pooling", None))
+    return geometry
 
 
 def check_teacher_checkpoint(folder: str | Path, config, model: torch.nn.Module | None = None, placement: Placement | None = None) -> None:

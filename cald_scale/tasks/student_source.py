@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from ..config_loader import ConfigError
 from ..conversion.teacher import TeacherSource, open_teacher
 from ..conversion.weights import WeightsMismatchError
 from ..engines.teacher import geometry_mismatch
@@ -17,8 +18,13 @@ def student_init_source(cfg, teacher: TeacherSource, adapt: Callable[[TeacherSou
     None; checked against the teacher's geometry before any weight is read."""
     if not cfg.student.init_from:
         return None
-    source, _ = open_teacher(dataclasses.replace(cfg.teacher, name_or_path=cfg.student.init_from, gguf_file=None))
-    source = adapt(source)
+    try:
+        source, _ = open_teacher(dataclasses.replace(cfg.teacher, name_or_path=cfg.student.init_from, gguf_file=None))
+        source = adapt(source)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        # NOTE: the loaders speak of "the teacher"; here the model is the student's starting point.
+        kind = FileNotFoundError if isinstance(err, FileNotFoundError) else ConfigError
+        raise kind(f"student.init_from {cfg.student.init_from!r}: {err}") from err
     differ = geometry_mismatch(source.config, teacher.config)
     if differ:
         raise WeightsMismatchError(f"student.init_from {cfg.student.init_from!r} does not match the teacher {teacher.name!r} ({'; '.join(differ)})")

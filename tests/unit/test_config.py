@@ -140,3 +140,27 @@ def test_a_run_shorter_than_the_warmup_clamps_it(capsys):
     cfg = load_run_config(overrides=["train.max_steps=2"])
     assert [(p.steps, p.warmup_steps) for p in cfg.plan(world_size=1).phases] == [(1, 0), (1, 0)]
     assert "phases:" in capsys.readouterr().out
+
+
+def test_a_run_folder_of_another_student_is_refused_naming_the_key(tmp_path):
+    """Resuming checks the saved teacher/student against the new config: a field added since
+    the run was written counts as its default; a changed field is named in one line."""
+    import torch
+
+    from cald_scale.config import config_differences
+    from cald_scale.engines.distributed import DistEnv
+    from cald_scale.train import _check_run_dir
+
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cfg = load_run_config(None, ["train.max_steps=4"])
+    saved = cfg.to_dict()
+    del saved["student"]["init_from"]  # written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    _check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=8"]), env)  # the run may be extended
+
+    other = load_run_config(None, ["student.conversion.mixer=mamba"])
+    with pytest.raises(ValueError, match=r"another teacher or student \(student.conversion.mixer: saved 'mamba2', wanted 'mamba'"):
+        _check_run_dir(tmp_path, other, env)
+    assert config_differences(saved, other, sections=("loss", "data")) == []
+    assert config_differences(saved, load_run_config(None, ["train.max_steps=4", "train.lr=2e-3"]), ignore=("train.lr",)) == []
+    assert config_differences({"student": {"no_such_key": 1}}, cfg)[0].startswith("the saved config no longer loads")

@@ -221,3 +221,22 @@ def test_student_init_from_converts_another_checkpoint_while_the_teacher_guides(
     shallow = save_tiny_encoder(tmp_path / "shallow", "bert", tokenizer, layers=2)
     with pytest.raises(WeightsMismatchError, match=r"student.init_from .*shallow.* does not match the teacher .*num_hidden_layers: 2 vs 3"):
         open_task(load_run_config(overrides=[*common, f"teacher.name_or_path={tuned}", f"student.init_from={shallow}"]), is_main=True)
+
+
+def test_geometry_check_counts_a_classifier_head_but_not_an_lm_label_count():
+    """Waypoints and student.init_from are checked on block geometry; a classifier's label
+    count and pooling count too, while the num_labels every HF config carries does not."""
+    from transformers import BertConfig, LlamaConfig
+
+    from cald_scale.conversion.classifier import classifier_config
+    from cald_scale.engines.teacher import geometry_mismatch
+
+    lm = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=100)
+    assert geometry_mismatch(LlamaConfig(**lm, num_labels=7), LlamaConfig(**lm)) == []
+    assert geometry_mismatch(LlamaConfig(**{**lm, "num_hidden_layers": 3}), LlamaConfig(**lm)) == ["num_hidden_layers: 3 vs 2"]
+
+    encoder = BertConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=100)
+    mean3 = classifier_config(encoder, 3, pooling="mean")
+    assert geometry_mismatch(classifier_config(encoder, 3, pooling="mean"), mean3) == []
+    assert geometry_mismatch(classifier_config(encoder, 3, pooling="cls"), mean3) == ["pooling: cls vs mean"]
+    assert geometry_mismatch(classifier_config(encoder, 12, pooling="mean"), mean3) == ["num_labels: 12 vs 3"]
