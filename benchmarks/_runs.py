@@ -105,5 +105,7 @@ def curve(folder: Path) -> dict:
         "train_seconds": report["train_seconds"],
         "teacher": {name: s["teacher"] for name, s in report["eval_sets"].items()},
         "final": {name: s["student_after"] for name, s in report["eval_sets"].items()},
+        # A teacher that trained alongside (trajectory guidance), scored at the end of the run.
+        "teacher_after": {name: s["teacher_after"] for name, s in report["eval_sets"].items() if s.get("teacher_after") is not None},
         "curve": {name: sorted(p) for name, p in points.items()},
     }

@@ -10,6 +10,12 @@ benchmarks/results/guidance_lm{,_quick}.{json,md}.
 
     python benchmarks/guidance_lm.py           # 10 runs, ~1.5 h on 2 CPU cores
     python benchmarks/guidance_lm.py --quick   # 1 seed, 6 short steps
+    python benchmarks/guidance_lm.py --trainable all   # every student weight trains (the paper's setting)
+
+By default only the mixers train, as in the default job: the student's copied MLPs, norms
+and embeddings stay the pretrained teacher's, so under trajectory and waypoint guidance
+they cannot follow the teacher's own fine-tuning. ``--trainable all`` lets them (results
+in guidance_lm_all.{json,md}).
 """
 
 from __future__ import annotations
@@ -39,10 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="default: 0 1 (quick: 0)")
+    parser.add_argument("--trainable", choices=("mixers", "all"), default="mixers", help="what trains in the student (default: the mixers, as in the default job)")
     args = parser.parse_args(argv)
-    name = "guidance_lm_quick" if args.quick else "guidance_lm"
+    name = ("guidance_lm_quick" if args.quick else "guidance_lm") + ("_all" if args.trainable == "all" else "")
     steps = 6 if args.quick else 25
-    budget = [f"train.max_steps={steps}", "eval.other_corpora=[]"] + (["data.seq_len=128", "eval.max_sequences=8"] if args.quick else [])
+    budget = [f"train.max_steps={steps}", "eval.other_corpora=[]", f"student.trainable={args.trainable}"] + (["data.seq_len=128", "eval.max_sequences=8"] if args.quick else [])
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
     export_every = max(1, steps // 3)
 
@@ -75,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         "teacher_ppl": teacher,
         "budget_tokens": runs["target"][0]["tokens"],
         "seeds": seeds,
+        "student_trainable": args.trainable,
         "table": table,
         "ranking": ranked,
         "runs": runs,
@@ -89,9 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     write_result(name, results)
     lines = [
-        f"# Guidance modes, LM track ({results['machine']['date'][:10]}; SmolLM2-135M -> Mamba2, {results['budget_tokens']:,} tokens, seeds {seeds})",
+        f"# Guidance modes, LM track ({results['machine']['date'][:10]}; SmolLM2-135M -> Mamba2, {results['budget_tokens']:,} tokens, seeds {seeds}; "
+        f"trains: {'the mixers' if args.trainable == 'mixers' else 'every student weight'})",
         "",
-        f"Teacher held-out perplexity: {teacher:.1f}",
+        f"Teacher held-out perplexity: {teacher:.1f}; the trajectory teacher's own after fine-tuning alongside: "
+        + " / ".join(f"{r['teacher_after'].get('heldout', float('nan')):.1f}" for r in runs["trajectory"]),
         "",
         "| mode | held-out ppl per seed | mean | x teacher | train s |",
         "|---|---|---|---|---|",
