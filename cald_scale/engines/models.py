@@ -154,6 +154,11 @@ def build_models(
     if frozen_copies and cfg.student.share_frozen_weights and not share and teacher is not None:
         why = "the teacher changes during the run (trajectory or waypoints)" if not teacher_fixed else f"the student is converted from {origin.name} (student.init_from)"
         logger.info("%s: the student keeps its own frozen copies", why)
+    if frozen_copies and not teacher_fixed:
+        logger.warning(
+            "the teacher changes during the run (trajectory or waypoints) while the student's copied weights stay frozen "
+            "at their conversion values (student.trainable=mixers): only the mixers can follow it; student.trainable=all lets every weight"
+        )
     if origin is not source:
         logger.info("student converted from %s (student.init_from); teacher: %s", origin.name, source.name)
     student = build_student(
