@@ -151,16 +151,16 @@ def build_models(
     origin = student_source or source
     teacher_fixed = not (plan.trains_teacher or plan.swaps_teacher)
     share = frozen_copies and cfg.student.share_frozen_weights and teacher is not None and teacher_fixed and origin is source
-    if frozen_copies and cfg.student.share_frozen_weights and not share and teacher is not None:
-        why = "the teacher changes during the run (trajectory or waypoints)" if not teacher_fixed else f"the student is converted from {origin.name} (student.init_from)"
-        logger.info("%s: the student keeps its own frozen copies", why)
     if frozen_copies and not teacher_fixed:
+        # One message: the frozen copies are also why the student cannot share the teacher's tensors.
         logger.warning(
             "the teacher changes during the run (trajectory or waypoints) while the student's copied weights stay frozen "
-            "at their conversion values (student.trainable=mixers): only the mixers can follow it; student.trainable=all lets every weight"
+            "at their conversion values (student.trainable=mixers; the student keeps its own copies): only the mixers "
+            "can follow it; student.trainable=all lets every weight"
         )
     if origin is not source:
-        logger.info("student converted from %s (student.init_from); teacher: %s", origin.name, source.name)
+        copies = " (it keeps its own frozen copies)" if frozen_copies and teacher is not None else ""
+        logger.info("student converted from %s (student.init_from)%s; teacher: %s", origin.name, copies, source.name)
     student = build_student(
         origin.config,
         origin.weights(),

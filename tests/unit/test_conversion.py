@@ -101,3 +101,37 @@ def test_teacher_tensor_without_student_slot_is_a_clear_error():
     teacher.model.layers[0].mlp.extra_scale = torch.nn.Parameter(torch.ones(4))  # not in the config's architecture
     with pytest.raises(RuntimeError, match="teacher/student mismatch.*extra_scale"):
         convert_teacher(teacher, ConversionConfig())
+
+
+@pytest.mark.parametrize("cycle", [False, True], ids=["refcounted", "in_a_reference_cycle"])
+def test_each_replaced_attention_is_freed_before_the_next_mixer_is_built(monkeypatch, cycle):
+    """At most one replaced attention is alive while mixers are built (a large model's layers
+    are freed one by one), and a full garbage collection runs only for one that refcounting
+    could not free (a reference cycle, as hooks that capture parameters make)."""
+    import gc
+    import weakref
+
+    from cald_scale.conversion import modeling
+
+    teacher = tiny_teacher("llama", layers=3)
+    adapter = get_adapter("llama")
+    attentions = [adapter.attention(layer) for layer in adapter.layers(teacher)]
+    if cycle:
+        for attn in attentions:
+            attn.self_ref = attn  # a cycle: only the collector can free it
+        del attn
+    refs = [weakref.ref(attn) for attn in attentions]
+    del attentions
+    collections, alive_at_build = [], []
+    real_collect, real_build = gc.collect, modeling.build_mixer
+    monkeypatch.setattr(modeling.gc, "collect", lambda *a: collections.append(1) or real_collect(*a))
+
+    def build_mixer(*args, **kwargs):
+        alive_at_build.append(sum(ref() is not None for ref in refs))
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "build_mixer", build_mixer)
+    modeling.replace_attention(teacher.model, adapter, ConversionConfig(), teacher.config)
+    # Before the k-th mixer is built, the first k attentions are gone.
+    assert alive_at_build == [2, 1, 0]
+    assert len(collections) == (3 if cycle else 0)
