@@ -1,0 +1,106 @@
+"""Where a converted student loses to its teacher on another domain: layer by layer, and token by token.
+
+For a trained student (an exported student folder) and its teacher, on the held-out text
+of each corpus (the training corpus's own held-out split and other domains):
+
+- teacher-forced per-layer error: each student block runs on the teacher's own input
+  h_{i-1} and is scored against the teacher's h_i with the training layer loss (MSE of
+  layer-normed states), so every layer is measured alone, without the errors of the
+  blocks before it;
+- end to end, the per-token gap (student NLL - teacher NLL, nats), split into target
+  tokens that already occur earlier in the sequence (in-context recall) and novel ones.
+
+    python benchmarks/domain_gap.py runs/default/student
+    python benchmarks/domain_gap.py benchmarks/runs/recovery/align_e2e_seed0/student --corpora shakespeare wiki
+
+Writes benchmarks/results/domain_gap.json (--out to change). Single process, plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, write_result  # noqa: E402
+
+
+def _sequences(corpus: str, tokenizer, data_cfg, count: int) -> torch.Tensor:
+    from cald_scale.data import held_out_sequences
+
+    seqs = held_out_sequences(corpus, tokenizer, data_cfg, max_tokens=data_cfg.seq_len * count, is_rank0=True)
+    return torch.stack([seqs[i]["input_ids"] for i in range(min(count, len(seqs)))])
+
+
+@torch.no_grad()
+def per_layer_errors(teacher, student, input_ids: torch.Tensor) -> list[float]:
+    """Teacher-forced layer loss of every student block."""
+    from cald_scale.distill.losses import layer_loss
+
+    hidden = teacher.embed(input_ids)
+    t_ctx, s_ctx = teacher.context(hidden, input_ids), student.context(student.embed(input_ids), input_ids)
+    errors = []
+    for i in range(teacher.num_layers):
+        target = teacher.block(i, hidden, t_ctx)
+        errors.append(layer_loss(student.block(i, hidden, s_ctx), target).item())
+        hidden = target
+    return errors
+
+
+@torch.no_grad()
+def token_gap(teacher_model, student_model, input_ids: torch.Tensor) -> dict:
+    """Perplexities and the student's NLL gap over all, already-seen and novel target tokens."""
+    nll = {}
+    for name, model in (("teacher", teacher_model), ("student", student_model)):
+        logits = model(input_ids=input_ids).logits[:, :-1].float()
+        nll[name] = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+    targets = input_ids[:, 1:]
+    # seen[b, t]: the target token already occurs in input_ids[b, :t + 1].
+    seen = (targets.unsqueeze(-1) == input_ids[:, :-1].unsqueeze(1)).tril().any(-1)
+    out = {}
+    for label, mask in (("all", torch.ones_like(seen)), ("seen", seen), ("novel", ~seen)):
+        t, s = nll["teacher"][mask].mean().item(), nll["student"][mask].mean().item()
+        out[label] = {"share": round(mask.float().mean().item(), 3), "teacher_ppl": math.exp(t), "student_ppl": math.exp(s), "gap_nats": s - t}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("student", help="an exported student folder (its config names the teacher)")
+    parser.add_argument("--corpora", nargs="+", default=["shakespeare", "wiki"], help="held-out sets (anything data.corpus accepts)")
+    parser.add_argument("--sequences", type=int, default=16, help="held-out sequences per corpus")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM
+
+    from cald_scale.conversion.teacher import load_teacher
+    from cald_scale.distill.stages import LayerwiseModel
+    from cald_scale.evaluate import resolve_target
+
+    target = resolve_target(args.student)
+    teacher_model, tokenizer, _ = load_teacher(target.teacher)
+    student_model = AutoModelForCausalLM.from_pretrained(target.student_dir, dtype=torch.float32)
+    teacher_model.eval(), student_model.eval()
+    teacher, student = LayerwiseModel(teacher_model), LayerwiseModel(student_model)
+    data_cfg = target.data  # the run's own held-out split and settings (a bare student folder: the defaults)
+    results = {"benchmark": "domain_gap", "machine": machine(), "student": str(target.student_dir), "teacher": target.teacher.name_or_path, "corpora": {}}
+    for corpus in args.corpora:
+        ids = _sequences(corpus, tokenizer, data_cfg, args.sequences)
+        errors = per_layer_errors(teacher, student, ids)
+        results["corpora"][corpus] = {
+            "tokens": ids.numel(),
+            "teacher_forced_layer_loss": errors,
+            "teacher_forced_layer_loss_mean": sum(errors) / len(errors),
+            "end_to_end": token_gap(teacher_model, student_model, ids),
+        }
+        print(f"{corpus}: layer loss mean {sum(errors) / len(errors):.4f}; {results['corpora'][corpus]['end_to_end']}", flush=True)
+    write_result("domain_gap", results, args.out)
+
+
+if __name__ == "__main__":
+    main()
