@@ -54,11 +54,10 @@ def per_layer_errors(teacher, student, input_ids: torch.Tensor) -> list[float]:
 @torch.no_grad()
 def token_gap(teacher_model, student_model, input_ids: torch.Tensor) -> dict:
     """Perplexities and the student's NLL gap over all, already-seen and novel target tokens."""
-    nll = {}
-    for name, model in (("teacher", teacher_model), ("student", student_model)):
-        logits = model(input_ids=input_ids).logits[:, :-1].float()
-        nll[name] = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+    from cald_scale.distill.losses import lm_cross_entropy
+
     targets = input_ids[:, 1:]
+    nll = {name: lm_cross_entropy(model(input_ids=input_ids).logits, input_ids, reduction="none").view_as(targets) for name, model in (("teacher", teacher_model), ("student", student_model))}
     # seen[b, t]: the target token already occurs in input_ids[b, :t + 1].
     seen = (targets.unsqueeze(-1) == input_ids[:, :-1].unsqueeze(1)).tril().any(-1)
     out = {}
@@ -85,20 +84,21 @@ def main(argv: list[str] | None = None) -> None:
     target = resolve_target(args.student)
     teacher_model, tokenizer, _ = load_teacher(target.teacher)
     student_model = AutoModelForCausalLM.from_pretrained(target.student_dir, dtype=torch.float32)
-    teacher_model.eval(), student_model.eval()
+    teacher_model.eval()
+    student_model.eval()
     teacher, student = LayerwiseModel(teacher_model), LayerwiseModel(student_model)
     data_cfg = target.data  # the run's own held-out split and settings (a bare student folder: the defaults)
     results = {"benchmark": "domain_gap", "machine": machine(), "student": str(target.student_dir), "teacher": target.teacher.name_or_path, "corpora": {}}
     for corpus in args.corpora:
         ids = _sequences(corpus, tokenizer, data_cfg, args.sequences)
         errors = per_layer_errors(teacher, student, ids)
-        results["corpora"][corpus] = {
+        row = results["corpora"][corpus] = {
             "tokens": ids.numel(),
             "teacher_forced_layer_loss": errors,
             "teacher_forced_layer_loss_mean": sum(errors) / len(errors),
             "end_to_end": token_gap(teacher_model, student_model, ids),
         }
-        print(f"{corpus}: layer loss mean {sum(errors) / len(errors):.4f}; {results['corpora'][corpus]['end_to_end']}", flush=True)
+        print(f"{corpus}: layer loss mean {row['teacher_forced_layer_loss_mean']:.4f}; {row['end_to_end']}", flush=True)
     write_result("domain_gap", results, args.out)
 
 

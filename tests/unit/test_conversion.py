@@ -122,9 +122,9 @@ def test_each_replaced_attention_is_freed_before_the_next_mixer_is_built(monkeyp
         del attn
     refs = [weakref.ref(attn) for attn in attentions]
     del attentions
-    collections, alive_at_build = [], []
+    collected, alive_at_build = [], []
     real_collect, real_build = gc.collect, modeling.build_mixer
-    monkeypatch.setattr(modeling.gc, "collect", lambda *a: collections.append(1) or real_collect(*a))
+    monkeypatch.setattr(modeling.gc, "collect", lambda *a: collected.append(1) or real_collect(*a))
 
     def build_mixer(*args, **kwargs):
         alive_at_build.append(sum(ref() is not None for ref in refs))
@@ -134,4 +134,4 @@ def test_each_replaced_attention_is_freed_before_the_next_mixer_is_built(monkeyp
     modeling.replace_attention(teacher.model, adapter, ConversionConfig(), teacher.config)
     # Before the k-th mixer is built, the first k attentions are gone.
     assert alive_at_build == [2, 1, 0]
-    assert len(collections) == (3 if cycle else 0)
+    assert len(collected) == (3 if cycle else 0)
