@@ -159,8 +159,8 @@ def build_models(
             "can follow it; student.trainable=all lets every weight"
         )
     if origin is not source:
-        copies = " (it keeps its own frozen copies)" if frozen_copies and teacher is not None else ""
-        logger.info("student converted from %s (student.init_from)%s; teacher: %s", origin.name, copies, source.name)
+        copies = "; the student keeps its own frozen copies" if frozen_copies and teacher is not None else ""
+        logger.info("student converted from %s (student.init_from); teacher: %s%s", origin.name, source.name, copies)
     student = build_student(
         origin.config,
         origin.weights(),
