@@ -43,6 +43,9 @@ def tiny_overrides(teacher_dir, run_dir, data_cache, **extra) -> list[str]:
         "eval.other_corpora": "[]",
         "output.save_every": 2,
         "output.run_dir": str(run_dir),
+        # wandb's offline run costs ~3 s a launch (start and finish): on only where a test checks it
+        # (tests/distributed/test_zero3_training.py's reference and killed runs).
+        "output.wandb": "disabled",
         # One end-to-end target-guided phase unless a test asks for others (tests/distributed/test_guidance.py).
         "phases": "[{name: target, guidance: target}]",
         "student.trainable": "all",

@@ -40,6 +40,7 @@ def _overrides(teacher, run_dir, data_cache, phases: str, **extra) -> list[str]:
         "output.keep_last": STEPS,
         "output.run_dir": str(run_dir),
         "output.progress_bar": "false",
+        "output.wandb": "disabled",  # ~3 s a launch; the LM kill/resume test covers it
         "phases": phases,
         "student.conversion.linformer.k": 16,
         **extra,

@@ -31,20 +31,33 @@ def small_vocab_teacher(tmp_path_factory):
     return folder
 
 
-def _check(name: str, teacher, tmp_path) -> list[dict]:
-    out = tmp_path / name
+# construction first: it measures the peak of live tensors, before any other check has run.
+CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "chunked_head_frozen", "vocab_streamed_head")
+
+
+@pytest.fixture(scope="module")
+def checks(small_vocab_teacher, tmp_path_factory) -> Path:
+    """Every check of zero3_checks.py in one launch (each launch costs ~30 s before its first step)."""
+    out = tmp_path_factory.mktemp("zero3_checks")
     launcher = str(Path(sys.executable).parent / "deepspeed")
     port = free_port()
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(port), "tests/distributed/zero3_checks.py", "--check", name, "--teacher", str(teacher), "--out", str(out)]
-    proc = run(cmd, launcher_env(tmp_path), timeout=600)
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(port), "tests/distributed/zero3_checks.py", "--check", *CHECK_ORDER, "--teacher", str(small_vocab_teacher), "--out", str(out)]
+    proc = run(cmd, launcher_env(out), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     # DeepSpeed's CPU shared-memory buffers (69 MB per rank) must not outlive the job.
     assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
-    return [json.loads((out / f"{name}_rank{r}.json").read_text()) for r in range(2)]
+    return out
 
 
-def test_streamed_equals_naive_under_zero3(small_vocab_teacher, tmp_path):
-    for rank in _check("streamed_vs_naive", small_vocab_teacher, tmp_path):
+def _check(name: str, out: Path) -> list[dict]:
+    ranks = [json.loads((out / f"{name}_rank{r}.json").read_text()) for r in range(2)]
+    for rank in ranks:
+        assert "error" not in rank, rank.get("error")
+    return ranks
+
+
+def test_streamed_equals_naive_under_zero3(checks):
+    for rank in _check("streamed_vs_naive", checks):
         naive, streamed = rank["naive"], rank["streamed"]
         assert naive["losses"] == streamed["losses"] and naive["per_layer"] == streamed["per_layer"]
         assert naive["losses"]["kl"] > 0 and len(naive["per_layer"]) == 7
@@ -53,8 +66,8 @@ def test_streamed_equals_naive_under_zero3(small_vocab_teacher, tmp_path):
             torch.testing.assert_close(torch.tensor(streamed["grads"][name]), torch.tensor(naive["grads"][name]), rtol=0, atol=0, msg=name)
 
 
-def test_construction_never_holds_a_whole_model(small_vocab_teacher, tmp_path):
-    for rank in _check("construction", small_vocab_teacher, tmp_path):
+def test_construction_never_holds_a_whole_model(checks):
+    for rank in _check("construction", checks):
         whole = rank["full_teacher_bytes"] + rank["full_student_bytes"]
         assert rank["all_partitioned"] and rank["teacher_equals_plain_load"]
         # Each rank keeps half of every tensor (plus alignment padding)...
@@ -65,14 +78,14 @@ def test_construction_never_holds_a_whole_model(small_vocab_teacher, tmp_path):
         assert rank["peak_live_bytes"] < 0.7 * whole
 
 
-def test_frozen_copied_weights_are_shared_with_the_teacher(small_vocab_teacher, tmp_path):
-    for rank in _check("shared_frozen", small_vocab_teacher, tmp_path):
+def test_frozen_copied_weights_are_shared_with_the_teacher(checks):
+    for rank in _check("shared_frozen", checks):
         assert rank["copied"] > 10 and rank["same_object"] and rank["shared"] == rank["copied"]
         assert rank["copied_unchanged_after_training"] and rank["mixers_changed"]
 
 
-def test_zero3_trace_completes_and_blocks_are_prefetched(small_vocab_teacher, tmp_path):
-    for rank in _check("prefetch", small_vocab_teacher, tmp_path):
+def test_zero3_trace_completes_and_blocks_are_prefetched(checks):
+    for rank in _check("prefetch", checks):
         assert rank["student_trace_complete"] and rank["teacher_trace_complete"]
         first, last = rank["gathered_ahead_per_step"][0], rank["gathered_ahead_per_step"][-1]
         # Without a trace every gather is synchronous: each block starts with its parameters absent.
@@ -81,16 +94,16 @@ def test_zero3_trace_completes_and_blocks_are_prefetched(small_vocab_teacher, tm
         assert min(last[1:]) > 0.5, last
 
 
-def test_fp32_parameters_as_their_own_master_train_identically(small_vocab_teacher, tmp_path):
-    for rank in _check("fp32_master", small_vocab_teacher, tmp_path):
+def test_fp32_parameters_as_their_own_master_train_identically(checks):
+    for rank in _check("fp32_master", checks):
         two, one = rank["two_copies"], rank["aliased"]
         assert one["aliased"] and not two["aliased"]
         assert one["losses"] == two["losses"] and one["losses"][-1] < one["losses"][0]
         assert one["checksum"] == two["checksum"]
 
 
-def test_chunked_head_losses_with_a_frozen_shared_head(small_vocab_teacher, tmp_path):
-    for rank in _check("chunked_head_frozen", small_vocab_teacher, tmp_path):
+def test_chunked_head_losses_with_a_frozen_shared_head(checks):
+    for rank in _check("chunked_head_frozen", checks):
         whole, chunked = rank["null"], rank["16"]
         for key in ("loss", "ce", "kl", "layer"):
             assert chunked["losses"][key] == pytest.approx(whole["losses"][key], rel=1e-5)
@@ -99,8 +112,8 @@ def test_chunked_head_losses_with_a_frozen_shared_head(small_vocab_teacher, tmp_
             torch.testing.assert_close(torch.tensor(chunked["grads"][name]), torch.tensor(whole["grads"][name]), rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_frozen_head_streamed_by_vocabulary_pieces_matches_the_gathered_head(small_vocab_teacher, tmp_path):
-    for rank in _check("vocab_streamed_head", small_vocab_teacher, tmp_path):
+def test_frozen_head_streamed_by_vocabulary_pieces_matches_the_gathered_head(checks):
+    for rank in _check("vocab_streamed_head", checks):
         streamed, gathered = rank["True"], rank["False"]
         for key in ("loss", "ce", "layer"):
             assert streamed["losses"][key] == pytest.approx(gathered["losses"][key], rel=1e-5)

@@ -20,11 +20,15 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
+# The one place the tests keep wandb on (offline): a killed job resumes the same wandb run.
+WANDB = {"output.wandb": "offline"}
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, teacher_dirs, data_cache):
     """An uninterrupted tiny llama -> mamba2 run of 6 steps on 2 ranks: (run folder, metrics per step)."""
     ref_dir = tmp_path_factory.mktemp("reference") / "ref"
-    _ok(run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], ref_dir, data_cache)), launcher_env(ref_dir.parent)))
+    _ok(run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], ref_dir, data_cache, **WANDB)), launcher_env(ref_dir.parent)))
     reference = metrics(ref_dir)
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
     return ref_dir, reference
@@ -44,7 +48,7 @@ def test_llama_mamba2_kill_and_resume_continues_the_trajectory(tmp_path, teacher
 
     # Interrupted: SIGKILL the whole job once step 3 is logged (checkpoint of step 2 complete).
     run_dir = tmp_path / "killed"
-    cmd = deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"debug.sleep_per_step": 2.0}))
+    cmd = deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **WANDB, **{"debug.sleep_per_step": 2.0}))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and 3 not in metrics(run_dir) and proc.poll() is None:
@@ -58,6 +62,10 @@ def test_llama_mamba2_kill_and_resume_continues_the_trajectory(tmp_path, teacher
     resumed = run(cmd, env)
     _ok(resumed)
     assert "resuming run at step" in resumed.stdout + resumed.stderr
+    # Both starts logged to one wandb run: its id is the run folder's.
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    starts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(starts) == 2 and all(p.name.endswith(f"-{run_id}") for p in starts), starts
     after = metrics(run_dir)
     assert sorted(after) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):
@@ -163,6 +171,7 @@ def test_real_smollm2_teacher_converts_and_trains(tmp_path, data_cache):
         # Enough updates (at a short test's LR) that the held-out gain is real, not the noise of one step.
         "train.global_batch_size=4", "train.max_steps=6", "train.warmup_steps=1", "train.lr=3e-3",
         "eval.max_sequences=4", "eval.micro_batch_size=2", "output.save_every=6", f"output.run_dir={run_dir}",
+        "output.wandb=disabled",
     ]
     _ok(run(deepspeed_command(overrides), env, timeout=1200))
     report = json.loads((run_dir / "report.json").read_text())
