@@ -41,22 +41,7 @@ def _explain(cluster, tmp_path: Path, run_dir: Path, job_id: int, info: dict) ->
     return "\n".join(parts + [cluster.log_tail(1500)])
 
 
-@pytest.mark.parametrize("script", ["train_srun.sbatch", "train_deepspeed.sbatch"])
-def test_batch_script_trains_a_tiny_run(slurm_cluster, tmp_path, teacher_dirs, data_cache, script):
-    run_dir = tmp_path / "run"
-    job_id = _submit(slurm_cluster, script, tmp_path, tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"train.max_steps": 4}))
-    info = slurm_cluster.wait(job_id, timeout=600)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _explain(slurm_cluster, tmp_path, run_dir, job_id, info)
-
-    report = json.loads((run_dir / "report.json").read_text())
-    assert report["steps"] == 4 and report["world_size"] == 2
-    assert _logged_steps(run_dir) == [1, 2, 3, 4]
-    # The job's own log lands in the run folder; SLURM's output file only points at it.
-    log = (run_dir / "logs" / f"{JOB_NAME}-{job_id}.0.log").read_text()
-    assert "launch: " in log and "ranks exited with 0" in log and "starting run at step 0" in log
-    assert f"cald: job log -> {run_dir}/logs/" in (tmp_path / f"slurm-{job_id}.out").read_text()
-
-
+# Each batch script runs a whole job here: first start, preemption, requeue, resumed start to the end.
 # (script, signal to the batch shell, the signal the ranks see): srun turns a TERM into SIGKILLs
 # of its tasks, so that script passes TERM on as USR1; the deepspeed one signals the ranks itself.
 @pytest.mark.parametrize(
@@ -89,9 +74,13 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
 
     # No lost and no repeated steps across the requeue; the second start resumed at the stop.
     assert _logged_steps(run_dir) == list(range(1, 9)), explain
-    assert json.loads((run_dir / "report.json").read_text())["steps"] == 8
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["steps"] == 8 and report["world_size"] == 2
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [f"step_{stop:08d}", "step_00000008"]
     first = (run_dir / "logs" / f"{JOB_NAME}-{job_id}.0.log").read_text()
     second = (run_dir / "logs" / f"{JOB_NAME}-{job_id}.1.log").read_text()
+    assert "launch: " in first and "starting run at step 0" in first, first[-3000:]
     assert f"batch shell got SIG{sent}" in first and f"requeueing job {job_id}" in first, first[-3000:]
     assert f"resuming run at step {stop}" in second and "ranks exited with 0" in second, second[-3000:]
+    # The job's own logs land in the run folder; SLURM's output file only points at them.
+    assert f"cald: job log -> {run_dir}/logs/" in (tmp_path / f"slurm-{job_id}.out").read_text()
