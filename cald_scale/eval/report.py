@@ -11,7 +11,7 @@ import torch
 
 from ..fileio import atomic_write_text
 
-__all__ = ["write_report"]
+__all__ = ["format_cell", "write_report"]
 
 
 def _hardware() -> str:
@@ -20,7 +20,13 @@ def _hardware() -> str:
     return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
-def _fmt(value) -> str:
+def format_cell(value) -> str:
+    """A report table cell: floats at 4 significant digits, a pair as "a / b" (a task's
+    teacher / student row), no score (an unguided run's teacher) as "n/a"."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, (tuple, list)):
+        return " / ".join(map(format_cell, value))
     if isinstance(value, float):
         return f"{value:,.4g}" if abs(value) < 1e6 else f"{value:,.0f}"
     return str(value)
@@ -52,7 +58,7 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
     if "gpu_max_allocated_bytes" in mem:
         rows.append(("peak GPU memory per rank (GiB)", mem["gpu_max_allocated_bytes"] / 2**30))
     rows += [("hardware", report["hardware"]), ("versions", ", ".join(f"{k} {v}" for k, v in report["versions"].items()))]
-    lines = ["# CALD run report", "", "| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
+    lines = ["# CALD run report", "", "| | |", "|---|---|"] + [f"| {k} | {format_cell(v)} |" for k, v in rows]
     lines += ["", f"Student (HF format): `{report['student_dir']}`", ""]
     md_path = atomic_write_text(Path(run_dir) / "report.md", "\n".join(lines))
     print("\n".join(lines), flush=True)

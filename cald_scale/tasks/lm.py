@@ -93,11 +93,6 @@ class LanguageModelingTask:
                 ("held-out ppl: converted student, before training", own["student_before"]),
                 ("held-out ppl: student, after training", own["student_after"]),
                 ("improvement (before / after)", f"{own['student_before'] / own['student_after']:.1f}x" if own["student_after"] > 0 else "inf"),
-                *((f"{name} ppl: teacher / student", f"{_ppl(s['teacher'])} / {_ppl(s['student_after'])}") for name, s in sets.items() if name != "heldout"),
+                *((f"{name} ppl: teacher / student", (s["teacher"], s["student_after"])) for name, s in sets.items() if name != "heldout"),
             ],
         }
-
-
-def _ppl(value: float | None) -> str:
-    """A perplexity as the report's other rows show it; an unguided run has no teacher score."""
-    return "n/a" if value is None else f"{value:.4g}"

@@ -117,10 +117,12 @@ def test_a_classifier_is_refused_in_one_line(tmp_path):
 
 def test_report_headline_shows_every_eval_set_at_four_significant_digits():
     """The run report's rows for the other eval sets read like its held-out rows ("n/a" for no teacher)."""
+    from cald_scale.eval.report import format_cell
     from cald_scale.tasks.lm import LanguageModelingTask
 
     scores = lambda ppl: {"heldout": {"ppl": ppl, "tokens": 10}, "wiki": {"ppl": 10 * ppl, "tokens": 10}}  # noqa: E731
     guided = dict(LanguageModelingTask.summary(scores(17.895116014129723), scores(3.917e4), scores(58.12), None)["headline"])
-    assert guided["wiki ppl: teacher / student"] == "179 / 581.2"
+    assert format_cell(guided["wiki ppl: teacher / student"]) == "179 / 581.2"
+    assert format_cell(guided["held-out ppl: converted student, before training"]) == "3.917e+04"
     unguided = dict(LanguageModelingTask.summary(None, scores(3.917e4), scores(58.12), None)["headline"])
-    assert unguided["wiki ppl: teacher / student"] == "n/a / 581.2"
+    assert format_cell(unguided["wiki ppl: teacher / student"]) == "n/a / 581.2"
