@@ -31,7 +31,7 @@ from .engines.host_memory import configure_host_allocator, return_free_memory
 from .engines.preemption import Preempted, PreemptionWatch
 from .engines.models import DistillationModels, build_models
 from .engines.reshard import plan_resume
-from .engines.teacher import check_teacher_checkpoint
+from .engines.teacher import check_waypoints
 from .engines.zero3 import begin_step, load_ds_config, resolve_ds_config
 from .eval.report import write_report
 from .export.bamba import check_exportable, export_bamba
@@ -122,8 +122,9 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
         parts, finite = forward_backward(models, teacher, phase, batch, cfg, poison=state.cursor in cfg.debug.nan_at_micro_steps)
         state.cursor += 1
         if not finite:
-            logger.warning("non-finite loss at step %d (micro-batch %d): skipped (%d in a row, %d in all)", step, state.cursor - 1, state.consecutive_nan + 1, state.nan_skipped + 1)
-            state.nonfinite(1, step=step, max_consecutive=cfg.train.max_consecutive_nan, last_saved=last_saved, ckpt_dir=Path(cfg.output.run_dir) / "checkpoints")
+            # ``step`` counts the steps done: this is step + 1, as the metrics and progress bar number it.
+            logger.warning("non-finite loss at step %d (micro-batch %d): skipped (%d in a row, %d in all)", step + 1, state.cursor - 1, state.consecutive_nan + 1, state.nan_skipped + 1)
+            state.nonfinite(1, step=step + 1, max_consecutive=cfg.train.max_consecutive_nan, last_saved=last_saved, ckpt_dir=Path(cfg.output.run_dir) / "checkpoints")
             if phase.mode != "teacher_forced":
                 continue  # nothing was back-propagated: draw the next micro-batch
         else:
@@ -182,8 +183,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     # 1. The task: teacher source (config, tokenizer, lazy weights) and data; held-out sets.
     task = open_task(cfg, is_main=env.is_main)
     source, tokenizer = task.source, task.tokenizer
-    for waypoint in plan.waypoints:  # a missing or foreign waypoint fails now, not mid-run
-        check_teacher_checkpoint(waypoint, source.config)
+    check_waypoints(plan.waypoints, source.config)  # a missing or foreign waypoint fails now, not mid-run
     task.open_data()
     _seed_everything(cfg.train.seed)
 

@@ -25,7 +25,7 @@ from ..eval.perplexity import perplexity
 from ..export.hf import export_model
 from .distributed import rank, world_size
 from .partitioned import frozen_row_pieces, full_shape, placement_for
-from .teacher import ManagedTeacher, check_teacher_checkpoint
+from .teacher import ManagedTeacher, check_waypoints
 from .zero3 import (
     begin_step,
     build_teacher_engine,
@@ -145,8 +145,7 @@ def build_models(
     plan = plan or cfg.plan(world_size=1)
     placement = placement_for(ds_config)
     teacher = build_teacher(source, placement) if plan.uses_teacher else None
-    for waypoint in plan.waypoints:
-        check_teacher_checkpoint(waypoint, source.config, teacher, placement)
+    check_waypoints(plan.waypoints, source.config, teacher, placement)
     frozen_copies = cfg.student.trainable == "mixers"
     origin = student_source or source
     teacher_fixed = not (plan.trains_teacher or plan.swaps_teacher)

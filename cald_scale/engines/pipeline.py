@@ -725,12 +725,12 @@ def pipeline_train_step(models: PipelineModels, guide: PipelineGuide, phase: Pha
     scale = micro_total / good if good else 0.0  # masked micro-batches averaged in as zeros
     state.tokens_seen += tokens_per_micro * accum * good // micro_total
     if bad:
-        logger.warning("non-finite loss in %d of %d micro-batches at step %d: masked (%d in all)", bad, micro_total, step, state.nan_skipped + bad)
-        state.nonfinite(bad, step=step, max_consecutive=cfg.train.max_consecutive_nan, last_saved=last_saved, ckpt_dir=Path(cfg.output.run_dir) / "checkpoints", streak_broken=good > 0)
+        logger.warning("non-finite loss in %d of %d micro-batches at step %d: masked (%d in all)", bad, micro_total, step + 1, state.nan_skipped + bad)
+        state.nonfinite(bad, step=step + 1, max_consecutive=cfg.train.max_consecutive_nan, last_saved=last_saved, ckpt_dir=Path(cfg.output.run_dir) / "checkpoints", streak_broken=good > 0)
     else:
         state.finite()
     if not engine.was_step_applied():
-        logger.warning("step %d: DeepSpeed skipped the optimizer step (non-finite gradients)", step)
+        logger.warning("step %d: DeepSpeed skipped the optimizer step (non-finite gradients)", step + 1)
     wanted = models.stage.mode.wanted
     scale = scale or float("nan")  # no finite micro-batch: no loss to report
     per_layer = [parts.pop(f"layer_{i}") * scale for i in wanted]

@@ -29,7 +29,7 @@ from .host_memory import return_free_memory
 from .partitioned import is_partitioned
 from .zero3 import begin_step
 
-__all__ = ["ManagedTeacher", "check_teacher_checkpoint", "geometry_mismatch", "GEOMETRY_KEYS"]
+__all__ = ["ManagedTeacher", "check_teacher_checkpoint", "check_waypoints", "geometry_mismatch", "GEOMETRY_KEYS"]
 
 logger = logging.getLogger("cald_scale.engines")
 
@@ -73,6 +73,21 @@ def check_teacher_checkpoint(folder: str | Path, config, model: torch.nn.Module 
         load_weights(model, open_weights(folder), placement.assign, shape_of=placement.shape_of, check_only=True)
     except (WeightsMismatchError, FileNotFoundError, OSError) as err:
         raise WeightsMismatchError(f"teacher checkpoint {folder}: {err}") from err
+
+
+def check_waypoints(waypoints, config, model: torch.nn.Module | None = None, placement: Placement | None = None) -> None:
+    """``check_teacher_checkpoint`` for every waypoint; one error names all the bad ones, so a
+    list with several is fixed in one go rather than one launch per checkpoint."""
+    problems = []
+    for waypoint in waypoints:
+        try:
+            check_teacher_checkpoint(waypoint, config, model, placement)
+        except (FileNotFoundError, WeightsMismatchError) as err:
+            problems.append(err)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise WeightsMismatchError(f"{len(problems)} of the {len(waypoints)} waypoints cannot guide this run: " + "; ".join(map(str, problems)))
 
 
 def _drop_global_references(module: torch.nn.Module) -> None:

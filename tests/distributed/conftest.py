@@ -52,3 +52,15 @@ def tiny_overrides(teacher_dir, run_dir, data_cache, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items() if v is not None]  # None: the run config's own default
+
+
+@pytest.fixture(scope="session")
+def default_recipe_run(tmp_path_factory, teacher_dirs, data_cache):
+    """The shipped recipe on the tiny llama teacher, 6 steps on 2 ranks under ZeRO-3: teacher-forced
+    alignment, then end to end, only the mixers training (the run config's defaults)."""
+    from launcher import deepspeed_command, launcher_env, run
+
+    run_dir = tmp_path_factory.mktemp("default_recipe") / "zero3"
+    proc = run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, phases=None, **{"student.trainable": None})), launcher_env(run_dir.parent))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return run_dir

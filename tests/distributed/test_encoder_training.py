@@ -85,38 +85,60 @@ def test_the_std_run_fine_tunes_the_teacher_and_exports_it_with_waypoints(std_ru
     assert config["model_type"] == "cald_classifier" and config["conversion"]["mixer"] == "none"
 
 
-@pytest.mark.parametrize(
-    "mode,mixer,phases",
-    [
-        ("unguided", "linformer", "[{name: unguided, guidance: none}]"),
-        ("target", "linformer_layer", "[{name: target, guidance: target}]"),
-        ("hybrid", "bimamba2", "[{name: target, steps: 2, guidance: target}, {name: task_only, guidance: none}]"),
-        ("trajectory", "bimamba2", "[{name: trajectory, guidance: trajectory, trajectory: {lr: 1.0e-3, update_every: 1}}]"),
-        ("waypoint", "linformer", None),
-        ("aligned", "bimamba2", "[{name: align, steps: 2, mode: teacher_forced, trainable: mixers, lr: 5.0e-3}, {name: end_to_end}]"),
-    ],
-)
-def test_every_guidance_mode_converts_the_pretrained_encoder_under_its_teacher(std_run, encoder_dir, mode, mixer, phases):
+# mode -> (student mixer, phases); linformer_layer: one length projection shared by every layer.
+MODES = {
+    "unguided": ("linformer", "[{name: unguided, guidance: none}]"),
+    "target": ("linformer_layer", "[{name: target, guidance: target}]"),
+    "hybrid": ("bimamba2", "[{name: target, steps: 2, guidance: target}, {name: task_only, guidance: none}]"),
+    "trajectory": ("bimamba2", "[{name: trajectory, guidance: trajectory, trajectory: {lr: 1.0e-3, update_every: 1}}]"),
+    "waypoint": ("linformer", None),  # the Std. run's waypoints, below
+    "aligned": ("bimamba2", "[{name: align, steps: 2, mode: teacher_forced, trainable: mixers, lr: 5.0e-3}, {name: end_to_end}]"),
+}
+
+
+def _waypoints(std_dir) -> list:
+    return [std_dir / "student_waypoints" / f"step_{s:08d}" for s in (2, 4)]
+
+
+def _mode_overrides(mode: str, run_dir, std_run, encoder_dir) -> list[str]:
+    """Every student is converted from the pretrained encoder, as in the paper; the teacher is the
+    Std. run's export, or for trajectory guidance the pretrained encoder, fine-tuned alongside."""
     std_dir, root = std_run
-    env = launcher_env(root)
-    # Every student is converted from the pretrained encoder, as in the paper; the teacher is the Std.
-    # run's export, or for trajectory guidance the pretrained encoder, fine-tuned alongside.
+    mixer, phases = MODES[mode]
     teacher = encoder_dir if mode == "trajectory" else std_dir / "student"
     init_from = None if mode == "trajectory" else encoder_dir
     if mode == "waypoint":
-        waypoints = [std_dir / "student_waypoints" / f"step_{s:08d}" for s in (2, 4)]
-        phases = "[{name: waypoints, guidance: waypoint, waypoints: [" + ", ".join(map(str, waypoints)) + "]}]"
-    run_dir = root / mode
-    # linformer_layer: one length projection shared by every layer, partitioned once by ZeRO-3 and exported once.
+        phases = "[{name: waypoints, guidance: waypoint, waypoints: [" + ", ".join(map(str, _waypoints(std_dir))) + "]}]"
+    # Partitioned once by ZeRO-3 and exported once.
     sharing = {"student.conversion.linformer.sharing": "layer"} if mixer == "linformer_layer" else {}
-    mixer = mixer.removesuffix("_layer")
-    overrides = _overrides(
-        teacher, run_dir, root / "data", phases, **{"student.conversion.mixer": mixer, "student.init_from": init_from, "loss.a_kl": 1.0, **sharing}
+    return _overrides(
+        teacher, run_dir, root / "data", phases,
+        **{"student.conversion.mixer": mixer.removesuffix("_layer"), "student.init_from": init_from, "loss.a_kl": 1.0, **sharing},
     )
-    proc = run(deepspeed_command(overrides), env)
-    _ok(proc)
-    if init_from is not None:
-        assert f"student converted from {encoder_dir} (student.init_from); teacher: {teacher}" in proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def mode_runs(std_run, encoder_dir):
+    """mode -> (run folder, launcher log), each mode launched once, when first asked for."""
+    done: dict[str, tuple] = {}
+
+    def get(mode: str):
+        if mode not in done:
+            run_dir = std_run[1] / mode
+            proc = run(deepspeed_command(_mode_overrides(mode, run_dir, std_run, encoder_dir)), launcher_env(std_run[1]))
+            _ok(proc)
+            done[mode] = run_dir, proc.stdout + proc.stderr
+        return done[mode]
+
+    return get
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_guidance_mode_converts_the_pretrained_encoder_under_its_teacher(mode_runs, std_run, encoder_dir, mode):
+    run_dir, log = mode_runs(mode)
+    mixer = MODES[mode][0].removesuffix("_layer")
+    if mode != "trajectory":
+        assert f"student converted from {encoder_dir} (student.init_from); teacher: {std_run[0] / 'student'}" in log
     report = json.loads((run_dir / "report.json").read_text())
     history = metrics(run_dir)
     assert report["mixer"] == mixer and len(history) == STEPS
@@ -130,7 +152,7 @@ def test_every_guidance_mode_converts_the_pretrained_encoder_under_its_teacher(s
         assert report["accuracy_teacher"] is not None
     if mode == "hybrid":
         assert history[3]["teacher_release"]["teacher_params_alive"] == [0, 0]
-    if sharing:
+    if mode == "target":  # the shared length projection
         from transformers import AutoModelForSequenceClassification
 
         exported = AutoModelForSequenceClassification.from_pretrained(run_dir / "student").encoder.encoder.layer
@@ -138,19 +160,14 @@ def test_every_guidance_mode_converts_the_pretrained_encoder_under_its_teacher(s
     if mode == "trajectory":
         assert "teacher_ce" in history[STEPS] and "teacher_after" in report["eval_sets"]["test"]
     if mode == "waypoint":
-        log = proc.stdout + proc.stderr
-        assert log.index(f"teacher weights now from {waypoints[0]}") < log.index(f"teacher weights now from {waypoints[1]}")
+        first, second = _waypoints(std_run[0])
+        assert log.index(f"teacher weights now from {first}") < log.index(f"teacher weights now from {second}")
 
 
-def test_a_classification_run_resumes_mid_phase_on_the_same_batches(std_run):
-    std_dir, root = std_run
-    env = launcher_env(root)
-    steps = 6
-    ref = root / "resume_ref"
-    cmd_for = lambda run_dir: _overrides(  # noqa: E731
-        std_dir / "student", run_dir, root / "data", "[{name: target, guidance: target}]",
-        **{"student.conversion.mixer": "bimamba2", "train.max_steps": steps},
-    )
-    _ok(run(deepspeed_command(cmd_for(ref)), env))
-    # Killed while saving step 4: it resumes from step 3 and logs the very same losses.
-    resume_and_compare(ref, root, 3, env, cmd_for, ("loss", "ce", "layer", "grad_norm", "tokens"), steps=steps)
+def test_a_classification_run_resumes_mid_phase_on_the_same_batches(mode_runs, std_run, encoder_dir):
+    """The aligned run killed while saving step 2: it resumes from step 1, mid-alignment, and
+    logs the very same losses, across the switch to end to end, on the same batches."""
+    ref, _ = mode_runs("aligned")
+    cmd_for = lambda run_dir: _mode_overrides("aligned", run_dir, std_run, encoder_dir)  # noqa: E731
+    got = resume_and_compare(ref, std_run[1], 1, launcher_env(std_run[1]), cmd_for, ("loss", "ce", "layer", "grad_norm", "tokens"), steps=STEPS)
+    assert [got[s]["phase_name"] for s in (2, 3, 4)] == ["align", "end_to_end", "end_to_end"]

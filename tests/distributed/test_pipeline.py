@@ -158,7 +158,7 @@ def _ok(proc) -> None:
 
 
 @pytest.mark.distributed
-def test_pipeline_run_trains_as_zero3_resumes_and_exports(tmp_path, teacher_dirs, data_cache):
+def test_pipeline_run_trains_as_zero3_resumes_and_exports(tmp_path, teacher_dirs, data_cache, default_recipe_run):
     """The default recipe (teacher-forced alignment, then end to end) through launch/train.py in both modes."""
     from conftest import tiny_overrides
     from launcher import deepspeed_command, launcher_env, metrics, run
@@ -166,9 +166,8 @@ def test_pipeline_run_trains_as_zero3_resumes_and_exports(tmp_path, teacher_dirs
     from cald_scale.conversion.weights import open_weights
 
     env = launcher_env(tmp_path)
-    recipe = {"student.trainable": "mixers", "phases": None}
-    zero3_dir, pipe_dir = tmp_path / "zero3", tmp_path / "pipeline"
-    _ok(run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], zero3_dir, data_cache, **recipe)), env))
+    recipe = {"student.trainable": None, "phases": None}  # as default_recipe_run, the ZeRO-3 reference
+    zero3_dir, pipe_dir = default_recipe_run, tmp_path / "pipeline"
     cmd = deepspeed_command(tiny_overrides(teacher_dirs["llama"], pipe_dir, data_cache, **recipe, **{"train.pipeline_stages": 2}), ds_config="ds_configs/pipeline.json")
     _ok(run(cmd, env))
     zero3, reference = metrics(zero3_dir), metrics(pipe_dir)
@@ -271,10 +270,6 @@ def test_pipeline_config_errors_name_the_problem(tmp_path):
     _check_supported(tied_all, tied_all.plan(1), tied=False)  # an untied head trains in pipeline mode
 
 
-if __name__ == "__main__":
-    main()
-
-
 @pytest.mark.distributed
 def test_pipeline_nan_losses_are_masked_counted_then_stop_the_run(tmp_path, teacher_dirs, data_cache):
     """Pipeline mode cannot redraw a micro-batch inside its schedule: a non-finite one is masked
@@ -283,19 +278,20 @@ def test_pipeline_nan_losses_are_masked_counted_then_stop_the_run(tmp_path, teac
     from launcher import deepspeed_command, launcher_env, metrics, run
 
     env = launcher_env(tmp_path)
+    # 2 micro-batches a step. Step 2: one of them is non-finite, masked; the step reports the other.
+    # Steps 4 and 5: both are; the fourth in a row stops the run at step 5 (the wholly masked step 4
+    # still stepped the optimizer, on zero gradients, and its checkpoint is kept).
     pipe = {"train.pipeline_stages": 2, "student.trainable": "mixers", "train.grad_accum": 2, "train.global_batch_size": 4}
     run_dir = tmp_path / "nan"
-    _ok(run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **pipe, **{"train.max_steps": 4, "debug.nan_at_micro_steps": "[2]"}), ds_config="ds_configs/pipeline.json"), env))
-    report = json.loads((run_dir / "report.json").read_text())
-    assert report["nan_skipped"] == 1 and report["steps"] == 4
-    history = metrics(run_dir)
-    assert all(math.isfinite(history[s]["loss"]) for s in range(1, 5))  # step 2 reports its finite micro-batch
-
-    # One micro-batch per step: steps 4, 5 and 6 are wholly non-finite; the third stops the run (the masked
-    # step 4 still stepped the optimizer, on zero gradients, and its checkpoint is kept).
-    run_dir = tmp_path / "nan_stop"
-    overrides = tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{**pipe, "train.grad_accum": 1}, **{"train.max_steps": 8, "debug.nan_at_micro_steps": "[3,4,5]", "train.max_consecutive_nan": 3})
+    overrides = tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **pipe, **{"train.max_steps": 8, "debug.nan_at_micro_steps": "[2,6,7,8,9]", "train.max_consecutive_nan": 3})
     failed = run(deepspeed_command(overrides, ds_config="ds_configs/pipeline.json"), env)
-    assert failed.returncode != 0 and "3 non-finite losses in a row at step 5" in failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "4 non-finite losses in a row at step 5" in failed.stdout + failed.stderr
+    history = metrics(run_dir)
+    assert sorted(history) == [1, 2, 3, 4] and [history[s]["nan_skipped"] for s in (1, 2, 3, 4)] == [0, 1, 1, 3]
+    assert all(math.isfinite(history[s]["loss"]) for s in (1, 2, 3)) and math.isnan(history[4]["loss"])
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
     assert not (run_dir / "report.json").exists()
+
+
+if __name__ == "__main__":
+    main()

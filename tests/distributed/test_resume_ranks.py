@@ -1,4 +1,5 @@
-"""Rank invariance: 1 and 2 ranks follow one loss trajectory, and a 2-rank checkpoint resumes on 1 rank.
+"""Checkpoints and ranks: 1 and 2 ranks follow one loss trajectory, a 2-rank checkpoint resumes
+on 2 ranks or on 1, and complete checkpoints that cannot load stop the job.
 
 The runs use the default layout: only the mixers train, the frozen copied weights are the
 teacher's own tensors and are left out of checkpoints. Weight decay is on so that the
@@ -58,6 +59,41 @@ def test_one_and_two_ranks_follow_one_loss_trajectory(tmp_path, two_ranks, teach
     reports = [json.loads((d / "report.json").read_text()) for d in (one, two_ranks)]
     assert [r["world_size"] for r in reports] == [1, 2]
     assert reports[0]["tokens_seen"] == reports[1]["tokens_seen"] == 6 * 4 * 64
+
+
+def test_frozen_copies_stay_out_of_checkpoints_and_the_same_command_resumes_exactly(tmp_path, two_ranks, teacher_dirs, data_cache):
+    """trainable=mixers: the copied weights are the teacher's, left out of checkpoints; losing the
+    last checkpoint, the same command resumes from the one before and repeats the steps exactly."""
+    run_dir = tmp_path / "two"
+    shutil.copytree(two_ranks, run_dir)
+    reference = metrics(run_dir)
+    # Far smaller than the tiny teacher's 49k x 64 embedding alone (12.6 MB).
+    ckpt = run_dir / "checkpoints" / "step_00000006"
+    model_states = sum(p.stat().st_size for p in ckpt.rglob("*model_states.pt"))
+    assert model_states < 2e6, model_states
+    shutil.rmtree(ckpt)
+    overrides = _overrides(teacher_dirs, run_dir, data_cache, **{"output.keep_last": 3})
+    log = _ok(run(deepspeed_command(overrides, ranks=2), launcher_env(tmp_path)))
+    assert "resuming run at step 4" in log
+    after = metrics(run_dir)
+    for step in (5, 6):
+        for key in KEYS:
+            assert after[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+    # Complete (manifested) checkpoints that DeepSpeed cannot load stop the job: it never starts over on top of them.
+    from cald_scale.engines.checkpoint import _write_manifest, seal_rank
+
+    tags = sorted((run_dir / "checkpoints").glob("step_*"))
+    for tag in tags:
+        for states in tag.rglob("*model_states.pt"):
+            states.write_bytes(b"not a torch file")
+        step = int(tag.name.split("_")[1])
+        for r in range(2):  # sealed again over the broken files: complete, but not loadable
+            seal_rank(tag, step, r, 2)
+        _write_manifest(tag, step, 2)
+    refused = run(deepspeed_command(_overrides(teacher_dirs, run_dir, data_cache, **{"train.max_steps": 8}), ranks=2), launcher_env(tmp_path))
+    assert refused.returncode != 0 and "refusing to start over" in refused.stdout + refused.stderr
+    assert sorted((run_dir / "checkpoints").glob("step_*")) == tags
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path, two_ranks, teacher_dirs, data_cache):

@@ -121,15 +121,23 @@ def test_preemption_signal_on_one_rank_saves_at_that_step_and_resumes_exactly(tm
             assert after[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
 
 
-def test_gpt_neox_mamba_distills_and_exports(tmp_path, teacher_dirs, data_cache):
+def test_gpt_neox_mamba_aligns_each_block_then_distills_end_to_end_and_exports(tmp_path, teacher_dirs, data_cache):
+    """gpt_neox (parallel residual) -> Mamba-1: 4 teacher-forced steps, where every block learns
+    on the teacher's input to it and only layer losses train, then 4 end-to-end CALD steps."""
     env = launcher_env(tmp_path)
     run_dir = tmp_path / "neox"
-    _ok(run(deepspeed_command(tiny_overrides(teacher_dirs["gpt_neox"], run_dir, data_cache, **{"student.conversion.mixer": "mamba", "train.max_steps": 8})), env))
+    phases = "[{name: tf, steps: 4, mode: teacher_forced}, {name: e2e}]"
+    overrides = tiny_overrides(
+        teacher_dirs["gpt_neox"], run_dir, data_cache,
+        **{"student.conversion.mixer": "mamba", "phases": phases, "train.max_steps": 8, "train.lr": 1e-2, "loss.skip_last": "false"},
+    )
+    _ok(run(deepspeed_command(overrides), env))
     history = metrics(run_dir)
-    # The layer loss over the whole global batch (mean over ranks) falls by more than a fifth in 8 steps
-    # (0.108 -> 0.078 here), and the held-out perplexity improves.
-    first, last = history[1]["layer"], history[8]["layer"]
-    assert last < 0.8 * first, f"layer loss did not fall: {first} -> {last}"
+    assert [history[s]["phase_name"] for s in range(1, 9)] == ["tf"] * 4 + ["e2e"] * 4
+    assert "ce" not in history[1] and len(history[1]["layer_losses"]) == 3 and "ce" in history[5]
+    # Measured 0.081 at step 1 -> 0.054, 0.057 at steps 3-4 (a batch to batch wobble, hence the mean).
+    first, last = history[1]["layer"], (history[3]["layer"] + history[4]["layer"]) / 2
+    assert last < 0.75 * first, f"the teacher-forced layer loss did not fall: {first} -> {last}"
     report = json.loads((run_dir / "report.json").read_text())
     assert report["ppl_student_after"] < report["ppl_student_before"]
     from transformers import AutoModelForCausalLM
@@ -143,22 +151,25 @@ def test_gpt_neox_mamba_distills_and_exports(tmp_path, teacher_dirs, data_cache)
 
 
 def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, teacher_dirs, data_cache):
+    """One micro-batch per rank and step. Micro-batch 1 is non-finite: skipped, counted, and step 2
+    trains on the next one. Micro-batches 4-6 are: the third in a row stops the run at step 4
+    in one line, and the step-2 checkpoint is left as it was."""
     env = launcher_env(tmp_path)
     run_dir = tmp_path / "nan"
-    overrides = tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"train.max_steps": 4, "debug.nan_at_micro_steps": "[1]"})
-    _ok(run(deepspeed_command(overrides), env))
-    report = json.loads((run_dir / "report.json").read_text())
-    assert report["nan_skipped"] == 1 and report["steps"] == 4
-
-    run_dir = tmp_path / "nan_stop"
     overrides = tiny_overrides(
         teacher_dirs["llama"], run_dir, data_cache,
-        **{"train.max_steps": 6, "debug.nan_at_micro_steps": "[3,4,5]", "train.max_consecutive_nan": 3},
+        **{"train.max_steps": 6, "debug.nan_at_micro_steps": "[1,4,5,6]", "train.max_consecutive_nan": 3},
     )
     failed = run(deepspeed_command(overrides), env)
     assert failed.returncode != 0
-    assert "3 non-finite losses in a row" in failed.stdout + failed.stderr
+    log = failed.stdout + failed.stderr
+    assert "error: 3 non-finite losses in a row at step 4" in log and "Traceback" not in log
+    history = metrics(run_dir)
+    assert sorted(history) == [1, 2, 3]
+    assert [history[s]["nan_skipped"] for s in (1, 2, 3)] == [0, 1, 1]
+    assert all(history[s]["loss"] == history[s]["loss"] for s in (1, 2, 3))  # the skipped one left no NaN behind
     assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_00000002"]
+    assert not (run_dir / "report.json").exists()
 
 
 @pytest.mark.slow
@@ -178,57 +189,6 @@ def test_real_smollm2_teacher_converts_and_trains(tmp_path, data_cache):
     assert report["steps"] == 6 and report["world_size"] == 2
     assert report["ppl_teacher"] < 100 < report["ppl_student_before"]  # a real LM vs a freshly converted one
     assert report["ppl_student_after"] < report["ppl_student_before"]
-
-
-def test_frozen_copies_shared_with_the_teacher_checkpoint_and_resume(tmp_path, teacher_dirs, data_cache):
-    """trainable=mixers: the copied weights are the teacher's, left out of checkpoints, and a resumed run continues exactly."""
-    import shutil
-
-    env = launcher_env(tmp_path)
-    run_dir = tmp_path / "mixers"
-    cmd = deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"student.trainable": "mixers"}))
-    _ok(run(cmd, env))
-    reference = metrics(run_dir)
-    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
-    # Frozen weights are not in the checkpoint: far smaller than the tiny teacher's 49k x 64 embedding (12.6 MB).
-    ckpt = run_dir / "checkpoints" / "step_00000006"
-    model_states = sum(p.stat().st_size for p in ckpt.rglob("*model_states.pt"))
-    assert model_states < 2e6, model_states
-    # Lose the last checkpoint: the same command resumes from step 4 and repeats steps 5-6 exactly.
-    shutil.rmtree(ckpt)
-    resumed = run(cmd, env)
-    _ok(resumed)
-    assert "resuming run at step 4" in resumed.stdout + resumed.stderr
-    after = metrics(run_dir)
-    for step in (5, 6):
-        for key in ("loss", "ce", "layer"):
-            assert after[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
-
-    # Complete (manifested) checkpoints that DeepSpeed cannot load stop the job: it never starts over on top of them.
-    from cald_scale.engines.checkpoint import _write_manifest, seal_rank
-
-    tags = sorted((run_dir / "checkpoints").glob("step_*"))
-    for tag in tags:
-        for states in tag.rglob("*model_states.pt"):
-            states.write_bytes(b"not a torch file")
-        step = int(tag.name.split("_")[1])
-        for r in range(2):  # sealed again over the broken files: complete, but not loadable
-            seal_rank(tag, step, r, 2)
-        _write_manifest(tag, step, 2)
-    refused = run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"student.trainable": "mixers", "train.max_steps": 8})), env)
-    assert refused.returncode != 0 and "refusing to start over" in refused.stdout + refused.stderr
-    assert sorted((run_dir / "checkpoints").glob("step_*")) == tags
-
-
-def test_teacher_forced_schedule_trains_each_block_on_its_own(tmp_path, teacher_dirs, data_cache):
-    env = launcher_env(tmp_path)
-    run_dir = tmp_path / "forced"
-    overrides = tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"phases": "[{name: tf, mode: teacher_forced}]", "train.max_steps": 8, "train.lr": 1e-2, "loss.skip_last": "false"})
-    _ok(run(deepspeed_command(overrides), env))
-    history = metrics(run_dir)
-    assert sorted(history) == list(range(1, 9))
-    assert "ce" not in history[1] and len(history[1]["layer_losses"]) == 3
-    assert history[8]["layer"] < 0.75 * history[1]["layer"], (history[1]["layer"], history[8]["layer"])
 
 
 def test_hybrid_layout_aligns_trains_exports_and_generates(tmp_path, teacher_dirs, data_cache):
