@@ -48,7 +48,7 @@ def test_llama_mamba2_kill_and_resume_continues_the_trajectory(tmp_path, teacher
 
     # Interrupted: SIGKILL the whole job once step 3 is logged (checkpoint of step 2 complete).
     run_dir = tmp_path / "killed"
-    cmd = deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **WANDB, **{"debug.sleep_per_step": 2.0}))
+    cmd = deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **WANDB, **{"debug.sleep_per_step": 1.0}))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and 3 not in metrics(run_dir) and proc.poll() is None:
@@ -96,7 +96,7 @@ def test_preemption_signal_on_one_rank_saves_at_that_step_and_resumes_exactly(tm
 
     env = launcher_env(tmp_path)
     run_dir = tmp_path / "preempted"
-    cmd = deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"debug.sleep_per_step": 2.0, "output.save_every": 4}))
+    cmd = deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"debug.sleep_per_step": 1.0, "output.save_every": 4}))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and 1 not in metrics(run_dir) and proc.poll() is None:

@@ -53,7 +53,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
         teacher_dirs["llama"], run_dir, data_cache,
         # Slow steps so the signal lands mid-run; no periodic checkpoint: the one to resume from
         # is the preemption's own.
-        **{"train.max_steps": 8, "output.save_every": 100, "output.log_every": 1, "debug.sleep_per_step": 2.0},
+        **{"train.max_steps": 8, "output.save_every": 100, "output.log_every": 1, "debug.sleep_per_step": 1.0},
     )
     job_id = _submit(slurm_cluster, script, tmp_path, overrides)
     deadline = time.time() + 420
