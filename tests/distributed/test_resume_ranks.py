@@ -1,5 +1,5 @@
 """Checkpoints and ranks: 1 and 2 ranks follow one loss trajectory, a 2-rank checkpoint resumes
-on 2 ranks or on 1, and complete checkpoints that cannot load stop the job.
+on 1 rank, and complete checkpoints that cannot load stop the job.
 
 The runs use the default layout: only the mixers train, the frozen copied weights are the
 teacher's own tensors and are left out of checkpoints. Weight decay is on so that the
@@ -61,24 +61,15 @@ def test_one_and_two_ranks_follow_one_loss_trajectory(tmp_path, two_ranks, teach
     assert reports[0]["tokens_seen"] == reports[1]["tokens_seen"] == 6 * 4 * 64
 
 
-def test_frozen_copies_stay_out_of_checkpoints_and_the_same_command_resumes_exactly(tmp_path, two_ranks, teacher_dirs, data_cache):
-    """trainable=mixers: the copied weights are the teacher's, left out of checkpoints; losing the
-    last checkpoint, the same command resumes from the one before and repeats the steps exactly."""
+def test_frozen_copies_stay_out_of_checkpoints_and_unloadable_checkpoints_stop_the_job(tmp_path, two_ranks, teacher_dirs, data_cache):
+    """trainable=mixers: the copied weights are the teacher's and are left out of checkpoints
+    (test_two_rank_checkpoint_resumes_on_one_rank resumes from one: they come back from the teacher)."""
     run_dir = tmp_path / "two"
     shutil.copytree(two_ranks, run_dir)
-    reference = metrics(run_dir)
     # Far smaller than the tiny teacher's 49k x 64 embedding alone (12.6 MB).
-    ckpt = run_dir / "checkpoints" / "step_00000006"
-    model_states = sum(p.stat().st_size for p in ckpt.rglob("*model_states.pt"))
-    assert model_states < 2e6, model_states
-    shutil.rmtree(ckpt)
-    overrides = _overrides(teacher_dirs, run_dir, data_cache, **{"output.keep_last": 3})
-    log = _ok(run(deepspeed_command(overrides, ranks=2), launcher_env(tmp_path)))
-    assert "resuming run at step 4" in log
-    after = metrics(run_dir)
-    for step in (5, 6):
-        for key in KEYS:
-            assert after[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
+    for tag in sorted((run_dir / "checkpoints").glob("step_*")):
+        model_states = sum(p.stat().st_size for p in tag.rglob("*model_states.pt"))
+        assert 0 < model_states < 2e6, (tag.name, model_states)
 
     # Complete (manifested) checkpoints that DeepSpeed cannot load stop the job: it never starts over on top of them.
     from cald_scale.engines.checkpoint import _write_manifest, seal_rank
