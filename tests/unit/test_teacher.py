@@ -72,3 +72,21 @@ def test_builtin_smollm2_teacher_is_real():
     with torch.no_grad():
         loss = model(ids, labels=ids).loss
     assert torch.exp(loss).item() < 30
+
+
+def test_a_waypoint_list_is_checked_whole_and_one_bad_waypoint_keeps_its_own_error(tmp_path):
+    from cald_scale.conversion.weights import WeightsMismatchError
+    from cald_scale.engines.teacher import check_waypoints
+
+    good, other = tmp_path / "good", tmp_path / "two_layers"
+    tiny_teacher("llama", layers=3).save_pretrained(good)
+    tiny_teacher("llama", layers=2).save_pretrained(other)
+    config = tiny_teacher("llama", layers=3).config
+    missing = tmp_path / "missing"
+    check_waypoints([good, good], config)  # nothing to say
+    with pytest.raises(FileNotFoundError, match=f"teacher checkpoint {missing} does not exist"):
+        check_waypoints([good, missing], config)
+    with pytest.raises(WeightsMismatchError, match="2 of the 3 waypoints cannot guide this run") as err:
+        check_waypoints([missing, good, other], config)
+    assert str(missing) in str(err.value) and f"{other} does not match the teacher (num_hidden_layers: 2 vs 3)" in str(err.value)
+    assert f"{good} " not in str(err.value) and not str(err.value).endswith(str(good))
