@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +48,7 @@ def launch_run(run: Run, benchmark: str, *, ranks: int = 1) -> Path:
         _check_same_config(folder, run.recipe, args)
     if (folder / "report.json").is_file():
         print(f"[{benchmark}] reusing {folder}", flush=True)
+        _drop_checkpoints(folder)
         return folder
     launcher = str(Path(sys.executable).parent / "deepspeed")
     # A port of our own: two benchmarks (or a test run) may launch side by side.
@@ -63,7 +65,15 @@ def launch_run(run: Run, benchmark: str, *, ranks: int = 1) -> Path:
     if proc.returncode != 0:
         raise RuntimeError(f"run {run.name} (seed {run.seed}) failed with exit code {proc.returncode}; see {folder / 'launch.log'}")
     print(f"[{benchmark}] {run.name} seed {run.seed} done in {time.time() - started:.0f} s", flush=True)
+    _drop_checkpoints(folder)
     return folder
+
+
+def _drop_checkpoints(folder: Path) -> None:
+    """A finished run is reused through its report, metrics and exports; its training checkpoints
+    (~1.2 GB for the 135M student) are never read again. Kept, they filled the disk: 44 GB
+    of them under benchmarks/runs/ after a week of benchmarks, measured."""
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
 
 
 def _check_same_config(folder: Path, recipe: str | None, args: list[str]) -> None:
