@@ -36,7 +36,7 @@ from .distributed import barrier, gather_objects, rank, world_size
 
 __all__ = [
     "save_checkpoint", "load_latest_checkpoint", "complete_tags", "verify_tag", "seal_rank", "tag_world_size",
-    "CheckpointLoadError", "MANIFEST",
+    "CheckpointLoadError", "CheckpointSaveError", "MANIFEST",
 ]
 
 logger = logging.getLogger("cald_scale.checkpoint")
@@ -219,10 +219,13 @@ def save_checkpoint(
     barrier()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / _MARKER.format(me)).unlink(missing_ok=True)  # node-local storage: each node's own stale marker
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, "world_size": world}, save_latest=True, exclude_frozen_parameters=exclude_frozen)
-    torch.save(_rng_state(), folder / _RNG.format(me))
-    if also_save is not None:
-        also_save(folder)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, "world_size": world}, save_latest=True, exclude_frozen_parameters=exclude_frozen)
+        torch.save(_rng_state(), folder / _RNG.format(me))
+        if also_save is not None:
+            also_save(folder)
+    except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
+        raise CheckpointSaveError(_save_failure(ckpt_dir, step, err)) from err
     barrier()  # every rank's files exist before any rank seals (rank 0 owns shared files)
     seal_rank(folder, step, me, world, owner)
     barrier()
@@ -237,6 +240,21 @@ def save_checkpoint(
                 shutil.rmtree(p, ignore_errors=True)
     barrier()
     return folder
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (a full disk, a quota, a lost mount): the run stops in one line."""
+
+
+def _save_failure(ckpt_dir: Path, step: int, err: Exception) -> str:
+    free = shutil.disk_usage(ckpt_dir).free / 2**30
+    done = [s for s, p in _tags(ckpt_dir) if s < step and (p / MANIFEST).is_file()]
+    last = f"step {done[0]}" if done else "none yet"
+    return (
+        f"could not write the step-{step} checkpoint in {ckpt_dir} ({type(err).__name__}: {err}); {free:.1f} GiB free there. "
+        f"The half-written tag has no manifest and is never resumed from; the last complete checkpoint: {last}. "
+        "Free some space (or lower output.keep_last), then rerun to resume."
+    )
 
 
 class CheckpointLoadError(RuntimeError):

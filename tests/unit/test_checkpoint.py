@@ -111,3 +111,48 @@ def test_rng_states_round_trip(tmp_path):
     # A rank the checkpoint never had (resumed on more ranks) takes rank 0's states.
     _restore_rng(tmp_path, 3)
     assert random.random() == expected[0]
+
+
+_FULL_DISK = r"""
+import os, resource, signal, sys
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from cald_scale.engines.checkpoint import CheckpointSaveError, complete_tags, save_checkpoint
+
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+deepspeed.init_distributed(dist_backend="gloo")
+model = torch.nn.Linear(64, 64)
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config={"train_batch_size": 1})
+ckpt = Path(sys.argv[1])
+save_checkpoint(engine, ckpt, 1, {}, keep_last=3)
+# From here every file this process writes stops at 4 KB (EFBIG, as a full disk stops it with ENOSPC).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    save_checkpoint(engine, ckpt, 2, {}, keep_last=3)
+except CheckpointSaveError as err:
+    print("SAVE ERROR:", err)
+print("COMPLETE:", [step for step, _ in complete_tags(ckpt)])
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_and_keeps_the_last_complete_one(tmp_path):
+    """A real write failure (the file size limit) inside DeepSpeed's own save of a real engine."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ckpt = tmp_path / "checkpoints"
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK, str(ckpt), str(port)], capture_output=True, text=True, timeout=300)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-2000:] + proc.stderr[-4000:]
+    line = next(line for line in out.splitlines() if line.startswith("SAVE ERROR:"))
+    assert f"could not write the step-2 checkpoint in {ckpt}" in line and "GiB free there" in line
+    assert "the last complete checkpoint: step 1" in line and "rerun to resume" in line
+    assert "COMPLETE: [1]" in out  # the failed tag is never taken for a complete one
