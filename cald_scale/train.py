@@ -106,7 +106,7 @@ def forward_backward(
     return parts, True
 
 
-def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state: StepState, cfg: RunConfig, *, tokens_per_micro: int, last_saved: int) -> dict:
+def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state: StepState, cfg: RunConfig, *, tokens_per_micro: int) -> dict:
     """One optimizer step = grad_accum finite micro-batches (non-finite ones are skipped and
     counted); returns the step's mean loss parts and the trajectory teacher's task loss if it learned.
     ``tokens_per_micro``: tokens in one micro-batch over all replicas (0: count the real,
@@ -124,7 +124,7 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
         if not finite:
             # ``step`` counts the steps done: this is step + 1, as the metrics and progress bar number it.
             logger.warning("non-finite loss at step %d (micro-batch %d): skipped (%d in a row, %d in all)", step + 1, state.cursor - 1, state.consecutive_nan + 1, state.nan_skipped + 1)
-            state.nonfinite(1, step=step + 1, max_consecutive=cfg.train.max_consecutive_nan, last_saved=last_saved, ckpt_dir=Path(cfg.output.run_dir) / "checkpoints")
+            state.nonfinite(1, step=step + 1)
             if phase.mode != "teacher_forced":
                 continue  # nothing was back-propagated: draw the next micro-batch
         else:
@@ -217,8 +217,8 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         env,
         lambda: {"teacher": evaluate("teacher") if plan.uses_teacher else None, "student_before": evaluate("student")},
     )
-    state = StepState(saved)
     step = student_engine.global_steps
+    state = StepState(saved, last_saved=step, max_consecutive_nan=cfg.train.max_consecutive_nan, ckpt_dir=ckpt_dir)
     logger.info(
         "%s run at step %d/%d on %d rank(s); teacher: %s; converted student: %s",
         "resuming" if saved else "starting", step, plan.total_steps, env.world_size,
@@ -234,7 +234,6 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         total_steps=plan.total_steps, start_step=step, progress_bar=cfg.output.progress_bar,
     )
     tokens_per_micro = task.tokens_per_micro_batch(micro_batch) * replicas  # 0: padded batches count their real tokens
-    last_saved = step
     current = None
 
     def save(at: int) -> None:
@@ -242,6 +241,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
             student_engine, ckpt_dir, at, {**state.as_dict(), "guide": guide.state()}, cfg.output.keep_last,
             exclude_frozen=models.shares_frozen_weights, also_save=guide.save, owner=models.checkpoint_owner,
         )
+        state.last_saved = at
 
     try:
         while step < plan.total_steps:
@@ -251,7 +251,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
                 current = phase
                 logger.info("entering %s", phase.describe())
             t0, tokens_before = time.time(), state.tokens_seen
-            record = step_fn(models, guide, phase, step, next_batch, state, cfg, tokens_per_micro=tokens_per_micro, last_saved=last_saved)
+            record = step_fn(models, guide, phase, step, next_batch, state, cfg, tokens_per_micro=tokens_per_micro)
             step = student_engine.global_steps
             if cfg.train.trim_heap_every and step % cfg.train.trim_heap_every == 0:
                 return_free_memory()
@@ -284,12 +284,10 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
                 models.export(tokenizer, run_dir / "student_waypoints" / f"step_{step:08d}", is_main=env.is_main)
             if step % cfg.output.save_every == 0 or step == plan.total_steps:
                 save(step)
-                last_saved = step
             if step < plan.total_steps and (signal_name := watch.requested(device)):
                 # Preempted (SLURM's warning signal, SIGTERM): a complete checkpoint at this step, then out.
-                if last_saved != step:
+                if state.last_saved != step:
                     save(step)
-                    last_saved = step
                 if env.is_main:
                     atomic_write_text(run_dir / "preempted.json", json.dumps({"step": step, "signal": signal_name}))
                 raise Preempted(step, signal_name)

@@ -27,3 +27,25 @@ def _restore_global_state():
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# Under `pytest -n 2` (the README's command) tests are scheduled one by one over two workers,
+# except that the tests sharing a costly run (a module or session fixture that launches
+# training, or the SLURM cluster) stay on one worker, so that run happens once.
+SHARED_RUNS = {
+    "std_run": "encoder", "mode_runs": "encoder",
+    "default_recipe_run": "default_recipe",
+    "compared": "pipeline_vs_zero3",
+    "two_ranks": "two_ranks",
+    "checks": "zero3_memory",
+    "reference_run": "zero3_reference",
+    "slurm_cluster": "slurm",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        groups = {SHARED_RUNS[name] for name in item.fixturenames if name in SHARED_RUNS}
+        assert len(groups) <= 1, f"{item.nodeid} shares the runs of {sorted(groups)}: give them one group"
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(groups.pop()))

@@ -13,14 +13,19 @@ class NonFiniteLossError(RuntimeError):
 
 class StepState:
     """The data cursor (micro-batches consumed on each rank), tokens seen, skipped
-    non-finite micro-batches and training seconds; ``as_dict`` goes into every checkpoint."""
+    non-finite micro-batches and training seconds; ``as_dict`` goes into every checkpoint.
+    ``last_saved`` (the step of the last complete checkpoint) and the non-finite policy are
+    what an error that stops the run must name."""
 
-    def __init__(self, saved: dict):
+    def __init__(self, saved: dict, *, last_saved: int = 0, max_consecutive_nan: int = 1, ckpt_dir: Path | None = None):
         self.cursor = int(saved.get("micro_cursor", 0))
         self.tokens_seen = int(saved.get("tokens_seen", 0))
         self.nan_skipped = int(saved.get("nan_skipped", 0))
         self.train_seconds = float(saved.get("train_seconds", 0.0))
         self.consecutive_nan = 0
+        self.last_saved = last_saved
+        self.max_consecutive_nan = max_consecutive_nan
+        self.ckpt_dir = ckpt_dir
 
     def as_dict(self) -> dict:
         return {"micro_cursor": self.cursor, "tokens_seen": self.tokens_seen, "nan_skipped": self.nan_skipped, "train_seconds": self.train_seconds}
@@ -28,14 +33,15 @@ class StepState:
     def finite(self) -> None:
         self.consecutive_nan = 0
 
-    def nonfinite(self, count: int, *, step: int, max_consecutive: int, last_saved: int, ckpt_dir: Path, streak_broken: bool = False) -> None:
-        """Count ``count`` skipped micro-batches; stop the run once ``max_consecutive`` came in a row.
-        ``streak_broken``: finite micro-batches came between these and the earlier ones."""
+    def nonfinite(self, count: int, *, step: int, streak_broken: bool = False) -> None:
+        """Count ``count`` skipped micro-batches of step ``step`` (numbered from 1, as metrics
+        and the progress bar number steps); stop the run once ``max_consecutive_nan`` came in a
+        row. ``streak_broken``: finite micro-batches came between these and the earlier ones."""
         self.nan_skipped += count
         self.consecutive_nan = count if streak_broken else self.consecutive_nan + count
-        if self.consecutive_nan >= max_consecutive:
+        if self.consecutive_nan >= self.max_consecutive_nan:
             raise NonFiniteLossError(
                 f"{self.consecutive_nan} non-finite losses in a row at step {step} (train.max_consecutive_nan="
-                f"{max_consecutive}); stopped. The last complete checkpoint (step {last_saved}) in {ckpt_dir} is intact; "
+                f"{self.max_consecutive_nan}); stopped. The last complete checkpoint (step {self.last_saved}) in {self.ckpt_dir} is intact; "
                 "lower the LR or check the data, then rerun to resume."
             )

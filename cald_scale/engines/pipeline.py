@@ -697,7 +697,7 @@ def build_pipeline(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan:
     return PipelineModels(student_engine=engine, module=module, bounds=bounds, shares_frozen_weights=frozen_copies)
 
 
-def pipeline_train_step(models: PipelineModels, guide: PipelineGuide, phase: Phase, step: int, next_batch, state, cfg: RunConfig, *, tokens_per_micro: int, last_saved: int) -> dict:
+def pipeline_train_step(models: PipelineModels, guide: PipelineGuide, phase: Phase, step: int, next_batch, state, cfg: RunConfig, *, tokens_per_micro: int) -> dict:
     """``train.train_step`` in pipeline mode: one ``engine.train_batch`` over grad_accum micro-batches.
 
     Unlike ZeRO-3 mode, a non-finite micro-batch cannot be replaced by another: its loss is
@@ -726,7 +726,7 @@ def pipeline_train_step(models: PipelineModels, guide: PipelineGuide, phase: Pha
     state.tokens_seen += tokens_per_micro * accum * good // micro_total
     if bad:
         logger.warning("non-finite loss in %d of %d micro-batches at step %d: masked (%d in all)", bad, micro_total, step + 1, state.nan_skipped + bad)
-        state.nonfinite(bad, step=step + 1, max_consecutive=cfg.train.max_consecutive_nan, last_saved=last_saved, ckpt_dir=Path(cfg.output.run_dir) / "checkpoints", streak_broken=good > 0)
+        state.nonfinite(bad, step=step + 1, streak_broken=good > 0)
     else:
         state.finite()
     if not engine.was_step_applied():

@@ -96,7 +96,7 @@ def _pipeline(teacher: str, overrides: list[str]) -> dict:
     for name, param in pipe.stage.named_student_tensors(keep_vars=True):
         if param.requires_grad:
             param.register_hook(keep(name))
-    record = pipeline_train_step(pipe, PipelineGuide(plan, pipe, base_weights=str(source.folder)), plan.phases[0], 0, lambda cursor: {"input_ids": ids}, StepState({}), cfg, tokens_per_micro=ids.numel(), last_saved=0)
+    record = pipeline_train_step(pipe, PipelineGuide(plan, pipe, base_weights=str(source.folder)), plan.phases[0], 0, lambda cursor: {"input_ids": ids}, StepState({}), cfg, tokens_per_micro=ids.numel())
     return {"record": record, "grads": grads, "grad_norm": float(pipe.student_engine.get_global_grad_norm()), "stage": pipe.stage.index, "bounds": pipe.bounds}
 
 
