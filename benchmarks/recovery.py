@@ -124,7 +124,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def _seed(run: dict) -> int:
-    return run.get("seed", int(run["folder"].rsplit("_seed", 1)[1]))
+    return int(run["folder"].rsplit("_seed", 1)[1])  # Run.folder names it
 
 
 def _mean_heldout(runs: list[dict]) -> float:
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"no seed-0 run of {unseeded} in {name}.json on this budget: run them without --seed first")
 
     def measure(label: str, seed: int) -> None:
-        new = {**launch(Run(label, every[label] + extra, seed=seed), name), "seed": seed}
+        new = launch(Run(label, every[label] + extra, seed=seed), name)
         runs[label] = sorted([r for r in runs.get(label, []) if _seed(r) != seed] + [new], key=_seed)
 
     for label in chosen:
