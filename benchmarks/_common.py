@@ -146,6 +146,15 @@ def write_result(name: str, result: dict, out: str | None = None) -> Path:
     return path
 
 
+def write_result_files(name: str, result: dict, markdown: str, plot=None) -> None:
+    """benchmarks/results/<name>.json and .md, and .png when ``plot(result, path)`` is given."""
+    write_result(name, result)
+    (RESULTS / f"{name}.md").write_text(markdown)
+    if plot is not None:
+        plot(result, RESULTS / f"{name}.png")
+    print(f"wrote {RESULTS / name}.{{json,md{',png' if plot else ''}}}")
+
+
 def truncated_geometry(geometry: str, num_layers: int) -> str:
     """The name of ``geometry`` cut to its first ``num_layers`` blocks, registered in GEOMETRIES
     (quick runs: same widths and vocabulary, fewer blocks; ``write_random_teacher`` takes the name)."""

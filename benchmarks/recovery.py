@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, write_result  # noqa: E402
+from _common import RESULTS, machine, write_result_files  # noqa: E402
 from _runs import Run, launch  # noqa: E402
 
 PHASES = {
@@ -231,10 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         "runs": runs,
     }
     results["targets"] = targets(runs)
-    write_result(name, results)
-    (RESULTS / f"{name}.md").write_text(markdown(results))
-    plot(results, RESULTS / f"{name}.png")
-    print(f"wrote {RESULTS / name}.{{json,md,png}}")
+    write_result_files(name, results, markdown(results), plot)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,13 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["atomic_write_text", "fsync_path", "atomic_dir", "file_lock", "wait_for_file"]
+__all__ = ["atomic_write_text", "fsync_path", "atomic_dir", "file_lock", "wait_for_file", "cache_root"]
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """Where converted teachers and fetched corpora live: ``cache_dir``, else $CALD_SCALE_CACHE, else ~/.cache/cald_scale."""
+    root = cache_dir or os.environ.get("CALD_SCALE_CACHE") or os.path.join(Path.home(), ".cache", "cald_scale")
+    return Path(root).expanduser()
 
 
 def atomic_write_text(path: str | Path, text: str, *, durable: bool = False) -> Path:

@@ -32,7 +32,7 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from ..fileio import atomic_dir, file_lock
+from ..fileio import atomic_dir, cache_root, file_lock
 from .placement import PLAIN, Placement
 from .weights import WeightReader, WeightsMismatchError, load_weights, open_weights
 
@@ -77,11 +77,6 @@ class TeacherConfig:
     def __post_init__(self):
         if not self.name_or_path:
             raise ValueError("teacher.name_or_path must be set")
-
-
-def cache_root(cache_dir: str | None = None) -> Path:
-    root = cache_dir or os.environ.get("CALD_SCALE_CACHE") or os.path.join(Path.home(), ".cache", "cald_scale")
-    return Path(root).expanduser()
 
 
 def _looks_like_path(text: str) -> bool:

