@@ -120,7 +120,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3, which="both")
     axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.suptitle("SmolLM2-135M -> Mamba2 on general English: perplexity vs tokens")
+    fig.suptitle("SmolLM2-135M -> Mamba2 students on general English: perplexity vs tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
