@@ -113,6 +113,9 @@ def curve(folder: Path) -> dict:
         "date": finished.date().isoformat(),
         "tokens": report["tokens_seen"],
         "train_seconds": report["train_seconds"],
+        # From the job's start (after imports, ~20 s) to its report: conversion, evaluations, training, export.
+        "wall_seconds": report["wall_seconds_this_session"],
+        "phases": report["phases"],
         "teacher": {name: s["teacher"] for name, s in report["eval_sets"].items()},
         "final": {name: s["student_after"] for name, s in report["eval_sets"].items()},
         # A teacher that trained alongside (trajectory guidance), scored at the end of the run.
