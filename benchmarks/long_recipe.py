@@ -1,6 +1,6 @@
 """The longer recipe: how close a conversion gets to its teacher in at most 2 hours on 2 CPU cores.
 
-The default job trains 51,200 tokens of Shakespeare in 12 to 20 minutes, machine by machine. This benchmark runs
+The default job trains 51,200 tokens of Shakespeare in 12 to 21 minutes, machine by machine. This benchmark runs
 the documented longer recipes (full budget ~1.5 h on 2 CPU cores each) and scores the student, like
 recovery.py, on the training corpus's own held-out documents and on text from another domain
 that the run never trains on (Wikipedia leads). Recipes:
