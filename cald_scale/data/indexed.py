@@ -13,7 +13,7 @@ import numpy as np
 
 from cald_scale.data.config import DataConfig
 from cald_scale.data.corpora import CorpusSource, resolve_corpus
-from cald_scale.data.megatron import megatron_indexed
+from cald_scale.data.megatron import IndexedFile
 from cald_scale.data.tokenise import META, _num_eval_docs, _whole_corpus, build_cache, cache_key, is_complete, wait_for_cache
 
 if TYPE_CHECKING:
@@ -87,8 +87,8 @@ class IndexedCorpus:
 
 class TokenStream:
     """Tokens [0, num_tokens) of the concatenated sequences [first, last) of an indexed
-    dataset (all of them by default), read through memory-mapped `IndexedDataset.get`
-    calls; `max_tokens` cuts the stream short.
+    dataset (all of them by default), read through memory-mapped `get`
+    calls (`IndexedFile`, megatron's format); `max_tokens` cuts the stream short.
 
     NOTE: megatron writes sequence_pointers as cumulative byte offsets (sum of the
     previous lengths x itemsize), and reads them memory-mapped: they ARE the cumulative
@@ -107,7 +107,7 @@ class TokenStream:
     def _open(self) -> None:
         # NOTE: an empty split (eval_fraction=0) has an empty .bin, which cannot be mapped.
         empty = os.path.getsize(self.prefix + ".bin") == 0
-        self._ds = None if empty else megatron_indexed().IndexedDataset(self.prefix, mmap=True)
+        self._ds = None if empty else IndexedFile(self.prefix)
         if self._ds is None:
             self._first = self._last = self._base = 0
             self.dtype = np.dtype(np.int64)
@@ -121,9 +121,9 @@ class TokenStream:
                 f"({num_sequences} sequences)"
             )
         self._first, self._last = first, last
-        self.dtype = np.dtype(self._ds.index.dtype)
+        self.dtype = self._ds.dtype
         self._lengths = self._ds.sequence_lengths
-        self._pointers = self._ds.index.sequence_pointers
+        self._pointers = self._ds.sequence_pointers
         if first == last:
             self._base, total = 0, 0
         else:
@@ -208,7 +208,7 @@ def _open_user_prefix(
     prefix = source.paths[0]
     if os.path.getsize(prefix + ".bin") == 0:
         raise ValueError(f"corpus {source.name!r}: the indexed dataset {prefix}.bin is empty")
-    ds = megatron_indexed().IndexedDataset(prefix, mmap=True)
+    ds = IndexedFile(prefix)
     doc_starts = ds.document_indices  # sequence index where each document starts, then the end
     num_docs = len(doc_starts) - 1
     num_eval = _num_eval_docs(num_docs, cfg.eval_fraction)

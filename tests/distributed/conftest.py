@@ -11,9 +11,9 @@ def real_tokenizer():
     """The SmolLM2 tokenizer (from the de-quantised default teacher, cached after the first run)."""
     from transformers import AutoTokenizer
 
-    from cald_scale.conversion.teacher import TeacherConfig, load_teacher
+    from cald_scale.conversion.teacher import TeacherConfig, open_teacher
 
-    _, tokenizer, source = load_teacher(TeacherConfig())
+    source, _ = open_teacher(TeacherConfig())  # the folder and tokenizer only: no 135M model built
     return AutoTokenizer.from_pretrained(source.folder)
 
 

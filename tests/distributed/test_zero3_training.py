@@ -179,17 +179,18 @@ def test_real_smollm2_teacher_converts_and_trains(tmp_path, data_cache):
     run_dir = tmp_path / "smollm2"
     overrides = [
         "data.seq_len=32", "data.max_train_tokens=20000", "data.max_eval_tokens=2000", f"data.cache_dir={data_cache}",
-        # The default recipe: 3 teacher-forced alignment steps, then 1 end to end.
-        "train.global_batch_size=4", "train.max_steps=4", "train.warmup_steps=1", "train.lr=3e-3",
-        "eval.max_sequences=4", "eval.micro_batch_size=2", "output.save_every=4", f"output.run_dir={run_dir}",
-        "output.wandb=disabled",
+        # The default recipe: 1 teacher-forced alignment step, then 1 end to end (each ~4 s here,
+        # and every evaluation gathers the whole 135M model: one held-out set only).
+        "train.global_batch_size=4", "train.max_steps=2", "train.warmup_steps=1", "train.lr=3e-3",
+        "eval.max_sequences=4", "eval.micro_batch_size=2", "eval.other_corpora=[]", "output.save_every=2",
+        f"output.run_dir={run_dir}", "output.wandb=disabled",
     ]
     _ok(run(deepspeed_command(overrides), env, timeout=1200))
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["steps"] == 4 and report["world_size"] == 2
+    assert report["steps"] == 2 and report["world_size"] == 2
     assert report["ppl_teacher"] < 100 < report["ppl_student_before"]  # a real LM vs a freshly converted one
     assert report["ppl_student_after"] < report["ppl_student_before"]
-    assert [r["phase_name"] for r in metrics(run_dir).values()] == ["align"] * 3 + ["end_to_end"]
+    assert [r["phase_name"] for r in metrics(run_dir).values()] == ["align", "end_to_end"]
 
 
 def test_hybrid_layout_aligns_trains_exports_and_generates(tmp_path, teacher_dirs, data_cache):

@@ -27,7 +27,7 @@ from cald_scale.data import (
 )
 from cald_scale.data import indexed as indexed_module
 from cald_scale.data import tokenise
-from cald_scale.data.megatron import megatron_indexed
+from cald_scale.data.megatron import IndexedFile, megatron_indexed
 from cald_scale.data.corpora import brown_text, resolve_corpus, split_paragraphs
 
 
@@ -590,6 +590,30 @@ def test_existing_prefix_is_used_as_is(tmp_path):
     )
     assert capped.num_train_tokens == 50
     assert len(PackedSequences(capped, "train", 16)) == 3
+
+
+def test_indexed_file_reads_what_megatron_reads(tmp_path, shakespeare):
+    """The ranks' read-only view of megatron's format: the same arrays and tokens as megatron's
+    own IndexedDataset, on a builder's multi-sequence documents and on one of our caches."""
+    rng = np.random.default_rng(1)
+    prefix = str(tmp_path / "multi")
+    _write_prefix(prefix, [[rng.integers(0, 900, size=int(rng.integers(1, 40))) for _ in range(int(rng.integers(1, 4)))] for _ in range(12)])
+    corpus = shakespeare[1]
+    for path in (prefix, corpus.train_prefix, corpus.eval_prefix):
+        ours, theirs = IndexedFile(path), _megatron().IndexedDataset(path, mmap=True)
+        assert len(ours) == len(theirs) > 0 and ours.dtype == np.dtype(theirs.index.dtype)
+        np.testing.assert_array_equal(ours.sequence_lengths, theirs.sequence_lengths)
+        np.testing.assert_array_equal(ours.sequence_pointers, theirs.index.sequence_pointers)
+        np.testing.assert_array_equal(ours.document_indices, theirs.document_indices)
+        for i in range(len(ours)):
+            np.testing.assert_array_equal(ours.get(i), theirs.get(i))
+            n = int(ours.sequence_lengths[i])
+            np.testing.assert_array_equal(ours.get(i, n // 2, n - n // 2), theirs.get(i, n // 2, n - n // 2))
+
+    (tmp_path / "bad.idx").write_bytes(b"not an index at all, but long enough to be read as a header")
+    (tmp_path / "bad.bin").write_bytes(b"\0" * 8)
+    with pytest.raises(ValueError, match="bad.idx is not a megatron indexed dataset index"):
+        IndexedFile(str(tmp_path / "bad"))
 
 
 def test_large_prefix_max_token_id_is_sampled(tmp_path, monkeypatch):

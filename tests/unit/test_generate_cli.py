@@ -43,7 +43,7 @@ def test_generate_student_and_teacher_side_by_side(folders, tmp_path):
     assert teacher["kv"] > 0 and teacher["recurrent"] == 0
 
 
-def test_context_beyond_the_teachers_positions_is_refused_for_attention_only(folders, capsys):
+def test_context_beyond_the_teachers_positions_is_refused_for_attention_only(folders, tmp_path, capsys):
     import cald_scale  # noqa: F401
     from transformers import AutoModelForCausalLM
 
@@ -54,9 +54,14 @@ def test_context_beyond_the_teachers_positions_is_refused_for_attention_only(fol
     check_context(student, 100_000)
     with pytest.raises(ValueError, match="exceeds the teacher's max_position_embeddings \\(512\\)"):
         check_context(teacher, 513, "the teacher")
-    # Through the command: the student generates past 512 positions, the teacher is refused.
-    argv = ["generate", str(folders["student"]), "--prompt", "To be", "--max_new_tokens", "520"]
-    assert main(argv) == 0
+    # Through the command: from a prompt longer than 512 positions the student generates, the teacher is refused.
+    prompt = " ".join(TEXT * 20)
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(folders["student"])(prompt)["input_ids"]) > 512
+    argv = ["generate", str(folders["student"]), "--prompt", prompt, "--max_new_tokens", "4"]
+    assert main(argv + ["--json", str(tmp_path / "long.json")]) == 0
+    assert json.loads((tmp_path / "long.json").read_text())[0]["new_tokens"] == 4
     assert main(argv + ["--teacher"]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("cald-scale")]
