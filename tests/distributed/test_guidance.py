@@ -107,7 +107,7 @@ def test_bad_waypoints_fail_before_training_naming_the_checkpoint(tmp_path, teac
     assert not metrics(tmp_path / "bad")
 
 
-def test_unguided_builds_no_teacher_and_align_then_end_to_end_trains_mixers_first(tmp_path, teacher_dirs, data_cache):
+def test_unguided_builds_no_teacher(tmp_path, teacher_dirs, data_cache):
     env = launcher_env(tmp_path)
     unguided = tmp_path / "unguided"
     overrides = tiny_overrides(teacher_dirs["llama"], unguided, data_cache, phases="[{name: unguided, guidance: none}]", **{"train.max_steps": 3})
@@ -116,17 +116,7 @@ def test_unguided_builds_no_teacher_and_align_then_end_to_end_trains_mixers_firs
     report = json.loads((unguided / "report.json").read_text())
     assert report["ppl_teacher"] is None and "n/a (unguided)" in proc.stdout + proc.stderr
     assert all(set(r) >= {"ce"} and "layer" not in r for r in metrics(unguided).values())
-
-    # Align with the copied weights frozen, then end to end with everything training.
-    staged = tmp_path / "staged"
-    overrides = tiny_overrides(teacher_dirs["llama"], staged, data_cache, phases=None, **{"train.max_steps": 4, "train.lr": 1e-3, "student.trainable": "all"})
-    _ok(run(deepspeed_command(overrides), env))
-    history = metrics(staged)
-    assert [history[s]["phase_name"] for s in (1, 2, 3, 4)] == ["align", "align", "align", "end_to_end"]
-    align, e2e = history[2]["lr_groups"], history[4]["lr_groups"]
-    assert align["copied"] == 0.0 and align["mixers"] > 0
-    assert e2e["copied"] == pytest.approx(0.1 * e2e["mixers"])
-    assert "ce" not in history[1] and "ce" in history[4]
+    # (Alignment with the copied weights frozen, then everything training: the NaN run in test_zero3_training.py.)
 
 
 def test_the_shipped_recipe_aligns_then_trains_end_to_end_only_the_mixers(default_recipe_run):

@@ -153,12 +153,15 @@ def test_gpt_neox_mamba_aligns_each_block_then_distills_end_to_end_and_exports(t
 def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, teacher_dirs, data_cache):
     """One micro-batch per rank and step. Micro-batch 1 is non-finite: skipped, counted, and step 2
     trains on the next one. Micro-batches 4-6 are: the third in a row stops the run at step 4
-    in one line, and the step-2 checkpoint is left as it was."""
+    in one line, and the step-2 checkpoint is left as it was. Step 1 is a teacher-forced phase with
+    the copied weights frozen (as the shipped recipe's alignment); from step 2, end to end, they
+    train at 0.1x (student.trainable=all)."""
     env = launcher_env(tmp_path)
     run_dir = tmp_path / "nan"
+    phases = "[{name: align, steps: 1, mode: teacher_forced, trainable: mixers}, {name: e2e}]"
     overrides = tiny_overrides(
         teacher_dirs["llama"], run_dir, data_cache,
-        **{"train.max_steps": 6, "debug.nan_at_micro_steps": "[1,4,5,6]", "train.max_consecutive_nan": 3},
+        **{"phases": phases, "train.max_steps": 6, "debug.nan_at_micro_steps": "[1,4,5,6]", "train.max_consecutive_nan": 3},
     )
     failed = run(deepspeed_command(overrides), env)
     assert failed.returncode != 0
@@ -168,6 +171,11 @@ def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, teacher_dirs, data_c
     assert sorted(history) == [1, 2, 3]
     assert [history[s]["nan_skipped"] for s in (1, 2, 3)] == [0, 1, 1]
     assert all(history[s]["loss"] == history[s]["loss"] for s in (1, 2, 3))  # the skipped one left no NaN behind
+    assert [history[s]["phase_name"] for s in (1, 2, 3)] == ["align", "e2e", "e2e"]
+    aligning, e2e = history[1]["lr_groups"], history[3]["lr_groups"]
+    assert aligning["copied"] == 0.0 and aligning["mixers"] > 0
+    assert e2e["copied"] == pytest.approx(0.1 * e2e["mixers"])
+    assert "ce" not in history[1] and "ce" in history[2]
     assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_00000002"]
     assert not (run_dir / "report.json").exists()
 
