@@ -12,13 +12,14 @@ import sys
 
 from cald_scale.config import ConfigError, load_run_config
 from cald_scale.conversion.weights import WeightsMismatchError
+from cald_scale.data.megatron import IndexedFileError
 from cald_scale.export.bamba import BambaExportError
 from cald_scale.engines.checkpoint import CheckpointLoadError, CheckpointSaveError
 from cald_scale.engines.preemption import PREEMPTED_EXIT_CODE, Preempted
 from cald_scale.train import NonFiniteLossError, train
 
 # Errors that mean "fix the input", not "a bug": reported without a traceback.
-USER_ERRORS = (ConfigError, FileNotFoundError, WeightsMismatchError, CheckpointLoadError, CheckpointSaveError, NonFiniteLossError, BambaExportError)
+USER_ERRORS = (ConfigError, FileNotFoundError, WeightsMismatchError, CheckpointLoadError, CheckpointSaveError, NonFiniteLossError, BambaExportError, IndexedFileError)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,12 +2,13 @@
 # hot path of every rank, goes through a small read-only view of the same format.
 from __future__ import annotations
 
+import os
 import struct
 import warnings
 
 import numpy as np
 
-__all__ = ["IndexedFile", "megatron_indexed"]
+__all__ = ["IndexedFile", "IndexedFileError", "megatron_indexed"]
 
 
 def megatron_indexed():
@@ -29,6 +30,10 @@ _HEADER = b"MMIDIDX\x00\x00"
 _DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
 
 
+class IndexedFileError(ValueError):
+    """A .bin/.idx pair that is not, or no longer, a readable megatron indexed dataset."""
+
+
 class IndexedFile:
     """A megatron indexed dataset, memory-mapped read-only: what the training ranks read.
 
@@ -45,11 +50,14 @@ class IndexedFile:
         with open(idx_path, "rb") as stream:
             head = stream.read(len(_HEADER) + 8 + 1 + 8 + 8)
         if len(head) < 34 or head[: len(_HEADER)] != _HEADER:
-            raise ValueError(f"{idx_path} is not a megatron indexed dataset index (no MMIDIDX header)")
+            raise IndexedFileError(f"{idx_path} is not a megatron indexed dataset index (no MMIDIDX header)")
         version, code, sequences, documents = struct.unpack("<QBQQ", head[len(_HEADER) :])
         if version != 1 or code not in _DTYPES:
-            raise ValueError(f"{idx_path}: unsupported megatron index (version {version}, dtype code {code})")
+            raise IndexedFileError(f"{idx_path}: unsupported megatron index (version {version}, dtype code {code})")
         self.dtype = np.dtype(_DTYPES[code])
+        needed = len(head) + sequences * (4 + 8) + documents * 8
+        if os.path.getsize(idx_path) < needed:
+            raise IndexedFileError(f"{idx_path} is cut short: {os.path.getsize(idx_path)} bytes, its header promises {needed}")
         index = np.memmap(idx_path, mode="r", order="C")
         offset = len(head)
         self.sequence_lengths = np.frombuffer(index, dtype=np.int32, count=sequences, offset=offset)
@@ -57,6 +65,9 @@ class IndexedFile:
         self.sequence_pointers = np.frombuffer(index, dtype=np.int64, count=sequences, offset=offset)
         offset += self.sequence_pointers.nbytes
         self.document_indices = np.frombuffer(index, dtype=np.int64, count=documents, offset=offset)
+        end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if sequences else 0
+        if os.path.getsize(prefix + ".bin") < end:
+            raise IndexedFileError(f"{prefix}.bin is cut short: {os.path.getsize(prefix + '.bin')} bytes, its index points to {end}")
         self._bin = np.memmap(prefix + ".bin", mode="r", order="C")
 
     def __len__(self) -> int:

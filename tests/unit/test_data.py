@@ -27,7 +27,7 @@ from cald_scale.data import (
 )
 from cald_scale.data import indexed as indexed_module
 from cald_scale.data import tokenise
-from cald_scale.data.megatron import IndexedFile, megatron_indexed
+from cald_scale.data.megatron import IndexedFile, IndexedFileError, megatron_indexed
 from cald_scale.data.corpora import brown_text, resolve_corpus, split_paragraphs
 
 
@@ -612,8 +612,15 @@ def test_indexed_file_reads_what_megatron_reads(tmp_path, shakespeare):
 
     (tmp_path / "bad.idx").write_bytes(b"not an index at all, but long enough to be read as a header")
     (tmp_path / "bad.bin").write_bytes(b"\0" * 8)
-    with pytest.raises(ValueError, match="bad.idx is not a megatron indexed dataset index"):
+    with pytest.raises(IndexedFileError, match="bad.idx is not a megatron indexed dataset index"):
         IndexedFile(str(tmp_path / "bad"))
+    # A copy cut short (a killed copy, a full disk) names the file, not a numpy buffer error.
+    for ext in (".idx", ".bin"):
+        for other in (".idx", ".bin"):
+            data = open(prefix + other, "rb").read()
+            (tmp_path / f"cut{other}").write_bytes(data[: len(data) - 8] if other == ext else data)
+        with pytest.raises(IndexedFileError, match=f"cut\\{ext} is cut short"):
+            IndexedFile(str(tmp_path / "cut"))
 
 
 def test_large_prefix_max_token_id_is_sampled(tmp_path, monkeypatch):
