@@ -27,6 +27,7 @@ def megatron_indexed():
 # sequence byte pointers into the .bin, int64 document indices (first sequence of each
 # document, then the end), and int8 sequence modes for multimodal datasets only.
 _HEADER = b"MMIDIDX\x00\x00"
+_COUNTS = struct.Struct("<QBQQ")  # version, dtype code, sequence count, document count
 _DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
 
 
@@ -47,27 +48,28 @@ class IndexedFile:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         idx_path = prefix + ".idx"
+        offset = len(_HEADER) + _COUNTS.size
         with open(idx_path, "rb") as stream:
-            head = stream.read(len(_HEADER) + 8 + 1 + 8 + 8)
-        if len(head) < 34 or head[: len(_HEADER)] != _HEADER:
+            head = stream.read(offset)
+        if len(head) < offset or head[: len(_HEADER)] != _HEADER:
             raise IndexedFileError(f"{idx_path} is not a megatron indexed dataset index (no MMIDIDX header)")
-        version, code, sequences, documents = struct.unpack("<QBQQ", head[len(_HEADER) :])
+        version, code, sequences, documents = _COUNTS.unpack(head[len(_HEADER) :])
         if version != 1 or code not in _DTYPES:
             raise IndexedFileError(f"{idx_path}: unsupported megatron index (version {version}, dtype code {code})")
         self.dtype = np.dtype(_DTYPES[code])
-        needed = len(head) + sequences * (4 + 8) + documents * 8
-        if os.path.getsize(idx_path) < needed:
-            raise IndexedFileError(f"{idx_path} is cut short: {os.path.getsize(idx_path)} bytes, its header promises {needed}")
+        needed, size = offset + sequences * (4 + 8) + documents * 8, os.path.getsize(idx_path)
+        if size < needed:
+            raise IndexedFileError(f"{idx_path} is cut short: {size} bytes, its header promises {needed}")
         index = np.memmap(idx_path, mode="r", order="C")
-        offset = len(head)
         self.sequence_lengths = np.frombuffer(index, dtype=np.int32, count=sequences, offset=offset)
         offset += self.sequence_lengths.nbytes
         self.sequence_pointers = np.frombuffer(index, dtype=np.int64, count=sequences, offset=offset)
         offset += self.sequence_pointers.nbytes
         self.document_indices = np.frombuffer(index, dtype=np.int64, count=documents, offset=offset)
         end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if sequences else 0
-        if os.path.getsize(prefix + ".bin") < end:
-            raise IndexedFileError(f"{prefix}.bin is cut short: {os.path.getsize(prefix + '.bin')} bytes, its index points to {end}")
+        size = os.path.getsize(prefix + ".bin")
+        if size < end:
+            raise IndexedFileError(f"{prefix}.bin is cut short: {size} bytes, its index points to {end}")
         self._bin = np.memmap(prefix + ".bin", mode="r", order="C")
 
     def __len__(self) -> int:
