@@ -34,7 +34,7 @@ class _CausalConv1dChannelsLast(torch.autograd.Function):
         x_pad = x.new_empty(x.shape[0], x.shape[1] + width - 1, x.shape[2])  # (b, l + w - 1, d)
         x_pad[:, : width - 1].zero_()
         x_pad[:, width - 1 :].copy_(x)
-        y = _shifted_sum(x_pad, weight, bias)
+        y = _shifted_sum(x_pad, _taps(weight), bias)
         # NOTE: the pre-activation is rebuilt in backward (w multiply-adds) instead of being saved.
         ctx.save_for_backward(x_pad, weight, bias)
         ctx.silu = silu
@@ -49,17 +49,18 @@ class _CausalConv1dChannelsLast(torch.autograd.Function):
     def _backward(ctx, grad_out):
         x_pad, weight, bias = ctx.saved_tensors
         seqlen, width = grad_out.shape[1], weight.shape[1]
+        taps = _taps(weight)
         if ctx.silu:
-            grad = torch.ops.aten.silu_backward(grad_out, _shifted_sum(x_pad, weight, bias))
+            grad = torch.ops.aten.silu_backward(grad_out, _shifted_sum(x_pad, taps, bias))
         else:
             grad = grad_out.contiguous()
         grad_bias = grad.sum((0, 1)) if bias is not None else None
         # y[t] = sum_k w[k] x[t - (w - 1) + k]  =>  dx[s] = sum_k w[k] dy[s + (w - 1) - k].
-        grad_x = grad * weight[:, width - 1]
+        grad_x = grad * taps[width - 1]
         for k in range(width - 1):
             shift = width - 1 - k
             if shift < seqlen:
-                grad_x[:, : seqlen - shift].addcmul_(grad[:, shift:], weight[:, k])
+                grad_x[:, : seqlen - shift].addcmul_(grad[:, shift:], taps[k])
         # NOTE: one scratch buffer for the products; fresh (b, l, d) temporaries cost far more here.
         scratch = torch.empty_like(grad)
         grad_weight = torch.stack(
@@ -68,14 +69,22 @@ class _CausalConv1dChannelsLast(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None
 
 
-def _shifted_sum(x_pad: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y[:, t] = bias + sum_k weight[:, k] * x_pad[:, t + k] over (b, l + w - 1, d) input."""
-    width = weight.shape[1]
+def _taps(weight: torch.Tensor) -> torch.Tensor:
+    """(d, w) filters -> (w, d), each tap contiguous.
+
+    NOTE: a strided (d,) column as the broadcast factor of addcmul_ runs ~2x slower on CPU.
+    """
+    return weight.t().contiguous()
+
+
+def _shifted_sum(x_pad: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y[:, t] = bias + sum_k taps[k] * x_pad[:, t + k] over (b, l + w - 1, d) input, taps (w, d)."""
+    width = taps.shape[0]
     seqlen = x_pad.shape[1] - width + 1
     last = x_pad[:, width - 1 :]
-    y = torch.addcmul(bias, last, weight[:, width - 1]) if bias is not None else last * weight[:, width - 1]
+    y = torch.addcmul(bias, last, taps[width - 1]) if bias is not None else last * taps[width - 1]
     for k in range(width - 1):
-        y.addcmul_(x_pad[:, k : k + seqlen], weight[:, k])
+        y.addcmul_(x_pad[:, k : k + seqlen], taps[k])
     return y
 
 
