@@ -14,12 +14,14 @@ For each task (Wikipedia topic, 12 classes; Twitter sentiment, 3 classes) and se
 It also measures the teacher's hidden-state drift (mean cosine distance per layer between
 the pretrained and the fine-tuned teacher on validation inputs) and the forward speed of
 teacher and students at 4k tokens (benchmarks/encoder_speed.py). Finished runs are reused
-(benchmarks/runs/guidance_<task>/), so the table can be built over several sessions.
-Writes benchmarks/results/guidance_<task>{,_quick}.{json,md}.
+(benchmarks/runs/guidance_<task>/, git-ignored), and so are the runs that the committed
+result records (on the same budget), so the table can be built over several sessions on
+other machines. Writes benchmarks/results/guidance_<task>{,_quick}.{json,md}.
 
     python benchmarks/guidance_table.py                       # both tasks, 3 seeds (hours on 2 CPU cores)
     python benchmarks/guidance_table.py --tasks wiki_topic --seeds 0
     python benchmarks/guidance_table.py --tasks wiki_topic --students linformer --saved-speed
+    python benchmarks/guidance_table.py --tasks wiki_topic --recorded-only --saved-speed   # a partial table, launching nothing
     python benchmarks/guidance_table.py --quick               # CI-sized: wiki_topic, 1 seed, a few steps
 """
 
@@ -153,27 +155,77 @@ def summarise(values: list[float]) -> dict:
     return {"values": values, "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: dict | None) -> dict:
+def recorded_runs(benchmark: str, b: dict) -> dict[str, dict]:
+    """The scores of every run in this benchmark's committed result, by run folder, if that
+    result was made on the same budget; a Std. run's record carries its seed's drift.
+
+    Run folders are git-ignored and stay on the machine that ran them; the committed record
+    is what lets the table grow over sessions on other machines."""
+    path = RESULTS / f"{benchmark}.json"
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    if old.get("budget") != b:
+        return {}
+    runs = {r["folder"]: dict(r) for r in old["teacher"]["runs"].values()}
+    runs.update({r["folder"]: r for by_mode in old["runs"].values() for rs in by_mode.values() for r in rs})
+    for seed, d in old["drift"]["per_seed"].items():
+        runs[old["teacher"]["runs"][seed]["folder"]]["drift"] = d
+    return runs
+
+
+def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: dict | None, recorded_only: bool = False) -> dict:
+    """Launch the runs of one task's table that are neither finished here nor recorded, then score it.
+
+    With ``recorded_only`` nothing is launched: cells hold the seeds that exist, and the
+    table says how many (a partial table)."""
     b = budget(quick)
     benchmark = f"guidance_{task}" + ("_quick" if quick else "")
-    std = {seed: scores(launch_run(std_run(task, b, seed), benchmark)) for seed in seeds}
+    recorded = recorded_runs(benchmark, b)
+
+    def finished(run: Run) -> dict | None:
+        folder = run.folder(benchmark)
+        if (folder / "report.json").is_file():
+            return scores(launch_run(run, benchmark))  # reused, after checking its config
+        return recorded.get(str(folder.relative_to(REPO)))
+
+    def std_folder(seed: int) -> Path:
+        """This seed's Std. run on disk (its exports guide the students): reused or (re)run."""
+        return launch_run(std_run(task, b, seed), benchmark)
+
+    std = {seed: finished(std_run(task, b, seed)) for seed in seeds}
+    if not recorded_only:
+        std = {seed: s or scores(std_folder(seed)) for seed, s in std.items()}
     cells: dict[str, dict[str, list[dict]]] = {s: {m: [] for m in MODES} for s in students}
     for seed in seeds:  # every cell's first seed before any second one: a partial table is still a table
-        std_folder = REPO / std[seed]["folder"]
+        folder = std_run(task, b, seed).folder(benchmark)
         for student in students:
             for mode in MODES:
-                cells[student][mode].append(scores(launch_run(student_run(task, b, seed, student, mode, std_folder), benchmark)))
-    drifts = {seed: drift(REPO / std[seed]["folder"], task, b, seed) for seed in seeds}
+                run = student_run(task, b, seed, student, mode, folder)
+                got = finished(run)
+                if got is None and not recorded_only:
+                    run = student_run(task, b, seed, student, mode, std_folder(seed))  # with its waypoints
+                    got = scores(launch_run(run, benchmark))
+                if got is not None:
+                    cells[student][mode].append(got)
+    std = {seed: finished(std_run(task, b, seed)) for seed in seeds}  # a Std. rerun above scores itself
+    std = {seed: s for seed, s in std.items() if s is not None}
+    drifts = {}
+    for seed, s in std.items():
+        on_disk = (REPO / s["folder"] / "report.json").is_file()
+        drifts[seed] = drift(REPO / s["folder"], task, b, seed) if on_disk else s.get("drift")
+    drifts = {seed: d for seed, d in drifts.items() if d is not None}
     teacher = summarise([r["test_accuracy"] for r in std.values()])
     rows = {
-        student: {mode: {**summarise([r["test_accuracy"] for r in runs]), "macro_f1": summarise([r["test_macro_f1"] for r in runs]),
+        student: {mode: {**summarise([r["test_accuracy"] for r in runs]), "seeds": len(runs), "macro_f1": summarise([r["test_macro_f1"] for r in runs]),
                          "tokens": statistics.mean(r["tokens"] for r in runs), "train_seconds": statistics.mean(r["train_seconds"] for r in runs)}
-                  for mode, runs in by_mode.items()}
+                  for mode, runs in by_mode.items() if runs}
         for student, by_mode in cells.items()
     }
-    guided = [(s, m) for s in students for m in MODES if m != "unguided"]
-    best = max(guided, key=lambda sm: rows[sm[0]][sm[1]]["mean"])
-    beats = {f"{s}/{m}": rows[s][m]["mean"] - rows[s]["unguided"]["mean"] > max(rows[s][m]["std"], rows[s]["unguided"]["std"]) for s, m in guided}
+    guided = [(s, m) for s in students for m in MODES if m != "unguided" and m in rows[s]]
+    best = max(guided, key=lambda sm: rows[sm[0]][sm[1]]["mean"]) if guided else None
+    beats = {f"{s}/{m}": rows[s][m]["mean"] - rows[s]["unguided"]["mean"] > max(rows[s][m]["std"], rows[s]["unguided"]["std"]) for s, m in guided if "unguided" in rows[s]}
+    fewest = min((len(runs) for by_mode in cells.values() for runs in by_mode.values()), default=0)
     result = {
         "benchmark": benchmark,
         "machine": machine(),
@@ -183,16 +235,16 @@ def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: 
         "teacher": {**teacher, "runs": std},
         "table": rows,
         "runs": cells,
-        "drift": {"per_seed": drifts, "mean": statistics.mean(d["mean"] for d in drifts.values())},
+        "drift": {"per_seed": drifts, "mean": statistics.mean(d["mean"] for d in drifts.values()) if drifts else None},
         "speed": speed,
         "targets": {
             "best_guided_within_2_points": {
                 "what": "the best guided student's mean test accuracy is within 2 points of the fine-tuned teacher's",
-                "value": {"best": f"{best[0]}/{best[1]}", "student": round(rows[best[0]][best[1]]["mean"], 4), "teacher": round(teacher["mean"], 4)},
-                "pass": teacher["mean"] - rows[best[0]][best[1]]["mean"] <= 0.02,
+                "value": {"best": f"{best[0]}/{best[1]}", "student": round(rows[best[0]][best[1]]["mean"], 4), "teacher": round(teacher["mean"], 4)} if best else None,
+                "pass": best is not None and teacher["mean"] - rows[best[0]][best[1]]["mean"] <= 0.02,
             },
-            "guided_beats_unguided_by_more_than_std": {"what": "each guided mode beats unguided by more than the seed std", "value": beats, "pass": all(beats.values())},
-            "three_seeds_per_cell": {"what": "at least 3 seeds per cell", "value": len(seeds), "pass": len(seeds) >= 3},
+            "guided_beats_unguided_by_more_than_std": {"what": "each guided mode beats unguided by more than the seed std", "value": beats, "pass": bool(beats) and all(beats.values())},
+            "three_seeds_per_cell": {"what": "at least 3 seeds in every cell", "value": fewest, "pass": fewest >= 3},
             **(speed or {}).get("targets", {}),
         },
     }
@@ -204,6 +256,13 @@ def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: 
 def markdown(result: dict) -> list[str]:
     b, teacher = result["budget"], result["teacher"]
     pm = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"  # noqa: E731
+    seeds = len(result["seeds"])
+
+    def cell(row: dict, mode: str) -> str:
+        if mode not in row:
+            return "-"
+        return pm(row[mode]) + ("" if row[mode].get("seeds", seeds) == seeds else f" ({row[mode]['seeds']} seed{'s' * (row[mode]['seeds'] > 1)})")
+
     lines = [
         f"# Guidance table, {result['task']} ({result['machine']['date'][:10]}): all-MiniLM-L6-v2 -> Linformer / BiMamba2",
         "",
@@ -214,10 +273,14 @@ def markdown(result: dict) -> list[str]:
         "|---|" + "---|" * (len(MODES) + 2),
     ]
     for student, row in result["table"].items():
-        lines.append(f"| {student} | " + " | ".join(pm(row[m]) for m in MODES) + f" | {row['target']['tokens']:,.0f} | {row['target']['train_seconds']:.0f} |")
+        cost = row.get("target") or next(iter(row.values()), None)
+        costs = f"{cost['tokens']:,.0f} | {cost['train_seconds']:.0f}" if cost else "- | -"
+        lines.append(f"| {student} | " + " | ".join(cell(row, m) for m in MODES) + f" | {costs} |")
     d = result["drift"]
-    lines += ["", f"Teacher hidden-state drift (mean cosine distance, pretrained vs fine-tuned, validation inputs): {d['mean']:.4f}; "
-              f"per layer (seed {result['seeds'][0]}): " + ", ".join(f"{x:.4f}" for x in d["per_seed"][result["seeds"][0]]["per_layer"])]
+    if d["per_seed"]:
+        first = next(iter(d["per_seed"]))
+        lines += ["", f"Teacher hidden-state drift (mean cosine distance, pretrained vs fine-tuned, validation inputs): {d['mean']:.4f}; "
+                  f"per layer (seed {first}): " + ", ".join(f"{x:.4f}" for x in d["per_seed"][first]["per_layer"])]
     if result.get("speed"):
         from encoder_speed import markdown as speed_markdown
 
@@ -238,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     speed_source = parser.add_mutually_exclusive_group()
     speed_source.add_argument("--no-speed", action="store_true", help="skip the 4k-token forward speed measurement")
     speed_source.add_argument("--saved-speed", action="store_true", help="take it from benchmarks/results/encoder_speed.json (python benchmarks/encoder_speed.py)")
+    parser.add_argument("--recorded-only", action="store_true", help="launch nothing: build the table from the runs finished here and those the committed result records (a partial table)")
     args = parser.parse_args(argv)
     tasks = args.tasks or (["wiki_topic"] if args.quick else ["wiki_topic", "tweet_sentiment"])
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
@@ -252,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
 
         speed = measure((512, 4096), repeats=1) if args.quick else measure()
     for task in tasks:
-        result = table(task, seeds, args.quick, args.students, speed)
+        result = table(task, seeds, args.quick, args.students, speed, recorded_only=args.recorded_only)
         print("\n".join(markdown(result)), flush=True)
 
 
