@@ -10,7 +10,7 @@ import subprocess
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "barrier", "rank", "world_size", "all_true", "mean_over_ranks", "gather_objects"]
+__all__ = ["DistEnv", "init_distributed", "close_distributed", "barrier", "rank", "world_size", "all_true", "mean_over_ranks", "gather_objects"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,12 @@ def init_distributed() -> DistEnv:
         if device.type == "cpu":
             _unlink_shm_buffers()
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def close_distributed() -> None:
+    """Destroy every process group (no-op when none is initialised)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _unlink_shm_buffers() -> None:
