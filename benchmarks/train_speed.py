@@ -171,7 +171,7 @@ def build_distill_step(cfg, source, ids):
     def step(trim: bool = True) -> dict:
         # As the trainer's loop does it: one optimizer step, then (train.trim_heap_every) free
         # heap pages go back to the OS.
-        record = train_step(models, guide, phase, engine.global_steps, lambda cursor: {"input_ids": ids}, state, cfg, tokens_per_micro=ids.numel(), last_saved=0)
+        record = train_step(models, guide, phase, engine.global_steps, lambda cursor: {"input_ids": ids}, state, cfg, tokens_per_micro=ids.numel())
         every = cfg.train.trim_heap_every
         if trim and every and engine.global_steps % every == 0:
             return_free_memory()
