@@ -19,13 +19,16 @@ the pretrained and the fine-tuned teacher on validation inputs) and the forward 
 teacher and students at 4k tokens (benchmarks/encoder_speed.py). Finished runs are reused
 (benchmarks/runs/guidance_<task>/, git-ignored), and so are the runs that the committed
 result records (on the same budget), so the table can be built over several sessions on
-other machines. Writes benchmarks/results/guidance_<task>{,_quick}.{json,md}.
+other machines. Writes benchmarks/results/guidance_<task>{,_quick}.{json,md}; a table on a longer
+budget (``--epochs``: passes over the same training examples, every run alike, the Std. run
+included) is its own benchmark, guidance_<task>_<N>epochs.
 
     python benchmarks/guidance_table.py                       # both tasks, 3 seeds (hours on 2 CPU cores)
     python benchmarks/guidance_table.py --tasks wiki_topic --seeds 0
     python benchmarks/guidance_table.py --tasks wiki_topic --students linformer --saved-speed
     python benchmarks/guidance_table.py --tasks wiki_topic --recorded-only --saved-speed   # a partial table, launching nothing
     python benchmarks/guidance_table.py --quick               # CI-sized: wiki_topic, 1 seed, a few steps
+    python benchmarks/guidance_table.py --tasks wiki_topic --students bimamba2 --recipes aligned_target --epochs 3 --seeds 0
 """
 
 from __future__ import annotations
@@ -49,11 +52,15 @@ STUDENTS = {"linformer": ["student.conversion.mixer=linformer", "student.convers
 TEACHER = "all-minilm-l6-v2"
 
 
-def budget(quick: bool) -> dict:
-    """Examples, steps and batch of every run of one table."""
+def budget(quick: bool, epochs: int = 1) -> dict:
+    """Examples, steps and batch of every run of one table (``epochs`` passes over the examples)."""
     if quick:  # scored on 240 of each eval split: a check that every cell runs, not a result
         return {"examples": 128, "steps": 6, "batch": 16, "max_length": 64, "eval_batch": 128, "eval_examples": 240}
-    return {"examples": 2048, "steps": 64, "batch": 32, "max_length": 128, "eval_batch": 64, "eval_examples": None}
+    return {"examples": 2048, "steps": 64 * epochs, "batch": 32, "max_length": 128, "eval_batch": 64, "eval_examples": None}
+
+
+def benchmark_name(task: str, quick: bool, epochs: int = 1) -> str:
+    return f"guidance_{task}" + ("_quick" if quick else "") + (f"_{epochs}epochs" if epochs != 1 else "")
 
 
 def common(task: str, b: dict) -> list[str]:
@@ -182,13 +189,16 @@ def recorded_runs(benchmark: str, b: dict) -> dict[str, dict]:
     return runs
 
 
-def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: dict | None, recorded_only: bool = False) -> dict:
+def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: dict | None, recorded_only: bool = False,
+          recipes: tuple[str, ...] = RECIPES, epochs: int = 1) -> dict:
     """Launch the runs of one task's table that are neither finished here nor recorded, then score it.
 
     With ``recorded_only`` nothing is launched: cells hold the seeds that exist, and the
-    table says how many (a partial table)."""
-    b = budget(quick)
-    benchmark = f"guidance_{task}" + ("_quick" if quick else "")
+    table says how many (a partial table). Only the rows in ``students`` and the columns in
+    ``recipes`` launch runs; the others keep the runs that exist, so a result is never written
+    with fewer runs than it had."""
+    b = budget(quick, epochs)
+    benchmark = benchmark_name(task, quick, epochs)
     recorded = recorded_runs(benchmark, b)
 
     def finished(run: Run) -> dict | None:
@@ -204,14 +214,14 @@ def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: 
     std = {seed: finished(std_run(task, b, seed)) for seed in seeds}
     if not recorded_only:
         std = {seed: s or scores(std_folder(seed)) for seed, s in std.items()}
-    cells: dict[str, dict[str, list[dict]]] = {s: {m: [] for m in RECIPES} for s in students}
+    cells: dict[str, dict[str, list[dict]]] = {s: {m: [] for m in RECIPES} for s in STUDENTS}
     for seed in seeds:  # every cell's first seed before any second one: a partial table is still a table
         folder = std_run(task, b, seed).folder(benchmark)
-        for student in students:
+        for student in STUDENTS:
             for mode in RECIPES:
                 run = student_run(task, b, seed, student, mode, folder)
                 got = finished(run)
-                if got is None and not recorded_only:
+                if got is None and not recorded_only and student in students and mode in recipes:
                     run = student_run(task, b, seed, student, mode, std_folder(seed))  # with its waypoints
                     got = scores(launch_run(run, benchmark))
                 if got is not None:
@@ -230,7 +240,7 @@ def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: 
                   for mode, runs in by_mode.items() if runs}
         for student, by_mode in cells.items()
     }
-    guided = [(s, m) for s in students for m in RECIPES if m != "unguided" and m in rows[s]]
+    guided = [(s, m) for s in STUDENTS for m in RECIPES if m != "unguided" and m in rows[s]]
     best = max(guided, key=lambda sm: rows[sm[0]][sm[1]]["mean"]) if guided else None
     beats = {f"{s}/{m}": rows[s][m]["mean"] - rows[s]["unguided"]["mean"] > max(rows[s][m]["std"], rows[s]["unguided"]["std"]) for s, m in guided if "unguided" in rows[s]}
     fewest = min((len(runs) for by_mode in cells.values() for runs in by_mode.values()), default=0)
@@ -265,6 +275,7 @@ def markdown(result: dict) -> list[str]:
     b, teacher = result["budget"], result["teacher"]
     pm = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"  # noqa: E731
     seeds = len(result["seeds"])
+    recipes = [m for m in RECIPES if any(m in row for row in result["table"].values())]
 
     def cell(row: dict, mode: str) -> str:
         if mode not in row:
@@ -277,13 +288,15 @@ def markdown(result: dict) -> list[str]:
         f"Test accuracy (%), mean ± std over seeds {result['seeds']}; every run: {b['examples']} training examples, "
         f"{b['steps']} steps of {b['batch']}, max {b['max_length']} tokens. Fine-tuned teacher (Std.): **{pm(teacher)}**.",
         "",
-        "| student | " + " | ".join(RECIPES) + " | tokens / run | train s / run |",
-        "|---|" + "---|" * (len(RECIPES) + 2),
+        "| student | " + " | ".join(recipes) + " | tokens / run | train s / run |",
+        "|---|" + "---|" * (len(recipes) + 2),
     ]
     for student, row in result["table"].items():
+        if not row:  # a row that no run has reached yet
+            continue
         cost = row.get("target") or next(iter(row.values()), None)
         costs = f"{cost['tokens']:,.0f} | {cost['train_seconds']:.0f}" if cost else "- | -"
-        lines.append(f"| {student} | " + " | ".join(cell(row, m) for m in RECIPES) + f" | {costs} |")
+        lines.append(f"| {student} | " + " | ".join(cell(row, m) for m in recipes) + f" | {costs} |")
     d = result["drift"]
     if d["per_seed"]:
         first = next(iter(d["per_seed"]))
@@ -306,11 +319,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="*", default=None, help="default: wiki_topic tweet_sentiment (quick: wiki_topic)")
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="default: 0 1 2 (quick: 0)")
     parser.add_argument("--students", nargs="*", default=list(STUDENTS), choices=list(STUDENTS))
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES), help="the columns (default: all)")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the training examples, every run alike (a table of its own)")
     speed_source = parser.add_mutually_exclusive_group()
     speed_source.add_argument("--no-speed", action="store_true", help="skip the 4k-token forward speed measurement")
     speed_source.add_argument("--saved-speed", action="store_true", help="take it from benchmarks/results/encoder_speed.json (python benchmarks/encoder_speed.py)")
     parser.add_argument("--recorded-only", action="store_true", help="launch nothing: build the table from the runs finished here and those the committed result records (a partial table)")
     args = parser.parse_args(argv)
+    if args.epochs < 1 or (args.quick and args.epochs != 1):
+        parser.error("--epochs: a whole number >= 1, and not with --quick")
     tasks = args.tasks or (["wiki_topic"] if args.quick else ["wiki_topic", "tweet_sentiment"])
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     speed = None
@@ -324,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
 
         speed = measure((512, 4096), repeats=1) if args.quick else measure()
     for task in tasks:
-        result = table(task, seeds, args.quick, args.students, speed, recorded_only=args.recorded_only)
+        result = table(task, seeds, args.quick, args.students, speed, recorded_only=args.recorded_only, recipes=tuple(args.recipes), epochs=args.epochs)
         print("\n".join(markdown(result)), flush=True)
 
 

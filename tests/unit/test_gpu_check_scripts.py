@@ -1,0 +1,54 @@
+"""The four benchmarks that `benchmarks/gpu_check.sh` runs on a lent GPU, run here on CPU at
+tiny sizes with the flags it passes (bar the device): a script that has rotted must fail in
+CI, not in the 15 minutes of GPU a session may get. train_speed.py's distillation item did
+rot once, unnoticed (it called train_step with an argument the trainer had dropped)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run_benchmark(script: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{Path(script).stem}.json"
+    env = {**os.environ, "CALD_SCALE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--device", "cpu", *args, "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def test_kernel_parity_checks_every_cpu_path(tmp_path):
+    result = _run_benchmark("kernel_parity.py", tmp_path, "--shapes", "small", "--dtypes", "bfloat16,float32", "--seqlen", "64")
+    summary = result["summary"]
+    assert summary["errors"] == 0 and summary["failed"] == 0 and summary["pass"] is True
+    assert {"cpu:ref", "cpu:chunked"} <= set(summary["by_path"]) and summary["checks"] == len(result["checks"]) > 0
+    assert {c["dtype"] for c in result["checks"]} == {"bfloat16", "float32"}
+
+
+def test_mixer_speed_times_both_mixers_against_the_teacher(tmp_path):
+    result = _run_benchmark("mixer_speed.py", tmp_path, "--dtype", "bfloat16", "--layers", "1", "--batch", "1", "--seqlen", "64", "--repeats", "1", "--no-report")
+    assert set(result["mixers"]) == {"mamba2", "mamba"} and result["device_type"] == "cpu"
+    assert set(result["targets"]) == {"mamba2", "mamba"}
+
+
+def test_inference_speed_prefills_and_decodes_teacher_and_student(tmp_path):
+    result = _run_benchmark("inference_speed.py", tmp_path, "--dtype", "bfloat16", "--geometry", "SmolLM2-135M",
+                            "--contexts", "128", "--batches", "1", "--decode_steps", "2")
+    for model in ("teacher", "student"):
+        assert result[model]["prefill_s"]["128"] > 0 and result[model]["decode_tok_s"]["1"]["128"] > 0
+    assert result["student"]["state_bytes_per_seq"]["128"]["kv"] == 0
+
+
+def test_train_speed_steps_every_item_through_the_trainer(tmp_path):
+    result = _run_benchmark("train_speed.py", tmp_path, "--quick", "--steps", "1", "--seq_len", "64")
+    assert set(result["items"]) == {"teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step"}
+    for name, item in result["items"].items():
+        assert "error" not in item, f"{name}: {item.get('error')}"
+        assert item["median_s"] > 0
+    assert result["ratios"]["distill_over_unavoidable"] > 1.0  # the distillation step does the unavoidable work and more
