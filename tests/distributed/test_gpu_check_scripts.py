@@ -6,19 +6,15 @@ rot once, unnoticed (it called train_step with an argument the trainer had dropp
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from launcher import launcher_env, run
 
 
 def _run_benchmark(script: str, tmp_path: Path, *args: str) -> dict:
     out = tmp_path / f"{Path(script).stem}.json"
-    env = {**os.environ, "CALD_SCALE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--device", "cpu", *args, "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run([sys.executable, f"benchmarks/{script}", "--device", "cpu", *args, "--out", str(out)], launcher_env(tmp_path), timeout=600)
     assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     return json.loads(out.read_text())
 
