@@ -61,19 +61,25 @@ def write_random_teacher(geometry: str, folder: Path, *, shard_bytes: int = 1 <<
     """A HF folder (config, small tokenizer, sharded bf16 safetensors) with random weights of a real geometry.
 
     Written tensor by tensor from a meta-device model, so even a billion-parameter
-    checkpoint needs one shard of memory, not one model. Reused when already complete.
+    checkpoint needs one shard of memory, not one model. Reused when already complete and of
+    today's geometry (one written before GEOMETRIES changed is written again).
     """
     import json
+    import shutil
 
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     folder = Path(folder)
-    if (folder / "model.safetensors.index.json").is_file():
-        return folder
     params = dict(GEOMETRIES[geometry])
     config = AutoConfig.for_model(params.pop("model_type"), **params)
+    if (folder / "model.safetensors.index.json").is_file():
+        saved = json.loads((folder / "config.json").read_text())
+        wanted = json.loads(config.to_json_string())  # as save_pretrained writes it
+        if all(saved.get(key) == value for key, value in wanted.items() if key != "transformers_version"):
+            return folder
+        shutil.rmtree(folder)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
     tmp = folder.with_name(folder.name + ".tmp")

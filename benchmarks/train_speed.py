@@ -13,8 +13,7 @@ geometry:
   torch AdamW) is timed apart and is not part of the sum below;
 - distill_step: the trainer's own step (cald_scale.train.train_step, one end-to-end phase
   with the frozen target teacher) on teacher and student built by build_models in their
-  ZeRO-3 engines: streamed layer losses + CE, backward, optimizer step, and the loop's
-  per-step malloc_trim (cald_scale.engines.host_memory.return_free_memory);
+  ZeRO-3 engines: streamed layer losses + CE, backward, optimizer step;
 - teacher_finetune_step: the teacher alone in a ZeRO-3 training engine (every weight
   trains): HF forward with next-token CE, backward, optimizer step, the usual fine-tuning.
 
@@ -32,8 +31,12 @@ after building are reported beside it.
 Target: distill_step <= 1.1 x (teacher_forward + student_forward_backward): ZeRO-3,
 streaming, the losses and the optimizer step add at most 10%. distill_step /
 teacher_finetune_step is reported without a target. When the target is missed (or with
---profile), the JSON also gets where the time goes: a few more rounds with the distillation
-step skipping the trainer's per-step malloc_trim, and one distillation step profiled.
+--profile), the JSON also gets where the time goes: one distillation step profiled.
+
+Tokens per step change the ratio: ZeRO-3's gathers, gradient partitioning and the optimizer
+step cost the same per step whatever the batch, while the unavoidable work grows with it.
+The headline is batch 1 x 512; --batch / --seq_len write a result of their own
+(train_speed_b<batch>x<seq_len>), so a sweep never overwrites it.
 """
 
 from __future__ import annotations
@@ -59,7 +62,6 @@ sys.path.insert(0, str(REPO))
 ITEMS = ("teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step")
 TARGET_RATIO = 1.1
 QUICK_LAYERS = 8  # --quick: the geometry's widths and vocabulary, fewer blocks
-ABLATION_ROUNDS = 3  # rounds whose distillation step skips the per-step malloc_trim, when profiling (the first refaults)
 MARK = "@@train_speed "  # prefixes the workers' replies (libraries print to stdout too)
 
 
@@ -96,7 +98,7 @@ def _run_config(args):
             f"student.trainable={args.trainable}",
             f"train.global_batch_size={args.batch}",
             f"data.seq_len={args.seq_len}",
-            f"train.max_steps={args.warmup + args.steps + 2 + ABLATION_ROUNDS}",  # the teacher stays needed through every step run
+            f"train.max_steps={args.warmup + args.steps + 2}",  # the teacher stays needed through every step run
             "train.warmup_steps=1",
             "phases=[{name: target, guidance: target}]",  # the end-to-end CALD step, frozen target teacher
         ]
@@ -154,7 +156,6 @@ def build_student_forward_backward(cfg, source, ids):
 def build_distill_step(cfg, source, ids):
     from cald_scale.distill.guidance import Guide
     from cald_scale.engines.distributed import init_distributed
-    from cald_scale.engines.host_memory import return_free_memory
     from cald_scale.engines.models import build_models
     from cald_scale.distill.progress import StepState
     from cald_scale.train import train_step
@@ -168,13 +169,8 @@ def build_distill_step(cfg, source, ids):
     state = StepState({})
     engine = models.student_engine
 
-    def step(trim: bool = True) -> dict:
-        # As the trainer's loop does it: one optimizer step, then (train.trim_heap_every) free
-        # heap pages go back to the OS.
+    def step() -> dict:
         record = train_step(models, guide, phase, engine.global_steps, lambda cursor: {"input_ids": ids}, state, cfg, tokens_per_micro=ids.numel())
-        every = cfg.train.trim_heap_every
-        if trim and every and engine.global_steps % every == 0:
-            return_free_memory()
         return {"loss": record["loss"]}
 
     return step, None
@@ -228,7 +224,6 @@ REGIONS = {
     ("partitioned_param_coordinator.py", "fetch_sub_module"): "ZeRO-3 parameter gathers (hooks)",
     ("partitioned_param_coordinator.py", "release_sub_module"): "ZeRO-3 parameter releases (hooks)",
     ("partitioned.py", "pieces"): "frozen head pieces (gathers)",
-    ("host_memory.py", "return_free_memory"): "return_free_memory (malloc_trim)",
 }
 
 
@@ -270,7 +265,7 @@ def _reply(message: dict) -> None:
 
 
 def serve_item(args) -> None:
-    """Build one item, then answer "step", "step notrim", "memory" and "profile" commands read from stdin until it closes."""
+    """Build one item, then answer "step", "memory" and "profile" commands read from stdin until it closes."""
     from cald_scale.conversion.teacher import open_teacher
     from cald_scale.engines.host_memory import configure_host_allocator
 
@@ -297,11 +292,10 @@ def serve_item(args) -> None:
 
     for command in sys.stdin:
         command = command.strip()
-        if command in ("step", "step notrim"):
-            options = {"trim": False} if command == "step notrim" else {}  # only the distillation step trims
+        if command == "step":
             _sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            out = step(**options)
+            out = step()
             _sync(device)
             out.update(s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, load=os.getloadavg()[0])
             out.update(follow_up() if follow_up else {})
@@ -397,20 +391,16 @@ def run_items(args, teacher: Path, log_dir: Path, profile: bool) -> tuple[dict, 
                 results[item] = {"error": str(err)}
         steps = _rounds(workers, results, args.warmup + args.steps, "timed")
         steps = {item: replies[args.warmup:] for item, replies in steps.items()}
-        for item, worker in workers.items():
-            results[item] = _item_result(steps[item], worker.call("memory"), args.batch * args.seq_len)
-        if "distill_step" in workers and (profile or _misses_target(steps)):
-            # The same rounds again, the distillation step without the trainer's per-step
-            # malloc_trim (what refaulting the pages it returned costs), then one step profiled.
-            failed = {}  # the measurements above stand whatever happens here
-            no_trim = _rounds(workers, failed, ABLATION_ROUNDS, "no malloc_trim", notrim="distill_step")["distill_step"]
-            seconds = [r["s"] for r in no_trim]
+        for item, worker in list(workers.items()):
             try:
-                if "distill_step" in failed:
-                    raise WorkerFailed(failed["distill_step"]["error"])
+                results[item] = _item_result(steps[item], worker.call("memory"), args.batch * args.seq_len)
+            except WorkerFailed as err:  # its steps were timed, but a result without memory is no result
+                results[item] = {"error": str(err)}
+                del workers[item]
+        if "distill_step" in workers and (profile or _misses_target(steps)):
+            try:  # the measurements above stand whatever happens here
                 print("[train_speed] profiling one distill step ...", flush=True)
                 profiled = workers["distill_step"].call("profile")
-                profiled["steps_without_malloc_trim"] = {"median_s": statistics.median(seconds), "step_seconds": seconds}
             except WorkerFailed as err:
                 profiled = {"error": str(err)}
     finally:
@@ -419,13 +409,13 @@ def run_items(args, teacher: Path, log_dir: Path, profile: bool) -> tuple[dict, 
     return {item: results[item] for item in ITEMS}, profiled
 
 
-def _rounds(workers: dict[str, Worker], results: dict, rounds: int, label: str, notrim: str | None = None) -> dict[str, list[dict]]:
+def _rounds(workers: dict[str, Worker], results: dict, rounds: int, label: str) -> dict[str, list[dict]]:
     """``rounds`` rounds of one step of each item in turn; a worker that fails is dropped (its error kept)."""
     replies = {item: [] for item in workers}
     for i in range(rounds):
         for item, worker in list(workers.items()):
             try:
-                reply = worker.call("step notrim" if item == notrim else "step")
+                reply = worker.call("step")
             except WorkerFailed as err:
                 results[item] = {"error": str(err)}
                 del workers[item]
@@ -450,26 +440,30 @@ def _peak(item: dict) -> int:
 def summarize(items: dict[str, dict]) -> dict:
     """The ratios and their targets."""
     target = f"distill_step <= {TARGET_RATIO} x (teacher_forward + student_forward_backward), median s/step"
-    failed = [name for name, r in items.items() if "error" in r]
-    if failed:
-        return {"targets": {"distill_over_unavoidable": {"target": target, "value": None, "pass": False, "error": f"{failed} failed"}}}
+    ok = {name for name, r in items.items() if "error" not in r}
+    summary: dict = {"ratios": {}}
+    if {"distill_step", "teacher_finetune_step"} <= ok:
+        summary["ratios"]["distill_over_teacher_finetune"] = items["distill_step"]["median_s"] / items["teacher_finetune_step"]["median_s"]
+        summary["ratios"]["peak_memory_distill_over_teacher_finetune"] = _peak(items["distill_step"]) / _peak(items["teacher_finetune_step"])
+    needed = {"distill_step", "teacher_forward", "student_forward_backward"}
+    if not needed <= ok:
+        summary["targets"] = {"distill_over_unavoidable": {"target": target, "value": None, "pass": False, "error": f"{sorted(needed - ok)} failed"}}
+        return summary
 
     def over_unavoidable(key: str) -> float:
         return items["distill_step"][key] / (items["teacher_forward"][key] + items["student_forward_backward"][key])
 
     ratio = over_unavoidable("median_s")
-    return {
-        "unavoidable_s": items["teacher_forward"]["median_s"] + items["student_forward_backward"]["median_s"],
-        "ratios": {
-            "distill_over_unavoidable": ratio,
-            # The same ratio from each item's fastest step and from CPU time (less sensitive to a busy machine).
-            "distill_over_unavoidable_min_s": over_unavoidable("min_s"),
-            "distill_over_unavoidable_cpu_s": over_unavoidable("median_cpu_s"),
-            "distill_over_teacher_finetune": items["distill_step"]["median_s"] / items["teacher_finetune_step"]["median_s"],
-            "peak_memory_distill_over_teacher_finetune": _peak(items["distill_step"]) / _peak(items["teacher_finetune_step"]),
-        },
-        "targets": {"distill_over_unavoidable": {"target": target, "value": ratio, "pass": ratio <= TARGET_RATIO}},
+    summary["unavoidable_s"] = items["teacher_forward"]["median_s"] + items["student_forward_backward"]["median_s"]
+    summary["ratios"] = {
+        "distill_over_unavoidable": ratio,
+        # The same ratio from each item's fastest step and from CPU time (less sensitive to a busy machine).
+        "distill_over_unavoidable_min_s": over_unavoidable("min_s"),
+        "distill_over_unavoidable_cpu_s": over_unavoidable("median_cpu_s"),
+        **summary["ratios"],
     }
+    summary["targets"] = {"distill_over_unavoidable": {"target": target, "value": ratio, "pass": ratio <= TARGET_RATIO}}
+    return summary
 
 
 def _noise(items: dict[str, dict], threads: int | None) -> str:
@@ -492,6 +486,8 @@ def _default_name(args) -> str:
     parts += [args.geometry] if args.geometry != "SmolLM2-135M" else []
     parts += [args.dtype] if args.dtype != "float32" else []
     parts += ["quick"] if args.quick else []
+    parts += [f"b{args.batch}x{args.seq_len}"] if (args.batch, args.seq_len) != (1, 256 if args.quick else 512) else []
+    parts += [f"trains_{args.trainable}"] if args.trainable != "mixers" else []
     return "_".join(parts)
 
 
@@ -505,7 +501,7 @@ def markdown(result: dict) -> str:
         "",
         f"{s['geometry']} ({s['layers']} layers), {result['dtype']}, batch {s['batch']} x {s['seq_len']} tokens, student trains "
         f"{s['student_trainable']}, {result['device']} (torch threads per item: {s['torch_threads']}); median of {s['steps']} steps after {s['warmup']} warmup, the items stepping in turn. "
-        f"{m.get('gpu', m['cpu'])}, {m['cpu_count']} CPUs, torch {m['torch']}, transformers {m['transformers']}.",
+        f"{m['gpu'] if not cpu and 'gpu' in m else m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']}, transformers {m['transformers']}.",
         "",
         "| item | s/step (median) | s/step (min) | tokens/s | peak memory (GB) |" + (" above process baseline (GB) |" if cpu else ""),
         "|---|---:|---:|---:|---:|" + ("---:|" if cpu else ""),
@@ -530,9 +526,6 @@ def markdown(result: dict) -> str:
     if "regions_s" in result.get("distill_profile", {}):
         lines += ["", "Where one distillation step's time goes (cProfile, cumulative s; nested regions overlap):", ""]
         lines += [f"- {name.strip()}: {sec:.2f}" for name, sec in result["distill_profile"]["regions_s"].items()]
-        no_trim = result["distill_profile"].get("steps_without_malloc_trim")
-        if no_trim:
-            lines += ["", f"Without the trainer's per-step malloc_trim (same rounds) the distillation step takes {no_trim['median_s']:.3f} s (median)."]
     for key in ("warning", "note"):
         if result.get(key):
             lines += ["", f"{key.capitalize()}: {result[key]}"]
@@ -542,9 +535,6 @@ def markdown(result: dict) -> str:
 def assemble(args, geometry: str, items: dict, profiled: dict | None, load_before: float) -> dict:
     """The result file's content: shapes, machine, items, ratios and targets, profile, warnings."""
     summary = summarize(items)
-    if profiled and "ratios" in summary and "steps_without_malloc_trim" in profiled:
-        no_trim = profiled["steps_without_malloc_trim"]["median_s"]
-        summary["ratios"]["distill_without_malloc_trim_over_unavoidable"] = no_trim / summary["unavoidable_s"]
     result = {
         "benchmark": "train_speed",
         "machine": machine(),

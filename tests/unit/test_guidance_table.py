@@ -1,0 +1,91 @@
+"""benchmarks/guidance_table.py builds its table over sessions from the runs its committed
+result records: a rerun for some seeds keeps the others, a record made with another config
+is not reused, and the targets compare cells that have a spread with the teacher on the
+same seeds. Checked on a recorded result (``--recorded-only``: nothing is launched)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import _common  # noqa: E402
+import guidance_table as gt  # noqa: E402
+
+TASK = "synthetic_topic"  # its run folders exist nowhere: every score comes from the record
+
+
+def record(folder: str, accuracy: float, run=None) -> dict:
+    out = {"folder": f"benchmarks/runs/guidance_{TASK}/{folder}", "test_accuracy": accuracy, "test_macro_f1": accuracy / 2, "tokens": 1000, "train_seconds": 10.0}
+    if run is not None:
+        out["config"] = gt.config_key(run)
+    return out
+
+
+def recorded_result(cells: dict[tuple[str, str], list[float]], teacher: list[float], *, stale: tuple[str, str, int] | None = None) -> dict:
+    """A committed result in the script's format: Std. and student records by seed (seeds 0..n-1)."""
+    b = gt.budget(False)
+    std = {str(seed): record(f"std_seed{seed}", acc, gt.std_run(TASK, b, seed)) for seed, acc in enumerate(teacher)}
+    runs = {s: {m: [] for m in gt.RECIPES} for s in gt.STUDENTS}
+    for (student, mode), accuracies in cells.items():
+        for seed, acc in enumerate(accuracies):
+            run = gt.student_run(TASK, b, seed, student, mode, gt.REPO / std[str(seed)]["folder"])
+            if stale == (student, mode, seed):
+                run.overrides = [*run.overrides, "train.lr=1.0e-3"]  # made before the recipe's LR changed
+            runs[student][mode].append(record(f"{student}_{mode}_seed{seed}", acc, run))
+    return {"budget": b, "seeds": list(range(len(teacher))), "teacher": {"runs": std}, "runs": runs, "drift": {"per_seed": {}}}
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    monkeypatch.setattr(gt, "RESULTS", tmp_path)
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    return tmp_path
+
+
+def build(results: Path, recorded: dict, seeds: list[int]) -> dict:
+    (results / f"guidance_{TASK}.json").write_text(json.dumps(recorded))
+    gt.table(TASK, seeds, quick=False, students=list(gt.STUDENTS), speed=None, recorded_only=True)
+    return json.loads((results / f"guidance_{TASK}.json").read_text())
+
+
+def test_a_rerun_for_one_seed_keeps_the_recorded_seeds(results):
+    recorded = recorded_result({("linformer", "unguided"): [0.4, 0.42, 0.41], ("linformer", "target"): [0.5, 0.52, 0.51]}, [0.7, 0.72, 0.71])
+    out = build(results, recorded, seeds=[2])
+    assert out["seeds"] == [0, 1, 2]
+    assert out["table"]["linformer"]["target"]["seeds"] == 3
+    assert out["table"]["linformer"]["target"]["mean"] == pytest.approx(0.51)
+    assert sorted(out["teacher"]["runs"]) == ["0", "1", "2"]
+    # and the rewrite reproduces itself
+    again = build(results, out, seeds=[0])
+    assert again["table"] == out["table"] and again["targets"] == out["targets"]
+
+
+def test_a_record_made_with_another_config_is_not_reused(results, capsys):
+    recorded = recorded_result({("bimamba2", "target"): [0.6, 0.62]}, [0.7, 0.72], stale=("bimamba2", "target", 1))
+    out = build(results, recorded, seeds=[0, 1])
+    assert out["table"]["bimamba2"]["target"]["seeds"] == 1
+    assert "bimamba2_target seed 1 was made with another config" in capsys.readouterr().out
+
+
+def test_targets_compare_cells_with_a_spread_against_the_teacher_on_their_seeds(results):
+    # One seed of hybrid beats everything (no spread: not a candidate); waypoint ran on seeds
+    # 0 and 1 only, where the teacher scored 0.80 and 0.82 (its third seed is far lower).
+    recorded = recorded_result(
+        {("linformer", "unguided"): [0.40, 0.50, 0.45], ("linformer", "waypoint"): [0.795, 0.805], ("linformer", "hybrid"): [0.95]},
+        [0.80, 0.82, 0.50],
+    )
+    out = build(results, recorded, seeds=[0, 1, 2])
+    within = out["targets"]["best_guided_within_2_points"]
+    assert within["value"] == {"best": "linformer/waypoint", "student": 0.8, "teacher": 0.81} and within["pass"]
+    beats = out["targets"]["guided_beats_unguided_by_more_than_std"]
+    assert beats["value"] == {"linformer/waypoint": True}  # hybrid's one seed is not assessed
+    seeds = out["targets"]["three_seeds_per_cell"]
+    assert seeds["value"]["fewest"] == 1 and not seeds["pass"]
+    assert "bimamba2/target" in seeds["value"]["columns_not_run"]
+
+
+def test_a_rerun_recorded_only_with_no_teacher_says_so(results):
+    with pytest.raises(SystemExit, match="no Std. run"):
+        gt.table(TASK, [0], quick=False, students=list(gt.STUDENTS), speed=None, recorded_only=True)
