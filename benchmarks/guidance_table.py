@@ -270,11 +270,11 @@ def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: 
     }
     # The targets compare cells of 2+ seeds only (a single seed has no spread to beat), and a
     # student with the teacher on the same seeds.
-    assessed = {(s, m) for s in STUDENTS for m in rows[s] if rows[s][m]["seeds"] >= 2}
+    assessed = {(s, m) for s in STUDENTS for m in rows[s] if rows[s][m]["seeds"] >= 2 and all(seed_of(r) in std for r in cells[s][m])}
     guided = [(s, m) for s, m in sorted(assessed) if m != "unguided"]
 
     def teacher_on(student: str, mode: str) -> float:
-        return statistics.mean(std[seed_of(r)]["test_accuracy"] for r in cells[student][mode] if seed_of(r) in std)
+        return statistics.mean(std[seed_of(r)]["test_accuracy"] for r in cells[student][mode])
 
     best = max(guided, key=lambda sm: rows[sm[0]][sm[1]]["mean"] - teacher_on(*sm)) if guided else None
     beats = {f"{s}/{m}": rows[s][m]["mean"] - rows[s]["unguided"]["mean"] > max(rows[s][m]["std"], rows[s]["unguided"]["std"])
