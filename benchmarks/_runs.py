@@ -115,6 +115,8 @@ def curve(folder: Path) -> dict:
         "train_seconds": report["train_seconds"],
         # From the job's start (after imports, ~20 s) to its report: conversion, evaluations, training, export.
         "wall_seconds": report["wall_seconds_this_session"],
+        # None in reports from before it was recorded
+        "session_started_at_step": report.get("session_started_at_step"),
         "phases": report["phases"],
         "teacher": {name: s["teacher"] for name, s in report["eval_sets"].items()},
         "final": {name: s["student_after"] for name, s in report["eval_sets"].items()},

@@ -34,7 +34,7 @@ teacher_finetune_step is reported without a target. When the target is missed (o
 --profile), the JSON also gets where the time goes: one distillation step profiled.
 
 Tokens per step change the ratio: ZeRO-3's gathers, gradient partitioning and the optimizer
-step cost the same per step whatever the batch, while the unavoidable work grows with it.
+step scale with the parameters, not the tokens, while the unavoidable work grows with the batch.
 The headline is batch 1 x 512; --batch / --seq_len write a result of their own
 (train_speed_b<batch>x<seq_len>), so a sweep never overwrites it.
 """

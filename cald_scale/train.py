@@ -217,7 +217,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         env,
         lambda: {"teacher": evaluate("teacher") if plan.uses_teacher else None, "student_before": evaluate("student")},
     )
-    step = student_engine.global_steps
+    step = first_step = student_engine.global_steps
     state = StepState(saved, last_saved=step, max_consecutive_nan=cfg.train.max_consecutive_nan, ckpt_dir=ckpt_dir)
     logger.info(
         "%s run at step %d/%d on %d rank(s); teacher: %s; converted student: %s",
@@ -300,7 +300,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         if cfg.output.export_bamba and env.is_main:
             export_bamba(export_dir, run_dir / "bamba")
         summary = task.summary(baseline["teacher"], baseline["student_before"], after, teacher_after)
-        report = _report(cfg, source, plan, env, step, state, summary, time.time() - started, export_dir, guide)
+        report = _report(cfg, source, plan, env, (first_step, step), state, summary, time.time() - started, export_dir, guide)
         if env.is_main:
             write_report(run_dir, report)
             metrics.log(step, {"tokens": state.tokens_seen, **task.step_metrics(after)})
@@ -312,8 +312,10 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
         metrics.close()
 
 
-def _report(cfg, source, plan, env, step, state, summary, wall_seconds, export_dir, guide) -> dict:
-    """The run's report: what ran and what it cost, and the task's scores (``summary``)."""
+def _report(cfg, source, plan, env, steps, state, summary, wall_seconds, export_dir, guide) -> dict:
+    """The run's report: what ran and what it cost, and the task's scores (``summary``).
+    ``steps``: (the step this session started at, the last step)."""
+    first_step, step = steps
     return {
         "teacher": cfg.teacher.name_or_path,
         "teacher_source": str(source),
@@ -329,6 +331,7 @@ def _report(cfg, source, plan, env, step, state, summary, wall_seconds, export_d
         **summary,
         "teacher_release": guide.release_stats,
         "wall_seconds_this_session": wall_seconds,
+        "session_started_at_step": first_step,  # > 0: the run was resumed, and its wall time spans sessions
         "memory": peak_memory_bytes(),
         "memory_per_rank": gather_objects(peak_memory_bytes()),
         "student_dir": str(export_dir),

@@ -42,7 +42,7 @@ def test_llama_mamba2_kill_and_resume_continues_the_trajectory(tmp_path, teacher
     shutil.copytree(reference_run[0], ref_dir)  # this test extends the reference run below
     reference = reference_run[1]
     report = json.loads((ref_dir / "report.json").read_text())
-    assert report["world_size"] == 2 and report["steps"] == 6
+    assert report["world_size"] == 2 and report["steps"] == 6 and report["session_started_at_step"] == 0
     assert report["ppl_student_after"] < report["ppl_student_before"]
     assert (ref_dir / "wandb").is_dir() and (ref_dir / "report.md").is_file()
 
@@ -62,6 +62,8 @@ def test_llama_mamba2_kill_and_resume_continues_the_trajectory(tmp_path, teacher
     resumed = run(cmd, env)
     _ok(resumed)
     assert "resuming run at step" in resumed.stdout + resumed.stderr
+    # Its report says this session started mid-run (its wall time is this session's only).
+    assert json.loads((run_dir / "report.json").read_text())["session_started_at_step"] in (2, 4)  # a checkpoint step
     # Both starts logged to one wandb run: its id is the run folder's.
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
     starts = sorted((run_dir / "wandb").glob("offline-run-*"))

@@ -11,15 +11,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import _common  # noqa: E402
+import _runs  # noqa: E402
 import guidance_table as gt  # noqa: E402
 
-TASK = "synthetic_topic"  # its run folders exist nowhere: every score comes from the record
+TASK = "wiki_topic"  # in a repo of its own (the fixture): no run folder exists, every score comes from the record
 
 
 def record(folder: str, accuracy: float, run=None) -> dict:
     out = {"folder": f"benchmarks/runs/guidance_{TASK}/{folder}", "test_accuracy": accuracy, "test_macro_f1": accuracy / 2, "tokens": 1000, "train_seconds": 10.0}
     if run is not None:
-        out["config"] = gt.config_key(run)
+        out["config"] = gt.run_key(TASK, gt.budget(False), run)
     return out
 
 
@@ -39,9 +40,12 @@ def recorded_result(cells: dict[tuple[str, str], list[float]], teacher: list[flo
 
 @pytest.fixture
 def results(tmp_path, monkeypatch):
-    monkeypatch.setattr(gt, "RESULTS", tmp_path)
-    monkeypatch.setattr(_common, "RESULTS", tmp_path)
-    return tmp_path
+    monkeypatch.setattr(gt, "REPO", tmp_path)
+    monkeypatch.setattr(_runs, "RUNS", tmp_path / "benchmarks" / "runs")
+    monkeypatch.setattr(gt, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(_common, "RESULTS", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    return tmp_path / "results"
 
 
 def build(results: Path, recorded: dict, seeds: list[int]) -> dict:
@@ -83,9 +87,46 @@ def test_targets_compare_cells_with_a_spread_against_the_teacher_on_their_seeds(
     assert beats["value"] == {"linformer/waypoint": True}  # hybrid's one seed is not assessed
     seeds = out["targets"]["three_seeds_per_cell"]
     assert seeds["value"]["fewest"] == 1 and not seeds["pass"]
-    assert "bimamba2/target" in seeds["value"]["columns_not_run"]
+    assert "bimamba2/target" in seeds["value"]["cells_not_run"]
 
 
 def test_a_rerun_recorded_only_with_no_teacher_says_so(results):
     with pytest.raises(SystemExit, match="no Std. run"):
         gt.table(TASK, [0], quick=False, students=list(gt.STUDENTS), speed=None, recorded_only=True)
+
+
+def test_a_cell_whose_seed_has_no_teacher_score_is_not_assessed(results):
+    recorded = recorded_result({("linformer", "unguided"): [0.40, 0.41], ("linformer", "target"): [0.60, 0.62]}, [0.80, 0.82])
+    del recorded["teacher"]["runs"]["1"]  # seed 1's Std. record is gone: its students stay, but are not compared
+    out = build(results, recorded, seeds=[0, 1])
+    assert out["table"]["linformer"]["target"]["seeds"] == 2
+    assert out["targets"]["best_guided_within_2_points"]["value"] is None
+    assert out["targets"]["guided_beats_unguided_by_more_than_std"]["value"] == {}
+
+
+def test_a_partial_rerun_launches_only_the_requested_seed_and_cells(results, monkeypatch):
+    """The launcher is replaced by one that writes a report and scores it (the real one runs the trainer)."""
+    launched = []
+
+    def launch_run(run, benchmark):
+        launched.append((run.name, run.seed))
+        folder = run.folder(benchmark)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.json").write_text("{}")
+        return folder
+
+    def scores(folder):
+        acc = 0.8 if folder.name.startswith("std_") else 0.6
+        return {"folder": str(folder.relative_to(gt.REPO)), "test_accuracy": acc, "test_macro_f1": acc / 2, "tokens": 1, "train_seconds": 1.0}
+
+    monkeypatch.setattr(gt, "launch_run", launch_run)
+    monkeypatch.setattr(gt, "scores", scores)
+    monkeypatch.setattr(gt, "drift", lambda *args: {"mean": 0.1, "per_layer": [0.1]})
+    recorded = recorded_result({("linformer", "target"): [0.5, 0.52]}, [0.7, 0.72])
+    (results / f"guidance_{TASK}.json").write_text(json.dumps(recorded))
+    gt.table(TASK, [2], quick=False, students=["linformer"], speed=None, recipes=("target",))
+    assert set(launched) == {("std", 2), ("linformer_target", 2)}
+    out = json.loads((results / f"guidance_{TASK}.json").read_text())
+    assert out["seeds"] == [0, 1, 2]
+    assert [r["test_accuracy"] for r in out["runs"]["linformer"]["target"]] == [0.5, 0.52, 0.6]
+    assert out["teacher"]["values"] == [0.7, 0.72, 0.8]
