@@ -18,8 +18,9 @@ It also measures the teacher's hidden-state drift (mean cosine distance per laye
 the pretrained and the fine-tuned teacher on validation inputs) and the forward speed of
 teacher and students at 4k tokens (benchmarks/encoder_speed.py). Finished runs are reused
 (benchmarks/runs/guidance_<task>/, git-ignored), and so are the runs that the committed
-result records (on the same budget), so the table can be built over several sessions on
-other machines. Writes benchmarks/results/guidance_<task>{,_quick}.{json,md}; a table on a longer
+result records (on the same budget, each with a digest of its whole config and its teacher's,
+checked before reuse), so the table can be built over several sessions on other machines;
+a rerun for some seeds keeps the recorded others. Writes benchmarks/results/guidance_<task>{,_quick}.{json,md}; a table on a longer
 budget (``--epochs``: passes over the same training examples, every run alike, the Std. run
 included) is its own benchmark, guidance_<task>_<N>epochs.
 
