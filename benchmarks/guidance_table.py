@@ -241,10 +241,7 @@ def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: 
         if (folder / "report.json").is_file():
             return score(run)  # reused, after checking its whole config
         record = recorded.get(str(folder.relative_to(REPO)))
-        if record is not None and not re.fullmatch(r"[0-9a-f]{16}", record.get("config", "")):
-            # NOTE: records from before config digests were kept (2026-12-03) are taken as made by today's definition.
-            record["config"] = run_key(task, b, run)
-        if record is not None and record["config"] != run_key(task, b, run):
+        if record is not None and record.get("config") != run_key(task, b, run):
             print(f"[{benchmark}] the recorded {run.name} seed {run.seed} was made with another config: not reused", flush=True)
             return None
         return record
