@@ -21,6 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import ALL_MAMBA2_ON_SHAKESPEARE  # noqa: E402
 from cald_scale.config import load_run_config  # noqa: E402
 from cald_scale.conversion.teacher import open_teacher  # noqa: E402
 from cald_scale.engines.distributed import init_distributed  # noqa: E402
@@ -64,6 +65,7 @@ def main() -> None:
         overrides=[
             f"teacher.name_or_path={args.teacher}",
             f"student.trainable={args.trainable}",
+            *ALL_MAMBA2_ON_SHAKESPEARE,
             f"train.global_batch_size={args.global_batch}",
             f"train.max_steps={args.steps + 1}",
             "train.warmup_steps=1",

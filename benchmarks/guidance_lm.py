@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, write_result  # noqa: E402
+from _common import ALL_MAMBA2_ON_SHAKESPEARE, RESULTS, machine, write_result  # noqa: E402
 from _runs import REPO, Run, launch  # noqa: E402
 
 MODES = ("unguided", "target", "trajectory", "waypoint", "hybrid")
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     name = ("guidance_lm_quick" if args.quick else "guidance_lm") + ("_all" if args.trainable == "all" else "")
     steps = 6 if args.quick else 25
-    budget = [f"train.max_steps={steps}", "eval.other_corpora=[]", f"student.trainable={args.trainable}"] + (["data.seq_len=128", "eval.max_sequences=8"] if args.quick else [])
+    budget = [f"train.max_steps={steps}", "eval.other_corpora=[]", f"student.trainable={args.trainable}", *ALL_MAMBA2_ON_SHAKESPEARE] + (["data.seq_len=128", "eval.max_sequences=8"] if args.quick else [])
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
     export_every = max(1, steps // 3)
 

@@ -69,6 +69,10 @@ def benchmark_name(task: str, quick: bool, epochs: int = 1) -> str:
 def common(task: str, b: dict) -> list[str]:
     return [
         "task.kind=classification",
+        # NOTE: classification runs never read data.corpus (the causal LM's text); pinned to the
+        # value every recorded run was stamped under, so the LM default's move to Brown does not
+        # change their config digests.
+        "data.corpus=shakespeare",
         f"classification.dataset={task}",
         f"classification.max_length={b['max_length']}",
         f"classification.max_train_examples={b['examples']}",
@@ -177,11 +181,12 @@ def config_key(run: Run, teacher: Run | None = None) -> str:
     """What defines a run, comparable across checkouts and sessions: a digest of its whole
     resolved config (defaults included) and seed, with this checkout's path written as <repo>
     and the waypoint list (the Std. run's exports, which a recorded Std. run may not have here)
-    left out; with ``teacher``, the key of the Std. run that guided it is part of it."""
-    from cald_scale.config import load_run_config
+    and keys added since at their legacy values (``LEGACY_DEFAULTS``) left out; with ``teacher``,
+    the key of the Std. run that guided it is part of it."""
+    from cald_scale.config import load_run_config, without_legacy_defaults
 
     overrides = [re.sub(r"waypoints: \[[^\]]*\]", "waypoints: [std_exports]", o) for o in run.overrides]
-    config = load_run_config(None, [*overrides, f"train.seed={run.seed}"]).to_dict()
+    config = without_legacy_defaults(load_run_config(None, [*overrides, f"train.seed={run.seed}"]).to_dict())
     config.pop("output")  # where it writes, not what it runs
     text = json.dumps(config, sort_keys=True).replace(str(REPO), "<repo>")
     if teacher is not None:

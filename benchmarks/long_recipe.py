@@ -33,7 +33,7 @@ from _runs import Run, launch  # noqa: E402
 
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "general_hybrid50": ("recipes/general_hybrid50.yaml", []),
-    "general_mamba2": ("recipes/general_hybrid50.yaml", ["student.conversion.attention_layers=[]"]),
+    "general_mamba2": ("recipes/general_hybrid50.yaml", ["student.conversion.attention_layers=[]", "student.conversion.attention_every=0"]),
 }
 RATIO_TARGET = 1.5  # student / teacher perplexity, on each held-out set
 WALL_TARGET_S = 2 * 3600.0

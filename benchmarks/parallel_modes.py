@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GEOMETRIES, RESULTS, machine, truncated_geometry, write_random_teacher, write_result  # noqa: E402
+from _common import ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, RESULTS, machine, truncated_geometry, write_random_teacher, write_result  # noqa: E402
 from _runs import RUNS, Run, launch  # noqa: E402
 
 BENCHMARK = "parallel_modes"
@@ -57,6 +57,7 @@ def _run(mode: str, layers: int, args, teacher: Path) -> dict:
         f"teacher.name_or_path={teacher}",
         "teacher.dtype=float32",
         "student.conversion.mixer=mamba2",
+        *ALL_MAMBA2_ON_SHAKESPEARE,
         "student.trainable=mixers",
         f"data.seq_len={args.seq_len}",
         "data.max_train_tokens=200000",

@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GEOMETRIES, machine, truncated_geometry, write_random_teacher, write_result  # noqa: E402
+from _common import ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, machine, truncated_geometry, write_random_teacher, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -96,6 +96,7 @@ def _run_config(args):
             f"teacher.name_or_path={args.teacher}",
             f"teacher.dtype={args.dtype}",
             f"student.trainable={args.trainable}",
+            *ALL_MAMBA2_ON_SHAKESPEARE,
             f"train.global_batch_size={args.batch}",
             f"data.seq_len={args.seq_len}",
             f"train.max_steps={args.warmup + args.steps + 2}",  # the teacher stays needed through every step run

