@@ -332,15 +332,21 @@ LEGACY_DEFAULTS: dict[str, object] = {
 }
 
 
+def _parent(config: dict, key: str) -> tuple[dict | None, str]:
+    """The mapping that holds dotted ``key`` in ``config`` (None if a section is missing), and the leaf name."""
+    *path, leaf = key.split(".")
+    node = config
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), leaf
+
+
 def with_legacy_defaults(saved: dict) -> dict:
     """``saved`` (a run's config.json) with every key of ``LEGACY_DEFAULTS`` it lacks filled in."""
     out = copy.deepcopy(saved)
     for key, value in LEGACY_DEFAULTS.items():
-        *path, leaf = key.split(".")
-        node = out
-        for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
+        node, leaf = _parent(out, key)
+        if node is not None:
             node.setdefault(leaf, value)
     return out
 
@@ -350,11 +356,8 @@ def without_legacy_defaults(config: dict) -> dict:
     config as written before those keys existed (so a digest of it matches one taken then)."""
     out = copy.deepcopy(config)
     for key, value in LEGACY_DEFAULTS.items():
-        *path, leaf = key.split(".")
-        node = out
-        for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node and node[leaf] == value:
+        node, leaf = _parent(out, key)
+        if node is not None and leaf in node and node[leaf] == value:
             del node[leaf]
     return out
 
