@@ -269,10 +269,12 @@ class RunConfig:
         if conversion.attention_every is None:
             # A causal LM keeps a quarter of its attention unless told otherwise: on general
             # English that hybrid reached 1.7x the teacher's perplexity on its own held-out text
-            # and 2.7x on Wikipedia in 51k tokens, the all-Mamba2 student 2.5x and 5.3x
-            # (benchmarks/results/recovery.md). The encoder track's table converts every layer.
+            # and 2.7x on Wikipedia in 51k tokens, the all-Mamba2 student 2.4x and 5.7x
+            # (benchmarks/results/recovery.md, layouts). The encoder track's table converts every layer.
             lm = self.task.kind == "causal_lm" and conversion.converts and not conversion.attention_layers
             conversion.attention_every = 4 if lm else 0
+        if conversion.attention_every and not conversion.converts:
+            raise ValueError("student.conversion.mixer=none converts no layer: student.conversion.attention_every must be 0")
         if conversion.attention_every < 0 or (conversion.attention_every and conversion.attention_layers):
             raise ValueError(
                 f"student.conversion.attention_every={conversion.attention_every} with attention_layers={conversion.attention_layers}: "

@@ -8,8 +8,8 @@ side on lm-eval-harness tasks.
   cald-scale evaluate runs/default --tasks my_tasks/quiz.yaml --num_fewshot 5
 
 PATH is a run folder (its config.json is the run config; student/ the exported student)
-or an exported student folder (its config names the teacher; --teacher overrides). A
-corpus is anything data.corpus accepts: a built-in name, local text files, or a megatron
+or an exported student folder (its config names the teacher; --teacher overrides; with no
+--corpus it is scored on data.corpus's default, the Brown corpus). A corpus is anything data.corpus accepts: a built-in name, local text files, or a megatron
 .bin/.idx prefix; text is tokenised once with the teacher's tokenizer and cached. A task
 (--tasks) is an lm-eval task, group or tag name, a task YAML file or a folder of them; its
 data must be readable by `datasets` (HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1 keep it off

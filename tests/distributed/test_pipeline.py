@@ -44,7 +44,7 @@ def _setup(teacher: str, overrides: list[str], stages: int):
     env = init_distributed()
     cfg = load_run_config(overrides=[
         f"teacher.name_or_path={teacher}", "train.global_batch_size=4", "train.max_steps=4", "train.warmup_steps=0",
-        "phases=[{name: target, guidance: target}]", "student.trainable=mixers", *overrides, f"train.pipeline_stages={stages}",
+        "phases=[{name: target, guidance: target}]", "student.trainable=mixers", "student.conversion.attention_every=0", *overrides, f"train.pipeline_stages={stages}",
     ])
     source, _ = open_teacher(cfg.teacher)
     ids = torch.randint(0, source.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1234))  # the same whole batch on every rank

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _setup(teacher_dir: str, overrides: list[str]):
     env = init_distributed()
-    cfg = load_run_config(overrides=[f"teacher.name_or_path={teacher_dir}", "train.global_batch_size=4", "train.max_steps=10", "train.warmup_steps=1", "phases=[{name: target, guidance: target}]", "student.trainable=all", *overrides])
+    cfg = load_run_config(overrides=[f"teacher.name_or_path={teacher_dir}", "train.global_batch_size=4", "train.max_steps=10", "train.warmup_steps=1", "phases=[{name: target, guidance: target}]", "student.trainable=all", "student.conversion.attention_every=0", *overrides])
     ds_config = resolve_ds_config(load_ds_config(REPO / "ds_configs" / "zero3.json"), cfg.train, env.world_size)
     source, _ = open_teacher(cfg.teacher)
     return env, cfg, ds_config, source
