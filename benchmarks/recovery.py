@@ -30,8 +30,8 @@ are run again with a second seed. Writes benchmarks/results/recovery{,_quick}.{j
     python benchmarks/recovery.py --recipes align_e2e align_e2e+attn_init   # a subset
     python benchmarks/recovery.py --recipes align_e2e --seed 1   # add a second seed to a kept run
 
-A subset extends the table: the runs of the other recipes and layouts already in the results
-file are kept when they ran on the same budget (each run names its folder and the date it finished),
+A subset extends the table: the runs already in the results file (other recipes and layouts,
+and the chosen ones' other seeds) are kept when they ran on the same budget (each run names its folder and the date it finished),
 so the matrix can be filled in over several sittings.
 """
 
@@ -277,10 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     name = "recovery_quick" if args.quick else "recovery"
     extra = budget(args.quick)
 
-    found = {
-        section: previous_runs(RESULTS / f"{name}.json", extra, keep=set(every) - set(chosen[section]) if args.seed == 0 else set(every), section=section)
-        for section, every in groups.items()
-    }
+    # Every earlier run is kept (a chosen label's run of this sitting's seed is replaced by the new
+    # one): a rerun of seed 0 must not drop the seed-1 runs that earlier sittings added.
+    found = {section: previous_runs(RESULTS / f"{name}.json", extra, keep=set(every), section=section) for section, every in groups.items()}
     if args.seed:
         unseeded = [label for section, labels in chosen.items() for label in labels if not any(_seed(r) == 0 for r in found[section].get(label, []))]
         if unseeded:
