@@ -2,8 +2,7 @@
 
 The dataclass defaults ARE the embedded default job (SmolLM2-135M -> its 25% attention
 hybrid, Mamba2 in 22 of 30 layers, on the Brown corpus; sized to finish in minutes on 2 CPU
-cores). Recipes (YAML) and
-``key.path=value`` overrides change it; unknown keys are errors.
+cores). Recipes (YAML) and ``key.path=value`` overrides change it; unknown keys are errors.
 """
 
 from __future__ import annotations
