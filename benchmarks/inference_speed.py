@@ -2,6 +2,7 @@
 
     python benchmarks/inference_speed.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
                                          [--geometry SmolLM2-135M|Llama-3.2-1B] [--out FILE]
+                                         [--attention_every K]
 
 For each context length (512, 2k, 8k, 32k by default):
 - prefill: seconds to run the whole prompt (batch 1) and build the cache;
@@ -12,6 +13,10 @@ For each context length (512, 2k, 8k, 32k by default):
 A configuration that would not fit in memory is recorded as "out of memory" (with the
 bytes it needed) instead of run. With --device cuda the decode at 16k is also measured
 over the largest batch each model fits ("best batch").
+
+The student converts every layer (the constant-memory student); ``--attention_every 4`` measures
+the default job's 25% attention hybrid instead, whose kept layers carry a KV cache (written
+to its own result, ``inference_speed_attn_every4``; the README table stays the all-Mamba2 one).
 
 Random weights (speed depends only on shapes); the teacher's position limit is raised to
 the longest context measured (RoPE is evaluated, not trained, here). Writes JSON with
@@ -48,8 +53,9 @@ GPU_TARGETS = {"decode_x_at_16k_best_batch": 5.0}
 
 
 # --- models ----------------------------------------------------------------------------
-def build_pair(geometry: str, max_context: int, dtype: torch.dtype, device: torch.device):
-    """A random teacher of ``geometry`` and its all-Mamba2 student, both in eval mode."""
+def build_pair(geometry: str, max_context: int, dtype: torch.dtype, device: torch.device, attention_every: int = 0):
+    """A random teacher of ``geometry`` and its student (all Mamba2, or a hybrid that keeps
+    layers 1, 1 + k, ... with ``attention_every`` k), both in eval mode."""
     spec = dict(GEOMETRIES[geometry])
     spec["max_position_embeddings"] = max(spec.get("max_position_embeddings", 0), max_context)
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
@@ -65,7 +71,7 @@ def build_pair(geometry: str, max_context: int, dtype: torch.dtype, device: torc
     torch.manual_seed(0)
     teacher = AutoModelForCausalLM.from_config(config).eval()
     # NOTE: fresh mixers (no attention init): only the shapes matter here.
-    student = convert_teacher(teacher, ConversionConfig(attention_init=False)).eval()
+    student = convert_teacher(teacher, ConversionConfig(attention_init=False, attention_every=attention_every)).eval()
     return teacher.to(device, dtype), student.to(device, dtype), attn
 
 
@@ -86,22 +92,28 @@ def _timed(fn, device: torch.device, repeats: int) -> list[float]:
 
 
 # --- caches of a given length, without prefill ---------------------------------------------
+def _fill_kv(cache: DynamicCache, cfg, layers, batch: int, context: int, like: torch.Tensor) -> None:
+    """Random keys and values of ``context`` positions in each of ``layers``."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shape = (batch, cfg.num_key_value_heads, context, head_dim)
+    for layer in layers:
+        cache.update(torch.randn(shape, dtype=like.dtype, device=like.device), torch.randn(shape, dtype=like.dtype, device=like.device), layer)
+
+
 def teacher_cache(teacher, batch: int, context: int) -> DynamicCache:
     """A KV cache holding ``context`` positions per sequence (random keys and values)."""
-    cfg = teacher.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    cache = DynamicCache(config=cfg)
-    p = next(teacher.parameters())
-    for layer in range(cfg.num_hidden_layers):
-        shape = (batch, cfg.num_key_value_heads, context, head_dim)
-        cache.update(torch.randn(shape, dtype=p.dtype, device=p.device), torch.randn(shape, dtype=p.dtype, device=p.device), layer)
+    cache = DynamicCache(config=teacher.config)
+    _fill_kv(cache, teacher.config, range(teacher.config.num_hidden_layers), batch, context, next(teacher.parameters()))
     return cache
 
 
-def student_cache(student, batch: int, context: int):
-    """The student's cache after ``context`` positions (random conv and SSM states)."""
+def student_cache(student, batch: int, context: int, teacher_config=None):
+    """The student's cache after ``context`` positions (random conv and SSM states; a hybrid's
+    kept attention layers, shaped as the teacher's ``teacher_config``, hold random keys and values)."""
     cache = student.new_cache()
     p = next(student.parameters())
+    if student.config.attention_layers:
+        _fill_kv(cache, teacher_config, student.config.attention_layers, batch, context, p)
     for mixer in student.mixers():
         state = mixer.allocate_state(batch, device=p.device, dtype=p.dtype)
         cache.update_conv_state(torch.randn_like(state.conv_state), mixer.layer_idx)
@@ -221,7 +233,7 @@ def check_targets(result: dict, batches) -> dict:
     big = str(batches[-1])
     if result["device"] == "cpu":
         values = {
-            "decode_x_at_32k_batch1": r["decode_x"]["1"].get("32768"),
+            "decode_x_at_32k_batch1": r["decode_x"].get("1", {}).get("32768"),  # None (a fail) when batch 1 was not run
             f"decode_x_at_32k_batch{big}": r["decode_x"][big].get("32768"),
             "prefill_x_at_32k": r["prefill_x"].get("32768"),
         }
@@ -265,7 +277,9 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{result['geometry']} teacher vs Mamba2 student, {result['dtype']}, {result['device_name']}")
+    kept = result.get("student_attention_layers") or []
+    layout = f"hybrid student (attention in {len(kept)} layers)" if kept else "Mamba2 student"
+    fig.suptitle(f"{result['geometry']} teacher vs {layout}, {result['dtype']}, {result['device_name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -322,6 +336,7 @@ def main() -> None:
     parser.add_argument("--decode_steps", type=int, default=None)
     parser.add_argument("--prefill_repeats", type=int, default=1)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--attention_every", type=int, default=0, help="a hybrid student keeping layers 1, 1 + k, ... (4: the default job's); 0: all Mamba2")
     args = parser.parse_args()
     device = torch.device(args.device)
     contexts = [int(c) for c in (args.contexts or ("512,2048" if args.quick else "512,2048,8192,32768")).split(",")]
@@ -329,9 +344,10 @@ def main() -> None:
     args.decode_steps = args.decode_steps or (4 if args.quick else 8)
     dtype = DTYPES[args.dtype]
 
-    teacher, student, attn = build_pair(args.geometry, max(contexts), dtype, device)
+    teacher, student, attn = build_pair(args.geometry, max(contexts), dtype, device, args.attention_every)
     kv_per_seq = lambda context: kv_bytes_per_sequence(teacher, context)  # noqa: E731
-    state_per_seq = lambda context: 0  # noqa: E731  (constant and small)
+    kept = len(student.config.attention_layers) / teacher.config.num_hidden_layers
+    state_per_seq = lambda context: int(kept * kv_per_seq(context))  # noqa: E731  (the recurrent state is constant and small)
     result = {
         "benchmark": "inference_speed",
         "geometry": args.geometry,
@@ -340,6 +356,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "teacher_attention": attn,
         "student_kernel": student.mixers()[0].kernel(device),
+        "student_attention_layers": student.config.attention_layers,
         "contexts": contexts,
         "decode_cache": "random contents of the stated length (decode cost depends only on sizes)",
         "quick": args.quick,
@@ -347,7 +364,7 @@ def main() -> None:
     }
     models = {
         "teacher": (teacher, lambda b, c: teacher_cache(teacher, b, c), kv_per_seq),
-        "student": (student, lambda b, c: student_cache(student, b, c), state_per_seq),
+        "student": (student, lambda b, c: student_cache(student, b, c, teacher.config), state_per_seq),
     }
     for name in models:
         result[name] = {"prefill_s": {}, "decode_tok_s": {str(b): {} for b in batches}, "state_bytes_per_seq": {}, "oom": []}
@@ -359,10 +376,10 @@ def main() -> None:
     if device.type == "cuda":
         result["best_batch_16k"] = {
             "teacher": best_batch_decode(teacher, lambda b, c: teacher_cache(teacher, b, c), 16384, device, 4, kv_per_seq),
-            "student": best_batch_decode(student, lambda b, c: student_cache(student, b, c), 16384, device, 4, state_per_seq),
+            "student": best_batch_decode(student, lambda b, c: student_cache(student, b, c, teacher.config), 16384, device, 4, state_per_seq),
         }
     result["targets"] = check_targets(result, batches)
-    tag = "_quick" if args.quick else ""
+    tag = ("_quick" if args.quick else "") + (f"_attn_every{args.attention_every}" if args.attention_every else "")
     default_name = "inference_speed" if (device.type, args.geometry) == ("cpu", "SmolLM2-135M") else f"inference_speed_{device.type}_{args.geometry}"
     out = Path(args.out) if args.out else RESULTS / f"{default_name}{tag}.json"
     result["json"] = str(out)
@@ -370,7 +387,7 @@ def main() -> None:
     plot(result, out.with_suffix(".png"))
     table = markdown(result)
     out.with_suffix(".md").write_text(table + "\n")
-    if not args.quick and not args.out:
+    if not args.quick and not args.out and not args.attention_every:
         update_readme(table)
     print(table)
 

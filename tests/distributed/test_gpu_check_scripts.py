@@ -41,6 +41,18 @@ def test_inference_speed_prefills_and_decodes_teacher_and_student(tmp_path):
     assert result["student"]["state_bytes_per_seq"]["128"]["kv"] == 0
 
 
+def test_inference_speed_measures_the_default_hybrid_with_its_kept_kv_cache(tmp_path):
+    result = _run_benchmark("inference_speed.py", tmp_path, "--geometry", "SmolLM2-135M", "--attention_every", "4",
+                            "--contexts", "64,128", "--batches", "2", "--decode_steps", "1")
+    assert result["student_attention_layers"] == [1, 5, 9, 13, 17, 21, 25, 29]
+    teacher, student = result["teacher"]["state_bytes_per_seq"], result["student"]["state_bytes_per_seq"]
+    for context in ("64", "128"):  # the kept layers' KV, 8 of the teacher's 30, beside 22 layers' constant state
+        assert student[context]["kv"] * 30 == teacher[context]["kv"] * 8
+        assert result["student"]["decode_tok_s"]["2"][context] > 0
+    assert student["64"]["recurrent"] == student["128"]["recurrent"] > 0
+    assert not result["targets"]["student_state_constant"]["pass"]  # it grows with the context, and says so
+
+
 def test_train_speed_steps_every_item_through_the_trainer(tmp_path):
     result = _run_benchmark("train_speed.py", tmp_path, "--quick", "--steps", "1", "--seq_len", "64")
     assert set(result["items"]) == {"teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step"}
