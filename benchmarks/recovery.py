@@ -66,14 +66,18 @@ VARIANTS = {
 FULL = [base + v for base in PHASES for v in ("", "+attn_init", "+kl")] + ["align_e2e+attn_init+all"]
 DEFAULT_RECIPE = "align_e2e+attn_init"
 # The default job's recipe on Brown; the attention layout varies. layout_attn25 is the default job.
-LAYOUTS = {
-    "layout_mamba2": ["data.corpus=brown", "student.conversion.attention_every=0"],
-    "layout_attn25": ["data.corpus=brown", "student.conversion.attention_every=4"],
-    "layout_attn50": ["data.corpus=brown", "student.conversion.attention_every=2"],
-}
+LAYOUTS = {"layout_mamba2": 0, "layout_attn25": 4, "layout_attn50": 2}  # student.conversion.attention_every
 DEFAULT_LAYOUT = "layout_attn25"
-KEPT_ATTENTION = {"layout_mamba2": 0.0, "layout_attn25": 0.25, "layout_attn50": 0.5}  # the share of layers that keep it
 TARGETS = {"heldout": 2.0, "wiki": 3.0}  # student / teacher perplexity, the default job, full budget
+
+
+def layouts() -> dict[str, list[str]]:
+    return {label: ["data.corpus=brown", f"student.conversion.attention_every={every}"] for label, every in LAYOUTS.items()}
+
+
+def kept_attention(label: str) -> float:
+    """About the share of layers a layout keeps attention in (every k-th layer: 1/k)."""
+    return 1 / LAYOUTS[label] if LAYOUTS[label] else 0.0
 
 
 def recipes() -> dict[str, list[str]]:
@@ -89,19 +93,23 @@ def budget(quick: bool) -> list[str]:
     return ["train.max_steps=50", "eval.every=10"]
 
 
-def previous_runs(path: Path, budget: list[str], keep: set[str], section: str = "runs") -> dict[str, list[dict]]:
-    """The runs of `keep` recipes (or layouts: ``section``) in an earlier results file, if it ran on the same budget."""
+def previous_runs(path: Path, budget: list[str], known: dict[str, set[str]]) -> dict[str, dict[str, list[dict]]]:
+    """Per section ("runs": recipes, "layouts"), the runs of its ``known`` labels in an earlier
+    results file, if it ran on the same budget."""
+    kept = {section: {} for section in known}
     if not path.is_file():
-        return {}
+        return kept
     earlier = json.loads(path.read_text())
     if earlier.get("budget") != budget:
         print(f"not keeping the runs in {path}: another budget ({earlier.get('budget')})", flush=True)
-        return {}
+        return kept
     # A run from before runs carried their own date finished by the time the file was written.
     date = "by " + earlier["machine"]["date"][:10]
-    kept = {label: [{"date": date, **r} for r in rs] for label, rs in earlier.get(section, {}).items() if label in keep}
-    if kept:
-        print(f"keeping earlier runs from {path.name}: {sorted(kept)}", flush=True)
+    for section, labels in known.items():
+        kept[section] = {label: [{"date": date, **r} for r in rs] for label, rs in earlier.get(section, {}).items() if label in labels}
+    names = sorted(label for runs in kept.values() for label in runs)
+    if names:
+        print(f"keeping earlier runs from {path.name}: {names}", flush=True)
     return kept
 
 
@@ -151,24 +159,6 @@ def _mean_heldout(runs: list[dict]) -> float:
     return sum(r["final"]["heldout"] for r in runs) / len(runs)
 
 
-def _closest_rivals(runs: dict[str, list[dict]], default: str, what: str) -> dict:
-    """``default`` against every other entry on own held-out ppl, each on the seeds both have."""
-    mine = runs[default]
-    margins = {}
-    for label, theirs in runs.items():
-        if label != default:
-            n = min(len(mine), len(theirs))
-            margins[label] = (_mean_heldout(theirs[:n]) / _mean_heldout(mine[:n]), n)
-    lower = sorted(label for label, (margin, _) in margins.items() if margin <= 1.0)
-    closest = min(margins, key=lambda label: margins[label][0]) if margins else None
-    return {
-        "what": what,
-        "value": (f"closest rival {closest}: {margins[closest][0]:.3f}x {default}'s ppl over {margins[closest][1]} seed(s)" if closest else "no rival")
-        + (f"; lower: {lower}" if lower else ""),
-        "pass": not lower,
-    }
-
-
 def default_job_layout() -> str | None:
     """The layout whose resolved config is the embedded default job's (budget and output aside)."""
     from cald_scale.config import load_run_config
@@ -179,37 +169,49 @@ def default_job_layout() -> str | None:
         return config
 
     default = resolved([])
-    return next((label for label, overrides in LAYOUTS.items() if resolved(overrides) == default), None)
+    return next((label for label, overrides in layouts().items() if resolved(overrides) == default), None)
 
 
-def targets(runs: dict[str, list[dict]], layouts: dict[str, list[dict]]) -> dict:
+def targets(runs: dict[str, list[dict]], layout_runs: dict[str, list[dict]]) -> dict:
     """The default recipe against the other recipes; the default job against the teacher."""
     out = {}
     if DEFAULT_RECIPE in runs:
         # NOTE: each rival is compared on the seeds both recipes have, not a 2-seed mean against 1 seed.
-        out["default_is_best"] = _closest_rivals(
-            runs, DEFAULT_RECIPE, "the default recipe has the lowest own held-out ppl of the recipes (all-Mamba2, Shakespeare), each rival compared on the seeds both have"
-        )
-    if DEFAULT_LAYOUT not in layouts:
+        mine = runs[DEFAULT_RECIPE]
+        margins = {}
+        for label, theirs in runs.items():
+            if label != DEFAULT_RECIPE:
+                n = min(len(mine), len(theirs))
+                margins[label] = (_mean_heldout(theirs[:n]) / _mean_heldout(mine[:n]), n)
+        lower = sorted(label for label, (margin, _) in margins.items() if margin <= 1.0)
+        closest = min(margins, key=lambda label: margins[label][0]) if margins else None
+        out["default_is_best"] = {
+            "what": "the default recipe has the lowest own held-out ppl of the recipes (all-Mamba2, Shakespeare), each rival compared on the seeds both have",
+            "value": (f"closest rival {closest}: {margins[closest][0]:.3f}x {DEFAULT_RECIPE}'s ppl over {margins[closest][1]} seed(s)" if closest else "no rival")
+            + (f"; lower: {lower}" if lower else ""),
+            "pass": not lower,
+        }
+    if DEFAULT_LAYOUT not in layout_runs:
         return out
+    default_job = default_job_layout()
     out["default_job_is_layout_attn25"] = {
         "what": f"{DEFAULT_LAYOUT}'s config is the embedded default job's",
-        "value": default_job_layout(),
-        "pass": default_job_layout() == DEFAULT_LAYOUT,
+        "value": default_job,
+        "pass": default_job == DEFAULT_LAYOUT,
     }
     def within_targets(run: dict) -> bool:
         return all(run["final"][name] <= limit * run["teacher"][name] for name, limit in TARGETS.items())
 
     # Attention keeps a KV cache that grows with the context: the default keeps as little as meets the targets.
-    passing = [label for label, rs in layouts.items() if within_targets(rs[0])]
-    leanest = min(passing, key=KEPT_ATTENTION.__getitem__) if passing else None
-    missing = sorted(set(LAYOUTS) - set(layouts))
+    passing = [label for label, rs in layout_runs.items() if within_targets(rs[0])]
+    leanest = min(passing, key=kept_attention) if passing else None
+    missing = sorted(set(LAYOUTS) - set(layout_runs))
     out["default_is_the_leanest_layout_within_targets"] = {
         "what": f"the default job keeps the least attention of the layouts within {TARGETS} x the teacher (seed 0; every layout run)",
         "value": f"within targets: {sorted(passing)}; leanest: {leanest}" + (f"; not run: {missing}" if missing else ""),
         "pass": leanest == DEFAULT_LAYOUT and not missing,
     }
-    default = layouts[DEFAULT_LAYOUT][0]
+    default = layout_runs[DEFAULT_LAYOUT][0]
     for set_name, limit in TARGETS.items():
         if set_name in default["final"] and default["teacher"].get(set_name):
             ratio = default["final"][set_name] / default["teacher"][set_name]
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         help="the seed of this sitting's runs; a seed other than 0 adds a run to each chosen recipe's earlier ones (its seed-0 run must be in the results file)",
     )
     args = parser.parse_args(argv)
-    groups = {"runs": recipes(), "layouts": LAYOUTS}
+    groups = {"runs": recipes(), "layouts": layouts()}
     if args.quick and args.layouts is not None:
         parser.error("--quick has no layouts (they train on Brown, from npm; the quick run is CI-sized)")
     if args.quick:
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Every earlier run is kept (a chosen label's run of this sitting's seed is replaced by the new
     # one): a rerun of seed 0 must not drop the seed-1 runs that earlier sittings added.
-    found = {section: previous_runs(RESULTS / f"{name}.json", extra, keep=set(every), section=section) for section, every in groups.items()}
+    found = previous_runs(RESULTS / f"{name}.json", extra, {section: set(every) for section, every in groups.items()})
     if args.seed:
         unseeded = [label for section, labels in chosen.items() for label in labels if not any(_seed(r) == 0 for r in found[section].get(label, []))]
         if unseeded:

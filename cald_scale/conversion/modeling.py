@@ -70,6 +70,18 @@ class ConversionConfig:
     fresh mixers as in the paper. On the default job it halved held-out perplexity at every
     point of the run (benchmarks/results/recovery.md)."""
 
+    def __post_init__(self):
+        every = self.attention_every or 0
+        if every < 0:
+            raise ValueError(f"student.conversion.attention_every must be >= 0 (0: no attention kept), got {every}")
+        if every and self.attention_layers:
+            raise ValueError(
+                f"student.conversion.attention_every={every} and attention_layers={self.attention_layers}: only one of the two may "
+                "choose the kept attention layers; set one (attention_every=0 to list them)"
+            )
+        if every and not self.converts:
+            raise ValueError("student.conversion.mixer=none converts no layer: student.conversion.attention_every must be 0")
+
     @property
     def converts(self) -> bool:
         """False for ``mixer: none`` (the teacher trained as it is)."""
@@ -90,19 +102,12 @@ class ConversionConfig:
                 f"student.conversion.attention_layers must be distinct layer indices in [0, {layers}), "
                 f"got {self.attention_layers}"
             )
-        every = self.attention_every or 0
-        if every < 0:
-            raise ValueError(f"student.conversion.attention_every must be >= 0 (0: no attention kept), got {every}")
-        if every and self.attention_layers:
-            raise ValueError(
-                f"student.conversion.attention_every={every} and attention_layers={self.attention_layers} both choose the kept "
-                "attention layers: set one (attention_every=0 to list them)"
-            )
+        every = self.attention_every or 0  # checked when built (__post_init__)
         kept = list(range(1, layers, every)) if every else sorted(self.attention_layers)
         out.attention_layers, out.attention_every = kept, 0  # resolved: the layers, listed
         if not self.converts:
             if kept:
-                raise ValueError("student.conversion.mixer=none converts no layer: student.conversion.attention_layers must be empty and attention_every 0")
+                raise ValueError("student.conversion.mixer=none converts no layer: student.conversion.attention_layers must be empty")
             return out
         if len(kept) == layers:
             raise ValueError("student.conversion keeps every layer's attention (attention_layers / attention_every): nothing to convert")
