@@ -1,7 +1,7 @@
 """Where a model's tensors live while it is built: whole on this process, or partitioned.
 
 Conversion code is written once against a ``Placement``: it builds modules inside
-``placement.construct()``, writes full-size values with ``placement.assign`` and reads
+``placement.construct(config)``, writes full-size values with ``placement.assign`` and reads
 full-size values inside ``placement.gather(params)``. The plain placement does the obvious
 thing; the ZeRO-3 placement (``engines/partitioned.py``) builds under
 ``deepspeed.zero.Init`` and keeps only this rank's partition of every tensor written,
@@ -15,6 +15,7 @@ import dataclasses
 from typing import Callable, ContextManager, Sequence
 
 import torch
+from transformers import PretrainedConfig
 
 from .weights import Assign, copy_assign
 
@@ -25,8 +26,9 @@ __all__ = ["Placement", "PLAIN"]
 class Placement:
     name: str
     """"plain" or "zero3" (for messages and logs)."""
-    construct: Callable[[], ContextManager]
-    """Context in which modules are constructed (``deepspeed.zero.Init`` for ZeRO-3)."""
+    construct: Callable[[PretrainedConfig], ContextManager]
+    """Context in which a model of ``config``'s family is constructed (``deepspeed.zero.Init``
+    for ZeRO-3)."""
     assign: Assign
     """Writes a full-size value into a (possibly partitioned) parameter or buffer."""
     gather: Callable[[Sequence[torch.Tensor]], ContextManager]
@@ -37,7 +39,7 @@ class Placement:
 
 PLAIN = Placement(
     name="plain",
-    construct=contextlib.nullcontext,
+    construct=lambda config: contextlib.nullcontext(),
     assign=copy_assign,
     gather=lambda params: contextlib.nullcontext(),
     shape_of=lambda t: tuple(t.shape),

@@ -150,7 +150,7 @@ def build_student(
     config = student_config(teacher_config, conversion, teacher_name_or_path)
     student_class = CaldEncoderForSequenceClassification if isinstance(config, CaldClassifierConfig) else CaldStudentForCausalLM
     # NOTE: no random init: every tensor is written below (copied, or a seeded fresh mixer).
-    with placement.construct(), no_init_weights():
+    with placement.construct(teacher_config), no_init_weights():
         student = student_class(config)
     adapter = student.adapter
     student.backbone.tie_weights()  # no_init_weights also skips tying

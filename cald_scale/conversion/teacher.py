@@ -267,7 +267,7 @@ def build_teacher(source: TeacherSource, placement: Placement = PLAIN) -> PreTra
     """The teacher model, built from its config and filled tensor by tensor (eval mode, grads off)."""
     from .classifier import CaldClassifierConfig, CaldEncoderForSequenceClassification
 
-    with placement.construct(), no_init_weights():  # every tensor is read from the checkpoint
+    with placement.construct(source.config), no_init_weights():  # every tensor is read from the checkpoint
         if isinstance(source.config, CaldClassifierConfig):
             model = CaldEncoderForSequenceClassification._from_config(source.config, dtype=source.dtype)
         else:

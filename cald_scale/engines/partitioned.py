@@ -89,12 +89,36 @@ def zero3_placement(ds_config: dict) -> Placement:
     # Buffer sizes still "auto" (sized from the built model later) mean nothing to zero.Init.
     ds_config = {**ds_config, "zero_optimization": {k: v for k, v in ds_config["zero_optimization"].items() if v != "auto"}}
 
-    def construct():
+    def construct(config):
+        _import_family_module(config)
         # NOTE: no dtype argument: deepspeed 0.19 ignores it on CPU (bf16 wins); the config's
         # bf16/fp16 flags decide, fp32 when both are off.
         return deepspeed.zero.Init(config_dict_or_path=ds_config)
 
     return Placement(name="zero3", construct=construct, assign=assign_partitioned, gather=gather_partitioned, shape_of=full_shape)
+
+
+def _import_family_module(config) -> None:
+    """Import the transformers modeling module of ``config``'s family, if not yet imported.
+
+    NOTE: a module class first defined inside ``deepspeed.zero.Init`` has its ``__init__``
+    reset to the undecorated one when the context exits, which drops what a class decorator
+    added (transformers >= 5.25's kernel hooks: ``LlamaAttention`` then lacks the
+    ``_kernel_funcs`` its forward reads). transformers imports a family's modeling file
+    lazily, on first use, so it is imported here, before zero.Init is entered.
+    """
+    import importlib.util
+
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    hf_config = config.teacher_hf_config() if hasattr(config, "teacher_hf_config") else config  # our students wrap one
+    name = model_type_to_module_name(hf_config.model_type)
+    try:
+        found = importlib.util.find_spec(f"transformers.models.{name}.modeling_{name}")
+    except ModuleNotFoundError:
+        found = None  # not a transformers family (a registered custom model): nothing lazily imported
+    if found is not None:
+        importlib.import_module(found.name)
 
 
 def placement_for(ds_config: dict | None) -> Placement:

@@ -31,9 +31,11 @@ class StudentCache(DynamicCache):
         return any(isinstance(layer, CacheLayerMixin) for layer in self.layers)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        if not self.has_attention:
-            return self.tokens_seen
-        return super().get_seq_length(layer_idx)
+        # A kept attention layer knows its length; a mixer layer's states do not (transformers
+        # 5.25 counts conv-state widths there, which is not a token count), so use our own.
+        if layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], CacheLayerMixin):
+            return self.layers[layer_idx].get_seq_length()
+        return self.tokens_seen
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         if not self.has_attention:

@@ -70,6 +70,7 @@ def test_construction_never_holds_a_whole_model(checks):
     for rank in _check("construction", checks):
         whole = rank["full_teacher_bytes"] + rank["full_student_bytes"]
         assert rank["all_partitioned"] and rank["teacher_equals_plain_load"]
+        assert rank["family_module_fresh"] and rank["family_module_imported_before_zero_init"]
         # Each rank keeps half of every tensor (plus alignment padding)...
         assert rank["local_teacher_bytes"] + rank["local_student_bytes"] <= 0.52 * whole
         # ...and never held more than its half plus about one layer in flight.

@@ -22,6 +22,7 @@ import gc
 import json
 import math
 import os
+import sys
 import traceback
 from pathlib import Path
 
@@ -75,6 +76,12 @@ def check_construction(args) -> dict:
 
     env, cfg, ds_config, source = _setup(args.teacher, [])
     placement = placement_for(ds_config)
+    # A family's modeling file imported first inside zero.Init would lose its class decorators
+    # on exit (transformers 5.25's kernel hooks): construct() must import it before entering.
+    family_module = f"transformers.models.{source.config.model_type}.modeling_{source.config.model_type}"
+    family_module_fresh = family_module not in sys.modules
+    with placement.construct(source.config):
+        family_module_imported_first = family_module in sys.modules
     ledger = LiveTensorLedger(track_everything=True)
     with ledger.watch():
         teacher = build_teacher(source, placement)
@@ -97,6 +104,8 @@ def check_construction(args) -> dict:
         "largest_block_bytes": block,
         "all_partitioned": all(hasattr(p, "ds_id") for m in (teacher, student) for p in m.parameters()),
         "teacher_equals_plain_load": teacher_equal,
+        "family_module_fresh": family_module_fresh,
+        "family_module_imported_before_zero_init": family_module_imported_first,
     }
 
 
