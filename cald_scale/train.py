@@ -1,19 +1,22 @@
 """The CALD training job: teacher -> converted student, distilled under ZeRO-3 engines, phase by phase.
 
-Read top to bottom: set up, build, evaluate the starting point, the flat step loop
-(``train_step`` is one optimizer step, ``forward_backward`` one micro-batch), evaluate
-the end point, export and report. Which teacher guides each step is ``distill/guidance.py``;
+``train`` reads as the job's outline: set up, build, evaluate the starting point (``_start``),
+the flat step loop (``train_step`` is one optimizer step, ``forward_backward`` one
+micro-batch; ``_Run`` logs each step and does what falls due after it), then evaluate the
+end point, export and report (``_Run.finish``). Which teacher guides each step is ``distill/guidance.py``;
 what trains and at what LR is the phase's (``distill/phases.py``). Rerunning the same
 command resumes where the last complete checkpoint stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,7 +24,7 @@ import torch
 from .config import RunConfig, config_differences
 from .config_loader import to_dict
 from .distill.guidance import Guide
-from .distill.phases import Phase, set_phase_lr
+from .distill.phases import Phase, PhasePlan, set_phase_lr
 from .distill.progress import NonFiniteLossError, StepState
 from .distill.stages import LayerwiseModel
 from .distill.step import LossParts, cald_forward, teacher_forced_step
@@ -154,10 +157,145 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
 # -- the job -------------------------------------------------------------------------------
 def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     env = init_distributed()
-    # From here on a preemption signal is recorded, not fatal: the run stops at the first step boundary with a checkpoint.
-    watch = PreemptionWatch(tuple(cfg.train.preemption_signals)).__enter__()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("cald_scale").setLevel(logging.INFO if env.is_main else logging.WARNING)
+    # From here on a preemption signal is recorded, not fatal: the run stops at the first step boundary with a checkpoint.
+    with PreemptionWatch(tuple(cfg.train.preemption_signals)) as watch:
+        run = _start(cfg, ds_config_path, env)  # 1-3. task and data, teacher and student in their engines, the starting point
+        try:
+            # 4. The step loop.
+            step = run.first_step
+            while step < run.plan.total_steps:
+                phase = run.enter_phase(step)
+                step = run.step(phase, step)
+                run.after_step(phase, step)  # evaluation, exports, checkpoint, as they fall due
+                if step < run.plan.total_steps and (signal_name := watch.requested(run.device)):
+                    run.stop_preempted(step, signal_name)
+            # 5. End point: evaluate, export the student, report.
+            return run.finish(step)
+        finally:
+            run.metrics.close()
+
+
+@dataclasses.dataclass
+class _Run:
+    """One session of a run, between its steps: what the loop, the checkpoints and the end
+    point share. Built by ``_start``; the loop in ``train`` drives it step by step."""
+
+    cfg: RunConfig
+    env: DistEnv
+    plan: PhasePlan
+    task: Any
+    models: Any  # DistillationModels, or pipeline mode's PipelineModels (the same calls)
+    guide: Any  # Guide or PipelineGuide
+    step_fn: Callable[..., dict]  # train_step or pipeline_train_step
+    evaluate: Callable[[str], dict]  # "student" | "teacher" -> scores per eval set
+    baseline: dict
+    state: StepState
+    metrics: MetricsLogger
+    next_batch: Callable[[int], dict]
+    tokens_per_micro: int  # over all replicas; 0: padded batches count their real tokens
+    first_step: int
+    started: float
+    current: Phase | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.output.run_dir)
+
+    @property
+    def device(self):
+        return self.models.student_engine.device
+
+    def enter_phase(self, step: int) -> Phase:
+        phase = self.plan.at(step)
+        if phase is not self.current:
+            self.models.apply_phase(phase, self.cfg.student.trainable)
+            self.current = phase
+            logger.info("entering %s", phase.describe())
+        return phase
+
+    def step(self, phase: Phase, step: int) -> int:
+        """One optimizer step, logged; returns the number of steps done."""
+        cfg, state, engine = self.cfg, self.state, self.models.student_engine
+        t0, tokens_before = time.time(), state.tokens_seen
+        record = self.step_fn(self.models, self.guide, phase, step, self.next_batch, state, cfg, tokens_per_micro=self.tokens_per_micro)
+        step = engine.global_steps
+        if cfg.train.trim_heap_every and step % cfg.train.trim_heap_every == 0:
+            return_free_memory()
+        elapsed = time.time() - t0
+        state.train_seconds += elapsed
+        if cfg.debug.sleep_per_step:
+            time.sleep(cfg.debug.sleep_per_step)
+        record.update(
+            phase=phase.index,
+            phase_name=phase.name,
+            lr=engine.get_lr()[0],
+            lr_groups={g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)},
+            grad_norm=float(engine.get_global_grad_norm() or 0.0),
+            tokens=state.tokens_seen,
+            tokens_per_s=(state.tokens_seen - tokens_before) / max(elapsed, 1e-9),
+            nan_skipped=state.nan_skipped,
+        )
+        release = self.guide.release_stats
+        if release is not None and release.get("step") == step - 1:
+            rows = gather_objects(release)  # the teacher release as every rank saw it
+            record["teacher_release"] = {k: [int(r[k]) for r in rows] for k in ("freed_partition_bytes", "teacher_params_alive", "rss_before", "rss_after")}
+        if step % cfg.output.log_every == 0 or step == self.plan.total_steps:
+            self.metrics.log(step, record)
+        return step
+
+    def after_step(self, phase: Phase, step: int) -> None:
+        """What falls due at ``step``: an evaluation, waypoint exports, a checkpoint."""
+        cfg, out = self.cfg, self.cfg.output
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < self.plan.total_steps:
+            scores = self.evaluate("student")
+            self.metrics.log(step, {"tokens": self.state.tokens_seen, **self.task.step_metrics(scores)})
+        if phase.guidance == "trajectory" and out.export_teacher_every and step % out.export_teacher_every == 0:
+            # The trajectory teacher's checkpoints: the waypoints of a later waypoint-guided run.
+            export_model(self.models.teacher_engine, self.task.tokenizer, self.run_dir / "teacher_waypoints" / f"step_{step:08d}", is_main=self.env.is_main)
+        if out.export_student_every and step % out.export_student_every == 0:
+            self.models.export(self.task.tokenizer, self.run_dir / "student_waypoints" / f"step_{step:08d}", is_main=self.env.is_main)
+        if step % out.save_every == 0 or step == self.plan.total_steps:
+            self.save(step)
+
+    def save(self, at: int) -> None:
+        save_checkpoint(
+            self.models.student_engine, self.run_dir / "checkpoints", at, {**self.state.as_dict(), "guide": self.guide.state()}, self.cfg.output.keep_last,
+            exclude_frozen=self.models.shares_frozen_weights, also_save=self.guide.save, owner=self.models.checkpoint_owner,
+        )
+        self.state.last_saved = at
+
+    def stop_preempted(self, step: int, signal_name: str) -> None:
+        """Preempted (SLURM's warning signal, SIGTERM): a complete checkpoint at this step, then out."""
+        if self.state.last_saved != step:
+            self.save(step)
+        if self.env.is_main:
+            atomic_write_text(self.run_dir / "preempted.json", json.dumps({"step": step, "signal": signal_name}))
+        raise Preempted(step, signal_name)
+
+    def finish(self, step: int) -> dict:
+        """5. End point: evaluate, export the student in HF format, report."""
+        cfg, env, models = self.cfg, self.env, self.models
+        after = self.evaluate("student")
+        # A trajectory teacher has moved: score where it ended (its drift is part of the result).
+        teacher_after = self.evaluate("teacher") if self.plan.trains_teacher and models.teacher is not None else None
+        export_dir = models.export(self.task.tokenizer, self.run_dir / "student", is_main=env.is_main)  # pipeline: every stage its own shard
+        if cfg.output.export_bamba and env.is_main:
+            export_bamba(export_dir, self.run_dir / "bamba")
+        summary = self.task.summary(self.baseline["teacher"], self.baseline["student_before"], after, teacher_after)
+        report = _report(cfg, self.task.source, self.plan, env, (self.first_step, step), self.state, summary, time.time() - self.started, export_dir, self.guide)
+        if env.is_main:
+            write_report(self.run_dir, report)
+            self.metrics.log(step, {"tokens": self.state.tokens_seen, **self.task.step_metrics(after)})
+            self.metrics.summary({k: v for k, v in report.items() if isinstance(v, (int, float))})
+        barrier()
+        return report
+
+
+def _start(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv) -> _Run:
+    """Steps 1-3 of a run: the task and its data, both models in their engines, and the
+    starting point (the last complete checkpoint, or the converted student evaluated)."""
     allocator = configure_host_allocator(cfg.train.malloc_mmap_threshold)
     logger.info("host allocator: %s", allocator)
     run_dir = Path(cfg.output.run_dir)
@@ -182,8 +320,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
 
     # 1. The task: teacher source (config, tokenizer, lazy weights) and data; held-out sets.
     task = open_task(cfg, is_main=env.is_main)
-    source, tokenizer = task.source, task.tokenizer
-    check_waypoints(plan.waypoints, source.config)  # a missing or foreign waypoint fails now, not mid-run
+    check_waypoints(plan.waypoints, task.source.config)  # a missing or foreign waypoint fails now, not mid-run
     task.open_data()
     _seed_everything(cfg.train.seed)
 
@@ -191,16 +328,15 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     #    (pipeline mode: stage k builds blocks [a_k, b_k) of both, in one PipelineEngine).
     #    Both modes answer the same calls (apply_phase, perplexity, export) and have a step function.
     if pipelined:
-        models = build_pipeline(cfg, ds_config, source, plan)
-        guide, step_fn = PipelineGuide(plan, models, base_weights=str(source.folder)), pipeline_train_step
+        models = build_pipeline(cfg, ds_config, task.source, plan)
+        guide, step_fn = PipelineGuide(plan, models, base_weights=str(task.source.folder)), pipeline_train_step
     else:
-        models = build_models(cfg, ds_config, source, plan, student_source=task.student_source)
-        guide = Guide(plan, models.managed_teacher, base_weights=str(source.folder), shared_param_ids=models.shared_param_ids)
+        models = build_models(cfg, ds_config, task.source, plan, student_source=task.student_source)
+        guide = Guide(plan, models.managed_teacher, base_weights=str(task.source.folder), shared_param_ids=models.shared_param_ids)
         step_fn = train_step
     student_engine = models.student_engine
     if cfg.output.export_bamba:
         check_exportable(models.student_model)  # before any training, not after it
-    device = student_engine.device
     # Data is sharded over model replicas: every rank under ZeRO-3, every pipeline otherwise.
     replica, replicas = models.data_parallel_rank, models.data_parallel_size
 
@@ -211,105 +347,30 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     ) or {}
     if resume is not None:
         saved = resume.finish(student_engine, saved, micro_batch=cfg.train.micro_batch(env.world_size), grad_accum=cfg.train.grad_accum, teacher_engine=models.teacher_engine)
-    evaluate = task.evaluator(models, replica, replicas)  # evaluate("student" | "teacher") -> scores per eval set
+    evaluate = task.evaluator(models, replica, replicas)
     baseline = _once(
         run_dir / "baseline.json",
         env,
         lambda: {"teacher": evaluate("teacher") if plan.uses_teacher else None, "student_before": evaluate("student")},
     )
-    step = first_step = student_engine.global_steps
+    step = student_engine.global_steps
     state = StepState(saved, last_saved=step, max_consecutive_nan=cfg.train.max_consecutive_nan, ckpt_dir=ckpt_dir)
     logger.info(
         "%s run at step %d/%d on %d rank(s); teacher: %s; converted student: %s",
         "resuming" if saved else "starting", step, plan.total_steps, env.world_size,
         task.headline(baseline["teacher"]) if baseline["teacher"] else "n/a (unguided)", task.headline(baseline["student_before"]),
     )
-
-    # 4. The step loop.
     micro_batch = cfg.train.micro_batch(replicas)
-    next_batch = task.train_batches(micro_batch, replica, replicas, device)
-
+    next_batch = task.train_batches(micro_batch, replica, replicas, student_engine.device)
     metrics = MetricsLogger(
         run_dir, enabled=env.is_main, wandb_mode=cfg.output.wandb, project=cfg.output.wandb_project, config=cfg.to_dict(),
         total_steps=plan.total_steps, start_step=step, progress_bar=cfg.output.progress_bar,
     )
-    tokens_per_micro = task.tokens_per_micro_batch(micro_batch) * replicas  # 0: padded batches count their real tokens
-    current = None
-
-    def save(at: int) -> None:
-        save_checkpoint(
-            student_engine, ckpt_dir, at, {**state.as_dict(), "guide": guide.state()}, cfg.output.keep_last,
-            exclude_frozen=models.shares_frozen_weights, also_save=guide.save, owner=models.checkpoint_owner,
-        )
-        state.last_saved = at
-
-    try:
-        while step < plan.total_steps:
-            phase = plan.at(step)
-            if phase is not current:
-                models.apply_phase(phase, cfg.student.trainable)
-                current = phase
-                logger.info("entering %s", phase.describe())
-            t0, tokens_before = time.time(), state.tokens_seen
-            record = step_fn(models, guide, phase, step, next_batch, state, cfg, tokens_per_micro=tokens_per_micro)
-            step = student_engine.global_steps
-            if cfg.train.trim_heap_every and step % cfg.train.trim_heap_every == 0:
-                return_free_memory()
-            elapsed = time.time() - t0
-            state.train_seconds += elapsed
-            if cfg.debug.sleep_per_step:
-                time.sleep(cfg.debug.sleep_per_step)
-            record.update(
-                phase=phase.index,
-                phase_name=phase.name,
-                lr=student_engine.get_lr()[0],
-                lr_groups={g.get("name", str(i)): g["lr"] for i, g in enumerate(student_engine.optimizer.param_groups)},
-                grad_norm=float(student_engine.get_global_grad_norm() or 0.0),
-                tokens=state.tokens_seen,
-                tokens_per_s=(state.tokens_seen - tokens_before) / max(elapsed, 1e-9),
-                nan_skipped=state.nan_skipped,
-            )
-            if guide.release_stats is not None and guide.release_stats.get("step") == step - 1:
-                rows = gather_objects(guide.release_stats)  # the teacher release as every rank saw it
-                record["teacher_release"] = {k: [int(r[k]) for r in rows] for k in ("freed_partition_bytes", "teacher_params_alive", "rss_before", "rss_after")}
-            if step % cfg.output.log_every == 0 or step == plan.total_steps:
-                metrics.log(step, record)
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < plan.total_steps:
-                scores = evaluate("student")
-                metrics.log(step, {"tokens": state.tokens_seen, **task.step_metrics(scores)})
-            if phase.guidance == "trajectory" and cfg.output.export_teacher_every and step % cfg.output.export_teacher_every == 0:
-                # The trajectory teacher's checkpoints: the waypoints of a later waypoint-guided run.
-                export_model(models.teacher_engine, tokenizer, run_dir / "teacher_waypoints" / f"step_{step:08d}", is_main=env.is_main)
-            if cfg.output.export_student_every and step % cfg.output.export_student_every == 0:
-                models.export(tokenizer, run_dir / "student_waypoints" / f"step_{step:08d}", is_main=env.is_main)
-            if step % cfg.output.save_every == 0 or step == plan.total_steps:
-                save(step)
-            if step < plan.total_steps and (signal_name := watch.requested(device)):
-                # Preempted (SLURM's warning signal, SIGTERM): a complete checkpoint at this step, then out.
-                if state.last_saved != step:
-                    save(step)
-                if env.is_main:
-                    atomic_write_text(run_dir / "preempted.json", json.dumps({"step": step, "signal": signal_name}))
-                raise Preempted(step, signal_name)
-
-        # 5. End point: evaluate, export the student in HF format, report.
-        after = evaluate("student")
-        # A trajectory teacher has moved: score where it ended (its drift is part of the result).
-        teacher_after = evaluate("teacher") if plan.trains_teacher and models.teacher is not None else None
-        export_dir = models.export(tokenizer, run_dir / "student", is_main=env.is_main)  # pipeline: every stage its own shard
-        if cfg.output.export_bamba and env.is_main:
-            export_bamba(export_dir, run_dir / "bamba")
-        summary = task.summary(baseline["teacher"], baseline["student_before"], after, teacher_after)
-        report = _report(cfg, source, plan, env, (first_step, step), state, summary, time.time() - started, export_dir, guide)
-        if env.is_main:
-            write_report(run_dir, report)
-            metrics.log(step, {"tokens": state.tokens_seen, **task.step_metrics(after)})
-            metrics.summary({k: v for k, v in report.items() if isinstance(v, (int, float))})
-        barrier()
-        return report
-    finally:
-        watch.__exit__()
-        metrics.close()
+    return _Run(
+        cfg=cfg, env=env, plan=plan, task=task, models=models, guide=guide, step_fn=step_fn, evaluate=evaluate,
+        baseline=baseline, state=state, metrics=metrics, next_batch=next_batch,
+        tokens_per_micro=task.tokens_per_micro_batch(micro_batch) * replicas, first_step=step, started=started,
+    )
 
 
 def _report(cfg, source, plan, env, steps, state, summary, wall_seconds, export_dir, guide) -> dict:
