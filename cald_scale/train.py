@@ -159,10 +159,11 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
     env = init_distributed()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("cald_scale").setLevel(logging.INFO if env.is_main else logging.WARNING)
-    # From here on a preemption signal is recorded, not fatal: the run stops at the first step boundary with a checkpoint.
-    with PreemptionWatch(tuple(cfg.train.preemption_signals)) as watch:
-        run = _start(cfg, ds_config_path, env)  # 1-3. task and data, teacher and student in their engines, the starting point
-        try:
+    run = None
+    try:
+        # From here on a preemption signal is recorded, not fatal: the run stops at the first step boundary with a checkpoint.
+        with PreemptionWatch(tuple(cfg.train.preemption_signals)) as watch:
+            run = _start(cfg, ds_config_path, env)  # 1-3. task and data, teacher and student in their engines, the starting point
             # 4. The step loop.
             step = run.first_step
             while step < run.plan.total_steps:
@@ -173,7 +174,9 @@ def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
                     run.stop_preempted(step, signal_name)
             # 5. End point: evaluate, export the student, report.
             return run.finish(step)
-        finally:
+    finally:
+        # NOTE: after the watch is restored, so a signal during wandb's finish ends the process.
+        if run is not None:
             run.metrics.close()
 
 

@@ -330,6 +330,8 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
             cache = self.new_cache()
         if cache is not None and not isinstance(cache, StudentCache):
             raise TypeError(f"the student generates with a StudentCache (model.new_cache()), got {type(cache).__name__}")
+        if cache is not None:
+            cache.check_usable()
         if attention_mask is not None and attention_mask.dim() == 2:
             kwargs["mixer_padding_mask"] = attention_mask[:, -self._new_tokens(input_ids, kwargs) :]
         out = self.backbone(

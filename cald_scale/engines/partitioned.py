@@ -99,26 +99,24 @@ def zero3_placement(ds_config: dict) -> Placement:
 
 
 def _import_family_module(config) -> None:
-    """Import the transformers modeling module of ``config``'s family, if not yet imported.
+    """Import the transformers modeling module(s) of ``config``'s family, if not yet imported.
 
     NOTE: a module class first defined inside ``deepspeed.zero.Init`` has its ``__init__``
     reset to the undecorated one when the context exits, which drops what a class decorator
     added (transformers >= 5.25's kernel hooks: ``LlamaAttention`` then lacks the
     ``_kernel_funcs`` its forward reads). transformers imports a family's modeling file
-    lazily, on first use, so it is imported here, before zero.Init is entered.
+    lazily, on first use, so the classes are resolved here, before zero.Init is entered:
+    through the auto mappings, which also cover families built from another's classes
+    (exaone -> llama).
     """
-    import importlib.util
-
-    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
     hf_config = config.teacher_hf_config() if hasattr(config, "teacher_hf_config") else config  # our students wrap one
-    name = model_type_to_module_name(hf_config.model_type)
-    try:
-        found = importlib.util.find_spec(f"transformers.models.{name}.modeling_{name}")
-    except ModuleNotFoundError:
-        found = None  # not a transformers family (a registered custom model): nothing lazily imported
-    if found is not None:
-        importlib.import_module(found.name)
+    for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING):
+        try:
+            mapping[type(hf_config)]  # NOTE: the lookup imports the class's module
+        except KeyError:
+            pass  # not in this mapping (an encoder has no causal LM; a custom model is in neither)
 
 
 def placement_for(ds_config: dict | None) -> Placement:

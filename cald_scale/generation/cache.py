@@ -25,6 +25,7 @@ class StudentCache(DynamicCache):
         # student's layout, so the base Cache constructor is called directly.
         super(DynamicCache, self).__init__(layers=layers)
         self.tokens_seen = 0
+        self.rolled_back = False
 
     @property
     def has_attention(self) -> bool:
@@ -33,9 +34,34 @@ class StudentCache(DynamicCache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         # A kept attention layer knows its length; a mixer layer's states do not (transformers
         # 5.25 counts conv-state widths there, which is not a token count), so use our own.
-        if layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], CacheLayerMixin):
+        if layer_idx >= len(self.layers):
+            return 0
+        if isinstance(self.layers[layer_idx], CacheLayerMixin):
             return self.layers[layer_idx].get_seq_length()
         return self.tokens_seen
+
+    @property
+    def is_croppable(self) -> bool:
+        # NOTE: a mixer keeps only its latest state, no history to roll back to (transformers
+        # >= 5.25 calls linear-attention layers croppable; ours are not).
+        return False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Take back the last ``-tokens_to_remove`` tokens: a mixer cannot, so the cache is
+        marked unusable instead. Generation that drops its cache afterwards (a stop decided
+        one step late) is unaffected; stepping on from it is refused (``check_usable``)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes minus the number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove < 0:
+            self.rolled_back = True
+
+    def check_usable(self) -> None:
+        if self.rolled_back:
+            raise RuntimeError(
+                "this StudentCache was cropped (tokens taken back, as assisted or speculative decoding does): a mixer's "
+                "recurrent state cannot be rolled back, so generation cannot continue from it; start from a new cache "
+                "(model.new_cache()) and generate without an assistant model"
+            )
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         if not self.has_attention:
@@ -50,6 +76,7 @@ class StudentCache(DynamicCache):
     def reset(self) -> None:
         super().reset()
         self.tokens_seen = 0
+        self.rolled_back = False
 
 
 def state_bytes(cache: DynamicCache) -> dict[str, int]:

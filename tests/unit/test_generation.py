@@ -149,6 +149,33 @@ def test_student_refuses_a_foreign_cache():
     assert isinstance(student.new_cache(), StudentCache)
 
 
+def test_a_cropped_cache_is_refused_not_silently_wrong():
+    # Assisted and speculative decoding take tokens back with crop(); a mixer's state cannot be
+    # rolled back, so stepping on from a cropped cache must fail, not continue from the wrong state.
+    student = _student("llama", "mamba2", [1])
+    ids = torch.randint(3, 256, (1, 8))
+    cache = student.new_cache()
+    with torch.no_grad():
+        student(ids, cache=cache, use_cache=True)
+        assert not cache.is_croppable
+        assert cache.get_seq_length(0) == cache.get_seq_length(1) == 8  # a mixer layer and the kept attention agree
+        cache.crop(0)  # nothing taken back: still usable
+        student(ids[:, :1], cache=cache, use_cache=True)
+        cache.crop(-1)
+        with pytest.raises(RuntimeError, match="cannot be rolled back"):
+            student(ids[:, :1], cache=cache, use_cache=True)
+        cache.reset()  # a reset cache starts over, exactly like a new one
+        torch.testing.assert_close(student(ids, cache=cache, use_cache=True).logits, student(ids, cache=student.new_cache(), use_cache=True).logits)
+
+
+def test_assisted_generation_stops_with_a_clear_error():
+    student = _student("llama", "mamba2", [])
+    ids, mask = _left_padded_batch()
+    # transformers refuses a cache that is not croppable (5.25), or the first step after a crop is ours to refuse.
+    with pytest.raises((RuntimeError, ValueError), match="can be cropped|cannot be rolled back"):
+        student.generate(ids[:1], attention_mask=mask[:1], assistant_model=student, **GREEDY)
+
+
 def test_a_mixer_layer_refuses_inputs_it_cannot_honour():
     student = _student("llama", "mamba2", [])
     layer = student.adapter.attention(student.adapter.layers(student.backbone)[0])
