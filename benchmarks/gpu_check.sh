@@ -121,6 +121,8 @@ install_wheels() {
 kernel_info() {
   "$PY" - <<'EOF'
 import json
+import transformers  # the carried wheel (pyproject's range), not the image's older one
+print("transformers in use:", transformers.__version__, "from", transformers.__file__)
 from cald_scale.mixers.ops import _cuda
 from cald_scale.mixers.ops.dispatch import resolve_kernel
 print(json.dumps({g: {"importable": ok, "reason": why} for g, (ok, why) in _cuda.kernel_groups().items()}, indent=1))
@@ -135,7 +137,7 @@ EOF
 
 say "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), repo $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'), budget ${BUDGET}s, out $OUT"
 step env 25 - env_info
-step install_wheels 45 - install_wheels
+step install_wheels 90 - install_wheels  # ~35 wheels, transformers among them
 if [ -d "$SITE" ]; then
   export PYTHONPATH=$SITE:$PYTHONPATH PATH=$SITE/bin:$PATH
 fi

@@ -12,7 +12,7 @@
 # installs every gpu_wheels/*.whl with `pip install --no-deps --no-index --target`; the device
 # tool's `carry` must name gpu_wheels (the folder ignores itself in git).
 #
-# Default mode (CPU machine, PyPI, about a minute, about 6 MB):
+# Default mode (CPU machine, PyPI, about a minute, about 34 MB):
 #   - mamba-ssm 2.3.2.post1 is published as a source archive only. Built with
 #     MAMBA_SKIP_CUDA_BUILD=TRUE (no extension) and MAMBA_FORCE_BUILD=TRUE (else its setup.py
 #     first tries to fetch a prebuilt wheel from GitHub), it becomes a pure-Python wheel of
@@ -23,6 +23,10 @@
 #     lacks (hjson, pydantic, pydantic-core, annotated-types, typing-inspection, and a
 #     typing-extensions new enough for that pydantic): only the
 #     distributed training entry point needs them; --no-deepspeed leaves them out.
+#   - transformers at the version installed here (TRANSFORMERS_VERSION; pyproject's tested
+#     range starts at 5.24, the image holds 5.17) with everything it needs except numpy: its
+#     huggingface-hub 2.x brings new packages (httpx2, hf-xet) and 5.25 needs kernels. About
+#     34 MB; gpu_check.sh puts them ahead of the image's own packages.
 #   - the sdists of causal-conv1d 1.7.0 and mamba-ssm, kept in gpu_wheels/src for --compile.
 #
 # --compile mode (needs nvcc and the very torch and Python that will run the kernels, i.e. the
@@ -42,7 +46,8 @@
 # whose flash kernels are built into torch.
 #
 # Knobs (environment): PYTHON (default python3; default mode needs torch importable, any
-# build), MAMBA_SSM_VERSION, CAUSAL_CONV1D_VERSION, DEEPSPEED_VERSION, CUDA_ARCH, MAX_JOBS.
+# build), MAMBA_SSM_VERSION, CAUSAL_CONV1D_VERSION, DEEPSPEED_VERSION, TRANSFORMERS_VERSION
+# (default: the one PYTHON imports), CUDA_ARCH, MAX_JOBS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,6 +86,13 @@ run mkdir -p "$OUT_DIR" "$SRC"
 # pip download with the GPU image's interpreter and platform tags (binary wheels only).
 download_for_gpu() {
   run "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$TARGET_PYTHON" --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$OUT_DIR" "$@"
+}
+
+# The same, with every requirement (resolved for the GPU image's Python and platform).
+download_closure_for_gpu() {
+  run "$PY" -m pip download -q --only-binary=:all: --python-version "$TARGET_PYTHON" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$OUT_DIR" "$@"
 }
@@ -131,6 +143,11 @@ if [ "$MODE" = prepare ]; then
       download_for_gpu "pydantic-core==${core:?could not read the pydantic-core pin}"
     fi
   fi
+  # 3. transformers as tested here (the image's 5.17 is older than pyproject's range), with its
+  #    requirements; numpy stays the image's (16 MB, and any version transformers accepts).
+  TRANSFORMERS_VERSION=${TRANSFORMERS_VERSION:-$("$PY" -c 'import importlib.metadata as m; print(m.version("transformers"))' 2>/dev/null || true)}
+  download_closure_for_gpu "transformers==${TRANSFORMERS_VERSION:?PYTHON has no transformers: set TRANSFORMERS_VERSION}"
+  run rm -f "$OUT_DIR"/numpy-*.whl
 else
   # 3. Compile for one architecture, here (nvcc and the target torch needed).
   command -v nvcc >/dev/null || { echo "--compile needs nvcc" >&2; exit 1; }
