@@ -287,13 +287,38 @@ class _Run:
         if cfg.output.export_bamba and env.is_main:
             export_bamba(export_dir, self.run_dir / "bamba")
         summary = self.task.summary(self.baseline["teacher"], self.baseline["student_before"], after, teacher_after)
-        report = _report(cfg, self.task.source, self.plan, env, (self.first_step, step), self.state, summary, time.time() - self.started, export_dir, self.guide)
+        report = self.report(step, summary, export_dir)
         if env.is_main:
             write_report(self.run_dir, report)
             self.metrics.log(step, {"tokens": self.state.tokens_seen, **self.task.step_metrics(after)})
             self.metrics.summary({k: v for k, v in report.items() if isinstance(v, (int, float))})
         barrier()
         return report
+
+    def report(self, step: int, summary: dict, export_dir: Path) -> dict:
+        """The run's report: what ran and what it cost, and the task's scores (``summary``)."""
+        cfg, state = self.cfg, self.state
+        return {
+            "teacher": cfg.teacher.name_or_path,
+            "teacher_source": str(self.task.source),
+            "mixer": cfg.student.conversion.mixer,
+            "phases": [p.describe() for p in self.plan.phases],
+            "world_size": self.env.world_size,
+            "steps": step,
+            "tokens_seen": state.tokens_seen,
+            "train_seconds": state.train_seconds,
+            "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
+            "nan_skipped": state.nan_skipped,
+            "task": cfg.task.kind,
+            **summary,
+            "teacher_release": self.guide.release_stats,
+            "wall_seconds_this_session": time.time() - self.started,
+            "session_started_at_step": self.first_step,  # > 0: the run was resumed, and its wall time spans sessions
+            "memory": peak_memory_bytes(),
+            "memory_per_rank": gather_objects(peak_memory_bytes()),
+            "student_dir": str(export_dir),
+            "config": to_dict(cfg),
+        }
 
 
 def _start(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv) -> _Run:
@@ -374,30 +399,3 @@ def _start(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv) -> _Run:
         baseline=baseline, state=state, metrics=metrics, next_batch=next_batch,
         tokens_per_micro=task.tokens_per_micro_batch(micro_batch) * replicas, first_step=step, started=started,
     )
-
-
-def _report(cfg, source, plan, env, steps, state, summary, wall_seconds, export_dir, guide) -> dict:
-    """The run's report: what ran and what it cost, and the task's scores (``summary``).
-    ``steps``: (the step this session started at, the last step)."""
-    first_step, step = steps
-    return {
-        "teacher": cfg.teacher.name_or_path,
-        "teacher_source": str(source),
-        "mixer": cfg.student.conversion.mixer,
-        "phases": [p.describe() for p in plan.phases],
-        "world_size": env.world_size,
-        "steps": step,
-        "tokens_seen": state.tokens_seen,
-        "train_seconds": state.train_seconds,
-        "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
-        "nan_skipped": state.nan_skipped,
-        "task": cfg.task.kind,
-        **summary,
-        "teacher_release": guide.release_stats,
-        "wall_seconds_this_session": wall_seconds,
-        "session_started_at_step": first_step,  # > 0: the run was resumed, and its wall time spans sessions
-        "memory": peak_memory_bytes(),
-        "memory_per_rank": gather_objects(peak_memory_bytes()),
-        "student_dir": str(export_dir),
-        "config": to_dict(cfg),
-    }
