@@ -83,16 +83,15 @@ run mkdir -p "$OUT_DIR" "$SRC"
 # NOTE: the folder ignores itself, so wheels never reach a commit; name it in `carry`.
 [ "$DRY" = 1 ] || { [ -f gpu_wheels/.gitignore ] || echo '*' >gpu_wheels/.gitignore; }
 
-# pip download with the GPU image's interpreter and platform tags (binary wheels only).
+# pip download with the GPU image's interpreter and platform tags (binary wheels only);
+# --with-deps: every requirement too, resolved for that interpreter and platform.
 download_for_gpu() {
-  run "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$TARGET_PYTHON" --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$OUT_DIR" "$@"
-}
-
-# The same, with every requirement (resolved for the GPU image's Python and platform).
-download_closure_for_gpu() {
-  run "$PY" -m pip download -q --only-binary=:all: --python-version "$TARGET_PYTHON" --implementation cp \
+  local deps=(--no-deps)
+  if [ "$1" = --with-deps ]; then
+    deps=()
+    shift
+  fi
+  run "$PY" -m pip download -q "${deps[@]}" --only-binary=:all: --python-version "$TARGET_PYTHON" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$OUT_DIR" "$@"
 }
@@ -146,7 +145,7 @@ if [ "$MODE" = prepare ]; then
   # 3. transformers as tested here (the image's 5.17 is older than pyproject's range), with its
   #    requirements; numpy stays the image's (16 MB, and any version transformers accepts).
   TRANSFORMERS_VERSION=${TRANSFORMERS_VERSION:-$("$PY" -c 'import importlib.metadata as m; print(m.version("transformers"))' 2>/dev/null || true)}
-  download_closure_for_gpu "transformers==${TRANSFORMERS_VERSION:?PYTHON has no transformers: set TRANSFORMERS_VERSION}"
+  download_for_gpu --with-deps "transformers==${TRANSFORMERS_VERSION:?PYTHON has no transformers: set TRANSFORMERS_VERSION}"
   run rm -f "$OUT_DIR"/numpy-*.whl
 else
   # 3. Compile for one architecture, here (nvcc and the target torch needed).
