@@ -99,6 +99,7 @@ def test_fp32_parameters_as_their_own_master_train_identically(checks):
     for rank in _check("fp32_master", checks):
         two, one = rank["two_copies"], rank["aliased"]
         assert one["aliased"] and not two["aliased"]
+        assert one["grads_read_in_place"] and all(one["grads_read_in_place"]) and not any(two["grads_read_in_place"])
         assert one["losses"] == two["losses"] and one["losses"][-1] < one["losses"][0]
         assert one["checksum"] == two["checksum"]
 

@@ -11,7 +11,7 @@ Checks:
   shared_frozen      frozen copied weights are the teacher's tensors, and stay so through training
   prefetch           the parameter trace completes and the next block is gathered ahead of its forward
   chunked_head_frozen  chunked CE/KL equal whole logits with a frozen, teacher-shared head
-  fp32_master        fp32 parameters serving as their own master copy train exactly as with two copies
+  fp32_master        fp32 parameters as their own master, gradients read in place: trains exactly as with copies
   vocab_streamed_head  a frozen head read a piece of rows at a time gives the gathered head's CE and gradients
 """
 
@@ -182,24 +182,35 @@ def check_prefetch(args) -> dict:
 
 
 def check_fp32_master(args) -> dict:
-    """Training with the fp32 master aliased to the parameters equals DeepSpeed's two-copy path."""
+    """Training with the fp32 master aliased to the parameters, and the step reading the gradient
+    partitions in place, equals DeepSpeed's two-copy path (gradient clipping on, so the step
+    scales the gradients it reads)."""
     import deepspeed
 
     from cald_scale.engines import zero3
     from cald_scale.train import forward_backward
 
-    env, cfg, ds_config, source = _setup(args.teacher, ["train.lr=1e-2"])
+    env, cfg, ds_config, source = _setup(args.teacher, ["train.lr=1e-2", "train.grad_clip=0.05"])
     out = {}
-    original = zero3.share_fp32_master
+    originals = zero3.share_fp32_master, zero3.read_fp32_grads_in_place
     for mode in ("two_copies", "aliased"):
-        zero3.share_fp32_master = original if mode == "aliased" else (lambda optimizer: 0)
+        if mode == "two_copies":
+            zero3.share_fp32_master, zero3.read_fp32_grads_in_place = (lambda optimizer: 0), (lambda optimizer: False)
         torch.manual_seed(0)
         try:
             models = build_models(cfg, ds_config, source)
         finally:  # the checks after this one share the process
-            zero3.share_fp32_master = original
+            zero3.share_fp32_master, zero3.read_fp32_grads_in_place = originals
         opt = models.student_engine.optimizer
         aliased = all(a.data_ptr() == b.data_ptr() for a, b in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat))
+        prepare, in_place = opt._prepare_fp32_grad_for_sub_group, []
+
+        def recording(sub_group_id, prepare=prepare, opt=opt):
+            prepare(sub_group_id)
+            grad = opt.fp32_partitioned_groups_flat[sub_group_id].grad
+            in_place.append(grad.untyped_storage().data_ptr() == opt.grad_partitions_flat_buffer.untyped_storage().data_ptr())
+
+        opt._prepare_fp32_grad_for_sub_group = recording
         losses = []
         for step in range(4):
             parts, _ = forward_backward(models, models.teacher, cfg.plan(env.world_size).phases[0], _batch(source.config.vocab_size, env), cfg)
@@ -208,7 +219,7 @@ def check_fp32_master(args) -> dict:
         params = list(models.student_engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params):
             checksum = float(sum(p.double().sum() for p in params))
-        out[mode] = {"aliased": aliased, "losses": losses, "checksum": checksum}
+        out[mode] = {"aliased": aliased, "grads_read_in_place": in_place, "losses": losses, "checksum": checksum}
     return out
 
 

@@ -103,6 +103,9 @@ def test_shipped_recipes_fit_shipped_ds_configs(recipe, ds_path):
     zero = sized["zero_optimization"]
     assert zero["stage3_prefetch_bucket_size"] == 10_000_000 and zero["stage3_max_reuse_distance"] == 5_000_000
     assert zero["stage3_max_live_parameters"] == 20_000_000 and zero["overlap_comm"] is False  # no CUDA here
+    assert zero["reduce_scatter"] is True  # two ranks scatter their gradient partitions
+    alone = resolve_ds_config(load_ds_config(ds_path), cfg.train, world_size=1)["zero_optimization"]
+    assert alone["reduce_scatter"] is False  # one rank reduces its buckets in place
     on_cpu = size_zero_buffers(resolved, block_numel=5_000_000)["zero_optimization"]  # no accelerator: no prefetch
     assert on_cpu["stage3_prefetch_bucket_size"] == 0 and on_cpu["stage3_max_live_parameters"] == 5_000_000
 
@@ -113,6 +116,8 @@ def test_explicit_zero_buffer_sizes_are_kept():
     ds["zero_optimization"]["reduce_bucket_size"] = 123
     sized = size_zero_buffers(resolve_ds_config(ds, cfg.train, world_size=1), block_numel=10_000_000)
     assert sized["zero_optimization"]["reduce_bucket_size"] == 123
+    ds["zero_optimization"]["reduce_scatter"] = True
+    assert resolve_ds_config(ds, cfg.train, world_size=1)["zero_optimization"]["reduce_scatter"] is True
     ds["zero_optimization"]["stage3_bogus"] = "auto"
     with pytest.raises(ConfigError, match="stage3_bogus"):
         size_zero_buffers(resolve_ds_config(ds, cfg.train, world_size=1), block_numel=1)
