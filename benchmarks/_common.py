@@ -132,13 +132,22 @@ def llama_teacher(num_layers: int, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux): ratios between machines of one architecture still differ by it."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+
+
 def machine() -> dict:
     import transformers
 
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model() or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
