@@ -255,14 +255,14 @@ def read_fp32_grads_in_place(optimizer) -> bool:
     dtype) takes DeepSpeed's own copy. Returns whether the step was rerouted.
     """
     original = getattr(optimizer, "_prepare_fp32_grad_for_sub_group", None)
-    grads = getattr(optimizer, "averaged_gradients", None)
-    masters = getattr(optimizer, "fp32_partitioned_groups_flat", None)
-    if original is None or grads is None or masters is None or getattr(optimizer, "offload_optimizer", False):
+    needed = ("averaged_gradients", "fp32_partitioned_groups_flat")
+    if original is None or not all(hasattr(optimizer, name) for name in needed) or getattr(optimizer, "offload_optimizer", False):
         return False
 
     def prepare(sub_group_id: int) -> None:
-        master = masters[sub_group_id]
-        view = _consecutive_view(grads[sub_group_id], master)
+        # NOTE: read at each step: DeepSpeed rebinds averaged_gradients (after an overflow, on reload_states).
+        grads, master = optimizer.averaged_gradients, optimizer.fp32_partitioned_groups_flat[sub_group_id]
+        view = _consecutive_view(grads.get(sub_group_id), master)
         if view is None:
             original(sub_group_id)
             return
