@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
 
 # The all-Mamba2 student on Shakespeare: the default job until 2026-12-03, when the default
 # became the 25% attention hybrid on the Brown corpus. The benchmarks of recipes, guidance,
@@ -61,6 +62,18 @@ GEOMETRIES: dict[str, dict] = {
         tie_word_embeddings=True,
     ),
 }
+
+
+def child_env(**overrides: str) -> dict:
+    """The environment for a benchmark's child process: this one's, with the repository put first
+    on PYTHONPATH and the caller's entries kept after it.
+
+    NOTE: a child given PYTHONPATH=REPO alone loses what the parent found through PYTHONPATH; on
+    the lent GPU that is every carried wheel (deepspeed, the tested transformers), and the first
+    GPU run's distillation items failed on `import deepspeed` for it (2026-12-04).
+    """
+    inherited = os.environ.get("PYTHONPATH")
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), inherited])), **overrides)
 
 
 def write_random_teacher(geometry: str, folder: Path, *, shard_bytes: int = 1 << 30, seed: int = 0) -> Path:

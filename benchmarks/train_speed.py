@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, machine, truncated_geometry, write_random_teacher, write_result  # noqa: E402
+from _common import ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, child_env, machine, truncated_geometry, write_random_teacher, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -327,7 +327,7 @@ class Worker:
             "--batch", str(args.batch), "--seq_len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--trainable", args.trainable,
         ] + (["--threads", str(args.threads)] if args.threads else [])
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+        env = child_env()
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
 

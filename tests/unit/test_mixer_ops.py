@@ -312,19 +312,48 @@ def test_cuda_kernels_match_chunked():
         assert_close(a, b, rtol=1e-3)
 
 
-def test_dispatch_asks_only_for_the_kernels_its_mixer_uses(monkeypatch):
-    """Mamba2 runs on causal-conv1d + mamba_ssm's Triton SSD; the compiled selective scan
-    (which a no-compile mamba-ssm install lacks) is Mamba-1's alone."""
+@pytest.mark.parametrize("conv_kernel", [True, False])
+def test_dispatch_asks_only_for_the_kernels_its_mixer_uses(monkeypatch, caplog, conv_kernel):
+    """Mamba2 runs on mamba_ssm's Triton SSD; the compiled selective scan (which a no-compile
+    mamba-ssm install lacks) is Mamba-1's alone. causal-conv1d is optional: without it (its
+    source build outlasted a GPU lease) the "cuda" path stays, with the conv in pure PyTorch."""
     from cald_scale.mixers.ops import _cuda, dispatch
 
-    groups = {"causal_conv1d": (True, None), "mamba_triton": (True, None), "selective_scan": (False, "no selective_scan_cuda")}
+    groups = {
+        "causal_conv1d": (True, None) if conv_kernel else (False, "no causal_conv1d"),
+        "mamba_triton": (True, None),
+        "selective_scan": (False, "no selective_scan_cuda"),
+    }
     monkeypatch.setattr(_cuda, "kernel_groups", lambda: groups)
     monkeypatch.setattr(dispatch, "_LOGGED_FALLBACKS", set())
     cuda = torch.device("cuda")  # a device descriptor: nothing runs on it here
-    assert resolve_kernel("auto", cuda, "mamba2") == "cuda"
+    with caplog.at_level("WARNING", logger="cald_scale.mixers"):
+        assert resolve_kernel("auto", cuda, "mamba2") == "cuda"
     assert resolve_kernel("auto", cuda, "mamba") == "chunked"
     with pytest.raises(RuntimeError, match="selective_scan_cuda"):
         resolve_kernel("cuda", cuda, "mamba")
+    conv_notes = [r.getMessage() for r in caplog.records if "short conv pure PyTorch" in r.getMessage()]
+    assert conv_notes == ([] if conv_kernel else ["Mixer kernel 'cuda': the scans run mamba_ssm's kernels, the short conv pure PyTorch: no causal_conv1d"])
+
+
+def test_cuda_conv_wrappers_run_the_pure_conv_without_causal_conv1d():
+    """Where causal-conv1d does not import (as here), the "cuda" path's conv wrappers are the
+    pure-PyTorch conv and step, bit for bit, forward and backward."""
+    from cald_scale.mixers.ops import _cuda
+
+    if _cuda.kernel_groups()["causal_conv1d"][0]:
+        pytest.skip("causal-conv1d imports here: the wrappers run its kernels")
+    assert _cuda.conv_backend() == "pure-PyTorch"
+    x = torch.randn(2, 50, 24).transpose(1, 2).requires_grad_()  # channels-last, as the mixers pass it
+    weight, bias = torch.randn(24, 4, requires_grad=True), torch.randn(24, requires_grad=True)
+    y = _cuda.causal_conv1d(x, weight, bias, "silu")
+    expected = causal_conv1d(x, weight, bias, "silu")
+    assert torch.equal(y, expected)
+    assert all(torch.equal(a, b) for a, b in zip(grads(y, [x, weight, bias]), grads(expected, [x, weight, bias])))
+    state = torch.randn(2, 24, 4)
+    for a, b in zip(_cuda.causal_conv1d_update(x[..., 0], state, weight, bias, "silu"),
+                    causal_conv1d_update(x[..., 0], state, weight, bias, "silu")):
+        assert torch.equal(a, b)
 
 
 def test_long_inference_runs_in_segments_with_the_same_result(monkeypatch):

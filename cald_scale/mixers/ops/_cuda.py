@@ -9,10 +9,14 @@ The kernels come in three groups that import independently:
 - ``selective_scan``: mamba_ssm's compiled Mamba-1 scan ``selective_scan_fn`` (extension
   ``selective_scan_cuda``).
 
-Mamba2 needs the first two, Mamba all three (``MIXER_GROUPS``). Imports are guarded: this
-module always imports; ``kernels_available()`` says whether the kernels do, ``kernel_groups()``
-which group is missing and why, and each wrapper raises a RuntimeError with the install command
-when its kernel is missing. The kernels update decoding states in place; the wrappers work on a
+Mamba2 needs the Triton group, Mamba the Triton and the selective-scan groups
+(``MIXER_GROUPS``). causal-conv1d is optional (``OPTIONAL_GROUPS``): without it the conv wrappers
+run the pure-PyTorch conv on the GPU. NOTE: causal-conv1d has no pure-Python build and its
+source build for one architecture outlasted 240 s on a 16-core H200 host (2026-12-04), while
+the conv is a small part of a mixer's time; mamba_ssm's own Mamba2 falls back the same way.
+Imports are guarded: this module always imports; ``kernels_available()`` says whether the
+kernels do, ``kernel_groups()`` which group is missing and why, and each scan wrapper raises a
+RuntimeError with the install command when its kernel is missing. The kernels update decoding states in place; the wrappers work on a
 copy so that, like the pure-PyTorch ops, they leave their inputs alone and return the new state.
 """
 
@@ -25,9 +29,13 @@ import importlib.util
 import sys
 import types
 
+from cald_scale.mixers.ops import conv
+
 __all__ = [
     "INSTALL_HINT",
     "MIXER_GROUPS",
+    "OPTIONAL_GROUPS",
+    "conv_backend",
     "kernel_groups",
     "kernels_available",
     "causal_conv1d",
@@ -41,12 +49,15 @@ __all__ = [
 INSTALL_HINT = "pip install mamba-ssm causal-conv1d"
 
 MIXER_GROUPS: dict[str, tuple[str, ...]] = {
-    "mamba2": ("causal_conv1d", "mamba_triton"),
-    "mamba": ("causal_conv1d", "mamba_triton", "selective_scan"),
+    "mamba2": ("mamba_triton",),
+    "mamba": ("mamba_triton", "selective_scan"),
 }
-"""The kernel groups each mixer's "cuda" path calls."""
+"""The kernel groups each mixer's "cuda" path needs."""
 
-_ALL_GROUPS = ("causal_conv1d", "mamba_triton", "selective_scan")
+OPTIONAL_GROUPS = ("causal_conv1d",)
+"""Kernel groups a "cuda" path uses when they import, else runs in pure PyTorch."""
+
+_ALL_GROUPS = ("mamba_triton", "selective_scan")  # what every mixer's "cuda" path needs
 
 
 def _import_mamba_triton_module(name: str) -> types.ModuleType:
@@ -153,13 +164,22 @@ def _conv_input(x):
     return x.contiguous()
 
 
+def conv_backend() -> str:
+    """What the conv wrappers run: "causal-conv1d" (the kernels) or "pure-PyTorch"."""
+    return "causal-conv1d" if kernel_groups()["causal_conv1d"][0] else "pure-PyTorch"
+
+
 def causal_conv1d(x, weight, bias=None, activation=None):
-    """See ops.conv.causal_conv1d."""
+    """See ops.conv.causal_conv1d; the pure-PyTorch conv when causal-conv1d does not import."""
+    if conv_backend() != "causal-conv1d":
+        return conv.causal_conv1d(x, weight, bias, activation)
     return _fn("causal_conv1d", "causal_conv1d_fn")(_conv_input(x), weight, bias, activation=activation)
 
 
 def causal_conv1d_update(x_t, conv_state, weight, bias=None, activation=None):
-    """See ops.conv.causal_conv1d_update."""
+    """See ops.conv.causal_conv1d_update; the pure-PyTorch step when causal-conv1d does not import."""
+    if conv_backend() != "causal-conv1d":
+        return conv.causal_conv1d_update(x_t, conv_state, weight, bias, activation)
     # NOTE: the kernel wants the state in the dtype of x_t; the new state keeps the dtype it came in.
     new_state = conv_state.to(x_t.dtype, copy=True)
     y = _fn("causal_conv1d", "causal_conv1d_update")(x_t, new_state, weight, bias, activation=activation)

@@ -17,18 +17,20 @@ __all__ = ["Kernel", "resolve_kernel"]
 Kernel = Literal["auto", "ref", "chunked", "cuda"]
 logger = logging.getLogger("cald_scale.mixers")
 
-# (requested, device type, mixer kind) whose fallback was already logged.
+# (requested, device type, mixer kind) whose fallback was already logged; ("conv", device type, None)
+# once the pure-PyTorch conv under kernel "cuda" was.
 _LOGGED_FALLBACKS: set[tuple[str, str, str | None]] = set()
 
 
 def resolve_kernel(
     requested: Kernel, device: torch.device | str, kind: str | None = None
 ) -> Literal["ref", "chunked", "cuda"]:
-    """The implementation to run on ``device`` for mixer ``kind`` ("mamba2" needs only the
-    causal-conv1d and Triton SSD kernels, "mamba" the selective scan; None: all of them).
+    """The implementation to run on ``device`` for mixer ``kind`` ("mamba2" needs mamba_ssm's
+    Triton SSD kernels, "mamba" its compiled selective scan too; None: all of them).
 
     "ref" and "chunked" are returned as they are (both are pure PyTorch and run anywhere).
-    "cuda" needs a CUDA device and the mamba_ssm + causal_conv1d kernels, else RuntimeError.
+    "cuda" needs a CUDA device and those kernels, else RuntimeError; causal-conv1d is used when
+    it imports, else the conv runs in pure PyTorch (logged once).
     "auto" gives "cuda" when that works, else "chunked", logging the reason once per
     (requested, device type).
     """
@@ -42,6 +44,13 @@ def resolve_kernel(
         reason = f"device is {device.type}, the mamba_ssm/causal_conv1d kernels need CUDA"
         available = False
     if available:
+        key = ("conv", device.type, None)
+        if _cuda.conv_backend() != "causal-conv1d" and key not in _LOGGED_FALLBACKS:
+            _LOGGED_FALLBACKS.add(key)
+            logger.warning(
+                "Mixer kernel 'cuda': the scans run mamba_ssm's kernels, the short conv pure PyTorch: %s",
+                _cuda.kernel_groups()["causal_conv1d"][1],
+            )
         return "cuda"
     if requested == "cuda":
         raise RuntimeError(
