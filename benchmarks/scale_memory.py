@@ -117,14 +117,22 @@ def evaluate_targets(cases: list[dict]) -> dict:
     return targets
 
 
+def _phase_peaks(rank: dict) -> str:
+    phases = rank.get("phase_peaks") or {}
+    names = ("forward", "backward", "optimizer_step")
+    if not all(n in phases for n in names):
+        return "n/a"
+    return " / ".join(f"{phases[n]['peak_bytes'] / GB:.2f}" for n in names)
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"# scale_memory ({result['machine']['date']}, {result['machine']['cpu_count']} CPU cores, torch {result['machine']['torch']})",
         "",
         "Peak resident memory per rank (GB = 1e9 bytes) of the ZeRO-3 streamed step, 4 x 256 tokens per step (global), fp32, random weights.",
         "",
-        "| geometry | trainable | ranks | rank | baseline | model states | activations | predicted | measured peak | measured / predicted | s/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| geometry | trainable | ranks | rank | baseline | model states | activations | predicted | measured peak | measured / predicted | peak in forward / backward / optimizer step | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     devices = [
         f"| {c['geometry']} | {c['trainable']} | {c['ranks']} | {r['rank']} | {r['device']} | "
@@ -135,14 +143,14 @@ def markdown(result: dict) -> str:
     ]
     for c in result["cases"]:
         if "per_rank" not in c:
-            lines.append(f"| {c['geometry']} | {c['trainable']} | {c['ranks']} | - | failed (rc {c['returncode']}) | | | | | | |")
+            lines.append(f"| {c['geometry']} | {c['trainable']} | {c['ranks']} | - | failed (rc {c['returncode']}) | | | | | | | |")
             continue
         for r in c["per_rank"]:
             p = r["prediction"]
             lines.append(
                 f"| {c['geometry']} | {c['trainable']} | {c['ranks']} | {r['rank']} | {p['baseline_bytes'] / GB:.2f} | {p['model_states_bytes'] / GB:.2f} | "
                 f"{p['activation_bytes'] / GB:.2f} | {p['total_bytes'] / GB:.2f} | {r['peak_rss_bytes'] / GB:.2f} | {r['measured_over_predicted']:.2f} | "
-                f"{sum(r['step_seconds'][1:]) / max(1, len(r['step_seconds']) - 1):.1f} |"
+                f"{_phase_peaks(r)} | {sum(r['step_seconds'][1:]) / max(1, len(r['step_seconds']) - 1):.1f} |"
             )
     if devices:
         lines += ["", "Peak device memory per rank (GB):", "", "| geometry | trainable | ranks | rank | device | allocated | reserved |", "|---|---|---|---|---|---|---|"]
@@ -156,12 +164,12 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="SmolLM2-135M geometry only, 2 steps")
+    parser.add_argument("--quick", action="store_true", help="SmolLM2-135M geometry only")
     parser.add_argument("--out", default=None, help="JSON result path (default benchmarks/results/scale_memory[_quick].json)")
     parser.add_argument("--cache", default=os.environ.get("CALD_SCALE_CACHE", str(Path.home() / ".cache" / "cald_scale")) + "/bench_teachers")
     args = parser.parse_args()
     cases = QUICK if args.quick else FULL
-    steps = 2 if args.quick else 3
+    steps = 3  # step 0 allocates the optimizer states; the phases are measured at step 1, the ledger at step 2
     work = Path(args.cache).parent / "scale_memory_runs"
     results = [run_case(g, t, r, steps, Path(args.cache), work) for g, t, r in cases]
     result = {

@@ -22,7 +22,7 @@ from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..conversion.registry import FamilyAdapter, get_adapter
-from .losses import LossConfig, RowPieces, lm_head_losses, vocab_streamed_cross_entropy
+from .losses import LossConfig, RowPieces, linear_head_losses, lm_head_losses, vocab_streamed_cross_entropy
 
 __all__ = ["LayerwiseModel", "PerLayerType", "attention_types", "layerwise", "make_stages"]
 
@@ -188,16 +188,18 @@ class LayerwiseModel:
             return vocab_streamed_cross_entropy(self.final_norm(hidden), input_ids, self.head_pieces), None
         if not (cfg.a_ce > 0 or want_kl):
             return None, None
-        return lm_head_losses(
-            hidden,
-            input_ids,
-            self.head,
+        kw = dict(
             want_ce=cfg.a_ce > 0,
             teacher_h=teacher_h if want_kl else None,
             teacher_head=teacher.head if want_kl else None,
             temperature=cfg.kl_temperature,
             chunk_tokens=cfg.chunk_tokens(self.vocab_size),
         )
+        if self.head_weight is None:  # a head that is not a plain linear map: chunks through the module
+            return lm_head_losses(hidden, input_ids, self.head, **kw)
+        # One weight gradient for all chunks (a trained head, tied or not); see linear_head_losses.
+        with self._scope():
+            return linear_head_losses(self.final_norm(hidden), input_ids, self.lm.get_output_embeddings(), **kw)
 
     def task_loss(self, batch: dict, *, chunk_tokens: int | None = None) -> torch.Tensor:
         """The model's own task loss (next-token CE) through the same pieces: a teacher fine-tuning."""

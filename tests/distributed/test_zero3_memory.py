@@ -32,7 +32,7 @@ def small_vocab_teacher(tmp_path_factory):
 
 
 # construction first: it measures the peak of live tensors, before any other check has run.
-CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "chunked_head_frozen", "vocab_streamed_head")
+CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "chunked_head_frozen", "vocab_streamed_head", "fused_head_trained")
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +122,21 @@ def test_frozen_head_streamed_by_vocabulary_pieces_matches_the_gathered_head(che
         assert streamed["grads"].keys() == gathered["grads"].keys() and all(".mixer." in n for n in streamed["grads"])
         for name in streamed["grads"]:
             torch.testing.assert_close(torch.tensor(streamed["grads"][name]), torch.tensor(gathered["grads"][name]), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trained_tied_head_with_one_weight_gradient_matches_the_head_module(checks):
+    for rank in _check("fused_head_trained", checks):
+        module, fused = rank["module"], rank["fused"]
+        assert module["tied"] and fused["tied"]
+        assert module["fused_calls"] == 0 and fused["fused_calls"] == 3  # one per step
+        for step, (before, after) in enumerate(zip(module["losses"], fused["losses"])):
+            # The same weights at step 0; after it, Adam at lr 1e-2 amplifies last-bit gradient differences.
+            for key in ("loss", "ce", "kl", "layer"):
+                assert after[key] == pytest.approx(before[key], rel=1e-5 if step == 0 else 1e-3), (step, key)
+        assert module["losses"][-1]["loss"] < module["losses"][0]["loss"]
+        assert module["grads"].keys() == fused["grads"].keys() and any("embed_tokens" in name for name in fused["grads"])
+        for name in module["grads"]:
+            torch.testing.assert_close(torch.tensor(fused["grads"][name]), torch.tensor(module["grads"][name]), rtol=1e-4, atol=1e-6, msg=name)
+        # Adam at lr 1e-2 turns last-bit gradient differences into updates of up to ~lr on entries
+        # whose gradient is near zero; the losses after the steps above agree to 1e-5.
+        assert fused["head_checksum"] == pytest.approx(module["head_checksum"], abs=1e-3)

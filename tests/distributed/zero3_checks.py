@@ -266,6 +266,62 @@ def check_vocab_streamed_head(args) -> dict:
     return out
 
 
+def _tied_teacher(args) -> str:
+    """The checks' teacher with its LM head tied to the embedding (SmolLM2's and Qwen2.5's layout)."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(args.out) / "tied_teacher"
+    if int(os.environ.get("RANK", "0")) == 0:
+        model = AutoModelForCausalLM.from_pretrained(args.teacher, tie_word_embeddings=True)
+        model.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(args.teacher).save_pretrained(folder)
+    dist.barrier()
+    return str(folder)
+
+
+def check_fused_head_trained(args) -> dict:
+    """A trained head tied to the embedding: CE and KL with one weight gradient for all chunks
+    (the head's weight gathered by hand) give the head module's path: losses, every gradient,
+    and the losses after the optimizer's steps."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from cald_scale.train import forward_backward
+
+    from cald_scale.distill import losses as loss_module
+
+    init_distributed()
+    teacher = _tied_teacher(args)
+    out = {}
+    original = loss_module._call_as_forward
+    calls = []
+    loss_module._call_as_forward = lambda *a: (calls.append(1), original(*a))[1]  # counts the fused path's uses
+    for path in ("module", "fused"):
+        calls.clear()
+        env, cfg, ds_config, source = _setup(teacher, ["loss.a_kl=0.5", "loss.head_chunk_tokens=16", "train.lr=1e-2"])
+        torch.manual_seed(0)
+        models = build_models(cfg, ds_config, source)
+        lm = models.student.lm
+        tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+        if path == "module":  # the head module's path (chunks checkpointed through it) for reference
+            models.student.__class__ = type("ModuleHead", (type(models.student),), {"head_weight": property(lambda self: None)})
+        losses, grads = [], {}
+        for step in range(3):
+            parts, _ = forward_backward(models, models.teacher, cfg.plan(env.world_size).phases[0], _batch(source.config.vocab_size, env), cfg)
+            if step == 0:
+                named = models.student_engine.module.named_parameters()
+                grads = {n: safe_get_full_grad(p).tolist() for n, p in named if p.requires_grad and safe_get_full_grad(p) is not None}
+            models.student_engine.step()
+            losses.append(parts.as_floats())
+        head = lm.get_output_embeddings().weight
+        with deepspeed.zero.GatheredParameters([head]):
+            head_checksum = float(head.double().sum())
+        out[path] = {"tied": tied, "losses": losses, "grads": grads, "head_checksum": head_checksum, "fused_calls": len(calls)}
+    loss_module._call_as_forward = original
+    return out
+
+
 CHECKS = {
     "streamed_vs_naive": check_streamed_vs_naive,
     "construction": check_construction,
@@ -274,6 +330,7 @@ CHECKS = {
     "fp32_master": check_fp32_master,
     "chunked_head_frozen": check_chunked_head_frozen,
     "vocab_streamed_head": check_vocab_streamed_head,
+    "fused_head_trained": check_fused_head_trained,
 }
 
 

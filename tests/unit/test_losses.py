@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cald_scale.distill.losses import (
     LossConfig,
@@ -11,6 +13,7 @@ from cald_scale.distill.losses import (
     layer_loss,
     layer_loss_reference,
     lm_cross_entropy,
+    linear_head_losses,
     lm_head_losses,
     logit_kl,
 )
@@ -95,6 +98,75 @@ def test_chunked_head_losses_equal_whole_logits(chunk):
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b)
     assert t_head.weight.grad is None
+
+
+@pytest.mark.parametrize("chunk", [None, 5, 64])
+@pytest.mark.parametrize("want_ce,want_kl", [(True, True), (True, False), (False, True)])
+def test_linear_head_losses_equal_the_module_path(chunk, want_ce, want_kl):
+    """The fused path (one weight gradient for all chunks) gives the checkpointed module path's
+    losses and gradients: hidden states, the head's weight (tied to an embedding that is also
+    used, as in SmolLM2 and Qwen2.5) and the final norm before the head."""
+    torch.manual_seed(0)
+    batch, seqlen, hidden, vocab = 2, 11, 16, 50
+    embed = torch.nn.Embedding(vocab, hidden)
+    norm = torch.nn.LayerNorm(hidden)
+    t_head = torch.nn.Linear(hidden, vocab, bias=False)
+    ids = torch.randint(0, vocab, (batch, seqlen))
+    t_h = torch.randn(batch, seqlen, hidden)
+    h = torch.randn(batch, seqlen, hidden, requires_grad=True)
+    kw = dict(want_ce=want_ce, teacher_h=t_h if want_kl else None, teacher_head=t_head if want_kl else None, temperature=2.0, chunk_tokens=chunk)
+    params = [h, embed.weight, norm.weight]
+
+    def total(ce, kl):  # the embedding's own use puts a second gradient on the tied matrix
+        return (ce if ce is not None else 0) + 0.5 * (kl if kl is not None else 0) + embed(ids).square().mean()
+
+    ce_ref, kl_ref = lm_head_losses(h, ids, lambda x: F.linear(norm(x), embed.weight), **kw)
+    g_ref = torch.autograd.grad(total(ce_ref, kl_ref), params)
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    head.weight = embed.weight
+    ce, kl = linear_head_losses(norm(h), ids, head, **kw)
+    for a, b in ((ce, ce_ref), (kl, kl_ref)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+    g = torch.autograd.grad(total(ce, kl), params)
+    for name, a, b in zip(("hidden", "tied weight", "norm"), g, g_ref):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_linear_head_losses_hold_one_weight_gradient_in_backward():
+    """The point of the fused path: backward allocates the (vocab, hidden) weight gradient
+    once, however many chunks there are, where the module path makes one per chunk."""
+    torch.manual_seed(0)
+    hidden, vocab = 64, 2048  # the weight: 8x a chunk's logits (8 tokens), the largest tensor here
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    weight = head.weight
+    x = torch.randn(1, 40, hidden, requires_grad=True)
+    ids = torch.randint(0, vocab, (1, 40))
+
+    class NewWeightSizedTensors(TorchDispatchMode):
+        """Counts ops that return a new tensor as large as the weight (not in place, not a view)."""
+
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            fresh = all(r.alias_info is None for r in func._schema.returns)
+            if fresh and isinstance(out, torch.Tensor) and out.numel() >= vocab * hidden:
+                self.count += 1
+            return out
+
+    def weight_sized_allocations(losses) -> int:
+        ce, _ = losses()
+        with NewWeightSizedTensors() as mode:
+            ce.backward()
+        return mode.count
+
+    fused = weight_sized_allocations(lambda: linear_head_losses(x, ids, head, want_ce=True, chunk_tokens=8))
+    weight.grad = None
+    chunked = weight_sized_allocations(lambda: lm_head_losses(x, ids, lambda a: F.linear(a, weight), want_ce=True, chunk_tokens=8))
+    assert chunked >= 5, chunked  # one per chunk of the 5
+    assert fused == 1, fused
 
 
 def test_head_chunk_size_follows_the_vocabulary():
