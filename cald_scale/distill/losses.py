@@ -9,7 +9,6 @@ activation of a step).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Callable, Iterator
 
@@ -173,11 +172,9 @@ def lm_head_losses(
     mean over all b * l positions (as ``lm_cross_entropy`` and ``logit_kl``).
     """
     want_kl = teacher_h is not None
-    batch, seqlen = input_ids.shape
     s = student_h.flatten(0, 1)
     t = teacher_h.flatten(0, 1) if want_kl else None
-    # Position p predicts token p + 1; the last position of each sequence predicts nothing.
-    labels = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()
+    labels = _next_token_labels(input_ids)
     size = chunk_tokens or s.shape[0]
 
     def chunk_losses(s_c, t_c, labels_c):
@@ -203,8 +200,19 @@ def lm_head_losses(
             ce_c, kl_c = chunk_losses(*args)
         ce_sum = ce_sum + ce_c
         kl_sum = kl_sum + kl_c
-    ce = ce_sum / (batch * (seqlen - 1)) if want_ce else None
-    kl = kl_sum / (batch * seqlen) * temperature**2 if want_kl else None
+    return _means(ce_sum if want_ce else None, kl_sum if want_kl else None, input_ids, temperature)
+
+
+def _next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """(b * l,) labels: position p predicts token p + 1; the last position of each sequence predicts nothing (-100)."""
+    return F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()
+
+
+def _means(ce_sum, kl_sum, input_ids: torch.Tensor, temperature: float):
+    """Summed CE over the b * (l - 1) predicted tokens and summed KL over all b * l positions -> means (KL times T^2)."""
+    batch, seqlen = input_ids.shape
+    ce = ce_sum / (batch * (seqlen - 1)) if ce_sum is not None else None
+    kl = kl_sum / (batch * seqlen) * temperature**2 if kl_sum is not None else None
     return ce, kl
 
 
@@ -281,8 +289,7 @@ def linear_head_losses(
     """``lm_head_losses`` for a bias-free linear ``head`` applied to ``x`` (the final norm's
     output, (b, l, hidden)): the same CE and KL, with one weight gradient in backward instead
     of one per chunk."""
-    batch, seqlen = input_ids.shape
-    labels = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()
+    labels = _next_token_labels(input_ids)
     teacher_logp = None
     if teacher_h is not None:
         t = teacher_h.flatten(0, 1)
@@ -297,9 +304,7 @@ def linear_head_losses(
         return _ChunkedLinearHeadLosses.apply(flat, head.weight, labels, teacher_logp, temperature, size, want_ce)
 
     ce_sum, kl_sum = _call_as_forward(head, losses, x.flatten(0, 1))
-    ce = ce_sum / (batch * (seqlen - 1)) if want_ce else None
-    kl = kl_sum / (batch * seqlen) * temperature**2 if teacher_h is not None else None
-    return ce, kl
+    return _means(ce_sum if want_ce else None, kl_sum if teacher_h is not None else None, input_ids, temperature)
 
 
 def _call_as_forward(module: torch.nn.Module, forward: Callable, *args):
@@ -386,5 +391,4 @@ def vocab_streamed_cross_entropy(hidden: torch.Tensor, input_ids: torch.Tensor, 
     ``(row ids, rows)`` covering the vocabulary once; it is walked once, in forward, so
     under ZeRO-3 that walk is collective)."""
     batch, seqlen = input_ids.shape
-    labels = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()
-    return _VocabStreamedCE.apply(hidden.flatten(0, 1), labels, pieces) / (batch * (seqlen - 1))
+    return _VocabStreamedCE.apply(hidden.flatten(0, 1), _next_token_labels(input_ids), pieces) / (batch * (seqlen - 1))

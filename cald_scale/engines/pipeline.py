@@ -53,7 +53,7 @@ from ..conversion.modeling import CaldStudentForCausalLM, MixerAsAttention
 from ..conversion.surgery import attention_prefixes, initial_mixers, share_copied_weights, student_config
 from ..conversion.teacher import TeacherSource
 from ..conversion.weights import RenamedReader, SafetensorsReader, WeightReader, WeightsMismatchError, open_weights
-from ..distill.losses import LossConfig, RowPieces, distilled_layers, layer_loss, lm_cross_entropy, lm_head_losses, vocab_streamed_cross_entropy
+from ..distill.losses import LossConfig, RowPieces, distilled_layers, layer_loss, lm_cross_entropy
 from ..distill.phases import Phase, PhasePlan, set_phase_lr
 from ..distill.stages import LayerwiseModel, make_stages
 from ..distill.step import combine_loss_parts
@@ -450,17 +450,11 @@ class CaldStage(nn.Module):
         terms = [losses[i] for i in mode.wanted]
         ce = kl = None
         if mode.kind == "end_to_end":
-            want_kl = cfg.a_kl > 0 and mode.use_teacher
+            # The ZeRO-3 mode's head losses; a frozen head here is whole, read a slice of rows at a time.
             head = self.student.head_weight
-            pieces = _row_pieces(head) if head is not None and not head.requires_grad else None
-            if cfg.a_ce > 0 and not want_kl and pieces is not None:
-                ce = vocab_streamed_cross_entropy(self.student.final_norm(s_h), ids, pieces)
-            elif cfg.a_ce > 0 or want_kl:
-                ce, kl = lm_head_losses(
-                    s_h, ids, self.student.head, want_ce=cfg.a_ce > 0,
-                    teacher_h=t_h if want_kl else None, teacher_head=self.teacher.head if want_kl else None,
-                    temperature=cfg.kl_temperature, chunk_tokens=cfg.chunk_tokens(self.student.vocab_size),
-                )
+            self.student.head_pieces = _row_pieces(head) if head is not None and not head.requires_grad else None
+            teacher = self.teacher if mode.use_teacher else None
+            ce, kl = self.student.head_losses(s_h, {"input_ids": ids}, cfg, teacher=teacher, teacher_h=t_h if teacher is not None else None)
         parts = combine_loss_parts(cfg, ce, terms, kl, ids.device)
         total = parts.total
         if self._micro in self.poisoned:  # a NaN loss over finite activations
