@@ -263,10 +263,10 @@ class _ChunkedLinearHeadLosses(torch.autograd.Function):
                 probs = torch.softmax(logits, dim=-1).mul_(valid.unsqueeze(-1))
                 rows = valid.nonzero(as_tuple=True)[0]
                 probs[rows, labels[piece][rows]] -= 1.0
-                grad.add_(probs, alpha=grad_ce)
+                grad.add_(probs.mul_(grad_ce))  # NOTE: a tensor factor, not alpha=: no device sync
             if teacher_logp is not None:  # d KL / d logits = (softmax(logits / T) - p_teacher) / T
                 diff = torch.softmax(logits / temperature, dim=-1).sub_(teacher_logp(piece).exp())
-                grad.add_(diff, alpha=grad_kl / temperature)
+                grad.add_(diff.mul_(grad_kl / temperature))
             grad = grad.to(x.dtype)
             if want_x:
                 grad_x[piece] = grad @ weight.to(x.dtype)

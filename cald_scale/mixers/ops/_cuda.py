@@ -16,8 +16,9 @@ source build for one architecture outlasted 240 s on a 16-core H200 host (2026-1
 the conv is a small part of a mixer's time; mamba_ssm's own Mamba2 falls back the same way.
 Imports are guarded: this module always imports; ``kernels_available()`` says whether the
 kernels do, ``kernel_groups()`` which group is missing and why, and each scan wrapper raises a
-RuntimeError with the install command when its kernel is missing. The kernels update decoding states in place; the wrappers work on a
-copy so that, like the pure-PyTorch ops, they leave their inputs alone and return the new state.
+RuntimeError with the install command when its kernel is missing. The kernels update decoding
+states in place; the wrappers work on a copy so that, like the pure-PyTorch ops, they leave
+their inputs alone and return the new state.
 """
 
 from __future__ import annotations
