@@ -9,6 +9,7 @@ needs; and the activations of one step, measured by live-tensor accounting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -126,12 +127,17 @@ def main() -> None:
     gen = torch.Generator().manual_seed(env.rank)
     step_seconds, activations = [], None
     engine = models.student_engine
+    phase = cfg.plan(env.world_size).phases[0]
     phases = None
     for step in range(args.steps):
         ids = torch.randint(0, source.config.vocab_size, (micro, args.seq_len), generator=gen)
         ids = ids.to(models.student_engine.device)
         t0 = time.time()
-        if step == args.steps - 2:  # the step the ledger measures: phase by phase, without the ledger's own cost
+        # Steady state (trace complete, prefetch on, optimizer states allocated): the second-last
+        # step is measured phase by phase, the last one by the ledger (which has its own cost).
+        marked = step == args.steps - 2
+        ledger = LiveTensorLedger(track_everything=True) if step == args.steps - 1 else None
+        if marked:
             phases = PhasePeaks()
             backward = engine.backward
 
@@ -142,19 +148,15 @@ def main() -> None:
                 return out
 
             engine.backward = backward_between_marks
-            parts, _ = forward_backward(models, models.teacher, cfg.plan(env.world_size).phases[0], ids, cfg)
-            del engine.backward
-            engine.step()
-            phases.mark("optimizer_step")
-        elif step == args.steps - 1:  # steady state: trace complete, prefetch on
-            ledger = LiveTensorLedger(track_everything=True)
-            with ledger.watch():
-                parts, _ = forward_backward(models, models.teacher, cfg.plan(env.world_size).phases[0], ids, cfg)
+        with ledger.watch() if ledger is not None else contextlib.nullcontext():
+            parts, _ = forward_backward(models, models.teacher, phase, ids, cfg)
+        if ledger is not None:
             activations = ledger.peak_bytes
-            engine.step()
-        else:
-            parts, _ = forward_backward(models, models.teacher, cfg.plan(env.world_size).phases[0], ids, cfg)
-            engine.step()
+        if marked:
+            del engine.backward
+        engine.step()
+        if marked:
+            phases.mark("optimizer_step")
         return_free_memory()
         step_seconds.append(time.time() - t0)
 

@@ -538,8 +538,9 @@ def op_level(
                     except Exception as err:  # noqa: BLE001
                         report.error(where, err)
                         continue
-                    report.compare(where | {"seconds": round(time.perf_counter() - t0, 3)}, results, oracle, dtype_name)
-                    print(f"[op {op} {shape_name} {dtype_name}] {where['path']} {time.perf_counter() - t0:6.1f} s", flush=True)
+                    seconds = time.perf_counter() - t0
+                    report.compare(where | {"seconds": round(seconds, 3)}, results, oracle, dtype_name)
+                    print(f"[op {op} {shape_name} {dtype_name}] {where['path']} {seconds:6.1f} s", flush=True)
             report.write()
 
 

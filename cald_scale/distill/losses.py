@@ -182,8 +182,7 @@ def lm_head_losses(
         ce = F.cross_entropy(logits, labels_c, reduction="sum") if want_ce else logits.new_zeros(())
         kl = logits.new_zeros(())
         if want_kl:
-            with torch.no_grad():
-                t_logp = F.log_softmax(teacher_head(t_c).float() / temperature, dim=-1)
+            t_logp = _teacher_log_probs(teacher_head, t_c, temperature)
             kl = F.kl_div(F.log_softmax(logits / temperature, dim=-1), t_logp, log_target=True, reduction="sum")
         return ce, kl
 
@@ -206,6 +205,12 @@ def lm_head_losses(
 def _next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
     """(b * l,) labels: position p predicts token p + 1; the last position of each sequence predicts nothing (-100)."""
     return F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()
+
+
+@torch.no_grad()
+def _teacher_log_probs(teacher_head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The teacher's tempered log-probabilities for a chunk of tokens (the KL's target: no gradient)."""
+    return F.log_softmax(teacher_head(hidden).float() / temperature, dim=-1)
 
 
 def _means(ce_sum, kl_sum, input_ids: torch.Tensor, temperature: float):
@@ -295,8 +300,7 @@ def linear_head_losses(
         t = teacher_h.flatten(0, 1)
 
         def teacher_logp(piece: slice) -> torch.Tensor:
-            with torch.no_grad():
-                return F.log_softmax(teacher_head(t[piece]).float() / temperature, dim=-1)
+            return _teacher_log_probs(teacher_head, t[piece], temperature)
 
     size = chunk_tokens or labels.shape[0]
 
