@@ -58,16 +58,23 @@ def models(max_positions: int) -> dict:
 
 
 @torch.no_grad()
-def time_forward(model, length: int, repeats: int) -> float:
+def time_forwards(built: dict, length: int, repeats: int) -> dict[str, float]:
+    """Median seconds per forward of each model at ``length`` tokens.
+
+    NOTE: the models take turns within each repeat, so a slow spell of a shared machine
+    falls on teacher and students alike instead of on whichever ran during it.
+    """
     ids = torch.randint(1000, 20000, (1, length))
     mask = torch.ones_like(ids)
-    model(input_ids=ids, attention_mask=mask)  # warm-up
-    times = []
+    times = {name: [] for name in built}
+    for model in built.values():
+        model(input_ids=ids, attention_mask=mask)  # warm-up
     for _ in range(repeats):
-        start = time.perf_counter()
-        model(input_ids=ids, attention_mask=mask)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, model in built.items():
+            start = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def layer_linear_macs(model: torch.nn.Module) -> int:
@@ -87,10 +94,11 @@ def speedup_bound(teacher_linear: int, student_linear: int, length: int, g: dict
     return (teacher_linear + attention) / student_linear
 
 
-def measure(lengths=(512, 1024, 2048, 4096, 8192), repeats: int = 3) -> dict:
+def measure(lengths=(512, 1024, 2048, 4096, 8192), repeats: int = 5) -> dict:
     """Seconds per forward for each model and length, and the teacher/student ratios."""
     built = models(max(lengths))
-    seconds = {name: {n: time_forward(model, n, repeats) for n in lengths} for name, model in built.items()}
+    by_length = {n: time_forwards(built, n, repeats) for n in lengths}
+    seconds = {name: {n: by_length[n][name] for n in lengths} for name in built}
     teacher = next(iter(seconds))
     speedup = {name: {n: seconds[teacher][n] / s[n] for n in lengths} for name, s in seconds.items() if name != teacher}
     linear = {name: layer_linear_macs(model) for name, model in built.items()}

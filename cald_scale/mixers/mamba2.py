@@ -22,7 +22,7 @@ from cald_scale.mixers._common import (
 )
 from cald_scale.mixers.config import Mamba2Config
 from cald_scale.mixers.ops import _cuda
-from cald_scale.mixers.ops._threads import one_thread
+from cald_scale.mixers.ops._threads import one_thread, scan_threads
 from cald_scale.mixers.ops.conv import causal_conv1d, causal_conv1d_update
 from cald_scale.mixers.ops.ssd import ssd_chunked, ssd_ref, ssd_step
 
@@ -92,7 +92,7 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        with one_thread():
+        with scan_threads(y, z, self.weight):
             return _GatedRMSNormFn.apply(y, z, self.weight, self.group_size, self.eps)
 
 

@@ -375,3 +375,68 @@ def test_long_inference_runs_in_segments_with_the_same_result(monkeypatch):
     calls.clear()
     ssd_chunked(**_leaves(inputs), chunk_size=8)  # with autograd: one pass
     assert calls == [150]
+
+
+def _threads_seen_by_ops(fn) -> set[int]:
+    """Every intra-op thread count in force while ``fn``'s aten ops ran."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(torch.get_num_threads())
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+def test_scans_use_all_threads_for_inference_and_one_while_training():
+    from cald_scale.mixers import Mamba2Config, Mamba2Mixer
+
+    torch.set_num_threads(2)  # restored by conftest
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(Mamba2Config(head_dim=8, d_state=8, chunk_size=16, kernel="chunked"), hidden_size=32)
+    x = torch.randn(2, 40, 32)
+    with torch.no_grad():
+        assert _threads_seen_by_ops(lambda: mixer(x)) == {2}
+    # Training: the conv, the SSD and the gated norm run on one thread (their matmuls get both back).
+    out = None
+
+    def forward():
+        nonlocal out
+        out = mixer(x)
+
+    assert _threads_seen_by_ops(forward) == {1, 2}
+    assert _threads_seen_by_ops(lambda: out.sum().backward()) == {1, 2}
+    assert torch.get_num_threads() == 2
+
+
+def _threads_in_scan_scope(rank: int, init_file: str, out) -> None:
+    import torch.distributed as dist
+
+    from cald_scale.mixers.ops._threads import scan_threads
+
+    torch.set_num_threads(2)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        with torch.no_grad(), scan_threads(torch.zeros(1)):
+            out.put((rank, torch.get_num_threads()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_scans_keep_one_thread_when_ranks_share_the_machine(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_threads_in_scan_scope, args=(r, str(tmp_path / "init"), out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(out.get(timeout=5) for _ in procs) == [(0, 1), (1, 1)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cald_scale.mixers.ops._threads import one_thread
+from cald_scale.mixers.ops._threads import one_thread, scan_threads
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
@@ -112,7 +112,7 @@ def causal_conv1d(
         raise ValueError(f"x has {x.shape[1]} channels, weight has {dim}")
     xw = x.to(weight.dtype)
     if xw.stride(1) == 1:  # channels-last memory
-        with one_thread():
+        with scan_threads(xw, weight, bias):
             y = _CausalConv1dChannelsLast.apply(xw.transpose(1, 2), weight, bias, silu).transpose(1, 2)
     else:
         y = F.conv1d(F.pad(xw, (width - 1, 0)), weight.unsqueeze(1), bias, groups=dim)

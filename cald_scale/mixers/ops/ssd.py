@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cald_scale.mixers.ops._threads import one_thread, outer_threads
+from cald_scale.mixers.ops._threads import one_thread, outer_threads, scan_threads
 
 __all__ = ["ssd_ref", "ssd_chunked", "ssd_step"]
 
@@ -350,7 +350,7 @@ def ssd_chunked(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, D, initial_state)
     )
     segment = max(_SEGMENT_TOKENS // chunk_size, 1) * chunk_size
-    with one_thread():
+    with scan_threads(x, dt, A, B, C, D, initial_state):
         if needs_grad or x.shape[1] <= 2 * segment:
             y, final_state = _SSDChunked.apply(x, dt, A, B, C, D, initial_state, chunk_size)
         else:
