@@ -3,12 +3,14 @@
 # wheels, kernel-path parity against a float64 oracle, then GPU speed of the mixers, of
 # inference and of training, every result under $OUT with the device named in it.
 #
-#   bash benchmarks/gpu_check.sh            # through the device tool: carry ["gpu_wheels"], timeout_s 540
+#   bash benchmarks/gpu_check.sh            # through the device tool: carry ["gpu_wheels"], timeout_s 580
 #
-# Time: the whole script stays under 8 minutes. Each step runs under `timeout` with its own
-# cap, cut to what is left of GPU_CHECK_BUDGET_S (default 470 s); a step that fails or
+# Time: the whole script stays under 9 minutes. Each step runs under `timeout` with its own
+# cap, cut to what is left of GPU_CHECK_BUDGET_S (default 540 s); a step that fails or
 # times out is recorded and the next one runs (set -uo pipefail, no -e). The steps run in the
-# order of their worth: bf16 kernel parity, then the speed of each geometry, float32 parity last.
+# order of their worth: bf16 kernel parity, the distillation step, mixer and inference speed,
+# Llama-3.2-1B's training speed, float32 parity last (all of them need about 12 minutes: a
+# second call with GPU_CHECK_STEPS runs what the first one's budget cut).
 #
 # Wheels: gpu_wheels/ at the repo root (GPU_WHEELS overrides), made on a CPU machine by
 # launch/build_gpu_wheels.sh; the folder ignores itself in git, so the device tool's `carry`
@@ -35,7 +37,12 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT  # logs and results are packed into $OUT after every step
 SITE=$WORK/site
 LOG=$OUT/gpu_check.log
-BUDGET=${GPU_CHECK_BUDGET_S:-470}
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
+# A rerun of some steps only (env, install_wheels and kernels always run), e.g.
+# GPU_CHECK_STEPS="train_speed_smollm2 kernel_parity" GPU_CHECK_PARITY_LEVELS=mixer
+ONLY=${GPU_CHECK_STEPS:-}
+[ -n "$ONLY" ] && ONLY="env install_wheels kernels $ONLY"
+PARITY_LEVELS=${GPU_CHECK_PARITY_LEVELS:-op,mixer}
 WHEELS=${GPU_WHEELS:-$REPO/gpu_wheels}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline
@@ -50,6 +57,13 @@ STATUS=()
 
 say() { echo "$*" | tee -a "$LOG"; }
 
+# budget_for CAP_S: seconds a script may plan for inside a step of cap CAP_S, 25 s short of
+# the step's limit (the cap or what is left of the budget), so that it writes its result first.
+budget_for() {
+  local left=$((BUDGET - (SECONDS - START)))
+  echo $(( (left < $1 ? left : $1) - 25 ))
+}
+
 pack() {  # everything the steps wrote, for the record (a tarball is one of the 8 files)
   tar -czf "$OUT/gpu_check_all.tar.gz.tmp" -C "$WORK" --exclude=./site --exclude=./cache . 2>/dev/null \
     && mv "$OUT/gpu_check_all.tar.gz.tmp" "$OUT/gpu_check_all.tar.gz"
@@ -60,6 +74,10 @@ pack() {  # everything the steps wrote, for the record (a tarball is one of the 
 step() {
   local name=$1 cap=$2 result=$3
   shift 3
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then
+    STATUS+=("$(printf '%-26s not asked for (GPU_CHECK_STEPS)' "$name")")
+    return
+  fi
   local left=$((BUDGET - (SECONDS - START)))
   local limit=$((cap < left ? cap : left))
   if ((limit < 20)); then
@@ -147,20 +165,28 @@ if [ -d "$SITE" ]; then
 fi
 step kernels 25 - kernel_info
 step kernel_parity 110 kernel_parity.json \
-  "$PY" benchmarks/kernel_parity.py --device cuda --shapes smollm2,small --dtypes bfloat16 \
+  "$PY" benchmarks/kernel_parity.py --device cuda --shapes smollm2,small --dtypes bfloat16 --levels "$PARITY_LEVELS" \
   --time-budget 80 --out "$WORK/kernel_parity.json"
+# NOTE: on the second GPU run the four items took 73 s to start (about 10 s of imports each)
+# and their first steps 60 s (34 s for the student, 22 s for the distillation step: Triton
+# tuning), so a 150 s cap left one round; 210 s leaves the timed rounds (0.1-0.2 s each).
+# train_speed stops starting rounds 25 s before the cap so that it writes what it timed.
+step train_speed_smollm2 210 train_speed_gpu_smollm2.json \
+  "$PY" benchmarks/train_speed.py --device cuda --dtype bfloat16 --geometry SmolLM2-135M --time-budget "$(budget_for 210)" \
+  --log-dir "$WORK/train_speed_smollm2_items" --out "$WORK/train_speed_gpu_smollm2.json"
 step mixer_speed 60 mixer_speed_gpu.json \
   "$PY" benchmarks/mixer_speed.py --device cuda --dtype bfloat16 --repeats 3 --no-report --out "$WORK/mixer_speed_gpu.json"
-for geometry in SmolLM2-135M Llama-3.2-1B; do
-  tag=$([ "$geometry" = SmolLM2-135M ] && echo smollm2 || echo llama1b)
+for tag in smollm2 llama1b; do
+  geometry=$([ "$tag" = smollm2 ] && echo SmolLM2-135M || echo Llama-3.2-1B)
   step "inference_speed_$tag" 80 "inference_speed_gpu_$tag.json" \
     "$PY" benchmarks/inference_speed.py --device cuda --dtype bfloat16 --geometry "$geometry" --out "$WORK/inference_speed_gpu_$tag.json"
-  step "train_speed_$tag" 90 "train_speed_gpu_$tag.json" \
-    "$PY" benchmarks/train_speed.py --device cuda --dtype bfloat16 --geometry "$geometry" --out "$WORK/train_speed_gpu_$tag.json"
 done
+step train_speed_llama1b 210 train_speed_gpu_llama1b.json \
+  "$PY" benchmarks/train_speed.py --device cuda --dtype bfloat16 --geometry Llama-3.2-1B --time-budget "$(budget_for 210)" \
+  --log-dir "$WORK/train_speed_llama1b_items" --out "$WORK/train_speed_gpu_llama1b.json"
 # float32 last: Triton tunes its kernels anew for it (over 70 s on the first run).
 step kernel_parity_fp32 90 - \
-  "$PY" benchmarks/kernel_parity.py --device cuda --shapes smollm2,small --dtypes float32 \
+  "$PY" benchmarks/kernel_parity.py --device cuda --shapes smollm2,small --dtypes float32 --levels "$PARITY_LEVELS" \
   --time-budget 60 --out "$WORK/kernel_parity_fp32.json"
 
 say ""

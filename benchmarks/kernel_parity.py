@@ -557,6 +557,9 @@ def main() -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--shapes", default="small,smollm2", help=f"comma-separated, of {sorted(SHAPES)}")
     parser.add_argument("--seqlen", type=int, default=None, help="override every shape's sequence length")
+    parser.add_argument(
+        "--levels", default="op,mixer", help="comma-separated, of op (each kernel alone) and mixer (whole mixers, every path)"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "kernel_parity.json")
     parser.add_argument(
         "--time-budget", type=float, default=None, help="seconds; later checks are skipped (and listed) past it"
@@ -573,6 +576,9 @@ def main() -> int:
     for name in shapes:
         if name not in SHAPES:
             parser.error(f"shape {name!r} not in {sorted(SHAPES)}")
+    level_names = [name.strip() for name in args.levels.split(",") if name.strip()]
+    if not level_names or set(level_names) - {"op", "mixer"}:
+        parser.error(f"--levels {args.levels!r}: give op, mixer or both")
     started = time.perf_counter()
 
     def over_budget() -> bool:
@@ -584,6 +590,7 @@ def main() -> int:
     header = {
         "benchmark": "kernel_parity",
         "machine": machine(),
+        "levels": level_names,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"cpu ({platform.processor() or platform.machine()})",
@@ -611,7 +618,7 @@ def main() -> int:
     report = Report(args.out, header, baseline_path)
     print(f"kernel_parity on {header['device']}: kernel groups {json.dumps(header['kernel_groups'])}", flush=True)
 
-    levels = [mixer_level, op_level]
+    levels = [level for name, level in (("mixer", mixer_level), ("op", op_level)) if name in level_names]
     if device.type == "cuda":
         levels.reverse()  # the kernels op by op first: they alone run when only some kernel groups import
     # NOTE: dtype by dtype, both levels each: on the first GPU run the float32 op checks (Triton

@@ -42,6 +42,7 @@ The headline is batch 1 x 512; --batch / --seq_len write a result of their own
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import statistics
@@ -62,6 +63,7 @@ sys.path.insert(0, str(REPO))
 ITEMS = ("teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step")
 TARGET_RATIO = 1.1
 QUICK_LAYERS = 8  # --quick: the geometry's widths and vocabulary, fewer blocks
+STALL_S = 60  # a worker command running longer prints every thread's stack this often (to its log)
 MARK = "@@train_speed "  # prefixes the workers' replies (libraries print to stdout too)
 
 
@@ -280,9 +282,13 @@ def serve_item(args) -> None:
     source, _ = open_teacher(cfg.teacher)
     ids = torch.randint(0, source.config.vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     rss_baseline = _status_bytes("VmRSS")
+    # NOTE: on the first GPU runs an item outlasted its cap with no sign of where (Triton
+    # autotuning, engine set-up?): a long build or step now leaves its stacks in the log.
+    faulthandler.dump_traceback_later(STALL_S, repeat=True)
     t0 = time.perf_counter()
     step, follow_up = BUILDERS[args.item](cfg, source, ids)
     build_seconds = time.perf_counter() - t0
+    faulthandler.cancel_dump_traceback_later()
     _sync(device)
     memory = {"rss_baseline_bytes": rss_baseline, "rss_built_bytes": _status_bytes("VmRSS")}
     memory["peak_rss_covers"] = "its steps only (VmHWM reset after building)" if _reset_peak_rss() else "the whole process (VmHWM could not be reset)"
@@ -295,9 +301,11 @@ def serve_item(args) -> None:
         command = command.strip()
         if command == "step":
             _sync(device)
+            faulthandler.dump_traceback_later(STALL_S, repeat=True)
             t0, c0 = time.perf_counter(), time.process_time()
             out = step()
             _sync(device)
+            faulthandler.cancel_dump_traceback_later()
             out.update(s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, load=os.getloadavg()[0])
             out.update(follow_up() if follow_up else {})
             _reply(out)
@@ -383,16 +391,23 @@ def run_items(args, teacher: Path, log_dir: Path, profile: bool) -> tuple[dict, 
     workers, results, profiled = {}, {}, None
     try:
         for item in ITEMS:  # built one after another: build peaks do not add up
-            print(f"[train_speed] building {item} ...", flush=True)
+            print(f"[train_speed] {_elapsed()} building {item} ...", flush=True)
             worker = Worker(item, args, teacher, log_dir)
             try:
-                worker.read()  # built
+                built = worker.read()
                 workers[item] = worker
+                print(f"[train_speed] {_elapsed()} built {item} in {built['build_seconds']:.1f} s", flush=True)
             except WorkerFailed as err:
                 results[item] = {"error": str(err)}
-        steps = _rounds(workers, results, args.warmup + args.steps, "timed")
-        steps = {item: replies[args.warmup:] for item, replies in steps.items()}
+        rounds = _rounds(workers, results, args.warmup + args.steps, "timed", args.time_budget)
+        steps = {item: replies[args.warmup:] for item, replies in rounds.items()}
         for item, worker in list(workers.items()):
+            if not steps[item]:
+                results[item] = {
+                    "error": f"no step after the {args.warmup} warmup steps within --time-budget {args.time_budget} s",
+                    "warmup_step_seconds": [r["s"] for r in rounds[item]],  # what the first steps cost (GPU: Triton tuning)
+                }
+                continue
             try:
                 results[item] = _item_result(steps[item], worker.call("memory"), args.batch * args.seq_len)
             except WorkerFailed as err:  # its steps were timed, but a result without memory is no result
@@ -410,18 +425,31 @@ def run_items(args, teacher: Path, log_dir: Path, profile: bool) -> tuple[dict, 
     return {item: results[item] for item in ITEMS}, profiled
 
 
-def _rounds(workers: dict[str, Worker], results: dict, rounds: int, label: str) -> dict[str, list[dict]]:
-    """``rounds`` rounds of one step of each item in turn; a worker that fails is dropped (its error kept)."""
+_STARTED = time.perf_counter()
+
+
+def _elapsed() -> str:
+    return f"+{time.perf_counter() - _STARTED:.0f}s"
+
+
+def _rounds(workers: dict[str, Worker], results: dict, rounds: int, label: str, budget_s: float | None = None) -> dict[str, list[dict]]:
+    """``rounds`` rounds of one step of each item in turn; a worker that fails is dropped (its error kept).
+    Past ``budget_s`` seconds since the start no new round begins (fewer timed steps, not no result)."""
     replies = {item: [] for item in workers}
     for i in range(rounds):
+        if budget_s is not None and i > 0 and time.perf_counter() - _STARTED > budget_s:
+            print(f"[train_speed] {_elapsed()} time budget {budget_s:.0f} s spent: {i} of {rounds} rounds", flush=True)
+            break
         for item, worker in list(workers.items()):
+            if i == 0:  # the first step of an item is the slow one (CUDA/Triton set-up, tuning)
+                print(f"[train_speed] {_elapsed()} first step of {item} ...", flush=True)
             try:
                 reply = worker.call("step")
             except WorkerFailed as err:
                 results[item] = {"error": str(err)}
                 del workers[item]
                 continue
-            print(f"[train_speed] {label} round {i + 1}: {item} {reply['s']:.3f} s", flush=True)
+            print(f"[train_speed] {_elapsed()} {label} round {i + 1}: {item} {reply['s']:.3f} s", flush=True)
             replies[item].append(reply)
     return replies
 
@@ -544,6 +572,7 @@ def assemble(args, geometry: str, items: dict, profiled: dict | None, load_befor
         "shapes": {
             "geometry": args.geometry, "layers": GEOMETRIES[geometry]["num_hidden_layers"], "batch": args.batch, "seq_len": args.seq_len,
             "tokens_per_step": args.batch * args.seq_len, "steps": args.steps, "warmup": args.warmup, "student_trainable": args.trainable,
+            "time_budget_s": args.time_budget,
             "torch_threads": items["teacher_forward"].get("torch_threads", args.threads),
         },
         "memory_measure": (
@@ -580,6 +609,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per item (default: 1 on cpu, torch's own on cuda)")
     parser.add_argument("--profile", action="store_true", help="profile one distillation step even when the target is met")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds; no new round of steps starts past it (the result says how many ran)")
+    parser.add_argument("--log-dir", default=None, help="keep each item's process log here (default: a temporary folder)")
     parser.add_argument("--cache", default=os.environ.get("CALD_SCALE_CACHE", str(Path.home() / ".cache" / "cald_scale")) + "/bench_teachers")
     parser.add_argument("--item", choices=ITEMS, default=None, help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--teacher", default=None, help=argparse.SUPPRESS)
@@ -601,8 +632,12 @@ def main() -> None:
     geometry = truncated_geometry(args.geometry, QUICK_LAYERS) if args.quick else args.geometry
     teacher = write_random_teacher(geometry, Path(args.cache) / geometry)
     load_before = os.getloadavg()[0]  # before this run's workers start
-    with tempfile.TemporaryDirectory() as logs:
-        items, profiled = run_items(args, teacher, Path(logs), args.profile)
+    if args.log_dir:
+        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+        items, profiled = run_items(args, teacher, Path(args.log_dir), args.profile)
+    else:
+        with tempfile.TemporaryDirectory() as logs:
+            items, profiled = run_items(args, teacher, Path(logs), args.profile)
     result = assemble(args, geometry, items, profiled, load_before)
     path = write_result(_default_name(args), result, args.out)
     path.with_suffix(".md").write_text(markdown(result))

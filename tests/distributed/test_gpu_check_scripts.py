@@ -27,6 +27,12 @@ def test_kernel_parity_checks_every_cpu_path(tmp_path):
     assert {c["dtype"] for c in result["checks"]} == {"bfloat16", "float32"}
 
 
+def test_kernel_parity_runs_only_the_levels_asked_for(tmp_path):
+    result = _run_benchmark("kernel_parity.py", tmp_path, "--shapes", "small", "--dtypes", "float32", "--seqlen", "64", "--levels", "mixer")
+    assert result["levels"] == ["mixer"] and result["summary"]["pass"] is True
+    assert {c["level"] for c in result["checks"]} == {"mixer"}
+
+
 def test_mixer_speed_times_both_mixers_against_the_teacher(tmp_path):
     result = _run_benchmark("mixer_speed.py", tmp_path, "--dtype", "bfloat16", "--layers", "1", "--batch", "1", "--seqlen", "64", "--repeats", "1", "--no-report")
     assert set(result["mixers"]) == {"mamba2", "mamba"} and result["device_type"] == "cpu"
@@ -54,10 +60,15 @@ def test_inference_speed_measures_the_default_hybrid_with_its_kept_kv_cache(tmp_
 
 
 def test_train_speed_steps_every_item_through_the_trainer(tmp_path):
-    result = _run_benchmark("train_speed.py", tmp_path, "--quick", "--steps", "1", "--seq_len", "64")
+    # --time-budget 0: the first round runs, no second one starts, and the result is still written
+    # (gpu_check's cap once killed a run with nothing written); --log-dir keeps each item's log.
+    result = _run_benchmark("train_speed.py", tmp_path, "--quick", "--warmup", "0", "--steps", "2", "--seq_len", "64",
+                            "--time-budget", "0", "--log-dir", str(tmp_path / "items"))
     assert set(result["items"]) == {"teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step"}
     for name, item in result["items"].items():
         assert "error" not in item, f"{name}: {item.get('error')}"
-        assert item["median_s"] > 0
+        assert item["median_s"] > 0 and len(item["step_seconds"]) == 1
+        assert (tmp_path / "items" / f"{name}.log").exists()
+    assert result["shapes"]["time_budget_s"] == 0
     # A ratio, not a timing check: under -n 2 the other worker's load makes tiny steps noisy.
     assert result["ratios"]["distill_over_unavoidable"] > 0 and "distill_over_unavoidable" in result["targets"]
