@@ -42,6 +42,7 @@ The headline is batch 1 x 512; --batch / --seq_len write a result of their own
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import os
@@ -263,6 +264,18 @@ def profile_step(step, device: torch.device, top: int = 15) -> dict:
 
 
 # -- worker: one item, stepping on command ------------------------------------------------
+@contextlib.contextmanager
+def _stall_traces():
+    """Every thread's stack into the item's log each STALL_S seconds while the body runs."""
+    # NOTE: on the first GPU runs an item outlasted its cap with no sign of where (Triton
+    # autotuning, engine set-up?): a long build or step now leaves its stacks in the log.
+    faulthandler.dump_traceback_later(STALL_S, repeat=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 def _reply(message: dict) -> None:
     print(MARK + json.dumps(message), flush=True)
 
@@ -282,13 +295,10 @@ def serve_item(args) -> None:
     source, _ = open_teacher(cfg.teacher)
     ids = torch.randint(0, source.config.vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     rss_baseline = _status_bytes("VmRSS")
-    # NOTE: on the first GPU runs an item outlasted its cap with no sign of where (Triton
-    # autotuning, engine set-up?): a long build or step now leaves its stacks in the log.
-    faulthandler.dump_traceback_later(STALL_S, repeat=True)
     t0 = time.perf_counter()
-    step, follow_up = BUILDERS[args.item](cfg, source, ids)
+    with _stall_traces():
+        step, follow_up = BUILDERS[args.item](cfg, source, ids)
     build_seconds = time.perf_counter() - t0
-    faulthandler.cancel_dump_traceback_later()
     _sync(device)
     memory = {"rss_baseline_bytes": rss_baseline, "rss_built_bytes": _status_bytes("VmRSS")}
     memory["peak_rss_covers"] = "its steps only (VmHWM reset after building)" if _reset_peak_rss() else "the whole process (VmHWM could not be reset)"
@@ -301,11 +311,10 @@ def serve_item(args) -> None:
         command = command.strip()
         if command == "step":
             _sync(device)
-            faulthandler.dump_traceback_later(STALL_S, repeat=True)
             t0, c0 = time.perf_counter(), time.process_time()
-            out = step()
-            _sync(device)
-            faulthandler.cancel_dump_traceback_later()
+            with _stall_traces():
+                out = step()
+                _sync(device)
             out.update(s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, load=os.getloadavg()[0])
             out.update(follow_up() if follow_up else {})
             _reply(out)
@@ -632,12 +641,9 @@ def main() -> None:
     geometry = truncated_geometry(args.geometry, QUICK_LAYERS) if args.quick else args.geometry
     teacher = write_random_teacher(geometry, Path(args.cache) / geometry)
     load_before = os.getloadavg()[0]  # before this run's workers start
-    if args.log_dir:
-        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
-        items, profiled = run_items(args, teacher, Path(args.log_dir), args.profile)
-    else:
-        with tempfile.TemporaryDirectory() as logs:
-            items, profiled = run_items(args, teacher, Path(logs), args.profile)
+    with contextlib.nullcontext(args.log_dir) if args.log_dir else tempfile.TemporaryDirectory() as logs:
+        Path(logs).mkdir(parents=True, exist_ok=True)
+        items, profiled = run_items(args, teacher, Path(logs), args.profile)
     result = assemble(args, geometry, items, profiled, load_before)
     path = write_result(_default_name(args), result, args.out)
     path.with_suffix(".md").write_text(markdown(result))
