@@ -9,8 +9,11 @@
 # cap, cut to what is left of GPU_CHECK_BUDGET_S (default 540 s); a step that fails or
 # times out is recorded and the next one runs (set -uo pipefail, no -e). The steps run in the
 # order of their worth: bf16 kernel parity, the distillation step, mixer and inference speed,
-# Llama-3.2-1B's training speed, float32 parity last (all of them need about 12 minutes: a
-# second call with GPU_CHECK_STEPS runs what the first one's budget cut).
+# Llama-3.2-1B's training speed, float32 parity last. On the second GPU run (2026-12-04) all of
+# them needed about 12 minutes, over half of it Triton tuning and processes starting one after
+# another; with the shared tuning choices and train_speed's parallel start (below) the steps
+# the issue asks for (all but float32 parity) should fit in 8. A second call with
+# GPU_CHECK_STEPS runs what a first one's budget cut.
 #
 # Wheels: gpu_wheels/ at the repo root (GPU_WHEELS overrides), made on a CPU machine by
 # launch/build_gpu_wheels.sh; the folder ignores itself in git, so the device tool's `carry`
@@ -19,8 +22,16 @@
 # on the GPU, and kernel_parity.json says what it skipped and why. causal-conv1d is optional
 # (without it the mixers' "cuda" path runs its conv in pure PyTorch); it has no pure-Python
 # build, and compiling it for sm_90 did not finish in 240 s on a 16-core H200 host (first GPU
-# run, 2026-12-04), so it is not built here: a device call of its own,
-# `bash launch/build_gpu_wheels.sh --compile --out $OUT`, brings its wheel back for gpu_wheels/.
+# run, 2026-12-04), so its wheel is compiled on the CPU machine, which has nvcc 13.0, beside
+# PyPI's torch 2.11.0+cu130 (`launch/build_gpu_wheels.sh --compile`, 8 minutes on 2 cores).
+#
+# Triton tuning: mamba_ssm's SSD kernels are tuned once per process and tuning key; most of the
+# backward ones escape Triton's own disk cache (pre_hook configs), which cost 20-90 s in every
+# process of the second GPU run. CALD_TRITON_AUTOTUNE_CACHE (cald_scale/mixers/ops/
+# _autotune_cache.py) keeps the choices in one file that every step reads and adds to; it starts
+# from benchmarks/results/triton_autotune.json (committed from the last GPU run, keyed by the
+# device and the versions) and comes back in the tarball as triton_autotune.json, to be
+# committed for the next run.
 #
 # Outputs in $OUT (at most 8 files come back from it): gpu_check.log (every step's output
 # in order, then a status table), kernel_parity.json (bf16), mixer_speed_gpu.json,
@@ -49,6 +60,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=off
 # NOTE: mamba_ssm's Triton SSD kernels autotune per shape and dtype (many configs compiled on
 # first use); cached on disk, the tuning of one step serves the later ones.
 export TRITON_CACHE_AUTOTUNING=1
+export CALD_TRITON_AUTOTUNE_CACHE=$WORK/triton_autotune.json  # packed with the logs
+[ -f "$REPO/benchmarks/results/triton_autotune.json" ] && cp "$REPO/benchmarks/results/triton_autotune.json" "$CALD_TRITON_AUTOTUNE_CACHE"
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 export CALD_SCALE_CACHE=$WORK/cache  # random teachers written by train_speed.py stay out of $HOME
 export PY WHEELS WORK SITE  # read by the step functions, which run in child shells
@@ -167,10 +180,11 @@ step kernels 25 - kernel_info
 step kernel_parity 110 kernel_parity.json \
   "$PY" benchmarks/kernel_parity.py --device cuda --shapes smollm2,small --dtypes bfloat16 --levels "$PARITY_LEVELS" \
   --time-budget 80 --out "$WORK/kernel_parity.json"
-# NOTE: on the second GPU run the four items took 73 s to start (about 10 s of imports each)
-# and their first steps 60 s (34 s for the student, 22 s for the distillation step: Triton
-# tuning), so a 150 s cap left one round; 210 s leaves the timed rounds (0.1-0.2 s each).
-# train_speed stops starting rounds 25 s before the cap so that it writes what it timed.
+# NOTE: on the second GPU run the four items took 73 s to start one after another (about 10 s
+# of imports each; now they start at once, train_speed's default on cuda) and their first steps
+# 60 s (34 s for the student, 22 s for the distillation step: Triton tuning, which the choices
+# file now shares with kernel_parity's), so a 150 s cap left one round. train_speed stops
+# starting rounds 25 s before the cap so that it writes what it timed.
 step train_speed_smollm2 210 train_speed_gpu_smollm2.json \
   "$PY" benchmarks/train_speed.py --device cuda --dtype bfloat16 --geometry SmolLM2-135M --time-budget "$(budget_for 210)" \
   --log-dir "$WORK/train_speed_smollm2_items" --out "$WORK/train_speed_gpu_smollm2.json"

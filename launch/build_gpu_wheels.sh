@@ -3,8 +3,8 @@
 #
 #   bash launch/build_gpu_wheels.sh                  # on a CPU machine with PyPI: fill gpu_wheels/
 #   bash launch/build_gpu_wheels.sh --dry-run        # print what would run
-#   bash launch/build_gpu_wheels.sh --compile [--selective-scan] [--out DIR]
-#                                                    # where nvcc and the target torch are: compile
+#   bash launch/build_gpu_wheels.sh --compile [--toolchain DIR] [--selective-scan] [--out DIR]
+#                                                    # with nvcc 13.0: compile causal-conv1d
 #
 # The GPU machines (see /work/shared/METHOD.md, "Facts about the lent GPU machines") run
 # Python 3.12, torch 2.11.0+cu130, triton 3.6, transformers, einops, ninja, nvcc 13.0; they
@@ -30,18 +30,23 @@
 #   - the sdists of causal-conv1d 1.7.0 and mamba-ssm, kept in gpu_wheels/src for --compile.
 #
 # --compile mode (needs nvcc and the very torch and Python that will run the kernels, i.e. the
-# GPU image, or a machine with Python 3.12 + torch==2.11.0+cu130 + nvcc 13.0):
+# GPU image, or a machine with Python 3.12 + torch==2.11.0+cu130 + nvcc 13.0). The CPU machines
+# here are such a machine: they have nvcc 13.0, and PyPI's torch 2.11.0 is the image's own
+# build (+cu130), so `--compile --toolchain DIR` makes a Python 3.12 venv in DIR with it (4.6 GB,
+# a minute from PyPI) and compiles there; the CUDA headers torch's own come from (cuBLAS,
+# cuSPARSE: pip's nvidia packages) are put on CPATH. Measured on 2 cores (2026-12-04):
+# causal-conv1d 7.5 minutes, a 21 MB wheel.
 #   - causal-conv1d has no pure-Python form: three .cu files, compiled here for one
 #     architecture (CUDA_ARCH, default 90 = H100/H200) by rewriting the -gencode list its
 #     setup.py hard-codes (75, 80, 87, 90, 100, 120, 103, 110, 121 with CUDA 13;
 #     TORCH_CUDA_ARCH_LIST does not restrict it). --selective-scan does the same for
 #     mamba-ssm's selective_scan_cuda (ten .cu files, several times longer), giving a platform
 #     wheel that replaces the pure-Python mamba-ssm one.
-#   - Measured on the H200 image (16 cores, 2026-12-04): causal-conv1d alone did not finish
-#     within 240 s. So it runs as a device call of its own, `--compile --out $OUT` with the
-#     longest timeout a lease allows, which brings the wheel back (at most 16 MiB a file) to
-#     be kept in gpu_wheels/ from then on. It is optional: without it the mixers' "cuda" path
-#     runs the short conv in pure PyTorch and the scans in mamba_ssm's Triton kernels.
+#   - On the H200 image (16 cores, 2026-12-04) causal-conv1d alone did not finish within 240 s
+#     inside gpu_check, hence the CPU machine. It is optional: without it the mixers' "cuda"
+#     path runs the short conv in pure PyTorch and the scans in mamba_ssm's Triton kernels.
+#   - mamba-ssm's selective_scan_cuda does not fit: a run carries 64 MiB, and the transformers
+#     set and causal-conv1d take 57 of them. Mamba-1's "cuda" path needs it (else `chunked`).
 #
 # flash-attn is left out: its source build takes far longer than a lease (tens of minutes to
 # hours, even for one architecture) and nothing here needs it; teachers use torch's sdpa,
@@ -49,7 +54,8 @@
 #
 # Knobs (environment): PYTHON (default python3; default mode needs torch importable, any
 # build), MAMBA_SSM_VERSION, CAUSAL_CONV1D_VERSION, DEEPSPEED_VERSION, TRANSFORMERS_VERSION
-# (default: the one PYTHON imports), CUDA_ARCH, MAX_JOBS.
+# (default: the one PYTHON imports), CUDA_ARCH, MAX_JOBS, TORCH_VERSION (--toolchain's, 2.11.0),
+# TOOLCHAIN_PYTHON (--toolchain's interpreter, default python3.12 or pyenv's 3.12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,8 +65,9 @@ CAUSAL_CONV1D_VERSION=${CAUSAL_CONV1D_VERSION:-1.7.0}
 DEEPSPEED_VERSION=${DEEPSPEED_VERSION:-0.19.8}
 CUDA_ARCH=${CUDA_ARCH:-90}
 TARGET_PYTHON=3.12  # the GPU image's
-LIMIT_MIB=48        # of the 64 MiB a run carries; the rest is the repository
-MODE=prepare OUT_DIR=gpu_wheels DRY=0 DEEPSPEED=1 SELECTIVE_SCAN=0
+LIMIT_MIB=58        # of the 64 MiB a run carries; the rest is the repository (3.2 MB)
+MODE=prepare OUT_DIR=gpu_wheels DRY=0 DEEPSPEED=1 SELECTIVE_SCAN=0 TOOLCHAIN=""
+TORCH_VERSION=${TORCH_VERSION:-2.11.0}  # the GPU image's (PyPI's build of it is +cu130)
 
 while [ $# -gt 0 ]; do
   case $1 in
@@ -68,6 +75,7 @@ while [ $# -gt 0 ]; do
     --selective-scan) SELECTIVE_SCAN=1 ;;
     --no-deepspeed) DEEPSPEED=0 ;;
     --out) OUT_DIR=$2; shift ;;
+    --toolchain) TOOLCHAIN=$2; shift ;;
     --dry-run) DRY=1 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -119,7 +127,9 @@ path, arch = sys.argv[1], sys.argv[2]
 text = open(path).read()
 # Every hard-coded -gencode pair becomes a no-op; one pair for the wanted arch follows `cc_flag = []`.
 text, n = re.subn(r'cc_flag\.append\("(-gencode|arch=compute_\d+a?,code=sm_\d+a?)"\)', "pass", text)
-text, m = re.subn(r"^(\s*)cc_flag = \[\]$", rf'\1cc_flag = ["-gencode", "arch=compute_{arch},code=sm_{arch}"]', text, count=1, flags=re.M)
+# NOTE: --compress-mode=size (zstd) makes the device code about a fifth smaller than nvcc's
+# default compression: causal-conv1d's sm_90 code alone is 26 MB, and a run carries 64 MiB.
+text, m = re.subn(r"^(\s*)cc_flag = \[\]$", rf'\1cc_flag = ["-gencode", "arch=compute_{arch},code=sm_{arch}", "--compress-mode=size"]', text, count=1, flags=re.M)
 if not n or m != 1:
     sys.exit(f"{path}: could not restrict the -gencode list ({n} flags, {m} cc_flag lines): setup.py changed?")
 ast.parse(text)
@@ -152,14 +162,42 @@ if [ "$MODE" = prepare ]; then
 else
   # 3. Compile for one architecture, here (nvcc and the target torch needed).
   command -v nvcc >/dev/null || { echo "--compile needs nvcc" >&2; exit 1; }
+  if [ -n "$TOOLCHAIN" ]; then
+    if [ ! -x "$TOOLCHAIN/bin/python" ]; then
+      py312=${TOOLCHAIN_PYTHON:-python3.12}
+      "$py312" -c '' 2>/dev/null || py312=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
+      [ -n "$py312" ] || { echo "--toolchain needs Python $TARGET_PYTHON (set TOOLCHAIN_PYTHON)" >&2; exit 1; }
+      run "$py312" -m venv "$TOOLCHAIN"
+    fi
+    run "$TOOLCHAIN/bin/python" -m pip install -q "torch==$TORCH_VERSION" setuptools wheel ninja packaging
+    PY=$TOOLCHAIN/bin/python
+  fi
   run "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  [ "$DRY" = 1 ] || "$PY" -c "import sys, torch; sys.exit(sys.version_info[:2] != (3, 12) or torch.version.cuda is None)" || {
+    echo "--compile: $PY must be Python $TARGET_PYTHON with a CUDA build of torch (the GPU image's), or use --toolchain DIR" >&2
+    exit 1
+  }
+  # nvcc may be a wrapper script (the CPU machines' /usr/local/bin/nvcc): ask it for its toolkit.
+  export CUDA_HOME=${CUDA_HOME:-$(realpath "$(nvcc -v -x cu -E /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)")}
+  # NOTE: a CUDA toolkit without cuBLAS/cuSPARSE headers (the CPU machines') takes them from
+  # the nvidia packages torch was installed with; ATen's CUDA headers include them.
+  headers=$("$PY" -c 'import glob, nvidia; print(":".join(glob.glob(f"{list(nvidia.__path__)[0]}/cu*/include")))' 2>/dev/null || true)
+  [ -n "$headers" ] && export CPATH="$headers${CPATH:+:$CPATH}"
   BUILD=$(mktemp -d)
   trap 'rm -rf "$BUILD"' EXIT
   export TORCH_CUDA_ARCH_LIST="${CUDA_ARCH:0:1}.${CUDA_ARCH:1}" MAX_JOBS=${MAX_JOBS:-$(nproc)}
-  run tar -xzf "$SRC/causal_conv1d-$CAUSAL_CONV1D_VERSION.tar.gz" -C "$BUILD"
-  patch_arch "$BUILD/causal_conv1d-$CAUSAL_CONV1D_VERSION"
-  CAUSAL_CONV1D_FORCE_BUILD=TRUE \
-    run "$PY" -m pip wheel --no-deps --no-build-isolation --no-index -w "$OUT_DIR" "$BUILD/causal_conv1d-$CAUSAL_CONV1D_VERSION"
+  # NOTE: the host code's debug information (Python's own CFLAGS have -g) is a quarter of the
+  # library: the linker drops it.
+  export LDFLAGS="${LDFLAGS:+$LDFLAGS }-Wl,--strip-debug"
+  have=$(ls "$OUT_DIR"/causal_conv1d-"$CAUSAL_CONV1D_VERSION"-*.whl 2>/dev/null || true)
+  if [ -n "$have" ]; then
+    echo "have $have"  # minutes of compiling: delete it to build again
+  else
+    run tar -xzf "$SRC/causal_conv1d-$CAUSAL_CONV1D_VERSION.tar.gz" -C "$BUILD"
+    patch_arch "$BUILD/causal_conv1d-$CAUSAL_CONV1D_VERSION"
+    CAUSAL_CONV1D_FORCE_BUILD=TRUE \
+      run "$PY" -m pip wheel --no-deps --no-build-isolation --no-index -w "$OUT_DIR" "$BUILD/causal_conv1d-$CAUSAL_CONV1D_VERSION"
+  fi
   if [ "$SELECTIVE_SCAN" = 1 ]; then
     run tar -xzf "$SRC/mamba_ssm-$MAMBA_SSM_VERSION.tar.gz" -C "$BUILD"
     patch_arch "$BUILD/mamba_ssm-$MAMBA_SSM_VERSION"

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from launcher import launcher_env, run
 
 
@@ -59,11 +61,14 @@ def test_inference_speed_measures_the_default_hybrid_with_its_kept_kv_cache(tmp_
     assert not result["targets"]["student_state_constant"]["pass"]  # it grows with the context, and says so
 
 
-def test_train_speed_steps_every_item_through_the_trainer(tmp_path):
+@pytest.mark.parametrize("build", ["parallel", "sequential"])
+def test_train_speed_steps_every_item_through_the_trainer(tmp_path, build):
     # --time-budget 0: the first round runs, no second one starts, and the result is still written
     # (gpu_check's cap once killed a run with nothing written); --log-dir keeps each item's log.
+    # "parallel" is what a GPU run does (all four processes start at once), "sequential" the CPU's.
     result = _run_benchmark("train_speed.py", tmp_path, "--quick", "--warmup", "0", "--steps", "2", "--seq_len", "64",
-                            "--time-budget", "0", "--log-dir", str(tmp_path / "items"))
+                            "--time-budget", "0", "--log-dir", str(tmp_path / "items"), "--build", build)
+    assert result["shapes"]["build"] == build
     assert set(result["items"]) == {"teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step"}
     for name, item in result["items"].items():
         assert "error" not in item, f"{name}: {item.get('error')}"

@@ -11,9 +11,11 @@ The kernels come in three groups that import independently:
 
 Mamba2 needs the Triton group, Mamba the Triton and the selective-scan groups
 (``MIXER_GROUPS``). causal-conv1d is optional (``OPTIONAL_GROUPS``): without it the conv wrappers
-run the pure-PyTorch conv on the GPU. NOTE: causal-conv1d has no pure-Python build and its
-source build for one architecture outlasted 240 s on a 16-core H200 host (2026-12-04), while
-the conv is a small part of a mixer's time; mamba_ssm's own Mamba2 falls back the same way.
+run the pure-PyTorch conv on the GPU. NOTE: causal-conv1d has no pure-Python build, its source
+build outlasts what a lent GPU has time for (its wheel is compiled on a CPU machine:
+launch/build_gpu_wheels.sh), and the conv is a small part of a mixer's time; mamba_ssm's own
+Mamba2 falls back the same way. The SSD scan shares its Triton tuning between processes when
+``CALD_TRITON_AUTOTUNE_CACHE`` names a file (``_autotune_cache``).
 Imports are guarded: this module always imports; ``kernels_available()`` says whether the
 kernels do, ``kernel_groups()`` which group is missing and why, and each scan wrapper raises a
 RuntimeError with the install command when its kernel is missing. The kernels update decoding
@@ -30,7 +32,7 @@ import importlib.util
 import sys
 import types
 
-from cald_scale.mixers.ops import conv
+from cald_scale.mixers.ops import _autotune_cache, conv
 
 __all__ = [
     "INSTALL_HINT",
@@ -189,7 +191,9 @@ def causal_conv1d_update(x_t, conv_state, weight, bias=None, activation=None):
 
 def ssd_chunked(x, dt, A, B, C, D=None, *, chunk_size=64, initial_state=None, return_final_state=False):
     """See ops.ssd.ssd_chunked. The final state comes back in the dtype of C (the pure-PyTorch path: fp32)."""
-    return _fn("mamba_triton", "mamba_chunk_scan_combined")(
+    fn = _fn("mamba_triton", "mamba_chunk_scan_combined")
+    _autotune_cache.sync()  # choices tuned by other processes in; this one's (its last backward too) out
+    return fn(
         x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state, return_final_states=return_final_state
     )
 

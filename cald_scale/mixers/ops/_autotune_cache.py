@@ -1,0 +1,185 @@
+"""Triton autotuning choices kept on disk, so that one process reuses what another measured.
+
+Triton benchmarks every config of an autotuned kernel the first time a process meets a tuning
+key (the kernel's size arguments and the dtypes of its tensors). Its own disk cache
+(``TRITON_CACHE_AUTOTUNING=1``) skips kernels whose configs carry a ``pre_hook``, and most of
+mamba_ssm's backward SSD kernels do (the hook zeroes an output before each trial). So every rank
+of a job and every benchmark process tunes them again: 20-90 s a process on an H200
+(benchmarks/results/gpu_h200_2026-12-04_second/README.md).
+
+Here a choice is kept as the index of the winning config in the kernel's own list, by kernel
+and tuning key, under a stamp of the device, triton and mamba_ssm versions; a file written
+under another stamp is left alone. Loading puts the chosen config into the autotuner's
+in-memory cache, exactly where Triton's benchmark would have put it, so Triton skips the
+benchmark (the config's pre_hook still runs before each launch, as after a benchmark).
+
+Opt-in: ``CALD_TRITON_AUTOTUNE_CACHE=<file.json>``. ``benchmarks/gpu_check.sh`` sets it and
+starts from the choices a previous GPU run committed in ``benchmarks/results/triton_autotune/``.
+"""
+
+from __future__ import annotations
+
+import ast
+import atexit
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+__all__ = ["ENV_VAR", "AutotuneChoices", "autotune_choices", "sync"]
+
+ENV_VAR = "CALD_TRITON_AUTOTUNE_CACHE"
+MODULE_PREFIX = "mamba_ssm.ops.triton."
+FORMAT = 1
+
+
+def _autotuner_class():
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        return None
+    return Autotuner
+
+
+def _stamp() -> str:
+    """Which tunings a file's choices are valid for: the device and the kernels' versions."""
+    import importlib.metadata as md
+
+    import torch
+
+    versions = []
+    for package in ("triton", "mamba_ssm"):
+        try:
+            versions.append(f"{package} {md.version(package)}")
+        except md.PackageNotFoundError:
+            versions.append(f"{package} none")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return " | ".join([device, *versions])
+
+
+class AutotuneChoices:
+    """The choices of every Triton autotuner in the modules under ``module_prefix``, kept in ``path``."""
+
+    def __init__(self, path: str | os.PathLike, module_prefix: str = MODULE_PREFIX, stamp: str | None = None):
+        self.path = Path(path)
+        self.module_prefix = module_prefix
+        self.stamp = stamp if stamp is not None else _stamp()
+        self._loaded_modules: set[str] = set()
+        self._saved_count = 0
+        self._tuners: dict[str, object] = {}
+        self._modules_seen = -1  # len(sys.modules) when the autotuners were last looked up
+
+    def autotuners(self) -> dict[str, object]:
+        """{"module.kernel": Autotuner} for the modules imported so far (a heuristics wrapper is looked through)."""
+        # NOTE: looked up again only when a module was imported since: sync() runs before every
+        # scan launch, and walking sys.modules there would cost more than the launch.
+        if len(sys.modules) == self._modules_seen:
+            return self._tuners
+        self._modules_seen = len(sys.modules)
+        autotuner = _autotuner_class()
+        if autotuner is None:
+            return {}
+        found = {}
+        for module_name, module in list(sys.modules.items()):
+            if not module_name.startswith(self.module_prefix) or module is None:
+                continue
+            for attr, value in list(vars(module).items()):
+                while value is not None and not isinstance(value, autotuner) and hasattr(value, "fn"):
+                    value = value.fn
+                if isinstance(value, autotuner):
+                    found[f"{module_name}.{attr}"] = value
+        self._tuners = found
+        return found
+
+    def _read(self) -> dict[str, dict[str, list]]:
+        """This stamp's choices in the file: {kernel: {repr(key): [index, str(config)]}}; {} if none or unreadable."""
+        try:
+            data = json.loads(self.path.read_text())
+            return data["stamps"].get(self.stamp, {}) if data.get("format") == FORMAT else {}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, AttributeError) as err:
+            warnings.warn(f"{ENV_VAR}: ignoring unreadable autotuning choices in {self.path} ({type(err).__name__}: {err})")
+            return {}
+
+    def load(self) -> int:
+        """Put the file's choices into the autotuners of modules not loaded before; returns how many."""
+        tuners = {name: t for name, t in self.autotuners().items() if name.rsplit(".", 1)[0] not in self._loaded_modules}
+        if not tuners:
+            return 0
+        self._loaded_modules.update(name.rsplit(".", 1)[0] for name in tuners)
+        loaded = 0
+        for name, entries in self._read().items():
+            tuner = tuners.get(name)
+            if tuner is None:
+                continue
+            for key_repr, (index, config_text) in entries.items():
+                key = ast.literal_eval(key_repr)
+                # NOTE: the config text guards against a kernel whose config list changed under
+                # the same versions (an edited install): a stale index is skipped, not trusted.
+                if key in tuner.cache or not 0 <= index < len(tuner.configs) or str(tuner.configs[index]) != config_text:
+                    continue
+                tuner.cache[key] = tuner.configs[index]
+                loaded += 1
+        self._saved_count = self._count()
+        return loaded
+
+    def _count(self) -> int:
+        return sum(len(tuner.cache) for tuner in self.autotuners().values())
+
+    def save(self) -> None:
+        """Merge the autotuners' choices into the file (atomically; other stamps kept)."""
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("format") != FORMAT:
+                data = None
+        except (OSError, ValueError):
+            data = None
+        data = data or {"format": FORMAT, "stamps": {}}
+        mine = data["stamps"].setdefault(self.stamp, {})
+        for name, tuner in self.autotuners().items():
+            for key, config in tuner.cache.items():
+                try:
+                    index = tuner.configs.index(config)
+                except ValueError:  # a config made by a prune function: not one of the list's
+                    continue
+                mine.setdefault(name, {})[repr(key)] = [index, str(config)]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+        self._saved_count = self._count()
+
+    def sync(self) -> None:
+        """Load choices for newly imported kernel modules; save when a kernel was tuned since the last save."""
+        self.load()
+        if self._count() > self._saved_count:
+            try:
+                self.save()
+            except OSError as err:  # a read-only or full disk costs a retune later, not the run
+                warnings.warn(f"{ENV_VAR}: could not save autotuning choices to {self.path}: {err}")
+                self._saved_count = self._count()
+
+
+_CHOICES: dict[str, AutotuneChoices] = {}
+
+
+def autotune_choices() -> AutotuneChoices | None:
+    """The process's AutotuneChoices for the file ``CALD_TRITON_AUTOTUNE_CACHE`` names; None when unset."""
+    path = os.environ.get(ENV_VAR)
+    if not path:
+        return None
+    if path not in _CHOICES:
+        choices = _CHOICES[path] = AutotuneChoices(path, module_prefix=MODULE_PREFIX)
+        atexit.register(choices.sync)  # what the last backward pass tuned
+    return _CHOICES[path]
+
+
+def sync() -> None:
+    """Called before each kernel launch that may tune: cheap when nothing changed (a count of cache entries)."""
+    choices = autotune_choices()
+    if choices is not None:
+        choices.sync()

@@ -1,0 +1,181 @@
+"""Triton autotuning choices shared between processes (cald_scale.mixers.ops._autotune_cache).
+
+Real Triton kernels, tuned for real by Triton's own autotuner, on the CPU: TRITON_INTERPRET=1
+runs the kernels in Triton's interpreter, and the kernel's ``do_bench`` (a hook Triton's
+``autotune`` takes) times each config on the CPU and counts the benchmarks, which are what the
+cache exists to skip. The winning config carries a ``pre_hook``, the case Triton's own disk
+cache refuses. Each process is a fresh Python, as two ranks or two benchmark steps are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+KERNELS = textwrap.dedent(
+    '''
+    import torch
+    import triton
+    import triton.language as tl
+
+    BENCH_CALLS = []
+    PRE_HOOK_CALLS = []
+
+
+    def count_bench(fn, quantiles):
+        # The second config wins, the one with a pre_hook (Triton's disk cache skips such kernels).
+        BENCH_CALLS.append(1)
+        fn()
+        timing = 2.0 if len(BENCH_CALLS) % 2 else 1.0
+        return [timing, timing, timing]
+
+
+    def zero_out(nargs):
+        PRE_HOOK_CALLS.append(1)
+        nargs["out_ptr"].zero_()
+
+
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK": 16}, num_warps=2), triton.Config({"BLOCK": 32}, num_warps=4, pre_hook=zero_out)],
+        key=["n"],
+        do_bench=count_bench,
+    )
+    @triton.jit
+    def double_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        tl.store(out_ptr + offsets, tl.load(x_ptr + offsets, mask=mask) * 2, mask=mask)
+
+
+    def double(x):
+        out = torch.empty_like(x)
+        double_kernel[lambda meta: (triton.cdiv(x.numel(), meta["BLOCK"]),)](x, out, x.numel())
+        return out
+    '''
+)
+
+# One process: import the kernels, sync, launch (tuning unless a choice came in), and report.
+# "entry": the module-level entry point that the scan wrappers call, with its atexit save.
+PROCESS = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import torch
+    from cald_scale.mixers.ops import _autotune_cache
+
+    path, stamp, entry = sys.argv[1], sys.argv[2], sys.argv[3] == "entry"
+    warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:
+        if entry:
+            _autotune_cache.MODULE_PREFIX = "cald_test_kernels."
+            import cald_test_kernels.double as k
+            _autotune_cache.sync()  # the real stamp: "cpu | triton <version> | mamba_ssm none"
+        else:
+            import cald_test_kernels.double as k
+            choices = _autotune_cache.AutotuneChoices(path, module_prefix="cald_test_kernels.", stamp=stamp)
+            choices.sync()
+        x = torch.arange(100, dtype=torch.float32)
+        correct = torch.equal(k.double(x), x * 2)
+        if not entry:
+            choices.sync()
+    (chosen,) = k.double_kernel.cache.values()
+    print(json.dumps({
+        "correct": correct,
+        "bench_calls": len(k.BENCH_CALLS),
+        "pre_hook_calls": len(k.PRE_HOOK_CALLS),
+        "chosen": k.double_kernel.configs.index(chosen),
+        "warnings": [str(w.message) for w in caught],
+    }))
+    """
+)
+
+
+@pytest.fixture
+def run_process(tmp_path):
+    package = tmp_path / "pkg" / "cald_test_kernels"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "double.py").write_text(KERNELS)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path / "pkg"), str(REPO)])}
+    env.pop("CALD_TRITON_AUTOTUNE_CACHE", None)
+
+    def run(path: Path, stamp: str = "device A | triton x | mamba_ssm y", entry: bool = False) -> dict:
+        if entry:
+            env["CALD_TRITON_AUTOTUNE_CACHE"] = str(path)
+        proc = subprocess.run(
+            [sys.executable, "-c", PROCESS, str(path), stamp, "entry" if entry else "class"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        env.pop("CALD_TRITON_AUTOTUNE_CACHE", None)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["correct"], "the kernel computed the wrong values"
+        return result
+
+    return run
+
+
+def test_second_process_reuses_the_first_ones_choice_without_benchmarking(run_process, tmp_path):
+    path = tmp_path / "choices" / "autotune.json"
+    first = run_process(path)
+    assert first["bench_calls"] == 2, "the first process should tune both configs"
+    assert first["chosen"] == 1
+    saved = json.loads(path.read_text())["stamps"]["device A | triton x | mamba_ssm y"]
+    assert saved == {"cald_test_kernels.double.double_kernel": {"(100, 'torch.float32', 'torch.float32')": [1, "BLOCK: 32, num_warps: 4, num_ctas: 1, num_stages: 3, maxnreg: None"]}}
+
+    second = run_process(path)
+    assert second["bench_calls"] == 0, "the choice on disk should spare the second process the benchmark"
+    assert second["chosen"] == 1
+    assert second["pre_hook_calls"] >= 1, "the chosen config's pre_hook must still run before the launch"
+    assert second["warnings"] == []
+
+
+def test_another_stamp_tunes_again_and_keeps_both(run_process, tmp_path):
+    path = tmp_path / "autotune.json"
+    run_process(path, stamp="device A")
+    other = run_process(path, stamp="device B")
+    assert other["bench_calls"] == 2, "choices measured on another device or version must not be used"
+    assert set(json.loads(path.read_text())["stamps"]) == {"device A", "device B"}
+
+
+def test_stale_config_text_is_not_trusted(run_process, tmp_path):
+    path = tmp_path / "autotune.json"
+    run_process(path)
+    data = json.loads(path.read_text())
+    for entries in data["stamps"].values():
+        for choices in entries.values():
+            for key in choices:
+                choices[key][1] = "BLOCK: 64, num_warps: 8"  # the kernel's config list changed
+    path.write_text(json.dumps(data))
+    again = run_process(path)
+    assert again["bench_calls"] == 2
+    (entries,) = json.loads(path.read_text())["stamps"].values()
+    (index, config_text), = entries["cald_test_kernels.double.double_kernel"].values()
+    assert (index, config_text.split(",")[0]) == (1, "BLOCK: 32"), "the retuned choice should replace the stale one"
+
+
+def test_unreadable_file_warns_tunes_and_is_rewritten(run_process, tmp_path):
+    path = tmp_path / "autotune.json"
+    path.write_text("{ not json")
+    result = run_process(path)
+    assert result["bench_calls"] == 2
+    assert any("ignoring unreadable autotuning choices" in w and str(path) in w for w in result["warnings"]), result["warnings"]
+    assert json.loads(path.read_text())["format"] == 1
+
+
+def test_entry_point_saves_at_exit_what_was_tuned_after_the_last_sync(run_process, tmp_path):
+    """The scan wrapper syncs before each launch, so a process's last tuning (its last backward
+    pass) is only saved by the exit hook; a second process then skips the benchmark."""
+    path = tmp_path / "autotune.json"
+    first = run_process(path, entry=True)
+    assert first["bench_calls"] == 2
+    assert path.exists(), "the exit hook did not save the choice tuned after the last sync"
+    second = run_process(path, entry=True)
+    assert second["bench_calls"] == 0
