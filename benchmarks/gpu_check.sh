@@ -3,10 +3,10 @@
 # wheels, kernel-path parity against a float64 oracle, then GPU speed of the mixers, of
 # inference and of training, every result under $OUT with the device named in it.
 #
-#   bash benchmarks/gpu_check.sh            # through the device tool: carry ["gpu_wheels"], timeout_s 580
+#   bash benchmarks/gpu_check.sh            # through the device tool: carry ["gpu_wheels"], timeout_s 520
 #
-# Time: the whole script stays under 9 minutes. Each step runs under `timeout` with its own
-# cap, cut to what is left of GPU_CHECK_BUDGET_S (default 540 s); a step that fails or
+# Time: the whole script stays under 8 minutes. Each step runs under `timeout` with its own
+# cap, cut to what is left of GPU_CHECK_BUDGET_S (default 480 s); a step that fails or
 # times out is recorded and the next one runs (set -uo pipefail, no -e). The steps run in the
 # order of their worth: bf16 kernel parity, the distillation step, mixer and inference speed,
 # Llama-3.2-1B's training speed, float32 parity last. On the second GPU run (2026-12-04) all of
@@ -23,7 +23,9 @@
 # (without it the mixers' "cuda" path runs its conv in pure PyTorch); it has no pure-Python
 # build, and compiling it for sm_90 did not finish in 240 s on a 16-core H200 host (first GPU
 # run, 2026-12-04), so its wheel is compiled on the CPU machine, which has nvcc 13.0, beside
-# PyPI's torch 2.11.0+cu130 (`launch/build_gpu_wheels.sh --compile`, 8 minutes on 2 cores).
+# PyPI's torch 2.11.0+cu130 (`launch/build_gpu_wheels.sh --compile --selective-scan --toolchain
+# DIR`: 13 minutes on 2 cores), and so is Mamba-1's selective_scan_cuda, trimmed to bf16 and
+# float32 to fit the carry.
 #
 # Triton tuning: mamba_ssm's SSD kernels are tuned once per process and tuning key; most of the
 # backward ones escape Triton's own disk cache (pre_hook configs), which cost 20-90 s in every
@@ -48,7 +50,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT  # logs and results are packed into $OUT after every step
 SITE=$WORK/site
 LOG=$OUT/gpu_check.log
-BUDGET=${GPU_CHECK_BUDGET_S:-540}
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
 # A rerun of some steps only (env, install_wheels and kernels always run), e.g.
 # GPU_CHECK_STEPS="train_speed_smollm2 kernel_parity" GPU_CHECK_PARITY_LEVELS=mixer
 ONLY=${GPU_CHECK_STEPS:-}

@@ -35,18 +35,21 @@
 # build (+cu130), so `--compile --toolchain DIR` makes a Python 3.12 venv in DIR with it (4.6 GB,
 # a minute from PyPI) and compiles there; the CUDA headers torch's own come from (cuBLAS,
 # cuSPARSE: pip's nvidia packages) are put on CPATH. Measured on 2 cores (2026-12-04):
-# causal-conv1d 7.5 minutes, a 21 MB wheel.
+# causal-conv1d 7.5-9.5 minutes, a 10.5 MB wheel. A wheel already in the output folder is kept.
 #   - causal-conv1d has no pure-Python form: three .cu files, compiled here for one
 #     architecture (CUDA_ARCH, default 90 = H100/H200) by rewriting the -gencode list its
 #     setup.py hard-codes (75, 80, 87, 90, 100, 120, 103, 110, 121 with CUDA 13;
 #     TORCH_CUDA_ARCH_LIST does not restrict it). --selective-scan does the same for
-#     mamba-ssm's selective_scan_cuda (ten .cu files, several times longer), giving a platform
-#     wheel that replaces the pure-Python mamba-ssm one.
+#     mamba-ssm's selective_scan_cuda, trimmed to the kernels the mixers run (bf16 and float32
+#     inputs, real weights: 4 of its 9 kernel files), giving a platform wheel that replaces the
+#     pure-Python mamba-ssm one (2026-12-04, 2 cores: 3.5 minutes, 6.5 MB; untrimmed it would
+#     not fit a run's carry beside the rest).
 #   - On the H200 image (16 cores, 2026-12-04) causal-conv1d alone did not finish within 240 s
 #     inside gpu_check, hence the CPU machine. It is optional: without it the mixers' "cuda"
 #     path runs the short conv in pure PyTorch and the scans in mamba_ssm's Triton kernels.
-#   - mamba-ssm's selective_scan_cuda does not fit: a run carries 64 MiB, and the transformers
-#     set and causal-conv1d take 57 of them. Mamba-1's "cuda" path needs it (else `chunked`).
+#   - All of it, with the default mode's wheels: 50 MiB. A Python 3.12 rehearsal of gpu_check's
+#     install and kernel steps on the CPU machine (PYTHON=<the toolchain's python>
+#     GPU_CHECK_STEPS=none bash benchmarks/gpu_check.sh) imports every kernel group.
 #
 # flash-attn is left out: its source build takes far longer than a lease (tens of minutes to
 # hours, even for one architecture) and nothing here needs it; teachers use torch's sdpa,
@@ -138,6 +141,29 @@ print(f"{path}: {n // 2} hard-coded architectures replaced by sm_{arch}")
 EOF
 }
 
+# trim_selective_scan DIR: mamba-ssm's selective_scan_cuda for what the mixers run only, bf16
+# and float32 inputs with real weights: 4 of its 9 kernel files (fp16 and complex weights
+# dropped from the dispatch, which then names them in its error), so that it fits a run's carry.
+trim_selective_scan() {
+  run "$PY" - "$1" <<'EOF'
+import re, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+def sub(path, pattern, repl, count, flags=0):
+    text, n = re.subn(pattern, repl, path.read_text(), flags=flags)
+    if n != count:
+        sys.exit(f"{path}: expected {count} matches of {pattern!r}, found {n}: mamba-ssm's sources changed?")
+    path.write_text(text)
+sub(root / "setup.py", r'^\s*"csrc/selective_scan/selective_scan_(fwd_fp16|bwd_fp16_real|bwd_\w+_complex)\.cu",\n', "", 5, re.M)
+cpp = root / "csrc/selective_scan/selective_scan.cpp"
+sub(cpp, r"if \(ITYPE == at::ScalarType::Half\) \{[^}]*\} else if \(ITYPE == at::ScalarType::BFloat16\)", "if (ITYPE == at::ScalarType::BFloat16)", 1)
+sub(cpp, r"\} else if \(WTYPE == at::ScalarType::ComplexFloat\) \{[^}]*\} else \{", "} else {", 1)
+for name in ("fwd_bf16", "fwd_fp32"):
+    sub(root / f"csrc/selective_scan/selective_scan_{name}.cu", r"^template void \w+<[\w:]+, complex_t>.*\n?", "", 1, re.M)
+print(f"{root}: selective_scan_cuda trimmed to bf16/float32 inputs with real weights")
+EOF
+}
+
 if [ "$MODE" = prepare ]; then
   sdist mamba-ssm "$MAMBA_SSM_VERSION"
   sdist causal-conv1d "$CAUSAL_CONV1D_VERSION"
@@ -201,6 +227,7 @@ else
   if [ "$SELECTIVE_SCAN" = 1 ]; then
     run tar -xzf "$SRC/mamba_ssm-$MAMBA_SSM_VERSION.tar.gz" -C "$BUILD"
     patch_arch "$BUILD/mamba_ssm-$MAMBA_SSM_VERSION"
+    trim_selective_scan "$BUILD/mamba_ssm-$MAMBA_SSM_VERSION"
     MAMBA_FORCE_BUILD=TRUE \
       run "$PY" -m pip wheel --no-deps --no-build-isolation --no-index -w "$OUT_DIR" "$BUILD/mamba_ssm-$MAMBA_SSM_VERSION"
     # One mamba-ssm only: two versions of a package stop the whole offline install.

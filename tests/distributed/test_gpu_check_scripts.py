@@ -9,8 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 from launcher import launcher_env, run
 
 
@@ -61,14 +59,13 @@ def test_inference_speed_measures_the_default_hybrid_with_its_kept_kv_cache(tmp_
     assert not result["targets"]["student_state_constant"]["pass"]  # it grows with the context, and says so
 
 
-@pytest.mark.parametrize("build", ["parallel", "sequential"])
-def test_train_speed_steps_every_item_through_the_trainer(tmp_path, build):
+def test_train_speed_steps_every_item_through_the_trainer(tmp_path):
     # --time-budget 0: the first round runs, no second one starts, and the result is still written
     # (gpu_check's cap once killed a run with nothing written); --log-dir keeps each item's log.
-    # "parallel" is what a GPU run does (all four processes start at once), "sequential" the CPU's.
+    # --build parallel: what a GPU run does, all four processes started at once.
     result = _run_benchmark("train_speed.py", tmp_path, "--quick", "--warmup", "0", "--steps", "2", "--seq_len", "64",
-                            "--time-budget", "0", "--log-dir", str(tmp_path / "items"), "--build", build)
-    assert result["shapes"]["build"] == build
+                            "--time-budget", "0", "--log-dir", str(tmp_path / "items"), "--build", "parallel")
+    assert result["shapes"]["build"] == "parallel"
     assert set(result["items"]) == {"teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step"}
     for name, item in result["items"].items():
         assert "error" not in item, f"{name}: {item.get('error')}"
@@ -77,3 +74,15 @@ def test_train_speed_steps_every_item_through_the_trainer(tmp_path, build):
     assert result["shapes"]["time_budget_s"] == 0
     # A ratio, not a timing check: under -n 2 the other worker's load makes tiny steps noisy.
     assert result["ratios"]["distill_over_unavoidable"] > 0 and "distill_over_unavoidable" in result["targets"]
+
+
+def test_train_speed_budget_spent_in_warmup_keeps_what_the_first_steps_cost(tmp_path):
+    # The second GPU run's budget ended inside the warmup (Triton tuning): then no item has a timed
+    # step, and the result still says so item by item, with the seconds its warmup steps took.
+    result = _run_benchmark("train_speed.py", tmp_path, "--quick", "--warmup", "1", "--steps", "2", "--seq_len", "64",
+                            "--time-budget", "0", "--build", "sequential")
+    assert result["shapes"]["build"] == "sequential"
+    for name, item in result["items"].items():
+        assert "no step after the 1 warmup steps" in item.get("error", ""), f"{name}: {item}"
+        assert len(item["warmup_step_seconds"]) == 1 and item["warmup_step_seconds"][0] > 0
+    assert result["pass"] is False
