@@ -42,6 +42,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa:
 from cald_scale.conversion.modeling import ConversionConfig  # noqa: E402
 from cald_scale.conversion.surgery import convert_teacher  # noqa: E402
 from cald_scale.generation.cache import state_bytes  # noqa: E402
+from cald_scale.generation.graphs import GraphedDecode  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -151,6 +152,34 @@ def decode_tokens_per_s(model, cache, batch: int, context: int, device: torch.de
     step()  # warm-up
     times = _timed(step, device, steps)
     return batch / statistics.median(times)
+
+
+@torch.no_grad()
+def graphed_decode(student, make_cache, contexts, batches, device: torch.device, steps: int) -> dict:
+    """Decode tokens/s of a mixers-only student through GraphedDecode: replayed as a CUDA graph
+    on CUDA (where batch 1-8 decode is bound by the host), its eager bookkeeping elsewhere. The
+    first failure is recorded and ends the measurement (a GPU's minutes are too few to lose)."""
+    out = {"cuda_graph": device.type == "cuda", "decode_tok_s": {str(b): {} for b in batches}, "error": None}
+    for context in contexts:
+        for batch in batches:
+            cache = None
+            try:
+                cache = make_cache(batch, context)
+                decode = GraphedDecode(student, cache, batch)
+                token = torch.randint(0, student.config.vocab_size, (batch, 1), device=device)
+                decode(token)  # warm-up
+                decode(token)  # capture and first replay
+                out["decode_tok_s"][str(batch)][str(context)] = batch / statistics.median(_timed(lambda: decode(token), device, steps))
+            except Exception as err:  # noqa: BLE001 - recorded in the result, the rest of the run goes on
+                out["error"] = {"context": context, "batch": batch, "error": f"{type(err).__name__}: {err}"}
+                print(f"[student, graphed decode] failed at context {context}, batch {batch}: {out['error']['error']}", flush=True)
+                return out
+            finally:
+                del cache
+                gc.collect()
+        print(f"[student, graphed decode] context {context}: "
+              f"{ {b: out['decode_tok_s'][str(b)].get(str(context)) for b in batches} } tok/s", flush=True)
+    return out
 
 
 def available_bytes(device: torch.device) -> int:
@@ -310,6 +339,17 @@ def markdown(result: dict) -> str:
         state = s["state_bytes_per_seq"].get(c)
         cells.append(fmt(sum(state.values()) / 2**20 if state else None, ".2f"))
         lines.append("| " + " | ".join(cells) + " |")
+    graphed = result.get("student_graph_decode")
+    if graphed:
+        how = "replayed as a CUDA graph" if graphed["cuda_graph"] else "through GraphedDecode, eagerly (no CUDA here)"
+        cells = []
+        for b in batches:
+            for c in map(str, result["contexts"]):
+                tok_s, eager = graphed["decode_tok_s"][b].get(c), result["student"]["decode_tok_s"][b].get(c)
+                if tok_s and eager:
+                    cells.append(f"b{b} at {c}: {tok_s:.1f} tok/s ({tok_s / eager:.2f}x the eager student)")
+        lines += ["", f"Student decode {how}: " + ("; ".join(cells) or "nothing measured")
+                  + (f". Failed: {graphed['error']['error']}" if graphed["error"] else "")]
     lines.append("")
     lines.append("Targets: " + "; ".join(f"{k} {v['target']}: {v['value'] if not isinstance(v['value'], float) else round(v['value'], 2)} "
                                           f"({'pass' if v['pass'] else 'FAIL'})" for k, v in result["targets"].items()))
@@ -336,6 +376,10 @@ def main() -> None:
     parser.add_argument("--decode_steps", type=int, default=None)
     parser.add_argument("--prefill_repeats", type=int, default=1)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--graph-decode", choices=["auto", "on", "off"], default="auto",
+        help="also decode the student through GraphedDecode (a CUDA graph on CUDA); auto: on CUDA for a student of mixers only",
+    )
     parser.add_argument("--attention_every", type=int, default=0, help="a hybrid student keeping layers 1, 1 + k, ... (4: the default job's); 0: all Mamba2")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -378,6 +422,10 @@ def main() -> None:
             "teacher": best_batch_decode(teacher, lambda b, c: teacher_cache(teacher, b, c), 16384, device, 4, kv_per_seq),
             "student": best_batch_decode(student, lambda b, c: student_cache(student, b, c, teacher.config), 16384, device, 4, state_per_seq),
         }
+    graphs = args.graph_decode == "on" or (args.graph_decode == "auto" and device.type == "cuda")
+    if graphs and not student.config.attention_layers:
+        make = lambda b, c: student_cache(student, b, c, teacher.config)  # noqa: E731
+        result["student_graph_decode"] = graphed_decode(student, make, contexts, batches, device, args.decode_steps)
     result["targets"] = check_targets(result, batches)
     tag = ("_quick" if args.quick else "") + (f"_attn_every{args.attention_every}" if args.attention_every else "")
     default_name = "inference_speed" if (device.type, args.geometry) == ("cpu", "SmolLM2-135M") else f"inference_speed_{device.type}_{args.geometry}"

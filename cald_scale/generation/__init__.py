@@ -2,5 +2,6 @@
 that keep attention) and the ``cald-scale generate`` command."""
 
 from .cache import StudentCache
+from .graphs import GraphedDecode
 
-__all__ = ["StudentCache"]
+__all__ = ["GraphedDecode", "StudentCache"]

@@ -41,10 +41,14 @@ def test_mixer_speed_times_both_mixers_against_the_teacher(tmp_path):
 
 def test_inference_speed_prefills_and_decodes_teacher_and_student(tmp_path):
     result = _run_benchmark("inference_speed.py", tmp_path, "--dtype", "bfloat16", "--geometry", "SmolLM2-135M",
-                            "--contexts", "128", "--batches", "1", "--decode_steps", "2")
+                            "--contexts", "128", "--batches", "1", "--decode_steps", "2", "--graph-decode", "on")
     for model in ("teacher", "student"):
         assert result[model]["prefill_s"]["128"] > 0 and result[model]["decode_tok_s"]["1"]["128"] > 0
     assert result["student"]["state_bytes_per_seq"]["128"]["kv"] == 0
+    # GraphedDecode's path, as a GPU run takes it (there replayed as a CUDA graph; eager here).
+    graphed = result["student_graph_decode"]
+    assert graphed["error"] is None and graphed["cuda_graph"] is False and graphed["decode_tok_s"]["1"]["128"] > 0
+    assert "Student decode through GraphedDecode" in (tmp_path / "inference_speed.md").read_text()
 
 
 def test_inference_speed_measures_the_default_hybrid_with_its_kept_kv_cache(tmp_path):
