@@ -128,7 +128,10 @@ def test_second_process_reuses_the_first_ones_choice_without_benchmarking(run_pr
     assert first["bench_calls"] == 2, "the first process should tune both configs"
     assert first["chosen"] == 1
     saved = json.loads(path.read_text())["stamps"]["device A | triton x | mamba_ssm y"]
-    assert saved == {"cald_test_kernels.double.double_kernel": {"(100, 'torch.float32', 'torch.float32')": [1, "BLOCK: 32, num_warps: 4, num_ctas: 1, num_stages: 3, maxnreg: None"]}}
+    (index, config_text), = saved["cald_test_kernels.double.double_kernel"].values()
+    assert list(saved["cald_test_kernels.double.double_kernel"]) == ["(100, 'torch.float32', 'torch.float32')"]
+    # The config's text as Triton writes it (its fields vary by version: 3.9 adds ir_override).
+    assert index == 1 and config_text.startswith("BLOCK: 32, num_warps: 4, num_ctas: 1, num_stages: 3")
 
     second = run_process(path)
     assert second["bench_calls"] == 0, "the choice on disk should spare the second process the benchmark"
