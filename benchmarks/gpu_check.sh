@@ -4,6 +4,7 @@
 # inference and of training, every result under $OUT with the device named in it.
 #
 #   bash benchmarks/gpu_check.sh            # through the device tool: carry ["gpu_wheels"], timeout_s 520
+#   bash benchmarks/gpu_rehearsal.sh        # before it, on the CPU machine: the image's software, every benchmark on CPU
 #
 # Time: the whole script stays under 8 minutes. Each step runs under `timeout` with its own
 # cap, cut to what is left of GPU_CHECK_BUDGET_S (default 480 s); a step that fails or
