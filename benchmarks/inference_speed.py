@@ -155,30 +155,28 @@ def decode_tokens_per_s(model, cache, batch: int, context: int, device: torch.de
 
 
 @torch.no_grad()
-def graphed_decode(student, make_cache, contexts, batches, device: torch.device, steps: int) -> dict:
-    """Decode tokens/s of a mixers-only student through GraphedDecode: replayed as a CUDA graph
-    on CUDA (where batch 1-8 decode is bound by the host), its eager bookkeeping elsewhere. The
-    first failure is recorded and ends the measurement (a GPU's minutes are too few to lose)."""
+def graphed_decode(student, make_cache, context: int, batches, device: torch.device, steps: int) -> dict:
+    """Decode tokens/s of a mixers-only student through GraphedDecode at ``context``: replayed as
+    a CUDA graph on CUDA (where batch 1-8 decode is bound by the host), its eager bookkeeping
+    elsewhere. The first failure is recorded and ends the measurement (a GPU's minutes are few)."""
     out = {"cuda_graph": device.type == "cuda", "decode_tok_s": {str(b): {} for b in batches}, "error": None}
-    for context in contexts:
-        for batch in batches:
-            cache = None
-            try:
-                cache = make_cache(batch, context)
-                decode = GraphedDecode(student, cache, batch)
-                token = torch.randint(0, student.config.vocab_size, (batch, 1), device=device)
-                decode(token)  # warm-up
-                decode(token)  # capture and first replay
-                out["decode_tok_s"][str(batch)][str(context)] = batch / statistics.median(_timed(lambda: decode(token), device, steps))
-            except Exception as err:  # noqa: BLE001 - recorded in the result, the rest of the run goes on
-                out["error"] = {"context": context, "batch": batch, "error": f"{type(err).__name__}: {err}"}
-                print(f"[student, graphed decode] failed at context {context}, batch {batch}: {out['error']['error']}", flush=True)
-                return out
-            finally:
-                del cache
-                gc.collect()
-        print(f"[student, graphed decode] context {context}: "
-              f"{ {b: out['decode_tok_s'][str(b)].get(str(context)) for b in batches} } tok/s", flush=True)
+    for batch in batches:
+        cache = None
+        try:
+            cache = make_cache(batch, context)
+            decode = GraphedDecode(student, cache, batch)
+            token = torch.randint(0, student.config.vocab_size, (batch, 1), device=device)
+            decode(token)  # warm-up
+            decode(token)  # capture and first replay
+            out["decode_tok_s"][str(batch)][str(context)] = batch / statistics.median(_timed(lambda: decode(token), device, steps))
+        except Exception as err:  # noqa: BLE001 - recorded in the result, the rest of the run goes on
+            out["error"] = {"context": context, "batch": batch, "error": f"{type(err).__name__}: {err}"}
+            print(f"[student, graphed decode] failed at context {context}, batch {batch}: {out['error']['error']}", flush=True)
+            break
+        finally:
+            del cache
+            gc.collect()
+    print(f"[student, graphed decode] context {context}: {out['decode_tok_s']} tok/s", flush=True)
     return out
 
 
@@ -419,15 +417,13 @@ def main() -> None:
     result["ratios"] = ratios(result["teacher"], result["student"], contexts, batches)
     if device.type == "cuda":
         result["best_batch_16k"] = {
-            "teacher": best_batch_decode(teacher, lambda b, c: teacher_cache(teacher, b, c), 16384, device, 4, kv_per_seq),
-            "student": best_batch_decode(student, lambda b, c: student_cache(student, b, c, teacher.config), 16384, device, 4, state_per_seq),
+            name: best_batch_decode(model, make_cache, 16384, device, 4, need) for name, (model, make_cache, need) in models.items()
         }
     graphs = args.graph_decode == "on" or (args.graph_decode == "auto" and device.type == "cuda")
     if graphs and not student.config.attention_layers:
-        make = lambda b, c: student_cache(student, b, c, teacher.config)  # noqa: E731
         # NOTE: at the longest context only: the student's step does not depend on the context
         # (its state has one size), and a GPU's minutes are few.
-        result["student_graph_decode"] = graphed_decode(student, make, contexts[-1:], batches, device, args.decode_steps)
+        result["student_graph_decode"] = graphed_decode(student, models["student"][1], contexts[-1], batches, device, args.decode_steps)
     result["targets"] = check_targets(result, batches)
     tag = ("_quick" if args.quick else "") + (f"_attn_every{args.attention_every}" if args.attention_every else "")
     default_name = "inference_speed" if (device.type, args.geometry) == ("cpu", "SmolLM2-135M") else f"inference_speed_{device.type}_{args.geometry}"

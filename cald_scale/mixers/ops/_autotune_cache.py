@@ -123,7 +123,8 @@ class AutotuneChoices:
                     continue
                 tuner.cache[key] = tuner.configs[index]
                 loaded += 1
-        self._saved_count = self._count()
+        # NOTE: what came from the file is saved already; what this process tuned before stays unsaved.
+        self._saved_count += loaded
         return loaded
 
     def _count(self) -> int:
@@ -155,7 +156,8 @@ class AutotuneChoices:
 
     def sync(self) -> None:
         """Load choices for newly imported kernel modules; save when a kernel was tuned since the last save."""
-        self.load()
+        if len(sys.modules) != self._modules_seen:  # only an import can bring new kernels to load
+            self.load()
         if self._count() > self._saved_count:
             try:
                 self.save()
