@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import faulthandler
 import json
 import os
@@ -62,6 +63,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 ITEMS = ("teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step")
+# --compare-leaves: the distillation step again with a ZeRO-3 hook on every submodule, side by side.
+HOOKED = "distill_step_hooked"
 TARGET_RATIO = 1.1
 QUICK_LAYERS = 8  # --quick: the geometry's widths and vocabulary, fewer blocks
 STALL_S = 60  # a worker command running longer prints every thread's stack this often (to its log)
@@ -180,6 +183,12 @@ def build_distill_step(cfg, source, ids):
     return step, None
 
 
+def build_distill_step_hooked(cfg, source, ids):
+    """distill_step with train.frozen_leaf_modules off: DeepSpeed's hooks on every submodule,
+    which is what the frozen leaves save."""
+    return build_distill_step(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, frozen_leaf_modules=False)), source, ids)
+
+
 def build_teacher_finetune_step(cfg, source, ids):
     from cald_scale.conversion.teacher import build_teacher
     from cald_scale.distill.stages import LayerwiseModel
@@ -209,6 +218,7 @@ BUILDERS = {
     "student_forward_backward": build_student_forward_backward,
     "distill_step": build_distill_step,
     "teacher_finetune_step": build_teacher_finetune_step,
+    HOOKED: build_distill_step_hooked,
 }
 
 
@@ -412,13 +422,13 @@ def run_items(args, teacher: Path, log_dir: Path, profile: bool) -> tuple[dict, 
         # "sequential": each item is built before the next starts, so build peaks do not add
         # up (CPU). "parallel": all start at once, their imports and builds overlapping (CUDA:
         # 73 s of the second GPU run's 146 s went to starting the four items one by one).
-        for item in ITEMS:
+        for item in args.items:
             print(f"[train_speed] {_elapsed()} building {item} ...", flush=True)
             started[item] = Worker(item, args, teacher, log_dir)
             if args.build == "sequential":
                 await_build(item)
         if args.build == "parallel":
-            for item in ITEMS:
+            for item in args.items:
                 await_build(item)
         rounds = _rounds(workers, results, args.warmup + args.steps, "timed", args.time_budget)
         steps = {item: replies[args.warmup:] for item, replies in rounds.items()}
@@ -443,7 +453,7 @@ def run_items(args, teacher: Path, log_dir: Path, profile: bool) -> tuple[dict, 
     finally:
         for worker in started.values():
             worker.close()
-    return {item: results[item] for item in ITEMS}, profiled
+    return {item: results[item] for item in args.items}, profiled
 
 
 _STARTED = time.perf_counter()
@@ -495,6 +505,8 @@ def summarize(items: dict[str, dict]) -> dict:
     if {"distill_step", "teacher_finetune_step"} <= ok:
         summary["ratios"]["distill_over_teacher_finetune"] = items["distill_step"]["median_s"] / items["teacher_finetune_step"]["median_s"]
         summary["ratios"]["peak_memory_distill_over_teacher_finetune"] = _peak(items["distill_step"]) / _peak(items["teacher_finetune_step"])
+    if {"distill_step", HOOKED} <= ok:  # what gathering frozen parts as ZeRO-3 leaves saves (no target)
+        summary["ratios"]["distill_hooked_over_distill"] = items[HOOKED]["median_s"] / items["distill_step"]["median_s"]
     needed = {"distill_step", "teacher_forward", "student_forward_backward"}
     if not needed <= ok:
         summary["targets"] = {"distill_over_unavoidable": {"target": target, "value": None, "pass": False, "error": f"{sorted(needed - ok)} failed"}}
@@ -637,7 +649,8 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; no new round of steps starts past it (the result says how many ran)")
     parser.add_argument("--log-dir", default=None, help="keep each item's process log here (default: a temporary folder)")
     parser.add_argument("--cache", default=os.environ.get("CALD_SCALE_CACHE", str(Path.home() / ".cache" / "cald_scale")) + "/bench_teachers")
-    parser.add_argument("--item", choices=ITEMS, default=None, help=argparse.SUPPRESS)  # worker mode
+    parser.add_argument("--compare-leaves", action="store_true", help=f"also time the distillation step with a ZeRO-3 hook on every submodule ({HOOKED})")
+    parser.add_argument("--item", choices=[*ITEMS, HOOKED], default=None, help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--teacher", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.seq_len = args.seq_len or (256 if args.quick else 512)
@@ -647,6 +660,7 @@ def main() -> None:
     # outnumber the free ones wait at every barrier, which slowed some items 15x at random here.
     args.threads = args.threads or (1 if args.device == "cpu" else None)
     args.build = args.build or ("parallel" if args.device == "cuda" else "sequential")
+    args.items = (*ITEMS, HOOKED) if args.compare_leaves else ITEMS
     if args.item:
         serve_item(args)
         return

@@ -80,6 +80,11 @@ class TrainConfig:
     schedule: Literal["streamed", "naive"] = "streamed"
     """How end-to-end phases run: streamed, stage by stage (default); naive, the whole
     teacher first (the reference). Teacher-forced phases are a phase mode (phases[].mode)."""
+    frozen_leaf_modules: bool = True
+    """ZeRO-3: gather each part of a block that never trains (the frozen teacher's whole block, a
+    student's copied MLP) in one hook instead of one per submodule. Same values and gradients;
+    DeepSpeed's per-module hooks were most of the distillation step's host time at 512 tokens
+    (benchmarks/train_speed.py)."""
     seed: int = 0
     malloc_mmap_threshold: int | None = 16 << 20
     """glibc: allocations of at least this many bytes are mmap-ed and returned to the OS when

@@ -30,6 +30,7 @@ __all__ = [
     "build_teacher_engine",
     "param_groups",
     "register_mixer_params",
+    "mark_frozen_leaves",
     "begin_step",
 ]
 
@@ -200,11 +201,49 @@ def register_mixer_params(model: nn.Module) -> None:
                 deepspeed.zero.register_external_parameter(mixer, param)
 
 
-def build_training_engine(model: nn.Module, ds_config: dict, groups: list[dict], *, shares_weights_with=None):
+def mark_frozen_leaves(blocks) -> list[nn.Module]:
+    """Make the largest parts of each block that hold no trainable parameter ZeRO-3 leaf modules.
+
+    DeepSpeed hooks every submodule: a gather before its forward, a release after, the same
+    around its backward, each wrapping its outputs in autograd functions. At 512 tokens that
+    host work was most of a distillation step (2.5x the teacher's forward plus the student's
+    forward and backward on an H200). A leaf gathers all its parameters in one hook, and its
+    children get none. Only frozen parts qualify: DeepSpeed reduces a leaf's gradients in the
+    leaf's full backward hook, and PyTorch fires that hook before the leaf's own backward when
+    no input of the leaf requires grad (a student block fed by a frozen embedding, or by the
+    teacher in a teacher-forced phase). Call it before the engine is built, once trainability
+    is final for the run (a frozen part must never train later). Returns the leaves.
+    """
+    from deepspeed.utils import set_z3_leaf_module
+
+    containers = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+    leaves: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        params = list(module.parameters())
+        if not params:
+            return
+        # NOTE: a module without children gets one hook pair either way; containers are never called.
+        if not any(p.requires_grad for p in params) and next(module.children(), None) is not None and not isinstance(module, containers):
+            set_z3_leaf_module(module, True)
+            leaves.append(module)
+            return
+        for child in module.children():
+            visit(child)
+
+    for block in blocks:
+        visit(block)
+    return leaves
+
+
+def build_training_engine(model: nn.Module, ds_config: dict, groups: list[dict], *, shares_weights_with=None, leaf_blocks=None):
     """A training engine (the student's; a trajectory teacher's). ``shares_weights_with``:
-    the teacher engine whose parameters the student uses for its frozen copied weights."""
+    the teacher engine whose parameters the student uses for its frozen copied weights.
+    ``leaf_blocks``: blocks whose frozen parts become ZeRO-3 leaves (``mark_frozen_leaves``)."""
     import deepspeed
 
+    if leaf_blocks is not None:
+        mark_frozen_leaves(leaf_blocks)
     if shares_weights_with is not None:
         # NOTE: both engines gather the shared parameters; one in-flight registry lets
         # either engine wait on a gather (prefetch) that the other one started.
@@ -291,10 +330,14 @@ def _consecutive_view(parts: list[torch.Tensor] | None, like: torch.Tensor) -> t
     return first.as_strided((like.numel(),), (1,), first.storage_offset())
 
 
-def build_teacher_engine(teacher: nn.Module, ds_config: dict):
+def build_teacher_engine(teacher: nn.Module, ds_config: dict, *, leaf_blocks=None):
+    """An inference-only engine for a frozen teacher; ``leaf_blocks``: its blocks, each then
+    gathered whole in one hook (``mark_frozen_leaves``)."""
     import deepspeed
 
     teacher.eval().requires_grad_(False)
+    if leaf_blocks is not None:
+        mark_frozen_leaves(leaf_blocks)
     engine, _, _, _ = deepspeed.initialize(model=teacher, config=ds_config)
     engine.eval()
     return engine

@@ -32,7 +32,7 @@ def small_vocab_teacher(tmp_path_factory):
 
 
 # construction first: it measures the peak of live tensors, before any other check has run.
-CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "chunked_head_frozen", "vocab_streamed_head", "fused_head_trained")
+CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "chunked_head_frozen", "vocab_streamed_head", "fused_head_trained", "frozen_leaves")
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +140,16 @@ def test_trained_tied_head_with_one_weight_gradient_matches_the_head_module(chec
         # Adam at lr 1e-2 turns last-bit gradient differences into updates of up to ~lr on entries
         # whose gradient is near zero; the losses after the steps above agree to 1e-5.
         assert fused["head_checksum"] == pytest.approx(module["head_checksum"], abs=1e-3)
+
+
+def test_frozen_block_parts_gathered_as_leaves_train_exactly_as_hooked_submodules(checks):
+    for rank in _check("frozen_leaves", checks):
+        for phase in ("end_to_end", "teacher_forced"):
+            hooks, leaves = rank[f"{phase}_hooks"], rank[f"{phase}_leaves"]
+            assert hooks["leaves"] == {"teacher": [], "student": []}
+            # The frozen teacher's blocks whole; of the student's, its copied MLPs (the mixers train).
+            assert leaves["leaves"] == {"teacher": ["LlamaDecoderLayer"], "student": ["LlamaMLP"]}, leaves["leaves"]
+            for model in ("teacher", "student"):
+                assert leaves["hooked_modules"][model] < hooks["hooked_modules"][model], (phase, model)
+            assert leaves["losses"] == hooks["losses"] and leaves["losses"][-1] < leaves["losses"][0], phase
+            assert leaves["mixer_checksum"] == hooks["mixer_checksum"], phase
