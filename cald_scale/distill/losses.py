@@ -354,17 +354,20 @@ class _VocabStreamedCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, labels: torch.Tensor, pieces: RowPieces) -> torch.Tensor:
-        h = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
-        n = h.shape[0]
-        m = h.new_full((n,), float("-inf"))  # running max logit
-        s = h.new_zeros(n)  # running sum of exp(logit - m)
-        target = h.new_zeros(n)
+        # NOTE: the matmuls run in the hidden states' dtype, as the head module's own does (bf16 on
+        # tensor cores); the online softmax in float32. In float32 an H200 ran them on its CUDA
+        # cores: 0.17 s of a 0.68 s distillation step at Llama-3.2-1B, 4 x 2048 tokens.
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        n = hidden.shape[0]
+        m = hidden.new_full((n,), float("-inf"), dtype=acc)  # running max logit
+        s = hidden.new_zeros(n, dtype=acc)  # running sum of exp(logit - m)
+        target = hidden.new_zeros(n, dtype=acc)
         want_grad = ctx.needs_input_grad[0]  # False under no_grad (evaluation)
-        weighted = torch.zeros_like(h) if want_grad else None  # running sum of exp(logit - m) * row
-        label_rows = torch.zeros_like(h) if want_grad else None  # the head row of each token's label
+        weighted = torch.zeros_like(hidden, dtype=acc) if want_grad else None  # running sum of exp(logit - m) * row
+        label_rows = torch.zeros_like(hidden, dtype=acc) if want_grad else None  # the head row of each token's label
         for ids, rows in pieces():
-            rows = rows.to(h.dtype)
-            logits = h @ rows.T
+            rows = rows.to(hidden.dtype)
+            logits = (hidden @ rows.T).to(acc)
             token, col = _positions_in(labels, ids)
             target[token] = logits[token, col]
             m_new = torch.maximum(m, logits.amax(-1))
@@ -372,12 +375,16 @@ class _VocabStreamedCE(torch.autograd.Function):
             p = logits.sub_(m_new[:, None]).exp_()
             s.mul_(rescale).add_(p.sum(-1))
             if want_grad:
-                label_rows[token] = rows[col]
-                weighted.mul_(rescale[:, None]).addmm_(p, rows)
+                label_rows[token] = rows[col].to(acc)
+                weighted.mul_(rescale[:, None])
+                if rows.dtype == acc:
+                    weighted.addmm_(p, rows)
+                else:
+                    weighted.add_(p.to(rows.dtype) @ rows)
             m = m_new
         valid = labels != -100
         if want_grad:  # d (sum of CE) / d h; only valid tokens count
-            grad = weighted.div_(s[:, None]).sub_(label_rows).mul_(valid[:, None].to(h.dtype))
+            grad = weighted.div_(s[:, None]).sub_(label_rows).mul_(valid[:, None].to(acc))
             del label_rows
             ctx.save_for_backward(grad.to(hidden.dtype))
         return torch.where(valid, m + s.log() - target, 0.0).sum()

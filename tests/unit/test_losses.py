@@ -204,3 +204,45 @@ def test_vocab_streamed_cross_entropy_equals_the_whole_head():
     torch.testing.assert_close(grad, grad_ref)
     assert len(walks) == 1  # one walk, in forward (backward scales the gradient it computed)
     assert torch.autograd.gradcheck(lambda x: vocab_streamed_cross_entropy(x, ids, pieces), (h,))
+
+
+def test_vocab_streamed_cross_entropy_multiplies_in_the_model_dtype():
+    """bf16 hidden states and head: the head's matmuls run in bf16 (tensor cores on a GPU; in
+    float32 an H200 ran them on its CUDA cores), the online softmax in float32, and CE and
+    gradient agree with the head module's own path (bf16 logits, then float32 CE)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cald_scale.distill.losses import vocab_streamed_cross_entropy
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+                self.seen.append(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    vocab, hidden, batch, seqlen = 300, 32, 2, 9
+    weight = (torch.randn(vocab, hidden) / hidden**0.5).to(torch.bfloat16)
+    h = torch.randn(batch, seqlen, hidden, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.randint(0, vocab, (batch, seqlen))
+
+    def pieces():
+        for start in range(0, vocab, 64):
+            rows = torch.arange(start, min(start + 64, vocab))
+            yield rows, weight[rows]
+
+    with MatmulDtypes() as recorded:
+        ce = vocab_streamed_cross_entropy(h, ids, pieces)
+    assert ce.dtype == torch.float32
+    assert recorded.seen and set(recorded.seen) == {torch.bfloat16}, recorded.seen
+    logits = (h @ weight.T).float()
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(ce, reference, rtol=1e-3, atol=1e-3)
+    grad, = torch.autograd.grad(ce, h)
+    grad_ref, = torch.autograd.grad(reference, h)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.float(), grad_ref.float(), rtol=2e-2, atol=2e-3)
