@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -182,3 +183,36 @@ def test_entry_point_saves_at_exit_what_was_tuned_after_the_last_sync(run_proces
     assert path.exists(), "the exit hook did not save the choice tuned after the last sync"
     second = run_process(path, entry=True)
     assert second["bench_calls"] == 0
+
+
+# A step killed by its time cap: tuned, then blocked until ``timeout`` sends SIGTERM.
+KILLED = textwrap.dedent(
+    """
+    import time
+    import torch
+    from cald_scale.mixers.ops import _autotune_cache
+    _autotune_cache.MODULE_PREFIX = "cald_test_kernels."
+    import cald_test_kernels.double as k
+    _autotune_cache.sync()
+    k.double(torch.arange(100, dtype=torch.float32))
+    print("tuned", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_a_process_killed_by_sigterm_saves_what_it_tuned_first(run_process, tmp_path):
+    """gpu_check's caps end a step with SIGTERM, which skips atexit: the choices tuned so far are
+    saved anyway, the process still dies of SIGTERM, and the next process skips the benchmark."""
+    path = tmp_path / "autotune.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path / "pkg"), str(REPO)]), "CALD_TRITON_AUTOTUNE_CACHE": str(path)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "tuned", proc.stderr.read()[-3000:]
+        assert not path.exists(), "nothing should be saved before the signal (no sync after the tuning launch)"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        proc.kill()
+    assert path.exists(), "SIGTERM lost the choice tuned after the last sync"
+    assert run_process(path, entry=True)["bench_calls"] == 0

@@ -177,7 +177,33 @@ def autotune_choices() -> AutotuneChoices | None:
     if path not in _CHOICES:
         choices = _CHOICES[path] = AutotuneChoices(path, module_prefix=MODULE_PREFIX)
         atexit.register(choices.sync)  # what the last backward pass tuned
+        _save_on_sigterm(choices)
     return _CHOICES[path]
+
+
+def _save_on_sigterm(choices: AutotuneChoices) -> None:
+    """Save before dying of SIGTERM too, which skips atexit.
+
+    A benchmark step killed by its time cap (``timeout`` sends SIGTERM) lost every choice it had
+    tuned since its last sync: on the third GPU run, two float32 parity steps each spent their cap
+    tuning the SSD scan and left nothing for the next. The handler saves, then dies of the same
+    signal. Only where nobody handles SIGTERM yet (the trainer's preemption handler owns it in a
+    run) and on the main thread (the only one that may set handlers).
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def save_then_die(signum, frame):
+        try:
+            choices.sync()
+        finally:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, save_then_die)
 
 
 def sync() -> None:
