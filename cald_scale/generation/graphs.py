@@ -19,7 +19,7 @@ import torch
 
 from .cache import StudentCache
 
-__all__ = ["GraphedDecode"]
+__all__ = ["GraphedDecode", "generate_graphed"]
 
 
 class GraphedDecode:
@@ -82,3 +82,77 @@ class GraphedDecode:
             logits = self._logits
         self.calls += 1
         return logits.clone()
+
+
+def _sampling_parameters(model: torch.nn.Module, **given) -> tuple:
+    """(temperature, top_k, top_p) as ``generate`` resolves them: what the call gives, else the
+    model's generation config, else transformers' global defaults (top-k 50 among them)."""
+    from transformers import GenerationConfig
+
+    config = getattr(model, "generation_config", None) or GenerationConfig()
+    defaults = GenerationConfig._get_default_generation_params()
+    resolved = []
+    for name in ("temperature", "top_k", "top_p"):
+        value = given[name] if given[name] is not None else getattr(config, name, None)
+        resolved.append(value if value is not None else defaults[name])
+    return tuple(resolved)
+
+
+@torch.no_grad()
+def generate_graphed(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    do_sample: bool = False,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    use_graph: bool | None = None,
+    cache: StudentCache | None = None,
+) -> torch.Tensor:
+    """The new tokens (batch, <= max_new_tokens) of a mixers-only student, decoded by ``GraphedDecode``.
+
+    What ``model.generate`` does for greedy search and sampling, with the decode step replayed as
+    a CUDA graph: the prompt (left-padded; ``attention_mask`` keeps the pads out of the states)
+    fills a fresh cache in one forward, then one graphed step per token. Sampling takes
+    transformers' own temperature, top-k and top-p warpers, resolved and drawn as ``generate``
+    does them, so a seed gives the same tokens. Sequences that reach ``eos_token_id`` continue as
+    ``pad_token_id``, and decoding stops once every sequence has ended. ``cache``: an empty
+    ``model.new_cache()`` to fill (the caller reads what it holds afterwards); a new one by default.
+    """
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    warpers = LogitsProcessorList()
+    if do_sample:
+        temperature, top_k, top_p = _sampling_parameters(model, temperature=temperature, top_k=top_k, top_p=top_p)
+        if temperature is not None and temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=input_ids.device)
+    if len(eos) and pad_token_id is None:
+        raise ValueError("generate_graphed: pass pad_token_id, what an ended sequence continues with")
+    cache = model.new_cache() if cache is None else cache
+    logits = model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    decode = GraphedDecode(model, cache, batch=input_ids.shape[0], use_graph=use_graph)
+    sequences, ended = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        scores = warpers(sequences, logits.float())
+        token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1) if do_sample else scores.argmax(-1)
+        if len(eos):
+            token = torch.where(ended, pad_token_id, token)
+            ended |= torch.isin(token, eos)
+        sequences = torch.cat([sequences, token[:, None]], dim=1)
+        # NOTE: one host sync a token, outside the graph (generate's stopping criteria do the same).
+        if step + 1 == max_new_tokens or (len(eos) and bool(ended.all())):
+            break
+        logits = decode(token[:, None])
+    return sequences[:, input_ids.shape[1] :]

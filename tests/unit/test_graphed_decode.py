@@ -103,3 +103,39 @@ def test_refuses_a_hybrid_an_empty_cache_and_graphs_off_cuda():
     cache, _ = _prefilled(student, torch.randint(3, 256, (1, 5)))
     with pytest.raises(ValueError, match="CUDA device"):
         GraphedDecode(student, cache, batch=1, use_graph=True)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_generate_graphed_gives_generates_tokens(mixer):
+    """Greedy and sampled completions of a left-padded batch equal transformers' own generate,
+    token for token (sampling with the same seed), through the graph's eager bookkeeping on CPU."""
+    from cald_scale.generation.graphs import generate_graphed
+
+    student = _student(mixer)
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0  # the first prompt is 3 tokens shorter, left-padded
+    for sampling in ({}, {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9}, {"do_sample": True}):
+        torch.manual_seed(5)
+        reference = student.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, **sampling)[:, ids.shape[1]:]
+        torch.manual_seed(5)
+        tokens = generate_graphed(student, ids, mask, max_new_tokens=6, pad_token_id=0, **sampling)
+        assert torch.equal(tokens, reference), (sampling, tokens, reference)
+
+
+def test_generate_graphed_stops_when_every_sequence_has_ended():
+    """An ended sequence continues with the pad token, and decoding stops once all have ended, as
+    in generate: here the first greedy token is made the end-of-sequence token."""
+    from cald_scale.generation.graphs import generate_graphed
+
+    student = _student("mamba2")
+    ids = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(2))
+    greedy = generate_graphed(student, ids, max_new_tokens=4)
+    assert greedy.shape == (2, 4)
+    eos = int(greedy[0, 0])
+    tokens = generate_graphed(student, ids, max_new_tokens=4, eos_token_id=eos, pad_token_id=1)
+    reference = student.generate(input_ids=ids, max_new_tokens=4, eos_token_id=eos, pad_token_id=1)[:, ids.shape[1]:]
+    assert torch.equal(tokens, reference)
+    assert tokens[0, 0] == eos and (tokens[0, 1:] == 1).all()
+    with pytest.raises(ValueError, match="pad_token_id"):
+        generate_graphed(student, ids, max_new_tokens=2, eos_token_id=eos)
