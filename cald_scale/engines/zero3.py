@@ -236,19 +236,33 @@ def mark_frozen_leaves(blocks) -> list[nn.Module]:
     return leaves
 
 
+def forget_leaf_owners(leaves: list[nn.Module]) -> None:
+    """Drop the reference to its leaf module that DeepSpeed leaves on each leaf's parameters.
+
+    DeepSpeed reads ``param.ds_z3_leaf_module`` once, when its optimizer builds the gradient
+    hooks, and only for trainable parameters, which a frozen leaf never holds. Kept, it ties a
+    parameter to its module: a frozen weight the student shares with the teacher (a norm) then
+    kept the teacher's whole block, and its partitions, alive after the teacher was released.
+    """
+    for leaf in leaves:
+        for param in leaf.parameters():
+            if getattr(param, "ds_z3_leaf_module", None) is leaf:
+                del param.ds_z3_leaf_module
+
+
 def build_training_engine(model: nn.Module, ds_config: dict, groups: list[dict], *, shares_weights_with=None, leaf_blocks=None):
     """A training engine (the student's; a trajectory teacher's). ``shares_weights_with``:
     the teacher engine whose parameters the student uses for its frozen copied weights.
     ``leaf_blocks``: blocks whose frozen parts become ZeRO-3 leaves (``mark_frozen_leaves``)."""
     import deepspeed
 
-    if leaf_blocks is not None:
-        mark_frozen_leaves(leaf_blocks)
+    leaves = mark_frozen_leaves(leaf_blocks) if leaf_blocks is not None else []
     if shares_weights_with is not None:
         # NOTE: both engines gather the shared parameters; one in-flight registry lets
         # either engine wait on a gather (prefetch) that the other one started.
         model.ds_inflight_param_registry = shares_weights_with.module.ds_inflight_param_registry
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    forget_leaf_owners(leaves)
     if engine.zero_optimization_partition_weights():
         register_mixer_params(engine.module)
         share_fp32_master(engine.optimizer)
@@ -336,9 +350,9 @@ def build_teacher_engine(teacher: nn.Module, ds_config: dict, *, leaf_blocks=Non
     import deepspeed
 
     teacher.eval().requires_grad_(False)
-    if leaf_blocks is not None:
-        mark_frozen_leaves(leaf_blocks)
+    leaves = mark_frozen_leaves(leaf_blocks) if leaf_blocks is not None else []
     engine, _, _, _ = deepspeed.initialize(model=teacher, config=ds_config)
+    forget_leaf_owners(leaves)
     engine.eval()
     return engine
 

@@ -153,3 +153,4 @@ def test_frozen_block_parts_gathered_as_leaves_train_exactly_as_hooked_submodule
                 assert leaves["hooked_modules"][model] < hooks["hooked_modules"][model], (phase, model)
             assert leaves["losses"] == hooks["losses"] and leaves["losses"][-1] < leaves["losses"][0], phase
             assert leaves["mixer_checksum"] == hooks["mixer_checksum"], phase
+            assert leaves["leaf_owner_references"] == 0, phase

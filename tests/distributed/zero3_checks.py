@@ -354,6 +354,8 @@ def check_frozen_leaves(args) -> dict:
                 "mixer_checksum": checksum,
                 "leaves": {name: sorted({type(m).__name__ for m in model.modules() if getattr(m, "_z3_leaf", False)}) for name, model in (("teacher", teacher), ("student", student))},
                 "hooked_modules": {name: sum(1 for m in model.modules() if m._forward_pre_hooks) for name, model in (("teacher", teacher), ("student", student))},
+                # DeepSpeed's reference from a parameter to its leaf (a shared norm kept the teacher alive)
+                "leaf_owner_references": sum(hasattr(p, "ds_z3_leaf_module") for model in (teacher, student) for p in model.parameters()),
             }
             del models, student, teacher
             gc.collect()
