@@ -66,11 +66,17 @@ def test_inference_speed_measures_the_default_hybrid_with_its_kept_kv_cache(tmp_
 def test_train_speed_steps_every_item_through_the_trainer(tmp_path):
     # --time-budget 0: the first round runs, no second one starts, and the result is still written
     # (gpu_check's cap once killed a run with nothing written); --log-dir keeps each item's log.
-    # --build parallel: what a GPU run does, all four processes started at once.
+    # --build parallel: what a GPU run does, every process started at once. --compare-leaves (as
+    # gpu_check runs it): the distillation step again with a ZeRO-3 hook on every submodule.
     result = _run_benchmark("train_speed.py", tmp_path, "--quick", "--warmup", "0", "--steps", "2", "--seq_len", "64",
-                            "--time-budget", "0", "--log-dir", str(tmp_path / "items"), "--build", "parallel")
+                            "--time-budget", "0", "--log-dir", str(tmp_path / "items"), "--build", "parallel", "--compare-leaves", "--profile")
     assert result["shapes"]["build"] == "parallel"
-    assert set(result["items"]) == {"teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step"}
+    assert set(result["items"]) == {"teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step", "distill_step_hooked"}
+    assert result["ratios"]["distill_hooked_over_distill"] > 0
+    profile = result["distill_profile"]
+    assert profile["regions_s"]["ZeRO-3 parameter gathers (hooks)"] > 0 and profile["regions_s"]["optimizer step (engine.step)"] > 0
+    own = [f["own_s"] for f in profile["functions_by_own_time"]]
+    assert len(own) == 15 and own == sorted(own, reverse=True) and all(f["calls"] > 0 for f in profile["functions_by_own_time"])
     for name, item in result["items"].items():
         assert "error" not in item, f"{name}: {item.get('error')}"
         assert item["median_s"] > 0 and len(item["step_seconds"]) == 1
