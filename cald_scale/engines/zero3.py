@@ -31,6 +31,7 @@ __all__ = [
     "param_groups",
     "register_mixer_params",
     "mark_frozen_leaves",
+    "forget_leaf_owners",
     "begin_step",
 ]
 
