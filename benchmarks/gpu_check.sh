@@ -12,9 +12,11 @@
 # order of their worth: bf16 kernel parity, the distillation step, mixer and inference speed,
 # Llama-3.2-1B's training speed, float32 parity last. On the second GPU run (2026-12-04) all of
 # them needed about 12 minutes, over half of it Triton tuning and processes starting one after
-# another; with the shared tuning choices and train_speed's parallel start (below) the steps
-# the issue asks for (all but float32 parity) should take about 7.5 (an estimate from that
-# run's step times). A second call with GPU_CHECK_STEPS runs what a first one's budget cut.
+# another. On the third (2026-12-04, shared tuning choices, parallel start) every step but
+# float32 parity finished in 481 s with the budget at 480, parity cut at its 150 s cap by the
+# `small` shape's tuning (benchmarks/results/gpu_h200_2026-12-04_third/). A second call with
+# GPU_CHECK_STEPS runs what a first one's budget cut; Triton's choices are now saved when a cap
+# ends a step (SIGTERM), so that call continues the tuning instead of starting it over.
 #
 # Wheels: gpu_wheels/ at the repo root (GPU_WHEELS overrides), made on a CPU machine by
 # launch/build_gpu_wheels.sh; the folder ignores itself in git, so the device tool's `carry`
