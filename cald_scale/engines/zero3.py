@@ -251,19 +251,26 @@ def forget_leaf_owners(leaves: list[nn.Module]) -> None:
                 del param.ds_z3_leaf_module
 
 
+def _initialize(model: nn.Module, ds_config: dict, leaf_blocks=None, **kwargs):
+    """``deepspeed.initialize`` with the frozen parts of ``leaf_blocks`` as ZeRO-3 leaves: marked
+    before DeepSpeed registers its hooks, their parameters' leaf references dropped after."""
+    import deepspeed
+
+    leaves = mark_frozen_leaves(leaf_blocks) if leaf_blocks is not None else []
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, **kwargs)
+    forget_leaf_owners(leaves)
+    return engine
+
+
 def build_training_engine(model: nn.Module, ds_config: dict, groups: list[dict], *, shares_weights_with=None, leaf_blocks=None):
     """A training engine (the student's; a trajectory teacher's). ``shares_weights_with``:
     the teacher engine whose parameters the student uses for its frozen copied weights.
     ``leaf_blocks``: blocks whose frozen parts become ZeRO-3 leaves (``mark_frozen_leaves``)."""
-    import deepspeed
-
-    leaves = mark_frozen_leaves(leaf_blocks) if leaf_blocks is not None else []
     if shares_weights_with is not None:
         # NOTE: both engines gather the shared parameters; one in-flight registry lets
         # either engine wait on a gather (prefetch) that the other one started.
         model.ds_inflight_param_registry = shares_weights_with.module.ds_inflight_param_registry
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
-    forget_leaf_owners(leaves)
+    engine = _initialize(model, ds_config, leaf_blocks, model_parameters=groups)
     if engine.zero_optimization_partition_weights():
         register_mixer_params(engine.module)
         share_fp32_master(engine.optimizer)
@@ -348,12 +355,8 @@ def _consecutive_view(parts: list[torch.Tensor] | None, like: torch.Tensor) -> t
 def build_teacher_engine(teacher: nn.Module, ds_config: dict, *, leaf_blocks=None):
     """An inference-only engine for a frozen teacher; ``leaf_blocks``: its blocks, each then
     gathered whole in one hook (``mark_frozen_leaves``)."""
-    import deepspeed
-
     teacher.eval().requires_grad_(False)
-    leaves = mark_frozen_leaves(leaf_blocks) if leaf_blocks is not None else []
-    engine, _, _, _ = deepspeed.initialize(model=teacher, config=ds_config)
-    forget_leaf_owners(leaves)
+    engine = _initialize(teacher, ds_config, leaf_blocks)
     engine.eval()
     return engine
 
