@@ -189,6 +189,17 @@ def write_result_files(name: str, result: dict, markdown: str, plot=None) -> Non
     print(f"wrote {RESULTS / name}.{{json,md{',png' if plot else ''}}}")
 
 
+def narrow_geometry(geometry: str) -> str:
+    """The name of ``geometry`` at width 64 (two attention heads of 32, one key/value head, a
+    128-wide MLP), its depth and vocabulary kept, registered in GEOMETRIES. Its arithmetic is
+    negligible, so a step's time is host work (op dispatch, ZeRO-3's per-module hooks): on CPU,
+    a proxy for a GPU step at these sizes, which is bound by the same work."""
+    name = f"{geometry}-narrow"
+    GEOMETRIES.setdefault(name, {**GEOMETRIES[geometry], "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1})
+    GEOMETRIES[name].pop("head_dim", None)  # hidden / heads
+    return name
+
+
 def truncated_geometry(geometry: str, num_layers: int) -> str:
     """The name of ``geometry`` cut to its first ``num_layers`` blocks, registered in GEOMETRIES
     (quick runs: same widths and vocabulary, fewer blocks; ``write_random_teacher`` takes the name)."""

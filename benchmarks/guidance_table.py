@@ -181,12 +181,13 @@ def config_key(run: Run, teacher: Run | None = None) -> str:
     """What defines a run, comparable across checkouts and sessions: a digest of its whole
     resolved config (defaults included) and seed, with this checkout's path written as <repo>
     and the waypoint list (the Std. run's exports, which a recorded Std. run may not have here)
-    and keys added since at their legacy values (``LEGACY_DEFAULTS``) left out; with ``teacher``,
+    and keys added since at their legacy values (``LEGACY_DEFAULTS``) and keys that never change a
+    result (``RESULT_NEUTRAL_KEYS``: how ZeRO-3 hooks modules, say) left out; with ``teacher``,
     the key of the Std. run that guided it is part of it."""
-    from cald_scale.config import load_run_config, without_legacy_defaults
+    from cald_scale.config import load_run_config, without_legacy_defaults, without_result_neutral
 
     overrides = [re.sub(r"waypoints: \[[^\]]*\]", "waypoints: [std_exports]", o) for o in run.overrides]
-    config = without_legacy_defaults(load_run_config(None, [*overrides, f"train.seed={run.seed}"]).to_dict())
+    config = without_result_neutral(without_legacy_defaults(load_run_config(None, [*overrides, f"train.seed={run.seed}"]).to_dict()))
     config.pop("output")  # where it writes, not what it runs
     text = json.dumps(config, sort_keys=True).replace(str(REPO), "<repo>")
     if teacher is not None:

@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
         [--geometry SmolLM2-135M|Llama-3.2-1B] [--batch B] [--seq_len L] [--steps N] [--out PATH]
+        [--compare-leaves] [--narrow] [--profile]
 
 Four items on the same batch (batch x seq_len random tokens), with random weights of a real
 geometry:
@@ -33,6 +34,12 @@ streaming, the losses and the optimizer step add at most 10%. distill_step /
 teacher_finetune_step is reported without a target. When the target is missed (or with
 --profile), the JSON also gets where the time goes: one distillation step profiled.
 
+--compare-leaves adds the distillation step under the other train.zero3_leaves modes, built
+and stepped alongside: distill_step_frozen_leaves (only the parts of blocks that never train
+gathered as one ZeRO-3 leaf) and distill_step_hooked (a hook pair on every submodule). --narrow
+keeps the geometry's depth and vocabulary at width 64: the arithmetic vanishes and what is
+left is host work, the part that bounds a GPU step at these sizes, measurable on a CPU.
+
 Tokens per step change the ratio: ZeRO-3's gathers, gradient partitioning and the optimizer
 step scale with the parameters, not the tokens, while the unavoidable work grows with the batch.
 The headline is batch 1 x 512; --batch / --seq_len write a result of their own
@@ -57,14 +64,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, child_env, machine, truncated_geometry, write_random_teacher, write_result  # noqa: E402
+from _common import ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, child_env, machine, narrow_geometry, truncated_geometry, write_random_teacher, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 ITEMS = ("teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step")
-# --compare-leaves: the distillation step again with a ZeRO-3 hook on every submodule, side by side.
-HOOKED = "distill_step_hooked"
+# --compare-leaves: the distillation step again under the other train.zero3_leaves modes, side by side.
+LEAF_ITEMS = {"distill_step_frozen_leaves": "frozen", "distill_step_hooked": "none"}
 TARGET_RATIO = 1.1
 QUICK_LAYERS = 8  # --quick: the geometry's widths and vocabulary, fewer blocks
 STALL_S = 60  # a worker command running longer prints every thread's stack this often (to its log)
@@ -183,10 +190,14 @@ def build_distill_step(cfg, source, ids):
     return step, None
 
 
-def build_distill_step_hooked(cfg, source, ids):
-    """distill_step with train.frozen_leaf_modules off: DeepSpeed's hooks on every submodule,
-    which is what the frozen leaves save."""
-    return build_distill_step(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, frozen_leaf_modules=False)), source, ids)
+def leaf_mode_builder(mode: str):
+    """distill_step with train.zero3_leaves=``mode`` (frozen: only the parts of blocks that never
+    train are leaves; none: DeepSpeed's hooks on every submodule)."""
+
+    def build(cfg, source, ids):
+        return build_distill_step(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, zero3_leaves=mode)), source, ids)
+
+    return build
 
 
 def build_teacher_finetune_step(cfg, source, ids):
@@ -218,7 +229,7 @@ BUILDERS = {
     "student_forward_backward": build_student_forward_backward,
     "distill_step": build_distill_step,
     "teacher_finetune_step": build_teacher_finetune_step,
-    HOOKED: build_distill_step_hooked,
+    **{item: leaf_mode_builder(mode) for item, mode in LEAF_ITEMS.items()},
 }
 
 
@@ -513,8 +524,9 @@ def summarize(items: dict[str, dict]) -> dict:
     if {"distill_step", "teacher_finetune_step"} <= ok:
         summary["ratios"]["distill_over_teacher_finetune"] = items["distill_step"]["median_s"] / items["teacher_finetune_step"]["median_s"]
         summary["ratios"]["peak_memory_distill_over_teacher_finetune"] = _peak(items["distill_step"]) / _peak(items["teacher_finetune_step"])
-    if {"distill_step", HOOKED} <= ok:  # what gathering frozen parts as ZeRO-3 leaves saves (no target)
-        summary["ratios"]["distill_hooked_over_distill"] = items[HOOKED]["median_s"] / items["distill_step"]["median_s"]
+    for item in LEAF_ITEMS:  # what gathering whole blocks as ZeRO-3 leaves saves (no target)
+        if {"distill_step", item} <= ok:
+            summary["ratios"][f"{item.replace('_step', '')}_over_distill"] = items[item]["median_s"] / items["distill_step"]["median_s"]
     needed = {"distill_step", "teacher_forward", "student_forward_backward"}
     if not needed <= ok:
         summary["targets"] = {"distill_over_unavoidable": {"target": target, "value": None, "pass": False, "error": f"{sorted(needed - ok)} failed"}}
@@ -556,7 +568,8 @@ def _default_name(args) -> str:
     parts += [args.geometry] if args.geometry != "SmolLM2-135M" else []
     parts += [args.dtype] if args.dtype != "float32" else []
     parts += ["quick"] if args.quick else []
-    parts += [f"b{args.batch}x{args.seq_len}"] if (args.batch, args.seq_len) != (1, 256 if args.quick else 512) else []
+    parts += ["narrow"] if args.narrow else []
+    parts += [f"b{args.batch}x{args.seq_len}"] if (args.batch, args.seq_len) != (1, 64 if args.narrow else 256 if args.quick else 512) else []
     parts += [f"trains_{args.trainable}"] if args.trainable != "mixers" else []
     return "_".join(parts)
 
@@ -569,7 +582,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# train_speed ({m['date'][:10]})",
         "",
-        f"{s['geometry']} ({s['layers']} layers), {result['dtype']}, batch {s['batch']} x {s['seq_len']} tokens, student trains "
+        f"{s['geometry']} ({s['layers']} layers, width {s.get('hidden_size', '?')}), {result['dtype']}, batch {s['batch']} x {s['seq_len']} tokens, student trains "
         f"{s['student_trainable']}, {result['device']} (torch threads per item: {s['torch_threads']}); median of {s['steps']} steps after {s['warmup']} warmup, the items stepping in turn. "
         f"{m['gpu'] if not cpu and 'gpu' in m else m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']}, transformers {m['transformers']}.",
         "",
@@ -611,7 +624,8 @@ def assemble(args, geometry: str, items: dict, profiled: dict | None, load_befor
         "device": args.device,
         "dtype": args.dtype,
         "shapes": {
-            "geometry": args.geometry, "layers": GEOMETRIES[geometry]["num_hidden_layers"], "batch": args.batch, "seq_len": args.seq_len,
+            "geometry": args.geometry, "layers": GEOMETRIES[geometry]["num_hidden_layers"], "hidden_size": GEOMETRIES[geometry]["hidden_size"],
+            "batch": args.batch, "seq_len": args.seq_len,
             "tokens_per_step": args.batch * args.seq_len, "steps": args.steps, "warmup": args.warmup, "student_trainable": args.trainable,
             "time_budget_s": args.time_budget, "build": args.build,
             "torch_threads": items["teacher_forward"].get("torch_threads", args.threads),
@@ -631,8 +645,16 @@ def assemble(args, geometry: str, items: dict, profiled: dict | None, load_befor
     noisy = _noise(items, args.threads)
     if noisy:
         result["warning"] = f"timings disturbed by other processes ({noisy}); rerun on a quieter machine before trusting the ratios"
+    notes = []
     if args.quick:
-        result["note"] = f"--quick: {QUICK_LAYERS} of {GEOMETRIES[args.geometry]['num_hidden_layers']} layers and short sequences; not the headline numbers."
+        notes.append(f"--quick: {QUICK_LAYERS} of {GEOMETRIES[args.geometry]['num_hidden_layers']} layers and short sequences; not the headline numbers.")
+    if args.narrow:
+        notes.append(
+            "--narrow: the geometry's depth and vocabulary at width 64, a host-bound proxy (the arithmetic is negligible, so the time is "
+            "op dispatch and ZeRO-3's per-module work, which is what bounds a GPU step at these sizes); not a measurement of the real widths."
+        )
+    if notes:
+        result["note"] = " ".join(notes)
     return result
 
 
@@ -657,18 +679,25 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; no new round of steps starts past it (the result says how many ran)")
     parser.add_argument("--log-dir", default=None, help="keep each item's process log here (default: a temporary folder)")
     parser.add_argument("--cache", default=os.environ.get("CALD_SCALE_CACHE", str(Path.home() / ".cache" / "cald_scale")) + "/bench_teachers")
-    parser.add_argument("--compare-leaves", action="store_true", help=f"also time the distillation step with a ZeRO-3 hook on every submodule ({HOOKED})")
-    parser.add_argument("--item", choices=[*ITEMS, HOOKED], default=None, help=argparse.SUPPRESS)  # worker mode
+    parser.add_argument(
+        "--compare-leaves", action="store_true",
+        help=f"also time the distillation step with only frozen parts as ZeRO-3 leaves and with a hook on every submodule ({', '.join(LEAF_ITEMS)})",
+    )
+    parser.add_argument(
+        "--narrow", action="store_true",
+        help="the geometry's depth and vocabulary at width 64 (a host-bound proxy: the arithmetic is negligible, as on a GPU at these sizes; default 1 x 64 tokens)",
+    )
+    parser.add_argument("--item", choices=[*ITEMS, *LEAF_ITEMS], default=None, help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--teacher", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.seq_len = args.seq_len or (256 if args.quick else 512)
+    args.seq_len = args.seq_len or (64 if args.narrow else 256 if args.quick else 512)
     args.steps = args.steps or (3 if args.quick else 4)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.device == "cuda" else 1)
     # NOTE: one thread per item on CPU: where other processes hold cores, OpenMP threads that
     # outnumber the free ones wait at every barrier, which slowed some items 15x at random here.
     args.threads = args.threads or (1 if args.device == "cpu" else None)
     args.build = args.build or ("parallel" if args.device == "cuda" else "sequential")
-    args.items = (*ITEMS, HOOKED) if args.compare_leaves else ITEMS
+    args.items = (*ITEMS, *LEAF_ITEMS) if args.compare_leaves else ITEMS
     if args.item:
         serve_item(args)
         return
@@ -678,6 +707,7 @@ def main() -> None:
         parser.error("--dtype bfloat16: the ZeRO-3 engines train in bf16 only on a bf16-capable accelerator (use --device cuda)")
 
     geometry = truncated_geometry(args.geometry, QUICK_LAYERS) if args.quick else args.geometry
+    geometry = narrow_geometry(geometry) if args.narrow else geometry
     teacher = write_random_teacher(geometry, Path(args.cache) / geometry)
     load_before = os.getloadavg()[0]  # before this run's workers start
     with contextlib.nullcontext(args.log_dir) if args.log_dir else tempfile.TemporaryDirectory() as logs:

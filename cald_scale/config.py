@@ -22,7 +22,7 @@ from .data.config import DataConfig
 from .distill.losses import LossConfig
 from .distill.phases import PhaseConfig, PhasePlan, plan_phases
 
-__all__ = ["RunConfig", "StudentConfig", "TrainConfig", "EvalConfig", "OutputConfig", "DebugConfig", "PhaseConfig", "load_run_config", "default_phases", "config_differences", "LEGACY_DEFAULTS", "with_legacy_defaults", "without_legacy_defaults"]
+__all__ = ["RunConfig", "StudentConfig", "TrainConfig", "EvalConfig", "OutputConfig", "DebugConfig", "PhaseConfig", "load_run_config", "default_phases", "config_differences", "LEGACY_DEFAULTS", "with_legacy_defaults", "without_legacy_defaults", "RENAMED_KEYS", "RESULT_NEUTRAL_KEYS", "without_result_neutral"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -80,11 +80,16 @@ class TrainConfig:
     schedule: Literal["streamed", "naive"] = "streamed"
     """How end-to-end phases run: streamed, stage by stage (default); naive, the whole
     teacher first (the reference). Teacher-forced phases are a phase mode (phases[].mode)."""
-    frozen_leaf_modules: bool = True
-    """ZeRO-3: gather each part of a block that never trains (the frozen teacher's whole block, a
-    student's copied MLP) in one hook instead of one per submodule. Same values and gradients;
-    DeepSpeed's per-module hooks were most of the distillation step's host time at 512 tokens
-    (benchmarks/train_speed.py)."""
+    zero3_leaves: Literal["blocks", "frozen", "none"] = "blocks"
+    """ZeRO-3: which modules DeepSpeed gathers and releases in one hook pair instead of one per
+    submodule (each hook pair also wraps the module's outputs in autograd functions). blocks
+    (default): every decoder block, trainable or not; a trainable block whose input needs no
+    grad (block 0 behind a frozen embedding, any block in a teacher-forced phase) gets an input
+    that does, since DeepSpeed reduces a leaf's gradients in its full backward hook, which
+    PyTorch fires only after an input's gradient. frozen: only the parts of a block that never
+    train (the frozen teacher's blocks, a student's copied MLP). none: a hook pair on every
+    submodule. All three train to the same values; the hooks were most of the distillation
+    step's host time on a GPU (benchmarks/train_speed.py --compare-leaves)."""
     seed: int = 0
     malloc_mmap_threshold: int | None = 16 << 20
     """glibc: allocations of at least this many bytes are mmap-ed and returned to the OS when
@@ -330,6 +335,15 @@ LEGACY_DEFAULTS: dict[str, object] = {
     "student.conversion.attention_every": 0,  # before it, a causal LM converted every layer
 }
 
+# Keys renamed since run folders were first written: old dotted key -> (new key, {old value: new value}).
+RENAMED_KEYS: dict[str, tuple[str, dict]] = {
+    "train.frozen_leaf_modules": ("train.zero3_leaves", {True: "frozen", False: "none"}),
+}
+
+# Keys that choose how a run executes, never what it computes (each tested to train to the same
+# values whatever it holds): digests that identify a run's results leave them out.
+RESULT_NEUTRAL_KEYS: tuple[str, ...] = ("train.zero3_leaves",)
+
 
 def _parent(config: dict, key: str) -> tuple[dict | None, str]:
     """The mapping that holds dotted ``key`` in ``config`` (None if a section is missing), and the leaf name."""
@@ -341,8 +355,16 @@ def _parent(config: dict, key: str) -> tuple[dict | None, str]:
 
 
 def with_legacy_defaults(saved: dict) -> dict:
-    """``saved`` (a run's config.json) with every key of ``LEGACY_DEFAULTS`` it lacks filled in."""
+    """``saved`` (a run's config.json) with each ``RENAMED_KEYS`` key under its new name and every
+    key of ``LEGACY_DEFAULTS`` it lacks filled in."""
     out = copy.deepcopy(saved)
+    for old, (key, values) in RENAMED_KEYS.items():
+        node, leaf = _parent(out, old)
+        if node is not None and leaf in node:
+            value = node.pop(leaf)
+            new_node, new_leaf = _parent(out, key)
+            if new_node is not None:
+                new_node.setdefault(new_leaf, values.get(value, value))
     for key, value in LEGACY_DEFAULTS.items():
         node, leaf = _parent(out, key)
         if node is not None:
@@ -358,6 +380,16 @@ def without_legacy_defaults(config: dict) -> dict:
         node, leaf = _parent(out, key)
         if node is not None and leaf in node and node[leaf] == value:
             del node[leaf]
+    return out
+
+
+def without_result_neutral(config: dict) -> dict:
+    """``config`` (a plain dict) without the ``RESULT_NEUTRAL_KEYS``: what identifies its results."""
+    out = copy.deepcopy(config)
+    for key in RESULT_NEUTRAL_KEYS:
+        node, leaf = _parent(out, key)
+        if node is not None:
+            node.pop(leaf, None)
     return out
 
 

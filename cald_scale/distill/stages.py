@@ -22,6 +22,7 @@ from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..conversion.registry import FamilyAdapter, get_adapter
+from ..engines.zero3 import needs_grad_input
 from .losses import LossConfig, RowPieces, linear_head_losses, lm_head_losses, vocab_streamed_cross_entropy
 
 __all__ = ["LayerwiseModel", "PerLayerType", "attention_types", "layerwise", "make_stages"]
@@ -133,6 +134,10 @@ class LayerwiseModel:
         layer = self.blocks[index]
         # Inputs that differ by attention type: this layer's own.
         ctx = {k: v[self.layer_types[index]] if isinstance(v, PerLayerType) else v for k, v in ctx.items()}
+        if torch.is_grad_enabled() and not hidden.requires_grad and needs_grad_input(layer):
+            # A trainable ZeRO-3 leaf block: its gradients are reduced once its input's gradient
+            # exists, so it needs an input that has one (one extra input gradient, discarded).
+            hidden = hidden.detach().requires_grad_()
         with self._scope():
             if self.activation_checkpointing and torch.is_grad_enabled():
                 return checkpoint(self._call_block, layer, hidden, ctx, use_reentrant=False)

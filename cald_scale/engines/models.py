@@ -177,7 +177,7 @@ def build_models(
     if teacher is not None:
         numel = max(numel, block_numel(teacher, layerwise(teacher).blocks))
     sized = size_zero_buffers(ds_config, numel, cfg.train.stage_size)
-    leaves = cfg.train.frozen_leaf_modules
+    leaves = cfg.train.zero3_leaves
     teacher_engine = managed = None
     if teacher is not None:
         if plan.trains_teacher:
@@ -186,13 +186,13 @@ def build_models(
             groups = [{"params": list(teacher.parameters()), "lr": trajectory.lr, "weight_decay": trajectory.weight_decay, "name": "teacher"}]
             teacher_engine = build_training_engine(teacher, sized, groups)
         else:
-            teacher_engine = build_teacher_engine(teacher, teacher_ds_config(sized), leaf_blocks=layerwise(teacher).blocks if leaves else None)
+            teacher_engine = build_teacher_engine(teacher, teacher_ds_config(sized), leaf_blocks=layerwise(teacher).blocks if leaves != "none" else None)
         managed = ManagedTeacher(
             teacher_engine, layerwise(teacher_engine.module), placement, str(source.folder), chunk_tokens=cfg.loss.chunk_tokens(source.config.vocab_size)
         )
     groups = param_groups(student, cfg.train.lr, cfg.train.copied_lr_scale, cfg.train.weight_decay)
     student_engine = build_training_engine(
-        student, sized, groups, shares_weights_with=teacher_engine if share else None, leaf_blocks=student_lw.blocks if leaves else None
+        student, sized, groups, shares_weights_with=teacher_engine if share else None, leaf_blocks=student_lw.blocks, leaves=leaves
     )
     models = DistillationModels(
         student_engine=student_engine,

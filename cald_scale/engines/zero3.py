@@ -30,7 +30,8 @@ __all__ = [
     "build_teacher_engine",
     "param_groups",
     "register_mixer_params",
-    "mark_frozen_leaves",
+    "mark_leaves",
+    "needs_grad_input",
     "forget_leaf_owners",
     "begin_step",
 ]
@@ -202,39 +203,55 @@ def register_mixer_params(model: nn.Module) -> None:
                 deepspeed.zero.register_external_parameter(mixer, param)
 
 
-def mark_frozen_leaves(blocks) -> list[nn.Module]:
-    """Make the largest parts of each block that hold no trainable parameter ZeRO-3 leaf modules.
+def mark_leaves(blocks, mode: str = "blocks") -> list[nn.Module]:
+    """Make whole blocks (``mode="blocks"``) or the largest parts of each block that hold no
+    trainable parameter (``"frozen"``) ZeRO-3 leaf modules; ``"none"`` marks nothing.
 
     DeepSpeed hooks every submodule: a gather before its forward, a release after, the same
     around its backward, each wrapping its outputs in autograd functions. At 512 tokens that
     host work was most of a distillation step (2.5x the teacher's forward plus the student's
     forward and backward on an H200). A leaf gathers all its parameters in one hook, and its
-    children get none. Only frozen parts qualify: DeepSpeed reduces a leaf's gradients in the
-    leaf's full backward hook, and PyTorch fires that hook before the leaf's own backward when
-    no input of the leaf requires grad (a student block fed by a frozen embedding, or by the
-    teacher in a teacher-forced phase). Call it before the engine is built, once trainability
-    is final for the run (a frozen part must never train later). Returns the leaves.
+    children get none.
+
+    A trainable leaf has one condition: DeepSpeed reduces its gradients in its full backward
+    hook, and PyTorch fires that hook before the leaf's own backward when no input of the leaf
+    requires grad (a student block fed by a frozen embedding, or by the teacher in a
+    teacher-forced phase). ``LayerwiseModel.block`` gives such a block an input that requires
+    grad (``needs_grad_input``). Call this before the engine is built, once trainability is
+    final for the run (a frozen part must never train later). Returns the leaves.
     """
     from deepspeed.utils import set_z3_leaf_module
 
+    if mode not in ("blocks", "frozen", "none"):
+        raise ValueError(f"unknown ZeRO-3 leaf mode {mode!r}; use 'blocks', 'frozen' or 'none'")
     containers = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
     leaves: list[nn.Module] = []
 
-    def visit(module: nn.Module) -> None:
+    def visit(module: nn.Module, whole: bool) -> None:
         params = list(module.parameters())
         if not params:
             return
         # NOTE: a module without children gets one hook pair either way; containers are never called.
-        if not any(p.requires_grad for p in params) and next(module.children(), None) is not None and not isinstance(module, containers):
+        callable_parent = next(module.children(), None) is not None and not isinstance(module, containers)
+        if callable_parent and (whole or not any(p.requires_grad for p in params)):
             set_z3_leaf_module(module, True)
             leaves.append(module)
             return
         for child in module.children():
-            visit(child)
+            visit(child, False)
 
-    for block in blocks:
-        visit(block)
+    if mode != "none":
+        for block in blocks:
+            visit(block, mode == "blocks")
     return leaves
+
+
+def needs_grad_input(block: nn.Module) -> bool:
+    """Whether ``block`` is a trainable ZeRO-3 leaf, whose input must require grad for DeepSpeed
+    to reduce its gradients after its backward, not before (see ``mark_leaves``)."""
+    # NOTE: DeepSpeed's mark (deepspeed.utils.z3_leaf_module reads the same attribute; read here
+    # directly, so running blocks needs no DeepSpeed import).
+    return getattr(block, "_z3_leaf", False) and any(p.requires_grad for p in block.parameters())
 
 
 def forget_leaf_owners(leaves: list[nn.Module]) -> None:
@@ -251,26 +268,28 @@ def forget_leaf_owners(leaves: list[nn.Module]) -> None:
                 del param.ds_z3_leaf_module
 
 
-def _initialize(model: nn.Module, ds_config: dict, leaf_blocks=None, **kwargs):
-    """``deepspeed.initialize`` with the frozen parts of ``leaf_blocks`` as ZeRO-3 leaves: marked
-    before DeepSpeed registers its hooks, their parameters' leaf references dropped after."""
+def _initialize(model: nn.Module, ds_config: dict, leaf_blocks=None, leaves: str = "blocks", **kwargs):
+    """``deepspeed.initialize`` with ``leaf_blocks`` (or their frozen parts) as ZeRO-3 leaves:
+    marked before DeepSpeed registers its hooks, their parameters' leaf references dropped after
+    (DeepSpeed has read the trainable ones by then)."""
     import deepspeed
 
-    leaves = mark_frozen_leaves(leaf_blocks) if leaf_blocks is not None else []
+    marked = mark_leaves(leaf_blocks, leaves) if leaf_blocks is not None else []
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, **kwargs)
-    forget_leaf_owners(leaves)
+    forget_leaf_owners(marked)
     return engine
 
 
-def build_training_engine(model: nn.Module, ds_config: dict, groups: list[dict], *, shares_weights_with=None, leaf_blocks=None):
+def build_training_engine(model: nn.Module, ds_config: dict, groups: list[dict], *, shares_weights_with=None, leaf_blocks=None, leaves: str = "blocks"):
     """A training engine (the student's; a trajectory teacher's). ``shares_weights_with``:
     the teacher engine whose parameters the student uses for its frozen copied weights.
-    ``leaf_blocks``: blocks whose frozen parts become ZeRO-3 leaves (``mark_frozen_leaves``)."""
+    ``leaf_blocks``: blocks that become ZeRO-3 leaves, whole or their frozen parts as
+    ``leaves`` says (``mark_leaves``)."""
     if shares_weights_with is not None:
         # NOTE: both engines gather the shared parameters; one in-flight registry lets
         # either engine wait on a gather (prefetch) that the other one started.
         model.ds_inflight_param_registry = shares_weights_with.module.ds_inflight_param_registry
-    engine = _initialize(model, ds_config, leaf_blocks, model_parameters=groups)
+    engine = _initialize(model, ds_config, leaf_blocks, leaves, model_parameters=groups)
     if engine.zero_optimization_partition_weights():
         register_mixer_params(engine.module)
         share_fp32_master(engine.optimizer)
@@ -354,9 +373,9 @@ def _consecutive_view(parts: list[torch.Tensor] | None, like: torch.Tensor) -> t
 
 def build_teacher_engine(teacher: nn.Module, ds_config: dict, *, leaf_blocks=None):
     """An inference-only engine for a frozen teacher; ``leaf_blocks``: its blocks, each then
-    gathered whole in one hook (``mark_frozen_leaves``)."""
+    gathered whole in one hook (``mark_leaves``)."""
     teacher.eval().requires_grad_(False)
-    engine = _initialize(teacher, ds_config, leaf_blocks)
+    engine = _initialize(teacher, ds_config, leaf_blocks, "blocks")
     engine.eval()
     return engine
 

@@ -67,12 +67,14 @@ def test_train_speed_steps_every_item_through_the_trainer(tmp_path):
     # --time-budget 0: the first round runs, no second one starts, and the result is still written
     # (gpu_check's cap once killed a run with nothing written); --log-dir keeps each item's log.
     # --build parallel: what a GPU run does, every process started at once. --compare-leaves (as
-    # gpu_check runs it): the distillation step again with a ZeRO-3 hook on every submodule.
-    result = _run_benchmark("train_speed.py", tmp_path, "--quick", "--warmup", "0", "--steps", "2", "--seq_len", "64",
+    # gpu_check runs it): the distillation step again under the other train.zero3_leaves modes.
+    # --narrow: the host-bound proxy (width 64).
+    result = _run_benchmark("train_speed.py", tmp_path, "--quick", "--narrow", "--warmup", "0", "--steps", "2",
                             "--time-budget", "0", "--log-dir", str(tmp_path / "items"), "--build", "parallel", "--compare-leaves", "--profile")
     assert result["shapes"]["build"] == "parallel"
-    assert set(result["items"]) == {"teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step", "distill_step_hooked"}
-    assert result["ratios"]["distill_hooked_over_distill"] > 0
+    assert (result["shapes"]["hidden_size"], result["shapes"]["layers"], result["shapes"]["seq_len"]) == (64, 8, 64)
+    assert set(result["items"]) == {"teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step", "distill_step_frozen_leaves", "distill_step_hooked"}
+    assert result["ratios"]["distill_hooked_over_distill"] > 0 and result["ratios"]["distill_frozen_leaves_over_distill"] > 0
     profile = result["distill_profile"]
     assert profile["regions_s"]["ZeRO-3 parameter gathers (hooks)"] > 0 and profile["regions_s"]["optimizer step (engine.step)"] > 0
     own = [f["own_s"] for f in profile["functions_by_own_time"]]

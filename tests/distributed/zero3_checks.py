@@ -13,7 +13,7 @@ Checks:
   chunked_head_frozen  chunked CE/KL equal whole logits with a frozen, teacher-shared head
   fp32_master        fp32 parameters as their own master, gradients read in place: trains exactly as with copies
   vocab_streamed_head  a frozen head read a piece of rows at a time gives the gathered head's CE and gradients
-  frozen_leaves      frozen parts of blocks gathered as ZeRO-3 leaves train exactly as with a hook per submodule
+  zero3_leaves       whole blocks, or their frozen parts, gathered as ZeRO-3 leaves train exactly as with a hook per submodule
 """
 
 from __future__ import annotations
@@ -323,36 +323,49 @@ def check_fused_head_trained(args) -> dict:
     return out
 
 
-def check_frozen_leaves(args) -> dict:
-    """train.frozen_leaf_modules on and off: the same losses and the same trained mixers, end to
-    end with activation checkpointing (block 0's input, a frozen embedding's output, needs no
-    grad) and teacher-forced (no block input needs grad), with fewer hooked modules."""
+# (scenario, overrides): block 0's input (a frozen embedding's output) needs no grad with
+# activation checkpointing; no block input does teacher-forced; with everything trainable (a
+# hybrid, whose kept attention blocks train too) every input does.
+LEAF_SCENARIOS = {
+    "end_to_end": ["student.trainable=mixers", "student.activation_checkpointing=true"],
+    "teacher_forced": ["student.trainable=mixers", "phases=[{name: tf, mode: teacher_forced}]"],
+    "all_trainable_hybrid": ["student.trainable=all", "student.conversion.attention_every=2"],
+}
+
+
+def check_zero3_leaves(args) -> dict:
+    """train.zero3_leaves none, frozen and blocks: the same gradients, losses and trained weights
+    (frozen: bit for bit), with fewer hooked modules each (see LEAF_SCENARIOS)."""
     import deepspeed
+    from deepspeed.utils import safe_get_full_grad
 
     from cald_scale.train import forward_backward
 
     out = {}
-    for phase in ("end_to_end", "teacher_forced"):
-        extra = ["student.activation_checkpointing=true"] if phase == "end_to_end" else ["phases=[{name: tf, mode: teacher_forced}]"]
-        for leaves in (False, True):
-            env, cfg, ds_config, source = _setup(args.teacher, ["student.trainable=mixers", "train.lr=1e-2", f"train.frozen_leaf_modules={str(leaves).lower()}", *extra])
+    for scenario, extra in LEAF_SCENARIOS.items():
+        for mode in ("none", "frozen", "blocks"):
+            env, cfg, ds_config, source = _setup(args.teacher, ["train.lr=1e-2", f"train.zero3_leaves={mode}", *extra])
             # NOTE: in so small a model most tensors fall under the persistence threshold (never partitioned).
             ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 64
             torch.manual_seed(0)
             models = build_models(cfg, ds_config, source)
             student, teacher = models.student_engine.module, models.teacher_engine.module
-            losses = []
+            trained = [p for p in student.parameters() if p.requires_grad]
+            losses, grad_norms = [], []
             for step in range(3):
                 parts, _ = forward_backward(models, models.teacher, cfg.plan(env.world_size).phases[0], _batch(source.config.vocab_size, env), cfg)
+                if step == 0:  # every trained weight's gradient, before any update
+                    grad_norms = [float(safe_get_full_grad(p).double().norm()) for p in trained]
                 models.student_engine.step()
                 losses.append(parts.total.item())
-            mixers = list(student.mixer_parameters())
-            with deepspeed.zero.GatheredParameters(mixers):
-                checksum = float(sum(p.double().sum() for p in mixers))
-            out[f"{phase}_{'leaves' if leaves else 'hooks'}"] = {
+            with deepspeed.zero.GatheredParameters(trained):
+                checksums = [float(p.double().sum()) for p in trained]
+            out[f"{scenario}_{mode}"] = {
                 "losses": losses,
-                "mixer_checksum": checksum,
+                "first_grad_norms": grad_norms,
+                "trained_checksums": checksums,
                 "leaves": {name: sorted({type(m).__name__ for m in model.modules() if getattr(m, "_z3_leaf", False)}) for name, model in (("teacher", teacher), ("student", student))},
+                "block_types": sorted({type(b).__name__ for b in models.student.blocks}),
                 "hooked_modules": {name: sum(1 for m in model.modules() if m._forward_pre_hooks) for name, model in (("teacher", teacher), ("student", student))},
                 # DeepSpeed's reference from a parameter to its leaf (a shared norm kept the teacher alive)
                 "leaf_owner_references": sum(hasattr(p, "ds_z3_leaf_module") for model in (teacher, student) for p in model.parameters()),
@@ -371,7 +384,7 @@ CHECKS = {
     "chunked_head_frozen": check_chunked_head_frozen,
     "vocab_streamed_head": check_vocab_streamed_head,
     "fused_head_trained": check_fused_head_trained,
-    "frozen_leaves": check_frozen_leaves,
+    "zero3_leaves": check_zero3_leaves,
 }
 
 

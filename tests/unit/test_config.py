@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cald_scale.config import RunConfig, config_differences, load_run_config, without_legacy_defaults
+from cald_scale.config import RunConfig, config_differences, load_run_config, without_legacy_defaults, without_result_neutral
 from cald_scale.config_loader import ConfigError, from_dict, to_dict
 from cald_scale.engines.zero3 import (
     load_ds_config,
@@ -55,6 +55,22 @@ def test_a_saved_config_from_before_a_key_reads_its_legacy_value():
     assert config_differences(saved, load_run_config(overrides=["student.conversion.attention_every=0"])) == []
     # ... and a config at the legacy value digests as it did before the key existed.
     assert without_legacy_defaults(load_run_config(overrides=["student.conversion.attention_every=0"]).to_dict()) == saved
+
+
+def test_a_saved_config_with_a_renamed_key_reads_under_its_new_name():
+    # Run folders written while train.zero3_leaves was the bool train.frozen_leaf_modules resume.
+    for old, new in ((True, "frozen"), (False, "none")):
+        saved = load_run_config().to_dict()
+        del saved["train"]["zero3_leaves"]
+        saved["train"]["frozen_leaf_modules"] = old
+        assert config_differences(saved, load_run_config(overrides=[f"train.zero3_leaves={new}"])) == []
+        assert config_differences(saved, load_run_config()) == [f"train.zero3_leaves: saved {new!r}, wanted 'blocks'"]
+
+
+def test_result_neutral_keys_stay_out_of_what_identifies_a_result():
+    a, b = (load_run_config(overrides=[f"train.zero3_leaves={mode}"]).to_dict() for mode in ("none", "blocks"))
+    assert a != b and without_result_neutral(a) == without_result_neutral(b)
+    assert "zero3_leaves" not in without_result_neutral(a)["train"]
 
 
 def test_unknown_key_names_the_key_and_lists_valid_ones():

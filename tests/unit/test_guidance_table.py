@@ -130,3 +130,26 @@ def test_a_partial_rerun_launches_only_the_requested_seed_and_cells(results, mon
     assert out["seeds"] == [0, 1, 2]
     assert [r["test_accuracy"] for r in out["runs"]["linformer"]["target"]] == [0.5, 0.52, 0.6]
     assert out["teacher"]["values"] == [0.7, 0.72, 0.8]
+
+
+COMMITTED = sorted(p.stem for p in (gt.REPO / "benchmarks" / "results").glob("guidance_*.json") if json.loads(p.read_text()).get("task") not in (None, "lm"))
+
+
+@pytest.mark.parametrize("benchmark", COMMITTED)
+def test_the_committed_records_are_still_reused_under_todays_config(benchmark):
+    # A record is reused only under its config digest. A config key added since (with a default
+    # that reproduces the old runs) must not orphan the committed tables: each would then be
+    # rerun from scratch (hours of CPU). Keys that never change a result stay out of the digest.
+    result = json.loads((gt.RESULTS / f"{benchmark}.json").read_text())
+    b, task = result["budget"], result["task"]
+    assert benchmark == gt.benchmark_name(task, b == gt.budget(True), b["steps"] // 64 if b != gt.budget(True) else 1)
+    checked = 0
+    for student, cells in result["runs"].items():
+        for mode, records in cells.items():
+            for rec in records:
+                seed = int(rec["folder"].rsplit("_seed", 1)[1])
+                std_folder = gt.std_run(task, b, seed).folder(benchmark)
+                run = gt.student_run(task, b, seed, student, mode, std_folder)
+                assert rec["config"] == gt.run_key(task, b, run), (student, mode, seed)
+                checked += 1
+    assert checked > 0
