@@ -114,7 +114,8 @@ def _run_config(args):
             f"data.seq_len={args.seq_len}",
             f"train.max_steps={args.warmup + args.steps + 2}",  # the teacher stays needed through every step run
             "train.warmup_steps=1",
-            "phases=[{name: target, guidance: target}]",  # the end-to-end CALD step, frozen target teacher
+            # The CALD step with a frozen target teacher: end to end, or each block on the teacher's input.
+            f"phases=[{{name: target, guidance: target, mode: {args.phase}}}]",
         ]
     )
 
@@ -371,7 +372,7 @@ class Worker:
         cmd = [
             sys.executable, __file__, "--item", item, "--teacher", str(teacher), "--device", args.device, "--dtype", args.dtype,
             "--batch", str(args.batch), "--seq_len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--trainable", args.trainable,
+            "--trainable", args.trainable, "--phase", args.phase,
         ] + (["--threads", str(args.threads)] if args.threads else [])
         env = child_env()
         with open(self.log, "w") as log:
@@ -571,6 +572,7 @@ def _default_name(args) -> str:
     parts += ["narrow"] if args.narrow else []
     parts += [f"b{args.batch}x{args.seq_len}"] if (args.batch, args.seq_len) != (1, 64 if args.narrow else 256 if args.quick else 512) else []
     parts += [f"trains_{args.trainable}"] if args.trainable != "mixers" else []
+    parts += [args.phase] if args.phase != "end_to_end" else []
     return "_".join(parts)
 
 
@@ -626,7 +628,7 @@ def assemble(args, geometry: str, items: dict, profiled: dict | None, load_befor
         "shapes": {
             "geometry": args.geometry, "layers": GEOMETRIES[geometry]["num_hidden_layers"], "hidden_size": GEOMETRIES[geometry]["hidden_size"],
             "batch": args.batch, "seq_len": args.seq_len,
-            "tokens_per_step": args.batch * args.seq_len, "steps": args.steps, "warmup": args.warmup, "student_trainable": args.trainable,
+            "tokens_per_step": args.batch * args.seq_len, "steps": args.steps, "warmup": args.warmup, "student_trainable": args.trainable, "phase": args.phase,
             "time_budget_s": args.time_budget, "build": args.build,
             "torch_threads": items["teacher_forward"].get("torch_threads", args.threads),
         },
@@ -648,6 +650,11 @@ def assemble(args, geometry: str, items: dict, profiled: dict | None, load_befor
     notes = []
     if args.quick:
         notes.append(f"--quick: {QUICK_LAYERS} of {GEOMETRIES[args.geometry]['num_hidden_layers']} layers and short sequences; not the headline numbers.")
+    if args.phase == "teacher_forced":
+        notes.append(
+            "--phase teacher_forced: each student block runs on the teacher's input to it, with no LM head; the target is defined for the "
+            "end-to-end step (student_forward_backward is not this phase's student work), so compare the distillation items with each other."
+        )
     if args.narrow:
         notes.append(
             "--narrow: the geometry's depth and vocabulary at width 64, a host-bound proxy (the arithmetic is negligible, so the time is "
@@ -669,6 +676,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per item (default 4; --quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 on cuda, else 1)")
     parser.add_argument("--trainable", choices=["mixers", "all"], default="mixers", help="what the student trains (the run config's default: mixers)")
+    parser.add_argument("--phase", choices=["end_to_end", "teacher_forced"], default="end_to_end", help="the distillation items' phase mode (default end_to_end)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per item (default: 1 on cpu, torch's own on cuda)")
     parser.add_argument(
         "--build", choices=["sequential", "parallel"], default=None,
