@@ -87,7 +87,8 @@ class TrainConfig:
     grad (block 0 behind a frozen embedding, any block in a teacher-forced phase) gets an input
     that does, since DeepSpeed reduces a leaf's gradients in its full backward hook, which
     PyTorch fires only after an input's gradient. frozen: only the parts of a block that never
-    train (the frozen teacher's blocks, a student's copied MLP). none: a hook pair on every
+    train (the frozen teacher's blocks, a student's copied MLP). A trajectory teacher (it trains)
+    gets the same mode as the student. none: a hook pair on every
     submodule. All three train to the same values; the hooks were most of the distillation
     step's host time on a GPU (benchmarks/train_speed.py --compare-leaves)."""
     seed: int = 0

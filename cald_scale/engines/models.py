@@ -184,7 +184,7 @@ def build_models(
             teacher.requires_grad_(True)
             trajectory = next(p.trajectory for p in plan.phases if p.guidance == "trajectory")
             groups = [{"params": list(teacher.parameters()), "lr": trajectory.lr, "weight_decay": trajectory.weight_decay, "name": "teacher"}]
-            teacher_engine = build_training_engine(teacher, sized, groups)
+            teacher_engine = build_training_engine(teacher, sized, groups, leaf_blocks=layerwise(teacher).blocks, leaves=leaves)
         else:
             teacher_engine = build_teacher_engine(teacher, teacher_ds_config(sized), leaf_blocks=layerwise(teacher).blocks if leaves != "none" else None)
         managed = ManagedTeacher(
