@@ -88,9 +88,10 @@ class TrainConfig:
     that does, since DeepSpeed reduces a leaf's gradients in its full backward hook, which
     PyTorch fires only after an input's gradient. frozen: only the parts of a block that never
     train (the frozen teacher's blocks, a student's copied MLP). A trajectory teacher (it trains)
-    gets the same mode as the student. none: a hook pair on every
-    submodule. All three train to the same values; the hooks were most of the distillation
-    step's host time on a GPU (benchmarks/train_speed.py --compare-leaves)."""
+    gets the same mode as the student. none: a hook pair on every submodule. frozen and none
+    train bit for bit alike; blocks to the same values up to the order of float sums. The hooks
+    were most of the distillation step's host time on a GPU (benchmarks/train_speed.py
+    --compare-leaves; --narrow measures that host work on a CPU)."""
     seed: int = 0
     malloc_mmap_threshold: int | None = 16 << 20
     """glibc: allocations of at least this many bytes are mmap-ed and returned to the OS when
