@@ -174,8 +174,9 @@ def build_models(
 
     student_lw = layerwise(student)
     numel = block_numel(student, student_lw.blocks)
+    teacher_blocks = layerwise(teacher).blocks if teacher is not None else None
     if teacher is not None:
-        numel = max(numel, block_numel(teacher, layerwise(teacher).blocks))
+        numel = max(numel, block_numel(teacher, teacher_blocks))
     sized = size_zero_buffers(ds_config, numel, cfg.train.stage_size)
     leaves = cfg.train.zero3_leaves
     teacher_engine = managed = None
@@ -184,9 +185,9 @@ def build_models(
             teacher.requires_grad_(True)
             trajectory = next(p.trajectory for p in plan.phases if p.guidance == "trajectory")
             groups = [{"params": list(teacher.parameters()), "lr": trajectory.lr, "weight_decay": trajectory.weight_decay, "name": "teacher"}]
-            teacher_engine = build_training_engine(teacher, sized, groups, leaf_blocks=layerwise(teacher).blocks, leaves=leaves)
+            teacher_engine = build_training_engine(teacher, sized, groups, leaf_blocks=teacher_blocks, leaves=leaves)
         else:
-            teacher_engine = build_teacher_engine(teacher, teacher_ds_config(sized), leaf_blocks=layerwise(teacher).blocks if leaves != "none" else None)
+            teacher_engine = build_teacher_engine(teacher, teacher_ds_config(sized), leaf_blocks=teacher_blocks, leaves=leaves)
         managed = ManagedTeacher(
             teacher_engine, layerwise(teacher_engine.module), placement, str(source.folder), chunk_tokens=cfg.loss.chunk_tokens(source.config.vocab_size)
         )

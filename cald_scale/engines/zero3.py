@@ -371,11 +371,11 @@ def _consecutive_view(parts: list[torch.Tensor] | None, like: torch.Tensor) -> t
     return first.as_strided((like.numel(),), (1,), first.storage_offset())
 
 
-def build_teacher_engine(teacher: nn.Module, ds_config: dict, *, leaf_blocks=None):
+def build_teacher_engine(teacher: nn.Module, ds_config: dict, *, leaf_blocks=None, leaves: str = "blocks"):
     """An inference-only engine for a frozen teacher; ``leaf_blocks``: its blocks, each then
-    gathered whole in one hook (``mark_leaves``)."""
+    gathered whole in one hook unless ``leaves`` is "none" (``mark_leaves``)."""
     teacher.eval().requires_grad_(False)
-    engine = _initialize(teacher, ds_config, leaf_blocks, "blocks")
+    engine = _initialize(teacher, ds_config, leaf_blocks, leaves)
     engine.eval()
     return engine
 
