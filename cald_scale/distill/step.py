@@ -39,7 +39,12 @@ class LossParts:
     per_layer: list[float]
 
     def as_floats(self) -> dict[str, float]:
-        return {"loss": self.total.item(), **{name: value.item() for name, value in self.terms.items()}}
+        return dict(zip(("loss", *self.terms), _floats([self.total, *self.terms.values()])))
+
+
+def _floats(values: list[torch.Tensor]) -> list[float]:
+    """Scalar tensors as floats in one device-to-host copy (``.item()`` each would wait on the device once per value)."""
+    return torch.stack([v.detach().double() for v in values]).tolist() if values else []
 
 
 def as_batch(batch: dict | torch.Tensor) -> dict:
@@ -69,7 +74,7 @@ def combine_loss_parts(cfg: LossConfig, ce, layer_terms: list[torch.Tensor], kl,
         if value is not None:
             terms[name] = value
             total = total + weight * value
-    return LossParts(total=total, terms=terms, per_layer=[t.item() for t in layer_terms])
+    return LossParts(total=total, terms=terms, per_layer=_floats(layer_terms))
 
 
 def cald_forward(
@@ -196,4 +201,4 @@ def teacher_forced_step(
         del t_outs, terms, s_h, t_in
         boundary("stage", k)
     layer = torch.stack(layer_terms).mean()
-    return LossParts(total=cfg.a_layer * layer, terms={"layer": layer}, per_layer=[t.item() for t in layer_terms])
+    return LossParts(total=cfg.a_layer * layer, terms={"layer": layer}, per_layer=_floats(layer_terms))

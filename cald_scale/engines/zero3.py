@@ -33,6 +33,8 @@ __all__ = [
     "mark_leaves",
     "needs_grad_input",
     "forget_leaf_owners",
+    "graph_free_linear",
+    "use_graph_free_linear",
     "begin_step",
 ]
 
@@ -268,6 +270,34 @@ def forget_leaf_owners(leaves: list[nn.Module]) -> None:
                 del param.ds_z3_leaf_module
 
 
+def graph_free_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` under ZeRO-3: DeepSpeed's memory-efficient linear when autograd will save
+    tensors for backward, torch's own when it will not (no grad, or nothing requiring it).
+
+    DeepSpeed replaces ``F.linear`` with an autograd Function that saves the weight parameter
+    rather than a view of its gathered data (a view would keep every gathered weight alive
+    until backward). It does so for every call, and the Function's ``apply`` binds its
+    arguments through ``inspect.signature`` each time. A frozen teacher's forward runs under
+    no grad and saves nothing, so there it is pure host work: 30% of the teacher's forward in
+    the narrow (host-bound) distillation step (``benchmarks/train_speed.py --narrow``).
+    """
+    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+        return zero3_linear_wrap(input, weight, bias)
+    return torch._C._nn.linear(input, weight, bias)
+
+
+def use_graph_free_linear() -> None:
+    """Put ``graph_free_linear`` in place of DeepSpeed's ``F.linear`` where DeepSpeed installed
+    its own (ZeRO-3's ``memory_efficient_linear``, on by default; it stays installed for the
+    process). A config that turned it off keeps torch's ``F.linear``."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    if torch.nn.functional.linear is zero3_linear_wrap:
+        torch.nn.functional.linear = graph_free_linear
+
+
 def _initialize(model: nn.Module, ds_config: dict, leaf_blocks=None, leaves: str = "blocks", **kwargs):
     """``deepspeed.initialize`` with ``leaf_blocks`` (or their frozen parts) as ZeRO-3 leaves:
     marked before DeepSpeed registers its hooks, their parameters' leaf references dropped after
@@ -277,6 +307,7 @@ def _initialize(model: nn.Module, ds_config: dict, leaf_blocks=None, leaves: str
     marked = mark_leaves(leaf_blocks, leaves) if leaf_blocks is not None else []
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, **kwargs)
     forget_leaf_owners(marked)
+    use_graph_free_linear()
     return engine
 
 

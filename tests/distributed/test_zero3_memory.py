@@ -32,7 +32,7 @@ def small_vocab_teacher(tmp_path_factory):
 
 
 # construction first: it measures the peak of live tensors, before any other check has run.
-CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "chunked_head_frozen", "vocab_streamed_head", "fused_head_trained", "zero3_leaves")
+CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "chunked_head_frozen", "vocab_streamed_head", "fused_head_trained", "zero3_leaves", "graph_free_linear")
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +171,20 @@ def test_blocks_or_frozen_parts_gathered_as_leaves_train_exactly_as_hooked_submo
             assert blocks["losses"] == pytest.approx(hooks["losses"], rel=1e-5), scenario
             assert blocks["trained_checksums"] == pytest.approx(hooks["trained_checksums"], abs=1e-3), scenario
             assert frozen["leaf_owner_references"] == blocks["leaf_owner_references"] == 0, scenario
+
+
+def test_linear_saves_no_gathered_weight_and_skips_autograd_where_nothing_is_saved(checks):
+    for rank in _check("graph_free_linear", checks):
+        assert rank["installed"]
+        ours, deepspeed, torch_own = rank["graph_free"], rank["deepspeed"], rank["torch"]
+        # torch's own F.linear saves a view of each frozen, gathered MLP weight for the input's
+        # gradient: that storage outlives ZeRO-3's release until backward. DeepSpeed's saves the
+        # parameter itself, and so does ours wherever a gradient flows.
+        assert torch_own["saved_aliases_of_gathered_weights"] > 0, torch_own
+        assert ours["saved_aliases_of_gathered_weights"] == deepspeed["saved_aliases_of_gathered_weights"] == 0, (ours, deepspeed)
+        assert ours["saved_tensors"] == deepspeed["saved_tensors"]
+        # The same step: the no-grad teacher through torch's linear, the student through DeepSpeed's.
+        assert ours["loss"] == deepspeed["loss"] == torch_own["loss"]
+        assert ours["grad_norms"] == deepspeed["grad_norms"] and min(ours["grad_norms"]) > 0
+        for key in ("teacher_output", "teacher_output_abs"):
+            assert ours[key] == torch_own[key] == deepspeed[key]

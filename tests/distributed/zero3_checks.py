@@ -14,6 +14,7 @@ Checks:
   fp32_master        fp32 parameters as their own master, gradients read in place: trains exactly as with copies
   vocab_streamed_head  a frozen head read a piece of rows at a time gives the gathered head's CE and gradients
   zero3_leaves       whole blocks, or their frozen parts, gathered as ZeRO-3 leaves train exactly as with a hook per submodule
+  graph_free_linear  F.linear under ZeRO-3: torch's where nothing is saved for backward, DeepSpeed's (no gathered weight kept) where it is
 """
 
 from __future__ import annotations
@@ -375,6 +376,66 @@ def check_zero3_leaves(args) -> dict:
     return out
 
 
+def check_graph_free_linear(args) -> dict:
+    """The F.linear the engines install (``graph_free_linear``) against DeepSpeed's and torch's own:
+    what a distillation forward saves for backward, the teacher's outputs, the first loss and
+    gradients."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    from deepspeed.utils import safe_get_full_grad
+
+    from cald_scale.engines.zero3 import graph_free_linear
+    from cald_scale.train import forward_backward
+
+    env, cfg, ds_config, source = _setup(args.teacher, ["student.trainable=mixers"])
+    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 64  # partition the tiny model's weights
+    models = build_models(cfg, ds_config, source)
+    out = {"installed": torch.nn.functional.linear is graph_free_linear}
+    student = models.student_engine.module
+    matrices = [p for model in (student, models.teacher_engine.module) for p in model.parameters() if len(p.ds_shape) == 2 and not p.ds_persist]
+    trained = [p for p in student.parameters() if p.requires_grad]
+    phase = cfg.plan(env.world_size).phases[0]
+    ids = _batch(source.config.vocab_size, env)
+
+    def aliases_of_gathered_weights(tensor: torch.Tensor) -> bool:
+        # A tensor saved for backward that shares a gathered ZeRO-3 linear weight's storage but is
+        # not the parameter itself (whose data ZeRO-3 swaps out on release) keeps that gathered
+        # storage alive. (Other ops save views of their small weights too: a mixer's 4-wide conv
+        # kernel, norms' weights, which the shipped persistence threshold rarely partitions.)
+        if hasattr(tensor, "ds_id") or tensor.untyped_storage().nbytes() == 0:
+            return False
+        ptr = tensor.untyped_storage().data_ptr()
+        return any(p.untyped_storage().nbytes() and p.untyped_storage().data_ptr() == ptr for p in matrices)
+
+    linears = {"graph_free": graph_free_linear, "deepspeed": zero3_linear_wrap, "torch": torch._C._nn.linear}
+    for name, linear in linears.items():
+        torch.nn.functional.linear = linear
+        saved = []
+
+        def pack(tensor):
+            saved.append(aliases_of_gathered_weights(tensor))
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            parts, _ = forward_backward(models, models.teacher, phase, ids, cfg)
+        with torch.no_grad():
+            begin_step(models.teacher_engine)
+            teacher = models.teacher
+            hidden = teacher.embed(ids)
+            for hidden in teacher.blocks_iter(hidden, teacher.context(hidden, ids), range(teacher.num_layers)):
+                pass
+        out[name] = {
+            "saved_tensors": len(saved),
+            "saved_aliases_of_gathered_weights": sum(saved),
+            "loss": parts.total.item(),
+            "grad_norms": [float(safe_get_full_grad(p).double().norm()) for p in trained],
+            "teacher_output": hidden.double().sum().item(),
+            "teacher_output_abs": hidden.double().abs().sum().item(),
+        }
+        models.student_engine.optimizer.zero_grad()
+    torch.nn.functional.linear = graph_free_linear
+    return out
+
+
 CHECKS = {
     "streamed_vs_naive": check_streamed_vs_naive,
     "construction": check_construction,
@@ -385,6 +446,7 @@ CHECKS = {
     "vocab_streamed_head": check_vocab_streamed_head,
     "fused_head_trained": check_fused_head_trained,
     "zero3_leaves": check_zero3_leaves,
+    "graph_free_linear": check_graph_free_linear,
 }
 
 
