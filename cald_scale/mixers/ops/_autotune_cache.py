@@ -24,9 +24,10 @@ import atexit
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
+
+from ...fileio import atomic_write_text
 
 __all__ = ["ENV_VAR", "AutotuneChoices", "autotune_choices", "sync"]
 
@@ -147,11 +148,7 @@ class AutotuneChoices:
                 except ValueError:  # a config made by a prune function: not one of the list's
                     continue
                 mine.setdefault(name, {})[repr(key)] = [index, str(config)]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True))
         self._saved_count = self._count()
 
     def sync(self) -> None:
