@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import platform
 import sys
 import time
@@ -605,6 +606,10 @@ def main() -> int:
         "kernel_groups": {g: {"importable": ok, "reason": why} for g, (ok, why) in groups.items()},
         "mixer_kernel_cuda": resolved,
         "cuda_path_conv": _cuda.conv_backend(),
+        # NOTE: any config of a Triton kernel computes the same function; tuning only picks the fastest.
+        "triton_configs": "each autotuned kernel's smallest config, untuned (CALD_TRITON_UNTUNED=1)"
+        if os.environ.get("CALD_TRITON_UNTUNED") == "1"
+        else "tuned (Triton's autotuning, choices shared through CALD_TRITON_AUTOTUNE_CACHE when set)",
         "oracle": "same weights and inputs (rounded to the dtype under test), kernel 'ref', CPU, float64",
         "tolerances": {
             "rel_norm": TOLERANCES,

@@ -216,3 +216,46 @@ def test_a_process_killed_by_sigterm_saves_what_it_tuned_first(run_process, tmp_
         proc.kill()
     assert path.exists(), "SIGTERM lost the choice tuned after the last sync"
     assert run_process(path, entry=True)["bench_calls"] == 0
+
+
+UNTUNED_PROCESS = textwrap.dedent(
+    """
+    import json
+    import torch
+    from cald_scale.mixers.ops import _autotune_cache
+
+    _autotune_cache.MODULE_PREFIX = "cald_test_kernels."
+    import cald_test_kernels.double as k
+    _autotune_cache.sync()
+    x = torch.arange(100, dtype=torch.float32)
+    print(json.dumps({
+        "correct": torch.equal(k.double(x), x * 2),
+        "bench_calls": len(k.BENCH_CALLS),
+        "configs": [c.kwargs["BLOCK"] for c in k.double_kernel.configs],
+    }))
+    """
+)
+
+
+def test_untuned_runs_the_smallest_config_without_benchmarking(run_process, tmp_path):
+    # The same kernel tunes both configs and picks the larger one when tuning is on (above).
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CALD_TRITON_UNTUNED": "1", "CALD_TRITON_AUTOTUNE_CACHE": str(tmp_path / "unused.json")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "pkg"), str(REPO)])
+    proc = subprocess.run([sys.executable, "-c", UNTUNED_PROCESS], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"correct": True, "bench_calls": 0, "configs": [16]}
+    assert not (tmp_path / "unused.json").exists(), "untuned runs neither load nor save choices"
+
+
+def test_smallest_config_orders_by_tiles_then_stages_and_warps():
+    import triton
+    from cald_scale.mixers.ops._autotune_cache import smallest_config
+
+    configs = [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_stages=2, num_warps=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_stages=4, num_warps=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_stages=3, num_warps=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_stages=3, num_warps=8),
+    ]
+    assert smallest_config(configs) is configs[2]

@@ -15,6 +15,8 @@ benchmark (the config's pre_hook still runs before each launch, as after a bench
 
 Opt-in: ``CALD_TRITON_AUTOTUNE_CACHE=<file.json>``. ``benchmarks/gpu_check.sh`` sets it and
 starts from the choices a previous GPU run committed in ``benchmarks/results/triton_autotune/``.
+``CALD_TRITON_UNTUNED=1`` instead runs every kernel's smallest config without tuning at all
+(``pin_smallest_configs``): gpu_check's numerical parity steps, where speed does not matter.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import ast
 import atexit
 import json
+import math
 import os
 import sys
 import warnings
@@ -29,9 +32,10 @@ from pathlib import Path
 
 from ...fileio import atomic_write_text
 
-__all__ = ["ENV_VAR", "AutotuneChoices", "autotune_choices", "sync"]
+__all__ = ["ENV_VAR", "UNTUNED_VAR", "AutotuneChoices", "autotune_choices", "find_autotuners", "pin_smallest_configs", "smallest_config", "sync"]
 
 ENV_VAR = "CALD_TRITON_AUTOTUNE_CACHE"
+UNTUNED_VAR = "CALD_TRITON_UNTUNED"
 MODULE_PREFIX = "mamba_ssm.ops.triton."
 FORMAT = 1
 
@@ -42,6 +46,48 @@ def _autotuner_class():
     except ImportError:
         return None
     return Autotuner
+
+
+def find_autotuners(module_prefix: str) -> dict[str, object]:
+    """{"module.kernel": Autotuner} in the imported modules under ``module_prefix`` (a heuristics wrapper is looked through)."""
+    autotuner = _autotuner_class()
+    if autotuner is None:
+        return {}
+    found = {}
+    for module_name, module in list(sys.modules.items()):
+        if not module_name.startswith(module_prefix) or module is None:
+            continue
+        for attr, value in list(vars(module).items()):
+            while value is not None and not isinstance(value, autotuner) and hasattr(value, "fn"):
+                value = value.fn
+            if isinstance(value, autotuner):
+                found[f"{module_name}.{attr}"] = value
+    return found
+
+
+def smallest_config(configs: list) -> object:
+    """The config with the smallest tiles (the product of its integer meta-parameters), then the
+    fewest pipeline stages and warps: the one least likely to exceed a device's shared memory or
+    registers in any dtype."""
+    def size(config) -> tuple:
+        tiles = math.prod(v for v in config.kwargs.values() if isinstance(v, int) and not isinstance(v, bool))
+        return tiles, config.num_stages, config.num_warps
+
+    return min(configs, key=size)
+
+
+def pin_smallest_configs(module_prefix: str) -> int:
+    """Leave each autotuner under ``module_prefix`` only its smallest config, so that it never
+    benchmarks (Triton runs a lone config directly, its pre_hook included); returns how many
+    autotuners were pinned now. For numerical checks, where any config is as right as another
+    and tuning is most of the time: a float32 parity step on an H200 spent its whole 54-81 s
+    cap compiling and timing the SSD scan's configs."""
+    pinned = 0
+    for tuner in find_autotuners(module_prefix).values():
+        if len(tuner.configs) > 1:
+            tuner.configs = [smallest_config(tuner.configs)]
+            pinned += 1
+    return pinned
 
 
 def _stamp() -> str:
@@ -73,26 +119,13 @@ class AutotuneChoices:
         self._modules_seen = -1  # len(sys.modules) when the autotuners were last looked up
 
     def autotuners(self) -> dict[str, object]:
-        """{"module.kernel": Autotuner} for the modules imported so far (a heuristics wrapper is looked through)."""
+        """{"module.kernel": Autotuner} for the modules imported so far."""
         # NOTE: looked up again only when a module was imported since: sync() runs before every
         # scan launch, and walking sys.modules there would cost more than the launch.
-        if len(sys.modules) == self._modules_seen:
-            return self._tuners
-        self._modules_seen = len(sys.modules)
-        autotuner = _autotuner_class()
-        if autotuner is None:
-            return {}
-        found = {}
-        for module_name, module in list(sys.modules.items()):
-            if not module_name.startswith(self.module_prefix) or module is None:
-                continue
-            for attr, value in list(vars(module).items()):
-                while value is not None and not isinstance(value, autotuner) and hasattr(value, "fn"):
-                    value = value.fn
-                if isinstance(value, autotuner):
-                    found[f"{module_name}.{attr}"] = value
-        self._tuners = found
-        return found
+        if len(sys.modules) != self._modules_seen:
+            self._modules_seen = len(sys.modules)
+            self._tuners = find_autotuners(self.module_prefix)
+        return self._tuners
 
     def _read(self) -> dict[str, dict[str, list]]:
         """This stamp's choices in the file: {kernel: {repr(key): [index, str(config)]}}; {} if none or unreadable."""
@@ -203,8 +236,19 @@ def _save_on_sigterm(choices: AutotuneChoices) -> None:
     signal.signal(signal.SIGTERM, save_then_die)
 
 
+_untuned_modules_seen = -1
+
+
 def sync() -> None:
-    """Called before each kernel launch that may tune: cheap when nothing changed (a count of cache entries)."""
+    """Called before each kernel launch that may tune: cheap when nothing changed (a count of
+    cache entries). With ``CALD_TRITON_UNTUNED=1`` every autotuner runs its smallest config
+    untimed instead (``pin_smallest_configs``), and no choice is loaded or saved."""
+    global _untuned_modules_seen
+    if os.environ.get(UNTUNED_VAR) == "1":
+        if len(sys.modules) != _untuned_modules_seen:  # only an import can bring new autotuners
+            _untuned_modules_seen = len(sys.modules)
+            pin_smallest_configs(MODULE_PREFIX)
+        return
     choices = autotune_choices()
     if choices is not None:
         choices.sync()
