@@ -111,7 +111,7 @@ def world_size() -> int:
 
 def all_true(flag: bool, device: torch.device) -> bool:
     """True only if ``flag`` holds on every rank (all ranks must take the same branch)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if world_size() == 1:
         return flag
     value = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
