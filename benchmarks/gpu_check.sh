@@ -193,7 +193,7 @@ step kernel_parity 150 kernel_parity.json \
 # file now shares with kernel_parity's), so a 150 s cap left one round. train_speed stops
 # starting rounds 25 s before the cap so that it writes what it timed.
 step train_speed_smollm2 210 train_speed_gpu_smollm2.json \
-  "$PY" benchmarks/train_speed.py --device cuda --dtype bfloat16 --geometry SmolLM2-135M --compare-leaves --time-budget "$(budget_for 210)" \
+  "$PY" benchmarks/train_speed.py --device cuda --dtype bfloat16 --geometry SmolLM2-135M --compare-leaves --compare-zero3 --time-budget "$(budget_for 210)" \
   --log-dir "$WORK/train_speed_smollm2_items" --out "$WORK/train_speed_gpu_smollm2.json"
 step mixer_speed 60 mixer_speed_gpu.json \
   "$PY" benchmarks/mixer_speed.py --device cuda --dtype bfloat16 --repeats 3 --no-report --out "$WORK/mixer_speed_gpu.json"

@@ -2,7 +2,7 @@
 
     python benchmarks/train_speed.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
         [--geometry SmolLM2-135M|Llama-3.2-1B] [--batch B] [--seq_len L] [--steps N] [--out PATH]
-        [--compare-leaves] [--narrow] [--profile]
+        [--compare-leaves] [--compare-zero3] [--narrow] [--profile]
 
 Four items on the same batch (batch x seq_len random tokens), with random weights of a real
 geometry:
@@ -39,6 +39,10 @@ and stepped alongside: distill_step_frozen_leaves (only the parts of blocks that
 gathered as one ZeRO-3 leaf) and distill_step_hooked (a hook pair on every submodule). --narrow
 keeps the geometry's depth and vocabulary at width 64: the arithmetic vanishes and what is
 left is host work, the part that bounds a GPU step at these sizes, measurable on a CPU.
+--compare-zero3 adds teacher_finetune_plain_step, the teacher's fine-tuning step with no engine
+(the plain HF model, torch's fused AdamW): teacher_finetune_zero3_over_plain is what DeepSpeed's
+ZeRO-3 engine alone costs a step of the same work, beside what the distillation step costs over
+its own unavoidable parts.
 
 Tokens per step change the ratio: ZeRO-3's gathers, gradient partitioning and the optimizer
 step scale with the parameters, not the tokens, while the unavoidable work grows with the batch.
@@ -72,6 +76,8 @@ sys.path.insert(0, str(REPO))
 ITEMS = ("teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step")
 # --compare-leaves: the distillation step again under the other train.zero3_leaves modes, side by side.
 LEAF_ITEMS = {"distill_step_frozen_leaves": "frozen", "distill_step_hooked": "none"}
+# --compare-zero3: the teacher's fine-tuning step without ZeRO-3, what DeepSpeed's engine costs a plain step.
+ZERO3_ITEMS = ("teacher_finetune_plain_step",)
 TARGET_RATIO = 1.1
 QUICK_LAYERS = 8  # --quick: the geometry's widths and vocabulary, fewer blocks
 STALL_S = 60  # a worker command running longer prints every thread's stack this often (to its log)
@@ -225,12 +231,30 @@ def build_teacher_finetune_step(cfg, source, ids):
     return step, None
 
 
+def build_teacher_finetune_plain_step(cfg, source, ids):
+    """The teacher's fine-tuning step with no engine: the plain HF model, torch's fused AdamW."""
+    from cald_scale.conversion.teacher import build_teacher
+
+    teacher = build_teacher(source).to(ids.device).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay, fused=True)
+
+    def step() -> dict:
+        optimizer.zero_grad(set_to_none=True)
+        loss = teacher(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.item()}
+
+    return step, None
+
+
 BUILDERS = {
     "teacher_forward": build_teacher_forward,
     "student_forward_backward": build_student_forward_backward,
     "distill_step": build_distill_step,
     "teacher_finetune_step": build_teacher_finetune_step,
     **{item: leaf_mode_builder(mode) for item, mode in LEAF_ITEMS.items()},
+    "teacher_finetune_plain_step": build_teacher_finetune_plain_step,
 }
 
 
@@ -525,6 +549,8 @@ def summarize(items: dict[str, dict]) -> dict:
     if {"distill_step", "teacher_finetune_step"} <= ok:
         summary["ratios"]["distill_over_teacher_finetune"] = items["distill_step"]["median_s"] / items["teacher_finetune_step"]["median_s"]
         summary["ratios"]["peak_memory_distill_over_teacher_finetune"] = _peak(items["distill_step"]) / _peak(items["teacher_finetune_step"])
+    if {"teacher_finetune_step", "teacher_finetune_plain_step"} <= ok:  # what ZeRO-3 costs a plain fine-tuning step (no target)
+        summary["ratios"]["teacher_finetune_zero3_over_plain"] = items["teacher_finetune_step"]["median_s"] / items["teacher_finetune_plain_step"]["median_s"]
     for item in LEAF_ITEMS:  # what gathering whole blocks as ZeRO-3 leaves saves (no target)
         if {"distill_step", item} <= ok:
             summary["ratios"][f"{item.replace('_step', '')}_over_distill"] = items[item]["median_s"] / items["distill_step"]["median_s"]
@@ -695,7 +721,11 @@ def main() -> None:
         "--narrow", action="store_true",
         help="the geometry's depth and vocabulary at width 64 (a host-bound proxy: the arithmetic is negligible, as on a GPU at these sizes; default 1 x 64 tokens)",
     )
-    parser.add_argument("--item", choices=[*ITEMS, *LEAF_ITEMS], default=None, help=argparse.SUPPRESS)  # worker mode
+    parser.add_argument(
+        "--compare-zero3", action="store_true",
+        help="also time the teacher's fine-tuning step without ZeRO-3 (plain HF model, torch AdamW): what DeepSpeed's engine alone costs a step",
+    )
+    parser.add_argument("--item", choices=[*ITEMS, *LEAF_ITEMS, *ZERO3_ITEMS], default=None, help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--teacher", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.seq_len = args.seq_len or (64 if args.narrow else 256 if args.quick else 512)
@@ -705,7 +735,7 @@ def main() -> None:
     # outnumber the free ones wait at every barrier, which slowed some items 15x at random here.
     args.threads = args.threads or (1 if args.device == "cpu" else None)
     args.build = args.build or ("parallel" if args.device == "cuda" else "sequential")
-    args.items = (*ITEMS, *LEAF_ITEMS) if args.compare_leaves else ITEMS
+    args.items = (*ITEMS, *(LEAF_ITEMS if args.compare_leaves else ()), *(ZERO3_ITEMS if args.compare_zero3 else ()))
     if args.item:
         serve_item(args)
         return

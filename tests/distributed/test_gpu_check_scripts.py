@@ -68,12 +68,15 @@ def test_train_speed_steps_every_item_through_the_trainer(tmp_path):
     # (gpu_check's cap once killed a run with nothing written); --log-dir keeps each item's log.
     # --build parallel: what a GPU run does, every process started at once. --compare-leaves (as
     # gpu_check runs it): the distillation step again under the other train.zero3_leaves modes.
-    # --narrow: the host-bound proxy (width 64).
+    # --narrow: the host-bound proxy (width 64). --compare-zero3: the teacher's fine-tuning without ZeRO-3.
     result = _run_benchmark("train_speed.py", tmp_path, "--quick", "--narrow", "--warmup", "0", "--steps", "2",
-                            "--time-budget", "0", "--log-dir", str(tmp_path / "items"), "--build", "parallel", "--compare-leaves", "--profile")
+                            "--time-budget", "0", "--log-dir", str(tmp_path / "items"), "--build", "parallel", "--compare-leaves", "--compare-zero3", "--profile")
     assert result["shapes"]["build"] == "parallel"
     assert (result["shapes"]["hidden_size"], result["shapes"]["layers"], result["shapes"]["seq_len"]) == (64, 8, 64)
-    assert set(result["items"]) == {"teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step", "distill_step_frozen_leaves", "distill_step_hooked"}
+    assert set(result["items"]) == {
+        "teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step", "distill_step_frozen_leaves", "distill_step_hooked", "teacher_finetune_plain_step",
+    }
+    assert result["ratios"]["teacher_finetune_zero3_over_plain"] > 0
     assert result["ratios"]["distill_hooked_over_distill"] > 0 and result["ratios"]["distill_frozen_leaves_over_distill"] > 0
     profile = result["distill_profile"]
     assert profile["regions_s"]["ZeRO-3 parameter gathers (hooks)"] > 0 and profile["regions_s"]["optimizer step (engine.step)"] > 0
