@@ -48,7 +48,7 @@ from _common import machine  # noqa: E402
 
 from cald_scale.fileio import atomic_write_text  # noqa: E402
 from cald_scale.mixers import Mamba2Config, MambaConfig, build_mixer  # noqa: E402
-from cald_scale.mixers.ops import _cuda, conv, selective_scan, ssd  # noqa: E402
+from cald_scale.mixers.ops import _autotune_cache, _cuda, conv, selective_scan, ssd  # noqa: E402
 
 # Relative-norm tolerance per dtype and kind of quantity. Pure-PyTorch fp32 paths land near
 # 1e-6. The kernel paths' fp32 allows for TF32 (Triton's default for fp32 dots: about 3e-4
@@ -608,7 +608,7 @@ def main() -> int:
         "cuda_path_conv": _cuda.conv_backend(),
         # NOTE: any config of a Triton kernel computes the same function; tuning only picks the fastest.
         "triton_configs": "each autotuned kernel's smallest config, untuned (CALD_TRITON_UNTUNED=1)"
-        if os.environ.get("CALD_TRITON_UNTUNED") == "1"
+        if os.environ.get(_autotune_cache.UNTUNED_VAR) == "1"
         else "tuned (Triton's autotuning, choices shared through CALD_TRITON_AUTOTUNE_CACHE when set)",
         "oracle": "same weights and inputs (rounded to the dtype under test), kernel 'ref', CPU, float64",
         "tolerances": {

@@ -270,6 +270,10 @@ def forget_leaf_owners(leaves: list[nn.Module]) -> None:
                 del param.ds_z3_leaf_module
 
 
+# DeepSpeed's F.linear, which graph_free_linear replaced (set by use_graph_free_linear).
+_memory_efficient_linear = None
+
+
 def graph_free_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` under ZeRO-3: DeepSpeed's memory-efficient linear when autograd will save
     tensors for backward, torch's own when it will not (no grad, or nothing requiring it).
@@ -282,9 +286,7 @@ def graph_free_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     the narrow (host-bound) distillation step (``benchmarks/train_speed.py --narrow``).
     """
     if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        from deepspeed.runtime.zero.linear import zero3_linear_wrap
-
-        return zero3_linear_wrap(input, weight, bias)
+        return _memory_efficient_linear(input, weight, bias)
     return torch._C._nn.linear(input, weight, bias)
 
 
@@ -292,9 +294,11 @@ def use_graph_free_linear() -> None:
     """Put ``graph_free_linear`` in place of DeepSpeed's ``F.linear`` where DeepSpeed installed
     its own (ZeRO-3's ``memory_efficient_linear``, on by default; it stays installed for the
     process). A config that turned it off keeps torch's ``F.linear``."""
+    global _memory_efficient_linear
     from deepspeed.runtime.zero.linear import zero3_linear_wrap
 
     if torch.nn.functional.linear is zero3_linear_wrap:
+        _memory_efficient_linear = zero3_linear_wrap
         torch.nn.functional.linear = graph_free_linear
 
 
