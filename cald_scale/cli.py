@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "device_arg", "main"]
 
 COMMANDS: dict[str, str] = {
     "evaluate": "cald_scale.evaluate",
@@ -19,6 +19,26 @@ COMMANDS: dict[str, str] = {
     "prepare-data": "cald_scale.prepare_data",
 }
 """Subcommand -> the module implementing it."""
+
+
+def device_arg(text: str):
+    """An argparse type: a torch device this machine has ("cpu", "cuda", "cuda:1"); anything
+    else is a usage error naming what there is, not a traceback from the first tensor moved."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device: use cpu or cuda[:N]") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: this torch ({torch.__version__}) sees no CUDA device; use cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: use cpu or cuda[:N]")
+    return device
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,16 +27,18 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .config_loader import from_dict
 from .conversion.modeling import CaldStudentConfig
+from .cli import device_arg
 from .conversion.teacher import DTYPES, TeacherConfig, load_teacher
 from .data import DataConfig, PackedSequences, held_out_sequences
 from .distill.stages import LayerwiseModel
 from .eval import harness
 from .eval.perplexity import eval_indices, perplexity
 from .fileio import atomic_write_text
+from .generation.context import check_context
 
 __all__ = ["EvalTarget", "add_arguments", "evaluate", "evaluate_tasks", "format_table", "main", "resolve_target", "run"]
 
@@ -141,9 +143,13 @@ def evaluate(
     teacher's and the student's perplexity on the same tokens, and student/teacher ratio."""
     device = torch.device(device)
     data = dataclasses.replace(target.data, seq_len=seq_len or target.data.seq_len)
+    # NOTE: a model with attention is not scored beyond the positions it was trained on
+    # (generate refuses the same context); a student of mixers alone takes any length.
+    check_context(AutoConfig.from_pretrained(target.student_dir), data.seq_len, "the student", remedy="use a smaller --seq_len")
     teacher = tokenizer = None
     if target.teacher is not None:
         teacher, tokenizer, _ = load_teacher(target.teacher)
+        check_context(teacher, data.seq_len, "the teacher", remedy="use a smaller --seq_len, or --no_teacher for the student alone")
     else:
         tokenizer = AutoTokenizer.from_pretrained(target.student_dir)
     corpora = list(dict.fromkeys(corpora or [data.eval_corpus or data.corpus]))
@@ -200,6 +206,9 @@ def evaluate_tasks(
         del teacher
     else:
         tokenizer = AutoTokenizer.from_pretrained(target.student_dir)
+        # NOTE: the same length as with the teacher (the positions it and the student trained on),
+        # so a student's scores do not depend on whether its teacher ran too.
+        options["max_length"] = harness.context_length(AutoConfig.from_pretrained(target.student_dir).teacher_hf_config(), tokenizer)
     results["student"] = harness.run_tasks(_load_student(target).to(device), tokenizer, selection, **options)
     return results
 
@@ -255,7 +264,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the run's eval.micro_batch_size, else 4)")
     add("--teacher", help="teacher name_or_path, overriding the run's or the student's")
     add("--no_teacher", action="store_true", help="score the student alone")
-    add("--device", help="torch device (default: cuda when available, else cpu)")
+    add("--device", type=device_arg, help="torch device (default: cuda when available, else cpu)")
     add("--json", metavar="OUT", help="also write the results to this JSON file")
 
 

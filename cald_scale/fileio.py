@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["atomic_write_text", "fsync_path", "atomic_dir", "file_lock", "wait_for_file", "cache_root"]
+__all__ = ["atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "file_lock", "wait_for_file", "cache_root"]
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -49,16 +50,50 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def is_model_folder(folder: Path, model_type: str | None = None) -> bool:
+    """A saved HF model (a config.json naming its ``model_type``, of that type if given): what
+    an export may replace. A run folder's config.json names no model type."""
+    try:
+        found = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return found is not None and model_type in (None, found)
+
+
+def check_replaceable(target: Path, replaceable: Callable[[Path], bool] = is_model_folder) -> None:
+    """Raise FileExistsError unless ``target`` is absent, an empty folder, or a folder that
+    ``replaceable`` recognises (never the working directory or a folder above it)."""
+    target = Path(target).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder")
+    if not target.exists() or not any(target.iterdir()):
+        return
+    cwd = Path.cwd()
+    if cwd == target or target in cwd.parents:
+        raise FileExistsError(f"will not replace {target}: it holds the working directory")
+    if not replaceable(target):
+        raise FileExistsError(f"will not replace {target}: it is not empty and not an earlier export; choose a new or empty folder")
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | Path, *, replace: bool = False) -> Iterator[Path]:
+def atomic_dir(target: str | Path, *, replace: bool = False, replaceable: Callable[[Path], bool] = is_model_folder) -> Iterator[Path]:
     """Yield a temp folder beside ``target``; on success it becomes ``target`` by one rename.
 
     With ``replace`` an existing ``target`` is removed first (the old content stays
-    readable until the new one is complete); on error the temp folder is deleted.
+    readable until the new one is complete), but only an empty folder or one that
+    ``replaceable`` recognises as an earlier output of the same kind: anything else (a
+    user's folder, a run folder, the working directory) raises FileExistsError before any
+    work. On error the temp folder is deleted. The folder gets the umask's permissions (not
+    mkdtemp's owner-only 0700), so others on a shared cluster can read an export.
     """
-    target = Path(target)
+    target = Path(target).expanduser().absolute()
+    if replace:
+        check_replaceable(target, replaceable)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
         if replace and target.exists():

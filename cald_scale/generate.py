@@ -6,7 +6,8 @@
   cald-scale generate runs/default/bamba --prompt "..."            # a Bamba export (stock transformers)
 
 PATH is a run folder (its student/), an exported student, a Bamba export or any local HF
-causal LM. Prints each completion with its decode speed and the memory the cache holds.
+causal LM. Prints, per model, the prompt's prefill time, the decode throughput over the batch
+and the memory its cache holds, then each completion.
 A context beyond a model's trained positions is refused for models with attention; a
 student of mixers alone takes any length.
 """
@@ -14,15 +15,20 @@ student of mixers alone takes any length.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
-from .conversion.teacher import DTYPES, TeacherConfig, load_teacher
+from .cli import device_arg
+from .conversion.modeling import CaldStudentConfig
+from .conversion.teacher import DTYPES, TeacherConfig, build_teacher, open_teacher
+from .evaluate import resolve_target
+from .fileio import atomic_write_text
 from .generation.cache import state_bytes
 from .generation.context import check_context
 from .generation.graphs import generate_graphed
@@ -33,6 +39,8 @@ __all__ = ["add_arguments", "generate_text", "resolve_model_dir", "run"]
 def resolve_model_dir(path: str | Path) -> Path:
     """A run folder -> its exported student; any other folder as it is."""
     folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} {'is not a folder' if folder.exists() else 'does not exist'} (expected a run folder or a model folder)")
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json (expected a run folder or a model folder)")
@@ -42,6 +50,28 @@ def resolve_model_dir(path: str | Path) -> Path:
             raise FileNotFoundError(f"run folder {folder} has no student/ (it is exported when the run finishes)")
         return folder / "student"
     return folder
+
+
+class _FirstTokenClock(LogitsProcessor):
+    """Notes when the first token's scores exist: the prompt's forward (prefill) has run."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.at = device, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.at is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.at = time.perf_counter()
+        return scores
+
+
+def _ended_lengths(new: torch.Tensor, eos_token_id) -> list[int]:
+    """Per sequence, the new tokens up to and including its first end-of-sequence token (what
+    follows is padding while the rest of the batch decodes)."""
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    ended = torch.isin(new, torch.tensor(eos, device=new.device)) if eos else torch.zeros_like(new, dtype=torch.bool)
+    return [int(row.nonzero()[0]) + 1 if row.any() else new.shape[1] for row in ended]
 
 
 @torch.no_grad()
@@ -55,7 +85,8 @@ def generate_text(
     cuda_graph: bool = False,
     **sampling,
 ) -> list[dict]:
-    """Complete ``prompts`` (one left-padded batch); one dict per prompt: text, tokens, timing.
+    """Complete ``prompts`` (one left-padded batch); one dict per prompt: its text and new
+    tokens, and the batch's timing (prefill, then decode) and cache memory.
 
     ``cuda_graph``: decode through ``generate_graphed`` (a mixers-only student; on CUDA each
     step replays a CUDA graph) instead of ``model.generate``; the same tokens either way.
@@ -65,49 +96,77 @@ def generate_text(
         tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     check_context(model, batch["input_ids"].shape[1] + max_new_tokens, name)
+    clock = _FirstTokenClock(model.device)
+    eos_token_id = model.generation_config.eos_token_id
     start = time.perf_counter()
     if cuda_graph:
         cache = model.new_cache()
         new = generate_graphed(
             model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens, cache=cache,
-            eos_token_id=model.generation_config.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling,
+            eos_token_id=eos_token_id, pad_token_id=tokenizer.pad_token_id, logits_processor=[clock], **sampling,
         )
     else:
         out = model.generate(
             **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-            return_dict_in_generate=True, **sampling,
+            return_dict_in_generate=True, logits_processor=LogitsProcessorList([clock]), **sampling,
         )
         new = out.sequences[:, batch["input_ids"].shape[1] :]
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    seconds = time.perf_counter() - start
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    end = time.perf_counter()
     memory = state_bytes(cache) if cache is not None else None
+    sequences, steps = new.shape
+    decode_s = end - clock.at
+    # NOTE: the first new token comes from the prefill's logits; each later one is a decode step
+    # for the whole batch (ended sequences included, as padding).
+    timing = {
+        "batch": sequences,
+        "prompt_tokens": batch["input_ids"].shape[1],
+        "prefill_s": clock.at - start,
+        "decode_steps": steps - 1,
+        "decode_s": decode_s,
+        "decode_tokens_per_s": sequences * (steps - 1) / decode_s if steps > 1 and decode_s > 0 else None,
+        "seconds": end - start,
+        "cache_bytes": memory,
+        "cache_bytes_per_sequence": sum(memory.values()) / sequences if memory else None,
+    }
     return [
-        {
-            "model": name,
-            "prompt": prompt,
-            "completion": tokenizer.decode(tokens, skip_special_tokens=True),
-            "new_tokens": int(new.shape[1]),
-            "seconds": seconds,
-            "tokens_per_s": new.numel() / seconds,
-            "cache_bytes": memory,
-        }
-        for prompt, tokens in zip(prompts, new)
+        {"model": name, "prompt": prompt, "completion": tokenizer.decode(tokens, skip_special_tokens=True), "new_tokens": length, **timing}
+        for prompt, tokens, length in zip(prompts, new, _ended_lengths(new, eos_token_id))
     ]
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="PATH", help="run folder, exported student, Bamba export or HF causal-LM folder")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--max_new_tokens", type=_positive(int), default=64)
     parser.add_argument("--do_sample", action="store_true", help="sample (default: greedy)")
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top_p", type=float, default=None)
-    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--temperature", type=_positive(float), default=None, help="with --do_sample")
+    parser.add_argument("--top_p", type=_probability, default=None, help="with --do_sample")
+    parser.add_argument("--top_k", type=_positive(int), default=None, help="with --do_sample")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--teacher", nargs="?", const="", default=None, metavar="NAME_OR_PATH",
-                        help="also generate with the teacher (default: the one the student names)")
+                        help="also generate with the teacher (default: the run's teacher, or the one the student names)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--cuda-graph", choices=["auto", "on", "off"], default="auto",
         help="decode the student by replaying each step as a CUDA graph (a student of mixers alone; "
@@ -130,34 +189,64 @@ def _graphed_decode(model, mode: str) -> bool:
     return mode == "auto" and mixers_only and model.device.type == "cuda"
 
 
+def _sampling(args: argparse.Namespace) -> dict:
+    """generate's sampling options; a sampling setting without --do_sample is an error, not ignored."""
+    given = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k") if getattr(args, k) is not None}
+    if given and not args.do_sample:
+        flags = ", ".join("--" + k for k in given)
+        raise ValueError(f"{flags} {'applies' if len(given) == 1 else 'apply'} to sampling: add --do_sample (the default is greedy)")
+    return {"do_sample": args.do_sample, **given}
+
+
+def _teacher_source(args: argparse.Namespace, folder: Path):
+    """The teacher to run beside the student, opened now (a wrong name fails before any
+    generation): the run's own teacher settings for a run folder, else the name the student
+    records, --teacher NAME overriding either."""
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") == CaldStudentConfig.model_type:
+        teacher = resolve_target(args.path, teacher=args.teacher or None).teacher
+    elif args.teacher:
+        teacher = TeacherConfig(name_or_path=args.teacher)
+    else:
+        raise ValueError(f"{folder} does not name its teacher: pass --teacher NAME_OR_PATH")
+    return open_teacher(dataclasses.replace(teacher, dtype=args.dtype))[0]
+
+
+def _summary(name: str, source, row: dict) -> str:
+    """One line: prefill, decode throughput over the batch, the cache's memory."""
+    decode = f"{row['decode_tokens_per_s']:.1f} tokens/s ({row['batch']} x {row['decode_steps']} steps)" if row["decode_tokens_per_s"] else "no decode steps"
+    cache = row["cache_bytes"]
+    held = f", cache {sum(cache.values()) / 2**20:.2f} MiB ({row['cache_bytes_per_sequence'] / 2**20:.2f} per sequence)" if cache else ""
+    return f"=== {name} ({source}): prefill {row['prefill_s']:.2f} s ({row['batch']} x {row['prompt_tokens']} tokens), decode {decode}{held}"
+
+
 def run(args: argparse.Namespace) -> int:
     import cald_scale  # noqa: F401  (registers the student classes with the Auto classes)
 
+    empty = [i + 1 for i, prompt in enumerate(args.prompt) if not prompt.strip()]
+    if empty:
+        raise ValueError(f"--prompt {', '.join(map(str, empty))} is empty: a completion needs some text to start from")
+    sampling = _sampling(args)
     folder = resolve_model_dir(args.path)
     dtype = DTYPES[args.dtype]
-    sampling = {"do_sample": args.do_sample}
-    sampling |= {k: getattr(args, k) for k in ("temperature", "top_p", "top_k") if getattr(args, k) is not None}
     models = [("student", lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), folder)]
     if args.teacher is not None:
-        named = args.teacher or json.loads((folder / "config.json").read_text()).get("teacher_name_or_path")
-        if not named:
-            raise ValueError(f"{folder} does not name its teacher: pass --teacher NAME_OR_PATH")
-        models.append(("teacher", lambda: load_teacher(TeacherConfig(name_or_path=named, dtype=args.dtype))[0], named))
+        source = _teacher_source(args, folder)
+        models.append(("teacher", lambda: build_teacher(source), source.name))
     results = []
-    for name, load, source in models:
+    for name, load, where in models:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = load().to(args.device).eval()
         graph = name == "student" and _graphed_decode(model, args.cuda_graph)
         torch.manual_seed(args.seed)
         rows = generate_text(model, tokenizer, args.prompt, name=f"the {name}", max_new_tokens=args.max_new_tokens, cuda_graph=graph, **sampling)
+        print(_summary(name, where, rows[0]))
         for row in rows:
-            cache = row["cache_bytes"]
-            held = f", cache {sum(cache.values()) / 2**20:.2f} MiB" if cache else ""
-            print(f"--- {name} ({source}): {row['tokens_per_s']:.1f} new tokens/s{held}\n{row['prompt']}{row['completion']}\n")
+            print(f"--- {row['new_tokens']} new tokens\n{row['prompt']}{row['completion']}\n")
         results.extend(rows)
         del model
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.json, json.dumps(results, indent=2))
     return 0
 
 

@@ -294,7 +294,9 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         teacher_config = config.teacher_hf_config()
         self.adapter = get_adapter(teacher_config)
-        self.backbone = AutoModelForCausalLM.from_config(teacher_config)
+        # NOTE: from_config would build the backbone in the dtype the teacher's config names, not
+        # the one this model is being built in (from_pretrained(dtype=...) sets the default).
+        self.backbone = AutoModelForCausalLM.from_config(teacher_config, dtype=torch.get_default_dtype())
         replace_attention(self.backbone, self.adapter, config.conversion_config(), teacher_config)
         self.post_init()
 

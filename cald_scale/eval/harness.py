@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "LM_EVAL_REQUIREMENT", "TaskSelection", "context_length", "format_table", "metric_rows", "run_tasks", "select_tasks",
@@ -182,14 +182,14 @@ def run_tasks(
     return results
 
 
-def context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
-    """The context length lm-eval gives `model` (its config's positions, else the tokenizer's
-    model_max_length, else lm-eval's default)."""
+def context_length(model: PreTrainedModel | PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The context length lm-eval gives `model` or a model of this config (its positions, else
+    the tokenizer's model_max_length, else lm-eval's default)."""
     _lm_eval()
     from lm_eval.models.huggingface import HFLM
     from lm_eval.models.utils import resolve_max_length
 
-    return resolve_max_length(model.config, tokenizer, default=HFLM._DEFAULT_MAX_LENGTH)
+    return resolve_max_length(getattr(model, "config", model), tokenizer, default=HFLM._DEFAULT_MAX_LENGTH)
 
 
 def _metrics(task_results: dict) -> dict[str, tuple[float, float | None]]:

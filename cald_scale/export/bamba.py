@@ -13,6 +13,7 @@ students load through the Auto classes after ``import cald_scale`` (README "Expo
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -20,8 +21,8 @@ import torch
 from transformers import AutoTokenizer, BambaConfig, BambaForCausalLM
 from transformers.initialization import no_init_weights
 
-from ..conversion.modeling import CaldStudentForCausalLM, teacher_geometry
-from ..fileio import atomic_dir
+from ..conversion.modeling import CaldStudentConfig, CaldStudentForCausalLM, teacher_geometry
+from ..fileio import atomic_dir, check_replaceable, is_model_folder
 
 __all__ = ["BambaExportError", "bamba_config", "bamba_state_dict", "check_exportable", "export_bamba", "to_bamba"]
 
@@ -146,15 +147,24 @@ def to_bamba(student: CaldStudentForCausalLM) -> BambaForCausalLM:
 
 def export_bamba(student: CaldStudentForCausalLM | str | Path, target: str | Path, tokenizer=None) -> Path:
     """Write ``student`` (a model, or an exported student folder) as a Bamba folder: config,
-    safetensors, tokenizer. Atomic: ``target`` appears complete or not at all."""
+    safetensors, tokenizer. Atomic: ``target`` appears complete or not at all. An existing
+    ``target`` is replaced only when empty or an earlier Bamba export (FileExistsError otherwise)."""
+    target = Path(target).expanduser().absolute()
+    earlier_bamba = lambda old: is_model_folder(old, "bamba")  # noqa: E731
     if not isinstance(student, CaldStudentForCausalLM):
-        folder = Path(student)
+        folder = Path(student).expanduser().absolute()
+        if folder == target or target in folder.parents:
+            raise FileExistsError(f"will not export into {target}: it holds the student being exported ({folder})")
+    check_replaceable(target, earlier_bamba)  # before any work
+    if not isinstance(student, CaldStudentForCausalLM):
+        kind = is_model_folder(folder) and json.loads((folder / "config.json").read_text())["model_type"]
+        if kind != CaldStudentConfig.model_type:
+            raise ValueError(f"{folder} is not a cald_scale student (its config.json has model_type {kind or 'none'!r}, not {CaldStudentConfig.model_type!r})")
         if tokenizer is None and (folder / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(folder)
         student = CaldStudentForCausalLM.from_pretrained(folder)
     model = to_bamba(student)
-    target = Path(target)
-    with atomic_dir(target, replace=True) as tmp:
+    with atomic_dir(target, replace=True, replaceable=earlier_bamba) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

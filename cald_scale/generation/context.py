@@ -3,15 +3,15 @@ limit; anything with attention is refused beyond the positions it was trained on
 
 from __future__ import annotations
 
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 __all__ = ["check_context", "max_context"]
 
 
-def max_context(model: PreTrainedModel) -> int | None:
-    """The longest context ``model`` takes: None when no layer is attention (mixers only), else
-    its ``max_position_embeddings``."""
-    config = model.config
+def max_context(model: PreTrainedModel | PretrainedConfig) -> int | None:
+    """The longest context ``model`` (or its config) takes: None when no layer is attention
+    (mixers only), else its ``max_position_embeddings``."""
+    config = getattr(model, "config", model)
     layer_types = getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None)
     if layer_types is not None and all(kind == "linear_attention" for kind in layer_types):
         return None
@@ -21,11 +21,13 @@ def max_context(model: PreTrainedModel) -> int | None:
     return limit
 
 
-def check_context(model: PreTrainedModel, tokens: int, name: str = "the model") -> None:
-    """Refuse (ValueError) a context of ``tokens`` positions that ``model`` was not trained for."""
+def check_context(model: PreTrainedModel | PretrainedConfig, tokens: int, name: str = "the model", *, remedy: str = "") -> None:
+    """Refuse (ValueError) a context of ``tokens`` positions that ``model`` was not trained for;
+    ``remedy`` ends the message (what the caller's user can change)."""
     limit = max_context(model)
     if limit is not None and tokens > limit:
         raise ValueError(
             f"a context of {tokens} tokens exceeds {name}'s max_position_embeddings ({limit}): its attention "
             "was trained on at most that many positions; a converted student with mixers only has no such limit"
+            + (f"; {remedy}" if remedy else "")
         )

@@ -113,6 +113,7 @@ def generate_graphed(
     top_p: float | None = None,
     use_graph: bool | None = None,
     cache: StudentCache | None = None,
+    logits_processor: list | None = None,
 ) -> torch.Tensor:
     """The new tokens (batch, <= max_new_tokens) of a mixers-only student, decoded by ``GraphedDecode``.
 
@@ -123,12 +124,14 @@ def generate_graphed(
     does them, so a seed gives the same tokens. Sequences that reach ``eos_token_id`` continue as
     ``pad_token_id``, and decoding stops once every sequence has ended. ``cache``: an empty
     ``model.new_cache()`` to fill (the caller reads what it holds afterwards); a new one by default.
+    ``logits_processor``: transformers logits processors, run before the sampling warpers as in
+    ``generate``.
     """
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    warpers = LogitsProcessorList()
+    warpers = LogitsProcessorList(logits_processor or [])
     if do_sample:
         temperature, top_k, top_p = _sampling_parameters(model, temperature=temperature, top_k=top_k, top_p=top_p)
         if temperature is not None and temperature != 1.0:

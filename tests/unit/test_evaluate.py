@@ -107,6 +107,20 @@ def test_errors_are_one_line_with_status_2(models, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("cald-scale evaluate: error:") and message in err[0]
 
 
+def test_a_context_beyond_the_teachers_positions_is_refused_for_it_alone(models, tmp_path, capsys):
+    """The tiny teacher has 512 positions: scoring 600-token sequences is refused for it (one line
+    naming the limit and the way out); the student of mixers alone scores them."""
+    teacher_dir, student_dir, text, _ = models
+    long = ["--corpus", text, "--seq_len", "600", "--max_sequences", "1"]
+    assert main(["evaluate", str(student_dir), *long]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exceeds the teacher's max_position_embeddings (512)" in err[0] and "--no_teacher" in err[0]
+    out = tmp_path / "alone.json"
+    assert main(["evaluate", str(student_dir), *long, "--no_teacher", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["teacher"] is None and row["tokens"] == 599 and row["student"]["ppl"] > 1
+
+
 def test_a_classifier_is_refused_in_one_line(tmp_path):
     from cald_scale.evaluate import resolve_target
 

@@ -85,3 +85,35 @@ def test_export_from_a_student_folder_keeps_the_tokenizer(tmp_path):
     config = json.loads((tmp_path / "bamba" / "config.json").read_text())
     assert config["model_type"] == "bamba" and config["attn_layer_indices"] == [0]
     assert (tmp_path / "bamba" / "tokenizer.json").is_file() and (tmp_path / "bamba" / "model.safetensors").is_file()
+
+
+def test_export_replaces_only_an_earlier_export(tmp_path, monkeypatch):
+    """A Bamba export removes the folder it writes to only when that folder is empty or an earlier
+    Bamba export: never a user's folder, the student's own folder or the working directory."""
+    tokenizer = train_tokenizer(["to be or not to be, that is the question"] * 4, vocab_size=300)
+    student_dir = tmp_path / "run" / "student"
+    convert_teacher(tiny_teacher("llama", vocab=len(tokenizer)), ConversionConfig(attention_layers=[0])).save_pretrained(student_dir)
+    tokenizer.save_pretrained(student_dir)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not empty and not an earlier export"):
+        export_bamba(student_dir, notes)
+    for holder in (student_dir, tmp_path / "run"):
+        with pytest.raises(FileExistsError, match="holds the student being exported"):
+            export_bamba(student_dir, holder)
+    monkeypatch.chdir(notes)
+    with pytest.raises(FileExistsError, match="holds the working directory"):
+        export_bamba(student_dir, ".")
+    assert (notes / "keep.txt").read_text() == "keep" and (student_dir / "config.json").is_file()
+
+    target = tmp_path / "bamba"
+    export_bamba(student_dir, target)
+    (target / "stale.txt").write_text("from the last export")
+    export_bamba(student_dir, target)  # an earlier export: replaced whole
+    assert not (target / "stale.txt").exists() and (target / "model.safetensors").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == 0o777 & ~umask  # readable by others as the umask allows, not mkdtemp's 0700
+    with pytest.raises(ValueError, match="is not a cald_scale student .*model_type 'bamba'"):
+        export_bamba(target, tmp_path / "again")

@@ -43,6 +43,73 @@ def test_generate_student_and_teacher_side_by_side(folders, tmp_path):
     assert teacher["kv"] > 0 and teacher["recurrent"] == 0
 
 
+def test_generate_times_prefill_and_decode_apart(folders, tmp_path):
+    """The summary's decode rate is the batch's decode steps over their time, without the prefill."""
+    out = tmp_path / "gen.json"
+    argv = ["generate", str(folders["hybrid"]), "--prompt", "To be", "--prompt", "Whether 'tis nobler in", "--max_new_tokens", "5", "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())
+    row = rows[0]
+    assert row["batch"] == 2 and row["decode_steps"] == 4 and row["prefill_s"] > 0 and row["decode_s"] > 0
+    assert row["decode_tokens_per_s"] == pytest.approx(2 * 4 / row["decode_s"])
+    assert row["prefill_s"] + row["decode_s"] <= row["seconds"]
+    assert row["cache_bytes_per_sequence"] == sum(row["cache_bytes"].values()) / 2
+
+
+def test_new_tokens_stop_at_the_end_of_sequence():
+    import torch
+
+    from cald_scale.generate import _ended_lengths
+
+    new = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]])
+    assert _ended_lengths(new, 2) == [2, 4, 1]
+    assert _ended_lengths(new, [7, 2]) == [2, 3, 1]
+    assert _ended_lengths(new, None) == [4, 4, 4]
+
+
+def test_generate_and_evaluate_refuse_bad_options_in_one_line(folders, tmp_path, capsys):
+    import torch
+
+    student = str(folders["student"])
+    cases = [
+        (["generate", student, "--prompt", "  "], "--prompt 1 is empty"),
+        (["generate", student, "--prompt", "x", "--temperature", "0.5"], "--temperature applies to sampling: add --do_sample"),
+        (["generate", student, "--prompt", "x", "--top_p", "1.5"], "must be in (0, 1]"),
+        (["generate", student, "--prompt", "x", "--device", "foo"], "'foo' is not a torch device"),
+        (["generate", student, "--prompt", "x", "--teacher", str(tmp_path / "nope")], "does not exist"),
+        (["generate", str(tmp_path / "nowhere"), "--prompt", "x"], "nowhere does not exist"),
+        (["export", student, "--bamba", str(tmp_path / "b"), "--device", "cpu"], "unrecognized arguments"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["generate", student, "--prompt", "x", "--device", "cuda"], "sees no CUDA device"))
+        cases.append((["evaluate", student, "--device", "cuda:0"], "sees no CUDA device"))
+    for argv, message in cases:
+        try:
+            status = main(argv)
+        except SystemExit as stop:  # argparse's own usage errors
+            status = stop.code
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("cald-scale")]
+        assert status == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err, (argv, err)
+
+
+def test_a_student_loads_whole_in_the_dtype_asked(folders, tmp_path):
+    """Every parameter (the copied backbone too, not only the mixers) follows from_pretrained's
+    dtype, whatever dtype the teacher's config names; both ways round, and through the command."""
+    import cald_scale  # noqa: F401
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    bf16 = AutoModelForCausalLM.from_pretrained(folders["hybrid"], dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    bf16.save_pretrained(tmp_path / "bf16")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    assert {p.dtype for p in back.parameters()} == {torch.float32}
+    argv = ["generate", str(folders["hybrid"]), "--prompt", "To be", "--max_new_tokens", "3", "--dtype", "bfloat16", "--json", str(tmp_path / "g.json")]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "g.json").read_text())[0]["decode_steps"] == 2
+
+
 def test_context_beyond_the_teachers_positions_is_refused_for_attention_only(folders, tmp_path, capsys):
     import cald_scale  # noqa: F401
     from transformers import AutoModelForCausalLM

@@ -142,8 +142,10 @@ def test_teacher_and_student_side_by_side_on_a_local_task(models, tmp_path, monk
     assert table[1].split("|")[0].strip() == "tiny_quiz" and f"{rows['acc']['student']:.4f}" in table[1]
 
 
-def test_run_folder_task_folder_student_alone(models, tmp_path):
+def test_run_folder_task_folder_student_alone(models, tmp_path, monkeypatch):
     teacher_dir, student_dir, _, task_yaml = models
+    calls, run_tasks = [], harness.run_tasks
+    monkeypatch.setattr(harness, "run_tasks", lambda *args, **kw: calls.append(kw) or run_tasks(*args, **kw))
     run = tmp_path / "runs" / "r1"
     shutil.copytree(student_dir, run / "student")
     config = {"teacher": {"name_or_path": str(teacher_dir)}, "data": {}, "eval": {"micro_batch_size": 2}}
@@ -162,6 +164,9 @@ def test_run_folder_task_folder_student_alone(models, tmp_path):
     docs = {row["task"]: row["docs"] for row in result["results"]}
     assert docs == {"tiny_quiz_a": NUM_DOCS // 2, "tiny_quiz_b": 2}
     assert all("teacher" not in row and 0 <= row["student"] <= 1 for row in result["results"])
+    # alone, the student still gets the teacher's context length (its own config names none): its
+    # scores do not depend on whether the teacher ran beside it
+    assert [kw["max_length"] for kw in calls] == [512]
 
 
 def test_task_errors_are_one_line_before_any_model_loads(models, tmp_path, monkeypatch, capsys):
