@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .fileio import atomic_write_text
+
 __all__ = ["MetricsLogger", "peak_memory_bytes", "current_rss_bytes"]
 
 logger = logging.getLogger("cald_scale.metrics")
@@ -42,6 +44,7 @@ class MetricsLogger:
         self._bar = None
         if not enabled:
             return
+        self._drop_steps_after(start_step)
         if wandb_mode != "disabled":
             try:
                 import wandb
@@ -62,14 +65,41 @@ class MetricsLogger:
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="distill", dynamic_ncols=True, mininterval=1.0)
 
+    def _drop_steps_after(self, step: int) -> None:
+        """A resumed run logs again the steps after its checkpoint: the lines it wrote for them
+        before it stopped go, so each step has one line (the one of the run that goes on)."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) <= step]
+        if len(kept) < len(lines):
+            atomic_write_text(self.path, "".join(kept))
+            logger.info("metrics.jsonl: dropped %d lines after step %d (logged again from the checkpoint)", len(lines) - len(kept), step)
+
+    def _call_wandb(self, what: str, call) -> None:
+        """wandb's service is a child process: a preemption signal sent to the whole job (SLURM)
+        can stop it first. Its failure then stops wandb for the run, never the run itself."""
+        if self._wandb is None:
+            return
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - logging must never kill a training run
+            logger.warning("wandb disabled (%s failed: %s: %s); metrics.jsonl keeps every step", what, type(err).__name__, err)
+            self._wandb = None
+            try:  # NOTE: now, or wandb's own exit hook meets the lost service again and prints its traceback
+                import wandb
+
+                wandb.teardown()
+            except Exception:  # noqa: BLE001
+                pass
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": step, "time": time.time(), **metrics}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+        self._call_wandb("log", lambda: self._wandb.log(metrics, step=step))
         if self._bar is not None:
             self._bar.n = step
             shown = {k: f"{metrics[k]:.4g}" for k in ("loss", "ce", "layer", "kl", "tokens_per_s") if k in metrics}
@@ -78,15 +108,21 @@ class MetricsLogger:
             self._bar.set_postfix(shown, refresh=True)
 
     def summary(self, values: dict[str, Any]) -> None:
-        if self._wandb is not None:
-            self._wandb.summary.update(values)
+        self._call_wandb("summary", lambda: self._wandb.summary.update(values))
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
+        self._call_wandb("finish", lambda: self._wandb.finish())
+        self._wandb = None
+
+
+def _step_of(line: str) -> float:
+    """A metrics line's step (an unreadable line, e.g. cut by a kill, sorts last and goes)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def _wandb_id(run_dir: Path) -> str:

@@ -156,19 +156,36 @@ def _tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+class CheckpointLoadError(RuntimeError):
+    """Complete checkpoints exist but none of them loads: never silently start over."""
+
+
 def complete_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """Tags complete on every rank, newest first (collective when distributed: every rank calls it)."""
+    """Tags complete on every rank, newest first (collective when distributed: every rank calls it).
+
+    A half-written tag (no manifest: the job stopped while saving) is skipped. A sealed tag
+    that fails its checks (a truncated or corrupt file) is skipped for an older one too, but
+    when it leaves no tag at all this raises CheckpointLoadError: a run whose checkpoints are
+    all damaged must not silently start over (and then delete them as it saves)."""
     me, world = rank(), world_size()
-    local = []
+    local, damaged = [], []
     for step, path in _tags(Path(ckpt_dir)):
         reason = verify_tag(path, me, world)
         if reason is None:
             local.append(step)
-        else:
-            logger.warning("ignoring checkpoint %s: %s", path, reason)
+            continue
+        logger.warning("ignoring checkpoint %s: %s", path, reason)
+        if (path / MANIFEST).is_file():  # sealed, then damaged
+            damaged.append(f"{path.name}: {reason}")
     steps = set(local)
-    for other in gather_objects(local):
+    for other, other_damaged in gather_objects((local, damaged)):
         steps &= set(other)
+        damaged += [d for d in other_damaged if d not in damaged]
+    if not steps and damaged:
+        raise CheckpointLoadError(
+            f"{ckpt_dir} holds checkpoints, but every one is damaged ({'; '.join(damaged)}); refusing to start over. "
+            "Restore them, or move them away to start a new run."
+        )
     return [(step, path) for step, path in _tags(Path(ckpt_dir)) if step in steps]
 
 
@@ -255,10 +272,6 @@ def _save_failure(ckpt_dir: Path, step: int, err: Exception) -> str:
         f"The half-written tag has no manifest and is never resumed from; the last complete checkpoint: {last}. "
         "Free some space (or lower output.keep_last), then rerun to resume."
     )
-
-
-class CheckpointLoadError(RuntimeError):
-    """Complete checkpoints exist but none of them loads: never silently start over."""
 
 
 def load_latest_checkpoint(

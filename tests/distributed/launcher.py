@@ -44,7 +44,7 @@ def run(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedPr
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
-    """Last metrics record per step (a resumed run rewrites the steps after its checkpoint)."""
+    """The metrics record of each step (the last, should a step appear twice)."""
     out: dict[int, dict] = {}
     path = run_dir / "metrics.jsonl"
     if path.is_file():
@@ -87,6 +87,9 @@ def resume_and_compare(reference: Path, tmp_path: Path, k: int, env: dict, cmd_f
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert f"resuming run at step {k}/{steps}" in proc.stdout + proc.stderr
     expected, got = metrics(reference), metrics(resumed_dir)
+    # The lines the killed job wrote after its checkpoint were dropped: each step is logged once.
+    logged = [r["step"] for r in map(json.loads, (resumed_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert logged == sorted(set(logged)), logged
     for step in range(k + 1, steps + 1):
         assert got[step]["phase_name"] == expected[step]["phase_name"]
         present = [key for key in keys if key in expected[step]]

@@ -55,6 +55,19 @@ def test_half_written_corrupt_and_unsealed_tags_are_never_chosen(tmp_path, caplo
     assert "half-written" in caplog.text and "checksum" in caplog.text and "rank 1's completion marker is missing" in caplog.text
 
 
+def test_damaged_checkpoints_alone_are_refused_not_started_over(tmp_path):
+    """With no intact tag left, a sealed but damaged one stops the run (a fresh start would
+    overwrite the run and delete the tag at its first save); half-written ones alone do not."""
+    _tag(tmp_path, 2, manifest=False)
+    assert complete_tags(tmp_path) == []  # killed while saving its first checkpoint: start over
+    tag = _tag(tmp_path, 4)
+    (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"short")
+    with pytest.raises(checkpoint.CheckpointLoadError, match="every one is damaged .*step_00000004: .* bytes.*refusing to start over"):
+        complete_tags(tmp_path)
+    _tag(tmp_path, 1)  # an intact older tag: the run falls back to it
+    assert [step for step, _ in complete_tags(tmp_path)] == [1]
+
+
 def test_a_tag_whose_fsync_failed_is_never_sealed(tmp_path, monkeypatch):
     _tag(tmp_path, 3)
 

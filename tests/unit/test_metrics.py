@@ -1,0 +1,62 @@
+"""MetricsLogger: one line per step across a resume, and a wandb that dies never stops the run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from cald_scale.metrics import MetricsLogger
+
+
+def _logger(run_dir: Path, start_step: int, wandb_mode: str = "disabled") -> MetricsLogger:
+    return MetricsLogger(run_dir, enabled=True, wandb_mode=wandb_mode, project="cald-scale-tests", config={}, total_steps=10, start_step=start_step, progress_bar=False)
+
+
+def test_a_resumed_run_drops_the_lines_logged_after_its_checkpoint(tmp_path):
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 8)] + ['{"step": 8, "lo']  # the kill cut the last line
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    metrics = _logger(tmp_path, start_step=5)
+    metrics.log(6, {"loss": 0.5})
+    metrics.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def _wandb_services() -> list[int]:
+    """Processes of wandb's service under this one (its children)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and b"wandb" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_wandb_service_stopped_by_the_preemption_signal_does_not_stop_the_run(tmp_path, monkeypatch, caplog):
+    """SLURM signals every process of the job: wandb's service may die before the run saves."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    metrics = _logger(tmp_path, start_step=0, wandb_mode="offline")
+    assert metrics._wandb is not None
+    services = _wandb_services()
+    assert services, "wandb started no service process to stop"
+    for pid in services:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(2)
+    with caplog.at_level(logging.WARNING, logger="cald_scale.metrics"):
+        for step in range(1, 4):
+            metrics.log(step, {"loss": 1.0})
+        metrics.summary({"final": 1.0})
+        metrics.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert "wandb disabled" in caplog.text and metrics._wandb is None
