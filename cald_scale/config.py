@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -127,6 +128,8 @@ class TrainConfig:
             raise ValueError(f"train.pipeline_stages must be >= 0 (0: ZeRO-3 mode), got {self.pipeline_stages}")
         if self.trim_heap_every < 0:
             raise ValueError(f"train.trim_heap_every must be >= 0, got {self.trim_heap_every}")
+        if self.grad_clip < 0:
+            raise ValueError(f"train.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
         if self.global_batch_size is None and self.micro_batch_size is None:
             raise ValueError("set train.global_batch_size or train.micro_batch_size")
         for name in ("global_batch_size", "micro_batch_size"):
@@ -186,6 +189,12 @@ class EvalConfig:
     accepts), scored like the corpus's own held-out split: the default trains on the Brown
     corpus and is also scored on Wikipedia leads."""
 
+    def __post_init__(self):
+        if self.max_sequences < 1 or self.micro_batch_size < 1:
+            raise ValueError("eval.max_sequences and eval.micro_batch_size must be >= 1")
+        if self.every < 0:
+            raise ValueError(f"eval.every must be >= 0 (0: only before and after training), got {self.every}")
+
 
 @dataclasses.dataclass(kw_only=True)
 class OutputConfig:
@@ -216,8 +225,9 @@ class OutputConfig:
     (gpt_neox, Mamba-1 mixers) stops the run at once."""
 
     def __post_init__(self):
-        if self.save_every < 1 or self.keep_last < 1:
-            raise ValueError("output.save_every and output.keep_last must be >= 1")
+        self.run_dir = os.path.expanduser(self.run_dir)  # "~/runs/x": one folder for every file of the run
+        if self.save_every < 1 or self.keep_last < 1 or self.log_every < 1:
+            raise ValueError("output.save_every, output.keep_last and output.log_every must be >= 1")
         if self.export_teacher_every < 0 or self.export_student_every < 0:
             raise ValueError("output.export_teacher_every and output.export_student_every must be >= 0 (0: never)")
 
@@ -315,10 +325,13 @@ def load_run_config(recipe: str | Path | None = None, overrides: list[str] | Non
     """Embedded defaults <- YAML recipe <- ``key.path=value`` overrides, validated strictly."""
     data: dict = {}
     if recipe is not None:
-        path = Path(recipe)
+        path = Path(recipe).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"recipe {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+            raise ConfigError(f"recipe {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"recipe {path} must hold a mapping, got {type(loaded).__name__}")
         data = loaded

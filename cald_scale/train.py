@@ -54,26 +54,45 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _check_run_dir(run_dir: Path, cfg: RunConfig, env: DistEnv) -> None:
-    """A run folder belongs to one teacher/student pair; refuse to resume a different one."""
+# What a resumed run may not change: what it learns from and what its checkpoints hold. (Its
+# schedule, losses, batch layout and outputs may change; the change is logged and recorded.)
+_FIXED_ON_RESUME = ("task", "teacher", "student", "data", "classification", "train.seed")
+_MOVABLE = ("teacher.cache_dir", "data.cache_dir", "data.wait_timeout_s")  # where files live, how long to wait: free to change
+
+
+def _fixed_on_resume(key: str) -> bool:
+    return key not in _MOVABLE and any(key == k or key.startswith(k + ".") for k in _FIXED_ON_RESUME)
+
+
+def _check_run_dir(run_dir: Path, cfg: RunConfig, env: DistEnv, *, resuming_at: int | None) -> None:
+    """Claim ``run_dir`` for this run (its config.json). A folder with a checkpoint
+    (``resuming_at``: its step) resumes only the same teacher, student and data; other changes
+    are logged and appended to config_changes.jsonl, so the folder still says what every step
+    ran with. A folder without one (a start that failed before it trained) is taken over."""
     path = run_dir / "config.json"
     current = cfg.to_dict()
-    if path.is_file():
-        differ = config_differences(json.loads(path.read_text()), cfg, sections=("teacher", "student"))
-        if differ:
+    if path.is_file() and resuming_at is not None:
+        changed = config_differences(json.loads(path.read_text()), cfg, ignore=("output.run_dir",))
+        fixed = [d for d in changed if _fixed_on_resume(d.split(":")[0])]
+        if fixed:
             raise ValueError(
-                f"{run_dir} holds a run of another teacher or student ({'; '.join(differ[:4])}); "
-                "use a new output.run_dir or delete the old one"
+                f"{run_dir} holds a run of another teacher, student or data ({'; '.join(fixed[:4])}); "
+                "resume it with its own settings, or use a new output.run_dir"
             )
+        if changed and env.is_main:
+            logger.warning("resuming at step %d with changed settings: %s", resuming_at, "; ".join(changed))
+            with open(run_dir / "config_changes.jsonl", "a") as handle:
+                handle.write(json.dumps({"from_step": resuming_at, "time": time.time(), "changes": changed}) + "\n")
     barrier()
     if env.is_main:
         atomic_write_text(path, json.dumps(current, indent=2))
     barrier()
 
 
-def _once(path: Path, env: DistEnv, compute) -> dict:
-    """A value computed once per run (on every rank) and reused on resume."""
-    if path.is_file():
+def _once(path: Path, env: DistEnv, compute, *, resuming: bool) -> dict:
+    """A value computed once per run (on every rank) and reused on resume; a start from
+    scratch computes it again (a folder's earlier start may have had other settings)."""
+    if resuming and path.is_file():
         return json.loads(path.read_text())
     values = compute()
     if env.is_main:
@@ -341,7 +360,7 @@ def _start(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv) -> _Run:
     if resume is not None:
         ds_config = resume.ds_config(ds_config)
     plan = cfg.plan(cfg.train.data_parallel_size(env.world_size))
-    _check_run_dir(run_dir, cfg, env)
+    _check_run_dir(run_dir, cfg, env, resuming_at=tags[0][0] if tags else None)
     started = time.time()
     for phase in plan.phases:
         logger.info("%s", phase.describe())
@@ -380,6 +399,7 @@ def _start(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv) -> _Run:
         run_dir / "baseline.json",
         env,
         lambda: {"teacher": evaluate("teacher") if plan.uses_teacher else None, "student_before": evaluate("student")},
+        resuming=bool(saved),
     )
     step = student_engine.global_steps
     state = StepState(saved, last_saved=step, max_consecutive_nan=cfg.train.max_consecutive_nan, ckpt_dir=ckpt_dir)

@@ -8,7 +8,9 @@ CALD (recipes/align_then_e2e.yaml spells it out).
 from __future__ import annotations
 
 import argparse
-import gc
+import atexit
+import logging
+import os
 import sys
 
 from cald_scale.config import ConfigError, load_run_config
@@ -19,6 +21,8 @@ from cald_scale.engines.checkpoint import CheckpointLoadError, CheckpointSaveErr
 from cald_scale.engines.distributed import close_distributed
 from cald_scale.engines.preemption import PREEMPTED_EXIT_CODE, Preempted
 from cald_scale.train import NonFiniteLossError, train
+
+TRACEBACK_VAR = "CALD_TRACEBACK"
 
 # Errors that mean "fix the input", not "a bug": reported without a traceback.
 USER_ERRORS = (ConfigError, FileNotFoundError, WeightsMismatchError, CheckpointLoadError, CheckpointSaveError, NonFiniteLossError, BambaExportError, IndexedFileError)
@@ -45,8 +49,30 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg, args.ds_config)
     except USER_ERRORS as err:  # bad input: one line that names it (the run folder is left intact)
         parser.exit(1, f"error: {err}\n")
+    except (ValueError, OSError) as err:  # what the project raises for a bad setting or file, in one line
+        if os.environ.get(TRACEBACK_VAR) == "1":
+            raise
+        parser.exit(1, f"error: {err}\n({TRACEBACK_VAR}=1 shows where it was raised)\n")
     except Preempted as stop:  # a complete checkpoint is saved: the batch script requeues on this code
         parser.exit(PREEMPTED_EXIT_CODE, f"preempted: {stop}\n")
+
+
+def _leave(code) -> None:
+    """Exit with ``code`` without the interpreter's finalization.
+
+    It walks every object torch, transformers and DeepSpeed made (~3 s per rank, measured), and
+    its module teardown makes Triton's nanobind bindings print "leaked instance" lines. By now
+    checkpoints, metrics and wandb are closed; the exit handlers still run, then the buffers are
+    flushed.
+    """
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    if isinstance(code, str):  # sys.exit("message")
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if code is None else code)
 
 
 if __name__ == "__main__":
@@ -54,14 +80,10 @@ if __name__ == "__main__":
         code = main()
     except SystemExit as stop:
         code = stop.code
-    finally:
-        # The interpreter's last collection walks every object torch, transformers and DeepSpeed
-        # made: ~3 s per rank, measured. Checkpoints and logs are closed by now; skip it.
-        gc.freeze()
     if code in (None, 0, PREEMPTED_EXIT_CODE):  # every rank ends here, at the same step
         # Stop the process group's threads while the interpreter is whole. Left to its shutdown,
         # gloo's can abort a rank after a finished run (SIGABRT, "terminate called without an
         # active exception"; seen once on a 2-rank pipeline run; pytorch/pytorch PR 179291).
         # Not after an error: with ranks still inside a collective it could wait forever.
         close_distributed()
-    sys.exit(code)
+    _leave(code)

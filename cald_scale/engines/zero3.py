@@ -11,6 +11,7 @@ gradient bucket and up to 1e9 gathered parameters kept alive whatever the model)
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import logging
 from pathlib import Path
@@ -41,15 +42,56 @@ __all__ = [
 logger = logging.getLogger("cald_scale.engines")
 
 
+# Top-level sections DeepSpeed reads that deepspeed.runtime.constants does not name.
+_DS_SECTIONS = (
+    "zero_optimization", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet",
+    "comms_logger", "compile", "aio", "autotuning", "curriculum_learning", "data_efficiency", "compression_training",
+    "elasticity", "nebula", "amp", "pipeline", "sparse_attention", "quantize_training", "eigenvalue",
+    "progressive_layer_drop", "weight_quantization", "hybrid_engine", "sequence_parallel_size", "monitor_config",
+)
+
+
+def _misspelled(keys, known: set[str], where: str, *, unknown_is_error: bool) -> list[str]:
+    """Problems with ``keys``: a key close to a known one that is not itself known (a typo DeepSpeed
+    would ignore), or, with ``unknown_is_error``, any unknown key (DeepSpeed would reject it later)."""
+    problems = []
+    for key in keys:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.8)
+        if close or unknown_is_error:
+            problems.append(f"{where}{key}" + (f" (did you mean {' or '.join(close)}?)" if close else " is not a DeepSpeed setting"))
+    return problems
+
+
+def check_ds_keys(config: dict, path: str | Path) -> None:
+    """Refuse misspelled keys now, in one line, not after the teacher is built: DeepSpeed
+    ignores an unknown top-level key (a typo silently does nothing) and rejects one inside
+    zero_optimization only when the engine is built, in a long validation traceback."""
+    import deepspeed.runtime.constants as constants
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    top = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)} | set(_DS_SECTIONS)
+    fields = DeepSpeedZeroConfig.model_fields
+    zero = set(fields) | {f.alias for f in fields.values() if f.alias}
+    problems = _misspelled(config, top, "", unknown_is_error=False)
+    if isinstance(config.get("zero_optimization"), dict):
+        problems += _misspelled(config["zero_optimization"], zero, "zero_optimization.", unknown_is_error=True)
+    if problems:
+        raise ConfigError(f"DeepSpeed config {path}: {'; '.join(problems)}")
+
+
 def read_ds_config(path: str | Path) -> dict:
-    """A DeepSpeed JSON config, or an error that names the file."""
+    """A DeepSpeed JSON config, or an error that names the file (or its misspelled key)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config {path} does not exist")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+    check_ds_keys(config, path)
+    return config
 
 
 def load_ds_config(path: str | Path) -> dict:

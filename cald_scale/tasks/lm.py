@@ -72,7 +72,8 @@ class LanguageModelingTask:
         sets = {
             name: {
                 "teacher": teacher.get(name, {}).get("ppl"),
-                "student_before": before[name]["ppl"],
+                # NOTE: an eval set added on resume has no score from before training (n/a).
+                "student_before": before.get(name, {}).get("ppl"),
                 "student_after": after[name]["ppl"],
                 "tokens": after[name]["tokens"],
                 **({"teacher_after": teacher_after[name]["ppl"]} if teacher_after else {}),

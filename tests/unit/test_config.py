@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -81,15 +82,25 @@ def test_unknown_key_names_the_key_and_lists_valid_ones():
         from_dict(RunConfig, {"trian": {}})
 
 
-def test_bad_values_are_rejected():
+def test_bad_values_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match="not one of"):
         load_run_config(overrides=["student.conversion.mixer=transformer"])
     with pytest.raises(ConfigError, match="integer"):
         load_run_config(overrides=["train.max_steps=ten"])
     with pytest.raises(ConfigError, match="only one phase may take the rest"):
         load_run_config(overrides=["phases=[{name: a}, {name: b}]"])
-    with pytest.raises(FileNotFoundError, match="recipe"):
+    with pytest.raises(ConfigError, match="recipe no/such/recipe.yaml does not exist"):
         load_run_config("no/such/recipe.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: {max_steps: 3\n")
+    with pytest.raises(ConfigError, match="broken.yaml is not valid YAML"):
+        load_run_config(broken)
+    with pytest.raises(ConfigError, match="the value is not valid YAML"):
+        load_run_config(overrides=["train.lr=[1,"])
+    for bad, message in (("output.log_every=0", "log_every must be >= 1"), ("eval.max_sequences=0", "max_sequences"),
+                         ("eval.every=-3", "eval.every must be >= 0"), ("train.grad_clip=-1", "grad_clip must be >= 0")):
+        with pytest.raises(ConfigError, match=message):
+            load_run_config(overrides=[bad])
 
 
 def test_exponent_without_a_dot_is_a_number():
@@ -153,6 +164,28 @@ def test_ds_config_contradiction_and_stage(tmp_path):
         load_ds_config(tmp_path / "missing.json")
 
 
+def test_ds_config_typos_are_refused_when_read(tmp_path):
+    """A misspelled key is named when the file is read (before any model is built): at the top
+    level, where DeepSpeed would silently ignore it, and inside zero_optimization."""
+    shipped = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    cases = {
+        "gradient_clippin": ("gradient_clipping", "did you mean gradient_clipping?"),
+        "zero_optimization.stage3_param_persistance_threshold": ("stage3_param_persistence_threshold", "did you mean stage3_param_persistence_threshold"),
+        "zero_optimization.no_such_option": (None, "zero_optimization.no_such_option is not a DeepSpeed setting"),
+    }
+    for key, (_, message) in cases.items():
+        config = json.loads(json.dumps(shipped))
+        node, leaf = (config["zero_optimization"], key.split(".")[1]) if "." in key else (config, key)
+        node[leaf] = 1
+        path = tmp_path / "typo.json"
+        path.write_text(json.dumps(config))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_ds_config(path)
+    # an unknown top-level key that resembles no DeepSpeed key is left to DeepSpeed (it may be new)
+    path.write_text(json.dumps({**shipped, "my_notes": "x"}))
+    assert load_ds_config(path)["my_notes"] == "x"
+
+
 def test_global_batch_splits_over_ranks():
     cfg = load_run_config()
     assert [cfg.train.micro_batch(w) for w in (1, 2, 4)] == [4, 2, 1]
@@ -193,8 +226,9 @@ def test_a_run_shorter_than_the_warmup_clamps_it(capsys):
 
 
 def test_a_run_folder_of_another_student_is_refused_naming_the_key(tmp_path):
-    """Resuming checks the saved teacher/student against the new config: a field added since
-    the run was written counts as its default; a changed field is named in one line."""
+    """Resuming checks the saved teacher, student and data against the new config: a field added
+    since the run was written counts as its default; a changed field is named in one line; other
+    changes are allowed and recorded. A folder with no checkpoint is taken over."""
     import torch
 
     from cald_scale.config import config_differences
@@ -206,11 +240,21 @@ def test_a_run_folder_of_another_student_is_refused_naming_the_key(tmp_path):
     saved = cfg.to_dict()
     del saved["student"]["init_from"]  # written before the field existed
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    _check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=8"]), env)  # the run may be extended
+    longer = load_run_config(None, ["train.max_steps=8", "data.cache_dir=/elsewhere"])
+    _check_run_dir(tmp_path, longer, env, resuming_at=4)  # the run may be extended, its cache moved
+    changes = [json.loads(line) for line in (tmp_path / "config_changes.jsonl").read_text().splitlines()]
+    assert changes[0]["from_step"] == 4 and changes[0]["changes"] == [
+        "data.cache_dir: saved '.cache/cald_scale/data', wanted '/elsewhere'", "train.max_steps: saved 4, wanted 8",
+    ]
 
-    other = load_run_config(None, ["student.conversion.mixer=mamba"])
-    with pytest.raises(ValueError, match=r"another teacher or student \(student.conversion.mixer: saved 'mamba2', wanted 'mamba'"):
-        _check_run_dir(tmp_path, other, env)
+    other = load_run_config(None, ["train.max_steps=8", "student.conversion.mixer=mamba"])
+    with pytest.raises(ValueError, match=r"another teacher, student or data \(student.conversion.mixer: saved 'mamba2', wanted 'mamba'"):
+        _check_run_dir(tmp_path, other, env, resuming_at=4)
+    for fixed in ("data.seq_len=32", "train.seed=5"):
+        with pytest.raises(ValueError, match=fixed.split("=")[0]):
+            _check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=8", fixed]), env, resuming_at=4)
+    _check_run_dir(tmp_path, other, env, resuming_at=None)  # no checkpoint: a start that failed; taken over
+    assert json.loads((tmp_path / "config.json").read_text())["student"]["conversion"]["mixer"] == "mamba"
     assert config_differences(saved, other, sections=("loss", "data")) == []
     assert config_differences(saved, load_run_config(None, ["train.max_steps=4", "train.lr=2e-3"]), ignore=("train.lr",)) == []
     assert config_differences({"student": {"no_such_key": 1}}, cfg)[0].startswith("the saved config no longer loads")
