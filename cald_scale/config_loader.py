@@ -90,6 +90,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if inner is str:
+        if isinstance(value, int) and not isinstance(value, bool):  # YAML reads run_dir=2024 as a number
+            return str(value)
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value

@@ -103,6 +103,14 @@ def test_bad_values_are_rejected(tmp_path):
             load_run_config(overrides=[bad])
 
 
+def test_a_whole_number_where_a_string_is_expected_is_that_string():
+    assert load_run_config(overrides=["output.run_dir=2024"]).output.run_dir == "2024"
+    with pytest.raises(ConfigError, match="expected a string, got 3.5"):
+        load_run_config(overrides=["output.run_dir=3.5"])  # not guessed: 3.50 and 3.5 read alike
+    with pytest.raises(ConfigError, match="expected a string, got True"):
+        load_run_config(overrides=["output.run_dir=true"])
+
+
 def test_exponent_without_a_dot_is_a_number():
     assert load_run_config(overrides=["train.lr=3e-4"]).train.lr == 3e-4
     with pytest.raises(ConfigError, match="train.lr"):
