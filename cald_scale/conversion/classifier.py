@@ -211,15 +211,35 @@ class CaldEncoderForSequenceClassification(PreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
+def encoder_keys(keys: list[str], encoder_config: PretrainedConfig) -> dict[str, str]:
+    """A pretrained encoder checkpoint's own tensors, by their name in the bare model: a bare
+    ``BertModel`` folder as it is; a task model's (``BertForMaskedLM``, ``RobertaForMaskedLM``,
+    ``BertForPreTraining``: most hub checkpoints) under its base-model prefix (``bert.``,
+    ``roberta.``), its task head (``cls.``, ``lm_head.``) left out. The pooler and the
+    position-id buffers are left out too (this head pools for itself)."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    prefix = MODEL_MAPPING[type(encoder_config)].base_model_prefix + "."
+    prefixed = any(k.startswith(prefix) for k in keys)
+    out = {}
+    for key in keys:
+        if prefixed and not key.startswith(prefix):
+            continue  # the task model's head
+        bare = key.removeprefix(prefix) if prefixed else key
+        if not bare.startswith("pooler.") and not bare.endswith("position_ids"):
+            out[bare] = key
+    return out
+
+
 class EncoderWithNewHead:
-    """A pretrained encoder's checkpoint (a bare ``BertModel``-style folder) read as a teacher
-    classifier's: its keys moved under ``encoder.``, its pooler dropped (this head pools for
-    itself), and a new head drawn from its own seeded stream (normal, the family's
-    ``initializer_range``; zero bias), so every rank and every run draws the same head."""
+    """A pretrained encoder's checkpoint (``encoder_keys``: a bare ``BertModel``-style folder or a
+    task model's) read as a teacher classifier's: its keys moved under ``encoder.``, and a new
+    head drawn from its own seeded stream (normal, the family's ``initializer_range``; zero
+    bias), so every rank and every run draws the same head."""
 
     def __init__(self, encoder: WeightReader, config: CaldClassifierConfig, seed: int):
         self._encoder = encoder
-        self._keys = {f"encoder.{k}": k for k in encoder.keys() if not k.startswith("pooler.") and not k.endswith("position_ids")}
+        self._keys = {f"encoder.{bare}": key for bare, key in encoder_keys(encoder.keys(), config.teacher_hf_config()).items()}
         hidden, std = config.hidden_size, getattr(config.teacher_hf_config(), "initializer_range", 0.02)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + 999_983)
         self._head = StateDictReader(

@@ -51,6 +51,11 @@ def student_config(teacher_config: PretrainedConfig, conversion: ConversionConfi
     """
     if isinstance(teacher_config, CaldClassifierConfig):
         get_adapter(teacher_config.teacher_hf_config())  # fails before any weight is read
+        if conversion.converts and conversion.causal:
+            raise ValueError(
+                f"student.conversion.mixer={conversion.mixer!r} is causal: it cannot replace an encoder's attention, "
+                "which sees both directions (use bimamba2 or linformer)"
+            )
         return teacher_config.as_student(conversion, teacher_name_or_path)
     # An unconvertible family fails here, before any weight is read; a discovered adapter is
     # cached now, so its meta-device skeleton is never built under a partitioned construct().

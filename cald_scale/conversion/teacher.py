@@ -219,6 +219,8 @@ def classifier_teacher(source: TeacherSource, labels: list[str], *, pooling: str
         have = [config.id2label[i] for i in range(config.num_labels)]
         if have != list(labels):
             raise ValueError(f"teacher {source.name!r} was fine-tuned for labels {have}, but the task has labels {list(labels)}")
+        if config.pooling != pooling:  # its head was trained on that pooling: another would be silently ignored
+            raise ValueError(f"teacher {source.name!r} is a classifier fine-tuned with {config.pooling!r} pooling: set task.pooling={config.pooling}")
         head_seed = None
     else:
         if getattr(config, "is_decoder", False) or config.model_type not in _ENCODER_FAMILIES:

@@ -46,6 +46,7 @@ class ClassificationTask:
 
         self.source = for_task(base)
         get_adapter(self.source.config.teacher_hf_config())  # an unconvertible family fails now, before any weight is read
+        _check_positions(cfg.classification.max_length, self.source.config.teacher_hf_config(), self.source.name)
         # The paper converts the pretrained encoder (same seeded head) while the fine-tuned one guides.
         self.student_source = student_init_source(cfg, self.source, for_task)
         if is_main:
@@ -156,3 +157,17 @@ def evaluate_classifier(view, split, batches, device: torch.device, *, before_ba
     finally:
         model.train(was_training)
     return {**metrics_from_confusion(matrix.cpu()), "loss": (loss[0] / loss[1].clamp(min=1)).item()}
+
+
+def _check_positions(max_length: int, encoder_config, name: str) -> None:
+    """Refuse a max_length the encoder has no position embedding for (now, not as a shape error
+    in its first forward). RoBERTa-style position ids start after the padding index."""
+    positions = getattr(encoder_config, "max_position_embeddings", None)
+    if positions is None:
+        return
+    offset = encoder_config.pad_token_id + 1 if encoder_config.model_type in ("roberta", "xlm-roberta") and encoder_config.pad_token_id is not None else 0
+    if max_length > positions - offset:
+        raise ValueError(
+            f"classification.max_length={max_length} exceeds what teacher {name!r} has positions for "
+            f"({positions - offset}: max_position_embeddings {positions}" + (f" less {offset} for its padding offset" if offset else "") + ")"
+        )

@@ -173,6 +173,53 @@ def test_mismatches_are_refused_before_any_weight_is_read(minilm, tiny_roberta, 
         classifier_teacher(llm, LABELS)
     with pytest.raises(ValueError, match="is bidirectional: it can replace an encoder's attention, not a causal LM's"):
         student_config(llm.config, ConversionConfig(mixer="linformer"))
+    for causal in ("mamba2", "mamba"):  # and the other way round
+        with pytest.raises(ValueError, match=f"mixer='{causal}' is causal: it cannot replace an encoder's attention"):
+            student_config(source.config, ConversionConfig(mixer=causal))
+    # a fine-tuned classifier's head pools one way: another task.pooling is refused, not ignored
+    with pytest.raises(ValueError, match="fine-tuned with 'mean' pooling: set task.pooling=mean"):
+        classifier_teacher(open_teacher(TeacherConfig(name_or_path=str(tmp_path / "two_labels")))[0], ["a", "b"], pooling="cls")
+
+
+def test_a_task_models_checkpoint_is_a_teacher_like_the_bare_encoder(minilm, tmp_path):
+    """Hub encoders are mostly saved as task models (BertForMaskedLM: ``bert.*`` and the MLM head
+    ``cls.*``): the teacher reads the same encoder tensors as from the bare model's folder."""
+    from transformers import AutoConfig, AutoModel, BertForMaskedLM
+
+    tokenizer = minilm[1]
+    bare = save_tiny_encoder(tmp_path / "bare", "bert", tokenizer)
+    mlm = BertForMaskedLM(AutoConfig.from_pretrained(bare))
+    missing, unexpected = mlm.bert.load_state_dict(AutoModel.from_pretrained(bare).state_dict(), strict=False)
+    assert all(k.startswith("pooler.") for k in [*missing, *unexpected])
+    mlm.save_pretrained(tmp_path / "mlm")
+    tokenizer.save_pretrained(tmp_path / "mlm")
+    readers = {name: classifier_teacher(open_teacher(TeacherConfig(name_or_path=str(tmp_path / name)))[0], LABELS, seed=0).weights() for name in ("bare", "mlm")}
+    assert sorted(readers["mlm"].keys()) == sorted(readers["bare"].keys())
+    assert not any(k.startswith(("encoder.cls.", "encoder.bert.")) for k in readers["mlm"].keys())
+    for key in readers["bare"].keys():
+        assert torch.equal(readers["mlm"].get(key), readers["bare"].get(key)), key
+    teacher = build_teacher(classifier_teacher(open_teacher(TeacherConfig(name_or_path=str(tmp_path / "mlm")))[0], LABELS, seed=0))
+    assert teacher(**_batch(tokenizer)).logits.shape == (4, len(LABELS))
+
+
+def test_a_max_length_past_the_encoders_positions_is_refused_before_tokenising(minilm, tmp_path):
+    from cald_scale.config import load_run_config
+    from cald_scale.tasks import open_task
+
+    tokenizer = minilm[1]
+    common = ["task.kind=classification", "classification.dataset=wiki_topic", "classification.max_train_examples=64",
+              f"classification.cache_dir={tmp_path / 'data'}", "student.conversion.mixer=linformer"]
+    from transformers import AutoConfig
+
+    for family in ("bert", "roberta"):
+        folder = save_tiny_encoder(tmp_path / family, family, tokenizer)
+        config = AutoConfig.from_pretrained(folder)
+        # RoBERTa's position ids start after its padding index
+        limit = config.max_position_embeddings - (config.pad_token_id + 1 if family == "roberta" else 0)
+        cfg = load_run_config(overrides=[*common, f"teacher.name_or_path={folder}", f"classification.max_length={limit + 1}"])
+        with pytest.raises(ValueError, match=f"max_length={limit + 1} exceeds what teacher .* has positions for \\({limit}"):
+            open_task(cfg, is_main=True)
+        open_task(load_run_config(overrides=[*common, f"teacher.name_or_path={folder}", f"classification.max_length={limit}"]), is_main=True)
 
 
 def test_hidden_state_drift_is_zero_for_the_same_model_and_grows_with_the_change(minilm):
