@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-__all__ = ["COMMANDS", "device_arg", "main"]
+__all__ = ["COMMANDS", "device_arg", "main", "non_negative_int", "positive_float", "positive_int", "probability"]
 
 COMMANDS: dict[str, str] = {
     "evaluate": "cald_scale.evaluate",
@@ -19,6 +19,35 @@ COMMANDS: dict[str, str] = {
     "prepare-data": "cald_scale.prepare_data",
 }
 """Subcommand -> the module implementing it."""
+
+
+# Argument types the subcommands share: a bad value is argparse's one-line usage error.
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def device_arg(text: str):

@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .config_loader import from_dict
 from .conversion.modeling import CaldStudentConfig
-from .cli import device_arg
+from .cli import device_arg, non_negative_int, positive_int
 from .conversion.teacher import DTYPES, TeacherConfig, load_teacher
 from .data import DataConfig, PackedSequences, held_out_sequences
 from .distill.stages import LayerwiseModel
@@ -227,20 +227,6 @@ def format_table(rows: list[dict]) -> str:
     )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def _limit(text: str) -> int | float:
     """Docs per task: a count, or below 1 a fraction of the task's docs."""
     value = float(text)
@@ -254,13 +240,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("path", help="a run folder (runs/NAME) or an exported student folder")
     add("--corpus", action="append", help="held-out text to score (repeatable): a built-in corpus, "
         "text files or a megatron prefix; default: the run's own eval split")
-    add("--max_sequences", type=_positive_int, help="sequences scored per corpus (default 32)")
-    add("--seq_len", type=_positive_int, help="tokens per sequence (default: the run's data.seq_len, else 256)")
+    add("--max_sequences", type=positive_int, help="sequences scored per corpus (default 32)")
+    add("--seq_len", type=positive_int, help="tokens per sequence (default: the run's data.seq_len, else 256)")
     add("--tasks", action="append", metavar="TASK", help="run lm-eval-harness tasks instead of perplexity "
         "(repeatable or a comma list): task, group or tag names, task YAML files or folders of them")
     add("--limit", type=_limit, help="with --tasks: docs per task (below 1: a fraction of them; default all)")
-    add("--num_fewshot", type=_non_negative_int, help="with --tasks: few-shot examples (default: each task's own)")
-    add("--batch_size", type=_positive_int, help="sequences (lm-eval requests with --tasks) per forward "
+    add("--num_fewshot", type=non_negative_int, help="with --tasks: few-shot examples (default: each task's own)")
+    add("--batch_size", type=positive_int, help="sequences (lm-eval requests with --tasks) per forward "
         "(default: the run's eval.micro_batch_size, else 4)")
     add("--teacher", help="teacher name_or_path, overriding the run's or the student's")
     add("--no_teacher", action="store_true", help="score the student alone")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "file_lock", "wait_for_file", "cache_root"]
+__all__ = ["atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "wait_for_file", "cache_root"]
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -50,13 +50,18 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
-def is_model_folder(folder: Path, model_type: str | None = None) -> bool:
-    """A saved HF model (a config.json naming its ``model_type``, of that type if given): what
-    an export may replace. A run folder's config.json names no model type."""
+def model_type_of(folder: Path) -> str | None:
+    """The ``model_type`` a saved HF model's config.json names (None: no such config; a run
+    folder's config.json names none)."""
     try:
-        found = json.loads((folder / "config.json").read_text()).get("model_type")
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
+
+
+def is_model_folder(folder: Path, model_type: str | None = None) -> bool:
+    """A saved HF model (of ``model_type`` if given): what an export may replace."""
+    found = model_type_of(folder)
     return found is not None and model_type in (None, found)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
-from .cli import device_arg
+from .cli import device_arg, positive_float, positive_int, probability
 from .conversion.modeling import CaldStudentConfig
 from .conversion.teacher import DTYPES, TeacherConfig, build_teacher, open_teacher
 from .evaluate import resolve_target
@@ -137,31 +137,14 @@ def generate_text(
     ]
 
 
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="PATH", help="run folder, exported student, Bamba export or HF causal-LM folder")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    parser.add_argument("--max_new_tokens", type=_positive(int), default=64)
+    parser.add_argument("--max_new_tokens", type=positive_int, default=64)
     parser.add_argument("--do_sample", action="store_true", help="sample (default: greedy)")
-    parser.add_argument("--temperature", type=_positive(float), default=None, help="with --do_sample")
-    parser.add_argument("--top_p", type=_probability, default=None, help="with --do_sample")
-    parser.add_argument("--top_k", type=_positive(int), default=None, help="with --do_sample")
+    parser.add_argument("--temperature", type=positive_float, default=None, help="with --do_sample")
+    parser.add_argument("--top_p", type=probability, default=None, help="with --do_sample")
+    parser.add_argument("--top_k", type=positive_int, default=None, help="with --do_sample")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--teacher", nargs="?", const="", default=None, metavar="NAME_OR_PATH",
                         help="also generate with the teacher (default: the run's teacher, or the one the student names)")

@@ -13,7 +13,6 @@ students load through the Auto classes after ``import cald_scale`` (README "Expo
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from transformers import AutoTokenizer, BambaConfig, BambaForCausalLM
 from transformers.initialization import no_init_weights
 
 from ..conversion.modeling import CaldStudentConfig, CaldStudentForCausalLM, teacher_geometry
-from ..fileio import atomic_dir, check_replaceable, is_model_folder
+from ..fileio import atomic_dir, check_replaceable, is_model_folder, model_type_of
 
 __all__ = ["BambaExportError", "bamba_config", "bamba_state_dict", "check_exportable", "export_bamba", "to_bamba"]
 
@@ -157,7 +156,7 @@ def export_bamba(student: CaldStudentForCausalLM | str | Path, target: str | Pat
             raise FileExistsError(f"will not export into {target}: it holds the student being exported ({folder})")
     check_replaceable(target, earlier_bamba)  # before any work
     if not isinstance(student, CaldStudentForCausalLM):
-        kind = is_model_folder(folder) and json.loads((folder / "config.json").read_text())["model_type"]
+        kind = model_type_of(folder)
         if kind != CaldStudentConfig.model_type:
             raise ValueError(f"{folder} is not a cald_scale student (its config.json has model_type {kind or 'none'!r}, not {CaldStudentConfig.model_type!r})")
         if tokenizer is None and (folder / "tokenizer_config.json").is_file():
