@@ -154,7 +154,9 @@ def evaluate(
         tokenizer = AutoTokenizer.from_pretrained(target.student_dir)
     corpora = list(dict.fromkeys(corpora or [data.eval_corpus or data.corpus]))
     held_out = {
-        name: held_out_sequences(name, tokenizer, data, max_tokens=max_sequences * data.seq_len, is_rank0=True)
+        name: held_out_sequences(
+            name, tokenizer, data, max_tokens=max_sequences * data.seq_len, is_rank0=True, seq_len_name="--seq_len"
+        )
         for name in corpora
     }
     batch_size = batch_size or target.micro_batch_size

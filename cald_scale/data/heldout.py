@@ -23,6 +23,7 @@ def held_out_sequences(
     *,
     max_tokens: int | None,
     is_rank0: bool,
+    seq_len_name: str = "data.seq_len",
 ) -> PackedSequences:
     """Sequences of `data_cfg.seq_len` held-out tokens of `corpus` (at most `max_tokens`).
 
@@ -30,7 +31,7 @@ def held_out_sequences(
     cache (built whole if missing). Anything else data.corpus accepts: a seeded document
     shuffle of that corpus, tokenised with `data_cfg`'s settings only up to `max_tokens`
     and cached like any corpus (so a large corpus is not tokenised whole to score a few
-    thousand tokens).
+    thousand tokens). `seq_len_name` is what a too-short corpus's message says to lower.
     """
     if _same_corpus(corpus, data_cfg.corpus):
         if data_cfg.eval_corpus is not None:
@@ -45,7 +46,7 @@ def held_out_sequences(
         held_out = held_out_corpus(
             data_cfg, corpus, tokenizer, max_tokens=max_tokens, is_rank0=is_rank0
         )
-    return PackedSequences(held_out, "eval", data_cfg.seq_len)
+    return PackedSequences(held_out, "eval", data_cfg.seq_len, seq_len_name=seq_len_name)
 
 
 def _same_corpus(corpus: str, run_corpus: str) -> bool:

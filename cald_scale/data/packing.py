@@ -25,7 +25,8 @@ class PackedSequences(torch.utils.data.Dataset):
 
     Reads are memory-mapped, so the corpus is never loaded into RAM. Given `vocab_size`,
     every item is checked against it (a cheap guard for user prefixes whose max token id
-    was only sampled).
+    was only sampled). `seq_len_name` is the setting a too-short split's message tells the
+    user to lower (a command's `--seq_len` rather than the run's `data.seq_len`).
     """
 
     def __init__(
@@ -35,6 +36,7 @@ class PackedSequences(torch.utils.data.Dataset):
         seq_len: int,
         *,
         vocab_size: int | None = None,
+        seq_len_name: str = "data.seq_len",
     ):
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
@@ -51,7 +53,9 @@ class PackedSequences(torch.utils.data.Dataset):
         self._stream = TokenStream(prefix, sequences, num_tokens)
         self.num_tokens = self._stream.num_tokens
         if self.num_tokens < seq_len:
-            raise ValueError(_too_short(corpus, name, split, self.num_tokens, seq_len))
+            raise ValueError(
+                _too_short(corpus, name, split, self.num_tokens, seq_len, seq_len_name)
+            )
         self.num_sequences = self.num_tokens // seq_len
 
     def __len__(self) -> int:
@@ -81,7 +85,12 @@ def _plural(count: int, noun: str) -> str:
 
 
 def _too_short(
-    corpus: IndexedCorpus | None, name: str, split: str, num_tokens: int, seq_len: int
+    corpus: IndexedCorpus | None,
+    name: str,
+    split: str,
+    num_tokens: int,
+    seq_len: int,
+    seq_len_name: str,
 ) -> str:
     """Why `split` holds fewer than seq_len tokens, and what to change."""
     short = (
@@ -89,13 +98,13 @@ def _too_short(
         f"seq_len={seq_len}"
     )
     if corpus is None:
-        return f"{short}; use a larger corpus or a smaller data.seq_len"
+        return f"{short}; use a larger corpus or a smaller {seq_len_name}"
     if split == "train":
         docs = _plural(corpus.num_train_docs, "document")
-        return f"{short} ({docs}); use a larger corpus or a smaller data.seq_len"
+        return f"{short} ({docs}); use a larger corpus or a smaller {seq_len_name}"
     if corpus.eval_fraction is None:  # a whole other corpus (data.eval_corpus) is held out
         docs = _plural(corpus.num_eval_docs, "document")
-        return f"{short} ({docs}); hold out a larger corpus or use a smaller data.seq_len"
+        return f"{short} ({docs}); hold out a larger corpus or use a smaller {seq_len_name}"
     num_docs = corpus.num_train_docs + corpus.num_eval_docs
     fraction = f"data.eval_fraction={corpus.eval_fraction:g}"
     if corpus.num_eval_docs == 0 and corpus.eval_fraction > 0:
@@ -109,7 +118,7 @@ def _too_short(
     held = _plural(corpus.num_eval_docs, "held-out document")
     return (
         f"{short} ({held}: {fraction} of {num_docs}); raise data.eval_fraction, set "
-        "data.eval_corpus or use a smaller data.seq_len"
+        f"data.eval_corpus or use a smaller {seq_len_name}"
     )
 
 

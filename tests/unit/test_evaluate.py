@@ -92,18 +92,24 @@ def test_run_folder_defaults_to_its_own_eval_split(models, tmp_path):
     assert alone["teacher"] is None and alone["ratio"] is None and alone["tokens"] == 2 * (SEQ_LEN - 1)
 
 
-def test_errors_are_one_line_with_status_2(models, tmp_path, capsys):
+def test_errors_are_one_line_with_status_2(models, tmp_path, capsys, monkeypatch):
     _, student_dir, _, _ = models
+    monkeypatch.chdir(tmp_path)  # the default data.cache_dir is relative
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "config.json").write_text(json.dumps({"teacher": {}, "data": {}}))
+    short = tmp_path / "short.txt"
+    short.write_text("A few words of text.\n")
     cases = [
         ([str(tmp_path / "missing")], "is not a folder"),
         ([str(tmp_path / "unfinished")], "has no student/"),
         ([str(student_dir), "--corpus", "shakspeare"], "unknown corpus 'shakspeare'"),
+        # the command's own option is named, not the training job's data.seq_len
+        ([str(student_dir), "--corpus", str(short), "--no_teacher"], "use a smaller --seq_len"),
     ]
     for argv, message in cases:
         assert main(["evaluate", *argv]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
+        # (a first tokenisation may show `datasets`' progress bars above the error)
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip() and "examples/s]" not in line]
         assert len(err) == 1 and err[0].startswith("cald-scale evaluate: error:") and message in err[0]
 
 
