@@ -70,6 +70,11 @@ def device_arg(text: str):
     return device
 
 
+def _summary(doc: str) -> str:
+    """A docstring's first paragraph on one line (the subcommand list's help)."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: the command line) and run the subcommand; returns the exit
     status. A user error (missing path, unknown corpus, bad setting) is one line on stderr
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(module_name)
         doc = module.__doc__ or ""
         sub = commands.add_parser(
-            name, help=doc.splitlines()[0], description=doc,
+            name, help=_summary(doc), description=doc,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(sub)

@@ -173,3 +173,17 @@ def test_graphed_decode_gives_generates_completion_and_refuses_what_it_cannot_re
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cald-scale")]
         assert len(errors) == 1 and reason in errors[0], errors
     assert main(["generate", str(folders["student"]), "--prompt", "To be", "--max_new_tokens", "2", "--json", str(tmp_path / "g.json")]) == 0
+
+
+def test_the_command_list_gives_each_subcommand_a_whole_sentence(capsys):
+    """`cald-scale --help` lists every subcommand with its docstring's first paragraph, not a
+    first line cut mid-sentence."""
+    from cald_scale.cli import COMMANDS
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    listing = " ".join(capsys.readouterr().out.split())
+    for name in COMMANDS:
+        assert name in listing
+    assert "any corpus, or side by side on lm-eval-harness tasks." in listing
