@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-__all__ = ["COMMANDS", "device_arg", "main", "non_negative_int", "positive_float", "positive_int", "probability"]
+__all__ = ["COMMANDS", "Once", "device_arg", "main", "non_negative_int", "positive_float", "positive_int", "probability"]
 
 COMMANDS: dict[str, str] = {
     "evaluate": "cald_scale.evaluate",
@@ -48,6 +48,16 @@ def probability(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
+
+
+class Once(argparse.Action):
+    """An option that may be given once: a second ``--recipe`` is a usage error, not a silent
+    replacement of the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)}, {values}); give one")
+        setattr(namespace, self.dest, values)
 
 
 def device_arg(text: str):

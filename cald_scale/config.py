@@ -142,6 +142,8 @@ class TrainConfig:
             raise ValueError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.copied_lr_scale < 0:
+            raise ValueError(f"train.copied_lr_scale must be >= 0 (0 freezes the copied weights), got {self.copied_lr_scale}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
@@ -202,6 +204,10 @@ class OutputConfig:
 
     run_dir: str = "runs/default"
     """Everything of the run lives here; rerunning the same command resumes from it."""
+    lock_wait_s: float = 120.0
+    """One job at a time in run_dir (rank 0 holds run_dir/.lock until its process ends): a
+    job started while another still runs there (e.g. its ranks still saving a preemption
+    checkpoint after the launcher returned) waits this long for it, then stops."""
     save_every: int = 25
     """Checkpoint every N optimizer steps (and at the end)."""
     keep_last: int = 2
@@ -230,6 +236,8 @@ class OutputConfig:
             raise ValueError("output.save_every, output.keep_last and output.log_every must be >= 1")
         if self.export_teacher_every < 0 or self.export_student_every < 0:
             raise ValueError("output.export_teacher_every and output.export_student_every must be >= 0 (0: never)")
+        if self.lock_wait_s < 0:
+            raise ValueError(f"output.lock_wait_s must be >= 0, got {self.lock_wait_s}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -321,6 +329,20 @@ class RunConfig:
         return to_dict(self)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last silently: a recipe's second `train:` section would replace its first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_run_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Embedded defaults <- YAML recipe <- ``key.path=value`` overrides, validated strictly."""
     data: dict = {}
@@ -329,9 +351,11 @@ def load_run_config(recipe: str | Path | None = None, overrides: list[str] | Non
         if not path.is_file():
             raise ConfigError(f"recipe {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+            mark = getattr(err, "problem_mark", None)  # one line: where, and what (not PyYAML's quoted context)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"recipe {path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"recipe {path} must hold a mapping, got {type(loaded).__name__}")
         data = loaded

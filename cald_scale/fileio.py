@@ -10,9 +10,9 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import IO, Callable, Iterator
 
-__all__ = ["atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "wait_for_file", "cache_root"]
+__all__ = ["atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "hold_lock", "wait_for_file", "cache_root"]
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -119,6 +119,34 @@ def file_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def hold_lock(path: str | Path, owner: str, *, wait_s: float, poll_s: float = 1.0, on_wait: Callable[[str], None] | None = None) -> IO[str]:
+    """Take an exclusive advisory lock on ``path`` for as long as the returned handle stays
+    open: the process's end releases it, a SIGKILL too. The file then says ``owner``. While
+    another process holds it, wait up to ``wait_s`` (``on_wait(holder)`` is called once), then
+    raise BlockingIOError naming the holder."""
+    path = Path(path)
+    handle = open(path, "a+")  # NOTE: not "w": that would erase the holder's line before the lock is ours
+    deadline, told = time.monotonic() + wait_s, False
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = path.read_text().strip() or "another process"
+            if time.monotonic() >= deadline:
+                handle.close()
+                raise BlockingIOError(f"{holder} still holds {path} after {wait_s:.0f} s") from None
+            if on_wait is not None and not told:
+                on_wait(holder)
+                told = True
+            time.sleep(poll_s)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(owner + "\n")
+    handle.flush()
+    return handle
 
 
 def wait_for_file(path: str | Path, *, failure: Callable[[], str | None], what: str, timeout_s: float, poll_s: float = 1.0, hint: str = "") -> None:

@@ -74,7 +74,8 @@ class MetricsLogger:
         kept = [line for line in lines if _step_of(line) <= step]
         if len(kept) < len(lines):
             atomic_write_text(self.path, "".join(kept))
-            logger.info("metrics.jsonl: dropped %d lines after step %d (logged again from the checkpoint)", len(lines) - len(kept), step)
+            why = "logged again from the checkpoint" if step else "the run starts over: no complete checkpoint"
+            logger.info("metrics.jsonl: dropped %d lines after step %d (%s)", len(lines) - len(kept), step, why)
 
     def _call_wandb(self, what: str, call) -> None:
         """wandb's service is a child process: a preemption signal sent to the whole job (SLURM)

@@ -18,11 +18,13 @@ import json
 import logging
 import time
 
+from .cli import Once
+
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", default=None, help="YAML recipe (the embedded default when omitted)")
+    parser.add_argument("--recipe", default=None, action=Once, help="YAML recipe (the embedded default when omitted)")
     parser.add_argument("--json", action="store_true", help="print the caches as JSON")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, as for launch/train.py")
 
@@ -83,3 +85,11 @@ def _prepare_classification(cfg, args: argparse.Namespace, started: float) -> in
             print(f"{name:>10}: {count:>9,} examples, {len(summary['labels'])} labels ({summary['dataset']})")
         print(f"ready in {summary['seconds']} s; the job reads this split cache as it is")
     return 0
+
+
+if __name__ == "__main__":  # `python -m cald_scale.prepare_data ...`: the same as `cald-scale prepare-data ...`
+    import sys
+
+    from cald_scale.cli import main
+
+    sys.exit(main(["prepare-data", *sys.argv[1:]]))

@@ -10,26 +10,29 @@ command resumes where the last complete checkpoint stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import random
+import socket
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .config import RunConfig, config_differences
-from .config_loader import to_dict
+from .config import OutputConfig, RunConfig, config_differences, with_legacy_defaults
+from .config_loader import from_dict, to_dict
 from .distill.guidance import Guide
 from .distill.phases import Phase, PhasePlan, set_phase_lr
 from .distill.progress import NonFiniteLossError, StepState
 from .distill.stages import LayerwiseModel
 from .distill.step import LossParts, cald_forward, teacher_forced_step
 from .engines.checkpoint import complete_tags, load_latest_checkpoint, save_checkpoint
-from .engines.distributed import DistEnv, all_true, barrier, gather_objects, init_distributed, mean_over_ranks
+from .engines.distributed import DistEnv, all_true, barrier, gather_objects, init_distributed, mean_over_ranks, on_main
 from .engines.host_memory import configure_host_allocator, return_free_memory
 from .engines.preemption import Preempted, PreemptionWatch
 from .engines.models import DistillationModels, build_models
@@ -39,7 +42,7 @@ from .engines.zero3 import begin_step, load_ds_config, resolve_ds_config
 from .eval.report import write_report
 from .export.bamba import check_exportable, export_bamba
 from .export.hf import export_model
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, hold_lock
 from .metrics import MetricsLogger, peak_memory_bytes
 from .tasks import open_task
 
@@ -64,28 +67,88 @@ def _fixed_on_resume(key: str) -> bool:
     return key not in _MOVABLE and any(key == k or key.startswith(k + ".") for k in _FIXED_ON_RESUME)
 
 
-def _check_run_dir(run_dir: Path, cfg: RunConfig, env: DistEnv, *, resuming_at: int | None) -> None:
-    """Claim ``run_dir`` for this run (its config.json). A folder with a checkpoint
-    (``resuming_at``: its step) resumes only the same teacher, student and data; other changes
-    are logged and appended to config_changes.jsonl, so the folder still says what every step
-    ran with. A folder without one (a start that failed before it trained) is taken over."""
+@contextlib.contextmanager
+def _claim(out: OutputConfig, env: DistEnv) -> Iterator[None]:
+    """One job at a time in ``out.run_dir``: rank 0 holds its .lock until this run ends (its
+    process's end releases it, a kill too). A job started while another still runs there
+    waits ``out.lock_wait_s`` for it (e.g. ranks still saving a preemption checkpoint after
+    their launcher returned), then stops with an error on every rank."""
+    run_dir, held = Path(out.run_dir), []
+
+    def take() -> None:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            owner = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            wait = lambda holder: logger.warning("another job holds %s (%s): waiting up to %.0f s for it to end", run_dir, holder, out.lock_wait_s)  # noqa: E731
+            held.append(hold_lock(run_dir / ".lock", owner, wait_s=out.lock_wait_s, on_wait=wait))
+        except BlockingIOError as err:
+            raise BlockingIOError(f"output.run_dir {run_dir} is in use by another job: {err}; wait for it to end or use another output.run_dir") from None
+        except OSError as err:
+            raise OSError(f"output.run_dir {run_dir}: cannot write there ({err.strerror or err})") from err
+
+    on_main(take)
+    try:
+        yield
+    finally:
+        for handle in held:
+            handle.close()
+
+
+def _check_run_dir(run_dir: Path, cfg: RunConfig, *, resuming_at: int | None, replicas: int = 1) -> list[str]:
+    """The settings this run changes from the run whose checkpoint it resumes (``resuming_at``:
+    its step; None: none, the folder is taken over). Raises ValueError when it would change
+    what the checkpoints hold (another teacher, student or data) or rewrite the steps already
+    run (their phases). Reads only; ``_record`` writes once the checkpoint has loaded."""
     path = run_dir / "config.json"
-    current = cfg.to_dict()
-    if path.is_file() and resuming_at is not None:
-        changed = config_differences(json.loads(path.read_text()), cfg, ignore=("output.run_dir",))
-        fixed = [d for d in changed if _fixed_on_resume(d.split(":")[0])]
-        if fixed:
+    if not (path.is_file() and resuming_at is not None):
+        return []
+    saved = json.loads(path.read_text())
+    changed = config_differences(saved, cfg, ignore=("output.run_dir",))
+    fixed = [d for d in changed if _fixed_on_resume(d.split(":")[0])]
+    if fixed:
+        raise ValueError(
+            f"{run_dir} holds a run of another teacher, student or data ({'; '.join(fixed[:4])}); "
+            "resume it with its own settings, or use a new output.run_dir"
+        )
+    if changed and not changed[0].startswith("the saved config no longer loads"):
+        # NOTE: as build_models decides it: frozen copies shared with a teacher that never changes
+        sharing = cfg.student.trainable == "mixers" and cfg.student.share_frozen_weights and not cfg.student.init_from
+        _check_plan_change(run_dir, from_dict(RunConfig, with_legacy_defaults(saved)).plan(replicas), cfg.plan(replicas), resuming_at, sharing=sharing)
+    return changed
+
+
+def _check_plan_change(run_dir: Path, before: PhasePlan, after: PhasePlan, at: int, *, sharing: bool) -> None:
+    """A resume may change the phases of the steps still to come, not of those already run,
+    nor whether the student shares a fixed teacher's weights (what its checkpoints hold)."""
+    fix = "resume with the run's own phases and train.max_steps, or use a new output.run_dir"
+    if at > after.total_steps:
+        raise ValueError(f"{run_dir}'s checkpoint is at step {at}, past this run's {after.total_steps} steps (train.max_steps, phases): {fix}")
+    for step in range(at):
+        was, now = before.at(step), after.at(step)
+        if (was.name, was.guidance, was.mode, was.trainable) != (now.name, now.guidance, now.mode, now.trainable):
             raise ValueError(
-                f"{run_dir} holds a run of another teacher, student or data ({'; '.join(fixed[:4])}); "
-                "resume it with its own settings, or use a new output.run_dir"
+                f"step {step + 1} of {run_dir} already ran in phase {was.name!r} ({was.guidance}, {was.mode}, trains {was.trainable}); "
+                f"this run's phases put it in {now.name!r} ({now.guidance}, {now.mode}, trains {now.trainable}) (a phase given as a "
+                f"fraction of train.max_steps moves with it: give the phases that ran their steps to train longer), {fix}"
             )
-        if changed and env.is_main:
-            logger.warning("resuming at step %d with changed settings: %s", resuming_at, "; ".join(changed))
-            with open(run_dir / "config_changes.jsonl", "a") as handle:
-                handle.write(json.dumps({"from_step": resuming_at, "time": time.time(), "changes": changed}) + "\n")
-    barrier()
+    if sharing and before.fixed_teacher != after.fixed_teacher:
+        raise ValueError(
+            f"{run_dir} was trained {'with' if before.fixed_teacher else 'without'} a fixed teacher and this run's phases "
+            f"{'add a trajectory or waypoint phase' if before.fixed_teacher else 'have no other teacher'}: the student's "
+            f"checkpoints {'leave out' if before.fixed_teacher else 'hold'} the frozen weights it shares with a fixed teacher, so they "
+            f"do not load here; {fix}"
+        )
+
+
+def _record(run_dir: Path, cfg: RunConfig, env: DistEnv, *, resumed_at: int | None, changed: list[str]) -> None:
+    """Claim ``run_dir`` for this run (its config.json). Settings changed on a resume are logged
+    and appended to config_changes.jsonl, so the folder still says what every step ran with."""
     if env.is_main:
-        atomic_write_text(path, json.dumps(current, indent=2))
+        if changed and resumed_at is not None:
+            logger.warning("resuming at step %d with changed settings: %s", resumed_at, "; ".join(changed))
+            with open(run_dir / "config_changes.jsonl", "a") as handle:
+                handle.write(json.dumps({"from_step": resumed_at, "time": time.time(), "changes": changed}) + "\n")
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
     barrier()
 
 
@@ -174,15 +237,23 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
 
 
 # -- the job -------------------------------------------------------------------------------
-def train(cfg: RunConfig, ds_config_path: str | Path) -> dict:
+def train(cfg: RunConfig, ds_config_path: str | Path, *, early_signals: Sequence[str] = ()) -> dict:
+    """The run ``cfg`` describes, from its last complete checkpoint in output.run_dir. A
+    preemption signal stops it at a step boundary with a checkpoint (``Preempted``);
+    ``early_signals`` are those the process got before this call (launch/train.py records
+    them while it imports)."""
     env = init_distributed()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("cald_scale").setLevel(logging.INFO if env.is_main else logging.WARNING)
     run = None
     try:
         # From here on a preemption signal is recorded, not fatal: the run stops at the first step boundary with a checkpoint.
-        with PreemptionWatch(tuple(cfg.train.preemption_signals)) as watch:
+        with PreemptionWatch(tuple(cfg.train.preemption_signals), received_before=early_signals) as watch, _claim(cfg.output, env):
+            if signal_name := watch.requested(env.device):  # before minutes of building: nothing to save yet
+                raise Preempted(None, signal_name)
             run = _start(cfg, ds_config_path, env)  # 1-3. task and data, teacher and student in their engines, the starting point
+            if signal_name := watch.requested(run.device):  # during the build: nothing trained since the last checkpoint
+                run.stop_preempted(run.first_step, signal_name)
             # 4. The step loop.
             step = run.first_step
             while step < run.plan.total_steps:
@@ -354,13 +425,14 @@ def _start(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv) -> _Run:
         ds_config = load_pipeline_ds_config(ds_config_path, cfg.train, env.world_size)
     else:
         ds_config = resolve_ds_config(load_ds_config(ds_config_path), cfg.train, env.world_size)
-    # Before the engines: a ZeRO-3 checkpoint saved on another number of ranks loads through DeepSpeed's universal format.
+    # Before the engines: a ZeRO-3 checkpoint saved on another number of ranks loads through DeepSpeed's
+    # universal format; one of another mode, pipeline layout or global batch is refused.
     tags = complete_tags(ckpt_dir)
-    resume = None if pipelined else plan_resume(tags, env.world_size, global_batch=ds_config["train_batch_size"])
-    if resume is not None:
-        ds_config = resume.ds_config(ds_config)
-    plan = cfg.plan(cfg.train.data_parallel_size(env.world_size))
-    _check_run_dir(run_dir, cfg, env, resuming_at=tags[0][0] if tags else None)
+    dp = cfg.train.data_parallel_size(env.world_size)
+    resume = plan_resume(tags, dp, global_batch=ds_config["train_batch_size"], pipeline_stages=cfg.train.pipeline_stages)
+    ds_config = resume.ds_config(ds_config)
+    plan = cfg.plan(dp)
+    changed = _check_run_dir(run_dir, cfg, resuming_at=tags[0][0] if tags else None, replicas=dp)
     started = time.time()
     for phase in plan.phases:
         logger.info("%s", phase.describe())
@@ -389,11 +461,11 @@ def _start(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv) -> _Run:
 
     # 3. Resume, or evaluate the starting point of a fresh run.
     saved = load_latest_checkpoint(
-        student_engine, ckpt_dir, frozen_excluded=models.shares_frozen_weights, also_load=guide.restore, tags=tags,
-        source=resume.source if resume is not None else None,
+        student_engine, ckpt_dir, frozen_excluded=models.shares_frozen_weights, also_load=guide.restore, tags=tags, source=resume.source,
     ) or {}
-    if resume is not None:
-        saved = resume.finish(student_engine, saved, micro_batch=cfg.train.micro_batch(env.world_size), grad_accum=cfg.train.grad_accum, teacher_engine=models.teacher_engine)
+    saved = resume.finish(student_engine, saved, micro_batch=cfg.train.micro_batch(replicas), grad_accum=cfg.train.grad_accum, teacher_engine=getattr(models, "teacher_engine", None))
+    # Only now, with the checkpoint loaded, does the folder say this run's settings: a resume that fails to load changes nothing.
+    _record(run_dir, cfg, env, resumed_at=student_engine.global_steps if saved else None, changed=changed)
     evaluate = task.evaluator(models, replica, replicas)
     baseline = _once(
         run_dir / "baseline.json",

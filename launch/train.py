@@ -7,20 +7,37 @@ CALD (recipes/align_then_e2e.yaml spells it out).
 
 from __future__ import annotations
 
-import argparse
-import atexit
-import logging
-import os
-import sys
+import signal
 
-from cald_scale.config import ConfigError, load_run_config
-from cald_scale.conversion.weights import WeightsMismatchError
-from cald_scale.data.megatron import IndexedFileError
-from cald_scale.export.bamba import BambaExportError
-from cald_scale.engines.checkpoint import CheckpointLoadError, CheckpointSaveError
-from cald_scale.engines.distributed import close_distributed
-from cald_scale.engines.preemption import PREEMPTED_EXIT_CODE, Preempted
-from cald_scale.train import NonFiniteLossError, train
+# NOTE: first, before the imports below (torch, DeepSpeed, transformers: ~10 s a rank, longer on a
+# shared file system). Until the run's PreemptionWatch takes over, SLURM's warning signal or a
+# SIGTERM is recorded here instead of ending the rank by its default action: the job then stops
+# cleanly with the preempted exit code and is requeued, not failed.
+_EARLY_SIGNALS: list[str] = []
+
+
+def _record_early(number: int, frame) -> None:
+    _EARLY_SIGNALS.append(signal.Signals(number).name)
+
+
+for _number in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(_number, _record_early)
+
+import argparse  # noqa: E402
+import atexit  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from cald_scale.cli import Once  # noqa: E402
+from cald_scale.config import ConfigError, load_run_config  # noqa: E402
+from cald_scale.conversion.weights import WeightsMismatchError  # noqa: E402
+from cald_scale.data.megatron import IndexedFileError  # noqa: E402
+from cald_scale.export.bamba import BambaExportError  # noqa: E402
+from cald_scale.engines.checkpoint import CheckpointLoadError, CheckpointSaveError  # noqa: E402
+from cald_scale.engines.distributed import close_distributed  # noqa: E402
+from cald_scale.engines.preemption import PREEMPTED_EXIT_CODE, Preempted  # noqa: E402
+from cald_scale.train import NonFiniteLossError, train  # noqa: E402
 
 TRACEBACK_VAR = "CALD_TRACEBACK"
 
@@ -31,7 +48,7 @@ USER_ERRORS = (ConfigError, FileNotFoundError, WeightsMismatchError, CheckpointL
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ds_config", default="ds_configs/zero3.json", help="DeepSpeed JSON config (ZeRO-3)")
-    parser.add_argument("--recipe", default=None, help="YAML recipe; the embedded default when omitted")
+    parser.add_argument("--recipe", default=None, action=Once, help="YAML recipe; the embedded default when omitted")
     parser.add_argument("--print_config", action="store_true", help="print the resolved run config and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=10")
@@ -45,8 +62,9 @@ def main(argv: list[str] | None = None) -> None:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return
+    _release_early_signals(cfg.train.preemption_signals)
     try:
-        train(cfg, args.ds_config)
+        train(cfg, args.ds_config, early_signals=_EARLY_SIGNALS)
     except USER_ERRORS as err:  # bad input: one line that names it (the run folder is left intact)
         parser.exit(1, f"error: {err}\n")
     except (ValueError, OSError) as err:  # what the project raises for a bad setting or file, in one line
@@ -55,6 +73,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(1, f"error: {err}\n({TRACEBACK_VAR}=1 shows where it was raised)\n")
     except Preempted as stop:  # a complete checkpoint is saved: the batch script requeues on this code
         parser.exit(PREEMPTED_EXIT_CODE, f"preempted: {stop}\n")
+
+
+def _release_early_signals(watched) -> None:
+    """A recorded signal the run does not treat as preemption (train.preemption_signals) gets
+    its default action back, and is delivered again if it came."""
+    for number in (signal.SIGUSR1, signal.SIGTERM):
+        if number.name not in watched:
+            signal.signal(number, signal.SIG_DFL)
+            if number.name in _EARLY_SIGNALS:
+                os.kill(os.getpid(), number)
 
 
 def _leave(code) -> None:

@@ -40,7 +40,8 @@ class DataConfig:
 
     eval_fraction: float = 0.05
     """Fraction of DOCUMENTS held out for evaluation (chosen by a seeded shuffle; for an
-    existing indexed dataset, its last documents). 0 disables the eval split."""
+    existing indexed dataset, its last documents). 0 holds out nothing: the job's held-out
+    scores then need data.eval_corpus (without it the job stops, naming both)."""
 
     eval_corpus: str | None = None
     """Held-out text scored instead of the corpus's own held-out documents; any value

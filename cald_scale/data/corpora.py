@@ -377,15 +377,48 @@ def _split_txt_rows(batch: dict[str, list[str]], max_chars: int) -> dict[str, li
     return {"text": [doc for text in batch["text"] for doc in split_paragraphs(text, max_chars)]}
 
 
+def _unreadable(source: CorpusSource, err: Exception) -> str:
+    """Which of ``source``'s files `datasets` failed on, and why (only on that failure: it
+    reads them again, one by one)."""
+    for path in source.paths:
+        if os.path.getsize(path) == 0:
+            return f"{path} is empty"
+        if source.builder == "text":
+            with open(path, "rb") as handle:
+                offset = 0
+                for line in handle:
+                    try:
+                        line.decode("utf-8")
+                    except UnicodeDecodeError as bad:
+                        return f"{path} is not UTF-8 text (byte {offset + bad.start}: {bad.reason}); convert it, e.g. iconv -t UTF-8"
+                    offset += len(line)
+        elif source.builder == "json":
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                for number, line in enumerate(handle, 1):
+                    try:
+                        line.strip() and json.loads(line)
+                    except json.JSONDecodeError as bad:
+                        if path.endswith(".jsonl"):
+                            return f"{path} line {number} is not JSON ({bad.msg})"
+                        break  # a .json file may be one document over many lines
+    cause = err
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    return f"`datasets` cannot read {', '.join(source.paths[:3])}{' ...' if len(source.paths) > 3 else ''} ({type(cause).__name__}: {cause})"
+
+
 def _load_hf(source: CorpusSource, cfg: DataConfig):
     import datasets
 
     cache = os.path.join(cfg.cache_dir, "hf_datasets")
     if source.kind == "files":
         kwargs = {"sample_by": "document"} if source.builder == "text" else {}
-        ds = datasets.load_dataset(
-            source.builder, data_files=list(source.paths), split="train", cache_dir=cache, **kwargs
-        )
+        try:
+            ds = datasets.load_dataset(
+                source.builder, data_files=list(source.paths), split="train", cache_dir=cache, **kwargs
+            )
+        except Exception as err:  # noqa: BLE001 - datasets' errors name no file: say which one, and why
+            raise ValueError(f"corpus {source.name!r}: {_unreadable(source, err)}") from err
         if source.builder == "text" and cfg.txt_document_chars is not None:
             # One row per file -> one row per group of paragraphs (cached by `datasets`).
             ds = ds.map(
@@ -401,7 +434,7 @@ def _load_hf(source: CorpusSource, cfg: DataConfig):
             source.hub_id, source.hub_config, split="train", cache_dir=cache
         )
     except Exception as err:  # noqa: BLE001 - re-raised with the accepted alternatives
-        raise RuntimeError(
+        raise ValueError(
             f"corpus {source.name!r}: not an existing local path, and loading it as a hub "
             f"dataset failed ({type(err).__name__}: {err}). Without network access use "
             f"{_accepted_kinds()}"

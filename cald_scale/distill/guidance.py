@@ -48,9 +48,13 @@ class Guide:
             self.release(step)
         if not phase.uses_teacher:
             return None
-        self.teacher.load(self.plan.teacher_weights_at(step, self.base_weights))  # a no-op unless it changes
         if phase.guidance == "trajectory":
+            # It fine-tunes from the pretrained teacher, then goes on from its own training so far.
+            if self.teacher.loaded is not None:
+                self.teacher.load(self.base_weights)  # a no-op unless a waypoint is in
             self.teacher.set_lr(phase.trajectory.lr, phase.trajectory.weight_decay)
+        else:  # the pretrained teacher again after a trajectory phase, or a waypoint
+            self.teacher.load(self.plan.teacher_weights_at(step, self.base_weights))  # a no-op unless it changes
         return self.teacher.layerwise
 
     def updates_teacher(self, phase: Phase, step: int) -> bool:

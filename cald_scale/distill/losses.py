@@ -49,7 +49,8 @@ class LossConfig:
     skip_first: int = 0
     """Number of leading blocks left out of the layer loss (the embedding output is never in it)."""
     skip_last: bool = True
-    """Leave the last block out of the layer loss (paper default)."""
+    """Leave the last block out of the layer loss (paper default): end to end, the task loss
+    trains it. A teacher-forced phase, which has no task loss, keeps every block in."""
     head_chunk_tokens: int | None = None
     """CE and KL are computed over this many tokens at a time: one chunk's logits live at
     once and are recomputed in backward. null: as many tokens as keep a chunk's logits

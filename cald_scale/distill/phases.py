@@ -104,8 +104,17 @@ class PhaseConfig:
             raise ValueError(f"phase {self.name!r}: waypoints are only read with guidance: waypoint (got {self.guidance})")
         if self.mode == "teacher_forced" and self.guidance == "none":
             raise ValueError(f"phase {self.name!r}: mode teacher_forced needs a teacher (guidance is none)")
+        if self.trajectory != TrajectoryConfig() and self.guidance != "trajectory":
+            raise ValueError(f"phase {self.name!r}: trajectory settings are only read with guidance: trajectory (got {self.guidance})")
+        # A weight the phase would zero is refused, not silently dropped.
+        if self.guidance == "none" and any((getattr(self, k) or 0) > 0 for k in ("a_layer", "a_kl")):
+            raise ValueError(f"phase {self.name!r}: a_layer and a_kl need a teacher, and guidance is none (the task loss alone trains)")
+        if self.mode == "teacher_forced" and any((getattr(self, k) or 0) > 0 for k in ("a_ce", "a_kl")):
+            raise ValueError(f"phase {self.name!r}: mode teacher_forced trains on the layer loss alone; a_ce and a_kl have no end-to-end output to act on")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"phase {self.name!r}: lr must be > 0")
+        if self.copied_lr_scale is not None and self.copied_lr_scale < 0:
+            raise ValueError(f"phase {self.name!r}: copied_lr_scale must be >= 0 (0 freezes the copied weights), got {self.copied_lr_scale}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"phase {self.name!r}: warmup_steps must be >= 0")
 
@@ -181,8 +190,9 @@ class PhasePlan:
         return self.phases[-1]
 
     def teacher_weights_at(self, step: int, base: str) -> str:
-        """The checkpoint the teacher holds during optimizer step ``step + 1``: the waypoint of a
-        waypoint phase, else ``base`` (the pretrained teacher, or a trajectory teacher trained in place)."""
+        """The checkpoint the teacher holds during optimizer step ``step + 1`` of a target or
+        waypoint phase: the waypoint of a waypoint phase, else ``base`` (the pretrained teacher;
+        a trajectory phase trains it in place from there)."""
         phase = self.at(step)
         return str(phase.waypoint_at(step)) if phase.guidance == "waypoint" else base
 
@@ -197,6 +207,12 @@ class PhasePlan:
     @property
     def trains_teacher(self) -> bool:
         return any(p.guidance == "trajectory" for p in self.phases)
+
+    @property
+    def fixed_teacher(self) -> bool:
+        """A teacher that never changes (no trajectory, no waypoints): the student may share its
+        frozen weights, which its checkpoints then leave out."""
+        return self.uses_teacher and not (self.trains_teacher or self.swaps_teacher)
 
     @property
     def swaps_teacher(self) -> bool:
@@ -227,6 +243,13 @@ def plan_phases(phases: list[PhaseConfig], train, loss: LossConfig, *, tokens_pe
     fixed = {i: length(p) for i, p in enumerate(phases) if p.fixed_length}
     total = train.max_steps if train.max_steps is not None else sum(fixed.values())
     remainder = total - sum(fixed.values())
+    shares = [i for i, p in enumerate(phases) if p.fraction is not None]
+    if not rest and remainder and shares and math.isclose(sum(phases[i].fraction for i in shares) + sum(fixed[i] for i in fixed if i not in shares) / total, 1.0):
+        # Fractions that add up to the whole: their rounding leftover (at most a step each) goes to the last of them.
+        fixed[shares[-1]] += remainder
+        remainder = 0
+        if fixed[shares[-1]] < 1:
+            raise ValueError(f"phase {phases[shares[-1]].name!r} rounds to no step of train.max_steps={total}")
     if rest and remainder < 1:
         raise ValueError(f"phases take {sum(fixed.values())} of train.max_steps={total} steps, nothing is left for phase {rest[0]!r}")
     if not rest and remainder != 0:
@@ -242,11 +265,13 @@ def plan_phases(phases: list[PhaseConfig], train, loss: LossConfig, *, tokens_pe
         if trainable == "all" and student_trainable != "all":
             raise ValueError(f"phase {p.name!r} trains all weights but student.trainable={student_trainable}")
         warmup = train.warmup_steps if p.warmup_steps is None else p.warmup_steps
-        weights = {k: getattr(p, k) for k in ("a_ce", "a_layer", "a_kl") if getattr(p, k) is not None}
+        weights: dict = {k: getattr(p, k) for k in ("a_ce", "a_layer", "a_kl") if getattr(p, k) is not None}
         if p.guidance == "none":
             weights.update(a_layer=0.0, a_kl=0.0)  # no teacher: the task loss alone
         if p.mode == "teacher_forced":
-            weights.update(a_ce=0.0, a_kl=0.0)  # no student path end to end: the layer loss alone
+            # No student path end to end: the layer loss alone, over every block (the CE that
+            # trains the last block end to end, where skip_last leaves it out, is not there).
+            weights.update(a_ce=0.0, a_kl=0.0, skip_last=False)
         if p.mode == "teacher_forced" and weights.get("a_layer", loss.a_layer) <= 0:
             raise ValueError(f"phase {p.name!r}: mode teacher_forced trains on the layer loss alone, so a_layer must be > 0")
         try:

@@ -6,11 +6,12 @@ import dataclasses
 import os
 import socket
 import subprocess
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "close_distributed", "barrier", "rank", "world_size", "all_true", "mean_over_ranks", "gather_objects"]
+__all__ = ["DistEnv", "init_distributed", "close_distributed", "barrier", "rank", "world_size", "all_true", "mean_over_ranks", "gather_objects", "on_main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,3 +137,33 @@ def gather_objects(value) -> list:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+def on_main(fn: Callable[[], object]) -> None:
+    """Run ``fn`` on rank 0 alone; whatever it raises is raised on every rank (a collective:
+    every rank calls it). Without this, a rank-0 error leaves the others waiting in their next
+    collective until the process group breaks, with a gloo or NCCL traceback of its own."""
+    error: BaseException | None = None
+    if rank() == 0:
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - handed to every rank, then re-raised
+            error = err
+    if world_size() > 1:
+        box = [_picklable(error)]
+        dist.broadcast_object_list(box, src=0)
+        if rank() != 0:
+            error = box[0]
+    if error is not None:
+        raise error
+
+
+def _picklable(error: BaseException | None) -> BaseException | None:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - e.g. an exception holding a lock: its message will do
+        return RuntimeError(f"{type(error).__name__}: {error}")
+

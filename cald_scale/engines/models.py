@@ -149,7 +149,7 @@ def build_models(
     frozen_copies = cfg.student.trainable == "mixers"
     origin = student_source or source
     teacher_fixed = not (plan.trains_teacher or plan.swaps_teacher)
-    share = frozen_copies and cfg.student.share_frozen_weights and teacher is not None and teacher_fixed and origin is source
+    share = frozen_copies and cfg.student.share_frozen_weights and plan.fixed_teacher and origin is source
     if frozen_copies and not teacher_fixed:
         # One message: the frozen copies are also why the student cannot share the teacher's tensors.
         logger.warning(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 from types import FrameType
+from typing import Sequence
 
 import torch
 
@@ -28,24 +29,37 @@ PREEMPTED_EXIT_CODE = 75
 class Preempted(Exception):
     """The run stopped at a step boundary on a signal, after saving a complete checkpoint."""
 
-    def __init__(self, step: int, signal_name: str):
-        super().__init__(f"stopped at step {step} on {signal_name}: checkpoint saved, rerun the same command to resume")
+    def __init__(self, step: int | None, signal_name: str):
+        if step is None:  # before the run was built: nothing trained, nothing to save
+            message = f"stopped on {signal_name} before training started: rerun the same command to resume"
+        else:
+            message = f"stopped at step {step} on {signal_name}: checkpoint saved, rerun the same command to resume"
+        super().__init__(message)
         self.step = step
         self.signal_name = signal_name
 
 
 class PreemptionWatch:
-    """Records the first of ``signals`` received; ``requested`` asks every rank collectively."""
+    """Records the first of ``signals`` received; ``requested`` asks every rank collectively.
 
-    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM")):
+    ``received_before``: signal names the process got before the watch began (launch/train.py
+    records them while it imports); read once the watch's handlers are in place, so no signal
+    falls between the two."""
+
+    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"), *, received_before: Sequence[str] = ()):
         self.signals = signals
         self.received: str | None = None
+        self._before = received_before
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "PreemptionWatch":
         for name in self.signals:
             number = getattr(signal, name)
             self._previous[number] = signal.signal(number, self._record)
+        for name in self._before:
+            if name in self.signals:
+                self._record(getattr(signal, name), None)
+                break
         return self
 
     def __exit__(self, *exc) -> None:

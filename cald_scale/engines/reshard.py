@@ -182,7 +182,7 @@ def _check_global_batch(saved: int, current: int, world_size: int) -> None:
     """The data order is a function of the optimizer step for one global batch size (data/sampler.py)."""
     if saved != current:
         raise ConfigError(
-            f"the checkpoint was trained with a global batch of {saved} sequences, this run on {world_size} rank(s) uses {current}; "
+            f"the checkpoint was trained with a global batch of {saved} sequences, this run with {world_size} data-parallel rank(s) uses {current}; "
             f"set train.global_batch_size={saved} (and train.micro_batch_size=null) to continue its data order"
         )
 
@@ -257,16 +257,41 @@ class ResumePlan:
         return remap_cursor(saved, micro_batch=micro_batch, grad_accum=grad_accum, world_size=self.world_size)
 
 
-def plan_resume(tags: Sequence[tuple[int, Path]], world_size: int, *, global_batch: int | None = None) -> ResumePlan:
+def _check_mode(tag: Path, saved_config: dict, pipeline_stages: int) -> None:
+    """A checkpoint resumes only in the mode and pipeline layout it was saved in: their
+    parameter and optimizer shards are cut differently (DeepSpeed fails deep in its loader)."""
+    saved = int((saved_config.get("pipeline") or {}).get("stages") or 0)
+    if not saved_config or saved == pipeline_stages:
+        return
+    now = f"a {pipeline_stages}-stage pipeline (train.pipeline_stages={pipeline_stages})" if pipeline_stages else "ZeRO-3 mode (train.pipeline_stages=0)"
+    keep = (
+        f"train.pipeline_stages={saved} with a pipeline ds_config (ds_configs/pipeline.json)" if saved
+        else "train.pipeline_stages=0 with a ZeRO-3 ds_config (ds_configs/zero3.json)"
+    )
+    was = f"a {saved}-stage pipeline" if saved else "ZeRO-3 mode"
+    raise ConfigError(f"{tag} was saved by {was} and this run is {now}: resume it with {keep}, or use a new output.run_dir")
+
+
+def plan_resume(tags: Sequence[tuple[int, Path]], world_size: int, *, global_batch: int | None = None, pipeline_stages: int = 0) -> ResumePlan:
     """Decide whether this run loads through the universal format: the newest of the complete
-    ``tags`` (``checkpoint.complete_tags``, newest first) was saved on another world size.
-    Call before the engines are built (the decision is part of their ds_config). With
-    ``global_batch`` a checkpoint of another global batch size is refused now, before any
-    engine is built or tag converted."""
+    ``tags`` (``checkpoint.complete_tags``, newest first) was saved on another world size
+    (``world_size``: the data-parallel size, every rank in ZeRO-3 mode). Call before the
+    engines are built (the decision is part of their ds_config). Refused now, before any
+    engine is built or tag converted: a checkpoint of another mode or pipeline layout, of
+    another number of pipeline replicas (DeepSpeed reshards ZeRO-3 checkpoints only) and,
+    with ``global_batch``, of another global batch size."""
     tag = Path(tags[0][1]) if tags else None
     saved = saved_world_size(tag) if tag is not None else None
-    universal = saved is not None and saved != world_size
-    if saved is not None and global_batch is not None and "train_batch_size" in (old := saved_ds_config(tag)):
+    old = saved_ds_config(tag) if tag is not None else {}
+    if tag is not None:
+        _check_mode(tag, old, pipeline_stages)
+    if pipeline_stages and saved is not None and saved != world_size:
+        raise ConfigError(
+            f"{tag} was saved by {saved} pipeline replica(s) and this run has {world_size}: a pipeline checkpoint resumes on "
+            f"as many replicas, {saved * pipeline_stages} ranks for {pipeline_stages} stages"
+        )
+    universal = not pipeline_stages and saved is not None and saved != world_size
+    if tag is not None and global_batch is not None and "train_batch_size" in old:
         _check_global_batch(int(old["train_batch_size"]), global_batch, world_size)
     if universal:
         logger.info("%s was saved on %d ranks; resuming on %d through DeepSpeed's universal checkpoint", tag, saved, world_size)

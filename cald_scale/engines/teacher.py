@@ -118,8 +118,9 @@ class ManagedTeacher:
         self.engine = engine
         self.layerwise = layerwise
         self.placement = placement
-        self.loaded = loaded
-        """Folder of the weights now in the engine (the base teacher's, or a waypoint's)."""
+        self.loaded: str | None = loaded
+        """Folder of the weights now in the engine (the base teacher's, or a waypoint's); None
+        once a trajectory phase has trained them in place."""
         self._chunk_tokens = chunk_tokens
 
     def load(self, folder: str | Path) -> None:
@@ -143,6 +144,7 @@ class ManagedTeacher:
         loss = self.layerwise.task_loss(batch, chunk_tokens=self._chunk_tokens)
         self.engine.backward(loss)
         self.engine.step()
+        self.loaded = None  # no folder holds these weights any more
         return loss.item()
 
     def release(self, keep: set[int] = frozenset()) -> dict:
@@ -176,3 +178,4 @@ class ManagedTeacher:
         load_path, _ = self.engine.load_checkpoint(str(tag_dir), tag="teacher")
         if load_path is None:
             raise RuntimeError(f"checkpoint {tag_dir} has no trajectory teacher state (teacher/); it cannot resume a trajectory-guided run")
+        self.loaded = None  # its own trained state

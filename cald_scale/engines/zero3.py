@@ -142,6 +142,8 @@ def resolve_ds_config(ds_config: dict, train, world_size: int) -> dict:
             # torch's AdamW needs no extension build on any device; an offloaded optimizer must be
             # DeepSpeed's CPU Adam (its own fused C++ kernel).
             params["torch_adam"] = not offloaded
+        if offloaded and not params["torch_adam"]:
+            logger.info("optimizer offloaded to the CPU: DeepSpeed's CPU Adam extension is compiled on its first use on a machine (1-2 min, silent)")
         if params.get("fused") == "auto":
             # NOTE: torch's fused AdamW updates in place: the multi-tensor path allocated ~10 bytes
             # per trainable parameter of temporaries at every step (5.3 GB at 0.5B), and is ~10x slower on CPU.

@@ -30,3 +30,11 @@ def run(args: argparse.Namespace) -> int:
     target = export_bamba(resolve_model_dir(args.path), args.bamba)
     print(f"wrote {target} (BambaForCausalLM; loads with AutoModelForCausalLM.from_pretrained, no cald_scale)")
     return 0
+
+
+if __name__ == "__main__":  # `python -m cald_scale.export.command ...`: the same as `cald-scale export ...`
+    import sys
+
+    from cald_scale.cli import main
+
+    sys.exit(main(["export", *sys.argv[1:]]))

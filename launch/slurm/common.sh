@@ -36,12 +36,22 @@ cald_prepare() {
     CALD_PYTHON=${VENV:-.venv}/bin/python
     CALD_TRAIN_ARGS=(launch/train.py --ds_config "${DS_CONFIG:-ds_configs/zero3.json}")
     if [ -n "${RECIPE:-}" ]; then CALD_TRAIN_ARGS+=(--recipe "$RECIPE"); fi
-    # shellcheck disable=SC2206  # OVERRIDES is a word list by design
-    CALD_TRAIN_ARGS+=(${OVERRIDES:-} "$@")
-    # `#SBATCH --output` cannot know the run folder: ask the config for it.
-    CALD_RUN_DIR=$("$CALD_PYTHON" "${CALD_TRAIN_ARGS[@]}" --print_config |
-        "$CALD_PYTHON" -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["output"]["run_dir"])') ||
+    # OVERRIDES is split as a shell would ('eval.other_corpora=[]' is one override, without its quotes).
+    local overrides=() words config
+    if [ -n "${OVERRIDES:-}" ]; then
+        words=$("$CALD_PYTHON" -c 'import os, shlex, sys
+text = os.environ["OVERRIDES"]
+try:
+    print("\n".join(shlex.split(text)))
+except ValueError as err:
+    sys.exit(f"error: OVERRIDES={text!r} is not a list of shell words ({err})")') || exit 2
+        mapfile -t overrides <<<"$words"
+    fi
+    CALD_TRAIN_ARGS+=("${overrides[@]}" "$@")
+    # `#SBATCH --output` cannot know the run folder: ask the config for it (a bad key stops here, in one line).
+    config=$("$CALD_PYTHON" "${CALD_TRAIN_ARGS[@]}" --print_config) ||
         { echo "error: could not resolve the run config (see the message above)" >&2; exit 2; }
+    CALD_RUN_DIR=$(printf '%s\n' "$config" | "$CALD_PYTHON" -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["output"]["run_dir"])')
     # Stated explicitly so the ranks of this run can be told apart by their command line.
     CALD_TRAIN_ARGS+=("output.run_dir=$CALD_RUN_DIR")
     if [ "${DRY_RUN:-0}" = "1" ]; then return; fi
@@ -67,18 +77,33 @@ cald_master_port() {
     echo "${MASTER_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}"
 }
 
-# Signal this run's ranks on this node: processes of this user whose arguments hold
+# This run's ranks on this node, one pid a line: processes of this user whose arguments hold
 # `--local_rank=N` (set by the deepspeed launcher) and this run's output.run_dir.
-cald_signal_local_ranks() {  # $1: signal name, $2: run dir
+cald_local_ranks() {  # $1: run dir
     local cmdline pid
     for cmdline in /proc/[0-9]*/cmdline; do
         [ -O "$cmdline" ] || continue
         pid=${cmdline#/proc/}
         pid=${pid%/cmdline}
-        if tr '\0' '\n' <"$cmdline" 2>/dev/null | grep -qxF -- "output.run_dir=$2" &&
+        if tr '\0' '\n' <"$cmdline" 2>/dev/null | grep -qxF -- "output.run_dir=$1" &&
             tr '\0' '\n' <"$cmdline" 2>/dev/null | grep -q -- '^--local_rank=[0-9]'; then
-            kill -s "$1" "$pid" 2>/dev/null || true
+            echo "$pid"
         fi
+    done
+}
+
+cald_signal_local_ranks() {  # $1: signal name, $2: run dir
+    local pid
+    for pid in $(cald_local_ranks "$2"); do kill -s "$1" "$pid" 2>/dev/null || true; done
+}
+
+# Wait (at most $2 s) for this run's ranks on this node to end: the deepspeed launcher can
+# return before them (a SIGTERM to the whole job ends it at once while they still save).
+cald_wait_local_ranks() {  # $1: run dir, $2: seconds
+    local deadline=$((SECONDS + $2)) left
+    while left=$(cald_local_ranks "$1") && [ -n "$left" ]; do
+        if ((SECONDS >= deadline)); then _cald_log "ranks still running after $2 s: $(echo $left)"; return 1; fi
+        sleep 1
     done
 }
 
@@ -115,14 +140,24 @@ cald_run() {
     local rc=0
     wait "$CALD_PID" || rc=$?
     CALD_PID=
-    trap '' USR1 TERM  # the ranks are gone: nothing left to forward, and the shell must reach its exit
     if [ "$rc" = "$CALD_PREEMPTED_EXIT_CODE" ]; then
+        trap '' USR1 TERM  # the ranks are gone: nothing left to forward, and the shell must reach its exit
         _cald_requeue "the ranks saved a checkpoint and stopped (exit $rc)"
     fi
+    if [ "$rc" != 0 ]; then
+        cald_wait_local_ranks "$CALD_RUN_DIR" "${CALD_RANKS_EXIT_WAIT_S:-600}" || true
+    fi
+    trap '' USR1 TERM
     # Rank 0 writes preempted.json once the checkpoint is complete on every rank: a rank that
     # then failed to exit cleanly (killed by the launcher, hung in teardown) loses nothing.
     if [ "$rc" != 0 ] && [ -f "$CALD_RUN_DIR/preempted.json" ] && [ "$(stat -c %Y "$CALD_RUN_DIR/preempted.json")" -ge "$launched" ]; then
         _cald_requeue "the ranks exited with $rc after a complete preemption checkpoint ($(cat "$CALD_RUN_DIR/preempted.json"))"
+    fi
+    # The job itself was signalled and its ranks did not stop cleanly: srun turns its own SIGTERM
+    # into a SIGKILL of its tasks (Slurm's behaviour), a signal may land while a rank starts. The
+    # job goes back to the queue all the same and resumes from its last complete checkpoint.
+    if [ "$rc" != 0 ] && [ -n "$CALD_SIGNALLED" ]; then
+        _cald_requeue "SIG$CALD_SIGNALLED reached the job and the ranks exited with $rc: the run resumes from its last complete checkpoint"
     fi
     _cald_log "ranks exited with $rc"
     exit "$rc"

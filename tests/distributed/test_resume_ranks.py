@@ -122,7 +122,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank_on_the_same_trajectory(tmp_path
     tags = sorted(p.name for p in ckpt.glob("step_*"))
     refused = run(deepspeed_command(_overrides(teacher_dirs, run_dir, data_cache, **{"train.global_batch_size": 2, "train.max_steps": 8}), ranks=1), launcher_env(tmp_path))
     assert refused.returncode != 0
-    assert "global batch of 4 sequences, this run on 1 rank(s) uses 2" in refused.stdout + refused.stderr
+    assert "global batch of 4 sequences, this run with 1 data-parallel rank(s) uses 2" in refused.stdout + refused.stderr
     assert sorted(p.name for p in ckpt.glob("step_*")) == tags
 
 
@@ -140,5 +140,5 @@ def test_data_cursor_is_a_position_in_samples():
     # 1 rank x 2 x 2 micro-steps -> 2 ranks x 2: a skipped (non-finite) micro-batch left the cursor
     # mid-step (5 x 2 samples): the next whole micro-step of 4 starts at sample 12, none read twice.
     assert remap_cursor(_saved(5, micro=2, accum=2, world=1), micro_batch=2, grad_accum=1, world_size=2)["micro_cursor"] == 3
-    with pytest.raises(ConfigError, match="global batch of 4 sequences, this run on 2 rank.s. uses 8"):
+    with pytest.raises(ConfigError, match="global batch of 4 sequences, this run with 2 data-parallel rank.s. uses 8"):
         remap_cursor(_saved(4, micro=2, accum=1, world=2), micro_batch=4, grad_accum=1, world_size=2)

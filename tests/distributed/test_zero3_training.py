@@ -205,7 +205,7 @@ def test_real_smollm2_teacher_converts_and_trains(tmp_path, data_cache):
     assert [r["phase_name"] for r in metrics(run_dir).values()] == ["align", "end_to_end"]
     student = json.loads((run_dir / "student" / "config.json").read_text())
     assert student["conversion"]["attention_layers"] == [1, 5, 9, 13, 17, 21, 25, 29]  # the default layout, listed
-    assert len(metrics(run_dir)[1]["layer_losses"]) == 29 and metrics(run_dir)[1]["layer_losses"][1] == 0.0  # kept layers learn nothing
+    assert len(metrics(run_dir)[1]["layer_losses"]) == 30 and metrics(run_dir)[1]["layer_losses"][1] == 0.0  # kept layers learn nothing
 
 
 def test_hybrid_layout_aligns_trains_exports_and_generates(tmp_path, teacher_dirs, data_cache):
@@ -248,3 +248,29 @@ def test_bamba_export_of_a_layout_bamba_cannot_express_stops_before_training(tmp
     assert proc.returncode != 0
     assert "cannot export to Bamba: gpt_neox blocks" in proc.stdout + proc.stderr
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+
+def test_a_run_folder_error_on_rank_0_stops_every_rank_in_one_line_and_a_busy_folder_is_refused(tmp_path, teacher_dirs, data_cache):
+    """Rank 0 alone claims the run folder: its error reaches every rank (not a gloo traceback on
+    the others, left waiting in a barrier), and a folder another job holds is waited for, then refused."""
+    from cald_scale.fileio import hold_lock
+
+    env = launcher_env(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], blocker / "run", data_cache)), env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and f"error: output.run_dir {blocker / 'run'}: cannot write there (Not a directory)" in out, out[-3000:]
+    assert "Traceback" not in out and "Connection closed" not in out, out[-3000:]
+
+    run_dir = tmp_path / "busy"
+    run_dir.mkdir()
+    handle = hold_lock(run_dir / ".lock", "pid 1 on node-a (a test)", wait_s=0)
+    try:
+        proc = run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"output.lock_wait_s": 1})), env)
+    finally:
+        handle.close()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "is in use by another job: pid 1 on node-a (a test) still holds" in out, out[-3000:]
+    assert "waiting up to 1 s for it to end" in out and "Traceback" not in out, out[-3000:]
+    assert not (run_dir / "config.json").exists()

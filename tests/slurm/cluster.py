@@ -197,6 +197,11 @@ class SlurmCluster:
         """Send ``sig`` to the batch shell only, as SLURM's ``--signal=B:SIG@time`` warning does."""
         self._client(["scancel", "--batch", f"--signal={sig}", str(job_id)])
 
+    def signal_job(self, job_id: int, sig: str) -> None:
+        """Send ``sig`` to every process of the job, the batch shell and srun included, as a time
+        limit or a preemption with a grace time does."""
+        self._client(["scancel", "--full", f"--signal={sig}", str(job_id)])
+
     def node_state(self) -> str:
         out = self._client(["scontrol", "show", "node", "--oneliner", self.node], check=False).stdout
         match = re.search(r"State=(\S+)", out)

@@ -41,11 +41,22 @@ def _explain(cluster, tmp_path: Path, run_dir: Path, job_id: int, info: dict) ->
     return "\n".join(parts + [cluster.log_tail(1500)])
 
 
+def _wait_for_steps(cluster, tmp_path: Path, run_dir: Path, job_id: int, steps: int) -> None:
+    deadline = time.time() + 420
+    while len(_logged_steps(run_dir)) < steps:
+        info = cluster.job(job_id)
+        assert info["JobState"] in ("PENDING", "RUNNING") and time.time() < deadline, _explain(cluster, tmp_path, run_dir, job_id, info)
+        time.sleep(0.5)
+
+
 # Each batch script runs a whole job here: first start, preemption, requeue, resumed start to the end.
 # (script, signal to the batch shell, the signal the ranks see): srun turns a TERM into SIGKILLs
 # of its tasks, so that script passes TERM on as USR1; the deepspeed one signals the ranks itself.
+# "job:TERM" is a SIGTERM to every process of the job (a preemption's grace time): the deepspeed
+# launcher then ends at once while its ranks still save, and the batch shell waits for them.
 @pytest.mark.parametrize(
-    "script, sent, seen", [("train_srun.sbatch", "USR1", "SIGUSR1"), ("train_deepspeed.sbatch", "TERM", "SIGTERM")],
+    "script, sent, seen",
+    [("train_srun.sbatch", "USR1", "SIGUSR1"), ("train_deepspeed.sbatch", "TERM", "SIGTERM"), ("train_deepspeed.sbatch", "job:TERM", "SIGTERM")],
 )
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, teacher_dirs, data_cache, script, sent, seen):
     run_dir = tmp_path / "run"
@@ -56,13 +67,12 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
         **{"train.max_steps": 8, "output.save_every": 100, "output.log_every": 1, "debug.sleep_per_step": 1.0},
     )
     job_id = _submit(slurm_cluster, script, tmp_path, overrides)
-    deadline = time.time() + 420
-    while len(_logged_steps(run_dir)) < 2:
-        info = slurm_cluster.job(job_id)
-        assert info["JobState"] in ("PENDING", "RUNNING") and time.time() < deadline, _explain(slurm_cluster, tmp_path, run_dir, job_id, info)
-        time.sleep(0.5)
-    # What `#SBATCH --signal=B:USR1@120` does before the time limit: a signal to the batch shell only.
-    slurm_cluster.signal_batch(job_id, sent)
+    _wait_for_steps(slurm_cluster, tmp_path, run_dir, job_id, 2)
+    if sent.startswith("job:"):
+        sent = sent.removeprefix("job:")
+        slurm_cluster.signal_job(job_id, sent)
+    else:  # what `#SBATCH --signal=B:USR1@120` does before the time limit: a signal to the batch shell only
+        slurm_cluster.signal_batch(job_id, sent)
 
     info = slurm_cluster.wait(job_id, timeout=420)
     explain = _explain(slurm_cluster, tmp_path, run_dir, job_id, info)
@@ -84,3 +94,27 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
     assert f"resuming run at step {stop}" in second and "ranks exited with 0" in second, second[-3000:]
     # The job's own logs land in the run folder; SLURM's output file only points at them.
     assert f"cald: job log -> {run_dir}/logs/" in (tmp_path / f"slurm-{job_id}.out").read_text()
+
+
+def test_srun_job_sigkilled_by_a_whole_job_sigterm_is_requeued_and_resumes_from_its_last_checkpoint(slurm_cluster, tmp_path, teacher_dirs, data_cache):
+    """srun answers its own SIGTERM by SIGKILLing its tasks (Slurm's behaviour): no preemption
+    checkpoint can be written, but the job goes back to the queue and resumes from the last
+    periodic one, with no step logged twice."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(
+        teacher_dirs["llama"], run_dir, data_cache,
+        **{"train.max_steps": 6, "output.save_every": 2, "output.log_every": 1, "debug.sleep_per_step": 1.0},
+    )
+    job_id = _submit(slurm_cluster, "train_srun.sbatch", tmp_path, overrides)
+    _wait_for_steps(slurm_cluster, tmp_path, run_dir, job_id, 3)
+    slurm_cluster.signal_job(job_id, "TERM")
+
+    info = slurm_cluster.wait(job_id, timeout=420)
+    explain = _explain(slurm_cluster, tmp_path, run_dir, job_id, info)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", explain
+    first = (run_dir / "logs" / f"{JOB_NAME}-{job_id}.0.log").read_text()
+    assert "SIGTERM reached the job and the ranks exited with" in first and f"requeueing job {job_id}" in first, first[-3000:]
+    second = (run_dir / "logs" / f"{JOB_NAME}-{job_id}.1.log").read_text()
+    assert "resuming run at step 2" in second or "resuming run at step 4" in second, second[-3000:]
+    assert _logged_steps(run_dir) == list(range(1, 7)), explain
+

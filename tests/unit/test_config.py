@@ -93,8 +93,12 @@ def test_bad_values_are_rejected(tmp_path):
         load_run_config("no/such/recipe.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: {max_steps: 3\n")
-    with pytest.raises(ConfigError, match="broken.yaml is not valid YAML"):
+    with pytest.raises(ConfigError, match="broken.yaml is not valid YAML at line 2"):
         load_run_config(broken)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train: {max_steps: 3}\ndata: {seq_len: 64}\ntrain: {lr: 0.1}\n")  # PyYAML alone keeps the last
+    with pytest.raises(ConfigError, match=r"twice.yaml is not valid YAML at line 3, column 1: key 'train' appears twice"):
+        load_run_config(twice)
     with pytest.raises(ConfigError, match="the value is not valid YAML"):
         load_run_config(overrides=["train.lr=[1,"])
     for bad, message in (("output.log_every=0", "log_every must be >= 1"), ("eval.max_sequences=0", "max_sequences"),
@@ -241,7 +245,7 @@ def test_a_run_folder_of_another_student_is_refused_naming_the_key(tmp_path):
 
     from cald_scale.config import config_differences
     from cald_scale.engines.distributed import DistEnv
-    from cald_scale.train import _check_run_dir
+    from cald_scale.train import _check_run_dir, _record
 
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     cfg = load_run_config(None, ["train.max_steps=4"])
@@ -249,20 +253,37 @@ def test_a_run_folder_of_another_student_is_refused_naming_the_key(tmp_path):
     del saved["student"]["init_from"]  # written before the field existed
     (tmp_path / "config.json").write_text(json.dumps(saved))
     longer = load_run_config(None, ["train.max_steps=8", "data.cache_dir=/elsewhere"])
-    _check_run_dir(tmp_path, longer, env, resuming_at=4)  # the run may be extended, its cache moved
+    changed = _check_run_dir(tmp_path, longer, resuming_at=2)  # the run may be extended, its cache moved
+    assert not (tmp_path / "config_changes.jsonl").exists()  # nothing written before the checkpoint has loaded
+    # ...but not the steps already run: at 4 of 4 steps, step 4 ran end to end; 8 steps put it in the 70% alignment
+    with pytest.raises(ValueError, match=r"step 4 of .* already ran in phase 'end_to_end' .* put it in 'align' .* give the phases that ran their steps"):
+        _check_run_dir(tmp_path, longer, resuming_at=4)
+    with pytest.raises(ValueError, match=r"checkpoint is at step 4, past this run's 2 steps"):
+        _check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=2"]), resuming_at=4)
+    _record(tmp_path, longer, env, resumed_at=2, changed=changed)
     changes = [json.loads(line) for line in (tmp_path / "config_changes.jsonl").read_text().splitlines()]
-    assert changes[0]["from_step"] == 4 and changes[0]["changes"] == [
+    assert changes[0]["from_step"] == 2 and changes[0]["changes"] == [
         "data.cache_dir: saved '.cache/cald_scale/data', wanted '/elsewhere'", "train.max_steps: saved 4, wanted 8",
     ]
 
     other = load_run_config(None, ["train.max_steps=8", "student.conversion.mixer=mamba"])
     with pytest.raises(ValueError, match=r"another teacher, student or data \(student.conversion.mixer: saved 'mamba2', wanted 'mamba'"):
-        _check_run_dir(tmp_path, other, env, resuming_at=4)
+        _check_run_dir(tmp_path, other, resuming_at=4)
     for fixed in ("data.seq_len=32", "train.seed=5"):
         with pytest.raises(ValueError, match=fixed.split("=")[0]):
-            _check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=8", fixed]), env, resuming_at=4)
-    _check_run_dir(tmp_path, other, env, resuming_at=None)  # no checkpoint: a start that failed; taken over
+            _check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=8", fixed]), resuming_at=4)
+    assert _check_run_dir(tmp_path, other, resuming_at=None) == []  # no checkpoint: a start that failed; taken over
+    _record(tmp_path, other, env, resumed_at=None, changed=[])
     assert json.loads((tmp_path / "config.json").read_text())["student"]["conversion"]["mixer"] == "mamba"
     assert config_differences(saved, other, sections=("loss", "data")) == []
     assert config_differences(saved, load_run_config(None, ["train.max_steps=4", "train.lr=2e-3"]), ignore=("train.lr",)) == []
     assert config_differences({"student": {"no_such_key": 1}}, cfg)[0].startswith("the saved config no longer loads")
+
+
+def test_a_recipe_given_twice_is_a_usage_error(capsys):
+    from cald_scale.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["prepare-data", "--recipe", "a.yaml", "--recipe", "b.yaml"])
+    assert stop.value.code == 2
+    assert "--recipe given twice (a.yaml, b.yaml); give one" in capsys.readouterr().err

@@ -701,8 +701,29 @@ def test_hub_id_fails_offline_with_a_clear_error(tmp_path, tokenizer, monkeypatc
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     cfg = DataConfig(corpus="no-such-org/no-such-data", cache_dir=str(tmp_path))
-    with pytest.raises(RuntimeError, match=r"no-such-org/no-such-data.*hub dataset.*shakespeare"):
+    with pytest.raises(ValueError, match=r"no-such-org/no-such-data.*hub dataset.*shakespeare"):
         build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+
+
+def test_unreadable_local_files_are_named_with_what_is_wrong(tmp_path, tokenizer):
+    """`datasets` reports a bad file as a generation error naming none: the error says which
+    file of the corpus, where, and why (one line, a ValueError as the job's other data errors)."""
+    good = tmp_path / "good.txt"
+    good.write_text("Some text.\n" * 50)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    cases = {
+        f"{good},{latin}": rf"{latin} is not UTF-8 text \(byte 3: invalid continuation byte\)",
+        str(tmp_path / "empty.jsonl"): r"empty.jsonl is empty",
+        str(tmp_path / "broken.jsonl"): r"broken.jsonl line 2 is not JSON",
+    }
+    for corpus, message in cases.items():
+        cfg = DataConfig(corpus=corpus, cache_dir=str(tmp_path / "cache"))
+        with pytest.raises(ValueError, match=message) as err:
+            build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+        assert "\n" not in str(err.value)
 
 
 def test_vocab_mismatch(shakespeare, tokenizer):

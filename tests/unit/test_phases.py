@@ -96,6 +96,9 @@ class _RecordingTeacher:
     def set_lr(self, lr, weight_decay):
         self.calls.append(("lr", lr))
 
+    def train_step(self, batch):  # as the real one: the weights are no folder's any more
+        self.loaded = None
+
     def release(self, keep):
         self.calls.append(("release",))
         return {"freed_partition_bytes": 1, "teacher_params_alive": 0, "rss_before": 2, "rss_after": 1}
@@ -115,6 +118,60 @@ def test_guide_swaps_waypoints_returns_to_the_target_and_releases_at_the_switch(
     assert guide.teacher is None and guide.release_stats["step"] == 8
     traj = plan.phases[2]
     assert [guide.updates_teacher(traj, s) for s in (6, 7)] == [False, True]  # every 2nd step of the phase
+
+
+def test_a_target_phase_after_a_trajectory_guides_with_the_pretrained_teacher_again():
+    """Target guidance is the pretrained teacher: after a trajectory phase trained it in place,
+    its weights are loaded back; a second trajectory phase goes on from its own training."""
+    plan = _plan(
+        "[{name: traj, steps: 2, guidance: trajectory}, {name: t, steps: 2}, {name: traj2, steps: 2, guidance: trajectory}]",
+        "train.max_steps=null",
+    )
+    teacher = _RecordingTeacher("base")
+    guide = Guide(plan, teacher, base_weights="base")
+    guide.enter(0)
+    guide.after_micro_batch(plan.phases[0], 0, {})  # a trajectory update
+    guide.enter(1)
+    assert teacher.calls == [("lr", 1e-4), ("lr", 1e-4)]  # fine-tunes from the pretrained weights it holds
+    guide.enter(2)
+    assert teacher.calls[-1] == ("load", "base") and teacher.loaded == "base"
+    teacher.train_step({})  # traj2 trains it again, then keeps going from there
+    guide.enter(4)
+    guide.enter(5)
+    assert teacher.calls[-2:] == [("lr", 1e-4), ("lr", 1e-4)] and teacher.loaded is None
+
+
+def test_phase_fractions_that_make_the_whole_round_to_it():
+    for total, fractions, lengths in ((25, (0.3, 0.7), [8, 17]), (5, (0.5, 0.5), [2, 3]), (10, (0.25, 0.25, 0.5), [2, 2, 6])):
+        phases = "[" + ", ".join(f"{{name: p{i}, fraction: {f}}}" for i, f in enumerate(fractions)) + "]"
+        plan = _plan(phases, f"train.max_steps={total}")
+        assert [p.end - p.start for p in plan.phases] == lengths and plan.total_steps == total
+    with pytest.raises(ConfigError, match="phases add up to 3 steps but train.max_steps=10"):
+        _plan("[{name: a, fraction: 0.1}, {name: b, fraction: 0.2}]", "train.max_steps=10")  # not the whole: refused
+
+
+def test_a_teacher_forced_phase_trains_the_last_block_too():
+    """End to end the task loss trains the last block (skip_last leaves it out of the layer
+    loss); teacher-forced, the layer loss is all there is, so every block is in it."""
+    from cald_scale.distill.losses import distilled_layers
+
+    tf, e2e = _plan("[{name: tf, steps: 2, mode: teacher_forced}, {name: e2e, steps: 2}]", "train.max_steps=null").phases
+    assert distilled_layers(4, tf.loss) == [0, 1, 2, 3] and distilled_layers(4, e2e.loss) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "phases, overrides, message",
+    [
+        ("[{name: a, guidance: none, a_layer: 5}]", [], "a_layer and a_kl need a teacher, and guidance is none"),
+        ("[{name: a, mode: teacher_forced, a_ce: 2}]", [], "mode teacher_forced trains on the layer loss alone; a_ce and a_kl"),
+        ("[{name: a, trajectory: {lr: 0.5}}]", [], "trajectory settings are only read with guidance: trajectory"),
+        ("[{name: a, copied_lr_scale: -1}]", [], "copied_lr_scale must be >= 0"),
+        ("[{name: a}]", ["train.copied_lr_scale=-0.5"], "train.copied_lr_scale must be >= 0"),
+    ],
+)
+def test_phase_settings_that_would_be_ignored_or_reversed_are_refused(phases, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(overrides=[f"phases={phases}", *overrides])
 
 
 def test_unguided_runs_need_no_teacher():

@@ -1,0 +1,122 @@
+"""One job at a time in a run folder, preemption before the run is built, and resumes refused
+before any engine is built when the checkpoint was saved in another mode or layout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cald_scale.config_loader import ConfigError
+from cald_scale.engines.preemption import Preempted, PreemptionWatch
+from cald_scale.engines.reshard import plan_resume
+from cald_scale.fileio import hold_lock
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_signal_received_before_the_watch_counts_once_it_begins():
+    with PreemptionWatch(("SIGUSR1",), received_before=["SIGTERM", "SIGUSR1"]) as watch:
+        assert watch.requested(torch.device("cpu")) == "SIGUSR1"
+    with PreemptionWatch(("SIGUSR1",), received_before=["SIGTERM"]) as watch:  # not a preemption signal of this run
+        assert watch.requested(torch.device("cpu")) is None
+    assert "before training started" in str(Preempted(None, "SIGUSR1"))
+    assert "stopped at step 3 on SIGTERM: checkpoint saved" in str(Preempted(3, "SIGTERM"))
+
+
+def _holder(path: Path) -> subprocess.Popen:
+    """Another process holding ``path``'s lock until it is killed."""
+    code = (
+        "import sys, time; from cald_scale.fileio import hold_lock; "
+        "h = hold_lock(sys.argv[1], 'pid 1 on node-a', wait_s=0); print('held', flush=True); time.sleep(600)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_run_folder_lock_waits_for_its_holder_then_names_it(tmp_path):
+    lock = tmp_path / ".lock"
+    holder = _holder(lock)
+    try:
+        waited = []
+        started = time.monotonic()
+        with pytest.raises(BlockingIOError, match=r"pid 1 on node-a still holds .*\.lock after 1 s"):
+            hold_lock(lock, "pid 2", wait_s=1.0, poll_s=0.1, on_wait=waited.append)
+        assert waited == ["pid 1 on node-a"] and time.monotonic() - started >= 1.0
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock with the process
+        holder.wait()
+    handle = hold_lock(lock, "pid 2 on node-b", wait_s=5.0, poll_s=0.1)
+    assert lock.read_text() == "pid 2 on node-b\n"  # the holder's line, not the earlier one's
+    handle.close()
+
+
+def test_a_run_folder_in_use_is_waited_for_while_its_holder_ends(tmp_path):
+    """The case it exists for: a rerun while the last job's ranks still save; the rerun goes on once they end."""
+    lock = tmp_path / ".lock"
+    holder = _holder(lock)
+    subprocess.Popen(["sh", "-c", f"sleep 1; kill {holder.pid}"])
+    handle = hold_lock(lock, "pid 3", wait_s=30.0, poll_s=0.1)
+    handle.close()
+    holder.wait()
+
+
+def _tag(folder: Path, *, ds_config: dict, dp: int, stages: int = 0) -> Path:
+    """A checkpoint tag as DeepSpeed lays it out: its config in rank 0's model states, one
+    optimizer shard per data-parallel rank (and per stage in pipeline mode)."""
+    folder.mkdir(parents=True)
+    if stages:
+        torch.save({"ds_config": ds_config}, folder / "mp_rank_00_model_states.pt")
+        for stage in range(stages):
+            for rank in range(dp):
+                (folder / f"zero_pp_rank_{rank}_mp_rank_{stage:02d}_optim_states.pt").write_bytes(b"")
+    else:
+        torch.save({"ds_config": ds_config}, folder / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        for rank in range(dp):
+            (folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    return folder
+
+
+def test_a_checkpoint_resumes_only_in_its_own_mode_and_pipeline_layout(tmp_path):
+    zero3 = [(4, _tag(tmp_path / "z" / "step_4", ds_config={"train_batch_size": 4}, dp=2))]
+    piped = [(4, _tag(tmp_path / "p" / "step_4", ds_config={"train_batch_size": 4, "pipeline": {"stages": 2}}, dp=1, stages=2))]
+
+    with pytest.raises(ConfigError, match=r"saved by ZeRO-3 mode and this run is a 2-stage pipeline .* resume it with train.pipeline_stages=0"):
+        plan_resume(zero3, 1, global_batch=4, pipeline_stages=2)
+    with pytest.raises(ConfigError, match=r"saved by a 2-stage pipeline and this run is ZeRO-3 mode .* resume it with train.pipeline_stages=2"):
+        plan_resume(piped, 2, global_batch=4)
+    with pytest.raises(ConfigError, match=r"saved by a 2-stage pipeline and this run is a 1-stage pipeline"):
+        plan_resume(piped, 1, global_batch=4, pipeline_stages=1)
+    # Pipeline checkpoints are not resharded: the same replicas, and the same global batch, as in ZeRO-3 mode.
+    with pytest.raises(ConfigError, match=r"saved by 1 pipeline replica\(s\) and this run has 2: .* 2 ranks for 2 stages"):
+        plan_resume(piped, 2, global_batch=4, pipeline_stages=2)
+    with pytest.raises(ConfigError, match=r"global batch of 4 sequences, this run with 1 data-parallel rank\(s\) uses 8; set train.global_batch_size=4"):
+        plan_resume(piped, 1, global_batch=8, pipeline_stages=2)
+
+    same = plan_resume(piped, 1, global_batch=4, pipeline_stages=2)
+    assert not same.universal and same.source(piped[0][1]) == piped[0][1]
+    assert plan_resume(zero3, 1, global_batch=4).universal  # ZeRO-3 on other ranks: DeepSpeed's universal format
+
+
+def test_a_preemption_signal_while_the_job_imports_stops_it_for_a_requeue(tmp_path):
+    """SIGUSR1 before the run's watch exists (the imports take seconds a rank) does not kill the
+    rank: it stops with the preempted exit code before building anything."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "launch/train.py", f"output.run_dir={tmp_path / 'run'}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    time.sleep(0.5)  # inside the imports (torch alone takes longer)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-3000:]
+    assert "preempted: stopped on SIGUSR1 before training started" in out
+    assert not (tmp_path / "run" / "checkpoints").exists()
