@@ -287,3 +287,21 @@ def test_a_recipe_given_twice_is_a_usage_error(capsys):
         main(["prepare-data", "--recipe", "a.yaml", "--recipe", "b.yaml"])
     assert stop.value.code == 2
     assert "--recipe given twice (a.yaml, b.yaml); give one" in capsys.readouterr().err
+
+
+def test_a_resume_may_not_change_whether_the_student_shares_a_fixed_teacher(tmp_path):
+    """A mixers-only student shares a fixed teacher's frozen tensors and its checkpoints leave
+    them out; a trajectory phase added on resume would need them (they would not load)."""
+    from cald_scale.train import _check_run_dir
+
+    target = load_run_config(None, ["train.max_steps=8", "phases=[{name: t, guidance: target}]"])
+    (tmp_path / "config.json").write_text(json.dumps(target.to_dict()))
+    later = "phases=[{name: t, steps: 4, guidance: target}, {name: traj, guidance: trajectory}]"
+    with pytest.raises(ValueError, match=r"trained with a fixed teacher and this run's phases add a trajectory or waypoint phase"):
+        _check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=8", later]), resuming_at=4)
+    # every weight trains: nothing is shared, so the same change is allowed (and recorded)
+    every = ["student.trainable=all", "train.max_steps=8"]
+    (tmp_path / "config.json").write_text(json.dumps(load_run_config(None, [*every, "phases=[{name: t, guidance: target}]"]).to_dict()))
+    assert _check_run_dir(tmp_path, load_run_config(None, [*every, later]), resuming_at=4)
+    for recipe in sorted((Path(__file__).parents[2] / "recipes" / "guidance").glob("*.yaml")):  # never the default job's folder
+        assert load_run_config(recipe).output.run_dir == f"runs/{recipe.stem}"
