@@ -142,6 +142,9 @@ def hold_lock(path: str | Path, owner: str, *, wait_s: float, poll_s: float = 1.
                 on_wait(holder)
                 told = True
             time.sleep(poll_s)
+        except OSError:  # e.g. a file system without flock (ENOLCK, EOPNOTSUPP): the caller decides
+            handle.close()
+            raise
     handle.seek(0)
     handle.truncate()
     handle.write(owner + "\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -75,15 +76,20 @@ def _claim(out: OutputConfig, env: DistEnv) -> Iterator[None]:
     their launcher returned), then stops with an error on every rank."""
     run_dir, held = Path(out.run_dir), []
 
+    def waiting(holder: str) -> None:
+        logger.warning("another job holds %s (%s): waiting up to %.0f s for it to end", run_dir, holder, out.lock_wait_s)
+
     def take() -> None:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             owner = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-            wait = lambda holder: logger.warning("another job holds %s (%s): waiting up to %.0f s for it to end", run_dir, holder, out.lock_wait_s)  # noqa: E731
-            held.append(hold_lock(run_dir / ".lock", owner, wait_s=out.lock_wait_s, on_wait=wait))
+            held.append(hold_lock(run_dir / ".lock", owner, wait_s=out.lock_wait_s, on_wait=waiting))
         except BlockingIOError as err:
             raise BlockingIOError(f"output.run_dir {run_dir} is in use by another job: {err}; wait for it to end or use another output.run_dir") from None
         except OSError as err:
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # e.g. Lustre mounted without flock
+                logger.warning("output.run_dir %s: its file system takes no locks (%s): one job per folder is not enforced", run_dir, err.strerror)
+                return
             raise OSError(f"output.run_dir {run_dir}: cannot write there ({err.strerror or err})") from err
 
     on_main(take)

@@ -120,3 +120,29 @@ def test_a_preemption_signal_while_the_job_imports_stops_it_for_a_requeue(tmp_pa
     assert proc.returncode == 75, out[-3000:]
     assert "preempted: stopped on SIGUSR1 before training started" in out
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Lustre mounted without flock answers ENOLCK: the job still runs (it cannot enforce one job
+    per folder there, and says so); any other error of the folder is one line naming it."""
+    import errno
+    import fcntl
+
+    from cald_scale.config import OutputConfig
+    from cald_scale.engines.distributed import DistEnv
+    from cald_scale.train import _claim
+
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with _claim(OutputConfig(run_dir=str(tmp_path / "run")), env):
+        assert (tmp_path / "run").is_dir()
+    assert "takes no locks (No locks available): one job per folder is not enforced" in caplog.text
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match=r"output.run_dir .*file/run: cannot write there \(Not a directory\)"):
+        with _claim(OutputConfig(run_dir=str(tmp_path / "file" / "run")), env):
+            pass
