@@ -218,6 +218,22 @@ def test_pipeline_run_trains_as_zero3_resumes_and_exports(tmp_path, teacher_dirs
         for key in ("loss", "ce", "layer", "grad_norm"):
             assert after[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
 
+    # Another pipeline layout is refused before anything is built; another micro-batch layout at the
+    # same global batch (2 micro-batches of 2 instead of 1 of 4) resumes with its data cursor remapped.
+    shutil.rmtree(pipe_dir / "checkpoints" / "step_00000006")
+    overrides = tiny_overrides(teacher_dirs["llama"], pipe_dir, data_cache, **recipe)
+    refused = run(deepspeed_command([*overrides, "train.pipeline_stages=1"], ds_config="ds_configs/pipeline.json"), env)
+    log = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "was saved by a 2-stage pipeline and this run is a 1-stage pipeline" in log, log[-3000:]
+    assert "Traceback" not in log
+    regrouped = run(deepspeed_command([*overrides, "train.pipeline_stages=2", "train.grad_accum=2"], ds_config="ds_configs/pipeline.json"), env)
+    _ok(regrouped)
+    assert "data cursor remapped: 4 micro-steps of 4 samples -> 8 of 2" in regrouped.stdout + regrouped.stderr
+    after = metrics(pipe_dir)
+    for step in (5, 6):
+        for key in ("loss", "layer", "grad_norm"):
+            assert after[step][key] == pytest.approx(reference[step][key], rel=1e-4), (step, key)
+
 
 # -- without a launcher -----------------------------------------------------------------------
 def test_shipped_recipes_fit_the_pipeline_ds_config():
