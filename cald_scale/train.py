@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .config import OutputConfig, RunConfig, config_differences, with_legacy_defaults
-from .config_loader import from_dict, to_dict
+from .config_loader import ConfigError, from_dict, to_dict
 from .distill.guidance import Guide
 from .distill.phases import Phase, PhasePlan, set_phase_lr
 from .distill.progress import NonFiniteLossError, StepState
@@ -116,10 +116,14 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, *, resuming_at: int | None, re
             f"{run_dir} holds a run of another teacher, student or data ({'; '.join(fixed[:4])}); "
             "resume it with its own settings, or use a new output.run_dir"
         )
-    if changed and not changed[0].startswith("the saved config no longer loads"):
+    try:
+        before = from_dict(RunConfig, with_legacy_defaults(saved)).plan(replicas)
+    except (ConfigError, ValueError, TypeError):  # a config of an older version: `changed` says so
+        before = None
+    if changed and before is not None:
         # NOTE: as build_models decides it: frozen copies shared with a teacher that never changes
         sharing = cfg.student.trainable == "mixers" and cfg.student.share_frozen_weights and not cfg.student.init_from
-        _check_plan_change(run_dir, from_dict(RunConfig, with_legacy_defaults(saved)).plan(replicas), cfg.plan(replicas), resuming_at, sharing=sharing)
+        _check_plan_change(run_dir, before, cfg.plan(replicas), resuming_at, sharing=sharing)
     return changed
 
 
@@ -138,11 +142,10 @@ def _check_plan_change(run_dir: Path, before: PhasePlan, after: PhasePlan, at: i
                 f"fraction of train.max_steps moves with it: give the phases that ran their steps to train longer), {fix}"
             )
     if sharing and before.fixed_teacher != after.fixed_teacher:
+        was, now = ("a fixed teacher", "a trajectory or waypoint phase") if before.fixed_teacher else ("a trajectory or waypoint phase", "a fixed teacher only")
         raise ValueError(
-            f"{run_dir} was trained {'with' if before.fixed_teacher else 'without'} a fixed teacher and this run's phases "
-            f"{'add a trajectory or waypoint phase' if before.fixed_teacher else 'have no other teacher'}: the student's "
-            f"checkpoints {'leave out' if before.fixed_teacher else 'hold'} the frozen weights it shares with a fixed teacher, so they "
-            f"do not load here; {fix}"
+            f"{run_dir} was trained with {was} and this run's phases have {now}: a mixers-only student shares a fixed "
+            f"teacher's frozen weights, and its checkpoints leave them out, so one kind does not load as the other; {fix}"
         )
 
 

@@ -297,7 +297,7 @@ def test_a_resume_may_not_change_whether_the_student_shares_a_fixed_teacher(tmp_
     target = load_run_config(None, ["train.max_steps=8", "phases=[{name: t, guidance: target}]"])
     (tmp_path / "config.json").write_text(json.dumps(target.to_dict()))
     later = "phases=[{name: t, steps: 4, guidance: target}, {name: traj, guidance: trajectory}]"
-    with pytest.raises(ValueError, match=r"trained with a fixed teacher and this run's phases add a trajectory or waypoint phase"):
+    with pytest.raises(ValueError, match=r"trained with a fixed teacher and this run.s phases have a trajectory or waypoint phase"):
         _check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=8", later]), resuming_at=4)
     # every weight trains: nothing is shared, so the same change is allowed (and recorded)
     every = ["student.trainable=all", "train.max_steps=8"]
