@@ -36,7 +36,7 @@ from .engines.checkpoint import complete_tags, load_latest_checkpoint, save_chec
 from .engines.distributed import DistEnv, all_true, barrier, gather_objects, init_distributed, mean_over_ranks, on_main
 from .engines.host_memory import configure_host_allocator, return_free_memory
 from .engines.preemption import Preempted, PreemptionWatch
-from .engines.models import DistillationModels, build_models
+from .engines.models import DistillationModels, build_models, shares_teacher_weights
 from .engines.reshard import plan_resume
 from .engines.teacher import check_waypoints
 from .engines.zero3 import begin_step, load_ds_config, resolve_ds_config
@@ -69,7 +69,7 @@ def _fixed_on_resume(key: str) -> bool:
 
 
 @contextlib.contextmanager
-def _claim(out: OutputConfig, env: DistEnv) -> Iterator[None]:
+def _claim(out: OutputConfig) -> Iterator[None]:
     """One job at a time in ``out.run_dir``: rank 0 holds its .lock until this run ends (its
     process's end releases it, a kill too). A job started while another still runs there
     waits ``out.lock_wait_s`` for it (e.g. ranks still saving a preemption checkpoint after
@@ -117,19 +117,21 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, *, resuming_at: int | None, re
             "resume it with its own settings, or use a new output.run_dir"
         )
     try:
-        before = from_dict(RunConfig, with_legacy_defaults(saved)).plan(replicas)
+        saved_cfg = from_dict(RunConfig, with_legacy_defaults(saved))
+        before = saved_cfg.plan(replicas)
     except (ConfigError, ValueError, TypeError):  # a config of an older version: `changed` says so
-        before = None
-    if changed and before is not None:
-        # NOTE: as build_models decides it: frozen copies shared with a teacher that never changes
-        sharing = cfg.student.trainable == "mixers" and cfg.student.share_frozen_weights and not cfg.student.init_from
-        _check_plan_change(run_dir, before, cfg.plan(replicas), resuming_at, sharing=sharing)
+        return changed
+    if changed:
+        after = cfg.plan(replicas)
+        shared = (shares_teacher_weights(saved_cfg, before), shares_teacher_weights(cfg, after))
+        _check_plan_change(run_dir, before, after, resuming_at, shared=shared)
     return changed
 
 
-def _check_plan_change(run_dir: Path, before: PhasePlan, after: PhasePlan, at: int, *, sharing: bool) -> None:
+def _check_plan_change(run_dir: Path, before: PhasePlan, after: PhasePlan, at: int, *, shared: tuple[bool, bool]) -> None:
     """A resume may change the phases of the steps still to come, not of those already run,
-    nor whether the student shares a fixed teacher's weights (what its checkpoints hold)."""
+    nor whether the student shares a fixed teacher's weights (``shared``: before and after;
+    what its checkpoints hold)."""
     fix = "resume with the run's own phases and train.max_steps, or use a new output.run_dir"
     if at > after.total_steps:
         raise ValueError(f"{run_dir}'s checkpoint is at step {at}, past this run's {after.total_steps} steps (train.max_steps, phases): {fix}")
@@ -141,7 +143,7 @@ def _check_plan_change(run_dir: Path, before: PhasePlan, after: PhasePlan, at: i
                 f"this run's phases put it in {now.name!r} ({now.guidance}, {now.mode}, trains {now.trainable}) (a phase given as a "
                 f"fraction of train.max_steps moves with it: give the phases that ran their steps to train longer), {fix}"
             )
-    if sharing and before.fixed_teacher != after.fixed_teacher:
+    if shared[0] != shared[1]:  # the student settings are fixed on resume: the phases changed the teacher
         was, now = ("a fixed teacher", "a trajectory or waypoint phase") if before.fixed_teacher else ("a trajectory or waypoint phase", "a fixed teacher only")
         raise ValueError(
             f"{run_dir} was trained with {was} and this run's phases have {now}: a mixers-only student shares a fixed "
@@ -257,7 +259,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path, *, early_signals: Sequence
     run = None
     try:
         # From here on a preemption signal is recorded, not fatal: the run stops at the first step boundary with a checkpoint.
-        with PreemptionWatch(tuple(cfg.train.preemption_signals), received_before=early_signals) as watch, _claim(cfg.output, env):
+        with PreemptionWatch(tuple(cfg.train.preemption_signals), received_before=early_signals) as watch, _claim(cfg.output):
             if signal_name := watch.requested(env.device):  # before minutes of building: nothing to save yet
                 raise Preempted(None, signal_name)
             run = _start(cfg, ds_config_path, env)  # 1-3. task and data, teacher and student in their engines, the starting point

@@ -396,7 +396,8 @@ def _unreadable(source: CorpusSource, err: Exception) -> str:
             with open(path, encoding="utf-8", errors="replace") as handle:
                 for number, line in enumerate(handle, 1):
                     try:
-                        line.strip() and json.loads(line)
+                        if line.strip():
+                            json.loads(line)
                     except json.JSONDecodeError as bad:
                         if path.endswith(".jsonl"):
                             return f"{path} line {number} is not JSON ({bad.msg})"

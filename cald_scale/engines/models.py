@@ -35,7 +35,7 @@ from .zero3 import (
     teacher_ds_config,
 )
 
-__all__ = ["DistillationModels", "build_models", "block_numel", "set_trainable"]
+__all__ = ["DistillationModels", "build_models", "block_numel", "set_trainable", "shares_teacher_weights"]
 
 logger = logging.getLogger("cald_scale.engines")
 
@@ -129,6 +129,14 @@ def block_numel(model: nn.Module, blocks: nn.ModuleList) -> int:
     return max(sum(math.prod(full_shape(p)) for p in block.parameters()) for block in blocks)
 
 
+def shares_teacher_weights(cfg: RunConfig, plan: PhasePlan) -> bool:
+    """Whether the student's frozen copied weights are the teacher's own tensors (its checkpoints
+    then leave them out): only the mixers train, ``student.share_frozen_weights``, a teacher
+    that never changes (no trajectory, no waypoints), and a student converted from that
+    teacher (no ``student.init_from``)."""
+    return cfg.student.trainable == "mixers" and cfg.student.share_frozen_weights and plan.fixed_teacher and not cfg.student.init_from
+
+
 def build_models(
     cfg: RunConfig, ds_config: dict, source: TeacherSource, plan: PhasePlan | None = None, *, student_source: TeacherSource | None = None
 ) -> DistillationModels:
@@ -147,10 +155,9 @@ def build_models(
     teacher = build_teacher(source, placement) if plan.uses_teacher else None
     check_waypoints(plan.waypoints, source.config, teacher, placement)
     frozen_copies = cfg.student.trainable == "mixers"
-    origin = student_source or source
-    teacher_fixed = not (plan.trains_teacher or plan.swaps_teacher)
-    share = frozen_copies and cfg.student.share_frozen_weights and plan.fixed_teacher and origin is source
-    if frozen_copies and not teacher_fixed:
+    origin = student_source or source  # student_source: what student.init_from names
+    share = shares_teacher_weights(cfg, plan)
+    if frozen_copies and (plan.trains_teacher or plan.swaps_teacher):
         # One message: the frozen copies are also why the student cannot share the teacher's tensors.
         logger.warning(
             "the teacher changes during the run (trajectory or waypoints) while the student's copied weights stay frozen "

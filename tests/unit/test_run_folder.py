@@ -129,20 +129,17 @@ def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monk
     import fcntl
 
     from cald_scale.config import OutputConfig
-    from cald_scale.engines.distributed import DistEnv
     from cald_scale.train import _claim
-
-    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
     def no_locks(handle, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    with _claim(OutputConfig(run_dir=str(tmp_path / "run")), env):
+    with _claim(OutputConfig(run_dir=str(tmp_path / "run"))):
         assert (tmp_path / "run").is_dir()
     assert "takes no locks (No locks available): one job per folder is not enforced" in caplog.text
     monkeypatch.undo()
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match=r"output.run_dir .*file/run: cannot write there \(Not a directory\)"):
-        with _claim(OutputConfig(run_dir=str(tmp_path / "file" / "run")), env):
+        with _claim(OutputConfig(run_dir=str(tmp_path / "file" / "run"))):
             pass
