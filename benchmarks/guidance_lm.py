@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         "table": table,
         "ranking": ranked,
         "runs": runs,
+        # NOTE: a run that fails stops the benchmark (launch raises), so every table is complete.
         "targets": {
-            "every_mode_ran": {"what": "each mode finished on every seed", "value": {m: len(r) for m, r in runs.items()}, "pass": all(len(r) == len(seeds) for r in runs.values())},
             "guided_beats_unguided": {
                 "what": "target-guided ends below unguided (the paper's central claim)",
                 "value": [round(table["target"]["mean_ppl"], 1), round(table["unguided"]["mean_ppl"], 1)],

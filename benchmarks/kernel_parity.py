@@ -23,8 +23,9 @@ causal conv and its update) against its float64 reference, so a group that impor
 (e.g. mamba_ssm's Triton SSD without causal-conv1d) is still tested. Errors: max |a - o|,
 max |a - o| / max |o|, and ||a - o|| / ||o|| (rel_norm); a check passes when everything is
 finite, rel_norm <= tol and max_rel <= 2 tol (tolerances per dtype and path, see TOLERANCES).
-Exit status 1 if any check fails. The JSON is rewritten after each group of checks, so a
-run stopped by a timeout keeps what it finished.
+Exit status 1 if any check fails, or if the run is incomplete (``--time-budget`` cut checks:
+``summary.complete`` is false, and so is ``summary.pass``). The JSON is rewritten after each
+group of checks, so a run stopped by a timeout keeps what it finished.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ KERNEL_PATHS = ("cuda:cuda", "cuda:kernel")
 # in bf16 lands 7e-2 off (every other quantity: <= 1.1e-2).
 ILL_CONDITIONED = {("mamba2", "grad.D"): 3.0}
 MAX_REL_FACTOR = 2.0
+OUT_OF_TIME = "time budget spent"  # the skip reason that leaves a run incomplete
 
 # Mixer geometries. "smollm2" is what conversion builds for SmolLM2-135M: Mamba2 with the
 # teacher's 9 heads x 64, d_state 64, one group per head, expand 1; Mamba with the defaults.
@@ -412,12 +414,18 @@ class Report:
                 s["worst"]["rel_norm_over_tol"] = ratio
                 s["worst_rel_norm"] = c["rel_norm"]
         failed = sum(not c["pass"] for c in self.data["checks"])
+        # A path skipped because it cannot run here (no CUDA, a kernel group that does not import)
+        # is listed; one cut by --time-budget leaves the run incomplete, and an incomplete run
+        # (or one that checked nothing) does not pass.
+        out_of_time = sum(s["why"] == OUT_OF_TIME for s in self.data["skipped"])
         return {
             "checks": len(self.data["checks"]),
             "failed": failed,
             "errors": len(self.data["errors"]),
             "skipped": len(self.data["skipped"]),
-            "pass": failed == 0 and not self.data["errors"],
+            "skipped_for_time": out_of_time,
+            "complete": out_of_time == 0,
+            "pass": failed == 0 and not self.data["errors"] and out_of_time == 0 and bool(self.data["checks"]),
             "by_path": by_path,
         }
 
@@ -450,7 +458,7 @@ def mixer_level(
                 w = torch.randn(shape["batch"], shape["seqlen"], shape["hidden"], generator=gen)
                 base = {"level": "mixer", "mixer": kind, "shape": shape_name, "dtype": dtype_name}
                 if over_budget():
-                    report.skip(base | {"path": "all"}, "time budget spent")
+                    report.skip(base | {"path": "all"}, OUT_OF_TIME)
                     continue
                 t0 = time.perf_counter()
                 oracle = run_mixer(
@@ -467,7 +475,7 @@ def mixer_level(
                 for dev, kernel in mixer_paths(device):
                     where = base | {"path": f"{dev}:{kernel}"}
                     if over_budget():
-                        report.skip(where, "time budget spent")
+                        report.skip(where, OUT_OF_TIME)
                         continue
                     if kernel == "cuda" and (why := cuda_unavailable(kind, shape, torch.device(dev))):
                         report.skip(where, why)
@@ -531,7 +539,7 @@ def op_level(
                         report.skip(where, groups[group][1])
                         continue
                     if over_budget():
-                        report.skip(where, "time budget spent")
+                        report.skip(where, OUT_OF_TIME)
                         continue
                     chunk = shape["mamba2"]["chunk_size"]
                     t0 = time.perf_counter()
@@ -638,7 +646,8 @@ def main() -> int:
     summary = report.data["summary"]
     print(
         f"\nkernel_parity on {header['device']}: {summary['checks']} checks, {summary['failed']} failed, "
-        f"{summary['errors']} errors, {summary['skipped']} skipped -> {args.out}"
+        f"{summary['errors']} errors, {summary['skipped']} skipped ({summary['skipped_for_time']} cut by --time-budget: "
+        f"{'complete' if summary['complete'] else 'incomplete, so no pass'}) -> {args.out}"
     )
     print(f"{'path':16s} {'checks':>6s} {'failed':>6s}  worst (rel_norm / tol)")
 

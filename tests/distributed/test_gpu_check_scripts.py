@@ -60,7 +60,12 @@ def test_inference_speed_measures_the_default_hybrid_with_its_kept_kv_cache(tmp_
         assert student[context]["kv"] * 30 == teacher[context]["kv"] * 8
         assert result["student"]["decode_tok_s"]["2"][context] > 0
     assert student["64"]["recurrent"] == student["128"]["recurrent"] > 0
-    assert not result["targets"]["student_state_constant"]["pass"]  # it grows with the context, and says so
+    # The all-Mamba2 student's targets are reported, not scored (its state grows, and it says so);
+    # the hybrid is scored on its own: constant mixer state, a KV cache of its kept layers' share.
+    targets = result["targets"]
+    assert targets["student_state_constant"]["applies"] is False and targets["student_state_constant"]["met"] is False
+    assert targets["hybrid_recurrent_state_constant"]["pass"] and targets["hybrid_kv_is_kept_share"]["pass"]
+    assert result["pass"] is True
 
 
 def test_train_speed_steps_every_item_through_the_trainer(tmp_path):

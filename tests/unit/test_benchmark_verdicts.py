@@ -1,0 +1,85 @@
+"""What the benchmarks' pass flags mean: a verdict covers only what ran and what its target
+is defined for. A kernel-parity run cut by its time budget is incomplete and does not pass;
+train_speed's end-to-end target is not scored on a teacher-forced step."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import kernel_parity  # noqa: E402
+import train_speed  # noqa: E402
+
+
+def _report(tmp_path: Path) -> kernel_parity.Report:
+    report = kernel_parity.Report(tmp_path / "parity.json", {"device": "cpu"}, "cpu:ref")
+    check = {"level": "mixer", "mixer": "mamba2", "shape": "small", "dtype": "float32", "path": "cpu:chunked"}
+    report.data["checks"].append(check | {"quantity": "out", "rel_norm": 1e-6, "max_rel": 1e-6, "tol": 1e-4, "pass": True})
+    return report
+
+
+def test_parity_passes_with_paths_that_cannot_run_here_skipped(tmp_path):
+    report = _report(tmp_path)
+    report.skip({"level": "op", "op": "ssd", "path": "cuda:kernel"}, "mamba_ssm does not import")
+    summary = report.summary()
+    assert summary["complete"] and summary["pass"] and summary["skipped"] == 1
+
+
+def test_parity_cut_by_the_time_budget_does_not_pass(tmp_path):
+    report = _report(tmp_path)
+    report.skip({"level": "mixer", "mixer": "mamba", "path": "all"}, kernel_parity.OUT_OF_TIME)
+    summary = report.summary()
+    assert summary["skipped_for_time"] == 1 and not summary["complete"] and summary["pass"] is False
+
+
+def test_parity_that_checked_nothing_does_not_pass(tmp_path):
+    report = kernel_parity.Report(tmp_path / "parity.json", {"device": "cpu"}, "cpu:ref")
+    assert report.summary()["pass"] is False
+
+
+def _items(distill_s: float) -> dict:
+    def item(s: float) -> dict:
+        return {"median_s": s, "min_s": s, "median_cpu_s": s, "memory": {"peak_rss_bytes": 1 << 30}}
+
+    return {"teacher_forward": item(1.0), "student_forward_backward": item(3.0), "distill_step": item(distill_s), "teacher_finetune_step": item(5.0)}
+
+
+def test_train_speed_scores_the_end_to_end_step_against_its_target():
+    met, missed = train_speed.summarize(_items(4.2)), train_speed.summarize(_items(4.6))
+    assert met["targets"]["distill_over_unavoidable"]["pass"] is True
+    assert missed["targets"]["distill_over_unavoidable"]["pass"] is False
+    assert abs(missed["ratios"]["distill_over_unavoidable"] - 1.15) < 1e-9
+
+
+def test_train_speed_does_not_score_a_teacher_forced_step_against_the_end_to_end_target():
+    summary = train_speed.summarize(_items(3.0), "teacher_forced")
+    target = summary["targets"]["distill_over_unavoidable"]
+    assert target["pass"] is None and target["applies"] is False and "teacher_forced" in target["why"]
+    assert summary["ratios"]["distill_over_unavoidable"] == 0.75  # still reported, beside the other ratios
+
+
+def test_parallel_modes_records_a_failed_mode_and_fails_its_verdict():
+    import parallel_modes
+
+    def run_one(mode: str, layers: int) -> dict:
+        if mode == "pipeline" and layers == 8:
+            raise RuntimeError("run pipeline_8L (seed 0) failed with exit code 1")
+        return {"layers": layers, "date": "2026-12-05"}
+
+    modes = ["zero3_streamed", "pipeline", "zero3_teacher_forced"]
+    runs, failed = parallel_modes.measure_modes(modes, [4, 8], run_one)
+    assert set(runs) == {"zero3_streamed", "zero3_teacher_forced"} and "exit code 1" in failed["pipeline"]
+    verdict = parallel_modes.targets(modes, runs, failed)
+    assert verdict["all_modes_ran"]["pass"] is False and verdict["all_modes_ran"]["failed"] == ["pipeline"]
+    assert verdict["one_sitting"]["pass"] is True
+    ok = parallel_modes.targets(modes[:1], {"zero3_streamed": runs["zero3_streamed"]}, {})
+    assert ok["all_modes_ran"]["pass"] is True
+
+
+def test_parallel_modes_flags_runs_reused_from_another_day():
+    import parallel_modes
+
+    runs = {"zero3_streamed": [{"date": "2026-12-01"}, {"date": "2026-12-05"}]}
+    verdict = parallel_modes.targets(["zero3_streamed"], runs, {})
+    assert verdict["one_sitting"]["pass"] is False and verdict["one_sitting"]["value"] == ["2026-12-01", "2026-12-05"]
