@@ -1,7 +1,7 @@
 """Numerical parity of every kernel path of the Mamba / Mamba2 mixers against a float64 oracle.
 
     python benchmarks/kernel_parity.py [--device cuda] [--dtypes float32,bfloat16] [--shapes small,smollm2]
-                                       [--out benchmarks/results/kernel_parity.json] [--time-budget 150]
+                                       [--out benchmarks/results/kernel_parity_<cpu|cuda>.json] [--time-budget 150]
 
 The oracle is the same mixer (same weights and inputs, rounded to the dtype under test) with
 the sequential "ref" kernel on the CPU in float64. Each path runs in the dtype under test:
@@ -571,12 +571,13 @@ def main() -> int:
     parser.add_argument(
         "--levels", default="op,mixer", help="comma-separated, of op (each kernel alone) and mixer (whole mixers, every path)"
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "kernel_parity.json")
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/kernel_parity_<device type>.json")
     parser.add_argument(
         "--time-budget", type=float, default=None, help="seconds; later checks are skipped (and listed) past it"
     )
     args = parser.parse_args()
     device = torch.device(args.device)
+    args.out = args.out or Path(__file__).resolve().parent / "results" / f"kernel_parity_{device.type}.json"
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]

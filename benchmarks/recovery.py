@@ -235,7 +235,9 @@ def _rows(runs: dict[str, list[dict]], date: str) -> list[str]:
         fmt = lambda xs: " / ".join(f"{x:.1f}" for x in xs if x is not None)  # noqa: E731
         lines.append(
             f"| {label} | {len(rs)} | {fmt(own)} | {sum(own) / len(own) / t_own:.2f} | {fmt(other)} | "
-            f"{(sum(other) / len(other) / t_other) if t_other and all(other) else float('nan'):.2f} | {rs[0]['train_seconds']:.0f} | {rs[0].get('date', date)} |"
+            f"{(sum(other) / len(other) / t_other) if t_other and all(other) else float('nan'):.2f} | {rs[0]['train_seconds']:.0f} | "
+            # each seed's day when they differ: a seed kept from an earlier sitting may predate a change
+            f"{' / '.join(dict.fromkeys(r.get('date', date) for r in rs))} |"
         )
     return lines
 
