@@ -40,7 +40,7 @@ from .eval.perplexity import eval_indices, perplexity
 from .fileio import atomic_write_text
 from .generation.context import check_context
 
-__all__ = ["EvalTarget", "add_arguments", "evaluate", "evaluate_tasks", "format_table", "main", "resolve_target", "run"]
+__all__ = ["EvalTarget", "add_arguments", "evaluate", "evaluate_tasks", "format_table", "main", "refuse_classifier", "resolve_target", "run"]
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -55,6 +55,9 @@ class EvalTarget:
     """The run's data settings (an exported student alone: the defaults)."""
     micro_batch_size: int = 4
     """Sequences per forward (the run's eval.micro_batch_size)."""
+    dtype: str = "float32"
+    """The student's compute dtype: the run's teacher.dtype (an exported student alone: float32),
+    whether or not the teacher is scored too."""
 
 
 def _read_config(folder: Path) -> dict:
@@ -69,22 +72,31 @@ def _read_config(folder: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({err})") from err
 
 
-def resolve_target(path: str | Path, *, teacher: str | None = None, no_teacher: bool = False) -> EvalTarget:
-    """The EvalTarget of a run folder or an exported student folder; `teacher` overrides
-    the teacher's name_or_path, `no_teacher` leaves it out."""
-    folder = Path(path).expanduser()
-    config = _read_config(folder)
+def refuse_classifier(folder: Path, config: dict, command: str) -> None:
+    """A sequence classifier (model or run) is not a causal LM: say so, and where its scores are."""
     if config.get("model_type") == "cald_classifier" or config.get("task", {}).get("kind") == "classification":
         raise ValueError(
-            f"{folder} is a sequence classifier: `cald-scale evaluate` scores causal LMs (perplexity, lm-eval); "
+            f"{folder} is a sequence classifier: `cald-scale {command}` works on causal LMs; "
             "a classification run's report.json holds its teacher and student accuracy and macro-F1 on validation and test"
         )
+
+
+def resolve_target(
+    path: str | Path, *, teacher: str | None = None, no_teacher: bool = False, remedy: str = "pass --teacher NAME_OR_PATH or --no_teacher"
+) -> EvalTarget:
+    """The EvalTarget of a run folder or an exported student folder; `teacher` overrides
+    the teacher's name_or_path (its other settings kept, bar a GGUF file name that belonged to
+    the old path), `no_teacher` leaves it out. ``remedy`` ends the message for a student that
+    names no teacher (what the caller's user can pass)."""
+    if teacher and no_teacher:
+        raise ValueError(f"--teacher {teacher} and --no_teacher contradict each other: give one")
+    folder = Path(path).expanduser()
+    config = _read_config(folder)
+    refuse_classifier(folder, config, "evaluate")
     if config.get("model_type") == CaldStudentConfig.model_type:
         named = teacher or config.get("teacher_name_or_path")
         if not named and not no_teacher:
-            raise ValueError(
-                f"student {folder} does not name its teacher (teacher_name_or_path): pass --teacher or --no_teacher"
-            )
+            raise ValueError(f"student {folder} does not name its teacher (teacher_name_or_path): {remedy}")
         teacher_cfg = TeacherConfig(name_or_path=named) if named else None
         target = EvalTarget(student_dir=folder, teacher=teacher_cfg, data=DataConfig())
     elif "teacher" in config and "data" in config:
@@ -95,9 +107,9 @@ def resolve_target(path: str | Path, *, teacher: str | None = None, no_teacher: 
         data = from_dict(DataConfig, {"txt_document_chars": None, **config["data"]}, "data")
         teacher_cfg = from_dict(TeacherConfig, config["teacher"], "teacher")
         if teacher:
-            teacher_cfg = dataclasses.replace(teacher_cfg, name_or_path=teacher)
+            teacher_cfg = dataclasses.replace(teacher_cfg, name_or_path=teacher, gguf_file=None)
         batch = config.get("eval", {}).get("micro_batch_size", EvalTarget.micro_batch_size)
-        target = EvalTarget(student_dir=student_dir, teacher=teacher_cfg, data=data, micro_batch_size=batch)
+        target = EvalTarget(student_dir=student_dir, teacher=teacher_cfg, data=data, micro_batch_size=batch, dtype=teacher_cfg.dtype)
     else:
         raise ValueError(
             f"{folder / 'config.json'} is neither a run config (teacher and data sections) nor "
@@ -107,9 +119,8 @@ def resolve_target(path: str | Path, *, teacher: str | None = None, no_teacher: 
 
 
 def _load_student(target: EvalTarget) -> PreTrainedModel:
-    """The exported student, in its teacher's compute dtype (float32 alone)."""
-    dtype = DTYPES[target.teacher.dtype] if target.teacher is not None else torch.float32
-    return AutoModelForCausalLM.from_pretrained(target.student_dir, dtype=dtype)
+    """The exported student, in the run's compute dtype (the same with or without its teacher)."""
+    return AutoModelForCausalLM.from_pretrained(target.student_dir, dtype=DTYPES[target.dtype])
 
 
 def _score(
@@ -232,7 +243,7 @@ def format_table(rows: list[dict]) -> str:
 def _limit(text: str) -> int | float:
     """Docs per task: a count, or below 1 a fraction of the task's docs."""
     value = float(text)
-    if value <= 0 or (value >= 1 and not value.is_integer()):
+    if not value > 0 or (value >= 1 and not value.is_integer()):  # NaN fails "> 0"
         raise argparse.ArgumentTypeError(f"must be a whole number of docs or a fraction in (0, 1), got {text}")
     return int(value) if value >= 1 else value
 

@@ -22,12 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from .cli import device_arg, positive_float, positive_int, probability
 from .conversion.modeling import CaldStudentConfig
 from .conversion.teacher import DTYPES, TeacherConfig, build_teacher, open_teacher
-from .evaluate import resolve_target
+from .engines.checkpoint import MANIFEST
+from .evaluate import refuse_classifier, resolve_target
 from .fileio import atomic_write_text
 from .generation.cache import state_bytes
 from .generation.context import check_context
@@ -36,15 +37,23 @@ from .generation.graphs import generate_graphed
 __all__ = ["add_arguments", "generate_text", "resolve_model_dir", "run"]
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A run folder -> its exported student; any other folder as it is."""
+def resolve_model_dir(path: str | Path, command: str = "generate") -> Path:
+    """A run folder -> its exported student; any other folder as it is. A training checkpoint
+    and a sequence classifier are refused, naming what they are."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} {'is not a folder' if folder.exists() else 'does not exist'} (expected a run folder or a model folder)")
     config_path = folder / "config.json"
     if not config_path.is_file():
+        if (folder / MANIFEST).is_file() or any((child / MANIFEST).is_file() for child in folder.glob("step_*")):
+            run_dir = folder.parent.parent if (folder / MANIFEST).is_file() else folder.parent
+            raise FileNotFoundError(
+                f"{folder} holds training checkpoints (DeepSpeed's partitioned state), not a model folder: give the run "
+                f"folder ({run_dir}), whose student/ is exported when the run finishes"
+            )
         raise FileNotFoundError(f"{folder} has no config.json (expected a run folder or a model folder)")
     config = json.loads(config_path.read_text())
+    refuse_classifier(folder, config, command)
     if "teacher" in config and "data" in config:  # a run config
         if not (folder / "student" / "config.json").is_file():
             raise FileNotFoundError(f"run folder {folder} has no student/ (it is exported when the run finishes)")
@@ -91,10 +100,16 @@ def generate_text(
     ``cuda_graph``: decode through ``generate_graphed`` (a mixers-only student; on CUDA each
     step replays a CUDA graph) instead of ``model.generate``; the same tokens either way.
     """
+    # NOTE: left padding (and a pad token) for this call only; the caller's tokenizer is left as it was.
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+        pad_token_id = tokenizer.pad_token_id
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = side, pad
     check_context(model, batch["input_ids"].shape[1] + max_new_tokens, name)
     clock = _FirstTokenClock(model.device)
     eos_token_id = model.generation_config.eos_token_id
@@ -103,11 +118,11 @@ def generate_text(
         cache = model.new_cache()
         new = generate_graphed(
             model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens, cache=cache,
-            eos_token_id=eos_token_id, pad_token_id=tokenizer.pad_token_id, logits_processor=[clock], **sampling,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, logits_processor=[clock], **sampling,
         )
     else:
         out = model.generate(
-            **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            **batch, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
             return_dict_in_generate=True, logits_processor=LogitsProcessorList([clock]), **sampling,
         )
         new = out.sequences[:, batch["input_ids"].shape[1] :]
@@ -151,7 +166,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--cuda-graph", choices=["auto", "on", "off"], default="auto",
+        "--cuda-graph", "--cuda_graph", dest="cuda_graph", choices=["auto", "on", "off"], default="auto",
         help="decode the student by replaying each step as a CUDA graph (a student of mixers alone; "
         "at batch 1 on an H200, 11.9x the eager step). auto: on CUDA for such a student",
     )
@@ -164,6 +179,11 @@ def _graphed_decode(model, mode: str) -> bool:
     new_cache = getattr(model, "new_cache", None)
     mixers_only = new_cache is not None and not new_cache().has_attention
     if mode == "on":
+        if new_cache is None:
+            raise ValueError(
+                f"--cuda-graph on: only a cald_scale student decodes as a CUDA graph; this is a {model.config.model_type} model "
+                "(a Bamba export or another HF model decodes through generate)"
+            )
         if not mixers_only:
             raise ValueError("--cuda-graph on: only a converted student of mixers alone decodes as a CUDA graph (a kept attention layer's KV cache grows every step)")
         if model.device.type != "cuda":
@@ -182,17 +202,18 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 
 def _teacher_source(args: argparse.Namespace, folder: Path):
-    """The teacher to run beside the student, opened now (a wrong name fails before any
-    generation): the run's own teacher settings for a run folder, else the name the student
-    records, --teacher NAME overriding either."""
+    """The teacher to run beside the student and its own tokenizer, opened now (a wrong name
+    fails before any generation): the run's own teacher settings for a run folder, else the
+    name the student records, --teacher NAME overriding either."""
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") == CaldStudentConfig.model_type:
-        teacher = resolve_target(args.path, teacher=args.teacher or None).teacher
+        remedy = "give it as --teacher NAME_OR_PATH"
+        teacher = resolve_target(args.path, teacher=args.teacher or None, remedy=remedy).teacher
     elif args.teacher:
         teacher = TeacherConfig(name_or_path=args.teacher)
     else:
         raise ValueError(f"{folder} does not name its teacher: pass --teacher NAME_OR_PATH")
-    return open_teacher(dataclasses.replace(teacher, dtype=args.dtype))[0]
+    return open_teacher(dataclasses.replace(teacher, dtype=args.dtype))
 
 
 def _summary(name: str, source, row: dict) -> str:
@@ -212,13 +233,20 @@ def run(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     folder = resolve_model_dir(args.path)
     dtype = DTYPES[args.dtype]
-    models = [("student", lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), folder)]
+    # (name, config, tokenizer, load, where): each model with its own tokenizer
+    models = [("student", AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
+               lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), folder)]
     if args.teacher is not None:
-        source = _teacher_source(args, folder)
-        models.append(("teacher", lambda: build_teacher(source), source.name))
+        source, teacher_tokenizer = _teacher_source(args, folder)
+        models.append(("teacher", source.config, teacher_tokenizer, lambda: build_teacher(source), source.name))
+    # Every context is checked before any model loads (the teacher's too: a refusal after the
+    # student's completion would lose it).
+    for name, config, tokenizer, _, _ in models:
+        longest = max(len(ids) for ids in tokenizer(args.prompt)["input_ids"])
+        check_context(config, longest + args.max_new_tokens, f"the {name}",
+                      remedy=f"the longest prompt is {longest} tokens and --max_new_tokens adds {args.max_new_tokens}")
     results = []
-    for name, load, where in models:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+    for name, _, tokenizer, load, where in models:
         model = load().to(args.device).eval()
         graph = name == "student" and _graphed_decode(model, args.cuda_graph)
         torch.manual_seed(args.seed)

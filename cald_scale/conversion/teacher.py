@@ -26,6 +26,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -189,6 +190,13 @@ class TeacherSource:
     def weights(self) -> WeightReader:
         return open_weights(self.folder)
 
+    def generation_config(self) -> GenerationConfig | None:
+        """The folder's generation_config.json (its end-of-turn tokens, e.g. an instruct model's),
+        which a model built from config alone would not read; None when there is none."""
+        if not (self.folder / "generation_config.json").is_file():
+            return None
+        return GenerationConfig.from_pretrained(self.folder)
+
     def __str__(self) -> str:
         return str(self.folder)
 
@@ -275,6 +283,8 @@ def build_teacher(source: TeacherSource, placement: Placement = PLAIN) -> PreTra
         else:
             model = AutoModelForCausalLM.from_config(source.config, dtype=source.dtype)
     model.tie_weights()  # no_init_weights also skips tying
+    if model.can_generate() and (generation := source.generation_config()) is not None:
+        model.generation_config = generation
     gc.collect()  # the untied head's tensor, if any (partitioned tensors sit in reference cycles)
     try:
         load_weights(model, source.weights(), placement.assign, shape_of=placement.shape_of)

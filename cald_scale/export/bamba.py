@@ -13,6 +13,8 @@ students load through the Auto classes after ``import cald_scale`` (README "Expo
 
 from __future__ import annotations
 
+import copy
+import logging
 import re
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from transformers.initialization import no_init_weights
 
 from ..conversion.modeling import CaldStudentConfig, CaldStudentForCausalLM, teacher_geometry
 from ..fileio import atomic_dir, check_replaceable, is_model_folder, model_type_of
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["BambaExportError", "bamba_config", "bamba_state_dict", "check_exportable", "export_bamba", "to_bamba"]
 
@@ -141,6 +145,7 @@ def to_bamba(student: CaldStudentForCausalLM) -> BambaForCausalLM:
             raise BambaExportError(f"{key}: the student has shape {tuple(value.shape)}, Bamba expects {tuple(expected[key].shape)}")
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
+    model.generation_config = copy.deepcopy(student.generation_config)  # stops at the same tokens as the student
     return model.to(dtype).eval()
 
 
@@ -163,6 +168,8 @@ def export_bamba(student: CaldStudentForCausalLM | str | Path, target: str | Pat
             tokenizer = AutoTokenizer.from_pretrained(folder)
         student = CaldStudentForCausalLM.from_pretrained(folder)
     model = to_bamba(student)
+    if tokenizer is None:
+        logger.warning("%s gets no tokenizer (the student has none to copy): `cald-scale generate` needs one; save the teacher's there", target)
     with atomic_dir(target, replace=True, replaceable=earlier_bamba) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:

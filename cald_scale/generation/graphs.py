@@ -61,7 +61,16 @@ class GraphedDecode:
         self.input_ids.copy_(token_ids.reshape(self.input_ids.shape))
         if not self.use_graph:
             logits = self._forward()
-        elif self.calls == 0:
+        else:
+            # NOTE: the model's device made current: a capture records on a stream of the current
+            # device, so a model on cuda:1 captured from cuda:0 would record nothing.
+            with torch.cuda.device(self.device):
+                logits = self._graph_step()
+        self.calls += 1
+        return logits.clone()
+
+    def _graph_step(self) -> torch.Tensor:
+        if self.calls == 0:
             # NOTE: warm-up on a side stream, as torch's capture requires of what it records.
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -80,8 +89,7 @@ class GraphedDecode:
             self.graph.replay()
             self.cache.advance(1)
             logits = self._logits
-        self.calls += 1
-        return logits.clone()
+        return logits
 
 
 def _sampling_parameters(model: torch.nn.Module, **given) -> tuple:

@@ -131,8 +131,35 @@ def test_a_classifier_is_refused_in_one_line(tmp_path):
     from cald_scale.evaluate import resolve_target
 
     (tmp_path / "config.json").write_text('{"model_type": "cald_classifier"}')
-    with pytest.raises(ValueError, match="is a sequence classifier: `cald-scale evaluate` scores causal LMs"):
+    with pytest.raises(ValueError, match="is a sequence classifier: `cald-scale evaluate` works on causal LMs"):
         resolve_target(tmp_path)
+
+
+def test_the_student_is_scored_in_the_runs_dtype_with_or_without_its_teacher(models, tmp_path):
+    """A bf16 run's student is scored in bf16 alone too (its perplexity must not depend on
+    --no_teacher); --teacher NAME drops the run's GGUF file name, which belonged to the old path."""
+    from cald_scale.evaluate import resolve_target
+
+    teacher_dir, student_dir, _, _ = models
+    run = tmp_path / "run"
+    shutil.copytree(student_dir, run / "student")
+    teacher = {"name_or_path": "some/gguf_folder", "gguf_file": "model.Q8_0.gguf", "dtype": "bfloat16"}
+    (run / "config.json").write_text(json.dumps({"teacher": teacher, "data": {}}))
+    assert resolve_target(run).dtype == resolve_target(run, no_teacher=True).dtype == "bfloat16"
+    assert evaluate_module._load_student(resolve_target(run, no_teacher=True)).dtype == torch.bfloat16
+    overridden = resolve_target(run, teacher=str(teacher_dir)).teacher
+    assert (overridden.name_or_path, overridden.gguf_file, overridden.dtype) == (str(teacher_dir), None, "bfloat16")
+    with pytest.raises(ValueError, match="--teacher .* and --no_teacher contradict each other"):
+        resolve_target(run, teacher=str(teacher_dir), no_teacher=True)
+    assert resolve_target(student_dir, no_teacher=True).dtype == "float32"  # an exported student alone
+
+
+@pytest.mark.parametrize("text", ["nan", "-1", "0", "1.5", "inf"])
+def test_limit_refuses_what_is_no_count_or_fraction(text):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="whole number of docs or a fraction"):
+        evaluate_module._limit(text)
 
 
 def test_report_headline_shows_every_eval_set_at_four_significant_digits():

@@ -129,10 +129,13 @@ def test_context_beyond_the_teachers_positions_is_refused_for_attention_only(fol
     argv = ["generate", str(folders["student"]), "--prompt", prompt, "--max_new_tokens", "4"]
     assert main(argv + ["--json", str(tmp_path / "long.json")]) == 0
     assert json.loads((tmp_path / "long.json").read_text())[0]["new_tokens"] == 4
+    capsys.readouterr()
     assert main(argv + ["--teacher"]) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("cald-scale")]
-    assert len(errors) == 1 and "max_position_embeddings (512)" in errors[0] and "Traceback" not in err
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("cald-scale")]
+    assert len(errors) == 1 and "max_position_embeddings (512)" in errors[0] and "Traceback" not in captured.err
+    assert "--max_new_tokens adds 4" in errors[0]
+    assert "=== student" not in captured.out  # refused before the student generated anything (its completion is not lost half-way)
 
 
 def test_export_command_writes_bamba_and_refuses_gpt_neox(folders, tmp_path, capsys):
@@ -187,3 +190,74 @@ def test_the_command_list_gives_each_subcommand_a_whole_sentence(capsys):
     for name in COMMANDS:
         assert name in listing
     assert "any corpus, or side by side on lm-eval-harness tasks." in listing
+
+
+def test_the_teacher_generates_with_its_own_tokenizer(folders, tmp_path):
+    """--teacher with another vocabulary: each model reads the prompt with its own tokenizer (the
+    student's ids, up to 299, would index past this teacher's 120-row embedding)."""
+    other = save_tiny_teacher(tmp_path / "other_teacher", "llama", train_tokenizer(TEXT, vocab_size=120))
+    out = tmp_path / "g.json"
+    argv = ["generate", str(folders["student"]), "--prompt", "Whether 'tis nobler", "--max_new_tokens", "3", "--teacher", str(other), "--json", str(out)]
+    assert main(argv) == 0
+    rows = {row["model"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"the student", "the teacher"} and rows["the teacher"]["decode_steps"] == 2
+
+
+def test_generate_text_leaves_the_callers_tokenizer_as_it_was(folders):
+    import cald_scale  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cald_scale.generate import generate_text
+
+    tokenizer = AutoTokenizer.from_pretrained(folders["student"])
+    tokenizer.padding_side, tokenizer.pad_token = "right", None
+    model = AutoModelForCausalLM.from_pretrained(folders["student"]).eval()
+    rows = generate_text(model, tokenizer, ["To be", "Whether 'tis nobler in the mind"], max_new_tokens=2)
+    assert len(rows) == 2 and (tokenizer.padding_side, tokenizer.pad_token) == ("right", None)
+
+
+def test_wrong_kinds_of_folder_are_named(folders, tmp_path, capsys):
+    """A training checkpoint (a tag, or the checkpoints/ folder), a classifier, and --cuda-graph on
+    for a model that is no cald_scale student: one line each, saying what the folder is."""
+    tag = tmp_path / "runs" / "r" / "checkpoints" / "step_8"
+    tag.mkdir(parents=True)
+    (tag / "cald_manifest.json").write_text("{}")
+    classifier = tmp_path / "classifier"
+    classifier.mkdir()
+    (classifier / "config.json").write_text('{"model_type": "cald_classifier"}')
+    bamba = tmp_path / "bamba"
+    assert main(["export", str(folders["student"]), "--bamba", str(bamba)]) == 0
+    cases = [
+        (["generate", str(tag), "--prompt", "x"], f"holds training checkpoints (DeepSpeed's partitioned state), not a model folder: give the run folder ({tmp_path / 'runs' / 'r'})"),
+        (["generate", str(tag.parent), "--prompt", "x"], f"give the run folder ({tmp_path / 'runs' / 'r'})"),
+        (["export", str(tag), "--bamba", str(tmp_path / "b2")], "holds training checkpoints"),
+        (["generate", str(classifier), "--prompt", "x"], "is a sequence classifier: `cald-scale generate` works on causal LMs"),
+        (["generate", str(bamba), "--prompt", "x", "--cuda-graph", "on"], "only a cald_scale student decodes as a CUDA graph; this is a bamba model"),
+    ]
+    capsys.readouterr()
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("cald-scale")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, (argv, err)
+
+
+def test_a_teacher_that_ends_turns_on_other_tokens_passes_them_on(tmp_path, folders):
+    """An instruct teacher's generation_config.json (end-of-turn tokens beyond config.json's
+    eos) is read by the teacher built from its config, and a Bamba export keeps the student's."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    import cald_scale  # noqa: F401
+    from cald_scale.conversion.teacher import TeacherConfig, load_teacher
+    from cald_scale.export.bamba import to_bamba
+
+    teacher_dir = tmp_path / "instruct"
+    shutil.copytree(folders["teacher"], teacher_dir)
+    GenerationConfig(bos_token_id=1, eos_token_id=[0, 7, 9]).save_pretrained(teacher_dir)
+    teacher, _, source = load_teacher(TeacherConfig(name_or_path=str(teacher_dir)))
+    assert source.generation_config().eos_token_id == teacher.generation_config.eos_token_id == [0, 7, 9]
+    student = AutoModelForCausalLM.from_pretrained(folders["student"])
+    student.generation_config = source.generation_config()
+    assert to_bamba(student).generation_config.eos_token_id == [0, 7, 9]

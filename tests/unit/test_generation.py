@@ -73,6 +73,18 @@ def test_sampling_with_a_seed_matches_recompute():
     assert torch.equal(*outs)
 
 
+@pytest.mark.parametrize("family,mixer,attention_layers", LAYOUTS[:1] + LAYOUTS[2:3])
+def test_beam_search_with_the_cache_equals_recompute(family, mixer, attention_layers):
+    # Beam search reorders every layer's cache rows by the surviving beams at each step (the
+    # mixers' conv and SSM states, a kept layer's KV); a missed reorder changes the beams.
+    student = _student(family, mixer, attention_layers)
+    ids, mask = _left_padded_batch(2)
+    beams = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0, early_stopping=True)
+    cached = student.generate(ids, attention_mask=mask, use_cache=True, **beams)
+    recomputed = student.generate(ids, attention_mask=mask, use_cache=False, **beams)
+    assert cached.shape[0] == 2 * ids.shape[0] and torch.equal(cached, recomputed)
+
+
 def test_decoding_runs_one_token_per_mixer_call_and_state_is_constant():
     student = _student("llama", "mamba2", [1])
     mixer_layer = student.mixers()[0]
