@@ -309,6 +309,12 @@ class RunConfig:
                 raise ValueError("classification batches are padded to their longest example: give phase lengths in steps or fractions, not tokens")
             if self.train.pipeline_stages:
                 raise ValueError("pipeline mode (train.pipeline_stages) runs causal LMs; classification runs under ZeRO-3 (train.pipeline_stages=0)")
+            lm_only = [f"eval.{key}" for key in ("max_sequences", "other_corpora") if getattr(self.eval, key) != getattr(EvalConfig(), key)]
+            if lm_only:
+                raise ValueError(
+                    f"{' and '.join(lm_only)} set what perplexity scores (causal LMs); a classification run scores its whole "
+                    "validation and test splits (classification.max_eval_examples caps them)"
+                )
         if self.student.init_from and self.train.pipeline_stages:
             raise ValueError("student.init_from is not supported in pipeline mode (train.pipeline_stages): each stage converts the teacher's own blocks")
         self.plan(world_size=1)  # phase errors surface when the config is loaded

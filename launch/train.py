@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg, args.ds_config, early_signals=_EARLY_SIGNALS)
     except USER_ERRORS as err:  # bad input: one line that names it (the run folder is left intact)
         parser.exit(1, f"error: {err}\n")
-    except (ValueError, OSError) as err:  # what the project raises for a bad setting or file, in one line
+    except (ValueError, OSError, ImportError) as err:  # a bad setting or file, a package to install: one line
         if os.environ.get(TRACEBACK_VAR) == "1":
             raise
         parser.exit(1, f"error: {err}\n({TRACEBACK_VAR}=1 shows where it was raised)\n")

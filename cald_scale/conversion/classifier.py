@@ -133,7 +133,9 @@ class CaldEncoderForSequenceClassification(PreTrainedModel):
         self.adapter = get_adapter(encoder_config.model_type)
         # NOTE: no pooler: a sentence-embedding checkpoint (MiniLM) has none worth keeping, and
         # pooling is this head's choice (mean or CLS).
-        self.encoder = AutoModel.from_config(encoder_config, add_pooling_layer=False)
+        # NOTE: the attention kernel asked for (teacher.attn_implementation) is this config's; the
+        # encoder's own config is rebuilt from a dict, which leaves it out.
+        self.encoder = AutoModel.from_config(encoder_config, add_pooling_layer=False, attn_implementation=config._attn_implementation)
         dropout = config.classifier_dropout if config.classifier_dropout is not None else getattr(encoder_config, "hidden_dropout_prob", 0.1)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(encoder_config.hidden_size, config.num_labels)

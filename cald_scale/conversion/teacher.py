@@ -81,7 +81,8 @@ class TeacherConfig:
 
 
 def _looks_like_path(text: str) -> bool:
-    return text.startswith(("/", "./", "../", "~")) or text.endswith(".gguf") or os.sep in text and Path(text).parent.exists() and not _is_hub_id(text)
+    # NOTE: a hub id is exactly owner/name; runs/encoder/std/student is a path even before it exists.
+    return text.startswith(("/", "./", "../", "~")) or text.endswith(".gguf") or (os.sep in text and not _is_hub_id(text))
 
 
 def _is_hub_id(text: str) -> bool:
@@ -92,6 +93,11 @@ def _is_hub_id(text: str) -> bool:
 def resolve_teacher_source(cfg: TeacherConfig) -> tuple[str, Path | str, str | None]:
     """Classify the teacher source: ("builtin"|"gguf"|"folder"|"hub", location, gguf file name)."""
     name = cfg.name_or_path
+    if cfg.gguf_file and not Path(name).expanduser().is_dir():
+        raise ValueError(
+            f"teacher.gguf_file={cfg.gguf_file!r} names a file inside a local folder, but teacher.name_or_path={name!r} is no "
+            "local folder: give the folder, or the .gguf file itself as teacher.name_or_path (and no gguf_file)"
+        )
     if name in BUILTIN_TEACHERS:
         package, filename, install = BUILTIN_TEACHERS[name]
         spec = importlib.util.find_spec(package)
@@ -142,8 +148,11 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     _require_gguf()
     logger.info("converting GGUF teacher %s -> %s (once)", gguf_path, target)
     folder, filename = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 - not GGUF, truncated, an unsupported architecture: name the file
+        raise ValueError(f"teacher GGUF file {gguf_path} could not be read ({type(err).__name__}: {err})") from err
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -165,7 +174,10 @@ def _download_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+        folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+        if not any(folder.glob("*.safetensors")):  # an older repo: PyTorch pickles only (fetched only then: often GBs)
+            folder = Path(snapshot_download(repo_id, allow_patterns=[*_HUB_FILES, "pytorch_model*.bin"]))
+        return folder
     except Exception as err:  # noqa: BLE001 - offline, unknown repo, network: one clear message
         raise OSError(
             f"could not load teacher {repo_id!r} from the model hub ({err.__class__.__name__}: {err}); "
@@ -235,6 +247,15 @@ def classifier_teacher(source: TeacherSource, labels: list[str], *, pooling: str
             raise ValueError(
                 f"teacher {source.name!r} is a {config.model_type!r} model; sequence classification takes an encoder "
                 f"({', '.join(sorted(_ENCODER_FAMILIES))}) or a classifier fine-tuned by cald_scale"
+            )
+        fine_tuned = [a for a in (getattr(config, "architectures", None) or []) if a.endswith("ForSequenceClassification")]
+        if fine_tuned:
+            # NOTE: its head pools through BERT's pooler ([CLS], dense, tanh); this task's head pools for
+            # itself, so that head cannot be read, and a new one would make a "fine-tuned" teacher guess.
+            raise ValueError(
+                f"teacher {source.name!r} is a transformers {fine_tuned[0]}: its fine-tuned head is not read here (it pools "
+                "through BERT's pooler). Give its pretrained encoder, fine-tuned by a Std. run first "
+                "(recipes/encoder/minilm_wiki_std.yaml), or a classifier fine-tuned by cald_scale"
             )
         attn, dtype = config._attn_implementation, config.dtype
         config = classifier_config(config, len(labels), pooling=pooling, label_names=list(labels))

@@ -102,11 +102,11 @@ class ClassificationDataConfig:
 
     validation_fraction: float = 0.1
     """Share of each class carved from train into validation when no validation files are
-    given. 0: no validation split."""
+    given (then > 0: a classification run scores validation and test; 0 carves none)."""
 
     test_fraction: float = 0.1
-    """Share of each class carved from train into test when no test files are given. 0: no
-    test split."""
+    """Share of each class carved from train into test when no test files are given (then
+    > 0, as for validation)."""
 
     seed: int = 0
     """Salt of the per-text hash that orders each class before the carve (and picks the
@@ -312,7 +312,7 @@ def _empty_split_error(name: str, split: str, stats: dict[str, int], sources: di
     return ValueError(
         f"the {split} split carved from train of {name!r} is empty: {stats['num_train_before_carve']} "
         f"train examples with {split}_fraction={getattr(cfg, f'{split}_fraction')} round to 0 in every "
-        f"class; use more data, a larger fraction, {split} files, or {split}_fraction: 0 for no {split} split"
+        f"class; use more data, a larger fraction, or {split} files"
     )
 
 
@@ -451,5 +451,6 @@ def load_classification_data(cfg: ClassificationDataConfig) -> ClassificationDat
             if name in splits:
                 capped = _cap_split(splits[name], len(labels), cfg.max_eval_examples)
                 stats[f"{name}_skipped_max_eval_examples"] = len(splits[name]) - len(capped)
+                stats[f"num_{name}"] = len(capped)  # as num_train: what is scored
                 splits[name] = capped
     return ClassificationData(name=content["name"], labels=labels, splits=splits, stats=stats, key=key)

@@ -201,6 +201,13 @@ def resolve_sources(cfg: ClassificationDataConfig) -> dict[str, Source]:
                 paths = tuple(p for p, s in named.items() if s == split)
                 if paths:
                     sources[split] = Source(paths=paths)
+        elif any(named.values()):
+            # NOTE: read as one train pool, the held-out files would be trained on.
+            held_out = sorted(path for path, split in named.items() if split is not None)
+            raise ValueError(
+                f"classification.dataset {cfg.dataset!r} holds files named for held-out splits ({held_out}) but none named "
+                "train*: name the training file(s) train*, or give classification.train / validation / test"
+            )
         else:
             sources["train"] = Source(paths=tuple(files))
     else:

@@ -35,7 +35,7 @@ from .zero3 import (
     teacher_ds_config,
 )
 
-__all__ = ["DistillationModels", "build_models", "block_numel", "set_trainable", "shares_teacher_weights"]
+__all__ = ["DistillationModels", "build_models", "block_numel", "check_new_head_trains", "set_trainable", "shares_teacher_weights"]
 
 logger = logging.getLogger("cald_scale.engines")
 
@@ -129,6 +129,18 @@ def block_numel(model: nn.Module, blocks: nn.ModuleList) -> int:
     return max(sum(math.prod(full_shape(p)) for p in block.parameters()) for block in blocks)
 
 
+def check_new_head_trains(trainable: str, origin: TeacherSource) -> None:
+    """A classifier student converted from an encoder without a head for the task
+    (``origin.head_seed``: a head drawn new) must train that head: under
+    ``student.trainable=mixers`` only the mixers train, and the head would stay random."""
+    if trainable == "mixers" and getattr(origin, "head_seed", None) is not None:
+        raise ValueError(
+            f"the student starts from {origin.name!r}, an encoder without a head for this task, so its classification head is "
+            "new; with student.trainable=mixers only the mixers train and that head would stay random: set student.trainable=all "
+            "(the encoder recipes do), or start from a classifier fine-tuned for the task (student.init_from)"
+        )
+
+
 def shares_teacher_weights(cfg: RunConfig, plan: PhasePlan) -> bool:
     """Whether the student's frozen copied weights are the teacher's own tensors (its checkpoints
     then leave them out): only the mixers train, ``student.share_frozen_weights``, a teacher
@@ -151,11 +163,12 @@ def build_models(
     teacher before anything trains.
     """
     plan = plan or cfg.plan(world_size=1)
+    origin = student_source or source  # student_source: what student.init_from names
+    check_new_head_trains(cfg.student.trainable, origin)
     placement = placement_for(ds_config)
     teacher = build_teacher(source, placement) if plan.uses_teacher else None
     check_waypoints(plan.waypoints, source.config, teacher, placement)
     frozen_copies = cfg.student.trainable == "mixers"
-    origin = student_source or source  # student_source: what student.init_from names
     share = shares_teacher_weights(cfg, plan)
     if frozen_copies and (plan.trains_teacher or plan.swaps_teacher):
         # One message: the frozen copies are also why the student cannot share the teacher's tensors.

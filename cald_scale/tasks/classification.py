@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..conversion.registry import get_adapter
-from ..conversion.teacher import classifier_teacher, open_teacher
+from ..conversion.teacher import classifier_teacher, open_teacher, resolve_teacher_source
 from ..data.classification import load_classification_data
 from ..data.classification_batches import IGNORE_INDEX, BucketedBatches, eval_batches_by_length, tokenize_splits
 from ..engines.zero3 import begin_step
@@ -38,6 +38,11 @@ class ClassificationTask:
 
     def __init__(self, cfg, *, is_main: bool):
         self.cfg = cfg
+        if resolve_teacher_source(cfg.teacher)[0] == "gguf":  # before de-quantising it (a minute, for nothing)
+            raise ValueError(
+                f"teacher {cfg.teacher.name_or_path!r} is a GGUF checkpoint, a causal LM: sequence classification takes an "
+                "encoder (BERT, RoBERTa; e.g. teacher.name_or_path=all-minilm-l6-v2) or a classifier fine-tuned by cald_scale"
+            )
         base, self.tokenizer = open_teacher(cfg.teacher)
         # Every rank reads the same cached splits (one builds them under a file lock).
         self.data = load_classification_data(cfg.classification)
@@ -58,7 +63,10 @@ class ClassificationTask:
         self.splits = tokenize_splits(self.data, self.tokenizer, self.cfg.classification.max_length)
         missing = [name for name in EVAL_SPLITS if name not in self.splits or len(self.splits[name]) == 0]
         if missing:
-            raise ValueError(f"classification data {self.data.name!r} has no {' and no '.join(missing)} split: set classification.validation_fraction / test_fraction or give the files")
+            raise ValueError(
+                f"classification data {self.data.name!r} has no {' and no '.join(missing)} split, and a run scores both: give "
+                + " and ".join(f"classification.{name}_fraction > 0 (carved from train) or {name} files" for name in missing)
+            )
 
     def tokens_per_micro_batch(self, micro_batch: int) -> int:
         return 0  # padded batches: the trainer counts each batch's real tokens

@@ -16,6 +16,20 @@ from .student_source import student_init_source
 __all__ = ["LanguageModelingTask"]
 
 
+def refuse_encoder(source) -> None:
+    """An encoder (BERT-like, or a classifier cald_scale fine-tuned) is no causal LM: say which task
+    takes it, rather than build it as a "causal" teacher or fail inside transformers."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
+
+    config = source.config
+    classifier = config.model_type == "cald_classifier"
+    if classifier or (type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)):
+        raise ValueError(
+            f"teacher {source.name!r} is {'a sequence classifier' if classifier else f'a {config.model_type} encoder'}, not a causal LM: "
+            "set task.kind=classification to convert it for a classification task"
+        )
+
+
 class LanguageModelingTask:
     """What the trainer asks of a task, for causal LMs (see ``tasks/__init__.py``)."""
 
@@ -24,6 +38,7 @@ class LanguageModelingTask:
     def __init__(self, cfg, *, is_main: bool):
         self.cfg = cfg
         self.source, self.tokenizer = open_teacher(cfg.teacher)
+        refuse_encoder(self.source)
         get_adapter(self.source.config)  # an unconvertible family fails now, before any weight is read
         self.student_source = student_init_source(cfg, self.source)
         self._is_main = is_main

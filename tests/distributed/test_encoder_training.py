@@ -113,7 +113,8 @@ def _mode_overrides(mode: str, run_dir, std_run, encoder_dir) -> list[str]:
     sharing = {"student.conversion.linformer.sharing": "layer"} if mixer == "linformer_layer" else {}
     return _overrides(
         teacher, run_dir, root / "data", phases,
-        **{"student.conversion.mixer": mixer.removesuffix("_layer"), "student.init_from": init_from, "loss.a_kl": 1.0, **sharing},
+        # student.trainable=all, as the recipes: the head drawn on the pretrained encoder must train.
+        **{"student.conversion.mixer": mixer.removesuffix("_layer"), "student.init_from": init_from, "loss.a_kl": 1.0, "student.trainable": "all", **sharing},
     )
 
 

@@ -192,6 +192,18 @@ def test_split_files_in_a_folder(tmp_path):
     # Only a train file: validation and test are carved from it.
     carved = load_classification_data(_files_cfg(folder / "train.csv", tmp_path / "cache"))
     assert [len(carved[s]) for s in SPLITS] == [160, 20, 20]
+    # Held-out files and no train* file: refused, not pooled into train (the test file would be trained on).
+    (folder / "train.csv").rename(folder / "all.csv")
+    with pytest.raises(ValueError, match=r"holds files named for held-out splits .*dev.csv.*test.csv.* but none named train\*"):
+        load_classification_data(_files_cfg(folder, tmp_path / "cache"))
+
+
+def test_capped_eval_splits_report_what_is_scored(tmp_path):
+    _write(_rows(), tmp_path / "data.csv")
+    data = load_classification_data(_files_cfg(tmp_path / "data.csv", tmp_path / "cache", max_eval_examples=12))
+    for split in ("validation", "test"):
+        assert data.stats[f"num_{split}"] == len(data[split]) == 12
+        assert data.stats[f"{split}_skipped_max_eval_examples"] == 24 - 12
 
 
 # ---------------------------------------------------------------------------------------

@@ -47,6 +47,14 @@ def test_the_kept_attention_layers_default_by_task():
         load_run_config(overrides=["student.conversion.attention_every=-1"])
 
 
+def test_a_classification_run_refuses_the_perplexity_settings_it_would_ignore():
+    base = ["task.kind=classification", "teacher.name_or_path=all-minilm-l6-v2"]
+    for override, named in (("eval.max_sequences=8", "eval.max_sequences"), ("eval.other_corpora=[]", "eval.other_corpora")):
+        with pytest.raises(ConfigError, match=f"{named} set what perplexity scores"):
+            load_run_config(overrides=[*base, override])
+    load_run_config(overrides=[*base, "classification.max_eval_examples=100"])
+
+
 def test_a_saved_config_from_before_a_key_reads_its_legacy_value():
     # A run folder written before attention_every existed converted every layer: it differs from
     # today's default (4) and matches an explicit 0, for resume and for benchmark reuse alike.

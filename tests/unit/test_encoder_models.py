@@ -287,3 +287,54 @@ def test_geometry_check_counts_a_classifier_head_but_not_an_lm_label_count():
     assert geometry_mismatch(classifier_config(encoder, 3, pooling="mean"), mean3) == []
     assert geometry_mismatch(classifier_config(encoder, 3, pooling="cls"), mean3) == ["pooling: cls vs mean"]
     assert geometry_mismatch(classifier_config(encoder, 12, pooling="mean"), mean3) == ["num_labels: 12 vs 3"]
+
+
+def test_a_transformers_fine_tuned_classifier_is_refused_not_given_a_random_head(minilm, tmp_path):
+    """A BertForSequenceClassification's head pools through BERT's pooler, which this task's head
+    does not: it cannot be read, and a new head would make the "fine-tuned" teacher guess."""
+    from transformers import AutoConfig, BertForSequenceClassification
+
+    bare = save_tiny_encoder(tmp_path / "bare", "bert", minilm[1])
+    BertForSequenceClassification(AutoConfig.from_pretrained(bare, num_labels=len(LABELS))).save_pretrained(tmp_path / "sst")
+    minilm[1].save_pretrained(tmp_path / "sst")
+    source, _ = open_teacher(TeacherConfig(name_or_path=str(tmp_path / "sst")))
+    with pytest.raises(ValueError, match="is a transformers BertForSequenceClassification: its fine-tuned head is not read"):
+        classifier_teacher(source, LABELS, seed=0)
+
+
+def test_a_new_head_must_train(minilm):
+    """Converted from an encoder without a head for the task, the student's head is new: under
+    student.trainable=mixers it would never train, so that is refused; a fine-tuned classifier's
+    head (head_seed None) may stay frozen."""
+    import dataclasses
+
+    from cald_scale.engines.models import check_new_head_trains
+
+    encoder = minilm[0]
+    assert encoder.head_seed is not None
+    with pytest.raises(ValueError, match="its classification head is new; with student.trainable=mixers"):
+        check_new_head_trains("mixers", encoder)
+    check_new_head_trains("all", encoder)
+    check_new_head_trains("mixers", dataclasses.replace(encoder, head_seed=None))
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_the_encoder_runs_the_attention_kernel_asked_for(kernel):
+    source, tokenizer = open_teacher(TeacherConfig(name_or_path="all-minilm-l6-v2", attn_implementation=kernel))
+    teacher = build_teacher(classifier_teacher(source, LABELS, seed=0))
+    assert teacher.encoder.config._attn_implementation == kernel
+    assert teacher(**_batch(tokenizer)).logits.shape == (4, len(LABELS))
+
+
+def test_each_task_refuses_the_other_tracks_teacher_by_name(minilm, tmp_path):
+    """The causal-LM task given an encoder says to set task.kind=classification (it built a
+    "causal" BERT, or failed inside transformers); classification given the default GGUF LM
+    teacher refuses it before de-quantising it."""
+    from cald_scale.config import load_run_config
+    from cald_scale.tasks import open_task
+
+    with pytest.raises(ValueError, match="'all-minilm-l6-v2' is a bert encoder, not a causal LM: set task.kind=classification"):
+        open_task(load_run_config(overrides=["teacher.name_or_path=all-minilm-l6-v2"]), is_main=True)
+    cfg = load_run_config(overrides=["task.kind=classification", "classification.dataset=wiki_topic", f"classification.cache_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="is a GGUF checkpoint, a causal LM: sequence classification takes an encoder"):
+        open_task(cfg, is_main=True)

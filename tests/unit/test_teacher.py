@@ -24,6 +24,30 @@ def test_missing_teacher_path_is_named(tmp_path):
         load_teacher(TeacherConfig(name_or_path="./relative/missing"))
 
 
+def test_a_relative_path_of_several_parts_is_a_path_not_a_hub_id(tmp_path, monkeypatch):
+    """The encoder recipe's teacher (runs/encoder/wiki_std/student) before the Std. run made it: a
+    missing path, not a hub lookup's error; owner/name stays a hub id."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="teacher path 'runs/encoder/wiki_std/student' does not exist"):
+        resolve_teacher_source(TeacherConfig(name_or_path="runs/encoder/wiki_std/student"))
+    assert resolve_teacher_source(TeacherConfig(name_or_path="HuggingFaceTB/SmolLM2-135M"))[0] == "hub"
+
+
+def test_a_gguf_file_name_needs_a_local_folder(tmp_path):
+    with pytest.raises(ValueError, match="teacher.gguf_file='m.Q8_0.gguf' names a file inside a local folder"):
+        resolve_teacher_source(TeacherConfig(name_or_path="someone/some-gguf-repo", gguf_file="m.Q8_0.gguf"))
+
+
+def test_a_file_that_is_not_gguf_is_named(tmp_path, monkeypatch):
+    if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
+        pytest.fail("the gguf and accelerate packages are project dependencies (the built-in teacher is a GGUF)")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all" * 10)
+    monkeypatch.setenv("CALD_SCALE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=f"teacher GGUF file {junk} could not be read"):
+        load_teacher(TeacherConfig(name_or_path=str(junk)))
+
+
 def test_folder_without_config_is_rejected(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="config.json"):
