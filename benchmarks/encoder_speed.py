@@ -14,7 +14,7 @@ Beside the timings it records, for each student, an upper bound from arithmetic:
 multiply-adds per token (its layers' linear maps plus attention's 2 * length * hidden) over
 the student's own layers' linear maps. No token mixer, however fast, makes a student beat it.
 Linformer keeps the teacher's linear maps; BiMamba2 has two expand-1 Mamba2s per layer (per
-METHOD.md), whose in_proj (x, z, B, C, dt) is 4x the teacher's Q/K/V.
+cald_scale/mixers/bimamba2.py), whose in_proj (x, z, B, C, dt) is 4x the teacher's Q/K/V.
 """
 
 from __future__ import annotations

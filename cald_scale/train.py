@@ -191,8 +191,9 @@ def forward_backward(
     if phase.mode == "teacher_forced":
         parts = teacher_forced_step(
             teacher, models.student, batch, phase.loss, backward=engine.backward, stage_size=cfg.train.stage_size, all_agree=agree,
+            poison_stage=0 if poison else None,
         )
-        return parts, agree(bool(torch.isfinite(parts.total)))
+        return parts, parts.skipped_stages == 0  # every rank skipped the same stages
     parts = cald_forward(teacher, models.student, batch, phase.loss, stage_size=cfg.train.stage_size, schedule=cfg.train.schedule)
     if poison:
         parts.total = parts.total * float("nan")
@@ -211,7 +212,7 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
     teacher = guide.enter(step)
     set_phase_lr(engine, phase, step)
     sums: dict[str, float] = {}
-    per_layer, teacher_ce = None, []
+    layers, teacher_ce = 0, []
     done = 0
     while done < cfg.train.grad_accum:
         batch = next_batch(state.cursor)
@@ -236,14 +237,17 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
             sums["_tokens"] = sums.get("_tokens", 0.0) + float(batch["attention_mask"].sum())
         for key, value in parts.as_floats().items():
             sums[key] = sums.get(key, 0.0) + value / cfg.train.grad_accum
-        per_layer = parts.per_layer
+        # Per-layer losses averaged like the total: over the micro-batches, then the ranks.
+        for i, value in enumerate(parts.per_layer):
+            sums[f"_layer_{i}"] = sums.get(f"_layer_{i}", 0.0) + value / cfg.train.grad_accum
+        layers = len(parts.per_layer)
     if teacher_ce:
         sums["teacher_ce"] = sum(teacher_ce) / len(teacher_ce)
     record = mean_over_ranks(sums, engine.device)  # over the whole global batch, on any number of ranks
     if "_tokens" in record:
         state.tokens_seen += round(record.pop("_tokens") * models.data_parallel_size)
-    if per_layer:
-        record["layer_losses"] = per_layer
+    if layers:
+        record["layer_losses"] = [record.pop(f"_layer_{i}") for i in range(layers)]
     return record
 
 

@@ -272,6 +272,8 @@ def plan_phases(phases: list[PhaseConfig], train, loss: LossConfig, *, tokens_pe
             # No student path end to end: the layer loss alone, over every block (the CE that
             # trains the last block end to end, where skip_last leaves it out, is not there).
             weights.update(a_ce=0.0, a_kl=0.0, skip_last=False)
+        elif weights.get("a_ce", loss.a_ce) <= 0 and weights.get("a_kl", loss.a_kl) <= 0:
+            weights.update(skip_last=False)  # end to end with the layer loss alone: the same (nothing else reaches the last block)
         if p.mode == "teacher_forced" and weights.get("a_layer", loss.a_layer) <= 0:
             raise ValueError(f"phase {p.name!r}: mode teacher_forced trains on the layer loss alone, so a_layer must be > 0")
         try:

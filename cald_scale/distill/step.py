@@ -37,6 +37,9 @@ class LossParts:
     total: torch.Tensor
     terms: dict[str, torch.Tensor]
     per_layer: list[float]
+    skipped_stages: int = 0
+    """Teacher-forced stages not back-propagated (a non-finite loss); the total and terms are
+    then those of the stages that were."""
 
     def as_floats(self) -> dict[str, float]:
         return dict(zip(("loss", *self.terms), _floats([self.total, *self.terms.values()])))
@@ -155,15 +158,18 @@ def teacher_forced_step(
     stage_size: int = 1,
     on_boundary: Callable[[str, int], None] | None = None,
     all_agree: Callable[[bool], bool] = lambda flag: flag,
+    poison_stage: int | None = None,
 ) -> LossParts:
     """Teacher-forced layer alignment: each student stage runs on the teacher's input to that
     stage and is back-propagated (``backward(stage_loss)``) before the next stage runs.
 
     Stage losses are weighted so that their gradients sum to those of
     ``a_layer * mean(layer losses)``. A stage whose loss is not finite is not
-    back-propagated (the blocks are independent, so the others still learn); the returned
-    total is then non-finite too. ``all_agree(flag)`` makes every rank take the same
-    branch (True only if ``flag`` holds on all ranks). The returned tensors are detached.
+    back-propagated (the blocks are independent, so the others still learn) and is counted in
+    ``skipped_stages``; the returned total and layer loss are the other stages' (their layer
+    losses' mean). ``all_agree(flag)`` makes every rank take the same branch (True only if
+    ``flag`` holds on all ranks). ``poison_stage``: that stage's loss is made NaN
+    (fault-injection tests). The returned tensors are detached.
     """
     boundary = on_boundary or (lambda event, stage: None)
     batch = as_batch(batch)
@@ -175,6 +181,7 @@ def teacher_forced_step(
     wanted = set(distilled_layers(student.num_layers, cfg))
     weight = cfg.a_layer / len(wanted)
     layer_terms: list[torch.Tensor] = []
+    skipped = 0
     with torch.no_grad():
         t_h = teacher.embed(input_ids, **_segment_kwargs(batch))
     s_ctx = student.context(t_h.to(student.dtype), input_ids, **masked)  # the student's own embedding is not used
@@ -192,13 +199,21 @@ def teacher_forced_step(
                 terms.append(layer_loss(s_h, t_outs[j], mask))
         if terms:
             stage_loss = weight * torch.stack(terms).sum()
-            # NOTE: a hybrid's kept attention layer with frozen weights has nothing to learn.
-            if stage_loss.requires_grad and all_agree(bool(torch.isfinite(stage_loss))):
+            if k == poison_stage:
+                stage_loss = stage_loss * float("nan")
+                terms = [t * float("nan") for t in terms]
+            if not stage_loss.requires_grad:
+                pass  # a hybrid's kept attention layer with frozen weights: nothing to learn
+            elif all_agree(bool(torch.isfinite(stage_loss))):
                 backward(stage_loss)
+            else:
+                skipped += 1
             layer_terms.extend(t.detach() for t in terms)
         t_h = t_outs[-1]
         # NOTE: this stage's graph (and the teacher input it saved) is gone after backward.
         del t_outs, terms, s_h, t_in
         boundary("stage", k)
-    layer = torch.stack(layer_terms).mean()
-    return LossParts(total=cfg.a_layer * layer, terms={"layer": layer}, per_layer=_floats(layer_terms))
+    stacked = torch.stack(layer_terms)
+    finite = torch.isfinite(stacked)
+    layer = stacked[finite].mean() if bool(finite.any()) else stacked.mean()  # the stages that learned
+    return LossParts(total=cfg.a_layer * layer, terms={"layer": layer}, per_layer=_floats(layer_terms), skipped_stages=skipped)

@@ -28,6 +28,7 @@ __all__ = [
     "size_zero_buffers",
     "teacher_ds_config",
     "build_training_engine",
+    "clear_grads_after_step",
     "build_teacher_engine",
     "param_groups",
     "register_mixer_params",
@@ -373,7 +374,35 @@ def build_training_engine(model: nn.Module, ds_config: dict, groups: list[dict],
         register_mixer_params(engine.module)
         share_fp32_master(engine.optimizer)
         read_fp32_grads_in_place(engine.optimizer)
+        clear_grads_after_step(engine.optimizer)
     return engine
+
+
+def clear_grads_after_step(optimizer) -> bool:
+    """Zero ZeRO-3's gradient partitions after every optimizer step.
+
+    DeepSpeed writes (or, after the first micro-batch, adds) a parameter's gradient partition
+    only when a backward reached it, yet its step reads every trainable parameter's partition.
+    A trainable parameter no backward reached in a step (a teacher-forced stage skipped for a
+    non-finite loss; a block no loss term reaches) would be stepped again with the gradient
+    it had at its last update, already clipped. Zeroed, it is stepped with no gradient.
+    Returns whether the step was wrapped."""
+    step = getattr(optimizer, "step", None)
+    if step is None or not hasattr(optimizer, "grad_partitions_flat_buffer"):
+        return False
+
+    def stepped(*args, **kwargs):
+        out = step(*args, **kwargs)
+        # NOTE: read at each step: DeepSpeed rebinds the buffer (offload, reload_states).
+        if optimizer.grad_partitions_flat_buffer is not None:
+            optimizer.grad_partitions_flat_buffer.zero_()
+        for flat in getattr(optimizer, "fp32_partitioned_groups_flat", []):  # an offloaded optimizer's own fp32 gradients
+            if flat.grad is not None:
+                flat.grad.zero_()
+        return out
+
+    optimizer.step = stepped
+    return True
 
 
 def share_fp32_master(optimizer) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def small_vocab_teacher(tmp_path_factory):
 
 
 # construction first: it measures the peak of live tensors, before any other check has run.
-CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "chunked_head_frozen", "vocab_streamed_head", "fused_head_trained", "zero3_leaves", "graph_free_linear")
+CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "chunked_head_frozen", "vocab_streamed_head", "fused_head_trained", "zero3_leaves", "graph_free_linear", "stale_grads")
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,17 @@ def test_fp32_parameters_as_their_own_master_train_identically(checks):
         assert one["grads_read_in_place"] and all(one["grads_read_in_place"]) and not any(two["grads_read_in_place"])
         assert one["losses"] == two["losses"] and one["losses"][-1] < one["losses"][0]
         assert one["checksum"] == two["checksum"]
+
+
+def test_a_block_skipped_for_a_nan_is_not_stepped_with_its_last_gradient(checks):
+    for rank in _check("stale_grads", checks):
+        first, poisoned = rank["first"], rank["poisoned"]
+        assert first["finite"] and first["block0"] > 0 and first["block1"] > 0
+        assert rank["buffer_after_step"] == 0.0
+        # Stage 0 non-finite: skipped on every rank; block 0's partitions hold no gradient (they held
+        # the last step's, clipped, before), block 1 learns, and the logged loss is the finite stages'.
+        assert not poisoned["finite"] and poisoned["skipped"] == 1
+        assert poisoned["block0"] == 0.0 and poisoned["block1"] > 0 and math.isfinite(poisoned["loss"])
 
 
 def test_chunked_head_losses_with_a_frozen_shared_head(checks):

@@ -15,6 +15,7 @@ Checks:
   vocab_streamed_head  a frozen head read a piece of rows at a time gives the gathered head's CE and gradients
   zero3_leaves       whole blocks, or their frozen parts, gathered as ZeRO-3 leaves train exactly as with a hook per submodule
   graph_free_linear  F.linear under ZeRO-3: torch's where nothing is saved for backward, DeepSpeed's (no gathered weight kept) where it is
+  stale_grads        a block no backward reached in a step is stepped with a zero gradient, not its last one
 """
 
 from __future__ import annotations
@@ -436,6 +437,32 @@ def check_graph_free_linear(args) -> dict:
     return out
 
 
+def check_stale_grads(args) -> dict:
+    """A block no backward reached in a step (a teacher-forced stage skipped for a non-finite
+    loss) meets a zero gradient partition at the optimizer step, not the gradient it had at its
+    last update: every partition is zero after a step."""
+    from cald_scale.train import forward_backward
+
+    phases = "phases=[{name: align, guidance: target, mode: teacher_forced}]"
+    env, cfg, ds_config, source = _setup(args.teacher, ["student.trainable=mixers", phases, "train.grad_clip=0.05"])
+    models = build_models(cfg, ds_config, source)
+    opt, phase = models.student_engine.optimizer, cfg.plan(env.world_size).phases[0]
+    partition = opt._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
+
+    def block_grad(i: int) -> float:
+        return sum(float(partition[p.ds_id].abs().sum()) for p in models.student.blocks[i].parameters() if p.requires_grad)
+
+    batch, out = _batch(source.config.vocab_size, env), {}
+    parts, finite = forward_backward(models, models.teacher, phase, batch, cfg)
+    out["first"] = {"finite": finite, "block0": block_grad(0), "block1": block_grad(1)}
+    models.student_engine.step()
+    out["buffer_after_step"] = float(opt.grad_partitions_flat_buffer.abs().sum())
+    parts, finite = forward_backward(models, models.teacher, phase, batch, cfg, poison=True)  # stage 0 is NaN
+    out["poisoned"] = {"finite": finite, "skipped": parts.skipped_stages, "block0": block_grad(0), "block1": block_grad(1), "loss": parts.total.item()}
+    models.student_engine.step()
+    return out
+
+
 CHECKS = {
     "streamed_vs_naive": check_streamed_vs_naive,
     "construction": check_construction,
@@ -447,6 +474,7 @@ CHECKS = {
     "fused_head_trained": check_fused_head_trained,
     "zero3_leaves": check_zero3_leaves,
     "graph_free_linear": check_graph_free_linear,
+    "stale_grads": check_stale_grads,
 }
 
 

@@ -157,6 +157,9 @@ def test_a_teacher_forced_phase_trains_the_last_block_too():
 
     tf, e2e = _plan("[{name: tf, steps: 2, mode: teacher_forced}, {name: e2e, steps: 2}]", "train.max_steps=null").phases
     assert distilled_layers(4, tf.loss) == [0, 1, 2, 3] and distilled_layers(4, e2e.loss) == [0, 1, 2]
+    # End to end with neither CE nor KL, the layer loss is all there is too.
+    [layer_only] = _plan("[{name: e2e, steps: 2, a_ce: 0, a_kl: 0}]", "train.max_steps=null").phases
+    assert distilled_layers(4, layer_only.loss) == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize(

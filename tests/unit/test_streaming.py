@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tiny_models import tiny_teacher
@@ -118,6 +120,20 @@ def test_teacher_forced_gradients_are_per_block():
     for name, param in student.named_parameters():
         if ".layers.1." in name and param.grad is not None:
             torch.testing.assert_close(param.grad, grads[name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_non_finite_teacher_forced_stage_is_skipped_and_the_rest_learn():
+    teacher = tiny_teacher("llama", layers=3)
+    student = convert_teacher(teacher, ConversionConfig()).train()
+    ids = torch.randint(0, 256, (2, 16))
+    parts = teacher_forced_step(LayerwiseModel(teacher), LayerwiseModel(student), ids, LossConfig(skip_last=False),
+                                backward=lambda loss: loss.backward(), poison_stage=1)
+    assert parts.skipped_stages == 1 and math.isnan(parts.per_layer[1])
+    grads = {n for n, p in student.named_parameters() if p.grad is not None}
+    assert any(".layers.0." in n for n in grads) and any(".layers.2." in n for n in grads)
+    assert not any(".layers.1." in n for n in grads)  # the skipped block got nothing
+    # The logged loss is the stages that learned: finite, their layer losses' mean.
+    assert parts.terms["layer"].item() == pytest.approx((parts.per_layer[0] + parts.per_layer[2]) / 2, rel=1e-6)
 
 
 def test_loss_weights_and_skips():

@@ -114,3 +114,54 @@ def test_a_waypoint_list_is_checked_whole_and_one_bad_waypoint_keeps_its_own_err
         check_waypoints([missing, good, other], config)
     assert str(missing) in str(err.value) and f"{other} does not match the teacher (num_hidden_layers: 2 vs 3)" in str(err.value)
     assert f"{good} " not in str(err.value) and not str(err.value).endswith(str(good))
+
+
+
+_TRAJECTORY_NAN = r"""
+import os, sys
+
+import deepspeed
+import torch
+from tiny_models import tiny_teacher
+
+from cald_scale.distill.stages import LayerwiseModel
+from cald_scale.engines.teacher import ManagedTeacher
+
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+deepspeed.init_distributed(dist_backend="gloo")
+model = tiny_teacher("llama", layers=2)
+config = {"train_batch_size": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}, "zero_optimization": {"stage": 3}}
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+managed = ManagedTeacher(engine, LayerwiseModel(engine.module), None, "base", chunk_tokens=0)
+batch = {"input_ids": torch.randint(0, 256, (1, 16))}
+print("FIRST:", managed.train_step(batch), engine.global_steps)
+with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=0):
+    engine.module.model.norm.weight.data.fill_(float("nan"))  # its own loss is NaN from here
+print("SECOND:", managed.train_step(batch))
+print("STEPS:", engine.global_steps)
+with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+    print("NAN_TENSORS:", sorted(n for n, p in engine.module.named_parameters() if torch.isnan(p).any()))
+"""
+
+
+def test_a_trajectory_teacher_step_on_a_non_finite_loss_leaves_its_weights_as_they_were(tmp_path):
+    """A real ZeRO-3 teacher engine whose own loss turns NaN: applied, the NaN would reach every
+    weight on every rank for good (and the next checkpoint). DeepSpeed (0.19) takes a step whose
+    gradient norm is not finite for an overflow, in any dtype, and skips it: no tensor but the one
+    made NaN here is touched, and the run goes on (the NaN shows as the step's teacher_ce)."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tests = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tests}:{tests.parent}"}
+    proc = subprocess.run([sys.executable, "-c", _TRAJECTORY_NAN, str(port)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-2000:] + proc.stderr[-4000:]
+    first = next(line for line in out.splitlines() if line.startswith("FIRST:")).split()
+    assert float(first[1]) > 0 and first[2] == "1"
+    assert "SECOND: nan" in out and "NAN_TENSORS: ['model.norm.weight']" in out
