@@ -245,7 +245,8 @@ class DebugConfig:
     """Fault injection for tests of the failure paths (never set in real runs)."""
 
     nan_at_micro_steps: list[int] = dataclasses.field(default_factory=list)
-    """Micro-step indices (global count) whose loss is replaced by NaN."""
+    """Micro-step indices (global count) whose loss is replaced by NaN (in a teacher-forced
+    phase: its first stage's)."""
     sleep_per_step: float = 0.0
     """Seconds slept after each optimizer step (gives kill tests a window)."""
 
