@@ -145,7 +145,11 @@ def to_bamba(student: CaldStudentForCausalLM) -> BambaForCausalLM:
             raise BambaExportError(f"{key}: the student has shape {tuple(value.shape)}, Bamba expects {tuple(expected[key].shape)}")
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
-    model.generation_config = copy.deepcopy(student.generation_config)  # stops at the same tokens as the student
+    # The student's stop tokens and sampling defaults; Bamba's own cache setting (it cannot build
+    # a cache without an attention layer).
+    generation = copy.deepcopy(student.generation_config)
+    generation.use_cache = config.use_cache
+    model.generation_config = generation
     return model.to(dtype).eval()
 
 
