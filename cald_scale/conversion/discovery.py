@@ -30,7 +30,7 @@ from .families import read_fused_qkv, read_query_key_value, read_separate_qkvo
 from .modeling import teacher_geometry
 from .registry import AttentionWeights, FamilyAdapter
 
-__all__ = ["ProjectionLayout", "PROJECTION_LAYOUTS", "DISCOVERABLE", "discover_adapter"]
+__all__ = ["ProjectionLayout", "PROJECTION_LAYOUTS", "DISCOVERABLE", "discover_adapter", "is_encoder"]
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,15 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
     )
 
 
+def is_encoder(config: PretrainedConfig) -> bool:
+    """A bidirectional encoder family (it has a masked-LM head class; BERT also lists a causal one)."""
+    return type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)
+
+
 def _skeleton(config: PretrainedConfig) -> nn.Module:
     """The family's model on the meta device: its module tree, without memory or weights."""
-    # NOTE: an encoder (it has a masked-LM head class; BERT also lists a causal one) is built
-    # bare: its causal-LM class warns and is not what the encoder track converts.
-    encoder = type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)
-    auto = AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and not encoder else AutoModel
+    # NOTE: an encoder is built bare: its causal-LM class warns and is not what the encoder track converts.
+    auto = AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and not is_encoder(config) else AutoModel
     with torch.device("meta"), no_init_weights():
         return auto.from_config(copy.deepcopy(config))  # NOTE: a copy: from_config may set fields on it
 

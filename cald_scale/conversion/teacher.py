@@ -209,6 +209,12 @@ class TeacherSource:
             return None
         return GenerationConfig.from_pretrained(self.folder)
 
+    def carry_generation_config(self, model: PreTrainedModel) -> None:
+        """Give ``model`` (the teacher, or a student built from this source) that generation config,
+        so it stops where the teacher does (and a student's export keeps it)."""
+        if model.can_generate() and (generation := self.generation_config()) is not None:
+            model.generation_config = generation
+
     def __str__(self) -> str:
         return str(self.folder)
 
@@ -304,8 +310,7 @@ def build_teacher(source: TeacherSource, placement: Placement = PLAIN) -> PreTra
         else:
             model = AutoModelForCausalLM.from_config(source.config, dtype=source.dtype)
     model.tie_weights()  # no_init_weights also skips tying
-    if model.can_generate() and (generation := source.generation_config()) is not None:
-        model.generation_config = generation
+    source.carry_generation_config(model)
     gc.collect()  # the untied head's tensor, if any (partitioned tensors sit in reference cycles)
     try:
         load_weights(model, source.weights(), placement.assign, shape_of=placement.shape_of)

@@ -189,8 +189,7 @@ def build_models(
         teacher_name_or_path=source.name,  # the teacher that guided it (init_from is in the run config)
         share_with=teacher if share else None,
     )
-    if (generation := source.generation_config()) is not None:  # the teacher's end-of-turn tokens, exported with the student
-        student.generation_config = generation
+    source.carry_generation_config(student)  # the teacher's end-of-turn tokens, exported with the student
     if frozen_copies:
         set_trainable(student, copied=False)
 

@@ -283,8 +283,7 @@ class StageFactory:
             student = CaldStudentForCausalLM(student_config(config, self.cfg.student.conversion, self.source.name))
             teacher = AutoModelForCausalLM.from_config(config, dtype=self.dtype) if self.with_teacher else None
         student.backbone.tie_weights()  # no_init_weights also skips tying
-        if (generation := self.source.generation_config()) is not None:  # the teacher's end-of-turn tokens, exported
-            student.generation_config = generation
+        self.source.carry_generation_config(student)  # the teacher's end-of-turn tokens, exported
         lm, adapter = student.backbone, student.adapter
         pieces = [adapter.layers(lm)[i] for i in layers]
         if k == 0:

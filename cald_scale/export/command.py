@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    target = export_bamba(resolve_model_dir(args.path), args.bamba)
+    target = export_bamba(resolve_model_dir(args.path, "export"), args.bamba)
     print(f"wrote {target} (BambaForCausalLM; loads with AutoModelForCausalLM.from_pretrained, no cald_scale)")
     return 0
 

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from ..conversion.discovery import is_encoder
 from ..conversion.registry import get_adapter
 from ..conversion.teacher import open_teacher
 from ..data import ShardedBatches
@@ -19,11 +20,9 @@ __all__ = ["LanguageModelingTask"]
 def refuse_encoder(source) -> None:
     """An encoder (BERT-like, or a classifier cald_scale fine-tuned) is no causal LM: say which task
     takes it, rather than build it as a "causal" teacher or fail inside transformers."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
-
     config = source.config
     classifier = config.model_type == "cald_classifier"
-    if classifier or (type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)):
+    if classifier or is_encoder(config):
         raise ValueError(
             f"teacher {source.name!r} is {'a sequence classifier' if classifier else f'a {config.model_type} encoder'}, not a causal LM: "
             "set task.kind=classification to convert it for a classification task"

@@ -232,6 +232,7 @@ def test_wrong_kinds_of_folder_are_named(folders, tmp_path, capsys):
         (["generate", str(tag.parent), "--prompt", "x"], f"give the run folder ({tmp_path / 'runs' / 'r'})"),
         (["export", str(tag), "--bamba", str(tmp_path / "b2")], "holds training checkpoints"),
         (["generate", str(classifier), "--prompt", "x"], "is a sequence classifier: `cald-scale generate` works on causal LMs"),
+        (["export", str(classifier), "--bamba", str(tmp_path / "b3")], "is a sequence classifier: `cald-scale export` works on causal LMs"),
         (["generate", str(bamba), "--prompt", "x", "--cuda-graph", "on"], "only a cald_scale student decodes as a CUDA graph; this is a bamba model"),
     ]
     capsys.readouterr()
