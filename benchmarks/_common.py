@@ -171,6 +171,13 @@ def machine() -> dict:
     return info
 
 
+def overall_pass(targets: dict[str, dict]) -> bool | None:
+    """A result's verdict: every target that applies to this run passes (a target marked
+    ``applies: false`` is reported, not scored); None when none applies (nothing was scored)."""
+    scored = [t["pass"] for t in targets.values() if t.get("applies", True)]
+    return all(scored) if scored else None
+
+
 def write_result(name: str, result: dict, out: str | None = None) -> Path:
     """Write ``result`` as JSON (default benchmarks/results/<name>.json) and print it."""
     path = Path(out) if out else RESULTS / f"{name}.json"

@@ -94,6 +94,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def finished_on(folder: Path) -> str:
+    """The day (UTC) a run folder's report was written: which sitting measured a reused run."""
+    return datetime.datetime.fromtimestamp((folder / "report.json").stat().st_mtime, datetime.timezone.utc).date().isoformat()
+
+
 def curve(folder: Path) -> dict:
     """Held-out perplexity against training tokens for every eval set, plus the teacher's and the run's totals."""
     report = json.loads((folder / "report.json").read_text())
@@ -107,10 +112,9 @@ def curve(folder: Path) -> dict:
                 points.setdefault(name, [])
                 # a resumed run may log a step twice: keep the last value per token count
                 points[name] = [p for p in points[name] if p[0] != record["tokens"]] + [(record["tokens"], value)]
-    finished = datetime.datetime.fromtimestamp((folder / "report.json").stat().st_mtime, datetime.timezone.utc)
     return {
         "folder": str(folder.relative_to(REPO)),
-        "date": finished.date().isoformat(),
+        "date": finished_on(folder),
         "tokens": report["tokens_seen"],
         "train_seconds": report["train_seconds"],
         # From the job's start (after imports, ~20 s) to its report: conversion, evaluations, training, export.

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GEOMETRIES, REPO, RESULTS, machine, write_result  # noqa: E402
+from _common import GEOMETRIES, REPO, RESULTS, machine, overall_pass, write_result  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa: E402
 
 from cald_scale.conversion.modeling import ConversionConfig  # noqa: E402
@@ -460,8 +460,7 @@ def main() -> None:
         # (its state has one size), and a GPU's minutes are few.
         result["student_graph_decode"] = graphed_decode(student, models["student"][1], contexts[-1], batches, device, args.decode_steps)
     result["targets"] = check_targets(result, batches)
-    scored = [t["pass"] for t in result["targets"].values() if t.get("applies", True)]
-    result["pass"] = all(scored)
+    result["pass"] = overall_pass(result["targets"])
     tag = ("_quick" if args.quick else "") + (f"_attn_every{args.attention_every}" if args.attention_every else "")
     default_name = "inference_speed" if (device.type, args.geometry) == ("cpu", "SmolLM2-135M") else f"inference_speed_{device.type}_{args.geometry}"
     out = Path(args.out) if args.out else RESULTS / f"{default_name}{tag}.json"

@@ -28,7 +28,6 @@ and the model's exact byte counts.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import shutil
 import statistics
@@ -36,8 +35,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, RESULTS, machine, truncated_geometry, write_random_teacher, write_result  # noqa: E402
-from _runs import RUNS, Run, launch  # noqa: E402
+from _common import ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, RESULTS, machine, overall_pass, truncated_geometry, write_random_teacher, write_result  # noqa: E402
+from _runs import RUNS, Run, finished_on, launch  # noqa: E402
 
 BENCHMARK = "parallel_modes"
 GEOMETRY = "SmolLM2-135M"
@@ -81,10 +80,9 @@ def _run(mode: str, layers: int, args, teacher: Path) -> dict:
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > 1]
     rss = [m["cpu_max_rss_bytes"] for m in report.get("memory_per_rank", [report["memory"]])]
-    finished = datetime.datetime.fromtimestamp((folder / "report.json").stat().st_mtime, datetime.timezone.utc)
     return {
         "folder": str(folder),
-        "date": finished.date().isoformat(),
+        "date": finished_on(folder),
         "layers": layers,
         "tokens_per_s": statistics.median(speeds),
         "seconds_per_step": args.global_batch * args.seq_len / statistics.median(speeds),
@@ -247,7 +245,7 @@ def main() -> None:
     result["projection"] = _projection(per_layer, block["student_mixer_params"] / (block["teacher_block_params"] - block["mlp_params"]))
     result["failed"] = failed
     result["targets"] = targets(modes, runs, failed)
-    result["pass"] = all(t["pass"] for t in result["targets"].values())
+    result["pass"] = overall_pass(result["targets"])
     out = Path(args.out) if args.out else RESULTS / f"{BENCHMARK}{'_quick' if args.quick else ''}.json"
     write_result(BENCHMARK, result, str(out))
     out.with_suffix(".md").write_text(_markdown(result))

@@ -68,7 +68,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, child_env, machine, narrow_geometry, truncated_geometry, write_random_teacher, write_result  # noqa: E402
+from _common import ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, child_env, machine, narrow_geometry, overall_pass, truncated_geometry, write_random_teacher, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -547,6 +547,7 @@ def summarize(items: dict[str, dict], phase: str = "end_to_end") -> dict:
     there the ratio is reported but the target does not apply (its pass is None)."""
     target = f"distill_step <= {TARGET_RATIO} x (teacher_forward + student_forward_backward), median s/step"
     applies = phase == "end_to_end"
+    unscored = {"pass": None, "applies": False, "why": f"defined for the end-to-end step, not a {phase} one"}
     ok = {name for name, r in items.items() if "error" not in r}
     summary: dict = {"ratios": {}}
     if {"distill_step", "teacher_finetune_step"} <= ok:
@@ -559,7 +560,7 @@ def summarize(items: dict[str, dict], phase: str = "end_to_end") -> dict:
             summary["ratios"][f"{item.replace('_step', '')}_over_distill"] = items[item]["median_s"] / items["distill_step"]["median_s"]
     needed = {"distill_step", "teacher_forward", "student_forward_backward"}
     if not needed <= ok:
-        summary["targets"] = {"distill_over_unavoidable": {"target": target, "value": None, "pass": False if applies else None, "error": f"{sorted(needed - ok)} failed"}}
+        summary["targets"] = {"distill_over_unavoidable": {"target": target, "value": None, **({"pass": False} if applies else unscored), "error": f"{sorted(needed - ok)} failed"}}
         return summary
 
     def over_unavoidable(key: str) -> float:
@@ -574,8 +575,7 @@ def summarize(items: dict[str, dict], phase: str = "end_to_end") -> dict:
         "distill_over_unavoidable_cpu_s": over_unavoidable("median_cpu_s"),
         **summary["ratios"],
     }
-    scored = {"pass": ratio <= TARGET_RATIO} if applies else {"pass": None, "applies": False, "why": f"defined for the end-to-end step, not a {phase} one"}
-    summary["targets"] = {"distill_over_unavoidable": {"target": target, "value": ratio, **scored}}
+    summary["targets"] = {"distill_over_unavoidable": {"target": target, "value": ratio, **({"pass": ratio <= TARGET_RATIO} if applies else unscored)}}
     return summary
 
 
@@ -651,7 +651,6 @@ def markdown(result: dict) -> str:
 def assemble(args, geometry: str, items: dict, profiled: dict | None, load_before: float) -> dict:
     """The result file's content: shapes, machine, items, ratios and targets, profile, warnings."""
     summary = summarize(items, args.phase)
-    scored = [t["pass"] for t in summary["targets"].values() if t.get("applies", True)]
     result = {
         "benchmark": "train_speed",
         "machine": machine(),
@@ -672,8 +671,7 @@ def assemble(args, geometry: str, items: dict, profiled: dict | None, load_befor
         "load_average_before_run": load_before,
         "items": items,
         **summary,
-        # None when no target applies (a teacher-forced phase): nothing was scored.
-        "pass": all(scored) if scored else None,
+        "pass": overall_pass(summary["targets"]),  # None for a teacher-forced phase: nothing scored
     }
     if profiled:
         result["distill_profile"] = profiled

@@ -83,3 +83,13 @@ def test_parallel_modes_flags_runs_reused_from_another_day():
     runs = {"zero3_streamed": [{"date": "2026-12-01"}, {"date": "2026-12-05"}]}
     verdict = parallel_modes.targets(["zero3_streamed"], runs, {})
     assert verdict["one_sitting"]["pass"] is False and verdict["one_sitting"]["value"] == ["2026-12-01", "2026-12-05"]
+
+
+def test_a_results_verdict_covers_the_targets_that_apply_and_none_when_none_do():
+    import _common
+
+    met, missed = {"pass": True}, {"pass": False}
+    unscored = {"pass": None, "applies": False, "why": "another phase's target"}
+    assert _common.overall_pass({"a": met, "b": unscored}) is True
+    assert _common.overall_pass({"a": met, "b": missed, "c": unscored}) is False
+    assert _common.overall_pass({"b": unscored}) is None
