@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ALL_MAMBA2_ON_SHAKESPEARE, RESULTS, machine, write_result  # noqa: E402
+from _common import ALL_MAMBA2_ON_SHAKESPEARE, RESULTS, machine, overall_pass, write_result  # noqa: E402
 from _runs import REPO, Run, launch  # noqa: E402
 
 MODES = ("unguided", "target", "trajectory", "waypoint", "hybrid")
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             },
         },
     }
+    results["pass"] = overall_pass(results["targets"])
     write_result(name, results)
     lines = [
         f"# Guidance modes, LM track ({results['machine']['date'][:10]}; SmolLM2-135M -> Mamba2, {results['budget_tokens']:,} tokens, seeds {seeds}; "
