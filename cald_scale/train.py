@@ -37,7 +37,7 @@ from .engines.distributed import DistEnv, all_true, barrier, gather_objects, ini
 from .engines.host_memory import configure_host_allocator, return_free_memory
 from .engines.preemption import Preempted, PreemptionWatch
 from .engines.models import DistillationModels, build_models, shares_teacher_weights
-from .engines.reshard import plan_resume
+from .engines.reshard import OPTIMIZER_GROUPS, ResumePlan, plan_resume
 from .engines.teacher import check_waypoints
 from .engines.zero3 import begin_step, load_ds_config, resolve_ds_config
 from .eval.report import write_report
@@ -148,6 +148,18 @@ def _check_plan_change(run_dir: Path, before: PhasePlan, after: PhasePlan, at: i
         raise ValueError(
             f"{run_dir} was trained with {was} and this run's phases have {now}: a mixers-only student shares a fixed "
             f"teacher's frozen weights, and its checkpoints leave them out, so one kind does not load as the other; {fix}"
+        )
+
+
+def _warn_joined_groups(resume: ResumePlan, plan: PhasePlan, trainable: str) -> None:
+    """A checkpoint saved before the parts outside the blocks had optimizer groups of their own
+    resumes with its layout, and a teacher-forced phase that trains everything then moves them."""
+    phases = [p.name for p in plan.phases if p.mode == "teacher_forced" and p.trainable == "all"]
+    if not resume.outside_groups and trainable == "all" and phases:
+        logger.warning(
+            "%s predates separate optimizer groups for the embedding, final norm and head, and resumes with its own layout: "
+            "in phase(s) %s they move by weight decay and momentum as when it was saved; a new output.run_dir holds them still",
+            resume.tag, ", ".join(map(repr, phases)),
         )
 
 
@@ -369,7 +381,9 @@ class _Run:
 
     def save(self, at: int) -> None:
         save_checkpoint(
-            self.models.student_engine, self.run_dir / "checkpoints", at, {**self.state.as_dict(), "guide": self.guide.state()}, self.cfg.output.keep_last,
+            self.models.student_engine, self.run_dir / "checkpoints", at,
+            {**self.state.as_dict(), "guide": self.guide.state(), OPTIMIZER_GROUPS: [g.get("name") for g in self.models.student_engine.optimizer.param_groups]},
+            self.cfg.output.keep_last,
             exclude_frozen=self.models.shares_frozen_weights, also_save=self.guide.save, owner=self.models.checkpoint_owner,
         )
         self.state.last_saved = at
@@ -447,6 +461,7 @@ def _start(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv) -> _Run:
     resume = plan_resume(tags, dp, global_batch=ds_config["train_batch_size"], pipeline_stages=cfg.train.pipeline_stages)
     ds_config = resume.ds_config(ds_config)
     plan = cfg.plan(dp)
+    _warn_joined_groups(resume, plan, cfg.student.trainable)
     changed = _check_run_dir(run_dir, cfg, resuming_at=tags[0][0] if tags else None, replicas=dp)
     started = time.time()
     for phase in plan.phases:
@@ -462,10 +477,10 @@ def _start(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv) -> _Run:
     #    (pipeline mode: stage k builds blocks [a_k, b_k) of both, in one PipelineEngine).
     #    Both modes answer the same calls (apply_phase, perplexity, export) and have a step function.
     if pipelined:
-        models = build_pipeline(cfg, ds_config, task.source, plan)
+        models = build_pipeline(cfg, ds_config, task.source, plan, outside_groups=resume.outside_groups)
         guide, step_fn = PipelineGuide(plan, models, base_weights=str(task.source.folder)), pipeline_train_step
     else:
-        models = build_models(cfg, ds_config, task.source, plan, student_source=task.student_source)
+        models = build_models(cfg, ds_config, task.source, plan, student_source=task.student_source, outside_groups=resume.outside_groups)
         guide = Guide(plan, models.managed_teacher, base_weights=str(task.source.folder), shared_param_ids=models.shared_param_ids)
         step_fn = train_step
     student_engine = models.student_engine

@@ -305,10 +305,18 @@ def plan_phases(phases: list[PhaseConfig], train, loss: LossConfig, *, tokens_pe
 
 def set_phase_lr(engine, phase: Phase, step: int) -> None:
     """LR of every parameter group of ``engine``'s optimizer at optimizer step ``step + 1``: the
-    phases own the schedule; the copied weights train at copied_lr_scale only when the phase
-    trains everything."""
+    phases own the schedule. The copied weights (``engines.zero3.param_groups``) train at
+    copied_lr_scale only when the phase trains everything; those outside the blocks not in a
+    teacher-forced phase, which never uses them."""
     factor = phase.lr_factor(step)
     for group in engine.optimizer.param_groups:
-        copied = group.get("name", "").startswith("copied")
-        scale = (phase.copied_lr_scale if phase.trainable == "all" else 0.0) if copied else 1.0
-        group["lr"] = phase.lr * scale * factor
+        group["lr"] = phase.lr * group_lr_scale(group.get("name", ""), phase) * factor
+
+
+def group_lr_scale(name: str, phase: Phase) -> float:
+    """The LR multiplier of the optimizer group ``name`` in ``phase``."""
+    if name.startswith("outside") and phase.mode == "teacher_forced":
+        return 0.0
+    if name.startswith(("copied", "outside")):
+        return phase.copied_lr_scale if phase.trainable == "all" else 0.0
+    return 1.0

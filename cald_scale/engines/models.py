@@ -150,7 +150,8 @@ def shares_teacher_weights(cfg: RunConfig, plan: PhasePlan) -> bool:
 
 
 def build_models(
-    cfg: RunConfig, ds_config: dict, source: TeacherSource, plan: PhasePlan | None = None, *, student_source: TeacherSource | None = None
+    cfg: RunConfig, ds_config: dict, source: TeacherSource, plan: PhasePlan | None = None, *, student_source: TeacherSource | None = None,
+    outside_groups: bool = True,
 ) -> DistillationModels:
     """Teacher (when any phase needs one) and student, partitioned, in their ZeRO-3 engines.
 
@@ -212,7 +213,7 @@ def build_models(
         managed = ManagedTeacher(
             teacher_engine, layerwise(teacher_engine.module), placement, str(source.folder), chunk_tokens=cfg.loss.chunk_tokens(source.config.vocab_size)
         )
-    groups = param_groups(student, cfg.train.lr, cfg.train.copied_lr_scale, cfg.train.weight_decay)
+    groups = param_groups(student, cfg.train.lr, cfg.train.copied_lr_scale, cfg.train.weight_decay, blocks=student_lw.blocks if outside_groups else None)
     student_engine = build_training_engine(
         student, sized, groups, shares_weights_with=teacher_engine if share else None, leaf_blocks=student_lw.blocks, leaves=leaves
     )

@@ -661,7 +661,7 @@ class PipelineGuide:
         pass
 
 
-def build_pipeline(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan: PhasePlan) -> PipelineModels:
+def build_pipeline(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan: PhasePlan, *, outside_groups: bool = True) -> PipelineModels:
     """The PipelineModule of ``train.pipeline_stages`` stages in its PipelineEngine (ZeRO-1)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -686,7 +686,7 @@ def build_pipeline(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan:
     if frozen_copies:
         set_trainable(module, copied=False)
     sized = size_zero_buffers(ds_config, block_numel(module, module.stage.blocks()))
-    groups = param_groups(module, cfg.train.lr, cfg.train.copied_lr_scale, cfg.train.weight_decay)
+    groups = param_groups(module, cfg.train.lr, cfg.train.copied_lr_scale, cfg.train.weight_decay, blocks=module.stage.blocks() if outside_groups else None)
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, config=sized)
     logger.info("pipeline of %d stages x %d replicas: blocks %s", num_stages, engine.grid.data_parallel_size, [f"[{a}, {b})" for a, b in zip(bounds, bounds[1:])])
     return PipelineModels(student_engine=engine, module=module, bounds=bounds, shares_frozen_weights=frozen_copies)

@@ -57,6 +57,8 @@ UNIVERSAL = "universal"
 """The converted copy of a tag: ``<tag>/universal/``."""
 _DONE = "cald_universal.json"  # written last inside the copy: its presence means "complete"
 _FAILED = ".universal.failed"  # rank 0's error, for the ranks that wait on it
+OPTIMIZER_GROUPS = "optimizer_groups"
+"""The client-state key of a checkpoint's optimizer group names (``ResumePlan.outside_groups``)."""
 _SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
 
@@ -74,13 +76,27 @@ def saved_world_size(folder: Path) -> int | None:
 
 def saved_ds_config(folder: Path) -> dict:
     """The DeepSpeed config a checkpoint folder was saved with (DeepSpeed's own record in rank 0's model states)."""
+    return _saved_states(folder).get("ds_config") or {}
+
+
+def _records_groups(tags: Sequence[tuple[int, Path]]) -> bool:
+    """Whether the run's checkpoints record their optimizer groups (read from the newest readable
+    tag: an unreadable one is skipped by the loader too); True for a fresh run."""
+    for _, tag in tags:
+        if states := _saved_states(tag):
+            return OPTIMIZER_GROUPS in states
+    return True
+
+
+def _saved_states(folder: Path) -> dict:
+    """Rank 0's model states of a checkpoint folder: DeepSpeed's records and the client state."""
     files = sorted(Path(folder).glob("*zero_pp_rank_0_mp_rank_00_model_states.pt")) or sorted(Path(folder).glob("mp_rank_00_model_states.pt"))
     if not files:
         return {}
-    try:  # mmap: the file may hold rank 0's share of the frozen weights; only the config is read
-        return torch.load(files[0], map_location="cpu", mmap=True, weights_only=False).get("ds_config") or {}
+    try:  # mmap: the file may hold rank 0's share of the frozen weights; only small records are read
+        return torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)
     except Exception as err:  # noqa: BLE001 - unreadable: the loader reports it and falls back to an older tag
-        logger.warning("cannot read the DeepSpeed config saved in %s (%s: %s)", files[0], type(err).__name__, err)
+        logger.warning("cannot read the model states saved in %s (%s: %s)", files[0], type(err).__name__, err)
         return {}
 
 
@@ -222,6 +238,11 @@ class ResumePlan:
     saved_world_size: int | None
     universal: bool
     """Load through DeepSpeed's universal format (the newest tag was saved on another world size)."""
+    outside_groups: bool = True
+    """The student's optimizer holds the copied weights outside the blocks in groups of their own
+    (``zero3.param_groups``), as a fresh run's does. A checkpoint that did not record its groups
+    (``OPTIMIZER_GROUPS``; saved before 2026-12-05) joined them with the other copied weights,
+    and resumes so: its optimizer state has that layout."""
     loaded: list[Path] = dataclasses.field(default_factory=list)
     """The folders handed to DeepSpeed, in order (the last one loaded)."""
 
@@ -282,7 +303,8 @@ def plan_resume(tags: Sequence[tuple[int, Path]], world_size: int, *, global_bat
     with ``global_batch``, of another global batch size."""
     tag = Path(tags[0][1]) if tags else None
     saved = saved_world_size(tag) if tag is not None else None
-    old = saved_ds_config(tag) if tag is not None else {}
+    states = _saved_states(tag) if tag is not None else {}
+    old = states.get("ds_config") or {}
     if tag is not None:
         _check_mode(tag, old, pipeline_stages)
     if pipeline_stages and saved is not None and saved != world_size:
@@ -295,4 +317,4 @@ def plan_resume(tags: Sequence[tuple[int, Path]], world_size: int, *, global_bat
         _check_global_batch(int(old["train_batch_size"]), global_batch, world_size)
     if universal:
         logger.info("%s was saved on %d ranks; resuming on %d through DeepSpeed's universal checkpoint", tag, saved, world_size)
-    return ResumePlan(world_size=world_size, tag=tag, saved_world_size=saved, universal=universal)
+    return ResumePlan(world_size=world_size, tag=tag, saved_world_size=saved, universal=universal, outside_groups=_records_groups(tags))

@@ -213,15 +213,27 @@ def teacher_ds_config(student_cfg: dict) -> dict:
     return cfg
 
 
-def param_groups(student: nn.Module, lr: float, copied_lr_scale: float, weight_decay: float) -> list[dict]:
+def param_groups(student: nn.Module, lr: float, copied_lr_scale: float, weight_decay: float, *, blocks: nn.Module | None = None) -> list[dict]:
     """Mixers at the peak LR, copied teacher weights at a scaled LR; frozen weights left out.
 
-    Parameters marked ``_no_weight_decay`` (Mamba's A_log, D, dt_bias) get no weight decay.
+    ``blocks``: the copied weights outside these (embedding, final norm, head) get groups of
+    their own, named ``outside``, which a teacher-forced phase holds at LR 0
+    (``distill.phases.set_phase_lr``). That phase never reaches them, and a zero gradient
+    alone does not keep them still: AdamW's decay and an earlier phase's momentum move any
+    weight whose LR is above 0. Parameters marked ``_no_weight_decay`` (Mamba's A_log, D,
+    dt_bias) get no weight decay.
     """
     mixer_ids = {id(p) for p in student.mixer_parameters()}
+    inside = {id(p) for p in blocks.parameters()} if blocks is not None else None
+
+    def kind(p: nn.Parameter) -> str:
+        if id(p) in mixer_ids:
+            return "mixers"
+        return "copied" if inside is None or id(p) in inside else "outside"
+
     groups = []
-    for name, scale, is_mixer in (("mixers", 1.0, True), ("copied", copied_lr_scale, False)):
-        params = [p for p in student.parameters() if p.requires_grad and (id(p) in mixer_ids) == is_mixer]
+    for name, scale in (("mixers", 1.0), ("copied", copied_lr_scale), ("outside", copied_lr_scale)):
+        params = [p for p in student.parameters() if p.requires_grad and kind(p) == name]
         decay = [p for p in params if not getattr(p, "_no_weight_decay", False)]
         no_decay = [p for p in params if getattr(p, "_no_weight_decay", False)]
         if decay:

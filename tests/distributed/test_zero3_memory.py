@@ -33,7 +33,7 @@ def small_vocab_teacher(tmp_path_factory):
 
 
 # construction first: it measures the peak of live tensors, before any other check has run.
-CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "chunked_head_frozen", "vocab_streamed_head", "fused_head_trained", "zero3_leaves", "graph_free_linear", "stale_grads")
+CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "chunked_head_frozen", "vocab_streamed_head", "fused_head_trained", "zero3_leaves", "graph_free_linear", "stale_grads", "outside_still")
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,18 @@ def test_a_block_skipped_for_a_nan_is_not_stepped_with_its_last_gradient(checks)
         # the last step's, clipped, before), block 1 learns, and the logged loss is the finite stages'.
         assert not poisoned["finite"] and poisoned["skipped"] == 1
         assert poisoned["block0"] == 0.0 and poisoned["block1"] > 0 and math.isfinite(poisoned["loss"])
+
+
+def test_a_teacher_forced_phase_training_every_weight_leaves_embedding_norm_and_head_still(checks):
+    for rank in _check("outside_still", checks):
+        assert rank["groups"] == ["mixers", "mixers_no_decay", "copied", "outside"]
+        assert rank["lr"]["e2e"]["outside"] == rank["lr"]["e2e"]["copied"] > 0
+        assert rank["lr"]["tf"]["outside"] == 0.0 and rank["lr"]["tf"]["copied"] > 0
+        # End to end everything moves; teacher-forced the blocks' copied weights still train while
+        # the parts outside them stay bit for bit (they moved ~1e-3 by decay and momentum before).
+        assert rank["outside_moved"]["e2e"] > 0 and rank["inside_moved"]["e2e"] > 0
+        assert rank["outside_moved"]["tf"] == 0.0 and rank["inside_moved"]["tf"] > 0
+        assert rank["joined_groups"] == ["mixers", "mixers_no_decay", "copied"]
 
 
 def test_chunked_head_losses_with_a_frozen_shared_head(checks):

@@ -16,6 +16,7 @@ Checks:
   zero3_leaves       whole blocks, or their frozen parts, gathered as ZeRO-3 leaves train exactly as with a hook per submodule
   graph_free_linear  F.linear under ZeRO-3: torch's where nothing is saved for backward, DeepSpeed's (no gathered weight kept) where it is
   stale_grads        a block no backward reached in a step is stepped with a zero gradient, not its last one
+  outside_still      a teacher-forced phase that trains every weight leaves the embedding, final norm and head as they were
 """
 
 from __future__ import annotations
@@ -463,6 +464,52 @@ def check_stale_grads(args) -> dict:
     return out
 
 
+def check_outside_still(args) -> dict:
+    """End to end, then teacher-forced with every weight training (weight decay on): the second
+    phase never reaches the embedding, final norm or head, so they must not move, though the
+    AdamW momentum of the first phase and the decay would move them at any LR above 0."""
+    import deepspeed
+
+    from cald_scale.distill.phases import set_phase_lr
+    from cald_scale.train import forward_backward
+
+    phases = "phases=[{name: e2e, steps: 2, a_kl: 1.0}, {name: tf, steps: 2, mode: teacher_forced, trainable: all}]"
+    env, cfg, ds_config, source = _setup(args.teacher, [phases, "train.max_steps=4", "train.lr=1e-2", "train.weight_decay=0.1"])
+    plan = cfg.plan(env.world_size)
+    models = build_models(cfg, ds_config, source, plan)
+    blocks = {id(p) for p in models.student.blocks.parameters()}
+    outside = [p for p in models.student_engine.module.parameters() if id(p) not in blocks]
+    inside = [p for p in models.student.blocks.parameters() if ".mixer." not in _name(models, p)]
+
+    def snapshot(params) -> list[torch.Tensor]:
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().clone() for p in params]
+
+    out, seen = {"groups": [g.get("name") for g in models.student_engine.optimizer.param_groups], "lr": {}}, {}
+    for step in range(plan.total_steps):
+        phase = plan.at(step)
+        if step == phase.start:
+            models.apply_phase(phase, cfg.student.trainable)
+            seen[phase.name] = (snapshot(outside), snapshot(inside))
+        set_phase_lr(models.student_engine, phase, step)
+        out["lr"][phase.name] = {g.get("name"): g["lr"] for g in models.student_engine.optimizer.param_groups}
+        forward_backward(models, models.teacher, phase, _batch(source.config.vocab_size, env), cfg)
+        models.student_engine.step()
+    after = snapshot(outside), snapshot(inside)
+    moved = lambda a, b: max(float((x - y).abs().max()) for x, y in zip(a, b))  # noqa: E731
+    out["outside_moved"] = {"e2e": moved(seen["e2e"][0], seen["tf"][0]), "tf": moved(seen["tf"][0], after[0])}
+    out["inside_moved"] = {"e2e": moved(seen["e2e"][1], seen["tf"][1]), "tf": moved(seen["tf"][1], after[1])}
+    del models
+    gc.collect()
+    joined = build_models(cfg, ds_config, source, plan, outside_groups=False)  # the layout of a checkpoint saved before the split
+    out["joined_groups"] = [g.get("name") for g in joined.student_engine.optimizer.param_groups]
+    return out
+
+
+def _name(models, param) -> str:
+    return next(n for n, p in models.student.blocks.named_parameters() if p is param)
+
+
 CHECKS = {
     "streamed_vs_naive": check_streamed_vs_naive,
     "construction": check_construction,
@@ -475,6 +522,7 @@ CHECKS = {
     "zero3_leaves": check_zero3_leaves,
     "graph_free_linear": check_graph_free_linear,
     "stale_grads": check_stale_grads,
+    "outside_still": check_outside_still,
 }
 
 

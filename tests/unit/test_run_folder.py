@@ -15,7 +15,7 @@ import torch
 
 from cald_scale.config_loader import ConfigError
 from cald_scale.engines.preemption import Preempted, PreemptionWatch
-from cald_scale.engines.reshard import plan_resume
+from cald_scale.engines.reshard import OPTIMIZER_GROUPS, plan_resume
 from cald_scale.fileio import hold_lock
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,17 +68,18 @@ def test_a_run_folder_in_use_is_waited_for_while_its_holder_ends(tmp_path):
     holder.wait()
 
 
-def _tag(folder: Path, *, ds_config: dict, dp: int, stages: int = 0) -> Path:
-    """A checkpoint tag as DeepSpeed lays it out: its config in rank 0's model states, one
-    optimizer shard per data-parallel rank (and per stage in pipeline mode)."""
+def _tag(folder: Path, *, ds_config: dict, dp: int, stages: int = 0, client: dict | None = None) -> Path:
+    """A checkpoint tag as DeepSpeed lays it out: its config and the client state in rank 0's model
+    states, one optimizer shard per data-parallel rank (and per stage in pipeline mode)."""
     folder.mkdir(parents=True)
+    states = {"ds_config": ds_config, **(client or {})}
     if stages:
-        torch.save({"ds_config": ds_config}, folder / "mp_rank_00_model_states.pt")
+        torch.save(states, folder / "mp_rank_00_model_states.pt")
         for stage in range(stages):
             for rank in range(dp):
                 (folder / f"zero_pp_rank_{rank}_mp_rank_{stage:02d}_optim_states.pt").write_bytes(b"")
     else:
-        torch.save({"ds_config": ds_config}, folder / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        torch.save(states, folder / "zero_pp_rank_0_mp_rank_00_model_states.pt")
         for rank in range(dp):
             (folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
     return folder
@@ -103,6 +104,31 @@ def test_a_checkpoint_resumes_only_in_its_own_mode_and_pipeline_layout(tmp_path)
     same = plan_resume(piped, 1, global_batch=4, pipeline_stages=2)
     assert not same.universal and same.source(piped[0][1]) == piped[0][1]
     assert plan_resume(zero3, 1, global_batch=4).universal  # ZeRO-3 on other ranks: DeepSpeed's universal format
+
+
+def test_a_checkpoint_that_did_not_record_its_optimizer_groups_resumes_with_their_old_layout(tmp_path, caplog):
+    """Before 2026-12-05 the embedding, final norm and head shared the copied weights' optimizer
+    groups; such a checkpoint's optimizer state has that layout, and only loads into it."""
+    from cald_scale.config import load_run_config
+    from cald_scale.train import _warn_joined_groups
+
+    config = {"train_batch_size": 4}
+    recorded = {OPTIMIZER_GROUPS: ["mixers", "mixers_no_decay", "copied", "outside"]}
+    old = [(4, _tag(tmp_path / "old" / "step_4", ds_config=config, dp=1))]
+    new = [(4, _tag(tmp_path / "new" / "step_4", ds_config=config, dp=1, client=recorded))]
+    assert plan_resume([], 1).outside_groups and plan_resume(new, 1).outside_groups
+    assert not plan_resume(old, 1).outside_groups
+    # The newest tag unreadable: the loader skips it, and the next one decides the layout.
+    broken = _tag(tmp_path / "new" / "step_6", ds_config=config, dp=1)
+    (broken / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"torn")
+    assert plan_resume([(6, broken), *new], 1).outside_groups
+    assert not plan_resume([(6, broken), *old], 1).outside_groups
+
+    cfg = load_run_config(overrides=["student.trainable=all", "phases=[{name: tf, steps: 2, mode: teacher_forced, trainable: all}, {name: e2e}]"])
+    _warn_joined_groups(plan_resume(new, 1), cfg.plan(1), cfg.student.trainable)
+    assert "predates" not in caplog.text
+    _warn_joined_groups(plan_resume(old, 1), cfg.plan(1), cfg.student.trainable)
+    assert "predates separate optimizer groups for the embedding, final norm and head" in caplog.text and "phase(s) 'tf'" in caplog.text
 
 
 def test_a_preemption_signal_while_the_job_imports_stops_it_for_a_requeue(tmp_path):
