@@ -461,7 +461,8 @@ def _start(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv) -> _Run:
     resume = plan_resume(tags, dp, global_batch=ds_config["train_batch_size"], pipeline_stages=cfg.train.pipeline_stages)
     ds_config = resume.ds_config(ds_config)
     plan = cfg.plan(dp)
-    _warn_joined_groups(resume, plan, cfg.student.trainable)
+    if env.is_main:
+        _warn_joined_groups(resume, plan, cfg.student.trainable)
     changed = _check_run_dir(run_dir, cfg, resuming_at=tags[0][0] if tags else None, replicas=dp)
     started = time.time()
     for phase in plan.phases:
