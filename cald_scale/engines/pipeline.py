@@ -59,7 +59,7 @@ from ..distill.stages import LayerwiseModel, make_stages
 from ..distill.step import combine_loss_parts
 from ..fileio import atomic_dir
 from ..metrics import current_rss_bytes
-from .distributed import barrier
+from .distributed import barrier, gather_objects
 from .host_memory import return_free_memory
 from .models import block_numel, set_trainable
 from .zero3 import param_groups, read_ds_config, resolve_ds_config, size_zero_buffers
@@ -130,6 +130,34 @@ def _check_supported(cfg: RunConfig, plan: PhasePlan, tied: bool) -> None:
                 f"phase {phase.name!r} trains the student's tied input/output embedding, which pipeline mode holds as two copies "
                 "(first and last stage) that would drift apart; use student.trainable=mixers or the ZeRO-3 mode"
             )
+
+
+def _check_every_stage_converts(cfg: RunConfig, config, bounds: list[int]) -> None:
+    """A stage whose blocks all keep the teacher's attention has no mixer: nothing of it would
+    train under student.trainable=mixers, and its optimizer would lack the other stages' groups."""
+    conversion = cfg.student.conversion.resolved(config)
+    if not conversion.converts:
+        return
+    kept = set(conversion.attention_layers)
+    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        if set(range(a, b)) <= kept:
+            raise ConfigError(
+                f"pipeline stage {k} holds blocks [{a}, {b}), which all keep the teacher's attention, so it has no mixer to train; "
+                f"choose a pipeline partition (ds_config pipeline.partition) or train.pipeline_stages that gives every stage a converted layer"
+            )
+
+
+def _check_same_groups(groups: list[dict], stage: int) -> None:
+    """Every stage's optimizer must have the same groups in the same order: ZeRO-1 all-reduces a
+    gradient norm per group across a replica's stages, and different groups would hang the first
+    step (a collective: every rank calls it)."""
+    names = [g["name"] for g in groups]
+    seen = {}
+    for rank_stage, rank_names in gather_objects((stage, names)):
+        seen.setdefault(rank_stage, rank_names)
+    if len({tuple(v) for v in seen.values()}) > 1:
+        listed = "; ".join(f"stage {k}: {', '.join(v)}" for k, v in sorted(seen.items()))
+        raise ConfigError(f"the pipeline stages' optimizer groups differ ({listed}); every stage needs the same groups")
 
 
 # -- what travels between stages ------------------------------------------------------------
@@ -269,9 +297,14 @@ class _StagePieces:
 class StageFactory:
     """Builds one stage's pieces; DeepSpeed calls it (through ``LayerSpec``) only on that stage's ranks."""
 
-    def __init__(self, cfg: RunConfig, source: TeacherSource, bounds: list[int], *, with_teacher: bool, share: bool, dtype: torch.dtype, device):
+    def __init__(
+        self, cfg: RunConfig, source: TeacherSource, bounds: list[int], *, with_teacher: bool, share: bool, dtype: torch.dtype, device,
+        outside_groups: bool = False,
+    ):
         self.cfg, self.source, self.bounds = cfg, source, bounds
         self.with_teacher, self.share, self.dtype, self.device = with_teacher, share, dtype, device
+        self.outside_groups = outside_groups
+        """The optimizer has ``outside`` groups (``zero3.param_groups``): a stage with nothing outside its blocks gets a stand-in."""
 
     def __repr__(self) -> str:  # DeepSpeed prints the layer specs
         return f"StageFactory(bounds={self.bounds})"
@@ -339,6 +372,11 @@ class CaldStage(nn.Module):
         self.poisoned: frozenset[int] = frozenset()
         self._micro = 0
         self._parts: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # NOTE: ZeRO-1 all-reduces one gradient norm per optimizer group across a replica's stages,
+        # so every stage needs the same groups: a middle stage, with no embedding or head, gets a
+        # one-element stand-in for the "outside" group (never used, no gradient, never exported).
+        if factory.outside_groups and not (self.is_first or self.is_last):
+            self.outside_stand_in = nn.Parameter(torch.zeros(1, dtype=factory.dtype, device=factory.device))
 
     @property
     def student_model(self) -> CaldStudentForCausalLM:
@@ -670,6 +708,7 @@ def build_pipeline(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan:
     _check_supported(cfg, plan, tied=bool(getattr(config, "tie_word_embeddings", False)))
     num_stages = cfg.train.pipeline_stages
     bounds = stage_bounds(config.num_hidden_layers, num_stages, ds_config["pipeline"].get("partition", "uniform"))
+    _check_every_stage_converts(cfg, config, bounds)
     frozen_copies = cfg.student.trainable == "mixers"
     if ds_config.get("bf16", {}).get("enabled"):
         dtype = torch.bfloat16
@@ -679,7 +718,7 @@ def build_pipeline(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan:
         dtype = source.dtype
     factory = StageFactory(
         cfg, source, bounds, with_teacher=plan.uses_teacher, share=frozen_copies and cfg.student.share_frozen_weights and not plan.swaps_teacher,
-        dtype=dtype, device=torch.device(get_accelerator().current_device_name()),
+        dtype=dtype, device=torch.device(get_accelerator().current_device_name()), outside_groups=outside_groups and not frozen_copies,
     )
     # NOTE: dynamic_shape: the evaluation's last micro-batch may be short, and what travels changes with the phase.
     module = CaldPipeline([LayerSpec(CaldStage, factory, k) for k in range(num_stages)], num_stages=num_stages, partition_method="uniform", dynamic_shape=True)
@@ -687,6 +726,7 @@ def build_pipeline(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan:
         set_trainable(module, copied=False)
     sized = size_zero_buffers(ds_config, block_numel(module, module.stage.blocks()))
     groups = param_groups(module, cfg.train.lr, cfg.train.copied_lr_scale, cfg.train.weight_decay, blocks=module.stage.blocks() if outside_groups else None)
+    _check_same_groups(groups, module.stage.index)
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, config=sized)
     logger.info("pipeline of %d stages x %d replicas: blocks %s", num_stages, engine.grid.data_parallel_size, [f"[{a}, {b})" for a, b in zip(bounds, bounds[1:])])
     return PipelineModels(student_engine=engine, module=module, bounds=bounds, shares_frozen_weights=frozen_copies)

@@ -285,6 +285,53 @@ def test_pipeline_config_errors_name_the_problem(tmp_path):
         _check_supported(tied_all, tied_all.plan(1), tied=True)
     _check_supported(tied_all, tied_all.plan(1), tied=False)  # an untied head trains in pipeline mode
 
+    # A stage of attention blocks only (the default layout keeps layers 1, 5, ..., 29) has no mixer.
+    from transformers import LlamaConfig
+
+    from cald_scale.engines.pipeline import _check_every_stage_converts
+
+    default, teacher = load_run_config(overrides=["train.pipeline_stages=2"]), LlamaConfig(num_hidden_layers=30)
+    with pytest.raises(ConfigError, match=r"pipeline stage 1 holds blocks \[29, 30\), which all keep the teacher's attention"):
+        _check_every_stage_converts(default, teacher, stage_bounds(30, 2, [0, 29, 30]))
+    _check_every_stage_converts(default, teacher, stage_bounds(30, 2, [0, 28, 30]))
+
+
+@pytest.mark.distributed
+def test_three_stages_train_every_weight_through_both_phase_modes_and_resume(tmp_path, teacher_dirs, data_cache):
+    """gpt_neox -> Mamba, 3 stages x 1 replica (3 CPU ranks), every weight training, weight decay on. ZeRO-1 all-reduces
+    a gradient norm per optimizer group across a replica's stages, so the middle stage, which has no
+    embedding or head, must still have their 'outside' group (a stand-in; without it the first step
+    hung). The teacher-forced phase holds that group at LR 0; the stand-in is never exported."""
+    from conftest import tiny_overrides
+    from launcher import deepspeed_command, launcher_env, metrics, run
+
+    from cald_scale.conversion.weights import open_weights
+
+    env = launcher_env(tmp_path)
+    run_dir = tmp_path / "three"
+    phases = "[{name: e2e, steps: 2}, {name: tf, steps: 2, mode: teacher_forced}]"
+    overrides = tiny_overrides(
+        teacher_dirs["gpt_neox"], run_dir, data_cache,  # untied: pipeline mode trains no tied embedding
+        **{"train.pipeline_stages": 3, "phases": phases, "train.max_steps": 4, "train.weight_decay": 0.1, "student.conversion.mixer": "mamba"},
+    )
+    cmd = deepspeed_command(overrides, ranks=3, ds_config="ds_configs/pipeline.json")
+    _ok(run(cmd, env))
+    history = metrics(run_dir)
+    assert [history[s]["phase_name"] for s in range(1, 5)] == ["e2e"] * 2 + ["tf"] * 2
+    e2e, tf = history[2]["lr_groups"], history[4]["lr_groups"]
+    assert e2e["outside"] == e2e["copied"] > 0 and tf["outside"] == 0.0 and tf["copied"] > 0
+    assert all(math.isfinite(history[s]["loss"]) for s in range(1, 5))
+    exported = open_weights(run_dir / "student")
+    assert not [k for k in exported.keys() if "stand_in" in k]
+    # The stand-in is in the middle stage's checkpoint: losing the last tag, the run resumes at step 2.
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000004")
+    resumed = run(cmd, env)
+    _ok(resumed)
+    assert "resuming run at step 2" in resumed.stdout + resumed.stderr
+    after = metrics(run_dir)
+    for step in (3, 4):
+        assert after[step]["loss"] == pytest.approx(history[step]["loss"], rel=1e-5), step
+
 
 @pytest.mark.distributed
 def test_pipeline_nan_losses_are_masked_counted_then_stop_the_run(tmp_path, teacher_dirs, data_cache):
