@@ -13,8 +13,11 @@ be lost or truncated by a node crash even after a clean exit. So a save goes:
 On resume, each rank verifies a share of the markers (their files' sizes and checksums),
 the ranks agree on the newest tag complete everywhere, and corrupt or partial tags are
 skipped for older ones, never deleted before a newer complete one exists. A rank checks
-the markers it wrote itself when the world size is unchanged, so node-local checkpoint
-storage works; resuming on a different world size needs storage every rank can read.
+the markers it wrote itself when the world size is unchanged, so the check is spread over
+the nodes. The storage must be one every rank shares: rank 0 alone writes the manifest,
+prunes old tags and holds the run's records, and a requeued job may land on other nodes. A
+rank that cannot see a tag another rank sees sealed stops the run, naming both, instead of
+starting it over.
 """
 
 from __future__ import annotations
@@ -169,6 +172,7 @@ def complete_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
     all damaged must not silently start over (and then delete them as it saves)."""
     me, world = rank(), world_size()
     local, damaged = [], []
+    sealed = sorted(step for step, path in _tags(Path(ckpt_dir)) if (path / MANIFEST).is_file())
     for step, path in _tags(Path(ckpt_dir)):
         reason = verify_tag(path, me, world)
         if reason is None:
@@ -178,15 +182,32 @@ def complete_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
         if (path / MANIFEST).is_file():  # sealed, then damaged
             damaged.append(f"{path.name}: {reason}")
     steps = set(local)
-    for other, other_damaged in gather_objects((local, damaged)):
+    views = gather_objects((local, damaged, sealed))
+    for other, other_damaged, _ in views:
         steps &= set(other)
         damaged += [d for d in other_damaged if d not in damaged]
+    _check_shared(Path(ckpt_dir), [set(seen) for _, _, seen in views])
     if not steps and damaged:
         raise CheckpointLoadError(
             f"{ckpt_dir} holds checkpoints, but every one is damaged ({'; '.join(damaged)}); refusing to start over. "
             "Restore them, or move them away to start a new run."
         )
     return [(step, path) for step, path in _tags(Path(ckpt_dir)) if step in steps]
+
+
+def _check_shared(ckpt_dir: Path, sealed: list[set[int]]) -> None:
+    """Every rank must see the same sealed tags (``sealed[r]``: the steps rank r sees with a
+    manifest). A rank that sees none of another's would start the run over and its rank 0 would
+    prune the tags the others still hold: checkpoint storage local to each node."""
+    seen = set().union(*sealed)
+    for r, mine in enumerate(sealed):
+        if missing := sorted(seen - mine):
+            other = next(q for q, theirs in enumerate(sealed) if missing[0] in theirs)
+            raise CheckpointLoadError(
+                f"rank {r} does not see the complete checkpoint(s) {', '.join(f'step_{s:08d}' for s in missing)} that rank {other} sees in "
+                f"{ckpt_dir}: output.run_dir must be on storage every node shares (a node-local folder cannot resume a run, and a "
+                "requeued job may start on other nodes)"
+            )
 
 
 # -- RNG -----------------------------------------------------------------------------------
@@ -221,7 +242,7 @@ def save_checkpoint(
     """Save on all ranks, seal every rank's part durably, then mark complete and prune old tags.
 
     ``owner`` maps a file to the rank that wrote it where DeepSpeed's names alone do not say
-    (pipeline mode), so each rank seals exactly its own files (node-local storage works).
+    (pipeline mode), so each rank seals exactly its own files.
 
     ``exclude_frozen`` leaves frozen parameters out (they are rebuilt from the teacher).
     ``also_save(tag_dir)`` writes more state into the same tag (a trajectory teacher's
@@ -235,7 +256,7 @@ def save_checkpoint(
         shutil.rmtree(folder)  # a stale partial save of this same step
     barrier()
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / _MARKER.format(me)).unlink(missing_ok=True)  # node-local storage: each node's own stale marker
+    (folder / _MARKER.format(me)).unlink(missing_ok=True)  # this rank's stale marker, from a save of this step that died
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, "world_size": world}, save_latest=True, exclude_frozen_parameters=exclude_frozen)
         torch.save(_rng_state(), folder / _RNG.format(me))

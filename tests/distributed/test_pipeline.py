@@ -205,7 +205,7 @@ def test_pipeline_run_trains_as_zero3_resumes_and_exports(tmp_path, teacher_dirs
     assert json.loads((replicas_dir / "report.json").read_text())["ppl_student_after"] == pytest.approx(theirs["ppl_student_after"], rel=1e-4)
 
     # Frozen copies stay out of checkpoints; losing the last one, the same command resumes at step 4 and repeats steps 5-6.
-    # Each stage's rank seals its own files (node-local checkpoint storage works).
+    # Each stage's rank seals exactly its own files.
     sealed = {r: set(json.loads((pipe_dir / "checkpoints" / "step_00000006" / f"cald_done_rank_{r:05d}.json").read_text())["files"]) for r in (0, 1)}
     assert {"layer_01-model_states.pt", "mp_rank_01_model_states.pt", "zero_pp_rank_0_mp_rank_01_optim_states.pt"} <= sealed[1]
     assert {"layer_00-model_states.pt", "mp_rank_00_model_states.pt"} <= sealed[0] and not sealed[0] & sealed[1]

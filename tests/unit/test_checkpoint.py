@@ -169,3 +169,49 @@ def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_and_keeps_the_las
     assert f"could not write the step-2 checkpoint in {ckpt}" in line and "GiB free there" in line
     assert "the last complete checkpoint: step 1" in line and "rerun to resume" in line
     assert "COMPLETE: [1]" in out  # the failed tag is never taken for a complete one
+
+
+def _complete_tags_on_rank(rank: int, init_file: str, folders: list[str], out: str) -> None:
+    """One of two gloo ranks, each looking at its own checkpoints folder (storage local to its node)."""
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        try:
+            result = {"tags": [step for step, _ in complete_tags(Path(folders[rank]))]}
+        except checkpoint.CheckpointLoadError as err:
+            result = {"error": str(err)}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_ranks(tmp_path, folders) -> list[dict]:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    tmp_path.mkdir(exist_ok=True)
+    procs = [ctx.Process(target=_complete_tags_on_rank, args=(r, str(tmp_path / "init"), [str(f) for f in folders], str(tmp_path))) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+        assert proc.exitcode == 0
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_checkpoints_on_storage_the_ranks_do_not_share_stop_the_run_instead_of_starting_over(tmp_path):
+    """Rank 0's node holds the sealed tags, rank 1's folder is empty (node-local run folders, or a
+    requeue onto other nodes): both ranks stop, naming the tag and the shared storage they need,
+    where the run used to start over at step 0 and prune the tags it could not see."""
+    node0, node1 = tmp_path / "node0" / "checkpoints", tmp_path / "node1" / "checkpoints"
+    for step in (2, 4):
+        _tag(node0, step)
+    node1.mkdir(parents=True)
+    for rank in _two_ranks(tmp_path, [node0, node1]):
+        assert "rank 1 does not see the complete checkpoint(s) step_00000002, step_00000004 that rank 0 sees" in rank["error"]
+        assert "output.run_dir must be on storage every node shares" in rank["error"]
+    # One folder both ranks see (shared storage): the newest tag complete everywhere.
+    assert _two_ranks(tmp_path / "shared", [node0, node0]) == [{"tags": [4, 2]}] * 2
