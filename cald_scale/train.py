@@ -389,7 +389,10 @@ class _Run:
         self.state.last_saved = at
 
     def stop_preempted(self, step: int, signal_name: str) -> None:
-        """Preempted (SLURM's warning signal, SIGTERM): a complete checkpoint at this step, then out."""
+        """Preempted (SLURM's warning signal, SIGTERM): a complete checkpoint at this step, then out.
+        At step 0 nothing has trained: nothing to save, and nothing claimed saved."""
+        if step == 0:
+            raise Preempted(None, signal_name)
         if self.state.last_saved != step:
             self.save(step)
         if self.env.is_main:

@@ -30,6 +30,27 @@ def test_a_signal_received_before_the_watch_counts_once_it_begins():
     assert "stopped at step 3 on SIGTERM: checkpoint saved" in str(Preempted(3, "SIGTERM"))
 
 
+def test_a_signal_before_the_first_step_of_a_fresh_run_claims_no_checkpoint(tmp_path):
+    """Signalled while a fresh run is built: nothing has trained, so nothing is saved, no
+    preempted.json says a checkpoint exists, and the message says so (it said "step 0: checkpoint saved")."""
+    from types import SimpleNamespace
+
+    from cald_scale.train import _Run
+
+    def save(at):
+        raise AssertionError("nothing to save at step 0")
+
+    fresh = SimpleNamespace(state=SimpleNamespace(last_saved=0), save=save, env=SimpleNamespace(is_main=True), run_dir=tmp_path)
+    with pytest.raises(Preempted, match="before training started"):
+        _Run.stop_preempted(fresh, 0, "SIGUSR1")
+    assert not (tmp_path / "preempted.json").exists()
+    saved = []
+    resumed = SimpleNamespace(state=SimpleNamespace(last_saved=2), save=saved.append, env=SimpleNamespace(is_main=True), run_dir=tmp_path)
+    with pytest.raises(Preempted, match="stopped at step 3 on SIGUSR1: checkpoint saved"):
+        _Run.stop_preempted(resumed, 3, "SIGUSR1")
+    assert saved == [3] and (tmp_path / "preempted.json").is_file()
+
+
 def _holder(path: Path) -> subprocess.Popen:
     """Another process holding ``path``'s lock until it is killed."""
     code = (
