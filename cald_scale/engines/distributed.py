@@ -27,11 +27,14 @@ class DistEnv:
 
 
 def _slurm_to_torch_env() -> None:
-    """Map SLURM's variables to torch's (deepspeed.init_distributed does not read SLURM's)."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+    """Map SLURM's variables to torch's inside an srun step (deepspeed.init_distributed does not
+    read SLURM's). Only there: a batch script's own shell has SLURM_PROCID=0 and the job's
+    SLURM_NTASKS too, and a plain ``python launch/train.py`` in it would wait for ranks that
+    never come."""
+    if "RANK" in os.environ or "SLURM_STEP_ID" not in os.environ or "SLURM_PROCID" not in os.environ:
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     if "MASTER_ADDR" not in os.environ:
         nodelist = os.environ.get("SLURM_JOB_NODELIST", "")

@@ -190,3 +190,26 @@ def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monk
     with pytest.raises(OSError, match=r"output.run_dir .*file/run: cannot write there \(Not a directory\)"):
         with _claim(OutputConfig(run_dir=str(tmp_path / "file" / "run"))):
             pass
+
+
+def test_slurm_variables_become_torch_ranks_inside_an_srun_step_only(monkeypatch):
+    """srun's tasks map SLURM_PROCID/SLURM_STEP_NUM_TASKS to RANK/WORLD_SIZE. A batch script's own
+    shell has SLURM_PROCID=0 and the job's SLURM_NTASKS as well, but no step: a plain
+    `python launch/train.py` there is a world of one, not rank 0 of 8 waiting 30 minutes for the rest."""
+    from cald_scale.engines.distributed import _slurm_to_torch_env
+
+    # A copy: what the mapping sets must not outlive the test (later tests in this process).
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")})
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    _slurm_to_torch_env()  # the batch shell: no step
+    assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("MASTER_ADDR", "node-a")
+    _slurm_to_torch_env()  # a task of `srun --ntasks=2`
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "1")
+    assert os.environ["MASTER_PORT"] == str(29500 + 1234 % 1000)
