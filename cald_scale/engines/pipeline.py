@@ -652,8 +652,15 @@ class PipelineModels:
                     os.replace(shard, tmp / shard.name)
                     weight_map.update(dict.fromkeys(SafetensorsReader([tmp / shard.name]).keys(), shard.name))
                     total += (tmp / shard.name).stat().st_size
+                shards_written = len(list(tmp.glob("*.safetensors")))
+                if shards_written != engine.num_stages:  # every stage's shard, or no export (a folder every rank shares)
+                    raise RuntimeError(
+                        f"the export found {shards_written} of {engine.num_stages} stage shards in {shards}: output.run_dir must be on storage every node shares"
+                    )
                 (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-                stage.student_model.config.save_pretrained(tmp)
+                config = stage.student_model.config
+                config.architectures = [type(stage.student_model).__name__]  # as save_pretrained writes it in ZeRO-3 mode
+                config.save_pretrained(tmp)
                 if stage.student_model.can_generate():
                     stage.student_model.generation_config.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)

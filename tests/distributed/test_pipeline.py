@@ -184,6 +184,8 @@ def test_pipeline_run_trains_as_zero3_resumes_and_exports(tmp_path, teacher_dirs
     assert ours["ppl_student_after"] < ours["ppl_student_before"]
     # The exported student: one shard per stage, the same tensors as the ZeRO-3 export (from_pretrained loads it).
     assert sorted(p.name for p in (pipe_dir / "student").glob("*.safetensors")) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    configs = [json.loads((d / "student" / "config.json").read_text()) for d in (pipe_dir, zero3_dir)]
+    assert configs[0]["architectures"] == configs[1]["architectures"] == ["CaldStudentForCausalLM"]
     exported, expected = open_weights(pipe_dir / "student"), open_weights(zero3_dir / "student")
     assert sorted(exported.keys()) == sorted(expected.keys())
     for key in expected.keys():
