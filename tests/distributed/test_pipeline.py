@@ -157,6 +157,17 @@ def _ok(proc) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
+def _drop_last_tag_and_resume(run_dir: Path, last: int, cmd: list[str], env: dict, *, at: int) -> dict:
+    """Delete the step-``last`` checkpoint, rerun ``cmd``: it must resume at step ``at``; the metrics after."""
+    from launcher import metrics, run
+
+    shutil.rmtree(run_dir / "checkpoints" / f"step_{last:08d}")
+    resumed = run(cmd, env)
+    _ok(resumed)
+    assert f"resuming run at step {at}" in resumed.stdout + resumed.stderr
+    return metrics(run_dir)
+
+
 @pytest.mark.distributed
 def test_pipeline_run_trains_as_zero3_resumes_and_exports(tmp_path, teacher_dirs, data_cache, default_recipe_run):
     """The default recipe (teacher-forced alignment, then end to end) through launch/train.py in both modes."""
@@ -211,11 +222,7 @@ def test_pipeline_run_trains_as_zero3_resumes_and_exports(tmp_path, teacher_dirs
     sealed = {r: set(json.loads((pipe_dir / "checkpoints" / "step_00000006" / f"cald_done_rank_{r:05d}.json").read_text())["files"]) for r in (0, 1)}
     assert {"layer_01-model_states.pt", "mp_rank_01_model_states.pt", "zero_pp_rank_0_mp_rank_01_optim_states.pt"} <= sealed[1]
     assert {"layer_00-model_states.pt", "mp_rank_00_model_states.pt"} <= sealed[0] and not sealed[0] & sealed[1]
-    shutil.rmtree(pipe_dir / "checkpoints" / "step_00000006")
-    resumed = run(cmd, env)
-    _ok(resumed)
-    assert "resuming run at step 4" in resumed.stdout + resumed.stderr
-    after = metrics(pipe_dir)
+    after = _drop_last_tag_and_resume(pipe_dir, 6, cmd, env, at=4)
     for step in (5, 6):
         for key in ("loss", "ce", "layer", "grad_norm"):
             assert after[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
@@ -326,11 +333,7 @@ def test_three_stages_train_every_weight_through_both_phase_modes_and_resume(tmp
     exported = open_weights(run_dir / "student")
     assert not [k for k in exported.keys() if "stand_in" in k]
     # The stand-in is in the middle stage's checkpoint: losing the last tag, the run resumes at step 2.
-    shutil.rmtree(run_dir / "checkpoints" / "step_00000004")
-    resumed = run(cmd, env)
-    _ok(resumed)
-    assert "resuming run at step 2" in resumed.stdout + resumed.stderr
-    after = metrics(run_dir)
+    after = _drop_last_tag_and_resume(run_dir, 4, cmd, env, at=2)
     for step in (3, 4):
         assert after[step]["loss"] == pytest.approx(history[step]["loss"], rel=1e-5), step
 
