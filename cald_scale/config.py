@@ -182,7 +182,10 @@ class EvalConfig:
     """Held-out perplexity."""
 
     max_sequences: int = 32
-    """Held-out sequences scored (teacher, student before and after training)."""
+    """Held-out sequences scored (teacher, student before and after training): the same ones,
+    and the same score, on any number of ranks (shards padded to equal length with forwards
+    that count for nothing; before 2026-12-05 a world size that did not divide this scored
+    fewer, and more ranks than sequences was an error)."""
     every: int = 0
     """Also evaluate the student every N steps (0: only before and after)."""
     micro_batch_size: int = 4

@@ -59,6 +59,7 @@ from ..distill.stages import LayerwiseModel, make_stages
 from ..distill.step import combine_loss_parts
 from ..fileio import atomic_dir
 from ..metrics import current_rss_bytes
+from ..eval.perplexity import PAD
 from .distributed import barrier, gather_objects
 from .host_memory import return_free_memory
 from .models import block_numel, set_trainable
@@ -517,7 +518,7 @@ class CaldStage(nn.Module):
             hidden = model.block(i, hidden, ctx)
         if not self.is_last:
             return (hidden, ids) if self.mode.kind == "eval_student" else (_bits(hidden), ids)
-        return lm_cross_entropy(model.head(hidden), ids, reduction="sum").double()
+        return lm_cross_entropy(model.head(hidden), ids, reduction="none").double().sum()  # summed in float64, as eval.perplexity does
 
 
 class CaldPipeline(PipelineModule):
@@ -607,19 +608,31 @@ class PipelineModels:
         import torch.distributed as dist
 
         engine = self.student_engine
-        batches = [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
+        # NOTE: no padding here: replicas are independent pipelines (no collective per forward), so
+        # each runs only its real rows, as many micro-batches as it has.
+        rows = [i for i in indices if i != PAD]
+        if not rows:
+            raise ValueError(f"eval.max_sequences is fewer than the {self.data_parallel_size} pipeline replicas: each needs a held-out sequence")
+        batches = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
 
         def data():
             for batch in batches:
                 ids = torch.stack([dataset[i]["input_ids"] for i in batch]).to(engine.device)
                 yield ids, ids
 
-        out = engine.eval_batch(data(), compute_loss=True, reduce_output="avg", bcast_loss=False, num_micro_batches=len(batches))
-        # The engine averaged the NLL sums over micro-batches and replicas: scale back to the total.
-        nll = out.double() * len(batches) * self.data_parallel_size if engine.is_last_stage() else torch.zeros((), dtype=torch.float64, device=engine.device)
+        # The NLL sum of each micro-batch (last stage), added up here and over the replicas.
+        out = engine.eval_batch(data(), compute_loss=True, reduce_output=None, bcast_loss=False, num_micro_batches=len(batches))
+        nll = torch.zeros((), dtype=torch.float64, device=engine.device)
+        if engine.is_last_stage():
+            nll = torch.stack(out).double().sum()
+            if self.data_parallel_size > 1:
+                dist.all_reduce(nll, group=engine.grid.get_data_parallel_group())
         dist.broadcast(nll, src=engine.grid.stage_to_global(engine.num_stages - 1), group=engine.grid.get_pipe_parallel_group())
         # Packed sequences all have the same length: every one predicts len - 1 tokens.
-        tokens = self.data_parallel_size * len(indices) * (len(dataset[indices[0]]["input_ids"]) - 1)
+        scored = torch.tensor(len(rows), device=engine.device)
+        if self.data_parallel_size > 1:
+            dist.all_reduce(scored, group=engine.grid.get_data_parallel_group())
+        tokens = int(scored) * (len(dataset[rows[0]]["input_ids"]) - 1)
         mean = nll.item() / tokens
         return {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "tokens": tokens}
 

@@ -11,22 +11,34 @@ import torch.distributed as dist
 from ..distill.losses import lm_cross_entropy
 from ..distill.stages import LayerwiseModel
 
-__all__ = ["eval_indices", "perplexity"]
+__all__ = ["PAD", "eval_indices", "perplexity", "scored_rows"]
+
+
+PAD = -1
+"""An index ``eval_indices`` pads a shard with: the rank runs a forward (ZeRO-3 gathers need every
+rank in every forward) that counts for nothing."""
 
 
 def eval_indices(num_sequences: int, max_sequences: int, rank: int, world_size: int) -> list[int]:
-    """Equal-sized shards: under ZeRO-3 every rank must run the same number of forwards."""
-    per_rank = min(num_sequences, max_sequences) // world_size
-    if per_rank == 0 and max_sequences < world_size:
+    """This rank's share of the first ``min(num_sequences, max_sequences)`` held-out sequences.
+
+    Every rank gets the same number of entries (under ZeRO-3 every rank must run the same
+    number of forwards); the last shards are padded with ``PAD``. So the sequences scored,
+    and the perplexity, do not depend on the number of ranks (64 ranks score the default 32).
+    """
+    total = min(num_sequences, max_sequences)
+    if total <= 0:
         raise ValueError(
-            f"eval.max_sequences={max_sequences} is fewer than one sequence per rank ({world_size} ranks)"
-        )
-    if per_rank == 0:
-        raise ValueError(
-            f"eval split has {num_sequences} sequences, fewer than one per rank ({world_size} ranks); "
+            f"the eval split has {num_sequences} sequences (eval.max_sequences={max_sequences}): nothing to score; "
             "hold out more text (data.eval_fraction, data.eval_corpus) or lower data.seq_len"
         )
-    return list(range(rank * per_rank, (rank + 1) * per_rank))
+    per_rank = -(-total // world_size)
+    return [i if i < total else PAD for i in range(rank * per_rank, (rank + 1) * per_rank)]
+
+
+def scored_rows(indices: list[int]) -> tuple[list[int], torch.Tensor]:
+    """The rows to run for ``indices`` (a padding entry runs sequence 0) and which of them count."""
+    return [max(i, 0) for i in indices], torch.tensor([i != PAD for i in indices])
 
 
 @torch.no_grad()
@@ -43,11 +55,14 @@ def perplexity(
     nll = torch.zeros((), dtype=torch.float64, device=device)
     tokens = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, len(indices), micro_batch_size):
-        batch = torch.stack([dataset[i]["input_ids"] for i in indices[start : start + micro_batch_size]]).to(device)
+        rows, counts = scored_rows(indices[start : start + micro_batch_size])
+        batch = torch.stack([dataset[i]["input_ids"] for i in rows]).to(device)
         if before_batch is not None:
             before_batch()
-        nll += lm_cross_entropy(model.logits(batch), batch, reduction="sum").double()
-        tokens += batch[:, 1:].numel()
+        per_row = lm_cross_entropy(model.logits(batch), batch, reduction="none").view(len(rows), -1).double().sum(1)
+        counts = counts.to(device)
+        nll += per_row[counts].sum()
+        tokens += int(counts.sum()) * (batch.shape[1] - 1)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(nll)
         dist.all_reduce(tokens)

@@ -33,7 +33,7 @@ def small_vocab_teacher(tmp_path_factory):
 
 
 # construction first: it measures the peak of live tensors, before any other check has run.
-CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "chunked_head_frozen", "vocab_streamed_head", "fused_head_trained", "zero3_leaves", "graph_free_linear", "stale_grads", "outside_still")
+CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "chunked_head_frozen", "vocab_streamed_head", "fused_head_trained", "zero3_leaves", "graph_free_linear", "stale_grads", "outside_still", "eval_padding")
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,16 @@ def test_a_teacher_forced_phase_training_every_weight_leaves_embedding_norm_and_
         assert rank["outside_moved"]["e2e"] > 0 and rank["inside_moved"]["e2e"] > 0
         assert rank["outside_moved"]["tf"] == 0.0 and rank["inside_moved"]["tf"] > 0
         assert rank["joined_groups"] == ["mixers", "mixers_no_decay", "copied"]
+
+
+def test_held_out_perplexity_does_not_depend_on_how_the_sequences_shard(checks):
+    ranks = _check("eval_padding", checks)
+    assert [r["shard"] for r in ranks] == [[0, 1, 2, 3], [4, 5, 6, -1]]
+    for rank in ranks:
+        for which in ("student", "teacher"):
+            padded, every = rank[which]["padded"], rank[which]["every_sequence"]
+            assert padded["ppl"] == pytest.approx(every["ppl"], rel=1e-9) and padded["tokens"] == 7 * 31
+            assert every["tokens"] == 2 * 7 * 31  # each rank scored all 7: the sums double, the mean does not
 
 
 def test_chunked_head_losses_with_a_frozen_shared_head(checks):

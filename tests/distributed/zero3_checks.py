@@ -17,6 +17,7 @@ Checks:
   graph_free_linear  F.linear under ZeRO-3: torch's where nothing is saved for backward, DeepSpeed's (no gathered weight kept) where it is
   stale_grads        a block no backward reached in a step is stepped with a zero gradient, not its last one
   outside_still      a teacher-forced phase that trains every weight leaves the embedding, final norm and head as they were
+  eval_padding       held-out perplexity over shards padded to equal length equals every rank scoring every sequence
 """
 
 from __future__ import annotations
@@ -506,6 +507,26 @@ def check_outside_still(args) -> dict:
     return out
 
 
+def check_eval_padding(args) -> dict:
+    """7 held-out sequences on 2 ranks: shards of 4, the second padded with a forward that counts
+    for nothing (ZeRO-3 needs every rank in every forward); the same perplexity as each rank
+    scoring all 7 (the all-reduce then doubles the sums and the token count alike)."""
+    from cald_scale.eval.perplexity import eval_indices
+
+    env, cfg, ds_config, source = _setup(args.teacher, [])
+    models = build_models(cfg, ds_config, source)
+    gen = torch.Generator().manual_seed(7)
+    dataset = {"held": [{"input_ids": torch.randint(0, source.config.vocab_size, (32,), generator=gen)} for _ in range(7)]}
+    shard = eval_indices(7, 7, env.rank, env.world_size)
+    out = {"shard": shard}
+    for which in ("student", "teacher"):
+        out[which] = {
+            "padded": models.perplexity(which, dataset, {"held": shard}, 2)["held"],
+            "every_sequence": models.perplexity(which, dataset, {"held": list(range(7))}, 2)["held"],
+        }
+    return out
+
+
 def _name(models, param) -> str:
     return next(n for n, p in models.student.blocks.named_parameters() if p is param)
 
@@ -523,6 +544,7 @@ CHECKS = {
     "graph_free_linear": check_graph_free_linear,
     "stale_grads": check_stale_grads,
     "outside_still": check_outside_still,
+    "eval_padding": check_eval_padding,
 }
 
 

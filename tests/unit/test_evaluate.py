@@ -173,3 +173,25 @@ def test_report_headline_shows_every_eval_set_at_four_significant_digits():
     assert format_cell(guided["held-out ppl: converted student, before training"]) == "3.917e+04"
     unguided = dict(LanguageModelingTask.summary(None, scores(3.917e4), scores(58.12), None)["headline"])
     assert format_cell(unguided["wiki ppl: teacher / student"]) == "n/a / 581.2"
+
+
+def test_held_out_shards_score_the_same_sequences_on_any_number_of_ranks(models):
+    """The default 32 sequences on 64 ranks (it was an error), 7 on 2: equal-length shards whose
+    real entries are every sequence once; a padding entry runs a forward that counts for nothing."""
+    from cald_scale.eval.perplexity import PAD, eval_indices
+
+    for total, world in ((32, 64), (7, 2), (8, 2), (5, 1)):
+        shards = [eval_indices(100, total, r, world) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1
+        assert sorted(i for s in shards for i in s if i != PAD) == list(range(total))
+    with pytest.raises(ValueError, match="nothing to score"):
+        eval_indices(0, 32, 0, 2)
+    # Padded rows are run and dropped: the score is that of the real rows alone.
+    teacher_dir, _, text, tokenizer = models
+    teacher, _, _ = load_teacher(TeacherConfig(name_or_path=str(teacher_dir)))
+    data = DataConfig(corpus=text, seq_len=SEQ_LEN)
+    sequences = held_out_sequences(text, tokenizer, data, max_tokens=NUM_SEQUENCES * SEQ_LEN, is_rank0=True)
+    model = LayerwiseModel(teacher)
+    plain = perplexity(model, sequences, [0, 1, 2], BATCH, torch.device("cpu"))
+    padded = perplexity(model, sequences, [0, 1, 2, PAD], BATCH, torch.device("cpu"))
+    assert padded == pytest.approx(plain, rel=1e-12) and plain["tokens"] == 3 * (SEQ_LEN - 1)
