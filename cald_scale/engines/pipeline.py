@@ -611,7 +611,9 @@ class PipelineModels:
         # NOTE: no padding here: replicas are independent pipelines (no collective per forward), so
         # each runs only its real rows, as many micro-batches as it has.
         rows = [i for i in indices if i != PAD]
-        if not rows:
+        fewest = torch.tensor(len(rows), device=engine.device)
+        dist.all_reduce(fewest, op=dist.ReduceOp.MIN)  # every rank refuses, or none: eval_batch starts with a barrier
+        if not int(fewest):
             raise ValueError(f"eval.max_sequences is fewer than the {self.data_parallel_size} pipeline replicas: each needs a held-out sequence")
         batches = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
 
