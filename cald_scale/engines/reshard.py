@@ -48,7 +48,7 @@ from ..fileio import atomic_dir, atomic_write_text, fsync_path, wait_for_file
 from .distributed import barrier, rank
 
 __all__ = [
-    "ResumePlan", "plan_resume", "saved_world_size", "saved_ds_config", "universal_copy", "remap_cursor", "repair_universal_optimizer", "UNIVERSAL",
+    "ResumePlan", "plan_resume", "saved_world_size", "universal_copy", "remap_cursor", "repair_universal_optimizer", "UNIVERSAL",
 ]
 
 logger = logging.getLogger("cald_scale.reshard")
@@ -74,22 +74,19 @@ def saved_world_size(folder: Path) -> int | None:
     return len(dp_ranks)
 
 
-def saved_ds_config(folder: Path) -> dict:
-    """The DeepSpeed config a checkpoint folder was saved with (DeepSpeed's own record in rank 0's model states)."""
-    return _saved_states(folder).get("ds_config") or {}
-
-
-def _records_groups(tags: Sequence[tuple[int, Path]]) -> bool:
+def _records_groups(tags: Sequence[tuple[int, Path]], newest: dict) -> bool:
     """Whether the run's checkpoints record their optimizer groups (read from the newest readable
-    tag: an unreadable one is skipped by the loader too); True for a fresh run."""
-    for _, tag in tags:
-        if states := _saved_states(tag):
+    tag: an unreadable one is skipped by the loader too; ``newest``: the newest tag's states,
+    already read); True for a fresh run."""
+    for i, (_, tag) in enumerate(tags):
+        if states := newest if i == 0 else _saved_states(tag):
             return OPTIMIZER_GROUPS in states
     return True
 
 
 def _saved_states(folder: Path) -> dict:
-    """Rank 0's model states of a checkpoint folder: DeepSpeed's records and the client state."""
+    """Rank 0's model states of a checkpoint folder: DeepSpeed's records (its config under
+    ``ds_config``) and the client state; {} when there are none or they cannot be read."""
     files = sorted(Path(folder).glob("*zero_pp_rank_0_mp_rank_00_model_states.pt")) or sorted(Path(folder).glob("mp_rank_00_model_states.pt"))
     if not files:
         return {}
@@ -317,4 +314,4 @@ def plan_resume(tags: Sequence[tuple[int, Path]], world_size: int, *, global_bat
         _check_global_batch(int(old["train_batch_size"]), global_batch, world_size)
     if universal:
         logger.info("%s was saved on %d ranks; resuming on %d through DeepSpeed's universal checkpoint", tag, saved, world_size)
-    return ResumePlan(world_size=world_size, tag=tag, saved_world_size=saved, universal=universal, outside_groups=_records_groups(tags))
+    return ResumePlan(world_size=world_size, tag=tag, saved_world_size=saved, universal=universal, outside_groups=_records_groups(tags, states))
