@@ -171,15 +171,17 @@ def complete_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
     when it leaves no tag at all this raises CheckpointLoadError: a run whose checkpoints are
     all damaged must not silently start over (and then delete them as it saves)."""
     me, world = rank(), world_size()
-    local, damaged = [], []
-    sealed = sorted(step for step, path in _tags(Path(ckpt_dir)) if (path / MANIFEST).is_file())
-    for step, path in _tags(Path(ckpt_dir)):
+    tags = _tags(Path(ckpt_dir))
+    local, damaged, sealed = [], [], []
+    for step, path in tags:
+        if (path / MANIFEST).is_file():
+            sealed.append(step)
         reason = verify_tag(path, me, world)
         if reason is None:
             local.append(step)
             continue
         logger.warning("ignoring checkpoint %s: %s", path, reason)
-        if (path / MANIFEST).is_file():  # sealed, then damaged
+        if step in sealed:  # sealed, then damaged
             damaged.append(f"{path.name}: {reason}")
     steps = set(local)
     views = gather_objects((local, damaged, sealed))
@@ -192,7 +194,7 @@ def complete_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
             f"{ckpt_dir} holds checkpoints, but every one is damaged ({'; '.join(damaged)}); refusing to start over. "
             "Restore them, or move them away to start a new run."
         )
-    return [(step, path) for step, path in _tags(Path(ckpt_dir)) if step in steps]
+    return [(step, path) for step, path in tags if step in steps]
 
 
 def _check_shared(ckpt_dir: Path, sealed: list[set[int]]) -> None:
