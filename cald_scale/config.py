@@ -250,8 +250,15 @@ class DebugConfig:
     nan_at_micro_steps: list[int] = dataclasses.field(default_factory=list)
     """Micro-step indices (global count) whose loss is replaced by NaN (in a teacher-forced
     phase: its first stage's)."""
+    nan_ranks: list[int] = dataclasses.field(default_factory=list)
+    """The ranks whose losses ``nan_at_micro_steps`` poisons (empty: every rank; in pipeline
+    mode a loss is the last stage's)."""
     sleep_per_step: float = 0.0
     """Seconds slept after each optimizer step (gives kill tests a window)."""
+
+    def poisons(self, micro_step: int, rank: int) -> bool:
+        """Is the loss of ``micro_step`` on ``rank`` made NaN."""
+        return micro_step in self.nan_at_micro_steps and (not self.nan_ranks or rank in self.nan_ranks)
 
 
 def default_phases() -> list[PhaseConfig]:
@@ -382,6 +389,7 @@ def load_run_config(recipe: str | Path | None = None, overrides: list[str] | Non
 # is read with this value.
 LEGACY_DEFAULTS: dict[str, object] = {
     "student.conversion.attention_every": 0,  # before it, a causal LM converted every layer
+    "debug.nan_ranks": [],  # before it, debug.nan_at_micro_steps poisoned every rank
 }
 
 # Keys renamed since run folders were first written: old dotted key -> (new key, {old value: new value}).

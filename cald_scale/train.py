@@ -228,12 +228,12 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
     done = 0
     while done < cfg.train.grad_accum:
         batch = next_batch(state.cursor)
-        parts, finite = forward_backward(models, teacher, phase, batch, cfg, poison=state.cursor in cfg.debug.nan_at_micro_steps)
+        parts, finite = forward_backward(models, teacher, phase, batch, cfg, poison=cfg.debug.poisons(state.cursor, engine.global_rank))
         state.cursor += 1
         if not finite:
             # ``step`` counts the steps done: this is step + 1, as the metrics and progress bar number it.
             logger.warning("non-finite loss at step %d (micro-batch %d): skipped (%d in a row, %d in all)", step + 1, state.cursor - 1, state.consecutive_nan + 1, state.nan_skipped + 1)
-            state.nonfinite(1, step=step + 1)
+            state.nonfinite(step=step + 1)
             if phase.mode != "teacher_forced":
                 continue  # nothing was back-propagated: draw the next micro-batch
         else:
@@ -353,6 +353,7 @@ class _Run:
             lr=engine.get_lr()[0],
             lr_groups={g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)},
             grad_norm=float(engine.get_global_grad_norm() or 0.0),
+            step_applied=engine.was_step_applied(),  # False: DeepSpeed skipped it (non-finite gradients)
             tokens=state.tokens_seen,
             tokens_per_s=(state.tokens_seen - tokens_before) / max(elapsed, 1e-9),
             nan_skipped=state.nan_skipped,

@@ -33,12 +33,11 @@ class StepState:
     def finite(self) -> None:
         self.consecutive_nan = 0
 
-    def nonfinite(self, count: int, *, step: int, streak_broken: bool = False) -> None:
-        """Count ``count`` skipped micro-batches of step ``step`` (numbered from 1, as metrics
-        and the progress bar number steps); stop the run once ``max_consecutive_nan`` came in a
-        row. ``streak_broken``: finite micro-batches came between these and the earlier ones."""
-        self.nan_skipped += count
-        self.consecutive_nan = count if streak_broken else self.consecutive_nan + count
+    def nonfinite(self, *, step: int) -> None:
+        """Count one skipped micro-step of step ``step`` (numbered from 1, as metrics and the
+        progress bar number steps); stop the run once ``max_consecutive_nan`` came in a row."""
+        self.nan_skipped += 1
+        self.consecutive_nan += 1
         if self.consecutive_nan >= self.max_consecutive_nan:
             raise NonFiniteLossError(
                 f"{self.consecutive_nan} non-finite losses in a row at step {step} (train.max_consecutive_nan="

@@ -98,7 +98,28 @@ def load_pipeline_ds_config(path: str | Path, train, world_size: int) -> dict:
         dp = train.data_parallel_size(world_size)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    return resolve_ds_config(config, train, dp)
+    resolved = resolve_ds_config(config, train, dp)
+    _check_overflow_guard(resolved, path)
+    return resolved
+
+
+def _check_overflow_guard(config: dict, path: Path) -> None:
+    """Pipeline mode skips a step through DeepSpeed's overflow check (non-finite gradients, and a
+    step whose every micro-batch was masked): refuse the optimizer set-ups that have none."""
+    zero = config.get("zero_optimization", {})
+    if config.get("fp16", {}).get("enabled"):
+        return  # the loss scaler skips it
+    if config.get("bf16", {}).get("enabled"):
+        if zero.get("stage", 0) == 1 and not config["bf16"].get("check_grad_overflow", True):
+            raise ConfigError(f"DeepSpeed config {path}: pipeline mode needs bf16.check_grad_overflow (it skips a step with non-finite gradients); remove the key")
+        return
+    if zero.get("stage", 0) == 0:
+        raise ConfigError(
+            f"DeepSpeed config {path}: in float32, pipeline mode needs zero_optimization.stage 1: without ZeRO, DeepSpeed's "
+            "optimizer has no overflow check, and a step with non-finite gradients would write NaN into the weights"
+        )
+    if not zero.get("compute_grad_norm", True):
+        raise ConfigError(f"DeepSpeed config {path}: pipeline mode needs zero_optimization.compute_grad_norm (ZeRO-1 finds non-finite gradients through it); remove the key")
 
 
 def stage_bounds(num_layers: int, num_stages: int, partition: str | list[int] = "uniform") -> list[int]:
@@ -192,7 +213,7 @@ class _Mode:
         names = ["ce"] if self.loss.a_ce > 0 else []
         names += ["layer"] if self.wanted else []
         names += ["kl"] if self.loss.a_kl > 0 and self.use_teacher else []
-        return names + [f"layer_{i}" for i in self.wanted] + ["nonfinite"]
+        return names + [f"layer_{i}" for i in self.wanted]
 
 
 def _training_mode(phase: Phase, num_layers: int, has_teacher: bool) -> _Mode:
@@ -371,7 +392,10 @@ class CaldStage(nn.Module):
         self.teacher_dtype = factory.dtype
         self.mode = _Mode("eval_student")
         self.poisoned: frozenset[int] = frozenset()
-        self._micro = 0
+        self._masked: list[bool] = []  # this step's micro-batches (last stage): was the loss masked
+        self._micro_batches = 0
+        self.replica_group = None
+        """The last stages of every replica (set once the engine exists, with 2 or more replicas)."""
         self._parts: OrderedDict[str, torch.Tensor] = OrderedDict()
         # NOTE: ZeRO-1 all-reduces one gradient norm per optimizer group across a replica's stages,
         # so every stage needs the same groups: a middle stage, with no embedding or head, gets a
@@ -413,9 +437,30 @@ class CaldStage(nn.Module):
         self.teacher = None
         return freed, kept
 
-    def begin_batch(self, poisoned: set[int]) -> None:
-        """Before ``train_batch``: micro-batches (0-based) whose loss is made NaN (fault-injection tests)."""
-        self.poisoned, self._micro = frozenset(poisoned), 0
+    def begin_batch(self, micro_batches: int, poisoned: set[int]) -> None:
+        """Before ``train_batch`` of ``micro_batches``: those (0-based) whose loss is made NaN
+        (fault-injection tests)."""
+        self.poisoned, self._micro_batches, self._masked = frozenset(poisoned), micro_batches, []
+
+    def masked_micro_batches(self, device: torch.device) -> torch.Tensor:
+        """After ``train_batch``: 1 for each of this step's micro-batches whose loss was masked
+        (the last stage's view; zeros elsewhere, to be summed over the ranks)."""
+        flags = torch.zeros(self._micro_batches, device=device)
+        if self.is_last:
+            flags[: len(self._masked)] = torch.tensor(self._masked, dtype=flags.dtype, device=device)
+        return flags
+
+    def _every_micro_batch_masked(self, device: torch.device) -> bool:
+        """At the step's last micro-batch: was every loss of the step, on every replica, masked."""
+        local = all(self._masked)
+        if self.replica_group is None:
+            return local
+        import torch.distributed as dist
+
+        # NOTE: every replica's last stage comes here once a step, at the same point of the schedule.
+        agreed = torch.tensor(float(local), device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.replica_group)
+        return bool(agreed)
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x):
@@ -497,17 +542,21 @@ class CaldStage(nn.Module):
             ce, kl = self.student.head_losses(s_h, {"input_ids": ids}, cfg, teacher=teacher, teacher_h=t_h if teacher is not None else None)
         parts = combine_loss_parts(cfg, ce, terms, kl, ids.device)
         total = parts.total
-        if self._micro in self.poisoned:  # a NaN loss over finite activations
+        if len(self._masked) in self.poisoned:  # a NaN loss over finite activations
             total = total + torch.full_like(total, float("nan"))
-        self._micro += 1
         finite = torch.isfinite(total)
         values = {**parts.terms, **{f"layer_{i}": t for i, t in zip(mode.wanted, terms)}}
         zero = total.new_zeros(())
-        self._parts = OrderedDict((n, values[n].detach().float() if finite else zero) for n in mode.loss_names()[:-1])
-        self._parts["nonfinite"] = (~finite).float()
+        self._parts = OrderedDict((n, values[n].detach().float() if finite else zero) for n in mode.loss_names())
+        self._masked.append(not bool(finite))
         # NOTE: a micro-batch cannot be dropped from a pipeline schedule: a non-finite loss is
         # masked so it adds no gradient. Non-finite activations still give non-finite gradients,
         # and then ZeRO's overflow check skips the whole optimizer step.
+        if len(self._masked) == self._micro_batches and self._every_micro_batch_masked(total.device):
+            # Nothing of the step is left to learn from: a deliberately non-finite gradient makes
+            # that same overflow check skip the step on every stage and replica, where zero
+            # gradients would still move the weights (AdamW's momentum and weight decay).
+            return total * float("nan")
         return torch.where(finite, total, zero)
 
     def _evaluate(self, hidden: torch.Tensor, ids: torch.Tensor):
@@ -750,6 +799,8 @@ def build_pipeline(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan:
     groups = param_groups(module, cfg.train.lr, cfg.train.copied_lr_scale, cfg.train.weight_decay, blocks=module.stage.blocks() if outside_groups else None)
     _check_same_groups(groups, module.stage.index)
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, config=sized)
+    if engine.grid.data_parallel_size > 1:
+        module.stage.replica_group = engine.grid.get_data_parallel_group()
     logger.info("pipeline of %d stages x %d replicas: blocks %s", num_stages, engine.grid.data_parallel_size, [f"[{a}, {b})" for a, b in zip(bounds, bounds[1:])])
     return PipelineModels(student_engine=engine, module=module, bounds=bounds, shares_frozen_weights=frozen_copies)
 
@@ -759,14 +810,17 @@ def pipeline_train_step(models: PipelineModels, guide: PipelineGuide, phase: Pha
 
     Unlike ZeRO-3 mode, a non-finite micro-batch cannot be replaced by another: its loss is
     masked (no gradient) and the step runs on the rest; if its gradients are non-finite all
-    the same, DeepSpeed skips the whole step (logged).
+    the same, DeepSpeed skips the whole step (logged), as it does when every micro-batch of the
+    step, on every replica, was masked (``CaldStage._loss``).
     """
+    import torch.distributed as dist
+
     engine = models.student_engine
     guide.enter(step)
     set_phase_lr(engine, phase, step)
     accum = cfg.train.grad_accum
     start = state.cursor
-    models.stage.begin_batch({j for j in range(accum) if start + j in cfg.debug.nan_at_micro_steps})
+    models.stage.begin_batch(accum, {j for j in range(accum) if cfg.debug.poisons(start + j, engine.global_rank)})
 
     def micro_batches():  # pulled only by the first stage (inputs) and the last (labels)
         for j in range(accum):
@@ -776,18 +830,31 @@ def pipeline_train_step(models: PipelineModels, guide: PipelineGuide, phase: Pha
     loss = float(engine.train_batch(micro_batches()))
     state.cursor += accum
     parts = {name: float(value) for name, value in (engine.agg_additional_losses or {}).items()}
+    # How many replicas masked each micro-batch of the step, on every rank.
+    masked = models.stage.masked_micro_batches(engine.device)
+    dist.all_reduce(masked)
+    masked = [int(round(float(m))) for m in masked]
     micro_total = accum * models.data_parallel_size
-    bad = int(round(parts.pop("nonfinite", 0.0) * micro_total))
+    bad = sum(masked)
     good = micro_total - bad
     scale = micro_total / good if good else 0.0  # masked micro-batches averaged in as zeros
     state.tokens_seen += tokens_per_micro * accum * good // micro_total
     if bad:
-        logger.warning("non-finite loss in %d of %d micro-batches at step %d: masked (%d in all)", bad, micro_total, step + 1, state.nan_skipped + bad)
-        state.nonfinite(bad, step=step + 1, streak_broken=good > 0)
-    else:
-        state.finite()
+        hit = sum(1 for m in masked if m)
+        logger.warning(
+            "non-finite loss in %d of %d micro-batches at step %d (%d of its %d micro-steps): masked (%d micro-steps in all)",
+            bad, micro_total, step + 1, hit, accum, state.nan_skipped + hit,
+        )
+    # The streak and the count are in ZeRO-3 mode's unit, the micro-step over all replicas:
+    # one with a non-finite loss on any replica counts once, as ZeRO-3 mode skips it on every rank.
+    for m in masked:
+        if m:
+            state.nonfinite(step=step + 1)
+        else:
+            state.finite()
     if not engine.was_step_applied():
-        logger.warning("step %d: DeepSpeed skipped the optimizer step (non-finite gradients)", step + 1)
+        why = "every micro-batch was non-finite" if not good else "non-finite gradients"
+        logger.warning("step %d: the optimizer step was skipped (%s)", step + 1, why)
     wanted = models.stage.mode.wanted
     scale = scale or float("nan")  # no finite micro-batch: no loss to report
     per_layer = [parts.pop(f"layer_{i}") * scale for i in wanted]

@@ -279,6 +279,22 @@ def test_pipeline_config_errors_name_the_problem(tmp_path):
         load_pipeline_ds_config(bad, cfg.train, world_size=2)
     with pytest.raises(ValueError, match="pipeline_stages must be >= 0"):
         load_run_config(overrides=["train.pipeline_stages=-1"])
+    # A step is skipped through DeepSpeed's overflow check: the set-ups without one are refused.
+    shipped = json.loads((REPO / "ds_configs" / "pipeline.json").read_text())
+    for name, change, message in [
+        ("z0", {"zero_optimization": {"stage": 0}}, "in float32, pipeline mode needs zero_optimization.stage 1"),
+        ("nonorm", {"zero_optimization": {"stage": 1, "compute_grad_norm": False}}, "needs zero_optimization.compute_grad_norm"),
+    ]:
+        path = tmp_path / f"pipe_{name}.json"
+        path.write_text(json.dumps({**shipped, **change}))
+        with pytest.raises(ConfigError, match=message):
+            load_pipeline_ds_config(path, cfg.train, world_size=2)
+    from cald_scale.engines.pipeline import _check_overflow_guard
+
+    with pytest.raises(ConfigError, match="needs bf16.check_grad_overflow"):
+        _check_overflow_guard({"bf16": {"enabled": True, "check_grad_overflow": False}, "zero_optimization": {"stage": 1}}, bad)
+    _check_overflow_guard({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}, bad)  # BF16_Optimizer: always checks
+    _check_overflow_guard({"fp16": {"enabled": True}, "zero_optimization": {"stage": 0}}, bad)  # the loss scaler
 
     assert stage_bounds(3, 2) == [0, 1, 3] and stage_bounds(8, 4) == [0, 2, 4, 6, 8] and stage_bounds(5, 2, [0, 3, 5]) == [0, 3, 5]
     with pytest.raises(ConfigError, match="exceeds the teacher's 3 blocks"):
@@ -338,28 +354,88 @@ def test_three_stages_train_every_weight_through_both_phase_modes_and_resume(tmp
         assert after[step]["loss"] == pytest.approx(history[step]["loss"], rel=1e-5), step
 
 
+def _saved_tensors(tag: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a pipeline checkpoint's weights (layer files) and optimizer states, by file and key."""
+    found: dict[str, torch.Tensor] = {}
+
+    def walk(key: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            found[key] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{key}/{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{key}/{i}", v)
+
+    for path in sorted(tag.glob("*.pt")):
+        if path.name.startswith("layer_") or path.name.endswith("optim_states.pt"):
+            walk(path.name, torch.load(path, map_location="cpu", weights_only=False))
+    return found
+
+
+def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    assert a and sorted(a) == sorted(b)
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.distributed
 def test_pipeline_nan_losses_are_masked_counted_then_stop_the_run(tmp_path, teacher_dirs, data_cache):
     """Pipeline mode cannot redraw a micro-batch inside its schedule: a non-finite one is masked
-    (no gradient) and counted; three in a row stop the run in one line, checkpoints intact."""
+    (no gradient) and counted; a step with every micro-batch masked is skipped (weights and
+    optimizer state unchanged); three in a row stop the run in one line, checkpoints intact."""
     from conftest import tiny_overrides
     from launcher import deepspeed_command, launcher_env, metrics, run
 
     env = launcher_env(tmp_path)
     # 2 micro-batches a step. Step 2: one of them is non-finite, masked; the step reports the other.
-    # Steps 4 and 5: both are; the fourth in a row stops the run at step 5 (the wholly masked step 4
-    # still stepped the optimizer, on zero gradients, and its checkpoint is kept).
+    # Steps 4 and 5: both are; step 4 is skipped, and the third in a row stops the run at step 5.
     pipe = {"train.pipeline_stages": 2, "student.trainable": "mixers", "train.grad_accum": 2, "train.global_batch_size": 4}
     run_dir = tmp_path / "nan"
-    overrides = tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **pipe, **{"train.max_steps": 8, "debug.nan_at_micro_steps": "[2,6,7,8,9]", "train.max_consecutive_nan": 3})
+    overrides = tiny_overrides(
+        teacher_dirs["llama"], run_dir, data_cache, **pipe,
+        **{"train.max_steps": 8, "debug.nan_at_micro_steps": "[2,6,7,8,9]", "train.max_consecutive_nan": 3, "output.save_every": 1, "output.keep_last": 3},
+    )
     failed = run(deepspeed_command(overrides, ds_config="ds_configs/pipeline.json"), env)
-    assert failed.returncode != 0 and "4 non-finite losses in a row at step 5" in failed.stdout + failed.stderr
+    out = failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "3 non-finite losses in a row at step 5" in out
+    assert "step 4: the optimizer step was skipped (every micro-batch was non-finite)" in out
     history = metrics(run_dir)
     assert sorted(history) == [1, 2, 3, 4] and [history[s]["nan_skipped"] for s in (1, 2, 3, 4)] == [0, 1, 1, 3]
+    assert [history[s]["step_applied"] for s in (1, 2, 3, 4)] == [True, True, True, False]
     assert all(math.isfinite(history[s]["loss"]) for s in (1, 2, 3)) and math.isnan(history[4]["loss"])
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
+    tags = run_dir / "checkpoints"
+    assert sorted(p.name for p in tags.glob("step_*")) == ["step_00000002", "step_00000003", "step_00000004"]
+    # Step 3 learned; the wholly masked step 4 left every weight and optimizer state as it was.
+    step_2, step_3, step_4 = (_saved_tensors(tags / f"step_{s:08d}") for s in (2, 3, 4))
+    assert not _same_tensors(step_2, step_3)
+    assert _same_tensors(step_3, step_4)
     assert not (run_dir / "report.json").exists()
 
+
+@pytest.mark.distributed
+def test_pipeline_replicas_count_a_masked_micro_step_once_and_step_on_the_others(tmp_path, teacher_dirs, data_cache):
+    """1 stage x 2 replicas: replica 1 alone has non-finite losses. Its wholly masked step still
+    steps (replica 0's micro-batches count), and each masked micro-step counts once."""
+    from conftest import tiny_overrides
+    from launcher import deepspeed_command, launcher_env, metrics, run
+
+    env = launcher_env(tmp_path)
+    pipe = {"train.pipeline_stages": 1, "student.trainable": "mixers", "train.grad_accum": 2, "train.global_batch_size": 4}
+    run_dir = tmp_path / "replicas"
+    # Step 2 (micro-steps 2 and 3): both of replica 1's micro-batches; step 3: its second.
+    overrides = tiny_overrides(
+        teacher_dirs["llama"], run_dir, data_cache, **pipe,
+        **{"train.max_steps": 3, "debug.nan_at_micro_steps": "[2,3,5]", "debug.nan_ranks": "[1]", "train.max_consecutive_nan": 3, "eval.max_sequences": 2},
+    )
+    proc = run(deepspeed_command(overrides, ds_config="ds_configs/pipeline.json"), env)
+    _ok(proc)
+    assert "non-finite loss in 2 of 4 micro-batches at step 2 (2 of its 2 micro-steps)" in proc.stdout + proc.stderr
+    history = metrics(run_dir)
+    assert [history[s]["nan_skipped"] for s in (1, 2, 3)] == [0, 2, 3]
+    assert all(history[s]["step_applied"] and math.isfinite(history[s]["loss"]) for s in (1, 2, 3))
+    per_step = [history[1]["tokens"], history[2]["tokens"] - history[1]["tokens"], history[3]["tokens"] - history[2]["tokens"]]
+    assert per_step == [4 * 64, 2 * 64, 3 * 64]  # only the finite micro-batches' tokens count
 
 if __name__ == "__main__":
     main()

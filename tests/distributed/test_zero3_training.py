@@ -153,8 +153,8 @@ def test_gpt_neox_mamba_aligns_each_block_then_distills_end_to_end_and_exports(t
 
 
 def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, teacher_dirs, data_cache):
-    """One micro-batch per rank and step. Micro-batch 1 is non-finite: skipped, counted, and step 2
-    trains on the next one. Micro-batches 4-6 are: the third in a row stops the run at step 4
+    """One micro-batch per rank and step; only rank 1's losses are made non-finite, and both ranks
+    agree to skip. Micro-batch 1 is non-finite: skipped, counted, and step 2 trains on the next one. Micro-batches 4-6 are: the third in a row stops the run at step 4
     in one line, and the step-2 checkpoint is left as it was. Step 1 is a teacher-forced phase with
     the copied weights frozen (as the shipped recipe's alignment); from step 2, end to end, they
     train at 0.1x (student.trainable=all)."""
@@ -163,7 +163,7 @@ def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, teacher_dirs, data_c
     phases = "[{name: align, steps: 1, mode: teacher_forced, trainable: mixers}, {name: e2e}]"
     overrides = tiny_overrides(
         teacher_dirs["llama"], run_dir, data_cache,
-        **{"phases": phases, "train.max_steps": 6, "debug.nan_at_micro_steps": "[1,4,5,6]", "train.max_consecutive_nan": 3},
+        **{"phases": phases, "train.max_steps": 6, "debug.nan_at_micro_steps": "[1,4,5,6]", "debug.nan_ranks": "[1]", "train.max_consecutive_nan": 3},
     )
     failed = run(deepspeed_command(overrides), env)
     assert failed.returncode != 0
