@@ -152,13 +152,19 @@ def hold_lock(path: str | Path, owner: str, *, wait_s: float, poll_s: float = 1.
     return handle
 
 
-def wait_for_file(path: str | Path, *, failure: Callable[[], str | None], what: str, timeout_s: float, poll_s: float = 1.0, hint: str = "") -> None:
+def wait_for_file(
+    path: str | Path, *, failure: Callable[[], str | None], what: str, timeout_s: float, poll_s: float = 1.0, hint: str = "",
+    interrupt: Callable[[str], None] | None = None,
+) -> None:
     """Wait for rank 0 to ``what`` (e.g. "build the data cache X"), until ``path`` exists: the
     file system is polled, outside any collective, so no NCCL/gloo timeout applies however
     long it takes. Raises RuntimeError as soon as ``failure()`` returns rank 0's error, and
-    TimeoutError after ``timeout_s`` (its message ends with ``hint``)."""
+    TimeoutError after ``timeout_s`` (its message ends with ``hint``). ``interrupt`` is called
+    at every poll with what is awaited (it may raise: a preemption signal stops the wait)."""
     deadline = time.monotonic() + timeout_s
     while not Path(path).exists():
+        if interrupt is not None:
+            interrupt(f"waiting for rank 0 to {what}")
         if (error := failure()) is not None:
             raise RuntimeError(f"rank 0 could not {what}: {error}")
         if time.monotonic() > deadline:

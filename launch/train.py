@@ -36,7 +36,7 @@ from cald_scale.data.megatron import IndexedFileError  # noqa: E402
 from cald_scale.export.bamba import BambaExportError  # noqa: E402
 from cald_scale.engines.checkpoint import CheckpointLoadError, CheckpointSaveError  # noqa: E402
 from cald_scale.engines.distributed import close_distributed  # noqa: E402
-from cald_scale.engines.preemption import PREEMPTED_EXIT_CODE, Preempted  # noqa: E402
+from cald_scale.engines.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptedWhileStarting  # noqa: E402
 from cald_scale.train import NonFiniteLossError, train  # noqa: E402
 
 TRACEBACK_VAR = "CALD_TRACEBACK"
@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         parser.exit(1, f"error: {err}\n({TRACEBACK_VAR}=1 shows where it was raised)\n")
     except Preempted as stop:  # a complete checkpoint is saved: the batch script requeues on this code
+        if isinstance(stop, PreemptedWhileStarting):  # this rank alone stopped: the others may be anywhere
+            print(f"preempted: {stop}", file=sys.stderr)
+            _leave(PREEMPTED_EXIT_CODE)
         parser.exit(PREEMPTED_EXIT_CODE, f"preempted: {stop}\n")
 
 

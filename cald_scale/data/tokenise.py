@@ -19,6 +19,7 @@ import numpy as np
 from cald_scale.data.config import DataConfig
 from cald_scale.data.corpora import CorpusSource, load_documents, resolve_corpus
 from cald_scale.data.megatron import megatron_indexed
+from cald_scale.engines.preemption import raise_if_preempted
 from cald_scale.fileio import atomic_write_text, file_lock, fsync_path, wait_for_file
 
 if TYPE_CHECKING:
@@ -270,6 +271,8 @@ def _write_splits(
                     )
             num_tokens, num_docs, max_id = num_tokens + part["tokens"], num_docs + part["docs"], max(max_id, part["max_id"])
             index += 1
+            # A preemption signal stops the build between parts: the requeued job resumes from them.
+            raise_if_preempted(f"tokenising the corpus ({split} part {index} done)")
         if resumed:
             logger.info("resumed the %s split from %d finished part(s)", split, resumed)
         builder = indexed_dataset.IndexedDatasetBuilder(os.path.join(folder, split + ".bin"), dtype=dtype)
@@ -334,8 +337,9 @@ def _failure_path(cache_dir: str, key: str) -> str:
 
 
 def _job_token() -> str:
-    """The same on every rank of one job, different for the next job (a stale failure note is ignored)."""
-    return ":".join(os.environ.get(name, "") for name in ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"))
+    """The same on every rank of one job, different for the next job (a stale failure note is
+    ignored), and for the next start of a requeued job, which keeps its id and port."""
+    return ":".join(os.environ.get(name, "") for name in ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID"))
 
 
 def _write_failure(cache_dir: str, key: str, err: BaseException) -> None:
@@ -362,4 +366,5 @@ def wait_for_cache(cache_dir: str, key: str, timeout_s: float, poll_s: float = 1
     wait_for_file(
         os.path.join(folder, META), failure=lambda: _failure_of_this_job(failure), what=f"build the data cache {folder}",
         timeout_s=timeout_s, poll_s=poll_s, hint=" (data.wait_timeout_s; prepare it beforehand with `cald-scale prepare-data`)",
+        interrupt=raise_if_preempted,
     )

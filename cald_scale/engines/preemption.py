@@ -5,12 +5,18 @@ The handler only records the signal; the training loop asks after every optimize
 whether any rank got one (all ranks must agree: they all save, or none does), saves a
 complete checkpoint, and exits with ``PREEMPTED_EXIT_CODE``. The batch script sees that
 code and requeues the job; the requeued job resumes from the checkpoint.
+
+While the run starts, the long waits outside any collective (rank 0 tokenising the corpus
+part by part while the others poll for it, a universal checkpoint conversion) ask
+``raise_if_preempted`` instead: each rank that got the signal stops at once, before the
+time limit's SIGKILL, and the build resumes from its finished parts when the job is back.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import subprocess
 from types import FrameType
 from typing import Sequence
 
@@ -18,7 +24,7 @@ import torch
 
 from .distributed import gather_objects
 
-__all__ = ["PREEMPTED_EXIT_CODE", "PreemptionWatch", "Preempted"]
+__all__ = ["PREEMPTED_EXIT_CODE", "PreemptionWatch", "Preempted", "PreemptedWhileStarting", "raise_if_preempted", "run_interruptible"]
 
 logger = logging.getLogger("cald_scale.preemption")
 
@@ -39,6 +45,43 @@ class Preempted(Exception):
         self.signal_name = signal_name
 
 
+class PreemptedWhileStarting(Preempted):
+    """Stopped on a signal inside one of the start's long waits: this rank alone decided (no
+    collective is open there), so the ranks may stand at different points."""
+
+    def __init__(self, signal_name: str, where: str):
+        super().__init__(None, signal_name)
+        self.args = (f"stopped on {signal_name} while {where}, before training started: rerun the same command to resume",)
+
+
+_active: "PreemptionWatch | None" = None
+"""The watch in force in this process (train() holds one for the whole run)."""
+
+
+def raise_if_preempted(where: str) -> None:
+    """Raise ``PreemptedWhileStarting`` if this rank got a preemption signal (a local check,
+    for the start's long waits outside any collective; a no-op without a watch, as in
+    ``cald-scale prepare-data``). ``where``: what the rank was doing, for the message."""
+    if _active is not None and _active.received is not None:
+        raise PreemptedWhileStarting(_active.received, where)
+
+
+def run_interruptible(cmd: list[str], what: str, poll_s: float = 1.0) -> tuple[int, str]:
+    """Run ``cmd`` to its end: (exit code, stdout + stderr). A preemption signal to this rank
+    (``raise_if_preempted``) kills it and raises: a conversion can outlast SLURM's warning."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        while True:
+            try:
+                out, err = proc.communicate(timeout=poll_s)
+                return proc.returncode, out + err
+            except subprocess.TimeoutExpired:  # nothing is lost: communicate() goes on reading
+                try:
+                    raise_if_preempted(what)
+                except BaseException:
+                    proc.kill()
+                    raise
+
+
 class PreemptionWatch:
     """Records the first of ``signals`` received; ``requested`` asks every rank collectively.
 
@@ -53,6 +96,8 @@ class PreemptionWatch:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "PreemptionWatch":
+        global _active
+        _active = self
         for name in self.signals:
             number = getattr(signal, name)
             self._previous[number] = signal.signal(number, self._record)
@@ -63,15 +108,17 @@ class PreemptionWatch:
         return self
 
     def __exit__(self, *exc) -> None:
+        global _active
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
+        _active = None
 
     def _record(self, number: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signal.Signals(number).name
             # NOTE: logging from a handler is not reentrant-safe in general; one record, once, is fine.
-            logger.warning("received %s: stopping after this step with a checkpoint", self.received)
+            logger.warning("received %s: stopping after this step with a checkpoint (at once while the run starts)", self.received)
 
     def requested(self, device: torch.device) -> str | None:
         """The signal some rank received (collective when distributed), else None."""

@@ -35,7 +35,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch
 from ..config_loader import ConfigError
 from ..fileio import atomic_dir, atomic_write_text, fsync_path, wait_for_file
 from .distributed import barrier, rank
+from .preemption import raise_if_preempted, run_interruptible
 
 __all__ = [
     "ResumePlan", "plan_resume", "saved_world_size", "universal_copy", "remap_cursor", "repair_universal_optimizer", "UNIVERSAL",
@@ -110,10 +110,10 @@ def _convert(source: Path, output: Path) -> None:
         sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source), "--output_folder", str(output),
         "--num_extract_workers", workers, "--num_merge_workers", workers,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()][-3:]
-        raise RuntimeError(f"ds_to_universal failed on {source} (exit {proc.returncode}): {' | '.join(last)}")
+    returncode, output_text = run_interruptible(cmd, f"converting {source.name} to the universal format")
+    if returncode != 0:
+        last = [line for line in output_text.splitlines() if line.strip()][-3:]
+        raise RuntimeError(f"ds_to_universal failed on {source} (exit {returncode}): {' | '.join(last)}")
     # The converter points a "latest_universal" file in the output's parent at the temp name; we load by explicit tag.
     (output.parent / "latest_universal").unlink(missing_ok=True)
 
@@ -162,7 +162,7 @@ def universal_copy(tag: Path, *, poll_seconds: float = 1.0, timeout_seconds: flo
         return target
     wait_for_file(
         target / _DONE, failure=lambda: failed.read_text() if failed.is_file() else None,
-        what=f"convert {tag} to the universal format", timeout_s=timeout_seconds, poll_s=poll_seconds,
+        what=f"convert {tag} to the universal format", timeout_s=timeout_seconds, poll_s=poll_seconds, interrupt=raise_if_preempted,
     )
     return target
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -289,6 +290,75 @@ def test_a_killed_build_resumes_from_its_finished_parts(tmp_path, tokenizer, wik
     for split in ("train", "eval"):
         assert [d.tolist() for d in _docs_of(getattr(resumed, f"{split}_prefix"))] == [d.tolist() for d in _docs_of(getattr(whole, f"{split}_prefix"))]
     assert (resumed.num_train_tokens, resumed.num_eval_docs) == (whole.num_train_tokens, whole.num_eval_docs)
+
+
+def test_a_preemption_signal_stops_the_build_between_parts_and_the_requeued_start_resumes(tmp_path, tokenizer, wiki_leads, monkeypatch):
+    """SIGUSR1 while rank 0 tokenises: it stops after the part in hand (not at the end of a build
+    that can outlast SLURM's warning), a waiting rank that got the signal stops too, the next
+    start of the requeued job (SLURM_RESTART_COUNT + 1) is not stopped by the old failure note,
+    and its build resumes from the finished parts."""
+    import signal
+    import time
+
+    from cald_scale.engines.preemption import PreemptedWhileStarting, PreemptionWatch
+
+    monkeypatch.setattr(tokenise, "_PART_DOCS", 8)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    cfg = DataConfig(corpus=_write_jsonl(tmp_path / "leads.jsonl", wiki_leads[:60]), cache_dir=str(tmp_path / "cache"), eval_fraction=0.1)
+    encode, encoded = tokenise._encode, []
+
+    def signalled_after_20_documents(tok, texts):
+        encoded.append(len(texts))
+        if sum(encoded) > 20 and not watch.received:
+            os.kill(os.getpid(), signal.SIGUSR1)  # a real signal, to the watch's handler
+        return encode(tok, texts)
+
+    monkeypatch.setattr(tokenise, "_encode", signalled_after_20_documents)
+    with PreemptionWatch(("SIGUSR1",)) as watch:
+        with pytest.raises(PreemptedWhileStarting, match=r"stopped on SIGUSR1 while tokenising the corpus \(train part 2 done\)"):
+            build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+        assert sum(encoded) == 6 + 16  # eval (6 documents) and two train parts of 8: the part in hand was finished
+        started = time.monotonic()
+        with pytest.raises(PreemptedWhileStarting, match="while waiting for rank 0 to build the data cache"):
+            build_indexed_dataset(cfg, tokenizer, is_rank0=False, wait_timeout_s=60)
+        assert time.monotonic() - started < 5
+    # Outside the watch (prepare-data): no stop. This start's other ranks read rank 0's note...
+    with pytest.raises(RuntimeError, match="rank 0 could not build the data cache .*PreemptedWhileStarting: stopped on SIGUSR1"):
+        build_indexed_dataset(cfg, tokenizer, is_rank0=False, wait_timeout_s=5)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # ...the requeued job's next start does not
+    with pytest.raises(TimeoutError, match="prepare-data"):
+        build_indexed_dataset(cfg, tokenizer, is_rank0=False, wait_timeout_s=1.5)
+    encoded.clear()
+    monkeypatch.setattr(tokenise, "_encode", lambda tok, texts: encoded.append(len(texts)) or encode(tok, texts))
+    resumed = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    assert sum(encoded) == 60 - 6 - 16  # only the unfinished parts
+    whole = build_indexed_dataset(dataclasses.replace(cfg, cache_dir=str(tmp_path / "fresh")), tokenizer, is_rank0=True)
+    assert [d.tolist() for d in _docs_of(resumed.train_prefix)] == [d.tolist() for d in _docs_of(whole.train_prefix)]
+
+
+def test_a_preemption_signal_kills_a_child_process_the_rank_waits_for():
+    """The universal conversion runs DeepSpeed's converter as a child: a signal to the rank ends
+    the wait within a poll and the child with it; without a watch the child runs to its end."""
+    import sys
+    import time
+
+    from cald_scale.engines.preemption import PreemptedWhileStarting, PreemptionWatch, run_interruptible
+
+    assert run_interruptible([sys.executable, "-c", "print('done')"], "printing", poll_s=0.1) == (0, "done\n")
+    with PreemptionWatch(("SIGUSR1",)):
+        started = time.monotonic()
+        sleeper = [sys.executable, "-c", "import os, signal, time; os.kill(os.getppid(), signal.SIGUSR1); time.sleep(60)"]
+        with pytest.raises(PreemptedWhileStarting, match="while converting step_4 to the universal format"):
+            run_interruptible(sleeper, "converting step_4 to the universal format", poll_s=0.1)
+        assert time.monotonic() - started < 10
+    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if b"time.sleep(60)" in _read_or_empty(p)]  # the child is gone
+
+
+def _read_or_empty(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # a process that ended meanwhile
+        return b""
 
 
 def test_unfinished_or_garbage_parts_are_never_used(tmp_path, tokenizer, wiki_leads, monkeypatch):
