@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-__all__ = ["atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "hold_lock", "wait_for_file", "cache_root"]
+__all__ = ["atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "hold_lock", "wait_for_file", "write_failure_note", "read_failure_note", "cache_root"]
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -121,11 +121,14 @@ def file_lock(path: str | Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def hold_lock(path: str | Path, owner: str, *, wait_s: float, poll_s: float = 1.0, on_wait: Callable[[str], None] | None = None) -> IO[str]:
+def hold_lock(
+    path: str | Path, owner: str, *, wait_s: float, poll_s: float = 1.0, on_wait: Callable[[str], None] | None = None,
+    interrupt: Callable[[], None] | None = None,
+) -> IO[str]:
     """Take an exclusive advisory lock on ``path`` for as long as the returned handle stays
     open: the process's end releases it, a SIGKILL too. The file then says ``owner``. While
-    another process holds it, wait up to ``wait_s`` (``on_wait(holder)`` is called once), then
-    raise BlockingIOError naming the holder."""
+    another process holds it, wait up to ``wait_s`` (``on_wait(holder)`` is called once, and
+    ``interrupt()``, which may raise, at every poll), then raise BlockingIOError naming the holder."""
     path = Path(path)
     handle = open(path, "a+")  # NOTE: not "w": that would erase the holder's line before the lock is ours
     deadline, told = time.monotonic() + wait_s, False
@@ -141,6 +144,12 @@ def hold_lock(path: str | Path, owner: str, *, wait_s: float, poll_s: float = 1.
             if on_wait is not None and not told:
                 on_wait(holder)
                 told = True
+            if interrupt is not None:
+                try:
+                    interrupt()
+                except BaseException:
+                    handle.close()
+                    raise
             time.sleep(poll_s)
         except OSError:  # e.g. a file system without flock (ENOLCK, EOPNOTSUPP): the caller decides
             handle.close()
@@ -152,21 +161,49 @@ def hold_lock(path: str | Path, owner: str, *, wait_s: float, poll_s: float = 1.
     return handle
 
 
+def write_failure_note(path: str | Path, err: BaseException, *, job: str = "") -> None:
+    """Tell the ranks waiting on rank 0 (``wait_for_file``) that it gave up: its error, and
+    the signal when a preemption stopped it (``err.signal_name``). ``job``: the launch the note
+    is about (a later launch ignores it)."""
+    note = {"job": job, "error": f"{type(err).__name__}: {err}"}
+    if signal_name := getattr(err, "signal_name", None):
+        note["preempted"] = signal_name
+    try:
+        atomic_write_text(path, json.dumps(note))
+    except OSError:
+        pass  # the waiting ranks time out instead
+
+
+def read_failure_note(path: str | Path, *, job: str = "") -> dict | None:
+    """``write_failure_note``'s note at ``path`` if it is about launch ``job``, else None."""
+    try:
+        note = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return note if isinstance(note, dict) and note.get("job") == job else None
+
+
 def wait_for_file(
-    path: str | Path, *, failure: Callable[[], str | None], what: str, timeout_s: float, poll_s: float = 1.0, hint: str = "",
-    interrupt: Callable[[str], None] | None = None,
+    path: str | Path, *, failure_note: str | Path, what: str, timeout_s: float, poll_s: float = 1.0, hint: str = "", job: str = "",
+    interrupt: Callable[..., None] | None = None,
 ) -> None:
     """Wait for rank 0 to ``what`` (e.g. "build the data cache X"), until ``path`` exists: the
     file system is polled, outside any collective, so no NCCL/gloo timeout applies however
-    long it takes. Raises RuntimeError as soon as ``failure()`` returns rank 0's error, and
-    TimeoutError after ``timeout_s`` (its message ends with ``hint``). ``interrupt`` is called
-    at every poll with what is awaited (it may raise: a preemption signal stops the wait)."""
+    long it takes. Raises RuntimeError as soon as rank 0's ``failure_note`` about launch ``job``
+    appears, and TimeoutError after ``timeout_s`` (its message ends with ``hint``).
+
+    ``interrupt(where, signalled=None)`` is called at every poll (``raise_if_preempted``): it
+    raises when this rank got a preemption signal, or with ``signalled`` when rank 0's note
+    says a signal stopped it (a rank on another node may never get the signal itself)."""
     deadline = time.monotonic() + timeout_s
+    where = f"waiting for rank 0 to {what}"
     while not Path(path).exists():
         if interrupt is not None:
-            interrupt(f"waiting for rank 0 to {what}")
-        if (error := failure()) is not None:
-            raise RuntimeError(f"rank 0 could not {what}: {error}")
+            interrupt(where)
+        if (note := read_failure_note(failure_note, job=job)) is not None:
+            if interrupt is not None and note.get("preempted"):
+                interrupt(f"{where} (rank 0 stopped on it)", signalled=note["preempted"])
+            raise RuntimeError(f"rank 0 could not {what}: {note.get('error')}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {timeout_s:.0f} s for rank 0 to {what}{hint}")
         time.sleep(poll_s)

@@ -35,7 +35,7 @@ from .distill.step import LossParts, cald_forward, teacher_forced_step
 from .engines.checkpoint import complete_tags, load_latest_checkpoint, save_checkpoint
 from .engines.distributed import DistEnv, all_true, barrier, gather_objects, init_distributed, mean_over_ranks, on_main
 from .engines.host_memory import configure_host_allocator, return_free_memory
-from .engines.preemption import Preempted, PreemptionWatch
+from .engines.preemption import Preempted, PreemptionWatch, raise_if_preempted
 from .engines.models import DistillationModels, build_models, shares_teacher_weights
 from .engines.reshard import OPTIMIZER_GROUPS, ResumePlan, plan_resume
 from .engines.teacher import check_waypoints
@@ -79,11 +79,14 @@ def _claim(out: OutputConfig) -> Iterator[None]:
     def waiting(holder: str) -> None:
         logger.warning("another job holds %s (%s): waiting up to %.0f s for it to end", run_dir, holder, out.lock_wait_s)
 
+    def interrupt() -> None:  # a preemption signal ends the wait (on_main hands the stop to every rank)
+        raise_if_preempted(f"waiting for another job to leave {run_dir}")
+
     def take() -> None:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             owner = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-            held.append(hold_lock(run_dir / ".lock", owner, wait_s=out.lock_wait_s, on_wait=waiting))
+            held.append(hold_lock(run_dir / ".lock", owner, wait_s=out.lock_wait_s, on_wait=waiting, interrupt=interrupt))
         except BlockingIOError as err:
             raise BlockingIOError(f"output.run_dir {run_dir} is in use by another job: {err}; wait for it to end or use another output.run_dir") from None
         except OSError as err:

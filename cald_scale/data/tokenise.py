@@ -20,7 +20,7 @@ from cald_scale.data.config import DataConfig
 from cald_scale.data.corpora import CorpusSource, load_documents, resolve_corpus
 from cald_scale.data.megatron import megatron_indexed
 from cald_scale.engines.preemption import raise_if_preempted
-from cald_scale.fileio import atomic_write_text, file_lock, fsync_path, wait_for_file
+from cald_scale.fileio import atomic_write_text, file_lock, fsync_path, wait_for_file, write_failure_note
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -328,7 +328,7 @@ def build_cache(
                 shutil.rmtree(folder)
             os.rename(partial, folder)
         except BaseException as err:
-            _write_failure(cfg.cache_dir, key, err)
+            write_failure_note(_failure_path(cfg.cache_dir, key), err, job=_job_token())
             raise
 
 
@@ -337,34 +337,17 @@ def _failure_path(cache_dir: str, key: str) -> str:
 
 
 def _job_token() -> str:
-    """The same on every rank of one job, different for the next job (a stale failure note is
-    ignored), and for the next start of a requeued job, which keeps its id and port."""
-    return ":".join(os.environ.get(name, "") for name in ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID"))
-
-
-def _write_failure(cache_dir: str, key: str, err: BaseException) -> None:
-    """Tell the ranks waiting for this cache that rank 0 gave up (they stop instead of waiting)."""
-    try:
-        _write_json(_failure_path(cache_dir, key), {"job": _job_token(), "error": f"{type(err).__name__}: {err}"})
-    except OSError:
-        pass
-
-
-def _failure_of_this_job(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            note = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return note.get("error") if note.get("job") == _job_token() else None
+    """The same on every rank of one launch, different for the next (engines/distributed.py
+    sets it): a failure note of an earlier launch, a requeued job's or a plain rerun's, is ignored."""
+    return os.environ.get("CALD_LAUNCH_ID", "")
 
 
 def wait_for_cache(cache_dir: str, key: str, timeout_s: float, poll_s: float = 1.0) -> None:
     """Wait for rank 0 to finish the cache `key` (see fileio.wait_for_file: no collective is
     open while it tokenises, however long that takes)."""
-    folder, failure = os.path.join(cache_dir, key), _failure_path(cache_dir, key)
+    folder = os.path.join(cache_dir, key)
     wait_for_file(
-        os.path.join(folder, META), failure=lambda: _failure_of_this_job(failure), what=f"build the data cache {folder}",
+        os.path.join(folder, META), failure_note=_failure_path(cache_dir, key), job=_job_token(), what=f"build the data cache {folder}",
         timeout_s=timeout_s, poll_s=poll_s, hint=" (data.wait_timeout_s; prepare it beforehand with `cald-scale prepare-data`)",
         interrupt=raise_if_preempted,
     )

@@ -36,6 +36,7 @@ import torch
 
 from ..fileio import atomic_write_text, fsync_path
 from .distributed import barrier, gather_objects, rank, world_size
+from .preemption import Preempted
 
 __all__ = [
     "save_checkpoint", "load_latest_checkpoint", "complete_tags", "verify_tag", "seal_rank", "tag_world_size",
@@ -319,6 +320,8 @@ def load_latest_checkpoint(
             load_path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=not frozen_excluded)
             if load_path is not None and also_load is not None:
                 also_load(folder, client_state or {})
+        except Preempted:  # a signal during the universal conversion: stop, not "try the previous one"
+            raise
         except Exception as err:  # noqa: BLE001 - any failure means "try the previous one"
             logger.warning("checkpoint %s could not be loaded (%s: %s); trying an older one", path, type(err).__name__, err)
             failures.append(f"{path.name}: {type(err).__name__}: {str(err)[:300]}")

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import socket
 import subprocess
+import uuid
 from typing import Callable
 
 import torch
@@ -70,6 +71,11 @@ def init_distributed() -> DistEnv:
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         if device.type == "cpu":
             _unlink_shm_buffers()
+        # One id per launch, the same on every rank: the notes a failed rank 0 leaves for the
+        # others name it, so the next launch (a requeue, a rerun on the same port) ignores them.
+        launch = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(launch, src=0)
+        os.environ["CALD_LAUNCH_ID"] = launch[0]
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 

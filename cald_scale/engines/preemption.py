@@ -14,7 +14,9 @@ time limit's SIGKILL, and the build resumes from its finished parts when the job
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import subprocess
 from types import FrameType
@@ -44,6 +46,9 @@ class Preempted(Exception):
         self.step = step
         self.signal_name = signal_name
 
+    def __reduce__(self):  # pickled whole (engines/distributed.on_main hands it to every rank)
+        return type(self), (self.step, self.signal_name)
+
 
 class PreemptedWhileStarting(Preempted):
     """Stopped on a signal inside one of the start's long waits: this rank alone decided (no
@@ -52,34 +57,58 @@ class PreemptedWhileStarting(Preempted):
     def __init__(self, signal_name: str, where: str):
         super().__init__(None, signal_name)
         self.args = (f"stopped on {signal_name} while {where}, before training started: rerun the same command to resume",)
+        self.where = where
+
+    def __reduce__(self):
+        return type(self), (self.signal_name, self.where)
 
 
 _active: "PreemptionWatch | None" = None
 """The watch in force in this process (train() holds one for the whole run)."""
 
 
-def raise_if_preempted(where: str) -> None:
+def raise_if_preempted(where: str, *, signalled: str | None = None) -> None:
     """Raise ``PreemptedWhileStarting`` if this rank got a preemption signal (a local check,
     for the start's long waits outside any collective; a no-op without a watch, as in
-    ``cald-scale prepare-data``). ``where``: what the rank was doing, for the message."""
-    if _active is not None and _active.received is not None:
-        raise PreemptedWhileStarting(_active.received, where)
+    ``cald-scale prepare-data``), or if ``signalled`` names the one another rank got (its
+    failure note). ``where``: what the rank was doing, for the message."""
+    received = _active.received if _active is not None else None
+    if received or signalled:
+        raise PreemptedWhileStarting(received or signalled, where)
+
+
+def _killed_by_watched_signal(returncode: int) -> str | None:
+    """The watched signal that ended a child (``returncode`` -N), if any."""
+    if returncode >= 0 or _active is None:
+        return None
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        return None
+    return name if name in _active.signals else None
 
 
 def run_interruptible(cmd: list[str], what: str, poll_s: float = 1.0) -> tuple[int, str]:
     """Run ``cmd`` to its end: (exit code, stdout + stderr). A preemption signal to this rank
     (``raise_if_preempted``) kills it and raises: a conversion can outlast SLURM's warning."""
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+    # NOTE: a session of its own, so the kill reaches the child's own workers (DeepSpeed's
+    # converter runs a process pool, whose workers would otherwise outlive it).
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
         while True:
             try:
                 out, err = proc.communicate(timeout=poll_s)
-                return proc.returncode, out + err
+                break
             except subprocess.TimeoutExpired:  # nothing is lost: communicate() goes on reading
                 try:
                     raise_if_preempted(what)
                 except BaseException:
-                    proc.kill()
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
                     raise
+    if proc.returncode != 0:
+        # The signal may have reached the child too (a job-wide SIGTERM): a preemption, not a failure.
+        raise_if_preempted(what, signalled=_killed_by_watched_signal(proc.returncode))
+    return proc.returncode, out + err
 
 
 class PreemptionWatch:

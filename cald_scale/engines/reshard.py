@@ -43,7 +43,7 @@ from typing import Sequence
 import torch
 
 from ..config_loader import ConfigError
-from ..fileio import atomic_dir, atomic_write_text, fsync_path, wait_for_file
+from ..fileio import atomic_dir, atomic_write_text, fsync_path, wait_for_file, write_failure_note
 from .distributed import barrier, rank
 from .preemption import raise_if_preempted, run_interruptible
 
@@ -156,12 +156,12 @@ def universal_copy(tag: Path, *, poll_seconds: float = 1.0, timeout_seconds: flo
                     fsync_path(path)
                 atomic_write_text(tmp / _DONE, json.dumps(info, indent=1), durable=True)
         except Exception as err:
-            atomic_write_text(failed, f"{type(err).__name__}: {err}")
+            write_failure_note(failed, err)  # cleared by the next start's rank 0 before anyone waits
             raise
         logger.info("universal copy of %s ready in %.1f s", tag.name, info["seconds"])
         return target
     wait_for_file(
-        target / _DONE, failure=lambda: failed.read_text() if failed.is_file() else None,
+        target / _DONE, failure_note=failed,
         what=f"convert {tag} to the universal format", timeout_s=timeout_seconds, poll_s=poll_seconds, interrupt=raise_if_preempted,
     )
     return target

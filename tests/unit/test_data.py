@@ -303,7 +303,7 @@ def test_a_preemption_signal_stops_the_build_between_parts_and_the_requeued_star
     from cald_scale.engines.preemption import PreemptedWhileStarting, PreemptionWatch
 
     monkeypatch.setattr(tokenise, "_PART_DOCS", 8)
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    monkeypatch.setenv("CALD_LAUNCH_ID", "first-start")
     cfg = DataConfig(corpus=_write_jsonl(tmp_path / "leads.jsonl", wiki_leads[:60]), cache_dir=str(tmp_path / "cache"), eval_fraction=0.1)
     encode, encoded = tokenise._encode, []
 
@@ -322,10 +322,10 @@ def test_a_preemption_signal_stops_the_build_between_parts_and_the_requeued_star
         with pytest.raises(PreemptedWhileStarting, match="while waiting for rank 0 to build the data cache"):
             build_indexed_dataset(cfg, tokenizer, is_rank0=False, wait_timeout_s=60)
         assert time.monotonic() - started < 5
-    # Outside the watch (prepare-data): no stop. This start's other ranks read rank 0's note...
-    with pytest.raises(RuntimeError, match="rank 0 could not build the data cache .*PreemptedWhileStarting: stopped on SIGUSR1"):
+    # A rank of this start that never got the signal (another node's) stops on rank 0's note...
+    with pytest.raises(PreemptedWhileStarting, match=r"stopped on SIGUSR1 while waiting for rank 0 to build the data cache .* \(rank 0 stopped on it\)"):
         build_indexed_dataset(cfg, tokenizer, is_rank0=False, wait_timeout_s=5)
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # ...the requeued job's next start does not
+    monkeypatch.setenv("CALD_LAUNCH_ID", "requeued-start")  # ...the requeued job's next start does not
     with pytest.raises(TimeoutError, match="prepare-data"):
         build_indexed_dataset(cfg, tokenizer, is_rank0=False, wait_timeout_s=1.5)
     encoded.clear()
@@ -337,21 +337,32 @@ def test_a_preemption_signal_stops_the_build_between_parts_and_the_requeued_star
 
 
 def test_a_preemption_signal_kills_a_child_process_the_rank_waits_for():
-    """The universal conversion runs DeepSpeed's converter as a child: a signal to the rank ends
-    the wait within a poll and the child with it; without a watch the child runs to its end."""
+    """The universal conversion runs DeepSpeed's converter (with a process pool) as a child: a
+    signal to the rank ends the wait within a poll, and the child and its workers with it; a
+    child that the same signal ended is a preemption, not a failed conversion."""
     import sys
     import time
 
     from cald_scale.engines.preemption import PreemptedWhileStarting, PreemptionWatch, run_interruptible
 
     assert run_interruptible([sys.executable, "-c", "print('done')"], "printing", poll_s=0.1) == (0, "done\n")
-    with PreemptionWatch(("SIGUSR1",)):
+    assert run_interruptible([sys.executable, "-c", "import os; os.kill(os.getpid(), 15)"], "dying", poll_s=0.1)[0] == -15  # no watch: its exit code
+    marker = f"cald-worker-{os.getpid()}"
+    pool = (
+        "import os, signal, subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', '{marker}']); "
+        "time.sleep(0.5); os.kill(os.getppid(), signal.SIGUSR1); time.sleep(60)"
+    )
+    with PreemptionWatch(("SIGUSR1", "SIGTERM")):
         started = time.monotonic()
-        sleeper = [sys.executable, "-c", "import os, signal, time; os.kill(os.getppid(), signal.SIGUSR1); time.sleep(60)"]
         with pytest.raises(PreemptedWhileStarting, match="while converting step_4 to the universal format"):
-            run_interruptible(sleeper, "converting step_4 to the universal format", poll_s=0.1)
+            run_interruptible([sys.executable, "-c", pool], "converting step_4 to the universal format", poll_s=0.1)
         assert time.monotonic() - started < 10
-    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if b"time.sleep(60)" in _read_or_empty(p)]  # the child is gone
+        time.sleep(0.5)
+        assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if marker.encode() in _read_or_empty(p)]  # its worker is gone too
+    with PreemptionWatch(("SIGUSR1", "SIGTERM")):
+        with pytest.raises(PreemptedWhileStarting, match="on SIGTERM while converting"):
+            run_interruptible([sys.executable, "-c", "import os; os.kill(os.getpid(), 15)"], "converting step_4", poll_s=0.1)
 
 
 def _read_or_empty(path: Path) -> bytes:
@@ -382,7 +393,7 @@ def test_unfinished_or_garbage_parts_are_never_used(tmp_path, tokenizer, wiki_le
 
 def test_waiting_ranks_stop_on_rank0_failure_of_this_job_only(tmp_path, tokenizer, monkeypatch):
     cfg = DataConfig(corpus=_write_jsonl(tmp_path / "d.jsonl", ["some text"] * 4), cache_dir=str(tmp_path / "c"))
-    monkeypatch.setenv("MASTER_PORT", "1111")
+    monkeypatch.setenv("CALD_LAUNCH_ID", "launch-1")  # engines/distributed.init_distributed sets it
 
     def boom(tok, texts):
         raise RuntimeError("tokenizer exploded")
@@ -392,7 +403,7 @@ def test_waiting_ranks_stop_on_rank0_failure_of_this_job_only(tmp_path, tokenize
         build_indexed_dataset(cfg, tokenizer, is_rank0=True)
     with pytest.raises(RuntimeError, match="rank 0 could not build the data cache .*tokenizer exploded"):
         build_indexed_dataset(cfg, tokenizer, is_rank0=False, wait_timeout_s=5)
-    monkeypatch.setenv("MASTER_PORT", "2222")  # the next job: the old note is not about it
+    monkeypatch.setenv("CALD_LAUNCH_ID", "launch-2")  # the next launch, a rerun on the same port too: the old note is not about it
     with pytest.raises(TimeoutError, match="prepare-data"):
         build_indexed_dataset(cfg, tokenizer, is_rank0=False, wait_timeout_s=1.5)
 

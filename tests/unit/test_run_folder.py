@@ -79,6 +79,49 @@ def test_a_run_folder_lock_waits_for_its_holder_then_names_it(tmp_path):
     handle.close()
 
 
+def test_a_preemption_signal_ends_the_wait_for_a_run_folder_and_stops_every_rank(tmp_path):
+    """A requeued job waiting for its predecessor's ranks to leave the folder stops on the
+    warning signal (it would wait ``output.lock_wait_s``); the stop pickles whole, as
+    ``on_main`` hands it to every rank."""
+    import pickle
+
+    from cald_scale.engines.preemption import PreemptedWhileStarting, raise_if_preempted
+
+    lock = tmp_path / ".lock"
+    holder = _holder(lock)
+    try:
+        started = time.monotonic()
+        with PreemptionWatch(("SIGUSR1",)) as watch:
+            watch._record(signal.SIGUSR1, None)
+            with pytest.raises(PreemptedWhileStarting, match="stopped on SIGUSR1 while waiting for another job") as stop:
+                hold_lock(lock, "pid 2", wait_s=60.0, poll_s=0.1, interrupt=lambda: raise_if_preempted("waiting for another job to leave it"))
+        assert time.monotonic() - started < 5
+    finally:
+        holder.kill()
+        holder.wait()
+    again = pickle.loads(pickle.dumps(stop.value))
+    assert type(again) is PreemptedWhileStarting and str(again) == str(stop.value) and again.signal_name == "SIGUSR1"
+    assert str(pickle.loads(pickle.dumps(Preempted(3, "SIGTERM")))) == str(Preempted(3, "SIGTERM"))
+
+
+def test_a_preemption_signal_during_a_universal_conversion_is_not_a_bad_checkpoint(tmp_path):
+    """The conversion (a checkpoint saved on another number of ranks) stops on the signal: the
+    run stops with it, where any other failure of a tag means "try the older one"."""
+    from cald_scale.engines.checkpoint import load_latest_checkpoint
+    from cald_scale.engines.preemption import PreemptedWhileStarting
+
+    tried = []
+
+    def converting(tag: Path) -> Path:
+        tried.append(tag.name)
+        raise PreemptedWhileStarting("SIGUSR1", f"converting {tag.name} to the universal format")
+
+    tags = [(4, tmp_path / "step_00000004"), (2, tmp_path / "step_00000002")]
+    with pytest.raises(PreemptedWhileStarting):
+        load_latest_checkpoint(None, tmp_path, tags=tags, source=converting)
+    assert tried == ["step_00000004"]
+
+
 def test_a_run_folder_in_use_is_waited_for_while_its_holder_ends(tmp_path):
     """The case it exists for: a rerun while the last job's ranks still save; the rerun goes on once they end."""
     lock = tmp_path / ".lock"
