@@ -379,24 +379,31 @@ def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _run_with_nan_losses(run_dir: Path, teacher_dirs, data_cache, *, stages: int, **extra):
+    """A pipeline run on 2 CPU ranks of 2 micro-batches a step, its mixers training, three
+    non-finite micro-steps in a row allowed; ``extra``: the overrides that poison it."""
+    from conftest import tiny_overrides
+    from launcher import deepspeed_command, launcher_env, run
+
+    pipe = {"train.pipeline_stages": stages, "student.trainable": "mixers", "train.grad_accum": 2, "train.global_batch_size": 4, "train.max_consecutive_nan": 3}
+    overrides = tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **pipe, **extra)
+    return run(deepspeed_command(overrides, ds_config="ds_configs/pipeline.json"), launcher_env(run_dir.parent))
+
+
 @pytest.mark.distributed
 def test_pipeline_nan_losses_are_masked_counted_then_stop_the_run(tmp_path, teacher_dirs, data_cache):
     """Pipeline mode cannot redraw a micro-batch inside its schedule: a non-finite one is masked
     (no gradient) and counted; a step with every micro-batch masked is skipped (weights and
     optimizer state unchanged); three in a row stop the run in one line, checkpoints intact."""
-    from conftest import tiny_overrides
-    from launcher import deepspeed_command, launcher_env, metrics, run
+    from launcher import metrics
 
-    env = launcher_env(tmp_path)
-    # 2 micro-batches a step. Step 2: one of them is non-finite, masked; the step reports the other.
+    # Step 2: one of them is non-finite, masked; the step reports the other.
     # Steps 4 and 5: both are; step 4 is skipped, and the third in a row stops the run at step 5.
-    pipe = {"train.pipeline_stages": 2, "student.trainable": "mixers", "train.grad_accum": 2, "train.global_batch_size": 4}
     run_dir = tmp_path / "nan"
-    overrides = tiny_overrides(
-        teacher_dirs["llama"], run_dir, data_cache, **pipe,
-        **{"train.max_steps": 8, "debug.nan_at_micro_steps": "[2,6,7,8,9]", "train.max_consecutive_nan": 3, "output.save_every": 1, "output.keep_last": 3},
+    failed = _run_with_nan_losses(
+        run_dir, teacher_dirs, data_cache, stages=2,
+        **{"train.max_steps": 8, "debug.nan_at_micro_steps": "[2,6,7,8,9]", "output.save_every": 1, "output.keep_last": 3},
     )
-    failed = run(deepspeed_command(overrides, ds_config="ds_configs/pipeline.json"), env)
     out = failed.stdout + failed.stderr
     assert failed.returncode != 0 and "3 non-finite losses in a row at step 5" in out
     assert "step 4: the optimizer step was skipped (every micro-batch was non-finite)" in out
@@ -417,18 +424,14 @@ def test_pipeline_nan_losses_are_masked_counted_then_stop_the_run(tmp_path, teac
 def test_pipeline_replicas_count_a_masked_micro_step_once_and_step_on_the_others(tmp_path, teacher_dirs, data_cache):
     """1 stage x 2 replicas: replica 1 alone has non-finite losses. Its wholly masked step still
     steps (replica 0's micro-batches count), and each masked micro-step counts once."""
-    from conftest import tiny_overrides
-    from launcher import deepspeed_command, launcher_env, metrics, run
+    from launcher import metrics
 
-    env = launcher_env(tmp_path)
-    pipe = {"train.pipeline_stages": 1, "student.trainable": "mixers", "train.grad_accum": 2, "train.global_batch_size": 4}
     run_dir = tmp_path / "replicas"
     # Step 2 (micro-steps 2 and 3): both of replica 1's micro-batches; step 3: its second.
-    overrides = tiny_overrides(
-        teacher_dirs["llama"], run_dir, data_cache, **pipe,
-        **{"train.max_steps": 3, "debug.nan_at_micro_steps": "[2,3,5]", "debug.nan_ranks": "[1]", "train.max_consecutive_nan": 3, "eval.max_sequences": 2},
+    proc = _run_with_nan_losses(
+        run_dir, teacher_dirs, data_cache, stages=1,
+        **{"train.max_steps": 3, "debug.nan_at_micro_steps": "[2,3,5]", "debug.nan_ranks": "[1]", "eval.max_sequences": 2},
     )
-    proc = run(deepspeed_command(overrides, ds_config="ds_configs/pipeline.json"), env)
     _ok(proc)
     assert "non-finite loss in 2 of 4 micro-batches at step 2 (2 of its 2 micro-steps)" in proc.stdout + proc.stderr
     history = metrics(run_dir)
