@@ -109,12 +109,23 @@ def atomic_dir(target: str | Path, *, replace: bool = False, replaceable: Callab
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
-    """An exclusive advisory lock held for the duration of the block (across processes)."""
+def file_lock(path: str | Path, *, interrupt: Callable[[], None] | None = None, poll_s: float = 1.0) -> Iterator[None]:
+    """An exclusive advisory lock held for the duration of the block (across processes).
+    With ``interrupt`` (which may raise: ``raise_if_preempted``), the wait for another holder
+    polls and asks it every ``poll_s``: a blocking flock goes on waiting through a signal."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        if interrupt is None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        else:
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    interrupt()
+                    time.sleep(poll_s)
         try:
             yield
         finally:

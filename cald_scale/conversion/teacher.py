@@ -33,6 +33,7 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
+from ..engines.preemption import raise_if_preempted
 from ..fileio import atomic_dir, cache_root, file_lock
 from .placement import PLAIN, Placement
 from .weights import WeightReader, WeightsMismatchError, load_weights, open_weights
@@ -280,7 +281,7 @@ def open_teacher(cfg: TeacherConfig) -> tuple[TeacherSource, PreTrainedTokenizer
     kind, location, _ = resolve_teacher_source(cfg)
     if kind == "gguf":
         target = _gguf_cache_folder(Path(location), cfg.cache_dir)
-        with file_lock(target.parent / f".{target.name}.lock"):
+        with file_lock(target.parent / f".{target.name}.lock", interrupt=lambda: raise_if_preempted(f"waiting for another process to convert {location}")):
             if not (target / "config.json").is_file():
                 _convert_gguf(Path(location), target)
         folder = target

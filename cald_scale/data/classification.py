@@ -37,6 +37,7 @@ from cald_scale.data.classification_sources import (
     resolve_sources,
     source_identity,
 )
+from cald_scale.engines.preemption import raise_if_preempted
 from cald_scale.fileio import atomic_write_text, file_lock
 
 __all__ = [
@@ -425,7 +426,7 @@ def load_classification_data(cfg: ClassificationDataConfig) -> ClassificationDat
     key = _cache_key(cfg, sources)
     path = os.path.join(cfg.cache_dir, f"{key}.json")
     if not os.path.isfile(path):
-        with file_lock(os.path.join(cfg.cache_dir, f".{key}.lock")):
+        with file_lock(os.path.join(cfg.cache_dir, f".{key}.lock"), interrupt=lambda: raise_if_preempted(f"waiting for another process to build {path}")):
             if not os.path.isfile(path):
                 content = _build(cfg, sources, key)
                 atomic_write_text(path, json.dumps(content), durable=True)

@@ -314,10 +314,12 @@ def build_cache(
     second process waits, then finds the cache complete)."""
     os.makedirs(cfg.cache_dir, exist_ok=True)
     partial = os.path.join(cfg.cache_dir, f"{_PARTIAL}{key}")
-    with file_lock(partial + ".lock"):
-        if is_complete(folder):
-            return
-        try:
+    try:
+        # NOTE: the wait for another builder (a prepare-data, another job) stops on a preemption
+        # signal too, and says so to the ranks waiting for this one.
+        with file_lock(partial + ".lock", interrupt=lambda: raise_if_preempted(f"waiting for another process to build {folder}")):
+            if is_complete(folder):
+                return
             os.makedirs(partial, exist_ok=True)
             meta = _write_splits(cfg, source, tokenizer, partial)
             meta["key"] = key
@@ -327,9 +329,9 @@ def build_cache(
                 logger.warning("replacing an incomplete data cache (no %s): %s", META, folder)
                 shutil.rmtree(folder)
             os.rename(partial, folder)
-        except BaseException as err:
-            write_failure_note(_failure_path(cfg.cache_dir, key), err, job=_job_token())
-            raise
+    except BaseException as err:
+        write_failure_note(_failure_path(cfg.cache_dir, key), err, job=_job_token())
+        raise
 
 
 def _failure_path(cache_dir: str, key: str) -> str:

@@ -53,6 +53,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+_LAUNCH_ID_DRAWN = False
+
+
+def _draw_launch_id() -> None:
+    """One id per launch, the same on every rank (every rank calls init_distributed): the notes
+    a failed rank 0 leaves for the others name it, so the next launch (a requeue, a rerun on
+    the same port) ignores them. Overwrites an id exported from an earlier job's environment."""
+    global _LAUNCH_ID_DRAWN
+    launch = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(launch, src=0)
+    os.environ["CALD_LAUNCH_ID"] = launch[0]
+    _LAUNCH_ID_DRAWN = True
+
+
 def init_distributed() -> DistEnv:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU)."""
     import deepspeed
@@ -71,11 +85,8 @@ def init_distributed() -> DistEnv:
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         if device.type == "cpu":
             _unlink_shm_buffers()
-        # One id per launch, the same on every rank: the notes a failed rank 0 leaves for the
-        # others name it, so the next launch (a requeue, a rerun on the same port) ignores them.
-        launch = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(launch, src=0)
-        os.environ["CALD_LAUNCH_ID"] = launch[0]
+    if not _LAUNCH_ID_DRAWN:
+        _draw_launch_id()
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 

@@ -94,17 +94,17 @@ def run_interruptible(cmd: list[str], what: str, poll_s: float = 1.0) -> tuple[i
     # NOTE: a session of its own, so the kill reaches the child's own workers (DeepSpeed's
     # converter runs a process pool, whose workers would otherwise outlive it).
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
-        while True:
-            try:
-                out, err = proc.communicate(timeout=poll_s)
-                break
-            except subprocess.TimeoutExpired:  # nothing is lost: communicate() goes on reading
+        try:
+            while True:
                 try:
+                    out, err = proc.communicate(timeout=poll_s)
+                    break
+                except subprocess.TimeoutExpired:  # nothing is lost: communicate() goes on reading
                     raise_if_preempted(what)
-                except BaseException:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    raise
+        except BaseException:  # the signal, a Ctrl-C (which no longer reaches that session): no orphans
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
     if proc.returncode != 0:
         # The signal may have reached the child too (a job-wide SIGTERM): a preemption, not a failure.
         raise_if_preempted(what, signalled=_killed_by_watched_signal(proc.returncode))
@@ -123,10 +123,11 @@ class PreemptionWatch:
         self.received: str | None = None
         self._before = received_before
         self._previous: dict[int, object] = {}
+        self._outer: PreemptionWatch | None = None  # the watch in force before this one
 
     def __enter__(self) -> "PreemptionWatch":
         global _active
-        _active = self
+        self._outer, _active = _active, self
         for name in self.signals:
             number = getattr(signal, name)
             self._previous[number] = signal.signal(number, self._record)
@@ -141,7 +142,7 @@ class PreemptionWatch:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
-        _active = None
+        _active = self._outer
 
     def _record(self, number: int, frame: FrameType | None) -> None:
         if self.received is None:

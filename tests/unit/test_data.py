@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pickle
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -297,7 +298,6 @@ def test_a_preemption_signal_stops_the_build_between_parts_and_the_requeued_star
     that can outlast SLURM's warning), a waiting rank that got the signal stops too, the next
     start of the requeued job (SLURM_RESTART_COUNT + 1) is not stopped by the old failure note,
     and its build resumes from the finished parts."""
-    import signal
     import time
 
     from cald_scale.engines.preemption import PreemptedWhileStarting, PreemptionWatch
@@ -363,6 +363,50 @@ def test_a_preemption_signal_kills_a_child_process_the_rank_waits_for():
     with PreemptionWatch(("SIGUSR1", "SIGTERM")):
         with pytest.raises(PreemptedWhileStarting, match="on SIGTERM while converting"):
             run_interruptible([sys.executable, "-c", "import os; os.kill(os.getpid(), 15)"], "converting step_4", poll_s=0.1)
+    # A Ctrl-C no longer reaches the child's own session: the rank takes the child with it.
+    def ctrl_c(number, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, ctrl_c)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(KeyboardInterrupt):
+            run_interruptible([sys.executable, "-c", "import time; time.sleep(60)", marker], "sleeping", poll_s=0.1)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    time.sleep(0.5)
+    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if marker.encode() in _read_or_empty(p)]
+
+
+def test_a_preemption_signal_stops_the_wait_for_another_builder_of_the_cache(tmp_path, tokenizer, monkeypatch):
+    """Rank 0 waiting for another process (a prepare-data, another job) to build the same cache
+    stops on the signal and tells its own waiting ranks, where a blocking lock went on waiting."""
+    import subprocess
+    import sys
+    import time
+
+    from cald_scale.engines.preemption import PreemptedWhileStarting, PreemptionWatch
+
+    monkeypatch.setenv("CALD_LAUNCH_ID", "this-launch")
+    cfg = DataConfig(corpus=_write_jsonl(tmp_path / "d.jsonl", ["some text"] * 4), cache_dir=str(tmp_path / "c"))
+    os.makedirs(cfg.cache_dir)
+    key = cache_key(cfg, tokenizer)
+    lock = os.path.join(cfg.cache_dir, f".partial-{key}.lock")
+    code = "import fcntl, sys, time; h = open(sys.argv[1], 'w'); fcntl.flock(h, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code, lock], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with PreemptionWatch(("SIGUSR1",)) as watch:
+            watch._record(signal.SIGUSR1, None)
+            with pytest.raises(PreemptedWhileStarting, match="while waiting for another process to build"):
+                build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+        assert time.monotonic() - started < 5
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(PreemptedWhileStarting, match=r"\(rank 0 stopped on it\)"):
+        build_indexed_dataset(cfg, tokenizer, is_rank0=False, wait_timeout_s=5)
 
 
 def _read_or_empty(path: Path) -> bytes:
