@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -112,24 +113,19 @@ def atomic_dir(target: str | Path, *, replace: bool = False, replaceable: Callab
 def file_lock(path: str | Path, *, interrupt: Callable[[], None] | None = None, poll_s: float = 1.0) -> Iterator[None]:
     """An exclusive advisory lock held for the duration of the block (across processes).
     With ``interrupt`` (which may raise: ``raise_if_preempted``), the wait for another holder
-    polls and asks it every ``poll_s``: a blocking flock goes on waiting through a signal."""
+    polls (``hold_lock``) and asks it every ``poll_s``: a blocking flock waits through a signal."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        if interrupt is None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        else:
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    interrupt()
-                    time.sleep(poll_s)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    if interrupt is None:
+        handle = open(path, "w")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    else:  # hold_lock's polling wait, with no deadline
+        handle = hold_lock(path, f"pid {os.getpid()}", wait_s=math.inf, poll_s=poll_s, interrupt=interrupt)
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def hold_lock(

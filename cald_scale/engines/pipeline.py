@@ -445,10 +445,9 @@ class CaldStage(nn.Module):
     def masked_micro_batches(self, device: torch.device) -> torch.Tensor:
         """After ``train_batch``: 1 for each of this step's micro-batches whose loss was masked
         (the last stage's view; zeros elsewhere, to be summed over the ranks)."""
-        flags = torch.zeros(self._micro_batches, device=device)
         if self.is_last:
-            flags[: len(self._masked)] = torch.tensor(self._masked, dtype=flags.dtype, device=device)
-        return flags
+            return torch.tensor(self._masked, dtype=torch.float32, device=device)
+        return torch.zeros(self._micro_batches, device=device)
 
     def _every_micro_batch_masked(self, device: torch.device) -> bool:
         """At the step's last micro-batch: was every loss of the step, on every replica, masked."""
