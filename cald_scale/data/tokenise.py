@@ -214,6 +214,22 @@ def _write_part(
     return meta
 
 
+def _join_parts(indexed_dataset, parts: _Parts, count: int, prefix: str, dtype) -> None:
+    """Concatenate a split's first `count` parts into prefix.{bin,idx}.
+
+    On a large corpus this copies the whole split once (minutes), so a preemption signal stops
+    it between parts; the parts stay, and the requeued job joins them again from the first.
+    """
+    builder = indexed_dataset.IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    try:
+        for i in range(count):
+            builder.add_index(parts.prefix(i))
+            raise_if_preempted(f"joining the {parts.split} split's parts ({i + 1} of {count} done)")
+        builder.finalize(prefix + ".idx")
+    finally:
+        builder.data_file.close()
+
+
 def _write_splits(
     cfg: DataConfig, source: CorpusSource, tokenizer: PreTrainedTokenizerBase, folder: str
 ) -> dict[str, Any]:
@@ -275,10 +291,7 @@ def _write_splits(
             raise_if_preempted(f"tokenising the corpus ({split} part {index} done)")
         if resumed:
             logger.info("resumed the %s split from %d finished part(s)", split, resumed)
-        builder = indexed_dataset.IndexedDatasetBuilder(os.path.join(folder, split + ".bin"), dtype=dtype)
-        for i in range(index):
-            builder.add_index(parts.prefix(i))
-        builder.finalize(os.path.join(folder, split + ".idx"))
+        _join_parts(indexed_dataset, parts, index, os.path.join(folder, split), dtype)
         meta[f"num_{split}_tokens"] = num_tokens
         meta[f"num_{split}_docs"] = num_docs
     if max_id < 0:

@@ -336,6 +336,39 @@ def test_a_preemption_signal_stops_the_build_between_parts_and_the_requeued_star
     assert [d.tolist() for d in _docs_of(resumed.train_prefix)] == [d.tolist() for d in _docs_of(whole.train_prefix)]
 
 
+def test_a_preemption_signal_stops_the_join_of_the_parts_and_the_rerun_joins_them_without_tokenising(tmp_path, tokenizer, wiki_leads, monkeypatch):
+    """Joining the parts copies a whole split (minutes on a large corpus): a signal stops it
+    between parts, and the requeued start joins the finished parts again, tokenising nothing."""
+    from cald_scale.engines.preemption import PreemptedWhileStarting, PreemptionWatch
+
+    monkeypatch.setattr(tokenise, "_PART_DOCS", 8)
+    cfg = DataConfig(corpus=_write_jsonl(tmp_path / "leads.jsonl", wiki_leads[:60]), cache_dir=str(tmp_path / "cache"), eval_fraction=0.1)
+    builder = megatron_indexed().IndexedDatasetBuilder
+    add_index, joined = builder.add_index, []
+
+    def signalled_at_the_second_train_part(self, prefix):
+        add_index(self, prefix)
+        joined.append(os.path.basename(prefix))
+        if joined == ["eval-00000", "train-00000", "train-00001"]:  # the first build only
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(builder, "add_index", signalled_at_the_second_train_part)
+    with PreemptionWatch(("SIGUSR1",)):
+        with pytest.raises(PreemptedWhileStarting, match=r"stopped on SIGUSR1 while joining the train split's parts \(2 of 7 done\)"):
+            build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    assert len(joined) == 3  # stopped at once, not at the end of the split
+    partial = os.path.join(cfg.cache_dir, ".partial-" + cache_key(cfg, tokenizer))
+    assert not os.path.exists(os.path.join(partial, "meta.json"))
+
+    encode, encoded = tokenise._encode, []
+    monkeypatch.setattr(tokenise, "_encode", lambda tok, texts: encoded.append(len(texts)) or encode(tok, texts))
+    resumed = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    assert encoded == []  # every part was finished: the rerun only joins them
+    whole = build_indexed_dataset(dataclasses.replace(cfg, cache_dir=str(tmp_path / "fresh")), tokenizer, is_rank0=True)
+    for split in ("train", "eval"):
+        assert [d.tolist() for d in _docs_of(getattr(resumed, f"{split}_prefix"))] == [d.tolist() for d in _docs_of(getattr(whole, f"{split}_prefix"))]
+
+
 def test_a_preemption_signal_kills_a_child_process_the_rank_waits_for():
     """The universal conversion runs DeepSpeed's converter (with a process pool) as a child: a
     signal to the rank ends the wait within a poll, and the child and its workers with it; a
