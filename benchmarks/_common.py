@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from cald_scale.fileio import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -182,7 +184,8 @@ def write_result(name: str, result: dict, out: str | None = None) -> Path:
     """Write ``result`` as JSON (default benchmarks/results/<name>.json) and print it."""
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    # NOTE: atomic: a benchmark cut by its time cap while writing keeps its previous result whole.
+    atomic_write_text(path, json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return path
 

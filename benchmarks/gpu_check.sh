@@ -3,20 +3,23 @@
 # wheels, kernel-path parity against a float64 oracle, then GPU speed of the mixers, of
 # inference and of training, every result under $OUT with the device named in it.
 #
-#   bash benchmarks/gpu_check.sh            # through the device tool: carry ["gpu_wheels"], timeout_s 520
+#   GPU_CHECK_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
+#                                           # through the device tool: carry ["gpu_wheels"], timeout_s 520,
+#                                           # kind nvidia-h200 (the earlier runs' card; an H100 works too)
 #   bash benchmarks/gpu_rehearsal.sh        # before it, on the CPU machine: the image's software, every benchmark on CPU
 #
 # Time: the whole script stays under 8 minutes. Each step runs under `timeout` with its own
 # cap, cut to what is left of GPU_CHECK_BUDGET_S (default 480 s); a step that fails or
 # times out is recorded and the next one runs (set -uo pipefail, no -e). The steps run in the
-# order of their worth: bf16 kernel parity, the distillation step, mixer and inference speed,
-# Llama-3.2-1B's training speed, float32 parity last. On the second GPU run (2026-12-04) all of
+# order of their worth: kernel parity (bf16, then float32), the distillation step, mixer and
+# inference speed, Llama-3.2-1B's training speed. On the second GPU run (2026-12-04) all of
 # them needed about 12 minutes, over half of it Triton tuning and processes starting one after
 # another. On the third (2026-12-04, shared tuning choices, parallel start) every step but
 # float32 parity finished in 481 s with the budget at 480, parity cut at its 150 s cap by the
 # `small` shape's tuning (benchmarks/results/gpu_h200_2026-12-04_third/). A second call with
 # GPU_CHECK_STEPS runs what a first one's budget cut; Triton's choices are now saved when a cap
-# ends a step (SIGTERM), so that call continues the tuning instead of starting it over.
+# ends a step (SIGTERM), so that call continues the tuning instead of starting it over. Since
+# then both parity dtypes run untuned in one step up front, under a budget of their own.
 #
 # Wheels: gpu_wheels/ at the repo root (GPU_WHEELS overrides), made on a CPU machine by
 # launch/build_gpu_wheels.sh; the folder ignores itself in git, so the device tool's `carry`
@@ -39,10 +42,11 @@
 # committed for the next run.
 #
 # Outputs in $OUT (at most 8 files come back from it): gpu_check.log (every step's output
-# in order, then a status table), kernel_parity.json (bf16), mixer_speed_gpu.json,
+# in order, then a status table), kernel_parity.json (bf16 and float32), mixer_speed_gpu.json,
 # inference_speed_gpu_{smollm2,llama1b}.json, train_speed_gpu_{smollm2,llama1b}.json, and
-# gpu_check_all.tar.gz (each step's log and the other files the steps wrote: reports, plots,
-# kernel_parity_fp32.json). Without $OUT (run by hand) they go to
+# gpu_check_all.tar.gz (each step's log and the other files the steps wrote: reports, plots).
+# The device copy of the repo carries a stale .git, so the caller names the commit
+# (GPU_CHECK_COMMIT); without it the log says what git says, marked unchecked. Without $OUT (run by hand) they go to
 # benchmarks/results/gpu_check_<UTC time>/.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -175,18 +179,22 @@ except RuntimeError as err:
 EOF
 }
 
-say "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), repo $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'), budget ${BUDGET}s, out $OUT"
+COMMIT=${GPU_CHECK_COMMIT:-"$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?') (git here; unchecked: set GPU_CHECK_COMMIT)"}
+say "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), repo $COMMIT, budget ${BUDGET}s, out $OUT"
 step env 25 - env_info
 step install_wheels 90 - install_wheels  # ~35 wheels, transformers among them
 if [ -d "$SITE" ]; then
   export PYTHONPATH=$SITE:$PYTHONPATH PATH=$SITE/bin:$PATH
 fi
 step kernels 25 - kernel_info
-# NOTE: untuned (smallest configs, no tuning: see kernel_parity_fp32 below); tuned, the SSD scan
-# alone took about 90 s of tuning, and the `small` shape's tuning outlasted the cap.
-step kernel_parity 150 kernel_parity.json \
-  env CALD_TRITON_UNTUNED=1 "$PY" benchmarks/kernel_parity.py --device cuda --shapes smollm2,small --dtypes bfloat16 --levels "$PARITY_LEVELS" \
-  --time-budget 120 --out "$WORK/kernel_parity.json"
+# NOTE: each Triton kernel's smallest config, untuned (CALD_TRITON_UNTUNED=1): any config computes
+# the same function, and the bf16 checks of the tuned configs passed on the third run (29/29 ops,
+# 132 mixer checks). Tuned, the SSD scan alone took 75-90 s per dtype, the `small` shape's tuning
+# outlasted a 150 s cap, and float32 parity (run last then) never finished in two tries. bf16
+# first, then float32, in one process; the JSON is rewritten after every op, so a cap keeps what ran.
+step kernel_parity 180 kernel_parity.json \
+  env CALD_TRITON_UNTUNED=1 "$PY" benchmarks/kernel_parity.py --device cuda --shapes smollm2,small --dtypes bfloat16,float32 --levels "$PARITY_LEVELS" \
+  --time-budget "$(budget_for 180)" --out "$WORK/kernel_parity.json"
 # NOTE: on the second GPU run the four items took 73 s to start one after another (about 10 s
 # of imports each; now they start at once, train_speed's default on cuda) and their first steps
 # 60 s (34 s for the student, 22 s for the distillation step: Triton tuning, which the choices
@@ -204,16 +212,13 @@ for tag in smollm2 llama1b; do
 done
 # NOTE: the 1B geometry at 4 x 2048 tokens, a GPU's smallest usual batch: at 1 x 512 (third run) every
 # item was bound by the host's per-module work, which says little about a real conversion's cost.
+# The four items' processes stay resident together: their peaks at 4 x 2048 summed to 108 GB on the
+# H200 (call 2), over an H100's 80, so a card under 100 GB runs 2 x 2048.
+GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
+LLAMA1B_BATCH=$([ "${GPU_MIB:-0}" -ge 100000 ] 2>/dev/null && echo 4 || echo 2)
 step train_speed_llama1b 210 train_speed_gpu_llama1b.json \
-  "$PY" benchmarks/train_speed.py --device cuda --dtype bfloat16 --geometry Llama-3.2-1B --batch 4 --seq_len 2048 --time-budget "$(budget_for 210)" \
+  "$PY" benchmarks/train_speed.py --device cuda --dtype bfloat16 --geometry Llama-3.2-1B --batch "$LLAMA1B_BATCH" --seq_len 2048 --time-budget "$(budget_for 210)" \
   --log-dir "$WORK/train_speed_llama1b_items" --out "$WORK/train_speed_gpu_llama1b.json"
-# float32 last: Triton tuned its kernels anew for it (over 70 s on the first run; on the third the
-# SSD op's tuning alone outlasted caps of 54 and 81 s). Both parity steps now run each kernel's
-# smallest config untuned (CALD_TRITON_UNTUNED=1): any config computes the same function, and the
-# bf16 checks of the tuned configs passed on the third run (29/29 ops, 132 mixer checks).
-step kernel_parity_fp32 150 - \
-  env CALD_TRITON_UNTUNED=1 "$PY" benchmarks/kernel_parity.py --device cuda --shapes smollm2,small --dtypes float32 --levels "$PARITY_LEVELS" \
-  --time-budget 120 --out "$WORK/kernel_parity_fp32.json"
 
 say ""
 say "gpu_check done in $((SECONDS - START)) s (budget ${BUDGET}s); results in $OUT:"

@@ -24,8 +24,10 @@ causal conv and its update) against its float64 reference, so a group that impor
 max |a - o| / max |o|, and ||a - o|| / ||o|| (rel_norm); a check passes when everything is
 finite, rel_norm <= tol and max_rel <= 2 tol (tolerances per dtype and path, see TOLERANCES).
 Exit status 1 if any check fails, or if the run is incomplete (``--time-budget`` cut checks:
-``summary.complete`` is false, and so is ``summary.pass``). The JSON is rewritten after each
-group of checks, so a run stopped by a timeout keeps what it finished.
+``summary.complete`` is false, and so is ``summary.pass``), or, on a GPU, if a kernel path could
+not run (a wheel missing or broken: ``summary.kernel_paths_not_run``). The JSON is written at the
+start and rewritten after each op and each mixer's paths, so a run stopped by a timeout keeps
+what it finished.
 """
 
 from __future__ import annotations
@@ -358,10 +360,12 @@ def run_op(op: str, fn, case: dict, chunk_size: int, device: torch.device, dtype
 class Report:
     """The JSON result, rewritten after each group of checks."""
 
-    def __init__(self, out: Path, header: dict, baseline_path: str) -> None:
+    def __init__(self, out: Path, header: dict, baseline_path: str, *, kernels_required: bool) -> None:
         self.out = out
         self.data = header | {"checks": [], "skipped": [], "errors": []}
         self.baseline_path = baseline_path
+        # On a GPU the kernels are what is checked: a kernel path that could not run fails the run.
+        self.kernels_required = kernels_required
         self.baseline: dict[tuple, float | None] = {}
 
     def compare(self, where: dict, results: dict, oracle: dict, dtype_name: str) -> None:
@@ -418,6 +422,7 @@ class Report:
         # is listed; one cut by --time-budget leaves the run incomplete, and an incomplete run
         # (or one that checked nothing) does not pass.
         out_of_time = sum(s["why"] == OUT_OF_TIME for s in self.data["skipped"])
+        untested = [s for s in self.data["skipped"] if s["why"] != OUT_OF_TIME and s["path"] in KERNEL_PATHS]
         return {
             "checks": len(self.data["checks"]),
             "failed": failed,
@@ -425,7 +430,12 @@ class Report:
             "skipped": len(self.data["skipped"]),
             "skipped_for_time": out_of_time,
             "complete": out_of_time == 0,
-            "pass": failed == 0 and not self.data["errors"] and out_of_time == 0 and bool(self.data["checks"]),
+            "kernel_paths_not_run": len(untested),
+            "pass": failed == 0
+            and not self.data["errors"]
+            and out_of_time == 0
+            and bool(self.data["checks"])
+            and not (self.kernels_required and untested),
             "by_path": by_path,
         }
 
@@ -552,7 +562,8 @@ def op_level(
                     seconds = time.perf_counter() - t0
                     report.compare(where | {"seconds": round(seconds, 3)}, results, oracle, dtype_name)
                     print(f"[op {op} {shape_name} {dtype_name}] {where['path']} {seconds:6.1f} s", flush=True)
-            report.write()
+                # NOTE: after every op, so a step's cap (SIGKILL after SIGTERM) keeps what finished.
+                report.write()
 
 
 def _version(package: str) -> str | None:
@@ -631,7 +642,8 @@ def main() -> int:
         "shapes": {name: SHAPES[name] | ({"seqlen": args.seqlen} if args.seqlen else {}) for name in shapes},
         "dt_init": DT_RANGE,
     }
-    report = Report(args.out, header, baseline_path)
+    report = Report(args.out, header, baseline_path, kernels_required=device.type == "cuda")
+    report.write()  # the header at once: a run cut before its first check still says what it was
     print(f"kernel_parity on {header['device']}: kernel groups {json.dumps(header['kernel_groups'])}", flush=True)
 
     levels = [level for name, level in (("mixer", mixer_level), ("op", op_level)) if name in level_names]
@@ -648,7 +660,9 @@ def main() -> int:
     print(
         f"\nkernel_parity on {header['device']}: {summary['checks']} checks, {summary['failed']} failed, "
         f"{summary['errors']} errors, {summary['skipped']} skipped ({summary['skipped_for_time']} cut by --time-budget: "
-        f"{'complete' if summary['complete'] else 'incomplete, so no pass'}) -> {args.out}"
+        f"{'complete' if summary['complete'] else 'incomplete, so no pass'}; "
+        f"{summary['kernel_paths_not_run']} kernel path(s) could not run"
+        f"{', so no pass' if report.kernels_required and summary['kernel_paths_not_run'] else ''}) -> {args.out}"
     )
     print(f"{'path':16s} {'checks':>6s} {'failed':>6s}  worst (rel_norm / tol)")
 

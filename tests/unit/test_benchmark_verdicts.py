@@ -12,8 +12,8 @@ import kernel_parity  # noqa: E402
 import train_speed  # noqa: E402
 
 
-def _report(tmp_path: Path) -> kernel_parity.Report:
-    report = kernel_parity.Report(tmp_path / "parity.json", {"device": "cpu"}, "cpu:ref")
+def _report(tmp_path: Path, *, on_gpu: bool = False) -> kernel_parity.Report:
+    report = kernel_parity.Report(tmp_path / "parity.json", {"device": "cpu"}, "cpu:ref", kernels_required=on_gpu)
     check = {"level": "mixer", "mixer": "mamba2", "shape": "small", "dtype": "float32", "path": "cpu:chunked"}
     report.data["checks"].append(check | {"quantity": "out", "rel_norm": 1e-6, "max_rel": 1e-6, "tol": 1e-4, "pass": True})
     return report
@@ -26,6 +26,17 @@ def test_parity_passes_with_paths_that_cannot_run_here_skipped(tmp_path):
     assert summary["complete"] and summary["pass"] and summary["skipped"] == 1
 
 
+def test_parity_on_a_gpu_whose_kernels_could_not_run_does_not_pass(tmp_path):
+    """A GPU run exists to check the kernels: a missing or broken wheel must not read as a pass."""
+    report = _report(tmp_path, on_gpu=True)
+    report.skip({"level": "mixer", "mixer": "mamba", "path": "cuda:cuda"}, "selective_scan_cuda does not import")
+    summary = report.summary()
+    assert summary["complete"] and summary["kernel_paths_not_run"] == 1 and summary["pass"] is False
+    ran = _report(tmp_path, on_gpu=True)
+    ran.skip({"level": "mixer", "mixer": "mamba", "path": "all"}, "a reason that names no kernel path")
+    assert ran.summary()["pass"] is True
+
+
 def test_parity_cut_by_the_time_budget_does_not_pass(tmp_path):
     report = _report(tmp_path)
     report.skip({"level": "mixer", "mixer": "mamba", "path": "all"}, kernel_parity.OUT_OF_TIME)
@@ -34,7 +45,7 @@ def test_parity_cut_by_the_time_budget_does_not_pass(tmp_path):
 
 
 def test_parity_that_checked_nothing_does_not_pass(tmp_path):
-    report = kernel_parity.Report(tmp_path / "parity.json", {"device": "cpu"}, "cpu:ref")
+    report = kernel_parity.Report(tmp_path / "parity.json", {"device": "cpu"}, "cpu:ref", kernels_required=False)
     assert report.summary()["pass"] is False
 
 
