@@ -92,18 +92,32 @@ class GraphedDecode:
         return logits
 
 
-def _sampling_parameters(model: torch.nn.Module, **given) -> tuple:
-    """(temperature, top_k, top_p) as ``generate`` resolves them: what the call gives, else the
-    model's generation config, else transformers' global defaults (top-k 50 among them)."""
-    from transformers import GenerationConfig
+def _generation_setup(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask, logits_processor, kwargs: dict):
+    """(generation config, logits processors) exactly as ``generate`` resolves them for this call:
+    the call's settings over the model's generation config (a converted student carries its
+    teacher's: repetition penalty, sampling, suppressed tokens...) over transformers' defaults,
+    and transformers' own processors and warpers in ``generate``'s order. Only greedy search and
+    sampling of one sequence per prompt replay as a graph; anything else is refused by name."""
+    from transformers import LogitsProcessorList
+    from transformers.generation.configuration_utils import GenerationMode
 
-    config = getattr(model, "generation_config", None) or GenerationConfig()
-    defaults = GenerationConfig._get_default_generation_params()
-    resolved = []
-    for name in ("temperature", "top_k", "top_p"):
-        value = given[name] if given[name] is not None else getattr(config, name, None)
-        resolved.append(value if value is not None else defaults[name])
-    return tuple(resolved)
+    config, unused = model._prepare_generation_config(None, **kwargs)
+    if unused:
+        raise ValueError(f"generate_graphed: unknown generation arguments {sorted(unused)}")
+    mode = config.get_generation_mode()
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        raise ValueError(f"generate_graphed decodes by greedy search or sampling, not {mode.value}; use model.generate")
+    if (config.num_return_sequences or 1) != 1 or config.stop_strings or config.max_time:
+        raise ValueError(
+            "generate_graphed: num_return_sequences, stop_strings and max_time are not supported "
+            "(repeat the prompt in the batch, or use model.generate)"
+        )
+    model._prepare_special_tokens(config, attention_mask is not None, device=input_ids.device, batch_size=input_ids.shape[0])
+    processors = model._get_logits_processor(
+        config, input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids,
+        logits_processor=LogitsProcessorList(logits_processor or []), device=input_ids.device, model_kwargs={},
+    )
+    return config, processors
 
 
 @torch.no_grad()
@@ -113,57 +127,41 @@ def generate_graphed(
     attention_mask: torch.Tensor | None = None,
     *,
     max_new_tokens: int,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
-    do_sample: bool = False,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
     use_graph: bool | None = None,
     cache: StudentCache | None = None,
     logits_processor: list | None = None,
+    **generation_kwargs,
 ) -> torch.Tensor:
     """The new tokens (batch, <= max_new_tokens) of a mixers-only student, decoded by ``GraphedDecode``.
 
     What ``model.generate`` does for greedy search and sampling, with the decode step replayed as
     a CUDA graph: the prompt (left-padded; ``attention_mask`` keeps the pads out of the states)
-    fills a fresh cache in one forward, then one graphed step per token. Sampling takes
-    transformers' own temperature, top-k and top-p warpers, resolved and drawn as ``generate``
-    does them, so a seed gives the same tokens. Sequences that reach ``eos_token_id`` continue as
-    ``pad_token_id``, and decoding stops once every sequence has ended. ``cache``: an empty
-    ``model.new_cache()`` to fill (the caller reads what it holds afterwards); a new one by default.
-    ``logits_processor``: transformers logits processors, run before the sampling warpers as in
-    ``generate``.
+    fills a fresh cache in one forward, then one graphed step per token. ``generation_kwargs``
+    (do_sample, temperature, top_k, repetition_penalty, eos_token_id, pad_token_id, ...) and the
+    model's generation config resolve as in ``generate``, through transformers' own logits
+    processors and warpers, so a seed gives the same tokens. Sequences that reach an eos token
+    continue as the pad token (the eos token when none is set), and decoding stops once every
+    sequence has ended. ``cache``: an empty ``model.new_cache()`` to fill (the caller reads what
+    it holds afterwards); a new one by default. ``logits_processor``: more transformers logits
+    processors, placed as ``generate`` places them.
     """
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    warpers = LogitsProcessorList(logits_processor or [])
-    if do_sample:
-        temperature, top_k, top_p = _sampling_parameters(model, temperature=temperature, top_k=top_k, top_p=top_p)
-        if temperature is not None and temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(temperature))
-        if top_k:
-            warpers.append(TopKLogitsWarper(top_k))
-        if top_p is not None and top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p))
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=input_ids.device)
-    if len(eos) and pad_token_id is None:
-        raise ValueError("generate_graphed: pass pad_token_id, what an ended sequence continues with")
+    config, processors = _generation_setup(model, input_ids, attention_mask, logits_processor, generation_kwargs)
+    eos, pad = config._eos_token_tensor, config._pad_token_tensor
     cache = model.new_cache() if cache is None else cache
     logits = model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     decode = GraphedDecode(model, cache, batch=input_ids.shape[0], use_graph=use_graph)
     sequences, ended = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
-        scores = warpers(sequences, logits.float())
-        token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1) if do_sample else scores.argmax(-1)
-        if len(eos):
-            token = torch.where(ended, pad_token_id, token)
+        scores = processors(sequences, logits.float())
+        token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1) if config.do_sample else scores.argmax(-1)
+        if eos is not None:
+            token = torch.where(ended, pad, token)
             ended |= torch.isin(token, eos)
         sequences = torch.cat([sequences, token[:, None]], dim=1)
         # NOTE: one host sync a token, outside the graph (generate's stopping criteria do the same).
-        if step + 1 == max_new_tokens or (len(eos) and bool(ended.all())):
+        if step + 1 == max_new_tokens or (eos is not None and bool(ended.all())):
             break
         logits = decode(token[:, None])
     return sequences[:, input_ids.shape[1] :]

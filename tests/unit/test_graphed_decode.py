@@ -137,5 +137,37 @@ def test_generate_graphed_stops_when_every_sequence_has_ended():
     reference = student.generate(input_ids=ids, max_new_tokens=4, eos_token_id=eos, pad_token_id=1)[:, ids.shape[1]:]
     assert torch.equal(tokens, reference)
     assert tokens[0, 0] == eos and (tokens[0, 1:] == 1).all()
-    with pytest.raises(ValueError, match="pad_token_id"):
-        generate_graphed(student, ids, max_new_tokens=2, eos_token_id=eos)
+    # Without a pad token an ended sequence continues with the eos token, as in generate.
+    tokens = generate_graphed(student, ids, max_new_tokens=4, eos_token_id=eos)
+    assert torch.equal(tokens, student.generate(input_ids=ids, max_new_tokens=4, eos_token_id=eos)[:, ids.shape[1]:])
+    assert (tokens[0] == eos).all()
+
+
+def test_generate_graphed_follows_the_models_generation_config():
+    """A converted student carries its teacher's generation config (Qwen2.5-Instruct's sets a
+    repetition penalty and sampling): the graphed decode applies all of it, as generate does, and
+    refuses the modes it cannot replay."""
+    from cald_scale.generation.graphs import generate_graphed
+
+    student = _student("mamba2")
+    ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(3))
+    plain = generate_graphed(student, ids, max_new_tokens=10)
+    student.generation_config.update(repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=3, suppress_tokens=[int(plain[0, 0])])
+    for call in ({}, {"do_sample": True, "top_k": 10}):
+        torch.manual_seed(7)
+        reference = student.generate(input_ids=ids, max_new_tokens=10, **call)[:, ids.shape[1]:]
+        torch.manual_seed(7)
+        tokens = generate_graphed(student, ids, max_new_tokens=10, **call)
+        assert torch.equal(tokens, reference), (call, tokens, reference)
+    assert not torch.equal(generate_graphed(student, ids, max_new_tokens=10), plain)  # the config changed the tokens
+    student.generation_config.update(do_sample=True, temperature=0.8)  # sampling by default, as generate reads it
+    torch.manual_seed(9)
+    reference = student.generate(input_ids=ids, max_new_tokens=5)[:, ids.shape[1]:]
+    torch.manual_seed(9)
+    assert torch.equal(generate_graphed(student, ids, max_new_tokens=5), reference)
+    with pytest.raises(ValueError, match="greedy search or sampling, not beam_search"):
+        generate_graphed(student, ids, max_new_tokens=2, do_sample=False, num_beams=2)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        generate_graphed(student, ids, max_new_tokens=2, num_return_sequences=2)
+    with pytest.raises(ValueError, match="unknown generation arguments"):
+        generate_graphed(student, ids, max_new_tokens=2, not_an_argument=1)
