@@ -85,8 +85,9 @@ def check_replaceable(target: Path, replaceable: Callable[[Path], bool] = is_mod
 def atomic_dir(target: str | Path, *, replace: bool = False, replaceable: Callable[[Path], bool] = is_model_folder) -> Iterator[Path]:
     """Yield a temp folder beside ``target``; on success it becomes ``target`` by one rename.
 
-    With ``replace`` an existing ``target`` is removed first (the old content stays
-    readable until the new one is complete), but only an empty folder or one that
+    With ``replace`` an existing ``target`` is replaced (the old content stays readable
+    until the new one is complete, and is moved aside, not deleted, until the new one is
+    in its place: a failed rename puts it back), but only an empty folder or one that
     ``replaceable`` recognises as an earlier output of the same kind: anything else (a
     user's folder, a run folder, the working directory) raises FileExistsError before any
     work. On error the temp folder is deleted. The folder gets the umask's permissions (not
@@ -102,9 +103,18 @@ def atomic_dir(target: str | Path, *, replace: bool = False, replaceable: Callab
     tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
+        aside = None
         if replace and target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+            aside = tmp.with_name(tmp.name + ".old")
+            os.replace(target, aside)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if aside is not None:
+                os.replace(aside, target)
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

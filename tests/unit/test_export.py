@@ -117,3 +117,30 @@ def test_export_replaces_only_an_earlier_export(tmp_path, monkeypatch):
     assert (target.stat().st_mode & 0o777) == 0o777 & ~umask  # readable by others as the umask allows, not mkdtemp's 0700
     with pytest.raises(ValueError, match="is not a cald_scale student .*model_type 'bamba'"):
         export_bamba(target, tmp_path / "again")
+
+
+def test_replacing_an_export_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    """The old folder is moved aside, not deleted, before the new one's rename: a rename that
+    fails puts it back, and one that succeeds leaves nothing aside."""
+    from cald_scale import fileio
+
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    replace = os.replace
+
+    def rename_fails_for_the_new_folder(src, dst):
+        if os.path.basename(src).startswith(".export.tmp-") and not str(src).endswith(".old"):
+            raise OSError("disk gone")
+        return replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", rename_fails_for_the_new_folder)
+    with pytest.raises(OSError, match="disk gone"):
+        with fileio.atomic_dir(target, replace=True, replaceable=lambda _: True) as tmp:
+            (tmp / "config.json").write_text("new")
+    assert (target / "config.json").read_text() == "old"
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with fileio.atomic_dir(target, replace=True, replaceable=lambda _: True) as tmp:
+        (tmp / "config.json").write_text("new")
+    assert (target / "config.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
