@@ -196,3 +196,21 @@ def test_a_mixer_layer_refuses_inputs_it_cannot_honour():
         layer(h, cu_seq_lens_q=torch.tensor([0, 2, 4]))
     out, _ = layer(h, attention_mask=torch.ones(1, 1, 4, 4), position_ids=torch.arange(4)[None], use_cache=False)
     assert out.shape == h.shape
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba"])
+def test_a_prompt_in_chunks_with_padding_past_the_first_chunk_equals_one_prefill(mixer):
+    """Left padding longer than the first chunk: the pads of the second chunk (run step by step
+    from the first chunk's state) must leave the state untouched, as one prefill does."""
+    student = _student("llama", mixer, [])
+    ids, mask = _left_padded_batch()  # row 0 has 4 pads
+    with torch.no_grad():
+        whole_cache = student.new_cache()
+        whole = student(ids, attention_mask=mask, cache=whole_cache, use_cache=True).logits[:, -1]
+        cache = student.new_cache()
+        student(ids[:, :2], attention_mask=mask[:, :2], cache=cache, use_cache=True)
+        chunked = student(ids[:, 2:], attention_mask=mask, cache=cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
+    for idx in range(len(student.mixers())):
+        torch.testing.assert_close(cache.get_recurrent_state(idx), whole_cache.get_recurrent_state(idx), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cache.get_conv_state(idx), whole_cache.get_conv_state(idx), rtol=1e-4, atol=1e-5)
