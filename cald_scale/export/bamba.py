@@ -9,6 +9,10 @@ transformers, no ``import cald_scale``:
 
 Layouts Bamba cannot express (gpt_neox blocks, Mamba-1 mixers) are refused here; their
 students load through the Auto classes after ``import cald_scale`` (README "Export").
+
+NOTE: with ``proj_bias`` (off by default) Bamba lets in_proj's bias at left pads into the
+first real tokens' convolution window, which the student does not: on a padded batch such an
+export differs from the student in those tokens (unpadded inputs are equal).
 """
 
 from __future__ import annotations
@@ -52,6 +56,13 @@ def check_exportable(student: CaldStudentForCausalLM) -> None:
         reasons.append(f"Bamba's convolution uses the MLP activation, which is {teacher.hidden_act!r}, not silu")
     if abs(mixer.norm_eps - teacher.rms_norm_eps) > 0:
         reasons.append(f"Bamba's gated norm uses rms_norm_eps ({teacher.rms_norm_eps}), the mixers use norm_eps {mixer.norm_eps}")
+    if config.attention_layers and tuple(mixer.time_step_limit) != (0.0, float("inf")):
+        # NOTE: transformers' Bamba clamps dt in its chunked scan but not in its one-token step,
+        # so a hybrid export (the only kind that decodes with a cache) would decode differently.
+        reasons.append(
+            f"its mixers clamp the time step to {tuple(mixer.time_step_limit)}, which Bamba's cached decoding "
+            "ignores (transformers' recurrent step has no dt limit)"
+        )
     window = getattr(teacher, "sliding_window", None)
     if config.attention_layers and window is not None and window < teacher.max_position_embeddings:
         reasons.append(f"its kept attention uses a sliding window ({window}), which Bamba's attention does not")

@@ -7,10 +7,8 @@ The backward scan runs over the padding-aware reversal: each sample's real token
 reversed in place and its pads stay where they are, so pads sit on the same side of the
 real tokens in both directions and, masked by Mamba2Mixer, feed nothing into either scan.
 
-NOTE: a padded token's output equals that of its sequence run alone when in_proj has no bias
-(``proj_bias=False``, the default). With a bias and left padding, the convolution window of
-the first real tokens (in either scan direction) sees in_proj's bias at the pads instead of
-zeros, as in transformers' Bamba; pad contents still never leak.
+A padded sequence's outputs equal those of the sequence run alone, with or without a bias in
+in_proj (``proj_bias``): Mamba2Mixer zeroes the pads' projections before the convolution.
 """
 
 from __future__ import annotations

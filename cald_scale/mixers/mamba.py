@@ -139,7 +139,10 @@ class MambaMixer(SequenceMixer):
         # 1. Input projection into the SSM input x and the gate z, channels first: (b, d, l).
         x_in, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
 
-        # 2. Causal depthwise convolution + SiLU; padded positions zeroed after it.
+        # 2. Causal depthwise convolution + SiLU; padded positions zeroed before it (in_proj's
+        # bias, if any, must not reach the first real tokens' window) and after it.
+        if mask is not None:
+            x_in = x_in * mask.transpose(1, 2)
         x = ops.conv(x_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         if mask is not None:
             x = x * mask.transpose(1, 2)

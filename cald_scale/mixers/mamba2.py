@@ -184,7 +184,10 @@ class Mamba2Mixer(SequenceMixer):
         # 1. Input projection, split into gate z, conv input xBC and time step dt.
         z, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
 
-        # 2. Causal depthwise convolution + activation over x, B, C; padded positions zeroed after it.
+        # 2. Causal depthwise convolution + activation over x, B, C; padded positions zeroed before
+        # it (in_proj's bias, if any, must not reach the first real tokens' window) and after it.
+        if mask is not None:
+            xBC = xBC * mask
         xBC_in = xBC.transpose(1, 2)  # (b, conv_dim, l)
         xBC = ops.conv(xBC_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.activation).transpose(1, 2)
         if mask is not None:

@@ -54,6 +54,7 @@ MIXERS = [
     pytest.param("linformer", dict(output_proj=True), id="linformer-o_proj"),
     pytest.param("bimamba2", dict(), id="bimamba2-add"),
     pytest.param("bimamba2", dict(merge="mean"), id="bimamba2-mean"),
+    pytest.param("bimamba2", dict(proj_bias=True), id="bimamba2-proj_bias"),
 ]
 
 

@@ -73,7 +73,12 @@ def test_bamba_export_refuses_what_bamba_cannot_express(tmp_path):
     mamba1 = convert_teacher(tiny_teacher("llama"), ConversionConfig(mixer="mamba"))
     with pytest.raises(BambaExportError, match="Mamba2.*'mamba'"):
         export_bamba(mamba1, tmp_path / "mamba1")
-    assert not (tmp_path / "neox").exists() and not (tmp_path / "mamba1").exists()
+    clamped = ConversionConfig(attention_layers=[1])
+    clamped.mamba2.time_step_limit = (0.0, 0.1)
+    hybrid = convert_teacher(tiny_teacher("llama", layers=3), clamped)
+    with pytest.raises(BambaExportError, match=r"clamp the time step to \(0.0, 0.1\).*cached decoding"):
+        export_bamba(hybrid, tmp_path / "clamped")
+    assert not any((tmp_path / name).exists() for name in ("neox", "mamba1", "clamped"))
 
 
 def test_export_from_a_student_folder_keeps_the_tokenizer(tmp_path):
