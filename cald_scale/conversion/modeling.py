@@ -378,6 +378,15 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
             return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
+    def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
+        # NOTE: generate() on a GPU compiles the forward of any model whose cache is compileable,
+        # which a StudentCache of mixers alone is; that path (torch.compile over mamba_ssm's
+        # Triton kernels) has not run here, and the tested fast decode is GraphedDecode. So
+        # compilation is on request only: generate(..., compile_config=CompileConfig()).
+        if generation_config.compile_config is None:
+            return False
+        return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
+
 
 AutoConfig.register(CaldStudentConfig.model_type, CaldStudentConfig)
 AutoModelForCausalLM.register(CaldStudentConfig, CaldStudentForCausalLM)

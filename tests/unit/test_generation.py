@@ -214,3 +214,17 @@ def test_a_prompt_in_chunks_with_padding_past_the_first_chunk_equals_one_prefill
     for idx in range(len(student.mixers())):
         torch.testing.assert_close(cache.get_recurrent_state(idx), whole_cache.get_recurrent_state(idx), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(cache.get_conv_state(idx), whole_cache.get_conv_state(idx), rtol=1e-4, atol=1e-5)
+
+
+def test_generate_compiles_the_student_only_on_request():
+    """transformers compiles generate's forward on a GPU for any compileable cache, and a cache of
+    mixers alone is one; the student opts out unless a compile_config asks for it."""
+    from transformers import CompileConfig, GenerationConfig
+
+    student = _student("llama", "mamba2", [])
+    kwargs = {"cache": student.new_cache()}
+    assert kwargs["cache"].is_compileable  # what transformers would go by
+    assert student._valid_auto_compile_criteria(kwargs, GenerationConfig()) is False
+    asked = CompileConfig()
+    asked._compile_all_devices = True  # transformers' own switch for compiling off a GPU, so the CPU can check it
+    assert student._valid_auto_compile_criteria(kwargs, GenerationConfig(compile_config=asked)) is True
