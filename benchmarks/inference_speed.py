@@ -27,6 +27,7 @@ its markers.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import statistics
 import sys
@@ -51,6 +52,9 @@ MARKERS = ("<!-- inference_speed:begin -->", "<!-- inference_speed:end -->")
 # What the issue asks of the CPU run (SmolLM2-135M geometry, fp32) and of a GPU run.
 CPU_TARGETS = {"decode_x_at_32k_batch1": 3.0, "decode_x_at_32k_batch8": 10.0, "prefill_x_at_32k": 3.0}
 GPU_TARGETS = {"decode_x_at_16k_best_batch": 5.0}
+# Graphed against eager decode logits, max |difference| / max |eager logit|: the same kernels on
+# the same inputs, so any gap beyond the dtype's rounding means the graph replayed something else.
+GRAPH_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 # --- models ----------------------------------------------------------------------------
@@ -158,25 +162,35 @@ def decode_tokens_per_s(model, cache, batch: int, context: int, device: torch.de
 def graphed_decode(student, make_cache, context: int, batches, device: torch.device, steps: int) -> dict:
     """Decode tokens/s of a mixers-only student through GraphedDecode at ``context``: replayed as
     a CUDA graph on CUDA (where batch 1-8 decode is bound by the host), its eager bookkeeping
-    elsewhere. The first failure is recorded and ends the measurement (a GPU's minutes are few)."""
-    out = {"cuda_graph": device.type == "cuda", "decode_tok_s": {str(b): {} for b in batches}, "error": None}
+    elsewhere. Its first three steps (warm-up, capture, a replay) are checked against the eager
+    model's on a copy of the same cache (``max_rel_diff_vs_eager``: a graph that recorded nothing,
+    or on another device's stream, would still time fast). The first failure is recorded and
+    ends the measurement (a GPU's minutes are few)."""
+    out = {"cuda_graph": device.type == "cuda", "decode_tok_s": {str(b): {} for b in batches}, "max_rel_diff_vs_eager": {}, "error": None}
     for batch in batches:
-        cache = None
+        cache = eager_cache = None
         try:
             cache = make_cache(batch, context)
+            eager_cache = copy.deepcopy(cache)
             decode = GraphedDecode(student, cache, batch)
-            token = torch.randint(0, student.config.vocab_size, (batch, 1), device=device)
-            decode(token)  # warm-up
-            decode(token)  # capture and first replay
+            tokens = torch.randint(0, student.config.vocab_size, (3, batch, 1), device=device)
+            worst = 0.0
+            for token in tokens:  # warm-up, capture and first replay, a replay
+                graphed = decode(token).float()
+                eager = student(token, cache=eager_cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                worst = max(worst, ((graphed - eager).abs().max() / eager.abs().max()).item())
+            out["max_rel_diff_vs_eager"][str(batch)] = worst
+            token = tokens[-1]
             out["decode_tok_s"][str(batch)][str(context)] = batch / statistics.median(_timed(lambda: decode(token), device, steps))
         except Exception as err:  # noqa: BLE001 - recorded in the result, the rest of the run goes on
             out["error"] = {"context": context, "batch": batch, "error": f"{type(err).__name__}: {err}"}
             print(f"[student, graphed decode] failed at context {context}, batch {batch}: {out['error']['error']}", flush=True)
             break
         finally:
-            del cache
+            del cache, eager_cache
             gc.collect()
-    print(f"[student, graphed decode] context {context}: {out['decode_tok_s']} tok/s", flush=True)
+    print(f"[student, graphed decode] context {context}: {out['decode_tok_s']} tok/s, "
+          f"max rel. difference from eager {out['max_rel_diff_vs_eager']}", flush=True)
     return out
 
 
@@ -274,6 +288,14 @@ def check_targets(result: dict, batches) -> dict:
         value = best["student"]["tok_s"] / best["teacher"]["tok_s"] if best and best["teacher"]["tok_s"] else None
         target = GPU_TARGETS["decode_x_at_16k_best_batch"]
         checks["decode_x_at_16k_best_batch"] = {"target": f">= {target}", "value": value, "pass": value is not None and value >= target}
+    graphed = result.get("student_graph_decode")
+    if graphed:
+        tol = GRAPH_TOLERANCE[getattr(torch, result["dtype"])]
+        diffs = graphed["max_rel_diff_vs_eager"]
+        checks["graphed_decode_equals_eager"] = {
+            "target": f"max |graphed - eager| / max |eager| <= {tol} over its first three steps, every batch",
+            "value": diffs, "pass": bool(diffs) and graphed["error"] is None and max(diffs.values()) <= tol,
+        }
     states = result["student"]["state_bytes_per_seq"]
     sizes = {v["recurrent"] + v["kv"] for v in states.values()}
     checks["student_state_constant"] = {"target": "same bytes at every context", "value": sorted(sizes), "pass": len(sizes) == 1}
@@ -370,7 +392,9 @@ def markdown(result: dict) -> str:
                 tok_s, eager = graphed["decode_tok_s"][b].get(c), result["student"]["decode_tok_s"][b].get(c)
                 if tok_s and eager:
                     cells.append(f"b{b} at {c}: {tok_s:.1f} tok/s ({tok_s / eager:.2f}x the eager student)")
+        diffs = ", ".join(f"b{b} {d:.1e}" for b, d in graphed["max_rel_diff_vs_eager"].items())
         lines += ["", f"Student decode {how}: " + ("; ".join(cells) or "nothing measured")
+                  + (f"; logits against the eager model's, max relative difference: {diffs}" if diffs else "")
                   + (f". Failed: {graphed['error']['error']}" if graphed["error"] else "")]
     lines.append("")
     def verdict(check: dict) -> str:
