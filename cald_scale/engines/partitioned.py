@@ -181,8 +181,10 @@ def frozen_row_pieces(weight: torch.Tensor, *, piece_bytes: int = 32 << 20) -> R
                 dist.all_gather_into_tensor(out, mine, group=group)
             ids = (torch.arange(world, device=device)[:, None] * local_rows + start + torch.arange(count, device=device)).flatten()
             block = out.view(world * count, cols)
-            real = ids < rows  # the last rank's partition may end in padding
-            if not bool(real.all()):
+            # The last rank's partition may end in padding; its last row id says so without a
+            # look at the device (a host sync per piece).
+            if (world - 1) * local_rows + start + count > rows:
+                real = ids < rows
                 ids, block = ids[real], block[real]
             yield ids, block
 
