@@ -272,15 +272,45 @@ def save_checkpoint(
     barrier()
     if me == 0:
         _write_manifest(folder, step, world)
-        complete = [(s, p) for s, p in _tags(ckpt_dir) if (p / MANIFEST).is_file()]
-        for _, old in complete[keep_last:]:
-            shutil.rmtree(old, ignore_errors=True)
-        # Partial tags older than the newest complete one can never be used again.
-        for s, p in _tags(ckpt_dir):
-            if s < step and not (p / MANIFEST).is_file():
-                shutil.rmtree(p, ignore_errors=True)
+        _prune(ckpt_dir, step, keep_last)
     barrier()
     return folder
+
+
+SUPERSEDED = "superseded"
+
+
+def _prune(ckpt_dir: Path, step: int, keep_last: int) -> None:
+    """After the step-``step`` tag is complete: keep the newest ``keep_last`` complete tags up to
+    it and delete older ones and older partial tags.
+
+    Tags newer than ``step`` belong to a timeline this run has left: it resumed from an older
+    tag because they did not load (damaged, or a changed config). They must neither take one
+    of the ``keep_last`` places (a damaged step 200 would outlive the good step 130 and 100)
+    nor be resumed from again, so complete ones move to ``superseded/`` (kept for a look, and
+    named in the log) and partial ones are deleted.
+    """
+    for s, p in _tags(ckpt_dir):
+        if s <= step:
+            continue
+        if not (p / MANIFEST).is_file():
+            shutil.rmtree(p, ignore_errors=True)
+            continue
+        aside = ckpt_dir / SUPERSEDED / p.name
+        shutil.rmtree(aside, ignore_errors=True)  # an earlier run's copy of the same step
+        aside.parent.mkdir(exist_ok=True)
+        p.rename(aside)
+        logger.warning(
+            "checkpoint %s is newer than the step-%d one this run just saved (it did not load when the run "
+            "resumed): moved to %s, no longer resumed from; delete it once you no longer need it", p, step, aside,
+        )
+    complete = [(s, p) for s, p in _tags(ckpt_dir) if (p / MANIFEST).is_file()]
+    for _, old in complete[keep_last:]:
+        shutil.rmtree(old, ignore_errors=True)
+    # Partial tags older than the newest complete one can never be used again.
+    for s, p in _tags(ckpt_dir):
+        if s < step and not (p / MANIFEST).is_file():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 class CheckpointSaveError(RuntimeError):

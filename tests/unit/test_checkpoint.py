@@ -215,3 +215,19 @@ def test_checkpoints_on_storage_the_ranks_do_not_share_stop_the_run_instead_of_s
         assert "output.run_dir must be on storage every node shares" in rank["error"]
     # One folder both ranks see (shared storage): the newest tag complete everywhere.
     assert _two_ranks(tmp_path / "shared", [node0, node0]) == [{"tags": [4, 2]}] * 2
+
+
+@pytest.mark.parametrize("keep_last", [1, 2])
+def test_tags_newer_than_the_saved_step_neither_take_its_place_nor_are_resumed_again(tmp_path, keep_last):
+    """A run resumed from step 100 because step 200 is damaged, then saved step 130: step 130
+    (and with keep_last 2 step 100) must survive, and step 200 leaves the resumable tags."""
+    _tag(tmp_path, 100)
+    damaged = _tag(tmp_path, 200)
+    victim = damaged / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    victim.write_bytes(b"\x00" + victim.read_bytes()[1:])
+    _tag(tmp_path, 250, manifest=False)  # a half-written save of that timeline too
+    _tag(tmp_path, 130)
+    checkpoint._prune(tmp_path, 130, keep_last)
+    assert [step for step, _ in complete_tags(tmp_path)] == [130, 100][:keep_last]
+    assert sorted(p.name for p in (tmp_path / checkpoint.SUPERSEDED).iterdir()) == ["step_00000200"]
+    assert not (tmp_path / "step_00000250").exists()
