@@ -124,6 +124,8 @@ class TrainConfig:
         for name in self.preemption_signals:
             if not isinstance(getattr(signal, str(name), None), signal.Signals):
                 raise ValueError(f"train.preemption_signals: {name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)")
+            if name in ("SIGKILL", "SIGSTOP"):
+                raise ValueError(f"train.preemption_signals: {name} cannot be caught, so no run can act on it (e.g. SIGUSR1, SIGTERM)")
         if self.pipeline_stages < 0:
             raise ValueError(f"train.pipeline_stages must be >= 0 (0: ZeRO-3 mode), got {self.pipeline_stages}")
         if self.trim_heap_every < 0:

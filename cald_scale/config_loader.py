@@ -8,6 +8,7 @@ ones (a misspelt key must never be silently ignored).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar, get_args, get_origin
@@ -32,8 +33,10 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Convert ``value`` to the annotated type ``tp`` (dataclasses recurse)."""
+def _coerce(value: Any, tp: Any, where: str, infinite_ok: bool = False) -> Any:
+    """Convert ``value`` to the annotated type ``tp`` (dataclasses recurse). A float must be
+    finite (``nan`` and ``inf`` read as numbers, and every ``< 0`` check lets nan through), except
+    that ``infinite_ok`` (a field whose default holds inf, such as an open upper limit) takes inf."""
     inner, optional = _strip_optional(tp)
     if value is None:
         if optional or tp is Any:
@@ -58,14 +61,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_coerce(v, a, f"{where}[{i}]", infinite_ok) for i, (v, a) in enumerate(zip(value, args)))
         elem = args[0] if args else Any
-        out = [_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
+        out = [_coerce(v, elem, f"{where}[{i}]", infinite_ok) for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if origin in (typing.Union, types.UnionType):
         for arg in get_args(inner):
             try:
-                return _coerce(value, arg, where)
+                return _coerce(value, arg, where, infinite_ok)
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: {value!r} does not match {inner}")
@@ -83,12 +86,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str):
             # NOTE: YAML 1.1 reads "1e-3" (no dot) as a string; accept what Python reads as a number.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        number = float(value)
+        if math.isnan(number) or (math.isinf(number) and not infinite_ok):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if inner is str:
         if isinstance(value, int) and not isinstance(value, bool):  # YAML reads run_dir=2024 as a number
             return str(value)
@@ -116,13 +122,25 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
-        kwargs[name] = _coerce(value, hints[name], key)
+        kwargs[name] = _coerce(value, hints[name], key, _default_holds_inf(fields[name]))
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"{where or cls.__name__}: {err}") from err
+
+
+def _default_holds_inf(field: dataclasses.Field) -> bool:
+    """Whether a field's default is or holds an infinite float (so inf is one of its values)."""
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
+        return False
+    values = default if isinstance(default, (list, tuple)) else [default]
+    return any(isinstance(v, float) and math.isinf(v) for v in values)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -111,9 +111,22 @@ def test_bad_values_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match="the value is not valid YAML"):
         load_run_config(overrides=["train.lr=[1,"])
     for bad, message in (("output.log_every=0", "log_every must be >= 1"), ("eval.max_sequences=0", "max_sequences"),
-                         ("eval.every=-3", "eval.every must be >= 0"), ("train.grad_clip=-1", "grad_clip must be >= 0")):
+                         ("eval.every=-3", "eval.every must be >= 0"), ("train.grad_clip=-1", "grad_clip must be >= 0"),
+                         ("train.preemption_signals=[SIGKILL]", "SIGKILL cannot be caught")):
         with pytest.raises(ConfigError, match=message):
             load_run_config(overrides=[bad])
+
+
+def test_a_number_that_is_not_finite_is_refused_where_it_is_no_value_of_the_setting():
+    """nan passes every ``< 0`` check and inf every ``> 0`` one: refused when read, naming the key."""
+    for bad in ("train.lr=nan", "train.grad_clip=.nan", "train.copied_lr_scale=inf", "phases=[{name: a, lr: nan}]", "loss.a_layer=-inf"):
+        with pytest.raises(ConfigError, match="expected a finite number"):
+            load_run_config(overrides=[bad])
+    # An open upper limit is a setting's own value (its default): inf stays allowed there.
+    cfg = load_run_config(overrides=["student.conversion.mamba2.time_step_limit=[0.001, inf]"])
+    assert cfg.student.conversion.mamba2.time_step_limit == (0.001, float("inf"))
+    with pytest.raises(ConfigError, match="time_step_limit.*finite"):
+        load_run_config(overrides=["student.conversion.mamba2.time_step_limit=[nan, inf]"])
 
 
 def test_a_whole_number_where_a_string_is_expected_is_that_string():
