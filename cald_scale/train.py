@@ -344,6 +344,8 @@ class _Run:
         t0, tokens_before = time.time(), state.tokens_seen
         record = self.step_fn(self.models, self.guide, phase, step, self.next_batch, state, cfg, tokens_per_micro=self.tokens_per_micro)
         step = engine.global_steps
+        applied = engine.was_step_applied()  # False: DeepSpeed skipped it (non-finite gradients)
+        state.optimizer_step(applied=applied, step=step, loss_scaling=engine.fp16_enabled())
         if cfg.train.trim_heap_every and step % cfg.train.trim_heap_every == 0:
             return_free_memory()
         elapsed = time.time() - t0
@@ -356,10 +358,11 @@ class _Run:
             lr=engine.get_lr()[0],
             lr_groups={g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)},
             grad_norm=float(engine.get_global_grad_norm() or 0.0),
-            step_applied=engine.was_step_applied(),  # False: DeepSpeed skipped it (non-finite gradients)
+            step_applied=applied,
             tokens=state.tokens_seen,
             tokens_per_s=(state.tokens_seen - tokens_before) / max(elapsed, 1e-9),
             nan_skipped=state.nan_skipped,
+            steps_skipped=state.steps_skipped,
         )
         release = self.guide.release_stats
         if release is not None and release.get("step") == step - 1:
@@ -435,6 +438,7 @@ class _Run:
             "train_seconds": state.train_seconds,
             "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
             "nan_skipped": state.nan_skipped,
+            "steps_skipped": state.steps_skipped,
             "task": cfg.task.kind,
             **summary,
             "teacher_release": self.guide.release_stats,

@@ -13,7 +13,8 @@ class NonFiniteLossError(RuntimeError):
 
 class StepState:
     """The data cursor (micro-batches consumed on each rank), tokens seen, skipped
-    non-finite micro-batches and training seconds; ``as_dict`` goes into every checkpoint.
+    non-finite micro-batches, optimizer steps DeepSpeed skipped and training seconds;
+    ``as_dict`` goes into every checkpoint.
     ``last_saved`` (the step of the last complete checkpoint) and the non-finite policy are
     what an error that stops the run must name."""
 
@@ -21,14 +22,19 @@ class StepState:
         self.cursor = int(saved.get("micro_cursor", 0))
         self.tokens_seen = int(saved.get("tokens_seen", 0))
         self.nan_skipped = int(saved.get("nan_skipped", 0))
+        self.steps_skipped = int(saved.get("steps_skipped", 0))
         self.train_seconds = float(saved.get("train_seconds", 0.0))
         self.consecutive_nan = 0
+        self.consecutive_skipped_steps = 0
         self.last_saved = last_saved
         self.max_consecutive_nan = max_consecutive_nan
         self.ckpt_dir = ckpt_dir
 
     def as_dict(self) -> dict:
-        return {"micro_cursor": self.cursor, "tokens_seen": self.tokens_seen, "nan_skipped": self.nan_skipped, "train_seconds": self.train_seconds}
+        return {
+            "micro_cursor": self.cursor, "tokens_seen": self.tokens_seen, "nan_skipped": self.nan_skipped,
+            "steps_skipped": self.steps_skipped, "train_seconds": self.train_seconds,
+        }
 
     def finite(self) -> None:
         self.consecutive_nan = 0
@@ -43,4 +49,24 @@ class StepState:
                 f"{self.consecutive_nan} non-finite losses in a row at step {step} (train.max_consecutive_nan="
                 f"{self.max_consecutive_nan}); stopped. The last complete checkpoint (step {self.last_saved}) in {self.ckpt_dir} is intact; "
                 "lower the LR or check the data, then rerun to resume."
+            )
+
+    def optimizer_step(self, *, applied: bool, step: int, loss_scaling: bool) -> None:
+        """Whether DeepSpeed applied step ``step``'s update. It skips one whose gradients are not
+        finite, finite losses or not (an overflow in backward), and the step still counts (the LR
+        schedule moves on): counted in ``steps_skipped``, and the run stops once
+        ``max_consecutive_nan`` come in a row, except under fp16's dynamic loss scaling, whose
+        search for a scale skips steps by design."""
+        if applied:
+            self.consecutive_skipped_steps = 0
+            return
+        self.steps_skipped += 1
+        if loss_scaling:
+            return
+        self.consecutive_skipped_steps += 1
+        if self.consecutive_skipped_steps >= self.max_consecutive_nan:
+            raise NonFiniteLossError(
+                f"{self.consecutive_skipped_steps} optimizer steps in a row skipped by DeepSpeed for non-finite gradients, "
+                f"at step {step} (train.max_consecutive_nan={self.max_consecutive_nan}); stopped. The last complete checkpoint "
+                f"(step {self.last_saved}) in {self.ckpt_dir} is intact; lower the LR or check the data, then rerun to resume."
             )

@@ -52,6 +52,7 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
         ("tokens seen", report["tokens_seen"]),
         ("training tokens/s", report["train_tokens_per_s"]),
         ("non-finite steps skipped", report["nan_skipped"]),
+        ("optimizer steps skipped (non-finite gradients)", report.get("steps_skipped", 0)),
         ("ranks", report["world_size"]),
         ("peak RSS per rank (GiB)", mem.get("cpu_max_rss_bytes", 0) / 2**30),
     ]
