@@ -101,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     args = parser.parse_args(argv)
+    from .errors import user_errors
+
     try:
         return args.run(args)
-    except (OSError, ValueError) as err:  # NOTE: the project raises these for user errors
+    except (OSError, ValueError, *user_errors()) as err:  # bad input, named in one line
         print(f"cald-scale {args.command}: error: {err}", file=sys.stderr)
         return 2
 

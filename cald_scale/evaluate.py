@@ -34,6 +34,7 @@ from .conversion.modeling import CaldStudentConfig
 from .cli import device_arg, non_negative_int, positive_int
 from .conversion.teacher import DTYPES, TeacherConfig, load_teacher
 from .data import DataConfig, PackedSequences, held_out_sequences
+from .data.tokenise import tokenizer_identity
 from .distill.stages import LayerwiseModel
 from .eval import harness
 from .eval.perplexity import eval_indices, perplexity
@@ -118,6 +119,24 @@ def resolve_target(
     return dataclasses.replace(target, teacher=None) if no_teacher else target
 
 
+def _load_teacher(target: EvalTarget):
+    """The target's teacher and its tokenizer, which must be the student's own: both are scored
+    on the same tokens, so another teacher's vocabulary would score the student on text
+    tokenised as it never saw it (a smaller one passes every id check)."""
+    teacher, tokenizer, _ = load_teacher(target.teacher)
+    if teacher.config.model_type == CaldStudentConfig.model_type:
+        raise ValueError(f"teacher {target.teacher.name_or_path} is a converted student, not a teacher: name the model it was converted from")
+    if (target.student_dir / "tokenizer_config.json").is_file():
+        own = AutoTokenizer.from_pretrained(target.student_dir)
+        if tokenizer_identity(own)["vocab_sha256"] != tokenizer_identity(tokenizer)["vocab_sha256"]:
+            raise ValueError(
+                f"teacher {target.teacher.name_or_path} tokenises differently from the student in {target.student_dir} "
+                f"(vocabularies of {len(tokenizer)} and {len(own)} tokens, or other merges): the two are scored on the "
+                "same tokens, so name the student's own teacher (or use --no_teacher)"
+            )
+    return teacher, tokenizer
+
+
 def _load_student(target: EvalTarget) -> PreTrainedModel:
     """The exported student, in the run's compute dtype (the same with or without its teacher)."""
     return AutoModelForCausalLM.from_pretrained(target.student_dir, dtype=DTYPES[target.dtype])
@@ -159,7 +178,7 @@ def evaluate(
     check_context(AutoConfig.from_pretrained(target.student_dir), data.seq_len, "the student", remedy="use a smaller --seq_len")
     teacher = tokenizer = None
     if target.teacher is not None:
-        teacher, tokenizer, _ = load_teacher(target.teacher)
+        teacher, tokenizer = _load_teacher(target)
         check_context(teacher, data.seq_len, "the teacher", remedy="use a smaller --seq_len, or --no_teacher for the student alone")
     else:
         tokenizer = AutoTokenizer.from_pretrained(target.student_dir)
@@ -211,7 +230,7 @@ def evaluate_tasks(
     results = {}
     # NOTE: one model in memory at a time, as for perplexity.
     if target.teacher is not None:
-        teacher, tokenizer, _ = load_teacher(target.teacher)
+        teacher, tokenizer = _load_teacher(target)
         # NOTE: the student's config names no positions; without the teacher's length a long
         # prompt would be cut differently for the two.
         options["max_length"] = harness.context_length(teacher, tokenizer)
@@ -277,6 +296,9 @@ def _check_options(args: argparse.Namespace) -> None:
         given = [f"--{name}" for name in ("limit", "num_fewshot") if getattr(args, name) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} apply to lm-eval tasks: name them with --tasks")
+    # NOTE: before the work (hours of lm-eval tasks), not after it.
+    if args.json and Path(args.json).is_dir():
+        raise ValueError(f"--json {args.json} is a folder: name the file to write")
 
 
 def _jsonable(value):

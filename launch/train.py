@@ -31,18 +31,14 @@ import sys  # noqa: E402
 
 from cald_scale.cli import Once  # noqa: E402
 from cald_scale.config import ConfigError, load_run_config  # noqa: E402
-from cald_scale.conversion.weights import WeightsMismatchError  # noqa: E402
-from cald_scale.data.megatron import IndexedFileError  # noqa: E402
-from cald_scale.export.bamba import BambaExportError  # noqa: E402
-from cald_scale.engines.checkpoint import CheckpointLoadError, CheckpointSaveError  # noqa: E402
 from cald_scale.engines.distributed import close_distributed  # noqa: E402
 from cald_scale.engines.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptedWhileStarting  # noqa: E402
-from cald_scale.train import NonFiniteLossError, train  # noqa: E402
+from cald_scale.errors import user_errors  # noqa: E402
+from cald_scale.train import train  # noqa: E402
 
 TRACEBACK_VAR = "CALD_TRACEBACK"
 
-# Errors that mean "fix the input", not "a bug": reported without a traceback.
-USER_ERRORS = (ConfigError, FileNotFoundError, WeightsMismatchError, CheckpointLoadError, CheckpointSaveError, NonFiniteLossError, BambaExportError, IndexedFileError)
+USER_ERRORS = user_errors()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -168,6 +168,7 @@ class ClassificationDataConfig:
                 raise ValueError(f"classification.{name} must be null or an int >= 1, got {value!r}")
         if not isinstance(self.cache_dir, str) or not self.cache_dir:
             raise ValueError(f"classification.cache_dir must be a non-empty path, got {self.cache_dir!r}")
+        self.cache_dir = os.path.expanduser(self.cache_dir)  # as output.run_dir: not a folder named "~"
 
 
 # ---------------------------------------------------------------------------------------

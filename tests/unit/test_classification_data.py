@@ -219,6 +219,18 @@ def test_missing_column_names_the_file_and_its_columns(tmp_path):
         load_classification_data(cfg)
 
 
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.csv", "", r"empty\.csv is empty"),
+    ("broken.jsonl", '{"text": "fine", "label": 1}\n{"text": "cut', r"broken\.jsonl cannot be read as json \(\w+"),
+])
+def test_an_unreadable_data_file_is_named_with_the_cause(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    cfg = ClassificationDataConfig(dataset=str(path), text_column="text", label_column="label", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=message):
+        load_classification_data(cfg)
+
+
 def test_unknown_labels_in_test_error_or_skip(tmp_path):
     df, folder = _rows(), tmp_path / "data"
     folder.mkdir()

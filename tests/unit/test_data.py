@@ -109,6 +109,15 @@ def _write_novel(path, num_chars: int = 200_000, seed: int = 0) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+def test_cache_dirs_expand_the_home_folder():
+    """As output.run_dir does: "~/cache" is the home folder's, not a folder named "~" here."""
+    from cald_scale.data.classification import ClassificationDataConfig
+
+    home = os.path.expanduser("~")
+    assert DataConfig(cache_dir="~/cald_cache").cache_dir == os.path.join(home, "cald_cache")
+    assert ClassificationDataConfig(dataset="wiki_topic", cache_dir="~/cald_cache").cache_dir == os.path.join(home, "cald_cache")
+
+
 @pytest.mark.parametrize(
     "field, value",
     [

@@ -106,6 +106,20 @@ def test_errors_are_one_line_with_status_2(models, tmp_path, capsys, monkeypatch
         # the command's own option is named, not the training job's data.seq_len
         ([str(student_dir), "--corpus", str(short), "--no_teacher"], "use a smaller --seq_len"),
     ]
+    # A teacher that tokenises otherwise, the student itself, weights that do not fit their config.
+    other = save_tiny_teacher(tmp_path / "other_teacher", "llama", train_tokenizer(["other words entirely"] * 50, vocab_size=300), layers=2)
+    teacher_dir = models[0]
+    broken = tmp_path / "broken_teacher"
+    shutil.copytree(teacher_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
+    cases += [
+        ([str(student_dir), "--teacher", str(other)], "tokenises differently from the student"),
+        ([str(student_dir), "--teacher", str(student_dir)], "is a converted student, not a teacher"),
+        ([str(student_dir), "--teacher", str(broken)], "missing"),
+        ([str(student_dir), "--json", str(tmp_path)], "is a folder: name the file to write"),
+    ]
+    capsys.readouterr()  # the set-up's own output
     for argv, message in cases:
         assert main(["evaluate", *argv]) == 2
         # (a first tokenisation may show `datasets`' progress bars above the error)
