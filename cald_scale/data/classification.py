@@ -432,17 +432,21 @@ def load_classification_data(cfg: ClassificationDataConfig) -> ClassificationDat
                 content = _build(cfg, sources, key)
                 atomic_write_text(path, json.dumps(content), durable=True)
                 logger.info("cached classification splits of %r: %s -> %s", content["name"], content["stats"], path)
-    with open(path, encoding="utf-8") as f:
-        content = json.load(f)
-
-    splits = {
-        split: ClassificationSplit(
-            texts=part["text"], text_pairs=part.get("text_pair"), labels=np.asarray(part["label"], dtype=np.int64)
-        )
-        for split, part in content["splits"].items()
-    }
-    stats = dict(content["stats"])
-    labels = content["labels"]
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+        splits = {
+            split: ClassificationSplit(
+                texts=part["text"], text_pairs=part.get("text_pair"), labels=np.asarray(part["label"], dtype=np.int64)
+            )
+            for split, part in content["splits"].items()
+        }
+        stats = dict(content["stats"])
+        labels = content["labels"]
+    except (ValueError, KeyError, TypeError) as err:  # written atomically, so damaged after the fact
+        raise ValueError(
+            f"classification cache {path} is damaged ({type(err).__name__}: {err}); delete it and the next start rebuilds it"
+        ) from err
     if cfg.max_train_examples is not None:
         capped = _cap_split(splits["train"], len(labels), cfg.max_train_examples)
         stats["train_skipped_max_train_examples"] = len(splits["train"]) - len(capped)

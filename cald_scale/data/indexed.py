@@ -178,10 +178,39 @@ def _max_token_id(stream: TokenStream) -> tuple[int | None, bool]:
     return max(int(stream.read(int(s), _MAX_ID_WINDOW_TOKENS).max()) for s in starts), False
 
 
+_META_KEYS = (
+    "dtype", "num_train_tokens", "num_eval_tokens", "num_train_docs", "num_eval_docs", "max_token_id", "vocab_size",
+    "tokenizer", "eval_fraction",
+)
+
+
+def _read_cache_meta(folder: str) -> dict[str, Any]:
+    """The cache's meta.json, checked against its token files: a damaged cache is named as one
+    (with the way out), not read as an empty split or a JSON error without a path."""
+    meta_path = os.path.join(folder, META)
+    damaged = f"data cache {folder} is damaged ({{}}); delete that folder and the next start rebuilds it"
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        missing = [key for key in _META_KEYS if key not in meta]
+        if missing:
+            raise ValueError(f"it lacks {missing}")
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        expected = {split: meta[f"num_{split}_tokens"] * itemsize for split in ("train", "eval")}
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ValueError(damaged.format(f"{META} is unreadable: {err}")) from err
+    for split, size in expected.items():
+        path = os.path.join(folder, split + ".bin")
+        actual = os.path.getsize(path) if os.path.isfile(path) else None
+        if actual != size or not os.path.isfile(os.path.join(folder, split + ".idx")):
+            found = "missing" if actual is None else f"{actual} bytes"
+            raise ValueError(damaged.format(f"{split}.bin is {found}, {META} says {size}; or {split}.idx is missing"))
+    return meta
+
+
 def _open_cache(folder: str, name: str) -> IndexedCorpus:
     meta_path = os.path.join(folder, META)
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = _read_cache_meta(folder)
     return IndexedCorpus(
         name=name,
         train_prefix=os.path.join(folder, "train"),

@@ -418,3 +418,14 @@ def test_metrics_worked_example():
         confusion_matrix([3], [0], 3)
     with pytest.raises(ValueError, match="empty"):
         metrics_from_confusion(torch.zeros(3, 3, dtype=torch.long))
+
+
+def test_a_damaged_split_cache_is_named_with_the_way_out(tmp_path):
+    path = tmp_path / "data.csv"
+    _write(_rows(), path)
+    cfg = ClassificationDataConfig(dataset=str(path), text_column="sentence", label_column="label", cache_dir=str(tmp_path / "cache"))
+    load_classification_data(cfg)
+    (cached,) = (tmp_path / "cache").glob("*.json")
+    cached.write_text(cached.read_text()[:100])
+    with pytest.raises(ValueError, match=f"classification cache {cached} is damaged .*delete it"):
+        load_classification_data(cfg)

@@ -947,3 +947,25 @@ def test_eval_batches_cover_the_eval_set_once():
     assert per_rank == [eval_batches(n, mbs, r, world) for r in range(world)]
     first = [eval_batches(n, mbs, r, world, max_batches=1) for r in range(world)]
     assert sorted(i for batches in first for batch in batches for i in batch) == list(range(6))
+
+
+def test_a_damaged_cache_is_named_with_the_way_out(shakespeare, tmp_path):
+    """A truncated meta.json, one without a key, a token file cut short: each named as a damaged
+    cache to delete, not a JSON error without a path or an empty split blamed on the corpus."""
+    import shutil
+
+    from cald_scale.data.indexed import _open_cache
+
+    folder = tmp_path / "cache"
+    shutil.copytree(os.path.dirname(shakespeare[1].meta_path), folder)
+    meta = (folder / "meta.json").read_text()
+    cases = [
+        (lambda: (folder / "meta.json").write_text(meta[: len(meta) // 2]), "meta.json is unreadable"),
+        (lambda: (folder / "meta.json").write_text(json.dumps({k: v for k, v in json.loads(meta).items() if k != "num_eval_docs"})), "lacks \\['num_eval_docs'\\]"),
+        (lambda: (folder / "train.bin").write_bytes(b""), "train.bin is 0 bytes"),
+    ]
+    for damage, message in cases:
+        damage()
+        with pytest.raises(ValueError, match=f"data cache {folder} is damaged .*{message}.*delete that folder"):
+            _open_cache(str(folder), "shakespeare")
+        (folder / "meta.json").write_text(meta)
