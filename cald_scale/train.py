@@ -293,7 +293,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path, *, early_signals: Sequence
                 if step < run.plan.total_steps and (signal_name := watch.requested(run.device)):
                     run.stop_preempted(step, signal_name)
             # 5. End point: evaluate, export the student, report.
-            return run.finish(step)
+            return run.finish(step, preempted=lambda: watch.requested(run.device))
     finally:
         # NOTE: after the watch is restored, so a signal during wandb's finish ends the process.
         if run is not None:
@@ -406,12 +406,16 @@ class _Run:
             atomic_write_text(self.run_dir / "preempted.json", json.dumps({"step": step, "signal": signal_name}))
         raise Preempted(step, signal_name)
 
-    def finish(self, step: int) -> dict:
-        """5. End point: evaluate, export the student in HF format, report."""
+    def finish(self, step: int, preempted: Callable[[], str | None] | None = None) -> dict:
+        """5. End point: evaluate, export the student in HF format, report. ``preempted()`` (a
+        collective) names a preemption signal that came during the evaluation: the run then stops
+        with the checkpoint of its last step, and the requeued job evaluates and exports."""
         cfg, env, models = self.cfg, self.env, self.models
         after = self.evaluate("student")
         # A trajectory teacher has moved: score where it ended (its drift is part of the result).
         teacher_after = self.evaluate("teacher") if self.plan.trains_teacher and models.teacher is not None else None
+        if preempted is not None and (signal_name := preempted()):
+            self.stop_preempted(step, signal_name)
         export_dir = models.export(self.task.tokenizer, self.run_dir / "student", is_main=env.is_main)  # pipeline: every stage its own shard
         if cfg.output.export_bamba and env.is_main:
             export_bamba(export_dir, self.run_dir / "bamba")

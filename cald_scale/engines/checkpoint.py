@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_write_text, fsync_path
-from .distributed import barrier, gather_objects, rank, world_size
+from .distributed import all_true, barrier, gather_objects, rank, world_size
 from .preemption import Preempted
 
 __all__ = [
@@ -345,20 +345,24 @@ def load_latest_checkpoint(
     """
     failures = []
     for step, path in complete_tags(Path(ckpt_dir)) if tags is None else tags:
+        error = None
         try:
             folder = source(path) if source is not None else path
             load_path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=not frozen_excluded)
-            if load_path is not None and also_load is not None:
+            if load_path is None:
+                error = "DeepSpeed found nothing to load"
+            elif also_load is not None:
                 also_load(folder, client_state or {})
         except Preempted:  # a signal during the universal conversion: stop, not "try the previous one"
             raise
         except Exception as err:  # noqa: BLE001 - any failure means "try the previous one"
-            logger.warning("checkpoint %s could not be loaded (%s: %s); trying an older one", path, type(err).__name__, err)
-            failures.append(f"{path.name}: {type(err).__name__}: {str(err)[:300]}")
-            continue
-        if load_path is None:
-            logger.warning("checkpoint %s could not be loaded; trying an older one", path)
-            failures.append(f"{path.name}: DeepSpeed found nothing to load")
+            error = f"{type(err).__name__}: {str(err)[:300]}"
+        # NOTE: every rank must resume from the same tag: one that failed on any rank (a local
+        # read error, memory) is skipped on all, else the ranks would train from different steps.
+        if not all_true(error is None, engine.device):
+            error = error or "it failed on another rank"
+            logger.warning("checkpoint %s could not be loaded (%s); trying an older one", path, error)
+            failures.append(f"{path.name}: {error}")
             continue
         _restore_rng(path, rank())
         logger.info("resumed from %s (step %d)", path, step)

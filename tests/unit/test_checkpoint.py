@@ -231,3 +231,42 @@ def test_tags_newer_than_the_saved_step_neither_take_its_place_nor_are_resumed_a
     assert [step for step, _ in complete_tags(tmp_path)] == [130, 100][:keep_last]
     assert sorted(p.name for p in (tmp_path / checkpoint.SUPERSEDED).iterdir()) == ["step_00000200"]
     assert not (tmp_path / "step_00000250").exists()
+
+
+def _load_on_rank(rank: int, init_file: str, folder: str, out: str) -> None:
+    """One of two gloo ranks resuming; rank 1 cannot read the newest tag (a local read error)."""
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    class Engine:
+        device = torch.device("cpu")
+
+        def load_checkpoint(self, load_dir, tag, load_module_strict):
+            if rank == 1 and tag == "step_00000002":
+                raise OSError(5, "Input/output error")
+            return str(Path(load_dir) / tag), {"tag": tag}
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        state = checkpoint.load_latest_checkpoint(Engine(), Path(folder))
+        Path(out, f"load{rank}.json").write_text(json.dumps(state))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_tag_that_fails_to_load_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    """Every rank resumes from the same tag: rank 0 alone would load step 2 and rank 1 step 1."""
+    import multiprocessing
+
+    folder = tmp_path / "checkpoints"
+    for step in (1, 2):
+        _tag(folder, step)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_load_on_rank, args=(r, str(tmp_path / "init"), str(folder), str(tmp_path))) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+        assert proc.exitcode == 0
+    assert [json.loads((tmp_path / f"load{r}.json").read_text()) for r in range(2)] == [{"tag": "step_00000001"}] * 2
