@@ -44,38 +44,42 @@ class MetricsLogger:
         self._bar = None
         if not enabled:
             return
-        self._drop_steps_after(start_step)
+        relogged = self._drop_steps_after(start_step)
         if wandb_mode != "disabled":
-            try:
-                import wandb
+            run_id = _wandb_id(Path(run_dir))
+            # NOTE: wandb ignores a step below the run's last one, so steps logged again after a
+            # resume would keep the abandoned session's values there: rewind the run to the
+            # checkpoint's step instead (plain resume where nothing is logged again, or as a fallback).
+            attempts = ([{"resume_from": f"{run_id}?_step={start_step}"}] if relogged else []) + [{"resume": "allow", "id": run_id}]
+            for attempt in attempts:
+                try:
+                    import wandb
 
-                os.environ.setdefault("WANDB_SILENT", "true")
-                self._wandb = wandb.init(
-                    project=project,
-                    dir=str(run_dir),
-                    mode=os.environ.get("WANDB_MODE", wandb_mode),
-                    config=config,
-                    resume="allow",
-                    id=_wandb_id(Path(run_dir)),
-                )
-            except Exception as err:  # noqa: BLE001 - logging must never kill a training run
-                logger.warning("wandb disabled: %s", err)
+                    os.environ.setdefault("WANDB_SILENT", "true")
+                    self._wandb = wandb.init(
+                        project=project, dir=str(run_dir), mode=os.environ.get("WANDB_MODE", wandb_mode), config=config, **attempt,
+                    )
+                    break
+                except Exception as err:  # noqa: BLE001 - logging must never kill a training run
+                    logger.warning("wandb %s: %s", "disabled" if attempt is attempts[-1] else f"could not rewind ({attempt})", err)
         if progress_bar:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="distill", dynamic_ncols=True, mininterval=1.0)
 
-    def _drop_steps_after(self, step: int) -> None:
+    def _drop_steps_after(self, step: int) -> bool:
         """A resumed run logs again the steps after its checkpoint: the lines it wrote for them
-        before it stopped go, so each step has one line (the one of the run that goes on)."""
+        before it stopped go, so each step has one line (the one of the run that goes on).
+        Returns whether any went (those steps are logged again)."""
         if not self.path.is_file():
-            return
+            return False
         lines = self.path.read_text().splitlines(keepends=True)
         kept = [line for line in lines if _step_of(line) <= step]
         if len(kept) < len(lines):
             atomic_write_text(self.path, "".join(kept))
             why = "logged again from the checkpoint" if step else "the run starts over: no complete checkpoint"
             logger.info("metrics.jsonl: dropped %d lines after step %d (%s)", len(lines) - len(kept), step, why)
+        return len(kept) < len(lines)
 
     def _call_wandb(self, what: str, call) -> None:
         """wandb's service is a child process: a preemption signal sent to the whole job (SLURM)

@@ -60,3 +60,31 @@ def test_a_wandb_service_stopped_by_the_preemption_signal_does_not_stop_the_run(
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert "wandb disabled" in caplog.text and metrics._wandb is None
+
+
+def test_a_resumed_run_rewinds_its_wandb_run_to_the_checkpoint(tmp_path, monkeypatch):
+    """wandb ignores steps below a run's last one: a resume that logs steps 6-7 again rewinds
+    the run to step 5 (the real offline wandb, its init watched), and one that logs nothing again
+    resumes plainly."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    calls, init = [], wandb.init
+
+    def watched_init(**kwargs):
+        calls.append({k: kwargs.get(k) for k in ("resume_from", "resume", "id")})
+        return init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", watched_init)
+    first = _logger(tmp_path, start_step=0, wandb_mode="offline")
+    for step in range(1, 8):
+        first.log(step, {"loss": 1.0 / step})
+    first.close()
+    run_id = calls[0]["id"]
+    resumed = _logger(tmp_path, start_step=5, wandb_mode="offline")
+    assert resumed._wandb is not None and resumed._wandb.id == run_id
+    resumed.close()
+    assert calls[1] == {"resume_from": f"{run_id}?_step=5", "resume": None, "id": None}
+    again = _logger(tmp_path, start_step=5, wandb_mode="offline")  # nothing after step 5 is left to log again
+    again.close()
+    assert calls[2] == {"resume_from": None, "resume": "allow", "id": run_id}
