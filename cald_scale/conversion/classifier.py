@@ -135,7 +135,11 @@ class CaldEncoderForSequenceClassification(PreTrainedModel):
         # pooling is this head's choice (mean or CLS).
         # NOTE: the attention kernel asked for (teacher.attn_implementation) is this config's; the
         # encoder's own config is rebuilt from a dict, which leaves it out.
-        self.encoder = AutoModel.from_config(encoder_config, add_pooling_layer=False, attn_implementation=config._attn_implementation)
+        # NOTE: in the dtype asked for (from_pretrained's, or the default), not the one the encoder's
+        # config records, as CaldStudentForCausalLM builds its backbone: else encoder and head differ.
+        self.encoder = AutoModel.from_config(
+            encoder_config, add_pooling_layer=False, attn_implementation=config._attn_implementation, dtype=torch.get_default_dtype(),
+        )
         dropout = config.classifier_dropout if config.classifier_dropout is not None else getattr(encoder_config, "hidden_dropout_prob", 0.1)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(encoder_config.hidden_size, config.num_labels)

@@ -229,7 +229,12 @@ def convert_teacher(
         seed=seed,
         teacher_name_or_path=teacher_name_or_path,
     )
-    return student.to(next(teacher.parameters()).dtype)
+    # NOTE: the parameters alone: a bf16 teacher keeps its rotary inv_freq in float32, and so
+    # must a hybrid's kept attention (Module.to would round it, moving every position's angle).
+    dtype = next(teacher.parameters()).dtype
+    for param in student.parameters():
+        param.data = param.data.to(dtype)
+    return student
 
 
 @torch.no_grad()

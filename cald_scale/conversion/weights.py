@@ -221,6 +221,9 @@ def _matches(patterns: Iterable[str] | None, key: str) -> bool:
     return any(re.search(p, key) for p in patterns or ())
 
 
+_STALE_BUFFERS = [r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$"]
+
+
 def load_weights(
     model: nn.Module,
     reader: WeightReader,
@@ -250,7 +253,9 @@ def load_weights(
         tensors[id(tensor)] = tensor
     all_names = {n for names in names_of.values() for n in names}
     ignore_missing = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
-    ignore_unexpected = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    # NOTE: as transformers drops them too: checkpoints saved before 4.31 (Pythia, Llama-2 era)
+    # carry every layer's rotary inv_freq and BERT-style position_ids, buffers rebuilt at init.
+    ignore_unexpected = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []) + _STALE_BUFFERS
 
     available = set(reader.keys())
     plan: list[tuple[str, torch.Tensor]] = []

@@ -125,6 +125,10 @@ def test_a_roberta_teacher_converts_and_its_students_save_and_reload(tiny_robert
         batch = _batch(tokenizer)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         torch.testing.assert_close(reloaded(**inputs).logits, student(**inputs).logits)
+        # Reloaded in another dtype, the encoder comes in it too (not the one its config records).
+        in_bf16 = AutoModelForSequenceClassification.from_pretrained(tmp_path / name, dtype=torch.bfloat16).eval()
+        assert {p.dtype for p in in_bf16.parameters()} == {torch.bfloat16}
+        assert in_bf16(**inputs).logits.dtype == torch.bfloat16
     # The one length projection of sharing="layer" is saved once and shared again after loading.
     layers = reloaded_layers = AutoModelForSequenceClassification.from_pretrained(tmp_path / "linformer_layer").encoder.encoder.layer
     assert layers[0].attention.self.mixer.E is reloaded_layers[2].attention.self.mixer.E

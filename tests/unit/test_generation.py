@@ -228,3 +228,20 @@ def test_generate_compiles_the_student_only_on_request():
     asked = CompileConfig()
     asked._compile_all_devices = True  # transformers' own switch for compiling off a GPU, so the CPU can check it
     assert student._valid_auto_compile_criteria(kwargs, GenerationConfig(compile_config=asked)) is True
+
+
+def test_a_bf16_hybrid_keeps_the_teachers_float32_rotary_frequencies():
+    """A bf16 teacher holds its rotary inv_freq in float32; the student's kept attention must too,
+    or every position's angle is rounded and the kept layer no longer computes the teacher's."""
+    teacher = tiny_teacher("llama", layers=3).eval()
+    for param in teacher.parameters():  # as from_pretrained(dtype=bfloat16) leaves it: buffers in float32
+        param.data = param.data.to(torch.bfloat16)
+    student = convert_teacher(teacher, ConversionConfig(mixer="mamba2", attention_layers=[0])).eval()
+    assert student.backbone.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
+    ids = torch.randint(3, 256, (1, 64))
+    with torch.no_grad():
+        ours = student.backbone.model.layers[0](student.backbone.model.embed_tokens(ids), position_embeddings=student.backbone.model.rotary_emb(student.backbone.model.embed_tokens(ids), torch.arange(64)[None]))
+        theirs = teacher.model.layers[0](teacher.model.embed_tokens(ids), position_embeddings=teacher.model.rotary_emb(teacher.model.embed_tokens(ids), torch.arange(64)[None]))
+    ours, theirs = (o[0] if isinstance(o, tuple) else o for o in (ours, theirs))
+    assert torch.equal(ours, theirs)

@@ -129,3 +129,23 @@ def test_safetensors_reader_matches_the_library_and_names_truncation(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(WeightsMismatchError, match="not a safetensors file"):
         open_weights(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_checkpoints_with_the_rotary_buffers_of_old_transformers_load(tmp_path, family):
+    """Checkpoints saved before transformers 4.31 (Pythia, Llama-2 era) hold every layer's
+    rotary inv_freq: transformers drops them, and so do the teacher and a hybrid student."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_teacher(family)
+    _save_with_tokenizer(model, tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    layer = "model.layers.0.self_attn" if family == "llama" else "gpt_neox.layers.0.attention"
+    weights[f"{layer}.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    source, _ = open_teacher(TeacherConfig(name_or_path=str(tmp_path)))
+    loaded = build_teacher(source)
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    build_student(model.config, open_weights(tmp_path), ConversionConfig(attention_layers=[0]))  # its kept layer reads the same tensors
