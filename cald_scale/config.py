@@ -328,6 +328,16 @@ class RunConfig:
                     f"{' and '.join(lm_only)} set what perplexity scores (causal LMs); a classification run scores its whole "
                     "validation and test splits (classification.max_eval_examples caps them)"
                 )
+        if conversion.mixer == "linformer" and conversion.linformer.sharing == "layer":
+            forced = [p.name for p in self.phases if p.mode == "teacher_forced"]
+            if forced:
+                # NOTE: a teacher-forced phase back-propagates block by block, and ZeRO-3 reduces a
+                # parameter at each backward with copy semantics: the one projection every block
+                # shares would keep only the last block's part of its gradient.
+                raise ValueError(
+                    f"student.conversion.linformer.sharing=layer shares one length projection across the blocks, which "
+                    f"teacher-forced phases ({forced}) cannot train under ZeRO-3: use sharing none or kv, or end_to_end phases"
+                )
         if self.student.init_from and self.train.pipeline_stages:
             raise ValueError("student.init_from is not supported in pipeline mode (train.pipeline_stages): each stage converts the teacher's own blocks")
         self.plan(world_size=1)  # phase errors surface when the config is loaded

@@ -259,7 +259,11 @@ class _ChunkedLinearHeadLosses(torch.autograd.Function):
         weight, teacher_logp, temperature = ctx.weight, ctx.teacher_logp, ctx.temperature
         want_x, want_w = ctx.needs_input_grad[:2]
         grad_x = torch.zeros_like(x) if want_x else None
-        grad_w = torch.zeros_like(weight) if want_w else None
+        # NOTE: summed in float32: in bf16 every chunk's addition rounded the running sum (relative
+        # error 0.017-0.033 at 8k tokens, against 0.0024 for one bf16 matmul); each chunk's product
+        # stays in the weight's dtype (tensor cores), so only the sum is wider.
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros_like(weight, dtype=acc) if want_w else None
         for start in range(0, x.shape[0], ctx.size):
             piece = slice(start, start + ctx.size)
             logits = F.linear(x[piece], weight).float()
@@ -277,8 +281,12 @@ class _ChunkedLinearHeadLosses(torch.autograd.Function):
             if want_x:
                 grad_x[piece] = grad @ weight.to(x.dtype)
             if want_w:
-                grad_w.addmm_(grad.t().to(weight.dtype), x[piece].to(weight.dtype))
-        return grad_x, grad_w, None, None, None, None, None
+                a, b = grad.t().to(weight.dtype), x[piece].to(weight.dtype)
+                if weight.dtype == acc:
+                    grad_w.addmm_(a, b)
+                else:
+                    grad_w.add_(a @ b)  # the product in bf16, the sum in float32
+        return grad_x, (grad_w.to(weight.dtype) if want_w else None), None, None, None, None, None
 
 
 def linear_head_losses(

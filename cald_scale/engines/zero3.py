@@ -14,6 +14,7 @@ import copy
 import difflib
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,11 @@ def mark_leaves(blocks, mode: str = "blocks") -> list[nn.Module]:
     teacher-forced phase). ``LayerwiseModel.block`` gives such a block an input that requires
     grad (``needs_grad_input``). Call this before the engine is built, once trainability is
     final for the run (a frozen part must never train later). Returns the leaves.
+
+    A parameter that several blocks share (a Linformer's one length projection, ``sharing:
+    layer``) is never inside a leaf: DeepSpeed would reduce it once, in the last such leaf's
+    backward hook, before the other blocks add their parts, and its gradient came out zero.
+    Such a block's other parts become leaves; the shared module keeps its own hooks.
     """
     from deepspeed.utils import set_z3_leaf_module
 
@@ -285,6 +291,9 @@ def mark_leaves(blocks, mode: str = "blocks") -> list[nn.Module]:
         raise ValueError(f"unknown ZeRO-3 leaf mode {mode!r}; use 'blocks', 'frozen' or 'none'")
     containers = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
     leaves: list[nn.Module] = []
+    blocks = list(blocks)
+    in_blocks = Counter(id(p) for block in blocks for p in block.parameters())  # parameters() lists a shared one once per block
+    shared = {pid for pid, count in in_blocks.items() if count > 1}
 
     def visit(module: nn.Module, whole: bool) -> None:
         params = list(module.parameters())
@@ -292,12 +301,13 @@ def mark_leaves(blocks, mode: str = "blocks") -> list[nn.Module]:
             return
         # NOTE: a module without children gets one hook pair either way; containers are never called.
         callable_parent = next(module.children(), None) is not None and not isinstance(module, containers)
-        if callable_parent and (whole or not any(p.requires_grad for p in params)):
+        holds_shared = any(id(p) in shared for p in params)
+        if callable_parent and not holds_shared and (whole or not any(p.requires_grad for p in params)):
             set_z3_leaf_module(module, True)
             leaves.append(module)
             return
         for child in module.children():
-            visit(child, False)
+            visit(child, whole and holds_shared)
 
     if mode != "none":
         for block in blocks:

@@ -112,7 +112,12 @@ def test_bad_values_are_rejected(tmp_path):
         load_run_config(overrides=["train.lr=[1,"])
     for bad, message in (("output.log_every=0", "log_every must be >= 1"), ("eval.max_sequences=0", "max_sequences"),
                          ("eval.every=-3", "eval.every must be >= 0"), ("train.grad_clip=-1", "grad_clip must be >= 0"),
-                         ("train.preemption_signals=[SIGKILL]", "SIGKILL cannot be caught")):
+                         ("train.preemption_signals=[SIGKILL]", "SIGKILL cannot be caught"),
+                         ("student.conversion.linformer.sharing=layer", None)):
+        if message is None:  # the default job's phases hold a teacher-forced one
+            with pytest.raises(ConfigError, match=r"sharing=layer .* teacher-forced phases \(\['align'\]\) cannot train under ZeRO-3"):
+                load_run_config(overrides=["student.conversion.mixer=linformer", bad])
+            continue
         with pytest.raises(ConfigError, match=message):
             load_run_config(overrides=[bad])
 

@@ -4,6 +4,8 @@ padding contract, on the real all-MiniLM-L6-v2 and on a tiny RoBERTa built here.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tiny_models import save_tiny_encoder
@@ -342,3 +344,70 @@ def test_each_task_refuses_the_other_tracks_teacher_by_name(minilm, tmp_path):
     cfg = load_run_config(overrides=["task.kind=classification", "classification.dataset=wiki_topic", f"classification.cache_dir={tmp_path}"])
     with pytest.raises(ValueError, match="is a GGUF checkpoint, a causal LM: sequence classification takes an encoder"):
         open_task(cfg, is_main=True)
+
+
+_SHARED_PROJECTION_GRADIENTS = r"""
+import json, os, sys
+
+import torch
+
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+from cald_scale.conversion.modeling import ConversionConfig
+from cald_scale.conversion.surgery import build_student
+from cald_scale.conversion.teacher import TeacherConfig, classifier_teacher, open_teacher
+from cald_scale.distill.losses import LossConfig
+from cald_scale.distill.stages import layerwise
+from cald_scale.distill.step import cald_forward
+from cald_scale.engines.distributed import init_distributed
+from cald_scale.engines.models import block_numel
+from cald_scale.engines.partitioned import zero3_placement
+from cald_scale.engines.zero3 import begin_step, build_training_engine, param_groups, size_zero_buffers
+from cald_scale.mixers.config import LinformerConfig
+
+init_distributed()
+source, tokenizer = open_teacher(TeacherConfig(name_or_path="all-minilm-l6-v2"))
+source = classifier_teacher(source, ["a", "b", "c"], seed=0)
+conversion = ConversionConfig(mixer="linformer", linformer=LinformerConfig(k=16, sharing="layer"))
+enc = tokenizer(["The Renaissance began in Florence.", "A sonnet has fourteen lines and a rhyme."], padding=True, return_tensors="pt")
+batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor([0, 2])}
+loss = LossConfig(a_ce=1.0, a_layer=0.0)
+reference = build_student(source.config, source.weights(), conversion, seed=0).eval()
+cald_forward(None, layerwise(reference), batch, loss).total.backward()
+expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+zero = {"stage": 3, **dict.fromkeys(("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance"), "auto")}
+ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+      "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
+student = build_student(source.config, source.weights(), conversion, seed=0, placement=zero3_placement(ds))
+blocks = layerwise(student).blocks
+# The trainer's bucket: one block's worth, so each block's hook flushes the one before.
+ds = size_zero_buffers(ds, block_numel(student, blocks), 1, prefetch=False)
+engine = build_training_engine(student, ds, param_groups(student, 1e-4, 1.0, 0.0, blocks=blocks), leaf_blocks=blocks, leaves="blocks")
+engine.eval()
+begin_step(engine)
+engine.backward(cald_forward(None, layerwise(engine.module), batch, loss).total)
+errors = {}
+for name, param in engine.module.named_parameters():
+    if name in expected:
+        grad = param._z3_optimizer.get_fp32_grad_for_param(param).view(expected[name].shape)
+        errors[name] = ((grad - expected[name]).norm() / expected[name].norm().clamp(min=1e-12)).item()
+print("ERRORS " + json.dumps(errors))
+"""
+
+
+def test_a_projection_every_block_shares_gets_its_whole_gradient_under_zero3_block_leaves():
+    """Linformer's sharing=layer: one length projection in every block. With blocks as ZeRO-3
+    leaves (the default) DeepSpeed reduced it in the last block's hook, before the others added
+    their parts: its gradient came out zero. Every gradient equals plain torch's."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-c", _SHARED_PROJECTION_GRADIENTS, str(port)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    errors = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("ERRORS "))[len("ERRORS "):])
+    shared = [name for name in errors if ".E." in name or name.endswith(".E.weight")]
+    assert shared and len(errors) > 20
+    assert max(errors.values()) < 1e-4, {k: v for k, v in errors.items() if v >= 1e-4}

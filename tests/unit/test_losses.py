@@ -246,3 +246,19 @@ def test_vocab_streamed_cross_entropy_multiplies_in_the_model_dtype():
     grad_ref, = torch.autograd.grad(reference, h)
     assert grad.dtype == torch.bfloat16
     torch.testing.assert_close(grad.float(), grad_ref.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_a_bf16_head_weight_gradient_is_summed_over_chunks_in_float32():
+    """Each chunk's product in bf16, their sum in float32: summed in bf16, 128 chunks took the
+    gradient 5x further from the float64 one (0.0135 against 0.0026 here)."""
+    torch.manual_seed(0)
+    hidden, vocab, tokens = 64, 512, 4096
+    head = torch.nn.Linear(hidden, vocab, bias=False).to(torch.bfloat16)
+    x = torch.randn(1, tokens, hidden).to(torch.bfloat16)
+    ids = torch.randint(0, vocab, (1, tokens))
+    ce, _ = linear_head_losses(x, ids, head, want_ce=True, chunk_tokens=32)
+    ce.backward()
+    assert head.weight.grad.dtype == torch.bfloat16
+    exact = head.weight.detach().double().requires_grad_()
+    F.cross_entropy(x[0, :-1].double() @ exact.t(), ids[0, 1:]).backward()
+    assert ((head.weight.grad.double() - exact.grad).norm() / exact.grad.norm()).item() < 0.005
