@@ -4,9 +4,13 @@ Linear attention reads y_t = sum_s (q_t . k_s) v_s; an SSM reads y_t = sum_s C_t
 So C <- Q, B <- K, x <- V and out_proj <- O; grouped KV heads are repeated to all heads.
 Linformer keeps softmax attention, so it takes Q/K/V (and O) as they are. A family that keeps
 O outside the attention slot (BERT) gives no O: the mixer's out_proj then starts as the identity.
+The teacher's q/k/v/o biases (qwen2, gpt_neox, BERT) go where their weights go when the mixer has
+biases (``proj_bias``); without them they are dropped, and said so once.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -15,6 +19,31 @@ from ..mixers import BiMamba2Mixer, LinformerSelfAttention, Mamba2Mixer, MambaMi
 from .registry import AttentionWeights
 
 __all__ = ["init_mixer_from_attention"]
+
+logger = logging.getLogger(__name__)
+_warned_dropped_bias = False
+
+
+def _copy_biases(mixer: nn.Module, attn: AttentionWeights, rows: list[tuple[slice, torch.Tensor | None]]) -> None:
+    """The teacher's biases into the mixer's in_proj rows and out_proj (zeros where it has none);
+    without biases in the mixer, a note that they are dropped (once per process)."""
+    global _warned_dropped_bias
+    teacher_has = any(b is not None for b in (attn.q_bias, attn.k_bias, attn.v_bias, attn.o_bias))
+    if mixer.in_proj.bias is None:
+        if teacher_has and not _warned_dropped_bias:
+            _warned_dropped_bias = True
+            logger.warning(
+                "the teacher's attention has biases, which this %s mixer (no proj_bias) cannot take: the "
+                "attention-informed init drops them (set the mixer's proj_bias: true to carry them over)",
+                type(mixer).__name__,
+            )
+        return
+    mixer.in_proj.bias.zero_()
+    for where, bias in rows:
+        if bias is not None:
+            mixer.in_proj.bias[where].copy_(bias)
+    if mixer.out_proj.bias is not None:
+        mixer.out_proj.bias.copy_(attn.o_bias if attn.o_bias is not None else torch.zeros_like(mixer.out_proj.bias))
 
 
 def _repeat_heads(weight: torch.Tensor, kv_heads: int, heads: int) -> torch.Tensor:
@@ -58,6 +87,9 @@ def _init_mamba2(mixer: nn.Module, attn: AttentionWeights, heads: int, kv_heads:
     w[b_rows].copy_(_repeat_heads(attn.k, kv_heads, heads))
     w[c_rows].copy_(attn.q)
     mixer.out_proj.weight.copy_(_output_weight(attn, *mixer.out_proj.weight.shape))
+    _copy_biases(mixer, attn, [
+        (x_rows, _repeat_bias(attn.v_bias, kv_heads, heads)), (b_rows, _repeat_bias(attn.k_bias, kv_heads, heads)), (c_rows, attn.q_bias),
+    ])
 
 
 @torch.no_grad()
@@ -79,6 +111,8 @@ def _init_mamba(mixer: nn.Module, attn: AttentionWeights, heads: int, kv_heads: 
     mixer.in_proj.weight[:d_inner].copy_(v.repeat(tiles, 1))
     o = _output_weight(attn, mixer.out_proj.weight.shape[0], v.shape[0])
     mixer.out_proj.weight.copy_(o.repeat(1, tiles) / tiles)
+    v_bias = _repeat_bias(attn.v_bias, kv_heads, heads)
+    _copy_biases(mixer, attn, [(slice(0, d_inner), None if v_bias is None else v_bias.repeat(tiles))])
 
 
 @torch.no_grad()

@@ -135,3 +135,36 @@ def test_each_replaced_attention_is_freed_before_the_next_mixer_is_built(monkeyp
     # Before the k-th mixer is built, the first k attentions are gone.
     assert alive_at_build == [2, 1, 0]
     assert len(collected) == (3 if cycle else 0)
+
+
+def test_the_teachers_attention_biases_go_where_their_weights_go(caplog):
+    """qwen2 has q/k/v biases (gpt_neox and BERT too): a mixer with proj_bias takes them in the
+    same rows as the weights (C <- q, B <- k, x <- v); one without says it drops them."""
+    import logging
+
+    from cald_scale.mixers.config import Mamba2Config, MambaConfig
+
+    teacher = tiny_teacher("qwen2", layers=2)
+    attn = teacher.model.layers[0].self_attn
+    with torch.no_grad():
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            proj.bias.normal_()
+    heads, kv_heads = teacher.config.num_attention_heads, teacher.config.num_key_value_heads
+    repeat = lambda b: b.view(kv_heads, -1).repeat_interleave(heads // kv_heads, dim=0).flatten()  # noqa: E731
+    student = convert_teacher(teacher, ConversionConfig(mixer="mamba2", mamba2=Mamba2Config(proj_bias=True)))
+    mixer = student.mixers()[0]
+    width, state = mixer.num_heads * mixer.head_dim, mixer.n_groups * mixer.d_state
+    bias = mixer.in_proj.bias
+    assert torch.equal(bias[width : 2 * width], repeat(attn.v_proj.bias))
+    assert torch.equal(bias[2 * width : 2 * width + state], repeat(attn.k_proj.bias))
+    assert torch.equal(bias[2 * width + state : 2 * width + 2 * state], attn.q_proj.bias)
+    assert not bias[:width].any() and not bias[2 * width + 2 * state :].any() and not mixer.out_proj.bias.any()
+    mamba = convert_teacher(teacher, ConversionConfig(mixer="mamba", mamba=MambaConfig(proj_bias=True))).mixers()[0]
+    d_inner = mamba.out_proj.weight.shape[1]
+    assert torch.equal(mamba.in_proj.bias[:d_inner], repeat(attn.v_proj.bias).repeat(d_inner // (heads * attn.head_dim)))
+    import cald_scale.conversion.init as init_module
+
+    init_module._warned_dropped_bias = False
+    with caplog.at_level(logging.WARNING, logger="cald_scale.conversion.init"):
+        convert_teacher(teacher, ConversionConfig(mixer="mamba2"))
+    assert "drops them (set the mixer's proj_bias: true" in caplog.text
