@@ -175,9 +175,11 @@ def _download_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+        # NOTE: not Mistral's consolidated.safetensors: the same weights again, under its own names.
+        skip = ["consolidated*"]
+        folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, ignore_patterns=skip))
         if not any(folder.glob("*.safetensors")):  # an older repo: PyTorch pickles only (fetched only then: often GBs)
-            folder = Path(snapshot_download(repo_id, allow_patterns=[*_HUB_FILES, "pytorch_model*.bin"]))
+            folder = Path(snapshot_download(repo_id, allow_patterns=[*_HUB_FILES, "pytorch_model*.bin"], ignore_patterns=skip))
         return folder
     except Exception as err:  # noqa: BLE001 - offline, unknown repo, network: one clear message
         raise OSError(

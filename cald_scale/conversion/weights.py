@@ -204,7 +204,11 @@ def open_weights(folder: str | Path) -> WeightReader:
             if missing:
                 raise FileNotFoundError(f"{index} lists shards that are missing: {missing[:4]}")
             return reader(folder / s for s in shards)
-    if files := sorted(folder.glob("*.safetensors")):
+    # NOTE: as transformers, model.safetensors alone when there is no index: Mistral's repos also
+    # hold consolidated.safetensors, the same weights under Mistral's own names.
+    if (folder / "model.safetensors").is_file():
+        return SafetensorsReader([folder / "model.safetensors"])
+    if files := sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("consolidated")):
         return SafetensorsReader(files)
     if files := sorted(folder.glob("pytorch_model*.bin")):
         return TorchBinReader(files)

@@ -149,3 +149,19 @@ def test_checkpoints_with_the_rotary_buffers_of_old_transformers_load(tmp_path, 
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     build_student(model.config, open_weights(tmp_path), ConversionConfig(attention_layers=[0]))  # its kept layer reads the same tensors
+
+
+def test_a_folder_with_mistrals_consolidated_weights_reads_the_transformers_ones():
+    """Mistral's repos hold consolidated.safetensors beside model.safetensors: the same weights
+    under other names, which transformers never reads; mixed in, they were unexpected keys."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as folder:
+        model = tiny_teacher("llama")
+        model.save_pretrained(folder)
+        save_file({"layers.0.attention.wq.weight": torch.ones(2, 2)}, Path(folder) / "consolidated.safetensors")
+        assert "layers.0.attention.wq.weight" not in set(open_weights(folder).keys())
+        load_weights(tiny_teacher("llama"), open_weights(folder))
