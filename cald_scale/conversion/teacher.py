@@ -158,8 +158,12 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     # NOTE: save_pretrained refuses GGUF-quantised models; rebuild a plain model and move the tensors.
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict())
+    # Its skeleton on the meta device, the loaded tensors assigned: no second copy of the model,
+    # no random init of one (at 7B: ~28 GB and minutes).
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), assign=True)
+    plain.tie_weights()
     del loaded
     with atomic_dir(target) as tmp:
         plain.save_pretrained(tmp)
