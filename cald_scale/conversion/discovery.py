@@ -17,6 +17,7 @@ what is missing.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,6 +32,8 @@ from .modeling import teacher_geometry
 from .registry import AttentionWeights, FamilyAdapter
 
 __all__ = ["ProjectionLayout", "PROJECTION_LAYOUTS", "DISCOVERABLE", "discover_adapter", "is_encoder"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,17 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
         layers_attr = _find_layers(base, config)
         layers = base.get_submodule(layers_attr)
         attention_attr, layout = _find_attention(layers)
-        _check_geometry(layout, layers[0].get_submodule(attention_attr), config, attention_attr)
+        slot = layers[0].get_submodule(attention_attr)
+        _check_geometry(layout, slot, config, attention_attr)
+        # NOTE: e.g. Qwen3's and OLMo2's q_norm / k_norm: the init maps the projections alone, so
+        # what the attention computes from them (a normalised q and k) is not what the mixer starts from.
+        extra = [name for name, child in slot.named_children() if name not in layout.children and any(True for _ in child.parameters())]
+        if extra:
+            logger.warning(
+                "%s's attention has weights besides its projections (%s): the attention-informed mixer init "
+                "maps the projections alone, so it starts further from the teacher than for llama-like families",
+                model_type, ", ".join(extra),
+            )
         final_norm_attr = _find_final_norm(base, layers_attr)
         embed_dropout_attr = _find_embed_dropout(base, layers_attr)
     except _Refusal as err:

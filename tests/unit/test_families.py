@@ -208,3 +208,19 @@ def test_supported_families_names_adapters_and_discovery():
     assert "any other family is discovered" in text and "qwen3" in text
     assert get_adapter("qwen3") is get_adapter(tiny("qwen3").config)  # cached per model type
     assert get_adapter("llama").bamba is not None and get_adapter("qwen3").bamba is None
+
+
+def test_discovery_says_when_an_attention_holds_more_than_its_projections(caplog):
+    """Qwen3 normalises q and k per head (q_norm, k_norm): the init maps the projections alone."""
+    import logging
+
+    from transformers import LlamaConfig, Qwen3Config
+
+    from cald_scale.conversion.discovery import discover_adapter
+
+    geometry = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, vocab_size=100, head_dim=16)
+    with caplog.at_level(logging.WARNING, logger="cald_scale.conversion.discovery"):
+        discover_adapter(LlamaConfig(**geometry), [])
+        assert "besides its projections" not in caplog.text
+        discover_adapter(Qwen3Config(**geometry), [])
+    assert "qwen3's attention has weights besides its projections (q_norm, k_norm)" in caplog.text
