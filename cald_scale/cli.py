@@ -80,6 +80,14 @@ def device_arg(text: str):
     return device
 
 
+def check_output_file(path, flag: str = "--json") -> None:
+    """Refuse an output file option that names a folder, before the work it would record."""
+    from pathlib import Path
+
+    if path and Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is a folder: name the file to write")
+
+
 def _summary(doc: str) -> str:
     """A docstring's first paragraph on one line (the subcommand list's help)."""
     return " ".join(doc.strip().split("\n\n")[0].split())

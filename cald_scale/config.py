@@ -15,7 +15,7 @@ from typing import Literal
 
 import yaml
 
-from .config_loader import ConfigError, apply_overrides, from_dict, to_dict
+from .config_loader import INFINITE_OK, ConfigError, apply_overrides, from_dict, to_dict
 from .conversion.modeling import ConversionConfig
 from .conversion.teacher import TeacherConfig
 from .data.classification import ClassificationDataConfig
@@ -209,10 +209,10 @@ class OutputConfig:
 
     run_dir: str = "runs/default"
     """Everything of the run lives here; rerunning the same command resumes from it."""
-    lock_wait_s: float = 120.0
+    lock_wait_s: float = dataclasses.field(default=120.0, metadata=INFINITE_OK)
     """One job at a time in run_dir (rank 0 holds run_dir/.lock until its process ends): a
     job started while another still runs there (e.g. its ranks still saving a preemption
-    checkpoint after the launcher returned) waits this long for it, then stops."""
+    checkpoint after the launcher returned) waits this long for it, then stops (.inf: waits on)."""
     save_every: int = 25
     """Checkpoint every N optimizer steps (and at the end)."""
     keep_last: int = 2

@@ -15,7 +15,11 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "apply_overrides", "parse_override"]
+__all__ = ["ConfigError", "INFINITE_OK", "from_dict", "to_dict", "apply_overrides", "parse_override"]
+
+# Field metadata of a float setting that takes inf (a wait with no limit); a default that holds
+# inf (an open upper limit) says so too.
+INFINITE_OK = {"infinite_ok": True}
 
 T = TypeVar("T")
 
@@ -132,7 +136,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 
 
 def _default_holds_inf(field: dataclasses.Field) -> bool:
-    """Whether a field's default is or holds an infinite float (so inf is one of its values)."""
+    """Whether inf is one of a field's values: it says so (``INFINITE_OK``), or its default is
+    or holds an infinite float."""
+    if field.metadata.get("infinite_ok"):
+        return True
     if field.default is not dataclasses.MISSING:
         default = field.default
     elif field.default_factory is not dataclasses.MISSING:

@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .config_loader import from_dict
 from .conversion.modeling import CaldStudentConfig
-from .cli import device_arg, non_negative_int, positive_int
+from .cli import check_output_file, device_arg, non_negative_int, positive_int
 from .conversion.teacher import DTYPES, TeacherConfig, load_teacher
 from .data import DataConfig, PackedSequences, held_out_sequences
 from .data.tokenise import tokenizer_identity
@@ -296,9 +296,7 @@ def _check_options(args: argparse.Namespace) -> None:
         given = [f"--{name}" for name in ("limit", "num_fewshot") if getattr(args, name) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} apply to lm-eval tasks: name them with --tasks")
-    # NOTE: before the work (hours of lm-eval tasks), not after it.
-    if args.json and Path(args.json).is_dir():
-        raise ValueError(f"--json {args.json} is a folder: name the file to write")
+    check_output_file(args.json)  # NOTE: before the work (hours of lm-eval tasks), not after it
 
 
 def _jsonable(value):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
-from .cli import device_arg, positive_float, positive_int, probability
+from .cli import check_output_file, device_arg, positive_float, positive_int, probability
 from .conversion.modeling import CaldStudentConfig
 from .conversion.teacher import DTYPES, TeacherConfig, build_teacher, open_teacher
 from .engines.checkpoint import MANIFEST
@@ -230,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
     empty = [i + 1 for i, prompt in enumerate(args.prompt) if not prompt.strip()]
     if empty:
         raise ValueError(f"--prompt {', '.join(map(str, empty))} is empty: a completion needs some text to start from")
+    check_output_file(args.json)
     sampling = _sampling(args)
     folder = resolve_model_dir(args.path)
     dtype = DTYPES[args.dtype]

@@ -345,7 +345,7 @@ class _Run:
         record = self.step_fn(self.models, self.guide, phase, step, self.next_batch, state, cfg, tokens_per_micro=self.tokens_per_micro)
         step = engine.global_steps
         applied = engine.was_step_applied()  # False: DeepSpeed skipped it (non-finite gradients)
-        state.optimizer_step(applied=applied, step=step, loss_scaling=engine.fp16_enabled())
+        state.optimizer_step(applied=applied, step=step, loss_scaling=engine.fp16_enabled() and engine.dynamic_loss_scale())
         if cfg.train.trim_heap_every and step % cfg.train.trim_heap_every == 0:
             return_free_memory()
         elapsed = time.time() - t0

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from cald_scale.config_loader import INFINITE_OK
 
 __all__ = ["DataConfig"]
 
@@ -67,9 +69,10 @@ class DataConfig:
     """Append the tokenizer's eos token after every document, so packed sequences that
     span a document boundary see the separator."""
 
-    wait_timeout_s: float = 4 * 3600.0
+    wait_timeout_s: float = field(default=4 * 3600.0, metadata=INFINITE_OK)
     """How long ranks other than 0 wait for rank 0 to tokenise the corpus (they poll the file
-    system, outside any collective). For a large corpus run `cald-scale prepare-data` first."""
+    system, outside any collective; .inf: as long as it takes). For a large corpus run
+    `cald-scale prepare-data` first."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.corpus, str) or not self.corpus.strip():

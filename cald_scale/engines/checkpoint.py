@@ -357,8 +357,10 @@ def load_latest_checkpoint(
             raise
         except Exception as err:  # noqa: BLE001 - any failure means "try the previous one"
             error = f"{type(err).__name__}: {str(err)[:300]}"
-        # NOTE: every rank must resume from the same tag: one that failed on any rank (a local
-        # read error, memory) is skipped on all, else the ranks would train from different steps.
+        # NOTE: every rank must resume from the same tag: one that failed on any rank is skipped on
+        # all, else the ranks would train from different steps. This covers failures outside
+        # DeepSpeed's own collectives (its ZeRO-3 load gathers persistent parameters at the end):
+        # a rank failing inside them leaves the others waiting there until the group's timeout.
         if not all_true(error is None, engine.device):
             error = error or "it failed on another rank"
             logger.warning("checkpoint %s could not be loaded (%s); trying an older one", path, error)

@@ -112,6 +112,11 @@ def _generation_setup(model: torch.nn.Module, input_ids: torch.Tensor, attention
             "generate_graphed: num_return_sequences, stop_strings and max_time are not supported "
             "(repeat the prompt in the batch, or use model.generate)"
         )
+    # Lengths count the prompt, as generate's _prepare_generated_length sets them (processors such
+    # as a forced eos at max_length read them).
+    config.max_length = config.max_new_tokens + input_ids.shape[1]
+    if config.min_new_tokens is not None:
+        config.min_length = config.min_new_tokens + input_ids.shape[1]
     model._prepare_special_tokens(config, attention_mask is not None, device=input_ids.device, batch_size=input_ids.shape[0])
     processors = model._get_logits_processor(
         config, input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids,
@@ -147,7 +152,7 @@ def generate_graphed(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    config, processors = _generation_setup(model, input_ids, attention_mask, logits_processor, generation_kwargs)
+    config, processors = _generation_setup(model, input_ids, attention_mask, logits_processor, {**generation_kwargs, "max_new_tokens": max_new_tokens})
     eos, pad = config._eos_token_tensor, config._pad_token_tensor
     cache = model.new_cache() if cache is None else cache
     logits = model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]

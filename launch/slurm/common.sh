@@ -90,7 +90,9 @@ cald_run_dir_arg() {  # $1: run dir
 }
 
 # This run's ranks on this node, one pid a line: processes of this user whose arguments hold
-# `--local_rank=N` (set by the deepspeed launcher) and this run's output.run_dir.
+# `--local_rank=N` (set by the deepspeed launcher) and this run's output.run_dir, quoted as
+# cald_run_dir_arg writes it or unquoted: on several nodes DeepSpeed starts every node's ranks
+# through pdsh and a remote shell, which strips the quotes (it quotes only arguments with spaces).
 cald_local_ranks() {  # $1: run dir
     local cmdline pid arg
     arg=$(cald_run_dir_arg "$1")
@@ -98,7 +100,7 @@ cald_local_ranks() {  # $1: run dir
         [ -O "$cmdline" ] || continue
         pid=${cmdline#/proc/}
         pid=${pid%/cmdline}
-        if tr '\0' '\n' <"$cmdline" 2>/dev/null | grep -qxF -- "$arg" &&
+        if tr '\0' '\n' <"$cmdline" 2>/dev/null | grep -qxF -e "$arg" -e "output.run_dir=$1" &&
             tr '\0' '\n' <"$cmdline" 2>/dev/null | grep -q -- '^--local_rank=[0-9]'; then
             echo "$pid"
         fi

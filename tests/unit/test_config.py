@@ -127,9 +127,10 @@ def test_a_number_that_is_not_finite_is_refused_where_it_is_no_value_of_the_sett
     for bad in ("train.lr=nan", "train.grad_clip=.nan", "train.copied_lr_scale=inf", "phases=[{name: a, lr: nan}]", "loss.a_layer=-inf"):
         with pytest.raises(ConfigError, match="expected a finite number"):
             load_run_config(overrides=[bad])
-    # An open upper limit is a setting's own value (its default): inf stays allowed there.
-    cfg = load_run_config(overrides=["student.conversion.mamba2.time_step_limit=[0.001, inf]"])
+    # An open upper limit (its default) and a wait with no limit take inf as one of their values.
+    cfg = load_run_config(overrides=["student.conversion.mamba2.time_step_limit=[0.001, inf]", "data.wait_timeout_s=.inf", "output.lock_wait_s=inf"])
     assert cfg.student.conversion.mamba2.time_step_limit == (0.001, float("inf"))
+    assert cfg.data.wait_timeout_s == cfg.output.lock_wait_s == float("inf")
     with pytest.raises(ConfigError, match="time_step_limit.*finite"):
         load_run_config(overrides=["student.conversion.mamba2.time_step_limit=[nan, inf]"])
 

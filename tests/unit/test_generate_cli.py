@@ -78,6 +78,7 @@ def test_generate_and_evaluate_refuse_bad_options_in_one_line(folders, tmp_path,
         (["generate", student, "--prompt", "x", "--device", "foo"], "'foo' is not a torch device"),
         (["generate", student, "--prompt", "x", "--teacher", str(tmp_path / "nope")], "does not exist"),
         (["generate", str(tmp_path / "nowhere"), "--prompt", "x"], "nowhere does not exist"),
+        (["generate", student, "--prompt", "x", "--json", str(tmp_path)], "is a folder: name the file to write"),
         (["export", student, "--bamba", str(tmp_path / "b"), "--device", "cpu"], "unrecognized arguments"),
     ]
     if not torch.cuda.is_available():

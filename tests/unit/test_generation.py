@@ -216,18 +216,20 @@ def test_a_prompt_in_chunks_with_padding_past_the_first_chunk_equals_one_prefill
         torch.testing.assert_close(cache.get_conv_state(idx), whole_cache.get_conv_state(idx), rtol=1e-4, atol=1e-5)
 
 
-def test_generate_compiles_the_student_only_on_request():
+def test_generate_compiles_the_student_only_on_request(monkeypatch):
     """transformers compiles generate's forward on a GPU for any compileable cache, and a cache of
-    mixers alone is one; the student opts out unless a compile_config asks for it."""
+    mixers alone is one; the student opts out unless a compile_config asks for it. The model
+    reports a CUDA device here (transformers' check reads only ``device.type``), so the
+    criteria are the GPU's."""
     from transformers import CompileConfig, GenerationConfig
 
     student = _student("llama", "mamba2", [])
+    monkeypatch.setattr(type(student), "device", property(lambda self: torch.device("cuda")))
     kwargs = {"cache": student.new_cache()}
     assert kwargs["cache"].is_compileable  # what transformers would go by
+    assert super(type(student), student)._valid_auto_compile_criteria(kwargs, GenerationConfig()) is True  # its default on a GPU
     assert student._valid_auto_compile_criteria(kwargs, GenerationConfig()) is False
-    asked = CompileConfig()
-    asked._compile_all_devices = True  # transformers' own switch for compiling off a GPU, so the CPU can check it
-    assert student._valid_auto_compile_criteria(kwargs, GenerationConfig(compile_config=asked)) is True
+    assert student._valid_auto_compile_criteria(kwargs, GenerationConfig(compile_config=CompileConfig())) is True
 
 
 def test_a_bf16_hybrid_keeps_the_teachers_float32_rotary_frequencies():

@@ -152,7 +152,9 @@ def test_generate_graphed_follows_the_models_generation_config():
     student = _student("mamba2")
     ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(3))
     plain = generate_graphed(student, ids, max_new_tokens=10)
-    student.generation_config.update(repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=3, suppress_tokens=[int(plain[0, 0])])
+    student.generation_config.update(
+        repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=3, suppress_tokens=[int(plain[0, 0])], forced_eos_token_id=7, eos_token_id=7,
+    )
     for call in ({}, {"do_sample": True, "top_k": 10}):
         torch.manual_seed(7)
         reference = student.generate(input_ids=ids, max_new_tokens=10, **call)[:, ids.shape[1]:]
