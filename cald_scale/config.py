@@ -340,7 +340,11 @@ class RunConfig:
                 )
         if self.student.init_from and self.train.pipeline_stages:
             raise ValueError("student.init_from is not supported in pipeline mode (train.pipeline_stages): each stage converts the teacher's own blocks")
-        self.plan(world_size=1)  # phase errors surface when the config is loaded
+        # Phase errors surface when the config is loaded. NOTE: a phase given in tokens, with the
+        # global batch left to the micro-batch times the ranks, has a length only the run knows:
+        # its plan is checked at the start, on the real number of ranks, before any engine is built.
+        if self.train.global_batch_size is not None or not any(p.tokens is not None for p in self.phases):
+            self.plan(world_size=1)
 
     def tokens_per_step(self, world_size: int) -> int:
         """Tokens per optimizer step (classification: an upper bound, every example at max_length)."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from cald_scale.data.config import DataConfig
 from cald_scale.data.corpora import resolve_corpus
 from cald_scale.data.indexed import build_indexed_dataset, held_out_corpus
-from cald_scale.data.packing import PackedSequences
+from cald_scale.data.packing import PackedSequences, check_vocab
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -24,6 +24,8 @@ def held_out_sequences(
     max_tokens: int | None,
     is_rank0: bool,
     seq_len_name: str = "data.seq_len",
+    vocab_size: int | None = None,
+    model_name: str | None = None,
 ) -> PackedSequences:
     """Sequences of `data_cfg.seq_len` held-out tokens of `corpus` (at most `max_tokens`).
 
@@ -32,6 +34,8 @@ def held_out_sequences(
     shuffle of that corpus, tokenised with `data_cfg`'s settings only up to `max_tokens`
     and cached like any corpus (so a large corpus is not tokenised whole to score a few
     thousand tokens). `seq_len_name` is what a too-short corpus's message says to lower.
+    `vocab_size`: the model's; its token ids are checked against it (every sequence read, where
+    the corpus's largest id is only a sample's: a large user prefix).
     """
     if _same_corpus(corpus, data_cfg.corpus):
         if data_cfg.eval_corpus is not None:
@@ -46,7 +50,10 @@ def held_out_sequences(
         held_out = held_out_corpus(
             data_cfg, corpus, tokenizer, max_tokens=max_tokens, is_rank0=is_rank0
         )
-    return PackedSequences(held_out, "eval", data_cfg.seq_len, seq_len_name=seq_len_name)
+    if vocab_size is not None:
+        check_vocab(held_out, vocab_size, model_name)
+    checked = vocab_size if vocab_size is not None and not held_out.max_token_id_exact else None
+    return PackedSequences(held_out, "eval", data_cfg.seq_len, seq_len_name=seq_len_name, vocab_size=checked)
 
 
 def _same_corpus(corpus: str, run_corpus: str) -> bool:

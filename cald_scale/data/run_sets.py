@@ -39,8 +39,12 @@ def open_run_datasets(
     evaluation reads, so a large corpus is not tokenised whole to score a few sequences."""
     corpus = build_indexed_dataset(cfg, tokenizer, is_rank0=is_rank0)
     check_vocab(corpus, vocab_size, model_name)
-    evals = {"heldout": PackedSequences(corpus, "eval", cfg.seq_len)}
+    # NOTE: where the largest id is a sample's (a large user prefix), every sequence read is checked.
+    checked = None if corpus.max_token_id_exact else vocab_size
+    evals = {"heldout": PackedSequences(corpus, "eval", cfg.seq_len, vocab_size=checked)}
     max_eval_tokens = (max_eval_sequences + 1) * cfg.seq_len
     for name in other_corpora:
-        evals[name] = held_out_sequences(name, tokenizer, cfg, max_tokens=max_eval_tokens, is_rank0=is_rank0)
-    return RunDatasets(corpus=corpus, train=PackedSequences(corpus, "train", cfg.seq_len), evals=evals)
+        evals[name] = held_out_sequences(
+            name, tokenizer, cfg, max_tokens=max_eval_tokens, is_rank0=is_rank0, vocab_size=vocab_size, model_name=model_name,
+        )
+    return RunDatasets(corpus=corpus, train=PackedSequences(corpus, "train", cfg.seq_len, vocab_size=checked), evals=evals)

@@ -261,6 +261,8 @@ def plan_phases(phases: list[PhaseConfig], train, loss: LossConfig, *, tokens_pe
     resolved, start = [], 0
     for i, p in enumerate(phases):
         steps = fixed.get(i, remainder)
+        if p.waypoints and steps < len(p.waypoints):
+            raise ValueError(f"phase {p.name!r} has {len(p.waypoints)} waypoints but {steps} step(s): some would guide no step")
         trainable = p.trainable or student_trainable
         if trainable == "all" and student_trainable != "all":
             raise ValueError(f"phase {p.name!r} trains all weights but student.trainable={student_trainable}")

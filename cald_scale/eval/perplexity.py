@@ -23,8 +23,10 @@ def eval_indices(num_sequences: int, max_sequences: int, rank: int, world_size: 
     """This rank's share of the first ``min(num_sequences, max_sequences)`` held-out sequences.
 
     Every rank gets the same number of entries (under ZeRO-3 every rank must run the same
-    number of forwards); the last shards are padded with ``PAD``. So the sequences scored,
-    and the perplexity, do not depend on the number of ranks (64 ranks score the default 32).
+    number of forwards), padded with ``PAD``. So the sequences scored, and the perplexity, do not
+    depend on the number of ranks (64 ranks score the default 32). The real ones are spread as
+    evenly as they go, so every rank holds one once there are as many as ranks (pipeline mode's
+    replicas need a real row each: 32 over 12 in blocks of 3 left the last rank none).
     """
     total = min(num_sequences, max_sequences)
     if total <= 0:
@@ -33,7 +35,8 @@ def eval_indices(num_sequences: int, max_sequences: int, rank: int, world_size: 
             "hold out more text (data.eval_fraction, data.eval_corpus) or lower data.seq_len"
         )
     per_rank = -(-total // world_size)
-    return [i if i < total else PAD for i in range(rank * per_rank, (rank + 1) * per_rank)]
+    mine = list(range(rank * total // world_size, (rank + 1) * total // world_size))
+    return mine + [PAD] * (per_rank - len(mine))
 
 
 def scored_rows(indices: list[int]) -> tuple[list[int], torch.Tensor]:

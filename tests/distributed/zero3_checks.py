@@ -508,7 +508,7 @@ def check_outside_still(args) -> dict:
 
 
 def check_eval_padding(args) -> dict:
-    """7 held-out sequences on 2 ranks: shards of 4, the second padded with a forward that counts
+    """7 held-out sequences on 2 ranks: shards of 4, the first padded with a forward that counts
     for nothing (ZeRO-3 needs every rank in every forward); the same perplexity as each rank
     scoring all 7 (the all-reduce then doubles the sums and the token count alike)."""
     from cald_scale.eval.perplexity import eval_indices

@@ -969,3 +969,29 @@ def test_a_damaged_cache_is_named_with_the_way_out(shakespeare, tmp_path):
         with pytest.raises(ValueError, match=f"data cache {folder} is damaged .*{message}.*delete that folder"):
             _open_cache(str(folder), "shakespeare")
         (folder / "meta.json").write_text(meta)
+
+
+def test_a_run_checks_every_sequence_of_a_sampled_prefix_and_its_other_domain_sets(tmp_path, monkeypatch):
+    """A large user prefix's largest id is a sample's: the run's datasets then check every
+    sequence they read, and an other-domain set is checked against the model's vocabulary too
+    (an id past it failed in the embedding, mid-run)."""
+    from cald_scale.data.run_sets import open_run_datasets
+
+    prefix, other = str(tmp_path / "big"), str(tmp_path / "other")
+    docs = [[np.arange(i, i + 100) % 500] for i in range(0, 5000, 100)]
+    docs[30] = [np.full(100, 900)]  # outside every sampled window
+    _write_prefix(prefix, docs)
+    _write_prefix(other, [[np.arange(i, i + 100) % 1000 + 1000] for i in range(0, 5000, 100)])  # another tokenizer's ids
+    monkeypatch.setattr(indexed_module, "_MAX_ID_WINDOWS", 2)
+    monkeypatch.setattr(indexed_module, "_MAX_ID_WINDOW_TOKENS", 50)
+    cfg = DataConfig(corpus=prefix, cache_dir=str(tmp_path / "c"), seq_len=100)
+    kwargs = dict(max_eval_sequences=4, vocab_size=600, model_name="the model", is_rank0=True)
+    sets = open_run_datasets(cfg, None, other_corpora=[], **kwargs)
+    assert not sets.corpus.max_token_id_exact
+    with pytest.raises(ValueError, match="vocab size 600"):
+        for i in range(len(sets.train)):
+            sets.train[i]
+    with pytest.raises(ValueError, match="vocab"):  # on opening (the sample saw it) or on reading
+        held = open_run_datasets(cfg, None, other_corpora=[other], **kwargs).evals[other]
+        for i in range(len(held)):
+            held[i]

@@ -194,10 +194,12 @@ def test_held_out_shards_score_the_same_sequences_on_any_number_of_ranks(models)
     real entries are every sequence once; a padding entry runs a forward that counts for nothing."""
     from cald_scale.eval.perplexity import PAD, eval_indices
 
-    for total, world in ((32, 64), (7, 2), (8, 2), (5, 1)):
+    for total, world in ((32, 64), (7, 2), (8, 2), (5, 1), (32, 12), (9, 8)):
         shards = [eval_indices(100, total, r, world) for r in range(world)]
         assert len({len(s) for s in shards}) == 1
         assert sorted(i for s in shards for i in s if i != PAD) == list(range(total))
+        if total >= world:  # every rank a real row (pipeline replicas need one each)
+            assert all(any(i != PAD for i in s) for s in shards), (total, world, shards)
     with pytest.raises(ValueError, match="nothing to score"):
         eval_indices(0, 32, 0, 2)
     # Padded rows are run and dropped: the score is that of the real rows alone.

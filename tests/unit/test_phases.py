@@ -183,3 +183,26 @@ def test_unguided_runs_need_no_teacher():
     assert Guide(plan, None, base_weights="x").enter(0) is None
     with pytest.raises(ValueError, match="need a teacher"):
         Guide(_plan("[{name: t}]"), None, base_weights="x")
+
+
+def test_a_phase_in_tokens_is_checked_on_the_runs_own_number_of_ranks():
+    """With the global batch left to micro-batch x ranks, a tokens phase's length depends on the
+    ranks: 1.6M tokens is 391 steps on one rank and 49 on eight, so loading the config must not
+    refuse it as if there were one rank; the run's own plan decides."""
+    from cald_scale.config import load_run_config
+
+    overrides = [
+        "phases=[{name: a, tokens: 1600000}, {name: b, guidance: none}]", "train.max_steps=100", "train.micro_batch_size=4",
+        "train.global_batch_size=null", "data.seq_len=1024",
+    ]
+    cfg = load_run_config(overrides=overrides)
+    assert [p.steps for p in cfg.plan(world_size=8).phases] == [49, 51]
+    with pytest.raises(ValueError, match="nothing is left for phase 'b'"):
+        cfg.plan(world_size=1)
+
+
+def test_a_waypoint_phase_shorter_than_its_waypoints_is_refused():
+    from cald_scale.config import load_run_config
+
+    with pytest.raises(ValueError, match="has 3 waypoints but 2 step"):
+        load_run_config(overrides=["phases=[{name: w, steps: 2, guidance: waypoint, waypoints: [a, b, c]}, {name: rest, guidance: none}]", "train.max_steps=10"])
