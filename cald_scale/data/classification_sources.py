@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cald_scale.data.corpora import _package_dir
+from cald_scale.data.corpora import _package_dir, root_cause
 
 if TYPE_CHECKING:
     from cald_scale.data.classification import ClassificationDataConfig
@@ -270,9 +270,7 @@ def _read_file(path: str, cache_dir: str) -> tuple[Columns, dict[str, str]]:
     except Exception as err:  # noqa: BLE001 - `datasets` wraps every parse error in its own: name the file and the cause
         if os.path.getsize(path) == 0:
             raise ValueError(f"{path} is empty") from err
-        cause = err
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            cause = cause.__cause__ or cause.__context__
+        cause = root_cause(err)
         raise ValueError(f"{path} cannot be read as {builder} ({type(cause).__name__}: {str(cause)[:300]})") from err
     return ds.to_dict(), {name: str(getattr(feature, "dtype", feature)) for name, feature in ds.features.items()}
 

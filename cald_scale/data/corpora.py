@@ -377,6 +377,13 @@ def _split_txt_rows(batch: dict[str, list[str]], max_chars: int) -> dict[str, li
     return {"text": [doc for text in batch["text"] for doc in split_paragraphs(text, max_chars)]}
 
 
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of ``err``'s chain: what `datasets` wraps in its own error."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def _unreadable(source: CorpusSource, err: Exception) -> str:
     """Which of ``source``'s files `datasets` failed on, and why (only on that failure: it
     reads them again, one by one)."""
@@ -402,9 +409,7 @@ def _unreadable(source: CorpusSource, err: Exception) -> str:
                         if path.endswith(".jsonl"):
                             return f"{path} line {number} is not JSON ({bad.msg})"
                         break  # a .json file may be one document over many lines
-    cause = err
-    while cause.__cause__ is not None or cause.__context__ is not None:
-        cause = cause.__cause__ or cause.__context__
+    cause = root_cause(err)
     return f"`datasets` cannot read {', '.join(source.paths[:3])}{' ...' if len(source.paths) > 3 else ''} ({type(cause).__name__}: {cause})"
 
 

@@ -50,9 +50,7 @@ def held_out_sequences(
         held_out = held_out_corpus(
             data_cfg, corpus, tokenizer, max_tokens=max_tokens, is_rank0=is_rank0
         )
-    if vocab_size is not None:
-        check_vocab(held_out, vocab_size, model_name)
-    checked = vocab_size if vocab_size is not None and not held_out.max_token_id_exact else None
+    checked = check_vocab(held_out, vocab_size, model_name) if vocab_size is not None else None
     return PackedSequences(held_out, "eval", data_cfg.seq_len, seq_len_name=seq_len_name, vocab_size=checked)
 
 

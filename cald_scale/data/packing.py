@@ -124,12 +124,14 @@ def _too_short(
 
 def check_vocab(
     corpus: IndexedCorpus, vocab_size: int, tokenizer_name: str | None = None
-) -> None:
+) -> int | None:
     """Raise ValueError when the corpus holds token ids the model cannot embed
-    (max token id >= vocab_size): the data and the model use different tokenizers."""
+    (max token id >= vocab_size): the data and the model use different tokenizers.
+    Returns the ``vocab_size`` its PackedSequences should check every sequence against: the
+    model's where the largest id is only a sample's (a large user prefix), else None."""
     if corpus.max_token_id is None:
         logger.warning("corpus %s is empty: no token ids to check", corpus.name)
-        return
+        return None
     if corpus.max_token_id >= vocab_size:
         scope = "" if corpus.max_token_id_exact else " (in a sample)"
         raise ValueError(
@@ -141,8 +143,7 @@ def check_vocab(
         )
     if not corpus.max_token_id_exact:
         logger.info(
-            "corpus %s: max token id %d < vocab %d on a sample; pass vocab_size to "
-            "PackedSequences to check every sequence",
+            "corpus %s: max token id %d < vocab %d on a sample; every sequence read is checked",
             corpus.name, corpus.max_token_id, vocab_size,
         )
     if corpus.vocab_size is not None and corpus.vocab_size > vocab_size:
@@ -150,3 +151,4 @@ def check_vocab(
             "corpus %s was tokenised with a %d-token tokenizer (%s) but the model has %d",
             corpus.name, corpus.vocab_size, corpus.tokenizer_name, vocab_size,
         )
+    return None if corpus.max_token_id_exact else vocab_size

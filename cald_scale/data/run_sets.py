@@ -38,9 +38,7 @@ def open_run_datasets(
     for rank 0 outside any collective. Each other-domain set is cut to the tokens the
     evaluation reads, so a large corpus is not tokenised whole to score a few sequences."""
     corpus = build_indexed_dataset(cfg, tokenizer, is_rank0=is_rank0)
-    check_vocab(corpus, vocab_size, model_name)
-    # NOTE: where the largest id is a sample's (a large user prefix), every sequence read is checked.
-    checked = None if corpus.max_token_id_exact else vocab_size
+    checked = check_vocab(corpus, vocab_size, model_name)  # where the largest id is a sample's: every sequence
     evals = {"heldout": PackedSequences(corpus, "eval", cfg.seq_len, vocab_size=checked)}
     max_eval_tokens = (max_eval_sequences + 1) * cfg.seq_len
     for name in other_corpora:
