@@ -192,9 +192,10 @@ def teacher_forced_step(
             t_outs = list(teacher.blocks_iter(t_in, t_ctx, stage))
         boundary("teacher", k)
         terms = []
-        s_h = t_in
         for j, i in enumerate(stage):
-            s_h = student.block(i, s_h, s_ctx)
+            # Every block starts from the teacher's input to it, also inside a stage of
+            # several blocks: no student output feeds another block, so no backward crosses blocks.
+            s_h = student.block(i, t_in if j == 0 else t_outs[j - 1], s_ctx)
             if i in wanted:
                 terms.append(layer_loss(s_h, t_outs[j], mask))
         if terms:

@@ -80,6 +80,26 @@ def test_layer_loss_keeps_one_tensor_in_the_student_dtype():
     torch.testing.assert_close(g.float(), g_ref.float(), rtol=2e-2, atol=1e-4)
 
 
+def test_an_fp16_layer_loss_gradient_survives_a_large_layer():
+    """The gradient is divided by the element count before the loss scale multiplies it: held
+    in fp16 as such it flushed to zero on a large layer (here 1M elements, hidden std 16)."""
+    torch.manual_seed(0)
+    s32 = torch.randn(2, 512, 1024) * 16
+    t32 = s32 + 0.3 * torch.randn_like(s32) * 16
+    loss_scale = 2.0**10
+    s = s32.half().requires_grad_()
+    (layer_loss(s, t32.half()) * loss_scale).backward()
+    ref = s32.double().requires_grad_()
+    (g_ref,) = torch.autograd.grad(layer_loss_reference(ref, t32.half().double()), ref)
+    g = s.grad.double() / loss_scale
+    assert (g == 0).double().mean() < 0.01
+    assert ((g - g_ref).norm() / g_ref.norm()) < 0.01
+    # A loss scale that fp16 itself cannot hold (2**16 x 2) still gives finite gradients.
+    s.grad = None
+    (layer_loss(s, t32.half()) * 2.0**17).backward()
+    assert torch.isfinite(s.grad).all()
+
+
 @pytest.mark.parametrize("chunk", [None, 7, 64])
 def test_chunked_head_losses_equal_whole_logits(chunk):
     torch.manual_seed(0)

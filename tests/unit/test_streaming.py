@@ -97,13 +97,15 @@ def test_teacher_forced_holds_two_hidden_states_whatever_the_depth(layers):
     assert _held_teacher_bytes(teacher, student, ids, "teacher_forced") <= 2 * hidden + 8 * layers
 
 
-def test_teacher_forced_gradients_are_per_block():
-    """Each stage's backward reaches only its own block, and equals an isolated block trained on the teacher's input."""
+@pytest.mark.parametrize("stage_size", [1, 2, 3])
+def test_teacher_forced_gradients_are_per_block(stage_size):
+    """Each block's gradient equals an isolated block trained on the teacher's input, also
+    inside a stage of several blocks (where block 1 follows block 0 in the same stage)."""
     teacher = tiny_teacher("llama", layers=3)
     student = convert_teacher(teacher, ConversionConfig()).train()
     ids = torch.randint(0, 256, (2, 16))
     cfg = LossConfig(skip_last=False)
-    parts = teacher_forced_step(LayerwiseModel(teacher), LayerwiseModel(student), ids, cfg, backward=lambda loss: loss.backward())
+    parts = teacher_forced_step(LayerwiseModel(teacher), LayerwiseModel(student), ids, cfg, backward=lambda loss: loss.backward(), stage_size=stage_size)
     assert len(parts.per_layer) == 3 and not parts.total.requires_grad
     grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
     assert grads and all(".layers." in n for n in grads)  # embeddings and head get nothing
