@@ -192,9 +192,11 @@ def _once(path: Path, env: DistEnv, compute, *, resuming: bool) -> dict:
 
 # -- the step ------------------------------------------------------------------------------
 def forward_backward(
-    models: DistillationModels, teacher: LayerwiseModel | None, phase: Phase, batch: dict, cfg: RunConfig, *, poison: bool = False
+    models: DistillationModels, teacher: LayerwiseModel | None, phase: Phase, batch: dict, cfg: RunConfig, *, poison: bool = False,
+    layer_tokens: float | None = None,
 ) -> tuple[LossParts, bool]:
     """Forward and backward of one micro-batch on every rank; returns (loss parts, finite).
+    ``layer_tokens``: what a padded batch's layer losses divide by (``cald_forward``).
 
     A non-finite end-to-end loss is not back-propagated (the caller skips the micro-batch).
     In a teacher-forced phase each stage is back-propagated as it is computed, and a
@@ -206,16 +208,26 @@ def forward_backward(
     if phase.mode == "teacher_forced":
         parts = teacher_forced_step(
             teacher, models.student, batch, phase.loss, backward=engine.backward, stage_size=cfg.train.stage_size, all_agree=agree,
-            poison_stage=0 if poison else None,
+            poison_stage=0 if poison else None, layer_tokens=layer_tokens,
         )
         return parts, parts.skipped_stages == 0  # every rank skipped the same stages
-    parts = cald_forward(teacher, models.student, batch, phase.loss, stage_size=cfg.train.stage_size, schedule=cfg.train.schedule)
+    parts = cald_forward(
+        teacher, models.student, batch, phase.loss, stage_size=cfg.train.stage_size, schedule=cfg.train.schedule, layer_tokens=layer_tokens,
+    )
     if poison:
         parts.total = parts.total * float("nan")
     if not agree(bool(torch.isfinite(parts.total))):
         return parts, False
     engine.backward(parts.total)
     return parts, True
+
+
+def padded_layer_tokens(batches: list[dict], device: torch.device) -> float:
+    """What a step's padded micro-batches divide their layer losses by: the real tokens of the
+    whole global batch (these micro-batches on every rank) per micro-batch. DeepSpeed averages
+    gradients over micro-batches and ranks, so every real token then weighs 1 / (its count)."""
+    local = sum(float(b["attention_mask"].sum()) for b in batches)
+    return mean_over_ranks({"tokens": local}, device)["tokens"] / len(batches)
 
 
 def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state: StepState, cfg: RunConfig, *, tokens_per_micro: int) -> dict:
@@ -229,9 +241,19 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
     sums: dict[str, float] = {}
     layers, teacher_ce = 0, []
     done = 0
+    pending, layer_tokens = [], None
+    if not tokens_per_micro and teacher is not None and phase.loss.a_layer > 0:
+        # Padded batches: the layer loss divides by the global batch's mean real tokens per
+        # micro-batch, not each micro-batch's own, so every real token of the step weighs the
+        # same (micro-batches and ranks with more padding weighed more). A micro-batch drawn
+        # again after a non-finite one keeps this step's figure.
+        pending = [next_batch(state.cursor + j) for j in range(cfg.train.grad_accum)]
+        layer_tokens = padded_layer_tokens(pending, engine.device)
     while done < cfg.train.grad_accum:
-        batch = next_batch(state.cursor)
-        parts, finite = forward_backward(models, teacher, phase, batch, cfg, poison=cfg.debug.poisons(state.cursor, engine.global_rank))
+        batch = pending.pop(0) if pending else next_batch(state.cursor)
+        parts, finite = forward_backward(
+            models, teacher, phase, batch, cfg, poison=cfg.debug.poisons(state.cursor, engine.global_rank), layer_tokens=layer_tokens,
+        )
         state.cursor += 1
         if not finite:
             # ``step`` counts the steps done: this is step + 1, as the metrics and progress bar number it.

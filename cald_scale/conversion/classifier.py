@@ -130,7 +130,7 @@ class CaldEncoderForSequenceClassification(PreTrainedModel):
     def __init__(self, config: CaldClassifierConfig):
         super().__init__(config)
         encoder_config = config.teacher_hf_config()
-        self.adapter = get_adapter(encoder_config.model_type)
+        self.adapter = get_adapter(encoder_config)
         # NOTE: no pooler: a sentence-embedding checkpoint (MiniLM) has none worth keeping, and
         # pooling is this head's choice (mean or CLS).
         # NOTE: the attention kernel asked for (teacher.attn_implementation) is this config's; the

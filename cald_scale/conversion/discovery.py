@@ -16,6 +16,7 @@ what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -105,8 +106,27 @@ def _skeleton(config: PretrainedConfig) -> nn.Module:
     """The family's model on the meta device: its module tree, without memory or weights."""
     # NOTE: an encoder is built bare: its causal-LM class warns and is not what the encoder track converts.
     auto = AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and not is_encoder(config) else AutoModel
-    with torch.device("meta"), no_init_weights():
+    with torch.device("meta"), no_init_weights(), _outside_zero_init():
         return auto.from_config(copy.deepcopy(config))  # NOTE: a copy: from_config may set fields on it
+
+
+@contextlib.contextmanager
+def _outside_zero_init():
+    """Discovery runs inside a model's __init__ (it asks for its adapter), which may be under
+    DeepSpeed's zero.Init: the skeleton must not be partitioned there (its shapes read (0,))."""
+    try:
+        from deepspeed.runtime.zero import partition_parameters
+    except ImportError:  # no DeepSpeed, no zero.Init
+        yield
+        return
+    active = partition_parameters.top_level_context is not None
+    if active:
+        partition_parameters.shutdown_init_context()
+    try:
+        yield
+    finally:
+        if active:
+            partition_parameters.restore_init_context()
 
 
 def _describe(module: nn.Module) -> str:
@@ -167,12 +187,18 @@ def _check_geometry(layout: ProjectionLayout, slot: nn.Module, config: Pretraine
         raise _Refusal(f"the projections of {path} do not split by the config's heads ({heads} query, {kv_heads} kv, head_dim {head_dim}): {err}") from None
     expected = {"q": (heads * head_dim, hidden), "k": (kv_heads * head_dim, hidden), "v": (kv_heads * head_dim, hidden), "o": (hidden, heads * head_dim)}
     wrong = [
-        f"{name} {tuple(tensor.shape)} != {shape}"
+        f"{name} {_shape(tensor)} != {shape}"
         for name, shape in expected.items()
-        if (tensor := getattr(attn, name)) is not None and tuple(tensor.shape) != shape
+        if (tensor := getattr(attn, name)) is not None and _shape(tensor) != shape
     ]
     if wrong:
         raise _Refusal(f"the projections of {path} do not match the config's heads ({heads} query, {kv_heads} kv, head_dim {head_dim}): {', '.join(wrong)}")
+
+
+def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    # A ZeRO-3 partitioned parameter (transformers builds under zero.Init when its DeepSpeed
+    # integration is on) keeps its full shape as ds_shape.
+    return tuple(getattr(tensor, "ds_shape", tensor.shape))
 
 
 def _after_and_before(base: nn.Module, layers_attr: str) -> tuple[list[str], list[str]]:

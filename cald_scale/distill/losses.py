@@ -95,7 +95,7 @@ class _LayerMSE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Tensor | None, tokens: float | None) -> torch.Tensor:
         dim = (student_h.shape[-1],)
         compute = torch.promote_types(student_h.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
         # NOTE: native_layer_norm returns LN(s)'s 1/std too, which backward needs; a separate
@@ -106,7 +106,7 @@ class _LayerMSE(torch.autograd.Function):
         if mask is not None:  # padded batch: the mean over real tokens only
             keep = mask.to(compute).unsqueeze(-1)
             diff.mul_(keep)
-            count = keep.sum().clamp(min=1.0).item() * dim[0]
+            count = (tokens if tokens is not None else keep.sum().clamp(min=1.0).item()) * dim[0]
         # NOTE: not F.mse_loss: on CPU its scalar result is a view of a full-size buffer,
         # which would keep one hidden state alive per layer for as long as the loss lives.
         loss = diff.square().sum() / count
@@ -130,23 +130,27 @@ class _LayerMSE(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         (grad,) = ctx.saved_tensors
         if ctx.scale is not None:  # fp16: scale in fp32 (the loss scale would overflow fp16 too)
-            return (grad.float() * (grad_out.float() * ctx.scale)).to(grad.dtype), None, None
-        return grad * grad_out.to(grad.dtype), None, None
+            return (grad.float() * (grad_out.float() * ctx.scale)).to(grad.dtype), None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None
 
 
-def layer_loss(student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def layer_loss(student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Tensor | None = None, *, tokens: float | None = None) -> torch.Tensor:
     """MSE between parameter-free layer-normed hidden states (computed in fp32); with a (b, l)
-    0/1 ``mask`` (a padded batch) the mean runs over real tokens only."""
-    return _LayerMSE.apply(student_h, teacher_h, mask)
+    0/1 ``mask`` (a padded batch) the mean runs over real tokens only. ``tokens`` (with a
+    mask): divide by that many tokens instead of this batch's own, e.g. the global batch's mean
+    per micro-batch, so every real token of a step weighs the same however its micro-batch was padded."""
+    return _LayerMSE.apply(student_h, teacher_h, mask, tokens)
 
 
-def layer_loss_reference(student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def layer_loss_reference(student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Tensor | None = None, *, tokens: float | None = None) -> torch.Tensor:
     """The same loss through autograd (the test oracle; keeps fp32 LN(t) and LN(s) until backward)."""
     dim = (student_h.shape[-1],)
     ln_s, ln_t = F.layer_norm(student_h.float(), dim, eps=_LN_EPS), F.layer_norm(teacher_h.float(), dim, eps=_LN_EPS)
     if mask is None:
         return F.mse_loss(ln_s, ln_t)
     keep = mask.bool()
+    if tokens is not None:
+        return F.mse_loss(ln_s[keep], ln_t[keep], reduction="sum") / (tokens * dim[0])
     return F.mse_loss(ln_s[keep], ln_t[keep])
 
 

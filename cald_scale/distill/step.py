@@ -89,8 +89,10 @@ def cald_forward(
     stage_size: int = 1,
     schedule: Schedule = "streamed",
     on_boundary: Callable[[str, int], None] | None = None,
+    layer_tokens: float | None = None,
 ) -> LossParts:
     """Loss parts for one micro-batch; ``teacher=None`` trains unguided (task loss only).
+    ``layer_tokens``: a padded batch's layer losses divide by this many tokens (``layer_loss``).
 
     ``on_boundary(event, stage)`` is called after each teacher stage ("teacher") and after
     each student stage once its teacher activations are released ("stage"); memory
@@ -125,7 +127,7 @@ def cald_forward(
             for j, i in enumerate(stage):
                 s_h = student.block(i, s_h, s_ctx)
                 if i in wanted:
-                    layer_terms.append(layer_loss(s_h, t_outs[j], mask))
+                    layer_terms.append(layer_loss(s_h, t_outs[j], mask, tokens=layer_tokens))
             # NOTE: release this stage's teacher activations before the next stage runs.
             del t_outs
             boundary("stage", k)
@@ -136,7 +138,7 @@ def cald_forward(
         boundary("teacher", -1)
         for i, s_h in enumerate(student.blocks_iter(s_h, s_ctx, range(student.num_layers))):
             if i in wanted:
-                layer_terms.append(layer_loss(s_h, t_all[i], mask))
+                layer_terms.append(layer_loss(s_h, t_all[i], mask, tokens=layer_tokens))
         boundary("student", -1)
         del t_all
     else:
@@ -159,6 +161,7 @@ def teacher_forced_step(
     on_boundary: Callable[[str, int], None] | None = None,
     all_agree: Callable[[bool], bool] = lambda flag: flag,
     poison_stage: int | None = None,
+    layer_tokens: float | None = None,
 ) -> LossParts:
     """Teacher-forced layer alignment: each student stage runs on the teacher's input to that
     stage and is back-propagated (``backward(stage_loss)``) before the next stage runs.
@@ -169,7 +172,7 @@ def teacher_forced_step(
     ``skipped_stages``; the returned total and layer loss are the other stages' (their layer
     losses' mean). ``all_agree(flag)`` makes every rank take the same branch (True only if
     ``flag`` holds on all ranks). ``poison_stage``: that stage's loss is made NaN
-    (fault-injection tests). The returned tensors are detached.
+    (fault-injection tests). ``layer_tokens`` as in ``cald_forward``. The returned tensors are detached.
     """
     boundary = on_boundary or (lambda event, stage: None)
     batch = as_batch(batch)
@@ -197,7 +200,7 @@ def teacher_forced_step(
             # several blocks: no student output feeds another block, so no backward crosses blocks.
             s_h = student.block(i, t_in if j == 0 else t_outs[j - 1], s_ctx)
             if i in wanted:
-                terms.append(layer_loss(s_h, t_outs[j], mask))
+                terms.append(layer_loss(s_h, t_outs[j], mask, tokens=layer_tokens))
         if terms:
             stage_loss = weight * torch.stack(terms).sum()
             if k == poison_stage:

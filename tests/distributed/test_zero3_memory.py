@@ -33,7 +33,7 @@ def small_vocab_teacher(tmp_path_factory):
 
 
 # construction first: it measures the peak of live tensors, before any other check has run.
-CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "chunked_head_frozen", "vocab_streamed_head", "fused_head_trained", "zero3_leaves", "graph_free_linear", "stale_grads", "outside_still", "eval_padding")
+CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "chunked_head_frozen", "vocab_streamed_head", "fused_head_trained", "zero3_leaves", "graph_free_linear", "stale_grads", "outside_still", "eval_padding", "padded_layer_weight")
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +222,11 @@ def test_linear_saves_no_gathered_weight_and_skips_autograd_where_nothing_is_sav
         assert ours["grad_norms"] == deepspeed["grad_norms"] and min(ours["grad_norms"]) > 0
         for key in ("teacher_output", "teacher_output_abs"):
             assert ours[key] == torch_own[key] == deepspeed[key]
+
+
+def test_padded_layer_loss_weighs_every_real_token_of_the_global_batch_alike(checks):
+    for rank in _check("padded_layer_weight", checks):
+        assert rank["tokens"] == 20.0 and rank["params"] > 20  # (8 + 32) real tokens over 2 micro-batches
+        # Per-rank means would weigh rank 0's 8 tokens as much as rank 1's 32: far off here.
+        assert rank["rel_global_vs_per_rank_means"] > 0.05
+        assert rank["rel_to_global_mean"] < 1e-4

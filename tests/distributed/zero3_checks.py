@@ -18,6 +18,7 @@ Checks:
   stale_grads        a block no backward reached in a step is stepped with a zero gradient, not its last one
   outside_still      a teacher-forced phase that trains every weight leaves the embedding, final norm and head as they were
   eval_padding       held-out perplexity over shards padded to equal length equals every rank scoring every sequence
+  padded_layer_weight  padded batches with more padding on one rank: the layer loss's gradient is the global token mean's
 """
 
 from __future__ import annotations
@@ -527,6 +528,58 @@ def check_eval_padding(args) -> dict:
     return out
 
 
+def check_padded_layer_weight(args) -> dict:
+    """Rank 0 holds 8 real tokens, rank 1 holds 32 (right-padded). Each rank's own-mean
+    gradient g_r is measured alone (the other rank back-propagates zero, so DeepSpeed's
+    average gives g_r / 2); the step with ``padded_layer_tokens`` must give the global token
+    mean's gradient, sum_r n_r g_r / N, where per-rank means gave (g_0 + g_1) / 2."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from cald_scale.distill.step import cald_forward
+    from cald_scale.train import forward_backward, padded_layer_tokens
+
+    from transformers import AutoTokenizer
+
+    from cald_scale.conversion.teacher import classifier_teacher
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_models import save_tiny_encoder
+
+    # Padded batches are the classification task's: a tiny BERT (one folder per rank, the same weights).
+    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+    tokenizer.pad_token = "<eos>"
+    encoder = save_tiny_encoder(Path(args.out) / f"encoder_rank{int(os.environ.get('RANK', '0'))}", "bert", tokenizer)
+    env, cfg, ds_config, _ = _setup(str(encoder), ["task.kind=classification", "loss.a_ce=0", "loss.a_kl=0", "student.conversion.mixer=bimamba2"])
+    source = classifier_teacher(open_teacher(cfg.teacher)[0], ["a", "b", "c"], pooling=cfg.task.pooling, seed=cfg.train.seed)
+    ids = _batch(source.config.vocab_size, env, seqlen=16)
+    real = [[3, 5], [16, 16]][env.rank]
+    mask = torch.tensor([[1] * n + [0] * (16 - n) for n in real])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([env.rank, 2])}
+    phase = cfg.plan(env.world_size).phases[0]
+
+    def grads(models) -> dict[str, torch.Tensor]:
+        return {n: safe_get_full_grad(p).clone() for n, p in models.student_engine.module.named_parameters() if p.requires_grad and safe_get_full_grad(p) is not None}
+
+    alone = []
+    for r in range(env.world_size):
+        models = build_models(cfg, ds_config, source)
+        begin_step(models.teacher_engine, models.student_engine)
+        parts = cald_forward(models.teacher, models.student, batch, phase.loss)
+        models.student_engine.backward(parts.total * (1.0 if env.rank == r else 0.0))
+        alone.append(grads(models))
+        del models
+        gc.collect()
+    models = build_models(cfg, ds_config, source)
+    tokens = padded_layer_tokens([batch], models.student_engine.device)
+    forward_backward(models, models.teacher, phase, batch, cfg, layer_tokens=tokens)
+    weighted = grads(models)
+    counts = [8, 32]
+    expect = {n: sum(2 * counts[r] / sum(counts) * alone[r][n] for r in range(2)) for n in weighted}
+    per_rank_means = {n: alone[0][n] + alone[1][n] for n in weighted}
+    rel = lambda a, b: max(float((a[n] - b[n]).norm() / b[n].norm().clamp(min=1e-30)) for n in b)  # noqa: E731
+    return {"tokens": tokens, "params": len(weighted), "rel_to_global_mean": rel(weighted, expect), "rel_global_vs_per_rank_means": rel(expect, per_rank_means)}
+
+
 def _name(models, param) -> str:
     return next(n for n, p in models.student.blocks.named_parameters() if p is param)
 
@@ -545,6 +598,7 @@ CHECKS = {
     "stale_grads": check_stale_grads,
     "outside_still": check_outside_still,
     "eval_padding": check_eval_padding,
+    "padded_layer_weight": check_padded_layer_weight,
 }
 
 

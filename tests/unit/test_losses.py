@@ -80,6 +80,25 @@ def test_layer_loss_keeps_one_tensor_in_the_student_dtype():
     torch.testing.assert_close(g.float(), g_ref.float(), rtol=2e-2, atol=1e-4)
 
 
+def test_a_padded_layer_loss_divides_by_the_tokens_it_is_given():
+    """Two padded micro-batches (2 and 8 real tokens) divided by their mean, 5: their average
+    is the mean over all 10 real tokens, where each micro-batch's own mean weighed a token of
+    the first 4x as much as one of the second."""
+    torch.manual_seed(0)
+    s = torch.randn(2, 1, 8, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 1, 8, 16, dtype=torch.float64)
+    masks = torch.tensor([[[1, 1, 0, 0, 0, 0, 0, 0]], [[1] * 8]])
+    pooled = sum(layer_loss(s[i], t[i], masks[i], tokens=5.0) for i in range(2)) / 2
+    whole = layer_loss_reference(s.flatten(0, 1), t.flatten(0, 1), masks.flatten(0, 1))
+    torch.testing.assert_close(pooled, whole.double())
+    (g,) = torch.autograd.grad(pooled, s)
+    (g_ref,) = torch.autograd.grad(whole, s)
+    torch.testing.assert_close(g, g_ref)
+    assert layer_loss_reference(s[0], t[0], masks[0], tokens=5.0).item() == pytest.approx(layer_loss(s[0], t[0], masks[0], tokens=5.0).item())
+    own = sum(layer_loss(s[i], t[i], masks[i]) for i in range(2)) / 2
+    assert abs(own.item() - whole.item()) > 0.01
+
+
 def test_an_fp16_layer_loss_gradient_survives_a_large_layer():
     """The gradient is divided by the element count before the loss scale multiplies it: held
     in fp16 as such it flushed to zero on a large layer (here 1M elements, hidden std 16)."""
