@@ -172,16 +172,21 @@ def conv_backend() -> str:
     return "causal-conv1d" if kernel_groups()["causal_conv1d"][0] else "pure-PyTorch"
 
 
+def _kernel_width(weight) -> bool:
+    return 2 <= weight.shape[-1] <= 4  # causal-conv1d's kernels are built for these widths alone
+
+
 def causal_conv1d(x, weight, bias=None, activation=None):
-    """See ops.conv.causal_conv1d; the pure-PyTorch conv when causal-conv1d does not import."""
-    if conv_backend() != "causal-conv1d":
+    """See ops.conv.causal_conv1d; the pure-PyTorch conv when causal-conv1d does not import or
+    has no kernel for the width (d_conv outside 2..4)."""
+    if conv_backend() != "causal-conv1d" or not _kernel_width(weight):
         return conv.causal_conv1d(x, weight, bias, activation)
     return _fn("causal_conv1d", "causal_conv1d_fn")(_conv_input(x), weight, bias, activation=activation)
 
 
 def causal_conv1d_update(x_t, conv_state, weight, bias=None, activation=None):
-    """See ops.conv.causal_conv1d_update; the pure-PyTorch step when causal-conv1d does not import."""
-    if conv_backend() != "causal-conv1d":
+    """See ops.conv.causal_conv1d_update; the pure-PyTorch step as ``causal_conv1d`` falls back."""
+    if conv_backend() != "causal-conv1d" or not _kernel_width(weight):
         return conv.causal_conv1d_update(x_t, conv_state, weight, bias, activation)
     # NOTE: the kernel wants the state in the dtype of x_t; the new state keeps the dtype it came in.
     new_state = conv_state.to(x_t.dtype, copy=True)

@@ -24,6 +24,10 @@ def _check_activation(activation: str | None) -> bool:
 class _CausalConv1dChannelsLast(torch.autograd.Function):
     """Causal depthwise conv (+ optional SiLU) on (b, l, d) data as w shifted multiply-adds.
 
+    Sums in float32 at least (taps, bias, running sum and SiLU), as causal-conv1d's kernels do,
+    and returns that: a bf16 sum rounded after every tap, and in another order than the
+    one-token step, so cached decoding drifted from the full forward.
+
     NOTE: on CPU this beats F.conv1d's depthwise kernel several times over (mostly in backward)
     and keeps the channels-last layout that the projections around it produce.
     """
@@ -50,11 +54,12 @@ class _CausalConv1dChannelsLast(torch.autograd.Function):
         x_pad, weight, bias = ctx.saved_tensors
         seqlen, width = grad_out.shape[1], weight.shape[1]
         taps = _taps(weight)
+        grad_out = grad_out.to(taps.dtype)
         if ctx.silu:
             grad = torch.ops.aten.silu_backward(grad_out, _shifted_sum(x_pad, taps, bias))
         else:
             grad = grad_out.contiguous()
-        grad_bias = grad.sum((0, 1)) if bias is not None else None
+        grad_bias = grad.sum((0, 1)).to(bias.dtype) if bias is not None else None
         # y[t] = sum_k w[k] x[t - (w - 1) + k]  =>  dx[s] = sum_k w[k] dy[s + (w - 1) - k].
         grad_x = grad * taps[width - 1]
         for k in range(width - 1):
@@ -66,23 +71,28 @@ class _CausalConv1dChannelsLast(torch.autograd.Function):
         grad_weight = torch.stack(
             [torch.mul(x_pad[:, k : k + seqlen], grad, out=scratch).sum((0, 1)) for k in range(width)], dim=-1
         )
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x.to(x_pad.dtype), grad_weight.to(weight.dtype), grad_bias, None
 
 
 def _taps(weight: torch.Tensor) -> torch.Tensor:
-    """(d, w) filters -> (w, d), each tap contiguous.
+    """(d, w) filters -> (w, d), each tap contiguous, in float32 at least (what the sums run in).
 
     NOTE: a strided (d,) column as the broadcast factor of addcmul_ runs ~2x slower on CPU.
     """
-    return weight.t().contiguous()
+    return weight.t().to(_sum_dtype(weight.dtype)).contiguous()
+
+
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64
 
 
 def _shifted_sum(x_pad: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y[:, t] = bias + sum_k taps[k] * x_pad[:, t + k] over (b, l + w - 1, d) input, taps (w, d)."""
+    """y[:, t] = bias + sum_k taps[k] * x_pad[:, t + k] over (b, l + w - 1, d) input, taps (w, d),
+    summed in the taps' dtype. ``causal_conv1d_update`` adds in this same order."""
     width = taps.shape[0]
     seqlen = x_pad.shape[1] - width + 1
     last = x_pad[:, width - 1 :]
-    y = torch.addcmul(bias, last, taps[width - 1]) if bias is not None else last * taps[width - 1]
+    y = torch.addcmul(bias.to(taps.dtype), last, taps[width - 1]) if bias is not None else last * taps[width - 1]
     for k in range(width - 1):
         y.addcmul_(x_pad[:, k : k + seqlen], taps[k])
     return y
@@ -114,8 +124,10 @@ def causal_conv1d(
     if xw.stride(1) == 1:  # channels-last memory
         with scan_threads(xw, weight, bias):
             y = _CausalConv1dChannelsLast.apply(xw.transpose(1, 2), weight, bias, silu).transpose(1, 2)
-    else:
-        y = F.conv1d(F.pad(xw, (width - 1, 0)), weight.unsqueeze(1), bias, groups=dim)
+    else:  # in float32 at least too, whatever the memory layout
+        dtype = _sum_dtype(weight.dtype)
+        bias_ = bias.to(dtype) if bias is not None else None
+        y = F.conv1d(F.pad(xw.to(dtype), (width - 1, 0)), weight.to(dtype).unsqueeze(1), bias_, groups=dim)
         y = F.silu(y) if silu else y
     return y.to(x.dtype)
 
@@ -140,7 +152,7 @@ def causal_conv1d_update(
     """
     silu = _check_activation(activation)
     new_state = torch.cat([conv_state[:, :, 1:], x_t.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
-    y = (new_state.to(weight.dtype) * weight).sum(-1)
-    if bias is not None:
-        y = y + bias
+    # The full conv's sum, in its order and dtype: a prefill and its steps then agree bit for bit.
+    x_pad = new_state.to(weight.dtype).transpose(1, 2)  # (b, w, d): the window as a sequence of one output
+    y = _shifted_sum(x_pad, _taps(weight), bias)[:, 0]
     return (F.silu(y) if silu else y).to(x_t.dtype), new_state
