@@ -25,7 +25,7 @@ Where two recipes end within 10% of each other on the corpus's own held-out set,
 are run again with a second seed. Writes benchmarks/results/recovery{,_quick}.{json,md,png}.
 
     python benchmarks/recovery.py            # full: 10 recipes and 3 layouts of 51k tokens, ~3.5 h on 2 CPU cores
-    python benchmarks/recovery.py --layouts  # the layouts only (recipe runs kept), ~25 min
+    python benchmarks/recovery.py --layouts  # the layouts only (recipe runs kept), ~40 min
     python benchmarks/recovery.py --quick    # 3 recipes, 6 steps of short sequences, ~10 min
     python benchmarks/recovery.py --recipes align_e2e align_e2e+attn_init   # a subset
     python benchmarks/recovery.py --recipes align_e2e --seed 1   # add a second seed to a kept run

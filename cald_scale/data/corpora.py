@@ -53,7 +53,7 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 # ---------------------------------------------------------------------------------------
-# Built-in corpora (real English text shipped as PyPI packages, see shared/ASSETS.md)
+# Built-in corpora (real English text shipped as PyPI packages; launch/setup_env.sh installs them)
 # ---------------------------------------------------------------------------------------
 
 
