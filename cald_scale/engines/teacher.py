@@ -139,10 +139,17 @@ class ManagedTeacher:
 
     def train_step(self, batch: dict) -> float:
         """Forward and backward of the teacher's own task loss (next-token or class CE) on one
-        micro-batch, then ``engine.step()`` (DeepSpeed applies the update at the accumulation boundary)."""
+        micro-batch, then ``engine.step()`` (DeepSpeed applies the update at the accumulation boundary).
+        Dropout is on for this forward, as in any fine-tuning (the Std. run's), and off again for
+        the forwards that guide the student."""
         begin_step(self.engine)
-        loss = self.layerwise.task_loss(batch, chunk_tokens=self._chunk_tokens)
-        self.engine.backward(loss)
+        module = self.engine.module
+        module.train()
+        try:
+            loss = self.layerwise.task_loss(batch, chunk_tokens=self._chunk_tokens)
+            self.engine.backward(loss)
+        finally:
+            module.eval()
         self.engine.step()
         self.loaded = None  # no folder holds these weights any more
         return loss.item()

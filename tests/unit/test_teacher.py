@@ -134,7 +134,11 @@ config = {"train_batch_size": 1, "optimizer": {"type": "AdamW", "params": {"lr":
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
 managed = ManagedTeacher(engine, LayerwiseModel(engine.module), None, "base", chunk_tokens=0)
 batch = {"input_ids": torch.randint(0, 256, (1, 16))}
+engine.module.eval()  # as build_teacher leaves it: the forwards that guide the student
+modes = []
+engine.module.model.layers[0].register_forward_pre_hook(lambda module, args: modes.append(module.training))
 print("FIRST:", managed.train_step(batch), engine.global_steps)
+print("MODES:", modes, engine.module.training, engine.module.model.layers[0].training)
 with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=0):
     engine.module.model.norm.weight.data.fill_(float("nan"))  # its own loss is NaN from here
 print("SECOND:", managed.train_step(batch))
@@ -164,4 +168,5 @@ def test_a_trajectory_teacher_step_on_a_non_finite_loss_leaves_its_weights_as_th
     assert proc.returncode == 0, out[-2000:] + proc.stderr[-4000:]
     first = next(line for line in out.splitlines() if line.startswith("FIRST:")).split()
     assert float(first[1]) > 0 and first[2] == "1"
+    assert "MODES: [True] False False" in out  # dropout on for its own fine-tuning step, off after it
     assert "SECOND: nan" in out and "NAN_TENSORS: ['model.norm.weight']" in out
