@@ -125,8 +125,8 @@ def _check_overflow_guard(config: dict, path: Path) -> None:
 def stage_bounds(num_layers: int, num_stages: int, partition: str | list[int] = "uniform") -> list[int]:
     """Block boundaries [0 = a_0, a_1, ..., a_S = L]: stage k holds blocks [a_k, a_{k+1}).
 
-    "uniform" gives every stage L // S blocks, the later stages one more when S does not
-    divide L; a list gives the boundaries themselves."""
+    "uniform" gives every stage L // S or L // S + 1 blocks, spread evenly (30 over 4: 7, 8, 7,
+    8); a list gives the boundaries themselves."""
     if num_stages > num_layers:
         raise ConfigError(f"train.pipeline_stages={num_stages} exceeds the teacher's {num_layers} blocks: every stage needs at least one block")
     if partition == "uniform":
@@ -511,14 +511,16 @@ class CaldStage(nn.Module):
         wanted = set(mode.wanted)
         a = self.layers.start
         for sub in (range(a + r.start, a + r.stop) for r in make_stages(len(self.layers), self.stage_size)):
-            t_outs: list[torch.Tensor | None] = []
+            t_in, t_outs = t_h, []
             if t_h is not None:
                 with torch.no_grad():
                     for i, out in zip(sub, self.teacher.blocks_iter(t_h, t_ctx, sub)):
-                        t_outs.append(out if i in wanted or i == sub[-1] else None)
-            if forced:
-                s_h = t_h  # the teacher's input to this sub-stage
+                        t_outs.append(out if forced or i in wanted or i == sub[-1] else None)
             for j, i in enumerate(sub):
+                # Teacher-forced: every block starts from the teacher's input to it (as
+                # teacher_forced_step), so no backward crosses blocks whatever the sub-stages.
+                if forced:
+                    s_h = t_in if j == 0 else t_outs[j - 1]
                 s_h = self.student.block(i, s_h, s_ctx)
                 if i in wanted:
                     losses = _with_loss(losses, i, layer_loss(s_h, t_outs[j]))

@@ -30,6 +30,8 @@ CASES = {
     "e2e_kl": ("llama", ["loss.a_kl=0.5", "loss.head_chunk_tokens=24"]),
     # Each student block on the teacher's input: only the layer losses travel back.
     "teacher_forced": ("llama", ["phases=[{name: tf, mode: teacher_forced}]", "loss.skip_last=false"]),
+    # The same with sub-stages of 2 blocks (stage 1 holds blocks 1 and 2): still each block on the teacher's input.
+    "teacher_forced_substages": ("llama", ["phases=[{name: tf, mode: teacher_forced}]", "loss.skip_last=false", "train.stage_size=2"]),
     # Every weight trains (an untied head): embedding grads on stage 0, head grads on stage 1.
     "e2e_all_neox": ("gpt_neox", ["student.trainable=all", "student.conversion.mixer=mamba"]),
 }
