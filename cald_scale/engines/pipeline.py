@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import torch
+from accelerate import init_empty_weights
 from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -255,10 +256,16 @@ def _materialize(model: nn.Module, paths: list[str], reader: WeightReader, devic
     for path in paths:
         module = model.get_submodule(path)
         persistent = module.state_dict(keep_vars=True)
-        transient = [n for n, _ in module.named_buffers() if n not in persistent]
-        if transient:
-            raise WeightsMismatchError(f"{path} holds buffers that no checkpoint stores ({transient}); a pipeline stage cannot rebuild them")
+        # Buffers no checkpoint stores (Gemma's embedding scale) were computed at construction,
+        # which kept buffers real (StageFactory.build): they move to the device as they are.
+        transient = {n: b for n, b in module.named_buffers() if n not in persistent}
+        lost = [n for n, b in transient.items() if b.is_meta]
+        if lost:
+            raise WeightsMismatchError(f"{path} holds buffers that no checkpoint stores ({lost}); a pipeline stage cannot rebuild them")
         module.to_empty(device=device)
+        for name, buffer in transient.items():
+            owner, _, attr = name.rpartition(".")
+            module.get_submodule(owner)._buffers[attr] = buffer.to(device)
     _fill(model, paths, reader, aliases, skip=skip)
     # Tied tensors allocated in two owned modules (embedding and head on a one-stage pipeline) are one again.
     for names in {tuple(n) for n in aliases.values() if len(n) > 1}:
@@ -334,7 +341,9 @@ class StageFactory:
     def build(self, k: int) -> _StagePieces:
         layers = range(self.bounds[k], self.bounds[k + 1])
         config = self.source.config
-        with torch.device("meta"), no_init_weights():
+        # Parameters on the meta device, buffers real: those computed at construction and never
+        # stored (rotary tables, Gemma's embedding scale) are then right as built.
+        with init_empty_weights(include_buffers=False), no_init_weights():
             student = CaldStudentForCausalLM(student_config(config, self.cfg.student.conversion, self.source.name))
             teacher = AutoModelForCausalLM.from_config(config, dtype=self.dtype) if self.with_teacher else None
         student.backbone.tie_weights()  # no_init_weights also skips tying
