@@ -495,7 +495,10 @@ def _start(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv) -> _Run:
     # universal format; one of another mode, pipeline layout or global batch is refused.
     tags = complete_tags(ckpt_dir)
     dp = cfg.train.data_parallel_size(env.world_size)
-    resume = plan_resume(tags, dp, global_batch=ds_config["train_batch_size"], pipeline_stages=cfg.train.pipeline_stages)
+    resume = plan_resume(
+        tags, dp, global_batch=ds_config["train_batch_size"], pipeline_stages=cfg.train.pipeline_stages,
+        partition=(ds_config.get("pipeline") or {}).get("partition", "uniform"),
+    )
     ds_config = resume.ds_config(ds_config)
     plan = cfg.plan(dp)
     if env.is_main:

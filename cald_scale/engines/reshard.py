@@ -275,10 +275,18 @@ class ResumePlan:
         return remap_cursor(saved, micro_batch=micro_batch, grad_accum=grad_accum, world_size=self.world_size)
 
 
-def _check_mode(tag: Path, saved_config: dict, pipeline_stages: int) -> None:
+def _check_mode(tag: Path, saved_config: dict, pipeline_stages: int, partition) -> None:
     """A checkpoint resumes only in the mode and pipeline layout it was saved in: their
-    parameter and optimizer shards are cut differently (DeepSpeed fails deep in its loader)."""
+    parameter and optimizer shards are cut differently (DeepSpeed fails deep in its loader,
+    blaming its parameter alignment)."""
     saved = int((saved_config.get("pipeline") or {}).get("stages") or 0)
+    if saved_config and saved == pipeline_stages and pipeline_stages:
+        was = saved_config["pipeline"].get("partition", "uniform")
+        if was != partition:
+            raise ConfigError(
+                f"{tag} was saved with pipeline.partition {was!r} and this run's ds_config has {partition!r}: each stage's "
+                f"shards hold its own blocks, so resume it with partition {was!r}, or use a new output.run_dir"
+            )
     if not saved_config or saved == pipeline_stages:
         return
     now = f"a {pipeline_stages}-stage pipeline (train.pipeline_stages={pipeline_stages})" if pipeline_stages else "ZeRO-3 mode (train.pipeline_stages=0)"
@@ -290,20 +298,23 @@ def _check_mode(tag: Path, saved_config: dict, pipeline_stages: int) -> None:
     raise ConfigError(f"{tag} was saved by {was} and this run is {now}: resume it with {keep}, or use a new output.run_dir")
 
 
-def plan_resume(tags: Sequence[tuple[int, Path]], world_size: int, *, global_batch: int | None = None, pipeline_stages: int = 0) -> ResumePlan:
+def plan_resume(
+    tags: Sequence[tuple[int, Path]], world_size: int, *, global_batch: int | None = None, pipeline_stages: int = 0, partition="uniform",
+) -> ResumePlan:
     """Decide whether this run loads through the universal format: the newest of the complete
     ``tags`` (``checkpoint.complete_tags``, newest first) was saved on another world size
     (``world_size``: the data-parallel size, every rank in ZeRO-3 mode). Call before the
     engines are built (the decision is part of their ds_config). Refused now, before any
     engine is built or tag converted: a checkpoint of another mode or pipeline layout, of
-    another number of pipeline replicas (DeepSpeed reshards ZeRO-3 checkpoints only) and,
-    with ``global_batch``, of another global batch size."""
+    another number of pipeline replicas (DeepSpeed reshards ZeRO-3 checkpoints only) or stage
+    ``partition`` (the ds_config's pipeline.partition) and, with ``global_batch``, of another
+    global batch size."""
     tag = Path(tags[0][1]) if tags else None
     saved = saved_world_size(tag) if tag is not None else None
     states = _saved_states(tag) if tag is not None else {}
     old = states.get("ds_config") or {}
     if tag is not None:
-        _check_mode(tag, old, pipeline_stages)
+        _check_mode(tag, old, pipeline_stages, partition)
     if pipeline_stages and saved is not None and saved != world_size:
         raise ConfigError(
             f"{tag} was saved by {saved} pipeline replica(s) and this run has {world_size}: a pipeline checkpoint resumes on "

@@ -165,6 +165,9 @@ def test_a_checkpoint_resumes_only_in_its_own_mode_and_pipeline_layout(tmp_path)
     with pytest.raises(ConfigError, match=r"global batch of 4 sequences, this run with 1 data-parallel rank\(s\) uses 8; set train.global_batch_size=4"):
         plan_resume(piped, 1, global_batch=8, pipeline_stages=2)
 
+    # Another stage partition: each stage's shards hold other blocks.
+    with pytest.raises(ConfigError, match=r"saved with pipeline.partition 'uniform' and this run's ds_config has \[0, 1, 4\]"):
+        plan_resume(piped, 1, global_batch=4, pipeline_stages=2, partition=[0, 1, 4])
     same = plan_resume(piped, 1, global_batch=4, pipeline_stages=2)
     assert not same.universal and same.source(piped[0][1]) == piped[0][1]
     assert plan_resume(zero3, 1, global_batch=4).universal  # ZeRO-3 on other ranks: DeepSpeed's universal format
