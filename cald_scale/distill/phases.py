@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Literal, Sequence
 
 from .losses import LossConfig
 
@@ -84,6 +84,10 @@ class PhaseConfig:
     """LR multiplier of the copied weights (default: train.copied_lr_scale)."""
     warmup_steps: int | None = None
     """Linear warmup at the start of the phase (default: train.warmup_steps, clamped to half the phase)."""
+    lr_schedule: Literal["own", "continue"] = "own"
+    """own: this phase warms up and decays on its own; continue: the previous phase's schedule
+    goes on through this one (one warmup and one cosine over both, e.g. a hybrid that drops
+    the teacher's losses mid-run without re-warming the LR)."""
     a_ce: float | None = None
     """Loss weights for this phase (default: the run's loss section)."""
     a_layer: float | None = None
@@ -117,6 +121,10 @@ class PhaseConfig:
             raise ValueError(f"phase {self.name!r}: copied_lr_scale must be >= 0 (0 freezes the copied weights), got {self.copied_lr_scale}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"phase {self.name!r}: warmup_steps must be >= 0")
+        if self.lr_schedule not in ("own", "continue"):
+            raise ValueError(f"phase {self.name!r}: lr_schedule must be 'own' or 'continue', got {self.lr_schedule!r}")
+        if self.lr_schedule == "continue" and self.warmup_steps is not None:
+            raise ValueError(f"phase {self.name!r}: lr_schedule continue goes on with the previous phase's schedule, which did the warmup; drop warmup_steps")
 
     @property
     def fixed_length(self) -> bool:
@@ -141,6 +149,10 @@ class Phase:
     warmup_steps: int
     min_lr_ratio: float
     loss: LossConfig
+    schedule_start: int = -1
+    schedule_end: int = -1
+    """The steps [schedule_start, schedule_end) its LR schedule spans: the phase's own, or with
+    ``lr_schedule: continue`` those of the phases it shares one schedule with (-1: its own)."""
 
     @property
     def steps(self) -> int:
@@ -151,11 +163,14 @@ class Phase:
         return self.guidance != "none"
 
     def lr_factor(self, step: int) -> float:
-        """LR multiplier at global ``step`` (0-based, inside the phase): linear warmup, then cosine to min_lr_ratio."""
-        local = step - self.start
+        """LR multiplier at global ``step`` (0-based, inside the phase): linear warmup, then cosine
+        to min_lr_ratio, over the steps its schedule spans."""
+        first = self.start if self.schedule_start < 0 else self.schedule_start
+        span = (self.end if self.schedule_end < 0 else self.schedule_end) - first
+        local = step - first
         if local < self.warmup_steps:
             return (local + 1) / (self.warmup_steps + 1)
-        decay_steps = max(1, self.steps - self.warmup_steps)
+        decay_steps = max(1, span - self.warmup_steps)
         progress = min(1.0, (local - self.warmup_steps) / decay_steps)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -302,7 +317,28 @@ def plan_phases(phases: list[PhaseConfig], train, loss: LossConfig, *, tokens_pe
             )
         )
         start += steps
-    return PhasePlan(tuple(resolved))
+    return PhasePlan(tuple(_shared_schedules(resolved, phases)))
+
+
+def _shared_schedules(resolved: list[Phase], specs: Sequence[PhaseConfig]) -> list[Phase]:
+    """Phases with ``lr_schedule: continue`` share the schedule of the phase before them: one
+    span, with the first phase's warmup."""
+    if specs and specs[0].lr_schedule == "continue":
+        raise ValueError(f"phase {specs[0].name!r}: lr_schedule continue needs a phase before it")
+    out, group = [], []
+    for phase, spec in zip(resolved, specs):
+        if spec.lr_schedule != "continue" and group:
+            out += _one_schedule(group)
+            group = []
+        group.append(phase)
+    return out + _one_schedule(group)
+
+
+def _one_schedule(group: list[Phase]) -> list[Phase]:
+    if len(group) == 1:
+        return group
+    first, last = group[0], group[-1]
+    return [dataclasses.replace(p, schedule_start=first.start, schedule_end=last.end, warmup_steps=first.warmup_steps) for p in group]
 
 
 def set_phase_lr(engine, phase: Phase, step: int) -> None:

@@ -67,6 +67,32 @@ def test_lr_warms_up_then_decays_to_the_floor_within_each_phase():
     assert factors[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
 
 
+def test_a_continued_phase_goes_on_with_the_schedule_before_it():
+    """A hybrid that drops the teacher's losses at step 4 of 10: with lr_schedule continue the
+    LR does not warm up again at the switch; it follows one cosine over all 10 steps."""
+    base = "[{name: guided, steps: 4, warmup_steps: 2}, {name: alone, steps: 6, guidance: none%s}]"
+    own = _plan(base % "", "train.max_steps=null", "train.min_lr_ratio=0.1").phases
+    cont = _plan(base % ", lr_schedule: continue", "train.max_steps=null", "train.min_lr_ratio=0.1").phases
+    (whole,) = _plan("[{name: one, steps: 10, warmup_steps: 2}]", "train.max_steps=null", "train.min_lr_ratio=0.1").phases
+    by_step = lambda phases: [next(p for p in phases if p.start <= s < p.end).lr_factor(s) for s in range(10)]  # noqa: E731
+    assert by_step(cont) == pytest.approx([whole.lr_factor(s) for s in range(10)])
+    assert by_step(own)[4] < by_step(own)[3]  # its own schedule: a warmup from the bottom again at the switch
+    assert by_step(cont)[4] < by_step(cont)[3] and by_step(cont)[4] > 0.7
+    assert cont[1].loss.a_layer == 0.0  # the switch itself still drops the teacher's losses
+
+
+@pytest.mark.parametrize(
+    "phases, message",
+    [
+        ("[{name: a, lr_schedule: continue}]", "lr_schedule continue needs a phase before it"),
+        ("[{name: a, steps: 2}, {name: b, lr_schedule: continue, warmup_steps: 1}]", "drop warmup_steps"),
+    ],
+)
+def test_a_continued_schedule_is_refused_where_it_cannot_apply(phases, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(overrides=[f"phases={phases}"])
+
+
 def test_waypoints_switch_at_equal_shares_of_the_phase():
     plan = _plan("[{name: warm, steps: 2}, {name: w, steps: 6, guidance: waypoint, waypoints: [a, b, c]}]", "train.max_steps=null")
     assert [plan.at(s).waypoint_at(s) for s in range(2, 8)] == ["a", "a", "b", "b", "c", "c"]
