@@ -10,6 +10,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     BertConfig,
+    ElectraConfig,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
@@ -47,6 +48,11 @@ ENCODER_CONFIGS = {
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
         max_position_embeddings=130, pad_token_id=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     ),
+    # Embeddings narrower than the blocks, as ELECTRA-small's (128 -> 256): projected up.
+    "electra": lambda vocab, layers: ElectraConfig(
+        vocab_size=vocab, embedding_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    ),
 }
 
 
@@ -54,7 +60,8 @@ def tiny_encoder(family: str, vocab: int = 256, layers: int = 3, seed: int = 0):
     torch.manual_seed(seed)
     config = ENCODER_CONFIGS[family](vocab, layers)
     config._attn_implementation = "sdpa"
-    return AutoModel.from_config(config, add_pooling_layer=False).eval()
+    bare = {} if family == "electra" else {"add_pooling_layer": False}  # ELECTRA has no pooler
+    return AutoModel.from_config(config, **bare).eval()
 
 
 def save_tiny_encoder(folder: Path, family: str, tokenizer, layers: int = 3, seed: int = 0) -> Path:

@@ -14,6 +14,7 @@ Both save and reload as plain HF folders (``from_pretrained`` after ``import cal
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Literal
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from ..config_loader import from_dict
 from .modeling import ConversionConfig, replace_attention
@@ -137,8 +139,10 @@ class CaldEncoderForSequenceClassification(PreTrainedModel):
         # encoder's own config is rebuilt from a dict, which leaves it out.
         # NOTE: in the dtype asked for (from_pretrained's, or the default), not the one the encoder's
         # config records, as CaldStudentForCausalLM builds its backbone: else encoder and head differ.
+        # NOTE: ELECTRA has no pooler, so no add_pooling_layer argument either.
+        bare = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(MODEL_MAPPING[type(encoder_config)].__init__).parameters else {}
         self.encoder = AutoModel.from_config(
-            encoder_config, add_pooling_layer=False, attn_implementation=config._attn_implementation, dtype=torch.get_default_dtype(),
+            encoder_config, attn_implementation=config._attn_implementation, dtype=torch.get_default_dtype(), **bare,
         )
         dropout = config.classifier_dropout if config.classifier_dropout is not None else getattr(encoder_config, "hidden_dropout_prob", 0.1)
         self.dropout = nn.Dropout(dropout)

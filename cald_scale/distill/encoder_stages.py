@@ -41,7 +41,10 @@ class EncoderLayerwise(LayerwiseModel):
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The embedding output; ``token_type_ids`` marks a sentence pair's second segment."""
         with self._scope():
-            return self.base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+            hidden = self.base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+            # ELECTRA-small's embeddings are narrower than its blocks: its model projects them up.
+            project = getattr(self.base, "embeddings_project", None)
+            return project(hidden) if project is not None else hidden
 
     def context(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
         """The bidirectional attention mask (attention blocks) and the padding mask (mixers; attention

@@ -61,7 +61,7 @@ def _mask_kwargs(batch: dict) -> dict:
     return {"attention_mask": batch["attention_mask"]} if batch.get("attention_mask") is not None else {}
 
 
-def _segment_kwargs(batch: dict) -> dict:
+def segment_kwargs(batch: dict) -> dict:
     """What a sentence-pair batch adds to ``embed()``: its segment ids."""
     return {"token_type_ids": batch["token_type_ids"]} if batch.get("token_type_ids") is not None else {}
 
@@ -108,12 +108,12 @@ def cald_forward(
     stages = make_stages(student.num_layers, stage_size)
     layer_terms: list[torch.Tensor] = []
 
-    s_h = student.embed(input_ids, **_segment_kwargs(batch))
+    s_h = student.embed(input_ids, **segment_kwargs(batch))
     s_ctx = student.context(s_h, input_ids, **masked)
     t_h = t_ctx = None
     if use_teacher:
         with torch.no_grad():
-            t_h = teacher.embed(input_ids, **_segment_kwargs(batch))
+            t_h = teacher.embed(input_ids, **segment_kwargs(batch))
             t_ctx = s_ctx if teacher.dtype == student.dtype else teacher.context(t_h, input_ids, **masked)
 
     if schedule == "streamed" or not use_teacher:
@@ -186,7 +186,7 @@ def teacher_forced_step(
     layer_terms: list[torch.Tensor] = []
     skipped = 0
     with torch.no_grad():
-        t_h = teacher.embed(input_ids, **_segment_kwargs(batch))
+        t_h = teacher.embed(input_ids, **segment_kwargs(batch))
     s_ctx = student.context(t_h.to(student.dtype), input_ids, **masked)  # the student's own embedding is not used
     t_ctx = s_ctx if teacher.dtype == student.dtype else teacher.context(t_h, input_ids, **masked)
     for k, stage in enumerate(make_stages(student.num_layers, stage_size)):

@@ -41,6 +41,8 @@ def geometry_mismatch(theirs, ours) -> list[str]:
     """The geometry keys on which two model configs differ, as "key: theirs vs ours" (empty: they match)."""
     theirs, ours = _geometry(theirs), _geometry(ours)
     keys = [*theirs, *(k for k in ours if k not in theirs)]
+    if theirs.get("num_labels") != ours.get("num_labels"):
+        keys.remove("labels")  # another label count says it: no need to list every name
     return [f"{k}: {theirs.get(k)} vs {ours.get(k)}" for k in keys if theirs.get(k) != ours.get(k)]
 
 
@@ -50,7 +52,10 @@ def _geometry(config) -> dict:
     geometry = {k: family.get(k) for k in GEOMETRY_KEYS}
     # NOTE: only a classifier's head counts: every HF config carries a num_labels, an LM's is noise.
     if hasattr(config, "pooling") or any("ForSequenceClassification" in a for a in getattr(config, "architectures", None) or []):
-        geometry.update(num_labels=config.num_labels, pooling=getattr(config, "pooling", None))
+        # The classes by name, in id order: a head of another task with as many classes would
+        # pair them up by position.
+        labels = [str(config.id2label[k]) for k in sorted(config.id2label, key=int)]
+        geometry.update(num_labels=config.num_labels, pooling=getattr(config, "pooling", None), labels=labels)
     return geometry
 
 

@@ -13,6 +13,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from ..distill.step import segment_kwargs
+
 __all__ = ["hidden_state_drift"]
 
 
@@ -35,7 +37,7 @@ def hidden_state_drift(before, after, batches: Iterable[dict]) -> dict:
         keep = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         states = []
         for view in (before, after):
-            hidden = view.embed(ids)
+            hidden = view.embed(ids, **segment_kwargs(batch))  # a sentence pair's segments, as in training
             ctx = view.context(hidden, ids, **({"attention_mask": mask} if mask is not None else {}))
             outs = []
             for i in range(view.num_layers):

@@ -115,6 +115,21 @@ def test_padded_batches_score_every_sequence_as_if_alone(minilm, name):
             torch.testing.assert_close(together.hidden_states[-1][i, :n], alone.hidden_states[-1][0], atol=2e-5, rtol=1e-4)
 
 
+def test_an_electra_teacher_with_narrower_embeddings_converts_and_its_view_equals_the_model(minilm, tmp_path):
+    """ELECTRA (no pooler; embeddings projected up to the blocks' width): teacher and students
+    build, and the block-by-block view the trainer runs gives the HF forward's logits."""
+    folder = save_tiny_encoder(tmp_path / "electra", "electra", minilm[1])
+    source, tokenizer = open_teacher(TeacherConfig(name_or_path=str(folder)))
+    source = classifier_teacher(source, LABELS, seed=0)
+    batch = _batch(tokenizer)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    for model in (build_teacher(source), build_student(source.config, source.weights(), STUDENTS["bimamba2"], seed=0)):
+        model.eval()
+        with torch.no_grad():
+            view = layerwise(model).logits(inputs["input_ids"], inputs["attention_mask"])
+            torch.testing.assert_close(view, model(**inputs).logits)
+
+
 def test_a_roberta_teacher_converts_and_its_students_save_and_reload(tiny_roberta, tmp_path):
     source, tokenizer = tiny_roberta
     teacher = build_teacher(source)
@@ -245,6 +260,14 @@ def test_hidden_state_drift_is_zero_for_the_same_model_and_grows_with_the_change
     # Blocks before the changed one do not move; it and the blocks after it do, more for a larger change.
     assert all(d["per_layer"][i] == pytest.approx(0.0, abs=1e-6) for d in drifts for i in range(3))
     assert 0 < drifts[0]["per_layer"][3] < drifts[1]["per_layer"][3] and drifts[1]["mean"] > drifts[0]["mean"]
+    # A sentence pair is embedded with its segments, as in training: a change to the second
+    # segment's embedding moves every block (read without segment ids, it moved nothing).
+    pair = tokenizer(["Rome fell."], ["It was 476."], return_tensors="pt")
+    moved = build_teacher(source)
+    with torch.no_grad():
+        moved.encoder.embeddings.token_type_embeddings.weight[1].add_(torch.randn(source.config.teacher_hf_config().hidden_size, generator=torch.Generator().manual_seed(1)))
+    segments = hidden_state_drift(teacher, layerwise(moved), [dict(pair)])
+    assert min(segments["per_layer"]) > 1e-4
 
 
 def test_student_init_from_converts_another_checkpoint_while_the_teacher_guides(minilm, tmp_path):
@@ -293,6 +316,10 @@ def test_geometry_check_counts_a_classifier_head_but_not_an_lm_label_count():
     assert geometry_mismatch(classifier_config(encoder, 3, pooling="mean"), mean3) == []
     assert geometry_mismatch(classifier_config(encoder, 3, pooling="cls"), mean3) == ["pooling: cls vs mean"]
     assert geometry_mismatch(classifier_config(encoder, 12, pooling="mean"), mean3) == ["num_labels: 12 vs 3"]
+    # As many classes of another task: paired up by position, they would guide the wrong ones.
+    sentiment = classifier_config(encoder, 3, label_names=["neg", "neu", "pos"])
+    topics = classifier_config(encoder, 3, label_names=["arts", "history", "science"])
+    assert geometry_mismatch(sentiment, topics) == ["labels: ['neg', 'neu', 'pos'] vs ['arts', 'history', 'science']"]
 
 
 def test_a_transformers_fine_tuned_classifier_is_refused_not_given_a_random_head(minilm, tmp_path):
