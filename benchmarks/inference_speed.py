@@ -8,8 +8,11 @@ For each context length (512, 2k, 8k, 32k by default):
 - prefill: seconds to run the whole prompt (batch 1) and build the cache;
 - decode: new tokens/s from a cache already holding that context, at batch 1 and a larger
   batch. The cache's contents are random: a decode step's cost depends only on its sizes,
-  and building a 32k KV cache for 8 sequences by prefill would cost the teacher an hour here;
-- memory per sequence: the teacher's KV cache against the student's recurrent state.
+  and building a 32k KV cache for 8 sequences by prefill would cost the teacher an hour here.
+  The teacher's KV cache is preallocated and written in place (a StaticCache; --teacher_cache
+  dynamic gives transformers' default, which copies the whole cache at every step);
+- memory per sequence: the teacher's KV cache against the student's recurrent state, as a
+  real batch-1 prefill leaves them.
 A configuration that would not fit in memory is recorded as "out of memory" (with the
 bytes it needed) instead of run. With --device cuda the decode at 16k is also measured
 over the largest batch each model fits ("best batch").
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import os
 import statistics
 import sys
 import time
@@ -38,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import GEOMETRIES, REPO, RESULTS, machine, overall_pass, write_result  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache  # noqa: E402
 
 from cald_scale.conversion.modeling import ConversionConfig  # noqa: E402
 from cald_scale.conversion.surgery import convert_teacher  # noqa: E402
@@ -105,9 +109,17 @@ def _fill_kv(cache: DynamicCache, cfg, layers, batch: int, context: int, like: t
         cache.update(torch.randn(shape, dtype=like.dtype, device=like.device), torch.randn(shape, dtype=like.dtype, device=like.device), layer)
 
 
-def teacher_cache(teacher, batch: int, context: int) -> DynamicCache:
-    """A KV cache holding ``context`` positions per sequence (random keys and values)."""
-    cache = DynamicCache(config=teacher.config)
+def teacher_cache(teacher, batch: int, context: int, *, room: int, kind: str = "static") -> DynamicCache | StaticCache:
+    """A KV cache holding ``context`` positions per sequence (random keys and values).
+
+    static (the default): preallocated with ``room`` positions to spare, each step written in
+    place, as ``generate(cache_implementation="static")`` does; dynamic: transformers' default,
+    which concatenates every layer's whole cache at every step (a copy of it per token: the
+    teacher's decode then measures that copy too, 1.3-1.7x its cost on CPU)."""
+    if kind == "static":
+        cache = StaticCache(config=teacher.config, max_cache_len=context + room)
+    else:
+        cache = DynamicCache(config=teacher.config)
     _fill_kv(cache, teacher.config, range(teacher.config.num_hidden_layers), batch, context, next(teacher.parameters()))
     return cache
 
@@ -135,12 +147,21 @@ def kv_bytes_per_sequence(teacher, context: int) -> int:
 
 # --- measurements --------------------------------------------------------------------------
 @torch.no_grad()
-def prefill_seconds(model, context: int, device: torch.device, repeats: int) -> float:
+def prefill_seconds(model, context: int, device: torch.device, repeats: int) -> tuple[float, dict[str, int]]:
+    """Median seconds of a batch-1 prefill, and the bytes of the cache that prefill left."""
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
     # NOTE: logits of the last position only; a 32k x vocab logits tensor is 6 GB in fp32.
-    run = lambda: model(ids, use_cache=True, logits_to_keep=1)  # noqa: E731
+    last: list = []
+
+    def run():
+        last.clear()  # the previous run's cache goes first: one alone in memory
+        last.append(model(ids, use_cache=True, logits_to_keep=1).past_key_values)
+
     run() if context <= 2048 else None  # warm-up where it is cheap
-    return statistics.median(_timed(run, device, repeats))
+    seconds = statistics.median(_timed(run, device, repeats))
+    held = state_bytes(last[-1])
+    last.clear()
+    return seconds, held
 
 
 @torch.no_grad()
@@ -210,7 +231,10 @@ def measure_context(out: dict, name: str, model, make_cache, context: int, batch
         out["oom"].append({"what": "prefill", "context": context, "batch": 1, "needs_bytes": need})
     else:
         try:
-            out["prefill_s"][str(context)] = prefill_seconds(model, context, device, args.prefill_repeats)
+            seconds, held = prefill_seconds(model, context, device, args.prefill_repeats)
+            out["prefill_s"][str(context)] = seconds
+            # NOTE: the cache a real prefill left, not one this script built: the state checks can fail.
+            out["state_bytes_per_seq"][str(context)] = held
         except torch.OutOfMemoryError:
             out["oom"].append({"what": "prefill", "context": context, "batch": 1})
     for batch in batches:
@@ -220,8 +244,6 @@ def measure_context(out: dict, name: str, model, make_cache, context: int, batch
         cache = None
         try:
             cache = make_cache(batch, context)
-            if batch == batches[0]:
-                out["state_bytes_per_seq"][str(context)] = {k: v // batch for k, v in state_bytes(cache).items()}
             out["decode_tok_s"][str(batch)][str(context)] = decode_tokens_per_s(model, cache, batch, context, device, args.decode_steps)
         except torch.OutOfMemoryError:
             out["oom"].append({"what": "decode", "context": context, "batch": batch})
@@ -431,6 +453,11 @@ def main() -> None:
     parser.add_argument("--batches", default=None, help="comma-separated decode batch sizes (default 1,8)")
     parser.add_argument("--decode_steps", type=int, default=None)
     parser.add_argument("--prefill_repeats", type=int, default=1)
+    parser.add_argument(
+        "--teacher_cache", choices=["static", "dynamic"], default="static",
+        help="the teacher's KV cache while decoding: preallocated and written in place (static, the fair one), or transformers' "
+        "default DynamicCache, which copies the whole cache at every step",
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument(
         "--graph-decode", choices=["auto", "on", "off"], default="auto",
@@ -459,12 +486,16 @@ def main() -> None:
         "student_attention_layers": student.config.attention_layers,
         "teacher_layers": teacher.config.num_hidden_layers,
         "contexts": contexts,
-        "decode_cache": "random contents of the stated length (decode cost depends only on sizes)",
+        "decode_cache": "random contents of the stated length (decode cost depends only on sizes); cache bytes from a real batch-1 prefill",
+        "teacher_cache": args.teacher_cache,
         "quick": args.quick,
         "machine": machine(),
+        # NOTE: prefill above 2k is one cold run per model (a 32k teacher prefill takes minutes
+        # here): the load says how quiet the host was.
+        "load_average_1_5_15min_before": os.getloadavg(),
     }
     models = {
-        "teacher": (teacher, lambda b, c: teacher_cache(teacher, b, c), kv_per_seq),
+        "teacher": (teacher, lambda b, c: teacher_cache(teacher, b, c, room=args.decode_steps + 1, kind=args.teacher_cache), kv_per_seq),
         "student": (student, lambda b, c: student_cache(student, b, c, teacher.config), state_per_seq),
     }
     for name in models:

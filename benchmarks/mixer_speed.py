@@ -51,6 +51,10 @@ def fwd_bwd_seconds(model: nn.Module, input_ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def _param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def resolved_kernels(model: nn.Module, device: torch.device) -> list[str]:
     """The distinct kernels the model's mixers run on ``device`` (resolving logs any fallback)."""
     return sorted({m.kernel(device) for m in model.modules() if isinstance(m, SequenceMixer)})
@@ -111,9 +115,12 @@ def main() -> None:
         for name, model in models.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+                # NOTE: every model stays on the device: the peak counts this model's own weights,
+                # not the others' (0.62 GiB of the students' on the teacher's figure before).
+                others = torch.cuda.memory_allocated(device) - _param_bytes(model)
             seconds = fwd_bwd_seconds(model, input_ids)
             if device.type == "cuda":
-                peak_gb[name] = max(peak_gb.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
+                peak_gb[name] = max(peak_gb.get(name, 0.0), (torch.cuda.max_memory_allocated(device) - others) / 2**30)
             if round_idx > 0:  # round 0 is warm-up (and Triton's autotuning)
                 times[name].append(seconds)
             print(f"round {round_idx} {name:8s} {seconds:.3f} s", flush=True)
