@@ -61,7 +61,7 @@ from ..distill.step import combine_loss_parts
 from ..fileio import atomic_dir
 from ..metrics import current_rss_bytes
 from ..eval.perplexity import PAD
-from .distributed import barrier, gather_objects
+from .distributed import all_true, barrier, gather_objects, on_main
 from .host_memory import return_free_memory
 from .models import block_numel, set_trainable
 from .zero3 import param_groups, read_ds_config, resolve_ds_config, size_zero_buffers
@@ -709,6 +709,7 @@ class PipelineModels:
             shutil.rmtree(shards, ignore_errors=True)
             shards.mkdir(parents=True)
         barrier()
+        written: OSError | None = None
         if self.data_parallel_rank == 0:
             student = stage.student_model
             head = next(f"{n}.weight" for n, m in student.named_modules() if m is student.get_output_embeddings())
@@ -717,30 +718,42 @@ class PipelineModels:
                 for name, t in stage.named_student_tensors()
                 if not (student.config.tie_word_embeddings and name == head)  # a tied head is the embedding
             }
-            save_file(tensors, str(shards / f"model-{stage.index + 1:05d}-of-{engine.num_stages:05d}.safetensors"), metadata={"format": "pt"})
-        barrier()
-        if is_main:
-            with atomic_dir(target, replace=True) as tmp:
-                weight_map, total = {}, 0
-                for shard in sorted(shards.glob("*.safetensors")):
-                    os.replace(shard, tmp / shard.name)
-                    weight_map.update(dict.fromkeys(SafetensorsReader([tmp / shard.name]).keys(), shard.name))
-                    total += (tmp / shard.name).stat().st_size
-                shards_written = len(list(tmp.glob("*.safetensors")))
-                if shards_written != engine.num_stages:  # every stage's shard, or no export (a folder every rank shares)
-                    raise RuntimeError(
-                        f"the export found {shards_written} of {engine.num_stages} stage shards in {shards}: output.run_dir must be on storage every node shares"
-                    )
-                (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-                config = stage.student_model.config
-                config.architectures = [type(stage.student_model).__name__]  # as save_pretrained writes it in ZeRO-3 mode
-                config.save_pretrained(tmp)
-                if stage.student_model.can_generate():
-                    stage.student_model.generation_config.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-            shutil.rmtree(shards, ignore_errors=True)
-        barrier()
+            try:
+                save_file(tensors, str(shards / f"model-{stage.index + 1:05d}-of-{engine.num_stages:05d}.safetensors"), metadata={"format": "pt"})
+            except OSError as err:  # e.g. another node, where rank 0's shard folder does not exist
+                written = err
+        # NOTE: a stage that could not write fails every rank, not itself alone (the others would
+        # wait for it in the next collective until the process group's timeout).
+        if not all_true(written is None, engine.device):
+            raise RuntimeError(
+                f"a stage could not write its shard of the export into {shards}"
+                + (f" ({written})" if written else "") + ": output.run_dir must be on storage every node shares"
+            )
+        on_main(lambda: self._assemble(target, shards, tokenizer))
         return target
+
+    def _assemble(self, target: Path, shards: Path, tokenizer) -> None:
+        """Rank 0: the stages' shards, an index, the config and the tokenizer into ``target``."""
+        engine, stage = self.student_engine, self.stage
+        with atomic_dir(target, replace=True) as tmp:
+            weight_map, total = {}, 0
+            for shard in sorted(shards.glob("*.safetensors")):
+                os.replace(shard, tmp / shard.name)
+                weight_map.update(dict.fromkeys(SafetensorsReader([tmp / shard.name]).keys(), shard.name))
+                total += (tmp / shard.name).stat().st_size
+            shards_written = len(list(tmp.glob("*.safetensors")))
+            if shards_written != engine.num_stages:  # every stage's shard, or no export (a folder every rank shares)
+                raise RuntimeError(
+                    f"the export found {shards_written} of {engine.num_stages} stage shards in {shards}: output.run_dir must be on storage every node shares"
+                )
+            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            config = stage.student_model.config
+            config.architectures = [type(stage.student_model).__name__]  # as save_pretrained writes it in ZeRO-3 mode
+            config.save_pretrained(tmp)
+            if stage.student_model.can_generate():
+                stage.student_model.generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        shutil.rmtree(shards, ignore_errors=True)
 
 
 class PipelineGuide:
