@@ -406,6 +406,7 @@ def load_run_config(recipe: str | Path | None = None, overrides: list[str] | Non
 LEGACY_DEFAULTS: dict[str, object] = {
     "student.conversion.attention_every": 0,  # before it, a causal LM converted every layer
     "debug.nan_ranks": [],  # before it, debug.nan_at_micro_steps poisoned every rank
+    "phases[].lr_schedule": "own",  # before it, every phase had its own schedule ("[]": each list item)
 }
 
 # Keys renamed since run folders were first written: old dotted key -> (new key, {old value: new value}).
@@ -427,6 +428,18 @@ def _parent(config: dict, key: str) -> tuple[dict | None, str]:
     return (node if isinstance(node, dict) else None), leaf
 
 
+def _nodes(config: dict, key: str) -> list[tuple[dict, str]]:
+    """Every mapping that holds dotted ``key`` in ``config``, and the leaf name; ``a[].b`` is ``b``
+    in each mapping of the list ``a``."""
+    if "[]." not in key:
+        node, leaf = _parent(config, key)
+        return [(node, leaf)] if node is not None else []
+    head, rest = key.split("[].", 1)
+    items, name = _parent(config, head)
+    found = items.get(name) if items is not None else None
+    return [pair for item in (found if isinstance(found, list) else []) if isinstance(item, dict) for pair in _nodes(item, rest)]
+
+
 def with_legacy_defaults(saved: dict) -> dict:
     """``saved`` (a run's config.json) with each ``RENAMED_KEYS`` key under its new name and every
     key of ``LEGACY_DEFAULTS`` it lacks filled in."""
@@ -439,8 +452,7 @@ def with_legacy_defaults(saved: dict) -> dict:
             if new_node is not None:
                 new_node.setdefault(new_leaf, values.get(value, value))
     for key, value in LEGACY_DEFAULTS.items():
-        node, leaf = _parent(out, key)
-        if node is not None:
+        for node, leaf in _nodes(out, key):
             node.setdefault(leaf, value)
     return out
 
@@ -450,9 +462,9 @@ def without_legacy_defaults(config: dict) -> dict:
     config as written before those keys existed (so a digest of it matches one taken then)."""
     out = copy.deepcopy(config)
     for key, value in LEGACY_DEFAULTS.items():
-        node, leaf = _parent(out, key)
-        if node is not None and leaf in node and node[leaf] == value:
-            del node[leaf]
+        for node, leaf in _nodes(out, key):
+            if leaf in node and node[leaf] == value:
+                del node[leaf]
     return out
 
 

@@ -119,7 +119,8 @@ def _outside_zero_init():
     except ImportError:  # no DeepSpeed, no zero.Init
         yield
         return
-    active = partition_parameters.top_level_context is not None
+    context = partition_parameters.top_level_context
+    active = context is not None and getattr(context, "patched", False)  # a context its owner switched off stays off
     if active:
         partition_parameters.shutdown_init_context()
     try:
@@ -187,18 +188,12 @@ def _check_geometry(layout: ProjectionLayout, slot: nn.Module, config: Pretraine
         raise _Refusal(f"the projections of {path} do not split by the config's heads ({heads} query, {kv_heads} kv, head_dim {head_dim}): {err}") from None
     expected = {"q": (heads * head_dim, hidden), "k": (kv_heads * head_dim, hidden), "v": (kv_heads * head_dim, hidden), "o": (hidden, heads * head_dim)}
     wrong = [
-        f"{name} {_shape(tensor)} != {shape}"
+        f"{name} {tuple(tensor.shape)} != {shape}"
         for name, shape in expected.items()
-        if (tensor := getattr(attn, name)) is not None and _shape(tensor) != shape
+        if (tensor := getattr(attn, name)) is not None and tuple(tensor.shape) != shape
     ]
     if wrong:
         raise _Refusal(f"the projections of {path} do not match the config's heads ({heads} query, {kv_heads} kv, head_dim {head_dim}): {', '.join(wrong)}")
-
-
-def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
-    # A ZeRO-3 partitioned parameter (transformers builds under zero.Init when its DeepSpeed
-    # integration is on) keeps its full shape as ds_shape.
-    return tuple(getattr(tensor, "ds_shape", tensor.shape))
 
 
 def _after_and_before(base: nn.Module, layers_attr: str) -> tuple[list[str], list[str]]:

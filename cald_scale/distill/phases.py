@@ -183,6 +183,8 @@ class Phase:
 
     def describe(self) -> str:
         extra = f", {len(self.waypoints)} waypoints" if self.waypoints else ""
+        if 0 <= self.schedule_start < self.start:
+            extra += f", LR schedule continued from step {self.schedule_start + 1}"
         return (
             f"phase {self.index} {self.name!r}: steps {self.start + 1}-{self.end}, guidance {self.guidance}{extra}, "
             f"{self.mode}, trains {self.trainable}, lr {self.lr:g}"
@@ -317,28 +319,35 @@ def plan_phases(phases: list[PhaseConfig], train, loss: LossConfig, *, tokens_pe
             )
         )
         start += steps
-    return PhasePlan(tuple(_shared_schedules(resolved, phases)))
+    return PhasePlan(tuple(_shared_schedules(resolved, phases, train.warmup_steps)))
 
 
-def _shared_schedules(resolved: list[Phase], specs: Sequence[PhaseConfig]) -> list[Phase]:
+def _shared_schedules(resolved: list[Phase], specs: Sequence[PhaseConfig], default_warmup: int) -> list[Phase]:
     """Phases with ``lr_schedule: continue`` share the schedule of the phase before them: one
-    span, with the first phase's warmup."""
+    span, one warmup (the first phase's, clamped to half the span) and one peak LR."""
     if specs and specs[0].lr_schedule == "continue":
         raise ValueError(f"phase {specs[0].name!r}: lr_schedule continue needs a phase before it")
-    out, group = [], []
+    out, group, warmup = [], [], 0
     for phase, spec in zip(resolved, specs):
-        if spec.lr_schedule != "continue" and group:
-            out += _one_schedule(group)
-            group = []
+        if spec.lr_schedule == "continue":
+            if phase.lr != group[0].lr:
+                raise ValueError(
+                    f"phase {spec.name!r}: lr_schedule continue goes on with phase {group[0].name!r}'s schedule, peak LR "
+                    f"{group[0].lr:g}, and this phase sets {phase.lr:g}; drop its lr, or give it its own schedule"
+                )
+        else:
+            out += _one_schedule(group, warmup)
+            group, warmup = [], default_warmup if spec.warmup_steps is None else spec.warmup_steps
         group.append(phase)
-    return out + _one_schedule(group)
+    return out + _one_schedule(group, warmup)
 
 
-def _one_schedule(group: list[Phase]) -> list[Phase]:
-    if len(group) == 1:
+def _one_schedule(group: list[Phase], warmup: int) -> list[Phase]:
+    if len(group) < 2:
         return group
     first, last = group[0], group[-1]
-    return [dataclasses.replace(p, schedule_start=first.start, schedule_end=last.end, warmup_steps=first.warmup_steps) for p in group]
+    shared = dict(schedule_start=first.start, schedule_end=last.end, warmup_steps=min(warmup, (last.end - first.start) // 2))
+    return [dataclasses.replace(p, **shared) for p in group]
 
 
 def set_phase_lr(engine, phase: Phase, step: int) -> None:

@@ -79,6 +79,10 @@ def test_a_continued_phase_goes_on_with_the_schedule_before_it():
     assert by_step(own)[4] < by_step(own)[3]  # its own schedule: a warmup from the bottom again at the switch
     assert by_step(cont)[4] < by_step(cont)[3] and by_step(cont)[4] > 0.7
     assert cont[1].loss.a_layer == 0.0  # the switch itself still drops the teacher's losses
+    assert "LR schedule continued from step 1" in cont[1].describe()
+    # The warmup is clamped to half the shared span, not to half the first phase.
+    long = _plan("[{name: a, steps: 4, warmup_steps: 10}, {name: b, steps: 96, guidance: none, lr_schedule: continue}]", "train.max_steps=null").phases
+    assert [p.warmup_steps for p in long] == [10, 10]
 
 
 @pytest.mark.parametrize(
@@ -86,6 +90,7 @@ def test_a_continued_phase_goes_on_with_the_schedule_before_it():
     [
         ("[{name: a, lr_schedule: continue}]", "lr_schedule continue needs a phase before it"),
         ("[{name: a, steps: 2}, {name: b, lr_schedule: continue, warmup_steps: 1}]", "drop warmup_steps"),
+        ("[{name: a, steps: 2}, {name: b, lr_schedule: continue, lr: 0.5}]", "peak LR 0.001, and this phase sets 0.5"),
     ],
 )
 def test_a_continued_schedule_is_refused_where_it_cannot_apply(phases, message):
