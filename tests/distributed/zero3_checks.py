@@ -36,7 +36,7 @@ import torch
 
 from cald_scale.config import load_run_config
 from cald_scale.conversion.teacher import build_teacher, open_teacher
-from cald_scale.engines.distributed import init_distributed
+from cald_scale.engines.distributed import barrier, init_distributed
 from cald_scale.engines.models import build_models
 from cald_scale.engines.zero3 import begin_step, load_ds_config, resolve_ds_config
 
@@ -545,10 +545,15 @@ def check_padded_layer_weight(args) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from tiny_models import save_tiny_encoder
 
-    # Padded batches are the classification task's: a tiny BERT (one folder per rank, the same weights).
-    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-    tokenizer.pad_token = "<eos>"
-    encoder = save_tiny_encoder(Path(args.out) / f"encoder_rank{int(os.environ.get('RANK', '0'))}", "bert", tokenizer)
+    # Padded batches are the classification task's: a tiny BERT, written by rank 0 (transformers'
+    # save_pretrained may write on the main process alone once a process group is up).
+    env = init_distributed()
+    encoder = Path(args.out) / "encoder"
+    if env.is_main:
+        tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+        tokenizer.pad_token = "<eos>"
+        save_tiny_encoder(encoder, "bert", tokenizer)
+    barrier()
     env, cfg, ds_config, _ = _setup(str(encoder), ["task.kind=classification", "loss.a_ce=0", "loss.a_kl=0", "student.conversion.mixer=bimamba2"])
     source = classifier_teacher(open_teacher(cfg.teacher)[0], ["a", "b", "c"], pooling=cfg.task.pooling, seed=cfg.train.seed)
     ids = _batch(source.config.vocab_size, env, seqlen=16)
