@@ -121,8 +121,6 @@ class PhaseConfig:
             raise ValueError(f"phase {self.name!r}: copied_lr_scale must be >= 0 (0 freezes the copied weights), got {self.copied_lr_scale}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"phase {self.name!r}: warmup_steps must be >= 0")
-        if self.lr_schedule not in ("own", "continue"):
-            raise ValueError(f"phase {self.name!r}: lr_schedule must be 'own' or 'continue', got {self.lr_schedule!r}")
         if self.lr_schedule == "continue" and self.warmup_steps is not None:
             raise ValueError(f"phase {self.name!r}: lr_schedule continue goes on with the previous phase's schedule, which did the warmup; drop warmup_steps")
 
@@ -149,10 +147,10 @@ class Phase:
     warmup_steps: int
     min_lr_ratio: float
     loss: LossConfig
-    schedule_start: int = -1
-    schedule_end: int = -1
+    schedule_start: int
+    schedule_end: int
     """The steps [schedule_start, schedule_end) its LR schedule spans: the phase's own, or with
-    ``lr_schedule: continue`` those of the phases it shares one schedule with (-1: its own)."""
+    ``lr_schedule: continue`` those of the phases it shares one schedule with."""
 
     @property
     def steps(self) -> int:
@@ -165,12 +163,10 @@ class Phase:
     def lr_factor(self, step: int) -> float:
         """LR multiplier at global ``step`` (0-based, inside the phase): linear warmup, then cosine
         to min_lr_ratio, over the steps its schedule spans."""
-        first = self.start if self.schedule_start < 0 else self.schedule_start
-        span = (self.end if self.schedule_end < 0 else self.schedule_end) - first
-        local = step - first
+        local = step - self.schedule_start
         if local < self.warmup_steps:
             return (local + 1) / (self.warmup_steps + 1)
-        decay_steps = max(1, span - self.warmup_steps)
+        decay_steps = max(1, self.schedule_end - self.schedule_start - self.warmup_steps)
         progress = min(1.0, (local - self.warmup_steps) / decay_steps)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -183,7 +179,7 @@ class Phase:
 
     def describe(self) -> str:
         extra = f", {len(self.waypoints)} waypoints" if self.waypoints else ""
-        if 0 <= self.schedule_start < self.start:
+        if self.schedule_start < self.start:
             extra += f", LR schedule continued from step {self.schedule_start + 1}"
         return (
             f"phase {self.index} {self.name!r}: steps {self.start + 1}-{self.end}, guidance {self.guidance}{extra}, "
@@ -275,7 +271,7 @@ def plan_phases(phases: list[PhaseConfig], train, loss: LossConfig, *, tokens_pe
             "leave one phase's length unset to take the rest, or set train.max_steps=null"
         )
 
-    resolved, start = [], 0
+    resolved, warmups, start = [], [], 0
     for i, p in enumerate(phases):
         steps = fixed.get(i, remainder)
         if p.waypoints and steps < len(p.waypoints):
@@ -284,6 +280,7 @@ def plan_phases(phases: list[PhaseConfig], train, loss: LossConfig, *, tokens_pe
         if trainable == "all" and student_trainable != "all":
             raise ValueError(f"phase {p.name!r} trains all weights but student.trainable={student_trainable}")
         warmup = train.warmup_steps if p.warmup_steps is None else p.warmup_steps
+        warmups.append(warmup)
         weights: dict = {k: getattr(p, k) for k in ("a_ce", "a_layer", "a_kl") if getattr(p, k) is not None}
         if p.guidance == "none":
             weights.update(a_layer=0.0, a_kl=0.0)  # no teacher: the task loss alone
@@ -316,19 +313,21 @@ def plan_phases(phases: list[PhaseConfig], train, loss: LossConfig, *, tokens_pe
                 warmup_steps=min(warmup, steps // 2),
                 min_lr_ratio=train.min_lr_ratio,
                 loss=phase_loss,
+                schedule_start=start,
+                schedule_end=start + steps,
             )
         )
         start += steps
-    return PhasePlan(tuple(_shared_schedules(resolved, phases, train.warmup_steps)))
+    return PhasePlan(tuple(_shared_schedules(resolved, phases, warmups)))
 
 
-def _shared_schedules(resolved: list[Phase], specs: Sequence[PhaseConfig], default_warmup: int) -> list[Phase]:
+def _shared_schedules(resolved: list[Phase], specs: Sequence[PhaseConfig], warmups: list[int]) -> list[Phase]:
     """Phases with ``lr_schedule: continue`` share the schedule of the phase before them: one
-    span, one warmup (the first phase's, clamped to half the span) and one peak LR."""
+    span, one warmup (the first phase's as asked, ``warmups``, clamped to half the span) and one peak LR."""
     if specs and specs[0].lr_schedule == "continue":
         raise ValueError(f"phase {specs[0].name!r}: lr_schedule continue needs a phase before it")
     out, group, warmup = [], [], 0
-    for phase, spec in zip(resolved, specs):
+    for phase, spec, asked in zip(resolved, specs, warmups):
         if spec.lr_schedule == "continue":
             if phase.lr != group[0].lr:
                 raise ValueError(
@@ -337,7 +336,7 @@ def _shared_schedules(resolved: list[Phase], specs: Sequence[PhaseConfig], defau
                 )
         else:
             out += _one_schedule(group, warmup)
-            group, warmup = [], default_warmup if spec.warmup_steps is None else spec.warmup_steps
+            group, warmup = [], asked
         group.append(phase)
     return out + _one_schedule(group, warmup)
 
