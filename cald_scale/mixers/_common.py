@@ -61,8 +61,9 @@ class SequenceMixer(nn.Module):
         self._require_causal("prefill")
         return self._mix(hidden_states, attention_mask, return_state=True)
 
-    def step(self, hidden_states: torch.Tensor, state):
-        """One decoding step from ``state`` (causal mixers implement it)."""
+    def step(self, hidden_states: torch.Tensor, state, *, inplace: bool = False):
+        """One decoding step from ``state`` (causal mixers implement it); ``inplace`` updates
+        the state's tensors where they are and returns ``state``."""
         self._require_causal("step")
         raise NotImplementedError
 

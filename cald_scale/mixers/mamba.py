@@ -180,8 +180,11 @@ class MambaMixer(SequenceMixer):
             ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=dtype),
         )
 
-    def step(self, hidden_states: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
-        """One decoding step: (b, 1, hidden) or (b, hidden) -> same shape, and the new state."""
+    def step(
+        self, hidden_states: torch.Tensor, state: MambaState, *, inplace: bool = False
+    ) -> tuple[torch.Tensor, MambaState]:
+        """One decoding step: (b, 1, hidden) or (b, hidden) -> same shape, and the new state
+        (``state`` itself, its tensors updated in place, if ``inplace``)."""
         squeeze = hidden_states.dim() == 3
         if squeeze and hidden_states.shape[1] != 1:
             raise ValueError(f"step takes one token, got sequence length {hidden_states.shape[1]}")
@@ -189,7 +192,9 @@ class MambaMixer(SequenceMixer):
         ops = _ops(self.kernel(h_t.device))
 
         x, z = self.in_proj(h_t).chunk(2, dim=-1)
-        x, conv_state = ops.conv_update(x, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+        x, conv_state = ops.conv_update(
+            x, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", inplace=inplace
+        )
         dt, B, C = self._ssm_params(x)
         y, ssm_state = ops.step(
             state.ssm_state,
@@ -202,6 +207,7 @@ class MambaMixer(SequenceMixer):
             z_t=z,
             dt_bias=self.dt_proj.bias.float(),
             dt_softplus=True,
+            inplace=inplace,
         )
         out = self.out_proj(y.to(h_t.dtype))
-        return (out.unsqueeze(1) if squeeze else out), MambaState(conv_state, ssm_state)
+        return (out.unsqueeze(1) if squeeze else out), (state if inplace else MambaState(conv_state, ssm_state))

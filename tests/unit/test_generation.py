@@ -91,7 +91,7 @@ def test_decoding_runs_one_token_per_mixer_call_and_state_is_constant():
     prefills, steps = [], []
     orig_prefill, orig_step = mixer_layer.prefill, mixer_layer.step
     mixer_layer.prefill = lambda h, *a: (prefills.append(h.shape[1]), orig_prefill(h, *a))[1]
-    mixer_layer.step = lambda h, *a: (steps.append(h.shape[1]), orig_step(h, *a))[1]
+    mixer_layer.step = lambda h, *a, **kw: (steps.append(h.shape[1]), orig_step(h, *a, **kw))[1]
     student.generate(torch.randint(3, 256, (1, 11)), use_cache=True, **GREEDY)
     # The prompt goes through the mixer once (prefill); every later token is one step.
     assert prefills == [11] and steps == [1] * (GREEDY["max_new_tokens"] - 1)

