@@ -98,11 +98,12 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and (y.requires_grad or z.requires_grad or self.weight.requires_grad)):
-            # NOTE: nothing to save for backward (inference, a decode step): the same math
-            # without the autograd Function's bookkeeping, a tenth of a decode step's norm.
-            return _gated_rms_norm(y, z, self.weight, self.group_size, self.eps)[0]
+        recording = torch.is_grad_enabled() and (y.requires_grad or z.requires_grad or self.weight.requires_grad)
         with scan_threads(y, z, self.weight):
+            if not recording:
+                # NOTE: nothing to save for backward (inference, a decode step): the same math
+                # without the autograd Function's bookkeeping, a tenth of a decode step's norm.
+                return _gated_rms_norm(y, z, self.weight, self.group_size, self.eps)[0]
             return _GatedRMSNormFn.apply(y, z, self.weight, self.group_size, self.eps)
 
 

@@ -228,27 +228,32 @@ def test_causal_conv1d_update_matches_full():
     assert torch.equal(state, x[..., -4:])
 
 
-def _step_cases(dtype):
-    """(name, step(state, inplace) -> (y, new state), initial state) for the three one-token ops."""
+def _step_cases(state_dtype, x_dtype, width=4):
+    """(name, step(state, inplace) -> (y, new state), initial state) for the three one-token ops;
+    inputs in ``x_dtype``, the state in ``state_dtype`` (a bf16 model keeps an fp32 SSM state)."""
     s = {k: v[:, 0] if k in ("x", "dt", "B", "C") else v for k, v in ssd_inputs(seqlen=1, groups=2).items()}
     scan = {k: v[..., 0] if k in ("u", "delta", "B", "C", "z") else v for k, v in scan_inputs(seqlen=1).items()}
+    s, scan = ({k: v.to(x_dtype) for k, v in d.items()} for d in (s, scan))
     gen = torch.Generator().manual_seed(1)
-    x_t, weight, bias = torch.randn(2, 5, generator=gen), torch.randn(5, 4, generator=gen), torch.randn(5, generator=gen)
+    x_t, weight, bias = (torch.randn(*shape, generator=gen).to(x_dtype) for shape in ((2, 5), (5, width), (5,)))
     return [
         ("ssd_step", lambda st, ip: ssd_step(s["x"], s["dt"], s["A"], s["B"], s["C"], s["D"], st, inplace=ip),
-         s["initial_state"].to(dtype)),
+         s["initial_state"].to(state_dtype)),
         ("selective_state_update", lambda st, ip: selective_state_update(
             st, scan["u"], scan["delta"], scan["A"], scan["B"], scan["C"], scan["D"], z_t=scan["z"],
-            dt_bias=scan["delta_bias"], dt_softplus=True, inplace=ip), torch.randn(2, 6, 4, generator=gen).to(dtype)),
+            dt_bias=scan["delta_bias"], dt_softplus=True, inplace=ip), torch.randn(2, 6, 4, generator=gen).to(state_dtype)),
         ("causal_conv1d_update", lambda st, ip: causal_conv1d_update(x_t, st, weight, bias, "silu", inplace=ip),
-         torch.randn(2, 5, 4, generator=gen).to(dtype)),
+         torch.randn(2, 5, width, generator=gen).to(state_dtype)),
     ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(
+    "state_dtype,x_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16), (torch.float64, torch.float64)],
+)
 @pytest.mark.parametrize("case", range(3))
-def test_steps_in_place_update_the_given_state_and_equal_the_copying_step(case, dtype):
-    name, step, state = _step_cases(dtype)[case]
+def test_steps_in_place_update_the_given_state_and_equal_the_copying_step(case, state_dtype, x_dtype):
+    name, step, state = _step_cases(state_dtype, x_dtype)[case]
     y_copy, new_copy = step(state.clone(), False)
     given = state.clone()
     y, new = step(given, True)
@@ -259,6 +264,28 @@ def test_steps_in_place_update_the_given_state_and_equal_the_copying_step(case, 
     wide = torch.cat([state, state], dim=-1)[..., : state.shape[-1]]
     y, new = step(wide, True)
     assert new is wide and torch.equal(y, y_copy) and torch.equal(wide, new_copy), f"{name}: strided state"
+
+
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_conv_step_in_place_at_every_width(width):
+    _, step, state = _step_cases(torch.float32, torch.float32, width)[2]
+    y_copy, new_copy = step(state.clone(), False)
+    y, new = step(state, True)
+    assert new is state and torch.equal(y, y_copy) and torch.equal(state, new_copy)
+
+
+def test_a_bad_step_leaves_the_state_as_it_was():
+    state = torch.arange(24.0).view(2, 3, 4)
+    with pytest.raises(ValueError, match="x_t"):  # a batch of 4 against a state of 2
+        causal_conv1d_update(torch.randn(4, 3), state, torch.randn(3, 4), None, "silu", inplace=True)
+    with pytest.raises(ValueError, match="x_t"):  # one row would broadcast over the batch
+        causal_conv1d_update(torch.randn(1, 3), state, torch.randn(3, 4), None, "silu", inplace=True)
+    assert torch.equal(state, torch.arange(24.0).view(2, 3, 4))
+    s = {k: v[:, 0] if k in ("x", "dt", "B", "C") else v for k, v in ssd_inputs(seqlen=1).items()}
+    ssm = s["initial_state"].clone()
+    with pytest.raises(ValueError, match="ssd_step"):  # B and C of another batch
+        ssd_step(s["x"], s["dt"], s["A"], s["B"][:1], s["C"][:1], s["D"], ssm, inplace=True)
+    assert torch.equal(ssm, s["initial_state"])
 
 
 def test_causal_conv1d_rejects_unknown_activation():
@@ -343,15 +370,28 @@ def test_cuda_kernels_match_chunked():
     args = (s["x"], s["dt"], s["A"], s["B"], s["C"], s["D"], s["initial_state"])
     for a, b in zip(_cuda.ssd_step(*args), ssd_step(*args)):
         assert_close(a, b, rtol=1e-3)
-    # In place (how a cache decodes): the kernels write the state they are given.
-    for step, state in ((lambda st, ip: _cuda.ssd_step(*args[:-1], st, inplace=ip), args[-1]),
-                        (lambda st, ip: _cuda.causal_conv1d_update(x[..., 0], st, weight, bias, "silu", inplace=ip), state)):
+    # In place (how a cache decodes): the kernels write the state they are given, also a bf16
+    # model's (bf16 inputs with an fp32 SSM state, a bf16 conv state) and Mamba-1's.
+    scan = {k: v[..., 0] if k in ("u", "delta", "B", "C", "z") else v for k, v in scan_inputs(dim=64, seqlen=1).items()}
+    scan = {k: v.to(dev) for k, v in scan.items()}
+    bf = torch.bfloat16
+    cases = [
+        (lambda st, ip: _cuda.ssd_step(*args[:-1], st, inplace=ip), args[-1]),
+        (lambda st, ip: _cuda.ssd_step(*(a.to(bf) for a in args[:-1]), st, inplace=ip), args[-1]),
+        (lambda st, ip: _cuda.causal_conv1d_update(x[..., 0], st, weight, bias, "silu", inplace=ip), state),
+        (lambda st, ip: _cuda.causal_conv1d_update(x[..., 0].to(bf), st, weight.to(bf), bias.to(bf), "silu", inplace=ip), state.to(bf)),
+        (lambda st, ip: _cuda.causal_conv1d_update(x[..., 0].to(bf), st, weight.to(bf), bias.to(bf), "silu", inplace=ip), state),
+        (lambda st, ip: _cuda.selective_state_update(
+            st, scan["u"], scan["delta"], scan["A"], scan["B"], scan["C"], scan["D"], z_t=scan["z"],
+            dt_bias=scan["delta_bias"], dt_softplus=True, inplace=ip), torch.randn(2, 64, 16, device=dev)),
+    ]
+    for i, (step, state) in enumerate(cases):
         y_copy, new_copy = step(state.clone(), False)
         given = state.clone()
         y, new = step(given, True)
-        assert new is given
-        assert_close(y, y_copy, rtol=1e-6)
-        assert_close(new, new_copy, rtol=1e-6)
+        assert new is given, f"in-place case {i}"
+        assert_close(y.float(), y_copy.float(), rtol=1e-6, name=f"in-place case {i}: y")
+        assert_close(new.float(), new_copy.float(), rtol=1e-6, name=f"in-place case {i}: state")
 
 
 @pytest.mark.parametrize("conv_kernel", [True, False])

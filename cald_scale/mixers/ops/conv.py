@@ -155,6 +155,12 @@ def causal_conv1d_update(
         (``conv_state`` itself if ``inplace``).
     """
     silu = _check_activation(activation)
+    if x_t.shape != conv_state.shape[:2] or weight.shape != (conv_state.shape[1], conv_state.shape[2]):
+        # NOTE: checked before the state is shifted: a bad call must leave a cache's state as it was.
+        raise ValueError(
+            f"causal_conv1d_update: x_t {tuple(x_t.shape)} must be (b, d) and weight {tuple(weight.shape)} (d, w) "
+            f"for a conv_state of (b, d, w) = {tuple(conv_state.shape)}"
+        )
     if inplace and conv_state.is_contiguous():
         # Shifted as one contiguous copy of the flattened state (each row's last slot then holds
         # the next row's first input), then the new inputs written over the last column: about

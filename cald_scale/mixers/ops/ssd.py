@@ -397,6 +397,20 @@ def ssd_step(
     """
     batch, heads, head_dim = x_t.shape
     groups, d_state = B_t.shape[1:]
+    # NOTE: checked before anything is written: a bad call must leave a cache's state as it was.
+    if (
+        state.shape != (batch, heads, head_dim, d_state)
+        or dt_t.shape != (batch, heads)
+        or A.shape != (heads,)
+        or B_t.shape != C_t.shape
+        or B_t.shape[0] != batch
+        or heads % groups
+    ):
+        raise ValueError(
+            f"ssd_step: x_t {tuple(x_t.shape)} (b, h, p) needs dt_t (b, h), A (h,), B_t and C_t (b, g, n) with g dividing "
+            f"h, and state (b, h, p, n); got dt_t {tuple(dt_t.shape)}, A {tuple(A.shape)}, B_t {tuple(B_t.shape)}, "
+            f"C_t {tuple(C_t.shape)}, state {tuple(state.shape)}"
+        )
     f32 = _compute_dtype(x_t)
     xf, dtf = x_t.to(f32), dt_t.to(f32)
     # (b, g, n) -> (b, h, n): a view when every head has its own group (as converted students do).
