@@ -9,8 +9,9 @@ For each context length (512, 2k, 8k, 32k by default):
 - decode: new tokens/s from a cache already holding that context, at batch 1 and a larger
   batch. The cache's contents are random: a decode step's cost depends only on its sizes,
   and building a 32k KV cache for 8 sequences by prefill would cost the teacher an hour here.
-  The teacher's KV cache is preallocated and written in place (a StaticCache; --teacher_cache
-  dynamic gives transformers' default, which copies the whole cache at every step);
+  The KV caches (the teacher's, and a hybrid student's kept layers') are preallocated and
+  written in place (static cache layers; --teacher_cache dynamic gives transformers' default,
+  which copies the whole cache at every step);
 - memory per sequence: the teacher's KV cache against the student's recurrent state, as a
   real batch-1 prefill leaves them.
 A configuration that would not fit in memory is recorded as "out of memory" (with the
@@ -125,10 +126,11 @@ def teacher_cache(teacher, batch: int, context: int, *, room: int, kind: str = "
     return cache
 
 
-def student_cache(student, batch: int, context: int, teacher_config=None):
+def student_cache(student, batch: int, context: int, teacher_config=None, *, room: int = 0, kind: str = "static"):
     """The student's cache after ``context`` positions (random conv and SSM states; a hybrid's
-    kept attention layers, shaped as the teacher's ``teacher_config``, hold random keys and values)."""
-    cache = student.new_cache()
+    kept attention layers, shaped as the teacher's ``teacher_config``, hold random keys and values,
+    preallocated with ``room`` positions to spare as the teacher's are, or growing for "dynamic")."""
+    cache = student.new_cache(context + room if kind == "static" and student.config.attention_layers else None)
     p = next(student.parameters())
     if student.config.attention_layers:
         _fill_kv(cache, teacher_config, student.config.attention_layers, batch, context, p)
@@ -456,8 +458,8 @@ def main() -> None:
     parser.add_argument("--prefill_repeats", type=int, default=1)
     parser.add_argument(
         "--teacher_cache", choices=["static", "dynamic"], default="static",
-        help="the teacher's KV cache while decoding: preallocated and written in place (static, the fair one), or transformers' "
-        "default DynamicCache, which copies the whole cache at every step",
+        help="the KV caches while decoding (the teacher's, and a hybrid student's kept layers'): preallocated and written in "
+        "place (static, the fair one), or transformers' default DynamicCache, which copies the whole cache at every step",
     )
     parser.add_argument("--out", default=None)
     parser.add_argument(
@@ -495,9 +497,10 @@ def main() -> None:
         # here): the load says how quiet the host was.
         "load_average_1_5_15min_before": os.getloadavg(),
     }
+    room = max(args.decode_steps, BEST_BATCH_STEPS) + 1  # positions a KV cache keeps free for the timed steps
     models = {
-        "teacher": (teacher, lambda b, c: teacher_cache(teacher, b, c, room=max(args.decode_steps, BEST_BATCH_STEPS) + 1, kind=args.teacher_cache), kv_per_seq),
-        "student": (student, lambda b, c: student_cache(student, b, c, teacher.config), state_per_seq),
+        "teacher": (teacher, lambda b, c: teacher_cache(teacher, b, c, room=room, kind=args.teacher_cache), kv_per_seq),
+        "student": (student, lambda b, c: student_cache(student, b, c, teacher.config, room=room, kind=args.teacher_cache), state_per_seq),
     }
     for name in models:
         result[name] = {"prefill_s": {}, "decode_tok_s": {str(b): {} for b in batches}, "state_bytes_per_seq": {}, "oom": []}

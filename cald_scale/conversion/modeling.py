@@ -358,22 +358,33 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
         return (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
 
     # --- generation ----------------------------------------------------------------------
-    def new_cache(self) -> StudentCache:
-        """An empty cache for this layout: conv + SSM state per mixer, KV per kept attention."""
-        return StudentCache(self.config.layer_types)
+    def new_cache(self, max_cache_len: int | None = None) -> StudentCache:
+        """An empty cache for this layout: conv + SSM state per mixer, KV per kept attention
+        (preallocated for ``max_cache_len`` positions and written in place when given)."""
+        return StudentCache(self.config.layer_types, max_cache_len)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # NOTE: generate() would build a DynamicCache from the config; the student's layout is
         # mixers (and maybe kept attention), so it gets its own cache.
         if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
-            if generation_config.cache_implementation not in (None, "dynamic"):
+            implementation = generation_config.cache_implementation
+            if implementation not in (None, "dynamic", "static"):
                 raise ValueError(
-                    f"cache_implementation={generation_config.cache_implementation!r} is not supported by the "
-                    "student: its mixers keep a constant-size recurrent state"
+                    f"cache_implementation={implementation!r} is not supported by the student: its mixers keep a "
+                    "constant-size recurrent state; a hybrid's kept attention takes 'dynamic' (the default) or 'static'"
                 )
-            model_kwargs["cache"] = self.new_cache()
+            # "static": a hybrid's kept attention preallocates its KV for the whole generation and
+            # writes it in place (the default concatenates: a copy of the layer's cache per token).
+            static = implementation == "static" and "full_attention" in self.config.layer_types
+            model_kwargs["cache"] = self.new_cache(generation_config.max_length if static else None)
             return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        # NOTE: generate() turns the 2-D padding mask into per-layer 4-D masks ahead of time when
+        # the cache is preallocated (a hybrid's static KV); the mixers read padding from the 2-D
+        # mask, so it is kept, and the backbone builds its attention mask from it each forward.
+        return attention_mask
 
     def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
         # NOTE: generate() on a GPU compiles the forward of any model whose cache is compileable,

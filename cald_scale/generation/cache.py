@@ -1,7 +1,10 @@
 """``StudentCache``: what a converted student carries from one token to the next.
 
 A mixer layer keeps a convolution state and an SSM state whose size does not depend on the
-context length; a layer that kept the teacher's attention (a hybrid) keeps its KV cache.
+context length; a layer that kept the teacher's attention (a hybrid) keeps its KV cache:
+grown by concatenation (transformers' ``DynamicLayer``, which copies the layer's whole keys
+and values at every token), or preallocated for ``max_cache_len`` positions and written in
+place (``StaticLayer``, what ``generate(cache_implementation="static")`` gives a teacher).
 Both are transformers cache layers, so ``generate`` (greedy, sampling, beams, left-padded
 batches) drives the cache as it drives any other.
 """
@@ -9,18 +12,25 @@ batches) drives the cache as it drives any other.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer, LinearAttentionLayer
+from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer, LinearAttentionLayer, StaticLayer
 
 __all__ = ["StudentCache", "state_bytes"]
 
 
 class StudentCache(DynamicCache):
-    """Per layer: ``LinearAttentionLayer`` (conv + SSM state) for a mixer, ``DynamicLayer`` (KV)
-    for kept attention. Also counts the tokens it has seen, which a cache of mixers alone
-    cannot read off any tensor (positions and mask sizes need it)."""
+    """Per layer: ``LinearAttentionLayer`` (conv + SSM state) for a mixer; for kept attention
+    ``DynamicLayer`` (KV grown token by token), or ``StaticLayer`` holding ``max_cache_len``
+    positions when that is given. Also counts the tokens it has seen, which a cache of mixers
+    alone cannot read off any tensor (positions and mask sizes need it)."""
 
-    def __init__(self, layer_types: list[str]):
-        layers = [LinearAttentionLayer() if kind == "linear_attention" else DynamicLayer() for kind in layer_types]
+    def __init__(self, layer_types: list[str], max_cache_len: int | None = None):
+        if max_cache_len is not None and max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be a positive number of positions, got {max_cache_len}")
+        layers = [
+            LinearAttentionLayer() if kind == "linear_attention"
+            else DynamicLayer() if max_cache_len is None else StaticLayer(max_cache_len)
+            for kind in layer_types
+        ]
         # NOTE: DynamicCache.__init__ would build the layers from a config; ours come from the
         # student's layout, so the base Cache constructor is called directly.
         super(DynamicCache, self).__init__(layers=layers)
@@ -37,7 +47,7 @@ class StudentCache(DynamicCache):
         if layer_idx >= len(self.layers):
             return 0
         if isinstance(self.layers[layer_idx], CacheLayerMixin):
-            return self.layers[layer_idx].get_seq_length()
+            return int(self.layers[layer_idx].get_seq_length())  # a StaticLayer counts in a tensor
         return self.tokens_seen
 
     @property

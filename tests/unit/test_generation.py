@@ -49,6 +49,29 @@ def test_cached_generation_equals_recompute(family, mixer, attention_layers):
     assert torch.equal(cached[0, 4:], alone[0])
 
 
+@pytest.mark.parametrize("family,mixer,attention_layers", [LAYOUTS[2], LAYOUTS[3]])
+def test_a_hybrid_with_a_static_kv_cache_generates_what_the_dynamic_one_does(family, mixer, attention_layers):
+    student = _student(family, mixer, attention_layers)
+    ids, mask = _left_padded_batch()
+    dynamic = student.generate(ids, attention_mask=mask, use_cache=True, **GREEDY)
+    static = student.generate(ids, attention_mask=mask, use_cache=True, cache_implementation="static", **GREEDY)
+    assert torch.equal(static, dynamic)
+    # Preallocated and written in place: the kept layer's keys keep their address while decoding,
+    # and hold the whole generation's positions from the start.
+    cache = student.new_cache(max_cache_len=20)
+    with torch.no_grad():
+        student(ids, attention_mask=mask, cache=cache, use_cache=True)
+        kept = cache.layers[attention_layers[0]]
+        address, full = kept.keys.data_ptr(), state_bytes(cache)["kv"]
+        for t in range(3):
+            student(ids[:, t : t + 1], attention_mask=torch.cat([mask, torch.ones(3, t + 1, dtype=mask.dtype)], 1),
+                    cache=cache, use_cache=True)
+    assert kept.keys.data_ptr() == address and state_bytes(cache)["kv"] == full and kept.keys.shape[2] == 20
+    assert cache.get_seq_length(attention_layers[0]) == 12
+    with pytest.raises(ValueError, match="cache_implementation='offloaded'"):
+        student.generate(ids, attention_mask=mask, cache_implementation="offloaded", **GREEDY)
+
+
 @pytest.mark.parametrize("family,mixer,attention_layers", LAYOUTS)
 def test_step_logits_equal_full_forward(family, mixer, attention_layers):
     student = _student(family, mixer, attention_layers)
