@@ -185,7 +185,7 @@ def _graphed_decode(model, mode: str) -> bool:
                 "(a Bamba export or another HF model decodes through generate)"
             )
         if not mixers_only:
-            raise ValueError("--cuda-graph on: only a converted student of mixers alone decodes as a CUDA graph (a kept attention layer's KV cache grows every step)")
+            raise ValueError("--cuda-graph on: only a converted student of mixers alone decodes as a CUDA graph (replaying a kept attention layer as a graph is not supported)")
         if model.device.type != "cuda":
             raise ValueError(f"--cuda-graph on: CUDA graphs need --device cuda, not {model.device}")
         return True

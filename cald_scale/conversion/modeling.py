@@ -344,6 +344,7 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
             raise TypeError(f"the student generates with a StudentCache (model.new_cache()), got {type(cache).__name__}")
         if cache is not None:
             cache.check_usable()
+            cache.check_room(self._new_tokens(input_ids, kwargs))
         if attention_mask is not None and attention_mask.dim() == 2:
             kwargs["mixer_padding_mask"] = attention_mask[:, -self._new_tokens(input_ids, kwargs) :]
         out = self.backbone(
@@ -363,7 +364,7 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
         (preallocated for ``max_cache_len`` positions and written in place when given)."""
         return StudentCache(self.config.layer_types, max_cache_len)
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
         # NOTE: generate() would build a DynamicCache from the config; the student's layout is
         # mixers (and maybe kept attention), so it gets its own cache.
         if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
@@ -375,10 +376,13 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
                 )
             # "static": a hybrid's kept attention preallocates its KV for the whole generation and
             # writes it in place (the default concatenates: a copy of the layer's cache per token).
+            # NOTE: generate's max_cache_length counts the prompt also when it comes as inputs_embeds
+            # (max_length then does not); a max_cache_len the caller gave wins if longer.
             static = implementation == "static" and "full_attention" in self.config.layer_types
-            model_kwargs["cache"] = self.new_cache(generation_config.max_length if static else None)
+            length = max(max_cache_length, generation_config.max_cache_len or 0) if static else None
+            model_kwargs["cache"] = self.new_cache(length)
             return
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
 
     def create_masks_for_generate(self, attention_mask=None, **kwargs):
         # NOTE: generate() turns the 2-D padding mask into per-layer 4-D masks ahead of time when

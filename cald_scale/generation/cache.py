@@ -34,6 +34,7 @@ class StudentCache(DynamicCache):
         # NOTE: DynamicCache.__init__ would build the layers from a config; ours come from the
         # student's layout, so the base Cache constructor is called directly.
         super(DynamicCache, self).__init__(layers=layers)
+        self.max_cache_len = max_cache_len if "full_attention" in layer_types else None
         self.tokens_seen = 0
         self.rolled_back = False
 
@@ -71,6 +72,16 @@ class StudentCache(DynamicCache):
                 "this StudentCache was cropped (tokens taken back, as assisted or speculative decoding does): a mixer's "
                 "recurrent state cannot be rolled back, so generation cannot continue from it; start from a new cache "
                 "(model.new_cache()) and generate without an assistant model"
+            )
+
+    def check_room(self, num_tokens: int) -> None:
+        """Refuse, before any layer runs, a forward that would go past a preallocated KV cache
+        (a static layer would fail halfway, its mixers' states already advanced)."""
+        if self.max_cache_len is not None and self.tokens_seen + num_tokens > self.max_cache_len:
+            raise ValueError(
+                f"this StudentCache preallocates {self.max_cache_len} positions for its attention layers; it holds "
+                f"{self.tokens_seen} and {num_tokens} more do not fit. Make a longer one (model.new_cache(max_cache_len=...), "
+                "generate(..., max_cache_len=...)) or use the growing cache (model.new_cache())"
             )
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:

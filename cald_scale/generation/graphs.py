@@ -6,10 +6,10 @@ gpu_h200_2026-12-04_second), that is about 1.3 ms of Python and kernel launches 
 CUDA graph records the step's kernels once and launches them together after that.
 
 A graph replays fixed addresses, so every tensor a step reads or writes must stay where it is.
-transformers' ``LinearAttentionLayer`` keeps the conv and SSM states in place (it copies each
-new state into the tensors it allocated at prefill), so a student made of mixers alone
-qualifies; a kept attention layer's KV cache grows every step, so a hybrid does not (it
-decodes eagerly, as ``generate`` does). The step must not wait on the host either (no
+A mixer's decode step updates the conv and SSM states the cache allocated at prefill in
+place, so a student made of mixers alone qualifies. A hybrid is refused: a kept attention
+layer's default KV cache grows every step, and replaying a preallocated one (with its masks)
+has not been built or checked on a GPU; a hybrid decodes eagerly, as ``generate`` does. The step must not wait on the host either (no
 ``.item()``, no data-dependent branch): tests/unit/test_graphed_decode.py checks both on CPU.
 """
 
@@ -37,8 +37,8 @@ class GraphedDecode:
             raise TypeError(f"GraphedDecode steps a StudentCache (model.new_cache()), got {type(cache).__name__}")
         if cache.has_attention:
             raise ValueError(
-                "GraphedDecode needs a student of mixers only: a kept attention layer's KV cache grows every step, so its "
-                "addresses move and a CUDA graph cannot replay it; decode a hybrid eagerly (model.generate)"
+                "GraphedDecode needs a student of mixers only: replaying a kept attention layer (its KV cache and masks) "
+                "as a CUDA graph is not supported; decode a hybrid eagerly (model.generate)"
             )
         if cache.tokens_seen == 0:
             raise ValueError("GraphedDecode continues from a prefilled cache: run the prompt through the model first")

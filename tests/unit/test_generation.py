@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_models import tiny_teacher
 from transformers import AutoModelForCausalLM
+from transformers.cache_utils import StaticLayer
 
 from cald_scale.conversion.modeling import ConversionConfig, MixerAsAttention
 from cald_scale.conversion.registry import get_adapter
@@ -54,8 +55,16 @@ def test_a_hybrid_with_a_static_kv_cache_generates_what_the_dynamic_one_does(fam
     student = _student(family, mixer, attention_layers)
     ids, mask = _left_padded_batch()
     dynamic = student.generate(ids, attention_mask=mask, use_cache=True, **GREEDY)
-    static = student.generate(ids, attention_mask=mask, use_cache=True, cache_implementation="static", **GREEDY)
-    assert torch.equal(static, dynamic)
+    out = student.generate(
+        ids, attention_mask=mask, use_cache=True, cache_implementation="static", return_dict_in_generate=True, **GREEDY
+    )
+    assert torch.equal(out.sequences, dynamic)
+    kept = out.cache.layers[attention_layers[0]]
+    assert isinstance(kept, StaticLayer) and kept.max_cache_len >= ids.shape[1] + GREEDY["max_new_tokens"] - 1
+    # A prompt given as embeddings: generate's max_length does not count it, the cache must.
+    embeds = student.get_input_embeddings()(ids)
+    from_embeds = student.generate(inputs_embeds=embeds, attention_mask=mask, cache_implementation="static", **GREEDY)
+    assert torch.equal(from_embeds, dynamic[:, ids.shape[1] :])
     # Preallocated and written in place: the kept layer's keys keep their address while decoding,
     # and hold the whole generation's positions from the start.
     cache = student.new_cache(max_cache_len=20)
@@ -68,6 +77,10 @@ def test_a_hybrid_with_a_static_kv_cache_generates_what_the_dynamic_one_does(fam
                     cache=cache, use_cache=True)
     assert kept.keys.data_ptr() == address and state_bytes(cache)["kv"] == full and kept.keys.shape[2] == 20
     assert cache.get_seq_length(attention_layers[0]) == 12
+    # Past the preallocated length: refused before any layer runs, the cache left as it was.
+    with pytest.raises(ValueError, match="preallocates 20 positions"), torch.no_grad():
+        student(torch.randint(3, 256, (3, 9)), cache=cache, use_cache=True)
+    assert cache.tokens_seen == 12 and cache.get_seq_length(attention_layers[0]) == 12
     with pytest.raises(ValueError, match="cache_implementation='offloaded'"):
         student.generate(ids, attention_mask=mask, cache_implementation="offloaded", **GREEDY)
 
