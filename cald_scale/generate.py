@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers.cache_utils import CacheLayerMixin, StaticLayer
 
 from .cli import check_output_file, device_arg, positive_float, positive_int, probability
 from .conversion.modeling import CaldStudentConfig
@@ -92,6 +93,7 @@ def generate_text(
     name: str = "the model",
     max_new_tokens: int = 64,
     cuda_graph: bool = False,
+    kv_cache: str = "dynamic",
     **sampling,
 ) -> list[dict]:
     """Complete ``prompts`` (one left-padded batch); one dict per prompt: its text and new
@@ -99,6 +101,9 @@ def generate_text(
 
     ``cuda_graph``: decode through ``generate_graphed`` (a mixers-only student; on CUDA each
     step replays a CUDA graph) instead of ``model.generate``; the same tokens either way.
+    ``kv_cache``: "static" preallocates the KV cache of every attention layer (a teacher's, a
+    hybrid's kept layers) for the whole generation and writes it in place
+    (``cache_implementation="static"``); "dynamic" grows it, copying it at every token.
     """
     # NOTE: left padding (and a pad token) for this call only; the caller's tokenizer is left as it was.
     side, pad = tokenizer.padding_side, tokenizer.pad_token
@@ -121,9 +126,10 @@ def generate_text(
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, logits_processor=[clock], **sampling,
         )
     else:
+        static = {"cache_implementation": "static"} if kv_cache == "static" else {}
         out = model.generate(
             **batch, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
-            return_dict_in_generate=True, logits_processor=LogitsProcessorList([clock]), **sampling,
+            return_dict_in_generate=True, logits_processor=LogitsProcessorList([clock]), **static, **sampling,
         )
         new = out.sequences[:, batch["input_ids"].shape[1] :]
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
@@ -144,12 +150,21 @@ def generate_text(
         "decode_tokens_per_s": sequences * (steps - 1) / decode_s if steps > 1 and decode_s > 0 else None,
         "seconds": end - start,
         "cache_bytes": memory,
+        # What the attention layers' KV cache actually was (None: no attention layer).
+        "kv_cache": _kv_kind(cache),
         "cache_bytes_per_sequence": sum(memory.values()) / sequences if memory else None,
     }
     return [
         {"model": name, "prompt": prompt, "completion": tokenizer.decode(tokens, skip_special_tokens=True), "new_tokens": length, **timing}
         for prompt, tokens, length in zip(prompts, new, _ended_lengths(new, eos_token_id))
     ]
+
+
+def _kv_kind(cache) -> str | None:
+    layers = [layer for layer in getattr(cache, "layers", []) if isinstance(layer, CacheLayerMixin)]
+    if not layers:
+        return None
+    return "static" if all(isinstance(layer, StaticLayer) for layer in layers) else "dynamic"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,6 +184,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cuda-graph", "--cuda_graph", dest="cuda_graph", choices=["auto", "on", "off"], default="auto",
         help="decode the student by replaying each step as a CUDA graph (a student of mixers alone; "
         "at batch 1 on an H200, 11.9x the eager step). auto: on CUDA for such a student",
+    )
+    parser.add_argument(
+        "--kv-cache", "--kv_cache", dest="kv_cache", choices=["dynamic", "static"], default="dynamic",
+        help="attention layers' KV cache (the teacher's, a hybrid's kept layers'): grown token by token, copying itself "
+        "each step (dynamic, transformers' default), or preallocated for the whole generation and written in place "
+        "(static: a fair decode rate for long generations)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
 
@@ -251,7 +272,10 @@ def run(args: argparse.Namespace) -> int:
         model = load().to(args.device).eval()
         graph = name == "student" and _graphed_decode(model, args.cuda_graph)
         torch.manual_seed(args.seed)
-        rows = generate_text(model, tokenizer, args.prompt, name=f"the {name}", max_new_tokens=args.max_new_tokens, cuda_graph=graph, **sampling)
+        rows = generate_text(
+            model, tokenizer, args.prompt, name=f"the {name}", max_new_tokens=args.max_new_tokens, cuda_graph=graph,
+            kv_cache=args.kv_cache, **sampling,
+        )
         print(_summary(name, where, rows[0]))
         for row in rows:
             print(f"--- {row['new_tokens']} new tokens\n{row['prompt']}{row['completion']}\n")

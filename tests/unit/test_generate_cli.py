@@ -43,6 +43,22 @@ def test_generate_student_and_teacher_side_by_side(folders, tmp_path):
     assert teacher["kv"] > 0 and teacher["recurrent"] == 0
 
 
+def test_a_static_kv_cache_gives_the_same_completions_preallocated(folders, tmp_path):
+    """--kv-cache static: the teacher's and a hybrid's kept layers' KV preallocated for the whole
+    generation and written in place; the same tokens."""
+    rows = {}
+    for kind in ("dynamic", "static"):
+        out = tmp_path / f"{kind}.json"
+        argv = ["generate", str(folders["hybrid"]), "--prompt", "To be", "--prompt", "Whether 'tis nobler in",
+                "--max_new_tokens", "6", "--teacher", str(folders["teacher"]), "--kv-cache", kind, "--json", str(out)]
+        assert main(argv) == 0
+        rows[kind] = json.loads(out.read_text())
+    assert [r["completion"] for r in rows["static"]] == [r["completion"] for r in rows["dynamic"]]
+    for kind in ("dynamic", "static"):
+        assert [r["kv_cache"] for r in rows[kind]] == [kind] * 4  # what the caches were, read off them
+        assert all(r["cache_bytes"]["kv"] > 0 for r in rows[kind])
+
+
 def test_generate_times_prefill_and_decode_apart(folders, tmp_path):
     """The summary's decode rate is the batch's decode steps over their time, without the prefill."""
     out = tmp_path / "gen.json"
