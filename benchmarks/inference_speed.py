@@ -10,7 +10,7 @@ For each context length (512, 2k, 8k, 32k by default):
   batch. The cache's contents are random: a decode step's cost depends only on its sizes,
   and building a 32k KV cache for 8 sequences by prefill would cost the teacher an hour here.
   The KV caches (the teacher's, and a hybrid student's kept layers') are preallocated and
-  written in place (static cache layers; --teacher_cache dynamic gives transformers' default,
+  written in place (static cache layers; --kv_cache dynamic gives transformers' default,
   which copies the whole cache at every step);
 - memory per sequence: the teacher's KV cache against the student's recurrent state, as a
   real batch-1 prefill leaves them.
@@ -457,7 +457,7 @@ def main() -> None:
     parser.add_argument("--decode_steps", type=int, default=None)
     parser.add_argument("--prefill_repeats", type=int, default=1)
     parser.add_argument(
-        "--teacher_cache", choices=["static", "dynamic"], default="static",
+        "--kv_cache", "--teacher_cache", dest="kv_cache", choices=["static", "dynamic"], default="static",
         help="the KV caches while decoding (the teacher's, and a hybrid student's kept layers'): preallocated and written in "
         "place (static, the fair one), or transformers' default DynamicCache, which copies the whole cache at every step",
     )
@@ -490,7 +490,7 @@ def main() -> None:
         "teacher_layers": teacher.config.num_hidden_layers,
         "contexts": contexts,
         "decode_cache": "random contents of the stated length (decode cost depends only on sizes); cache bytes from a real batch-1 prefill",
-        "teacher_cache": args.teacher_cache,
+        "kv_cache": args.kv_cache,
         "quick": args.quick,
         "machine": machine(),
         # NOTE: prefill above 2k is one cold run per model (a 32k teacher prefill takes minutes
@@ -499,8 +499,8 @@ def main() -> None:
     }
     room = max(args.decode_steps, BEST_BATCH_STEPS) + 1  # positions a KV cache keeps free for the timed steps
     models = {
-        "teacher": (teacher, lambda b, c: teacher_cache(teacher, b, c, room=room, kind=args.teacher_cache), kv_per_seq),
-        "student": (student, lambda b, c: student_cache(student, b, c, teacher.config, room=room, kind=args.teacher_cache), state_per_seq),
+        "teacher": (teacher, lambda b, c: teacher_cache(teacher, b, c, room=room, kind=args.kv_cache), kv_per_seq),
+        "student": (student, lambda b, c: student_cache(student, b, c, teacher.config, room=room, kind=args.kv_cache), state_per_seq),
     }
     for name in models:
         result[name] = {"prefill_s": {}, "decode_tok_s": {str(b): {} for b in batches}, "state_bytes_per_seq": {}, "oom": []}

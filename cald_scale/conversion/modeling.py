@@ -382,6 +382,13 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
             length = max(max_cache_length, generation_config.max_cache_len or 0) if static else None
             model_kwargs["cache"] = self.new_cache(length)
             return
+        given = model_kwargs.get("cache")
+        if isinstance(given, StudentCache) and given.max_cache_len is not None and max_cache_length > given.max_cache_len:
+            # Refused now rather than when it fills up, tokens into the generation.
+            raise ValueError(
+                f"the cache given preallocates {given.max_cache_len} positions for its attention layers; this generation "
+                f"needs {max_cache_length}: make it longer (model.new_cache(max_cache_len=...)) or pass none"
+            )
         super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
 
     def create_masks_for_generate(self, attention_mask=None, **kwargs):

@@ -9,8 +9,9 @@ A graph replays fixed addresses, so every tensor a step reads or writes must sta
 A mixer's decode step updates the conv and SSM states the cache allocated at prefill in
 place, so a student made of mixers alone qualifies. A hybrid is refused: a kept attention
 layer's default KV cache grows every step, and replaying a preallocated one (with its masks)
-has not been built or checked on a GPU; a hybrid decodes eagerly, as ``generate`` does. The step must not wait on the host either (no
-``.item()``, no data-dependent branch): tests/unit/test_graphed_decode.py checks both on CPU.
+has not been built or checked on a GPU; a hybrid decodes eagerly, as ``generate`` does. The
+step must not wait on the host either (no ``.item()``, no data-dependent branch):
+tests/unit/test_graphed_decode.py checks both on CPU.
 """
 
 from __future__ import annotations

@@ -81,6 +81,9 @@ def test_a_hybrid_with_a_static_kv_cache_generates_what_the_dynamic_one_does(fam
     with pytest.raises(ValueError, match="preallocates 20 positions"), torch.no_grad():
         student(torch.randint(3, 256, (3, 9)), cache=cache, use_cache=True)
     assert cache.tokens_seen == 12 and cache.get_seq_length(attention_layers[0]) == 12
+    # A preallocated cache too short for the generation asked: refused before the first token.
+    with pytest.raises(ValueError, match="preallocates 10 positions .* needs 20"):
+        student.generate(ids, attention_mask=mask, cache=student.new_cache(max_cache_len=10), **GREEDY)
     with pytest.raises(ValueError, match="cache_implementation='offloaded'"):
         student.generate(ids, attention_mask=mask, cache_implementation="offloaded", **GREEDY)
 
