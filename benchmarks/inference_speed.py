@@ -130,7 +130,7 @@ def student_cache(student, batch: int, context: int, teacher_config=None, *, roo
     """The student's cache after ``context`` positions (random conv and SSM states; a hybrid's
     kept attention layers, shaped as the teacher's ``teacher_config``, hold random keys and values,
     preallocated with ``room`` positions to spare as the teacher's are, or growing for "dynamic")."""
-    cache = student.new_cache(context + room if kind == "static" and student.config.attention_layers else None)
+    cache = student.new_cache(context + room if kind == "static" else None)  # mixers alone: the length is ignored
     p = next(student.parameters())
     if student.config.attention_layers:
         _fill_kv(cache, teacher_config, student.config.attention_layers, batch, context, p)

@@ -342,16 +342,17 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
             cache = self.new_cache()
         if cache is not None and not isinstance(cache, StudentCache):
             raise TypeError(f"the student generates with a StudentCache (model.new_cache()), got {type(cache).__name__}")
+        new_tokens = self._new_tokens(input_ids, kwargs)
         if cache is not None:
             cache.check_usable()
-            cache.check_room(self._new_tokens(input_ids, kwargs))
+            cache.check_room(new_tokens)
         if attention_mask is not None and attention_mask.dim() == 2:
-            kwargs["mixer_padding_mask"] = attention_mask[:, -self._new_tokens(input_ids, kwargs) :]
+            kwargs["mixer_padding_mask"] = attention_mask[:, -new_tokens:]
         out = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, labels=labels, cache=cache, use_cache=bool(cache), **kwargs
         )
         if cache is not None:
-            cache.advance(self._new_tokens(input_ids, kwargs))
+            cache.advance(new_tokens)
         return out
 
     @staticmethod
@@ -377,8 +378,9 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
             # "static": a hybrid's kept attention preallocates its KV for the whole generation and
             # writes it in place (the default concatenates: a copy of the layer's cache per token).
             # NOTE: generate's max_cache_length counts the prompt also when it comes as inputs_embeds
-            # (max_length then does not); a max_cache_len the caller gave wins if longer.
-            static = implementation == "static" and "full_attention" in self.config.layer_types
+            # (max_length then does not); a max_cache_len the caller gave wins if longer. A student
+            # of mixers alone has no KV to preallocate (its StudentCache ignores the length).
+            static = implementation == "static"
             length = max(max_cache_length, generation_config.max_cache_len or 0) if static else None
             model_kwargs["cache"] = self.new_cache(length)
             return

@@ -193,9 +193,7 @@ def causal_conv1d_update(x_t, conv_state, weight, bias=None, activation=None, *,
     own = inplace and conv_state.dtype == x_t.dtype
     new_state = conv_state if own else conv_state.to(x_t.dtype, copy=True)
     y = _fn("causal_conv1d", "causal_conv1d_update")(x_t, new_state, weight, bias, activation=activation)
-    if own:
-        return y, conv_state
-    return y, conv_state.copy_(new_state) if inplace else new_state.to(conv_state.dtype)
+    return y, conv_state.copy_(new_state) if inplace else new_state.to(conv_state.dtype)  # own: a no-op copy
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, *, chunk_size=64, initial_state=None, return_final_state=False):

@@ -431,8 +431,5 @@ def ssd_step(
     y = torch.bmm(Ch.reshape(batch * heads, 1, d_state), flat.transpose(1, 2)).view(batch, heads, head_dim)
     if D is not None:
         y.addcmul_(D.to(f32)[:, None], xf)
-    if in_place:
-        return y.to(x_t.dtype), state
-    if inplace:
-        return y.to(x_t.dtype), state.copy_(new_state)
-    return y.to(x_t.dtype), new_state.to(state.dtype)
+    # (in place, new_state is state already: copying it onto itself does nothing)
+    return y.to(x_t.dtype), state.copy_(new_state) if inplace else new_state.to(state.dtype)
