@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, write_result  # noqa: E402
 from _runs import REPO, Run, launch_run  # noqa: E402
 
+KEY_FILE = "table_key.txt"  # a finished run folder's key (``run_key``), written by the table
 MODES = ("unguided", "target", "trajectory", "waypoint", "hybrid")
 # Every column of the table: the paper's five modes, then a staged recipe that spends the first
 # 30% of the budget aligning each mixer to the teacher's block on the teacher's own input
@@ -53,6 +54,11 @@ MODES = ("unguided", "target", "trajectory", "waypoint", "hybrid")
 RECIPES = (*MODES, "aligned_target")
 STUDENTS = {"linformer": ["student.conversion.mixer=linformer", "student.conversion.linformer.k=256"], "bimamba2": ["student.conversion.mixer=bimamba2"]}
 TEACHER = "all-minilm-l6-v2"
+# Changes to the code (not the config) that change a column's results. A run's key names its
+# column's revision, so a run recorded before one is not reused: the table reruns it.
+REVISIONS = {
+    "trajectory": "6f18146: the trajectory teacher fine-tunes with dropout on, as the Std. run does",
+}
 
 
 def budget(quick: bool, epochs: int = 1) -> dict:
@@ -198,7 +204,13 @@ def config_key(run: Run, teacher: Run | None = None) -> str:
 def run_key(task: str, b: dict, run: Run) -> str:
     """A run's config key; a student's includes its teacher's, that seed's Std. run (trajectory's teacher is the pretrained encoder)."""
     guided_by_std = run.name != "std" and not run.name.endswith("_trajectory")
-    return config_key(run, std_run(task, b, run.seed) if guided_by_std else None)
+    key = config_key(run, std_run(task, b, run.seed) if guided_by_std else None)
+    return hashlib.sha256(f"{key} {revision(run)}".encode()).hexdigest()[:16] if revision(run) else key
+
+
+def revision(run: Run) -> str | None:
+    """The last code change to the run's column that changed results (``REVISIONS``), if any."""
+    return REVISIONS.get(run.name.split("_", 1)[-1])
 
 
 def seed_of(record: dict) -> int:
@@ -240,11 +252,19 @@ def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: 
     seeds = sorted(launch_seeds | set(recorded_seeds))  # a rerun for some seeds keeps the others' records
 
     def score(run: Run) -> dict:
-        return {**scores(launch_run(run, benchmark)), "config": run_key(task, b, run)}
+        key = run_key(task, b, run)
+        folder = launch_run(run, benchmark)
+        (folder / KEY_FILE).write_text(key)
+        return {**scores(folder), "config": key}
 
     def finished(run: Run) -> dict | None:
         folder = run.folder(benchmark)
         if (folder / "report.json").is_file():
+            # A folder finished before the table stamped its key can be trusted only where no
+            # code change since has moved its column.
+            on_disk = (folder / KEY_FILE).read_text() if (folder / KEY_FILE).is_file() else None
+            if on_disk != run_key(task, b, run) and (on_disk is not None or revision(run)):
+                raise SystemExit(f"[{benchmark}] {folder} may predate a change to its column's code ({revision(run)}); move it away to rerun it")
             return score(run)  # reused, after checking its whole config
         record = recorded.get(str(folder.relative_to(REPO)))
         if record is not None and record.get("config") != run_key(task, b, run):
@@ -269,7 +289,8 @@ def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: 
                 run = student_run(task, b, seed, student, mode, folder)
                 got = finished(run)
                 if got is None and may_launch(seed, student, mode):
-                    std_folder(seed)  # on disk, with its waypoints
+                    if mode != "trajectory":  # its teacher is the pretrained encoder
+                        std_folder(seed)  # on disk, with its waypoints
                     got = score(student_run(task, b, seed, student, mode, folder))
                 if got is not None:
                     cells[student][mode].append(got)

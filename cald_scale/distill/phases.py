@@ -258,8 +258,16 @@ def plan_phases(phases: list[PhaseConfig], train, loss: LossConfig, *, tokens_pe
     remainder = total - sum(fixed.values())
     shares = [i for i, p in enumerate(phases) if p.fraction is not None]
     if not rest and remainder and shares and math.isclose(sum(phases[i].fraction for i in shares) + sum(fixed[i] for i in fixed if i not in shares) / total, 1.0):
-        # Fractions that add up to the whole: their rounding leftover (at most a step each) goes to the last of them.
-        fixed[shares[-1]] += remainder
+        # Fractions that add up to the whole: each phase ends where its share of the run ends,
+        # rounded, so no boundary is off by more than half a step (rounded one by one, their
+        # errors added up and all landed on the last of them).
+        exact_end, end = 0.0, 0
+        for i, p in enumerate(phases):
+            exact_end += p.fraction * total if p.fraction is not None else fixed[i]
+            if p.fraction is not None and i != shares[-1]:
+                fixed[i] = max(1, round(exact_end) - end)
+            end += fixed[i] if i != shares[-1] else 0
+        fixed[shares[-1]] = total - sum(length for i, length in fixed.items() if i != shares[-1])
         remainder = 0
         if fixed[shares[-1]] < 1:
             raise ValueError(f"phase {phases[shares[-1]].name!r} rounds to no step of train.max_steps={total}")

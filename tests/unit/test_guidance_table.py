@@ -73,6 +73,32 @@ def test_a_record_made_with_another_config_is_not_reused(results, capsys):
     assert "bimamba2_target seed 1 was made with another config" in capsys.readouterr().out
 
 
+def test_a_record_made_before_a_change_to_its_columns_code_is_not_reused(results, monkeypatch, capsys):
+    # Recorded under a column's revision, then the code changes again (a new revision): the
+    # record's config is the same, but its result is not what today's code gives.
+    recorded = recorded_result({("linformer", "trajectory"): [0.5, 0.52], ("linformer", "target"): [0.6, 0.62]}, [0.7, 0.72])
+    monkeypatch.setitem(gt.REVISIONS, "trajectory", "a later change")
+    out = build(results, recorded, seeds=[0, 1])
+    assert "trajectory" not in out["table"]["linformer"] and out["table"]["linformer"]["target"]["seeds"] == 2
+    assert "linformer_trajectory seed 0 was made with another config" in capsys.readouterr().out
+
+
+def test_a_run_folder_that_may_predate_its_columns_code_is_refused(results, monkeypatch):
+    recorded = recorded_result({("linformer", "target"): [0.6, 0.62]}, [0.7, 0.72])
+    (results / f"guidance_{TASK}.json").write_text(json.dumps(recorded))
+    folder = gt.student_run(TASK, gt.budget(False), 0, "linformer", "trajectory", Path()).folder(f"guidance_{TASK}")
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text("{}")  # finished before the table stamped its key
+    with pytest.raises(SystemExit, match=r"linformer_trajectory_seed0 may predate a change to its column's code \(6f18146"):
+        gt.table(TASK, [0, 1], quick=False, students=list(gt.STUDENTS), speed=None, recorded_only=True)
+    # a folder the table stamped with today's key is scored (here: its report is empty)
+    (folder / gt.KEY_FILE).write_text(gt.run_key(TASK, gt.budget(False), gt.student_run(TASK, gt.budget(False), 0, "linformer", "trajectory", Path())))
+    monkeypatch.setattr(gt, "launch_run", lambda run, benchmark: run.folder(benchmark))
+    monkeypatch.setattr(gt, "scores", lambda folder: {"folder": str(folder.relative_to(gt.REPO)), "test_accuracy": 0.5, "test_macro_f1": 0.2, "tokens": 1, "train_seconds": 1.0})
+    out = json.loads(json.dumps(gt.table(TASK, [0, 1], quick=False, students=list(gt.STUDENTS), speed=None, recorded_only=True)))
+    assert out["table"]["linformer"]["trajectory"]["seeds"] == 1
+
+
 def test_targets_compare_cells_with_a_spread_against_the_teacher_on_their_seeds(results):
     # One seed of hybrid beats everything (no spread: not a candidate); waypoint ran on seeds
     # 0 and 1 only, where the teacher scored 0.80 and 0.82 (its third seed is far lower).

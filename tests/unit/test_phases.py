@@ -173,10 +173,17 @@ def test_a_target_phase_after_a_trajectory_guides_with_the_pretrained_teacher_ag
 
 
 def test_phase_fractions_that_make_the_whole_round_to_it():
-    for total, fractions, lengths in ((25, (0.3, 0.7), [8, 17]), (5, (0.5, 0.5), [2, 3]), (10, (0.25, 0.25, 0.5), [2, 2, 6])):
+    # Each boundary is its share of the run rounded (round half to even, as Python does): four
+    # quarters of 10 end at 2, 5, 8 and 10. Rounded one by one they were 2, 2, 2 and 4.
+    cases = ((25, (0.3, 0.7), [8, 17]), (5, (0.5, 0.5), [2, 3]), (10, (0.25, 0.25, 0.5), [2, 3, 5]), (10, (0.25,) * 4, [2, 3, 3, 2]),
+             (7, (1 / 3,) * 3, [2, 3, 2]), (20, (0.01, 0.49, 0.5), [1, 9, 10]))
+    for total, fractions, lengths in cases:
         phases = "[" + ", ".join(f"{{name: p{i}, fraction: {f}}}" for i, f in enumerate(fractions)) + "]"
         plan = _plan(phases, f"train.max_steps={total}")
-        assert [p.end - p.start for p in plan.phases] == lengths and plan.total_steps == total
+        assert [p.end - p.start for p in plan.phases] == lengths and plan.total_steps == total, (total, fractions)
+    # a fixed phase between them keeps its length, and moves the boundaries after it
+    plan = _plan("[{name: a, fraction: 0.25}, {name: b, steps: 3}, {name: c, fraction: 0.45}]", "train.max_steps=10")
+    assert [p.end - p.start for p in plan.phases] == [2, 3, 5]
     with pytest.raises(ConfigError, match="phases add up to 3 steps but train.max_steps=10"):
         _plan("[{name: a, fraction: 0.1}, {name: b, fraction: 0.2}]", "train.max_steps=10")  # not the whole: refused
 
