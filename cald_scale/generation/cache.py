@@ -43,13 +43,10 @@ class StudentCache(DynamicCache):
         return any(isinstance(layer, CacheLayerMixin) for layer in self.layers)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        # A kept attention layer knows its length; a mixer layer's states do not (transformers
-        # 5.25 counts conv-state widths there, which is not a token count), so use our own.
-        if layer_idx >= len(self.layers):
-            return 0
-        if isinstance(self.layers[layer_idx], CacheLayerMixin):
-            return int(self.layers[layer_idx].get_seq_length())  # a StaticLayer counts in a tensor
-        return self.tokens_seen
+        # Every layer has seen the same tokens, counted here (``advance``, at the end of each
+        # forward). A mixer layer's states cannot say (transformers 5.25 counts conv-state widths
+        # there), and a StaticLayer counts in a device tensor: reading it would wait on the GPU.
+        return self.tokens_seen if layer_idx < len(self.layers) else 0
 
     @property
     def is_croppable(self) -> bool:

@@ -76,7 +76,8 @@ def test_a_hybrid_with_a_static_kv_cache_generates_what_the_dynamic_one_does(fam
             student(ids[:, t : t + 1], attention_mask=torch.cat([mask, torch.ones(3, t + 1, dtype=mask.dtype)], 1),
                     cache=cache, use_cache=True)
     assert kept.keys.data_ptr() == address and state_bytes(cache)["kv"] == full and kept.keys.shape[2] == 20
-    assert cache.get_seq_length(attention_layers[0]) == 12
+    # The cache's own count (no read of a device tensor) agrees with the static layer's.
+    assert cache.get_seq_length(attention_layers[0]) == int(kept.get_seq_length()) == 12
     # Past the preallocated length: refused before any layer runs, the cache left as it was.
     with pytest.raises(ValueError, match="preallocates 20 positions"), torch.no_grad():
         student(torch.randint(3, 256, (3, 9)), cache=cache, use_cache=True)
