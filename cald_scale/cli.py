@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (OSError, ValueError, *user_errors()) as err:  # bad input, named in one line
+    except (OSError, ValueError, ImportError, *user_errors()) as err:  # bad input or a package to install, named in one line
         print(f"cald-scale {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -38,7 +38,7 @@ from .data.tokenise import tokenizer_identity
 from .distill.stages import LayerwiseModel
 from .eval import harness
 from .eval.perplexity import eval_indices, perplexity
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, read_json
 from .generation.context import check_context
 
 __all__ = ["EvalTarget", "add_arguments", "evaluate", "evaluate_tasks", "format_table", "main", "refuse_classifier", "resolve_target", "run"]
@@ -67,10 +67,7 @@ def _read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json (expected a run folder or an exported student)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from err
+    return read_json(path)
 
 
 def refuse_classifier(folder: Path, config: dict, command: str) -> None:

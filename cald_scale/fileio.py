@@ -11,9 +11,9 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
-__all__ = ["atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "hold_lock", "wait_for_file", "write_failure_note", "read_failure_note", "cache_root"]
+__all__ = ["atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "hold_lock", "wait_for_file", "read_json", "write_failure_note", "read_failure_note", "cache_root"]
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -180,6 +180,14 @@ def hold_lock(
     handle.write(owner + "\n")
     handle.flush()
     return handle
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; a file that does not parse is named in the error."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from err
 
 
 def write_failure_note(path: str | Path, err: BaseException, *, job: str = "") -> None:

@@ -30,7 +30,7 @@ from .conversion.modeling import CaldStudentConfig
 from .conversion.teacher import DTYPES, TeacherConfig, build_teacher, open_teacher
 from .engines.checkpoint import MANIFEST
 from .evaluate import refuse_classifier, resolve_target
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, read_json
 from .generation.cache import state_bytes
 from .generation.context import check_context
 from .generation.graphs import generate_graphed
@@ -55,7 +55,7 @@ def resolve_model_dir(path: str | Path, command: str = "generate") -> Path:
                 f"folder ({run_dir}), whose student/ is exported when the run finishes"
             )
         raise FileNotFoundError(f"{folder} has no config.json (expected a run folder or a model folder)")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path)
     refuse_classifier(folder, config, command)
     if "teacher" in config and "data" in config:  # a run config
         if not (folder / "student" / "config.json").is_file():

@@ -33,6 +33,7 @@ __all__ = [
     "iter_documents",
     "load_documents",
     "resolve_corpus",
+    "shared_text",
     "split_paragraphs",
 ]
 
@@ -227,6 +228,19 @@ class CorpusSource:
         return {"kind": self.kind, "builder": self.builder, "files": files}
 
 
+def shared_text(a: CorpusSource, b: CorpusSource) -> list[str]:
+    """What two corpora have in common, by name: the same built-in or hub dataset, or the same
+    files (by real path) or indexed prefix; empty when they are disjoint."""
+    if a.kind != b.kind:
+        return []
+    if a.kind == "builtin":
+        return [a.name] if a.name == b.name else []
+    if a.kind == "hub":
+        return [a.hub_id] if (a.hub_id, a.hub_config) == (b.hub_id, b.hub_config) else []
+    real = {os.path.realpath(path): path for path in b.paths}
+    return sorted(real[r] for r in {os.path.realpath(path) for path in a.paths} & set(real))
+
+
 def _accepted_kinds() -> str:
     return (
         f"built-in corpora {sorted(BUILTIN_CORPORA)}; local files "
@@ -258,12 +272,13 @@ def _expand(item: str) -> list[str]:
             raise FileNotFoundError(f"no files match {item!r}")
         return matches
     if os.path.isdir(path):
-        matches = sorted(
-            os.path.join(root, name)
-            for root, _, names in os.walk(path)
-            for name in names
-            if os.path.splitext(name)[1].lower() in FILE_BUILDERS
-        )
+        matches = []
+        for root, dirs, names in os.walk(path):
+            # NOTE: hidden folders are not the corpus: the data cache itself (.cache/, relative to
+            # where the job starts, may sit inside a corpus folder) or a .venv's files.
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            matches += [os.path.join(root, name) for name in names if os.path.splitext(name)[1].lower() in FILE_BUILDERS]
+        matches.sort()
         if not matches:
             raise FileNotFoundError(
                 f"folder {item!r} holds no data files ({', '.join(sorted(FILE_BUILDERS))})"
@@ -362,6 +377,8 @@ def split_paragraphs(text: str, max_chars: int) -> list[str]:
         return [text]
     cuts = [0, *(i for blank in _BLANK_LINES.finditer(text) for i in blank.span()), len(text)]
     paragraphs = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if b > a]
+    if not paragraphs:  # blank lines only: no document
+        return []
     docs: list[str] = []
     first, last = paragraphs[0]
     for a, b in paragraphs[1:]:

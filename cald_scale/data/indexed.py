@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from cald_scale.data.config import DataConfig
-from cald_scale.data.corpora import CorpusSource, resolve_corpus
+from cald_scale.data.corpora import CorpusSource, resolve_corpus, shared_text
 from cald_scale.data.megatron import IndexedFile
 from cald_scale.data.tokenise import META, _num_eval_docs, _whole_corpus, build_cache, cache_key, is_complete, wait_for_cache
 
@@ -284,11 +284,13 @@ def build_indexed_dataset(
     `cfg.corpus` and the eval split is `held_out_corpus(cfg, cfg.eval_corpus, ...)`.
     """
     if cfg.eval_corpus is not None:
-        train = _build_or_open(_whole_corpus(cfg), tokenizer, is_rank0, wait_timeout_s)
+        # The held-out corpus first: one that shares text with the training corpus is refused
+        # before that is tokenised.
         held_out = held_out_corpus(
             cfg, cfg.eval_corpus, tokenizer,
             max_tokens=cfg.max_eval_tokens, is_rank0=is_rank0, wait_timeout_s=wait_timeout_s,
         )
+        train = _build_or_open(_whole_corpus(cfg), tokenizer, is_rank0, wait_timeout_s)
         maxima = [m for m in (train.max_token_id, held_out.max_token_id) if m is not None]
         return replace(
             train,
@@ -306,6 +308,20 @@ def build_indexed_dataset(
     return _build_or_open(cfg, tokenizer, is_rank0, wait_timeout_s)
 
 
+def _check_apart(held_out: str, train: str) -> None:
+    try:
+        shared = shared_text(resolve_corpus(held_out), resolve_corpus(train))
+    except (FileNotFoundError, ValueError):  # e.g. a run scored on a machine without its training corpus
+        return
+    if shared:
+        raise ValueError(
+            f"corpus {held_out!r} is scored as held-out text but shares text with data.corpus {train!r}, which the run "
+            f"trains on ({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}): its perplexity would be on training "
+            "text. Give a corpus apart from data.corpus (data.eval_corpus, eval.other_corpora, --corpus), or use "
+            "data.corpus's own held-out split (data.eval_fraction)"
+        )
+
+
 def held_out_corpus(
     cfg: DataConfig,
     corpus: str,
@@ -318,7 +334,9 @@ def held_out_corpus(
     """All of `corpus` as an eval split (and no train split): a seeded shuffle of its
     documents (a prefix: its own order) cut to `max_tokens`, tokenised under `cfg`'s other
     settings. It is cached like any corpus, as the train split of a build that holds
-    nothing out, so tokenisation stops near `max_tokens`."""
+    nothing out, so tokenisation stops near `max_tokens`. A corpus that shares text with
+    `cfg.corpus`, which trains, is refused: its score would not be held out."""
+    _check_apart(corpus, cfg.corpus)
     whole = _build_or_open(
         replace(
             cfg, corpus=corpus, eval_corpus=None, eval_fraction=0.0,

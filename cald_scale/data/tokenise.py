@@ -63,13 +63,18 @@ def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         blob = json.dumps(spec, sort_keys=True)
     else:
         blob = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return {
-        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+    identity = {
         "class": type(tokenizer).__name__,
         "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
         "vocab_sha256": _sha(blob)[:16],
     }
+    if backend is None:
+        # A slow tokenizer's vocab does not pin its rules: its name stands in for them. A fast
+        # one's spec does, so the same tokenizer from another folder (a copy, the exported
+        # student's, a new venv's GGUF conversion) shares the cache.
+        identity["name_or_path"] = str(getattr(tokenizer, "name_or_path", ""))
+    return identity
 
 
 def _slug(name: str) -> str:

@@ -254,6 +254,10 @@ def test_cache_key_tracks_what_tokens_depend_on(shakespeare, tokenizer, other_to
         cache_key(dataclasses.replace(cfg, corpus="wiki"), tokenizer),
     ]
     assert len(set(changed + [key])) == len(changed) + 1
+    # The same (fast) tokenizer saved in another folder: the same tokens, the same cache.
+    tokenizer.save_pretrained(tmp_path / "copy")
+    copy = type(tokenizer).from_pretrained(tmp_path / "copy")
+    assert copy.name_or_path != tokenizer.name_or_path and cache_key(cfg, copy) == key
 
     # a local file's key follows its content (size / mtime)
     path = _write_jsonl(tmp_path / "a.jsonl", ["one doc", "another doc"])
@@ -682,6 +686,44 @@ def test_eval_corpus_is_scored_instead(tmp_path, tokenizer, wiki_leads, monkeypa
     with pytest.raises(ValueError, match=r"leads.jsonl: eval split has 1000 tokens.*seq_len=4096"
                        r" \(\d+ documents\); hold out a larger corpus"):
         PackedSequences(corpus, "eval", 4096)
+
+
+def test_held_out_text_that_trains_is_refused(tmp_path, tokenizer, wiki_leads):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    a = _write_jsonl(folder / "a.jsonl", wiki_leads[:30])
+    _write_jsonl(folder / "b.jsonl", wiki_leads[30:60])
+    apart = _write_jsonl(tmp_path / "apart.jsonl", wiki_leads[60:90])
+    cfg = DataConfig(corpus=str(folder), cache_dir=str(tmp_path / "cache"), seq_len=16)
+    # The same corpus, one of its files (however spelled), or a glob over them: not held out.
+    for eval_corpus in (str(folder), a, str(tmp_path / "texts" / ".." / "texts" / "a.jsonl"), str(folder / "*.jsonl")):
+        with pytest.raises(ValueError, match=r"shares text with data.corpus .*a.jsonl.*would be on training text"):
+            build_indexed_dataset(dataclasses.replace(cfg, eval_corpus=eval_corpus), tokenizer, is_rank0=True)
+    with pytest.raises(ValueError, match="shares text with data.corpus"):  # an other-domain set too
+        held_out_sequences(a, tokenizer, cfg, max_tokens=64, is_rank0=True)
+    with pytest.raises(ValueError, match="'shakespeare' is scored as held-out text but shares text with data.corpus ' shakespeare'"):
+        build_indexed_dataset(DataConfig(corpus=" shakespeare", eval_corpus="shakespeare", cache_dir=str(tmp_path / "c2")), tokenizer, is_rank0=True)
+    assert not (tmp_path / "c2").exists()  # refused before anything was tokenised
+    # a corpus apart is scored
+    corpus = build_indexed_dataset(dataclasses.replace(cfg, eval_corpus=apart), tokenizer, is_rank0=True)
+    assert corpus.num_eval_tokens > 0
+
+
+def test_a_corpus_folder_skips_hidden_folders(tmp_path, tokenizer, wiki_leads, monkeypatch):
+    # The data cache (relative to where the job starts) inside the corpus folder: the second
+    # start must read the same files as the first.
+    _write_jsonl(tmp_path / "a.jsonl", wiki_leads[:20])
+    (tmp_path / ".venv" / "lib").mkdir(parents=True)
+    (tmp_path / ".venv" / "lib" / "notes.jsonl").write_text('{"text": "not the corpus"}\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = DataConfig(corpus=".", seq_len=16)
+    first = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    assert resolve_corpus(".").paths == (str(tmp_path / "a.jsonl"),)
+    assert build_indexed_dataset(cfg, tokenizer, is_rank0=True).meta_path == first.meta_path
+
+
+def test_blank_text_longer_than_a_document_has_no_document():
+    assert split_paragraphs("\n" * 40, 16) == []
 
 
 def test_held_out_sequences_of_any_corpus(tmp_path, tokenizer, monkeypatch):

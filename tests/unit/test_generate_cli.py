@@ -244,7 +244,12 @@ def test_wrong_kinds_of_folder_are_named(folders, tmp_path, capsys):
     (classifier / "config.json").write_text('{"model_type": "cald_classifier"}')
     bamba = tmp_path / "bamba"
     assert main(["export", str(folders["student"]), "--bamba", str(bamba)]) == 0
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama",\n}')
     cases = [
+        (["generate", str(broken), "--prompt", "x"], f"{broken / 'config.json'} is not valid JSON"),
+        (["export", str(broken), "--bamba", str(tmp_path / "b4")], f"{broken / 'config.json'} is not valid JSON"),
         (["generate", str(tag), "--prompt", "x"], f"holds training checkpoints (DeepSpeed's partitioned state), not a model folder: give the run folder ({tmp_path / 'runs' / 'r'})"),
         (["generate", str(tag.parent), "--prompt", "x"], f"give the run folder ({tmp_path / 'runs' / 'r'})"),
         (["export", str(tag), "--bamba", str(tmp_path / "b2")], "holds training checkpoints"),

