@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -485,16 +486,19 @@ def config_differences(saved: dict, wanted: RunConfig, *, sections: tuple[str, .
     The saved side is loaded through the current dataclasses first, so a field added since
     the run was written compares as its default rather than as missing.
     """
-    try:
-        saved = from_dict(RunConfig, with_legacy_defaults(saved)).to_dict()
-    except (ConfigError, ValueError, TypeError) as err:
-        return [f"the saved config no longer loads ({err})"]
-    ours, theirs = _flat(saved), _flat(wanted.to_dict())
-
     def kept(key: str) -> bool:
         in_sections = sections is None or key.split(".", 1)[0] in sections
         return in_sections and not any(key == i or key.startswith(i + ".") for i in ignore)
 
+    theirs = _flat(wanted.to_dict())
+    try:
+        ours = _flat(from_dict(RunConfig, with_legacy_defaults(saved)).to_dict())
+    except (ConfigError, ValueError, TypeError) as err:
+        # Still compare the keys both name, so that a changed teacher, student or data is seen
+        # (as JSON has them: the saved side's tuples are lists).
+        ours, theirs = _flat(with_legacy_defaults(saved)), _flat(json.loads(json.dumps(wanted.to_dict())))
+        keys = sorted(k for k in set(ours) & set(theirs) if kept(k))
+        return [f"the saved config no longer loads ({err})", *(f"{k}: saved {ours[k]!r}, wanted {theirs[k]!r}" for k in keys if ours[k] != theirs[k])]
     keys = sorted(k for k in set(ours) | set(theirs) if kept(k))
     return [f"{k}: saved {ours.get(k)!r}, wanted {theirs.get(k)!r}" for k in keys if ours.get(k) != theirs.get(k)]
 

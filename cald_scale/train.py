@@ -43,7 +43,7 @@ from .engines.zero3 import begin_step, load_ds_config, resolve_ds_config
 from .eval.report import write_report
 from .export.bamba import check_exportable, export_bamba
 from .export.hf import export_model
-from .fileio import atomic_write_text, hold_lock
+from .fileio import atomic_write_text, hold_lock, read_json
 from .metrics import MetricsLogger, peak_memory_bytes
 from .tasks import open_task
 
@@ -111,7 +111,7 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, *, resuming_at: int | None, re
     path = run_dir / "config.json"
     if not (path.is_file() and resuming_at is not None):
         return []
-    saved = json.loads(path.read_text())
+    saved = read_json(path)
     changed = config_differences(saved, cfg, ignore=("output.run_dir",))
     fixed = [d for d in changed if _fixed_on_resume(d.split(":")[0])]
     if fixed:
@@ -154,6 +154,24 @@ def _check_plan_change(run_dir: Path, before: PhasePlan, after: PhasePlan, at: i
         )
 
 
+PHASES_RUN = "phases_run"
+"""Client-state key: [name, start, end] of the phases of the steps a checkpoint holds."""
+
+
+def _check_phases_run(run_dir: Path, saved: dict, plan: PhasePlan, at: int) -> None:
+    """The steps a checkpoint holds ran in the phases it records; this code's plan must put them
+    in the same ones. ``_check_plan_change`` compares plans of the two configs, both resolved
+    by this code, so a change to how the code resolves them (e.g. rounding) shows only here."""
+    for name, start, end in saved.get(PHASES_RUN, []):
+        for step in range(start, min(end, at)):
+            if (now := plan.at(step).name) != name:
+                raise ValueError(
+                    f"step {step + 1} of {run_dir} ran in phase {name!r} (steps {start + 1}-{end}), and this version puts it in "
+                    f"{now!r} (steps {plan.at(step).start + 1}-{plan.at(step).end}): give the phases as steps (phases.N.steps) that "
+                    "end where they ended, or use a new output.run_dir"
+                )
+
+
 def _warn_joined_groups(resume: ResumePlan, plan: PhasePlan, trainable: str) -> None:
     """A checkpoint saved before the parts outside the blocks had optimizer groups of their own
     resumes with its layout, and a teacher-forced phase that trains everything then moves them."""
@@ -174,7 +192,8 @@ def _record(run_dir: Path, cfg: RunConfig, env: DistEnv, *, resumed_at: int | No
             logger.warning("resuming at step %d with changed settings: %s", resumed_at, "; ".join(changed))
             with open(run_dir / "config_changes.jsonl", "a") as handle:
                 handle.write(json.dumps({"from_step": resumed_at, "time": time.time(), "changes": changed}) + "\n")
-        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        # NOTE: durable, as the checkpoints are: a node crash must not leave them beside an empty config.
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2), durable=True)
     barrier()
 
 
@@ -182,10 +201,10 @@ def _once(path: Path, env: DistEnv, compute, *, resuming: bool) -> dict:
     """A value computed once per run (on every rank) and reused on resume; a start from
     scratch computes it again (a folder's earlier start may have had other settings)."""
     if resuming and path.is_file():
-        return json.loads(path.read_text())
+        return read_json(path)
     values = compute()
     if env.is_main:
-        atomic_write_text(path, json.dumps(values, indent=2))
+        atomic_write_text(path, json.dumps(values, indent=2), durable=True)
     barrier()
     return values
 
@@ -411,7 +430,10 @@ class _Run:
     def save(self, at: int) -> None:
         save_checkpoint(
             self.models.student_engine, self.run_dir / "checkpoints", at,
-            {**self.state.as_dict(), "guide": self.guide.state(), OPTIMIZER_GROUPS: [g.get("name") for g in self.models.student_engine.optimizer.param_groups]},
+            {
+                **self.state.as_dict(), "guide": self.guide.state(), OPTIMIZER_GROUPS: [g.get("name") for g in self.models.student_engine.optimizer.param_groups],
+                PHASES_RUN: [[p.name, p.start, min(p.end, at)] for p in self.plan.phases if p.start < at],
+            },
             self.cfg.output.keep_last,
             exclude_frozen=self.models.shares_frozen_weights, also_save=self.guide.save, owner=self.models.checkpoint_owner,
         )
@@ -535,6 +557,7 @@ def _start(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv) -> _Run:
         student_engine, ckpt_dir, frozen_excluded=models.shares_frozen_weights, also_load=guide.restore, tags=tags, source=resume.source,
     ) or {}
     saved = resume.finish(student_engine, saved, micro_batch=cfg.train.micro_batch(replicas), grad_accum=cfg.train.grad_accum, teacher_engine=getattr(models, "teacher_engine", None))
+    _check_phases_run(run_dir, saved, plan, student_engine.global_steps)
     # Only now, with the checkpoint loaded, does the folder say this run's settings: a resume that fails to load changes nothing.
     _record(run_dir, cfg, env, resumed_at=student_engine.global_steps if saved else None, changed=changed)
     evaluate = task.evaluator(models, replica, replicas)

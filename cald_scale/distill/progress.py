@@ -36,6 +36,11 @@ class StepState:
             "steps_skipped": self.steps_skipped, "train_seconds": self.train_seconds,
         }
 
+    def _where_to_resume(self) -> str:
+        if not self.last_saved:
+            return f"No checkpoint was saved yet (in {self.ckpt_dir}); lower the LR or check the data, then rerun (it starts over)."
+        return f"The last complete checkpoint (step {self.last_saved}) in {self.ckpt_dir} is intact; lower the LR or check the data, then rerun to resume."
+
     def finite(self) -> None:
         self.consecutive_nan = 0
 
@@ -47,8 +52,7 @@ class StepState:
         if self.consecutive_nan >= self.max_consecutive_nan:
             raise NonFiniteLossError(
                 f"{self.consecutive_nan} non-finite losses in a row at step {step} (train.max_consecutive_nan="
-                f"{self.max_consecutive_nan}); stopped. The last complete checkpoint (step {self.last_saved}) in {self.ckpt_dir} is intact; "
-                "lower the LR or check the data, then rerun to resume."
+                f"{self.max_consecutive_nan}); stopped. {self._where_to_resume()}"
             )
 
     def optimizer_step(self, *, applied: bool, step: int, loss_scaling: bool) -> None:
@@ -67,6 +71,5 @@ class StepState:
         if self.consecutive_skipped_steps >= self.max_consecutive_nan:
             raise NonFiniteLossError(
                 f"{self.consecutive_skipped_steps} optimizer steps in a row skipped by DeepSpeed for non-finite gradients, "
-                f"at step {step} (train.max_consecutive_nan={self.max_consecutive_nan}); stopped. The last complete checkpoint "
-                f"(step {self.last_saved}) in {self.ckpt_dir} is intact; lower the LR or check the data, then rerun to resume."
+                f"at step {step} (train.max_consecutive_nan={self.max_consecutive_nan}); stopped. {self._where_to_resume()}"
             )

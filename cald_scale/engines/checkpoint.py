@@ -133,22 +133,25 @@ def verify_tag(folder: Path, me: int = 0, world: int = 1) -> str | None:
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return "no manifest (half-written: the job stopped while saving)"
+    # NOTE: any damage to a manifest or marker (bytes that are not UTF-8, JSON of another
+    # shape) makes the tag unusable, named, so that the start falls back to an older one.
+    damaged = (OSError, ValueError, KeyError, TypeError, AttributeError)
     try:
         content = json.loads(manifest.read_text())
         if "files" in content:  # format 1 (one manifest by rank 0, no markers): still resumable
             return _check_files(folder, content["files"]) if me == 0 else None
         saved_world = int(content["world_size"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        return f"unreadable manifest ({err})"
+    except damaged as err:
+        return f"unreadable manifest ({type(err).__name__}: {err})"
     for i in range(me, saved_world, world):
         marker = folder / _MARKER.format(i)
         if not marker.is_file():
             return f"rank {i}'s completion marker is missing (it never finished sealing its part)"
         try:
-            entries = json.loads(marker.read_text())["files"]
-        except (json.JSONDecodeError, KeyError) as err:
-            return f"unreadable marker of rank {i} ({err})"
-        if (reason := _check_files(folder, entries)) is not None:
+            reason = _check_files(folder, json.loads(marker.read_text())["files"])
+        except damaged as err:
+            return f"unreadable marker of rank {i} ({type(err).__name__}: {err})"
+        if reason is not None:
             return reason
     return None
 
@@ -225,6 +228,7 @@ def _restore_rng(folder: Path, me: int) -> None:
     """This rank's RNG states; on a different world size, rank 0's for ranks it never had."""
     path = folder / _RNG.format(me)
     if not path.is_file():
+        logger.info("checkpoint %s has no RNG states of rank %d (saved on fewer ranks): it takes rank 0's", folder, me)
         path = folder / _RNG.format(0)
     if not path.is_file():
         logger.warning("checkpoint %s holds no RNG states; random streams restart from the seed", folder)
@@ -233,8 +237,14 @@ def _restore_rng(folder: Path, me: int) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():
+        if len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            logger.warning(
+                "checkpoint %s holds CUDA RNG states of %d device(s), this process sees %d: the CUDA streams (dropout) restart "
+                "from the seed", folder, len(state["cuda"]), torch.cuda.device_count(),
+            )
 
 
 # -- save / load ---------------------------------------------------------------------------
@@ -256,7 +266,10 @@ def save_checkpoint(
     folder = ckpt_dir / tag
     me, world = rank(), world_size()
     if me == 0 and folder.exists():
-        shutil.rmtree(folder)  # a stale partial save of this same step
+        if (folder / MANIFEST).is_file():  # complete: of a timeline this run left (it did not load)
+            _supersede(ckpt_dir, folder, step)
+        else:
+            shutil.rmtree(folder)  # a stale partial save of this same step
     barrier()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / _MARKER.format(me)).unlink(missing_ok=True)  # this rank's stale marker, from a save of this step that died
@@ -296,14 +309,7 @@ def _prune(ckpt_dir: Path, step: int, keep_last: int) -> None:
         if not (p / MANIFEST).is_file():
             shutil.rmtree(p, ignore_errors=True)
             continue
-        aside = ckpt_dir / SUPERSEDED / p.name
-        shutil.rmtree(aside, ignore_errors=True)  # an earlier run's copy of the same step
-        aside.parent.mkdir(exist_ok=True)
-        p.rename(aside)
-        logger.warning(
-            "checkpoint %s is newer than the step-%d one this run just saved (it did not load when the run "
-            "resumed): moved to %s, no longer resumed from; delete it once you no longer need it", p, step, aside,
-        )
+        _supersede(ckpt_dir, p, step)
     complete = [(s, p) for s, p in _tags(ckpt_dir) if (p / MANIFEST).is_file()]
     for _, old in complete[keep_last:]:
         shutil.rmtree(old, ignore_errors=True)
@@ -311,6 +317,18 @@ def _prune(ckpt_dir: Path, step: int, keep_last: int) -> None:
     for s, p in _tags(ckpt_dir):
         if s < step and not (p / MANIFEST).is_file():
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _supersede(ckpt_dir: Path, tag: Path, step: int) -> None:
+    """Move a complete tag of a timeline this run has left into ``superseded/``."""
+    aside = ckpt_dir / SUPERSEDED / tag.name
+    shutil.rmtree(aside, ignore_errors=True)  # an earlier run's copy of the same step
+    aside.parent.mkdir(exist_ok=True)
+    tag.rename(aside)
+    logger.warning(
+        "checkpoint %s is not older than the step-%d one this run saves (it did not load when the run "
+        "resumed): moved to %s, no longer resumed from; delete it once you no longer need it", tag, step, aside,
+    )
 
 
 class CheckpointSaveError(RuntimeError):

@@ -94,6 +94,17 @@ def test_truncated_or_missing_files_are_detected(tmp_path):
     assert "unreadable" in verify_tag(tag)
 
 
+@pytest.mark.parametrize("marker", [b"\xff\xfe not text", b"[1, 2]", b'{"files": [1]}', b'{"files": {"mp_rank_00_model_states.pt": {"crc32": 1}}}'])
+def test_a_damaged_marker_or_manifest_falls_back_to_the_tag_before(tmp_path, marker, caplog):
+    _tag(tmp_path, 1)
+    newer = _tag(tmp_path, 2)
+    (newer / "cald_done_rank_00000.json").write_bytes(marker)
+    assert [step for step, _ in complete_tags(tmp_path)] == [1]
+    assert "unreadable marker of rank 0" in caplog.text
+    (newer / MANIFEST).write_bytes(marker)
+    assert verify_tag(newer).startswith("unreadable manifest")
+
+
 def test_format_1_tags_stay_resumable(tmp_path):
     folder = tmp_path / "step_00000001"
     folder.mkdir()
@@ -231,6 +242,26 @@ def test_tags_newer_than_the_saved_step_neither_take_its_place_nor_are_resumed_a
     assert [step for step, _ in complete_tags(tmp_path)] == [130, 100][:keep_last]
     assert sorted(p.name for p in (tmp_path / checkpoint.SUPERSEDED).iterdir()) == ["step_00000200"]
     assert not (tmp_path / "step_00000250").exists()
+
+
+def test_a_complete_tag_at_the_step_a_resumed_run_saves_is_moved_aside_not_deleted(tmp_path, caplog):
+    """Step 125 did not load (a transient error), the run resumed from 100 and saves step 125 again."""
+    from pathlib import Path
+
+    class Engine:
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters):
+            (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"the resumed run's")
+
+    _tag(tmp_path, 100, world=1)
+    _tag(tmp_path, 125, world=1)
+    checkpoint.save_checkpoint(Engine(), tmp_path, 125, {}, keep_last=3)
+    aside = tmp_path / checkpoint.SUPERSEDED / "step_00000125"
+    assert (aside / "mp_rank_00_model_states.pt").read_bytes() == b"client state" * 50 and verify_tag(aside) is None
+    assert (tmp_path / "step_00000125" / "mp_rank_00_model_states.pt").read_bytes() == b"the resumed run's"
+    assert [step for step, _ in complete_tags(tmp_path)] == [125, 100] and "moved to" in caplog.text
+    _tag(tmp_path, 150, world=1, manifest=False)  # a partial save of the same step is replaced, as before
+    checkpoint.save_checkpoint(Engine(), tmp_path, 150, {}, keep_last=3)
+    assert sorted(p.name for p in aside.parent.iterdir()) == ["step_00000125"]
 
 
 def _load_on_rank(rank: int, init_file: str, folder: str, out: str) -> None:

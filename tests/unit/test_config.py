@@ -226,6 +226,11 @@ def test_ds_config_typos_are_refused_when_read(tmp_path):
     # an unknown top-level key that resembles no DeepSpeed key is left to DeepSpeed (it may be new)
     path.write_text(json.dumps({**shipped, "my_notes": "x"}))
     assert load_ds_config(path)["my_notes"] == "x"
+    # a file of another shape is named, not a traceback
+    for content, message in (([1], "must be a JSON object of settings, got list"), ({**shipped, "zero_optimization": None}, "zero_optimization must be an object of settings, got null")):
+        path.write_text(json.dumps(content))
+        with pytest.raises(ConfigError, match=re.escape(f"DeepSpeed config {path}") + ".*" + re.escape(message)):
+            load_ds_config(path)
 
 
 def test_global_batch_splits_over_ranks():
@@ -308,6 +313,32 @@ def test_a_run_folder_of_another_student_is_refused_naming_the_key(tmp_path):
     assert config_differences(saved, other, sections=("loss", "data")) == []
     assert config_differences(saved, load_run_config(None, ["train.max_steps=4", "train.lr=2e-3"]), ignore=("train.lr",)) == []
     assert config_differences({"student": {"no_such_key": 1}}, cfg)[0].startswith("the saved config no longer loads")
+    # A saved config that no longer loads (a key since removed) still has its teacher, student
+    # and data compared: the keys both configs name.
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "train": {**saved["train"], "an_old_key": 1}}))
+    with pytest.raises(ValueError, match=r"another teacher, student or data \(student.conversion.mixer: saved 'mamba2', wanted 'mamba'"):
+        _check_run_dir(tmp_path, other, resuming_at=4)
+    same = _check_run_dir(tmp_path, cfg, resuming_at=4)
+    assert same[0].startswith("the saved config no longer loads (unknown config key(s) ['train.an_old_key']") and len(same) == 1
+    (tmp_path / "config.json").write_text("")  # emptied by a crash
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'config.json'} is not valid JSON")):
+        _check_run_dir(tmp_path, cfg, resuming_at=4)
+
+
+def test_steps_a_checkpoint_ran_stay_in_their_phases_under_this_version(tmp_path):
+    """The checkpoint records the phases its steps ran in; a version that resolves the same config
+    to other boundaries (four quarters of 10 steps rounded one by one were 2, 2, 2, 4) is refused."""
+    from cald_scale.train import PHASES_RUN, _check_phases_run
+
+    cfg = load_run_config(None, ["train.max_steps=10", "phases=[{name: a, fraction: 0.25}, {name: b, fraction: 0.25}, {name: c, fraction: 0.25}, {name: d, fraction: 0.25}]"])
+    plan = cfg.plan(1)
+    assert [(p.start, p.end) for p in plan.phases] == [(0, 2), (2, 5), (5, 8), (8, 10)]
+    older = {PHASES_RUN: [["a", 0, 2], ["b", 2, 4], ["c", 4, 6]]}
+    with pytest.raises(ValueError, match=r"step 5 of .* ran in phase 'c' \(steps 5-6\), and this version puts it in 'b' \(steps 3-5\)"):
+        _check_phases_run(tmp_path, older, plan, 6)
+    _check_phases_run(tmp_path, older, plan, 4)  # at step 4, the steps run agree
+    _check_phases_run(tmp_path, {PHASES_RUN: [["a", 0, 2], ["b", 2, 5], ["c", 5, 6]]}, plan, 6)
+    _check_phases_run(tmp_path, {}, plan, 6)  # a checkpoint from before the record
 
 
 def test_a_recipe_given_twice_is_a_usage_error(capsys):

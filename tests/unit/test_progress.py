@@ -24,3 +24,10 @@ def test_fp16_loss_scale_search_skips_steps_without_stopping_the_run():
     for step in range(1, 6):  # the dynamic loss scaler halving its way down
         state.optimizer_step(applied=False, step=step, loss_scaling=True)
     assert state.steps_skipped == 5
+
+
+def test_a_stop_before_any_checkpoint_does_not_name_one():
+    state = StepState({}, max_consecutive_nan=1, ckpt_dir="ckpt")
+    with pytest.raises(NonFiniteLossError, match=r"at step 1 .*No checkpoint was saved yet \(in ckpt\).*it starts over") as err:
+        state.nonfinite(step=1)
+    assert "step 0" not in str(err.value)
