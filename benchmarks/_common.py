@@ -180,6 +180,24 @@ def overall_pass(targets: dict[str, dict]) -> bool | None:
     return all(scored) if scored else None
 
 
+PARSE_ONLY = os.environ.get("CALD_BENCH_PARSE_ONLY") == "1"
+"""gpu_check.sh's rehearsal of its own command lines (GPU_CHECK_PARSE_ONLY=1): each benchmark
+checks the flags it is given, as on the GPU (--device cuda included), and runs nothing."""
+
+
+def no_cuda_for(device) -> bool:
+    """``--device cuda`` asked for where there is none (never, when only parsing)."""
+    import torch
+
+    return str(device).startswith("cuda") and not torch.cuda.is_available() and not PARSE_ONLY
+
+
+def stop_if_parse_only(args) -> None:
+    if PARSE_ONLY:
+        print("parsed:", json.dumps(vars(args), default=str))
+        raise SystemExit(0)
+
+
 def write_result(name: str, result: dict, out: str | None = None) -> Path:
     """Write ``result`` as JSON (default benchmarks/results/<name>.json) and print it."""
     path = Path(out) if out else RESULTS / f"{name}.json"

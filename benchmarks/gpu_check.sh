@@ -6,11 +6,17 @@
 #   GPU_CHECK_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
 #                                           # through the device tool: carry ["gpu_wheels"], timeout_s 520,
 #                                           # kind nvidia-h200 (the earlier runs' card; an H100 works too)
+#   GPU_CHECK_LIMIT_S=300 GPU_CHECK_STEPS="train_speed_llama1b" GPU_CHECK_COMMIT=... bash benchmarks/gpu_check.sh
+#                                           # a second call: the budget follows the call's timeout_s (less 40 s)
 #   bash benchmarks/gpu_rehearsal.sh        # before it, on the CPU machine: the image's software, every benchmark on CPU
 #
 # Time: the whole script stays under 8 minutes. Each step runs under `timeout` with its own
-# cap, cut to what is left of GPU_CHECK_BUDGET_S (default 480 s); a step that fails or
-# times out is recorded and the next one runs (set -uo pipefail, no -e). The steps run in the
+# cap, cut to what is left of GPU_CHECK_BUDGET_S (default: GPU_CHECK_LIMIT_S, the device
+# call's timeout_s, less 40 s; 480 s for the usual 520); a step that fails or times out is
+# recorded and the next one runs (set -uo pipefail, no -e); the script exits 1 when any did.
+# A SIGTERM or SIGINT to the script (the device call's own limit) stops the running step and
+# keeps what every step wrote, with the status table. train_speed writes its result after
+# every timed round, kernel_parity after every op. The steps run in the
 # order of their worth: kernel parity (bf16, then float32), the distillation step, mixer and
 # inference speed, Llama-3.2-1B's training speed. On the second GPU run (2026-12-04) all of
 # them needed about 12 minutes, over half of it Triton tuning and processes starting one after
@@ -57,10 +63,22 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT  # logs and results are packed into $OUT after every step
 SITE=$WORK/site
 LOG=$OUT/gpu_check.log
-BUDGET=${GPU_CHECK_BUDGET_S:-480}
+LIMIT=${GPU_CHECK_LIMIT_S:-520}
+BUDGET=${GPU_CHECK_BUDGET_S:-$((LIMIT - 40))}
+if ((BUDGET > LIMIT - 40)); then
+  echo "gpu_check: GPU_CHECK_BUDGET_S=$BUDGET does not end 40 s before the call's limit GPU_CHECK_LIMIT_S=$LIMIT: the results would be lost" >&2
+  exit 2
+fi
 # A rerun of some steps only (env, install_wheels and kernels always run), e.g.
 # GPU_CHECK_STEPS="train_speed_smollm2 kernel_parity" GPU_CHECK_PARITY_LEVELS=mixer
+STEPS="env install_wheels kernels kernel_parity train_speed_smollm2 mixer_speed inference_speed_smollm2 inference_speed_llama1b train_speed_llama1b"
 ONLY=${GPU_CHECK_STEPS:-}
+for name in $ONLY; do
+  if [[ " $STEPS none " != *" $name "* ]]; then
+    echo "gpu_check: GPU_CHECK_STEPS names $name, which is no step of this script (steps: $STEPS)" >&2
+    exit 2
+  fi
+done
 [ -n "$ONLY" ] && ONLY="env install_wheels kernels $ONLY"
 PARITY_LEVELS=${GPU_CHECK_PARITY_LEVELS:-op,mixer}
 WHEELS=${GPU_WHEELS:-$REPO/gpu_wheels}
@@ -74,8 +92,13 @@ export CALD_TRITON_AUTOTUNE_CACHE=$WORK/triton_autotune.json  # packed with the 
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 export CALD_SCALE_CACHE=$WORK/cache  # random teachers written by train_speed.py stay out of $HOME
 export PY WHEELS WORK SITE  # read by the step functions, which run in child shells
+# GPU_CHECK_PARSE_ONLY=1: every benchmark step checks its command line as given here and runs
+# nothing (benchmarks/_common.py PARSE_ONLY): the CI test of this script, on CPU.
+[ "${GPU_CHECK_PARSE_ONLY:-0}" = 1 ] && export CALD_BENCH_PARSE_ONLY=1
 START=$SECONDS
 STATUS=()
+RESULTS=()  # the result files the steps so far write (copied into $OUT)
+FAILED=0
 
 say() { echo "$*" | tee -a "$LOG"; }
 
@@ -90,6 +113,34 @@ pack() {  # everything the steps wrote, for the record (a tarball is one of the 
   tar -czf "$OUT/gpu_check_all.tar.gz.tmp" -C "$WORK" --exclude=./site --exclude=./cache . 2>/dev/null \
     && mv "$OUT/gpu_check_all.tar.gz.tmp" "$OUT/gpu_check_all.tar.gz"
 }
+
+# keep: every result file the steps wrote, into $OUT (at most 8 files come back from it).
+keep() {
+  local result
+  for result in "${RESULTS[@]}"; do
+    [ -s "$WORK/$result" ] && cp "$WORK/$result" "$OUT/$result"
+  done
+}
+
+status_table() {
+  say ""
+  say "gpu_check $1 in $((SECONDS - START)) s (budget ${BUDGET}s); results in $OUT:"
+  for line in "${STATUS[@]}"; do say "  $line"; done
+}
+
+# The device call's limit ends the script with a SIGTERM: stop the running step (its `timeout`
+# passes the signal on, and the benchmarks save what they have) and keep what was written.
+on_signal() {
+  trap - TERM INT
+  [ -s "$WORK/step.pid" ] && kill -TERM "$(cat "$WORK/step.pid")" 2>/dev/null
+  sleep 2
+  STATUS+=("$(printf '%-26s stopped by a signal' "${CURRENT:-?}")")
+  keep
+  status_table "stopped by a signal"
+  pack
+  exit 143
+}
+trap on_signal TERM INT
 
 # step NAME CAP_S RESULT CMD...: run CMD under timeout, its output to $WORK/NAME.log and the
 # combined log; RESULT (a file name written in $WORK, or -) is copied into $OUT afterwards.
@@ -112,15 +163,34 @@ step() {
     set -- bash -c "$(declare -f "$1"); $1"
   fi
   local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$WORK/$name.log" >>"$LOG"
-  local rc=$?
+  CURRENT=$name
+  [ "$result" != "-" ] && RESULTS+=("$result")
+  rm -f "$WORK/step.rc" "$WORK/step.pid"
+  # NOTE: in the background, waited for: a signal to this script runs its trap at once, not
+  # after the step. The step's exit code and its `timeout`'s pid come back through files.
+  {
+    timeout --kill-after=10 "$limit" "$@" &
+    echo $! >"$WORK/step.pid"
+    wait $!
+    echo $? >"$WORK/step.rc"
+  } 2>&1 | tee "$WORK/$name.log" >>"$LOG" &
+  wait $!
+  local rc
+  rc=$(cat "$WORK/step.rc" 2>/dev/null || echo "?")
   local took=$((SECONDS - t0)) note=""
-  ((rc == 124 || rc == 137)) && note=" TIMED OUT"
+  [[ "$rc" == 124 || "$rc" == 137 ]] && note=" TIMED OUT"
   if [ "$result" != "-" ]; then
-    if [ -s "$WORK/$result" ]; then cp "$WORK/$result" "$OUT/$result"; else note="$note, no $result"; fi
+    if [ -s "$WORK/$result" ]; then
+      cp "$WORK/$result" "$OUT/$result"
+    elif [ -z "${CALD_BENCH_PARSE_ONLY:-}" ]; then
+      note="$note, no $result"
+      FAILED=1
+    fi
   fi
+  [ "$rc" != 0 ] && FAILED=1
   tail -n 12 "$WORK/$name.log"
   STATUS+=("$(printf '%-26s rc=%-3s %4ss%s' "$name" "$rc" "$took" "$note")")
+  CURRENT=
   pack
 }
 
@@ -220,8 +290,8 @@ step train_speed_llama1b 210 train_speed_gpu_llama1b.json \
   "$PY" benchmarks/train_speed.py --device cuda --dtype bfloat16 --geometry Llama-3.2-1B --batch "$LLAMA1B_BATCH" --seq_len 2048 --time-budget "$(budget_for 210)" \
   --log-dir "$WORK/train_speed_llama1b_items" --out "$WORK/train_speed_gpu_llama1b.json"
 
-say ""
-say "gpu_check done in $((SECONDS - START)) s (budget ${BUDGET}s); results in $OUT:"
-for line in "${STATUS[@]}"; do say "  $line"; done
+trap - TERM INT
+status_table done
 pack
 ls -la "$OUT" | tee -a "$LOG"
+exit $FAILED

@@ -27,7 +27,7 @@ trap 'rm -rf "$WORK"' EXIT
 "$PY" -m pip install -q numpy einops msgpack psutil py-cpuinfo matplotlib accelerate safetensors 2>&1 | grep -v "is ignored" || true
 
 failed=()
-OUT=$WORK/gpu_check PYTHON=$PY GPU_CHECK_STEPS=none bash benchmarks/gpu_check.sh >"$WORK/gpu_check.out" 2>&1
+OUT=$WORK/gpu_check PYTHON=$PY GPU_CHECK_PARSE_ONLY=1 bash benchmarks/gpu_check.sh >"$WORK/gpu_check.out" 2>&1
 sed -n '/== kernels/,/^gpu_check done/p' "$WORK/gpu_check/gpu_check.log"
 grep -q "mixer kernel='cuda' resolves to cuda" "$WORK/gpu_check/gpu_check.log" || failed+=("gpu_check kernels: not every kernel group imports")
 

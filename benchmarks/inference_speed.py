@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GEOMETRIES, REPO, RESULTS, machine, overall_pass, write_result  # noqa: E402
+from _common import GEOMETRIES, REPO, RESULTS, machine, no_cuda_for, overall_pass, stop_if_parse_only, write_result  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache  # noqa: E402
 
 from cald_scale.conversion.modeling import ConversionConfig  # noqa: E402
@@ -473,6 +473,9 @@ def main() -> None:
     batches = [int(b) for b in (args.batches or ("1,4" if args.quick else "1,8")).split(",")]
     args.decode_steps = args.decode_steps or (4 if args.quick else 8)
     dtype = DTYPES[args.dtype]
+    if no_cuda_for(device):
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    stop_if_parse_only(args)
 
     teacher, student, attn = build_pair(args.geometry, max(contexts), dtype, device, args.attention_every)
     kv_per_seq = lambda context: kv_bytes_per_sequence(teacher, context)  # noqa: E731

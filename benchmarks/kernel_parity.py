@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import machine  # noqa: E402
+from _common import machine, no_cuda_for, stop_if_parse_only  # noqa: E402
 
 from cald_scale.fileio import atomic_write_text  # noqa: E402
 from cald_scale.mixers import Mamba2Config, MambaConfig, build_mixer  # noqa: E402
@@ -589,7 +589,7 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device(args.device)
     args.out = args.out or Path(__file__).resolve().parent / "results" / f"kernel_parity_{device.type}.json"
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if no_cuda_for(device):
         parser.error("--device cuda but torch.cuda.is_available() is False")
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -602,6 +602,7 @@ def main() -> int:
     level_names = [name.strip() for name in args.levels.split(",") if name.strip()]
     if not level_names or set(level_names) - {"op", "mixer"}:
         parser.error(f"--levels {args.levels!r}: give op, mixer or both")
+    stop_if_parse_only(args)
     started = time.perf_counter()
 
     def over_budget() -> bool:

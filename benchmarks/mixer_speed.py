@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SMOLLM2_GEOMETRY, llama_teacher, machine, write_result  # noqa: E402
+from _common import SMOLLM2_GEOMETRY, llama_teacher, machine, no_cuda_for, stop_if_parse_only, write_result  # noqa: E402
 
 from cald_scale.conversion.modeling import ConversionConfig  # noqa: E402
 from cald_scale.conversion.surgery import convert_teacher  # noqa: E402
@@ -83,9 +83,10 @@ def main() -> None:
     parser.add_argument("--no-report", action="store_true", help="write the JSON only, no dated Markdown report")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if no_cuda_for(device):
         parser.error("--device cuda but torch.cuda.is_available() is False")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    stop_if_parse_only(args)
 
     args.out = args.out or Path(__file__).resolve().parent / "results" / ("mixer_speed_quick.json" if args.quick else "mixer_speed.json")
     torch.set_num_threads(len(os.sched_getaffinity(0)))

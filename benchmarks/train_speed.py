@@ -68,7 +68,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, child_env, machine, narrow_geometry, overall_pass, truncated_geometry, write_random_teacher, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, child_env, machine, narrow_geometry, no_cuda_for, overall_pass, stop_if_parse_only, truncated_geometry,
+    write_random_teacher, write_result,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -360,7 +363,7 @@ def serve_item(args) -> None:
     if device.type == "cuda":
         memory["cuda_allocated_built_bytes"] = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    _reply({"ready": True, "build_seconds": build_seconds})
+    _reply({"ready": True, "build_seconds": build_seconds, "student_kernel": _student_kernel(cfg, device)})
 
     for command in sys.stdin:
         command = command.strip()
@@ -385,6 +388,18 @@ def serve_item(args) -> None:
             _reply({"memory": memory, "build_seconds": build_seconds, "allocator": allocator, "torch_threads": torch.get_num_threads()})
         elif command == "profile":
             _reply(profile_step(step, device))
+
+
+def _student_kernel(cfg, device: torch.device) -> str:
+    """The implementation the student's mixers run ("cuda": mamba_ssm's kernels; "chunked": the
+    pure-PyTorch path "auto" falls back to when they do not load), so a GPU result says which."""
+    from cald_scale.mixers.ops.dispatch import resolve_kernel
+
+    conversion = cfg.student.conversion
+    try:
+        return resolve_kernel(getattr(conversion, conversion.mixer).kernel, device, conversion.mixer)
+    except RuntimeError as err:
+        return f"unavailable: {err}"
 
 
 # -- parent: start the workers, step them in turn --------------------------------------------
@@ -475,11 +490,13 @@ def run_items(args, teacher: Path, log_dir: Path, profile: bool, publish) -> Non
     ends the profile keeps them), then again with the profile."""
     workers, results = {}, {}
     started: dict[str, Worker] = {}
+    kernels: dict[str, str] = {}
 
     def await_build(item: str) -> None:
         try:
             built = started[item].read()
             workers[item] = started[item]
+            kernels[item] = built["student_kernel"]
             print(f"[train_speed] {_elapsed()} built {item} in {built['build_seconds']:.1f} s", flush=True)
         except WorkerFailed as err:
             results[item] = {"error": str(err)}
@@ -496,21 +513,35 @@ def run_items(args, teacher: Path, log_dir: Path, profile: bool, publish) -> Non
         if args.build == "parallel":
             for item in args.items:
                 await_build(item)
-        rounds = _rounds(workers, results, args.warmup + args.steps, "timed", args.time_budget)
+        def measured(rounds: dict[str, list[dict]]) -> dict:
+            """Every item's result from the rounds run so far."""
+            steps = {item: replies[args.warmup:] for item, replies in rounds.items()}
+            for item, worker in list(workers.items()):
+                if not steps[item]:
+                    results[item] = {
+                        "error": f"no step after the {args.warmup} warmup steps within --time-budget {args.time_budget} s",
+                        "warmup_step_seconds": [r["s"] for r in rounds[item]],  # what the first steps cost (GPU: Triton tuning)
+                    }
+                    continue
+                try:
+                    results[item] = _item_result(steps[item], worker.call("memory"), args.batch * args.seq_len)
+                except WorkerFailed as err:  # its steps were timed, but a result without memory is no result
+                    results[item] = {"error": str(err)}
+                    del workers[item]
+                    continue
+                if "student" in item or "distill" in item:
+                    results[item]["student_kernel"] = kernels[item]
+            return {item: results[item] for item in args.items}
+
+        def after_round(done: int, rounds: dict[str, list[dict]]) -> None:
+            # NOTE: published after every timed round, so that a cap that kills this process
+            # (gpu_check's step limit) leaves the rounds it finished on disk.
+            if done > args.warmup:
+                publish(measured(rounds), None)
+
+        rounds = _rounds(workers, results, args.warmup + args.steps, "timed", args.time_budget, after_round=after_round)
         steps = {item: replies[args.warmup:] for item, replies in rounds.items()}
-        for item, worker in list(workers.items()):
-            if not steps[item]:
-                results[item] = {
-                    "error": f"no step after the {args.warmup} warmup steps within --time-budget {args.time_budget} s",
-                    "warmup_step_seconds": [r["s"] for r in rounds[item]],  # what the first steps cost (GPU: Triton tuning)
-                }
-                continue
-            try:
-                results[item] = _item_result(steps[item], worker.call("memory"), args.batch * args.seq_len)
-            except WorkerFailed as err:  # its steps were timed, but a result without memory is no result
-                results[item] = {"error": str(err)}
-                del workers[item]
-        items = {item: results[item] for item in args.items}
+        items = measured(rounds)
         publish(items, None)
         if "distill_step" in workers and (profile or (args.phase == "end_to_end" and _misses_target(steps))):
             # NOTE: the profile a missed target brings is skipped past the budget (an explicit --profile is not).
@@ -534,9 +565,12 @@ def _elapsed() -> str:
     return f"+{time.perf_counter() - _STARTED:.0f}s"
 
 
-def _rounds(workers: dict[str, Worker], results: dict, rounds: int, label: str, budget_s: float | None = None) -> dict[str, list[dict]]:
+def _rounds(
+    workers: dict[str, Worker], results: dict, rounds: int, label: str, budget_s: float | None = None, after_round=None,
+) -> dict[str, list[dict]]:
     """``rounds`` rounds of one step of each item in turn; a worker that fails is dropped (its error kept).
-    Past ``budget_s`` seconds since the start no new round begins (fewer timed steps, not no result)."""
+    Past ``budget_s`` seconds since the start no new round begins (fewer timed steps, not no result).
+    ``after_round(rounds done, replies so far)`` runs after each."""
     replies = {item: [] for item in workers}
     for i in range(rounds):
         if budget_s is not None and i > 0 and time.perf_counter() - _STARTED > budget_s:
@@ -553,6 +587,8 @@ def _rounds(workers: dict[str, Worker], results: dict, rounds: int, label: str, 
                 continue
             print(f"[train_speed] {_elapsed()} {label} round {i + 1}: {item} {reply['s']:.3f} s", flush=True)
             replies[item].append(reply)
+        if after_round is not None:
+            after_round(i + 1, replies)
     return replies
 
 
@@ -642,7 +678,7 @@ def markdown(result: dict) -> str:
         f"# train_speed ({m['date'][:10]})",
         "",
         f"{s['geometry']} ({s['layers']} layers, width {s.get('hidden_size', '?')}), {result['dtype']}, batch {s['batch']} x {s['seq_len']} tokens, student trains "
-        f"{s['student_trainable']}, {result['device']} (torch threads per item: {s['torch_threads']}); median of {s['steps']} steps after {s['warmup']} warmup, the items stepping in turn. "
+        f"{s['student_trainable']}, {result['device']} (torch threads per item: {s['torch_threads']}; student mixers: {s.get('student_kernel') or '?'} path); median of {s['steps']} steps after {s['warmup']} warmup, the items stepping in turn. "
         f"{m['gpu'] if not cpu and 'gpu' in m else m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']}, transformers {m['transformers']}.",
         "",
         "| item | s/step (median) | s/step (min) | tokens/s | peak memory (GB) |" + (" above process baseline (GB) |" if cpu else ""),
@@ -688,6 +724,7 @@ def assemble(args, geometry: str, items: dict, profiled: dict | None, load_befor
             "batch": args.batch, "seq_len": args.seq_len,
             "tokens_per_step": args.batch * args.seq_len, "steps": args.steps, "warmup": args.warmup, "student_trainable": args.trainable, "phase": args.phase,
             "time_budget_s": args.time_budget, "build": args.build,
+            "student_kernel": next((item["student_kernel"] for item in items.values() if "student_kernel" in item), None),
             "torch_threads": items["teacher_forward"].get("torch_threads", args.threads),
         },
         "memory_measure": (
@@ -771,10 +808,11 @@ def main() -> None:
     if args.item:
         serve_item(args)
         return
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if no_cuda_for(args.device):
         parser.error("--device cuda: no CUDA device here")
     if args.dtype == "bfloat16" and args.device != "cuda":
         parser.error("--dtype bfloat16: the ZeRO-3 engines train in bf16 only on a bf16-capable accelerator (use --device cuda)")
+    stop_if_parse_only(args)
 
     geometry = truncated_geometry(args.geometry, QUICK_LAYERS) if args.quick else args.geometry
     geometry = narrow_geometry(geometry) if args.narrow else geometry

@@ -68,7 +68,7 @@ CAUSAL_CONV1D_VERSION=${CAUSAL_CONV1D_VERSION:-1.7.0}
 DEEPSPEED_VERSION=${DEEPSPEED_VERSION:-0.19.8}
 CUDA_ARCH=${CUDA_ARCH:-90}
 TARGET_PYTHON=3.12  # the GPU image's
-LIMIT_MIB=58        # of the 64 MiB a run carries; the rest is the repository (3.2 MB)
+LIMIT_MIB=58        # of the 64 MiB a run carries; the rest is the repository (about 4 MB)
 MODE=prepare OUT_DIR=gpu_wheels DRY=0 DEEPSPEED=1 SELECTIVE_SCAN=0 TOOLCHAIN=""
 TORCH_VERSION=${TORCH_VERSION:-2.11.0}  # the GPU image's (PyPI's build of it is +cu130)
 
@@ -90,6 +90,14 @@ run() {
   echo "+ $*"
   [ "$DRY" = 1 ] || "$@"
 }
+
+# NOTE: the default mode builds mamba-ssm's wheel with $PY's own packages (no build isolation):
+# its setup.py imports torch and wheel's bdist_wheel. Say so now, not after the downloads.
+if [ "$MODE" = prepare ] && [ "$DRY" = 0 ] && ! "$PY" -c "import torch, wheel.bdist_wheel, packaging" 2>/dev/null; then
+  echo "$PY lacks torch, wheel or packaging, which building mamba-ssm's wheel needs: run with PYTHON=.venv/bin/python" \
+    "after .venv/bin/pip install wheel packaging" >&2
+  exit 2
+fi
 
 SRC=gpu_wheels/src
 run mkdir -p "$OUT_DIR" "$SRC"

@@ -69,7 +69,15 @@ except ValueError as err:
 
 # The first node of the allocation: the rendezvous host of rank 0.
 cald_master_addr() {
-    cald_hostnames | head -n 1
+    local first
+    first=$(cald_hostnames | head -n 1)
+    # NOTE: called inside $(...), where a failing scontrol would leave the address empty and the
+    # ranks would fail later on an unclear rendezvous error: stop here, naming it.
+    if [ -z "$first" ]; then
+        echo "cald: no host in the allocation's node list '${SLURM_JOB_NODELIST:-}' (scontrol show hostnames failed?); set CALD_MASTER_ADDR" >&2
+        exit 1
+    fi
+    echo "$first"
 }
 
 # The allocation's hosts, one a line (this host outside SLURM, e.g. for DRY_RUN).
@@ -133,7 +141,10 @@ _cald_requeue() {  # $1: why
     trap '' USR1 TERM
     if [ -z "${SLURM_JOB_ID:-}" ]; then _cald_log "$1: not a SLURM job, rerun to resume"; exit "$CALD_PREEMPTED_EXIT_CODE"; fi
     _cald_log "$1: requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
+    if ! scontrol requeue "$SLURM_JOB_ID"; then  # e.g. a job submitted with --no-requeue, or a cluster that forbids it
+        _cald_log "scontrol requeue $SLURM_JOB_ID was refused: the run is saved; resubmit this script to resume"
+        exit "$CALD_PREEMPTED_EXIT_CODE"
+    fi
     exit 0
 }
 

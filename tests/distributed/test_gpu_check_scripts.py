@@ -6,10 +6,15 @@ rot once, unnoticed (it called train_step with an argument the trainer had dropp
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from launcher import launcher_env, run
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run_benchmark(script: str, tmp_path: Path, *args: str) -> dict:
@@ -17,6 +22,59 @@ def _run_benchmark(script: str, tmp_path: Path, *args: str) -> dict:
     proc = run([sys.executable, f"benchmarks/{script}", "--device", "cpu", *args, "--out", str(out)], launcher_env(tmp_path), timeout=600)
     assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     return json.loads(out.read_text())
+
+
+def _gpu_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    out = tmp_path / "out"
+    return subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**launcher_env(tmp_path), "OUT": str(out), "PYTHON": sys.executable, "GPU_WHEELS": str(tmp_path / "no_wheels"), **env},
+    )
+
+
+def test_gpu_check_command_lines_parse_as_the_gpu_run_gives_them(tmp_path):
+    """Every benchmark step of gpu_check.sh, with its own flags (--device cuda, bf16, the 1B
+    geometry), parsed by the benchmark and run no further: a renamed flag fails here, not on the GPU."""
+    proc = _gpu_check(tmp_path, GPU_CHECK_PARSE_ONLY="1")
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    steps = ["kernel_parity", "train_speed_smollm2", "mixer_speed", "inference_speed_smollm2", "inference_speed_llama1b", "train_speed_llama1b"]
+    for name in steps:
+        line = next(line for line in log.splitlines() if line.strip().startswith(name + " "))
+        assert "rc=0 " in line, f"{name}: {line}\n{log[-3000:]}"
+    assert log.count("parsed: {") == len(steps) and '"device": "cuda"' in log
+    assert proc.returncode == 0, log[-3000:]
+
+
+def test_gpu_check_refuses_an_unknown_step_and_a_budget_past_its_limit(tmp_path):
+    proc = _gpu_check(tmp_path, GPU_CHECK_STEPS="kernel_parity_fp32")
+    assert proc.returncode == 2 and "GPU_CHECK_STEPS names kernel_parity_fp32, which is no step" in proc.stderr
+    proc = _gpu_check(tmp_path, GPU_CHECK_LIMIT_S="300", GPU_CHECK_BUDGET_S="480")
+    assert proc.returncode == 2 and "does not end 40 s before the call's limit" in proc.stderr
+
+
+def test_gpu_check_keeps_what_was_written_when_the_call_is_stopped(tmp_path):
+    """The device call's limit ends the script with SIGTERM in the middle of a step: the results
+    written so far and the status table are kept in $OUT."""
+    script = tmp_path / "stub.sh"  # the script's own control flow, with one step that writes, then hangs
+    text = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    head = text.split('COMMIT=${GPU_CHECK_COMMIT', 1)[0]
+    script.write_text(head.replace('cd "$(dirname "$0")/.." || exit 1', f'cd "{REPO}" || exit 1') + (
+        'writes_then_hangs() { echo \'{"partial": true}\' >"$WORK/part.json"; sleep 300; }\n'
+        'step slow 200 part.json writes_then_hangs\n'
+    ))
+    proc = subprocess.Popen(["bash", str(script)], env={**launcher_env(tmp_path), "OUT": str(tmp_path / "out"), "PYTHON": sys.executable},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "out" / "gpu_check.log"
+    for _ in range(100):
+        if log.is_file() and "== slow" in log.read_text() and (tmp_path / "out").is_dir():
+            break
+        time.sleep(0.1)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.returncode == 143
+    assert json.loads((tmp_path / "out" / "part.json").read_text()) == {"partial": True}
+    assert "slow                       stopped by a signal" in log.read_text() and (tmp_path / "out" / "gpu_check_all.tar.gz").is_file()
 
 
 def test_kernel_parity_checks_every_cpu_path(tmp_path):
@@ -79,6 +137,9 @@ def test_train_speed_steps_every_item_through_the_trainer(tmp_path):
     result = _run_benchmark("train_speed.py", tmp_path, "--quick", "--narrow", "--warmup", "0", "--steps", "2",
                             "--time-budget", "0", "--log-dir", str(tmp_path / "items"), "--build", "parallel", "--compare-leaves", "--compare-zero3", "--profile")
     assert result["shapes"]["build"] == "parallel"
+    # The student's mixers say which path they ran (on CPU "auto" falls back to the pure-PyTorch one).
+    assert result["shapes"]["student_kernel"] == "chunked" and result["items"]["distill_step"]["student_kernel"] == "chunked"
+    assert "student_kernel" not in result["items"]["teacher_forward"] and "student mixers: chunked path" in (tmp_path / "train_speed.md").read_text()
     assert (result["shapes"]["hidden_size"], result["shapes"]["layers"], result["shapes"]["seq_len"]) == (64, 8, 64)
     assert set(result["items"]) == {
         "teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step", "distill_step_frozen_leaves", "distill_step_hooked", "teacher_finetune_plain_step",
