@@ -73,6 +73,7 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
         # NOTE: e.g. Qwen3's and OLMo2's q_norm / k_norm: the init maps the projections alone, so
         # what the attention computes from them (a normalised q and k) is not what the mixer starts from.
         extra = [name for name, child in slot.named_children() if name not in layout.children and any(True for _ in child.parameters())]
+        extra += [name for name, _ in slot.named_parameters(recurse=False)]  # e.g. gpt_oss's sinks, DiffLlama's lambdas
         if extra:
             logger.warning(
                 "%s's attention has weights besides its projections (%s): the attention-informed mixer init "
@@ -85,6 +86,11 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
         raise ValueError(
             f"cannot convert model type {model_type!r}: {err}. A family with another layout needs a hand-written "
             f"FamilyAdapter in cald_scale/conversion/families.py (hand-written: {', '.join(handwritten)})"
+        ) from None
+    except (AttributeError, TypeError) as err:  # a config without one decoder's fields (multimodal, per-layer geometry)
+        raise ValueError(
+            f"cannot convert model type {model_type!r}: its config does not describe one decoder stack ({type(err).__name__}: {err}); "
+            "for a multimodal model, convert its text model (its text_config) as the teacher"
         ) from None
     return FamilyAdapter(
         model_type=model_type,
@@ -182,17 +188,15 @@ def _check_geometry(layout: ProjectionLayout, slot: nn.Module, config: Pretraine
     """Q/K/V/O read off the slot with the shapes the config's head geometry gives (mixer
     initialisation relies on them; a fused projection is split by them)."""
     hidden, heads, kv_heads, head_dim = teacher_geometry(config)
+    from .init import attention_shape_errors
+
     try:
         attn = layout.read(slot, config)
     except RuntimeError as err:  # a fused projection that does not split into [q | k | v]
         raise _Refusal(f"the projections of {path} do not split by the config's heads ({heads} query, {kv_heads} kv, head_dim {head_dim}): {err}") from None
-    expected = {"q": (heads * head_dim, hidden), "k": (kv_heads * head_dim, hidden), "v": (kv_heads * head_dim, hidden), "o": (hidden, heads * head_dim)}
-    wrong = [
-        f"{name} {tuple(tensor.shape)} != {shape}"
-        for name, shape in expected.items()
-        if (tensor := getattr(attn, name)) is not None and tuple(tensor.shape) != shape
-    ]
-    if wrong:
+    except (AttributeError, TypeError) as err:  # a projection that is no plain linear layer (no .weight)
+        raise _Refusal(f"the projections of {path} are not linear layers this conversion reads ({err})") from None
+    if wrong := attention_shape_errors(attn, config):
         raise _Refusal(f"the projections of {path} do not match the config's heads ({heads} query, {kv_heads} kv, head_dim {head_dim}): {', '.join(wrong)}")
 
 

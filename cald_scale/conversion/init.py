@@ -72,9 +72,9 @@ def _output_weight(attn: AttentionWeights, out_features: int, in_features: int) 
 @torch.no_grad()
 def _init_mamba2(mixer: nn.Module, attn: AttentionWeights, heads: int, kv_heads: int) -> None:
     cfg = mixer.config
-    width = cfg.num_heads * cfg.head_dim
+    width = mixer.num_heads * cfg.head_dim
     state_width = cfg.n_groups * cfg.d_state
-    if not (cfg.num_heads == heads and cfg.n_groups == heads and state_width == attn.q.shape[0] == width):
+    if not (mixer.num_heads == heads and cfg.n_groups == heads and state_width == attn.q.shape[0] == width):
         raise ValueError(
             "attention_init for mamba2 needs the teacher-matched geometry "
             "(student.conversion.match_teacher_geometry=true)"
@@ -145,6 +145,30 @@ _INITS = {
     BiMamba2Mixer: _init_bimamba2,
     LinformerSelfAttention: _init_linformer,
 }
+
+
+def attention_shape_errors(attn: AttentionWeights, teacher_config) -> list[str]:
+    """"name got != wanted" for each projection whose shape is not what the config's heads give
+    (an absent output projection is the family's: BERT keeps it outside the slot)."""
+    from .modeling import teacher_geometry
+
+    hidden, heads, kv_heads, head_dim = teacher_geometry(teacher_config)
+    wanted = {"q": (heads * head_dim, hidden), "k": (kv_heads * head_dim, hidden), "v": (kv_heads * head_dim, hidden), "o": (hidden, heads * head_dim)}
+    got = {name: None if (t := getattr(attn, name)) is None else tuple(t.shape) for name in wanted}
+    return [f"{name} {got[name]} != {shape}" for name, shape in wanted.items() if got[name] != shape and not (name == "o" and got[name] is None)]
+
+
+def check_attention_weights(attn: AttentionWeights, teacher_config, where: str) -> None:
+    """The projections read from a teacher checkpoint have its config's shapes (a checkpoint of
+    another model is named here, not as a size mismatch deep in the init)."""
+    from .modeling import teacher_geometry
+
+    if wrong := attention_shape_errors(attn, teacher_config):
+        hidden, heads, kv_heads, head_dim = teacher_geometry(teacher_config)
+        raise ValueError(
+            f"the teacher's weights do not fit its config at {where} ({heads} heads, {kv_heads} key/value heads, head_dim "
+            f"{head_dim}, hidden {hidden}): {', '.join(wrong)}; the checkpoint and the config are of different models"
+        )
 
 
 def init_mixer_from_attention(mixer: nn.Module, attn: AttentionWeights, teacher_config) -> None:

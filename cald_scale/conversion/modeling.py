@@ -112,6 +112,8 @@ class ConversionConfig:
         if len(kept) == layers:
             raise ValueError("student.conversion keeps every layer's attention (attention_layers / attention_every): nothing to convert")
         if not self.match_teacher_geometry:
+            if self.attention_init and self.mixer in ("mamba2", "bimamba2"):
+                _check_init_geometry(self.mixer_config() if self.mixer == "mamba2" else self.bimamba2.mamba2, teacher_config)
             return out
         if self.mixer == "mamba2":
             out.mamba2 = _matched_mamba2(self.mamba2, teacher_config)
@@ -134,8 +136,10 @@ def _matched_mamba2(cfg: Mamba2Config, teacher_config: PretrainedConfig) -> Mamb
     hidden, heads, _, head_dim = teacher_geometry(teacher_config)
     if (heads * head_dim) % hidden != 0:
         raise ValueError(
-            f"teacher attention width {heads}x{head_dim} is not a multiple of hidden size {hidden}; "
-            "set student.conversion.match_teacher_geometry=false and give mamba2 geometry explicitly"
+            f"teacher attention width {heads}x{head_dim} is not a multiple of hidden size {hidden}, which a Mamba2 "
+            "mixer's inner width is (expand x hidden size): set student.conversion.match_teacher_geometry=false and "
+            "student.conversion.attention_init=false (the init from the teacher's Q/K/V needs its geometry), and give "
+            "the mamba2 geometry explicitly if its defaults do not fit"
         )
     return dataclasses.replace(
         cfg,
@@ -147,6 +151,19 @@ def _matched_mamba2(cfg: Mamba2Config, teacher_config: PretrainedConfig) -> Mamb
         # Bamba's convention (native export): the gated norm uses the teacher's epsilon.
         norm_eps=getattr(teacher_config, "rms_norm_eps", cfg.norm_eps),
     )
+
+
+def _check_init_geometry(cfg: Mamba2Config, teacher_config: PretrainedConfig) -> None:
+    """The init from the teacher's Q/K/V (``attention_init``) fills a Mamba2 whose heads, groups
+    and state are the teacher's: say so before any weight is read, not after."""
+    hidden, heads, _, head_dim = teacher_geometry(teacher_config)
+    num_heads = cfg.resolved_num_heads(hidden)
+    if not (num_heads == cfg.n_groups == heads and cfg.head_dim == cfg.d_state == head_dim):
+        raise ValueError(
+            f"student.conversion.attention_init fills the mixer from the teacher's Q/K/V, which needs {heads} heads and groups "
+            f"of head_dim = d_state = {head_dim}; the mamba2 geometry given has {num_heads} heads, {cfg.n_groups} groups, head_dim "
+            f"{cfg.head_dim}, d_state {cfg.d_state}: set student.conversion.match_teacher_geometry=true, or attention_init=false"
+        )
 
 
 def teacher_geometry(config: PretrainedConfig) -> tuple[int, int, int, int]:

@@ -24,7 +24,7 @@ from transformers.initialization import no_init_weights
 from ..config_loader import to_dict
 from ..mixers import build_mixer
 from ..mixers.mamba import TimeStepProjection
-from .init import init_mixer_from_attention
+from .init import check_attention_weights, init_mixer_from_attention
 from .classifier import CaldClassifierConfig, CaldEncoderForSequenceClassification
 from .modeling import CaldStudentConfig, CaldStudentForCausalLM, ConversionConfig
 from .placement import PLAIN, Placement
@@ -124,7 +124,12 @@ def initial_mixers(student: CaldStudentForCausalLM, weights: WeightReader, seed:
             continue
         fresh = fresh_mixer(student.config, idx, seed, std)
         if conversion.attention_init:
-            attn = student.adapter.read_attention(TensorTree(renamed, prefixes[idx]), teacher_config)
+            where = f"layer {idx}'s attention ({prefixes[idx]})"
+            try:
+                attn = student.adapter.read_attention(TensorTree(renamed, prefixes[idx]), teacher_config)
+            except (AttributeError, KeyError, TypeError) as err:  # a projection missing from the checkpoint
+                raise ValueError(f"the teacher's weights lack a projection of {where} that attention_init reads ({err})") from err
+            check_attention_weights(attn, teacher_config, where)
             init_mixer_from_attention(fresh, attn, teacher_config)
         yield mixer, fresh
 

@@ -150,7 +150,8 @@ class RenamedReader:
         self._reader = reader
         self._to_checkpoint: dict[str, str] = {}
         renamings, converters = _transforms_for(model)
-        model_keys = dict.fromkeys(model.state_dict(keep_vars=True))
+        # NOTE: a value for every key: transformers adds or strips the prefix only where .get() is not None.
+        model_keys = dict.fromkeys(model.state_dict(keep_vars=True), True)
         prefix = getattr(model, "base_model_prefix", None) or None
         fused = []
         for key in reader.keys():
@@ -163,11 +164,29 @@ class RenamedReader:
             if converter is not None:
                 fused.append(key)
             self._to_checkpoint[new] = key
+        if prefix:
+            self._same_prefix_for_all(prefix, model_keys)
         if fused:
             raise WeightsMismatchError(
                 f"{type(model).__name__} loads {fused[:4]} ({len(fused)} in all) by fusing several checkpoint tensors; "
                 "tensor-by-tensor loading supports renamed tensors only"
             )
+
+    def _same_prefix_for_all(self, prefix: str, model_keys: dict) -> None:
+        """transformers adds (or strips) the base-model prefix key by key, where the model has the
+        result; a checkpoint of the base model lacks it on every key, the student's mixer slots
+        included (which hold attention in the checkpoint): add it there too, and likewise strip."""
+        pre = prefix + "."
+        added = any(new == pre + old for new, old in self._to_checkpoint.items())
+        stripped = any(old == pre + new for new, old in self._to_checkpoint.items())
+        if added == stripped:
+            return
+        def moved(key: str) -> str:
+            if key in model_keys:  # the model's own name (the head beside the base model): as it is
+                return key
+            return pre + key if added and not key.startswith(pre) else key.removeprefix(pre) if stripped else key
+
+        self._to_checkpoint = {moved(new): old for new, old in self._to_checkpoint.items()}
 
     def keys(self) -> list[str]:
         return list(self._to_checkpoint)

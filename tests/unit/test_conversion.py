@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tiny_models import FAMILY_CONFIGS, tiny_teacher
@@ -168,3 +170,39 @@ def test_the_teachers_attention_biases_go_where_their_weights_go(caplog):
     with caplog.at_level(logging.WARNING, logger="cald_scale.conversion.init"):
         convert_teacher(teacher, ConversionConfig(mixer="mamba2"))
     assert "drops them (set the mixer's proj_bias: true" in caplog.text
+
+
+def test_a_teacher_attention_narrower_than_a_mamba2_width_is_refused_with_a_way_that_works():
+    """4 heads x head_dim 8 = 32 against hidden 64 (as Qwen3-4B's or Gemma's widths do not divide by
+    their hidden size): the refusal names the settings that convert it, and those settings do;
+    the init from Q/K/V with a geometry of other heads is refused before any weight is read."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    with pytest.raises(ValueError, match=r"4x8 is not a multiple of hidden size 64.*match_teacher_geometry=false and student.conversion.attention_init=false"):
+        ConversionConfig().resolved(teacher.config)
+    with pytest.raises(ValueError, match=r"needs 4 heads and groups of head_dim = d_state = 8; the mamba2 geometry given has 1 heads"):
+        ConversionConfig(match_teacher_geometry=False).resolved(teacher.config)
+    student = convert_teacher(teacher, ConversionConfig(match_teacher_geometry=False, attention_init=False))
+    assert copied_tensors_match(teacher, student) and student(torch.randint(0, 256, (1, 8))).logits.isfinite().all()
+    # An explicit geometry that is the teacher's keeps the init from its Q/K/V.
+    explicit = ConversionConfig(match_teacher_geometry=False, attention_layers=[], mixer="mamba2")
+    explicit.mamba2 = dataclasses.replace(explicit.mamba2, num_heads=4, n_groups=4, head_dim=8, d_state=8, expand=1)
+    wide = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    assert explicit.resolved(wide.config).mamba2.num_heads == 4
+
+
+def test_attention_weights_the_init_reads_are_checked_against_the_config():
+    from cald_scale.conversion.surgery import build_student
+    from cald_scale.conversion.weights import StateDictReader
+
+    teacher = tiny_teacher("llama")
+    missing = {k: v for k, v in teacher.state_dict().items() if ".self_attn.q_proj" not in k}
+    with pytest.raises(ValueError, match=r"lack a projection of layer 0's attention \(model.layers.0.self_attn.\) that attention_init reads"):
+        build_student(teacher.config, StateDictReader(missing), ConversionConfig())
+    other = dict(teacher.state_dict(), **{"model.layers.1.self_attn.k_proj.weight": torch.randn(64, 64)})
+    with pytest.raises(ValueError, match=r"do not fit its config at layer 1's attention .*: k \(64, 64\) != \(32, 64\)"):
+        build_student(teacher.config, StateDictReader(other), ConversionConfig())

@@ -71,6 +71,20 @@ def test_gpt_neox_checkpoint_names_are_renamed_like_transformers_does(tmp_path):
     assert torch.equal(fresh.get_output_embeddings().weight, model.get_output_embeddings().weight)
 
 
+def test_a_checkpoint_of_the_base_model_reads_with_its_prefix_added():
+    """Saved from LlamaModel (no ``model.`` prefix): transformers adds the prefix on load, and so
+    does the tensor-by-tensor reader, for the teacher and the student alike."""
+    teacher = tiny_teacher("llama")
+    base = {k: v for k, v in teacher.model.state_dict().items()}  # the keys as LlamaModel saves them
+    assert "layers.0.self_attn.q_proj.weight" in base
+    fresh = tiny_teacher("llama", seed=1)
+    load_weights(fresh, StateDictReader({**base, "lm_head.weight": teacher.lm_head.weight}))
+    assert torch.equal(fresh.model.layers[1].mlp.up_proj.weight, teacher.model.layers[1].mlp.up_proj.weight)
+    student = build_student(teacher.config, StateDictReader({**base, "lm_head.weight": teacher.lm_head.weight}), ConversionConfig(), seed=3)
+    expected = convert_teacher(teacher, ConversionConfig(), seed=3)
+    assert torch.equal(student.mixers()[0].in_proj.weight, expected.mixers()[0].in_proj.weight)
+
+
 def test_mismatches_are_named_before_anything_is_written():
     model = tiny_teacher("llama")
     before = model.model.norm.weight.clone()
