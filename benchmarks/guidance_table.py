@@ -205,7 +205,8 @@ def run_key(task: str, b: dict, run: Run) -> str:
     """A run's config key; a student's includes its teacher's, that seed's Std. run (trajectory's teacher is the pretrained encoder)."""
     guided_by_std = run.name != "std" and not run.name.endswith("_trajectory")
     key = config_key(run, std_run(task, b, run.seed) if guided_by_std else None)
-    return hashlib.sha256(f"{key} {revision(run)}".encode()).hexdigest()[:16] if revision(run) else key
+    changed = revision(run)
+    return hashlib.sha256(f"{key} {changed}".encode()).hexdigest()[:16] if changed else key
 
 
 def revision(run: Run) -> str | None:
@@ -251,8 +252,8 @@ def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: 
     launch_seeds = set(seeds)
     seeds = sorted(launch_seeds | set(recorded_seeds))  # a rerun for some seeds keeps the others' records
 
-    def score(run: Run) -> dict:
-        key = run_key(task, b, run)
+    def score(run: Run, key: str | None = None) -> dict:
+        key = key or run_key(task, b, run)
         folder = launch_run(run, benchmark)
         (folder / KEY_FILE).write_text(key)
         return {**scores(folder), "config": key}
@@ -260,12 +261,13 @@ def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: 
     def finished(run: Run) -> dict | None:
         folder = run.folder(benchmark)
         if (folder / "report.json").is_file():
+            key = run_key(task, b, run)
             # A folder finished before the table stamped its key can be trusted only where no
             # code change since has moved its column.
             on_disk = (folder / KEY_FILE).read_text() if (folder / KEY_FILE).is_file() else None
-            if on_disk != run_key(task, b, run) and (on_disk is not None or revision(run)):
+            if on_disk != key and (on_disk is not None or revision(run)):
                 raise SystemExit(f"[{benchmark}] {folder} may predate a change to its column's code ({revision(run)}); move it away to rerun it")
-            return score(run)  # reused, after checking its whole config
+            return score(run, key)  # reused, after checking its whole config
         record = recorded.get(str(folder.relative_to(REPO)))
         if record is not None and record.get("config") != run_key(task, b, run):
             print(f"[{benchmark}] the recorded {run.name} seed {run.seed} was made with another config: not reused", flush=True)

@@ -490,17 +490,15 @@ def config_differences(saved: dict, wanted: RunConfig, *, sections: tuple[str, .
         in_sections = sections is None or key.split(".", 1)[0] in sections
         return in_sections and not any(key == i or key.startswith(i + ".") for i in ignore)
 
-    theirs = _flat(wanted.to_dict())
     try:
-        ours = _flat(from_dict(RunConfig, with_legacy_defaults(saved)).to_dict())
+        ours, theirs = _flat(from_dict(RunConfig, with_legacy_defaults(saved)).to_dict()), _flat(wanted.to_dict())
+        head, keys = [], set(ours) | set(theirs)
     except (ConfigError, ValueError, TypeError) as err:
         # Still compare the keys both name, so that a changed teacher, student or data is seen
         # (as JSON has them: the saved side's tuples are lists).
         ours, theirs = _flat(with_legacy_defaults(saved)), _flat(json.loads(json.dumps(wanted.to_dict())))
-        keys = sorted(k for k in set(ours) & set(theirs) if kept(k))
-        return [f"the saved config no longer loads ({err})", *(f"{k}: saved {ours[k]!r}, wanted {theirs[k]!r}" for k in keys if ours[k] != theirs[k])]
-    keys = sorted(k for k in set(ours) | set(theirs) if kept(k))
-    return [f"{k}: saved {ours.get(k)!r}, wanted {theirs.get(k)!r}" for k in keys if ours.get(k) != theirs.get(k)]
+        head, keys = [f"the saved config no longer loads ({err})"], set(ours) & set(theirs)
+    return [*head, *(f"{k}: saved {ours.get(k)!r}, wanted {theirs.get(k)!r}" for k in sorted(filter(kept, keys)) if ours.get(k) != theirs.get(k))]
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

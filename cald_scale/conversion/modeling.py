@@ -113,7 +113,7 @@ class ConversionConfig:
             raise ValueError("student.conversion keeps every layer's attention (attention_layers / attention_every): nothing to convert")
         if not self.match_teacher_geometry:
             if self.attention_init and self.mixer in ("mamba2", "bimamba2"):
-                _check_init_geometry(self.mixer_config() if self.mixer == "mamba2" else self.bimamba2.mamba2, teacher_config)
+                _check_init_geometry(self.mamba2 if self.mixer == "mamba2" else self.bimamba2.mamba2, teacher_config)
             return out
         if self.mixer == "mamba2":
             out.mamba2 = _matched_mamba2(self.mamba2, teacher_config)

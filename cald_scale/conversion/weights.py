@@ -181,6 +181,7 @@ class RenamedReader:
         stripped = any(old == pre + new for new, old in self._to_checkpoint.items())
         if added == stripped:
             return
+
         def moved(key: str) -> str:
             if key in model_keys:  # the model's own name (the head beside the base model): as it is
                 return key

@@ -262,11 +262,11 @@ def plan_phases(phases: list[PhaseConfig], train, loss: LossConfig, *, tokens_pe
         # rounded, so no boundary is off by more than half a step (rounded one by one, their
         # errors added up and all landed on the last of them).
         exact_end, end = 0.0, 0
-        for i, p in enumerate(phases):
+        for i, p in enumerate(phases[: shares[-1]]):  # every phase has a length here (no rest phase)
             exact_end += p.fraction * total if p.fraction is not None else fixed[i]
-            if p.fraction is not None and i != shares[-1]:
+            if p.fraction is not None:
                 fixed[i] = max(1, round(exact_end) - end)
-            end += fixed[i] if i != shares[-1] else 0
+            end += fixed[i]
         fixed[shares[-1]] = total - sum(length for i, length in fixed.items() if i != shares[-1])
         remainder = 0
         if fixed[shares[-1]] < 1:
