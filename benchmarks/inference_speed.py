@@ -52,6 +52,7 @@ from cald_scale.generation.graphs import GraphedDecode  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 README = REPO / "README.md"
+DEFAULT_CONTEXTS, DEFAULT_BATCHES, DEFAULT_DECODE_STEPS = [512, 2048, 8192, 32768], [1, 8], 8
 BEST_BATCH_STEPS = 4  # timed decode steps per batch size of the GPU's best-batch search
 MARKERS = ("<!-- inference_speed:begin -->", "<!-- inference_speed:end -->")
 
@@ -386,7 +387,8 @@ def _shown(path: Path) -> Path:
 def markdown(result: dict) -> str:
     batches = list(result["student"]["decode_tok_s"])
     lines = [
-        f"{result['geometry']} geometry, {result['dtype']}, {result['device_name']} "
+        f"{result['geometry']} geometry, {result['dtype']}, {result['device_name']}, "
+        f"{'preallocated KV caches written in place' if result.get('kv_cache', 'static') == 'static' else 'KV caches: transformers DynamicCache (copies itself every token)'} "
         f"({result['machine'].get('cpu_count')} CPU cores, {result['machine']['torch_threads']} torch threads); "
         f"`{_shown(Path(result['json']))}`",
         "",
@@ -437,6 +439,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def variant(args: argparse.Namespace, contexts: list[int], batches: list[int]) -> list[str]:
+    """How a run differs from the committed configuration (float32, static KV cache, the
+    default contexts, batches and steps, all Mamba2): empty for that configuration."""
+    parts = ["quick"] if args.quick else []
+    if args.attention_every:
+        parts.append(f"attn_every{args.attention_every}")
+    if args.dtype != "float32":
+        parts.append(args.dtype)
+    if args.kv_cache != "static":
+        parts.append(f"{args.kv_cache}_cache")
+    if not args.quick and (contexts, batches, args.decode_steps) != (DEFAULT_CONTEXTS, DEFAULT_BATCHES, DEFAULT_DECODE_STEPS):
+        parts.append("custom")
+    return parts
+
+
 def update_readme(table: str) -> None:
     text = README.read_text()
     begin, end = MARKERS
@@ -469,9 +486,9 @@ def main() -> None:
     parser.add_argument("--attention_every", type=int, default=0, help="a hybrid student keeping layers 1, 1 + k, ... (4: the default job's); 0: all Mamba2")
     args = parser.parse_args()
     device = torch.device(args.device)
-    contexts = [int(c) for c in (args.contexts or ("512,2048" if args.quick else "512,2048,8192,32768")).split(",")]
-    batches = [int(b) for b in (args.batches or ("1,4" if args.quick else "1,8")).split(",")]
-    args.decode_steps = args.decode_steps or (4 if args.quick else 8)
+    contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else ([512, 2048] if args.quick else DEFAULT_CONTEXTS)
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 4] if args.quick else DEFAULT_BATCHES)
+    args.decode_steps = args.decode_steps or (4 if args.quick else DEFAULT_DECODE_STEPS)
     dtype = DTYPES[args.dtype]
     if no_cuda_for(device):
         parser.error("--device cuda but torch.cuda.is_available() is False")
@@ -523,7 +540,9 @@ def main() -> None:
         result["student_graph_decode"] = graphed_decode(student, models["student"][1], contexts[-1], batches, device, args.decode_steps)
     result["targets"] = check_targets(result, batches)
     result["pass"] = overall_pass(result["targets"])
-    tag = ("_quick" if args.quick else "") + (f"_attn_every{args.attention_every}" if args.attention_every else "")
+    # NOTE: the README's table and the headline file are the committed configuration's alone;
+    # any other run's default name says how it differs, so exploring never replaces them.
+    tag = "".join(f"_{part}" for part in variant(args, contexts, batches))
     default_name = "inference_speed" if (device.type, args.geometry) == ("cpu", "SmolLM2-135M") else f"inference_speed_{device.type}_{args.geometry}"
     out = Path(args.out) if args.out else RESULTS / f"{default_name}{tag}.json"
     result["json"] = str(out)
@@ -531,7 +550,7 @@ def main() -> None:
     plot(result, out.with_suffix(".png"))
     table = markdown(result)
     out.with_suffix(".md").write_text(table + "\n")
-    if not args.quick and not args.out and not args.attention_every:
+    if not args.out and not tag and (device.type, args.geometry) == ("cpu", "SmolLM2-135M"):
         update_readme(table)
     print(table)
 

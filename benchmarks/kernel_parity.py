@@ -367,6 +367,9 @@ class Report:
         # On a GPU the kernels are what is checked: a kernel path that could not run fails the run.
         self.kernels_required = kernels_required
         self.baseline: dict[tuple, float | None] = {}
+        # Set by the last write: every earlier file is a run in progress, and a run killed
+        # mid-way (the step's cap, a crash outside a check) must not read as complete.
+        self.finished = False
 
     def compare(self, where: dict, results: dict, oracle: dict, dtype_name: str) -> None:
         for quantity, expected in oracle.items():
@@ -419,8 +422,8 @@ class Report:
                 s["worst_rel_norm"] = c["rel_norm"]
         failed = sum(not c["pass"] for c in self.data["checks"])
         # A path skipped because it cannot run here (no CUDA, a kernel group that does not import)
-        # is listed; one cut by --time-budget leaves the run incomplete, and an incomplete run
-        # (or one that checked nothing) does not pass.
+        # is listed; one cut by --time-budget, or killed before its last write, leaves the run
+        # incomplete, and an incomplete run (or one that checked nothing) does not pass.
         out_of_time = sum(s["why"] == OUT_OF_TIME for s in self.data["skipped"])
         untested = [s for s in self.data["skipped"] if s["why"] != OUT_OF_TIME and s["path"] in KERNEL_PATHS]
         return {
@@ -429,17 +432,20 @@ class Report:
             "errors": len(self.data["errors"]),
             "skipped": len(self.data["skipped"]),
             "skipped_for_time": out_of_time,
-            "complete": out_of_time == 0,
+            "finished": self.finished,
+            "complete": self.finished and out_of_time == 0,
             "kernel_paths_not_run": len(untested),
             "pass": failed == 0
             and not self.data["errors"]
+            and self.finished
             and out_of_time == 0
             and bool(self.data["checks"])
             and not (self.kernels_required and untested),
             "by_path": by_path,
         }
 
-    def write(self) -> None:
+    def write(self, *, finished: bool = False) -> None:
+        self.finished = finished
         self.data["summary"] = self.summary()
         atomic_write_text(self.out, json.dumps(self.data, indent=1, default=str))
 
@@ -656,7 +662,7 @@ def main() -> int:
         for level in levels:
             level(report, device, shapes, [dtype_name], args.seqlen, over_budget, groups)
 
-    report.write()
+    report.write(finished=True)
     summary = report.data["summary"]
     print(
         f"\nkernel_parity on {header['device']}: {summary['checks']} checks, {summary['failed']} failed, "

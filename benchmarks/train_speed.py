@@ -678,7 +678,7 @@ def markdown(result: dict) -> str:
         f"# train_speed ({m['date'][:10]})",
         "",
         f"{s['geometry']} ({s['layers']} layers, width {s.get('hidden_size', '?')}), {result['dtype']}, batch {s['batch']} x {s['seq_len']} tokens, student trains "
-        f"{s['student_trainable']}, {result['device']} (torch threads per item: {s['torch_threads']}; student mixers: {s.get('student_kernel') or '?'} path); median of {s['steps']} steps after {s['warmup']} warmup, the items stepping in turn. "
+        f"{s['student_trainable']}, {result['device']} (torch threads per item: {s['torch_threads']}; student mixers: {s.get('student_kernel') or '?'} path); median of {_timed(s)} after {s['warmup']} warmup, the items stepping in turn. "
         f"{m['gpu'] if not cpu and 'gpu' in m else m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']}, transformers {m['transformers']}.",
         "",
         "| item | s/step (median) | s/step (min) | tokens/s | peak memory (GB) |" + (" above process baseline (GB) |" if cpu else ""),
@@ -711,9 +711,17 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _timed(shapes: dict) -> str:
+    timed = shapes.get("timed_steps", shapes["steps"])
+    return f"{timed} steps" if timed >= shapes["steps"] else f"{timed} timed steps (**partial**: {shapes['steps']} asked)"
+
+
 def assemble(args, geometry: str, items: dict, profiled: dict | None, load_before: float) -> dict:
     """The result file's content: shapes, machine, items, ratios and targets, profile, warnings."""
     summary = summarize(items, args.phase)
+    # NOTE: a file published after an early round (or cut by --time-budget) holds fewer timed
+    # steps than asked; it says so, and its medians are of what ran.
+    timed = min((len(item["step_seconds"]) for item in items.values() if "step_seconds" in item), default=0)
     result = {
         "benchmark": "train_speed",
         "machine": machine(),
@@ -722,7 +730,7 @@ def assemble(args, geometry: str, items: dict, profiled: dict | None, load_befor
         "shapes": {
             "geometry": args.geometry, "layers": GEOMETRIES[geometry]["num_hidden_layers"], "hidden_size": GEOMETRIES[geometry]["hidden_size"],
             "batch": args.batch, "seq_len": args.seq_len,
-            "tokens_per_step": args.batch * args.seq_len, "steps": args.steps, "warmup": args.warmup, "student_trainable": args.trainable, "phase": args.phase,
+            "tokens_per_step": args.batch * args.seq_len, "steps": args.steps, "timed_steps": timed, "partial": timed < args.steps, "warmup": args.warmup, "student_trainable": args.trainable, "phase": args.phase,
             "time_budget_s": args.time_budget, "build": args.build,
             "student_kernel": next((item["student_kernel"] for item in items.values() if "student_kernel" in item), None),
             "torch_threads": items["teacher_forward"].get("torch_threads", args.threads),

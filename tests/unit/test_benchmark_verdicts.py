@@ -16,6 +16,7 @@ def _report(tmp_path: Path, *, on_gpu: bool = False) -> kernel_parity.Report:
     report = kernel_parity.Report(tmp_path / "parity.json", {"device": "cpu"}, "cpu:ref", kernels_required=on_gpu)
     check = {"level": "mixer", "mixer": "mamba2", "shape": "small", "dtype": "float32", "path": "cpu:chunked"}
     report.data["checks"].append(check | {"quantity": "out", "rel_norm": 1e-6, "max_rel": 1e-6, "tol": 1e-4, "pass": True})
+    report.finished = True  # as main()'s last write leaves it
     return report
 
 
@@ -42,6 +43,21 @@ def test_parity_cut_by_the_time_budget_does_not_pass(tmp_path):
     report.skip({"level": "mixer", "mixer": "mamba", "path": "all"}, kernel_parity.OUT_OF_TIME)
     summary = report.summary()
     assert summary["skipped_for_time"] == 1 and not summary["complete"] and summary["pass"] is False
+
+
+def test_parity_file_written_mid_run_is_not_complete(tmp_path):
+    """The JSON is rewritten after every check: a run killed after one (the step's cap, a crash)
+    leaves that file, and it must not read as a finished pass."""
+    import json
+
+    report = _report(tmp_path)
+    report.write()  # what main() writes after each op and mixer
+    summary = json.loads(report.out.read_text())["summary"]
+    assert summary["checks"] == 1 and summary["finished"] is False
+    assert summary["complete"] is False and summary["pass"] is False
+    report.write(finished=True)  # main()'s last write
+    summary = json.loads(report.out.read_text())["summary"]
+    assert summary["complete"] is True and summary["pass"] is True
 
 
 def test_parity_that_checked_nothing_does_not_pass(tmp_path):
@@ -104,3 +120,42 @@ def test_a_results_verdict_covers_the_targets_that_apply_and_none_when_none_do()
     assert _common.overall_pass({"a": met, "b": unscored}) is True
     assert _common.overall_pass({"a": met, "b": missed, "c": unscored}) is False
     assert _common.overall_pass({"b": unscored}) is None
+
+
+def test_inference_speed_names_every_run_but_the_committed_one_by_how_it_differs():
+    """Only the committed configuration (CPU fp32, static KV cache, the default contexts and
+    batches) writes the headline file and the README's table: an exploratory run with a
+    dynamic cache or other contexts must not replace the published evidence."""
+    import argparse
+
+    import inference_speed as bench
+
+    def parts(contexts=bench.DEFAULT_CONTEXTS, batches=bench.DEFAULT_BATCHES, **changed) -> list[str]:
+        args = argparse.Namespace(**({"quick": False, "attention_every": 0, "dtype": "float32", "kv_cache": "static",
+                                      "decode_steps": bench.DEFAULT_DECODE_STEPS} | changed))
+        return bench.variant(args, contexts, batches)
+
+    assert parts() == []
+    assert parts(kv_cache="dynamic") == ["dynamic_cache"]
+    assert parts(contexts=[32]) == ["custom"] and parts(batches=[1]) == ["custom"] and parts(decode_steps=1) == ["custom"]
+    assert parts(dtype="bfloat16", attention_every=4) == ["attn_every4", "bfloat16"]
+    assert parts(quick=True, contexts=[512, 2048], batches=[1, 4], decode_steps=4) == ["quick"]
+
+
+def test_train_speed_result_of_fewer_timed_steps_than_asked_says_partial():
+    """train_speed publishes after every timed round, so a run the step's cap kills leaves a file
+    of one timed step per item: it must say so, not "median of 4 steps"."""
+    import argparse
+
+    def item(steps: int) -> dict:
+        return {"median_s": 1.0, "min_s": 1.0, "median_cpu_s": 1.0, "tokens_per_s": 512.0, "step_seconds": [1.0] * steps,
+                "memory": {"peak_rss_bytes": 1 << 30, "peak_rss_above_baseline_bytes": 1 << 29}}
+
+    args = argparse.Namespace(device="cpu", dtype="float32", geometry="SmolLM2-135M", batch=1, seq_len=512, steps=4, warmup=1,
+                              trainable="mixers", phase="end_to_end", time_budget=None, build="parallel", threads=1, quick=False, narrow=False)
+    names = ("teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step")
+    cut = train_speed.assemble(args, "SmolLM2-135M", {name: item(1) for name in names}, None, 0.0)
+    assert cut["shapes"]["timed_steps"] == 1 and cut["shapes"]["partial"] is True
+    assert "1 timed steps (**partial**: 4 asked)" in train_speed.markdown(cut)
+    whole = train_speed.assemble(args, "SmolLM2-135M", {name: item(4) for name in names}, None, 0.0)
+    assert whole["shapes"]["partial"] is False and "median of 4 steps after 1 warmup" in train_speed.markdown(whole)
