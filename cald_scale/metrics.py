@@ -34,6 +34,25 @@ def current_rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+_PRIVACY = {"online": 0, "offline": 1, "disabled": 2}
+
+
+def _wandb_mode(configured: str) -> str:
+    """``output.wandb``, or ``WANDB_MODE`` where it keeps more to this machine (offline,
+    disabled). A shell's ``WANDB_MODE=online`` never sends a run configured offline."""
+    env = os.environ.get("WANDB_MODE")
+    if env is None or env == configured:
+        return configured
+    if env not in _PRIVACY:
+        logger.warning("WANDB_MODE=%r is no wandb mode this framework knows (%s): ignored, output.wandb=%s holds", env, "/".join(_PRIVACY), configured)
+        return configured
+    if _PRIVACY[env] > _PRIVACY[configured]:
+        logger.info("wandb %s: WANDB_MODE=%s keeps more on this machine than output.wandb=%s", env, env, configured)
+        return env
+    logger.warning("WANDB_MODE=%s is ignored: output.wandb=%s holds (set output.wandb to send runs online)", env, configured)
+    return configured
+
+
 class MetricsLogger:
     """Writes on rank 0 only; every other rank gets a no-op logger."""
 
@@ -45,6 +64,7 @@ class MetricsLogger:
         if not enabled:
             return
         relogged = self._drop_steps_after(start_step)
+        wandb_mode = _wandb_mode(wandb_mode)
         if wandb_mode != "disabled":
             run_id = _wandb_id(Path(run_dir))
             # NOTE: wandb ignores a step below the run's last one, so steps logged again after a
@@ -57,7 +77,7 @@ class MetricsLogger:
 
                     os.environ.setdefault("WANDB_SILENT", "true")
                     self._wandb = wandb.init(
-                        project=project, dir=str(run_dir), mode=os.environ.get("WANDB_MODE", wandb_mode), config=config, **attempt,
+                        project=project, dir=str(run_dir), mode=wandb_mode, config=config, **attempt,
                     )
                     break
                 except Exception as err:  # noqa: BLE001 - logging must never kill a training run

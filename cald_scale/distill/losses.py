@@ -28,6 +28,7 @@ __all__ = [
     "lm_cross_entropy",
     "lm_head_losses",
     "linear_head_losses",
+    "next_token_nll",
     "vocab_streamed_cross_entropy",
     "logit_kl",
     "distilled_layers",
@@ -213,6 +214,20 @@ def lm_head_losses(
         ce_sum = ce_sum + ce_c
         kl_sum = kl_sum + kl_c
     return _means(ce_sum if want_ce else None, kl_sum if want_kl else None, input_ids, temperature)
+
+
+@torch.no_grad()
+def next_token_nll(
+    hidden: torch.Tensor, input_ids: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], *, chunk_tokens: int,
+) -> torch.Tensor:
+    """(b, l) float32 NLL of each next token (0 at the last position) for evaluation: ``head``
+    maps hidden states (n, hidden) to logits, a chunk of ``chunk_tokens`` tokens at a time."""
+    flat, labels = hidden.flatten(0, 1), _next_token_labels(input_ids)
+    nll = torch.empty(labels.shape, dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.shape[0], chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        nll[piece] = F.cross_entropy(head(flat[piece]).float(), labels[piece], reduction="none")  # 0 where -100
+    return nll.view(input_ids.shape)
 
 
 def _next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:

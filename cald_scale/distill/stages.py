@@ -16,6 +16,7 @@ import inspect
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig
@@ -23,7 +24,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from ..conversion.registry import FamilyAdapter, get_adapter
 from ..engines.zero3 import needs_grad_input
-from .losses import LossConfig, RowPieces, linear_head_losses, lm_head_losses, vocab_streamed_cross_entropy
+from .losses import LossConfig, RowPieces, _call_as_forward, linear_head_losses, lm_head_losses, next_token_nll, vocab_streamed_cross_entropy
 
 __all__ = ["LayerwiseModel", "PerLayerType", "attention_types", "layerwise", "make_stages"]
 
@@ -217,12 +218,27 @@ class LayerwiseModel:
         return ce
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Plain full forward through the same pieces (evaluation)."""
+        """Plain full forward through the same pieces."""
+        return self.head(self._last_hidden(input_ids))
+
+    @torch.no_grad()
+    def next_token_nll(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(b, l) NLL of each next token (0 at the last position): evaluation, with the logits
+        never whole (a 150k vocabulary makes them the largest tensor of an eval batch)."""
+        hidden = self._last_hidden(input_ids)
+        chunk = LossConfig().chunk_tokens(self.vocab_size)
+        if self.head_weight is None:  # a head that is not a plain linear map: chunks through the module
+            return next_token_nll(hidden, input_ids, self.head, chunk_tokens=chunk)
+        head = self.lm.get_output_embeddings()
+        with self._scope():  # NOTE: as the head's own call, so ZeRO-3 gathers its weight once for all chunks
+            return _call_as_forward(head, lambda x: next_token_nll(x, input_ids, lambda c: F.linear(c, head.weight), chunk_tokens=chunk), self.final_norm(hidden))
+
+    def _last_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.embed(input_ids)
         ctx = self.context(hidden, input_ids)
         for i in range(self.num_layers):
             hidden = self.block(i, hidden, ctx)
-        return self.head(hidden)
+        return hidden
 
 
 def layerwise(model: nn.Module, **kwargs) -> LayerwiseModel:

@@ -54,7 +54,7 @@ from ..conversion.modeling import CaldStudentForCausalLM, MixerAsAttention
 from ..conversion.surgery import attention_prefixes, initial_mixers, share_copied_weights, student_config
 from ..conversion.teacher import TeacherSource
 from ..conversion.weights import RenamedReader, SafetensorsReader, WeightReader, WeightsMismatchError, open_weights
-from ..distill.losses import LossConfig, RowPieces, distilled_layers, layer_loss, lm_cross_entropy
+from ..distill.losses import LossConfig, RowPieces, distilled_layers, layer_loss, next_token_nll
 from ..distill.phases import Phase, PhasePlan, set_phase_lr
 from ..distill.stages import LayerwiseModel, make_stages
 from ..distill.step import combine_loss_parts
@@ -577,7 +577,8 @@ class CaldStage(nn.Module):
             hidden = model.block(i, hidden, ctx)
         if not self.is_last:
             return (hidden, ids) if self.mode.kind == "eval_student" else (_bits(hidden), ids)
-        return lm_cross_entropy(model.head(hidden), ids, reduction="none").double().sum()  # summed in float64, as eval.perplexity does
+        # Summed in float64 from the logits a chunk at a time, as eval.perplexity does.
+        return next_token_nll(hidden, ids, model.head, chunk_tokens=LossConfig().chunk_tokens(model.vocab_size)).double().sum()
 
 
 class CaldPipeline(PipelineModule):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -67,6 +68,23 @@ def _yaml_tasks(manager, folder: Path) -> list[str]:
     )
 
 
+def _names_a_path(spec: str) -> bool:
+    """Whether a --tasks entry is a task file or folder, not a task name: it has a folder in it,
+    a YAML suffix, or starts with ~ or . (a bare name is a name even where a folder of that name
+    sits in the working directory: `--tasks hellaswag` beside a `hellaswag/` of results)."""
+    return "/" in spec or os.sep in spec or spec.startswith(("~", ".")) or Path(spec).suffix in (".yaml", ".yml")
+
+
+def _task_name(manager, spec: str) -> str:
+    if spec in manager.task_index:
+        return spec
+    close = difflib.get_close_matches(spec, manager.all_tasks, n=3, cutoff=0.75)
+    hint = f"; did you mean {', '.join(close)}?" if close else " (`lm-eval ls tasks` lists them)"
+    if Path(spec).exists():
+        hint += f"; for the local {'folder' if Path(spec).is_dir() else 'file'} of that name, give ./{spec}"
+    raise ValueError(f"unknown lm-eval task {spec!r}: not a task, group or tag name, nor a task YAML file or folder{hint}")
+
+
 def _file_task(manager, path: Path) -> str:
     """The task or group that the YAML file `path` defines."""
     path = path.resolve()
@@ -89,7 +107,7 @@ def select_tasks(specs: Sequence[str], *, check_data: bool = True) -> TaskSelect
     if not specs:
         raise ValueError("no lm-eval task given (--tasks NAME, a task YAML file or a folder of them)")
     folders: dict[Path, None] = {}
-    for spec in specs:
+    for spec in filter(_names_a_path, specs):
         path = Path(spec).expanduser()
         if path.is_dir():
             folders[path.resolve()] = None
@@ -97,9 +115,9 @@ def select_tasks(specs: Sequence[str], *, check_data: bool = True) -> TaskSelect
             if path.suffix not in (".yaml", ".yml"):
                 raise ValueError(f"task file {spec} is not a YAML file (lm-eval tasks are .yaml)")
             folders[path.resolve().parent] = None
-        elif path.suffix in (".yaml", ".yml") or "/" in spec:
+        else:
             raise FileNotFoundError(f"no such task file or folder: {spec}")
-    named = [spec for spec in specs if not Path(spec).expanduser().exists()]
+    named = [spec for spec in specs if not _names_a_path(spec)]
 
     # 2. one index: lm-eval's own tasks only when a name is not a local task (indexing them takes seconds)
     manager = TaskManager(include_path=list(folders), include_defaults=False) if folders else None
@@ -108,21 +126,15 @@ def select_tasks(specs: Sequence[str], *, check_data: bool = True) -> TaskSelect
     names: dict[str, None] = {}
     for spec in specs:
         path = Path(spec).expanduser()
-        if path.is_dir():
+        if not _names_a_path(spec):
+            names[_task_name(manager, spec)] = None
+        elif path.is_dir():
             found = _yaml_tasks(manager, path)
             if not found:
                 raise ValueError(f"task folder {spec} holds no lm-eval task YAML")
             names.update(dict.fromkeys(found))
-        elif path.is_file():
-            names[_file_task(manager, path)] = None
-        elif spec in manager.task_index:
-            names[spec] = None
         else:
-            close = difflib.get_close_matches(spec, manager.all_tasks, n=3, cutoff=0.75)
-            hint = f"; did you mean {', '.join(close)}?" if close else " (`lm-eval ls tasks` lists them)"
-            raise ValueError(
-                f"unknown lm-eval task {spec!r}: not a task, group or tag name, nor a task YAML file or folder{hint}"
-            )
+            names[_file_task(manager, path)] = None
     selection = TaskSelection(names=tuple(names), manager=manager)
 
     # 3. load each task once: missing data fails now, with the task's name

@@ -8,8 +8,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..distill.losses import lm_cross_entropy
 from ..distill.stages import LayerwiseModel
+from . import eval_mode
 
 __all__ = ["PAD", "eval_indices", "perplexity", "scored_rows"]
 
@@ -54,18 +54,23 @@ def perplexity(
     *,
     before_batch: Callable[[], None] | None = None,
 ) -> dict:
-    """Token-level perplexity over ``indices`` (summed over all ranks); ``before_batch`` runs before each forward."""
+    """Token-level perplexity over ``indices`` (summed over all ranks); ``before_batch`` runs before each forward.
+
+    Dropout is off while scoring (the mode is restored after), so a student scored during
+    training gets the number ``cald-scale evaluate`` gives, as the teacher does.
+    """
     nll = torch.zeros((), dtype=torch.float64, device=device)
     tokens = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, len(indices), micro_batch_size):
-        rows, counts = scored_rows(indices[start : start + micro_batch_size])
-        batch = torch.stack([dataset[i]["input_ids"] for i in rows]).to(device)
-        if before_batch is not None:
-            before_batch()
-        per_row = lm_cross_entropy(model.logits(batch), batch, reduction="none").view(len(rows), -1).double().sum(1)
-        counts = counts.to(device)
-        nll += per_row[counts].sum()
-        tokens += int(counts.sum()) * (batch.shape[1] - 1)
+    with eval_mode(model.model):
+        for start in range(0, len(indices), micro_batch_size):
+            rows, counts = scored_rows(indices[start : start + micro_batch_size])
+            batch = torch.stack([dataset[i]["input_ids"] for i in rows]).to(device)
+            if before_batch is not None:
+                before_batch()
+            per_row = model.next_token_nll(batch).double().sum(1)
+            counts = counts.to(device)
+            nll += per_row[counts].sum()
+            tokens += int(counts.sum()) * (batch.shape[1] - 1)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(nll)
         dist.all_reduce(tokens)

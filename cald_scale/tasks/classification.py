@@ -21,6 +21,7 @@ from ..conversion.teacher import classifier_teacher, open_teacher, resolve_teach
 from ..data.classification import load_classification_data
 from ..data.classification_batches import IGNORE_INDEX, BucketedBatches, eval_batches_by_length, tokenize_splits
 from ..engines.zero3 import begin_step
+from ..eval import eval_mode
 from ..eval.classification import confusion_matrix, metrics_from_confusion
 from .student_source import student_init_source
 
@@ -145,10 +146,7 @@ class ClassificationTask:
 def evaluate_classifier(view, split, batches, device: torch.device, *, before_batch: Callable[[], None] | None = None) -> dict:
     """Accuracy, macro-F1 and mean CE of a classifier's layerwise ``view`` on this rank's
     ``batches`` of ``split``, summed over all ranks (dropout off while scoring)."""
-    model = view.model
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(view.model):
         matrix = torch.zeros(view.vocab_size, view.vocab_size, dtype=torch.long, device=device)
         loss = torch.zeros(2, dtype=torch.float64, device=device)  # summed CE, examples
         for b in batches:
@@ -162,8 +160,6 @@ def evaluate_classifier(view, split, batches, device: torch.device, *, before_ba
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(matrix)
             dist.all_reduce(loss)
-    finally:
-        model.train(was_training)
     return {**metrics_from_confusion(matrix.cpu()), "loss": (loss[0] / loss[1].clamp(min=1)).item()}
 
 

@@ -211,3 +211,45 @@ def test_held_out_shards_score_the_same_sequences_on_any_number_of_ranks(models)
     plain = perplexity(model, sequences, [0, 1, 2], BATCH, torch.device("cpu"))
     padded = perplexity(model, sequences, [0, 1, 2, PAD], BATCH, torch.device("cpu"))
     assert padded == pytest.approx(plain, rel=1e-12) and plain["tokens"] == 3 * (SEQ_LEN - 1)
+
+
+def test_perplexity_scores_with_dropout_off_and_restores_the_training_mode(models):
+    """A student scored during training is in training mode: its perplexity must be the one
+    `cald-scale evaluate` gives (dropout off), the same at every call, and training goes on
+    in training mode after it."""
+    teacher_dir, _, text, tokenizer = models
+    teacher, _, _ = load_teacher(TeacherConfig(name_or_path=str(teacher_dir)))
+    teacher.config.attention_dropout = 0.5  # a teacher config with dropout (GPT-2, OPT and fine-tuned ones have it)
+    for layer in teacher.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    data = DataConfig(corpus=text, seq_len=SEQ_LEN)
+    sequences = held_out_sequences(text, tokenizer, data, max_tokens=NUM_SEQUENCES * SEQ_LEN, is_rank0=True)
+    model = LayerwiseModel(teacher.train())
+    with torch.no_grad():  # the dropout is real: a training-mode forward differs from call to call
+        ids = sequences[0]["input_ids"][None]
+        assert not torch.equal(model.logits(ids), model.logits(ids))
+    scores = [perplexity(model, sequences, list(range(NUM_SEQUENCES)), BATCH, torch.device("cpu"))["ppl"] for _ in range(2)]
+    assert teacher.training  # restored
+    expected = perplexity(LayerwiseModel(teacher.eval()), sequences, list(range(NUM_SEQUENCES)), BATCH, torch.device("cpu"))["ppl"]
+    assert scores == [expected, expected]
+
+
+def test_perplexity_takes_the_logits_a_chunk_at_a_time_and_matches_whole_logits(models):
+    """Eval never holds b x l x vocab logits (with a 150k vocabulary they dwarf the batch), and
+    chunking changes nothing: each next token's NLL equals the CE of the whole logits."""
+    from cald_scale.distill.losses import lm_cross_entropy, next_token_nll
+
+    teacher_dir, _, _, _ = models
+    teacher, _, _ = load_teacher(TeacherConfig(name_or_path=str(teacher_dir)))
+    model = LayerwiseModel(teacher)
+    ids = torch.randint(0, teacher.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = lm_cross_entropy(model.logits(ids), ids, reduction="none").view(3, 16)
+        hidden = model._last_hidden(ids)
+        seen = []
+        head = lambda h: (seen.append(h.shape[0]), model.head(h))[1]  # noqa: E731
+        chunked = next_token_nll(hidden, ids, head, chunk_tokens=5)
+    assert max(seen) == 5 and sum(seen) == 3 * 17
+    torch.testing.assert_close(chunked[:, :-1], whole, rtol=1e-5, atol=1e-6)
+    assert torch.all(chunked[:, -1] == 0)  # the last position predicts nothing
+    torch.testing.assert_close(model.next_token_nll(ids), chunked, rtol=1e-5, atol=1e-6)  # the linear-head path

@@ -199,3 +199,19 @@ def test_task_errors_are_one_line_before_any_model_loads(models, tmp_path, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'lm-eval>=" in err[0]
 
+
+
+def test_a_task_name_is_a_name_beside_a_folder_of_that_name(models, tmp_path, monkeypatch):
+    """`--tasks NAME` from a folder holding a `NAME/` (results, data) is lm-eval's task, not that
+    folder; `./NAME` is the folder."""
+    _, _, _, task_yaml = models
+    local = tmp_path / "tiny_choice"
+    shutil.copytree(task_yaml.parent, local)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "arc_easy").mkdir()  # a folder named like one of lm-eval's own tasks, no task in it
+    assert harness.select_tasks(["arc_easy"], check_data=False).names == ("arc_easy",)
+    assert harness.select_tasks(["./tiny_choice"], check_data=False).names == (task_yaml.stem,)
+    with pytest.raises(ValueError, match=r"give \./tiny_choice"):
+        harness.select_tasks(["tiny_choice"], check_data=False)
+    with pytest.raises(FileNotFoundError, match="no such task file or folder: ./nothing"):
+        harness.select_tasks(["./nothing"], check_data=False)

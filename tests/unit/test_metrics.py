@@ -88,3 +88,25 @@ def test_a_resumed_run_rewinds_its_wandb_run_to_the_checkpoint(tmp_path, monkeyp
     again = _logger(tmp_path, start_step=5, wandb_mode="offline")  # nothing after step 5 is left to log again
     again.close()
     assert calls[2] == {"resume_from": None, "resume": "allow", "id": run_id}
+
+
+def test_a_shells_wandb_mode_never_sends_a_run_configured_offline(tmp_path, monkeypatch, caplog):
+    """Many wandb users export WANDB_MODE=online in their profile: a run whose config says
+    offline (the default, "needs no account") must stay offline; the environment may only
+    keep more on the machine (disabled)."""
+    import wandb
+
+    modes = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: (modes.append(kwargs["mode"]), None)[1])
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with caplog.at_level(logging.WARNING, logger="cald_scale.metrics"):
+        _logger(tmp_path, start_step=0, wandb_mode="offline").close()
+    assert modes == ["offline"] and "WANDB_MODE=online is ignored" in caplog.text
+    for folder in ("b", "c"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    _logger(tmp_path / "b", start_step=0, wandb_mode="offline").close()
+    assert modes == ["offline"]  # disabled: no wandb.init at all
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    _logger(tmp_path / "c", start_step=0, wandb_mode="online").close()
+    assert modes == ["offline", "offline"]
