@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -123,7 +124,7 @@ class MetricsLogger:
             return
         record = {"step": step, "time": time.time(), **metrics}
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(_strict(record), allow_nan=False) + "\n")
         self._call_wandb("log", lambda: self._wandb.log(metrics, step=step))
         if self._bar is not None:
             self._bar.n = step
@@ -140,6 +141,18 @@ class MetricsLogger:
             self._bar.close()
         self._call_wandb("finish", lambda: self._wandb.finish())
         self._wandb = None
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with NaN and infinities as null: strict JSON, which jq, JavaScript and
+    pandas' strict readers take (Python's json writes them as the non-standard NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
 def _step_of(line: str) -> float:

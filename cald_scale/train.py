@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -236,7 +237,7 @@ def forward_backward(
     if poison:
         parts.total = parts.total * float("nan")
     if not agree(bool(torch.isfinite(parts.total))):
-        return parts, False
+        return parts.detached(), False  # its graph goes now, not after the next micro-batch's forward
     engine.backward(parts.total)
     return parts, True
 
@@ -293,9 +294,16 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
             sums["_tokens"] = sums.get("_tokens", 0.0) + float(batch["attention_mask"].sum())
         for key, value in parts.as_floats().items():
             sums[key] = sums.get(key, 0.0) + value / cfg.train.grad_accum
-        # Per-layer losses averaged like the total: over the micro-batches, then the ranks.
+        # Per-layer losses averaged like the total (over the micro-batches, then the ranks), of
+        # the values that are finite: a teacher-forced stage skipped in one micro-batch leaves
+        # its layers the other micro-batches' figures (none at all: null), not NaN.
         for i, value in enumerate(parts.per_layer):
-            sums[f"_layer_{i}"] = sums.get(f"_layer_{i}", 0.0) + value / cfg.train.grad_accum
+            if math.isfinite(value):
+                sums[f"_layer_{i}"] = sums.get(f"_layer_{i}", 0.0) + value
+                sums[f"_layer_{i}_n"] = sums.get(f"_layer_{i}_n", 0.0) + 1.0
+            else:
+                sums.setdefault(f"_layer_{i}", 0.0)
+                sums.setdefault(f"_layer_{i}_n", 0.0)
         layers = len(parts.per_layer)
     if teacher_ce:
         sums["teacher_ce"] = sum(teacher_ce) / len(teacher_ce)
@@ -303,7 +311,8 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
     if "_tokens" in record:
         state.tokens_seen += round(record.pop("_tokens") * models.data_parallel_size)
     if layers:
-        record["layer_losses"] = [record.pop(f"_layer_{i}") for i in range(layers)]
+        per_layer = [(record.pop(f"_layer_{i}"), record.pop(f"_layer_{i}_n")) for i in range(layers)]
+        record["layer_losses"] = [total / count if count else None for total, count in per_layer]
     return record
 
 

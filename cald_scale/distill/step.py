@@ -44,6 +44,11 @@ class LossParts:
     def as_floats(self) -> dict[str, float]:
         return dict(zip(("loss", *self.terms), _floats([self.total, *self.terms.values()])))
 
+    def detached(self) -> "LossParts":
+        """The same values without their graph: a micro-batch that is not back-propagated must
+        not hold its activations while the next one runs."""
+        return dataclasses.replace(self, total=self.total.detach(), terms={k: v.detach() for k, v in self.terms.items()})
+
 
 def _floats(values: list[torch.Tensor]) -> list[float]:
     """Scalar tensors as floats in one device-to-host copy (``.item()`` each would wait on the device once per value)."""
@@ -172,7 +177,8 @@ def teacher_forced_step(
     ``skipped_stages``; the returned total and layer loss are the other stages' (their layer
     losses' mean). ``all_agree(flag)`` makes every rank take the same branch (True only if
     ``flag`` holds on all ranks). ``poison_stage``: that stage's loss is made NaN
-    (fault-injection tests). ``layer_tokens`` as in ``cald_forward``. The returned tensors are detached.
+    (fault-injection tests; the first stage from it that has a distilled layer). ``layer_tokens``
+    as in ``cald_forward``. The returned tensors are detached.
     """
     boundary = on_boundary or (lambda event, stage: None)
     batch = as_batch(batch)
@@ -203,9 +209,10 @@ def teacher_forced_step(
                 terms.append(layer_loss(s_h, t_outs[j], mask, tokens=layer_tokens))
         if terms:
             stage_loss = weight * torch.stack(terms).sum()
-            if k == poison_stage:
+            if poison_stage is not None and k >= poison_stage:
                 stage_loss = stage_loss * float("nan")
                 terms = [t * float("nan") for t in terms]
+                poison_stage = None
             if not stage_loss.requires_grad:
                 pass  # a hybrid's kept attention layer with frozen weights: nothing to learn
             elif all_agree(bool(torch.isfinite(stage_loss))):
@@ -213,6 +220,7 @@ def teacher_forced_step(
             else:
                 skipped += 1
             layer_terms.extend(t.detach() for t in terms)
+            del stage_loss  # NOTE: a skipped stage's graph (and its teacher input) must not outlive it
         t_h = t_outs[-1]
         # NOTE: this stage's graph (and the teacher input it saved) is gone after backward.
         del t_outs, terms, s_h, t_in

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -152,18 +153,25 @@ def test_gpt_neox_mamba_aligns_each_block_then_distills_end_to_end_and_exports(t
     assert torch.isfinite(student(ids).logits).all()
 
 
+def _refuse_constant(name: str):
+    raise AssertionError(f"metrics.jsonl holds {name}: not strict JSON (jq and JavaScript refuse it)")
+
+
 def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, teacher_dirs, data_cache):
     """One micro-batch per rank and step; only rank 1's losses are made non-finite, and both ranks
-    agree to skip. Micro-batch 1 is non-finite: skipped, counted, and step 2 trains on the next one. Micro-batches 4-6 are: the third in a row stops the run at step 4
-    in one line, and the step-2 checkpoint is left as it was. Step 1 is a teacher-forced phase with
-    the copied weights frozen (as the shipped recipe's alignment); from step 2, end to end, they
-    train at 0.1x (student.trainable=all)."""
+    agree to skip. Micro-batch 0 (step 1, teacher-forced) loses its first distilled stage on both
+    ranks; the other stages learn, and the step logs that stage's layer from rank 0's finite value
+    (no NaN in metrics.jsonl, which stays strict JSON). Micro-batch 1 is non-finite: skipped,
+    counted, and step 2 trains on the next one. Micro-batches 4-6 are: the third in a row stops
+    the run at step 4 in one line, and the step-2 checkpoint is left as it was. Step 1 is a
+    teacher-forced phase with the copied weights frozen (as the shipped recipe's alignment); from
+    step 2, end to end, they train at 0.1x (student.trainable=all)."""
     env = launcher_env(tmp_path)
     run_dir = tmp_path / "nan"
     phases = "[{name: align, steps: 1, mode: teacher_forced, trainable: mixers}, {name: e2e}]"
     overrides = tiny_overrides(
         teacher_dirs["llama"], run_dir, data_cache,
-        **{"phases": phases, "train.max_steps": 6, "debug.nan_at_micro_steps": "[1,4,5,6]", "debug.nan_ranks": "[1]", "train.max_consecutive_nan": 3},
+        **{"phases": phases, "train.max_steps": 6, "debug.nan_at_micro_steps": "[0,1,4,5,6]", "debug.nan_ranks": "[1]", "train.max_consecutive_nan": 3},
     )
     failed = run(deepspeed_command(overrides), env)
     assert failed.returncode != 0
@@ -171,8 +179,11 @@ def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, teacher_dirs, data_c
     assert "error: 3 non-finite losses in a row at step 4" in log and "Traceback" not in log
     history = metrics(run_dir)
     assert sorted(history) == [1, 2, 3]
-    assert [history[s]["nan_skipped"] for s in (1, 2, 3)] == [0, 1, 1]
+    assert [history[s]["nan_skipped"] for s in (1, 2, 3)] == [1, 2, 2]
     assert all(history[s]["loss"] == history[s]["loss"] for s in (1, 2, 3))  # the skipped one left no NaN behind
+    assert all(isinstance(v, float) and math.isfinite(v) for v in history[1]["layer_losses"])
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=_refuse_constant)
     assert [history[s]["phase_name"] for s in (1, 2, 3)] == ["align", "e2e", "e2e"]
     aligning, e2e = history[1]["lr_groups"], history[3]["lr_groups"]
     assert aligning["copied"] == 0.0 and aligning["mixers"] > 0

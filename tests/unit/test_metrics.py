@@ -9,6 +9,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from cald_scale.metrics import MetricsLogger
 
 
@@ -110,3 +112,12 @@ def test_a_shells_wandb_mode_never_sends_a_run_configured_offline(tmp_path, monk
     monkeypatch.setenv("WANDB_MODE", "offline")
     _logger(tmp_path / "c", start_step=0, wandb_mode="online").close()
     assert modes == ["offline", "offline"]
+
+
+def test_metrics_lines_are_strict_json_with_null_for_non_finite_values(tmp_path):
+    metrics = _logger(tmp_path, start_step=0)
+    metrics.log(1, {"loss": float("nan"), "layer_losses": [1.0, float("inf"), None], "nested": {"x": float("-inf")}})
+    metrics.close()
+    line = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
+    record = json.loads(line, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert record["loss"] is None and record["layer_losses"] == [1.0, None, None] and record["nested"] == {"x": None}

@@ -40,7 +40,7 @@ def test_streamed_equals_naive(family, mixer, stage_size):
         assert torch.equal(g_naive[name], g_streamed[name]), name
 
 
-def _held_teacher_bytes(teacher, student, ids, schedule, cfg=None):
+def _held_teacher_bytes(teacher, student, ids, schedule, cfg=None, poison_stage=None):
     """Teacher-derived bytes alive at the worst stage boundary, autograd's saved tensors included."""
     ledger = LiveTensorLedger()
     t_lw = LayerwiseModel(teacher, scope=ledger.source_scope)
@@ -48,7 +48,7 @@ def _held_teacher_bytes(teacher, student, ids, schedule, cfg=None):
     cfg = cfg or LossConfig()
     with ledger.watch():
         if schedule == "teacher_forced":
-            teacher_forced_step(t_lw, s_lw, ids, cfg, backward=lambda loss: loss.backward(), on_boundary=ledger.on_boundary())
+            teacher_forced_step(t_lw, s_lw, ids, cfg, backward=lambda loss: loss.backward(), on_boundary=ledger.on_boundary(), poison_stage=poison_stage)
         else:
             parts = cald_forward(t_lw, s_lw, ids, cfg, schedule=schedule, on_boundary=ledger.on_boundary())
             parts.total.backward()
@@ -87,14 +87,15 @@ def test_the_ledger_sees_what_autograd_keeps(monkeypatch):
     assert held >= 2 * (layers - 1) * hidden
 
 
-@pytest.mark.parametrize("layers", [4, 10])
-def test_teacher_forced_holds_two_hidden_states_whatever_the_depth(layers):
+@pytest.mark.parametrize("layers,poison_stage", [(4, None), (10, None), (4, 1)])
+def test_teacher_forced_holds_two_hidden_states_whatever_the_depth(layers, poison_stage):
+    """Also when a stage is skipped (non-finite): its graph goes with it, not with the next stage."""
     batch, seqlen = 2, 32
     teacher = tiny_teacher("llama", layers=layers)
     student = convert_teacher(teacher, ConversionConfig()).train()
     ids = torch.randint(0, 256, (batch, seqlen))
     hidden = batch * seqlen * teacher.config.hidden_size * 4
-    assert _held_teacher_bytes(teacher, student, ids, "teacher_forced") <= 2 * hidden + 8 * layers
+    assert _held_teacher_bytes(teacher, student, ids, "teacher_forced", poison_stage=poison_stage) <= 2 * hidden + 8 * layers
 
 
 @pytest.mark.parametrize("stage_size", [1, 2, 3])
@@ -136,6 +137,16 @@ def test_a_non_finite_teacher_forced_stage_is_skipped_and_the_rest_learn():
     assert not any(".layers.1." in n for n in grads)  # the skipped block got nothing
     # The logged loss is the stages that learned: finite, their layer losses' mean.
     assert parts.terms["layer"].item() == pytest.approx((parts.per_layer[0] + parts.per_layer[2]) / 2, rel=1e-6)
+
+
+def test_fault_injection_poisons_the_first_stage_that_has_a_distilled_layer():
+    """With skip_first covering stage 0, poisoning "stage 0" must still exercise the skip."""
+    teacher = tiny_teacher("llama", layers=3)
+    student = convert_teacher(teacher, ConversionConfig()).train()
+    ids = torch.randint(0, 256, (2, 16))
+    parts = teacher_forced_step(LayerwiseModel(teacher), LayerwiseModel(student), ids, LossConfig(skip_first=1, skip_last=False),
+                                backward=lambda loss: loss.backward(), poison_stage=0)
+    assert parts.skipped_stages == 1 and math.isnan(parts.per_layer[0]) and math.isfinite(parts.per_layer[1])
 
 
 def test_loss_weights_and_skips():
