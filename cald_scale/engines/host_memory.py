@@ -3,8 +3,8 @@
 glibc's malloc serves allocations below an adaptive threshold (up to 32 MB) from its heap,
 and a heap fragmented by activations of a few MB each keeps freed memory resident. On the
 default job (SmolLM2-135M, 1 rank, fp32) that held about 2.3 GB above what is in use.
-Fixing the threshold at 1 MB (``train.malloc_mmap_threshold``, the default) returns it, at
-some speed on CPU; jemalloc, preloaded by the user with ``LD_PRELOAD=libjemalloc.so.2``,
+Fixing the threshold (``train.malloc_mmap_threshold``, 16 MB by default; 1 MB returns the
+most) returns it, at some speed on CPU; jemalloc, preloaded by the user with ``LD_PRELOAD=libjemalloc.so.2``,
 is detected and left alone. ``train.malloc_mmap_threshold=null`` keeps glibc's fast
 default; free heap pages go back when a teacher is released (``return_free_memory``) and,
 with ``train.trim_heap_every``, every N steps. On the
@@ -24,6 +24,7 @@ __all__ = ["configure_host_allocator", "preloaded_allocator", "return_free_memor
 logger = logging.getLogger("cald_scale.host_memory")
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
+_fixed_threshold: int | None = None  # set in this process: glibc cannot go back to its adaptive one
 
 
 @functools.cache
@@ -53,7 +54,14 @@ def configure_host_allocator(mmap_threshold: int | None) -> str:
     preloaded = preloaded_allocator()
     if preloaded:
         return preloaded
+    global _fixed_threshold
     if mmap_threshold is None:
+        if _fixed_threshold is not None:  # a second run in one process (train() is re-entrant)
+            logger.warning(
+                "train.malloc_mmap_threshold=null, but this process fixed it at %d bytes before: glibc cannot return "
+                "to its adaptive threshold, so that one stays", _fixed_threshold,
+            )
+            return f"glibc (mmap threshold {_fixed_threshold} bytes, fixed earlier in this process)"
         return "glibc (default thresholds)"
     libc = _libc()
     try:
@@ -63,6 +71,7 @@ def configure_host_allocator(mmap_threshold: int | None) -> str:
     if not ok:
         logger.warning("could not set the malloc mmap threshold (not glibc?); host memory may exceed the accounting")
         return "unknown"
+    _fixed_threshold = int(mmap_threshold)
     return f"glibc (mmap threshold {mmap_threshold} bytes)"
 
 

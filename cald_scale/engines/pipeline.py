@@ -37,6 +37,7 @@ import math
 import os
 import re
 import shutil
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Literal
@@ -416,6 +417,14 @@ class CaldStage(nn.Module):
     def student_model(self) -> CaldStudentForCausalLM:
         return self.student.model
 
+    def train(self, mode: bool = True) -> "CaldStage":
+        """The engine's train()/eval() reaches every student module the stage runs, also those
+        outside its owned pieces (the base model's embedding dropout, GPT-NeoX's emb_dropout):
+        evaluation has no dropout. The teacher stays in eval mode."""
+        super().train(mode)
+        self.student.model.train(mode)
+        return self
+
     # -- what trains --------------------------------------------------------------------------
     def blocks(self) -> nn.ModuleList:
         return nn.ModuleList(self.student.blocks[i] for i in self.layers)
@@ -436,15 +445,19 @@ class CaldStage(nn.Module):
         _fill(teacher, self.paths, RenamedReader(open_weights(folder), teacher), self.teacher_aliases)
 
     def release_teacher(self) -> tuple[int, int]:
-        """Drop the teacher's pieces; returns (bytes freed, teacher tensors the student still holds)."""
+        """Drop the teacher's pieces; returns (bytes freed, teacher-only tensors still alive
+        after: 0 when nothing leaks), as ``ManagedTeacher.release`` counts them in ZeRO-3 mode.
+        The tensors the student shares stay and count in neither; a tied one counts once."""
         if self.teacher is None:
             return 0, 0
         mine = {id(p) for p in self.parameters()}
-        tensors = [t for t in self.teacher.model.state_dict(keep_vars=True).values() if not t.is_meta]
-        kept = sum(1 for t in tensors if id(t) in mine)
-        freed = sum(t.numel() * t.element_size() for t in tensors if id(t) not in mine)
+        own = {id(t): t for t in self.teacher.model.state_dict(keep_vars=True).values() if not t.is_meta and id(t) not in mine}
+        freed = sum(t.numel() * t.element_size() for t in own.values())
+        refs = [weakref.ref(t) for t in own.values()]
+        del own
         self.teacher = None
-        return freed, kept
+        gc.collect()
+        return freed, sum(ref() is not None for ref in refs)
 
     def begin_batch(self, micro_batches: int, poisoned: set[int]) -> None:
         """Before ``train_batch`` of ``micro_batches``: those (0-based) whose loss is made NaN
@@ -772,10 +785,9 @@ class PipelineGuide:
             self._load(self.plan.teacher_weights_at(step, self.base_weights))
         if self.models.stage.teacher is not None and not self.plan.teacher_needed_from(step):
             rss_before = current_rss_bytes()
-            freed, kept = self.models.stage.release_teacher()
-            gc.collect()
+            freed, alive = self.models.stage.release_teacher()
             return_free_memory()
-            self.release_stats = {"step": step, "freed_partition_bytes": freed, "teacher_params_alive": kept, "rss_before": rss_before, "rss_after": current_rss_bytes()}
+            self.release_stats = {"step": step, "freed_partition_bytes": freed, "teacher_params_alive": alive, "rss_before": rss_before, "rss_after": current_rss_bytes()}
             logger.info("teacher released before step %d: %.1f MB freed on this stage", step + 1, freed / 1e6)
 
     def _load(self, folder: str) -> None:
@@ -805,12 +817,16 @@ def build_pipeline(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan:
     bounds = stage_bounds(config.num_hidden_layers, num_stages, ds_config["pipeline"].get("partition", "uniform"))
     _check_every_stage_converts(cfg, config, bounds)
     frozen_copies = cfg.student.trainable == "mixers"
+    # NOTE: the engine's precision decides, as ZeRO-3's engines do: a bf16 teacher.dtype on an fp32
+    # engine computes in fp32 (the teacher's bf16 copies shared into an fp32 student crashed its mixers).
     if ds_config.get("bf16", {}).get("enabled"):
         dtype = torch.bfloat16
     elif ds_config.get("fp16", {}).get("enabled"):
         dtype = torch.float16
     else:
-        dtype = source.dtype
+        dtype = torch.float32
+    if dtype != source.dtype:
+        logger.info("teacher.dtype %s: the pipeline engine computes in %s (its bf16/fp16 settings decide)", source.dtype, dtype)
     factory = StageFactory(
         cfg, source, bounds, with_teacher=plan.uses_teacher, share=frozen_copies and cfg.student.share_frozen_weights and not plan.swaps_teacher,
         dtype=dtype, device=torch.device(get_accelerator().current_device_name()), outside_groups=outside_groups and not frozen_copies,

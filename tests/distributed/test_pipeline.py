@@ -34,6 +34,9 @@ CASES = {
     "teacher_forced_substages": ("llama", ["phases=[{name: tf, mode: teacher_forced}]", "loss.skip_last=false", "train.stage_size=2"]),
     # Every weight trains (an untied head): embedding grads on stage 0, head grads on stage 1.
     "e2e_all_neox": ("gpt_neox", ["student.trainable=all", "student.conversion.mixer=mamba"]),
+    # A bf16 teacher.dtype on an fp32 engine (CPU): both modes compute in the engine's fp32 (the
+    # pipeline built bf16 copies that its fp32 mixers then refused).
+    "e2e_bf16_teacher_fp32_engine": ("llama", ["teacher.dtype=bfloat16"]),
     # Gemma2's embedding scale is a buffer no checkpoint stores: stage 0 keeps it as built.
     "e2e_gemma2": ("gemma2", ["teacher.attn_implementation=eager"]),
 }
@@ -281,6 +284,57 @@ def test_shipped_recipes_fit_the_pipeline_ds_config():
         assert resolved["pipeline"]["stages"] == 2 and resolved["zero_optimization"]["stage"] == 1
         # 4 ranks = 2 replicas of a 2-stage pipeline: the global batch splits over the replicas only.
         assert resolved["train_batch_size"] == cfg.train.micro_batch(2) * cfg.train.grad_accum * 2, recipe.name
+
+
+def _one_stage(teacher: Path, *, share: bool, extra: tuple[str, ...] = ()):
+    from cald_scale.config import load_run_config
+    from cald_scale.conversion.teacher import open_teacher
+    from cald_scale.engines.pipeline import CaldStage, StageFactory, stage_bounds
+
+    cfg = load_run_config(overrides=[
+        f"teacher.name_or_path={teacher}", "train.global_batch_size=4", "train.max_steps=4", "phases=[{name: a, guidance: target}]",
+        "student.trainable=mixers", "student.conversion.attention_every=0", "train.pipeline_stages=1", *extra,
+    ])
+    source, _ = open_teacher(cfg.teacher)
+    factory = StageFactory(cfg, source, stage_bounds(source.config.num_hidden_layers, 1), with_teacher=True, share=share,
+                           dtype=torch.float32, device=torch.device("cpu"))
+    return CaldStage(factory, 0)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_a_stage_reports_the_teacher_memory_it_frees_and_no_leak(teacher_dirs, share):
+    """A one-stage pipeline holds the tied embedding as embedding and head: freed once. The
+    tensors the student shares stay and are no leak (they read as teacher_params_alive, the
+    figure ZeRO-3 mode reports 0 for when nothing leaks)."""
+    stage = _one_stage(teacher_dirs["llama"], share=share)
+    teacher = stage.teacher.model
+    assert teacher.get_output_embeddings().weight is teacher.get_input_embeddings().weight  # tied
+    mine = {id(p) for p in stage.parameters()}
+    unique = {id(p): p for p in teacher.parameters()}
+    expected = sum(p.numel() * p.element_size() for i, p in unique.items() if i not in mine)
+    assert any(i in mine for i in unique) == share
+    del teacher, unique
+    freed, alive = stage.release_teacher()
+    assert (freed, alive) == (expected, 0) and stage.teacher is None
+
+
+def test_a_stage_evaluates_the_student_without_its_embedding_dropout(teacher_dirs, tmp_path):
+    """eval() (the engine's eval_batch) reaches the student's embedding dropout, which sits
+    outside the stage's owned pieces: two scores of one batch are one."""
+    from cald_scale.engines.pipeline import _Mode
+
+    folder = tmp_path / "neox_dropout"
+    shutil.copytree(teacher_dirs["gpt_neox"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"hidden_dropout": 0.3}))
+    stage = _one_stage(folder, share=True, extra=("student.conversion.mixer=mamba",))
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    stage.mode = _Mode("eval_student")
+    with torch.no_grad():
+        stage.train()
+        assert float(stage(ids)) != float(stage(ids))  # the dropout is real
+        stage.eval()
+        assert float(stage(ids)) == float(stage(ids))
 
 
 def test_pipeline_config_errors_name_the_problem(tmp_path):
