@@ -220,19 +220,14 @@ class MixerAsAttention(nn.Module):
         # rare), each updating the cache's own tensors in place. NOTE: copying the state in and
         # out through the cache's update methods cost a decode step at batch 8 about a tenth.
         state = self.mixer.state_class(cache.get_conv_state(idx), cache.get_recurrent_state(idx))
-        # A pad in such a chunk (left padding longer than the first chunk) leaves the state as it
-        # was and outputs zero. NOTE: not for one token, a decode step, whose mask is all ones in
-        # generate: a state copy per step would cost the decode for nothing.
-        mask = mixer_padding_mask if mixer_padding_mask is not None and hidden_states.shape[1] > 1 else None
+        # A pad (left padding longer than the prompt's first chunk, or a prompt fed a token at a
+        # time) is masked in the step as prefill masks it: a few products, no state copy, so a
+        # decode step (its mask all ones) pays nothing for it.
+        mask = mixer_padding_mask
         outs = []
         for t in range(hidden_states.shape[1]):
-            before = None if mask is None else [s.clone() for s in (state.conv_state, state.ssm_state)]
-            out_t, state = self.mixer.step(hidden_states[:, t : t + 1], state, inplace=True)
-            if mask is not None:
-                keep = mask[:, t].bool()
-                for new, old in zip((state.conv_state, state.ssm_state), before):
-                    new.copy_(torch.where(keep.view(-1, *[1] * (new.dim() - 1)), new, old))
-                out_t = out_t * keep.view(-1, 1, 1).to(out_t.dtype)
+            keep = None if mask is None else mask[:, t]
+            out_t, state = self.mixer.step(hidden_states[:, t : t + 1], state, inplace=True, keep=keep)
             outs.append(out_t)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return out, None
@@ -363,6 +358,7 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             cache.check_usable()
             cache.check_room(new_tokens)
+            cache.check_batch((input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0])
         if attention_mask is not None and attention_mask.dim() == 2:
             kwargs["mixer_padding_mask"] = attention_mask[:, -new_tokens:]
         out = self.backbone(

@@ -26,17 +26,21 @@ class StudentCache(DynamicCache):
     def __init__(self, layer_types: list[str], max_cache_len: int | None = None):
         if max_cache_len is not None and max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive number of positions, got {max_cache_len}")
-        layers = [
+        self._layout = (list(layer_types), max_cache_len)
+        # NOTE: DynamicCache.__init__ would build the layers from a config; ours come from the
+        # student's layout, so the base Cache constructor is called directly.
+        super(DynamicCache, self).__init__(layers=self._new_layers())
+        self.max_cache_len = max_cache_len if "full_attention" in layer_types else None
+        self.tokens_seen = 0
+        self.rolled_back = False
+
+    def _new_layers(self) -> list:
+        layer_types, max_cache_len = self._layout
+        return [
             LinearAttentionLayer() if kind == "linear_attention"
             else DynamicLayer() if max_cache_len is None else StaticLayer(max_cache_len)
             for kind in layer_types
         ]
-        # NOTE: DynamicCache.__init__ would build the layers from a config; ours come from the
-        # student's layout, so the base Cache constructor is called directly.
-        super(DynamicCache, self).__init__(layers=layers)
-        self.max_cache_len = max_cache_len if "full_attention" in layer_types else None
-        self.tokens_seen = 0
-        self.rolled_back = False
 
     @property
     def has_attention(self) -> bool:
@@ -91,8 +95,30 @@ class StudentCache(DynamicCache):
         """Record that a forward pass consumed ``num_tokens`` more positions."""
         self.tokens_seen += num_tokens
 
+    def check_batch(self, batch_size: int) -> None:
+        """Refuse a forward of another number of sequences than the states held (it failed
+        deep in a layer's state update)."""
+        held = self._batch_size()
+        if held is not None and held != batch_size:
+            raise ValueError(
+                f"this StudentCache holds the states of {held} sequences; a forward of {batch_size} cannot continue from "
+                "them. Start from a new cache (model.new_cache()) or cache.reset()"
+            )
+
+    def _batch_size(self) -> int | None:
+        if self.tokens_seen == 0:  # new or reset: the next prompt allocates its states
+            return None
+        for layer in self.layers:
+            states = layer.conv_states.values() if isinstance(layer, LinearAttentionLayer) else [getattr(layer, "keys", None)]
+            for state in states:
+                if isinstance(state, torch.Tensor) and state.dim() > 0:
+                    return state.shape[0]
+        return None
+
     def reset(self) -> None:
-        super().reset()
+        """Start over as a new cache, for any number of sequences (the states are allocated
+        again by the next prompt; zeroing them in place kept the old batch size)."""
+        self.layers = self._new_layers()
         self.tokens_seen = 0
         self.rolled_back = False
 

@@ -141,7 +141,8 @@ def generate_graphed(
     """The new tokens (batch, <= max_new_tokens) of a mixers-only student, decoded by ``GraphedDecode``.
 
     What ``model.generate`` does for greedy search and sampling, with the decode step replayed as
-    a CUDA graph: the prompt (left-padded; ``attention_mask`` keeps the pads out of the states)
+    a CUDA graph: the prompt (left-padded; ``attention_mask``, inferred from the pad token as
+    ``generate`` infers it when not given, keeps the pads out of the states)
     fills a fresh cache in one forward, then one graphed step per token. ``generation_kwargs``
     (do_sample, temperature, top_k, repetition_penalty, eos_token_id, pad_token_id, ...) and the
     model's generation config resolve as in ``generate``, through transformers' own logits
@@ -155,6 +156,8 @@ def generate_graphed(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     config, processors = _generation_setup(model, input_ids, attention_mask, logits_processor, {**generation_kwargs, "max_new_tokens": max_new_tokens})
     eos, pad = config._eos_token_tensor, config._pad_token_tensor
+    if attention_mask is None:  # as generate infers it: pad tokens in the prompt are padding (unless pad is eos)
+        attention_mask = model._prepare_attention_mask_for_generation(input_ids, config, {})
     cache = model.new_cache() if cache is None else cache
     logits = model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     decode = GraphedDecode(model, cache, batch=input_ids.shape[0], use_graph=use_graph)

@@ -61,9 +61,10 @@ class SequenceMixer(nn.Module):
         self._require_causal("prefill")
         return self._mix(hidden_states, attention_mask, return_state=True)
 
-    def step(self, hidden_states: torch.Tensor, state, *, inplace: bool = False):
+    def step(self, hidden_states: torch.Tensor, state, *, inplace: bool = False, keep: torch.Tensor | None = None):
         """One decoding step from ``state`` (causal mixers implement it); ``inplace`` updates
-        the state's tensors where they are and returns ``state``."""
+        the state's tensors where they are and returns ``state``. ``keep`` (b,): 0 for a row
+        whose token is padding, which the step then treats as :meth:`prefill` treats a pad."""
         self._require_causal("step")
         raise NotImplementedError
 

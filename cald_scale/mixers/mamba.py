@@ -181,20 +181,28 @@ class MambaMixer(SequenceMixer):
         )
 
     def step(
-        self, hidden_states: torch.Tensor, state: MambaState, *, inplace: bool = False
+        self, hidden_states: torch.Tensor, state: MambaState, *, inplace: bool = False, keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, MambaState]:
         """One decoding step: (b, 1, hidden) or (b, hidden) -> same shape, and the new state
-        (``state`` itself, its tensors updated in place, if ``inplace``)."""
+        (``state`` itself, its tensors updated in place, if ``inplace``). ``keep`` (b,): 0 where
+        the token is padding, masked as :meth:`forward` masks it."""
         squeeze = hidden_states.dim() == 3
         if squeeze and hidden_states.shape[1] != 1:
             raise ValueError(f"step takes one token, got sequence length {hidden_states.shape[1]}")
         h_t = hidden_states[:, 0] if squeeze else hidden_states
         ops = _ops(self.kernel(h_t.device))
+        keep = None if keep is None else keep.to(h_t.dtype).unsqueeze(-1)
+        if keep is not None:
+            h_t = h_t * keep
 
         x, z = self.in_proj(h_t).chunk(2, dim=-1)
+        if keep is not None:
+            x = x * keep
         x, conv_state = ops.conv_update(
             x, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", inplace=inplace
         )
+        if keep is not None:
+            x = x * keep
         dt, B, C = self._ssm_params(x)
         y, ssm_state = ops.step(
             state.ssm_state,

@@ -240,10 +240,11 @@ class Mamba2Mixer(SequenceMixer):
         )
 
     def step(
-        self, hidden_states: torch.Tensor, state: Mamba2State, *, inplace: bool = False
+        self, hidden_states: torch.Tensor, state: Mamba2State, *, inplace: bool = False, keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, Mamba2State]:
         """One decoding step: (b, 1, hidden) or (b, hidden) -> same shape, and the new state
         (``state`` itself, its tensors updated in place, if ``inplace``: what a cache wants).
+        ``keep`` (b,): 0 where the token is padding, masked as :meth:`forward` masks it.
 
         Running it token by token gives what :meth:`forward` gives for the whole sequence.
         """
@@ -252,11 +253,18 @@ class Mamba2Mixer(SequenceMixer):
             raise ValueError(f"step takes one token, got sequence length {hidden_states.shape[1]}")
         h_t = hidden_states[:, 0] if squeeze else hidden_states
         ops = _ops(self.kernel(h_t.device))
+        keep = None if keep is None else keep.to(h_t.dtype).unsqueeze(-1)
+        if keep is not None:
+            h_t = h_t * keep
 
         z, xBC, dt = self.in_proj(h_t).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        if keep is not None:
+            xBC = xBC * keep
         xBC, conv_state = ops.conv_update(
             xBC, state.conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.activation, inplace=inplace
         )
+        if keep is not None:
+            xBC = xBC * keep
         x, B, C = self._split_xBC(xBC)
         A = -torch.exp(self.A_log.float())
         y, ssm_state = ops.step(

@@ -218,6 +218,12 @@ def test_a_cropped_cache_is_refused_not_silently_wrong():
             student(ids[:, :1], cache=cache, use_cache=True)
         cache.reset()  # a reset cache starts over, exactly like a new one
         torch.testing.assert_close(student(ids, cache=cache, use_cache=True).logits, student(ids, cache=student.new_cache(), use_cache=True).logits)
+        # Another number of sequences: refused by name on a cache in use, fine after a reset.
+        three = torch.randint(3, 256, (3, 8))
+        with pytest.raises(ValueError, match="holds the states of 1 sequences; a forward of 3"):
+            student(three, cache=cache, use_cache=True)
+        cache.reset()
+        torch.testing.assert_close(student(three, cache=cache, use_cache=True).logits, student(three, cache=student.new_cache(), use_cache=True).logits)
 
 
 def test_assisted_generation_stops_with_a_clear_error():
@@ -254,6 +260,27 @@ def test_a_prompt_in_chunks_with_padding_past_the_first_chunk_equals_one_prefill
     for idx in range(len(student.mixers())):
         torch.testing.assert_close(cache.get_recurrent_state(idx), whole_cache.get_recurrent_state(idx), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(cache.get_conv_state(idx), whole_cache.get_conv_state(idx), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba"])
+def test_a_left_padded_prompt_fed_a_token_at_a_time_equals_one_prefill(mixer):
+    """generate(prefill_chunk_size=1), or a loop feeding the prompt token by token: every pad
+    after the first runs as a one-token step on a cache, and must leave the state as a prefill
+    does (the conv bias alone wrote silu(bias) terms into it: other tokens generated)."""
+    student = _student("llama", mixer, [])
+    ids, mask = _left_padded_batch()  # row 0 has 4 pads
+    with torch.no_grad():
+        whole_cache = student.new_cache()
+        whole = student(ids, attention_mask=mask, cache=whole_cache, use_cache=True).logits[:, -1]
+        cache = student.new_cache()
+        for t in range(ids.shape[1]):
+            last = student(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(last, whole, rtol=1e-4, atol=1e-5)
+    for idx in range(len(student.mixers())):
+        torch.testing.assert_close(cache.get_recurrent_state(idx), whole_cache.get_recurrent_state(idx), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cache.get_conv_state(idx), whole_cache.get_conv_state(idx), rtol=1e-4, atol=1e-5)
+    plain = student.generate(ids, attention_mask=mask, **GREEDY)
+    assert torch.equal(student.generate(ids, attention_mask=mask, prefill_chunk_size=1, **GREEDY), plain)
 
 
 def test_generate_compiles_the_student_only_on_request(monkeypatch):

@@ -121,6 +121,9 @@ def test_generate_graphed_gives_generates_tokens(mixer):
         torch.manual_seed(5)
         tokens = generate_graphed(student, ids, mask, max_new_tokens=6, pad_token_id=0, **sampling)
         assert torch.equal(tokens, reference), (sampling, tokens, reference)
+    # No mask given: both infer it from the pad token (the pads ran as tokens, and other tokens came).
+    reference = student.generate(input_ids=ids, max_new_tokens=6, pad_token_id=0)[:, ids.shape[1]:]
+    assert torch.equal(generate_graphed(student, ids, max_new_tokens=6, pad_token_id=0), reference)
 
 
 def test_generate_graphed_stops_when_every_sequence_has_ended():

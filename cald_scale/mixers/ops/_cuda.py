@@ -197,7 +197,7 @@ def causal_conv1d_update(x_t, conv_state, weight, bias=None, activation=None, *,
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, *, chunk_size=64, initial_state=None, return_final_state=False):
-    """See ops.ssd.ssd_chunked. The final state comes back in the dtype of C (the pure-PyTorch path: fp32)."""
+    """See ops.ssd.ssd_chunked. The final state comes back in float32, as the pure-PyTorch path's (the kernel passes states in fp32)."""
     fn = _fn("mamba_triton", "mamba_chunk_scan_combined")
     _autotune_cache.sync()  # choices tuned by other processes in; this one's (its last backward too) out
     return fn(
