@@ -9,7 +9,8 @@ side on lm-eval-harness tasks.
 
 PATH is a run folder (its config.json is the run config; student/ the exported student)
 or an exported student folder (its config names the teacher; --teacher overrides; with no
---corpus it is scored on data.corpus's default, the Brown corpus). A corpus is anything data.corpus accepts: a built-in name, local text files, or a megatron
+--corpus it is scored on data.corpus's default, the Brown corpus; a run's own student/ is
+scored as its run folder is, with the run's data settings). A corpus is anything data.corpus accepts: a built-in name, local text files, or a megatron
 .bin/.idx prefix; text is tokenised once with the teacher's tokenizer and cached. A task
 (--tasks) is an lm-eval task, group or tag name, a task YAML file or a folder of them; its
 data must be readable by `datasets` (HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1 keep it off
@@ -41,6 +42,8 @@ from .eval.perplexity import eval_indices, perplexity
 from .fileio import atomic_write_text, read_json
 from .generation.context import check_context
 
+logger = logging.getLogger("cald_scale.evaluate")
+
 __all__ = ["EvalTarget", "add_arguments", "evaluate", "evaluate_tasks", "format_table", "main", "refuse_classifier", "resolve_target", "run"]
 
 
@@ -70,6 +73,14 @@ def _read_config(folder: Path) -> dict:
     return read_json(path)
 
 
+def _is_run_folder(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "teacher" in config and "data" in config
+
+
 def refuse_classifier(folder: Path, config: dict, command: str) -> None:
     """A sequence classifier (model or run) is not a causal LM: say so, and where its scores are."""
     if config.get("model_type") == "cald_classifier" or config.get("task", {}).get("kind") == "classification":
@@ -91,6 +102,11 @@ def resolve_target(
     folder = Path(path).expanduser()
     config = _read_config(folder)
     refuse_classifier(folder, config, "evaluate")
+    if config.get("model_type") == CaldStudentConfig.model_type and _is_run_folder(folder.parent) and folder.name == "student":
+        # A run's own exported student: scored as its run is, on the run's split and settings (the
+        # defaults' split of the same corpus may hold documents the run trained on).
+        logger.info("%s is the student of run %s: scoring it with the run's data settings", folder, folder.parent)
+        return resolve_target(folder.parent, teacher=teacher, no_teacher=no_teacher, remedy=remedy)
     if config.get("model_type") == CaldStudentConfig.model_type:
         named = teacher or config.get("teacher_name_or_path")
         if not named and not no_teacher:

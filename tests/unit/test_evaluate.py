@@ -86,6 +86,12 @@ def test_run_folder_defaults_to_its_own_eval_split(models, tmp_path):
     expected = _direct_ppl(student, text, tokenizer, DataConfig(**data))
     assert row["student"] == pytest.approx(expected, rel=1e-6)  # the run's eval split, seq_len and batch
 
+    # The run's own student/ folder is scored as the run is (its split, not the defaults', which
+    # may hold documents the run trained on).
+    assert main(["evaluate", str(run / "student"), "--max_sequences", str(NUM_SEQUENCES), "--json", str(out)]) == 0
+    [via_student] = json.loads(out.read_text())["results"]
+    assert via_student["student"] == row["student"] and via_student["corpus"] == text
+
     # --no_teacher: the student alone, through `python -m cald_scale.evaluate`'s main
     assert evaluate_module.main([str(run), "--no_teacher", "--max_sequences", "2", "--json", str(out)]) == 0
     [alone] = json.loads(out.read_text())["results"]
