@@ -50,7 +50,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: copies of a text (case, links, "RT @user:") are one text
 """Bump when cleaning, de-duplication or splitting changes: old caches then get a new key."""
 
 
@@ -177,26 +177,45 @@ class ClassificationDataConfig:
 
 
 def _dedup_key(text: str, pair: str | None) -> str:
-    # NOTE: whitespace-normalised, so texts that differ only in spacing count as one.
+    # NOTE: whitespace-normalised, so texts that differ only in spacing count as one. A row's
+    # identity: its hash places it in a carved split and orders its split.
     key = " ".join(text.split())
     return key if pair is None else key + "\x1f" + " ".join(pair.split())
 
 
+_LINK = re.compile(r"https?://\S*")
+_RETWEET = re.compile(r"^RT @\w+:\s*")
+
+
+def _copy_key(text: str, pair: str | None) -> str:
+    """What copies of one text share however they were posted: spacing, case, links (a t.co
+    link cut at another length) and a retweet's leading "RT @user:" aside. Copies must fall in
+    one split: a retweet in test of a tweet in train is no held-out text."""
+
+    def plain(t: str) -> str:
+        spaced = " ".join(t.split())
+        return " ".join(_RETWEET.sub("", _LINK.sub("", spaced)).split()).casefold() or spaced  # a link alone stays itself
+
+    return plain(text) if pair is None else plain(text) + "\x1f" + plain(pair)
+
+
 def _dedupe(rows: list[Row], split: str, stats: dict[str, int]) -> dict[str, Row]:
-    """One row per text: copies with the same label collapse to one, texts seen with
-    different labels are dropped altogether (no right answer to learn)."""
+    """One row per text and its copies (``_copy_key``): copies with the same label collapse to
+    one, texts seen with different labels are dropped altogether (no right answer to learn).
+    The row kept is keyed by its own ``_dedup_key``."""
     groups: dict[str, list[Row]] = {}
     for row in rows:
-        groups.setdefault(_dedup_key(row[0], row[1]), []).append(row)
+        groups.setdefault(_copy_key(row[0], row[1]), []).append(row)
     kept: dict[str, Row] = {}
-    for key, group in groups.items():
+    for group in groups.values():
         if len({label for _, _, label in group}) > 1:
             count(stats, f"{split}_skipped_conflicting_label", len(group))
             continue
         if len(group) > 1:
             count(stats, f"{split}_skipped_duplicate", len(group) - 1)
-        # NOTE: min over the copies (they differ at most in whitespace): order-independent.
-        kept[key] = min(group, key=lambda row: (row[0], row[1] or ""))
+        # NOTE: min over the copies: order-independent.
+        row = min(group, key=lambda row: (row[0], row[1] or ""))
+        kept[_dedup_key(row[0], row[1])] = row
     return kept
 
 
@@ -335,12 +354,13 @@ def _build(cfg: ClassificationDataConfig, sources: dict[str, Source], key: str) 
     for split in SPLITS:
         if split not in splits:
             continue
-        repeats = [k for k in splits[split] if k in seen]
+        copies = {k: _copy_key(row[0], row[1]) for k, row in splits[split].items()}
+        repeats = [k for k, copy in copies.items() if copy in seen]
         for k in repeats:
             del splits[split][k]
         if repeats:
             count(stats, f"{split}_skipped_cross_split_duplicate", len(repeats))
-        seen.update(splits[split])
+        seen.update(copies.values())
 
     # 2. Label types must agree across splits (strings and ints do not sort together).
     kinds = {split: {type(label).__name__ for _, _, label in rows.values()} for split, rows in splits.items()}

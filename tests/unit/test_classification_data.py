@@ -24,7 +24,7 @@ from cald_scale.data import (
     tokenize_split,
     tokenize_splits,
 )
-from cald_scale.data.classification import _dedup_key
+from cald_scale.data.classification import _copy_key, _dedup_key
 from cald_scale.eval.classification import (
     classification_metrics,
     confusion_matrix,
@@ -94,6 +94,11 @@ def test_builtin_splits_are_stratified_and_disjoint(builtin_cache, name, num_lab
     keys = [_keys(data[s]) for s in SPLITS]
     assert sum(map(len, keys)) == total  # no duplicate inside a split
     assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+    # Nor a copy across splits: a retweet, a link cut elsewhere or another case of a train text
+    # (tweet_sentiment's test held 167 before copies were grouped).
+    copies = [{_copy_key(t, p) for t, p in zip(data[s].texts, data[s].text_pairs or [None] * len(data[s]))} for s in SPLITS]
+    assert sum(map(len, copies)) == total
+    assert not (copies[0] & copies[1] or copies[0] & copies[2] or copies[1] & copies[2])
     assert data.stats["num_train"] == len(data["train"]) and data.stats["num_labels"] == num_labels
 
 
@@ -175,14 +180,17 @@ def test_split_files_in_a_folder(tmp_path):
     folder = tmp_path / "glue_like"
     folder.mkdir()
     _write(df.iloc[:200], folder / "train.csv")
-    # dev repeats two train texts (one with extra spaces): they are dropped and counted.
-    dev = pd.concat([df.iloc[200:220], df.iloc[:2]])
-    dev.iloc[-1, 0] = "  " + dev.iloc[-1, 0].replace(" ", "   ")
+    # dev repeats four train texts (one with extra spaces, one as a retweet with a link, one in
+    # capitals): they are dropped and counted.
+    dev = pd.concat([df.iloc[200:220], df.iloc[:4]])
+    dev.iloc[-3, 0] = "  " + dev.iloc[-3, 0].replace(" ", "   ")
+    dev.iloc[-2, 0] = f"RT @someone: {dev.iloc[-2, 0]} https://t.co/AbC12"
+    dev.iloc[-1, 0] = dev.iloc[-1, 0].upper()
     _write(dev, folder / "dev.csv")
     _write(df.iloc[220:], folder / "test.csv")
     data = load_classification_data(_files_cfg(folder, tmp_path / "cache"))
     assert [len(data[s]) for s in SPLITS] == [200, 20, 20]
-    assert data.stats["validation_skipped_cross_split_duplicate"] == 2
+    assert data.stats["validation_skipped_cross_split_duplicate"] == 4
     # The same files named explicitly give the same splits.
     explicit = load_classification_data(ClassificationDataConfig(
         dataset=None, train=str(folder / "train.csv"), validation=str(folder / "dev.csv"),
