@@ -59,6 +59,10 @@ TEACHER = "all-minilm-l6-v2"
 REVISIONS = {
     "trajectory": "6f18146: the trajectory teacher fine-tunes with dropout on, as the Std. run does",
 }
+# The same for a task's data (every run of its table): a change to how its splits are built.
+DATA_REVISIONS = {
+    "tweet_sentiment": "318bb6b: a retweet or link variant of a tweet falls in the tweet's split (test held 167 copies of train tweets)",
+}
 
 
 def budget(quick: bool, epochs: int = 1) -> dict:
@@ -205,13 +209,15 @@ def run_key(task: str, b: dict, run: Run) -> str:
     """A run's config key; a student's includes its teacher's, that seed's Std. run (trajectory's teacher is the pretrained encoder)."""
     guided_by_std = run.name != "std" and not run.name.endswith("_trajectory")
     key = config_key(run, std_run(task, b, run.seed) if guided_by_std else None)
-    changed = revision(run)
+    changed = revision(task, run)
     return hashlib.sha256(f"{key} {changed}".encode()).hexdigest()[:16] if changed else key
 
 
-def revision(run: Run) -> str | None:
-    """The last code change to the run's column that changed results (``REVISIONS``), if any."""
-    return REVISIONS.get(run.name.split("_", 1)[-1])
+def revision(task: str, run: Run) -> str | None:
+    """The last code changes that changed the run's results: to its task's data
+    (``DATA_REVISIONS``) and to its column (``REVISIONS``), if any."""
+    changes = [change for change in (DATA_REVISIONS.get(task), REVISIONS.get(run.name.split("_", 1)[-1])) if change]
+    return "; ".join(changes) or None
 
 
 def seed_of(record: dict) -> int:
@@ -265,8 +271,9 @@ def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: 
             # A folder finished before the table stamped its key can be trusted only where no
             # code change since has moved its column.
             on_disk = (folder / KEY_FILE).read_text() if (folder / KEY_FILE).is_file() else None
-            if on_disk != key and (on_disk is not None or revision(run)):
-                raise SystemExit(f"[{benchmark}] {folder} may predate a change to its column's code ({revision(run)}); move it away to rerun it")
+            if on_disk != key and (on_disk is not None or revision(task, run)):
+                why = f"a change to its code or data ({revision(task, run)})" if revision(task, run) else "a change to its config or its Std. run's"
+                raise SystemExit(f"[{benchmark}] {folder} was made before {why}: its key differs; move it away to rerun it")
             return score(run, key)  # reused, after checking its whole config
         record = recorded.get(str(folder.relative_to(REPO)))
         if record is not None and record.get("config") != run_key(task, b, run):
@@ -339,6 +346,7 @@ def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: 
         "benchmark": benchmark,
         "machine": machine(),
         "task": task,
+        "data_revision": DATA_REVISIONS.get(task),  # the splits it was made on (None: as first built)
         "budget": b,
         "seeds": seeds,
         "teacher": {**teacher, "runs": std},

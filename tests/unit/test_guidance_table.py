@@ -89,7 +89,7 @@ def test_a_run_folder_that_may_predate_its_columns_code_is_refused(results, monk
     folder = gt.student_run(TASK, gt.budget(False), 0, "linformer", "trajectory", Path()).folder(f"guidance_{TASK}")
     folder.mkdir(parents=True)
     (folder / "report.json").write_text("{}")  # finished before the table stamped its key
-    with pytest.raises(SystemExit, match=r"linformer_trajectory_seed0 may predate a change to its column's code \(6f18146"):
+    with pytest.raises(SystemExit, match=r"linformer_trajectory_seed0 was made before a change to its code or data \(6f18146"):
         gt.table(TASK, [0, 1], quick=False, students=list(gt.STUDENTS), speed=None, recorded_only=True)
     # a folder the table stamped with today's key is scored (here: its report is empty)
     (folder / gt.KEY_FILE).write_text(gt.run_key(TASK, gt.budget(False), gt.student_run(TASK, gt.budget(False), 0, "linformer", "trajectory", Path())))
@@ -97,6 +97,24 @@ def test_a_run_folder_that_may_predate_its_columns_code_is_refused(results, monk
     monkeypatch.setattr(gt, "scores", lambda folder: {"folder": str(folder.relative_to(gt.REPO)), "test_accuracy": 0.5, "test_macro_f1": 0.2, "tokens": 1, "train_seconds": 1.0})
     out = json.loads(json.dumps(gt.table(TASK, [0, 1], quick=False, students=list(gt.STUDENTS), speed=None, recorded_only=True)))
     assert out["table"]["linformer"]["trajectory"]["seeds"] == 1
+
+
+def test_a_change_to_a_tasks_data_reruns_its_whole_table(results, monkeypatch, capsys):
+    """Every run of a task whose splits changed is stale, its Std. run too; a folder stamped
+    with another key for a reason other than a revision says so (not "(None)")."""
+    recorded = recorded_result({("linformer", "target"): [0.6, 0.62]}, [0.7, 0.72])
+    monkeypatch.setitem(gt.DATA_REVISIONS, TASK, "abc1234: the splits changed")
+    with pytest.raises(SystemExit, match=r"no Std. run for seeds \[0, 1\], here or recorded"):
+        build(results, recorded, seeds=[0, 1])
+    assert "the recorded std seed 0 was made with another config" in capsys.readouterr().out
+    monkeypatch.delitem(gt.DATA_REVISIONS, TASK)
+    run = gt.student_run(TASK, gt.budget(False), 0, "linformer", "target", Path())
+    folder = run.folder(f"guidance_{TASK}")
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text("{}")
+    (folder / gt.KEY_FILE).write_text("a-key-of-another-config")
+    with pytest.raises(SystemExit, match=r"linformer_target_seed0 was made before a change to its config or its Std. run's"):
+        gt.table(TASK, [0, 1], quick=False, students=list(gt.STUDENTS), speed=None, recorded_only=True)
 
 
 def test_targets_compare_cells_with_a_spread_against_the_teacher_on_their_seeds(results):
@@ -162,11 +180,19 @@ COMMITTED = sorted(p.stem for p in (gt.REPO / "benchmarks" / "results").glob("gu
 
 
 @pytest.mark.parametrize("benchmark", COMMITTED)
-def test_the_committed_records_are_still_reused_under_todays_config(benchmark):
+def test_the_committed_records_are_still_reused_under_todays_config(benchmark, monkeypatch):
     # A record is reused only under its config digest. A config key added since (with a default
     # that reproduces the old runs) must not orphan the committed tables: each would then be
     # rerun from scratch (hours of CPU). Keys that never change a result stay out of the digest.
+    # A table made before its task's data changed (DATA_REVISIONS) is stale by design, every
+    # record of it: its config digest must still be today's all the same.
     result = json.loads((gt.RESULTS / f"{benchmark}.json").read_text())
+    made_with = result.get("data_revision")
+    if made_with != gt.DATA_REVISIONS.get(result["task"]):  # stale: keyed as under the data it was made on
+        if made_with is None:
+            monkeypatch.delitem(gt.DATA_REVISIONS, result["task"])
+        else:
+            monkeypatch.setitem(gt.DATA_REVISIONS, result["task"], made_with)
     b, task = result["budget"], result["task"]
     assert benchmark == gt.benchmark_name(task, b == gt.budget(True), b["steps"] // 64 if b != gt.budget(True) else 1)
     checked = 0
