@@ -15,7 +15,7 @@ For each task (Wikipedia topic, 12 classes; Twitter sentiment, 3 classes) and se
    then target guidance end to end (``aligned_target``).
 
 It also measures the teacher's hidden-state drift (mean cosine distance per layer between
-the pretrained and the fine-tuned teacher on validation inputs) and the forward speed of
+the pretrained and the fine-tuned teacher on the 512 longest validation inputs) and the forward speed of
 teacher and students at 4k tokens (benchmarks/encoder_speed.py). Finished runs are reused
 (benchmarks/runs/guidance_<task>/, git-ignored), and so are the runs that the committed
 result records (on the same budget, each with a digest of its whole config and its teacher's,
@@ -164,7 +164,9 @@ def scores(folder: Path) -> dict:
 
 
 def drift(std_folder: Path, task: str, b: dict, seed: int) -> dict:
-    """Hidden-state drift of the fine-tuned teacher from the pretrained one on validation inputs."""
+    """Hidden-state drift of the fine-tuned teacher from the pretrained one on the 512 longest
+    validation inputs (8 batches of 64, longest first: the most tokens per forward; on tweets
+    the longest 14%, so a figure of long inputs)."""
     from cald_scale.config import load_run_config
     from cald_scale.conversion.teacher import build_teacher, classifier_teacher, open_teacher, TeacherConfig
     from cald_scale.data.classification_batches import eval_batches_by_length
@@ -400,7 +402,7 @@ def markdown(result: dict) -> list[str]:
     d = result["drift"]
     if d["per_seed"]:
         first = next(iter(d["per_seed"]))
-        lines += ["", f"Teacher hidden-state drift (mean cosine distance, pretrained vs fine-tuned, validation inputs): {d['mean']:.4f}; "
+        lines += ["", f"Teacher hidden-state drift (mean cosine distance, pretrained vs fine-tuned, the 512 longest validation inputs): {d['mean']:.4f}; "
                   f"per layer (seed {first}): " + ", ".join(f"{x:.4f}" for x in d["per_seed"][first]["per_layer"])]
     if result.get("speed"):
         from encoder_speed import markdown as speed_markdown

@@ -206,19 +206,24 @@ class CaldEncoderForSequenceClassification(PreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
-    ) -> SequenceClassifierOutput:
+    ) -> SequenceClassifierOutput | tuple:
         if self.config.is_student and attention_mask is not None:
             kwargs["mixer_padding_mask"] = attention_mask
+        # NOTE: the encoder always returns its output object; a caller's return_dict=False is
+        # honoured here, as HF's *ForSequenceClassification do (a tuple, the loss first if any).
+        return_dict = kwargs.pop("return_dict", None)
         out = self.encoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
         logits = self.classifier(self.dropout(pool(out.last_hidden_state, attention_mask, self.config.pooling)))
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        output = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return output.to_tuple() if return_dict is False else output
 
 
 def encoder_keys(keys: list[str], encoder_config: PretrainedConfig) -> dict[str, str]:

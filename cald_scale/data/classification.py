@@ -377,6 +377,11 @@ def _build(cfg: ClassificationDataConfig, sources: dict[str, Source], key: str) 
 
     # 4. Label vocabulary from train; held-out labels train never saw are an error or a skip.
     labels = sorted({label for _, _, label in splits["train"].values()})
+    if len(labels) < 2:
+        raise ValueError(
+            f"the train split of {name!r} holds {len(labels)} label(s) ({labels}) in column {columns[1]!r}: a classifier "
+            "needs two or more (with one, its loss is zero and every score 100%); check classification.label_column"
+        )
     vocab = set(labels)
     for split in ("validation", "test"):
         if split not in splits:

@@ -281,6 +281,10 @@ def test_an_empty_split_names_the_cause(tmp_path):
     _write(df.iloc[:6], tmp_path / "tiny.csv")  # 3 + 2 + 1 per class: 10 % rounds to 0
     with pytest.raises(ValueError, match="carved from train .* is empty"):
         load_classification_data(_files_cfg(tmp_path / "tiny.csv", tmp_path / "cache"))
+    one = df.assign(label="pos")  # a label column of one value (or the wrong column): a zero loss and 100% scores
+    _write(one, tmp_path / "one.csv")
+    with pytest.raises(ValueError, match=r"holds 1 label\(s\) \(\['pos'\]\) in column 'label': a classifier needs two or more"):
+        load_classification_data(_files_cfg(tmp_path / "one.csv", tmp_path / "cache"))
 
 
 def test_config_is_strict():
@@ -437,3 +441,32 @@ def test_a_damaged_split_cache_is_named_with_the_way_out(tmp_path):
     cached.write_text(cached.read_text()[:100])
     with pytest.raises(ValueError, match=f"classification cache {cached} is damaged .*delete it"):
         load_classification_data(cfg)
+
+
+def test_a_model_with_non_finite_logits_scores_no_accuracy():
+    """argmax over NaN logits still names a class: a diverged student must read as NaN, not as
+    the share of that class, in the table and the report."""
+    from torch import nn
+
+    from cald_scale.data.classification_batches import TokenizedSplit
+    from cald_scale.tasks.classification import evaluate_classifier
+
+    split = TokenizedSplit(tokens=np.arange(40, dtype=np.int32) % 7 + 1, offsets=np.arange(0, 41, 4),
+                           labels=np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2]), pad_token_id=0)
+
+    class View:
+        model, vocab_size = nn.Linear(1, 1), 3
+
+        def __init__(self, bad_rows: int):
+            self.bad_rows = bad_rows
+
+        def logits(self, ids, mask, types=None):
+            logits = torch.nn.functional.one_hot(torch.zeros(len(ids), dtype=torch.long), 3).float()
+            logits[: self.bad_rows] = float("nan")
+            return logits
+
+    batches = eval_batches_by_length(split.lengths, 4, 0, 1)
+    fine = evaluate_classifier(View(0), split, batches, torch.device("cpu"))
+    assert fine["accuracy"] == 0.4 and fine["nonfinite_examples"] == 0
+    broken = evaluate_classifier(View(1), split, batches, torch.device("cpu"))
+    assert broken["nonfinite_examples"] == len(batches) and np.isnan(broken["accuracy"]) and np.isnan(broken["macro_f1"])

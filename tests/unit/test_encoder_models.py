@@ -142,6 +142,11 @@ def test_a_roberta_teacher_converts_and_its_students_save_and_reload(tiny_robert
         batch = _batch(tokenizer)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         torch.testing.assert_close(reloaded(**inputs).logits, student(**inputs).logits)
+        # return_dict=False gives HF's tuple (loss first with labels), as BertForSequenceClassification does.
+        labels = torch.zeros(len(batch["input_ids"]), dtype=torch.long)
+        loss, logits = reloaded(**inputs, labels=labels, return_dict=False)[:2]
+        torch.testing.assert_close(logits, reloaded(**inputs).logits)
+        assert loss.ndim == 0
         # Reloaded in another dtype, the encoder comes in it too (not the one its config records).
         in_bf16 = AutoModelForSequenceClassification.from_pretrained(tmp_path / name, dtype=torch.bfloat16).eval()
         assert {p.dtype for p in in_bf16.parameters()} == {torch.bfloat16}
