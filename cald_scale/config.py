@@ -16,7 +16,7 @@ from typing import Literal
 
 import yaml
 
-from .config_loader import INFINITE_OK, ConfigError, apply_overrides, from_dict, to_dict
+from .config_loader import INFINITE_OK, ConfigError, ConfigLoader, apply_overrides, from_dict, to_dict
 from .conversion.modeling import ConversionConfig
 from .conversion.teacher import TeacherConfig
 from .data.classification import ClassificationDataConfig
@@ -151,6 +151,10 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"train.betas must each be in [0, 1) (AdamW's decay rates), got {list(self.betas)}")
 
     def data_parallel_size(self, world_size: int) -> int:
         """Model replicas on ``world_size`` ranks: every rank in ZeRO-3 mode, one per pipeline otherwise."""
@@ -318,6 +322,16 @@ class RunConfig:
             conversion.attention_every = 4 if lm else 0  # (explicit values are checked by ConversionConfig)
         if not self.student.conversion.converts and self.student.trainable != "all":
             raise ValueError("student.conversion.mixer=none trains the teacher as it is: set student.trainable=all (there are no mixers to train)")
+        if self.student.trainable != "all" and self.train.copied_lr_scale != TrainConfig().copied_lr_scale:
+            raise ValueError(
+                f"train.copied_lr_scale={self.train.copied_lr_scale} sets the copied weights' LR, but student.trainable="
+                f"{self.student.trainable} freezes them for the whole run: set student.trainable=all, or leave it out"
+            )
+        if self.train.pipeline_stages and self.train.schedule != "streamed":
+            raise ValueError(
+                f"train.schedule={self.train.schedule} is a ZeRO-3 mode schedule: pipeline mode (train.pipeline_stages) streams "
+                "each teacher stage into its student stage by construction; leave train.schedule out"
+            )
         if self.task.kind == "classification":
             if any(p.tokens is not None for p in self.phases):
                 raise ValueError("classification batches are padded to their longest example: give phase lengths in steps or fractions, not tokens")
@@ -363,7 +377,7 @@ class RunConfig:
         return to_dict(self)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _UniqueKeyLoader(ConfigLoader):
     """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
     keeps the last silently: a recipe's second `train:` section would replace its first)."""
 

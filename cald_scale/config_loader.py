@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-__all__ = ["ConfigError", "INFINITE_OK", "from_dict", "to_dict", "apply_overrides", "parse_override"]
+__all__ = ["ConfigError", "ConfigLoader", "INFINITE_OK", "from_dict", "to_dict", "apply_overrides", "parse_override"]
 
 # Field metadata of a float setting that takes inf (a wait with no limit); a default that holds
 # inf (an open upper limit) says so too.
@@ -26,6 +26,27 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config key or value that does not fit the schema."""
+
+
+class WrittenInt(int):
+    """An integer as YAML read it, with the text it was written as: a string setting takes
+    the text (YAML 1.1 reads ``run_dir=010`` as 8, ``2024_12_06`` as 20241206 and ``12:30`` as
+    750), a number setting the value."""
+
+    text: str
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, keeping what an integer was written as (``WrittenInt``)."""
+
+
+def _written_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> WrittenInt:
+    value = WrittenInt(loader.construct_yaml_int(node))
+    value.text = node.value
+    return value
+
+
+ConfigLoader.add_constructor("tag:yaml.org,2002:int", _written_int)
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
@@ -85,7 +106,7 @@ def _coerce(value: Any, tp: Any, where: str, infinite_ok: bool = False) -> Any:
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
+        return int(value)
     if inner is float:
         if isinstance(value, str):
             # NOTE: YAML 1.1 reads "1e-3" (no dot) as a string; accept what Python reads as a number.
@@ -101,7 +122,7 @@ def _coerce(value: Any, tp: Any, where: str, infinite_ok: bool = False) -> Any:
         return number
     if inner is str:
         if isinstance(value, int) and not isinstance(value, bool):  # YAML reads run_dir=2024 as a number
-            return str(value)
+            return value.text if isinstance(value, WrittenInt) else str(value)
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
@@ -171,7 +192,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} is not of the form key.path=value")
     key, raw = text.split("=", 1)
     try:
-        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+        return key.strip().split("."), yaml.load(raw, Loader=ConfigLoader) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err})") from None
 

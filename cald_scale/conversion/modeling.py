@@ -116,9 +116,10 @@ class ConversionConfig:
                 _check_init_geometry(self.mamba2 if self.mixer == "mamba2" else self.bimamba2.mamba2, teacher_config)
             return out
         if self.mixer == "mamba2":
-            out.mamba2 = _matched_mamba2(self.mamba2, teacher_config)
+            out.mamba2 = _matched_mamba2(self.mamba2, teacher_config, "student.conversion.mamba2")
         elif self.mixer == "bimamba2":
-            out.bimamba2 = dataclasses.replace(self.bimamba2, mamba2=_matched_mamba2(self.bimamba2.mamba2, teacher_config))
+            matched = _matched_mamba2(self.bimamba2.mamba2, teacher_config, "student.conversion.bimamba2.mamba2")
+            out.bimamba2 = dataclasses.replace(self.bimamba2, mamba2=matched)
         elif self.mixer == "linformer":
             _, heads, kv_heads, head_dim = teacher_geometry(teacher_config)
             positions = getattr(teacher_config, "max_position_embeddings", None) or self.linformer.max_positions
@@ -131,8 +132,9 @@ class ConversionConfig:
         return getattr(self, self.mixer)
 
 
-def _matched_mamba2(cfg: Mamba2Config, teacher_config: PretrainedConfig) -> Mamba2Config:
-    """``cfg`` with the teacher attention's geometry (heads, head_dim, d_state = head_dim, a group per head)."""
+def _matched_mamba2(cfg: Mamba2Config, teacher_config: PretrainedConfig, where: str) -> Mamba2Config:
+    """``cfg`` with the teacher attention's geometry (heads, head_dim, d_state = head_dim, a group
+    per head). A geometry field set to something else is refused, not replaced unsaid."""
     hidden, heads, _, head_dim = teacher_geometry(teacher_config)
     if (heads * head_dim) % hidden != 0:
         raise ValueError(
@@ -141,16 +143,20 @@ def _matched_mamba2(cfg: Mamba2Config, teacher_config: PretrainedConfig) -> Mamb
             "student.conversion.attention_init=false (the init from the teacher's Q/K/V needs its geometry), and give "
             "the mamba2 geometry explicitly if its defaults do not fit"
         )
-    return dataclasses.replace(
-        cfg,
-        num_heads=heads,
-        head_dim=head_dim,
-        expand=heads * head_dim // hidden,
-        d_state=head_dim,
-        n_groups=heads,
+    matched = {
+        "num_heads": heads, "head_dim": head_dim, "expand": heads * head_dim // hidden, "d_state": head_dim, "n_groups": heads,
         # Bamba's convention (native export): the gated norm uses the teacher's epsilon.
-        norm_eps=getattr(teacher_config, "rms_norm_eps", cfg.norm_eps),
-    )
+        "norm_eps": getattr(teacher_config, "rms_norm_eps", cfg.norm_eps),
+    }
+    default = Mamba2Config()
+    given = {k: getattr(cfg, k) for k, v in matched.items() if getattr(cfg, k) not in (v, getattr(default, k))}
+    if given:
+        raise ValueError(
+            f"{where} sets {given}, which student.conversion.match_teacher_geometry (on) replaces with the teacher's "
+            f"({ {k: matched[k] for k in given} }): leave them out, or set match_teacher_geometry=false to use them "
+            "(and attention_init=false unless they are the teacher's heads)"
+        )
+    return dataclasses.replace(cfg, **matched)
 
 
 def _check_init_geometry(cfg: Mamba2Config, teacher_config: PretrainedConfig) -> None:

@@ -48,6 +48,8 @@ class TrajectoryConfig:
             raise ValueError(f"trajectory.lr must be > 0, got {self.lr}")
         if self.update_every < 1:
             raise ValueError(f"trajectory.update_every must be >= 1, got {self.update_every}")
+        if self.weight_decay < 0:
+            raise ValueError(f"trajectory.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -287,6 +289,11 @@ def plan_phases(phases: list[PhaseConfig], train, loss: LossConfig, *, tokens_pe
         trainable = p.trainable or student_trainable
         if trainable == "all" and student_trainable != "all":
             raise ValueError(f"phase {p.name!r} trains all weights but student.trainable={student_trainable}")
+        if p.copied_lr_scale is not None and trainable != "all":
+            raise ValueError(
+                f"phase {p.name!r} sets copied_lr_scale, but it trains the mixers alone (trainable {trainable}): the copied "
+                "weights do not train in it; leave the setting out, or train them (trainable: all, with student.trainable=all)"
+            )
         warmup = train.warmup_steps if p.warmup_steps is None else p.warmup_steps
         warmups.append(warmup)
         weights: dict = {k: getattr(p, k) for k in ("a_ce", "a_layer", "a_kl") if getattr(p, k) is not None}

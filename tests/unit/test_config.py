@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -137,12 +138,48 @@ def test_a_number_that_is_not_finite_is_refused_where_it_is_no_value_of_the_sett
         load_run_config(overrides=["student.conversion.mamba2.time_step_limit=[nan, inf]"])
 
 
-def test_a_whole_number_where_a_string_is_expected_is_that_string():
+def test_a_whole_number_where_a_string_is_expected_is_that_string(tmp_path):
     assert load_run_config(overrides=["output.run_dir=2024"]).output.run_dir == "2024"
+    # As written, where YAML 1.1 reads another number (octal, underscores, base 60): a run must
+    # not land in (or resume) runs/8 for runs/010.
+    cfg = load_run_config(overrides=["output.run_dir=010", "output.wandb_project=2024_12_06", "eval.other_corpora=[0755, '12:30']"])
+    assert (cfg.output.run_dir, cfg.output.wandb_project, cfg.eval.other_corpora) == ("010", "2024_12_06", ["0755", "12:30"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("output:\n  run_dir: 0x1F\ntrain:\n  max_steps: 1_000\n")
+    cfg = load_run_config(recipe)
+    assert cfg.output.run_dir == "0x1F" and cfg.train.max_steps == 1000 and type(cfg.train.max_steps) is int
     with pytest.raises(ConfigError, match="expected a string, got 3.5"):
         load_run_config(overrides=["output.run_dir=3.5"])  # not guessed: 3.50 and 3.5 read alike
     with pytest.raises(ConfigError, match="expected a string, got True"):
         load_run_config(overrides=["output.run_dir=true"])
+
+
+def test_a_setting_the_run_would_ignore_is_refused_naming_it():
+    """Accepted and then dropped unsaid, each was: a copied-weight LR in a phase that trains the
+    mixers alone, a Mamba2 geometry that teacher matching replaces, a ZeRO-3 schedule in
+    pipeline mode; and AdamW settings torch refuses only after the model is built."""
+    from cald_scale.conversion.modeling import ConversionConfig
+    from tiny_models import tiny_teacher
+
+    with pytest.raises(ConfigError, match=r"phase 'align' sets copied_lr_scale, but it trains the mixers alone"):
+        load_run_config(overrides=["phases.0.copied_lr_scale=0.5"])
+    with pytest.raises(ConfigError, match=r"train.copied_lr_scale=0.3 sets the copied weights' LR, but student.trainable=mixers"):
+        load_run_config(overrides=["train.copied_lr_scale=0.3"])
+    assert load_run_config(overrides=["train.copied_lr_scale=0.3", "student.trainable=all"]).train.copied_lr_scale == 0.3
+    with pytest.raises(ConfigError, match="train.schedule=naive is a ZeRO-3 mode schedule"):
+        load_run_config(overrides=["train.pipeline_stages=2", "train.schedule=naive"])
+    with pytest.raises(ConfigError, match=r"train.betas must each be in \[0, 1\)"):
+        load_run_config(overrides=["train.betas=[0.9, 1.5]"])
+    with pytest.raises(ConfigError, match="train.weight_decay must be >= 0"):
+        load_run_config(overrides=["train.weight_decay=-0.1"])
+    teacher = tiny_teacher("llama", layers=2)  # 4 heads of 16
+    asked = ConversionConfig()
+    asked.mamba2 = dataclasses.replace(asked.mamba2, d_state=128, n_groups=1)
+    with pytest.raises(ValueError, match=r"student.conversion.mamba2 sets \{'d_state': 128\}, which student.conversion.match_teacher_geometry"):
+        asked.resolved(teacher.config)
+    assert ConversionConfig().resolved(teacher.config).mamba2.d_state == 16  # the defaults are matched
+    resolved = ConversionConfig().resolved(teacher.config)
+    assert resolved.resolved(teacher.config).mamba2 == resolved.mamba2  # and a matched one stays
 
 
 def test_exponent_without_a_dot_is_a_number():
