@@ -108,7 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
-    args = parser.parse_args(argv)
+    # NOTE: overrides may come after options too (launch/train.py parses them intermixed);
+    # argparse takes a positional list once, so the rest of them are picked up here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from .errors import user_errors
 
     try:

@@ -73,14 +73,16 @@ def is_model_folder(folder: Path, model_type: str | None = None) -> bool:
 def check_replaceable(target: Path, replaceable: Callable[[Path], bool] = is_model_folder) -> None:
     """Raise FileExistsError unless ``target`` is absent, an empty folder, or a folder that
     ``replaceable`` recognises (never the working directory or a folder above it)."""
-    target = Path(target).expanduser().absolute()
+    target = Path(target).expanduser().resolve()
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a folder")
+    cwd = Path.cwd().resolve()
+    if target.exists() and (cwd == target or target in cwd.parents):
+        # NOTE: also an empty one: the export would take its place by a rename, and this process
+        # (and its shell) would be left in a deleted folder that lists as empty.
+        raise FileExistsError(f"will not replace {target}: it holds the working directory")
     if not target.exists() or not any(target.iterdir()):
         return
-    cwd = Path.cwd()
-    if cwd == target or target in cwd.parents:
-        raise FileExistsError(f"will not replace {target}: it holds the working directory")
     if not replaceable(target):
         raise FileExistsError(f"will not replace {target}: it is not empty and not an earlier export; choose a new or empty folder")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Literal, Sequence
 
 from .losses import LossConfig
@@ -108,6 +109,7 @@ class PhaseConfig:
             raise ValueError(f"phase {self.name!r}: guidance waypoint needs a non-empty waypoints list")
         if self.waypoints and self.guidance != "waypoint":
             raise ValueError(f"phase {self.name!r}: waypoints are only read with guidance: waypoint (got {self.guidance})")
+        self.waypoints = [os.path.expanduser(str(w)) for w in self.waypoints]  # as every other path setting
         if self.mode == "teacher_forced" and self.guidance == "none":
             raise ValueError(f"phase {self.name!r}: mode teacher_forced needs a teacher (guidance is none)")
         if self.trajectory != TrajectoryConfig() and self.guidance != "trajectory":

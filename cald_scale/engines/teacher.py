@@ -66,7 +66,7 @@ def check_teacher_checkpoint(folder: str | Path, config, model: torch.nn.Module 
     ``model``, also every tensor's name and shape (read from the files' headers, no data):
     cheap enough to check every waypoint before training starts.
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"teacher checkpoint {folder} does not exist or has no config.json")
     differ = geometry_mismatch(AutoConfig.from_pretrained(folder, local_files_only=True), config)

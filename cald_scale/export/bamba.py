@@ -168,10 +168,10 @@ def export_bamba(student: CaldStudentForCausalLM | str | Path, target: str | Pat
     """Write ``student`` (a model, or an exported student folder) as a Bamba folder: config,
     safetensors, tokenizer. Atomic: ``target`` appears complete or not at all. An existing
     ``target`` is replaced only when empty or an earlier Bamba export (FileExistsError otherwise)."""
-    target = Path(target).expanduser().absolute()
+    target = Path(target).expanduser().resolve()
     earlier_bamba = lambda old: is_model_folder(old, "bamba")  # noqa: E731
     if not isinstance(student, CaldStudentForCausalLM):
-        folder = Path(student).expanduser().absolute()
+        folder = Path(student).expanduser().resolve()  # NOTE: resolved: ../gen/student is no folder under "."
         if folder == target or target in folder.parents:
             raise FileExistsError(f"will not export into {target}: it holds the student being exported ({folder})")
     check_replaceable(target, earlier_bamba)  # before any work

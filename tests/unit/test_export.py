@@ -44,6 +44,12 @@ def test_bamba_export_loads_in_stock_transformers_with_equal_logits(tmp_path):
     students, cases = {}, {}
     for name, (family, kept) in CASES.items():
         student = convert_teacher(tiny_teacher(family, layers=3), ConversionConfig(attention_layers=kept)).eval()
+        # NOTE: noise on every weight: a fresh student's norms, D and gated-norm weights are all 1
+        # and its conv bias 0, so a mapping that swapped two of them would still match.
+        generator = torch.Generator().manual_seed(len(name))
+        with torch.no_grad():
+            for param in student.parameters():
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
         export_bamba(student, tmp_path / name)
         ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(len(name)))
         students[name] = (student, ids)
@@ -111,6 +117,14 @@ def test_export_replaces_only_an_earlier_export(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="holds the working directory"):
         export_bamba(student_dir, ".")
     assert (notes / "keep.txt").read_text() == "keep" and (student_dir / "config.json").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)  # an empty working directory too: the export would be renamed over it
+    with pytest.raises(FileExistsError, match="holds the working directory"):
+        export_bamba(student_dir, ".")
+    monkeypatch.chdir(tmp_path / "run")  # ../run/student seen from here is no folder under "./bamba_here"
+    export_bamba("../run/student", "bamba_here")
+    assert (tmp_path / "run" / "bamba_here" / "config.json").is_file()
 
     target = tmp_path / "bamba"
     export_bamba(student_dir, target)

@@ -244,3 +244,13 @@ def test_a_waypoint_phase_shorter_than_its_waypoints_is_refused():
 
     with pytest.raises(ValueError, match="has 3 waypoints but 2 step"):
         load_run_config(overrides=["phases=[{name: w, steps: 2, guidance: waypoint, waypoints: [a, b, c]}, {name: rest, guidance: none}]", "train.max_steps=10"])
+
+
+def test_waypoint_paths_expand_the_home_folder():
+    """As run_dir, cache_dir, the teacher and the corpus do: ~/gen/teacher was reported missing."""
+    import os
+
+    from cald_scale.distill.phases import PhaseConfig
+
+    phase = PhaseConfig(name="w", guidance="waypoint", waypoints=["~/gen/step_1", "/abs/step_2"])
+    assert phase.waypoints == [os.path.expanduser("~/gen/step_1"), "/abs/step_2"]

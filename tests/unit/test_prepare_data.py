@@ -47,7 +47,7 @@ def test_prepare_data_builds_what_the_job_reads_and_resumes_when_killed(setup, c
 
     calls.clear()
     monkeypatch.setattr(tokenise, "_encode", lambda tok, texts: calls.append(len(texts)) or encode(tok, texts))
-    assert main(["prepare-data", *overrides, "--json"]) == 0
+    assert main(["prepare-data", *overrides[:3], "--json", *overrides[3:]]) == 0  # overrides on both sides of an option, as launch/train.py takes them
     summary = json.loads(capsys.readouterr().out)
     assert set(summary["sets"]) == {"train", "heldout", "wiki"} and summary["sets"]["train"]["sequences"] > 0
     assert not [p for p in (root / "cache").glob(".partial-*") if p.is_dir()]  # finished: moved into place
@@ -70,6 +70,9 @@ def test_prepare_data_config_errors_are_one_line(setup, capsys):
     assert main(["prepare-data", *overrides, "data.no_such_key=1"]) == 2
     err = capsys.readouterr().err
     assert "no_such_key" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as usage:
+        main(["prepare-data", *overrides, "--no_such_option"])
+    assert usage.value.code == 2 and "unrecognized arguments: --no_such_option" in capsys.readouterr().err
 
 
 def test_a_corpus_package_not_installed_is_one_line(setup, capsys, monkeypatch):
