@@ -132,6 +132,14 @@ def resolve_ds_config(ds_config: dict, train, world_size: int) -> dict:
     _fill(cfg, "gradient_accumulation_steps", train.grad_accum, "")
     _fill(cfg, "train_batch_size", micro * train.grad_accum * world_size, "")
     _fill(cfg, "gradient_clipping", train.grad_clip, "")
+    if "bfloat16" in cfg:  # DeepSpeed's older name of the bf16 section, which it reads only when "bf16" is absent
+        if "bf16" in cfg:
+            raise ConfigError('ds_config has both "bf16" and "bfloat16" (its older name): keep "bf16"')
+        cfg["bf16"] = cfg.pop("bfloat16")
+    if cfg.get("torch_autocast", {}).get("enabled"):
+        # NOTE: DeepSpeed autocasts inside engine.forward only, which the stage-by-stage schedule
+        # never calls: the compute would stay fp32 while gradients were reduced in bf16.
+        raise ConfigError('ds_config enables torch_autocast, which the layerwise schedule cannot apply: use "bf16": {"enabled": "auto"} (or true)')
     for section in ("bf16", "fp16"):
         node = cfg.setdefault(section, {"enabled": False})
         if node.get("enabled") == "auto":
@@ -139,25 +147,31 @@ def resolve_ds_config(ds_config: dict, train, world_size: int) -> dict:
     if cfg["bf16"].get("enabled") and not bf16_available():
         raise ConfigError("ds_config enables bf16 but this machine has no bf16-capable accelerator; use \"auto\"")
     optimizer = cfg.get("optimizer")
-    if optimizer is not None:
-        params = optimizer.setdefault("params", {})
-        _fill(params, "lr", train.lr, "optimizer.params.")
-        _fill(params, "weight_decay", train.weight_decay, "optimizer.params.")
-        _fill(params, "betas", list(train.betas), "optimizer.params.")
-        offloaded = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
-        if params.get("torch_adam") == "auto":
-            # torch's AdamW needs no extension build on any device; an offloaded optimizer must be
-            # DeepSpeed's CPU Adam (its own fused C++ kernel).
-            params["torch_adam"] = not offloaded
-        if offloaded and not params["torch_adam"]:
-            logger.info("optimizer offloaded to the CPU: DeepSpeed's CPU Adam extension is compiled on its first use on a machine (1-2 min, silent)")
-        if params.get("fused") == "auto":
-            # NOTE: torch's fused AdamW updates in place: the multi-tensor path allocated ~10 bytes
-            # per trainable parameter of temporaries at every step (5.3 GB at 0.5B), and is ~10x slower on CPU.
-            if params["torch_adam"]:
-                params["fused"] = True
-            else:
-                del params["fused"]
+    if optimizer is None:
+        raise ConfigError('ds_config has no "optimizer" section: the student trains with AdamW (as ds_configs/zero3.json: {"type": "AdamW", "params": {"lr": "auto", ...}})')
+    if str(optimizer.get("type", "")).lower() not in ("adam", "adamw"):
+        raise ConfigError(
+            f'ds_config optimizer type {optimizer.get("type")!r}: the run\'s optimizer settings (train.lr, train.betas, '
+            'train.weight_decay) are AdamW\'s; use "AdamW"'
+        )
+    params = optimizer.setdefault("params", {})
+    _fill(params, "lr", train.lr, "optimizer.params.")
+    _fill(params, "weight_decay", train.weight_decay, "optimizer.params.")
+    _fill(params, "betas", list(train.betas), "optimizer.params.")
+    offloaded = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    if params.get("torch_adam") == "auto":
+        # torch's AdamW needs no extension build on any device; an offloaded optimizer must be
+        # DeepSpeed's CPU Adam (its own fused C++ kernel).
+        params["torch_adam"] = not offloaded
+    if offloaded and not params["torch_adam"]:
+        logger.info("optimizer offloaded to the CPU: DeepSpeed's CPU Adam extension is compiled on its first use on a machine (1-2 min, silent)")
+    if params.get("fused") == "auto":
+        # NOTE: torch's fused AdamW updates in place: the multi-tensor path allocated ~10 bytes
+        # per trainable parameter of temporaries at every step (5.3 GB at 0.5B), and is ~10x slower on CPU.
+        if params["torch_adam"]:
+            params["fused"] = True
+        else:
+            del params["fused"]
     if cfg.get("scheduler") is not None:
         # NOTE: the run's phases own the LR schedule (each phase warms up and decays on its
         # own); a DeepSpeed scheduler would overwrite it at every step.

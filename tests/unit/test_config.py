@@ -243,6 +243,33 @@ def test_ds_config_contradiction_and_stage(tmp_path):
         load_ds_config(tmp_path / "missing.json")
 
 
+def test_ds_config_settings_the_schedule_would_not_honour_are_refused():
+    """Each of these ran on, differently from what it says: no optimizer (a traceback at the first
+    step, minutes in), another optimizer given AdamW's settings, torch_autocast (DeepSpeed applies
+    it in engine.forward only: fp32 compute, bf16 gradient reduction), and the older "bfloat16"
+    name, which the "bf16": false default hid (fp32 training, twice the memory)."""
+    cfg = load_run_config()
+    shipped = load_ds_config(REPO / "ds_configs" / "zero3.json")
+
+    def resolved(**changes) -> dict:
+        ds = {**json.loads(json.dumps(shipped)), **changes}
+        return resolve_ds_config({k: v for k, v in ds.items() if v is not None}, cfg.train, world_size=1)
+
+    with pytest.raises(ConfigError, match='no "optimizer" section'):
+        resolved(optimizer=None)
+    with pytest.raises(ConfigError, match="optimizer type 'SGD'"):
+        resolved(optimizer={"type": "SGD", "params": {"lr": "auto"}})
+    with pytest.raises(ConfigError, match="torch_autocast"):
+        resolved(torch_autocast={"enabled": True, "dtype": "bfloat16"})
+    alias = json.loads(json.dumps(shipped))
+    alias.pop("bf16", None)
+    alias["bfloat16"] = {"enabled": "auto"}
+    out = resolve_ds_config(alias, cfg.train, world_size=1)
+    assert "bfloat16" not in out and out["bf16"] == {"enabled": False}  # auto on a CPU: read as bf16's
+    with pytest.raises(ConfigError, match='both "bf16" and "bfloat16"'):
+        resolved(bfloat16={"enabled": True})
+
+
 def test_ds_config_typos_are_refused_when_read(tmp_path):
     """A misspelled key is named when the file is read (before any model is built): at the top
     level, where DeepSpeed would silently ignore it, and inside zero_optimization."""

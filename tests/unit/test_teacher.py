@@ -170,3 +170,71 @@ def test_a_trajectory_teacher_step_on_a_non_finite_loss_leaves_its_weights_as_th
     assert float(first[1]) > 0 and first[2] == "1"
     assert "MODES: [True] False False" in out  # dropout on for its own fine-tuning step, off after it
     assert "SECOND: nan" in out and "NAN_TENSORS: ['model.norm.weight']" in out
+
+
+_TRAJECTORY_RELOAD = r"""
+import os, sys
+
+import deepspeed
+import torch
+
+import cald_scale.engines.zero3 as zero3
+zero3.bf16_available = lambda: True  # bf16 engines run on CPU too; the GPU's default precision
+
+from cald_scale.config import load_run_config
+from cald_scale.conversion.teacher import open_teacher
+from cald_scale.engines.distributed import init_distributed
+from cald_scale.engines.models import build_models
+
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+env = init_distributed()
+phases = "phases=[{name: a, steps: 1, guidance: trajectory}, {name: b, steps: 1, guidance: target}, {name: c, steps: 1, guidance: trajectory}]"
+cfg = load_run_config(overrides=[f"teacher.name_or_path={sys.argv[1]}", "train.global_batch_size=2", "train.max_steps=3", phases,
+                                 "student.trainable=all", "student.conversion.attention_every=0"])
+ds = zero3.resolve_ds_config(zero3.load_ds_config(sys.argv[3]), cfg.train, env.world_size)
+source, _ = open_teacher(cfg.teacher)
+teacher = build_models(cfg, ds, source, cfg.plan(1)).managed_teacher
+params = list(teacher.engine.module.parameters())
+
+def weights():
+    with deepspeed.zero.GatheredParameters(params):
+        return torch.cat([p.detach().float().flatten().clone() for p in params])
+
+batch = {"input_ids": torch.randint(0, source.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))}
+base = weights()
+teacher.set_lr(1e-2, 0.0)
+for _ in range(5):
+    teacher.train_step(batch)
+trained = weights()
+teacher.load(str(source.folder))  # the base teacher again, as a target phase between two trajectory phases loads it
+teacher.train_step(batch)
+after = weights()
+print("BF16:", ds["bf16"]["enabled"])
+print("FROM_BASE:", float((after - base).abs().max()), "FROM_TRAINED:", float((after - trained).abs().max()))
+"""
+
+
+def test_a_trajectory_teacher_given_the_base_weights_again_steps_from_them_in_bf16(tmp_path):
+    """In bf16 the teacher's optimizer keeps fp32 master weights apart from the partitions a load
+    writes: its next step copied the trained weights back (the base was gone after one step; in
+    fp32 on CPU the master is the partition itself, so CPU and GPU runs of one recipe disagreed)."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tiny_models import save_tiny_teacher, train_tokenizer
+
+    folder = save_tiny_teacher(tmp_path / "teacher", "llama", train_tokenizer(["to be or not to be"] * 8, vocab_size=300), layers=2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tests = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tests}:{tests.parent}"}
+    proc = subprocess.run([sys.executable, "-c", _TRAJECTORY_RELOAD, str(folder), str(port), str(tests.parent / "ds_configs" / "zero3.json")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "BF16: True" in proc.stdout
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("FROM_BASE:")).split()
+    from_base, from_trained = float(line[1]), float(line[3])
+    assert from_base < from_trained, (from_base, from_trained)  # one step from the base, not from the trained weights
