@@ -134,10 +134,21 @@ def _require_gguf() -> None:
         raise ImportError(f"loading a GGUF teacher needs the package(s) {missing}: pip install {' '.join(missing)}")
 
 
+_GGUF_KEY_BYTES = 4 << 20
+
+
 def _gguf_cache_folder(gguf_path: Path, cache_dir: str | None) -> Path:
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    return cache_root(cache_dir) / "teachers" / f"{gguf_path.stem}-{key}"
+    """Where a GGUF file's de-quantised folder is cached, keyed by its content: its size and its
+    first and last 4 MiB (the header names every tensor; reading a 4 GB file whole would cost
+    seconds at every start). NOTE: not by path and mtime: each new venv installs the same file
+    anew, and each had made another copy (18 of one 135M teacher, 9 GB, on one machine)."""
+    size = gguf_path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(gguf_path, "rb") as handle:
+        digest.update(handle.read(_GGUF_KEY_BYTES))
+        handle.seek(max(0, size - _GGUF_KEY_BYTES))
+        digest.update(handle.read(_GGUF_KEY_BYTES))
+    return cache_root(cache_dir) / "teachers" / f"{gguf_path.stem}-{digest.hexdigest()[:12]}"
 
 
 def _convert_gguf(gguf_path: Path, target: Path) -> None:

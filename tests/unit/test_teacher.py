@@ -238,3 +238,23 @@ def test_a_trajectory_teacher_given_the_base_weights_again_steps_from_them_in_bf
     line = next(line for line in proc.stdout.splitlines() if line.startswith("FROM_BASE:")).split()
     from_base, from_trained = float(line[1]), float(line[3])
     assert from_base < from_trained, (from_base, from_trained)  # one step from the base, not from the trained weights
+
+
+def test_a_gguf_teacher_is_cached_by_content_not_by_where_it_was_installed(tmp_path):
+    """Each new venv installs the same GGUF file anew (another path, another mtime): the same
+    de-quantised folder serves it. Another file of the same size is another folder."""
+    import os
+    import shutil
+
+    first = tmp_path / "venv1" / "model.Q4.gguf"
+    first.parent.mkdir()
+    first.write_bytes(os.urandom(3 * teacher_mod._GGUF_KEY_BYTES))
+    second = tmp_path / "venv2" / "model.Q4.gguf"
+    second.parent.mkdir()
+    shutil.copyfile(first, second)
+    os.utime(second, (1, 1))
+    assert teacher_mod._gguf_cache_folder(first, str(tmp_path / "c")) == teacher_mod._gguf_cache_folder(second, str(tmp_path / "c"))
+    changed = bytearray(first.read_bytes())
+    changed[-1] ^= 1  # other weights at the end
+    second.write_bytes(bytes(changed))
+    assert teacher_mod._gguf_cache_folder(first, str(tmp_path / "c")) != teacher_mod._gguf_cache_folder(second, str(tmp_path / "c"))
