@@ -44,9 +44,12 @@ def _wandb_mode(configured: str) -> str:
     env = os.environ.get("WANDB_MODE")
     if env is None or env == configured:
         return configured
+    env = {"dryrun": "offline"}.get(env.strip().lower(), env.strip().lower())  # wandb's own synonym
     if env not in _PRIVACY:
-        logger.warning("WANDB_MODE=%r is no wandb mode this framework knows (%s): ignored, output.wandb=%s holds", env, "/".join(_PRIVACY), configured)
-        return configured
+        # NOTE: whatever it meant, it did not ask to send more: at most offline.
+        kept = max(configured, "offline", key=_PRIVACY.get)
+        logger.warning("WANDB_MODE=%r is no wandb mode (%s): wandb runs %s", os.environ["WANDB_MODE"], "/".join(_PRIVACY), kept)
+        return kept
     if _PRIVACY[env] > _PRIVACY[configured]:
         logger.info("wandb %s: WANDB_MODE=%s keeps more on this machine than output.wandb=%s", env, env, configured)
         return env

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import logging
 import weakref
 from typing import Any, Literal
 
@@ -30,6 +31,8 @@ from ..generation.cache import StudentCache
 from ..mixers import MIXER_KINDS, LengthProjection, build_mixer
 from ..mixers.config import BiMamba2Config, LinformerConfig, Mamba2Config, MambaConfig
 from .registry import get_adapter
+
+logger = logging.getLogger("cald_scale.conversion")
 
 __all__ = ["ConversionConfig", "CaldStudentConfig", "CaldStudentForCausalLM", "MixerAsAttention", "replace_attention", "teacher_geometry"]
 
@@ -148,13 +151,15 @@ def _matched_mamba2(cfg: Mamba2Config, teacher_config: PretrainedConfig, where: 
         # Bamba's convention (native export): the gated norm uses the teacher's epsilon.
         "norm_eps": getattr(teacher_config, "rms_norm_eps", cfg.norm_eps),
     }
+    # NOTE: said, not refused: a run saved with such a setting must still resume (its student is
+    # the matched one), and a value equal to the default cannot be told from no setting at all.
     default = Mamba2Config()
     given = {k: getattr(cfg, k) for k, v in matched.items() if getattr(cfg, k) not in (v, getattr(default, k))}
     if given:
-        raise ValueError(
-            f"{where} sets {given}, which student.conversion.match_teacher_geometry (on) replaces with the teacher's "
-            f"({ {k: matched[k] for k in given} }): leave them out, or set match_teacher_geometry=false to use them "
-            "(and attention_init=false unless they are the teacher's heads)"
+        logger.warning(
+            "%s sets %s, which student.conversion.match_teacher_geometry (on) replaces with the teacher's (%s): set "
+            "match_teacher_geometry=false to use them (and attention_init=false unless they are the teacher's heads)",
+            where, given, {k: matched[k] for k in given},
         )
     return dataclasses.replace(cfg, **matched)
 

@@ -34,7 +34,7 @@ from transformers import (
 from transformers.initialization import no_init_weights
 
 from ..engines.preemption import raise_if_preempted
-from ..fileio import atomic_dir, cache_root, file_lock
+from ..fileio import atomic_dir, atomic_write_text, cache_root, file_lock
 from .placement import PLAIN, Placement
 from .weights import WeightReader, WeightsMismatchError, load_weights, open_weights
 
@@ -134,21 +134,31 @@ def _require_gguf() -> None:
         raise ImportError(f"loading a GGUF teacher needs the package(s) {missing}: pip install {' '.join(missing)}")
 
 
-_GGUF_KEY_BYTES = 4 << 20
-
-
 def _gguf_cache_folder(gguf_path: Path, cache_dir: str | None) -> Path:
-    """Where a GGUF file's de-quantised folder is cached, keyed by its content: its size and its
-    first and last 4 MiB (the header names every tensor; reading a 4 GB file whole would cost
-    seconds at every start). NOTE: not by path and mtime: each new venv installs the same file
-    anew, and each had made another copy (18 of one 135M teacher, 9 GB, on one machine)."""
-    size = gguf_path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with open(gguf_path, "rb") as handle:
-        digest.update(handle.read(_GGUF_KEY_BYTES))
-        handle.seek(max(0, size - _GGUF_KEY_BYTES))
-        digest.update(handle.read(_GGUF_KEY_BYTES))
-    return cache_root(cache_dir) / "teachers" / f"{gguf_path.stem}-{digest.hexdigest()[:12]}"
+    """Where a GGUF file's de-quantised folder is cached: keyed by the file's content, so each
+    new venv that installs the same file anew (another path, another mtime) shares one folder
+    (by path and mtime, one machine had 18 copies of the 135M teacher, 9 GB). The content hash
+    is computed once per file version (path, size, mtime) and remembered in an index."""
+    teachers = cache_root(cache_dir) / "teachers"
+    return teachers / f"{gguf_path.stem}-{_content_digest(gguf_path, teachers / 'gguf_digests.json')[:12]}"
+
+
+def _content_digest(path: Path, index_path: Path) -> str:
+    stat = path.stat()
+    version = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if not isinstance(index, dict) or not isinstance(index.get(version), str):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(8 << 20):
+                digest.update(chunk)
+        index = {**(index if isinstance(index, dict) else {}), version: digest.hexdigest()}
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(index_path, json.dumps(index, indent=1))  # NOTE: ranks racing here write the same entry
+    return index[version]
 
 
 def _convert_gguf(gguf_path: Path, target: Path) -> None:

@@ -95,7 +95,7 @@ def read_ds_config(path: str | Path) -> dict:
     if not isinstance(config, dict):
         raise ConfigError(f"DeepSpeed config {path} must be a JSON object of settings, got {type(config).__name__}")
     for section, value in config.items():
-        if section in ("zero_optimization", "bf16", "fp16", "optimizer", "pipeline") and not isinstance(value, dict):  # the ones read here
+        if section in ("zero_optimization", "bf16", "bfloat16", "fp16", "torch_autocast", "optimizer", "pipeline") and not isinstance(value, dict):  # the ones read here
             raise ConfigError(f"DeepSpeed config {path}: {section} must be an object of settings, got {json.dumps(value)}")
     check_ds_keys(config, path)
     return config

@@ -171,7 +171,7 @@ def export_bamba(student: CaldStudentForCausalLM | str | Path, target: str | Pat
     target = Path(target).expanduser().resolve()
     earlier_bamba = lambda old: is_model_folder(old, "bamba")  # noqa: E731
     if not isinstance(student, CaldStudentForCausalLM):
-        folder = Path(student).expanduser().resolve()  # NOTE: resolved: ../gen/student is no folder under "."
+        folder = Path(student).expanduser().resolve()  # NOTE: resolved: a student named through ".." is still seen inside the target
         if folder == target or target in folder.parents:
             raise FileExistsError(f"will not export into {target}: it holds the student being exported ({folder})")
     check_replaceable(target, earlier_bamba)  # before any work

@@ -96,18 +96,21 @@ class StudentCache(DynamicCache):
         self.tokens_seen += num_tokens
 
     def check_batch(self, batch_size: int) -> None:
-        """Refuse a forward of another number of sequences than the states held (it failed
-        deep in a layer's state update)."""
+        """Before a forward of ``batch_size`` sequences: a reset cache whose states were sized for
+        another number makes new ones; one in use refuses by name (it failed deep in a layer's
+        state update)."""
         held = self._batch_size()
-        if held is not None and held != batch_size:
-            raise ValueError(
-                f"this StudentCache holds the states of {held} sequences; a forward of {batch_size} cannot continue from "
-                "them. Start from a new cache (model.new_cache()) or cache.reset()"
-            )
+        if held is None or held == batch_size:
+            return
+        if self.tokens_seen == 0:
+            self.layers = self._new_layers()  # NOTE: only then: a reset keeps its tensors (a captured graph's addresses)
+            return
+        raise ValueError(
+            f"this StudentCache holds the states of {held} sequences; a forward of {batch_size} cannot continue from "
+            "them. Start from a new cache (model.new_cache()) or cache.reset()"
+        )
 
     def _batch_size(self) -> int | None:
-        if self.tokens_seen == 0:  # new or reset: the next prompt allocates its states
-            return None
         for layer in self.layers:
             states = layer.conv_states.values() if isinstance(layer, LinearAttentionLayer) else [getattr(layer, "keys", None)]
             for state in states:
@@ -116,9 +119,9 @@ class StudentCache(DynamicCache):
         return None
 
     def reset(self) -> None:
-        """Start over as a new cache, for any number of sequences (the states are allocated
-        again by the next prompt; zeroing them in place kept the old batch size)."""
-        self.layers = self._new_layers()
+        """Start over, keeping the state tensors where they are (zeroed); the next prompt may be
+        of another number of sequences (``check_batch``)."""
+        super().reset()
         self.tokens_seen = 0
         self.rolled_back = False
 

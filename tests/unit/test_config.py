@@ -154,10 +154,13 @@ def test_a_whole_number_where_a_string_is_expected_is_that_string(tmp_path):
         load_run_config(overrides=["output.run_dir=true"])
 
 
-def test_a_setting_the_run_would_ignore_is_refused_naming_it():
+def test_a_setting_the_run_would_ignore_is_refused_or_named(caplog):
     """Accepted and then dropped unsaid, each was: a copied-weight LR in a phase that trains the
-    mixers alone, a Mamba2 geometry that teacher matching replaces, a ZeRO-3 schedule in
-    pipeline mode; and AdamW settings torch refuses only after the model is built."""
+    mixers alone, a ZeRO-3 schedule in pipeline mode (refused); a Mamba2 geometry that teacher
+    matching replaces (named: a run saved with one must still resume); and AdamW settings torch
+    refuses only after the model is built."""
+    import logging
+
     from cald_scale.conversion.modeling import ConversionConfig
     from tiny_models import tiny_teacher
 
@@ -175,8 +178,9 @@ def test_a_setting_the_run_would_ignore_is_refused_naming_it():
     teacher = tiny_teacher("llama", layers=2)  # 4 heads of 16
     asked = ConversionConfig()
     asked.mamba2 = dataclasses.replace(asked.mamba2, d_state=128, n_groups=1)
-    with pytest.raises(ValueError, match=r"student.conversion.mamba2 sets \{'d_state': 128\}, which student.conversion.match_teacher_geometry"):
-        asked.resolved(teacher.config)
+    with caplog.at_level(logging.WARNING, logger="cald_scale.conversion"):
+        assert asked.resolved(teacher.config).mamba2.d_state == 16
+    assert "student.conversion.mamba2 sets {'d_state': 128}, which student.conversion.match_teacher_geometry" in caplog.text
     assert ConversionConfig().resolved(teacher.config).mamba2.d_state == 16  # the defaults are matched
     resolved = ConversionConfig().resolved(teacher.config)
     assert resolved.resolved(teacher.config).mamba2 == resolved.mamba2  # and a matched one stays
@@ -291,7 +295,12 @@ def test_ds_config_typos_are_refused_when_read(tmp_path):
     path.write_text(json.dumps({**shipped, "my_notes": "x"}))
     assert load_ds_config(path)["my_notes"] == "x"
     # a file of another shape is named, not a traceback
-    for content, message in (([1], "must be a JSON object of settings, got list"), ({**shipped, "zero_optimization": None}, "zero_optimization must be an object of settings, got null")):
+    for content, message in (
+        ([1], "must be a JSON object of settings, got list"),
+        ({**shipped, "zero_optimization": None}, "zero_optimization must be an object of settings, got null"),
+        ({**shipped, "torch_autocast": True}, "torch_autocast must be an object of settings, got true"),
+        ({**shipped, "bfloat16": True}, "bfloat16 must be an object of settings, got true"),
+    ):
         path.write_text(json.dumps(content))
         with pytest.raises(ConfigError, match=re.escape(f"DeepSpeed config {path}") + ".*" + re.escape(message)):
             load_ds_config(path)

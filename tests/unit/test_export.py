@@ -122,9 +122,10 @@ def test_export_replaces_only_an_earlier_export(tmp_path, monkeypatch):
     monkeypatch.chdir(empty)  # an empty working directory too: the export would be renamed over it
     with pytest.raises(FileExistsError, match="holds the working directory"):
         export_bamba(student_dir, ".")
-    monkeypatch.chdir(tmp_path / "run")  # ../run/student seen from here is no folder under "./bamba_here"
-    export_bamba("../run/student", "bamba_here")
-    assert (tmp_path / "run" / "bamba_here" / "config.json").is_file()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the student named through "..": still inside the target
+    with pytest.raises(FileExistsError, match="holds the student being exported"):
+        export_bamba("../run/student", tmp_path / "run")
 
     target = tmp_path / "bamba"
     export_bamba(student_dir, target)

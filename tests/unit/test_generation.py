@@ -216,8 +216,10 @@ def test_a_cropped_cache_is_refused_not_silently_wrong():
         cache.crop(-1)
         with pytest.raises(RuntimeError, match="cannot be rolled back"):
             student(ids[:, :1], cache=cache, use_cache=True)
-        cache.reset()  # a reset cache starts over, exactly like a new one
+        state = cache.get_recurrent_state(0)
+        cache.reset()  # a reset cache starts over, exactly like a new one, in the same tensors (a captured graph's)
         torch.testing.assert_close(student(ids, cache=cache, use_cache=True).logits, student(ids, cache=student.new_cache(), use_cache=True).logits)
+        assert cache.get_recurrent_state(0).data_ptr() == state.data_ptr()
         # Another number of sequences: refused by name on a cache in use, fine after a reset.
         three = torch.randint(3, 256, (3, 8))
         with pytest.raises(ValueError, match="holds the states of 1 sequences; a forward of 3"):

@@ -112,6 +112,11 @@ def test_a_shells_wandb_mode_never_sends_a_run_configured_offline(tmp_path, monk
     monkeypatch.setenv("WANDB_MODE", "offline")
     _logger(tmp_path / "c", start_step=0, wandb_mode="online").close()
     assert modes == ["offline", "offline"]
+    for folder, env in (("d", "dryrun"), ("e", "no-such-mode")):  # wandb's synonym of offline; a value it does not know
+        (tmp_path / folder).mkdir()
+        monkeypatch.setenv("WANDB_MODE", env)
+        _logger(tmp_path / folder, start_step=0, wandb_mode="online").close()
+    assert modes == ["offline"] * 4
 
 
 def test_metrics_lines_are_strict_json_with_null_for_non_finite_values(tmp_path):

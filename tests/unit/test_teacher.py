@@ -242,19 +242,21 @@ def test_a_trajectory_teacher_given_the_base_weights_again_steps_from_them_in_bf
 
 def test_a_gguf_teacher_is_cached_by_content_not_by_where_it_was_installed(tmp_path):
     """Each new venv installs the same GGUF file anew (another path, another mtime): the same
-    de-quantised folder serves it. Another file of the same size is another folder."""
+    de-quantised folder serves it. A file rewritten in place with other weights (only in the
+    middle: a fine-tune that kept embedding and head) is another folder."""
     import os
     import shutil
 
+    cache = str(tmp_path / "cache")
     first = tmp_path / "venv1" / "model.Q4.gguf"
     first.parent.mkdir()
-    first.write_bytes(os.urandom(3 * teacher_mod._GGUF_KEY_BYTES))
+    first.write_bytes(os.urandom(3 << 20))
     second = tmp_path / "venv2" / "model.Q4.gguf"
     second.parent.mkdir()
     shutil.copyfile(first, second)
     os.utime(second, (1, 1))
-    assert teacher_mod._gguf_cache_folder(first, str(tmp_path / "c")) == teacher_mod._gguf_cache_folder(second, str(tmp_path / "c"))
-    changed = bytearray(first.read_bytes())
-    changed[-1] ^= 1  # other weights at the end
+    assert teacher_mod._gguf_cache_folder(first, cache) == teacher_mod._gguf_cache_folder(second, cache)
+    changed = bytearray(second.read_bytes())
+    changed[len(changed) // 2] ^= 1
     second.write_bytes(bytes(changed))
-    assert teacher_mod._gguf_cache_folder(first, str(tmp_path / "c")) != teacher_mod._gguf_cache_folder(second, str(tmp_path / "c"))
+    assert teacher_mod._gguf_cache_folder(first, cache) != teacher_mod._gguf_cache_folder(second, cache)
