@@ -309,6 +309,7 @@ def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: 
     std = {seed: s for seed, s in std.items() if s is not None}
     if not std:
         raise SystemExit(f"[{benchmark}] no Std. run for seeds {seeds}, here or recorded: nothing to tabulate (run without --recorded-only)")
+    seeds = sorted(std)  # the seeds the table holds (a recorded seed whose runs are stale is not one)
     drifts = {}
     for seed, s in std.items():
         on_disk = (REPO / s["folder"] / "report.json").is_file()

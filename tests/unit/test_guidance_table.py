@@ -66,6 +66,13 @@ def test_a_rerun_for_one_seed_keeps_the_recorded_seeds(results):
     assert again["table"] == out["table"] and again["targets"] == out["targets"]
 
 
+def test_the_table_lists_the_seeds_it_holds_not_those_whose_records_are_stale(results):
+    recorded = recorded_result({("linformer", "target"): [0.6, 0.62]}, [0.7, 0.72])
+    recorded["teacher"]["runs"]["1"]["config"] = "made with another config"
+    out = build(results, recorded, seeds=[0])
+    assert out["seeds"] == [0] and sorted(out["teacher"]["runs"]) == ["0"]
+
+
 def test_a_record_made_with_another_config_is_not_reused(results, capsys):
     recorded = recorded_result({("bimamba2", "target"): [0.6, 0.62]}, [0.7, 0.72], stale=("bimamba2", "target", 1))
     out = build(results, recorded, seeds=[0, 1])
