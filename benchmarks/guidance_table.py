@@ -273,8 +273,9 @@ def table(task: str, seeds: list[int], quick: bool, students: list[str], speed: 
             # A folder finished before the table stamped its key can be trusted only where no
             # code change since has moved its column.
             on_disk = (folder / KEY_FILE).read_text() if (folder / KEY_FILE).is_file() else None
-            if on_disk != key and (on_disk is not None or revision(task, run)):
-                why = f"a change to its code or data ({revision(task, run)})" if revision(task, run) else "a change to its config or its Std. run's"
+            changed = revision(task, run)
+            if on_disk != key and (on_disk is not None or changed):
+                why = f"a change to its code or data ({changed})" if changed else "a change to its config or its Std. run's"
                 raise SystemExit(f"[{benchmark}] {folder} was made before {why}: its key differs; move it away to rerun it")
             return score(run, key)  # reused, after checking its whole config
         record = recorded.get(str(folder.relative_to(REPO)))

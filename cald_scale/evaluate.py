@@ -73,12 +73,15 @@ def _read_config(folder: Path) -> dict:
     return read_json(path)
 
 
+def _is_run_config(config: object) -> bool:
+    return isinstance(config, dict) and "teacher" in config and "data" in config
+
+
 def _is_run_folder(folder: Path) -> bool:
     try:
-        config = json.loads((folder / "config.json").read_text())
+        return _is_run_config(json.loads((folder / "config.json").read_text()))
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and "teacher" in config and "data" in config
 
 
 def refuse_classifier(folder: Path, config: dict, command: str) -> None:
@@ -113,7 +116,7 @@ def resolve_target(
             raise ValueError(f"student {folder} does not name its teacher (teacher_name_or_path): {remedy}")
         teacher_cfg = TeacherConfig(name_or_path=named) if named else None
         target = EvalTarget(student_dir=folder, teacher=teacher_cfg, data=DataConfig())
-    elif "teacher" in config and "data" in config:
+    elif _is_run_config(config):
         student_dir = folder / "student"
         if not (student_dir / "config.json").is_file():
             raise FileNotFoundError(f"run folder {folder} has no student/ (it is exported when the run finishes)")

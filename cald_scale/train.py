@@ -298,12 +298,9 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
         # the values that are finite: a teacher-forced stage skipped in one micro-batch leaves
         # its layers the other micro-batches' figures (none at all: null), not NaN.
         for i, value in enumerate(parts.per_layer):
-            if math.isfinite(value):
-                sums[f"_layer_{i}"] = sums.get(f"_layer_{i}", 0.0) + value
-                sums[f"_layer_{i}_n"] = sums.get(f"_layer_{i}_n", 0.0) + 1.0
-            else:
-                sums.setdefault(f"_layer_{i}", 0.0)
-                sums.setdefault(f"_layer_{i}_n", 0.0)
+            finite = math.isfinite(value)
+            sums[f"_layer_{i}"] = sums.get(f"_layer_{i}", 0.0) + (value if finite else 0.0)
+            sums[f"_layer_{i}_n"] = sums.get(f"_layer_{i}_n", 0.0) + finite
         layers = len(parts.per_layer)
     if teacher_ce:
         sums["teacher_ce"] = sum(teacher_ce) / len(teacher_ce)

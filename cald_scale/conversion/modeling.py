@@ -137,7 +137,7 @@ class ConversionConfig:
 
 def _matched_mamba2(cfg: Mamba2Config, teacher_config: PretrainedConfig, where: str) -> Mamba2Config:
     """``cfg`` with the teacher attention's geometry (heads, head_dim, d_state = head_dim, a group
-    per head). A geometry field set to something else is refused, not replaced unsaid."""
+    per head). A geometry field set to something else is named in a warning, not replaced unsaid."""
     hidden, heads, _, head_dim = teacher_geometry(teacher_config)
     if (heads * head_dim) % hidden != 0:
         raise ValueError(
@@ -234,10 +234,9 @@ class MixerAsAttention(nn.Module):
         # A pad (left padding longer than the prompt's first chunk, or a prompt fed a token at a
         # time) is masked in the step as prefill masks it: a few products, no state copy, so a
         # decode step (its mask all ones) pays nothing for it.
-        mask = mixer_padding_mask
         outs = []
         for t in range(hidden_states.shape[1]):
-            keep = None if mask is None else mask[:, t]
+            keep = None if mixer_padding_mask is None else mixer_padding_mask[:, t]
             out_t, state = self.mixer.step(hidden_states[:, t : t + 1], state, inplace=True, keep=keep)
             outs.append(out_t)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
@@ -365,11 +364,11 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
             cache = self.new_cache()
         if cache is not None and not isinstance(cache, StudentCache):
             raise TypeError(f"the student generates with a StudentCache (model.new_cache()), got {type(cache).__name__}")
-        new_tokens = self._new_tokens(input_ids, kwargs)
+        batch_size, new_tokens = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[:2]
         if cache is not None:
             cache.check_usable()
             cache.check_room(new_tokens)
-            cache.check_batch((input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0])
+            cache.check_batch(batch_size)
         if attention_mask is not None and attention_mask.dim() == 2:
             kwargs["mixer_padding_mask"] = attention_mask[:, -new_tokens:]
         out = self.backbone(
@@ -378,10 +377,6 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             cache.advance(new_tokens)
         return out
-
-    @staticmethod
-    def _new_tokens(input_ids, kwargs) -> int:
-        return (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
 
     # --- generation ----------------------------------------------------------------------
     def new_cache(self, max_cache_len: int | None = None) -> StudentCache:

@@ -136,9 +136,10 @@ class ManagedTeacher:
         load_weights(self.engine.module, open_weights(folder), self.placement.assign, shape_of=self.placement.shape_of)
         # NOTE: a trained (trajectory) teacher's optimizer keeps fp32 master weights apart from the
         # bf16/fp16 partitions just written: its next step would copy the old ones back over them.
-        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
-        if refresh is not None and all(flat is not None for flat in getattr(self.engine.optimizer, "fp16_partitioned_groups_flat", [None])):
-            refresh()
+        # (A frozen teacher has no such optimizer; NVMe-swapped groups are not in memory to copy.)
+        flats = getattr(self.engine.optimizer, "fp16_partitioned_groups_flat", None)
+        if flats is not None and all(flat is not None for flat in flats):
+            self.engine.optimizer.refresh_fp32_params()
         logger.info("teacher weights now from %s", folder)
         self.loaded = folder
 

@@ -148,7 +148,7 @@ def evaluate_classifier(view, split, batches, device: torch.device, *, before_ba
     ``batches`` of ``split``, summed over all ranks (dropout off while scoring)."""
     with eval_mode(view.model):
         matrix = torch.zeros(view.vocab_size, view.vocab_size, dtype=torch.long, device=device)
-        loss = torch.zeros(3, dtype=torch.float64, device=device)  # summed CE, examples, examples with non-finite logits
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # summed CE, examples, examples with non-finite logits
         for b in batches:
             batch = {k: v.to(device) for k, v in split.batch(b.indices, b.num_valid).items()}
             if before_batch is not None:
@@ -156,13 +156,13 @@ def evaluate_classifier(view, split, batches, device: torch.device, *, before_ba
             logits = view.logits(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).float()
             matrix += confusion_matrix(logits, batch["labels"], view.vocab_size)
             scored = batch["labels"] != IGNORE_INDEX
-            loss[0] += F.cross_entropy(logits, batch["labels"], ignore_index=IGNORE_INDEX, reduction="sum").double()
-            loss[1] += scored.sum()
-            loss[2] += (scored & ~torch.isfinite(logits).all(-1)).sum()
+            totals[0] += F.cross_entropy(logits, batch["labels"], ignore_index=IGNORE_INDEX, reduction="sum").double()
+            totals[1] += scored.sum()
+            totals[2] += (scored & ~torch.isfinite(logits).all(-1)).sum()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(matrix)
-            dist.all_reduce(loss)
-    metrics = {**metrics_from_confusion(matrix.cpu()), "loss": (loss[0] / loss[1].clamp(min=1)).item(), "nonfinite_examples": int(loss[2])}
+            dist.all_reduce(totals)
+    metrics = {**metrics_from_confusion(matrix.cpu()), "loss": (totals[0] / totals[1].clamp(min=1)).item(), "nonfinite_examples": int(totals[2])}
     if metrics["nonfinite_examples"]:
         # NOTE: argmax over NaN logits still names a class: a diverged model must not read as a score.
         metrics["accuracy"] = metrics["macro_f1"] = float("nan")
