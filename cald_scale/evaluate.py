@@ -62,6 +62,8 @@ class EvalTarget:
     dtype: str = "float32"
     """The student's compute dtype: the run's teacher.dtype (an exported student alone: float32),
     whether or not the teacher is scored too."""
+    head_chunk_tokens: int | None = None
+    """Tokens per logits chunk: the run's loss.head_chunk_tokens (None: automatic)."""
 
 
 def _read_config(folder: Path) -> dict:
@@ -126,7 +128,10 @@ def resolve_target(
         if teacher:
             teacher_cfg = dataclasses.replace(teacher_cfg, name_or_path=teacher, gguf_file=None)
         batch = config.get("eval", {}).get("micro_batch_size", EvalTarget.micro_batch_size)
-        target = EvalTarget(student_dir=student_dir, teacher=teacher_cfg, data=data, micro_batch_size=batch, dtype=teacher_cfg.dtype)
+        chunk = config.get("loss", {}).get("head_chunk_tokens")
+        target = EvalTarget(
+            student_dir=student_dir, teacher=teacher_cfg, data=data, micro_batch_size=batch, dtype=teacher_cfg.dtype, head_chunk_tokens=chunk
+        )
     else:
         raise ValueError(
             f"{folder / 'config.json'} is neither a run config (teacher and data sections) nor "
@@ -164,9 +169,10 @@ def _score(
     max_sequences: int,
     batch_size: int,
     device: torch.device,
+    head_chunk_tokens: int | None,
 ) -> dict[str, dict]:
     """Perplexity of `model` on the first `max_sequences` sequences of each held-out set."""
-    layerwise = LayerwiseModel(model.to(device).eval())
+    layerwise = LayerwiseModel(model.to(device).eval(), head_chunk_tokens=head_chunk_tokens)
     scores = {}
     for name, sequences in held_out.items():
         # NOTE: a clear error, not an embedding index error, for a prefix of another tokenizer.
@@ -210,9 +216,9 @@ def evaluate(
     # NOTE: one model in memory at a time: the teacher is scored and freed before the student loads.
     teacher_scores = {}
     if teacher is not None:
-        teacher_scores = _score(teacher, held_out, max_sequences, batch_size, device)
+        teacher_scores = _score(teacher, held_out, max_sequences, batch_size, device, target.head_chunk_tokens)
     del teacher
-    student_scores = _score(_load_student(target), held_out, max_sequences, batch_size, device)
+    student_scores = _score(_load_student(target), held_out, max_sequences, batch_size, device, target.head_chunk_tokens)
 
     rows = []
     for name in corpora:

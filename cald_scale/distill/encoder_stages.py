@@ -79,7 +79,7 @@ class EncoderLayerwise(LayerwiseModel):
             kl = logit_kl(logits, t_logits, cfg.kl_temperature)
         return ce, kl
 
-    def task_loss(self, batch: dict, *, chunk_tokens: int | None = None) -> torch.Tensor:
+    def task_loss(self, batch: dict) -> torch.Tensor:
         """Class CE through the same pieces (the trajectory teacher's own fine-tuning)."""
         logits = self.logits(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
         return F.cross_entropy(logits.float(), batch["labels"])

@@ -67,7 +67,14 @@ class LayerwiseModel:
     student the family's own model is its ``backbone``.
     """
 
-    def __init__(self, model: nn.Module, *, activation_checkpointing: bool = False, scope: Callable[[], contextlib.AbstractContextManager] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        activation_checkpointing: bool = False,
+        scope: Callable[[], contextlib.AbstractContextManager] | None = None,
+        head_chunk_tokens: int | None = None,
+    ):
         self.model = model
         self.lm, self.adapter, self.base = self._parts(model)
         self.blocks = self.adapter.layers(self.lm)
@@ -81,6 +88,9 @@ class LayerwiseModel:
         # Set by the engines for a frozen ZeRO-3 head: its rows, gathered a piece at a time
         # (the CE then never holds the whole head; see losses.vocab_streamed_cross_entropy).
         self.head_pieces: RowPieces | None = None
+        # The run's loss.head_chunk_tokens (None: automatic) for the passes outside a phase's loss:
+        # evaluation and a trajectory teacher's own fine-tuning.
+        self.head_chunk_tokens = head_chunk_tokens
 
     @staticmethod
     def _parts(model: nn.Module) -> tuple[nn.Module, FamilyAdapter, nn.Module]:
@@ -207,14 +217,19 @@ class LayerwiseModel:
         with self._scope():
             return linear_head_losses(self.final_norm(hidden), input_ids, self.lm.get_output_embeddings(), **kw)
 
-    def task_loss(self, batch: dict, *, chunk_tokens: int | None = None) -> torch.Tensor:
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens per logits chunk outside a phase's loss (``head_chunk_tokens``, or automatic)."""
+        return LossConfig(head_chunk_tokens=self.head_chunk_tokens).chunk_tokens(self.vocab_size)
+
+    def task_loss(self, batch: dict) -> torch.Tensor:
         """The model's own task loss (next-token CE) through the same pieces: a teacher fine-tuning."""
         input_ids = batch["input_ids"]
         hidden = self.embed(input_ids)
         ctx = self.context(hidden, input_ids)
         for i in range(self.num_layers):
             hidden = self.block(i, hidden, ctx)
-        ce, _ = lm_head_losses(hidden, input_ids, self.head, want_ce=True, chunk_tokens=chunk_tokens or LossConfig().chunk_tokens(self.vocab_size))
+        ce, _ = lm_head_losses(hidden, input_ids, self.head, want_ce=True, chunk_tokens=self.chunk_tokens)
         return ce
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -226,7 +241,7 @@ class LayerwiseModel:
         """(b, l) NLL of each next token (0 at the last position): evaluation, with the logits
         never whole (a 150k vocabulary makes them the largest tensor of an eval batch)."""
         hidden = self._last_hidden(input_ids)
-        chunk = LossConfig().chunk_tokens(self.vocab_size)
+        chunk = self.chunk_tokens
         if self.head_weight is None:  # a head that is not a plain linear map: chunks through the module
             return next_token_nll(hidden, input_ids, self.head, chunk_tokens=chunk)
         head = self.lm.get_output_embeddings()

@@ -210,16 +210,14 @@ def build_models(
             teacher_engine = build_training_engine(teacher, sized, groups, leaf_blocks=teacher_blocks, leaves=leaves)
         else:
             teacher_engine = build_teacher_engine(teacher, teacher_ds_config(sized), leaf_blocks=teacher_blocks, leaves=leaves)
-        managed = ManagedTeacher(
-            teacher_engine, layerwise(teacher_engine.module), placement, str(source.folder), chunk_tokens=cfg.loss.chunk_tokens(source.config.vocab_size)
-        )
+        managed = ManagedTeacher(teacher_engine, layerwise(teacher_engine.module, head_chunk_tokens=cfg.loss.head_chunk_tokens), placement, str(source.folder))
     groups = param_groups(student, cfg.train.lr, cfg.train.copied_lr_scale, cfg.train.weight_decay, blocks=student_lw.blocks if outside_groups else None)
     student_engine = build_training_engine(
         student, sized, groups, shares_weights_with=teacher_engine if share else None, leaf_blocks=student_lw.blocks, leaves=leaves
     )
     models = DistillationModels(
         student_engine=student_engine,
-        student=layerwise(student_engine.module, activation_checkpointing=cfg.student.activation_checkpointing),
+        student=layerwise(student_engine.module, activation_checkpointing=cfg.student.activation_checkpointing, head_chunk_tokens=cfg.loss.head_chunk_tokens),
         shares_frozen_weights=share,
         managed_teacher=managed,
     )

@@ -396,9 +396,10 @@ class CaldStage(nn.Module):
         self.paths, self.teacher_aliases = list(built.owned), built.teacher_aliases
         # NOTE: the whole (mostly meta) student is reached only through this LayerwiseModel, which
         # is no nn.Module: registering it would put every meta tensor into the stage.
-        self.student = LayerwiseModel(built.student, activation_checkpointing=factory.cfg.student.activation_checkpointing)
+        chunk = factory.cfg.loss.head_chunk_tokens
+        self.student = LayerwiseModel(built.student, activation_checkpointing=factory.cfg.student.activation_checkpointing, head_chunk_tokens=chunk)
         # A LayerwiseModel is no nn.Module: the teacher is in no optimizer, state dict or checkpoint.
-        self.teacher = LayerwiseModel(built.teacher) if built.teacher is not None else None
+        self.teacher = LayerwiseModel(built.teacher, head_chunk_tokens=chunk) if built.teacher is not None else None
         self.teacher_dtype = factory.dtype
         self.mode = _Mode("eval_student")
         self.poisoned: frozenset[int] = frozenset()
@@ -591,7 +592,7 @@ class CaldStage(nn.Module):
         if not self.is_last:
             return (hidden, ids) if self.mode.kind == "eval_student" else (_bits(hidden), ids)
         # Summed in float64 from the logits a chunk at a time, as eval.perplexity does.
-        return next_token_nll(hidden, ids, model.head, chunk_tokens=LossConfig().chunk_tokens(model.vocab_size)).double().sum()
+        return next_token_nll(hidden, ids, model.head, chunk_tokens=model.chunk_tokens).double().sum()
 
 
 class CaldPipeline(PipelineModule):

@@ -119,14 +119,13 @@ def _drop_global_references(module: torch.nn.Module) -> None:
 class ManagedTeacher:
     """A teacher engine and its block-by-block view, with the weights it currently holds."""
 
-    def __init__(self, engine, layerwise: LayerwiseModel, placement: Placement, loaded: str, *, chunk_tokens: int):
+    def __init__(self, engine, layerwise: LayerwiseModel, placement: Placement, loaded: str):
         self.engine = engine
         self.layerwise = layerwise
         self.placement = placement
         self.loaded: str | None = loaded
         """Folder of the weights now in the engine (the base teacher's, or a waypoint's); None
         once a trajectory phase has trained them in place."""
-        self._chunk_tokens = chunk_tokens
 
     def load(self, folder: str | Path) -> None:
         """Swap in the weights of ``folder`` (same architecture), partition by partition."""
@@ -157,7 +156,7 @@ class ManagedTeacher:
         module = self.engine.module
         module.train()
         try:
-            loss = self.layerwise.task_loss(batch, chunk_tokens=self._chunk_tokens)
+            loss = self.layerwise.task_loss(batch)
             self.engine.backward(loss)
         finally:
             module.eval()

@@ -259,3 +259,32 @@ def test_perplexity_takes_the_logits_a_chunk_at_a_time_and_matches_whole_logits(
     torch.testing.assert_close(chunked[:, :-1], whole, rtol=1e-5, atol=1e-6)
     assert torch.all(chunked[:, -1] == 0)  # the last position predicts nothing
     torch.testing.assert_close(model.next_token_nll(ids), chunked, rtol=1e-5, atol=1e-6)  # the linear-head path
+
+
+def test_eval_takes_the_runs_head_chunk_tokens(models, tmp_path):
+    """loss.head_chunk_tokens, which a user lowers when a chunk of logits does not fit, holds for
+    evaluation too (during training, and for `cald-scale evaluate` of the run's student)."""
+    from cald_scale.distill.losses import LossConfig
+    from cald_scale.evaluate import resolve_target
+
+    teacher_dir, student_dir, _, _ = models
+    teacher, _, _ = load_teacher(TeacherConfig(name_or_path=str(teacher_dir)))
+    seen = []
+
+    class Spied(LayerwiseModel):
+        head_weight = None  # the path that calls the head module on each chunk
+
+        def head(self, hidden):
+            seen.append(hidden.shape[0])
+            return super().head(hidden)
+
+    ids = torch.randint(0, teacher.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
+    assert LayerwiseModel(teacher).chunk_tokens == LossConfig().chunk_tokens(teacher.config.vocab_size)
+    nll = Spied(teacher, head_chunk_tokens=7).next_token_nll(ids)
+    assert seen == [7] * 7 + [2]
+    torch.testing.assert_close(nll, LayerwiseModel(teacher).next_token_nll(ids), rtol=1e-5, atol=1e-6)
+    run = tmp_path / "run"
+    shutil.copytree(student_dir, run / "student")
+    (run / "config.json").write_text(json.dumps({"teacher": {"name_or_path": str(teacher_dir)}, "data": {}, "loss": {"head_chunk_tokens": 7}}))
+    assert resolve_target(run).head_chunk_tokens == 7
+    assert resolve_target(student_dir, no_teacher=True).head_chunk_tokens is None

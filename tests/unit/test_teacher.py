@@ -132,7 +132,7 @@ deepspeed.init_distributed(dist_backend="gloo")
 model = tiny_teacher("llama", layers=2)
 config = {"train_batch_size": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}, "zero_optimization": {"stage": 3}}
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-managed = ManagedTeacher(engine, LayerwiseModel(engine.module), None, "base", chunk_tokens=0)
+managed = ManagedTeacher(engine, LayerwiseModel(engine.module), None, "base")
 batch = {"input_ids": torch.randint(0, 256, (1, 16))}
 engine.module.eval()  # as build_teacher leaves it: the forwards that guide the student
 modes = []
