@@ -104,10 +104,13 @@ class _LayerMSE(torch.autograd.Function):
         ln_s, _, rstd = torch.native_layer_norm(student_h.to(compute), dim, None, None, _LN_EPS)
         diff = F.layer_norm(teacher_h.to(compute), dim, eps=_LN_EPS).neg_().add_(ln_s)  # ln_s - ln_t
         count = ln_s.numel()
+        pads = None
         if mask is not None:  # padded batch: the mean over real tokens only
-            keep = mask.to(compute).unsqueeze(-1)
-            diff.mul_(keep)
-            count = (tokens if tokens is not None else keep.sum().clamp(min=1.0).item()) * dim[0]
+            # NOTE: filled, not multiplied: a pad's state may be non-finite (a row attending to
+            # nothing), and 0 * nan would carry it into the loss and every gradient.
+            pads = ~mask.bool().unsqueeze(-1)
+            diff.masked_fill_(pads, 0.0)
+            count = (tokens if tokens is not None else max(int(mask.bool().sum()), 1)) * dim[0]
         # NOTE: not F.mse_loss: on CPU its scalar result is a view of a full-size buffer,
         # which would keep one hidden state alive per layer for as long as the loss lives.
         loss = diff.square().sum() / count
@@ -117,6 +120,8 @@ class _LayerMSE(torch.autograd.Function):
             g = diff.mul_(2.0 / count)
             proj = (g * ln_s).mean(-1, keepdim=True)
             grad = g.sub_(g.mean(-1, keepdim=True)).sub_(ln_s.mul_(proj)).mul_(rstd)
+            if pads is not None:
+                grad.masked_fill_(pads, 0.0)
             ctx.scale = None
             if student_h.dtype == torch.float16:
                 # Divided by N before the loss scale multiplies it, an fp16 gradient underflows

@@ -187,6 +187,24 @@ def test_the_layer_loss_of_a_padded_batch_ignores_pads():
     torch.testing.assert_close(s.grad, ref.grad)
 
 
+def test_a_non_finite_state_at_a_pad_stays_out_of_the_layer_loss():
+    """A pad's hidden state can be non-finite (a row that attends to nothing): the masked loss
+    and its gradient read only the real tokens, on both sides."""
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    clean = s.clone().requires_grad_(True)
+    expected = layer_loss(clean, t, mask)
+    expected.backward()
+    poisoned_s, poisoned_t = s.clone(), t.clone()
+    poisoned_s[0, 3], poisoned_t[0, 4] = float("nan"), float("inf")
+    poisoned_s.requires_grad_(True)
+    loss = layer_loss(poisoned_s, poisoned_t, mask)
+    loss.backward()
+    torch.testing.assert_close(loss, expected.detach())
+    torch.testing.assert_close(poisoned_s.grad, clean.grad)
+
+
 def test_mismatches_are_refused_before_any_weight_is_read(minilm, tiny_roberta, tmp_path):
     source, _ = minilm
     with pytest.raises(ValueError, match=r"fine-tuned for labels \['a', 'b'\], but the task has labels"):
