@@ -136,6 +136,13 @@ class MetricsLogger:
                 shown = {"phase": metrics["phase_name"], **shown}
             self._bar.set_postfix(shown, refresh=True)
 
+    def sync(self) -> None:
+        """Put the lines logged so far on disk (called at each checkpoint): a node that loses
+        power after a checkpoint keeps the metrics of every step the checkpoint holds."""
+        if self.enabled and self.path.is_file():
+            with open(self.path, "rb+") as handle:
+                os.fsync(handle.fileno())
+
     def summary(self, values: dict[str, Any]) -> None:
         self._call_wandb("summary", lambda: self._wandb.summary.update(values))
 

@@ -443,6 +443,7 @@ class _Run:
             self.cfg.output.keep_last,
             exclude_frozen=self.models.shares_frozen_weights, also_save=self.guide.save, owner=self.models.checkpoint_owner,
         )
+        self.metrics.sync()
         self.state.last_saved = at
 
     def stop_preempted(self, step: int, signal_name: str) -> None:

@@ -126,3 +126,24 @@ def test_metrics_lines_are_strict_json_with_null_for_non_finite_values(tmp_path)
     line = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
     record = json.loads(line, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
     assert record["loss"] is None and record["layer_losses"] == [1.0, None, None] and record["nested"] == {"x": None}
+
+
+def test_sync_puts_the_metrics_file_on_disk(tmp_path, monkeypatch):
+    """At each checkpoint the trainer syncs metrics.jsonl: a power loss after a checkpoint keeps
+    the lines of every step it holds (a closed file is only in the page cache)."""
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    metrics = _logger(tmp_path, start_step=0)
+    metrics.sync()  # nothing logged yet: nothing to sync, no empty file made
+    assert not (tmp_path / "metrics.jsonl").exists()
+    metrics.log(1, {"loss": 1.0})
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    metrics.sync()
+    metrics.close()
+    assert synced == [str((tmp_path / "metrics.jsonl").resolve())]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["step"] == 1
