@@ -124,9 +124,11 @@ class ConversionConfig:
             matched = _matched_mamba2(self.bimamba2.mamba2, teacher_config, "student.conversion.bimamba2.mamba2")
             out.bimamba2 = dataclasses.replace(self.bimamba2, mamba2=matched)
         elif self.mixer == "linformer":
-            _, heads, kv_heads, head_dim = teacher_geometry(teacher_config)
+            _, heads, _, head_dim = teacher_geometry(teacher_config)
             positions = getattr(teacher_config, "max_position_embeddings", None) or self.linformer.max_positions
-            out.linformer = dataclasses.replace(self.linformer, num_heads=heads, head_dim=head_dim, max_positions=positions)
+            matched = {"num_heads": heads, "head_dim": head_dim, "max_positions": positions}
+            _warn_replaced(self.linformer, LinformerConfig(), matched, "student.conversion.linformer")
+            out.linformer = dataclasses.replace(self.linformer, **matched)
         return out
 
     def mixer_config(self) -> Mamba2Config | MambaConfig | LinformerConfig | BiMamba2Config:
@@ -151,9 +153,17 @@ def _matched_mamba2(cfg: Mamba2Config, teacher_config: PretrainedConfig, where: 
         # Bamba's convention (native export): the gated norm uses the teacher's epsilon.
         "norm_eps": getattr(teacher_config, "rms_norm_eps", cfg.norm_eps),
     }
-    # NOTE: said, not refused: a run saved with such a setting must still resume (its student is
-    # the matched one), and a value equal to the default cannot be told from no setting at all.
-    default = Mamba2Config()
+    _warn_replaced(cfg, Mamba2Config(), matched, where)
+    return dataclasses.replace(cfg, **matched)
+
+
+def _warn_replaced(cfg, default, matched: dict, where: str) -> None:
+    """Name the fields of ``cfg`` set to something other than their default that teacher
+    matching replaces with ``matched``.
+
+    NOTE: said, not refused: a run saved with such a setting must still resume (its student is
+    the matched one), and a value equal to the default cannot be told from no setting at all.
+    """
     given = {k: getattr(cfg, k) for k, v in matched.items() if getattr(cfg, k) not in (v, getattr(default, k))}
     if given:
         logger.warning(
@@ -161,7 +171,6 @@ def _matched_mamba2(cfg: Mamba2Config, teacher_config: PretrainedConfig, where: 
             "match_teacher_geometry=false to use them (and attention_init=false unless they are the teacher's heads)",
             where, given, {k: matched[k] for k in given},
         )
-    return dataclasses.replace(cfg, **matched)
 
 
 def _check_init_geometry(cfg: Mamba2Config, teacher_config: PretrainedConfig) -> None:

@@ -184,6 +184,13 @@ def test_a_setting_the_run_would_ignore_is_refused_or_named(caplog):
     assert ConversionConfig().resolved(teacher.config).mamba2.d_state == 16  # the defaults are matched
     resolved = ConversionConfig().resolved(teacher.config)
     assert resolved.resolved(teacher.config).mamba2 == resolved.mamba2  # and a matched one stays
+    linformer = ConversionConfig(mixer="linformer")
+    linformer.linformer = dataclasses.replace(linformer.linformer, head_dim=32, k=8)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cald_scale.conversion"):
+        matched = linformer.resolved(teacher.config).linformer
+    assert (matched.num_heads, matched.head_dim, matched.k) == (4, 16, 8)  # k is the user's to choose
+    assert "student.conversion.linformer sets {'head_dim': 32}, which student.conversion.match_teacher_geometry" in caplog.text
 
 
 def test_exponent_without_a_dot_is_a_number():
