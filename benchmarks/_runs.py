@@ -20,6 +20,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "benchmarks" / "runs"
+LAUNCH_FILE = "launch.json"
+"""What a run folder was launched with beyond its config.json: ranks and DeepSpeed config."""
 
 
 @dataclasses.dataclass
@@ -46,6 +48,7 @@ def launch_run(run: Run, benchmark: str, *, ranks: int = 1) -> Path:
     if (folder / "config.json").is_file():
         # NOTE: an unfinished folder too: the job would resume it under whatever config it is given.
         _check_same_config(folder, run.recipe, args)
+        _check_same_launch(folder, run.ds_config, ranks)
     if (folder / "report.json").is_file():
         print(f"[{benchmark}] reusing {folder}", flush=True)
         _drop_checkpoints(folder)
@@ -58,6 +61,7 @@ def launch_run(run: Run, benchmark: str, *, ranks: int = 1) -> Path:
     cmd += args
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true"}
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / LAUNCH_FILE).write_text(json.dumps({"ranks": ranks, "ds_config": run.ds_config}))
     started = time.time()
     print(f"[{benchmark}] {run.name} seed {run.seed}: {' '.join(cmd[6:])}", flush=True)
     with open(folder / "launch.log", "a") as log:
@@ -84,6 +88,20 @@ def _check_same_config(folder: Path, recipe: str | None, args: list[str]) -> Non
     differ = config_differences(json.loads((folder / "config.json").read_text()), wanted, ignore=("output.run_dir", "output.progress_bar"))
     if differ:
         raise RuntimeError(f"{folder} holds a run of another config ({'; '.join(differ[:5])}); move it away to rerun it")
+
+
+def _check_same_launch(folder: Path, ds_config: str, ranks: int) -> None:
+    """Nor is it reused for another number of ranks or another DeepSpeed config, which its
+    config.json does not hold (a 2-rank run's speed and memory reported as a 1-rank one's)."""
+    if (folder / LAUNCH_FILE).is_file():
+        launched = json.loads((folder / LAUNCH_FILE).read_text())
+    else:  # a folder from before launch.json: its report says the ranks, the ds_config is unknown
+        report = folder / "report.json"
+        launched = {"ranks": json.loads(report.read_text()).get("world_size", ranks) if report.is_file() else ranks, "ds_config": ds_config}
+    wanted = {"ranks": ranks, "ds_config": ds_config}
+    differ = [f"{k}: {launched.get(k)!r} -> {v!r}" for k, v in wanted.items() if launched.get(k) != v]
+    if differ:
+        raise RuntimeError(f"{folder} holds a run launched otherwise ({'; '.join(differ)}); move it away to rerun it")
 
 
 def _free_port() -> int:

@@ -87,7 +87,8 @@ def _run(mode: str, layers: int, args, teacher: Path) -> dict:
         "tokens_per_s": statistics.median(speeds),
         "seconds_per_step": args.global_batch * args.seq_len / statistics.median(speeds),
         "peak_rss_per_rank_bytes": rss,
-        "final_loss": records[-1].get("loss") if records else None,
+        # The last training step's (the last line is the final evaluation's, which has none).
+        "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None),
     }
 
 
@@ -202,22 +203,41 @@ def _projection(per_layer: dict, mixer_over_attention: float) -> dict:
     return out
 
 
+def _two_depths(text: str) -> list[int]:
+    """--layers: the per-layer costs are slopes between exactly two depths (checked before any run)."""
+    try:
+        depths = [int(x) for x in text.split(",")]
+    except ValueError:
+        depths = []
+    if len(depths) != 2 or depths[0] == depths[1] or min(depths) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give two different depths, e.g. 4,8")
+    return depths
+
+
+def _modes(text: str) -> list[str]:
+    modes = text.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}: choose from {', '.join(MODES)}")
+    return modes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI-sized: 2 and 4 blocks, 3 steps, seq_len 64")
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--layers", default=None, help="two depths, e.g. 4,8 (default 4,8; --quick 2,4)")
+    parser.add_argument("--layers", default=None, type=_two_depths, help="two depths, e.g. 4,8 (default 4,8; --quick 2,4)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seq_len", type=int, default=None)
     parser.add_argument("--global_batch", type=int, default=4)
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(MODES), type=_modes, help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--fresh", action="store_true", help="delete this benchmark's earlier runs first")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    depths = [int(x) for x in (args.layers or ("2,4" if args.quick else "4,8")).split(",")]
+    depths = args.layers or ([2, 4] if args.quick else [4, 8])
     args.steps = args.steps or (3 if args.quick else 8)
     args.seq_len = args.seq_len or (64 if args.quick else 256)
-    modes = args.modes.split(",")
+    modes = args.modes
     if args.fresh:
         shutil.rmtree(RUNS / BENCHMARK, ignore_errors=True)
 

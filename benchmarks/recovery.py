@@ -177,19 +177,25 @@ def targets(runs: dict[str, list[dict]], layout_runs: dict[str, list[dict]]) -> 
     out = {}
     if DEFAULT_RECIPE in runs:
         # NOTE: each rival is compared on the seeds both recipes have, not a 2-seed mean against 1 seed.
-        mine = runs[DEFAULT_RECIPE]
-        margins = {}
+        mine = {_seed(r): r for r in runs[DEFAULT_RECIPE]}
+        margins, unmatched = {}, []
         for label, theirs in runs.items():
-            if label != DEFAULT_RECIPE:
-                n = min(len(mine), len(theirs))
-                margins[label] = (_mean_heldout(theirs[:n]) / _mean_heldout(mine[:n]), n)
+            if label == DEFAULT_RECIPE:
+                continue
+            theirs = {_seed(r): r for r in theirs}
+            shared = sorted(mine.keys() & theirs.keys())
+            if not shared:  # no seed to compare on: the claim cannot be made for this rival
+                unmatched.append(label)
+                continue
+            margins[label] = (_mean_heldout([theirs[s] for s in shared]) / _mean_heldout([mine[s] for s in shared]), len(shared))
         lower = sorted(label for label, (margin, _) in margins.items() if margin <= 1.0)
         closest = min(margins, key=lambda label: margins[label][0]) if margins else None
         out["default_is_best"] = {
             "what": "the default recipe has the lowest own held-out ppl of the recipes (all-Mamba2, Shakespeare), each rival compared on the seeds both have",
             "value": (f"closest rival {closest}: {margins[closest][0]:.3f}x {DEFAULT_RECIPE}'s ppl over {margins[closest][1]} seed(s)" if closest else "no rival")
-            + (f"; lower: {lower}" if lower else ""),
-            "pass": not lower,
+            + (f"; lower: {lower}" if lower else "")
+            + (f"; no seed in common with {DEFAULT_RECIPE}: {sorted(unmatched)}" if unmatched else ""),
+            "pass": not lower and not unmatched,
         }
     if DEFAULT_LAYOUT not in layout_runs:
         return out

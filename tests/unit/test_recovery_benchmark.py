@@ -86,3 +86,14 @@ def test_argument_mistakes_are_refused(results):
         recovery.main(["--layouts", "layout_attn33"])
     with pytest.raises(SystemExit):
         recovery.main(["--recipes"])  # nargs="+": an empty list is an error, not "measure nothing"
+
+
+def test_each_rival_is_compared_with_the_default_on_the_seeds_both_have():
+    """By seed, not by list position: a rival run on seeds 0 and 2 meets the default's seeds 0
+    and 1 on seed 0 alone; a rival with no seed in common cannot be ranked, and the flag says so."""
+    default = [run_record(recovery.DEFAULT_RECIPE, 0, 74.2, 500.0), run_record(recovery.DEFAULT_RECIPE, 1, 76.8, 500.0)]
+    rival = [run_record("rival", 0, 74.4, 500.0), run_record("rival", 2, 76.0, 500.0)]
+    flag = recovery.targets({recovery.DEFAULT_RECIPE: default, "rival": rival}, {})["default_is_best"]
+    assert flag["pass"] and "1.003x" in flag["value"] and "over 1 seed(s)" in flag["value"]
+    flag = recovery.targets({recovery.DEFAULT_RECIPE: default, "rival": rival, "other": [run_record("other", 3, 90.0, 500.0)]}, {})["default_is_best"]
+    assert not flag["pass"] and "no seed in common with" in flag["value"] and "['other']" in flag["value"]
