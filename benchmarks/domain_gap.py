@@ -70,7 +70,9 @@ def token_gap(teacher_model, student_model, input_ids: torch.Tensor) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("student", help="an exported student folder (its config names the teacher)")
-    parser.add_argument("--corpora", nargs="+", default=["shakespeare", "wiki"], help="held-out sets (anything data.corpus accepts)")
+    parser.add_argument(
+        "--corpora", nargs="+", default=None, help="held-out sets (anything data.corpus accepts); default: the run's own corpus, then wiki"
+    )
     parser.add_argument("--sequences", type=int, default=16, help="held-out sequences per corpus")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -89,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     teacher, student = LayerwiseModel(teacher_model), LayerwiseModel(student_model)
     data_cfg = target.data  # the run's own held-out split and settings (a bare student folder: the defaults)
     results = {"benchmark": "domain_gap", "machine": machine(), "student": str(target.student_dir), "teacher": target.teacher.name_or_path, "corpora": {}}
-    for corpus in args.corpora:
+    # NOTE: the run's own held-out split by default (the default job trains on Brown), not a fixed list.
+    corpora = args.corpora or list(dict.fromkeys([data_cfg.corpus, "wiki"]))
+    for corpus in corpora:
         ids = _sequences(corpus, tokenizer, data_cfg, args.sequences)
         errors = per_layer_errors(teacher, student, ids)
         row = results["corpora"][corpus] = {

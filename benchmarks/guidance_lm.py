@@ -44,7 +44,7 @@ def phases(mode: str, steps: int, waypoints: list[str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="default: 0 1 (quick: 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 (quick: 0)")
     parser.add_argument("--trainable", choices=("mixers", "all"), default="mixers", help="what trains in the student (default: the mixers, as in the default job)")
     args = parser.parse_args(argv)
     name = ("guidance_lm_quick" if args.quick else "guidance_lm") + ("_all" if args.trainable == "all" else "")

@@ -132,7 +132,7 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 6 short steps")
-    parser.add_argument("--recipes", nargs="*", default=["general_hybrid50"], choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=["general_hybrid50"], choices=list(RECIPES))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     name = "long_recipe_quick" if args.quick else "long_recipe"
