@@ -198,6 +198,21 @@ def _record(run_dir: Path, cfg: RunConfig, env: DistEnv, *, resumed_at: int | No
     barrier()
 
 
+def _check_same_data(run_dir: Path, env: DistEnv, identity: dict, *, resumed_at: int | None) -> None:
+    """A resumed run reads the data its first session read (data.json): the train/held-out split
+    and the batch order come from the corpus as it was, so a corpus that has changed since
+    (a line appended, a file dropped into its folder) would re-split it silently, and the
+    held-out score would count documents the run trained on."""
+    recorded = _once(run_dir / "data.json", env, lambda: identity, resuming=resumed_at is not None)
+    if recorded != identity:
+        changed = sorted(k for k in recorded.keys() | identity.keys() if recorded.get(k) != identity.get(k))
+        raise ValueError(
+            f"the data of run {run_dir} changed since it started (resuming at step {resumed_at}): {', '.join(changed)} "
+            f"was {recorded.get(changed[0])}, now {identity.get(changed[0])}. Its splits and batch order come from the data as "
+            "it was: restore it, or start a new run (another output.run_dir)"
+        )
+
+
 def _once(path: Path, env: DistEnv, compute, *, resuming: bool) -> dict:
     """A value computed once per run (on every rank) and reused on resume; a start from
     scratch computes it again (a folder's earlier start may have had other settings)."""
@@ -541,6 +556,7 @@ def _start(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv) -> _Run:
     task = open_task(cfg, is_main=env.is_main)
     check_waypoints(plan.waypoints, task.source.config)  # a missing or foreign waypoint fails now, not mid-run
     task.open_data()
+    _check_same_data(run_dir, env, task.data_identity(), resumed_at=tags[0][0] if tags else None)  # before the engines: a refusal costs seconds
     _seed_everything(cfg.train.seed)
 
     # 2. Teacher (when a phase needs one) and student, built partitioned, in their ZeRO-3 engines

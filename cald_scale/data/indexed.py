@@ -133,6 +133,11 @@ class TokenStream:
         self.total_tokens = total
         self.num_tokens = total if self._max_tokens is None else min(total, self._max_tokens)
 
+    @property
+    def sequence_range(self) -> tuple[int, int]:
+        """[first, last) of the sequences this stream reads."""
+        return self._first, self._last
+
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the stream (a fresh, writable array)."""
         if start < 0 or length < 0 or start + length > self.num_tokens:

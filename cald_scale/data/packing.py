@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Literal
 
 import numpy as np
@@ -52,6 +53,7 @@ class PackedSequences(torch.utils.data.Dataset):
         self.vocab_size = vocab_size
         self._stream = TokenStream(prefix, sequences, num_tokens)
         self.num_tokens = self._stream.num_tokens
+        self.identity = _identity(prefix, self._stream)
         if self.num_tokens < seq_len:
             raise ValueError(
                 _too_short(corpus, name, split, self.num_tokens, seq_len, seq_len_name)
@@ -152,3 +154,13 @@ def check_vocab(
             corpus.name, corpus.vocab_size, corpus.tokenizer_name, vocab_size,
         )
     return None if corpus.max_token_id_exact else vocab_size
+
+
+def _identity(prefix: str, stream: TokenStream) -> dict:
+    """Which tokens a split holds, as a resumed run compares them with its first session's: a
+    cache's key names its corpus content and settings (the cache folder may move: data.cache_dir
+    is free to change); a user prefix is named by its path; both with the sequences and tokens read."""
+    folder = os.path.dirname(prefix)
+    in_cache = os.path.isfile(os.path.join(folder, "meta.json"))
+    source = f"{os.path.basename(folder)}/{os.path.basename(prefix)}" if in_cache else os.path.abspath(prefix)
+    return {"source": source, "sequences": list(stream.sequence_range), "tokens": stream.num_tokens}

@@ -7,6 +7,7 @@ The trainer (``train.py``) is the same for every task; a task brings the rest:
 - ``student_source``: where the student is converted from when that is not the teacher
   (``student.init_from``; else None);
 - ``open_data()``: its datasets (rank 0 builds caches, the others wait outside collectives);
+- ``data_identity()``: what decides its batches and held-out scores (a resumed run refuses other data);
 - ``train_batches(micro_batch, replica, replicas, device)``: ``next_batch(cursor)``, a pure
   function of the micro-batch counter, so a resumed run sees the batches it would have seen;
   a batch is a dict of tensors (``input_ids``, and for padded tasks ``attention_mask``, ``labels``);

@@ -69,6 +69,11 @@ class ClassificationTask:
                 + " and ".join(f"classification.{name}_fraction > 0 (carved from train) or {name} files" for name in missing)
             )
 
+    def data_identity(self) -> dict:
+        """What decides the run's batches and scores: the splits' cache key (their files' content
+        and the split settings) and the examples each split holds."""
+        return {"data": self.data.key, "examples": {name: len(split) for name, split in self.data.splits.items()}}
+
     def tokens_per_micro_batch(self, micro_batch: int) -> int:
         return 0  # padded batches: the trainer counts each batch's real tokens
 

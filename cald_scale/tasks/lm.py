@@ -52,6 +52,10 @@ class LanguageModelingTask:
         )
         self.train_set, self.eval_sets = datasets.train, datasets.evals
 
+    def data_identity(self) -> dict:
+        """What decides the run's batches and its own held-out score (``PackedSequences.identity``)."""
+        return {"train": self.train_set.identity, "heldout": self.eval_sets["heldout"].identity}
+
     def tokens_per_micro_batch(self, micro_batch: int) -> int:
         return micro_batch * self.cfg.data.seq_len
 

@@ -125,6 +125,17 @@ def test_two_rank_checkpoint_resumes_on_one_rank_on_the_same_trajectory(tmp_path
     assert "global batch of 4 sequences, this run with 1 data-parallel rank(s) uses 2" in refused.stdout + refused.stderr
     assert sorted(p.name for p in ckpt.glob("step_*")) == tags
 
+    # Other data than the first session read (a corpus changed since: its cache key, so its split,
+    # is another): refused before any engine is built, the run folder untouched.
+    recorded = json.loads((run_dir / "data.json").read_text())
+    assert recorded["train"]["tokens"] == 30000 and recorded["heldout"]["tokens"] > 0
+    (run_dir / "data.json").write_text(json.dumps({**recorded, "train": {**recorded["train"], "source": "corpus-0123456789abcdef/train"}}))
+    config = (run_dir / "config.json").read_text()
+    refused = run(deepspeed_command(_overrides(teacher_dirs, run_dir, data_cache, **{"train.max_steps": 8}), ranks=1), launcher_env(tmp_path))
+    out = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "changed since it started (resuming at step 6): train was" in out and "restore it, or start a new run" in out
+    assert sorted(p.name for p in ckpt.glob("step_*")) == tags and (run_dir / "config.json").read_text() == config
+
 
 def _saved(cursor: int, *, micro: int, accum: int, world: int) -> dict:
     """A client state as DeepSpeed returns it: ours plus the engine's ds_config."""

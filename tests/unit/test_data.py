@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pickle
+import shutil
 import signal
 from pathlib import Path
 
@@ -202,6 +203,28 @@ def test_shakespeare_roundtrip(shakespeare, tokenizer, shakespeare_docs):
     loader = torch.utils.data.DataLoader(packed, batch_size=4, sampler=[3, 1, 4, 1])
     batch = next(iter(loader))
     assert batch["input_ids"].shape == (4, cfg.seq_len)
+
+
+def test_a_splits_identity_follows_its_corpus_content_not_where_the_cache_lives(tmp_path, tokenizer, wiki_leads):
+    """What a resumed run compares with its first session (train.py's data.json): documents added
+    to the corpus give other splits and another identity; the cache moved (data.cache_dir is free
+    to change on resume) keeps it."""
+    path = _write_jsonl(tmp_path / "leads.jsonl", wiki_leads[:40])
+    cfg = DataConfig(corpus=path, cache_dir=str(tmp_path / "cache"), eval_fraction=0.1, seq_len=32)
+    corpus = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    first = {split: PackedSequences(corpus, split, 32).identity for split in ("train", "eval")}
+    assert first["train"]["source"].endswith("/train") and first["train"]["tokens"] == corpus.num_train_tokens
+    shutil.copytree(tmp_path / "cache", tmp_path / "moved")
+    moved = build_indexed_dataset(dataclasses.replace(cfg, cache_dir=str(tmp_path / "moved")), tokenizer, is_rank0=False)
+    assert {split: PackedSequences(moved, split, 32).identity for split in ("train", "eval")} == first
+    _write_jsonl(tmp_path / "leads.jsonl", wiki_leads[:45])
+    grown = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    again = {split: PackedSequences(grown, split, 32).identity for split in ("train", "eval")}
+    assert again["train"]["source"] != first["train"]["source"] and again["eval"]["source"] != first["eval"]["source"]
+    (tmp_path / "mine").mkdir()  # a user's megatron prefix (no cache's meta.json beside it): named by its path
+    for ext in (".bin", ".idx"):
+        shutil.copy(corpus.train_prefix + ext, tmp_path / "mine" / f"tokens{ext}")
+    assert PackedSequences(str(tmp_path / "mine" / "tokens"), "train", 32).identity["source"] == str(tmp_path / "mine" / "tokens")
 
 
 def test_packed_sequences_pickle_and_prefix(shakespeare):
