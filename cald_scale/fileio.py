@@ -13,13 +13,29 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-__all__ = ["atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "hold_lock", "wait_for_file", "read_json", "write_failure_note", "read_failure_note", "cache_root"]
+__all__ = ["tag_cache_dir", "CACHE_TAG", "atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "hold_lock", "wait_for_file", "read_json", "write_failure_note", "read_failure_note", "cache_root"]
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
     """Where converted teachers and fetched corpora live: ``cache_dir``, else $CALD_SCALE_CACHE, else ~/.cache/cald_scale."""
     root = cache_dir or os.environ.get("CALD_SCALE_CACHE") or os.path.join(Path.home(), ".cache", "cald_scale")
     return Path(root).expanduser()
+
+
+CACHE_TAG = "CACHEDIR.TAG"
+_CACHE_TAG_TEXT = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# This file is a cache directory tag created by cald_scale (https://bford.info/cachedir/).\n"
+)
+
+
+def tag_cache_dir(cache_dir: str | Path) -> None:
+    """Mark ``cache_dir`` as a cache (the Cache Directory Tagging convention): backup tools skip
+    it, and a corpus folder that holds it leaves it out (data/corpora.py)."""
+    tag = Path(cache_dir) / CACHE_TAG
+    if not tag.is_file():
+        os.makedirs(cache_dir, exist_ok=True)
+        atomic_write_text(tag, _CACHE_TAG_TEXT)
 
 
 def atomic_write_text(path: str | Path, text: str, *, durable: bool = False) -> Path:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cald_scale.data.corpora import _package_dir, root_cause
+from cald_scale.fileio import tag_cache_dir
 
 if TYPE_CHECKING:
     from cald_scale.data.classification import ClassificationDataConfig
@@ -265,6 +266,7 @@ def _read_file(path: str, cache_dir: str) -> tuple[Columns, dict[str, str]]:
     builder, options = CLASSIFICATION_FILE_SUFFIXES[os.path.splitext(path)[1].lower()]
     read = {"csv": datasets.Dataset.from_csv, "json": datasets.Dataset.from_json,
             "parquet": datasets.Dataset.from_parquet}[builder]
+    tag_cache_dir(cache_dir)
     try:
         ds = read(path, cache_dir=os.path.join(cache_dir, "hf_datasets"), **options)
     except Exception as err:  # noqa: BLE001 - `datasets` wraps every parse error in its own: name the file and the cause

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from cald_scale.fileio import cache_root, file_lock
+from cald_scale.fileio import CACHE_TAG, cache_root, file_lock, tag_cache_dir
 
 if TYPE_CHECKING:
     from cald_scale.data.config import DataConfig
@@ -263,6 +263,17 @@ def _indexed_prefix(path: str) -> str | None:
     return None
 
 
+def _written_by_a_run(names: list[str], dirs: list[str]) -> bool:
+    """A folder a run or the data cache wrote, not the corpus: a run folder (config.json beside its
+    checkpoints, metrics or baseline), a data.cache_dir (its CACHEDIR.TAG) or a tokenised cache
+    from before the tag (meta.json beside train.bin). Taken in,
+    the corpus would change once the first session had written them, and its resume would fail
+    (runs/default sits inside a corpus of ".")."""
+    files = set(names)
+    run = "config.json" in files and ("checkpoints" in dirs or files & {"metrics.jsonl", "baseline.json"})
+    return bool(run) or CACHE_TAG in files or {"meta.json", "train.bin"} <= files
+
+
 def _expand(item: str) -> list[str]:
     """One comma-separated item -> the data files it names (glob, folder or file)."""
     path = os.path.expanduser(item)
@@ -274,6 +285,9 @@ def _expand(item: str) -> list[str]:
     if os.path.isdir(path):
         matches = []
         for root, dirs, names in os.walk(path):
+            if root != path and _written_by_a_run(names, dirs):
+                dirs[:] = []
+                continue
             # NOTE: hidden folders are not the corpus: the data cache itself (.cache/, relative to
             # where the job starts, may sit inside a corpus folder) or a .venv's files.
             dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -434,6 +448,7 @@ def _load_hf(source: CorpusSource, cfg: DataConfig):
     import datasets
 
     cache = os.path.join(cfg.cache_dir, "hf_datasets")
+    tag_cache_dir(cfg.cache_dir)
     if source.kind == "files":
         kwargs = {"sample_by": "document"} if source.builder == "text" else {}
         try:

@@ -20,7 +20,7 @@ from cald_scale.data.config import DataConfig
 from cald_scale.data.corpora import CorpusSource, load_documents, resolve_corpus
 from cald_scale.data.megatron import megatron_indexed
 from cald_scale.engines.preemption import raise_if_preempted
-from cald_scale.fileio import atomic_write_text, file_lock, fsync_path, wait_for_file, write_failure_note
+from cald_scale.fileio import atomic_write_text, file_lock, fsync_path, tag_cache_dir, wait_for_file, write_failure_note
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -330,7 +330,7 @@ def build_cache(
     """Build in `.partial-<key>` beside `folder` (resuming what a killed build finished),
     write meta.json last, then rename. One builder at a time per key (a file lock: a
     second process waits, then finds the cache complete)."""
-    os.makedirs(cfg.cache_dir, exist_ok=True)
+    tag_cache_dir(cfg.cache_dir)
     partial = os.path.join(cfg.cache_dir, f"{_PARTIAL}{key}")
     try:
         # NOTE: the wait for another builder (a prepare-data, another job) stops on a preemption

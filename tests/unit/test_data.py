@@ -745,6 +745,29 @@ def test_a_corpus_folder_skips_hidden_folders(tmp_path, tokenizer, wiki_leads, m
     assert build_indexed_dataset(cfg, tokenizer, is_rank0=True).meta_path == first.meta_path
 
 
+def test_a_corpus_folder_leaves_out_the_run_folders_and_caches_written_into_it(tmp_path, tokenizer, wiki_leads, monkeypatch):
+    """data.corpus=. with the default output.run_dir (runs/default) and a data.cache_dir inside it:
+    what the first session wrote there (config/baseline/metrics json, a cache's meta.json) is no
+    corpus, so the resumed session reads the same files and the same cache."""
+    _write_jsonl(tmp_path / "a.jsonl", wiki_leads[:20])
+    monkeypatch.chdir(tmp_path)
+    cfg = DataConfig(corpus=".", seq_len=16, cache_dir="tokens")
+    first = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    assert (tmp_path / "tokens" / "CACHEDIR.TAG").read_text().startswith("Signature: 8a477f597d28d172789f06886806bc55")
+    run = tmp_path / "runs" / "default"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("config.json", "baseline.json", "data.json"):
+        (run / name).write_text('{"teacher": {}}')
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (run / "student").mkdir()
+    (run / "student" / "config.json").write_text("{}")
+    assert resolve_corpus(".").paths == (str(tmp_path / "a.jsonl"),)
+    assert build_indexed_dataset(cfg, tokenizer, is_rank0=True).meta_path == first.meta_path
+    (tmp_path / "more").mkdir()  # a folder that merely holds a config.json stays corpus
+    (tmp_path / "more" / "config.json").write_text('{"text": "a document"}')
+    assert resolve_corpus(".").paths == (str(tmp_path / "a.jsonl"), str(tmp_path / "more" / "config.json"))
+
+
 def test_blank_text_longer_than_a_document_has_no_document():
     assert split_paragraphs("\n" * 40, 16) == []
 
