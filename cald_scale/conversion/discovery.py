@@ -32,7 +32,7 @@ from .families import read_fused_qkv, read_query_key_value, read_separate_qkvo
 from .modeling import teacher_geometry
 from .registry import AttentionWeights, FamilyAdapter
 
-__all__ = ["ProjectionLayout", "PROJECTION_LAYOUTS", "DISCOVERABLE", "discover_adapter", "is_encoder"]
+__all__ = ["ProjectionLayout", "PROJECTION_LAYOUTS", "DISCOVERABLE", "check_block_by_block", "discover_adapter", "is_encoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,81 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
         layers_attr=layers_attr,
         embed_dropout_attr=embed_dropout_attr,
         bamba_refusal=f"{model_type} has no Bamba layout (only the hand-written llama, mistral and qwen2 adapters have one)",
+        # NOTE: scales a family's forward applies outside its modules; check_block_by_block confirms
+        # that the blocks, these and the head give the forward's logits.
+        embed_multiplier=float(getattr(config, "embedding_multiplier", None) or 1.0),
+        logit_multiplier=float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0),
     )
+
+
+# The tiny copy check_block_by_block builds: the family's own config with small sizes.
+_TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2}
+_TINY_IF_SET = {"head_dim": 16, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_local_experts": 2, "num_experts": 2, "num_experts_per_tok": 1}
+_TOLERANCE = 1e-4
+
+
+def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handwritten: list[str]) -> None:
+    """Refuse a discovered causal-LM family whose forward does more than its blocks and head.
+
+    Distillation runs a teacher block by block (embedding, blocks, final norm, head:
+    ``LayerwiseModel``), so anything the family's forward does outside those modules (a scale
+    on the embeddings or logits not in ``PROJECTION_LAYOUTS``' reach, a residual from the
+    embedding into a later block) would make every layer's target wrong, silently. A tiny
+    random copy of ``config`` (two blocks, width 64) is run both ways; a copy that cannot be
+    built is reported and not checked.
+    """
+    if is_encoder(config) or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return
+    from ..distill.stages import LayerwiseModel  # NOTE: imported here: it builds on the registry
+
+    try:
+        tiny = _tiny_copy(config)
+        # NOTE: on the CPU and whole even when asked for inside a meta-device build or DeepSpeed's zero.Init.
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"), _outside_zero_init():
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(tiny, dtype=torch.float32).eval()
+            ids = torch.randint(3, tiny.vocab_size, (2, 12))
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits
+            try:
+                got = LayerwiseModel(model, adapter=adapter).logits(ids)
+            except ValueError as refused:  # what LayerwiseModel refuses by name (a layer type it cannot run): now, not mid-run
+                raise _Refusal(str(refused)) from None
+    except _Refusal as refused:
+        raise ValueError(str(refused)) from None
+    except Exception as err:  # noqa: BLE001 - a family whose config does not shrink this way: say so, convert
+        logger.warning("%s: could not check block-by-block logits on a tiny copy (%s: %s)", config.model_type, type(err).__name__, err)
+        return
+    gap = (got - expected).abs().max().item()
+    if not gap <= _TOLERANCE * max(1.0, expected.abs().max().item()):
+        raise ValueError(
+            f"cannot convert model type {config.model_type!r}: its forward does more than its embedding, blocks, final norm and "
+            f"head (block by block, a tiny random copy's logits differ from its forward's by {gap:.3g}), so every layer's "
+            "distillation target would be wrong. It needs a hand-written FamilyAdapter in cald_scale/conversion/families.py "
+            f"(hand-written: {', '.join(handwritten)})"
+        )
+
+
+def _tiny_copy(config: PretrainedConfig) -> PretrainedConfig:
+    """``config`` with a few small sizes (its other settings, multipliers included, kept)."""
+    tiny = copy.deepcopy(config)
+    layers = config.num_hidden_layers
+    for name, value in _TINY.items():
+        setattr(tiny, name, value)
+    for name, value in _TINY_IF_SET.items():
+        if getattr(config, name, None):
+            setattr(tiny, name, value)
+    heads = config.num_attention_heads
+    tiny.num_attention_heads = 4
+    if getattr(config, "num_key_value_heads", None):
+        tiny.num_key_value_heads = 4 if config.num_key_value_heads == heads else 2
+    for name, value in vars(config).items():  # per-layer lists (layer_types, ...) cut to the copy's depth
+        if isinstance(value, list) and len(value) == layers:
+            setattr(tiny, name, value[:2])
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(getattr(config, name, None), int):
+            setattr(tiny, name, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[name])
+    return tiny
 
 
 def is_encoder(config: PretrainedConfig) -> bool:

@@ -5,7 +5,7 @@ few facts that differ between HF modeling files (attribute paths, fused QKV layo
 Adapters are found by the HF ``config.model_type``: a hand-written one when the family
 registered it (``families.py``: the exceptions, and the families with a Bamba export),
 otherwise one discovered from the family's own modeling code (``discovery.py``) and
-cached per model type.
+cached per model type and config.
 """
 
 from __future__ import annotations
@@ -87,6 +87,12 @@ class FamilyAdapter:
     """The native Bamba export of this family's students; None: Bamba cannot express it."""
     bamba_refusal: str = ""
     """Why a family without ``bamba`` cannot export to Bamba (shown to the user)."""
+    embed_multiplier: float = 1.0
+    """What the family's model forward multiplies the embedding output by, outside any module
+    (Granite's ``embedding_multiplier``); block by block it must be applied the same way."""
+    logit_multiplier: float = 1.0
+    """What its causal-LM forward multiplies the logits by (Granite's 1 / ``logits_scaling``,
+    Cohere's ``logit_scale``)."""
 
     # --- accessors used by conversion and streaming -------------------------------------
     @staticmethod
@@ -108,7 +114,9 @@ class FamilyAdapter:
 
 
 _REGISTRY: dict[str, FamilyAdapter] = {}
-_DISCOVERED: dict[str, FamilyAdapter] = {}
+_DISCOVERED: dict[tuple[str, str | None], FamilyAdapter] = {}
+"""Discovered adapters by (model type, the config's JSON): a second config of one family (other
+heads, other multipliers) is inspected and checked on its own."""
 
 
 def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
@@ -121,7 +129,7 @@ def supported_families() -> str:
     from . import families  # noqa: F401  (registers the built-in families)
     from .discovery import DISCOVERABLE
 
-    found = f"; discovered so far: {', '.join(sorted(_DISCOVERED))}" if _DISCOVERED else ""
+    found = f"; discovered so far: {', '.join(sorted({model_type for model_type, _ in _DISCOVERED}))}" if _DISCOVERED else ""
     return (
         f"hand-written adapters for {', '.join(sorted(_REGISTRY))}; any other family is discovered from its "
         f"modeling code when its blocks hold one attention module with {DISCOVERABLE}{found}"
@@ -136,7 +144,7 @@ def get_adapter(config_or_model_type: PretrainedConfig | str) -> FamilyAdapter:
     A family that cannot be converted raises one ValueError naming what is missing.
     """
     from . import families  # noqa: F401
-    from .discovery import discover_adapter
+    from .discovery import check_block_by_block, discover_adapter
 
     if isinstance(config_or_model_type, str):
         model_type, config = config_or_model_type, None
@@ -144,7 +152,8 @@ def get_adapter(config_or_model_type: PretrainedConfig | str) -> FamilyAdapter:
         model_type, config = config_or_model_type.model_type, config_or_model_type
     if model_type in _REGISTRY:
         return _REGISTRY[model_type]
-    if model_type not in _DISCOVERED:
+    key = (model_type, config.to_json_string(use_diff=False) if config is not None else None)
+    if key not in _DISCOVERED:
         if config is None:
             try:
                 config = AutoConfig.for_model(model_type)
@@ -153,5 +162,7 @@ def get_adapter(config_or_model_type: PretrainedConfig | str) -> FamilyAdapter:
                     f"model family {model_type!r} is not supported for conversion: transformers has no config for it "
                     f"({supported_families()})"
                 ) from err
-        _DISCOVERED[model_type] = discover_adapter(config, handwritten=sorted(_REGISTRY))
-    return _DISCOVERED[model_type]
+        adapter = discover_adapter(config, handwritten=sorted(_REGISTRY))
+        check_block_by_block(config, adapter, handwritten=sorted(_REGISTRY))
+        _DISCOVERED[key] = adapter
+    return _DISCOVERED[key]

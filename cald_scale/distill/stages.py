@@ -74,9 +74,10 @@ class LayerwiseModel:
         activation_checkpointing: bool = False,
         scope: Callable[[], contextlib.AbstractContextManager] | None = None,
         head_chunk_tokens: int | None = None,
+        adapter: FamilyAdapter | None = None,
     ):
         self.model = model
-        self.lm, self.adapter, self.base = self._parts(model)
+        self.lm, self.adapter, self.base = self._parts(model, adapter)
         self.blocks = self.adapter.layers(self.lm)
         self.layer_types = attention_types(self.lm.config, len(self.blocks))
         # NOTE: families whose rotary embedding differs by layer type (Olmo3, Gemma3) take it as an argument.
@@ -93,11 +94,12 @@ class LayerwiseModel:
         self.head_chunk_tokens = head_chunk_tokens
 
     @staticmethod
-    def _parts(model: nn.Module) -> tuple[nn.Module, FamilyAdapter, nn.Module]:
+    def _parts(model: nn.Module, adapter: FamilyAdapter | None = None) -> tuple[nn.Module, FamilyAdapter, nn.Module]:
         """(the module whose keys teacher and student share, its family adapter, the family's
-        base model); for a converted student the family's own model is its ``backbone``."""
+        base model); for a converted student the family's own model is its ``backbone``.
+        ``adapter``: the family's, when known (discovery checks one it has not cached yet)."""
         lm = getattr(model, "backbone", model)
-        adapter = get_adapter(lm.config)
+        adapter = adapter or get_adapter(lm.config)
         return lm, adapter, adapter.base(lm)
 
     @property
@@ -116,6 +118,8 @@ class LayerwiseModel:
         """The embedding output (the input of block 0)."""
         with self._scope():
             hidden = self.lm.get_input_embeddings()(input_ids)
+            if self.adapter.embed_multiplier != 1.0:  # as the family's model forward does (Granite)
+                hidden = hidden * self.adapter.embed_multiplier
             if self.adapter.embed_dropout_attr:
                 hidden = getattr(self.base, self.adapter.embed_dropout_attr)(hidden)
         return hidden
@@ -167,6 +171,8 @@ class LayerwiseModel:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         with self._scope():
             logits = self.lm.get_output_embeddings()(self._final_norm(hidden))
+            if self.adapter.logit_multiplier != 1.0:  # as the family's causal-LM forward does (Granite, Cohere)
+                logits = logits * self.adapter.logit_multiplier
             cap = self._logit_softcap
             # As Gemma2ForCausalLM.forward does it (same operations, same rounding).
             return torch.tanh(logits / cap) * cap if cap is not None else logits
@@ -187,9 +193,9 @@ class LayerwiseModel:
     @property
     def head_weight(self) -> torch.Tensor | None:
         """The LM head's weight when the head is a plain bias-free linear map (else None;
-        soft-capped logits (Gemma2) are not a linear map of the final norm's output)."""
+        soft-capped or scaled logits (Gemma2; Granite, Cohere) are not a plain linear map of the final norm's output)."""
         head = self.lm.get_output_embeddings()
-        plain = isinstance(head, nn.Linear) and head.bias is None and self._logit_softcap is None
+        plain = isinstance(head, nn.Linear) and head.bias is None and self._logit_softcap is None and self.adapter.logit_multiplier == 1.0
         return head.weight if plain else None
 
     def head_losses(self, hidden: torch.Tensor, batch: dict, cfg: LossConfig, *, teacher: "LayerwiseModel | None" = None, teacher_h: torch.Tensor | None = None):

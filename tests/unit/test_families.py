@@ -39,6 +39,9 @@ DECODERS = {
     "qwen2": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 2},
     "gemma2": {"head_dim": 16, "sliding_window": WINDOW},  # soft-capped attention and logits, eager only
     "olmo3": {"sliding_window": WINDOW},  # rotary embeddings per layer type
+    # Scales the forward applies outside any module: on the embeddings and the logits (Granite), the logits (Cohere).
+    "granite": {"embedding_multiplier": 3.0, "logits_scaling": 4.0, "residual_multiplier": 0.5, "attention_multiplier": 0.3},
+    "cohere": {"logit_scale": 0.5},
 }
 SLIDING = ("mistral", "qwen2", "gemma2", "olmo3")
 
@@ -206,8 +209,19 @@ def test_supported_families_names_adapters_and_discovery():
     text = supported_families()
     assert "hand-written adapters for gpt_neox, llama, mistral, qwen2" in text
     assert "any other family is discovered" in text and "qwen3" in text
-    assert get_adapter("qwen3") is get_adapter(tiny("qwen3").config)  # cached per model type
+    assert get_adapter(tiny("qwen3").config) is get_adapter(tiny("qwen3", seed=1).config)  # cached per model type and config
+    assert get_adapter("qwen3") == get_adapter(tiny("qwen3").config)
     assert get_adapter("llama").bamba is not None and get_adapter("qwen3").bamba is None
+
+
+def test_a_family_whose_forward_does_more_than_its_blocks_is_refused():
+    """Doge's forward gives other logits than its embedding, blocks, norm and head run one after
+    the other: its layer targets would be wrong, so discovery refuses it (checked on a tiny copy)."""
+    config = AutoConfig.for_model("doge", **_COMMON)
+    with pytest.raises(ValueError, match=r"cannot convert model type 'doge': its forward does more than its embedding, blocks"):
+        get_adapter(config)
+    granite = AutoConfig.for_model("granite", **_COMMON, **DECODERS["granite"])
+    assert (get_adapter(granite).embed_multiplier, get_adapter(granite).logit_multiplier) == (3.0, 0.25)
 
 
 def test_discovery_says_when_an_attention_holds_more_than_its_projections(caplog):
