@@ -25,7 +25,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from ..config_loader import from_dict
-from .modeling import ConversionConfig, replace_attention
+from .modeling import ConversionConfig, mixer_padding, replace_attention
 from .registry import get_adapter
 from .weights import StateDictReader, WeightReader
 
@@ -212,14 +212,15 @@ class CaldEncoderForSequenceClassification(PreTrainedModel):
         # NOTE: the encoder always returns its output object; a caller's return_dict=False is
         # honoured here, as HF's *ForSequenceClassification do (a tuple, the loss first if any).
         return_dict = kwargs.pop("return_dict", None)
-        out = self.encoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
+        with mixer_padding(kwargs.get("mixer_padding_mask")):
+            out = self.encoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+                **kwargs,
+            )
         logits = self.classifier(self.dropout(pool(out.last_hidden_state, attention_mask, self.config.pooling)))
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         output = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)

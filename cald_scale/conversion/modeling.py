@@ -8,12 +8,14 @@ rebuild the same architecture from the folder alone (after ``import cald_scale``
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
 import gc
 import logging
 import weakref
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import nn
@@ -195,6 +197,25 @@ def teacher_geometry(config: PretrainedConfig) -> tuple[int, int, int, int]:
     return hidden, heads, kv_heads, head_dim
 
 
+_PADDING_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("cald_mixer_padding_mask", default=None)
+
+
+@contextlib.contextmanager
+def mixer_padding(mask: torch.Tensor | None) -> Iterator[None]:
+    """The (batch, new tokens) padding mask for the mixers of a model's forward called inside.
+
+    It also goes to the decoder layers as the keyword ``mixer_padding_mask``, which most
+    families hand on to their attention; some do not (StableLM, Nemotron call their attention
+    with named arguments only), and their mixers read it from here instead. (HF gradient
+    checkpointing recomputes outside this context: such a family's recompute would lose it.)
+    """
+    token = _PADDING_MASK.set(mask)
+    try:
+        yield
+    finally:
+        _PADDING_MASK.reset(token)
+
+
 class MixerAsAttention(nn.Module):
     """Sits where the teacher's attention sat: same call, returns ``(output, None)``.
 
@@ -228,6 +249,8 @@ class MixerAsAttention(nn.Module):
                 "weights): it has no attention to apply them to"
             )
         cache = cache if cache is not None else layer_past  # gpt_neox calls the cache ``layer_past``
+        if mixer_padding_mask is None:  # a family whose layer drops keyword arguments (see mixer_padding)
+            mixer_padding_mask = _PADDING_MASK.get()
         if cache is None:
             return self.mixer(hidden_states, mixer_padding_mask), None
         idx = self.mixer.layer_idx
@@ -380,9 +403,10 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
             cache.check_batch(batch_size)
         if attention_mask is not None and attention_mask.dim() == 2:
             kwargs["mixer_padding_mask"] = attention_mask[:, -new_tokens:]
-        out = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, labels=labels, cache=cache, use_cache=bool(cache), **kwargs
-        )
+        with mixer_padding(kwargs.get("mixer_padding_mask")):
+            out = self.backbone(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, cache=cache, use_cache=bool(cache), **kwargs
+            )
         if cache is not None:
             cache.advance(new_tokens)
         return out

@@ -78,6 +78,28 @@ def test_hybrid_student_layerwise_equals_forward(model_type):
         torch.testing.assert_close(LayerwiseModel(student).logits(ids()), student(ids()).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["stablelm", "nemotron", "llama"])
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba"])
+def test_left_padding_reaches_the_mixers_whether_or_not_the_layer_hands_on_keywords(model_type, mixer):
+    """StableLM's and Nemotron's decoder layers call their attention with named arguments only, so
+    the padding mask given as a keyword never reached their mixers: pads leaked into the state.
+    A left-padded prompt must give the logits and the greedy tokens of the same prompt alone."""
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **_COMMON)).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    student = convert_teacher(teacher, ConversionConfig(mixer=mixer)).eval()
+    prompt = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(2))
+    padded = torch.cat([torch.full((1, 5), 7), prompt], 1)
+    mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 10, dtype=torch.long)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(student(padded, attention_mask=mask).logits[:, 5:], student(prompt).logits, rtol=1e-5, atol=1e-5)
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    alone = student.generate(prompt, attention_mask=torch.ones_like(prompt), **greedy)[:, 10:]
+    assert torch.equal(student.generate(padded, attention_mask=mask, **greedy)[:, 15:], alone)
+
+
 @pytest.mark.parametrize("model_type", sorted(DECODERS))
 def test_conversion_copies_every_non_attention_tensor(model_type):
     teacher = tiny(model_type)
