@@ -27,16 +27,9 @@ _warned_dropped_bias = False
 def _copy_biases(mixer: nn.Module, attn: AttentionWeights, rows: list[tuple[slice, torch.Tensor | None]]) -> None:
     """The teacher's biases into the mixer's in_proj rows and out_proj (zeros where it has none);
     without biases in the mixer, a note that they are dropped (once per process)."""
-    global _warned_dropped_bias
-    teacher_has = any(b is not None for b in (attn.q_bias, attn.k_bias, attn.v_bias, attn.o_bias))
     if mixer.in_proj.bias is None:
-        if teacher_has and not _warned_dropped_bias:
-            _warned_dropped_bias = True
-            logger.warning(
-                "the teacher's attention has biases, which this %s mixer (no proj_bias) cannot take: the "
-                "attention-informed init drops them (set the mixer's proj_bias: true to carry them over)",
-                type(mixer).__name__,
-            )
+        if any(b is not None for b in (attn.q_bias, attn.k_bias, attn.v_bias, attn.o_bias)):
+            _say_biases_dropped(mixer)
         return
     mixer.in_proj.bias.zero_()
     for where, bias in rows:
@@ -44,6 +37,18 @@ def _copy_biases(mixer: nn.Module, attn: AttentionWeights, rows: list[tuple[slic
             mixer.in_proj.bias[where].copy_(bias)
     if mixer.out_proj.bias is not None:
         mixer.out_proj.bias.copy_(attn.o_bias if attn.o_bias is not None else torch.zeros_like(mixer.out_proj.bias))
+
+
+def _say_biases_dropped(mixer: nn.Module) -> None:
+    """The teacher's attention biases have no place in ``mixer`` (no proj_bias): said once per process."""
+    global _warned_dropped_bias
+    if not _warned_dropped_bias:
+        _warned_dropped_bias = True
+        logger.warning(
+            "the teacher's attention has biases, which this %s mixer (no proj_bias) cannot take: the "
+            "attention-informed init drops them (set the mixer's proj_bias: true to carry them over)",
+            type(mixer).__name__,
+        )
 
 
 def _repeat_heads(weight: torch.Tensor, kv_heads: int, heads: int) -> torch.Tensor:
@@ -137,6 +142,8 @@ def _init_linformer(mixer: nn.Module, attn: AttentionWeights, heads: int, kv_hea
         if linear.bias is not None:
             # A teacher without this bias acts as one of zeros.
             linear.bias.copy_(bias if bias is not None else torch.zeros_like(linear.bias))
+        elif bias is not None:
+            _say_biases_dropped(mixer)
 
 
 _INITS = {

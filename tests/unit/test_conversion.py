@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -170,6 +171,22 @@ def test_the_teachers_attention_biases_go_where_their_weights_go(caplog):
     with caplog.at_level(logging.WARNING, logger="cald_scale.conversion.init"):
         convert_teacher(teacher, ConversionConfig(mixer="mamba2"))
     assert "drops them (set the mixer's proj_bias: true" in caplog.text
+    # Linformer (BERT's q/k/v biases) says so too, where it dropped them unsaid.
+    from cald_scale.conversion.init import init_mixer_from_attention
+    from cald_scale.conversion.registry import AttentionWeights
+    from cald_scale.mixers import build_mixer
+    from cald_scale.mixers.config import LinformerConfig
+
+    init_module._warned_dropped_bias = False
+    caplog.clear()
+    hidden = teacher.config.hidden_size
+    linformer = build_mixer("linformer", LinformerConfig(num_heads=heads, head_dim=hidden // heads, k=8, max_positions=32, proj_bias=False), hidden)
+    weights = AttentionWeights(q=attn.q_proj.weight, k=attn.q_proj.weight, v=attn.q_proj.weight, o=None, q_bias=attn.q_proj.bias)
+    config = copy.deepcopy(teacher.config)
+    config.num_key_value_heads = heads  # k and v above are full-width
+    with caplog.at_level(logging.WARNING, logger="cald_scale.conversion.init"):
+        init_mixer_from_attention(linformer, weights, config)
+    assert f"this {type(linformer).__name__} mixer (no proj_bias) cannot take" in caplog.text
 
 
 def test_a_teacher_attention_narrower_than_a_mamba2_width_is_refused_with_a_way_that_works():
