@@ -359,8 +359,12 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
         teacher_config = config.teacher_hf_config()
         self.adapter = get_adapter(teacher_config)
         # NOTE: from_config would build the backbone in the dtype the teacher's config names, not
-        # the one this model is being built in (from_pretrained(dtype=...) sets the default).
-        self.backbone = AutoModelForCausalLM.from_config(teacher_config, dtype=torch.get_default_dtype())
+        # the one this model is being built in (from_pretrained(dtype=...) sets the default); and
+        # with the attention kernel asked of this model (the teacher's, or from_pretrained's
+        # attn_implementation), which the teacher's config, rebuilt from a dict, leaves out.
+        self.backbone = AutoModelForCausalLM.from_config(
+            teacher_config, dtype=torch.get_default_dtype(), attn_implementation=config._attn_implementation
+        )
         replace_attention(self.backbone, self.adapter, config.conversion_config(), teacher_config)
         self.post_init()
 

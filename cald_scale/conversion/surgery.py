@@ -69,11 +69,14 @@ def student_config(teacher_config: PretrainedConfig, conversion: ConversionConfi
         )
     data = teacher_config.to_dict()
     data.pop("quantization_config", None)
-    return CaldStudentConfig(
+    config = CaldStudentConfig(
         teacher_config=data,
         conversion=to_dict(conversion.resolved(teacher_config)),
         teacher_name_or_path=teacher_name_or_path,
     )
+    # The teacher's attention kernel for the attention layers a hybrid keeps (to_dict leaves it out).
+    config._attn_implementation = teacher_config._attn_implementation
+    return config
 
 
 def attention_prefixes(model: nn.Module, adapter: FamilyAdapter) -> tuple[str, ...]:

@@ -223,3 +223,19 @@ def test_attention_weights_the_init_reads_are_checked_against_the_config():
     other = dict(teacher.state_dict(), **{"model.layers.1.self_attn.k_proj.weight": torch.randn(64, 64)})
     with pytest.raises(ValueError, match=r"do not fit its config at layer 1's attention .*: k \(64, 64\) != \(32, 64\)"):
         build_student(teacher.config, StateDictReader(other), ConversionConfig())
+
+
+def test_a_hybrids_kept_attention_runs_the_attention_kernel_asked_for(tmp_path):
+    """The teacher's kernel (teacher.attn_implementation) in the converted student, and
+    from_pretrained's attn_implementation on a saved one: the backbone's own config, rebuilt
+    from a dict, had dropped it (sdpa, whatever was asked)."""
+    teacher = tiny_teacher("llama", layers=2)
+    teacher.config._attn_implementation = "eager"
+    student = convert_teacher(teacher, ConversionConfig(attention_layers=[1]))
+    assert student.backbone.config._attn_implementation == "eager"
+    ids = torch.randint(0, teacher.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(LayerwiseModel(student).logits(ids), student(ids).logits, rtol=0, atol=0)
+    student.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").backbone.config._attn_implementation == "eager"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").backbone.config._attn_implementation == "sdpa"
