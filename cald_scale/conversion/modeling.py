@@ -378,6 +378,18 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.backbone.get_output_embeddings()
 
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_output_embeddings(value)
+
+    def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
+        """Resized by the backbone (its tied head with it); the vocabulary it ends with is written
+        into this config and the teacher config it keeps, so the saved student reloads."""
+        embeddings = self.backbone.resize_token_embeddings(*args, **kwargs)
+        vocab = self.backbone.config.vocab_size
+        self.config.vocab_size = vocab
+        self.config.teacher_config = {**self.config.teacher_config, "vocab_size": vocab}
+        return embeddings
+
     def mixers(self) -> list[nn.Module]:
         """The mixers, in layer order (a hybrid's attention layers have none)."""
         slots = (self.adapter.attention(layer) for layer in self.adapter.layers(self.backbone))

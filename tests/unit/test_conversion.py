@@ -239,3 +239,25 @@ def test_a_hybrids_kept_attention_runs_the_attention_kernel_asked_for(tmp_path):
     student.save_pretrained(tmp_path)
     assert AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").backbone.config._attn_implementation == "eager"
     assert AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").backbone.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_student_resized_for_new_tokens_saves_and_reloads(tmp_path, tied):
+    """Adding a special token (a chat template's): resize_token_embeddings grows the embedding and
+    the head (tied or not) and the saved student reloads with the new vocabulary."""
+    teacher = tiny_teacher("llama", layers=2)
+    teacher.config.tie_word_embeddings = tied
+    student = convert_teacher(teacher, ConversionConfig(attention_layers=[1]))
+    old = student.config.vocab_size
+    student.resize_token_embeddings(old + 4)
+    assert student.get_input_embeddings().weight.shape[0] == student.get_output_embeddings().weight.shape[0] == old + 4
+    assert (student.get_input_embeddings().weight is student.get_output_embeddings().weight) == tied
+    ids = torch.tensor([[old + 3, 5, old + 1]])
+    with torch.no_grad():
+        logits = student(ids).logits
+    assert logits.shape[-1] == old + 4
+    student.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert again.config.vocab_size == old + 4
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, logits)
