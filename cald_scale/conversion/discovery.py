@@ -64,7 +64,9 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
     """The adapter of ``config``'s family, read off a meta-device model built from it."""
     model_type = config.model_type
     try:
-        base = FamilyAdapter.base(_skeleton(config))
+        skeleton = _skeleton(config)
+        _refuse_fused_checkpoints(skeleton)
+        base = FamilyAdapter.base(skeleton)
         layers_attr = _find_layers(base, config)
         layers = base.get_submodule(layers_attr)
         attention_attr, layout = _find_attention(layers)
@@ -87,7 +89,8 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
             f"cannot convert model type {model_type!r}: {err}. A family with another layout needs a hand-written "
             f"FamilyAdapter in cald_scale/conversion/families.py (hand-written: {', '.join(handwritten)})"
         ) from None
-    except (AttributeError, TypeError) as err:  # a config without one decoder's fields (multimodal, per-layer geometry)
+    # NOTE: RuntimeError: transformers' per-layer configs (gemma4_text) refuse a global head_dim with one.
+    except (AttributeError, TypeError, RuntimeError) as err:  # a config without one decoder's fields (multimodal, per-layer geometry)
         raise ValueError(
             f"cannot convert model type {model_type!r}: its config does not describe one decoder stack ({type(err).__name__}: {err}); "
             "for a multimodal model, convert its text model (its text_config) as the teacher"
@@ -175,6 +178,20 @@ def _tiny_copy(config: PretrainedConfig) -> PretrainedConfig:
         if isinstance(getattr(config, name, None), int):
             setattr(tiny, name, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[name])
     return tiny
+
+
+def _refuse_fused_checkpoints(skeleton: nn.Module) -> None:
+    """A family whose checkpoints store tensors that transformers fuses at load (a MoE's experts,
+    one tensor each) cannot be read tensor by tensor: refused now, not after the student is built."""
+    from .weights import _transforms_for
+
+    _, converters = _transforms_for(skeleton)
+    if converters:
+        fused = sorted({str(target) for c in converters for target in getattr(c, "target_patterns", [])})
+        raise _Refusal(
+            f"its checkpoints keep tensors that transformers fuses when it loads them ({', '.join(fused[:3]) or 'its experts'}), "
+            "and conversion reads a checkpoint tensor by tensor, renamed at most"
+        )
 
 
 def is_encoder(config: PretrainedConfig) -> bool:

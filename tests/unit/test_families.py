@@ -226,6 +226,17 @@ def test_real_families_with_other_layouts_are_refused_by_name():
         get_adapter("no_such_family")
 
 
+def test_families_discovery_cannot_take_are_refused_in_one_line_before_any_weight_is_read():
+    """A MoE whose checkpoints keep one tensor per expert (transformers fuses them at load; the
+    copy reads tensor by tensor), and a config of per-layer geometry (gemma4_text), which raised
+    transformers' own error as a traceback."""
+    small = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    with pytest.raises(ValueError, match=r"'mixtral': its checkpoints keep tensors that transformers fuses when it loads them \(.*experts"):
+        get_adapter(AutoConfig.for_model("mixtral", num_local_experts=2, **small))
+    with pytest.raises(ValueError, match=r"'gemma4_text': its config does not describe one decoder stack \(AmbiguousGlobalPerLayerAttributeError"):
+        get_adapter(AutoConfig.for_model("gemma4_text", **small))
+
+
 def test_supported_families_names_adapters_and_discovery():
     get_adapter(tiny("qwen3").config)
     text = supported_families()
