@@ -26,9 +26,9 @@ class EncoderLayerwise(LayerwiseModel):
     """Block-by-block view of a ``CaldEncoderForSequenceClassification`` (teacher or student)."""
 
     @staticmethod
-    def _parts(model: nn.Module) -> tuple[nn.Module, FamilyAdapter, nn.Module]:
+    def _parts(model: nn.Module, adapter: FamilyAdapter | None = None) -> tuple[nn.Module, FamilyAdapter, nn.Module]:
         # Teacher and student are the same class: their keys are shared from the top.
-        return model, model.adapter, model.encoder
+        return model, adapter or model.adapter, model.encoder
 
     @property
     def vocab_size(self) -> int:
