@@ -557,6 +557,7 @@ def _start(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv) -> _Run:
     check_waypoints(plan.waypoints, task.source.config)  # a missing or foreign waypoint fails now, not mid-run
     task.open_data()
     _check_same_data(run_dir, env, task.data_identity(), resumed_at=tags[0][0] if tags else None)  # before the engines: a refusal costs seconds
+    task.train_batches(cfg.train.micro_batch(dp), 0, dp, torch.device("cpu"))  # a train split under one global batch: refused now too
     _seed_everything(cfg.train.seed)
 
     # 2. Teacher (when a phase needs one) and student, built partitioned, in their ZeRO-3 engines

@@ -137,6 +137,16 @@ def test_two_rank_checkpoint_resumes_on_one_rank_on_the_same_trajectory(tmp_path
     assert sorted(p.name for p in ckpt.glob("step_*")) == tags and (run_dir / "config.json").read_text() == config
 
 
+def test_a_train_split_under_one_global_batch_is_refused_before_the_engines(tmp_path, teacher_dirs, data_cache):
+    """Two sequences of 64 tokens against a global batch of 4: named before the models are built and
+    both baselines scored (minutes with a real teacher), not after."""
+    run_dir = tmp_path / "tiny"
+    refused = run(deepspeed_command(_overrides(teacher_dirs, run_dir, data_cache, **{"data.max_train_tokens": 150}), ranks=1), launcher_env(tmp_path))
+    out = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "the dataset has 2 sequences, fewer than one global batch of 4" in out
+    assert "converted student" not in out and not (run_dir / "baseline.json").exists()
+
+
 def _saved(cursor: int, *, micro: int, accum: int, world: int) -> dict:
     """A client state as DeepSpeed returns it: ours plus the engine's ds_config."""
     ds_config = {"train_batch_size": micro * accum * world, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum}
