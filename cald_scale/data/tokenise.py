@@ -233,6 +233,10 @@ def _join_parts(indexed_dataset, parts: _Parts, count: int, prefix: str, dtype) 
         builder.finalize(prefix + ".idx")
     finally:
         builder.data_file.close()
+    # NOTE: on disk before meta.json (written durably) says the cache is complete: a node that
+    # lost power after it must not find the meta over token files that never left the page cache.
+    for ext in (".bin", ".idx"):
+        fsync_path(prefix + ext)
 
 
 def _write_splits(
@@ -347,6 +351,7 @@ def build_cache(
                 logger.warning("replacing an incomplete data cache (no %s): %s", META, folder)
                 shutil.rmtree(folder)
             os.rename(partial, folder)
+            fsync_path(cfg.cache_dir)  # the rename itself
     except BaseException as err:
         write_failure_note(_failure_path(cfg.cache_dir, key), err, job=_job_token())
         raise

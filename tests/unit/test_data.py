@@ -1083,3 +1083,22 @@ def test_a_run_checks_every_sequence_of_a_sampled_prefix_and_its_other_domain_se
         held = open_run_datasets(cfg, None, other_corpora=[other], **kwargs).evals[other]
         for i in range(len(held)):
             held[i]
+
+
+def test_a_finished_cache_is_on_disk_before_its_meta_says_so(tmp_path, tokenizer, wiki_leads, monkeypatch):
+    """meta.json (durable) marks a cache complete: the four token files it describes are synced
+    before it, and the cache folder's rename after it."""
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    cfg = DataConfig(corpus=_write_jsonl(tmp_path / "leads.jsonl", wiki_leads[:30]), cache_dir=str(tmp_path / "cache"), eval_fraction=0.1)
+    corpus = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    names = [os.path.basename(p) for p in synced]
+    meta = next(i for i, name in enumerate(names) if name.startswith(".meta.json.tmp"))  # atomic_write_text's temp file
+    assert {"train.bin", "train.idx", "eval.bin", "eval.idx"} <= set(names[:meta])
+    assert synced[-1] == str(tmp_path / "cache") and os.path.dirname(corpus.meta_path).startswith(synced[-1])
