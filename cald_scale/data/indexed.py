@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -70,6 +70,9 @@ class IndexedCorpus:
     split is a whole other corpus (`eval_name`). For messages."""
     eval_name: str | None = None
     """The corpus the eval split comes from when it is not `name` (data.eval_corpus)."""
+    token_caps: dict[str, int | None] = field(default_factory=dict)
+    """The caps a cache's splits were tokenised to ("train": data.max_train_tokens, "eval":
+    data.max_eval_tokens), for messages."""
 
     def split(self, split: Split) -> tuple[str, tuple[int, int], int]:
         """(prefix, [first, last) sequences, number of tokens) of `split`."""
@@ -232,6 +235,7 @@ def _open_cache(folder: str, name: str) -> IndexedCorpus:
         tokenizer_name=meta["tokenizer"],
         meta_path=meta_path,
         eval_fraction=meta["eval_fraction"],
+        token_caps={"train": meta.get("max_train_tokens"), "eval": meta.get("max_eval_tokens")},
     )
 
 

@@ -101,6 +101,9 @@ def _too_short(
     )
     if corpus is None:
         return f"{short}; use a larger corpus or a smaller {seq_len_name}"
+    cap = corpus.token_caps.get(split)
+    if cap is not None and num_tokens >= cap:  # the split was cut at its cap, not short of text
+        return f"{short}: data.max_{split}_tokens={cap} cuts it there; raise it or use a smaller {seq_len_name}"
     if split == "train":
         docs = _plural(corpus.num_train_docs, "document")
         return f"{short} ({docs}); use a larger corpus or a smaller {seq_len_name}"

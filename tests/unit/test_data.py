@@ -941,6 +941,12 @@ def test_corpus_shorter_than_one_sequence(tmp_path, tokenizer):
                        r"data.eval_fraction=0.5 of 2\); raise data.eval_fraction"):
         PackedSequences(held, "eval", cfg.seq_len)
 
+    # a split cut at its token cap names the cap, not the documents or the fraction
+    capped = build_indexed_dataset(dataclasses.replace(cfg, seq_len=64, eval_fraction=0.5, max_train_tokens=5, max_eval_tokens=4), tokenizer, is_rank0=True)
+    for split, cap in (("train", 5), ("eval", 4)):
+        with pytest.raises(ValueError, match=rf"{split} split has {cap} tokens, .*: data.max_{split}_tokens={cap} cuts it there; raise it"):
+            PackedSequences(capped, split, 64)
+
 
 def test_unknown_corpus_name_lists_builtins(tokenizer, tmp_path):
     cfg = DataConfig(corpus="shakspeare", cache_dir=str(tmp_path))
