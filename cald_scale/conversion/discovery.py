@@ -120,9 +120,10 @@ def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handw
     """Refuse a discovered causal-LM family whose forward does more than its blocks and head.
 
     Distillation runs a teacher block by block (embedding, blocks, final norm, head:
-    ``LayerwiseModel``), so anything the family's forward does outside those modules (a scale
-    on the embeddings or logits not in ``PROJECTION_LAYOUTS``' reach, a residual from the
-    embedding into a later block) would make every layer's target wrong, silently. A tiny
+    ``LayerwiseModel``), so anything the family's forward does outside those modules that the
+    adapter does not know of (a scale on the embeddings or logits other than Granite's and
+    Cohere's, a residual from the embedding into a later block) would make every layer's
+    target wrong, silently. A tiny
     random copy of ``config`` (two blocks, width 64) is run both ways; a copy that cannot be
     built is reported and not checked.
     """

@@ -16,8 +16,8 @@ import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -277,9 +277,8 @@ def _indexed_prefix(path: str) -> str | None:
 def _written_by_a_run(names: list[str], dirs: list[str]) -> bool:
     """A folder a run or the data cache wrote, not the corpus: a run folder (config.json beside its
     checkpoints, metrics or baseline), a data.cache_dir (its CACHEDIR.TAG) or a tokenised cache
-    from before the tag (meta.json beside train.bin). Taken in,
-    the corpus would change once the first session had written them, and its resume would fail
-    (runs/default sits inside a corpus of ".")."""
+    from before the tag (meta.json beside train.bin). Taken in, the corpus would change once the
+    first session had written them, and its resume would fail (runs/default sits inside a corpus of ".")."""
     files = set(names)
     run = "config.json" in files and ("checkpoints" in dirs or files & {"metrics.jsonl", "baseline.json"})
     return bool(run) or CACHE_TAG in files or {"meta.json", "train.bin"} <= files
