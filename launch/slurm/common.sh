@@ -16,10 +16,17 @@
 # Preemption: SLURM's warning signal (`--signal=B:USR1@120` reaches the batch shell only) or
 # a SIGTERM to the batch shell is forwarded to the ranks; they finish the current optimizer
 # step, save a complete checkpoint and exit with PREEMPTED_EXIT_CODE (75,
-# cald_scale/engines/preemption.py). The batch shell then runs `scontrol requeue`: the job
-# goes back to the queue under the same id and its next start resumes from that checkpoint.
+# cald_scale/engines/preemption.py). After the warning signal the batch shell runs `scontrol
+# requeue`: the job goes back to the queue under the same id and its next start resumes from
+# that checkpoint. A SIGTERM alone stops the job there, saved, and does not requeue it: it is
+# what `scancel` sends (a user stopping the run), and a preemption under PreemptMode=REQUEUE is
+# requeued by SLURM itself. Knob CALD_REQUEUE_ON (default "USR1"): the signals after which the
+# job requeues itself; "USR1 TERM" on a cluster whose preemption cancels jobs
+# (PreemptMode=CANCEL), where a scancel then requeues too (stop such a job with
+# `scancel --signal=KILL`, or while it is pending).
 
 CALD_PREEMPTED_EXIT_CODE=75
+CALD_REQUEUE_ON=${CALD_REQUEUE_ON:-USR1}
 
 _cald_log() { echo "[cald $(date '+%F %T')] $*"; }
 
@@ -148,12 +155,25 @@ _cald_requeue() {  # $1: why
     exit 0
 }
 
+# The job was signalled and has stopped ($1 says how): back to the queue when the signal is one
+# of CALD_REQUEUE_ON, else out with the preempted code (a scancel: the user stops the run).
+_cald_end_signalled() {  # $1: why
+    local sig=${CALD_SIGNALLED:-}
+    if [ -z "$sig" ] && [ -f "$CALD_RUN_DIR/preempted.json" ]; then  # the ranks were signalled, not this shell
+        sig=$("$CALD_PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["signal"].removeprefix("SIG"))' "$CALD_RUN_DIR/preempted.json" 2>/dev/null || true)
+    fi
+    if [ -z "$sig" ] || [[ " $CALD_REQUEUE_ON " == *" $sig "* ]]; then _cald_requeue "$1"; fi
+    trap '' USR1 TERM
+    _cald_log "$1; SIG$sig is not a requeue signal (CALD_REQUEUE_ON=$CALD_REQUEUE_ON: a scancel, or a preemption SLURM requeues itself): the job ends here; resubmit to resume from the last complete checkpoint"
+    exit "$CALD_PREEMPTED_EXIT_CODE"
+}
+
 # Run the ranks ("$@") in the background so the batch shell can take signals while they
 # train; CALD_FORWARD (a function taking a signal name) passes a signal on to them.
 cald_run() {
     if [ "${DRY_RUN:-0}" = "1" ]; then printf '%q ' "$@"; echo; exit 0; fi
-    # Signalled before the launch: nothing trained yet, the job just goes back to the queue.
-    if [ -n "$CALD_SIGNALLED" ]; then _cald_requeue "SIG$CALD_SIGNALLED before the launch"; fi
+    # Signalled before the launch: nothing trained yet, the job just goes back to the queue (or ends).
+    if [ -n "$CALD_SIGNALLED" ]; then _cald_end_signalled "SIG$CALD_SIGNALLED before the launch"; fi
     _cald_log "launch: $*"
     local launched
     launched=$(date +%s)
@@ -168,7 +188,7 @@ cald_run() {
     CALD_PID=
     if [ "$rc" = "$CALD_PREEMPTED_EXIT_CODE" ]; then
         trap '' USR1 TERM  # the ranks are gone: nothing left to forward, and the shell must reach its exit
-        _cald_requeue "the ranks saved a checkpoint and stopped (exit $rc)"
+        _cald_end_signalled "the ranks saved a checkpoint and stopped (exit $rc)"
     fi
     if [ "$rc" != 0 ]; then
         cald_wait_local_ranks "$CALD_RUN_DIR" "${CALD_RANKS_EXIT_WAIT_S:-600}" || true
@@ -177,13 +197,13 @@ cald_run() {
     # Rank 0 writes preempted.json once the checkpoint is complete on every rank: a rank that
     # then failed to exit cleanly (killed by the launcher, hung in teardown) loses nothing.
     if [ "$rc" != 0 ] && [ -f "$CALD_RUN_DIR/preempted.json" ] && [ "$(stat -c %Y "$CALD_RUN_DIR/preempted.json")" -ge "$launched" ]; then
-        _cald_requeue "the ranks exited with $rc after a complete preemption checkpoint ($(cat "$CALD_RUN_DIR/preempted.json"))"
+        _cald_end_signalled "the ranks exited with $rc after a complete preemption checkpoint ($(cat "$CALD_RUN_DIR/preempted.json"))"
     fi
     # The job itself was signalled and its ranks did not stop cleanly: srun turns its own SIGTERM
     # into a SIGKILL of its tasks (Slurm's behaviour), a signal may land while a rank starts. The
-    # job goes back to the queue all the same and resumes from its last complete checkpoint.
+    # job goes back to the queue all the same (a requeue signal) and resumes from its last complete checkpoint.
     if [ "$rc" != 0 ] && [ -n "$CALD_SIGNALLED" ]; then
-        _cald_requeue "SIG$CALD_SIGNALLED reached the job and the ranks exited with $rc: the run resumes from its last complete checkpoint"
+        _cald_end_signalled "SIG$CALD_SIGNALLED reached the job and the ranks exited with $rc: the run resumes from its last complete checkpoint"
     fi
     _cald_log "ranks exited with $rc"
     exit "$rc"

@@ -197,6 +197,10 @@ class SlurmCluster:
         """Send ``sig`` to the batch shell only, as SLURM's ``--signal=B:SIG@time`` warning does."""
         self._client(["scancel", "--batch", f"--signal={sig}", str(job_id)])
 
+    def cancel(self, job_id: int) -> None:
+        """A plain ``scancel``: SIGTERM to every process of the job, which SLURM then cancels."""
+        self._client(["scancel", str(job_id)])
+
     def signal_job(self, job_id: int, sig: str) -> None:
         """Send ``sig`` to every process of the job, the batch shell and srun included, as a time
         limit or a preemption with a grace time does."""

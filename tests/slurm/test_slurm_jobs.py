@@ -18,9 +18,9 @@ JOB_NAME = "cald-test"
 NODE_OPTIONS = ("--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0")
 
 
-def _submit(cluster, script: str, tmp_path: Path, overrides: list[str]) -> int:
+def _submit(cluster, script: str, tmp_path: Path, overrides: list[str], **extra_env: str) -> int:
     env = launcher_env(tmp_path)
-    env.update(SLURM_CONF=str(cluster.conf), VENV=str(Path(sys.executable).parent.parent))
+    env.update(SLURM_CONF=str(cluster.conf), VENV=str(Path(sys.executable).parent.parent), **extra_env)
     options = (f"--job-name={JOB_NAME}", f"--output={tmp_path}/slurm-%j.out", *NODE_OPTIONS)
     # Submitted from the repository root: the batch script finds the code through SLURM_SUBMIT_DIR.
     return cluster.sbatch(REPO / "launch" / "slurm" / script, *options, args=overrides, env=env, cwd=REPO)
@@ -54,6 +54,8 @@ def _wait_for_steps(cluster, tmp_path: Path, run_dir: Path, job_id: int, steps: 
 # of its tasks, so that script passes TERM on as USR1; the deepspeed one signals the ranks itself.
 # "job:TERM" is a SIGTERM to every process of the job (a preemption's grace time): the deepspeed
 # launcher then ends at once while its ranks still save, and the batch shell waits for them.
+# A SIGTERM requeues only where CALD_REQUEUE_ON names it (a cluster whose preemption cancels
+# jobs); by default it is a scancel, which stops the job (test_a_cancelled_job_...).
 @pytest.mark.parametrize(
     "script, sent, seen",
     [("train_srun.sbatch", "USR1", "SIGUSR1"), ("train_deepspeed.sbatch", "TERM", "SIGTERM"), ("train_deepspeed.sbatch", "job:TERM", "SIGTERM")],
@@ -66,7 +68,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
         # is the preemption's own.
         **{"train.max_steps": 8, "output.save_every": 100, "output.log_every": 1, "debug.sleep_per_step": 1.0},
     )
-    job_id = _submit(slurm_cluster, script, tmp_path, overrides)
+    job_id = _submit(slurm_cluster, script, tmp_path, overrides, **({"CALD_REQUEUE_ON": "USR1 TERM"} if sent.endswith("TERM") else {}))
     _wait_for_steps(slurm_cluster, tmp_path, run_dir, job_id, 2)
     if sent.startswith("job:"):
         sent = sent.removeprefix("job:")
@@ -105,7 +107,7 @@ def test_srun_job_sigkilled_by_a_whole_job_sigterm_is_requeued_and_resumes_from_
         teacher_dirs["llama"], run_dir, data_cache,
         **{"train.max_steps": 6, "output.save_every": 2, "output.log_every": 1, "debug.sleep_per_step": 1.0},
     )
-    job_id = _submit(slurm_cluster, "train_srun.sbatch", tmp_path, overrides)
+    job_id = _submit(slurm_cluster, "train_srun.sbatch", tmp_path, overrides, CALD_REQUEUE_ON="USR1 TERM")
     _wait_for_steps(slurm_cluster, tmp_path, run_dir, job_id, 3)
     slurm_cluster.signal_job(job_id, "TERM")
 
@@ -118,3 +120,22 @@ def test_srun_job_sigkilled_by_a_whole_job_sigterm_is_requeued_and_resumes_from_
     assert "resuming run at step 2" in second or "resuming run at step 4" in second, second[-3000:]
     assert _logged_steps(run_dir) == list(range(1, 7)), explain
 
+
+def test_a_cancelled_job_stops_and_is_not_requeued(slurm_cluster, tmp_path, teacher_dirs, data_cache):
+    """A plain `scancel` sends SIGTERM to the whole job: the user stops the run. The batch shell
+    passed it on as a preemption and requeued the job, on every cancel (a review caught a job
+    that could only be stopped while pending); by default a SIGTERM is no requeue signal."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(
+        teacher_dirs["llama"], run_dir, data_cache,
+        **{"train.max_steps": 8, "output.save_every": 2, "output.log_every": 1, "debug.sleep_per_step": 1.0},
+    )
+    job_id = _submit(slurm_cluster, "train_srun.sbatch", tmp_path, overrides)
+    _wait_for_steps(slurm_cluster, tmp_path, run_dir, job_id, 3)
+    slurm_cluster.cancel(job_id)
+    info = slurm_cluster.wait(job_id, timeout=420)
+    explain = _explain(slurm_cluster, tmp_path, run_dir, job_id, info)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", explain
+    first = (run_dir / "logs" / f"{JOB_NAME}-{job_id}.0.log").read_text()
+    assert "SIGTERM is not a requeue signal (CALD_REQUEUE_ON=USR1" in first and "requeueing" not in first, first[-3000:]
+    assert len(_logged_steps(run_dir)) < 8  # it stopped: nothing ran on
