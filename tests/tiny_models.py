@@ -80,6 +80,24 @@ def tiny_teacher(family: str, vocab: int = 256, layers: int = 3, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def with_memory(student, seed: int = 0):
+    """``student`` with mixers whose recurrent state carries the prompt into the logits.
+
+    A fresh tiny student's states stay about 1e-6 (weights of std 0.02, mamba_ssm's dt init),
+    below any test's tolerance: a decode that dropped the prompt's state generated the same
+    tokens. Larger projections and dt about 1 make the state matter (0.6 in the logits).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mixer in student.mixers():
+            for name, param in mixer.named_parameters():
+                if name.endswith(("in_proj.weight", "x_proj.weight", "conv1d.weight")):
+                    param.normal_(0.0, 0.3, generator=generator)
+                elif name.endswith(("dt_bias", "dt_proj.bias")):
+                    param.fill_(0.5)
+    return student
+
+
 def save_tiny_teacher(folder: Path, family: str, tokenizer, layers: int = 3, seed: int = 0) -> Path:
     """A tiny teacher folder with a real tokenizer (vocab sized to the tokenizer)."""
     model = tiny_teacher(family, vocab=len(tokenizer), layers=layers, seed=seed)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import tiny_teacher, train_tokenizer
+from tiny_models import tiny_teacher, train_tokenizer, with_memory
 
 from cald_scale.conversion.modeling import ConversionConfig
 from cald_scale.conversion.surgery import convert_teacher
@@ -43,7 +43,7 @@ CASES = {
 def test_bamba_export_loads_in_stock_transformers_with_equal_logits(tmp_path):
     students, cases = {}, {}
     for name, (family, kept) in CASES.items():
-        student = convert_teacher(tiny_teacher(family, layers=3), ConversionConfig(attention_layers=kept)).eval()
+        student = with_memory(convert_teacher(tiny_teacher(family, layers=3), ConversionConfig(attention_layers=kept)).eval())
         # NOTE: noise on every weight: a fresh student's norms, D and gated-norm weights are all 1
         # and its conv bias 0, so a mapping that swapped two of them would still match.
         generator = torch.Generator().manual_seed(len(name))
@@ -65,7 +65,8 @@ def test_bamba_export_loads_in_stock_transformers_with_equal_logits(tmp_path):
         assert got["attn_layer_indices"] == CASES[name][1]
         with torch.no_grad():
             expected = student(ids).logits
-        torch.testing.assert_close(torch.tensor(got["logits"]), expected, rtol=1e-4, atol=1e-5)
+        # NOTE: float32 rounding of two scan orders over states that matter (with_memory); a mapping error is 0.1 or more.
+        torch.testing.assert_close(torch.tensor(got["logits"]), expected, rtol=1e-4, atol=1e-4)
         ours = student.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, use_cache=True)
         assert torch.equal(torch.tensor(got["generated"]), ours)
         # Bamba in transformers cannot build its cache without an attention layer: uncached then.

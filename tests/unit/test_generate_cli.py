@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_models import save_tiny_teacher, tiny_teacher, train_tokenizer
+from tiny_models import save_tiny_teacher, tiny_teacher, train_tokenizer, with_memory
 
 from cald_scale.cli import main
 from cald_scale.conversion.modeling import ConversionConfig
@@ -23,7 +23,7 @@ def folders(tmp_path_factory):
     out = {"teacher": teacher_dir}
     for name, family, kept in (("student", "llama", []), ("hybrid", "llama", [1]), ("neox", "gpt_neox", [])):
         teacher = tiny_teacher(family, vocab=len(tokenizer))
-        student = convert_teacher(teacher, ConversionConfig(attention_layers=kept), teacher_name_or_path=str(teacher_dir))
+        student = with_memory(convert_teacher(teacher, ConversionConfig(attention_layers=kept), teacher_name_or_path=str(teacher_dir)))
         student.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
         out[name] = root / name

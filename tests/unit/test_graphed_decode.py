@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_teacher
+from tiny_models import tiny_teacher, with_memory
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cald_scale.conversion.modeling import ConversionConfig
@@ -23,7 +23,7 @@ HOST_SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "item"
 
 def _student(mixer: str, attention_layers=(), family: str = "llama"):
     teacher = tiny_teacher(family, layers=3)
-    return convert_teacher(teacher, ConversionConfig(mixer=mixer, attention_layers=list(attention_layers))).eval()
+    return with_memory(convert_teacher(teacher, ConversionConfig(mixer=mixer, attention_layers=list(attention_layers))).eval())
 
 
 def _prefilled(student, prompt):
