@@ -184,3 +184,30 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage_size", [1, 3])
+def test_every_part_of_the_cald_step_equals_its_definition_on_the_models_own_forwards(stage_size):
+    """The step against an oracle outside the layerwise path: the student's and teacher's own HF
+    forwards (hidden states and logits). The layer term is a_layer x the MEAN of the per-layer
+    MSEs, the KL is taken at loss.kl_temperature; both once slipped past tests that compared the
+    step with itself (a sum instead of the mean, a temperature of 1 whatever was set)."""
+    from cald_scale.distill.losses import layer_loss_reference, lm_cross_entropy, logit_kl
+
+    teacher = tiny_teacher("llama", layers=4)
+    student = convert_teacher(teacher, ConversionConfig())
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    cfg = LossConfig(a_ce=1.0, a_layer=15.0, a_kl=0.5, kl_temperature=2.0)
+    with torch.no_grad():
+        parts = cald_forward(LayerwiseModel(teacher), LayerwiseModel(student), ids, cfg, stage_size=stage_size)
+        t = teacher(ids, output_hidden_states=True)
+        s = student(ids, output_hidden_states=True)
+    # hidden_states[i + 1] is block i's output (the last entry is after the final norm: block 3 is left out, skip_last).
+    layers = [layer_loss_reference(s.hidden_states[i + 1], t.hidden_states[i + 1]).item() for i in range(3)]
+    assert parts.per_layer == pytest.approx(layers, rel=1e-5)
+    assert parts.terms["layer"].item() == pytest.approx(sum(layers) / 3, rel=1e-5)
+    ce, kl = lm_cross_entropy(s.logits, ids), logit_kl(s.logits, t.logits, 2.0)
+    torch.testing.assert_close(parts.terms["ce"], ce)
+    torch.testing.assert_close(parts.terms["kl"], kl)
+    assert not torch.isclose(kl, logit_kl(s.logits, t.logits, 1.0))  # the temperature matters here
+    torch.testing.assert_close(parts.total, ce + 15.0 * sum(layers) / 3 + 0.5 * kl)
