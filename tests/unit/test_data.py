@@ -163,6 +163,13 @@ def test_shakespeare_roundtrip(shakespeare, tokenizer, shakespeare_docs):
     assert set(train) | set(held_out) == set(shakespeare_docs)
     assert not set(train) & set(held_out)
     assert (len(train), len(held_out)) == (38, 4)  # round(42 x 0.1) = 4 held out
+    # Which documents: data.seed's shuffle (numpy's seeded permutation, the same on every machine),
+    # the first 4 held out, both splits written in that order.
+    order = np.random.default_rng(cfg.seed).permutation(len(shakespeare_docs))
+    assert held_out == [shakespeare_docs[i] for i in order[:4]] and train == [shakespeare_docs[i] for i in order[4:]]
+    reseeded = np.random.default_rng(cfg.seed + 1).permutation(len(shakespeare_docs))
+    other = build_indexed_dataset(dataclasses.replace(cfg, seed=cfg.seed + 1), tokenizer, is_rank0=True)
+    assert _decode_docs(tokenizer, other.eval_prefix) == [shakespeare_docs[i] for i in reseeded[:4]] != held_out  # data.seed decides
 
     # 2. meta.json and the returned counts match the files.
     with open(corpus.meta_path) as f:
