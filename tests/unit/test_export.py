@@ -85,7 +85,21 @@ def test_bamba_export_refuses_what_bamba_cannot_express(tmp_path):
     hybrid = convert_teacher(tiny_teacher("llama", layers=3), clamped)
     with pytest.raises(BambaExportError, match=r"clamp the time step to \(0.0, 0.1\).*cached decoding"):
         export_bamba(hybrid, tmp_path / "clamped")
-    assert not any((tmp_path / name).exists() for name in ("neox", "mamba1", "clamped"))
+    # A kept attention with a sliding window (a Mistral hybrid's exported logits were 0.16 off without this refusal).
+    windowed = tiny_teacher("mistral", layers=3)
+    windowed.config.sliding_window = 8
+    with pytest.raises(BambaExportError, match=r"kept attention uses a sliding window \(8\)"):
+        export_bamba(convert_teacher(windowed, ConversionConfig(attention_layers=[1])), tmp_path / "windowed")
+    # Bamba's convolution and gated norm follow the teacher's MLP activation and rms_norm_eps.
+    gelu = tiny_teacher("llama", layers=3)
+    gelu.config.hidden_act = "gelu"
+    with pytest.raises(BambaExportError, match=r"MLP activation, which is 'gelu', not silu"):
+        export_bamba(convert_teacher(gelu, ConversionConfig(attention_layers=[1])), tmp_path / "gelu")
+    eps = convert_teacher(tiny_teacher("llama", layers=3), ConversionConfig(attention_layers=[1]))
+    eps.config.conversion = {**eps.config.conversion, "mamba2": {**eps.config.conversion["mamba2"], "norm_eps": 1e-3}}
+    with pytest.raises(BambaExportError, match=r"gated norm uses rms_norm_eps \(1e-0\d\), the mixers use norm_eps 0.001"):
+        export_bamba(eps, tmp_path / "eps")
+    assert not any((tmp_path / name).exists() for name in ("neox", "mamba1", "clamped", "windowed", "gelu", "eps"))
 
 
 def test_export_from_a_student_folder_keeps_the_tokenizer(tmp_path):
