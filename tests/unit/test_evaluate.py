@@ -4,11 +4,13 @@ on a tiny teacher and its converted student (CPU, no hub)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
 import torch
 from tiny_models import save_tiny_teacher, train_tokenizer
+from transformers import AutoModelForCausalLM
 
 from cald_scale import evaluate as evaluate_module
 from cald_scale.cli import main
@@ -44,6 +46,14 @@ def _direct_ppl(model, corpus: str, tokenizer, data: DataConfig) -> dict:
     return perplexity(LayerwiseModel(model), sequences, list(range(NUM_SEQUENCES)), BATCH, torch.device("cpu"))
 
 
+def _hf_ppl(model, corpus: str, tokenizer, data: DataConfig) -> float:
+    """The oracle outside our scoring: exp of transformers' own mean next-token loss over the same sequences."""
+    sequences = held_out_sequences(corpus, tokenizer, data, max_tokens=NUM_SEQUENCES * SEQ_LEN, is_rank0=True)
+    batch = torch.stack([sequences[i]["input_ids"] for i in range(NUM_SEQUENCES)])
+    with torch.no_grad():
+        return math.exp(model(input_ids=batch, labels=batch).loss.item())
+
+
 def _options(out) -> list[str]:
     return ["--max_sequences", str(NUM_SEQUENCES), "--seq_len", str(SEQ_LEN), "--batch_size", str(BATCH), "--json", str(out)]
 
@@ -63,6 +73,9 @@ def test_student_folder_scores_teacher_and_student_on_the_same_tokens(models, tm
     data = DataConfig(seq_len=SEQ_LEN)
     teacher, _, _ = load_teacher(TeacherConfig(name_or_path=str(teacher_dir)))
     assert row["teacher"]["ppl"] == pytest.approx(_direct_ppl(teacher, text, tokenizer, data)["ppl"], rel=1e-6)
+    assert row["teacher"]["ppl"] == pytest.approx(_hf_ppl(teacher.eval(), text, tokenizer, data), rel=1e-4)
+    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    assert row["student"]["ppl"] == pytest.approx(_hf_ppl(student, text, tokenizer, data), rel=1e-4)
     assert row["student"]["ppl"] != pytest.approx(row["teacher"]["ppl"], rel=1e-3)
     assert row["ratio"] == pytest.approx(row["student"]["ppl"] / row["teacher"]["ppl"])
 
