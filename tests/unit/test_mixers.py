@@ -186,6 +186,26 @@ def test_mamba2_matches_bamba_mixer(overrides):
             assert rel_err(actual, expected) < 1e-5
 
 
+def test_mamba_matches_transformers_mamba_mixer():
+    """Mamba-1 against transformers' MambaMixer (mamba_ssm's parameter names, its torch path): the
+    mixer was checked only against this project's own references, and an x_proj split of
+    (dt, C, B) for (dt, B, C) passed them all."""
+    from transformers import MambaConfig as HFMambaConfig
+    from transformers.models.mamba.modeling_mamba import MambaMixer as HFMambaMixer
+
+    ours = make("mamba")
+    hf = HFMambaMixer(
+        HFMambaConfig(hidden_size=HIDDEN, state_size=ours.d_state, expand=2, conv_kernel=4, time_step_rank=ours.dt_rank,
+                      use_conv_bias=True, use_bias=False),
+        layer_idx=0,
+    )
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    hf.load_state_dict(ours.state_dict())
+    x = hidden(seqlen=13)
+    with torch.no_grad():
+        assert rel_err(ours(x), hf(x)) < 1e-5
+
+
 # ---------------------------------------------------------------------------- kernels
 
 

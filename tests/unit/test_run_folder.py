@@ -127,9 +127,14 @@ def test_a_run_folder_in_use_is_waited_for_while_its_holder_ends(tmp_path):
     lock = tmp_path / ".lock"
     holder = _holder(lock)
     subprocess.Popen(["sh", "-c", f"sleep 1; kill {holder.pid}"])
-    handle = hold_lock(lock, "pid 3", wait_s=30.0, poll_s=0.1)
+    waits = []
+    started = time.monotonic()
+    handle = hold_lock(lock, "pid 3", wait_s=30.0, poll_s=0.1, on_wait=waits.append)
+    waited = time.monotonic() - started
+    assert lock.read_text().strip() == "pid 3"  # the lock is ours now, and says so
     handle.close()
     holder.wait()
+    assert len(waits) == 1 and 0.5 < waited < 10  # it waited for the holder's end, once told, not the whole wait_s
 
 
 def _tag(folder: Path, *, ds_config: dict, dp: int, stages: int = 0, client: dict | None = None) -> Path:
