@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -116,47 +117,61 @@ _TINY_IF_SET = {"head_dim": 16, "moe_intermediate_size": 32, "shared_expert_inte
 _TOLERANCE = 1e-4
 
 
-def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handwritten: list[str]) -> None:
-    """Refuse a discovered causal-LM family whose forward does more than its blocks and head.
+def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handwritten: list[str]) -> FamilyAdapter:
+    """``adapter``, checked: refuse a discovered causal-LM family whose forward does more than
+    its blocks and head.
 
     Distillation runs a teacher block by block (embedding, blocks, final norm, head:
     ``LayerwiseModel``), so anything the family's forward does outside those modules that the
-    adapter does not know of (a scale on the embeddings or logits other than Granite's and
-    Cohere's, a residual from the embedding into a later block) would make every layer's
-    target wrong, silently. A tiny
-    random copy of ``config`` (two blocks, width 64) is run both ways; a copy that cannot be
-    built is reported and not checked.
+    adapter does not know of (a scale on the embeddings or logits other than the config's
+    multipliers, a residual from the embedding into a later block) would make every layer's
+    target wrong, silently. A tiny random copy of ``config`` (two blocks, width 64) is run both
+    ways; a copy that cannot be built or run is reported and not checked. ``logits_scaling``
+    divides the logits in Granite's families and multiplies them in HyperCLOVAX's: the
+    direction the forward takes is the one returned.
     """
     if is_encoder(config) or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        return
+        return adapter
     from ..distill.stages import LayerwiseModel  # NOTE: imported here: it builds on the registry
 
     try:
         tiny = _tiny_copy(config)
-        # NOTE: on the CPU and whole even when asked for inside a meta-device build or DeepSpeed's zero.Init.
+        # NOTE: on the CPU and whole even when asked for inside a meta-device build, DeepSpeed's
+        # zero.Init or transformers' no_init_weights (from_pretrained under ZeRO-3): the weights
+        # are drawn here, by tensor methods no such context replaces.
         with torch.random.fork_rng(devices=[]), torch.device("cpu"), _outside_zero_init():
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(tiny, dtype=torch.float32).eval()
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    param.normal_(1.0 if param.dim() == 1 and name.endswith("weight") else 0.0, 0.1 if param.dim() == 1 else 0.2)
             ids = torch.randint(3, tiny.vocab_size, (2, 12))
         with torch.no_grad():
             expected = model(input_ids=ids).logits
-            try:
-                got = LayerwiseModel(model, adapter=adapter).logits(ids)
-            except ValueError as refused:  # what LayerwiseModel refuses by name (a layer type it cannot run): now, not mid-run
-                raise _Refusal(str(refused)) from None
+            if not expected.isfinite().all():
+                raise ArithmeticError("its forward gives non-finite logits")
+            scaling = float(getattr(config, "logits_scaling", None) or 1.0)
+            candidates = [adapter] + ([dataclasses.replace(adapter, logit_multiplier=adapter.logit_multiplier * scaling**2)] if scaling != 1.0 else [])
+            gaps = []
+            for candidate in candidates:
+                try:
+                    got = LayerwiseModel(model, adapter=candidate).logits(ids)
+                except ValueError as refused:  # what LayerwiseModel refuses by name (a layer type it cannot run): now, not mid-run
+                    raise _Refusal(str(refused)) from None
+                gaps.append((got - expected).abs().max().item())
+                if gaps[-1] <= _TOLERANCE * max(1.0, expected.abs().max().item()):
+                    return candidate
     except _Refusal as refused:
         raise ValueError(str(refused)) from None
     except Exception as err:  # noqa: BLE001 - a family whose config does not shrink this way: say so, convert
         logger.warning("%s: could not check block-by-block logits on a tiny copy (%s: %s)", config.model_type, type(err).__name__, err)
-        return
-    gap = (got - expected).abs().max().item()
-    if not gap <= _TOLERANCE * max(1.0, expected.abs().max().item()):
-        raise ValueError(
-            f"cannot convert model type {config.model_type!r}: its forward does more than its embedding, blocks, final norm and "
-            f"head (block by block, a tiny random copy's logits differ from its forward's by {gap:.3g}), so every layer's "
-            "distillation target would be wrong. It needs a hand-written FamilyAdapter in cald_scale/conversion/families.py "
-            f"(hand-written: {', '.join(handwritten)})"
-        )
+        return adapter
+    raise ValueError(
+        f"cannot convert model type {config.model_type!r}: its forward does more than its embedding, blocks, final norm and "
+        f"head (block by block, a tiny random copy's logits differ from its forward's by {min(gaps):.3g}), so every layer's "
+        "distillation target would be wrong. It needs a hand-written FamilyAdapter in cald_scale/conversion/families.py "
+        f"(hand-written: {', '.join(handwritten)})"
+    )
 
 
 def _tiny_copy(config: PretrainedConfig) -> PretrainedConfig:

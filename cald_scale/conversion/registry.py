@@ -163,6 +163,5 @@ def get_adapter(config_or_model_type: PretrainedConfig | str) -> FamilyAdapter:
                     f"({supported_families()})"
                 ) from err
         adapter = discover_adapter(config, handwritten=sorted(_REGISTRY))
-        check_block_by_block(config, adapter, handwritten=sorted(_REGISTRY))
-        _DISCOVERED[key] = adapter
+        _DISCOVERED[key] = check_block_by_block(config, adapter, handwritten=sorted(_REGISTRY))
     return _DISCOVERED[key]

@@ -42,6 +42,7 @@ DECODERS = {
     # Scales the forward applies outside any module: on the embeddings and the logits (Granite), the logits (Cohere).
     "granite": {"embedding_multiplier": 3.0, "logits_scaling": 4.0, "residual_multiplier": 0.5, "attention_multiplier": 0.3},
     "cohere": {"logit_scale": 0.5},
+    "hyperclovax": {"embedding_multiplier": 4.0, "logits_scaling": 0.5},  # its logits_scaling multiplies, Granite's divides
 }
 SLIDING = ("mistral", "qwen2", "gemma2", "olmo3")
 
@@ -255,6 +256,20 @@ def test_a_family_whose_forward_does_more_than_its_blocks_is_refused():
         get_adapter(config)
     granite = AutoConfig.for_model("granite", **_COMMON, **DECODERS["granite"])
     assert (get_adapter(granite).embed_multiplier, get_adapter(granite).logit_multiplier) == (3.0, 0.25)
+    hyperclovax = AutoConfig.for_model("hyperclovax", **_COMMON, **DECODERS["hyperclovax"])
+    assert (get_adapter(hyperclovax).embed_multiplier, get_adapter(hyperclovax).logit_multiplier) == (4.0, 0.5)
+
+
+def test_the_block_by_block_check_holds_where_model_construction_is_patched():
+    """transformers' from_pretrained under DeepSpeed ZeRO-3 builds a model inside no_init_weights
+    (and a skeleton may be built on the meta device): the check's tiny copy draws its own
+    weights, where it once ran on uninitialised memory, got NaN logits and refused the family."""
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.for_model("stablelm", **{**_COMMON, "hidden_size": 48, "num_key_value_heads": 4})  # not cached yet
+    with torch.device("meta"), no_init_weights():
+        adapter = get_adapter(config)
+    assert adapter.model_type == "stablelm"
 
 
 def test_discovery_says_when_an_attention_holds_more_than_its_projections(caplog):
