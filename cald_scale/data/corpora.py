@@ -276,11 +276,13 @@ def _indexed_prefix(path: str) -> str | None:
 
 def _written_by_a_run(names: list[str], dirs: list[str]) -> bool:
     """A folder a run or the data cache wrote, not the corpus: a run folder (config.json beside its
-    checkpoints, metrics or baseline), a data.cache_dir (its CACHEDIR.TAG) or a tokenised cache
+    checkpoints, metrics or baseline, or its lock beside data.json), a data.cache_dir (its CACHEDIR.TAG) or a tokenised cache
     from before the tag (meta.json beside train.bin). Taken in, the corpus would change once the
     first session had written them, and its resume would fail (runs/default sits inside a corpus of ".")."""
     files = set(names)
-    run = "config.json" in files and ("checkpoints" in dirs or files & {"metrics.jsonl", "baseline.json"})
+    # NOTE: the run's lock is its first file, data.json its second (a start that failed before
+    # its config.json leaves them alone).
+    run = "config.json" in files and ("checkpoints" in dirs or files & {"metrics.jsonl", "baseline.json"}) or {".lock", "data.json"} <= files
     return bool(run) or CACHE_TAG in files or {"meta.json", "train.bin"} <= files
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from cald_scale.data.indexed import IndexedCorpus, TokenStream
+from cald_scale.fileio import read_json
 
 __all__ = ["PackedSequences", "check_vocab"]
 
@@ -161,9 +162,14 @@ def check_vocab(
 
 def _identity(prefix: str, stream: TokenStream) -> dict:
     """Which tokens a split holds, as a resumed run compares them with its first session's: a
-    cache's key names its corpus content and settings (the cache folder may move: data.cache_dir
-    is free to change); a user prefix is named by its path; both with the sequences and tokens read."""
-    folder = os.path.dirname(prefix)
-    in_cache = os.path.isfile(os.path.join(folder, "meta.json"))
-    source = f"{os.path.basename(folder)}/{os.path.basename(prefix)}" if in_cache else os.path.abspath(prefix)
+    cache's split by the sha256 of its token files (meta.json; the cache may move, and be rebuilt
+    under another key when only the corpus file's time changed); a cache from before the digest
+    by its key, a user prefix by its path; each with the sequences and tokens read."""
+    folder, split = os.path.dirname(prefix), os.path.basename(prefix)
+    meta_path = os.path.join(folder, "meta.json")
+    if os.path.isfile(meta_path):
+        digest = read_json(meta_path).get(f"{split}_sha256")
+        source = f"sha256:{digest}" if digest else f"{os.path.basename(folder)}/{split}"
+    else:
+        source = os.path.abspath(prefix)
     return {"source": source, "sequences": list(stream.sequence_range), "tokens": stream.num_tokens}

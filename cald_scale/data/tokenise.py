@@ -219,8 +219,8 @@ def _write_part(
     return meta
 
 
-def _join_parts(indexed_dataset, parts: _Parts, count: int, prefix: str, dtype) -> None:
-    """Concatenate a split's first `count` parts into prefix.{bin,idx}.
+def _join_parts(indexed_dataset, parts: _Parts, count: int, prefix: str, dtype) -> str:
+    """Concatenate a split's first `count` parts into prefix.{bin,idx}; returns their sha256.
 
     On a large corpus this copies the whole split once (minutes), so a preemption signal stops
     it between parts; the parts stay, and the requeued job joins them again from the first.
@@ -235,8 +235,13 @@ def _join_parts(indexed_dataset, parts: _Parts, count: int, prefix: str, dtype) 
         builder.data_file.close()
     # NOTE: on disk before meta.json (written durably) says the cache is complete: a node that
     # lost power after it must not find the meta over token files that never left the page cache.
+    digest = hashlib.sha256()
     for ext in (".bin", ".idx"):
         fsync_path(prefix + ext)
+        with open(prefix + ext, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_splits(
@@ -300,7 +305,9 @@ def _write_splits(
             raise_if_preempted(f"tokenising the corpus ({split} part {index} done)")
         if resumed:
             logger.info("resumed the %s split from %d finished part(s)", split, resumed)
-        _join_parts(indexed_dataset, parts, index, os.path.join(folder, split), dtype)
+        # The split's content, which a resumed run compares (packing.py's identity): a cache rebuilt
+        # under another key (the corpus file touched, copied anew) holds the same split if this agrees.
+        meta[f"{split}_sha256"] = _join_parts(indexed_dataset, parts, index, os.path.join(folder, split), dtype)
         meta[f"num_{split}_tokens"] = num_tokens
         meta[f"num_{split}_docs"] = num_docs
     if max_id < 0:

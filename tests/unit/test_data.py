@@ -220,10 +220,15 @@ def test_a_splits_identity_follows_its_corpus_content_not_where_the_cache_lives(
     cfg = DataConfig(corpus=path, cache_dir=str(tmp_path / "cache"), eval_fraction=0.1, seq_len=32)
     corpus = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
     first = {split: PackedSequences(corpus, split, 32).identity for split in ("train", "eval")}
-    assert first["train"]["source"].endswith("/train") and first["train"]["tokens"] == corpus.num_train_tokens
+    assert first["train"]["source"].startswith("sha256:") and first["train"]["tokens"] == corpus.num_train_tokens
     shutil.copytree(tmp_path / "cache", tmp_path / "moved")
     moved = build_indexed_dataset(dataclasses.replace(cfg, cache_dir=str(tmp_path / "moved")), tokenizer, is_rank0=False)
     assert {split: PackedSequences(moved, split, 32).identity for split in ("train", "eval")} == first
+    # The corpus file touched (a checkout, a copy without -p): another cache key, rebuilt, the same splits.
+    os.utime(path, ns=(1, 1))
+    touched = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    assert touched.meta_path != corpus.meta_path
+    assert {split: PackedSequences(touched, split, 32).identity for split in ("train", "eval")} == first
     _write_jsonl(tmp_path / "leads.jsonl", wiki_leads[:45])
     grown = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
     again = {split: PackedSequences(grown, split, 32).identity for split in ("train", "eval")}
@@ -790,6 +795,11 @@ def test_a_corpus_folder_leaves_out_the_run_folders_and_caches_written_into_it(t
     (run / "student" / "config.json").write_text("{}")
     assert resolve_corpus(".").paths == (str(tmp_path / "a.jsonl"),)
     assert build_indexed_dataset(cfg, tokenizer, is_rank0=True).meta_path == first.meta_path
+    failed = tmp_path / "runs" / "failed"  # a start refused before its config.json: its lock and data.json only
+    failed.mkdir()
+    (failed / ".lock").write_text("pid 1")
+    (failed / "data.json").write_text('{"train": {}}')
+    assert resolve_corpus(".").paths == (str(tmp_path / "a.jsonl"),)
     (tmp_path / "more").mkdir()  # a folder that merely holds a config.json stays corpus
     (tmp_path / "more" / "config.json").write_text('{"text": "a document"}')
     assert resolve_corpus(".").paths == (str(tmp_path / "a.jsonl"), str(tmp_path / "more" / "config.json"))
