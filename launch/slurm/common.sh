@@ -35,6 +35,7 @@ _cald_log() { echo "[cald $(date '+%F %T')] $*"; }
 cald_prepare() {
     # Take the warning signal from the start: a signal before the launch requeues at once.
     CALD_SIGNALLED=
+    CALD_REQUEUE_ASKED=
     CALD_PID=
     trap '_cald_on_signal USR1' USR1
     trap '_cald_on_signal TERM' TERM
@@ -140,6 +141,8 @@ cald_wait_local_ranks() {  # $1: run dir, $2: seconds
 _cald_on_signal() {  # $1: signal name
     _cald_log "batch shell got SIG$1: the ranks finish this step, save a checkpoint and stop"
     CALD_SIGNALLED=$1
+    # NOTE: sticky: the time limit's SIGTERM may follow the warning while the ranks still save.
+    if [[ " $CALD_REQUEUE_ON " == *" $1 "* ]]; then CALD_REQUEUE_ASKED=1; fi
     if [ -n "${CALD_PID:-}" ]; then "$CALD_FORWARD" "$1"; fi
 }
 
@@ -162,7 +165,7 @@ _cald_end_signalled() {  # $1: why
     if [ -z "$sig" ] && [ -f "$CALD_RUN_DIR/preempted.json" ]; then  # the ranks were signalled, not this shell
         sig=$("$CALD_PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["signal"].removeprefix("SIG"))' "$CALD_RUN_DIR/preempted.json" 2>/dev/null || true)
     fi
-    if [ -z "$sig" ] || [[ " $CALD_REQUEUE_ON " == *" $sig "* ]]; then _cald_requeue "$1"; fi
+    if [ -n "${CALD_REQUEUE_ASKED:-}" ] || [ -z "$sig" ] || [[ " $CALD_REQUEUE_ON " == *" $sig "* ]]; then _cald_requeue "$1"; fi
     trap '' USR1 TERM
     _cald_log "$1; SIG$sig is not a requeue signal (CALD_REQUEUE_ON=$CALD_REQUEUE_ON: a scancel, or a preemption SLURM requeues itself): the job ends here; resubmit to resume from the last complete checkpoint"
     exit "$CALD_PREEMPTED_EXIT_CODE"

@@ -58,7 +58,13 @@ def _wait_for_steps(cluster, tmp_path: Path, run_dir: Path, job_id: int, steps: 
 # jobs); by default it is a scancel, which stops the job (test_a_cancelled_job_...).
 @pytest.mark.parametrize(
     "script, sent, seen",
-    [("train_srun.sbatch", "USR1", "SIGUSR1"), ("train_deepspeed.sbatch", "TERM", "SIGTERM"), ("train_deepspeed.sbatch", "job:TERM", "SIGTERM")],
+    [
+        ("train_srun.sbatch", "USR1", "SIGUSR1"),
+        # The time limit's SIGTERM while the ranks still save after the warning: the job is requeued all the same.
+        ("train_srun.sbatch", "USR1+TERM", "SIGUSR1"),
+        ("train_deepspeed.sbatch", "TERM", "SIGTERM"),
+        ("train_deepspeed.sbatch", "job:TERM", "SIGTERM"),
+    ],
 )
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, teacher_dirs, data_cache, script, sent, seen):
     run_dir = tmp_path / "run"
@@ -68,13 +74,18 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
         # is the preemption's own.
         **{"train.max_steps": 8, "output.save_every": 100, "output.log_every": 1, "debug.sleep_per_step": 1.0},
     )
-    job_id = _submit(slurm_cluster, script, tmp_path, overrides, **({"CALD_REQUEUE_ON": "USR1 TERM"} if sent.endswith("TERM") else {}))
+    job_id = _submit(slurm_cluster, script, tmp_path, overrides, **({"CALD_REQUEUE_ON": "USR1 TERM"} if sent in ("TERM", "job:TERM") else {}))
     _wait_for_steps(slurm_cluster, tmp_path, run_dir, job_id, 2)
     if sent.startswith("job:"):
         sent = sent.removeprefix("job:")
         slurm_cluster.signal_job(job_id, sent)
     else:  # what `#SBATCH --signal=B:USR1@120` does before the time limit: a signal to the batch shell only
-        slurm_cluster.signal_batch(job_id, sent)
+        first_signal, *later = sent.split("+")
+        slurm_cluster.signal_batch(job_id, first_signal)
+        for other in later:
+            time.sleep(0.5)
+            slurm_cluster.signal_batch(job_id, other)
+        sent = first_signal
 
     info = slurm_cluster.wait(job_id, timeout=420)
     explain = _explain(slurm_cluster, tmp_path, run_dir, job_id, info)
