@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from ..config_loader import from_dict
-from .modeling import ConversionConfig, mixer_padding, replace_attention
+from .modeling import ConversionConfig, keep_mixer_padding, mixer_padding, replace_attention
 from .registry import get_adapter
 from .weights import StateDictReader, WeightReader
 
@@ -168,6 +169,10 @@ class CaldEncoderForSequenceClassification(PreTrainedModel):
     def backbone(self) -> nn.Module:
         """The module whose state-dict keys equal the teacher's: the whole classifier."""
         return self
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, **kwargs) -> None:
+        # As the causal student's: a recompute sees the padding mask its forward saw.
+        super()._set_gradient_checkpointing(enable, keep_mixer_padding(gradient_checkpointing_func), **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.encoder.get_input_embeddings()

@@ -15,10 +15,11 @@ import dataclasses
 import gc
 import logging
 import weakref
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -207,13 +208,30 @@ def mixer_padding(mask: torch.Tensor | None) -> Iterator[None]:
     It also goes to the decoder layers as the keyword ``mixer_padding_mask``, which most
     families hand on to their attention; some do not (StableLM, Nemotron call their attention
     with named arguments only), and their mixers read it from here instead. (HF gradient
-    checkpointing recomputes outside this context: such a family's recompute would lose it.)
+    checkpointing recomputes outside this context: ``keep_mixer_padding`` carries it there.)
     """
     token = _PADDING_MASK.set(mask)
     try:
         yield
     finally:
         _PADDING_MASK.reset(token)
+
+
+def keep_mixer_padding(checkpoint_fn: Callable) -> Callable:
+    """``checkpoint_fn`` (a gradient-checkpointing function: ``fn(function, *args)``) whose
+    recompute in backward runs under the padding mask its forward saw (see ``mixer_padding``):
+    HF gradient checkpointing recomputes a layer outside the model's forward."""
+
+    def checkpointed(function, *args, **kwargs):
+        mask = _PADDING_MASK.get()
+
+        def under_the_same_mask(*a, **k):
+            with mixer_padding(mask):
+                return function(*a, **k)
+
+        return checkpoint_fn(under_the_same_mask, *args, **kwargs)
+
+    return checkpointed
 
 
 class MixerAsAttention(nn.Module):
@@ -389,6 +407,9 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
         self.config.vocab_size = vocab
         self.config.teacher_config = {**self.config.teacher_config, "vocab_size": vocab}
         return embeddings
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, **kwargs) -> None:
+        super()._set_gradient_checkpointing(enable, keep_mixer_padding(gradient_checkpointing_func), **kwargs)
 
     def mixers(self) -> list[nn.Module]:
         """The mixers, in layer order (a hybrid's attention layers have none)."""

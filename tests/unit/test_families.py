@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import with_memory
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -99,6 +100,32 @@ def test_left_padding_reaches_the_mixers_whether_or_not_the_layer_hands_on_keywo
     greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     alone = student.generate(prompt, attention_mask=torch.ones_like(prompt), **greedy)[:, 10:]
     assert torch.equal(student.generate(padded, attention_mask=mask, **greedy)[:, 15:], alone)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_under_the_same_padding(use_reentrant):
+    """StableLM's layers drop the padding keyword, so its mixers read the mask from the forward's
+    context; HF gradient checkpointing recomputes outside it. Non-reentrant it then failed
+    (another number of saved tensors), reentrant it trained on gradients 24 off."""
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(AutoConfig.for_model("stablelm", **_COMMON)).eval()
+    student = with_memory(convert_teacher(teacher, ConversionConfig(mixer="mamba2"))).train()
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, :4], mask[0, :4] = 7, 0
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def gradients(checkpointed: bool) -> torch.Tensor:
+        student.zero_grad()
+        if checkpointed:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        else:
+            student.gradient_checkpointing_disable()
+        student(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        return torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+
+    plain = gradients(False)
+    torch.testing.assert_close(gradients(True), plain, rtol=1e-5, atol=1e-6 * plain.abs().max().item())
 
 
 @pytest.mark.parametrize("model_type", sorted(DECODERS))
