@@ -144,15 +144,12 @@ def _matched_mamba2(cfg: Mamba2Config, teacher_config: PretrainedConfig, where: 
     """``cfg`` with the teacher attention's geometry (heads, head_dim, d_state = head_dim, a group
     per head). A geometry field set to something else is named in a warning, not replaced unsaid."""
     hidden, heads, _, head_dim = teacher_geometry(teacher_config)
-    if (heads * head_dim) % hidden != 0:
-        raise ValueError(
-            f"teacher attention width {heads}x{head_dim} is not a multiple of hidden size {hidden}, which a Mamba2 "
-            "mixer's inner width is (expand x hidden size): set student.conversion.match_teacher_geometry=false and "
-            "student.conversion.attention_init=false (the init from the teacher's Q/K/V needs its geometry), and give "
-            "the mamba2 geometry explicitly if its defaults do not fit"
-        )
+    width = heads * head_dim
+    # The attention's width is the mixer's inner width: a multiple of hidden_size as an expand
+    # factor (as Bamba's config has it), any other (Gemma-2/3, Qwen3-4B) as intermediate_size.
+    inner = {"expand": width // hidden, "intermediate_size": None} if width % hidden == 0 else {"expand": 1, "intermediate_size": width}
     matched = {
-        "num_heads": heads, "head_dim": head_dim, "expand": heads * head_dim // hidden, "d_state": head_dim, "n_groups": heads,
+        "num_heads": heads, "head_dim": head_dim, **inner, "d_state": head_dim, "n_groups": heads,
         # Bamba's convention (native export): the gated norm uses the teacher's epsilon.
         "norm_eps": getattr(teacher_config, "rms_norm_eps", cfg.norm_eps),
     }

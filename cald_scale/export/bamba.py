@@ -63,6 +63,12 @@ def check_exportable(student: CaldStudentForCausalLM) -> None:
             f"its mixers clamp the time step to {tuple(mixer.time_step_limit)}, which Bamba's cached decoding "
             "ignores (transformers' recurrent step has no dt limit)"
         )
+    hidden = teacher_geometry(teacher)[0]
+    if mixer.inner_size(hidden) % hidden:
+        reasons.append(
+            f"Bamba's mixer width is an integer mamba_expand x hidden_size ({hidden}); this student's is "
+            f"{mixer.inner_size(hidden)} (the teacher attention's heads x head_dim)"
+        )
     window = getattr(teacher, "sliding_window", None)
     if config.attention_layers and window is not None and window < teacher.max_position_embeddings:
         reasons.append(f"its kept attention uses a sliding window ({window}), which Bamba's attention does not")
@@ -101,7 +107,7 @@ def bamba_config(student: CaldStudentForCausalLM) -> BambaConfig:
         mamba_n_groups=mixer.n_groups,
         mamba_d_state=mixer.d_state,
         mamba_d_conv=mixer.d_conv,
-        mamba_expand=mixer.expand,
+        mamba_expand=mixer.inner_size(hidden) // hidden,
         mamba_chunk_size=mixer.chunk_size,
         mamba_conv_bias=mixer.conv_bias,
         mamba_proj_bias=mixer.proj_bias,

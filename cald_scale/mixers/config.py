@@ -44,9 +44,12 @@ class Mamba2Config:
     head_dim: int = 64
     """Channels p per head."""
     num_heads: int | None = None
-    """Number of SSM heads; None means expand * hidden_size // head_dim."""
+    """Number of SSM heads; None means the inner width // head_dim."""
     expand: int = 1
-    """Inner width = expand * hidden_size; must equal num_heads * head_dim."""
+    """Inner width = expand * hidden_size (unless intermediate_size is set); must equal num_heads * head_dim."""
+    intermediate_size: int | None = None
+    """Inner width itself, for one that is no multiple of hidden_size (a teacher whose attention is
+    heads x head_dim = 2048 wide in a 2304-wide model, as Gemma-2-2B's); None means expand * hidden_size."""
     n_groups: int = 1
     """Number of B/C groups; must divide num_heads (head i reads group i // (num_heads // n_groups))."""
     d_conv: int = 4
@@ -79,6 +82,12 @@ class Mamba2Config:
             _positive("num_heads", self.num_heads)
             if self.num_heads % self.n_groups:
                 raise ValueError(f"n_groups ({self.n_groups}) must divide num_heads ({self.num_heads})")
+        if self.intermediate_size is not None:
+            _positive("intermediate_size", self.intermediate_size)
+            if self.expand != 1:
+                raise ValueError(
+                    f"expand={self.expand} and intermediate_size={self.intermediate_size} both give the inner width: set one"
+                )
         _check_dt_init(self)
         self.A_init_range = _pair("A_init_range", self.A_init_range)
         if self.A_init_range[0] <= 0:
@@ -88,15 +97,20 @@ class Mamba2Config:
             raise ValueError(f"time_step_limit must be non-negative, got {self.time_step_limit}")
         _positive("norm_eps", self.norm_eps)
 
+    def inner_size(self, hidden_size: int) -> int:
+        """The inner width (x, z, the gated norm) for a given hidden size."""
+        return self.intermediate_size if self.intermediate_size is not None else self.expand * hidden_size
+
     def resolved_num_heads(self, hidden_size: int) -> int:
         """num_heads for a given hidden size; raises ValueError if the geometry does not fit."""
-        inner = self.expand * hidden_size
+        inner = self.inner_size(hidden_size)
         num_heads = self.num_heads if self.num_heads is not None else inner // self.head_dim
         if num_heads * self.head_dim != inner:
-            raise ValueError(
-                f"num_heads * head_dim ({num_heads} * {self.head_dim}) must equal "
-                f"expand * hidden_size ({self.expand} * {hidden_size})"
+            width = (
+                f"intermediate_size ({inner})" if self.intermediate_size is not None
+                else f"expand * hidden_size ({self.expand} * {hidden_size})"
             )
+            raise ValueError(f"num_heads * head_dim ({num_heads} * {self.head_dim}) must equal {width}")
         if num_heads % self.n_groups:
             raise ValueError(f"n_groups ({self.n_groups}) must divide num_heads ({num_heads})")
         return num_heads

@@ -128,7 +128,7 @@ class Mamba2Mixer(SequenceMixer):
         self.head_dim = config.head_dim
         self.n_groups = config.n_groups
         self.d_state = config.d_state
-        self.intermediate_size = config.expand * hidden_size
+        self.intermediate_size = config.inner_size(hidden_size)
         self.conv_dim = self.intermediate_size + 2 * self.n_groups * self.d_state
         self._kernel = KernelResolver(config.kernel, "mamba2")
 

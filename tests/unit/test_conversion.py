@@ -189,27 +189,62 @@ def test_the_teachers_attention_biases_go_where_their_weights_go(caplog):
     assert f"this {type(linformer).__name__} mixer (no proj_bias) cannot take" in caplog.text
 
 
-def test_a_teacher_attention_narrower_than_a_mamba2_width_is_refused_with_a_way_that_works():
-    """4 heads x head_dim 8 = 32 against hidden 64 (as Qwen3-4B's or Gemma's widths do not divide by
-    their hidden size): the refusal names the settings that convert it, and those settings do;
-    the init from Q/K/V with a geometry of other heads is refused before any weight is read."""
+@pytest.mark.parametrize("head_dim", [8, 24], ids=["narrower", "wider"])
+def test_a_teacher_attention_width_no_multiple_of_hidden_converts_with_its_attention_init(tmp_path, head_dim):
+    """4 heads x head_dim 8 = 32 or x 24 = 96 against hidden 64 (Gemma-2-2B's 8 x 256 in 2304, Qwen3-4B's
+    32 x 128 in 2560): the default conversion takes the attention's width as the mixer's (it refused
+    before, or converted only with a fresh mixer), fills it from Q/K/V/O, saves, reloads and decodes
+    with its cache; Bamba, whose width is an integer multiple of hidden, refuses it by name."""
+    from tiny_models import with_memory
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cald_scale.export.bamba import BambaExportError, bamba_config
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim))
+    cfg = ConversionConfig().resolved(teacher.config).mamba2
+    assert (cfg.num_heads, cfg.head_dim, cfg.d_state, cfg.n_groups, cfg.expand, cfg.intermediate_size) == (4, head_dim, head_dim, 4, 1, 4 * head_dim)
+    student = convert_teacher(teacher, ConversionConfig())
+    assert copied_tensors_match(teacher, student)
+    adapter = get_adapter("llama")
+    attn = adapter.read_attention(adapter.attention(adapter.layers(teacher)[0]), teacher.config)
+    mixer, width = student.mixers()[0], 4 * head_dim
+    assert mixer.intermediate_size == width and mixer.in_proj.weight.shape == (width + width + 2 * width + 4, 64)
+    assert torch.equal(mixer.in_proj.weight[3 * width : 4 * width], attn.q) and torch.equal(mixer.out_proj.weight, attn.o)
+    student = with_memory(student.eval())
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    cached = student.generate(ids, use_cache=True, **greedy)
+    assert torch.equal(cached, student.generate(ids, use_cache=False, **greedy))
+    student.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, student(ids).logits)
+    with pytest.raises(BambaExportError, match=rf"integer mamba_expand x hidden_size \(64\); this student's is {width}"):
+        bamba_config(student)
+    # Given both ways of saying the width, the mixer config refuses rather than picks one.
+    with pytest.raises(ValueError, match="expand=2 and intermediate_size=96 both give the inner width"):
+        dataclasses.replace(cfg, expand=2, intermediate_size=96)
+
+
+def test_an_explicit_mamba2_geometry_keeps_the_init_from_the_teachers_attention_only_when_it_is_the_teachers():
+    """With teacher matching off, the init from Q/K/V with a geometry of other heads is refused
+    before any weight is read; one that is the teacher's keeps it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8))
-    with pytest.raises(ValueError, match=r"4x8 is not a multiple of hidden size 64.*match_teacher_geometry=false and student.conversion.attention_init=false"):
-        ConversionConfig().resolved(teacher.config)
     with pytest.raises(ValueError, match=r"needs 4 heads and groups of head_dim = d_state = 8; the mamba2 geometry given has 1 heads"):
         ConversionConfig(match_teacher_geometry=False).resolved(teacher.config)
     student = convert_teacher(teacher, ConversionConfig(match_teacher_geometry=False, attention_init=False))
     assert copied_tensors_match(teacher, student) and student(torch.randint(0, 256, (1, 8))).logits.isfinite().all()
-    # An explicit geometry that is the teacher's keeps the init from its Q/K/V.
     explicit = ConversionConfig(match_teacher_geometry=False, attention_layers=[], mixer="mamba2")
-    explicit.mamba2 = dataclasses.replace(explicit.mamba2, num_heads=4, n_groups=4, head_dim=8, d_state=8, expand=1)
-    wide = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8))
-    assert explicit.resolved(wide.config).mamba2.num_heads == 4
+    explicit.mamba2 = dataclasses.replace(explicit.mamba2, num_heads=4, n_groups=4, head_dim=8, d_state=8, intermediate_size=32)
+    assert explicit.resolved(teacher.config).mamba2.num_heads == 4
+    student = convert_teacher(teacher, explicit)
+    assert student.mixers()[0].intermediate_size == 32
 
 
 def test_attention_weights_the_init_reads_are_checked_against_the_config():
