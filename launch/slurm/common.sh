@@ -123,9 +123,37 @@ cald_local_ranks() {  # $1: run dir
     done
 }
 
-cald_signal_local_ranks() {  # $1: signal name, $2: run dir
-    local pid
-    for pid in $(cald_local_ranks "$2"); do kill -s "$1" "$pid" 2>/dev/null || true; done
+# Whether process $1 has a handler of its own for signal $2 (its SigCgt mask): a rank that
+# does not yet (Python still starting) would be killed by the signal, not asked to stop.
+cald_catches() {  # $1: pid, $2: signal name
+    local mask number
+    mask=$(awk '/^SigCgt:/ {print $2}' "/proc/$1/status" 2>/dev/null) || return 1
+    number=$(kill -l "$2") || return 1
+    [ -n "$mask" ] && (( (16#$mask >> (number - 1)) & 1 ))
+}
+
+# Signal this run's ranks on this node that catch the signal; returns 1 when none does.
+cald_signal_catching_ranks() {  # $1: signal name, $2: run dir
+    local pid sent=1
+    for pid in $(cald_local_ranks "$2"); do
+        if cald_catches "$pid" "$1" && kill -s "$1" "$pid" 2>/dev/null; then sent=0; fi
+    done
+    return "$sent"
+}
+
+# Signal this run's ranks on this node. With $3, the launcher's pid: a signal that finds no rank
+# ready to take it (the launcher still starting them) goes to them once one is, for as long as
+# the launcher runs; one rank that has it is enough (the ranks all-reduce it after each step).
+cald_signal_local_ranks() {  # $1: signal name, $2: run dir, $3: launcher pid (optional)
+    if cald_signal_catching_ranks "$1" "$2" || [ -z "${3:-}" ]; then return 0; fi
+    _cald_log "no rank of this run takes SIG$1 yet: it goes to them once one does"
+    (
+        trap - USR1 TERM
+        while kill -0 "$3" 2>/dev/null; do
+            if cald_signal_catching_ranks "$1" "$2"; then _cald_log "SIG$1 passed on to the ranks"; exit 0; fi
+            sleep 0.5
+        done
+    ) &
 }
 
 # Wait (at most $2 s) for this run's ranks on this node to end: the deepspeed launcher can

@@ -1,0 +1,70 @@
+"""The batch shell's signal forwarding (launch/slurm/common.sh) against real processes: a
+SLURM warning signal that comes while the deepspeed launcher still starts the ranks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A stand-in rank with the command line the deepspeed launcher gives ours: Python starts, and
+# only after a while takes USR1 (launch/train.py installs its handler first thing, after the
+# interpreter's own start-up). It writes what happened to it.
+RANK = textwrap.dedent(
+    """
+    import signal, sys, time
+    out = sys.argv[1]
+    time.sleep(float(sys.argv[2]))  # no handler yet: USR1 now would kill this process
+    got = []
+    signal.signal(signal.SIGUSR1, lambda *_: got.append("USR1"))
+    deadline = time.time() + 20
+    while not got and time.time() < deadline:
+        time.sleep(0.05)
+    open(out, "w").write(got[0] if got else "nothing")
+    """
+)
+
+
+def _forward_while_starting(tmp_path: Path, launch_delay_s: float, handler_delay_s: float, *, rank_up: bool) -> tuple[str, str]:
+    rank = tmp_path / "rank.py"
+    rank.write_text(RANK)
+    run_dir, seen = tmp_path / "run", tmp_path / "seen"
+    script = textwrap.dedent(
+        f"""
+        set -euo pipefail
+        source {REPO}/launch/slurm/common.sh
+        CALD_RUN_DIR={run_dir}
+        # The launcher: a moment before the rank exists, as deepspeed's runner and launch.py take;
+        # like theirs, its own command line is not a rank's (the rank's arguments come by environment).
+        export RANK_RUN_DIR_ARG=$(cald_run_dir_arg "$CALD_RUN_DIR")
+        bash -c 'sleep {launch_delay_s}; exec {sys.executable} {rank} {seen} {handler_delay_s} --local_rank=0 "$RANK_RUN_DIR_ARG"' &
+        launcher=$!
+        if {"true" if rank_up else "false"}; then  # the rank's process is there (its Python not yet ready)
+            until [ -n "$(cald_local_ranks "$CALD_RUN_DIR")" ]; do sleep 0.05; done
+        fi
+        cald_signal_local_ranks USR1 "$CALD_RUN_DIR" "$launcher"
+        rc=0
+        wait "$launcher" || rc=$?
+        echo "rank exit $rc"
+        """
+    )
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    return done.stdout + done.stderr, seen.read_text() if seen.exists() else "no file"
+
+
+def test_a_warning_signal_before_the_ranks_start_reaches_them_once_they_take_it(tmp_path):
+    """No rank yet when the signal comes: it is passed on once one takes it (it was lost, and the
+    job trained on to its time limit's SIGKILL)."""
+    log, seen = _forward_while_starting(tmp_path, launch_delay_s=1.0, handler_delay_s=0.0, rank_up=False)
+    assert seen == "USR1" and "rank exit 0" in log, log
+    assert "no rank of this run takes SIGUSR1 yet" in log, log
+
+
+def test_a_rank_still_starting_python_is_not_killed_by_the_signal(tmp_path):
+    """The rank exists but has no handler yet: sending then would kill it (the whole launch
+    failing); the signal waits for the handler."""
+    log, seen = _forward_while_starting(tmp_path, launch_delay_s=0.0, handler_delay_s=1.5, rank_up=True)
+    assert seen == "USR1" and "rank exit 0" in log, log
