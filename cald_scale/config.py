@@ -34,9 +34,9 @@ class StudentConfig:
     conversion: ConversionConfig = dataclasses.field(default_factory=ConversionConfig)
     """Mixer choice and geometry, attention-informed init."""
     trainable: Literal["all", "mixers"] = "mixers"
-    """Train only the new mixers (copied weights frozen: the default; on the default job it
-    matched training everything, 74.9 vs 75.3 held-out ppl, in less time and with the
-    frozen weights stored once), or every weight."""
+    """Train only the new mixers (copied weights frozen: the default; on the all-Mamba2
+    Shakespeare recipe it matched training everything, 74.2 vs 74.4 held-out ppl, in less time
+    and with the frozen weights stored once; benchmarks/results/recovery.md), or every weight."""
     share_frozen_weights: bool = True
     """With trainable=mixers, the student uses the teacher's own tensors for its frozen copied
     weights (one copy in memory, not two)."""
@@ -98,9 +98,9 @@ class TrainConfig:
     malloc_mmap_threshold: int | None = 16 << 20
     """glibc: allocations of at least this many bytes are mmap-ed and returned to the OS when
     freed; null keeps glibc's adaptive default. 16 MB (the default) keeps activations of a
-    few MB on the fast heap: on the default job (1 rank) a teacher-forced step took 10.7 s
-    and an end-to-end one 14.6 s at 7.15 GB peak, against 17.0 s / 18.8 s at 5.90 GB with
-    1 MB. Use 1 MB (1048576) when host memory, not time, is what limits a large model
+    few MB on the fast heap: on the default job of 2026-11-30 (all-Mamba2 on Shakespeare, 1
+    rank) a teacher-forced step took 10.7 s and an end-to-end one 14.6 s at 7.15 GB peak,
+    against 17.0 s / 18.8 s at 5.90 GB with 1 MB. Use 1 MB (1048576) when host memory, not time, is what limits a large model
     (benchmarks/scale_memory.py measures with it). Ignored when jemalloc/tcmalloc is
     preloaded (see cald_scale/engines/host_memory.py)."""
     trim_heap_every: int = 0
@@ -238,7 +238,7 @@ class OutputConfig:
     export_bamba: bool = False
     """Also export the trained student as a native transformers Bamba folder (run_dir/bamba/,
     loads without cald_scale). Checked before training: a layout Bamba cannot express
-    (gpt_neox, Mamba-1 mixers) stops the run at once."""
+    (gpt_neox, Mamba-1 mixers, a mixer width no multiple of hidden_size) stops the run at once."""
 
     def __post_init__(self):
         self.run_dir = os.path.expanduser(self.run_dir)  # "~/runs/x": one folder for every file of the run
@@ -262,6 +262,15 @@ class DebugConfig:
     mode a loss is the last stage's)."""
     sleep_per_step: float = 0.0
     """Seconds slept after each optimizer step (gives kill tests a window)."""
+    signal_after_build: str | None = None
+    """A signal (e.g. SIGUSR1) rank 0 sends itself once the engines are built and the checkpoint
+    loaded: a preemption that comes while the run starts, at a known point."""
+
+    def __post_init__(self):
+        import signal
+
+        if self.signal_after_build is not None and not isinstance(getattr(signal, str(self.signal_after_build), None), signal.Signals):
+            raise ValueError(f"debug.signal_after_build: {self.signal_after_build!r} is not a signal name (e.g. SIGUSR1)")
 
     def poisons(self, micro_step: int, rank: int) -> bool:
         """Is the loss of ``micro_step`` on ``rank`` made NaN."""
@@ -315,8 +324,8 @@ class RunConfig:
         conversion = self.student.conversion
         if conversion.attention_every is None:
             # A causal LM keeps a quarter of its attention unless told otherwise: on general
-            # English that hybrid reached 1.7x the teacher's perplexity on its own held-out text
-            # and 2.7x on Wikipedia in 51k tokens, the all-Mamba2 student 2.4x and 5.7x
+            # English that hybrid reached 1.73x the teacher's perplexity on its own held-out text
+            # and 2.68x on Wikipedia in 51k tokens, the all-Mamba2 student 2.34x and 5.55x
             # (benchmarks/results/recovery.md, layouts). The encoder track's table converts every layer.
             lm = self.task.kind == "causal_lm" and conversion.converts and not conversion.attention_layers
             conversion.attention_every = 4 if lm else 0  # (explicit values are checked by ConversionConfig)

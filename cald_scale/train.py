@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import signal
 import socket
 import time
 from pathlib import Path
@@ -343,7 +344,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path, *, early_signals: Sequence
         with PreemptionWatch(tuple(cfg.train.preemption_signals), received_before=early_signals) as watch, _claim(cfg.output):
             if signal_name := watch.requested(env.device):  # before minutes of building: nothing to save yet
                 raise Preempted(None, signal_name)
-            run = _start(cfg, ds_config_path, env)  # 1-3. task and data, teacher and student in their engines, the starting point
+            run = _start(cfg, ds_config_path, env, stop_requested=watch.requested)  # 1-3. task and data, teacher and student in their engines, the starting point
             if signal_name := watch.requested(run.device):  # during the build: nothing trained since the last checkpoint
                 run.stop_preempted(run.first_step, signal_name)
             # 4. The step loop.
@@ -521,9 +522,12 @@ class _Run:
         }
 
 
-def _start(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv) -> _Run:
+def _start(
+    cfg: RunConfig, ds_config_path: str | Path, env: DistEnv, *, stop_requested: Callable[[torch.device], str | None] = lambda device: None,
+) -> _Run:
     """Steps 1-3 of a run: the task and its data, both models in their engines, and the
-    starting point (the last complete checkpoint, or the converted student evaluated)."""
+    starting point (the last complete checkpoint, or the converted student evaluated).
+    ``stop_requested`` (collective): a preemption signal received so far, checked before the baselines."""
     allocator = configure_host_allocator(cfg.train.malloc_mmap_threshold)
     logger.info("host allocator: %s", allocator)
     run_dir = Path(cfg.output.run_dir)
@@ -585,6 +589,12 @@ def _start(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv) -> _Run:
     # Only now, with the checkpoint loaded, does the folder say this run's settings: a resume that fails to load changes nothing.
     _record(run_dir, cfg, env, resumed_at=student_engine.global_steps if saved else None, changed=changed)
     evaluate = task.evaluator(models, replica, replicas)
+    if cfg.debug.signal_after_build and env.is_main:
+        os.kill(os.getpid(), getattr(signal, cfg.debug.signal_after_build))
+    # A signal that came while the engines were built stops the run here, not after both models are
+    # scored (minutes on a large one, past SLURM's KillWait): nothing has trained in this session.
+    if signal_name := stop_requested(student_engine.device):
+        raise Preempted(None, signal_name)
     baseline = _once(
         run_dir / "baseline.json",
         env,

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_run_config(args.recipe, args.overrides)
     except ConfigError as err:  # one line that names the key, not a traceback
-        parser.exit(2, f"config error: {err}\n")
+        _one_line(parser, 2, f"config error: {err}")
     if args.print_config:
         import yaml
 
@@ -62,16 +62,22 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(cfg, args.ds_config, early_signals=_EARLY_SIGNALS)
     except USER_ERRORS as err:  # bad input: one line that names it (the run folder is left intact)
-        parser.exit(1, f"error: {err}\n")
+        _one_line(parser, 1, f"error: {err}")
     except (ValueError, OSError, ImportError) as err:  # a bad setting or file, a package to install: one line
-        if os.environ.get(TRACEBACK_VAR) == "1":
-            raise
-        parser.exit(1, f"error: {err}\n({TRACEBACK_VAR}=1 shows where it was raised)\n")
+        _one_line(parser, 1, f"error: {err}\n({TRACEBACK_VAR}=1 shows where it was raised)")
     except Preempted as stop:  # a complete checkpoint is saved: the batch script requeues on this code
         if isinstance(stop, PreemptedWhileStarting):  # this rank alone stopped: the others may be anywhere
             print(f"preempted: {stop}", file=sys.stderr)
             _leave(PREEMPTED_EXIT_CODE)
         parser.exit(PREEMPTED_EXIT_CODE, f"preempted: {stop}\n")
+
+
+def _one_line(parser: argparse.ArgumentParser, code: int, message: str) -> None:
+    """Exit with the error in one line; with CALD_TRACEBACK=1, raise it with its traceback instead
+    (called inside the ``except`` that caught it)."""
+    if os.environ.get(TRACEBACK_VAR) == "1":
+        raise
+    parser.exit(code, message + "\n")
 
 
 def _release_early_signals(watched) -> None:

@@ -148,7 +148,7 @@ class PreemptionWatch:
         if self.received is None:
             self.received = signal.Signals(number).name
             # NOTE: logging from a handler is not reentrant-safe in general; one record, once, is fine.
-            logger.warning("received %s: stopping after this step with a checkpoint (at once while the run starts)", self.received)
+            logger.warning("received %s: stopping after this step with a checkpoint (while the run starts: before its first step, at its next wait or check)", self.received)
 
     def requested(self, device: torch.device) -> str | None:
         """The signal some rank received (collective when distributed), else None."""

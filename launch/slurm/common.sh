@@ -231,10 +231,10 @@ cald_run() {
         _cald_end_signalled "the ranks exited with $rc after a complete preemption checkpoint ($(cat "$CALD_RUN_DIR/preempted.json"))"
     fi
     # The job itself was signalled and its ranks did not stop cleanly: srun turns its own SIGTERM
-    # into a SIGKILL of its tasks (Slurm's behaviour), a signal may land while a rank starts. The
-    # job goes back to the queue all the same (a requeue signal) and resumes from its last complete checkpoint.
+    # into a SIGKILL of its tasks (Slurm's behaviour), a signal may land while a rank starts. After a
+    # requeue signal the job goes back to the queue all the same and resumes from its last complete checkpoint.
     if [ "$rc" != 0 ] && [ -n "$CALD_SIGNALLED" ]; then
-        _cald_end_signalled "SIG$CALD_SIGNALLED reached the job and the ranks exited with $rc: the run resumes from its last complete checkpoint"
+        _cald_end_signalled "SIG$CALD_SIGNALLED reached the job and the ranks exited with $rc (the run's last complete checkpoint stands)"
     fi
     _cald_log "ranks exited with $rc"
     exit "$rc"

@@ -124,6 +124,20 @@ def test_preemption_signal_on_one_rank_saves_at_that_step_and_resumes_exactly(tm
             assert after[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
 
 
+def test_a_signal_while_the_engines_are_built_stops_before_the_baselines_are_scored(tmp_path, teacher_dirs, data_cache):
+    """SIGUSR1 to rank 0 once its engines are built (debug.signal_after_build): the job exits 75
+    before scoring the teacher and the student (it scored both first, minutes on a large model,
+    past SLURM's KillWait), having saved nothing; the rerun starts the run from the beginning."""
+    env = launcher_env(tmp_path)
+    run_dir = tmp_path / "stopped_early"
+    stopped = run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"train.max_steps": 2, "debug.signal_after_build": "SIGUSR1"})), env)
+    out = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 75 and "stopped on SIGUSR1 before training started" in out, out[-4000:]
+    assert "held-out ppl" not in out and not (run_dir / "baseline.json").exists() and not (run_dir / "checkpoints").exists()
+    _ok(resumed := run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"train.max_steps": 2})), env))
+    assert "starting run at step 0" in resumed.stdout + resumed.stderr and sorted(metrics(run_dir)) == [1, 2]
+
+
 def test_gpt_neox_mamba_aligns_each_block_then_distills_end_to_end_and_exports(tmp_path, teacher_dirs, data_cache):
     """gpt_neox (parallel residual) -> Mamba-1: 4 teacher-forced steps, where every block learns
     on the teacher's input to it and only layer losses train, then 4 end-to-end CALD steps."""

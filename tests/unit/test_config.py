@@ -344,6 +344,21 @@ def test_launcher_reports_a_config_error_in_one_line(capsys):
     assert "\n" not in err and "Traceback" not in err
 
 
+def test_cald_traceback_shows_where_a_config_error_was_raised(capsys, monkeypatch):
+    """CALD_TRACEBACK=1 (README "Configuration") turns the one line into the exception and its
+    traceback, for a bad setting too (it was read only for errors raised once the job ran)."""
+    monkeypatch.setenv("CALD_TRACEBACK", "1")
+    from cald_scale.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.lr must be > 0") as raised:
+        _launch_module().main(["train.lr=-1"])
+    assert raised.traceback[-1].name == "from_dict"  # where it was raised, not where it was caught
+    monkeypatch.delenv("CALD_TRACEBACK")
+    with pytest.raises(SystemExit):
+        _launch_module().main(["train.lr=-1"])
+    assert capsys.readouterr().err.strip() == "config error: train: train.lr must be > 0, got -1.0"
+
+
 def test_a_run_shorter_than_the_warmup_clamps_it(capsys):
     """`train.max_steps=2` alone used to fail on the default warmup of 5: each phase clamps it."""
     _launch_module().main(["train.max_steps=2", "--print_config"])
