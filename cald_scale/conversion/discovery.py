@@ -193,7 +193,22 @@ def _tiny_copy(config: PretrainedConfig) -> PretrainedConfig:
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if isinstance(getattr(config, name, None), int):
             setattr(tiny, name, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[name])
+    _shrink_rope_factors(tiny)
     return tiny
+
+
+def _shrink_rope_factors(tiny: PretrainedConfig) -> None:
+    """Per-frequency RoPE factors (longrope's long_factor / short_factor: Phi-3-128k, Phi-3.5) cut
+    to the tiny copy's rotary half-width, as its narrower heads have fewer frequencies."""
+    rope = getattr(tiny, "rope_parameters", None) or getattr(tiny, "rope_scaling", None)
+    if not isinstance(rope, dict):
+        return
+    head_dim = getattr(tiny, "head_dim", None) or tiny.hidden_size // tiny.num_attention_heads
+    factor = rope.get("partial_rotary_factor", getattr(tiny, "partial_rotary_factor", None)) or 1.0
+    half = int(head_dim * factor) // 2
+    for name in ("long_factor", "short_factor"):
+        if isinstance(rope.get(name), list) and len(rope[name]) > half:
+            rope[name] = rope[name][:half]
 
 
 def _refuse_fused_checkpoints(skeleton: nn.Module) -> None:

@@ -313,3 +313,31 @@ def test_discovery_says_when_an_attention_holds_more_than_its_projections(caplog
         assert "besides its projections" not in caplog.text
         discover_adapter(Qwen3Config(**geometry), [])
     assert "qwen3's attention has weights besides its projections (q_norm, k_norm)" in caplog.text
+
+
+@pytest.mark.parametrize("rotary", [1.0, 0.75], ids=["full", "partial"])
+def test_the_block_by_block_check_runs_on_a_long_context_phi3_config(caplog, rotary):
+    """Phi-3-128k's longrope factors are one per rotary frequency of its 96-wide heads: the tiny
+    copy's narrower heads take their first ones (the check was skipped, with a warning, on the
+    copy's shape error). That it runs shows in what it catches: a wrong logit scale is refused."""
+    import dataclasses
+    import logging
+
+    from transformers import Phi3Config
+
+    from cald_scale.conversion.discovery import check_block_by_block
+
+    half = int(96 * rotary) // 2
+    config = Phi3Config(
+        hidden_size=3072, num_attention_heads=32, num_key_value_heads=32, intermediate_size=8192, num_hidden_layers=32,
+        vocab_size=32064, max_position_embeddings=131072, original_max_position_embeddings=4096,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "factor": 32.0, "partial_rotary_factor": rotary,
+                         "long_factor": [1.0 + 0.1 * i for i in range(half)], "short_factor": [1.0] * half},
+    )
+    adapter = get_adapter("phi3")
+    with caplog.at_level(logging.WARNING, logger="cald_scale.conversion.discovery"):
+        assert check_block_by_block(config, adapter, []) is adapter
+        with pytest.raises(ValueError, match="its forward does more than its embedding, blocks"):
+            check_block_by_block(config, dataclasses.replace(adapter, logit_multiplier=2.0), [])
+    assert "could not check" not in caplog.text
+    assert len(config.rope_parameters["long_factor"]) == half  # the teacher's own config is untouched
