@@ -204,13 +204,33 @@ def _check_same_data(run_dir: Path, env: DistEnv, identity: dict, *, resumed_at:
     and the batch order come from the corpus as it was, so a corpus that has changed since
     (a line appended, a file dropped into its folder) would re-split it silently, and the
     held-out score would count documents the run trained on."""
-    recorded = _once(run_dir / "data.json", env, lambda: identity, resuming=resumed_at is not None)
+    _check_unchanged(
+        run_dir / "data.json", f"the data of run {run_dir}", env, identity, resumed_at=resumed_at,
+        why="Its splits and batch order come from the data as it was",
+    )
+
+
+def _check_same_teacher(run_dir: Path, env: DistEnv, identity: dict, *, resumed_at: int | None) -> None:
+    """A resumed run distils from the teacher its first session did (teacher.json, the weights'
+    content): teacher weights saved anew at the same path (fine-tuned further, another seed)
+    would go on silently from mixers trained on the old one, the frozen copied weights (the
+    teacher's own tensors) and the recorded baseline from the new one."""
+    _check_unchanged(
+        run_dir / "teacher.json", f"the teacher of run {run_dir}", env, identity, resumed_at=resumed_at,
+        why="Its student was trained against the teacher as it was, and shares or copied its weights",
+    )
+
+
+def _check_unchanged(path: Path, what: str, env: DistEnv, identity: dict, *, resumed_at: int | None, why: str) -> None:
+    """``identity`` recorded at ``path`` by the run's first session (a run from before the record
+    writes it now), compared on resume; a change is refused in one line naming it."""
+    recorded = _once(path, env, lambda: identity, resuming=resumed_at is not None)
     if recorded != identity:
         changed = sorted(k for k in recorded.keys() | identity.keys() if recorded.get(k) != identity.get(k))
         raise ValueError(
-            f"the data of run {run_dir} changed since it started (resuming at step {resumed_at}): {', '.join(changed)} "
-            f"was {recorded.get(changed[0])}, now {identity.get(changed[0])}. Its splits and batch order come from the data as "
-            "it was: restore it, or start a new run (another output.run_dir)"
+            f"{what} changed since it started (resuming at step {resumed_at}): {', '.join(changed)} "
+            f"was {recorded.get(changed[0])}, now {identity.get(changed[0])}. {why}: restore it, or start a new run "
+            "(another output.run_dir)"
         )
 
 
@@ -561,6 +581,7 @@ def _start(
     check_waypoints(plan.waypoints, task.source.config)  # a missing or foreign waypoint fails now, not mid-run
     task.open_data()
     _check_same_data(run_dir, env, task.data_identity(), resumed_at=tags[0][0] if tags else None)  # before the engines: a refusal costs seconds
+    _check_same_teacher(run_dir, env, task.source.identity(), resumed_at=tags[0][0] if tags else None)
     task.train_batches(cfg.train.micro_batch(dp), 0, dp, torch.device("cpu"))  # a train split under one global batch: refused now too
     _seed_everything(cfg.train.seed)
 

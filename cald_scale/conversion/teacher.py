@@ -36,7 +36,7 @@ from transformers.initialization import no_init_weights
 from ..engines.preemption import raise_if_preempted
 from ..fileio import atomic_dir, atomic_write_text, cache_root, file_lock
 from .placement import PLAIN, Placement
-from .weights import WeightReader, WeightsMismatchError, load_weights, open_weights
+from .weights import WeightReader, WeightsMismatchError, load_weights, open_weights, weights_fingerprint
 
 __all__ = ["TeacherConfig", "TeacherSource", "ClassifierTeacherSource", "classifier_teacher", "open_teacher", "build_teacher", "load_teacher", "resolve_teacher_source", "cache_root", "BUILTIN_TEACHERS", "DTYPES"]
 
@@ -229,6 +229,11 @@ class TeacherSource:
 
     def weights(self) -> WeightReader:
         return open_weights(self.folder)
+
+    def identity(self) -> dict:
+        """What a resumed run compares with its first session's teacher: its weights' content
+        (``weights_fingerprint``), not the path it was given by."""
+        return {"weights": weights_fingerprint(self.folder)}
 
     def generation_config(self) -> GenerationConfig | None:
         """The folder's generation_config.json (its end-of-turn tokens, e.g. an instruct model's),

@@ -9,6 +9,7 @@ plain module ``assign`` copies; under ZeRO-3 it keeps only this rank's partition
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -24,6 +25,7 @@ __all__ = [
     "TorchBinReader",
     "StateDictReader",
     "open_weights",
+    "weights_fingerprint",
     "load_weights",
     "copy_assign",
     "WeightsMismatchError",
@@ -215,7 +217,12 @@ def _transforms_for(model: nn.Module) -> tuple[list, list]:
 
 def open_weights(folder: str | Path) -> WeightReader:
     """The weights of a HF model folder: safetensors (single or sharded) first, then .bin."""
-    folder = Path(folder)
+    reader, files = _weight_files(Path(folder))
+    return reader(files)
+
+
+def _weight_files(folder: Path) -> tuple[type, list[Path]]:
+    """The reader and the files of a HF model folder's weights (``open_weights``)."""
     for index_name, reader in (("model.safetensors.index.json", SafetensorsReader), ("pytorch_model.bin.index.json", TorchBinReader)):
         index = folder / index_name
         if index.is_file():
@@ -223,16 +230,38 @@ def open_weights(folder: str | Path) -> WeightReader:
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise FileNotFoundError(f"{index} lists shards that are missing: {missing[:4]}")
-            return reader(folder / s for s in shards)
+            return reader, [folder / s for s in shards]
     # NOTE: as transformers, model.safetensors alone when there is no index: Mistral's repos also
     # hold consolidated.safetensors, the same weights under Mistral's own names.
     if (folder / "model.safetensors").is_file():
-        return SafetensorsReader([folder / "model.safetensors"])
+        return SafetensorsReader, [folder / "model.safetensors"]
     if files := sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("consolidated")):
-        return SafetensorsReader(files)
+        return SafetensorsReader, files
     if files := sorted(folder.glob("pytorch_model*.bin")):
-        return TorchBinReader(files)
+        return TorchBinReader, files
     raise FileNotFoundError(f"{folder} holds no weights (*.safetensors or pytorch_model*.bin)")
+
+
+_SAMPLES, _SAMPLE_BYTES, _HEAD_BYTES = 32, 64 << 10, 1 << 20
+
+
+def weights_fingerprint(folder: str | Path) -> list[list]:
+    """[file name, size, digest] of each weight file of a HF model folder: what a resumed run
+    compares with its first session's teacher. The digest covers the file's first MiB (the
+    header) and 32 slices of 64 KiB spread over the rest, so it costs milliseconds however large
+    the model, and weights saved anew over the same geometry (a teacher fine-tuned further,
+    another seed) change it; a path spelled differently or a moved copy do not."""
+    fingerprint = []
+    for path in _weight_files(Path(folder))[1]:
+        size = path.stat().st_size
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            digest.update(handle.read(_HEAD_BYTES))
+            for i in range(_SAMPLES):
+                handle.seek(_HEAD_BYTES + (max(size - _HEAD_BYTES - _SAMPLE_BYTES, 0) * i) // max(_SAMPLES - 1, 1))
+                digest.update(handle.read(_SAMPLE_BYTES))
+        fingerprint.append([path.name, size, digest.hexdigest()[:16]])
+    return fingerprint
 
 
 @torch.no_grad()

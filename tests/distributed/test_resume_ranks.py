@@ -136,6 +136,17 @@ def test_two_rank_checkpoint_resumes_on_one_rank_on_the_same_trajectory(tmp_path
     assert refused.returncode != 0 and "changed since it started (resuming at step 6): train was" in out and "restore it, or start a new run" in out
     assert sorted(p.name for p in ckpt.glob("step_*")) == tags and (run_dir / "config.json").read_text() == config
 
+    # Another teacher at the same path (its weights saved anew since the first session; here the
+    # record of them altered, as the fixture's teacher is shared): refused the same way.
+    (run_dir / "data.json").write_text(json.dumps(recorded))
+    teacher = json.loads((run_dir / "teacher.json").read_text())
+    assert [name for name, _, _ in teacher["weights"]] == ["model.safetensors"]
+    (run_dir / "teacher.json").write_text(json.dumps({"weights": [[name, size, "0" * 16] for name, size, _ in teacher["weights"]]}))
+    refused = run(deepspeed_command(_overrides(teacher_dirs, run_dir, data_cache, **{"train.max_steps": 8}), ranks=1), launcher_env(tmp_path))
+    out = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "the teacher of run" in out and "changed since it started (resuming at step 6): weights was" in out
+    assert sorted(p.name for p in ckpt.glob("step_*")) == tags and (run_dir / "config.json").read_text() == config
+
 
 def test_a_train_split_under_one_global_batch_is_refused_before_the_engines(tmp_path, teacher_dirs, data_cache):
     """Two sequences of 64 tokens against a global batch of 4: named before the models are built and

@@ -179,3 +179,37 @@ def test_a_folder_with_mistrals_consolidated_weights_reads_the_transformers_ones
         save_file({"layers.0.attention.wq.weight": torch.ones(2, 2)}, Path(folder) / "consolidated.safetensors")
         assert "layers.0.attention.wq.weight" not in set(open_weights(folder).keys())
         load_weights(tiny_teacher("llama"), open_weights(folder))
+
+
+def test_a_teachers_weights_are_identified_by_content_not_by_path(tmp_path):
+    """What a resumed run compares (train.py's teacher.json): the same weights copied elsewhere or
+    named by another spelling of their path are the same teacher; weights saved anew over the same
+    geometry (another seed: a teacher fine-tuned further) are not, in one shard of several too.
+    A resume against the new weights is refused in one line; an older run is recorded, not refused."""
+    import shutil
+
+    from cald_scale.conversion.weights import weights_fingerprint
+    from cald_scale.engines.distributed import DistEnv
+    from cald_scale.train import _check_same_teacher
+
+    folder = tmp_path / "teacher"
+    tiny_teacher("llama", seed=0).save_pretrained(folder, max_shard_size="40KB")
+    assert len(list(folder.glob("*.safetensors"))) > 2
+    first = weights_fingerprint(folder)
+    shutil.copytree(folder, tmp_path / "copy")
+    assert weights_fingerprint(tmp_path / "copy") == weights_fingerprint(f"{folder}/../teacher/") == first
+    tiny_teacher("llama", seed=1).save_pretrained(folder, max_shard_size="40KB")
+    again = weights_fingerprint(folder)
+    assert [(name, size) for name, size, _ in again] == [(name, size) for name, size, _ in first]  # the same geometry
+    assert all(a[2] != b[2] for a, b in zip(again, first))
+
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _check_same_teacher(run_dir, env, {"weights": first}, resumed_at=None)
+    _check_same_teacher(run_dir, env, {"weights": first}, resumed_at=4)
+    with pytest.raises(ValueError, match=r"the teacher of run .* changed since it started \(resuming at step 4\): weights was .*restore it, or start a new run"):
+        _check_same_teacher(run_dir, env, {"weights": again}, resumed_at=4)
+    (run_dir / "teacher.json").unlink()  # a run from before the record: this session's teacher is recorded
+    _check_same_teacher(run_dir, env, {"weights": again}, resumed_at=4)
+    assert json.loads((run_dir / "teacher.json").read_text()) == {"weights": again}
