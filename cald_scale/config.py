@@ -18,9 +18,11 @@ import yaml
 
 from .config_loader import INFINITE_OK, ConfigError, ConfigLoader, apply_overrides, from_dict, to_dict
 from .conversion.modeling import ConversionConfig
-from .conversion.teacher import TeacherConfig
+from .conversion.teacher import BUILTIN_TEACHERS, TeacherConfig
 from .data.classification import ClassificationDataConfig
 from .data.config import DataConfig
+from .data.corpora import absolute_corpus
+from .fileio import absolute_if_local
 from .distill.losses import LossConfig
 from .distill.phases import PhaseConfig, PhasePlan, plan_phases
 
@@ -48,6 +50,10 @@ class StudentConfig:
     for classification a pretrained encoder, which gets the seeded new head). null: the
     teacher itself. The paper's encoder runs convert the *pretrained* encoder while a
     fine-tuned teacher guides it (target, waypoint, hybrid): set this to the pretrained one."""
+
+    def __post_init__(self):
+        if self.init_from:
+            self.init_from = absolute_if_local(self.init_from, names=BUILTIN_TEACHERS)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -202,6 +208,7 @@ class EvalConfig:
     corpus and is also scored on Wikipedia leads."""
 
     def __post_init__(self):
+        self.other_corpora = [absolute_corpus(corpus) if isinstance(corpus, str) else corpus for corpus in self.other_corpora]
         if self.max_sequences < 1 or self.micro_batch_size < 1:
             raise ValueError("eval.max_sequences and eval.micro_batch_size must be >= 1")
         if self.every < 0:

@@ -11,9 +11,22 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Container, Iterator
 
-__all__ = ["tag_cache_dir", "CACHE_TAG", "atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "hold_lock", "wait_for_file", "read_json", "write_failure_note", "read_failure_note", "cache_root"]
+__all__ = ["absolute_if_local", "tag_cache_dir", "CACHE_TAG", "atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "hold_lock", "wait_for_file", "read_json", "write_failure_note", "read_failure_note", "cache_root"]
+
+
+def absolute_if_local(value: str, *, names: Container[str] = ()) -> str:
+    """``value`` made absolute when it names a local file or folder (or a megatron prefix,
+    PREFIX.bin), else as it is: a built-in name in ``names`` (which wins over a same-named path),
+    a hub id, a path on another machine. A run records where its inputs are, so a later command
+    started in another folder (``cald-scale generate``/``evaluate``, a resume) finds them."""
+    if value in names or value.startswith("hf:"):
+        return value
+    path = os.path.expanduser(value)
+    if os.path.exists(path) or os.path.exists(path + ".bin"):
+        return os.path.abspath(path)
+    return value
 
 
 def cache_root(cache_dir: str | None = None) -> Path:

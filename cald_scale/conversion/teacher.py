@@ -34,7 +34,7 @@ from transformers import (
 from transformers.initialization import no_init_weights
 
 from ..engines.preemption import raise_if_preempted
-from ..fileio import atomic_dir, atomic_write_text, cache_root, file_lock
+from ..fileio import absolute_if_local, atomic_dir, atomic_write_text, cache_root, file_lock
 from .placement import PLAIN, Placement
 from .weights import WeightReader, WeightsMismatchError, load_weights, open_weights, weights_fingerprint
 
@@ -79,6 +79,7 @@ class TeacherConfig:
     def __post_init__(self):
         if not self.name_or_path:
             raise ValueError("teacher.name_or_path must be set")
+        self.name_or_path = absolute_if_local(self.name_or_path, names=BUILTIN_TEACHERS)
 
 
 def _looks_like_path(text: str) -> bool:

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 
 from cald_scale.config_loader import INFINITE_OK
+from cald_scale.data.corpora import absolute_corpus
 
 __all__ = ["DataConfig"]
 
@@ -94,6 +95,9 @@ class DataConfig:
             raise ValueError(
                 f"data.eval_corpus must be None or a non-empty string, got {self.eval_corpus!r}"
             )
+        self.corpus = absolute_corpus(self.corpus)
+        if self.eval_corpus is not None:
+            self.eval_corpus = absolute_corpus(self.eval_corpus)
         for name in ("txt_document_chars", "max_train_tokens", "max_eval_tokens"):
             value = getattr(self, name)
             if value is None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from cald_scale.fileio import CACHE_TAG, cache_root, file_lock, tag_cache_dir
+from cald_scale.fileio import CACHE_TAG, absolute_if_local, cache_root, file_lock, tag_cache_dir
 
 if TYPE_CHECKING:
     from cald_scale.data.config import DataConfig
@@ -313,6 +313,20 @@ def _expand(item: str) -> list[str]:
     if os.path.isfile(path):
         return [path]
     raise FileNotFoundError(f"data file {item!r} does not exist")
+
+
+def absolute_corpus(corpus: str) -> str:
+    """``corpus`` (a data.corpus value) with its local paths and globs made absolute, each
+    comma-separated item on its own; built-in names, hub ids and paths not here are kept."""
+    corpus = corpus.strip()
+    if corpus in BUILTIN_CORPORA or corpus.startswith("hf:"):
+        return corpus
+    items = [item.strip() for item in corpus.split(",") if item.strip()]
+    local = [
+        os.path.abspath(os.path.expanduser(item)) if _GLOB_CHARS.search(item) else absolute_if_local(item, names=BUILTIN_CORPORA)
+        for item in items
+    ]
+    return ",".join(local)
 
 
 def resolve_corpus(corpus: str) -> CorpusSource:

@@ -461,3 +461,27 @@ def test_a_resume_may_not_change_whether_the_student_shares_a_fixed_teacher(tmp_
     assert _check_run_dir(tmp_path, load_run_config(None, [*every, later]), resuming_at=4)
     for recipe in sorted((Path(__file__).parents[2] / "recipes" / "guidance").glob("*.yaml")):  # never the default job's folder
         assert load_run_config(recipe).output.run_dir == f"runs/{recipe.stem}"
+
+
+def test_local_inputs_are_recorded_as_absolute_paths_so_commands_elsewhere_find_them(tmp_path, monkeypatch):
+    """A run started in a project folder with `teacher.name_or_path=teacher data.corpus=c.jsonl`
+    recorded those words; `cald-scale generate/evaluate` started elsewhere then looked for a hub
+    model called 'teacher'. Local paths (each item of a corpus list, globs, a megatron prefix)
+    are made absolute; built-in names, hub ids and paths that are not here stay as written; a
+    run saved with the relative spelling resumes under the absolute one and the other way round."""
+    from cald_scale.config import config_differences
+
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "c.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "prefix.bin").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    relative = ["teacher.name_or_path=teacher", "data.corpus=c.jsonl,./prefix", "data.eval_corpus=docs/*.txt",
+                "eval.other_corpora=[wiki, ~/nowhere-else.jsonl, HuggingFaceFW/fineweb]", "student.init_from=./teacher"]
+    cfg = load_run_config(None, relative)
+    assert cfg.teacher.name_or_path == cfg.student.init_from == str(tmp_path / "teacher")
+    assert cfg.data.corpus == f"{tmp_path / 'c.jsonl'},{tmp_path / 'prefix'}" and cfg.data.eval_corpus == str(tmp_path / "docs" / "*.txt")
+    assert cfg.eval.other_corpora == ["wiki", "~/nowhere-else.jsonl", "HuggingFaceFW/fineweb"]
+    default = load_run_config(None, ["teacher.name_or_path=HuggingFaceTB/SmolLM2-360M"])
+    assert (default.teacher.name_or_path, default.data.corpus) == ("HuggingFaceTB/SmolLM2-360M", "brown")
+    saved = {**cfg.to_dict(), "teacher": {**cfg.to_dict()["teacher"], "name_or_path": "teacher"}}
+    assert config_differences(saved, load_run_config(None, [f"teacher.name_or_path={tmp_path}/../{tmp_path.name}/teacher", *relative[1:]])) == []

@@ -756,7 +756,7 @@ def test_held_out_text_that_trains_is_refused(tmp_path, tokenizer, wiki_leads):
             build_indexed_dataset(dataclasses.replace(cfg, eval_corpus=eval_corpus), tokenizer, is_rank0=True)
     with pytest.raises(ValueError, match="shares text with data.corpus"):  # an other-domain set too
         held_out_sequences(a, tokenizer, cfg, max_tokens=64, is_rank0=True)
-    with pytest.raises(ValueError, match="'shakespeare' is scored as held-out text but shares text with data.corpus ' shakespeare'"):
+    with pytest.raises(ValueError, match="'shakespeare' is scored as held-out text but shares text with data.corpus 'shakespeare'"):
         build_indexed_dataset(DataConfig(corpus=" shakespeare", eval_corpus="shakespeare", cache_dir=str(tmp_path / "c2")), tokenizer, is_rank0=True)
     assert not (tmp_path / "c2").exists()  # refused before anything was tokenised
     # a corpus apart is scored
