@@ -329,9 +329,29 @@ def open_teacher(cfg: TeacherConfig) -> tuple[TeacherSource, PreTrainedTokenizer
     config._attn_implementation = cfg.attn_implementation
     config.dtype = DTYPES[cfg.dtype]
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    _check_tokenizer(tokenizer, config, folder)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return TeacherSource(name=cfg.name_or_path, kind=kind, folder=folder, config=config, dtype=DTYPES[cfg.dtype]), tokenizer
+
+
+def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, folder: Path) -> None:
+    """A folder saved without its tokenizer files still loads one (transformers builds an empty
+    tokenizer of the family's class), which encodes every text to nothing: say so here, not as
+    an empty corpus. One with more tokens than the model embeds is named too (its ids past the
+    embedding would be refused in the data, where the corpus looks at fault)."""
+    if not tokenizer("The quick brown fox.", add_special_tokens=False)["input_ids"]:
+        raise ValueError(
+            f"teacher folder {folder}: its tokenizer encodes text to no tokens ({len(tokenizer)} in its vocabulary): the "
+            "tokenizer files (tokenizer.json or vocab/merges, tokenizer_config.json) are missing; save them with the model "
+            "(tokenizer.save_pretrained into the same folder)"
+        )
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        logger.warning(
+            "teacher folder %s: its tokenizer has %d tokens but the model embeds %d (vocab_size): text with the tokens past "
+            "the embedding will be refused; the folder's tokenizer may not be its model's", folder, len(tokenizer), vocab_size,
+        )
 
 
 def build_teacher(source: TeacherSource, placement: Placement = PLAIN) -> PreTrainedModel:

@@ -145,7 +145,8 @@ def check_vocab(
             f"{corpus.tokenizer_name or 'an unknown tokenizer'}, vocab {corpus.vocab_size}) "
             f"holds token id {corpus.max_token_id}{scope}, but the model "
             f"({tokenizer_name or 'unnamed'}) has vocab_size={vocab_size}; tokenise the corpus "
-            "with the model's tokenizer"
+            "with the model's tokenizer (if it was: that tokenizer has more tokens than the model embeds, so it "
+            "is not the model's own)"
         )
     if not corpus.max_token_id_exact:
         logger.info(

@@ -12,6 +12,7 @@ from ..conversion.teacher import open_teacher
 from ..data import ShardedBatches
 from ..data.run_sets import open_run_datasets
 from ..eval.perplexity import eval_indices
+from ..generation.context import check_context
 from .student_source import student_init_source
 
 __all__ = ["LanguageModelingTask"]
@@ -39,6 +40,8 @@ class LanguageModelingTask:
         self.source, self.tokenizer = open_teacher(cfg.teacher)
         refuse_encoder(self.source)
         get_adapter(self.source.config)  # an unconvertible family fails now, before any weight is read
+        # The layer targets of positions past the teacher's trained range are no teacher's behaviour to learn.
+        check_context(self.source.config, cfg.data.seq_len, "the teacher", remedy="lower data.seq_len")
         self.student_source = student_init_source(cfg, self.source)
         self._is_main = is_main
         self.train_set = self.eval_sets = None

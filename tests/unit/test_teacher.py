@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from cald_scale.conversion import teacher as teacher_mod
 from cald_scale.conversion.teacher import (
     TeacherConfig,
     load_teacher,
+    open_teacher,
     resolve_teacher_source,
 )
 
@@ -260,3 +262,49 @@ def test_a_gguf_teacher_is_cached_by_content_not_by_where_it_was_installed(tmp_p
     changed[len(changed) // 2] ^= 1
     second.write_bytes(bytes(changed))
     assert teacher_mod._gguf_cache_folder(first, cache) != teacher_mod._gguf_cache_folder(second, cache)
+
+
+def test_a_teacher_folder_saved_without_its_tokenizer_is_named_not_its_corpus(tmp_path):
+    """transformers builds an empty tokenizer for a folder without tokenizer files, which encoded
+    every corpus to nothing ("corpus ... has no text to tokenise"); one with more tokens than the
+    model embeds is named when the teacher opens."""
+    import logging
+
+    from tiny_models import save_tiny_teacher, train_tokenizer
+
+    tokenizer = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300)
+    folder = save_tiny_teacher(tmp_path / "teacher", "qwen2", tokenizer)
+    open_teacher(TeacherConfig(name_or_path=str(folder)))
+    for name in folder.glob("tokenizer*"):
+        name.unlink()
+    with pytest.raises(ValueError, match=r"its tokenizer encodes text to no tokens .*tokenizer files .* are missing"):
+        open_teacher(TeacherConfig(name_or_path=str(folder)))
+
+    small = save_tiny_teacher(tmp_path / "small", "llama", tokenizer)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "vocab_size": len(tokenizer) - 10}))
+    logger = logging.getLogger("cald_scale.teacher")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        open_teacher(TeacherConfig(name_or_path=str(small)))
+    finally:
+        logger.removeHandler(handler)
+    assert any(f"its tokenizer has {len(tokenizer)} tokens but the model embeds {len(tokenizer) - 10}" in r.getMessage() for r in records)
+
+
+def test_a_context_longer_than_the_teachers_positions_is_refused_when_the_task_opens(tmp_path):
+    """data.seq_len past the teacher's max_position_embeddings trained on layer targets the
+    teacher was never trained to give (and `cald-scale evaluate` refused the finished run)."""
+    from tiny_models import save_tiny_teacher, train_tokenizer
+
+    from cald_scale.config import load_run_config
+    from cald_scale.tasks import open_task
+
+    folder = save_tiny_teacher(tmp_path / "teacher", "llama", train_tokenizer(["a b c d e f"] * 10, vocab_size=280))
+    common = [f"teacher.name_or_path={folder}", f"data.cache_dir={tmp_path / 'data'}"]
+    with pytest.raises(ValueError, match=r"a context of 1024 tokens exceeds the teacher's max_position_embeddings \(512\).*lower data.seq_len"):
+        open_task(load_run_config(overrides=[*common, "data.seq_len=1024"]), is_main=True)
+    assert open_task(load_run_config(overrides=[*common, "data.seq_len=512"]), is_main=True).source.folder == folder
