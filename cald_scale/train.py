@@ -234,6 +234,27 @@ def _check_unchanged(path: Path, what: str, env: DistEnv, identity: dict, *, res
         )
 
 
+def _finite_teacher_scores(scores: dict, source) -> dict:
+    """The teacher's held-out scores, refused when one is NaN or infinite: a teacher whose outputs
+    are not finite (a damaged checkpoint, a float16 overflow) gives no target to learn, and the run
+    would stop steps later on non-finite losses, blaming the learning rate."""
+    def leaves(value, path: str):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                yield from leaves(inner, f"{path}.{key}" if path else key)
+        elif isinstance(value, float):
+            yield path, value
+
+    bad = [(path, value) for path, value in leaves(scores, "") if not math.isfinite(value)]
+    if bad:
+        overflow = "" if source.dtype == torch.float32 else f", or an overflow in {str(source.dtype).removeprefix('torch.')}: try teacher.dtype=float32"
+        raise ValueError(
+            f"teacher {source.name!r} scores {', '.join(f'{p}={v}' for p, v in bad[:4])} on held-out data: its outputs are not "
+            f"finite (a damaged or wrongly converted checkpoint in {source.folder}{overflow}), so it gives no target to distil"
+        )
+    return scores
+
+
 def _once(path: Path, env: DistEnv, compute, *, resuming: bool) -> dict:
     """A value computed once per run (on every rank) and reused on resume; a start from
     scratch computes it again (a folder's earlier start may have had other settings)."""
@@ -616,12 +637,11 @@ def _start(
     # scored (minutes on a large one, past SLURM's KillWait): nothing has trained in this session.
     if signal_name := stop_requested(student_engine.device):
         raise Preempted(None, signal_name)
-    baseline = _once(
-        run_dir / "baseline.json",
-        env,
-        lambda: {"teacher": evaluate("teacher") if plan.uses_teacher else None, "student_before": evaluate("student")},
-        resuming=bool(saved),
-    )
+    def score_starting_point() -> dict:
+        teacher = _finite_teacher_scores(evaluate("teacher"), task.source) if plan.uses_teacher else None
+        return {"teacher": teacher, "student_before": evaluate("student")}
+
+    baseline = _once(run_dir / "baseline.json", env, score_starting_point, resuming=bool(saved))
     step = student_engine.global_steps
     state = StepState(saved, last_saved=step, max_consecutive_nan=cfg.train.max_consecutive_nan, ckpt_dir=ckpt_dir)
     logger.info(

@@ -148,6 +148,27 @@ def test_two_rank_checkpoint_resumes_on_one_rank_on_the_same_trajectory(tmp_path
     assert sorted(p.name for p in ckpt.glob("step_*")) == tags and (run_dir / "config.json").read_text() == config
 
 
+def test_a_teacher_with_non_finite_outputs_is_refused_at_its_baseline(tmp_path, teacher_dirs, data_cache):
+    """One NaN in a teacher weight (a damaged checkpoint): refused once its held-out score is
+    NaN, naming the teacher, before the student is scored or any step runs (it trained on, the
+    layer losses NaN, and stopped steps later blaming the learning rate)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    teacher = shutil.copytree(teacher_dirs["llama"], tmp_path / "damaged")
+    weights = load_file(teacher / "model.safetensors")
+    key = next(k for k in weights if k.endswith("layers.1.mlp.down_proj.weight"))
+    weights[key][0, 0] = float("nan")
+    save_file(weights, teacher / "model.safetensors", metadata={"format": "pt"})
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(teacher, run_dir, data_cache, **{"student.trainable": "mixers"})
+    refused = run(deepspeed_command(overrides, ranks=1), launcher_env(tmp_path))
+    out = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and f"teacher {str(teacher)!r} scores heldout.ppl=inf, heldout.nll=nan on held-out data" in out and "its outputs are not finite" in out, out[-3000:]
+    assert "converted student" not in out and not (run_dir / "checkpoints").exists() and not metrics(run_dir)
+    assert torch.isnan(load_file(teacher / "model.safetensors")[key]).any()
+
+
 def test_a_train_split_under_one_global_batch_is_refused_before_the_engines(tmp_path, teacher_dirs, data_cache):
     """Two sequences of 64 tokens against a global batch of 4: named before the models are built and
     both baselines scored (minutes with a real teacher), not after."""
