@@ -35,6 +35,7 @@ from .conversion.modeling import CaldStudentConfig
 from .cli import check_output_file, device_arg, non_negative_int, positive_int
 from .conversion.teacher import DTYPES, TeacherConfig, load_teacher
 from .data import DataConfig, PackedSequences, held_out_sequences
+from .data.heldout import same_corpus
 from .data.tokenise import tokenizer_identity
 from .distill.stages import LayerwiseModel
 from .eval import harness
@@ -64,6 +65,9 @@ class EvalTarget:
     whether or not the teacher is scored too."""
     head_chunk_tokens: int | None = None
     """Tokens per logits chunk: the run's loss.head_chunk_tokens (None: automatic)."""
+    heldout_identity: dict | None = None
+    """The run's own held-out split as its first session read it (its data.json): scoring that
+    corpus again must read the same split. None: a student alone, or a run from before the record."""
 
 
 def _read_config(folder: Path) -> dict:
@@ -129,8 +133,10 @@ def resolve_target(
             teacher_cfg = dataclasses.replace(teacher_cfg, name_or_path=teacher, gguf_file=None)
         batch = config.get("eval", {}).get("micro_batch_size", EvalTarget.micro_batch_size)
         chunk = config.get("loss", {}).get("head_chunk_tokens")
+        recorded = read_json(folder / "data.json").get("heldout") if (folder / "data.json").is_file() else None
         target = EvalTarget(
-            student_dir=student_dir, teacher=teacher_cfg, data=data, micro_batch_size=batch, dtype=teacher_cfg.dtype, head_chunk_tokens=chunk
+            student_dir=student_dir, teacher=teacher_cfg, data=data, micro_batch_size=batch, dtype=teacher_cfg.dtype, head_chunk_tokens=chunk,
+            heldout_identity=recorded,
         )
     else:
         raise ValueError(
@@ -211,6 +217,7 @@ def evaluate(
         )
         for name in corpora
     }
+    _check_same_heldout(target, data, held_out)
     batch_size = batch_size or target.micro_batch_size
 
     # NOTE: one model in memory at a time: the teacher is scored and freed before the student loads.
@@ -232,6 +239,21 @@ def evaluate(
             "ratio": s["ppl"] / t["ppl"] if t else None,
         })
     return rows
+
+
+def _check_same_heldout(target: EvalTarget, data: DataConfig, held_out: dict) -> None:
+    """The run's own corpus is scored on the held-out split the run kept apart: a corpus changed
+    since (a line appended, a file added) is split anew, and the new "held-out" documents would
+    include some the run trained on, so it is refused, as resuming the run is."""
+    recorded = (target.heldout_identity or {}).get("source")
+    own = data.eval_corpus or data.corpus
+    for name, sequences in held_out.items():
+        if recorded and same_corpus(name, own) and sequences.identity["source"] != recorded:
+            raise ValueError(
+                f"the held-out split of {name!r} is not the one run {target.student_dir.parent} kept apart (its data.json: "
+                f"{recorded}, now {sequences.identity['source']}): the corpus changed since the run, so its new split may hold "
+                "documents the run trained on. Restore the corpus, or score another corpus (--corpus)"
+            )
 
 
 def evaluate_tasks(

@@ -13,7 +13,7 @@ from cald_scale.data.packing import PackedSequences, check_vocab
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["held_out_sequences"]
+__all__ = ["held_out_sequences", "same_corpus"]
 
 
 def held_out_sequences(
@@ -37,7 +37,7 @@ def held_out_sequences(
     `vocab_size`: the model's; its token ids are checked against it (every sequence read, where
     the corpus's largest id is only a sample's: a large user prefix).
     """
-    if _same_corpus(corpus, data_cfg.corpus):
+    if same_corpus(corpus, data_cfg.corpus):
         if data_cfg.eval_corpus is not None:
             raise ValueError(
                 f"corpus {corpus!r} trains whole in this run (data.eval_corpus is set): it has "
@@ -54,7 +54,8 @@ def held_out_sequences(
     return PackedSequences(held_out, "eval", data_cfg.seq_len, seq_len_name=seq_len_name, vocab_size=checked)
 
 
-def _same_corpus(corpus: str, run_corpus: str) -> bool:
+def same_corpus(corpus: str, run_corpus: str) -> bool:
+    """Whether two data.corpus values name the same text (however spelled)."""
     if corpus.strip() == run_corpus.strip():
         return True
     try:

@@ -111,6 +111,29 @@ def test_run_folder_defaults_to_its_own_eval_split(models, tmp_path):
     assert alone["teacher"] is None and alone["ratio"] is None and alone["tokens"] == 2 * (SEQ_LEN - 1)
 
 
+def test_a_run_whose_corpus_changed_since_is_not_scored_on_a_new_split(models, tmp_path, capsys):
+    """The run's data.json records its held-out split; a corpus changed since (text appended) is
+    split anew, with documents the run trained on among the new "held-out" ones: evaluate scored
+    them without a word, as resuming the run refuses. Another corpus is still scored."""
+    teacher_dir, student_dir, text, tokenizer = models
+    corpus = tmp_path / "plays.txt"
+    shutil.copy(text, corpus)
+    run = tmp_path / "runs" / "r2"
+    shutil.copytree(student_dir, run / "student")
+    data = {"corpus": str(corpus), "seq_len": SEQ_LEN, "eval_fraction": 0.2, "txt_document_chars": 8192, "cache_dir": str(tmp_path / "cache")}
+    (run / "config.json").write_text(json.dumps({"teacher": {"name_or_path": str(teacher_dir)}, "data": data, "eval": {"micro_batch_size": BATCH}}))
+    heldout = held_out_sequences(str(corpus), tokenizer, DataConfig(**data), max_tokens=None, is_rank0=True)
+    (run / "data.json").write_text(json.dumps({"train": {}, "heldout": heldout.identity}))
+    out = tmp_path / "ppl.json"
+    assert main(["evaluate", str(run), "--max_sequences", str(NUM_SEQUENCES), "--json", str(out)]) == 0
+
+    corpus.write_text(corpus.read_text() + "\n\n" + "Enter a new scene, with new words. " * 2000)
+    assert main(["evaluate", str(run), "--max_sequences", str(NUM_SEQUENCES), "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"the held-out split of {str(corpus)!r} is not the one run {run} kept apart" in err and "Restore the corpus" in err
+    assert main(["evaluate", str(run), "--corpus", text, "--max_sequences", str(NUM_SEQUENCES), "--json", str(out)]) == 0
+
+
 def test_errors_are_one_line_with_status_2(models, tmp_path, capsys, monkeypatch):
     _, student_dir, _, _ = models
     monkeypatch.chdir(tmp_path)  # the default data.cache_dir is relative
