@@ -196,13 +196,16 @@ def _write_part(
     """Tokenise part `index` of a split (documents `order`, one per sequence) up to the cap."""
     prefix = parts.prefix(index)
     builder = indexed_dataset.IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
-    num_tokens, num_docs, max_id, start, batch = 0, 0, -1, 0, 1
+    num_tokens, num_docs, empty, max_id, start, batch = 0, 0, 0, -1, 0, 1
     while start < len(order) and (cap is None or tokens_before + num_tokens < cap):
         # NOTE: batches grow 1, 2, 4, ... so a small cap tokenises little more than it keeps.
         texts = texts_of(order[start : start + batch])
         start, batch = start + batch, min(2 * batch, _DOCS_PER_BATCH)
         for ids in _encode(tokenizer, texts):
-            if not ids or (cap is not None and tokens_before + num_tokens >= cap):
+            if not ids:
+                empty += 1
+                continue
+            if cap is not None and tokens_before + num_tokens >= cap:
                 continue
             if eos is not None:
                 ids.append(eos)
@@ -214,7 +217,7 @@ def _write_part(
             num_tokens += len(array)
             num_docs += 1
     builder.finalize(prefix + ".idx")
-    meta = {"tokens": num_tokens, "docs": num_docs, "max_id": max_id}
+    meta = {"tokens": num_tokens, "docs": num_docs, "empty": empty, "max_id": max_id}
     parts.finish(index, meta)
     return meta
 
@@ -278,7 +281,7 @@ def _write_splits(
 
     # 2. Tokenise each split part by part until its cap, one document per sequence.
     meta: dict[str, Any] = {}
-    max_id = -1
+    max_id, empty = -1, 0
     t0 = logged = time.perf_counter()
     for split in _SPLITS:
         parts, split_order, cap = _Parts(folder, split), orders[split], caps[split]
@@ -300,6 +303,7 @@ def _write_splits(
                         -(-len(split_order) // _PART_DOCS), num_tokens + part["tokens"], logged - t0,
                     )
             num_tokens, num_docs, max_id = num_tokens + part["tokens"], num_docs + part["docs"], max(max_id, part["max_id"])
+            empty += part.get("empty", 0)  # NOTE: parts written before the count have none
             index += 1
             # A preemption signal stops the build between parts: the requeued job resumes from them.
             raise_if_preempted(f"tokenising the corpus ({split} part {index} done)")
@@ -312,6 +316,11 @@ def _write_splits(
         meta[f"num_{split}_docs"] = num_docs
     if max_id < 0:
         raise ValueError(f"corpus {source.name!r} has no text to tokenise")
+    if empty:  # e.g. jsonl rows whose text is null: the corpus is smaller than its row count says
+        logger.warning(
+            "corpus %r: %d document(s) have no text (empty, or a null or missing %r field) and are left out",
+            source.name, empty, cfg.text_field,
+        )
     if max_id > np.iinfo(dtype).max:
         raise ValueError(f"token id {max_id} does not fit the cache dtype {np.dtype(dtype).name}")
     logger.info(

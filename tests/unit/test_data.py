@@ -571,6 +571,21 @@ def test_local_jsonl_with_custom_text_field(tmp_path, tokenizer, wiki_leads):
         build_indexed_dataset(dataclasses.replace(cfg, text_field="text"), tokenizer, is_rank0=True)
 
 
+def test_rows_without_text_are_counted_aloud(tmp_path, tokenizer, wiki_leads, caplog):
+    """jsonl rows whose text is null or empty are left out of the corpus, which was silent: a
+    corpus of 40 rows, 15 of them without text, held 25 documents and said nothing."""
+    import logging
+
+    path = tmp_path / "mixed.jsonl"
+    with open(path, "w") as f:
+        for i, doc in enumerate(wiki_leads[:40]):
+            f.write(json.dumps({"text": None if i % 4 == 1 else "" if i % 4 == 3 and i < 20 else doc}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="cald_scale.data.tokenise"):
+        corpus = build_indexed_dataset(DataConfig(corpus=str(path), cache_dir=str(tmp_path / "cache")), tokenizer, is_rank0=True)
+    assert corpus.num_train_docs + corpus.num_eval_docs == 25
+    assert "15 document(s) have no text (empty, or a null or missing 'text' field) and are left out" in caplog.text
+
+
 def test_local_parquet(tmp_path, tokenizer, wiki_leads):
     import pandas as pd
 
