@@ -89,8 +89,7 @@ def write_random_teacher(geometry: str, folder: Path, *, shard_bytes: int = 1 <<
     import shutil
 
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
     params = dict(GEOMETRIES[geometry])
@@ -98,7 +97,8 @@ def write_random_teacher(geometry: str, folder: Path, *, shard_bytes: int = 1 <<
     if (folder / "model.safetensors.index.json").is_file():
         saved = json.loads((folder / "config.json").read_text())
         wanted = json.loads(config.to_json_string())  # as save_pretrained writes it
-        if all(saved.get(key) == wanted.get(key) for key in (saved.keys() | wanted.keys()) - {"transformers_version"}):
+        byte_level = "ByteLevel" in (folder / "tokenizer.json").read_text() if (folder / "tokenizer.json").is_file() else False
+        if byte_level and all(saved.get(key) == wanted.get(key) for key in (saved.keys() | wanted.keys()) - {"transformers_version"}):
             return folder
         shutil.rmtree(folder)
     with torch.device("meta"):
@@ -130,11 +130,23 @@ def write_random_teacher(geometry: str, folder: Path, *, shard_bytes: int = 1 <<
         flush()
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config.save_pretrained(tmp)
-    vocab = {f"t{i}": i for i in range(255)} | {"<eos>": 255}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), eos_token="<eos>")
-    tokenizer.save_pretrained(tmp)
+    byte_level_tokenizer().save_pretrained(tmp)
     tmp.rename(folder)
     return folder
+
+
+def byte_level_tokenizer():
+    """A 257-token tokenizer (the 256 bytes and <eos>), byte-level BPE with no merges: every
+    family's tokenizer class loads it from its tokenizer.json (Qwen2's included, which builds an
+    empty tokenizer from a word-level one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={**{ch: i for i, ch in enumerate(alphabet)}, "<eos>": len(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
 
 
 def llama_teacher(num_layers: int, seed: int = 0):

@@ -63,7 +63,13 @@ def _seed_everything(seed: int) -> None:
 # What a resumed run may not change: what it learns from and what its checkpoints hold. (Its
 # schedule, losses, batch layout and outputs may change; the change is logged and recorded.)
 _FIXED_ON_RESUME = ("task", "teacher", "student", "data", "classification", "train.seed")
-_MOVABLE = ("teacher.cache_dir", "data.cache_dir", "data.wait_timeout_s")  # where files live, how long to wait: free to change
+# Where files live and how long to wait: free to change. The teacher, student.init_from and the
+# corpora may move too (a project copied elsewhere): their content is what a resume compares
+# (teacher.json, data.json).
+_MOVABLE = (
+    "teacher.cache_dir", "data.cache_dir", "data.wait_timeout_s",
+    "teacher.name_or_path", "student.init_from", "data.corpus", "data.eval_corpus",
+)
 
 
 def _fixed_on_resume(key: str) -> bool:
@@ -211,13 +217,14 @@ def _check_same_data(run_dir: Path, env: DistEnv, identity: dict, *, resumed_at:
 
 
 def _check_same_teacher(run_dir: Path, env: DistEnv, identity: dict, *, resumed_at: int | None) -> None:
-    """A resumed run distils from the teacher its first session did (teacher.json, the weights'
-    content): teacher weights saved anew at the same path (fine-tuned further, another seed)
-    would go on silently from mixers trained on the old one, the frozen copied weights (the
-    teacher's own tensors) and the recorded baseline from the new one."""
+    """A resumed run distils from the teacher its first session did, and converts the student
+    from the same student.init_from (teacher.json, the weights' content): teacher weights saved
+    anew at the same path (fine-tuned further, another seed) would go on silently from mixers
+    trained on the old one, the frozen copied weights (the teacher's own tensors) and the
+    recorded baseline from the new one. A path that changed with the same content resumes."""
     _check_unchanged(
-        run_dir / "teacher.json", f"the teacher of run {run_dir}", env, identity, resumed_at=resumed_at,
-        why="Its student was trained against the teacher as it was, and shares or copied its weights",
+        run_dir / "teacher.json", f"the teacher or student.init_from of run {run_dir}", env, identity, resumed_at=resumed_at,
+        why="Its student was trained against the models as they were, and shares or copied their weights",
     )
 
 
@@ -602,7 +609,8 @@ def _start(
     check_waypoints(plan.waypoints, task.source.config)  # a missing or foreign waypoint fails now, not mid-run
     task.open_data()
     _check_same_data(run_dir, env, task.data_identity(), resumed_at=tags[0][0] if tags else None)  # before the engines: a refusal costs seconds
-    _check_same_teacher(run_dir, env, task.source.identity(), resumed_at=tags[0][0] if tags else None)
+    models_read = {"teacher": task.source.identity(), **({"init_from": task.student_source.identity()} if task.student_source else {})}
+    _check_same_teacher(run_dir, env, models_read, resumed_at=tags[0][0] if tags else None)
     task.train_batches(cfg.train.micro_batch(dp), 0, dp, torch.device("cpu"))  # a train split under one global batch: refused now too
     _seed_everything(cfg.train.seed)
 

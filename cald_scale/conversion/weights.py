@@ -242,25 +242,38 @@ def _weight_files(folder: Path) -> tuple[type, list[Path]]:
     raise FileNotFoundError(f"{folder} holds no weights (*.safetensors or pytorch_model*.bin)")
 
 
-_SAMPLES, _SAMPLE_BYTES, _HEAD_BYTES = 32, 64 << 10, 1 << 20
+_SLICE_BYTES = 4096
 
 
 def weights_fingerprint(folder: str | Path) -> list[list]:
     """[file name, size, digest] of each weight file of a HF model folder: what a resumed run
-    compares with its first session's teacher. The digest covers the file's first MiB (the
-    header) and 32 slices of 64 KiB spread over the rest, so it costs milliseconds however large
-    the model, and weights saved anew over the same geometry (a teacher fine-tuned further,
-    another seed) change it; a path spelled differently or a moved copy do not."""
+    compares with its first session's teacher. The digest covers every tensor's name, dtype and
+    shape and three 4 KiB slices of its bytes (its start, middle and end), so weights saved anew
+    over the same geometry (a teacher fine-tuned further, even one layer of it, another seed)
+    change it, at a cost of milliseconds however large the model; a copy elsewhere or another
+    spelling of the path does not."""
+    reader_class, files = _weight_files(Path(folder))
     fingerprint = []
-    for path in _weight_files(Path(folder))[1]:
-        size = path.stat().st_size
+    for path in files:
         digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            digest.update(handle.read(_HEAD_BYTES))
-            for i in range(_SAMPLES):
-                handle.seek(_HEAD_BYTES + (max(size - _HEAD_BYTES - _SAMPLE_BYTES, 0) * i) // max(_SAMPLES - 1, 1))
-                digest.update(handle.read(_SAMPLE_BYTES))
-        fingerprint.append([path.name, size, digest.hexdigest()[:16]])
+        if reader_class is SafetensorsReader:
+            reader = SafetensorsReader([path])
+            with open(path, "rb") as handle:
+                for key in sorted(reader.keys()):
+                    _, offset, nbytes, dtype, shape = reader._entries[key]
+                    digest.update(f"{key}:{dtype}:{shape}".encode())
+                    for start in sorted({0, max(nbytes // 2 - _SLICE_BYTES // 2, 0), max(nbytes - _SLICE_BYTES, 0)}):
+                        handle.seek(offset + start)
+                        digest.update(handle.read(min(_SLICE_BYTES, nbytes)))
+        else:  # NOTE: memory-mapped: only the pages of the slices are read
+            tensors = TorchBinReader([path])._tensors
+            for key in sorted(tensors):
+                flat = tensors[key].reshape(-1)
+                digest.update(f"{key}:{flat.dtype}:{tuple(tensors[key].shape)}".encode())
+                step = max(_SLICE_BYTES // max(flat.element_size(), 1), 1)
+                for start in sorted({0, max(flat.numel() // 2 - step // 2, 0), max(flat.numel() - step, 0)}):
+                    digest.update(flat[start : start + step].contiguous().view(torch.uint8).numpy().tobytes())
+        fingerprint.append([path.name, path.stat().st_size, digest.hexdigest()[:16]])
     return fingerprint
 
 

@@ -44,12 +44,16 @@ def held_out_sequences(
                 "no held-out text; score data.eval_corpus instead"
             )
         held_out = build_indexed_dataset(data_cfg, tokenizer, is_rank0=is_rank0)
-        if max_tokens is not None:
-            held_out = replace(held_out, num_eval_tokens=min(held_out.num_eval_tokens, max_tokens))
+    elif data_cfg.eval_corpus is not None and same_corpus(corpus, data_cfg.eval_corpus):
+        # The run's held-out corpus as the run tokenised it (its cap, its cache), then cut: the same
+        # split the run recorded, whatever is scored of it.
+        held_out = held_out_corpus(data_cfg, data_cfg.eval_corpus, tokenizer, max_tokens=data_cfg.max_eval_tokens, is_rank0=is_rank0)
     else:
         held_out = held_out_corpus(
             data_cfg, corpus, tokenizer, max_tokens=max_tokens, is_rank0=is_rank0
         )
+    if max_tokens is not None:
+        held_out = replace(held_out, num_eval_tokens=min(held_out.num_eval_tokens, max_tokens))
     checked = check_vocab(held_out, vocab_size, model_name) if vocab_size is not None else None
     return PackedSequences(held_out, "eval", data_cfg.seq_len, seq_len_name=seq_len_name, vocab_size=checked)
 

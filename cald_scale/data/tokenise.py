@@ -317,9 +317,10 @@ def _write_splits(
     if max_id < 0:
         raise ValueError(f"corpus {source.name!r} has no text to tokenise")
     if empty:  # e.g. jsonl rows whose text is null: the corpus is smaller than its row count says
+        rows = source.builder not in (None, "text")  # records with a text field, not plain text files
         logger.warning(
-            "corpus %r: %d document(s) have no text (empty, or a null or missing %r field) and are left out",
-            source.name, empty, cfg.text_field,
+            "corpus %r: %d document(s) have no text (%s) and are left out", source.name, empty,
+            f"empty, or a null or missing {cfg.text_field!r} field" if rows else "empty",
         )
     if max_id > np.iinfo(dtype).max:
         raise ValueError(f"token id {max_id} does not fit the cache dtype {np.dtype(dtype).name}")

@@ -190,7 +190,9 @@ _cald_requeue() {  # $1: why
 # of CALD_REQUEUE_ON, else out with the preempted code (a scancel: the user stops the run).
 _cald_end_signalled() {  # $1: why
     local sig=${CALD_SIGNALLED:-}
-    if [ -z "$sig" ] && [ -f "$CALD_RUN_DIR/preempted.json" ]; then  # the ranks were signalled, not this shell
+    # The ranks were signalled, not this shell: their note says by what, if this launch wrote it (a
+    # stop before the first step writes none, and an older note names an earlier signal).
+    if [ -z "$sig" ] && [ -f "$CALD_RUN_DIR/preempted.json" ] && [ "$(stat -c %Y "$CALD_RUN_DIR/preempted.json")" -ge "${CALD_LAUNCHED:-0}" ]; then
         sig=$("$CALD_PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["signal"].removeprefix("SIG"))' "$CALD_RUN_DIR/preempted.json" 2>/dev/null || true)
     fi
     if [ -n "${CALD_REQUEUE_ASKED:-}" ] || [ -z "$sig" ] || [[ " $CALD_REQUEUE_ON " == *" $sig "* ]]; then _cald_requeue "$1"; fi
@@ -208,6 +210,7 @@ cald_run() {
     _cald_log "launch: $*"
     local launched
     launched=$(date +%s)
+    CALD_LAUNCHED=$launched
     "$@" &
     CALD_PID=$!
     if [ -n "$CALD_SIGNALLED" ]; then "$CALD_FORWARD" "$CALD_SIGNALLED"; fi  # landed during the launch itself

@@ -467,7 +467,8 @@ def test_local_inputs_are_recorded_as_absolute_paths_so_commands_elsewhere_find_
     """A run started in a project folder with `teacher.name_or_path=teacher data.corpus=c.jsonl`
     recorded those words; `cald-scale generate/evaluate` started elsewhere then looked for a hub
     model called 'teacher'. Local paths (each item of a corpus list, globs, a megatron prefix)
-    are made absolute; built-in names, hub ids and paths that are not here stay as written; a
+    are made absolute; built-in names, hub ids, paths that are not here and the other-domain eval
+    sets (their names key their scores) stay as written; a
     run saved with the relative spelling resumes under the absolute one and the other way round."""
     from cald_scale.config import config_differences
 
@@ -480,8 +481,22 @@ def test_local_inputs_are_recorded_as_absolute_paths_so_commands_elsewhere_find_
     cfg = load_run_config(None, relative)
     assert cfg.teacher.name_or_path == cfg.student.init_from == str(tmp_path / "teacher")
     assert cfg.data.corpus == f"{tmp_path / 'c.jsonl'},{tmp_path / 'prefix'}" and cfg.data.eval_corpus == str(tmp_path / "docs" / "*.txt")
+    # The other-domain sets keep their spelling: it names their scores (metrics, baseline, report).
     assert cfg.eval.other_corpora == ["wiki", "~/nowhere-else.jsonl", "HuggingFaceFW/fineweb"]
+    assert load_run_config(None, ["eval.other_corpora=[c.jsonl]"]).eval.other_corpora == ["c.jsonl"]
     default = load_run_config(None, ["teacher.name_or_path=HuggingFaceTB/SmolLM2-360M"])
     assert (default.teacher.name_or_path, default.data.corpus) == ("HuggingFaceTB/SmolLM2-360M", "brown")
     saved = {**cfg.to_dict(), "teacher": {**cfg.to_dict()["teacher"], "name_or_path": "teacher"}}
     assert config_differences(saved, load_run_config(None, [f"teacher.name_or_path={tmp_path}/../{tmp_path.name}/teacher", *relative[1:]])) == []
+    # A project moved (or copied) elsewhere resumes: the paths are recorded as changes, and what
+    # the models and data hold is compared by content (teacher.json, data.json), not by path.
+    from cald_scale.train import _check_run_dir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    moved = cfg.to_dict()
+    moved["teacher"]["name_or_path"], moved["student"]["init_from"] = "/old/place/teacher", "/old/place/teacher"
+    moved["data"]["corpus"], moved["data"]["eval_corpus"] = "/old/place/c.jsonl", "/old/place/docs/*.txt"
+    (run_dir / "config.json").write_text(json.dumps(moved))
+    changes = _check_run_dir(run_dir, cfg, resuming_at=4)
+    assert f"teacher.name_or_path: saved '/old/place/teacher', wanted '{tmp_path / 'teacher'}'" in changes and len(changes) == 4

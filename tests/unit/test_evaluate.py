@@ -17,7 +17,7 @@ from cald_scale.cli import main
 from cald_scale.conversion.modeling import ConversionConfig
 from cald_scale.conversion.surgery import convert_teacher
 from cald_scale.conversion.teacher import TeacherConfig, load_teacher
-from cald_scale.data import BUILTIN_CORPORA, DataConfig, held_out_sequences
+from cald_scale.data import BUILTIN_CORPORA, DataConfig, PackedSequences, build_indexed_dataset, held_out_sequences
 from cald_scale.distill.stages import LayerwiseModel
 from cald_scale.eval.perplexity import perplexity
 
@@ -122,10 +122,24 @@ def test_a_run_whose_corpus_changed_since_is_not_scored_on_a_new_split(models, t
     shutil.copytree(student_dir, run / "student")
     data = {"corpus": str(corpus), "seq_len": SEQ_LEN, "eval_fraction": 0.2, "txt_document_chars": 8192, "cache_dir": str(tmp_path / "cache")}
     (run / "config.json").write_text(json.dumps({"teacher": {"name_or_path": str(teacher_dir)}, "data": data, "eval": {"micro_batch_size": BATCH}}))
-    heldout = held_out_sequences(str(corpus), tokenizer, DataConfig(**data), max_tokens=None, is_rank0=True)
-    (run / "data.json").write_text(json.dumps({"train": {}, "heldout": heldout.identity}))
+    def record(run, data):  # what training writes: the identity of the run's own held-out split
+        split = PackedSequences(build_indexed_dataset(DataConfig(**data), tokenizer, is_rank0=True), "eval", SEQ_LEN)
+        (run / "data.json").write_text(json.dumps({"train": {}, "heldout": split.identity}))
+
+    record(run, data)
     out = tmp_path / "ppl.json"
     assert main(["evaluate", str(run), "--max_sequences", str(NUM_SEQUENCES), "--json", str(out)]) == 0
+    # A run held out a whole other corpus (data.eval_corpus): scored on a few sequences of it, the
+    # split is still the run's (evaluate once tokenised it to its own cap and refused it as changed).
+    apart = tmp_path / "apart.txt"
+    apart.write_text("Another play, held out whole. " * 3000)
+    other_run = tmp_path / "runs" / "r3"
+    shutil.copytree(student_dir, other_run / "student")
+    other = {**data, "eval_corpus": str(apart)}
+    (other_run / "config.json").write_text(json.dumps({"teacher": {"name_or_path": str(teacher_dir)}, "data": other, "eval": {"micro_batch_size": BATCH}}))
+    record(other_run, other)
+    assert main(["evaluate", str(other_run), "--no_teacher", "--max_sequences", "2", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["results"][0]["corpus"] == str(apart)
 
     corpus.write_text(corpus.read_text() + "\n\n" + "Enter a new scene, with new words. " * 2000)
     assert main(["evaluate", str(run), "--max_sequences", str(NUM_SEQUENCES), "--json", str(out)]) == 2

@@ -68,3 +68,30 @@ def test_a_rank_still_starting_python_is_not_killed_by_the_signal(tmp_path):
     failing); the signal waits for the handler."""
     log, seen = _forward_while_starting(tmp_path, launch_delay_s=0.0, handler_delay_s=1.5, rank_up=True)
     assert seen == "USR1" and "rank exit 0" in log, log
+
+
+def test_an_earlier_launchs_preemption_note_does_not_decide_this_ones_requeue(tmp_path):
+    """The ranks stopped with the preempted code but wrote no note (a stop before their first
+    step): a note left by an earlier launch (a scancel's SIGTERM) decided that this job ends
+    rather than requeues; only a note this launch wrote counts."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    note = run_dir / "preempted.json"
+    note.write_text('{"signal": "SIGTERM", "step": 4}')
+
+    def end(launched_after_note: bool) -> str:
+        script = textwrap.dedent(
+            f"""
+            source {REPO}/launch/slurm/common.sh
+            unset SLURM_JOB_ID
+            CALD_RUN_DIR={run_dir} CALD_PYTHON={sys.executable} CALD_SIGNALLED= CALD_REQUEUE_ASKED=
+            CALD_LAUNCHED=$(( $(stat -c %Y {note}) {"+ 5" if launched_after_note else "- 5"} ))
+            _cald_end_signalled "the ranks saved a checkpoint and stopped (exit 75)"
+            """
+        )
+        done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 75, done.stdout + done.stderr
+        return done.stdout
+
+    assert "not a SLURM job, rerun to resume" in end(launched_after_note=True)  # stale: an unknown signal requeues
+    assert "SIGTERM is not a requeue signal" in end(launched_after_note=False)  # this launch's own note decides

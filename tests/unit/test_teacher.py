@@ -308,3 +308,8 @@ def test_a_context_longer_than_the_teachers_positions_is_refused_when_the_task_o
     with pytest.raises(ValueError, match=r"a context of 1024 tokens exceeds the teacher's max_position_embeddings \(512\).*lower data.seq_len"):
         open_task(load_run_config(overrides=[*common, "data.seq_len=1024"]), is_main=True)
     assert open_task(load_run_config(overrides=[*common, "data.seq_len=512"]), is_main=True).source.folder == folder
+    with pytest.raises(ValueError, match="exceeds the teacher's max_position_embeddings"):  # kept attention layers
+        open_task(load_run_config(overrides=[*common, "data.seq_len=1024", "phases=[{name: u, guidance: none}]"]), is_main=True)
+    # Unguided, mixers alone: nothing in the run has positions.
+    unguided = ["phases=[{name: u, guidance: none}]", "student.conversion.attention_every=0"]
+    assert open_task(load_run_config(overrides=[*common, "data.seq_len=1024", *unguided]), is_main=True).source.folder == folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -21,12 +22,12 @@ from cald_scale.conversion.weights import (
 
 
 def _save_with_tokenizer(model, folder, **kwargs):
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
+    # NOTE: a byte-level BPE, which every family's tokenizer class loads (a WordLevel toy loads
+    # as an empty Qwen2Tokenizer for qwen2, which open_teacher refuses).
+    from tiny_models import train_tokenizer
 
     model.save_pretrained(folder, **kwargs)
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<eos>": 1}, unk_token="a")), eos_token="<eos>")
-    tok.save_pretrained(folder)
+    train_tokenizer(["a b c"], vocab_size=257).save_pretrained(folder)
     return folder
 
 
@@ -202,13 +203,28 @@ def test_a_teachers_weights_are_identified_by_content_not_by_path(tmp_path):
     again = weights_fingerprint(folder)
     assert [(name, size) for name, size, _ in again] == [(name, size) for name, size, _ in first]  # the same geometry
     assert all(a[2] != b[2] for a, b in zip(again, first))
+    # One tensor changed in a file larger than the slices read (one layer fine-tuned, one norm
+    # rescaled), in safetensors and in .bin files: each changes the digest.
+    model = tiny_teacher("llama", vocab=32768, seed=0)  # 8 MiB: the layers sit among 8 MiB of embedding
+    for safe in (True, False):
+        whole = tmp_path / f"whole_{safe}"
+        model.save_pretrained(whole, safe_serialization=safe)
+        before = weights_fingerprint(whole)
+        assert before[0][1] > 8 << 20  # most bytes lie outside the slices read
+        for name, change in (("model.layers.1.mlp.down_proj.weight", lambda t: t + 1e-3), ("model.layers.2.input_layernorm.weight", lambda t: t * 1.5)):
+            edited = copy.deepcopy(model)
+            with torch.no_grad():
+                edited.get_parameter(name).copy_(change(edited.get_parameter(name)))
+            edited.save_pretrained(tmp_path / "edited", safe_serialization=safe)
+            assert weights_fingerprint(tmp_path / "edited") != before, (safe, name)
+            shutil.rmtree(tmp_path / "edited")
 
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     _check_same_teacher(run_dir, env, {"weights": first}, resumed_at=None)
     _check_same_teacher(run_dir, env, {"weights": first}, resumed_at=4)
-    with pytest.raises(ValueError, match=r"the teacher of run .* changed since it started \(resuming at step 4\): weights was .*restore it, or start a new run"):
+    with pytest.raises(ValueError, match=r"the teacher or student.init_from of run .* changed since it started \(resuming at step 4\): weights was .*restore it, or start a new run"):
         _check_same_teacher(run_dir, env, {"weights": again}, resumed_at=4)
     (run_dir / "teacher.json").unlink()  # a run from before the record: this session's teacher is recorded
     _check_same_teacher(run_dir, env, {"weights": again}, resumed_at=4)
