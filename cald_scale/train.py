@@ -645,6 +645,7 @@ def _start(
     # scored (minutes on a large one, past SLURM's KillWait): nothing has trained in this session.
     if signal_name := stop_requested(student_engine.device):
         raise Preempted(None, signal_name)
+
     def score_starting_point() -> dict:
         teacher = _finite_teacher_scores(evaluate("teacher"), task.source) if plan.uses_teacher else None
         return {"teacher": teacher, "student_before": evaluate("student")}
