@@ -66,6 +66,14 @@ def _misspelled(keys, known: set[str], where: str, *, unknown_is_error: bool) ->
     return problems
 
 
+# What DeepSpeed's AdamW takes, whichever it builds: torch's AdamW (torch_adam), its FusedAdam or
+# its CPU Adam (an offloaded optimizer).
+_ADAM_PARAMS = {
+    "lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
+    "torch_adam", "adam_w_mode", "bias_correction", "set_grad_none", "fp32_optimizer_states",
+}
+
+
 def check_ds_keys(config: dict, path: str | Path) -> None:
     """Refuse misspelled keys now, in one line, not after the teacher is built: DeepSpeed
     ignores an unknown top-level key (a typo silently does nothing) and rejects one inside
@@ -79,6 +87,9 @@ def check_ds_keys(config: dict, path: str | Path) -> None:
     problems = _misspelled(config, top, "", unknown_is_error=False)
     if isinstance(config.get("zero_optimization"), dict):
         problems += _misspelled(config["zero_optimization"], zero, "zero_optimization.", unknown_is_error=True)
+    params = (config.get("optimizer") or {}).get("params") if isinstance(config.get("optimizer"), dict) else None
+    if isinstance(params, dict):  # NOTE: passed to the optimizer's constructor: a typo failed there, in a traceback after the models were built
+        problems += _misspelled(params, _ADAM_PARAMS, "optimizer.params.", unknown_is_error=True)
     if problems:
         raise ConfigError(f"DeepSpeed config {path}: {'; '.join(problems)}")
 

@@ -289,10 +289,14 @@ def test_ds_config_typos_are_refused_when_read(tmp_path):
         "gradient_clippin": ("gradient_clipping", "did you mean gradient_clipping?"),
         "zero_optimization.stage3_param_persistance_threshold": ("stage3_param_persistence_threshold", "did you mean stage3_param_persistence_threshold"),
         "zero_optimization.no_such_option": (None, "zero_optimization.no_such_option is not a DeepSpeed setting"),
+        # passed to the optimizer's constructor, where it failed after the models were built
+        "optimizer.params.weight_decy": (None, "optimizer.params.weight_decy (did you mean weight_decay?)"),
     }
     for key, (_, message) in cases.items():
         config = json.loads(json.dumps(shipped))
-        node, leaf = (config["zero_optimization"], key.split(".")[1]) if "." in key else (config, key)
+        node, leaf = config, key.split(".")[-1]
+        for part in key.split(".")[:-1]:
+            node = node[part]
         node[leaf] = 1
         path = tmp_path / "typo.json"
         path.write_text(json.dumps(config))
