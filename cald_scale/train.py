@@ -67,8 +67,9 @@ _FIXED_ON_RESUME = ("task", "teacher", "student", "data", "classification", "tra
 # corpora may move too (a project copied elsewhere): their content is what a resume compares
 # (teacher.json, data.json).
 _MOVABLE = (
-    "teacher.cache_dir", "data.cache_dir", "data.wait_timeout_s",
+    "teacher.cache_dir", "data.cache_dir", "data.wait_timeout_s", "classification.cache_dir",
     "teacher.name_or_path", "student.init_from", "data.corpus", "data.eval_corpus",
+    "classification.dataset", "classification.train", "classification.validation", "classification.test",
 )
 
 

@@ -13,6 +13,7 @@ vocabulary is the sorted labels of the train split, saved with it, so label ids 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -139,6 +140,13 @@ class ClassificationDataConfig:
                 "set exactly one of classification.dataset and classification.train "
                 f"(got dataset={self.dataset!r}, train={self.train!r}); to use explicit split "
                 "files set dataset: null"
+            )
+        bare = self.dataset is not None and not any(c in self.dataset for c in "/.*?[~") and not os.path.exists(self.dataset)
+        if bare and self.dataset not in BUILTIN_CLASSIFICATION:  # a name, not a path: a built-in misspelt
+            close = difflib.get_close_matches(self.dataset.lower(), BUILTIN_CLASSIFICATION, n=1, cutoff=0.6)
+            raise ValueError(
+                f"classification.dataset={self.dataset!r} is neither a built-in dataset ({', '.join(sorted(BUILTIN_CLASSIFICATION))}) "
+                f"nor an existing file or folder" + (f": did you mean {close[0]}?" if close else "")
             )
         if self.train is not None or self.dataset not in BUILTIN_CLASSIFICATION:
             missing = [n for n in ("text_column", "label_column") if getattr(self, n) is None]

@@ -226,6 +226,12 @@ def resolve_sources(cfg: ClassificationDataConfig) -> dict[str, Source]:
     return sources
 
 
+def _listed(names: list[str], most: int = 20) -> str:
+    """``names`` for a message, the first ``most`` of them (a JSON object of records read as one
+    row has a column per record)."""
+    return str(names) if len(names) <= most else f"{names[:most]} and {len(names) - most} more"
+
+
 def _sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -267,8 +273,12 @@ def _read_file(path: str, cache_dir: str) -> tuple[Columns, dict[str, str]]:
     read = {"csv": datasets.Dataset.from_csv, "json": datasets.Dataset.from_json,
             "parquet": datasets.Dataset.from_parquet}[builder]
     tag_cache_dir(cache_dir)
+    # NOTE: a cache folder per content: `datasets` reuses its Arrow copy of a local file while its
+    # path and mtime agree, so a file rewritten with its old mtime (cp -p, rsync -t, a tarball)
+    # was read as it was before, under the split key of its new content.
+    hf_cache = os.path.join(cache_dir, "hf_datasets", _sha256_file(path)[:16])
     try:
-        ds = read(path, cache_dir=os.path.join(cache_dir, "hf_datasets"), **options)
+        ds = read(path, cache_dir=hf_cache, **options)
     except Exception as err:  # noqa: BLE001 - `datasets` wraps every parse error in its own: name the file and the cause
         if os.path.getsize(path) == 0:
             raise ValueError(f"{path} is empty") from err
@@ -332,7 +342,7 @@ def read_rows(source: Source, split: str, columns: tuple[str, str, str | None], 
         if missing:
             raise ValueError(
                 f"{where} has no column(s) {missing} (classification.text_column / label_column / "
-                f"text_pair_column); its columns are {list(table)}"
+                f"text_pair_column); its columns are {_listed(list(table))}"
             )
         pairs = table[pair_col] if pair_col is not None else [None] * len(table[text_col])
         for i, (text, pair, label) in enumerate(zip(table[text_col], pairs, table[label_col])):

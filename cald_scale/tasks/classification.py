@@ -54,14 +54,25 @@ class ClassificationTask:
         get_adapter(self.source.config.teacher_hf_config())  # an unconvertible family fails now, before any weight is read
         _check_positions(cfg.classification.max_length, self.source.config.teacher_hf_config(), self.source.name)
         # The paper converts the pretrained encoder (same seeded head) while the fine-tuned one guides.
-        self.student_source = student_init_source(cfg, self.source, for_task)
+        self.student_source = student_init_source(cfg, self.source, self.tokenizer, for_task)
         if is_main:
             counts = {name: len(split) for name, split in self.data.splits.items()}
-            logger.info("classification data %s: %d labels, splits %s, skipped %s", self.data.name, self.data.num_labels, counts, self.data.stats or "none")
+            logger.info("classification data %s: %d labels, splits %s, counts %s", self.data.name, self.data.num_labels, counts, self.data.stats or "none")
         self.splits = None
 
     def open_data(self) -> None:
         self.splits = tokenize_splits(self.data, self.tokenizer, self.cfg.classification.max_length)
+        vocab_size = self.source.config.teacher_hf_config().vocab_size
+        for name, split in self.splits.items():  # the embedding's own IndexError, mid-evaluation, otherwise
+            top = int(split.tokens.max()) if len(split.tokens) else -1
+            if top >= vocab_size:
+                raise ValueError(
+                    f"teacher {self.source.name!r}: its tokenizer gives token id {top} in the {name} split, but the encoder embeds "
+                    f"{vocab_size} (vocab_size): the folder's tokenizer is not its model's"
+                )
+        truncated = {name: split.num_at_max_length for name, split in self.splits.items() if split.num_at_max_length}
+        if truncated:
+            logger.info("examples cut at classification.max_length=%d (or exactly that long): %s", self.cfg.classification.max_length, truncated)
         missing = [name for name in EVAL_SPLITS if name not in self.splits or len(self.splits[name]) == 0]
         if missing:
             raise ValueError(

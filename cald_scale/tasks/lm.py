@@ -46,7 +46,7 @@ class LanguageModelingTask:
         conversion = cfg.student.conversion
         if any(phase.guidance != "none" for phase in cfg.phases) or not conversion.converts or conversion.attention_every or conversion.attention_layers:
             check_context(self.source.config, cfg.data.seq_len, "the teacher", remedy="lower data.seq_len")
-        self.student_source = student_init_source(cfg, self.source)
+        self.student_source = student_init_source(cfg, self.source, self.tokenizer)
         self._is_main = is_main
         self.train_set = self.eval_sets = None
 

@@ -163,6 +163,22 @@ def test_file_formats_give_the_same_splits(tmp_path):
     assert {s: (data[s].texts, data[s].labels.tolist()) for s in SPLITS} == loaded[".csv"]
 
 
+def test_a_file_rewritten_with_its_old_mtime_is_read_anew(tmp_path):
+    """`datasets` trusts its Arrow copy of a local file while the path and mtime agree: a file
+    rewritten with its old mtime (cp -p, rsync -t, a tarball) was read as it was, under the split
+    key of its new content."""
+    path = tmp_path / "data.csv"
+    _write(_rows(), path)
+    stamp = os.stat(path).st_mtime_ns
+    first = load_classification_data(_files_cfg(path, tmp_path / "cache"))
+    renamed = _rows().assign(label=lambda df: "new_" + df["label"])
+    _write(pd.concat([renamed, renamed.assign(sentence=renamed["sentence"] + " again")]), path)
+    os.utime(path, ns=(stamp, stamp))
+    second = load_classification_data(_files_cfg(path, tmp_path / "cache"))
+    assert second.key != first.key and second.labels == ["new_alpha", "new_beta", "new_gamma"]
+    assert sum(len(second[s]) for s in SPLITS) == 2 * sum(len(first[s]) for s in SPLITS)
+
+
 def test_integer_labels_and_text_pairs(tmp_path, tokenizer):
     df = _rows(labels=(7, 2, 5))
     df["context"] = [f"context {i % 11}" for i in range(len(df))]
@@ -298,6 +314,9 @@ def test_config_is_strict():
         from_dict(ClassificationDataConfig, {"unknown_labels": "ignore"})
     cfg = from_dict(ClassificationDataConfig, {"dataset": "tweet_sentiment", "max_train_examples": 50})
     assert cfg.max_length == 128 and cfg.seed == 0
+    # A misspelt built-in is named as one (it was told to set text and label columns for data files).
+    with pytest.raises(ConfigError, match="'wiki_topics' is neither a built-in dataset .* nor an existing file or folder: did you mean wiki_topic"):
+        from_dict(ClassificationDataConfig, {"dataset": "wiki_topics"})
 
 
 # ---------------------------------------------------------------------------------------

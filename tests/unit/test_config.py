@@ -504,3 +504,11 @@ def test_local_inputs_are_recorded_as_absolute_paths_so_commands_elsewhere_find_
     (run_dir / "config.json").write_text(json.dumps(moved))
     changes = _check_run_dir(run_dir, cfg, resuming_at=4)
     assert f"teacher.name_or_path: saved '/old/place/teacher', wanted '{tmp_path / 'teacher'}'" in changes and len(changes) == 4
+    # So does a classification run's (its data.json holds the content's cache key).
+    (tmp_path / "labelled").mkdir()
+    classify = ["task.kind=classification", f"classification.dataset={tmp_path / 'labelled'}", "classification.text_column=t",
+                "classification.label_column=l", f"classification.cache_dir={tmp_path / 'cache'}", "student.conversion.mixer=linformer"]
+    moved = load_run_config(None, classify).to_dict()
+    moved["classification"]["dataset"], moved["classification"]["cache_dir"] = "/old/place/labelled", "/old/place/cache"
+    (run_dir / "config.json").write_text(json.dumps(moved))
+    assert len(_check_run_dir(run_dir, load_run_config(None, classify), resuming_at=4)) == 2

@@ -246,6 +246,26 @@ def test_a_task_models_checkpoint_is_a_teacher_like_the_bare_encoder(minilm, tmp
     assert teacher(**_batch(tokenizer)).logits.shape == (4, len(LABELS))
 
 
+def test_a_tokenizer_larger_than_the_encoders_embedding_is_named_when_the_data_opens(minilm, tmp_path):
+    """A 256-token BERT saved with MiniLM's 30522-token tokenizer: the task names the teacher's
+    tokenizer when it tokenises the splits (the embedding's IndexError, a multi-line traceback
+    in the starting point's evaluation, before)."""
+    from tiny_models import tiny_encoder
+
+    from cald_scale.config import load_run_config
+    from cald_scale.tasks import open_task
+
+    folder = tmp_path / "small_vocab"
+    tiny_encoder("bert", vocab=256).save_pretrained(folder)
+    minilm[1].save_pretrained(folder)
+    task = open_task(load_run_config(overrides=[
+        "task.kind=classification", "classification.dataset=wiki_topic", "classification.max_train_examples=64",
+        f"classification.cache_dir={tmp_path / 'data'}", "student.conversion.mixer=linformer", f"teacher.name_or_path={folder}",
+    ]), is_main=True)
+    with pytest.raises(ValueError, match=r"its tokenizer gives token id \d+ in the \w+ split, but the encoder embeds 256 \(vocab_size\)"):
+        task.open_data()
+
+
 def test_a_max_length_past_the_encoders_positions_is_refused_before_tokenising(minilm, tmp_path):
     from cald_scale.config import load_run_config
     from cald_scale.tasks import open_task
@@ -320,6 +340,17 @@ def test_student_init_from_converts_another_checkpoint_while_the_teacher_guides(
     shallow = save_tiny_encoder(tmp_path / "shallow", "bert", tokenizer, layers=2)
     with pytest.raises(WeightsMismatchError, match=r"student.init_from .*shallow.* does not match the teacher .*num_hidden_layers: 2 vs 3"):
         open_task(load_run_config(overrides=[*common, f"teacher.name_or_path={tuned}", f"student.init_from={shallow}"]), is_main=True)
+    # Another vocabulary of the same size (two tokens' ids swapped) passes the geometry check; its
+    # embedding rows would be read with the teacher's ids (accepted silently before).
+    from transformers import BertTokenizer
+
+    from cald_scale.config_loader import ConfigError
+
+    vocab = dict(tokenizer.get_vocab())
+    vocab["hello"], vocab["world"] = vocab["world"], vocab["hello"]
+    swapped = save_tiny_encoder(tmp_path / "swapped", "bert", BertTokenizer(vocab=vocab), seed=1)
+    with pytest.raises(ConfigError, match=r"student.init_from .*swapped.* has another tokenizer than the teacher .*: 2 of the tokens both have carry other ids"):
+        open_task(load_run_config(overrides=[*common, f"teacher.name_or_path={tuned}", f"student.init_from={swapped}"]), is_main=True)
 
 
 def test_geometry_check_counts_a_classifier_head_but_not_an_lm_label_count():
