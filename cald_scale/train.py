@@ -29,8 +29,9 @@ import torch
 
 from .config import OutputConfig, RunConfig, config_differences, with_legacy_defaults
 from .config_loader import ConfigError, from_dict, to_dict
+from .conversion.weights import weights_fingerprint
 from .distill.guidance import Guide
-from .distill.phases import Phase, PhasePlan, set_phase_lr
+from .distill.phases import Phase, PhasePlan, set_decay_and_betas, set_phase_lr
 from .distill.progress import NonFiniteLossError, StepState
 from .distill.stages import LayerwiseModel
 from .distill.step import LossParts, cald_forward, teacher_forced_step
@@ -62,7 +63,7 @@ def _seed_everything(seed: int) -> None:
 
 # What a resumed run may not change: what it learns from and what its checkpoints hold. (Its
 # schedule, losses, batch layout and outputs may change; the change is logged and recorded.)
-_FIXED_ON_RESUME = ("task", "teacher", "student", "data", "classification", "train.seed")
+_FIXED_ON_RESUME = ("task", "teacher", "student", "data", "classification", "train.seed", "eval.max_sequences")
 # Where files live and how long to wait: free to change. The teacher, student.init_from and the
 # corpora may move too (a project copied elsewhere): their content is what a resume compares
 # (teacher.json, data.json).
@@ -70,6 +71,9 @@ _MOVABLE = (
     "teacher.cache_dir", "data.cache_dir", "data.wait_timeout_s", "classification.cache_dir",
     "teacher.name_or_path", "student.init_from", "data.corpus", "data.eval_corpus",
     "classification.dataset", "classification.train", "classification.validation", "classification.test",
+    # How the same weights compute, not what they are: free too (activation checkpointing is the
+    # way out of a resumed run's out-of-memory).
+    "student.activation_checkpointing", "teacher.attn_implementation",
 )
 
 
@@ -136,6 +140,13 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, *, resuming_at: int | None, re
     if changed:
         after = cfg.plan(replicas)
         shared = (shares_teacher_weights(saved_cfg, before), shares_teacher_weights(cfg, after))
+        if shared[0] != shared[1] and saved_cfg.student.init_from != cfg.student.init_from:
+            raise ValueError(
+                f"{run_dir} was trained from student.init_from={saved_cfg.student.init_from!r} and this run converts from "
+                f"{cfg.student.init_from!r}: a mixers-only student shares its teacher's frozen weights only when it is converted "
+                "from the teacher itself, and its checkpoints leave those weights out, so one kind does not load as the other; "
+                "resume with the run's own student.init_from, or use a new output.run_dir"
+            )
         _check_plan_change(run_dir, before, after, resuming_at, shared=shared)
     return changed
 
@@ -154,6 +165,15 @@ def _check_plan_change(run_dir: Path, before: PhasePlan, after: PhasePlan, at: i
                 f"step {step + 1} of {run_dir} already ran in phase {was.name!r} ({was.guidance}, {was.mode}, trains {was.trainable}); "
                 f"this run's phases put it in {now.name!r} ({now.guidance}, {now.mode}, trains {now.trainable}) (a phase given as a "
                 f"fraction of train.max_steps moves with it: give the phases that ran their steps to train longer), {fix}"
+            )
+    if 0 < at < after.total_steps:
+        was, now = before.at(at - 1), after.at(at)
+        lr_was, lr_now = was.lr * was.lr_factor(at - 1), now.lr * now.lr_factor(at)
+        if lr_now > 1.5 * lr_was:
+            logger.warning(
+                "resuming at step %d: the LR jumps from %.3g (step %d) to %.3g (step %d), with no warmup, because phase %r's "
+                "schedule now spans steps %d-%d: give the added steps a phase of their own (it warms up) to avoid the jump",
+                at, lr_was, at, lr_now, at + 1, now.name, now.schedule_start + 1, now.schedule_end,
             )
     if shared[0] != shared[1]:  # the student settings are fixed on resume: the phases changed the teacher
         was, now = ("a fixed teacher", "a trajectory or waypoint phase") if before.fixed_teacher else ("a trajectory or waypoint phase", "a fixed teacher only")
@@ -610,7 +630,11 @@ def _start(
     check_waypoints(plan.waypoints, task.source.config)  # a missing or foreign waypoint fails now, not mid-run
     task.open_data()
     _check_same_data(run_dir, env, task.data_identity(), resumed_at=tags[0][0] if tags else None)  # before the engines: a refusal costs seconds
-    models_read = {"teacher": task.source.identity(), **({"init_from": task.student_source.identity()} if task.student_source else {})}
+    models_read = {
+        "teacher": task.source.identity(),
+        **({"init_from": task.student_source.identity()} if task.student_source else {}),
+        **({"waypoints": [weights_fingerprint(w) for w in plan.waypoints]} if plan.waypoints else {}),
+    }
     _check_same_teacher(run_dir, env, models_read, resumed_at=tags[0][0] if tags else None)
     task.train_batches(cfg.train.micro_batch(dp), 0, dp, torch.device("cpu"))  # a train split under one global batch: refused now too
     _seed_everything(cfg.train.seed)
@@ -637,6 +661,9 @@ def _start(
     ) or {}
     saved = resume.finish(student_engine, saved, micro_batch=cfg.train.micro_batch(replicas), grad_accum=cfg.train.grad_accum, teacher_engine=getattr(models, "teacher_engine", None))
     _check_phases_run(run_dir, saved, plan, student_engine.global_steps)
+    # NOTE: a checkpoint's optimizer groups carry the weight decay and betas they were saved with;
+    # a resume that changes them (recorded as changed) applies them from here on.
+    set_decay_and_betas(student_engine, cfg.train.weight_decay, cfg.train.betas)
     # Only now, with the checkpoint loaded, does the folder say this run's settings: a resume that fails to load changes nothing.
     _record(run_dir, cfg, env, resumed_at=student_engine.global_steps if saved else None, changed=changed)
     evaluate = task.evaluator(models, replica, replicas)

@@ -28,7 +28,7 @@ from typing import Literal, Sequence
 
 from .losses import LossConfig
 
-__all__ = ["PhaseConfig", "TrajectoryConfig", "Phase", "PhasePlan", "plan_phases", "set_phase_lr", "Guidance", "Mode"]
+__all__ = ["PhaseConfig", "TrajectoryConfig", "Phase", "PhasePlan", "plan_phases", "set_decay_and_betas", "set_phase_lr", "Guidance", "Mode"]
 
 Guidance = Literal["none", "target", "trajectory", "waypoint"]
 Mode = Literal["end_to_end", "teacher_forced"]
@@ -374,6 +374,14 @@ def set_phase_lr(engine, phase: Phase, step: int) -> None:
     factor = phase.lr_factor(step)
     for group in engine.optimizer.param_groups:
         group["lr"] = phase.lr * group_lr_scale(group.get("name", ""), phase) * factor
+
+
+def set_decay_and_betas(engine, weight_decay: float, betas) -> None:
+    """train.weight_decay and train.betas on every parameter group of ``engine``'s optimizer
+    (those of the ``_no_decay`` groups stay at 0: ``engines.zero3.param_groups``)."""
+    for group in engine.optimizer.param_groups:
+        group["weight_decay"] = 0.0 if group.get("name", "").endswith("_no_decay") else weight_decay
+        group["betas"] = tuple(betas)
 
 
 def group_lr_scale(name: str, phase: Phase) -> float:

@@ -512,3 +512,50 @@ def test_local_inputs_are_recorded_as_absolute_paths_so_commands_elsewhere_find_
     moved["classification"]["dataset"], moved["classification"]["cache_dir"] = "/old/place/labelled", "/old/place/cache"
     (run_dir / "config.json").write_text(json.dumps(moved))
     assert len(_check_run_dir(run_dir, load_run_config(None, classify), resuming_at=4)) == 2
+
+
+def test_what_a_resume_may_change_and_what_it_says(tmp_path, caplog):
+    """(helper-73) A resume may switch activation checkpointing or the attention kernel (how the
+    same weights compute: the way out of an out-of-memory); not eval.max_sequences (the saved
+    baseline was scored on the old count, and the report divides one by the other); a changed
+    student.init_from is named as such; training longer inside a decayed phase says the LR jumps."""
+    import logging
+
+    from cald_scale.train import _check_run_dir
+
+    phases = "phases=[{name: align, steps: 35, mode: teacher_forced, trainable: mixers, lr: 5.0e-3}, {name: end_to_end}]"
+    cfg = load_run_config(None, ["train.max_steps=50", phases])
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    assert len(_check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=50", phases, "student.activation_checkpointing=true",
+                                                              "teacher.attn_implementation=eager"]), resuming_at=50)) == 2
+    with pytest.raises(ValueError, match="eval.max_sequences: saved 32, wanted 64"):
+        _check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=50", phases, "eval.max_sequences=64"]), resuming_at=50)
+    with pytest.raises(ValueError, match=r"was trained from student.init_from=None and this run converts from '/elsewhere/base'"):
+        _check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=50", phases, "student.init_from=/elsewhere/base"]), resuming_at=50)
+    with caplog.at_level(logging.WARNING, logger="cald_scale"):
+        _check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=100", phases]), resuming_at=50)
+    assert "resuming at step 50: the LR jumps from" in caplog.text and "give the added steps a phase of their own" in caplog.text
+
+
+def test_a_resume_applies_its_own_weight_decay_and_betas_over_the_checkpoints():
+    """A checkpoint's optimizer groups carry the weight decay and betas they were saved with, and
+    loading it overwrote the new run's: a changed train.weight_decay or train.betas was recorded
+    as applied and never ran (helper-73). The no-decay groups stay at 0."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from cald_scale.distill.phases import set_decay_and_betas
+
+    weights, biases = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+
+    def adamw(decay, betas):
+        return torch.optim.AdamW([{"params": [weights], "weight_decay": decay, "name": "mixers"},
+                                  {"params": [biases], "weight_decay": 0.0, "name": "mixers_no_decay"}], betas=betas)
+
+    saved = adamw(0.0, (0.9, 0.95)).state_dict()
+    resumed = adamw(0.1, (0.9, 0.999))
+    resumed.load_state_dict(saved)
+    assert [(g["weight_decay"], g["betas"]) for g in resumed.param_groups] == [(0.0, (0.9, 0.95))] * 2  # the checkpoint's
+    set_decay_and_betas(SimpleNamespace(optimizer=resumed), 0.1, [0.9, 0.999])
+    assert [(g["weight_decay"], g["betas"]) for g in resumed.param_groups] == [(0.1, (0.9, 0.999)), (0.0, (0.9, 0.999))]
