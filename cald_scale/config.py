@@ -437,6 +437,10 @@ LEGACY_DEFAULTS: dict[str, object] = {
     "student.conversion.attention_every": 0,  # before it, a causal LM converted every layer
     "debug.nan_ranks": [],  # before it, debug.nan_at_micro_steps poisoned every rank
     "phases[].lr_schedule": "own",  # before it, every phase had its own schedule ("[]": each list item)
+    # before them, a Mamba2 mixer's width was expand x hidden_size, and no signal was injected
+    "student.conversion.mamba2.intermediate_size": None,
+    "student.conversion.bimamba2.mamba2.intermediate_size": None,
+    "debug.signal_after_build": None,
 }
 
 # Keys renamed since run folders were first written: old dotted key -> (new key, {old value: new value}).
