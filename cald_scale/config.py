@@ -25,7 +25,7 @@ from .fileio import absolute_if_local
 from .distill.losses import LossConfig
 from .distill.phases import PhaseConfig, PhasePlan, plan_phases
 
-__all__ = ["RunConfig", "StudentConfig", "TrainConfig", "EvalConfig", "OutputConfig", "DebugConfig", "PhaseConfig", "load_run_config", "default_phases", "config_differences", "LEGACY_DEFAULTS", "with_legacy_defaults", "without_legacy_defaults", "RENAMED_KEYS", "RESULT_NEUTRAL_KEYS", "without_result_neutral"]
+__all__ = ["RunConfig", "StudentConfig", "TrainConfig", "EvalConfig", "OutputConfig", "DebugConfig", "PhaseConfig", "load_run_config", "default_phases", "config_differences", "LEGACY_DEFAULTS", "with_legacy_defaults", "without_legacy_defaults", "RENAMED_KEYS", "RESULT_NEUTRAL_KEYS", "without_result_neutral", "flat_keys"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -53,6 +53,12 @@ class StudentConfig:
     def __post_init__(self):
         if self.init_from:
             self.init_from = absolute_if_local(self.init_from, names=BUILTIN_TEACHERS)
+
+
+def _is_signal_name(name) -> bool:
+    import signal
+
+    return isinstance(getattr(signal, str(name), None), signal.Signals)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -125,10 +131,8 @@ class TrainConfig:
     code 75 (SLURM's warning signal and SIGTERM; launch/slurm/ requeues on that code)."""
 
     def __post_init__(self):
-        import signal
-
         for name in self.preemption_signals:
-            if not isinstance(getattr(signal, str(name), None), signal.Signals):
+            if not _is_signal_name(name):
                 raise ValueError(f"train.preemption_signals: {name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)")
             if name in ("SIGKILL", "SIGSTOP"):
                 raise ValueError(f"train.preemption_signals: {name} cannot be caught, so no run can act on it (e.g. SIGUSR1, SIGTERM)")
@@ -273,9 +277,7 @@ class DebugConfig:
     loaded: a preemption that comes while the run starts, at a known point."""
 
     def __post_init__(self):
-        import signal
-
-        if self.signal_after_build is not None and not isinstance(getattr(signal, str(self.signal_after_build), None), signal.Signals):
+        if self.signal_after_build is not None and not _is_signal_name(self.signal_after_build):
             raise ValueError(f"debug.signal_after_build: {self.signal_after_build!r} is not a signal name (e.g. SIGUSR1)")
 
     def poisons(self, micro_step: int, rank: int) -> bool:
@@ -524,18 +526,19 @@ def config_differences(saved: dict, wanted: RunConfig, *, sections: tuple[str, .
         return in_sections and not any(key == i or key.startswith(i + ".") for i in ignore)
 
     try:
-        ours, theirs = _flat(from_dict(RunConfig, with_legacy_defaults(saved)).to_dict()), _flat(wanted.to_dict())
+        ours, theirs = flat_keys(from_dict(RunConfig, with_legacy_defaults(saved)).to_dict()), flat_keys(wanted.to_dict())
         head, keys = [], set(ours) | set(theirs)
     except (ConfigError, ValueError, TypeError) as err:
         # Still compare the keys both name, so that a changed teacher, student or data is seen
         # (as JSON has them: the saved side's tuples are lists).
-        ours, theirs = _flat(with_legacy_defaults(saved)), _flat(json.loads(json.dumps(wanted.to_dict())))
+        ours, theirs = flat_keys(with_legacy_defaults(saved)), flat_keys(json.loads(json.dumps(wanted.to_dict())))
         head, keys = [f"the saved config no longer loads ({err})"], set(ours) & set(theirs)
     return [*head, *(f"{k}: saved {ours.get(k)!r}, wanted {theirs.get(k)!r}" for k in sorted(filter(kept, keys)) if ours.get(k) != theirs.get(k))]
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """A nested dict as {dotted key: leaf value}."""
     out = {}
     for key, value in d.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        out.update(flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
     return out

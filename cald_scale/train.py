@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .config import OutputConfig, RunConfig, config_differences, with_legacy_defaults
+from .config import OutputConfig, RunConfig, config_differences, flat_keys, with_legacy_defaults
 from .config_loader import ConfigError, from_dict, to_dict
 from .conversion.weights import weights_fingerprint
 from .distill.guidance import Guide
@@ -266,14 +266,7 @@ def _finite_teacher_scores(scores: dict, source) -> dict:
     """The teacher's held-out scores, refused when one is NaN or infinite: a teacher whose outputs
     are not finite (a damaged checkpoint, a float16 overflow) gives no target to learn, and the run
     would stop steps later on non-finite losses, blaming the learning rate."""
-    def leaves(value, path: str):
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                yield from leaves(inner, f"{path}.{key}" if path else key)
-        elif isinstance(value, float):
-            yield path, value
-
-    bad = [(path, value) for path, value in leaves(scores, "") if not math.isfinite(value)]
+    bad = [(path, value) for path, value in flat_keys(scores).items() if isinstance(value, float) and not math.isfinite(value)]
     if bad:
         overflow = "" if source.dtype == torch.float32 else f", or an overflow in {str(source.dtype).removeprefix('torch.')}: try teacher.dtype=float32"
         raise ValueError(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import importlib.util
 import json
 import logging
@@ -34,7 +33,7 @@ from transformers import (
 from transformers.initialization import no_init_weights
 
 from ..engines.preemption import raise_if_preempted
-from ..fileio import absolute_if_local, atomic_dir, atomic_write_text, cache_root, file_lock
+from ..fileio import absolute_if_local, atomic_dir, atomic_write_text, cache_root, file_lock, sha256_of
 from .placement import PLAIN, Placement
 from .weights import WeightReader, WeightsMismatchError, load_weights, open_weights, weights_fingerprint
 
@@ -152,11 +151,7 @@ def _content_digest(path: Path, index_path: Path) -> str:
     except (OSError, ValueError):
         index = {}
     if not isinstance(index, dict) or not isinstance(index.get(version), str):
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while chunk := handle.read(8 << 20):
-                digest.update(chunk)
-        index = {**(index if isinstance(index, dict) else {}), version: digest.hexdigest()}
+        index = {**(index if isinstance(index, dict) else {}), version: sha256_of(path)}
         index_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(index_path, json.dumps(index, indent=1))  # NOTE: ranks racing here write the same entry
     return index[version]

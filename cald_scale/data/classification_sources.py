@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cald_scale.data.corpora import _package_dir, root_cause
-from cald_scale.fileio import tag_cache_dir
+from cald_scale.fileio import sha256_of, tag_cache_dir
 
 if TYPE_CHECKING:
     from cald_scale.data.classification import ClassificationDataConfig
@@ -232,14 +231,6 @@ def _listed(names: list[str], most: int = 20) -> str:
     return str(names) if len(names) <= most else f"{names[:most]} and {len(names) - most} more"
 
 
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def source_identity(source: Source) -> dict[str, Any]:
     """What the cache key hashes: the bytes of the data, not where they live or when."""
     if source.builtin is not None:
@@ -248,8 +239,8 @@ def source_identity(source: Source) -> dict[str, Any]:
             version = importlib.metadata.version(builtin.distribution)
         except importlib.metadata.PackageNotFoundError:
             version = None
-        return {"builtin": source.builtin, "version": version, "sha256": _sha256_file(builtin.path())}
-    return {"files": [[os.path.splitext(p)[1].lower(), _sha256_file(p)] for p in source.paths]}
+        return {"builtin": source.builtin, "version": version, "sha256": sha256_of(builtin.path())}
+    return {"files": [[os.path.splitext(p)[1].lower(), sha256_of(p)] for p in source.paths]}
 
 
 def columns_of(cfg: ClassificationDataConfig) -> tuple[str, str, str | None]:
@@ -276,7 +267,7 @@ def _read_file(path: str, cache_dir: str) -> tuple[Columns, dict[str, str]]:
     # NOTE: a cache folder per content: `datasets` reuses its Arrow copy of a local file while its
     # path and mtime agree, so a file rewritten with its old mtime (cp -p, rsync -t, a tarball)
     # was read as it was before, under the split key of its new content.
-    hf_cache = os.path.join(cache_dir, "hf_datasets", _sha256_file(path)[:16])
+    hf_cache = os.path.join(cache_dir, "hf_datasets", sha256_of(path)[:16])
     try:
         ds = read(path, cache_dir=hf_cache, **options)
     except Exception as err:  # noqa: BLE001 - `datasets` wraps every parse error in its own: name the file and the cause

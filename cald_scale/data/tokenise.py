@@ -20,7 +20,7 @@ from cald_scale.data.config import DataConfig
 from cald_scale.data.corpora import CorpusSource, load_documents, resolve_corpus
 from cald_scale.data.megatron import megatron_indexed
 from cald_scale.engines.preemption import raise_if_preempted
-from cald_scale.fileio import atomic_write_text, file_lock, fsync_path, tag_cache_dir, wait_for_file, write_failure_note
+from cald_scale.fileio import atomic_write_text, file_lock, fsync_path, sha256_of, tag_cache_dir, wait_for_file, write_failure_note
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -238,13 +238,9 @@ def _join_parts(indexed_dataset, parts: _Parts, count: int, prefix: str, dtype) 
         builder.data_file.close()
     # NOTE: on disk before meta.json (written durably) says the cache is complete: a node that
     # lost power after it must not find the meta over token files that never left the page cache.
-    digest = hashlib.sha256()
     for ext in (".bin", ".idx"):
         fsync_path(prefix + ext)
-        with open(prefix + ext, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return sha256_of(prefix + ".bin", prefix + ".idx")
 
 
 def _write_splits(
