@@ -639,8 +639,13 @@ def _start(
         models = build_pipeline(cfg, ds_config, task.source, plan, outside_groups=resume.outside_groups)
         guide, step_fn = PipelineGuide(plan, models, base_weights=str(task.source.folder)), pipeline_train_step
     else:
-        models = build_models(cfg, ds_config, task.source, plan, student_source=task.student_source, outside_groups=resume.outside_groups)
-        guide = Guide(plan, models.managed_teacher, base_weights=str(task.source.folder), shared_param_ids=models.shared_param_ids)
+        # A resume past the last guided step builds no teacher, from the oldest checkpoint kept (a
+        # damaged newer one falls back to it) and with the baseline scored (else it scores the teacher).
+        teacher_from = min(s for s, _ in tags) if tags and (run_dir / "baseline.json").is_file() else 0
+        models = build_models(
+            cfg, ds_config, task.source, plan, student_source=task.student_source, outside_groups=resume.outside_groups, first_step=teacher_from,
+        )
+        guide = Guide(plan, models.managed_teacher, base_weights=str(task.source.folder), shared_param_ids=models.shared_param_ids, first_step=teacher_from)
         step_fn = train_step
     student_engine = models.student_engine
     if cfg.output.export_bamba:
@@ -665,7 +670,7 @@ def _start(
     # A signal that came while the engines were built stops the run here, not after both models are
     # scored (minutes on a large one, past SLURM's KillWait): nothing has trained in this session.
     if signal_name := stop_requested(student_engine.device):
-        raise Preempted(None, signal_name)
+        raise Preempted(None, signal_name, resumed_at=student_engine.global_steps if saved else None)
 
     def score_starting_point() -> dict:
         teacher = _finite_teacher_scores(evaluate("teacher"), task.source) if plan.uses_teacher else None

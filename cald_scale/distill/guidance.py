@@ -28,11 +28,12 @@ logger = logging.getLogger("cald_scale.guidance")
 
 
 class Guide:
-    def __init__(self, plan: PhasePlan, teacher, *, base_weights: str, shared_param_ids: set[int] = frozenset()):
-        """``teacher``: a ``engines.teacher.ManagedTeacher``, or None for an unguided run.
+    def __init__(self, plan: PhasePlan, teacher, *, base_weights: str, shared_param_ids: set[int] = frozenset(), first_step: int = 0):
+        """``teacher``: a ``engines.teacher.ManagedTeacher``, or None when no step from
+        ``first_step`` on needs one (an unguided run; a hybrid resumed after its switch).
         ``shared_param_ids``: the student's frozen weights that are the teacher's own tensors
         (they outlive the teacher's release)."""
-        if plan.uses_teacher and teacher is None:
+        if plan.teacher_needed_from(first_step) and teacher is None:
             raise ValueError("the phases need a teacher but none was built")
         self.plan = plan
         self.teacher = teacher

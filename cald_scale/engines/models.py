@@ -151,9 +151,11 @@ def shares_teacher_weights(cfg: RunConfig, plan: PhasePlan) -> bool:
 
 def build_models(
     cfg: RunConfig, ds_config: dict, source: TeacherSource, plan: PhasePlan | None = None, *, student_source: TeacherSource | None = None,
-    outside_groups: bool = True,
+    outside_groups: bool = True, first_step: int = 0,
 ) -> DistillationModels:
-    """Teacher (when any phase needs one) and student, partitioned, in their ZeRO-3 engines.
+    """Teacher (when a step from ``first_step`` on needs one) and student, partitioned, in their
+    ZeRO-3 engines. A run resumed past its last guided step (a hybrid after its switch) builds
+    no teacher: it would be released before the first step.
 
     The student is converted from ``student_source`` (``student.init_from``) when given, else
     from the teacher's ``source``.
@@ -167,10 +169,15 @@ def build_models(
     origin = student_source or source  # student_source: what student.init_from names
     check_new_head_trains(cfg.student.trainable, origin)
     placement = placement_for(ds_config)
-    teacher = build_teacher(source, placement) if plan.uses_teacher else None
+    teacher = build_teacher(source, placement) if plan.teacher_needed_from(first_step) else None
+    if teacher is None and plan.uses_teacher:
+        logger.info("resuming at step %d, past the last step a teacher guides: no teacher is built", first_step)
     check_waypoints(plan.waypoints, source.config, teacher, placement)
     frozen_copies = cfg.student.trainable == "mixers"
+    # What the checkpoints hold (the frozen weights left out) follows the plan; without a teacher
+    # built, the student holds its own copies of them, converted from the same weights.
     share = shares_teacher_weights(cfg, plan)
+    share_with = teacher if share else None
     if frozen_copies and (plan.trains_teacher or plan.swaps_teacher):
         # One message: the frozen copies are also why the student cannot share the teacher's tensors.
         logger.warning(
@@ -188,7 +195,7 @@ def build_models(
         seed=cfg.train.seed,
         placement=placement,
         teacher_name_or_path=source.name,  # the teacher that guided it (init_from is in the run config)
-        share_with=teacher if share else None,
+        share_with=share_with,
     )
     source.carry_generation_config(student)  # the teacher's end-of-turn tokens, exported with the student
     if frozen_copies:
@@ -213,7 +220,7 @@ def build_models(
         managed = ManagedTeacher(teacher_engine, layerwise(teacher_engine.module, head_chunk_tokens=cfg.loss.head_chunk_tokens), placement, str(source.folder))
     groups = param_groups(student, cfg.train.lr, cfg.train.copied_lr_scale, cfg.train.weight_decay, blocks=student_lw.blocks if outside_groups else None)
     student_engine = build_training_engine(
-        student, sized, groups, shares_weights_with=teacher_engine if share else None, leaf_blocks=student_lw.blocks, leaves=leaves
+        student, sized, groups, shares_weights_with=teacher_engine if share_with is not None else None, leaf_blocks=student_lw.blocks, leaves=leaves
     )
     models = DistillationModels(
         student_engine=student_engine,

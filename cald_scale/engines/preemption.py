@@ -37,17 +37,23 @@ PREEMPTED_EXIT_CODE = 75
 class Preempted(Exception):
     """The run stopped at a step boundary on a signal, after saving a complete checkpoint."""
 
-    def __init__(self, step: int | None, signal_name: str):
-        if step is None:  # before the run was built: nothing trained, nothing to save
+    def __init__(self, step: int | None, signal_name: str, resumed_at: int | None = None):
+        if step is None and resumed_at:  # a resumed session stopped before its first step: its checkpoint stands
+            message = (
+                f"stopped on {signal_name} before this session's first step: the checkpoint at step {resumed_at} stands, "
+                "rerun the same command to resume"
+            )
+        elif step is None:  # before the run was built: nothing trained, nothing to save
             message = f"stopped on {signal_name} before training started: rerun the same command to resume"
         else:
             message = f"stopped at step {step} on {signal_name}: checkpoint saved, rerun the same command to resume"
         super().__init__(message)
         self.step = step
         self.signal_name = signal_name
+        self.resumed_at = resumed_at
 
     def __reduce__(self):  # pickled whole (engines/distributed.on_main hands it to every rank)
-        return type(self), (self.step, self.signal_name)
+        return type(self), (self.step, self.signal_name, self.resumed_at)
 
 
 class PreemptedWhileStarting(Preempted):

@@ -55,15 +55,18 @@ def metrics(run_dir: Path) -> dict[int, dict]:
     return out
 
 
-def killed_copy(reference: Path, target: Path, k: int) -> None:
+def killed_copy(reference: Path, target: Path, k: int, *, kept: int | None = None) -> None:
     """``reference``'s run folder as a job killed while saving step k + 1 would have left it:
-    complete checkpoints up to k, a half-written tag k + 1, metrics up to k + 1, no report."""
+    complete checkpoints up to k (the last ``kept`` of them, as output.keep_last leaves them;
+    None: all), a half-written tag k + 1, metrics up to k + 1, no report."""
     import shutil
 
     shutil.copytree(reference, target)
+    complete = sorted(int(tag.name.split("_")[1]) for tag in (target / "checkpoints").glob("step_*") if int(tag.name.split("_")[1]) <= k)
+    dropped = set(complete[: -kept] if kept else [])
     for tag in (target / "checkpoints").glob("step_*"):
         step = int(tag.name.split("_")[1])
-        if step > k + 1:
+        if step > k + 1 or step in dropped:
             shutil.rmtree(tag)
         elif step == k + 1:  # half-written: no manifest, a file cut short
             (tag / "cald_manifest.json").unlink()
@@ -76,16 +79,20 @@ def killed_copy(reference: Path, target: Path, k: int) -> None:
         shutil.rmtree(target / path, ignore_errors=True) if (target / path).is_dir() else (target / path).unlink(missing_ok=True)
 
 
-def resume_and_compare(reference: Path, tmp_path: Path, k: int, env: dict, cmd_for, keys, *, steps: int) -> dict[int, dict]:
-    """Rerun ``cmd_for(folder)`` on a copy of ``reference`` killed while saving step k + 1: it must
-    resume at step k and log the reference's values of ``keys`` for every later step."""
+def resume_and_compare(
+    reference: Path, tmp_path: Path, k: int, env: dict, cmd_for, keys, *, steps: int, kept: int | None = None, logs: tuple[str, ...] = (),
+) -> dict[int, dict]:
+    """Rerun ``cmd_for(folder)`` on a copy of ``reference`` killed while saving step k + 1 (keeping
+    its last ``kept`` checkpoints): it must resume at step k, log the reference's values of
+    ``keys`` for every later step, and say each of ``logs``."""
     import pytest
 
     resumed_dir = tmp_path / f"{reference.name}_resumed_from_{k}"
-    killed_copy(reference, resumed_dir, k)
+    killed_copy(reference, resumed_dir, k, kept=kept)
     proc = run(deepspeed_command(cmd_for(resumed_dir)), env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert f"resuming run at step {k}/{steps}" in proc.stdout + proc.stderr
+    assert all(line in proc.stdout + proc.stderr for line in logs), [line for line in logs if line not in proc.stdout + proc.stderr]
     expected, got = metrics(reference), metrics(resumed_dir)
     # The lines the killed job wrote after its checkpoint were dropped: each step is logged once.
     logged = [r["step"] for r in map(json.loads, (resumed_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]

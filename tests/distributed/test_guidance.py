@@ -36,8 +36,8 @@ def _overrides(teacher_dirs, run_dir, data_cache, phases: str, **extra) -> list[
     return tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, phases=phases, **extra)
 
 
-def _resume_and_compare(reference, tmp_path, k, env, cmd_for, keys):
-    return resume_and_compare(reference, tmp_path, k, env, cmd_for, keys, steps=STEPS)
+def _resume_and_compare(reference, tmp_path, k, env, cmd_for, keys, **kwargs):
+    return resume_and_compare(reference, tmp_path, k, env, cmd_for, keys, steps=STEPS, **kwargs)
 
 
 def test_hybrid_releases_the_teacher_at_the_switch_and_resumes_across_it(tmp_path, teacher_dirs, data_cache):
@@ -57,6 +57,11 @@ def test_hybrid_releases_the_teacher_at_the_switch_and_resumes_across_it(tmp_pat
     # Killed while saving step 3 (resumes from step 2): one more guided step, then the switch.
     got = _resume_and_compare(ref, tmp_path, 2, env, cmd_for, ("loss", "ce", "layer"))
     assert got[4]["teacher_release"]["teacher_params_alive"] == [0, 0]
+    # Killed while saving step 5, with the checkpoints of steps 3 and 4 kept (past the switch): no
+    # teacher is built, the student holds its own copies of the frozen weights (the checkpoints
+    # leave them out), and the steps are the reference's.
+    _resume_and_compare(ref, tmp_path, 4, env, cmd_for, ("loss", "ce"), kept=2, logs=("past the last step a teacher guides: no teacher is built",))
+    assert json.loads((tmp_path / "hybrid_resumed_from_4" / "report.json").read_text())["teacher_release"] is None
 
 
 def test_trajectory_teacher_learns_and_resumes_mid_phase_then_guides_as_waypoints(tmp_path, teacher_dirs, data_cache):

@@ -14,6 +14,8 @@ import torch
 from conftest import tiny_overrides
 from launcher import REPO, deepspeed_command, launcher_env, metrics, run
 
+from cald_scale.engines.checkpoint import complete_tags
+
 pytestmark = pytest.mark.distributed
 
 
@@ -95,8 +97,6 @@ def test_preemption_signal_on_one_rank_saves_at_that_step_and_resumes_exactly(tm
     step is saved (not the last periodic one), the job exits 75, and rerunning continues exactly."""
     import psutil
 
-    from cald_scale.engines.checkpoint import complete_tags
-
     env = launcher_env(tmp_path)
     run_dir = tmp_path / "preempted"
     cmd = deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"debug.sleep_per_step": 1.0, "output.save_every": 4}))
@@ -136,6 +136,12 @@ def test_a_signal_while_the_engines_are_built_stops_before_the_baselines_are_sco
     assert "held-out ppl" not in out and not (run_dir / "baseline.json").exists() and not (run_dir / "checkpoints").exists()
     _ok(resumed := run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **{"train.max_steps": 2})), env))
     assert "starting run at step 0" in resumed.stdout + resumed.stderr and sorted(metrics(run_dir)) == [1, 2]
+    # A resumed session signalled as its engines are built says its checkpoint stands, and loses nothing.
+    longer = {"train.max_steps": 3}
+    again = run(deepspeed_command(tiny_overrides(teacher_dirs["llama"], run_dir, data_cache, **longer, **{"debug.signal_after_build": "SIGUSR1"})), env)
+    out = again.stdout + again.stderr
+    assert again.returncode == 75 and "before this session's first step: the checkpoint at step 2 stands" in out, out[-4000:]
+    assert [s for s, _ in complete_tags(run_dir / "checkpoints")] == [2] and sorted(metrics(run_dir)) == [1, 2]
 
 
 def test_gpt_neox_mamba_aligns_each_block_then_distills_end_to_end_and_exports(tmp_path, teacher_dirs, data_cache):

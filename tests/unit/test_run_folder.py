@@ -4,6 +4,7 @@ before any engine is built when the checkpoint was saved in another mode or layo
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -27,6 +28,10 @@ def test_a_signal_received_before_the_watch_counts_once_it_begins():
     with PreemptionWatch(("SIGUSR1",), received_before=["SIGTERM"]) as watch:  # not a preemption signal of this run
         assert watch.requested(torch.device("cpu")) is None
     assert "before training started" in str(Preempted(None, "SIGUSR1"))
+    # A resumed session stopped before its first step says its checkpoint stands (it said "before
+    # training started" of a run 2 steps in), and keeps saying so once pickled to the other ranks.
+    resumed = pickle.loads(pickle.dumps(Preempted(None, "SIGUSR1", resumed_at=2)))
+    assert "before this session's first step: the checkpoint at step 2 stands" in str(resumed) and resumed.resumed_at == 2
     assert "stopped at step 3 on SIGTERM: checkpoint saved" in str(Preempted(3, "SIGTERM"))
 
 
