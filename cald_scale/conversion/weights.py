@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -65,6 +65,17 @@ class StateDictReader:
 
     def get(self, key: str) -> torch.Tensor:
         return self._tensors[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].dtype
+
+    def byte_samples(self, key: str, size: int) -> Iterator[bytes]:
+        """``size`` bytes at the start, middle and end of tensor ``key`` (``weights_fingerprint``);
+        of a memory-mapped file, only their pages are read."""
+        flat = self._tensors[key].reshape(-1)
+        step = max(size // max(flat.element_size(), 1), 1)
+        for start in sorted({0, max(flat.numel() // 2 - step // 2, 0), max(flat.numel() - step, 0)}):
+            yield flat[start : start + step].contiguous().view(torch.uint8).numpy().tobytes()
 
 
 _SAFETENSORS_DTYPES = {
@@ -126,6 +137,17 @@ class SafetensorsReader:
             if handle.readinto(memoryview(buffer.numpy())) != nbytes:
                 raise WeightsMismatchError(f"{path} is truncated: tensor {key} needs {nbytes} bytes at offset {offset}")
         return buffer.view(dtype).reshape(shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key][3]
+
+    def byte_samples(self, key: str, size: int) -> Iterator[bytes]:
+        """``size`` bytes at the start, middle and end of tensor ``key`` (``weights_fingerprint``)."""
+        path, offset, nbytes, _, _ = self._entries[key]
+        with open(path, "rb") as handle:
+            for start in sorted({0, max(nbytes // 2 - size // 2, 0), max(nbytes - size, 0)}):
+                handle.seek(offset + start)
+                yield handle.read(min(size, nbytes))
 
 
 class TorchBinReader(StateDictReader):
@@ -255,24 +277,11 @@ def weights_fingerprint(folder: str | Path) -> list[list]:
     reader_class, files = _weight_files(Path(folder))
     fingerprint = []
     for path in files:
-        digest = hashlib.sha256()
-        if reader_class is SafetensorsReader:
-            reader = SafetensorsReader([path])
-            with open(path, "rb") as handle:
-                for key in sorted(reader.keys()):
-                    _, offset, nbytes, dtype, shape = reader._entries[key]
-                    digest.update(f"{key}:{dtype}:{shape}".encode())
-                    for start in sorted({0, max(nbytes // 2 - _SLICE_BYTES // 2, 0), max(nbytes - _SLICE_BYTES, 0)}):
-                        handle.seek(offset + start)
-                        digest.update(handle.read(min(_SLICE_BYTES, nbytes)))
-        else:  # NOTE: memory-mapped: only the pages of the slices are read
-            tensors = TorchBinReader([path])._tensors
-            for key in sorted(tensors):
-                flat = tensors[key].reshape(-1)
-                digest.update(f"{key}:{flat.dtype}:{tuple(tensors[key].shape)}".encode())
-                step = max(_SLICE_BYTES // max(flat.element_size(), 1), 1)
-                for start in sorted({0, max(flat.numel() // 2 - step // 2, 0), max(flat.numel() - step, 0)}):
-                    digest.update(flat[start : start + step].contiguous().view(torch.uint8).numpy().tobytes())
+        digest, reader = hashlib.sha256(), reader_class([path])
+        for key in sorted(reader.keys()):
+            digest.update(f"{key}:{reader.dtype(key)}:{reader.shape(key)}".encode())
+            for sample in reader.byte_samples(key, _SLICE_BYTES):
+                digest.update(sample)
         fingerprint.append([path.name, path.stat().st_size, digest.hexdigest()[:16]])
     return fingerprint
 
