@@ -635,13 +635,15 @@ def _start(
     # 2. Teacher (when a phase needs one) and student, built partitioned, in their ZeRO-3 engines
     #    (pipeline mode: stage k builds blocks [a_k, b_k) of both, in one PipelineEngine).
     #    Both modes answer the same calls (apply_phase, perplexity, export) and have a step function.
+    # A resume past the last guided step (a hybrid after its switch) builds no teacher: decided from
+    # the oldest checkpoint kept (a damaged newer one falls back to it), the baseline scored.
+    teacher_from = min(s for s, _ in tags) if tags and (run_dir / "baseline.json").is_file() else 0
+    if plan.uses_teacher and not plan.teacher_needed_from(teacher_from):
+        logger.info("resuming at step %d or later, past the last step a teacher guides: no teacher is built", teacher_from)
     if pipelined:
-        models = build_pipeline(cfg, ds_config, task.source, plan, outside_groups=resume.outside_groups)
+        models = build_pipeline(cfg, ds_config, task.source, plan, outside_groups=resume.outside_groups, first_step=teacher_from)
         guide, step_fn = PipelineGuide(plan, models, base_weights=str(task.source.folder)), pipeline_train_step
     else:
-        # A resume past the last guided step builds no teacher, from the oldest checkpoint kept (a
-        # damaged newer one falls back to it) and with the baseline scored (else it scores the teacher).
-        teacher_from = min(s for s, _ in tags) if tags and (run_dir / "baseline.json").is_file() else 0
         models = build_models(
             cfg, ds_config, task.source, plan, student_source=task.student_source, outside_groups=resume.outside_groups, first_step=teacher_from,
         )

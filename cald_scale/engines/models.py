@@ -170,8 +170,6 @@ def build_models(
     check_new_head_trains(cfg.student.trainable, origin)
     placement = placement_for(ds_config)
     teacher = build_teacher(source, placement) if plan.teacher_needed_from(first_step) else None
-    if teacher is None and plan.uses_teacher:
-        logger.info("resuming at step %d, past the last step a teacher guides: no teacher is built", first_step)
     check_waypoints(plan.waypoints, source.config, teacher, placement)
     frozen_copies = cfg.student.trainable == "mixers"
     # What the checkpoints hold (the frozen weights left out) follows the plan; without a teacher

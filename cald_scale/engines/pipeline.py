@@ -807,8 +807,11 @@ class PipelineGuide:
         pass
 
 
-def build_pipeline(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan: PhasePlan, *, outside_groups: bool = True) -> PipelineModels:
-    """The PipelineModule of ``train.pipeline_stages`` stages in its PipelineEngine (ZeRO-1)."""
+def build_pipeline(
+    cfg: RunConfig, ds_config: dict, source: TeacherSource, plan: PhasePlan, *, outside_groups: bool = True, first_step: int = 0,
+) -> PipelineModels:
+    """The PipelineModule of ``train.pipeline_stages`` stages in its PipelineEngine (ZeRO-1);
+    the stages hold teacher pieces when a step from ``first_step`` on needs them."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -829,7 +832,7 @@ def build_pipeline(cfg: RunConfig, ds_config: dict, source: TeacherSource, plan:
     if dtype != source.dtype:
         logger.info("teacher.dtype %s: the pipeline engine computes in %s (its bf16/fp16 settings decide)", source.dtype, dtype)
     factory = StageFactory(
-        cfg, source, bounds, with_teacher=plan.uses_teacher, share=frozen_copies and cfg.student.share_frozen_weights and not plan.swaps_teacher,
+        cfg, source, bounds, with_teacher=plan.teacher_needed_from(first_step), share=frozen_copies and cfg.student.share_frozen_weights and not plan.swaps_teacher,
         dtype=dtype, device=torch.device(get_accelerator().current_device_name()), outside_groups=outside_groups and not frozen_copies,
     )
     # NOTE: dynamic_shape: the evaluation's last micro-batch may be short, and what travels changes with the phase.

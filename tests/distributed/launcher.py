@@ -81,6 +81,7 @@ def killed_copy(reference: Path, target: Path, k: int, *, kept: int | None = Non
 
 def resume_and_compare(
     reference: Path, tmp_path: Path, k: int, env: dict, cmd_for, keys, *, steps: int, kept: int | None = None, logs: tuple[str, ...] = (),
+    ds_config: str = "ds_configs/zero3.json",
 ) -> dict[int, dict]:
     """Rerun ``cmd_for(folder)`` on a copy of ``reference`` killed while saving step k + 1 (keeping
     its last ``kept`` checkpoints): it must resume at step k, log the reference's values of
@@ -89,7 +90,7 @@ def resume_and_compare(
 
     resumed_dir = tmp_path / f"{reference.name}_resumed_from_{k}"
     killed_copy(reference, resumed_dir, k, kept=kept)
-    proc = run(deepspeed_command(cmd_for(resumed_dir)), env)
+    proc = run(deepspeed_command(cmd_for(resumed_dir), ds_config=ds_config), env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert f"resuming run at step {k}/{steps}" in proc.stdout + proc.stderr
     assert all(line in proc.stdout + proc.stderr for line in logs), [line for line in logs if line not in proc.stdout + proc.stderr]

@@ -60,8 +60,20 @@ def test_hybrid_releases_the_teacher_at_the_switch_and_resumes_across_it(tmp_pat
     # Killed while saving step 5, with the checkpoints of steps 3 and 4 kept (past the switch): no
     # teacher is built, the student holds its own copies of the frozen weights (the checkpoints
     # leave them out), and the steps are the reference's.
-    _resume_and_compare(ref, tmp_path, 4, env, cmd_for, ("loss", "ce"), kept=2, logs=("past the last step a teacher guides: no teacher is built",))
+    no_teacher = "resuming at step 3 or later, past the last step a teacher guides: no teacher is built"
+    _resume_and_compare(ref, tmp_path, 4, env, cmd_for, ("loss", "ce"), kept=2, logs=(no_teacher,))
     assert json.loads((tmp_path / "hybrid_resumed_from_4" / "report.json").read_text())["teacher_release"] is None
+    # Pipeline mode (2 stages): the same steps; resumed past the switch, its stages hold no teacher pieces.
+    pipe = tmp_path / "hybrid_pipeline"
+    pipe_cmd = lambda run_dir: cmd_for(run_dir) + ["train.pipeline_stages=2"]  # noqa: E731
+    _ok(run(deepspeed_command(pipe_cmd(pipe), ds_config="ds_configs/pipeline.json"), env))
+    piped, zero3 = metrics(pipe), metrics(ref)
+    for step in range(1, STEPS + 1):
+        for key in ("loss", "ce", "layer"):
+            if key in zero3[step]:
+                assert piped[step][key] == pytest.approx(zero3[step][key], rel=1e-4), (step, key)
+    _resume_and_compare(pipe, tmp_path, 4, env, pipe_cmd, ("loss", "ce"), kept=2, logs=(no_teacher,), ds_config="ds_configs/pipeline.json")
+    assert json.loads((tmp_path / "hybrid_pipeline_resumed_from_4" / "report.json").read_text())["teacher_release"] is None
 
 
 def test_trajectory_teacher_learns_and_resumes_mid_phase_then_guides_as_waypoints(tmp_path, teacher_dirs, data_cache):
