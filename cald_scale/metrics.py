@@ -12,7 +12,7 @@ from typing import Any
 
 from .fileio import atomic_write_text
 
-__all__ = ["MetricsLogger", "peak_memory_bytes", "current_rss_bytes"]
+__all__ = ["MetricsLogger", "json_safe", "peak_memory_bytes", "current_rss_bytes"]
 
 logger = logging.getLogger("cald_scale.metrics")
 
@@ -41,10 +41,12 @@ _PRIVACY = {"online": 0, "offline": 1, "disabled": 2}
 def _wandb_mode(configured: str) -> str:
     """``output.wandb``, or ``WANDB_MODE`` where it keeps more to this machine (offline,
     disabled). A shell's ``WANDB_MODE=online`` never sends a run configured offline."""
-    env = os.environ.get("WANDB_MODE")
-    if env is None or env == configured:
+    raw = os.environ.get("WANDB_MODE")
+    if raw is None:
         return configured
-    env = {"dryrun": "offline"}.get(env.strip().lower(), env.strip().lower())  # wandb's own synonym
+    env = {"dryrun": "offline"}.get(raw.strip().lower(), raw.strip().lower())  # wandb's own synonym
+    if env == configured:
+        return configured
     if env not in _PRIVACY:
         # NOTE: whatever it meant, it did not ask to send more: at most offline.
         kept = max(configured, "offline", key=_PRIVACY.get)
@@ -67,7 +69,7 @@ class MetricsLogger:
         self._bar = None
         if not enabled:
             return
-        relogged = self._drop_steps_after(start_step)
+        relogged = self._drop_steps_after(start_step, final=start_step >= total_steps)
         wandb_mode = _wandb_mode(wandb_mode)
         if wandb_mode != "disabled":
             run_id = _wandb_id(Path(run_dir))
@@ -80,6 +82,9 @@ class MetricsLogger:
                     import wandb
 
                     os.environ.setdefault("WANDB_SILENT", "true")
+                    # NOTE: wandb validates WANDB_MODE itself, whatever mode= says: an empty or unknown
+                    # value (chosen over above) would turn the run off.
+                    os.environ["WANDB_MODE"] = wandb_mode
                     self._wandb = wandb.init(
                         project=project, dir=str(run_dir), mode=wandb_mode, config=config, **attempt,
                     )
@@ -91,14 +96,16 @@ class MetricsLogger:
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="distill", dynamic_ncols=True, mininterval=1.0)
 
-    def _drop_steps_after(self, step: int) -> bool:
+    def _drop_steps_after(self, step: int, *, final: bool = False) -> bool:
         """A resumed run logs again the steps after its checkpoint: the lines it wrote for them
         before it stopped go, so each step has one line (the one of the run that goes on).
+        ``final``: the checkpoint is the run's last step, whose end-point evaluation is logged
+        again (a finished run rerun, or one stopped during that evaluation): its line goes too.
         Returns whether any went (those steps are logged again)."""
         if not self.path.is_file():
             return False
         lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if _step_of(line) <= step]
+        kept = [line for line in lines if _step_of(line) < step or (_step_of(line) == step and not (final and _is_evaluation(line)))]
         if len(kept) < len(lines):
             atomic_write_text(self.path, "".join(kept))
             why = "logged again from the checkpoint" if step else "the run starts over: no complete checkpoint"
@@ -127,7 +134,7 @@ class MetricsLogger:
             return
         record = {"step": step, "time": time.time(), **metrics}
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(_strict(record), allow_nan=False) + "\n")
+            handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._call_wandb("log", lambda: self._wandb.log(metrics, step=step))
         if self._bar is not None:
             self._bar.n = step
@@ -153,15 +160,15 @@ class MetricsLogger:
         self._wandb = None
 
 
-def _strict(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """``value`` with NaN and infinities as null: strict JSON, which jq, JavaScript and
     pandas' strict readers take (Python's json writes them as the non-standard NaN)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -171,6 +178,11 @@ def _step_of(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return float("inf")
+
+
+def _is_evaluation(line: str) -> bool:
+    """A metrics line of scores alone (an evaluation), not of a training step."""
+    return "loss" not in json.loads(line)
 
 
 def _wandb_id(run_dir: Path) -> str:

@@ -512,6 +512,7 @@ class _Run:
             self.save(step)
 
     def save(self, at: int) -> None:
+        self.state.record_peak(gather_objects(peak_memory_bytes()))  # the checkpoint carries the run's peak so far
         save_checkpoint(
             self.models.student_engine, self.run_dir / "checkpoints", at,
             {
@@ -578,7 +579,8 @@ class _Run:
             "wall_seconds_this_session": time.time() - self.started,
             "session_started_at_step": self.first_step,  # > 0: the run was resumed, and its wall time spans sessions
             "memory": peak_memory_bytes(),
-            "memory_per_rank": gather_objects(peak_memory_bytes()),
+            "memory_per_rank": (per_rank := gather_objects(peak_memory_bytes())),  # this session's
+            "peak_memory": state.record_peak(per_rank),  # the largest rank's, over every session of the run
             "student_dir": str(export_dir),
             "config": to_dict(cfg),
         }

@@ -13,7 +13,7 @@ class NonFiniteLossError(RuntimeError):
 
 class StepState:
     """The data cursor (micro-batches consumed on each rank), tokens seen, skipped
-    non-finite micro-batches, optimizer steps DeepSpeed skipped and training seconds;
+    non-finite micro-batches, optimizer steps DeepSpeed skipped, training seconds and peak memory;
     ``as_dict`` goes into every checkpoint.
     ``last_saved`` (the step of the last complete checkpoint) and the non-finite policy are
     what an error that stops the run must name."""
@@ -24,6 +24,7 @@ class StepState:
         self.nan_skipped = int(saved.get("nan_skipped", 0))
         self.steps_skipped = int(saved.get("steps_skipped", 0))
         self.train_seconds = float(saved.get("train_seconds", 0.0))
+        self.peak_memory: dict[str, int] = dict(saved.get("peak_memory", {}))
         self.consecutive_nan = 0
         self.consecutive_skipped_steps = 0
         self.last_saved = last_saved
@@ -33,8 +34,16 @@ class StepState:
     def as_dict(self) -> dict:
         return {
             "micro_cursor": self.cursor, "tokens_seen": self.tokens_seen, "nan_skipped": self.nan_skipped,
-            "steps_skipped": self.steps_skipped, "train_seconds": self.train_seconds,
+            "steps_skipped": self.steps_skipped, "train_seconds": self.train_seconds, "peak_memory": self.peak_memory,
         }
+
+    def record_peak(self, per_rank: list[dict[str, int]]) -> dict[str, int]:
+        """The run's peak memory so far, of the largest rank in any session: what the checkpoint
+        carries with ``per_rank`` (this session's peaks, rank by rank) folded in."""
+        for peaks in per_rank:
+            for key, value in peaks.items():
+                self.peak_memory[key] = max(self.peak_memory.get(key, 0), int(value))
+        return dict(self.peak_memory)
 
     def _where_to_resume(self) -> str:
         if not self.last_saved:

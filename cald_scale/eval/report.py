@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..fileio import atomic_write_text
+from ..metrics import json_safe
 
 __all__ = ["format_cell", "write_report"]
 
@@ -41,9 +42,10 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
         "hardware": _hardware(),
         "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__},
     }
-    json_path = atomic_write_text(Path(run_dir) / "report.json", json.dumps(report, indent=2, default=str))
+    # Strict JSON: a non-finite score (a diverged student) is null, as in metrics.jsonl.
+    json_path = atomic_write_text(Path(run_dir) / "report.json", json.dumps(json_safe(report), indent=2, default=str, allow_nan=False))
 
-    mem = report.get("memory", {})
+    mem = report.get("peak_memory") or report.get("memory", {})
     rows = [
         ("teacher", f"{report['teacher']} ({report['teacher_source']})"),
         ("student mixer", report["mixer"]),
@@ -51,13 +53,15 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
         ("optimizer steps", report["steps"]),
         ("tokens seen", report["tokens_seen"]),
         ("training tokens/s", report["train_tokens_per_s"]),
-        ("non-finite steps skipped", report["nan_skipped"]),
+        ("training seconds (all sessions)", report.get("train_seconds")),
+        ("wall seconds (this session)", report.get("wall_seconds_this_session")),
+        ("non-finite micro-batches (or stages) skipped", report["nan_skipped"]),
         ("optimizer steps skipped (non-finite gradients)", report.get("steps_skipped", 0)),
         ("ranks", report["world_size"]),
-        ("peak RSS per rank (GiB)", mem.get("cpu_max_rss_bytes", 0) / 2**30),
+        ("peak RSS, largest rank, all sessions (GiB)", mem.get("cpu_max_rss_bytes", 0) / 2**30),
     ]
     if "gpu_max_allocated_bytes" in mem:
-        rows.append(("peak GPU memory per rank (GiB)", mem["gpu_max_allocated_bytes"] / 2**30))
+        rows.append(("peak GPU memory, largest rank, all sessions (GiB)", mem["gpu_max_allocated_bytes"] / 2**30))
     rows += [("hardware", report["hardware"]), ("versions", ", ".join(f"{k} {v}" for k, v in report["versions"].items()))]
     lines = ["# CALD run report", "", "| | |", "|---|---|"] + [f"| {k} | {format_cell(v)} |" for k, v in rows]
     lines += ["", f"Student (HF format): `{report['student_dir']}`", ""]

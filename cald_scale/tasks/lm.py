@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -106,11 +107,13 @@ class LanguageModelingTask:
             for name in after
         }
         own = sets["heldout"]
+        # A non-finite score after training (a diverged or overflowing student) has no ratio: n/a, not "inf x better".
+        gain = own["student_before"] / own["student_after"] if own["student_before"] and math.isfinite(own["student_after"]) else None
         return {
             "ppl_teacher": own["teacher"],
             "ppl_student_before": own["student_before"],
             "ppl_student_after": own["student_after"],
-            "ppl_improvement_x": own["student_before"] / own["student_after"] if own["student_after"] > 0 else float("inf"),
+            "ppl_improvement_x": gain,
             "ppl_vs_teacher_x": own["student_after"] / own["teacher"] if own["teacher"] else None,
             "eval_sets": sets,
             "eval_tokens": own["tokens"],
@@ -118,7 +121,7 @@ class LanguageModelingTask:
                 ("held-out ppl: teacher", own["teacher"]),
                 ("held-out ppl: converted student, before training", own["student_before"]),
                 ("held-out ppl: student, after training", own["student_after"]),
-                ("improvement (before / after)", f"{own['student_before'] / own['student_after']:.1f}x" if own["student_after"] > 0 else "inf"),
+                ("improvement (before / after)", f"{gain:.1f}x" if gain is not None else None),
                 *((f"{name} ppl: teacher / student", (s["teacher"], s["student_after"])) for name, s in sets.items() if name != "heldout"),
             ],
         }

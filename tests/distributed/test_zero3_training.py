@@ -77,6 +77,15 @@ def test_llama_mamba2_kill_and_resume_continues_the_trajectory(tmp_path, teacher
         for key in ("loss", "ce", "layer"):
             assert after[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
 
+    # The finished run rerun evaluates again: its end-point line is logged once (it was twice), and
+    # the report's peak memory is the run's over all sessions, not this evaluation-only session's.
+    _ok(run(cmd, env))
+    evaluations = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["step"] == 6 and "loss" not in r]
+    assert len(evaluations) == 1, evaluations
+    rerun = json.loads((run_dir / "report.json").read_text())
+    assert rerun["session_started_at_step"] == 6
+    assert rerun["peak_memory"]["cpu_max_rss_bytes"] >= max(m["cpu_max_rss_bytes"] for m in rerun["memory_per_rank"])
+
     # A corrupt newest checkpoint is skipped in favour of the previous complete one.
     ckpts = sorted((ref_dir / "checkpoints").glob("step_*"))
     assert [p.name for p in ckpts] == ["step_00000004", "step_00000006"]

@@ -245,6 +245,28 @@ def test_report_headline_shows_every_eval_set_at_four_significant_digits():
     assert format_cell(unguided["wiki ppl: teacher / student"]) == "n/a / 581.2"
 
 
+def test_a_diverged_student_has_no_improvement_and_the_report_stays_strict_json(tmp_path):
+    """A NaN perplexity after training was reported as an infinite improvement, and report.json
+    held the non-standard NaN (jq and strict readers refuse the file)."""
+    from cald_scale.eval.report import write_report
+    from cald_scale.tasks.lm import LanguageModelingTask
+
+    scores = lambda ppl: {"heldout": {"ppl": ppl, "tokens": 10}}  # noqa: E731
+    diverged = LanguageModelingTask.summary(scores(17.9), scores(3.917e4), scores(float("nan")), None)
+    assert diverged["ppl_improvement_x"] is None and dict(diverged["headline"])["improvement (before / after)"] is None
+    assert LanguageModelingTask.summary(scores(17.9), scores(3.917e4), scores(39.17), None)["ppl_improvement_x"] == pytest.approx(1000.0)
+    report = {
+        "teacher": "t", "teacher_source": "s", "mixer": "mamba2", "steps": 2, "tokens_seen": 10, "train_tokens_per_s": 1.0, "train_seconds": 10.0,
+        "wall_seconds_this_session": 30.0, "nan_skipped": 0, "world_size": 2, "student_dir": "x", "memory": {"cpu_max_rss_bytes": 2**30},
+        "peak_memory": {"cpu_max_rss_bytes": 3 * 2**30}, **diverged,
+    }
+    write_report(tmp_path, report)
+    saved = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert saved["ppl_student_after"] is None and saved["ppl_improvement_x"] is None
+    table = (tmp_path / "report.md").read_text()
+    assert "| peak RSS, largest rank, all sessions (GiB) | 3 |" in table and "| training seconds (all sessions) | 10 |" in table
+
+
 def test_held_out_shards_score_the_same_sequences_on_any_number_of_ranks(models):
     """The default 32 sequences on 64 ranks (it was an error), 7 on 2: equal-length shards whose
     real entries are every sequence once; a padding entry runs a forward that counts for nothing."""

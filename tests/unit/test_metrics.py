@@ -28,6 +28,23 @@ def test_a_resumed_run_drops_the_lines_logged_after_its_checkpoint(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_finished_run_rerun_logs_its_end_point_evaluation_once(tmp_path):
+    """Rerunning a finished run (or requeueing one stopped during its final evaluation) evaluates
+    and logs the last step again: the earlier evaluation line of that step goes, its training line stays."""
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 11)] + [json.dumps({"step": 10, "eval/heldout/ppl": 40.0})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    metrics = _logger(tmp_path, start_step=10)  # total_steps=10
+    metrics.log(10, {"eval/heldout/ppl": 39.0})
+    metrics.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 11)) + [10]
+    assert records[-2]["loss"] == 0.1 and records[-1]["eval/heldout/ppl"] == 39.0
+    # A resume mid-run keeps the evaluation line logged at its checkpoint's step (not logged again).
+    (tmp_path / "metrics.jsonl").write_text("\n".join([*lines[:4], json.dumps({"step": 4, "eval/heldout/ppl": 50.0}), *lines[4:6]]) + "\n")
+    _logger(tmp_path, start_step=4).close()
+    assert [json.loads(line).get("eval/heldout/ppl") for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1] == 50.0
+
+
 def _wandb_services() -> list[int]:
     """Processes of wandb's service under this one (its children)."""
     found = []
@@ -95,28 +112,29 @@ def test_a_resumed_run_rewinds_its_wandb_run_to_the_checkpoint(tmp_path, monkeyp
 def test_a_shells_wandb_mode_never_sends_a_run_configured_offline(tmp_path, monkeypatch, caplog):
     """Many wandb users export WANDB_MODE=online in their profile: a run whose config says
     offline (the default, "needs no account") must stay offline; the environment may only
-    keep more on the machine (disabled)."""
-    import wandb
-
-    modes = []
-    monkeypatch.setattr(wandb, "init", lambda **kwargs: (modes.append(kwargs["mode"]), None)[1])
-    monkeypatch.setenv("WANDB_MODE", "online")
-    with caplog.at_level(logging.WARNING, logger="cald_scale.metrics"):
-        _logger(tmp_path, start_step=0, wandb_mode="offline").close()
-    assert modes == ["offline"] and "WANDB_MODE=online is ignored" in caplog.text
-    for folder in ("b", "c"):
-        (tmp_path / folder).mkdir()
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    _logger(tmp_path / "b", start_step=0, wandb_mode="offline").close()
-    assert modes == ["offline"]  # disabled: no wandb.init at all
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    _logger(tmp_path / "c", start_step=0, wandb_mode="online").close()
-    assert modes == ["offline", "offline"]
-    for folder, env in (("d", "dryrun"), ("e", "no-such-mode")):  # wandb's synonym of offline; a value it does not know
-        (tmp_path / folder).mkdir()
+    keep more on the machine (disabled). The real wandb, offline: it reads WANDB_MODE itself,
+    and an empty or unknown value there turned the run off after a warning that it ran offline."""
+    cases = [  # WANDB_MODE, output.wandb, what runs, what the log says
+        ("online", "offline", "offline", "WANDB_MODE=online is ignored"),
+        ("disabled", "offline", None, ""),
+        ("offline", "online", "offline", "keeps more on this machine"),
+        ("dryrun", "online", "offline", "keeps more on this machine"),  # wandb's synonym of offline
+        ("Offline", "offline", "offline", ""),
+        ("", "offline", "offline", "is no wandb mode"),
+        ("no-such-mode", "online", "offline", "is no wandb mode"),
+    ]
+    for i, (env, configured, runs, said) in enumerate(cases):
+        (tmp_path / str(i)).mkdir()
         monkeypatch.setenv("WANDB_MODE", env)
-        _logger(tmp_path / folder, start_step=0, wandb_mode="online").close()
-    assert modes == ["offline"] * 4
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="cald_scale.metrics"):
+            metrics = _logger(tmp_path / str(i), start_step=0, wandb_mode=configured)
+        try:
+            assert (metrics._wandb.settings.mode if metrics._wandb is not None else None) == runs, (env, caplog.text)
+            failed = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.getMessage().startswith("wandb disabled")]
+            assert not failed and said in caplog.text and ("ignored" in caplog.text) == ("ignored" in said), (env, caplog.text)
+        finally:
+            metrics.close()
 
 
 def test_metrics_lines_are_strict_json_with_null_for_non_finite_values(tmp_path):

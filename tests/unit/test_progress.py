@@ -31,3 +31,14 @@ def test_a_stop_before_any_checkpoint_does_not_name_one():
     with pytest.raises(NonFiniteLossError, match=r"at step 1 .*No checkpoint was saved yet \(in ckpt\).*it starts over") as err:
         state.nonfinite(step=1)
     assert "step 0" not in str(err.value)
+
+
+def test_the_runs_peak_memory_is_the_largest_rank_over_every_session():
+    """A resumed session (or one that only evaluates a finished run) peaks lower than training
+    did: the report gives the largest rank's peak over all sessions, carried by the checkpoint."""
+    first = StepState({})
+    first.record_peak([{"cpu_max_rss_bytes": 800}, {"cpu_max_rss_bytes": 900, "gpu_max_allocated_bytes": 50}])
+    resumed = StepState(first.as_dict())
+    assert resumed.record_peak([{"cpu_max_rss_bytes": 700}]) == {"cpu_max_rss_bytes": 900, "gpu_max_allocated_bytes": 50}
+    assert resumed.record_peak([{"cpu_max_rss_bytes": 950}])["cpu_max_rss_bytes"] == 950
+    assert StepState({"micro_cursor": 3}).peak_memory == {}  # a checkpoint from before the record
