@@ -493,7 +493,7 @@ class _Run:
         if release is not None and release.get("step") == step - 1:
             rows = gather_objects(release)  # the teacher release as every rank saw it
             record["teacher_release"] = {k: [int(r[k]) for r in rows] for k in ("freed_partition_bytes", "teacher_params_alive", "rss_before", "rss_after")}
-        if step % cfg.output.log_every == 0 or step == self.plan.total_steps:
+        if step % cfg.output.log_every == 0 or step == self.plan.total_steps or "teacher_release" in record:  # the release: logged once, whatever log_every
             self.metrics.log(step, record)
         return step
 
