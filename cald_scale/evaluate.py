@@ -42,6 +42,7 @@ from .eval import harness
 from .eval.perplexity import eval_indices, perplexity
 from .fileio import atomic_write_text, read_json
 from .generation.context import check_context
+from .metrics import json_safe
 
 logger = logging.getLogger("cald_scale.evaluate")
 
@@ -344,8 +345,8 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def _jsonable(value):
-    """numpy scalars and the like in lm-eval's results, as JSON."""
-    return value.item() if hasattr(value, "item") else str(value)
+    """numpy scalars and the like in lm-eval's results, as strict JSON (NaN as null)."""
+    return json_safe(value.item()) if hasattr(value, "item") else str(value)
 
 
 def _run_tasks(args: argparse.Namespace, target: EvalTarget, device: str) -> int:
@@ -369,7 +370,7 @@ def _run_tasks(args: argparse.Namespace, target: EvalTarget, device: str) -> int
             "results": rows,
             "raw": {model: {key: raw[key] for key in keep if key in raw} for model, raw in results.items()},
         }
-        atomic_write_text(Path(args.json), json.dumps(out, indent=2, default=_jsonable))
+        atomic_write_text(Path(args.json), json.dumps(json_safe(out), indent=2, default=_jsonable, allow_nan=False))
     return 0
 
 
@@ -394,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
             "seq_len": args.seq_len or target.data.seq_len,
             "results": rows,
         }
-        atomic_write_text(Path(args.json), json.dumps(result, indent=2))
+        atomic_write_text(Path(args.json), json.dumps(json_safe(result), indent=2, allow_nan=False))  # a diverged model's NaN: null
     return 0
 
 
