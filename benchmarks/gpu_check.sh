@@ -219,8 +219,8 @@ install_wheels() {
   local wheels=("$WHEELS"/*.whl)
   shopt -u nullglob
   if ((${#wheels[@]} == 0)); then
-    echo "no wheels to install"
-    return 0
+    echo "no wheels to install in $WHEELS: carry gpu_wheels (launch/build_gpu_wheels.sh makes them)"
+    [ -n "${CALD_BENCH_PARSE_ONLY:-}" ]  # a failure, but in the CPU check of the command lines
   fi
   local pip=("$PY" -m pip install -q --no-deps --no-index --no-compile --no-cache-dir --upgrade --target "$SITE")
   "${pip[@]}" "${wheels[@]}" && return 0
@@ -235,6 +235,7 @@ install_wheels() {
 kernel_info() {
   "$PY" - <<'EOF'
 import json
+import os
 import transformers  # the carried wheel (pyproject's range), not the image's older one
 print("transformers in use:", transformers.__version__, "from", transformers.__file__)
 from cald_scale.mixers.ops import _cuda
@@ -242,10 +243,19 @@ from cald_scale.mixers.ops.dispatch import resolve_kernel
 print(json.dumps({g: {"importable": ok, "reason": why} for g, (ok, why) in _cuda.kernel_groups().items()}, indent=1))
 for kind in ("mamba2", "mamba"):
     print(kind, "kernels importable:", _cuda.kernels_available(kind))
+missing = []
 try:
     print("mixer kernel='cuda' resolves to", resolve_kernel("cuda", "cuda"))
 except RuntimeError as err:
     print("mixer kernel='cuda' unavailable:", err)
+    missing.append("the mixer kernels")
+try:
+    import deepspeed
+    print("deepspeed in use:", deepspeed.__version__)
+except ImportError as err:
+    missing.append(f"deepspeed ({err})")
+if missing and not os.environ.get("CALD_BENCH_PARSE_ONLY"):  # the later steps would time pure PyTorch, or fail
+    raise SystemExit(f"kernels step FAILED: {', '.join(missing)} not importable")
 EOF
 }
 
@@ -257,6 +267,15 @@ if [ -d "$SITE" ]; then
   export PYTHONPATH=$SITE:$PYTHONPATH PATH=$SITE/bin:$PATH
 fi
 step kernels 25 - kernel_info
+# Without the kernels (no wheels carried, one that does not import) the rest would only time the
+# pure-PyTorch paths: stop here and keep the GPU's minutes. GPU_CHECK_ALLOW_PURE=1 goes on anyway.
+if [ -z "${CALD_BENCH_PARSE_ONLY:-}" ] && [ "${GPU_CHECK_ALLOW_PURE:-0}" != 1 ] && [ -f "$WORK/step.rc" ] && [ "$(cat "$WORK/step.rc")" != 0 ]; then
+  say "gpu_check: the kernels step failed (its log above): stopping before the benchmarks; GPU_CHECK_ALLOW_PURE=1 runs them anyway"
+  trap - TERM INT
+  status_table "stopped: no kernels"
+  pack
+  exit 1
+fi
 # NOTE: each Triton kernel's smallest config, untuned (CALD_TRITON_UNTUNED=1): any config computes
 # the same function, and the bf16 checks of the tuned configs passed on the third run (29/29 ops,
 # 132 mixer checks). Tuned, the SSD scan alone took 75-90 s per dtype, the `small` shape's tuning

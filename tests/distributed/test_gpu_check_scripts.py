@@ -45,6 +45,18 @@ def test_gpu_check_command_lines_parse_as_the_gpu_run_gives_them(tmp_path):
     assert proc.returncode == 0, log[-3000:]
 
 
+def test_gpu_check_without_the_kernels_stops_before_spending_the_gpu(tmp_path):
+    """No wheels carried (or one that does not import): the benchmarks would time only the
+    pure-PyTorch paths, minutes of a lent GPU for nothing. The script stops after its kernels
+    step, with its status table and pack."""
+    proc = _gpu_check(tmp_path)
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert proc.returncode == 1, log[-3000:]
+    assert "no wheels to install" in log and "kernels step FAILED: the mixer kernels" in log
+    assert "stopping before the benchmarks" in log and "== kernel_parity" not in log and "gpu_check stopped: no kernels" in log
+    assert (tmp_path / "out" / "gpu_check_all.tar.gz").is_file()
+
+
 def test_gpu_check_refuses_an_unknown_step_and_a_budget_past_its_limit(tmp_path):
     proc = _gpu_check(tmp_path, GPU_CHECK_STEPS="kernel_parity_fp32")
     assert proc.returncode == 2 and "GPU_CHECK_STEPS names kernel_parity_fp32, which is no step" in proc.stderr
