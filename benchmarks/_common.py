@@ -220,6 +220,13 @@ def write_result(name: str, result: dict, out: str | None = None) -> Path:
     return path
 
 
+def save_partial(result: dict, path: str | Path, *, done: str) -> None:
+    """``result`` so far, marked partial (``done``: what it holds), written where the final one
+    goes: a step cut by its time cap (a lent GPU's few minutes) keeps what it measured. Not printed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(path), json.dumps({**result, "partial": done}, indent=2))
+
+
 def write_result_files(name: str, result: dict, markdown: str, plot=None) -> None:
     """benchmarks/results/<name>.json and .md, and .png when ``plot(result, path)`` is given."""
     write_result(name, result)

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GEOMETRIES, REPO, RESULTS, machine, no_cuda_for, overall_pass, stop_if_parse_only, write_result  # noqa: E402
+from _common import GEOMETRIES, REPO, RESULTS, machine, no_cuda_for, overall_pass, save_partial, stop_if_parse_only, write_result  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache  # noqa: E402
 
 from cald_scale.conversion.modeling import ConversionConfig  # noqa: E402
@@ -241,6 +241,8 @@ def measure_context(out: dict, name: str, model, make_cache, context: int, batch
             out["state_bytes_per_seq"][str(context)] = held
         except torch.OutOfMemoryError:
             out["oom"].append({"what": "prefill", "context": context, "batch": 1})
+        except Exception as err:  # noqa: BLE001 - recorded: the other measurements still run
+            _failed(out, "prefill", context, 1, err)
     for batch in batches:
         if kv_per_seq(context) * batch * 1.3 > available_bytes(device):
             out["oom"].append({"what": "decode", "context": context, "batch": batch, "needs_bytes": kv_per_seq(context) * batch})
@@ -251,6 +253,8 @@ def measure_context(out: dict, name: str, model, make_cache, context: int, batch
             out["decode_tok_s"][str(batch)][str(context)] = decode_tokens_per_s(model, cache, batch, context, device, args.decode_steps)
         except torch.OutOfMemoryError:
             out["oom"].append({"what": "decode", "context": context, "batch": batch})
+        except Exception as err:  # noqa: BLE001
+            _failed(out, "decode", context, batch, err)
         finally:
             del cache
             gc.collect()
@@ -258,6 +262,14 @@ def measure_context(out: dict, name: str, model, make_cache, context: int, batch
                 torch.cuda.empty_cache()
     print(f"[{name}] context {context}: prefill {out['prefill_s'].get(str(context))} s, decode "
           f"{ {b: out['decode_tok_s'][str(b)].get(str(context)) for b in batches} } tok/s", flush=True)
+
+
+def _failed(out: dict, what: str, context: int, batch: int, err: Exception) -> None:
+    """A measurement that raised (not out of memory): recorded with its cause, and printed."""
+    import traceback
+
+    out.setdefault("errors", []).append({"what": what, "context": context, "batch": batch, "error": f"{type(err).__name__}: {err}"[:500]})
+    traceback.print_exc()
 
 
 def best_batch_decode(model, make_cache, context: int, device: torch.device, steps: int, kv_per_seq) -> dict:
@@ -488,6 +500,8 @@ def main() -> None:
     device = torch.device(args.device)
     contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else ([512, 2048] if args.quick else DEFAULT_CONTEXTS)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 4] if args.quick else DEFAULT_BATCHES)
+    if min(contexts + batches) < 1:
+        parser.error(f"--contexts and --batches take positive sizes, got {contexts} and {batches}")
     args.decode_steps = args.decode_steps or (4 if args.quick else DEFAULT_DECODE_STEPS)
     dtype = DTYPES[args.dtype]
     if no_cuda_for(device):
@@ -522,30 +536,40 @@ def main() -> None:
         "teacher": (teacher, lambda b, c: teacher_cache(teacher, b, c, room=room, kind=args.kv_cache), kv_per_seq),
         "student": (student, lambda b, c: student_cache(student, b, c, teacher.config, room=room, kind=args.kv_cache), state_per_seq),
     }
-    for name in models:
-        result[name] = {"prefill_s": {}, "decode_tok_s": {str(b): {} for b in batches}, "state_bytes_per_seq": {}, "oom": []}
-    # NOTE: teacher and student take turns at each context, so both see the same machine.
-    for context in contexts:
-        for name, (model, make_cache, need) in models.items():
-            measure_context(result[name], name, model, make_cache, context, batches, device, args, need)
-    result["ratios"] = ratios(result["teacher"], result["student"], contexts, batches)
-    if device.type == "cuda":
-        result["best_batch_16k"] = {
-            name: best_batch_decode(model, make_cache, 16384, device, BEST_BATCH_STEPS, need) for name, (model, make_cache, need) in models.items()
-        }
-    graphs = args.graph_decode == "on" or (args.graph_decode == "auto" and device.type == "cuda")
-    if graphs and not student.config.attention_layers:
-        # NOTE: at the longest context only: the student's step does not depend on the context
-        # (its state has one size), and a GPU's minutes are few.
-        result["student_graph_decode"] = graphed_decode(student, models["student"][1], contexts[-1], batches, device, args.decode_steps)
-    result["targets"] = check_targets(result, batches)
-    result["pass"] = overall_pass(result["targets"])
     # NOTE: the README's table and the headline file are the committed configuration's alone;
     # any other run's default name says how it differs, so exploring never replaces them.
     tag = "".join(f"_{part}" for part in variant(args, contexts, batches))
     default_name = "inference_speed" if (device.type, args.geometry) == ("cpu", "SmolLM2-135M") else f"inference_speed_{device.type}_{args.geometry}"
     out = Path(args.out) if args.out else RESULTS / f"{default_name}{tag}.json"
     result["json"] = str(out)
+    for name in models:
+        result[name] = {"prefill_s": {}, "decode_tok_s": {str(b): {} for b in batches}, "state_bytes_per_seq": {}, "oom": []}
+    # NOTE: teacher and student take turns at each context, so both see the same machine. What
+    # is measured is saved as it comes (partial): a step cut by its cap keeps it.
+    for context in contexts:
+        for name, (model, make_cache, need) in models.items():
+            measure_context(result[name], name, model, make_cache, context, batches, device, args, need)
+        save_partial(result, out, done=f"contexts up to {context}")
+    result["ratios"] = ratios(result["teacher"], result["student"], contexts, batches)
+    if device.type == "cuda":
+        result["best_batch_16k"] = {}
+        for name, (model, make_cache, need) in models.items():
+            try:
+                result["best_batch_16k"][name] = best_batch_decode(model, make_cache, 16384, device, BEST_BATCH_STEPS, need)
+            except Exception as err:  # noqa: BLE001 - the target then says it was not measured
+                _failed(result[name], "best_batch_decode", 16384, 0, err)
+            save_partial(result, out, done=f"every context, best batch at 16k of {list(result['best_batch_16k'])}")
+        if len(result["best_batch_16k"]) < len(models):
+            result["best_batch_16k"] = None
+    graphs = args.graph_decode == "on" or (args.graph_decode == "auto" and device.type == "cuda")
+    if graphs and not student.config.attention_layers:
+        # NOTE: at the longest context only: the student's step does not depend on the context
+        # (its state has one size), and a GPU's minutes are few.
+        result["student_graph_decode"] = graphed_decode(student, models["student"][1], contexts[-1], batches, device, args.decode_steps)
+    result["targets"] = check_targets(result, batches)
+    if any(result[name].get("errors") for name in models):
+        result["targets"]["no_measurement_failed"] = {"target": "every measurement ran", "value": {n: result[n].get("errors", []) for n in models}, "pass": False}
+    result["pass"] = overall_pass(result["targets"])
     write_result(out.stem, result, str(out))
     plot(result, out.with_suffix(".png"))
     table = markdown(result)

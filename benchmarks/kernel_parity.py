@@ -136,7 +136,7 @@ def judge(errs: dict, tol: float) -> bool:
 
 def category(quantity: str) -> str:
     head = quantity.split(".", 1)[0]
-    return {"forward": "forward", "grad": "grad", "prefill": "state", "step": "step"}[head]
+    return {"forward": "forward", "grad": "grad", "prefill": "state", "step": "step", "step_inplace_keep": "step"}[head]
 
 
 # ----------------------------------------------------------------------------- mixer level
@@ -173,6 +173,13 @@ def run_mixer(
         res |= {"prefill.out": out_p, "prefill.conv_state": state.conv_state, "prefill.ssm_state": state.ssm_state}
         y_t, state = mixer.step(last, state)
         res |= {"step.out": y_t, "step.conv_state": state.conv_state, "step.ssm_state": state.ssm_state}
+        # The step generation runs (MixerAsAttention): the cache's state updated in place, and a
+        # padding row (keep 0, the last one) whose state must not move.
+        _, state = mixer.prefill(prefix)
+        keep = torch.ones(last.shape[0], device=device, dtype=dtype)
+        keep[-1] = 0
+        y_k, state = mixer.step(last, state, inplace=True, keep=keep)
+        res |= {"step_inplace_keep.out": y_k, "step_inplace_keep.conv_state": state.conv_state, "step_inplace_keep.ssm_state": state.ssm_state}
     _sync(device)
     return {k: (None if v is None else v.detach().to("cpu", torch.float64)) for k, v in res.items()}
 

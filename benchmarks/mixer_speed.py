@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SMOLLM2_GEOMETRY, llama_teacher, machine, no_cuda_for, stop_if_parse_only, write_result  # noqa: E402
+from _common import SMOLLM2_GEOMETRY, llama_teacher, machine, no_cuda_for, save_partial, stop_if_parse_only, write_result  # noqa: E402
 
 from cald_scale.conversion.modeling import ConversionConfig  # noqa: E402
 from cald_scale.conversion.surgery import convert_teacher  # noqa: E402
@@ -125,6 +125,9 @@ def main() -> None:
             if round_idx > 0:  # round 0 is warm-up (and Triton's autotuning)
                 times[name].append(seconds)
             print(f"round {round_idx} {name:8s} {seconds:.3f} s", flush=True)
+        # What is timed so far, saved as it comes: a step cut by its cap (a lent GPU's minutes) keeps it.
+        partial = {"benchmark": "mixer_speed", "device_type": device.type, "mixer_kernels": kernels, "times_s": times, "peak_memory_gb": peak_gb or None}
+        save_partial(partial, args.out, done=f"{round_idx} of {repeats} timed rounds")
 
     teacher_s = statistics.median(times["teacher"])
     result = {

@@ -101,6 +101,9 @@ def test_kernel_parity_runs_only_the_levels_asked_for(tmp_path):
     result = _run_benchmark("kernel_parity.py", tmp_path, "--shapes", "small", "--dtypes", "float32", "--seqlen", "64", "--levels", "mixer")
     assert result["levels"] == ["mixer"] and result["summary"]["pass"] is True
     assert {c["level"] for c in result["checks"]} == {"mixer"}
+    # The decode step as generation runs it (in place, a padding row) is compared too, for both mixers.
+    stepped = {(c["mixer"], c["quantity"]) for c in result["checks"] if c["quantity"].startswith("step_inplace_keep.")}
+    assert stepped == {(m, f"step_inplace_keep.{q}") for m in ("mamba2", "mamba") for q in ("out", "conv_state", "ssm_state")}
 
 
 def test_mixer_speed_times_both_mixers_against_the_teacher(tmp_path):
@@ -121,6 +124,24 @@ def test_inference_speed_prefills_and_decodes_teacher_and_student(tmp_path):
     # Checked against the eager model on a copy of the cache: the same computation here, so equal.
     assert graphed["max_rel_diff_vs_eager"] == {"1": 0.0} and result["targets"]["graphed_decode_equals_eager"]["pass"] is True
     assert "Student decode through GraphedDecode" in (tmp_path / "inference_speed.md").read_text()
+
+
+def test_inference_speed_keeps_what_it_measured_when_its_step_is_cut(tmp_path):
+    """gpu_check.sh caps each step (90 s for inference_speed): the contexts measured before the
+    cap's signal stay in the result file, marked partial (it wrote only at the end)."""
+    out = tmp_path / "inference_speed.json"
+    cmd = [sys.executable, "benchmarks/inference_speed.py", "--device", "cpu", "--contexts", "64,4096,8192,16384", "--batches", "1",
+           "--decode_steps", "2", "--graph-decode", "off", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(3000):
+        if out.is_file() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # what `timeout` sends at the cap
+    proc.wait(timeout=60)
+    saved = json.loads(out.read_text())
+    assert saved["partial"] == "contexts up to 64", saved.get("partial")
+    assert set(saved["teacher"]["prefill_s"]) == set(saved["student"]["prefill_s"]) == {"64"} and saved["student"]["decode_tok_s"]["1"]["64"] > 0
 
 
 def test_inference_speed_measures_the_default_hybrid_with_its_kept_kv_cache(tmp_path):
