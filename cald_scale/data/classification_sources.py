@@ -124,7 +124,8 @@ CLASSIFICATION_FILE_SUFFIXES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 """Accepted file suffixes -> the `datasets` builder that reads them and its options."""
 
-_SPLIT_NAMES = re.compile(r"^(train|training|validation|valid|val|dev|test)(?:[-_.].*)?$", re.IGNORECASE)
+# A split's file: its name, then nothing, a separator or a digit (train.csv, train-00001.csv, train2.csv).
+_SPLIT_NAMES = re.compile(r"^(train|training|validation|valid|val|dev|test)(?:[-_.0-9].*)?$", re.IGNORECASE)
 _SPLIT_OF = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
              "val": "validation", "dev": "validation", "test": "test"}
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -194,8 +195,8 @@ def resolve_sources(cfg: ClassificationDataConfig) -> dict[str, Source]:
             loose = [path for path, split in named.items() if split is None]
             if loose:
                 raise ValueError(
-                    f"classification.dataset {cfg.dataset!r} holds split files (train*, val*/dev*, "
-                    f"test*) and files named for no split: {loose}; move them or list the files"
+                    f"classification.dataset {cfg.dataset!r} holds split files (train, val/valid/validation/dev, test, "
+                    f"alone or followed by -, _, . or a digit) and files named for no split: {loose}; move them or list the files"
                 )
             for split in SPLITS:
                 paths = tuple(p for p, s in named.items() if s == split)
@@ -205,8 +206,9 @@ def resolve_sources(cfg: ClassificationDataConfig) -> dict[str, Source]:
             # NOTE: read as one train pool, the held-out files would be trained on.
             held_out = sorted(path for path, split in named.items() if split is not None)
             raise ValueError(
-                f"classification.dataset {cfg.dataset!r} holds files named for held-out splits ({held_out}) but none named "
-                "train*: name the training file(s) train*, or give classification.train / validation / test"
+                f"classification.dataset {cfg.dataset!r} holds files named for held-out splits ({held_out}) but none named for "
+                "train (train or training, alone or followed by -, _, . or a digit): name the training file(s) so, e.g. "
+                "train.csv, or give classification.train / validation / test"
             )
         else:
             sources["train"] = Source(paths=tuple(files))

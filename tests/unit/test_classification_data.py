@@ -217,8 +217,12 @@ def test_split_files_in_a_folder(tmp_path):
     carved = load_classification_data(_files_cfg(folder / "train.csv", tmp_path / "cache"))
     assert [len(carved[s]) for s in SPLITS] == [160, 20, 20]
     # Held-out files and no train* file: refused, not pooled into train (the test file would be trained on).
-    (folder / "train.csv").rename(folder / "all.csv")
-    with pytest.raises(ValueError, match=r"holds files named for held-out splits .*dev.csv.*test.csv.* but none named train\*"):
+    # A numbered train file (train2.csv) is the train split (it was "none named train*").
+    (folder / "train.csv").rename(folder / "train2.csv")
+    numbered = load_classification_data(_files_cfg(folder, tmp_path / "cache"))
+    assert all(numbered[s].texts == data[s].texts for s in SPLITS)
+    (folder / "train2.csv").rename(folder / "all.csv")
+    with pytest.raises(ValueError, match=r"holds files named for held-out splits .*dev.csv.*test.csv.* but none named for train "):
         load_classification_data(_files_cfg(folder, tmp_path / "cache"))
 
 
