@@ -100,6 +100,12 @@ def tokenize_split(
             f"{model_max} ({tokenizer.name_or_path!r})"
         )
     pairs = split.text_pairs is not None
+    special = tokenizer.num_special_tokens_to_add(pair=pairs)
+    if max_length <= special + pairs:  # NOTE: the tokenizer would not truncate then, only warn
+        raise ValueError(
+            f"classification.max_length={max_length} leaves no token of text: {tokenizer.name_or_path!r} adds {special} special "
+            f"tokens to each {'sentence pair' if pairs else 'text'}; give at least {special + pairs + 1}"
+        )
     ids: list[list[int]] = []
     types: list[list[int]] = []
     for start in range(0, len(split), _TOKENIZE_CHUNK):

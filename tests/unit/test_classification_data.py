@@ -348,6 +348,12 @@ def test_tokenise_and_collate(tweets, tokenizer):
     assert batch["labels"].tolist() == train.labels[idx].tolist()
     with pytest.raises(ValueError, match="model_max_length"):  # MiniLM has 512 positions
         tokenize_split(ClassificationSplit(["a"], None, np.zeros(1, dtype=np.int64)), tokenizer, 1024)
+    # A sentence pair gets [CLS] a [SEP] b [SEP]: at max_length 3 the tokenizer only warned and
+    # gave longer examples; 5 is the least that keeps a token of each text.
+    pair = ClassificationSplit(["one two three"], ["four five six"], np.zeros(1, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"max_length=3 leaves no token of text: .* adds 3 special tokens to each sentence pair; give at least 5"):
+        tokenize_split(pair, tokenizer, 3)
+    assert tokenize_split(pair, tokenizer, 5).lengths.tolist() == [5]
 
 
 def _epoch(sampler: BucketedBatches, epoch: int) -> list[list[int]]:
