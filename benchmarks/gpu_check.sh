@@ -221,6 +221,7 @@ install_wheels() {
   if ((${#wheels[@]} == 0)); then
     echo "no wheels to install in $WHEELS: carry gpu_wheels (launch/build_gpu_wheels.sh makes them)"
     [ -n "${CALD_BENCH_PARSE_ONLY:-}" ]  # a failure, but in the CPU check of the command lines
+    return $?
   fi
   local pip=("$PY" -m pip install -q --no-deps --no-index --no-compile --no-cache-dir --upgrade --target "$SITE")
   "${pip[@]}" "${wheels[@]}" && return 0

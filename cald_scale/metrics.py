@@ -83,11 +83,18 @@ class MetricsLogger:
 
                     os.environ.setdefault("WANDB_SILENT", "true")
                     # NOTE: wandb validates WANDB_MODE itself, whatever mode= says: an empty or unknown
-                    # value (chosen over above) would turn the run off.
+                    # value (chosen over above) would turn the run off. The shell's value comes back after.
+                    shell_mode = os.environ.get("WANDB_MODE")
                     os.environ["WANDB_MODE"] = wandb_mode
-                    self._wandb = wandb.init(
-                        project=project, dir=str(run_dir), mode=wandb_mode, config=config, **attempt,
-                    )
+                    try:
+                        self._wandb = wandb.init(
+                            project=project, dir=str(run_dir), mode=wandb_mode, config=config, **attempt,
+                        )
+                    finally:
+                        if shell_mode is None:
+                            os.environ.pop("WANDB_MODE", None)
+                        else:
+                            os.environ["WANDB_MODE"] = shell_mode
                     break
                 except Exception as err:  # noqa: BLE001 - logging must never kill a training run
                     logger.warning("wandb %s: %s", "disabled" if attempt is attempts[-1] else f"could not rewind ({attempt})", err)

@@ -639,7 +639,10 @@ def _start(
     #    Both modes answer the same calls (apply_phase, perplexity, export) and have a step function.
     # A resume past the last guided step (a hybrid after its switch) builds no teacher: decided from
     # the oldest checkpoint kept (a damaged newer one falls back to it), the baseline scored.
-    teacher_from = min(s for s, _ in tags) if tags and (run_dir / "baseline.json").is_file() else 0
+    # NOTE: every rank decides alike (a shared file system may show the file to some ranks first):
+    # one that scored the baseline again alone would wait in its collectives for the others.
+    scored = bool(tags) and all_true((run_dir / "baseline.json").is_file(), env.device)
+    teacher_from = min(s for s, _ in tags) if scored else 0
     if plan.uses_teacher and not plan.teacher_needed_from(teacher_from):
         logger.info("resuming at step %d or later, past the last step a teacher guides: no teacher is built", teacher_from)
     if pipelined:
@@ -680,7 +683,7 @@ def _start(
         teacher = _finite_teacher_scores(evaluate("teacher"), task.source) if plan.uses_teacher else None
         return {"teacher": teacher, "student_before": evaluate("student")}
 
-    baseline = _once(run_dir / "baseline.json", env, score_starting_point, resuming=bool(saved))
+    baseline = _once(run_dir / "baseline.json", env, score_starting_point, resuming=bool(saved) and scored)
     step = student_engine.global_steps
     state = StepState(saved, last_saved=step, max_consecutive_nan=cfg.train.max_consecutive_nan, ckpt_dir=ckpt_dir)
     logger.info(

@@ -53,6 +53,7 @@ def test_gpu_check_without_the_kernels_stops_before_spending_the_gpu(tmp_path):
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert proc.returncode == 1, log[-3000:]
     assert "no wheels to install" in log and "kernels step FAILED: the mixer kernels" in log
+    assert next(line for line in log.splitlines() if line.strip().startswith("install_wheels ")).split()[1] == "rc=1"
     assert "stopping before the benchmarks" in log and "== kernel_parity" not in log and "gpu_check stopped: no kernels" in log
     assert (tmp_path / "out" / "gpu_check_all.tar.gz").is_file()
 

@@ -130,6 +130,7 @@ def test_a_shells_wandb_mode_never_sends_a_run_configured_offline(tmp_path, monk
         with caplog.at_level(logging.INFO, logger="cald_scale.metrics"):
             metrics = _logger(tmp_path / str(i), start_step=0, wandb_mode=configured)
         try:
+            assert os.environ["WANDB_MODE"] == env  # the shell's own value, back once wandb has started (a later run reads it)
             assert (metrics._wandb.settings.mode if metrics._wandb is not None else None) == runs, (env, caplog.text)
             failed = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.getMessage().startswith("wandb disabled")]
             assert not failed and said in caplog.text and ("ignored" in caplog.text) == ("ignored" in said), (env, caplog.text)
