@@ -558,6 +558,17 @@ class _Run:
         barrier()
         return report
 
+    def _earlier_end_peak(self) -> list[dict]:
+        """The peak an earlier session of this run reported at its end (its final evaluation and
+        export came after its last checkpoint, which carries the peak only up to then)."""
+        previous = self.run_dir / "report.json"
+        if not (self.first_step and previous.is_file()):  # a run started afresh: an older report is another run's
+            return []
+        try:
+            return [read_json(previous).get("peak_memory") or {}]
+        except (OSError, ValueError):
+            return []
+
     def report(self, step: int, summary: dict, export_dir: Path) -> dict:
         """The run's report: what ran and what it cost, and the task's scores (``summary``)."""
         cfg, state = self.cfg, self.state
@@ -580,7 +591,7 @@ class _Run:
             "session_started_at_step": self.first_step,  # > 0: the run was resumed, and its wall time spans sessions
             "memory": peak_memory_bytes(),
             "memory_per_rank": (per_rank := gather_objects(peak_memory_bytes())),  # this session's
-            "peak_memory": state.record_peak(per_rank),  # the largest rank's, over every session of the run
+            "peak_memory": state.record_peak(per_rank + self._earlier_end_peak()),  # the largest rank's, over every session of the run
             "student_dir": str(export_dir),
             "config": to_dict(cfg),
         }
