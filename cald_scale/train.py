@@ -213,12 +213,20 @@ def _warn_joined_groups(resume: ResumePlan, plan: PhasePlan, trainable: str) -> 
         )
 
 
-def _record(run_dir: Path, cfg: RunConfig, env: DistEnv, *, resumed_at: int | None, changed: list[str]) -> None:
+def _record(run_dir: Path, cfg: RunConfig, env: DistEnv, *, resumed_at: int | None, changed: list[str], finished: bool = False) -> None:
     """Claim ``run_dir`` for this run (its config.json). Settings changed on a resume are logged
-    and appended to config_changes.jsonl, so the folder still says what every step ran with."""
+    and appended to config_changes.jsonl, so the folder still says what every step ran with.
+    ``finished``: the checkpoint is at the run's last step (a finished run rerun): no step runs
+    with the changes, which the log says."""
     if env.is_main:
         if changed and resumed_at is not None:
             logger.warning("resuming at step %d with changed settings: %s", resumed_at, "; ".join(changed))
+            if finished:
+                logger.warning(
+                    "the run is finished (its checkpoint is at its last step, %d): no training step runs with the changed "
+                    "settings, only the evaluation, export and report do; raise train.max_steps (or add a phase) to train on",
+                    resumed_at,
+                )
             with open(run_dir / "config_changes.jsonl", "a") as handle:
                 handle.write(json.dumps({"from_step": resumed_at, "time": time.time(), "changes": changed}) + "\n")
         # NOTE: durable, as the checkpoints are: a node crash must not leave them beside an empty config.
@@ -681,7 +689,10 @@ def _start(
     # a resume that changes them (recorded as changed) applies them from here on.
     set_decay_and_betas(student_engine, cfg.train.weight_decay, cfg.train.betas)
     # Only now, with the checkpoint loaded, does the folder say this run's settings: a resume that fails to load changes nothing.
-    _record(run_dir, cfg, env, resumed_at=student_engine.global_steps if saved else None, changed=changed)
+    _record(
+        run_dir, cfg, env, resumed_at=student_engine.global_steps if saved else None, changed=changed,
+        finished=bool(saved) and student_engine.global_steps >= plan.total_steps,
+    )
     evaluate = task.evaluator(models, replica, replicas)
     if cfg.debug.signal_after_build and env.is_main:
         os.kill(os.getpid(), getattr(signal, cfg.debug.signal_after_build))

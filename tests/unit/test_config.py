@@ -374,10 +374,12 @@ def test_a_run_shorter_than_the_warmup_clamps_it(capsys):
     assert "phases:" in capsys.readouterr().out
 
 
-def test_a_run_folder_of_another_student_is_refused_naming_the_key(tmp_path):
+def test_a_run_folder_of_another_student_is_refused_naming_the_key(tmp_path, caplog):
     """Resuming checks the saved teacher, student and data against the new config: a field added
     since the run was written counts as its default; a changed field is named in one line; other
     changes are allowed and recorded. A folder with no checkpoint is taken over."""
+    import logging
+
     import torch
 
     from cald_scale.config import config_differences
@@ -397,7 +399,11 @@ def test_a_run_folder_of_another_student_is_refused_naming_the_key(tmp_path):
         _check_run_dir(tmp_path, longer, resuming_at=4)
     with pytest.raises(ValueError, match=r"checkpoint is at step 4, past this run's 2 steps"):
         _check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=2"]), resuming_at=4)
-    _record(tmp_path, longer, env, resumed_at=2, changed=changed)
+    with caplog.at_level(logging.WARNING, logger="cald_scale.train"):
+        _record(tmp_path, longer, env, resumed_at=2, changed=changed)
+        assert "the run is finished" not in caplog.text
+        _record(tmp_path, longer, env, resumed_at=8, changed=["train.lr: saved 0.005, wanted 0.01"], finished=True)  # a finished run rerun
+    assert "the run is finished (its checkpoint is at its last step, 8): no training step runs with the changed settings" in caplog.text
     changes = [json.loads(line) for line in (tmp_path / "config_changes.jsonl").read_text().splitlines()]
     assert changes[0]["from_step"] == 2 and changes[0]["changes"] == [
         "data.cache_dir: saved '.cache/cald_scale/data', wanted '/elsewhere'", "train.max_steps: saved 4, wanted 8",
