@@ -220,9 +220,13 @@ def write_result(name: str, result: dict, out: str | None = None) -> Path:
     return path
 
 
-def save_partial(result: dict, path: str | Path, *, done: str) -> None:
+def save_partial(result: dict, path: str | Path | None, *, done: str) -> None:
     """``result`` so far, marked partial (``done``: what it holds), written where the final one
-    goes: a step cut by its time cap (a lent GPU's few minutes) keeps what it measured. Not printed."""
+    goes: a step cut by its time cap (a lent GPU's few minutes) keeps what it measured. Not printed.
+    ``path``: the run's explicit ``--out``; None (a default result file, maybe a committed one,
+    which a run cut short must not replace) saves nothing."""
+    if path is None:
+        return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(path), json.dumps({**result, "partial": done}, indent=2))
 

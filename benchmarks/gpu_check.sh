@@ -177,6 +177,7 @@ step() {
   wait $!
   local rc
   rc=$(cat "$WORK/step.rc" 2>/dev/null || echo "?")
+  LAST_RC=$rc
   local took=$((SECONDS - t0)) note=""
   [[ "$rc" == 124 || "$rc" == 137 ]] && note=" TIMED OUT"
   if [ "$result" != "-" ]; then
@@ -270,7 +271,7 @@ fi
 step kernels 25 - kernel_info
 # Without the kernels (no wheels carried, one that does not import) the rest would only time the
 # pure-PyTorch paths: stop here and keep the GPU's minutes. GPU_CHECK_ALLOW_PURE=1 goes on anyway.
-if [ -z "${CALD_BENCH_PARSE_ONLY:-}" ] && [ "${GPU_CHECK_ALLOW_PURE:-0}" != 1 ] && [ -f "$WORK/step.rc" ] && [ "$(cat "$WORK/step.rc")" != 0 ]; then
+if [ -z "${CALD_BENCH_PARSE_ONLY:-}" ] && [ "${GPU_CHECK_ALLOW_PURE:-0}" != 1 ] && [ "${LAST_RC:-0}" != 0 ]; then
   say "gpu_check: the kernels step failed (its log above): stopping before the benchmarks; GPU_CHECK_ALLOW_PURE=1 runs them anyway"
   trap - TERM INT
   status_table "stopped: no kernels"

@@ -549,8 +549,7 @@ def main() -> None:
     for context in contexts:
         for name, (model, make_cache, need) in models.items():
             measure_context(result[name], name, model, make_cache, context, batches, device, args, need)
-        if args.out:  # NOTE: not over a committed result file: a run cut short there would replace it
-            save_partial(result, out, done=f"contexts up to {context}")
+        save_partial(result, args.out, done=f"contexts up to {context}")
     result["ratios"] = ratios(result["teacher"], result["student"], contexts, batches)
     if device.type == "cuda":
         result["best_batch_16k"] = {}
@@ -559,8 +558,7 @@ def main() -> None:
                 result["best_batch_16k"][name] = best_batch_decode(model, make_cache, 16384, device, BEST_BATCH_STEPS, need)
             except Exception as err:  # noqa: BLE001 - the target then says it was not measured
                 _failed(result[name], "best_batch_decode", 16384, 0, err)
-            if args.out:
-                save_partial(result, out, done=f"every context, best batch at 16k of {list(result['best_batch_16k'])}")
+            save_partial(result, args.out, done=f"every context, best batch at 16k of {list(result['best_batch_16k'])}")
         if len(result["best_batch_16k"]) < len(models):
             result["best_batch_16k"] = None
     graphs = args.graph_decode == "on" or (args.graph_decode == "auto" and device.type == "cuda")

@@ -88,7 +88,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     stop_if_parse_only(args)
 
-    explicit_out = args.out is not None  # partial results go only there, never over a committed result file
+    partial_out = args.out  # partial results go only to an explicit --out (save_partial)
     args.out = args.out or Path(__file__).resolve().parent / "results" / ("mixer_speed_quick.json" if args.quick else "mixer_speed.json")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     torch.manual_seed(0)
@@ -126,9 +126,8 @@ def main() -> None:
             if round_idx > 0:  # round 0 is warm-up (and Triton's autotuning)
                 times[name].append(seconds)
             print(f"round {round_idx} {name:8s} {seconds:.3f} s", flush=True)
-        if explicit_out:  # what is timed so far: a step cut by its cap (a lent GPU's minutes) keeps it
-            partial = {"benchmark": "mixer_speed", "device_type": device.type, "mixer_kernels": kernels, "times_s": times, "peak_memory_gb": peak_gb or None}
-            save_partial(partial, args.out, done=f"{round_idx} of {repeats} timed rounds")
+        partial = {"benchmark": "mixer_speed", "device_type": device.type, "mixer_kernels": kernels, "times_s": times, "peak_memory_gb": peak_gb or None}
+        save_partial(partial, partial_out, done=f"{round_idx} of {repeats} timed rounds")  # a step cut by its cap keeps it
 
     teacher_s = statistics.median(times["teacher"])
     result = {

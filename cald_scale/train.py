@@ -689,17 +689,15 @@ def _start(
     # a resume that changes them (recorded as changed) applies them from here on.
     set_decay_and_betas(student_engine, cfg.train.weight_decay, cfg.train.betas)
     # Only now, with the checkpoint loaded, does the folder say this run's settings: a resume that fails to load changes nothing.
-    _record(
-        run_dir, cfg, env, resumed_at=student_engine.global_steps if saved else None, changed=changed,
-        finished=bool(saved) and student_engine.global_steps >= plan.total_steps,
-    )
+    resumed_at = student_engine.global_steps if saved else None
+    _record(run_dir, cfg, env, resumed_at=resumed_at, changed=changed, finished=resumed_at is not None and resumed_at >= plan.total_steps)
     evaluate = task.evaluator(models, replica, replicas)
     if cfg.debug.signal_after_build and env.is_main:
         os.kill(os.getpid(), getattr(signal, cfg.debug.signal_after_build))
     # A signal that came while the engines were built stops the run here, not after both models are
     # scored (minutes on a large one, past SLURM's KillWait): nothing has trained in this session.
     if signal_name := stop_requested(student_engine.device):
-        raise Preempted(None, signal_name, resumed_at=student_engine.global_steps if saved else None)
+        raise Preempted(None, signal_name, resumed_at=resumed_at)
 
     def score_starting_point() -> dict:
         teacher = _finite_teacher_scores(evaluate("teacher"), task.source) if plan.uses_teacher else None

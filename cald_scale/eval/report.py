@@ -45,7 +45,7 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
     # Strict JSON: a non-finite score (a diverged student) is null, as in metrics.jsonl.
     json_path = atomic_write_text(Path(run_dir) / "report.json", json.dumps(json_safe(report), indent=2, default=str, allow_nan=False))
 
-    mem = report.get("peak_memory") or report.get("memory", {})
+    mem = report.get("peak_memory", {})
     rows = [
         ("teacher", f"{report['teacher']} ({report['teacher_source']})"),
         ("student mixer", report["mixer"]),
