@@ -259,3 +259,26 @@ def test_smallest_config_orders_by_tiles_then_stages_and_warps():
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_stages=3, num_warps=8),
     ]
     assert smallest_config(configs) is configs[2]
+
+
+def test_save_merges_under_a_lock_so_parallel_processes_keep_each_others_choices(tmp_path):
+    """Parallel train_speed items (and ranks) each read the file, merge and write it back: one
+    process's write between another's read and write dropped that one's choices. The merge now
+    waits for the lock another process holds, and merges what that process wrote meanwhile."""
+    import threading
+    import time
+
+    from cald_scale.fileio import file_lock
+    from cald_scale.mixers.ops._autotune_cache import AutotuneChoices
+
+    path = tmp_path / "autotune.json"
+    choices = AutotuneChoices(path, module_prefix="cald_no_such_kernels.", stamp="device A")
+    with file_lock(tmp_path / "autotune.json.lock"):  # another process is merging
+        saver = threading.Thread(target=choices.save)
+        saver.start()
+        time.sleep(0.5)
+        assert saver.is_alive(), "save did not wait for the lock another process holds"
+        path.write_text(json.dumps({"format": 1, "stamps": {"device B": {"k": {"(1,)": [0, "BLOCK: 16"]}}}}))
+    saver.join(timeout=30)
+    assert not saver.is_alive()
+    assert set(json.loads(path.read_text())["stamps"]) == {"device A", "device B"}, "the other process's choices were dropped"

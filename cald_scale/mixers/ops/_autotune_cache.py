@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import ast
 import atexit
+import contextlib
+import errno
 import json
 import math
 import os
@@ -30,7 +32,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ...fileio import atomic_write_text
+from ...fileio import atomic_write_text, file_lock
 
 __all__ = ["ENV_VAR", "UNTUNED_VAR", "AutotuneChoices", "autotune_choices", "find_autotuners", "pin_smallest_configs", "smallest_config", "sync"]
 
@@ -165,23 +167,34 @@ class AutotuneChoices:
         return sum(len(tuner.cache) for tuner in self.autotuners().values())
 
     def save(self) -> None:
-        """Merge the autotuners' choices into the file (atomically; other stamps kept)."""
-        try:
-            data = json.loads(self.path.read_text())
-            if data.get("format") != FORMAT:
+        """Merge the autotuners' choices into the file (atomically; other stamps kept).
+
+        The read, merge and write hold a lock (``<file>.lock``): parallel processes (ranks,
+        benchmark items) each merging into what they read would otherwise drop each other's
+        choices. Where the file system has no flock, the merge goes on unlocked: a lost choice
+        costs a retune, not the run."""
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(file_lock(self.path.with_name(self.path.name + ".lock")))
+            except OSError as err:
+                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+            try:
+                data = json.loads(self.path.read_text())
+                if data.get("format") != FORMAT:
+                    data = None
+            except (OSError, ValueError):
                 data = None
-        except (OSError, ValueError):
-            data = None
-        data = data or {"format": FORMAT, "stamps": {}}
-        mine = data["stamps"].setdefault(self.stamp, {})
-        for name, tuner in self.autotuners().items():
-            for key, config in tuner.cache.items():
-                try:
-                    index = tuner.configs.index(config)
-                except ValueError:  # a config made by a prune function: not one of the list's
-                    continue
-                mine.setdefault(name, {})[repr(key)] = [index, str(config)]
-        atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True))
+            data = data or {"format": FORMAT, "stamps": {}}
+            mine = data["stamps"].setdefault(self.stamp, {})
+            for name, tuner in self.autotuners().items():
+                for key, config in tuner.cache.items():
+                    try:
+                        index = tuner.configs.index(config)
+                    except ValueError:  # a config made by a prune function: not one of the list's
+                        continue
+                    mine.setdefault(name, {})[repr(key)] = [index, str(config)]
+            atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True))
         self._saved_count = self._count()
 
     def sync(self) -> None:
