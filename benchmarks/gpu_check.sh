@@ -71,7 +71,7 @@ if ((BUDGET > LIMIT - 40)); then
 fi
 # A rerun of some steps only (env, install_wheels and kernels always run), e.g.
 # GPU_CHECK_STEPS="train_speed_smollm2 kernel_parity" GPU_CHECK_PARITY_LEVELS=mixer
-STEPS="env install_wheels kernels kernel_parity train_speed_smollm2 mixer_speed inference_speed_smollm2 inference_speed_llama1b train_speed_llama1b"
+STEPS="env install_wheels kernels kernel_parity train_speed_smollm2 mixer_speed inference_speed_smollm2 inference_speed_hybrid inference_speed_llama1b train_speed_llama1b"
 ONLY=${GPU_CHECK_STEPS:-}
 for name in $ONLY; do
   if [[ " $STEPS none " != *" $name "* ]]; then
@@ -300,6 +300,14 @@ for tag in smollm2 llama1b; do
   geometry=$([ "$tag" = smollm2 ] && echo SmolLM2-135M || echo Llama-3.2-1B)
   step "inference_speed_$tag" 90 "inference_speed_gpu_$tag.json" \
     "$PY" benchmarks/inference_speed.py --device cuda --dtype bfloat16 --geometry "$geometry" --out "$WORK/inference_speed_gpu_$tag.json"
+  if [ "$tag" = smollm2 ]; then
+    # The default job's 25% attention hybrid, its decode replayed as a CUDA graph over the kept layers'
+    # preallocated KV cache (checked against eager, first run on a GPU): at 2k only, no best batch. Its
+    # JSON goes in the tarball (8 files come back, all taken).
+    step inference_speed_hybrid 60 - \
+      "$PY" benchmarks/inference_speed.py --device cuda --dtype bfloat16 --geometry SmolLM2-135M --attention_every 4 \
+      --contexts 2048 --batches 1,8 --best_batch off --graph-decode on --out "$WORK/inference_speed_gpu_hybrid.json"
+  fi
 done
 # NOTE: the 1B geometry at 4 x 2048 tokens, a GPU's smallest usual batch: at 1 x 512 (third run) every
 # item was bound by the host's per-module work, which says little about a real conversion's cost.

@@ -54,6 +54,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 README = REPO / "README.md"
 DEFAULT_CONTEXTS, DEFAULT_BATCHES, DEFAULT_DECODE_STEPS = [512, 2048, 8192, 32768], [1, 8], 8
 BEST_BATCH_STEPS = 4  # timed decode steps per batch size of the GPU's best-batch search
+GRAPH_CHECKED_STEPS = 3  # the graphed decode's warm-up, capture and a replay, checked against eager
 MARKERS = ("<!-- inference_speed:begin -->", "<!-- inference_speed:end -->")
 
 # What the issue asks of the CPU run (SmolLM2-135M geometry, fp32) and of a GPU run.
@@ -185,7 +186,7 @@ def decode_tokens_per_s(model, cache, batch: int, context: int, device: torch.de
 
 @torch.no_grad()
 def graphed_decode(student, make_cache, context: int, batches, device: torch.device, steps: int) -> dict:
-    """Decode tokens/s of a mixers-only student through GraphedDecode at ``context``: replayed as
+    """Decode tokens/s of the student through GraphedDecode at ``context``: replayed as
     a CUDA graph on CUDA (where batch 1-8 decode is bound by the host), its eager bookkeeping
     elsewhere. Its first three steps (warm-up, capture, a replay) are checked against the eager
     model's on a copy of the same cache (``max_rel_diff_vs_eager``: a graph that recorded nothing,
@@ -198,7 +199,7 @@ def graphed_decode(student, make_cache, context: int, batches, device: torch.dev
             cache = make_cache(batch, context)
             eager_cache = copy.deepcopy(cache)
             decode = GraphedDecode(student, cache, batch)
-            tokens = torch.randint(0, student.config.vocab_size, (3, batch, 1), device=device)
+            tokens = torch.randint(0, student.config.vocab_size, (GRAPH_CHECKED_STEPS, batch, 1), device=device)
             worst = 0.0
             for token in tokens:  # warm-up, capture and first replay, a replay
                 graphed = decode(token).float()
@@ -493,7 +494,12 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument(
         "--graph-decode", choices=["auto", "on", "off"], default="auto",
-        help="also decode the student through GraphedDecode (a CUDA graph on CUDA); auto: on CUDA for a student of mixers only",
+        help="also decode the student through GraphedDecode (a CUDA graph on CUDA); auto: on CUDA (a hybrid with --kv_cache static, "
+        "the default: its kept attention replays over a preallocated KV cache)",
+    )
+    parser.add_argument(
+        "--best_batch", choices=["auto", "off"], default="auto",
+        help="auto: on CUDA, also decode at 16k over the largest batch each model fits (the GPU target); off: skip it",
     )
     parser.add_argument("--attention_every", type=int, default=0, help="a hybrid student keeping layers 1, 1 + k, ... (4: the default job's); 0: all Mamba2")
     args = parser.parse_args()
@@ -531,7 +537,8 @@ def main() -> None:
         # here): the load says how quiet the host was.
         "load_average_1_5_15min_before": os.getloadavg(),
     }
-    room = max(args.decode_steps, BEST_BATCH_STEPS) + 1  # positions a KV cache keeps free for the timed steps
+    # Positions a KV cache keeps free for the timed steps (the graphed decode checks 3 steps first).
+    room = max(args.decode_steps + GRAPH_CHECKED_STEPS, BEST_BATCH_STEPS) + 1
     models = {
         "teacher": (teacher, lambda b, c: teacher_cache(teacher, b, c, room=room, kind=args.kv_cache), kv_per_seq),
         "student": (student, lambda b, c: student_cache(student, b, c, teacher.config, room=room, kind=args.kv_cache), state_per_seq),
@@ -551,7 +558,7 @@ def main() -> None:
             measure_context(result[name], name, model, make_cache, context, batches, device, args, need)
         save_partial(result, args.out, done=f"contexts up to {context}")
     result["ratios"] = ratios(result["teacher"], result["student"], contexts, batches)
-    if device.type == "cuda":
+    if device.type == "cuda" and args.best_batch == "auto":
         result["best_batch_16k"] = {}
         for name, (model, make_cache, need) in models.items():
             try:
@@ -562,7 +569,7 @@ def main() -> None:
         if len(result["best_batch_16k"]) < len(models):
             result["best_batch_16k"] = None
     graphs = args.graph_decode == "on" or (args.graph_decode == "auto" and device.type == "cuda")
-    if graphs and not student.config.attention_layers:
+    if graphs and (args.kv_cache == "static" or not student.config.attention_layers):  # a hybrid replays over a preallocated KV
         # NOTE: at the longest context only: the student's step does not depend on the context
         # (its state has one size), and a GPU's minutes are few.
         result["student_graph_decode"] = graphed_decode(student, models["student"][1], contexts[-1], batches, device, args.decode_steps)

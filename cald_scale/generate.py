@@ -33,7 +33,7 @@ from .evaluate import refuse_classifier, resolve_target
 from .fileio import atomic_write_text, read_json
 from .generation.cache import state_bytes
 from .generation.context import check_context
-from .generation.graphs import generate_graphed
+from .generation.graphs import generate_graphed, graph_unsupported
 
 __all__ = ["add_arguments", "generate_text", "resolve_model_dir", "run"]
 
@@ -101,8 +101,9 @@ def generate_text(
     """Complete ``prompts`` (one left-padded batch); one dict per prompt: its text and new
     tokens, and the batch's timing (prefill, then decode) and cache memory.
 
-    ``cuda_graph``: decode through ``generate_graphed`` (a mixers-only student; on CUDA each
-    step replays a CUDA graph) instead of ``model.generate``; the same tokens either way.
+    ``cuda_graph``: decode through ``generate_graphed`` (a converted student; on CUDA each step
+    replays a CUDA graph; a hybrid's kept attention preallocates its KV cache whatever
+    ``kv_cache`` says) instead of ``model.generate``; the same tokens either way.
     ``kv_cache``: "static" preallocates the KV cache of every attention layer (a teacher's, a
     hybrid's kept layers) for the whole generation and writes it in place
     (``cache_implementation="static"``); "dynamic" grows it, copying it at every token.
@@ -124,7 +125,8 @@ def generate_text(
         raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
     start = time.perf_counter()
     if cuda_graph:
-        cache = model.new_cache()
+        # NOTE: a hybrid's kept attention replays over a KV cache preallocated for the whole generation.
+        cache = model.new_cache(batch["input_ids"].shape[1] + max_new_tokens if "full_attention" in model.config.layer_types else None)
         new = generate_graphed(
             model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens, cache=cache,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, logits_processor=[clock], **sampling,
@@ -191,8 +193,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--cuda-graph", "--cuda_graph", dest="cuda_graph", choices=["auto", "on", "off"], default="auto",
-        help="decode the student by replaying each step as a CUDA graph (a student of mixers alone; "
-        "at batch 1 on an H200, 11.9x the eager step). auto: on CUDA for such a student",
+        help="decode the student by replaying each step as a CUDA graph (mixers alone at batch 1 on an H200: 11.9x the "
+        "eager step; a hybrid's kept attention then preallocates its KV cache and needs sdpa or eager attention). "
+        "auto: on CUDA for a student that can",
     )
     parser.add_argument(
         "--kv-cache", "--kv_cache", dest="kv_cache", choices=KV_CACHES, default="dynamic",
@@ -204,22 +207,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _graphed_decode(model, mode: str) -> bool:
-    """Whether the student decodes through ``generate_graphed``: ``on`` insists (a hybrid, another
-    model or a CPU device is an error), ``auto`` takes it on CUDA for a student of mixers alone."""
-    new_cache = getattr(model, "new_cache", None)
-    mixers_only = new_cache is not None and not new_cache().has_attention
-    if mode == "on":
-        if new_cache is None:
+    """Whether the student decodes through ``generate_graphed``: ``on`` insists (another model, an
+    attention implementation that cannot be replayed or a CPU device is an error), ``auto`` takes
+    it on CUDA for a converted student whose attention layers (a hybrid's) can be replayed."""
+    if getattr(model, "new_cache", None) is None:
+        if mode == "on":
             raise ValueError(
                 f"--cuda-graph on: only a cald_scale student decodes as a CUDA graph; this is a {model.config.model_type} model "
                 "(a Bamba export or another HF model decodes through generate)"
             )
-        if not mixers_only:
-            raise ValueError("--cuda-graph on: only a converted student of mixers alone decodes as a CUDA graph (replaying a kept attention layer as a graph is not supported)")
+        return False
+    why_not = graph_unsupported(model)
+    if mode == "on":
+        if why_not:
+            raise ValueError(f"--cuda-graph on: {why_not}")
         if model.device.type != "cuda":
             raise ValueError(f"--cuda-graph on: CUDA graphs need --device cuda, not {model.device}")
         return True
-    return mode == "auto" and mixers_only and model.device.type == "cuda"
+    return mode == "auto" and why_not is None and model.device.type == "cuda"
 
 
 def _sampling(args: argparse.Namespace) -> dict:

@@ -52,6 +52,16 @@ class StudentCache(DynamicCache):
         # there), and a StaticLayer counts in a device tensor: reading it would wait on the GPU.
         return self.tokens_seen if layer_idx < len(self.layers) else 0
 
+    def get_query_offset(self, layer_idx: int = 0) -> int | torch.Tensor:
+        # The attention mask's first query position. A preallocated KV cache gives its own
+        # device-side count (a tensor, as transformers' static layers give it): the mask built from
+        # it then follows the cache when a decode step is replayed as a CUDA graph, where the host
+        # count would stay at the value seen when the graph was recorded.
+        for layer in self.layers:
+            if isinstance(layer, StaticLayer) and layer.is_initialized:
+                return layer.cumulative_length
+        return self.tokens_seen
+
     @property
     def is_croppable(self) -> bool:
         # NOTE: a mixer keeps only its latest state, no history to roll back to (transformers

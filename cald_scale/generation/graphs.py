@@ -1,17 +1,22 @@
-"""One-token decode of a mixers-only student, replayed as a CUDA graph.
+"""One-token decode of a converted student, replayed as a CUDA graph.
 
 At batch 1-8 a decode step is bound by the host, not the GPU: on an H200 the SmolLM2-135M
 student made 21-26 tokens/s at batch 1, whatever the context (benchmarks/results/
 gpu_h200_2026-12-04_second), that is about 1.3 ms of Python and kernel launches per layer. A
 CUDA graph records the step's kernels once and launches them together after that.
 
-A graph replays fixed addresses, so every tensor a step reads or writes must stay where it is.
-A mixer's decode step updates the conv and SSM states the cache allocated at prefill in
-place, so a student made of mixers alone qualifies. A hybrid is refused: a kept attention
-layer's default KV cache grows every step, and replaying a preallocated one (with its masks)
-has not been built or checked on a GPU; a hybrid decodes eagerly, as ``generate`` does. The
-step must not wait on the host either (no ``.item()``, no data-dependent branch):
-tests/unit/test_graphed_decode.py checks both on CPU.
+A graph replays fixed addresses and reads nothing from the host, so every tensor a step reads
+or writes must stay where it is, and whatever changes from step to step must live on the device:
+- a mixer's decode step updates the conv and SSM states the cache allocated at prefill in place;
+- a hybrid's kept attention layers need a preallocated KV cache (``model.new_cache(max_cache_len=)``,
+  transformers' ``StaticLayer``): it writes each token in place at a position counted on the
+  device, and the attention mask is built from that count (``StudentCache.get_query_offset``);
+  the default growing cache reallocates every step and is refused;
+- the rotary positions and the padding mask are tensors of the decoder's own, written before
+  each replay.
+The step must not wait on the host either (no ``.item()``, no data-dependent branch):
+tests/unit/test_graphed_decode.py checks all of this on CPU, where the same bookkeeping runs
+eagerly.
 """
 
 from __future__ import annotations
@@ -20,7 +25,25 @@ import torch
 
 from .cache import StudentCache
 
-__all__ = ["GraphedDecode", "generate_graphed"]
+__all__ = ["GraphedDecode", "generate_graphed", "graph_unsupported"]
+
+# Attention whose mask is a tensor built on the device from the cache's device count. Flash
+# attention takes the padding mask to the host instead (it unpads the batch by ``nonzero``).
+REPLAYABLE_ATTENTION = ("sdpa", "eager")
+
+
+def graph_unsupported(model: torch.nn.Module) -> str | None:
+    """Why ``model``'s decode step cannot be replayed as a CUDA graph; None when it can."""
+    if "full_attention" not in getattr(model.config, "layer_types", []):
+        return None
+    backbone = getattr(model, "backbone", model)
+    implementation = getattr(backbone.config, "_attn_implementation", None)
+    if implementation not in REPLAYABLE_ATTENTION:
+        return (
+            f"the kept attention layers run {implementation!r}, which reads the padding mask on the host and cannot be "
+            f"replayed as a CUDA graph; load the student with attn_implementation='sdpa' (or decode eagerly)"
+        )
+    return None
 
 
 class GraphedDecode:
@@ -31,15 +54,23 @@ class GraphedDecode:
     replays. Elsewhere every call runs eagerly, with the same bookkeeping, so the CPU tests
     check what the graph replays. The cache advances one token per call; the logits returned
     are a copy (the graph writes its output buffer again at the next replay).
+
+    ``attention_mask``: the prompt's padding mask (batch, tokens in the cache), for a hybrid's
+    kept attention layers (a left-padded prompt); the new tokens are never padding.
     """
 
-    def __init__(self, model: torch.nn.Module, cache: StudentCache, batch: int, use_graph: bool | None = None):
+    def __init__(
+        self, model: torch.nn.Module, cache: StudentCache, batch: int, use_graph: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ):
         if not isinstance(cache, StudentCache):
             raise TypeError(f"GraphedDecode steps a StudentCache (model.new_cache()), got {type(cache).__name__}")
-        if cache.has_attention:
+        if (why_not := graph_unsupported(model)) is not None:
+            raise ValueError(f"GraphedDecode: {why_not}")
+        if cache.has_attention and cache.max_cache_len is None:
             raise ValueError(
-                "GraphedDecode needs a student of mixers only: replaying a kept attention layer (its KV cache and masks) "
-                "as a CUDA graph is not supported; decode a hybrid eagerly (model.generate)"
+                "GraphedDecode replays a hybrid's kept attention layers over a preallocated KV cache: make it with "
+                "model.new_cache(max_cache_len=<prompt + new tokens>) (this one grows, reallocating every step)"
             )
         if cache.tokens_seen == 0:
             raise ValueError("GraphedDecode continues from a prefilled cache: run the prompt through the model first")
@@ -49,17 +80,39 @@ class GraphedDecode:
         if self.use_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {self.device}")
         self.input_ids = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
+        # NOTE: the position the backbone would compute from the cache's host count, which a
+        # replay cannot read: written before each step instead (the eager model's value exactly).
+        self.position_ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self.attention_mask = None
+        if cache.has_attention:
+            # The whole preallocated length: the prompt's padding, then the new tokens (never padding;
+            # positions not written yet are masked by causality, from the cache's device count).
+            self.attention_mask = torch.ones((batch, cache.max_cache_len), dtype=torch.long, device=self.device)
+            if attention_mask is not None:
+                if attention_mask.shape != (batch, cache.tokens_seen):
+                    raise ValueError(
+                        f"attention_mask has shape {tuple(attention_mask.shape)}; the cache holds {cache.tokens_seen} tokens of "
+                        f"{batch} sequences, so it should be ({batch}, {cache.tokens_seen})"
+                    )
+                self.attention_mask[:, : cache.tokens_seen] = attention_mask
         self.graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
         self.calls = 0
 
     def _forward(self) -> torch.Tensor:
-        return self.model(self.input_ids, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        return self.model(
+            self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids, cache=self.cache,
+            use_cache=True, logits_to_keep=1,
+        ).logits[:, -1]
 
     @torch.no_grad()
     def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
         self.cache.check_usable()
+        # NOTE: checked here, on the host: a replay past a preallocated KV cache would write out of
+        # its bounds on the device (the forward's own check runs only when it is recorded).
+        self.cache.check_room(1)
         self.input_ids.copy_(token_ids.reshape(self.input_ids.shape))
+        self.position_ids.fill_(self.cache.tokens_seen)
         if not self.use_graph:
             logits = self._forward()
         else:
@@ -138,7 +191,7 @@ def generate_graphed(
     logits_processor: list | None = None,
     **generation_kwargs,
 ) -> torch.Tensor:
-    """The new tokens (batch, <= max_new_tokens) of a mixers-only student, decoded by ``GraphedDecode``.
+    """The new tokens (batch, <= max_new_tokens) of a converted student, decoded by ``GraphedDecode``.
 
     What ``model.generate`` does for greedy search and sampling, with the decode step replayed as
     a CUDA graph: the prompt (left-padded; ``attention_mask``, inferred from the pad token as
@@ -149,7 +202,8 @@ def generate_graphed(
     processors and warpers, so a seed gives the same tokens. Sequences that reach an eos token
     continue as the pad token (the eos token when none is set), and decoding stops once every
     sequence has ended. ``cache``: an empty ``model.new_cache()`` to fill (the caller reads what
-    it holds afterwards); a new one by default. ``logits_processor``: more transformers logits
+    it holds afterwards; a hybrid's preallocates its KV: ``new_cache(max_cache_len=)``); a new one
+    by default. ``logits_processor``: more transformers logits
     processors, placed as ``generate`` places them.
     """
     if max_new_tokens < 1:
@@ -158,9 +212,10 @@ def generate_graphed(
     eos, pad = config._eos_token_tensor, config._pad_token_tensor
     if attention_mask is None:  # as generate infers it: pad tokens in the prompt are padding (unless pad is eos)
         attention_mask = model._prepare_attention_mask_for_generation(input_ids, config, {})
-    cache = model.new_cache() if cache is None else cache
+    if cache is None:  # a hybrid's kept attention: a KV cache preallocated for the whole generation
+        cache = model.new_cache(input_ids.shape[1] + max_new_tokens if "full_attention" in model.config.layer_types else None)
     logits = model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    decode = GraphedDecode(model, cache, batch=input_ids.shape[0], use_graph=use_graph)
+    decode = GraphedDecode(model, cache, batch=input_ids.shape[0], use_graph=use_graph, attention_mask=attention_mask)
     sequences, ended = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
         scores = processors(sequences, logits.float())

@@ -37,7 +37,10 @@ def test_gpu_check_command_lines_parse_as_the_gpu_run_gives_them(tmp_path):
     geometry), parsed by the benchmark and run no further: a renamed flag fails here, not on the GPU."""
     proc = _gpu_check(tmp_path, GPU_CHECK_PARSE_ONLY="1")
     log = (tmp_path / "out" / "gpu_check.log").read_text()
-    steps = ["kernel_parity", "train_speed_smollm2", "mixer_speed", "inference_speed_smollm2", "inference_speed_llama1b", "train_speed_llama1b"]
+    steps = [
+        "kernel_parity", "train_speed_smollm2", "mixer_speed", "inference_speed_smollm2", "inference_speed_hybrid", "inference_speed_llama1b",
+        "train_speed_llama1b",
+    ]
     for name in steps:
         line = next(line for line in log.splitlines() if line.strip().startswith(name + " "))
         assert "rc=0 " in line, f"{name}: {line}\n{log[-3000:]}"

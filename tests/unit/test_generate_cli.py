@@ -169,26 +169,30 @@ def test_export_command_writes_bamba_and_refuses_gpt_neox(folders, tmp_path, cap
 def test_graphed_decode_gives_generates_completion_and_refuses_what_it_cannot_replay(folders, tmp_path, capsys):
     """`generate_text(cuda_graph=True)` (what --cuda-graph picks on CUDA) completes a left-padded
     batch as `model.generate` does, greedy and sampled with a seed, holding the same state; on CPU
-    its step runs the graph's eager bookkeeping. `--cuda-graph on` refuses a hybrid and a CPU
-    device, by name; auto on CPU decodes through generate."""
+    its step runs the graph's eager bookkeeping; a hybrid's kept attention over a preallocated KV
+    cache, whatever --kv-cache says. `--cuda-graph on` refuses a CPU device by name; auto on CPU
+    decodes through generate."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import cald_scale  # noqa: F401
     from cald_scale.generate import generate_text
 
-    student = AutoModelForCausalLM.from_pretrained(folders["student"]).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folders["student"])
     prompts = ["To be", "Whether 'tis nobler in the mind"]
-    for sampling in ({}, {"do_sample": True, "top_p": 0.9}):
-        rows = {}
-        for graph in (False, True):
-            torch.manual_seed(3)
-            rows[graph] = generate_text(student, tokenizer, prompts, max_new_tokens=5, cuda_graph=graph, **sampling)
-        assert [r["completion"] for r in rows[True]] == [r["completion"] for r in rows[False]], sampling
-        assert rows[True][0]["cache_bytes"] == rows[False][0]["cache_bytes"] and rows[True][0]["cache_bytes"]["recurrent"] > 0
+    for kind in ("student", "hybrid"):
+        student = AutoModelForCausalLM.from_pretrained(folders[kind]).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folders[kind])
+        for sampling in ({}, {"do_sample": True, "top_p": 0.9}):
+            rows = {}
+            for graph in (False, True):
+                torch.manual_seed(3)
+                rows[graph] = generate_text(student, tokenizer, prompts, max_new_tokens=5, cuda_graph=graph, **sampling)
+            assert [r["completion"] for r in rows[True]] == [r["completion"] for r in rows[False]], (kind, sampling)
+            assert rows[True][0]["cache_bytes"]["recurrent"] == rows[False][0]["cache_bytes"]["recurrent"] > 0
+        assert rows[True][0]["kv_cache"] == ("static" if kind == "hybrid" else None)
+        assert (rows[True][0]["cache_bytes"]["kv"] > 0) == (kind == "hybrid")
 
-    for folder, reason in ((folders["hybrid"], "mixers alone"), (folders["student"], "--device cuda")):
+    for folder, reason in ((folders["hybrid"], "--device cuda"), (folders["student"], "--device cuda")):
         assert main(["generate", str(folder), "--prompt", "To be", "--max_new_tokens", "2", "--cuda-graph", "on"]) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cald-scale")]
         assert len(errors) == 1 and reason in errors[0], errors

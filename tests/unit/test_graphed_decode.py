@@ -26,15 +26,23 @@ def _student(mixer: str, attention_layers=(), family: str = "llama"):
     return with_memory(convert_teacher(teacher, ConversionConfig(mixer=mixer, attention_layers=list(attention_layers))).eval())
 
 
-def _prefilled(student, prompt):
-    cache = student.new_cache()
+def _prefilled(student, prompt, mask=None, max_cache_len=None):
+    cache = student.new_cache(max_cache_len)
     with torch.no_grad():
-        logits = student(prompt, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = student(prompt, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     return cache, logits
 
 
+def _left_padded(batch=2, length=7, pads=3, seed=0):
+    ids = torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    ids[0, :pads], mask[0, :pads] = 0, 0  # the first prompt is shorter, left-padded
+    return ids, mask
+
+
 def _states(cache):
-    return [t for layer in cache.layers for t in (*layer.conv_states.values(), *layer.recurrent_states.values())]
+    mixers = [layer for layer in cache.layers if hasattr(layer, "conv_states")]
+    return [t for layer in mixers for t in (*layer.conv_states.values(), *layer.recurrent_states.values())]
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
@@ -92,11 +100,14 @@ def test_a_decode_step_never_waits_on_the_host(mixer):
     assert not ops.names & HOST_SYNC_OPS, f"host-synchronising ops in a decode step: {sorted(ops.names & HOST_SYNC_OPS)}"
 
 
-def test_refuses_a_hybrid_an_empty_cache_and_graphs_off_cuda():
+def test_refuses_a_growing_kv_cache_an_empty_cache_and_graphs_off_cuda():
     hybrid = _student("mamba2", attention_layers=[1])
     cache, _ = _prefilled(hybrid, torch.randint(3, 256, (1, 5)))
-    with pytest.raises(ValueError, match="mixers only"):
+    with pytest.raises(ValueError, match=r"preallocated KV cache: make it with model.new_cache\(max_cache_len="):
         GraphedDecode(hybrid, cache, batch=1)
+    cache, _ = _prefilled(hybrid, torch.randint(3, 256, (2, 5)), max_cache_len=8)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 4\); .* should be \(2, 5\)"):
+        GraphedDecode(hybrid, cache, batch=2, attention_mask=torch.ones(2, 4, dtype=torch.long))
     student = _student("mamba2")
     with pytest.raises(ValueError, match="prefilled cache"):
         GraphedDecode(student, student.new_cache(), batch=1)
@@ -176,3 +187,151 @@ def test_generate_graphed_follows_the_models_generation_config():
         generate_graphed(student, ids, max_new_tokens=2, num_return_sequences=2)
     with pytest.raises(ValueError, match="unknown generation arguments"):
         generate_graphed(student, ids, max_new_tokens=2, not_an_argument=1)
+
+
+# --- a hybrid: kept attention layers over a preallocated KV cache ---------------------------
+
+
+def _stepped_reference(student, ids, mask, tokens, max_cache_len):
+    """The model's own cached steps over the same preallocated cache, its padding mask grown a
+    column a token, as generate grows it."""
+    cache, logits = _prefilled(student, ids, mask, max_cache_len)
+    out = []
+    with torch.no_grad():
+        for token in tokens:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits = student(token, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            out.append(logits)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_neox"])
+def test_hybrid_decode_equals_the_models_own_cached_steps(family):
+    """A hybrid's kept attention, left-padded prompt, 5 steps: the decoder's own position and
+    padding-mask tensors give exactly what the model's cached steps give."""
+    student = _student("mamba2", attention_layers=[1], family=family)
+    ids, mask = _left_padded()
+    tokens = torch.randint(3, 256, (5, 2, 1), generator=torch.Generator().manual_seed(4))
+    reference = _stepped_reference(student, ids, mask, tokens, max_cache_len=12)
+    cache, _ = _prefilled(student, ids, mask, max_cache_len=12)
+    decode = GraphedDecode(student, cache, batch=2, attention_mask=mask)
+    for token, expected in zip(tokens, reference):
+        torch.testing.assert_close(decode(token), expected, rtol=0, atol=0)
+    (static,) = [layer for layer in cache.layers if hasattr(layer, "cumulative_length")]
+    assert cache.tokens_seen == int(static.cumulative_length) == 12
+
+
+def test_hybrid_step_reads_its_position_from_the_device_not_the_host():
+    """A replayed graph runs the kernels recorded with the host's values of the time: here every
+    step's forward sees the host count frozen at its first step's value, as a replay would, and
+    must still give the model's own logits. The mask's query position comes from the KV cache's
+    device count (``StudentCache.get_query_offset``) and the rotary position from the decoder's
+    own tensor; built from the host count, the mask would hide the newest keys and the rotary
+    positions would stand still."""
+    student = _student("mamba2", attention_layers=[1])
+    ids, mask = _left_padded()
+    tokens = torch.randint(3, 256, (4, 2, 1), generator=torch.Generator().manual_seed(6))
+    reference = _stepped_reference(student, ids, mask, tokens, max_cache_len=12)
+    cache, _ = _prefilled(student, ids, mask, max_cache_len=12)
+    decode = GraphedDecode(student, cache, batch=2, attention_mask=mask)
+    recorded = cache.tokens_seen  # the host's count when the step was recorded
+    forward = decode._forward
+
+    def as_replayed():
+        now = cache.tokens_seen
+        cache.tokens_seen = recorded
+        try:
+            return forward()
+        finally:
+            cache.tokens_seen = now + 1
+
+    decode._forward = as_replayed
+    for step, (token, expected) in enumerate(zip(tokens, reference)):
+        torch.testing.assert_close(decode(token), expected, rtol=0, atol=0, msg=f"step {step}")
+    assert cache.tokens_seen == 7 + 4
+
+
+def test_hybrid_keys_values_and_states_keep_their_addresses():
+    student = _student("mamba2", attention_layers=[1])
+    ids, mask = _left_padded()
+    cache, logits = _prefilled(student, ids, mask, max_cache_len=10)
+    (static,) = [layer for layer in cache.layers if hasattr(layer, "cumulative_length")]
+    tensors = [static.keys, static.values, static.cumulative_length, *_states(cache)]
+    addresses = [t.data_ptr() for t in tensors]
+    decode = GraphedDecode(student, cache, batch=2, attention_mask=mask)
+    for _ in range(3):
+        logits = decode(logits.argmax(-1))
+    after = [static.keys, static.values, static.cumulative_length, *_states(cache)]
+    assert [t.data_ptr() for t in after] == addresses, "a KV or state tensor moved: a CUDA graph would read the old one"
+    assert int(static.cumulative_length) == 10
+    with pytest.raises(ValueError, match="preallocates 10 positions"):  # refused on the host, before any kernel
+        decode(logits.argmax(-1))
+    assert int(static.cumulative_length) == 10 and cache.tokens_seen == 10
+
+
+def test_hybrid_step_never_waits_on_the_host():
+    student = _student("mamba2", attention_layers=[1])
+    ids, mask = _left_padded()
+    cache, logits = _prefilled(student, ids, mask, max_cache_len=12)
+    decode = GraphedDecode(student, cache, batch=2, attention_mask=mask)
+    decode(logits.argmax(-1))  # the warm-up call on CUDA
+    with _OpNames() as ops:
+        decode(logits.argmax(-1))
+    assert "index_copy_" in ops.names, "the step did not write the preallocated KV cache"
+    assert not ops.names & HOST_SYNC_OPS, f"host-synchronising ops in a decode step: {sorted(ops.names & HOST_SYNC_OPS)}"
+
+
+def test_hybrid_with_flash_attention_is_refused_by_name():
+    from cald_scale.generation.graphs import graph_unsupported
+
+    student = _student("mamba2", attention_layers=[1])
+    assert graph_unsupported(student) is None and graph_unsupported(_student("mamba2")) is None
+    student.backbone.config._attn_implementation = "flash_attention_2"
+    cache, _ = _prefilled(_student("mamba2", attention_layers=[1]), torch.randint(3, 256, (1, 5)), max_cache_len=8)
+    with pytest.raises(ValueError, match="'flash_attention_2', which reads the padding mask on the host.*attn_implementation='sdpa'"):
+        GraphedDecode(student, cache, batch=1)
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_generate_graphed_gives_a_hybrids_generate_tokens(cache_implementation):
+    """A hybrid's greedy and sampled completions of a left-padded batch equal generate's, with
+    its growing KV cache or its preallocated one (generate_graphed preallocates its own)."""
+    from cald_scale.generation.graphs import generate_graphed
+
+    student = _student("mamba2", attention_layers=[1])
+    ids, mask = _left_padded(length=9, seed=1)
+    named = {"cache_implementation": cache_implementation} if cache_implementation else {}
+    for sampling in ({}, {"do_sample": True, "temperature": 0.7, "top_k": 20}):
+        torch.manual_seed(5)
+        reference = student.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, **named, **sampling)[:, ids.shape[1]:]
+        torch.manual_seed(5)
+        cache = student.new_cache(ids.shape[1] + 6)
+        tokens = generate_graphed(student, ids, mask, max_new_tokens=6, pad_token_id=0, cache=cache, **sampling)
+        assert torch.equal(tokens, reference), (sampling, tokens, reference)
+        assert cache.tokens_seen == ids.shape[1] + 5  # the last token is sampled, not stepped
+    assert torch.equal(generate_graphed(student, ids, mask, max_new_tokens=6, pad_token_id=0), reference if not sampling else
+                       student.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0)[:, ids.shape[1]:])
+
+
+def test_the_inference_benchmark_graphs_a_hybrid_over_its_preallocated_cache():
+    """benchmarks/inference_speed.py's graphed decode (what gpu_check's inference_speed_hybrid step
+    runs on a GPU), on a tiny hybrid: its random KV cache preallocated with room for the checked
+    and timed steps, the graphed steps equal to the eager model's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import inference_speed
+
+    student = _student("mamba2", attention_layers=[1])
+    teacher_config = tiny_teacher("llama", layers=3).config
+    room = 2 + inference_speed.GRAPH_CHECKED_STEPS + 1
+    out = inference_speed.graphed_decode(
+        student, lambda b, c: inference_speed.student_cache(student, b, c, teacher_config, room=room), 16, [1, 2], torch.device("cpu"), steps=2,
+    )
+    assert out["error"] is None, out["error"]
+    assert out["max_rel_diff_vs_eager"] == {"1": 0.0, "2": 0.0} and out["decode_tok_s"]["2"]["16"] > 0
+    short = inference_speed.graphed_decode(
+        student, lambda b, c: inference_speed.student_cache(student, b, c, teacher_config, room=2), 16, [1], torch.device("cpu"), steps=2,
+    )
+    assert "preallocates 18 positions" in short["error"]["error"], short["error"]  # refused by name, recorded
