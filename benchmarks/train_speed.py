@@ -69,11 +69,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, child_env, machine, narrow_geometry, no_cuda_for, overall_pass, stop_if_parse_only, truncated_geometry,
-    write_random_teacher, write_result,
+    ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, REPO, child_env, machine, narrow_geometry, no_cuda_for, overall_pass, save_partial, stop_if_parse_only,
+    truncated_geometry, write_random_teacher, write_result,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 ITEMS = ("teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step")
@@ -486,7 +485,8 @@ def _item_result(steps: list[dict], memory: dict, tokens: int) -> dict:
 
 def run_items(args, teacher: Path, log_dir: Path, profile: bool, publish) -> None:
     """Every item's measurements (or its error), and the distillation step's profile when asked for,
-    handed to ``publish(items, profiled)``: first the measurements alone (a step's time cap that
+    handed to ``publish(items, profiled, partial=None)``: after every timed round (``partial`` says
+    how many: a cap that kills the process keeps them), then the measurements alone (a cap that
     ends the profile keeps them), then again with the profile."""
     workers, results = {}, {}
     started: dict[str, Worker] = {}
@@ -537,7 +537,7 @@ def run_items(args, teacher: Path, log_dir: Path, profile: bool, publish) -> Non
             # NOTE: published after every timed round, so that a cap that kills this process
             # (gpu_check's step limit) leaves the rounds it finished on disk.
             if done > args.warmup:
-                publish(measured(rounds), None)
+                publish(measured(rounds), None, partial=f"{done - args.warmup} of {args.steps} timed rounds")
 
         rounds = _rounds(workers, results, args.warmup + args.steps, "timed", args.time_budget, after_round=after_round)
         steps = {item: replies[args.warmup:] for item, replies in rounds.items()}
@@ -829,8 +829,11 @@ def main() -> None:
     with contextlib.nullcontext(args.log_dir) if args.log_dir else tempfile.TemporaryDirectory() as logs:
         Path(logs).mkdir(parents=True, exist_ok=True)
 
-        def publish(items: dict, profiled: dict | None) -> None:
+        def publish(items: dict, profiled: dict | None, partial: str | None = None) -> None:
             result = assemble(args, geometry, items, profiled, load_before)
+            if partial is not None:  # only to an explicit --out: a run cut short never replaces a committed result
+                save_partial(result, args.out, done=partial)
+                return
             path = write_result(_default_name(args), result, args.out)
             path.with_suffix(".md").write_text(markdown(result))
             print(f"[train_speed] {_elapsed()} wrote {path}" + (" (with the profile)" if profiled else ""), flush=True)
