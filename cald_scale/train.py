@@ -39,7 +39,7 @@ from .engines.checkpoint import complete_tags, load_latest_checkpoint, save_chec
 from .engines.distributed import DistEnv, all_true, barrier, gather_objects, init_distributed, mean_over_ranks, on_main
 from .engines.host_memory import configure_host_allocator, return_free_memory
 from .engines.preemption import Preempted, PreemptionWatch, raise_if_preempted
-from .engines.models import DistillationModels, build_models, shares_teacher_weights
+from .engines.models import DistillationModels, build_models, checkpoint_excludes_frozen
 from .engines.reshard import OPTIMIZER_GROUPS, ResumePlan, plan_resume
 from .engines.teacher import check_waypoints
 from .engines.zero3 import begin_step, load_ds_config, resolve_ds_config
@@ -139,22 +139,22 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, *, resuming_at: int | None, re
         return changed
     if changed:
         after = cfg.plan(replicas)
-        shared = (shares_teacher_weights(saved_cfg, before), shares_teacher_weights(cfg, after))
-        if shared[0] != shared[1] and saved_cfg.student.init_from != cfg.student.init_from:
+        excluded = (checkpoint_excludes_frozen(saved_cfg, before), checkpoint_excludes_frozen(cfg, after))
+        if excluded[0] != excluded[1] and saved_cfg.student.init_from != cfg.student.init_from:
             raise ValueError(
                 f"{run_dir} was trained from student.init_from={saved_cfg.student.init_from!r} and this run converts from "
                 f"{cfg.student.init_from!r}: a mixers-only student shares its teacher's frozen weights only when it is converted "
                 "from the teacher itself, and its checkpoints leave those weights out, so one kind does not load as the other; "
                 "resume with the run's own student.init_from, or use a new output.run_dir"
             )
-        _check_plan_change(run_dir, before, after, resuming_at, shared=shared)
+        _check_plan_change(run_dir, before, after, resuming_at, excluded=excluded)
     return changed
 
 
-def _check_plan_change(run_dir: Path, before: PhasePlan, after: PhasePlan, at: int, *, shared: tuple[bool, bool]) -> None:
+def _check_plan_change(run_dir: Path, before: PhasePlan, after: PhasePlan, at: int, *, excluded: tuple[bool, bool]) -> None:
     """A resume may change the phases of the steps still to come, not of those already run,
-    nor whether the student shares a fixed teacher's weights (``shared``: before and after;
-    what its checkpoints hold)."""
+    nor what its checkpoints hold (``excluded``: whether they leave the frozen copied weights
+    out, before and after: under ZeRO-3, whether the student shares a fixed teacher's)."""
     fix = "resume with the run's own phases and train.max_steps, or use a new output.run_dir"
     if at > after.total_steps:
         raise ValueError(f"{run_dir}'s checkpoint is at step {at}, past this run's {after.total_steps} steps (train.max_steps, phases): {fix}")
@@ -175,7 +175,7 @@ def _check_plan_change(run_dir: Path, before: PhasePlan, after: PhasePlan, at: i
                 "schedule now spans steps %d-%d: give the added steps a phase of their own (it warms up) to avoid the jump",
                 at, lr_was, at, lr_now, at + 1, now.name, now.schedule_start + 1, now.schedule_end,
             )
-    if shared[0] != shared[1]:  # the student settings are fixed on resume: the phases changed the teacher
+    if excluded[0] != excluded[1]:  # the student settings are fixed on resume: the phases changed the teacher
         was, now = ("a fixed teacher", "a trajectory or waypoint phase") if before.fixed_teacher else ("a trajectory or waypoint phase", "a fixed teacher only")
         raise ValueError(
             f"{run_dir} was trained with {was} and this run's phases have {now}: a mixers-only student shares a fixed "
@@ -528,7 +528,7 @@ class _Run:
                 PHASES_RUN: [[p.name, p.start, min(p.end, at)] for p in self.plan.phases if p.start < at],
             },
             self.cfg.output.keep_last,
-            exclude_frozen=self.models.shares_frozen_weights, also_save=self.guide.save, owner=self.models.checkpoint_owner,
+            exclude_frozen=self.models.checkpoint_excludes_frozen, also_save=self.guide.save, owner=self.models.checkpoint_owner,
         )
         self.metrics.sync()
         self.state.last_saved = at
@@ -681,7 +681,7 @@ def _start(
 
     # 3. Resume, or evaluate the starting point of a fresh run.
     saved = load_latest_checkpoint(
-        student_engine, ckpt_dir, frozen_excluded=models.shares_frozen_weights, also_load=guide.restore, tags=tags, source=resume.source,
+        student_engine, ckpt_dir, frozen_excluded=models.checkpoint_excludes_frozen, also_load=guide.restore, tags=tags, source=resume.source,
     ) or {}
     saved = resume.finish(student_engine, saved, micro_batch=cfg.train.micro_batch(replicas), grad_accum=cfg.train.grad_accum, teacher_engine=getattr(models, "teacher_engine", None))
     _check_phases_run(run_dir, saved, plan, student_engine.global_steps)

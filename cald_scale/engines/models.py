@@ -35,7 +35,9 @@ from .zero3 import (
     teacher_ds_config,
 )
 
-__all__ = ["DistillationModels", "build_models", "block_numel", "check_new_head_trains", "set_trainable", "shares_teacher_weights"]
+__all__ = [
+    "DistillationModels", "build_models", "block_numel", "check_new_head_trains", "checkpoint_excludes_frozen", "set_trainable", "shares_teacher_weights",
+]
 
 logger = logging.getLogger("cald_scale.engines")
 
@@ -89,6 +91,11 @@ class DistillationModels:
     checkpoint_owner = None
     """DeepSpeed's ZeRO-3 file names say which rank wrote them (engines/checkpoint.py)."""
 
+    @property
+    def checkpoint_excludes_frozen(self) -> bool:
+        """The checkpoints leave the frozen copied weights out: here when they are the teacher's."""
+        return self.shares_frozen_weights
+
     def apply_phase(self, phase: Phase, base_trainable: str) -> None:
         """Set what trains in ``phase``: the mixers always; the copied weights when the phase trains
         everything; in a teacher-forced phase only the blocks (embedding and head are unused)."""
@@ -139,6 +146,16 @@ def check_new_head_trains(trainable: str, origin: TeacherSource) -> None:
             "new; with student.trainable=mixers only the mixers train and that head would stay random: set student.trainable=all "
             "(the encoder recipes do), or start from a classifier fine-tuned for the task (student.init_from)"
         )
+
+
+def checkpoint_excludes_frozen(cfg: RunConfig, plan: PhasePlan) -> bool:
+    """Whether a run's checkpoints leave the student's frozen copied weights out (a resume rebuilds
+    them from the teacher's files), in either mode: under ZeRO-3 when they are the teacher's own
+    tensors (``shares_teacher_weights``); in pipeline mode whenever only the mixers train (a stage
+    rebuilds them whether or not it shares them). A resume may not change it."""
+    if cfg.train.pipeline_stages > 0:
+        return cfg.student.trainable == "mixers"
+    return shares_teacher_weights(cfg, plan)
 
 
 def shares_teacher_weights(cfg: RunConfig, plan: PhasePlan) -> bool:

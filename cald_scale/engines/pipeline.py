@@ -64,7 +64,7 @@ from ..metrics import current_rss_bytes
 from ..eval.perplexity import PAD
 from .distributed import all_true, barrier, gather_objects, on_main
 from .host_memory import return_free_memory
-from .models import block_numel, set_trainable
+from .models import block_numel, checkpoint_excludes_frozen, set_trainable, shares_teacher_weights
 from .zero3 import param_groups, read_ds_config, resolve_ds_config, size_zero_buffers
 
 __all__ = [
@@ -626,7 +626,7 @@ class PipelineModels:
     """DeepSpeed's PipelineEngine."""
     module: CaldPipeline
     bounds: list[int]
-    shares_frozen_weights: bool
+    checkpoint_excludes_frozen: bool
     """The student's frozen copied weights never change: checkpoints leave them out (they are rebuilt)."""
 
     @property
@@ -820,7 +820,7 @@ def build_pipeline(
     num_stages = cfg.train.pipeline_stages
     bounds = stage_bounds(config.num_hidden_layers, num_stages, ds_config["pipeline"].get("partition", "uniform"))
     _check_every_stage_converts(cfg, config, bounds)
-    frozen_copies = cfg.student.trainable == "mixers"
+    frozen_copies = checkpoint_excludes_frozen(cfg, plan)  # only the mixers train
     # NOTE: the engine's precision decides, as ZeRO-3's engines do: a bf16 teacher.dtype on an fp32
     # engine computes in fp32 (the teacher's bf16 copies shared into an fp32 student crashed its mixers).
     if ds_config.get("bf16", {}).get("enabled"):
@@ -832,7 +832,7 @@ def build_pipeline(
     if dtype != source.dtype:
         logger.info("teacher.dtype %s: the pipeline engine computes in %s (its bf16/fp16 settings decide)", source.dtype, dtype)
     factory = StageFactory(
-        cfg, source, bounds, with_teacher=plan.teacher_needed_from(first_step), share=frozen_copies and cfg.student.share_frozen_weights and not plan.swaps_teacher,
+        cfg, source, bounds, with_teacher=plan.teacher_needed_from(first_step), share=shares_teacher_weights(cfg, plan),
         dtype=dtype, device=torch.device(get_accelerator().current_device_name()), outside_groups=outside_groups and not frozen_copies,
     )
     # NOTE: dynamic_shape: the evaluation's last micro-batch may be short, and what travels changes with the phase.
@@ -846,7 +846,7 @@ def build_pipeline(
     if engine.grid.data_parallel_size > 1:
         module.stage.replica_group = engine.grid.get_data_parallel_group()
     logger.info("pipeline of %d stages x %d replicas: blocks %s", num_stages, engine.grid.data_parallel_size, [f"[{a}, {b})" for a, b in zip(bounds, bounds[1:])])
-    return PipelineModels(student_engine=engine, module=module, bounds=bounds, shares_frozen_weights=frozen_copies)
+    return PipelineModels(student_engine=engine, module=module, bounds=bounds, checkpoint_excludes_frozen=frozen_copies)
 
 
 def pipeline_train_step(models: PipelineModels, guide: PipelineGuide, phase: Phase, step: int, next_batch, state, cfg: RunConfig, *, tokens_per_micro: int) -> dict:

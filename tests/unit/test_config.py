@@ -568,3 +568,26 @@ def test_a_resume_applies_its_own_weight_decay_and_betas_over_the_checkpoints():
     assert [(g["weight_decay"], g["betas"]) for g in resumed.param_groups] == [(0.0, (0.9, 0.95))] * 2  # the checkpoint's
     set_decay_and_betas(SimpleNamespace(optimizer=resumed), 0.1, [0.9, 0.999])
     assert [(g["weight_decay"], g["betas"]) for g in resumed.param_groups] == [(0.1, (0.9, 0.999)), (0.0, (0.9, 0.999))]
+
+
+def test_a_pipeline_resume_may_add_waypoints_its_checkpoints_hold_the_same(tmp_path):
+    """In pipeline mode a mixers-only student's checkpoints leave the frozen copies out whether or
+    not a stage shares them with the teacher (they are rebuilt from the teacher's files), so
+    waypoints added on resume change nothing they hold: allowed there, refused under ZeRO-3
+    (where the frozen copies stop being the teacher's and would be missing)."""
+    from cald_scale.engines.models import checkpoint_excludes_frozen
+    from cald_scale.train import _check_run_dir
+
+    later = f"phases=[{{name: t, steps: 4, guidance: target}}, {{name: w, guidance: waypoint, waypoints: [{tmp_path / 'w1'}]}}]"
+    for stages, allowed in (("2", True), ("0", False)):
+        run_dir = tmp_path / f"stages{stages}"
+        run_dir.mkdir()
+        target = load_run_config(None, ["train.max_steps=8", f"train.pipeline_stages={stages}", "phases=[{name: t, guidance: target}]"])
+        (run_dir / "config.json").write_text(json.dumps(target.to_dict()))
+        resumed = load_run_config(None, ["train.max_steps=8", f"train.pipeline_stages={stages}", later])
+        assert checkpoint_excludes_frozen(resumed, resumed.plan(1)) is allowed
+        if allowed:
+            assert any(change.startswith("phases") for change in _check_run_dir(run_dir, resumed, resuming_at=4))
+        else:
+            with pytest.raises(ValueError, match=r"trained with a fixed teacher and this run.s phases have a trajectory or waypoint phase"):
+                _check_run_dir(run_dir, resumed, resuming_at=4)
