@@ -264,7 +264,7 @@ def _check_unchanged(path: Path, what: str, env: DistEnv, identity: dict, *, res
     if recorded != identity:
         changed = sorted(k for k in recorded.keys() | identity.keys() if recorded.get(k) != identity.get(k))
         raise ValueError(
-            f"{what} changed since it started (resuming at step {resumed_at}): {', '.join(changed)} "
+            f"{what} changed since it started (its newest checkpoint is at step {resumed_at}): {', '.join(changed)} "
             f"was {recorded.get(changed[0])}, now {identity.get(changed[0])}. {why}: restore it, or start a new run "
             "(another output.run_dir)"
         )
@@ -634,7 +634,9 @@ def _start(
     plan = cfg.plan(dp)
     if env.is_main:
         _warn_joined_groups(resume, plan, cfg.student.trainable)
-    changed = _check_run_dir(run_dir, cfg, resuming_at=tags[0][0] if tags else None, replicas=dp)
+    # NOTE: the newest complete checkpoint, which the resume loads unless it is damaged (then an older one).
+    newest = tags[0][0] if tags else None
+    changed = _check_run_dir(run_dir, cfg, resuming_at=newest, replicas=dp)
     started = time.time()
     for phase in plan.phases:
         logger.info("%s", phase.describe())
@@ -643,13 +645,13 @@ def _start(
     task = open_task(cfg, is_main=env.is_main)
     check_waypoints(plan.waypoints, task.source.config)  # a missing or foreign waypoint fails now, not mid-run
     task.open_data()
-    _check_same_data(run_dir, env, task.data_identity(), resumed_at=tags[0][0] if tags else None)  # before the engines: a refusal costs seconds
+    _check_same_data(run_dir, env, task.data_identity(), resumed_at=newest)  # before the engines: a refusal costs seconds
     models_read = {
         "teacher": task.source.identity(),
         **({"init_from": task.student_source.identity()} if task.student_source else {}),
         **({"waypoints": [weights_fingerprint(w) for w in plan.waypoints]} if plan.waypoints else {}),
     }
-    _check_same_teacher(run_dir, env, models_read, resumed_at=tags[0][0] if tags else None)
+    _check_same_teacher(run_dir, env, models_read, resumed_at=newest)
     task.train_batches(cfg.train.micro_batch(dp), 0, dp, torch.device("cpu"))  # a train split under one global batch: refused now too
     _seed_everything(cfg.train.seed)
 

@@ -133,7 +133,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank_on_the_same_trajectory(tmp_path
     config = (run_dir / "config.json").read_text()
     refused = run(deepspeed_command(_overrides(teacher_dirs, run_dir, data_cache, **{"train.max_steps": 8}), ranks=1), launcher_env(tmp_path))
     out = refused.stdout + refused.stderr
-    assert refused.returncode != 0 and "changed since it started (resuming at step 6): train was" in out and "restore it, or start a new run" in out
+    assert refused.returncode != 0 and "changed since it started (its newest checkpoint is at step 6): train was" in out and "restore it, or start a new run" in out
     assert sorted(p.name for p in ckpt.glob("step_*")) == tags and (run_dir / "config.json").read_text() == config
 
     # Another teacher at the same path (its weights saved anew since the first session; here the
@@ -144,7 +144,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank_on_the_same_trajectory(tmp_path
     (run_dir / "teacher.json").write_text(json.dumps({"teacher": {"weights": [[name, size, "0" * 16] for name, size, _ in weights]}}))
     refused = run(deepspeed_command(_overrides(teacher_dirs, run_dir, data_cache, **{"train.max_steps": 8}), ranks=1), launcher_env(tmp_path))
     out = refused.stdout + refused.stderr
-    assert refused.returncode != 0 and "the teacher or student.init_from of run" in out and "changed since it started (resuming at step 6): teacher was" in out
+    assert refused.returncode != 0 and "the teacher or student.init_from of run" in out and "changed since it started (its newest checkpoint is at step 6): teacher was" in out
     assert sorted(p.name for p in ckpt.glob("step_*")) == tags and (run_dir / "config.json").read_text() == config
 
 

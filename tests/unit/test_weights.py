@@ -224,7 +224,7 @@ def test_a_teachers_weights_are_identified_by_content_not_by_path(tmp_path):
     run_dir.mkdir()
     _check_same_teacher(run_dir, env, {"weights": first}, resumed_at=None)
     _check_same_teacher(run_dir, env, {"weights": first}, resumed_at=4)
-    with pytest.raises(ValueError, match=r"the teacher or student.init_from of run .* changed since it started \(resuming at step 4\): weights was .*restore it, or start a new run"):
+    with pytest.raises(ValueError, match=r"the teacher or student.init_from of run .* changed since it started \(its newest checkpoint is at step 4\): weights was .*restore it, or start a new run"):
         _check_same_teacher(run_dir, env, {"weights": again}, resumed_at=4)
     (run_dir / "teacher.json").unlink()  # a run from before the record: this session's teacher is recorded
     _check_same_teacher(run_dir, env, {"weights": again}, resumed_at=4)
