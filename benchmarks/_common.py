@@ -197,6 +197,14 @@ PARSE_ONLY = os.environ.get("CALD_BENCH_PARSE_ONLY") == "1"
 checks the flags it is given, as on the GPU (--device cuda included), and runs nothing."""
 
 
+def sync(device) -> None:
+    """Wait for ``device``'s queued work (a CUDA device's kernels run asynchronously); a no-op elsewhere."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def no_cuda_for(device) -> bool:
     """``--device cuda`` asked for where there is none (never, when only parsing)."""
     import torch

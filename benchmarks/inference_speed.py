@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GEOMETRIES, REPO, RESULTS, machine, no_cuda_for, overall_pass, save_partial, stop_if_parse_only, write_result  # noqa: E402
+from _common import GEOMETRIES, REPO, RESULTS, machine, no_cuda_for, overall_pass, save_partial, stop_if_parse_only, sync, write_result  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache  # noqa: E402
 
 from cald_scale.conversion.modeling import ConversionConfig  # noqa: E402
@@ -88,18 +88,13 @@ def build_pair(geometry: str, max_context: int, dtype: torch.dtype, device: torc
     return teacher.to(device, dtype), student.to(device, dtype), attn
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timed(fn, device: torch.device, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -128,7 +123,7 @@ def teacher_cache(teacher, batch: int, context: int, *, room: int, kind: str = "
     return cache
 
 
-def student_cache(student, batch: int, context: int, teacher_config=None, *, room: int = 0, kind: str = "static"):
+def student_cache(student, batch: int, context: int, teacher_config, *, room: int, kind: str = "static"):
     """The student's cache after ``context`` positions (random conv and SSM states; a hybrid's
     kept attention layers, shaped as the teacher's ``teacher_config``, hold random keys and values,
     preallocated with ``room`` positions to spare as the teacher's are, or growing for "dynamic")."""
@@ -229,9 +224,9 @@ def available_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def measure_context(out: dict, name: str, model, make_cache, context: int, batches, device, args, kv_per_seq) -> None:
+def measure_context(out: dict, name: str, model, make_cache, context: int, batches, device, args, cache_bytes_per_seq) -> None:
     """Prefill (batch 1) and decode (every batch) of one model at one context, into ``out``."""
-    need = kv_per_seq(context)
+    need = cache_bytes_per_seq(context)
     if need * 1.3 > available_bytes(device):
         out["oom"].append({"what": "prefill", "context": context, "batch": 1, "needs_bytes": need})
     else:
@@ -245,8 +240,8 @@ def measure_context(out: dict, name: str, model, make_cache, context: int, batch
         except Exception as err:  # noqa: BLE001 - recorded: the other measurements still run
             _failed(out, "prefill", context, 1, err)
     for batch in batches:
-        if kv_per_seq(context) * batch * 1.3 > available_bytes(device):
-            out["oom"].append({"what": "decode", "context": context, "batch": batch, "needs_bytes": kv_per_seq(context) * batch})
+        if cache_bytes_per_seq(context) * batch * 1.3 > available_bytes(device):
+            out["oom"].append({"what": "decode", "context": context, "batch": batch, "needs_bytes": cache_bytes_per_seq(context) * batch})
             continue
         cache = None
         try:
@@ -273,12 +268,12 @@ def _failed(out: dict, what: str, context: int, batch: int, err: Exception) -> N
     traceback.print_exc()
 
 
-def best_batch_decode(model, make_cache, context: int, device: torch.device, steps: int, kv_per_seq) -> dict:
+def best_batch_decode(model, make_cache, context: int, device: torch.device, steps: int, cache_bytes_per_seq) -> dict:
     """Decode tokens/s at ``context`` over doubling batches until memory runs out."""
     best = {"batch": 0, "tok_s": 0.0}
     batch = 1
     while batch <= 4096:
-        if kv_per_seq(context) * batch * 1.3 > available_bytes(device):
+        if cache_bytes_per_seq(context) * batch * 1.3 > available_bytes(device):
             break
         try:
             cache = make_cache(batch, context)

@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import machine, no_cuda_for, stop_if_parse_only  # noqa: E402
+from _common import machine, no_cuda_for, stop_if_parse_only, sync  # noqa: E402
 
 from cald_scale.fileio import atomic_write_text  # noqa: E402
 from cald_scale.mixers import Mamba2Config, MambaConfig, build_mixer  # noqa: E402
@@ -92,11 +92,6 @@ SHAPES = {
 }
 # Time steps large enough that the state carries information over tens of tokens.
 DT_RANGE = dict(dt_min=0.01, dt_max=0.2)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def errors(actual: torch.Tensor | None, expected: torch.Tensor) -> dict:
@@ -180,7 +175,7 @@ def run_mixer(
         keep[-1] = 0
         y_k, state = mixer.step(last, state, inplace=True, keep=keep)
         res |= {"step_inplace_keep.out": y_k, "step_inplace_keep.conv_state": state.conv_state, "step_inplace_keep.ssm_state": state.ssm_state}
-    _sync(device)
+    sync(device)
     return {k: (None if v is None else v.detach().to("cpu", torch.float64)) for k, v in res.items()}
 
 
@@ -357,7 +352,7 @@ def run_op(op: str, fn, case: dict, chunk_size: int, device: torch.device, dtype
         res |= {f"step.{k}": v for k, v in outs.items()}
     else:
         res |= {"forward.out": outs["out"]} | {f"prefill.{k}": v for k, v in outs.items() if k != "out"}
-    _sync(device)
+    sync(device)
     return {k: (None if v is None else v.detach().to("cpu", torch.float64)) for k, v in res.items()}
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SMOLLM2_GEOMETRY, llama_teacher, machine, no_cuda_for, save_partial, stop_if_parse_only, write_result  # noqa: E402
+from _common import SMOLLM2_GEOMETRY, llama_teacher, machine, no_cuda_for, save_partial, stop_if_parse_only, sync, write_result  # noqa: E402
 
 from cald_scale.conversion.modeling import ConversionConfig  # noqa: E402
 from cald_scale.conversion.surgery import convert_teacher  # noqa: E402
@@ -35,19 +35,14 @@ from cald_scale.mixers.ops import _cuda  # noqa: E402
 TARGETS = {"mamba2": 1.5, "mamba": 3.0}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def fwd_bwd_seconds(model: nn.Module, input_ids: torch.Tensor) -> float:
     """One forward + backward, timed from a synchronised device to a synchronised device."""
-    _sync(input_ids.device)  # time the kernels, not their launch
+    sync(input_ids.device)  # time the kernels, not their launch
     start = time.perf_counter()
     loss = model(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
-    _sync(input_ids.device)
+    sync(input_ids.device)
     return time.perf_counter() - start
 
 

@@ -19,9 +19,10 @@ geometry:
   trains): HF forward with next-token CE, backward, optimizer step, the usual fine-tuning.
 
 Each item lives in its own process (its own peak memory, no DeepSpeed state shared). The
-processes are built one after another, then step in turn (one step of each item, then the
-next round), so a machine that gets busier or quieter mid-run slows every item alike; all
-four are resident together. On CPU each item uses one torch thread unless --threads says
+processes are built one after another (--build sequential, the CPU default) or all at once
+(parallel, the CUDA default), then step in turn (one step of each item, then the next round),
+so a machine that gets busier or quieter mid-run slows every item alike; all are resident
+together. On CPU each item uses one torch thread unless --threads says
 otherwise (see main()). Per item: median seconds per step over --steps timed steps after
 warmup (also the fastest step, and CPU time), tokens/s, and peak memory over its steps: on
 CUDA torch.cuda.max_memory_allocated (live tensors, model states included); on CPU the
@@ -69,7 +70,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, REPO, child_env, machine, narrow_geometry, no_cuda_for, overall_pass, save_partial, stop_if_parse_only,
+    ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, REPO, child_env, machine, narrow_geometry, no_cuda_for, overall_pass, save_partial, stop_if_parse_only, sync,
     truncated_geometry, write_random_teacher, write_result,
 )
 
@@ -101,11 +102,6 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # -- the items: each builder returns (step, untimed follow-up or None) ------------------------
@@ -167,10 +163,10 @@ def build_student_forward_backward(cfg, source, ids):
         return {}
 
     def optimizer_step() -> dict:
-        _sync(ids.device)
+        sync(ids.device)
         t0 = time.perf_counter()
         optimizer.step()
-        _sync(ids.device)
+        sync(ids.device)
         return {"optimizer_step_s": time.perf_counter() - t0}
 
     return step, optimizer_step
@@ -289,7 +285,7 @@ def profile_step(step, device: torch.device, top: int = 15) -> dict:
     profiler = cProfile.Profile()
     t0 = time.perf_counter()
     profiler.runcall(step)
-    _sync(device)
+    sync(device)
     wall = time.perf_counter() - t0
     regions: dict[str, float] = {}
     stats = pstats.Stats(profiler).stats
@@ -304,7 +300,7 @@ def profile_step(step, device: torch.device, top: int = 15) -> dict:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         step()
-        _sync(device)
+        sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
     return {
@@ -356,7 +352,7 @@ def serve_item(args) -> None:
     with _stall_traces():
         step, follow_up = BUILDERS[args.item](cfg, source, ids)
     build_seconds = time.perf_counter() - t0
-    _sync(device)
+    sync(device)
     memory = {"rss_baseline_bytes": rss_baseline, "rss_built_bytes": _status_bytes("VmRSS")}
     memory["peak_rss_covers"] = "its steps only (VmHWM reset after building)" if _reset_peak_rss() else "the whole process (VmHWM could not be reset)"
     if device.type == "cuda":
@@ -367,11 +363,11 @@ def serve_item(args) -> None:
     for command in sys.stdin:
         command = command.strip()
         if command == "step":
-            _sync(device)
+            sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             with _stall_traces():
                 out = step()
-                _sync(device)
+                sync(device)
             out.update(s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, load=os.getloadavg()[0])
             out.update(follow_up() if follow_up else {})
             if device.type == "cuda":
@@ -483,7 +479,7 @@ def _item_result(steps: list[dict], memory: dict, tokens: int) -> dict:
     return result
 
 
-def run_items(args, teacher: Path, log_dir: Path, profile: bool, publish) -> None:
+def run_items(args, teacher: Path, log_dir: Path, publish) -> None:
     """Every item's measurements (or its error), and the distillation step's profile when asked for,
     handed to ``publish(items, profiled, partial=None)``: after every timed round (``partial`` says
     how many: a cap that kills the process keeps them), then the measurements alone (a cap that
@@ -539,13 +535,13 @@ def run_items(args, teacher: Path, log_dir: Path, profile: bool, publish) -> Non
             if done > args.warmup:
                 publish(measured(rounds), None, partial=f"{done - args.warmup} of {args.steps} timed rounds")
 
-        rounds = _rounds(workers, results, args.warmup + args.steps, "timed", args.time_budget, after_round=after_round)
+        rounds = _rounds(workers, results, args.warmup + args.steps, args.warmup, args.time_budget, after_round=after_round)
         steps = {item: replies[args.warmup:] for item, replies in rounds.items()}
         items = measured(rounds)
         publish(items, None)
-        if "distill_step" in workers and (profile or (args.phase == "end_to_end" and _misses_target(steps))):
+        if "distill_step" in workers and (args.profile or (args.phase == "end_to_end" and _misses_target(steps))):
             # NOTE: the profile a missed target brings is skipped past the budget (an explicit --profile is not).
-            if not profile and args.time_budget is not None and time.perf_counter() - _STARTED > args.time_budget:
+            if not args.profile and args.time_budget is not None and time.perf_counter() - _STARTED > args.time_budget:
                 print(f"[train_speed] {_elapsed()} no profile: the time budget is spent", flush=True)
                 return
             try:  # the measurements above stand whatever happens here
@@ -566,11 +562,12 @@ def _elapsed() -> str:
 
 
 def _rounds(
-    workers: dict[str, Worker], results: dict, rounds: int, label: str, budget_s: float | None = None, after_round=None,
+    workers: dict[str, Worker], results: dict, rounds: int, warmup: int, budget_s: float | None = None, after_round=None,
 ) -> dict[str, list[dict]]:
-    """``rounds`` rounds of one step of each item in turn; a worker that fails is dropped (its error kept).
-    Past ``budget_s`` seconds since the start no new round begins (fewer timed steps, not no result).
-    ``after_round(rounds done, replies so far)`` runs after each."""
+    """``rounds`` rounds of one step of each item in turn, the first ``warmup`` of them untimed; a
+    worker that fails is dropped (its error kept). Past ``budget_s`` seconds since the start no new
+    round begins (fewer timed steps, not no result). ``after_round(rounds done, replies so far)``
+    runs after each."""
     replies = {item: [] for item in workers}
     for i in range(rounds):
         if budget_s is not None and i > 0 and time.perf_counter() - _STARTED > budget_s:
@@ -585,7 +582,8 @@ def _rounds(
                 results[item] = {"error": str(err)}
                 del workers[item]
                 continue
-            print(f"[train_speed] {_elapsed()} {label} round {i + 1}: {item} {reply['s']:.3f} s", flush=True)
+            label = f"warmup round {i + 1}" if i < warmup else f"timed round {i + 1 - warmup}"
+            print(f"[train_speed] {_elapsed()} {label}: {item} {reply['s']:.3f} s", flush=True)
             replies[item].append(reply)
         if after_round is not None:
             after_round(i + 1, replies)
@@ -838,7 +836,7 @@ def main() -> None:
             path.with_suffix(".md").write_text(markdown(result))
             print(f"[train_speed] {_elapsed()} wrote {path}" + (" (with the profile)" if profiled else ""), flush=True)
 
-        run_items(args, teacher, Path(logs), args.profile, publish)
+        run_items(args, teacher, Path(logs), publish)
 
 
 if __name__ == "__main__":

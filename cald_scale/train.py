@@ -1,4 +1,5 @@
-"""The CALD training job: teacher -> converted student, distilled under ZeRO-3 engines, phase by phase.
+"""The CALD training job: teacher -> converted student, distilled phase by phase, under ZeRO-3
+engines or in DeepSpeed's pipeline mode (``train.pipeline_stages``; ``engines/pipeline.py``).
 
 ``train`` reads as the job's outline: set up, build, evaluate the starting point (``_start``),
 the flat step loop (``train_step`` is one optimizer step, ``forward_backward`` one

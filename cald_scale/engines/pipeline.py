@@ -4,8 +4,10 @@ Build. Every rank lays out teacher and student on the meta device (no memory) an
 only its own stage: blocks [a_k, b_k) of both models, plus the embeddings on the first stage
 and the final norm and LM head on the last, each tensor read from the teacher's checkpoint
 (mixers get the ZeRO-3 mode's seeded initialisation), so no rank reads or holds a whole
-model. With frozen copied weights the student's copies are the teacher's own tensors. The
-teacher's pieces are not registered in the module: frozen, in no optimizer, in no checkpoint.
+model. With frozen copied weights and a fixed teacher (``student.share_frozen_weights``) the
+student's copies are the teacher's own tensors; frozen copies are in no checkpoint either way
+(rebuilt on resume). The teacher's pieces are not registered in the module: frozen, in no
+optimizer, in no checkpoint.
 
 Run. What a stage hands the next (floating-point tensors first):
 
@@ -22,8 +24,8 @@ back-propagated. NOTE: DeepSpeed's PipelineEngine expects a gradient for every
 floating-point tensor it passes between stages, so the teacher's hidden state travels as an
 integer view of its bits.
 
-Data parallel runs across the world_size / pipeline_stages replicas with ZeRO-1 (the
-PipelineEngine refuses ZeRO-2 and -3). Selected by ``train.pipeline_stages`` and a
+Data parallel runs across the world_size / pipeline_stages replicas with ZeRO stage 0 or 1
+(the PipelineEngine refuses ZeRO-2 and -3). Selected by ``train.pipeline_stages`` and a
 pipeline ds_config (ds_configs/pipeline.json).
 """
 
@@ -33,7 +35,6 @@ import dataclasses
 import gc
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -61,7 +62,7 @@ from ..distill.stages import LayerwiseModel, make_stages
 from ..distill.step import combine_loss_parts
 from ..fileio import atomic_dir
 from ..metrics import current_rss_bytes
-from ..eval.perplexity import PAD
+from ..eval.perplexity import PAD, perplexity_result
 from .distributed import all_true, barrier, gather_objects, on_main
 from .host_memory import return_free_memory
 from .models import block_numel, checkpoint_excludes_frozen, set_trainable, shares_teacher_weights
@@ -708,9 +709,7 @@ class PipelineModels:
         scored = torch.tensor(len(rows), device=engine.device)
         if self.data_parallel_size > 1:
             dist.all_reduce(scored, group=engine.grid.get_data_parallel_group())
-        tokens = int(scored) * (len(dataset[rows[0]]["input_ids"]) - 1)
-        mean = nll.item() / tokens
-        return {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "tokens": tokens}
+        return perplexity_result(nll.item(), int(scored) * (len(dataset[rows[0]]["input_ids"]) - 1))
 
     def export(self, tokenizer, target: Path, *, is_main: bool) -> Path:
         """The student as a HF folder: every stage writes its own safetensors shard; rank 0 adds
@@ -881,7 +880,9 @@ def pipeline_train_step(models: PipelineModels, guide: PipelineGuide, phase: Pha
     micro_total = accum * models.data_parallel_size
     bad = sum(masked)
     good = micro_total - bad
-    scale = micro_total / good if good else 0.0  # masked micro-batches averaged in as zeros
+    # The engine averaged the masked micro-batches in as zeros: the mean of the others is scaled
+    # back up (NaN when none was finite: no loss to report).
+    scale = micro_total / good if good else float("nan")
     state.tokens_seen += tokens_per_micro * accum * good // micro_total
     if bad:
         hit = sum(1 for m in masked if m)
@@ -900,7 +901,6 @@ def pipeline_train_step(models: PipelineModels, guide: PipelineGuide, phase: Pha
         why = "every micro-batch was non-finite" if not good else "non-finite gradients"
         logger.warning("step %d: the optimizer step was skipped (%s)", step + 1, why)
     wanted = models.stage.mode.wanted
-    scale = scale or float("nan")  # no finite micro-batch: no loss to report
     per_layer = [parts.pop(f"layer_{i}") * scale for i in wanted]
     record = {"loss": loss * scale, **{name: value * scale for name, value in parts.items()}}
     if per_layer:

@@ -135,13 +135,14 @@ def bf16_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def resolve_ds_config(ds_config: dict, train, world_size: int) -> dict:
-    """Fill the "auto" fields from ``train`` (a TrainConfig)."""
+def resolve_ds_config(ds_config: dict, train, data_parallel_size: int) -> dict:
+    """Fill the "auto" fields from ``train`` (a TrainConfig), for ``data_parallel_size`` model
+    replicas (every rank under ZeRO-3; the pipelines in pipeline mode)."""
     cfg = copy.deepcopy(ds_config)
-    micro = train.micro_batch(world_size)
+    micro = train.micro_batch(data_parallel_size)
     _fill(cfg, "train_micro_batch_size_per_gpu", micro, "")
     _fill(cfg, "gradient_accumulation_steps", train.grad_accum, "")
-    _fill(cfg, "train_batch_size", micro * train.grad_accum * world_size, "")
+    _fill(cfg, "train_batch_size", micro * train.grad_accum * data_parallel_size, "")
     _fill(cfg, "gradient_clipping", train.grad_clip, "")
     if "bfloat16" in cfg:  # DeepSpeed's older name of the bf16 section, which it reads only when "bf16" is absent
         if "bf16" in cfg:
@@ -194,7 +195,7 @@ def resolve_ds_config(ds_config: dict, train, world_size: int) -> dict:
     if zero.get("reduce_scatter") == "auto":
         # NOTE: one rank has nothing to scatter to. DeepSpeed's reduce-scatter path first copies each
         # gradient bucket into a new interleaved tensor; its all-reduce path reduces the bucket in place.
-        zero["reduce_scatter"] = world_size > 1
+        zero["reduce_scatter"] = data_parallel_size > 1
     return cfg
 
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from ..distill.stages import LayerwiseModel
 from . import eval_mode
 
-__all__ = ["PAD", "eval_indices", "perplexity", "scored_rows"]
+__all__ = ["PAD", "eval_indices", "perplexity", "perplexity_result", "scored_rows"]
 
 
 PAD = -1
@@ -74,5 +74,11 @@ def perplexity(
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(nll)
         dist.all_reduce(tokens)
-    mean = (nll / tokens).item()
-    return {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "tokens": int(tokens.item())}
+    return perplexity_result(nll.item(), int(tokens.item()))
+
+
+def perplexity_result(nll_sum: float, tokens: int) -> dict:
+    """{"ppl", "nll" (mean per token), "tokens"} from the summed negative log-likelihood of
+    ``tokens`` predicted tokens; a perplexity past float range is inf."""
+    mean = nll_sum / tokens
+    return {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "tokens": tokens}

@@ -212,7 +212,7 @@ def test_overrides_and_round_trip():
 @pytest.mark.parametrize("ds_path", DS_CONFIGS, ids=lambda p: p.name)
 def test_shipped_recipes_fit_shipped_ds_configs(recipe, ds_path):
     cfg = load_run_config(recipe)
-    resolved = resolve_ds_config(load_ds_config(ds_path), cfg.train, world_size=2)
+    resolved = resolve_ds_config(load_ds_config(ds_path), cfg.train, data_parallel_size=2)
     assert resolved["train_batch_size"] == cfg.train.micro_batch(2) * cfg.train.grad_accum * 2
     assert "scheduler" not in resolved  # the phases own the LR schedule
     assert cfg.plan(world_size=2).total_steps >= 1
@@ -224,7 +224,7 @@ def test_shipped_recipes_fit_shipped_ds_configs(recipe, ds_path):
     assert zero["stage3_prefetch_bucket_size"] == 10_000_000 and zero["stage3_max_reuse_distance"] == 5_000_000
     assert zero["stage3_max_live_parameters"] == 20_000_000 and zero["overlap_comm"] is False  # no CUDA here
     assert zero["reduce_scatter"] is True  # two ranks scatter their gradient partitions
-    alone = resolve_ds_config(load_ds_config(ds_path), cfg.train, world_size=1)["zero_optimization"]
+    alone = resolve_ds_config(load_ds_config(ds_path), cfg.train, data_parallel_size=1)["zero_optimization"]
     assert alone["reduce_scatter"] is False  # one rank reduces its buckets in place
     on_cpu = size_zero_buffers(resolved, block_numel=5_000_000)["zero_optimization"]  # no accelerator: no prefetch
     assert on_cpu["stage3_prefetch_bucket_size"] == 0 and on_cpu["stage3_max_live_parameters"] == 5_000_000
@@ -234,13 +234,13 @@ def test_explicit_zero_buffer_sizes_are_kept():
     cfg = load_run_config()
     ds = load_ds_config(REPO / "ds_configs" / "zero3.json")
     ds["zero_optimization"]["reduce_bucket_size"] = 123
-    sized = size_zero_buffers(resolve_ds_config(ds, cfg.train, world_size=1), block_numel=10_000_000)
+    sized = size_zero_buffers(resolve_ds_config(ds, cfg.train, data_parallel_size=1), block_numel=10_000_000)
     assert sized["zero_optimization"]["reduce_bucket_size"] == 123
     ds["zero_optimization"]["reduce_scatter"] = True
-    assert resolve_ds_config(ds, cfg.train, world_size=1)["zero_optimization"]["reduce_scatter"] is True
+    assert resolve_ds_config(ds, cfg.train, data_parallel_size=1)["zero_optimization"]["reduce_scatter"] is True
     ds["zero_optimization"]["stage3_bogus"] = "auto"
     with pytest.raises(ConfigError, match="stage3_bogus"):
-        size_zero_buffers(resolve_ds_config(ds, cfg.train, world_size=1), block_numel=1)
+        size_zero_buffers(resolve_ds_config(ds, cfg.train, data_parallel_size=1), block_numel=1)
 
 
 def test_ds_config_contradiction_and_stage(tmp_path):
@@ -248,7 +248,7 @@ def test_ds_config_contradiction_and_stage(tmp_path):
     ds = load_ds_config(REPO / "ds_configs" / "zero3.json")
     ds["gradient_accumulation_steps"] = 8
     with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
-        resolve_ds_config(ds, cfg.train, world_size=1)
+        resolve_ds_config(ds, cfg.train, data_parallel_size=1)
     bad = tmp_path / "z2.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     with pytest.raises(ConfigError, match="stage must be 3"):
@@ -267,7 +267,7 @@ def test_ds_config_settings_the_schedule_would_not_honour_are_refused():
 
     def resolved(**changes) -> dict:
         ds = {**json.loads(json.dumps(shipped)), **changes}
-        return resolve_ds_config({k: v for k, v in ds.items() if v is not None}, cfg.train, world_size=1)
+        return resolve_ds_config({k: v for k, v in ds.items() if v is not None}, cfg.train, data_parallel_size=1)
 
     with pytest.raises(ConfigError, match='no "optimizer" section'):
         resolved(optimizer=None)
@@ -278,7 +278,7 @@ def test_ds_config_settings_the_schedule_would_not_honour_are_refused():
     alias = json.loads(json.dumps(shipped))
     alias.pop("bf16", None)
     alias["bfloat16"] = {"enabled": "auto"}
-    out = resolve_ds_config(alias, cfg.train, world_size=1)
+    out = resolve_ds_config(alias, cfg.train, data_parallel_size=1)
     assert "bfloat16" not in out and out["bf16"] == {"enabled": False}  # auto on a CPU: read as bf16's
     with pytest.raises(ConfigError, match='both "bf16" and "bfloat16"'):
         resolved(bfloat16={"enabled": True})
