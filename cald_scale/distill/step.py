@@ -25,7 +25,7 @@ import torch
 from .losses import LossConfig, distilled_layers, layer_loss
 from .stages import LayerwiseModel, make_stages
 
-__all__ = ["LossParts", "Schedule", "as_batch", "cald_forward", "teacher_forced_step", "combine_loss_parts"]
+__all__ = ["LossParts", "Schedule", "as_batch", "cald_forward", "teacher_forced_step", "combine_loss_parts", "distill_targets", "loss_part_names"]
 
 Schedule = Literal["streamed", "naive", "teacher_forced"]
 
@@ -71,6 +71,19 @@ def segment_kwargs(batch: dict) -> dict:
     return {"token_type_ids": batch["token_type_ids"]} if batch.get("token_type_ids") is not None else {}
 
 
+def distill_targets(cfg: LossConfig, num_layers: int, has_teacher: bool) -> tuple[bool, tuple[int, ...]]:
+    """(whether the teacher runs, the layers whose losses are distilled) for a micro-batch under
+    ``cfg``: the teacher runs only where a term reads it (layer losses or KL); both modes decide here."""
+    use_teacher = has_teacher and (cfg.a_layer > 0 or cfg.a_kl > 0)
+    wanted = tuple(distilled_layers(num_layers, cfg)) if use_teacher and cfg.a_layer > 0 else ()
+    return use_teacher, wanted
+
+
+def loss_part_names(cfg: LossConfig, use_teacher: bool, wanted: tuple[int, ...]) -> list[str]:
+    """The parts ``combine_loss_parts`` gives under ``cfg``, in its order (ce, layer, kl)."""
+    return [name for name, applies in (("ce", cfg.a_ce > 0), ("layer", bool(wanted)), ("kl", cfg.a_kl > 0 and use_teacher)) if applies]
+
+
 def combine_loss_parts(cfg: LossConfig, ce, layer_terms: list[torch.Tensor], kl, device) -> LossParts:
     """``a_ce * ce + a_layer * mean(layer terms) + a_kl * kl``; parts that do not apply are left out."""
     terms, total = {}, torch.zeros((), device=device)
@@ -108,8 +121,8 @@ def cald_forward(
     input_ids, mask, masked = batch["input_ids"], batch.get("attention_mask"), _mask_kwargs(batch)
     if teacher is not None and teacher.num_layers != student.num_layers:
         raise ValueError(f"teacher has {teacher.num_layers} blocks but student has {student.num_layers}: stages cannot align")
-    use_teacher = teacher is not None and (cfg.a_layer > 0 or cfg.a_kl > 0)
-    wanted = set(distilled_layers(student.num_layers, cfg)) if use_teacher and cfg.a_layer > 0 else set()
+    use_teacher, wanted = distill_targets(cfg, student.num_layers, teacher is not None)
+    wanted = set(wanted)
     stages = make_stages(student.num_layers, stage_size)
     layer_terms: list[torch.Tensor] = []
 

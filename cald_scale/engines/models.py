@@ -31,6 +31,7 @@ from .zero3 import (
     build_teacher_engine,
     build_training_engine,
     param_groups,
+    parameter_kinds,
     size_zero_buffers,
     teacher_ds_config,
 )
@@ -122,11 +123,9 @@ def set_trainable(student: nn.Module, *, copied: bool, only_blocks: nn.ModuleLis
     """The new mixers always train; the weights copied from the teacher only when ``copied``.
     ``only_blocks``: nothing outside these blocks trains (a teacher-forced phase never uses
     the student's embedding or head)."""
-    mixer_ids = {id(p) for p in student.mixer_parameters()}
-    inside = {id(p) for p in only_blocks.parameters()} if only_blocks is not None else None
+    kind = parameter_kinds(student, only_blocks)
     for p in student.parameters():
-        trains = id(p) in mixer_ids or copied
-        p.requires_grad_(trains and (inside is None or id(p) in inside))
+        p.requires_grad_(kind(p) == "mixers" or (copied and kind(p) == "copied"))
 
 
 def block_numel(model: nn.Module, blocks: nn.ModuleList) -> int:

@@ -56,10 +56,10 @@ from ..conversion.modeling import CaldStudentForCausalLM, MixerAsAttention
 from ..conversion.surgery import attention_prefixes, initial_mixers, share_copied_weights, student_config
 from ..conversion.teacher import TeacherSource
 from ..conversion.weights import RenamedReader, SafetensorsReader, WeightReader, WeightsMismatchError, open_weights
-from ..distill.losses import LossConfig, RowPieces, distilled_layers, layer_loss, next_token_nll
+from ..distill.losses import LossConfig, RowPieces, layer_loss, next_token_nll
 from ..distill.phases import Phase, PhasePlan, set_phase_lr
 from ..distill.stages import LayerwiseModel, make_stages
-from ..distill.step import combine_loss_parts
+from ..distill.step import combine_loss_parts, distill_targets, loss_part_names
 from ..fileio import atomic_dir
 from ..metrics import current_rss_bytes
 from ..eval.perplexity import PAD, perplexity_result
@@ -213,17 +213,12 @@ class _Mode:
         """The parts the last stage reports, in a fixed order (every stage must agree on it)."""
         if self.kind.startswith("eval"):
             return []
-        names = ["ce"] if self.loss.a_ce > 0 else []
-        names += ["layer"] if self.wanted else []
-        names += ["kl"] if self.loss.a_kl > 0 and self.use_teacher else []
-        return names + [f"layer_{i}" for i in self.wanted]
+        return loss_part_names(self.loss, self.use_teacher, self.wanted) + [f"layer_{i}" for i in self.wanted]
 
 
 def _training_mode(phase: Phase, num_layers: int, has_teacher: bool) -> _Mode:
-    loss = phase.loss
-    use_teacher = has_teacher and phase.uses_teacher and (loss.a_layer > 0 or loss.a_kl > 0)
-    wanted = tuple(distilled_layers(num_layers, loss)) if use_teacher and loss.a_layer > 0 else ()
-    return _Mode(phase.mode, loss, use_teacher, wanted)
+    use_teacher, wanted = distill_targets(phase.loss, num_layers, has_teacher and phase.uses_teacher)
+    return _Mode(phase.mode, phase.loss, use_teacher, wanted)
 
 
 def _bits(hidden: torch.Tensor) -> torch.Tensor:

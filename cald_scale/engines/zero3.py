@@ -15,6 +15,7 @@ import difflib
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "clear_grads_after_step",
     "build_teacher_engine",
     "param_groups",
+    "parameter_kinds",
     "register_mixer_params",
     "mark_leaves",
     "needs_grad_input",
@@ -245,6 +247,21 @@ def teacher_ds_config(student_cfg: dict) -> dict:
     return cfg
 
 
+def parameter_kinds(student: nn.Module, blocks: nn.Module | None = None) -> Callable[[nn.Parameter], str]:
+    """``kind(p)`` of the student's parameters: "mixers" (the new mixers), "copied" (from the
+    teacher, inside ``blocks``) or "outside" (copied, outside ``blocks``: embedding, final norm,
+    head); without ``blocks`` every copied weight is "copied"."""
+    mixer_ids = {id(p) for p in student.mixer_parameters()}
+    inside = {id(p) for p in blocks.parameters()} if blocks is not None else None
+
+    def kind(p: nn.Parameter) -> str:
+        if id(p) in mixer_ids:
+            return "mixers"
+        return "copied" if inside is None or id(p) in inside else "outside"
+
+    return kind
+
+
 def param_groups(student: nn.Module, lr: float, copied_lr_scale: float, weight_decay: float, *, blocks: nn.Module | None = None) -> list[dict]:
     """Mixers at the peak LR, copied teacher weights at a scaled LR; frozen weights left out.
 
@@ -255,14 +272,7 @@ def param_groups(student: nn.Module, lr: float, copied_lr_scale: float, weight_d
     weight whose LR is above 0. Parameters marked ``_no_weight_decay`` (Mamba's A_log, D,
     dt_bias) get no weight decay.
     """
-    mixer_ids = {id(p) for p in student.mixer_parameters()}
-    inside = {id(p) for p in blocks.parameters()} if blocks is not None else None
-
-    def kind(p: nn.Parameter) -> str:
-        if id(p) in mixer_ids:
-            return "mixers"
-        return "copied" if inside is None or id(p) in inside else "outside"
-
+    kind = parameter_kinds(student, blocks)
     groups = []
     for name, scale in (("mixers", 1.0), ("copied", copied_lr_scale), ("outside", copied_lr_scale)):
         params = [p for p in student.parameters() if p.requires_grad and kind(p) == name]
