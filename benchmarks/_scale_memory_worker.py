@@ -28,7 +28,7 @@ from cald_scale.conversion.teacher import open_teacher  # noqa: E402
 from cald_scale.engines.distributed import init_distributed  # noqa: E402
 from cald_scale.engines.host_memory import configure_host_allocator, return_free_memory  # noqa: E402
 from cald_scale.engines.models import build_models  # noqa: E402
-from cald_scale.engines.zero3 import load_ds_config, resolve_ds_config  # noqa: E402
+from cald_scale.engines.ds_config import load_ds_config, resolve_ds_config  # noqa: E402
 from cald_scale.eval.memory import LiveTensorLedger  # noqa: E402
 from cald_scale.metrics import peak_memory_bytes  # noqa: E402
 from cald_scale.train import forward_backward  # noqa: E402

@@ -126,7 +126,7 @@ def _run_config(args):
 
 def _ds_config(cfg, world_size: int) -> dict:
     """The shipped ZeRO-3 config, resolved as the trainer does, with bf16 following --dtype (not "auto")."""
-    from cald_scale.engines.zero3 import load_ds_config, resolve_ds_config
+    from cald_scale.engines.ds_config import load_ds_config, resolve_ds_config
 
     raw = load_ds_config(REPO / "ds_configs" / "zero3.json")
     raw["bf16"] = {"enabled": cfg.teacher.dtype == "bfloat16"}
@@ -211,7 +211,8 @@ def build_teacher_finetune_step(cfg, source, ids):
     from cald_scale.engines.distributed import init_distributed
     from cald_scale.engines.models import block_numel
     from cald_scale.engines.partitioned import placement_for
-    from cald_scale.engines.zero3 import build_training_engine, size_zero_buffers
+    from cald_scale.engines.ds_config import size_zero_buffers
+    from cald_scale.engines.zero3 import build_training_engine
 
     env = init_distributed()
     ds_config = _ds_config(cfg, env.world_size)

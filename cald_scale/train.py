@@ -43,7 +43,8 @@ from .engines.preemption import Preempted, PreemptionWatch, raise_if_preempted
 from .engines.models import DistillationModels, build_models, checkpoint_excludes_frozen
 from .engines.reshard import OPTIMIZER_GROUPS, ResumePlan, plan_resume
 from .engines.teacher import check_waypoints
-from .engines.zero3 import begin_step, load_ds_config, resolve_ds_config
+from .engines.ds_config import load_ds_config, resolve_ds_config
+from .engines.zero3 import begin_step
 from .eval.report import write_report
 from .export.bamba import check_exportable, export_bamba
 from .export.hf import export_model

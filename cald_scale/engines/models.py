@@ -26,15 +26,8 @@ from ..export.hf import export_model
 from .distributed import rank, world_size
 from .partitioned import frozen_row_pieces, full_shape, placement_for
 from .teacher import ManagedTeacher, check_waypoints
-from .zero3 import (
-    begin_step,
-    build_teacher_engine,
-    build_training_engine,
-    param_groups,
-    parameter_kinds,
-    size_zero_buffers,
-    teacher_ds_config,
-)
+from .ds_config import size_zero_buffers, teacher_ds_config
+from .zero3 import begin_step, build_teacher_engine, build_training_engine, param_groups, parameter_kinds
 
 __all__ = [
     "DistillationModels", "build_models", "block_numel", "check_new_head_trains", "checkpoint_excludes_frozen", "set_trainable", "shares_teacher_weights",

@@ -66,7 +66,8 @@ from ..eval.perplexity import PAD, perplexity_result
 from .distributed import all_true, barrier, gather_objects, on_main
 from .host_memory import return_free_memory
 from .models import block_numel, checkpoint_excludes_frozen, set_trainable, shares_teacher_weights
-from .zero3 import param_groups, read_ds_config, resolve_ds_config, size_zero_buffers
+from .ds_config import read_ds_config, resolve_ds_config, size_zero_buffers
+from .zero3 import param_groups
 
 __all__ = [
     "load_pipeline_ds_config",

@@ -1,34 +1,20 @@
 """DeepSpeed ZeRO-3 engines: a training engine for the student, an inference-only one for the teacher.
 
-The shipped ds_configs hold DeepSpeed's own settings (ZeRO stage, offload) and mark
-training hyper-parameters "auto"; those are filled from the run config here, so a value
-lives in exactly one place. An explicit ds_config value that contradicts the run config
-is an error, not a silent winner. ZeRO-3's buffer and prefetch sizes marked "auto" are
-sized from one decoder block (DeepSpeed's defaults assume billions of elements: a 200 MB
-gradient bucket and up to 1e9 gathered parameters kept alive whatever the model).
+What trains in which optimizer group (``param_groups``), which modules ZeRO-3 gathers whole
+(``mark_leaves``), and the engines built on them. The ds_config they take is read, checked and
+filled from the run config in ``engines/ds_config.py``.
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
-import json
 import logging
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from ..config_loader import ConfigError
-
 __all__ = [
-    "load_ds_config",
-    "resolve_ds_config",
-    "size_zero_buffers",
-    "teacher_ds_config",
     "build_training_engine",
     "clear_grads_after_step",
     "build_teacher_engine",
@@ -44,207 +30,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("cald_scale.engines")
-
-
-# Top-level sections DeepSpeed reads that deepspeed.runtime.constants does not name.
-_DS_SECTIONS = (
-    "zero_optimization", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet",
-    "comms_logger", "compile", "aio", "autotuning", "curriculum_learning", "data_efficiency", "compression_training",
-    "elasticity", "nebula", "amp", "pipeline", "sparse_attention", "quantize_training", "eigenvalue",
-    "progressive_layer_drop", "weight_quantization", "hybrid_engine", "sequence_parallel_size", "monitor_config",
-)
-
-
-def _misspelled(keys, known: set[str], where: str, *, unknown_is_error: bool) -> list[str]:
-    """Problems with ``keys``: a key close to a known one that is not itself known (a typo DeepSpeed
-    would ignore), or, with ``unknown_is_error``, any unknown key (DeepSpeed would reject it later)."""
-    problems = []
-    for key in keys:
-        if key in known:
-            continue
-        close = difflib.get_close_matches(key, known, n=3, cutoff=0.8)
-        if close or unknown_is_error:
-            problems.append(f"{where}{key}" + (f" (did you mean {' or '.join(close)}?)" if close else " is not a DeepSpeed setting"))
-    return problems
-
-
-# What DeepSpeed's AdamW takes, whichever it builds: torch's AdamW (torch_adam), its FusedAdam or
-# its CPU Adam (an offloaded optimizer).
-_ADAM_PARAMS = {
-    "lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
-    "torch_adam", "adam_w_mode", "bias_correction", "set_grad_none", "fp32_optimizer_states",
-}
-
-
-def check_ds_keys(config: dict, path: str | Path) -> None:
-    """Refuse misspelled keys now, in one line, not after the teacher is built: DeepSpeed
-    ignores an unknown top-level key (a typo silently does nothing) and rejects one inside
-    zero_optimization only when the engine is built, in a long validation traceback."""
-    import deepspeed.runtime.constants as constants
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-    top = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)} | set(_DS_SECTIONS)
-    fields = DeepSpeedZeroConfig.model_fields
-    zero = set(fields) | {f.alias for f in fields.values() if f.alias}
-    problems = _misspelled(config, top, "", unknown_is_error=False)
-    if isinstance(config.get("zero_optimization"), dict):
-        problems += _misspelled(config["zero_optimization"], zero, "zero_optimization.", unknown_is_error=True)
-    params = (config.get("optimizer") or {}).get("params") if isinstance(config.get("optimizer"), dict) else None
-    if isinstance(params, dict):  # NOTE: passed to the optimizer's constructor: a typo failed there, in a traceback after the models were built
-        problems += _misspelled(params, _ADAM_PARAMS, "optimizer.params.", unknown_is_error=True)
-    if problems:
-        raise ConfigError(f"DeepSpeed config {path}: {'; '.join(problems)}")
-
-
-def read_ds_config(path: str | Path) -> dict:
-    """A DeepSpeed JSON config, or an error that names the file (or its misspelled key)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} does not exist")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise ConfigError(f"DeepSpeed config {path} must be a JSON object of settings, got {type(config).__name__}")
-    for section, value in config.items():
-        if section in ("zero_optimization", "bf16", "bfloat16", "fp16", "torch_autocast", "optimizer", "pipeline") and not isinstance(value, dict):  # the ones read here
-            raise ConfigError(f"DeepSpeed config {path}: {section} must be an object of settings, got {json.dumps(value)}")
-    check_ds_keys(config, path)
-    return config
-
-
-def load_ds_config(path: str | Path) -> dict:
-    """A ZeRO-3 ds_config (the ZeRO-3 mode's)."""
-    config = read_ds_config(path)
-    stage = config.get("zero_optimization", {}).get("stage")
-    if "pipeline" in config:
-        raise ConfigError(f"DeepSpeed config {path} is a pipeline config: set train.pipeline_stages to the number of stages to run pipeline mode")
-    if stage != 3:
-        raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 3 (got {stage}); teacher and student are ZeRO-3 engines")
-    return config
-
-
-def _fill(node: dict, key: str, value: Any, where: str) -> None:
-    current = node.get(key, "auto")
-    if current == "auto":
-        node[key] = value
-    elif current != value and not (isinstance(value, (list, tuple)) and list(current) == list(value)):
-        raise ConfigError(f"ds_config {where}{key}={current!r} contradicts the run config ({value!r}); set it to \"auto\" or make them agree")
-
-
-def bf16_available() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def resolve_ds_config(ds_config: dict, train, data_parallel_size: int) -> dict:
-    """Fill the "auto" fields from ``train`` (a TrainConfig), for ``data_parallel_size`` model
-    replicas (every rank under ZeRO-3; the pipelines in pipeline mode)."""
-    cfg = copy.deepcopy(ds_config)
-    micro = train.micro_batch(data_parallel_size)
-    _fill(cfg, "train_micro_batch_size_per_gpu", micro, "")
-    _fill(cfg, "gradient_accumulation_steps", train.grad_accum, "")
-    _fill(cfg, "train_batch_size", micro * train.grad_accum * data_parallel_size, "")
-    _fill(cfg, "gradient_clipping", train.grad_clip, "")
-    if "bfloat16" in cfg:  # DeepSpeed's older name of the bf16 section, which it reads only when "bf16" is absent
-        if "bf16" in cfg:
-            raise ConfigError('ds_config has both "bf16" and "bfloat16" (its older name): keep "bf16"')
-        cfg["bf16"] = cfg.pop("bfloat16")
-    if cfg.get("torch_autocast", {}).get("enabled"):
-        # NOTE: DeepSpeed autocasts inside engine.forward only, which the stage-by-stage schedule
-        # never calls: the compute would stay fp32 while gradients were reduced in bf16.
-        raise ConfigError('ds_config enables torch_autocast, which the layerwise schedule cannot apply: use "bf16": {"enabled": "auto"} (or true)')
-    for section in ("bf16", "fp16"):
-        node = cfg.setdefault(section, {"enabled": False})
-        if node.get("enabled") == "auto":
-            node["enabled"] = section == "bf16" and bf16_available()
-    if cfg["bf16"].get("enabled") and not bf16_available():
-        raise ConfigError("ds_config enables bf16 but this machine has no bf16-capable accelerator; use \"auto\"")
-    optimizer = cfg.get("optimizer")
-    if optimizer is None:
-        raise ConfigError('ds_config has no "optimizer" section: the student trains with AdamW (as ds_configs/zero3.json: {"type": "AdamW", "params": {"lr": "auto", ...}})')
-    if str(optimizer.get("type", "")).lower() not in ("adam", "adamw"):
-        raise ConfigError(
-            f'ds_config optimizer type {optimizer.get("type")!r}: the run\'s optimizer settings (train.lr, train.betas, '
-            'train.weight_decay) are AdamW\'s; use "AdamW"'
-        )
-    params = optimizer.setdefault("params", {})
-    _fill(params, "lr", train.lr, "optimizer.params.")
-    _fill(params, "weight_decay", train.weight_decay, "optimizer.params.")
-    _fill(params, "betas", list(train.betas), "optimizer.params.")
-    offloaded = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
-    if params.get("torch_adam") == "auto":
-        # torch's AdamW needs no extension build on any device; an offloaded optimizer must be
-        # DeepSpeed's CPU Adam (its own fused C++ kernel).
-        params["torch_adam"] = not offloaded
-    if offloaded and not params["torch_adam"]:
-        logger.info("optimizer offloaded to the CPU: DeepSpeed's CPU Adam extension is compiled on its first use on a machine (1-2 min, silent)")
-    if params.get("fused") == "auto":
-        # NOTE: torch's fused AdamW updates in place: the multi-tensor path allocated ~10 bytes
-        # per trainable parameter of temporaries at every step (5.3 GB at 0.5B), and is ~10x slower on CPU.
-        if params["torch_adam"]:
-            params["fused"] = True
-        else:
-            del params["fused"]
-    if cfg.get("scheduler") is not None:
-        # NOTE: the run's phases own the LR schedule (each phase warms up and decays on its
-        # own); a DeepSpeed scheduler would overwrite it at every step.
-        raise ConfigError("ds_config has a scheduler section: the LR schedule is declared per phase in the run config (phases[].lr, train.warmup_steps); remove it")
-    zero = cfg["zero_optimization"]
-    if zero.get("overlap_comm") == "auto":
-        # NOTE: overlap needs a side stream; on CPU (gloo) there is none to overlap with.
-        zero["overlap_comm"] = torch.cuda.is_available()
-    if zero.get("reduce_scatter") == "auto":
-        # NOTE: one rank has nothing to scatter to. DeepSpeed's reduce-scatter path first copies each
-        # gradient bucket into a new interleaved tensor; its all-reduce path reduces the bucket in place.
-        zero["reduce_scatter"] = data_parallel_size > 1
-    return cfg
-
-
-def _sized_by_block(prefetch: bool) -> dict[str, int]:
-    """Blocks' worth of elements for each "auto" ZeRO-3 size."""
-    return {
-        # Gather stage k+1 while stage k computes. NOTE: off on CPU, where ranks share the
-        # cores and gloo, so nothing overlaps; and a prefetch coalesces parameters into one
-        # buffer that stays alive until all of them are released, which at Llama-3.2-1B held
-        # a second 1 GB copy of the embedding (benchmarks/results/scale_memory.json).
-        "stage3_prefetch_bucket_size": 1 if prefetch else 0,
-        "stage3_max_live_parameters": 2 if prefetch else 1,  # the stage running (and the one prefetched)
-        "stage3_max_reuse_distance": 1,  # keep a parameter gathered only if reused within a block
-        "reduce_bucket_size": 1,  # gradient bucket: one block's gradients
-    }
-
-
-def size_zero_buffers(ds_config: dict, block_numel: int, stage_size: int = 1, *, prefetch: bool | None = None) -> dict:
-    """Fill ZeRO-3's "auto" buffer and prefetch sizes from one decoder block's parameter count.
-
-    ``prefetch`` defaults to whether an accelerator is present.
-    """
-    cfg = copy.deepcopy(ds_config)
-    zero = cfg["zero_optimization"]
-    prefetch = torch.cuda.is_available() if prefetch is None else prefetch
-    for key, blocks in _sized_by_block(prefetch).items():
-        if zero.get(key) == "auto":
-            scale = stage_size if key != "stage3_max_reuse_distance" else 1
-            zero[key] = int(max(blocks * scale * block_numel, 1_000_000)) if blocks else 0
-    leftover = _find_auto(cfg)
-    if leftover:
-        raise ConfigError(f"ds_config fields {leftover} are \"auto\" but nothing fills them")
-    return cfg
-
-
-def _find_auto(node: Any, prefix: str = "") -> list[str]:
-    if isinstance(node, dict):
-        return [p for k, v in node.items() for p in _find_auto(v, f"{prefix}{k}.")]
-    return [prefix.rstrip(".")] if node == "auto" else []
-
-
-def teacher_ds_config(student_cfg: dict) -> dict:
-    """Inference-only ZeRO-3 config for the teacher: same partitioning, no optimizer."""
-    cfg = {k: copy.deepcopy(v) for k, v in student_cfg.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
-    zero = cfg["zero_optimization"]
-    zero.pop("offload_optimizer", None)
-    return cfg
 
 
 def parameter_kinds(student: nn.Module, blocks: nn.Module | None = None) -> Callable[[nn.Parameter], str]:

@@ -63,7 +63,7 @@ def _zero3(teacher: str, overrides: list[str]) -> dict:
     from deepspeed.utils import safe_get_full_grad
 
     from cald_scale.engines.models import build_models
-    from cald_scale.engines.zero3 import load_ds_config, resolve_ds_config
+    from cald_scale.engines.ds_config import load_ds_config, resolve_ds_config
     from cald_scale.train import forward_backward
 
     env, cfg, source, ids = _setup(teacher, overrides, stages=0)

@@ -38,7 +38,8 @@ from cald_scale.config import load_run_config
 from cald_scale.conversion.teacher import build_teacher, open_teacher
 from cald_scale.engines.distributed import barrier, init_distributed
 from cald_scale.engines.models import build_models
-from cald_scale.engines.zero3 import begin_step, load_ds_config, resolve_ds_config
+from cald_scale.engines.ds_config import load_ds_config, resolve_ds_config
+from cald_scale.engines.zero3 import begin_step
 
 REPO = Path(__file__).resolve().parents[2]
 

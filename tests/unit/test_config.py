@@ -11,12 +11,7 @@ import pytest
 
 from cald_scale.config import RunConfig, config_differences, load_run_config, without_legacy_defaults, without_result_neutral
 from cald_scale.config_loader import ConfigError, from_dict, to_dict
-from cald_scale.engines.zero3 import (
-    load_ds_config,
-    resolve_ds_config,
-    size_zero_buffers,
-    teacher_ds_config,
-)
+from cald_scale.engines.ds_config import load_ds_config, resolve_ds_config, size_zero_buffers, teacher_ds_config
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))

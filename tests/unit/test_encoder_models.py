@@ -442,7 +442,8 @@ from cald_scale.distill.step import cald_forward
 from cald_scale.engines.distributed import init_distributed
 from cald_scale.engines.models import block_numel
 from cald_scale.engines.partitioned import zero3_placement
-from cald_scale.engines.zero3 import begin_step, build_training_engine, param_groups, size_zero_buffers
+from cald_scale.engines.ds_config import size_zero_buffers
+from cald_scale.engines.zero3 import begin_step, build_training_engine, param_groups
 from cald_scale.mixers.config import LinformerConfig
 
 init_distributed()

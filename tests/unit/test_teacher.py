@@ -180,8 +180,8 @@ import os, sys
 import deepspeed
 import torch
 
-import cald_scale.engines.zero3 as zero3
-zero3.bf16_available = lambda: True  # bf16 engines run on CPU too; the GPU's default precision
+import cald_scale.engines.ds_config as ds_config
+ds_config.bf16_available = lambda: True  # bf16 engines run on CPU too; the GPU's default precision
 
 from cald_scale.config import load_run_config
 from cald_scale.conversion.teacher import open_teacher
@@ -193,7 +193,7 @@ env = init_distributed()
 phases = "phases=[{name: a, steps: 1, guidance: trajectory}, {name: b, steps: 1, guidance: target}, {name: c, steps: 1, guidance: trajectory}]"
 cfg = load_run_config(overrides=[f"teacher.name_or_path={sys.argv[1]}", "train.global_batch_size=2", "train.max_steps=3", phases,
                                  "student.trainable=all", "student.conversion.attention_every=0"])
-ds = zero3.resolve_ds_config(zero3.load_ds_config(sys.argv[3]), cfg.train, env.world_size)
+ds = ds_config.resolve_ds_config(ds_config.load_ds_config(sys.argv[3]), cfg.train, env.world_size)
 source, _ = open_teacher(cfg.teacher)
 teacher = build_models(cfg, ds, source, cfg.plan(1)).managed_teacher
 params = list(teacher.engine.module.parameters())
