@@ -197,10 +197,32 @@ PARSE_ONLY = os.environ.get("CALD_BENCH_PARSE_ONLY") == "1"
 checks the flags it is given, as on the GPU (--device cuda included), and runs nothing."""
 
 
+def status_bytes(field: str) -> int:
+    """A byte count of this process from /proc/self/status ("VmRSS", "VmHWM": the resident memory
+    and its high-water mark); 0 where there is none (not Linux)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so the peak read next covers only what
+    follows; False where it cannot be (not Linux, not permitted). NOTE: it also lowers what
+    getrusage reports as the process's peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def sync(device) -> None:
     """Wait for ``device``'s queued work (a CUDA device's kernels run asynchronously); a no-op elsewhere."""
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

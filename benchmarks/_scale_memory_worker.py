@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _common import ALL_MAMBA2_ON_SHAKESPEARE  # noqa: E402
+from _common import ALL_MAMBA2_ON_SHAKESPEARE, reset_peak_rss, status_bytes  # noqa: E402
 from cald_scale.config import load_run_config  # noqa: E402
 from cald_scale.conversion.teacher import open_teacher  # noqa: E402
 from cald_scale.engines.distributed import init_distributed  # noqa: E402
@@ -34,15 +34,8 @@ from cald_scale.metrics import peak_memory_bytes  # noqa: E402
 from cald_scale.train import forward_backward  # noqa: E402
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def rss_bytes() -> int:
-    return _status_kb("VmRSS") * 1024
+    return status_bytes("VmRSS")
 
 
 class PhasePeaks:
@@ -54,25 +47,17 @@ class PhasePeaks:
     """
 
     def __init__(self) -> None:
-        self.overall = _status_kb("VmHWM") * 1024
+        self.overall = status_bytes("VmHWM")
         self.phases: dict[str, dict[str, int]] = {}
-        self.supported = self._reset()
-
-    @staticmethod
-    def _reset() -> bool:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            return True
-        except OSError:  # not Linux, or not permitted: the phases stay unmeasured
-            return False
+        self.supported = reset_peak_rss()  # not Linux, or not permitted: the phases stay unmeasured
 
     def mark(self, phase: str) -> None:
         """Close ``phase`` (its peak and its end) and start the next one."""
-        peak = _status_kb("VmHWM") * 1024
+        peak = status_bytes("VmHWM")
         self.overall = max(self.overall, peak)
         if self.supported:
             self.phases[phase] = {"peak_bytes": peak, "end_bytes": rss_bytes()}
-            self._reset()
+            reset_peak_rss()
 
 
 def numel(p) -> int:
@@ -162,7 +147,7 @@ def main() -> None:
 
     peaks = peak_memory_bytes()
     if phases is not None:  # the phase marks lowered the kernel's peak; the run's own is kept there
-        peaks["cpu_max_rss_bytes"] = max(peaks["cpu_max_rss_bytes"], phases.overall, _status_kb("VmHWM") * 1024)
+        peaks["cpu_max_rss_bytes"] = max(peaks["cpu_max_rss_bytes"], phases.overall, status_bytes("VmHWM"))
     result = {
         "rank": env.rank,
         "world_size": env.world_size,

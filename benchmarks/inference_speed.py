@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import GEOMETRIES, REPO, RESULTS, machine, no_cuda_for, overall_pass, save_partial, stop_if_parse_only, sync, write_result  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache  # noqa: E402
 
-from cald_scale.conversion.modeling import ConversionConfig  # noqa: E402
+from cald_scale.conversion.modeling import ConversionConfig, teacher_geometry  # noqa: E402
 from cald_scale.conversion.surgery import convert_teacher  # noqa: E402
 from cald_scale.generation.cache import state_bytes  # noqa: E402
 from cald_scale.generation.graphs import GraphedDecode  # noqa: E402
@@ -102,8 +102,8 @@ def _timed(fn, device: torch.device, repeats: int) -> list[float]:
 # --- caches of a given length, without prefill ---------------------------------------------
 def _fill_kv(cache: DynamicCache, cfg, layers, batch: int, context: int, like: torch.Tensor) -> None:
     """Random keys and values of ``context`` positions in each of ``layers``."""
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    shape = (batch, cfg.num_key_value_heads, context, head_dim)
+    _, _, kv_heads, head_dim = teacher_geometry(cfg)
+    shape = (batch, kv_heads, context, head_dim)
     for layer in layers:
         cache.update(torch.randn(shape, dtype=like.dtype, device=like.device), torch.randn(shape, dtype=like.dtype, device=like.device), layer)
 
@@ -141,8 +141,8 @@ def student_cache(student, batch: int, context: int, teacher_config, *, room: in
 
 def kv_bytes_per_sequence(teacher, context: int) -> int:
     cfg = teacher.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * next(teacher.parameters()).element_size()
+    _, _, kv_heads, head_dim = teacher_geometry(cfg)
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * context * next(teacher.parameters()).element_size()
 
 
 # --- measurements --------------------------------------------------------------------------

@@ -70,8 +70,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, REPO, child_env, machine, narrow_geometry, no_cuda_for, overall_pass, save_partial, stop_if_parse_only, sync,
-    truncated_geometry, write_random_teacher, write_result,
+    ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, REPO, child_env, machine, narrow_geometry, no_cuda_for, overall_pass, reset_peak_rss, save_partial,
+    status_bytes, stop_if_parse_only, sync, truncated_geometry, write_random_teacher, write_result,
 )
 
 sys.path.insert(0, str(REPO))
@@ -85,23 +85,6 @@ TARGET_RATIO = 1.1
 QUICK_LAYERS = 8  # --quick: the geometry's widths and vocabulary, fewer blocks
 STALL_S = 60  # a worker command running longer prints every thread's stack this often (to its log)
 MARK = "@@train_speed "  # prefixes the workers' replies (libraries print to stdout too)
-
-
-# -- memory of this process ----------------------------------------------------------------
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so the peak covers only what follows."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 # -- the items: each builder returns (step, untimed follow-up or None) ------------------------
@@ -348,14 +331,14 @@ def serve_item(args) -> None:
     allocator = configure_host_allocator(cfg.train.malloc_mmap_threshold)  # the trainer's allocator, for every item
     source, _ = open_teacher(cfg.teacher)
     ids = torch.randint(0, source.config.vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
-    rss_baseline = _status_bytes("VmRSS")
+    rss_baseline = status_bytes("VmRSS")
     t0 = time.perf_counter()
     with _stall_traces():
         step, follow_up = BUILDERS[args.item](cfg, source, ids)
     build_seconds = time.perf_counter() - t0
     sync(device)
-    memory = {"rss_baseline_bytes": rss_baseline, "rss_built_bytes": _status_bytes("VmRSS")}
-    memory["peak_rss_covers"] = "its steps only (VmHWM reset after building)" if _reset_peak_rss() else "the whole process (VmHWM could not be reset)"
+    memory = {"rss_baseline_bytes": rss_baseline, "rss_built_bytes": status_bytes("VmRSS")}
+    memory["peak_rss_covers"] = "its steps only (VmHWM reset after building)" if reset_peak_rss() else "the whole process (VmHWM could not be reset)"
     if device.type == "cuda":
         memory["cuda_allocated_built_bytes"] = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -377,7 +360,7 @@ def serve_item(args) -> None:
                 _autotune_cache.sync()
             _reply(out)
         elif command == "memory":  # before any profiling, which has its own overheads
-            memory["peak_rss_bytes"] = _status_bytes("VmHWM")
+            memory["peak_rss_bytes"] = status_bytes("VmHWM")
             memory["peak_rss_above_baseline_bytes"] = memory["peak_rss_bytes"] - rss_baseline
             if device.type == "cuda":
                 memory["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -655,6 +638,10 @@ def _noise(items: dict[str, dict], threads: int | None) -> str:
     return "; ".join(signs)
 
 
+def _default_seq_len(args) -> int:
+    return 64 if args.narrow else 256 if args.quick else 512
+
+
 def _default_name(args) -> str:
     parts = ["train_speed"]
     parts += [args.device] if args.device != "cpu" else []
@@ -662,7 +649,7 @@ def _default_name(args) -> str:
     parts += [args.dtype] if args.dtype != "float32" else []
     parts += ["quick"] if args.quick else []
     parts += ["narrow"] if args.narrow else []
-    parts += [f"b{args.batch}x{args.seq_len}"] if (args.batch, args.seq_len) != (1, 64 if args.narrow else 256 if args.quick else 512) else []
+    parts += [f"b{args.batch}x{args.seq_len}"] if (args.batch, args.seq_len) != (1, _default_seq_len(args)) else []
     parts += [f"trains_{args.trainable}"] if args.trainable != "mixers" else []
     parts += [args.phase] if args.phase != "end_to_end" else []
     return "_".join(parts)
@@ -804,7 +791,7 @@ def main() -> None:
     parser.add_argument("--item", choices=[*ITEMS, *LEAF_ITEMS, *ZERO3_ITEMS], default=None, help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--teacher", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.seq_len = args.seq_len or (64 if args.narrow else 256 if args.quick else 512)
+    args.seq_len = args.seq_len or _default_seq_len(args)
     args.steps = args.steps or (3 if args.quick else 4)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.device == "cuda" else 1)
     # NOTE: one thread per item on CPU: where other processes hold cores, OpenMP threads that
