@@ -251,6 +251,8 @@ class OutputConfig:
     (gpt_neox, Mamba-1 mixers, a mixer width no multiple of hidden_size) stops the run at once."""
 
     def __post_init__(self):
+        if not str(self.run_dir).strip():  # an unset "$RUN": the run would fill the working directory
+            raise ValueError(f"output.run_dir must be a non-empty path, got {self.run_dir!r}")
         self.run_dir = os.path.expanduser(self.run_dir)  # "~/runs/x": one folder for every file of the run
         if self.save_every < 1 or self.keep_last < 1 or self.log_every < 1:
             raise ValueError("output.save_every, output.keep_last and output.log_every must be >= 1")

@@ -98,6 +98,7 @@ def _claim(out: OutputConfig) -> Iterator[None]:
         raise_if_preempted(f"waiting for another job to leave {run_dir}")
 
     def take() -> None:
+        _refuse_foreign_folder(run_dir)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             owner = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
@@ -118,13 +119,44 @@ def _claim(out: OutputConfig) -> Iterator[None]:
             handle.close()
 
 
+def _refuse_foreign_folder(run_dir: Path) -> None:
+    """A run writes its config.json, checkpoints/, student/ and reports into ``run_dir``: a folder
+    whose config.json is not a run's (a model folder: the teacher itself, an export) is refused
+    before anything is written there."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):  # a run's config.json emptied by a crash: _check_run_dir names it on resume
+        return
+    if isinstance(saved, dict) and {"teacher", "train"} <= saved.keys() and "model_type" not in saved:
+        return
+    what = f"a {saved['model_type']} model" if isinstance(saved, dict) and "model_type" in saved else "something other than a run"
+    raise ValueError(
+        f"output.run_dir {run_dir} holds {what} (its config.json is not a cald_scale run's): a run would overwrite it with its "
+        "own config, checkpoints and student; use another output.run_dir"
+    )
+
+
 def _check_run_dir(run_dir: Path, cfg: RunConfig, *, resuming_at: int | None, replicas: int = 1) -> list[str]:
     """The settings this run changes from the run whose checkpoint it resumes (``resuming_at``:
-    its step; None: none, the folder is taken over). Raises ValueError when it would change
-    what the checkpoints hold (another teacher, student or data) or rewrite the steps already
-    run (their phases). Reads only; ``_record`` writes once the checkpoint has loaded."""
+    its step; None: none, the folder is taken over, unless it holds what a finished run made).
+    Raises ValueError when it would change what the checkpoints hold (another teacher, student
+    or data) or rewrite the steps already run (their phases). Reads only; ``_record`` writes
+    once the checkpoint has loaded."""
     path = run_dir / "config.json"
-    if not (path.is_file() and resuming_at is not None):
+    if resuming_at is None:
+        # No complete checkpoint: a start that failed is taken over; a run whose checkpoints were
+        # deleted after it finished (to save disk) would lose its student and report to a new one.
+        made = [name for name in ("student", "report.json") if (run_dir / name).exists()]
+        if made:
+            raise ValueError(
+                f"{run_dir} holds what a finished run made ({', '.join(made)}) but no checkpoint to resume: starting over there "
+                "would replace it; use another output.run_dir, or move those away to train from the start again"
+            )
+        return []
+    if not path.is_file():
         return []
     saved = read_json(path)
     changed = config_differences(saved, cfg, ignore=("output.run_dir",))

@@ -28,6 +28,8 @@ class StepState:
         self.consecutive_nan = 0
         self.consecutive_skipped_steps = 0
         self.last_saved = last_saved
+        self.resumed_at = last_saved  # the checkpoint this session started from (0: none)
+        self.steps_applied = 0  # optimizer steps applied in this session
         self.max_consecutive_nan = max_consecutive_nan
         self.ckpt_dir = ckpt_dir
 
@@ -45,9 +47,25 @@ class StepState:
                 self.peak_memory[key] = max(self.peak_memory.get(key, 0), int(value))
         return dict(self.peak_memory)
 
-    def _where_to_resume(self) -> str:
+    def _where_to_resume(self, step: int) -> str:
+        """What the stop at ``step`` leaves and what to do. A checkpoint is saved after its step's
+        update, which may be the one that diverged (its loss was finite; the weights it left are
+        not): then every rerun from it stops at the next step whatever the LR."""
         if not self.last_saved:
             return f"No checkpoint was saved yet (in {self.ckpt_dir}); lower the LR or check the data, then rerun (it starts over)."
+        tag = Path(self.ckpt_dir or ".") / f"step_{self.last_saved:08d}"
+        if step == self.last_saved + 1 and self.resumed_at == self.last_saved and not self.steps_applied:
+            return (
+                f"This session resumed from the checkpoint at step {self.last_saved} and its first step already failed: the weights "
+                f"saved there diverged (the update that made them was the bad one), so no LR helps from it. Move {tag} aside to "
+                f"resume from an older checkpoint in {self.ckpt_dir} (output.keep_last keeps that many), or start a new run"
+            )
+        if step == self.last_saved + 1:
+            return (
+                f"The last complete checkpoint (step {self.last_saved}) in {self.ckpt_dir} is the step just before; lower the LR or "
+                f"check the data, then rerun to resume. If the rerun stops at its first step again, the weights saved there diverged: "
+                f"move {tag} aside to resume from an older checkpoint"
+            )
         return f"The last complete checkpoint (step {self.last_saved}) in {self.ckpt_dir} is intact; lower the LR or check the data, then rerun to resume."
 
     def finite(self) -> None:
@@ -61,7 +79,7 @@ class StepState:
         if self.consecutive_nan >= self.max_consecutive_nan:
             raise NonFiniteLossError(
                 f"{self.consecutive_nan} non-finite losses in a row at step {step} (train.max_consecutive_nan="
-                f"{self.max_consecutive_nan}); stopped. {self._where_to_resume()}"
+                f"{self.max_consecutive_nan}); stopped. {self._where_to_resume(step)}"
             )
 
     def optimizer_step(self, *, applied: bool, step: int, loss_scaling: bool) -> None:
@@ -72,6 +90,7 @@ class StepState:
         search for a scale skips steps by design."""
         if applied:
             self.consecutive_skipped_steps = 0
+            self.steps_applied += 1
             return
         self.steps_skipped += 1
         if loss_scaling:
@@ -80,5 +99,5 @@ class StepState:
         if self.consecutive_skipped_steps >= self.max_consecutive_nan:
             raise NonFiniteLossError(
                 f"{self.consecutive_skipped_steps} optimizer steps in a row skipped by DeepSpeed for non-finite gradients, "
-                f"at step {step} (train.max_consecutive_nan={self.max_consecutive_nan}); stopped. {self._where_to_resume()}"
+                f"at step {step} (train.max_consecutive_nan={self.max_consecutive_nan}); stopped. {self._where_to_resume(step)}"
             )

@@ -42,3 +42,24 @@ def test_the_runs_peak_memory_is_the_largest_rank_over_every_session():
     assert resumed.record_peak([{"cpu_max_rss_bytes": 700}]) == {"cpu_max_rss_bytes": 900, "gpu_max_allocated_bytes": 50}
     assert resumed.record_peak([{"cpu_max_rss_bytes": 950}])["cpu_max_rss_bytes"] == 950
     assert StepState({"micro_cursor": 3}).peak_memory == {}  # a checkpoint from before the record
+
+
+def test_a_stop_right_after_the_checkpoint_a_session_resumed_from_says_its_weights_diverged():
+    """A checkpoint is saved after its step's update, which can be the one that blew the weights
+    up (its loss was finite). Resumed from it, the first step fails whatever the LR: the message
+    says so and names the tag to move aside, instead of "intact; rerun to resume" (a loop)."""
+    resumed = StepState({}, last_saved=4, max_consecutive_nan=1, ckpt_dir="ckpt")
+    with pytest.raises(NonFiniteLossError, match=r"resumed from the checkpoint at step 4 and its first step already failed.*Move ckpt/step_00000004 aside") as err:
+        resumed.nonfinite(step=5)
+    assert "intact" not in str(err.value)
+    skipped = StepState({}, last_saved=4, max_consecutive_nan=1, ckpt_dir="ckpt")  # the gradients, not the loss
+    with pytest.raises(NonFiniteLossError, match=r"its first step already failed"):
+        skipped.optimizer_step(applied=False, step=5, loss_scaling=False)
+    # Within a session that trained: the checkpoint just saved may be the bad one; said as a maybe.
+    trained = StepState({}, last_saved=4, max_consecutive_nan=1, ckpt_dir="ckpt")
+    trained.optimizer_step(applied=True, step=5, loss_scaling=False)
+    trained.last_saved = 6
+    with pytest.raises(NonFiniteLossError, match=r"checkpoint \(step 6\) in ckpt is the step just before.*If the rerun stops at its first step again.*ckpt/step_00000006"):
+        trained.nonfinite(step=7)
+    with pytest.raises(NonFiniteLossError, match=r"checkpoint \(step 6\) in ckpt is intact"):
+        trained.nonfinite(step=9)

@@ -3,6 +3,7 @@ before any engine is built when the checkpoint was saved in another mode or layo
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -269,3 +270,39 @@ def test_slurm_variables_become_torch_ranks_inside_an_srun_step_only(monkeypatch
     _slurm_to_torch_env()  # a task of `srun --ntasks=2`
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "1")
     assert os.environ["MASTER_PORT"] == str(29500 + 1234 % 1000)
+
+
+def test_a_run_folder_that_holds_a_model_or_a_finished_runs_products_is_not_taken_over(tmp_path):
+    """helper-77: output.run_dir naming the teacher's folder overwrote its config.json (and wrote
+    checkpoints beside its weights); a finished run whose checkpoints were deleted to save disk
+    lost its student and report to the next run started there; an empty run_dir (an unset
+    "$RUN") filled the working directory. Each is refused in one line, with nothing written."""
+    from cald_scale.config import OutputConfig, load_run_config
+    from cald_scale.train import _check_run_dir, _claim
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    config = '{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}'
+    (teacher / "config.json").write_text(config)
+    with pytest.raises(ValueError, match=r"output.run_dir .*teacher holds a llama model \(its config.json is not a cald_scale run's\)"):
+        with _claim(OutputConfig(run_dir=str(teacher))):
+            pass
+    assert sorted(p.name for p in teacher.iterdir()) == ["config.json"] and (teacher / "config.json").read_text() == config
+    (teacher / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"holds something other than a run"):
+        with _claim(OutputConfig(run_dir=str(teacher))):
+            pass
+
+    cfg = load_run_config(None, ["train.max_steps=4"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    with _claim(OutputConfig(run_dir=str(run))):  # a run's own folder is claimed as before
+        assert _check_run_dir(run, cfg, resuming_at=None) == []  # a start that failed: taken over
+    (run / "student").mkdir()
+    (run / "report.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holds what a finished run made \(student, report.json\) but no checkpoint to resume"):
+        _check_run_dir(run, cfg, resuming_at=None)
+
+    with pytest.raises(ValueError, match=r"output.run_dir must be a non-empty path, got ''"):
+        load_run_config(None, ["output.run_dir="])
