@@ -221,6 +221,19 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated sizes ("512,2048"), each >= 1."""
+    import argparse
+
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated whole numbers, got {text!r}") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"takes sizes >= 1, got {text!r}")
+    return values
+
+
 def sync(device) -> None:
     """Wait for ``device``'s queued work (a CUDA device's kernels run asynchronously); a no-op elsewhere."""
     if device.type == "cuda":

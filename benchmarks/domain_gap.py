@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_result  # noqa: E402
+from cald_scale.cli import positive_int  # noqa: E402
 
 
 def _sequences(corpus: str, tokenizer, data_cfg, count: int) -> torch.Tensor:
@@ -73,10 +74,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--corpora", nargs="+", default=None, help="held-out sets (anything data.corpus accepts); default: the run's own corpus, then wiki"
     )
-    parser.add_argument("--sequences", type=int, default=16, help="held-out sequences per corpus")
+    parser.add_argument("--sequences", type=positive_int, default=16, help="held-out sequences per corpus")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as err:  # a folder that is no student, a missing corpus: one line, as cald-scale's commands
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
 
+
+def run(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     from cald_scale.conversion.teacher import load_teacher

@@ -42,7 +42,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GEOMETRIES, REPO, RESULTS, machine, no_cuda_for, overall_pass, save_partial, stop_if_parse_only, sync, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    GEOMETRIES, REPO, RESULTS, machine, no_cuda_for, overall_pass, positive_ints, save_partial, stop_if_parse_only, sync, write_result,
+)
+from cald_scale.cli import positive_int  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache  # noqa: E402
 
 from cald_scale.conversion.modeling import ConversionConfig, teacher_geometry  # noqa: E402
@@ -477,10 +480,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="SmolLM2-135M")
-    parser.add_argument("--contexts", default=None, help="comma-separated (default 512,2048,8192,32768)")
-    parser.add_argument("--batches", default=None, help="comma-separated decode batch sizes (default 1,8)")
-    parser.add_argument("--decode_steps", type=int, default=None)
-    parser.add_argument("--prefill_repeats", type=int, default=1)
+    parser.add_argument("--contexts", type=positive_ints, default=None, help="comma-separated (default 512,2048,8192,32768)")
+    parser.add_argument("--batches", type=positive_ints, default=None, help="comma-separated decode batch sizes (default 1,8)")
+    parser.add_argument("--decode_steps", type=positive_int, default=None)
+    parser.add_argument("--prefill_repeats", type=positive_int, default=1)
     parser.add_argument(
         "--kv_cache", "--teacher_cache", dest="kv_cache", choices=["static", "dynamic"], default="static",
         help="the KV caches while decoding (the teacher's, and a hybrid student's kept layers'): preallocated and written in "
@@ -499,10 +502,8 @@ def main() -> None:
     parser.add_argument("--attention_every", type=int, default=0, help="a hybrid student keeping layers 1, 1 + k, ... (4: the default job's); 0: all Mamba2")
     args = parser.parse_args()
     device = torch.device(args.device)
-    contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else ([512, 2048] if args.quick else DEFAULT_CONTEXTS)
-    batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 4] if args.quick else DEFAULT_BATCHES)
-    if min(contexts + batches) < 1:
-        parser.error(f"--contexts and --batches take positive sizes, got {contexts} and {batches}")
+    contexts = args.contexts or ([512, 2048] if args.quick else DEFAULT_CONTEXTS)
+    batches = args.batches or ([1, 4] if args.quick else DEFAULT_BATCHES)
     args.decode_steps = args.decode_steps or (4 if args.quick else DEFAULT_DECODE_STEPS)
     dtype = DTYPES[args.dtype]
     if no_cuda_for(device):

@@ -48,6 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import machine, no_cuda_for, stop_if_parse_only, sync  # noqa: E402
+from cald_scale.cli import positive_int  # noqa: E402
 
 from cald_scale.fileio import atomic_write_text  # noqa: E402
 from cald_scale.mixers import Mamba2Config, MambaConfig, build_mixer  # noqa: E402
@@ -586,7 +587,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--shapes", default="small,smollm2", help=f"comma-separated, of {sorted(SHAPES)}")
-    parser.add_argument("--seqlen", type=int, default=None, help="override every shape's sequence length")
+    parser.add_argument("--seqlen", type=positive_int, default=None, help="override every shape's sequence length")
     parser.add_argument(
         "--levels", default="op,mixer", help="comma-separated, of op (each kernel alone) and mixer (whole mixers, every path)"
     )

@@ -26,6 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SMOLLM2_GEOMETRY, llama_teacher, machine, no_cuda_for, save_partial, stop_if_parse_only, sync, write_result  # noqa: E402
+from cald_scale.cli import positive_int  # noqa: E402
 
 from cald_scale.conversion.modeling import ConversionConfig  # noqa: E402
 from cald_scale.conversion.surgery import convert_teacher  # noqa: E402
@@ -63,11 +64,11 @@ def _where(model: nn.Module) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="6 layers, fewer repeats (< 2 min on 2 cores)")
-    parser.add_argument("--layers", type=int, default=None, help="layers (default: 6 with --quick, else 30)")
+    parser.add_argument("--layers", type=positive_int, default=None, help="layers (default: 6 with --quick, else 30)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/mixer_speed[_quick].json")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--batch", type=positive_int, default=4)
+    parser.add_argument("--seqlen", type=positive_int, default=256)
+    parser.add_argument("--repeats", type=positive_int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--dtype",

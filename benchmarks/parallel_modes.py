@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, RESULTS, machine, overall_pass, truncated_geometry, write_random_teacher, write_result  # noqa: E402
+from cald_scale.cli import positive_int  # noqa: E402
 from _runs import RUNS, Run, finished_on, launch  # noqa: E402
 
 BENCHMARK = "parallel_modes"
@@ -227,8 +228,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CI-sized: 2 and 4 blocks, 3 steps, seq_len 64")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--layers", default=None, type=_two_depths, help="two depths, e.g. 4,8 (default 4,8; --quick 2,4)")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--seq_len", type=int, default=None)
+    parser.add_argument("--steps", type=positive_int, default=None)
+    parser.add_argument("--seq_len", type=positive_int, default=None)
     parser.add_argument("--global_batch", type=int, default=4)
     parser.add_argument("--modes", default=",".join(MODES), type=_modes, help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--fresh", action="store_true", help="delete this benchmark's earlier runs first")

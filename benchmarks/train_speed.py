@@ -73,6 +73,7 @@ from _common import (  # noqa: E402
     ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, REPO, child_env, machine, narrow_geometry, no_cuda_for, overall_pass, reset_peak_rss, save_partial,
     status_bytes, stop_if_parse_only, sync, truncated_geometry, write_random_teacher, write_result,
 )
+from cald_scale.cli import positive_int  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
@@ -760,9 +761,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--geometry", choices=list(GEOMETRIES), default="SmolLM2-135M")
-    parser.add_argument("--batch", type=int, default=1, help="sequences per step")
-    parser.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default 512; --quick 256)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per item (default 4; --quick 3)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="sequences per step")
+    parser.add_argument("--seq_len", type=positive_int, default=None, help="tokens per sequence (default 512; --quick 256)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="timed steps per item (default 4; --quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 on cuda, else 1)")
     parser.add_argument("--trainable", choices=["mixers", "all"], default="mixers", help="what the student trains (the run config's default: mixers)")
     parser.add_argument("--phase", choices=["end_to_end", "teacher_forced"], default="end_to_end", help="the distillation items' phase mode (default end_to_end)")

@@ -139,9 +139,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
+        # NOTE: YAML reads "{name:target}" (no space after the colon) as one key, "name:target".
+        glued = [k for k in unknown if isinstance(k, str) and ":" in k and k.split(":", 1)[0].strip() in fields]
+        hint = f" (YAML needs a space after the colon: {glued[0].split(':', 1)[0]}: {glued[0].split(':', 1)[1]})" if glued else ""
         raise ConfigError(
             f"unknown config key(s) {[prefix + k for k in unknown]} in {cls.__name__}; "
-            f"valid keys: {sorted(fields)}"
+            f"valid keys: {sorted(fields)}{hint}"
         )
     hints = typing.get_type_hints(cls)
     kwargs = {}

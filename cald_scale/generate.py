@@ -259,6 +259,20 @@ def _summary(name: str, source, row: dict) -> str:
     return f"=== {name} ({source}): prefill {row['prefill_s']:.2f} s ({row['batch']} x {row['prompt_tokens']} tokens), decode {decode}{held}"
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _own_tokenizer(folder):
+    """The tokenizer saved with a model folder; one without (a folder copied without it) is named,
+    not left to transformers' message about sentencepiece or tiktoken."""
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the teacher's tokenizer files into it "
+            "(a run's student/ and `cald-scale export` write them)"
+        )
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def run(args: argparse.Namespace) -> int:
     import cald_scale  # noqa: F401  (registers the student classes with the Auto classes)
 
@@ -270,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
     folder = resolve_model_dir(args.path)
     dtype = DTYPES[args.dtype]
     # (name, config, tokenizer, load, where): each model with its own tokenizer
-    models = [("student", AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
+    models = [("student", AutoConfig.from_pretrained(folder), _own_tokenizer(folder),
                lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), folder)]
     if args.teacher is not None:
         source, teacher_tokenizer = _teacher_source(args, folder)

@@ -322,7 +322,15 @@ def _once(path: Path, env: DistEnv, compute, *, resuming: bool) -> dict:
     """A value computed once per run (on every rank) and reused on resume; a start from
     scratch computes it again (a folder's earlier start may have had other settings)."""
     if resuming and path.is_file():
-        return read_json(path)
+        # NOTE: a record damaged by hand or by a crash is named, with the way out: it is rebuilt
+        # when deleted (the baseline scored again; data.json and teacher.json from what is there now).
+        try:
+            recorded = read_json(path)
+        except ValueError as err:
+            raise ValueError(f"{err}: delete it to have this run record it again") from None
+        if not isinstance(recorded, dict):
+            raise ValueError(f"{path} is not this run's record (it holds {type(recorded).__name__}, not an object): delete it to have it recorded again")
+        return recorded
     values = compute()
     if env.is_main:
         atomic_write_text(path, json.dumps(values, indent=2), durable=True)

@@ -203,9 +203,13 @@ def _download_hub(repo_id: str) -> Path:
             folder = Path(snapshot_download(repo_id, allow_patterns=[*_HUB_FILES, "pytorch_model*.bin"], ignore_patterns=skip))
         return folder
     except Exception as err:  # noqa: BLE001 - offline, unknown repo, network: one clear message
+        # NOTE: "org/name" is also how a relative folder reads: one mistyped, or given from another
+        # working directory, is only tried as a hub id, so the message says which folder is absent.
+        local = Path(repo_id).expanduser().resolve()
         raise OSError(
-            f"could not load teacher {repo_id!r} from the model hub ({err.__class__.__name__}: {err}); "
-            "offline machines need a local HF folder or a .gguf file for teacher.name_or_path"
+            f"could not load teacher {repo_id!r} from the model hub ({err.__class__.__name__}: {err}); there is no local "
+            f"folder {local} either (from the working directory {Path.cwd()}). Offline machines need a local HF folder or "
+            "a .gguf file for teacher.name_or_path"
         ) from err
 
 

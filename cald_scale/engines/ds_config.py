@@ -58,6 +58,20 @@ _ADAM_PARAMS = {
 }
 
 
+def _wrong_numbers(params: dict) -> list[str]:
+    """The optimizer's numeric settings that are not numbers ("eps": "1e-8" failed inside the
+    optimizer's constructor, after both models were built); "auto" is filled from the run config."""
+    def number(value) -> bool:
+        return value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    problems = [f'optimizer.params.{key} must be a number, got {json.dumps(params[key])}' for key in ("lr", "eps", "weight_decay")
+                if key in params and not number(params[key])]
+    betas = params.get("betas")
+    if betas is not None and not (betas == "auto" or (isinstance(betas, list) and len(betas) == 2 and all(map(number, betas)))):
+        problems.append(f"optimizer.params.betas must be two numbers, got {json.dumps(betas)}")
+    return problems
+
+
 def check_ds_keys(config: dict, path: str | Path) -> None:
     """Refuse misspelled keys now, in one line, not after the teacher is built: DeepSpeed
     ignores an unknown top-level key (a typo silently does nothing) and rejects one inside
@@ -74,6 +88,7 @@ def check_ds_keys(config: dict, path: str | Path) -> None:
     params = (config.get("optimizer") or {}).get("params") if isinstance(config.get("optimizer"), dict) else None
     if isinstance(params, dict):  # NOTE: passed to the optimizer's constructor: a typo failed there, in a traceback after the models were built
         problems += _misspelled(params, _ADAM_PARAMS, "optimizer.params.", unknown_is_error=True)
+        problems += _wrong_numbers(params)
     if problems:
         raise ConfigError(f"DeepSpeed config {path}: {'; '.join(problems)}")
 
@@ -103,7 +118,7 @@ def load_ds_config(path: str | Path) -> dict:
     if "pipeline" in config:
         raise ConfigError(f"DeepSpeed config {path} is a pipeline config: set train.pipeline_stages to the number of stages to run pipeline mode")
     if stage != 3:
-        raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 3 (got {stage}); teacher and student are ZeRO-3 engines")
+        raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 3 (got {json.dumps(stage)}); teacher and student are ZeRO-3 engines")
     return config
 
 

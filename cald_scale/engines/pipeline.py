@@ -92,7 +92,7 @@ def load_pipeline_ds_config(path: str | Path, train, world_size: int) -> dict:
         raise ConfigError(f"pipeline mode (train.pipeline_stages={train.pipeline_stages}) needs a ds_config with a pipeline section, e.g. ds_configs/pipeline.json; {path} has none")
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1):
-        raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 0 or 1 in pipeline mode (got {stage}); DeepSpeed's PipelineEngine refuses ZeRO-2 and -3")
+        raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 0 or 1 in pipeline mode (got {json.dumps(stage)}); DeepSpeed's PipelineEngine refuses ZeRO-2 and -3")
     config.setdefault("zero_optimization", {"stage": stage})
     stages = config["pipeline"].get("stages", "auto")
     if stages not in ("auto", train.pipeline_stages):

@@ -8,6 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import _common  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_child_processes_keep_the_parents_python_path(tmp_path, monkeypatch):
@@ -23,3 +26,21 @@ def test_child_processes_keep_the_parents_python_path(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["7", "1"]
     assert env["PYTHONPATH"].split(":")[0] == str(_common.REPO)
+
+
+def test_benchmark_sizes_are_checked_when_parsed():
+    """helper-77: --contexts abc was an int() traceback, and --layers 0 / --steps 0 fell back to
+    the defaults and ran the full benchmark; sizes are argparse types now, refused in one line."""
+    import argparse
+    import subprocess
+    import sys
+
+    from _common import positive_ints
+
+    assert positive_ints("512,2048") == [512, 2048]
+    for text in ("abc", "512,0", "1,,2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_ints(text)
+    for script, flag, value in (("inference_speed.py", "--contexts", "abc"), ("mixer_speed.py", "--layers", "0"), ("train_speed.py", "--steps", "0")):
+        proc = subprocess.run([sys.executable, f"benchmarks/{script}", flag, value], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and f"error: argument {flag}:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]

@@ -90,6 +90,9 @@ def test_unknown_key_names_the_key_and_lists_valid_ones():
     assert "max_steps" in str(err.value)
     with pytest.raises(ConfigError, match="unknown config key"):
         from_dict(RunConfig, {"trian": {}})
+    # YAML's "{name:target}" is one key, "name:target": the message says what YAML needs.
+    with pytest.raises(ConfigError, match=re.escape("['phases[0].name:target'] in PhaseConfig") + r".*\(YAML needs a space after the colon: name: target\)"):
+        load_run_config(overrides=["phases=[{name:target}]"])
 
 
 def test_bad_values_are_rejected(tmp_path):
@@ -248,8 +251,32 @@ def test_ds_config_contradiction_and_stage(tmp_path):
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     with pytest.raises(ConfigError, match="stage must be 3"):
         load_ds_config(bad)
+    bad.write_text(json.dumps({"zero_optimization": {"stage": "3"}}))
+    with pytest.raises(ConfigError, match=r'stage must be 3 \(got "3"\)'):  # a string, shown as one
+        load_ds_config(bad)
     with pytest.raises(FileNotFoundError):
         load_ds_config(tmp_path / "missing.json")
+
+
+def test_ds_config_optimizer_numbers_that_are_not_numbers_are_named(tmp_path):
+    """helper-77: "eps": "1e-8" failed in AdamW's constructor, in a traceback after both models
+    were built; now the file is refused when it is read."""
+    shipped = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    path = tmp_path / "types.json"
+    for params, message in (
+        ({"eps": "1e-8"}, 'optimizer.params.eps must be a number, got "1e-8"'),
+        ({"weight_decay": True}, "optimizer.params.weight_decay must be a number, got true"),
+        ({"betas": [0.9]}, "optimizer.params.betas must be two numbers, got [0.9]"),
+    ):
+        config = json.loads(json.dumps(shipped))
+        config["optimizer"]["params"].update(params)
+        path.write_text(json.dumps(config))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_ds_config(path)
+    config = json.loads(json.dumps(shipped))
+    config["optimizer"]["params"].update({"eps": 1e-8, "betas": [0.9, 0.95]})
+    path.write_text(json.dumps(config))
+    assert load_ds_config(path)["optimizer"]["params"]["eps"] == 1e-8
 
 
 def test_ds_config_settings_the_schedule_would_not_honour_are_refused():

@@ -288,3 +288,16 @@ def test_a_teacher_that_ends_turns_on_other_tokens_passes_them_on(tmp_path, fold
     student = AutoModelForCausalLM.from_pretrained(folders["student"])
     student.generation_config = source.generation_config()
     assert to_bamba(student).generation_config.eos_token_id == [0, 7, 9]
+
+
+def test_a_student_folder_without_its_tokenizer_is_named(folders, tmp_path, capsys):
+    """helper-77: a student copied without its tokenizer files drew transformers' advice to
+    install sentencepiece or tiktoken; the message names the folder and the files."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(folders["student"], bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt"))
+    assert main(["generate", str(bare), "--prompt", "To be", "--max_new_tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("cald-scale")]
+    assert len(errors) == 1 and f"{bare} holds no tokenizer" in errors[0] and "Traceback" not in err, err[-2000:]

@@ -306,3 +306,52 @@ def test_a_run_folder_that_holds_a_model_or_a_finished_runs_products_is_not_take
 
     with pytest.raises(ValueError, match=r"output.run_dir must be a non-empty path, got ''"):
         load_run_config(None, ["output.run_dir="])
+
+
+def test_a_full_disk_while_a_record_is_written_names_the_file(tmp_path, monkeypatch):
+    """helper-77: a rerun on a full disk stopped with "[Errno 28] No space left on device" alone
+    (a write's error names no file); the record's path is now in it, and no temp file is left."""
+    import builtins
+    import errno
+
+    from cald_scale.fileio import atomic_write_text
+
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(builtins, "open", FullDisk)
+    with pytest.raises(OSError, match=rf"No space left on device: writing {tmp_path / 'config.json'}") as err:
+        atomic_write_text(tmp_path / "config.json", "{}")
+    monkeypatch.undo()
+    assert err.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_run_record_is_named_with_the_way_out(tmp_path):
+    """helper-77: a data.json holding [] stopped a resume in an AttributeError traceback; a
+    truncated record is named too, and both say that deleting it has the run record it again."""
+    import torch
+
+    from cald_scale.engines.distributed import DistEnv
+    from cald_scale.train import _once
+
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    path = tmp_path / "data.json"
+    for content, message in (("[]", r"data.json is not this run's record \(it holds list, not an object\): delete it"),
+                             ('{"source": ', r"data.json is not valid JSON .*: delete it to have this run record it again")):
+        path.write_text(content)
+        with pytest.raises(ValueError, match=message):
+            _once(path, env, lambda: {"source": "x"}, resuming=True)
+    path.write_text('{"source": "y"}')
+    assert _once(path, env, lambda: {"source": "x"}, resuming=True) == {"source": "y"}

@@ -66,10 +66,13 @@ def test_gguf_without_gguf_package_says_how_to_install(tmp_path, monkeypatch):
         load_teacher(TeacherConfig(name_or_path=str(fake)))
 
 
-def test_hub_id_offline_gives_a_clear_error(monkeypatch):
+def test_hub_id_offline_gives_a_clear_error(monkeypatch, tmp_path):
+    """A relative folder given from another working directory reads as a hub id too: the message
+    also says which local folder is absent (helper-77)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
     assert resolve_teacher_source(TeacherConfig(name_or_path="EleutherAI/pythia-1b"))[0] == "hub"
-    with pytest.raises(OSError, match="local HF folder or a .gguf"):
+    with pytest.raises(OSError, match=rf"there is no local folder {tmp_path / 'EleutherAI' / 'pythia-1b'} either .*local HF folder or a .gguf"):
         load_teacher(TeacherConfig(name_or_path="EleutherAI/pythia-1b"))
 
 
