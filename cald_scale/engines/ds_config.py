@@ -89,6 +89,10 @@ def check_ds_keys(config: dict, path: str | Path) -> None:
     if isinstance(params, dict):  # NOTE: passed to the optimizer's constructor: a typo failed there, in a traceback after the models were built
         problems += _misspelled(params, _ADAM_PARAMS, "optimizer.params.", unknown_is_error=True)
         problems += _wrong_numbers(params)
+    for section in ("offload_param", "offload_optimizer"):  # NOTE: DeepSpeed asserts this only when the engine is built
+        offload = (config.get("zero_optimization") or {}).get(section) if isinstance(config.get("zero_optimization"), dict) else None
+        if isinstance(offload, dict) and offload.get("device") == "nvme" and not offload.get("nvme_path"):
+            problems.append(f"zero_optimization.{section} offloads to nvme but names no nvme_path (a folder on the NVMe drive)")
     if problems:
         raise ConfigError(f"DeepSpeed config {path}: {'; '.join(problems)}")
 

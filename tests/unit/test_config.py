@@ -274,6 +274,11 @@ def test_ds_config_optimizer_numbers_that_are_not_numbers_are_named(tmp_path):
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_ds_config(path)
     config = json.loads(json.dumps(shipped))
+    config["zero_optimization"]["offload_param"] = {"device": "nvme"}  # DeepSpeed asserted it when building the engine
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=re.escape("zero_optimization.offload_param offloads to nvme but names no nvme_path")):
+        load_ds_config(path)
+    config = json.loads(json.dumps(shipped))
     config["optimizer"]["params"].update({"eps": 1e-8, "betas": [0.9, 0.95]})
     path.write_text(json.dumps(config))
     assert load_ds_config(path)["optimizer"]["params"]["eps"] == 1e-8
