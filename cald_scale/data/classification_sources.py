@@ -9,6 +9,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -266,18 +268,23 @@ def _read_file(path: str, cache_dir: str) -> tuple[Columns, dict[str, str]]:
     read = {"csv": datasets.Dataset.from_csv, "json": datasets.Dataset.from_json,
             "parquet": datasets.Dataset.from_parquet}[builder]
     tag_cache_dir(cache_dir)
-    # NOTE: a cache folder per content: `datasets` reuses its Arrow copy of a local file while its
-    # path and mtime agree, so a file rewritten with its old mtime (cp -p, rsync -t, a tarball)
-    # was read as it was before, under the split key of its new content.
-    hf_cache = os.path.join(cache_dir, "hf_datasets", sha256_of(path)[:16])
+    # NOTE: a fresh cache folder for each read, removed after it: `datasets` reuses its Arrow copy
+    # of a local file while its path and mtime agree, so a file rewritten with its old mtime (cp -p,
+    # rsync -t, a tarball) was read as it was before; and folders kept per content piled up. The
+    # splits built from it are cached by this package (one read per config and content).
+    root = os.path.join(cache_dir, "hf_datasets")
+    os.makedirs(root, exist_ok=True)
+    hf_cache = tempfile.mkdtemp(prefix="read-", dir=root)
     try:
         ds = read(path, cache_dir=hf_cache, **options)
+        return ds.to_dict(), {name: str(getattr(feature, "dtype", feature)) for name, feature in ds.features.items()}
     except Exception as err:  # noqa: BLE001 - `datasets` wraps every parse error in its own: name the file and the cause
         if os.path.getsize(path) == 0:
             raise ValueError(f"{path} is empty") from err
         cause = root_cause(err)
         raise ValueError(f"{path} cannot be read as {builder} ({type(cause).__name__}: {str(cause)[:300]})") from err
-    return ds.to_dict(), {name: str(getattr(feature, "dtype", feature)) for name, feature in ds.features.items()}
+    finally:
+        shutil.rmtree(hf_cache, ignore_errors=True)
 
 
 def _label(value: Any, where: str) -> Label | None:

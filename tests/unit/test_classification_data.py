@@ -177,6 +177,8 @@ def test_a_file_rewritten_with_its_old_mtime_is_read_anew(tmp_path):
     second = load_classification_data(_files_cfg(path, tmp_path / "cache"))
     assert second.key != first.key and second.labels == ["new_alpha", "new_beta", "new_gamma"]
     assert sum(len(second[s]) for s in SPLITS) == 2 * sum(len(first[s]) for s in SPLITS)
+    # `datasets`' Arrow copies do not pile up in the cache, one per content read (the splits are cached).
+    assert list((tmp_path / "cache" / "hf_datasets").iterdir()) == []
 
 
 def test_integer_labels_and_text_pairs(tmp_path, tokenizer):
