@@ -35,20 +35,22 @@ grep -q "mixer kernel='cuda' resolves to cuda" "$WORK/gpu_check/gpu_check.log" |
 export PYTHONPATH=$WORK/site:$PWD CALD_SCALE_CACHE=$WORK/cache CALD_TRITON_AUTOTUNE_CACHE=$WORK/triton_autotune.json
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline
 
-bench() {  # bench NAME ARGS...: one benchmark on the CPU, its output kept
-  local name=$1
+bench() {  # bench NAME[:LABEL] ARGS...: one benchmark on the CPU, its output kept (under LABEL when given)
+  local name=${1%%:*} label=${1#*:}
   shift
-  echo "== $name: $*"
-  if "$PY" "benchmarks/$name.py" --device cpu "$@" --out "$WORK/$name.json" >"$WORK/$name.log" 2>&1; then
+  echo "== $label: $*"
+  if "$PY" "benchmarks/$name.py" --device cpu "$@" --out "$WORK/$label.json" >"$WORK/$label.log" 2>&1; then
     echo "   ok"
   else
-    tail -n 20 "$WORK/$name.log"
-    failed+=("$name")
+    tail -n 20 "$WORK/$label.log"
+    failed+=("$label")
   fi
 }
 bench kernel_parity --shapes small --dtypes float32 --seqlen 64
 bench mixer_speed --layers 1 --batch 1 --seqlen 64 --repeats 1 --no-report
 bench inference_speed --geometry SmolLM2-135M --contexts 128 --batches 1 --decode_steps 2 --graph-decode on
+bench inference_speed:inference_speed_hybrid --geometry SmolLM2-135M --attention_every 4 --contexts 128 --batches 1,2 --decode_steps 2 \
+  --best_batch off --graph-decode on
 bench train_speed --quick --warmup 0 --steps 1 --seq_len 64 --time-budget 0 --build parallel
 if [ -s "$WORK/train_speed.json" ]; then  # the script writes its result even when an item fails
   "$PY" -c "import json, sys; items = json.load(open(sys.argv[1]))['items']; bad = {k: v['error'][-300:] for k, v in items.items() if 'error' in v}; print(bad) if bad else None; sys.exit(bool(bad))" \

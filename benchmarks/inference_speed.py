@@ -343,8 +343,9 @@ def check_targets(result: dict, batches) -> dict:
     # all-Mamba2 student's (reported, not scored). What a hybrid must show instead: its mixers'
     # state does not grow, and its cache is exactly its kept layers' share of the teacher's.
     why = f"a target of the all-Mamba2 student; this hybrid keeps attention in {len(kept)} of {result['teacher_layers']} layers"
-    for check in checks.values():
-        check.update(applies=False, why=why, met=check["pass"], **{"pass": None})
+    for name, check in checks.items():
+        if name != "graphed_decode_equals_eager":  # a check of correctness, the hybrid's as much as any student's
+            check.update(applies=False, why=why, met=check["pass"], **{"pass": None})
     recurrent = sorted({v["recurrent"] for v in states.values()})
     teacher_kv = result["teacher"]["state_bytes_per_seq"]
     share = {c: (v["kv"], teacher_kv[c]["kv"]) for c, v in states.items() if c in teacher_kv}

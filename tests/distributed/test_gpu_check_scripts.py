@@ -150,7 +150,7 @@ def test_inference_speed_keeps_what_it_measured_when_its_step_is_cut(tmp_path):
 
 def test_inference_speed_measures_the_default_hybrid_with_its_kept_kv_cache(tmp_path):
     result = _run_benchmark("inference_speed.py", tmp_path, "--geometry", "SmolLM2-135M", "--attention_every", "4",
-                            "--contexts", "64,128", "--batches", "2", "--decode_steps", "1")
+                            "--contexts", "64,128", "--batches", "2", "--decode_steps", "1", "--graph-decode", "on", "--best_batch", "off")
     assert result["student_attention_layers"] == [1, 5, 9, 13, 17, 21, 25, 29]
     teacher, student = result["teacher"]["state_bytes_per_seq"], result["student"]["state_bytes_per_seq"]
     for context in ("64", "128"):  # the kept layers' KV, 8 of the teacher's 30, beside 22 layers' constant state
@@ -162,6 +162,10 @@ def test_inference_speed_measures_the_default_hybrid_with_its_kept_kv_cache(tmp_
     targets = result["targets"]
     assert targets["student_state_constant"]["applies"] is False and targets["student_state_constant"]["met"] is False
     assert targets["hybrid_recurrent_state_constant"]["pass"] and targets["hybrid_kv_is_kept_share"]["pass"]
+    # Its decode through GraphedDecode (gpu_check's inference_speed_hybrid step), over the kept
+    # layers' preallocated KV cache: a check of correctness, scored for the hybrid too.
+    graphed = targets["graphed_decode_equals_eager"]
+    assert graphed["pass"] is True and "applies" not in graphed and graphed["value"] == {"2": 0.0}
     assert result["pass"] is True
 
 
