@@ -282,3 +282,38 @@ def test_save_merges_under_a_lock_so_parallel_processes_keep_each_others_choices
     saver.join(timeout=30)
     assert not saver.is_alive()
     assert set(json.loads(path.read_text())["stamps"]) == {"device A", "device B"}, "the other process's choices were dropped"
+
+
+# A SIGTERM while the choices are being saved (the file's lock held): the handler saved again,
+# and its second flock waited for this very process, forever (helper-79).
+SIGTERM_IN_SAVE = textwrap.dedent(
+    """
+    import os, sys, threading, time
+    from cald_scale.mixers.ops import _autotune_cache as ac
+
+    ac.AutotuneChoices._count = lambda self: 1  # "a kernel was tuned since the last save"
+    ac.AutotuneChoices.autotuners = lambda self: {}
+    ac._stamp = lambda: "stamp"
+    real_write = ac.atomic_write_text
+
+    def slow_write(path, text):  # a slow disk: the write inside the lock takes a while
+        print("writing", flush=True)
+        time.sleep(1.5)
+        real_write(path, text)
+
+    ac.atomic_write_text = slow_write
+    choices = ac.autotune_choices()  # installs the SIGTERM handler
+    threading.Timer(0.5, lambda: os.kill(os.getpid(), 15)).start()
+    choices.sync()
+    print("not reached", flush=True)
+    """
+)
+
+
+def test_a_sigterm_during_a_save_lets_it_finish_then_ends_the_process(tmp_path):
+    path = tmp_path / "autotune.json"
+    env = {**os.environ, "CALD_TRITON_AUTOTUNE_CACHE": str(path), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_IN_SAVE], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert "writing" in proc.stdout and "not reached" not in proc.stdout
+    assert json.loads(path.read_text())["stamps"] == {"stamp": {}}, "the save in progress was not finished"

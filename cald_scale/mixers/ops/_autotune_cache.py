@@ -119,6 +119,8 @@ class AutotuneChoices:
         self._saved_count = 0
         self._tuners: dict[str, object] = {}
         self._modules_seen = -1  # len(sys.modules) when the autotuners were last looked up
+        self.saving = False  # inside save(): a SIGTERM then waits for it (``_save_on_sigterm``)
+        self.pending_signal: int | None = None
 
     def autotuners(self) -> dict[str, object]:
         """{"module.kernel": Autotuner} for the modules imported so far."""
@@ -173,6 +175,16 @@ class AutotuneChoices:
         benchmark items) each merging into what they read would otherwise drop each other's
         choices. Where the file system has no flock, the merge goes on unlocked: a lost choice
         costs a retune, not the run."""
+        self.saving = True
+        try:
+            self._merge_into_file()
+        finally:
+            self.saving = False
+            if self.pending_signal is not None:  # a SIGTERM came during the save: now it ends the process
+                _die_of(self.pending_signal)
+        self._saved_count = self._count()
+
+    def _merge_into_file(self) -> None:
         with contextlib.ExitStack() as stack:
             try:
                 stack.enter_context(file_lock(self.path.with_name(self.path.name + ".lock")))
@@ -195,7 +207,6 @@ class AutotuneChoices:
                         continue
                     mine.setdefault(name, {})[repr(key)] = [index, str(config)]
             atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True))
-        self._saved_count = self._count()
 
     def sync(self) -> None:
         """Load choices for newly imported kernel modules; save when a kernel was tuned since the last save."""
@@ -240,13 +251,26 @@ def _save_on_sigterm(choices: AutotuneChoices) -> None:
         return
 
     def save_then_die(signum, frame):
+        # NOTE: a signal inside save() (its file lock held by this process) must not save again:
+        # a second flock on the same file would wait for this very process, forever. That save
+        # finishes, then dies of the signal.
+        if choices.saving:
+            choices.pending_signal = signum
+            return
         try:
             choices.sync()
         finally:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            _die_of(signum)
 
     signal.signal(signal.SIGTERM, save_then_die)
+
+
+def _die_of(signum: int) -> None:
+    """End this process by ``signum`` as if no handler had caught it (its exit status says so)."""
+    import signal
+
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 _untuned_modules_seen = -1
