@@ -51,7 +51,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticC
 from cald_scale.conversion.modeling import ConversionConfig, teacher_geometry  # noqa: E402
 from cald_scale.conversion.surgery import convert_teacher  # noqa: E402
 from cald_scale.generation.cache import state_bytes  # noqa: E402
-from cald_scale.generation.graphs import GraphedDecode  # noqa: E402
+from cald_scale.generation.graphs import GraphedDecode, graph_unsupported  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 README = REPO / "README.md"
@@ -566,7 +566,15 @@ def main() -> None:
         if len(result["best_batch_16k"]) < len(models):
             result["best_batch_16k"] = None
     graphs = args.graph_decode == "on" or (args.graph_decode == "auto" and device.type == "cuda")
-    if graphs and (args.kv_cache == "static" or not student.config.attention_layers):  # a hybrid replays over a preallocated KV
+    # A hybrid replays over a preallocated KV cache, with attention that builds its mask on the
+    # device (not flash attention, which build_pair picks where it is installed).
+    why_not = graph_unsupported(student) or (
+        "the kept attention layers' KV cache grows (--kv_cache dynamic)" if student.config.attention_layers and args.kv_cache != "static" else None
+    )
+    if graphs and why_not and args.graph_decode == "auto":
+        result["student_graph_decode_skipped"] = why_not
+        print(f"[student, graphed decode] skipped: {why_not}", flush=True)
+    elif graphs:
         # NOTE: at the longest context only: the student's step does not depend on the context
         # (its state has one size), and a GPU's minutes are few.
         result["student_graph_decode"] = graphed_decode(student, models["student"][1], contexts[-1], batches, device, args.decode_steps)
@@ -581,6 +589,10 @@ def main() -> None:
     if not args.out and not tag and (device.type, args.geometry) == ("cpu", "SmolLM2-135M"):
         update_readme(table)
     print(table)
+    graph_check = result["targets"].get("graphed_decode_equals_eager")
+    if args.graph_decode == "on" and not (graph_check and graph_check["pass"]):
+        # "on" insists: a graphed decode that failed or differs from eager fails the command (gpu_check's steps read its status).
+        sys.exit(f"inference_speed: the graphed decode failed its check: {graph_check or 'not run'}")
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cuda-graph", "--cuda_graph", dest="cuda_graph", choices=["auto", "on", "off"], default="auto",
         help="decode the student by replaying each step as a CUDA graph (mixers alone at batch 1 on an H200: 11.9x the "
         "eager step; a hybrid's kept attention then preallocates its KV cache and needs sdpa or eager attention). "
-        "auto: on CUDA for a student that can",
+        "auto: on CUDA for a student of mixers alone (a hybrid's graphed step has yet to run on a GPU: `on` asks for it)",
     )
     parser.add_argument(
         "--kv-cache", "--kv_cache", dest="kv_cache", choices=KV_CACHES, default="dynamic",
@@ -207,9 +207,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _graphed_decode(model, mode: str) -> bool:
-    """Whether the student decodes through ``generate_graphed``: ``on`` insists (another model, an
-    attention implementation that cannot be replayed or a CPU device is an error), ``auto`` takes
-    it on CUDA for a converted student whose attention layers (a hybrid's) can be replayed."""
+    """Whether the student decodes through ``generate_graphed``: ``on`` insists (another model, a
+    step that cannot be replayed or a CPU device is an error), ``auto`` takes it on CUDA for a
+    student of mixers alone. NOTE: a hybrid's graphed step (its kept attention over a preallocated
+    KV cache) is checked on CPU and has yet to run on a GPU: only ``on`` asks for it there."""
     if getattr(model, "new_cache", None) is None:
         if mode == "on":
             raise ValueError(
@@ -224,7 +225,8 @@ def _graphed_decode(model, mode: str) -> bool:
         if model.device.type != "cuda":
             raise ValueError(f"--cuda-graph on: CUDA graphs need --device cuda, not {model.device}")
         return True
-    return mode == "auto" and why_not is None and model.device.type == "cuda"
+    hybrid = "full_attention" in getattr(model.config, "layer_types", [])
+    return mode == "auto" and why_not is None and not hybrid and model.device.type == "cuda"
 
 
 def _sampling(args: argparse.Namespace) -> dict:

@@ -98,7 +98,7 @@ def _claim(out: OutputConfig) -> Iterator[None]:
         raise_if_preempted(f"waiting for another job to leave {run_dir}")
 
     def take() -> None:
-        _refuse_foreign_folder(run_dir)
+        refuse_foreign_folder(run_dir)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             owner = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
@@ -119,7 +119,7 @@ def _claim(out: OutputConfig) -> Iterator[None]:
             handle.close()
 
 
-def _refuse_foreign_folder(run_dir: Path) -> None:
+def refuse_foreign_folder(run_dir: Path) -> None:
     """A run writes its config.json, checkpoints/, student/ and reports into ``run_dir``: a folder
     whose config.json is not a run's (a model folder: the teacher itself, an export) is refused
     before anything is written there."""

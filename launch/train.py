@@ -28,13 +28,14 @@ import atexit  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from cald_scale.cli import Once  # noqa: E402
 from cald_scale.config import ConfigError, load_run_config  # noqa: E402
 from cald_scale.engines.distributed import close_distributed  # noqa: E402
 from cald_scale.engines.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptedWhileStarting  # noqa: E402
 from cald_scale.errors import user_errors  # noqa: E402
-from cald_scale.train import train  # noqa: E402
+from cald_scale.train import refuse_foreign_folder, train  # noqa: E402
 
 TRACEBACK_VAR = "CALD_TRACEBACK"
 
@@ -56,6 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_config:
         import yaml
 
+        # NOTE: the SLURM scripts ask this for the run folder and write their logs there next: a
+        # folder that holds something else (a model) is refused before they do.
+        try:
+            refuse_foreign_folder(Path(cfg.output.run_dir))
+        except ValueError as err:
+            _one_line(parser, 2, f"error: {err}")
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return
     _release_early_signals(cfg.train.preemption_signals)

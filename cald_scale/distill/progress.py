@@ -57,8 +57,9 @@ class StepState:
         if step == self.last_saved + 1 and self.resumed_at == self.last_saved and not self.steps_applied:
             return (
                 f"This session resumed from the checkpoint at step {self.last_saved} and its first step already failed: the weights "
-                f"saved there diverged (the update that made them was the bad one), so no LR helps from it. Move {tag} aside to "
-                f"resume from an older checkpoint in {self.ckpt_dir} (output.keep_last keeps that many), or start a new run"
+                f"saved there likely diverged (the update that made them was the bad one), and then no LR helps from it. Move {tag} "
+                f"aside to resume from an older checkpoint in {self.ckpt_dir} (output.keep_last keeps that many), or start a new run; "
+                "if an older one stops here too, check the data of this step"
             )
         if step == self.last_saved + 1:
             return (

@@ -34,6 +34,12 @@ REPLAYABLE_ATTENTION = ("sdpa", "eager")
 
 def graph_unsupported(model: torch.nn.Module) -> str | None:
     """Why ``model``'s decode step cannot be replayed as a CUDA graph; None when it can."""
+    # NOTE: dynamic RoPE compares the position with its cached length on the host every step (the
+    # rotary embedding runs whether or not an attention layer is kept); "longrope" does it on the device.
+    for module in model.modules():
+        rope = getattr(module, "rope_type", None)
+        if rope == "dynamic" or (isinstance(rope, dict) and "dynamic" in rope.values()):
+            return "the teacher's dynamic RoPE rescales its frequencies on the host at every step, which a CUDA graph cannot replay"
     if "full_attention" not in getattr(model.config, "layer_types", []):
         return None
     backbone = getattr(model, "backbone", model)
@@ -208,12 +214,22 @@ def generate_graphed(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if (why_not := graph_unsupported(model)) is not None:  # before the prefill, not after it
+        raise ValueError(f"generate_graphed: {why_not}")
     config, processors = _generation_setup(model, input_ids, attention_mask, logits_processor, {**generation_kwargs, "max_new_tokens": max_new_tokens})
     eos, pad = config._eos_token_tensor, config._pad_token_tensor
     if attention_mask is None:  # as generate infers it: pad tokens in the prompt are padding (unless pad is eos)
         attention_mask = model._prepare_attention_mask_for_generation(input_ids, config, {})
+    needed = input_ids.shape[1] + max_new_tokens - 1  # positions stepped: the last token is sampled, not fed back
     if cache is None:  # a hybrid's kept attention: a KV cache preallocated for the whole generation
-        cache = model.new_cache(input_ids.shape[1] + max_new_tokens if "full_attention" in model.config.layer_types else None)
+        cache = model.new_cache(needed + 1 if "full_attention" in model.config.layer_types else None)
+    elif cache.has_attention and (cache.max_cache_len is None or cache.max_cache_len < needed):
+        # Refused before the prefill, as generate refuses it, not tokens into the generation.
+        held = "grows (it is not preallocated)" if cache.max_cache_len is None else f"preallocates {cache.max_cache_len} positions"
+        raise ValueError(
+            f"generate_graphed: the cache given {held}; a hybrid's kept attention replays over one of at least {needed} "
+            f"positions here (model.new_cache(max_cache_len={needed + 1}))"
+        )
     logits = model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     decode = GraphedDecode(model, cache, batch=input_ids.shape[0], use_graph=use_graph, attention_mask=attention_mask)
     sequences, ended = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

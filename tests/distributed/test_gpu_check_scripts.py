@@ -167,6 +167,14 @@ def test_inference_speed_measures_the_default_hybrid_with_its_kept_kv_cache(tmp_
     graphed = targets["graphed_decode_equals_eager"]
     assert graphed["pass"] is True and "applies" not in graphed and graphed["value"] == {"2": 0.0}
     assert result["pass"] is True
+    # --graph-decode on insists: a graphed decode that cannot run (here a growing KV cache) fails
+    # the command, whose exit status is all gpu_check reads of that step; its result still says why.
+    out = tmp_path / "dynamic.json"
+    proc = run([sys.executable, "benchmarks/inference_speed.py", "--device", "cpu", "--geometry", "SmolLM2-135M", "--attention_every", "4",
+                "--contexts", "64", "--batches", "1", "--decode_steps", "1", "--kv_cache", "dynamic", "--graph-decode", "on", "--out", str(out)],
+               launcher_env(tmp_path), timeout=600)
+    assert proc.returncode == 1 and "the graphed decode failed its check" in proc.stderr, proc.stderr[-2000:]
+    assert "preallocated KV cache" in json.loads(out.read_text())["student_graph_decode"]["error"]["error"]
 
 
 def test_train_speed_steps_every_item_through_the_trainer(tmp_path):

@@ -335,3 +335,27 @@ def test_the_inference_benchmark_graphs_a_hybrid_over_its_preallocated_cache():
         student, lambda b, c: inference_speed.student_cache(student, b, c, teacher_config, room=2), 16, [1], torch.device("cpu"), steps=2,
     )
     assert "preallocates 18 positions" in short["error"]["error"], short["error"]  # refused by name, recorded
+
+
+def test_generate_graphed_refuses_before_the_prefill_what_it_cannot_replay():
+    """A hybrid's cache that grows, or is preallocated too short for the generation, and a
+    teacher's dynamic RoPE (its frequencies rescaled on the host every step) are refused before
+    the prompt is run, not after it or tokens into the generation (helper-79)."""
+    from cald_scale.generation.graphs import generate_graphed, graph_unsupported
+
+    hybrid = _student("mamba2", attention_layers=[1])
+    ids, mask = _left_padded(length=7)
+    for cache, message in ((hybrid.new_cache(), "grows"), (hybrid.new_cache(max_cache_len=9), "preallocates 9 positions")):
+        with pytest.raises(ValueError, match=rf"the cache given {message}.* at least 12 positions here \(model.new_cache\(max_cache_len=13\)\)"):
+            generate_graphed(hybrid, ids, mask, max_new_tokens=6, pad_token_id=0, cache=cache)
+        assert cache.tokens_seen == 0, "the prompt ran before the refusal"
+    assert generate_graphed(hybrid, ids, mask, max_new_tokens=6, pad_token_id=0, cache=hybrid.new_cache(max_cache_len=12)).shape == (2, 6)
+
+    teacher = tiny_teacher("llama", layers=3)
+    teacher.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    dynamic = with_memory(convert_teacher(type(teacher)(teacher.config), ConversionConfig(mixer="mamba2")).eval())
+    assert "dynamic RoPE" in graph_unsupported(dynamic)
+    cache = dynamic.new_cache()
+    with pytest.raises(ValueError, match="dynamic RoPE rescales its frequencies on the host"):
+        generate_graphed(dynamic, ids, max_new_tokens=2, cache=cache)
+    assert cache.tokens_seen == 0

@@ -288,6 +288,10 @@ def test_a_run_folder_that_holds_a_model_or_a_finished_runs_products_is_not_take
         with _claim(OutputConfig(run_dir=str(teacher))):
             pass
     assert sorted(p.name for p in teacher.iterdir()) == ["config.json"] and (teacher / "config.json").read_text() == config
+    # The SLURM scripts ask --print_config for the run folder, then write their logs there: refused first.
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "launch/train.py", "--print_config", f"output.run_dir={teacher}"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "holds a llama model" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     (teacher / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"holds something other than a run"):
         with _claim(OutputConfig(run_dir=str(teacher))):
