@@ -647,6 +647,43 @@ class _Run:
         }
 
 
+def _ds_config(cfg: RunConfig, path: str | Path, world_size: int) -> dict:
+    """The run's ds_config, read and filled from the run config: the pipeline's (ZeRO 0/1) in
+    pipeline mode, else ZeRO-3's."""
+    if cfg.train.pipeline_stages > 0:  # NOTE: imported only when used (DeepSpeed's pipeline engine)
+        from .engines.pipeline import load_pipeline_ds_config
+
+        return load_pipeline_ds_config(path, cfg.train, world_size)
+    return resolve_ds_config(load_ds_config(path), cfg.train, world_size)
+
+
+def _check_same_inputs(run_dir: Path, env: DistEnv, task, plan: PhasePlan, *, resumed_at: int | None) -> None:
+    """A resume reads the data, teacher, student.init_from and waypoints its first session read."""
+    _check_same_data(run_dir, env, task.data_identity(), resumed_at=resumed_at)
+    models_read = {
+        "teacher": task.source.identity(),
+        **({"init_from": task.student_source.identity()} if task.student_source else {}),
+        **({"waypoints": [weights_fingerprint(w) for w in plan.waypoints]} if plan.waypoints else {}),
+    }
+    _check_same_teacher(run_dir, env, models_read, resumed_at=resumed_at)
+
+
+def _build_mode(cfg: RunConfig, ds_config: dict, task, plan: PhasePlan, *, outside_groups: bool, first_step: int):
+    """(models, guide, step function) of the run's mode. Both modes answer the same calls
+    (apply_phase, perplexity, export): ZeRO-3's engines (``engines/models.py``) or the pipeline's
+    stages (``engines/pipeline.py``). ``first_step``: the first step a teacher may guide."""
+    if cfg.train.pipeline_stages > 0:
+        from .engines.pipeline import PipelineGuide, build_pipeline, pipeline_train_step
+
+        models = build_pipeline(cfg, ds_config, task.source, plan, outside_groups=outside_groups, first_step=first_step)
+        return models, PipelineGuide(plan, models, base_weights=str(task.source.folder)), pipeline_train_step
+    models = build_models(
+        cfg, ds_config, task.source, plan, student_source=task.student_source, outside_groups=outside_groups, first_step=first_step,
+    )
+    guide = Guide(plan, models.managed_teacher, base_weights=str(task.source.folder), shared_param_ids=models.shared_param_ids, first_step=first_step)
+    return models, guide, train_step
+
+
 def _start(
     cfg: RunConfig, ds_config_path: str | Path, env: DistEnv, *, stop_requested: Callable[[torch.device], str | None] = lambda device: None,
 ) -> _Run:
@@ -657,13 +694,7 @@ def _start(
     logger.info("host allocator: %s", allocator)
     run_dir = Path(cfg.output.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    pipelined = cfg.train.pipeline_stages > 0
-    if pipelined:  # NOTE: imported only when used (DeepSpeed's pipeline engine)
-        from .engines.pipeline import PipelineGuide, build_pipeline, load_pipeline_ds_config, pipeline_train_step
-
-        ds_config = load_pipeline_ds_config(ds_config_path, cfg.train, env.world_size)
-    else:
-        ds_config = resolve_ds_config(load_ds_config(ds_config_path), cfg.train, env.world_size)
+    ds_config = _ds_config(cfg, ds_config_path, env.world_size)
     # Before the engines: a ZeRO-3 checkpoint saved on another number of ranks loads through DeepSpeed's
     # universal format; one of another mode, pipeline layout or global batch is refused.
     tags = complete_tags(ckpt_dir)
@@ -687,13 +718,7 @@ def _start(
     task = open_task(cfg, is_main=env.is_main)
     check_waypoints(plan.waypoints, task.source.config)  # a missing or foreign waypoint fails now, not mid-run
     task.open_data()
-    _check_same_data(run_dir, env, task.data_identity(), resumed_at=newest)  # before the engines: a refusal costs seconds
-    models_read = {
-        "teacher": task.source.identity(),
-        **({"init_from": task.student_source.identity()} if task.student_source else {}),
-        **({"waypoints": [weights_fingerprint(w) for w in plan.waypoints]} if plan.waypoints else {}),
-    }
-    _check_same_teacher(run_dir, env, models_read, resumed_at=newest)
+    _check_same_inputs(run_dir, env, task, plan, resumed_at=newest)  # before the engines: a refusal costs seconds
     task.train_batches(cfg.train.micro_batch(dp), 0, dp, torch.device("cpu"))  # a train split under one global batch: refused now too
     _seed_everything(cfg.train.seed)
 
@@ -708,15 +733,7 @@ def _start(
     teacher_from = min(s for s, _ in tags) if scored else 0
     if plan.uses_teacher and not plan.teacher_needed_from(teacher_from):
         logger.info("resuming at step %d or later, past the last step a teacher guides: no teacher is built", teacher_from)
-    if pipelined:
-        models = build_pipeline(cfg, ds_config, task.source, plan, outside_groups=resume.outside_groups, first_step=teacher_from)
-        guide, step_fn = PipelineGuide(plan, models, base_weights=str(task.source.folder)), pipeline_train_step
-    else:
-        models = build_models(
-            cfg, ds_config, task.source, plan, student_source=task.student_source, outside_groups=resume.outside_groups, first_step=teacher_from,
-        )
-        guide = Guide(plan, models.managed_teacher, base_weights=str(task.source.folder), shared_param_ids=models.shared_param_ids, first_step=teacher_from)
-        step_fn = train_step
+    models, guide, step_fn = _build_mode(cfg, ds_config, task, plan, outside_groups=resume.outside_groups, first_step=teacher_from)
     student_engine = models.student_engine
     if cfg.output.export_bamba:
         check_exportable(models.student_model)  # before any training, not after it

@@ -126,7 +126,7 @@ def load_ds_config(path: str | Path) -> dict:
     return config
 
 
-def _fill(node: dict, key: str, value: Any, where: str) -> None:
+def _fill_auto(node: dict, key: str, value: Any, where: str) -> None:
     current = node.get(key, "auto")
     if current == "auto":
         node[key] = value
@@ -143,10 +143,10 @@ def resolve_ds_config(ds_config: dict, train, data_parallel_size: int) -> dict:
     replicas (every rank under ZeRO-3; the pipelines in pipeline mode)."""
     cfg = copy.deepcopy(ds_config)
     micro = train.micro_batch(data_parallel_size)
-    _fill(cfg, "train_micro_batch_size_per_gpu", micro, "")
-    _fill(cfg, "gradient_accumulation_steps", train.grad_accum, "")
-    _fill(cfg, "train_batch_size", micro * train.grad_accum * data_parallel_size, "")
-    _fill(cfg, "gradient_clipping", train.grad_clip, "")
+    _fill_auto(cfg, "train_micro_batch_size_per_gpu", micro, "")
+    _fill_auto(cfg, "gradient_accumulation_steps", train.grad_accum, "")
+    _fill_auto(cfg, "train_batch_size", micro * train.grad_accum * data_parallel_size, "")
+    _fill_auto(cfg, "gradient_clipping", train.grad_clip, "")
     if "bfloat16" in cfg:  # DeepSpeed's older name of the bf16 section, which it reads only when "bf16" is absent
         if "bf16" in cfg:
             raise ConfigError('ds_config has both "bf16" and "bfloat16" (its older name): keep "bf16"')
@@ -170,9 +170,9 @@ def resolve_ds_config(ds_config: dict, train, data_parallel_size: int) -> dict:
             'train.weight_decay) are AdamW\'s; use "AdamW"'
         )
     params = optimizer.setdefault("params", {})
-    _fill(params, "lr", train.lr, "optimizer.params.")
-    _fill(params, "weight_decay", train.weight_decay, "optimizer.params.")
-    _fill(params, "betas", list(train.betas), "optimizer.params.")
+    _fill_auto(params, "lr", train.lr, "optimizer.params.")
+    _fill_auto(params, "weight_decay", train.weight_decay, "optimizer.params.")
+    _fill_auto(params, "betas", list(train.betas), "optimizer.params.")
     offloaded = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     if params.get("torch_adam") == "auto":
         # torch's AdamW needs no extension build on any device; an offloaded optimizer must be
