@@ -374,6 +374,12 @@ class RunConfig:
                 )
         if self.student.init_from and self.train.pipeline_stages:
             raise ValueError("student.init_from is not supported in pipeline mode (train.pipeline_stages): each stage converts the teacher's own blocks")
+        trajectory = [p.name for p in self.phases if p.guidance == "trajectory"]
+        if trajectory and self.train.pipeline_stages:
+            raise ValueError(
+                f"phase {trajectory[0]!r}: trajectory guidance trains the teacher in a training engine of its own, but pipeline "
+                "mode keeps the teacher's blocks frozen inside the stages; use the ZeRO-3 mode (train.pipeline_stages=0)"
+            )
         # Phase errors surface when the config is loaded. NOTE: a phase given in tokens, with the
         # global batch left to the micro-batch times the ranks, has a length only the run knows:
         # its plan is checked at the start, on the real number of ranks, before any engine is built.

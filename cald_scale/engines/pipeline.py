@@ -144,13 +144,10 @@ def stage_bounds(num_layers: int, num_stages: int, partition: str | list[int] = 
 
 
 def _check_supported(cfg: RunConfig, plan: PhasePlan, tied: bool) -> None:
-    """Refuse, naming why, what pipeline mode cannot run (``tied``: the student's head is its embedding)."""
+    """Refuse, naming why, what pipeline mode cannot run with this teacher (``tied``: the student's
+    head is its embedding); what the config alone rules out (trajectory guidance, init_from,
+    classification) is refused when it is loaded (config.py)."""
     for phase in plan.phases:
-        if phase.guidance == "trajectory":
-            raise ConfigError(
-                f"phase {phase.name!r}: trajectory guidance trains the teacher in a training engine of its own, "
-                "but pipeline mode keeps the teacher's blocks frozen inside the stages; use the ZeRO-3 mode (train.pipeline_stages=0)"
-            )
         if tied and cfg.train.pipeline_stages > 1 and phase.trainable == "all" and phase.mode == "end_to_end":
             raise ConfigError(
                 f"phase {phase.name!r} trains the student's tied input/output embedding, which pipeline mode holds as two copies "
