@@ -140,8 +140,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     if unknown:
         prefix = f"{where}." if where else ""
         # NOTE: YAML reads "{name:target}" (no space after the colon) as one key, "name:target".
-        glued = [k for k in unknown if isinstance(k, str) and ":" in k and k.split(":", 1)[0].strip() in fields]
-        hint = f" (YAML needs a space after the colon: {glued[0].split(':', 1)[0]}: {glued[0].split(':', 1)[1]})" if glued else ""
+        glued = [k.split(":", 1) for k in unknown if isinstance(k, str) and ":" in k and k.split(":", 1)[0].strip() in fields]
+        hint = f" (YAML needs a space after the colon: {glued[0][0]}: {glued[0][1]})" if glued else ""
         raise ConfigError(
             f"unknown config key(s) {[prefix + k for k in unknown]} in {cls.__name__}; "
             f"valid keys: {sorted(fields)}{hint}"

@@ -78,13 +78,10 @@ def atomic_write_text(path: str | Path, text: str, *, durable: bool = False) -> 
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)  # a full disk or a folder in the way: no stray temp file left
-        if err.filename is None:  # a write's error ("No space left on device") names no file: say which
+        if isinstance(err, OSError) and err.filename is None:  # a write's error ("No space left on device") names no file: say which
             raise type(err)(err.errno, f"{err.strerror or err}: writing {path}") from err
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise
     if durable:
         fsync_path(path.parent)

@@ -125,8 +125,9 @@ def generate_text(
         raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
     start = time.perf_counter()
     if cuda_graph:
-        # NOTE: a hybrid's kept attention replays over a KV cache preallocated for the whole generation.
-        cache = model.new_cache(batch["input_ids"].shape[1] + max_new_tokens if "full_attention" in model.config.layer_types else None)
+        # NOTE: a hybrid's kept attention replays over a KV cache preallocated for the whole generation
+        # (a student of mixers alone ignores the length).
+        cache = model.new_cache(batch["input_ids"].shape[1] + max_new_tokens)
         new = generate_graphed(
             model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens, cache=cache,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, logits_processor=[clock], **sampling,

@@ -221,8 +221,8 @@ def generate_graphed(
     if attention_mask is None:  # as generate infers it: pad tokens in the prompt are padding (unless pad is eos)
         attention_mask = model._prepare_attention_mask_for_generation(input_ids, config, {})
     needed = input_ids.shape[1] + max_new_tokens - 1  # positions stepped: the last token is sampled, not fed back
-    if cache is None:  # a hybrid's kept attention: a KV cache preallocated for the whole generation
-        cache = model.new_cache(needed + 1 if "full_attention" in model.config.layer_types else None)
+    if cache is None:  # a hybrid's kept attention: a KV cache preallocated for the whole generation (mixers alone ignore it)
+        cache = model.new_cache(needed + 1)
     elif cache.has_attention and (cache.max_cache_len is None or cache.max_cache_len < needed):
         # Refused before the prefill, as generate refuses it, not tokens into the generation.
         held = "grows (it is not preallocated)" if cache.max_cache_len is None else f"preallocates {cache.max_cache_len} positions"
