@@ -15,7 +15,7 @@ import dataclasses
 import gc
 import logging
 import weakref
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Container, Iterator, Literal
 
 import torch
 from torch import nn
@@ -408,10 +408,12 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, **kwargs) -> None:
         super()._set_gradient_checkpointing(enable, keep_mixer_padding(gradient_checkpointing_func), **kwargs)
 
-    def mixers(self) -> list[nn.Module]:
-        """The mixers, in layer order (a hybrid's attention layers have none)."""
+    def mixers(self, layers: Container[int] | None = None) -> list[nn.Module]:
+        """The mixers, in layer order (a hybrid's attention layers have none); with ``layers``,
+        those of these layer indices only (a pipeline stage's)."""
         slots = (self.adapter.attention(layer) for layer in self.adapter.layers(self.backbone))
-        return [slot.mixer for slot in slots if isinstance(slot, MixerAsAttention)]
+        mixers = [slot.mixer for slot in slots if isinstance(slot, MixerAsAttention)]
+        return mixers if layers is None else [m for m in mixers if m.layer_idx in layers]
 
     def mixer_parameters(self) -> list[nn.Parameter]:
         """The parameters of the new mixers (everything else is copied from the teacher)."""

@@ -36,6 +36,7 @@ import torch
 
 from ..fileio import atomic_write_text, fsync_path
 from .distributed import all_true, barrier, gather_objects, rank, world_size
+from .ds_files import parse_state_file
 from .preemption import Preempted
 
 __all__ = [
@@ -49,9 +50,7 @@ FORMAT = 2
 _TAG = re.compile(r"^step_(\d+)$")
 _MARKER = "cald_done_rank_{:05d}.json"
 _RNG = "cald_rng_rank_{:05d}.pt"
-# Which rank wrote a file: DeepSpeed's per-rank shards and our RNG files name their rank;
-# the rest (rank 0's model states, `latest`, the helper script) are rank 0's.
-_OWNER = re.compile(r"(?:zero_pp_rank|cald_rng_rank)_0*(\d+)_?")
+_RNG_FILE = re.compile(r"^cald_rng_rank_(\d+)\.pt$")
 
 
 # -- files ---------------------------------------------------------------------------------
@@ -64,7 +63,12 @@ def _crc32(path: Path) -> int:
 
 
 def _owner(relative: str) -> int:
-    match = _OWNER.search(Path(relative).name)
+    """Which rank wrote a file: DeepSpeed's per-rank shards and our RNG files name their rank;
+    the rest (rank 0's model states, ``latest``, the helper script) are rank 0's."""
+    name = Path(relative).name
+    if (state := parse_state_file(name)) is not None and state.data_rank is not None:
+        return state.data_rank
+    match = _RNG_FILE.match(name)
     return int(match.group(1)) if match else 0
 
 

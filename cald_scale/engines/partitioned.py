@@ -25,6 +25,7 @@ __all__ = [
     "gather_partitioned",
     "full_shape",
     "frozen_row_pieces",
+    "whole_row_pieces",
 ]
 
 
@@ -130,6 +131,19 @@ def placement_for(ds_config: dict | None) -> Placement:
 
 
 
+def whole_row_pieces(weight: torch.Tensor, *, piece_bytes: int = 32 << 20) -> RowPieces:
+    """Rows of a whole matrix (an LM head) read a slice at a time, as ``frozen_row_pieces``
+    reads a partitioned one: the head losses then never hold ``vocab x hidden`` logits' worth."""
+    rows = max(1, piece_bytes // (weight.shape[1] * weight.element_size()))
+
+    def pieces() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, weight.shape[0], rows):
+            ids = torch.arange(start, min(start + rows, weight.shape[0]), device=weight.device)
+            yield ids, weight[start : start + len(ids)]
+
+    return pieces
+
+
 def frozen_row_pieces(weight: torch.Tensor, *, piece_bytes: int = 32 << 20) -> RowPieces | None:
     """Rows of a frozen ZeRO-3 matrix (an LM head), gathered a piece at a time.
 
@@ -161,9 +175,7 @@ def frozen_row_pieces(weight: torch.Tensor, *, piece_bytes: int = 32 << 20) -> R
 
     def pieces() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if weight.ds_status == ZeroParamStatus.AVAILABLE:  # already whole here (gathered elsewhere)
-            for start in range(0, rows, step * world):
-                ids = torch.arange(start, min(start + step * world, rows), device=weight.device)
-                yield ids, weight.data[start : start + len(ids)]
+            yield from whole_row_pieces(weight.data, piece_bytes=piece_bytes)()
             return
         from deepspeed.accelerator import get_accelerator
 

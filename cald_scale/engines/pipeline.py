@@ -36,7 +36,6 @@ import gc
 import json
 import logging
 import os
-import re
 import shutil
 import weakref
 from collections import OrderedDict
@@ -52,11 +51,11 @@ from transformers.initialization import no_init_weights
 
 from ..config import RunConfig
 from ..config_loader import ConfigError
-from ..conversion.modeling import CaldStudentForCausalLM, MixerAsAttention
+from ..conversion.modeling import CaldStudentForCausalLM
 from ..conversion.surgery import attention_prefixes, initial_mixers, share_copied_weights, student_config
 from ..conversion.teacher import TeacherSource
 from ..conversion.weights import RenamedReader, SafetensorsReader, WeightReader, WeightsMismatchError, open_weights
-from ..distill.losses import LossConfig, RowPieces, layer_loss, next_token_nll
+from ..distill.losses import LossConfig, layer_loss, next_token_nll
 from ..distill.phases import Phase, PhasePlan, set_phase_lr
 from ..distill.stages import LayerwiseModel, make_stages
 from ..distill.step import combine_loss_parts, distill_targets, loss_part_names
@@ -65,6 +64,8 @@ from ..metrics import current_rss_bytes
 from ..eval.perplexity import PAD, perplexity_result
 from .distributed import all_true, barrier, gather_objects, on_main
 from .host_memory import return_free_memory
+from .ds_files import parse_state_file
+from .partitioned import whole_row_pieces
 from .models import block_numel, checkpoint_excludes_frozen, set_trainable, shares_teacher_weights
 from .ds_config import read_ds_config, resolve_ds_config, size_zero_buffers
 from .zero3 import param_groups
@@ -230,18 +231,6 @@ def _with_loss(losses: torch.Tensor, layer: int, value: torch.Tensor) -> torch.T
     return out
 
 
-def _row_pieces(weight: torch.Tensor, piece_bytes: int = 32 << 20) -> RowPieces:
-    """A frozen, whole LM head read a slice of rows at a time (as the ZeRO-3 mode reads its partitions)."""
-    rows = max(1, piece_bytes // (weight.shape[1] * weight.element_size()))
-
-    def pieces() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, weight.shape[0], rows):
-            ids = torch.arange(start, min(start + rows, weight.shape[0]), device=weight.device)
-            yield ids, weight[start : start + len(ids)]
-
-    return pieces
-
-
 # -- one stage's pieces ---------------------------------------------------------------------
 def _materialize(model: nn.Module, paths: list[str], reader: WeightReader, device, *, skip: tuple[str, ...] = ()) -> dict[str, list[str]]:
     """Allocate the submodules at ``paths`` on ``device`` and fill each tensor from the checkpoint
@@ -357,7 +346,7 @@ class StageFactory:
             teacher_aliases = _materialize(teacher, paths, RenamedReader(weights, teacher), self.device)
             _rebuild_rotary(teacher, self.device)
             teacher.eval().requires_grad_(False)
-        mixers = [m for m in student.mixers() if m.layer_idx in layers]
+        mixers = student.mixers(layers)
         if self.share and teacher is not None:
             share_copied_weights(student, teacher)  # owned pieces get the teacher's tensors, the rest stays meta
             for mixer in mixers:
@@ -425,7 +414,7 @@ class CaldStage(nn.Module):
         return nn.ModuleList(self.student.blocks[i] for i in self.layers)
 
     def mixer_parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.owned.modules() if isinstance(m, MixerAsAttention) for p in m.mixer.parameters()]
+        return [p for m in self.student_model.mixers(self.layers) for p in m.parameters()]
 
     def named_student_tensors(self, *, keep_vars: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """This stage's student tensors under their names in the student's HF state dict."""
@@ -555,7 +544,7 @@ class CaldStage(nn.Module):
         if mode.kind == "end_to_end":
             # The ZeRO-3 mode's head losses; a frozen head here is whole, read a slice of rows at a time.
             head = self.student.head_weight
-            self.student.head_pieces = _row_pieces(head) if head is not None and not head.requires_grad else None
+            self.student.head_pieces = whole_row_pieces(head) if head is not None and not head.requires_grad else None
             teacher = self.teacher if mode.use_teacher else None
             ce, kl = self.student.head_losses(s_h, {"input_ids": ids}, cfg, teacher=teacher, teacher_h=t_h if teacher is not None else None)
         parts = combine_loss_parts(cfg, ce, terms, kl, ids.device)
@@ -611,7 +600,6 @@ class CaldPipeline(PipelineModule):
 
 
 # -- the engine and the run ----------------------------------------------------------------
-_STAGE_FILE = re.compile(r"^(?:layer_(?P<layer>\d+)-model_states|(?:.*zero_pp_rank_(?P<dp>\d+)_)?mp_rank_(?P<stage>\d+)_(?:model|optim)_states)\.pt$")
 @dataclasses.dataclass
 class PipelineModels:
     """The pipeline engine and what train() needs of it (the ZeRO-3 mode's ``DistillationModels``)."""
@@ -631,10 +619,8 @@ class PipelineModels:
         """The rank that wrote a checkpoint file: DeepSpeed names the pipeline's files by stage
         (``layer_SS-``, ``mp_rank_SS_``; one layer per stage here) and data-parallel rank
         (``zero_pp_rank_D_``); None for the rest (the default rule)."""
-        name = Path(relative).name
-        if match := _STAGE_FILE.match(name):
-            stage, data = int(match.group("layer") or match.group("stage")), int(match.group("dp") or 0)
-            return self.module._topo.get_rank(pipe=stage, data=data)
+        if (state := parse_state_file(Path(relative).name)) is not None:
+            return self.module._topo.get_rank(pipe=state.model_rank, data=state.data_rank or 0)
         return None
 
     @property

@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -45,6 +44,7 @@ import torch
 from ..config_loader import ConfigError
 from ..fileio import atomic_dir, atomic_write_text, fsync_path, wait_for_file, write_failure_note
 from .distributed import barrier, rank
+from .ds_files import parse_state_file
 from .preemption import raise_if_preempted, run_interruptible
 
 __all__ = [
@@ -59,14 +59,14 @@ _DONE = "cald_universal.json"  # written last inside the copy: its presence mean
 _FAILED = ".universal.failed"  # rank 0's error, for the ranks that wait on it
 OPTIMIZER_GROUPS = "optimizer_groups"
 """The client-state key of a checkpoint's optimizer group names (``ResumePlan.outside_groups``)."""
-_SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
 
 # -- reading a tag ----------------------------------------------------------------------------
 def saved_world_size(folder: Path) -> int | None:
     """The data-parallel world size a ZeRO checkpoint folder was saved with (its count of
     optimizer shards), or None when the folder holds no ZeRO optimizer shard."""
-    dp_ranks = {int(m.group(1)) for p in Path(folder).iterdir() if (m := _SHARD.match(p.name))}
+    shards = (parse_state_file(p.name) for p in Path(folder).iterdir())
+    dp_ranks = {f.data_rank for f in shards if f is not None and f.kind == "optim" and f.data_rank is not None}
     if not dp_ranks:
         return None
     if dp_ranks != set(range(max(dp_ranks) + 1)):

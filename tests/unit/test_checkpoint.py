@@ -301,3 +301,33 @@ def test_a_tag_that_fails_to_load_on_one_rank_is_skipped_on_every_rank(tmp_path)
         proc.join(120)
         assert proc.exitcode == 0
     assert [json.loads((tmp_path / f"load{r}.json").read_text()) for r in range(2)] == [{"tag": "step_00000001"}] * 2
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_state_file_names_are_read_as_deepspeed_writes_them(bf16):
+    """The names come from DeepSpeed's own naming methods, so a rename there fails here first
+    (ownership, the saved world size and pipeline stages are all read from these names)."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.pipe.module import PipelineModule
+
+    from cald_scale.engines.checkpoint import _owner
+    from cald_scale.engines.ds_files import StateFile, parse_state_file
+
+    def name(path):
+        return path.rsplit("/", 1)[-1]
+
+    prefix = SimpleNamespace(_get_zero_ckpt_prefix=lambda dp, bf16_mode: DeepSpeedEngine._get_zero_ckpt_prefix(None, dp, bf16_mode))
+    optim = name(DeepSpeedEngine._get_rank_zero_ckpt_name(prefix, "ckpt", "step_1", 3, 12, bf16))
+    assert parse_state_file(optim) == StateFile("optim", 12, 3)
+    zero3 = SimpleNamespace(zero_optimization_partition_weights=lambda: True, checkpoint_mp_rank=0)
+    model = name(DeepSpeedEngine._get_ckpt_name(zero3, "ckpt", "step_1", pp_placeholder=5))
+    assert parse_state_file(model) == StateFile("model", 5, 0)
+    zero1 = SimpleNamespace(zero_optimization_partition_weights=lambda: False, checkpoint_mp_rank=2)
+    assert parse_state_file(name(DeepSpeedEngine._get_ckpt_name(zero1, "ckpt", "step_1"))) == StateFile("model", None, 2)
+    stage = SimpleNamespace(_local_start=7, global_rank=0, _grid=SimpleNamespace(_topo=SimpleNamespace(get_rank_repr=lambda rank: "")))
+    assert parse_state_file(name(PipelineModule.ckpt_layer_path(stage, "ckpt/step_1", 0))) == StateFile("layer", None, 7)
+
+    assert [_owner(optim), _owner(model), _owner("mp_rank_00_model_states.pt"), _owner("cald_rng_rank_00003.pt"), _owner("latest")] == [12, 5, 0, 3, 0]
+    assert parse_state_file("zero_to_fp32.py") is None and parse_state_file(f"{model}.tmp") is None

@@ -245,6 +245,24 @@ def test_vocab_streamed_cross_entropy_equals_the_whole_head():
     assert torch.autograd.gradcheck(lambda x: vocab_streamed_cross_entropy(x, ids, pieces), (h,))
 
 
+def test_a_whole_head_read_in_row_pieces_covers_each_row_once_within_the_piece_size():
+    """Pipeline mode's frozen head (whole on its stage): pieces of at most ``piece_bytes``, each
+    row once, in order, views of the weight (no copy); its CE is the whole head's."""
+    from cald_scale.distill.losses import vocab_streamed_cross_entropy
+    from cald_scale.engines.partitioned import whole_row_pieces
+
+    torch.manual_seed(0)
+    weight = torch.randn(101, 16, dtype=torch.float64)
+    pieces = list(whole_row_pieces(weight, piece_bytes=13 * 16 * 8)())
+    assert [len(ids) for ids, _ in pieces] == [13] * 7 + [10]
+    assert torch.equal(torch.cat([ids for ids, _ in pieces]), torch.arange(101))
+    assert all(rows.data_ptr() == weight[ids[0]].data_ptr() and torch.equal(rows, weight[ids]) for ids, rows in pieces)
+    assert len(list(whole_row_pieces(weight, piece_bytes=1)())) == 101  # a row at least
+    h, ids = torch.randn(2, 7, 16, dtype=torch.float64), torch.randint(0, 101, (2, 7))
+    reference = torch.nn.functional.cross_entropy((h @ weight.T)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(vocab_streamed_cross_entropy(h, ids, whole_row_pieces(weight, piece_bytes=13 * 16 * 8)), reference)
+
+
 def test_vocab_streamed_cross_entropy_multiplies_in_the_model_dtype():
     """bf16 hidden states and head: the head's matmuls run in bf16 (tensor cores on a GPU; in
     float32 an H200 ran them on its CUDA cores), the online softmax in float32, and CE and
