@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
+import secrets
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any, Callable, Container, Iterator
 
-__all__ = ["absolute_if_local", "sha256_of", "tag_cache_dir", "CACHE_TAG", "atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "hold_lock", "wait_for_file", "read_json", "write_failure_note", "read_failure_note", "cache_root"]
+__all__ = ["absolute_if_local", "sha256_of", "tag_cache_dir", "CACHE_TAG", "atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "NO_LOCKS", "hold_lock", "wait_for_file", "read_json", "write_failure_note", "read_failure_note", "cache_root"]
 
 
 def absolute_if_local(value: str, *, names: Container[str] = ()) -> str:
@@ -52,6 +56,8 @@ _CACHE_TAG_TEXT = (
     "# This file is a cache directory tag created by cald_scale (https://bford.info/cachedir/).\n"
 )
 
+logger = logging.getLogger("cald_scale.fileio")
+
 
 def tag_cache_dir(cache_dir: str | Path) -> None:
     """Mark ``cache_dir`` as a cache (the Cache Directory Tagging convention): backup tools skip
@@ -70,9 +76,11 @@ def atomic_write_text(path: str | Path, text: str, *, durable: bool = False) -> 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    # NOTE: unique across hosts too (two nodes may run the same pid on a shared file system), and
+    # created exclusively ("x"), with the umask's permissions (mkstemp's are owner-only).
+    tmp = path.parent / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        with open(tmp, "w") as handle:
+        with open(tmp, "x") as handle:
             handle.write(text)
             if durable:
                 handle.flush()
@@ -130,7 +138,9 @@ def check_replaceable(target: Path, replaceable: Callable[[Path], bool] = is_mod
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | Path, *, replace: bool = False, replaceable: Callable[[Path], bool] = is_model_folder) -> Iterator[Path]:
+def atomic_dir(
+    target: str | Path, *, replace: bool = False, replaceable: Callable[[Path], bool] = is_model_folder, clear_stale: bool = False,
+) -> Iterator[Path]:
     """Yield a temp folder beside ``target``; on success it becomes ``target`` by one rename.
 
     With ``replace`` an existing ``target`` is replaced (the old content stays readable
@@ -140,11 +150,17 @@ def atomic_dir(target: str | Path, *, replace: bool = False, replaceable: Callab
     user's folder, a run folder, the working directory) raises FileExistsError before any
     work. On error the temp folder is deleted. The folder gets the umask's permissions (not
     mkdtemp's owner-only 0700), so others on a shared cluster can read an export.
+    ``clear_stale``: the caller holds a lock that excludes every other writer of ``target``, so
+    temp folders beside it are a killed writer's (a SIGKILL skips the cleanup here: a 7B
+    teacher's conversion left 28 GB) and are removed first.
     """
     target = Path(target).expanduser().absolute()
     if replace:
         check_replaceable(target, replaceable)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if clear_stale:
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -167,20 +183,39 @@ def atomic_dir(target: str | Path, *, replace: bool = False, replaceable: Callab
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS})
+"""What flock raises on a file system that takes no locks (NFS without lockd, Lustre without -o flock)."""
+
+
 @contextlib.contextmanager
-def file_lock(path: str | Path, *, interrupt: Callable[[], None] | None = None, poll_s: float = 1.0) -> Iterator[None]:
+def file_lock(path: str | Path, *, interrupt: Callable[[], None] | None = None, poll_s: float = 1.0) -> Iterator[bool]:
     """An exclusive advisory lock held for the duration of the block (across processes).
     With ``interrupt`` (which may raise: ``raise_if_preempted``), the wait for another holder
-    polls (``hold_lock``) and asks it every ``poll_s``: a blocking flock waits through a signal."""
+    polls (``hold_lock``) and asks it every ``poll_s``: a blocking flock waits through a signal.
+
+    Yields True; False on a file system that takes no locks: the block then runs unlocked,
+    with a warning naming the lock file (one job alone needs no lock; the caller keeps
+    concurrent ones apart as it can)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if interrupt is None:
-        handle = open(path, "w")
-        fcntl.flock(handle, fcntl.LOCK_EX)
-    else:  # hold_lock's polling wait, with no deadline
-        handle = hold_lock(path, f"pid {os.getpid()}", wait_s=math.inf, poll_s=poll_s, interrupt=interrupt)
     try:
-        yield
+        if interrupt is None:
+            handle = open(path, "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            except OSError:
+                handle.close()
+                raise
+        else:  # hold_lock's polling wait, with no deadline
+            handle = hold_lock(path, f"pid {os.getpid()}", wait_s=math.inf, poll_s=poll_s, interrupt=interrupt)
+    except OSError as err:
+        if err.errno not in NO_LOCKS:
+            raise
+        logger.warning("cannot lock %s: its file system takes no locks (%s); going on unlocked (jobs started together each do this work)", path, err.strerror)
+        yield False
+        return
+    try:
+        yield True
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()

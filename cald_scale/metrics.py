@@ -195,10 +195,12 @@ def _is_evaluation(line: str) -> bool:
 def _wandb_id(run_dir: Path) -> str:
     """Stable wandb run id per run folder, so a resumed job continues the same wandb run."""
     path = run_dir / "wandb_id.txt"
-    if path.is_file():
-        return path.read_text().strip()
+    if path.is_file() and (recorded := path.read_text().strip()).isalnum():
+        return recorded
+    # NOTE: none yet, or one a crash left empty (written before atomically: wandb then refused
+    # every later session's empty id and logged nothing): a new run id, written whole.
     import uuid
 
     run_id = uuid.uuid4().hex[:12]
-    path.write_text(run_id)
+    atomic_write_text(path, run_id, durable=True)
     return run_id

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -352,14 +353,19 @@ def build_cache(
     try:
         # NOTE: the wait for another builder (a prepare-data, another job) stops on a preemption
         # signal too, and says so to the ranks waiting for this one.
-        with file_lock(partial + ".lock", interrupt=lambda: raise_if_preempted(f"waiting for another process to build {folder}")):
+        with file_lock(partial + ".lock", interrupt=lambda: raise_if_preempted(f"waiting for another process to build {folder}")) as locked:
             if is_complete(folder):
                 return
+            if not locked:  # no locks on this file system: a builder started beside this one must not share its folder
+                partial = f"{partial}.{socket.gethostname()}.{os.getpid()}"
             os.makedirs(partial, exist_ok=True)
             meta = _write_splits(cfg, source, tokenizer, partial)
             meta["key"] = key
             shutil.rmtree(os.path.join(partial, "parts"))
             _write_json(os.path.join(partial, META), meta)
+            if is_complete(folder):  # another builder finished first (only where nothing is locked)
+                shutil.rmtree(partial)
+                return
             if os.path.isdir(folder):
                 logger.warning("replacing an incomplete data cache (no %s): %s", META, folder)
                 shutil.rmtree(folder)

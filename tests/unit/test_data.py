@@ -1160,3 +1160,26 @@ def test_a_finished_cache_is_on_disk_before_its_meta_says_so(tmp_path, tokenizer
     meta = next(i for i, name in enumerate(names) if name.startswith(".meta.json.tmp"))  # atomic_write_text's temp file
     assert {"train.bin", "train.idx", "eval.bin", "eval.idx"} <= set(names[:meta])
     assert synced[-1] == str(tmp_path / "cache") and os.path.dirname(corpus.meta_path).startswith(synced[-1])
+
+
+def test_a_cache_builds_where_the_file_system_takes_no_locks(tmp_path, tokenizer, wiki_leads, monkeypatch, caplog):
+    """NFS without lockd, Lustre without flock: the lock failed with "No locks available" and a
+    message naming no file. Now the build goes on unlocked, warned, in a folder of its own."""
+    import errno
+    import fcntl
+    import logging
+    from types import SimpleNamespace
+
+    from cald_scale import fileio
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    # NOTE: our locks only (`datasets` takes its own, in its cache, which may sit elsewhere).
+    monkeypatch.setattr(fileio, "fcntl", SimpleNamespace(flock=no_locks, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB, LOCK_UN=fcntl.LOCK_UN))
+    cfg = DataConfig(corpus=_write_jsonl(tmp_path / "leads.jsonl", wiki_leads[:30]), cache_dir=str(tmp_path / "cache"), eval_fraction=0.1)
+    with caplog.at_level(logging.WARNING, logger="cald_scale.fileio"):
+        corpus = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    assert "takes no locks" in caplog.text and ".lock" in caplog.text
+    assert corpus.split("train")[2] > 0
+    assert not [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".partial") and not p.name.endswith(".lock")]

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import ast
 import atexit
-import contextlib
-import errno
 import json
 import math
 import os
@@ -185,12 +183,7 @@ class AutotuneChoices:
         self._saved_count = self._count()
 
     def _merge_into_file(self) -> None:
-        with contextlib.ExitStack() as stack:
-            try:
-                stack.enter_context(file_lock(self.path.with_name(self.path.name + ".lock")))
-            except OSError as err:
-                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
+        with file_lock(self.path.with_name(self.path.name + ".lock")):  # unlocked (warned) where locks are not taken
             try:
                 data = json.loads(self.path.read_text())
                 if data.get("format") != FORMAT:
