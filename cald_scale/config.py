@@ -437,6 +437,11 @@ def load_run_config(recipe: str | Path | None = None, overrides: list[str] | Non
         # NOTE: "phases.0.lr=..." edits the default phases, so they must be spelled out first.
         data["phases"] = to_dict(default_phases())
     data = apply_overrides(data, overrides)
+    for old, (key, values) in RENAMED_KEYS.items():
+        node, leaf = _parent(data, old)
+        if node is not None and leaf in node:
+            spelled = ", ".join(f"{json.dumps(a)} is {json.dumps(b)}" for a, b in values.items())
+            raise ConfigError(f"{old} was renamed to {key} ({spelled})")
     return from_dict(RunConfig, data)
 
 

@@ -8,6 +8,7 @@ ones (a misspelt key must never be silently ignored).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -142,8 +143,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         # NOTE: YAML reads "{name:target}" (no space after the colon) as one key, "name:target".
         glued = [k.split(":", 1) for k in unknown if isinstance(k, str) and ":" in k and k.split(":", 1)[0].strip() in fields]
         hint = f" (YAML needs a space after the colon: {glued[0][0]}: {glued[0][1]})" if glued else ""
+        close = [m[0] for k in unknown if isinstance(k, str) and (m := difflib.get_close_matches(k, fields, n=1, cutoff=0.6))]
+        mean = f" (did you mean {', '.join(prefix + m for m in close)}?)" if close and not glued else ""
         raise ConfigError(
-            f"unknown config key(s) {[prefix + k for k in unknown]} in {cls.__name__}; "
+            f"unknown config key(s) {[prefix + k for k in unknown]}{mean} in {cls.__name__}; "
             f"valid keys: {sorted(fields)}{hint}"
         )
     hints = typing.get_type_hints(cls)
@@ -200,8 +203,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err})") from None
 
 
+def _merged(base: dict, value: dict) -> dict:
+    """``value`` merged into a copy of ``base``, section by section."""
+    out = dict(base)
+    for key, item in value.items():
+        out[key] = _merged(out[key], item) if isinstance(item, dict) and isinstance(out.get(key), dict) else item
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted ``key=value`` overrides to a nested dict (validation happens in from_dict)."""
+    """Apply dotted ``key=value`` overrides to a nested dict (validation happens in from_dict).
+    A mapping value merges into the section it names (``student.conversion={mixer: mamba}``
+    changes the mixer, not the recipe's other conversion settings); a list is given whole."""
     for text in overrides:
         path, value = parse_override(text)
         node = data
@@ -214,7 +227,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             elif not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {path[depth - 1]!r} is not a section")
             if last:
-                node[part] = value
+                node[part] = _merged(node[part], value) if isinstance(value, dict) and isinstance(node, dict) and isinstance(node.get(part), dict) else value
+            elif isinstance(node, dict) and part not in node and path[depth + 1].isdigit():
+                # NOTE: an index into a list the recipe does not spell out: the default list is not here to index.
+                raise ConfigError(f"override {text!r}: {'.'.join(path[: depth + 1])} is a list the recipe does not give; give it whole ({'.'.join(path[: depth + 1])}=[...])")
             else:
                 node = node[part] if isinstance(node, list) else node.setdefault(part, {})
     return data

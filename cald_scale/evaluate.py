@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .config_loader import from_dict
 from .conversion.modeling import CaldStudentConfig
 from .cli import check_output_file, device_arg, non_negative_int, positive_int
-from .conversion.teacher import DTYPES, TeacherConfig, load_teacher
+from .conversion.teacher import DTYPES, TeacherConfig, dtype_of, load_teacher
 from .data import DataConfig, PackedSequences, held_out_sequences
 from .data.heldout import same_corpus
 from .data.tokenise import tokenizer_identity
@@ -61,9 +61,11 @@ class EvalTarget:
     """The run's data settings (an exported student alone: the defaults)."""
     micro_batch_size: int = 4
     """Sequences per forward (the run's eval.micro_batch_size)."""
+    max_sequences: int = 32
+    """Held-out sequences scored per corpus (the run's eval.max_sequences): the run's own scores."""
     dtype: str = "float32"
-    """The student's compute dtype: the run's teacher.dtype (an exported student alone: float32),
-    whether or not the teacher is scored too."""
+    """The student's compute dtype: the run's teacher.dtype, which config.json records as the
+    engines computed in (an exported student alone: float32), whether or not the teacher is scored too."""
     head_chunk_tokens: int | None = None
     """Tokens per logits chunk: the run's loss.head_chunk_tokens (None: automatic)."""
     heldout_identity: dict | None = None
@@ -133,10 +135,12 @@ def resolve_target(
         if teacher:
             teacher_cfg = dataclasses.replace(teacher_cfg, name_or_path=teacher, gguf_file=None)
         batch = config.get("eval", {}).get("micro_batch_size", EvalTarget.micro_batch_size)
+        sequences = config.get("eval", {}).get("max_sequences", EvalTarget.max_sequences)
         chunk = config.get("loss", {}).get("head_chunk_tokens")
         recorded = read_json(folder / "data.json").get("heldout") if (folder / "data.json").is_file() else None
         target = EvalTarget(
-            student_dir=student_dir, teacher=teacher_cfg, data=data, micro_batch_size=batch, dtype=teacher_cfg.dtype, head_chunk_tokens=chunk,
+            student_dir=student_dir, teacher=teacher_cfg, data=data, micro_batch_size=batch, max_sequences=sequences,
+            dtype=str(dtype_of(teacher_cfg.dtype)).removeprefix("torch."), head_chunk_tokens=chunk,
             heldout_identity=recorded,
         )
     else:
@@ -317,7 +321,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("path", help="a run folder (runs/NAME) or an exported student folder")
     add("--corpus", action="append", help="held-out text to score (repeatable): a built-in corpus, "
         "text files or a megatron prefix; default: the run's own eval split")
-    add("--max_sequences", type=positive_int, help="sequences scored per corpus (default 32)")
+    add("--max_sequences", type=positive_int, help="sequences scored per corpus (default: the run's eval.max_sequences, else 32)")
     add("--seq_len", type=positive_int, help="tokens per sequence (default: the run's data.seq_len, else 256)")
     add("--tasks", action="append", metavar="TASK", help="run lm-eval-harness tasks instead of perplexity "
         "(repeatable or a comma list): task, group or tag names, task YAML files or folders of them")
@@ -382,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.tasks:
         return _run_tasks(args, target, device)
-    max_sequences = args.max_sequences or 32
+    max_sequences = args.max_sequences or target.max_sequences
     rows = evaluate(
         target, args.corpus, max_sequences=max_sequences, seq_len=args.seq_len,
         batch_size=args.batch_size, device=device,

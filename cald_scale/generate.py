@@ -182,16 +182,16 @@ def _kv_kind(cache) -> str | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="PATH", help="run folder, exported student, Bamba export or HF causal-LM folder")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    parser.add_argument("--max_new_tokens", type=positive_int, default=64)
+    parser.add_argument("--max_new_tokens", type=positive_int, default=64, help="tokens generated per prompt (default 64)")
     parser.add_argument("--do_sample", action="store_true", help="sample (default: greedy)")
     parser.add_argument("--temperature", type=positive_float, default=None, help="with --do_sample")
     parser.add_argument("--top_p", type=probability, default=None, help="with --do_sample")
     parser.add_argument("--top_k", type=positive_int, default=None, help="with --do_sample")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--teacher", nargs="?", const="", default=None, metavar="NAME_OR_PATH",
                         help="also generate with the teacher (default: the run's teacher, or the one the student names)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype of student and teacher (default float32)")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument(
         "--cuda-graph", "--cuda_graph", dest="cuda_graph", choices=["auto", "on", "off"], default="auto",
         help="decode the student by replaying each step as a CUDA graph (mixers alone at batch 1 on an H200: 11.9x the "

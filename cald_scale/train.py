@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import math
@@ -43,12 +42,12 @@ from .engines.preemption import Preempted, PreemptionWatch, raise_if_preempted
 from .engines.models import DistillationModels, build_models, checkpoint_excludes_frozen
 from .engines.reshard import OPTIMIZER_GROUPS, ResumePlan, plan_resume
 from .engines.teacher import check_waypoints
-from .engines.ds_config import load_ds_config, resolve_ds_config
+from .engines.ds_config import compute_dtype, load_ds_config, resolve_ds_config
 from .engines.zero3 import begin_step
 from .eval.report import write_report
 from .export.bamba import check_exportable, export_bamba
 from .export.hf import export_model
-from .fileio import atomic_write_text, hold_lock, read_json
+from .fileio import NO_LOCKS, atomic_write_text, hold_lock, read_json
 from .metrics import MetricsLogger, peak_memory_bytes
 from .tasks import open_task
 
@@ -106,7 +105,7 @@ def _claim(out: OutputConfig) -> Iterator[None]:
         except BlockingIOError as err:
             raise BlockingIOError(f"output.run_dir {run_dir} is in use by another job: {err}; wait for it to end or use another output.run_dir") from None
         except OSError as err:
-            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # e.g. Lustre mounted without flock
+            if err.errno in NO_LOCKS:  # e.g. Lustre mounted without flock
                 logger.warning("output.run_dir %s: its file system takes no locks (%s): one job per folder is not enforced", run_dir, err.strerror)
                 return
             raise OSError(f"output.run_dir {run_dir}: cannot write there ({err.strerror or err})") from err
@@ -310,7 +309,7 @@ def _finite_teacher_scores(scores: dict, source) -> dict:
     would stop steps later on non-finite losses, blaming the learning rate."""
     bad = [(path, value) for path, value in flat_keys(scores).items() if isinstance(value, float) and not math.isfinite(value)]
     if bad:
-        overflow = "" if source.dtype == torch.float32 else f", or an overflow in {str(source.dtype).removeprefix('torch.')}: try teacher.dtype=float32"
+        overflow = "" if source.dtype == torch.float32 else f", or an overflow in {str(source.dtype).removeprefix('torch.')}: try float32, the ds_config's bf16 and fp16 off"
         raise ValueError(
             f"teacher {source.name!r} scores {', '.join(f'{p}={v}' for p, v in bad[:4])} on held-out data: its outputs are not "
             f"finite (a damaged or wrongly converted checkpoint in {source.folder}{overflow}), so it gives no target to distil"
@@ -378,6 +377,51 @@ def padded_layer_tokens(batches: list[dict], device: torch.device) -> float:
     return mean_over_ranks({"tokens": local}, device)["tokens"] / len(batches)
 
 
+class StepMetrics:
+    """One step's figures: the loss parts summed over its micro-batches, then averaged over the
+    ranks in one all-reduce, so the record is the whole global batch's on any number of ranks."""
+
+    def __init__(self, grad_accum: int):
+        self.grad_accum = grad_accum
+        self.sums: dict[str, float] = {}
+        self.layers = 0
+        self.teacher_ce: list[float] = []
+
+    def _add(self, key: str, value: float) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def add(self, parts: LossParts, batch: dict, *, count_tokens: bool, teacher_ce: float | None) -> None:
+        """A micro-batch that was applied. ``count_tokens``: padded batches, whose real tokens
+        are counted here (a packed batch's count is known ahead)."""
+        if teacher_ce is not None:
+            self.teacher_ce.append(teacher_ce)
+        if count_tokens:
+            self._add("_tokens", float(batch["attention_mask"].sum()))
+        for key, value in parts.as_floats().items():
+            self._add(key, value / self.grad_accum)
+        # Per-layer losses averaged like the total (over the micro-batches, then the ranks), of
+        # the values that are finite: a teacher-forced stage skipped in one micro-batch leaves
+        # its layers the other micro-batches' figures (none at all: null), not NaN.
+        for i, value in enumerate(parts.per_layer):
+            finite = math.isfinite(value)
+            self._add(f"_layer_{i}", value if finite else 0.0)
+            self._add(f"_layer_{i}_n", float(finite))
+        self.layers = len(parts.per_layer)
+
+    def finish(self, device: torch.device, data_parallel_size: int) -> tuple[dict, int]:
+        """The step's record (mean parts, ``layer_losses``, ``teacher_ce``) and the real tokens
+        counted over every replica (0 unless ``count_tokens``)."""
+        sums = dict(self.sums)
+        if self.teacher_ce:
+            sums["teacher_ce"] = sum(self.teacher_ce) / len(self.teacher_ce)
+        record = mean_over_ranks(sums, device)
+        tokens = round(record.pop("_tokens") * data_parallel_size) if "_tokens" in record else 0
+        if self.layers:
+            per_layer = [(record.pop(f"_layer_{i}"), record.pop(f"_layer_{i}_n")) for i in range(self.layers)]
+            record["layer_losses"] = [total / count if count else None for total, count in per_layer]
+        return record, tokens
+
+
 def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state: StepState, cfg: RunConfig, *, tokens_per_micro: int) -> dict:
     """One optimizer step = grad_accum finite micro-batches (non-finite ones are skipped and
     counted); returns the step's mean loss parts and the trajectory teacher's task loss if it learned.
@@ -386,8 +430,7 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
     engine = models.student_engine
     teacher = guide.enter(step)
     set_phase_lr(engine, phase, step)
-    sums: dict[str, float] = {}
-    layers, teacher_ce = 0, []
+    metrics = StepMetrics(cfg.train.grad_accum)
     done = 0
     pending, layer_tokens = [], None
     if not tokens_per_micro and teacher is not None and phase.loss.a_layer > 0:
@@ -412,32 +455,11 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
         else:
             state.finite()
         engine.step()
-        ce = guide.after_micro_batch(phase, step, batch)
-        if ce is not None:
-            teacher_ce.append(ce)
+        metrics.add(parts, batch, count_tokens=not tokens_per_micro, teacher_ce=guide.after_micro_batch(phase, step, batch))
         done += 1
-        if tokens_per_micro:
-            state.tokens_seen += tokens_per_micro
-        else:  # padded batches: count real tokens, summed over the replicas below
-            sums["_tokens"] = sums.get("_tokens", 0.0) + float(batch["attention_mask"].sum())
-        for key, value in parts.as_floats().items():
-            sums[key] = sums.get(key, 0.0) + value / cfg.train.grad_accum
-        # Per-layer losses averaged like the total (over the micro-batches, then the ranks), of
-        # the values that are finite: a teacher-forced stage skipped in one micro-batch leaves
-        # its layers the other micro-batches' figures (none at all: null), not NaN.
-        for i, value in enumerate(parts.per_layer):
-            finite = math.isfinite(value)
-            sums[f"_layer_{i}"] = sums.get(f"_layer_{i}", 0.0) + (value if finite else 0.0)
-            sums[f"_layer_{i}_n"] = sums.get(f"_layer_{i}_n", 0.0) + finite
-        layers = len(parts.per_layer)
-    if teacher_ce:
-        sums["teacher_ce"] = sum(teacher_ce) / len(teacher_ce)
-    record = mean_over_ranks(sums, engine.device)  # over the whole global batch, on any number of ranks
-    if "_tokens" in record:
-        state.tokens_seen += round(record.pop("_tokens") * models.data_parallel_size)
-    if layers:
-        per_layer = [(record.pop(f"_layer_{i}"), record.pop(f"_layer_{i}_n")) for i in range(layers)]
-        record["layer_losses"] = [total / count if count else None for total, count in per_layer]
+        state.tokens_seen += tokens_per_micro
+    record, counted = metrics.finish(engine.device, models.data_parallel_size)
+    state.tokens_seen += counted
     return record
 
 
@@ -647,14 +669,36 @@ class _Run:
         }
 
 
-def _ds_config(cfg: RunConfig, path: str | Path, world_size: int) -> dict:
+def _ds_config(cfg: RunConfig, path: str | Path, world_size: int, *, check_accelerator: bool = True) -> dict:
     """The run's ds_config, read and filled from the run config: the pipeline's (ZeRO 0/1) in
     pipeline mode, else ZeRO-3's."""
     if cfg.train.pipeline_stages > 0:  # NOTE: imported only when used (DeepSpeed's pipeline engine)
         from .engines.pipeline import load_pipeline_ds_config
 
-        return load_pipeline_ds_config(path, cfg.train, world_size)
-    return resolve_ds_config(load_ds_config(path), cfg.train, world_size)
+        return load_pipeline_ds_config(path, cfg.train, world_size, check_accelerator=check_accelerator)
+    return resolve_ds_config(load_ds_config(path), cfg.train, world_size, check_accelerator=check_accelerator)
+
+
+def check_ds_config(cfg: RunConfig, path: str | Path) -> None:
+    """The ds_config read and filled as the run will (``--print_config``, which the SLURM scripts
+    call before they launch): a missing file, a typo, the other mode's config or a contradiction
+    stops the job there, in one line. Checked for the fewest ranks the run takes: a batch that
+    does not split over them splits over no more. The accelerator is the run's, not this machine's."""
+    _ds_config(cfg, path, max(1, cfg.train.pipeline_stages), check_accelerator=False)
+
+
+def with_compute_dtype(cfg: RunConfig, ds_config: dict) -> RunConfig:
+    """``cfg`` with teacher.dtype resolved to the precision the engines compute in (the resolved
+    ds_config's): config.json then says what the run computed in, and ``cald-scale evaluate``
+    scores its student in it. Another explicit teacher.dtype would have no effect: refused."""
+    engines = str(compute_dtype(ds_config)).removeprefix("torch.")
+    if cfg.teacher.dtype not in ("auto", engines):
+        sections = "its bf16 and fp16 sections are off" if engines == "float32" else f"its {'bf16' if engines == 'bfloat16' else 'fp16'} section is on"
+        raise ConfigError(
+            f"teacher.dtype={cfg.teacher.dtype}, but the engines compute in {engines} ({sections}; the ds_config's precision decides): "
+            f"set teacher.dtype=auto (or {engines}), or change the ds_config's bf16/fp16 \"enabled\""
+        )
+    return dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, dtype=engines))
 
 
 def _check_same_inputs(run_dir: Path, env: DistEnv, task, plan: PhasePlan, *, resumed_at: int | None) -> None:
@@ -695,6 +739,7 @@ def _start(
     run_dir = Path(cfg.output.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     ds_config = _ds_config(cfg, ds_config_path, env.world_size)
+    cfg = with_compute_dtype(cfg, ds_config)
     # Before the engines: a ZeRO-3 checkpoint saved on another number of ranks loads through DeepSpeed's
     # universal format; one of another mode, pipeline layout or global batch is refused.
     tags = complete_tags(ckpt_dir)

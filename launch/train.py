@@ -35,7 +35,7 @@ from cald_scale.config import ConfigError, load_run_config  # noqa: E402
 from cald_scale.engines.distributed import close_distributed  # noqa: E402
 from cald_scale.engines.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptedWhileStarting  # noqa: E402
 from cald_scale.errors import user_errors  # noqa: E402
-from cald_scale.train import refuse_foreign_folder, train  # noqa: E402
+from cald_scale.train import check_ds_config, refuse_foreign_folder, train  # noqa: E402
 
 TRACEBACK_VAR = "CALD_TRACEBACK"
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ds_config", default="ds_configs/zero3.json", help="DeepSpeed JSON config (ZeRO-3)")
     parser.add_argument("--recipe", default=None, action=Once, help="YAML recipe; the embedded default when omitted")
-    parser.add_argument("--print_config", action="store_true", help="print the resolved run config and exit")
+    parser.add_argument("--print_config", action="store_true", help="check the run config and the ds_config, print the run config and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=10")
     args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> None:
         # folder that holds something else (a model) is refused before they do.
         try:
             refuse_foreign_folder(Path(cfg.output.run_dir))
-        except ValueError as err:
+            check_ds_config(cfg, args.ds_config)
+        except ConfigError as err:
+            _one_line(parser, 2, f"config error: {err}")
+        except (ValueError, OSError) as err:
             _one_line(parser, 2, f"error: {err}")
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return

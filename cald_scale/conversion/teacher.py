@@ -37,7 +37,7 @@ from ..fileio import absolute_if_local, atomic_dir, atomic_write_text, cache_roo
 from .placement import PLAIN, Placement
 from .weights import WeightReader, WeightsMismatchError, load_weights, open_weights, weights_fingerprint
 
-__all__ = ["TeacherConfig", "TeacherSource", "ClassifierTeacherSource", "classifier_teacher", "open_teacher", "build_teacher", "load_teacher", "resolve_teacher_source", "cache_root", "BUILTIN_TEACHERS", "DTYPES"]
+__all__ = ["TeacherConfig", "TeacherSource", "ClassifierTeacherSource", "classifier_teacher", "open_teacher", "build_teacher", "load_teacher", "resolve_teacher_source", "cache_root", "BUILTIN_TEACHERS", "DTYPES", "dtype_of"]
 
 logger = logging.getLogger("cald_scale.teacher")
 
@@ -60,6 +60,11 @@ BUILTIN_TEACHERS: dict[str, tuple[str, str, str]] = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def dtype_of(name: str) -> torch.dtype:
+    """A TeacherConfig.dtype as a torch dtype: "auto" outside a training run's engines is float32."""
+    return torch.float32 if name == "auto" else DTYPES[name]
+
+
 @dataclasses.dataclass(kw_only=True)
 class TeacherConfig:
     """Where the teacher comes from and how it is loaded."""
@@ -68,8 +73,11 @@ class TeacherConfig:
     """A built-in name (see BUILTIN_TEACHERS), a local HF folder, a .gguf file, or a hub id."""
     gguf_file: str | None = None
     """GGUF file name inside ``name_or_path`` when that is a folder holding one."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Compute dtype of the loaded teacher (the engines may cast again)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype of teacher and student. In training the engines compute in the ds_config's
+    precision (its bf16/fp16 sections; ``"bf16": {"enabled": "auto"}``: bf16 on a bf16-capable
+    GPU, else float32): "auto" takes it and is recorded as it resolved; another value must
+    agree with it. Outside training (``cald-scale evaluate``) "auto" is float32."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel of the teacher."""
     cache_dir: str | None = None
@@ -150,11 +158,19 @@ def _content_digest(path: Path, index_path: Path) -> str:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError):
         index = {}
-    if not isinstance(index, dict) or not isinstance(index.get(version), str):
-        index = {**(index if isinstance(index, dict) else {}), version: sha256_of(path)}
-        index_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(index_path, json.dumps(index, indent=1))  # NOTE: ranks racing here write the same entry
-    return index[version]
+    if isinstance(index, dict) and isinstance(index.get(version), str):
+        return index[version]
+    digest = sha256_of(path)  # NOTE: outside the lock: jobs hashing other files do not wait on this one
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    # The read-merge-write under a lock: jobs adding other files' entries at once kept 5 of 8.
+    with file_lock(index_path.with_name(index_path.name + ".lock")):
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError):
+            index = {}
+        index = {**(index if isinstance(index, dict) else {}), version: digest}
+        atomic_write_text(index_path, json.dumps(index, indent=1))
+    return digest
 
 
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
@@ -182,7 +198,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     plain.load_state_dict(loaded.state_dict(), assign=True)
     plain.tie_weights()
     del loaded
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, clear_stale=True) as tmp:  # NOTE: under the conversion's lock: other temp folders are a killed one's
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "cald_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
@@ -326,12 +342,12 @@ def open_teacher(cfg: TeacherConfig) -> tuple[TeacherSource, PreTrainedTokenizer
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config._attn_implementation = cfg.attn_implementation
-    config.dtype = DTYPES[cfg.dtype]
+    config.dtype = dtype_of(cfg.dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     _check_tokenizer(tokenizer, config, folder)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return TeacherSource(name=cfg.name_or_path, kind=kind, folder=folder, config=config, dtype=DTYPES[cfg.dtype]), tokenizer
+    return TeacherSource(name=cfg.name_or_path, kind=kind, folder=folder, config=config, dtype=dtype_of(cfg.dtype)), tokenizer
 
 
 def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, folder: Path) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from ..config_loader import ConfigError
 
-__all__ = ["bf16_available", "check_ds_keys", "load_ds_config", "read_ds_config", "resolve_ds_config", "size_zero_buffers", "teacher_ds_config"]
+__all__ = ["bf16_available", "check_ds_keys", "compute_dtype", "load_ds_config", "read_ds_config", "resolve_ds_config", "size_zero_buffers", "teacher_ds_config"]
 
 logger = logging.getLogger("cald_scale.engines")
 
@@ -49,6 +49,19 @@ def _misspelled(keys, known: set[str], where: str, *, unknown_is_error: bool) ->
             problems.append(f"{where}{key}" + (f" (did you mean {' or '.join(close)}?)" if close else " is not a DeepSpeed setting"))
     return problems
 
+
+def _not_deepspeed() -> dict[str, str]:
+    """Keys a ds_config may hold by mistake, with where they belong: the run config's training
+    settings (TrainConfig's fields) and names of a precision."""
+    import dataclasses
+
+    from ..config import TrainConfig
+
+    where = {f.name: f"it is the run config's train.{f.name}" for f in dataclasses.fields(TrainConfig)}
+    return where | dict.fromkeys(("precision", "dtype", "fp32", "float32"), 'the precision is the "bf16" or "fp16" section\'s "enabled"')
+
+
+_NOT_DEEPSPEED = _not_deepspeed()
 
 # What DeepSpeed's AdamW takes, whichever it builds: torch's AdamW (torch_adam), its FusedAdam or
 # its CPU Adam (an offloaded optimizer).
@@ -83,6 +96,8 @@ def check_ds_keys(config: dict, path: str | Path) -> None:
     fields = DeepSpeedZeroConfig.model_fields
     zero = set(fields) | {f.alias for f in fields.values() if f.alias}
     problems = _misspelled(config, top, "", unknown_is_error=False)
+    # NOTE: DeepSpeed ignores an unknown top-level key, so a run-config setting put here did nothing.
+    problems += [f"{key} is not a DeepSpeed setting ({_NOT_DEEPSPEED[key]})" for key in config if key not in top and key in _NOT_DEEPSPEED]
     if isinstance(config.get("zero_optimization"), dict):
         problems += _misspelled(config["zero_optimization"], zero, "zero_optimization.", unknown_is_error=True)
     params = (config.get("optimizer") or {}).get("params") if isinstance(config.get("optimizer"), dict) else None
@@ -126,27 +141,40 @@ def load_ds_config(path: str | Path) -> dict:
     return config
 
 
-def _fill_auto(node: dict, key: str, value: Any, where: str) -> None:
+def _fill_auto(node: dict, key: str, value: Any, where: str, source: str) -> None:
+    """``node[key]`` filled with the run config's ``value`` (from its key ``source``) where "auto";
+    an explicit value that differs is refused, naming both keys."""
     current = node.get(key, "auto")
     if current == "auto":
         node[key] = value
     elif current != value and not (isinstance(value, (list, tuple)) and list(current) == list(value)):
-        raise ConfigError(f"ds_config {where}{key}={current!r} contradicts the run config ({value!r}); set it to \"auto\" or make them agree")
+        raise ConfigError(f"ds_config {where}{key}={current!r} contradicts the run config's {source} ({value!r}); set it to \"auto\" or make them agree")
 
 
 def bf16_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def resolve_ds_config(ds_config: dict, train, data_parallel_size: int) -> dict:
+def compute_dtype(ds_config: dict) -> torch.dtype:
+    """The precision a resolved ds_config's engines compute in: its bf16 or fp16 section
+    (``zero.Init`` casts the models to it, the pipeline builds its stages in it), else float32."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def resolve_ds_config(ds_config: dict, train, data_parallel_size: int, *, check_accelerator: bool = True) -> dict:
     """Fill the "auto" fields from ``train`` (a TrainConfig), for ``data_parallel_size`` model
-    replicas (every rank under ZeRO-3; the pipelines in pipeline mode)."""
+    replicas (every rank under ZeRO-3; the pipelines in pipeline mode). ``check_accelerator``:
+    refuse bf16 on a machine without it (False where the run will not run here: ``--print_config``)."""
     cfg = copy.deepcopy(ds_config)
     micro = train.micro_batch(data_parallel_size)
-    _fill_auto(cfg, "train_micro_batch_size_per_gpu", micro, "")
-    _fill_auto(cfg, "gradient_accumulation_steps", train.grad_accum, "")
-    _fill_auto(cfg, "train_batch_size", micro * train.grad_accum * data_parallel_size, "")
-    _fill_auto(cfg, "gradient_clipping", train.grad_clip, "")
+    _fill_auto(cfg, "train_micro_batch_size_per_gpu", micro, "", "train.global_batch_size / (train.grad_accum x replicas)")
+    _fill_auto(cfg, "gradient_accumulation_steps", train.grad_accum, "", "train.grad_accum")
+    _fill_auto(cfg, "train_batch_size", micro * train.grad_accum * data_parallel_size, "", "train.global_batch_size")
+    _fill_auto(cfg, "gradient_clipping", train.grad_clip, "", "train.grad_clip")
     if "bfloat16" in cfg:  # DeepSpeed's older name of the bf16 section, which it reads only when "bf16" is absent
         if "bf16" in cfg:
             raise ConfigError('ds_config has both "bf16" and "bfloat16" (its older name): keep "bf16"')
@@ -155,11 +183,15 @@ def resolve_ds_config(ds_config: dict, train, data_parallel_size: int) -> dict:
         # NOTE: DeepSpeed autocasts inside engine.forward only, which the stage-by-stage schedule
         # never calls: the compute would stay fp32 while gradients were reduced in bf16.
         raise ConfigError('ds_config enables torch_autocast, which the layerwise schedule cannot apply: use "bf16": {"enabled": "auto"} (or true)')
-    for section in ("bf16", "fp16"):
-        node = cfg.setdefault(section, {"enabled": False})
-        if node.get("enabled") == "auto":
-            node["enabled"] = section == "bf16" and bf16_available()
-    if cfg["bf16"].get("enabled") and not bf16_available():
+    bf16, fp16 = (cfg.setdefault(section, {"enabled": False}) for section in ("bf16", "fp16"))
+    # "auto": bf16 where the accelerator has it, unless fp16 is asked for; fp16 only when asked.
+    if fp16.get("enabled") == "auto":
+        fp16["enabled"] = False
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = bf16_available() and not fp16.get("enabled")
+    if bf16.get("enabled") and fp16.get("enabled"):  # DeepSpeed asserts this only when the engine is built
+        raise ConfigError('ds_config enables both bf16 and fp16: the engines compute in one of them, keep one "enabled": true')
+    if cfg["bf16"].get("enabled") and check_accelerator and not bf16_available():
         raise ConfigError("ds_config enables bf16 but this machine has no bf16-capable accelerator; use \"auto\"")
     optimizer = cfg.get("optimizer")
     if optimizer is None:
@@ -170,9 +202,9 @@ def resolve_ds_config(ds_config: dict, train, data_parallel_size: int) -> dict:
             'train.weight_decay) are AdamW\'s; use "AdamW"'
         )
     params = optimizer.setdefault("params", {})
-    _fill_auto(params, "lr", train.lr, "optimizer.params.")
-    _fill_auto(params, "weight_decay", train.weight_decay, "optimizer.params.")
-    _fill_auto(params, "betas", list(train.betas), "optimizer.params.")
+    _fill_auto(params, "lr", train.lr, "optimizer.params.", "train.lr")
+    _fill_auto(params, "weight_decay", train.weight_decay, "optimizer.params.", "train.weight_decay")
+    _fill_auto(params, "betas", list(train.betas), "optimizer.params.", "train.betas")
     offloaded = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     if params.get("torch_adam") == "auto":
         # torch's AdamW needs no extension build on any device; an offloaded optimizer must be

@@ -67,7 +67,7 @@ from .host_memory import return_free_memory
 from .ds_files import parse_state_file
 from .partitioned import whole_row_pieces
 from .models import block_numel, checkpoint_excludes_frozen, set_trainable, shares_teacher_weights
-from .ds_config import read_ds_config, resolve_ds_config, size_zero_buffers
+from .ds_config import compute_dtype, read_ds_config, resolve_ds_config, size_zero_buffers
 from .zero3 import param_groups
 
 __all__ = [
@@ -85,7 +85,7 @@ logger = logging.getLogger("cald_scale.engines")
 
 
 # -- config --------------------------------------------------------------------------------
-def load_pipeline_ds_config(path: str | Path, train, world_size: int) -> dict:
+def load_pipeline_ds_config(path: str | Path, train, world_size: int, *, check_accelerator: bool = True) -> dict:
     """A pipeline ds_config with its "auto" fields filled from ``train`` (a TrainConfig)."""
     path = Path(path)
     config = read_ds_config(path)
@@ -103,7 +103,7 @@ def load_pipeline_ds_config(path: str | Path, train, world_size: int) -> dict:
         dp = train.data_parallel_size(world_size)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    resolved = resolve_ds_config(config, train, dp)
+    resolved = resolve_ds_config(config, train, dp, check_accelerator=check_accelerator)
     _check_overflow_guard(resolved, path)
     return resolved
 
@@ -799,16 +799,9 @@ def build_pipeline(
     bounds = stage_bounds(config.num_hidden_layers, num_stages, ds_config["pipeline"].get("partition", "uniform"))
     _check_every_stage_converts(cfg, config, bounds)
     frozen_copies = checkpoint_excludes_frozen(cfg, plan)  # only the mixers train
-    # NOTE: the engine's precision decides, as ZeRO-3's engines do: a bf16 teacher.dtype on an fp32
-    # engine computes in fp32 (the teacher's bf16 copies shared into an fp32 student crashed its mixers).
-    if ds_config.get("bf16", {}).get("enabled"):
-        dtype = torch.bfloat16
-    elif ds_config.get("fp16", {}).get("enabled"):
-        dtype = torch.float16
-    else:
-        dtype = torch.float32
-    if dtype != source.dtype:
-        logger.info("teacher.dtype %s: the pipeline engine computes in %s (its bf16/fp16 settings decide)", source.dtype, dtype)
+    # NOTE: the engine's precision decides, as ZeRO-3's engines do (train.with_compute_dtype
+    # refuses a teacher.dtype that differs): both models' stages are built in it.
+    dtype = compute_dtype(ds_config)
     factory = StageFactory(
         cfg, source, bounds, with_teacher=plan.teacher_needed_from(first_step), share=shares_teacher_weights(cfg, plan),
         dtype=dtype, device=torch.device(get_accelerator().current_device_name()), outside_groups=outside_groups and not frozen_copies,

@@ -34,8 +34,9 @@ CASES = {
     "teacher_forced_substages": ("llama", ["phases=[{name: tf, mode: teacher_forced}]", "loss.skip_last=false", "train.stage_size=2"]),
     # Every weight trains (an untied head): embedding grads on stage 0, head grads on stage 1.
     "e2e_all_neox": ("gpt_neox", ["student.trainable=all", "student.conversion.mixer=mamba"]),
-    # A bf16 teacher.dtype on an fp32 engine (CPU): both modes compute in the engine's fp32 (the
-    # pipeline built bf16 copies that its fp32 mixers then refused).
+    # A bf16 teacher source under an fp32 engine (CPU): both modes' builders compute in the engine's
+    # fp32 (the pipeline built bf16 copies that its fp32 mixers then refused). A run refuses this
+    # teacher.dtype before (train.with_compute_dtype); the builders still take the engine's.
     "e2e_bf16_teacher_fp32_engine": ("llama", ["teacher.dtype=bfloat16"]),
     # Gemma2's embedding scale is a buffer no checkpoint stores: stage 0 keeps it as built.
     "e2e_gemma2": ("gemma2", ["teacher.attn_implementation=eager"]),

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from cald_scale.config import RunConfig, config_differences, load_run_config, without_legacy_defaults, without_result_neutral
 from cald_scale.config_loader import ConfigError, from_dict, to_dict
@@ -88,8 +89,27 @@ def test_unknown_key_names_the_key_and_lists_valid_ones():
     with pytest.raises(ConfigError, match=r"train\.max_stpes") as err:
         load_run_config(overrides=["train.max_stpes=3"])
     assert "max_steps" in str(err.value)
-    with pytest.raises(ConfigError, match="unknown config key"):
+    with pytest.raises(ConfigError, match=re.escape("unknown config key(s) ['train.max_step'] (did you mean train.max_steps?) in TrainConfig")):
+        load_run_config(overrides=["train.max_step=3"])
+    with pytest.raises(ConfigError, match=re.escape("unknown config key(s) ['trian'] (did you mean train?)")):
         from_dict(RunConfig, {"trian": {}})
+    with pytest.raises(ConfigError, match=re.escape('train.frozen_leaf_modules was renamed to train.zero3_leaves (true is "frozen", false is "none")')):
+        load_run_config(overrides=["train.frozen_leaf_modules=true"])
+    # an index into a list the recipe leaves to its default: the list is given whole
+    with pytest.raises(ConfigError, match=re.escape("train.betas is a list the recipe does not give; give it whole (train.betas=[...])")):
+        load_run_config(overrides=["train.betas.0=0.5"])
+
+
+def test_a_mapping_override_merges_into_the_section_it_names():
+    """`student.conversion={mixer: mamba}` replaced the recipe's whole conversion section: the
+    all-Mamba2 recipe silently became a 25% attention hybrid (the defaults of the keys it dropped)."""
+    recipe = REPO / "recipes" / "smollm2_mamba2.yaml"
+    plain = load_run_config(recipe).student.conversion
+    merged = load_run_config(recipe, ["student.conversion={mixer: mamba, mamba: {d_state: 8}}"]).student.conversion
+    assert (plain.attention_every, plain.attention_init) == (merged.attention_every, merged.attention_init) == (0, False)
+    assert (merged.mixer, merged.mamba.d_state) == ("mamba", 8)
+    phases = load_run_config(recipe, ["phases=[{name: only}]"]).phases
+    assert [p.name for p in phases] == ["only"]  # a list is replaced whole
     # YAML's "{name:target}" is one key, "name:target": the message says what YAML needs.
     with pytest.raises(ConfigError, match=re.escape("['phases[0].name:target'] in PhaseConfig") + r".*\(YAML needs a space after the colon: name: target\)"):
         load_run_config(overrides=["phases=[{name:target}]"])
@@ -245,7 +265,7 @@ def test_ds_config_contradiction_and_stage(tmp_path):
     cfg = load_run_config()
     ds = load_ds_config(REPO / "ds_configs" / "zero3.json")
     ds["gradient_accumulation_steps"] = 8
-    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=8 contradicts the run config's train.grad_accum \(1\)"):
         resolve_ds_config(ds, cfg.train, data_parallel_size=1)
     bad = tmp_path / "z2.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
@@ -311,6 +331,37 @@ def test_ds_config_settings_the_schedule_would_not_honour_are_refused():
         resolved(bfloat16={"enabled": True})
 
 
+def test_the_engines_precision_decides_and_teacher_dtype_follows_it(monkeypatch):
+    """The ds_config's bf16/fp16 sections set the precision both models compute in. teacher.dtype
+    "auto" (the default) is recorded as it resolved; another value, which did nothing, is refused.
+    fp16 asked for turns bf16 "auto" off (both on crashed in DeepSpeed's own assertion)."""
+    from cald_scale.engines import ds_config as ds_module
+    from cald_scale.engines.ds_config import compute_dtype
+    from cald_scale.train import with_compute_dtype
+
+    cfg = load_run_config()
+    assert cfg.teacher.dtype == "auto"
+    shipped = load_ds_config(REPO / "ds_configs" / "zero3.json")
+
+    def resolved(**sections) -> dict:
+        return resolve_ds_config({**json.loads(json.dumps(shipped)), **sections}, cfg.train, data_parallel_size=1)
+
+    on_cpu = resolved()
+    assert compute_dtype(on_cpu) == torch.float32
+    assert with_compute_dtype(cfg, on_cpu).teacher.dtype == "float32"
+    with pytest.raises(ConfigError, match=r"teacher.dtype=bfloat16, but the engines compute in float32 \(its bf16 and fp16 sections are off"):
+        with_compute_dtype(load_run_config(overrides=["teacher.dtype=bfloat16"]), on_cpu)
+    monkeypatch.setattr(ds_module, "bf16_available", lambda: True)  # a bf16-capable GPU
+    on_gpu = resolved()
+    assert compute_dtype(on_gpu) == torch.bfloat16 and with_compute_dtype(cfg, on_gpu).teacher.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="teacher.dtype=float32, but the engines compute in bfloat16 \\(its bf16 section is on"):
+        with_compute_dtype(load_run_config(overrides=["teacher.dtype=float32"]), on_gpu)
+    fp16 = resolved(fp16={"enabled": True})
+    assert (fp16["bf16"]["enabled"], compute_dtype(fp16)) == (False, torch.float16)
+    with pytest.raises(ConfigError, match="enables both bf16 and fp16"):
+        resolved(bf16={"enabled": True}, fp16={"enabled": True})
+
+
 def test_ds_config_typos_are_refused_when_read(tmp_path):
     """A misspelled key is named when the file is read (before any model is built): at the top
     level, where DeepSpeed would silently ignore it, and inside zero_optimization."""
@@ -330,6 +381,13 @@ def test_ds_config_typos_are_refused_when_read(tmp_path):
         node[leaf] = 1
         path = tmp_path / "typo.json"
         path.write_text(json.dumps(config))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_ds_config(path)
+    # the run config's own settings, or a precision's name, would do nothing there (DeepSpeed ignores them)
+    for key, message in (("grad_clip", "grad_clip is not a DeepSpeed setting (it is the run config's train.grad_clip)"),
+                         ("lr", "lr is not a DeepSpeed setting (it is the run config's train.lr)"),
+                         ("precision", 'precision is not a DeepSpeed setting (the precision is the "bf16" or "fp16" section\'s "enabled")')):
+        path.write_text(json.dumps({**shipped, key: 1}))
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_ds_config(path)
     # an unknown top-level key that resembles no DeepSpeed key is left to DeepSpeed (it may be new)
@@ -399,6 +457,24 @@ def test_a_run_shorter_than_the_warmup_clamps_it(capsys):
     cfg = load_run_config(overrides=["train.max_steps=2"])
     assert [(p.steps, p.warmup_steps) for p in cfg.plan(world_size=1).phases] == [(1, 0), (1, 0)]
     assert "phases:" in capsys.readouterr().out
+
+
+def test_print_config_checks_the_ds_config_the_run_will_read(tmp_path, capsys):
+    """The SLURM scripts call --print_config before they launch: a ds_config the run would refuse
+    (missing, the other mode's, a contradiction) stops the job there, in one line."""
+    bad = tmp_path / "clip.json"
+    bad.write_text(json.dumps({**json.loads((REPO / "ds_configs" / "zero3.json").read_text()), "gradient_clipping": 5.0}))
+    cases = (
+        (["--ds_config", str(tmp_path / "zero3.jsn")], f"error: DeepSpeed config {tmp_path / 'zero3.jsn'} does not exist"),
+        (["--ds_config", str(REPO / "ds_configs" / "zero3.json"), "train.pipeline_stages=2"], "config error: pipeline mode (train.pipeline_stages=2) needs a ds_config with a pipeline section"),
+        (["--ds_config", str(bad)], "config error: ds_config gradient_clipping=5.0 contradicts the run config's train.grad_clip (1.0)"),
+    )
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as stopped:
+            _launch_module().main([*argv, f"output.run_dir={tmp_path / 'run'}", "--print_config"])
+        err = capsys.readouterr().err.strip()
+        assert stopped.value.code == 2 and err.startswith(message) and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_folder_of_another_student_is_refused_naming_the_key(tmp_path, caplog):

@@ -222,6 +222,10 @@ def test_the_student_is_scored_in_the_runs_dtype_with_or_without_its_teacher(mod
     with pytest.raises(ValueError, match="--teacher .* and --no_teacher contradict each other"):
         resolve_target(run, teacher=str(teacher_dir), no_teacher=True)
     assert resolve_target(student_dir, no_teacher=True).dtype == "float32"  # an exported student alone
+    # The run's held-out count too, so the command repeats the run's own scores by default.
+    (run / "config.json").write_text(json.dumps({"teacher": {**teacher, "dtype": "auto"}, "data": {}, "eval": {"max_sequences": 4}}))
+    assert (resolve_target(run).max_sequences, resolve_target(run).dtype) == (4, "float32")  # "auto" outside training: float32
+    assert resolve_target(student_dir, no_teacher=True).max_sequences == 32
 
 
 @pytest.mark.parametrize("text", ["nan", "-1", "0", "1.5", "inf"])
