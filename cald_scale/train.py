@@ -473,28 +473,33 @@ def train(cfg: RunConfig, ds_config_path: str | Path, *, early_signals: Sequence
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("cald_scale").setLevel(logging.INFO if env.is_main else logging.WARNING)
     run = None
-    try:
-        # From here on a preemption signal is recorded, not fatal: the run stops at the first step boundary with a checkpoint.
-        with PreemptionWatch(tuple(cfg.train.preemption_signals), received_before=early_signals) as watch, _claim(cfg.output):
-            if signal_name := watch.requested(env.device):  # before minutes of building: nothing to save yet
-                raise Preempted(None, signal_name)
-            run = _start(cfg, ds_config_path, env, stop_requested=watch.requested)  # 1-3. task and data, teacher and student in their engines, the starting point
-            if signal_name := watch.requested(run.device):  # during the build: nothing trained since the last checkpoint
-                run.stop_preempted(run.first_step, signal_name)
-            # 4. The step loop.
-            step = run.first_step
-            while step < run.plan.total_steps:
-                phase = run.enter_phase(step)
-                step = run.step(phase, step)
-                run.after_step(phase, step)  # evaluation, exports, checkpoint, as they fall due
-                if step < run.plan.total_steps and (signal_name := watch.requested(run.device)):
-                    run.stop_preempted(step, signal_name)
-            # 5. End point: evaluate, export the student, report.
-            return run.finish(step, preempted=lambda: watch.requested(run.device))
-    finally:
-        # NOTE: after the watch is restored, so a signal during wandb's finish ends the process.
-        if run is not None:
-            run.metrics.close()
+    # NOTE: the run folder's lock is released last, after wandb's finish has written its offline
+    # run there (a job waiting on the folder started while it still wrote). It is taken inside the
+    # watch, so a preemption signal ends the wait for it.
+    with contextlib.ExitStack() as folder_lock:
+        try:
+            # From here on a preemption signal is recorded, not fatal: the run stops at the first step boundary with a checkpoint.
+            with PreemptionWatch(tuple(cfg.train.preemption_signals), received_before=early_signals) as watch:
+                folder_lock.enter_context(_claim(cfg.output))
+                if signal_name := watch.requested(env.device):  # before minutes of building: nothing to save yet
+                    raise Preempted(None, signal_name)
+                run = _start(cfg, ds_config_path, env, stop_requested=watch.requested)  # 1-3. task and data, teacher and student in their engines, the starting point
+                if signal_name := watch.requested(run.device):  # during the build: nothing trained since the last checkpoint
+                    run.stop_preempted(run.first_step, signal_name)
+                # 4. The step loop.
+                step = run.first_step
+                while step < run.plan.total_steps:
+                    phase = run.enter_phase(step)
+                    step = run.step(phase, step)
+                    run.after_step(phase, step)  # evaluation, exports, checkpoint, as they fall due
+                    if step < run.plan.total_steps and (signal_name := watch.requested(run.device)):
+                        run.stop_preempted(step, signal_name)
+                # 5. End point: evaluate, export the student, report.
+                return run.finish(step, preempted=lambda: watch.requested(run.device))
+        finally:
+            # NOTE: after the watch is restored, so a signal during wandb's finish ends the process.
+            if run is not None:
+                run.metrics.close()
 
 
 @dataclasses.dataclass

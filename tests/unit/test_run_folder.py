@@ -359,3 +359,41 @@ def test_a_damaged_run_record_is_named_with_the_way_out(tmp_path):
             _once(path, env, lambda: {"source": "x"}, resuming=True)
     path.write_text('{"source": "y"}')
     assert _once(path, env, lambda: {"source": "x"}, resuming=True) == {"source": "y"}
+
+
+def test_the_run_folder_stays_locked_until_wandbs_finish_has_written_there(tmp_path, monkeypatch):
+    """The lock was released before the metrics closed (wandb's finish writes its offline run into
+    the folder): a job waiting on the folder could start while it still wrote."""
+    import fcntl
+    from types import SimpleNamespace
+
+    import torch
+
+    from cald_scale import train as train_module
+    from cald_scale.config import load_run_config
+    from cald_scale.engines.distributed import DistEnv
+
+    run_dir = tmp_path / "run"
+    seen = []
+
+    def locked_now() -> bool:
+        with open(run_dir / ".lock") as probe:
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(probe, fcntl.LOCK_UN)
+            return False
+
+    def start(cfg, ds_config_path, env, stop_requested):
+        seen.append(("start", locked_now()))
+        return SimpleNamespace(
+            device=env.device, first_step=0, plan=SimpleNamespace(total_steps=0), finish=lambda step, preempted: {"done": step},
+            metrics=SimpleNamespace(close=lambda: seen.append(("metrics closed", locked_now()))),
+        )
+
+    monkeypatch.setattr(train_module, "init_distributed", lambda: DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    monkeypatch.setattr(train_module, "_start", start)
+    assert train_module.train(load_run_config(overrides=[f"output.run_dir={run_dir}"]), "unused.json") == {"done": 0}
+    assert seen == [("start", True), ("metrics closed", True)]
+    assert not locked_now()  # released when the run returned

@@ -95,3 +95,32 @@ def test_an_earlier_launchs_preemption_note_does_not_decide_this_ones_requeue(tm
 
     assert "not a SLURM job, rerun to resume" in end(launched_after_note=True)  # stale: an unknown signal requeues
     assert "SIGTERM is not a requeue signal" in end(launched_after_note=False)  # this launch's own note decides
+
+
+def test_two_jobs_on_one_node_whose_ids_differ_by_1000_get_two_ports():
+    """The rendezvous port was 29500 + job id % 1000: job 2345 beside job 1345 on the same node
+    took its port and failed at the start. Now the first port free there is taken from it."""
+    import os
+    import socket
+
+    def port(job_id: int, **env) -> int:
+        out = subprocess.run(
+            ["bash", "-c", f"source {REPO}/launch/slurm/common.sh; cald_master_port"],
+            env={**os.environ, "SLURM_JOB_ID": str(job_id), "CALD_PYTHON": sys.executable, **env}, capture_output=True, text=True, check=True,
+        )
+        return int(out.stdout)
+
+    other_job = socket.socket()
+    for taken in range(29900, 30500):  # the other job's rendezvous port
+        try:
+            other_job.bind(("", taken))
+            break
+        except OSError:
+            continue
+    with other_job:
+        other_job.listen()
+        job_id = 1000 + taken - 29500  # its port by the old rule
+        mine = port(job_id)
+        assert mine != taken and 29500 <= mine < 30500
+        assert port(job_id, CALD_MASTER_PORT="31234") == 31234  # the user's choice stands
+    assert port(job_id) == taken  # free again: the job's own
