@@ -85,7 +85,9 @@ class TrainConfig:
     warmup_steps: int = 5
     """Linear warmup steps at the start of each phase (clamped to half of a shorter phase)."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay of the trained weights."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's moment decay rates (beta1, beta2)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip."""
     stage_size: int = 1
@@ -106,6 +108,7 @@ class TrainConfig:
     were most of the distillation step's host time on a GPU (benchmarks/train_speed.py
     --compare-leaves; --narrow measures that host work on a CPU)."""
     seed: int = 0
+    """Seeds the new mixers' initialisation, the batch order and dropout (the held-out split has data.seed)."""
     malloc_mmap_threshold: int | None = 16 << 20
     """glibc: allocations of at least this many bytes are mmap-ed and returned to the OS when
     freed; null keeps glibc's adaptive default. 16 MB (the default) keeps activations of a
@@ -205,6 +208,7 @@ class EvalConfig:
     every: int = 0
     """Also evaluate the student every N steps (0: only before and after)."""
     micro_batch_size: int = 4
+    """Held-out sequences per forward while scoring (memory, not the score)."""
     other_corpora: list[str] = dataclasses.field(default_factory=lambda: ["wiki"])
     """Held-out sets from other domains that the run never trains on (any value data.corpus
     accepts), scored like the corpus's own held-out split: the default trains on the Brown
@@ -233,10 +237,13 @@ class OutputConfig:
     keep_last: int = 2
     """Complete checkpoints kept (older ones are deleted only after a newer one is complete)."""
     log_every: int = 1
+    """Write the training metrics (metrics.jsonl, wandb) every N steps."""
     wandb: Literal["offline", "online", "disabled"] = "offline"
     """wandb mode; offline needs no account (sync later with `wandb sync`)."""
     wandb_project: str = "cald_scale"
+    """The wandb project the run logs to."""
     progress_bar: bool = True
+    """A progress bar with loss and tokens/s on rank 0 (off: log lines only, e.g. in batch logs)."""
     export_teacher_every: int = 0
     """In trajectory-guided phases, save the teacher as a HF folder every N steps under
     run_dir/teacher_waypoints/ (0: never): the teacher's checkpoints along its own

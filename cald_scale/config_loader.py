@@ -7,8 +7,12 @@ ones (a misspelt key must never be silently ignored).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import textwrap
 import math
 import types
 import typing
@@ -16,7 +20,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-__all__ = ["ConfigError", "ConfigLoader", "INFINITE_OK", "from_dict", "to_dict", "apply_overrides", "parse_override"]
+__all__ = ["field_docs", "explained_yaml", "ConfigError", "ConfigLoader", "INFINITE_OK", "from_dict", "to_dict", "apply_overrides", "parse_override"]
 
 # Field metadata of a float setting that takes inf (a wait with no limit); a default that holds
 # inf (an open upper limit) says so too.
@@ -234,3 +238,49 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             else:
                 node = node[part] if isinstance(node, list) else node.setdefault(part, {})
     return data
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """A dataclass's attribute docstrings (the string literal under each field), by field name;
+    inherited fields from its bases too."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):  # no source (a built-in, an interactive class)
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def explained_yaml(cfg: Any, width: int = 100) -> str:
+    """``cfg`` (a dataclass) as YAML with each key's docstring as a comment above it: what
+    ``launch/train.py --print_config --explain`` prints. It loads back as ``to_dict(cfg)``."""
+    lines: list[str] = []
+
+    def comment(pad: str, text: str) -> None:
+        lines.extend(f"{pad}# {line}" for line in textwrap.wrap(text, max(40, width - len(pad) - 2)))
+
+    def emit(obj: Any, pad: str) -> None:
+        docs = field_docs(type(obj))
+        for field in dataclasses.fields(obj):
+            value = getattr(obj, field.name)
+            if field.name in docs:
+                comment(pad, docs[field.name])
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{pad}{field.name}:")
+                emit(value, pad + "  ")
+                continue
+            if isinstance(value, (list, tuple)) and value and dataclasses.is_dataclass(value[0]):
+                item_docs = field_docs(type(value[0]))
+                comment(pad, "Each item: " + "; ".join(f"{name}: {doc}" for name, doc in item_docs.items()))
+            dumped = yaml.safe_dump(to_dict(value), sort_keys=False, default_flow_style=True, width=10**6).removesuffix("\n...\n")
+            lines.append(f"{pad}{field.name}: {dumped.strip()}")
+
+    emit(cfg, "")
+    return "\n".join(lines) + "\n"

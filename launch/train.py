@@ -25,6 +25,7 @@ for _number in (signal.SIGUSR1, signal.SIGTERM):
 
 import argparse  # noqa: E402
 import atexit  # noqa: E402
+import contextlib  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -32,6 +33,7 @@ from pathlib import Path  # noqa: E402
 
 from cald_scale.cli import Once  # noqa: E402
 from cald_scale.config import ConfigError, load_run_config  # noqa: E402
+from cald_scale.config_loader import explained_yaml  # noqa: E402
 from cald_scale.engines.distributed import close_distributed  # noqa: E402
 from cald_scale.engines.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptedWhileStarting  # noqa: E402
 from cald_scale.errors import user_errors  # noqa: E402
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ds_config", default="ds_configs/zero3.json", help="DeepSpeed JSON config (ZeRO-3)")
     parser.add_argument("--recipe", default=None, action=Once, help="YAML recipe; the embedded default when omitted")
     parser.add_argument("--print_config", action="store_true", help="check the run config and the ds_config, print the run config and exit")
+    parser.add_argument("--explain", action="store_true", help="with --print_config: each key's documentation as a YAML comment above it")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=10")
     args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
@@ -61,12 +64,15 @@ def main(argv: list[str] | None = None) -> None:
         # folder that holds something else (a model) is refused before they do.
         try:
             refuse_foreign_folder(Path(cfg.output.run_dir))
-            check_ds_config(cfg, args.ds_config)
+            # NOTE: stdout is the config alone (the SLURM scripts parse it): DeepSpeed's logger,
+            # made on its first import here, prints its notices ("Setting accelerator to CPU") to stdout.
+            with contextlib.redirect_stdout(sys.stderr):
+                check_ds_config(cfg, args.ds_config)
         except ConfigError as err:
             _one_line(parser, 2, f"config error: {err}")
         except (ValueError, OSError) as err:
             _one_line(parser, 2, f"error: {err}")
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        print(explained_yaml(cfg) if args.explain else yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return
     _release_early_signals(cfg.train.preemption_signals)
     try:

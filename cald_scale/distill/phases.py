@@ -43,6 +43,7 @@ class TrajectoryConfig:
     update_every: int = 1
     """T_u: the teacher takes one optimizer step (on the same batch, next-token CE) every this many student steps."""
     weight_decay: float = 0.0
+    """The teacher's AdamW weight decay (its betas, eps and gradient clip are the student's)."""
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -92,9 +93,11 @@ class PhaseConfig:
     goes on through this one (one warmup and one cosine over both, e.g. a hybrid that drops
     the teacher's losses mid-run without re-warming the LR)."""
     a_ce: float | None = None
-    """Loss weights for this phase (default: the run's loss section)."""
+    """Weight of the next-token CE in this phase (default: loss.a_ce)."""
     a_layer: float | None = None
+    """Weight of the layerwise hidden-state MSE in this phase (default: loss.a_layer)."""
     a_kl: float | None = None
+    """Weight of the logit KL to the teacher in this phase (default: loss.a_kl)."""
 
     def __post_init__(self):
         given = [k for k in ("steps", "tokens", "fraction") if getattr(self, k) is not None]

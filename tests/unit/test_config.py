@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -694,3 +695,43 @@ def test_a_pipeline_resume_may_add_waypoints_its_checkpoints_hold_the_same(tmp_p
         else:
             with pytest.raises(ValueError, match=r"trained with a fixed teacher and this run.s phases have a trajectory or waypoint phase"):
                 _check_run_dir(run_dir, resumed, resuming_at=4)
+
+
+def test_print_config_prints_the_config_alone_and_explains_each_key():
+    """The SLURM scripts parse --print_config's stdout as YAML: DeepSpeed's notice ("Setting
+    accelerator to CPU"), printed on its first import by the ds_config check, went there too.
+    --explain puts each key's docstring above it as a comment, and still loads as the config."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from cald_scale.config_loader import field_docs
+
+    def printed(*flags: str) -> str:
+        proc = subprocess.run([sys.executable, "launch/train.py", "--print_config", *flags, "train.max_steps=7"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    expected = load_run_config(overrides=["train.max_steps=7"]).to_dict()
+    assert yaml.safe_load(printed()) == expected
+    explained = printed("--explain")
+    assert yaml.safe_load(explained) == expected
+    assert "  # Held-out sequences scored (teacher, student before and after training): the same ones," in explained
+    # Every key a user can set says what it is (a field added without a docstring fails here).
+    from cald_scale.config import RunConfig
+
+    undocumented = []
+
+    def walk(cls, where):
+        docs = field_docs(cls)
+        for field in dataclasses.fields(cls):
+            kind = typing.get_type_hints(cls)[field.name]
+            inner = typing.get_args(kind)[0] if typing.get_origin(kind) is list and typing.get_args(kind) else kind
+            if dataclasses.is_dataclass(inner):
+                walk(inner, f"{where}{field.name}.")
+            if field.name not in docs and where:  # RunConfig's own sections are named by their classes
+                undocumented.append(where + field.name)
+
+    walk(RunConfig, "")
+    assert undocumented == []
