@@ -191,15 +191,20 @@ def summarise(values: list[float]) -> dict:
 
 def config_key(run: Run, teacher: Run | None = None) -> str:
     """What defines a run, comparable across checkouts and sessions: a digest of its whole
-    resolved config (defaults included) and seed, with this checkout's path written as <repo>
+    resolved config (defaults included; teacher.dtype as the machine resolves it) and seed, with this checkout's path written as <repo>
     and the waypoint list (the Std. run's exports, which a recorded Std. run may not have here)
     and keys added since at their legacy values (``LEGACY_DEFAULTS``) and keys that never change a
     result (``RESULT_NEUTRAL_KEYS``: how ZeRO-3 hooks modules, say) left out; with ``teacher``,
     the key of the Std. run that guided it is part of it."""
     from cald_scale.config import load_run_config, without_legacy_defaults, without_result_neutral
+    from cald_scale.engines.ds_config import load_ds_config, resolve_ds_config
+    from cald_scale.train import with_compute_dtype
 
     overrides = [re.sub(r"waypoints: \[[^\]]*\]", "waypoints: [std_exports]", o) for o in run.overrides]
-    config = without_result_neutral(without_legacy_defaults(load_run_config(None, [*overrides, f"train.seed={run.seed}"]).to_dict()))
+    cfg = load_run_config(None, [*overrides, f"train.seed={run.seed}"])
+    # teacher.dtype as the run resolves it (its config.json records that): "auto" is the ds_config's precision here.
+    cfg = with_compute_dtype(cfg, resolve_ds_config(load_ds_config(Path(__file__).resolve().parents[1] / run.ds_config), cfg.train, 1))
+    config = without_result_neutral(without_legacy_defaults(cfg.to_dict()))
     config.pop("output")  # where it writes, not what it runs
     text = json.dumps(config, sort_keys=True).replace(str(REPO), "<repo>")
     if teacher is not None:

@@ -364,11 +364,20 @@ class RunConfig:
             if self.train.pipeline_stages:
                 raise ValueError("pipeline mode (train.pipeline_stages) runs causal LMs; classification runs under ZeRO-3 (train.pipeline_stages=0)")
             lm_only = [f"eval.{key}" for key in ("max_sequences", "other_corpora") if getattr(self.eval, key) != getattr(EvalConfig(), key)]
+            # NOTE: not data.corpus, which the recorded classification runs were stamped with (the LM default's old value).
+            unread = [f"data.{f.name}" for f in dataclasses.fields(DataConfig) if f.name != "corpus" and getattr(self.data, f.name) != getattr(DataConfig(), f.name)]
+            if unread:
+                raise ValueError(
+                    f"{', '.join(unread)}: the data section is the causal LM's text; a classification run reads the "
+                    "classification section (classification.max_length, classification.train, ...)"
+                )
             if lm_only:
                 raise ValueError(
                     f"{' and '.join(lm_only)} set what perplexity scores (causal LMs); a classification run scores its whole "
                     "validation and test splits (classification.max_eval_examples caps them)"
                 )
+        elif self.task.pooling != TaskConfig().pooling:
+            raise ValueError(f"task.pooling={self.task.pooling} pools a classification head; a causal LM ({self.task.kind}) has none: leave it out")
         if conversion.mixer == "linformer" and conversion.linformer.sharing == "layer":
             forced = [p.name for p in self.phases if p.mode == "teacher_forced"]
             if forced:

@@ -73,8 +73,9 @@ _MOVABLE = (
     "teacher.name_or_path", "student.init_from", "data.corpus", "data.eval_corpus",
     "classification.dataset", "classification.train", "classification.validation", "classification.test",
     # How the same weights compute, not what they are: free too (activation checkpointing is the
-    # way out of a resumed run's out-of-memory).
-    "student.activation_checkpointing", "teacher.attn_implementation",
+    # way out of a resumed run's out-of-memory). teacher.dtype is the engines' precision as it
+    # resolved (a run moved to a bf16 GPU; runs before 2026-12-06 recorded float32 whatever it was).
+    "student.activation_checkpointing", "teacher.attn_implementation", "teacher.dtype",
 )
 
 

@@ -641,6 +641,8 @@ def test_what_a_resume_may_change_and_what_it_says(tmp_path, caplog):
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
     assert len(_check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=50", phases, "student.activation_checkpointing=true",
                                                               "teacher.attn_implementation=eager"]), resuming_at=50)) == 2
+    # The engines' precision as it resolved (a run moved to a bf16 GPU; earlier runs recorded float32 whatever it was).
+    assert _check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=50", phases, "teacher.dtype=bfloat16"]), resuming_at=50) == ["teacher.dtype: saved 'auto', wanted 'bfloat16'"]
     with pytest.raises(ValueError, match="eval.max_sequences: saved 32, wanted 64"):
         _check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=50", phases, "eval.max_sequences=64"]), resuming_at=50)
     with pytest.raises(ValueError, match=r"was trained from student.init_from=None and this run converts from '/elsewhere/base'"):
@@ -735,3 +737,16 @@ def test_print_config_prints_the_config_alone_and_explains_each_key():
 
     walk(RunConfig, "")
     assert undocumented == []
+
+
+def test_settings_that_would_do_nothing_in_this_run_are_refused():
+    """Each passed --print_config and was silently unused (helper-81)."""
+    cases = {
+        ("data.eval_corpus=wiki", "data.eval_fraction=0.2"): "data.eval_fraction=0.2 holds out part of data.corpus, but data.eval_corpus scores another corpus",
+        ("task.pooling=cls",): "task.pooling=cls pools a classification head; a causal LM (causal_lm) has none",
+        ("task.kind=classification", "data.seq_len=512"): "data.seq_len: the data section is the causal LM's text; a classification run reads the classification section",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_run_config(overrides=list(overrides))
+    load_run_config(overrides=["data.eval_corpus=wiki"])  # the default fraction: nothing said
