@@ -47,7 +47,7 @@ def launch_run(run: Run, benchmark: str, *, ranks: int = 1) -> Path:
     args = [*run.overrides, f"train.seed={run.seed}", f"output.run_dir={folder}", "output.progress_bar=false"]
     if (folder / "config.json").is_file():
         # NOTE: an unfinished folder too: the job would resume it under whatever config it is given.
-        _check_same_config(folder, run.recipe, args)
+        _check_same_config(folder, run.recipe, args, run.ds_config, ranks)
         _check_same_launch(folder, run.ds_config, ranks)
     if (folder / "report.json").is_file():
         print(f"[{benchmark}] reusing {folder}", flush=True)
@@ -80,11 +80,13 @@ def _drop_checkpoints(folder: Path) -> None:
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
 
 
-def _check_same_config(folder: Path, recipe: str | None, args: list[str]) -> None:
-    """A run folder (finished or not) is reused only for the config this benchmark asks for now."""
+def _check_same_config(folder: Path, recipe: str | None, args: list[str], ds_config: str, ranks: int) -> None:
+    """A run folder (finished or not) is reused only for the config this benchmark asks for now,
+    as the run records it (teacher.dtype resolved to the engines' precision)."""
     from cald_scale.config import config_differences, load_run_config
+    from cald_scale.train import as_recorded
 
-    wanted = load_run_config(REPO / recipe if recipe else None, args)
+    wanted = as_recorded(load_run_config(REPO / recipe if recipe else None, args), REPO / ds_config, ranks)
     differ = config_differences(json.loads((folder / "config.json").read_text()), wanted, ignore=("output.run_dir", "output.progress_bar"))
     if differ:
         raise RuntimeError(f"{folder} holds a run of another config ({'; '.join(differ[:5])}); move it away to rerun it")

@@ -19,6 +19,7 @@ Writes benchmarks/results/domain_gap.json (--out to change). Single process, pla
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> None:
     from cald_scale.evaluate import resolve_target
 
     target = resolve_target(args.student)
-    teacher_model, tokenizer, _ = load_teacher(target.teacher)
+    # NOTE: both in float32, as every recorded result (a bf16 run's config records bfloat16).
+    teacher_model, tokenizer, _ = load_teacher(dataclasses.replace(target.teacher, dtype="float32"))
     student_model = AutoModelForCausalLM.from_pretrained(target.student_dir, dtype=torch.float32)
     teacher_model.eval()
     student_model.eval()

@@ -197,13 +197,11 @@ def config_key(run: Run, teacher: Run | None = None) -> str:
     result (``RESULT_NEUTRAL_KEYS``: how ZeRO-3 hooks modules, say) left out; with ``teacher``,
     the key of the Std. run that guided it is part of it."""
     from cald_scale.config import load_run_config, without_legacy_defaults, without_result_neutral
-    from cald_scale.engines.ds_config import load_ds_config, resolve_ds_config
-    from cald_scale.train import with_compute_dtype
+    from cald_scale.train import as_recorded
 
     overrides = [re.sub(r"waypoints: \[[^\]]*\]", "waypoints: [std_exports]", o) for o in run.overrides]
-    cfg = load_run_config(None, [*overrides, f"train.seed={run.seed}"])
     # teacher.dtype as the run resolves it (its config.json records that): "auto" is the ds_config's precision here.
-    cfg = with_compute_dtype(cfg, resolve_ds_config(load_ds_config(Path(__file__).resolve().parents[1] / run.ds_config), cfg.train, 1))
+    cfg = as_recorded(load_run_config(None, [*overrides, f"train.seed={run.seed}"]), Path(__file__).resolve().parents[1] / run.ds_config, 1)
     config = without_result_neutral(without_legacy_defaults(cfg.to_dict()))
     config.pop("output")  # where it writes, not what it runs
     text = json.dumps(config, sort_keys=True).replace(str(REPO), "<repo>")

@@ -56,7 +56,6 @@ def _run(mode: str, layers: int, args, teacher: Path) -> dict:
     spec = MODES[mode]
     overrides = [
         f"teacher.name_or_path={teacher}",
-        "teacher.dtype=float32",
         "student.conversion.mixer=mamba2",
         *ALL_MAMBA2_ON_SHAKESPEARE,
         "student.trainable=mixers",

@@ -231,7 +231,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             elif not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {path[depth - 1]!r} is not a section")
             if last:
-                node[part] = _merged(node[part], value) if isinstance(value, dict) and isinstance(node, dict) and isinstance(node.get(part), dict) else value
+                current = node[part] if isinstance(node, list) else node.get(part)
+                node[part] = _merged(current, value) if isinstance(value, dict) and isinstance(current, dict) else value
             elif isinstance(node, dict) and part not in node and path[depth + 1].isdigit():
                 # NOTE: an index into a list the recipe does not spell out: the default list is not here to index.
                 raise ConfigError(f"override {text!r}: {'.'.join(path[: depth + 1])} is a list the recipe does not give; give it whole ({'.'.join(path[: depth + 1])}=[...])")

@@ -198,6 +198,7 @@ def file_lock(path: str | Path, *, interrupt: Callable[[], None] | None = None, 
     concurrent ones apart as it can)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    handle = None
     try:
         if interrupt is None:
             handle = open(path, "w")
@@ -205,6 +206,7 @@ def file_lock(path: str | Path, *, interrupt: Callable[[], None] | None = None, 
                 fcntl.flock(handle, fcntl.LOCK_EX)
             except OSError:
                 handle.close()
+                handle = None
                 raise
         else:  # hold_lock's polling wait, with no deadline
             handle = hold_lock(path, f"pid {os.getpid()}", wait_s=math.inf, poll_s=poll_s, interrupt=interrupt)
@@ -212,6 +214,7 @@ def file_lock(path: str | Path, *, interrupt: Callable[[], None] | None = None, 
         if err.errno not in NO_LOCKS:
             raise
         logger.warning("cannot lock %s: its file system takes no locks (%s); going on unlocked (jobs started together each do this work)", path, err.strerror)
+    if handle is None:  # NOTE: outside the except: the block's own errors do not chain onto the lock's
         yield False
         return
     try:

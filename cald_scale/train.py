@@ -675,22 +675,40 @@ class _Run:
         }
 
 
-def _ds_config(cfg: RunConfig, path: str | Path, world_size: int, *, check_accelerator: bool = True) -> dict:
+def _ds_config(cfg: RunConfig, path: str | Path, world_size: int, *, bf16_here: bool | None = None) -> dict:
     """The run's ds_config, read and filled from the run config: the pipeline's (ZeRO 0/1) in
-    pipeline mode, else ZeRO-3's."""
+    pipeline mode, else ZeRO-3's. ``bf16_here``: as ``resolve_ds_config``."""
     if cfg.train.pipeline_stages > 0:  # NOTE: imported only when used (DeepSpeed's pipeline engine)
         from .engines.pipeline import load_pipeline_ds_config
 
-        return load_pipeline_ds_config(path, cfg.train, world_size, check_accelerator=check_accelerator)
-    return resolve_ds_config(load_ds_config(path), cfg.train, world_size, check_accelerator=check_accelerator)
+        return load_pipeline_ds_config(path, cfg.train, world_size, bf16_here=bf16_here)
+    return resolve_ds_config(load_ds_config(path), cfg.train, world_size, bf16_here=bf16_here)
+
+
+def as_recorded(cfg: RunConfig, ds_config_path: str | Path, world_size: int) -> RunConfig:
+    """``cfg`` as a run on this machine records it in its config.json (teacher.dtype resolved):
+    what a benchmark compares a finished run folder with before it reuses it."""
+    return with_compute_dtype(cfg, _ds_config(cfg, ds_config_path, world_size))
 
 
 def check_ds_config(cfg: RunConfig, path: str | Path) -> None:
     """The ds_config read and filled as the run will (``--print_config``, which the SLURM scripts
-    call before they launch): a missing file, a typo, the other mode's config or a contradiction
-    stops the job there, in one line. Checked for the fewest ranks the run takes: a batch that
-    does not split over them splits over no more. The accelerator is the run's, not this machine's."""
-    _ds_config(cfg, path, max(1, cfg.train.pipeline_stages), check_accelerator=False)
+    call before they launch): a missing file, a typo, the other mode's config, a contradiction
+    or a teacher.dtype the engines will not compute in stops the job there, in one line. Checked
+    for the fewest ranks the run takes (a batch that does not split over them splits over no
+    more), and for both kinds of accelerator: the run's is not known here (a login node)."""
+    world = max(1, cfg.train.pipeline_stages)
+    possible = {compute_dtype(_ds_config(cfg, path, world, bf16_here=True))}
+    try:
+        possible.add(compute_dtype(_ds_config(cfg, path, world, bf16_here=False)))
+    except ConfigError:  # bf16 asked for explicitly: the run needs a bf16 accelerator (refused elsewhere)
+        pass
+    names = sorted(str(dtype).removeprefix("torch.") for dtype in possible)
+    if cfg.teacher.dtype not in ("auto", *names):
+        raise ConfigError(
+            f"teacher.dtype={cfg.teacher.dtype}, but the engines compute in {' or '.join(names)} (the ds_config's bf16/fp16 "
+            "sections decide): set teacher.dtype=auto, or change the ds_config's bf16/fp16 \"enabled\""
+        )
 
 
 def with_compute_dtype(cfg: RunConfig, ds_config: dict) -> RunConfig:

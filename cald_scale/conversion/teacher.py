@@ -173,8 +173,10 @@ def _content_digest(path: Path, index_path: Path) -> str:
     return digest
 
 
-def _convert_gguf(gguf_path: Path, target: Path) -> None:
-    """De-quantise a GGUF checkpoint into a plain fp32 HF folder, atomically.
+def _convert_gguf(gguf_path: Path, target: Path, *, locked: bool = True) -> None:
+    """De-quantise a GGUF checkpoint into a plain fp32 HF folder, atomically. ``locked``: the
+    caller holds the conversion's lock (False on a file system that takes none: another rank
+    may be converting beside this one, and whichever finishes first is kept).
 
     NOTE: this one-off preparation loads the GGUF model whole in one process (transformers
     has no lazy GGUF reader); every run after it reads the cached folder tensor by tensor.
@@ -198,10 +200,16 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     plain.load_state_dict(loaded.state_dict(), assign=True)
     plain.tie_weights()
     del loaded
-    with atomic_dir(target, clear_stale=True) as tmp:  # NOTE: under the conversion's lock: other temp folders are a killed one's
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "cald_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+    try:
+        # NOTE: under the conversion's lock, other temp folders beside the target are a killed converter's.
+        with atomic_dir(target, clear_stale=locked) as tmp:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "cald_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+    except OSError:
+        if locked or not (target / "config.json").is_file():
+            raise
+        logger.info("another process converted %s first (no locks on this file system): its folder is used", gguf_path)
 
 
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
@@ -329,9 +337,9 @@ def open_teacher(cfg: TeacherConfig) -> tuple[TeacherSource, PreTrainedTokenizer
     kind, location, _ = resolve_teacher_source(cfg)
     if kind == "gguf":
         target = _gguf_cache_folder(Path(location), cfg.cache_dir)
-        with file_lock(target.parent / f".{target.name}.lock", interrupt=lambda: raise_if_preempted(f"waiting for another process to convert {location}")):
+        with file_lock(target.parent / f".{target.name}.lock", interrupt=lambda: raise_if_preempted(f"waiting for another process to convert {location}")) as locked:
             if not (target / "config.json").is_file():
-                _convert_gguf(Path(location), target)
+                _convert_gguf(Path(location), target, locked=locked)
         folder = target
         kind = "builtin" if cfg.name_or_path in BUILTIN_TEACHERS else kind
     elif kind == "hub":

@@ -363,13 +363,17 @@ def build_cache(
             meta["key"] = key
             shutil.rmtree(os.path.join(partial, "parts"))
             _write_json(os.path.join(partial, META), meta)
-            if is_complete(folder):  # another builder finished first (only where nothing is locked)
-                shutil.rmtree(partial)
-                return
-            if os.path.isdir(folder):
+            if locked and os.path.isdir(folder):
                 logger.warning("replacing an incomplete data cache (no %s): %s", META, folder)
                 shutil.rmtree(folder)
-            os.rename(partial, folder)
+            try:
+                os.rename(partial, folder)
+            except OSError:
+                if locked or not is_complete(folder):
+                    raise
+                # NOTE: unlocked, nothing of another builder's is deleted: its cache, in place first, is used.
+                shutil.rmtree(partial)
+                return
             fsync_path(cfg.cache_dir)  # the rename itself
     except BaseException as err:
         write_failure_note(_failure_path(cfg.cache_dir, key), err, job=_job_token())

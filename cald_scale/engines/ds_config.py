@@ -165,10 +165,12 @@ def compute_dtype(ds_config: dict) -> torch.dtype:
     return torch.float32
 
 
-def resolve_ds_config(ds_config: dict, train, data_parallel_size: int, *, check_accelerator: bool = True) -> dict:
+def resolve_ds_config(ds_config: dict, train, data_parallel_size: int, *, bf16_here: bool | None = None) -> dict:
     """Fill the "auto" fields from ``train`` (a TrainConfig), for ``data_parallel_size`` model
-    replicas (every rank under ZeRO-3; the pipelines in pipeline mode). ``check_accelerator``:
-    refuse bf16 on a machine without it (False where the run will not run here: ``--print_config``)."""
+    replicas (every rank under ZeRO-3; the pipelines in pipeline mode). ``bf16_here``: whether
+    the run's accelerator computes in bf16 (None: this machine's; given where the run will not
+    run here, as ``--print_config`` on a login node)."""
+    bf16_here = bf16_available() if bf16_here is None else bf16_here
     cfg = copy.deepcopy(ds_config)
     micro = train.micro_batch(data_parallel_size)
     _fill_auto(cfg, "train_micro_batch_size_per_gpu", micro, "", "train.global_batch_size / (train.grad_accum x replicas)")
@@ -188,10 +190,10 @@ def resolve_ds_config(ds_config: dict, train, data_parallel_size: int, *, check_
     if fp16.get("enabled") == "auto":
         fp16["enabled"] = False
     if bf16.get("enabled") == "auto":
-        bf16["enabled"] = bf16_available() and not fp16.get("enabled")
+        bf16["enabled"] = bf16_here and not fp16.get("enabled")
     if bf16.get("enabled") and fp16.get("enabled"):  # DeepSpeed asserts this only when the engine is built
         raise ConfigError('ds_config enables both bf16 and fp16: the engines compute in one of them, keep one "enabled": true')
-    if cfg["bf16"].get("enabled") and check_accelerator and not bf16_available():
+    if cfg["bf16"].get("enabled") and not bf16_here:
         raise ConfigError("ds_config enables bf16 but this machine has no bf16-capable accelerator; use \"auto\"")
     optimizer = cfg.get("optimizer")
     if optimizer is None:

@@ -85,7 +85,7 @@ logger = logging.getLogger("cald_scale.engines")
 
 
 # -- config --------------------------------------------------------------------------------
-def load_pipeline_ds_config(path: str | Path, train, world_size: int, *, check_accelerator: bool = True) -> dict:
+def load_pipeline_ds_config(path: str | Path, train, world_size: int, *, bf16_here: bool | None = None) -> dict:
     """A pipeline ds_config with its "auto" fields filled from ``train`` (a TrainConfig)."""
     path = Path(path)
     config = read_ds_config(path)
@@ -103,7 +103,7 @@ def load_pipeline_ds_config(path: str | Path, train, world_size: int, *, check_a
         dp = train.data_parallel_size(world_size)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    resolved = resolve_ds_config(config, train, dp, check_accelerator=check_accelerator)
+    resolved = resolve_ds_config(config, train, dp, bf16_here=bf16_here)
     _check_overflow_guard(resolved, path)
     return resolved
 

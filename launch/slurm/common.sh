@@ -107,6 +107,7 @@ import sys
 start = int(sys.argv[1])
 for port in [*range(start, 30500), *range(29500, start)]:
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's TCPStore binds
         try:
             probe.bind(("", port))
         except OSError:

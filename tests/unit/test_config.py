@@ -111,6 +111,8 @@ def test_a_mapping_override_merges_into_the_section_it_names():
     assert (merged.mixer, merged.mamba.d_state) == ("mamba", 8)
     phases = load_run_config(recipe, ["phases=[{name: only}]"]).phases
     assert [p.name for p in phases] == ["only"]  # a list is replaced whole
+    edited = load_run_config(None, ["phases.0={lr: 0.001}"]).phases[0]  # a list item's mapping merges too
+    assert (edited.name, edited.mode, edited.lr) == ("align", "teacher_forced", 0.001)
     # YAML's "{name:target}" is one key, "name:target": the message says what YAML needs.
     with pytest.raises(ConfigError, match=re.escape("['phases[0].name:target'] in PhaseConfig") + r".*\(YAML needs a space after the colon: name: target\)"):
         load_run_config(overrides=["phases=[{name:target}]"])
@@ -469,6 +471,8 @@ def test_print_config_checks_the_ds_config_the_run_will_read(tmp_path, capsys):
         (["--ds_config", str(tmp_path / "zero3.jsn")], f"error: DeepSpeed config {tmp_path / 'zero3.jsn'} does not exist"),
         (["--ds_config", str(REPO / "ds_configs" / "zero3.json"), "train.pipeline_stages=2"], "config error: pipeline mode (train.pipeline_stages=2) needs a ds_config with a pipeline section"),
         (["--ds_config", str(bad)], "config error: ds_config gradient_clipping=5.0 contradicts the run config's train.grad_clip (1.0)"),
+        # bf16 "auto": bfloat16 on a bf16 GPU, float32 elsewhere; float16 on neither (the login node does not know which)
+        (["teacher.dtype=float16"], "config error: teacher.dtype=float16, but the engines compute in bfloat16 or float32"),
     )
     for argv, message in cases:
         with pytest.raises(SystemExit) as stopped:

@@ -1183,3 +1183,19 @@ def test_a_cache_builds_where_the_file_system_takes_no_locks(tmp_path, tokenizer
     assert "takes no locks" in caplog.text and ".lock" in caplog.text
     assert corpus.split("train")[2] > 0
     assert not [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".partial") and not p.name.endswith(".lock")]
+    # Another builder (another job's rank 0) puts the same cache in place while this one builds:
+    # its cache is kept and used (nothing of it deleted), this one's partial folder removed.
+    built = Path(corpus.meta_path).parent
+    second = dataclasses.replace(cfg, cache_dir=str(tmp_path / "cache2"))
+    real_write = tokenise._write_splits
+
+    def beaten(cfg, source, tokenizer, partial):
+        meta = real_write(cfg, source, tokenizer, partial)
+        shutil.copytree(built, Path(cfg.cache_dir) / built.name)  # the other builder's rename lands first
+        (Path(cfg.cache_dir) / built.name / "theirs").write_text("")
+        return meta
+
+    monkeypatch.setattr(tokenise, "_write_splits", beaten)
+    again = build_indexed_dataset(second, tokenizer, is_rank0=True)
+    assert (Path(again.meta_path).parent / "theirs").is_file() and again.split("train")[2] == corpus.split("train")[2]
+    assert not [p.name for p in (tmp_path / "cache2").iterdir() if p.name.startswith(".partial") and not p.name.endswith(".lock")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 import torch
@@ -316,3 +317,35 @@ def test_a_context_longer_than_the_teachers_positions_is_refused_when_the_task_o
     # Unguided, mixers alone: nothing in the run has positions.
     unguided = ["phases=[{name: u, guidance: none}]", "student.conversion.attention_every=0"]
     assert open_task(load_run_config(overrides=[*common, "data.seq_len=1024", *unguided]), is_main=True).source.folder == folder
+
+
+def test_gguf_converters_without_locks_keep_whichever_finishes_first(tmp_path, monkeypatch):
+    """On a file system that takes no locks every rank converts a GGUF teacher at once: one must
+    neither clear another's temp folder (it did: the other then failed mid-write) nor fail when
+    the other's folder is already in place (the rename onto it: ENOTEMPTY)."""
+    from tiny_models import tiny_teacher, train_tokenizer
+
+    target = tmp_path / "teachers" / "model-abc"
+    other_rank = target.parent / f".{target.name}.tmp-other-rank"
+    (other_rank / "sub").mkdir(parents=True)
+    model, tokenizer = tiny_teacher("llama"), train_tokenizer(["a small corpus of text"] * 8, 64)
+
+    def load_model(*args, **kwargs):
+        # Another rank finishes its conversion while this one loads.
+        target.mkdir()
+        (target / "config.json").write_text('{"model_type": "llama"}')
+        (target / "model.safetensors").write_text("theirs")
+        return model
+
+    monkeypatch.setattr(teacher_mod, "_require_gguf", lambda: None)
+    monkeypatch.setattr(teacher_mod.AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer)
+    monkeypatch.setattr(teacher_mod.AutoModelForCausalLM, "from_pretrained", load_model)
+    teacher_mod._convert_gguf(tmp_path / "model.gguf", target, locked=False)
+    assert (target / "model.safetensors").read_text() == "theirs" and other_rank.is_dir()
+    assert sorted(p.name for p in target.parent.iterdir()) == [other_rank.name, target.name]  # this one's temp folder removed
+    shutil.rmtree(target)
+    # Under the lock nobody else writes there: a failed rename is an error, and temp folders
+    # beside the target are a killed converter's (cleared).
+    with pytest.raises(OSError):
+        teacher_mod._convert_gguf(tmp_path / "model.gguf", target, locked=True)
+    assert not other_rank.exists()
