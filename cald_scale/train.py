@@ -764,6 +764,7 @@ def _start(
     ckpt_dir = run_dir / "checkpoints"
     ds_config = _ds_config(cfg, ds_config_path, env.world_size)
     cfg = with_compute_dtype(cfg, ds_config)
+    logger.info("teacher and student compute in %s (the ds_config's bf16/fp16 sections)", cfg.teacher.dtype)
     # Before the engines: a ZeRO-3 checkpoint saved on another number of ranks loads through DeepSpeed's
     # universal format; one of another mode, pipeline layout or global batch is refused.
     tags = complete_tags(ckpt_dir)
