@@ -364,20 +364,11 @@ class RunConfig:
             if self.train.pipeline_stages:
                 raise ValueError("pipeline mode (train.pipeline_stages) runs causal LMs; classification runs under ZeRO-3 (train.pipeline_stages=0)")
             lm_only = [f"eval.{key}" for key in ("max_sequences", "other_corpora") if getattr(self.eval, key) != getattr(EvalConfig(), key)]
-            # NOTE: not data.corpus, which the recorded classification runs were stamped with (the LM default's old value).
-            unread = [f"data.{f.name}" for f in dataclasses.fields(DataConfig) if f.name != "corpus" and getattr(self.data, f.name) != getattr(DataConfig(), f.name)]
-            if unread:
-                raise ValueError(
-                    f"{', '.join(unread)}: the data section is the causal LM's text; a classification run reads the "
-                    "classification section (classification.max_length, classification.train, ...)"
-                )
             if lm_only:
                 raise ValueError(
                     f"{' and '.join(lm_only)} set what perplexity scores (causal LMs); a classification run scores its whole "
                     "validation and test splits (classification.max_eval_examples caps them)"
                 )
-        elif self.task.pooling != TaskConfig().pooling:
-            raise ValueError(f"task.pooling={self.task.pooling} pools a classification head; a causal LM ({self.task.kind}) has none: leave it out")
         if conversion.mixer == "linformer" and conversion.linformer.sharing == "layer":
             forced = [p.name for p in self.phases if p.mode == "teacher_forced"]
             if forced:
@@ -458,7 +449,30 @@ def load_run_config(recipe: str | Path | None = None, overrides: list[str] | Non
         if node is not None and leaf in node:
             spelled = ", ".join(f"{json.dumps(a)} is {json.dumps(b)}" for a, b in values.items())
             raise ConfigError(f"{old} was renamed to {key} ({spelled})")
-    return from_dict(RunConfig, data)
+    cfg = from_dict(RunConfig, data)
+    _refuse_unused(cfg)
+    return cfg
+
+
+def _refuse_unused(cfg: RunConfig) -> None:
+    """Settings this run would never read, refused in what a user asks for now (a recipe and
+    overrides), not in a run's saved config.json: a run recorded with one still resumes and is
+    still scored (helper-81: each passed --print_config and silently did nothing)."""
+    if cfg.data.eval_corpus is not None and cfg.data.eval_fraction != DataConfig.eval_fraction:
+        raise ConfigError(
+            f"data.eval_fraction={cfg.data.eval_fraction} holds out part of data.corpus, but data.eval_corpus scores another "
+            "corpus and the whole of data.corpus trains: leave one out"
+        )
+    if cfg.task.kind == "classification":
+        # NOTE: not data.corpus, which the recorded classification runs were stamped with (the LM default's old value).
+        unread = [f"data.{f.name}" for f in dataclasses.fields(DataConfig) if f.name != "corpus" and getattr(cfg.data, f.name) != getattr(DataConfig(), f.name)]
+        if unread:
+            raise ConfigError(
+                f"{', '.join(unread)}: the data section is the causal LM's text; a classification run reads the "
+                "classification section (classification.max_length, classification.train, ...)"
+            )
+    elif cfg.task.pooling != TaskConfig().pooling:
+        raise ConfigError(f"task.pooling={cfg.task.pooling} pools a classification head; a causal LM ({cfg.task.kind}) has none: leave it out")
 
 
 # Keys added after run folders were first written, with the value that reproduces what a run

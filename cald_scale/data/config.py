@@ -89,11 +89,6 @@ class DataConfig:
             raise ValueError(f"data.eval_fraction must be a float, got {self.eval_fraction!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
-        if self.eval_corpus is not None and self.eval_fraction != DataConfig.eval_fraction:
-            raise ValueError(
-                f"data.eval_fraction={self.eval_fraction} holds out part of data.corpus, but data.eval_corpus scores another "
-                "corpus and the whole of data.corpus trains: leave one out"
-            )
         if self.eval_corpus is not None and (
             not isinstance(self.eval_corpus, str) or not self.eval_corpus.strip()
         ):

@@ -754,3 +754,8 @@ def test_settings_that_would_do_nothing_in_this_run_are_refused():
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_run_config(overrides=list(overrides))
     load_run_config(overrides=["data.eval_corpus=wiki"])  # the default fraction: nothing said
+    # A run saved with one still loads (to resume, to be scored): the refusal is of what is asked now.
+    saved = load_run_config().to_dict()
+    saved["data"].update(eval_corpus="wiki", eval_fraction=0.2)
+    saved["task"]["pooling"] = "cls"
+    assert from_dict(RunConfig, saved).data.eval_fraction == 0.2
