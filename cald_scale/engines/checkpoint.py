@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -40,7 +41,7 @@ from .ds_files import parse_state_file
 from .preemption import Preempted
 
 __all__ = [
-    "save_checkpoint", "load_latest_checkpoint", "complete_tags", "verify_tag", "seal_rank", "tag_world_size",
+    "save_checkpoint", "load_latest_checkpoint", "load_either_precision", "complete_tags", "verify_tag", "seal_rank", "tag_world_size",
     "CheckpointLoadError", "CheckpointSaveError", "MANIFEST",
 ]
 
@@ -350,6 +351,35 @@ def _save_failure(ckpt_dir: Path, step: int, err: Exception) -> str:
     )
 
 
+def load_either_precision(engine) -> None:
+    """Let ``engine`` load a tag saved by engines of another precision (bf16 and fp32: a run
+    moved between a bf16 GPU and a machine without, the ds_config's bf16 "auto" resolving
+    differently). Their optimizer shards hold the same fp32 masters and moments; DeepSpeed names
+    them by the saving engine's precision (``bf16_zero_pp_rank_...``) and looks only for its own
+    name. Its fallback to the other name never runs (``_get_all_zero_checkpoint_names`` never
+    returns None), so the names are chosen here: its own where they exist, else the other
+    precision's where those do (else its own, for DeepSpeed's FileNotFoundError)."""
+    if getattr(engine, "_cald_either_precision", False):
+        return
+    own = engine._get_all_zero_checkpoint_names
+
+    def names(load_dir, tag, bf16_mode):
+        found = own(load_dir, tag, bf16_mode)
+        if all(os.path.exists(name) for name in found):
+            return found
+        other = own(load_dir, tag, not bf16_mode)
+        if all(os.path.exists(name) for name in other):
+            logger.warning(
+                "%s was saved by %s engines and these compute in %s: loading its optimizer shards (the same fp32 state)",
+                Path(load_dir) / str(tag), "float32" if bf16_mode else "bf16", "bf16" if bf16_mode else "float32",
+            )
+            return other
+        return found
+
+    engine._get_all_zero_checkpoint_names = names
+    engine._cald_either_precision = True
+
+
 def load_latest_checkpoint(
     engine, ckpt_dir: Path, *, frozen_excluded: bool = False, also_load: Callable[[Path, dict], None] | None = None, tags: list[tuple[int, Path]] | None = None,
     source: Callable[[Path], Path] | None = None,
@@ -366,6 +396,7 @@ def load_latest_checkpoint(
     for a tag (the tag itself, or its universal copy on a new world size: engines/reshard.py).
     """
     failures = []
+    load_either_precision(engine)
     for step, path in complete_tags(Path(ckpt_dir)) if tags is None else tags:
         error = None
         try:

@@ -25,6 +25,7 @@ from ..conversion.placement import Placement
 from ..conversion.weights import WeightsMismatchError, load_weights, open_weights
 from ..distill.stages import LayerwiseModel
 from ..metrics import current_rss_bytes
+from .checkpoint import load_either_precision
 from .host_memory import return_free_memory
 from .partitioned import is_partitioned
 from .zero3 import begin_step
@@ -192,6 +193,7 @@ class ManagedTeacher:
         self.engine.save_checkpoint(str(tag_dir), tag="teacher", save_latest=False)
 
     def resume(self, tag_dir: Path) -> None:
+        load_either_precision(self.engine)  # a tag saved in another precision (a run moved between machines)
         load_path, _ = self.engine.load_checkpoint(str(tag_dir), tag="teacher")
         if load_path is None:
             raise RuntimeError(f"checkpoint {tag_dir} has no trajectory teacher state (teacher/); it cannot resume a trajectory-guided run")

@@ -331,3 +331,66 @@ def test_state_file_names_are_read_as_deepspeed_writes_them(bf16):
 
     assert [_owner(optim), _owner(model), _owner("mp_rank_00_model_states.pt"), _owner("cald_rng_rank_00003.pt"), _owner("latest")] == [12, 5, 0, 3, 0]
     assert parse_state_file("zero_to_fp32.py") is None and parse_state_file(f"{model}.tmp") is None
+
+
+_OTHER_PRECISION = r"""
+import json, os, sys
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from cald_scale.engines.checkpoint import complete_tags, load_latest_checkpoint, save_checkpoint
+
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+deepspeed.init_distributed(dist_backend="gloo")
+
+
+def engine(bf16: bool):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 4))
+    config = {"train_batch_size": 2, "zero_optimization": {"stage": 3}, "bf16": {"enabled": bf16},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+    return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)[0]
+
+
+def moments(e):
+    opt = e.optimizer
+    return [(float(opt.optimizer.state[g]["step"]), float(opt.optimizer.state[g]["exp_avg"].norm())) for g in opt.fp32_partitioned_groups_flat]
+
+
+for saved_bf16 in (True, False):
+    ckpt = Path(sys.argv[1]) / ("bf16" if saved_bf16 else "fp32")
+    e = engine(saved_bf16)
+    x = torch.randn(2, 32, dtype=torch.bfloat16 if saved_bf16 else torch.float32)
+    for _ in range(3):
+        e.backward(e(x).float().pow(2).mean())
+        e.step()
+    save_checkpoint(e, ckpt, 3, {}, keep_last=3)
+    files = sorted(p.name for p in (ckpt / "step_00000003").glob("*optim_states.pt"))
+    other = engine(not saved_bf16)
+    load_latest_checkpoint(other, ckpt, tags=complete_tags(ckpt))
+    print("RESULT", json.dumps({"saved_bf16": saved_bf16, "files": files, "saved": moments(e), "loaded": moments(other)}))
+"""
+
+
+def test_a_checkpoint_saved_in_bf16_resumes_in_float32_and_back(tmp_path):
+    """A run moved between a bf16 GPU and a machine without (the ds_config's bf16 "auto") could
+    never resume: DeepSpeed names a tag's optimizer shards by the saving engine's precision and
+    looks only for its own name (helper-83). The shards hold the same fp32 masters and moments:
+    both directions load them whole (step and Adam moments equal to what was saved)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-c", _OTHER_PRECISION, str(tmp_path), str(port)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    results = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert [r["files"] for r in results] == [["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"], ["zero_pp_rank_0_mp_rank_00_optim_states.pt"]]
+    for r in results:
+        assert r["loaded"] == r["saved"] and r["saved"][0][0] == 3.0 and r["saved"][0][1] > 0, r
+    assert "was saved by bf16 engines and these compute in float32" in proc.stdout + proc.stderr
+    assert "was saved by float32 engines and these compute in bf16" in proc.stdout + proc.stderr
