@@ -359,9 +359,9 @@ def load_either_precision(engine) -> None:
     name. Its fallback to the other name never runs (``_get_all_zero_checkpoint_names`` never
     returns None), so the names are chosen here: its own where they exist, else the other
     precision's where those do (else its own, for DeepSpeed's FileNotFoundError)."""
-    if getattr(engine, "_cald_either_precision", False):
+    own = getattr(engine, "_get_all_zero_checkpoint_names", None)
+    if own is None or getattr(engine, "_cald_either_precision", False):  # not DeepSpeed's engine, or done
         return
-    own = engine._get_all_zero_checkpoint_names
 
     def names(load_dir, tag, bf16_mode):
         found = own(load_dir, tag, bf16_mode)
