@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .config_loader import from_dict
 from .conversion.modeling import CaldStudentConfig
 from .cli import check_output_file, device_arg, non_negative_int, positive_int
-from .conversion.teacher import DTYPES, TeacherConfig, dtype_of, load_teacher
+from .conversion.teacher import DTYPES, TeacherConfig, dtype_name, dtype_of, load_teacher
 from .data import DataConfig, PackedSequences, held_out_sequences
 from .data.heldout import same_corpus
 from .data.tokenise import tokenizer_identity
@@ -140,7 +140,7 @@ def resolve_target(
         recorded = read_json(folder / "data.json").get("heldout") if (folder / "data.json").is_file() else None
         target = EvalTarget(
             student_dir=student_dir, teacher=teacher_cfg, data=data, micro_batch_size=batch, max_sequences=sequences,
-            dtype=str(dtype_of(teacher_cfg.dtype)).removeprefix("torch."), head_chunk_tokens=chunk,
+            dtype=dtype_name(dtype_of(teacher_cfg.dtype)), head_chunk_tokens=chunk,
             heldout_identity=recorded,
         )
     else:

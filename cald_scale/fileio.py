@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, Container, Iterator
 
-__all__ = ["absolute_if_local", "sha256_of", "tag_cache_dir", "CACHE_TAG", "atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "NO_LOCKS", "hold_lock", "wait_for_file", "read_json", "write_failure_note", "read_failure_note", "cache_root"]
+__all__ = ["absolute_if_local", "sha256_of", "tag_cache_dir", "CACHE_TAG", "atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "NO_LOCKS", "update_json", "hold_lock", "wait_for_file", "read_json", "write_failure_note", "read_failure_note", "cache_root"]
 
 
 def absolute_if_local(value: str, *, names: Container[str] = ()) -> str:
@@ -222,6 +222,19 @@ def file_lock(path: str | Path, *, interrupt: Callable[[], None] | None = None, 
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def update_json(path: str | Path, update: Callable[[Any], Any], *, sort_keys: bool = False) -> None:
+    """A read-merge-write of a JSON file that several processes update at once (an index, a
+    file of choices), under ``file_lock(<path>.lock)``: ``update(current)`` (None where the file
+    is absent or does not parse) returns the new content, which replaces the file atomically."""
+    path = Path(path)
+    with file_lock(path.with_name(path.name + ".lock")):  # unlocked (warned) where locks are not taken
+        try:
+            current = json.loads(path.read_text())
+        except (OSError, ValueError):
+            current = None
+        atomic_write_text(path, json.dumps(update(current), indent=1, sort_keys=sort_keys))
 
 
 def hold_lock(

@@ -29,6 +29,7 @@ import torch
 
 from .config import OutputConfig, RunConfig, config_differences, flat_keys, with_legacy_defaults
 from .config_loader import ConfigError, from_dict, to_dict
+from .conversion.teacher import dtype_name
 from .conversion.weights import weights_fingerprint
 from .distill.guidance import Guide
 from .distill.phases import Phase, PhasePlan, set_decay_and_betas, set_phase_lr
@@ -310,7 +311,7 @@ def _finite_teacher_scores(scores: dict, source) -> dict:
     would stop steps later on non-finite losses, blaming the learning rate."""
     bad = [(path, value) for path, value in flat_keys(scores).items() if isinstance(value, float) and not math.isfinite(value)]
     if bad:
-        overflow = "" if source.dtype == torch.float32 else f", or an overflow in {str(source.dtype).removeprefix('torch.')}: try float32, the ds_config's bf16 and fp16 off"
+        overflow = "" if source.dtype == torch.float32 else f", or an overflow in {dtype_name(source.dtype)}: try float32, the ds_config's bf16 and fp16 off"
         raise ValueError(
             f"teacher {source.name!r} scores {', '.join(f'{p}={v}' for p, v in bad[:4])} on held-out data: its outputs are not "
             f"finite (a damaged or wrongly converted checkpoint in {source.folder}{overflow}), so it gives no target to distil"
@@ -703,7 +704,7 @@ def check_ds_config(cfg: RunConfig, path: str | Path) -> None:
         possible.add(compute_dtype(_ds_config(cfg, path, world, bf16_here=False)))
     except ConfigError:  # bf16 asked for explicitly: the run needs a bf16 accelerator (refused elsewhere)
         pass
-    names = sorted(str(dtype).removeprefix("torch.") for dtype in possible)
+    names = sorted(dtype_name(dtype) for dtype in possible)
     if cfg.teacher.dtype not in ("auto", *names):
         raise ConfigError(
             f"teacher.dtype={cfg.teacher.dtype}, but the engines compute in {' or '.join(names)} (the ds_config's bf16/fp16 "
@@ -715,7 +716,7 @@ def with_compute_dtype(cfg: RunConfig, ds_config: dict) -> RunConfig:
     """``cfg`` with teacher.dtype resolved to the precision the engines compute in (the resolved
     ds_config's): config.json then says what the run computed in, and ``cald-scale evaluate``
     scores its student in it. Another explicit teacher.dtype would have no effect: refused."""
-    engines = str(compute_dtype(ds_config)).removeprefix("torch.")
+    engines = dtype_name(compute_dtype(ds_config))
     if cfg.teacher.dtype not in ("auto", engines):
         sections = "its bf16 and fp16 sections are off" if engines == "float32" else f"its {'bf16' if engines == 'bfloat16' else 'fp16'} section is on"
         raise ConfigError(

@@ -33,11 +33,11 @@ from transformers import (
 from transformers.initialization import no_init_weights
 
 from ..engines.preemption import raise_if_preempted
-from ..fileio import absolute_if_local, atomic_dir, atomic_write_text, cache_root, file_lock, sha256_of
+from ..fileio import absolute_if_local, atomic_dir, cache_root, file_lock, sha256_of, update_json
 from .placement import PLAIN, Placement
 from .weights import WeightReader, WeightsMismatchError, load_weights, open_weights, weights_fingerprint
 
-__all__ = ["TeacherConfig", "TeacherSource", "ClassifierTeacherSource", "classifier_teacher", "open_teacher", "build_teacher", "load_teacher", "resolve_teacher_source", "cache_root", "BUILTIN_TEACHERS", "DTYPES", "dtype_of"]
+__all__ = ["TeacherConfig", "TeacherSource", "ClassifierTeacherSource", "classifier_teacher", "open_teacher", "build_teacher", "load_teacher", "resolve_teacher_source", "cache_root", "BUILTIN_TEACHERS", "DTYPES", "dtype_of", "dtype_name"]
 
 logger = logging.getLogger("cald_scale.teacher")
 
@@ -63,6 +63,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def dtype_of(name: str) -> torch.dtype:
     """A TeacherConfig.dtype as a torch dtype: "auto" outside a training run's engines is float32."""
     return torch.float32 if name == "auto" else DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype as TeacherConfig.dtype names it ("bfloat16")."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -161,15 +166,8 @@ def _content_digest(path: Path, index_path: Path) -> str:
     if isinstance(index, dict) and isinstance(index.get(version), str):
         return index[version]
     digest = sha256_of(path)  # NOTE: outside the lock: jobs hashing other files do not wait on this one
-    index_path.parent.mkdir(parents=True, exist_ok=True)
-    # The read-merge-write under a lock: jobs adding other files' entries at once kept 5 of 8.
-    with file_lock(index_path.with_name(index_path.name + ".lock")):
-        try:
-            index = json.loads(index_path.read_text())
-        except (OSError, ValueError):
-            index = {}
-        index = {**(index if isinstance(index, dict) else {}), version: digest}
-        atomic_write_text(index_path, json.dumps(index, indent=1))
+    # Under a lock: jobs adding other files' entries at once kept 5 of 8.
+    update_json(index_path, lambda index: {**(index if isinstance(index, dict) else {}), version: digest})
     return digest
 
 

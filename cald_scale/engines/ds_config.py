@@ -193,7 +193,7 @@ def resolve_ds_config(ds_config: dict, train, data_parallel_size: int, *, bf16_h
         bf16["enabled"] = bf16_here and not fp16.get("enabled")
     if bf16.get("enabled") and fp16.get("enabled"):  # DeepSpeed asserts this only when the engine is built
         raise ConfigError('ds_config enables both bf16 and fp16: the engines compute in one of them, keep one "enabled": true')
-    if cfg["bf16"].get("enabled") and not bf16_here:
+    if bf16.get("enabled") and not bf16_here:
         raise ConfigError("ds_config enables bf16 but this machine has no bf16-capable accelerator; use \"auto\"")
     optimizer = cfg.get("optimizer")
     if optimizer is None:

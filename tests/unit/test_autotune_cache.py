@@ -289,19 +289,20 @@ def test_save_merges_under_a_lock_so_parallel_processes_keep_each_others_choices
 SIGTERM_IN_SAVE = textwrap.dedent(
     """
     import os, sys, threading, time
+    from cald_scale import fileio
     from cald_scale.mixers.ops import _autotune_cache as ac
 
     ac.AutotuneChoices._count = lambda self: 1  # "a kernel was tuned since the last save"
     ac.AutotuneChoices.autotuners = lambda self: {}
     ac._stamp = lambda: "stamp"
-    real_write = ac.atomic_write_text
+    real_write = fileio.atomic_write_text  # the merge's write (fileio.update_json)
 
     def slow_write(path, text):  # a slow disk: the write inside the lock takes a while
         print("writing", flush=True)
         time.sleep(1.5)
         real_write(path, text)
 
-    ac.atomic_write_text = slow_write
+    fileio.atomic_write_text = slow_write
     choices = ac.autotune_choices()  # installs the SIGTERM handler
     threading.Timer(0.5, lambda: os.kill(os.getpid(), 15)).start()
     choices.sync()

@@ -30,7 +30,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ...fileio import atomic_write_text, file_lock
+from ...fileio import update_json
 
 __all__ = ["ENV_VAR", "UNTUNED_VAR", "AutotuneChoices", "autotune_choices", "find_autotuners", "pin_smallest_configs", "smallest_config", "sync"]
 
@@ -183,14 +183,9 @@ class AutotuneChoices:
         self._saved_count = self._count()
 
     def _merge_into_file(self) -> None:
-        with file_lock(self.path.with_name(self.path.name + ".lock")):  # unlocked (warned) where locks are not taken
-            try:
-                data = json.loads(self.path.read_text())
-                if data.get("format") != FORMAT:
-                    data = None
-            except (OSError, ValueError):
-                data = None
-            data = data or {"format": FORMAT, "stamps": {}}
+        def merged(data):
+            if not (isinstance(data, dict) and data.get("format") == FORMAT):
+                data = {"format": FORMAT, "stamps": {}}
             mine = data["stamps"].setdefault(self.stamp, {})
             for name, tuner in self.autotuners().items():
                 for key, config in tuner.cache.items():
@@ -199,7 +194,9 @@ class AutotuneChoices:
                     except ValueError:  # a config made by a prune function: not one of the list's
                         continue
                     mine.setdefault(name, {})[repr(key)] = [index, str(config)]
-            atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True))
+            return data
+
+        update_json(self.path, merged, sort_keys=True)
 
     def sync(self) -> None:
         """Load choices for newly imported kernel modules; save when a kernel was tuned since the last save."""
