@@ -17,6 +17,7 @@ from torch import nn
 __all__ = [
     "build_training_engine",
     "clear_grads_after_step",
+    "keep_unchanged_persistent",
     "build_teacher_engine",
     "param_groups",
     "parameter_kinds",
@@ -223,6 +224,7 @@ def build_training_engine(model: nn.Module, ds_config: dict, groups: list[dict],
         share_fp32_master(engine.optimizer)
         read_fp32_grads_in_place(engine.optimizer)
         clear_grads_after_step(engine.optimizer)
+        keep_unchanged_persistent(engine.optimizer)
     return engine
 
 
@@ -248,6 +250,79 @@ def clear_grads_after_step(optimizer) -> bool:
             if flat.grad is not None:
                 flat.grad.zero_()
         return out
+
+    optimizer.step = stepped
+    return True
+
+
+class _ParamList:
+    """The two module methods ZeRO-3's ``release_and_reset_all`` reads, over chosen parameters."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = params
+
+    def named_parameters(self, recurse: bool = True):
+        return ((str(i), p) for i, p in enumerate(self.params))
+
+    def ds_external_parameters(self):
+        return iter(())
+
+
+def keep_unchanged_persistent(optimizer) -> bool:
+    """Let ZeRO-3's optimizer step release and regather only the parameters it changes.
+
+    ZeRO-3 keeps small parameters (under ``stage3_param_persistence_threshold``) gathered
+    through forward and backward, but every optimizer step releases every parameter, then
+    gathers the persistent ones again so that each rank sees their update. A persistent
+    parameter outside the optimizer's groups (frozen: norms, a frozen student's copied
+    weights) comes back unchanged; on one rank, a trained one whose gathered tensor is its
+    partition (a view, not a copy) already holds its update when the step writes the
+    partition in place. Their round trip is host work per parameter at every step: 361 of
+    the student's parameters on the narrow proxy of ``benchmarks/train_speed.py``. The step
+    keeps those gathered and releases and regathers the rest as DeepSpeed does; the state
+    after it is the same. Returns whether the step was wrapped."""
+    step = getattr(optimizer, "step", None)
+    offload = getattr(optimizer, "parameter_offload", None)
+    persistent = getattr(optimizer, "persistent_parameters", None)
+    if step is None or offload is None or not persistent or not hasattr(optimizer, "fp16_groups"):
+        return False
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
+
+    stepped_ids = {id(p) for group in optimizer.fp16_groups for p in group}
+
+    def unchanged_by_step(p: nn.Parameter) -> bool:
+        if p.ds_status != ZeroParamStatus.AVAILABLE:
+            return False
+        if id(p) not in stepped_ids:
+            return True
+        # NOTE: checked at each step: the partition must be the very tensor the forward reads
+        # (one rank, on the parameter's device; not offloaded, quantised or swapped).
+        partition = p.ds_tensor
+        return (
+            getattr(p, "ds_zero_partition_world_size", None) == 1
+            and partition is not None
+            and p.data.data_ptr() == partition.data_ptr()
+            and p.data.device == partition.device
+            and p.data.dtype == partition.dtype
+        )
+
+    def stepped(*args, **kwargs):
+        kept = [p for p in persistent if unchanged_by_step(p)]
+        if not kept:
+            return step(*args, **kwargs)
+        kept_ids = {id(p) for p in kept}
+        for p in kept:
+            p.ds_active_sub_modules.clear()  # as DeepSpeed's release does for every parameter
+        released = [p for p in iter_params(offload.module, recurse=True) if id(p) not in kept_ids]
+        coordinator = offload.get_param_coordinator()
+        optimizer._partition_all_parameters = lambda: coordinator.release_and_reset_all(_ParamList(released))
+        optimizer.persistent_parameters = [p for p in persistent if id(p) not in kept_ids]  # what the step gathers again
+        try:
+            return step(*args, **kwargs)
+        finally:
+            del optimizer._partition_all_parameters  # DeepSpeed's own again (checkpoints release everything)
+            optimizer.persistent_parameters = persistent
 
     optimizer.step = stepped
     return True

@@ -33,7 +33,7 @@ def small_vocab_teacher(tmp_path_factory):
 
 
 # construction first: it measures the peak of live tensors, before any other check has run.
-CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "chunked_head_frozen", "vocab_streamed_head", "fused_head_trained", "zero3_leaves", "graph_free_linear", "stale_grads", "outside_still", "eval_padding", "padded_layer_weight")
+CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "unchanged_persistent", "chunked_head_frozen", "vocab_streamed_head", "fused_head_trained", "zero3_leaves", "graph_free_linear", "stale_grads", "outside_still", "eval_padding", "padded_layer_weight")
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +103,40 @@ def test_fp32_parameters_as_their_own_master_train_identically(checks):
         assert one["grads_read_in_place"] and all(one["grads_read_in_place"]) and not any(two["grads_read_in_place"])
         assert one["losses"] == two["losses"] and one["losses"][-1] < one["losses"][0]
         assert one["checksum"] == two["checksum"]
+
+
+def test_a_step_regathering_only_what_it_changes_trains_as_deepspeeds(checks):
+    """Two ranks: a trained parameter's update is spread over the ranks, so the step gathers every
+    trained persistent parameter again; only the frozen ones stay gathered."""
+    for rank in _check("unchanged_persistent", checks):
+        assert_unchanged_persistent_trains_the_same(rank, regathered=lambda deepspeed: deepspeed["persistent_trained"])
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_one_rank_keeps_its_trained_persistent_parameters_gathered_and_trains_the_same(small_vocab_teacher, tmp_path, bf16):
+    """One rank: a trained persistent parameter's gathered tensor is its partition, which the step
+    writes in place (fp32: the master itself; bf16: copied from the fp32 master), so the step
+    regathers nothing."""
+    env = launcher_env(tmp_path) | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env["CALD_CHECK_BF16"] = "1" if bf16 else "0"
+    cmd = [sys.executable, "tests/distributed/zero3_checks.py", "--check", "unchanged_persistent", "--teacher", str(small_vocab_teacher), "--out", str(tmp_path)]
+    proc = run(cmd, env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    result = json.loads((tmp_path / "unchanged_persistent_rank0.json").read_text())
+    assert "error" not in result, result.get("error")
+    assert result["bf16"] == bf16 and result["kept"]["dtype"] == ("torch.bfloat16" if bf16 else "torch.float32")
+    assert_unchanged_persistent_trains_the_same(result, regathered=lambda deepspeed: 0)
+
+
+def assert_unchanged_persistent_trains_the_same(result: dict, regathered) -> None:
+    """``check_unchanged_persistent``'s two runs: the same training, with fewer parameters regathered per step."""
+    ds, kept = result["deepspeed"], result["kept"]
+    assert ds["persistent"] > ds["persistent_trained"] > 0  # frozen and trained persistent parameters both
+    assert ds["regathered_per_step"] == [ds["persistent"]] * 4
+    # NOTE: the first pass records ZeRO-3's trace, and releases persistent parameters too.
+    assert kept["regathered_per_step"] == [ds["persistent"]] + [regathered(ds)] * 3
+    assert kept["losses"] == ds["losses"] and kept["losses"][-1] < kept["losses"][0]
+    assert kept["checksum"] == ds["checksum"] and kept["trained_checksum"] == ds["trained_checksum"]
 
 
 def test_a_block_skipped_for_a_nan_is_not_stepped_with_its_last_gradient(checks):

@@ -12,6 +12,8 @@ Checks:
   prefetch           the parameter trace completes and the next block is gathered ahead of its forward
   chunked_head_frozen  chunked CE/KL equal whole logits with a frozen, teacher-shared head
   fp32_master        fp32 parameters as their own master, gradients read in place: trains exactly as with copies
+  unchanged_persistent  the optimizer step regathering only the small parameters it changes trains exactly as DeepSpeed's
+                     (also run on one rank, in fp32 and bf16, by tests/unit/test_zero3_persistent.py)
   vocab_streamed_head  a frozen head read a piece of rows at a time gives the gathered head's CE and gradients
   zero3_leaves       whole blocks, or their frozen parts, gathered as ZeRO-3 leaves train exactly as with a hook per submodule
   graph_free_linear  F.linear under ZeRO-3: torch's where nothing is saved for backward, DeepSpeed's (no gathered weight kept) where it is
@@ -227,6 +229,58 @@ def check_fp32_master(args) -> dict:
         with deepspeed.zero.GatheredParameters(params):
             checksum = float(sum(p.double().sum() for p in params))
         out[mode] = {"aliased": aliased, "grads_read_in_place": in_place, "losses": losses, "checksum": checksum}
+    return out
+
+
+def check_unchanged_persistent(args) -> dict:
+    """The optimizer step that keeps gathered the persistent parameters it leaves unchanged
+    (``keep_unchanged_persistent``) against DeepSpeed's, which releases every parameter and gathers
+    the persistent ones again: the same losses and trained weights, with weight decay on, so a
+    kept parameter whose update went missing (or a frozen one the step moved) shows. bf16 when
+    CALD_CHECK_BF16=1 (the engines run it on CPU too; it is the GPU's precision)."""
+    import deepspeed
+
+    from cald_scale.engines import ds_config as ds_module
+    from cald_scale.engines import zero3
+    from cald_scale.train import forward_backward
+
+    bf16 = os.environ.get("CALD_CHECK_BF16") == "1"
+    if bf16:
+        ds_module.bf16_available = lambda: True
+    env, cfg, ds_config, source = _setup(args.teacher, ["student.trainable=mixers", "train.lr=1e-2", "train.weight_decay=0.1", f"teacher.dtype={'bfloat16' if bf16 else 'float32'}"])
+    ds_config["bf16"] = {"enabled": bf16}
+    out = {"bf16": bf16}
+    original = zero3.keep_unchanged_persistent
+    for mode in ("deepspeed", "kept"):
+        if mode == "deepspeed":
+            zero3.keep_unchanged_persistent = lambda optimizer: False
+        torch.manual_seed(0)
+        try:
+            models = build_models(cfg, ds_config, source)
+        finally:  # the checks after this one share the process
+            zero3.keep_unchanged_persistent = original
+        opt = models.student_engine.optimizer
+        post_step, regathered = opt._post_step, []
+
+        def recording(*a, post_step=post_step, opt=opt, **k):
+            regathered.append(len(opt.persistent_parameters))
+            return post_step(*a, **k)
+
+        opt._post_step = recording
+        losses = []
+        for step in range(4):
+            parts, _ = forward_backward(models, models.teacher, cfg.plan(env.world_size).phases[0], _batch(source.config.vocab_size, env), cfg)
+            models.student_engine.step()
+            losses.append(parts.total.item())
+        params = list(models.student_engine.module.parameters())
+        persistent = [p for p in params if p.ds_persist]
+        with deepspeed.zero.GatheredParameters(params):
+            checksum = float(sum(p.double().sum() for p in params))
+            trained = float(sum(p.double().sum() for p in params if p.requires_grad))
+        out[mode] = {
+            "losses": losses, "checksum": checksum, "trained_checksum": trained, "regathered_per_step": regathered,
+            "persistent": len(persistent), "persistent_trained": sum(p.requires_grad for p in persistent), "dtype": str(params[0].dtype),
+        }
     return out
 
 
@@ -596,6 +650,7 @@ CHECKS = {
     "shared_frozen": check_shared_frozen,
     "prefetch": check_prefetch,
     "fp32_master": check_fp32_master,
+    "unchanged_persistent": check_unchanged_persistent,
     "chunked_head_frozen": check_chunked_head_frozen,
     "vocab_streamed_head": check_vocab_streamed_head,
     "fused_head_trained": check_fused_head_trained,
