@@ -194,10 +194,7 @@ def check_fp32_master(args) -> dict:
     """Training with the fp32 master aliased to the parameters, and the step reading the gradient
     partitions in place, equals DeepSpeed's two-copy path (gradient clipping on, so the step
     scales the gradients it reads)."""
-    import deepspeed
-
     from cald_scale.engines import zero3
-    from cald_scale.train import forward_backward
 
     env, cfg, ds_config, source = _setup(args.teacher, ["train.lr=1e-2", "train.grad_clip=0.05"])
     out = {}
@@ -220,16 +217,27 @@ def check_fp32_master(args) -> dict:
             in_place.append(grad.untyped_storage().data_ptr() == opt.grad_partitions_flat_buffer.untyped_storage().data_ptr())
 
         opt._prepare_fp32_grad_for_sub_group = recording
-        losses = []
-        for step in range(4):
-            parts, _ = forward_backward(models, models.teacher, cfg.plan(env.world_size).phases[0], _batch(source.config.vocab_size, env), cfg)
-            models.student_engine.step()
-            losses.append(parts.total.item())
-        params = list(models.student_engine.module.parameters())
-        with deepspeed.zero.GatheredParameters(params):
-            checksum = float(sum(p.double().sum() for p in params))
-        out[mode] = {"aliased": aliased, "grads_read_in_place": in_place, "losses": losses, "checksum": checksum}
+        out[mode] = {"aliased": aliased, "grads_read_in_place": in_place, **_train_steps(models, cfg, env, source)}
     return out
+
+
+def _train_steps(models, cfg, env, source, steps: int = 4) -> dict:
+    """``steps`` training steps of the first phase: their losses, and checksums of the student's
+    weights after them (all of them, and the trained ones)."""
+    import deepspeed
+
+    from cald_scale.train import forward_backward
+
+    losses = []
+    for _ in range(steps):
+        parts, _ = forward_backward(models, models.teacher, cfg.plan(env.world_size).phases[0], _batch(source.config.vocab_size, env), cfg)
+        models.student_engine.step()
+        losses.append(parts.total.item())
+    params = list(models.student_engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        checksum = float(sum(p.double().sum() for p in params))
+        trained = float(sum(p.double().sum() for p in params if p.requires_grad))
+    return {"losses": losses, "checksum": checksum, "trained_checksum": trained}
 
 
 def check_unchanged_persistent(args) -> dict:
@@ -238,11 +246,8 @@ def check_unchanged_persistent(args) -> dict:
     the persistent ones again: the same losses and trained weights, with weight decay on, so a
     kept parameter whose update went missing (or a frozen one the step moved) shows. bf16 when
     CALD_CHECK_BF16=1 (the engines run it on CPU too; it is the GPU's precision)."""
-    import deepspeed
-
     from cald_scale.engines import ds_config as ds_module
     from cald_scale.engines import zero3
-    from cald_scale.train import forward_backward
 
     bf16 = os.environ.get("CALD_CHECK_BF16") == "1"
     if bf16:
@@ -267,19 +272,12 @@ def check_unchanged_persistent(args) -> dict:
             return post_step(*a, **k)
 
         opt._post_step = recording
-        losses = []
-        for step in range(4):
-            parts, _ = forward_backward(models, models.teacher, cfg.plan(env.world_size).phases[0], _batch(source.config.vocab_size, env), cfg)
-            models.student_engine.step()
-            losses.append(parts.total.item())
+        trained = _train_steps(models, cfg, env, source)
         params = list(models.student_engine.module.parameters())
         persistent = [p for p in params if p.ds_persist]
-        with deepspeed.zero.GatheredParameters(params):
-            checksum = float(sum(p.double().sum() for p in params))
-            trained = float(sum(p.double().sum() for p in params if p.requires_grad))
         out[mode] = {
-            "losses": losses, "checksum": checksum, "trained_checksum": trained, "regathered_per_step": regathered,
-            "persistent": len(persistent), "persistent_trained": sum(p.requires_grad for p in persistent), "dtype": str(params[0].dtype),
+            **trained, "regathered_per_step": regathered, "persistent": len(persistent),
+            "persistent_trained": sum(p.requires_grad for p in persistent), "dtype": str(params[0].dtype),
         }
     return out
 
