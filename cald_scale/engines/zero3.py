@@ -319,10 +319,18 @@ def keep_unchanged_persistent(optimizer) -> bool:
         optimizer._partition_all_parameters = lambda: coordinator.release_and_reset_all(_ParamList(released))
         optimizer.persistent_parameters = [p for p in persistent if id(p) not in kept_ids]  # what the step gathers again
         try:
-            return step(*args, **kwargs)
+            out = step(*args, **kwargs)
         finally:
             del optimizer._partition_all_parameters  # DeepSpeed's own again (checkpoints release everything)
             optimizer.persistent_parameters = persistent
+        # A step that moved a kept trained parameter's partition elsewhere (none known) left its
+        # gathered tensor stale: gather it from the partition, as DeepSpeed would have.
+        moved = [p for p in kept if id(p) in stepped_ids and p.data.data_ptr() != p.ds_tensor.data_ptr()]
+        if moved:
+            for p in moved:
+                p.partition()
+            moved[0].all_gather(moved)
+        return out
 
     optimizer.step = stepped
     return True

@@ -126,6 +126,9 @@ def test_one_rank_keeps_its_trained_persistent_parameters_gathered_and_trains_th
     assert "error" not in result, result.get("error")
     assert result["bf16"] == bf16 and result["kept"]["dtype"] == ("torch.bfloat16" if bf16 else "torch.float32")
     assert_unchanged_persistent_trains_the_same(result, regathered=lambda deepspeed: 0)
+    # A step that moved the partitions: the kept trained parameters are gathered from them again.
+    moved, ds = result["moved"], result["deepspeed"]
+    assert moved["losses"] == ds["losses"] and moved["checksum"] == ds["checksum"]
 
 
 def assert_unchanged_persistent_trains_the_same(result: dict, regathered) -> None:

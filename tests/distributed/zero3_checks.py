@@ -256,7 +256,9 @@ def check_unchanged_persistent(args) -> dict:
     ds_config["bf16"] = {"enabled": bf16}
     out = {"bf16": bf16}
     original = zero3.keep_unchanged_persistent
-    for mode in ("deepspeed", "kept"):
+    # "moved": the step leaves each partition in a new tensor (no DeepSpeed path known to do so), so a
+    # kept parameter's gathered tensor is stale after it, and must be gathered again (one rank).
+    for mode in ("deepspeed", "kept", *(["moved"] if env.world_size == 1 else [])):
         if mode == "deepspeed":
             zero3.keep_unchanged_persistent = lambda optimizer: False
         torch.manual_seed(0)
@@ -271,7 +273,14 @@ def check_unchanged_persistent(args) -> dict:
             regathered.append(len(opt.persistent_parameters))
             return post_step(*a, **k)
 
+        def moving(sub_group_id, unflatten=opt._unflatten_partitioned_parameters, opt=opt):
+            unflatten(sub_group_id)
+            for partition in opt.fp16_partitioned_groups[sub_group_id]:
+                partition.data = partition.data.clone()
+
         opt._post_step = recording
+        if mode == "moved":
+            opt._unflatten_partitioned_parameters = moving
         trained = _train_steps(models, cfg, env, source)
         params = list(models.student_engine.module.parameters())
         persistent = [p for p in params if p.ds_persist]
