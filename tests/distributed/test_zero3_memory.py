@@ -112,19 +112,22 @@ def test_a_step_regathering_only_what_it_changes_trains_as_deepspeeds(checks):
         assert_unchanged_persistent_trains_the_same(rank, regathered=lambda deepspeed: deepspeed["persistent_trained"])
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_one_rank_keeps_its_trained_persistent_parameters_gathered_and_trains_the_same(small_vocab_teacher, tmp_path, bf16):
+@pytest.mark.parametrize(("bf16", "ds_config"), [(False, "zero3.json"), (True, "zero3.json"), (False, "zero3_offload.json")], ids=["fp32", "bf16", "offload"])
+def test_one_rank_keeps_its_trained_persistent_parameters_gathered_and_trains_the_same(small_vocab_teacher, tmp_path, bf16, ds_config):
     """One rank: a trained persistent parameter's gathered tensor is its partition, which the step
-    writes in place (fp32: the master itself; bf16: copied from the fp32 master), so the step
-    regathers nothing."""
+    writes in place (fp32: the master itself; bf16: copied from the fp32 master; offloaded: copied
+    from the CPU optimizer's), so the step regathers nothing. The offload case is also the test
+    suite's run of the shipped ds_configs/zero3_offload.json (parameters and optimizer on the CPU,
+    DeepSpeed's CPU Adam, which it compiles on first use)."""
     env = launcher_env(tmp_path) | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    env["CALD_CHECK_BF16"] = "1" if bf16 else "0"
+    env |= {"CALD_CHECK_BF16": "1" if bf16 else "0", "CALD_CHECK_DS_CONFIG": ds_config}
     cmd = [sys.executable, "tests/distributed/zero3_checks.py", "--check", "unchanged_persistent", "--teacher", str(small_vocab_teacher), "--out", str(tmp_path)]
     proc = run(cmd, env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     result = json.loads((tmp_path / "unchanged_persistent_rank0.json").read_text())
     assert "error" not in result, result.get("error")
     assert result["bf16"] == bf16 and result["kept"]["dtype"] == ("torch.bfloat16" if bf16 else "torch.float32")
+    assert result["offloaded"] == (["offload_optimizer", "offload_param"] if ds_config == "zero3_offload.json" else [])
     assert_unchanged_persistent_trains_the_same(result, regathered=lambda deepspeed: 0)
     # A step that moved the partitions: the kept trained parameters are gathered from them again.
     moved, ds = result["moved"], result["deepspeed"]

@@ -245,16 +245,19 @@ def check_unchanged_persistent(args) -> dict:
     (``keep_unchanged_persistent``) against DeepSpeed's, which releases every parameter and gathers
     the persistent ones again: the same losses and trained weights, with weight decay on, so a
     kept parameter whose update went missing (or a frozen one the step moved) shows. bf16 when
-    CALD_CHECK_BF16=1 (the engines run it on CPU too; it is the GPU's precision)."""
+    CALD_CHECK_BF16=1 (the engines run it on CPU too; it is the GPU's precision); another shipped
+    ds_config than zero3.json when CALD_CHECK_DS_CONFIG names it (zero3_offload.json)."""
     from cald_scale.engines import ds_config as ds_module
     from cald_scale.engines import zero3
 
     bf16 = os.environ.get("CALD_CHECK_BF16") == "1"
     if bf16:
         ds_module.bf16_available = lambda: True
-    env, cfg, ds_config, source = _setup(args.teacher, ["student.trainable=mixers", "train.lr=1e-2", "train.weight_decay=0.1", f"teacher.dtype={'bfloat16' if bf16 else 'float32'}"])
+    env, cfg, _, source = _setup(args.teacher, ["student.trainable=mixers", "train.lr=1e-2", "train.weight_decay=0.1", f"teacher.dtype={'bfloat16' if bf16 else 'float32'}"])
+    ds_name = os.environ.get("CALD_CHECK_DS_CONFIG", "zero3.json")
+    ds_config = resolve_ds_config(load_ds_config(REPO / "ds_configs" / ds_name), cfg.train, env.world_size)
     ds_config["bf16"] = {"enabled": bf16}
-    out = {"bf16": bf16}
+    out = {"bf16": bf16, "ds_config": ds_name, "offloaded": sorted(k for k, v in ds_config["zero_optimization"].items() if k.startswith("offload_") and v.get("device") != "none")}
     original = zero3.keep_unchanged_persistent
     # "moved": the step leaves each partition in a new tensor (no DeepSpeed path known to do so), so a
     # kept parameter's gathered tensor is stale after it, and must be gathered again (one rank).
