@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from typing import Callable, ContextManager, Sequence
 
 import torch
@@ -19,7 +20,9 @@ from transformers import PretrainedConfig
 
 from .weights import Assign, copy_assign
 
-__all__ = ["Placement", "PLAIN"]
+__all__ = ["Placement", "PLAIN", "rotary_in_float32"]
+
+logger = logging.getLogger("cald_scale.conversion")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,3 +47,33 @@ PLAIN = Placement(
     gather=lambda params: contextlib.nullcontext(),
     shape_of=lambda t: tuple(t.shape),
 )
+
+
+@torch.no_grad()
+def rotary_in_float32(model: torch.nn.Module) -> int:
+    """Give ``model``'s rotary embeddings their float32 frequencies back; returns how many.
+
+    transformers computes a rotary module's ``inv_freq`` (and ``original_inv_freq``) in float32
+    whatever the model's dtype, and keeps it so (``Module.to`` would round it, moving every
+    position's angle). ``deepspeed.zero.Init`` casts every float tensor made inside it to the
+    engines' dtype, buffers included, so a model built there in bf16 computes other angles than
+    the one a user loads. Each rotary module is built again outside, from its config, and its
+    float32 buffers are taken.
+    """
+    restored = 0
+    for name, module in model.named_modules():
+        if not type(module).__name__.endswith("RotaryEmbedding"):
+            continue
+        rounded = {n: b for n, b in module.named_buffers(recurse=False) if b.is_floating_point() and b.dtype != torch.float32}
+        if not rounded:
+            continue
+        try:
+            fresh = type(module)(module.config)
+        except (AttributeError, TypeError) as err:  # a rotary module not built from its config alone
+            logger.warning("%s (%s): its rotary frequencies stay in %s, as built (%s)", name, type(module).__name__, next(iter(rounded.values())).dtype, err)
+            continue
+        for buffer_name, buffer in fresh.named_buffers(recurse=False):
+            if buffer_name in rounded:
+                setattr(module, buffer_name, buffer.to(device=rounded[buffer_name].device))
+        restored += 1
+    return restored

@@ -27,7 +27,7 @@ from ..mixers.mamba import TimeStepProjection
 from .init import check_attention_weights, init_mixer_from_attention
 from .classifier import CaldClassifierConfig, CaldEncoderForSequenceClassification
 from .modeling import CaldStudentConfig, CaldStudentForCausalLM, ConversionConfig
-from .placement import PLAIN, Placement
+from .placement import PLAIN, Placement, rotary_in_float32
 from .registry import FamilyAdapter, get_adapter
 from .weights import (
     RenamedReader,
@@ -167,6 +167,7 @@ def build_student(
         student = student_class(config)
     adapter = student.adapter
     student.backbone.tie_weights()  # no_init_weights also skips tying
+    rotary_in_float32(student)  # a hybrid's kept attention computes the teacher's angles
     gc.collect()  # the untied head's tensor, if any (partitioned tensors sit in reference cycles)
     kept = set(config.attention_layers)  # a hybrid's attention is copied like everything else
     mixer_keys = tuple(p for i, p in enumerate(attention_prefixes(student.backbone, adapter)) if i not in kept) if student.mixers() else ()

@@ -34,7 +34,7 @@ from transformers.initialization import no_init_weights
 
 from ..engines.preemption import raise_if_preempted
 from ..fileio import absolute_if_local, atomic_dir, cache_root, file_lock, sha256_of, update_json
-from .placement import PLAIN, Placement
+from .placement import PLAIN, Placement, rotary_in_float32
 from .weights import WeightReader, WeightsMismatchError, load_weights, open_weights, weights_fingerprint
 
 __all__ = ["TeacherConfig", "TeacherSource", "ClassifierTeacherSource", "classifier_teacher", "open_teacher", "build_teacher", "load_teacher", "resolve_teacher_source", "cache_root", "BUILTIN_TEACHERS", "DTYPES", "dtype_of", "dtype_name"]
@@ -385,6 +385,7 @@ def build_teacher(source: TeacherSource, placement: Placement = PLAIN) -> PreTra
         else:
             model = AutoModelForCausalLM.from_config(source.config, dtype=source.dtype)
     model.tie_weights()  # no_init_weights also skips tying
+    rotary_in_float32(model)
     source.carry_generation_config(model)
     gc.collect()  # the untied head's tensor, if any (partitioned tensors sit in reference cycles)
     try:

@@ -119,19 +119,36 @@ def test_one_rank_keeps_its_trained_persistent_parameters_gathered_and_trains_th
     from the CPU optimizer's), so the step regathers nothing. The offload case is also the test
     suite's run of the shipped ds_configs/zero3_offload.json (parameters and optimizer on the CPU,
     DeepSpeed's CPU Adam, which it compiles on first use)."""
-    env = launcher_env(tmp_path) | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    env |= {"CALD_CHECK_BF16": "1" if bf16 else "0", "CALD_CHECK_DS_CONFIG": ds_config}
-    cmd = [sys.executable, "tests/distributed/zero3_checks.py", "--check", "unchanged_persistent", "--teacher", str(small_vocab_teacher), "--out", str(tmp_path)]
-    proc = run(cmd, env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    result = json.loads((tmp_path / "unchanged_persistent_rank0.json").read_text())
-    assert "error" not in result, result.get("error")
+    result = _one_rank_check("unchanged_persistent", small_vocab_teacher, tmp_path, CALD_CHECK_BF16="1" if bf16 else "0", CALD_CHECK_DS_CONFIG=ds_config)
     assert result["bf16"] == bf16 and result["kept"]["dtype"] == ("torch.bfloat16" if bf16 else "torch.float32")
     assert result["offloaded"] == (["offload_optimizer", "offload_param"] if ds_config == "zero3_offload.json" else [])
     assert_unchanged_persistent_trains_the_same(result, regathered=lambda deepspeed: 0)
     # A step that moved the partitions: the kept trained parameters are gathered from them again.
     moved, ds = result["moved"], result["deepspeed"]
     assert moved["losses"] == ds["losses"] and moved["checksum"] == ds["checksum"]
+
+
+def _one_rank_check(name: str, teacher: Path, tmp_path: Path, **env_extra: str) -> dict:
+    """``zero3_checks.py --check name`` in one process of one rank (no launcher): its result."""
+    env = launcher_env(tmp_path) | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    cmd = [sys.executable, "tests/distributed/zero3_checks.py", "--check", name, "--teacher", str(teacher), "--out", str(tmp_path)]
+    proc = run(cmd, env | env_extra, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    result = json.loads((tmp_path / f"{name}_rank0.json").read_text())
+    assert "error" not in result, result.get("error")
+    return result
+
+
+def test_models_built_for_bf16_engines_keep_float32_rotary_frequencies(small_vocab_teacher, tmp_path):
+    """zero.Init casts every float tensor made inside it to bf16, the rotary inv_freq buffers too:
+    the teacher and a hybrid's kept attention then computed other angles than the model a user
+    loads (mean |logit| change 0.037 at positions 1-2k on SmolLM2-135M). They are rebuilt in float32."""
+    result = _one_rank_check("bf16_rotary", small_vocab_teacher, tmp_path)
+    assert result["bf16"] and set(result["plain"].values()) == {"torch.float32"}
+    for label in ("teacher", "student"):
+        found = result[label]
+        assert found["parameter_dtype"] == "torch.bfloat16" and found["dtypes"], found
+        assert set(found["dtypes"].values()) == {"torch.float32"} and all(found["equal_to_plain"].values()), found
 
 
 def assert_unchanged_persistent_trains_the_same(result: dict, regathered) -> None:

@@ -13,6 +13,7 @@ Checks:
   chunked_head_frozen  chunked CE/KL equal whole logits with a frozen, teacher-shared head
   fp32_master        fp32 parameters as their own master, gradients read in place: trains exactly as with copies
   unchanged_persistent  the optimizer step regathering only the small parameters it changes trains exactly as DeepSpeed's
+  bf16_rotary        models built in bf16 under zero.Init keep the float32 rotary frequencies of a model loaded plainly
                      (also run on one rank, in fp32 and bf16, by tests/unit/test_zero3_persistent.py)
   vocab_streamed_head  a frozen head read a piece of rows at a time gives the gathered head's CE and gradients
   zero3_leaves       whole blocks, or their frozen parts, gathered as ZeRO-3 leaves train exactly as with a hook per submodule
@@ -290,6 +291,32 @@ def check_unchanged_persistent(args) -> dict:
         out[mode] = {
             **trained, "regathered_per_step": regathered, "persistent": len(persistent),
             "persistent_trained": sum(p.requires_grad for p in persistent), "dtype": str(params[0].dtype),
+        }
+    return out
+
+
+def check_bf16_rotary(args) -> dict:
+    """Teacher and hybrid student built for bf16 engines (zero.Init casts every float tensor made
+    inside it, buffers too): their rotary frequencies against a plainly built teacher's (float32,
+    as transformers computes them whatever the model's dtype)."""
+    from cald_scale.engines import ds_config as ds_module
+
+    ds_module.bf16_available = lambda: True
+    env, cfg, _, source = _setup(args.teacher, ["student.conversion.attention_every=2", "teacher.dtype=bfloat16"])
+    ds_config = resolve_ds_config(load_ds_config(REPO / "ds_configs" / "zero3.json"), cfg.train, env.world_size)
+    models = build_models(cfg, ds_config, source)
+    plain = dict(build_teacher(source).named_buffers())
+
+    def rotary(module) -> dict:
+        return {name: b for name, b in module.named_buffers() if name.endswith("inv_freq")}
+
+    out = {"bf16": ds_config["bf16"]["enabled"], "plain": {n: str(b.dtype) for n, b in rotary(build_teacher(source)).items()}}
+    for label, module in (("teacher", models.teacher_engine.module), ("student", models.student_engine.module)):
+        buffers = rotary(module)
+        out[label] = {
+            "dtypes": {n: str(b.dtype) for n, b in buffers.items()},
+            "equal_to_plain": {n: torch.equal(b, plain[n.removeprefix("backbone.")]) for n, b in buffers.items()},
+            "parameter_dtype": str(next(module.parameters()).dtype),
         }
     return out
 
@@ -661,6 +688,7 @@ CHECKS = {
     "prefetch": check_prefetch,
     "fp32_master": check_fp32_master,
     "unchanged_persistent": check_unchanged_persistent,
+    "bf16_rotary": check_bf16_rotary,
     "chunked_head_frozen": check_chunked_head_frozen,
     "vocab_streamed_head": check_vocab_streamed_head,
     "fused_head_trained": check_fused_head_trained,
