@@ -277,6 +277,19 @@ def test_step_matches_forward_token_by_token(kind):
 
 
 @pytest.mark.parametrize("kind", ["mamba2", "mamba"])
+def test_a_bf16_mixers_zero_state_has_prefills_dtypes(kind):
+    """A bf16 model's decoding state as prefill leaves it (and generation caches it): the conv
+    state in bf16, the SSM state in float32 (benchmarks/inference_speed.py allocates its decode
+    state this way; in bf16 it had timed, and sized, a state generation never holds)."""
+    mixer = make(kind).eval().to(torch.bfloat16)
+    with torch.no_grad():
+        _, prefilled = mixer.prefill(hidden(seqlen=6).to(torch.bfloat16))
+    zero = mixer.allocate_state(2)
+    assert (zero.conv_state.dtype, zero.ssm_state.dtype) == (prefilled.conv_state.dtype, prefilled.ssm_state.dtype) == (torch.bfloat16, torch.float32)
+    assert zero.ssm_state.shape == prefilled.ssm_state.shape and zero.conv_state.shape == prefilled.conv_state.shape
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "mamba"])
 def test_prefill_then_steps_continue_the_sequence(kind):
     mixer = make(kind).eval()
     x = hidden(seqlen=9)
