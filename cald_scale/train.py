@@ -204,7 +204,11 @@ def _check_plan_change(run_dir: Path, before: PhasePlan, after: PhasePlan, at: i
     if 0 < at < after.total_steps:
         was, now = before.at(at - 1), after.at(at)
         lr_was, lr_now = was.lr * was.lr_factor(at - 1), now.lr * now.lr_factor(at)
-        if lr_now > 1.5 * lr_was:
+        # NOTE: a step the run had planned already starts where its plan said (the next phase's
+        # start, from a checkpoint on its boundary): only a changed schedule makes a jump.
+        planned = before.at(at) if at < before.total_steps else None
+        as_planned = planned is not None and math.isclose(planned.lr * planned.lr_factor(at), lr_now, rel_tol=1e-9)
+        if lr_now > 1.5 * lr_was and not as_planned:
             logger.warning(
                 "resuming at step %d: the LR jumps from %.3g (step %d) to %.3g (step %d), with no warmup, because phase %r's "
                 "schedule now spans steps %d-%d: give the added steps a phase of their own (it warms up) to avoid the jump",
