@@ -343,6 +343,18 @@ def _once(path: Path, env: DistEnv, compute, *, resuming: bool) -> dict:
     return values
 
 
+def _warn_if_scored_otherwise(baseline: dict, dtype: str, path: Path) -> None:
+    """A run resumed in another precision (a bf16 GPU after CPU sessions) keeps its starting
+    point's scores: the converted student is gone once trained, so they cannot be scored again.
+    Its report then compares scores computed in two precisions (1% apart on a freshly converted
+    SmolLM2 student), which is said here and in the report (``scored_in``)."""
+    if baseline.get("dtype", dtype) != dtype:  # NOTE: a baseline of a run before stop 54 names none
+        logger.warning(
+            "the starting point was scored in %s (%s) and this session computes in %s: the report's scores before and "
+            "after training compare across the two precisions", baseline["dtype"], path, dtype,
+        )
+
+
 # -- the step ------------------------------------------------------------------------------
 def forward_backward(
     models: DistillationModels, teacher: LayerwiseModel | None, phase: Phase, batch: dict, cfg: RunConfig, *, poison: bool = False,
@@ -669,6 +681,7 @@ class _Run:
             "steps_skipped": state.steps_skipped,
             "task": cfg.task.kind,
             **summary,
+            "scored_in": {"starting_point": self.baseline.get("dtype"), "end": cfg.teacher.dtype},
             "teacher_release": self.guide.release_stats,
             "wall_seconds_this_session": time.time() - self.started,
             "session_started_at_step": self.first_step,  # > 0: the run was resumed, and its wall time spans sessions
@@ -837,9 +850,10 @@ def _start(
 
     def score_starting_point() -> dict:
         teacher = _finite_teacher_scores(evaluate("teacher"), task.source) if plan.uses_teacher else None
-        return {"teacher": teacher, "student_before": evaluate("student")}
+        return {"teacher": teacher, "student_before": evaluate("student"), "dtype": cfg.teacher.dtype}
 
     baseline = _once(run_dir / "baseline.json", env, score_starting_point, resuming=bool(saved) and scored)
+    _warn_if_scored_otherwise(baseline, cfg.teacher.dtype, run_dir / "baseline.json")
     step = student_engine.global_steps
     state = StepState(saved, last_saved=step, max_consecutive_nan=cfg.train.max_consecutive_nan, ckpt_dir=ckpt_dir)
     logger.info(

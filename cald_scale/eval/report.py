@@ -58,6 +58,7 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
         ("non-finite micro-batches (or stages) skipped", report["nan_skipped"]),
         ("optimizer steps skipped (non-finite gradients)", report.get("steps_skipped", 0)),
         ("ranks", report["world_size"]),
+        ("precision scored in: starting point / end", list((report.get("scored_in") or {}).values()) or None),
         ("peak RSS, largest rank, all sessions (GiB)", mem.get("cpu_max_rss_bytes", 0) / 2**30),
     ]
     if "gpu_max_allocated_bytes" in mem:

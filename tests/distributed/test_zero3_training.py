@@ -47,6 +47,7 @@ def test_llama_mamba2_kill_and_resume_continues_the_trajectory(tmp_path, teacher
     report = json.loads((ref_dir / "report.json").read_text())
     assert report["world_size"] == 2 and report["steps"] == 6 and report["session_started_at_step"] == 0
     assert report["ppl_student_after"] < report["ppl_student_before"]
+    assert report["scored_in"] == {"starting_point": "float32", "end": "float32"} == {"starting_point": json.loads((ref_dir / "baseline.json").read_text())["dtype"], "end": report["config"]["teacher"]["dtype"]}
     assert (ref_dir / "wandb").is_dir() and (ref_dir / "report.md").is_file()
 
     # Interrupted: SIGKILL the whole job once step 3 is logged (checkpoint of step 2 complete).

@@ -765,3 +765,19 @@ def test_settings_that_would_do_nothing_in_this_run_are_refused():
     saved["data"].update(eval_corpus="wiki", eval_fraction=0.2)
     saved["task"]["pooling"] = "cls"
     assert from_dict(RunConfig, saved).data.eval_fraction == 0.2
+
+
+def test_a_resume_in_another_precision_says_its_starting_point_was_scored_in_the_first(tmp_path, caplog):
+    """baseline.json keeps the starting point's scores for good (the converted student is gone once
+    trained); a session in another precision says the report compares across the two (helper-84)."""
+    import logging
+
+    from cald_scale.train import _warn_if_scored_otherwise
+
+    with caplog.at_level(logging.WARNING, logger="cald_scale"):
+        _warn_if_scored_otherwise({"dtype": "float32"}, "float32", tmp_path / "baseline.json")
+        _warn_if_scored_otherwise({"teacher": None}, "bfloat16", tmp_path / "baseline.json")  # a run from before the record
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="cald_scale"):
+        _warn_if_scored_otherwise({"dtype": "float32"}, "bfloat16", tmp_path / "baseline.json")
+    assert "the starting point was scored in float32" in caplog.text and "this session computes in bfloat16" in caplog.text

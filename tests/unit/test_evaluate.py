@@ -262,13 +262,14 @@ def test_a_diverged_student_has_no_improvement_and_the_report_stays_strict_json(
     report = {
         "teacher": "t", "teacher_source": "s", "mixer": "mamba2", "steps": 2, "tokens_seen": 10, "train_tokens_per_s": 1.0, "train_seconds": 10.0,
         "wall_seconds_this_session": 30.0, "nan_skipped": 0, "world_size": 2, "student_dir": "x", "memory": {"cpu_max_rss_bytes": 2**30},
-        "peak_memory": {"cpu_max_rss_bytes": 3 * 2**30}, **diverged,
+        "peak_memory": {"cpu_max_rss_bytes": 3 * 2**30}, **diverged, "scored_in": {"starting_point": "float32", "end": "bfloat16"},
     }
     write_report(tmp_path, report)
     saved = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
     assert saved["ppl_student_after"] is None and saved["ppl_improvement_x"] is None
     table = (tmp_path / "report.md").read_text()
     assert "| peak RSS, largest rank, all sessions (GiB) | 3 |" in table and "| training seconds (all sessions) | 10 |" in table
+    assert "| precision scored in: starting point / end | float32 / bfloat16 |" in table
 
 
 def test_held_out_shards_score_the_same_sequences_on_any_number_of_ranks(models):
