@@ -41,9 +41,11 @@ gathered as one ZeRO-3 leaf) and distill_step_hooked (a hook pair on every submo
 keeps the geometry's depth and vocabulary at width 64: the arithmetic vanishes and what is
 left is host work, the part that bounds a GPU step at these sizes, measurable on a CPU.
 --compare-zero3 adds teacher_finetune_plain_step, the teacher's fine-tuning step with no engine
-(the plain HF model, torch's fused AdamW): teacher_finetune_zero3_over_plain is what DeepSpeed's
-ZeRO-3 engine alone costs a step of the same work, beside what the distillation step costs over
-its own unavoidable parts.
+(the plain HF model, torch's fused AdamW): teacher_finetune_zero3_over_plain is what our ZeRO-3
+training engine alone costs a step of the same work, beside what the distillation step costs over
+its own unavoidable parts. It also adds distill_step_regather_all, the distillation step with
+DeepSpeed's own end of an optimizer step (every parameter released, every persistent one
+gathered again), which engines/zero3.keep_unchanged_persistent otherwise trims.
 
 Tokens per step change the ratio: ZeRO-3's gathers, gradient partitioning and the optimizer
 step scale with the parameters, not the tokens, while the unavoidable work grows with the batch.
@@ -80,8 +82,9 @@ sys.path.insert(0, str(REPO))
 ITEMS = ("teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step")
 # --compare-leaves: the distillation step again under the other train.zero3_leaves modes, side by side.
 LEAF_ITEMS = {"distill_step_frozen_leaves": "frozen", "distill_step_hooked": "none"}
-# --compare-zero3: the teacher's fine-tuning step without ZeRO-3, what DeepSpeed's engine costs a plain step.
-ZERO3_ITEMS = ("teacher_finetune_plain_step",)
+# --compare-zero3: the teacher's fine-tuning step without ZeRO-3, what our ZeRO-3 engine costs a plain step;
+# the distillation step with DeepSpeed's own end of step, what keep_unchanged_persistent saves.
+ZERO3_ITEMS = ("teacher_finetune_plain_step", "distill_step_regather_all")
 TARGET_RATIO = 1.1
 QUICK_LAYERS = 8  # --quick: the geometry's widths and vocabulary, fewer blocks
 STALL_S = 60  # a worker command running longer prints every thread's stack this often (to its log)
@@ -189,6 +192,15 @@ def leaf_mode_builder(mode: str):
     return build
 
 
+def build_distill_step_regather_all(cfg, source, ids):
+    """distill_step with DeepSpeed's own end of an optimizer step: every parameter released, the
+    persistent ones gathered again (no ``keep_unchanged_persistent``; this worker builds this item alone)."""
+    from cald_scale.engines import zero3
+
+    zero3.keep_unchanged_persistent = lambda optimizer: False
+    return build_distill_step(cfg, source, ids)
+
+
 def build_teacher_finetune_step(cfg, source, ids):
     from cald_scale.conversion.teacher import build_teacher
     from cald_scale.distill.stages import LayerwiseModel
@@ -238,6 +250,7 @@ BUILDERS = {
     "teacher_finetune_step": build_teacher_finetune_step,
     **{item: leaf_mode_builder(mode) for item, mode in LEAF_ITEMS.items()},
     "teacher_finetune_plain_step": build_teacher_finetune_plain_step,
+    "distill_step_regather_all": build_distill_step_regather_all,
 }
 
 
@@ -601,7 +614,7 @@ def summarize(items: dict[str, dict], phase: str = "end_to_end") -> dict:
         summary["ratios"]["peak_memory_distill_over_teacher_finetune"] = _peak(items["distill_step"]) / _peak(items["teacher_finetune_step"])
     if {"teacher_finetune_step", "teacher_finetune_plain_step"} <= ok:  # what ZeRO-3 costs a plain fine-tuning step (no target)
         summary["ratios"]["teacher_finetune_zero3_over_plain"] = items["teacher_finetune_step"]["median_s"] / items["teacher_finetune_plain_step"]["median_s"]
-    for item in LEAF_ITEMS:  # what gathering whole blocks as ZeRO-3 leaves saves (no target)
+    for item in (*LEAF_ITEMS, "distill_step_regather_all"):  # what whole-block leaves and the trimmed step end save (no target)
         if {"distill_step", item} <= ok:
             summary["ratios"][f"{item.replace('_step', '')}_over_distill"] = items[item]["median_s"] / items["distill_step"]["median_s"]
     needed = {"distill_step", "teacher_forward", "student_forward_backward"}
@@ -787,7 +800,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--compare-zero3", action="store_true",
-        help="also time the teacher's fine-tuning step without ZeRO-3 (plain HF model, torch AdamW): what DeepSpeed's engine alone costs a step",
+        help="also time the teacher's fine-tuning step without ZeRO-3 (plain HF model, torch AdamW): what our ZeRO-3 engine alone costs a step; "
+        "and the distillation step with DeepSpeed's own end of step (every persistent parameter gathered again)",
     )
     parser.add_argument("--item", choices=[*ITEMS, *LEAF_ITEMS, *ZERO3_ITEMS], default=None, help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--teacher", default=None, help=argparse.SUPPRESS)

@@ -13,8 +13,9 @@ Checks:
   chunked_head_frozen  chunked CE/KL equal whole logits with a frozen, teacher-shared head
   fp32_master        fp32 parameters as their own master, gradients read in place: trains exactly as with copies
   unchanged_persistent  the optimizer step regathering only the small parameters it changes trains exactly as DeepSpeed's
+                     (also run on one rank, in fp32, bf16 and with zero3_offload.json, by test_zero3_memory.py)
   bf16_rotary        models built in bf16 under zero.Init keep the float32 rotary frequencies of a model loaded plainly
-                     (also run on one rank, in fp32 and bf16, by tests/unit/test_zero3_persistent.py)
+                     (one rank, by test_zero3_memory.py)
   vocab_streamed_head  a frozen head read a piece of rows at a time gives the gathered head's CE and gradients
   zero3_leaves       whole blocks, or their frozen parts, gathered as ZeRO-3 leaves train exactly as with a hook per submodule
   graph_free_linear  F.linear under ZeRO-3: torch's where nothing is saved for backward, DeepSpeed's (no gathered weight kept) where it is
