@@ -204,8 +204,8 @@ def _check_plan_change(run_dir: Path, before: PhasePlan, after: PhasePlan, at: i
     if 0 < at < after.total_steps:
         was, now = before.at(at - 1), after.at(at)
         lr_was, lr_now = was.lr * was.lr_factor(at - 1), now.lr * now.lr_factor(at)
-        # NOTE: a step the run had planned already starts where its plan said (the next phase's
-        # start, from a checkpoint on its boundary): only a changed schedule makes a jump.
+        # NOTE: a resume onto the LR its run had planned for that step (inside a warmup, at the
+        # next phase's start) is no jump: only a changed schedule makes one.
         planned = before.at(at) if at < before.total_steps else None
         as_planned = planned is not None and math.isclose(planned.lr * planned.lr_factor(at), lr_now, rel_tol=1e-9)
         if lr_now > 1.5 * lr_was and not as_planned:
