@@ -48,10 +48,12 @@ from cald_scale.engines.zero3 import begin_step
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _setup(teacher_dir: str, overrides: list[str]):
+def _setup(teacher_dir: str, overrides: list[str], *, ds_name: str = "zero3.json", bf16_here: bool | None = None):
+    """``bf16_here``: whether the engines may compute in bf16 (as ``resolve_ds_config``: None, this
+    machine's answer; True runs bf16 engines on CPU too, the GPU's precision)."""
     env = init_distributed()
     cfg = load_run_config(overrides=[f"teacher.name_or_path={teacher_dir}", "train.global_batch_size=4", "train.max_steps=10", "train.warmup_steps=1", "phases=[{name: target, guidance: target}]", "student.trainable=all", "student.conversion.attention_every=0", *overrides])
-    ds_config = resolve_ds_config(load_ds_config(REPO / "ds_configs" / "zero3.json"), cfg.train, env.world_size)
+    ds_config = resolve_ds_config(load_ds_config(REPO / "ds_configs" / ds_name), cfg.train, env.world_size, bf16_here=bf16_here)
     source, _ = open_teacher(cfg.teacher)
     return env, cfg, ds_config, source
 
@@ -249,17 +251,13 @@ def check_unchanged_persistent(args) -> dict:
     kept parameter whose update went missing (or a frozen one the step moved) shows. bf16 when
     CALD_CHECK_BF16=1 (the engines run it on CPU too; it is the GPU's precision); another shipped
     ds_config than zero3.json when CALD_CHECK_DS_CONFIG names it (zero3_offload.json)."""
-    from cald_scale.engines import ds_config as ds_module
     from cald_scale.engines import zero3
 
     bf16 = os.environ.get("CALD_CHECK_BF16") == "1"
-    if bf16:
-        ds_module.bf16_available = lambda: True
-    env, cfg, _, source = _setup(args.teacher, ["student.trainable=mixers", "train.lr=1e-2", "train.weight_decay=0.1", f"teacher.dtype={'bfloat16' if bf16 else 'float32'}"])
     ds_name = os.environ.get("CALD_CHECK_DS_CONFIG", "zero3.json")
-    ds_config = resolve_ds_config(load_ds_config(REPO / "ds_configs" / ds_name), cfg.train, env.world_size)
-    ds_config["bf16"] = {"enabled": bf16}
-    out = {"bf16": bf16, "ds_config": ds_name, "offloaded": sorted(k for k, v in ds_config["zero_optimization"].items() if k.startswith("offload_") and v.get("device") != "none")}
+    overrides = ["student.trainable=mixers", "train.lr=1e-2", "train.weight_decay=0.1", f"teacher.dtype={'bfloat16' if bf16 else 'float32'}"]
+    env, cfg, ds_config, source = _setup(args.teacher, overrides, ds_name=ds_name, bf16_here=bf16)
+    out = {"bf16": ds_config["bf16"]["enabled"], "ds_config": ds_name, "offloaded": sorted(k for k, v in ds_config["zero_optimization"].items() if k.startswith("offload_") and v.get("device") != "none")}
     original = zero3.keep_unchanged_persistent
     # "moved": the step leaves each partition in a new tensor (no DeepSpeed path known to do so), so a
     # kept parameter's gathered tensor is stale after it, and must be gathered again (one rank).
@@ -300,18 +298,14 @@ def check_bf16_rotary(args) -> dict:
     """Teacher and hybrid student built for bf16 engines (zero.Init casts every float tensor made
     inside it, buffers too): their rotary frequencies against a plainly built teacher's (float32,
     as transformers computes them whatever the model's dtype)."""
-    from cald_scale.engines import ds_config as ds_module
-
-    ds_module.bf16_available = lambda: True
-    env, cfg, _, source = _setup(args.teacher, ["student.conversion.attention_every=2", "teacher.dtype=bfloat16"])
-    ds_config = resolve_ds_config(load_ds_config(REPO / "ds_configs" / "zero3.json"), cfg.train, env.world_size)
+    env, cfg, ds_config, source = _setup(args.teacher, ["student.conversion.attention_every=2", "teacher.dtype=bfloat16"], bf16_here=True)
     models = build_models(cfg, ds_config, source)
-    plain = dict(build_teacher(source).named_buffers())
 
     def rotary(module) -> dict:
         return {name: b for name, b in module.named_buffers() if name.endswith("inv_freq")}
 
-    out = {"bf16": ds_config["bf16"]["enabled"], "plain": {n: str(b.dtype) for n, b in rotary(build_teacher(source)).items()}}
+    plain = rotary(build_teacher(source))
+    out = {"bf16": ds_config["bf16"]["enabled"], "plain": {n: str(b.dtype) for n, b in plain.items()}}
     for label, module in (("teacher", models.teacher_engine.module), ("student", models.student_engine.module)):
         buffers = rotary(module)
         out[label] = {
