@@ -50,7 +50,7 @@ PLAIN = Placement(
 
 
 @torch.no_grad()
-def rotary_in_float32(model: torch.nn.Module) -> int:
+def rotary_in_float32(model: torch.nn.Module, device: torch.device | str | None = None) -> int:
     """Give ``model``'s rotary embeddings their float32 frequencies back; returns how many.
 
     transformers computes a rotary module's ``inv_freq`` (and ``original_inv_freq``) in float32
@@ -59,21 +59,28 @@ def rotary_in_float32(model: torch.nn.Module) -> int:
     engines' dtype, buffers included, so a model built there in bf16 computes other angles than
     the one a user loads. Each rotary module is built again outside, from its config, and its
     float32 buffers are taken.
+
+    With ``device``, every rotary module is rebuilt there, rounded or not: pipeline stages
+    build on the CPU and move only the pieces they own, so their rotary tables move here.
     """
     restored = 0
     for name, module in model.named_modules():
         if not type(module).__name__.endswith("RotaryEmbedding"):
             continue
         rounded = {n: b for n, b in module.named_buffers(recurse=False) if b.is_floating_point() and b.dtype != torch.float32}
-        if not rounded:
+        if not rounded and device is None:
             continue
         try:
             fresh = type(module)(module.config)
         except (AttributeError, TypeError) as err:  # a rotary module not built from its config alone
-            logger.warning("%s (%s): its rotary frequencies stay in %s, as built (%s)", name, type(module).__name__, next(iter(rounded.values())).dtype, err)
+            if rounded:
+                logger.warning("%s (%s): its rotary frequencies stay in %s, as built (%s)", name, type(module).__name__, next(iter(rounded.values())).dtype, err)
+            if device is not None:
+                module.to(device)  # moves, keeps each buffer's dtype
             continue
         for buffer_name, buffer in fresh.named_buffers(recurse=False):
-            if buffer_name in rounded:
-                setattr(module, buffer_name, buffer.to(device=rounded[buffer_name].device))
+            if buffer_name in rounded or device is not None:
+                target = device if device is not None else rounded[buffer_name].device
+                setattr(module, buffer_name, buffer.to(device=target))
         restored += 1
     return restored

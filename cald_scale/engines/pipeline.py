@@ -52,6 +52,7 @@ from transformers.initialization import no_init_weights
 from ..config import RunConfig
 from ..config_loader import ConfigError
 from ..conversion.modeling import CaldStudentForCausalLM
+from ..conversion.placement import rotary_in_float32
 from ..conversion.surgery import attention_prefixes, initial_mixers, share_copied_weights, student_config
 from ..conversion.teacher import TeacherSource
 from ..conversion.weights import RenamedReader, SafetensorsReader, WeightReader, WeightsMismatchError, open_weights
@@ -288,14 +289,6 @@ def _fill(model: nn.Module, paths: list[str], reader: WeightReader, aliases: dic
                 tensor.copy_(value)
 
 
-def _rebuild_rotary(model: nn.Module, device) -> None:
-    """Rotary tables are computed at construction, never stored: compute them for real."""
-    base = model.base_model if hasattr(model, "base_model") else model
-    rotary = getattr(base, "rotary_emb", None)
-    if rotary is not None:
-        base.rotary_emb = type(rotary)(config=base.config).to(device)
-
-
 @dataclasses.dataclass
 class _StagePieces:
     student: CaldStudentForCausalLM
@@ -344,7 +337,7 @@ class StageFactory:
         if teacher is not None:
             teacher.tie_weights()
             teacher_aliases = _materialize(teacher, paths, RenamedReader(weights, teacher), self.device)
-            _rebuild_rotary(teacher, self.device)
+            rotary_in_float32(teacher, self.device)  # computed at construction, never stored
             teacher.eval().requires_grad_(False)
         mixers = student.mixers(layers)
         if self.share and teacher is not None:
@@ -356,7 +349,7 @@ class StageFactory:
             _materialize(lm, paths, RenamedReader(weights, lm), self.device, skip=skip)
         for mixer, fresh in initial_mixers(student, weights, self.cfg.train.seed, layers):  # as the ZeRO-3 mode does, this stage only
             mixer.load_state_dict(fresh.state_dict())
-        _rebuild_rotary(lm, self.device)
+        rotary_in_float32(lm, self.device)
         gc.collect()
         return _StagePieces(student=student, teacher=teacher, teacher_aliases=teacher_aliases if teacher is not None else {}, owned={p: lm.get_submodule(p) for p in paths})
 

@@ -312,3 +312,20 @@ def test_a_bf16_hybrid_keeps_the_teachers_float32_rotary_frequencies():
         theirs = teacher.model.layers[0](teacher.model.embed_tokens(ids), position_embeddings=teacher.model.rotary_emb(teacher.model.embed_tokens(ids), torch.arange(64)[None]))
     ours, theirs = (o[0] if isinstance(o, tuple) else o for o in (ours, theirs))
     assert torch.equal(ours, theirs)
+
+
+def test_rotary_tables_built_on_meta_are_computed_again_where_asked():
+    """Pipeline stages build with their buffers where the weights are not; ``rotary_in_float32``
+    with a device computes every rotary table there, in float32, equal to a plainly built one's."""
+    from accelerate import init_empty_weights
+
+    from cald_scale.conversion.placement import rotary_in_float32
+
+    plain = tiny_teacher("llama", layers=2)
+    with init_empty_weights(include_buffers=True):
+        empty = type(plain)(plain.config)
+    assert empty.model.rotary_emb.inv_freq.is_meta
+    assert rotary_in_float32(empty) == 0  # nothing rounded, no device: untouched
+    assert rotary_in_float32(empty, "cpu") == 1
+    assert empty.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(empty.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq)
