@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared script for a lent GPU (README "Benchmarks"): environment, carried kernel
+# The one prepared script for a lent GPU (docs/benchmarks.md, "On a GPU"): environment, carried kernel
 # wheels, kernel-path parity against a float64 oracle, then GPU speed of the mixers, of
 # inference and of training, every result under $OUT with the device named in it.
 #

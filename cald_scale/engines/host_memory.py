@@ -9,7 +9,7 @@ is detected and left alone. ``train.malloc_mmap_threshold=null`` keeps glibc's f
 default; free heap pages go back when a teacher is released (``return_free_memory``) and,
 with ``train.trim_heap_every``, every N steps. On the
 default job, 7-step runs back to back: 6.2 GB at 15.9 s/step with the threshold, 7.5 GB
-at 14.1 s/step without (README, "Latest numbers").
+at 14.1 s/step without (docs/benchmarks.md, "Latest numbers").
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ transformers, no ``import cald_scale``:
     AutoModelForCausalLM.from_pretrained(folder)   # -> BambaForCausalLM
 
 Layouts Bamba cannot express (gpt_neox blocks, Mamba-1 mixers) are refused here; their
-students load through the Auto classes after ``import cald_scale`` (README "Export").
+students load through the Auto classes after ``import cald_scale`` (docs/using.md).
 
 NOTE: with ``proj_bias`` (off by default) Bamba lets in_proj's bias at left pads into the
 first real tokens' convolution window, which the student does not: on a padded batch such an
