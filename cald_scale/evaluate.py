@@ -86,7 +86,8 @@ def _is_run_config(config: object) -> bool:
     return isinstance(config, dict) and "teacher" in config and "data" in config
 
 
-def _is_run_folder(folder: Path) -> bool:
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a training run (its config.json is a run config)."""
     try:
         return _is_run_config(json.loads((folder / "config.json").read_text()))
     except (OSError, ValueError):
@@ -114,7 +115,7 @@ def resolve_target(
     folder = Path(path).expanduser()
     config = _read_config(folder)
     refuse_classifier(folder, config, "evaluate")
-    if config.get("model_type") == CaldStudentConfig.model_type and _is_run_folder(folder.parent) and folder.name == "student":
+    if config.get("model_type") == CaldStudentConfig.model_type and is_run_folder(folder.parent) and folder.name == "student":
         # A run's own exported student: scored as its run is, on the run's split and settings (the
         # defaults' split of the same corpus may hold documents the run trained on).
         logger.info("%s is the student of run %s: scoring it with the run's data settings", folder, folder.parent)

@@ -27,15 +27,15 @@ from transformers.cache_utils import CacheLayerMixin, StaticLayer
 
 from .cli import check_output_file, device_arg, positive_float, positive_int, probability
 from .conversion.modeling import CaldStudentConfig
-from .conversion.teacher import DTYPES, TeacherConfig, build_teacher, open_teacher
+from .conversion.teacher import DTYPES, TeacherConfig, build_teacher, dtype_name, open_teacher
 from .engines.checkpoint import MANIFEST
-from .evaluate import refuse_classifier, resolve_target
+from .evaluate import is_run_folder, refuse_classifier, resolve_target
 from .fileio import atomic_write_text, read_json
 from .generation.cache import state_bytes
 from .generation.context import check_context
 from .generation.graphs import generate_graphed, graph_unsupported
 
-__all__ = ["add_arguments", "generate_text", "resolve_model_dir", "run"]
+__all__ = ["add_arguments", "generate_text", "resolve_model_dir", "resolve_dtype", "run"]
 
 KV_CACHES = ("dynamic", "static")
 
@@ -165,6 +165,7 @@ def generate_text(
         # What the attention layers' KV cache actually was (None: no attention layer).
         "kv_cache": _kv_kind(cache),
         "cache_bytes_per_sequence": sum(memory.values()) / sequences if memory else None,
+        "dtype": dtype_name(model.dtype),
     }
     return [
         {"model": name, "prompt": prompt, "completion": tokenizer.decode(tokens, skip_special_tokens=True), "new_tokens": length, **timing}
@@ -190,7 +191,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--teacher", nargs="?", const="", default=None, metavar="NAME_OR_PATH",
                         help="also generate with the teacher (default: the run's teacher, or the one the student names)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype of student and teacher (default float32)")
+    parser.add_argument(
+        "--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+        help="compute dtype of student and teacher. auto (default): on a GPU, the precision the model trained in (a run's, "
+        "as `cald-scale evaluate` scores it; another folder's saved dtype); float32 on CPU",
+    )
     parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument(
         "--cuda-graph", "--cuda_graph", dest="cuda_graph", choices=["auto", "on", "off"], default="auto",
@@ -205,6 +210,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(static: a fair decode rate for long generations)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+
+def resolve_dtype(name: str, path: str | Path, device: torch.device | str) -> str:
+    """``--dtype``: as given, or for ``auto`` the precision the model at ``path`` trained in when
+    it runs on a GPU: a run's (its folder or its student/; what `cald-scale evaluate` scores in),
+    else the dtype its config.json was saved in. float32 on CPU, where it is the reference and
+    bf16 decodes no faster."""
+    if name != "auto":
+        return name
+    if torch.device(device).type != "cuda":
+        return "float32"
+    folder = Path(path).expanduser()
+    run = folder if is_run_folder(folder) else folder.parent if folder.name == "student" and is_run_folder(folder.parent) else None
+    if run is not None:
+        return resolve_target(run, no_teacher=True).dtype
+    saved = read_json(folder / "config.json")
+    saved = saved.get("dtype") or saved.get("torch_dtype")
+    return saved if saved in DTYPES else "float32"
 
 
 def _graphed_decode(model, mode: str) -> bool:
@@ -259,7 +282,7 @@ def _summary(name: str, source, row: dict) -> str:
     decode = f"{row['decode_tokens_per_s']:.1f} tokens/s ({row['batch']} x {row['decode_steps']} steps)" if row["decode_tokens_per_s"] else "no decode steps"
     cache = row["cache_bytes"]
     held = f", cache {sum(cache.values()) / 2**20:.2f} MiB ({row['cache_bytes_per_sequence'] / 2**20:.2f} per sequence)" if cache else ""
-    return f"=== {name} ({source}): prefill {row['prefill_s']:.2f} s ({row['batch']} x {row['prompt_tokens']} tokens), decode {decode}{held}"
+    return f"=== {name} ({source}, {row['dtype']}): prefill {row['prefill_s']:.2f} s ({row['batch']} x {row['prompt_tokens']} tokens), decode {decode}{held}"
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -285,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.json)
     sampling = _sampling(args)
     folder = resolve_model_dir(args.path)
+    args.dtype = resolve_dtype(args.dtype, args.path, args.device)
     dtype = DTYPES[args.dtype]
     # (name, config, tokenizer, load, where): each model with its own tokenizer
     models = [("student", AutoConfig.from_pretrained(folder), _own_tokenizer(folder),

@@ -124,7 +124,33 @@ def test_a_student_loads_whole_in_the_dtype_asked(folders, tmp_path):
     assert {p.dtype for p in back.parameters()} == {torch.float32}
     argv = ["generate", str(folders["hybrid"]), "--prompt", "To be", "--max_new_tokens", "3", "--dtype", "bfloat16", "--json", str(tmp_path / "g.json")]
     assert main(argv) == 0
-    assert json.loads((tmp_path / "g.json").read_text())[0]["decode_steps"] == 2
+    row = json.loads((tmp_path / "g.json").read_text())[0]
+    assert row["decode_steps"] == 2 and row["dtype"] == "bfloat16"
+    # The default (auto) on CPU: float32, whatever the folder was saved in.
+    assert main(argv[:-4] + ["--json", str(tmp_path / "auto.json")]) == 0
+    assert json.loads((tmp_path / "auto.json").read_text())[0]["dtype"] == "float32"
+
+
+def test_auto_dtype_on_a_gpu_is_the_precision_the_model_trained_in(folders, tmp_path):
+    """--dtype auto on a GPU: a run's compute dtype (its folder or its student/, as evaluate scores
+    it), another folder's saved dtype; float32 on CPU; a dtype given is kept."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cald_scale.generate import resolve_dtype
+
+    run = tmp_path / "run"
+    (run / "student").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"teacher": {"name_or_path": str(folders["teacher"]), "dtype": "bfloat16"}, "data": {}}))
+    (run / "student" / "config.json").write_text((folders["student"] / "config.json").read_text())
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_dtype("auto", run, cuda) == resolve_dtype("auto", run / "student", cuda) == "bfloat16"
+    assert resolve_dtype("auto", run, cpu) == "float32" and resolve_dtype("float16", run, cuda) == "float16"
+    import cald_scale  # noqa: F401
+
+    AutoModelForCausalLM.from_pretrained(folders["hybrid"], dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    AutoModelForCausalLM.from_pretrained(folders["hybrid"]).save_pretrained(tmp_path / "fp32")
+    assert resolve_dtype("auto", tmp_path / "bf16", "cuda") == "bfloat16" and resolve_dtype("auto", tmp_path / "fp32", "cuda") == "float32"
 
 
 def test_context_beyond_the_teachers_positions_is_refused_for_attention_only(folders, tmp_path, capsys):
