@@ -13,6 +13,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .data.megatron import IndexedFileError
     from .distill.progress import NonFiniteLossError
     from .engines.checkpoint import CheckpointLoadError, CheckpointSaveError
+    from .engines.deepspeed_version import UntestedDeepSpeedError
     from .export.bamba import BambaExportError
 
-    return (ConfigError, FileNotFoundError, WeightsMismatchError, CheckpointLoadError, CheckpointSaveError, NonFiniteLossError, BambaExportError, IndexedFileError)
+    return (ConfigError, FileNotFoundError, WeightsMismatchError, CheckpointLoadError, CheckpointSaveError, NonFiniteLossError, BambaExportError, IndexedFileError, UntestedDeepSpeedError)

@@ -68,9 +68,13 @@ def _draw_launch_id() -> None:
 
 
 def init_distributed() -> DistEnv:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU)."""
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU), on the
+    DeepSpeed release the engines are tested on (``deepspeed_version``)."""
     import deepspeed
 
+    from .deepspeed_version import check_deepspeed_version
+
+    check_deepspeed_version()
     _slurm_to_torch_env()
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")

@@ -613,7 +613,7 @@ class PipelineModels:
         (``layer_SS-``, ``mp_rank_SS_``; one layer per stage here) and data-parallel rank
         (``zero_pp_rank_D_``); None for the rest (the default rule)."""
         if (state := parse_state_file(Path(relative).name)) is not None:
-            return self.module._topo.get_rank(pipe=state.model_rank, data=state.data_rank or 0)
+            return self.module.topology().get_rank(pipe=state.model_rank, data=state.data_rank or 0)
         return None
 
     @property
@@ -807,6 +807,7 @@ def build_pipeline(
     groups = param_groups(module, cfg.train.lr, cfg.train.copied_lr_scale, cfg.train.weight_decay, blocks=module.stage.blocks() if outside_groups else None)
     _check_same_groups(groups, module.stage.index)
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, config=sized)
+    rotary_in_float32(engine.module)  # DeepSpeed 0.19.0-0.19.1 cast a bf16 engine's buffers too
     if engine.grid.data_parallel_size > 1:
         module.stage.replica_group = engine.grid.get_data_parallel_group()
     logger.info("pipeline of %d stages x %d replicas: blocks %s", num_stages, engine.grid.data_parallel_size, [f"[{a}, {b})" for a, b in zip(bounds, bounds[1:])])

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..conversion.placement import rotary_in_float32
+
 __all__ = [
     "build_training_engine",
     "clear_grads_after_step",
@@ -206,6 +208,8 @@ def _initialize(model: nn.Module, ds_config: dict, leaf_blocks=None, leaves: str
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, **kwargs)
     forget_leaf_owners(marked)
     use_graph_free_linear()
+    # NOTE: DeepSpeed 0.19.0-0.19.1 cast a bf16 engine's buffers too, rotary tables included.
+    rotary_in_float32(engine.module)
     return engine
 
 
@@ -223,7 +227,13 @@ def build_training_engine(model: nn.Module, ds_config: dict, groups: list[dict],
         register_mixer_params(engine.module)
         share_fp32_master(engine.optimizer)
         read_fp32_grads_in_place(engine.optimizer)
-        clear_grads_after_step(engine.optimizer)
+        if not clear_grads_after_step(engine.optimizer):  # a correctness fix, not a speed-up: never skipped unsaid
+            import deepspeed
+
+            raise RuntimeError(
+                f"DeepSpeed {deepspeed.__version__}'s ZeRO-3 optimizer has no step or grad_partitions_flat_buffer to clear "
+                "after each step: engines/zero3.clear_grads_after_step needs porting to this release"
+            )
         keep_unchanged_persistent(engine.optimizer)
     return engine
 
