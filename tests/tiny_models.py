@@ -85,7 +85,9 @@ def with_memory(student, seed: int = 0):
 
     A fresh tiny student's states stay about 1e-6 (weights of std 0.02, mamba_ssm's dt init),
     below any test's tolerance: a decode that dropped the prompt's state generated the same
-    tokens. Larger projections and dt about 1 make the state matter (0.6 in the logits).
+    tokens. Larger projections and dt about 1 make the state matter (0.6 in the logits). The
+    conv's bias, zero as converted and not after training, is drawn too: at a left pad the conv
+    then writes silu(bias) into the state unless the step masks its output.
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -93,6 +95,8 @@ def with_memory(student, seed: int = 0):
             for name, param in mixer.named_parameters():
                 if name.endswith(("in_proj.weight", "x_proj.weight", "conv1d.weight")):
                     param.normal_(0.0, 0.3, generator=generator)
+                elif name.endswith("conv1d.bias"):
+                    param.normal_(0.0, 0.5, generator=generator)
                 elif name.endswith(("dt_bias", "dt_proj.bias")):
                     param.fill_(0.5)
     return student
