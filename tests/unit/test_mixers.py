@@ -161,12 +161,18 @@ def bamba_mixer_for(mixer: Mamba2Mixer):
         mamba_proj_bias=cfg.proj_bias,
         rms_norm_eps=cfg.norm_eps,
         hidden_act=mixer.activation,
+        time_step_limit=cfg.time_step_limit,
     )
     return BambaMixer(bamba_config, layer_idx=0)
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(n_groups=1, proj_bias=True, conv_bias=False)])
+@pytest.mark.parametrize(
+    "overrides", [{}, dict(n_groups=1, proj_bias=True, conv_bias=False), dict(time_step_limit=(0.5, float("inf"))), dict(time_step_limit=(0.0, 0.05))],
+    ids=["default", "one_group_proj_bias", "dt_floor", "dt_cap"],
+)
 def test_mamba2_matches_bamba_mixer(overrides):
+    """Against transformers' BambaMixer (its torch path): the same parameters, the same outputs,
+    a time-step limit included (BambaMixer clamps softplus(dt + dt_bias) in its chunked scan)."""
     ours = make("mamba2", **overrides)
     bamba = bamba_mixer_for(ours)
     ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
