@@ -84,6 +84,26 @@ def test_attention_init_maps_qkvo(family):
     assert not torch.equal(fresh.in_proj.weight[3 * width : 4 * width], attn.q)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_mamba_attention_init_carries_the_value_output_map(family):
+    """Mamba-1 has no Q/K slots: V fills the x branch, tiled over its wider inner width, and O the
+    out_proj, scaled by the tiles, so that the x branch's linear map (out_proj . in_proj_x) is the
+    attention's O . V, the map a head attending to one token applies; the z gate and the SSM
+    stay fresh."""
+    teacher = tiny_teacher(family)
+    student = convert_teacher(teacher, ConversionConfig(mixer="mamba", attention_init=True))
+    adapter = get_adapter(family)
+    attn = adapter.read_attention(adapter.attention(adapter.layers(teacher)[0]), teacher.config)
+    mixer = student.mixers()[0]
+    d_inner = mixer.out_proj.weight.shape[1]
+    heads, kv = teacher.config.num_attention_heads, getattr(teacher.config, "num_key_value_heads", None) or teacher.config.num_attention_heads
+    v_rep = attn.v.view(kv, -1, attn.v.shape[1]).repeat_interleave(heads // kv, 0).reshape(-1, attn.v.shape[1])
+    assert d_inner > v_rep.shape[0]  # tiled (expand 2)
+    torch.testing.assert_close(mixer.out_proj.weight @ mixer.in_proj.weight[:d_inner], attn.o @ v_rep)
+    fresh = convert_teacher(teacher, ConversionConfig(mixer="mamba", attention_init=False)).mixers()[0]
+    assert not torch.allclose(fresh.out_proj.weight @ fresh.in_proj.weight[:d_inner], attn.o @ v_rep)
+
+
 def test_teacher_matched_mamba2_geometry():
     teacher = tiny_teacher("llama")
     cfg = ConversionConfig().resolved(teacher.config).mamba2
