@@ -28,7 +28,8 @@ for name, case in cases.items():
         logits = model(ids, use_cache=False).logits
     generated = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     out[name] = {"class": type(model).__name__, "logits": logits.tolist(), "generated": generated.tolist(),
-                 "use_cache": model.config.use_cache, "attn_layer_indices": model.config.attn_layer_indices}
+                 "use_cache": model.config.use_cache, "attn_layer_indices": model.config.attn_layer_indices,
+                 "special_tokens": [model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id]}
 assert not any(m.startswith("cald_scale") for m in sys.modules), "cald_scale was imported"
 print(json.dumps(out))
 """
@@ -43,7 +44,9 @@ CASES = {
 def test_bamba_export_loads_in_stock_transformers_with_equal_logits(tmp_path):
     students, cases = {}, {}
     for name, (family, kept) in CASES.items():
-        student = with_memory(convert_teacher(tiny_teacher(family, layers=3), ConversionConfig(attention_layers=kept)).eval())
+        teacher = tiny_teacher(family, layers=3)
+        teacher.config.bos_token_id, teacher.config.eos_token_id, teacher.config.pad_token_id = 1, 2, 0  # distinct: a swapped id shows
+        student = with_memory(convert_teacher(teacher, ConversionConfig(attention_layers=kept)).eval())
         # NOTE: noise on every weight: a fresh student's norms, D and gated-norm weights are all 1
         # and its conv bias 0, so a mapping that swapped two of them would still match.
         generator = torch.Generator().manual_seed(len(name))
@@ -52,16 +55,17 @@ def test_bamba_export_loads_in_stock_transformers_with_equal_logits(tmp_path):
                 param.add_(0.1 * torch.randn(param.shape, generator=generator))
         export_bamba(student, tmp_path / name)
         ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(len(name)))
-        students[name] = (student, ids)
+        students[name] = (student, ids, [teacher.config.bos_token_id, teacher.config.eos_token_id, teacher.config.pad_token_id])
         cases[name] = {"folder": str(tmp_path / name), "ids": ids.tolist()}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", _STOCK_LOADER, json.dumps(cases)], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name, (student, ids) in students.items():
+    for name, (student, ids, special_tokens) in students.items():
         got = loaded[name]
         assert got["class"] == "BambaForCausalLM"
+        assert got["special_tokens"] == special_tokens and len(set(special_tokens)) == 3, (got["special_tokens"], special_tokens)  # config.json's, read by serving tools
         assert got["attn_layer_indices"] == CASES[name][1]
         with torch.no_grad():
             expected = student(ids).logits
