@@ -183,3 +183,22 @@ def test_replacing_an_export_keeps_the_old_one_until_the_new_one_is_in_place(tmp
         (tmp / "config.json").write_text("new")
     assert (target / "config.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_an_all_mamba2_student_with_a_time_step_limit_exports_with_it():
+    """The dt-limit refusal is for hybrids (the only exports that decode with Bamba's cache, whose
+    step does not clamp); an all-Mamba2 export runs uncached, clamping as the student does."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    clamped = ConversionConfig(attention_layers=[])
+    clamped.mamba2.time_step_limit = (0.0, 0.05)
+    student = with_memory(convert_teacher(tiny_teacher("llama", layers=3), clamped)).eval()
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as folder:
+        export_bamba(student, folder)
+        bamba = AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert tuple(bamba.config.time_step_limit) == (0.0, 0.05)
+        with torch.no_grad():
+            torch.testing.assert_close(bamba(ids, use_cache=False).logits, student(ids).logits, rtol=1e-4, atol=1e-4)
