@@ -334,7 +334,7 @@ def test_state_file_names_are_read_as_deepspeed_writes_them(bf16):
 
 
 _OTHER_PRECISION = r"""
-import json, os, sys
+import json, os, random, sys
 from pathlib import Path
 
 import deepspeed
@@ -367,10 +367,13 @@ for saved_bf16 in (True, False):
         e.backward(e(x).float().pow(2).mean())
         e.step()
     save_checkpoint(e, ckpt, 3, {}, keep_last=3)
+    after_save = (random.random(), torch.rand(2).tolist())  # what the saved RNG states draw next
     files = sorted(p.name for p in (ckpt / "step_00000003").glob("*optim_states.pt"))
-    other = engine(not saved_bf16)
+    other = engine(not saved_bf16)  # reseeds torch
+    random.seed(12345)
     load_latest_checkpoint(other, ckpt, tags=complete_tags(ckpt))
-    print("RESULT", json.dumps({"saved_bf16": saved_bf16, "files": files, "saved": moments(e), "loaded": moments(other)}))
+    resumed = (random.random(), torch.rand(2).tolist())
+    print("RESULT", json.dumps({"saved_bf16": saved_bf16, "files": files, "saved": moments(e), "loaded": moments(other), "rng": [after_save, resumed]}))
 """
 
 
@@ -378,7 +381,8 @@ def test_a_checkpoint_saved_in_bf16_resumes_in_float32_and_back(tmp_path):
     """A run moved between a bf16 GPU and a machine without (the ds_config's bf16 "auto") could
     never resume: DeepSpeed names a tag's optimizer shards by the saving engine's precision and
     looks only for its own name (helper-83). The shards hold the same fp32 masters and moments:
-    both directions load them whole (step and Adam moments equal to what was saved)."""
+    both directions load them whole (step and Adam moments equal to what was saved), and the
+    process's RNG states are the saved ones again."""
     import socket
     import subprocess
     import sys
@@ -392,5 +396,6 @@ def test_a_checkpoint_saved_in_bf16_resumes_in_float32_and_back(tmp_path):
     assert [r["files"] for r in results] == [["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"], ["zero_pp_rank_0_mp_rank_00_optim_states.pt"]]
     for r in results:
         assert r["loaded"] == r["saved"] and r["saved"][0][0] == 3.0 and r["saved"][0][1] > 0, r
+        assert r["rng"][0] == r["rng"][1], r  # the resumed process draws on from the saved RNG states
     assert "was saved by bf16 engines and these compute in float32" in proc.stdout + proc.stderr
     assert "was saved by float32 engines and these compute in bf16" in proc.stdout + proc.stderr
