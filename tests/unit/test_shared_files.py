@@ -85,3 +85,31 @@ def test_an_empty_wandb_id_gets_a_new_one_instead_of_turning_wandb_off(tmp_path)
     run_id = _wandb_id(tmp_path)
     assert run_id.isalnum() and len(run_id) == 12
     assert (tmp_path / "wandb_id.txt").read_text() == run_id and _wandb_id(tmp_path) == run_id
+
+
+def test_a_durable_write_syncs_the_content_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """What survives a node crash: the new name must never point at unsynced content, and the
+    rename itself is synced through the folder. A plain write syncs nothing."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "manifest.json"
+    atomic_write_text(target, "{}", durable=True)
+    (kind0, synced), (kind1, moved, onto), (kind2, folder) = events
+    assert (kind0, kind1, kind2) == ("fsync", "replace", "fsync")
+    assert synced == moved and onto == str(target) and folder == str(tmp_path)
+    events.clear()
+    atomic_write_text(target, "{}")
+    assert [e[0] for e in events] == ["replace"]
