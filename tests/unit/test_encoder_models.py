@@ -111,8 +111,10 @@ def test_padded_batches_score_every_sequence_as_if_alone(minilm, name):
         for i, text in enumerate(TEXTS):
             alone = student(**{k: v for k, v in tokenizer([text], return_tensors="pt").items() if k != "token_type_ids"}, output_hidden_states=True)
             n = int(batch["attention_mask"][i].sum())
-            torch.testing.assert_close(together.logits[i], alone.logits[0], atol=2e-5, rtol=1e-4)
-            torch.testing.assert_close(together.hidden_states[-1][i, :n], alone.hidden_states[-1][0], atol=2e-5, rtol=1e-4)
+            # NOTE: float32 sums in another order with the thread count (one thread: 3.2e-5 in a
+            # BiMamba2 hybrid's last hidden state); pads read into a sequence moved its logits by 0.04 or more.
+            torch.testing.assert_close(together.logits[i], alone.logits[0], atol=5e-5, rtol=1e-4)
+            torch.testing.assert_close(together.hidden_states[-1][i, :n], alone.hidden_states[-1][0], atol=5e-5, rtol=1e-4)
 
 
 def test_an_electra_teacher_with_narrower_embeddings_converts_and_its_view_equals_the_model(minilm, tmp_path):
