@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-__all__ = ["COMMANDS", "Once", "device_arg", "main", "non_negative_int", "positive_float", "positive_int", "probability"]
+__all__ = ["COMMANDS", "Once", "device_arg", "main", "parse_args", "non_negative_int", "positive_float", "positive_int", "probability"]
 
 COMMANDS: dict[str, str] = {
     "evaluate": "cald_scale.evaluate",
@@ -93,10 +93,9 @@ def _summary(doc: str) -> str:
     return " ".join(doc.strip().split("\n\n")[0].split())
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` (default: the command line) and run the subcommand; returns the exit
-    status. A user error (missing path, unknown corpus, bad setting) is one line on stderr
-    and status 2, with no traceback."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``argv`` (default: the command line) parsed into the subcommand's arguments (``args.run``
+    runs it); a usage error exits with argparse's one line and status 2."""
     parser = argparse.ArgumentParser(prog="cald-scale", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():
@@ -116,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: the command line) and run the subcommand; returns the exit
+    status. A user error (missing path, unknown corpus, bad setting) is one line on stderr
+    and status 2, with no traceback."""
+    args = parse_args(argv)
     from .errors import user_errors
 
     try:

@@ -75,3 +75,85 @@ def test_the_readme_keeps_the_markers_inference_speed_writes_between():
     text = module.README.read_text()
     begin, end = module.MARKERS
     assert module.README == REPO / "README.md" and text.count(begin) == 1 and text.count(end) == 1 and text.index(begin) < text.index(end)
+
+
+def _shell_commands(path: Path) -> list[list[str]]:
+    """The commands of the page's bash blocks, split as the shell splits them (comments dropped,
+    continued lines joined)."""
+    import shlex
+
+    commands, block, fenced = [], None, False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+            block = [] if fenced and line.strip() in ("```bash", "```sh") else None
+            continue
+        if block is None:
+            continue
+        if block and block[-1].endswith("\\"):
+            block[-1] = block[-1][:-1] + " " + line
+        else:
+            block.append(line)
+        if not line.endswith("\\"):
+            tokens = shlex.split(block[-1], comments=True)
+            if tokens:
+                commands.append(tokens)
+    return commands
+
+
+def _train_command(tokens: list[str]) -> tuple[dict, list[str]] | None:
+    """(environment, the arguments given to launch/train.py or a SLURM batch script) of a
+    training command line; None for any other command."""
+    env = {}
+    while tokens and re.fullmatch(r"[A-Z_]+=.*", tokens[0]):
+        key, _, value = tokens.pop(0).partition("=")
+        env[key] = value
+    for i, token in enumerate(tokens):
+        if token == "launch/train.py" or token.startswith("launch/slurm/"):
+            return env, tokens[i + 1 :]
+    return None
+
+
+DOC_COMMANDS = [(page, tokens) for page in PAGES for tokens in _shell_commands(page)]
+
+
+def test_the_docs_show_training_and_cald_scale_commands():
+    kinds = {("train" if _train_command(list(t)) else t[0]) for _, t in DOC_COMMANDS}
+    assert {"train", "cald-scale", "python"} <= kinds, kinds
+
+
+@pytest.mark.parametrize("page,tokens", DOC_COMMANDS, ids=[f"{p.relative_to(REPO).as_posix()}:{' '.join(t)[:60]}" for p, t in DOC_COMMANDS])
+def test_every_documented_command_parses_with_real_files_and_config_keys(page, tokens, monkeypatch):
+    """Each command a page shows: its scripts, recipes and ds_configs exist, its key=value
+    overrides are run-config keys with valid values (as `launch/train.py --print_config` checks
+    them, ds_config included), and a cald-scale subcommand takes its flags."""
+    from cald_scale.config import load_run_config
+    from cald_scale.train import check_ds_config
+
+    monkeypatch.chdir(REPO)
+    train = _train_command(list(tokens))
+    if train is not None:
+        env, args = train
+        recipe, ds_config, overrides = env.get("RECIPE"), env.get("DS_CONFIG", "ds_configs/zero3.json"), []
+        args = iter(args)
+        for arg in args:
+            if arg == "--recipe":
+                recipe = next(args)
+            elif arg == "--ds_config":
+                ds_config = next(args)
+            elif arg in ("--print_config", "--explain"):
+                continue
+            else:
+                assert "=" in arg and not arg.startswith("-"), f"{arg!r} is no option of launch/train.py nor an override"
+                overrides.append(arg)
+        for file in filter(None, (recipe, ds_config)):
+            assert (REPO / file).is_file(), file
+        check_ds_config(load_run_config(recipe, overrides), ds_config)
+    elif tokens[0] == "cald-scale":
+        from cald_scale.cli import parse_args
+
+        if "--device" in tokens and "cuda" in tokens[tokens.index("--device") + 1]:
+            pytest.skip("a CUDA device to parse --device cuda")
+        parse_args(tokens[1:])
+    elif tokens[0] in ("python", "python3", "bash") and tokens[1].endswith((".py", ".sh")):
+        assert (REPO / tokens[1]).is_file(), tokens[1]
