@@ -211,3 +211,23 @@ def test_every_part_of_the_cald_step_equals_its_definition_on_the_models_own_for
     torch.testing.assert_close(parts.terms["kl"], kl)
     assert not torch.isclose(kl, logit_kl(s.logits, t.logits, 1.0))  # the temperature matters here
     torch.testing.assert_close(parts.total, ce + 15.0 * sum(layers) / 3 + 0.5 * kl)
+
+
+def test_a_teacher_in_another_dtype_than_the_student_runs_on_its_own_positions(monkeypatch):
+    """The student's rotary tables are computed once per batch and shared with the teacher only
+    when both compute in one dtype: a float32 teacher beside a bf16 student computes its own, so
+    the hidden states the layer loss reads are its own forward's, to the bit."""
+    import cald_scale.distill.step as step
+
+    teacher = tiny_teacher("llama", layers=3).eval()
+    teacher.config.max_position_embeddings = 4096
+    student = convert_teacher(teacher, ConversionConfig()).to(torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 1024), generator=torch.Generator().manual_seed(0))
+    seen = []
+    monkeypatch.setattr(step, "layer_loss", lambda s_h, t_h, *a, **k: seen.append(t_h) or layer_loss(s_h, t_h, *a, **k))
+    with torch.no_grad():
+        cald_forward(LayerwiseModel(teacher), LayerwiseModel(student), ids, LossConfig(skip_last=False))
+        own = teacher(ids, output_hidden_states=True).hidden_states
+    assert len(seen) == 3 and all(t.dtype == torch.float32 for t in seen)
+    for i, t_h in enumerate(seen):
+        assert torch.equal(t_h, own[i + 1]) if i < 2 else torch.equal(teacher.model.norm(t_h), own[3]), i
