@@ -357,6 +357,7 @@ def build_cache(
             if is_complete(folder):
                 return
             if not locked:  # no locks on this file system: a builder started beside this one must not share its folder
+                _remove_dead_partials(partial)
                 partial = f"{partial}.{socket.gethostname()}.{os.getpid()}"
             os.makedirs(partial, exist_ok=True)
             meta = _write_splits(cfg, source, tokenizer, partial)
@@ -378,6 +379,27 @@ def build_cache(
     except BaseException as err:
         write_failure_note(_failure_path(cfg.cache_dir, key), err, job=_job_token())
         raise
+
+
+def _remove_dead_partials(partial: str) -> None:
+    """Remove the per-process partial folders (``<partial>.<host>.<pid>``) that unlocked builds
+    on this host left when killed: their process is gone, and no build resumes them. Another
+    host's are left alone (whether its builder lives cannot be told from here)."""
+    prefix = f"{os.path.basename(partial)}.{socket.gethostname()}."
+    folder = os.path.dirname(partial)
+    for name in os.listdir(folder):
+        pid = name[len(prefix):]
+        if not (name.startswith(prefix) and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or not ours to signal): still building
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        logger.info("removing %s: the unlocked build that wrote it (pid %s) is gone", name, pid)
+        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def _failure_path(cache_dir: str, key: str) -> str:

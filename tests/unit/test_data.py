@@ -1164,13 +1164,17 @@ def test_a_finished_cache_is_on_disk_before_its_meta_says_so(tmp_path, tokenizer
 
 def test_a_cache_builds_where_the_file_system_takes_no_locks(tmp_path, tokenizer, wiki_leads, monkeypatch, caplog):
     """NFS without lockd, Lustre without flock: the lock failed with "No locks available" and a
-    message naming no file. Now the build goes on unlocked, warned, in a folder of its own."""
+    message naming no file. Now the build goes on unlocked, warned, in a folder of its own, and
+    removes what killed unlocked builds of this host left."""
     import errno
     import fcntl
     import logging
+    import socket
+    import subprocess
     from types import SimpleNamespace
 
     from cald_scale import fileio
+    from cald_scale.data import indexed
 
     def no_locks(handle, operation):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -1178,11 +1182,31 @@ def test_a_cache_builds_where_the_file_system_takes_no_locks(tmp_path, tokenizer
     # NOTE: our locks only (`datasets` takes its own, in its cache, which may sit elsewhere).
     monkeypatch.setattr(fileio, "fcntl", SimpleNamespace(flock=no_locks, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB, LOCK_UN=fcntl.LOCK_UN))
     cfg = DataConfig(corpus=_write_jsonl(tmp_path / "leads.jsonl", wiki_leads[:30]), cache_dir=str(tmp_path / "cache"), eval_fraction=0.1)
+    # What killed unlocked builds left: one on this host whose process is gone (removed), one whose
+    # process lives (another build in progress: kept), one of another host (cannot be told: kept).
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = socket.gethostname()
+
+    def leftovers(key):
+        return {f".partial-{key}.{host}.{gone.pid}", f".partial-{key}.{host}.1", f".partial-{key}.otherhost.{gone.pid}"}
+
+    real_build = indexed.build_cache
+
+    def with_leftovers(cfg, source, tokenizer, folder, key):
+        for name in leftovers(key):
+            (Path(cfg.cache_dir) / name / "parts").mkdir(parents=True)
+        return real_build(cfg, source, tokenizer, folder, key)
+
+    monkeypatch.setattr(indexed, "build_cache", with_leftovers)
     with caplog.at_level(logging.WARNING, logger="cald_scale.fileio"):
         corpus = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    monkeypatch.setattr(indexed, "build_cache", real_build)
     assert "takes no locks" in caplog.text and ".lock" in caplog.text
     assert corpus.split("train")[2] > 0
-    assert not [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".partial") and not p.name.endswith(".lock")]
+    key = Path(corpus.meta_path).parent.name
+    left = {p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".partial") and not p.name.endswith(".lock")}
+    assert left == leftovers(key) - {f".partial-{key}.{host}.{gone.pid}"}, left
     # Another builder (another job's rank 0) puts the same cache in place while this one builds:
     # its cache is kept and used (nothing of it deleted), this one's partial folder removed.
     built = Path(corpus.meta_path).parent
