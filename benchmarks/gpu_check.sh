@@ -320,7 +320,7 @@ step train_speed_llama1b 210 train_speed_gpu_llama1b.json \
   --log-dir "$WORK/train_speed_llama1b_items" --out "$WORK/train_speed_gpu_llama1b.json"
 
 trap - TERM INT
-status_table done
+status_table "done"
 pack
 ls -la "$OUT" | tee -a "$LOG"
 exit $FAILED
