@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, Container, Iterator
 
-__all__ = ["absolute_if_local", "sha256_of", "tag_cache_dir", "CACHE_TAG", "atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "NO_LOCKS", "update_json", "hold_lock", "wait_for_file", "read_json", "write_failure_note", "read_failure_note", "cache_root"]
+__all__ = ["absolute_if_local", "sha256_of", "tag_cache_dir", "CACHE_TAG", "atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "NO_LOCKS", "update_json", "hold_lock", "wait_for_file", "read_json", "write_failure_note", "read_failure_note", "cache_root", "process_identity", "process_gone"]
 
 
 def absolute_if_local(value: str, *, names: Container[str] = ()) -> str:
@@ -94,6 +94,48 @@ def atomic_write_text(path: str | Path, text: str, *, durable: bool = False) -> 
     if durable:
         fsync_path(path.parent)
     return path
+
+
+def _read_proc(path: str) -> str | None:
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError:  # no /proc (not Linux), or no such process
+        return None
+
+
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot): with the pid, it names one process."""
+    stat = _read_proc(f"/proc/{pid}/stat")
+    return int(stat.rsplit(")", 1)[1].split()[19]) if stat else None  # field 22; the name may hold spaces
+
+
+def process_identity() -> dict:
+    """This process, as another process can tell later whether it still runs: the machine's
+    boot, the pid namespace, the pid and the pid's start time (a pid alone is reused, and in
+    another container names another process)."""
+    boot = _read_proc("/proc/sys/kernel/random/boot_id")
+    return {"host": socket.gethostname(), "boot_id": boot.strip() if boot else None, "pid_namespace": _pid_namespace(),
+            "pid": os.getpid(), "start": _start_ticks(os.getpid())}
+
+
+def process_gone(identity: dict | None) -> bool:
+    """Whether the process ``identity`` (``process_identity``'s) has ended, as far as this one
+    can tell: only on the same boot of the same machine, in the same pid namespace. Anywhere
+    else (another node or container, no /proc) it is not known to be gone: False."""
+    mine = process_identity()
+    if not identity or mine["boot_id"] is None or mine["pid_namespace"] is None:
+        return False
+    if (identity.get("boot_id"), identity.get("pid_namespace")) != (mine["boot_id"], mine["pid_namespace"]):
+        return False
+    return _start_ticks(int(identity["pid"])) != identity.get("start")
 
 
 def fsync_path(path: str | Path) -> None:

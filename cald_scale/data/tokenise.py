@@ -3,11 +3,13 @@
 # system, outside any collective.
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import time
@@ -21,7 +23,7 @@ from cald_scale.data.config import DataConfig
 from cald_scale.data.corpora import CorpusSource, load_documents, resolve_corpus
 from cald_scale.data.megatron import megatron_indexed
 from cald_scale.engines.preemption import raise_if_preempted
-from cald_scale.fileio import atomic_write_text, file_lock, fsync_path, sha256_of, tag_cache_dir, wait_for_file, write_failure_note
+from cald_scale.fileio import atomic_write_text, file_lock, fsync_path, process_gone, process_identity, read_json, sha256_of, tag_cache_dir, wait_for_file, write_failure_note
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -38,6 +40,7 @@ Split = Literal["train", "eval"]
 _SPLITS: tuple[Split, ...] = ("eval", "train")  # NOTE: eval first, so caps stop early
 META = "meta.json"
 _PARTIAL = ".partial-"
+_OWNER = "builder.json"  # in an unlocked build's partial folder: the process building it (fileio.process_identity)
 _FAILED = ".failed-"
 _DOCS_PER_BATCH = 128
 _PART_DOCS = 4096
@@ -358,11 +361,15 @@ def build_cache(
                 return
             if not locked:  # no locks on this file system: a builder started beside this one must not share its folder
                 _remove_dead_partials(partial)
-                partial = f"{partial}.{socket.gethostname()}.{os.getpid()}"
+                partial = f"{partial}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+                os.makedirs(partial)
+                atomic_write_text(os.path.join(partial, _OWNER), json.dumps(process_identity()))
             os.makedirs(partial, exist_ok=True)
             meta = _write_splits(cfg, source, tokenizer, partial)
             meta["key"] = key
             shutil.rmtree(os.path.join(partial, "parts"))
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(partial, _OWNER))
             _write_json(os.path.join(partial, META), meta)
             if locked and os.path.isdir(folder):
                 logger.warning("replacing an incomplete data cache (no %s): %s", META, folder)
@@ -382,24 +389,22 @@ def build_cache(
 
 
 def _remove_dead_partials(partial: str) -> None:
-    """Remove the per-process partial folders (``<partial>.<host>.<pid>``) that unlocked builds
-    on this host left when killed: their process is gone, and no build resumes them. Another
-    host's are left alone (whether its builder lives cannot be told from here)."""
-    prefix = f"{os.path.basename(partial)}.{socket.gethostname()}."
+    """Remove the partial folders of unlocked builds (``<partial>.<host>.<pid>.<token>``) whose
+    builder is known to be gone (``fileio.process_gone``: the same boot and pid namespace, the
+    process ended): killed, they are never resumed. Any other (another node's or container's,
+    one without its owner file) is left alone."""
+    prefix = os.path.basename(partial) + "."
     folder = os.path.dirname(partial)
     for name in os.listdir(folder):
-        pid = name[len(prefix):]
-        if not (name.startswith(prefix) and pid.isdigit()) or int(pid) == os.getpid():
+        if not name.startswith(prefix) or name.endswith(".lock"):
             continue
         try:
-            os.kill(int(pid), 0)
-            continue  # alive (or not ours to signal): still building
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+            owner = read_json(os.path.join(folder, name, _OWNER))
+        except (OSError, ValueError):
             continue
-        logger.info("removing %s: the unlocked build that wrote it (pid %s) is gone", name, pid)
-        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        if process_gone(owner):
+            logger.info("removing %s: the unlocked build that wrote it (pid %s) is gone", name, owner.get("pid"))
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def _failure_path(cache_dir: str, key: str) -> str:

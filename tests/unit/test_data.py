@@ -1169,7 +1169,6 @@ def test_a_cache_builds_where_the_file_system_takes_no_locks(tmp_path, tokenizer
     import errno
     import fcntl
     import logging
-    import socket
     import subprocess
     from types import SimpleNamespace
 
@@ -1182,20 +1181,26 @@ def test_a_cache_builds_where_the_file_system_takes_no_locks(tmp_path, tokenizer
     # NOTE: our locks only (`datasets` takes its own, in its cache, which may sit elsewhere).
     monkeypatch.setattr(fileio, "fcntl", SimpleNamespace(flock=no_locks, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB, LOCK_UN=fcntl.LOCK_UN))
     cfg = DataConfig(corpus=_write_jsonl(tmp_path / "leads.jsonl", wiki_leads[:30]), cache_dir=str(tmp_path / "cache"), eval_fraction=0.1)
-    # What killed unlocked builds left: one on this host whose process is gone (removed), one whose
-    # process lives (another build in progress: kept), one of another host (cannot be told: kept).
+    # What unlocked builds left, each with its builder's identity: one of this boot and pid
+    # namespace whose process ended (removed); one whose process runs (this one: kept); one of
+    # another pid namespace (another container with this hostname: cannot be told, kept); one
+    # with no identity (kept).
     gone = subprocess.Popen(["true"])
     gone.wait()
-    host = socket.gethostname()
-
-    def leftovers(key):
-        return {f".partial-{key}.{host}.{gone.pid}", f".partial-{key}.{host}.1", f".partial-{key}.otherhost.{gone.pid}"}
-
+    me = fileio.process_identity()
+    owners = {
+        "dead": {**me, "pid": gone.pid, "start": 1},
+        "live": me,
+        "other_namespace": {**me, "pid": gone.pid, "start": 1, "pid_namespace": (me["pid_namespace"] or 0) + 1},
+        "anonymous": None,
+    }
     real_build = indexed.build_cache
 
     def with_leftovers(cfg, source, tokenizer, folder, key):
-        for name in leftovers(key):
-            (Path(cfg.cache_dir) / name / "parts").mkdir(parents=True)
+        for label, owner in owners.items():
+            (Path(cfg.cache_dir) / f".partial-{key}.{label}" / "parts").mkdir(parents=True)
+            if owner is not None:
+                (Path(cfg.cache_dir) / f".partial-{key}.{label}" / "builder.json").write_text(json.dumps(owner))
         return real_build(cfg, source, tokenizer, folder, key)
 
     monkeypatch.setattr(indexed, "build_cache", with_leftovers)
@@ -1206,7 +1211,8 @@ def test_a_cache_builds_where_the_file_system_takes_no_locks(tmp_path, tokenizer
     assert corpus.split("train")[2] > 0
     key = Path(corpus.meta_path).parent.name
     left = {p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".partial") and not p.name.endswith(".lock")}
-    assert left == leftovers(key) - {f".partial-{key}.{host}.{gone.pid}"}, left
+    assert left == {f".partial-{key}.{label}" for label in ("live", "other_namespace", "anonymous")}, left
+    assert not (Path(corpus.meta_path).parent / "builder.json").exists()  # the builder's identity stays out of the cache
     # Another builder (another job's rank 0) puts the same cache in place while this one builds:
     # its cache is kept and used (nothing of it deleted), this one's partial folder removed.
     built = Path(corpus.meta_path).parent

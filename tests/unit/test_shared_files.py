@@ -113,3 +113,24 @@ def test_a_durable_write_syncs_the_content_before_the_rename_and_the_folder_afte
     events.clear()
     atomic_write_text(target, "{}")
     assert [e[0] for e in events] == ["replace"]
+
+
+def test_a_process_is_known_gone_only_on_its_own_boot_and_pid_namespace():
+    """What a file left by a process may be removed on: its process ended, as this process can
+    tell it (same boot, same pid namespace; a pid reused by another process does not count as it)."""
+    import subprocess
+
+    from cald_scale.fileio import _start_ticks, process_gone, process_identity
+
+    me = process_identity()
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        theirs = {**me, "pid": child.pid, "start": _start_ticks(child.pid)}
+        assert not process_gone(me) and not process_gone(theirs)
+        assert process_gone({**theirs, "start": theirs["start"] - 1})  # the pid now names another process
+    finally:
+        child.kill()
+        child.wait()
+    assert process_gone(theirs)
+    assert not process_gone({**theirs, "pid_namespace": me["pid_namespace"] + 1})  # another container's pid
+    assert not process_gone({**theirs, "boot_id": "another boot"}) and not process_gone(None)
