@@ -112,7 +112,7 @@ def resolve_target(
     names no teacher (what the caller's user can pass)."""
     if teacher and no_teacher:
         raise ValueError(f"--teacher {teacher} and --no_teacher contradict each other: give one")
-    folder = Path(path).expanduser()
+    folder = Path(path).expanduser().resolve()  # "." inside a run's student/ is that student/
     config = _read_config(folder)
     refuse_classifier(folder, config, "evaluate")
     if config.get("model_type") == CaldStudentConfig.model_type and is_run_folder(folder.parent) and folder.name == "student":

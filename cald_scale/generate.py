@@ -27,7 +27,7 @@ from transformers.cache_utils import CacheLayerMixin, StaticLayer
 
 from .cli import check_output_file, device_arg, positive_float, positive_int, probability
 from .conversion.modeling import CaldStudentConfig
-from .conversion.teacher import DTYPES, TeacherConfig, build_teacher, dtype_name, open_teacher
+from .conversion.teacher import DTYPES, TeacherConfig, build_teacher, dtype_name, dtype_of, open_teacher
 from .engines.checkpoint import MANIFEST
 from .evaluate import is_run_folder, refuse_classifier, resolve_target
 from .fileio import atomic_write_text, read_json
@@ -214,20 +214,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_dtype(name: str, path: str | Path, device: torch.device | str) -> str:
     """``--dtype``: as given, or for ``auto`` the precision the model at ``path`` trained in when
-    it runs on a GPU: a run's (its folder or its student/; what `cald-scale evaluate` scores in),
-    else the dtype its config.json was saved in. float32 on CPU, where it is the reference and
-    bf16 decodes no faster."""
+    it runs on a GPU: a run's (its folder or its student/; the ``teacher.dtype`` its config.json
+    records, what `cald-scale evaluate` scores in), else the dtype its config.json was saved in;
+    float32 where the GPU has no bf16. float32 on CPU, where it is the reference and bf16 decodes
+    no faster."""
     if name != "auto":
         return name
     if torch.device(device).type != "cuda":
         return "float32"
-    folder = Path(path).expanduser()
+    folder = Path(path).expanduser().resolve()
     run = folder if is_run_folder(folder) else folder.parent if folder.name == "student" and is_run_folder(folder.parent) else None
     if run is not None:
-        return resolve_target(run, no_teacher=True).dtype
-    saved = read_json(folder / "config.json")
-    saved = saved.get("dtype") or saved.get("torch_dtype")
-    return saved if saved in DTYPES else "float32"
+        chosen = dtype_name(dtype_of(read_json(run / "config.json")["teacher"].get("dtype", "auto")))
+    else:
+        saved = read_json(folder / "config.json")
+        saved = saved.get("dtype") or saved.get("torch_dtype")
+        chosen = saved if saved in DTYPES else "float32"
+    if chosen == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return "float32"
+    return chosen
 
 
 def _graphed_decode(model, mode: str) -> bool:

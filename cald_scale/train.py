@@ -37,6 +37,7 @@ from .distill.progress import NonFiniteLossError, StepState
 from .distill.stages import LayerwiseModel
 from .distill.step import LossParts, cald_forward, teacher_forced_step
 from .engines.checkpoint import complete_tags, load_latest_checkpoint, save_checkpoint
+from .engines.deepspeed_version import check_deepspeed_version
 from .engines.distributed import DistEnv, all_true, barrier, gather_objects, init_distributed, mean_over_ranks, on_main
 from .engines.host_memory import configure_host_allocator, return_free_memory
 from .engines.preemption import Preempted, PreemptionWatch, raise_if_preempted
@@ -714,7 +715,9 @@ def check_ds_config(cfg: RunConfig, path: str | Path) -> None:
     call before they launch): a missing file, a typo, the other mode's config, a contradiction
     or a teacher.dtype the engines will not compute in stops the job there, in one line. Checked
     for the fewest ranks the run takes (a batch that does not split over them splits over no
-    more), and for both kinds of accelerator: the run's is not known here (a login node)."""
+    more), and for both kinds of accelerator: the run's is not known here (a login node). The
+    installed DeepSpeed must be the tested release, as the job's start checks it."""
+    check_deepspeed_version()
     world = max(1, cfg.train.pipeline_stages)
     possible = {compute_dtype(_ds_config(cfg, path, world, bf16_here=True))}
     try:

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                 check_ds_config(cfg, args.ds_config)
         except ConfigError as err:
             _one_line(parser, 2, f"config error: {err}")
-        except (ValueError, OSError) as err:
+        except (ValueError, OSError, *USER_ERRORS) as err:  # a bad file, another DeepSpeed than the tested one
             _one_line(parser, 2, f"error: {err}")
         print(explained_yaml(cfg) if args.explain else yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return

@@ -26,8 +26,8 @@ class UntestedDeepSpeedError(RuntimeError):
 
 
 def check_deepspeed_version(installed: str | None = None) -> None:
-    """Refuse a DeepSpeed other than ``TESTED_DEEPSPEED`` (``CALD_ALLOW_UNTESTED_DEEPSPEED=1``
-    turns the refusal into a warning, for whoever wants to try one)."""
+    """Refuse a DeepSpeed other than ``TESTED_DEEPSPEED`` (``CALD_ALLOW_UNTESTED_DEEPSPEED=1``,
+    or true/yes/on, turns the refusal into a warning, for whoever wants to try one)."""
     if installed is None:
         import deepspeed
 
@@ -38,7 +38,7 @@ def check_deepspeed_version(installed: str | None = None) -> None:
         f"DeepSpeed {installed} is installed; cald_scale's ZeRO-3 engines are tested on {TESTED_DEEPSPEED} only (each 0.19 "
         f"patch release changed the internals they use, some silently): pip install deepspeed=={TESTED_DEEPSPEED}"
     )
-    if os.environ.get(ALLOW_ENV, "") not in ("", "0"):
+    if os.environ.get(ALLOW_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
         logger.warning("%s. Going on: %s is set", message, ALLOW_ENV)
         return
     raise UntestedDeepSpeedError(f"{message}, or set {ALLOW_ENV}=1 to run on {installed} regardless")

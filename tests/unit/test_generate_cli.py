@@ -146,6 +146,13 @@ def test_auto_dtype_on_a_gpu_is_the_precision_the_model_trained_in(folders, tmp_
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert resolve_dtype("auto", run, cuda) == resolve_dtype("auto", run / "student", cuda) == "bfloat16"
     assert resolve_dtype("auto", run, cpu) == "float32" and resolve_dtype("float16", run, cuda) == "float16"
+    # Run from inside its student/ ("."): the same answer. A run config another version wrote,
+    # with a data key this one lacks, still says its precision (generate reads no data).
+    with pytest.MonkeyPatch.context() as inside:
+        inside.chdir(run / "student")
+        assert resolve_dtype("auto", ".", cuda) == "bfloat16"
+    (run / "config.json").write_text(json.dumps({"teacher": {"name_or_path": "x", "dtype": "bfloat16"}, "data": {"a_future_key": 1}}))
+    assert resolve_dtype("auto", run, cuda) == "bfloat16"
     import cald_scale  # noqa: F401
 
     AutoModelForCausalLM.from_pretrained(folders["hybrid"], dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
