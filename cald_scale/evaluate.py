@@ -86,12 +86,18 @@ def _is_run_config(config: object) -> bool:
     return isinstance(config, dict) and "teacher" in config and "data" in config
 
 
-def is_run_folder(folder: Path) -> bool:
-    """Whether ``folder`` holds a training run (its config.json is a run config)."""
+def _is_run_folder(folder: Path) -> bool:
     try:
         return _is_run_config(json.loads((folder / "config.json").read_text()))
     except (OSError, ValueError):
         return False
+
+
+def run_of(folder: Path) -> Path | None:
+    """The training run ``folder`` is, or whose exported ``student/`` it is; None for any other folder."""
+    if _is_run_folder(folder):
+        return folder
+    return folder.parent if folder.name == "student" and _is_run_folder(folder.parent) else None
 
 
 def refuse_classifier(folder: Path, config: dict, command: str) -> None:
@@ -115,7 +121,7 @@ def resolve_target(
     folder = Path(path).expanduser().resolve()  # "." inside a run's student/ is that student/
     config = _read_config(folder)
     refuse_classifier(folder, config, "evaluate")
-    if config.get("model_type") == CaldStudentConfig.model_type and is_run_folder(folder.parent) and folder.name == "student":
+    if config.get("model_type") == CaldStudentConfig.model_type and run_of(folder) is not None:
         # A run's own exported student: scored as its run is, on the run's split and settings (the
         # defaults' split of the same corpus may hold documents the run trained on).
         logger.info("%s is the student of run %s: scoring it with the run's data settings", folder, folder.parent)

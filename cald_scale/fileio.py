@@ -117,12 +117,16 @@ def _start_ticks(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19]) if stat else None  # field 22; the name may hold spaces
 
 
+def _boot_id() -> str | None:
+    boot = _read_proc("/proc/sys/kernel/random/boot_id")
+    return boot.strip() if boot else None
+
+
 def process_identity() -> dict:
     """This process, as another process can tell later whether it still runs: the machine's
     boot, the pid namespace, the pid and the pid's start time (a pid alone is reused, and in
     another container names another process)."""
-    boot = _read_proc("/proc/sys/kernel/random/boot_id")
-    return {"host": socket.gethostname(), "boot_id": boot.strip() if boot else None, "pid_namespace": _pid_namespace(),
+    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid_namespace": _pid_namespace(),
             "pid": os.getpid(), "start": _start_ticks(os.getpid())}
 
 
@@ -130,10 +134,8 @@ def process_gone(identity: dict | None) -> bool:
     """Whether the process ``identity`` (``process_identity``'s) has ended, as far as this one
     can tell: only on the same boot of the same machine, in the same pid namespace. Anywhere
     else (another node or container, no /proc) it is not known to be gone: False."""
-    mine = process_identity()
-    if not identity or mine["boot_id"] is None or mine["pid_namespace"] is None:
-        return False
-    if (identity.get("boot_id"), identity.get("pid_namespace")) != (mine["boot_id"], mine["pid_namespace"]):
+    here = (_boot_id(), _pid_namespace())
+    if not identity or None in here or (identity.get("boot_id"), identity.get("pid_namespace")) != here:
         return False
     return _start_ticks(int(identity["pid"])) != identity.get("start")
 

@@ -29,7 +29,7 @@ from .cli import check_output_file, device_arg, positive_float, positive_int, pr
 from .conversion.modeling import CaldStudentConfig
 from .conversion.teacher import DTYPES, TeacherConfig, build_teacher, dtype_name, dtype_of, open_teacher
 from .engines.checkpoint import MANIFEST
-from .evaluate import is_run_folder, refuse_classifier, resolve_target
+from .evaluate import refuse_classifier, resolve_target, run_of
 from .fileio import atomic_write_text, read_json
 from .generation.cache import state_bytes
 from .generation.context import check_context
@@ -223,7 +223,7 @@ def resolve_dtype(name: str, path: str | Path, device: torch.device | str) -> st
     if torch.device(device).type != "cuda":
         return "float32"
     folder = Path(path).expanduser().resolve()
-    run = folder if is_run_folder(folder) else folder.parent if folder.name == "student" and is_run_folder(folder.parent) else None
+    run = run_of(folder)
     if run is not None:
         chosen = dtype_name(dtype_of(read_json(run / "config.json")["teacher"].get("dtype", "auto")))
     else:
