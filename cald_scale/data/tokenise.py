@@ -362,7 +362,6 @@ def build_cache(
             if not locked:  # no locks on this file system: a builder started beside this one must not share its folder
                 _remove_dead_partials(partial)
                 partial = f"{partial}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
-                os.makedirs(partial)
                 atomic_write_text(os.path.join(partial, _OWNER), json.dumps(process_identity()))
             os.makedirs(partial, exist_ok=True)
             meta = _write_splits(cfg, source, tokenizer, partial)
