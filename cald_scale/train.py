@@ -388,11 +388,12 @@ def forward_backward(
     return parts, True
 
 
-def padded_layer_tokens(batches: list[dict], device: torch.device) -> float:
+def padded_layer_tokens(batches: list[dict], device: torch.device, token_mask: Callable[[dict], torch.Tensor]) -> float:
     """What a step's padded micro-batches divide their layer losses by: the real tokens of the
-    whole global batch (these micro-batches on every rank) per micro-batch. DeepSpeed averages
-    gradients over micro-batches and ranks, so every real token then weighs 1 / (its count)."""
-    local = sum(float(b["attention_mask"].sum()) for b in batches)
+    whole global batch (these micro-batches on every rank) per micro-batch, counted by the
+    student view's ``token_mask`` as the layer losses count them. DeepSpeed averages gradients
+    over micro-batches and ranks, so every real token then weighs 1 / (its count)."""
+    local = sum(float(token_mask(b).sum()) for b in batches)
     return mean_over_ranks({"tokens": local}, device)["tokens"] / len(batches)
 
 
@@ -458,7 +459,7 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
         # same (micro-batches and ranks with more padding weighed more). A micro-batch drawn
         # again after a non-finite one keeps this step's figure.
         pending = [next_batch(state.cursor + j) for j in range(cfg.train.grad_accum)]
-        layer_tokens = padded_layer_tokens(pending, engine.device)
+        layer_tokens = padded_layer_tokens(pending, engine.device, models.student.token_mask)
     while done < cfg.train.grad_accum:
         batch = pending.pop(0) if pending else next_batch(state.cursor)
         parts, finite = forward_backward(

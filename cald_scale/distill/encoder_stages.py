@@ -2,9 +2,9 @@
 
 The encoder track's counterpart of ``LayerwiseModel`` (stages.py), with the same calls,
 so ``cald_forward`` and ``teacher_forced_step`` run it unchanged. What differs from a
-causal LM: batches are padded (every call takes the batch's ``attention_mask``), the
-attention is bidirectional, and the head is pooling + a linear classifier whose task
-loss is class cross-entropy (and whose KL is over class logits).
+causal LM: batches are padded (the view reads the batch's ``attention_mask`` and a sentence
+pair's ``token_type_ids``), the attention is bidirectional, and the head is pooling + a
+linear classifier whose task loss is class cross-entropy (and whose KL is over class logits).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from ..conversion.classifier import pool
 from ..conversion.registry import FamilyAdapter
 from .losses import LossConfig, logit_kl
-from .stages import LayerwiseModel
+from .stages import Batch, LayerwiseModel
 
 __all__ = ["EncoderLayerwise"]
 
@@ -38,17 +38,18 @@ class EncoderLayerwise(LayerwiseModel):
     def head_weight(self) -> None:
         return None
 
-    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The embedding output; ``token_type_ids`` marks a sentence pair's second segment."""
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """The embedding output; a sentence pair's ``token_type_ids`` mark its second segment."""
         with self._scope():
-            hidden = self.base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+            hidden = self.base.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
             # ELECTRA-small's embeddings are narrower than its blocks: its model projects them up.
             project = getattr(self.base, "embeddings_project", None)
             return project(hidden) if project is not None else hidden
 
-    def context(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+    def context(self, hidden: torch.Tensor, batch: Batch) -> dict:
         """The bidirectional attention mask (attention blocks) and the padding mask (mixers; attention
         ignores it, so teacher and student share one context)."""
+        attention_mask = batch.get("attention_mask")
         with self._scope():
             ctx = {"attention_mask": create_bidirectional_mask(config=self.base.config, inputs_embeds=hidden, attention_mask=attention_mask)}
             if attention_mask is not None:
@@ -64,7 +65,7 @@ class EncoderLayerwise(LayerwiseModel):
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden  # post-LN blocks: the last block's output is what the head reads
 
-    def head_losses(self, hidden: torch.Tensor, batch: dict, cfg: LossConfig, *, teacher: "EncoderLayerwise | None" = None, teacher_h: torch.Tensor | None = None):
+    def head_losses(self, hidden: torch.Tensor, batch: Batch, cfg: LossConfig, *, teacher: "EncoderLayerwise | None" = None, teacher_h: torch.Tensor | None = None):
         """(class CE against ``batch["labels"]`` or None, KL to the teacher's class logits or None)."""
         mask = batch.get("attention_mask")
         want_kl = cfg.a_kl > 0 and teacher is not None and teacher_h is not None
@@ -79,15 +80,10 @@ class EncoderLayerwise(LayerwiseModel):
             kl = logit_kl(logits, t_logits, cfg.kl_temperature)
         return ce, kl
 
-    def task_loss(self, batch: dict) -> torch.Tensor:
+    def task_loss(self, batch: Batch) -> torch.Tensor:
         """Class CE through the same pieces (the trajectory teacher's own fine-tuning)."""
-        logits = self.logits(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
-        return F.cross_entropy(logits.float(), batch["labels"])
+        return F.cross_entropy(self.logits(batch).float(), batch["labels"])
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, batch: Batch) -> torch.Tensor:
         """Plain full forward through the same pieces (evaluation)."""
-        hidden = self.embed(input_ids, token_type_ids)
-        ctx = self.context(hidden, input_ids, attention_mask)
-        for i in range(self.num_layers):
-            hidden = self.block(i, hidden, ctx)
-        return self.head(hidden, attention_mask)
+        return self.head(self.last_hidden(batch), batch.get("attention_mask"))

@@ -26,10 +26,19 @@ from ..conversion.registry import FamilyAdapter, get_adapter
 from ..engines.zero3 import needs_grad_input
 from .losses import LossConfig, RowPieces, _call_as_forward, linear_head_losses, lm_head_losses, next_token_nll, vocab_streamed_cross_entropy
 
-__all__ = ["LayerwiseModel", "PerLayerType", "attention_types", "layerwise", "make_stages"]
+__all__ = ["Batch", "LayerwiseModel", "PerLayerType", "as_batch", "attention_types", "layerwise", "make_stages"]
+
+Batch = dict[str, torch.Tensor]
+"""A micro-batch by input name: ``input_ids``, and for padded tasks ``attention_mask`` (and
+``labels``, ``token_type_ids``). Only the views read the names: the step passes batches through."""
 
 # The causal mask of each attention type (the names transformers uses in ``config.layer_types``).
 _MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+
+
+def as_batch(batch: Batch | torch.Tensor) -> Batch:
+    """A micro-batch as a dict (a bare tensor is a packed LM batch of ``input_ids``)."""
+    return {"input_ids": batch} if isinstance(batch, torch.Tensor) else batch
 
 
 def make_stages(num_layers: int, stage_size: int) -> list[range]:
@@ -65,6 +74,10 @@ class LayerwiseModel:
 
     ``model`` is the plain module (``engine.module`` under DeepSpeed); for a converted
     student the family's own model is its ``backbone``.
+
+    The view owns its inputs: ``embed``, ``context``, ``token_mask`` and the head read what
+    they need from the batch, so the distillation step runs any task's views unchanged (an
+    encoder's segment ids and padding, later a speech encoder's frames).
     """
 
     def __init__(
@@ -114,26 +127,26 @@ class LayerwiseModel:
     def dtype(self) -> torch.dtype:
         return self.lm.get_input_embeddings().weight.dtype
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, batch: Batch | torch.Tensor) -> torch.Tensor:
         """The embedding output (the input of block 0)."""
         with self._scope():
-            hidden = self.lm.get_input_embeddings()(input_ids)
+            hidden = self.lm.get_input_embeddings()(as_batch(batch)["input_ids"])
             if self.adapter.embed_multiplier != 1.0:  # as the family's model forward does (Granite)
                 hidden = hidden * self.adapter.embed_multiplier
             if self.adapter.embed_dropout_attr:
                 hidden = getattr(self.base, self.adapter.embed_dropout_attr)(hidden)
         return hidden
 
-    def context(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> dict:
+    def context(self, hidden: torch.Tensor, batch: Batch | torch.Tensor) -> dict:
         """Block inputs besides the hidden state (positions, rotary embeddings, masks).
 
         Built once per batch, one mask per attention type present (``PerLayerType``);
-        ``block`` hands each layer those of its type. ``hidden`` only lends its dtype and
-        device. Teacher and student share one family config, so one context serves both
-        when their dtypes agree.
+        ``block`` hands each layer those of its type. ``hidden`` lends its length, dtype and
+        device (packed LM batches need nothing else of the batch). Teacher and student share
+        one family config, so one context serves both when their dtypes agree.
         """
         with self._scope():
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
             types = sorted(set(self.layer_types))
             masks = PerLayerType(
                 (kind, _MASKS[kind](config=self.base.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids))
@@ -144,6 +157,11 @@ class LayerwiseModel:
             else:
                 rotary = self.base.rotary_emb(hidden, position_ids=position_ids)
             return {"position_ids": position_ids, "position_embeddings": rotary, "attention_mask": masks}
+
+    def token_mask(self, batch: Batch | torch.Tensor) -> torch.Tensor | None:
+        """(b, l) 1 where a block output is a real token, 0 at padding; None: every position
+        is (a packed batch). The layer losses, their token count and the drift read this."""
+        return as_batch(batch).get("attention_mask")
 
     def block(self, index: int, hidden: torch.Tensor, ctx: dict) -> torch.Tensor:
         layer = self.blocks[index]
@@ -204,7 +222,7 @@ class LayerwiseModel:
         The logits are never materialised for more than a chunk of tokens at a time; a frozen
         ZeRO-3 head is read piece by piece when no KL needs whole logit rows.
         """
-        input_ids = batch["input_ids"]
+        input_ids = as_batch(batch)["input_ids"]
         want_kl = cfg.a_kl > 0 and teacher is not None and teacher_h is not None
         if cfg.a_ce > 0 and not want_kl and self.head_pieces is not None:
             return vocab_streamed_cross_entropy(self.final_norm(hidden), input_ids, self.head_pieces), None
@@ -228,25 +246,20 @@ class LayerwiseModel:
         """Tokens per logits chunk outside a phase's loss (``head_chunk_tokens``, or automatic)."""
         return LossConfig(head_chunk_tokens=self.head_chunk_tokens).chunk_tokens(self.vocab_size)
 
-    def task_loss(self, batch: dict) -> torch.Tensor:
+    def task_loss(self, batch: Batch | torch.Tensor) -> torch.Tensor:
         """The model's own task loss (next-token CE) through the same pieces: a teacher fine-tuning."""
-        input_ids = batch["input_ids"]
-        hidden = self.embed(input_ids)
-        ctx = self.context(hidden, input_ids)
-        for i in range(self.num_layers):
-            hidden = self.block(i, hidden, ctx)
-        ce, _ = lm_head_losses(hidden, input_ids, self.head, want_ce=True, chunk_tokens=self.chunk_tokens)
+        ce, _ = lm_head_losses(self.last_hidden(batch), as_batch(batch)["input_ids"], self.head, want_ce=True, chunk_tokens=self.chunk_tokens)
         return ce
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, batch: Batch | torch.Tensor) -> torch.Tensor:
         """Plain full forward through the same pieces."""
-        return self.head(self._last_hidden(input_ids))
+        return self.head(self.last_hidden(batch))
 
     @torch.no_grad()
     def next_token_nll(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(b, l) NLL of each next token (0 at the last position): evaluation, with the logits
         never whole (a 150k vocabulary makes them the largest tensor of an eval batch)."""
-        hidden = self._last_hidden(input_ids)
+        hidden = self.last_hidden(input_ids)
         chunk = self.chunk_tokens
         if self.head_weight is None:  # a head that is not a plain linear map: chunks through the module
             return next_token_nll(hidden, input_ids, self.head, chunk_tokens=chunk)
@@ -254,9 +267,10 @@ class LayerwiseModel:
         with self._scope():  # NOTE: as the head's own call, so ZeRO-3 gathers its weight once for all chunks
             return _call_as_forward(head, lambda x: next_token_nll(x, input_ids, lambda c: F.linear(c, head.weight), chunk_tokens=chunk), self.final_norm(hidden))
 
-    def _last_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed(input_ids)
-        ctx = self.context(hidden, input_ids)
+    def last_hidden(self, batch: Batch | torch.Tensor) -> torch.Tensor:
+        """The last block's output, every block run in turn."""
+        hidden = self.embed(batch)
+        ctx = self.context(hidden, batch)
         for i in range(self.num_layers):
             hidden = self.block(i, hidden, ctx)
         return hidden

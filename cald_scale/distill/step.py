@@ -23,9 +23,9 @@ from typing import Callable, Literal
 import torch
 
 from .losses import LossConfig, distilled_layers, layer_loss
-from .stages import LayerwiseModel, make_stages
+from .stages import Batch, LayerwiseModel, as_batch, make_stages
 
-__all__ = ["LossParts", "Schedule", "as_batch", "cald_forward", "teacher_forced_step", "combine_loss_parts", "distill_targets", "loss_part_names"]
+__all__ = ["LossParts", "Schedule", "cald_forward", "teacher_forced_step", "combine_loss_parts", "distill_targets", "loss_part_names"]
 
 Schedule = Literal["streamed", "naive", "teacher_forced"]
 
@@ -53,22 +53,6 @@ class LossParts:
 def _floats(values: list[torch.Tensor]) -> list[float]:
     """Scalar tensors as floats in one device-to-host copy (``.item()`` each would wait on the device once per value)."""
     return torch.stack([v.detach().double() for v in values]).tolist() if values else []
-
-
-def as_batch(batch: dict | torch.Tensor) -> dict:
-    """A micro-batch as a dict: ``input_ids``, plus ``attention_mask`` and ``labels`` for padded
-    tasks (a bare tensor is a packed LM batch of ``input_ids``)."""
-    return {"input_ids": batch} if isinstance(batch, torch.Tensor) else batch
-
-
-def _mask_kwargs(batch: dict) -> dict:
-    """What a padded batch adds to ``context()``: its attention mask (packed LM batches have none)."""
-    return {"attention_mask": batch["attention_mask"]} if batch.get("attention_mask") is not None else {}
-
-
-def segment_kwargs(batch: dict) -> dict:
-    """What a sentence-pair batch adds to ``embed()``: its segment ids."""
-    return {"token_type_ids": batch["token_type_ids"]} if batch.get("token_type_ids") is not None else {}
 
 
 def distill_targets(cfg: LossConfig, num_layers: int, has_teacher: bool) -> tuple[bool, tuple[int, ...]]:
@@ -101,7 +85,7 @@ def combine_loss_parts(cfg: LossConfig, ce, layer_terms: list[torch.Tensor], kl,
 def cald_forward(
     teacher: LayerwiseModel | None,
     student: LayerwiseModel,
-    batch: dict | torch.Tensor,
+    batch: Batch | torch.Tensor,
     cfg: LossConfig,
     *,
     stage_size: int = 1,
@@ -118,7 +102,7 @@ def cald_forward(
     """
     boundary = on_boundary or (lambda event, stage: None)
     batch = as_batch(batch)
-    input_ids, mask, masked = batch["input_ids"], batch.get("attention_mask"), _mask_kwargs(batch)
+    mask = student.token_mask(batch)
     if teacher is not None and teacher.num_layers != student.num_layers:
         raise ValueError(f"teacher has {teacher.num_layers} blocks but student has {student.num_layers}: stages cannot align")
     use_teacher, wanted = distill_targets(cfg, student.num_layers, teacher is not None)
@@ -126,13 +110,13 @@ def cald_forward(
     stages = make_stages(student.num_layers, stage_size)
     layer_terms: list[torch.Tensor] = []
 
-    s_h = student.embed(input_ids, **segment_kwargs(batch))
-    s_ctx = student.context(s_h, input_ids, **masked)
+    s_h = student.embed(batch)
+    s_ctx = student.context(s_h, batch)
     t_h = t_ctx = None
     if use_teacher:
         with torch.no_grad():
-            t_h = teacher.embed(input_ids, **segment_kwargs(batch))
-            t_ctx = s_ctx if teacher.dtype == student.dtype else teacher.context(t_h, input_ids, **masked)
+            t_h = teacher.embed(batch)
+            t_ctx = s_ctx if teacher.dtype == student.dtype else teacher.context(t_h, batch)
 
     if schedule == "streamed" or not use_teacher:
         for k, stage in enumerate(stages):
@@ -165,13 +149,13 @@ def cald_forward(
     # The task's head losses: next-token CE and logit KL (LM), class CE and KL (classification).
     ce, kl = student.head_losses(s_h, batch, cfg, teacher=teacher if use_teacher else None, teacher_h=t_h)
     boundary("head", len(stages))
-    return combine_loss_parts(cfg, ce, layer_terms, kl, input_ids.device)
+    return combine_loss_parts(cfg, ce, layer_terms, kl, s_h.device)
 
 
 def teacher_forced_step(
     teacher: LayerwiseModel,
     student: LayerwiseModel,
-    batch: dict | torch.Tensor,
+    batch: Batch | torch.Tensor,
     cfg: LossConfig,
     *,
     backward: Callable[[torch.Tensor], None],
@@ -195,7 +179,7 @@ def teacher_forced_step(
     """
     boundary = on_boundary or (lambda event, stage: None)
     batch = as_batch(batch)
-    input_ids, mask, masked = batch["input_ids"], batch.get("attention_mask"), _mask_kwargs(batch)
+    mask = student.token_mask(batch)
     if teacher.num_layers != student.num_layers:
         raise ValueError(f"teacher has {teacher.num_layers} blocks but student has {student.num_layers}: stages cannot align")
     if cfg.a_layer <= 0:
@@ -205,9 +189,9 @@ def teacher_forced_step(
     layer_terms: list[torch.Tensor] = []
     skipped = 0
     with torch.no_grad():
-        t_h = teacher.embed(input_ids, **segment_kwargs(batch))
-    s_ctx = student.context(t_h.to(student.dtype), input_ids, **masked)  # the student's own embedding is not used
-    t_ctx = s_ctx if teacher.dtype == student.dtype else teacher.context(t_h, input_ids, **masked)
+        t_h = teacher.embed(batch)
+    s_ctx = student.context(t_h.to(student.dtype), batch)  # the student's own embedding is not used
+    t_ctx = s_ctx if teacher.dtype == student.dtype else teacher.context(t_h, batch)
     for k, stage in enumerate(make_stages(student.num_layers, stage_size)):
         t_in = t_h
         with torch.no_grad():

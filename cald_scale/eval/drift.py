@@ -13,7 +13,6 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from ..distill.step import segment_kwargs
 
 __all__ = ["hidden_state_drift"]
 
@@ -33,12 +32,12 @@ def hidden_state_drift(before, after, batches: Iterable[dict]) -> dict:
     for module in (before.model, after.model):
         module.eval()
     for batch in batches:
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
-        keep = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        mask = before.token_mask(batch)
         states = []
         for view in (before, after):
-            hidden = view.embed(ids, **segment_kwargs(batch))  # a sentence pair's segments, as in training
-            ctx = view.context(hidden, ids, **({"attention_mask": mask} if mask is not None else {}))
+            hidden = view.embed(batch)  # the whole batch, as in training (a sentence pair's segments)
+            ctx = view.context(hidden, batch)
+            keep = mask.bool() if mask is not None else torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
             outs = []
             for i in range(view.num_layers):
                 hidden = view.block(i, hidden, ctx)

@@ -169,7 +169,7 @@ def evaluate_classifier(view, split, batches, device: torch.device, *, before_ba
             batch = {k: v.to(device) for k, v in split.batch(b.indices, b.num_valid).items()}
             if before_batch is not None:
                 before_batch()
-            logits = view.logits(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).float()
+            logits = view.logits(batch).float()
             matrix += confusion_matrix(logits, batch["labels"], view.vocab_size)
             scored = batch["labels"] != IGNORE_INDEX
             totals[0] += F.cross_entropy(logits, batch["labels"], ignore_index=IGNORE_INDEX, reduction="sum").double()

@@ -662,7 +662,7 @@ def check_padded_layer_weight(args) -> dict:
         del models
         gc.collect()
     models = build_models(cfg, ds_config, source)
-    tokens = padded_layer_tokens([batch], models.student_engine.device)
+    tokens = padded_layer_tokens([batch], models.student_engine.device, models.student.token_mask)
     forward_backward(models, models.teacher, phase, batch, cfg, layer_tokens=tokens)
     weighted = grads(models)
     counts = [8, 32]

@@ -93,7 +93,7 @@ def test_conversion_copies_every_non_attention_weight_and_the_view_equals_the_mo
     view = layerwise(student)
     assert type(view).__name__ == "EncoderLayerwise"
     full = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    torch.testing.assert_close(view.logits(batch["input_ids"], batch["attention_mask"]), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(view.logits({k: batch[k] for k in ("input_ids", "attention_mask")}), full, atol=1e-5, rtol=1e-5)
     # Attention-informed init: the Linformer keeps the teacher's Q/K/V exactly.
     if name.startswith("linformer"):
         mixer = student.encoder.encoder.layer[2].attention.self.mixer
@@ -128,7 +128,7 @@ def test_an_electra_teacher_with_narrower_embeddings_converts_and_its_view_equal
     for model in (build_teacher(source), build_student(source.config, source.weights(), STUDENTS["bimamba2"], seed=0)):
         model.eval()
         with torch.no_grad():
-            view = layerwise(model).logits(inputs["input_ids"], inputs["attention_mask"])
+            view = layerwise(model).logits({k: inputs[k] for k in ("input_ids", "attention_mask")})
             torch.testing.assert_close(view, model(**inputs).logits)
 
 

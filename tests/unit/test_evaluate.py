@@ -328,7 +328,7 @@ def test_perplexity_takes_the_logits_a_chunk_at_a_time_and_matches_whole_logits(
     ids = torch.randint(0, teacher.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         whole = lm_cross_entropy(model.logits(ids), ids, reduction="none").view(3, 16)
-        hidden = model._last_hidden(ids)
+        hidden = model.last_hidden(ids)
         seen = []
         head = lambda h: (seen.append(h.shape[0]), model.head(h))[1]  # noqa: E731
         chunked = next_token_nll(hidden, ids, head, chunk_tokens=5)
