@@ -39,6 +39,7 @@ from ..fileio import atomic_write_text, fsync_path
 from .distributed import all_true, barrier, gather_objects, rank, world_size
 from .ds_files import parse_state_file
 from .preemption import Preempted
+from .safe_load import load_data, refusal, weights_only_loads
 
 __all__ = [
     "save_checkpoint", "load_latest_checkpoint", "load_either_precision", "complete_tags", "verify_tag", "seal_rank", "tag_world_size",
@@ -223,7 +224,9 @@ def _check_shared(ckpt_dir: Path, sealed: list[set[int]]) -> None:
 
 # -- RNG -----------------------------------------------------------------------------------
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every stream's state as tensors, numbers and tuples, so the file loads as data (``safe_load``)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -238,9 +241,10 @@ def _restore_rng(folder: Path, me: int) -> None:
     if not path.is_file():
         logger.warning("checkpoint %s holds no RNG states; random streams restart from the seed", folder)
         return
-    state = torch.load(path, weights_only=False)  # our own file: python and numpy states are not tensors
+    state = load_data(path)
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         if len(state["cuda"]) == torch.cuda.device_count():
@@ -400,16 +404,19 @@ def load_latest_checkpoint(
     for step, path in complete_tags(Path(ckpt_dir)) if tags is None else tags:
         error = None
         try:
-            folder = source(path) if source is not None else path
-            load_path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=not frozen_excluded)
-            if load_path is None:
-                error = "DeepSpeed found nothing to load"
-            elif also_load is not None:
-                also_load(folder, client_state or {})
+            with weights_only_loads():  # NOTE: DeepSpeed's loads too: a run folder can be someone else's
+                folder = source(path) if source is not None else path
+                load_path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=not frozen_excluded)
+                if load_path is None:
+                    error = "DeepSpeed found nothing to load"
+                else:
+                    if also_load is not None:
+                        also_load(folder, client_state or {})
+                    _restore_rng(path, rank())
         except Preempted:  # a signal during the universal conversion: stop, not "try the previous one"
             raise
         except Exception as err:  # noqa: BLE001 - any failure means "try the previous one"
-            error = f"{type(err).__name__}: {str(err)[:300]}"
+            error = refusal(err) or f"{type(err).__name__}: {str(err)[:300]}"
         # NOTE: every rank must resume from the same tag: one that failed on any rank is skipped on
         # all, else the ranks would train from different steps. This covers failures outside
         # DeepSpeed's own collectives (its ZeRO-3 load gathers persistent parameters at the end):
@@ -419,7 +426,6 @@ def load_latest_checkpoint(
             logger.warning("checkpoint %s could not be loaded (%s); trying an older one", path, error)
             failures.append(f"{path.name}: {error}")
             continue
-        _restore_rng(path, rank())
         logger.info("resumed from %s (step %d)", path, step)
         return client_state or {}
     if failures:

@@ -46,6 +46,7 @@ from ..fileio import atomic_dir, atomic_write_text, fsync_path, wait_for_file, w
 from .distributed import barrier, rank
 from .ds_files import parse_state_file
 from .preemption import raise_if_preempted, run_interruptible
+from .safe_load import load_data, refusal, weights_only_loads
 
 __all__ = [
     "ResumePlan", "plan_resume", "saved_world_size", "universal_copy", "remap_cursor", "repair_universal_optimizer", "UNIVERSAL",
@@ -91,9 +92,9 @@ def _saved_states(folder: Path) -> dict:
     if not files:
         return {}
     try:  # mmap: the file may hold rank 0's share of the frozen weights; only small records are read
-        return torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)
+        return load_data(files[0], map_location="cpu", mmap=True)
     except Exception as err:  # noqa: BLE001 - unreadable: the loader reports it and falls back to an older tag
-        logger.warning("cannot read the model states saved in %s (%s: %s)", files[0], type(err).__name__, err)
+        logger.warning("cannot read the model states saved in %s (%s)", files[0], refusal(err) or f"{type(err).__name__}: {err}")
         return {}
 
 
@@ -103,17 +104,31 @@ def _workers() -> int:
     return max(1, min(4, cores // 2))
 
 
+# The converter's module run with our records allowed: its loads are weights-only (safe_load), and
+# safe_load.py is loaded by path, not through the package (whose import costs seconds).
+_CONVERTER = (
+    "import importlib.util, runpy, sys; "
+    "spec = importlib.util.spec_from_file_location('cald_safe_load', sys.argv.pop(1)); "
+    "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); module.allow_records(); "
+    "runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__', alter_sys=True)"
+)
+
+
 def _convert(source: Path, output: Path) -> None:
     """DeepSpeed's own converter, in a child process (its memory goes back to the OS when it ends)."""
+    from . import safe_load
+
     workers = str(_workers())
     cmd = [
-        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source), "--output_folder", str(output),
+        sys.executable, "-c", _CONVERTER, safe_load.__file__, "--input_folder", str(source), "--output_folder", str(output),
         "--num_extract_workers", workers, "--num_merge_workers", workers,
     ]
-    returncode, output_text = run_interruptible(cmd, f"converting {source.name} to the universal format")
+    with weights_only_loads():
+        returncode, output_text = run_interruptible(cmd, f"converting {source.name} to the universal format")
     if returncode != 0:
-        last = [line for line in output_text.splitlines() if line.strip()][-3:]
-        raise RuntimeError(f"ds_to_universal failed on {source} (exit {returncode}): {' | '.join(last)}")
+        lines = [line for line in output_text.splitlines() if line.strip()]
+        reason = refusal("\n".join(lines[-12:])) or " | ".join(lines[-3:])
+        raise RuntimeError(f"ds_to_universal failed on {source} (exit {returncode}): {reason}")
     # The converter points a "latest_universal" file in the output's parent at the temp name; we load by explicit tag.
     (output.parent / "latest_universal").unlink(missing_ok=True)
 
@@ -175,7 +190,7 @@ def repair_universal_optimizer(engine, folder: Path) -> None:
     base = getattr(zero, "optimizer", None)
     if base is None or not hasattr(zero, "fp32_partitioned_groups_flat"):
         return
-    saved = torch.load(Path(folder) / "zero" / "optimizer_state.pt", map_location="cpu", mmap=True, weights_only=False)
+    saved = load_data(Path(folder) / "zero" / "optimizer_state.pt", map_location="cpu", mmap=True)
     saved_groups = saved["optimizer_state_dict"]["param_groups"]
     if len(saved_groups) != len(base.param_groups):
         raise RuntimeError(f"{folder} has {len(saved_groups)} optimizer param groups, the engine {len(base.param_groups)}: a different model or trainable set")

@@ -124,9 +124,12 @@ def test_newest_complete_first(tmp_path):
     assert complete_tags(tmp_path / "missing") == []
 
 
-def test_rng_states_round_trip(tmp_path):
+@pytest.mark.parametrize("saved_by", ["now", "before_stop_56"])
+def test_rng_states_round_trip(tmp_path, saved_by):
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
-    torch.save(_rng_state(), tmp_path / "cald_rng_rank_00000.pt")
+    # Files saved before stop 56 hold numpy's key as an array: still read, as data.
+    state = _rng_state() if saved_by == "now" else {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save(state, tmp_path / "cald_rng_rank_00000.pt")
     expected = (random.random(), np.random.rand(), torch.rand(3))
     random.seed(2), np.random.seed(2), torch.manual_seed(2)
     _restore_rng(tmp_path, 0)
@@ -399,3 +402,80 @@ def test_a_checkpoint_saved_in_bf16_resumes_in_float32_and_back(tmp_path):
         assert r["rng"][0] == r["rng"][1], r  # the resumed process draws on from the saved RNG states
     assert "was saved by bf16 engines and these compute in float32" in proc.stdout + proc.stderr
     assert "was saved by float32 engines and these compute in bf16" in proc.stdout + proc.stderr
+
+
+_PLANTED = r"""
+import json, os, sys
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from cald_scale.engines.checkpoint import CheckpointLoadError, complete_tags, load_latest_checkpoint, save_checkpoint, seal_rank
+
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+deepspeed.init_distributed(dist_backend="gloo")
+root, target = Path(sys.argv[1]), sys.argv[3]
+marker = root / "payload_ran"
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.mkdir, (str(marker),))
+
+
+def engine():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    config = {"train_batch_size": 2, "zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+    return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)[0]
+
+
+e = engine()
+e.backward(e(torch.randn(2, 16)).pow(2).mean())
+e.step()
+ckpt = root / "ckpt"
+save_checkpoint(e, ckpt, 1, {"cursor": 7}, keep_last=2)
+tag = ckpt / "step_00000001"
+clean = load_latest_checkpoint(engine(), ckpt, tags=complete_tags(ckpt))
+print("CLEAN", json.dumps(clean.get("cursor")))
+if target != "none":
+    # Someone with write access to the run folder plants code in a file and seals the tag again.
+    path = next(tag.glob(target))
+    state = torch.load(path, weights_only=False)
+    state["extra"] = Payload()
+    torch.save(state, path)
+    seal_rank(tag, 1, 0, 1)
+try:
+    load_latest_checkpoint(engine(), ckpt, tags=complete_tags(ckpt))
+    print("LOADED")
+except CheckpointLoadError as err:
+    print("REFUSED", err)
+print("PAYLOAD", marker.exists())
+"""
+
+
+@pytest.mark.parametrize("target,trust", [("*model_states.pt", ""), ("*optim_states.pt", ""), ("cald_rng_rank_*.pt", ""), ("cald_rng_rank_*.pt", "1")])
+def test_a_checkpoint_with_planted_code_is_refused_not_run(tmp_path, target, trust):
+    """Resuming reads a run folder that others may write (shared storage, a copied project):
+    every file of the tag, DeepSpeed's and ours, loads as data. A pickled object that would run
+    code stops the resume in one line naming the way out, and the code does not run;
+    CALD_TRUST_CHECKPOINTS=1 loads a trusted folder with pickle."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "CALD_TRUST_CHECKPOINTS": trust}
+    proc = subprocess.run([sys.executable, "-c", _PLANTED, str(tmp_path), str(port), target], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "CLEAN 7" in proc.stdout  # an untouched checkpoint resumes with its client state
+    if trust:
+        assert "LOADED" in proc.stdout and "PAYLOAD True" in proc.stdout
+    else:
+        assert "PAYLOAD False" in proc.stdout, proc.stdout
+        refused = next(line for line in proc.stdout.splitlines() if line.startswith("REFUSED"))
+        assert "pickled objects that are not plain data" in refused and "CALD_TRUST_CHECKPOINTS=1" in refused and "posix.mkdir" in refused, refused
