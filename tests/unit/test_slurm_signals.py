@@ -124,3 +124,49 @@ def test_two_jobs_on_one_node_whose_ids_differ_by_1000_get_two_ports():
         assert mine != taken and 29500 <= mine < 30500
         assert port(job_id, CALD_MASTER_PORT="31234") == 31234  # the user's choice stands
     assert port(job_id) == taken  # free again: the job's own
+
+
+def _two_node_launch(tmp_path: Path, *overrides: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, Path]:
+    """``train_deepspeed.sbatch`` as a 2-node job would run it, up to the launcher: a stand-in
+    ``deepspeed`` (beside the real Python) records the environment file it was handed."""
+    import os
+
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").write_text(f'#!/bin/bash\nexec {sys.executable} "$@"\n')
+    (venv / "python").chmod(0o755)
+    seen = tmp_path / "handed"
+    (venv / "deepspeed").write_text(f'#!/bin/bash\ncp "$DS_ENV_FILE" {seen}; stat -c %a "$DS_ENV_FILE" > {seen}.mode\n')
+    (venv / "deepspeed").chmod(0o755)
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        ["bash", str(REPO / "launch/slurm/train_deepspeed.sbatch"), f"output.run_dir={run_dir}", *overrides],
+        env={**os.environ, "VENV": str(tmp_path / "venv"), "CALD_REPO": str(REPO), "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "4242",
+             "CALD_MASTER_PORT": "29999", "HOME": str(tmp_path), **(env or {})},
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    return done, run_dir
+
+
+def test_the_other_nodes_environment_file_holds_no_credentials_and_goes_at_the_end(tmp_path):
+    """On several nodes the ranks elsewhere get their environment from a file deepspeed puts on
+    the pdsh command line (readable by any user of the node) and logs: credentials stay out of
+    it, it is the owner's alone, and it is deleted when the job ends (helper-91)."""
+    secrets = {"HF_TOKEN": "hf_secret_1", "WANDB_API_KEY": "wandb_secret_2", "CALD_S3_SECRET": "s3_secret_3", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    done, run_dir = _two_node_launch(tmp_path, env=secrets)
+    assert done.returncode == 0, done.stdout + done.stderr
+    handed = (tmp_path / "handed").read_text()
+    assert "HF_HUB_OFFLINE=1" in handed and "WANDB_MODE=offline" in handed  # what the ranks need still goes
+    assert not any(value in handed for value in ("hf_secret_1", "wandb_secret_2", "s3_secret_3")), handed
+    assert (tmp_path / "handed.mode").read_text().strip() == "600"
+    assert not (run_dir / "logs" / "ds_env-4242").exists()
+
+
+def test_a_run_folder_a_remote_shell_would_read_is_refused_on_several_nodes(tmp_path):
+    """pdsh hands the command line to a shell on every other node; deepspeed quotes only
+    arguments with spaces, so a `$(...)` in the run folder would run there. Refused before the launch."""
+    done, _ = _two_node_launch(tmp_path, f"output.run_dir={tmp_path}/cost $(touch {tmp_path}/ran)")
+    assert done.returncode == 2
+    said = done.stderr + "".join(log.read_text() for log in tmp_path.glob("**/logs/cald-4242.0.log"))  # the job's log
+    assert "a remote shell would read" in said and "train_srun.sbatch" in said, said
+    assert not (tmp_path / "handed").exists() and not (tmp_path / "ran").exists()
