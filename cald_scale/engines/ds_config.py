@@ -108,6 +108,12 @@ def check_ds_keys(config: dict, path: str | Path) -> None:
         offload = (config.get("zero_optimization") or {}).get(section) if isinstance(config.get("zero_optimization"), dict) else None
         if isinstance(offload, dict) and offload.get("device") == "nvme" and not offload.get("nvme_path"):
             problems.append(f"zero_optimization.{section} offloads to nvme but names no nvme_path (a folder on the NVMe drive)")
+    # NOTE: DeepSpeed's own wandb and comet monitors start their runs online, whatever output.wandb says.
+    problems += [
+        f"{name}.enabled starts DeepSpeed's own {name} monitor, which logs online whatever output.wandb says; "
+        + ("log through output.wandb (offline, online or disabled) instead" if name == "wandb" else "cald_scale logs through output.wandb")
+        for name in ("wandb", "comet") if isinstance(config.get(name), dict) and config[name].get("enabled")
+    ]
     if problems:
         raise ConfigError(f"DeepSpeed config {path}: {'; '.join(problems)}")
 

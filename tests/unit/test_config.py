@@ -393,6 +393,13 @@ def test_ds_config_typos_are_refused_when_read(tmp_path):
         path.write_text(json.dumps({**shipped, key: 1}))
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_ds_config(path)
+    # DeepSpeed's own wandb and comet monitors would log online whatever output.wandb says (helper-91)
+    for name in ("wandb", "comet"):
+        path.write_text(json.dumps({**shipped, name: {"enabled": True, "project": "p"}}))
+        with pytest.raises(ConfigError, match=re.escape(f"{name}.enabled starts DeepSpeed's own {name} monitor, which logs online")):
+            load_ds_config(path)
+        path.write_text(json.dumps({**shipped, name: {"enabled": False}}))
+        assert load_ds_config(path)[name] == {"enabled": False}
     # an unknown top-level key that resembles no DeepSpeed key is left to DeepSpeed (it may be new)
     path.write_text(json.dumps({**shipped, "my_notes": "x"}))
     assert load_ds_config(path)["my_notes"] == "x"
