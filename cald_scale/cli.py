@@ -13,6 +13,7 @@ import sys
 __all__ = ["COMMANDS", "Once", "device_arg", "main", "parse_args", "non_negative_int", "positive_float", "positive_int", "probability"]
 
 COMMANDS: dict[str, str] = {
+    "train": "cald_scale.launch",
     "evaluate": "cald_scale.evaluate",
     "generate": "cald_scale.generate",
     "export": "cald_scale.export.command",

@@ -876,3 +876,7 @@ def _start(
         baseline=baseline, state=state, metrics=metrics, next_batch=next_batch,
         tokens_per_micro=task.tokens_per_micro_batch(micro_batch) * replicas, first_step=step, started=started,
     )
+
+
+if __name__ == "__main__":  # NOTE: `deepspeed --module cald_scale.train` would "succeed" on every rank having done nothing
+    raise SystemExit("cald_scale.train is the training library; run the job with `python -m cald_scale.launch` (or `cald-scale train`, `deepspeed --module cald_scale.launch`)")

@@ -46,7 +46,7 @@ fi
 if [ "${CALD_GPU_EXTRA:-0}" = "1" ]; then
   # NOTE: built against the venv's torch (no build isolation), so their build tools must be
   # here first: mamba-ssm's setup.py imports wheel's bdist_wheel.
-  "${PIP[@]}" wheel packaging ninja
+  "${PIP[@]}" "setuptools>=77" wheel packaging ninja  # a new venv has no setuptools (Python 3.12+)
   "${PIP[@]}" -e ".[gpu]" --no-build-isolation
 fi
 "$VENV/bin/python" -c "import torch, deepspeed, transformers, cald_scale; print('ready: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())"

@@ -230,7 +230,14 @@ def convert_teacher(
     *,
     seed: int = 0,
 ) -> CaldStudentForCausalLM:
-    """Build the student of an in-memory plain ``teacher`` (which is left untouched)."""
+    """Build the student of an in-memory plain ``teacher`` (which is left untouched).
+    ``teacher_name_or_path``: where the teacher comes from, recorded in the student's config (a
+    local folder as an absolute path, so ``cald-scale evaluate`` started elsewhere finds it)."""
+    from ..fileio import absolute_if_local
+    from .teacher import BUILTIN_TEACHERS
+
+    if teacher_name_or_path:
+        teacher_name_or_path = absolute_if_local(teacher_name_or_path, names=BUILTIN_TEACHERS)
     student = build_student(
         teacher.config,
         StateDictReader(teacher.state_dict()),

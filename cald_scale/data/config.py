@@ -106,7 +106,9 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be None or an int >= 1, got {value!r}")
         if not isinstance(self.cache_dir, str) or not self.cache_dir:
             raise ValueError(f"data.cache_dir must be a non-empty path, got {self.cache_dir!r}")
-        self.cache_dir = os.path.expanduser(self.cache_dir)  # as output.run_dir: not a folder named "~"
+        # Absolute, as the run records it: `cald-scale evaluate RUN` started in another folder reads
+        # the same cache instead of tokenising the corpus again there (and "~" is the home folder).
+        self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"data.seed must be an int >= 0, got {self.seed!r}")
         if isinstance(self.wait_timeout_s, bool) or not isinstance(self.wait_timeout_s, (int, float)) or self.wait_timeout_s <= 0:

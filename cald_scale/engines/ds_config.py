@@ -23,7 +23,7 @@ import torch
 
 from ..config_loader import ConfigError
 
-__all__ = ["bf16_available", "check_ds_keys", "compute_dtype", "load_ds_config", "read_ds_config", "resolve_ds_config", "size_zero_buffers", "teacher_ds_config"]
+__all__ = ["SHIPPED_DS_CONFIGS", "bf16_available", "check_ds_keys", "compute_dtype", "ds_config_file", "load_ds_config", "read_ds_config", "resolve_ds_config", "size_zero_buffers", "teacher_ds_config"]
 
 logger = logging.getLogger("cald_scale.engines")
 
@@ -118,11 +118,27 @@ def check_ds_keys(config: dict, path: str | Path) -> None:
         raise ConfigError(f"DeepSpeed config {path}: {'; '.join(problems)}")
 
 
-def read_ds_config(path: str | Path) -> dict:
-    """A DeepSpeed JSON config, or an error that names the file (or its misspelled key)."""
+# The shipped configs (the repository's ds_configs/, package data of an installed cald_scale).
+SHIPPED_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+def ds_config_file(path: str | Path) -> Path:
+    """``path``, or where it is not a file, the shipped config of that name: ``zero3``,
+    ``zero3.json`` or ``ds_configs/zero3.json`` (the default, from a folder that is no checkout)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} does not exist")
+    if path.is_file():
+        return path
+    shipped = SHIPPED_DS_CONFIGS / (path.name if path.suffix == ".json" else f"{path.name}.json")
+    if path.parent in (Path("."), Path("ds_configs")) and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in SHIPPED_DS_CONFIGS.glob("*.json")))
+    raise FileNotFoundError(f"DeepSpeed config {path} does not exist (the shipped ones, by name: {names})")
+
+
+def read_ds_config(path: str | Path) -> dict:
+    """A DeepSpeed JSON config (a file, or a shipped one by name: ``ds_config_file``), or an error
+    that names the file (or its misspelled key)."""
+    path = ds_config_file(path)
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:

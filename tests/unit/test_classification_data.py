@@ -491,8 +491,8 @@ def test_a_model_with_non_finite_logits_scores_no_accuracy():
         def __init__(self, bad_rows: int):
             self.bad_rows = bad_rows
 
-        def logits(self, ids, mask, types=None):
-            logits = torch.nn.functional.one_hot(torch.zeros(len(ids), dtype=torch.long), 3).float()
+        def logits(self, batch):
+            logits = torch.nn.functional.one_hot(torch.zeros(len(batch["input_ids"]), dtype=torch.long), 3).float()
             logits[: self.bad_rows] = float("nan")
             return logits
 

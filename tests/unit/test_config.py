@@ -521,7 +521,7 @@ def test_a_run_folder_of_another_student_is_refused_naming_the_key(tmp_path, cap
     assert "the run is finished (its checkpoint is at its last step, 8): no training step runs with the changed settings" in caplog.text
     changes = [json.loads(line) for line in (tmp_path / "config_changes.jsonl").read_text().splitlines()]
     assert changes[0]["from_step"] == 2 and changes[0]["changes"] == [
-        "data.cache_dir: saved '.cache/cald_scale/data', wanted '/elsewhere'", "train.max_steps: saved 4, wanted 8",
+        f"data.cache_dir: saved '{Path.cwd() / '.cache/cald_scale/data'}', wanted '/elsewhere'", "train.max_steps: saved 4, wanted 8",
     ]
 
     other = load_run_config(None, ["train.max_steps=8", "student.conversion.mixer=mamba"])
@@ -788,3 +788,15 @@ def test_a_resume_in_another_precision_says_its_starting_point_was_scored_in_the
     with caplog.at_level(logging.WARNING, logger="cald_scale"):
         _warn_if_scored_otherwise({"dtype": "float32"}, "bfloat16", tmp_path / "baseline.json")
     assert "the starting point was scored in float32" in caplog.text and "this session computes in bfloat16" in caplog.text
+
+
+def test_cache_folders_are_recorded_absolute(tmp_path, monkeypatch):
+    """A relative cache folder (the default's) is the folder the run started in: recorded so,
+    `cald-scale evaluate RUN` started elsewhere reads the same cache instead of tokenising the
+    corpus again there (helper-90)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_run_config(None, ["data.cache_dir=caches/tokens"])
+    assert cfg.data.cache_dir == str(tmp_path / "caches" / "tokens")
+    assert load_run_config(None, []).data.cache_dir == str(tmp_path / ".cache" / "cald_scale" / "data")
+    encoder = load_run_config(None, ["task.kind=classification", "teacher.name_or_path=all-MiniLM-L6-v2", "student.conversion.mixer=linformer"])
+    assert encoder.classification.cache_dir == str(tmp_path / ".cache" / "cald_scale" / "classification")

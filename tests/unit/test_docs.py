@@ -109,7 +109,7 @@ def _train_command(tokens: list[str]) -> tuple[dict, list[str]] | None:
         key, _, value = tokens.pop(0).partition("=")
         env[key] = value
     for i, token in enumerate(tokens):
-        if token == "launch/train.py" or token.startswith("launch/slurm/"):
+        if token in ("launch/train.py", "cald_scale.launch") or token.startswith("launch/slurm/"):
             return env, tokens[i + 1 :]
     return None
 
@@ -133,22 +133,19 @@ def test_every_documented_command_parses_with_real_files_and_config_keys(page, t
     monkeypatch.chdir(REPO)
     train = _train_command(list(tokens))
     if train is not None:
+        from cald_scale.engines.ds_config import ds_config_file
+        from cald_scale.launch import build_parser
+
         env, args = train
-        recipe, ds_config, overrides = env.get("RECIPE"), env.get("DS_CONFIG", "ds_configs/zero3.json"), []
-        args = iter(args)
-        for arg in args:
-            if arg == "--recipe":
-                recipe = next(args)
-            elif arg == "--ds_config":
-                ds_config = next(args)
-            elif arg in ("--print_config", "--explain"):
-                continue
-            else:
-                assert "=" in arg and not arg.startswith("-"), f"{arg!r} is no option of launch/train.py nor an override"
-                overrides.append(arg)
-        for file in filter(None, (recipe, ds_config)):
-            assert (REPO / file).is_file(), file
-        check_ds_config(load_run_config(recipe, overrides), ds_config)
+        if env.get("RECIPE"):
+            args = ["--recipe", env["RECIPE"], *args]
+        if env.get("DS_CONFIG"):
+            args = ["--ds_config", env["DS_CONFIG"], *args]
+        args = build_parser().parse_intermixed_args(args)  # launch/train.py's own parser: a wrong option exits
+        assert all("=" in arg and not arg.startswith("-") for arg in args.overrides), args.overrides
+        assert args.recipe is None or (REPO / args.recipe).is_file(), args.recipe
+        assert ds_config_file(args.ds_config).is_file()
+        check_ds_config(load_run_config(args.recipe, args.overrides), args.ds_config)
     elif tokens[0] == "cald-scale":
         from cald_scale.cli import parse_args
 

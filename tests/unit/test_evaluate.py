@@ -365,3 +365,16 @@ def test_eval_takes_the_runs_head_chunk_tokens(models, tmp_path):
     (run / "config.json").write_text(json.dumps({"teacher": {"name_or_path": str(teacher_dir)}, "data": {}, "loss": {"head_chunk_tokens": 7}}))
     assert resolve_target(run).head_chunk_tokens == 7
     assert resolve_target(student_dir, no_teacher=True).head_chunk_tokens is None
+
+
+def test_a_student_records_its_local_teacher_absolute(models, monkeypatch):
+    """`convert_teacher(teacher, conv, "teacher")` recorded "teacher" as given; evaluate started
+    in another folder then scored against whatever "teacher" named there (helper-90)."""
+    from tiny_models import tiny_teacher
+
+    teacher_dir = models[0]
+    monkeypatch.chdir(teacher_dir.parent)
+    student = convert_teacher(tiny_teacher("llama", layers=1), ConversionConfig(), teacher_name_or_path=teacher_dir.name)
+    assert student.config.teacher_name_or_path == str(teacher_dir)
+    hub = convert_teacher(tiny_teacher("llama", layers=1), ConversionConfig(), teacher_name_or_path="someone/not-here")
+    assert hub.config.teacher_name_or_path == "someone/not-here"  # a hub id stays one

@@ -1,0 +1,7 @@
+"""`python -m cald_scale ...`: the `cald-scale` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
