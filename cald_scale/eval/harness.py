@@ -94,6 +94,22 @@ def _file_task(manager, path: Path) -> str:
     return names[0]
 
 
+def _refuse_shadowed(local_index, names: list[str]) -> None:
+    """A task name given bare that a YAML in a given file's folder defines, when lm-eval has a
+    task of that name too: the local YAML would silently replace lm-eval's (and a task YAML may
+    run Python: `!function`). Giving the file's path selects it."""
+    from lm_eval.tasks import TaskManager
+
+    own = TaskManager(include_defaults=True).task_index
+    for name in names:
+        if name in own:
+            where = local_index.task_index[name].yaml_path
+            raise ValueError(
+                f"lm-eval task {name!r} is also defined by {where}, in the folder of a task you gave: the name is ambiguous; "
+                f"give {where} itself to run that one, or move it away to run lm-eval's"
+            )
+
+
 def select_tasks(specs: Sequence[str], *, check_data: bool = True) -> TaskSelection:
     """Resolve task names, task YAML files and task folders (a spec may be a comma list).
 
@@ -121,6 +137,8 @@ def select_tasks(specs: Sequence[str], *, check_data: bool = True) -> TaskSelect
 
     # 2. one index: lm-eval's own tasks only when a name is not a local task (indexing them takes seconds)
     manager = TaskManager(include_path=list(folders), include_defaults=False) if folders else None
+    if manager is not None and (local := [name for name in named if name in manager.task_index]):
+        _refuse_shadowed(manager, local)
     if manager is None or any(name not in manager.task_index for name in named):
         manager = TaskManager(include_path=list(folders) or None, include_defaults=True)
     names: dict[str, None] = {}

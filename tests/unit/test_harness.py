@@ -215,3 +215,18 @@ def test_a_task_name_is_a_name_beside_a_folder_of_that_name(models, tmp_path, mo
         harness.select_tasks(["tiny_choice"], check_data=False)
     with pytest.raises(FileNotFoundError, match="no such task file or folder: ./nothing"):
         harness.select_tasks(["./nothing"], check_data=False)
+
+
+def test_a_yaml_beside_a_given_task_cannot_replace_lm_evals_task_of_the_same_name(models, tmp_path):
+    """Giving a task file indexes its whole folder: a YAML there that defines `arc_easy` replaced
+    lm-eval's own when `arc_easy` was named too, with no word (and a task YAML may run Python;
+    helper-91). The name is now ambiguous and refused; the file's path selects it."""
+    _, _, _, task_yaml = models
+    shared = tmp_path / "shared"
+    shutil.copytree(task_yaml.parent, shared)
+    shadow = shared / "shadow.yaml"
+    shadow.write_text((shared / task_yaml.name).read_text().replace(f"task: {task_yaml.stem}", "task: arc_easy"))
+    with pytest.raises(ValueError, match=r"lm-eval task 'arc_easy' is also defined by .*shadow.yaml"):
+        harness.select_tasks([str(shared / task_yaml.name), "arc_easy"], check_data=False)
+    assert harness.select_tasks([str(shadow)], check_data=False).names == ("arc_easy",)  # asked for by path
+    assert harness.select_tasks([str(shared / task_yaml.name)], check_data=False).names == (task_yaml.stem,)
