@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The lent GPU machine's software, rehearsed on a CPU machine before its minutes are spent.
 #
-#   bash benchmarks/gpu_rehearsal.sh [TOOLCHAIN_DIR]    # default /tmp/cu312
+#   bash benchmarks/gpu_rehearsal.sh [TOOLCHAIN_DIR]    # default ~/.cache/cald_scale/cu312
 #
 # TOOLCHAIN_DIR is the Python 3.12 venv with PyPI's torch 2.11.0 (+cu130: the image's own build)
 # that `launch/build_gpu_wheels.sh --compile --toolchain DIR` makes. This script adds the image's
@@ -13,8 +13,13 @@
 # cannot: anything that happens on the GPU itself. About 3 minutes on 2 cores.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-TOOLCHAIN=${1:-/tmp/cu312}
+TOOLCHAIN=${1:-${CALD_SCALE_CACHE:-$HOME/.cache/cald_scale}/cu312}
 PY=$TOOLCHAIN/bin/python
+# NOTE: its python runs as you: one someone else made (a shared /tmp) could run anything.
+if [ -e "$TOOLCHAIN" ] && { [ ! -O "$TOOLCHAIN" ] || { [ -e "$PY" ] && [ ! -O "$PY" ]; }; }; then
+  echo "$TOOLCHAIN is not yours: use a toolchain you made (bash launch/build_gpu_wheels.sh --compile --toolchain DIR)" >&2
+  exit 1
+fi
 if [ ! -x "$PY" ]; then
   echo "no $PY: make it with bash launch/build_gpu_wheels.sh --compile --toolchain $TOOLCHAIN" >&2
   exit 1

@@ -31,3 +31,22 @@ def test_shell_scripts_pass_shellcheck():
     proc = subprocess.run([shellcheck, "--severity=warning", "--shell=bash", "--external-sources", *SCRIPTS],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_a_toolchain_someone_else_made_is_not_run(tmp_path):
+    """gpu_rehearsal.sh ran /tmp/cu312/bin/python by default: on a shared machine whoever made that
+    folder first chose what runs as you (helper-91). A toolchain not owned by this user is refused."""
+    toolchain = tmp_path / "cu312"
+    (toolchain / "bin").mkdir(parents=True)
+    ran = tmp_path / "ran"
+    (toolchain / "bin" / "python").write_text(f"#!/bin/sh\ntouch {ran}\n")
+    (toolchain / "bin" / "python").chmod(0o755)
+    if os.geteuid() == 0:
+        for path in (toolchain / "bin" / "python", toolchain / "bin", toolchain):
+            os.chown(path, 65534, 65534)  # nobody's
+    else:
+        toolchain = Path("/usr")  # root's, and no toolchain: refused before its python is looked at
+    for script, args in (("benchmarks/gpu_rehearsal.sh", [str(toolchain)]), ("launch/build_gpu_wheels.sh", ["--compile", "--toolchain", str(toolchain)])):
+        done = subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert done.returncode == 1 and f"{toolchain} is not yours" in done.stderr, (script, done.stderr[-1000:])
+    assert not ran.exists()
