@@ -93,6 +93,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, early_signal
         print(explained_yaml(cfg) if args.explain else yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return
     _release_early_signals(cfg.train.preemption_signals, early_signals)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")  # the command's, not the library's
     try:
         train(cfg, args.ds_config, early_signals=early_signals)
     except USER_ERRORS as err:  # bad input: one line that names it (the run folder is left intact)

@@ -38,7 +38,7 @@ from .distill.stages import LayerwiseModel
 from .distill.step import LossParts, cald_forward, teacher_forced_step
 from .engines.checkpoint import complete_tags, load_latest_checkpoint, save_checkpoint
 from .engines.deepspeed_version import check_deepspeed_version
-from .engines.distributed import DistEnv, all_true, barrier, gather_objects, init_distributed, mean_over_ranks, on_main
+from .engines.distributed import DistEnv, all_true, barrier, gather_objects, init_distributed, mean_over_ranks, on_main, release_distributed
 from .engines.host_memory import configure_host_allocator, return_free_memory
 from .engines.preemption import Preempted, PreemptionWatch, raise_if_preempted
 from .engines.models import DistillationModels, build_models, checkpoint_excludes_frozen
@@ -490,7 +490,13 @@ def train(cfg: RunConfig, ds_config_path: str | Path, *, early_signals: Sequence
     ``early_signals`` are those the process got before this call (launch/train.py records
     them while it imports)."""
     env = init_distributed()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return _train(cfg, ds_config_path, env, early_signals)
+    finally:
+        release_distributed(env)  # a world of one made here (a plain process): as it was
+
+
+def _train(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv, early_signals: Sequence[str]) -> dict:
     logging.getLogger("cald_scale").setLevel(logging.INFO if env.is_main else logging.WARNING)
     run = None
     # NOTE: the run folder's lock is released last, after wandb's finish has written its offline

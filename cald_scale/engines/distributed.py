@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "close_distributed", "barrier", "rank", "world_size", "all_true", "mean_over_ranks", "gather_objects", "on_main"]
+__all__ = ["DistEnv", "init_distributed", "close_distributed", "release_distributed", "barrier", "rank", "world_size", "all_true", "mean_over_ranks", "gather_objects", "on_main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +21,9 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
+    made: tuple[str, ...] = ()
+    """The environment variables ``init_distributed`` set itself (a world of one it made, in a
+    plain process: a notebook, a user's script); ``release_distributed`` takes them back."""
 
     @property
     def is_main(self) -> bool:
@@ -76,9 +79,11 @@ def init_distributed() -> DistEnv:
 
     check_deepspeed_version()
     _slurm_to_torch_env()
+    before = set(os.environ)
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    made = tuple(sorted(set(os.environ) - before))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -91,7 +96,20 @@ def init_distributed() -> DistEnv:
             _unlink_shm_buffers()
     if not _LAUNCH_ID_DRAWN:
         _draw_launch_id()
-    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device, made=made)
+
+
+def release_distributed(env: DistEnv) -> None:
+    """Take back the variables ``init_distributed`` set for a world of one it made in this
+    process (a user's script, a notebook), so the next tool there does not read RANK and
+    WORLD_SIZE and take itself for a rank. Launched ranks keep the launcher's.
+
+    NOTE: the process group itself stays for the life of the process: DeepSpeed keeps its
+    groups in module globals (``deepspeed.utils.groups``), and an engine built after a
+    destroy_process_group fails on them ("Group ... is not registered"). The next run here
+    finds the group and uses it."""
+    for name in env.made:
+        os.environ.pop(name, None)
 
 
 def close_distributed() -> None:
