@@ -299,7 +299,7 @@ def test_causal_conv1d_rejects_unknown_activation():
 def test_resolve_cuda_on_cpu_raises_with_install_hint():
     with pytest.raises(RuntimeError, match="mamba-ssm") as err:
         resolve_kernel("cuda", torch.device("cpu"))
-    assert "pip install mamba-ssm causal-conv1d" in str(err.value)
+    assert "pip install 'mamba-ssm>=2.3,<2.4' 'causal-conv1d>=1.7,<1.8'" in str(err.value)
 
 
 def test_resolve_auto_on_cpu_falls_back_and_logs_once(caplog, monkeypatch):
@@ -309,7 +309,7 @@ def test_resolve_auto_on_cpu_falls_back_and_logs_once(caplog, monkeypatch):
         assert resolve_kernel("auto", "cpu") == "chunked"
     records = [r for r in caplog.records if r.name == "cald_scale.mixers"]
     assert len(records) == 1
-    assert "chunked" in records[0].getMessage() and "pip install mamba-ssm causal-conv1d" in records[0].getMessage()
+    assert "chunked" in records[0].getMessage() and "pip install 'mamba-ssm>=2.3,<2.4' 'causal-conv1d>=1.7,<1.8'" in records[0].getMessage()
 
 
 @pytest.mark.parametrize("kernel", ["ref", "chunked"])
@@ -522,3 +522,16 @@ def test_scans_keep_one_thread_when_ranks_share_the_machine(tmp_path):
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0, 0]
     assert sorted(out.get(timeout=5) for _ in procs) == [(0, 1), (1, 1)]
+
+
+def test_the_kernel_install_hint_names_the_gpu_extras_tested_releases():
+    """The hint printed when a CUDA kernel is missing pinned nothing, so it installed a mamba-ssm
+    whose Triton modules _cuda.py may not read (helper-90): it names pyproject's gpu extra."""
+    import tomllib
+    from pathlib import Path
+
+    from cald_scale.mixers.ops import _cuda
+
+    extra = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    kernels = [spec for spec in extra if spec.startswith(("mamba-ssm", "causal-conv1d"))]
+    assert len(kernels) == 2 and all(f"'{spec}'" in _cuda.INSTALL_HINT for spec in kernels), (kernels, _cuda.INSTALL_HINT)

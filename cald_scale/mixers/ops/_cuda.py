@@ -49,7 +49,8 @@ __all__ = [
     "selective_state_update",
 ]
 
-INSTALL_HINT = "pip install mamba-ssm causal-conv1d"
+# The tested minors (pyproject.toml's gpu extra): _cuda.py reads mamba_ssm's Triton modules, not only its API.
+INSTALL_HINT = "pip install 'mamba-ssm>=2.3,<2.4' 'causal-conv1d>=1.7,<1.8' --no-build-isolation"
 
 MIXER_GROUPS: dict[str, tuple[str, ...]] = {
     "mamba2": ("mamba_triton",),
