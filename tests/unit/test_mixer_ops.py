@@ -527,7 +527,7 @@ def test_scans_keep_one_thread_when_ranks_share_the_machine(tmp_path):
 def test_the_kernel_install_hint_names_the_gpu_extras_tested_releases():
     """The hint printed when a CUDA kernel is missing pinned nothing, so it installed a mamba-ssm
     whose Triton modules _cuda.py may not read (helper-90): it names pyproject's gpu extra."""
-    import tomllib
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
     from pathlib import Path
 
     from cald_scale.mixers.ops import _cuda
