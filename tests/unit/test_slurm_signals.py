@@ -153,7 +153,7 @@ def test_the_other_nodes_environment_file_holds_no_credentials_and_goes_at_the_e
     the pdsh command line (readable by any user of the node) and logs: credentials stay out of
     it, it is the owner's alone, and it is deleted when the job ends (helper-91)."""
     secrets = {"HF_TOKEN": "hf_secret_1", "WANDB_API_KEY": "wandb_secret_2", "CALD_S3_SECRET": "s3_secret_3", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    done, run_dir = _two_node_launch(tmp_path, env=secrets)
+    done, run_dir = _two_node_launch(tmp_path, "student.conversion={mixer: mamba2}", env=secrets)  # braces in quotes are no shell's
     assert done.returncode == 0, done.stdout + done.stderr
     handed = (tmp_path / "handed").read_text()
     assert "HF_HUB_OFFLINE=1" in handed and "WANDB_MODE=offline" in handed  # what the ranks need still goes
