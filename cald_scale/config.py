@@ -353,6 +353,11 @@ class RunConfig:
                 f"train.copied_lr_scale={self.train.copied_lr_scale} sets the copied weights' LR, but student.trainable="
                 f"{self.student.trainable} freezes them for the whole run: set student.trainable=all, or leave it out"
             )
+        if self.student.trainable == "all" and not self.student.share_frozen_weights:
+            raise ValueError(
+                "student.share_frozen_weights=false unshares the frozen copied weights, but student.trainable=all trains "
+                "every copied weight (none is shared with the teacher): set student.trainable=mixers, or leave it out"
+            )
         if self.train.pipeline_stages and self.train.schedule != "streamed":
             raise ValueError(
                 f"train.schedule={self.train.schedule} is a ZeRO-3 mode schedule: pipeline mode (train.pipeline_stages) streams "

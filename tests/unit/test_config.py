@@ -193,6 +193,9 @@ def test_a_setting_the_run_would_ignore_is_refused_or_named(caplog):
     with pytest.raises(ConfigError, match=r"train.copied_lr_scale=0.3 sets the copied weights' LR, but student.trainable=mixers"):
         load_run_config(overrides=["train.copied_lr_scale=0.3"])
     assert load_run_config(overrides=["train.copied_lr_scale=0.3", "student.trainable=all"]).train.copied_lr_scale == 0.3
+    with pytest.raises(ConfigError, match=r"student.share_frozen_weights=false unshares the frozen copied weights, but student.trainable=all"):
+        load_run_config(overrides=["student.share_frozen_weights=false", "student.trainable=all"])
+    assert not load_run_config(overrides=["student.share_frozen_weights=false"]).student.share_frozen_weights  # mixers: it applies
     with pytest.raises(ConfigError, match="train.schedule=naive is a ZeRO-3 mode schedule"):
         load_run_config(overrides=["train.pipeline_stages=2", "train.schedule=naive"])
     with pytest.raises(ConfigError, match=r"train.betas must each be in \[0, 1\)"):
