@@ -99,6 +99,13 @@ if [ "$MODE" = prepare ] && [ "$DRY" = 0 ] && ! "$PY" -c "import torch, wheel.bd
   exit 2
 fi
 
+# NOTE: before anything runs or is written: the toolchain's python would build as you, and one
+# someone else made (a shared /tmp) could run anything.
+if [ -n "$TOOLCHAIN" ] && [ -e "$TOOLCHAIN" ] && [ ! -O "$TOOLCHAIN" ]; then
+  echo "--toolchain $TOOLCHAIN is not yours: give a folder you own (e.g. ~/.cache/cald_scale/cu312)" >&2
+  exit 1
+fi
+
 SRC=gpu_wheels/src
 run mkdir -p "$OUT_DIR" "$SRC"
 # NOTE: the folder ignores itself, so wheels never reach a commit; name it in `carry`.
@@ -197,10 +204,6 @@ else
   # 3. Compile for one architecture, here (nvcc and the target torch needed).
   command -v nvcc >/dev/null || { echo "--compile needs nvcc" >&2; exit 1; }
   if [ -n "$TOOLCHAIN" ]; then
-    if [ -e "$TOOLCHAIN" ] && [ ! -O "$TOOLCHAIN" ]; then  # its python would build as you: someone else's could run anything
-      echo "--toolchain $TOOLCHAIN is not yours: give a folder you own (e.g. ~/.cache/cald_scale/cu312)" >&2
-      exit 1
-    fi
     if [ ! -x "$TOOLCHAIN/bin/python" ]; then
       py312=${TOOLCHAIN_PYTHON:-python3.12}
       "$py312" -c '' 2>/dev/null || py312=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)

@@ -131,9 +131,6 @@ class ClassificationDataConfig:
     """Folder holding the cached splits (one JSON file per key) and `datasets`' own cache."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.cache_dir, str) or not self.cache_dir:
-            raise ValueError(f"classification.cache_dir must be a non-empty path, got {self.cache_dir!r}")
-        self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir))  # as data.cache_dir: the same cache from any folder
         for name in ("dataset", "train", "validation", "test", "text_column", "label_column", "text_pair_column"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
@@ -179,7 +176,7 @@ class ClassificationDataConfig:
                 raise ValueError(f"classification.{name} must be null or an int >= 1, got {value!r}")
         if not isinstance(self.cache_dir, str) or not self.cache_dir:
             raise ValueError(f"classification.cache_dir must be a non-empty path, got {self.cache_dir!r}")
-        self.cache_dir = os.path.expanduser(self.cache_dir)  # as output.run_dir: not a folder named "~"
+        self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir))  # as data.cache_dir: the same cache from any folder
 
 
 # ---------------------------------------------------------------------------------------

@@ -105,9 +105,11 @@ def _workers() -> int:
 
 
 # The converter's module run with our records allowed: its loads are weights-only (safe_load), and
-# safe_load.py is loaded by path, not through the package (whose import costs seconds).
+# safe_load.py is loaded by path, not through the package (whose import costs seconds). Its worker
+# pool forks, so the workers inherit the allowed records (forkserver, Python 3.14's default, or
+# spawn would start them without).
 _CONVERTER = (
-    "import importlib.util, runpy, sys; "
+    "import importlib.util, multiprocessing, runpy, sys; multiprocessing.set_start_method('fork', force=True); "
     "spec = importlib.util.spec_from_file_location('cald_safe_load', sys.argv.pop(1)); "
     "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); module.allow_records(); "
     "runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__', alter_sys=True)"

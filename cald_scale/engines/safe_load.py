@@ -23,6 +23,7 @@ __all__ = ["TRUST_ENV", "weights_only_loads", "load_data", "trusted", "refusal",
 
 TRUST_ENV = "CALD_TRUST_CHECKPOINTS"
 _FORCE_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+_UNFORCE_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"  # torch refuses every load with both set
 
 
 def trusted() -> bool:
@@ -36,11 +37,13 @@ def _records() -> list:
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    # RNG files saved before they held lists: numpy's MT19937 key, a uint32 array.
-    reconstruct = getattr(getattr(np, "_core", np.core), "multiarray")._reconstruct
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address, reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    # RNG files saved before they held tensors: numpy's MT19937 key, a uint32 array, under the name
+    # numpy 1 (numpy.core) or numpy 2 (numpy._core) pickled its rebuilder by.
+    reconstruct = getattr(getattr(np, "_core", None) or np.core, "multiarray")._reconstruct
+    numpy_records = [(reconstruct, f"numpy.{core}.multiarray._reconstruct") for core in ("core", "_core")]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address, *numpy_records, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def allow_records() -> None:
@@ -58,24 +61,30 @@ def weights_only_loads() -> Iterator[None]:
     """Every ``torch.load`` inside takes data only (this process's and the child processes'
     started inside, which inherit the setting; a child allows ``_records`` itself)."""
     global _depth
-    if trusted() or _depth:
-        # NOTE: an inner torch safe_globals() would remove the records on leaving, under the outer one.
+    if _depth:  # NOTE: an inner torch safe_globals() would remove the records on leaving, under the outer one
         yield
         return
     import torch
 
-    before = os.environ.get(_FORCE_ENV)
-    os.environ[_FORCE_ENV] = "1"
+    # Trusted: pickle, unless the user forces weights-only loads themselves (then the records still pass).
+    env = {} if trusted() else {_FORCE_ENV: "1", _UNFORCE_ENV: None}
+    before = {name: os.environ.get(name) for name in env}
+    _set_env(env)
     _depth += 1
     try:
         with torch.serialization.safe_globals(_records()):
             yield
     finally:
         _depth -= 1
-        if before is None:
-            os.environ.pop(_FORCE_ENV, None)
+        _set_env(before)
+
+
+def _set_env(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
         else:
-            os.environ[_FORCE_ENV] = before
+            os.environ[name] = value
 
 
 def load_data(path, **kwargs):

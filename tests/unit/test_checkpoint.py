@@ -455,8 +455,12 @@ print("PAYLOAD", marker.exists())
 """
 
 
-@pytest.mark.parametrize("target,trust", [("*model_states.pt", ""), ("*optim_states.pt", ""), ("cald_rng_rank_*.pt", ""), ("cald_rng_rank_*.pt", "1")])
-def test_a_checkpoint_with_planted_code_is_refused_not_run(tmp_path, target, trust):
+@pytest.mark.parametrize("target,trust,torch_env", [
+    ("*model_states.pt", "", {}), ("*optim_states.pt", "", {}), ("cald_rng_rank_*.pt", "", {}), ("cald_rng_rank_*.pt", "1", {}),
+    # torch's own switches, as users set them (torch refuses every load with both of its set)
+    ("none", "", {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}), ("none", "1", {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}),
+])
+def test_a_checkpoint_with_planted_code_is_refused_not_run(tmp_path, target, trust, torch_env):
     """Resuming reads a run folder that others may write (shared storage, a copied project):
     every file of the tag, DeepSpeed's and ours, loads as data. A pickled object that would run
     code stops the resume in one line naming the way out, and the code does not run;
@@ -469,11 +473,13 @@ def test_a_checkpoint_with_planted_code_is_refused_not_run(tmp_path, target, tru
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "CALD_TRUST_CHECKPOINTS": trust}
+    env = {**os.environ, "CALD_TRUST_CHECKPOINTS": trust, **torch_env}
     proc = subprocess.run([sys.executable, "-c", _PLANTED, str(tmp_path), str(port), target], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "CLEAN 7" in proc.stdout  # an untouched checkpoint resumes with its client state
-    if trust:
+    if target == "none":
+        assert "LOADED" in proc.stdout, proc.stdout
+    elif trust:
         assert "LOADED" in proc.stdout and "PAYLOAD True" in proc.stdout
     else:
         assert "PAYLOAD False" in proc.stdout, proc.stdout

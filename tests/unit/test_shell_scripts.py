@@ -47,6 +47,8 @@ def test_a_toolchain_someone_else_made_is_not_run(tmp_path):
     else:
         toolchain = Path("/usr")  # root's, and no toolchain: refused before its python is looked at
     for script, args in (("benchmarks/gpu_rehearsal.sh", [str(toolchain)]), ("launch/build_gpu_wheels.sh", ["--compile", "--toolchain", str(toolchain)])):
-        done = subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True, timeout=60, cwd=REPO)
+        # refused first: before nvcc is looked for (a CPU machine has none) and before gpu_wheels/ is made
+        done = subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True, timeout=60, cwd=REPO,
+                              env={**os.environ, "PATH": "/usr/bin:/bin"})
         assert done.returncode == 1 and f"{toolchain} is not yours" in done.stderr, (script, done.stderr[-1000:])
     assert not ran.exists()
