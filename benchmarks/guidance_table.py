@@ -204,6 +204,12 @@ def config_key(run: Run, teacher: Run | None = None) -> str:
     cfg = as_recorded(load_run_config(None, [*overrides, f"train.seed={run.seed}"]), Path(__file__).resolve().parents[1] / run.ds_config, 1)
     config = without_result_neutral(without_legacy_defaults(cfg.to_dict()))
     config.pop("output")  # where it writes, not what it runs
+    # NOTE: cache folders are recorded absolute since stop 56; one inside this checkout is keyed
+    # relative to it, as the runs (started at its root) recorded it before, so their keys stand.
+    for section in ("data", "classification"):
+        cache = (config.get(section) or {}).get("cache_dir")
+        if cache and Path(cache).is_relative_to(REPO):
+            config[section]["cache_dir"] = str(Path(cache).relative_to(REPO))
     text = json.dumps(config, sort_keys=True).replace(str(REPO), "<repo>")
     if teacher is not None:
         text += " teacher " + config_key(teacher)
