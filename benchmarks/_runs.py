@@ -87,7 +87,9 @@ def _check_same_config(folder: Path, recipe: str | None, args: list[str], ds_con
     from cald_scale.train import as_recorded
 
     wanted = as_recorded(load_run_config(REPO / recipe if recipe else None, args), REPO / ds_config, ranks)
-    differ = config_differences(json.loads((folder / "config.json").read_text()), wanted, ignore=("output.run_dir", "output.progress_bar"))
+    # Where the caches live changes no result (a folder from before stop 56 recorded them relative).
+    ignore = ("output.run_dir", "output.progress_bar", "data.cache_dir", "classification.cache_dir", "teacher.cache_dir")
+    differ = config_differences(json.loads((folder / "config.json").read_text()), wanted, ignore=ignore)
     if differ:
         raise RuntimeError(f"{folder} holds a run of another config ({'; '.join(differ[:5])}); move it away to rerun it")
 
