@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from .cli import Once
 from .config import ConfigError, load_run_config
@@ -28,7 +28,7 @@ from .engines.distributed import close_distributed
 from .engines.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptedWhileStarting
 from .errors import user_errors
 
-__all__ = ["add_arguments", "build_parser", "main", "record_early_signals", "run"]
+__all__ = ["add_arguments", "build_parser", "finish", "main", "record_early_signals", "run"]
 
 TRACEBACK_VAR = "CALD_TRACEBACK"
 
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     return finish(lambda: _run(build_parser(), args, early))
 
 
-def finish(job) -> int:
+def finish(job) -> NoReturn:
     """Run ``job`` and leave the process as a training rank must (never returns)."""
     try:
         code = job()

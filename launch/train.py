@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 
 # NOTE: first, before the imports below (torch, DeepSpeed, transformers: ~10 s a rank, longer on a
-# shared file system). Until the run's PreemptionWatch takes over, SLURM's warning signal or a
+# shared file system), so not cald_scale.launch.record_early_signals: importing it is that wait. Until the run's PreemptionWatch takes over, SLURM's warning signal or a
 # SIGTERM is recorded here instead of ending the rank by its default action: the job then stops
 # cleanly with the preempted exit code and is requeued, not failed.
 _EARLY_SIGNALS: list[str] = []

@@ -36,7 +36,6 @@ def _records() -> list:
     import numpy as np
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
-
     from deepspeed.utils.tensor_fragment import fragment_address
 
     # RNG files saved before they held tensors: numpy's MT19937 key, a uint32 array, under the name
