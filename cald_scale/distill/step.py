@@ -27,12 +27,14 @@ from .stages import Batch, LayerwiseModel, as_batch, make_stages
 
 __all__ = ["LossParts", "Schedule", "cald_forward", "teacher_forced_step", "combine_loss_parts", "distill_targets", "loss_part_names"]
 
-Schedule = Literal["streamed", "naive", "teacher_forced"]
+Schedule = Literal["streamed", "naive"]
+"""``cald_forward``'s schedules of the end-to-end loss (``teacher_forced_step`` is the third)."""
 
 
 @dataclasses.dataclass
 class LossParts:
-    """The weighted total and its named, unweighted parts ("ce", "layer", "kl"; a task adds its own)."""
+    """The weighted total and its named, unweighted parts: "ce" (the task's loss on its labels,
+    next-token or class CE, from the view's ``head_losses``), "layer" and "kl"."""
 
     total: torch.Tensor
     terms: dict[str, torch.Tensor]
