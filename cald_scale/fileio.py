@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, Container, Iterator
 
-__all__ = ["absolute_if_local", "sha256_of", "tag_cache_dir", "CACHE_TAG", "atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "NO_LOCKS", "update_json", "hold_lock", "wait_for_file", "read_json", "write_failure_note", "read_failure_note", "cache_root", "process_identity", "process_gone"]
+__all__ = ["absolute_if_local", "sha256_of", "tag_cache_dir", "CACHE_TAG", "atomic_write_text", "fsync_path", "atomic_dir", "check_replaceable", "is_model_folder", "model_type_of", "file_lock", "NO_LOCKS", "update_json", "hold_lock", "wait_for_file", "read_json", "write_failure_note", "read_failure_note", "cache_root", "env_flag", "process_identity", "process_gone"]
 
 
 def absolute_if_local(value: str, *, names: Container[str] = ()) -> str:
@@ -42,6 +42,11 @@ def sha256_of(*paths: str | Path) -> str:
             while chunk := handle.read(8 << 20):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def env_flag(name: str) -> bool:
+    """Whether environment variable ``name`` is switched on (1, true, yes or on, any case)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def cache_root(cache_dir: str | None = None) -> Path:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from cald_scale.fileio import CACHE_TAG, absolute_if_local, cache_root, file_lock, tag_cache_dir
+from cald_scale.fileio import CACHE_TAG, absolute_if_local, cache_root, env_flag, file_lock, tag_cache_dir
 
 if TYPE_CHECKING:
     from cald_scale.data.config import DataConfig
@@ -141,7 +141,7 @@ def _integrity(path: str | Path) -> str:
 
 def _offline() -> str | None:
     """The variable that says this process must not download, if one does (HF's own: the job's data is a dataset)."""
-    return next((name for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")), None)
+    return next((name for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if env_flag(name)), None)
 
 
 def _brown_tarball() -> str:

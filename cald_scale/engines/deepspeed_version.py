@@ -11,7 +11,8 @@ names it for an environment that installed another one by other means.
 from __future__ import annotations
 
 import logging
-import os
+
+from ..fileio import env_flag
 
 __all__ = ["TESTED_DEEPSPEED", "ALLOW_ENV", "UntestedDeepSpeedError", "check_deepspeed_version"]
 
@@ -38,7 +39,7 @@ def check_deepspeed_version(installed: str | None = None) -> None:
         f"DeepSpeed {installed} is installed; cald_scale's ZeRO-3 engines are tested on {TESTED_DEEPSPEED} only (each 0.19 "
         f"patch release changed the internals they use, some silently): pip install deepspeed=={TESTED_DEEPSPEED}"
     )
-    if os.environ.get(ALLOW_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+    if env_flag(ALLOW_ENV):
         logger.warning("%s. Going on: %s is set", message, ALLOW_ENV)
         return
     raise UntestedDeepSpeedError(f"{message}, or set {ALLOW_ENV}=1 to run on {installed} regardless")

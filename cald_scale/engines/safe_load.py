@@ -28,7 +28,9 @@ _UNFORCE_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"  # torch refuses every load wi
 
 def trusted() -> bool:
     """Whether checkpoint files may be unpickled (``CALD_TRUST_CHECKPOINTS``)."""
-    return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    from ..fileio import env_flag  # NOTE: here, not above: the converter's child loads this file alone, by path
+
+    return env_flag(TRUST_ENV)
 
 
 def _records() -> list:

@@ -140,6 +140,18 @@ def test_rng_states_round_trip(tmp_path, saved_by):
     assert random.random() == expected[0]
 
 
+def _one_rank(script: str, folder, *args: str, env: dict | None = None):
+    """``script`` in a process of its own, a DeepSpeed world of one: argv is (folder, a free port, *args)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return subprocess.run([sys.executable, "-c", script, str(folder), str(port), *args], capture_output=True, text=True, timeout=300, env=env)
+
+
 _FULL_DISK = r"""
 import os, resource, signal, sys
 from pathlib import Path
@@ -168,15 +180,8 @@ print("COMPLETE:", [step for step, _ in complete_tags(ckpt)])
 
 def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_and_keeps_the_last_complete_one(tmp_path):
     """A real write failure (the file size limit) inside DeepSpeed's own save of a real engine."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     ckpt = tmp_path / "checkpoints"
-    proc = subprocess.run([sys.executable, "-c", _FULL_DISK, str(ckpt), str(port)], capture_output=True, text=True, timeout=300)
+    proc = _one_rank(_FULL_DISK, ckpt)
     out = proc.stdout
     assert proc.returncode == 0, out[-2000:] + proc.stderr[-4000:]
     line = next(line for line in out.splitlines() if line.startswith("SAVE ERROR:"))
@@ -386,14 +391,7 @@ def test_a_checkpoint_saved_in_bf16_resumes_in_float32_and_back(tmp_path):
     looks only for its own name (helper-83). The shards hold the same fp32 masters and moments:
     both directions load them whole (step and Adam moments equal to what was saved), and the
     process's RNG states are the saved ones again."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-c", _OTHER_PRECISION, str(tmp_path), str(port)], capture_output=True, text=True, timeout=300)
+    proc = _one_rank(_OTHER_PRECISION, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert [r["files"] for r in results] == [["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"], ["zero_pp_rank_0_mp_rank_00_optim_states.pt"]]
@@ -466,15 +464,8 @@ def test_a_checkpoint_with_planted_code_is_refused_not_run(tmp_path, target, tru
     code stops the resume in one line naming the way out, and the code does not run;
     CALD_TRUST_CHECKPOINTS=1 loads a trusted folder with pickle."""
     import os
-    import socket
-    import subprocess
-    import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "CALD_TRUST_CHECKPOINTS": trust, **torch_env}
-    proc = subprocess.run([sys.executable, "-c", _PLANTED, str(tmp_path), str(port), target], capture_output=True, text=True, timeout=300, env=env)
+    proc = _one_rank(_PLANTED, tmp_path, target, env={**os.environ, "CALD_TRUST_CHECKPOINTS": trust, **torch_env})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "CLEAN 7" in proc.stdout  # an untouched checkpoint resumes with its client state
     if target == "none":
