@@ -843,4 +843,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from cald_scale.launch import finish
+
+    finish(main)  # leave as a training rank does: no interpreter finalization under gloo

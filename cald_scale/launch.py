@@ -121,10 +121,12 @@ def finish(job) -> NoReturn:
     except SystemExit as stop:
         code = stop.code
     if code in (None, 0, PREEMPTED_EXIT_CODE):  # every rank ends here, at the same step
-        # Stop the process group's threads while the interpreter is whole. Left to its shutdown,
-        # gloo's can abort a rank after a finished run (SIGABRT, "terminate called without an
-        # active exception"; seen once on a 2-rank pipeline run; pytorch/pytorch PR 179291).
-        # Not after an error: with ranks still inside a collective it could wait forever.
+        # Close the group while the interpreter is whole. Not after an error: with ranks still
+        # inside a collective it could wait forever.
+        # NOTE: this alone does not stop gloo's worker threads (a DeepSpeed module imported after
+        # the group was made keeps it alive), and one still releasing a finished collective's
+        # tensors when finalization starts aborts the rank (SIGABRT, "terminate called without an
+        # active exception"; pytorch/pytorch PR 179291). _leave skips finalization for that too.
         close_distributed()
     _leave(code)
 
@@ -151,7 +153,8 @@ def _leave(code) -> None:
     """Exit with ``code`` without the interpreter's finalization.
 
     It walks every object torch, transformers and DeepSpeed made (~3 s per rank, measured), and
-    its module teardown makes Triton's nanobind bindings print "leaked instance" lines. By now
+    its module teardown makes Triton's nanobind bindings print "leaked instance" lines, and a gloo
+    thread still freeing a collective's tensors then can abort the rank (see ``finish``). By now
     checkpoints, metrics and wandb are closed; the exit handlers still run, then the buffers are
     flushed.
     """

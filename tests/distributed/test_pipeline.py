@@ -521,4 +521,6 @@ def test_pipeline_replicas_count_a_masked_micro_step_once_and_step_on_the_others
     assert per_step == [4 * 64, 2 * 64, 3 * 64]  # only the finite micro-batches' tokens count
 
 if __name__ == "__main__":
-    main()
+    from cald_scale.launch import finish
+
+    finish(main)  # leave as a training rank does: no interpreter finalization under gloo

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
-import os
 
 import pytest
+from gloo_ranks import run_on_ranks
 
 from cald_scale.data import DataConfig, iter_documents, tokenise
 from cald_scale.data.megatron import megatron_indexed
@@ -15,37 +14,29 @@ from cald_scale.data.megatron import megatron_indexed
 EOS = "<|endoftext|>"
 
 
-def _worker(rank: int, world_size: int, init_file: str, tokenizer_dir: str, cfg: dict, out: str):
+def _worker(rank: int, tokenizer_dir: str, cfg: dict) -> dict:
+    """One rank building the corpus; rank 0's first encode call outlasts the group's 3 s timeout."""
+    import time
+
     import torch.distributed as dist
     from transformers import PreTrainedTokenizerFast
 
     from cald_scale.data import build_indexed_dataset
 
-    import time
-    from datetime import timedelta
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    calls = []
+    encode = tokenise._encode
 
-    # A collective that waits longer than 3 s fails: rank 1 must not wait inside one.
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=3)
-    )
-    try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-        calls = []
-        encode = tokenise._encode
+    def slow_encode(tok, texts):
+        if not calls:
+            time.sleep(6)  # a corpus that takes longer to tokenise than the collective timeout
+        calls.append(len(texts))
+        return encode(tok, texts)
 
-        def slow_encode(tok, texts):
-            if not calls:
-                time.sleep(6)  # a corpus that takes longer to tokenise than the collective timeout
-            calls.append(len(texts))
-            return encode(tok, texts)
-
-        tokenise._encode = slow_encode
-        corpus = build_indexed_dataset(DataConfig(**cfg), tokenizer, is_rank0=rank == 0)
-        dist.barrier()  # the group is still healthy
-        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump({"encoded": sum(calls), "corpus": dataclasses.asdict(corpus)}, f)
-    finally:
-        dist.destroy_process_group()
+    tokenise._encode = slow_encode
+    corpus = build_indexed_dataset(DataConfig(**cfg), tokenizer, is_rank0=rank == 0)
+    dist.barrier()  # the group is still healthy
+    return {"encoded": sum(calls), "corpus": dataclasses.asdict(corpus)}
 
 
 @pytest.fixture(autouse=True)
@@ -82,21 +73,8 @@ def test_only_rank0_tokenises(tmp_path):
     # NOTE: fork, after importing what the ranks need here: a fresh interpreter spends
     # ~8 s importing megatron.core, and tests share 2 cores.
     megatron_indexed()
-    ctx = multiprocessing.get_context("fork")
-    procs = [
-        ctx.Process(
-            target=_worker,
-            args=(rank, 2, str(tmp_path / "pg"), tokenizer_dir, cfg, str(tmp_path)),
-        )
-        for rank in range(2)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-    assert [proc.exitcode for proc in procs] == [0, 0]
-
-    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    # A collective that waits longer than 3 s fails: rank 1 must not wait inside one.
+    results = run_on_ranks(_worker, tmp_path / "ranks", tokenizer_dir, cfg, start="fork", timeout_s=3)
     assert results[0]["encoded"] == 60  # rank 0 tokenised every document once
     assert results[1]["encoded"] == 0  # rank 1 none
     assert results[0]["corpus"] == results[1]["corpus"]

@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo_ranks import run_on_ranks
 
 from cald_scale.mixers.ops import (
     causal_conv1d,
@@ -496,32 +497,16 @@ def test_scans_use_all_threads_for_inference_and_one_while_training():
     assert torch.get_num_threads() == 2
 
 
-def _threads_in_scan_scope(rank: int, init_file: str, out) -> None:
-    import torch.distributed as dist
-
+def _threads_in_scan_scope(rank: int) -> int:
     from cald_scale.mixers.ops._threads import scan_threads
 
     torch.set_num_threads(2)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        with torch.no_grad(), scan_threads(torch.zeros(1)):
-            out.put((rank, torch.get_num_threads()))
-    finally:
-        dist.destroy_process_group()
+    with torch.no_grad(), scan_threads(torch.zeros(1)):
+        return torch.get_num_threads()
 
 
 def test_scans_keep_one_thread_when_ranks_share_the_machine(tmp_path):
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_threads_in_scan_scope, args=(r, str(tmp_path / "init"), out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    assert sorted(out.get(timeout=5) for _ in procs) == [(0, 1), (1, 1)]
+    assert run_on_ranks(_threads_in_scan_scope, tmp_path / "ranks") == [1, 1]
 
 
 def test_the_kernel_install_hint_names_the_gpu_extras_tested_releases():

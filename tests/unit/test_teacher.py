@@ -151,6 +151,8 @@ print("SECOND:", managed.train_step(batch))
 print("STEPS:", engine.global_steps)
 with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
     print("NAN_TENSORS:", sorted(n for n, p in engine.module.named_parameters() if torch.isnan(p).any()))
+from cald_scale.launch import finish
+finish(lambda: 0)  # leave as a training rank does: no interpreter finalization under gloo (launch.finish)
 """
 
 
@@ -217,6 +219,8 @@ teacher.train_step(batch)
 after = weights()
 print("BF16:", ds["bf16"]["enabled"])
 print("FROM_BASE:", float((after - base).abs().max()), "FROM_TRAINED:", float((after - trained).abs().max()))
+from cald_scale.launch import finish
+finish(lambda: 0)  # leave as a training rank does: no interpreter finalization under gloo (launch.finish)
 """
 
 

@@ -1,0 +1,58 @@
+"""Gloo ranks in child processes, for tests of code that runs collectives outside DeepSpeed's launcher."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+
+def run_on_ranks(
+    fn: Callable, folder: Path, *args, world: int = 2, start: str = "spawn", timeout_s: float | None = None, wait_s: float = 120
+) -> list:
+    """``fn(rank, *args)`` on each of ``world`` ranks inside one gloo group; each rank's return
+    value (JSON), in rank order. ``fn`` must be a module-level function (it is pickled by name);
+    ``timeout_s``: the group's collective timeout (torch's default when None)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ctx = multiprocessing.get_context(start)
+    procs = [ctx.Process(target=_rank_main, args=(fn, rank, world, str(folder), timeout_s, args)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(wait_s)
+    for proc in procs:
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+    codes = [proc.exitcode for proc in procs]
+    assert codes == [0] * world, f"rank exit codes {codes} (the child tracebacks are in the captured stderr)"
+    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(world)]
+
+
+def _rank_main(fn: Callable, rank: int, world: int, folder: str, timeout_s: float | None, args: tuple) -> None:
+    import torch.distributed as dist
+
+    kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    dist.init_process_group("gloo", init_method=f"file://{folder}/gloo_init", rank=rank, world_size=world, **kwargs)
+    code = 1
+    try:
+        result = fn(rank, *args)
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(result))
+        code = 0
+    except BaseException:  # noqa: BLE001 - printed for the test's report, then the exit code says it
+        traceback.print_exc()
+    finally:
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # NOTE: no interpreter finalization, as launch._leave: a gloo worker thread still releasing
+        # a finished collective's tensors when it starts aborts the process (SIGABRT, "terminate
+        # called without an active exception"; 7 of 134 two-rank resumes here, with the CPUs
+        # busy). destroy_process_group does not stop those threads once DeepSpeed was imported
+        # after the group was made: the group lives on until the interpreter's end.
+        os._exit(code)
