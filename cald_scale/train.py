@@ -410,13 +410,13 @@ class StepMetrics:
     def _add(self, key: str, value: float) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + value
 
-    def add(self, parts: LossParts, batch: dict, *, count_tokens: bool, teacher_ce: float | None) -> None:
-        """A micro-batch that was applied. ``count_tokens``: padded batches, whose real tokens
-        are counted here (a packed batch's count is known ahead)."""
+    def add(self, parts: LossParts, *, token_mask: torch.Tensor | None, teacher_ce: float | None) -> None:
+        """A micro-batch that was applied. ``token_mask``: a padded batch's, the view's (1 at a
+        real token), counted here; None: a packed batch, whose count is known ahead."""
         if teacher_ce is not None:
             self.teacher_ce.append(teacher_ce)
-        if count_tokens:
-            self._add("_tokens", float(batch["attention_mask"].sum()))
+        if token_mask is not None:
+            self._add("_tokens", float(token_mask.sum()))
         for key, value in parts.as_floats().items():
             self._add(key, value / self.grad_accum)
         # Per-layer losses averaged like the total (over the micro-batches, then the ranks), of
@@ -475,7 +475,7 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
         else:
             state.finite()
         engine.step()
-        metrics.add(parts, batch, count_tokens=not tokens_per_micro, teacher_ce=guide.after_micro_batch(phase, step, batch))
+        metrics.add(parts, token_mask=None if tokens_per_micro else models.student.token_mask(batch), teacher_ce=guide.after_micro_batch(phase, step, batch))
         done += 1
         state.tokens_seen += tokens_per_micro
     record, counted = metrics.finish(engine.device, models.data_parallel_size)
