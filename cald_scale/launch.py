@@ -28,7 +28,7 @@ from .engines.distributed import close_distributed
 from .engines.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptedWhileStarting
 from .errors import user_errors
 
-__all__ = ["add_arguments", "build_parser", "finish", "main", "record_early_signals", "run"]
+__all__ = ["add_arguments", "build_parser", "finish", "leave", "main", "record_early_signals", "run"]
 
 TRACEBACK_VAR = "CALD_TRACEBACK"
 
@@ -120,13 +120,20 @@ def finish(job) -> NoReturn:
         code = job()
     except SystemExit as stop:
         code = stop.code
+    leave(code)
+
+
+def leave(code: int | str | None = 0) -> NoReturn:
+    """End a process that trained, as a training rank must: a script that called ``train()`` on
+    CPU ends with this (``code``: the exit status, or a message that exits 1)."""
     if code in (None, 0, PREEMPTED_EXIT_CODE):  # every rank ends here, at the same step
         # Close the group while the interpreter is whole. Not after an error: with ranks still
         # inside a collective it could wait forever.
-        # NOTE: this alone does not stop gloo's worker threads (a DeepSpeed module imported after
-        # the group was made keeps it alive), and one still releasing a finished collective's
-        # tensors when finalization starts aborts the rank (SIGABRT, "terminate called without an
-        # active exception"; pytorch/pytorch PR 179291). _leave skips finalization for that too.
+        # NOTE: this alone does not stop gloo's worker threads (importing DeepSpeed or torch._dynamo
+        # after the group was made keeps it alive: measured, cause not found), and one still releasing a
+        # finished collective's tensors when finalization starts aborts the rank (SIGABRT,
+        # "terminate called without an active exception"; pytorch/pytorch PR 179291). _leave
+        # skips finalization for that too.
         close_distributed()
     _leave(code)
 

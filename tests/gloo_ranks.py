@@ -50,9 +50,9 @@ def _rank_main(fn: Callable, rank: int, world: int, folder: str, timeout_s: floa
         dist.destroy_process_group()
         sys.stdout.flush()
         sys.stderr.flush()
-        # NOTE: no interpreter finalization, as launch._leave: a gloo worker thread still releasing
+        # NOTE: no interpreter finalization, as launch.leave: a gloo worker thread still releasing
         # a finished collective's tensors when it starts aborts the process (SIGABRT, "terminate
         # called without an active exception"; 7 of 134 two-rank resumes here, with the CPUs
-        # busy). destroy_process_group does not stop those threads once DeepSpeed was imported
-        # after the group was made: the group lives on until the interpreter's end.
+        # busy). destroy_process_group does not stop those threads once DeepSpeed or torch._dynamo
+        # was imported after the group was made: the group lives on.
         os._exit(code)

@@ -107,7 +107,9 @@ def release_distributed(env: DistEnv) -> None:
     NOTE: the process group itself stays for the life of the process: DeepSpeed keeps its
     groups in module globals (``deepspeed.utils.groups``), and an engine built after a
     destroy_process_group fails on them ("Group ... is not registered"). The next run here
-    finds the group and uses it."""
+    finds the group and uses it. On gloo, the script should then end as the training command
+    does (``launch.leave``): a gloo thread still freeing a collective's tensors when the
+    interpreter finalizes aborts the process."""
     for name in env.made:
         os.environ.pop(name, None)
 

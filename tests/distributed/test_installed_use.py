@@ -52,6 +52,8 @@ for run in ("first", "second"):  # twice in one process, as a notebook would
                  "env": sorted(k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CALD_LAUNCH_ID") if k in os.environ),
                  "root_handlers_added": len(logging.getLogger().handlers) - handlers})
 print("SEEN", json.dumps(seen))
+from cald_scale.launch import leave
+leave()  # as the README says a script that trained on gloo ends
 """
 
 

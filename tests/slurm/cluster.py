@@ -20,6 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from ports import free_port
+
 __all__ = ["SlurmCluster", "SlurmError", "missing_binaries", "BINARIES"]
 
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "srun")
@@ -36,12 +38,6 @@ def missing_binaries() -> list[str]:
 
 def _binary(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _node_name() -> str:
@@ -67,8 +63,8 @@ def _slurm_conf(root: Path, cpus: int, node: str) -> str:
     return f"""\
 ClusterName=caldtest
 SlurmctldHost={node}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser={user}
 SlurmdUser={user}
 AuthType=auth/munge

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from ports import free_port
 from gloo_ranks import run_on_ranks
 
 from cald_scale.engines import checkpoint
@@ -143,13 +144,10 @@ def test_rng_states_round_trip(tmp_path, saved_by):
 
 def _one_rank(script: str, folder, *args: str, env: dict | None = None):
     """``script`` in a process of its own, a DeepSpeed world of one: argv is (folder, a free port, *args)."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     return subprocess.run([sys.executable, "-c", script, str(folder), str(port), *args], capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -176,8 +174,8 @@ try:
 except CheckpointSaveError as err:
     print("SAVE ERROR:", err)
 print("COMPLETE:", [step for step, _ in complete_tags(ckpt)])
-from cald_scale.launch import finish
-finish(lambda: 0)  # leave as a training rank does: no interpreter finalization under gloo (launch.finish)
+from cald_scale.launch import leave
+leave()  # as a training rank ends: no interpreter finalization under gloo
 """
 
 
@@ -352,8 +350,8 @@ for saved_bf16 in (True, False):
     load_latest_checkpoint(other, ckpt, tags=complete_tags(ckpt))
     resumed = (random.random(), torch.rand(2).tolist())
     print("RESULT", json.dumps({"saved_bf16": saved_bf16, "files": files, "saved": moments(e), "loaded": moments(other), "rng": [after_save, resumed]}))
-from cald_scale.launch import finish
-finish(lambda: 0)  # leave as a training rank does: no interpreter finalization under gloo (launch.finish)
+from cald_scale.launch import leave
+leave()  # as a training rank ends: no interpreter finalization under gloo
 """
 
 
@@ -422,8 +420,8 @@ try:
 except CheckpointLoadError as err:
     print("REFUSED", err)
 print("PAYLOAD", marker.exists())
-from cald_scale.launch import finish
-finish(lambda: 0)  # leave as a training rank does: no interpreter finalization under gloo (launch.finish)
+from cald_scale.launch import leave
+leave()  # as a training rank ends: no interpreter finalization under gloo
 """
 
 

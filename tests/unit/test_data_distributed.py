@@ -15,7 +15,7 @@ EOS = "<|endoftext|>"
 
 
 def _worker(rank: int, tokenizer_dir: str, cfg: dict) -> dict:
-    """One rank building the corpus; rank 0's first encode call outlasts the group's 3 s timeout."""
+    """One rank building the corpus; rank 0's first encode call outlasts the group's 5 s timeout."""
     import time
 
     import torch.distributed as dist
@@ -29,7 +29,7 @@ def _worker(rank: int, tokenizer_dir: str, cfg: dict) -> dict:
 
     def slow_encode(tok, texts):
         if not calls:
-            time.sleep(6)  # a corpus that takes longer to tokenise than the collective timeout
+            time.sleep(10)  # a corpus that takes longer to tokenise than the collective timeout
         calls.append(len(texts))
         return encode(tok, texts)
 
@@ -73,8 +73,9 @@ def test_only_rank0_tokenises(tmp_path):
     # NOTE: fork, after importing what the ranks need here: a fresh interpreter spends
     # ~8 s importing megatron.core, and tests share 2 cores.
     megatron_indexed()
-    # A collective that waits longer than 3 s fails: rank 1 must not wait inside one.
-    results = run_on_ranks(_worker, tmp_path / "ranks", tokenizer_dir, cfg, start="fork", timeout_s=3)
+    # A collective that waits longer than 5 s fails: rank 1 must not wait inside one (rank 0 waits
+    # under 1 s in the last barrier, for rank 1's poll of the cache).
+    results = run_on_ranks(_worker, tmp_path / "ranks", tokenizer_dir, cfg, start="fork", timeout_s=5)
     assert results[0]["encoded"] == 60  # rank 0 tokenised every document once
     assert results[1]["encoded"] == 0  # rank 1 none
     assert results[0]["corpus"] == results[1]["corpus"]

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from ports import free_port
 from tiny_models import save_tiny_encoder
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -475,8 +476,8 @@ for name, param in engine.module.named_parameters():
         grad = param._z3_optimizer.get_fp32_grad_for_param(param).view(expected[name].shape)
         errors[name] = ((grad - expected[name]).norm() / expected[name].norm().clamp(min=1e-12)).item()
 print("ERRORS " + json.dumps(errors))
-from cald_scale.launch import finish
-finish(lambda: 0)  # leave as a training rank does: no interpreter finalization under gloo (launch.finish)
+from cald_scale.launch import leave
+leave()  # as a training rank ends: no interpreter finalization under gloo
 """
 
 
@@ -484,13 +485,10 @@ def test_a_projection_every_block_shares_gets_its_whole_gradient_under_zero3_blo
     """Linformer's sharing=layer: one length projection in every block. With blocks as ZeRO-3
     leaves (the default) DeepSpeed reduced it in the last block's hook, before the others added
     their parts: its gradient came out zero. Every gradient equals plain torch's."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.run([sys.executable, "-c", _SHARED_PROJECTION_GRADIENTS, str(port)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     errors = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("ERRORS "))[len("ERRORS "):])

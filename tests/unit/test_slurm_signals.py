@@ -58,7 +58,8 @@ def _forward_while_starting(tmp_path: Path, launch_delay_s: float, handler_delay
 def test_a_warning_signal_before_the_ranks_start_reaches_them_once_they_take_it(tmp_path):
     """No rank yet when the signal comes: it is passed on once one takes it (it was lost, and the
     job trained on to its time limit's SIGKILL)."""
-    log, seen = _forward_while_starting(tmp_path, launch_delay_s=1.0, handler_delay_s=0.0, rank_up=False)
+    # 3 s: the first scan finds no rank long before one starts (it takes 0.2-0.3 s on a busy machine)
+    log, seen = _forward_while_starting(tmp_path, launch_delay_s=3.0, handler_delay_s=0.0, rank_up=False)
     assert seen == "USR1" and "rank exit 0" in log, log
     assert "no rank of this run takes SIGUSR1 yet" in log, log
 

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from ports import free_port
 from tiny_models import tiny_teacher
 
 from cald_scale.conversion import teacher as teacher_mod
@@ -151,8 +152,8 @@ print("SECOND:", managed.train_step(batch))
 print("STEPS:", engine.global_steps)
 with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
     print("NAN_TENSORS:", sorted(n for n, p in engine.module.named_parameters() if torch.isnan(p).any()))
-from cald_scale.launch import finish
-finish(lambda: 0)  # leave as a training rank does: no interpreter finalization under gloo (launch.finish)
+from cald_scale.launch import leave
+leave()  # as a training rank ends: no interpreter finalization under gloo
 """
 
 
@@ -161,14 +162,11 @@ def test_a_trajectory_teacher_step_on_a_non_finite_loss_leaves_its_weights_as_th
     weight on every rank for good (and the next checkpoint). DeepSpeed (0.19) takes a step whose
     gradient norm is not finite for an overflow, in any dtype, and skips it: no tensor but the one
     made NaN here is touched, and the run goes on (the NaN shows as the step's teacher_ce)."""
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     tests = Path(__file__).resolve().parents[1]
     env = {**__import__("os").environ, "PYTHONPATH": f"{tests}:{tests.parent}"}
     proc = subprocess.run([sys.executable, "-c", _TRAJECTORY_NAN, str(port)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
@@ -219,8 +217,8 @@ teacher.train_step(batch)
 after = weights()
 print("BF16:", ds["bf16"]["enabled"])
 print("FROM_BASE:", float((after - base).abs().max()), "FROM_TRAINED:", float((after - trained).abs().max()))
-from cald_scale.launch import finish
-finish(lambda: 0)  # leave as a training rank does: no interpreter finalization under gloo (launch.finish)
+from cald_scale.launch import leave
+leave()  # as a training rank ends: no interpreter finalization under gloo
 """
 
 
@@ -228,7 +226,6 @@ def test_a_trajectory_teacher_given_the_base_weights_again_steps_from_them_in_bf
     """In bf16 the teacher's optimizer keeps fp32 master weights apart from the partitions a load
     writes: its next step copied the trained weights back (the base was gone after one step; in
     fp32 on CPU the master is the partition itself, so CPU and GPU runs of one recipe disagreed)."""
-    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -236,9 +233,7 @@ def test_a_trajectory_teacher_given_the_base_weights_again_steps_from_them_in_bf
     from tiny_models import save_tiny_teacher, train_tokenizer
 
     folder = save_tiny_teacher(tmp_path / "teacher", "llama", train_tokenizer(["to be or not to be"] * 8, vocab_size=300), layers=2)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     tests = Path(__file__).resolve().parents[1]
     env = {**__import__("os").environ, "PYTHONPATH": f"{tests}:{tests.parent}"}
     proc = subprocess.run([sys.executable, "-c", _TRAJECTORY_RELOAD, str(folder), str(port), str(tests.parent / "ds_configs" / "zero3.json")],
