@@ -125,7 +125,9 @@ def finish(job) -> NoReturn:
 
 def leave(code: int | str | None = 0) -> NoReturn:
     """End a process that trained, as a training rank must: a script that called ``train()`` on
-    CPU ends with this (``code``: the exit status, or a message that exits 1)."""
+    CPU ends with this (``code``: the exit status, or a message that exits 1), once it has closed
+    what it opened itself. The exit handlers run; the interpreter's finalization does not, so a
+    file left open is not flushed and a thread still running is not waited for."""
     if code in (None, 0, PREEMPTED_EXIT_CODE):  # every rank ends here, at the same step
         # Close the group while the interpreter is whole. Not after an error: with ranks still
         # inside a collective it could wait forever.
@@ -156,23 +158,25 @@ def _release_early_signals(watched, early_signals: list[str]) -> None:
                 os.kill(os.getpid(), number)
 
 
-def _leave(code) -> None:
+def _leave(code) -> NoReturn:
     """Exit with ``code`` without the interpreter's finalization.
 
     It walks every object torch, transformers and DeepSpeed made (~3 s per rank, measured), and
     its module teardown makes Triton's nanobind bindings print "leaked instance" lines, and a gloo
-    thread still freeing a collective's tensors then can abort the rank (see ``finish``). By now
-    checkpoints, metrics and wandb are closed; the exit handlers still run, then the buffers are
-    flushed.
+    thread still freeing a collective's tensors then can abort the rank (see ``leave``). A training
+    run has closed its checkpoints, metrics and wandb by now; the exit handlers still run, then
+    the buffers are flushed.
     """
     atexit._run_exitfuncs()
     logging.shutdown()
-    if isinstance(code, str):  # sys.exit("message")
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"), as Python exits on anything but an int
         print(code, file=sys.stderr)
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0 if code is None else code)
+    os._exit(code)
 
 
 if __name__ == "__main__":  # `deepspeed --module cald_scale.launch`, `python -m cald_scale.launch`

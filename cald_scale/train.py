@@ -475,7 +475,10 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
         else:
             state.finite()
         engine.step()
-        metrics.add(parts, token_mask=None if tokens_per_micro else models.student.token_mask(batch), teacher_ce=guide.after_micro_batch(phase, step, batch))
+        mask = None if tokens_per_micro else models.student.token_mask(batch)
+        if mask is None and not tokens_per_micro:
+            raise ValueError("a padded batch without a token mask: its real tokens cannot be counted (the task's batches need one)")
+        metrics.add(parts, token_mask=mask, teacher_ce=guide.after_micro_batch(phase, step, batch))
         done += 1
         state.tokens_seen += tokens_per_micro
     record, counted = metrics.finish(engine.device, models.data_parallel_size)

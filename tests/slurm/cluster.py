@@ -20,7 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ports import free_port
+from ports import free_ports
 
 __all__ = ["SlurmCluster", "SlurmError", "missing_binaries", "BINARIES"]
 
@@ -60,11 +60,12 @@ def _die_with_parent() -> None:
 
 def _slurm_conf(root: Path, cpus: int, node: str) -> str:
     user = getpass.getuser()
+    ctld_port, slurmd_port = free_ports(2)
     return f"""\
 ClusterName=caldtest
 SlurmctldHost={node}(127.0.0.1)
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
 SlurmUser={user}
 SlurmdUser={user}
 AuthType=auth/munge
