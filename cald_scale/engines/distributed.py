@@ -76,6 +76,7 @@ def init_distributed() -> DistEnv:
     import deepspeed
 
     from .deepspeed_version import check_deepspeed_version
+    from .op_builds import clear_stale_build_locks
 
     check_deepspeed_version()
     _slurm_to_torch_env()
@@ -91,6 +92,7 @@ def init_distributed() -> DistEnv:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        clear_stale_build_locks()  # DeepSpeed builds its CPU allreduce op here, and others later
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         if device.type == "cpu":
             _unlink_shm_buffers()
