@@ -475,9 +475,11 @@ def train_step(models, guide: Guide, phase: Phase, step: int, next_batch, state:
         else:
             state.finite()
         engine.step()
-        mask = None if tokens_per_micro else models.student.token_mask(batch)
-        if mask is None and not tokens_per_micro:
-            raise ValueError("a padded batch without a token mask: its real tokens cannot be counted (the task's batches need one)")
+        mask = None  # a packed batch: its tokens are counted ahead
+        if not tokens_per_micro:
+            mask = models.student.token_mask(batch)
+            if mask is None:
+                raise ValueError("a padded batch without a token mask: its real tokens cannot be counted (the task's batches need one)")
         metrics.add(parts, token_mask=mask, teacher_ce=guide.after_micro_batch(phase, step, batch))
         done += 1
         state.tokens_seen += tokens_per_micro

@@ -34,20 +34,16 @@ def _worker_range() -> tuple[int, int]:
 def free_ports(count: int) -> list[int]:
     """``count`` distinct ports nothing listens on now (each probe stays bound until all are drawn)."""
     low, high = _worker_range()
+    draws = 50 * count if high - low >= 8 * count else 0  # none: a host that gives out every port
     with contextlib.ExitStack() as held:
         ports: list[int] = []
-        for _ in range(50 * count if high - low >= 8 * count else 0):
-            if len(ports) == count:
-                break
+        while len(ports) < count:
             sock = held.enter_context(socket.socket())
+            port, draws = (_draw.randrange(low, high) if draws > 0 else 0), draws - 1  # 0: the kernel's choice
             try:
-                sock.bind(("127.0.0.1", _draw.randrange(low, high)))
+                sock.bind(("127.0.0.1", port))
             except OSError:  # in use, or in TIME_WAIT after an earlier test's run
                 continue
-            ports.append(sock.getsockname()[1])
-        while len(ports) < count:  # no room below the ephemeral range (a host that gives out every port)
-            sock = held.enter_context(socket.socket())
-            sock.bind(("127.0.0.1", 0))
             ports.append(sock.getsockname()[1])
         return ports
 

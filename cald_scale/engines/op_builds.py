@@ -12,6 +12,7 @@ built ``deepspeed_shm_comm`` stopped the next training job inside ``init_distrib
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import sys
@@ -115,12 +116,8 @@ def _one_at_a_time(folder: Path) -> Iterator[None]:
         yield
         return
     try:
-        try:
-            import fcntl
-
+        with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_EX)
-        except (OSError, ImportError):
-            pass
         yield
     finally:
         os.close(fd)  # releases the flock
