@@ -29,7 +29,7 @@ from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
 from transformers.initialization import no_init_weights
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 
-from .families import read_fused_qkv, read_query_key_value, read_separate_qkvo
+from .families import read_fused_qkv, read_query_key_value, read_separate_qkv_dense, read_separate_qkv_out_proj, read_separate_qkvo
 from .modeling import teacher_geometry
 from .registry import AttentionWeights, FamilyAdapter
 
@@ -51,10 +51,12 @@ class ProjectionLayout:
 
 PROJECTION_LAYOUTS = (
     ProjectionLayout(("q_proj", "k_proj", "v_proj", "o_proj"), read_separate_qkvo),
+    ProjectionLayout(("q_proj", "k_proj", "v_proj", "out_proj"), read_separate_qkv_out_proj),
+    ProjectionLayout(("q_proj", "k_proj", "v_proj", "dense"), read_separate_qkv_dense),
     ProjectionLayout(("qkv_proj", "o_proj"), read_fused_qkv),
     ProjectionLayout(("query", "key", "value"), read_query_key_value),
 )
-DISCOVERABLE = "q_proj/k_proj/v_proj/o_proj, a fused qkv_proj [q | k | v] with o_proj, or query/key/value (BERT)"
+DISCOVERABLE = "q_proj/k_proj/v_proj with o_proj, out_proj or dense, a fused qkv_proj [q | k | v] with o_proj, or query/key/value (BERT)"
 
 
 class _Refusal(ValueError):
@@ -113,7 +115,7 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
 
 # The tiny copy check_block_by_block builds: the family's own config with small sizes.
 _TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2}
-_TINY_IF_SET = {"head_dim": 16, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_local_experts": 2, "num_experts": 2, "num_experts_per_tok": 1}
+_TINY_IF_SET = {"head_dim": 16, "rotary_dim": 8, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_local_experts": 2, "num_experts": 2, "num_experts_per_tok": 1}
 _TOLERANCE = 1e-4
 
 
@@ -158,6 +160,12 @@ def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handw
                     got = LayerwiseModel(model, adapter=candidate).logits(ids)
                 except ValueError as refused:  # what LayerwiseModel refuses by name (a layer type it cannot run): now, not mid-run
                     raise _Refusal(str(refused)) from None
+                except Exception as err:  # noqa: BLE001 - the family's own forward ran: the view cannot run this family
+                    raise _Refusal(
+                        f"cannot convert model type {config.model_type!r}: its blocks cannot be run one at a time by the layerwise "
+                        f"view distillation uses (on a tiny random copy whose own forward runs: {type(err).__name__}: {err}); "
+                        "the view runs the input embedding, the blocks with the base model's rotary embedding, the final norm and the head"
+                    ) from None
                 gaps.append((got - expected).abs().max().item())
                 if gaps[-1] <= _TOLERANCE * max(1.0, expected.abs().max().item()):
                     return candidate

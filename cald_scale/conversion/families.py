@@ -13,21 +13,37 @@ from torch import nn
 from .modeling import teacher_geometry
 from .registry import AttentionWeights, BambaLayout, FamilyAdapter, register_family
 
-__all__ = ["read_separate_qkvo", "read_fused_qkv", "read_query_key_value"]
+__all__ = ["read_separate_qkvo", "read_separate_qkv_out_proj", "read_separate_qkv_dense", "read_fused_qkv", "read_query_key_value"]
 
 
-def read_separate_qkvo(attn: nn.Module, config) -> AttentionWeights:
-    """``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` (Llama and most decoders)."""
+def _read_separate(attn: nn.Module, out: str) -> AttentionWeights:
+    o = getattr(attn, out)
     return AttentionWeights(
         q=attn.q_proj.weight,
         k=attn.k_proj.weight,
         v=attn.v_proj.weight,
-        o=attn.o_proj.weight,
+        o=o.weight,
         q_bias=attn.q_proj.bias,
         k_bias=attn.k_proj.bias,
         v_bias=attn.v_proj.bias,
-        o_bias=attn.o_proj.bias,
+        o_bias=o.bias,
     )
+
+
+def read_separate_qkvo(attn: nn.Module, config) -> AttentionWeights:
+    """``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` (Llama and most decoders)."""
+    return _read_separate(attn, "o_proj")
+
+
+def read_separate_qkv_out_proj(attn: nn.Module, config) -> AttentionWeights:
+    """``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` (LFM2; the BART-style attention of
+    OPT, XGLM and of wav2vec2, HuBERT and Whisper's encoders)."""
+    return _read_separate(attn, "out_proj")
+
+
+def read_separate_qkv_dense(attn: nn.Module, config) -> AttentionWeights:
+    """``q_proj``, ``k_proj``, ``v_proj`` and ``dense`` (Phi-1, Phi-1.5 and Phi-2)."""
+    return _read_separate(attn, "dense")
 
 
 def read_fused_qkv(attn: nn.Module, config) -> AttentionWeights:

@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.cache_utils import Cache
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.generation import GenerationMixin
 
 from ..config_loader import from_dict, to_dict
@@ -331,10 +332,13 @@ class CaldStudentConfig(PretrainedConfig):
         self.conversion = conversion or to_dict(ConversionConfig())
         self.teacher_name_or_path = teacher_name_or_path
         self.teacher_family = self.teacher_config.get("model_type")
-        # Mirror the fields that tools (generation, DeepSpeed auto-config) read from a config.
+        # Mirror the fields that tools (generation, DeepSpeed auto-config) read from a config,
+        # under the names the teacher's family stores them (GPT-J's hidden_size is n_embd).
+        aliases = getattr(CONFIG_MAPPING[self.teacher_family], "attribute_map", {}) if self.teacher_family in CONFIG_MAPPING else {}
         for key in ("hidden_size", "num_hidden_layers", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
-            if key in self.teacher_config:
-                kwargs.setdefault(key, self.teacher_config[key])
+            stored = key if key in self.teacher_config else aliases.get(key)
+            if stored in self.teacher_config:
+                kwargs.setdefault(key, self.teacher_config[stored])
         kwargs.setdefault("tie_word_embeddings", self.teacher_config.get("tie_word_embeddings", False))
         super().__init__(**kwargs)
 
