@@ -29,7 +29,7 @@ from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
 from transformers.initialization import no_init_weights
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 
-from .families import read_fused_qkv, read_query_key_value, read_separate_qkv_dense, read_separate_qkv_out_proj, read_separate_qkvo
+from .families import read_fused_qkv, read_gpt2_conv1d, read_query_key_value, read_separate_qkv_dense, read_separate_qkv_out_proj, read_separate_qkvo
 from .modeling import teacher_geometry
 from .registry import AttentionWeights, FamilyAdapter
 
@@ -54,9 +54,13 @@ PROJECTION_LAYOUTS = (
     ProjectionLayout(("q_proj", "k_proj", "v_proj", "out_proj"), read_separate_qkv_out_proj),
     ProjectionLayout(("q_proj", "k_proj", "v_proj", "dense"), read_separate_qkv_dense),
     ProjectionLayout(("qkv_proj", "o_proj"), read_fused_qkv),
+    ProjectionLayout(("c_attn", "c_proj"), read_gpt2_conv1d),
     ProjectionLayout(("query", "key", "value"), read_query_key_value),
 )
-DISCOVERABLE = "q_proj/k_proj/v_proj with o_proj, out_proj or dense, a fused qkv_proj [q | k | v] with o_proj, or query/key/value (BERT)"
+DISCOVERABLE = (
+    "q_proj/k_proj/v_proj with o_proj, out_proj or dense, a fused qkv_proj [q | k | v] with o_proj, GPT-2's "
+    "c_attn [q | k | v] with c_proj, or query/key/value (BERT)"
+)
 
 
 class _Refusal(ValueError):
@@ -87,6 +91,7 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
             )
         final_norm_attr = _find_final_norm(base, layers_attr)
         embed_dropout_attr = _find_embed_dropout(base, layers_attr)
+        position_embedding_attr = _find_position_embedding(base, layers_attr)
     except _Refusal as err:
         raise ValueError(
             f"cannot convert model type {model_type!r}: {err}. A family with another layout needs a hand-written "
@@ -105,6 +110,7 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
         read_attention=layout.read,
         layers_attr=layers_attr,
         embed_dropout_attr=embed_dropout_attr,
+        position_embedding_attr=position_embedding_attr,
         bamba_refusal=f"{model_type} has no Bamba layout (only the hand-written llama, mistral and qwen2 adapters have one)",
         # NOTE: scales a family's forward applies outside its modules; check_block_by_block confirms
         # that the blocks, these and the head give the forward's logits.
@@ -164,7 +170,8 @@ def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handw
                     raise _Refusal(
                         f"cannot convert model type {config.model_type!r}: its blocks cannot be run one at a time by the layerwise "
                         f"view distillation uses (on a tiny random copy whose own forward runs: {type(err).__name__}: {err}); "
-                        "the view runs the input embedding, the blocks with the base model's rotary embedding, the final norm and the head"
+                        "the view runs the input embedding (plus an absolute position table before the blocks, if any), the blocks "
+                        "(given the base model's rotary embedding otherwise), the final norm and the head"
                     ) from None
                 gaps.append((got - expected).abs().max().item())
                 if gaps[-1] <= _TOLERANCE * max(1.0, expected.abs().max().item()):
@@ -349,6 +356,21 @@ def _find_final_norm(base: nn.Module, layers_attr: str) -> str | None:
     if len(norms) > 1:
         raise _Refusal(f"several norms after the blocks ({', '.join(norms)}): which is the final norm is ambiguous")
     return norms[0] if norms else None  # none: a post-LN encoder
+
+
+def _find_position_embedding(base: nn.Module, layers_attr: str) -> str | None:
+    """An absolute position table before the blocks: an embedding other than the input one
+    (GPT-2's ``wpe``), or a module named for positions (XGLM's sinusoidal table)."""
+    _, before = _after_and_before(base, layers_attr)
+    tokens = base.get_input_embeddings()
+    found = [
+        path for path in before
+        if (module := base.get_submodule(path)) is not tokens
+        and (isinstance(module, nn.Embedding) or "positional" in type(module).__name__.lower())
+    ]
+    if len(found) > 1:
+        raise _Refusal(f"several embeddings besides the input one before the blocks ({', '.join(found)}): which one gives the positions is ambiguous")
+    return found[0] if found else None
 
 
 def _find_embed_dropout(base: nn.Module, layers_attr: str) -> str | None:

@@ -13,7 +13,7 @@ from torch import nn
 from .modeling import teacher_geometry
 from .registry import AttentionWeights, BambaLayout, FamilyAdapter, register_family
 
-__all__ = ["read_separate_qkvo", "read_separate_qkv_out_proj", "read_separate_qkv_dense", "read_fused_qkv", "read_query_key_value"]
+__all__ = ["read_separate_qkvo", "read_separate_qkv_out_proj", "read_separate_qkv_dense", "read_fused_qkv", "read_gpt2_conv1d", "read_query_key_value"]
 
 
 def _read_separate(attn: nn.Module, out: str) -> AttentionWeights:
@@ -54,6 +54,17 @@ def read_fused_qkv(attn: nn.Module, config) -> AttentionWeights:
     bias = attn.qkv_proj.bias
     qb, kb, vb = bias.split(sizes) if bias is not None else (None, None, None)
     return AttentionWeights(q=q, k=k, v=v, o=attn.o_proj.weight, q_bias=qb, k_bias=kb, v_bias=vb, o_bias=attn.o_proj.bias)
+
+
+def read_gpt2_conv1d(attn: nn.Module, config) -> AttentionWeights:
+    """GPT-2's ``c_attn`` ([q | k | v] columns) and ``c_proj``: ``Conv1D`` layers, whose weights
+    are (in, out), transposed here to the (out, in) of ``nn.Linear``."""
+    _, heads, kv_heads, head_dim = teacher_geometry(config)
+    sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    q, k, v = attn.c_attn.weight.t().split(sizes)
+    bias = attn.c_attn.bias
+    qb, kb, vb = bias.split(sizes) if bias is not None else (None, None, None)
+    return AttentionWeights(q=q, k=k, v=v, o=attn.c_proj.weight.t(), q_bias=qb, k_bias=kb, v_bias=vb, o_bias=attn.c_proj.bias)
 
 
 def read_query_key_value(attn: nn.Module, config) -> AttentionWeights:

@@ -381,6 +381,10 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
         # the one this model is being built in (from_pretrained(dtype=...) sets the default); and
         # with the attention kernel asked of this model (the teacher's, or from_pretrained's
         # attn_implementation), which the teacher's config, rebuilt from a dict, leaves out.
+        if config._attn_implementation == "sdpa" and not AutoModelForCausalLM._model_mapping[type(teacher_config)]._supports_sdpa:
+            # NOTE: from_pretrained asks this class for sdpa (a hybrid's kept attention); a family
+            # without it (XGLM) keeps the eager attention its teacher ran.
+            config._attn_implementation = "eager"
         self.backbone = AutoModelForCausalLM.from_config(
             teacher_config, dtype=torch.get_default_dtype(), attn_implementation=config._attn_implementation
         )

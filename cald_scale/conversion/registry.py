@@ -83,6 +83,10 @@ class FamilyAdapter:
     """Dotted path of the ``nn.ModuleList`` of blocks on the base model (BERT: ``encoder.layer``)."""
     embed_dropout_attr: str | None = None
     """Optional dropout applied to embeddings on the base model (gpt_neox ``emb_dropout``)."""
+    position_embedding_attr: str | None = None
+    """Absolute position embeddings on the base model, added to the token embeddings (GPT-2's
+    ``wpe``, XGLM's sinusoidal table); None: positions enter inside the blocks (rotary). A
+    student that keeps them takes no longer context than the teacher."""
     bamba: BambaLayout | None = None
     """The native Bamba export of this family's students; None: Bamba cannot express it."""
     bamba_refusal: str = ""

@@ -133,9 +133,21 @@ class LayerwiseModel:
             hidden = self.lm.get_input_embeddings()(as_batch(batch)["input_ids"])
             if self.adapter.embed_multiplier != 1.0:  # as the family's model forward does (Granite)
                 hidden = hidden * self.adapter.embed_multiplier
+            if self.adapter.position_embedding_attr:  # absolute positions (GPT-2, XGLM): a packed batch's 0..l-1
+                hidden = hidden + self._absolute_positions(hidden)
             if self.adapter.embed_dropout_attr:
                 hidden = getattr(self.base, self.adapter.embed_dropout_attr)(hidden)
         return hidden
+
+    def _absolute_positions(self, hidden: torch.Tensor) -> torch.Tensor:
+        table = self.base.get_submodule(self.adapter.position_embedding_attr)
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        if type(table) is nn.Embedding:
+            return table(position_ids)
+        # NOTE: the families' own tables take position_ids by name (OPT's first argument is a
+        # mask it reads only when position_ids is None); their offsets are theirs to add.
+        takes_mask = "attention_mask" in inspect.signature(table.forward).parameters
+        return table(position_ids=position_ids, **({"attention_mask": None} if takes_mask else {})).to(hidden.dtype)
 
     def context(self, hidden: torch.Tensor, batch: Batch | torch.Tensor) -> dict:
         """Block inputs besides the hidden state (positions, rotary embeddings, masks).
@@ -152,11 +164,14 @@ class LayerwiseModel:
                 (kind, _MASKS[kind](config=self.base.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids))
                 for kind in types
             )
+            ctx = {"position_ids": position_ids, "attention_mask": masks}
+            if self.adapter.position_embedding_attr:  # positions were added to the embeddings
+                return ctx
             if self._rotary_by_type:
-                rotary = PerLayerType((kind, self.base.rotary_emb(hidden, position_ids, kind)) for kind in types)
+                ctx["position_embeddings"] = PerLayerType((kind, self.base.rotary_emb(hidden, position_ids, kind)) for kind in types)
             else:
-                rotary = self.base.rotary_emb(hidden, position_ids=position_ids)
-            return {"position_ids": position_ids, "position_embeddings": rotary, "attention_mask": masks}
+                ctx["position_embeddings"] = self.base.rotary_emb(hidden, position_ids=position_ids)
+            return ctx
 
     def token_mask(self, batch: Batch | torch.Tensor) -> torch.Tensor | None:
         """(b, l) 1 where a block output is a real token, 0 at padding; None: every position

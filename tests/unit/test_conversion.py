@@ -111,9 +111,9 @@ def test_teacher_matched_mamba2_geometry():
 
 
 def test_unconvertible_family_lists_supported():
-    # bert is discovered now (tests/unit/test_families.py); gpt2's fused Conv1D c_attn is not.
+    # bert and gpt2 are discovered now (tests/unit/test_families.py); falcon's query_key_value is not.
     with pytest.raises(ValueError, match="no attention module with q/k/v projections") as err:
-        get_adapter("gpt2")
+        get_adapter("falcon")
     for family in ("llama", "mistral", "qwen2", "gpt_neox"):
         assert family in str(err.value)
     assert all(family in supported_families() for family in FAMILIES)

@@ -39,6 +39,9 @@ DECODERS = {
     "phi": {"partial_rotary_factor": 0.5},  # o is "dense"; attention and MLP side by side on one residual
     "lfm2": {"layer_types": ["full_attention"] * 4},  # o is "out_proj", with q/k norms
     "gptj": {"rotary_dim": 8, "num_key_value_heads": 4},  # o is "out_proj"; rotary on part of each head; no GQA
+    # Absolute positions added to the embeddings: a learned table (GPT-2, with Conv1D projections), sinusoidal (XGLM).
+    "gpt2": {"num_key_value_heads": 4},
+    "xglm": {"num_key_value_heads": 4},
     "mistral": {"sliding_window": WINDOW},
     "qwen2": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 2},
     "gemma2": {"head_dim": 16, "sliding_window": WINDOW},  # soft-capped attention and logits, eager only
@@ -75,10 +78,10 @@ def test_layerwise_equals_forward_past_the_window(model_type):
             assert not torch.allclose(lw.logits(ids()), expected, atol=1e-3)
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "gemma2"])
+@pytest.mark.parametrize("model_type", ["mistral", "gemma2", "gpt2", "xglm"])
 def test_hybrid_student_layerwise_equals_forward(model_type):
-    # The kept attention layers (gemma2: one sliding, one full) get their own masks too.
-    student = convert_teacher(tiny(model_type), ConversionConfig(attention_layers=[0, 1]))
+    # The kept attention layers (gemma2: one sliding, one full) get their own masks too; GPT-2 and XGLM add positions.
+    student = convert_teacher(tiny(model_type), ConversionConfig(attention_layers=[0, 1])).eval()  # GPT-2 and XGLM have dropout
     with torch.no_grad():
         torch.testing.assert_close(LayerwiseModel(student).logits(ids()), student(ids()).logits, rtol=1e-5, atol=1e-5)
 
@@ -155,11 +158,11 @@ def test_conversion_copies_every_non_attention_tensor(model_type):
     assert logits.shape == (2, SEQ, teacher.config.vocab_size) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("model_type", ["phi", "gptj", "lfm2"])
-def test_out_proj_and_dense_layouts_generate_with_the_cache_and_round_trip(model_type, tmp_path):
-    """The layouts whose output projection is ``dense`` (Phi) or ``out_proj`` (GPT-J, LFM2): a
-    hybrid student generates with the recurrent cache what it generates recomputing, and saves
-    and reloads (GPT-J's config keeps hidden_size as n_embd)."""
+@pytest.mark.parametrize("model_type", ["phi", "gptj", "lfm2", "gpt2", "xglm"])
+def test_discovered_layouts_generate_with_the_cache_and_round_trip(model_type, tmp_path):
+    """The layouts whose output projection is ``dense`` (Phi) or ``out_proj`` (GPT-J, LFM2,
+    XGLM), and GPT-2's Conv1D: a hybrid student generates with the recurrent cache what it
+    generates recomputing, and saves and reloads (GPT-J's config keeps hidden_size as n_embd)."""
     teacher = tiny(model_type)
     student = convert_teacher(teacher, ConversionConfig(attention_layers=[1])).eval()
     assert student.config.hidden_size == teacher.config.hidden_size == 64
@@ -188,6 +191,23 @@ def test_fused_qkv_is_read_as_q_k_v_rows():
     prefix = attention_prefixes(teacher, adapter)[1]
     from_file = adapter.read_attention(TensorTree(StateDictReader(teacher.state_dict()), prefix), teacher.config)
     assert torch.equal(from_file.k, weights.k)
+
+
+def test_gpt2_conv1d_projections_are_read_in_linear_layout():
+    """GPT-2's Conv1D computes x @ W + b with W (in, out): read as nn.Linear's (out, in), the
+    projections give what c_attn and c_proj give (o is square, so only values can tell)."""
+    teacher = tiny("gpt2")
+    adapter = get_adapter(teacher.config)
+    attn = adapter.attention(adapter.layers(teacher)[1])
+    weights = adapter.read_attention(attn, teacher.config)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    q, k, v = attn.c_attn(x).split(64, dim=-1)
+    for got, (w, b) in zip((q, k, v), ((weights.q, weights.q_bias), (weights.k, weights.k_bias), (weights.v, weights.v_bias))):
+        assert torch.allclose(got, nn.functional.linear(x, w, b), atol=1e-6)
+    assert torch.allclose(attn.c_proj(x), nn.functional.linear(x, weights.o, weights.o_bias), atol=1e-6)
+    prefix = attention_prefixes(teacher, adapter)[1]
+    from_file = adapter.read_attention(TensorTree(StateDictReader(teacher.state_dict()), prefix), teacher.config)
+    assert torch.equal(from_file.o, weights.o) and torch.equal(from_file.v, weights.v)
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
@@ -266,25 +286,45 @@ def test_unconvertible_layout_is_refused_before_weights_are_read():
 
 
 def test_real_families_with_other_layouts_are_refused_by_name():
-    with pytest.raises(ValueError, match=r"'gpt2': no attention module .* found children \[ln_1, attn \(c_attn, c_proj"):
-        get_adapter("gpt2")
+    with pytest.raises(ValueError, match=r"'bloom': no attention module .* found children \[input_layernorm, self_attention \(query_key_value, dense"):
+        get_adapter("bloom")
     with pytest.raises(ValueError, match=r"'t5': several \(encoder.block, decoder.block\) nn.ModuleList"):
         get_adapter("t5")
     with pytest.raises(ValueError, match="'no_such_family'.*transformers has no config"):
         get_adapter("no_such_family")
 
 
-@pytest.mark.parametrize("model_type", ["opt", "xglm", "bert"])
-def test_a_family_the_layerwise_view_cannot_run_is_refused_at_discovery(model_type):
-    """OPT and XGLM have a readable attention (q/k/v_proj, out_proj) but absolute position
-    embeddings the view does not add, and BERT as a decoder has no rotary embedding either:
-    refused by name when the adapter is asked for, where they once were taken with a warning
-    and failed in the first training step."""
+@pytest.mark.parametrize("model_type,why", [("bert", "'BertModel' object has no attribute 'rotary_emb'"), ("openai-gpt", "unexpected keyword argument 'position_ids'")])
+def test_a_family_the_layerwise_view_cannot_run_is_refused_at_discovery(model_type, why):
+    """BERT as a decoder has neither rotary nor a position table the view finds, and GPT-1's
+    blocks take no position_ids: refused by name when the adapter is asked for, where such a
+    family was once taken with a warning and failed in the first training step."""
     common = {k: v for k, v in _COMMON.items() if k != "num_key_value_heads"}
     config = AutoConfig.for_model(model_type, **common, **({"is_decoder": True} if model_type == "bert" else {}))
-    with pytest.raises(ValueError, match=rf"^cannot convert model type '{model_type}': its blocks cannot be run one at a time by the layerwise view .*rotary_emb") as err:
+    with pytest.raises(ValueError, match=rf"^cannot convert model type '{model_type}': its blocks cannot be run one at a time by the layerwise view .*{why}") as err:
         get_adapter(config)
     assert "\n" not in str(err.value)
+
+
+def test_a_final_norm_registered_before_the_blocks_is_caught_by_the_logits_check():
+    """OPT registers its final LayerNorm before its blocks, where discovery does not look: the
+    view would skip it, so the tiny copy's logits differ and OPT is refused, not converted wrong."""
+    config = AutoConfig.for_model("opt", **{**_COMMON, "num_key_value_heads": 4})
+    with pytest.raises(ValueError, match=r"^cannot convert model type 'opt': its forward does more than its embedding, blocks"):
+        get_adapter(config)
+
+
+def test_a_student_with_its_teachers_position_table_takes_no_longer_context():
+    """A mixers-only student has no context limit, unless it adds its teacher's absolute positions
+    (GPT-2's wpe): then it is refused past them by name, as the teacher is."""
+    from cald_scale.generation.context import check_context, max_context
+
+    gpt2 = convert_teacher(tiny("gpt2"), ConversionConfig())
+    llama = convert_teacher(tiny("llama"), ConversionConfig())
+    assert max_context(llama) is None and max_context(gpt2) == _COMMON["max_position_embeddings"] == 256
+    check_context(gpt2, 256)
+    with pytest.raises(ValueError, match=r"257 tokens exceeds the student's max_position_embeddings \(256\): its position table has that many rows"):
+        check_context(gpt2, 257, "the student")
 
 
 def test_families_discovery_cannot_take_are_refused_in_one_line_before_any_weight_is_read():
