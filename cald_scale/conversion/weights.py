@@ -296,7 +296,7 @@ def _matches(patterns: Iterable[str] | None, key: str) -> bool:
     return any(re.search(p, key) for p in patterns or ())
 
 
-_STALE_BUFFERS = [r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$"]
+_STALE_BUFFERS = [r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$", r"\.attn\.masked_bias$"]
 
 
 def load_weights(
@@ -329,7 +329,8 @@ def load_weights(
     all_names = {n for names in names_of.values() for n in names}
     ignore_missing = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
     # NOTE: as transformers drops them too: checkpoints saved before 4.31 (Pythia, Llama-2 era)
-    # carry every layer's rotary inv_freq and BERT-style position_ids, buffers rebuilt at init.
+    # carry every layer's rotary inv_freq and BERT-style position_ids, and GPT-2's its attention's
+    # masked_bias (openai-community/gpt2), buffers rebuilt at init or no longer used.
     ignore_unexpected = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []) + _STALE_BUFFERS
 
     available = set(reader.keys())

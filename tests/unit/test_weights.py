@@ -166,6 +166,30 @@ def test_checkpoints_with_the_rotary_buffers_of_old_transformers_load(tmp_path, 
     build_student(model.config, open_weights(tmp_path), ConversionConfig(attention_layers=[0]))  # its kept layer reads the same tensors
 
 
+def test_a_gpt2_checkpoint_as_published_loads_as_teacher_and_student(tmp_path):
+    """openai-community/gpt2's file: keys without the ``transformer.`` prefix, no lm_head (tied),
+    and every layer's old causal-mask buffers ``attn.bias`` and ``attn.masked_bias``, which
+    transformers skips; one unexpected masked_bias refused the whole teacher."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gpt2", vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    _save_with_tokenizer(model, tmp_path)
+    weights = {k.removeprefix("transformer."): v for k, v in load_file(tmp_path / "model.safetensors").items() if not k.startswith("lm_head")}
+    for i in range(2):
+        weights[f"h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+        weights[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    source, _ = open_teacher(TeacherConfig(name_or_path=str(tmp_path)))
+    loaded = build_teacher(source).eval()
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    build_student(model.config, open_weights(tmp_path), ConversionConfig(attention_layers=[0]))
+
+
 def test_a_folder_with_mistrals_consolidated_weights_reads_the_transformers_ones():
     """Mistral's repos hold consolidated.safetensors beside model.safetensors: the same weights
     under other names, which transformers never reads; mixed in, they were unexpected keys."""
