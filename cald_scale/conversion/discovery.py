@@ -351,11 +351,17 @@ def _after_and_before(base: nn.Module, layers_attr: str) -> tuple[list[str], lis
 
 
 def _find_final_norm(base: nn.Module, layers_attr: str) -> str | None:
-    after, _ = _after_and_before(base, layers_attr)
-    norms = [path for path in after if "norm" in type(base.get_submodule(path)).__name__.lower()]
+    after, before = _after_and_before(base, layers_attr)
+    norms = [path for path in after if _is_norm(base.get_submodule(path))]
     if len(norms) > 1:
         raise _Refusal(f"several norms after the blocks ({', '.join(norms)}): which is the final norm is ambiguous")
-    return norms[0] if norms else None  # none: a post-LN encoder
+    if not norms:  # OPT registers its final_layer_norm before its blocks: taken by that name only
+        norms = [path for path in before if path.rpartition(".")[2].startswith("final") and _is_norm(base.get_submodule(path))]
+    return norms[0] if len(norms) == 1 else None  # none: a post-LN encoder
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
 
 
 def _find_position_embedding(base: nn.Module, layers_attr: str) -> str | None:

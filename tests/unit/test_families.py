@@ -42,6 +42,7 @@ DECODERS = {
     # Absolute positions added to the embeddings: a learned table (GPT-2, with Conv1D projections), sinusoidal (XGLM).
     "gpt2": {"num_key_value_heads": 4},
     "xglm": {"num_key_value_heads": 4},
+    "opt": {"num_key_value_heads": 4},  # its final_layer_norm is registered before its blocks
     "mistral": {"sliding_window": WINDOW},
     "qwen2": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 2},
     "gemma2": {"head_dim": 16, "sliding_window": WINDOW},  # soft-capped attention and logits, eager only
@@ -158,7 +159,7 @@ def test_conversion_copies_every_non_attention_tensor(model_type):
     assert logits.shape == (2, SEQ, teacher.config.vocab_size) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("model_type", ["phi", "gptj", "lfm2", "gpt2", "xglm"])
+@pytest.mark.parametrize("model_type", ["phi", "gptj", "lfm2", "gpt2", "xglm", "opt"])
 def test_discovered_layouts_generate_with_the_cache_and_round_trip(model_type, tmp_path):
     """The layouts whose output projection is ``dense`` (Phi) or ``out_proj`` (GPT-J, LFM2,
     XGLM), and GPT-2's Conv1D: a hybrid student generates with the recurrent cache what it
@@ -306,11 +307,13 @@ def test_a_family_the_layerwise_view_cannot_run_is_refused_at_discovery(model_ty
     assert "\n" not in str(err.value)
 
 
-def test_a_final_norm_registered_before_the_blocks_is_caught_by_the_logits_check():
-    """OPT registers its final LayerNorm before its blocks, where discovery does not look: the
-    view would skip it, so the tiny copy's logits differ and OPT is refused, not converted wrong."""
-    config = AutoConfig.for_model("opt", **{**_COMMON, "num_key_value_heads": 4})
-    with pytest.raises(ValueError, match=r"^cannot convert model type 'opt': its forward does more than its embedding, blocks"):
+def test_a_config_whose_forward_does_more_is_refused_where_its_family_converts():
+    """OPT-350m projects its embeddings in and its last hidden state out (word_embed_proj_dim),
+    and is post-LN: the view runs neither projection, so that config is refused by the tiny copy's
+    check while the other OPT sizes convert (the check is per config, not per family)."""
+    assert get_adapter(AutoConfig.for_model("opt", **{**_COMMON, **DECODERS["opt"]})).final_norm_attr == "decoder.final_layer_norm"
+    config = AutoConfig.for_model("opt", **{**_COMMON, **DECODERS["opt"], "word_embed_proj_dim": 32, "do_layer_norm_before": False})
+    with pytest.raises(ValueError, match=r"^cannot convert model type 'opt': its blocks cannot be run one at a time .* tensor a \(32\)"):
         get_adapter(config)
 
 
