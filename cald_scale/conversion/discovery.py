@@ -92,6 +92,13 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
         final_norm_attr = _find_final_norm(base, layers_attr)
         embed_dropout_attr = _find_embed_dropout(base, layers_attr)
         position_embedding_attr = _find_position_embedding(base, layers_attr)
+        holder = base.get_submodule(layers_attr.rpartition(".")[0])
+        if embed_dropout_attr is None and isinstance(rate := getattr(holder, "dropout", None), float) and rate > 0:
+            # NOTE: OPT, XGLM: a dropout call in the forward, outside any module; eval is unaffected.
+            logger.warning(
+                "%s's forward drops out its embeddings (p=%g) outside any module: block by block, the student "
+                "trains without that one dropout", model_type, rate,
+            )
     except _Refusal as err:
         raise ValueError(
             f"cannot convert model type {model_type!r}: {err}. A family with another layout needs a hand-written "

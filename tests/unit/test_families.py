@@ -391,6 +391,20 @@ def test_discovery_says_when_an_attention_holds_more_than_its_projections(caplog
     assert "qwen3's attention has weights besides its projections (q_norm, k_norm)" in caplog.text
 
 
+def test_discovery_says_when_a_forward_drops_out_embeddings_outside_any_module(caplog):
+    """OPT's forward calls dropout on its embeddings itself: block by block the student trains
+    without it (eval is the same), and discovery says so; GPT-2's is a module the view runs."""
+    import logging
+
+    from cald_scale.conversion.discovery import discover_adapter
+
+    with caplog.at_level(logging.WARNING, logger="cald_scale.conversion.discovery"):
+        assert discover_adapter(tiny("gpt2").config, []).embed_dropout_attr == "drop"
+        assert "drops out" not in caplog.text
+        discover_adapter(AutoConfig.for_model("opt", **{**_COMMON, **DECODERS["opt"], "dropout": 0.2}), [])
+    assert "opt's forward drops out its embeddings (p=0.2) outside any module" in caplog.text
+
+
 @pytest.mark.parametrize("rotary", [1.0, 0.75], ids=["full", "partial"])
 def test_the_block_by_block_check_runs_on_a_long_context_phi3_config(caplog, rotary):
     """Phi-3-128k's longrope factors are one per rotary frequency of its 96-wide heads: the tiny
