@@ -47,7 +47,7 @@ from .engines.teacher import check_waypoints
 from .engines.ds_config import compute_dtype, load_ds_config, resolve_ds_config
 from .engines.zero3 import begin_step
 from .eval.report import write_report
-from .export.bamba import check_exportable, export_bamba
+from .export.bamba import BambaExportError, check_exportable, export_bamba
 from .export.hf import export_model
 from .fileio import NO_LOCKS, atomic_write_text, hold_lock, read_json
 from .metrics import MetricsLogger, peak_memory_bytes
@@ -839,7 +839,13 @@ def _start(
     models, guide, step_fn = _build_mode(cfg, ds_config, task, plan, outside_groups=resume.outside_groups, first_step=teacher_from)
     student_engine = models.student_engine
     if cfg.output.export_bamba:
-        check_exportable(models.student_model)  # before any training, not after it
+        try:
+            check_exportable(models.student_model)  # before any training, not after it
+        except BambaExportError as err:
+            raise ConfigError(
+                f"output.export_bamba=true, but Bamba cannot express this student: {err.reason}. Leave it false: the run's "
+                "student/ folder is the student's export (load it with `import cald_scale` + AutoModelForCausalLM)"
+            ) from None
     # Data is sharded over model replicas: every rank under ZeRO-3, every pipeline otherwise.
     replica, replicas = models.data_parallel_rank, models.data_parallel_size
 

@@ -28,9 +28,10 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
 from transformers.initialization import no_init_weights
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+from transformers.pytorch_utils import Conv1D
 
-from .families import read_fused_qkv, read_gpt2_conv1d, read_query_key_value, read_separate_qkv_dense, read_separate_qkv_out_proj, read_separate_qkvo
-from .modeling import teacher_geometry
+from .families import read_c_attn_linear, read_fused_qkv, read_gpt2_conv1d, read_query_key_value, read_separate_qkv_dense, read_separate_qkv_out_proj, read_separate_qkvo
+from .modeling import family_attention, teacher_geometry
 from .registry import AttentionWeights, FamilyAdapter
 
 __all__ = ["ProjectionLayout", "PROJECTION_LAYOUTS", "DISCOVERABLE", "check_block_by_block", "discover_adapter", "is_encoder"]
@@ -44,9 +45,15 @@ class ProjectionLayout:
 
     children: tuple[str, ...]
     read: Callable[[nn.Module, object], AttentionWeights]
+    child_type: type[nn.Module] | None = None
+    """The type the children must have where names alone are ambiguous (GPT-2's c_attn is a
+    ``Conv1D``, GPTBigCode's an ``nn.Linear``)."""
 
     def matches(self, module: nn.Module) -> bool:
-        return set(self.children) <= {name for name, _ in module.named_children()}
+        names = {name for name, _ in module.named_children()}
+        if not set(self.children) <= names:
+            return False
+        return self.child_type is None or all(isinstance(getattr(module, name), self.child_type) for name in self.children)
 
 
 PROJECTION_LAYOUTS = (
@@ -54,12 +61,13 @@ PROJECTION_LAYOUTS = (
     ProjectionLayout(("q_proj", "k_proj", "v_proj", "out_proj"), read_separate_qkv_out_proj),
     ProjectionLayout(("q_proj", "k_proj", "v_proj", "dense"), read_separate_qkv_dense),
     ProjectionLayout(("qkv_proj", "o_proj"), read_fused_qkv),
-    ProjectionLayout(("c_attn", "c_proj"), read_gpt2_conv1d),
+    ProjectionLayout(("c_attn", "c_proj"), read_gpt2_conv1d, Conv1D),
+    ProjectionLayout(("c_attn", "c_proj"), read_c_attn_linear, nn.Linear),
     ProjectionLayout(("query", "key", "value"), read_query_key_value),
 )
 DISCOVERABLE = (
-    "q_proj/k_proj/v_proj with o_proj, out_proj or dense, a fused qkv_proj [q | k | v] with o_proj, GPT-2's "
-    "c_attn [q | k | v] with c_proj, or query/key/value (BERT)"
+    "q_proj/k_proj/v_proj with o_proj, out_proj or dense, a fused qkv_proj [q | k | v] with o_proj, a fused "
+    "c_attn [q | k | v] with c_proj (GPT-2's Conv1D or nn.Linear), or query/key/value (BERT)"
 )
 
 
@@ -79,16 +87,9 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
         attention_attr, layout = _find_attention(layers)
         slot = layers[0].get_submodule(attention_attr)
         _check_geometry(layout, slot, config, attention_attr)
-        # NOTE: e.g. Qwen3's and OLMo2's q_norm / k_norm: the init maps the projections alone, so
-        # what the attention computes from them (a normalised q and k) is not what the mixer starts from.
+        # Weights the attention-informed init does not map (said when a conversion initialises from them).
         extra = [name for name, child in slot.named_children() if name not in layout.children and any(True for _ in child.parameters())]
         extra += [name for name, _ in slot.named_parameters(recurse=False)]  # e.g. gpt_oss's sinks, DiffLlama's lambdas
-        if extra:
-            logger.warning(
-                "%s's attention has weights besides its projections (%s): the attention-informed mixer init "
-                "maps the projections alone, so it starts further from the teacher than for llama-like families",
-                model_type, ", ".join(extra),
-            )
         final_norm_attr = _find_final_norm(base, layers_attr)
         embed_dropout_attr = _find_embed_dropout(base, layers_attr)
         position_embedding_attr = _find_position_embedding(base, layers_attr)
@@ -117,6 +118,7 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
         read_attention=layout.read,
         layers_attr=layers_attr,
         embed_dropout_attr=embed_dropout_attr,
+        attention_extras=tuple(extra),
         position_embedding_attr=position_embedding_attr,
         bamba_refusal=f"{model_type} has no Bamba layout (only the hand-written llama, mistral and qwen2 adapters have one)",
         # NOTE: scales a family's forward applies outside its modules; check_block_by_block confirms
@@ -154,15 +156,16 @@ def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handw
         # NOTE: on the CPU and whole even when asked for inside a meta-device build, DeepSpeed's
         # zero.Init or transformers' no_init_weights (from_pretrained under ZeRO-3): the weights
         # are drawn here, by tensor methods no such context replaces.
-        with torch.random.fork_rng(devices=[]), torch.device("cpu"), _outside_zero_init():
+        # The forwards run there too: under from_pretrained's meta device, a sliding-window
+        # family's cache would make its tensors on meta (Gemma2). The run's kernel, as it runs.
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"), _outside_zero_init(), torch.no_grad():
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(tiny, dtype=torch.float32).eval()
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    param.normal_(1.0 if param.dim() == 1 and name.endswith("weight") else 0.0, 0.1 if param.dim() == 1 else 0.2)
+            kernel = family_attention(tiny, tiny._attn_implementation)
+            model = AutoModelForCausalLM.from_config(tiny, dtype=torch.float32, attn_implementation=kernel).eval()
+            for name, param in model.named_parameters():
+                param.normal_(1.0 if param.dim() == 1 and name.endswith("weight") else 0.0, 0.1 if param.dim() == 1 else 0.2)
             ids = torch.randint(3, tiny.vocab_size, (2, 12))
-        with torch.no_grad():
-            expected = model(input_ids=ids).logits
+            expected = model(input_ids=ids, use_cache=False).logits
             if not expected.isfinite().all():
                 raise ArithmeticError("its forward gives non-finite logits")
             scaling = float(getattr(config, "logits_scaling", None) or 1.0)
@@ -257,7 +260,9 @@ def _skeleton(config: PretrainedConfig) -> nn.Module:
     # NOTE: an encoder is built bare: its causal-LM class warns and is not what the encoder track converts.
     auto = AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and not is_encoder(config) else AutoModel
     with torch.device("meta"), no_init_weights(), _outside_zero_init():
-        return auto.from_config(copy.deepcopy(config))  # NOTE: a copy: from_config may set fields on it
+        # NOTE: a copy (from_config may set fields on it), eager: the module tree is the same, and
+        # a family without sdpa cannot be built with it.
+        return auto.from_config(copy.deepcopy(config), attn_implementation="eager")
 
 
 @contextlib.contextmanager
@@ -314,6 +319,8 @@ def _slots(layer: nn.Module) -> list[tuple[str, ProjectionLayout]]:
 def _find_attention(layers: nn.ModuleList) -> tuple[str, ProjectionLayout]:
     """The one attention slot of block 0, checked to sit at the same path in every block."""
     first = _slots(layers[0])
+    if not first and (later := next(((i, slots) for i, layer in enumerate(layers) if (slots := _slots(layer))), None)):
+        raise _Refusal(f"layer {later[0]} has attention at [{later[1][0][0]}] but layer 0 has none (a hybrid or mixed-block family)")
     if not first:
         raise _Refusal(
             f"no attention module with q/k/v projections found in layer 0; "

@@ -13,7 +13,7 @@ from torch import nn
 from .modeling import teacher_geometry
 from .registry import AttentionWeights, BambaLayout, FamilyAdapter, register_family
 
-__all__ = ["read_separate_qkvo", "read_separate_qkv_out_proj", "read_separate_qkv_dense", "read_fused_qkv", "read_gpt2_conv1d", "read_query_key_value"]
+__all__ = ["read_separate_qkvo", "read_separate_qkv_out_proj", "read_separate_qkv_dense", "read_fused_qkv", "read_gpt2_conv1d", "read_c_attn_linear", "read_query_key_value"]
 
 
 def _read_separate(attn: nn.Module, out: str) -> AttentionWeights:
@@ -46,25 +46,32 @@ def read_separate_qkv_dense(attn: nn.Module, config) -> AttentionWeights:
     return _read_separate(attn, "dense")
 
 
-def read_fused_qkv(attn: nn.Module, config) -> AttentionWeights:
-    """One ``qkv_proj`` whose rows are ``[q | k | v]`` (all heads of each in turn), and ``o_proj`` (Phi-3)."""
+def _read_fused(attn: nn.Module, config, fused: str, out: str, *, conv1d: bool = False) -> AttentionWeights:
+    """One fused projection whose outputs are ``[q | k | v]`` (all heads of each in turn) and an
+    output projection; ``conv1d``: transformers' ``Conv1D`` layers (GPT-2), whose weights are
+    (in, out), transposed to the (out, in) of ``nn.Linear``."""
     _, heads, kv_heads, head_dim = teacher_geometry(config)
     sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
-    q, k, v = attn.qkv_proj.weight.split(sizes)
-    bias = attn.qkv_proj.bias
-    qb, kb, vb = bias.split(sizes) if bias is not None else (None, None, None)
-    return AttentionWeights(q=q, k=k, v=v, o=attn.o_proj.weight, q_bias=qb, k_bias=kb, v_bias=vb, o_bias=attn.o_proj.bias)
+    qkv, o = getattr(attn, fused), getattr(attn, out)
+    weight, o_weight = (qkv.weight.t(), o.weight.t()) if conv1d else (qkv.weight, o.weight)
+    q, k, v = weight.split(sizes)
+    qb, kb, vb = qkv.bias.split(sizes) if qkv.bias is not None else (None, None, None)
+    return AttentionWeights(q=q, k=k, v=v, o=o_weight, q_bias=qb, k_bias=kb, v_bias=vb, o_bias=o.bias)
+
+
+def read_fused_qkv(attn: nn.Module, config) -> AttentionWeights:
+    """One ``qkv_proj`` whose rows are ``[q | k | v]``, and ``o_proj`` (Phi-3)."""
+    return _read_fused(attn, config, "qkv_proj", "o_proj")
 
 
 def read_gpt2_conv1d(attn: nn.Module, config) -> AttentionWeights:
-    """GPT-2's ``c_attn`` ([q | k | v] columns) and ``c_proj``: ``Conv1D`` layers, whose weights
-    are (in, out), transposed here to the (out, in) of ``nn.Linear``."""
-    _, heads, kv_heads, head_dim = teacher_geometry(config)
-    sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
-    q, k, v = attn.c_attn.weight.t().split(sizes)
-    bias = attn.c_attn.bias
-    qb, kb, vb = bias.split(sizes) if bias is not None else (None, None, None)
-    return AttentionWeights(q=q, k=k, v=v, o=attn.c_proj.weight.t(), q_bias=qb, k_bias=kb, v_bias=vb, o_bias=attn.c_proj.bias)
+    """GPT-2's ``c_attn`` ([q | k | v] columns) and ``c_proj``, ``Conv1D`` layers."""
+    return _read_fused(attn, config, "c_attn", "c_proj", conv1d=True)
+
+
+def read_c_attn_linear(attn: nn.Module, config) -> AttentionWeights:
+    """``c_attn`` ([q | k | v] rows) and ``c_proj`` as ``nn.Linear`` (GPTBigCode: StarCoder, SantaCoder)."""
+    return _read_fused(attn, config, "c_attn", "c_proj")
 
 
 def read_query_key_value(attn: nn.Module, config) -> AttentionWeights:

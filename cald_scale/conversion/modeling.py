@@ -28,6 +28,7 @@ from transformers import (
 )
 from transformers.cache_utils import Cache
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 from transformers.generation import GenerationMixin
 
 from ..config_loader import from_dict, to_dict
@@ -185,6 +186,17 @@ def _check_init_geometry(cfg: Mamba2Config, teacher_config: PretrainedConfig) ->
             f"of head_dim = d_state = {head_dim}; the mamba2 geometry given has {num_heads} heads, {cfg.n_groups} groups, head_dim "
             f"{cfg.head_dim}, d_state {cfg.d_state}: set student.conversion.match_teacher_geometry=true, or attention_init=false"
         )
+
+
+def family_attention(config: PretrainedConfig, asked: str | None) -> str | None:
+    """The attention kernel ``config``'s family runs when ``asked`` for one: sdpa falls back to
+    eager for a family whose modeling code has no sdpa path (Gemma2, GPT-Neo, XGLM), as
+    transformers refuses to build it otherwise."""
+    if asked != "sdpa":
+        return asked
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else MODEL_MAPPING
+    family = mapping.get(type(config), None)
+    return "eager" if family is not None and not family._supports_sdpa else asked
 
 
 def teacher_geometry(config: PretrainedConfig) -> tuple[int, int, int, int]:
@@ -381,10 +393,9 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
         # the one this model is being built in (from_pretrained(dtype=...) sets the default); and
         # with the attention kernel asked of this model (the teacher's, or from_pretrained's
         # attn_implementation), which the teacher's config, rebuilt from a dict, leaves out.
-        if config._attn_implementation == "sdpa" and not AutoModelForCausalLM._model_mapping[type(teacher_config)]._supports_sdpa:
-            # NOTE: from_pretrained asks this class for sdpa (a hybrid's kept attention); a family
-            # without it (XGLM) keeps the eager attention its teacher ran.
-            config._attn_implementation = "eager"
+        # NOTE: from_pretrained asks this class for sdpa (a hybrid's kept attention); a family
+        # without it keeps the eager attention its teacher ran.
+        config._attn_implementation = family_attention(teacher_config, config._attn_implementation)
         self.backbone = AutoModelForCausalLM.from_config(
             teacher_config, dtype=torch.get_default_dtype(), attn_implementation=config._attn_implementation
         )
@@ -433,7 +444,9 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
             return
         self.backbone._init_weights(module)
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, cache=None, use_cache=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, cache=None, use_cache=None, **kwargs):
+        # NOTE: position_ids in the signature: generate() then numbers a left-padded row's tokens
+        # from its first real one, which an absolute position table (GPT-2) needs.
         legacy = kwargs.pop("past_key_values", None)  # the pre-5.x name of ``cache``
         cache = cache if cache is not None else legacy
         if use_cache and cache is None:
@@ -449,7 +462,8 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
             kwargs["mixer_padding_mask"] = attention_mask[:, -new_tokens:]
         with mixer_padding(kwargs.get("mixer_padding_mask")):
             out = self.backbone(
-                input_ids=input_ids, attention_mask=attention_mask, labels=labels, cache=cache, use_cache=bool(cache), **kwargs
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels, cache=cache,
+                use_cache=bool(cache), **kwargs,
             )
         if cache is not None:
             cache.advance(new_tokens)

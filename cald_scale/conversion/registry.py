@@ -83,6 +83,9 @@ class FamilyAdapter:
     """Dotted path of the ``nn.ModuleList`` of blocks on the base model (BERT: ``encoder.layer``)."""
     embed_dropout_attr: str | None = None
     """Optional dropout applied to embeddings on the base model (gpt_neox ``emb_dropout``)."""
+    attention_extras: tuple[str, ...] = ()
+    """Weights of the attention slot besides its projections (Qwen3's q_norm / k_norm, gpt_oss's
+    sinks): the attention-informed mixer init maps the projections alone."""
     position_embedding_attr: str | None = None
     """Absolute position embeddings on the base model, added to the token embeddings (GPT-2's
     ``wpe``, XGLM's sinusoidal table); None: positions enter inside the blocks (rotary). A

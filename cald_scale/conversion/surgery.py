@@ -120,6 +120,14 @@ def initial_mixers(student: CaldStudentForCausalLM, weights: WeightReader, seed:
     teacher_config = student.config.teacher_hf_config()
     prefixes = attention_prefixes(student.backbone, student.adapter)
     renamed = RenamedReader(weights, student.backbone) if conversion.attention_init else None
+    if conversion.attention_init and student.adapter.attention_extras:
+        # NOTE: e.g. Qwen3's and OLMo2's q_norm / k_norm: what the attention computes from its
+        # projections (a normalised q and k) is not what the mixer starts from.
+        logger.warning(
+            "%s's attention has weights besides its projections (%s): the attention-informed mixer init maps the "
+            "projections alone, so it starts further from the teacher than for llama-like families",
+            student.adapter.model_type, ", ".join(student.adapter.attention_extras),
+        )
     std = getattr(teacher_config, "initializer_range", 0.02)
     for mixer in student.mixers():
         idx = mixer.layer_idx

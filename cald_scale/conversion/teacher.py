@@ -34,6 +34,7 @@ from transformers.initialization import no_init_weights
 
 from ..engines.preemption import raise_if_preempted
 from ..fileio import absolute_if_local, atomic_dir, cache_root, file_lock, sha256_of, update_json
+from .modeling import family_attention
 from .placement import PLAIN, Placement, rotary_in_float32
 from .weights import WeightReader, WeightsMismatchError, load_weights, open_weights, weights_fingerprint
 
@@ -84,7 +85,8 @@ class TeacherConfig:
     GPU, else float32): "auto" takes it and is recorded as it resolved; another value must
     agree with it. Outside training (``cald-scale evaluate``) "auto" is float32."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    """Attention kernel of the teacher."""
+    """Attention kernel of the teacher (and of a hybrid student's kept attention); a family
+    without sdpa in transformers (Gemma2, GPT-Neo) runs eager."""
     cache_dir: str | None = None
     """Where converted GGUF checkpoints live; default $CALD_SCALE_CACHE or ~/.cache/cald_scale."""
 
@@ -347,7 +349,9 @@ def open_teacher(cfg: TeacherConfig) -> tuple[TeacherSource, PreTrainedTokenizer
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config._attn_implementation = cfg.attn_implementation
+    config._attn_implementation = family_attention(config, cfg.attn_implementation)
+    if config._attn_implementation != cfg.attn_implementation:
+        logger.info("%s has no %s attention in transformers: the teacher runs %s attention", config.model_type, cfg.attn_implementation, config._attn_implementation)
     config.dtype = dtype_of(cfg.dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     _check_tokenizer(tokenizer, config, folder)

@@ -328,7 +328,8 @@ class StageFactory:
         lm, adapter = student.backbone, student.adapter
         pieces = [adapter.layers(lm)[i] for i in layers]
         if k == 0:
-            pieces.insert(0, lm.get_input_embeddings())
+            table = adapter.position_embedding_attr  # absolute positions (GPT-2's wpe) join the embedding
+            pieces[:0] = [lm.get_input_embeddings()] + ([adapter.base(lm).get_submodule(table)] if table else [])
         if k == len(self.bounds) - 2:
             pieces += [adapter.final_norm(lm), lm.get_output_embeddings()]
         path_of = {id(m): name for name, m in lm.named_modules()}

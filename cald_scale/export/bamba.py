@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, BambaConfig, BambaForCausalLM
 from transformers.initialization import no_init_weights
 
 from ..conversion.modeling import CaldStudentConfig, CaldStudentForCausalLM, teacher_geometry
+from ..conversion.registry import get_adapter
 from ..fileio import atomic_dir, check_replaceable, is_model_folder, model_type_of
 
 logger = logging.getLogger(__name__)
@@ -34,21 +35,27 @@ logger = logging.getLogger(__name__)
 __all__ = ["BambaExportError", "bamba_config", "bamba_state_dict", "check_exportable", "export_bamba", "to_bamba"]
 
 
-class BambaExportError(ValueError):
-    """The student's layout has no Bamba equivalent (the message says why)."""
-
-
 _AUTO_ROUTE = "export it as a cald_scale student instead (save_pretrained; load with `import cald_scale` + AutoModelForCausalLM)"
 
 
-def check_exportable(student: CaldStudentForCausalLM) -> None:
-    """Raise BambaExportError naming every reason Bamba cannot express this student (reads
-    only its config, so it works on a ZeRO-3 partitioned student before training)."""
-    config, adapter = student.config, student.adapter
+class BambaExportError(ValueError):
+    """The student's layout has no Bamba equivalent: ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"cannot export to Bamba: {reason}; {_AUTO_ROUTE}")
+
+
+def check_exportable(student: CaldStudentForCausalLM | CaldStudentConfig) -> None:
+    """Raise BambaExportError naming every reason Bamba cannot express this student (or its
+    config): reads only the config, so it works on a ZeRO-3 partitioned student before
+    training, and on a saved student before its weights are loaded."""
+    config = getattr(student, "config", student)
+    adapter = get_adapter(config.teacher_hf_config())
     if adapter.bamba is None:
-        raise BambaExportError(f"cannot export to Bamba: {adapter.bamba_refusal}; {_AUTO_ROUTE}")
+        raise BambaExportError(adapter.bamba_refusal)
     if config.mixer != "mamba2":
-        raise BambaExportError(f"cannot export to Bamba: its mixer is Mamba2, this student has {config.mixer!r} mixers; {_AUTO_ROUTE}")
+        raise BambaExportError(f"its mixer is Mamba2, this student has {config.mixer!r} mixers")
     teacher = config.teacher_hf_config()
     mixer = config.conversion_config().mamba2
     reasons = []
@@ -73,7 +80,7 @@ def check_exportable(student: CaldStudentForCausalLM) -> None:
     if config.attention_layers and window is not None and window < teacher.max_position_embeddings:
         reasons.append(f"its kept attention uses a sliding window ({window}), which Bamba's attention does not")
     if reasons:
-        raise BambaExportError("cannot export to Bamba: " + "; ".join(reasons) + f"; {_AUTO_ROUTE}")
+        raise BambaExportError("; ".join(reasons))
 
 
 def bamba_config(student: CaldStudentForCausalLM) -> BambaConfig:
@@ -185,6 +192,7 @@ def export_bamba(student: CaldStudentForCausalLM | str | Path, target: str | Pat
         kind = model_type_of(folder)
         if kind != CaldStudentConfig.model_type:
             raise ValueError(f"{folder} is not a cald_scale student (its config.json has model_type {kind or 'none'!r}, not {CaldStudentConfig.model_type!r})")
+        check_exportable(CaldStudentConfig.from_pretrained(folder))  # before the weights are read
         if tokenizer is None and (folder / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(folder)
         student = CaldStudentForCausalLM.from_pretrained(folder)

@@ -23,12 +23,15 @@ def max_context(model: PreTrainedModel | PretrainedConfig) -> int | None:
 
 
 def _position_table(config: PretrainedConfig) -> bool:
-    """A converted student that adds its teacher's absolute positions to the embeddings."""
-    if not hasattr(config, "teacher_hf_config"):
-        return False
+    """A model that adds absolute positions to its embeddings: a teacher of such a family
+    (GPT-2), or a converted student, which keeps its teacher's table."""
     from ..conversion.registry import get_adapter
 
-    return get_adapter(config.teacher_hf_config()).position_embedding_attr is not None
+    family = config.teacher_hf_config() if hasattr(config, "teacher_hf_config") else config
+    try:
+        return get_adapter(family).position_embedding_attr is not None
+    except ValueError:  # a family that does not convert (a Bamba export): its attention limits it
+        return False
 
 
 def check_context(model: PreTrainedModel | PretrainedConfig, tokens: int, name: str = "the model", *, remedy: str = "") -> None:

@@ -40,12 +40,13 @@ class LanguageModelingTask:
         self.cfg = cfg
         self.source, self.tokenizer = open_teacher(cfg.teacher)
         refuse_encoder(self.source)
-        get_adapter(self.source.config)  # an unconvertible family fails now, before any weight is read
+        adapter = get_adapter(self.source.config)  # an unconvertible family fails now, before any weight is read
         # Positions past the teacher's trained range give no teacher behaviour to learn, nor one a kept
-        # attention layer knows: refused where a phase is guided or attention stays; an unguided
-        # student of mixers alone has no such limit (a longer context is what it is for).
+        # attention layer or a kept position table (GPT-2) knows: refused where a phase is guided or
+        # either stays; an unguided student of mixers alone has no such limit (a longer context is what it is for).
         conversion = cfg.student.conversion
-        if any(phase.guidance != "none" for phase in cfg.phases) or not conversion.converts or conversion.attention_every or conversion.attention_layers:
+        kept = not conversion.converts or conversion.attention_every or conversion.attention_layers or adapter.position_embedding_attr
+        if any(phase.guidance != "none" for phase in cfg.phases) or kept:
             check_context(self.source.config, cfg.data.seq_len, "the teacher", remedy="lower data.seq_len")
         self.student_source = student_init_source(cfg, self.source, self.tokenizer)
         self._is_main = is_main

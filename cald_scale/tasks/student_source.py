@@ -6,6 +6,7 @@ import dataclasses
 from typing import Callable
 
 from ..config_loader import ConfigError
+from ..conversion.modeling import CaldStudentConfig
 from ..conversion.teacher import TeacherSource, open_teacher
 from ..conversion.weights import WeightsMismatchError
 from ..engines.teacher import geometry_mismatch
@@ -27,6 +28,11 @@ def student_init_source(
         # NOTE: the loaders speak of "the teacher"; here the model is the student's starting point.
         kind = FileNotFoundError if isinstance(err, FileNotFoundError) else ConfigError
         raise kind(f"student.init_from {cfg.student.init_from!r}: {err}") from err
+    if source.config.model_type == CaldStudentConfig.model_type:
+        raise ConfigError(
+            f"student.init_from {cfg.student.init_from!r} is a converted cald_scale student: init_from takes a model of the "
+            f"teacher's family, to be converted; a trained student trains on by resuming its run (the same output.run_dir)"
+        )
     differ = geometry_mismatch(source.config, teacher.config)
     if differ:
         raise WeightsMismatchError(f"student.init_from {cfg.student.init_from!r} does not match the teacher {teacher.name!r} ({'; '.join(differ)})")

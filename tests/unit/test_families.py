@@ -43,6 +43,7 @@ DECODERS = {
     "gpt2": {"num_key_value_heads": 4},
     "xglm": {"num_key_value_heads": 4},
     "opt": {"num_key_value_heads": 4},  # its final_layer_norm is registered before its blocks
+    "gpt_bigcode": {"multi_query": True, "num_key_value_heads": 1},  # c_attn as nn.Linear, one K/V head (StarCoder, SantaCoder)
     "mistral": {"sliding_window": WINDOW},
     "qwen2": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 2},
     "gemma2": {"head_dim": 16, "sliding_window": WINDOW},  # soft-capped attention and logits, eager only
@@ -159,17 +160,23 @@ def test_conversion_copies_every_non_attention_tensor(model_type):
     assert logits.shape == (2, SEQ, teacher.config.vocab_size) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("model_type", ["phi", "gptj", "lfm2", "gpt2", "xglm", "opt"])
+@pytest.mark.parametrize("model_type", ["phi", "gptj", "lfm2", "gpt2", "xglm", "opt", "gpt_bigcode"])
 def test_discovered_layouts_generate_with_the_cache_and_round_trip(model_type, tmp_path):
     """The layouts whose output projection is ``dense`` (Phi) or ``out_proj`` (GPT-J, LFM2,
-    XGLM), and GPT-2's Conv1D: a hybrid student generates with the recurrent cache what it
-    generates recomputing, and saves and reloads (GPT-J's config keeps hidden_size as n_embd)."""
+    XGLM, OPT), and GPT-2's Conv1D: a hybrid student generates with the recurrent cache what it
+    generates recomputing, a left-padded row what its prompt alone does (an absolute position
+    table numbers it from its first real token), and saves and reloads (GPT-J's config keeps
+    hidden_size as n_embd)."""
     teacher = tiny(model_type)
     student = convert_teacher(teacher, ConversionConfig(attention_layers=[1])).eval()
     assert student.config.hidden_size == teacher.config.hidden_size == 64
     prompt, greedy = ids()[:, :9], dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     cached = student.generate(prompt, use_cache=True, **greedy)
     assert torch.equal(cached, student.generate(prompt, use_cache=False, **greedy))
+    mask = torch.ones_like(prompt)
+    mask[0, :4] = 0
+    padded = student.generate(prompt.masked_fill(mask == 0, 0), attention_mask=mask, **greedy)
+    assert torch.equal(padded[0, 4:], student.generate(prompt[:1, 4:], **greedy)[0])
     student.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
@@ -293,6 +300,10 @@ def test_real_families_with_other_layouts_are_refused_by_name():
         get_adapter("t5")
     with pytest.raises(ValueError, match="'no_such_family'.*transformers has no config"):
         get_adapter("no_such_family")
+    # LFM2 as released: short convolutions first, attention in some later layers.
+    lfm2 = AutoConfig.for_model("lfm2", **{**_COMMON, "layer_types": ["conv", "full_attention", "conv", "full_attention"]})
+    with pytest.raises(ValueError, match=r"'lfm2': layer 1 has attention at \[self_attn\] but layer 0 has none \(a hybrid or mixed-block family\)"):
+        get_adapter(lfm2)
 
 
 @pytest.mark.parametrize("model_type,why", [("bert", "'BertModel' object has no attribute 'rotary_emb'"), ("openai-gpt", "unexpected keyword argument 'position_ids'")])
@@ -375,8 +386,26 @@ def test_the_block_by_block_check_holds_where_model_construction_is_patched():
     assert adapter.model_type == "stablelm"
 
 
-def test_discovery_says_when_an_attention_holds_more_than_its_projections(caplog):
-    """Qwen3 normalises q and k per head (q_norm, k_norm): the init maps the projections alone."""
+def test_a_sliding_window_family_is_checked_when_first_seen_by_from_pretrained(caplog, tmp_path):
+    """Gemma2's forward made its sliding-window cache on the meta device of from_pretrained, so
+    a student loaded there skipped the check with a warning; the family without sdpa also
+    loads under the default kernel (sdpa asked: eager run)."""
+    import logging
+
+    teacher = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma2", **{**_COMMON, **DECODERS["gemma2"], "hidden_size": 80, "head_dim": 20}))
+    convert_teacher(teacher, ConversionConfig(attention_layers=[0])).save_pretrained(tmp_path)
+    from cald_scale.conversion.registry import _DISCOVERED
+
+    _DISCOVERED.clear()  # first seen by from_pretrained
+    with caplog.at_level(logging.WARNING, logger="cald_scale.conversion.discovery"):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert "could not check" not in caplog.text
+    assert loaded.config._attn_implementation == "eager"
+
+
+def test_a_conversion_says_when_an_attention_holds_more_than_its_projections(caplog, tmp_path):
+    """Qwen3 normalises q and k per head (q_norm, k_norm): the init maps the projections alone,
+    which the conversion says; loading the converted student (generate, evaluate) does not."""
     import logging
 
     from transformers import LlamaConfig, Qwen3Config
@@ -384,11 +413,16 @@ def test_discovery_says_when_an_attention_holds_more_than_its_projections(caplog
     from cald_scale.conversion.discovery import discover_adapter
 
     geometry = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, vocab_size=100, head_dim=16)
-    with caplog.at_level(logging.WARNING, logger="cald_scale.conversion.discovery"):
-        discover_adapter(LlamaConfig(**geometry), [])
-        assert "besides its projections" not in caplog.text
-        discover_adapter(Qwen3Config(**geometry), [])
-    assert "qwen3's attention has weights besides its projections (q_norm, k_norm)" in caplog.text
+    assert discover_adapter(LlamaConfig(**geometry), []).attention_extras == ()
+    assert discover_adapter(Qwen3Config(**geometry), []).attention_extras == ("q_norm", "k_norm")
+    with caplog.at_level(logging.WARNING, logger="cald_scale.conversion"):
+        student = convert_teacher(tiny("qwen3"), ConversionConfig())
+        assert "qwen3's attention has weights besides its projections (q_norm, k_norm)" in caplog.text
+        caplog.clear()
+        convert_teacher(tiny("qwen3"), ConversionConfig(attention_init=False))
+        student.save_pretrained(tmp_path)
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert "besides its projections" not in caplog.text
 
 
 def test_discovery_says_when_a_forward_drops_out_embeddings_outside_any_module(caplog):

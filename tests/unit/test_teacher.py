@@ -348,3 +348,65 @@ def test_gguf_converters_without_locks_keep_whichever_finishes_first(tmp_path, m
     with pytest.raises(OSError):
         teacher_mod._convert_gguf(tmp_path / "model.gguf", target, locked=True)
     assert not other_rank.exists()
+
+
+def test_a_family_without_sdpa_runs_eager_under_the_default_kernel(tmp_path):
+    """teacher.attn_implementation defaults to sdpa, which transformers refuses to build for
+    Gemma2 (and GPT-Neo, XGLM): such a teacher ran only with the setting changed by hand, and a
+    copied student's evaluate had no setting to change. It runs eager; llama keeps sdpa."""
+    from tiny_models import save_tiny_teacher, train_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = train_tokenizer(["a b c d e f"] * 10, vocab_size=280)
+    folder = tmp_path / "gemma2"
+    config = AutoConfig.for_model(
+        "gemma2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=8, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model, _, source = load_teacher(TeacherConfig(name_or_path=str(folder)))
+    assert source.config._attn_implementation == "eager" and model.config._attn_implementation == "eager"
+    llama = save_tiny_teacher(tmp_path / "llama", "llama", tokenizer)
+    assert open_teacher(TeacherConfig(name_or_path=str(llama)))[0].config._attn_implementation == "sdpa"
+
+
+def test_a_student_keeping_its_teachers_position_table_is_refused_past_it_even_unguided(tmp_path):
+    """A GPT-2 student keeps the teacher's absolute position table: unguided and of mixers alone
+    it still has no row past n_positions, so that context is refused when the task opens."""
+    from tiny_models import train_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cald_scale.config import load_run_config
+    from cald_scale.tasks import open_task
+
+    tokenizer = train_tokenizer(["a b c d e f"] * 10, vocab_size=280)
+    folder = tmp_path / "gpt2"
+    config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=128, eos_token_id=tokenizer.eos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    unguided = [f"teacher.name_or_path={folder}", f"data.cache_dir={tmp_path / 'data'}", "phases=[{name: u, guidance: none}]", "student.conversion.attention_every=0"]
+    with pytest.raises(ValueError, match=r"256 tokens exceeds the teacher's max_position_embeddings \(128\): its position table has that many rows"):
+        open_task(load_run_config(overrides=[*unguided, "data.seq_len=256"]), is_main=True)
+    assert open_task(load_run_config(overrides=[*unguided, "data.seq_len=128"]), is_main=True).source.folder == folder
+
+
+def test_a_converted_student_as_init_from_is_refused_by_what_it_is(tmp_path):
+    """student.init_from names a model to convert; a trained student given there failed as an
+    unconvertible family ('cald_student': no attention module ...)."""
+    from tiny_models import save_tiny_teacher, train_tokenizer
+
+    from cald_scale.config import load_run_config
+    from cald_scale.config_loader import ConfigError
+    from cald_scale.conversion.modeling import ConversionConfig
+    from cald_scale.conversion.surgery import convert_teacher
+    from cald_scale.tasks import open_task
+
+    tokenizer = train_tokenizer(["a b c d e f"] * 10, vocab_size=280)
+    folder = save_tiny_teacher(tmp_path / "teacher", "llama", tokenizer)
+    teacher, _, _ = load_teacher(TeacherConfig(name_or_path=str(folder)))
+    convert_teacher(teacher, ConversionConfig()).save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    overrides = [f"teacher.name_or_path={folder}", f"data.cache_dir={tmp_path / 'data'}", f"student.init_from={tmp_path / 'student'}"]
+    with pytest.raises(ConfigError, match=r"student.init_from .*student' is a converted cald_scale student: .*resuming its run"):
+        open_task(load_run_config(overrides=overrides), is_main=True)
