@@ -48,12 +48,17 @@ from cald_scale.engines.zero3 import begin_step
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _setup(teacher_dir: str, overrides: list[str], *, ds_name: str = "zero3.json", bf16_here: bool | None = None):
-    """``bf16_here``: whether the engines may compute in bf16 (as ``resolve_ds_config``: None, this
-    machine's answer; True runs bf16 engines on CPU too, the GPU's precision)."""
+def _configs(teacher_dir: str, overrides: list[str], *, ds_name: str = "zero3.json", bf16_here: bool | None = None):
+    """(env, run config, ds_config); ``bf16_here``: whether the engines may compute in bf16 (as
+    ``resolve_ds_config``: None, this machine's answer; True runs bf16 engines on CPU too, the GPU's precision)."""
     env = init_distributed()
     cfg = load_run_config(overrides=[f"teacher.name_or_path={teacher_dir}", "train.global_batch_size=4", "train.max_steps=10", "train.warmup_steps=1", "phases=[{name: target, guidance: target}]", "student.trainable=all", "student.conversion.attention_every=0", *overrides])
-    ds_config = resolve_ds_config(load_ds_config(REPO / "ds_configs" / ds_name), cfg.train, env.world_size, bf16_here=bf16_here)
+    return env, cfg, resolve_ds_config(load_ds_config(REPO / "ds_configs" / ds_name), cfg.train, env.world_size, bf16_here=bf16_here)
+
+
+def _setup(teacher_dir: str, overrides: list[str], **kwargs):
+    """``_configs`` and the teacher source (opening it imports the family's modeling module)."""
+    env, cfg, ds_config = _configs(teacher_dir, overrides, **kwargs)
     source, _ = open_teacher(cfg.teacher)
     return env, cfg, ds_config, source
 
@@ -87,14 +92,19 @@ def check_construction(args) -> dict:
     from cald_scale.engines.partitioned import placement_for
     from cald_scale.eval.memory import LiveTensorLedger
 
-    env, cfg, ds_config, source = _setup(args.teacher, [])
+    from transformers import AutoConfig
+
+    env, cfg, ds_config = _configs(args.teacher, [])
     placement = placement_for(ds_config)
     # A family's modeling file imported first inside zero.Init would lose its class decorators
     # on exit (transformers 5.25's kernel hooks): construct() must import it before entering.
-    family_module = f"transformers.models.{source.config.model_type}.modeling_{source.config.model_type}"
+    # Checked before the teacher is opened (open_teacher imports it, asking for its kernels).
+    config = AutoConfig.from_pretrained(args.teacher)
+    family_module = f"transformers.models.{config.model_type}.modeling_{config.model_type}"
     family_module_fresh = family_module not in sys.modules
-    with placement.construct(source.config):
+    with placement.construct(config):
         family_module_imported_first = family_module in sys.modules
+    source, _ = open_teacher(cfg.teacher)
     ledger = LiveTensorLedger(track_everything=True)
     with ledger.watch():
         teacher = build_teacher(source, placement)
