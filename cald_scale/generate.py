@@ -254,7 +254,7 @@ def _graphed_decode(model, mode: str) -> bool:
         if model.device.type != "cuda":
             raise ValueError(f"--cuda-graph on: CUDA graphs need --device cuda, not {model.device}")
         return True
-    hybrid = "full_attention" in getattr(model.config, "layer_types", [])
+    hybrid = getattr(model.config, "kept_attention", False)
     return mode == "auto" and why_not is None and not hybrid and model.device.type == "cuda"
 
 

@@ -26,7 +26,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from ..config_loader import from_dict
-from .modeling import ConversionConfig, keep_mixer_padding, mixer_padding, replace_attention
+from .modeling import ConversionConfig, family_attention, keep_mixer_padding, mixer_padding, replace_attention
 from .registry import get_adapter
 from .weights import StateDictReader, WeightReader
 
@@ -142,6 +142,7 @@ class CaldEncoderForSequenceClassification(PreTrainedModel):
         # config records, as CaldStudentForCausalLM builds its backbone: else encoder and head differ.
         # NOTE: ELECTRA has no pooler, so no add_pooling_layer argument either.
         bare = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(MODEL_MAPPING[type(encoder_config)].__init__).parameters else {}
+        config._attn_implementation = family_attention(encoder_config, config._attn_implementation)  # from_pretrained asks sdpa
         self.encoder = AutoModel.from_config(
             encoder_config, attn_implementation=config._attn_implementation, dtype=torch.get_default_dtype(), **bare,
         )

@@ -92,7 +92,8 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
         extra += [name for name, _ in slot.named_parameters(recurse=False)]  # e.g. gpt_oss's sinks, DiffLlama's lambdas
         final_norm_attr = _find_final_norm(base, layers_attr)
         embed_dropout_attr = _find_embed_dropout(base, layers_attr)
-        position_embedding_attr = _find_position_embedding(base, layers_attr)
+        # NOTE: decoders only: an encoder's embeddings module adds its own (RoFormer's "positional" module is rotary).
+        position_embedding_attr = None if is_encoder(config) else _find_position_embedding(base, layers_attr)
         holder = base.get_submodule(layers_attr.rpartition(".")[0])
         if embed_dropout_attr is None and isinstance(rate := getattr(holder, "dropout", None), float) and rate > 0:
             # NOTE: OPT, XGLM: a dropout call in the forward, outside any module; eval is unaffected.
@@ -120,6 +121,7 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
         embed_dropout_attr=embed_dropout_attr,
         attention_extras=tuple(extra),
         position_embedding_attr=position_embedding_attr,
+        position_table_fixed=position_embedding_attr is not None and isinstance(base.get_submodule(position_embedding_attr), nn.Embedding),
         bamba_refusal=f"{model_type} has no Bamba layout (only the hand-written llama, mistral and qwen2 adapters have one)",
         # NOTE: scales a family's forward applies outside its modules; check_block_by_block confirms
         # that the blocks, these and the head give the forward's logits.
@@ -132,6 +134,9 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
 _TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2}
 _TINY_IF_SET = {"head_dim": 16, "rotary_dim": 8, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_local_experts": 2, "num_experts": 2, "num_experts_per_tok": 1}
 _TOLERANCE = 1e-4
+# Fields a family stores equal to the width unless the model projects to another (OPT's
+# word_embed_proj_dim: 768 in opt-125m's config, 512 in opt-350m's, which projects in and out).
+_WIDTH_COPIES = ("word_embed_proj_dim",)
 
 
 def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handwritten: list[str]) -> FamilyAdapter:
@@ -179,7 +184,8 @@ def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handw
                 except Exception as err:  # noqa: BLE001 - the family's own forward ran: the view cannot run this family
                     raise _Refusal(
                         f"cannot convert model type {config.model_type!r}: its blocks cannot be run one at a time by the layerwise "
-                        f"view distillation uses (on a tiny random copy whose own forward runs: {type(err).__name__}: {err}); "
+                        f"view distillation uses (on a tiny random copy of its config, {_shrunk(config, tiny)}, whose own forward "
+                        f"runs: {type(err).__name__}: {err}); "
                         "the view runs the input embedding (plus an absolute position table before the blocks, if any), the blocks "
                         "(given the base model's rotary embedding otherwise), the final norm and the head"
                     ) from None
@@ -215,11 +221,20 @@ def _tiny_copy(config: PretrainedConfig) -> PretrainedConfig:
     for name, value in vars(config).items():  # per-layer lists (layer_types, ...) cut to the copy's depth
         if isinstance(value, list) and len(value) == layers:
             setattr(tiny, name, value[:2])
+    for name in _WIDTH_COPIES:  # kept equal to the width, as the family's config stores it
+        if getattr(config, name, None) == config.hidden_size:
+            setattr(tiny, name, tiny.hidden_size)
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if isinstance(getattr(config, name, None), int):
             setattr(tiny, name, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[name])
     _shrink_rope_factors(tiny)
     return tiny
+
+
+def _shrunk(config: PretrainedConfig, tiny: PretrainedConfig) -> str:
+    """The fields the tiny copy changed, ``name old->new``, for a message."""
+    changed = [f"{k} {v}->{getattr(tiny, k)}" for k, v in sorted(vars(config).items()) if isinstance(v, int) and getattr(tiny, k, v) != v]
+    return ", ".join(changed) or "the same sizes"
 
 
 def _shrink_rope_factors(tiny: PretrainedConfig) -> None:

@@ -70,8 +70,11 @@ def read_gpt2_conv1d(attn: nn.Module, config) -> AttentionWeights:
 
 
 def read_c_attn_linear(attn: nn.Module, config) -> AttentionWeights:
-    """``c_attn`` ([q | k | v] rows) and ``c_proj`` as ``nn.Linear`` (GPTBigCode: StarCoder, SantaCoder)."""
-    return _read_fused(attn, config, "c_attn", "c_proj")
+    """``c_attn`` and ``c_proj`` as ``nn.Linear`` (GPTBigCode: StarCoder, SantaCoder): rows
+    ``[q | k | v]`` with one K/V head (``multi_query``), else ``[q_h, k_h, v_h]`` head by head."""
+    if getattr(config, "multi_query", True):
+        return _read_fused(attn, config, "c_attn", "c_proj")
+    return _read_per_head(attn.c_attn, attn.c_proj, config)
 
 
 def read_query_key_value(attn: nn.Module, config) -> AttentionWeights:
@@ -87,19 +90,23 @@ def read_query_key_value(attn: nn.Module, config) -> AttentionWeights:
     )
 
 
-def _read_gpt_neox(attn: nn.Module, config) -> AttentionWeights:
-    # NOTE: GPT-NeoX fuses QKV per head: rows are [q_h, k_h, v_h] for each head h in turn.
+def _read_per_head(qkv: nn.Module, out: nn.Module, config) -> AttentionWeights:
+    """A fused projection whose rows are ``[q_h, k_h, v_h]`` for each head h in turn."""
     heads = config.num_attention_heads
     head_dim = config.hidden_size // heads
-    w = attn.query_key_value.weight.view(heads, 3, head_dim, -1)
-    b = attn.query_key_value.bias
-    b = b.view(heads, 3, head_dim) if b is not None else None
+    w = qkv.weight.view(heads, 3, head_dim, -1)
+    b = qkv.bias.view(heads, 3, head_dim) if qkv.bias is not None else None
 
     def part(i):
         return w[:, i].reshape(heads * head_dim, -1), (b[:, i].reshape(-1) if b is not None else None)
 
     (q, qb), (k, kb), (v, vb) = part(0), part(1), part(2)
-    return AttentionWeights(q=q, k=k, v=v, o=attn.dense.weight, q_bias=qb, k_bias=kb, v_bias=vb, o_bias=attn.dense.bias)
+    return AttentionWeights(q=q, k=k, v=v, o=out.weight, q_bias=qb, k_bias=kb, v_bias=vb, o_bias=out.bias)
+
+
+def _read_gpt_neox(attn: nn.Module, config) -> AttentionWeights:
+    # NOTE: GPT-NeoX fuses QKV per head, which discovery cannot tell from [q | k | v] by shapes.
+    return _read_per_head(attn.query_key_value, attn.dense, config)
 
 
 # Llama-shaped blocks -> Bamba: the mixer sits where attention sat, the MLP is Bamba's

@@ -188,15 +188,36 @@ def _check_init_geometry(cfg: Mamba2Config, teacher_config: PretrainedConfig) ->
         )
 
 
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
+"""The attention types (transformers' ``config.layer_types`` names) a model is run with block by block."""
+
+
+def attention_types(config: PretrainedConfig, num_layers: int) -> list[str]:
+    """Per layer, its attention type, as the family's own forward picks its mask.
+
+    Families that mix types list them in ``config.layer_types`` (Gemma2, Qwen2 with
+    ``use_sliding_window``); the others give every layer one mask: sliding-window when
+    ``config.sliding_window`` is set (Mistral, Phi-3), else full causal.
+    """
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        single = "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+        types = [single] * num_layers
+    unknown = sorted(set(types) - set(ATTENTION_TYPES))
+    if unknown:
+        raise ValueError(f"{config.model_type} layers of type {unknown} cannot be run block by block (known types: {sorted(ATTENTION_TYPES)})")
+    return list(types[:num_layers])
+
+
 def family_attention(config: PretrainedConfig, asked: str | None) -> str | None:
     """The attention kernel ``config``'s family runs when ``asked`` for one: sdpa falls back to
     eager for a family whose modeling code has no sdpa path (Gemma2, GPT-Neo, XGLM), as
     transformers refuses to build it otherwise."""
     if asked != "sdpa":
         return asked
-    mapping = MODEL_FOR_CAUSAL_LM_MAPPING if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else MODEL_MAPPING
-    family = mapping.get(type(config), None)
-    return "eager" if family is not None and not family._supports_sdpa else asked
+    # The classes built from it: the bare model (an encoder's) and the causal LM (a decoder's).
+    built = [mapping.get(type(config), None) for mapping in (MODEL_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING)]
+    return "eager" if any(cls is not None and not cls._supports_sdpa for cls in built) else asked
 
 
 def teacher_geometry(config: PretrainedConfig) -> tuple[int, int, int, int]:
@@ -365,9 +386,16 @@ class CaldStudentConfig(PretrainedConfig):
 
     @property
     def layer_types(self) -> list[str]:
-        """Per layer: ``linear_attention`` (a mixer) or ``full_attention`` (kept attention)."""
+        """Per layer: ``linear_attention`` (a mixer), or a kept attention's type in the teacher
+        (``full_attention``, ``sliding_attention``: its cache then keeps only the window)."""
         kept = set(self.attention_layers)
-        return ["full_attention" if i in kept else "linear_attention" for i in range(self.num_hidden_layers)]
+        teacher = attention_types(self.teacher_hf_config(), self.num_hidden_layers) if kept else []
+        return [teacher[i] if i in kept else "linear_attention" for i in range(self.num_hidden_layers)]
+
+    @property
+    def kept_attention(self) -> bool:
+        """Whether some layer kept the teacher's attention (a hybrid)."""
+        return bool(self.attention_layers)
 
     def conversion_config(self) -> ConversionConfig:
         return from_dict(ConversionConfig, self.conversion, "conversion")
@@ -473,7 +501,8 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
     def new_cache(self, max_cache_len: int | None = None) -> StudentCache:
         """An empty cache for this layout: conv + SSM state per mixer, KV per kept attention
         (preallocated for ``max_cache_len`` positions and written in place when given)."""
-        return StudentCache(self.config.layer_types, max_cache_len)
+        window = getattr(self.config.teacher_hf_config(), "sliding_window", None) if self.config.kept_attention else None
+        return StudentCache(self.config.layer_types, max_cache_len, sliding_window=window)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
         # NOTE: generate() would build a DynamicCache from the config; the student's layout is

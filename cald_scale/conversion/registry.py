@@ -88,8 +88,11 @@ class FamilyAdapter:
     sinks): the attention-informed mixer init maps the projections alone."""
     position_embedding_attr: str | None = None
     """Absolute position embeddings on the base model, added to the token embeddings (GPT-2's
-    ``wpe``, XGLM's sinusoidal table); None: positions enter inside the blocks (rotary). A
-    student that keeps them takes no longer context than the teacher."""
+    ``wpe``, XGLM's sinusoidal table); None: positions enter inside the blocks (rotary)."""
+    position_table_fixed: bool = False
+    """The position table has a row per trained position (an embedding: GPT-2, OPT), so a
+    student that keeps it takes no longer context than the teacher; XGLM's sinusoidal table
+    is computed for any length."""
     bamba: BambaLayout | None = None
     """The native Bamba export of this family's students; None: Bamba cannot express it."""
     bamba_refusal: str = ""

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from ..conversion.modeling import ATTENTION_TYPES, attention_types
 from ..conversion.registry import FamilyAdapter, get_adapter
 from ..engines.zero3 import needs_grad_input
 from .losses import LossConfig, RowPieces, _call_as_forward, linear_head_losses, lm_head_losses, next_token_nll, vocab_streamed_cross_entropy
@@ -34,6 +34,7 @@ Batch = dict[str, torch.Tensor]
 
 # The causal mask of each attention type (the names transformers uses in ``config.layer_types``).
 _MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+assert set(_MASKS) == set(ATTENTION_TYPES)
 
 
 def as_batch(batch: Batch | torch.Tensor) -> Batch:
@@ -46,23 +47,6 @@ def make_stages(num_layers: int, stage_size: int) -> list[range]:
     if stage_size < 1:
         raise ValueError(f"train.stage_size must be >= 1, got {stage_size}")
     return [range(a, min(a + stage_size, num_layers)) for a in range(0, num_layers, stage_size)]
-
-
-def attention_types(config: PretrainedConfig, num_layers: int) -> list[str]:
-    """Per layer, its attention type, as the family's own forward picks its mask.
-
-    Families that mix types list them in ``config.layer_types`` (Gemma2, Qwen2 with
-    ``use_sliding_window``); the others give every layer one mask: sliding-window when
-    ``config.sliding_window`` is set (Mistral, Phi-3), else full causal.
-    """
-    types = getattr(config, "layer_types", None)
-    if types is None:
-        single = "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
-        types = [single] * num_layers
-    unknown = sorted(set(types) - set(_MASKS))
-    if unknown:
-        raise ValueError(f"{config.model_type} layers of type {unknown} cannot be run block by block (known types: {sorted(_MASKS)})")
-    return list(types[:num_layers])
 
 
 class PerLayerType(dict):

@@ -12,7 +12,15 @@ batches) drives the cache as it drives any other.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer, LinearAttentionLayer, StaticLayer
+from transformers.cache_utils import (
+    CacheLayerMixin,
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionLayer,
+    StaticLayer,
+    StaticSlidingWindowLayer,
+)
 
 __all__ = ["StudentCache", "state_bytes"]
 
@@ -20,27 +28,33 @@ __all__ = ["StudentCache", "state_bytes"]
 class StudentCache(DynamicCache):
     """Per layer: ``LinearAttentionLayer`` (conv + SSM state) for a mixer; for kept attention
     ``DynamicLayer`` (KV grown token by token), or ``StaticLayer`` holding ``max_cache_len``
-    positions when that is given. Also counts the tokens it has seen, which a cache of mixers
+    positions when that is given (their sliding-window kinds for a kept sliding layer). Also counts the tokens it has seen, which a cache of mixers
     alone cannot read off any tensor (positions and mask sizes need it)."""
 
-    def __init__(self, layer_types: list[str], max_cache_len: int | None = None):
+    def __init__(self, layer_types: list[str], max_cache_len: int | None = None, sliding_window: int | None = None):
         if max_cache_len is not None and max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive number of positions, got {max_cache_len}")
-        self._layout = (list(layer_types), max_cache_len)
+        if "sliding_attention" in layer_types and not sliding_window:
+            raise ValueError("a kept sliding-window attention layer needs the teacher's sliding_window")
+        self._layout = (list(layer_types), max_cache_len, sliding_window)
         # NOTE: DynamicCache.__init__ would build the layers from a config; ours come from the
         # student's layout, so the base Cache constructor is called directly.
         super(DynamicCache, self).__init__(layers=self._new_layers())
-        self.max_cache_len = max_cache_len if "full_attention" in layer_types else None
+        self.max_cache_len = max_cache_len if any(kind != "linear_attention" for kind in layer_types) else None
         self.tokens_seen = 0
         self.rolled_back = False
 
     def _new_layers(self) -> list:
-        layer_types, max_cache_len = self._layout
-        return [
-            LinearAttentionLayer() if kind == "linear_attention"
-            else DynamicLayer() if max_cache_len is None else StaticLayer(max_cache_len)
-            for kind in layer_types
-        ]
+        layer_types, max_cache_len, window = self._layout
+
+        def layer(kind: str):
+            if kind == "linear_attention":
+                return LinearAttentionLayer()
+            if kind == "sliding_attention":  # as the teacher's own cache: only the window is kept
+                return DynamicSlidingWindowLayer(window) if max_cache_len is None else StaticSlidingWindowLayer(max_cache_len, window)
+            return DynamicLayer() if max_cache_len is None else StaticLayer(max_cache_len)
+
+        return [layer(kind) for kind in layer_types]
 
     @property
     def has_attention(self) -> bool:
@@ -58,7 +72,8 @@ class StudentCache(DynamicCache):
         # it then follows the cache when a decode step is replayed as a CUDA graph, where the host
         # count would stay at the value seen when the graph was recorded.
         for layer in self.layers:
-            if isinstance(layer, StaticLayer) and layer.is_initialized:
+            # NOTE: not a sliding one: its device count stops once the window is full.
+            if isinstance(layer, StaticLayer) and not layer.is_sliding and layer.is_initialized:
                 return layer.cumulative_length
         return self.tokens_seen
 

@@ -1,6 +1,6 @@
 """How long a context a model can take: a student of mixers alone has no positions and no
-limit; anything with attention, or with its teacher's absolute position table (GPT-2), is
-refused beyond the positions it was trained on."""
+limit; anything with attention, or with its teacher's table of absolute positions (GPT-2),
+is refused beyond the positions it was trained on."""
 
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ def max_context(model: PreTrainedModel | PretrainedConfig) -> int | None:
 
 
 def _position_table(config: PretrainedConfig) -> bool:
-    """A model that adds absolute positions to its embeddings: a teacher of such a family
-    (GPT-2), or a converted student, which keeps its teacher's table."""
+    """A model that adds a fixed table of absolute positions to its embeddings: a teacher of
+    such a family (GPT-2), or a converted student, which keeps its teacher's table."""
     from ..conversion.registry import get_adapter
 
     family = config.teacher_hf_config() if hasattr(config, "teacher_hf_config") else config
     try:
-        return get_adapter(family).position_embedding_attr is not None
+        return get_adapter(family).position_table_fixed
     except ValueError:  # a family that does not convert (a Bamba export): its attention limits it
         return False
 

@@ -25,7 +25,7 @@ import torch
 
 from .cache import StudentCache
 
-__all__ = ["GraphedDecode", "generate_graphed", "graph_unsupported"]
+__all__ = ["GraphedDecode", "generate_graphed", "graph_unsupported", "prompt_positions"]
 
 # Attention whose mask is a tensor built on the device from the cache's device count. Flash
 # attention takes the padding mask to the host instead (it unpads the batch by ``nonzero``).
@@ -40,8 +40,13 @@ def graph_unsupported(model: torch.nn.Module) -> str | None:
         rope = getattr(module, "rope_type", None)
         if rope == "dynamic" or (isinstance(rope, dict) and "dynamic" in rope.values()):
             return "the teacher's dynamic RoPE rescales its frequencies on the host at every step, which a CUDA graph cannot replay"
-    if "full_attention" not in getattr(model.config, "layer_types", []):
+    if not getattr(model.config, "kept_attention", False):
         return None
+    if "sliding_attention" in model.config.layer_types:
+        return (
+            "a kept sliding-window attention layer rolls its preallocated cache by a count kept on the host "
+            "(transformers' StaticSlidingWindowLayer), which a CUDA graph cannot replay"
+        )
     backbone = getattr(model, "backbone", model)
     implementation = getattr(backbone.config, "_attn_implementation", None)
     if implementation not in REPLAYABLE_ATTENTION:
@@ -50,6 +55,12 @@ def graph_unsupported(model: torch.nn.Module) -> str | None:
             f"replayed as a CUDA graph; load the student with attn_implementation='sdpa' (or decode eagerly)"
         )
     return None
+
+
+def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of a left-padded prompt's tokens as ``generate`` gives them: counted from each
+    row's first real token (pads at 1, as transformers fills them; they are masked)."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
 
 
 class GraphedDecode:
@@ -61,8 +72,9 @@ class GraphedDecode:
     check what the graph replays. The cache advances one token per call; the logits returned
     are a copy (the graph writes its output buffer again at the next replay).
 
-    ``attention_mask``: the prompt's padding mask (batch, tokens in the cache), for a hybrid's
-    kept attention layers (a left-padded prompt); the new tokens are never padding.
+    ``attention_mask``: the prompt's padding mask (batch, tokens in the cache): each row's
+    positions start at its first real token, and a hybrid's kept attention layers skip the pads;
+    the new tokens are never padding.
     """
 
     def __init__(
@@ -85,21 +97,25 @@ class GraphedDecode:
         self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
         if self.use_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {self.device}")
+        if attention_mask is not None and attention_mask.shape != (batch, cache.tokens_seen):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; the cache holds {cache.tokens_seen} tokens of "
+                f"{batch} sequences, so it should be ({batch}, {cache.tokens_seen})"
+            )
         self.input_ids = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
-        # NOTE: the position the backbone would compute from the cache's host count, which a
-        # replay cannot read: written before each step instead (the eager model's value exactly).
-        self.position_ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        # NOTE: each row's position, as generate() numbers it: from the row's first real token (a
+        # left-padded row's pads are not counted, which an absolute position table needs). A
+        # replay cannot read the cache's host count: written before each step instead.
+        self.position_ids = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
+        self._pads = torch.zeros((batch, 1), dtype=torch.long, device=self.device)  # pads before each row's first token
+        if attention_mask is not None:
+            self._pads.copy_(cache.tokens_seen - attention_mask.sum(-1, keepdim=True))
         self.attention_mask = None
         if cache.has_attention:
             # The whole preallocated length: the prompt's padding, then the new tokens (never padding;
             # positions not written yet are masked by causality, from the cache's device count).
             self.attention_mask = torch.ones((batch, cache.max_cache_len), dtype=torch.long, device=self.device)
             if attention_mask is not None:
-                if attention_mask.shape != (batch, cache.tokens_seen):
-                    raise ValueError(
-                        f"attention_mask has shape {tuple(attention_mask.shape)}; the cache holds {cache.tokens_seen} tokens of "
-                        f"{batch} sequences, so it should be ({batch}, {cache.tokens_seen})"
-                    )
                 self.attention_mask[:, : cache.tokens_seen] = attention_mask
         self.graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
@@ -118,7 +134,7 @@ class GraphedDecode:
         # its bounds on the device (the forward's own check runs only when it is recorded).
         self.cache.check_room(1)
         self.input_ids.copy_(token_ids.reshape(self.input_ids.shape))
-        self.position_ids.fill_(self.cache.tokens_seen)
+        torch.sub(self.cache.tokens_seen, self._pads, out=self.position_ids)
         if not self.use_graph:
             logits = self._forward()
         else:
@@ -230,7 +246,8 @@ def generate_graphed(
             f"generate_graphed: the cache given {held}; a hybrid's kept attention replays over one of at least {needed} "
             f"positions here (model.new_cache(max_cache_len={needed + 1}))"
         )
-    logits = model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    positions = prompt_positions(attention_mask)
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     decode = GraphedDecode(model, cache, batch=input_ids.shape[0], use_graph=use_graph, attention_mask=attention_mask)
     sequences, ended = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):

@@ -45,7 +45,7 @@ class LanguageModelingTask:
         # attention layer or a kept position table (GPT-2) knows: refused where a phase is guided or
         # either stays; an unguided student of mixers alone has no such limit (a longer context is what it is for).
         conversion = cfg.student.conversion
-        kept = not conversion.converts or conversion.attention_every or conversion.attention_layers or adapter.position_embedding_attr
+        kept = not conversion.converts or conversion.attention_every or conversion.attention_layers or adapter.position_table_fixed
         if any(phase.guidance != "none" for phase in cfg.phases) or kept:
             check_context(self.source.config, cfg.data.seq_len, "the teacher", remedy="lower data.seq_len")
         self.student_source = student_init_source(cfg, self.source, self.tokenizer)

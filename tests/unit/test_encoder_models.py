@@ -495,3 +495,19 @@ def test_a_projection_every_block_shares_gets_its_whole_gradient_under_zero3_blo
     shared = [name for name in errors if ".E." in name or name.endswith(".E.weight")]
     assert shared and len(errors) > 20
     assert max(errors.values()) < 1e-4, {k: v for k, v in errors.items() if v >= 1e-4}
+
+
+def test_a_classifier_of_an_encoder_without_sdpa_reloads_eager(tmp_path):
+    """from_pretrained asks the classifier class for sdpa; MegatronBERT's encoder has none, so a
+    saved classifier of it did not reload. BERT keeps sdpa."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from cald_scale.conversion.classifier import CaldEncoderForSequenceClassification, classifier_config
+    from cald_scale.conversion.modeling import ConversionConfig
+
+    for family, kernel in (("megatron-bert", "eager"), ("bert", "sdpa")):
+        encoder = AutoConfig.for_model(family, vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+        student = CaldEncoderForSequenceClassification(classifier_config(encoder, 2).as_student(ConversionConfig(mixer="bimamba2")))
+        student.save_pretrained(tmp_path / family)
+        loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / family)
+        assert loaded.config._attn_implementation == kernel, family

@@ -88,6 +88,26 @@ def test_hybrid_student_layerwise_equals_forward(model_type):
         torch.testing.assert_close(LayerwiseModel(student).logits(ids()), student(ids()).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_a_kept_sliding_window_layer_caches_only_its_window():
+    """A hybrid that keeps Gemma2's sliding layer 0 and full layer 1: generation past the window
+    equals recomputing, with the growing and the preallocated cache, and the sliding layer holds
+    only its window (it held every position, as the full layer does)."""
+    student = with_memory(convert_teacher(tiny("gemma2"), ConversionConfig(attention_layers=[0, 1])).eval())
+    assert student.config.layer_types == ["sliding_attention", "full_attention", "linear_attention", "linear_attention"]
+    prompt, greedy = ids()[:, :12], dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    recomputed = student.generate(prompt, use_cache=False, **greedy)
+    for implementation in ("dynamic", "static"):
+        out = student.generate(prompt, use_cache=True, cache_implementation=implementation, return_dict_in_generate=True, **greedy)
+        assert torch.equal(out.sequences, recomputed), implementation
+    sliding, full = out.past_key_values.layers[:2]  # static: preallocated, the window's rows only
+    assert sliding.keys.shape[-2] == WINDOW < full.keys.shape[-2]
+    cache = student.generate(prompt, use_cache=True, return_dict_in_generate=True, **greedy).past_key_values
+    assert cache.layers[0].keys.shape[-2] < WINDOW and cache.layers[1].keys.shape[-2] == 12 + 10 - 1
+    from cald_scale.generation.graphs import graph_unsupported
+
+    assert "sliding-window attention layer rolls its preallocated cache" in graph_unsupported(student)
+
+
 @pytest.mark.parametrize("model_type", ["stablelm", "nemotron", "llama"])
 @pytest.mark.parametrize("mixer", ["mamba2", "mamba"])
 def test_left_padding_reaches_the_mixers_whether_or_not_the_layer_hands_on_keywords(model_type, mixer):
@@ -175,8 +195,12 @@ def test_discovered_layouts_generate_with_the_cache_and_round_trip(model_type, t
     assert torch.equal(cached, student.generate(prompt, use_cache=False, **greedy))
     mask = torch.ones_like(prompt)
     mask[0, :4] = 0
-    padded = student.generate(prompt.masked_fill(mask == 0, 0), attention_mask=mask, **greedy)
-    assert torch.equal(padded[0, 4:], student.generate(prompt[:1, 4:], **greedy)[0])
+    scored = dict(greedy, output_scores=True, return_dict_in_generate=True)
+    padded = student.generate(prompt.masked_fill(mask == 0, 0), attention_mask=mask, **scored)
+    alone = student.generate(prompt[:1, 4:], **scored)
+    assert torch.equal(padded.sequences[0, 4:], alone.sequences[0])
+    for step in (0, -1):  # the logits, not only the tokens (a tiny random model may repeat one)
+        torch.testing.assert_close(padded.scores[step][0], alone.scores[step][0], rtol=1e-4, atol=1e-4)
     student.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
@@ -216,6 +240,26 @@ def test_gpt2_conv1d_projections_are_read_in_linear_layout():
     prefix = attention_prefixes(teacher, adapter)[1]
     from_file = adapter.read_attention(TensorTree(StateDictReader(teacher.state_dict()), prefix), teacher.config)
     assert torch.equal(from_file.o, weights.o) and torch.equal(from_file.v, weights.v)
+
+
+@pytest.mark.parametrize("multi_query", [True, False], ids=["mqa", "mha"])
+def test_gpt_bigcode_c_attn_is_read_as_its_attention_splits_it(multi_query):
+    """GPTBigCode's Linear c_attn is [q | k | v] with one K/V head (StarCoder), but [q_h, k_h, v_h]
+    head by head without multi_query: the same sizes, so only values can tell the layouts apart."""
+    config = AutoConfig.for_model("gpt_bigcode", **{**_COMMON, "multi_query": multi_query, "num_key_value_heads": 1 if multi_query else 4})
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(config).eval()
+    adapter = get_adapter(config)
+    attn = adapter.attention(adapter.layers(teacher)[0])
+    weights = adapter.read_attention(attn, config)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    fused = attn.c_attn(x)
+    if multi_query:
+        q, k, v = fused.split((64, 16, 16), dim=-1)
+    else:
+        q, k, v = (t.reshape(3, 64) for t in fused.view(3, 4, 48).split(16, dim=-1))
+    for got, (w, b) in zip((q, k, v), ((weights.q, weights.q_bias), (weights.k, weights.k_bias), (weights.v, weights.v_bias))):
+        torch.testing.assert_close(got, nn.functional.linear(x, w, b))
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
@@ -322,20 +366,25 @@ def test_a_config_whose_forward_does_more_is_refused_where_its_family_converts()
     """OPT-350m projects its embeddings in and its last hidden state out (word_embed_proj_dim),
     and is post-LN: the view runs neither projection, so that config is refused by the tiny copy's
     check while the other OPT sizes convert (the check is per config, not per family)."""
-    assert get_adapter(AutoConfig.for_model("opt", **{**_COMMON, **DECODERS["opt"]})).final_norm_attr == "decoder.final_layer_norm"
-    config = AutoConfig.for_model("opt", **{**_COMMON, **DECODERS["opt"], "word_embed_proj_dim": 32, "do_layer_norm_before": False})
-    with pytest.raises(ValueError, match=r"^cannot convert model type 'opt': its blocks cannot be run one at a time .* tensor a \(32\)"):
-        get_adapter(config)
+    # As published: every OPT config.json stores word_embed_proj_dim, equal to the width but in opt-350m.
+    opt_125m = AutoConfig.for_model("opt", hidden_size=768, word_embed_proj_dim=768, ffn_dim=3072, num_attention_heads=12, num_hidden_layers=12)
+    assert get_adapter(opt_125m).final_norm_attr == "decoder.final_layer_norm"
+    opt_350m = AutoConfig.for_model(
+        "opt", hidden_size=1024, word_embed_proj_dim=512, ffn_dim=4096, num_attention_heads=16, num_hidden_layers=24, do_layer_norm_before=False,
+    )
+    with pytest.raises(ValueError, match=r"^cannot convert model type 'opt': its blocks cannot be run one at a time .*hidden_size 1024->64.* tensor a \(512\)"):
+        get_adapter(opt_350m)
 
 
 def test_a_student_with_its_teachers_position_table_takes_no_longer_context():
-    """A mixers-only student has no context limit, unless it adds its teacher's absolute positions
-    (GPT-2's wpe): then it is refused past them by name, as the teacher is."""
+    """A mixers-only student has no context limit, unless it adds its teacher's table of absolute
+    positions (GPT-2's wpe): then it is refused past them by name, as the teacher is."""
     from cald_scale.generation.context import check_context, max_context
 
     gpt2 = convert_teacher(tiny("gpt2"), ConversionConfig())
     llama = convert_teacher(tiny("llama"), ConversionConfig())
     assert max_context(llama) is None and max_context(gpt2) == _COMMON["max_position_embeddings"] == 256
+    assert max_context(convert_teacher(tiny("xglm"), ConversionConfig())) is None  # its sinusoidal table has no last row
     check_context(gpt2, 256)
     with pytest.raises(ValueError, match=r"257 tokens exceeds the student's max_position_embeddings \(256\): its position table has that many rows"):
         check_context(gpt2, 257, "the student")

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cald_scale.conversion.modeling import ConversionConfig
 from cald_scale.conversion.surgery import convert_teacher
-from cald_scale.generation.graphs import GraphedDecode
+from cald_scale.generation.graphs import GraphedDecode, prompt_positions
 
 MIXERS = ["mamba2", "mamba"]
 HOST_SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "item", "allclose"}
@@ -27,9 +27,11 @@ def _student(mixer: str, attention_layers=(), family: str = "llama"):
 
 
 def _prefilled(student, prompt, mask=None, max_cache_len=None):
+    """The prompt in a new cache, its positions as generate gives them (from each row's first real token)."""
     cache = student.new_cache(max_cache_len)
+    positions = prompt_positions(mask) if mask is not None else None
     with torch.no_grad():
-        logits = student(prompt, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = student(prompt, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     return cache, logits
 
 
@@ -137,6 +139,24 @@ def test_generate_graphed_gives_generates_tokens(mixer):
     assert torch.equal(generate_graphed(student, ids, max_new_tokens=6, pad_token_id=0), reference)
 
 
+def test_generate_graphed_numbers_a_left_padded_gpt2_row_as_generate_does():
+    """A GPT-2 student adds its teacher's position table at every token, mixers alone too: the
+    graphed decode numbers a left-padded row from its first real token, as generate does (it
+    counted the pads, and the row's tokens changed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cald_scale.generation.graphs import generate_graphed
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gpt2", vocab_size=256, n_embd=64, n_layer=3, n_head=4, n_positions=64, initializer_range=0.3)
+    student = with_memory(convert_teacher(AutoModelForCausalLM.from_config(config).eval(), ConversionConfig()).eval())
+    ids, mask = _left_padded(length=9, pads=4)
+    reference = student.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0)[:, ids.shape[1]:]
+    assert torch.equal(generate_graphed(student, ids, mask, max_new_tokens=6, pad_token_id=0), reference)
+    alone = student.generate(input_ids=ids[:1, 4:], max_new_tokens=6, pad_token_id=0)[:, 5:]
+    assert torch.equal(reference[:1], alone) and len(set(alone[0].tolist())) > 1  # tokens that vary
+
+
 def test_generate_graphed_stops_when_every_sequence_has_ended():
     """An ended sequence continues with the pad token, and decoding stops once all have ended, as
     in generate: here the first greedy token is made the end-of-sequence token."""
@@ -200,7 +220,8 @@ def _stepped_reference(student, ids, mask, tokens, max_cache_len):
     with torch.no_grad():
         for token in tokens:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits = student(token, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            positions = mask.sum(-1, keepdim=True) - 1  # the new token's, as generate numbers it
+            logits = student(token, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             out.append(logits)
     return out
 
