@@ -209,6 +209,14 @@ def attention_types(config: PretrainedConfig, num_layers: int) -> list[str]:
     return list(types[:num_layers])
 
 
+def window_reachable(config: PretrainedConfig) -> bool:
+    """Whether a sliding window is shorter than the positions the model takes (Phi-3-128k sets a
+    window of 262144 over 131072 positions: never reached)."""
+    window = getattr(config, "sliding_window", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    return window is not None and (positions is None or window < positions)
+
+
 def family_attention(config: PretrainedConfig, asked: str | None) -> str | None:
     """The attention kernel ``config``'s family runs when ``asked`` for one: sdpa falls back to
     eager for a family whose modeling code has no sdpa path (Gemma2, GPT-Neo, XGLM), as
@@ -389,8 +397,13 @@ class CaldStudentConfig(PretrainedConfig):
         """Per layer: ``linear_attention`` (a mixer), or a kept attention's type in the teacher
         (``full_attention``, ``sliding_attention``: its cache then keeps only the window)."""
         kept = set(self.attention_layers)
-        teacher = attention_types(self.teacher_hf_config(), self.num_hidden_layers) if kept else []
-        return [teacher[i] if i in kept else "linear_attention" for i in range(self.num_hidden_layers)]
+        if not kept:
+            return ["linear_attention"] * self.num_hidden_layers
+        teacher = self.teacher_hf_config()
+        types = attention_types(teacher, self.num_hidden_layers)
+        if not window_reachable(teacher):  # within the positions allowed its mask is the full one (Phi-3-128k)
+            types = ["full_attention"] * len(types)
+        return [types[i] if i in kept else "linear_attention" for i in range(self.num_hidden_layers)]
 
     @property
     def kept_attention(self) -> bool:
@@ -501,8 +514,9 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
     def new_cache(self, max_cache_len: int | None = None) -> StudentCache:
         """An empty cache for this layout: conv + SSM state per mixer, KV per kept attention
         (preallocated for ``max_cache_len`` positions and written in place when given)."""
-        window = getattr(self.config.teacher_hf_config(), "sliding_window", None) if self.config.kept_attention else None
-        return StudentCache(self.config.layer_types, max_cache_len, sliding_window=window)
+        layer_types = self.config.layer_types
+        window = getattr(self.config.teacher_hf_config(), "sliding_window", None) if "sliding_attention" in layer_types else None
+        return StudentCache(layer_types, max_cache_len, sliding_window=window)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
         # NOTE: generate() would build a DynamicCache from the config; the student's layout is

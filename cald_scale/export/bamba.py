@@ -76,9 +76,8 @@ def check_exportable(student: CaldStudentForCausalLM | CaldStudentConfig) -> Non
             f"Bamba's mixer width is an integer mamba_expand x hidden_size ({hidden}); this student's is "
             f"{mixer.inner_size(hidden)} (the teacher attention's heads x head_dim)"
         )
-    window = getattr(teacher, "sliding_window", None)
-    if config.attention_layers and window is not None and window < teacher.max_position_embeddings:
-        reasons.append(f"its kept attention uses a sliding window ({window}), which Bamba's attention does not")
+    if "sliding_attention" in config.layer_types:  # a kept layer's own type (Qwen2 keeps full layers below max_window_layers)
+        reasons.append(f"its kept attention uses a sliding window ({teacher.sliding_window}), which Bamba's attention does not")
     if reasons:
         raise BambaExportError("; ".join(reasons))
 

@@ -74,7 +74,9 @@ class GraphedDecode:
 
     ``attention_mask``: the prompt's padding mask (batch, tokens in the cache): each row's
     positions start at its first real token, and a hybrid's kept attention layers skip the pads;
-    the new tokens are never padding.
+    the new tokens are never padding. The prompt must have been run with the same numbering,
+    ``position_ids=prompt_positions(attention_mask)``, as ``generate`` and ``generate_graphed``
+    run it.
     """
 
     def __init__(

@@ -99,6 +99,23 @@ def test_bamba_export_refuses_what_bamba_cannot_express(tmp_path):
     windowed.config.sliding_window = 8
     with pytest.raises(BambaExportError, match=r"kept attention uses a sliding window \(8\)"):
         export_bamba(convert_teacher(windowed, ConversionConfig(attention_layers=[1])), tmp_path / "windowed")
+    # Qwen2 slides only from max_window_layers on: a hybrid keeping a full layer below it exports
+    # (it was refused for the teacher's window), one keeping a sliding layer does not.
+    from transformers import AutoConfig, AutoModelForCausalLM, BambaForCausalLM
+
+    torch.manual_seed(0)
+    qwen2 = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "qwen2", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        use_sliding_window=True, sliding_window=8, max_window_layers=2, max_position_embeddings=512,
+    )).eval()
+    with pytest.raises(BambaExportError, match=r"kept attention uses a sliding window \(8\)"):
+        export_bamba(convert_teacher(qwen2, ConversionConfig(attention_layers=[2])), tmp_path / "qwen2_sliding")
+    kept_full = convert_teacher(qwen2, ConversionConfig(attention_layers=[1])).eval()
+    assert kept_full.config.layer_types == ["linear_attention", "full_attention", "linear_attention"]
+    bamba = BambaForCausalLM.from_pretrained(export_bamba(kept_full, tmp_path / "qwen2_full")).eval()
+    ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(bamba(ids).logits, kept_full(ids).logits, rtol=1e-4, atol=1e-5)
     # Bamba's convolution and gated norm follow the teacher's MLP activation and rms_norm_eps.
     gelu = tiny_teacher("llama", layers=3)
     gelu.config.hidden_act = "gelu"

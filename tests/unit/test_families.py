@@ -108,6 +108,19 @@ def test_a_kept_sliding_window_layer_caches_only_its_window():
     assert "sliding-window attention layer rolls its preallocated cache" in graph_unsupported(student)
 
 
+def test_a_window_past_the_last_position_is_kept_as_full_attention():
+    """Phi-3-128k sets a window of 262144 over 131072 positions: never reached, so a kept layer is
+    full attention (a plain KV cache, CUDA-graph decode allowed), not a sliding one."""
+    from cald_scale.generation.graphs import graph_unsupported
+
+    config = AutoConfig.for_model("phi3", **{**_COMMON, "sliding_window": 512})  # max_position_embeddings 256
+    torch.manual_seed(0)
+    student = convert_teacher(AutoModelForCausalLM.from_config(config).eval(), ConversionConfig(attention_layers=[1])).eval()
+    assert student.config.layer_types == ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
+    assert graph_unsupported(student) is None
+    assert type(student.new_cache(64).layers[1]).__name__ == "StaticLayer"
+
+
 @pytest.mark.parametrize("model_type", ["stablelm", "nemotron", "llama"])
 @pytest.mark.parametrize("mixer", ["mamba2", "mamba"])
 def test_left_padding_reaches_the_mixers_whether_or_not_the_layer_hands_on_keywords(model_type, mixer):
