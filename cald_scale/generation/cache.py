@@ -4,7 +4,8 @@ A mixer layer keeps a convolution state and an SSM state whose size does not dep
 context length; a layer that kept the teacher's attention (a hybrid) keeps its KV cache:
 grown by concatenation (transformers' ``DynamicLayer``, which copies the layer's whole keys
 and values at every token), or preallocated for ``max_cache_len`` positions and written in
-place (``StaticLayer``, what ``generate(cache_implementation="static")`` gives a teacher).
+place (``StaticLayer``, what ``generate(cache_implementation="static")`` gives a teacher);
+a kept sliding-window layer keeps only its window, as the teacher's own cache does.
 Both are transformers cache layers, so ``generate`` (greedy, sampling, beams, left-padded
 batches) drives the cache as it drives any other.
 """
@@ -28,8 +29,9 @@ __all__ = ["StudentCache", "state_bytes"]
 class StudentCache(DynamicCache):
     """Per layer: ``LinearAttentionLayer`` (conv + SSM state) for a mixer; for kept attention
     ``DynamicLayer`` (KV grown token by token), or ``StaticLayer`` holding ``max_cache_len``
-    positions when that is given (their sliding-window kinds for a kept sliding layer). Also counts the tokens it has seen, which a cache of mixers
-    alone cannot read off any tensor (positions and mask sizes need it)."""
+    positions when that is given (their sliding-window kinds for a kept sliding layer). Also
+    counts the tokens it has seen, which a cache of mixers alone cannot read off any tensor
+    (positions and mask sizes need it)."""
 
     def __init__(self, layer_types: list[str], max_cache_len: int | None = None, sliding_window: int | None = None):
         if max_cache_len is not None and max_cache_len < 1:
