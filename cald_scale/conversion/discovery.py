@@ -94,13 +94,9 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
         embed_dropout_attr = _find_embed_dropout(base, layers_attr)
         # NOTE: decoders only: an encoder's embeddings module adds its own (RoFormer's "positional" module is rotary).
         position_embedding_attr = None if is_encoder(config) else _find_position_embedding(base, layers_attr)
-        holder = base.get_submodule(layers_attr.rpartition(".")[0])
-        if embed_dropout_attr is None and isinstance(rate := getattr(holder, "dropout", None), float) and rate > 0:
-            # NOTE: OPT, XGLM: a dropout call in the forward, outside any module; eval is unaffected.
-            logger.warning(
-                "%s's forward drops out its embeddings (p=%g) outside any module: block by block, the student "
-                "trains without that one dropout", model_type, rate,
-            )
+        # NOTE: OPT, XGLM: a dropout call in the forward, outside any module (said when a run trains).
+        rate = getattr(base.get_submodule(layers_attr.rpartition(".")[0]), "dropout", None)
+        embed_dropout_outside = rate if embed_dropout_attr is None and isinstance(rate, float) else 0.0
     except _Refusal as err:
         raise ValueError(
             f"cannot convert model type {model_type!r}: {err}. A family with another layout needs a hand-written "
@@ -119,6 +115,7 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
         read_attention=layout.read,
         layers_attr=layers_attr,
         embed_dropout_attr=embed_dropout_attr,
+        embed_dropout_outside=embed_dropout_outside,
         attention_extras=tuple(extra),
         position_embedding_attr=position_embedding_attr,
         position_table_fixed=position_embedding_attr is not None and isinstance(base.get_submodule(position_embedding_attr), nn.Embedding),

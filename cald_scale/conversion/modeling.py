@@ -515,7 +515,7 @@ class CaldStudentForCausalLM(PreTrainedModel, GenerationMixin):
         """An empty cache for this layout: conv + SSM state per mixer, KV per kept attention
         (preallocated for ``max_cache_len`` positions and written in place when given)."""
         layer_types = self.config.layer_types
-        window = getattr(self.config.teacher_hf_config(), "sliding_window", None) if "sliding_attention" in layer_types else None
+        window = getattr(self.backbone.config, "sliding_window", None) if "sliding_attention" in layer_types else None  # the teacher's
         return StudentCache(layer_types, max_cache_len, sliding_window=window)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):

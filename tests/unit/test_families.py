@@ -487,17 +487,29 @@ def test_a_conversion_says_when_an_attention_holds_more_than_its_projections(cap
     assert "besides its projections" not in caplog.text
 
 
-def test_discovery_says_when_a_forward_drops_out_embeddings_outside_any_module(caplog):
+def test_a_run_says_when_a_forward_drops_out_embeddings_outside_any_module(caplog, tmp_path):
     """OPT's forward calls dropout on its embeddings itself: block by block the student trains
-    without it (eval is the same), and discovery says so; GPT-2's is a module the view runs."""
+    without it (eval is the same). Discovery records it; a run that trains says so, a load of a
+    student does not. GPT-2's is a module the view runs."""
     import logging
 
-    from cald_scale.conversion.discovery import discover_adapter
+    from tiny_models import train_tokenizer
 
-    with caplog.at_level(logging.WARNING, logger="cald_scale.conversion.discovery"):
-        assert discover_adapter(tiny("gpt2").config, []).embed_dropout_attr == "drop"
+    from cald_scale.config import load_run_config
+    from cald_scale.conversion.discovery import discover_adapter
+    from cald_scale.tasks import open_task
+
+    tokenizer = train_tokenizer(["a b c d e f"] * 10, vocab_size=280)
+    opt = AutoConfig.for_model("opt", **{**_COMMON, **DECODERS["opt"], "dropout": 0.2, "vocab_size": len(tokenizer)})
+    with caplog.at_level(logging.WARNING):
+        gpt2 = discover_adapter(tiny("gpt2").config, [])
+        assert (gpt2.embed_dropout_attr, gpt2.embed_dropout_outside) == ("drop", 0.0)
+        assert discover_adapter(opt, []).embed_dropout_outside == 0.2
         assert "drops out" not in caplog.text
-        discover_adapter(AutoConfig.for_model("opt", **{**_COMMON, **DECODERS["opt"], "dropout": 0.2}), [])
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(opt).save_pretrained(tmp_path / "opt")
+        tokenizer.save_pretrained(tmp_path / "opt")
+        open_task(load_run_config(overrides=[f"teacher.name_or_path={tmp_path / 'opt'}", f"data.cache_dir={tmp_path / 'data'}"]), is_main=True)
     assert "opt's forward drops out its embeddings (p=0.2) outside any module" in caplog.text
 
 
