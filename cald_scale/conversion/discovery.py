@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -30,7 +31,16 @@ from transformers.initialization import no_init_weights
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 from transformers.pytorch_utils import Conv1D
 
-from .families import read_c_attn_linear, read_fused_qkv, read_gpt2_conv1d, read_query_key_value, read_separate_qkv_dense, read_separate_qkv_out_proj, read_separate_qkvo
+from .families import (
+    read_c_attn_linear,
+    read_fused_qkv,
+    read_gpt2_conv1d,
+    read_query_key_value,
+    read_query_key_value_dense,
+    read_separate_qkv_dense,
+    read_separate_qkv_out_proj,
+    read_separate_qkvo,
+)
 from .modeling import family_attention, teacher_geometry
 from .registry import AttentionWeights, FamilyAdapter
 
@@ -63,11 +73,13 @@ PROJECTION_LAYOUTS = (
     ProjectionLayout(("qkv_proj", "o_proj"), read_fused_qkv),
     ProjectionLayout(("c_attn", "c_proj"), read_gpt2_conv1d, Conv1D),
     ProjectionLayout(("c_attn", "c_proj"), read_c_attn_linear, nn.Linear),
+    ProjectionLayout(("query_key_value", "dense"), read_query_key_value_dense),
     ProjectionLayout(("query", "key", "value"), read_query_key_value),
 )
 DISCOVERABLE = (
     "q_proj/k_proj/v_proj with o_proj, out_proj or dense, a fused qkv_proj [q | k | v] with o_proj, a fused "
-    "c_attn [q | k | v] with c_proj (GPT-2's Conv1D or nn.Linear), or query/key/value (BERT)"
+    "c_attn [q | k | v] with c_proj (GPT-2's Conv1D or nn.Linear), a fused query_key_value with dense (Falcon, "
+    "Persimmon), or query/key/value (BERT)"
 )
 
 
@@ -85,6 +97,7 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
         layers_attr = _find_layers(base, config)
         layers = base.get_submodule(layers_attr)
         attention_attr, layout = _find_attention(layers)
+        _refuse_alibi(config, layers[0])
         slot = layers[0].get_submodule(attention_attr)
         _check_geometry(layout, slot, config, attention_attr)
         # Weights the attention-informed init does not map (said when a conversion initialises from them).
@@ -119,7 +132,10 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
         attention_extras=tuple(extra),
         position_embedding_attr=position_embedding_attr,
         position_table_fixed=position_embedding_attr is not None and isinstance(base.get_submodule(position_embedding_attr), nn.Embedding),
-        bamba_refusal=f"{model_type} has no Bamba layout (only the hand-written llama, mistral and qwen2 adapters have one)",
+        bamba_refusal=(
+            f"{model_type} has no Bamba layout: Bamba's blocks are llama-shaped (a norm, the mixer or attention, a norm, "
+            "the MLP, each on the residual in turn), and only the hand-written llama, mistral and qwen2 adapters map onto them"
+        ),
         # NOTE: scales a family's forward applies outside its modules; check_block_by_block confirms
         # that the blocks, these and the head give the forward's logits.
         embed_multiplier=float(getattr(config, "embedding_multiplier", None) or 1.0),
@@ -209,12 +225,15 @@ def _tiny_copy(config: PretrainedConfig) -> PretrainedConfig:
     for name, value in _TINY.items():
         setattr(tiny, name, value)
     for name, value in _TINY_IF_SET.items():
-        if getattr(config, name, None):
+        # NOTE: a field a family derives (Falcon's head_dim property) follows the sizes set here.
+        if getattr(config, name, None) and not isinstance(getattr(type(config), name, None), property):
             setattr(tiny, name, value)
     heads = config.num_attention_heads
     tiny.num_attention_heads = 4
-    if getattr(config, "num_key_value_heads", None):
-        tiny.num_key_value_heads = 4 if config.num_key_value_heads == heads else 2
+    if kv := getattr(config, "num_key_value_heads", None):  # multi-head, multi-query and grouped stay so
+        tiny.num_key_value_heads = 4 if kv == heads else 1 if kv == 1 else 2
+        if getattr(config, "num_kv_heads", None) == kv:  # Falcon's own name for it, which its attention reads
+            tiny.num_kv_heads = tiny.num_key_value_heads
     for name, value in vars(config).items():  # per-layer lists (layer_types, ...) cut to the copy's depth
         if isinstance(value, list) and len(value) == layers:
             setattr(tiny, name, value[:2])
@@ -246,6 +265,17 @@ def _shrink_rope_factors(tiny: PretrainedConfig) -> None:
     for name in ("long_factor", "short_factor"):
         if isinstance(rope.get(name), list) and len(rope[name]) > half:
             rope[name] = rope[name][:half]
+
+
+def _refuse_alibi(config: PretrainedConfig, layer: nn.Module) -> None:
+    """ALiBi families (Bloom, Falcon-RW, Falcon-7B's ``alibi`` variant) give attention a position
+    bias their model's forward builds into the mask or hands each block; the layerwise view builds
+    causal masks and rotary embeddings only, so their teacher blocks would run without it."""
+    if getattr(config, "alibi", False) or "alibi" in inspect.signature(type(layer).forward).parameters:
+        raise _Refusal(
+            "its attention takes an ALiBi position bias, which the layerwise view distillation uses does not build "
+            "(it gives blocks causal masks and rotary embeddings, or adds an absolute position table to the embeddings)"
+        )
 
 
 def _refuse_fused_checkpoints(skeleton: nn.Module) -> None:

@@ -1,9 +1,8 @@
 """Attention readers for the common projection layouts, and the hand-written family adapters.
 
 Most families are discovered (``discovery.py``) and read with one of the readers here.
-Hand-written adapters remain for the exceptions: llama, mistral and qwen2 carry their
-Bamba export layouts, and gpt_neox fuses QKV per head, which discovery cannot tell
-apart from a plain fused ``[q | k | v]`` by names and shapes alone.
+Hand-written adapters remain for llama, mistral and qwen2, which carry their Bamba
+export layouts.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from torch import nn
 from .modeling import teacher_geometry
 from .registry import AttentionWeights, BambaLayout, FamilyAdapter, register_family
 
-__all__ = ["read_separate_qkvo", "read_separate_qkv_out_proj", "read_separate_qkv_dense", "read_fused_qkv", "read_gpt2_conv1d", "read_c_attn_linear", "read_query_key_value"]
+__all__ = ["read_separate_qkvo", "read_separate_qkv_out_proj", "read_separate_qkv_dense", "read_fused_qkv", "read_gpt2_conv1d", "read_c_attn_linear", "read_query_key_value", "read_query_key_value_dense"]
 
 
 def _read_separate(attn: nn.Module, out: str) -> AttentionWeights:
@@ -92,8 +91,7 @@ def read_query_key_value(attn: nn.Module, config) -> AttentionWeights:
 
 def _read_per_head(qkv: nn.Module, out: nn.Module, config) -> AttentionWeights:
     """A fused projection whose rows are ``[q_h, k_h, v_h]`` for each head h in turn."""
-    heads = config.num_attention_heads
-    head_dim = config.hidden_size // heads
+    _, heads, _, head_dim = teacher_geometry(config)
     w = qkv.weight.view(heads, 3, head_dim, -1)
     b = qkv.bias.view(heads, 3, head_dim) if qkv.bias is not None else None
 
@@ -104,9 +102,22 @@ def _read_per_head(qkv: nn.Module, out: nn.Module, config) -> AttentionWeights:
     return AttentionWeights(q=q, k=k, v=v, o=out.weight, q_bias=qb, k_bias=kb, v_bias=vb, o_bias=out.bias)
 
 
-def _read_gpt_neox(attn: nn.Module, config) -> AttentionWeights:
-    # NOTE: GPT-NeoX fuses QKV per head, which discovery cannot tell from [q | k | v] by shapes.
-    return _read_per_head(attn.query_key_value, attn.dense, config)
+def read_query_key_value_dense(attn: nn.Module, config) -> AttentionWeights:
+    """``query_key_value`` and ``dense`` (Falcon, Persimmon, GPT-NeoX-Japanese): for each K/V
+    group g, the rows ``[q_g1 .. q_gn, k_g, v_g]``, query head h in group h // n as grouped-query
+    attention repeats K/V. Falcon-40B, -180B and Falcon2 have a few groups; a single group is
+    ``[q | k | v]`` with one K/V head (Falcon-7B's multi_query); one group per head is
+    ``[q_h, k_h, v_h]`` head by head (Persimmon). The config's K/V head count says which."""
+    _, heads, kv_heads, head_dim = teacher_geometry(config)
+    qkv, out = attn.query_key_value, attn.dense
+    w = qkv.weight.view(kv_heads, heads // kv_heads + 2, head_dim, -1)
+    b = qkv.bias.view(kv_heads, heads // kv_heads + 2, head_dim) if qkv.bias is not None else None
+
+    def rows(part, n):  # part of each group -> (n * head_dim, in) weight rows and their biases
+        return w[:, part].reshape(n * head_dim, -1), (b[:, part].reshape(-1) if b is not None else None)
+
+    (q, qb), (k, kb), (v, vb) = rows(slice(0, -2), heads), rows(-2, kv_heads), rows(-1, kv_heads)
+    return AttentionWeights(q=q, k=k, v=v, o=out.weight, q_bias=qb, k_bias=kb, v_bias=vb, o_bias=out.bias)
 
 
 # Llama-shaped blocks -> Bamba: the mixer sits where attention sat, the MLP is Bamba's
@@ -135,14 +146,3 @@ for _model_type in ("llama", "mistral", "qwen2"):
             bamba=_BAMBA[_model_type],
         )
     )
-
-register_family(
-    FamilyAdapter(
-        model_type="gpt_neox",
-        attention_attr="attention",
-        final_norm_attr="final_layer_norm",
-        read_attention=_read_gpt_neox,
-        embed_dropout_attr="emb_dropout",
-        bamba_refusal="gpt_neox blocks (LayerNorm, attention and MLP side by side on one residual) have no Bamba equivalent",
-    )
-)

@@ -44,6 +44,11 @@ DECODERS = {
     "xglm": {"num_key_value_heads": 4},
     "opt": {"num_key_value_heads": 4},  # its final_layer_norm is registered before its blocks
     "gpt_bigcode": {"multi_query": True, "num_key_value_heads": 1},  # c_attn as nn.Linear, one K/V head (StarCoder, SantaCoder)
+    # A fused query_key_value with dense, in Falcon's three orders: one K/V head (Falcon-7B; attention
+    # and MLP side by side), K/V groups (Falcon-40B, -180B, Falcon2), head by head (Persimmon, with q/k norms).
+    "falcon": {"multi_query": True, "num_key_value_heads": 1},
+    "falcon-grouped": {"model_type": "falcon", "new_decoder_architecture": True, "num_kv_heads": 2},
+    "persimmon": {"num_key_value_heads": 4},
     "mistral": {"sliding_window": WINDOW},
     "qwen2": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 2},
     "gemma2": {"head_dim": 16, "sliding_window": WINDOW},  # soft-capped attention and logits, eager only
@@ -58,7 +63,8 @@ SLIDING = ("mistral", "qwen2", "gemma2", "olmo3")
 
 def tiny(model_type: str, seed: int = 0) -> PreTrainedModel:
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **{**_COMMON, **DECODERS[model_type]})
+    fields = {**_COMMON, **DECODERS[model_type]}
+    config = AutoConfig.for_model(fields.pop("model_type", model_type), **fields)
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -193,7 +199,7 @@ def test_conversion_copies_every_non_attention_tensor(model_type):
     assert logits.shape == (2, SEQ, teacher.config.vocab_size) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("model_type", ["phi", "gptj", "lfm2", "gpt2", "xglm", "opt", "gpt_bigcode"])
+@pytest.mark.parametrize("model_type", ["phi", "gptj", "lfm2", "gpt2", "xglm", "opt", "gpt_bigcode", "falcon", "falcon-grouped", "persimmon"])
 def test_discovered_layouts_generate_with_the_cache_and_round_trip(model_type, tmp_path):
     """The layouts whose output projection is ``dense`` (Phi) or ``out_proj`` (GPT-J, LFM2,
     XGLM, OPT), and GPT-2's Conv1D: a hybrid student generates with the recurrent cache what it
@@ -275,6 +281,33 @@ def test_gpt_bigcode_c_attn_is_read_as_its_attention_splits_it(multi_query):
         torch.testing.assert_close(got, nn.functional.linear(x, w, b))
 
 
+@pytest.mark.parametrize("model_type", ["falcon", "falcon-grouped", "persimmon"])
+def test_query_key_value_is_read_in_the_order_its_attention_splits_it(model_type):
+    """Falcon's and Persimmon's query_key_value: [q | k | v] with one K/V head, K/V groups, or head
+    by head. Head by head has the size [q | k | v] would have with as many K/V heads: only values
+    tell them apart. The reader's rows give what the modeling code's split gives, also read from a
+    checkpoint."""
+    teacher = tiny(model_type)
+    adapter, config = get_adapter(teacher.config), teacher.config
+    attn = adapter.attention(adapter.layers(teacher)[1])
+    weights = adapter.read_attention(attn, config)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    fused = attn.query_key_value(x)
+    if model_type == "falcon":  # [q | k | v], one K/V head
+        q, k, v = fused.split((64, 16, 16), dim=-1)
+    elif model_type == "falcon-grouped":  # per K/V group: its 2 queries, its key, its value
+        grouped = fused.view(3, 2, 4, 16)
+        q, k, v = grouped[:, :, :2].reshape(3, 64), grouped[:, :, 2].reshape(3, 32), grouped[:, :, 3].reshape(3, 32)
+    else:  # per head: q_h, k_h, v_h
+        q, k, v = (t.reshape(3, 64) for t in fused.view(3, 4, 3, 16).unbind(2))
+    for got, (w, b) in zip((q, k, v), ((weights.q, weights.q_bias), (weights.k, weights.k_bias), (weights.v, weights.v_bias))):
+        torch.testing.assert_close(got, nn.functional.linear(x, w, b))
+    assert weights.o is attn.dense.weight
+    prefix = attention_prefixes(teacher, adapter)[1]
+    from_file = adapter.read_attention(TensorTree(StateDictReader(teacher.state_dict()), prefix), config)
+    assert torch.equal(from_file.q, weights.q) and torch.equal(from_file.v, weights.v)
+
+
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
 def test_encoder_adapter_reads_qkv_and_leaves_o_outside(model_type):
     torch.manual_seed(0)
@@ -347,12 +380,14 @@ def test_unconvertible_layout_is_refused_before_weights_are_read():
     assert "\n" not in message
     assert "'cald_test_no_qkv'" in message
     assert "no attention module with q/k/v projections found in layer 0; found children [token_mix, mlp (0, 1)]" in message
-    assert "hand-written: gpt_neox, llama, mistral, qwen2" in message
+    assert "hand-written: llama, mistral, qwen2" in message
 
 
 def test_real_families_with_other_layouts_are_refused_by_name():
-    with pytest.raises(ValueError, match=r"'bloom': no attention module .* found children \[input_layernorm, self_attention \(query_key_value, dense"):
-        get_adapter("bloom")
+    # ALiBi: the view builds no position bias (Bloom hands it to every block, Falcon-RW adds it to the mask).
+    for alibi in ("bloom", AutoConfig.for_model("falcon", **{**_COMMON, "alibi": True, "multi_query": False})):
+        with pytest.raises(ValueError, match=r"'(bloom|falcon)': its attention takes an ALiBi position bias, which the layerwise view"):
+            get_adapter(alibi)
     with pytest.raises(ValueError, match=r"'t5': several \(encoder.block, decoder.block\) nn.ModuleList"):
         get_adapter("t5")
     with pytest.raises(ValueError, match="'no_such_family'.*transformers has no config"):
@@ -417,7 +452,7 @@ def test_families_discovery_cannot_take_are_refused_in_one_line_before_any_weigh
 def test_supported_families_names_adapters_and_discovery():
     get_adapter(tiny("qwen3").config)
     text = supported_families()
-    assert "hand-written adapters for gpt_neox, llama, mistral, qwen2" in text
+    assert "hand-written adapters for llama, mistral, qwen2" in text
     assert "any other family is discovered" in text and "qwen3" in text
     assert get_adapter(tiny("qwen3").config) is get_adapter(tiny("qwen3", seed=1).config)  # cached per model type and config
     assert get_adapter("qwen3") == get_adapter(tiny("qwen3").config)
