@@ -55,6 +55,18 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(root).expanduser()
 
 
+def work_cache_dir(cache_dir: str | None, kind: str) -> str:
+    """A run's data cache folder (tokenised corpora, classification splits), absolute, as the run
+    records it: ``cache_dir``; else ``$CALD_SCALE_CACHE/<kind>`` when that is set (one cache for
+    every project, e.g. on a cluster's shared disk); else ``.cache/cald_scale/<kind>`` under the
+    working folder. Absolute, so `cald-scale evaluate RUN` started elsewhere reads the same cache
+    instead of tokenising again there ("~" is the home folder)."""
+    if cache_dir is None:
+        env = os.environ.get("CALD_SCALE_CACHE")
+        cache_dir = os.path.join(env, kind) if env else os.path.join(".cache", "cald_scale", kind)
+    return os.path.abspath(os.path.expanduser(cache_dir))
+
+
 CACHE_TAG = "CACHEDIR.TAG"
 _CACHE_TAG_TEXT = (
     "Signature: 8a477f597d28d172789f06886806bc55\n"

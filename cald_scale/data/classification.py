@@ -39,7 +39,7 @@ from cald_scale.data.classification_sources import (
     source_identity,
 )
 from cald_scale.engines.preemption import raise_if_preempted
-from cald_scale.fileio import atomic_write_text, file_lock
+from cald_scale.fileio import atomic_write_text, file_lock, work_cache_dir
 
 __all__ = [
     "BUILTIN_CLASSIFICATION",
@@ -127,8 +127,10 @@ class ClassificationDataConfig:
     """Cap on validation and on test examples (None: all, the default: results quote whole
     splits), stratified like `max_train_examples`; for CI-sized checks only."""
 
-    cache_dir: str = ".cache/cald_scale/classification"
-    """Folder holding the cached splits (one JSON file per key) and `datasets`' own cache."""
+    cache_dir: str | None = None
+    """Folder holding the cached splits (one JSON file per key) and `datasets`' own cache.
+    None: ``$CALD_SCALE_CACHE/classification`` when that is set, else
+    ``.cache/cald_scale/classification`` under the working folder."""
 
     def __post_init__(self) -> None:
         for name in ("dataset", "train", "validation", "test", "text_column", "label_column", "text_pair_column"):
@@ -174,9 +176,9 @@ class ClassificationDataConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"classification.{name} must be null or an int >= 1, got {value!r}")
-        if not isinstance(self.cache_dir, str) or not self.cache_dir:
-            raise ValueError(f"classification.cache_dir must be a non-empty path, got {self.cache_dir!r}")
-        self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir))  # as data.cache_dir: the same cache from any folder
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
+            raise ValueError(f"classification.cache_dir must be null or a non-empty path, got {self.cache_dir!r}")
+        self.cache_dir = work_cache_dir(self.cache_dir, "classification")
 
 
 # ---------------------------------------------------------------------------------------

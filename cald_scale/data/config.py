@@ -1,11 +1,11 @@
 # Data config: which corpus to read, how it is tokenised, split, capped and packed.
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from cald_scale.config_loader import INFINITE_OK
 from cald_scale.data.corpora import absolute_corpus
+from cald_scale.fileio import work_cache_dir
 
 __all__ = ["DataConfig"]
 
@@ -60,8 +60,10 @@ class DataConfig:
     max_eval_tokens: int | None = None
     """Cap on the eval split's tokens (None: no cap)."""
 
-    cache_dir: str = ".cache/cald_scale/data"
-    """Folder holding the tokenised corpora, one sub-folder per cache key."""
+    cache_dir: str | None = None
+    """Folder holding the tokenised corpora, one sub-folder per cache key. None:
+    ``$CALD_SCALE_CACHE/data`` when that is set, else ``.cache/cald_scale/data`` under the
+    working folder (the run records the folder it resolved to)."""
 
     seed: int = 0
     """Seed of the document shuffle that picks the eval documents and the write order."""
@@ -104,11 +106,9 @@ class DataConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{name} must be None or an int >= 1, got {value!r}")
-        if not isinstance(self.cache_dir, str) or not self.cache_dir:
-            raise ValueError(f"data.cache_dir must be a non-empty path, got {self.cache_dir!r}")
-        # Absolute, as the run records it: `cald-scale evaluate RUN` started in another folder reads
-        # the same cache instead of tokenising the corpus again there (and "~" is the home folder).
-        self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir))
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
+            raise ValueError(f"data.cache_dir must be null or a non-empty path, got {self.cache_dir!r}")
+        self.cache_dir = work_cache_dir(self.cache_dir, "data")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"data.seed must be an int >= 0, got {self.seed!r}")
         if isinstance(self.wait_timeout_s, bool) or not isinstance(self.wait_timeout_s, (int, float)) or self.wait_timeout_s <= 0:

