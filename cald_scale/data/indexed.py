@@ -390,4 +390,6 @@ def _build_or_open(
             build_cache(cfg, source, tokenizer, folder, key)
     else:
         wait_for_cache(cfg.cache_dir, key, cfg.wait_timeout_s if wait_timeout_s is None else wait_timeout_s)
-    return _open_cache(folder, source.name)
+    # NOTE: the key holds the tokenizer's spec, so this run's tokenizer made these tokens whichever
+    # folder first wrote the cache (meta.json names that one): messages name this run's.
+    return replace(_open_cache(folder, source.name), tokenizer_name=str(tokenizer.name_or_path))

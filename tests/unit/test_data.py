@@ -1080,6 +1080,22 @@ def test_vocab_mismatch(shakespeare, tokenizer):
         check_vocab(corpus, 500, "tiny-model")
 
 
+def test_a_shared_token_cache_is_named_by_the_tokenizer_that_reads_it(shakespeare, tokenizer, tmp_path):
+    """The cache is keyed by the tokenizer's spec, so a copy of it in another folder (another
+    teacher of the same family) reuses the tokens: the corpus and its messages then name the
+    tokenizer of the run that reads them, not the folder that first wrote the cache."""
+    from transformers import AutoTokenizer
+
+    cfg, first = shakespeare
+    tokenizer.save_pretrained(tmp_path / "other_teacher")
+    copy = AutoTokenizer.from_pretrained(tmp_path / "other_teacher")
+    reused = build_indexed_dataset(cfg, copy, is_rank0=True)
+    assert reused.meta_path == first.meta_path  # the same cache, not a second tokenisation
+    assert reused.tokenizer_name == str(tmp_path / "other_teacher") != first.tokenizer_name
+    with pytest.raises(ValueError, match=rf"tokenised with {tmp_path / 'other_teacher'}, vocab"):
+        check_vocab(reused, 500, "tiny-model")
+
+
 # ---------------------------------------------------------------------------------------
 # Sharding
 # ---------------------------------------------------------------------------------------
