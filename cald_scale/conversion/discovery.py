@@ -107,9 +107,10 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
         embed_dropout_attr = _find_embed_dropout(base, layers_attr)
         # NOTE: decoders only: an encoder's embeddings module adds its own (RoFormer's "positional" module is rotary).
         position_embedding_attr = None if is_encoder(config) else _find_position_embedding(base, layers_attr)
-        # NOTE: OPT, XGLM: a dropout call in the forward, outside any module (said when a run trains).
+        # NOTE: XGLM, BioGPT: a dropout call in the forward, outside any module, at the rate the
+        # blocks' owner holds. A candidate here: check_block_by_block keeps it if the forward uses it.
         rate = getattr(base.get_submodule(layers_attr.rpartition(".")[0]), "dropout", None)
-        embed_dropout_outside = rate if embed_dropout_attr is None and isinstance(rate, float) else 0.0
+        embed_dropout_outside = float(rate) if embed_dropout_attr is None and isinstance(rate, (int, float)) and rate > 0 else 0.0
     except _Refusal as err:
         raise ValueError(
             f"cannot convert model type {model_type!r}: {err}. A family with another layout needs a hand-written "
@@ -204,6 +205,8 @@ def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handw
                     ) from None
                 gaps.append((got - expected).abs().max().item())
                 if gaps[-1] <= _TOLERANCE * max(1.0, expected.abs().max().item()):
+                    if candidate.embed_dropout_outside and not _drops_out_embeddings(model, candidate, ids):
+                        candidate = dataclasses.replace(candidate, embed_dropout_outside=0.0)  # OPT keeps the rate, unused
                     return candidate
     except _Refusal as refused:
         raise ValueError(str(refused)) from None
@@ -216,6 +219,25 @@ def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handw
         "distillation target would be wrong. It needs a hand-written FamilyAdapter in cald_scale/conversion/families.py "
         f"(hand-written: {', '.join(handwritten)})"
     )
+
+
+def _drops_out_embeddings(model: nn.Module, adapter: FamilyAdapter, ids: torch.Tensor) -> bool:
+    """Whether ``model``'s forward drops out its embeddings at the rate its blocks' owner holds
+    (``owner.dropout``), by a call of its own: in training mode, with every other dropout at 0
+    (modules and the rates other modules hold) and that one at 0.5, do its logits move?"""
+    owner = adapter.base(model).get_submodule(adapter.layers_attr.rpartition(".")[0])
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float) and not (module is owner and name == "dropout"):
+                setattr(module, name, 0.0)
+    owner.dropout = 0.5
+    try:
+        model.train()
+        return not torch.equal(model(input_ids=ids, use_cache=False).logits, model.eval()(input_ids=ids, use_cache=False).logits)
+    finally:
+        model.eval()
 
 
 def _tiny_copy(config: PretrainedConfig) -> PretrainedConfig:

@@ -85,7 +85,8 @@ class FamilyAdapter:
     """Optional dropout applied to embeddings on the base model (gpt_neox ``emb_dropout``)."""
     embed_dropout_outside: float = 0.0
     """A dropout rate the family's forward applies to the embeddings itself, outside any module
-    (OPT, XGLM, BioGPT): block by block the student trains without that one dropout."""
+    (XGLM, BioGPT: the rate their blocks' owner holds), which the layerwise view applies the
+    same way; 0: none (OPT holds such a rate and does not use it)."""
     attention_extras: tuple[str, ...] = ()
     """Weights of the attention slot besides its projections (Qwen3's q_norm / k_norm, gpt_oss's
     sinks): the attention-informed mixer init maps the projections alone."""

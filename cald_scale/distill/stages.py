@@ -121,6 +121,9 @@ class LayerwiseModel:
                 hidden = hidden + self._absolute_positions(hidden)
             if self.adapter.embed_dropout_attr:
                 hidden = getattr(self.base, self.adapter.embed_dropout_attr)(hidden)
+            elif self.adapter.embed_dropout_outside:  # XGLM, BioGPT: a call in their forward, at the blocks' owner's rate
+                owner = self.base.get_submodule(self.adapter.layers_attr.rpartition(".")[0])
+                hidden = F.dropout(hidden, p=self.adapter.embed_dropout_outside, training=owner.training)
         return hidden
 
     def _absolute_positions(self, hidden: torch.Tensor) -> torch.Tensor:

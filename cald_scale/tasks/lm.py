@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Callable
 
@@ -18,8 +17,6 @@ from ..generation.context import check_context
 from .student_source import student_init_source
 
 __all__ = ["LanguageModelingTask"]
-
-logger = logging.getLogger(__name__)
 
 
 def refuse_encoder(source) -> None:
@@ -44,11 +41,6 @@ class LanguageModelingTask:
         self.source, self.tokenizer = open_teacher(cfg.teacher)
         refuse_encoder(self.source)
         adapter = get_adapter(self.source.config)  # an unconvertible family fails now, before any weight is read
-        if adapter.embed_dropout_outside > 0:  # here, where a student trains, not at every load of one
-            logger.warning(
-                "%s's forward drops out its embeddings (p=%g) outside any module: block by block, the student "
-                "trains without that one dropout", adapter.model_type, adapter.embed_dropout_outside,
-            )
         # Positions past the teacher's trained range give no teacher behaviour to learn, nor one a kept
         # attention layer or a kept position table (GPT-2) knows: refused where a phase is guided or
         # either stays; an unguided student of mixers alone has no such limit (a longer context is what it is for).

@@ -522,30 +522,33 @@ def test_a_conversion_says_when_an_attention_holds_more_than_its_projections(cap
     assert "besides its projections" not in caplog.text
 
 
-def test_a_run_says_when_a_forward_drops_out_embeddings_outside_any_module(caplog, tmp_path):
-    """OPT's forward calls dropout on its embeddings itself: block by block the student trains
-    without it (eval is the same). Discovery records it; a run that trains says so, a load of a
-    student does not. GPT-2's is a module the view runs."""
-    import logging
-
-    from tiny_models import train_tokenizer
-
-    from cald_scale.config import load_run_config
+@pytest.mark.parametrize("model_type", ["gpt2", "xglm", "biogpt", "opt"])
+def test_block_by_block_training_drops_out_what_the_forward_does(model_type):
+    """In training mode too, the view computes the family's forward: GPT-2's embedding dropout is
+    a module; XGLM's and BioGPT's a call in their forward, at their blocks' owner's rate, which the
+    view makes the same way; OPT holds such a rate and never uses it. Same seed, same masks: the
+    same logits (the view once skipped XGLM's and BioGPT's, and warned for OPT)."""
     from cald_scale.conversion.discovery import discover_adapter
-    from cald_scale.tasks import open_task
 
-    tokenizer = train_tokenizer(["a b c d e f"] * 10, vocab_size=280)
-    opt = AutoConfig.for_model("opt", **{**_COMMON, **DECODERS["opt"], "dropout": 0.2, "vocab_size": len(tokenizer)})
-    with caplog.at_level(logging.WARNING):
-        gpt2 = discover_adapter(tiny("gpt2").config, [])
-        assert (gpt2.embed_dropout_attr, gpt2.embed_dropout_outside) == ("drop", 0.0)
-        assert discover_adapter(opt, []).embed_dropout_outside == 0.2
-        assert "drops out" not in caplog.text
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(opt).save_pretrained(tmp_path / "opt")
-        tokenizer.save_pretrained(tmp_path / "opt")
-        open_task(load_run_config(overrides=[f"teacher.name_or_path={tmp_path / 'opt'}", f"data.cache_dir={tmp_path / 'data'}"]), is_main=True)
-    assert "opt's forward drops out its embeddings (p=0.2) outside any module" in caplog.text
+    fields = {**_COMMON, "num_key_value_heads": 4, "dropout": 0.3, "attention_dropout": 0.0, "activation_dropout": 0.0}
+    if model_type == "gpt2":
+        fields.update(embd_pdrop=0.3, resid_pdrop=0.0, attn_pdrop=0.0)
+    if model_type == "biogpt":
+        fields.update(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.0, scale_embedding=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields)).train()
+    adapter = get_adapter(model.config)
+    expected = {"gpt2": 0.0, "xglm": 0.3, "biogpt": 0.3, "opt": 0.0}[model_type]
+    assert adapter.embed_dropout_outside == expected
+    if model_type == "opt":  # the rate is there, as discovery alone sees it: the tiny copy's forward says it is unused
+        assert discover_adapter(model.config, []).embed_dropout_outside == 0.3
+    torch.manual_seed(5)
+    forward = model(ids(), use_cache=False).logits
+    torch.manual_seed(5)
+    view = LayerwiseModel(model).logits(ids())
+    torch.testing.assert_close(view, forward, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # and the dropout draws: not the eval logits
+        assert not torch.allclose(forward, model.eval()(ids()).logits, atol=1e-3)
 
 
 @pytest.mark.parametrize("rotary", [1.0, 0.75], ids=["full", "partial"])
