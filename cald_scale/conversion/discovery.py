@@ -92,7 +92,6 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
     model_type = config.model_type
     try:
         skeleton = _skeleton(config)
-        _refuse_fused_checkpoints(skeleton)
         base = FamilyAdapter.base(skeleton)
         layers_attr = _find_layers(base, config)
         layers = base.get_submodule(layers_attr)
@@ -297,20 +296,6 @@ def _refuse_alibi(config: PretrainedConfig, layer: nn.Module) -> None:
         raise _Refusal(
             "its attention takes an ALiBi position bias, which the layerwise view distillation uses does not build "
             "(it gives blocks causal masks and rotary embeddings, or adds an absolute position table to the embeddings)"
-        )
-
-
-def _refuse_fused_checkpoints(skeleton: nn.Module) -> None:
-    """A family whose checkpoints store tensors that transformers fuses at load (a MoE's experts,
-    one tensor each) cannot be read tensor by tensor: refused now, not after the student is built."""
-    from .weights import _transforms_for
-
-    _, converters = _transforms_for(skeleton)
-    if converters:
-        fused = sorted({str(target) for c in converters for target in getattr(c, "target_patterns", [])})
-        raise _Refusal(
-            f"its checkpoints keep tensors that transformers fuses when it loads them ({', '.join(fused[:3]) or 'its experts'}), "
-            "and conversion reads a checkpoint tensor by tensor, renamed at most"
         )
 
 

@@ -4,11 +4,14 @@ A checkpoint is never loaded whole: ``WeightReader.get`` reads one tensor (safet
 memory-mapped; ``.bin`` files are opened with ``mmap=True``), and ``load_weights`` hands
 each tensor to an ``assign`` function that writes it into the matching parameter. With a
 plain module ``assign`` copies; under ZeRO-3 it keeps only this rank's partition (see
-``engines/partitioned.py``). Peak memory is therefore one tensor, not one model.
+``engines/partitioned.py``). Peak memory is therefore one tensor, not one model (a MoE's
+fused experts: one layer's).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import re
@@ -161,48 +164,49 @@ class TorchBinReader(StateDictReader):
 
 
 class RenamedReader:
-    """A reader whose keys are a model's own names: transformers' checkpoint renamings applied.
+    """A reader whose keys are a model's own names: transformers' checkpoint conversions applied.
 
     transformers 5 renames some checkpoint keys at load time (GPT-NeoX's ``embed_out`` is
-    ``lm_head``; a checkpoint saved from the base model lacks the ``model.`` prefix). The
-    same renamings are applied here, lazily. Transforms that fuse several checkpoint
-    tensors into one (``WeightConverter``, e.g. stacked MoE experts) need the whole group
-    at once and are refused, naming the keys.
+    ``lm_head``; a checkpoint saved from the base model lacks the ``model.`` prefix), and fuses
+    others (``WeightConverter``: a MoE's experts, one tensor each in the checkpoint, stacked into
+    one ``experts.gate_up_proj``). The same conversions apply here, lazily: a fused tensor is
+    read when asked for, from its sources alone (one layer's experts, never the whole model),
+    by transformers' own operations, so it equals what ``from_pretrained`` builds.
     """
 
     def __init__(self, reader: WeightReader, model: nn.Module):
         self._reader = reader
-        self._to_checkpoint: dict[str, str] = {}
+        # model key -> its checkpoint key, or (converter, [(source pattern, checkpoint key), ...]) for a fused one
+        self._to_checkpoint: dict[str, str | tuple[object, list[tuple[str, str]]]] = {}
         renamings, converters = _transforms_for(model)
         # NOTE: a value for every key: transformers adds or strips the prefix only where .get() is not None.
         model_keys = dict.fromkeys(model.state_dict(keep_vars=True), True)
         prefix = getattr(model, "base_model_prefix", None) or None
-        fused = []
-        for key in reader.keys():
-            if renamings or converters or prefix:
-                from transformers.core_model_loading import rename_source_key
+        keys = reader.keys()
+        if renamings or converters or prefix:
+            from transformers.core_model_loading import dot_natural_key, rename_source_key
 
-                new, converter = rename_source_key(key, renamings, converters, prefix, model_keys)
-            else:
-                new, converter = key, None
-            if converter is not None:
-                fused.append(key)
-            self._to_checkpoint[new] = key
+            by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
+            # NOTE: in transformers' order (layer and expert numbers as numbers): a fused tensor stacks its sources so.
+            for key in sorted(keys, key=dot_natural_key):
+                new, pattern = rename_source_key(key, renamings, converters, prefix, model_keys)
+                if pattern is None:
+                    self._to_checkpoint[new] = key
+                else:
+                    self._to_checkpoint.setdefault(new, (by_pattern[pattern], []))[1].append((pattern, key))
+        else:
+            self._to_checkpoint = {key: key for key in keys}
         if prefix:
             self._same_prefix_for_all(prefix, model_keys)
-        if fused:
-            raise WeightsMismatchError(
-                f"{type(model).__name__} loads {fused[:4]} ({len(fused)} in all) by fusing several checkpoint tensors; "
-                "tensor-by-tensor loading supports renamed tensors only"
-            )
 
     def _same_prefix_for_all(self, prefix: str, model_keys: dict) -> None:
         """transformers adds (or strips) the base-model prefix key by key, where the model has the
         result; a checkpoint of the base model lacks it on every key, the student's mixer slots
         included (which hold attention in the checkpoint): add it there too, and likewise strip."""
         pre = prefix + "."
-        added = any(new == pre + old for new, old in self._to_checkpoint.items())
-        stripped = any(old == pre + new for new, old in self._to_checkpoint.items())
+        plain = [(new, old) for new, old in self._to_checkpoint.items() if isinstance(old, str)]
+        added = any(new == pre + old for new, old in plain)
+        stripped = any(old == pre + new for new, old in plain)
         if added == stripped:
             return
 
@@ -217,10 +221,26 @@ class RenamedReader:
         return list(self._to_checkpoint)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._reader.shape(self._to_checkpoint[key])
+        source = self._to_checkpoint[key]
+        if isinstance(source, str):
+            return self._reader.shape(source)
+        # A fused tensor's shape: its operations run on meta tensors of its sources' shapes (nothing read).
+        return tuple(self._fuse(key, lambda k: torch.empty(self._reader.shape(k), device="meta")).shape)
 
     def get(self, key: str) -> torch.Tensor:
-        return self._reader.get(self._to_checkpoint[key])
+        source = self._to_checkpoint[key]
+        return self._reader.get(source) if isinstance(source, str) else self._fuse(key, self._reader.get)
+
+    def _fuse(self, key: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The model tensor ``key`` built from its checkpoint tensors by its converter's operations."""
+        converter, sources = self._to_checkpoint[key]
+        converter = copy.deepcopy(converter)  # as transformers: one instance per target tensor
+        for pattern, checkpoint_key in sources:
+            converter.add_tensor(key, checkpoint_key, pattern, functools.partial(read, checkpoint_key))
+        out = converter.convert(key)
+        if key not in out:
+            raise WeightsMismatchError(f"fusing {[k for _, k in sources][:4]} into {key} gave {sorted(out)} instead")
+        return out[key]
 
 
 def _transforms_for(model: nn.Module) -> tuple[list, list]:
