@@ -183,7 +183,14 @@ def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handw
             for name, param in model.named_parameters():
                 param.normal_(1.0 if param.dim() == 1 and name.endswith("weight") else 0.0, 0.1 if param.dim() == 1 else 0.2)
             ids = torch.randint(3, tiny.vocab_size, (2, 12))
-            expected = model(input_ids=ids, use_cache=False).logits
+            returned = []
+            slot = adapter.attention(adapter.layers(model)[0])
+            hook = slot.register_forward_hook(lambda module, args, out: returned.append(out))
+            try:
+                expected = model(input_ids=ids, use_cache=False).logits
+            finally:
+                hook.remove()
+            _refuse_other_returns(config, returned, slot)
             if not expected.isfinite().all():
                 raise ArithmeticError("its forward gives non-finite logits")
             scaling = float(getattr(config, "logits_scaling", None) or 1.0)
@@ -220,6 +227,18 @@ def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handw
     )
 
 
+def _refuse_other_returns(config: PretrainedConfig, returned: list, slot: nn.Module) -> None:
+    """A mixer takes the attention's place and returns what attention returns in transformers:
+    ``(output, weights)``. An attention that returns more (GPT-NeoX-Japanese hands its output
+    projection's bias to the block) or a bare tensor leaves its block expecting what no mixer gives."""
+    if returned and not (isinstance(returned[0], (tuple, list)) and len(returned[0]) <= 2):
+        what = f"{len(returned[0])} values" if isinstance(returned[0], (tuple, list)) else f"a {type(returned[0]).__name__}"
+        raise _Refusal(
+            f"cannot convert model type {config.model_type!r}: its attention ({type(slot).__name__}) returns {what} to its "
+            "block, where a mixer in its place returns (output, attention weights) as attention does in transformers"
+        )
+
+
 def _drops_out_embeddings(model: nn.Module, adapter: FamilyAdapter, ids: torch.Tensor) -> bool:
     """Whether ``model``'s forward drops out its embeddings at the rate its blocks' owner holds
     (``owner.dropout``), by a call of its own: in training mode, with every other dropout at 0
@@ -246,8 +265,9 @@ def _tiny_copy(config: PretrainedConfig) -> PretrainedConfig:
     for name, value in _TINY.items():
         setattr(tiny, name, value)
     for name, value in _TINY_IF_SET.items():
-        # NOTE: a field a family derives (Falcon's head_dim property) follows the sizes set here.
-        if getattr(config, name, None) and not isinstance(getattr(type(config), name, None), property):
+        # NOTE: a field a family derives (Falcon's head_dim, a property without a setter) follows the sizes set here.
+        attribute = getattr(type(config), name, None)
+        if getattr(config, name, None) and not (isinstance(attribute, property) and attribute.fset is None):
             setattr(tiny, name, value)
     heads = config.num_attention_heads
     tiny.num_attention_heads = 4
@@ -289,13 +309,15 @@ def _shrink_rope_factors(tiny: PretrainedConfig) -> None:
 
 
 def _refuse_alibi(config: PretrainedConfig, layer: nn.Module) -> None:
-    """ALiBi families (Bloom, Falcon-RW, Falcon-7B's ``alibi`` variant) give attention a position
+    """ALiBi families (Bloom, Falcon-RW-1B and -7B: Falcon's ``alibi``) give attention a position
     bias their model's forward builds into the mask or hands each block; the layerwise view builds
     causal masks and rotary embeddings only, so their teacher blocks would run without it."""
     if getattr(config, "alibi", False) or "alibi" in inspect.signature(type(layer).forward).parameters:
-        raise _Refusal(
-            "its attention takes an ALiBi position bias, which the layerwise view distillation uses does not build "
-            "(it gives blocks causal masks and rotary embeddings, or adds an absolute position table to the embeddings)"
+        # NOTE: a ValueError, not a _Refusal: no hand-written adapter would help (the view builds the bias).
+        raise ValueError(
+            f"cannot convert model type {config.model_type!r}: its attention takes an ALiBi position bias, which the "
+            "layerwise view distillation uses does not build (it gives blocks causal masks and rotary embeddings, or adds "
+            "an absolute position table to the embeddings)"
         )
 
 

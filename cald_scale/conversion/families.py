@@ -103,11 +103,13 @@ def _read_per_head(qkv: nn.Module, out: nn.Module, config) -> AttentionWeights:
 
 
 def read_query_key_value_dense(attn: nn.Module, config) -> AttentionWeights:
-    """``query_key_value`` and ``dense`` (Falcon, Persimmon, GPT-NeoX-Japanese): for each K/V
-    group g, the rows ``[q_g1 .. q_gn, k_g, v_g]``, query head h in group h // n as grouped-query
-    attention repeats K/V. Falcon-40B, -180B and Falcon2 have a few groups; a single group is
-    ``[q | k | v]`` with one K/V head (Falcon-7B's multi_query); one group per head is
-    ``[q_h, k_h, v_h]`` head by head (Persimmon). The config's K/V head count says which."""
+    """``query_key_value`` and ``dense`` (GPT-NeoX, Falcon, Persimmon): for each K/V group g, the
+    rows ``[q_g1 .. q_gn, k_g, v_g]``, query head h in group h // n as grouped-query attention
+    repeats K/V. Falcon-40B, -180B and Falcon2 have a few groups; a single group is ``[q | k | v]``
+    with one K/V head (Falcon-7B's multi_query); one group per head is ``[q_h, k_h, v_h]`` head by
+    head (GPT-NeoX, Persimmon, Falcon without multi_query). The config's K/V head count says which.
+    NOTE: a family with these names but plain ``[q | k | v]`` rows and as many K/V heads as query
+    heads would be read wrongly; none in transformers 5.25 is (tests/unit/test_families.py)."""
     _, heads, kv_heads, head_dim = teacher_geometry(config)
     qkv, out = attn.query_key_value, attn.dense
     w = qkv.weight.view(kv_heads, heads // kv_heads + 2, head_dim, -1)

@@ -281,31 +281,59 @@ def test_gpt_bigcode_c_attn_is_read_as_its_attention_splits_it(multi_query):
         torch.testing.assert_close(got, nn.functional.linear(x, w, b))
 
 
-@pytest.mark.parametrize("model_type", ["falcon", "falcon-grouped", "persimmon"])
-def test_query_key_value_is_read_in_the_order_its_attention_splits_it(model_type):
-    """Falcon's and Persimmon's query_key_value: [q | k | v] with one K/V head, K/V groups, or head
-    by head. Head by head has the size [q | k | v] would have with as many K/V heads: only values
-    tell them apart. The reader's rows give what the modeling code's split gives, also read from a
-    checkpoint."""
-    teacher = tiny(model_type)
+# query_key_value orders: (model type, config fields, K/V heads); 4 query heads of 16.
+QKV_ORDERS = {
+    "falcon-multi-query": ("falcon", {"multi_query": True, "bias": True}, 1),  # [q | k | v], one K/V head
+    "falcon-grouped": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "bias": True}, 2),  # per group: 2 q, k, v
+    "falcon-per-head": ("falcon", {"multi_query": False, "bias": True}, 4),  # q_h, k_h, v_h
+    "gpt_neox": ("gpt_neox", {}, 4),  # q_h, k_h, v_h, with biases
+    "persimmon": ("persimmon", {}, 4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QKV_ORDERS))
+def test_query_key_value_is_read_in_the_order_its_attention_splits_it(case):
+    """GPT-NeoX's, Falcon's and Persimmon's query_key_value: [q | k | v] with one K/V head, K/V
+    groups, or head by head. Head by head has the size [q | k | v] would have with as many K/V
+    heads: only values tell them apart. The reader's rows and biases give what the modeling code's
+    split gives, also read from a checkpoint. (Configs as published: no num_key_value_heads given.)"""
+    model_type, fields, kv = QKV_ORDERS[case]
+    torch.manual_seed(0)
+    common = {k: v for k, v in _COMMON.items() if k != "num_key_value_heads"}
+    teacher = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **common, **fields)).eval()
     adapter, config = get_adapter(teacher.config), teacher.config
     attn = adapter.attention(adapter.layers(teacher)[1])
     weights = adapter.read_attention(attn, config)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
     fused = attn.query_key_value(x)
-    if model_type == "falcon":  # [q | k | v], one K/V head
-        q, k, v = fused.split((64, 16, 16), dim=-1)
-    elif model_type == "falcon-grouped":  # per K/V group: its 2 queries, its key, its value
-        grouped = fused.view(3, 2, 4, 16)
-        q, k, v = grouped[:, :, :2].reshape(3, 64), grouped[:, :, 2].reshape(3, 32), grouped[:, :, 3].reshape(3, 32)
-    else:  # per head: q_h, k_h, v_h
+    if kv == 4:  # per head: q_h, k_h, v_h
         q, k, v = (t.reshape(3, 64) for t in fused.view(3, 4, 3, 16).unbind(2))
+    else:  # per K/V group: its 4 // kv queries, its key, its value
+        grouped = fused.view(3, kv, 4 // kv + 2, 16)
+        q, k, v = grouped[:, :, :-2].reshape(3, 64), grouped[:, :, -2].reshape(3, 16 * kv), grouped[:, :, -1].reshape(3, 16 * kv)
     for got, (w, b) in zip((q, k, v), ((weights.q, weights.q_bias), (weights.k, weights.k_bias), (weights.v, weights.v_bias))):
         torch.testing.assert_close(got, nn.functional.linear(x, w, b))
+    assert (weights.q_bias is not None) == (attn.query_key_value.bias is not None)
     assert weights.o is attn.dense.weight
     prefix = attention_prefixes(teacher, adapter)[1]
     from_file = adapter.read_attention(TensorTree(StateDictReader(teacher.state_dict()), prefix), config)
     assert torch.equal(from_file.q, weights.q) and torch.equal(from_file.v, weights.v)
+
+
+def test_published_falcon_geometries_are_checked_on_their_tiny_copies(caplog):
+    """Falcon-7B (71 heads of 64, one K/V head) and Falcon-40B (128 heads, 8 K/V groups): their
+    tiny copies keep one K/V head and K/V groups, with Falcon's own num_kv_heads and its derived
+    head_dim, so the block-by-block check runs instead of being skipped with a warning."""
+    import logging
+
+    falcon_7b = AutoConfig.for_model("falcon", hidden_size=4544, num_attention_heads=71, num_hidden_layers=32, multi_query=True, parallel_attn=True)
+    falcon_40b = AutoConfig.for_model(
+        "falcon", hidden_size=8192, num_attention_heads=128, num_kv_heads=8, num_hidden_layers=60, new_decoder_architecture=True,
+    )
+    with caplog.at_level(logging.WARNING, logger="cald_scale.conversion.discovery"):
+        for config in (falcon_7b, falcon_40b):
+            assert get_adapter(config).attention_attr == "self_attention"
+    assert "could not check" not in caplog.text
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
@@ -386,8 +414,12 @@ def test_unconvertible_layout_is_refused_before_weights_are_read():
 def test_real_families_with_other_layouts_are_refused_by_name():
     # ALiBi: the view builds no position bias (Bloom hands it to every block, Falcon-RW adds it to the mask).
     for alibi in ("bloom", AutoConfig.for_model("falcon", **{**_COMMON, "alibi": True, "multi_query": False})):
-        with pytest.raises(ValueError, match=r"'(bloom|falcon)': its attention takes an ALiBi position bias, which the layerwise view"):
+        with pytest.raises(ValueError, match=r"'(bloom|falcon)': its attention takes an ALiBi position bias, which the layerwise view") as err:
             get_adapter(alibi)
+        assert "hand-written" not in str(err.value)  # no adapter would help
+    # GPT-NeoX-Japanese's attention returns its output projection's bias too, which no mixer gives.
+    with pytest.raises(ValueError, match=r"'gpt_neox_japanese': its attention \(GPTNeoXJapaneseAttention\) returns 3 values to its block"):
+        get_adapter(AutoConfig.for_model("gpt_neox_japanese", hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=128))
     with pytest.raises(ValueError, match=r"'t5': several \(encoder.block, decoder.block\) nn.ModuleList"):
         get_adapter("t5")
     with pytest.raises(ValueError, match="'no_such_family'.*transformers has no config"):
