@@ -206,9 +206,14 @@ def config_key(run: Run, teacher: Run | None = None) -> str:
     config.pop("output")  # where it writes, not what it runs
     # NOTE: cache folders are recorded absolute since stop 56; one inside this checkout is keyed
     # relative to it, as the runs (started at its root) recorded it before, so their keys stand.
+    # The default folder wherever it resolves ($CALD_SCALE_CACHE/<kind> when set) is keyed as the checkout's.
+    from cald_scale.fileio import work_cache_dir
+
     for section in ("data", "classification"):
         cache = (config.get(section) or {}).get("cache_dir")
-        if cache and Path(cache).is_relative_to(REPO):
+        if cache and cache == work_cache_dir(None, section):
+            config[section]["cache_dir"] = f".cache/cald_scale/{section}"
+        elif cache and Path(cache).is_relative_to(REPO):
             config[section]["cache_dir"] = str(Path(cache).relative_to(REPO))
     text = json.dumps(config, sort_keys=True).replace(str(REPO), "<repo>")
     if teacher is not None:

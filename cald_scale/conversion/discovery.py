@@ -92,6 +92,7 @@ def discover_adapter(config: PretrainedConfig, handwritten: list[str]) -> Family
     model_type = config.model_type
     try:
         skeleton = _skeleton(config)
+        _refuse_unreadable_checkpoints(skeleton)
         base = FamilyAdapter.base(skeleton)
         layers_attr = _find_layers(base, config)
         layers = base.get_submodule(layers_attr)
@@ -241,21 +242,20 @@ def _refuse_other_returns(config: PretrainedConfig, returned: list, slot: nn.Mod
 
 def _drops_out_embeddings(model: nn.Module, adapter: FamilyAdapter, ids: torch.Tensor) -> bool:
     """Whether ``model``'s forward drops out its embeddings at the rate its blocks' owner holds
-    (``owner.dropout``), by a call of its own: in training mode, with every other dropout at 0
-    (modules and the rates other modules hold) and that one at 0.5, do its logits move?"""
+    (``owner.dropout``), by a call of its own: in training mode, from one seed, do its logits move
+    when that rate goes from 0 to 0.5? (Only that rate differs: other training-time draws, OPT's
+    LayerDrop, are the same in both.)"""
     owner = adapter.base(model).get_submodule(adapter.layers_attr.rpartition(".")[0])
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for name, value in vars(module).items():
-            if "dropout" in name and isinstance(value, float) and not (module is owner and name == "dropout"):
-                setattr(module, name, 0.0)
-    owner.dropout = 0.5
+    logits = []
     try:
         model.train()
-        return not torch.equal(model(input_ids=ids, use_cache=False).logits, model.eval()(input_ids=ids, use_cache=False).logits)
+        for rate in (0.0, 0.5):
+            owner.dropout = rate
+            torch.manual_seed(1)
+            logits.append(model(input_ids=ids, use_cache=False).logits)
     finally:
         model.eval()
+    return not torch.equal(*logits)
 
 
 def _tiny_copy(config: PretrainedConfig) -> PretrainedConfig:
@@ -306,6 +306,18 @@ def _shrink_rope_factors(tiny: PretrainedConfig) -> None:
     for name in ("long_factor", "short_factor"):
         if isinstance(rope.get(name), list) and len(rope[name]) > half:
             rope[name] = rope[name][:half]
+
+
+def _refuse_unreadable_checkpoints(skeleton: nn.Module) -> None:
+    """A family whose checkpoints hold tensors transformers converts at load in a way conversion
+    cannot rebuild tensor by tensor (Sarvam-MoE splits a fused q/k/v by the model): refused now,
+    before any weight is read. A MoE's experts, stacked and joined, are read."""
+    from .weights import WeightsMismatchError, _transforms_for, refuse_unreadable_converters
+
+    try:
+        refuse_unreadable_converters(_transforms_for(skeleton)[1])
+    except WeightsMismatchError as err:
+        raise _Refusal(str(err)) from None
 
 
 def _refuse_alibi(config: PretrainedConfig, layer: nn.Module) -> None:

@@ -335,6 +335,7 @@ _ENCODER_FAMILIES = frozenset({"bert", "roberta", "xlm-roberta", "electra"})
 def open_teacher(cfg: TeacherConfig) -> tuple[TeacherSource, PreTrainedTokenizerBase]:
     """Resolve ``cfg`` to a local folder (converting or downloading once) and load its config and tokenizer."""
     kind, location, _ = resolve_teacher_source(cfg)
+    dequantised = kind == "gguf"
     if kind == "gguf":
         target = _gguf_cache_folder(Path(location), cfg.cache_dir)
         with file_lock(target.parent / f".{target.name}.lock", interrupt=lambda: raise_if_preempted(f"waiting for another process to convert {location}")) as locked:
@@ -348,6 +349,15 @@ def open_teacher(cfg: TeacherConfig) -> tuple[TeacherSource, PreTrainedTokenizer
         folder = Path(location)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if hasattr(config, "quantization_config"):
+        # NOTE: a GGUF was de-quantised on conversion; a checkpoint quantized in its folder is not
+        # (MXFP4 gpt-oss, FP8 Qwen3), and its packed tensors fit no float model: refused by name.
+        quantization = config.quantization_config
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+        if quantization and not dequantised:
+            raise ValueError(
+                f"teacher {cfg.name_or_path!r} is a quantized checkpoint ({method or 'quantization_config'} in its config.json), "
+                "which conversion cannot read tensor by tensor: give a de-quantised copy (bf16 or float32 safetensors)"
+            )
         del config.quantization_config
     config._attn_implementation = family_attention(config, cfg.attn_implementation)
     if config._attn_implementation != cfg.attn_implementation:

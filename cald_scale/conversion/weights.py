@@ -5,7 +5,7 @@ memory-mapped; ``.bin`` files are opened with ``mmap=True``), and ``load_weights
 each tensor to an ``assign`` function that writes it into the matching parameter. With a
 plain module ``assign`` copies; under ZeRO-3 it keeps only this rank's partition (see
 ``engines/partitioned.py``). Peak memory is therefore one tensor, not one model (a MoE's
-fused experts: one layer's).
+fused experts: one layer's, held about 2.4 times while its sources are stacked and joined).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ __all__ = [
     "WeightsMismatchError",
     "TensorTree",
     "RenamedReader",
+    "refuse_unreadable_converters",
 ]
 
 Assign = Callable[[torch.Tensor, torch.Tensor], None]
@@ -186,6 +187,7 @@ class RenamedReader:
         if renamings or converters or prefix:
             from transformers.core_model_loading import dot_natural_key, rename_source_key
 
+            refuse_unreadable_converters(converters)
             by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
             # NOTE: in transformers' order (layer and expert numbers as numbers): a fused tensor stacks its sources so.
             for key in sorted(keys, key=dot_natural_key):
@@ -241,6 +243,25 @@ class RenamedReader:
         if key not in out:
             raise WeightsMismatchError(f"fusing {[k for _, k in sources][:4]} into {key} gave {sorted(out)} instead")
         return out[key]
+
+
+# The operations a fused tensor is built by here: stacking one tensor per expert, joining
+# them, transposing (ernie's experts). Others need the whole model (Split sizes q/k/v by it) or
+# make several tensors of one.
+_READABLE_OPS = frozenset({"MergeModulelist", "Concatenate", "Transpose"})
+
+
+def refuse_unreadable_converters(converters: list) -> None:
+    """Refuse (by name) fusing converters tensor-by-tensor reading cannot apply: one whose
+    operations are not stacking, joining or transposing, or that makes several tensors."""
+    for converter in converters:
+        ops = [type(op).__name__ for op in converter.operations]
+        if len(converter.target_patterns) > 1 or not set(ops) <= _READABLE_OPS:
+            raise WeightsMismatchError(
+                f"its checkpoints keep tensors that transformers converts at load ({converter.source_patterns[:2]} -> "
+                f"{converter.target_patterns[:3]} by {', '.join(ops)}), which conversion cannot rebuild tensor by tensor "
+                f"(it stacks, joins and transposes: {', '.join(sorted(_READABLE_OPS))}, one tensor from several)"
+            )
 
 
 def _transforms_for(model: nn.Module) -> tuple[list, list]:

@@ -509,6 +509,9 @@ def test_a_moe_checkpoint_with_a_tensor_per_expert_loads_as_from_pretrained_load
 def test_families_discovery_cannot_take_are_refused_in_one_line_before_any_weight_is_read():
     """A config of per-layer geometry (gemma4_text), which raised transformers' own error as a traceback."""
     small = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    # Sarvam-MoE's checkpoint fuses q/k/v, which transformers splits at load by the model's own sizes.
+    with pytest.raises(ValueError, match=r"'sarvam_moe': its checkpoints keep tensors that transformers converts at load \(\['query_key_value'\] -> \['q_proj', 'k_proj', 'v_proj'\] by Split\)"):
+        get_adapter(AutoConfig.for_model("sarvam_moe", **small))
     with pytest.raises(ValueError, match=r"'gemma4_text': its config does not describe one decoder stack \(AmbiguousGlobalPerLayerAttributeError"):
         get_adapter(AutoConfig.for_model("gemma4_text", **small))
 
@@ -606,6 +609,8 @@ def test_block_by_block_training_drops_out_what_the_forward_does(model_type):
     assert adapter.embed_dropout_outside == expected
     if model_type == "opt":  # the rate is there, as discovery alone sees it: the tiny copy's forward says it is unused
         assert discover_adapter(model.config, []).embed_dropout_outside == 0.3
+        # ...also when the forward draws for other reasons in training (LayerDrop; helper-101)
+        assert get_adapter(AutoConfig.for_model("opt", **fields, layerdrop=0.5)).embed_dropout_outside == 0.0
     torch.manual_seed(5)
     forward = model(ids(), use_cache=False).logits
     torch.manual_seed(5)

@@ -186,13 +186,20 @@ def test_a_partial_rerun_launches_only_the_requested_seed_and_cells(results, mon
 COMMITTED = sorted(p.stem for p in (gt.REPO / "benchmarks" / "results").glob("guidance_*.json") if json.loads(p.read_text()).get("task") not in (None, "lm"))
 
 
+@pytest.mark.parametrize("shared_cache", [False, True], ids=["checkout_cache", "CALD_SCALE_CACHE"])
 @pytest.mark.parametrize("benchmark", COMMITTED)
-def test_the_committed_records_are_still_reused_under_todays_config(benchmark, monkeypatch):
+def test_the_committed_records_are_still_reused_under_todays_config(benchmark, shared_cache, monkeypatch, tmp_path):
     # A record is reused only under its config digest. A config key added since (with a default
     # that reproduces the old runs) must not orphan the committed tables: each would then be
     # rerun from scratch (hours of CPU). Keys that never change a result stay out of the digest.
     # A table made before its task's data changed (DATA_REVISIONS) is stale by design, every
-    # record of it: its config digest must still be today's all the same.
+    # record of it: its config digest must still be today's all the same. The default cache
+    # folders, in the checkout or under $CALD_SCALE_CACHE, key alike (helper-101).
+    monkeypatch.chdir(gt.REPO)
+    if shared_cache:
+        monkeypatch.setenv("CALD_SCALE_CACHE", str(tmp_path / "shared"))
+    else:
+        monkeypatch.delenv("CALD_SCALE_CACHE", raising=False)
     result = json.loads((gt.RESULTS / f"{benchmark}.json").read_text())
     made_with = result.get("data_revision")
     if made_with != gt.DATA_REVISIONS.get(result["task"]):  # stale: keyed as under the data it was made on

@@ -58,6 +58,16 @@ def test_folder_without_config_is_rejected(tmp_path):
         load_teacher(TeacherConfig(name_or_path=str(tmp_path)))
 
 
+def test_a_quantized_checkpoint_is_refused_by_name(tmp_path):
+    """MXFP4 gpt-oss, FP8 Qwen3: packed tensors fit no float model, and failed as a list of
+    unexpected keys once weights were read (helper-101). Refused from config.json, by its method."""
+    teacher = tiny_teacher("llama")
+    teacher.config.quantization_config = {"quant_method": "mxfp4"}
+    teacher.config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"is a quantized checkpoint \(mxfp4 in its config.json\).*de-quantised copy"):
+        load_teacher(TeacherConfig(name_or_path=str(tmp_path)))
+
+
 def test_gguf_without_gguf_package_says_how_to_install(tmp_path, monkeypatch):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"GGUF")
