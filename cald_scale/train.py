@@ -49,7 +49,7 @@ from .engines.zero3 import begin_step
 from .eval.report import write_report
 from .export.bamba import BambaExportError, check_exportable, export_bamba
 from .export.hf import export_model
-from .fileio import NO_LOCKS, atomic_write_text, hold_lock, read_json
+from .fileio import NO_LOCKS, atomic_write_text, hold_lock, read_json, work_cache_dir
 from .metrics import MetricsLogger, peak_memory_bytes
 from .tasks import open_task
 
@@ -139,6 +139,28 @@ def refuse_foreign_folder(run_dir: Path) -> None:
         f"output.run_dir {run_dir} holds {what} (its config.json is not a cald_scale run's): a run would overwrite it with its "
         "own config, checkpoints and student; use another output.run_dir"
     )
+
+
+def _keep_recorded_caches(run_dir: Path, cfg: RunConfig, *, resuming: bool) -> RunConfig:
+    """``cfg`` with the cache folders its run recorded, where this session has the defaults and
+    the recorded ones still hold the caches: the default moves with $CALD_SCALE_CACHE (set since
+    the run started, say), and following it would tokenise the corpus again on the first resume
+    while every other rank waits. A section the task does not read keeps its record as it is."""
+    path = run_dir / "config.json"
+    if not resuming or not path.is_file():
+        return cfg
+    saved = read_json(path)
+    used = {"data": cfg.task.kind == "causal_lm", "classification": cfg.task.kind == "classification"}
+    for section, reads in used.items():
+        recorded, current = (saved.get(section) or {}).get("cache_dir"), getattr(cfg, section).cache_dir
+        if not recorded or recorded == current or current != work_cache_dir(None, section):
+            continue
+        if reads and not Path(recorded).is_dir():
+            continue
+        if reads:
+            logger.info("%s.cache_dir: resuming with the run's recorded cache %s (the default is %s now)", section, recorded, current)
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), cache_dir=recorded)})
+    return cfg
 
 
 def _check_run_dir(run_dir: Path, cfg: RunConfig, *, resuming_at: int | None, replicas: int = 1) -> list[str]:
@@ -812,6 +834,7 @@ def _start(
         _warn_joined_groups(resume, plan, cfg.student.trainable)
     # NOTE: the newest complete checkpoint, which the resume loads unless it is damaged (then an older one).
     newest = tags[0][0] if tags else None
+    cfg = _keep_recorded_caches(run_dir, cfg, resuming=newest is not None)
     changed = _check_run_dir(run_dir, cfg, resuming_at=newest, replicas=dp)
     started = time.time()
     for phase in plan.phases:

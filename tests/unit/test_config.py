@@ -811,3 +811,33 @@ def test_cache_folders_are_recorded_absolute(tmp_path, monkeypatch):
     assert load_run_config(None, []).data.cache_dir == str(home / "shared_cache" / "data")
     assert load_run_config(None, encoder).classification.cache_dir == str(home / "shared_cache" / "classification")
     assert load_run_config(None, ["data.cache_dir=caches/tokens"]).data.cache_dir == str(tmp_path / "caches" / "tokens")
+
+
+def test_a_resumed_run_keeps_the_token_cache_it_recorded_when_the_default_has_moved(tmp_path, monkeypatch, caplog):
+    """A run started before $CALD_SCALE_CACHE was set resumes after: the default folder has moved,
+    and following it would tokenise the corpus again (helper-101). It keeps the cache it recorded
+    while that still exists; a folder the user gives, or a fresh run, takes the new one."""
+    import logging
+
+    from cald_scale.train import _check_run_dir, _keep_recorded_caches
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CALD_SCALE_CACHE", raising=False)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first = load_run_config(None, [])
+    (run_dir / "config.json").write_text(json.dumps(first.to_dict()))
+    Path(first.data.cache_dir).mkdir(parents=True)
+    monkeypatch.setenv("CALD_SCALE_CACHE", str(tmp_path / "shared"))
+    moved = load_run_config(None, [])
+    assert moved.data.cache_dir == str(tmp_path / "shared" / "data")
+    with caplog.at_level(logging.INFO, logger="cald_scale.train"):
+        kept = _keep_recorded_caches(run_dir, moved, resuming=True)
+    assert kept.data.cache_dir == first.data.cache_dir and "resuming with the run's recorded cache" in caplog.text
+    assert kept.classification.cache_dir == first.classification.cache_dir  # not read by this task: its record stands
+    assert _check_run_dir(run_dir, kept, resuming_at=2) == []  # nothing changed
+    assert _keep_recorded_caches(run_dir, moved, resuming=False).data.cache_dir == moved.data.cache_dir
+    given = load_run_config(None, [f"data.cache_dir={tmp_path / 'mine'}"])
+    assert _keep_recorded_caches(run_dir, given, resuming=True).data.cache_dir == str(tmp_path / "mine")
+    Path(first.data.cache_dir).rmdir()  # the recorded cache is gone: the new default it is
+    assert _keep_recorded_caches(run_dir, moved, resuming=True).data.cache_dir == moved.data.cache_dir
