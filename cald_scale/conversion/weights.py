@@ -5,7 +5,7 @@ memory-mapped; ``.bin`` files are opened with ``mmap=True``), and ``load_weights
 each tensor to an ``assign`` function that writes it into the matching parameter. With a
 plain module ``assign`` copies; under ZeRO-3 it keeps only this rank's partition (see
 ``engines/partitioned.py``). Peak memory is therefore one tensor, not one model (a MoE's
-fused experts: one layer's, held about 2.4 times while its sources are stacked and joined).
+fused experts: one layer's, written one expert at a time).
 """
 
 from __future__ import annotations
@@ -236,6 +236,8 @@ class RenamedReader:
     def _fuse(self, key: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
         """The model tensor ``key`` built from its checkpoint tensors by its converter's operations."""
         converter, sources = self._to_checkpoint[key]
+        if (stacked := self._stack_in_place(converter, sources, read)) is not None:
+            return stacked
         converter = copy.deepcopy(converter)  # as transformers: one instance per target tensor
         for pattern, checkpoint_key in sources:
             converter.add_tensor(key, checkpoint_key, pattern, functools.partial(read, checkpoint_key))
@@ -243,6 +245,36 @@ class RenamedReader:
         if key not in out:
             raise WeightsMismatchError(f"fusing {[k for _, k in sources][:4]} into {key} gave {sorted(out)} instead")
         return out[key]
+
+    def _stack_in_place(self, converter, sources: list[tuple[str, str]], read: Callable[[str], torch.Tensor]) -> torch.Tensor | None:
+        """A MoE's experts stacked (``MergeModulelist(0)``), each pattern's stack then joined
+        (``Concatenate(d)``: gate and up), written one expert at a time into the tensor they make:
+        peak memory is that tensor and one expert, where stacking then joining holds the experts,
+        the stacks and the join at once. None: another conversion (transformers' operations run)."""
+        ops = converter.operations
+        if [type(op).__name__ for op in ops] not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]) or ops[0].dim != 0:
+            return None
+        groups = [g for p in converter.source_patterns if (g := [k for sp, k in sources if sp == p])]
+        if len(groups) > 1 and len(ops) == 1:
+            return None
+        join = ops[1].dim if len(ops) > 1 else 0
+        stacks = [(len(g), *self._reader.shape(g[0])) for g in groups]  # each pattern's stack: (experts, *expert shape)
+        if any(tuple(self._reader.shape(k)) != stack[1:] for g, stack in zip(groups, stacks) for k in g) or any(
+            len(stack) != len(stacks[0]) or any(a != b for d, (a, b) in enumerate(zip(stack, stacks[0])) if d != join) for stack in stacks
+        ):
+            return None  # shapes that do not join: transformers' operations say why
+        shape = list(stacks[0])
+        shape[join] = sum(stack[join] for stack in stacks)
+        out, offset = None, 0
+        for group, stack in zip(groups, stacks):
+            for expert, checkpoint_key in enumerate(group):
+                tensor = read(checkpoint_key)
+                if out is None:
+                    out = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+                out.narrow(join, offset, stack[join])[expert].copy_(tensor)  # this pattern's stack, this expert
+                del tensor
+            offset += stack[join]
+        return out
 
 
 # The operations a fused tensor is built by here: stacking one tensor per expert, joining

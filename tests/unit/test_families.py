@@ -493,6 +493,8 @@ def test_a_moe_checkpoint_with_a_tensor_per_expert_loads_as_from_pretrained_load
     reader = RenamedReader(open_weights(tmp_path), reference)
     fused = [k for k in reference.state_dict() if k.endswith("experts.gate_up_proj")]
     assert len(fused) == 2 and reader.shape(fused[1]) == tuple(reference.state_dict()[fused[1]].shape) == (4, 2 * config.moe_intermediate_size if model_type == "qwen2_moe" else 2 * 96, 64)
+    # Stacked and joined one expert at a time into the tensor they make (not transformers' stack, then join).
+    assert reader._stack_in_place(*reader._to_checkpoint[fused[0]], reader._reader.get) is not None
     teacher = build_teacher(TeacherSource(name=str(tmp_path), kind="folder", folder=tmp_path, config=reference.config, dtype=torch.float32))
     for key, value in reference.state_dict().items():
         assert torch.equal(teacher.state_dict()[key], value), key
