@@ -192,6 +192,7 @@ def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handw
             finally:
                 hook.remove()
             _refuse_other_returns(config, returned, slot)
+            _check_reader_by_value(tiny, model, adapter)
             if not expected.isfinite().all():
                 raise ArithmeticError("its forward gives non-finite logits")
             scaling = float(getattr(config, "logits_scaling", None) or 1.0)
@@ -226,6 +227,46 @@ def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handw
         "distillation target would be wrong. It needs a hand-written FamilyAdapter in cald_scale/conversion/families.py "
         f"(hand-written: {', '.join(handwritten)})"
     )
+
+
+def _check_reader_by_value(config: PretrainedConfig, model: nn.Module, adapter: FamilyAdapter) -> None:
+    """The reader's V and O rows are the ones the attention computes with: over one token,
+    attention returns O(V x) (each query head attends to itself only, whatever Q, K, rotary or
+    scale), so a reader that splits a fused projection in the wrong order (head by head read as
+    ``[q | k | v]``, say) is refused here instead of starting every mixer from the wrong rows.
+    Skipped where the attention holds weights besides norms (gpt-oss's sinks, DiffLlama's lambdas
+    change what one token gets) or has no output projection in the slot."""
+    slot = adapter.attention(adapter.layers(model)[0])
+    if any("norm" not in name for name in adapter.attention_extras):
+        return
+    seen = {}
+
+    def capture(module, args, kwargs, out):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+        seen["out"] = out[0] if isinstance(out, (tuple, list)) else out
+
+    hook = slot.register_forward_hook(capture, with_kwargs=True)
+    try:
+        model(input_ids=torch.tensor([[5]]), use_cache=False)
+    finally:
+        hook.remove()
+    weights = adapter.read_attention(slot, config)
+    if "x" not in seen or weights.o is None:
+        return
+    _, heads, kv_heads, head_dim = teacher_geometry(config)
+
+    def per_query_head(t):  # K/V rows of each group, repeated for its query heads (grouped-query attention)
+        return t.unflatten(0, (kv_heads, head_dim)).repeat_interleave(heads // kv_heads, 0).flatten(0, 1)
+
+    v_bias = per_query_head(weights.v_bias) if weights.v_bias is not None else None
+    got = nn.functional.linear(nn.functional.linear(seen["x"], per_query_head(weights.v), v_bias), weights.o, weights.o_bias)
+    gap = (got - seen["out"]).abs().max().item()
+    if not gap <= _TOLERANCE * max(1.0, seen["out"].abs().max().item()):
+        raise _Refusal(
+            f"cannot convert model type {config.model_type!r}: its attention projections are not read as its forward uses them "
+            f"(on one token, the value and output rows read give an output {gap:.3g} from its attention's); it needs a reader "
+            f"for its layout in cald_scale/conversion/families.py"
+        )
 
 
 def _refuse_other_returns(config: PretrainedConfig, returned: list, slot: nn.Module) -> None:

@@ -109,7 +109,8 @@ def read_query_key_value_dense(attn: nn.Module, config) -> AttentionWeights:
     with one K/V head (Falcon-7B's multi_query); one group per head is ``[q_h, k_h, v_h]`` head by
     head (GPT-NeoX, Persimmon, Falcon without multi_query). The config's K/V head count says which.
     NOTE: a family with these names but plain ``[q | k | v]`` rows and as many K/V heads as query
-    heads would be read wrongly; none in transformers 5.25 is (tests/unit/test_families.py)."""
+    heads would be read in the wrong order: discovery's tiny-copy check refuses it (none in
+    transformers 5.25 is; tests/unit/test_families.py)."""
     _, heads, kv_heads, head_dim = teacher_geometry(config)
     qkv, out = attn.query_key_value, attn.dense
     w = qkv.weight.view(kv_heads, heads // kv_heads + 2, head_dim, -1)

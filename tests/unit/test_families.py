@@ -320,6 +320,24 @@ def test_query_key_value_is_read_in_the_order_its_attention_splits_it(case):
     assert torch.equal(from_file.q, weights.q) and torch.equal(from_file.v, weights.v)
 
 
+def test_a_reader_that_splits_a_fused_projection_in_another_order_is_refused():
+    """Head by head and [q | k | v] have the same size when every head has its own K/V: the
+    tiny-copy check compares the reader's value and output rows with what the attention computes
+    over one token, so a reader of the wrong order is refused instead of starting every mixer
+    from the wrong rows (helper-100)."""
+    import dataclasses
+
+    from cald_scale.conversion import families
+    from cald_scale.conversion.discovery import check_block_by_block, discover_adapter
+
+    config = AutoConfig.for_model("gpt_neox", **{k: v for k, v in _COMMON.items() if k != "num_key_value_heads"})
+    right = discover_adapter(config, [])
+    assert check_block_by_block(config, right, []) == right
+    as_q_k_v = dataclasses.replace(right, read_attention=lambda attn, c: families._read_fused(attn, c, "query_key_value", "dense"))
+    with pytest.raises(ValueError, match=r"'gpt_neox': its attention projections are not read as its forward uses them \(on one token"):
+        check_block_by_block(config, as_q_k_v, [])
+
+
 def test_published_falcon_geometries_are_checked_on_their_tiny_copies(caplog):
     """Falcon-7B (71 heads of 64, one K/V head) and Falcon-40B (128 heads, 8 K/V groups): their
     tiny copies keep one K/V head and K/V groups, with Falcon's own num_kv_heads and its derived
