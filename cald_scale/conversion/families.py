@@ -70,10 +70,9 @@ def read_gpt2_conv1d(attn: nn.Module, config) -> AttentionWeights:
 
 def read_c_attn_linear(attn: nn.Module, config) -> AttentionWeights:
     """``c_attn`` and ``c_proj`` as ``nn.Linear`` (GPTBigCode: StarCoder, SantaCoder): rows
-    ``[q | k | v]`` with one K/V head (``multi_query``), else ``[q_h, k_h, v_h]`` head by head."""
-    if getattr(config, "multi_query", True):
-        return _read_fused(attn, config, "c_attn", "c_proj")
-    return _read_per_head(attn.c_attn, attn.c_proj, config)
+    ``[q | k | v]`` with one K/V head (``multi_query``), else ``[q_h, k_h, v_h]`` head by head,
+    the grouped order's one group and one group per head (``_read_grouped``)."""
+    return _read_grouped(attn.c_attn, attn.c_proj, config)
 
 
 def read_query_key_value(attn: nn.Module, config) -> AttentionWeights:
@@ -89,30 +88,22 @@ def read_query_key_value(attn: nn.Module, config) -> AttentionWeights:
     )
 
 
-def _read_per_head(qkv: nn.Module, out: nn.Module, config) -> AttentionWeights:
-    """A fused projection whose rows are ``[q_h, k_h, v_h]`` for each head h in turn."""
-    _, heads, _, head_dim = teacher_geometry(config)
-    w = qkv.weight.view(heads, 3, head_dim, -1)
-    b = qkv.bias.view(heads, 3, head_dim) if qkv.bias is not None else None
-
-    def part(i):
-        return w[:, i].reshape(heads * head_dim, -1), (b[:, i].reshape(-1) if b is not None else None)
-
-    (q, qb), (k, kb), (v, vb) = part(0), part(1), part(2)
-    return AttentionWeights(q=q, k=k, v=v, o=out.weight, q_bias=qb, k_bias=kb, v_bias=vb, o_bias=out.bias)
-
-
 def read_query_key_value_dense(attn: nn.Module, config) -> AttentionWeights:
-    """``query_key_value`` and ``dense`` (GPT-NeoX, Falcon, Persimmon): for each K/V group g, the
-    rows ``[q_g1 .. q_gn, k_g, v_g]``, query head h in group h // n as grouped-query attention
-    repeats K/V. Falcon-40B, -180B and Falcon2 have a few groups; a single group is ``[q | k | v]``
-    with one K/V head (Falcon-7B's multi_query); one group per head is ``[q_h, k_h, v_h]`` head by
-    head (GPT-NeoX, Persimmon, Falcon without multi_query). The config's K/V head count says which.
+    """``query_key_value`` and ``dense`` (GPT-NeoX, Falcon, Persimmon), in the grouped order
+    (``_read_grouped``): Falcon-40B, -180B and Falcon2 have a few groups; Falcon-7B's
+    multi_query one; GPT-NeoX, Persimmon and Falcon without multi_query one per head.
     NOTE: a family with these names but plain ``[q | k | v]`` rows and as many K/V heads as query
     heads would be read in the wrong order: discovery's tiny-copy check refuses it (none in
     transformers 5.25 is; tests/unit/test_families.py)."""
+    return _read_grouped(attn.query_key_value, attn.dense, config)
+
+
+def _read_grouped(qkv: nn.Module, out: nn.Module, config) -> AttentionWeights:
+    """A fused projection whose rows are, for each K/V group g, ``[q_g1 .. q_gn, k_g, v_g]``:
+    query head h is in group h // n, as grouped-query attention repeats K/V. One group is
+    ``[q | k | v]`` with one K/V head; one group per head is ``[q_h, k_h, v_h]`` head by head.
+    The config's K/V head count says which."""
     _, heads, kv_heads, head_dim = teacher_geometry(config)
-    qkv, out = attn.query_key_value, attn.dense
     w = qkv.weight.view(kv_heads, heads // kv_heads + 2, head_dim, -1)
     b = qkv.bias.view(kv_heads, heads // kv_heads + 2, head_dim) if qkv.bias is not None else None
 
