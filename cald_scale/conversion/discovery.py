@@ -184,15 +184,8 @@ def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handw
             for name, param in model.named_parameters():
                 param.normal_(1.0 if param.dim() == 1 and name.endswith("weight") else 0.0, 0.1 if param.dim() == 1 else 0.2)
             ids = torch.randint(3, tiny.vocab_size, (2, 12))
-            returned = []
-            slot = adapter.attention(adapter.layers(model)[0])
-            hook = slot.register_forward_hook(lambda module, args, out: returned.append(out))
-            try:
-                expected = model(input_ids=ids, use_cache=False).logits
-            finally:
-                hook.remove()
-            _refuse_other_returns(config, returned, slot)
-            _check_reader_by_value(tiny, model, adapter)
+            expected = model(input_ids=ids, use_cache=False).logits
+            _check_attention_slot(tiny, model, adapter)
             if not expected.isfinite().all():
                 raise ArithmeticError("its forward gives non-finite logits")
             scaling = float(getattr(config, "logits_scaling", None) or 1.0)
@@ -229,29 +222,41 @@ def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handw
     )
 
 
-def _check_reader_by_value(config: PretrainedConfig, model: nn.Module, adapter: FamilyAdapter) -> None:
-    """The reader's V and O rows are the ones the attention computes with: over one token,
-    attention returns O(V x) (each query head attends to itself only, whatever Q, K, rotary or
-    scale), so a reader that splits a fused projection in the wrong order (head by head read as
-    ``[q | k | v]``, say) is refused here instead of starting every mixer from the wrong rows.
-    Skipped where the attention holds weights besides norms (gpt-oss's sinks, DiffLlama's lambdas
-    change what one token gets) or has no output projection in the slot."""
+def _check_attention_slot(config: PretrainedConfig, model: nn.Module, adapter: FamilyAdapter) -> None:
+    """The slot a mixer takes, run on one token (``config``: the tiny copy's):
+
+    - it returns what a mixer returns in its place, ``(output, weights)`` as attention does in
+      transformers; one that returns more (GPT-NeoX-Japanese hands its output projection's bias
+      to the block) or a bare tensor leaves its block expecting what no mixer gives;
+    - the reader's V and O rows are the ones it computes with: over one token attention returns
+      O(V x) (each query head attends to itself only, whatever Q, K, rotary or scale), so a reader
+      that splits a fused projection in the wrong order (head by head read as ``[q | k | v]``) is
+      refused here instead of starting every mixer from the wrong rows. Skipped where the
+      attention holds weights besides norms (gpt-oss's sinks, DiffLlama's lambdas change what one
+      token gets) or has no output projection in the slot.
+    """
     slot = adapter.attention(adapter.layers(model)[0])
-    if any("norm" not in name for name in adapter.attention_extras):
-        return
     seen = {}
 
     def capture(module, args, kwargs, out):
-        seen["x"] = args[0] if args else kwargs["hidden_states"]
-        seen["out"] = out[0] if isinstance(out, (tuple, list)) else out
+        seen["x"], seen["out"] = (args[0] if args else kwargs["hidden_states"]), out
 
     hook = slot.register_forward_hook(capture, with_kwargs=True)
     try:
         model(input_ids=torch.tensor([[5]]), use_cache=False)
     finally:
         hook.remove()
+    if "out" not in seen:
+        return
+    returned = seen["out"]
+    if not (isinstance(returned, (tuple, list)) and len(returned) <= 2):
+        what = f"{len(returned)} values" if isinstance(returned, (tuple, list)) else f"a {type(returned).__name__}"
+        raise _Refusal(
+            f"cannot convert model type {config.model_type!r}: its attention ({type(slot).__name__}) returns {what} to its "
+            "block, where a mixer in its place returns (output, attention weights) as attention does in transformers"
+        )
     weights = adapter.read_attention(slot, config)
-    if "x" not in seen or weights.o is None:
+    if weights.o is None or any("norm" not in name for name in adapter.attention_extras):
         return
     _, heads, kv_heads, head_dim = teacher_geometry(config)
 
@@ -260,24 +265,13 @@ def _check_reader_by_value(config: PretrainedConfig, model: nn.Module, adapter: 
 
     v_bias = per_query_head(weights.v_bias) if weights.v_bias is not None else None
     got = nn.functional.linear(nn.functional.linear(seen["x"], per_query_head(weights.v), v_bias), weights.o, weights.o_bias)
-    gap = (got - seen["out"]).abs().max().item()
-    if not gap <= _TOLERANCE * max(1.0, seen["out"].abs().max().item()):
+    out = returned[0]
+    gap = (got - out).abs().max().item()
+    if not gap <= _TOLERANCE * max(1.0, out.abs().max().item()):
         raise _Refusal(
             f"cannot convert model type {config.model_type!r}: its attention projections are not read as its forward uses them "
             f"(on one token, the value and output rows read give an output {gap:.3g} from its attention's); it needs a reader "
             f"for its layout in cald_scale/conversion/families.py"
-        )
-
-
-def _refuse_other_returns(config: PretrainedConfig, returned: list, slot: nn.Module) -> None:
-    """A mixer takes the attention's place and returns what attention returns in transformers:
-    ``(output, weights)``. An attention that returns more (GPT-NeoX-Japanese hands its output
-    projection's bias to the block) or a bare tensor leaves its block expecting what no mixer gives."""
-    if returned and not (isinstance(returned[0], (tuple, list)) and len(returned[0]) <= 2):
-        what = f"{len(returned[0])} values" if isinstance(returned[0], (tuple, list)) else f"a {type(returned[0]).__name__}"
-        raise _Refusal(
-            f"cannot convert model type {config.model_type!r}: its attention ({type(slot).__name__}) returns {what} to its "
-            "block, where a mixer in its place returns (output, attention weights) as attention does in transformers"
         )
 
 
