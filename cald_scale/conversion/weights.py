@@ -172,7 +172,8 @@ class RenamedReader:
     others (``WeightConverter``: a MoE's experts, one tensor each in the checkpoint, stacked into
     one ``experts.gate_up_proj``). The same conversions apply here, lazily: a fused tensor is
     read when asked for, from its sources alone (one layer's experts, never the whole model),
-    by transformers' own operations, so it equals what ``from_pretrained`` builds.
+    stacked experts written one at a time into it and any other conversion by transformers' own
+    operations, so it equals what ``from_pretrained`` builds.
     """
 
     def __init__(self, reader: WeightReader, model: nn.Module):
