@@ -38,7 +38,9 @@ from .distill.stages import LayerwiseModel
 from .distill.step import LossParts, cald_forward, teacher_forced_step
 from .engines.checkpoint import complete_tags, load_latest_checkpoint, save_checkpoint
 from .engines.deepspeed_version import check_deepspeed_version
-from .engines.distributed import DistEnv, all_true, barrier, gather_objects, init_distributed, mean_over_ranks, on_main, release_distributed
+from .engines.distributed import (
+    DistEnv, all_true, barrier, gather_objects, init_distributed, mean_over_ranks, on_main, refuse_differences_across_ranks, release_distributed,
+)
 from .engines.host_memory import configure_host_allocator, return_free_memory
 from .engines.preemption import Preempted, PreemptionWatch, raise_if_preempted
 from .engines.models import DistillationModels, build_models, checkpoint_excludes_frozen
@@ -49,7 +51,7 @@ from .engines.zero3 import begin_step
 from .eval.report import write_report
 from .export.bamba import BambaExportError, check_exportable, export_bamba
 from .export.hf import export_model
-from .fileio import NO_LOCKS, atomic_write_text, hold_lock, read_json, work_cache_dir
+from .fileio import NO_LOCKS, atomic_write_text, cache_root, hold_lock, read_json, work_cache_dir
 from .metrics import MetricsLogger, peak_memory_bytes
 from .tasks import open_task
 
@@ -83,6 +85,25 @@ _MOVABLE = (
 
 def _fixed_on_resume(key: str) -> bool:
     return key not in _MOVABLE and any(key == k or key.startswith(k + ".") for k in _FIXED_ON_RESUME)
+
+
+def _refuse_settings_that_differ_across_ranks(cfg: RunConfig) -> None:
+    """Every rank runs the configuration rank 0 runs, with the same folders. Each rank reads
+    its config and environment itself, and a rank on another node may see others: deepspeed
+    passes only some variables to other nodes, so one without $CALD_SCALE_CACHE resolves
+    another default cache, and one started in another folder another relative run folder.
+    Its ranks would then wait for a corpus or teacher rank 0 prepares elsewhere, or write
+    their checkpoint shards beside another run."""
+    values: dict[str, object] = {f"config {key}": value for key, value in flat_keys(cfg.to_dict()).items()}
+    values["the run folder"] = os.path.abspath(cfg.output.run_dir)
+    values["the teacher cache"] = os.path.abspath(cache_root(cfg.teacher.cache_dir))
+    values["the fetched-corpus cache"] = os.path.abspath(cache_root())
+    refuse_differences_across_ranks(values, why=(
+        "Every rank must read the same caches and write the same run folder. On several nodes, deepspeed passes the "
+        "other nodes' ranks only NCCL_*, PYTHON*, UCX* and MLFLOW* variables and what .deepspeed_env (in ~ or the "
+        "working folder, or $DS_ENV_FILE) lists: list CALD_SCALE_CACHE and the HF_* settings there, start every node in "
+        "the same folder on a shared disk, or give absolute paths in the config (launch/slurm's batch scripts do this)"
+    ))
 
 
 @contextlib.contextmanager
@@ -525,6 +546,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path, *, early_signals: Sequence
 
 def _train(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv, early_signals: Sequence[str]) -> dict:
     logging.getLogger("cald_scale").setLevel(logging.INFO if env.is_main else logging.WARNING)
+    _refuse_settings_that_differ_across_ranks(cfg)
     run = None
     # NOTE: the run folder's lock is released last, after wandb's finish has written its offline
     # run there (a job waiting on the folder started while it still wrote). It is taken inside the

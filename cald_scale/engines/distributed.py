@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "close_distributed", "release_distributed", "barrier", "rank", "world_size", "all_true", "mean_over_ranks", "gather_objects", "on_main"]
+__all__ = ["DistEnv", "init_distributed", "close_distributed", "release_distributed", "barrier", "rank", "world_size", "all_true", "mean_over_ranks", "gather_objects", "on_main", "refuse_differences_across_ranks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +183,21 @@ def gather_objects(value) -> list:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+def refuse_differences_across_ranks(values: dict[str, object], *, why: str) -> None:
+    """Raise on every rank when some rank's ``values`` differ from rank 0's, naming the first
+    such rank, its host and each differing key with both values (a collective: every rank calls
+    it, and every rank gets the same verdict, so none is left waiting). ``why``: what the
+    difference breaks and how to make the ranks agree, for the message."""
+    views = gather_objects((socket.gethostname(), values))
+    host0, first = views[0]
+    for other, (host, view) in enumerate(views[1:], start=1):
+        differ = sorted(k for k in first.keys() | view.keys() if first.get(k) != view.get(k))
+        if differ:
+            shown = "; ".join(f"{k} is {view.get(k)!r} there and {first.get(k)!r} on rank 0" for k in differ[:6])
+            more = f" ({len(differ)} settings in all)" if len(differ) > 6 else ""
+            raise ValueError(f"rank {other} (host {host}) does not run the settings rank 0 (host {host0}) runs: {shown}{more}. {why}")
 
 
 def on_main(fn: Callable[[], object]) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gloo_ranks import run_on_ranks
 
 from cald_scale.config_loader import ConfigError
 from cald_scale.engines.preemption import Preempted, PreemptionWatch
@@ -397,3 +398,38 @@ def test_the_run_folder_stays_locked_until_wandbs_finish_has_written_there(tmp_p
     assert train_module.train(load_run_config(overrides=[f"output.run_dir={run_dir}"]), "unused.json") == {"done": 0}
     assert seen == [("start", True), ("metrics closed", True)]
     assert not locked_now()  # released when the run returned
+
+
+def _settings_check_on_rank(rank: int, folder: str, caches: list) -> str | None:
+    """A rank whose environment names ``caches[rank]`` as its cache (None: no $CALD_SCALE_CACHE),
+    started in ``folder``: the message the check raises there, None when it passes."""
+    from cald_scale.config import load_run_config
+    from cald_scale.train import _refuse_settings_that_differ_across_ranks
+
+    os.chdir(folder)
+    os.environ.pop("CALD_SCALE_CACHE", None)
+    if caches[rank] is not None:
+        os.environ["CALD_SCALE_CACHE"] = caches[rank]
+    cfg = load_run_config(None, ["output.run_dir=runs/here"])
+    try:
+        _refuse_settings_that_differ_across_ranks(cfg)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_a_rank_that_resolves_other_caches_than_rank_0_is_refused_by_name_on_every_rank(tmp_path):
+    """A second node's rank launched without the first node's $CALD_SCALE_CACHE (deepspeed
+    does not pass it on) resolves another data and teacher cache; every rank stops with the
+    settings named, the remedy said, before any folder is claimed. Ranks that agree pass."""
+    shared = str(tmp_path / "shared_cache")
+    assert run_on_ranks(_settings_check_on_rank, tmp_path / "agree", str(tmp_path), [shared, shared]) == [None, None]
+
+    messages = run_on_ranks(_settings_check_on_rank, tmp_path / "differ", str(tmp_path), [shared, None])
+    assert messages[0] == messages[1] and messages[0] is not None
+    message = messages[0]
+    assert message.startswith("rank 1 (host ")
+    assert f"config data.cache_dir is {str(tmp_path / '.cache' / 'cald_scale' / 'data')!r} there and {shared + '/data'!r} on rank 0" in message
+    assert f"the teacher cache is {str(Path.home() / '.cache' / 'cald_scale')!r} there and {shared!r} on rank 0" in message
+    assert ".deepspeed_env" in message and "CALD_SCALE_CACHE" in message
+    assert "run folder" not in message.split(". Every rank")[0]  # the same relative folder from the same working folder
