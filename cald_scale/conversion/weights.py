@@ -2,18 +2,22 @@
 
 A checkpoint is never loaded whole: ``WeightReader.get`` reads one tensor (safetensors are
 memory-mapped; ``.bin`` files are opened with ``mmap=True``), and ``load_weights`` hands
-each tensor to an ``assign`` function that writes it into the matching parameter. With a
-plain module ``assign`` copies; under ZeRO-3 it keeps only this rank's partition (see
-``engines/partitioned.py``). Peak memory is therefore one tensor, not one model (a MoE's
-fused experts: one layer's, written one expert at a time).
+each tensor, not yet read (``StoredTensor``), to an ``assign`` function that writes it into
+the matching parameter. With a plain module ``assign`` reads it whole and copies; under ZeRO-3
+it reads only this rank's partition, a range of the flattened tensor (see
+``engines/partitioned.py``). Peak memory is therefore one tensor, not one model, and under
+ZeRO-3 one tensor's partition: each of N ranks reads 1/N of the checkpoint (a MoE's fused
+experts: the experts its range covers, each written in place).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Protocol
@@ -23,6 +27,7 @@ from torch import nn
 
 __all__ = [
     "Assign",
+    "StoredTensor",
     "WeightReader",
     "SafetensorsReader",
     "TorchBinReader",
@@ -37,22 +42,46 @@ __all__ = [
     "refuse_unreadable_converters",
 ]
 
-Assign = Callable[[torch.Tensor, torch.Tensor], None]
-"""``assign(param_or_buffer, full_value)``: write a full-size value into a (possibly partitioned) tensor."""
-
-
 class WeightsMismatchError(RuntimeError):
     """A checkpoint and a model disagree about which tensors exist or their shapes."""
 
 
 class WeightReader(Protocol):
-    """Read-only, lazy access to the tensors of a checkpoint by name."""
+    """Read-only, lazy access to the tensors of a checkpoint by name. A reader may also have
+    ``get_flat(key, start, stop)``: elements ``[start, stop)`` of the row-major flattened
+    tensor, reading no more of it than that (``StoredTensor.read_flat`` falls back to ``get``)."""
 
     def keys(self) -> list[str]: ...
 
     def shape(self, key: str) -> tuple[int, ...]: ...
 
     def get(self, key: str) -> torch.Tensor: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """One checkpoint tensor, not read yet: ``assign`` reads what it keeps of it."""
+
+    reader: WeightReader
+    key: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.reader.shape(self.key))
+
+    def read(self) -> torch.Tensor:
+        return self.reader.get(self.key)
+
+    def read_flat(self, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor."""
+        if (get_flat := getattr(self.reader, "get_flat", None)) is not None:
+            return get_flat(self.key, start, stop)
+        return self.read().reshape(-1)[start:stop]
+
+
+Assign = Callable[[torch.Tensor, "torch.Tensor | StoredTensor"], None]
+"""``assign(param_or_buffer, value)``: write a full-size value (a tensor, or a checkpoint
+tensor to read) into a (possibly partitioned) tensor."""
 
 
 class StateDictReader:
@@ -69,6 +98,10 @@ class StateDictReader:
 
     def get(self, key: str) -> torch.Tensor:
         return self._tensors[key]
+
+    def get_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Of a memory-mapped file, only the pages of the range are read."""
+        return self._tensors[key].reshape(-1)[start:stop]
 
     def dtype(self, key: str) -> torch.dtype:
         return self._tensors[key].dtype
@@ -135,12 +168,23 @@ class SafetensorsReader:
 
     def get(self, key: str) -> torch.Tensor:
         path, offset, nbytes, dtype, shape = self._entries[key]
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return self._read(key, 0, nbytes).view(dtype).reshape(shape)
+
+    def get_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        _, _, nbytes, dtype, shape = self._entries[key]
+        size = dtype.itemsize
+        start, stop = max(0, min(start, nbytes // size)), max(0, min(stop, nbytes // size))
+        return self._read(key, start * size, max(stop - start, 0) * size).view(dtype)
+
+    def _read(self, key: str, begin: int, length: int) -> torch.Tensor:
+        """Bytes ``[begin, begin + length)`` of tensor ``key``'s data."""
+        path, offset, nbytes, _, _ = self._entries[key]
+        buffer = torch.empty(length, dtype=torch.uint8)
         with open(path, "rb") as handle:
-            handle.seek(offset)
-            if handle.readinto(memoryview(buffer.numpy())) != nbytes:
+            handle.seek(offset + begin)
+            if handle.readinto(memoryview(buffer.numpy())) != length:
                 raise WeightsMismatchError(f"{path} is truncated: tensor {key} needs {nbytes} bytes at offset {offset}")
-        return buffer.view(dtype).reshape(shape)
+        return buffer
 
     def dtype(self, key: str) -> torch.dtype:
         return self._entries[key][3]
@@ -234,11 +278,25 @@ class RenamedReader:
         source = self._to_checkpoint[key]
         return self._reader.get(source) if isinstance(source, str) else self._fuse(key, self._reader.get)
 
+    def get_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """A range of the flattened tensor: of a stacked MoE tensor, only the experts it covers
+        are read (each rank of a ZeRO-3 build reads its own few of a layer's experts)."""
+        source = self._to_checkpoint[key]
+        if isinstance(source, str):
+            return StoredTensor(self._reader, source).read_flat(start, stop)
+        plan = self._stack_plan(*source)
+        if plan is None or start >= stop:
+            return self.get(key).reshape(-1)[start:stop]
+        per_row = math.prod(plan.shape[1:])
+        rows = range(start // per_row, -(-stop // per_row))
+        first = rows.start * per_row
+        return self._stacked_rows(plan, rows, self._reader.get).reshape(-1)[start - first : stop - first]
+
     def _fuse(self, key: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
         """The model tensor ``key`` built from its checkpoint tensors by its converter's operations."""
         converter, sources = self._to_checkpoint[key]
-        if (stacked := self._stack_in_place(converter, sources, read)) is not None:
-            return stacked
+        if (plan := self._stack_plan(converter, sources)) is not None:
+            return self._stacked_rows(plan, range(plan.shape[0]), read)
         converter = copy.deepcopy(converter)  # as transformers: one instance per target tensor
         for pattern, checkpoint_key in sources:
             converter.add_tensor(key, checkpoint_key, pattern, functools.partial(read, checkpoint_key))
@@ -247,11 +305,10 @@ class RenamedReader:
             raise WeightsMismatchError(f"fusing {[k for _, k in sources][:4]} into {key} gave {sorted(out)} instead")
         return out[key]
 
-    def _stack_in_place(self, converter, sources: list[tuple[str, str]], read: Callable[[str], torch.Tensor]) -> torch.Tensor | None:
-        """A MoE's experts stacked (``MergeModulelist(0)``), each pattern's stack then joined
-        (``Concatenate(d)``: gate and up), written one expert at a time into the tensor they make:
-        peak memory is that tensor and one expert, where stacking then joining holds the experts,
-        the stacks and the join at once. None: another conversion (transformers' operations run)."""
+    def _stack_plan(self, converter, sources: list[tuple[str, str]]) -> "_StackPlan | None":
+        """How a MoE's experts are stacked (``MergeModulelist(0)``) and each pattern's stack then
+        joined (``Concatenate(d)``: gate and up), from the sources' shapes (nothing read). None:
+        another conversion (transformers' operations run)."""
         ops = converter.operations
         if [type(op).__name__ for op in ops] not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]) or ops[0].dim != 0:
             return None
@@ -266,16 +323,38 @@ class RenamedReader:
             return None  # shapes that do not join: transformers' operations say why
         shape = list(stacks[0])
         shape[join] = sum(stack[join] for stack in stacks)
+        return _StackPlan(groups=groups, sizes=[stack[join] for stack in stacks], join=join, shape=tuple(shape))
+
+    @staticmethod
+    def _stacked_rows(plan: "_StackPlan", rows: range, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """Rows ``rows`` (along dim 0) of the stacked tensor, one expert at a time written into
+        the tensor they make: peak memory is that tensor and one expert, where stacking then
+        joining holds the experts, the stacks and the join at once."""
         out, offset = None, 0
-        for group, stack in zip(groups, stacks):
+        for group, size in zip(plan.groups, plan.sizes):
             for expert, checkpoint_key in enumerate(group):
+                row = offset + expert if plan.join == 0 else expert  # joined along dim 0, a pattern's experts follow the last's
+                if row not in rows:
+                    continue
                 tensor = read(checkpoint_key)
                 if out is None:
-                    out = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
-                out.narrow(join, offset, stack[join])[expert].copy_(tensor)  # this pattern's stack, this expert
+                    out = torch.empty((len(rows), *plan.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+                slot = out[row - rows.start]
+                (slot if plan.join == 0 else slot.narrow(plan.join - 1, offset, size)).copy_(tensor)  # this pattern's part
                 del tensor
-            offset += stack[join]
+            offset += size
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _StackPlan:
+    groups: list[list[str]]
+    """Each source pattern's checkpoint keys, one per expert, in order."""
+    sizes: list[int]
+    """Each pattern's extent along ``join`` in the fused tensor."""
+    join: int
+    shape: tuple[int, ...]
+    """The fused tensor's shape: (experts, ...) stacked, the patterns joined along ``join``."""
 
 
 # The operations a fused tensor is built by here: stacking one tensor per expert, joining
@@ -361,9 +440,9 @@ def weights_fingerprint(folder: str | Path) -> list[list]:
 
 
 @torch.no_grad()
-def copy_assign(target: torch.Tensor, value: torch.Tensor) -> None:
+def copy_assign(target: torch.Tensor, value: "torch.Tensor | StoredTensor") -> None:
     """``assign`` for plain (unpartitioned) modules."""
-    target.copy_(value)
+    target.copy_(value.read() if isinstance(value, StoredTensor) else value)
 
 
 def _matches(patterns: Iterable[str] | None, key: str) -> bool:
@@ -428,7 +507,7 @@ def load_weights(
         )
     if not check_only:
         for source, target in plan:
-            assign(target, reader.get(source))
+            assign(target, StoredTensor(reader, source))
     return [source for source, _ in plan]
 
 

@@ -3,8 +3,10 @@ weights straight into each rank's partition, with no communication and no full c
 
 ``assign`` reuses DeepSpeed's own partitioning (``param.partition(has_been_updated=True)``
 copies this rank's slice of ``param.data`` into its partition and frees the rest), so the
-layout is DeepSpeed's by construction. Every rank reads the same full tensor from the
-(memory-mapped) checkpoint and keeps its own slice: the peak is one tensor, not one model.
+layout is DeepSpeed's by construction. A checkpoint tensor is read only where this rank's
+slice lies: ``param.data`` is a full-size tensor of which only that range is written (the
+rest is allocated, never touched, so never resident), and each of N ranks reads 1/N of the
+checkpoint from disk.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..conversion.placement import PLAIN, Placement
+from ..conversion.weights import StoredTensor
 from ..distill.losses import RowPieces
 
 __all__ = [
@@ -38,10 +41,11 @@ def full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def assign_partitioned(target: torch.Tensor, value: torch.Tensor) -> None:
-    """Write the full ``value`` into ``target``, keeping only this rank's partition when it is a ZeRO-3 parameter."""
+def assign_partitioned(target: torch.Tensor, value: torch.Tensor | StoredTensor) -> None:
+    """Write the full ``value`` into ``target``, keeping only this rank's partition when it is a
+    ZeRO-3 parameter (of a checkpoint tensor, only that partition is read where it can be)."""
     if not is_partitioned(target):
-        target.copy_(value)
+        target.copy_(value.read() if isinstance(value, StoredTensor) else value)
         return
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
@@ -51,8 +55,10 @@ def assign_partitioned(target: torch.Tensor, value: torch.Tensor) -> None:
         raise RuntimeError(f"parameter {target.ds_id} is being gathered; cannot assign it now")
     dtype, device = target.ds_tensor.dtype, target.ds_tensor.device
     if target.ds_status == ZeroParamStatus.AVAILABLE:
-        target.data.copy_(value)  # gathered (or persistent): its full data is live
+        target.data.copy_(value.read() if isinstance(value, StoredTensor) else value)  # gathered (or persistent): its full data is live
     else:
+        if isinstance(value, StoredTensor):
+            value = _read_own_partition(target, value, dtype, device)
         target.data = value.to(device=device, dtype=dtype).reshape(target.ds_shape)
         target.ds_status = ZeroParamStatus.AVAILABLE
     # NOTE: has_been_updated makes DeepSpeed copy this rank's slice of .data into its partition.
@@ -67,6 +73,28 @@ def assign_partitioned(target: torch.Tensor, value: torch.Tensor) -> None:
         target.partition(has_been_updated=True)
         target.ds_persist = True
         target.all_gather()
+
+
+def _read_own_partition(target: torch.Tensor, stored: StoredTensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A full-size tensor for ``target.data`` in which only this rank's partition range holds
+    ``stored``'s values, read alone: the range DeepSpeed's ``partition`` copies from (the
+    ``partition_numel`` elements at ``partition_numel x rank`` in the parameter's group). The rest
+    is left unwritten, and stays unresident on the host (a large allocation is mapped lazily).
+
+    The whole tensor is read where DeepSpeed copies more than that range: a persistent
+    (small) parameter, ZeRO++'s secondary partition (hpZ) and quantized frozen weights."""
+    import torch.distributed as dist
+
+    if getattr(target, "ds_persist", False) or getattr(target, "ds_secondary_tensor", None) is not None or hasattr(target.ds_tensor, "ds_quant_scale"):
+        return stored.read()
+    numel = target.ds_numel
+    size = target.ds_tensor.ds_numel
+    start = size * dist.get_rank(group=target.ds_process_group)
+    stop = min(start + size, numel)
+    full = torch.empty(numel, dtype=dtype, device=device)
+    if start < stop:
+        full[start:stop].copy_(stored.read_flat(start, stop))
+    return full
 
 
 def gather_partitioned(params: Sequence[torch.Tensor]):

@@ -33,7 +33,7 @@ def small_vocab_teacher(tmp_path_factory):
 
 
 # construction first: it measures the peak of live tensors, before any other check has run.
-CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "unchanged_persistent", "chunked_head_frozen", "vocab_streamed_head", "fused_head_trained", "zero3_leaves", "graph_free_linear", "stale_grads", "outside_still", "eval_padding", "padded_layer_weight")
+CHECK_ORDER = ("construction", "streamed_vs_naive", "shared_frozen", "prefetch", "fp32_master", "unchanged_persistent", "chunked_head_frozen", "vocab_streamed_head", "fused_head_trained", "zero3_leaves", "graph_free_linear", "stale_grads", "outside_still", "eval_padding", "padded_layer_weight", "partitioned_reads")
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,23 @@ def _check(name: str, out: Path) -> list[dict]:
     for rank in ranks:
         assert "error" not in rank, rank.get("error")
     return ranks
+
+
+def test_each_rank_reads_only_its_partition_of_the_checkpoint(checks):
+    """Under ZeRO-3 every rank used to read every tensor whole and keep half: N ranks read the
+    checkpoint N times. Each now reads its partition's range (a MoE's stacked experts: those the
+    range covers), and the models gather to from_pretrained's values, odd sizes and padded
+    last partitions included."""
+    ranks = _check("partitioned_reads", checks)
+    for rank in ranks:
+        for name, bound in (("llama", 0.52), ("mixtral", 0.8)):
+            r = rank[name]
+            assert r["unequal"] == [], (name, r["unequal"])
+            assert r["persistent"] == 0 and r["odd_tensors"] >= 5, r
+            assert r["bytes_read"] <= bound * r["checkpoint_bytes"], (name, r)
+        assert rank["mixtral"]["stacked_experts"] == 4
+    for name in ("llama", "mixtral"):  # between them the ranks read every byte (at least)
+        assert sum(rank[name]["bytes_read"] for rank in ranks) >= ranks[0][name]["checkpoint_bytes"]
 
 
 def test_streamed_equals_naive_under_zero3(checks):

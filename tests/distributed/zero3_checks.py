@@ -23,6 +23,8 @@ Checks:
   outside_still      a teacher-forced phase that trains every weight leaves the embedding, final norm and head as they were
   eval_padding       held-out perplexity over shards padded to equal length equals every rank scoring every sequence
   padded_layer_weight  padded batches with more padding on one rank: the layer loss's gradient is the global token mean's
+  partitioned_reads  every tensor partitioned: each rank reads only its partition's range of the checkpoint (a MoE's
+                     stacked experts: those its range covers), and the models gather to from_pretrained's values
 """
 
 from __future__ import annotations
@@ -686,6 +688,73 @@ def _name(models, param) -> str:
     return next(n for n, p in models.student.blocks.named_parameters() if p is param)
 
 
+class _CountingBytes:
+    """A weight reader that counts the bytes of what it hands out, whole tensors and ranges."""
+
+    def __init__(self, reader):
+        self._reader, self.bytes = reader, 0
+
+    def keys(self):
+        return self._reader.keys()
+
+    def shape(self, key):
+        return self._reader.shape(key)
+
+    def _counted(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.bytes += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def get(self, key):
+        return self._counted(self._reader.get(key))
+
+    def get_flat(self, key, start, stop):
+        return self._counted(self._reader.get_flat(key, start, stop))
+
+
+def check_partitioned_reads(args) -> dict:
+    import copy
+
+    import deepspeed
+    from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
+    from transformers.initialization import no_init_weights
+
+    from cald_scale.conversion.weights import load_weights, open_weights
+    from cald_scale.engines.partitioned import zero3_placement
+
+    env, _, ds_config = _configs(args.teacher, [])
+    ds_config = copy.deepcopy(ds_config)
+    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every tensor partitioned
+    placement = zero3_placement(ds_config)
+    # Odd sizes, so most tensors have an odd number of elements and the last partition is padded.
+    common = dict(hidden_size=45, intermediate_size=75, num_attention_heads=5, num_key_value_heads=1, head_dim=8, vocab_size=251, num_hidden_layers=2)
+    out = {}
+    for name, config in (("llama", LlamaConfig(**common)), ("mixtral", MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2))):
+        folder = Path(args.out) / f"odd_{name}"
+        if env.is_main:
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        barrier()
+        reference = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+        reader = _CountingBytes(open_weights(folder))
+        with placement.construct(config), no_init_weights():
+            model = AutoModelForCausalLM.from_config(config)
+        load_weights(model, reader, placement.assign, shape_of=placement.shape_of)
+        params = list(model.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            unequal = [k for k, v in model.state_dict().items() if not torch.equal(v, reference[k])]
+        out[name] = {
+            "unequal": unequal,
+            "bytes_read": reader.bytes,
+            "checkpoint_bytes": sum(v.numel() * v.element_size() for v in reference.values()),
+            "odd_tensors": sum(math.prod(p.ds_shape) % 2 for p in params),
+            "persistent": sum(bool(getattr(p, "ds_persist", False)) for p in params),
+            "stacked_experts": sum(k.endswith(("gate_up_proj", "down_proj")) and ".experts." in k for k in reference),
+        }
+        del model
+        gc.collect()
+    return out
+
+
 CHECKS = {
     "streamed_vs_naive": check_streamed_vs_naive,
     "construction": check_construction,
@@ -703,6 +772,7 @@ CHECKS = {
     "outside_still": check_outside_still,
     "eval_padding": check_eval_padding,
     "padded_layer_weight": check_padded_layer_weight,
+    "partitioned_reads": check_partitioned_reads,
 }
 
 

@@ -488,6 +488,23 @@ def test_a_student_with_its_teachers_position_table_takes_no_longer_context():
         check_context(gpt2, 257, "the student")
 
 
+class _CountingReader:
+    """A weight reader that records the keys it reads."""
+
+    def __init__(self, reader, reads: list):
+        self._reader, self._reads = reader, reads
+
+    def keys(self):
+        return self._reader.keys()
+
+    def shape(self, key):
+        return self._reader.shape(key)
+
+    def get(self, key):
+        self._reads.append(key)
+        return self._reader.get(key)
+
+
 MOES = {
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},  # w1/w3 -> gate_up_proj, renamed block_sparse_moe -> mlp
     "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48},
@@ -512,7 +529,18 @@ def test_a_moe_checkpoint_with_a_tensor_per_expert_loads_as_from_pretrained_load
     fused = [k for k in reference.state_dict() if k.endswith("experts.gate_up_proj")]
     assert len(fused) == 2 and reader.shape(fused[1]) == tuple(reference.state_dict()[fused[1]].shape) == (4, 2 * config.moe_intermediate_size if model_type == "qwen2_moe" else 2 * 96, 64)
     # Stacked and joined one expert at a time into the tensor they make (not transformers' stack, then join).
-    assert reader._stack_in_place(*reader._to_checkpoint[fused[0]], reader._reader.get) is not None
+    assert reader._stack_plan(*reader._to_checkpoint[fused[0]]) is not None
+    # A range of the flattened tensor (a ZeRO-3 rank's partition) reads only the experts it covers.
+    reads = []
+    counting = RenamedReader(_CountingReader(open_weights(tmp_path), reads), reference)
+    for key in [k for k in reference.state_dict() if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        whole = reference.state_dict()[key].reshape(-1)
+        per_expert = whole.numel() // 4
+        for start, stop in ((0, whole.numel()), (per_expert - 5, per_expert + 7), (2 * per_expert + 3, 2 * per_expert + 4), (whole.numel() - 9, whole.numel())):
+            reads.clear()
+            assert torch.equal(counting.get_flat(key, start, stop), whole[start:stop]), (key, start, stop)
+            experts = range(start // per_expert, -(-stop // per_expert))
+            assert len(reads) == len(experts) * (2 if key.endswith("gate_up_proj") else 1), (key, start, stop, reads)
     teacher = build_teacher(TeacherSource(name=str(tmp_path), kind="folder", folder=tmp_path, config=reference.config, dtype=torch.float32))
     for key, value in reference.state_dict().items():
         assert torch.equal(teacher.state_dict()[key], value), key

@@ -146,6 +146,38 @@ def test_safetensors_reader_matches_the_library_and_names_truncation(tmp_path):
         open_weights(tmp_path)
 
 
+def test_a_range_of_a_flattened_tensor_is_read_alone_from_safetensors_and_bin(tmp_path):
+    """A ZeRO-3 rank reads its partition's range of each tensor (engines/partitioned.py): the range
+    equals the flattened tensor's, in every dtype and file format, clamped at the tensor's end.
+    Of a safetensors file only the range's bytes are read: a file cut just after it still reads it."""
+    from safetensors.torch import save_file
+
+    from cald_scale.conversion.weights import RenamedReader, StoredTensor
+
+    tensors = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(2, 3, 2)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "bin").mkdir()
+    torch.save(tensors, tmp_path / "bin" / "pytorch_model.bin")
+    for reader in (open_weights(tmp_path), open_weights(tmp_path / "bin"), StateDictReader(tensors)):
+        for key, value in tensors.items():
+            flat = value.reshape(-1)
+            for start, stop in ((0, flat.numel()), (1, 4), (value.numel() - 2, value.numel() + 5), (3, 3)):
+                got = reader.get_flat(key, start, stop)
+                assert got.dtype == value.dtype and torch.equal(got, flat[start:stop]), (type(reader).__name__, key, start, stop)
+    # A reader without get_flat (a user's own) reads the tensor whole and slices it.
+    plain = StoredTensor(RenamedReader(StateDictReader(tensors), torch.nn.Module()), "c")
+    assert plain.shape == (2, 3, 2) and torch.equal(plain.read_flat(2, 9), tensors["c"].reshape(-1)[2:9])
+    data = (tmp_path / "model.safetensors").read_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    last = max(tensors, key=lambda k: header[k]["data_offsets"][1])  # the tensor at the file's end
+    flat, size = tensors[last].reshape(-1), tensors[last].element_size()
+    (tmp_path / "model.safetensors").write_bytes(data[: -2 * size])  # its last two elements gone
+    cut = open_weights(tmp_path)
+    assert torch.equal(cut.get_flat(last, 0, flat.numel() - 2), flat[:-2])
+    with pytest.raises(WeightsMismatchError, match="truncated"):
+        cut.get_flat(last, 1, flat.numel() - 1)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
 def test_checkpoints_with_the_rotary_buffers_of_old_transformers_load(tmp_path, family):
     """Checkpoints saved before transformers 4.31 (Pythia, Llama-2 era) hold every layer's
