@@ -22,6 +22,7 @@ from .conversion.teacher import BUILTIN_TEACHERS, TeacherConfig
 from .data.classification import ClassificationDataConfig
 from .data.config import DataConfig
 from .fileio import absolute_if_local
+from .tasks.spec import DATA_SECTIONS, task_spec
 from .distill.losses import LossConfig
 from .distill.phases import PhaseConfig, PhasePlan, plan_phases
 
@@ -344,8 +345,8 @@ class RunConfig:
             # English that hybrid reached 1.73x the teacher's perplexity on its own held-out text
             # and 2.68x on Wikipedia in 51k tokens, the all-Mamba2 student 2.34x and 5.55x
             # (benchmarks/results/recovery.md, layouts). The encoder track's table converts every layer.
-            lm = self.task.kind == "causal_lm" and conversion.converts and not conversion.attention_layers
-            conversion.attention_every = 4 if lm else 0  # (explicit values are checked by ConversionConfig)
+            keeps = conversion.converts and not conversion.attention_layers
+            conversion.attention_every = task_spec(self.task.kind).attention_every if keeps else 0  # (explicit values are checked by ConversionConfig)
         if not self.student.conversion.converts and self.student.trainable != "all":
             raise ValueError("student.conversion.mixer=none trains the teacher as it is: set student.trainable=all (there are no mixers to train)")
         if self.student.trainable != "all" and self.train.copied_lr_scale != TrainConfig().copied_lr_scale:
@@ -363,17 +364,17 @@ class RunConfig:
                 f"train.schedule={self.train.schedule} is a ZeRO-3 mode schedule: pipeline mode (train.pipeline_stages) streams "
                 "each teacher stage into its student stage by construction; leave train.schedule out"
             )
-        if self.task.kind == "classification":
-            if any(p.tokens is not None for p in self.phases):
-                raise ValueError("classification batches are padded to their longest example: give phase lengths in steps or fractions, not tokens")
-            if self.train.pipeline_stages:
-                raise ValueError("pipeline mode (train.pipeline_stages) runs causal LMs; classification runs under ZeRO-3 (train.pipeline_stages=0)")
-            lm_only = [f"eval.{key}" for key in ("max_sequences", "other_corpora") if getattr(self.eval, key) != getattr(EvalConfig(), key)]
-            if lm_only:
-                raise ValueError(
-                    f"{' and '.join(lm_only)} set what perplexity scores (causal LMs); a classification run scores its whole "
-                    "validation and test splits (classification.max_eval_examples caps them)"
-                )
+        spec = task_spec(self.task.kind)
+        if spec.padded and any(p.tokens is not None for p in self.phases):
+            raise ValueError(f"{spec.kind} batches are padded to their longest example: give phase lengths in steps or fractions, not tokens")
+        if self.train.pipeline_stages and not spec.pipeline:
+            raise ValueError(f"pipeline mode (train.pipeline_stages) runs causal LMs; {spec.kind} runs under ZeRO-3 (train.pipeline_stages=0)")
+        ppl_only = [f"eval.{key}" for key in ("max_sequences", "other_corpora") if getattr(self.eval, key) != getattr(EvalConfig(), key)]
+        if ppl_only and not spec.perplexity:
+            raise ValueError(
+                f"{' and '.join(ppl_only)} set what perplexity scores (causal LMs); a {spec.kind} run scores its whole "
+                f"held-out splits ({spec.data_section}.max_eval_examples caps them)"
+            )
         if conversion.mixer == "linformer" and conversion.linformer.sharing == "layer":
             forced = [p.name for p in self.phases if p.mode == "teacher_forced"]
             if forced:
@@ -401,8 +402,7 @@ class RunConfig:
     def tokens_per_step(self, world_size: int) -> int:
         """Tokens per optimizer step (classification: an upper bound, every example at max_length)."""
         sequences = self.train.global_batch_size or self.train.micro_batch_size * self.train.grad_accum * world_size
-        seq_len = self.classification.max_length if self.task.kind == "classification" else self.data.seq_len
-        return sequences * seq_len
+        return sequences * task_spec(self.task.kind).seq_len(self)
 
     def plan(self, world_size: int) -> PhasePlan:
         """The phases resolved to concrete step ranges."""
@@ -468,15 +468,19 @@ def _refuse_unused(cfg: RunConfig) -> None:
             f"data.eval_fraction={cfg.data.eval_fraction} holds out part of data.corpus, but data.eval_corpus scores another "
             "corpus and the whole of data.corpus trains: leave one out"
         )
-    if cfg.task.kind == "classification":
+    spec = task_spec(cfg.task.kind)
+    for section in DATA_SECTIONS:
+        if section == spec.data_section:
+            continue
         # NOTE: not data.corpus, which the recorded classification runs were stamped with (the LM default's old value).
-        unread = [f"data.{f.name}" for f in dataclasses.fields(DataConfig) if f.name != "corpus" and getattr(cfg.data, f.name) != getattr(DataConfig(), f.name)]
+        fields, default = dataclasses.fields(getattr(cfg, section)), type(getattr(cfg, section))()
+        unread = [f"{section}.{f.name}" for f in fields if f.name != "corpus" and getattr(getattr(cfg, section), f.name) != getattr(default, f.name)]
         if unread:
             raise ConfigError(
-                f"{', '.join(unread)}: the data section is the causal LM's text; a classification run reads the "
-                "classification section (classification.max_length, classification.train, ...)"
+                f"{', '.join(unread)}: a {spec.kind} run reads its data from the {spec.data_section} section "
+                f"({spec.data_section}.{spec.seq_len_key}, ...), never from {section}"
             )
-    elif cfg.task.pooling != TaskConfig().pooling:
+    if not spec.pooled_head and cfg.task.pooling != TaskConfig().pooling:
         raise ConfigError(f"task.pooling={cfg.task.pooling} pools a classification head; a causal LM ({cfg.task.kind}) has none: leave it out")
 
 

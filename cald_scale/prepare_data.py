@@ -31,8 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_run_config
-    from .conversion.teacher import open_teacher
-    from .data.run_sets import open_run_datasets
+    from .tasks import open_task
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("cald_scale").setLevel(logging.INFO)
@@ -41,49 +40,15 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         raise ValueError(f"config error: {err}") from None
     started = time.time()
-    if cfg.task.kind == "classification":
-        return _prepare_classification(cfg, args, started)
-    source, tokenizer = open_teacher(cfg.teacher)
-    sets = open_run_datasets(
-        cfg.data, tokenizer, other_corpora=cfg.eval.other_corpora, max_eval_sequences=cfg.eval.max_sequences,
-        vocab_size=source.config.vocab_size, model_name=str(source), is_rank0=True,
-    )
-    sets_by_name = {"train": sets.train, **sets.evals}
-    summary = {
-        "corpus": cfg.data.corpus,
-        "cache": sets.corpus.meta_path,
-        "sets": {name: {"corpus": ds.name, "tokens": ds.num_tokens, "sequences": len(ds)} for name, ds in sets_by_name.items()},
-        "seq_len": cfg.data.seq_len,
-        "seconds": round(time.time() - started, 1),
-    }
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        for name, entry in summary["sets"].items():
-            print(f"{name:>10}: {entry['tokens']:>12,} tokens = {entry['sequences']:>9,} sequences of {cfg.data.seq_len} ({entry['corpus']})")
-        print(f"ready in {summary['seconds']} s; the job reads these caches as they are")
-    return 0
-
-
-def _prepare_classification(cfg, args: argparse.Namespace, started: float) -> int:
-    """The classification task's split cache (``classification.cache_dir``), built once."""
-    from .tasks.classification import ClassificationTask
-
-    task = ClassificationTask(cfg, is_main=True)
+    # The task as the job opens it (its teacher and tokenizer resolved and checked), then its data.
+    task = open_task(cfg, is_main=True)
     task.open_data()
-    summary = {
-        "dataset": task.data.name,
-        "labels": task.data.label_names,
-        "splits": {name: len(split) for name, split in task.splits.items()},
-        "skipped": task.data.stats,
-        "seconds": round(time.time() - started, 1),
-    }
+    summary = {**task.data_summary(), "seconds": round(time.time() - started, 1)}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        for name, count in summary["splits"].items():
-            print(f"{name:>10}: {count:>9,} examples, {len(summary['labels'])} labels ({summary['dataset']})")
-        print(f"ready in {summary['seconds']} s; the job reads this split cache as it is")
+        print("\n".join(task.data_lines(summary)))
+        print(f"ready in {summary['seconds']} s; the job reads these caches as they are")
     return 0
 
 

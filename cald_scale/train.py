@@ -54,6 +54,7 @@ from .export.hf import export_model
 from .fileio import NO_LOCKS, atomic_write_text, cache_root, hold_lock, read_json, work_cache_dir
 from .metrics import MetricsLogger, peak_memory_bytes
 from .tasks import open_task
+from .tasks.spec import DATA_SECTIONS, task_spec
 
 __all__ = ["train", "train_step", "forward_backward", "NonFiniteLossError", "Preempted"]
 
@@ -171,8 +172,9 @@ def _keep_recorded_caches(run_dir: Path, cfg: RunConfig, *, resuming: bool) -> R
     if not resuming or not path.is_file():
         return cfg
     saved = read_json(path)
-    used = {"data": cfg.task.kind == "causal_lm", "classification": cfg.task.kind == "classification"}
-    for section, reads in used.items():
+    own = task_spec(cfg.task.kind).data_section
+    for section in DATA_SECTIONS:
+        reads = section == own
         recorded, current = (saved.get(section) or {}).get("cache_dir"), getattr(cfg, section).cache_dir
         if not recorded or recorded == current or current != work_cache_dir(None, section):
             continue

@@ -12,24 +12,22 @@ The trainer (``train.py``) is the same for every task; a task brings the rest:
   function of the micro-batch counter, so a resumed run sees the batches it would have seen;
   a batch is a dict of tensors (``input_ids``, and for padded tasks ``attention_mask``, ``labels``);
 - ``evaluator(models, replica, replicas)``: ``evaluate("student" | "teacher")`` -> scores per set;
-- ``headline`` / ``step_metrics`` / ``summary``: the log line, the metrics row and the report part.
+- ``headline`` / ``step_metrics`` / ``summary``: the log line, the metrics row and the report part;
+- ``data_summary()``: what ``cald-scale prepare-data`` prints of the data it prepared (after ``open_data``).
 
 How the model runs block by block and what its head computes (LM cross-entropy, class
 cross-entropy, and the KL to the teacher) belongs to the model's layerwise view
 (``distill/stages.py``, ``distill/encoder_stages.py``), so the distillation step needs no task.
+What the config must know of a task kind before it is opened is its ``TaskSpec`` (``spec.py``).
 """
 
 from __future__ import annotations
 
-from .lm import LanguageModelingTask
+from .spec import TASKS, TaskSpec, task_spec
 
-__all__ = ["LanguageModelingTask", "open_task"]
+__all__ = ["TASKS", "TaskSpec", "open_task", "task_spec"]
 
 
 def open_task(cfg, *, is_main: bool):
     """The task of run config ``cfg`` (``cfg.task.kind``), with its teacher source resolved."""
-    if cfg.task.kind == "classification":
-        from .classification import ClassificationTask
-
-        return ClassificationTask(cfg, is_main=is_main)
-    return LanguageModelingTask(cfg, is_main=is_main)
+    return task_spec(cfg.task.kind).open(cfg, is_main=is_main)

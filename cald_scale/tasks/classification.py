@@ -80,6 +80,19 @@ class ClassificationTask:
                 + " and ".join(f"classification.{name}_fraction > 0 (carved from train) or {name} files" for name in missing)
             )
 
+    def data_summary(self) -> dict:
+        """The prepared data (``cald-scale prepare-data``): each split's examples, the labels."""
+        return {
+            "dataset": self.data.name,
+            "labels": self.data.label_names,
+            "splits": {name: len(split) for name, split in self.splits.items()},
+            "skipped": self.data.stats,
+        }
+
+    @staticmethod
+    def data_lines(summary: dict) -> list[str]:
+        return [f"{name:>10}: {count:>9,} examples, {len(summary['labels'])} labels ({summary['dataset']})" for name, count in summary["splits"].items()]
+
     def data_identity(self) -> dict:
         """What decides the run's batches and scores: the splits' cache key (their files' content
         and the split settings) and the examples each split holds."""

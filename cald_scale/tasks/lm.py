@@ -60,6 +60,24 @@ class LanguageModelingTask:
             vocab_size=self.source.config.vocab_size, model_name=str(self.source), is_rank0=self._is_main,
         )
         self.train_set, self.eval_sets = datasets.train, datasets.evals
+        self._cache = datasets.corpus.meta_path
+
+    def data_summary(self) -> dict:
+        """The prepared data (``cald-scale prepare-data``): each set's tokens and sequences."""
+        sets = {"train": self.train_set, **self.eval_sets}
+        return {
+            "corpus": self.cfg.data.corpus,
+            "cache": self._cache,
+            "sets": {name: {"corpus": ds.name, "tokens": ds.num_tokens, "sequences": len(ds)} for name, ds in sets.items()},
+            "seq_len": self.cfg.data.seq_len,
+        }
+
+    @staticmethod
+    def data_lines(summary: dict) -> list[str]:
+        return [
+            f"{name:>10}: {entry['tokens']:>12,} tokens = {entry['sequences']:>9,} sequences of {summary['seq_len']} ({entry['corpus']})"
+            for name, entry in summary["sets"].items()
+        ]
 
     def data_identity(self) -> dict:
         """What decides the run's batches and its own held-out score (``PackedSequences.identity``)."""

@@ -764,7 +764,8 @@ def test_settings_that_would_do_nothing_in_this_run_are_refused():
     cases = {
         ("data.eval_corpus=wiki", "data.eval_fraction=0.2"): "data.eval_fraction=0.2 holds out part of data.corpus, but data.eval_corpus scores another corpus",
         ("task.pooling=cls",): "task.pooling=cls pools a classification head; a causal LM (causal_lm) has none",
-        ("task.kind=classification", "data.seq_len=512"): "data.seq_len: the data section is the causal LM's text; a classification run reads the classification section",
+        ("task.kind=classification", "data.seq_len=512"): "data.seq_len: a classification run reads its data from the classification section (classification.max_length, ...), never from data",
+        ("classification.max_length=64",): "classification.max_length: a causal_lm run reads its data from the data section (data.seq_len, ...), never from classification",
     }
     for overrides, message in cases.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
@@ -775,6 +776,26 @@ def test_settings_that_would_do_nothing_in_this_run_are_refused():
     saved["data"].update(eval_corpus="wiki", eval_fraction=0.2)
     saved["task"]["pooling"] = "cls"
     assert from_dict(RunConfig, saved).data.eval_fraction == 0.2
+
+
+def test_every_task_kind_a_config_takes_has_a_spec_and_the_spec_settles_the_config():
+    """task.kind's values are the registry's kinds (tasks/spec.py), and what a config resolves by
+    task comes from the kind's spec: its sequence length, its default layout, its data section."""
+    import typing
+
+    from cald_scale.config import TaskConfig
+    from cald_scale.tasks import TASKS, task_spec
+
+    kinds = typing.get_args(typing.get_type_hints(TaskConfig)["kind"])
+    assert set(kinds) == set(TASKS)
+    for kind in kinds:
+        spec = task_spec(kind)
+        cfg = load_run_config(overrides=[f"task.kind={kind}", "train.global_batch_size=3"])
+        assert cfg.tokens_per_step(world_size=1) == 3 * spec.seq_len(cfg)
+        assert cfg.student.conversion.attention_every == spec.attention_every
+        assert spec.data_section in ("data", "classification") and spec.seq_len(cfg) > 0
+    with pytest.raises(ValueError, match="task.kind='speech' is no task: one of causal_lm, classification"):
+        task_spec("speech")
 
 
 def test_a_resume_in_another_precision_says_its_starting_point_was_scored_in_the_first(tmp_path, caplog):
