@@ -17,6 +17,7 @@ what is missing.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import inspect
@@ -222,18 +223,38 @@ def check_block_by_block(config: PretrainedConfig, adapter: FamilyAdapter, handw
     )
 
 
+# The kernel the Q/K check runs a tiny copy with (registered with transformers on first use).
+_CAPTURE_KERNEL = "cald_scale_capture"
+_CAPTURED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("cald_captured_attention", default=None)
+# Least cosine between a head's query (key) as read and as the kernel gets it: q/k norms' gains
+# (drawn near 1 on the tiny copy) leave 0.99 or more; another head's or the key's rows, about 0.
+_MIN_HEAD_COSINE = 0.95
+
+
+def _capturing_kernel(module, query, key, value, *args, **kwargs):
+    """An attention kernel for one token: records the query and key states it gets, returns the
+    value (a query's only key gets all of its weight, whatever mask, scale or softcap)."""
+    captured = _CAPTURED.get()
+    if captured is not None:
+        captured.setdefault(id(module), (query, key))
+    return value.repeat_interleave(query.shape[1] // value.shape[1], dim=1).transpose(1, 2).contiguous(), None
+
+
 def _check_attention_slot(config: PretrainedConfig, model: nn.Module, adapter: FamilyAdapter) -> None:
     """The slot a mixer takes, run on one token (``config``: the tiny copy's):
 
     - it returns what a mixer returns in its place, ``(output, weights)`` as attention does in
       transformers; one that returns more (GPT-NeoX-Japanese hands its output projection's bias
       to the block) or a bare tensor leaves its block expecting what no mixer gives;
+    - the reader's Q and K rows are the ones it computes with (``_check_query_key_rows``);
     - the reader's V and O rows are the ones it computes with: over one token attention returns
       O(V x) (each query head attends to itself only, whatever Q, K, rotary or scale), so a reader
       that splits a fused projection in the wrong order (head by head read as ``[q | k | v]``) is
       refused here instead of starting every mixer from the wrong rows. Skipped where the
-      attention holds weights besides norms (gpt-oss's sinks, DiffLlama's lambdas change what one
-      token gets) or has no output projection in the slot.
+      attention has no output projection in the slot.
+
+    The rows are not compared where the attention holds weights besides norms (gpt-oss's sinks
+    and DiffLlama's lambdas change what one token gets, Dory's scales its queries per channel).
     """
     slot = adapter.attention(adapter.layers(model)[0])
     seen = {}
@@ -255,8 +276,11 @@ def _check_attention_slot(config: PretrainedConfig, model: nn.Module, adapter: F
             f"cannot convert model type {config.model_type!r}: its attention ({type(slot).__name__}) returns {what} to its "
             "block, where a mixer in its place returns (output, attention weights) as attention does in transformers"
         )
+    if any("norm" not in name for name in adapter.attention_extras):
+        return  # weights besides norms change what one token gets (sinks, lambdas, Dory's per-channel query scales)
     weights = adapter.read_attention(slot, config)
-    if weights.o is None or any("norm" not in name for name in adapter.attention_extras):
+    _check_query_key_rows(config, model, slot, weights, seen["x"], adapter.attention_extras)
+    if weights.o is None:
         return
     _, heads, kv_heads, head_dim = teacher_geometry(config)
 
@@ -273,6 +297,77 @@ def _check_attention_slot(config: PretrainedConfig, model: nn.Module, adapter: F
             f"(on one token, the value and output rows read give an output {gap:.3g} from its attention's); it needs a reader "
             f"for its layout in cald_scale/conversion/families.py"
         )
+
+
+def _check_query_key_rows(
+    config: PretrainedConfig, model: nn.Module, slot: nn.Module, weights: AttentionWeights, x: torch.Tensor, extras: tuple[str, ...]
+) -> None:
+    """The reader's Q and K rows are the ones the attention computes with. On one token, at
+    position 0, rotary is the identity, so the query and key states the attention hands its
+    kernel are its Q and K projections of ``x`` (the slot's input) through its q/k norms (the
+    slot's own modules, applied here too), up to a scale: each head's must point where the
+    reader's rows for that head point. A reader that swaps Q and K, or splits their heads in
+    another order, is refused here; the mixer would start from the wrong rows, silently. The
+    kernel is swapped for one that records its inputs (``_capturing_kernel``); an attention that
+    calls no kernel through transformers' ``AttentionInterface`` (GPT-Neo), or holds a norm
+    that is not a q or k norm, is not checked."""
+    from transformers import AttentionInterface
+
+    norms = {"query": None, "key": None}
+    for name in (e for e in extras if "norm" in e.lower()):
+        which = "query" if name.lower().startswith(("q_", "q", "query")) else "key" if name.lower().startswith(("k_", "k", "key")) else None
+        if which is None:
+            return  # a norm inside the attention that is neither (BitNet's before its output projection)
+        norms[which] = slot.get_submodule(name)
+
+    if _CAPTURE_KERNEL not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_CAPTURE_KERNEL, _capturing_kernel)
+    was, captured = model.config._attn_implementation, {}
+    token = _CAPTURED.set(captured)
+    try:
+        model.set_attn_implementation(_CAPTURE_KERNEL)
+        model(input_ids=torch.tensor([[5]]), use_cache=False)
+    except Exception:  # noqa: BLE001 - a family that takes no registered kernel: its Q and K stay unchecked
+        return
+    finally:
+        _CAPTURED.reset(token)
+        model.set_attn_implementation(was)
+    if id(slot) not in captured:
+        return
+    _, heads, kv_heads, head_dim = teacher_geometry(config)
+    for name, rows, bias, states, count in (("query", weights.q, weights.q_bias, captured[id(slot)][0], heads), ("key", weights.k, weights.k_bias, captured[id(slot)][1], kv_heads)):
+        theirs = states[0, :, 0] if states.dim() == 4 else None  # (batch, heads, tokens, head_dim)
+        if theirs is None or tuple(theirs.shape) != (count, head_dim):
+            return  # a kernel input of another layout: not interpreted
+        if tuple(rows.shape[:1]) != (count * head_dim,):
+            raise _Refusal(
+                f"cannot convert model type {config.model_type!r}: its {name} projection is read as {tuple(rows.shape)}, where "
+                f"{count} heads of {head_dim} make {count * head_dim} rows; it needs a reader for its layout in cald_scale/conversion/families.py"
+            )
+        ours = nn.functional.linear(x.reshape(-1, x.shape[-1])[0], rows, bias).reshape(count, head_dim)
+        if (norm := norms[name]) is not None:
+            try:
+                ours = _through_norm(norm, ours)
+            except Exception:  # noqa: BLE001 - a norm that takes other shapes: Q and K unchecked
+                return
+        cosine = nn.functional.cosine_similarity(ours.double(), theirs.double(), dim=-1).min().item()
+        if not cosine >= _MIN_HEAD_COSINE:
+            raise _Refusal(
+                f"cannot convert model type {config.model_type!r}: its attention projections are not read as its forward uses them "
+                f"(on one token, a {name} head's rows read point elsewhere than the {name} its attention computes: cosine "
+                f"{cosine:.3f}); it needs a reader for its layout in cald_scale/conversion/families.py"
+            )
+
+
+def _through_norm(norm: nn.Module, heads: torch.Tensor) -> torch.Tensor:
+    """``heads`` (heads, head_dim) through a q or k norm: over the whole projection when its
+    weight is that wide (OLMo2), else head by head, laid out (batch, heads, tokens, head_dim) as
+    the per-head norms of Persimmon, Qwen3 and StableLM take it."""
+    count, head_dim = heads.shape
+    width = next((p.numel() for p in norm.parameters()), head_dim)
+    if width == count * head_dim:
+        return norm(heads.reshape(1, 1, -1)).reshape(count, head_dim)
+    return norm(heads.reshape(1, count, 1, head_dim)).reshape(count, head_dim)
 
 
 def _drops_out_embeddings(model: nn.Module, adapter: FamilyAdapter, ids: torch.Tensor) -> bool:

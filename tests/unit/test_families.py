@@ -338,6 +338,36 @@ def test_a_reader_that_splits_a_fused_projection_in_another_order_is_refused():
         check_block_by_block(config, as_q_k_v, [])
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "persimmon"])
+def test_a_reader_that_swaps_q_and_k_or_reorders_their_heads_is_refused(model_type):
+    """Over one token at position 0 rotary is the identity, so the query and key states the
+    attention hands its kernel are its Q and K rows applied to the input (through its q/k norms:
+    Qwen3's RMSNorm, Persimmon's LayerNorm): a reader that swaps Q and K, or reads Q's heads in
+    another order, is refused instead of starting every mixer from the wrong rows. The V/O
+    check alone passed both."""
+    import dataclasses
+
+    from cald_scale.conversion.discovery import check_block_by_block, discover_adapter
+
+    extra = {"qk_layernorm": True} if model_type == "persimmon" else {}
+    config = AutoConfig.for_model(model_type, **{**_COMMON, "num_key_value_heads": _COMMON["num_attention_heads"], **extra})
+    right = discover_adapter(config, [])
+    assert check_block_by_block(config, right, []) == right and (model_type == "llama" or right.attention_extras)
+
+    def swapped(attn, c):
+        w = right.read_attention(attn, c)
+        return dataclasses.replace(w, q=w.k, k=w.q, q_bias=w.k_bias, k_bias=w.q_bias)
+
+    def heads_reordered(attn, c):
+        w = right.read_attention(attn, c)
+        heads = w.q.unflatten(0, (c.num_attention_heads, -1))
+        return dataclasses.replace(w, q=heads.roll(1, 0).flatten(0, 1), q_bias=None if w.q_bias is None else w.q_bias.unflatten(0, (c.num_attention_heads, -1)).roll(1, 0).flatten())
+
+    for wrong, name in ((swapped, "query"), (heads_reordered, "query")):
+        with pytest.raises(ValueError, match=rf"{model_type}'?: its attention projections are not read as its forward uses them \(on one token, a {name} head's rows read point elsewhere"):
+            check_block_by_block(config, dataclasses.replace(right, read_attention=wrong), [])
+
+
 def test_published_falcon_geometries_are_checked_on_their_tiny_copies(caplog):
     """Falcon-7B (71 heads of 64, one K/V head) and Falcon-40B (128 heads, 8 K/V groups): their
     tiny copies keep one K/V head and K/V groups, with Falcon's own num_kv_heads and its derived
