@@ -29,7 +29,7 @@ import torch
 
 from .config import OutputConfig, RunConfig, config_differences, flat_keys, with_legacy_defaults
 from .config_loader import ConfigError, from_dict, to_dict
-from .conversion.teacher import dtype_name
+from .conversion.teacher import dtype_name, resolve_teacher_source
 from .conversion.weights import weights_fingerprint
 from .distill.guidance import Guide
 from .distill.phases import Phase, PhasePlan, set_decay_and_betas, set_phase_lr
@@ -46,12 +46,12 @@ from .engines.preemption import Preempted, PreemptionWatch, raise_if_preempted
 from .engines.models import DistillationModels, build_models, checkpoint_excludes_frozen
 from .engines.reshard import OPTIMIZER_GROUPS, ResumePlan, plan_resume
 from .engines.teacher import check_waypoints
-from .engines.ds_config import compute_dtype, load_ds_config, resolve_ds_config
+from .engines.ds_config import compute_dtype, ds_config_file, load_ds_config, resolve_ds_config
 from .engines.zero3 import begin_step
 from .eval.report import write_report
 from .export.bamba import BambaExportError, check_exportable, export_bamba
 from .export.hf import export_model
-from .fileio import NO_LOCKS, atomic_write_text, cache_root, hold_lock, read_json, work_cache_dir
+from .fileio import NO_LOCKS, atomic_write_text, hold_lock, read_json, sha256_of, work_cache_dir
 from .metrics import MetricsLogger, peak_memory_bytes
 from .tasks import open_task
 from .tasks.spec import DATA_SECTIONS, task_spec
@@ -88,23 +88,36 @@ def _fixed_on_resume(key: str) -> bool:
     return key not in _MOVABLE and any(key == k or key.startswith(k + ".") for k in _FIXED_ON_RESUME)
 
 
-def _refuse_settings_that_differ_across_ranks(cfg: RunConfig) -> None:
-    """Every rank runs the configuration rank 0 runs, with the same folders. Each rank reads
-    its config and environment itself, and a rank on another node may see others: deepspeed
-    passes only some variables to other nodes, so one without $CALD_SCALE_CACHE resolves
-    another default cache, and one started in another folder another relative run folder.
-    Its ranks would then wait for a corpus or teacher rank 0 prepares elsewhere, or write
-    their checkpoint shards beside another run."""
-    values: dict[str, object] = {f"config {key}": value for key, value in flat_keys(cfg.to_dict()).items()}
+def _refuse_settings_that_differ_across_ranks(cfg: RunConfig, ds_config_path: str | Path) -> None:
+    """Every rank runs the configuration rank 0 runs, with the same folders, before any of them
+    claims the run folder. Each rank reads its config and environment itself, and a rank on
+    another node may see others: deepspeed passes only some variables to other nodes, so one
+    without $CALD_SCALE_CACHE resolves another default data cache, one started in another folder
+    another relative run folder or ds_config, one without the teacher's files fails to open it.
+    Its ranks would wait for a corpus rank 0 tokenises elsewhere, write their checkpoint shards
+    beside another run, or fail while the others wait. Compared: the settings this run's task
+    reads (another task's data section is not read), the run folder, the ds_config's content and
+    whether the teacher resolves (not where: each node may install it in its own folder)."""
+    own = task_spec(cfg.task.kind).data_section
+    unread = tuple(f"{section}." for section in DATA_SECTIONS if section != own)
+    values: dict[str, object] = {f"config {key}": value for key, value in flat_keys(cfg.to_dict()).items() if not key.startswith(unread)}
     values["the run folder"] = os.path.abspath(cfg.output.run_dir)
-    values["the teacher cache"] = os.path.abspath(cache_root(cfg.teacher.cache_dir))
-    values["the fetched-corpus cache"] = os.path.abspath(cache_root())
+    values["the ds_config"] = _described(lambda: f"{ds_config_path} with sha256 {sha256_of(ds_config_file(ds_config_path))[:12]}")
+    values["the teacher"] = _described(lambda: f"a {resolve_teacher_source(cfg.teacher)[0]} teacher")
     refuse_differences_across_ranks(values, why=(
-        "Every rank must read the same caches and write the same run folder. On several nodes, deepspeed passes the "
-        "other nodes' ranks only NCCL_*, PYTHON*, UCX* and MLFLOW* variables and what .deepspeed_env (in ~ or the "
+        "Every rank must read the same caches and files and write the same run folder. On several nodes, deepspeed passes "
+        "the other nodes' ranks only NCCL_*, PYTHON*, UCX* and MLFLOW* variables and what .deepspeed_env (in ~ or the "
         "working folder, or $DS_ENV_FILE) lists: list CALD_SCALE_CACHE and the HF_* settings there, start every node in "
-        "the same folder on a shared disk, or give absolute paths in the config (launch/slurm's batch scripts do this)"
+        "the same folder on a shared disk, or give absolute paths (launch/slurm's batch scripts do this)"
     ))
+
+
+def _described(describe: Callable[[], str]) -> str:
+    """``describe()``, or the error it raised, named (compared across ranks: one that fails must not leave the others waiting)."""
+    try:
+        return describe()
+    except Exception as err:  # noqa: BLE001 - the error is the value compared
+        return f"unreadable ({type(err).__name__}: {err})"
 
 
 @contextlib.contextmanager
@@ -548,7 +561,7 @@ def train(cfg: RunConfig, ds_config_path: str | Path, *, early_signals: Sequence
 
 def _train(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv, early_signals: Sequence[str]) -> dict:
     logging.getLogger("cald_scale").setLevel(logging.INFO if env.is_main else logging.WARNING)
-    _refuse_settings_that_differ_across_ranks(cfg)
+    _refuse_settings_that_differ_across_ranks(cfg, ds_config_path)
     run = None
     # NOTE: the run folder's lock is released last, after wandb's finish has written its offline
     # run there (a job waiting on the folder started while it still wrote). It is taken inside the

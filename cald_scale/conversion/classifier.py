@@ -28,7 +28,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from ..config_loader import from_dict
 from .modeling import ConversionConfig, family_attention, keep_mixer_padding, mixer_padding, replace_attention
 from .registry import get_adapter
-from .weights import StateDictReader, WeightReader
+from .weights import StateDictReader, StoredTensor, WeightReader
 
 __all__ = ["CaldClassifierConfig", "CaldEncoderForSequenceClassification", "EncoderWithNewHead", "Pooling", "classifier_config", "pool"]
 
@@ -279,6 +279,12 @@ class EncoderWithNewHead:
 
     def get(self, key: str) -> torch.Tensor:
         return self._encoder.get(self._keys[key]) if key in self._keys else self._head.get(key)
+
+    def get_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """A range of the flattened tensor (a ZeRO-3 rank's partition): the encoder's, read alone."""
+        if key in self._keys:
+            return StoredTensor(self._encoder, self._keys[key]).read_flat(start, stop)
+        return self._head.get_flat(key, start, stop)
 
 
 AutoConfig.register(CaldClassifierConfig.model_type, CaldClassifierConfig)

@@ -6,8 +6,9 @@ each tensor, not yet read (``StoredTensor``), to an ``assign`` function that wri
 the matching parameter. With a plain module ``assign`` reads it whole and copies; under ZeRO-3
 it reads only this rank's partition, a range of the flattened tensor (see
 ``engines/partitioned.py``). Peak memory is therefore one tensor, not one model, and under
-ZeRO-3 one tensor's partition: each of N ranks reads 1/N of the checkpoint (a MoE's fused
-experts: the experts its range covers, each written in place).
+ZeRO-3 about one tensor's partition (read straight into place from safetensors of the model's
+dtype; one more partition-sized buffer otherwise): each of N ranks reads 1/N of the checkpoint
+(a MoE's fused experts: the experts its range covers, each written in place).
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ class StoredTensor:
         if (get_flat := getattr(self.reader, "get_flat", None)) is not None:
             return get_flat(self.key, start, stop)
         return self.read().reshape(-1)[start:stop]
+
+    def read_flat_into(self, out: torch.Tensor, start: int) -> None:
+        """Elements ``[start, start + out.numel())`` of the flattened tensor, written into ``out``
+        (1-D): straight from the file where the reader can (same dtype, on the host), so no second
+        copy of the range is ever held."""
+        read_into = getattr(self.reader, "read_flat_into", None)
+        if read_into is not None and out.device.type == "cpu" and out.is_contiguous() and read_into(self.key, start, out):
+            return
+        out.copy_(self.read_flat(start, start + out.numel()))
 
 
 Assign = Callable[[torch.Tensor, "torch.Tensor | StoredTensor"], None]
@@ -176,10 +186,20 @@ class SafetensorsReader:
         start, stop = max(0, min(start, nbytes // size)), max(0, min(stop, nbytes // size))
         return self._read(key, start * size, max(stop - start, 0) * size).view(dtype)
 
-    def _read(self, key: str, begin: int, length: int) -> torch.Tensor:
-        """Bytes ``[begin, begin + length)`` of tensor ``key``'s data."""
+    def read_flat_into(self, key: str, start: int, out: torch.Tensor) -> bool:
+        """``get_flat`` written into ``out`` (1-D, contiguous, on the host) by the file read itself;
+        False, and nothing read, where ``out`` has another dtype than the file's tensor."""
+        _, _, nbytes, dtype, _ = self._entries[key]
+        size = dtype.itemsize
+        if out.dtype != dtype or start < 0 or (start + out.numel()) * size > nbytes:
+            return False
+        self._read(key, start * size, out.numel() * size, into=out.view(torch.uint8))
+        return True
+
+    def _read(self, key: str, begin: int, length: int, *, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Bytes ``[begin, begin + length)`` of tensor ``key``'s data (into ``into``'s bytes, if given)."""
         path, offset, nbytes, _, _ = self._entries[key]
-        buffer = torch.empty(length, dtype=torch.uint8)
+        buffer = torch.empty(length, dtype=torch.uint8) if into is None else into
         with open(path, "rb") as handle:
             handle.seek(offset + begin)
             if handle.readinto(memoryview(buffer.numpy())) != length:
@@ -292,6 +312,11 @@ class RenamedReader:
         first = rows.start * per_row
         return self._stacked_rows(plan, rows, self._reader.get).reshape(-1)[start - first : stop - first]
 
+    def read_flat_into(self, key: str, start: int, out: torch.Tensor) -> bool:
+        source = self._to_checkpoint[key]
+        read_into = getattr(self._reader, "read_flat_into", None)
+        return isinstance(source, str) and read_into is not None and read_into(source, start, out)
+
     def _fuse(self, key: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
         """The model tensor ``key`` built from its checkpoint tensors by its converter's operations."""
         converter, sources = self._to_checkpoint[key]
@@ -315,8 +340,8 @@ class RenamedReader:
         groups = [g for p in converter.source_patterns if (g := [k for sp, k in sources if sp == p])]
         if len(groups) > 1 and len(ops) == 1:
             return None
-        join = ops[1].dim if len(ops) > 1 else 0
         stacks = [(len(g), *self._reader.shape(g[0])) for g in groups]  # each pattern's stack: (experts, *expert shape)
+        join = ops[1].dim % len(stacks[0]) if len(ops) > 1 else 0  # a negative dim counts from the stack's last
         if any(tuple(self._reader.shape(k)) != stack[1:] for g, stack in zip(groups, stacks) for k in g) or any(
             len(stack) != len(stacks[0]) or any(a != b for d, (a, b) in enumerate(zip(stack, stacks[0])) if d != join) for stack in stacks
         ):

@@ -160,6 +160,19 @@ def load_ds_config(path: str | Path) -> dict:
         raise ConfigError(f"DeepSpeed config {path} is a pipeline config: set train.pipeline_stages to the number of stages to run pipeline mode")
     if stage != 3:
         raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 3 (got {json.dumps(stage)}); teacher and student are ZeRO-3 engines")
+    zero = config.get("zero_optimization", {})
+    if isinstance(zero.get("zero_hpz_partition_size"), int) and zero["zero_hpz_partition_size"] > 1:
+        # NOTE: DeepSpeed makes hpZ's intra-node group once per process and asserts when the second
+        # model (the student, after the teacher) is built under zero.Init with it.
+        raise ConfigError(
+            f"DeepSpeed config {path}: zero_optimization.zero_hpz_partition_size={zero['zero_hpz_partition_size']} (ZeRO++'s "
+            "secondary partition) cannot build two models, and teacher and student are two: leave it at 1"
+        )
+    if zero.get("zero_quantized_nontrainable_weights"):
+        raise ConfigError(
+            f"DeepSpeed config {path}: zero_optimization.zero_quantized_nontrainable_weights stores frozen weights quantized, "
+            "and the teacher's and the copied weights are written into their partitions as they are: leave it out"
+        )
     return config
 
 

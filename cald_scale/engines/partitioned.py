@@ -82,10 +82,12 @@ def _read_own_partition(target: torch.Tensor, stored: StoredTensor, dtype: torch
     is left unwritten, and stays unresident on the host (a large allocation is mapped lazily).
 
     The whole tensor is read where DeepSpeed copies more than that range: a persistent
-    (small) parameter, ZeRO++'s secondary partition (hpZ) and quantized frozen weights."""
+    (small) parameter, and ZeRO++'s secondary partition (hpZ: its process group is set on every
+    parameter, while the secondary tensor itself is dropped after each optimizer step and rebuilt
+    from ``.data`` at the next partition; ``load_ds_config`` refuses hpZ anyway)."""
     import torch.distributed as dist
 
-    if getattr(target, "ds_persist", False) or getattr(target, "ds_secondary_tensor", None) is not None or hasattr(target.ds_tensor, "ds_quant_scale"):
+    if getattr(target, "ds_persist", False) or getattr(target, "ds_zero_param_process_group", None) is not None:
         return stored.read()
     numel = target.ds_numel
     size = target.ds_tensor.ds_numel
@@ -93,7 +95,7 @@ def _read_own_partition(target: torch.Tensor, stored: StoredTensor, dtype: torch
     stop = min(start + size, numel)
     full = torch.empty(numel, dtype=dtype, device=device)
     if start < stop:
-        full[start:stop].copy_(stored.read_flat(start, stop))
+        stored.read_flat_into(full[start:stop], start)
     return full
 
 

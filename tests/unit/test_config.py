@@ -282,6 +282,16 @@ def test_ds_config_contradiction_and_stage(tmp_path):
         load_ds_config(bad)
     with pytest.raises(FileNotFoundError):
         load_ds_config(tmp_path / "missing.json")
+    # ZeRO++ options that cannot hold two models, or that store the copied weights quantized (helper-102).
+    for setting, message in (
+        ({"zero_hpz_partition_size": 8}, "zero_hpz_partition_size=8 .* cannot build two models"),
+        ({"zero_quantized_nontrainable_weights": True}, "zero_quantized_nontrainable_weights stores frozen weights quantized"),
+    ):
+        bad.write_text(json.dumps({"zero_optimization": {"stage": 3, **setting}}))
+        with pytest.raises(ConfigError, match=message):
+            load_ds_config(bad)
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 1}}))
+    assert load_ds_config(bad)["zero_optimization"]["zero_hpz_partition_size"] == 1
 
 
 def test_ds_config_optimizer_numbers_that_are_not_numbers_are_named(tmp_path):

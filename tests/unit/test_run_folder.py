@@ -400,19 +400,19 @@ def test_the_run_folder_stays_locked_until_wandbs_finish_has_written_there(tmp_p
     assert not locked_now()  # released when the run returned
 
 
-def _settings_check_on_rank(rank: int, folder: str, caches: list) -> str | None:
+def _settings_check_on_rank(rank: int, folders: list, caches: list, overrides: list) -> str | None:
     """A rank whose environment names ``caches[rank]`` as its cache (None: no $CALD_SCALE_CACHE),
-    started in ``folder``: the message the check raises there, None when it passes."""
+    started in ``folders[rank]``: the message the check raises there, None when it passes."""
     from cald_scale.config import load_run_config
     from cald_scale.train import _refuse_settings_that_differ_across_ranks
 
-    os.chdir(folder)
+    os.chdir(folders[rank])
     os.environ.pop("CALD_SCALE_CACHE", None)
     if caches[rank] is not None:
         os.environ["CALD_SCALE_CACHE"] = caches[rank]
-    cfg = load_run_config(None, ["output.run_dir=runs/here"])
+    cfg = load_run_config(None, ["output.run_dir=runs/here", *overrides[rank]])
     try:
-        _refuse_settings_that_differ_across_ranks(cfg)
+        _refuse_settings_that_differ_across_ranks(cfg, "zero3.json")
     except ValueError as err:
         return str(err)
     return None
@@ -420,16 +420,34 @@ def _settings_check_on_rank(rank: int, folder: str, caches: list) -> str | None:
 
 def test_a_rank_that_resolves_other_caches_than_rank_0_is_refused_by_name_on_every_rank(tmp_path):
     """A second node's rank launched without the first node's $CALD_SCALE_CACHE (deepspeed
-    does not pass it on) resolves another data and teacher cache; every rank stops with the
-    settings named, the remedy said, before any folder is claimed. Ranks that agree pass."""
-    shared = str(tmp_path / "shared_cache")
-    assert run_on_ranks(_settings_check_on_rank, tmp_path / "agree", str(tmp_path), [shared, shared]) == [None, None]
+    does not pass it on) resolves another data cache, and would wait for a corpus rank 0
+    tokenises elsewhere; every rank stops with the setting named, the remedy said, before any
+    folder is claimed. Ranks that agree pass, and so do ranks that differ only in what the run
+    never reads: another task's data section, and the teacher cache of a teacher that is no
+    GGUF file (helper-102). A teacher one rank cannot find is named before any rank opens it."""
+    shared, here = str(tmp_path / "shared_cache"), [str(tmp_path)] * 2
+    same = [[], []]
+    assert run_on_ranks(_settings_check_on_rank, tmp_path / "agree", here, [shared, shared], same) == [None, None]
 
-    messages = run_on_ranks(_settings_check_on_rank, tmp_path / "differ", str(tmp_path), [shared, None])
+    messages = run_on_ranks(_settings_check_on_rank, tmp_path / "differ", here, [shared, None], same)
     assert messages[0] == messages[1] and messages[0] is not None
     message = messages[0]
     assert message.startswith("rank 1 (host ")
     assert f"config data.cache_dir is {str(tmp_path / '.cache' / 'cald_scale' / 'data')!r} there and {shared + '/data'!r} on rank 0" in message
-    assert f"the teacher cache is {str(Path.home() / '.cache' / 'cald_scale')!r} there and {shared!r} on rank 0" in message
+    assert "classification" not in message and "the teacher" not in message and "run folder" not in message.split(". Every rank")[0]
     assert ".deepspeed_env" in message and "CALD_SCALE_CACHE" in message
-    assert "run folder" not in message.split(". Every rank")[0]  # the same relative folder from the same working folder
+
+    # The data cache given in the config: the environment no longer matters.
+    given = [[f"data.cache_dir={tmp_path / 'data_cache'}"]] * 2
+    assert run_on_ranks(_settings_check_on_rank, tmp_path / "given", here, [shared, None], given) == [None, None]
+
+    # Started in another folder, where the relative teacher folder is missing: named before any rank opens it.
+    for node in ("node0", "node1"):
+        (tmp_path / node).mkdir()
+    (tmp_path / "node0" / "teacher").mkdir()
+    (tmp_path / "node0" / "teacher" / "config.json").write_text("{}")
+    absolute = [[f"data.cache_dir={tmp_path / 'data_cache'}", f"output.run_dir={tmp_path / 'run'}", "teacher.name_or_path=./teacher"]] * 2
+    nodes = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    messages = run_on_ranks(_settings_check_on_rank, tmp_path / "nodes", nodes, [shared, shared], absolute)
+    assert messages[0] == messages[1] and "teacher" in messages[0], messages
+    assert "does not exist" in messages[0] and "on rank 0" in messages[0]

@@ -164,6 +164,15 @@ def test_a_range_of_a_flattened_tensor_is_read_alone_from_safetensors_and_bin(tm
             for start, stop in ((0, flat.numel()), (1, 4), (value.numel() - 2, value.numel() + 5), (3, 3)):
                 got = reader.get_flat(key, start, stop)
                 assert got.dtype == value.dtype and torch.equal(got, flat[start:stop]), (type(reader).__name__, key, start, stop)
+    # Read straight into a destination of the file's dtype; another dtype reads a range, then converts.
+    for key, value in tensors.items():
+        flat = value.reshape(-1)
+        into = torch.full((3,), 7, dtype=value.dtype)
+        assert open_weights(tmp_path).read_flat_into(key, 1, into) and torch.equal(into, flat[1:4])
+        assert not open_weights(tmp_path).read_flat_into(key, 1, torch.zeros(3, dtype=torch.float64))
+        converted = torch.zeros(3, dtype=torch.float64)
+        StoredTensor(open_weights(tmp_path), key).read_flat_into(converted, 1)
+        assert torch.equal(converted, flat[1:4].double())
     # A reader without get_flat (a user's own) reads the tensor whole and slices it.
     plain = StoredTensor(RenamedReader(StateDictReader(tensors), torch.nn.Module()), "c")
     assert plain.shape == (2, 3, 2) and torch.equal(plain.read_flat(2, 9), tensors["c"].reshape(-1)[2:9])
