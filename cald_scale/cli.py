@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "generate": "cald_scale.generate",
     "export": "cald_scale.export.command",
     "prepare-data": "cald_scale.prepare_data",
+    "env": "cald_scale.env_report",
 }
 """Subcommand -> the module implementing it."""
 
