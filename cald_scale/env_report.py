@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -26,8 +27,8 @@ from pathlib import Path
 
 __all__ = ["add_arguments", "run", "Check", "collect"]
 
-# The settings a job reads that a multi-node launch must pass on (launch/slurm's batch scripts do).
-_FORWARDED = ("CALD_SCALE_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE", "WANDB_DIR")
+# The settings a job reads that a multi-node launch must pass on, as launch/slurm/train_deepspeed.sbatch does.
+_FORWARDED_PREFIXES = ("CALD_", "HF_", "TRANSFORMERS_", "WANDB_", "TORCH_", "TOKENIZERS_", "TRITON_")
 # Below this, a cache cannot hold a tokenised corpus and a de-quantised teacher of the sizes shipped.
 _MIN_FREE_GB = 5.0
 
@@ -62,8 +63,8 @@ def collect() -> list[Check]:
     for check in (_releases, _accelerator, _kernels, _compiler, _caches, _offline_assets, _slurm, _multinode):
         try:
             checks.extend(check())
-        except Exception as err:  # noqa: BLE001 - the report goes on; the failure is a line of it
-            checks.append(Check(check.__name__.strip("_"), "fail", f"the check raised {type(err).__name__}: {err}"))
+        except Exception as err:  # noqa: BLE001 - the report goes on; its own failure is a warned line, not the machine's
+            checks.append(Check(check.__name__.strip("_"), "warn", f"not checked: the check raised {type(err).__name__}: {err}"))
     return checks
 
 
@@ -90,12 +91,16 @@ def _releases() -> list[Check]:
         checks.append(Check("deepspeed", "warn" if allowed else "fail", deepspeed, f"tested on {TESTED_DEEPSPEED} only" + ("; allowed by " + ALLOW_ENV if allowed else f" (or {ALLOW_ENV}=1)")))
     else:
         checks.append(Check("deepspeed", "ok", deepspeed))
-    transformers = _version("transformers") or "not installed"
-    tested = transformers.startswith(("5.24.", "5.25."))
-    checks.append(Check("transformers", "ok" if tested else "fail", transformers, "" if tested else "tested on 5.24-5.25 (pyproject's range)"))
-    for package in ("megatron-core", "datasets", "wandb"):
+    transformers = _version("transformers")
+    if transformers is None:
+        checks.append(Check("transformers", "fail", "not installed"))
+    else:
+        tested = transformers.startswith(("5.24.", "5.25."))
+        checks.append(Check("transformers", "ok" if tested else "warn", transformers, "" if tested else "tested on 5.24-5.25 (pyproject's range); generation uses its private internals"))
+    for package, needed in (("megatron-core", True), ("datasets", True), ("wandb", False)):
         found = _version(package)
-        checks.append(Check(package, "ok" if found else "fail", found or "not installed"))
+        status = "ok" if found else "fail" if needed else "warn"
+        checks.append(Check(package, status, found or "not installed", "" if found or needed else "runs log to metrics.jsonl only"))
     return checks
 
 
@@ -103,6 +108,9 @@ def _accelerator() -> list[Check]:
     import torch
 
     if not torch.cuda.is_available():
+        if Path("/dev/nvidia0").exists():
+            why = "a CPU build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda} sees no device"
+            return [Check("accelerator", "warn", "CPU only, on a machine with an NVIDIA device", f"{why}: the job would train on the CPU")]
         return [Check("accelerator", "ok", "CPU only", "fp32 engines on gloo; the mixers run their pure-PyTorch path")]
     checks = []
     for index in range(torch.cuda.device_count()):
@@ -129,12 +137,24 @@ def _kernels() -> list[Check]:
 
 
 def _compiler() -> list[Check]:
-    """DeepSpeed builds its ops (the CPU allreduce, CPU Adam for offload) with a C++ compiler and ninja on first use."""
-    compiler = os.environ.get("CXX", "c++")
-    missing = [tool for tool in (compiler, "ninja") if shutil.which(tool) is None and not (tool == "ninja" and importlib.util.find_spec("ninja"))]
+    """DeepSpeed compiles an op on first use with a C++ compiler and ninja: on CPU its shared-memory
+    allreduce, and with an offloaded optimizer its CPU Adam. On a GPU with the shipped non-offload
+    configs it builds nothing, so a missing tool only warns there."""
+    import torch
+
+    from .engines.op_builds import build_folder
+
+    compiler = (shlex.split(os.environ.get("CXX", "")) or ["c++"])[0]
+    missing = [tool for tool in (compiler, "ninja") if shutil.which(tool) is None]
+    folder = build_folder()
+    problem = _writable(folder)
     if missing:
-        return [Check("op builds", "fail", f"{' and '.join(missing)} not found", "DeepSpeed compiles its CPU ops at the first launch: install a C++ compiler and `pip install ninja`")]
-    return [Check("op builds", "ok", f"{shutil.which(compiler)}, ninja")]
+        builds = "every launch builds DeepSpeed's CPU allreduce" if not torch.cuda.is_available() else "an offloaded optimizer builds DeepSpeed's CPU Adam"
+        status = "fail" if not torch.cuda.is_available() else "warn"
+        return [Check("op builds", status, f"{' and '.join(missing)} not found", f"{builds}: install a C++ compiler and ninja (pip install ninja, on PATH)")]
+    if problem:
+        return [Check("op builds", "fail", str(folder), f"DeepSpeed's build folder (TORCH_EXTENSIONS_DIR) is {problem}")]
+    return [Check("op builds", "ok", f"{shutil.which(compiler)}, {shutil.which('ninja')}", f"built into {folder}")]
 
 
 def _caches() -> list[Check]:
@@ -149,10 +169,9 @@ def _caches() -> list[Check]:
         free = shutil.disk_usage(_existing_parent(folder)).free / 1e9
         status = "ok" if free >= _MIN_FREE_GB else "warn"
         checks.append(Check(name, status, str(folder), f"{free:.1f} GB free" + ("" if status == "ok" else f", under {_MIN_FREE_GB:.0f} GB")))
-    folder = _existing_parent(cache_root())
-    locks = _locks_work(folder, NO_LOCKS) if not _writable(folder) else None
-    if locks is not None:
-        checks.append(Check("file locks", "ok" if locks else "warn", "work" if locks else "not supported", "" if locks else "ranks and jobs sharing a cache run unlocked: prepare data with `cald-scale prepare-data` first"))
+    for folder in dict.fromkeys(_existing_parent(f) for f in (cache_root(), Path(work_cache_dir(None, "data")), Path.cwd())):
+        if _writable(folder) is None and not _locks_work(folder, NO_LOCKS):
+            checks.append(Check("file locks", "warn", f"not supported in {folder}", "ranks and jobs sharing it run unlocked: prepare data with `cald-scale prepare-data` first"))
     return checks
 
 
@@ -215,16 +234,22 @@ def _slurm() -> list[Check]:
 
 def _multinode() -> list[Check]:
     """What `deepspeed --hostfile` passes the other nodes' ranks: NCCL_*, PYTHON*, UCX*, MLFLOW* and
-    the lines of .deepspeed_env; the cache and hub settings set here but not listed there stay here."""
+    the lines of .deepspeed_env; the settings a job reads that are set here but not listed there
+    stay here (launch/slurm/train_deepspeed.sbatch writes them into a file of its own)."""
     name = os.environ.get("DS_ENV_FILE", ".deepspeed_env")
     files = [Path(name)] if os.path.isabs(name) else [Path.home() / name, Path.cwd() / name]
     listed: set[str] = set()
-    for path in files:
-        if path.is_file():
-            listed |= {line.split("=", 1)[0].strip() for line in path.read_text().splitlines() if "=" in line}
+    checks = []
+    for path in (f for f in files if f.is_file()):
+        lines = path.read_text().splitlines()
+        # NOTE: deepspeed splits every line at its first "=": a blank or comment line stops the launch.
+        bad = [n for n, line in enumerate(lines, 1) if "=" not in line]
+        if bad:
+            checks.append(Check("deepspeed env file", "fail", str(path), f"line(s) {bad[:5]} hold no NAME=value: deepspeed's launcher stops on them (no blank or comment lines)"))
+        listed |= {line.split("=", 1)[0].strip() for line in lines if "=" in line}
     pdsh = shutil.which("pdsh")
-    checks = [Check("pdsh", "ok", pdsh or "not found", "" if pdsh else "needed only by `deepspeed --hostfile` across nodes; launch/slurm/train_srun.sbatch needs none")]
-    unlisted = [var for var in _FORWARDED if var in os.environ and var not in listed]
+    checks.append(Check("pdsh", "ok", pdsh or "not found", "" if pdsh else "needed only by `deepspeed --hostfile` across nodes; launch/slurm/train_srun.sbatch needs none"))
+    unlisted = sorted(var for var in os.environ if var.startswith(_FORWARDED_PREFIXES) and not _credential(var) and var not in listed)
     if unlisted:
         checks.append(Check(
             "multi-node environment", "warn", f"{', '.join(unlisted)} not in {' or '.join(str(f) for f in files)}",
@@ -232,3 +257,10 @@ def _multinode() -> list[Check]:
         ))
     return checks
 
+
+def _credential(name: str) -> bool:
+    """A variable never to put in a launch file (deepspeed puts each line on the pdsh command line), as the batch script decides."""
+    upper = name.upper()
+    if upper == "HF_TOKEN_PATH" or "_DISABLE_" in upper:
+        return False
+    return any(part in ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS") for part in upper.split("_"))

@@ -6,7 +6,9 @@ Takes the same recipe and overrides as `launch/train.py`, so it builds exactly t
 the job reads: data.corpus (train and held-out splits), data.eval_corpus and every
 eval.other_corpora set, tokenised with the teacher's tokenizer (a built-in GGUF teacher is
 converted once on the way); for the classification task, the fixed splits of
-`classification`. Work is saved part by part: killed, the same command resumes
+`classification`. The teacher is checked as the job checks it (its family convertible, the
+context within its positions), so a run it would refuse stops here; student.init_from is not
+opened. Work is saved part by part: killed, the same command resumes
 from the last finished part. Run it once (one process, e.g. a CPU job on the cluster)
 before a multi-node run; the job then finds the caches complete and starts at once.
 """
@@ -40,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         raise ValueError(f"config error: {err}") from None
     started = time.time()
-    # The task as the job opens it (its teacher and tokenizer resolved and checked), then its data.
-    task = open_task(cfg, is_main=True)
+    # The task as the job opens it (its teacher and tokenizer resolved and checked: a teacher the
+    # job would refuse is refused now), then its data. student.init_from may not exist yet.
+    task = open_task(cfg, is_main=True, data_only=True)
     task.open_data()
     summary = {**task.data_summary(), "seconds": round(time.time() - started, 1)}
     if args.json:

@@ -84,7 +84,13 @@ _MOVABLE = (
 )
 
 
-def _fixed_on_resume(key: str) -> bool:
+def _fixed_on_resume(key: str, kind: str) -> bool:
+    """Whether setting ``key`` of a run of task ``kind`` may not change on resume: a data section
+    the task never reads is free (an LM run started with a classification.* setting, which no
+    later command may give, resumes without it)."""
+    unread = [section for section in DATA_SECTIONS if section != task_spec(kind).data_section]
+    if any(key == s or key.startswith(s + ".") for s in unread):
+        return False
     return key not in _MOVABLE and any(key == k or key.startswith(k + ".") for k in _FIXED_ON_RESUME)
 
 
@@ -220,7 +226,7 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, *, resuming_at: int | None, re
         return []
     saved = read_json(path)
     changed = config_differences(saved, cfg, ignore=("output.run_dir",))
-    fixed = [d for d in changed if _fixed_on_resume(d.split(":")[0])]
+    fixed = [d for d in changed if _fixed_on_resume(d.split(":")[0], cfg.task.kind)]
     if fixed:
         raise ValueError(
             f"{run_dir} holds a run of another teacher, student or data ({'; '.join(fixed[:4])}); "

@@ -235,8 +235,9 @@ def _capturing_kernel(module, query, key, value, *args, **kwargs):
     """An attention kernel for one token: records the query and key states it gets, returns the
     value (a query's only key gets all of its weight, whatever mask, scale or softcap)."""
     captured = _CAPTURED.get()
-    if captured is not None:
-        captured.setdefault(id(module), (query, key))
+    if captured is None:  # registered with transformers for the process: a model of the user's that names it
+        raise RuntimeError(f"{_CAPTURE_KERNEL!r} is cald_scale's recording kernel for its conversion checks, not an attention implementation")
+    captured.setdefault(id(module), (query, key))
     return value.repeat_interleave(query.shape[1] // value.shape[1], dim=1).transpose(1, 2).contiguous(), None
 
 
@@ -360,12 +361,15 @@ def _check_query_key_rows(
 
 
 def _through_norm(norm: nn.Module, heads: torch.Tensor) -> torch.Tensor:
-    """``heads`` (heads, head_dim) through a q or k norm: over the whole projection when its
-    weight is that wide (OLMo2), else head by head, laid out (batch, heads, tokens, head_dim) as
-    the per-head norms of Persimmon, Qwen3 and StableLM take it."""
+    """``heads`` (heads, head_dim) through a q or k norm: head by head with a weight per head
+    (Cohere), over the whole projection when its weight is that wide (OLMo2), else head by head,
+    laid out (batch, heads, tokens, head_dim) as the per-head norms of Persimmon, Qwen3 and
+    StableLM take it."""
     count, head_dim = heads.shape
-    width = next((p.numel() for p in norm.parameters()), head_dim)
-    if width == count * head_dim:
+    weight = next(norm.parameters(), None)
+    if weight is not None and tuple(weight.shape) == (count, head_dim):  # Cohere's use_qk_norm: a (heads, head_dim) weight over (batch, tokens, heads, head_dim)
+        return norm(heads.reshape(1, 1, count, head_dim)).reshape(count, head_dim)
+    if weight is not None and weight.numel() == count * head_dim:
         return norm(heads.reshape(1, 1, -1)).reshape(count, head_dim)
     return norm(heads.reshape(1, count, 1, head_dim)).reshape(count, head_dim)
 

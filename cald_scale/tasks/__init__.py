@@ -28,6 +28,7 @@ from .spec import TASKS, TaskSpec, task_spec
 __all__ = ["TASKS", "TaskSpec", "open_task", "task_spec"]
 
 
-def open_task(cfg, *, is_main: bool):
-    """The task of run config ``cfg`` (``cfg.task.kind``), with its teacher source resolved."""
-    return task_spec(cfg.task.kind).open(cfg, is_main=is_main)
+def open_task(cfg, *, is_main: bool, data_only: bool = False):
+    """The task of run config ``cfg`` (``cfg.task.kind``), with its teacher source resolved
+    (``data_only``: for ``cald-scale prepare-data``, without ``student.init_from``)."""
+    return task_spec(cfg.task.kind).open(cfg, is_main=is_main, data_only=data_only)

@@ -37,7 +37,7 @@ class ClassificationTask:
 
     name = "classification"
 
-    def __init__(self, cfg, *, is_main: bool):
+    def __init__(self, cfg, *, is_main: bool, data_only: bool = False):
         self.cfg = cfg
         if resolve_teacher_source(cfg.teacher)[0] == "gguf":  # before de-quantising it (a minute, for nothing)
             raise ValueError(
@@ -54,7 +54,7 @@ class ClassificationTask:
         get_adapter(self.source.config.teacher_hf_config())  # an unconvertible family fails now, before any weight is read
         _check_positions(cfg.classification.max_length, self.source.config.teacher_hf_config(), self.source.name)
         # The paper converts the pretrained encoder (same seeded head) while the fine-tuned one guides.
-        self.student_source = student_init_source(cfg, self.source, self.tokenizer, for_task)
+        self.student_source = None if data_only else student_init_source(cfg, self.source, self.tokenizer, for_task)
         if is_main:
             counts = {name: len(split) for name, split in self.data.splits.items()}
             logger.info("classification data %s: %d labels, splits %s, counts %s", self.data.name, self.data.num_labels, counts, self.data.stats or "none")

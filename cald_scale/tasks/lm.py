@@ -36,7 +36,7 @@ class LanguageModelingTask:
 
     name = "causal_lm"
 
-    def __init__(self, cfg, *, is_main: bool):
+    def __init__(self, cfg, *, is_main: bool, data_only: bool = False):
         self.cfg = cfg
         self.source, self.tokenizer = open_teacher(cfg.teacher)
         refuse_encoder(self.source)
@@ -48,7 +48,7 @@ class LanguageModelingTask:
         kept = not conversion.converts or conversion.attention_every or conversion.attention_layers or adapter.position_table_fixed
         if any(phase.guidance != "none" for phase in cfg.phases) or kept:
             check_context(self.source.config, cfg.data.seq_len, "the teacher", remedy="lower data.seq_len")
-        self.student_source = student_init_source(cfg, self.source, self.tokenizer)
+        self.student_source = None if data_only else student_init_source(cfg, self.source, self.tokenizer)
         self._is_main = is_main
         self.train_set = self.eval_sets = None
 

@@ -43,10 +43,11 @@ class TaskSpec:
         """The longest sequence of run config ``cfg``, in tokens."""
         return getattr(getattr(cfg, self.data_section), self.seq_len_key)
 
-    def open(self, cfg, *, is_main: bool):
-        """The task of run config ``cfg``, its teacher source resolved."""
+    def open(self, cfg, *, is_main: bool, data_only: bool = False):
+        """The task of run config ``cfg``, its teacher source resolved (``data_only``: to prepare
+        its data, so ``student.init_from`` is not opened; it may not exist yet)."""
         module, name = self.task_class.split(":")
-        return getattr(importlib.import_module(module), name)(cfg, is_main=is_main)
+        return getattr(importlib.import_module(module), name)(cfg, is_main=is_main, data_only=data_only)
 
 
 TASKS: dict[str, TaskSpec] = {

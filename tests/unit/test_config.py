@@ -544,6 +544,13 @@ def test_a_run_folder_of_another_student_is_refused_naming_the_key(tmp_path, cap
         with pytest.raises(ValueError, match=fixed.split("=")[0]):
             _check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=8", fixed]), resuming_at=4)
     assert _check_run_dir(tmp_path, other, resuming_at=None) == []  # no checkpoint: a start that failed; taken over
+    # A data section the task never reads is free on resume: an LM run started with a
+    # classification.* setting (accepted before stop 60, refused now) resumes without it (helper-103).
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "classification": {**saved["classification"], "max_length": 64}}))
+    assert _check_run_dir(tmp_path, load_run_config(None, ["train.max_steps=4"]), resuming_at=2) == [
+        f"classification.max_length: saved 64, wanted {load_run_config().classification.max_length}"
+    ]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
     _record(tmp_path, other, env, resumed_at=None, changed=[])
     assert json.loads((tmp_path / "config.json").read_text())["student"]["conversion"]["mixer"] == "mamba"
     assert config_differences(saved, other, sections=("loss", "data")) == []

@@ -29,7 +29,7 @@ def test_the_report_names_the_installed_releases_and_this_machine(tmp_path, monk
     assert cache.status == "ok" and cache.value == str(tmp_path / "cache") and "GB free" in cache.note
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # probed where a job would create it: nothing left behind
     assert checks["data cache (default)"].value == str(tmp_path / "cache" / "data")
-    assert checks["file locks"].status == "ok"
+    assert "file locks" not in checks  # a line only where locks do not work
 
 
 def test_an_unwritable_cache_and_a_missing_compiler_fail_with_status_1(tmp_path):
@@ -51,12 +51,38 @@ def test_settings_a_multi_node_launch_would_not_pass_on_are_named(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("DS_ENV_FILE", raising=False)
-    from cald_scale.env_report import _FORWARDED
+    import os
 
-    for name in _FORWARDED:
-        monkeypatch.delenv(name, raising=False)
+    from cald_scale.env_report import _FORWARDED_PREFIXES
+
+    for name in [n for n in os.environ if n.startswith(_FORWARDED_PREFIXES)]:
+        monkeypatch.delenv(name)
     monkeypatch.setenv("CALD_SCALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_TOKEN", "secret")  # a credential is never asked for in a launch file
     warned = _by_name(collect())["multi-node environment"]
     assert warned.status == "warn" and warned.value == f"CALD_SCALE_CACHE not in {tmp_path / 'home' / '.deepspeed_env'} or {tmp_path / '.deepspeed_env'}"
     (tmp_path / ".deepspeed_env").write_text(f"CALD_SCALE_CACHE={tmp_path / 'cache'}\n")
-    assert "multi-node environment" not in _by_name(collect())
+    checks = _by_name(collect())
+    assert "multi-node environment" not in checks and "deepspeed env file" not in checks
+    # deepspeed's launcher splits every line at "=": a blank or comment line stops a launch.
+    (tmp_path / ".deepspeed_env").write_text(f"# the cache\nCALD_SCALE_CACHE={tmp_path / 'cache'}\n\n")
+    bad = _by_name(collect())["deepspeed env file"]
+    assert bad.status == "fail" and "line(s) [1, 3]" in bad.note
+
+
+def test_what_a_job_runs_without_only_warns(monkeypatch):
+    """wandb missing (runs log to metrics.jsonl) and a transformers outside the tested range
+    warn; a missing DeepSpeed fails; a check that raises is a warned line of its own."""
+    from cald_scale import env_report
+
+    versions = {"wandb": None, "transformers": "5.26.0", "deepspeed": None}
+    real = env_report._version
+    monkeypatch.setattr(env_report, "_version", lambda package: versions[package] if package in versions else real(package))
+    checks = _by_name(collect())
+    assert checks["wandb"].status == "warn" and checks["transformers"].status == "warn" and checks["deepspeed"].status == "fail"
+    def _slurm():
+        return 1 / 0
+
+    monkeypatch.setattr(env_report, "_slurm", _slurm)
+    raised = _by_name(collect())["slurm"]
+    assert raised.status == "warn" and raised.value.startswith("not checked: the check raised ZeroDivisionError")

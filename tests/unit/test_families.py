@@ -338,7 +338,7 @@ def test_a_reader_that_splits_a_fused_projection_in_another_order_is_refused():
         check_block_by_block(config, as_q_k_v, [])
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3", "persimmon"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "persimmon", "cohere", "olmo2"])
 def test_a_reader_that_swaps_q_and_k_or_reorders_their_heads_is_refused(model_type):
     """Over one token at position 0 rotary is the identity, so the query and key states the
     attention hands its kernel are its Q and K rows applied to the input (through its q/k norms:
@@ -349,7 +349,7 @@ def test_a_reader_that_swaps_q_and_k_or_reorders_their_heads_is_refused(model_ty
 
     from cald_scale.conversion.discovery import check_block_by_block, discover_adapter
 
-    extra = {"qk_layernorm": True} if model_type == "persimmon" else {}
+    extra = {"persimmon": {"qk_layernorm": True}, "cohere": {"use_qk_norm": True}}.get(model_type, {})
     config = AutoConfig.for_model(model_type, **{**_COMMON, "num_key_value_heads": _COMMON["num_attention_heads"], **extra})
     right = discover_adapter(config, [])
     assert check_block_by_block(config, right, []) == right and (model_type == "llama" or right.attention_extras)
@@ -366,6 +366,12 @@ def test_a_reader_that_swaps_q_and_k_or_reorders_their_heads_is_refused(model_ty
     for wrong, name in ((swapped, "query"), (heads_reordered, "query")):
         with pytest.raises(ValueError, match=rf"{model_type}'?: its attention projections are not read as its forward uses them \(on one token, a {name} head's rows read point elsewhere"):
             check_block_by_block(config, dataclasses.replace(right, read_attention=wrong), [])
+    # The recording kernel stays registered with transformers, but refuses to run for anyone else.
+    from transformers import AutoModelForCausalLM
+
+    tiny = AutoModelForCausalLM.from_config(config, attn_implementation="cald_scale_capture")
+    with pytest.raises(RuntimeError, match="recording kernel for its conversion checks, not an attention implementation"):
+        tiny(input_ids=torch.tensor([[5, 6]]))
 
 
 def test_published_falcon_geometries_are_checked_on_their_tiny_copies(caplog):

@@ -66,10 +66,15 @@ def test_prepare_data_builds_what_the_job_reads_and_resumes_when_killed(setup, c
 
 
 def test_prepare_data_config_errors_are_one_line(setup, capsys):
-    _, overrides = setup
+    root, overrides = setup
     assert main(["prepare-data", *overrides, "data.no_such_key=1"]) == 2
     err = capsys.readouterr().err
     assert "no_such_key" in err and "Traceback" not in err
+    # The teacher is checked as the job checks it: a context it has no positions for stops here...
+    assert main(["prepare-data", *overrides, "data.seq_len=4096"]) == 2
+    assert "exceeds the teacher's max_position_embeddings" in capsys.readouterr().err
+    # ...while student.init_from, which may still be in the making, is not opened.
+    assert main(["prepare-data", *overrides, f"student.init_from={root / 'not_yet_trained'}", "--json"]) == 0
     with pytest.raises(SystemExit) as usage:
         main(["prepare-data", *overrides, "--no_such_option"])
     assert usage.value.code == 2 and "unrecognized arguments: --no_such_option" in capsys.readouterr().err
