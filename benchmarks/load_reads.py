@@ -11,10 +11,11 @@ launch of its own:
 - ``whole``: each rank reads every tensor whole and keeps its partition (the loader before
   stop 60; the same reader with its range reads hidden).
 
-Per rank: checkpoint bytes read, the build's peak resident memory above what the process held
-before it, the build's seconds, and a digest of the partitions it holds (both ways must
-hold the same values). Targets: equal partitions; at N ranks each reads at most 1.1/N of
-the checkpoint; the peak above the start is lower than the whole reads'.
+Per rank: checkpoint bytes read; resident memory at its peak while the model is constructed
+(under zero.Init, before any weight is read: the same both ways) and while its weights load
+(above the constructed model: what the reads cost); the build's seconds; and a digest of the
+partitions it holds (both ways must hold the same values). Targets: equal partitions; at N
+ranks each reads at most 1.1/N of the checkpoint; the load's peak is lower than the whole reads'.
 """
 
 from __future__ import annotations
@@ -96,9 +97,12 @@ def worker(args) -> None:
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()  # no_init_weights also skips tying
     gc.collect()  # the untied head's tensor
+    built, built_peak = status_bytes("VmRSS"), status_bytes("VmHWM")
+    reset_peak_rss()
     load_weights(model, reader, placement.assign, shape_of=placement.shape_of)
     seconds = time.perf_counter() - started
-    peak = status_bytes("VmHWM")
+    peak = max(status_bytes("VmHWM"), built_peak)
+    load_peak = status_bytes("VmHWM") - built
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters()):
         digest.update(name.encode())
@@ -109,6 +113,9 @@ def worker(args) -> None:
         "bytes_read": reader.bytes,
         "checkpoint_bytes": checkpoint,
         "peak_above_start_bytes": peak - rss_before,
+        "construction_peak_above_start_bytes": built_peak - rss_before,
+        "load_peak_above_construction_bytes": load_peak,
+        "held_after_bytes": status_bytes("VmRSS") - rss_before,
         "seconds": seconds,
         "partitions_sha256": digest.hexdigest(),
     }))
@@ -160,15 +167,15 @@ def main() -> None:
     runs = {mode: launch(mode, teacher, args.ranks, out) for mode in MODES}
     part, whole = runs["partition"], runs["whole"]
     share = [r["bytes_read"] / r["checkpoint_bytes"] for r in part]
-    peaks = [p["peak_above_start_bytes"] / w["peak_above_start_bytes"] for p, w in zip(part, whole)]
+    peaks = [p["load_peak_above_construction_bytes"] / w["load_peak_above_construction_bytes"] for p, w in zip(part, whole)]
     targets = {
         "same_partitions": {"target": "both ways hold the same partition values, rank by rank", "value": [p["partitions_sha256"] == w["partitions_sha256"] for p, w in zip(part, whole)]},
         "bytes_per_rank": {"target": f"each rank reads <= 1.1/{args.ranks} of the checkpoint", "value": [round(x, 3) for x in share]},
-        "peak_lower": {"target": "peak memory above the start < the whole reads' (ratio < 1)", "value": [round(x, 3) for x in peaks]},
+        "load_peak_lower": {"target": "the load's peak above the constructed model < the whole reads' (ratio < 1)", "value": [round(x, 3) for x in peaks]},
     }
     targets["same_partitions"]["pass"] = all(targets["same_partitions"]["value"])
     targets["bytes_per_rank"]["pass"] = all(x <= 1.1 / args.ranks for x in share)
-    targets["peak_lower"]["pass"] = all(x < 1.0 for x in peaks)
+    targets["load_peak_lower"]["pass"] = all(x < 1.0 for x in peaks)
     result = {
         "benchmark": "load_reads",
         "geometry": geometry,
