@@ -38,6 +38,17 @@ class Placement:
     """Context in which the given parameters hold their full values (read-only)."""
     shape_of: Callable[[torch.Tensor], tuple[int, ...]]
     """The full shape of a (possibly partitioned) tensor."""
+    unwritten: Callable[[torch.nn.Module], list[str]] = lambda model: []
+    """The parameters of a model built here that ``assign`` never wrote: nothing may be left as
+    constructed (ZeRO-3 constructs without initialising, or agreeing across ranks)."""
+
+    def check_written(self, model: torch.nn.Module, what: str) -> None:
+        """Refuse a model built here with a parameter no ``assign`` wrote, by name."""
+        if missing := self.unwritten(model):
+            raise RuntimeError(
+                f"{what}: {len(missing)} parameter(s) were never written after construction ({', '.join(missing[:6])}): "
+                "their partitions hold whatever memory they were built in, another on each rank"
+            )
 
 
 PLAIN = Placement(

@@ -196,6 +196,7 @@ def build_student(
         except WeightsMismatchError as err:
             raise WeightsMismatchError(f"teacher/student mismatch while copying weights: {err}") from err
     _init_mixers(student, weights, seed, placement)
+    placement.check_written(student, "the converted student")
     logger.info(
         "converted %s (%d of %d layers) -> %s student (%s placement%s), attention_init=%s",
         adapter.model_type,

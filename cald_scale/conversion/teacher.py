@@ -406,6 +406,7 @@ def build_teacher(source: TeacherSource, placement: Placement = PLAIN) -> PreTra
         load_weights(model, source.weights(), placement.assign, shape_of=placement.shape_of)
     except WeightsMismatchError as err:
         raise WeightsMismatchError(f"teacher {source.name!r} ({source.folder}): {err}") from err
+    placement.check_written(model, f"teacher {source.name!r}")
     return model.eval().requires_grad_(False)
 
 

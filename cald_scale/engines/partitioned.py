@@ -12,6 +12,7 @@ checkpoint from disk.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator, Sequence
 
 import torch
@@ -61,6 +62,7 @@ def assign_partitioned(target: torch.Tensor, value: torch.Tensor | StoredTensor)
             value = _read_own_partition(target, value, dtype, device)
         target.data = value.to(device=device, dtype=dtype).reshape(target.ds_shape)
         target.ds_status = ZeroParamStatus.AVAILABLE
+    target.cald_written = True  # built without initialisation: unwritten_partitioned names the rest
     # NOTE: has_been_updated makes DeepSpeed copy this rank's slice of .data into its partition.
     if not getattr(target, "ds_persist", False):
         target.partition(has_been_updated=True)
@@ -111,8 +113,6 @@ def gather_partitioned(params: Sequence[torch.Tensor]):
 
 def zero3_placement(ds_config: dict) -> Placement:
     """Partitioned placement for a resolved ZeRO-3 ds_config (its dtype and offload settings apply)."""
-    import deepspeed
-
     # NOTE: zero.Init patches tensor construction; torch._dynamo must be imported before it,
     # or a lazy import inside (transformers' masking utils) fails on the patched constructor.
     import torch._dynamo  # noqa: F401
@@ -124,9 +124,37 @@ def zero3_placement(ds_config: dict) -> Placement:
         _import_family_module(config)
         # NOTE: no dtype argument: deepspeed 0.19 ignores it on CPU (bf16 wins); the config's
         # bf16/fp16 flags decide, fp32 when both are off.
-        return deepspeed.zero.Init(config_dict_or_path=ds_config)
+        return _init_without_broadcast()(config_dict_or_path=ds_config)
 
-    return Placement(name="zero3", construct=construct, assign=assign_partitioned, gather=gather_partitioned, shape_of=full_shape)
+    return Placement(
+        name="zero3", construct=construct, assign=assign_partitioned, gather=gather_partitioned, shape_of=full_shape,
+        unwritten=unwritten_partitioned,
+    )
+
+
+@functools.cache
+def _init_without_broadcast() -> type:
+    """``deepspeed.zero.Init`` without its broadcast of each new parameter from rank 0.
+
+    zero.Init makes every rank's new parameters rank 0's by broadcasting each whole tensor as it
+    is built: the model's size over the network, and on every other rank each whole tensor
+    written once (an embedding of 151936 x 896 in fp32: 544 MB resident for a moment on rank 1,
+    none on rank 0). Here every parameter is written afterwards, from the checkpoint or a seeded
+    mixer init that every rank computes alike, and ``unwritten_partitioned`` refuses a model
+    with one that was not, so what was built is never read."""
+    import deepspeed
+
+    class InitWithoutBroadcast(deepspeed.zero.Init):
+        def _zero_init_param(self, param):
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+
+    return InitWithoutBroadcast
+
+
+def unwritten_partitioned(model: torch.nn.Module) -> list[str]:
+    """The ZeRO-3 parameters of ``model`` that ``assign_partitioned`` never wrote."""
+    return [name for name, param in model.named_parameters() if is_partitioned(param) and not getattr(param, "cald_written", False)]
 
 
 def _import_family_module(config) -> None:

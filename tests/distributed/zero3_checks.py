@@ -718,7 +718,7 @@ def check_partitioned_reads(args) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
     from transformers.initialization import no_init_weights
 
-    from cald_scale.conversion.weights import load_weights, open_weights
+    from cald_scale.conversion.weights import RenamedReader, load_weights, open_weights
     from cald_scale.engines.partitioned import zero3_placement
 
     env, _, ds_config = _configs(args.teacher, [])
@@ -752,6 +752,19 @@ def check_partitioned_reads(args) -> dict:
         }
         del model
         gc.collect()
+    # Built without zero.Init's broadcast from rank 0, a model keeps no value it was built with:
+    # one with a parameter nothing wrote is refused by name.
+    with placement.construct(config), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
+    reader = RenamedReader(open_weights(Path(args.out) / "odd_mixtral"), model)
+    for name, param in list(model.named_parameters())[1:]:  # all but the embedding
+        placement.assign(param, reader.get(name))
+    try:
+        placement.check_written(model, "the test model")
+        out["unwritten_refused"] = None
+    except RuntimeError as err:
+        out["unwritten_refused"] = str(err)
     return out
 
 
