@@ -1,7 +1,7 @@
 """Pretrained weights read lazily, one tensor at a time, and written into any module.
 
-A checkpoint is never loaded whole: ``WeightReader.get`` reads one tensor (safetensors are
-memory-mapped; ``.bin`` files are opened with ``mmap=True``), and ``load_weights`` hands
+A checkpoint is never loaded whole: ``WeightReader.get`` reads one tensor (safetensors with
+plain file reads; ``.bin`` files are opened with ``mmap=True``), and ``load_weights`` hands
 each tensor, not yet read (``StoredTensor``), to an ``assign`` function that writes it into
 the matching parameter. With a plain module ``assign`` reads it whole and copies; under ZeRO-3
 it reads only this rank's partition, a range of the flattened tensor (see
@@ -50,7 +50,8 @@ class WeightsMismatchError(RuntimeError):
 class WeightReader(Protocol):
     """Read-only, lazy access to the tensors of a checkpoint by name. A reader may also have
     ``get_flat(key, start, stop)``: elements ``[start, stop)`` of the row-major flattened
-    tensor, reading no more of it than that (``StoredTensor.read_flat`` falls back to ``get``)."""
+    tensor, reading no more of it than that (``StoredTensor.read_flat`` falls back to ``get``),
+    and ``read_flat_into(key, start, out) -> bool``: such a range read into ``out`` itself."""
 
     def keys(self) -> list[str]: ...
 
