@@ -246,7 +246,10 @@ def _multinode() -> list[Check]:
         bad = [n for n, line in enumerate(lines, 1) if "=" not in line]
         if bad:
             checks.append(Check("deepspeed env file", "fail", str(path), f"line(s) {bad[:5]} hold no NAME=value: deepspeed's launcher stops on them (no blank or comment lines)"))
-        listed |= {line.split("=", 1)[0].strip() for line in lines if "=" in line}
+        names = {line.split("=", 1)[0].strip() for line in lines if "=" in line}
+        if exposed := sorted(n for n in names if _credential(n)):
+            checks.append(Check("deepspeed env file", "warn", f"{', '.join(exposed)} in {path}", "deepspeed puts each line on the pdsh command line, which any user of a node can read: keep credentials in files on the shared home"))
+        listed |= names
     pdsh = shutil.which("pdsh")
     checks.append(Check("pdsh", "ok", pdsh or "not found", "" if pdsh else "needed only by `deepspeed --hostfile` across nodes; launch/slurm/train_srun.sbatch needs none"))
     unlisted = sorted(var for var in os.environ if var.startswith(_FORWARDED_PREFIXES) and not _credential(var) and var not in listed)
@@ -259,8 +262,10 @@ def _multinode() -> list[Check]:
 
 
 def _credential(name: str) -> bool:
-    """A variable never to put in a launch file (deepspeed puts each line on the pdsh command line), as the batch script decides."""
+    """A variable never to put in a launch file (deepspeed puts each line on the pdsh command line),
+    by launch/slurm/train_deepspeed.sbatch's rule: TOKEN, KEY, SECRET, PASSW or CREDENTIAL anywhere
+    in the name, except HF_TOKEN_PATH, TOKENIZERS_* and *_DISABLE_* flags."""
     upper = name.upper()
     if upper == "HF_TOKEN_PATH" or "_DISABLE_" in upper:
         return False
-    return any(part in ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS") for part in upper.split("_"))
+    return any(word in upper.removeprefix("TOKENIZERS_") for word in ("TOKEN", "KEY", "SECRET", "PASSW", "CREDENTIAL"))

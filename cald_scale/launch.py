@@ -49,7 +49,7 @@ def record_early_signals() -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ds_config", default="ds_configs/zero3.json", help="DeepSpeed JSON config (ZeRO-3): a file, or a shipped one by name (zero3, pipeline, ...)")
     parser.add_argument("--recipe", default=None, action=Once, help="YAML recipe; the embedded default when omitted")
-    parser.add_argument("--print_config", action="store_true", help="check the run config and the ds_config, print the run config and exit")
+    parser.add_argument("--print_config", action="store_true", help="check the run config and the ds_config (as any machine runs it: the precision is checked against this machine's when the job starts), print the run config and exit")
     parser.add_argument("--explain", action="store_true", help="with --print_config: each key's documentation as a YAML comment above it")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=10")

@@ -83,7 +83,8 @@ class PhaseConfig:
     weights are frozen for the phase); null: what student.trainable says. "all" needs
     student.trainable=all."""
     lr: float | None = None
-    """Peak LR of the mixers in this phase (default: train.lr)."""
+    """Peak LR of the mixers in this phase (default: train.lr; with lr_schedule continue, the
+    peak of the schedule it goes on with)."""
     copied_lr_scale: float | None = None
     """LR multiplier of the copied weights (default: train.copied_lr_scale)."""
     warmup_steps: int | None = None
@@ -327,7 +328,8 @@ def plan_phases(phases: list[PhaseConfig], train, loss: LossConfig, *, tokens_pe
                 trajectory=p.trajectory,
                 mode=p.mode,
                 trainable=trainable,
-                lr=p.lr if p.lr is not None else train.lr,
+                # A phase that goes on with the schedule before it goes on at its peak LR unless it says otherwise.
+                lr=p.lr if p.lr is not None else resolved[-1].lr if p.lr_schedule == "continue" and resolved else train.lr,
                 copied_lr_scale=p.copied_lr_scale if p.copied_lr_scale is not None else train.copied_lr_scale,
                 # NOTE: clamped, not refused: a short phase (or a quick test) keeps a sensible schedule.
                 warmup_steps=min(warmup, steps // 2),

@@ -64,6 +64,10 @@ def test_settings_a_multi_node_launch_would_not_pass_on_are_named(tmp_path, monk
     (tmp_path / ".deepspeed_env").write_text(f"CALD_SCALE_CACHE={tmp_path / 'cache'}\n")
     checks = _by_name(collect())
     assert "multi-node environment" not in checks and "deepspeed env file" not in checks
+    # A credential listed there goes on every pdsh command line: warned, by the batch script's rule.
+    (tmp_path / ".deepspeed_env").write_text(f"CALD_SCALE_CACHE={tmp_path / 'cache'}\nWANDB_APIKEY=k\nTOKENIZERS_PARALLELISM=false\n")
+    exposed = _by_name(collect())["deepspeed env file"]
+    assert exposed.status == "warn" and exposed.value.startswith("WANDB_APIKEY in ")
     # deepspeed's launcher splits every line at "=": a blank or comment line stops a launch.
     (tmp_path / ".deepspeed_env").write_text(f"# the cache\nCALD_SCALE_CACHE={tmp_path / 'cache'}\n\n")
     bad = _by_name(collect())["deepspeed env file"]

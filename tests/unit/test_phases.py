@@ -98,6 +98,14 @@ def test_a_continued_schedule_is_refused_where_it_cannot_apply(phases, message):
         load_run_config(overrides=[f"phases={phases}"])
 
 
+def test_a_continued_phase_without_an_lr_goes_on_at_the_schedules_peak():
+    """The default recipe's end_to_end phase continued from its align phase (peak 5e-3): it used
+    to take train.lr (1e-3) and be refused, telling the user to drop an lr it did not set (helper-104)."""
+    cfg = load_run_config(overrides=["phases.1.lr_schedule=continue"])
+    align, end_to_end = cfg.plan(world_size=1).phases
+    assert align.lr == end_to_end.lr == 5e-3 and end_to_end.schedule_start == align.start
+
+
 def test_waypoints_switch_at_equal_shares_of_the_phase():
     plan = _plan("[{name: warm, steps: 2}, {name: w, steps: 6, guidance: waypoint, waypoints: [a, b, c]}]", "train.max_steps=null")
     assert [plan.at(s).waypoint_at(s) for s in range(2, 8)] == ["a", "a", "b", "b", "c", "c"]

@@ -154,14 +154,18 @@ def test_the_other_nodes_environment_file_holds_no_credentials_and_goes_at_the_e
     the pdsh command line (readable by any user of the node) and logs: credentials stay out of
     it, it is the owner's alone, and it is deleted when the job ends (helper-91)."""
     secrets = {"HF_TOKEN": "hf_secret_1", "WANDB_API_KEY": "wandb_secret_2", "CALD_S3_SECRET": "s3_secret_3", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+               # the word inside a name, not a part of it (helper-104)
+               "WANDB_APIKEY": "apikey_secret_4", "CALD_DBPASSWORD": "db_secret_5", "HF_HUB_TOKENS": "tokens_secret_6",
                # names with such a word that are no credential (helper-93)
                "TOKENIZERS_PARALLELISM": "false", "HF_TOKEN_PATH": "/shared/hf_token", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1"}
+    (tmp_path / ".deepspeed_env").write_text("# the user's own settings\nMY_SETTING=1\n\n")  # in HOME: appended, less what deepspeed cannot split
     done, run_dir = _two_node_launch(tmp_path, "student.conversion={mixer: mamba2}", env=secrets)  # braces in quotes are no shell's
     assert done.returncode == 0, done.stdout + done.stderr
     handed = (tmp_path / "handed").read_text()
-    for kept in ("HF_HUB_OFFLINE=1", "WANDB_MODE=offline", "TOKENIZERS_PARALLELISM=false", "HF_TOKEN_PATH=/shared/hf_token", "HF_HUB_DISABLE_IMPLICIT_TOKEN=1"):
+    for kept in ("HF_HUB_OFFLINE=1", "WANDB_MODE=offline", "TOKENIZERS_PARALLELISM=false", "HF_TOKEN_PATH=/shared/hf_token", "HF_HUB_DISABLE_IMPLICIT_TOKEN=1", "MY_SETTING=1"):
         assert kept in handed, (kept, handed)  # what the ranks need still goes
-    assert not any(value in handed for value in ("hf_secret_1", "wandb_secret_2", "s3_secret_3")), handed
+    assert all("=" in line for line in handed.splitlines()), handed  # deepspeed splits every line at "="
+    assert not any(value in handed for value in ("hf_secret_1", "wandb_secret_2", "s3_secret_3", "apikey_secret_4", "db_secret_5", "tokens_secret_6")), handed
     assert (tmp_path / "handed.mode").read_text().strip() == "600"
     assert not (run_dir / "logs" / "ds_env-4242").exists()
 
