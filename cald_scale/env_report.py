@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def collect() -> list[Check]:
-    """Every check, in the order printed; one that raises is reported as a failed check of its own."""
+    """Every check, in the order printed; one that raises is a warned line of its own."""
     checks: list[Check] = []
     for check in (_releases, _accelerator, _kernels, _compiler, _caches, _offline_assets, _slurm, _multinode):
         try:
@@ -79,6 +79,7 @@ def _releases() -> list[Check]:
     import torch
 
     from .engines.deepspeed_version import ALLOW_ENV, TESTED_DEEPSPEED
+    from .fileio import env_flag
 
     checks = [Check("python", "ok", platform.python_version(), sys.executable)]
     checks.append(Check("cald_scale", "ok", _version("cald-scale") or "not installed (run from a checkout)"))
@@ -87,7 +88,7 @@ def _releases() -> list[Check]:
     if deepspeed is None:
         checks.append(Check("deepspeed", "fail", "not installed", f"pip install deepspeed=={TESTED_DEEPSPEED}"))
     elif deepspeed.split("+")[0] != TESTED_DEEPSPEED:
-        allowed = os.environ.get(ALLOW_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+        allowed = env_flag(ALLOW_ENV)
         checks.append(Check("deepspeed", "warn" if allowed else "fail", deepspeed, f"tested on {TESTED_DEEPSPEED} only" + ("; allowed by " + ALLOW_ENV if allowed else f" (or {ALLOW_ENV}=1)")))
     else:
         checks.append(Check("deepspeed", "ok", deepspeed))
