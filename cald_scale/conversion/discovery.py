@@ -316,7 +316,7 @@ def _check_query_key_rows(
 
     norms = {"query": None, "key": None}
     for name in (e for e in extras if "norm" in e.lower()):
-        which = "query" if name.lower().startswith(("q_", "q", "query")) else "key" if name.lower().startswith(("k_", "k", "key")) else None
+        which = {"q": "query", "k": "key"}.get(name.lower()[0])  # q_norm, q_layernorm, query_layernorm; k_...
         if which is None:
             return  # a norm inside the attention that is neither (BitNet's before its output projection)
         norms[which] = slot.get_submodule(name)
