@@ -66,6 +66,15 @@ GEOMETRIES: dict[str, dict] = {
 }
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now, for a launch's --master_port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def child_env(**overrides: str) -> dict:
     """The environment for a benchmark's child process: this one's, with the repository put first
     on PYTHONPATH and the caller's entries kept after it.

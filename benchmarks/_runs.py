@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "benchmarks" / "runs"
 LAUNCH_FILE = "launch.json"
@@ -55,7 +57,7 @@ def launch_run(run: Run, benchmark: str, *, ranks: int = 1) -> Path:
         return folder
     launcher = str(Path(sys.executable).parent / "deepspeed")
     # A port of our own: two benchmarks (or a test run) may launch side by side.
-    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "launch/train.py", "--ds_config", run.ds_config]
+    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/train.py", "--ds_config", run.ds_config]
     if run.recipe:
         cmd += ["--recipe", run.recipe]
     cmd += args
@@ -106,14 +108,6 @@ def _check_same_launch(folder: Path, ds_config: str, ranks: int) -> None:
     differ = [f"{k}: {launched.get(k)!r} -> {v!r}" for k, v in wanted.items() if launched.get(k) != v]
     if differ:
         raise RuntimeError(f"{folder} holds a run launched otherwise ({'; '.join(differ)}); move it away to rerun it")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def finished_on(folder: Path) -> str:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import child_env, machine, reset_peak_rss, status_bytes, truncated_geometry, write_random_teacher, write_result  # noqa: E402
+from _common import child_env, free_port, machine, reset_peak_rss, status_bytes, truncated_geometry, write_random_teacher, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("partition", "whole")
@@ -123,7 +123,7 @@ def worker(args) -> None:
 
 def launch(mode: str, teacher: Path, ranks: int, out: Path) -> list[dict]:
     cmd = [
-        str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+        str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
         str(Path(__file__).resolve()), "--worker", "--mode", mode, "--teacher", str(teacher), "--out", str(out),
     ]
     print(f"[load_reads] {mode}: {ranks} rank(s) ...", flush=True)
@@ -133,14 +133,6 @@ def launch(mode: str, teacher: Path, ranks: int, out: Path) -> list[dict]:
     if proc.returncode != 0 or not all(f.is_file() for f in files):
         raise RuntimeError(f"{mode} launch failed ({proc.returncode}): {proc.stdout[-1500:]}{proc.stderr[-3000:]}")
     return [json.loads(f.read_text()) for f in files]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import child_env, machine, write_random_teacher, write_result  # noqa: E402
+from _common import child_env, free_port, machine, write_random_teacher, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GB = 1e9
@@ -50,20 +50,12 @@ BYTES_PER_TRAINABLE = 16  # fp32 parameter (also the master) + gradient + 2 Adam
 BYTES_PER_FROZEN = 4
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_case(geometry: str, trainable: str, ranks: int, steps: int, cache: Path, out: Path) -> dict:
     teacher = write_random_teacher(geometry, cache / geometry)
     case_dir = out / f"{geometry}_{trainable}_{ranks}r"
     env = child_env(OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // ranks)))
     cmd = [
-        str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+        str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
         str(REPO / "benchmarks" / "_scale_memory_worker.py"),
         "--teacher", str(teacher), "--trainable", trainable, "--steps", str(steps), "--out", str(case_dir),
     ]

@@ -22,7 +22,7 @@ from .conversion.teacher import BUILTIN_TEACHERS, TeacherConfig
 from .data.classification import ClassificationDataConfig
 from .data.config import DataConfig
 from .fileio import absolute_if_local
-from .tasks.spec import DATA_SECTIONS, task_spec
+from .tasks.spec import task_spec
 from .distill.losses import LossConfig
 from .distill.phases import PhaseConfig, PhasePlan, plan_phases
 
@@ -469,9 +469,7 @@ def _refuse_unused(cfg: RunConfig) -> None:
             "corpus and the whole of data.corpus trains: leave one out"
         )
     spec = task_spec(cfg.task.kind)
-    for section in DATA_SECTIONS:
-        if section == spec.data_section:
-            continue
+    for section in spec.unread_sections:
         # NOTE: not data.corpus, which the recorded classification runs were stamped with (the LM default's old value).
         fields, default = dataclasses.fields(getattr(cfg, section)), type(getattr(cfg, section))()
         unread = [f"{section}.{f.name}" for f in fields if f.name != "corpus" and getattr(getattr(cfg, section), f.name) != getattr(default, f.name)]

@@ -78,7 +78,9 @@ def _version(package: str) -> str | None:
 def _releases() -> list[Check]:
     import torch
 
-    from .engines.deepspeed_version import ALLOW_ENV, TESTED_DEEPSPEED
+    from packaging.requirements import Requirement
+
+    from .engines.deepspeed_version import ALLOW_ENV, TESTED_DEEPSPEED, is_tested
     from .fileio import env_flag
 
     checks = [Check("python", "ok", platform.python_version(), sys.executable)]
@@ -87,7 +89,7 @@ def _releases() -> list[Check]:
     deepspeed = _version("deepspeed")
     if deepspeed is None:
         checks.append(Check("deepspeed", "fail", "not installed", f"pip install deepspeed=={TESTED_DEEPSPEED}"))
-    elif deepspeed.split("+")[0] != TESTED_DEEPSPEED:
+    elif not is_tested(deepspeed):
         allowed = env_flag(ALLOW_ENV)
         checks.append(Check("deepspeed", "warn" if allowed else "fail", deepspeed, f"tested on {TESTED_DEEPSPEED} only" + ("; allowed by " + ALLOW_ENV if allowed else f" (or {ALLOW_ENV}=1)")))
     else:
@@ -96,8 +98,10 @@ def _releases() -> list[Check]:
     if transformers is None:
         checks.append(Check("transformers", "fail", "not installed"))
     else:
-        tested = transformers.startswith(("5.24.", "5.25."))
-        checks.append(Check("transformers", "ok" if tested else "warn", transformers, "" if tested else "tested on 5.24-5.25 (pyproject's range); generation uses its private internals"))
+        # The range pyproject.toml pins, as the installed package declares it.
+        declared = next((r.specifier for r in map(Requirement, importlib.metadata.requires("cald-scale") or []) if r.name == "transformers"), None)
+        tested = declared is None or declared.contains(transformers)
+        checks.append(Check("transformers", "ok" if tested else "warn", transformers, "" if tested else f"tested on {declared} (pyproject's range); generation uses its private internals"))
     for package, needed in (("megatron-core", True), ("datasets", True), ("wandb", False)):
         found = _version(package)
         status = "ok" if found else "fail" if needed else "warn"
@@ -162,16 +166,21 @@ def _caches() -> list[Check]:
     from .fileio import NO_LOCKS, cache_root, work_cache_dir
 
     checks = []
-    for name, folder in (("cache (teachers, corpora)", cache_root()), ("data cache (default)", Path(work_cache_dir(None, "data")))):
+    caches = {"cache (teachers, corpora)": cache_root(), "data cache (default)": Path(work_cache_dir(None, "data"))}
+    writable = set()
+    for name, folder in caches.items():
         problem = _writable(folder)
         if problem:
             checks.append(Check(name, "fail", str(folder), problem))
             continue
+        writable.add(_existing_parent(folder))
         free = shutil.disk_usage(_existing_parent(folder)).free / 1e9
         status = "ok" if free >= _MIN_FREE_GB else "warn"
         checks.append(Check(name, status, str(folder), f"{free:.1f} GB free" + ("" if status == "ok" else f", under {_MIN_FREE_GB:.0f} GB")))
-    for folder in dict.fromkeys(_existing_parent(f) for f in (cache_root(), Path(work_cache_dir(None, "data")), Path.cwd())):
-        if _writable(folder) is None and not _locks_work(folder, NO_LOCKS):
+    if _writable(Path.cwd()) is None:
+        writable.add(Path.cwd())
+    for folder in sorted(writable):
+        if not _locks_work(folder, NO_LOCKS):
             checks.append(Check("file locks", "warn", f"not supported in {folder}", "ranks and jobs sharing it run unlocked: prepare data with `cald-scale prepare-data` first"))
     return checks
 

@@ -88,8 +88,7 @@ def _fixed_on_resume(key: str, kind: str) -> bool:
     """Whether setting ``key`` of a run of task ``kind`` may not change on resume: a data section
     the task never reads is free (an LM run started with a classification.* setting, which no
     later command may give, resumes without it)."""
-    unread = [section for section in DATA_SECTIONS if section != task_spec(kind).data_section]
-    if any(key == s or key.startswith(s + ".") for s in unread):
+    if any(key == s or key.startswith(s + ".") for s in task_spec(kind).unread_sections):
         return False
     return key not in _MOVABLE and any(key == k or key.startswith(k + ".") for k in _FIXED_ON_RESUME)
 
@@ -104,8 +103,7 @@ def _refuse_settings_that_differ_across_ranks(cfg: RunConfig, ds_config_path: st
     beside another run, or fail while the others wait. Compared: the settings this run's task
     reads (another task's data section is not read), the run folder, the ds_config's content and
     whether the teacher resolves (not where: each node may install it in its own folder)."""
-    own = task_spec(cfg.task.kind).data_section
-    unread = tuple(f"{section}." for section in DATA_SECTIONS if section != own)
+    unread = tuple(f"{section}." for section in task_spec(cfg.task.kind).unread_sections)
     values: dict[str, object] = {f"config {key}": value for key, value in flat_keys(cfg.to_dict()).items() if not key.startswith(unread)}
     values["the run folder"] = os.path.abspath(cfg.output.run_dir)
     values["the ds_config"] = _described(lambda: f"{ds_config_path} with sha256 {sha256_of(ds_config_file(ds_config_path))[:12]}")
@@ -191,9 +189,9 @@ def _keep_recorded_caches(run_dir: Path, cfg: RunConfig, *, resuming: bool) -> R
     if not resuming or not path.is_file():
         return cfg
     saved = read_json(path)
-    own = task_spec(cfg.task.kind).data_section
+    unread = task_spec(cfg.task.kind).unread_sections
     for section in DATA_SECTIONS:
-        reads = section == own
+        reads = section not in unread
         recorded, current = (saved.get(section) or {}).get("cache_dir"), getattr(cfg, section).cache_dir
         if not recorded or recorded == current or current != work_cache_dir(None, section):
             continue

@@ -313,6 +313,7 @@ def _check_query_key_rows(
     calls no kernel through transformers' ``AttentionInterface`` (GPT-Neo), or holds a norm
     that is not a q or k norm, is not checked."""
     from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     norms = {"query": None, "key": None}
     for name in (e for e in extras if "norm" in e.lower()):
@@ -321,7 +322,7 @@ def _check_query_key_rows(
             return  # a norm inside the attention that is neither (BitNet's before its output projection)
         norms[which] = slot.get_submodule(name)
 
-    if _CAPTURE_KERNEL not in AttentionInterface._global_mapping:
+    if _CAPTURE_KERNEL not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(_CAPTURE_KERNEL, _capturing_kernel)
     was, captured = model.config._attn_implementation, {}
     token = _CAPTURED.set(captured)

@@ -29,6 +29,7 @@ from torch import nn
 __all__ = [
     "Assign",
     "StoredTensor",
+    "whole",
     "WeightReader",
     "SafetensorsReader",
     "TorchBinReader",
@@ -88,6 +89,11 @@ class StoredTensor:
         if read_into is not None and out.device.type == "cpu" and out.is_contiguous() and read_into(self.key, start, out):
             return
         out.copy_(self.read_flat(start, start + out.numel()))
+
+
+def whole(value: "torch.Tensor | StoredTensor") -> torch.Tensor:
+    """``value`` itself, or the checkpoint tensor it stands for, read whole."""
+    return value.read() if isinstance(value, StoredTensor) else value
 
 
 Assign = Callable[[torch.Tensor, "torch.Tensor | StoredTensor"], None]
@@ -468,7 +474,7 @@ def weights_fingerprint(folder: str | Path) -> list[list]:
 @torch.no_grad()
 def copy_assign(target: torch.Tensor, value: "torch.Tensor | StoredTensor") -> None:
     """``assign`` for plain (unpartitioned) modules."""
-    target.copy_(value.read() if isinstance(value, StoredTensor) else value)
+    target.copy_(whole(value))
 
 
 def _matches(patterns: Iterable[str] | None, key: str) -> bool:

@@ -14,7 +14,7 @@ import logging
 
 from ..fileio import env_flag
 
-__all__ = ["TESTED_DEEPSPEED", "ALLOW_ENV", "UntestedDeepSpeedError", "check_deepspeed_version"]
+__all__ = ["TESTED_DEEPSPEED", "ALLOW_ENV", "UntestedDeepSpeedError", "check_deepspeed_version", "is_tested"]
 
 logger = logging.getLogger("cald_scale.engines")
 
@@ -26,6 +26,11 @@ class UntestedDeepSpeedError(RuntimeError):
     """The installed DeepSpeed is not the release the engines were tested on."""
 
 
+def is_tested(installed: str) -> bool:
+    """Whether DeepSpeed release ``installed`` (a local build's ``+suffix`` aside) is the tested one."""
+    return installed.split("+")[0] == TESTED_DEEPSPEED
+
+
 def check_deepspeed_version(installed: str | None = None) -> None:
     """Refuse a DeepSpeed other than ``TESTED_DEEPSPEED`` (``CALD_ALLOW_UNTESTED_DEEPSPEED=1``,
     or true/yes/on, turns the refusal into a warning, for whoever wants to try one)."""
@@ -33,7 +38,7 @@ def check_deepspeed_version(installed: str | None = None) -> None:
         import deepspeed
 
         installed = deepspeed.__version__
-    if installed.split("+")[0] == TESTED_DEEPSPEED:
+    if is_tested(installed):
         return
     message = (
         f"DeepSpeed {installed} is installed; cald_scale's ZeRO-3 engines are tested on {TESTED_DEEPSPEED} only (each 0.19 "

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..conversion.placement import PLAIN, Placement
-from ..conversion.weights import StoredTensor
+from ..conversion.weights import StoredTensor, whole
 from ..distill.losses import RowPieces
 
 __all__ = [
@@ -46,7 +46,7 @@ def assign_partitioned(target: torch.Tensor, value: torch.Tensor | StoredTensor)
     """Write the full ``value`` into ``target``, keeping only this rank's partition when it is a
     ZeRO-3 parameter (of a checkpoint tensor, only that partition is read where it can be)."""
     if not is_partitioned(target):
-        target.copy_(value.read() if isinstance(value, StoredTensor) else value)
+        target.copy_(whole(value))
         return
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
@@ -56,7 +56,7 @@ def assign_partitioned(target: torch.Tensor, value: torch.Tensor | StoredTensor)
         raise RuntimeError(f"parameter {target.ds_id} is being gathered; cannot assign it now")
     dtype, device = target.ds_tensor.dtype, target.ds_tensor.device
     if target.ds_status == ZeroParamStatus.AVAILABLE:
-        target.data.copy_(value.read() if isinstance(value, StoredTensor) else value)  # gathered (or persistent): its full data is live
+        target.data.copy_(whole(value))  # gathered (or persistent): its full data is live
     else:
         if isinstance(value, StoredTensor):
             value = _read_own_partition(target, value, dtype, device)

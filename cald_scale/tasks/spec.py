@@ -39,6 +39,11 @@ class TaskSpec:
     """``student.conversion.attention_every`` when a config leaves it null: 4 keeps a quarter
     of a causal LM's attention (benchmarks/results/recovery.md, layouts); 0 converts every layer."""
 
+    @property
+    def unread_sections(self) -> tuple[str, ...]:
+        """The other kinds' data sections, which a run of this kind never reads."""
+        return tuple(section for section in DATA_SECTIONS if section != self.data_section)
+
     def seq_len(self, cfg) -> int:
         """The longest sequence of run config ``cfg``, in tokens."""
         return getattr(getattr(cfg, self.data_section), self.seq_len_key)
