@@ -131,3 +131,56 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
+
+
+class CountingReader:
+    """A weight reader that counts the bytes of each key it hands out, whole or by range."""
+
+    def __init__(self, reader):
+        self._reader, self.read = reader, {}
+
+    def keys(self):
+        return self._reader.keys()
+
+    def shape(self, key):
+        return self._reader.shape(key)
+
+    def _count(self, key, tensor):
+        self.read[key] = self.read.get(key, 0) + tensor.numel() * tensor.element_size()
+        return tensor
+
+    def get(self, key):
+        return self._count(key, self._reader.get(key))
+
+    def get_flat(self, key, start, stop):
+        return self._count(key, self._reader.get_flat(key, start, stop))
+
+
+def attention_read_by_ranks(config, open_reader, conversion, ranks: int = 3) -> list[float]:
+    """Each of ``ranks`` ranks' share of the teacher's attention weights read while its student is
+    built keeping ``1/ranks`` of each mixer weight (the range a ZeRO-3 partition keeps, with a
+    plain placement); what each keeps is checked equal to the whole conversion's."""
+    import dataclasses
+
+    from cald_scale.conversion.placement import PLAIN
+    from cald_scale.conversion.surgery import attention_prefixes, build_student
+
+    whole = build_student(config, open_reader(), conversion)
+    prefixes = attention_prefixes(whole.backbone, whole.adapter)
+    reader = open_reader()
+    attention = {k: t.numel() * t.element_size() for k in reader.keys() if k.startswith(prefixes) and (t := reader.get(k)).dim() == 2}
+    shares = []
+    for rank in range(ranks):
+
+        def kept(tensor, rank=rank):
+            size = -(-tensor.numel() // ranks)
+            return min(rank * size, tensor.numel()), min((rank + 1) * size, tensor.numel())
+
+        counting = CountingReader(open_reader())
+        student = build_student(config, counting, conversion, placement=dataclasses.replace(PLAIN, kept=kept))
+        for mine, ref in zip(student.mixers(), whole.mixers()):
+            for (name, got), want in zip(mine.state_dict().items(), ref.state_dict().values()):
+                start, stop = kept(got)
+                assert torch.equal(got.reshape(-1)[start:stop], want.reshape(-1)[start:stop]), (conversion.mixer, rank, name)
+        shares.append(sum(counting.read.get(k, 0) for k in attention) / sum(attention.values()))
+    return shares

@@ -10,12 +10,14 @@ biases (``proj_bias``); without them they are dropped, and said so once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 from torch import nn
 
 from ..mixers import BiMamba2Mixer, LinformerSelfAttention, Mamba2Mixer, MambaMixer
+from .attention_rows import FIELDS, AttentionRows, WholeAttention
 from .registry import AttentionWeights
 
 __all__ = ["init_mixer_from_attention"]
@@ -24,11 +26,24 @@ logger = logging.getLogger(__name__)
 _warned_dropped_bias = False
 
 
-def _copy_biases(mixer: nn.Module, attn: AttentionWeights, rows: list[tuple[slice, torch.Tensor | None]]) -> None:
+@dataclasses.dataclass(frozen=True)
+class RowCopy:
+    """Rows ``start ..`` of mixer weight ``target`` <- rows ``index`` of the teacher's ``field``
+    (``q``, ``k``, ``v``, ``o``; None: the identity), each repeated ``tiles`` times along its
+    columns and divided by ``tiles``."""
+
+    target: str
+    start: int
+    field: str | None
+    index: torch.Tensor
+    tiles: int = 1
+
+
+def _copy_biases(mixer: nn.Module, attn: AttentionRows, rows: list[tuple[slice, torch.Tensor | None]]) -> None:
     """The teacher's biases into the mixer's in_proj rows and out_proj (zeros where it has none);
     without biases in the mixer, a note that they are dropped (once per process)."""
     if mixer.in_proj.bias is None:
-        if any(b is not None for b in (attn.q_bias, attn.k_bias, attn.v_bias, attn.o_bias)):
+        if any(attn.bias(f) is not None for f in FIELDS):
             _say_biases_dropped(mixer)
         return
     mixer.in_proj.bias.zero_()
@@ -36,7 +51,8 @@ def _copy_biases(mixer: nn.Module, attn: AttentionWeights, rows: list[tuple[slic
         if bias is not None:
             mixer.in_proj.bias[where].copy_(bias)
     if mixer.out_proj.bias is not None:
-        mixer.out_proj.bias.copy_(attn.o_bias if attn.o_bias is not None else torch.zeros_like(mixer.out_proj.bias))
+        o_bias = attn.bias("o")
+        mixer.out_proj.bias.copy_(o_bias if o_bias is not None else torch.zeros_like(mixer.out_proj.bias))
 
 
 def _say_biases_dropped(mixer: nn.Module) -> None:
@@ -51,99 +67,132 @@ def _say_biases_dropped(mixer: nn.Module) -> None:
         )
 
 
-def _repeat_heads(weight: torch.Tensor, kv_heads: int, heads: int) -> torch.Tensor:
-    """(kv_heads*head_dim, in) -> (heads*head_dim, in), each KV head repeated for its query group."""
-    head_dim = weight.shape[0] // kv_heads
-    return weight.view(kv_heads, head_dim, -1).repeat_interleave(heads // kv_heads, dim=0).reshape(heads * head_dim, -1)
+def _head_rows(rows: int, kv_heads: int, heads: int) -> torch.Tensor:
+    """For each of the ``heads x head_dim`` rows, its row of a (kv_heads x head_dim) projection:
+    each KV head repeated for its query group."""
+    head_dim = rows // kv_heads
+    out = torch.arange(heads * head_dim)
+    return out // (head_dim * (heads // kv_heads)) * head_dim + out % head_dim
 
 
 def _repeat_bias(bias: torch.Tensor | None, kv_heads: int, heads: int) -> torch.Tensor | None:
-    """_repeat_heads for a bias (kv_heads*head_dim,); None stays None."""
-    return None if bias is None else _repeat_heads(bias, kv_heads, heads).squeeze(-1)
+    """A (kv_heads x head_dim,) bias with each KV head repeated for its query group; None stays None."""
+    return None if bias is None else bias[_head_rows(len(bias), kv_heads, heads)]
 
 
-def _output_weight(attn: AttentionWeights, out_features: int, in_features: int) -> torch.Tensor:
-    """The teacher's O, or the identity when the family keeps O outside the slot."""
-    if attn.o is not None:
-        return attn.o
+def _output_copy(attn: AttentionRows, target: str, out_features: int, in_features: int, tiles: int = 1) -> RowCopy:
+    """The teacher's O into ``target``, or the identity when the family keeps O outside the slot."""
+    if attn.shape("o") is not None:
+        return RowCopy(target, 0, "o", torch.arange(out_features), tiles)
     if out_features != in_features:
         raise ValueError(
             f"the teacher keeps its output projection outside the attention slot, so out_proj starts as "
             f"the identity, which needs a square out_proj; got ({out_features}, {in_features})"
         )
-    return torch.eye(out_features)
+    return RowCopy(target, 0, None, torch.arange(out_features), tiles)
 
 
-@torch.no_grad()
-def _init_mamba2(mixer: nn.Module, attn: AttentionWeights, heads: int, kv_heads: int) -> None:
+def _init_mamba2(mixer: nn.Module, attn: AttentionRows, heads: int, kv_heads: int, prefix: str = "") -> list[RowCopy]:
     cfg = mixer.config
     width = mixer.num_heads * cfg.head_dim
     state_width = cfg.n_groups * cfg.d_state
-    if not (mixer.num_heads == heads and cfg.n_groups == heads and state_width == attn.q.shape[0] == width):
+    if not (mixer.num_heads == heads and cfg.n_groups == heads and state_width == attn.shape("q")[0] == width):
         raise ValueError(
             "attention_init for mamba2 needs the teacher-matched geometry "
             "(student.conversion.match_teacher_geometry=true)"
         )
-    w = mixer.in_proj.weight  # rows: [z | x | B | C | dt]
+    # in_proj rows: [z | x | B | C | dt]
     x_rows = slice(width, 2 * width)
     b_rows = slice(2 * width, 2 * width + state_width)
     c_rows = slice(2 * width + state_width, 2 * width + 2 * state_width)
-    w[x_rows].copy_(_repeat_heads(attn.v, kv_heads, heads))
-    w[b_rows].copy_(_repeat_heads(attn.k, kv_heads, heads))
-    w[c_rows].copy_(attn.q)
-    mixer.out_proj.weight.copy_(_output_weight(attn, *mixer.out_proj.weight.shape))
     _copy_biases(mixer, attn, [
-        (x_rows, _repeat_bias(attn.v_bias, kv_heads, heads)), (b_rows, _repeat_bias(attn.k_bias, kv_heads, heads)), (c_rows, attn.q_bias),
+        (x_rows, _repeat_bias(attn.bias("v"), kv_heads, heads)), (b_rows, _repeat_bias(attn.bias("k"), kv_heads, heads)), (c_rows, attn.bias("q")),
     ])
+    in_proj = f"{prefix}in_proj.weight"
+    return [
+        RowCopy(in_proj, x_rows.start, "v", _head_rows(attn.shape("v")[0], kv_heads, heads)),
+        RowCopy(in_proj, b_rows.start, "k", _head_rows(attn.shape("k")[0], kv_heads, heads)),
+        RowCopy(in_proj, c_rows.start, "q", torch.arange(state_width)),
+        _output_copy(attn, f"{prefix}out_proj.weight", *mixer.out_proj.weight.shape),
+    ]
 
 
-@torch.no_grad()
-def _init_bimamba2(mixer: nn.Module, attn: AttentionWeights, heads: int, kv_heads: int) -> None:
+def _init_bimamba2(mixer: nn.Module, attn: AttentionRows, heads: int, kv_heads: int) -> list[RowCopy]:
     # Both scan directions read the same attention: each starts as the Mamba2 init.
-    _init_mamba2(mixer.fwd, attn, heads, kv_heads)
-    _init_mamba2(mixer.bwd, attn, heads, kv_heads)
+    return _init_mamba2(mixer.fwd, attn, heads, kv_heads, "fwd.") + _init_mamba2(mixer.bwd, attn, heads, kv_heads, "bwd.")
 
 
-@torch.no_grad()
-def _init_mamba(mixer: nn.Module, attn: AttentionWeights, heads: int, kv_heads: int) -> None:
+def _init_mamba(mixer: nn.Module, attn: AttentionRows, heads: int, kv_heads: int) -> list[RowCopy]:
     # Mamba's per-channel SSM has no Q/K slots; map V onto the x branch and O onto out_proj,
     # tiling across the (usually 2x) wider inner dimension and scaling so outputs keep their size.
     d_inner = mixer.out_proj.weight.shape[1]
-    v = _repeat_heads(attn.v, kv_heads, heads)
-    if d_inner % v.shape[0] != 0:
-        raise ValueError(f"attention_init for mamba needs d_inner ({d_inner}) to be a multiple of {v.shape[0]}")
-    tiles = d_inner // v.shape[0]
-    mixer.in_proj.weight[:d_inner].copy_(v.repeat(tiles, 1))
-    o = _output_weight(attn, mixer.out_proj.weight.shape[0], v.shape[0])
-    mixer.out_proj.weight.copy_(o.repeat(1, tiles) / tiles)
-    v_bias = _repeat_bias(attn.v_bias, kv_heads, heads)
+    v_rows = _head_rows(attn.shape("v")[0], kv_heads, heads)
+    if d_inner % len(v_rows) != 0:
+        raise ValueError(f"attention_init for mamba needs d_inner ({d_inner}) to be a multiple of {len(v_rows)}")
+    tiles = d_inner // len(v_rows)
+    v_bias = _repeat_bias(attn.bias("v"), kv_heads, heads)
     _copy_biases(mixer, attn, [(slice(0, d_inner), None if v_bias is None else v_bias.repeat(tiles))])
+    return [
+        RowCopy("in_proj.weight", 0, "v", v_rows.repeat(tiles)),
+        _output_copy(attn, "out_proj.weight", mixer.out_proj.weight.shape[0], len(v_rows), tiles),
+    ]
 
 
-@torch.no_grad()
-def _init_linformer(mixer: nn.Module, attn: AttentionWeights, heads: int, kv_heads: int) -> None:
+def _init_linformer(mixer: nn.Module, attn: AttentionRows, heads: int, kv_heads: int) -> list[RowCopy]:
     # Same softmax attention, so Q/K/V (and O) carry over exactly; E and F stay random.
     width = mixer.num_heads * mixer.head_dim
-    if not (mixer.num_heads == heads and attn.q.shape[0] == width):
+    if not (mixer.num_heads == heads and attn.shape("q")[0] == width):
         raise ValueError(
-            f"attention_init for linformer needs the teacher's heads ({heads}) and width ({attn.q.shape[0]}); "
+            f"attention_init for linformer needs the teacher's heads ({heads}) and width ({attn.shape('q')[0]}); "
             f"the mixer has {mixer.num_heads} heads of {mixer.head_dim}"
         )
-
-    projections = [
-        (mixer.q_proj, attn.q, attn.q_bias),
-        (mixer.k_proj, _repeat_heads(attn.k, kv_heads, heads), _repeat_bias(attn.k_bias, kv_heads, heads)),
-        (mixer.v_proj, _repeat_heads(attn.v, kv_heads, heads), _repeat_bias(attn.v_bias, kv_heads, heads)),
+    copies = [
+        RowCopy("q_proj.weight", 0, "q", torch.arange(width)),
+        RowCopy("k_proj.weight", 0, "k", _head_rows(attn.shape("k")[0], kv_heads, heads)),
+        RowCopy("v_proj.weight", 0, "v", _head_rows(attn.shape("v")[0], kv_heads, heads)),
     ]
+    biases = [(mixer.q_proj, attn.bias("q")), (mixer.k_proj, _repeat_bias(attn.bias("k"), kv_heads, heads)), (mixer.v_proj, _repeat_bias(attn.bias("v"), kv_heads, heads))]
     if mixer.o_proj is not None:
-        projections.append((mixer.o_proj, _output_weight(attn, *mixer.o_proj.weight.shape), attn.o_bias))
-    for linear, weight, bias in projections:
-        linear.weight.copy_(weight)
+        copies.append(_output_copy(attn, "o_proj.weight", *mixer.o_proj.weight.shape))
+        biases.append((mixer.o_proj, attn.bias("o")))
+    for linear, bias in biases:
         if linear.bias is not None:
             # A teacher without this bias acts as one of zeros.
             linear.bias.copy_(bias if bias is not None else torch.zeros_like(linear.bias))
         elif bias is not None:
             _say_biases_dropped(mixer)
+    return copies
+
+
+def _write_rows(mixer: nn.Module, copies: list[RowCopy], attn: AttentionRows, kept: dict[str, tuple[int, int]]) -> None:
+    """Do ``copies``, only on the rows of each weight that lie in its ``kept`` flat range (all of
+    a weight not named there); each projection's rows are asked for once, for all copies."""
+    weights = dict(mixer.named_parameters())
+    todo = []
+    for copy in copies:
+        weight = weights[copy.target]
+        first, stop = copy.start, copy.start + len(copy.index)
+        if (kept_range := kept.get(copy.target)) is not None:
+            columns = weight.shape[1]
+            first, stop = max(first, kept_range[0] // columns), min(stop, -(-kept_range[1] // columns))
+        if first < stop:
+            todo.append((copy, weight, first, stop))
+    asked: dict[str, list[torch.Tensor]] = {}
+    for copy, _, first, stop in todo:
+        if copy.field is not None:
+            asked.setdefault(copy.field, []).append(copy.index[first - copy.start : stop - copy.start])
+    read = {}
+    for field, parts in asked.items():
+        index = torch.cat(parts).unique()
+        read[field] = (index, attn.rows(field, index))
+    for copy, weight, first, stop in todo:
+        index = copy.index[first - copy.start : stop - copy.start]
+        if copy.field is None:  # the identity's rows
+            rows = torch.zeros(len(index), weight.shape[1] // copy.tiles).scatter_(1, index[:, None], 1.0)
+        else:
+            have, block = read[copy.field]
+            rows = block[torch.searchsorted(have, index)]
+        weight[first:stop].copy_(rows if copy.tiles == 1 else rows.repeat(1, copy.tiles) / copy.tiles)
 
 
 _INITS = {
@@ -154,18 +203,20 @@ _INITS = {
 }
 
 
-def attention_shape_errors(attn: AttentionWeights, teacher_config) -> list[str]:
+def attention_shape_errors(attn: AttentionWeights | AttentionRows, teacher_config) -> list[str]:
     """"name got != wanted" for each projection whose shape is not what the config's heads give
     (an absent output projection is the family's: BERT keeps it outside the slot)."""
     from .modeling import teacher_geometry
 
+    if isinstance(attn, AttentionWeights):
+        attn = WholeAttention(attn)
     hidden, heads, kv_heads, head_dim = teacher_geometry(teacher_config)
     wanted = {"q": (heads * head_dim, hidden), "k": (kv_heads * head_dim, hidden), "v": (kv_heads * head_dim, hidden), "o": (hidden, heads * head_dim)}
-    got = {name: None if (t := getattr(attn, name)) is None else tuple(t.shape) for name in wanted}
+    got = {name: attn.shape(name) for name in wanted}
     return [f"{name} {got[name]} != {shape}" for name, shape in wanted.items() if got[name] != shape and not (name == "o" and got[name] is None)]
 
 
-def check_attention_weights(attn: AttentionWeights, teacher_config, where: str) -> None:
+def check_attention_weights(attn: AttentionWeights | AttentionRows, teacher_config, where: str) -> None:
     """The projections read from a teacher checkpoint have its config's shapes (a checkpoint of
     another model is named here, not as a size mismatch deep in the init)."""
     from .modeling import teacher_geometry
@@ -178,12 +229,21 @@ def check_attention_weights(attn: AttentionWeights, teacher_config, where: str) 
         )
 
 
-def init_mixer_from_attention(mixer: nn.Module, attn: AttentionWeights, teacher_config) -> None:
-    """Overwrite a fresh (plain, unpartitioned) mixer's projections from one teacher attention block."""
+@torch.no_grad()
+def init_mixer_from_attention(
+    mixer: nn.Module, attn: AttentionWeights | AttentionRows, teacher_config, kept: dict[str, tuple[int, int]] | None = None
+) -> None:
+    """Overwrite a fresh (plain, unpartitioned) mixer's projections from one teacher attention block.
+
+    ``kept``: for a weight named there, only the rows covering that range of its flattened
+    values are written (the rest keep their fresh values): a ZeRO-3 rank keeps no more of them,
+    and reads only those rows of the teacher's projections."""
     from .modeling import teacher_geometry
 
+    if isinstance(attn, AttentionWeights):
+        attn = WholeAttention(attn)
     _, heads, kv_heads, _ = teacher_geometry(teacher_config)
     init = next((fn for cls, fn in _INITS.items() if isinstance(mixer, cls)), None)
     if init is None:
         raise TypeError(f"no attention-informed init for {type(mixer).__name__}; known: {[c.__name__ for c in _INITS]}")
-    init(mixer, attn, heads, kv_heads)
+    _write_rows(mixer, init(mixer, attn, heads, kv_heads), attn, kept or {})

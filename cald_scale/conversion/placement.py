@@ -38,6 +38,9 @@ class Placement:
     """Context in which the given parameters hold their full values (read-only)."""
     shape_of: Callable[[torch.Tensor], tuple[int, ...]]
     """The full shape of a (possibly partitioned) tensor."""
+    kept: Callable[[torch.Tensor], "tuple[int, int] | None"] = lambda tensor: None
+    """The range ``[start, stop)`` of a tensor's flattened full value that this process keeps of
+    what ``assign`` writes into it; None: all of it. What lies outside need not be computed."""
     unwritten: Callable[[torch.nn.Module], list[str]] = lambda model: []
     """The parameters of a model built here that ``assign`` never wrote: nothing may be left as
     constructed (ZeRO-3 constructs without initialising, or agreeing across ranks)."""

@@ -24,6 +24,7 @@ from transformers.initialization import no_init_weights
 from ..config_loader import to_dict
 from ..mixers import build_mixer
 from ..mixers.mamba import TimeStepProjection
+from .attention_rows import read_attention_rows
 from .init import check_attention_weights, init_mixer_from_attention
 from .classifier import CaldClassifierConfig, CaldEncoderForSequenceClassification
 from .modeling import CaldStudentConfig, CaldStudentForCausalLM, ConversionConfig
@@ -32,7 +33,6 @@ from .registry import FamilyAdapter, get_adapter
 from .weights import (
     RenamedReader,
     StateDictReader,
-    TensorTree,
     WeightReader,
     WeightsMismatchError,
     load_weights,
@@ -113,9 +113,15 @@ def fresh_mixer(config: CaldStudentConfig, layer_idx: int, seed: int, std: float
     return mixer
 
 
-def initial_mixers(student: CaldStudentForCausalLM, weights: WeightReader, seed: int, layers: range | None = None) -> Iterator[tuple[nn.Module, nn.Module]]:
+def initial_mixers(
+    student: CaldStudentForCausalLM, weights: WeightReader, seed: int, layers: range | None = None, placement: Placement = PLAIN
+) -> Iterator[tuple[nn.Module, nn.Module]]:
     """(the student's mixer, its initial weights as a fresh mixer), one layer at a time (only
-    ``layers`` when given): seeded per layer, optionally from that layer's teacher attention."""
+    ``layers`` when given): seeded per layer, optionally from that layer's teacher attention.
+
+    Of the fresh mixer only what ``placement`` keeps of each weight is sure to be initialised
+    from the teacher (the rest may keep its seeded values): a ZeRO-3 rank reads the rows of the
+    teacher's projections its partitions need, not the whole layer's attention."""
     conversion = student.config.conversion_config()
     teacher_config = student.config.teacher_hf_config()
     prefixes = attention_prefixes(student.backbone, student.adapter)
@@ -136,18 +142,19 @@ def initial_mixers(student: CaldStudentForCausalLM, weights: WeightReader, seed:
         fresh = fresh_mixer(student.config, idx, seed, std)
         if conversion.attention_init:
             where = f"layer {idx}'s attention ({prefixes[idx]})"
+            kept = {name: part for name, tensor in mixer.state_dict(keep_vars=True).items() if (part := placement.kept(tensor)) is not None}
             try:
-                attn = student.adapter.read_attention(TensorTree(renamed, prefixes[idx]), teacher_config)
+                attn = read_attention_rows(student.adapter.read_attention, renamed, prefixes[idx], teacher_config, by_rows=bool(kept))
             except (AttributeError, KeyError, TypeError) as err:  # a projection missing from the checkpoint
                 raise ValueError(f"the teacher's weights lack a projection of {where} that attention_init reads ({err})") from err
             check_attention_weights(attn, teacher_config, where)
-            init_mixer_from_attention(fresh, attn, teacher_config)
+            init_mixer_from_attention(fresh, attn, teacher_config, kept)
         yield mixer, fresh
 
 
 def _init_mixers(student: CaldStudentForCausalLM, weights: WeightReader, seed: int, placement: Placement) -> None:
     """Initialise every mixer, one layer at a time, into its (possibly partitioned) parameters."""
-    for mixer, fresh in initial_mixers(student, weights, seed):
+    for mixer, fresh in initial_mixers(student, weights, seed, placement=placement):
         targets = mixer.state_dict(keep_vars=True)
         for name, value in fresh.state_dict().items():
             placement.assign(targets[name], value)

@@ -28,6 +28,7 @@ __all__ = [
     "assign_partitioned",
     "gather_partitioned",
     "full_shape",
+    "own_range",
     "frozen_row_pieces",
     "whole_row_pieces",
 ]
@@ -54,7 +55,10 @@ def assign_partitioned(target: torch.Tensor, value: torch.Tensor | StoredTensor)
         raise ValueError(f"cannot assign a {tuple(value.shape)} tensor to a parameter of shape {tuple(target.ds_shape)}")
     if target.ds_status == ZeroParamStatus.INFLIGHT:
         raise RuntimeError(f"parameter {target.ds_id} is being gathered; cannot assign it now")
-    dtype, device = target.ds_tensor.dtype, target.ds_tensor.device
+    # Unwritten since construction, a parameter has no partition yet (_init_without_broadcast):
+    # DeepSpeed's partition() below allocates it where it would have.
+    partition = target.ds_tensor
+    dtype, device = (target.dtype, target.cald_partition_device) if partition is None else (partition.dtype, partition.device)
     if target.ds_status == ZeroParamStatus.AVAILABLE:
         target.data.copy_(whole(value))  # gathered (or persistent): its full data is live
     else:
@@ -77,25 +81,39 @@ def assign_partitioned(target: torch.Tensor, value: torch.Tensor | StoredTensor)
         target.all_gather()
 
 
-def _read_own_partition(target: torch.Tensor, stored: StoredTensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A full-size tensor for ``target.data`` in which only this rank's partition range holds
-    ``stored``'s values, read alone: the range DeepSpeed's ``partition`` copies from (the
-    ``partition_numel`` elements at ``partition_numel x rank`` in the parameter's group). The rest
-    is left unwritten, and stays unresident on the host (a large allocation is mapped lazily).
+def own_range(target: torch.Tensor) -> tuple[int, int] | None:
+    """The range ``[start, stop)`` of ``target``'s flattened full value that this rank keeps, or
+    None where it keeps (or DeepSpeed copies from) more than its partition: an unpartitioned or
+    gathered tensor, a persistent (small) parameter, and ZeRO++'s secondary partition (hpZ: its
+    process group is set on every parameter, while the secondary tensor itself is dropped after
+    each optimizer step and rebuilt from ``.data`` at the next partition; ``load_ds_config``
+    refuses hpZ anyway).
 
-    The whole tensor is read where DeepSpeed copies more than that range: a persistent
-    (small) parameter, and ZeRO++'s secondary partition (hpZ: its process group is set on every
-    parameter, while the secondary tensor itself is dropped after each optimizer step and rebuilt
-    from ``.data`` at the next partition; ``load_ds_config`` refuses hpZ anyway)."""
+    It is the range DeepSpeed's ``partition`` copies from: the ``ceil(numel / ranks)`` elements at
+    ``that x rank`` in the parameter's group (the last partition ends in padding)."""
+    if not is_partitioned(target) or getattr(target, "ds_persist", False) or getattr(target, "ds_zero_param_process_group", None) is not None:
+        return None
     import torch.distributed as dist
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    if getattr(target, "ds_persist", False) or getattr(target, "ds_zero_param_process_group", None) is not None:
-        return stored.read()
+    if target.ds_status == ZeroParamStatus.AVAILABLE:
+        return None
+    group = target.ds_process_group
     numel = target.ds_numel
-    size = target.ds_tensor.ds_numel
-    start = size * dist.get_rank(group=target.ds_process_group)
-    stop = min(start + size, numel)
-    full = torch.empty(numel, dtype=dtype, device=device)
+    size = -(-numel // dist.get_world_size(group=group))
+    start = size * dist.get_rank(group=group)
+    return min(start, numel), min(start + size, numel)
+
+
+def _read_own_partition(target: torch.Tensor, stored: StoredTensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A full-size tensor for ``target.data`` in which only this rank's range (``own_range``)
+    holds ``stored``'s values, read alone. The rest is left unwritten, and stays unresident on
+    the host (a large allocation is mapped lazily). Where the rank keeps more, all is read."""
+    kept = own_range(target)
+    if kept is None:
+        return stored.read()
+    start, stop = kept
+    full = torch.empty(target.ds_numel, dtype=dtype, device=device)
     if start < stop:
         stored.read_flat_into(full[start:stop], start)
     return full
@@ -128,7 +146,7 @@ def zero3_placement(ds_config: dict) -> Placement:
 
     return Placement(
         name="zero3", construct=construct, assign=assign_partitioned, gather=gather_partitioned, shape_of=full_shape,
-        unwritten=unwritten_partitioned,
+        kept=own_range, unwritten=unwritten_partitioned,
     )
 
 
@@ -143,11 +161,23 @@ def _init_without_broadcast() -> type:
     mixer init that every rank computes alike, and ``unwritten_partitioned`` refuses a model
     with one that was not, so what was built is never read."""
     import deepspeed
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus, free_param
 
     class InitWithoutBroadcast(deepspeed.zero.Init):
         def _zero_init_param(self, param):
             self._convert_to_deepspeed_param(param)
-            param.partition()
+            if param.ds_persist:
+                param.partition()  # small, and kept gathered by the engines: as DeepSpeed does
+                return
+            # NOTE: no partition yet either: DeepSpeed's copies this rank's slice of the tensor
+            # just built, so every partition would be resident from construction on, and so would
+            # those of parameters dropped before they are written (a tied model's untied head, the
+            # student's copies of what it then shares with the teacher). assign_partitioned's
+            # partition() allocates it, where DeepSpeed would have, and fills it.
+            param.cald_partition_device = torch.device("cpu" if self.remote_device in (OffloadDeviceEnum.cpu, OffloadDeviceEnum.nvme) else self.remote_device)
+            free_param(param)
+            param.ds_status = ZeroParamStatus.NOT_AVAILABLE
 
     return InitWithoutBroadcast
 

@@ -70,9 +70,17 @@ def test_each_rank_reads_only_its_partition_of_the_checkpoint(checks):
             assert r["persistent"] == 0 and r["odd_tensors"] >= 5, r
             assert r["bytes_read"] <= bound * r["checkpoint_bytes"], (name, r)
         assert rank["mixtral"]["stacked_experts"] == 4
+        # Built, a model holds no partition: each is made when first written (none for a parameter
+        # dropped before, as a tied model's untied head or the student's copies of what it shares).
+        assert rank["llama"]["partition_bytes_at_construction"] == 0 and rank["mixtral"]["partition_bytes_at_construction"] == 0
+        # The mixers' attention init reads the rows of Q/K/V/O this rank's partitions are made of.
+        student = rank["llama"]["student"]
+        assert student["mixers_unequal"] == [] and student["mixer_tensors"] >= 10, student
+        assert student["attention_share_read"] <= 0.75, student  # (1.0 when read whole; 0.33 and 0.71 here: Q lies in one rank's range)
         assert rank["unwritten_refused"].startswith("the test model: 1 parameter(s) were never written after construction (model.embed_tokens.weight)")
     for name in ("llama", "mixtral"):  # between them the ranks read every byte (at least)
         assert sum(rank[name]["bytes_read"] for rank in ranks) >= ranks[0][name]["checkpoint_bytes"]
+    assert sum(rank["llama"]["student"]["attention_share_read"] for rank in ranks) >= 1.0 - 1e-9
 
 
 def test_streamed_equals_naive_under_zero3(checks):

@@ -689,10 +689,11 @@ def _name(models, param) -> str:
 
 
 class _CountingBytes:
-    """A weight reader that counts the bytes of what it hands out, whole tensors and ranges."""
+    """A weight reader that counts the bytes of what it hands out, whole tensors and ranges
+    (of the keys ``only`` when given)."""
 
-    def __init__(self, reader):
-        self._reader, self.bytes = reader, 0
+    def __init__(self, reader, only: set[str] | None = None):
+        self._reader, self._only, self.bytes = reader, only, 0
 
     def keys(self):
         return self._reader.keys()
@@ -700,15 +701,43 @@ class _CountingBytes:
     def shape(self, key):
         return self._reader.shape(key)
 
-    def _counted(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.bytes += tensor.numel() * tensor.element_size()
+    def _counted(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if self._only is None or key in self._only:
+            self.bytes += tensor.numel() * tensor.element_size()
         return tensor
 
     def get(self, key):
-        return self._counted(self._reader.get(key))
+        return self._counted(key, self._reader.get(key))
 
     def get_flat(self, key, start, stop):
-        return self._counted(self._reader.get_flat(key, start, stop))
+        return self._counted(key, self._reader.get_flat(key, start, stop))
+
+
+def _partitioned_student_reads(placement, config, folder: Path) -> dict:
+    """A Mamba2 student built partitioned from ``folder``'s odd-sized Llama: the share of the
+    teacher's attention bytes this rank read to initialise its mixers, and whether its mixers
+    gather to the plain conversion's."""
+    import deepspeed
+
+    from cald_scale.conversion.modeling import ConversionConfig
+    from cald_scale.conversion.surgery import attention_prefixes, build_student
+    from cald_scale.conversion.weights import open_weights
+
+    conversion = ConversionConfig(mixer="mamba2", attention_init=True)
+    plain = build_student(config, open_weights(folder), conversion)
+    prefixes = attention_prefixes(plain.backbone, plain.adapter)
+    files = open_weights(folder)
+    attention = [k for k in files.keys() if k.startswith(prefixes)]
+
+    reader = _CountingBytes(files, only=set(attention))
+    student = build_student(config, reader, conversion, placement=placement)
+    mixers = [p for m in student.mixers() for p in m.parameters()]
+    with deepspeed.zero.GatheredParameters(mixers):
+        unequal = [n for (n, got), want in zip(
+            ((n, p) for m in student.mixers() for n, p in m.named_parameters()), (p for m in plain.mixers() for p in m.parameters())
+        ) if not torch.equal(got, want)]  # fmt: skip
+    total = sum(files.get(k).numel() * files.get(k).element_size() for k in attention)
+    return {"attention_share_read": reader.bytes / total, "mixers_unequal": unequal, "mixer_tensors": len(mixers)}
 
 
 def check_partitioned_reads(args) -> dict:
@@ -738,6 +767,8 @@ def check_partitioned_reads(args) -> dict:
         reader = _CountingBytes(open_weights(folder))
         with placement.construct(config), no_init_weights():
             model = AutoModelForCausalLM.from_config(config)
+        # Nothing is resident before it is written: no partition exists yet.
+        constructed = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters() if p.ds_tensor is not None)
         load_weights(model, reader, placement.assign, shape_of=placement.shape_of)
         params = list(model.parameters())
         with deepspeed.zero.GatheredParameters(params):
@@ -749,7 +780,10 @@ def check_partitioned_reads(args) -> dict:
             "odd_tensors": sum(math.prod(p.ds_shape) % 2 for p in params),
             "persistent": sum(bool(getattr(p, "ds_persist", False)) for p in params),
             "stacked_experts": sum(k.endswith(("gate_up_proj", "down_proj")) and ".experts." in k for k in reference),
+            "partition_bytes_at_construction": constructed,
         }
+        if name == "llama":
+            out[name]["student"] = _partitioned_student_reads(placement, config, folder)
         del model
         gc.collect()
     # Built without zero.Init's broadcast from rank 0, a model keeps no value it was built with:

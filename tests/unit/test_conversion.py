@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_models import FAMILY_CONFIGS, tiny_teacher
+from tiny_models import FAMILY_CONFIGS, attention_read_by_ranks, tiny_teacher
 from transformers import AutoModelForCausalLM
 
 from cald_scale.conversion.modeling import (
@@ -17,6 +17,7 @@ from cald_scale.conversion.modeling import (
 )
 from cald_scale.conversion.registry import get_adapter, supported_families
 from cald_scale.conversion.surgery import convert_teacher, copied_tensors_match
+from cald_scale.conversion.weights import StateDictReader
 from cald_scale.distill.stages import LayerwiseModel
 
 FAMILIES = sorted(FAMILY_CONFIGS)
@@ -318,3 +319,42 @@ def test_a_student_resized_for_new_tokens_saves_and_reloads(tmp_path, tied):
     assert again.config.vocab_size == old + 4
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, logits)
+
+
+
+def _teacher_of(layout: str):
+    from transformers import GPT2Config, Phi3Config
+
+    if layout == "phi3":  # one qkv_proj, [q | k | v]
+        config = Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    elif layout == "gpt2":  # Conv1D weights, stored (in, out): no rows to select
+        config = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    else:
+        return tiny_teacher(layout, layers=2)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize(
+    "layout, mixer, bound, used",
+    [
+        ("llama", "mamba2", 0.6, 1.0),
+        ("llama", "mamba", 0.6, 0.5),  # Mamba takes V and O alone (half of this GQA attention's rows)
+        ("gpt_neox", "mamba2", 0.6, 1.0),
+        ("phi3", "mamba2", 0.6, 1.0),
+        ("gpt2", "mamba2", 1.0, 1.0),
+    ],
+)
+def test_a_rank_keeping_part_of_each_mixer_weight_reads_only_the_attention_rows_it_needs(layout, mixer, bound, used):
+    """Under ZeRO-3 each rank keeps a range of every mixer weight; it used to read each layer's
+    attention whole to initialise them. Now it reads the rows of Q/K/V/O its range is made of
+    (GQA's repeated heads, a fused query_key_value in grouped order, a qkv_proj split by sizes),
+    and what it keeps equals the whole conversion's. GPT-2's Conv1D weights, stored transposed,
+    are still read whole."""
+    teacher = _teacher_of(layout)
+    state = teacher.state_dict()
+    shares = attention_read_by_ranks(teacher.config, lambda: StateDictReader(state), ConversionConfig(mixer=mixer, attention_init=True))
+    assert max(shares) <= bound, shares
+    assert sum(shares) >= used - 1e-9  # between them the ranks read every row the init uses
+    if bound < 1.0:
+        assert sum(shares) <= 1.35, shares  # GQA's shared K/V heads are read by each rank that repeats them

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from ports import free_port
-from tiny_models import save_tiny_encoder
+from tiny_models import attention_read_by_ranks, save_tiny_encoder
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from cald_scale.conversion.modeling import ConversionConfig
@@ -511,3 +511,13 @@ def test_a_classifier_of_an_encoder_without_sdpa_reloads_eager(tmp_path):
         student.save_pretrained(tmp_path / family)
         loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / family)
         assert loaded.config._attn_implementation == kernel, family
+
+
+@pytest.mark.parametrize("name", ["linformer", "bimamba2"])
+def test_a_rank_keeping_part_of_each_mixer_weight_reads_only_the_encoders_attention_rows_it_needs(minilm, name):
+    """As for causal LMs (test_conversion.py): under ZeRO-3 a rank reads the rows of BERT's
+    query/key/value its range of each mixer weight is made of, not each layer's attention whole;
+    the out_proj that starts as the identity reads none."""
+    source, _ = minilm
+    shares = attention_read_by_ranks(source.config, source.weights, STUDENTS[name])
+    assert max(shares) <= 0.5 and sum(shares) >= 1.0 - 1e-9, shares

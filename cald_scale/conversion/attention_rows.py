@@ -1,0 +1,164 @@
+"""A teacher attention block's Q/K/V/O as rows, read only where a mixer keeps them.
+
+The attention-informed init (``init.py``) fills each mixer weight row by row from rows of the
+teacher's projections. Under ZeRO-3 a rank keeps a range of each mixer weight, so it needs a
+range of rows: ``StoredAttention`` reads just those from the checkpoint, where reading the
+projections whole made every rank read every layer's attention (about a sixth of a
+Llama-3-70B checkpoint per rank).
+
+Which checkpoint rows make each row of q/k/v/o is the family reader's business (a fused
+``query_key_value`` in grouped order, a ``qkv_proj`` split by sizes). It is learnt by running
+that same reader on stand-ins: each 2-D tensor becomes a ``(rows, 1)`` column of integers, each
+naming its tensor and row, and what comes out as q is read off as the rows q is made of. A
+reader that does anything but select rows (GPT-2's ``Conv1D`` weights, stored transposed)
+gives no such column, and its projections are read whole, as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from .registry import AttentionWeights
+from .weights import StoredTensor, TensorTree, WeightReader
+
+__all__ = ["AttentionRows", "WholeAttention", "StoredAttention", "read_attention_rows"]
+
+FIELDS = ("q", "k", "v", "o")
+
+
+class AttentionRows(Protocol):
+    """One attention block's projections (fields ``q``, ``k``, ``v``, ``o``), row by row."""
+
+    def shape(self, field: str) -> tuple[int, int] | None:
+        """The (out, in) shape of a projection; None for an ``o`` outside the slot (BERT)."""
+
+    def bias(self, field: str) -> torch.Tensor | None: ...
+
+    def rows(self, field: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` (sorted, distinct) of a projection, as a (len(index), in) tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WholeAttention:
+    """Projections already read whole (``AttentionWeights``)."""
+
+    weights: AttentionWeights
+
+    def shape(self, field: str) -> tuple[int, int] | None:
+        weight = getattr(self.weights, field)
+        return None if weight is None else tuple(weight.shape)
+
+    def bias(self, field: str) -> torch.Tensor | None:
+        return getattr(self.weights, f"{field}_bias")
+
+    def rows(self, field: str, index: torch.Tensor) -> torch.Tensor:
+        return getattr(self.weights, field)[index]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Origin:
+    """Where each row of one projection lies in the checkpoint: tensor ``keys[tensor[i]]``, row ``row[i]``."""
+
+    keys: tuple[str, ...]
+    tensor: torch.Tensor
+    row: torch.Tensor
+    columns: int
+
+
+class StoredAttention:
+    """Projections not read yet: ``rows`` reads the rows asked for, each run of adjacent
+    checkpoint rows as one range read. Biases are read whole (a row's worth each)."""
+
+    def __init__(self, reader: WeightReader, origins: dict[str, _Origin | None], biases: dict[str, torch.Tensor | None]):
+        self._reader = reader
+        self._origins = origins
+        self._biases = biases
+
+    def shape(self, field: str) -> tuple[int, int] | None:
+        origin = self._origins[field]
+        return None if origin is None else (len(origin.row), origin.columns)
+
+    def bias(self, field: str) -> torch.Tensor | None:
+        return self._biases[field]
+
+    def rows(self, field: str, index: torch.Tensor) -> torch.Tensor:
+        origin = self._origins[field]
+        tensors, rows = origin.tensor[index], origin.row[index]
+        out = None
+        for tensor in tensors.unique().tolist():
+            where = (tensors == tensor).nonzero().squeeze(1)
+            wanted = rows[where].unique()
+            block = self._read_rows(origin.keys[tensor], wanted, origin.columns)
+            if out is None:
+                out = torch.empty(len(index), origin.columns, dtype=block.dtype)
+            out[where] = block[torch.searchsorted(wanted, rows[where])]
+        return out if out is not None else torch.empty(0, origin.columns)
+
+    def _read_rows(self, key: str, rows: torch.Tensor, columns: int) -> torch.Tensor:
+        """Rows ``rows`` (sorted, distinct) of checkpoint tensor ``key``, a run of adjacent rows per read."""
+        stored = StoredTensor(self._reader, key)
+        cuts = [0, *((rows[1:] != rows[:-1] + 1).nonzero().squeeze(1) + 1).tolist(), len(rows)]
+        runs = [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(cuts, cuts[1:])]
+        return torch.cat([stored.read_flat(first * columns, stop * columns).view(-1, columns) for first, stop in runs])
+
+
+class _RowNames:
+    """A reader whose 2-D tensors are stand-ins: a (rows, 1) int64 column whose entry ``r`` is
+    ``t << 32 | r`` for the ``t``-th tensor asked for; other tensors (biases) are read as they are."""
+
+    def __init__(self, reader: WeightReader):
+        self._reader = reader
+        self.keys_asked: list[str] = []
+
+    def keys(self) -> list[str]:
+        return self._reader.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._reader.shape(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        shape = tuple(self._reader.shape(key))
+        if len(shape) != 2:
+            return self._reader.get(key)
+        self.keys_asked.append(key)
+        return (torch.arange(shape[0], dtype=torch.int64) | ((len(self.keys_asked) - 1) << 32)).unsqueeze(1)
+
+
+def _origin(names: _RowNames, traced: torch.Tensor | None) -> _Origin | None:
+    """The rows a traced projection is made of; raises ValueError where it is not a selection of rows."""
+    if traced is None:
+        return None
+    if not (isinstance(traced, torch.Tensor) and traced.dtype == torch.int64 and traced.dim() == 2 and traced.shape[1] == 1):
+        raise ValueError("the family's reader does more than select rows")
+    ids = traced[:, 0]
+    tensor, row = ids >> 32, ids & 0xFFFFFFFF
+    keys = tuple(names.keys_asked)
+    if len(ids) == 0 or int(tensor.min()) < 0 or int(tensor.max()) >= len(keys):
+        raise ValueError("the family's reader does more than select rows")
+    shapes = [tuple(names.shape(keys[t])) for t in tensor.unique().tolist()]
+    if len({s[1] for s in shapes}) != 1 or any(int(row[tensor == t].max()) >= names.shape(keys[t])[0] for t in tensor.unique().tolist()):
+        raise ValueError("the family's reader does more than select rows")
+    return _Origin(keys=keys, tensor=tensor, row=row, columns=shapes[0][1])
+
+
+def read_attention_rows(
+    read_attention: Callable[[nn.Module, object], AttentionWeights], reader: WeightReader, prefix: str, config, *, by_rows: bool
+) -> AttentionRows:
+    """One attention block's projections under ``prefix``: not read yet, row by row where the
+    family's reader only selects rows and ``by_rows``; read whole otherwise."""
+    if by_rows:
+        names = _RowNames(reader)
+        try:
+            traced = read_attention(TensorTree(names, prefix), config)
+            origins = {field: _origin(names, getattr(traced, field)) for field in FIELDS}
+        except (ValueError, RuntimeError, TypeError, IndexError, AttributeError, KeyError):
+            # NOTE: read whole below, which raises what is truly wrong (a projection missing).
+            pass
+        else:
+            if all(origins[f] is not None for f in ("q", "k", "v")):
+                return StoredAttention(reader, origins, {f: getattr(traced, f"{f}_bias") for f in FIELDS})
+    return WholeAttention(read_attention(TensorTree(reader, prefix), config))
