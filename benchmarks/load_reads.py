@@ -1,27 +1,35 @@
-"""What building a ZeRO-3 teacher from its checkpoint costs each rank: bytes read, peak memory, time.
+"""What building ZeRO-3 models from a checkpoint costs each rank: bytes read, peak memory, time.
 
     python benchmarks/load_reads.py [--quick] [--geometry NAME] [--ranks N] [--out FILE]
 
-Each rank of a real deepspeed launch (CPU ranks, gloo) builds the teacher as the job does:
-constructed under zero.Init, then filled tensor by tensor from a random-weight checkpoint of
-a real geometry (bf16 safetensors), keeping its partition. Two ways, side by side, each in a
-launch of its own:
+Each rank of a real deepspeed launch (CPU ranks, gloo) builds the teacher and then the student
+as the job does (``engines/models.py``): the teacher constructed under zero.Init and filled
+tensor by tensor from a random-weight checkpoint of a real geometry (bf16 safetensors), keeping
+its partition; then the Mamba2 student of the job's default conversion, sharing the teacher's
+frozen tensors, its mixers initialised from the teacher's attention. Three ways, side by side,
+each in a launch of its own:
 
-- ``partition``: each rank reads only its partition's range of every tensor (today's loader);
-- ``whole``: each rank reads every tensor whole and keeps its partition (the loader before
-  stop 60; the same reader with its range reads hidden).
+- ``partition``: today's loader. No partition exists until it is written, each rank reads its
+  partition's range of every tensor, and the rows of each attention projection its mixer
+  partitions are made of;
+- ``eager``: the loader of stop 60: DeepSpeed's partition() at construction (every partition
+  resident from then on, a tied head's and the student's shared copies' too), and every layer's
+  attention read whole for the mixer init (a placement that keeps everything);
+- ``whole``: the loader before stop 60: as ``eager``, and every tensor read whole (the same
+  reader with its range reads hidden).
 
-Per rank: checkpoint bytes read; resident memory at its peak while the model is constructed
-(under zero.Init, before any weight is read: the same both ways) and while its weights load
-(above the constructed model: what the reads cost); the build's seconds; and a digest of the
-partitions it holds (both ways must hold the same values). Targets: equal partitions; at N
-ranks each reads at most 1.1/N of the checkpoint; the load's peak is lower than the whole reads'.
+Per rank: checkpoint bytes read by the teacher's load and by the student's mixer init; resident
+memory at its peak while the teacher is constructed (under zero.Init, before any weight is read),
+while its weights load (above the constructed model) and while the student is built (above the
+loaded teacher); the seconds of each build; a digest of the partitions held (all ways must hold
+the same values). Targets: equal partitions; at N ranks the teacher's load reads at most 1.1/N
+of the checkpoint on each rank; the mixer init reads less of the converted layers' attention
+than the whole on each rank; the teacher's build peak and the student's lower than ``eager``'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import json
 import os
@@ -34,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import child_env, free_port, machine, reset_peak_rss, status_bytes, truncated_geometry, write_random_teacher, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = ("partition", "whole")
+MODES = ("partition", "eager", "whole")
 
 
 class _Counting:
@@ -43,11 +51,16 @@ class _Counting:
 
     def __init__(self, reader, ranges: bool):
         self._reader, self.bytes = reader, 0
+        self.first_asked: tuple[int, int] | None = None
+        """(resident memory, its peak) when the reader was first asked for its keys: once the
+        model it fills is constructed, before any weight is read."""
         if ranges:
             self.get_flat = self._get_flat
             self.read_flat_into = self._read_flat_into
 
     def keys(self):
+        if self.first_asked is None:
+            self.first_asked = (status_bytes("VmRSS"), status_bytes("VmHWM"))
         return self._reader.keys()
 
     def shape(self, key):
@@ -70,14 +83,43 @@ class _Counting:
         return done
 
 
+def _eager_construction(placement, ds_config: dict):
+    """``placement`` constructing as stop 60 did: zero.Init without its broadcast, with DeepSpeed's
+    own partition() of each parameter as it is built, and keeping every row of a mixer weight."""
+    import dataclasses
+
+    import deepspeed
+
+    from cald_scale.engines.partitioned import _import_family_module
+
+    class EagerInit(deepspeed.zero.Init):
+        def _zero_init_param(self, param):
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+
+    def construct(config):
+        _import_family_module(config)
+        return EagerInit(config_dict_or_path=ds_config)
+
+    return dataclasses.replace(placement, construct=construct, kept=lambda tensor: None)
+
+
+def _digest(model) -> str:
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.ds_tensor.detach().float().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def worker(args) -> None:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
 
     sys.path.insert(0, str(REPO))
     from cald_scale.config import load_run_config
-    from cald_scale.conversion.weights import load_weights, open_weights
+    from cald_scale.conversion.surgery import attention_prefixes, build_student
+    from cald_scale.conversion.teacher import build_teacher, open_teacher
+    from cald_scale.conversion.weights import open_weights
     from cald_scale.engines.distributed import init_distributed
     from cald_scale.engines.ds_config import load_ds_config, resolve_ds_config
     from cald_scale.engines.host_memory import configure_host_allocator
@@ -86,38 +128,50 @@ def worker(args) -> None:
     env = init_distributed()
     cfg = load_run_config(overrides=[f"teacher.name_or_path={args.teacher}", "train.global_batch_size=2"])
     configure_host_allocator(cfg.train.malloc_mmap_threshold)
-    placement = zero3_placement(resolve_ds_config(load_ds_config(REPO / "ds_configs" / "zero3.json"), cfg.train, env.world_size))
-    config = AutoConfig.from_pretrained(args.teacher)
-    reader = _Counting(open_weights(args.teacher), ranges=args.mode == "partition")
+    ds_config = resolve_ds_config(load_ds_config(REPO / "ds_configs" / "zero3.json"), cfg.train, env.world_size)
+    placement = zero3_placement(ds_config)
+    if args.mode != "partition":
+        placement = _eager_construction(placement, ds_config)
+    source, _ = open_teacher(cfg.teacher)
+    files = open_weights(args.teacher)
+    teacher_reader = _Counting(files, ranges=args.mode != "whole")
+    source.weights = lambda: teacher_reader
+
     rss_before = status_bytes("VmRSS")
     reset_peak_rss()
     started = time.perf_counter()
-    # As build_teacher builds it (conversion/teacher.py), with the counting reader.
-    with placement.construct(config), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    model.tie_weights()  # no_init_weights also skips tying
-    gc.collect()  # the untied head's tensor
-    built, built_peak = status_bytes("VmRSS"), status_bytes("VmHWM")
-    reset_peak_rss()
-    load_weights(model, reader, placement.assign, shape_of=placement.shape_of)
-    seconds = time.perf_counter() - started
-    peak = max(status_bytes("VmHWM"), built_peak)
+    teacher = build_teacher(source, placement)
+    teacher_seconds = time.perf_counter() - started
+    teacher_peak = status_bytes("VmHWM")
+    built, built_peak = teacher_reader.first_asked
     load_peak = status_bytes("VmHWM") - built
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        digest.update(name.encode())
-        digest.update(param.ds_tensor.detach().float().numpy().tobytes())
-    files = open_weights(args.teacher)
+    loaded = status_bytes("VmRSS")
+
+    student_reader = _Counting(files, ranges=args.mode != "whole")
+    reset_peak_rss()
+    started = time.perf_counter()
+    student = build_student(source.config, student_reader, cfg.student.conversion, seed=cfg.train.seed, placement=placement, share_with=teacher)
+    student_seconds = time.perf_counter() - started
+    student_peak = status_bytes("VmHWM") - loaded
+    kept = set(student.config.attention_layers)  # a hybrid's kept attention is shared, not read
+    prefixes = tuple(p for i, p in enumerate(attention_prefixes(student.backbone, student.adapter)) if i not in kept)
+    attention = sum(torch.Size(files.shape(k)).numel() * files.dtype(k).itemsize for k in files.keys() if k.startswith(prefixes))
     checkpoint = sum(torch.Size(files.shape(k)).numel() * files.dtype(k).itemsize for k in files.keys())
     Path(args.out, f"{args.mode}_rank{env.rank}.json").write_text(json.dumps({
-        "bytes_read": reader.bytes,
+        "bytes_read": teacher_reader.bytes,
         "checkpoint_bytes": checkpoint,
-        "peak_above_start_bytes": peak - rss_before,
+        "attention_bytes_read": student_reader.bytes,
+        "attention_bytes": attention,
+        "teacher_peak_above_start_bytes": teacher_peak - rss_before,
         "construction_peak_above_start_bytes": built_peak - rss_before,
         "load_peak_above_construction_bytes": load_peak,
+        "teacher_held_bytes": loaded - rss_before,
+        "student_build_peak_above_teacher_bytes": student_peak,
         "held_after_bytes": status_bytes("VmRSS") - rss_before,
-        "seconds": seconds,
-        "partitions_sha256": digest.hexdigest(),
+        "teacher_seconds": teacher_seconds,
+        "student_seconds": student_seconds,
+        "partitions_sha256": _digest(teacher),
+        "student_mixers_sha256": _digest(student.backbone),
     }))
 
 
@@ -157,17 +211,25 @@ def main() -> None:
     out = cache / "load_reads"
     out.mkdir(parents=True, exist_ok=True)
     runs = {mode: launch(mode, teacher, args.ranks, out) for mode in MODES}
-    part, whole = runs["partition"], runs["whole"]
-    share = [r["bytes_read"] / r["checkpoint_bytes"] for r in part]
-    peaks = [p["load_peak_above_construction_bytes"] / w["load_peak_above_construction_bytes"] for p, w in zip(part, whole)]
+    part, eager, whole = runs["partition"], runs["eager"], runs["whole"]
+
+    def ratios(key: str, base: list[dict]) -> list[float]:
+        return [round(p[key] / b[key], 3) for p, b in zip(part, base)]
+
+    same = [
+        len({r[key] for r in (p, e, w)}) == 1 for p, e, w in zip(part, eager, whole) for key in ("partitions_sha256", "student_mixers_sha256")
+    ]
+    share = [round(r["bytes_read"] / r["checkpoint_bytes"], 3) for r in part]
     targets = {
-        "same_partitions": {"target": "both ways hold the same partition values, rank by rank", "value": [p["partitions_sha256"] == w["partitions_sha256"] for p, w in zip(part, whole)]},
-        "bytes_per_rank": {"target": f"each rank reads <= 1.1/{args.ranks} of the checkpoint", "value": [round(x, 3) for x in share]},
-        "load_peak_lower": {"target": "the load's peak above the constructed model < the whole reads' (ratio < 1)", "value": [round(x, 3) for x in peaks]},
+        "same_partitions": {"target": "every way holds the same teacher and student partitions, rank by rank", "value": same, "pass": all(same)},
+        "bytes_per_rank": {"target": f"the teacher's load reads <= 1.1/{args.ranks} of the checkpoint on each rank", "value": share},
+        "attention_read_lower": {"target": "the mixer init reads less of the attention than eager's whole layers (ratio < 1, each rank)", "value": ratios("attention_bytes_read", eager)},
+        "teacher_peak_lower": {"target": "the teacher's build peak (construction and load) < eager's (ratio < 1, each rank)", "value": ratios("teacher_peak_above_start_bytes", eager)},
+        "student_peak_lower": {"target": "the student's build peak above the teacher < eager's (ratio < 1, each rank)", "value": ratios("student_build_peak_above_teacher_bytes", eager)},
     }
-    targets["same_partitions"]["pass"] = all(targets["same_partitions"]["value"])
     targets["bytes_per_rank"]["pass"] = all(x <= 1.1 / args.ranks for x in share)
-    targets["load_peak_lower"]["pass"] = all(x < 1.0 for x in peaks)
+    for name in ("attention_read_lower", "teacher_peak_lower", "student_peak_lower"):
+        targets[name]["pass"] = all(x < 1.0 for x in targets[name]["value"])
     result = {
         "benchmark": "load_reads",
         "geometry": geometry,

@@ -134,10 +134,15 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 class CountingReader:
-    """A weight reader that counts the bytes of each key it hands out, whole or by range."""
+    """A weight reader that counts the bytes of each key it hands out, whole or by range (of
+    the keys ``only`` when given)."""
 
-    def __init__(self, reader):
-        self._reader, self.read = reader, {}
+    def __init__(self, reader, only: set[str] | None = None):
+        self._reader, self._only, self.read = reader, only, {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.read.values())
 
     def keys(self):
         return self._reader.keys()
@@ -146,7 +151,8 @@ class CountingReader:
         return self._reader.shape(key)
 
     def _count(self, key, tensor):
-        self.read[key] = self.read.get(key, 0) + tensor.numel() * tensor.element_size()
+        if self._only is None or key in self._only:
+            self.read[key] = self.read.get(key, 0) + tensor.numel() * tensor.element_size()
         return tensor
 
     def get(self, key):

@@ -47,6 +47,9 @@ from cald_scale.engines.models import build_models
 from cald_scale.engines.ds_config import load_ds_config, resolve_ds_config
 from cald_scale.engines.zero3 import begin_step
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny_models import CountingReader  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -641,7 +644,6 @@ def check_padded_layer_weight(args) -> dict:
 
     from cald_scale.conversion.teacher import classifier_teacher
 
-    sys.path.insert(0, str(REPO / "tests"))
     from tiny_models import save_tiny_encoder
 
     # Padded batches are the classification task's: a tiny BERT, written by rank 0 (transformers'
@@ -688,31 +690,6 @@ def _name(models, param) -> str:
     return next(n for n, p in models.student.blocks.named_parameters() if p is param)
 
 
-class _CountingBytes:
-    """A weight reader that counts the bytes of what it hands out, whole tensors and ranges
-    (of the keys ``only`` when given)."""
-
-    def __init__(self, reader, only: set[str] | None = None):
-        self._reader, self._only, self.bytes = reader, only, 0
-
-    def keys(self):
-        return self._reader.keys()
-
-    def shape(self, key):
-        return self._reader.shape(key)
-
-    def _counted(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        if self._only is None or key in self._only:
-            self.bytes += tensor.numel() * tensor.element_size()
-        return tensor
-
-    def get(self, key):
-        return self._counted(key, self._reader.get(key))
-
-    def get_flat(self, key, start, stop):
-        return self._counted(key, self._reader.get_flat(key, start, stop))
-
-
 def _partitioned_student_reads(placement, config, folder: Path) -> dict:
     """A Mamba2 student built partitioned from ``folder``'s odd-sized Llama: the share of the
     teacher's attention bytes this rank read to initialise its mixers, and whether its mixers
@@ -729,7 +706,7 @@ def _partitioned_student_reads(placement, config, folder: Path) -> dict:
     files = open_weights(folder)
     attention = [k for k in files.keys() if k.startswith(prefixes)]
 
-    reader = _CountingBytes(files, only=set(attention))
+    reader = CountingReader(files, only=set(attention))
     student = build_student(config, reader, conversion, placement=placement)
     mixers = [p for m in student.mixers() for p in m.parameters()]
     with deepspeed.zero.GatheredParameters(mixers):
@@ -737,7 +714,7 @@ def _partitioned_student_reads(placement, config, folder: Path) -> dict:
             ((n, p) for m in student.mixers() for n, p in m.named_parameters()), (p for m in plain.mixers() for p in m.parameters())
         ) if not torch.equal(got, want)]  # fmt: skip
     total = sum(files.get(k).numel() * files.get(k).element_size() for k in attention)
-    return {"attention_share_read": reader.bytes / total, "mixers_unequal": unequal, "mixer_tensors": len(mixers)}
+    return {"attention_share_read": reader.total / total, "mixers_unequal": unequal, "mixer_tensors": len(mixers)}
 
 
 def check_partitioned_reads(args) -> dict:
@@ -764,7 +741,7 @@ def check_partitioned_reads(args) -> dict:
             AutoModelForCausalLM.from_config(config).save_pretrained(folder)
         barrier()
         reference = AutoModelForCausalLM.from_pretrained(folder).state_dict()
-        reader = _CountingBytes(open_weights(folder))
+        reader = CountingReader(open_weights(folder))
         with placement.construct(config), no_init_weights():
             model = AutoModelForCausalLM.from_config(config)
         # Nothing is resident before it is written: no partition exists yet.
@@ -775,7 +752,7 @@ def check_partitioned_reads(args) -> dict:
             unequal = [k for k, v in model.state_dict().items() if not torch.equal(v, reference[k])]
         out[name] = {
             "unequal": unequal,
-            "bytes_read": reader.bytes,
+            "bytes_read": reader.total,
             "checkpoint_bytes": sum(v.numel() * v.element_size() for v in reference.values()),
             "odd_tensors": sum(math.prod(p.ds_shape) % 2 for p in params),
             "persistent": sum(bool(getattr(p, "ds_persist", False)) for p in params),
