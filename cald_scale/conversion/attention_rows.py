@@ -9,9 +9,11 @@ Llama-3-70B checkpoint per rank).
 Which checkpoint rows make each row of q/k/v/o is the family reader's business (a fused
 ``query_key_value`` in grouped order, a ``qkv_proj`` split by sizes). It is learnt by running
 that same reader on stand-ins: each 2-D tensor becomes a ``(rows, 1)`` column of integers, each
-naming its tensor and row, and what comes out as q is read off as the rows q is made of. A
-reader that does anything but select rows (GPT-2's ``Conv1D`` weights, stored transposed)
-gives no such column, and its projections are read whole, as before.
+naming its tensor and row, and what comes out as q is read off as the rows q is made of. The
+reader runs twice, the second time on the numbers' complements (negative): a selection of rows
+gives the complement of the first run, arithmetic on the numbers would not. A reader that does anything but select
+rows (GPT-2's ``Conv1D`` weights, stored transposed) is found out so, and its projections are
+read whole, as before.
 """
 
 from __future__ import annotations
@@ -108,10 +110,12 @@ class StoredAttention:
 
 class _RowNames:
     """A reader whose 2-D tensors are stand-ins: a (rows, 1) int64 column whose entry ``r`` is
-    ``t << 32 | r`` for the ``t``-th tensor asked for; other tensors (biases) are read as they are."""
+    ``t << 32 | r`` for the ``t``-th tensor asked for (``negated``: its bitwise complement, a
+    negative number); other tensors (biases) are read as they are."""
 
-    def __init__(self, reader: WeightReader):
+    def __init__(self, reader: WeightReader, *, negated: bool = False):
         self._reader = reader
+        self._negated = negated
         self.keys_asked: list[str] = []
 
     def keys(self) -> list[str]:
@@ -125,24 +129,31 @@ class _RowNames:
         if len(shape) != 2:
             return self._reader.get(key)
         self.keys_asked.append(key)
-        return (torch.arange(shape[0], dtype=torch.int64) | ((len(self.keys_asked) - 1) << 32)).unsqueeze(1)
+        names = torch.arange(shape[0], dtype=torch.int64) | ((len(self.keys_asked) - 1) << 32)
+        return (~names if self._negated else names).unsqueeze(1)
 
 
-def _origin(names: _RowNames, traced: torch.Tensor | None) -> _Origin | None:
-    """The rows a traced projection is made of; raises ValueError where it is not a selection of rows."""
-    if traced is None:
+def _origin(names: _RowNames, traced: torch.Tensor | None, negated: torch.Tensor | None) -> _Origin | None:
+    """The rows a traced projection is made of; raises ValueError where it is not a selection of
+    rows. ``negated``: the same projection traced on the negated stand-ins, which must be the
+    complement of this one: a selection of rows keeps it so, arithmetic on the numbers (adding,
+    scaling, abs, clamping), which could still give valid-looking rows, does not."""
+    if traced is None and negated is None:
         return None
-    if not (isinstance(traced, torch.Tensor) and traced.dtype == torch.int64 and traced.dim() == 2 and traced.shape[1] == 1):
-        raise ValueError("the family's reader does more than select rows")
-    ids = traced[:, 0]
-    tensor, row = ids >> 32, ids & 0xFFFFFFFF
+    for t in (traced, negated):
+        if not (isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.dim() == 2 and t.shape[1] == 1 and len(t) > 0):
+            raise ValueError("the family's reader does more than select rows")
+    if traced.shape != negated.shape or not torch.equal(~negated, traced):
+        raise ValueError("the family's reader computes on its weights")
+    tensor, row = traced[:, 0] >> 32, traced[:, 0] & 0xFFFFFFFF
     keys = tuple(names.keys_asked)
-    if len(ids) == 0 or int(tensor.min()) < 0 or int(tensor.max()) >= len(keys):
+    if int(tensor.min()) < 0 or int(tensor.max()) >= len(keys):
         raise ValueError("the family's reader does more than select rows")
-    shapes = [tuple(names.shape(keys[t])) for t in tensor.unique().tolist()]
-    if len({s[1] for s in shapes}) != 1 or any(int(row[tensor == t].max()) >= names.shape(keys[t])[0] for t in tensor.unique().tolist()):
+    if bool((row >= torch.tensor([names.shape(k)[0] for k in keys])[tensor]).any()):
         raise ValueError("the family's reader does more than select rows")
-    return _Origin(keys=keys, tensor=tensor, row=row, columns=shapes[0][1])
+    if len({names.shape(keys[t])[1] for t in tensor.unique().tolist()}) != 1:
+        raise ValueError("the family's reader joins tensors of different widths")
+    return _Origin(keys=keys, tensor=tensor, row=row, columns=names.shape(keys[int(tensor[0])])[1])
 
 
 def read_attention_rows(
@@ -151,10 +162,13 @@ def read_attention_rows(
     """One attention block's projections under ``prefix``: not read yet, row by row where the
     family's reader only selects rows and ``by_rows``; read whole otherwise."""
     if by_rows:
-        names = _RowNames(reader)
+        names, negated = _RowNames(reader), _RowNames(reader, negated=True)
         try:
             traced = read_attention(TensorTree(names, prefix), config)
-            origins = {field: _origin(names, getattr(traced, field)) for field in FIELDS}
+            complement = read_attention(TensorTree(negated, prefix), config)
+            if names.keys_asked != negated.keys_asked:
+                raise ValueError("the family's reader asks for other tensors each time")
+            origins = {field: _origin(names, getattr(traced, field), getattr(complement, field)) for field in FIELDS}
         except (ValueError, RuntimeError, TypeError, IndexError, AttributeError, KeyError):
             # NOTE: read whole below, which raises what is truly wrong (a projection missing).
             pass

@@ -358,3 +358,37 @@ def test_a_rank_keeping_part_of_each_mixer_weight_reads_only_the_attention_rows_
     assert sum(shares) >= used - 1e-9  # between them the ranks read every row the init uses
     if bound < 1.0:
         assert sum(shares) <= 1.35, shares  # GQA's shared K/V heads are read by each rank that repeats them
+
+
+def test_row_reads_follow_a_family_reader_that_selects_rows_and_refuse_one_that_computes():
+    """Which checkpoint rows make each projection row is learnt by running the family's reader on
+    numbered stand-ins, then on their complements. A reader that reorders rows is followed; one
+    that computes on its weights, which could still give valid row numbers (abs, +1 and a clamp
+    of o's numbers do), is found out by the second run, and read whole."""
+    from cald_scale.conversion.attention_rows import StoredAttention, WholeAttention, read_attention_rows
+    from cald_scale.conversion.families import read_separate_qkvo
+    from cald_scale.conversion.registry import AttentionWeights
+
+    teacher = tiny_teacher("llama", layers=1)
+    reader = StateDictReader(teacher.state_dict())
+    prefix = "model.layers.0.self_attn."
+
+    def reordered(attn, config):
+        w = read_separate_qkvo(attn, config)
+        return dataclasses.replace(w, q=w.q.flip(0), k=torch.cat([w.k[16:], w.k[:16]]))
+
+    def computed(op):
+        def read(attn, config):
+            w = read_separate_qkvo(attn, config)
+            return AttentionWeights(q=w.q, k=w.k, v=w.v, o=op(w.o))  # o's numbers stay valid rows of o_proj
+
+        return read
+
+    rows = read_attention_rows(reordered, reader, prefix, teacher.config, by_rows=True)
+    whole = reordered(teacher.model.layers[0].self_attn, teacher.config)
+    assert isinstance(rows, StoredAttention)
+    for field in ("q", "k", "v", "o"):
+        index = torch.tensor([0, 3, 17, 31])
+        assert torch.equal(rows.rows(field, index), getattr(whole, field)[index]), field
+    for op in (torch.abs, lambda o: o + 1, lambda o: o.clamp(min=0)):
+        assert isinstance(read_attention_rows(computed(op), reader, prefix, teacher.config, by_rows=True), WholeAttention)
