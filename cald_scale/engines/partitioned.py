@@ -2,8 +2,9 @@
 weights straight into each rank's partition, with no communication and no full copy.
 
 ``assign`` reuses DeepSpeed's own partitioning (``param.partition(has_been_updated=True)``
-copies this rank's slice of ``param.data`` into its partition and frees the rest), so the
-layout is DeepSpeed's by construction. A checkpoint tensor is read only where this rank's
+makes the partition, copies this rank's slice of ``param.data`` into it and frees the rest),
+so the layout is DeepSpeed's by construction; construction itself makes no partition, so
+nothing is resident before it is written. A checkpoint tensor is read only where this rank's
 slice lies: ``param.data`` is a full-size tensor of which only that range is written (the
 rest is allocated, never touched, so never resident), and each of N ranks reads 1/N of the
 checkpoint from disk.
