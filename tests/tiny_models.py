@@ -162,10 +162,11 @@ class CountingReader:
         return self._count(key, self._reader.get_flat(key, start, stop))
 
 
-def attention_read_by_ranks(config, open_reader, conversion, ranks: int = 3) -> list[float]:
-    """Each of ``ranks`` ranks' share of the teacher's attention weights read while its student is
-    built keeping ``1/ranks`` of each mixer weight (the range a ZeRO-3 partition keeps, with a
-    plain placement); what each keeps is checked equal to the whole conversion's."""
+def attention_read_by_ranks(config, open_reader, conversion, ranks: int = 3, checked: list[int] | None = None) -> list[float]:
+    """Each of ``ranks`` ranks' (or of those ``checked``) share of the teacher's attention weights
+    read while its student is built keeping ``1/ranks`` of each mixer weight (the range a ZeRO-3
+    partition keeps, with a plain placement); what each keeps is checked equal to the whole
+    conversion's."""
     import dataclasses
 
     from cald_scale.conversion.placement import PLAIN
@@ -176,7 +177,7 @@ def attention_read_by_ranks(config, open_reader, conversion, ranks: int = 3) -> 
     reader = open_reader()
     attention = {k: t.numel() * t.element_size() for k in reader.keys() if k.startswith(prefixes) and (t := reader.get(k)).dim() == 2}
     shares = []
-    for rank in range(ranks):
+    for rank in range(ranks) if checked is None else checked:
 
         def kept(tensor, rank=rank):
             size = -(-tensor.numel() // ranks)

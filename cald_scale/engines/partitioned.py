@@ -169,13 +169,18 @@ def _init_without_broadcast() -> type:
         def _zero_init_param(self, param):
             self._convert_to_deepspeed_param(param)
             if param.ds_persist:
-                param.partition()  # small, and kept gathered by the engines: as DeepSpeed does
+                # NOTE: DeepSpeed 0.19 decides persistence in the engine, after every parameter is
+                # written (nothing is persistent here); were a small one marked now, its partition
+                # is made as DeepSpeed makes it, on the local device.
+                param.partition()
                 return
             # NOTE: no partition yet either: DeepSpeed's copies this rank's slice of the tensor
             # just built, so every partition would be resident from construction on, and so would
             # those of parameters dropped before they are written (a tied model's untied head, the
             # student's copies of what it then shares with the teacher). assign_partitioned's
-            # partition() allocates it, where DeepSpeed would have, and fills it.
+            # partition() allocates it, where DeepSpeed would have, and fills it. Until then the
+            # parameter cannot be gathered (DeepSpeed fails on the missing partition): a model
+            # built here is refused by check_written before anything gathers it.
             param.cald_partition_device = torch.device("cpu" if self.remote_device in (OffloadDeviceEnum.cpu, OffloadDeviceEnum.nvme) else self.remote_device)
             free_param(param)
             param.ds_status = ZeroParamStatus.NOT_AVAILABLE

@@ -392,3 +392,62 @@ def test_row_reads_follow_a_family_reader_that_selects_rows_and_refuse_one_that_
         assert torch.equal(rows.rows(field, index), getattr(whole, field)[index]), field
     for op in (torch.abs, lambda o: o + 1, lambda o: o.clamp(min=0)):
         assert isinstance(read_attention_rows(computed(op), reader, prefix, teacher.config, by_rows=True), WholeAttention)
+
+
+def _layout_configs():
+    from transformers import BertConfig, FalconConfig, GPT2Config, GPTBigCodeConfig, GPTNeoXConfig, LlamaConfig, OPTConfig, Phi3Config, PhiConfig
+
+    small = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    return {
+        "llama q/k/v/o_proj, grouped": LlamaConfig(**small, intermediate_size=64, num_key_value_heads=2, attention_bias=True),
+        "opt q/k/v/out_proj": OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32),
+        "phi q/k/v_proj, dense": PhiConfig(**small, intermediate_size=64),
+        "phi3 qkv_proj": Phi3Config(**small, intermediate_size=64, num_key_value_heads=2, pad_token_id=0),
+        "gpt2 Conv1D c_attn": GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4),
+        "gpt_bigcode c_attn, multi-query": GPTBigCodeConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=4, multi_query=True),
+        "gpt_bigcode c_attn, head by head": GPTBigCodeConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=4, multi_query=False),
+        "gpt_neox query_key_value": GPTNeoXConfig(**small, intermediate_size=64),
+        "falcon query_key_value, multi-query": FalconConfig(**small, multi_query=True, new_decoder_architecture=False),
+        "falcon query_key_value, grouped": FalconConfig(**small, num_kv_heads=2, new_decoder_architecture=True),
+        "bert query/key/value": BertConfig(**small, intermediate_size=64),
+    }
+
+
+@pytest.mark.parametrize("layout", sorted(_layout_configs()))
+def test_every_projection_layout_read_by_rows_gives_what_its_reader_reads(layout):
+    """Each layout conversion reads (discovery.PROJECTION_LAYOUTS and the hand-written adapters),
+    read row by row as a ZeRO-3 rank reads it, gives every row of Q/K/V/O and every bias its
+    reader gives from the module; GPT-2's transposed Conv1D is read whole."""
+    from transformers import AutoModel
+
+    from cald_scale.conversion.attention_rows import StoredAttention, WholeAttention, read_attention_rows
+    from cald_scale.conversion.surgery import attention_prefixes
+    from cald_scale.conversion.weights import RenamedReader
+
+    config = _layout_configs()[layout]
+    torch.manual_seed(0)
+    model = (AutoModel if config.model_type == "bert" else AutoModelForCausalLM).from_config(config).eval()
+    adapter = get_adapter(config)
+    prefix = attention_prefixes(model, adapter)[0]
+    rows = read_attention_rows(adapter.read_attention, RenamedReader(StateDictReader(model.state_dict()), model), prefix, config, by_rows=True)
+    assert isinstance(rows, WholeAttention if layout.startswith("gpt2") else StoredAttention)
+    whole = adapter.read_attention(adapter.attention(adapter.layers(model)[0]), config)
+    for field in ("q", "k", "v", "o"):
+        want = getattr(whole, field)
+        assert (rows.shape(field) is None) == (want is None), field
+        if want is not None:
+            assert torch.equal(rows.rows(field, torch.arange(want.shape[0])), want), field
+        assert (rows.bias(field) is None) == (getattr(whole, f"{field}_bias") is None), field
+        if rows.bias(field) is not None:
+            assert torch.equal(rows.bias(field), getattr(whole, f"{field}_bias")), field
+
+
+def test_row_reads_on_one_rank_and_on_more_ranks_than_rows():
+    """One rank keeps every row (and reads each once); with more ranks than a weight has
+    elements, some ranks keep nothing of it (an empty range) and read nothing for it."""
+    teacher = tiny_teacher("llama", layers=2)
+    state = teacher.state_dict()
+    conversion = ConversionConfig(mixer="mamba2", attention_init=True)
+    assert attention_read_by_ranks(teacher.config, lambda: StateDictReader(state), conversion, ranks=1) == [1.0]
+    shares = attention_read_by_ranks(teacher.config, lambda: StateDictReader(state), conversion, ranks=100_000, checked=[0, 1, 99_999])
+    assert 0 < shares[0] < 0.01 and 0 < shares[1] < 0.01 and shares[2] == 0.0, shares
