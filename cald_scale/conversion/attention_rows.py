@@ -11,9 +11,9 @@ Which checkpoint rows make each row of q/k/v/o is the family reader's business (
 that same reader on stand-ins: each 2-D tensor becomes a ``(rows, 1)`` column of integers, each
 naming its tensor and row, and what comes out as q is read off as the rows q is made of. The
 reader runs twice, the second time on the numbers' complements (negative): a selection of rows
-gives the complement of the first run, arithmetic on the numbers would not. A reader that does anything but select
-rows (GPT-2's ``Conv1D`` weights, stored transposed) is found out so, and its projections are
-read whole, as before.
+gives the complement of the first run, arithmetic on the numbers would not. A reader that does
+anything but select rows (GPT-2's ``Conv1D`` weights, stored transposed) is found out so, and
+its projections are read whole, as before.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ Linformer keeps softmax attention, so it takes Q/K/V (and O) as they are. A fami
 O outside the attention slot (BERT) gives no O: the mixer's out_proj then starts as the identity.
 The teacher's q/k/v/o biases (qwen2, gpt_neox, BERT) go where their weights go when the mixer has
 biases (``proj_bias``); without them they are dropped, and said so once.
+
+Each init writes the mixer's biases and returns its weights' rows as ``RowCopy``s, done by
+``_write_rows`` on the rows this process keeps (all of them, or a ZeRO-3 rank's range, whose
+teacher rows alone are read: ``attention_rows.py``).
 """
 
 from __future__ import annotations
