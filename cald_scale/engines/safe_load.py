@@ -72,8 +72,11 @@ def weights_only_loads() -> Iterator[None]:
     before = {name: os.environ.get(name) for name in env}
     _set_env(env)
     _depth += 1
+    # NOTE: only the records not allowed already: leaving safe_globals() removes what it added,
+    # which would take away a record the caller had allowed for the rest of its process.
+    allowed = set(torch.serialization.get_safe_globals())
     try:
-        with torch.serialization.safe_globals(_records()):
+        with torch.serialization.safe_globals([record for record in _records() if record not in allowed]):
             yield
     finally:
         _depth -= 1

@@ -448,3 +448,26 @@ def test_a_checkpoint_with_planted_code_is_refused_not_run(tmp_path, target, tru
         assert "PAYLOAD False" in proc.stdout, proc.stdout
         refused = next(line for line in proc.stdout.splitlines() if line.startswith("REFUSED"))
         assert "pickled objects that are not plain data" in refused and "CALD_TRUST_CHECKPOINTS=1" in refused and "posix.mkdir" in refused, refused
+
+
+def test_resume_loads_leave_the_callers_own_safe_globals_allowed(monkeypatch):
+    """A resume's loads allow our and DeepSpeed's records for their duration; leaving, torch's
+    safe_globals() removes what it added, so a record the caller had allowed for its own loads
+    (numpy arrays, say) used to be gone afterwards."""
+    import numpy as np
+    import torch
+
+    from cald_scale.engines.safe_load import weights_only_loads
+
+    monkeypatch.delenv("CALD_TRUST_CHECKPOINTS", raising=False)
+    before = torch.serialization.get_safe_globals()
+    try:
+        torch.serialization.add_safe_globals([np.ndarray])
+        with weights_only_loads():
+            inside = set(torch.serialization.get_safe_globals())
+        after = set(torch.serialization.get_safe_globals())
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+    assert np.ndarray in inside and np.dtype in inside
+    assert np.ndarray in after and np.dtype not in after
