@@ -50,7 +50,7 @@ class Placement:
         if missing := self.unwritten(model):
             raise RuntimeError(
                 f"{what}: {len(missing)} parameter(s) were never written after construction ({', '.join(missing[:6])}): "
-                "their partitions hold whatever memory they were built in, another on each rank"
+                "built without values (no initialisation, no broadcast from rank 0), they have none to train from"
             )
 
 
