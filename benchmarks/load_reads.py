@@ -15,16 +15,18 @@ each in a launch of its own:
 - ``eager``: the loader of stop 60: DeepSpeed's partition() at construction (every partition
   resident from then on, a tied head's and the student's shared copies' too), and every layer's
   attention read whole for the mixer init (a placement that keeps everything);
-- ``whole``: the loader before stop 60: as ``eager``, and every tensor read whole (the same
-  reader with its range reads hidden).
+- ``whole``: as ``eager``, and every tensor read whole (the same reader with its range reads
+  hidden): the reads before stop 60 (whose construction also broadcast each new tensor).
 
 Per rank: checkpoint bytes read by the teacher's load and by the student's mixer init; resident
 memory at its peak while the teacher is constructed (under zero.Init, before any weight is read),
 while its weights load (above the constructed model) and while the student is built (above the
 loaded teacher); the seconds of each build; a digest of the partitions held (all ways must hold
-the same values). Targets: equal partitions; at N ranks the teacher's load reads at most 1.1/N
-of the checkpoint on each rank; the mixer init reads less of the converted layers' attention
-than the whole on each rank; the teacher's build peak and the student's lower than ``eager``'s.
+the same values); what it holds after both builds, before and after a heap trim (as
+``build_models`` does), against its partitions. Targets: equal partitions; at N ranks the
+teacher's load reads at most 1.1/N of the checkpoint on each rank; the mixer init reads less of
+the converted layers' attention than the whole on each rank; the teacher's build peak and the
+student's lower than ``eager``'s; after the trim a rank holds at most 1.05x its partitions.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def worker(args) -> None:
     from cald_scale.conversion.weights import open_weights
     from cald_scale.engines.distributed import init_distributed
     from cald_scale.engines.ds_config import load_ds_config, resolve_ds_config
-    from cald_scale.engines.host_memory import configure_host_allocator
+    from cald_scale.engines.host_memory import configure_host_allocator, return_free_memory
     from cald_scale.engines.partitioned import zero3_placement
 
     env = init_distributed()
@@ -153,6 +155,9 @@ def worker(args) -> None:
     student = build_student(source.config, student_reader, cfg.student.conversion, seed=cfg.train.seed, placement=placement, share_with=teacher)
     student_seconds = time.perf_counter() - started
     student_peak = status_bytes("VmHWM") - loaded
+    held = status_bytes("VmRSS") - rss_before
+    return_free_memory()  # as build_models does after the builds
+    held_params = {id(p): p for m in (teacher, student) for p in m.parameters()}.values()  # the student shares the teacher's
     kept = set(student.config.attention_layers)  # a hybrid's kept attention is shared, not read
     prefixes = tuple(p for i, p in enumerate(attention_prefixes(student.backbone, student.adapter)) if i not in kept)
     attention = sum(torch.Size(files.shape(k)).numel() * files.dtype(k).itemsize for k in files.keys() if k.startswith(prefixes))
@@ -167,7 +172,9 @@ def worker(args) -> None:
         "load_peak_above_construction_bytes": load_peak,
         "teacher_held_bytes": loaded - rss_before,
         "student_build_peak_above_teacher_bytes": student_peak,
-        "held_after_bytes": status_bytes("VmRSS") - rss_before,
+        "held_after_bytes": held,
+        "held_after_trim_bytes": status_bytes("VmRSS") - rss_before,
+        "partition_bytes": sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in held_params),
         "teacher_seconds": teacher_seconds,
         "student_seconds": student_seconds,
         "partitions_sha256": _digest(teacher),
@@ -226,6 +233,10 @@ def main() -> None:
         "attention_read_lower": {"target": "the mixer init reads less of the attention than eager's whole layers (ratio < 1, each rank)", "value": ratios("attention_bytes_read", eager)},
         "teacher_peak_lower": {"target": "the teacher's build peak (construction and load) < eager's (ratio < 1, each rank)", "value": ratios("teacher_peak_above_start_bytes", eager)},
         "student_peak_lower": {"target": "the student's build peak above the teacher < eager's (ratio < 1, each rank)", "value": ratios("student_build_peak_above_teacher_bytes", eager)},
+    }
+    held = [round(r["held_after_trim_bytes"] / r["partition_bytes"], 3) for r in part]
+    targets["held_is_the_partitions"] = {
+        "target": "after the builds and a heap trim (as build_models does) each rank holds <= 1.05x its partitions", "value": held, "pass": all(x <= 1.05 for x in held),
     }
     targets["bytes_per_rank"]["pass"] = all(x <= 1.1 / args.ranks for x in share)
     for name in ("attention_read_lower", "teacher_peak_lower", "student_peak_lower"):

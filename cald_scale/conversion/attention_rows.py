@@ -3,17 +3,18 @@
 The attention-informed init (``init.py``) fills each mixer weight row by row from rows of the
 teacher's projections. Under ZeRO-3 a rank keeps a range of each mixer weight, so it needs a
 range of rows: ``StoredAttention`` reads just those from the checkpoint, where reading the
-projections whole made every rank read every layer's attention (about a sixth of a
-Llama-3-70B checkpoint per rank).
+projections whole made every rank read every converted layer's attention (about a sixth of a
+Llama-3-70B checkpoint per rank, converted whole; an eighth with the default 25% hybrid).
 
 Which checkpoint rows make each row of q/k/v/o is the family reader's business (a fused
 ``query_key_value`` in grouped order, a ``qkv_proj`` split by sizes). It is learnt by running
 that same reader on stand-ins: each 2-D tensor becomes a ``(rows, 1)`` column of integers, each
 naming its tensor and row, and what comes out as q is read off as the rows q is made of. The
 reader runs twice, the second time on the numbers' complements (negative): a selection of rows
-gives the complement of the first run, arithmetic on the numbers would not. A reader that does
-anything but select rows (GPT-2's ``Conv1D`` weights, stored transposed) is found out so, and
-its projections are read whole, as before.
+gives the complement of the first run, arithmetic on the values (scaling, abs, a fill, a clamp)
+would not. A reader that transposes (GPT-2's ``Conv1D`` weights, stored (in, out)) or computes
+is found out so, and its projections are read whole, as before. One that reorders or slices
+columns is not (a stand-in has one column): readers select rows only (``FamilyAdapter``).
 """
 
 from __future__ import annotations

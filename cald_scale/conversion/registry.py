@@ -79,9 +79,10 @@ class FamilyAdapter:
     """Reads Q/K/V/O from one attention slot (given the model config). ``o`` is None when
     the output projection sits outside the slot (BERT's ``attention.output.dense``) and is
     therefore kept, copied like any other weight. It selects rows of the slot's tensors
-    (splitting, viewing, indexing, joining), whatever their dtype: a ZeRO-3 rank learns which
-    checkpoint rows it needs by running it on integer stand-ins (``attention_rows.py``; a reader
-    that computes on its weights is found out there and read whole)."""
+    (splitting, viewing, indexing, joining), whatever their dtype, and leaves their columns as
+    they are: a ZeRO-3 rank learns which checkpoint rows it needs by running it on one-column
+    integer stand-ins (``attention_rows.py``; a reader that transposes or computes on its
+    weights is found out there and read whole, one that reorders columns would not be)."""
     layers_attr: str = "layers"
     """Dotted path of the ``nn.ModuleList`` of blocks on the base model (BERT: ``encoder.layer``)."""
     embed_dropout_attr: str | None = None

@@ -104,8 +104,8 @@ class MambaMixer(SequenceMixer):
         for param in (self.A_log, self.D):
             param._no_weight_decay = True
         # NOTE: children initialise themselves in their own constructors (dt_proj included);
-        # only this module's own parameters are set here (so building under
-        # deepspeed.zero.Init, which partitions each child as soon as it is built, works too).
+        # only this module's own parameters are set here (so building under deepspeed.zero.Init,
+        # which takes each child's parameters over as soon as it is built, works too).
         self._reset_own_parameters()
 
     @torch.no_grad()

@@ -151,8 +151,8 @@ class Mamba2Mixer(SequenceMixer):
         for param in (self.dt_bias, self.A_log, self.D):
             param._no_weight_decay = True
         # NOTE: children initialise themselves in their own constructors; only this module's
-        # own parameters are set here (so building under deepspeed.zero.Init, which
-        # partitions each child as soon as it is built, works too).
+        # own parameters are set here (so building under deepspeed.zero.Init, which takes each
+        # child's parameters over as soon as it is built, works too).
         self._reset_own_parameters()
 
     @torch.no_grad()
