@@ -146,7 +146,7 @@ def worker(args) -> None:
     teacher_seconds = time.perf_counter() - started
     teacher_peak = status_bytes("VmHWM")
     built, built_peak = teacher_reader.first_asked
-    load_peak = status_bytes("VmHWM") - built
+    load_peak = teacher_peak - built
     loaded = status_bytes("VmRSS")
 
     student_reader = _Counting(files, ranges=args.mode != "whole")
