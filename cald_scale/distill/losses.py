@@ -18,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 _LOGITS_PER_CHUNK = 1 << 24
 
-# A frozen LM head as pieces of rows: each call walks them once, yielding (row ids, rows).
+# A frozen LM head as pieces of rows: each call walks them once, yielding (row ids, rows), each
+# piece's ids ascending (the pieces themselves in any order).
 RowPieces = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 __all__ = [
@@ -368,14 +369,15 @@ def _call_as_forward(module: torch.nn.Module, forward: Callable, *args):
 
 
 def _positions_in(labels: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the tokens whose label is one of ``ids``, that label's index in ``ids``).
+    """(the tokens whose label is one of ``ids``, that label's index in ``ids``); ``ids`` ascend.
 
     NOTE: by binary search, not ``(labels[:, None] == ids).nonzero()``: that compares every
-    token with every row of the piece (512 x 14.5k: 7 ms a piece on one CPU thread, 0.2 ms this way)."""
-    sorted_ids, order = ids.sort()
-    at = torch.searchsorted(sorted_ids, labels).clamp_(max=len(ids) - 1)
-    token = (sorted_ids[at] == labels).nonzero(as_tuple=True)[0]
-    return token, order[at[token]]
+    token with every row of the piece (512 x 14.5k: 7 ms a piece on one CPU thread, 0.2 ms this
+    way). No sort first: a piece's ids ascend (``RowPieces``), and sorting 49k ids took 1.7 ms a
+    step on one CPU thread."""
+    at = torch.searchsorted(ids, labels).clamp_(max=len(ids) - 1)
+    token = (ids[at] == labels).nonzero(as_tuple=True)[0]
+    return token, at[token]
 
 
 class _VocabStreamedCE(torch.autograd.Function):

@@ -28,6 +28,7 @@ __all__ = [
     "needs_grad_input",
     "forget_leaf_owners",
     "graph_free_linear",
+    "ParamSavingLinear",
     "use_graph_free_linear",
     "begin_step",
 ]
@@ -170,19 +171,73 @@ def forget_leaf_owners(leaves: list[nn.Module]) -> None:
 _memory_efficient_linear = None
 
 
+class ParamSavingLinear(torch.autograd.Function):
+    """DeepSpeed's memory-efficient linear (``LinearFunctionForZeroStage3``): the same arithmetic,
+    saving the weight parameter itself for backward, in the ``forward(ctx, ...)`` form.
+
+    NOTE: DeepSpeed's Function defines ``setup_context``, so torch's ``Function.apply`` binds its
+    arguments through ``inspect.signature`` on every call, and its backward enters an autocast
+    context: 130 us against 75 us a forward and backward at width 64 on one CPU thread, 150
+    times a step on the narrow proxy of ``benchmarks/train_speed.py``. Under autocast,
+    ``graph_free_linear`` still calls DeepSpeed's, which replays the forward's autocast state.
+    """
+
+    @staticmethod
+    def forward(ctx, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # The parameter, not a view of its gathered data: ZeRO-3's release then frees that data.
+        ctx.save_for_backward(input, weight, bias)
+        if input.dim() == 2 and bias is not None:
+            return torch.addmm(bias, input, weight.t())
+        output = input.matmul(weight.t())
+        if bias is not None:
+            output += bias
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        input, weight, bias = ctx.saved_tensors
+        # A weight released since forward (its module's backward hook did not gather it) is
+        # gathered for this product alone, as DeepSpeed's Function does.
+        released = getattr(getattr(weight, "ds_status", None), "name", None) == "NOT_AVAILABLE"
+        if released:
+            weight.all_gather()
+        try:
+            grad_input = grad_weight = grad_bias = None
+            dim = grad_output.dim()
+            if ctx.needs_input_grad[0]:
+                grad_input = grad_output.matmul(weight)
+            if ctx.needs_input_grad[1]:
+                if dim > 2:
+                    grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).t().matmul(input.reshape(-1, input.shape[-1]))
+                elif dim == 1:
+                    grad_weight = grad_output.unsqueeze(-1) * input.unsqueeze(0)
+                else:
+                    grad_weight = grad_output.t().matmul(input)
+            if bias is not None and ctx.needs_input_grad[2]:
+                grad_bias = grad_output.sum(list(range(dim - 1))) if dim > 1 else grad_output
+            return grad_input, grad_weight, grad_bias
+        finally:
+            if released:
+                weight.partition()
+
+
 def graph_free_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` under ZeRO-3: DeepSpeed's memory-efficient linear when autograd will save
-    tensors for backward, torch's own when it will not (no grad, or nothing requiring it).
+    """``F.linear`` under ZeRO-3: a linear that saves the weight parameter (not a view of its
+    gathered data) when autograd will save tensors for backward, torch's own when it will not
+    (no grad, or nothing requiring it).
 
     DeepSpeed replaces ``F.linear`` with an autograd Function that saves the weight parameter
     rather than a view of its gathered data (a view would keep every gathered weight alive
-    until backward). It does so for every call, and the Function's ``apply`` binds its
-    arguments through ``inspect.signature`` each time. A frozen teacher's forward runs under
+    until backward). It does so for every call, and that Function's ``apply`` binds its
+    arguments with ``inspect.signature`` each time. A frozen teacher's forward runs under
     no grad and saves nothing, so there it is pure host work: 30% of the teacher's forward in
     the narrow (host-bound) distillation step (``benchmarks/train_speed.py --narrow``).
+    Where a gradient flows, ``ParamSavingLinear`` does what DeepSpeed's does, with less host work.
     """
     if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return _memory_efficient_linear(input, weight, bias)
+        if torch.is_autocast_enabled(input.device.type):
+            return _memory_efficient_linear(input, weight, bias)
+        return ParamSavingLinear.apply(input, weight, bias)
     return torch._C._nn.linear(input, weight, bias)
 
 
@@ -301,6 +356,9 @@ def keep_unchanged_persistent(optimizer) -> bool:
     from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
 
     stepped_ids = {id(p) for group in optimizer.fp16_groups for p in group}
+    # NOTE: listed once: walking the module tree for them took 1.5 ms a step on the narrow proxy.
+    # DeepSpeed's own lists (its groups, its hooks) are fixed at the engine's construction too.
+    every_param = list(iter_params(offload.module, recurse=True))
 
     def unchanged_by_step(p: nn.Parameter) -> bool:
         if p.ds_status != ZeroParamStatus.AVAILABLE:
@@ -325,7 +383,7 @@ def keep_unchanged_persistent(optimizer) -> bool:
         kept_ids = {id(p) for p in kept}
         for p in kept:
             p.ds_active_sub_modules.clear()  # as DeepSpeed's release does for every parameter
-        released = [p for p in iter_params(offload.module, recurse=True) if id(p) not in kept_ids]
+        released = [p for p in every_param if id(p) not in kept_ids]
         coordinator = offload.get_param_coordinator()
         optimizer._partition_all_parameters = lambda: coordinator.release_and_reset_all(_ParamList(released))
         optimizer.persistent_parameters = [p for p in persistent if id(p) not in kept_ids]  # what the step gathers again

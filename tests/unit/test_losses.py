@@ -217,7 +217,8 @@ def test_head_chunk_size_follows_the_vocabulary():
 
 
 def test_vocab_streamed_cross_entropy_equals_the_whole_head():
-    """Row pieces in any order (as ranks' partitions arrive) give the whole head's CE and gradients."""
+    """Row pieces in any order, of rows from anywhere in the head (each piece's ids ascending, as
+    ``RowPieces`` asks), give the whole head's CE and gradients."""
     from cald_scale.distill.losses import vocab_streamed_cross_entropy
 
     torch.manual_seed(0)
@@ -231,7 +232,7 @@ def test_vocab_streamed_cross_entropy_equals_the_whole_head():
     def pieces():
         walks.append(1)
         for start in range(0, vocab, 13):  # the last piece is short
-            rows = order[start : start + 13]
+            rows = order[start : start + 13].sort().values
             yield rows, weight[rows]
 
     ce = vocab_streamed_cross_entropy(h, ids, pieces)
