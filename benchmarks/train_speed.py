@@ -45,7 +45,9 @@ left is host work, the part that bounds a GPU step at these sizes, measurable on
 training engine alone costs a step of the same work, beside what the distillation step costs over
 its own unavoidable parts. It also adds distill_step_regather_all, the distillation step with
 DeepSpeed's own end of an optimizer step (every parameter released, every persistent one
-gathered again), which engines/zero3.keep_unchanged_persistent otherwise trims.
+gathered again), which engines/zero3.keep_unchanged_persistent otherwise trims, and
+distill_step_deepspeed_linear, the distillation step with DeepSpeed's own memory-efficient linear
+where engines/zero3.ParamSavingLinear otherwise runs.
 
 Tokens per step change the ratio: ZeRO-3's gathers, gradient partitioning and the optimizer
 step scale with the parameters, not the tokens, while the unavoidable work grows with the batch.
@@ -84,7 +86,7 @@ ITEMS = ("teacher_forward", "student_forward_backward", "distill_step", "teacher
 LEAF_ITEMS = {"distill_step_frozen_leaves": "frozen", "distill_step_hooked": "none"}
 # --compare-zero3: the teacher's fine-tuning step without ZeRO-3, what our ZeRO-3 engine costs a plain step;
 # the distillation step with DeepSpeed's own end of step, what keep_unchanged_persistent saves.
-ZERO3_ITEMS = ("teacher_finetune_plain_step", "distill_step_regather_all")
+ZERO3_ITEMS = ("teacher_finetune_plain_step", "distill_step_regather_all", "distill_step_deepspeed_linear")
 TARGET_RATIO = 1.1
 QUICK_LAYERS = 8  # --quick: the geometry's widths and vocabulary, fewer blocks
 STALL_S = 60  # a worker command running longer prints every thread's stack this often (to its log)
@@ -201,6 +203,32 @@ def build_distill_step_regather_all(cfg, source, ids):
     return build_distill_step(cfg, source, ids)
 
 
+def build_distill_step_deepspeed_linear(cfg, source, ids):
+    """distill_step with DeepSpeed's own memory-efficient linear wherever a gradient flows (its
+    ``LinearFunctionForZeroStage3``, not ``engines/zero3.ParamSavingLinear``; this worker builds
+    this item alone)."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    from cald_scale.engines import zero3
+
+    calls = 0
+
+    def deepspeed_linear(*args):
+        nonlocal calls
+        calls += 1
+        return zero3_linear_wrap(*args)
+
+    zero3.ParamSavingLinear.apply = deepspeed_linear
+    step, follow_up = build_distill_step(cfg, source, ids)
+
+    def counted_step() -> dict:
+        nonlocal calls
+        calls = 0
+        return {**step(), "deepspeed_linear_calls": calls}  # says the step ran DeepSpeed's linear
+
+    return counted_step, follow_up
+
+
 def build_teacher_finetune_step(cfg, source, ids):
     from cald_scale.conversion.teacher import build_teacher
     from cald_scale.distill.stages import LayerwiseModel
@@ -251,6 +279,7 @@ BUILDERS = {
     **{item: leaf_mode_builder(mode) for item, mode in LEAF_ITEMS.items()},
     "teacher_finetune_plain_step": build_teacher_finetune_plain_step,
     "distill_step_regather_all": build_distill_step_regather_all,
+    "distill_step_deepspeed_linear": build_distill_step_deepspeed_linear,
 }
 
 
@@ -474,6 +503,8 @@ def _item_result(steps: list[dict], memory: dict, tokens: int) -> dict:
         result["median_optimizer_step_s"] = statistics.median(s["optimizer_step_s"] for s in steps)  # not in median_s
     if "loss" in steps[0]:
         result["last_loss"] = steps[-1]["loss"]
+    if "deepspeed_linear_calls" in steps[0]:
+        result["deepspeed_linear_calls"] = steps[-1]["deepspeed_linear_calls"]
     return result
 
 
@@ -614,7 +645,7 @@ def summarize(items: dict[str, dict], phase: str = "end_to_end") -> dict:
         summary["ratios"]["peak_memory_distill_over_teacher_finetune"] = _peak(items["distill_step"]) / _peak(items["teacher_finetune_step"])
     if {"teacher_finetune_step", "teacher_finetune_plain_step"} <= ok:  # what ZeRO-3 costs a plain fine-tuning step (no target)
         summary["ratios"]["teacher_finetune_zero3_over_plain"] = items["teacher_finetune_step"]["median_s"] / items["teacher_finetune_plain_step"]["median_s"]
-    for item in (*LEAF_ITEMS, "distill_step_regather_all"):  # what whole-block leaves and the trimmed step end save (no target)
+    for item in (*LEAF_ITEMS, "distill_step_regather_all", "distill_step_deepspeed_linear"):  # what leaves, the trimmed step end and our linear save (no target)
         if {"distill_step", item} <= ok:
             summary["ratios"][f"{item.replace('_step', '')}_over_distill"] = items[item]["median_s"] / items["distill_step"]["median_s"]
     needed = {"distill_step", "teacher_forward", "student_forward_backward"}
@@ -801,7 +832,7 @@ def main() -> None:
     parser.add_argument(
         "--compare-zero3", action="store_true",
         help="also time the teacher's fine-tuning step without ZeRO-3 (plain HF model, torch AdamW): what our ZeRO-3 engine alone costs a step; "
-        "and the distillation step with DeepSpeed's own end of step (every persistent parameter gathered again)",
+        "and the distillation step with DeepSpeed's own end of step (every persistent parameter gathered again) and with DeepSpeed's own linear",
     )
     parser.add_argument("--item", choices=[*ITEMS, *LEAF_ITEMS, *ZERO3_ITEMS], default=None, help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--teacher", default=None, help=argparse.SUPPRESS)

@@ -192,9 +192,12 @@ def test_train_speed_steps_every_item_through_the_trainer(tmp_path):
     assert (result["shapes"]["hidden_size"], result["shapes"]["layers"], result["shapes"]["seq_len"]) == (64, 8, 64)
     assert set(result["items"]) == {
         "teacher_forward", "student_forward_backward", "distill_step", "teacher_finetune_step", "distill_step_frozen_leaves", "distill_step_hooked", "teacher_finetune_plain_step",
-        "distill_step_regather_all",
+        "distill_step_regather_all", "distill_step_deepspeed_linear",
     }
     assert result["ratios"]["teacher_finetune_zero3_over_plain"] > 0 and result["ratios"]["distill_regather_all_over_distill"] > 0
+    # The step it is compared with ran DeepSpeed's linear wherever a gradient flowed (ours elsewhere).
+    assert result["ratios"]["distill_deepspeed_linear_over_distill"] > 0 and result["items"]["distill_step_deepspeed_linear"]["deepspeed_linear_calls"] > 0
+    assert "deepspeed_linear_calls" not in result["items"]["distill_step"]
     assert result["ratios"]["distill_hooked_over_distill"] > 0 and result["ratios"]["distill_frozen_leaves_over_distill"] > 0
     profile = result["distill_profile"]
     assert profile["regions_s"]["ZeRO-3 parameter gathers (hooks)"] > 0 and profile["regions_s"]["optimizer step (engine.step)"] > 0
