@@ -433,6 +433,8 @@ def load_run_config(recipe: str | Path | None = None, overrides: list[str] | Non
     data: dict = {}
     if recipe is not None:
         path = Path(recipe).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"recipe {path} is a folder: name a YAML file in it ({', '.join(sorted(p.name for p in path.glob('*.yaml'))[:6]) or 'it holds none'})")
         if not path.is_file():
             raise ConfigError(f"recipe {path} does not exist")
         try:

@@ -81,8 +81,10 @@ def _coerce(value: Any, tp: Any, where: str, infinite_ok: bool = False) -> Any:
     origin = get_origin(inner)
     if origin is Literal:
         choices = get_args(inner)
-        if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        if value not in choices or isinstance(value, bool) != any(isinstance(c, bool) for c in choices):
+            # NOTE: YAML reads off/on/yes/no unquoted as booleans: `output.wandb=off` arrived as False.
+            hint = " (YAML reads an unquoted off/on/yes/no/true/false as a boolean: quote the word, or write one of these)" if isinstance(value, bool) else ""
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}{hint}")
         return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):

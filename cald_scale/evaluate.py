@@ -33,6 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .config_loader import from_dict
 from .conversion.modeling import CaldStudentConfig
 from .cli import check_output_file, device_arg, non_negative_int, positive_int
+from .conversion.weights import check_complete
 from .conversion.teacher import DTYPES, TeacherConfig, dtype_name, dtype_of, load_teacher
 from .data import DataConfig, PackedSequences, held_out_sequences
 from .data.heldout import same_corpus
@@ -150,11 +151,19 @@ def resolve_target(
             dtype=dtype_name(dtype_of(teacher_cfg.dtype)), head_chunk_tokens=chunk,
             heldout_identity=recorded,
         )
+    elif config.get("model_type") == "bamba":
+        raise ValueError(
+            f"{folder} is a Bamba export (model_type 'bamba'): evaluate the cald_scale student it was exported from "
+            "(its run folder, or the run's student/), which scores the same weights with the run's own held-out split"
+        )
     else:
         raise ValueError(
             f"{folder / 'config.json'} is neither a run config (teacher and data sections) nor "
             f"an exported student's (model_type {CaldStudentConfig.model_type!r})"
         )
+    # NOTE: before anything is scored: a student file cut short failed in from_pretrained, with the
+    # safetensors library's traceback, after the whole teacher had been scored.
+    check_complete(target.student_dir)
     return dataclasses.replace(target, teacher=None) if no_teacher else target
 
 

@@ -28,6 +28,7 @@ from transformers.cache_utils import CacheLayerMixin, StaticLayer
 from .cli import check_output_file, device_arg, positive_float, positive_int, probability
 from .conversion.modeling import CaldStudentConfig
 from .conversion.teacher import DTYPES, TeacherConfig, build_teacher, dtype_name, dtype_of, open_teacher
+from .conversion.weights import check_complete
 from .engines.checkpoint import MANIFEST
 from .evaluate import refuse_classifier, resolve_target, run_of
 from .fileio import atomic_write_text, read_json
@@ -313,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.json)
     sampling = _sampling(args)
     folder = resolve_model_dir(args.path)
+    check_complete(folder)  # a weight file cut short: named in one line, before any model loads
     args.dtype = resolve_dtype(args.dtype, args.path, args.device)
     dtype = DTYPES[args.dtype]
     # (name, config, tokenizer, load, where): each model with its own tokenizer

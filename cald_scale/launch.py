@@ -71,6 +71,9 @@ def main(argv: Sequence[str] | None = None, *, early_signals: list[str] | None =
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, early_signals: list[str]) -> None:
     from .train import check_ds_config, refuse_foreign_folder, train
 
+    if args.explain and not args.print_config:
+        # NOTE: alone it would start the job it meant to explain (the default: minutes to hours).
+        parser.exit(2, "error: --explain documents the config --print_config prints: add --print_config (nothing was run)\n")
     try:
         cfg = load_run_config(args.recipe, args.overrides)
     except ConfigError as err:  # one line that names the key, not a traceback

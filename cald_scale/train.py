@@ -581,6 +581,7 @@ def _train(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv, early_signa
                 if signal_name := watch.requested(run.device):  # during the build: nothing trained since the last checkpoint
                     run.stop_preempted(run.first_step, signal_name)
                 # 4. The step loop.
+                watch.training = True
                 step = run.first_step
                 while step < run.plan.total_steps:
                     phase = run.enter_phase(step)

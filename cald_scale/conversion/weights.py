@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Protocol
@@ -35,6 +36,7 @@ __all__ = [
     "TorchBinReader",
     "StateDictReader",
     "open_weights",
+    "check_complete",
     "weights_fingerprint",
     "load_weights",
     "copy_assign",
@@ -163,8 +165,11 @@ class SafetensorsReader:
         for path in sorted(Path(f) for f in files):
             with open(path, "rb") as handle:
                 header_len = int.from_bytes(handle.read(8), "little")
+                raw = handle.read(header_len)
+                if len(raw) < header_len:
+                    raise WeightsMismatchError(f"{path} is truncated or not a safetensors file: its header needs {header_len} bytes, the file holds {len(raw)} after the first 8")
                 try:
-                    header = json.loads(handle.read(header_len))
+                    header = json.loads(raw)
                 except (json.JSONDecodeError, UnicodeDecodeError) as err:
                     raise WeightsMismatchError(f"{path} is not a safetensors file (unreadable header: {err})") from err
             for key, meta in header.items():
@@ -179,6 +184,15 @@ class SafetensorsReader:
 
     def keys(self) -> list[str]:
         return list(self._entries)
+
+    def check_sizes(self) -> None:
+        """Refuse, by name, a tensor whose bytes lie past the end of its file (a copy cut short),
+        from the headers and file sizes alone: nothing is read."""
+        sizes: dict[str, int] = {}
+        for key, (path, offset, nbytes, _, _) in self._entries.items():
+            size = sizes.setdefault(path, os.path.getsize(path))
+            if offset + nbytes > size:
+                raise WeightsMismatchError(f"{path} is truncated: tensor {key} needs {nbytes} bytes at offset {offset}, the file holds {size}")
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entries[key][4]
@@ -426,6 +440,15 @@ def open_weights(folder: str | Path) -> WeightReader:
     """The weights of a HF model folder: safetensors (single or sharded) first, then .bin."""
     reader, files = _weight_files(Path(folder))
     return reader(files)
+
+
+def check_complete(folder: str | Path) -> None:
+    """Refuse a model folder whose safetensors files are cut short or have no readable header, by
+    name, before a load reads them (``from_pretrained`` fails there with the safetensors
+    library's own error, after whatever came before it: a whole teacher scored first)."""
+    reader, files = _weight_files(Path(folder))
+    if reader is SafetensorsReader:  # (a .bin checkpoint is left to torch: reading it means loading it)
+        SafetensorsReader(files).check_sizes()
 
 
 def _weight_files(folder: Path) -> tuple[type, list[Path]]:

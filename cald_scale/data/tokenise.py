@@ -141,6 +141,23 @@ def _num_eval_docs(num_docs: int, eval_fraction: float) -> int:
     return min(max(1, round(num_docs * eval_fraction)), num_docs - 1)
 
 
+def _warn_if_mostly_held_out(name: str, meta: dict[str, Any], eval_fraction: float) -> None:
+    """Say so when far more than ``eval_fraction`` of the tokens went to the held-out split.
+
+    NOTE: the split is by document, so a corpus of few documents of unequal size can hold out
+    most of its text (a 20 kB .txt file cut into two documents held out 81%), and training
+    then sees the rest, unsaid."""
+    train, held_out = meta["num_train_tokens"], meta["num_eval_tokens"]
+    share = held_out / max(train + held_out, 1)
+    if eval_fraction > 0 and share > 2 * eval_fraction + 0.05:
+        logger.warning(
+            "corpus %r: %.0f%% of its tokens are held out (%d of %d documents; data.eval_fraction=%g splits by "
+            "document): training sees %d tokens. Cut a .txt file into more documents (a smaller "
+            "data.txt_document_chars), or hold out other text (data.eval_corpus)",
+            name, 100 * share, meta["num_eval_docs"], meta["num_train_docs"] + meta["num_eval_docs"], eval_fraction, train,
+        )
+
+
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     """Batch-tokenise without special tokens (BOS / CLS are not document separators)."""
     return tokenizer(
@@ -324,6 +341,7 @@ def _write_splits(
         )
     if max_id > np.iinfo(dtype).max:
         raise ValueError(f"token id {max_id} does not fit the cache dtype {np.dtype(dtype).name}")
+    _warn_if_mostly_held_out(source.name, meta, cfg.eval_fraction)
     logger.info(
         "tokenised corpus %r: %d train / %d eval tokens in %.1f s",
         source.name, meta["num_train_tokens"], meta["num_eval_tokens"], time.perf_counter() - t0,

@@ -93,12 +93,27 @@ def init_distributed() -> DistEnv:
         device = torch.device("cpu")
     if not dist.is_initialized():
         clear_stale_build_locks()  # DeepSpeed builds its CPU allreduce op here, and others later
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        except dist.DistNetworkError as err:  # raised past the launcher's traceback otherwise
+            raise _rendezvous_error(err) from err
         if device.type == "cpu":
             _unlink_shm_buffers()
     if not _LAUNCH_ID_DRAWN:
         _draw_launch_id()
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device, made=made)
+
+
+def _rendezvous_error(err: Exception) -> ConnectionError:
+    """A failed rendezvous, named with what to change (an OSError: the entry points print it in one line)."""
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    rank = os.environ.get("RANK", "?")
+    if "EADDRINUSE" in str(err) or "address already in use" in str(err).lower():
+        return ConnectionError(
+            f"rank {rank} cannot open the rendezvous port {where}: it is in use (another job on this machine?). "
+            "Launch with another port: `deepspeed --master_port N ...`, or MASTER_PORT=N"
+        )
+    return ConnectionError(f"rank {rank} could not join the rendezvous at {where}: {err}")
 
 
 def release_distributed(env: DistEnv) -> None:

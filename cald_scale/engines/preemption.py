@@ -130,6 +130,7 @@ class PreemptionWatch:
         self._before = received_before
         self._previous: dict[int, object] = {}
         self._outer: PreemptionWatch | None = None  # the watch in force before this one
+        self.training = False  # set once the step loop runs: what a signal's notice says happens next
 
     def __enter__(self) -> "PreemptionWatch":
         global _active
@@ -154,7 +155,8 @@ class PreemptionWatch:
         if self.received is None:
             self.received = signal.Signals(number).name
             # NOTE: logging from a handler is not reentrant-safe in general; one record, once, is fine.
-            logger.warning("received %s: stopping after this step with a checkpoint (while the run starts: before its first step, at its next wait or check)", self.received)
+            when = "after this step, with a checkpoint" if self.training else "before the first step (the run is starting: at its next wait or check)"
+            logger.warning("received %s: stopping %s", self.received, when)
 
     def requested(self, device: torch.device) -> str | None:
         """The signal some rank received (collective when distributed), else None."""

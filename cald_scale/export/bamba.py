@@ -28,6 +28,7 @@ from transformers.initialization import no_init_weights
 
 from ..conversion.modeling import CaldStudentConfig, CaldStudentForCausalLM, teacher_geometry
 from ..conversion.registry import get_adapter
+from ..conversion.weights import check_complete
 from ..fileio import atomic_dir, check_replaceable, is_model_folder, model_type_of
 
 logger = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ def export_bamba(student: CaldStudentForCausalLM | str | Path, target: str | Pat
         check_exportable(CaldStudentConfig.from_pretrained(folder))  # before the weights are read
         if tokenizer is None and (folder / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(folder)
+        check_complete(folder)  # a weight file cut short: named in one line, not the safetensors library's traceback
         student = CaldStudentForCausalLM.from_pretrained(folder)
     model = to_bamba(student)
     if tokenizer is None:

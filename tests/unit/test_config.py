@@ -449,6 +449,15 @@ def _launch_module():
     return launch
 
 
+def test_a_recipe_folder_and_a_yaml_boolean_for_a_word_are_named():
+    # A folder was "does not exist"; YAML's off (a boolean) was reported as False, unexplained.
+    with pytest.raises(ConfigError, match=r"recipe .*recipes is a folder: name a YAML file in it \(.*smollm2_mamba2\.yaml"):
+        load_run_config(REPO / "recipes")
+    with pytest.raises(ConfigError, match=r"output\.wandb: False is not one of .* \(YAML reads an unquoted off/on/yes/no/true/false as a boolean: quote"):
+        load_run_config(overrides=["output.wandb=off"])
+    assert load_run_config(overrides=["output.wandb='disabled'"]).output.wandb == "disabled"
+
+
 def test_launcher_reports_a_config_error_in_one_line(capsys):
     """A bad phase list ends with one line that names the problem, no traceback."""
     with pytest.raises(SystemExit) as exit_info:
@@ -734,6 +743,37 @@ def test_a_pipeline_resume_may_add_waypoints_its_checkpoints_hold_the_same(tmp_p
         else:
             with pytest.raises(ValueError, match=r"trained with a fixed teacher and this run.s phases have a trajectory or waypoint phase"):
                 _check_run_dir(run_dir, resumed, resuming_at=4)
+
+
+def test_explain_without_print_config_is_refused_before_any_job_starts(tmp_path):
+    """--explain alone once started the embedded default job (8 minutes here), unasked."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "launch/train.py", "--explain", f"output.run_dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "add --print_config (nothing was run)" in proc.stderr and proc.stdout == ""
+    assert not run_dir.exists()
+
+
+def test_a_rendezvous_port_in_use_is_named_in_one_line(tmp_path):
+    """A second job on a machine whose launcher port is taken: torch's DistNetworkError went past
+    the entry point's one-line errors as a traceback."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        proc = subprocess.run([sys.executable, "launch/train.py", f"output.run_dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"error: rank 0 cannot open the rendezvous port 127.0.0.1:{port}: it is in use" in proc.stderr
+    assert "--master_port" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_print_config_prints_the_config_alone_and_explains_each_key():

@@ -757,6 +757,23 @@ def test_one_big_txt_file_is_many_documents(tmp_path, tokenizer):
     )
 
 
+def test_a_corpus_split_mostly_into_held_out_text_is_named(tmp_path, tokenizer, caplog):
+    """Split by document: two paragraphs of unequal size held out the long one, most of the text."""
+    path = tmp_path / "notes.txt"
+    path.write_text("A short note.\n\n" + " ".join(f"word{i}" for i in range(400)) + "\n")
+    cfg = DataConfig(corpus=str(path), cache_dir=str(tmp_path / "cache"), seq_len=16, txt_document_chars=100, seed=3)  # seed 3 holds out the second document, the long one
+    with caplog.at_level("WARNING", logger="cald_scale.data"):
+        corpus = build_indexed_dataset(cfg, tokenizer, is_rank0=True)
+    warned = [r.getMessage() for r in caplog.records if "of its tokens are held out" in r.getMessage()]
+    share = corpus.num_eval_tokens / (corpus.num_eval_tokens + corpus.num_train_tokens)
+    assert share > 0.5 and len(warned) == 1, (share, warned)
+    assert "data.txt_document_chars" in warned[0] and f"training sees {corpus.num_train_tokens} tokens" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cald_scale.data"):  # a corpus of many documents: no notice
+        build_indexed_dataset(DataConfig(corpus=_write_novel(tmp_path / "novel.txt"), cache_dir=str(tmp_path / "cache"), seq_len=16), tokenizer, is_rank0=True)
+    assert not [r for r in caplog.records if "held out" in r.getMessage()]
+
+
 def test_eval_corpus_is_scored_instead(tmp_path, tokenizer, wiki_leads, monkeypatch):
     path = _write_novel(tmp_path / "novel.txt", 60_000)
     with open(path) as f:

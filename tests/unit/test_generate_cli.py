@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from tiny_models import save_tiny_teacher, tiny_teacher, train_tokenizer, with_memory
@@ -284,7 +285,20 @@ def test_wrong_kinds_of_folder_are_named(folders, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "llama",\n}')
+    # A student whose weight file was cut short (a copy interrupted): named before any model loads
+    # (evaluate once scored the whole teacher first, then failed in safetensors with a traceback).
+    cut, cut_header = tmp_path / "cut", tmp_path / "cut_header"
+    for folder, size in ((cut, -100), (cut_header, 1000)):
+        shutil.copytree(folders["student"], folder)
+        weights = folder / "model.safetensors"
+        with open(weights, "r+b") as handle:
+            handle.truncate(size if size > 0 else weights.stat().st_size + size)
     cases = [
+        (["generate", str(cut), "--prompt", "x"], f"{cut / 'model.safetensors'} is truncated: tensor"),
+        (["evaluate", str(cut), "--corpus", "shakespeare"], f"{cut / 'model.safetensors'} is truncated: tensor"),
+        (["export", str(cut), "--bamba", str(tmp_path / "b5")], f"{cut / 'model.safetensors'} is truncated: tensor"),
+        (["generate", str(cut_header), "--prompt", "x"], f"{cut_header / 'model.safetensors'} is truncated or not a safetensors file: its header needs"),
+        (["evaluate", str(bamba), "--corpus", "shakespeare"], f"{bamba} is a Bamba export (model_type 'bamba'): evaluate the cald_scale student it was exported from"),
         (["generate", str(broken), "--prompt", "x"], f"{broken / 'config.json'} is not valid JSON"),
         (["export", str(broken), "--bamba", str(tmp_path / "b4")], f"{broken / 'config.json'} is not valid JSON"),
         (["generate", str(tag), "--prompt", "x"], f"holds training checkpoints (DeepSpeed's partitioned state), not a model folder: give the run folder ({tmp_path / 'runs' / 'r'})"),

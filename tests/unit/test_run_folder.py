@@ -24,6 +24,23 @@ from cald_scale.fileio import hold_lock
 REPO = Path(__file__).resolve().parents[2]
 
 
+def test_a_signals_notice_says_what_happens_next_before_and_during_training(caplog):
+    """It said "while the run starts: before its first step" of a run many steps in."""
+    import os
+    import signal
+
+    with caplog.at_level("WARNING", logger="cald_scale.preemption"), PreemptionWatch(("SIGUSR1",)) as watch:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    with caplog.at_level("WARNING", logger="cald_scale.preemption"), PreemptionWatch(("SIGUSR1",)) as watch:
+        watch.training = True
+        os.kill(os.getpid(), signal.SIGUSR1)
+    notices = [r.getMessage() for r in caplog.records if "received SIGUSR1" in r.getMessage()]
+    assert notices == [
+        "received SIGUSR1: stopping before the first step (the run is starting: at its next wait or check)",
+        "received SIGUSR1: stopping after this step, with a checkpoint",
+    ]
+
+
 def test_a_signal_received_before_the_watch_counts_once_it_begins():
     with PreemptionWatch(("SIGUSR1",), received_before=["SIGTERM", "SIGUSR1"]) as watch:
         assert watch.requested(torch.device("cpu")) == "SIGUSR1"
