@@ -434,7 +434,7 @@ def load_run_config(recipe: str | Path | None = None, overrides: list[str] | Non
     if recipe is not None:
         path = Path(recipe).expanduser()
         if path.is_dir():
-            raise ConfigError(f"recipe {path} is a folder: name a YAML file in it ({', '.join(sorted(p.name for p in path.glob('*.yaml'))[:6]) or 'it holds none'})")
+            raise ConfigError(f"recipe {path} is a folder: name a YAML file in it ({', '.join(sorted(p.name for p in [*path.glob('*.yaml'), *path.glob('*.yml')])[:6]) or 'it holds none'})")
         if not path.is_file():
             raise ConfigError(f"recipe {path} does not exist")
         try:

@@ -153,8 +153,9 @@ def resolve_target(
         )
     elif config.get("model_type") == "bamba":
         raise ValueError(
-            f"{folder} is a Bamba export (model_type 'bamba'): evaluate the cald_scale student it was exported from "
-            "(its run folder, or the run's student/), which scores the same weights with the run's own held-out split"
+            f"{folder} is a Bamba model (model_type 'bamba'): `cald-scale evaluate` scores cald_scale students; for a "
+            "Bamba export, evaluate the student it was exported from (its run folder, or the run's student/), the same weights "
+            "scored on the run's own held-out split"
         )
     else:
         raise ValueError(

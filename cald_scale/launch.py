@@ -73,7 +73,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, early_signal
 
     if args.explain and not args.print_config:
         # NOTE: alone it would start the job it meant to explain (the default: minutes to hours).
-        parser.exit(2, "error: --explain documents the config --print_config prints: add --print_config (nothing was run)\n")
+        parser.exit(2, f"{parser.prog}: error: --explain documents the config --print_config prints: add --print_config (nothing was run)\n")
     try:
         cfg = load_run_config(args.recipe, args.overrides)
     except ConfigError as err:  # one line that names the key, not a traceback

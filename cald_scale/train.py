@@ -581,7 +581,7 @@ def _train(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv, early_signa
                 if signal_name := watch.requested(run.device):  # during the build: nothing trained since the last checkpoint
                     run.stop_preempted(run.first_step, signal_name)
                 # 4. The step loop.
-                watch.training = True
+                watch.stage = "training"
                 step = run.first_step
                 while step < run.plan.total_steps:
                     phase = run.enter_phase(step)
@@ -590,6 +590,7 @@ def _train(cfg: RunConfig, ds_config_path: str | Path, env: DistEnv, early_signa
                     if step < run.plan.total_steps and (signal_name := watch.requested(run.device)):
                         run.stop_preempted(step, signal_name)
                 # 5. End point: evaluate, export the student, report.
+                watch.stage = "finishing"
                 return run.finish(step, preempted=lambda: watch.requested(run.device))
         finally:
             # NOTE: after the watch is restored, so a signal during wandb's finish ends the process.

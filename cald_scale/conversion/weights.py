@@ -165,9 +165,13 @@ class SafetensorsReader:
         for path in sorted(Path(f) for f in files):
             with open(path, "rb") as handle:
                 header_len = int.from_bytes(handle.read(8), "little")
+                # NOTE: checked before the read: a git-lfs pointer's first 8 bytes ("version ") say 2.3e18.
+                if header_len > os.path.getsize(path) - 8:
+                    lfs = " (a git-lfs pointer: fetch the file with `git lfs pull`)" if _is_lfs_pointer(path) else ""
+                    raise WeightsMismatchError(
+                        f"{path} is truncated or not a safetensors file{lfs}: its header needs {header_len} bytes, the file holds {max(os.path.getsize(path) - 8, 0)} after the first 8"
+                    )
                 raw = handle.read(header_len)
-                if len(raw) < header_len:
-                    raise WeightsMismatchError(f"{path} is truncated or not a safetensors file: its header needs {header_len} bytes, the file holds {len(raw)} after the first 8")
                 try:
                     header = json.loads(raw)
                 except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -440,6 +444,11 @@ def open_weights(folder: str | Path) -> WeightReader:
     """The weights of a HF model folder: safetensors (single or sharded) first, then .bin."""
     reader, files = _weight_files(Path(folder))
     return reader(files)
+
+
+def _is_lfs_pointer(path: str | Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(40).startswith(b"version https://git-lfs")
 
 
 def check_complete(folder: str | Path) -> None:

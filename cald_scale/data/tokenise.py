@@ -341,7 +341,8 @@ def _write_splits(
         )
     if max_id > np.iinfo(dtype).max:
         raise ValueError(f"token id {max_id} does not fit the cache dtype {np.dtype(dtype).name}")
-    _warn_if_mostly_held_out(source.name, meta, cfg.eval_fraction)
+    if cfg.max_train_tokens is None or meta["num_train_tokens"] < cfg.max_train_tokens:  # (a cap the user set is no surprise)
+        _warn_if_mostly_held_out(source.name, meta, cfg.eval_fraction)
     logger.info(
         "tokenised corpus %r: %d train / %d eval tokens in %.1f s",
         source.name, meta["num_train_tokens"], meta["num_eval_tokens"], time.perf_counter() - t0,

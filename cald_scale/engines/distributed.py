@@ -95,7 +95,7 @@ def init_distributed() -> DistEnv:
         clear_stale_build_locks()  # DeepSpeed builds its CPU allreduce op here, and others later
         try:
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-        except dist.DistNetworkError as err:  # raised past the launcher's traceback otherwise
+        except dist.DistError as err:  # raised past the entry point's one-line errors otherwise
             raise _rendezvous_error(err) from err
         if device.type == "cpu":
             _unlink_shm_buffers()
@@ -112,6 +112,11 @@ def _rendezvous_error(err: Exception) -> ConnectionError:
         return ConnectionError(
             f"rank {rank} cannot open the rendezvous port {where}: it is in use (another job on this machine?). "
             "Launch with another port: `deepspeed --master_port N ...`, or MASTER_PORT=N"
+        )
+    if isinstance(err, dist.DistStoreError):  # rank 0 waited for the others in vain
+        return ConnectionError(
+            f"rank {rank} timed out waiting for all {os.environ.get('WORLD_SIZE', '?')} ranks at the rendezvous {where} "
+            f"(a rank that never started, or another port or host): {err}"
         )
     return ConnectionError(f"rank {rank} could not join the rendezvous at {where}: {err}")
 

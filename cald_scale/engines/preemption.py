@@ -117,6 +117,14 @@ def run_interruptible(cmd: list[str], what: str, poll_s: float = 1.0) -> tuple[i
     return proc.returncode, out + err
 
 
+# What a preemption signal's notice says happens next, by the trainer's stage.
+_WHEN = {
+    "starting": "before the first step (the run is starting: at its next wait or check)",
+    "training": "after this step, with a checkpoint",
+    "finishing": "after the final evaluation, with the last step's checkpoint (the requeued job evaluates and exports); once the export has begun, the run finishes instead",
+}
+
+
 class PreemptionWatch:
     """Records the first of ``signals`` received; ``requested`` asks every rank collectively.
 
@@ -130,7 +138,7 @@ class PreemptionWatch:
         self._before = received_before
         self._previous: dict[int, object] = {}
         self._outer: PreemptionWatch | None = None  # the watch in force before this one
-        self.training = False  # set once the step loop runs: what a signal's notice says happens next
+        self.stage = "starting"  # then "training", then "finishing" (the trainer sets it): what a signal's notice says happens next
 
     def __enter__(self) -> "PreemptionWatch":
         global _active
@@ -155,8 +163,7 @@ class PreemptionWatch:
         if self.received is None:
             self.received = signal.Signals(number).name
             # NOTE: logging from a handler is not reentrant-safe in general; one record, once, is fine.
-            when = "after this step, with a checkpoint" if self.training else "before the first step (the run is starting: at its next wait or check)"
-            logger.warning("received %s: stopping %s", self.received, when)
+            logger.warning("received %s: stopping %s", self.received, _WHEN.get(self.stage, _WHEN["starting"]))
 
     def requested(self, device: torch.device) -> str | None:
         """The signal some rank received (collective when distributed), else None."""

@@ -179,7 +179,10 @@ class ParamSavingLinear(torch.autograd.Function):
     arguments through ``inspect.signature`` on every call, and its backward enters an autocast
     context: 130 us against 75 us a forward and backward at width 64 on one CPU thread, 150
     times a step on the narrow proxy of ``benchmarks/train_speed.py``. Under autocast,
-    ``graph_free_linear`` still calls DeepSpeed's, which replays the forward's autocast state.
+    ``graph_free_linear`` still calls DeepSpeed's, which replays the forward's autocast state, and
+    under functorch transforms (``torch.func``), which need ``setup_context``. Its forward ran
+    with autocast off, so its backward does too, as DeepSpeed's would (a backward called inside
+    an autocast region would otherwise compute in the region's dtype).
     """
 
     @staticmethod
@@ -195,6 +198,14 @@ class ParamSavingLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
+        device_type = grad_output.device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return ParamSavingLinear._backward(ctx, grad_output)
+        return ParamSavingLinear._backward(ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx, grad_output: torch.Tensor):
         input, weight, bias = ctx.saved_tensors
         # A weight released since forward (its module's backward hook did not gather it) is
         # gathered for this product alone, as DeepSpeed's Function does.
@@ -235,7 +246,7 @@ def graph_free_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     Where a gradient flows, ``ParamSavingLinear`` does what DeepSpeed's does, with less host work.
     """
     if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        if torch.is_autocast_enabled(input.device.type):
+        if torch.is_autocast_enabled(input.device.type) or torch._C._are_functorch_transforms_active():
             return _memory_efficient_linear(input, weight, bias)
         return ParamSavingLinear.apply(input, weight, bias)
     return torch._C._nn.linear(input, weight, bias)

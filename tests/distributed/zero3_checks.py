@@ -18,7 +18,7 @@ Checks:
                      (one rank, by test_zero3_memory.py)
   vocab_streamed_head  a frozen head read a piece of rows at a time gives the gathered head's CE and gradients
   zero3_leaves       whole blocks, or their frozen parts, gathered as ZeRO-3 leaves train exactly as with a hook per submodule
-  graph_free_linear  F.linear under ZeRO-3: torch's where nothing is saved for backward, DeepSpeed's (no gathered weight kept) where it is
+  graph_free_linear  F.linear under ZeRO-3: torch's where nothing is saved for backward, ParamSavingLinear (DeepSpeed's arithmetic, no gathered weight kept) where it is
   stale_grads        a block no backward reached in a step is stepped with a zero gradient, not its last one
   outside_still      a teacher-forced phase that trains every weight leaves the embedding, final norm and head as they were
   eval_padding       held-out perplexity over shards padded to equal length equals every rank scoring every sequence

@@ -776,6 +776,22 @@ def test_a_rendezvous_port_in_use_is_named_in_one_line(tmp_path):
     assert "--master_port" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+def test_a_rendezvous_that_times_out_says_it_waited_for_the_other_ranks(monkeypatch):
+    """Rank 0's TCPStore gives up on ranks that never came (torch's DistStoreError, after 30 minutes
+    by default): the message names the wait, not a network fault (the 1-line path is the test above)."""
+    import torch.distributed as dist
+
+    from cald_scale.engines.distributed import _rendezvous_error
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("MASTER_ADDR", "node1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    err = _rendezvous_error(dist.DistStoreError("Timed out after 1801 seconds waiting for clients. 2/4 clients joined."))
+    assert isinstance(err, OSError)
+    assert str(err).startswith("rank 0 timed out waiting for all 4 ranks at the rendezvous node1:29500 (a rank that never started")
+
+
 def test_print_config_prints_the_config_alone_and_explains_each_key():
     """The SLURM scripts parse --print_config's stdout as YAML: DeepSpeed's notice ("Setting
     accelerator to CPU"), printed on its first import by the ds_config check, went there too.

@@ -769,6 +769,11 @@ def test_a_corpus_split_mostly_into_held_out_text_is_named(tmp_path, tokenizer, 
     assert share > 0.5 and len(warned) == 1, (share, warned)
     assert "data.txt_document_chars" in warned[0] and f"training sees {corpus.num_train_tokens} tokens" in warned[0]
     caplog.clear()
+    with caplog.at_level("WARNING", logger="cald_scale.data"):  # a training split the user capped: no notice
+        capped = build_indexed_dataset(DataConfig(corpus=_write_novel(tmp_path / "capped.txt"), cache_dir=str(tmp_path / "cache"), seq_len=16,
+                                                  txt_document_chars=1500, max_train_tokens=200), tokenizer, is_rank0=True)
+    assert capped.num_eval_tokens > capped.num_train_tokens  # mostly held out, by the cap
+    assert not [r for r in caplog.records if "held out" in r.getMessage()]
     with caplog.at_level("WARNING", logger="cald_scale.data"):  # a corpus of many documents: no notice
         build_indexed_dataset(DataConfig(corpus=_write_novel(tmp_path / "novel.txt"), cache_dir=str(tmp_path / "cache"), seq_len=16), tokenizer, is_rank0=True)
     assert not [r for r in caplog.records if "held out" in r.getMessage()]

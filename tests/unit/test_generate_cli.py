@@ -293,12 +293,16 @@ def test_wrong_kinds_of_folder_are_named(folders, tmp_path, capsys):
         weights = folder / "model.safetensors"
         with open(weights, "r+b") as handle:
             handle.truncate(size if size > 0 else weights.stat().st_size + size)
+    lfs = tmp_path / "lfs"  # a clone made without git-lfs: a pointer where the weights should be
+    shutil.copytree(folders["student"], lfs)
+    (lfs / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 123456\n")
     cases = [
+        (["generate", str(lfs), "--prompt", "x"], f"{lfs / 'model.safetensors'} is truncated or not a safetensors file (a git-lfs pointer: fetch the file with `git lfs pull`)"),
         (["generate", str(cut), "--prompt", "x"], f"{cut / 'model.safetensors'} is truncated: tensor"),
         (["evaluate", str(cut), "--corpus", "shakespeare"], f"{cut / 'model.safetensors'} is truncated: tensor"),
         (["export", str(cut), "--bamba", str(tmp_path / "b5")], f"{cut / 'model.safetensors'} is truncated: tensor"),
         (["generate", str(cut_header), "--prompt", "x"], f"{cut_header / 'model.safetensors'} is truncated or not a safetensors file: its header needs"),
-        (["evaluate", str(bamba), "--corpus", "shakespeare"], f"{bamba} is a Bamba export (model_type 'bamba'): evaluate the cald_scale student it was exported from"),
+        (["evaluate", str(bamba), "--corpus", "shakespeare"], f"{bamba} is a Bamba model (model_type 'bamba'): `cald-scale evaluate` scores cald_scale students; for a Bamba export, evaluate the student it was exported from"),
         (["generate", str(broken), "--prompt", "x"], f"{broken / 'config.json'} is not valid JSON"),
         (["export", str(broken), "--bamba", str(tmp_path / "b4")], f"{broken / 'config.json'} is not valid JSON"),
         (["generate", str(tag), "--prompt", "x"], f"holds training checkpoints (DeepSpeed's partitioned state), not a model folder: give the run folder ({tmp_path / 'runs' / 'r'})"),

@@ -31,13 +31,16 @@ def test_a_signals_notice_says_what_happens_next_before_and_during_training(capl
 
     with caplog.at_level("WARNING", logger="cald_scale.preemption"), PreemptionWatch(("SIGUSR1",)) as watch:
         os.kill(os.getpid(), signal.SIGUSR1)
-    with caplog.at_level("WARNING", logger="cald_scale.preemption"), PreemptionWatch(("SIGUSR1",)) as watch:
-        watch.training = True
-        os.kill(os.getpid(), signal.SIGUSR1)
+    for stage in ("training", "finishing"):
+        with caplog.at_level("WARNING", logger="cald_scale.preemption"), PreemptionWatch(("SIGUSR1",)) as watch:
+            watch.stage = stage
+            os.kill(os.getpid(), signal.SIGUSR1)
     notices = [r.getMessage() for r in caplog.records if "received SIGUSR1" in r.getMessage()]
     assert notices == [
         "received SIGUSR1: stopping before the first step (the run is starting: at its next wait or check)",
         "received SIGUSR1: stopping after this step, with a checkpoint",
+        "received SIGUSR1: stopping after the final evaluation, with the last step's checkpoint (the requeued job evaluates and exports); "
+        "once the export has begun, the run finishes instead",
     ]
 
 

@@ -59,3 +59,29 @@ def test_grad_free_calls_take_torchs_linear_and_autocast_calls_deepspeeds(monkey
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = graph_free_linear(x, w)
     assert calls == ["deepspeed"] and out.dtype == torch.bfloat16
+
+
+def test_a_backward_inside_an_autocast_region_computes_as_its_forward_did():
+    """DeepSpeed's Function pins its backward to the forward's autocast state; so does ours
+    (a float32 forward, then ``backward`` inside a bf16 autocast region: float32 gradients)."""
+    gen = torch.Generator().manual_seed(0)
+    grads = {}
+    for name, linear in (("ours", ParamSavingLinear.apply), ("deepspeed", zero3_linear_wrap)):
+        x = torch.randn(8, 64, generator=gen).requires_grad_()
+        w = torch.nn.Parameter(torch.randn(32, 64, generator=gen))
+        out = linear(x, w, None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out.sum().backward()
+        reference = torch.ones(8, 32) @ w.detach()
+        grads[name] = (x.grad.dtype, (x.grad - reference).abs().max().item())
+    assert grads["ours"] == (torch.float32, 0.0) and grads["deepspeed"] == (torch.float32, 0.0), grads
+
+
+def test_functorch_transforms_take_deepspeeds_linear(monkeypatch):
+    """``torch.func`` needs a Function with ``setup_context``: graph_free_linear hands it DeepSpeed's."""
+    import cald_scale.engines.zero3 as zero3
+
+    monkeypatch.setattr(zero3, "_memory_efficient_linear", zero3_linear_wrap)  # as use_graph_free_linear sets it
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    grad = torch.func.grad(lambda weight: graph_free_linear(x, weight).sum())(w)
+    assert torch.allclose(grad, torch.ones(4, 6).T @ x)
