@@ -162,14 +162,18 @@ class SafetensorsReader:
 
     def __init__(self, files: Iterable[Path]):
         self._entries: dict[str, tuple[str, int, int, torch.dtype, tuple[int, ...]]] = {}
+        self._sizes: dict[str, int] = {}  # each file's size in bytes (check_sizes)
         for path in sorted(Path(f) for f in files):
             with open(path, "rb") as handle:
-                header_len = int.from_bytes(handle.read(8), "little")
+                size = self._sizes[str(path)] = os.fstat(handle.fileno()).st_size
+                first = handle.read(8)
+                header_len = int.from_bytes(first, "little")
                 # NOTE: checked before the read: a git-lfs pointer's first 8 bytes ("version ") say 2.3e18.
-                if header_len > os.path.getsize(path) - 8:
-                    lfs = " (a git-lfs pointer: fetch the file with `git lfs pull`)" if _is_lfs_pointer(path) else ""
+                if header_len > size - 8:
+                    lfs = (first + handle.read(24)).startswith(b"version https://git-lfs")
                     raise WeightsMismatchError(
-                        f"{path} is truncated or not a safetensors file{lfs}: its header needs {header_len} bytes, the file holds {max(os.path.getsize(path) - 8, 0)} after the first 8"
+                        f"{path} is truncated or not a safetensors file{' (a git-lfs pointer: fetch the file with `git lfs pull`)' if lfs else ''}: "
+                        f"its header needs {header_len} bytes, the file holds {max(size - 8, 0)} after the first 8"
                     )
                 raw = handle.read(header_len)
                 try:
@@ -192,11 +196,9 @@ class SafetensorsReader:
     def check_sizes(self) -> None:
         """Refuse, by name, a tensor whose bytes lie past the end of its file (a copy cut short),
         from the headers and file sizes alone: nothing is read."""
-        sizes: dict[str, int] = {}
         for key, (path, offset, nbytes, _, _) in self._entries.items():
-            size = sizes.setdefault(path, os.path.getsize(path))
-            if offset + nbytes > size:
-                raise WeightsMismatchError(f"{path} is truncated: tensor {key} needs {nbytes} bytes at offset {offset}, the file holds {size}")
+            if offset + nbytes > self._sizes[path]:
+                raise WeightsMismatchError(f"{path} is truncated: tensor {key} needs {nbytes} bytes at offset {offset}, the file holds {self._sizes[path]}")
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entries[key][4]
@@ -444,11 +446,6 @@ def open_weights(folder: str | Path) -> WeightReader:
     """The weights of a HF model folder: safetensors (single or sharded) first, then .bin."""
     reader, files = _weight_files(Path(folder))
     return reader(files)
-
-
-def _is_lfs_pointer(path: str | Path) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(40).startswith(b"version https://git-lfs")
 
 
 def check_complete(folder: str | Path) -> None:
