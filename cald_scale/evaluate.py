@@ -7,10 +7,10 @@ side on lm-eval-harness tasks.
   cald-scale evaluate runs/default --tasks hellaswag,arc_easy --limit 200 --json tasks.json
   cald-scale evaluate runs/default --tasks my_tasks/quiz.yaml --num_fewshot 5
 
-PATH is a run folder (its config.json is the run config; student/ the exported student)
-or an exported student folder (its config names the teacher; --teacher overrides; with no
---corpus it is scored on data.corpus's default, the Brown corpus; a run's own student/ is
-scored as its run folder is, with the run's data settings). A corpus is anything data.corpus accepts: a built-in name, local text files, or a megatron
+PATH is a run folder (its config.json is the run config; student/ the exported student),
+an exported student folder or a Bamba export of one (its config names the teacher; --teacher
+overrides; with no --corpus it is scored on data.corpus's default, the Brown corpus; a run's
+own student/ or bamba/ is scored as its run folder is, with the run's data settings). A corpus is anything data.corpus accepts: a built-in name, local text files, or a megatron
 .bin/.idx prefix; text is tokenised once with the teacher's tokenizer and cached. A task
 (--tasks) is an lm-eval task, group or tag name, a task YAML file or a folder of them; its
 data must be readable by `datasets` (HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1 keep it off
@@ -40,7 +40,7 @@ from .data.heldout import same_corpus
 from .data.tokenise import tokenizer_identity
 from .distill.stages import LayerwiseModel
 from .eval import harness
-from .eval.perplexity import eval_indices, perplexity
+from .eval.perplexity import WholeModel, eval_indices, perplexity
 from .fileio import atomic_write_text, read_json
 from .generation.context import check_context
 from .metrics import json_safe
@@ -55,7 +55,7 @@ class EvalTarget:
     """What to evaluate: a student folder, its teacher and the data settings to score with."""
 
     student_dir: Path
-    """An exported student (HF folder)."""
+    """An exported student (HF folder), or a Bamba export of one."""
     teacher: TeacherConfig | None
     """The teacher to score beside it (None: the student alone)."""
     data: DataConfig
@@ -94,11 +94,15 @@ def _is_run_folder(folder: Path) -> bool:
         return False
 
 
+RUN_EXPORTS = {"student": CaldStudentConfig.model_type, "bamba": "bamba"}
+"""A run's exports: folder name -> model_type (student/ when it finishes; bamba/ with output.export_bamba)."""
+
+
 def run_of(folder: Path) -> Path | None:
-    """The training run ``folder`` is, or whose exported ``student/`` it is; None for any other folder."""
+    """The training run ``folder`` is, or whose export (``student/``, ``bamba/``) it is; None for any other folder."""
     if _is_run_folder(folder):
         return folder
-    return folder.parent if folder.name == "student" and _is_run_folder(folder.parent) else None
+    return folder.parent if folder.name in RUN_EXPORTS and _is_run_folder(folder.parent) else None
 
 
 def refuse_classifier(folder: Path, config: dict, command: str) -> None:
@@ -111,61 +115,66 @@ def refuse_classifier(folder: Path, config: dict, command: str) -> None:
 
 
 def resolve_target(
-    path: str | Path, *, teacher: str | None = None, no_teacher: bool = False, remedy: str = "pass --teacher NAME_OR_PATH or --no_teacher"
+    path: str | Path, *, teacher: str | None = None, no_teacher: bool = False, remedy: str = "pass --teacher NAME_OR_PATH or --no_teacher",
+    check_weights: bool = True,
 ) -> EvalTarget:
-    """The EvalTarget of a run folder or an exported student folder; `teacher` overrides
-    the teacher's name_or_path (its other settings kept, bar a GGUF file name that belonged to
-    the old path), `no_teacher` leaves it out. ``remedy`` ends the message for a student that
-    names no teacher (what the caller's user can pass)."""
+    """The EvalTarget of a run folder, an exported student folder or its Bamba export; `teacher`
+    overrides the teacher's name_or_path (its other settings kept, bar a GGUF file name that
+    belonged to the old path), `no_teacher` leaves it out. ``remedy`` ends the message for a
+    student that names no teacher (what the caller's user can pass). ``check_weights``: read the
+    student's weight headers (False: the caller has)."""
     if teacher and no_teacher:
         raise ValueError(f"--teacher {teacher} and --no_teacher contradict each other: give one")
     folder = Path(path).expanduser().resolve()  # "." inside a run's student/ is that student/
     config = _read_config(folder)
     refuse_classifier(folder, config, "evaluate")
-    if config.get("model_type") == CaldStudentConfig.model_type and run_of(folder) is not None:
-        # A run's own exported student: scored as its run is, on the run's split and settings (the
+    kind = config.get("model_type")
+    if kind in RUN_EXPORTS.values() and run_of(folder) is not None and RUN_EXPORTS.get(folder.name) == kind:
+        # A run's own export: scored as its run is, on the run's split and settings (the
         # defaults' split of the same corpus may hold documents the run trained on).
-        logger.info("%s is the student of run %s: scoring it with the run's data settings", folder, folder.parent)
-        return resolve_target(folder.parent, teacher=teacher, no_teacher=no_teacher, remedy=remedy)
-    if config.get("model_type") == CaldStudentConfig.model_type:
+        logger.info("%s is the %s export of run %s: scoring it with the run's data settings", folder, folder.name, folder.parent)
+        target = _run_target(folder.parent, read_json(folder.parent / "config.json"), folder, teacher)
+    elif kind in RUN_EXPORTS.values():
         named = teacher or config.get("teacher_name_or_path")
         if not named and not no_teacher:
-            raise ValueError(f"student {folder} does not name its teacher (teacher_name_or_path): {remedy}")
+            why = " (exported before Bamba folders recorded it)" if kind == "bamba" else ""
+            raise ValueError(f"{kind} model {folder} does not name its teacher (teacher_name_or_path){why}: {remedy}")
         teacher_cfg = TeacherConfig(name_or_path=named) if named else None
         target = EvalTarget(student_dir=folder, teacher=teacher_cfg, data=DataConfig())
     elif _is_run_config(config):
         student_dir = folder / "student"
         if not (student_dir / "config.json").is_file():
             raise FileNotFoundError(f"run folder {folder} has no student/ (it is exported when the run finishes)")
-        # NOTE: runs from before data.txt_document_chars existed read a .txt file as one document.
-        data = from_dict(DataConfig, {"txt_document_chars": None, **config["data"]}, "data")
-        teacher_cfg = from_dict(TeacherConfig, config["teacher"], "teacher")
-        if teacher:
-            teacher_cfg = dataclasses.replace(teacher_cfg, name_or_path=teacher, gguf_file=None)
-        batch = config.get("eval", {}).get("micro_batch_size", EvalTarget.micro_batch_size)
-        sequences = config.get("eval", {}).get("max_sequences", EvalTarget.max_sequences)
-        chunk = config.get("loss", {}).get("head_chunk_tokens")
-        recorded = read_json(folder / "data.json").get("heldout") if (folder / "data.json").is_file() else None
-        target = EvalTarget(
-            student_dir=student_dir, teacher=teacher_cfg, data=data, micro_batch_size=batch, max_sequences=sequences,
-            dtype=dtype_name(dtype_of(teacher_cfg.dtype)), head_chunk_tokens=chunk,
-            heldout_identity=recorded,
-        )
-    elif config.get("model_type") == "bamba":
-        raise ValueError(
-            f"{folder} is a Bamba model (model_type 'bamba'): `cald-scale evaluate` scores cald_scale students; for a "
-            "Bamba export, evaluate the student it was exported from (its run folder, or the run's student/), the same weights "
-            "scored on the run's own held-out split"
-        )
+        target = _run_target(folder, config, student_dir, teacher)
     else:
         raise ValueError(
-            f"{folder / 'config.json'} is neither a run config (teacher and data sections) nor "
-            f"an exported student's (model_type {CaldStudentConfig.model_type!r})"
+            f"{folder / 'config.json'} is neither a run config (teacher and data sections) nor that of an exported "
+            f"student (model_type {CaldStudentConfig.model_type!r}) or of its Bamba export (model_type 'bamba')"
         )
     # NOTE: before anything is scored: a student file cut short failed in from_pretrained, with the
     # safetensors library's traceback, after the whole teacher had been scored.
-    check_complete(target.student_dir)
+    if check_weights:
+        check_complete(target.student_dir)
     return dataclasses.replace(target, teacher=None) if no_teacher else target
+
+
+def _run_target(folder: Path, config: dict, student_dir: Path, teacher: str | None) -> EvalTarget:
+    """The run in ``folder`` (its run config ``config``), scoring ``student_dir`` (one of its exports)
+    with the run's data, eval settings and held-out split; ``teacher`` overrides its teacher's path."""
+    # NOTE: runs from before data.txt_document_chars existed read a .txt file as one document.
+    data = from_dict(DataConfig, {"txt_document_chars": None, **config["data"]}, "data")
+    teacher_cfg = from_dict(TeacherConfig, config["teacher"], "teacher")
+    if teacher:
+        teacher_cfg = dataclasses.replace(teacher_cfg, name_or_path=teacher, gguf_file=None)
+    batch = config.get("eval", {}).get("micro_batch_size", EvalTarget.micro_batch_size)
+    sequences = config.get("eval", {}).get("max_sequences", EvalTarget.max_sequences)
+    chunk = config.get("loss", {}).get("head_chunk_tokens")
+    recorded = read_json(folder / "data.json").get("heldout") if (folder / "data.json").is_file() else None
+    return EvalTarget(
+        student_dir=student_dir, teacher=teacher_cfg, data=data, micro_batch_size=batch, max_sequences=sequences,
+        dtype=dtype_name(dtype_of(teacher_cfg.dtype)), head_chunk_tokens=chunk,
+        heldout_identity=recorded,
+    )
 
 
 def _load_teacher(target: EvalTarget):
@@ -200,7 +209,10 @@ def _score(
     head_chunk_tokens: int | None,
 ) -> dict[str, dict]:
     """Perplexity of `model` on the first `max_sequences` sequences of each held-out set."""
-    layerwise = LayerwiseModel(model.to(device).eval(), head_chunk_tokens=head_chunk_tokens)
+    model = model.to(device).eval()
+    # NOTE: a Bamba export has no family adapter to run it block by block: scored whole, the same numbers.
+    view = WholeModel if model.config.model_type == "bamba" else LayerwiseModel
+    layerwise = view(model, head_chunk_tokens=head_chunk_tokens)
     scores = {}
     for name, sequences in held_out.items():
         # NOTE: a clear error, not an embedding index error, for a prefix of another tokenizer.
@@ -335,7 +347,7 @@ def _limit(text: str) -> int | float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("path", help="a run folder (runs/NAME) or an exported student folder")
+    add("path", help="a run folder (runs/NAME), an exported student folder or its Bamba export")
     add("--corpus", action="append", help="held-out text to score (repeatable): a built-in corpus, "
         "text files or a megatron prefix; default: the run's own eval split")
     add("--max_sequences", type=positive_int, help="sequences scored per corpus (default: the run's eval.max_sequences, else 32)")

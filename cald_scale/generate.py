@@ -30,7 +30,7 @@ from .conversion.modeling import CaldStudentConfig
 from .conversion.teacher import DTYPES, TeacherConfig, build_teacher, dtype_name, dtype_of, open_teacher
 from .conversion.weights import check_complete
 from .engines.checkpoint import MANIFEST
-from .evaluate import refuse_classifier, resolve_target, run_of
+from .evaluate import RUN_EXPORTS, refuse_classifier, resolve_target, run_of
 from .fileio import atomic_write_text, read_json
 from .generation.cache import state_bytes
 from .generation.context import check_context
@@ -273,14 +273,20 @@ def _teacher_source(args: argparse.Namespace, folder: Path):
     fails before any generation): the run's own teacher settings for a run folder, else the
     name the student records, --teacher NAME overriding either."""
     config = json.loads((folder / "config.json").read_text())
-    if config.get("model_type") == CaldStudentConfig.model_type:
+    if config.get("model_type") in RUN_EXPORTS.values():  # a student, or its Bamba export: they name their teacher
         remedy = "give it as --teacher NAME_OR_PATH"
-        teacher = resolve_target(args.path, teacher=args.teacher or None, remedy=remedy).teacher
+        teacher = resolve_target(args.path, teacher=args.teacher or None, remedy=remedy, check_weights=False).teacher  # run() checked them
     elif args.teacher:
         teacher = TeacherConfig(name_or_path=args.teacher)
     else:
         raise ValueError(f"{folder} does not name its teacher: pass --teacher NAME_OR_PATH")
     return open_teacher(dataclasses.replace(teacher, dtype=args.dtype))
+
+
+def _label(config) -> str:
+    """What the model in PATH is, as the output names it: a converted student, its Bamba export,
+    or another HF causal LM."""
+    return {CaldStudentConfig.model_type: "student", "bamba": "Bamba export"}.get(config.model_type, "model")
 
 
 def _summary(name: str, source, row: dict) -> str:
@@ -318,8 +324,8 @@ def run(args: argparse.Namespace) -> int:
     args.dtype = resolve_dtype(args.dtype, args.path, args.device)
     dtype = DTYPES[args.dtype]
     # (name, config, tokenizer, load, where): each model with its own tokenizer
-    models = [("student", AutoConfig.from_pretrained(folder), _own_tokenizer(folder),
-               lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), folder)]
+    config = AutoConfig.from_pretrained(folder)
+    models = [(_label(config), config, _own_tokenizer(folder), lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), folder)]
     if args.teacher is not None:
         source, teacher_tokenizer = _teacher_source(args, folder)
         models.append(("teacher", source.config, teacher_tokenizer, lambda: build_teacher(source), source.name))
@@ -332,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for name, _, tokenizer, load, where in models:
         model = load().to(args.device).eval()
-        graph = name == "student" and _graphed_decode(model, args.cuda_graph)
+        graph = name != "teacher" and _graphed_decode(model, args.cuda_graph)
         torch.manual_seed(args.seed)
         rows = generate_text(
             model, tokenizer, args.prompt, name=f"the {name}", max_new_tokens=args.max_new_tokens, cuda_graph=graph,

@@ -1,4 +1,5 @@
-"""Held-out perplexity of a layerwise-run causal LM, sharded across ranks."""
+"""Held-out perplexity of a causal LM (run block by block, or whole for a model no family
+adapter describes), sharded across ranks."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from transformers import PreTrainedModel
+
+from ..distill.losses import LossConfig, next_token_nll
 from ..distill.stages import LayerwiseModel
 from . import eval_mode
 
-__all__ = ["PAD", "eval_indices", "perplexity", "perplexity_result", "scored_rows"]
+__all__ = ["PAD", "WholeModel", "eval_indices", "perplexity", "perplexity_result", "scored_rows"]
 
 
 PAD = -1
@@ -39,6 +43,22 @@ def eval_indices(num_sequences: int, max_sequences: int, rank: int, world_size: 
     return mine + [PAD] * (per_rank - len(mine))
 
 
+class WholeModel:
+    """A causal LM scored whole, for a model no family adapter describes (a Bamba export): its
+    decoder's last hidden state, then the head a chunk of tokens at a time, as ``LayerwiseModel``
+    scores (the logits are never whole)."""
+
+    def __init__(self, model: PreTrainedModel, *, head_chunk_tokens: int | None = None):
+        self.model = model
+        self.vocab_size = model.config.vocab_size
+        self.chunk_tokens = LossConfig(head_chunk_tokens=head_chunk_tokens).chunk_tokens(self.vocab_size)
+
+    def next_token_nll(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(b, l) NLL of each next token (0 at the last position)."""
+        hidden = self.model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+        return next_token_nll(hidden, input_ids, self.model.get_output_embeddings(), chunk_tokens=self.chunk_tokens)
+
+
 def scored_rows(indices: list[int]) -> tuple[list[int], torch.Tensor]:
     """The rows to run for ``indices`` (a padding entry runs sequence 0) and which of them count."""
     return [max(i, 0) for i in indices], torch.tensor([i != PAD for i in indices])
@@ -46,7 +66,7 @@ def scored_rows(indices: list[int]) -> tuple[list[int], torch.Tensor]:
 
 @torch.no_grad()
 def perplexity(
-    model: LayerwiseModel,
+    model: LayerwiseModel | WholeModel,
     dataset,
     indices: list[int],
     micro_batch_size: int,

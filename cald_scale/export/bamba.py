@@ -125,6 +125,9 @@ def bamba_config(student: CaldStudentForCausalLM) -> BambaConfig:
         # NOTE: transformers' Bamba cannot build its cache without an attention layer (its mask
         # needs one); without any, the export runs uncached by default, correct but slower.
         use_cache=bool(attention_layers),
+        # An extra key stock transformers keeps and ignores: `cald-scale evaluate` and `generate
+        # --teacher` find the teacher to score the export beside, as they do for the student.
+        teacher_name_or_path=student.config.teacher_name_or_path,
     )
 
 

@@ -378,3 +378,53 @@ def test_a_student_records_its_local_teacher_absolute(models, monkeypatch):
     assert student.config.teacher_name_or_path == str(teacher_dir)
     hub = convert_teacher(tiny_teacher("llama", layers=1), ConversionConfig(), teacher_name_or_path="someone/not-here")
     assert hub.config.teacher_name_or_path == "someone/not-here"  # a hub id stays one
+
+
+def test_a_bamba_export_is_scored_beside_its_teacher_as_its_student_is(models, tmp_path, monkeypatch):
+    """A Bamba export names its teacher as the student does and scores its perplexity (whole, not
+    block by block: no family adapter describes Bamba); inside a run, on the run's own split. The
+    same weights: the student's numbers."""
+    from cald_scale.export.bamba import export_bamba
+
+    teacher_dir, student_dir, text, tokenizer = models
+    monkeypatch.chdir(tmp_path)
+    bamba = export_bamba(student_dir, tmp_path / "bamba")
+    scores = {}
+    for name, folder in (("student", student_dir), ("bamba", bamba)):
+        out = tmp_path / f"{name}.json"
+        assert main(["evaluate", str(folder), "--corpus", text, *_options(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["teacher"] == str(teacher_dir)
+        [scores[name]] = result["results"]
+    assert scores["bamba"]["student"]["tokens"] == scores["student"]["student"]["tokens"] == NUM_SEQUENCES * (SEQ_LEN - 1)
+    assert scores["bamba"]["student"]["ppl"] == pytest.approx(scores["student"]["student"]["ppl"], rel=1e-5)
+    assert scores["bamba"]["teacher"] == scores["student"]["teacher"]
+
+    # A run's bamba/ (output.export_bamba): scored as the run and its student/ are.
+    run = tmp_path / "runs" / "r1"
+    shutil.copytree(student_dir, run / "student")
+    shutil.copytree(bamba, run / "bamba")
+    data = {"corpus": text, "seq_len": SEQ_LEN, "eval_fraction": 0.2, "txt_document_chars": 8192, "cache_dir": str(tmp_path / "cache")}
+    (run / "config.json").write_text(json.dumps({"teacher": {"name_or_path": str(teacher_dir)}, "data": data, "eval": {"micro_batch_size": BATCH}}))
+    by_folder = {}
+    for folder in (run, run / "bamba"):
+        out = tmp_path / "in_run.json"
+        assert main(["evaluate", str(folder), "--max_sequences", str(NUM_SEQUENCES), "--no_teacher", "--json", str(out)]) == 0
+        [by_folder[folder.name]] = json.loads(out.read_text())["results"]
+    assert by_folder["bamba"]["corpus"] == by_folder["r1"]["corpus"] == text
+    assert by_folder["bamba"]["student"]["ppl"] == pytest.approx(by_folder["r1"]["student"]["ppl"], rel=1e-5)
+
+
+def test_a_bamba_export_that_names_no_teacher_says_what_to_pass(models, tmp_path, capsys):
+    """Exports from before Bamba folders recorded their teacher."""
+    from cald_scale.export.bamba import export_bamba
+
+    bamba = export_bamba(models[1], tmp_path / "bamba")
+    config = json.loads((bamba / "config.json").read_text())
+    del config["teacher_name_or_path"]
+    (bamba / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["evaluate", str(bamba), "--corpus", models[2]]) == 2
+    err = capsys.readouterr().err
+    assert f"bamba model {bamba} does not name its teacher (teacher_name_or_path) (exported before Bamba folders recorded it): pass --teacher NAME_OR_PATH or --no_teacher" in err
+    assert "Traceback" not in err

@@ -44,6 +44,18 @@ def test_generate_student_and_teacher_side_by_side(folders, tmp_path):
     assert teacher["kv"] > 0 and teacher["recurrent"] == 0
 
 
+def test_a_bamba_export_and_another_hf_model_are_named_as_what_they_are(folders, tmp_path):
+    """The output names what PATH holds (a plain HF folder was labelled "the student"); a Bamba
+    export finds its teacher as its student does (the name its config records)."""
+    bamba = tmp_path / "bamba"
+    assert main(["export", str(folders["student"]), "--bamba", str(bamba)]) == 0
+    out = tmp_path / "gen.json"
+    assert main(["generate", str(bamba), "--prompt", "To be", "--max_new_tokens", "3", "--teacher", "--json", str(out)]) == 0
+    assert [r["model"] for r in json.loads(out.read_text())] == ["the Bamba export", "the teacher"]
+    assert main(["generate", str(folders["teacher"]), "--prompt", "To be", "--max_new_tokens", "3", "--json", str(out)]) == 0
+    assert [r["model"] for r in json.loads(out.read_text())] == ["the model"]
+
+
 def test_a_static_kv_cache_gives_the_same_completions_preallocated(folders, tmp_path):
     """--kv-cache static: the teacher's and a hybrid's kept layers' KV preallocated for the whole
     generation and written in place; the same tokens."""
@@ -302,7 +314,6 @@ def test_wrong_kinds_of_folder_are_named(folders, tmp_path, capsys):
         (["evaluate", str(cut), "--corpus", "shakespeare"], f"{cut / 'model.safetensors'} is truncated: tensor"),
         (["export", str(cut), "--bamba", str(tmp_path / "b5")], f"{cut / 'model.safetensors'} is truncated: tensor"),
         (["generate", str(cut_header), "--prompt", "x"], f"{cut_header / 'model.safetensors'} is truncated or not a safetensors file: its header needs"),
-        (["evaluate", str(bamba), "--corpus", "shakespeare"], f"{bamba} is a Bamba model (model_type 'bamba'): `cald-scale evaluate` scores cald_scale students; for a Bamba export, evaluate the student it was exported from"),
         (["generate", str(broken), "--prompt", "x"], f"{broken / 'config.json'} is not valid JSON"),
         (["export", str(broken), "--bamba", str(tmp_path / "b4")], f"{broken / 'config.json'} is not valid JSON"),
         (["generate", str(tag), "--prompt", "x"], f"holds training checkpoints (DeepSpeed's partitioned state), not a model folder: give the run folder ({tmp_path / 'runs' / 'r'})"),
