@@ -22,14 +22,15 @@ def _hardware() -> str:
 
 
 def format_cell(value) -> str:
-    """A report table cell: floats at 4 significant digits, a pair as "a / b" (a task's
-    teacher / student row), no score (an unguided run's teacher) as "n/a"."""
+    """A report table cell: floats at 4 significant digits, trailing zeros kept (a pair reads
+    "17.90 / 47.93", not "17.9 / 47.93"), a pair as "a / b" (a task's teacher / student row),
+    no score (an unguided run's teacher) as "n/a"."""
     if value is None:
         return "n/a"
     if isinstance(value, (tuple, list)):
         return " / ".join(map(format_cell, value))
     if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1e6 else f"{value:,.0f}"
+        return f"{value:#,.4g}".removesuffix(".") if abs(value) < 1e6 else f"{value:,.0f}"
     return str(value)
 
 

@@ -243,7 +243,7 @@ def test_report_headline_shows_every_eval_set_at_four_significant_digits():
 
     scores = lambda ppl: {"heldout": {"ppl": ppl, "tokens": 10}, "wiki": {"ppl": 10 * ppl, "tokens": 10}}  # noqa: E731
     guided = dict(LanguageModelingTask.summary(scores(17.895116014129723), scores(3.917e4), scores(58.12), None)["headline"])
-    assert format_cell(guided["wiki ppl: teacher / student"]) == "179 / 581.2"
+    assert format_cell(guided["wiki ppl: teacher / student"]) == "179.0 / 581.2"  # the same digits on both sides
     assert format_cell(guided["held-out ppl: converted student, before training"]) == "3.917e+04"
     unguided = dict(LanguageModelingTask.summary(None, scores(3.917e4), scores(58.12), None)["headline"])
     assert format_cell(unguided["wiki ppl: teacher / student"]) == "n/a / 581.2"
@@ -252,7 +252,7 @@ def test_report_headline_shows_every_eval_set_at_four_significant_digits():
 def test_a_diverged_student_has_no_improvement_and_the_report_stays_strict_json(tmp_path):
     """A NaN perplexity after training was reported as an infinite improvement, and report.json
     held the non-standard NaN (jq and strict readers refuse the file)."""
-    from cald_scale.eval.report import write_report
+    from cald_scale.eval.report import format_cell, write_report
     from cald_scale.tasks.lm import LanguageModelingTask
 
     scores = lambda ppl: {"heldout": {"ppl": ppl, "tokens": 10}}  # noqa: E731
@@ -268,7 +268,8 @@ def test_a_diverged_student_has_no_improvement_and_the_report_stays_strict_json(
     saved = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
     assert saved["ppl_student_after"] is None and saved["ppl_improvement_x"] is None
     table = (tmp_path / "report.md").read_text()
-    assert "| peak RSS, largest rank, all sessions (GiB) | 3 |" in table and "| training seconds (all sessions) | 10 |" in table
+    assert "| peak RSS, largest rank, all sessions (GiB) | 3.000 |" in table and "| training seconds (all sessions) | 10.00 |" in table
+    assert format_cell(1000.0) == "1,000" and format_cell((17.9, 47.93)) == "17.90 / 47.93" and format_cell(2.5e6) == "2,500,000"
     assert "| precision scored in: starting point / end | float32 / bfloat16 |" in table
 
 
