@@ -8,7 +8,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-
 from transformers import PreTrainedModel
 
 from ..distill.losses import LossConfig, next_token_nll
