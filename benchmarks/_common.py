@@ -230,6 +230,16 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def output_file(text: str) -> Path:
+    """An argparse type: a result file to write, refused when it names a folder (found at the
+    end of a run, it cost the whole measurement: atomic_write_text's rename onto a folder)."""
+    import argparse
+
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: name the JSON file to write")
+    return Path(text)
+
+
 def positive_ints(text: str) -> list[int]:
     """An argparse type: comma-separated sizes ("512,2048"), each >= 1."""
     import argparse

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_result  # noqa: E402
+from _common import machine, output_file, write_result  # noqa: E402
 from cald_scale.cli import positive_int  # noqa: E402
 
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         "--corpora", nargs="+", default=None, help="held-out sets (anything data.corpus accepts); default: the run's own corpus, then wiki"
     )
     parser.add_argument("--sequences", type=positive_int, default=16, help="held-out sequences per corpus")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     args = parser.parse_args(argv)
     try:
         run(args)

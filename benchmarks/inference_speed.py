@@ -43,9 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    GEOMETRIES, REPO, RESULTS, machine, no_cuda_for, overall_pass, positive_ints, save_partial, stop_if_parse_only, sync, write_result,
+    GEOMETRIES, REPO, RESULTS, machine, no_cuda_for, output_file, overall_pass, positive_ints, save_partial, stop_if_parse_only, sync, write_result,
 )
-from cald_scale.cli import positive_int  # noqa: E402
+from cald_scale.cli import non_negative_int, positive_int  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache  # noqa: E402
 
 from cald_scale.conversion.modeling import ConversionConfig, teacher_geometry  # noqa: E402
@@ -490,7 +490,7 @@ def main() -> None:
         help="the KV caches while decoding (the teacher's, and a hybrid student's kept layers'): preallocated and written in "
         "place (static, the fair one), or transformers' default DynamicCache, which copies the whole cache at every step",
     )
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     parser.add_argument(
         "--graph-decode", choices=["auto", "on", "off"], default="auto",
         help="also decode the student through GraphedDecode (a CUDA graph on CUDA); auto: on CUDA (a hybrid with --kv_cache static, "
@@ -500,7 +500,7 @@ def main() -> None:
         "--best_batch", choices=["auto", "off"], default="auto",
         help="auto: on CUDA, also decode at 16k over the largest batch each model fits (the GPU target); off: skip it",
     )
-    parser.add_argument("--attention_every", type=int, default=0, help="a hybrid student keeping layers 1, 1 + k, ... (4: the default job's); 0: all Mamba2")
+    parser.add_argument("--attention_every", type=non_negative_int, default=0, help="a hybrid student keeping layers 1, 1 + k, ... (4: the default job's); 0: all Mamba2")
     args = parser.parse_args()
     device = torch.device(args.device)
     contexts = args.contexts or ([512, 2048] if args.quick else DEFAULT_CONTEXTS)

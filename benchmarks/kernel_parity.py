@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import machine, no_cuda_for, stop_if_parse_only, sync  # noqa: E402
+from _common import machine, no_cuda_for, output_file, stop_if_parse_only, sync  # noqa: E402
 from cald_scale.cli import positive_int  # noqa: E402
 
 from cald_scale.fileio import atomic_write_text  # noqa: E402
@@ -591,7 +591,7 @@ def main() -> int:
     parser.add_argument(
         "--levels", default="op,mixer", help="comma-separated, of op (each kernel alone) and mixer (whole mixers, every path)"
     )
-    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/kernel_parity_<device type>.json")
+    parser.add_argument("--out", type=output_file, default=None, help="default benchmarks/results/kernel_parity_<device type>.json")
     parser.add_argument(
         "--time-budget", type=float, default=None, help="seconds; later checks are skipped (and listed) past it"
     )

@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the geometry cut to 4 blocks")
     parser.add_argument("--geometry", default="Qwen2.5-0.5B")
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--out", default=None, help="result JSON (default benchmarks/results/load_reads[_quick].json)")
+    parser.add_argument("--out", default=None, help="result JSON (default benchmarks/results/load_reads[_quick].json; a --worker writes its rank files into this folder)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--teacher", help=argparse.SUPPRESS)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SMOLLM2_GEOMETRY, llama_teacher, machine, no_cuda_for, save_partial, stop_if_parse_only, sync, write_result  # noqa: E402
+from _common import SMOLLM2_GEOMETRY, llama_teacher, machine, no_cuda_for, output_file, save_partial, stop_if_parse_only, sync, write_result  # noqa: E402
 from cald_scale.cli import positive_int  # noqa: E402
 
 from cald_scale.conversion.modeling import ConversionConfig  # noqa: E402
@@ -65,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="6 layers, fewer repeats (< 2 min on 2 cores)")
     parser.add_argument("--layers", type=positive_int, default=None, help="layers (default: 6 with --quick, else 30)")
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/mixer_speed[_quick].json")
+    parser.add_argument("--out", type=output_file, default=None, help="default: benchmarks/results/mixer_speed[_quick].json")
     parser.add_argument("--batch", type=positive_int, default=4)
     parser.add_argument("--seqlen", type=positive_int, default=256)
     parser.add_argument("--repeats", type=positive_int, default=None)

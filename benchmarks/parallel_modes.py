@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, RESULTS, machine, overall_pass, truncated_geometry, write_random_teacher, write_result  # noqa: E402
+from _common import ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, RESULTS, machine, output_file, overall_pass, truncated_geometry, write_random_teacher, write_result  # noqa: E402
 from cald_scale.cli import positive_int  # noqa: E402
 from _runs import RUNS, Run, finished_on, launch  # noqa: E402
 
@@ -232,7 +232,7 @@ def main() -> None:
     parser.add_argument("--global_batch", type=int, default=4)
     parser.add_argument("--modes", default=",".join(MODES), type=_modes, help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--fresh", action="store_true", help="delete this benchmark's earlier runs first")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     args = parser.parse_args()
     depths = args.layers or ([2, 4] if args.quick else [4, 8])
     args.steps = args.steps or (3 if args.quick else 8)

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import child_env, free_port, machine, write_random_teacher, write_result  # noqa: E402
+from _common import child_env, free_port, machine, output_file, write_random_teacher, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GB = 1e9
@@ -157,7 +157,7 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="SmolLM2-135M geometry only")
-    parser.add_argument("--out", default=None, help="JSON result path (default benchmarks/results/scale_memory[_quick].json)")
+    parser.add_argument("--out", type=output_file, default=None, help="JSON result path (default benchmarks/results/scale_memory[_quick].json)")
     parser.add_argument("--cache", default=os.environ.get("CALD_SCALE_CACHE", str(Path.home() / ".cache" / "cald_scale")) + "/bench_teachers")
     args = parser.parse_args()
     cases = QUICK if args.quick else FULL

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import llama_teacher, machine, write_result  # noqa: E402
+from _common import llama_teacher, machine, output_file, write_result  # noqa: E402
 
 from cald_scale.conversion.modeling import ConversionConfig  # noqa: E402
 from cald_scale.conversion.surgery import convert_teacher  # noqa: E402
@@ -94,7 +94,7 @@ def run(layers: int, batch: int, seqlen: int, dtype: torch.dtype, device: torch.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="12 layers, batch 2 x 128")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     args = parser.parse_args()
     layers, batch, seqlen = (12, 2, 128) if args.quick else (30, 4, 256)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

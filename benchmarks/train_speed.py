@@ -74,7 +74,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, REPO, child_env, machine, narrow_geometry, no_cuda_for, overall_pass, reset_peak_rss, save_partial,
+    ALL_MAMBA2_ON_SHAKESPEARE, GEOMETRIES, REPO, child_env, machine, narrow_geometry, no_cuda_for, output_file, overall_pass, reset_peak_rss, save_partial,
     status_bytes, stop_if_parse_only, sync, truncated_geometry, write_random_teacher, write_result,
 )
 from cald_scale.cli import positive_int  # noqa: E402
@@ -817,7 +817,7 @@ def main() -> None:
         help="start the items' processes one after another or all at once (default: parallel on cuda, sequential on cpu)",
     )
     parser.add_argument("--profile", action="store_true", help="profile one distillation step even when the target is met")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; no new round of steps starts past it (the result says how many ran)")
     parser.add_argument("--log-dir", default=None, help="keep each item's process log here (default: a temporary folder)")
     parser.add_argument("--cache", default=os.environ.get("CALD_SCALE_CACHE", str(Path.home() / ".cache" / "cald_scale")) + "/bench_teachers")

@@ -318,7 +318,10 @@ def evaluate_tasks(
         tokenizer = AutoTokenizer.from_pretrained(target.student_dir)
         # NOTE: the same length as with the teacher (the positions it and the student trained on),
         # so a student's scores do not depend on whether its teacher ran too.
-        options["max_length"] = harness.context_length(AutoConfig.from_pretrained(target.student_dir).teacher_hf_config(), tokenizer)
+        config = AutoConfig.from_pretrained(target.student_dir)
+        # (A Bamba export's own config holds the teacher's positions.)
+        teacher_config = config.teacher_hf_config() if hasattr(config, "teacher_hf_config") else config
+        options["max_length"] = harness.context_length(teacher_config, tokenizer)
     results["student"] = harness.run_tasks(_load_student(target).to(device), tokenizer, selection, **options)
     return results
 

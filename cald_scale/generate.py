@@ -283,6 +283,17 @@ def _teacher_source(args: argparse.Namespace, folder: Path):
     return open_teacher(dataclasses.replace(teacher, dtype=args.dtype))
 
 
+def _check_causal(folder: Path, config) -> None:
+    """Refuse a folder whose saved model is no causal LM (a bare encoder such as BertModel):
+    transformers would load it with a new, random language-model head and generate noise."""
+    saved = getattr(config, "architectures", None) or []
+    if saved and not any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in saved):
+        raise ValueError(
+            f"{folder} holds a {saved[0]} ({config.model_type}), not a causal LM: `cald-scale generate` needs a model "
+            "saved with its language-model head (a *ForCausalLM)"
+        )
+
+
 def _label(config) -> str:
     """What the model in PATH is, as the output names it: a converted student, its Bamba export,
     or another HF causal LM."""
@@ -325,6 +336,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
     # (name, config, tokenizer, load, where): each model with its own tokenizer
     config = AutoConfig.from_pretrained(folder)
+    _check_causal(folder, config)
     models = [(_label(config), config, _own_tokenizer(folder), lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), folder)]
     if args.teacher is not None:
         source, teacher_tokenizer = _teacher_source(args, folder)

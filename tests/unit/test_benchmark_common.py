@@ -35,12 +35,19 @@ def test_benchmark_sizes_are_checked_when_parsed():
     import subprocess
     import sys
 
-    from _common import positive_ints
+    from _common import output_file, positive_ints
 
     assert positive_ints("512,2048") == [512, 2048]
     for text in ("abc", "512,0", "1,,2"):
         with pytest.raises(argparse.ArgumentTypeError):
             positive_ints(text)
-    for script, flag, value in (("inference_speed.py", "--contexts", "abc"), ("mixer_speed.py", "--layers", "0"), ("train_speed.py", "--steps", "0")):
+    with pytest.raises(argparse.ArgumentTypeError, match="is a folder: name the JSON file to write"):
+        output_file(str(REPO))
+    assert output_file("results/x.json").name == "x.json"
+    for script, flag, value in (
+        ("inference_speed.py", "--contexts", "abc"), ("mixer_speed.py", "--layers", "0"), ("train_speed.py", "--steps", "0"),
+        # helper-109: a folder for --out failed at the first save, after measuring (atomic rename onto a folder)
+        ("kernel_parity.py", "--out", str(REPO / "benchmarks")), ("inference_speed.py", "--attention_every", "-1"),
+    ):
         proc = subprocess.run([sys.executable, f"benchmarks/{script}", flag, value], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and f"error: argument {flag}:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]

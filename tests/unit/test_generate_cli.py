@@ -56,6 +56,21 @@ def test_a_bamba_export_and_another_hf_model_are_named_as_what_they_are(folders,
     assert [r["model"] for r in json.loads(out.read_text())] == ["the model"]
 
 
+def test_a_model_saved_without_its_language_model_head_is_refused(tmp_path, capsys):
+    """A bare encoder (BertModel, what the encoder track takes as a teacher) loaded as a causal LM
+    gets a new random head, and generated noise with status 0."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer = train_tokenizer(TEXT, vocab_size=300)
+    folder = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    capsys.readouterr()
+    assert main(["generate", str(folder), "--prompt", "To be"]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder} holds a BertModel (bert), not a causal LM" in err and "Traceback" not in err
+
+
 def test_a_static_kv_cache_gives_the_same_completions_preallocated(folders, tmp_path):
     """--kv-cache static: the teacher's and a hybrid's kept layers' KV preallocated for the whole
     generation and written in place; the same tokens."""

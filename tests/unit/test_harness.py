@@ -168,6 +168,17 @@ def test_run_folder_task_folder_student_alone(models, tmp_path, monkeypatch):
     # scores do not depend on whether the teacher ran beside it
     assert [kw["max_length"] for kw in calls] == [512]
 
+    # The run's Bamba export alone (output.export_bamba): the same length from its own config, and
+    # its student's scores (a traceback once: its config has no teacher_hf_config).
+    from cald_scale.export.bamba import export_bamba
+
+    export_bamba(run / "student", run / "bamba")
+    bamba_out = tmp_path / "bamba_tasks.json"
+    assert evaluate_module.main([str(run / "bamba"), *argv[1:-1], str(bamba_out)]) == 0
+    assert calls[-1]["max_length"] == 512
+    by_task = {row["task"]: row["student"] for row in json.loads(bamba_out.read_text())["results"]}
+    assert by_task == pytest.approx({row["task"]: row["student"] for row in result["results"]})
+
 
 def test_task_errors_are_one_line_before_any_model_loads(models, tmp_path, monkeypatch, capsys):
     _, student_dir, _, task_yaml = models
